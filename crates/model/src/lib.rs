@@ -1,0 +1,153 @@
+//! Typed Istio and Kubernetes resources, loaded from multi-document YAML or JSON,
+//! with findings that name the file, line and resource.
+
+pub mod load;
+pub mod resources;
+pub mod validate;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use load::{FileLoad, load_str};
+pub use resources::*;
+
+/// Where a resource came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file it was read from.
+    pub file: Arc<PathBuf>,
+    /// 1-based line where its document starts.
+    pub line: u64,
+}
+
+/// A resource of kind `S` with its metadata and origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object<S> {
+    /// Metadata, namespace filled in (`default` when absent).
+    pub meta: ObjectMeta,
+    /// The resource's spec.
+    pub spec: S,
+    /// Where it was defined.
+    pub origin: Origin,
+}
+
+/// A Kubernetes Pod: labels from metadata, spec and status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pod {
+    /// Pod spec.
+    pub spec: PodSpec,
+    /// Pod status.
+    pub status: PodStatus,
+}
+
+/// Every resource kind portcullis understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// `networking.istio.io` ServiceEntry.
+    ServiceEntry(Object<ServiceEntrySpec>),
+    /// `networking.istio.io` WorkloadEntry.
+    WorkloadEntry(Object<WorkloadEntrySpec>),
+    /// `networking.istio.io` DestinationRule.
+    DestinationRule(Object<DestinationRuleSpec>),
+    /// `networking.istio.io` VirtualService.
+    VirtualService(Object<VirtualServiceSpec>),
+    /// `networking.istio.io` Sidecar.
+    Sidecar(Object<SidecarSpec>),
+    /// Kubernetes `v1` Pod.
+    Pod(Object<Pod>),
+    /// Kubernetes `v1` Service.
+    Service(Object<KubeServiceSpec>),
+    /// Istio's mesh config, from the `istio` ConfigMap's `data.mesh`.
+    MeshConfig(Object<MeshConfig>),
+}
+
+impl Resource {
+    /// The resource's kind as written in YAML.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::ServiceEntry(_) => "ServiceEntry",
+            Resource::WorkloadEntry(_) => "WorkloadEntry",
+            Resource::DestinationRule(_) => "DestinationRule",
+            Resource::VirtualService(_) => "VirtualService",
+            Resource::Sidecar(_) => "Sidecar",
+            Resource::Pod(_) => "Pod",
+            Resource::Service(_) => "Service",
+            Resource::MeshConfig(_) => "ConfigMap",
+        }
+    }
+
+    /// The resource's metadata.
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Resource::ServiceEntry(o) => &o.meta,
+            Resource::WorkloadEntry(o) => &o.meta,
+            Resource::DestinationRule(o) => &o.meta,
+            Resource::VirtualService(o) => &o.meta,
+            Resource::Sidecar(o) => &o.meta,
+            Resource::Pod(o) => &o.meta,
+            Resource::Service(o) => &o.meta,
+            Resource::MeshConfig(o) => &o.meta,
+        }
+    }
+
+    /// Where the resource was defined.
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Resource::ServiceEntry(o) => &o.origin,
+            Resource::WorkloadEntry(o) => &o.origin,
+            Resource::DestinationRule(o) => &o.origin,
+            Resource::VirtualService(o) => &o.origin,
+            Resource::Sidecar(o) => &o.origin,
+            Resource::Pod(o) => &o.origin,
+            Resource::Service(o) => &o.origin,
+            Resource::MeshConfig(o) => &o.origin,
+        }
+    }
+}
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The resource (and so its file) is rejected.
+    Error,
+    /// Accepted, but probably not what the author meant.
+    Warning,
+}
+
+/// A problem found while loading or validating, printed as
+/// `Error [CODE] (kind namespace/name file:line) message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Error or warning.
+    pub severity: Severity,
+    /// Stable short code, e.g. `YAML` or `INVALID_HOST`.
+    pub code: &'static str,
+    /// Resource kind, empty when the document could not be read that far.
+    pub kind: String,
+    /// `namespace/name`, empty when unknown.
+    pub resource: String,
+    /// The file.
+    pub file: Arc<PathBuf>,
+    /// 1-based line.
+    pub line: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "Error",
+            Severity::Warning => "Warning",
+        };
+        write!(f, "{severity} [{}] (", self.code)?;
+        if !self.kind.is_empty() {
+            write!(f, "{} ", self.kind)?;
+        }
+        if !self.resource.is_empty() {
+            write!(f, "{} ", self.resource)?;
+        }
+        write!(f, "{}:{}) {}", self.file.display(), self.line, self.message)
+    }
+}
