@@ -1,1 +1,453 @@
-//! balance
+//! Load-balancing algorithms and per-endpoint state.
+//!
+//! Pure: no I/O, no locks, no allocation per pick. A [`Balancer`] is built once per
+//! cluster snapshot from endpoint weights and shared [`EndpointState`]s; the states outlive
+//! snapshots so that in-flight request counts carry across config reloads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Power of two choices on active requests per weight; Istio's default.
+    #[default]
+    LeastRequest,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Weighted random.
+    Random,
+}
+
+/// Live counters of one endpoint, shared by every balancer that includes it.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    active: AtomicU64,
+    total: AtomicU64,
+}
+
+impl EndpointState {
+    /// A state with no requests.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests in flight.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Requests ever started.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as started; it stays active until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard {
+            state: Arc::clone(self),
+        }
+    }
+}
+
+/// An active request on an endpoint; dropping it ends the request.
+#[derive(Debug)]
+#[must_use = "the request counts as active only while the guard is alive"]
+pub struct ActiveGuard {
+    state: Arc<EndpointState>,
+}
+
+impl ActiveGuard {
+    /// The endpoint the request runs on.
+    pub fn state(&self) -> &Arc<EndpointState> {
+        &self.state
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Picks endpoints of one cluster by a [`Policy`] and the endpoints' weights.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: Policy,
+    weights: Box<[u64]>,
+    states: Box<[Arc<EndpointState>]>,
+    /// `cumulative[i]` is the sum of the weights of endpoints `0..=i`.
+    cumulative: Box<[u64]>,
+    total: u64,
+    /// Step through the weight space for round robin; coprime with `total`, so one cycle
+    /// of `total` picks visits every unit of weight exactly once.
+    stride: u64,
+    cursor: AtomicU64,
+}
+
+impl Balancer {
+    /// A balancer over `endpoints`, given as (weight, state); weight 0 counts as 1.
+    pub fn new(policy: Policy, endpoints: Vec<(u32, Arc<EndpointState>)>) -> Self {
+        let weights: Box<[u64]> = endpoints
+            .iter()
+            .map(|(w, _)| u64::from((*w).max(1)))
+            .collect();
+        let states: Box<[Arc<EndpointState>]> = endpoints.into_iter().map(|(_, s)| s).collect();
+        let cumulative: Box<[u64]> = weights
+            .iter()
+            .scan(0u64, |sum, w| {
+                *sum += w;
+                Some(*sum)
+            })
+            .collect();
+        let total = cumulative.last().copied().unwrap_or(0);
+        Balancer {
+            policy,
+            weights,
+            states,
+            cumulative,
+            total,
+            stride: stride(total),
+            cursor: AtomicU64::new(0),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether there are no endpoints.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// The effective weight of endpoint `index` (at least 1).
+    pub fn weight(&self, index: usize) -> Option<u64> {
+        self.weights.get(index).copied()
+    }
+
+    /// The shared state of endpoint `index`.
+    pub fn state(&self, index: usize) -> Option<&Arc<EndpointState>> {
+        self.states.get(index)
+    }
+
+    /// Picks an endpoint; the index refers to the list given to [`Balancer::new`].
+    pub fn pick(&self) -> Option<usize> {
+        match self.states.len() {
+            0 => None,
+            1 => Some(0),
+            _ => Some(match self.policy {
+                Policy::LeastRequest => {
+                    let first = self.draw();
+                    let second = self.draw();
+                    self.less_loaded(first, second)
+                }
+                Policy::RoundRobin => self.next_in_turn(),
+                Policy::Random => self.draw(),
+            }),
+        }
+    }
+
+    /// Picks an endpoint not in `excluded` (for a retry on another endpoint), by the same
+    /// policy over the remaining endpoints; if every endpoint is excluded, picks any.
+    pub fn pick_excluding(&self, excluded: &[usize]) -> Option<usize> {
+        if excluded.is_empty() {
+            return self.pick();
+        }
+        let remaining = self.remaining_weight(excluded);
+        if remaining == 0 {
+            return self.pick();
+        }
+        Some(match self.policy {
+            Policy::LeastRequest => {
+                let first = self.draw_excluding(excluded, remaining);
+                let second = self.draw_excluding(excluded, remaining);
+                self.less_loaded(first, second)
+            }
+            Policy::RoundRobin => {
+                let index = self.next_in_turn();
+                if excluded.contains(&index) {
+                    self.draw_excluding(excluded, remaining)
+                } else {
+                    index
+                }
+            }
+            Policy::Random => self.draw_excluding(excluded, remaining),
+        })
+    }
+
+    /// Of two candidates, the one with fewer active requests per unit of weight; the
+    /// first on a tie, so that without load the first draw's distribution is kept.
+    fn less_loaded(&self, first: usize, second: usize) -> usize {
+        let load = |i: usize| u128::from(self.states[i].active());
+        let weight = |i: usize| u128::from(self.weights[i]);
+        if load(second) * weight(first) < load(first) * weight(second) {
+            second
+        } else {
+            first
+        }
+    }
+
+    /// The endpoint owning unit `position` of the weight space.
+    fn owner(&self, position: u64) -> usize {
+        self.cumulative.partition_point(|&c| c <= position)
+    }
+
+    /// A random endpoint, with probability proportional to weight.
+    fn draw(&self) -> usize {
+        self.owner(fastrand::u64(0..self.total))
+    }
+
+    /// Smooth weighted round robin: the n-th pick takes unit `n * stride mod total` of the
+    /// weight space, which spreads each endpoint's units over the cycle instead of serving
+    /// them back to back.
+    fn next_in_turn(&self) -> usize {
+        let n = self.cursor.fetch_add(1, Ordering::Relaxed) % self.total;
+        let position = (u128::from(n) * u128::from(self.stride) % u128::from(self.total)) as u64;
+        self.owner(position)
+    }
+
+    fn remaining_weight(&self, excluded: &[usize]) -> u64 {
+        (0..self.weights.len())
+            .filter(|i| !excluded.contains(i))
+            .map(|i| self.weights[i])
+            .sum()
+    }
+
+    /// A random endpoint outside `excluded`, by weight; `remaining` is their total weight.
+    /// Linear in the endpoints, which is fine for the rare retry.
+    fn draw_excluding(&self, excluded: &[usize], remaining: u64) -> usize {
+        let mut position = fastrand::u64(0..remaining);
+        let mut last = 0;
+        for (index, &weight) in self.weights.iter().enumerate() {
+            if excluded.contains(&index) {
+                continue;
+            }
+            if position < weight {
+                return index;
+            }
+            position -= weight;
+            last = index;
+        }
+        last
+    }
+}
+
+/// A step near `total / φ` that is coprime with `total`: a golden-ratio sequence spreads
+/// the picks evenly, and coprimality makes it a permutation of the weight space.
+fn stride(total: u64) -> u64 {
+    if total <= 1 {
+        return 1;
+    }
+    let mut step = ((u128::from(total) * 618_034 / 1_000_000) as u64).max(1);
+    while gcd(step, total) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states(n: usize) -> Vec<Arc<EndpointState>> {
+        (0..n).map(|_| Arc::new(EndpointState::new())).collect()
+    }
+
+    fn balancer(policy: Policy, weights: &[u32]) -> (Balancer, Vec<Arc<EndpointState>>) {
+        let states = states(weights.len());
+        let endpoints = weights
+            .iter()
+            .zip(&states)
+            .map(|(w, s)| (*w, Arc::clone(s)))
+            .collect();
+        (Balancer::new(policy, endpoints), states)
+    }
+
+    fn counts(
+        b: &Balancer,
+        picks: usize,
+        mut pick: impl FnMut(&Balancer) -> Option<usize>,
+    ) -> Vec<usize> {
+        let mut counts = vec![0; b.len()];
+        for _ in 0..picks {
+            counts[pick(b).expect("non-empty balancer picks")] += 1;
+        }
+        counts
+    }
+
+    const POLICIES: [Policy; 3] = [Policy::LeastRequest, Policy::RoundRobin, Policy::Random];
+
+    #[test]
+    fn distribution_follows_weights_for_every_policy() {
+        for policy in POLICIES {
+            let (b, _) = balancer(policy, &[1, 3]);
+            let c = counts(&b, 40_000, Balancer::pick);
+            let share = c[1] as f64 / 40_000.0;
+            assert!((share - 0.75).abs() < 0.02, "{policy:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn distribution_over_many_endpoints() {
+        for policy in POLICIES {
+            let weights = [5, 1, 1, 3, 10];
+            let (b, _) = balancer(policy, &weights);
+            let c = counts(&b, 100_000, Balancer::pick);
+            for (count, weight) in c.iter().zip(weights) {
+                let expected = 100_000.0 * f64::from(weight) / 20.0;
+                let got = *count as f64;
+                assert!(
+                    (got - expected).abs() < expected * 0.08,
+                    "{policy:?}: {c:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zero_weight_counts_as_one() {
+        let (b, _) = balancer(Policy::RoundRobin, &[0, 1]);
+        assert_eq!(b.weight(0), Some(1));
+        assert_eq!(counts(&b, 1000, Balancer::pick), vec![500, 500]);
+    }
+
+    #[test]
+    fn round_robin_is_exact_per_cycle_and_smooth() {
+        let (b, _) = balancer(Policy::RoundRobin, &[5, 1, 1]);
+        let cycle: Vec<usize> = (0..7).filter_map(|_| b.pick()).collect();
+        let mut sorted = cycle.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 0, 0, 0, 0, 1, 2]);
+        // Never more than three of the heavy endpoint in a row within a cycle.
+        assert!(
+            !cycle.windows(4).any(|w| w.iter().all(|&i| i == 0)),
+            "{cycle:?}"
+        );
+        // Equal weights alternate.
+        let (b, _) = balancer(Policy::RoundRobin, &[1, 1]);
+        let seq: Vec<usize> = (0..6).filter_map(|_| b.pick()).collect();
+        assert_eq!(seq, vec![0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn round_robin_with_huge_weights_does_not_overflow() {
+        let (b, _) = balancer(Policy::RoundRobin, &[u32::MAX, u32::MAX, 1]);
+        for _ in 0..1000 {
+            assert!(b.pick().is_some_and(|i| i < 3));
+        }
+    }
+
+    #[test]
+    fn least_request_avoids_busy_endpoint() {
+        let (b, states) = balancer(Policy::LeastRequest, &[1, 1]);
+        let _busy: Vec<ActiveGuard> = (0..5).map(|_| states[0].start()).collect();
+        let c = counts(&b, 10_000, Balancer::pick);
+        // Endpoint 0 is chosen only when both draws land on it: about a quarter.
+        let share = c[0] as f64 / 10_000.0;
+        assert!((share - 0.25).abs() < 0.03, "{c:?}");
+    }
+
+    #[test]
+    fn least_request_compares_load_per_weight() {
+        let (b, states) = balancer(Policy::LeastRequest, &[4, 1]);
+        // 3 active on weight 4 is less load than 1 active on weight 1.
+        let _a: Vec<ActiveGuard> = (0..3).map(|_| states[0].start()).collect();
+        let _b = states[1].start();
+        assert_eq!(b.less_loaded(1, 0), 0);
+        assert_eq!(b.less_loaded(0, 1), 0);
+        // A tie keeps the first draw.
+        let (b, _) = balancer(Policy::LeastRequest, &[1, 1]);
+        assert_eq!(b.less_loaded(1, 0), 1);
+        assert_eq!(b.less_loaded(0, 1), 0);
+    }
+
+    #[test]
+    fn guard_counts_active_and_total() {
+        let state = Arc::new(EndpointState::new());
+        let first = state.start();
+        let second = state.start();
+        assert_eq!((state.active(), state.total()), (2, 2));
+        drop(first);
+        assert_eq!((state.active(), state.total()), (1, 2));
+        assert!(Arc::ptr_eq(second.state(), &state));
+        drop(second);
+        assert_eq!((state.active(), state.total()), (0, 2));
+    }
+
+    #[test]
+    fn empty_balancer_picks_nothing() {
+        for policy in POLICIES {
+            let b = Balancer::new(policy, Vec::new());
+            assert!(b.is_empty());
+            assert_eq!(b.len(), 0);
+            assert_eq!(b.pick(), None);
+            assert_eq!(b.pick_excluding(&[0]), None);
+        }
+    }
+
+    #[test]
+    fn single_endpoint_is_always_picked() {
+        for policy in POLICIES {
+            let (b, _) = balancer(policy, &[7]);
+            assert_eq!(b.pick(), Some(0));
+            assert_eq!(b.pick_excluding(&[0]), Some(0));
+        }
+    }
+
+    #[test]
+    fn pick_excluding_never_returns_excluded_when_another_exists() {
+        for policy in POLICIES {
+            let (b, _) = balancer(policy, &[1, 100, 1, 5]);
+            for _ in 0..5_000 {
+                let i = b.pick_excluding(&[1, 3]).expect("picks");
+                assert!(i == 0 || i == 2, "{policy:?} picked {i}");
+            }
+            let c = counts(&b, 4_000, |b| b.pick_excluding(&[0, 1, 2]));
+            assert_eq!(c, vec![0, 0, 0, 4_000]);
+        }
+    }
+
+    #[test]
+    fn pick_excluding_keeps_weights_among_the_rest() {
+        for policy in POLICIES {
+            let (b, _) = balancer(policy, &[50, 1, 3]);
+            let c = counts(&b, 40_000, |b| b.pick_excluding(&[0]));
+            let share = c[2] as f64 / (c[1] + c[2]) as f64;
+            assert_eq!(c[0], 0);
+            assert!((share - 0.75).abs() < 0.03, "{policy:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn pick_excluding_everything_falls_back_to_any() {
+        for policy in POLICIES {
+            let (b, _) = balancer(policy, &[1, 1]);
+            assert!(b.pick_excluding(&[0, 1]).is_some_and(|i| i < 2));
+            // Out-of-range indices exclude nothing.
+            assert!(b.pick_excluding(&[9]).is_some_and(|i| i < 2));
+        }
+    }
+
+    #[test]
+    fn strides_are_coprime() {
+        for total in 1..500 {
+            assert_eq!(gcd(stride(total), total.max(1)), 1, "total {total}");
+        }
+    }
+}
