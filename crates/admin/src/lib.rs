@@ -1,1 +1,191 @@
-//! admin
+//! Envoy-shaped admin server (`/ready`, `/config_dump`, `/clusters`, `/stats`, ...),
+//! the Prometheus scrape endpoint and the kubelet readiness endpoint.
+
+mod render;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use portcullis_registry::Snapshot;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// One config file's state, as shown by `/config_dump`.
+#[derive(Debug, Clone, Default)]
+pub struct FileStatus {
+    /// The file.
+    pub path: String,
+    /// Whether its latest content was rejected (it keeps serving its last good content).
+    pub rejected: bool,
+    /// Findings, each `Error|Warning [CODE] (kind ns/name file:line) message`.
+    pub findings: Vec<String>,
+}
+
+/// What the config loader reports about the files behind the active snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigStatus {
+    /// The config path as given on the command line.
+    pub path: String,
+    /// Per-file status.
+    pub files: Vec<FileStatus>,
+    /// Why the config path as a whole could not be read, if it could not.
+    pub path_error: Option<String>,
+}
+
+/// Changes the log filter, e.g. `debug` or `access=off,info`.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Everything the admin endpoints read.
+pub struct AdminState {
+    /// The active registry snapshot.
+    pub registry: Arc<ArcSwap<Snapshot>>,
+    /// Config files and their errors.
+    pub config: Arc<ArcSwap<ConfigStatus>>,
+    /// Set once the first config has been loaded.
+    pub ready: AtomicBool,
+    /// Metrics to expose.
+    pub metrics: Registry,
+    /// Log level control for `POST /logging`.
+    pub set_log_level: SetLogLevel,
+    /// Cancelled by `POST /quitquitquit` and `POST /drain_listeners`.
+    pub shutdown: CancellationToken,
+    /// Process start, for `/server_info`.
+    pub started: Instant,
+}
+
+impl AdminState {
+    /// Marks the proxy ready: the first config is loaded.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// The full admin API (loopback only by default).
+    Admin,
+    /// Only `/stats/prometheus` (Istio's 15090).
+    Metrics,
+    /// Only `/healthz/ready` (Istio's 15021).
+    Health,
+}
+
+/// Serves `endpoints` on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    endpoints: Endpoints,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&state, endpoints, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds `addr`, for callers that want to fail early on a taken port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}
+
+fn route(state: &AdminState, endpoints: Endpoints, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let method = req.method();
+    let text = "text/plain; charset=UTF-8";
+    match (endpoints, method, path) {
+        (Endpoints::Admin | Endpoints::Metrics, &Method::GET, "/stats/prometheus") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render::prometheus(&state.metrics),
+        ),
+        (Endpoints::Health, &Method::GET, "/healthz/ready") | (Endpoints::Admin, &Method::GET, "/ready") => {
+            if state.is_ready() {
+                reply(StatusCode::OK, text, "LIVE\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, text, "PRE_INITIALIZING\n")
+            }
+        }
+        (Endpoints::Admin, &Method::GET, "/config_dump") => reply(
+            StatusCode::OK,
+            "application/json",
+            render::config_dump(&state.registry.load(), &state.config.load()),
+        ),
+        (Endpoints::Admin, &Method::GET, "/clusters") => {
+            reply(StatusCode::OK, text, render::clusters(&state.registry.load()))
+        }
+        (Endpoints::Admin, &Method::GET, "/stats") => {
+            reply(StatusCode::OK, text, render::stats(&state.registry.load(), &state.metrics))
+        }
+        (Endpoints::Admin, &Method::GET, "/server_info") => reply(
+            StatusCode::OK,
+            "application/json",
+            render::server_info(state.is_ready(), state.started.elapsed()),
+        ),
+        (Endpoints::Admin, &Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .map(str::to_string);
+            match level {
+                Some(level) => match (state.set_log_level)(&level) {
+                    Ok(()) => reply(StatusCode::OK, text, format!("log level set to {level}\n")),
+                    Err(e) => reply(StatusCode::BAD_REQUEST, text, format!("{e}\n")),
+                },
+                None => reply(StatusCode::BAD_REQUEST, text, "usage: POST /logging?level=<filter>\n"),
+            }
+        }
+        (Endpoints::Admin, &Method::POST, "/quitquitquit" | "/drain_listeners") => {
+            state.shutdown.cancel();
+            reply(StatusCode::OK, text, "OK\n")
+        }
+        (Endpoints::Admin, _, "/quitquitquit" | "/drain_listeners" | "/logging") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, text, "use POST\n")
+        }
+        _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
+    }
+}

@@ -1,1 +1,184 @@
-//! proxy
+//! The data path: listeners, original destination, protocol detection, HTTP and TCP
+//! forwarding, synthetic responses and upstream connection reuse.
+
+mod body;
+mod detect;
+mod error;
+mod http;
+mod io;
+mod log;
+pub mod metrics;
+mod orig_dst;
+mod pool;
+mod tcp;
+mod tunnel;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use portcullis_registry::Snapshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::ProxyError;
+pub use metrics::Metrics;
+
+use crate::detect::Detected;
+use crate::http::Downstream;
+use crate::io::PrefixedIo;
+use crate::pool::Pool;
+
+/// Timeouts and limits of the data path.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// How long to wait for a client's first bytes before treating it as opaque TCP.
+    pub detect_timeout: Duration,
+    /// Upstream connect timeout (Istio's default `connectTimeout` is 10 s).
+    pub connect_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            detect_timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(60),
+            max_idle_per_endpoint: 256,
+        }
+    }
+}
+
+/// The proxy: shared by every connection task.
+pub struct Proxy {
+    registry: Arc<ArcSwap<Snapshot>>,
+    config: ProxyConfig,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    own_listeners: Vec<SocketAddr>,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    /// A proxy reading `registry`, never forwarding to any of `own_listeners`.
+    pub fn new(
+        registry: Arc<ArcSwap<Snapshot>>,
+        config: ProxyConfig,
+        metrics: Arc<Metrics>,
+        own_listeners: Vec<SocketAddr>,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Pool::new(config.max_idle_per_endpoint, config.pool_idle_timeout));
+        Arc::new(Proxy {
+            registry,
+            config,
+            pool,
+            metrics,
+            own_listeners,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Connection tasks still running, for draining.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Idle pooled upstream connections.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Accepts redirected connections until `shutdown`.
+    pub async fn run_outbound(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        self.accept_loop(listener, shutdown, true).await;
+    }
+
+    /// Accepts explicit forward-proxy connections until `shutdown`.
+    pub async fn run_http_proxy(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        self.accept_loop(listener, shutdown, false).await;
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, transparent: bool) {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let proxy = Arc::clone(&self);
+                    let shutdown = shutdown.clone();
+                    self.tasks.spawn(async move {
+                        if transparent {
+                            proxy.outbound(stream, peer, shutdown).await;
+                        } else {
+                            proxy.explicit(stream, peer, shutdown).await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn outbound(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let dst = match orig_dst::original_dst(&stream) {
+            Ok(dst) => dst,
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot read the original destination");
+                return;
+            }
+        };
+        if stream.local_addr().is_ok_and(|local| local == dst) {
+            tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
+            return;
+        }
+        // The connection keeps this registry version for its whole life.
+        let snapshot = self.registry.load_full();
+        if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
+            tcp::forward(&self, &snapshot, stream, dst, peer).await;
+            return;
+        }
+        let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "client failed during protocol detection");
+                return;
+            }
+        };
+        let io = PrefixedIo::new(prefix, stream);
+        match detected {
+            Detected::Http1 => {
+                let downstream = Arc::new(Downstream {
+                    snapshot,
+                    original_dst: Some(dst),
+                    peer,
+                });
+                http::serve(self, downstream, io, shutdown).await;
+            }
+            Detected::Opaque => tcp::forward(&self, &snapshot, io, dst, peer).await,
+        }
+    }
+
+    async fn explicit(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let downstream = Arc::new(Downstream {
+            snapshot: self.registry.load_full(),
+            original_dst: None,
+            peer,
+        });
+        http::serve(self, downstream, stream, shutdown).await;
+    }
+}

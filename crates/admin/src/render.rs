@@ -1,0 +1,130 @@
+//! Bodies of the admin endpoints.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use portcullis_registry::{EndpointAddress, OutboundMode, Protocol, Resolution, Snapshot};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+use crate::ConfigStatus;
+
+/// The Prometheus text exposition of `registry`.
+pub fn prometheus(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+fn mode_name(mode: OutboundMode) -> &'static str {
+    match mode {
+        OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+        OutboundMode::AllowAny => "ALLOW_ANY",
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Http => "HTTP",
+        Protocol::Tls => "TLS",
+        Protocol::Tcp => "TCP",
+        Protocol::Auto => "AUTO",
+    }
+}
+
+fn resolution_name(r: Resolution) -> &'static str {
+    match r {
+        Resolution::None => "NONE",
+        Resolution::Static => "STATIC",
+        Resolution::Dns => "DNS",
+        Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+    }
+}
+
+/// The active snapshot and the per-file config status, as JSON.
+pub fn config_dump(snapshot: &Snapshot, config: &ConfigStatus) -> String {
+    let clusters: Vec<Value> = snapshot
+        .clusters
+        .iter()
+        .map(|c| {
+            json!({
+                "name": &*c.name,
+                "host": &*c.host,
+                "port": c.port,
+                "protocol": protocol_name(c.protocol),
+                "resolution": resolution_name(c.resolution),
+                "source": &*c.source,
+                "endpoints": c.endpoints.iter().map(|e| json!({
+                    "address": e.display(),
+                    "dns": matches!(e.address, EndpointAddress::Dns(_)),
+                    "weight": e.weight,
+                    "source": &*e.source,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let files: Vec<Value> = config
+        .files
+        .iter()
+        .map(|f| json!({"path": f.path, "rejected": f.rejected, "findings": f.findings}))
+        .collect();
+    let dump = json!({
+        "version": snapshot.version,
+        "outbound_traffic_policy": mode_name(snapshot.outbound_mode()),
+        "clusters": clusters,
+        "warnings": snapshot.warnings,
+        "config": {
+            "path": config.path,
+            "path_error": config.path_error,
+            "files": files,
+        },
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_default()
+}
+
+/// Envoy's `/clusters` text format: `cluster::host::stat::value`.
+pub fn clusters(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    for name in ["BlackHoleCluster", "PassthroughCluster"] {
+        let _ = writeln!(out, "{name}::default_priority::max_connections::4294967295");
+    }
+    for c in &snapshot.clusters {
+        let _ = writeln!(out, "{}::default_priority::max_connections::4294967295", c.name);
+        for e in &c.endpoints {
+            let host = e.display();
+            let _ = writeln!(out, "{}::{host}::rq_active::{}", c.name, e.state.active());
+            let _ = writeln!(out, "{}::{host}::rq_total::{}", c.name, e.state.total());
+            let _ = writeln!(out, "{}::{host}::weight::{}", c.name, e.weight);
+            let _ = writeln!(out, "{}::{host}::health_flags::healthy", c.name);
+        }
+    }
+    out
+}
+
+/// Envoy-style `name: value` stats for clusters, then the Prometheus metrics.
+pub fn stats(snapshot: &Snapshot, registry: &Registry) -> String {
+    let mut out = String::new();
+    for c in &snapshot.clusters {
+        let active: u64 = c.endpoints.iter().map(|e| e.state.active()).sum();
+        let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();
+        let _ = writeln!(out, "cluster.{}.membership_total: {}", c.name, c.endpoints.len());
+        let _ = writeln!(out, "cluster.{}.upstream_rq_active: {active}", c.name);
+        let _ = writeln!(out, "cluster.{}.upstream_rq_total: {total}", c.name);
+    }
+    let _ = writeln!(out, "server.registry_version: {}", snapshot.version);
+    out.push_str(&prometheus(registry));
+    out
+}
+
+/// `/server_info`.
+pub fn server_info(ready: bool, uptime: Duration) -> String {
+    let info = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "state": if ready { "LIVE" } else { "PRE_INITIALIZING" },
+        "uptime_current_epoch": format!("{}s", uptime.as_secs()),
+        "node": {"user_agent_name": "portcullis"},
+    });
+    serde_json::to_string_pretty(&info).unwrap_or_default()
+}

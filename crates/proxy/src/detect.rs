@@ -1,0 +1,103 @@
+//! Protocol detection on the first bytes a client sends.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What the first bytes look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// An HTTP/1.x request line.
+    Http1,
+    /// Anything else (including nothing within the timeout): opaque TCP.
+    Opaque,
+}
+
+/// Bytes that are enough to decide; more are never read during detection.
+pub const MAX_DETECT_BYTES: usize = 16;
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ",
+    b"CONNECT ",
+];
+
+/// Classifies `buf`: `Some` when decided, `None` when more bytes could change the answer.
+pub fn classify(buf: &[u8]) -> Option<Detected> {
+    let mut undecided = false;
+    for m in METHODS {
+        if buf.starts_with(m) {
+            return Some(Detected::Http1);
+        }
+        if m.starts_with(buf) {
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Detected::Opaque)
+}
+
+/// Reads until the protocol is known, at most [`MAX_DETECT_BYTES`] or `timeout`.
+/// Returns what was read, to be replayed to whoever handles the connection.
+pub async fn detect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> std::io::Result<(Detected, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(MAX_DETECT_BYTES);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(d) = classify(&buf) {
+            return Ok((d, buf));
+        }
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+        match read {
+            // Timed out, or the client half-closed: decide on what we have.
+            Err(_) | Ok(Ok(0)) => return Ok((classify(&buf).unwrap_or(Detected::Opaque), buf)),
+            Ok(Ok(_)) => {
+                if buf.len() >= MAX_DETECT_BYTES {
+                    return Ok((classify(&buf).unwrap_or(Detected::Opaque), buf));
+                }
+            }
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_methods_and_garbage() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"CONNECT a:443 HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
+        assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn times_out_to_opaque_on_silence() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { detect(&mut server, Duration::from_millis(100)).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (d, buf) = task.await.unwrap().unwrap();
+        assert_eq!(d, Detected::Opaque);
+        assert!(buf.is_empty());
+        drop(&mut client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_split_method() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { detect(&mut server, Duration::from_secs(1)).await });
+        client.write_all(b"PO").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client.write_all(b"ST /x HTTP/1.1\r\n").await.unwrap();
+        let (d, buf) = task.await.unwrap().unwrap();
+        assert_eq!(d, Detected::Http1);
+        assert!(buf.starts_with(b"POST"));
+    }
+}

@@ -1,0 +1,384 @@
+//! HTTP/1.x: route each request by Host (or absolute-form authority) and forward it over a
+//! pooled upstream connection, streaming bodies both ways.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use portcullis_registry::{Decision, Snapshot, split_host_port};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Proxy;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::log::HttpLog;
+use crate::metrics::{ClusterLabels, Label, RequestLabels};
+use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
+
+/// The downstream connection a request arrived on.
+pub(crate) struct Downstream {
+    /// The registry version the connection started with.
+    pub snapshot: Arc<Snapshot>,
+    /// `SO_ORIGINAL_DST` for intercepted connections; `None` on the explicit proxy.
+    pub original_dst: Option<SocketAddr>,
+    /// The client.
+    pub peer: SocketAddr,
+}
+
+/// Serves HTTP/1.x on `io` until the client closes or `shutdown` asks to drain.
+pub(crate) async fn serve<I>(proxy: Arc<Proxy>, downstream: Arc<Downstream>, io: I, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let downstream = Arc::clone(&downstream);
+        async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(64 * 1024);
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// What the access log and metrics need once the request is gone.
+struct Outcome {
+    status: u16,
+    flags: &'static str,
+    cluster: Arc<str>,
+    service: Arc<str>,
+    upstream: Option<SocketAddr>,
+    route: &'static str,
+}
+
+async fn handle(proxy: Arc<Proxy>, downstream: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let version = req.version();
+    let host_header = req.headers().get(header::HOST).cloned();
+    let (response, outcome) = match route_and_forward(&proxy, &downstream, req, start).await {
+        Ok(ok) => ok,
+        Err((err, mut outcome)) => {
+            let response = err.to_response();
+            outcome.status = response.status().as_u16();
+            outcome.flags = err.flag();
+            (response, outcome)
+        }
+    };
+    let duration = start.elapsed();
+    let labels = RequestLabels {
+        reporter: "source",
+        destination_service: Label(Arc::clone(&outcome.service)),
+        response_code: outcome.status,
+        response_flags: outcome.flags,
+        request_protocol: "http",
+    };
+    proxy.metrics.requests.get_or_create(&labels).inc();
+    proxy
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(duration.as_secs_f64() * 1000.0);
+    if tracing::enabled!(target: "access", tracing::Level::INFO) {
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()).map(str::to_string))
+            .unwrap_or_else(|| "-".to_string());
+        HttpLog {
+            method: method.as_str(),
+            path: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            protocol: version_str(version),
+            authority: &authority,
+            status: outcome.status,
+            flags: outcome.flags,
+            cluster: &outcome.cluster,
+            upstream: outcome.upstream,
+            route: outcome.route,
+            original_dst: downstream.original_dst,
+            downstream: downstream.peer,
+            duration,
+        }
+        .emit();
+    }
+    response
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The authority a request is for: the absolute-form URI's, else the single Host header.
+fn authority(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("multiple Host headers"));
+    }
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(a.as_str().to_string()));
+    }
+    match host {
+        None => Ok(None),
+        Some(h) => h
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ProxyError::BadRequest("invalid Host header")),
+    }
+}
+
+fn route_name(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::BlackHole => "block_all",
+        Decision::Passthrough => "allow_any",
+        Decision::Cluster(_) | Decision::Pod(_) => "default",
+    }
+}
+
+type Failed = (ProxyError, Outcome);
+
+async fn route_and_forward(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    mut req: Request<Incoming>,
+    start: Instant,
+) -> Result<(Response<ProxyBody>, Outcome), Failed> {
+    let mut outcome = Outcome {
+        status: 0,
+        flags: "-",
+        cluster: "-".into(),
+        service: "unknown".into(),
+        upstream: None,
+        route: "-",
+    };
+    let authority = match authority(&req) {
+        Ok(a) => a,
+        Err(e) => return Err((e, outcome)),
+    };
+    let explicit = downstream.original_dst.is_none();
+    let parsed = authority.as_deref().map(split_host_port);
+    let (host, host_port) = match parsed {
+        Some(Ok((h, p))) => (Some(h), p),
+        Some(Err(_)) => return Err((ProxyError::BadRequest("invalid authority"), outcome)),
+        None => (None, None),
+    };
+    let port = match (downstream.original_dst, host_port) {
+        (Some(dst), _) => dst.port(),
+        (None, Some(p)) => p,
+        (None, None) if req.method() == Method::CONNECT => {
+            return Err((ProxyError::BadRequest("CONNECT needs host:port"), outcome));
+        }
+        (None, None) => 80,
+    };
+    let snapshot = &downstream.snapshot;
+    let decision = match (req.method() == Method::CONNECT, host) {
+        (true, Some(h)) => route_connect(snapshot, h, port),
+        (false, Some(_)) => snapshot.route_http(authority.as_deref().unwrap_or_default(), port),
+        // No authority at all: nothing to match a registered name against.
+        (_, None) => match downstream.original_dst {
+            Some(_) => snapshot.unmatched(),
+            None => Decision::BlackHole,
+        },
+    };
+    outcome.route = route_name(&decision);
+    outcome.cluster = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.name),
+        other => other.cluster_name().into(),
+    };
+    outcome.service = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.host),
+        _ => Arc::clone(&outcome.cluster),
+    };
+    let original = match (downstream.original_dst, host) {
+        (Some(dst), _) => Original::Address(dst),
+        (None, Some(h)) => Original::Name(h, port),
+        (None, None) => return Err((ProxyError::Blocked, outcome)),
+    };
+    if req.method() == Method::CONNECT {
+        return match crate::tunnel::open(proxy, &decision, original, req, &outcome.cluster).await {
+            Ok((response, upstream)) => {
+                outcome.status = response.status().as_u16();
+                outcome.upstream = Some(upstream);
+                Ok((response, outcome))
+            }
+            Err(e) => Err((e, outcome)),
+        };
+    }
+    prepare_request(&mut req, authority.as_deref(), explicit);
+    let mut tried: Vec<usize> = Vec::new();
+    for attempt in 0..ATTEMPTS {
+        let pick = match proxy.pick(&decision, original, &tried).await {
+            Ok(p) => p,
+            Err(e) => return Err((e, outcome)),
+        };
+        outcome.upstream = Some(pick.addr);
+        let Pick { addr, index, guard } = pick;
+        let mut pooled = match proxy.pool.checkout(addr).await {
+            Some(p) => p,
+            None => match proxy.connect(addr, &outcome.cluster).await {
+                Ok(stream) => match handshake(stream).await {
+                    Ok(sender) => proxy.pool.fresh(addr, sender),
+                    Err(e) => return Err((ProxyError::UpstreamReset(e), outcome)),
+                },
+                Err(e) => {
+                    if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
+                        tried.extend(index);
+                        continue;
+                    }
+                    return Err((e, outcome));
+                }
+            },
+        };
+        proxy
+            .metrics
+            .upstream_rq
+            .get_or_create(&ClusterLabels {
+                cluster_name: Label(Arc::clone(&outcome.cluster)),
+            })
+            .inc();
+        match pooled.sender.try_send_request(req).await {
+            Ok(response) => {
+                let response = prepare_response(response, pooled, guard, start);
+                outcome.status = response.status().as_u16();
+                return Ok((response, outcome));
+            }
+            Err(mut e) => match e.take_message() {
+                // Never sent: the pooled connection had just closed. Safe to try again.
+                Some(unsent) if attempt + 1 < ATTEMPTS => {
+                    req = unsent;
+                    continue;
+                }
+                _ => return Err((ProxyError::UpstreamReset(e.into_error()), outcome)),
+            },
+        }
+    }
+    Err((ProxyError::NoHealthyUpstream, outcome))
+}
+
+/// A CONNECT target: a registered name, a registered VIP or pod, or an address in a
+/// registered range.
+fn route_connect(snapshot: &Snapshot, host: &str, port: u16) -> Decision {
+    let by_name = snapshot.route_host(host, port);
+    match (&by_name, host.parse::<IpAddr>()) {
+        (Decision::BlackHole | Decision::Passthrough, Ok(ip)) => match snapshot.route_tcp(ip, port) {
+            // route_tcp falls back to the policy too; keep the by-name answer then.
+            Decision::BlackHole | Decision::Passthrough => by_name,
+            found => found,
+        },
+        _ => by_name,
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn prepare_request(req: &mut Request<Incoming>, authority: Option<&str>, explicit: bool) {
+    let absolute = req.uri().authority().is_some();
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if absolute
+        && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        // The URI's authority is what was routed on; the upstream must see the same name.
+        headers.insert(header::HOST, value);
+    }
+    if explicit {
+        headers.remove(header::PROXY_AUTHENTICATE);
+    }
+    headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static("http"));
+}
+
+fn prepare_response(
+    response: Response<Incoming>,
+    connection: crate::pool::Pooled,
+    guard: Option<portcullis_balance::ActiveGuard>,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // Envoy overwrites the server header on responses it proxies.
+    parts.headers.insert(header::SERVER, HeaderValue::from_static("envoy"));
+    parts.headers.insert(
+        HeaderName::from_static("x-envoy-upstream-service-time"),
+        HeaderValue::from(start.elapsed().as_millis() as u64),
+    );
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            body,
+            connection: Some(connection),
+            guard,
+        },
+    )
+}
+
+async fn handshake(
+    stream: tokio::net::TcpStream,
+) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error> {
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
+        }
+    });
+    Ok(sender)
+}

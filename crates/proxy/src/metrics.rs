@@ -1,0 +1,133 @@
+//! Prometheus metrics under the names Istio and Envoy users already graph.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A shared string label value (cluster and service names are already `Arc<str>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Label(pub Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label(s.into())
+    }
+}
+
+/// Labels of `istio_requests_total` and `istio_request_duration_milliseconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `source`: the sidecar reports as the client side.
+    pub reporter: &'static str,
+    /// Destination service host, or the cluster name when unregistered.
+    pub destination_service: Label,
+    /// HTTP status.
+    pub response_code: u16,
+    /// Envoy response flags.
+    pub response_flags: &'static str,
+    /// `http`.
+    pub request_protocol: &'static str,
+}
+
+/// Labels of the TCP metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// Always `source`.
+    pub reporter: &'static str,
+    /// Destination service host, or the cluster name.
+    pub destination_service: Label,
+    /// Envoy response flags.
+    pub response_flags: &'static str,
+}
+
+/// Labels keyed by Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// Envoy cluster name.
+    pub cluster_name: Label,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    ])
+}
+
+/// Every metric the data path records.
+pub struct Metrics {
+    /// `istio_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (client to upstream).
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (upstream to client).
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_total`.
+    pub upstream_rq: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_cx_connect_fail`.
+    pub connect_fail: Family<ClusterLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            upstream_rq: Family::default(),
+            connect_fail: Family::default(),
+        };
+        registry.register("istio_requests", "Requests handled", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        registry.register("istio_tcp_sent_bytes", "Bytes sent upstream", m.tcp_sent.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from upstream",
+            m.tcp_received.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq",
+            "Upstream requests per cluster",
+            m.upstream_rq.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_cx_connect_fail",
+            "Upstream connection failures per cluster",
+            m.connect_fail.clone(),
+        );
+        m
+    }
+}

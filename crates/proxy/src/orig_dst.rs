@@ -1,0 +1,27 @@
+//! The original destination of a redirected connection (`SO_ORIGINAL_DST`).
+//!
+//! socket2 wraps the `getsockopt` call safely, so this crate needs no unsafe code.
+
+use std::net::SocketAddr;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+/// Where the client meant to connect before iptables redirected it to us.
+///
+/// Without a redirect (a direct connection, or no conntrack entry) this is the listener's
+/// own address, which the loop guard then refuses.
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    let sock = SockRef::from(stream);
+    let found = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    match found {
+        Ok(addr) => Ok(addr.as_socket().unwrap_or(local)),
+        // ENOENT: no NAT entry, the client connected to us directly.
+        Err(e) if e.raw_os_error() == Some(2) => Ok(local),
+        Err(e) => Err(e),
+    }
+}

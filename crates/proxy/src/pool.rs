@@ -1,0 +1,108 @@
+//! Upstream HTTP/1.1 connection reuse, keyed by endpoint address.
+//!
+//! A connection goes back to the pool only when the response body it carried has ended,
+//! so a pooled sender is always free for the next request. The lock is held only to push
+//! or pop one sender; it is never held across an await and a reload never takes it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use tokio::time::Instant;
+
+type Idle = Vec<(SendRequest<Incoming>, Instant)>;
+
+/// Idle upstream connections per endpoint.
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Idle>>,
+    max_idle_per_endpoint: usize,
+    idle_timeout: Duration,
+}
+
+/// A connection checked out of (or new for) the pool.
+pub struct Pooled {
+    pool: Arc<Pool>,
+    key: SocketAddr,
+    /// The sender for this connection.
+    pub sender: SendRequest<Incoming>,
+    /// Whether it was reused from the pool (a stale-connection race is then possible).
+    pub reused: bool,
+}
+
+impl Pooled {
+    /// Returns the connection to the pool for the next request.
+    pub fn release(self) {
+        self.pool.put(self.key, self.sender);
+    }
+}
+
+impl Pool {
+    /// A pool keeping up to `max_idle_per_endpoint` connections for `idle_timeout`.
+    pub fn new(max_idle_per_endpoint: usize, idle_timeout: Duration) -> Self {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            max_idle_per_endpoint,
+            idle_timeout,
+        }
+    }
+
+    /// Takes an idle connection to `key` that is still open, if any.
+    pub async fn checkout(self: &Arc<Self>, key: SocketAddr) -> Option<Pooled> {
+        loop {
+            let (mut sender, since) = {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                let list = idle.get_mut(&key)?;
+                let entry = list.pop();
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                entry?
+            };
+            if since.elapsed() > self.idle_timeout || sender.is_closed() {
+                continue;
+            }
+            if sender.ready().await.is_ok() {
+                return Some(Pooled {
+                    pool: Arc::clone(self),
+                    key,
+                    sender,
+                    reused: true,
+                });
+            }
+        }
+    }
+
+    /// Wraps a freshly connected sender so that it can be released to the pool.
+    pub fn fresh(self: &Arc<Self>, key: SocketAddr, sender: SendRequest<Incoming>) -> Pooled {
+        Pooled {
+            pool: Arc::clone(self),
+            key,
+            sender,
+            reused: false,
+        }
+    }
+
+    fn put(&self, key: SocketAddr, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle_per_endpoint {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    /// Number of idle connections, for the admin server.
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}

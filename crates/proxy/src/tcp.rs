@@ -1,0 +1,89 @@
+//! Opaque TCP: route by original destination, connect, splice bytes both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use portcullis_registry::{Decision, Snapshot};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::Proxy;
+use crate::log::TcpLog;
+use crate::metrics::{Label, TcpLabels};
+use crate::upstream::{ATTEMPTS, Original, can_retry};
+
+/// Forwards one intercepted TCP connection, or closes it when the destination is refused.
+pub(crate) async fn forward<C>(
+    proxy: &Arc<Proxy>,
+    snapshot: &Snapshot,
+    mut client: C,
+    dst: SocketAddr,
+    peer: SocketAddr,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let decision = snapshot.route_tcp(dst.ip(), dst.port());
+    let cluster: Arc<str> = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.name),
+        other => other.cluster_name().into(),
+    };
+    let service = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.host),
+        _ => Arc::clone(&cluster),
+    };
+    let mut labels = TcpLabels {
+        reporter: "source",
+        destination_service: Label(service),
+        response_flags: "-",
+    };
+    let mut log = TcpLog {
+        flags: "-",
+        cluster: &cluster,
+        upstream: None,
+        original_dst: dst,
+        downstream: peer,
+        sent: 0,
+        received: 0,
+        duration: Default::default(),
+    };
+    let mut tried = Vec::new();
+    let mut attempt = 0;
+    let connected = loop {
+        attempt += 1;
+        let pick = match proxy.pick(&decision, Original::Address(dst), &tried).await {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
+        log.upstream = Some(pick.addr);
+        match proxy.connect(pick.addr, &cluster).await {
+            Ok(stream) => break Ok((stream, pick.guard)),
+            Err(_) if attempt < ATTEMPTS && can_retry(&decision, pick.index) => {
+                tried.extend(pick.index);
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    match connected {
+        Ok((mut upstream, _active)) => {
+            proxy.metrics.tcp_opened.get_or_create(&labels).inc();
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((sent, received)) => {
+                    log.sent = sent;
+                    log.received = received;
+                }
+                Err(e) => tracing::debug!(error = %e, "TCP connection ended with an error"),
+            }
+        }
+        Err(e) => {
+            log.flags = e.tcp_flag();
+            labels.response_flags = log.flags;
+            proxy.metrics.tcp_opened.get_or_create(&labels).inc();
+        }
+    }
+    proxy.metrics.tcp_sent.get_or_create(&labels).inc_by(log.sent);
+    proxy.metrics.tcp_received.get_or_create(&labels).inc_by(log.received);
+    proxy.metrics.tcp_closed.get_or_create(&labels).inc();
+    log.duration = start.elapsed();
+    log.emit();
+}

@@ -1,0 +1,55 @@
+//! CONNECT on the explicit proxy: connect upstream, answer 200, then splice bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use portcullis_registry::Decision;
+
+use crate::Proxy;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::upstream::{ATTEMPTS, Original, can_retry};
+
+/// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
+pub(crate) async fn open(
+    proxy: &Arc<Proxy>,
+    decision: &Decision,
+    original: Original<'_>,
+    req: Request<Incoming>,
+    cluster: &str,
+) -> Result<(Response<ProxyBody>, SocketAddr), ProxyError> {
+    let mut tried = Vec::new();
+    let mut attempt = 0;
+    let (upstream, pick) = loop {
+        attempt += 1;
+        let pick = proxy.pick(decision, original, &tried).await?;
+        match proxy.connect(pick.addr, cluster).await {
+            Ok(stream) => break (stream, pick),
+            Err(e) if attempt < ATTEMPTS && can_retry(decision, pick.index) => {
+                tried.extend(pick.index);
+                tracing::debug!(error = %e, upstream = %pick.addr, "CONNECT retrying elsewhere");
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let addr = pick.addr;
+    tokio::spawn(async move {
+        let _active = pick.guard;
+        let mut upstream = upstream;
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    let mut response = Response::new(ProxyBody::Full(None));
+    *response.status_mut() = StatusCode::OK;
+    Ok((response, addr))
+}

@@ -1,0 +1,130 @@
+//! Choosing and connecting to an upstream: endpoint pick, DNS, connect timeout, loop guard.
+
+use std::net::SocketAddr;
+
+use portcullis_balance::ActiveGuard;
+use portcullis_registry::{Decision, EndpointAddress, Resolution};
+use tokio::net::TcpStream;
+
+use crate::Proxy;
+use crate::error::ProxyError;
+use crate::metrics::{ClusterLabels, Label};
+
+/// Where the client meant to go, for decisions that forward to the original destination.
+#[derive(Debug, Clone, Copy)]
+pub enum Original<'a> {
+    /// Intercepted: the `SO_ORIGINAL_DST` address.
+    Address(SocketAddr),
+    /// Explicit proxy: the requested host and port, resolved with DNS.
+    Name(&'a str, u16),
+}
+
+/// One chosen upstream address.
+pub struct Pick {
+    /// Address to connect to.
+    pub addr: SocketAddr,
+    /// Index of the endpoint in its cluster, for retries elsewhere.
+    pub index: Option<usize>,
+    /// Counts the request as active on the endpoint while held.
+    pub guard: Option<ActiveGuard>,
+}
+
+/// Upstream connection attempts for one request: the first plus Istio's default 2 retries.
+pub const ATTEMPTS: usize = 3;
+
+impl Proxy {
+    /// Picks an upstream for `decision`, avoiding endpoints in `tried`.
+    pub(crate) async fn pick(
+        &self,
+        decision: &Decision,
+        original: Original<'_>,
+        tried: &[usize],
+    ) -> Result<Pick, ProxyError> {
+        let pick = match decision {
+            Decision::BlackHole => return Err(ProxyError::Blocked),
+            Decision::Cluster(c) if c.resolution != Resolution::None => {
+                let (index, endpoint) = c
+                    .pick_excluding(tried)
+                    .ok_or(ProxyError::NoHealthyUpstream)?;
+                let addr = match &endpoint.address {
+                    EndpointAddress::Ip(ip) => SocketAddr::new(*ip, endpoint.port),
+                    EndpointAddress::Dns(host) => resolve(host, endpoint.port).await?,
+                };
+                Pick {
+                    addr,
+                    index: Some(index),
+                    guard: Some(endpoint.state.start()),
+                }
+            }
+            Decision::Pod(ip) => {
+                let port = match original {
+                    Original::Address(a) => a.port(),
+                    Original::Name(_, port) => port,
+                };
+                Pick {
+                    addr: SocketAddr::new(*ip, port),
+                    index: None,
+                    guard: None,
+                }
+            }
+            Decision::Cluster(_) | Decision::Passthrough => Pick {
+                addr: match original {
+                    Original::Address(a) => a,
+                    Original::Name(host, port) => resolve(host, port).await?,
+                },
+                index: None,
+                guard: None,
+            },
+        };
+        if self.is_own_listener(pick.addr) {
+            return Err(ProxyError::Loop);
+        }
+        Ok(pick)
+    }
+
+    /// Connects to `addr` within the connect timeout, counting failures per cluster.
+    pub(crate) async fn connect(
+        &self,
+        addr: SocketAddr,
+        cluster: &str,
+    ) -> Result<TcpStream, ProxyError> {
+        let result = match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                // Request/response traffic: latency matters more than packet count.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => ProxyError::ConnectFailure(e),
+            Err(_) => ProxyError::ConnectTimeout,
+        };
+        self.metrics
+            .connect_fail
+            .get_or_create(&ClusterLabels {
+                cluster_name: Label::from(cluster),
+            })
+            .inc();
+        Err(result)
+    }
+
+    fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
+        })
+    }
+}
+
+/// Whether a failed pick may be retried on another endpoint of the same cluster.
+pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
+    matches!(decision, Decision::Cluster(c) if c.endpoints.len() > 1) && pick_index.is_some()
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
+    let failure = || ProxyError::DnsFailure {
+        host: host.to_string(),
+    };
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| failure())?;
+    addrs.next().ok_or_else(failure)
+}

@@ -1,0 +1,637 @@
+//! Compiling resources into a [`Snapshot`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use portcullis_balance::{Balancer, EndpointState, Policy};
+use portcullis_model::{
+    DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode, Pod, Resolution,
+    Resource, ServiceEntrySpec, SidecarSpec, SimpleLb, TargetPort, WorkloadEntrySpec,
+};
+
+use crate::snapshot::{
+    AddressTable, Cluster, Endpoint, EndpointAddress, HostTable, Protocol, Snapshot,
+};
+
+/// Who the proxy is: what decides visibility (`exportTo`), short names and the Sidecar.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Namespace of the workload the proxy serves.
+    pub namespace: String,
+    /// Labels of the workload, matched against Sidecar `workloadSelector`.
+    pub workload_labels: BTreeMap<String, String>,
+    /// Kubernetes cluster domain.
+    pub cluster_domain: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            namespace: "default".to_string(),
+            workload_labels: BTreeMap::new(),
+            cluster_domain: "cluster.local".to_string(),
+        }
+    }
+}
+
+/// Compiles `resources` into snapshot `version`, carrying endpoint counters over from
+/// `previous` so that active-request counts survive a reload.
+pub fn build(
+    resources: &[Resource],
+    options: &BuildOptions,
+    previous: Option<&Snapshot>,
+    version: u64,
+) -> Snapshot {
+    let mut b = Builder::new(resources, options, previous);
+    b.service_entries();
+    b.kube_services();
+    b.finish(version)
+}
+
+/// A pod that can take traffic.
+struct ReadyPod<'a> {
+    object: &'a Object<Pod>,
+    ips: Vec<IpAddr>,
+}
+
+struct PendingCluster {
+    name: Arc<str>,
+    host: Arc<str>,
+    port: u16,
+    protocol: Protocol,
+    resolution: Resolution,
+    source: Arc<str>,
+    endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+}
+
+struct Builder<'a> {
+    options: &'a BuildOptions,
+    previous: HashMap<(&'a str, String), Arc<EndpointState>>,
+    service_entries: Vec<&'a Object<ServiceEntrySpec>>,
+    workload_entries: Vec<&'a Object<WorkloadEntrySpec>>,
+    kube_services: Vec<&'a Object<KubeServiceSpec>>,
+    destination_rules: Vec<&'a Object<DestinationRuleSpec>>,
+    sidecars: Vec<&'a Object<SidecarSpec>>,
+    mesh: Option<&'a Object<MeshConfig>>,
+    pods: Vec<ReadyPod<'a>>,
+    clusters: BTreeMap<Arc<str>, PendingCluster>,
+    hosts: HashMap<u16, HostTable>,
+    hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
+    addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
+    warnings: Vec<String>,
+}
+
+enum AddressKey {
+    Net(IpNet),
+    AnyOnPort,
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Protocol of a port from its declared protocol, else its name's prefix, as Istio does.
+fn protocol_of(protocol: Option<&str>, name: &str) -> Protocol {
+    let declared = protocol.unwrap_or("");
+    let from_name = name.split('-').next().unwrap_or("");
+    for candidate in [declared, from_name] {
+        match candidate.to_ascii_uppercase().as_str() {
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "HTTP_PROXY" => return Protocol::Http,
+            "HTTPS" | "TLS" => return Protocol::Tls,
+            "TCP" | "MONGO" | "MYSQL" | "REDIS" => return Protocol::Tcp,
+            _ => {}
+        }
+    }
+    Protocol::Auto
+}
+
+fn visible(export_to: &[String], own_ns: &str, proxy_ns: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && own_ns == proxy_ns) || e == proxy_ns)
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    // A hand-written Pod document often carries only an IP: without a phase it is taken
+    // as running. A phase other than Running, or a Ready condition that is not True,
+    // takes it out of load balancing, as the kubelet's readiness does in a cluster.
+    let running = pod.status.phase.as_deref().is_none_or(|p| p == "Running");
+    let ready = pod
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Ready")
+        .is_none_or(|c| c.status == "True");
+    running && ready
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = pod
+        .status
+        .pod_ip
+        .iter()
+        .chain(pod.status.pod_ips.iter().map(|p| &p.ip))
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+fn parse_net(address: &str) -> Option<IpNet> {
+    address
+        .parse::<IpNet>()
+        .ok()
+        .or_else(|| address.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+impl<'a> Builder<'a> {
+    fn new(resources: &'a [Resource], options: &'a BuildOptions, previous: Option<&'a Snapshot>) -> Self {
+        let mut b = Builder {
+            options,
+            previous: HashMap::new(),
+            service_entries: Vec::new(),
+            workload_entries: Vec::new(),
+            kube_services: Vec::new(),
+            destination_rules: Vec::new(),
+            sidecars: Vec::new(),
+            mesh: None,
+            pods: Vec::new(),
+            clusters: BTreeMap::new(),
+            hosts: HashMap::new(),
+            hosts_pending: Vec::new(),
+            addresses_pending: Vec::new(),
+            warnings: Vec::new(),
+        };
+        if let Some(prev) = previous {
+            for c in &prev.clusters {
+                for e in &c.endpoints {
+                    b.previous
+                        .insert((&*c.name, e.display()), Arc::clone(&e.state));
+                }
+            }
+        }
+        for r in resources {
+            match r {
+                Resource::ServiceEntry(o) => b.service_entries.push(o),
+                Resource::WorkloadEntry(o) => b.workload_entries.push(o),
+                Resource::DestinationRule(o) => b.destination_rules.push(o),
+                Resource::VirtualService(o) => b.warnings.push(format!(
+                    "VirtualService {}/{}: routing rules are not applied yet; hosts route to their services' endpoints",
+                    o.meta.namespace, o.meta.name
+                )),
+                Resource::Sidecar(o) => b.sidecars.push(o),
+                Resource::Pod(o) => {
+                    if pod_ready(&o.spec) {
+                        let ips = pod_ips(&o.spec);
+                        if !ips.is_empty() {
+                            b.pods.push(ReadyPod { object: o, ips });
+                        }
+                    }
+                }
+                Resource::Service(o) => b.kube_services.push(o),
+                Resource::MeshConfig(o) => {
+                    if b.mesh.is_some() {
+                        b.warnings.push(
+                            "more than one mesh ConfigMap istio-system/istio; the first is used"
+                                .to_string(),
+                        );
+                    } else {
+                        b.mesh = Some(o);
+                    }
+                }
+            }
+        }
+        // Services of the proxy's own namespace win host conflicts, then resource order.
+        let ns = options.namespace.as_str();
+        b.service_entries
+            .sort_by_key(|o| (o.meta.namespace != ns, o.meta.namespace.clone(), o.meta.name.clone()));
+        b
+    }
+
+    fn mode(&self) -> Option<OutboundMode> {
+        let ns = &self.options.namespace;
+        let root = self
+            .mesh
+            .and_then(|m| m.spec.root_namespace.clone())
+            .unwrap_or_else(|| "istio-system".to_string());
+        let selected = self.sidecars.iter().find(|s| {
+            s.meta.namespace == *ns
+                && s.spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|sel| labels_match(&sel.labels, &self.options.workload_labels))
+        });
+        let namespace_wide = || {
+            self.sidecars
+                .iter()
+                .find(|s| s.meta.namespace == *ns && s.spec.workload_selector.is_none())
+        };
+        let mesh_wide = || {
+            self.sidecars
+                .iter()
+                .find(|s| s.meta.namespace == root && s.spec.workload_selector.is_none())
+        };
+        let sidecar_mode = selected
+            .or_else(namespace_wide)
+            .or_else(mesh_wide)
+            .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
+            .and_then(|p| p.mode);
+        sidecar_mode.or_else(|| {
+            self.mesh
+                .and_then(|m| m.spec.outbound_traffic_policy.as_ref())
+                .and_then(|p| p.mode)
+        })
+    }
+
+    fn policy_for(&self, host: &str) -> Policy {
+        let rule = self.destination_rules.iter().find_map(|dr| {
+            let dr_host = if dr.spec.host.contains('.') || dr.spec.host == "*" {
+                dr.spec.host.to_ascii_lowercase()
+            } else {
+                format!(
+                    "{}.{}.svc.{}",
+                    dr.spec.host.to_ascii_lowercase(),
+                    dr.meta.namespace,
+                    self.options.cluster_domain
+                )
+            };
+            let matches = dr_host == host
+                || dr_host == "*"
+                || dr_host
+                    .strip_prefix('*')
+                    .is_some_and(|suffix| host.ends_with(suffix));
+            matches.then_some(dr)
+        });
+        let simple = rule
+            .and_then(|dr| dr.spec.traffic_policy.as_ref())
+            .and_then(|tp| tp.load_balancer.as_ref())
+            .and_then(|lb| lb.simple);
+        match simple {
+            Some(SimpleLb::RoundRobin) => Policy::RoundRobin,
+            Some(SimpleLb::Random) => Policy::Random,
+            _ => Policy::LeastRequest,
+        }
+    }
+
+    fn add_cluster(&mut self, cluster: PendingCluster) -> bool {
+        if let Some(existing) = self.clusters.get(&cluster.name) {
+            self.warnings.push(format!(
+                "{} is defined by both {} and {}; the first is used",
+                cluster.name, existing.source, cluster.source
+            ));
+            return false;
+        }
+        self.clusters.insert(Arc::clone(&cluster.name), cluster);
+        true
+    }
+
+    fn service_entries(&mut self) {
+        let entries = std::mem::take(&mut self.service_entries);
+        for se in entries {
+            if !visible(&se.spec.export_to, &se.meta.namespace, &self.options.namespace) {
+                continue;
+            }
+            let source: Arc<str> =
+                format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name).into();
+            for host in &se.spec.hosts {
+                let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+                for port in &se.spec.ports {
+                    let Ok(number) = u16::try_from(port.number) else {
+                        continue;
+                    };
+                    let protocol = protocol_of(port.protocol.as_deref(), &port.name);
+                    let name: Arc<str> = format!("outbound|{number}||{host}").into();
+                    let endpoints = self.se_endpoints(se, &host, port);
+                    let added = self.add_cluster(PendingCluster {
+                        name: Arc::clone(&name),
+                        host: host.as_str().into(),
+                        port: number,
+                        protocol,
+                        resolution: se.spec.resolution,
+                        source: Arc::clone(&source),
+                        endpoints,
+                    });
+                    if !added {
+                        continue;
+                    }
+                    self.hosts_pending
+                        .push((number, host.as_str().into(), Arc::clone(&name)));
+                    for address in &se.spec.addresses {
+                        if let Some(net) = parse_net(address) {
+                            if net.prefix_len() == net.max_prefix_len() {
+                                self.hosts_pending.push((
+                                    number,
+                                    net.addr().to_string().into(),
+                                    Arc::clone(&name),
+                                ));
+                            }
+                            self.addresses_pending
+                                .push((number, AddressKey::Net(net), Arc::clone(&name)));
+                        }
+                    }
+                    if se.spec.addresses.is_empty() && matches!(protocol, Protocol::Tcp | Protocol::Auto)
+                    {
+                        self.addresses_pending
+                            .push((number, AddressKey::AnyOnPort, Arc::clone(&name)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn se_endpoints(
+        &self,
+        se: &Object<ServiceEntrySpec>,
+        host: &str,
+        port: &portcullis_model::ServicePort,
+    ) -> Vec<(EndpointAddress, u16, u32, Arc<str>)> {
+        let spec = &se.spec;
+        let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        let default_port = port.target_port.unwrap_or(port.number);
+        let mut out = Vec::new();
+        let mut push_workload = |we: &WorkloadEntrySpec, source: Arc<str>| {
+            let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
+            let Ok(target) = u16::try_from(target) else {
+                return;
+            };
+            let address = match we.address.parse::<IpAddr>() {
+                Ok(ip) => EndpointAddress::Ip(ip),
+                Err(_) if dns && !we.address.starts_with("unix://") => {
+                    EndpointAddress::Dns(we.address.to_ascii_lowercase().into())
+                }
+                Err(_) => return,
+            };
+            out.push((address, target, we.weight.unwrap_or(1).max(1), source));
+        };
+        match spec.resolution {
+            Resolution::None => return out,
+            _ if !spec.endpoints.is_empty() => {
+                let source: Arc<str> = format!(
+                    "ServiceEntry {}/{} endpoints",
+                    se.meta.namespace, se.meta.name
+                )
+                .into();
+                for we in &spec.endpoints {
+                    push_workload(we, Arc::clone(&source));
+                }
+            }
+            _ if spec.workload_selector.is_some() => {
+                let selector = spec
+                    .workload_selector
+                    .as_ref()
+                    .map(|s| &s.labels)
+                    .cloned()
+                    .unwrap_or_default();
+                for we in &self.workload_entries {
+                    let mut labels = we.meta.labels.clone();
+                    labels.extend(we.spec.labels.clone());
+                    if we.meta.namespace == se.meta.namespace && labels_match(&selector, &labels) {
+                        let source =
+                            format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into();
+                        push_workload(&we.spec, source);
+                    }
+                }
+                if let Ok(target) = u16::try_from(default_port) {
+                    for pod in &self.pods {
+                        let meta = &pod.object.meta;
+                        if meta.namespace == se.meta.namespace && labels_match(&selector, &meta.labels) {
+                            let source: Arc<str> =
+                                format!("Pod {}/{}", meta.namespace, meta.name).into();
+                            for ip in &pod.ips {
+                                out.push((EndpointAddress::Ip(*ip), target, 1, Arc::clone(&source)));
+                            }
+                        }
+                    }
+                }
+            }
+            _ if dns && !host.starts_with('*') => {
+                if let Ok(target) = u16::try_from(default_port) {
+                    out.push((
+                        EndpointAddress::Dns(host.into()),
+                        target,
+                        1,
+                        format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name).into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if spec.resolution == Resolution::DnsRoundRobin {
+            // Envoy's LOGICAL_DNS: one endpoint, whichever address it resolves to now.
+            out.truncate(1);
+        }
+        out
+    }
+
+    fn kube_services(&mut self) {
+        let services = std::mem::take(&mut self.kube_services);
+        let domain = self.options.cluster_domain.clone();
+        for svc in services {
+            let ns = &svc.meta.namespace;
+            let fqdn = format!("{}.{ns}.svc.{domain}", svc.meta.name).to_ascii_lowercase();
+            let mut names = vec![
+                fqdn.clone(),
+                format!("{}.{ns}.svc", svc.meta.name).to_ascii_lowercase(),
+                format!("{}.{ns}", svc.meta.name).to_ascii_lowercase(),
+            ];
+            if *ns == self.options.namespace {
+                names.push(svc.meta.name.to_ascii_lowercase());
+            }
+            let vips: Vec<IpAddr> = svc
+                .spec
+                .cluster_ip
+                .iter()
+                .chain(svc.spec.cluster_ips.iter())
+                .filter_map(|s| s.parse().ok())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let source: Arc<str> = format!("Service {ns}/{}", svc.meta.name).into();
+            let external = svc
+                .spec
+                .external_name
+                .as_deref()
+                .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"));
+            for port in &svc.spec.ports {
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let protocol = protocol_of(
+                    port.app_protocol.as_deref().or(port.protocol.as_deref()).filter(|p| *p != "TCP"),
+                    &port.name,
+                );
+                let name: Arc<str> = format!("outbound|{number}||{fqdn}").into();
+                let (resolution, endpoints) = match external {
+                    Some(target) => (
+                        Resolution::Dns,
+                        vec![(
+                            EndpointAddress::Dns(target.to_ascii_lowercase().into()),
+                            number,
+                            1,
+                            Arc::clone(&source),
+                        )],
+                    ),
+                    None => (Resolution::Static, self.service_endpoints(svc, port)),
+                };
+                let added = self.add_cluster(PendingCluster {
+                    name: Arc::clone(&name),
+                    host: fqdn.as_str().into(),
+                    port: number,
+                    protocol,
+                    resolution,
+                    source: Arc::clone(&source),
+                    endpoints,
+                });
+                if !added {
+                    continue;
+                }
+                for host in &names {
+                    self.hosts_pending
+                        .push((number, host.as_str().into(), Arc::clone(&name)));
+                }
+                for vip in &vips {
+                    self.hosts_pending
+                        .push((number, vip.to_string().into(), Arc::clone(&name)));
+                    self.addresses_pending
+                        .push((number, AddressKey::Net(IpNet::from(*vip)), Arc::clone(&name)));
+                }
+            }
+        }
+    }
+
+    fn service_endpoints(
+        &self,
+        svc: &Object<KubeServiceSpec>,
+        port: &portcullis_model::KubePort,
+    ) -> Vec<(EndpointAddress, u16, u32, Arc<str>)> {
+        let Some(selector) = &svc.spec.selector else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for pod in &self.pods {
+            let meta = &pod.object.meta;
+            if meta.namespace != svc.meta.namespace || !labels_match(selector, &meta.labels) {
+                continue;
+            }
+            let target = match &port.target_port {
+                None => Some(port.port),
+                Some(TargetPort::Number(n)) => Some(*n),
+                Some(TargetPort::Name(name)) => pod
+                    .object
+                    .spec
+                    .spec
+                    .containers
+                    .iter()
+                    .flat_map(|c| &c.ports)
+                    .find(|p| p.name == *name)
+                    .map(|p| p.container_port),
+            };
+            let Some(target) = target.and_then(|t| u16::try_from(t).ok()) else {
+                continue;
+            };
+            let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
+            for ip in &pod.ips {
+                out.push((EndpointAddress::Ip(*ip), target, 1, Arc::clone(&source)));
+            }
+        }
+        out
+    }
+
+    fn finish(mut self, version: u64) -> Snapshot {
+        let mode = self.mode();
+        for s in &self.sidecars {
+            if !s.spec.egress.is_empty() {
+                self.warnings.push(format!(
+                    "Sidecar {}/{}: egress host lists are not applied yet; every visible service is reachable",
+                    s.meta.namespace, s.meta.name
+                ));
+            }
+        }
+        let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+        let pending = std::mem::take(&mut self.clusters);
+        for (name, p) in pending {
+            let policy = self.policy_for(&p.host);
+            let endpoints: Vec<Endpoint> = p
+                .endpoints
+                .into_iter()
+                .map(|(address, port, weight, source)| {
+                    let mut e = Endpoint {
+                        address,
+                        port,
+                        weight,
+                        source,
+                        state: Arc::new(EndpointState::new()),
+                    };
+                    if let Some(state) = self.previous.get(&(&*name, e.display())) {
+                        e.state = Arc::clone(state);
+                    }
+                    e
+                })
+                .collect();
+            let balancer = Balancer::new(
+                policy,
+                endpoints.iter().map(|e| (e.weight, Arc::clone(&e.state))).collect(),
+            );
+            clusters.insert(
+                Arc::clone(&name),
+                Arc::new(Cluster {
+                    name,
+                    host: p.host,
+                    port: p.port,
+                    protocol: p.protocol,
+                    resolution: p.resolution,
+                    source: p.source,
+                    endpoints,
+                    balancer,
+                }),
+            );
+        }
+        for (port, host, cluster) in std::mem::take(&mut self.hosts_pending) {
+            let Some(c) = clusters.get(&cluster) else { continue };
+            let table = self.hosts.entry(port).or_default();
+            let slot = if &*host == "*" {
+                table.any.get_or_insert_with(|| Arc::clone(c));
+                continue;
+            } else if let Some(suffix) = host.strip_prefix('*') {
+                table.wildcard.entry(suffix.into())
+            } else {
+                table.exact.entry(host)
+            };
+            slot.or_insert_with(|| Arc::clone(c));
+        }
+        let mut addresses: HashMap<u16, AddressTable> = HashMap::new();
+        for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
+            let Some(c) = clusters.get(&cluster) else { continue };
+            let table = addresses.entry(port).or_default();
+            match key {
+                AddressKey::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+                    table.exact.entry(net.addr()).or_insert_with(|| Arc::clone(c));
+                }
+                AddressKey::Net(net) => table.cidrs.push((net, Arc::clone(c))),
+                AddressKey::AnyOnPort => {
+                    table.any.get_or_insert_with(|| Arc::clone(c));
+                }
+            }
+        }
+        for table in addresses.values_mut() {
+            table
+                .cidrs
+                .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        }
+        let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            version,
+            mode,
+            clusters,
+            warnings: self.warnings,
+            hosts: self.hosts,
+            addresses,
+            pods: self.pods.iter().flat_map(|p| p.ips.iter().copied()).collect(),
+        }
+    }
+}

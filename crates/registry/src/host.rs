@@ -1,0 +1,104 @@
+//! Host and authority normalisation shared by routing and the registry build.
+
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+/// Why a Host/authority could not be used for routing.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HostError {
+    /// Empty host.
+    #[error("empty host")]
+    Empty,
+    /// A character no hostname may contain.
+    #[error("invalid character in host")]
+    InvalidChar,
+    /// The port part is not a number in 1..=65535.
+    #[error("invalid port in host")]
+    InvalidPort,
+}
+
+/// Splits `host[:port]` or `[v6]:port`, validating the port.
+pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), HostError> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']').ok_or(HostError::InvalidChar)?;
+        let host = &rest[..end];
+        let tail = &rest[end + 1..];
+        return match tail {
+            "" => Ok((host, None)),
+            _ => match tail.strip_prefix(':') {
+                Some(port) => Ok((host, Some(parse_port(port)?))),
+                None => Err(HostError::InvalidChar),
+            },
+        };
+    }
+    match authority.rfind(':') {
+        Some(i) if !authority[..i].contains(':') => {
+            Ok((&authority[..i], Some(parse_port(&authority[i + 1..])?)))
+        }
+        // More than one colon without brackets: a bare IPv6 literal, no port.
+        Some(_) => Ok((authority, None)),
+        None => Ok((authority, None)),
+    }
+}
+
+fn parse_port(port: &str) -> Result<u16, HostError> {
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HostError::InvalidPort);
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(HostError::InvalidPort),
+        Ok(p) => Ok(p),
+    }
+}
+
+/// Lower-cases a hostname and drops one trailing dot; IP literals come back in canonical form.
+///
+/// Rejects anything that is not a plausible DNS name or IP literal, so that odd spellings
+/// cannot match a registered name by accident.
+pub fn normalize_host(host: &str) -> Result<String, HostError> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_' || b == b'*')
+    {
+        return Err(HostError::InvalidChar);
+    }
+    Ok(host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_ports() {
+        assert_eq!(split_host_port("a.com"), Ok(("a.com", None)));
+        assert_eq!(split_host_port("a.com:80"), Ok(("a.com", Some(80))));
+        assert_eq!(split_host_port("[::1]:8080"), Ok(("::1", Some(8080))));
+        assert_eq!(split_host_port("[::1]"), Ok(("::1", None)));
+        assert_eq!(split_host_port("::1"), Ok(("::1", None)));
+        assert_eq!(split_host_port("a.com:0"), Err(HostError::InvalidPort));
+        assert_eq!(split_host_port("a.com:+80"), Err(HostError::InvalidPort));
+        assert_eq!(split_host_port("a.com:65536"), Err(HostError::InvalidPort));
+        assert_eq!(split_host_port("a.com:"), Err(HostError::InvalidPort));
+        assert_eq!(split_host_port("[::1]x"), Err(HostError::InvalidChar));
+    }
+
+    #[test]
+    fn normalizes_case_dots_and_ips() {
+        assert_eq!(normalize_host("App.Internal.COM."), Ok("app.internal.com".into()));
+        assert_eq!(normalize_host("10.0.0.1"), Ok("10.0.0.1".into()));
+        assert_eq!(normalize_host("::FFFF:10.0.0.1"), Ok("::ffff:10.0.0.1".into()));
+        assert_eq!(normalize_host(""), Err(HostError::Empty));
+        assert_eq!(normalize_host("."), Err(HostError::Empty));
+        assert_eq!(normalize_host("a b"), Err(HostError::InvalidChar));
+        assert_eq!(normalize_host("user@a.com"), Err(HostError::InvalidChar));
+    }
+}

@@ -1,0 +1,269 @@
+//! The immutable routing snapshot and its lookups.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use portcullis_balance::{Balancer, EndpointState};
+use portcullis_model::{OutboundMode, Resolution};
+
+use crate::host::{normalize_host, split_host_port};
+
+/// Envoy's name for the cluster that drops unregistered traffic.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Envoy's name for the cluster that forwards to the original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// How traffic on a service port is handled, from the port's protocol or name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x, HTTP/2, gRPC: routed by Host.
+    Http,
+    /// TLS or HTTPS: routed by SNI.
+    Tls,
+    /// Opaque TCP: routed by destination address.
+    Tcp,
+    /// Not declared: sniffed per connection.
+    Auto,
+}
+
+/// Where an endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    /// A fixed IP.
+    Ip(IpAddr),
+    /// A hostname resolved when connecting (resolution DNS).
+    Dns(Box<str>),
+}
+
+/// One endpoint of a cluster.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Address.
+    pub address: EndpointAddress,
+    /// Port on the endpoint.
+    pub port: u16,
+    /// Load-balancing weight.
+    pub weight: u32,
+    /// The resource that contributed it, e.g. `WorkloadEntry default/external`.
+    pub source: Arc<str>,
+    /// Live counters, carried over across reloads for the same cluster and address.
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    /// `ip:port` or `host:port`, as Envoy prints upstream hosts.
+    pub fn display(&self) -> String {
+        match &self.address {
+            EndpointAddress::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+            EndpointAddress::Ip(ip) => format!("{ip}:{}", self.port),
+            EndpointAddress::Dns(host) => format!("{host}:{}", self.port),
+        }
+    }
+}
+
+/// A cluster: one service host on one port, Envoy-named `outbound|PORT||HOST`.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Envoy cluster name.
+    pub name: Arc<str>,
+    /// The service host.
+    pub host: Arc<str>,
+    /// The service port.
+    pub port: u16,
+    /// Protocol of the port.
+    pub protocol: Protocol,
+    /// How endpoints are found; `None` forwards to the original destination.
+    pub resolution: Resolution,
+    /// The resource that defined the service.
+    pub source: Arc<str>,
+    /// Endpoints, in the order the balancer indexes them.
+    pub endpoints: Vec<Endpoint>,
+    /// Picks endpoints.
+    pub balancer: Balancer,
+}
+
+impl Cluster {
+    /// Picks an endpoint; `None` when the cluster has none.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        self.balancer.pick().and_then(|i| self.endpoints.get(i))
+    }
+
+    /// Picks an endpoint other than those already tried, for a retry.
+    pub fn pick_excluding(&self, tried: &[usize]) -> Option<(usize, &Endpoint)> {
+        let i = self.balancer.pick_excluding(tried)?;
+        self.endpoints.get(i).map(|e| (i, e))
+    }
+}
+
+/// What the data path does with a connection or request.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Send to this registered cluster.
+    Cluster(Arc<Cluster>),
+    /// A registered in-cluster pod reached by its own IP: forward to it.
+    Pod(IpAddr),
+    /// Unregistered and REGISTRY_ONLY: refuse.
+    BlackHole,
+    /// Unregistered and ALLOW_ANY: forward to the original destination.
+    Passthrough,
+}
+
+impl Decision {
+    /// The cluster name Envoy would log for this decision.
+    pub fn cluster_name(&self) -> &str {
+        match self {
+            Decision::Cluster(c) => &c.name,
+            Decision::Pod(_) | Decision::Passthrough => PASSTHROUGH_CLUSTER,
+            Decision::BlackHole => BLACKHOLE_CLUSTER,
+        }
+    }
+}
+
+/// Hosts registered on one port.
+#[derive(Debug, Default)]
+pub(crate) struct HostTable {
+    pub(crate) exact: HashMap<Box<str>, Arc<Cluster>>,
+    /// Keyed by the suffix after `*`, e.g. `.example.com`.
+    pub(crate) wildcard: HashMap<Box<str>, Arc<Cluster>>,
+    pub(crate) any: Option<Arc<Cluster>>,
+}
+
+impl HostTable {
+    fn get(&self, host: &str) -> Option<&Arc<Cluster>> {
+        if let Some(c) = self.exact.get(host) {
+            return Some(c);
+        }
+        // Longest suffix first: walk the dots left to right. The cost depends on the
+        // number of labels in the name, never on the number of services.
+        for (i, b) in host.bytes().enumerate() {
+            if b == b'.'
+                && let Some(c) = self.wildcard.get(&host[i..])
+            {
+                return Some(c);
+            }
+        }
+        self.any.as_ref()
+    }
+}
+
+/// Addresses registered on one port for opaque TCP.
+#[derive(Debug, Default)]
+pub(crate) struct AddressTable {
+    pub(crate) exact: HashMap<IpAddr, Arc<Cluster>>,
+    /// Sorted longest prefix first.
+    pub(crate) cidrs: Vec<(IpNet, Arc<Cluster>)>,
+    /// A service that claims the whole port (TCP port, no addresses).
+    pub(crate) any: Option<Arc<Cluster>>,
+}
+
+impl AddressTable {
+    fn get(&self, ip: IpAddr) -> Option<&Arc<Cluster>> {
+        if let Some(c) = self.exact.get(&ip) {
+            return Some(c);
+        }
+        if let Some((_, c)) = self.cidrs.iter().find(|(net, _)| net.contains(&ip)) {
+            return Some(c);
+        }
+        self.any.as_ref()
+    }
+}
+
+/// One immutable version of the registry. Built off the data path, swapped in whole.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Monotonic version, for logs and the admin server.
+    pub version: u64,
+    /// Outbound traffic policy in force.
+    pub mode: Option<OutboundMode>,
+    /// Every cluster, sorted by name.
+    pub clusters: Vec<Arc<Cluster>>,
+    /// Warnings found while compiling (conflicts, unsupported features).
+    pub warnings: Vec<String>,
+    pub(crate) hosts: HashMap<u16, HostTable>,
+    pub(crate) addresses: HashMap<u16, AddressTable>,
+    pub(crate) pods: HashSet<IpAddr>,
+}
+
+impl Snapshot {
+    /// The effective outbound mode (REGISTRY_ONLY unless configured otherwise).
+    pub fn outbound_mode(&self) -> OutboundMode {
+        self.mode.unwrap_or(OutboundMode::RegistryOnly)
+    }
+
+    /// The decision for traffic that matches nothing: the outbound policy's.
+    pub fn unmatched(&self) -> Decision {
+        match self.outbound_mode() {
+            OutboundMode::RegistryOnly => Decision::BlackHole,
+            OutboundMode::AllowAny => Decision::Passthrough,
+        }
+    }
+
+    /// Routes an HTTP request by its Host/authority as received on `port`.
+    ///
+    /// An authority naming another port than the one the request arrived on matches
+    /// nothing, as Envoy's per-port route tables behave.
+    pub fn route_http(&self, authority: &str, port: u16) -> Decision {
+        let Ok((host, host_port)) = split_host_port(authority) else {
+            return self.unmatched();
+        };
+        if host_port.is_some_and(|p| p != port) {
+            return self.unmatched();
+        }
+        self.route_host(host, port)
+    }
+
+    /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
+    pub fn route_host(&self, host: &str, port: u16) -> Decision {
+        let Ok(host) = normalize_host(host) else {
+            return self.unmatched();
+        };
+        if let Some(c) = self.hosts.get(&port).and_then(|t| t.get(&host)) {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        if let Ok(ip) = host.parse::<IpAddr>()
+            && self.pods.contains(&canonical(ip))
+        {
+            return Decision::Pod(canonical(ip));
+        }
+        self.unmatched()
+    }
+
+    /// Routes opaque TCP by its original destination address and port.
+    pub fn route_tcp(&self, ip: IpAddr, port: u16) -> Decision {
+        let ip = canonical(ip);
+        if let Some(c) = self.addresses.get(&port).and_then(|t| t.get(ip)) {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        if self.pods.contains(&ip) {
+            return Decision::Pod(ip);
+        }
+        self.unmatched()
+    }
+
+    /// Whether `ip:port` belongs to a service whose port is opaque TCP, so that the
+    /// connection must not be sniffed as HTTP.
+    pub fn is_tcp_destination(&self, ip: IpAddr, port: u16) -> bool {
+        self.addresses
+            .get(&port)
+            .and_then(|t| t.get(canonical(ip)))
+            .is_some_and(|c| c.protocol == Protocol::Tcp)
+    }
+
+    /// Looks up a cluster by its Envoy name.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters
+            .binary_search_by(|c| (*c.name).cmp(name))
+            .ok()
+            .map(|i| &self.clusters[i])
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
