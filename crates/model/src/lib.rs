@@ -1,8 +1,12 @@
 //! Typed Istio and Kubernetes resources, loaded from multi-document YAML or JSON,
 //! with findings that name the file, line and resource.
+//!
+//! [`load_str`] reads one file, [`validate`] applies Istio's rules to each resource, and
+//! [`ConfigSet`] keeps every file's last good content across reloads from [`scan`].
 
 pub mod load;
 pub mod resources;
+pub mod source;
 pub mod validate;
 
 use std::fmt;
@@ -11,6 +15,7 @@ use std::sync::Arc;
 
 pub use load::{FileLoad, load_str};
 pub use resources::*;
+pub use source::{ConfigSet, scan};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

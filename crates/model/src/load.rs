@@ -73,45 +73,74 @@ const ISTIO_VERSIONS: [&str; 3] = [
 /// Loads every document of `text`, read from `file`, validating each resource.
 pub fn load_str(text: &str, file: &Arc<PathBuf>) -> FileLoad {
     let mut out = FileLoad::default();
-    for (line, doc) in split_documents(text) {
+    for doc in split_documents(text) {
         let origin = Origin {
             file: Arc::clone(file),
-            line,
+            line: doc.first_line,
         };
-        load_document(doc, origin, &mut out);
+        load_document(&doc, origin, &mut out);
     }
     out
 }
 
-/// Splits at document markers, yielding each non-empty document with its 1-based start line.
-fn split_documents(text: &str) -> Vec<(u64, &str)> {
+/// One document of a multi-document file.
+struct Document<'a> {
+    /// The document's text, including its leading `---` marker if it has one.
+    text: &'a str,
+    /// 1-based line of `text`'s first line, which parser locations are relative to.
+    start_line: u64,
+    /// 1-based line of the first line with content, the line findings point at.
+    first_line: u64,
+}
+
+/// Splits at document markers, yielding each document that has content.
+fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut docs = Vec::new();
     let mut start = 0usize;
     let mut start_line = 1u64;
+    let mut first_line = None;
     let mut offset = 0usize;
     for (index, line) in text.split_inclusive('\n').enumerate() {
+        let number = index as u64 + 1;
         let trimmed = line.trim_end();
         let is_marker = trimmed == "---"
             || trimmed == "..."
             || trimmed.starts_with("--- ")
             || trimmed.starts_with("---\t");
         if is_marker {
-            docs.push((start_line, &text[start..offset]));
+            if let Some(first_line) = first_line.take() {
+                docs.push(Document {
+                    text: &text[start..offset],
+                    start_line,
+                    first_line,
+                });
+            }
             start = offset;
-            start_line = index as u64 + 1;
+            start_line = number;
+        }
+        if first_line.is_none() && has_content(trimmed) {
+            first_line = Some(number);
         }
         offset += line.len();
     }
-    docs.push((start_line, &text[start..]));
-    docs.retain(|(_, doc)| !is_blank(doc));
+    if let Some(first_line) = first_line {
+        docs.push(Document {
+            text: &text[start..],
+            start_line,
+            first_line,
+        });
+    }
     docs
 }
 
-fn is_blank(doc: &str) -> bool {
-    doc.lines().all(|l| {
-        let t = l.trim();
-        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
-    })
+/// Whether a line holds YAML content rather than blank space, a comment or a bare marker.
+fn has_content(line: &str) -> bool {
+    let rest = line
+        .strip_prefix("---")
+        .or_else(|| line.strip_prefix("..."))
+        .unwrap_or(line)
+        .trim();
+    !rest.is_empty() && !rest.starts_with('#')
 }
 
 fn finding(origin: &Origin, code: &'static str, severity: Severity, message: String) -> Finding {
@@ -126,20 +155,20 @@ fn finding(origin: &Origin, code: &'static str, severity: Severity, message: Str
     }
 }
 
-fn yaml_error(origin: &Origin, err: &serde_saphyr::Error) -> Finding {
+fn yaml_error(doc: &Document<'_>, origin: &Origin, err: &serde_saphyr::Error) -> Finding {
     let mut f = finding(origin, "YAML", Severity::Error, err.to_string());
     if let Some(loc) = err.location() {
-        // Locations are 1-based within the document, which starts at `origin.line`.
-        f.line = origin.line + loc.line().saturating_sub(1);
+        // Locations are 1-based within the document's text.
+        f.line = doc.start_line + loc.line().saturating_sub(1);
     }
     f
 }
 
-fn load_document(doc: &str, origin: Origin, out: &mut FileLoad) {
-    let header: Header = match serde_saphyr::from_str(doc) {
+fn load_document(doc: &Document<'_>, origin: Origin, out: &mut FileLoad) {
+    let header: Header = match serde_saphyr::from_str(doc.text) {
         Ok(h) => h,
         Err(e) => {
-            out.findings.push(yaml_error(&origin, &e));
+            out.findings.push(yaml_error(doc, &origin, &e));
             return;
         }
     };
@@ -149,7 +178,14 @@ fn load_document(doc: &str, origin: Origin, out: &mut FileLoad) {
     }
     let resource_name = format!("{}/{}", meta.namespace, meta.name);
     let mut findings = Vec::new();
-    let resource = typed(doc, &header.api_version, &header.kind, meta, &origin, &mut findings);
+    let resource = typed(
+        doc,
+        &header.api_version,
+        &header.kind,
+        meta,
+        &origin,
+        &mut findings,
+    );
     for mut f in findings {
         f.kind.clone_from(&header.kind);
         f.resource.clone_from(&resource_name);
@@ -170,14 +206,14 @@ fn load_document(doc: &str, origin: Origin, out: &mut FileLoad) {
 }
 
 fn spec<S: DeserializeOwned + Default>(
-    doc: &str,
+    doc: &Document<'_>,
     origin: &Origin,
     findings: &mut Vec<Finding>,
 ) -> Option<S> {
-    match serde_saphyr::from_str::<WithSpec<S>>(doc) {
+    match serde_saphyr::from_str::<WithSpec<S>>(doc.text) {
         Ok(w) => Some(w.spec.unwrap_or_default()),
         Err(e) => {
-            findings.push(yaml_error(origin, &e));
+            findings.push(yaml_error(doc, origin, &e));
             None
         }
     }
@@ -192,7 +228,7 @@ fn object<S>(meta: ObjectMeta, spec: S, origin: &Origin) -> Object<S> {
 }
 
 fn typed(
-    doc: &str,
+    doc: &Document<'_>,
     api_version: &str,
     kind: &str,
     meta: ObjectMeta,
@@ -228,7 +264,7 @@ fn typed(
             .map(|s| Resource::VirtualService(object(meta, s, origin))),
         ("Sidecar", true, _) => spec::<SidecarSpec>(doc, origin, findings)
             .map(|s| Resource::Sidecar(object(meta, s, origin))),
-        ("Pod", _, true) => match serde_saphyr::from_str::<PodDoc>(doc) {
+        ("Pod", _, true) => match serde_saphyr::from_str::<PodDoc>(doc.text) {
             Ok(p) => Some(Resource::Pod(object(
                 meta,
                 Pod {
@@ -238,7 +274,7 @@ fn typed(
                 origin,
             ))),
             Err(e) => {
-                findings.push(yaml_error(origin, &e));
+                findings.push(yaml_error(doc, origin, &e));
                 None
             }
         },
@@ -253,7 +289,7 @@ fn typed(
 }
 
 fn mesh_config(
-    doc: &str,
+    doc: &Document<'_>,
     meta: ObjectMeta,
     origin: &Origin,
     findings: &mut Vec<Finding>,
@@ -267,15 +303,19 @@ fn mesh_config(
         ));
         return None;
     }
-    let data = match serde_saphyr::from_str::<ConfigMapDoc>(doc) {
+    let data = match serde_saphyr::from_str::<ConfigMapDoc>(doc.text) {
         Ok(d) => d.data,
         Err(e) => {
-            findings.push(yaml_error(origin, &e));
+            findings.push(yaml_error(doc, origin, &e));
             return None;
         }
     };
     let Some(mesh) = data.get("mesh") else {
-        return Some(Resource::MeshConfig(object(meta, MeshConfig::default(), origin)));
+        return Some(Resource::MeshConfig(object(
+            meta,
+            MeshConfig::default(),
+            origin,
+        )));
     };
     match serde_saphyr::from_str::<Option<MeshConfig>>(mesh) {
         Ok(m) => Some(Resource::MeshConfig(object(
@@ -289,5 +329,761 @@ fn mesh_config(
             findings.push(f);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Location, OutboundMode, Resolution, SimpleLb, TargetPort};
+    use std::path::Path;
+
+    fn load(text: &str) -> FileLoad {
+        load_str(text, &Arc::new(PathBuf::from("cfg/test.yaml")))
+    }
+
+    fn codes(load: &FileLoad) -> Vec<(Severity, &'static str)> {
+        load.findings.iter().map(|f| (f.severity, f.code)).collect()
+    }
+
+    fn only<T>(load: &FileLoad, pick: impl Fn(&Resource) -> Option<&T>) -> T
+    where
+        T: Clone,
+    {
+        assert_eq!(load.resources.len(), 1, "{:#?}", load.findings);
+        pick(&load.resources[0])
+            .cloned()
+            .expect("resource of the expected kind")
+    }
+
+    #[test]
+    fn service_entry_with_endpoints_every_field() {
+        let l = load(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: external-svc
+  namespace: egress
+  labels:
+    team: payments
+spec:
+  hosts:
+  - api.example.com
+  - "*.api.example.com"
+  addresses:
+  - 240.0.0.1
+  - 10.1.0.0/16
+  ports:
+  - number: 443
+    name: https
+    protocol: HTTPS
+  - number: 8080
+    name: http-alt
+    protocol: http
+    targetPort: 9090
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints:
+  - address: 10.1.2.3
+    ports:
+      https: 8443
+    labels:
+      version: v1
+    network: net-a
+    locality: us-east1/us-east1-b/rack1
+    weight: 3
+    serviceAccount: payments-sa
+  - address: 10.1.2.4
+  exportTo:
+  - "."
+  - istio-system
+  subjectAltNames:
+  - spiffe://cluster.local/ns/egress/sa/payments
+"#,
+        );
+        assert_eq!(codes(&l), vec![]);
+        let Resource::ServiceEntry(o) = &l.resources[0] else {
+            panic!("not a ServiceEntry: {l:?}");
+        };
+        assert_eq!(o.meta.name, "external-svc");
+        assert_eq!(o.meta.namespace, "egress");
+        assert_eq!(o.meta.labels["team"], "payments");
+        assert_eq!(o.origin.line, 2);
+        assert_eq!(o.origin.file.as_path(), Path::new("cfg/test.yaml"));
+        let s = &o.spec;
+        assert_eq!(s.hosts, ["api.example.com", "*.api.example.com"]);
+        assert_eq!(s.addresses, ["240.0.0.1", "10.1.0.0/16"]);
+        assert_eq!(s.ports.len(), 2);
+        assert_eq!(s.ports[0].number, 443);
+        assert_eq!(s.ports[0].name, "https");
+        assert_eq!(s.ports[0].protocol.as_deref(), Some("HTTPS"));
+        assert_eq!(s.ports[0].target_port, None);
+        assert_eq!(s.ports[1].protocol.as_deref(), Some("http"));
+        assert_eq!(s.ports[1].target_port, Some(9090));
+        assert_eq!(s.location, Location::MeshInternal);
+        assert_eq!(s.resolution, Resolution::Static);
+        assert_eq!(s.workload_selector, None);
+        let e = &s.endpoints[0];
+        assert_eq!(e.address, "10.1.2.3");
+        assert_eq!(e.ports["https"], 8443);
+        assert_eq!(e.labels["version"], "v1");
+        assert_eq!(e.network, "net-a");
+        assert_eq!(e.locality, "us-east1/us-east1-b/rack1");
+        assert_eq!(e.weight, Some(3));
+        assert_eq!(e.service_account, "payments-sa");
+        assert_eq!(s.endpoints[1].weight, None);
+        assert_eq!(s.export_to, [".", "istio-system"]);
+        assert_eq!(
+            s.subject_alt_names,
+            ["spiffe://cluster.local/ns/egress/sa/payments"]
+        );
+    }
+
+    #[test]
+    fn service_entry_defaults_and_selector() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: vms}
+spec:
+  hosts: [vms.internal.example.com]
+  addresses: [10.9.0.1]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector:
+    labels: {app: vm}
+",
+        );
+        assert_eq!(codes(&l), vec![]);
+        let Resource::ServiceEntry(o) = &l.resources[0] else {
+            panic!("{l:?}");
+        };
+        assert_eq!(o.meta.namespace, "default");
+        assert_eq!(o.spec.location, Location::MeshExternal);
+        assert_eq!(
+            o.spec
+                .workload_selector
+                .as_ref()
+                .map(|w| w.labels["app"].as_str()),
+            Some("vm")
+        );
+        assert!(o.spec.endpoints.is_empty() && o.spec.export_to.is_empty());
+
+        let l = load(
+            "apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: bare}
+spec:
+  hosts: [example.com]
+  ports: [{number: 443, name: https, protocol: TLS}]
+",
+        );
+        let Resource::ServiceEntry(o) = &l.resources[0] else {
+            panic!("{l:?}");
+        };
+        assert_eq!(o.spec.resolution, Resolution::None);
+        assert_eq!(o.spec.location, Location::MeshExternal);
+    }
+
+    #[test]
+    fn resolutions_parse() {
+        for (text, want) in [
+            ("NONE", Resolution::None),
+            ("STATIC", Resolution::Static),
+            ("DNS", Resolution::Dns),
+            ("DNS_ROUND_ROBIN", Resolution::DnsRoundRobin),
+        ] {
+            let l = load(&format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: r}}
+spec:
+  hosts: [example.com]
+  addresses: [1.2.3.4]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: {text}
+"
+            ));
+            let Some(Resource::ServiceEntry(o)) = l.resources.first() else {
+                panic!("{text}: {l:?}");
+            };
+            assert_eq!(o.spec.resolution, want);
+        }
+    }
+
+    #[test]
+    fn workload_entry_every_field() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: vm-1
+  namespace: vms
+spec:
+  address: 10.0.0.7
+  ports:
+    http: 8080
+  labels:
+    app: vm
+  network: vpc-1
+  locality: eu-west1/a
+  weight: 2
+  serviceAccount: vm-sa
+",
+        );
+        let we = only(&l, |r| match r {
+            Resource::WorkloadEntry(o) => Some(o),
+            _ => None,
+        });
+        assert_eq!(we.meta.namespace, "vms");
+        assert_eq!(we.spec.address, "10.0.0.7");
+        assert_eq!(we.spec.ports["http"], 8080);
+        assert_eq!(we.spec.labels["app"], "vm");
+        assert_eq!(we.spec.network, "vpc-1");
+        assert_eq!(we.spec.locality, "eu-west1/a");
+        assert_eq!(we.spec.weight, Some(2));
+        assert_eq!(we.spec.service_account, "vm-sa");
+    }
+
+    #[test]
+    fn destination_rule_every_field() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews.prod.svc.cluster.local
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+    connectionPool:
+      tcp: {maxConnections: 100}
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+    trafficPolicy:
+      loadBalancer:
+        simple: RANDOM
+  exportTo: ['*']
+",
+        );
+        let dr = only(&l, |r| match r {
+            Resource::DestinationRule(o) => Some(o),
+            _ => None,
+        });
+        assert_eq!(dr.spec.host, "reviews.prod.svc.cluster.local");
+        let lb = |p: &Option<crate::TrafficPolicy>| {
+            p.as_ref()
+                .and_then(|p| p.load_balancer.as_ref())
+                .and_then(|l| l.simple)
+        };
+        assert_eq!(lb(&dr.spec.traffic_policy), Some(SimpleLb::RoundRobin));
+        assert_eq!(dr.spec.subsets.len(), 2);
+        assert_eq!(dr.spec.subsets[0].name, "v1");
+        assert_eq!(dr.spec.subsets[0].labels["version"], "v1");
+        assert_eq!(lb(&dr.spec.subsets[0].traffic_policy), None);
+        assert_eq!(
+            lb(&dr.spec.subsets[1].traffic_policy),
+            Some(SimpleLb::Random)
+        );
+        assert_eq!(dr.spec.export_to, ["*"]);
+        for (text, want) in [
+            ("UNSPECIFIED", SimpleLb::Unspecified),
+            ("LEAST_REQUEST", SimpleLb::LeastRequest),
+            ("LEAST_CONN", SimpleLb::LeastConn),
+            ("PASSTHROUGH", SimpleLb::Passthrough),
+        ] {
+            let l = load(&format!(
+                "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: d}}
+spec:
+  host: d.example.com
+  trafficPolicy: {{loadBalancer: {{simple: {text}}}}}
+"
+            ));
+            let Some(Resource::DestinationRule(o)) = l.resources.first() else {
+                panic!("{text}: {l:?}");
+            };
+            assert_eq!(lb(&o.spec.traffic_policy), Some(want));
+        }
+    }
+
+    #[test]
+    fn virtual_service_and_sidecar() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs, namespace: web}
+spec:
+  hosts: [api.example.com]
+  http:
+  - route:
+    - destination: {host: api.example.com}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: web}
+spec:
+  workloadSelector:
+    labels: {app: web}
+  outboundTrafficPolicy:
+    mode: ALLOW_ANY
+  egress:
+  - hosts: ['./*', 'istio-system/*', '*/api.example.com']
+",
+        );
+        assert_eq!(codes(&l), vec![]);
+        let Resource::VirtualService(vs) = &l.resources[0] else {
+            panic!("{l:?}");
+        };
+        assert_eq!(vs.spec.hosts, ["api.example.com"]);
+        let Resource::Sidecar(sc) = &l.resources[1] else {
+            panic!("{l:?}");
+        };
+        assert_eq!(sc.origin.line, 10);
+        assert_eq!(
+            sc.spec
+                .workload_selector
+                .as_ref()
+                .map(|w| w.labels["app"].as_str()),
+            Some("web")
+        );
+        assert_eq!(
+            sc.spec
+                .outbound_traffic_policy
+                .as_ref()
+                .and_then(|p| p.mode),
+            Some(OutboundMode::AllowAny)
+        );
+        assert_eq!(
+            sc.spec.egress[0].hosts,
+            ["./*", "istio-system/*", "*/api.example.com"]
+        );
+    }
+
+    #[test]
+    fn pod_every_field() {
+        let l = load(
+            "apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d4b9
+  namespace: shop
+  labels: {app: web, version: v2}
+spec:
+  containers:
+  - name: app
+    image: nginx
+    ports:
+    - containerPort: 8080
+      name: http
+      protocol: TCP
+status:
+  phase: Running
+  podIP: 10.244.1.5
+  podIPs:
+  - ip: 10.244.1.5
+  - ip: fd00::5
+  conditions:
+  - type: Ready
+    status: 'True'
+",
+        );
+        let pod = only(&l, |r| match r {
+            Resource::Pod(o) => Some(o),
+            _ => None,
+        });
+        assert_eq!(pod.meta.labels["version"], "v2");
+        let c = &pod.spec.spec.containers[0];
+        assert_eq!(c.name, "app");
+        assert_eq!(c.ports[0].container_port, 8080);
+        assert_eq!(c.ports[0].name, "http");
+        assert_eq!(c.ports[0].protocol.as_deref(), Some("TCP"));
+        let st = &pod.spec.status;
+        assert_eq!(st.phase.as_deref(), Some("Running"));
+        assert_eq!(st.pod_ip.as_deref(), Some("10.244.1.5"));
+        assert_eq!(st.pod_ips[1].ip, "fd00::5");
+        assert_eq!(st.conditions[0].kind, "Ready");
+        assert_eq!(st.conditions[0].status, "True");
+    }
+
+    #[test]
+    fn service_every_field() {
+        let l = load(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, 'fd00::a']
+  selector: {app: web}
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    protocol: TCP
+    appProtocol: http
+  - name: grpc
+    port: 9090
+    targetPort: grpc-port
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec:
+  type: ExternalName
+  externalName: db.example.com
+",
+        );
+        assert_eq!(codes(&l), vec![]);
+        let Resource::Service(s) = &l.resources[0] else {
+            panic!("{l:?}");
+        };
+        let s = &s.spec;
+        assert_eq!(s.kind.as_deref(), Some("ClusterIP"));
+        assert_eq!(s.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(s.cluster_ips, ["10.96.0.10", "fd00::a"]);
+        assert_eq!(s.selector.as_ref().map(|m| m["app"].as_str()), Some("web"));
+        assert_eq!(s.ports[0].name, "http");
+        assert_eq!(s.ports[0].port, 80);
+        assert_eq!(s.ports[0].target_port, Some(TargetPort::Number(8080)));
+        assert_eq!(s.ports[0].protocol.as_deref(), Some("TCP"));
+        assert_eq!(s.ports[0].app_protocol.as_deref(), Some("http"));
+        assert_eq!(
+            s.ports[1].target_port,
+            Some(TargetPort::Name("grpc-port".into()))
+        );
+        let Resource::Service(e) = &l.resources[1] else {
+            panic!("{l:?}");
+        };
+        assert_eq!(e.spec.external_name.as_deref(), Some("db.example.com"));
+        assert_eq!(e.spec.selector, None);
+    }
+
+    #[test]
+    fn mesh_config_map() {
+        let l = load(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    rootNamespace: istio-config
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+    accessLogFile: /dev/stdout
+  meshNetworks: 'networks: {}'
+",
+        );
+        let m = only(&l, |r| match r {
+            Resource::MeshConfig(o) => Some(o),
+            _ => None,
+        });
+        assert_eq!(m.spec.root_namespace.as_deref(), Some("istio-config"));
+        assert_eq!(
+            m.spec.outbound_traffic_policy.and_then(|p| p.mode),
+            Some(OutboundMode::RegistryOnly)
+        );
+        assert_eq!(l.resources[0].kind(), "ConfigMap");
+
+        for text in [
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: ''\n",
+        ] {
+            let m = only(&load(text), |r| match r {
+                Resource::MeshConfig(o) => Some(o),
+                _ => None,
+            });
+            assert_eq!(m.spec, MeshConfig::default());
+        }
+    }
+
+    #[test]
+    fn bad_mesh_config_is_an_error() {
+        let l = load(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: SOMETIMES
+",
+        );
+        assert!(l.resources.is_empty());
+        assert_eq!(codes(&l), vec![(Severity::Error, "MESH_CONFIG")]);
+        assert!(
+            l.findings[0].message.contains("data.mesh"),
+            "{}",
+            l.findings[0]
+        );
+        assert_eq!(l.findings[0].kind, "ConfigMap");
+        assert_eq!(l.findings[0].resource, "istio-system/istio");
+    }
+
+    #[test]
+    fn other_config_maps_are_skipped() {
+        for meta in ["{name: app-config}", "{name: istio, namespace: default}"] {
+            let l = load(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {meta}\ndata: {{mesh: 'x: 1'}}\n"
+            ));
+            assert!(l.resources.is_empty());
+            assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED")]);
+            assert!(!l.has_errors());
+        }
+    }
+
+    #[test]
+    fn bad_yaml_names_file_and_line() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ok}
+spec:
+  hosts: [a.example.com]
+  addresses: [1.2.3.4]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: broken}
+spec:
+  hosts: [b.example.com
+  ports: []
+",
+        );
+        assert_eq!(l.resources.len(), 1);
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+        let f = &l.findings[0];
+        assert!((13..=15).contains(&f.line), "line {} of {f}", f.line);
+        assert_eq!(f.file.as_path(), Path::new("cfg/test.yaml"));
+        assert!(l.has_errors());
+    }
+
+    #[test]
+    fn tab_indentation_is_a_yaml_error() {
+        let l = load("apiVersion: v1\nkind: Service\nmetadata:\n\tname: x\n");
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+    }
+
+    #[test]
+    fn wrong_type_for_a_field() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: typed}
+spec:
+  hosts: [example.com]
+  ports:
+  - number: eighty
+    name: http
+",
+        );
+        assert!(l.resources.is_empty());
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+        let f = &l.findings[0];
+        assert_eq!(f.kind, "ServiceEntry");
+        assert_eq!(f.resource, "default/typed");
+        assert_eq!(f.line, 7, "{f}");
+
+        let l = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: t}\nspec:\n  hosts: example.com\n",
+        );
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+        let l = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: t}\nspec:\n  hosts: [a.com]\n  ports: [{number: 70000000000, name: x}]\n",
+        );
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+        let l = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: t}\nspec:\n  hosts: [a.com]\n  ports: [{name: x}]\n",
+        );
+        assert_eq!(
+            codes(&l),
+            vec![(Severity::Error, "YAML")],
+            "missing port number"
+        );
+    }
+
+    #[test]
+    fn unknown_enum_value() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: e}
+spec:
+  hosts: [example.com]
+  resolution: FOO
+",
+        );
+        assert!(l.resources.is_empty());
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+        assert!(l.findings[0].message.contains("FOO"), "{}", l.findings[0]);
+        assert_eq!(l.findings[0].line, 6);
+    }
+
+    #[test]
+    fn missing_name() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {namespace: x}\nspec: {hosts: [a.com]}\n",
+        );
+        assert!(l.resources.is_empty());
+        assert_eq!(codes(&l), vec![(Severity::Error, "NO_NAME")]);
+        assert_eq!(l.findings[0].kind, "ServiceEntry");
+    }
+
+    #[test]
+    fn unknown_kind_and_wrong_api_version_are_skipped() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec: {}
+---
+apiVersion: networking.istio.io/v2
+kind: ServiceEntry
+metadata: {name: future}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+---
+apiVersion: networking.istio.io/v1
+kind: Pod
+metadata: {name: confused}
+---
+metadata: {name: kindless}
+",
+        );
+        assert!(l.resources.is_empty());
+        assert!(!l.has_errors());
+        assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED"); 5]);
+        let lines: Vec<u64> = l.findings.iter().map(|f| f.line).collect();
+        assert_eq!(lines, [1, 6, 10, 14, 18]);
+        assert!(l.findings[1].message.contains("networking.istio.io/v2"));
+    }
+
+    #[test]
+    fn documents_with_comments_and_empty_documents() {
+        let l = load(
+            "# leading comment
+---
+# only a comment
+---
+---
+apiVersion: networking.istio.io/v1   # trailing comment
+kind: WorkloadEntry
+metadata: {name: a}
+spec: {address: 10.0.0.1}
+...
+---
+
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: b}
+spec:
+  # a comment inside
+  address: 10.0.0.2
+---
+",
+        );
+        assert_eq!(codes(&l), vec![]);
+        let lines: Vec<u64> = l.resources.iter().map(|r| r.origin().line).collect();
+        assert_eq!(lines, [6, 14]);
+        assert_eq!(l.resources[1].meta().name, "b");
+    }
+
+    #[test]
+    fn empty_file() {
+        assert_eq!(load(""), FileLoad::default());
+        assert_eq!(load("# nothing\n---\n"), FileLoad::default());
+    }
+
+    #[test]
+    fn spec_may_be_missing_or_null() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: n}\nspec:\n",
+        );
+        assert!(l.resources.is_empty());
+        assert!(
+            codes(&l).contains(&(Severity::Error, "NO_HOSTS")),
+            "{:?}",
+            codes(&l)
+        );
+    }
+
+    #[test]
+    fn json_input() {
+        let l = load(
+            r#"{
+  "apiVersion": "networking.istio.io/v1",
+  "kind": "ServiceEntry",
+  "metadata": {"name": "json-se", "namespace": "j"},
+  "spec": {
+    "hosts": ["json.example.com"],
+    "ports": [{"number": 443, "name": "https", "protocol": "HTTPS"}],
+    "resolution": "DNS"
+  }
+}"#,
+        );
+        let se = only(&l, |r| match r {
+            Resource::ServiceEntry(o) => Some(o),
+            _ => None,
+        });
+        assert_eq!(se.meta.namespace, "j");
+        assert_eq!(se.spec.resolution, Resolution::Dns);
+        assert_eq!(se.spec.ports[0].number, 443);
+
+        let l = load(
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "http"}]}}"#,
+        );
+        assert_eq!(codes(&l), vec![(Severity::Error, "YAML")]);
+    }
+
+    #[test]
+    fn invalid_resource_is_dropped_but_others_load() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: good}
+spec: {address: 10.0.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: bad}
+spec: {address: 'not an address'}
+",
+        );
+        assert_eq!(l.resources.len(), 1);
+        assert_eq!(codes(&l), vec![(Severity::Error, "INVALID_ADDRESS")]);
+        let f = &l.findings[0];
+        assert_eq!(
+            (f.kind.as_str(), f.resource.as_str(), f.line),
+            ("WorkloadEntry", "default/bad", 6)
+        );
+        assert_eq!(
+            f.to_string(),
+            "Error [INVALID_ADDRESS] (WorkloadEntry default/bad cfg/test.yaml:6) address \"not an address\" is not an IP address, DNS name or unix:// path"
+        );
+    }
+
+    #[test]
+    fn display_without_kind_or_resource() {
+        let l = load("key: [unclosed\n");
+        let text = l.findings[0].to_string();
+        assert!(text.starts_with("Error [YAML] (cfg/test.yaml:"), "{text}");
+        let l = load("metadata: {name: kindless}\n");
+        assert_eq!(
+            l.findings[0].to_string(),
+            "Warning [SKIPPED] (default/kindless cfg/test.yaml:1) document has no kind, skipped"
+        );
     }
 }

@@ -1,9 +1,1313 @@
 //! Per-resource validation, following Istio's own rules where they exist.
+//!
+//! Istio rejects a resource with any validation error; so does portcullis. A few rules are
+//! stricter than Istio where Istio's behaviour is a trap for a registry-only proxy (partial
+//! wildcards, which Istio only warns about), and a few warnings are portcullis's own
+//! (`NO_ADDRESS_TCP`, `ZERO_WEIGHT`).
 
-use crate::{Finding, Resource, Severity};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::{
+    DestinationRuleSpec, Finding, KubeServiceSpec, Object, Origin, Pod, Resolution, Resource,
+    ServiceEntrySpec, Severity, SidecarSpec, TargetPort, VirtualServiceSpec, WorkloadEntrySpec,
+    WorkloadSelector,
+};
+
+/// Prefix of a Unix domain socket endpoint address.
+pub const UNIX_PREFIX: &str = "unix://";
 
 /// Checks one resource; errors reject it, warnings are informational.
+///
+/// `kind` and `resource` of the findings are left empty for the loader to fill in.
 pub fn resource(resource: &Resource) -> Vec<Finding> {
-    let _ = (resource, Severity::Error);
-    Vec::<Finding>::new()
+    let mut out = Findings::new(resource.origin());
+    match resource {
+        Resource::ServiceEntry(o) => service_entry(o, &mut out),
+        Resource::WorkloadEntry(o) => workload_entry(&o.spec, &mut out),
+        Resource::DestinationRule(o) => destination_rule(o, &mut out),
+        Resource::VirtualService(o) => virtual_service(&o.spec, &mut out),
+        Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
+        Resource::Pod(o) => pod(&o.spec, &mut out),
+        Resource::Service(o) => kube_service(&o.spec, &mut out),
+        Resource::MeshConfig(_) => {}
+    }
+    out.list
+}
+
+/// Whether `label` is an RFC 1123 label as Kubernetes and Istio check it: lowercase
+/// alphanumerics and `-`, not starting or ending with `-`, at most 63 characters.
+pub fn is_dns_label(label: &str) -> bool {
+    let bytes = label.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// Whether `name` is a DNS name without wildcards: dot-separated labels, an optional
+/// trailing dot, at most 255 characters, and a top-level label that is not all digits
+/// (so that IPv4 literals are not mistaken for names).
+pub fn is_fqdn(name: &str) -> bool {
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut labels = name.split('.').peekable();
+    while let Some(label) = labels.next() {
+        if !is_dns_label(label) {
+            return false;
+        }
+        if labels.peek().is_none() && label.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `host` is a DNS name, optionally with a `*.` wildcard prefix, or the lone `*`.
+///
+/// Partial wildcards (`*x.example.com`, `a.*.example.com`) are not accepted.
+pub fn is_wildcard_host(host: &str) -> bool {
+    host == "*" || is_fqdn(host.strip_prefix("*.").unwrap_or(host))
+}
+
+/// Istio's port protocols (matched case-insensitively); an empty protocol means "detect".
+const PROTOCOLS: [&str; 12] = [
+    "HTTP",
+    "HTTPS",
+    "HTTP2",
+    "HTTP_PROXY",
+    "GRPC",
+    "GRPC-WEB",
+    "TLS",
+    "TCP",
+    "UDP",
+    "MONGO",
+    "MYSQL",
+    "REDIS",
+];
+
+/// Protocols whose traffic carries the destination host (Host/authority or SNI), so that
+/// several hosts can share a port.
+fn carries_host(protocol: Option<&str>) -> bool {
+    protocol.is_some_and(|p| {
+        [
+            "HTTP",
+            "HTTPS",
+            "HTTP2",
+            "HTTP_PROXY",
+            "GRPC",
+            "GRPC-WEB",
+            "TLS",
+        ]
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(p))
+    })
+}
+
+fn is_udp(protocol: Option<&str>) -> bool {
+    protocol.is_some_and(|p| p.eq_ignore_ascii_case("UDP"))
+}
+
+struct Findings {
+    file: Arc<std::path::PathBuf>,
+    line: u64,
+    list: Vec<Finding>,
+}
+
+impl Findings {
+    fn new(origin: &Origin) -> Self {
+        Findings {
+            file: Arc::clone(&origin.file),
+            line: origin.line,
+            list: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, severity: Severity, code: &'static str, message: String) {
+        self.list.push(Finding {
+            severity,
+            code,
+            kind: String::new(),
+            resource: String::new(),
+            file: Arc::clone(&self.file),
+            line: self.line,
+            message,
+        });
+    }
+
+    fn error(&mut self, code: &'static str, message: String) {
+        self.push(Severity::Error, code, message);
+    }
+
+    fn warn(&mut self, code: &'static str, message: String) {
+        self.push(Severity::Warning, code, message);
+    }
+}
+
+fn port_in_range(port: u32) -> bool {
+    (1..=65535).contains(&port)
+}
+
+fn is_ip(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok()
+}
+
+/// A `unix://` address must name an absolute path, or an abstract socket (`@name`).
+fn is_unix_address(address: &str) -> bool {
+    address.strip_prefix(UNIX_PREFIX).is_some_and(|path| {
+        path.starts_with('@') && path.len() > 1 || path.starts_with('/') && !path.ends_with('/')
+    })
+}
+
+fn host_hint(host: &str) -> &'static str {
+    if is_ip(host) {
+        " (IP addresses belong in `addresses`)"
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        " (names must be lowercase)"
+    } else if host.contains('*') {
+        " (only a leading `*.` wildcard is allowed)"
+    } else {
+        ""
+    }
+}
+
+fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
+    let spec = &o.spec;
+    if spec.hosts.is_empty() {
+        out.error("NO_HOSTS", "hosts must not be empty".to_string());
+    }
+    for host in &spec.hosts {
+        if host == "*" {
+            out.error(
+                "INVALID_HOST",
+                "host `*` is not allowed in a ServiceEntry; use a `*.domain` wildcard".to_string(),
+            );
+        } else if !is_wildcard_host(host) {
+            out.error(
+                "INVALID_HOST",
+                format!("host {host:?} is not a valid DNS name{}", host_hint(host)),
+            );
+        }
+    }
+
+    let mut has_cidr = false;
+    for address in &spec.addresses {
+        if is_ip(address) {
+            continue;
+        }
+        if address.parse::<IpNet>().is_ok() {
+            has_cidr = true;
+        } else {
+            out.error(
+                "INVALID_ADDRESS",
+                format!("address {address:?} is not an IP address or CIDR"),
+            );
+        }
+    }
+    if has_cidr && !matches!(spec.resolution, Resolution::None | Resolution::Static) {
+        out.error(
+            "INVALID_ADDRESS",
+            "CIDR addresses are allowed only with resolution NONE or STATIC".to_string(),
+        );
+    }
+
+    let port_names = service_entry_ports(spec, out);
+
+    if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
+        out.error(
+            "SELECTOR_AND_ENDPOINTS",
+            "only one of workloadSelector or endpoints can be set".to_string(),
+        );
+    }
+    if let Some(selector) = &spec.workload_selector {
+        selector_labels(selector, out);
+    }
+
+    service_entry_resolution(spec, out);
+    for (index, endpoint) in spec.endpoints.iter().enumerate() {
+        endpoint_common(&format!("endpoints[{index}]"), endpoint, &port_names, out);
+    }
+
+    if spec.resolution != Resolution::None
+        && spec.hosts.len() > 1
+        && spec
+            .ports
+            .iter()
+            .any(|p| !carries_host(p.protocol.as_deref()))
+    {
+        out.error(
+            "MULTIPLE_HOSTS_TCP",
+            "multiple hosts with a port that is not HTTP or TLS: the hosts cannot be told apart"
+                .to_string(),
+        );
+    }
+
+    if spec.addresses.is_empty() {
+        for port in &spec.ports {
+            let protocol = port.protocol.as_deref();
+            if !carries_host(protocol) && !is_udp(protocol) {
+                out.warn(
+                    "NO_ADDRESS_TCP",
+                    format!(
+                        "port {} ({}) has no addresses: TCP traffic to port {} on any IP is \
+                         treated as this service; set addresses or use an HTTP/TLS protocol",
+                        port.number,
+                        protocol.unwrap_or("protocol unset"),
+                        port.number
+                    ),
+                );
+            }
+        }
+    }
+
+    export_to(&spec.export_to, &o.meta.namespace, true, out);
+}
+
+/// Checks the ports; returns the declared port names for endpoint port overrides.
+fn service_entry_ports<'a>(spec: &'a ServiceEntrySpec, out: &mut Findings) -> BTreeSet<&'a str> {
+    if spec.ports.is_empty() {
+        out.error("NO_PORTS", "ports must not be empty".to_string());
+    }
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for port in &spec.ports {
+        if !port_in_range(port.number) {
+            out.error(
+                "INVALID_PORT",
+                format!("port number {} must be between 1 and 65535", port.number),
+            );
+        } else if !numbers.insert(port.number) {
+            out.error(
+                "DUPLICATE_PORT",
+                format!("port number {} is declared twice", port.number),
+            );
+        }
+        if !is_dns_label(&port.name) {
+            out.error(
+                "INVALID_PORT_NAME",
+                format!(
+                    "port {} name {:?} must be a lowercase DNS label",
+                    port.number, port.name
+                ),
+            );
+        }
+        if !port.name.is_empty() && !names.insert(port.name.as_str()) {
+            out.error(
+                "DUPLICATE_PORT_NAME",
+                format!("port name {:?} is declared twice", port.name),
+            );
+        }
+        if let Some(target) = port.target_port
+            && !port_in_range(target)
+        {
+            out.error(
+                "INVALID_PORT",
+                format!(
+                    "port {} targetPort {target} must be between 1 and 65535",
+                    port.number
+                ),
+            );
+        }
+        match port.protocol.as_deref() {
+            Some(p) if !PROTOCOLS.iter().any(|known| known.eq_ignore_ascii_case(p)) => {
+                out.error(
+                    "INVALID_PROTOCOL",
+                    format!("port {} protocol {p:?} is not supported", port.number),
+                );
+            }
+            Some(p) if is_udp(Some(p)) => out.warn(
+                "UNSUPPORTED_PROTOCOL",
+                format!(
+                    "port {} is UDP, which portcullis does not proxy",
+                    port.number
+                ),
+            ),
+            _ => {}
+        }
+    }
+    names
+}
+
+fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
+    match spec.resolution {
+        Resolution::None => {
+            if !spec.endpoints.is_empty() {
+                out.error(
+                    "INVALID_ENDPOINT",
+                    "endpoints cannot be set with resolution NONE".to_string(),
+                );
+            }
+        }
+        Resolution::Static => {
+            if spec.endpoints.is_empty() && spec.workload_selector.is_none() {
+                out.warn(
+                    "NO_ENDPOINTS",
+                    "resolution STATIC with neither endpoints nor workloadSelector: \
+                     the service has no endpoints"
+                        .to_string(),
+                );
+            }
+            let mut unix = false;
+            for (index, endpoint) in spec.endpoints.iter().enumerate() {
+                let address = endpoint.address.as_str();
+                if address.starts_with(UNIX_PREFIX) {
+                    unix = true;
+                    if !is_unix_address(address) {
+                        out.error(
+                            "INVALID_ADDRESS",
+                            format!("endpoints[{index}] address {address:?} is not an absolute socket path"),
+                        );
+                    }
+                    if !endpoint.ports.is_empty() {
+                        out.error(
+                            "INVALID_ENDPOINT",
+                            format!("endpoints[{index}] is a unix socket and cannot set ports"),
+                        );
+                    }
+                } else if !address.is_empty() && !is_ip(address) {
+                    out.error(
+                        "INVALID_ADDRESS",
+                        format!(
+                            "endpoints[{index}] address {address:?} must be an IP address \
+                             with resolution STATIC"
+                        ),
+                    );
+                }
+            }
+            if unix && spec.ports.len() != 1 {
+                out.error(
+                    "INVALID_ENDPOINT",
+                    "unix socket endpoints need exactly one service port".to_string(),
+                );
+            }
+        }
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            if spec.endpoints.is_empty() {
+                for host in spec.hosts.iter().filter(|h| h.contains('*')) {
+                    out.error(
+                        "DNS_WILDCARD",
+                        format!(
+                            "host {host:?} is a wildcard and cannot be resolved with DNS; \
+                             add endpoints or use resolution NONE"
+                        ),
+                    );
+                }
+            }
+            for (index, endpoint) in spec.endpoints.iter().enumerate() {
+                let address = endpoint.address.as_str();
+                if !address.is_empty() && !is_ip(address) && !is_fqdn(address) {
+                    out.error(
+                        "INVALID_ADDRESS",
+                        format!(
+                            "endpoints[{index}] address {address:?} is not an IP address or \
+                             DNS name"
+                        ),
+                    );
+                }
+            }
+            if spec.resolution == Resolution::DnsRoundRobin && spec.endpoints.len() > 1 {
+                out.error(
+                    "TOO_MANY_ENDPOINTS",
+                    "resolution DNS_ROUND_ROBIN allows at most one endpoint".to_string(),
+                );
+            }
+        }
+    }
+}
+
+/// Checks shared by inline endpoints and WorkloadEntries: address present, port overrides
+/// in range (and, for inline endpoints, naming a declared port), weight.
+fn endpoint_common(
+    field: &str,
+    endpoint: &WorkloadEntrySpec,
+    port_names: &BTreeSet<&str>,
+    out: &mut Findings,
+) {
+    if endpoint.address.is_empty() {
+        out.error("INVALID_ADDRESS", format!("{field} address is required"));
+    }
+    endpoint_ports(field, &endpoint.ports, out);
+    for name in endpoint.ports.keys() {
+        if !name.is_empty() && !port_names.contains(name.as_str()) {
+            out.warn(
+                "UNKNOWN_PORT_NAME",
+                format!("{field} port {name:?} is not a port of the service entry, ignored"),
+            );
+        }
+    }
+    endpoint_weight(field, endpoint.weight, out);
+}
+
+fn endpoint_ports(field: &str, ports: &BTreeMap<String, u32>, out: &mut Findings) {
+    for (name, port) in ports {
+        if name.is_empty() {
+            out.error(
+                "INVALID_PORT_NAME",
+                format!("{field} ports has an empty name"),
+            );
+        }
+        if !port_in_range(*port) {
+            out.error(
+                "INVALID_PORT",
+                format!("{field} port {name:?} = {port} must be between 1 and 65535"),
+            );
+        }
+    }
+}
+
+fn endpoint_weight(field: &str, weight: Option<u32>, out: &mut Findings) {
+    // Istio's weight is a proto3 uint32, so 0 cannot be told from "unset" and means 1;
+    // someone writing 0 most likely wanted to drain the endpoint, which it does not do.
+    if weight == Some(0) {
+        out.warn(
+            "ZERO_WEIGHT",
+            format!("{field} weight 0 is treated as 1, it does not drain the endpoint"),
+        );
+    }
+}
+
+fn selector_labels(selector: &WorkloadSelector, out: &mut Findings) {
+    for (key, value) in &selector.labels {
+        if key.is_empty() || key.contains('*') || value.contains('*') {
+            out.error(
+                "INVALID_SELECTOR",
+                format!("workloadSelector label {key:?}: {value:?}: wildcards are not supported"),
+            );
+        }
+    }
+}
+
+fn export_to(entries: &[String], namespace: &str, allow_none: bool, out: &mut Findings) {
+    let mut seen = BTreeSet::new();
+    for entry in entries {
+        let valid = match entry.as_str() {
+            "." | "*" => true,
+            "~" => allow_none,
+            ns => is_dns_label(ns),
+        };
+        if !valid {
+            out.error(
+                "INVALID_EXPORT_TO",
+                format!("exportTo {entry:?} must be `.`, `*`, `~` or a namespace name"),
+            );
+        }
+        // `.` is the resource's own namespace, so `.` next to that name is a duplicate.
+        let key = if entry == "." { namespace } else { entry };
+        if !seen.insert(key) {
+            out.error(
+                "INVALID_EXPORT_TO",
+                format!("exportTo {entry:?} is listed twice"),
+            );
+        }
+    }
+}
+
+fn workload_entry(spec: &WorkloadEntrySpec, out: &mut Findings) {
+    let address = spec.address.as_str();
+    if address.is_empty() {
+        if spec.network.is_empty() {
+            out.error("INVALID_ADDRESS", "address is required".to_string());
+        } else {
+            out.warn(
+                "NO_ADDRESS",
+                "no address: reachable only through its network's gateway, which portcullis \
+                 does not use"
+                    .to_string(),
+            );
+        }
+    } else if address.starts_with(UNIX_PREFIX) {
+        if !is_unix_address(address) {
+            out.error(
+                "INVALID_ADDRESS",
+                format!("address {address:?} is not an absolute socket path"),
+            );
+        }
+    } else if !is_ip(address) && !is_fqdn(address) {
+        out.error(
+            "INVALID_ADDRESS",
+            format!("address {address:?} is not an IP address, DNS name or unix:// path"),
+        );
+    }
+    endpoint_ports("workload entry", &spec.ports, out);
+    endpoint_weight("workload entry", spec.weight, out);
+}
+
+fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
+    let spec = &o.spec;
+    if spec.host.is_empty() {
+        out.error("NO_HOSTS", "host is required".to_string());
+    } else if !is_wildcard_host(&spec.host) {
+        out.error(
+            "INVALID_HOST",
+            format!(
+                "host {:?} is not a valid DNS name{}",
+                spec.host,
+                host_hint(&spec.host)
+            ),
+        );
+    }
+    let mut names = BTreeSet::new();
+    for subset in &spec.subsets {
+        if !is_dns_label(&subset.name) {
+            out.error(
+                "INVALID_SUBSET",
+                format!(
+                    "subset name {:?} must be a lowercase DNS label",
+                    subset.name
+                ),
+            );
+        } else if !names.insert(subset.name.as_str()) {
+            out.error(
+                "DUPLICATE_SUBSET",
+                format!("subset {:?} is defined twice", subset.name),
+            );
+        }
+    }
+    export_to(&spec.export_to, &o.meta.namespace, false, out);
+}
+
+fn virtual_service(spec: &VirtualServiceSpec, out: &mut Findings) {
+    if spec.hosts.is_empty() {
+        out.warn(
+            "NO_HOSTS",
+            "no hosts: a delegate VirtualService, which portcullis ignores".to_string(),
+        );
+    }
+    for host in &spec.hosts {
+        if !is_wildcard_host(host) && !is_ip(host) {
+            out.error(
+                "INVALID_HOST",
+                format!("host {host:?} is not a valid DNS name or IP address"),
+            );
+        }
+    }
+}
+
+fn sidecar(spec: &SidecarSpec, out: &mut Findings) {
+    if spec.egress.is_empty() && spec.outbound_traffic_policy.is_none() {
+        out.warn(
+            "NOTHING_TO_DO",
+            "neither egress nor outboundTrafficPolicy is set: portcullis has nothing to apply"
+                .to_string(),
+        );
+    }
+    if let Some(selector) = &spec.workload_selector {
+        selector_labels(selector, out);
+    }
+    for (index, egress) in spec.egress.iter().enumerate() {
+        if egress.hosts.is_empty() {
+            out.error(
+                "NO_HOSTS",
+                format!("egress[{index}] must have at least one host"),
+            );
+        }
+        for host in &egress.hosts {
+            if let Some(problem) = sidecar_host_problem(host) {
+                out.error(
+                    "INVALID_EGRESS_HOST",
+                    format!("egress[{index}] host {host:?}: {problem}"),
+                );
+            }
+        }
+    }
+}
+
+/// Istio requires every Sidecar egress host in `namespace/dnsName` form.
+fn sidecar_host_problem(host: &str) -> Option<&'static str> {
+    let Some((namespace, name)) = host.split_once('/') else {
+        return Some("must be of the form namespace/dnsName");
+    };
+    if namespace.is_empty() || name.is_empty() {
+        return Some("namespace and dnsName cannot be empty");
+    }
+    if !matches!(namespace, "*" | "." | "~") && !is_dns_label(namespace) {
+        return Some("namespace must be `*`, `.`, `~` or a namespace name");
+    }
+    if name != "*" && !name.contains('.') {
+        return Some("short names are not allowed, use a fully qualified name");
+    }
+    if !is_wildcard_host(name) {
+        return Some("not a valid DNS name (only a leading `*.` wildcard is allowed)");
+    }
+    None
+}
+
+fn pod(pod: &Pod, out: &mut Findings) {
+    let ips = pod
+        .status
+        .pod_ip
+        .iter()
+        .chain(pod.status.pod_ips.iter().map(|p| &p.ip));
+    for ip in ips {
+        if !is_ip(ip) {
+            out.error(
+                "INVALID_ADDRESS",
+                format!("pod IP {ip:?} is not an IP address"),
+            );
+        }
+    }
+    for container in &pod.spec.containers {
+        for port in &container.ports {
+            if !port_in_range(port.container_port) {
+                out.error(
+                    "INVALID_PORT",
+                    format!(
+                        "container {:?} port {} must be between 1 and 65535",
+                        container.name, port.container_port
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn kube_service(spec: &KubeServiceSpec, out: &mut Findings) {
+    let ips = spec.cluster_ip.iter().chain(spec.cluster_ips.iter());
+    for ip in ips {
+        if !ip.is_empty() && ip != "None" && !is_ip(ip) {
+            out.error(
+                "INVALID_ADDRESS",
+                format!("cluster IP {ip:?} is not an IP address or `None`"),
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for port in &spec.ports {
+        if !port_in_range(port.port) {
+            out.error(
+                "INVALID_PORT",
+                format!("port {} must be between 1 and 65535", port.port),
+            );
+        }
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        if !seen.insert((port.port, protocol)) {
+            out.error(
+                "DUPLICATE_PORT",
+                format!("port {}/{protocol} is declared twice", port.port),
+            );
+        }
+        if spec.ports.len() > 1 && port.name.is_empty() {
+            out.error(
+                "INVALID_PORT_NAME",
+                format!(
+                    "port {} needs a name when a service has several ports",
+                    port.port
+                ),
+            );
+        }
+        if !port.name.is_empty() && !names.insert(port.name.as_str()) {
+            out.error(
+                "DUPLICATE_PORT_NAME",
+                format!("port name {:?} is declared twice", port.name),
+            );
+        }
+        if let Some(TargetPort::Number(target)) = &port.target_port
+            && !port_in_range(*target)
+        {
+            out.error(
+                "INVALID_PORT",
+                format!(
+                    "port {} targetPort {target} must be between 1 and 65535",
+                    port.port
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::load_str;
+
+    type Codes = Vec<(Severity, &'static str)>;
+
+    fn check(kind: &str, api: &str, spec: &str) -> Codes {
+        let text = format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: t, namespace: ns}}\n{spec}\n"
+        );
+        let load = load_str(&text, &Arc::new(PathBuf::from("v.yaml")));
+        for f in &load.findings {
+            assert_eq!(f.line, 1, "{f}");
+            assert_eq!(f.file.as_path(), std::path::Path::new("v.yaml"));
+        }
+        let codes: Codes = load.findings.iter().map(|f| (f.severity, f.code)).collect();
+        assert_eq!(
+            load.resources.is_empty(),
+            codes.iter().any(|(s, _)| *s == Severity::Error),
+            "{codes:?}"
+        );
+        codes
+    }
+
+    fn se(spec: &str) -> Codes {
+        check(
+            "ServiceEntry",
+            "networking.istio.io/v1",
+            &format!("spec:\n{spec}"),
+        )
+    }
+
+    fn errors(codes: &Codes) -> Vec<&'static str> {
+        codes
+            .iter()
+            .filter(|(s, _)| *s == Severity::Error)
+            .map(|(_, c)| *c)
+            .collect()
+    }
+
+    fn warnings(codes: &Codes) -> Vec<&'static str> {
+        codes
+            .iter()
+            .filter(|(s, _)| *s == Severity::Warning)
+            .map(|(_, c)| *c)
+            .collect()
+    }
+
+    const PORT: &str = "  ports: [{number: 443, name: https, protocol: HTTPS}]\n";
+
+    #[test]
+    fn valid_service_entries_have_no_findings() {
+        for spec in [
+            format!("  hosts: [api.example.com, '*.example.org', trailing.dot.]\n{PORT}"),
+            format!("  hosts: [db.example.com]\n  resolution: DNS\n{PORT}"),
+            format!(
+                "  hosts: ['*.example.com']\n  resolution: DNS\n  endpoints: [{{address: proxy.example.com}}]\n{PORT}"
+            ),
+            "  hosts: [pg.example.com]\n  addresses: [10.0.0.0/8, 'fd00::1']\n  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1, ports: {tcp-pg: 6432}, weight: 5}]\n".to_string(),
+            "  hosts: [uds.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 'unix:///var/run/app.sock'}, {address: 'unix://@abstract'}]\n".to_string(),
+            format!("  hosts: [a.example.com]\n  exportTo: ['.', '*', '~', other-ns]\n{PORT}"),
+        ] {
+            assert_eq!(se(&spec), vec![], "{spec}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_required_and_valid() {
+        assert_eq!(errors(&se(PORT)), ["NO_HOSTS"]);
+        for host in [
+            "'*'",
+            "'*x.example.com'",
+            "'a.*.example.com'",
+            "'example.*'",
+            "Example.com",
+            "1.2.3.4",
+            "'-a.example.com'",
+            "'a..example.com'",
+            "''",
+            "'a_b.example.com'",
+        ] {
+            let codes = se(&format!("  hosts: [{host}]\n{PORT}"));
+            assert_eq!(errors(&codes), ["INVALID_HOST"], "{host}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_ips_or_cidrs() {
+        assert_eq!(
+            errors(&se(&format!(
+                "  hosts: [a.com]\n  addresses: [10.0.0.300]\n{PORT}"
+            ))),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&se(&format!(
+                "  hosts: [a.com]\n  addresses: [10.0.0.0/33]\n{PORT}"
+            ))),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&se(&format!(
+                "  hosts: [a.com]\n  addresses: [10.0.0.0/16]\n  resolution: DNS\n{PORT}"
+            ))),
+            ["INVALID_ADDRESS"],
+            "CIDR needs NONE or STATIC"
+        );
+    }
+
+    #[test]
+    fn ports_rules() {
+        let host = "  hosts: [a.com]\n  addresses: [1.1.1.1]\n";
+        assert_eq!(errors(&se(host)), ["NO_PORTS"]);
+        let case = |ports: &str| se(&format!("{host}  ports:\n{ports}"));
+        assert_eq!(
+            errors(&case("  - {number: 0, name: a}\n")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&case("  - {number: 65536, name: a}\n")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&case("  - {number: 80, name: a, targetPort: 70000}\n")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&case("  - {number: 80, name: a, targetPort: 0}\n")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&case(
+                "  - {number: 80, name: a}\n  - {number: 80, name: b}\n"
+            )),
+            ["DUPLICATE_PORT"]
+        );
+        assert_eq!(
+            errors(&case(
+                "  - {number: 80, name: a}\n  - {number: 81, name: a}\n"
+            )),
+            ["DUPLICATE_PORT_NAME"]
+        );
+        assert_eq!(errors(&case("  - {number: 80}\n")), ["INVALID_PORT_NAME"]);
+        assert_eq!(
+            errors(&case("  - {number: 80, name: HTTP}\n")),
+            ["INVALID_PORT_NAME"]
+        );
+        assert_eq!(
+            errors(&case("  - {number: 80, name: a, protocol: SPDY}\n")),
+            ["INVALID_PROTOCOL"]
+        );
+        for protocol in [
+            "http",
+            "HTTPS",
+            "Http2",
+            "grpc",
+            "GRPC-WEB",
+            "tls",
+            "TCP",
+            "mongo",
+            "MySQL",
+            "redis",
+            "HTTP_PROXY",
+        ] {
+            let codes = case(&format!(
+                "  - {{number: 80, name: a, protocol: {protocol}}}\n"
+            ));
+            assert_eq!(codes, vec![], "{protocol}");
+        }
+        assert_eq!(
+            case("  - {number: 53, name: dns, protocol: UDP}\n"),
+            vec![(Severity::Warning, "UNSUPPORTED_PROTOCOL")]
+        );
+    }
+
+    #[test]
+    fn selector_and_endpoints_are_exclusive() {
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  resolution: STATIC\n  workloadSelector: {{labels: {{app: x}}}}\n  endpoints: [{{address: 1.2.3.4}}]\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["SELECTOR_AND_ENDPOINTS"]);
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  resolution: STATIC\n  workloadSelector: {{labels: {{app: '*'}}}}\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["INVALID_SELECTOR"]);
+    }
+
+    #[test]
+    fn static_resolution() {
+        let static_se = |endpoints: &str| {
+            se(&format!(
+                "  hosts: [a.com]\n  resolution: STATIC\n{endpoints}{PORT}"
+            ))
+        };
+        assert_eq!(
+            static_se(""),
+            vec![(Severity::Warning, "NO_ENDPOINTS")],
+            "STATIC without endpoints"
+        );
+        assert_eq!(
+            errors(&static_se("  endpoints: [{address: db.example.com}]\n")),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&static_se(
+                "  endpoints: [{address: 'unix://relative.sock'}]\n"
+            )),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&static_se(
+                "  endpoints: [{address: 'unix:///a.sock', ports: {https: 1}}]\n"
+            )),
+            ["INVALID_ENDPOINT"]
+        );
+        assert_eq!(
+            errors(&se(
+                "  hosts: [a.com]\n  resolution: STATIC\n  endpoints: [{address: 'unix:///a.sock'}]\n  ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: http2, protocol: HTTP}]\n"
+            )),
+            ["INVALID_ENDPOINT"],
+            "unix endpoints need exactly one port"
+        );
+        assert_eq!(
+            errors(&static_se("  endpoints: [{ports: {https: 1}}]\n")),
+            ["INVALID_ADDRESS"]
+        );
+    }
+
+    #[test]
+    fn endpoint_ports_and_weights() {
+        let ep = |endpoint: &str| {
+            se(&format!(
+                "  hosts: [a.com]\n  resolution: STATIC\n  endpoints: [{endpoint}]\n{PORT}"
+            ))
+        };
+        assert_eq!(
+            errors(&ep("{address: 1.1.1.1, ports: {https: 0}}")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&ep("{address: 1.1.1.1, ports: {https: 65536}}")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            ep("{address: 1.1.1.1, ports: {http: 8080}}"),
+            vec![(Severity::Warning, "UNKNOWN_PORT_NAME")]
+        );
+        assert_eq!(
+            ep("{address: 1.1.1.1, weight: 0}"),
+            vec![(Severity::Warning, "ZERO_WEIGHT")]
+        );
+        assert_eq!(ep("{address: 1.1.1.1, weight: 4294967295}"), vec![]);
+    }
+
+    #[test]
+    fn none_resolution_rejects_endpoints() {
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  endpoints: [{{address: 1.1.1.1}}]\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["INVALID_ENDPOINT"]);
+    }
+
+    #[test]
+    fn dns_resolution() {
+        let codes = se(&format!(
+            "  hosts: ['*.example.com']\n  resolution: DNS\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["DNS_WILDCARD"]);
+        let codes = se(&format!(
+            "  hosts: ['*.example.com']\n  resolution: DNS_ROUND_ROBIN\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["DNS_WILDCARD"]);
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  resolution: DNS\n  endpoints: [{{address: 'bad host'}}]\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["INVALID_ADDRESS"]);
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  resolution: DNS_ROUND_ROBIN\n  endpoints: [{{address: b.com}}, {{address: c.com}}]\n{PORT}"
+        ));
+        assert_eq!(errors(&codes), ["TOO_MANY_ENDPOINTS"]);
+        let codes = se(&format!(
+            "  hosts: [a.com]\n  resolution: DNS_ROUND_ROBIN\n  endpoints: [{{address: b.com}}]\n{PORT}"
+        ));
+        assert_eq!(codes, vec![]);
+    }
+
+    #[test]
+    fn multiple_hosts_need_http_or_tls_ports() {
+        let tcp = "  ports: [{number: 5432, name: pg, protocol: TCP}]\n  addresses: [1.2.3.4]\n";
+        let codes = se(&format!(
+            "  hosts: [a.com, b.com]\n  resolution: DNS\n{tcp}"
+        ));
+        assert_eq!(errors(&codes), ["MULTIPLE_HOSTS_TCP"]);
+        let codes = se(&format!(
+            "  hosts: [a.com, b.com]\n  resolution: NONE\n{tcp}"
+        ));
+        assert_eq!(codes, vec![]);
+        let codes = se(&format!(
+            "  hosts: [a.com, b.com]\n  resolution: DNS\n{PORT}"
+        ));
+        assert_eq!(codes, vec![]);
+    }
+
+    #[test]
+    fn tcp_port_without_addresses_warns() {
+        for protocol in ["protocol: TCP", "protocol: MONGO", ""] {
+            let codes = se(&format!(
+                "  hosts: [db.example.com]\n  resolution: DNS\n  ports: [{{number: 5432, name: pg, {protocol}}}]\n"
+            ));
+            assert_eq!(
+                codes,
+                vec![(Severity::Warning, "NO_ADDRESS_TCP")],
+                "{protocol:?}"
+            );
+        }
+        let codes = se(
+            "  hosts: [db.example.com]\n  addresses: [10.0.0.1]\n  resolution: DNS\n  ports: [{number: 5432, name: pg, protocol: TCP}]\n",
+        );
+        assert_eq!(codes, vec![]);
+    }
+
+    #[test]
+    fn export_to() {
+        let codes = se(&format!("  hosts: [a.com]\n  exportTo: [Bad_NS]\n{PORT}"));
+        assert_eq!(errors(&codes), ["INVALID_EXPORT_TO"]);
+        let codes = se(&format!("  hosts: [a.com]\n  exportTo: ['.', ns]\n{PORT}"));
+        assert_eq!(
+            errors(&codes),
+            ["INVALID_EXPORT_TO"],
+            "`.` is the own namespace"
+        );
+        let codes = se(&format!("  hosts: [a.com]\n  exportTo: ['*', '*']\n{PORT}"));
+        assert_eq!(errors(&codes), ["INVALID_EXPORT_TO"]);
+    }
+
+    fn we(spec: &str) -> Codes {
+        check(
+            "WorkloadEntry",
+            "networking.istio.io/v1",
+            &format!("spec: {spec}"),
+        )
+    }
+
+    #[test]
+    fn workload_entry_rules() {
+        for address in [
+            "10.0.0.1",
+            "'fd00::1'",
+            "vm.example.com",
+            "'unix:///run/a.sock'",
+        ] {
+            assert_eq!(we(&format!("{{address: {address}}}")), vec![], "{address}");
+        }
+        assert_eq!(errors(&we("{}")), ["INVALID_ADDRESS"]);
+        assert_eq!(warnings(&we("{network: remote}")), ["NO_ADDRESS"]);
+        assert_eq!(errors(&we("{address: 'unix://x'}")), ["INVALID_ADDRESS"]);
+        assert_eq!(
+            errors(&we("{address: '*.example.com'}")),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&we("{address: 10.0.0.1, ports: {http: 0}}")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&we("{address: 10.0.0.1, ports: {'': 80}}")),
+            ["INVALID_PORT_NAME"]
+        );
+        assert_eq!(
+            warnings(&we("{address: 10.0.0.1, weight: 0}")),
+            ["ZERO_WEIGHT"]
+        );
+    }
+
+    fn dr(spec: &str) -> Codes {
+        check(
+            "DestinationRule",
+            "networking.istio.io/v1",
+            &format!("spec: {spec}"),
+        )
+    }
+
+    #[test]
+    fn destination_rule_rules() {
+        assert_eq!(dr("{host: reviews}"), vec![]);
+        assert_eq!(dr("{host: '*'}"), vec![]);
+        assert_eq!(
+            dr("{host: '*.example.com', subsets: [{name: v1}, {name: v2}]}"),
+            vec![]
+        );
+        assert_eq!(errors(&dr("{}")), ["NO_HOSTS"]);
+        assert_eq!(errors(&dr("{host: 'a.*.com'}")), ["INVALID_HOST"]);
+        assert_eq!(
+            errors(&dr("{host: a.com, subsets: [{name: v1}, {name: v1}]}")),
+            ["DUPLICATE_SUBSET"]
+        );
+        assert_eq!(
+            errors(&dr("{host: a.com, subsets: [{name: ''}]}")),
+            ["INVALID_SUBSET"]
+        );
+        assert_eq!(
+            errors(&dr("{host: a.com, exportTo: ['~']}")),
+            ["INVALID_EXPORT_TO"]
+        );
+    }
+
+    #[test]
+    fn virtual_service_rules() {
+        let vs = |spec: &str| {
+            check(
+                "VirtualService",
+                "networking.istio.io/v1",
+                &format!("spec: {spec}"),
+            )
+        };
+        assert_eq!(
+            vs("{hosts: [reviews, '*.example.com', '*', 10.0.0.1]}"),
+            vec![]
+        );
+        assert_eq!(vs("{}"), vec![(Severity::Warning, "NO_HOSTS")]);
+        assert_eq!(errors(&vs("{hosts: ['re*views']}")), ["INVALID_HOST"]);
+    }
+
+    #[test]
+    fn sidecar_rules() {
+        let sc = |spec: &str| {
+            check(
+                "Sidecar",
+                "networking.istio.io/v1",
+                &format!("spec: {spec}"),
+            )
+        };
+        assert_eq!(
+            sc(
+                "{egress: [{hosts: ['./*', '*/*', '~/*', 'istio-system/*.example.com', 'prod/api.example.com']}]}"
+            ),
+            vec![]
+        );
+        assert_eq!(sc("{outboundTrafficPolicy: {mode: REGISTRY_ONLY}}"), vec![]);
+        assert_eq!(sc("{}"), vec![(Severity::Warning, "NOTHING_TO_DO")]);
+        assert_eq!(errors(&sc("{egress: [{hosts: []}]}")), ["NO_HOSTS"]);
+        for host in [
+            "api.example.com",
+            "/a.com",
+            "ns/",
+            "Bad/a.com",
+            "ns/reviews",
+            "ns/*x.com",
+        ] {
+            let codes = sc(&format!("{{egress: [{{hosts: ['{host}']}}]}}"));
+            assert_eq!(errors(&codes), ["INVALID_EGRESS_HOST"], "{host}");
+        }
+        assert_eq!(
+            errors(&sc(
+                "{workloadSelector: {labels: {'*': x}}, egress: [{hosts: ['./*']}]}"
+            )),
+            ["INVALID_SELECTOR"]
+        );
+    }
+
+    #[test]
+    fn pod_rules() {
+        let pod = |body: &str| check("Pod", "v1", body);
+        assert_eq!(
+            pod("status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}]}"),
+            vec![]
+        );
+        assert_eq!(errors(&pod("status: {podIP: ten}")), ["INVALID_ADDRESS"]);
+        assert_eq!(
+            errors(&pod("status: {podIPs: [{ip: '1.2.3'}]}")),
+            ["INVALID_ADDRESS"]
+        );
+        assert_eq!(
+            errors(&pod(
+                "spec: {containers: [{name: a, ports: [{containerPort: 70000}]}]}"
+            )),
+            ["INVALID_PORT"]
+        );
+    }
+
+    #[test]
+    fn service_rules() {
+        let svc = |spec: &str| check("Service", "v1", &format!("spec: {spec}"));
+        assert_eq!(svc("{clusterIP: None, ports: [{port: 80}]}"), vec![]);
+        assert_eq!(
+            svc(
+                "{ports: [{name: a, port: 53, protocol: TCP}, {name: b, port: 53, protocol: UDP}]}"
+            ),
+            vec![]
+        );
+        assert_eq!(errors(&svc("{ports: [{port: 0}]}")), ["INVALID_PORT"]);
+        assert_eq!(
+            errors(&svc("{ports: [{port: 80, targetPort: 99999}]}")),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(errors(&svc("{clusterIP: nope}")), ["INVALID_ADDRESS"]);
+        assert_eq!(
+            errors(&svc("{ports: [{name: a, port: 80}, {name: b, port: 80}]}")),
+            ["DUPLICATE_PORT"]
+        );
+        assert_eq!(
+            errors(&svc("{ports: [{name: a, port: 80}, {name: a, port: 81}]}")),
+            ["DUPLICATE_PORT_NAME"]
+        );
+        assert_eq!(
+            errors(&svc("{ports: [{port: 80}, {name: b, port: 81}]}")),
+            ["INVALID_PORT_NAME"]
+        );
+    }
+
+    #[test]
+    fn host_helpers() {
+        assert!(is_fqdn("a.example.com"));
+        assert!(is_fqdn("localhost"));
+        assert!(is_fqdn("example.com."));
+        assert!(!is_fqdn("example.com.."));
+        assert!(!is_fqdn("10.0.0.1"));
+        assert!(is_fqdn("1.2.3.example"));
+        assert!(!is_fqdn(&format!("{}.com", "a".repeat(64))));
+        assert!(is_fqdn(&["a"; 128].join(".")));
+        assert!(!is_fqdn(&["a"; 129].join(".")));
+        assert!(is_wildcard_host("*"));
+        assert!(is_wildcard_host("*.a.com"));
+        assert!(!is_wildcard_host("*."));
+        assert!(!is_wildcard_host("**.a.com"));
+        assert!(!is_wildcard_host("*.*.a.com"));
+    }
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+    }
+
+    fn fqdn() -> impl Strategy<Value = String> {
+        (prop::collection::vec(label(), 0..4), "[a-z][a-z0-9]{0,5}").prop_map(
+            |(mut labels, tld)| {
+                labels.push(tld);
+                labels.join(".")
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn generated_names_are_valid_hosts(name in fqdn()) {
+            prop_assert!(is_fqdn(&name));
+            prop_assert!(is_wildcard_host(&name));
+            let wildcard = format!("*.{name}");
+            prop_assert!(is_wildcard_host(&wildcard));
+            prop_assert!(!is_fqdn(&wildcard));
+        }
+
+        #[test]
+        fn a_star_anywhere_but_the_prefix_is_rejected(name in fqdn(), at in any::<prop::sample::Index>()) {
+            let chars: Vec<char> = name.chars().collect();
+            let at = at.index(chars.len() + 1);
+            let mut host: String = chars[..at].iter().collect();
+            host.push('*');
+            host.extend(&chars[at..]);
+            // Only `*.name` is a valid wildcard; `*name`, `a*b.c`, `name*` are partial.
+            prop_assert!(!is_wildcard_host(&host), "{}", host);
+        }
+
+        #[test]
+        fn uppercase_is_rejected(name in fqdn()) {
+            let upper = name.to_ascii_uppercase();
+            prop_assert!(!is_wildcard_host(&upper));
+        }
+
+        #[test]
+        fn arbitrary_service_entry_hosts_never_panic(host in "\\PC{0,40}") {
+            let text = format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: p}}\nspec:\n  hosts: [{host:?}]\n  ports: [{{number: 443, name: https, protocol: TLS}}]\n"
+            );
+            let load = load_str(&text, &Arc::new(PathBuf::from("p.yaml")));
+            if is_wildcard_host(&host) && host != "*" {
+                prop_assert_eq!(load.resources.len(), 1);
+            } else {
+                prop_assert!(load.has_errors());
+            }
+        }
+    }
 }
