@@ -2,6 +2,8 @@
 
 mod check;
 mod iptables;
+mod reload;
+mod run;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +50,30 @@ pub struct RunArgs {
     /// Readiness endpoint for the kubelet.
     #[arg(long, env = "PORTCULLIS_HEALTH", default_value = "0.0.0.0:15021")]
     pub health: SocketAddr,
+    /// Namespace of the workload this sidecar serves (exportTo, short names, Sidecar).
+    #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Labels of the workload, `k=v,k2=v2`, matched against Sidecar workloadSelector.
+    #[arg(long, env = "PORTCULLIS_WORKLOAD_LABELS", default_value = "")]
+    pub workload_labels: String,
+    /// Worker threads (Envoy's --concurrency; Istio's sidecar default is 2).
+    #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+    /// How long in-flight connections may finish after SIGTERM.
+    #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "5s")]
+    pub drain_timeout: humantime::Duration,
+    /// How long to wait for a client's first bytes before treating it as opaque TCP.
+    #[arg(long, env = "PORTCULLIS_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms")]
+    pub protocol_detection_timeout: humantime::Duration,
+    /// Upstream connect timeout.
+    #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "10s")]
+    pub connect_timeout: humantime::Duration,
+    /// Periodic re-scan of the config path, a backstop for missed file events.
+    #[arg(long, env = "PORTCULLIS_RESCAN_INTERVAL", default_value = "5s")]
+    pub rescan_interval: humantime::Duration,
+    /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
+    #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
+    pub log: String,
 }
 
 /// Flags of `portcullis check`.
@@ -58,13 +84,33 @@ pub struct CheckArgs {
     pub config: PathBuf,
 }
 
+/// Installs the log subscriber; the returned function changes the filter at run time.
+fn logging(filter: &str) -> anyhow::Result<portcullis_admin::SetLogLevel> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, reload};
+    let filter = EnvFilter::try_new(filter)?;
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(true)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
+        .try_init()?;
+    Ok(Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => {
-            let _ = args;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(args) => match logging(&args.log) {
+            Ok(set_level) => run::run(args, set_level),
+            Err(e) => Err(e),
+        },
         Command::Check(args) => check::run(&args),
         Command::Iptables(args) => iptables::run(&args),
     };

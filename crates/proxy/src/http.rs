@@ -352,6 +352,8 @@ fn prepare_response(
     start: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
+    // The client gets the proxy's HTTP version, whatever the upstream spoke.
+    parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     // Envoy overwrites the server header on responses it proxies.
     parts.headers.insert(header::SERVER, HeaderValue::from_static("envoy"));

@@ -1,0 +1,192 @@
+//! Config loading and hot reload: watch the config path, rebuild the snapshot off the data
+//! path, swap it in whole.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::RecursiveMode;
+use notify_debouncer_full::new_debouncer;
+use portcullis_admin::{AdminState, ConfigStatus, FileStatus};
+use portcullis_model::Severity;
+use portcullis_model::{ConfigSet, scan};
+use portcullis_registry::{BuildOptions, Snapshot, build};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// The first load.
+    Start,
+    /// A file system event under the config path.
+    Watch,
+    /// SIGHUP.
+    Signal,
+    /// The periodic re-scan that backs up the watcher.
+    Periodic,
+}
+
+/// The config path, the registry it feeds and the last good content of every file.
+pub struct Reloader {
+    path: PathBuf,
+    options: BuildOptions,
+    set: ConfigSet,
+    registry: Arc<ArcSwap<Snapshot>>,
+    admin: Arc<AdminState>,
+    version: u64,
+}
+
+impl Reloader {
+    /// A reloader for `path` feeding `registry`.
+    pub fn new(path: PathBuf, options: BuildOptions, registry: Arc<ArcSwap<Snapshot>>, admin: Arc<AdminState>) -> Self {
+        Reloader {
+            path,
+            options,
+            set: ConfigSet::new(),
+            registry,
+            admin,
+            version: 0,
+        }
+    }
+
+    /// Re-reads the config path and swaps in a new snapshot if anything changed.
+    pub fn reload(&mut self, trigger: Trigger) {
+        let update = self.set.update(scan(&self.path));
+        if update.findings_changed || matches!(trigger, Trigger::Start) {
+            for finding in self.set.findings() {
+                match finding.severity {
+                    Severity::Error => tracing::error!(%finding, "config error; the file keeps its last good content"),
+                    Severity::Warning => tracing::warn!(%finding, "config warning"),
+                }
+            }
+            self.publish_status();
+        }
+        if !self.set.loaded() {
+            return;
+        }
+        if update.changed || self.version == 0 {
+            self.version += 1;
+            let resources: Vec<_> = self.set.resources().cloned().collect();
+            let previous = self.registry.load_full();
+            let snapshot = build(&resources, &self.options, Some(&previous), self.version);
+            for warning in &snapshot.warnings {
+                tracing::warn!(%warning, "registry");
+            }
+            tracing::info!(
+                version = snapshot.version,
+                clusters = snapshot.clusters.len(),
+                mode = ?snapshot.outbound_mode(),
+                ?trigger,
+                "registry updated"
+            );
+            self.registry.store(Arc::new(snapshot));
+            self.publish_status();
+        }
+        self.admin.set_ready();
+    }
+
+    fn publish_status(&self) {
+        let rejected = &self.set.last_update().rejected;
+        let files = self
+            .set
+            .file_findings()
+            .map(|(path, findings)| FileStatus {
+                path: path.display().to_string(),
+                rejected: rejected.iter().any(|r| r == path)
+                    || findings.iter().any(|f| f.severity == Severity::Error),
+                findings: findings.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
+        let path_error = self.set.path_error().map(ToString::to_string);
+        self.admin.config.store(Arc::new(ConfigStatus {
+            path: self.path.display().to_string(),
+            files,
+            path_error,
+        }));
+    }
+}
+
+/// Folder to watch: the config folder itself, or a file's parent (a watch on a file dies
+/// when a ConfigMap update swaps the `..data` symlink).
+fn watch_root(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+}
+
+/// Runs reloads on file events, SIGHUP and a periodic re-scan until `stop`.
+pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel::<Trigger>(16);
+    let watch_tx = tx.clone();
+    let debouncer = new_debouncer(Duration::from_millis(100), None, move |result| {
+        if let Ok(events) = result {
+            let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
+            if !events.is_empty() {
+                let _ = watch_tx.try_send(Trigger::Watch);
+            }
+        }
+    });
+    let _debouncer = match debouncer {
+        Ok(mut d) => {
+            let root = watch_root(&reloader.path);
+            if let Err(e) = d.watch(&root, RecursiveMode::Recursive) {
+                tracing::warn!(error = %e, path = %root.display(), "cannot watch the config path; relying on SIGHUP and periodic re-scan");
+            }
+            Some(d)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "file watching unavailable; relying on SIGHUP and periodic re-scan");
+            None
+        }
+    };
+    let signal_tx = tx.clone();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = signal_stop.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() { return; }
+                    let _ = signal_tx.send(Trigger::Signal).await;
+                }
+            }
+        }
+    });
+    let mut trigger = Trigger::Start;
+    let mut ticker = tokio::time::interval(rescan);
+    ticker.tick().await;
+    loop {
+        // Parsing and compiling can take a while for large configs: keep it off the
+        // runtime's worker threads so the data path never waits on it.
+        reloader = match tokio::task::spawn_blocking(move || {
+            reloader.reload(trigger);
+            reloader
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload panicked; config watching stopped");
+                return;
+            }
+        };
+        trigger = tokio::select! {
+            () = stop.cancelled() => return,
+            t = rx.recv() => t.unwrap_or(Trigger::Periodic),
+            _ = ticker.tick() => Trigger::Periodic,
+        };
+        // Coalesce a burst of events into one reload.
+        while let Ok(t) = rx.try_recv() {
+            trigger = t;
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! `portcullis run`: wire the registry, config reload, listeners, admin and signals.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use portcullis_admin::{AdminState, ConfigStatus, Endpoints, SetLogLevel};
+use portcullis_proxy::{Metrics, Proxy, ProxyConfig};
+use portcullis_registry::{BuildOptions, Snapshot};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::RunArgs;
+use crate::reload::{self, Reloader};
+
+/// Parses `k=v,k2=v2`.
+fn parse_labels(labels: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    labels
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("label {kv:?} is not key=value"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Runs the proxy until SIGTERM/SIGINT or `POST /quitquitquit`, then drains.
+pub fn run(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.concurrency.max(1))
+        .thread_name("portcullis-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(serve(args, set_log_level))
+}
+
+async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
+    let options = BuildOptions {
+        namespace: args.namespace.clone(),
+        workload_labels: parse_labels(&args.workload_labels)?,
+        ..BuildOptions::default()
+    };
+    let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let mut metrics_registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let shutdown = CancellationToken::new();
+    let admin = Arc::new(AdminState {
+        registry: Arc::clone(&registry),
+        config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
+        ready: AtomicBool::new(false),
+        metrics: metrics_registry,
+        set_log_level,
+        shutdown: shutdown.clone(),
+        started: Instant::now(),
+    });
+
+    let outbound = bind(args.outbound, "outbound").await?;
+    let http_proxy = match args.http_proxy {
+        Some(addr) => Some(bind(addr, "http proxy").await?),
+        None => None,
+    };
+    let admin_listener = bind(args.admin, "admin").await?;
+    let metrics_listener = bind(args.metrics, "metrics").await?;
+    let health_listener = bind(args.health, "health").await?;
+    let mut own = vec![outbound.local_addr()?, admin_listener.local_addr()?];
+    own.push(metrics_listener.local_addr()?);
+    own.push(health_listener.local_addr()?);
+    if let Some(l) = &http_proxy {
+        own.push(l.local_addr()?);
+    }
+
+    let config = ProxyConfig {
+        detect_timeout: args.protocol_detection_timeout.into(),
+        connect_timeout: args.connect_timeout.into(),
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::new(Arc::clone(&registry), config, metrics, own);
+
+    let reloader = Reloader::new(args.config.clone(), options, Arc::clone(&registry), Arc::clone(&admin));
+    let background = CancellationToken::new();
+    tokio::spawn(reload::run(reloader, args.rescan_interval.into(), background.clone()));
+    for (listener, endpoints) in [
+        (admin_listener, Endpoints::Admin),
+        (metrics_listener, Endpoints::Metrics),
+        (health_listener, Endpoints::Health),
+    ] {
+        tokio::spawn(portcullis_admin::serve(listener, Arc::clone(&admin), endpoints, background.clone()));
+    }
+    let mut listeners = Vec::new();
+    tracing::info!(outbound = %args.outbound, admin = %args.admin, http_proxy = ?args.http_proxy, "portcullis listening");
+    listeners.push(tokio::spawn(Arc::clone(&proxy).run_outbound(outbound, shutdown.clone())));
+    if let Some(l) = http_proxy {
+        listeners.push(tokio::spawn(Arc::clone(&proxy).run_http_proxy(l, shutdown.clone())));
+    }
+
+    wait_for_stop(&shutdown).await;
+    tracing::info!(deadline = ?args.drain_timeout, "draining: no new connections, waiting for open ones");
+    for l in listeners {
+        let _ = l.await;
+    }
+    proxy.tasks().close();
+    let drained = tokio::time::timeout(args.drain_timeout.into(), proxy.tasks().wait()).await;
+    match drained {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(open = proxy.tasks().len(), "drain deadline reached; closing the rest"),
+    }
+    background.cancel();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_stop(shutdown: &CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        shutdown.cancelled().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+        () = shutdown.cancelled() => tracing::info!("shutdown requested on the admin port"),
+    }
+    shutdown.cancel();
+}
