@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every check of the project, on a fresh Debian machine, as root: installs what the
+# end-to-end lab needs (nginx, curl, iptables, iproute2, setpriv, kill), builds the proxy,
+# checks formatting and lints, and runs all tests (unit and end-to-end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# nginx, ip and iptables live in sbin, which a non-login root shell may not have on PATH.
+export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
+
+die() {
+    echo "scripts/test.sh: $*" >&2
+    exit 1
+}
+
+[ "$(id -u)" -eq 0 ] || die "run as root: the end-to-end lab creates network namespaces"
+command -v apt-get >/dev/null || die "needs a Debian machine (apt-get)"
+command -v cargo >/dev/null || die "cargo is missing"
+
+# Namespaces and temp dirs of a lab whose test process no longer exists (killed mid-run, so
+# its cleanup never ran). Their names carry that process's id; live labs are left alone.
+sweep_stale_labs() {
+    local ns pid dir
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^pce2e' || true); do
+        pid=${ns#pce2e}
+        pid=${pid%%x*}
+        [ -d "/proc/$pid" ] && continue
+        for p in $(ip netns pids "$ns" 2>/dev/null || true); do
+            kill -KILL "$p" 2>/dev/null || true
+        done
+        ip netns del "$ns" 2>/dev/null || true
+        rm -rf "/etc/netns/$ns"
+    done
+    for dir in "${TMPDIR:-/tmp}"/pce2e*; do
+        [ -e "$dir" ] || continue
+        pid=${dir##*/pce2e}
+        pid=${pid%%x*}
+        [ -d "/proc/$pid" ] || rm -rf "$dir"
+    done
+}
+
+policy=/usr/sbin/policy-rc.d
+cleanup() {
+    if [ -n "${own_policy:-}" ]; then
+        rm -f "$policy"
+    fi
+    sweep_stale_labs
+}
+trap cleanup EXIT
+
+# Installing nginx must not start a system nginx on port 80: a policy-rc.d that says "no"
+# keeps the package scripts from starting services while we install.
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    own_policy=1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends nginx curl iptables iproute2 util-linux procps
+for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv kill; do
+    command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
+done
+
+sweep_stale_labs
+
+echo "=== build (release) ==="
+cargo build --release -p portcullis
+echo "=== fmt ==="
+cargo fmt --all --check
+echo "=== clippy ==="
+cargo clippy --workspace --all-targets -- -D warnings
+echo "=== tests (release; end-to-end tests use target/release/portcullis) ==="
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --release
+else
+    cargo test --workspace --release
+fi
