@@ -123,16 +123,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
-fn route(state: &AdminState, endpoints: Endpoints, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    state: &AdminState,
+    endpoints: Endpoints,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
     let text = "text/plain; charset=UTF-8";
@@ -142,7 +151,8 @@ fn route(state: &AdminState, endpoints: Endpoints, req: Request<Incoming>) -> Re
             "text/plain; version=0.0.4; charset=utf-8",
             render::prometheus(&state.metrics),
         ),
-        (Endpoints::Health, &Method::GET, "/healthz/ready") | (Endpoints::Admin, &Method::GET, "/ready") => {
+        (Endpoints::Health, &Method::GET, "/healthz/ready")
+        | (Endpoints::Admin, &Method::GET, "/ready") => {
             if state.is_ready() {
                 reply(StatusCode::OK, text, "LIVE\n")
             } else {
@@ -154,12 +164,16 @@ fn route(state: &AdminState, endpoints: Endpoints, req: Request<Incoming>) -> Re
             "application/json",
             render::config_dump(&state.registry.load(), &state.config.load()),
         ),
-        (Endpoints::Admin, &Method::GET, "/clusters") => {
-            reply(StatusCode::OK, text, render::clusters(&state.registry.load()))
-        }
-        (Endpoints::Admin, &Method::GET, "/stats") => {
-            reply(StatusCode::OK, text, render::stats(&state.registry.load(), &state.metrics))
-        }
+        (Endpoints::Admin, &Method::GET, "/clusters") => reply(
+            StatusCode::OK,
+            text,
+            render::clusters(&state.registry.load()),
+        ),
+        (Endpoints::Admin, &Method::GET, "/stats") => reply(
+            StatusCode::OK,
+            text,
+            render::stats(&state.registry.load(), &state.metrics),
+        ),
         (Endpoints::Admin, &Method::GET, "/server_info") => reply(
             StatusCode::OK,
             "application/json",
@@ -176,7 +190,11 @@ fn route(state: &AdminState, endpoints: Endpoints, req: Request<Incoming>) -> Re
                     Ok(()) => reply(StatusCode::OK, text, format!("log level set to {level}\n")),
                     Err(e) => reply(StatusCode::BAD_REQUEST, text, format!("{e}\n")),
                 },
-                None => reply(StatusCode::BAD_REQUEST, text, "usage: POST /logging?level=<filter>\n"),
+                None => reply(
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    "usage: POST /logging?level=<filter>\n",
+                ),
             }
         }
         (Endpoints::Admin, &Method::POST, "/quitquitquit" | "/drain_listeners") => {

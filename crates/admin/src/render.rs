@@ -91,7 +91,11 @@ pub fn clusters(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "{name}::default_priority::max_connections::4294967295");
     }
     for c in &snapshot.clusters {
-        let _ = writeln!(out, "{}::default_priority::max_connections::4294967295", c.name);
+        let _ = writeln!(
+            out,
+            "{}::default_priority::max_connections::4294967295",
+            c.name
+        );
         for e in &c.endpoints {
             let host = e.display();
             let _ = writeln!(out, "{}::{host}::rq_active::{}", c.name, e.state.active());
@@ -109,7 +113,12 @@ pub fn stats(snapshot: &Snapshot, registry: &Registry) -> String {
     for c in &snapshot.clusters {
         let active: u64 = c.endpoints.iter().map(|e| e.state.active()).sum();
         let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();
-        let _ = writeln!(out, "cluster.{}.membership_total: {}", c.name, c.endpoints.len());
+        let _ = writeln!(
+            out,
+            "cluster.{}.membership_total: {}",
+            c.name,
+            c.endpoints.len()
+        );
         let _ = writeln!(out, "cluster.{}.upstream_rq_active: {active}", c.name);
         let _ = writeln!(out, "cluster.{}.upstream_rq_total: {total}", c.name);
     }

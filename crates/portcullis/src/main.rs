@@ -13,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 
 /// Command line of the portcullis binary.
 #[derive(Parser, Debug)]
-#[command(name = "portcullis", version, about = "Registry-only egress sidecar, Envoy-compatible")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Registry-only egress sidecar, Envoy-compatible"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate configuration and print findings; exits 1 on any error.
     Check(CheckArgs),
     /// Print (or apply) the iptables rules that redirect outbound TCP to the proxy.
@@ -63,7 +67,11 @@ pub struct RunArgs {
     #[arg(long, env = "PORTCULLIS_DRAIN_TIMEOUT", default_value = "5s")]
     pub drain_timeout: humantime::Duration,
     /// How long to wait for a client's first bytes before treating it as opaque TCP.
-    #[arg(long, env = "PORTCULLIS_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_PROTOCOL_DETECTION_TIMEOUT",
+        default_value = "100ms"
+    )]
     pub protocol_detection_timeout: humantime::Duration,
     /// Upstream connect timeout.
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "10s")]
@@ -108,7 +116,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => match logging(&args.log) {
-            Ok(set_level) => run::run(args, set_level),
+            Ok(set_level) => run::run(*args, set_level),
             Err(e) => Err(e),
         },
         Command::Check(args) => check::run(&args),

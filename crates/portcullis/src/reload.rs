@@ -40,7 +40,12 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `path` feeding `registry`.
-    pub fn new(path: PathBuf, options: BuildOptions, registry: Arc<ArcSwap<Snapshot>>, admin: Arc<AdminState>) -> Self {
+    pub fn new(
+        path: PathBuf,
+        options: BuildOptions,
+        registry: Arc<ArcSwap<Snapshot>>,
+        admin: Arc<AdminState>,
+    ) -> Self {
         Reloader {
             path,
             options,
@@ -57,7 +62,9 @@ impl Reloader {
         if update.findings_changed || matches!(trigger, Trigger::Start) {
             for finding in self.set.findings() {
                 match finding.severity {
-                    Severity::Error => tracing::error!(%finding, "config error; the file keeps its last good content"),
+                    Severity::Error => {
+                        tracing::error!(%finding, "config error; the file keeps its last good content")
+                    }
                     Severity::Warning => tracing::warn!(%finding, "config warning"),
                 }
             }
@@ -148,7 +155,8 @@ pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationTok
     let signal_tx = tx.clone();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             return;
         };
         loop {

@@ -33,6 +33,32 @@ fn parse_labels(labels: &str) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// The IPv6 twin of an IPv4 wildcard listener, so that ip6tables-redirected traffic is
+/// caught too; `None` when the host has no IPv6.
+fn bind_v6_twin(addr: SocketAddr) -> Option<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr != SocketAddr::from(([0, 0, 0, 0], addr.port())) {
+        return None;
+    }
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+    let bound = (|| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&v6.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    })();
+    match bound {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::info!(error = %e, "no IPv6 outbound listener");
+            None
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -71,6 +97,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     });
 
     let outbound = bind(args.outbound, "outbound").await?;
+    let outbound_v6 = bind_v6_twin(args.outbound);
     let http_proxy = match args.http_proxy {
         Some(addr) => Some(bind(addr, "http proxy").await?),
         None => None,
@@ -81,7 +108,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let mut own = vec![outbound.local_addr()?, admin_listener.local_addr()?];
     own.push(metrics_listener.local_addr()?);
     own.push(health_listener.local_addr()?);
-    if let Some(l) = &http_proxy {
+    for l in http_proxy.iter().chain(outbound_v6.iter()) {
         own.push(l.local_addr()?);
     }
 
@@ -92,21 +119,44 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     };
     let proxy = Proxy::new(Arc::clone(&registry), config, metrics, own);
 
-    let reloader = Reloader::new(args.config.clone(), options, Arc::clone(&registry), Arc::clone(&admin));
+    let reloader = Reloader::new(
+        args.config.clone(),
+        options,
+        Arc::clone(&registry),
+        Arc::clone(&admin),
+    );
     let background = CancellationToken::new();
-    tokio::spawn(reload::run(reloader, args.rescan_interval.into(), background.clone()));
+    tokio::spawn(reload::run(
+        reloader,
+        args.rescan_interval.into(),
+        background.clone(),
+    ));
     for (listener, endpoints) in [
         (admin_listener, Endpoints::Admin),
         (metrics_listener, Endpoints::Metrics),
         (health_listener, Endpoints::Health),
     ] {
-        tokio::spawn(portcullis_admin::serve(listener, Arc::clone(&admin), endpoints, background.clone()));
+        tokio::spawn(portcullis_admin::serve(
+            listener,
+            Arc::clone(&admin),
+            endpoints,
+            background.clone(),
+        ));
     }
     let mut listeners = Vec::new();
     tracing::info!(outbound = %args.outbound, admin = %args.admin, http_proxy = ?args.http_proxy, "portcullis listening");
-    listeners.push(tokio::spawn(Arc::clone(&proxy).run_outbound(outbound, shutdown.clone())));
+    listeners.push(tokio::spawn(
+        Arc::clone(&proxy).run_outbound(outbound, shutdown.clone()),
+    ));
+    if let Some(l) = outbound_v6 {
+        listeners.push(tokio::spawn(
+            Arc::clone(&proxy).run_outbound(l, shutdown.clone()),
+        ));
+    }
     if let Some(l) = http_proxy {
-        listeners.push(tokio::spawn(Arc::clone(&proxy).run_http_proxy(l, shutdown.clone())));
+        listeners.push(tokio::spawn(
+            Arc::clone(&proxy).run_http_proxy(l, shutdown.clone()),
+        ));
     }
 
     wait_for_stop(&shutdown).await;
@@ -118,7 +168,10 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let drained = tokio::time::timeout(args.drain_timeout.into(), proxy.tasks().wait()).await;
     match drained {
         Ok(()) => tracing::info!("drained"),
-        Err(_) => tracing::warn!(open = proxy.tasks().len(), "drain deadline reached; closing the rest"),
+        Err(_) => tracing::warn!(
+            open = proxy.tasks().len(),
+            "drain deadline reached; closing the rest"
+        ),
     }
     background.cancel();
     Ok(ExitCode::SUCCESS)
@@ -126,7 +179,10 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
 
 async fn wait_for_stop(shutdown: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         shutdown.cancelled().await;
         return;
     };

@@ -34,8 +34,12 @@ pub(crate) struct Downstream {
 }
 
 /// Serves HTTP/1.x on `io` until the client closes or `shutdown` asks to drain.
-pub(crate) async fn serve<I>(proxy: Arc<Proxy>, downstream: Arc<Downstream>, io: I, shutdown: CancellationToken)
-where
+pub(crate) async fn serve<I>(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    io: I,
+    shutdown: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
@@ -45,7 +49,9 @@ where
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.max_buf_size(64 * 1024);
-    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {
@@ -70,7 +76,11 @@ struct Outcome {
     route: &'static str,
 }
 
-async fn handle(proxy: Arc<Proxy>, downstream: Arc<Downstream>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -103,7 +113,12 @@ async fn handle(proxy: Arc<Proxy>, downstream: Arc<Downstream>, req: Request<Inc
         let authority = uri
             .authority()
             .map(|a| a.as_str().to_string())
-            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()).map(str::to_string))
+            .or_else(|| {
+                host_header
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| "-".to_string());
         HttpLog {
             method: method.as_str(),
@@ -286,7 +301,8 @@ async fn route_and_forward(
 fn route_connect(snapshot: &Snapshot, host: &str, port: u16) -> Decision {
     let by_name = snapshot.route_host(host, port);
     match (&by_name, host.parse::<IpAddr>()) {
-        (Decision::BlackHole | Decision::Passthrough, Ok(ip)) => match snapshot.route_tcp(ip, port) {
+        (Decision::BlackHole | Decision::Passthrough, Ok(ip)) => match snapshot.route_tcp(ip, port)
+        {
             // route_tcp falls back to the policy too; keep the by-name answer then.
             Decision::BlackHole | Decision::Passthrough => by_name,
             found => found,
@@ -331,9 +347,7 @@ fn prepare_request(req: &mut Request<Incoming>, authority: Option<&str>, explici
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    if absolute
-        && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok())
-    {
+    if absolute && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
         // The URI's authority is what was routed on; the upstream must see the same name.
         headers.insert(header::HOST, value);
     }
@@ -356,7 +370,9 @@ fn prepare_response(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     // Envoy overwrites the server header on responses it proxies.
-    parts.headers.insert(header::SERVER, HeaderValue::from_static("envoy"));
+    parts
+        .headers
+        .insert(header::SERVER, HeaderValue::from_static("envoy"));
     parts.headers.insert(
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(start.elapsed().as_millis() as u64),

@@ -74,7 +74,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
         own_listeners: Vec<SocketAddr>,
     ) -> Arc<Self> {
-        let pool = Arc::new(Pool::new(config.max_idle_per_endpoint, config.pool_idle_timeout));
+        let pool = Arc::new(Pool::new(
+            config.max_idle_per_endpoint,
+            config.pool_idle_timeout,
+        ));
         Arc::new(Proxy {
             registry,
             config,
@@ -101,11 +104,20 @@ impl Proxy {
     }
 
     /// Accepts explicit forward-proxy connections until `shutdown`.
-    pub async fn run_http_proxy(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn run_http_proxy(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) {
         self.accept_loop(listener, shutdown, false).await;
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, transparent: bool) {
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        transparent: bool,
+    ) {
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -132,7 +144,12 @@ impl Proxy {
         }
     }
 
-    async fn outbound(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    async fn outbound(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
         let _ = stream.set_nodelay(true);
         let dst = match orig_dst::original_dst(&stream) {
             Ok(dst) => dst,
@@ -151,7 +168,8 @@ impl Proxy {
             tcp::forward(&self, &snapshot, stream, dst, peer).await;
             return;
         }
-        let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await {
+        let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, %peer, "client failed during protocol detection");
@@ -172,7 +190,12 @@ impl Proxy {
         }
     }
 
-    async fn explicit(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    async fn explicit(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
         let _ = stream.set_nodelay(true);
         let downstream = Arc::new(Downstream {
             snapshot: self.registry.load_full(),

@@ -35,7 +35,9 @@ pub struct HttpLog<'a> {
 impl HttpLog<'_> {
     /// Emits the line at INFO on the `access` target.
     pub fn emit(&self) {
-        let upstream = self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string());
+        let upstream = self
+            .upstream
+            .map_or_else(|| "-".to_string(), |u| u.to_string());
         let original = self
             .original_dst
             .map_or_else(|| "-".to_string(), |u| u.to_string());
@@ -90,7 +92,9 @@ pub struct TcpLog<'a> {
 impl TcpLog<'_> {
     /// Emits the line at INFO on the `access` target.
     pub fn emit(&self) {
-        let upstream = self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string());
+        let upstream = self
+            .upstream
+            .map_or_else(|| "-".to_string(), |u| u.to_string());
         tracing::info!(
             target: "access",
             response_flags = self.flags,

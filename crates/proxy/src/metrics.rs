@@ -112,7 +112,11 @@ impl Metrics {
             "TCP connections closed",
             m.tcp_closed.clone(),
         );
-        registry.register("istio_tcp_sent_bytes", "Bytes sent upstream", m.tcp_sent.clone());
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent upstream",
+            m.tcp_sent.clone(),
+        );
         registry.register(
             "istio_tcp_received_bytes",
             "Bytes received from upstream",

@@ -81,8 +81,16 @@ pub(crate) async fn forward<C>(
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
         }
     }
-    proxy.metrics.tcp_sent.get_or_create(&labels).inc_by(log.sent);
-    proxy.metrics.tcp_received.get_or_create(&labels).inc_by(log.received);
+    proxy
+        .metrics
+        .tcp_sent
+        .get_or_create(&labels)
+        .inc_by(log.sent);
+    proxy
+        .metrics
+        .tcp_received
+        .get_or_create(&labels)
+        .inc_by(log.received);
     proxy.metrics.tcp_closed.get_or_create(&labels).inc();
     log.duration = start.elapsed();
     log.emit();

@@ -88,15 +88,17 @@ impl Proxy {
         addr: SocketAddr,
         cluster: &str,
     ) -> Result<TcpStream, ProxyError> {
-        let result = match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                // Request/response traffic: latency matters more than packet count.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => ProxyError::ConnectFailure(e),
-            Err(_) => ProxyError::ConnectTimeout,
-        };
+        let result =
+            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(stream)) => {
+                    // Request/response traffic: latency matters more than packet count.
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => ProxyError::ConnectFailure(e),
+                Err(_) => ProxyError::ConnectTimeout,
+            };
         self.metrics
             .connect_fail
             .get_or_create(&ClusterLabels {

@@ -149,7 +149,11 @@ fn parse_net(address: &str) -> Option<IpNet> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(resources: &'a [Resource], options: &'a BuildOptions, previous: Option<&'a Snapshot>) -> Self {
+    fn new(
+        resources: &'a [Resource],
+        options: &'a BuildOptions,
+        previous: Option<&'a Snapshot>,
+    ) -> Self {
         let mut b = Builder {
             options,
             previous: HashMap::new(),
@@ -207,8 +211,13 @@ impl<'a> Builder<'a> {
         }
         // Services of the proxy's own namespace win host conflicts, then resource order.
         let ns = options.namespace.as_str();
-        b.service_entries
-            .sort_by_key(|o| (o.meta.namespace != ns, o.meta.namespace.clone(), o.meta.name.clone()));
+        b.service_entries.sort_by_key(|o| {
+            (
+                o.meta.namespace != ns,
+                o.meta.namespace.clone(),
+                o.meta.name.clone(),
+            )
+        });
         b
     }
 
@@ -248,7 +257,7 @@ impl<'a> Builder<'a> {
     }
 
     fn policy_for(&self, host: &str) -> Policy {
-        let rule = self.destination_rules.iter().find_map(|dr| {
+        let rule = self.destination_rules.iter().find(|dr| {
             let dr_host = if dr.spec.host.contains('.') || dr.spec.host == "*" {
                 dr.spec.host.to_ascii_lowercase()
             } else {
@@ -259,12 +268,11 @@ impl<'a> Builder<'a> {
                     self.options.cluster_domain
                 )
             };
-            let matches = dr_host == host
+            dr_host == host
                 || dr_host == "*"
                 || dr_host
                     .strip_prefix('*')
-                    .is_some_and(|suffix| host.ends_with(suffix));
-            matches.then_some(dr)
+                    .is_some_and(|suffix| host.ends_with(suffix))
         });
         let simple = rule
             .and_then(|dr| dr.spec.traffic_policy.as_ref())
@@ -292,7 +300,11 @@ impl<'a> Builder<'a> {
     fn service_entries(&mut self) {
         let entries = std::mem::take(&mut self.service_entries);
         for se in entries {
-            if !visible(&se.spec.export_to, &se.meta.namespace, &self.options.namespace) {
+            if !visible(
+                &se.spec.export_to,
+                &se.meta.namespace,
+                &self.options.namespace,
+            ) {
                 continue;
             }
             let source: Arc<str> =
@@ -329,14 +341,21 @@ impl<'a> Builder<'a> {
                                     Arc::clone(&name),
                                 ));
                             }
-                            self.addresses_pending
-                                .push((number, AddressKey::Net(net), Arc::clone(&name)));
+                            self.addresses_pending.push((
+                                number,
+                                AddressKey::Net(net),
+                                Arc::clone(&name),
+                            ));
                         }
                     }
-                    if se.spec.addresses.is_empty() && matches!(protocol, Protocol::Tcp | Protocol::Auto)
+                    if se.spec.addresses.is_empty()
+                        && matches!(protocol, Protocol::Tcp | Protocol::Auto)
                     {
-                        self.addresses_pending
-                            .push((number, AddressKey::AnyOnPort, Arc::clone(&name)));
+                        self.addresses_pending.push((
+                            number,
+                            AddressKey::AnyOnPort,
+                            Arc::clone(&name),
+                        ));
                     }
                 }
             }
@@ -398,11 +417,18 @@ impl<'a> Builder<'a> {
                 if let Ok(target) = u16::try_from(default_port) {
                     for pod in &self.pods {
                         let meta = &pod.object.meta;
-                        if meta.namespace == se.meta.namespace && labels_match(&selector, &meta.labels) {
+                        if meta.namespace == se.meta.namespace
+                            && labels_match(&selector, &meta.labels)
+                        {
                             let source: Arc<str> =
                                 format!("Pod {}/{}", meta.namespace, meta.name).into();
                             for ip in &pod.ips {
-                                out.push((EndpointAddress::Ip(*ip), target, 1, Arc::clone(&source)));
+                                out.push((
+                                    EndpointAddress::Ip(*ip),
+                                    target,
+                                    1,
+                                    Arc::clone(&source),
+                                ));
                             }
                         }
                     }
@@ -461,7 +487,10 @@ impl<'a> Builder<'a> {
                     continue;
                 };
                 let protocol = protocol_of(
-                    port.app_protocol.as_deref().or(port.protocol.as_deref()).filter(|p| *p != "TCP"),
+                    port.app_protocol
+                        .as_deref()
+                        .or(port.protocol.as_deref())
+                        .filter(|p| *p != "TCP"),
                     &port.name,
                 );
                 let name: Arc<str> = format!("outbound|{number}||{fqdn}").into();
@@ -496,8 +525,11 @@ impl<'a> Builder<'a> {
                 for vip in &vips {
                     self.hosts_pending
                         .push((number, vip.to_string().into(), Arc::clone(&name)));
-                    self.addresses_pending
-                        .push((number, AddressKey::Net(IpNet::from(*vip)), Arc::clone(&name)));
+                    self.addresses_pending.push((
+                        number,
+                        AddressKey::Net(IpNet::from(*vip)),
+                        Arc::clone(&name),
+                    ));
                 }
             }
         }
@@ -574,7 +606,10 @@ impl<'a> Builder<'a> {
                 .collect();
             let balancer = Balancer::new(
                 policy,
-                endpoints.iter().map(|e| (e.weight, Arc::clone(&e.state))).collect(),
+                endpoints
+                    .iter()
+                    .map(|e| (e.weight, Arc::clone(&e.state)))
+                    .collect(),
             );
             clusters.insert(
                 Arc::clone(&name),
@@ -591,7 +626,9 @@ impl<'a> Builder<'a> {
             );
         }
         for (port, host, cluster) in std::mem::take(&mut self.hosts_pending) {
-            let Some(c) = clusters.get(&cluster) else { continue };
+            let Some(c) = clusters.get(&cluster) else {
+                continue;
+            };
             let table = self.hosts.entry(port).or_default();
             let slot = if &*host == "*" {
                 table.any.get_or_insert_with(|| Arc::clone(c));
@@ -605,11 +642,16 @@ impl<'a> Builder<'a> {
         }
         let mut addresses: HashMap<u16, AddressTable> = HashMap::new();
         for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
-            let Some(c) = clusters.get(&cluster) else { continue };
+            let Some(c) = clusters.get(&cluster) else {
+                continue;
+            };
             let table = addresses.entry(port).or_default();
             match key {
                 AddressKey::Net(net) if net.prefix_len() == net.max_prefix_len() => {
-                    table.exact.entry(net.addr()).or_insert_with(|| Arc::clone(c));
+                    table
+                        .exact
+                        .entry(net.addr())
+                        .or_insert_with(|| Arc::clone(c));
                 }
                 AddressKey::Net(net) => table.cidrs.push((net, Arc::clone(c))),
                 AddressKey::AnyOnPort => {
@@ -631,7 +673,11 @@ impl<'a> Builder<'a> {
             warnings: self.warnings,
             hosts: self.hosts,
             addresses,
-            pods: self.pods.iter().flat_map(|p| p.ips.iter().copied()).collect(),
+            pods: self
+                .pods
+                .iter()
+                .flat_map(|p| p.ips.iter().copied())
+                .collect(),
         }
     }
 }

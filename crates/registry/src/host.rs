@@ -93,9 +93,15 @@ mod tests {
 
     #[test]
     fn normalizes_case_dots_and_ips() {
-        assert_eq!(normalize_host("App.Internal.COM."), Ok("app.internal.com".into()));
+        assert_eq!(
+            normalize_host("App.Internal.COM."),
+            Ok("app.internal.com".into())
+        );
         assert_eq!(normalize_host("10.0.0.1"), Ok("10.0.0.1".into()));
-        assert_eq!(normalize_host("::FFFF:10.0.0.1"), Ok("::ffff:10.0.0.1".into()));
+        assert_eq!(
+            normalize_host("::FFFF:10.0.0.1"),
+            Ok("::ffff:10.0.0.1".into())
+        );
         assert_eq!(normalize_host(""), Err(HostError::Empty));
         assert_eq!(normalize_host("."), Err(HostError::Empty));
         assert_eq!(normalize_host("a b"), Err(HostError::InvalidChar));

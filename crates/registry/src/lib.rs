@@ -10,6 +10,6 @@ pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use host::{HostError, normalize_host, split_host_port};
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointAddress, PASSTHROUGH_CLUSTER,
-    Protocol, Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointAddress, PASSTHROUGH_CLUSTER, Protocol,
+    Snapshot,
 };
