@@ -141,6 +141,16 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// Warns when `what` on `port` is claimed by `other` but already routes to `kept`.
+fn conflict(warnings: &mut Vec<String>, what: &str, port: u16, kept: &Cluster, other: &Cluster) {
+    if kept.name != other.name {
+        warnings.push(format!(
+            "{what} on port {port} is claimed by both {} ({}) and {} ({}); the first is used",
+            kept.name, kept.source, other.name, other.source
+        ));
+    }
+}
+
 fn parse_net(address: &str) -> Option<IpNet> {
     address
         .parse::<IpNet>()
@@ -630,15 +640,18 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let table = self.hosts.entry(port).or_default();
-            let slot = if &*host == "*" {
-                table.any.get_or_insert_with(|| Arc::clone(c));
-                continue;
+            let what = format!("host {host}");
+            let kept = if &*host == "*" {
+                table.any.get_or_insert_with(|| Arc::clone(c))
             } else if let Some(suffix) = host.strip_prefix('*') {
-                table.wildcard.entry(suffix.into())
+                table
+                    .wildcard
+                    .entry(suffix.into())
+                    .or_insert_with(|| Arc::clone(c))
             } else {
-                table.exact.entry(host)
+                table.exact.entry(host).or_insert_with(|| Arc::clone(c))
             };
-            slot.or_insert_with(|| Arc::clone(c));
+            conflict(&mut self.warnings, &what, port, kept, c);
         }
         let mut addresses: HashMap<u16, AddressTable> = HashMap::new();
         for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
@@ -648,14 +661,27 @@ impl<'a> Builder<'a> {
             let table = addresses.entry(port).or_default();
             match key {
                 AddressKey::Net(net) if net.prefix_len() == net.max_prefix_len() => {
-                    table
+                    let kept = table
                         .exact
                         .entry(net.addr())
                         .or_insert_with(|| Arc::clone(c));
+                    conflict(
+                        &mut self.warnings,
+                        &format!("address {}", net.addr()),
+                        port,
+                        kept,
+                        c,
+                    );
                 }
-                AddressKey::Net(net) => table.cidrs.push((net, Arc::clone(c))),
+                AddressKey::Net(net) => match table.cidrs.iter().find(|(n, _)| *n == net) {
+                    Some((_, kept)) => {
+                        conflict(&mut self.warnings, &format!("address {net}"), port, kept, c);
+                    }
+                    None => table.cidrs.push((net, Arc::clone(c))),
+                },
                 AddressKey::AnyOnPort => {
-                    table.any.get_or_insert_with(|| Arc::clone(c));
+                    let kept = table.any.get_or_insert_with(|| Arc::clone(c));
+                    conflict(&mut self.warnings, "every address", port, kept, c);
                 }
             }
         }

@@ -10,6 +10,9 @@ pub enum HostError {
     /// Empty host.
     #[error("empty host")]
     Empty,
+    /// A label of the name is empty.
+    #[error("empty label in host")]
+    EmptyLabel,
     /// A character no hostname may contain.
     #[error("invalid character in host")]
     InvalidChar,
@@ -63,6 +66,10 @@ pub fn normalize_host(host: &str) -> Result<String, HostError> {
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(ip.to_string());
+    }
+    // An empty label (`.a.com`, `a..com`, `a.com..`) is no DNS name.
+    if host.starts_with('.') || host.ends_with('.') || host.contains("..") {
+        return Err(HostError::EmptyLabel);
     }
     if !host
         .bytes()

@@ -4,6 +4,8 @@
 mod build;
 mod host;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
 pub use build::{BuildOptions, build};
 pub use portcullis_model::{OutboundMode, Resolution};

@@ -1,0 +1,1072 @@
+//! Tests of the registry build and the snapshot's lookups, on resources loaded from YAML.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use portcullis_balance::Policy;
+use portcullis_model::{Resource, Severity, load_str};
+use proptest::prelude::*;
+
+use crate::{
+    BuildOptions, Cluster, Decision, EndpointAddress, OutboundMode, Protocol, Snapshot, build,
+    normalize_host,
+};
+
+/// Loads YAML text, failing the test on any error finding.
+fn load(yaml: &str) -> Vec<Resource> {
+    let loaded = load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
+    let errors: Vec<_> = loaded
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    loaded.resources
+}
+
+fn snapshot(yaml: &str) -> Snapshot {
+    build(&load(yaml), &BuildOptions::default(), None, 1)
+}
+
+fn in_namespace(yaml: &str, namespace: &str) -> Snapshot {
+    let options = BuildOptions {
+        namespace: namespace.to_string(),
+        ..BuildOptions::default()
+    };
+    build(&load(yaml), &options, None, 1)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The cluster name a decision routes to, or the decision's kind.
+fn routed(d: &Decision) -> String {
+    match d {
+        Decision::Cluster(c) => c.name.to_string(),
+        Decision::Pod(ip) => format!("pod {ip}"),
+        Decision::BlackHole => "blackhole".to_string(),
+        Decision::Passthrough => "passthrough".to_string(),
+    }
+}
+
+fn cluster<'a>(s: &'a Snapshot, name: &str) -> &'a Arc<Cluster> {
+    s.cluster(name)
+        .unwrap_or_else(|| panic!("no cluster {name}; have {:?}", names(s)))
+}
+
+fn names(s: &Snapshot) -> Vec<&str> {
+    s.clusters.iter().map(|c| &*c.name).collect()
+}
+
+/// `address:port weight` of each endpoint, sorted.
+fn endpoints(c: &Cluster) -> Vec<String> {
+    let mut out: Vec<String> = c
+        .endpoints
+        .iter()
+        .map(|e| format!("{} w{}", e.display(), e.weight))
+        .collect();
+    out.sort();
+    out
+}
+
+const MESH_ALLOW_ANY: &str = "
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: ALLOW_ANY
+";
+
+const APP: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app, namespace: default}
+spec:
+  hosts: [app.internal.com, api.internal.com]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 8080, name: http-alt, protocol: HTTP}
+  resolution: STATIC
+  endpoints:
+  - address: 10.50.0.1
+";
+
+#[test]
+fn clusters_are_named_outbound_port_host() {
+    let s = snapshot(APP);
+    assert_eq!(
+        names(&s),
+        [
+            "outbound|8080||api.internal.com",
+            "outbound|8080||app.internal.com",
+            "outbound|80||api.internal.com",
+            "outbound|80||app.internal.com",
+        ]
+    );
+    let c = cluster(&s, "outbound|8080||app.internal.com");
+    assert_eq!(&*c.host, "app.internal.com");
+    assert_eq!(c.port, 8080);
+    assert_eq!(c.protocol, Protocol::Http);
+    assert_eq!(&*c.source, "ServiceEntry default/app");
+    assert_eq!(s.version, 1);
+}
+
+#[test]
+fn http_routes_by_exact_host_and_port() {
+    let s = snapshot(APP);
+    let app80 = "outbound|80||app.internal.com";
+    assert_eq!(routed(&s.route_http("app.internal.com", 80)), app80);
+    assert_eq!(routed(&s.route_http("app.internal.com:80", 80)), app80);
+    assert_eq!(
+        routed(&s.route_http("app.internal.com", 8080)),
+        "outbound|8080||app.internal.com"
+    );
+    assert_eq!(
+        routed(&s.route_http("api.internal.com", 80)),
+        "outbound|80||api.internal.com"
+    );
+    // An authority naming another port than the one the request arrived on.
+    assert_eq!(
+        routed(&s.route_http("app.internal.com:8080", 80)),
+        "blackhole"
+    );
+    // A port the service does not declare.
+    assert_eq!(routed(&s.route_http("app.internal.com", 81)), "blackhole");
+    assert_eq!(
+        routed(&s.route_http("app.internal.com:81", 81)),
+        "blackhole"
+    );
+    // Names that only look alike.
+    for authority in [
+        "internal.com",
+        "xapp.internal.com",
+        "app.internal.co",
+        "app.internal.com.evil",
+    ] {
+        assert_eq!(
+            routed(&s.route_http(authority, 80)),
+            "blackhole",
+            "{authority}"
+        );
+    }
+}
+
+#[test]
+fn http_routing_ignores_case_and_one_trailing_dot() {
+    let s = snapshot(APP);
+    let app80 = "outbound|80||app.internal.com";
+    for authority in [
+        "APP.Internal.COM",
+        "app.internal.com.",
+        "App.Internal.Com.:80",
+    ] {
+        assert_eq!(routed(&s.route_http(authority, 80)), app80, "{authority}");
+    }
+    for authority in [
+        "app.internal.com..",
+        "app.internal.com:0",
+        "app.internal.com:+80",
+        "app.internal.com:080x",
+        "app internal.com",
+        "user@app.internal.com",
+        "",
+        ".",
+    ] {
+        assert_eq!(
+            routed(&s.route_http(authority, 80)),
+            "blackhole",
+            "{authority:?}"
+        );
+    }
+}
+
+const WILDCARDS: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wide, namespace: default}
+spec:
+  hosts: ['*.example.com']
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: narrow, namespace: default}
+spec:
+  hosts: ['*.b.example.com']
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: exact, namespace: default}
+spec:
+  hosts: [x.b.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+
+#[test]
+fn wildcards_match_subdomains_longest_suffix_first() {
+    let s = snapshot(WILDCARDS);
+    let wide = "outbound|80||*.example.com";
+    let narrow = "outbound|80||*.b.example.com";
+    assert_eq!(routed(&s.route_http("a.example.com", 80)), wide);
+    assert_eq!(routed(&s.route_http("A.Example.Com.", 80)), wide);
+    assert_eq!(routed(&s.route_http("b.example.com", 80)), wide);
+    assert_eq!(routed(&s.route_http("a.b.example.com", 80)), narrow);
+    assert_eq!(routed(&s.route_http("z.a.b.example.com", 80)), narrow);
+    assert_eq!(routed(&s.route_http("a.c.example.com", 80)), wide);
+    // Exact beats any wildcard.
+    assert_eq!(
+        routed(&s.route_http("x.b.example.com", 80)),
+        "outbound|80||x.b.example.com"
+    );
+    // The wildcard never matches the bare domain or a lookalike.
+    for authority in [
+        "example.com",
+        ".example.com",
+        "example.com.",
+        "aexample.com",
+        "a.example.org",
+        "a..example.com",
+        "a.b.example.com..",
+    ] {
+        assert_eq!(
+            routed(&s.route_http(authority, 80)),
+            "blackhole",
+            "{authority}"
+        );
+    }
+    assert_eq!(routed(&s.route_http("a.example.com", 8080)), "blackhole");
+}
+
+#[test]
+fn unregistered_follows_the_outbound_mode() {
+    let s = snapshot(APP);
+    assert_eq!(s.mode, None);
+    assert_eq!(s.outbound_mode(), OutboundMode::RegistryOnly);
+    assert_eq!(routed(&s.route_http("other.com", 80)), "blackhole");
+    assert_eq!(routed(&s.route_tcp(ip("192.0.2.1"), 5432)), "blackhole");
+    assert_eq!(routed(&s.route_http("bad host", 80)), "blackhole");
+
+    let s = snapshot(&format!("{APP}\n---\n{MESH_ALLOW_ANY}"));
+    assert_eq!(s.outbound_mode(), OutboundMode::AllowAny);
+    assert_eq!(routed(&s.route_http("other.com", 80)), "passthrough");
+    assert_eq!(routed(&s.route_http("bad host", 80)), "passthrough");
+    assert_eq!(routed(&s.route_tcp(ip("192.0.2.1"), 5432)), "passthrough");
+    assert_eq!(
+        routed(&s.route_http("app.internal.com", 80)),
+        "outbound|80||app.internal.com"
+    );
+}
+
+const TCP: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.internal]
+  addresses: [10.1.2.3]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.60.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wide, namespace: default}
+spec:
+  hosts: [wide.internal]
+  addresses: [10.0.0.0/8]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: narrow, namespace: default}
+spec:
+  hosts: [narrow.internal]
+  addresses: [10.1.0.0/16]
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: redis, namespace: default}
+spec:
+  hosts: [redis.internal]
+  ports: [{number: 6379, name: tcp, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.internal]
+  addresses: [10.9.9.9]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+
+#[test]
+fn tcp_routes_by_address_cidr_and_port() {
+    let s = snapshot(TCP);
+    let db = "outbound|5432||db.internal";
+    assert_eq!(routed(&s.route_tcp(ip("10.1.2.3"), 5432)), db);
+    assert_eq!(routed(&s.route_tcp(ip("::ffff:10.1.2.3"), 5432)), db);
+    assert_eq!(routed(&s.route_tcp(ip("10.1.2.4"), 5432)), "blackhole");
+    assert_eq!(routed(&s.route_tcp(ip("10.1.2.3"), 5433)), "blackhole");
+    // A VIP is also the service's name for HTTP-style routing on its port.
+    assert_eq!(routed(&s.route_host("10.1.2.3", 5432)), db);
+
+    let wide = "outbound|9000||wide.internal";
+    let narrow = "outbound|9000||narrow.internal";
+    assert_eq!(routed(&s.route_tcp(ip("10.1.200.7"), 9000)), narrow);
+    assert_eq!(routed(&s.route_tcp(ip("::ffff:10.1.200.7"), 9000)), narrow);
+    assert_eq!(routed(&s.route_tcp(ip("10.2.0.1"), 9000)), wide);
+    assert_eq!(routed(&s.route_tcp(ip("10.255.255.255"), 9000)), wide);
+    assert_eq!(routed(&s.route_tcp(ip("11.0.0.1"), 9000)), "blackhole");
+    assert_eq!(routed(&s.route_tcp(ip("10.1.200.7"), 9001)), "blackhole");
+
+    // A TCP port without addresses claims the port on every IP.
+    let redis = "outbound|6379||redis.internal";
+    assert_eq!(routed(&s.route_tcp(ip("192.0.2.77"), 6379)), redis);
+    assert_eq!(routed(&s.route_tcp(ip("2001:db8::1"), 6379)), redis);
+
+    // An HTTP service with an address is reachable by it; without one it claims nothing.
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.9.9.9"), 80)),
+        "outbound|80||web.internal"
+    );
+    assert_eq!(routed(&s.route_tcp(ip("10.9.9.8"), 80)), "blackhole");
+}
+
+#[test]
+fn an_exact_address_beats_a_port_wide_claim() {
+    let s = snapshot(&format!(
+        "{TCP}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: cache, namespace: default}}
+spec:
+  hosts: [cache.internal]
+  addresses: [10.7.7.7]
+  ports: [{{number: 6379, name: tcp, protocol: TCP}}]
+  resolution: NONE
+"
+    ));
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.7.7.7"), 6379)),
+        "outbound|6379||cache.internal"
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.7.7.8"), 6379)),
+        "outbound|6379||redis.internal"
+    );
+}
+
+#[test]
+fn tcp_destinations_are_only_opaque_tcp_services() {
+    let s = snapshot(TCP);
+    assert!(s.is_tcp_destination(ip("10.1.2.3"), 5432));
+    assert!(s.is_tcp_destination(ip("::ffff:10.1.2.3"), 5432));
+    assert!(s.is_tcp_destination(ip("10.3.4.5"), 9000));
+    assert!(s.is_tcp_destination(ip("198.51.100.1"), 6379));
+    assert!(!s.is_tcp_destination(ip("10.9.9.9"), 80), "HTTP service");
+    assert!(!s.is_tcp_destination(ip("10.1.2.3"), 80), "other port");
+    assert!(!s.is_tcp_destination(ip("192.0.2.1"), 5432), "unregistered");
+}
+
+#[test]
+fn inline_endpoints_with_port_overrides_target_port_and_weights() {
+    let s = snapshot(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app, namespace: default}
+spec:
+  hosts: [app.internal.com]
+  ports:
+  - {number: 80, name: http, protocol: HTTP, targetPort: 9090}
+  - {number: 443, name: https, protocol: HTTPS}
+  resolution: STATIC
+  endpoints:
+  - address: 10.0.0.1
+  - {address: 10.0.0.2, ports: {http: 8080}, weight: 5}
+  - {address: 'fd00::3', weight: 2}
+",
+    );
+    let http = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(
+        endpoints(http),
+        ["10.0.0.1:9090 w1", "10.0.0.2:8080 w5", "[fd00::3]:9090 w2"]
+    );
+    assert_eq!(http.balancer.len(), 3);
+    assert_eq!(http.balancer.weight(1), Some(5));
+    let https = cluster(&s, "outbound|443||app.internal.com");
+    assert_eq!(https.protocol, Protocol::Tls);
+    assert_eq!(
+        endpoints(https),
+        ["10.0.0.1:443 w1", "10.0.0.2:443 w5", "[fd00::3]:443 w2"]
+    );
+    assert_eq!(
+        &*http.endpoints[0].source,
+        "ServiceEntry default/app endpoints"
+    );
+}
+
+#[test]
+fn dns_resolution_without_endpoints_resolves_the_host() {
+    let s = snapshot(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [api.example.org]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+",
+    );
+    let c = cluster(&s, "outbound|443||api.example.org");
+    assert_eq!(c.endpoints.len(), 1);
+    assert_eq!(
+        c.endpoints[0].address,
+        EndpointAddress::Dns("api.example.org".into())
+    );
+}
+
+const SELECTED: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app, namespace: default}
+spec:
+  hosts: [app.internal.com]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 81, name: admin, protocol: HTTP, targetPort: 9081}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: external}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: external, namespace: default}
+spec:
+  address: 10.50.0.1
+  labels: {app: external}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: heavy, namespace: default}
+spec:
+  address: 10.50.0.2
+  labels: {app: external, tier: x}
+  ports: {http: 8080}
+  weight: 3
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: elsewhere, namespace: other}
+spec:
+  address: 10.50.0.3
+  labels: {app: external}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: unrelated, namespace: default}
+spec:
+  address: 10.50.0.4
+  labels: {app: other}
+";
+
+#[test]
+fn workload_entries_selected_in_the_same_namespace() {
+    let s = snapshot(SELECTED);
+    let http = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(endpoints(http), ["10.50.0.1:80 w1", "10.50.0.2:8080 w3"]);
+    let admin = cluster(&s, "outbound|81||app.internal.com");
+    assert_eq!(endpoints(admin), ["10.50.0.1:9081 w1", "10.50.0.2:9081 w3"]);
+    let sources: Vec<&str> = http.endpoints.iter().map(|e| &*e.source).collect();
+    assert!(
+        sources.contains(&"WorkloadEntry default/external"),
+        "{sources:?}"
+    );
+}
+
+fn pod(name: &str, namespace: &str, ip: &str, labels: &str, status: &str) -> String {
+    format!(
+        "
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}
+spec:
+  containers:
+  - name: main
+    ports: [{{name: web, containerPort: 9000}}]
+status:
+  podIP: {ip}
+{status}"
+    )
+}
+
+#[test]
+fn only_running_ready_pods_are_endpoints() {
+    let yaml = [
+        SELECTED.to_string(),
+        pod("bare", "default", "10.244.0.1", "{app: external}", ""),
+        pod(
+            "running",
+            "default",
+            "10.244.0.2",
+            "{app: external}",
+            "  phase: Running\n  conditions: [{type: Ready, status: 'True'}]\n",
+        ),
+        pod(
+            "pending",
+            "default",
+            "10.244.0.3",
+            "{app: external}",
+            "  phase: Pending\n",
+        ),
+        pod(
+            "unready",
+            "default",
+            "10.244.0.4",
+            "{app: external}",
+            "  phase: Running\n  conditions: [{type: Ready, status: 'False'}]\n",
+        ),
+        pod(
+            "done",
+            "default",
+            "10.244.0.5",
+            "{app: external}",
+            "  phase: Succeeded\n",
+        ),
+        pod("other-ns", "other", "10.244.0.6", "{app: external}", ""),
+        pod("other-app", "default", "10.244.0.7", "{app: nope}", ""),
+    ]
+    .concat();
+    let s = snapshot(&yaml);
+    let http = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(
+        endpoints(http),
+        [
+            "10.244.0.1:80 w1",
+            "10.244.0.2:80 w1",
+            "10.50.0.1:80 w1",
+            "10.50.0.2:8080 w3"
+        ]
+    );
+    let admin = cluster(&s, "outbound|81||app.internal.com");
+    assert!(endpoints(admin).contains(&"10.244.0.2:9081 w1".to_string()));
+    let pod_sources: Vec<&str> = http
+        .endpoints
+        .iter()
+        .map(|e| &*e.source)
+        .filter(|s| s.starts_with("Pod "))
+        .collect();
+    assert_eq!(pod_sources.len(), 2);
+    assert!(pod_sources.contains(&"Pod default/running"));
+
+    // Ready pods are registered destinations by IP; the others are not.
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.244.0.2"), 1234)),
+        "pod 10.244.0.2"
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("::ffff:10.244.0.2"), 1234)),
+        "pod 10.244.0.2"
+    );
+    assert_eq!(
+        routed(&s.route_http("10.244.0.1:8080", 8080)),
+        "pod 10.244.0.1"
+    );
+    assert_eq!(routed(&s.route_host("10.244.0.6", 80)), "pod 10.244.0.6");
+    for unready in ["10.244.0.3", "10.244.0.4", "10.244.0.5"] {
+        assert_eq!(
+            routed(&s.route_tcp(ip(unready), 1234)),
+            "blackhole",
+            "{unready}"
+        );
+        assert_eq!(routed(&s.route_http(unready, 80)), "blackhole", "{unready}");
+    }
+}
+
+const KUBE_SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: Shop-API, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: api}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: web, port: 81, targetPort: web}
+  - {name: tcp-db, port: 5432}
+  - {name: http-missing, port: 82, targetPort: nosuchport}
+";
+
+#[test]
+fn kubernetes_services_register_their_names_and_cluster_ip() {
+    let yaml = [
+        KUBE_SERVICE.to_string(),
+        pod("api-1", "shop", "10.244.1.1", "{app: api}", ""),
+        pod("api-2", "default", "10.244.1.2", "{app: api}", ""),
+    ]
+    .concat();
+    let fqdn80 = "outbound|80||shop-api.shop.svc.cluster.local";
+    let s = in_namespace(&yaml, "shop");
+    for host in [
+        "shop-api.shop.svc.cluster.local",
+        "shop-api.shop.svc",
+        "shop-api.shop",
+        "shop-api",
+        "Shop-API.shop.svc.cluster.local.",
+        "10.96.0.10",
+    ] {
+        assert_eq!(routed(&s.route_http(host, 80)), fqdn80, "{host}");
+    }
+    assert_eq!(routed(&s.route_tcp(ip("10.96.0.10"), 80)), fqdn80);
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.96.0.10"), 81)),
+        "outbound|81||shop-api.shop.svc.cluster.local"
+    );
+    assert_eq!(routed(&s.route_tcp(ip("10.96.0.10"), 9999)), "blackhole");
+    assert_eq!(routed(&s.route_http("shop-api.other", 80)), "blackhole");
+
+    let c = cluster(&s, fqdn80);
+    assert_eq!(&*c.source, "Service shop/Shop-API");
+    assert_eq!(c.protocol, Protocol::Http);
+    assert_eq!(endpoints(c), ["10.244.1.1:8080 w1"]);
+    // A named targetPort resolves to the pod's container port of that name.
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|81||shop-api.shop.svc.cluster.local")),
+        ["10.244.1.1:9000 w1"]
+    );
+    // No targetPort: the service port.
+    let db = cluster(&s, "outbound|5432||shop-api.shop.svc.cluster.local");
+    assert_eq!(endpoints(db), ["10.244.1.1:5432 w1"]);
+    assert_eq!(db.protocol, Protocol::Tcp);
+    assert!(s.is_tcp_destination(ip("10.96.0.10"), 5432));
+    // A named targetPort no container declares: no endpoint.
+    assert!(
+        cluster(&s, "outbound|82||shop-api.shop.svc.cluster.local")
+            .endpoints
+            .is_empty()
+    );
+
+    // The bare name is only a name inside the service's own namespace.
+    let s = in_namespace(&yaml, "default");
+    assert_eq!(routed(&s.route_http("shop-api", 80)), "blackhole");
+    assert_eq!(routed(&s.route_http("shop-api.shop", 80)), fqdn80);
+    assert_eq!(routed(&s.route_http("shop-api.shop.svc", 80)), fqdn80);
+}
+
+#[test]
+fn export_to_limits_visibility() {
+    let entry = |name: &str, export: &str| {
+        format!(
+            "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: team-a}}
+spec:
+  hosts: [{name}.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+  exportTo: {export}
+"
+        )
+    };
+    let yaml = [
+        entry("private", "['.']"),
+        entry("public", "['*']"),
+        entry("shared", "[team-b]"),
+        entry("default-export", "[]"),
+    ]
+    .concat();
+    let visible = |ns: &str| {
+        let s = in_namespace(&yaml, ns);
+        let mut hosts: Vec<String> = s.clusters.iter().map(|c| c.host.to_string()).collect();
+        hosts.sort();
+        for h in &hosts {
+            assert!(matches!(s.route_http(h, 80), Decision::Cluster(_)));
+        }
+        hosts
+    };
+    assert_eq!(
+        visible("team-a"),
+        [
+            "default-export.internal",
+            "private.internal",
+            "public.internal"
+        ]
+    );
+    assert_eq!(
+        visible("team-b"),
+        [
+            "default-export.internal",
+            "public.internal",
+            "shared.internal"
+        ]
+    );
+    assert_eq!(
+        visible("team-c"),
+        ["default-export.internal", "public.internal"]
+    );
+    let s = in_namespace(&yaml, "team-c");
+    assert_eq!(routed(&s.route_http("private.internal", 80)), "blackhole");
+    assert_eq!(routed(&s.route_http("shared.internal", 80)), "blackhole");
+}
+
+fn sidecar(name: &str, namespace: &str, selector: Option<&str>, mode: &str) -> String {
+    let selector = selector
+        .map(|l| format!("  workloadSelector: {{labels: {l}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+{selector}  outboundTrafficPolicy: {{mode: {mode}}}
+"
+    )
+}
+
+#[test]
+fn outbound_mode_precedence() {
+    let options = BuildOptions {
+        namespace: "web".to_string(),
+        workload_labels: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
+        ..BuildOptions::default()
+    };
+    let mode = |docs: &[String]| build(&load(&docs.concat()), &options, None, 1).outbound_mode();
+
+    assert_eq!(mode(&[]), OutboundMode::RegistryOnly);
+    let mut docs = vec![MESH_ALLOW_ANY.to_string()];
+    assert_eq!(mode(&docs), OutboundMode::AllowAny);
+    docs.push(sidecar("root", "istio-system", None, "REGISTRY_ONLY"));
+    assert_eq!(mode(&docs), OutboundMode::RegistryOnly);
+    docs.push(sidecar("ns", "web", None, "ALLOW_ANY"));
+    assert_eq!(mode(&docs), OutboundMode::AllowAny);
+    // Sidecars that do not apply to this workload change nothing.
+    docs.push(sidecar(
+        "other-labels",
+        "web",
+        Some("{app: backend}"),
+        "REGISTRY_ONLY",
+    ));
+    docs.push(sidecar(
+        "other-ns",
+        "shop",
+        Some("{app: frontend}"),
+        "REGISTRY_ONLY",
+    ));
+    docs.push(sidecar("other-ns-wide", "shop", None, "REGISTRY_ONLY"));
+    assert_eq!(mode(&docs), OutboundMode::AllowAny);
+    docs.push(sidecar(
+        "selected",
+        "web",
+        Some("{app: frontend}"),
+        "REGISTRY_ONLY",
+    ));
+    assert_eq!(mode(&docs), OutboundMode::RegistryOnly);
+
+    // A root-namespace Sidecar alone beats the mesh config.
+    let docs = [
+        MESH_ALLOW_ANY.to_string(),
+        sidecar("root", "istio-system", None, "REGISTRY_ONLY"),
+    ];
+    assert_eq!(mode(&docs), OutboundMode::RegistryOnly);
+    let docs = [sidecar("root", "istio-system", None, "ALLOW_ANY")];
+    assert_eq!(mode(&docs), OutboundMode::AllowAny);
+}
+
+fn destination_rule(host: &str, namespace: &str, simple: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: dr-{simple}, namespace: {namespace}}}
+spec:
+  host: '{host}'
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+"
+    )
+}
+
+#[test]
+fn destination_rules_choose_the_balancer() {
+    let policy = |docs: &[String], name: &str| {
+        let s = in_namespace(&docs.concat(), "shop");
+        cluster(&s, name).balancer.policy()
+    };
+    let app = "outbound|80||app.internal.com";
+    assert_eq!(policy(&[APP.to_string()], app), Policy::LeastRequest);
+    for (simple, expected) in [
+        ("ROUND_ROBIN", Policy::RoundRobin),
+        ("RANDOM", Policy::Random),
+        ("LEAST_REQUEST", Policy::LeastRequest),
+        ("LEAST_CONN", Policy::LeastRequest),
+    ] {
+        let docs = [
+            APP.to_string(),
+            destination_rule("app.internal.com", "default", simple),
+        ];
+        assert_eq!(policy(&docs, app), expected, "{simple}");
+        assert_eq!(
+            policy(&docs, "outbound|8080||app.internal.com"),
+            expected,
+            "{simple} applies to every port"
+        );
+        assert_eq!(
+            policy(&docs, "outbound|80||api.internal.com"),
+            Policy::LeastRequest
+        );
+    }
+    let docs = [
+        APP.to_string(),
+        destination_rule("*.internal.com", "default", "RANDOM"),
+    ];
+    assert_eq!(policy(&docs, app), Policy::Random);
+    assert_eq!(
+        policy(&docs, "outbound|80||api.internal.com"),
+        Policy::Random
+    );
+
+    // A short host is the Kubernetes service of that name in the rule's namespace.
+    let svc = "outbound|80||shop-api.shop.svc.cluster.local";
+    let docs = [
+        KUBE_SERVICE.to_string(),
+        destination_rule("shop-api", "shop", "ROUND_ROBIN"),
+    ];
+    assert_eq!(policy(&docs, svc), Policy::RoundRobin);
+    let docs = [
+        KUBE_SERVICE.to_string(),
+        destination_rule("shop-api", "default", "ROUND_ROBIN"),
+    ];
+    assert_eq!(policy(&docs, svc), Policy::LeastRequest);
+}
+
+#[test]
+fn endpoint_state_survives_a_rebuild_for_the_same_cluster_and_address() {
+    let resources = load(SELECTED);
+    let options = BuildOptions::default();
+    let first = build(&resources, &options, None, 1);
+    let name = "outbound|80||app.internal.com";
+    let old = cluster(&first, name);
+    let index = old
+        .endpoints
+        .iter()
+        .position(|e| e.display() == "10.50.0.1:80")
+        .unwrap();
+    let _active = old.endpoints[index].state.start();
+    assert_eq!(old.endpoints[index].state.active(), 1);
+
+    let second = build(&resources, &options, Some(&first), 2);
+    assert_eq!(second.version, 2);
+    let new = cluster(&second, name);
+    let carried = new
+        .endpoints
+        .iter()
+        .find(|e| e.display() == "10.50.0.1:80")
+        .unwrap();
+    assert!(Arc::ptr_eq(&carried.state, &old.endpoints[index].state));
+    assert_eq!(carried.state.active(), 1);
+    assert_eq!(carried.state.total(), 1);
+    // The balancer of the new snapshot sees the same counters.
+    let balancer_index = new
+        .endpoints
+        .iter()
+        .position(|e| e.display() == "10.50.0.1:80")
+        .unwrap();
+    assert_eq!(new.balancer.state(balancer_index).unwrap().active(), 1);
+    // Another endpoint of the cluster, and the same address in another cluster, start fresh.
+    let other = new
+        .endpoints
+        .iter()
+        .find(|e| e.display() == "10.50.0.2:8080")
+        .unwrap();
+    assert_eq!(other.state.active(), 0);
+    let admin = cluster(&second, "outbound|81||app.internal.com");
+    assert!(admin.endpoints.iter().all(|e| e.state.active() == 0));
+
+    // The endpoint moves to another address: nothing to carry over.
+    let moved = load(&SELECTED.replace("address: 10.50.0.1", "address: 10.50.0.9"));
+    let third = build(&moved, &options, Some(&second), 3);
+    let new = cluster(&third, name);
+    assert_eq!(endpoints(new), ["10.50.0.2:8080 w3", "10.50.0.9:80 w1"]);
+    assert!(new.endpoints.iter().all(|e| e.state.active() == 0));
+}
+
+#[test]
+fn conflicting_hosts_first_wins_with_a_warning() {
+    let entry = |name: &str, namespace: &str, endpoint: &str| {
+        format!(
+            "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  hosts: [dup.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {endpoint}}}]
+"
+        )
+    };
+    // Ordered by namespace and name within the proxy's namespace, whatever the file order.
+    let yaml = [
+        entry("b", "default", "10.0.0.2"),
+        entry("a", "default", "10.0.0.1"),
+    ]
+    .concat();
+    let s = snapshot(&yaml);
+    let c = cluster(&s, "outbound|80||dup.internal");
+    assert_eq!(&*c.source, "ServiceEntry default/a");
+    assert_eq!(endpoints(c), ["10.0.0.1:80 w1"]);
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].contains("outbound|80||dup.internal")
+            && s.warnings[0].contains("ServiceEntry default/a")
+            && s.warnings[0].contains("ServiceEntry default/b"),
+        "{:?}",
+        s.warnings
+    );
+
+    // The proxy's own namespace wins over a namespace that sorts first.
+    let yaml = [
+        entry("a", "aaa", "10.0.0.1"),
+        entry("z", "default", "10.0.0.2"),
+    ]
+    .concat();
+    let s = snapshot(&yaml);
+    assert_eq!(
+        &*cluster(&s, "outbound|80||dup.internal").source,
+        "ServiceEntry default/z"
+    );
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+
+    // A ServiceEntry for a Kubernetes service's name wins over the Service.
+    let yaml = format!(
+        "{KUBE_SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: override, namespace: shop}}
+spec:
+  hosts: [shop-api.shop.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.0.0.7}}]
+"
+    );
+    let s = snapshot(&yaml);
+    let c = cluster(&s, "outbound|80||shop-api.shop.svc.cluster.local");
+    assert_eq!(&*c.source, "ServiceEntry shop/override");
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("Service shop/Shop-API")),
+        "{:?}",
+        s.warnings
+    );
+    // The Service's other ports are still its own.
+    assert_eq!(
+        &*cluster(&s, "outbound|81||shop-api.shop.svc.cluster.local").source,
+        "Service shop/Shop-API"
+    );
+}
+
+#[test]
+fn a_name_claimed_by_two_services_warns() {
+    // Not the same cluster name, but the same routable name on the same port.
+    let yaml = format!(
+        "{KUBE_SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: short, namespace: default}}
+spec:
+  hosts: [shop-api.shop]
+  addresses: [10.96.0.10]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+"
+    );
+    let s = snapshot(&yaml);
+    assert_eq!(
+        routed(&s.route_http("shop-api.shop", 80)),
+        "outbound|80||shop-api.shop"
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.96.0.10"), 80)),
+        "outbound|80||shop-api.shop"
+    );
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("shop-api.shop") && w.contains("Service shop/Shop-API")),
+        "{:?}",
+        s.warnings
+    );
+    assert!(
+        s.warnings.iter().any(|w| w.contains("10.96.0.10")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+proptest! {
+    #[test]
+    fn route_http_never_panics(authority in "\\PC{0,64}", port in any::<u16>()) {
+        let s = snapshot(&format!("{APP}\n---\n{WILDCARDS}"));
+        let d = s.route_http(&authority, port);
+        // Whatever matched, it is a registered cluster on that port or the policy's answer.
+        match d {
+            Decision::Cluster(c) => prop_assert_eq!(c.port, port),
+            Decision::BlackHole => {}
+            other => prop_assert!(false, "unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn route_http_never_panics_on_authority_like_strings(
+        authority in "\\[?[a-zA-Z0-9.:*_\\-\\]\\[]{0,40}(:[0-9]{0,6})?",
+        port in any::<u16>(),
+    ) {
+        let s = snapshot(&format!("{APP}\n---\n{WILDCARDS}"));
+        let _ = s.route_http(&authority, port);
+    }
+
+    #[test]
+    fn normalize_host_is_idempotent(host in "\\PC{0,40}|[a-zA-Z0-9.:*_\\-]{0,40}") {
+        if let Ok(once) = normalize_host(&host) {
+            prop_assert_eq!(normalize_host(&once), Ok(once.clone()));
+        }
+    }
+}
+
+#[test]
+fn normalize_host_rejects_empty_labels() {
+    use crate::HostError;
+    for host in [".a.com", "a..com", "a.com..", "..", ".a"] {
+        assert_eq!(normalize_host(host), Err(HostError::EmptyLabel), "{host}");
+    }
+    assert_eq!(normalize_host("A.com."), Ok("a.com".to_string()));
+    assert_eq!(normalize_host("1.2.3.4."), Ok("1.2.3.4".to_string()));
+}
