@@ -435,11 +435,14 @@ http {{
             let _ = std::fs::remove_file(p);
             text
         };
+        // With --head curl writes the headers to -o as well and never reads a body.
+        let head = args.iter().any(|a| *a == "--head" || *a == "-I");
+        let body = read(&body);
         let reply = Reply::parse(
             out.status.code().unwrap_or(-1),
             &String::from_utf8_lossy(&out.stdout),
             &read(&headers),
-            &read(&body),
+            if head { "" } else { &body },
             &String::from_utf8_lossy(&out.stderr),
         );
         if record {
