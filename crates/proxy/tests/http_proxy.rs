@@ -1,0 +1,740 @@
+//! The explicit forward proxy and the outbound listener's loop guard, over real loopback
+//! sockets, against upstream servers started by each test.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use portcullis_proxy::{Metrics, Proxy, ProxyConfig};
+use portcullis_registry::{BuildOptions, Snapshot, build};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// Fails a test that hangs instead of letting it run forever.
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("timed out")
+}
+
+/// A request as an upstream saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    uri: String,
+    headers: HeaderMap,
+}
+
+/// An HTTP/1.1 server on loopback answering its `name`, or echoing the body on `/echo`.
+struct Upstream {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // Dropping the accept task drops its JoinSet, which aborts every connection task.
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    async fn start(name: &'static str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (task_accepts, task_seen) = (Arc::clone(&accepts), Arc::clone(&seen));
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                task_accepts.fetch_add(1, Ordering::SeqCst);
+                let seen = Arc::clone(&task_seen);
+                connections.spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        seen.lock().unwrap().push(Seen {
+                            uri: req.uri().to_string(),
+                            headers: req.headers().clone(),
+                        });
+                        let body = if req.uri().path() == "/echo" {
+                            Either::Left(req.into_body())
+                        } else {
+                            Either::Right(Full::new(Bytes::from_static(name.as_bytes())))
+                        };
+                        let mut response = Response::new(body);
+                        response
+                            .headers_mut()
+                            .insert("server", "upstream".parse().unwrap());
+                        async { Ok::<_, Infallible>(response) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            accepts,
+            seen,
+            task,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A raw TCP echo server on loopback.
+struct Echo {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    async fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let task_accepts = Arc::clone(&accepts);
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                task_accepts.fetch_add(1, Ordering::SeqCst);
+                connections.spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        Echo {
+            addr,
+            accepts,
+            task,
+        }
+    }
+}
+
+/// A loopback port with nothing listening on it.
+async fn refused_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn snapshot(yaml: &str, version: u64) -> Snapshot {
+    let loaded = portcullis_model::load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
+    assert!(!loaded.has_errors(), "{:#?}", loaded.findings);
+    build(&loaded.resources, &BuildOptions::default(), None, version)
+}
+
+/// A ServiceEntry for `host` on `port` whose endpoints are loopback ports.
+fn service(host: &str, port: u16, protocol: &str, endpoints: &[u16]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|p| format!("  - {{address: 127.0.0.1, ports: {{main: {p}}}}}\n"))
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        "  workloadSelector: {labels: {app: nothing-matches}}\n".to_string()
+    } else {
+        format!("  endpoints:\n{endpoints}")
+    };
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: {port}, name: main, protocol: {protocol}}}]
+  resolution: STATIC
+{endpoints}",
+        name = host.replace('.', "-"),
+    )
+}
+
+const MESH_ALLOW_ANY: &str = "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: ALLOW_ANY
+";
+
+/// A running explicit proxy; stops accepting when dropped.
+struct Harness {
+    addr: SocketAddr,
+    registry: Arc<ArcSwap<Snapshot>>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Harness {
+    async fn start(snapshot: Snapshot) -> Harness {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registry = Arc::new(ArcSwap::from_pointee(snapshot));
+        let metrics = Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let proxy = Proxy::new(
+            Arc::clone(&registry),
+            ProxyConfig::default(),
+            metrics,
+            vec![addr],
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(proxy.run_http_proxy(listener, shutdown.clone()));
+        Harness {
+            addr,
+            registry,
+            shutdown,
+        }
+    }
+
+    async fn client(&self) -> SendRequest<ClientBody> {
+        let stream = TcpStream::connect(self.addr).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+}
+
+type ClientBody = BoxBody<Bytes, Infallible>;
+
+/// A request body fed chunk by chunk from a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+fn get(uri: &str, host: Option<&str>) -> Request<ClientBody> {
+    let mut builder = Request::get(uri);
+    if let Some(host) = host {
+        builder = builder.header("host", host);
+    }
+    builder.body(Full::new(Bytes::new()).boxed()).unwrap()
+}
+
+async fn send(sender: &mut SendRequest<ClientBody>, req: Request<ClientBody>) -> Answer {
+    within(async {
+        sender.ready().await.unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+}
+
+/// One request on a new client connection.
+async fn fetch(harness: &Harness, uri: &str, host: Option<&str>) -> Answer {
+    let mut sender = harness.client().await;
+    send(&mut sender, get(uri, host)).await
+}
+
+/// Writes `request` on a new raw connection and reads one response: head and body.
+async fn raw(addr: SocketAddr, request: &str) -> (TcpStream, String, Vec<u8>) {
+    within(async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let (head, body) = read_response(&mut stream).await;
+        (stream, head, body)
+    })
+    .await
+}
+
+async fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response head: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = buf[end..].to_vec();
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (head, body)
+}
+
+fn assert_blocked(answer: &Answer) {
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.header("server"), Some("envoy"));
+    assert_eq!(answer.header("content-length"), Some("0"));
+    assert!(answer.body.is_empty());
+}
+
+#[tokio::test]
+async fn registered_host_in_absolute_form_reaches_the_upstream_in_origin_form() {
+    let upstream = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[upstream.port()]),
+        1,
+    ))
+    .await;
+
+    let mut sender = harness.client().await;
+    let req = Request::get("http://app.internal/some/path?q=1")
+        .header("host", "app.internal")
+        .header("connection", "x-secret")
+        .header("x-secret", "hop")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("x-kept", "end-to-end")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap();
+    let answer = send(&mut sender, req).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "app");
+    assert_eq!(answer.header("server"), Some("envoy"));
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/some/path?q=1");
+    assert_eq!(seen[0].headers["host"], "app.internal");
+    assert_eq!(seen[0].headers["x-kept"], "end-to-end");
+    for hop in ["x-secret", "proxy-authorization"] {
+        assert!(!seen[0].headers.contains_key(hop), "{hop} was forwarded");
+    }
+}
+
+#[tokio::test]
+async fn unregistered_destination_gets_502_and_is_never_contacted() {
+    let upstream = Upstream::start("secret").await;
+    let registered = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[registered.port()]),
+        1,
+    ))
+    .await;
+
+    let by_ip = format!("http://127.0.0.1:{}/", upstream.port());
+    let by_name = format!("http://unknown.example:{}/", upstream.port());
+    for uri in [
+        by_ip.as_str(),
+        by_name.as_str(),
+        "http://app.internal:8080/",
+    ] {
+        let answer = fetch(&harness, uri, None).await;
+        assert_blocked(&answer);
+    }
+    assert_eq!(upstream.accepts(), 0);
+    assert_eq!(registered.accepts(), 0);
+}
+
+#[tokio::test]
+async fn the_absolute_form_authority_wins_over_the_host_header() {
+    let secret = Upstream::start("secret").await;
+    let app = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[app.port()]),
+        1,
+    ))
+    .await;
+
+    // A registered URI with a spoofed Host goes to the URI's service, with the URI's name.
+    let answer = fetch(&harness, "http://app.internal/", Some("evil.example")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "app");
+    assert_eq!(app.requests()[0].headers["host"], "app.internal");
+
+    // An unregistered URI with a registered Host is blocked.
+    let uri = format!("http://127.0.0.1:{}/", secret.port());
+    let answer = fetch(&harness, &uri, Some("app.internal")).await;
+    assert_blocked(&answer);
+    assert_eq!(secret.accepts(), 0);
+    assert_eq!(app.accepts(), 1);
+}
+
+#[tokio::test]
+async fn two_host_headers_are_a_bad_request() {
+    let app = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[app.port()]),
+        1,
+    ))
+    .await;
+    for request in [
+        "GET http://app.internal/ HTTP/1.1\r\nHost: app.internal\r\nHost: app.internal\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.internal\r\nHost: other.example\r\n\r\n",
+    ] {
+        let (_stream, head, _) = raw(harness.addr, request).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+    assert_eq!(app.accepts(), 0);
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_one_upstream_connection() {
+    let app = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[app.port()]),
+        1,
+    ))
+    .await;
+    let mut sender = harness.client().await;
+    for path in ["/one", "/two", "/three"] {
+        let answer = send(
+            &mut sender,
+            get(&format!("http://app.internal{path}"), Some("app.internal")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let uris: Vec<String> = app.requests().into_iter().map(|s| s.uri).collect();
+    assert_eq!(uris, ["/one", "/two", "/three"]);
+    assert_eq!(app.accepts(), 1);
+}
+
+#[tokio::test]
+async fn large_streamed_bodies_arrive_intact() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let app = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[app.port()]),
+        1,
+    ))
+    .await;
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let pattern = Bytes::from(pattern);
+
+    let (tx, rx) = mpsc::channel(4);
+    let chunks = pattern.clone();
+    let feeder = tokio::spawn(async move {
+        for start in (0..SIZE).step_by(CHUNK) {
+            tx.send(chunks.slice(start..start + CHUNK)).await.unwrap();
+        }
+    });
+    let mut sender = harness.client().await;
+    let req = Request::post("http://app.internal/echo")
+        .header("host", "app.internal")
+        .body(ChannelBody(rx).boxed())
+        .unwrap();
+    let answer = send(&mut sender, req).await;
+    feeder.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), SIZE);
+    assert!(answer.body == pattern, "echoed body differs");
+    let seen = app.requests();
+    assert_eq!(seen[0].headers["transfer-encoding"], "chunked");
+}
+
+#[tokio::test]
+async fn least_request_spreads_requests_over_both_endpoints() {
+    let first = Upstream::start("first").await;
+    let second = Upstream::start("second").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[first.port(), second.port()]),
+        1,
+    ))
+    .await;
+    let mut sender = harness.client().await;
+    for _ in 0..40 {
+        let answer = send(
+            &mut sender,
+            get("http://app.internal/", Some("app.internal")),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let (a, b) = (first.requests().len(), second.requests().len());
+    assert_eq!(a + b, 40);
+    assert!(a >= 5 && b >= 5, "uneven spread: {a} / {b}");
+}
+
+#[tokio::test]
+async fn a_refusing_endpoint_is_retried_on_another() {
+    let alive = Upstream::start("alive").await;
+    let dead = refused_port().await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[dead, alive.port()]),
+        1,
+    ))
+    .await;
+    for _ in 0..20 {
+        let answer = fetch(&harness, "http://app.internal/", Some("app.internal")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        assert_eq!(answer.text(), "alive");
+    }
+    assert_eq!(alive.requests().len(), 20);
+}
+
+#[tokio::test]
+async fn the_only_endpoint_refusing_is_a_503() {
+    let dead = refused_port().await;
+    let harness = Harness::start(snapshot(&service("app.internal", 80, "HTTP", &[dead]), 1)).await;
+    let answer = fetch(&harness, "http://app.internal/", Some("app.internal")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.header("server"), Some("envoy"));
+    assert!(
+        answer.text().starts_with("upstream connect error"),
+        "{}",
+        answer.text()
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_without_endpoints_is_a_503() {
+    let harness = Harness::start(snapshot(&service("app.internal", 80, "HTTP", &[]), 1)).await;
+    let answer = fetch(&harness, "http://app.internal/", Some("app.internal")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.header("server"), Some("envoy"));
+    assert_eq!(answer.text(), "no healthy upstream");
+}
+
+#[tokio::test]
+async fn connect_tunnels_to_registered_hosts_only() {
+    let echo = Echo::start().await;
+    let harness = Harness::start(snapshot(
+        &service("echo.internal", 7000, "TLS", &[echo.addr.port()]),
+        1,
+    ))
+    .await;
+
+    let (mut stream, head, body) = raw(
+        harness.addr,
+        "CONNECT echo.internal:7000 HTTP/1.1\r\nHost: echo.internal:7000\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.is_empty());
+    within(async {
+        for message in [&b"ping"[..], b"\x16\x03\x01 not http at all"] {
+            stream.write_all(message).await.unwrap();
+            let mut back = vec![0u8; message.len()];
+            stream.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, message);
+        }
+    })
+    .await;
+    assert_eq!(echo.accepts.load(Ordering::SeqCst), 1);
+
+    let request = format!(
+        "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n",
+        port = echo.addr.port()
+    );
+    let (_stream, head, body) = raw(harness.addr, &request).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("server: envoy"),
+        "{head}"
+    );
+    assert!(body.is_empty());
+    let (_stream, head, _) = raw(
+        harness.addr,
+        "CONNECT echo.internal:7001 HTTP/1.1\r\nHost: echo.internal:7001\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(echo.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn allow_any_passes_unregistered_requests_through() {
+    let outside = Upstream::start("outside").await;
+    let harness = Harness::start(snapshot(MESH_ALLOW_ANY, 1)).await;
+    let uri = format!("http://127.0.0.1:{}/through", outside.port());
+    let answer = fetch(&harness, &uri, None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "outside");
+    assert_eq!(answer.header("server"), Some("envoy"));
+    assert_eq!(outside.requests()[0].uri, "/through");
+}
+
+#[tokio::test]
+async fn a_connection_keeps_the_registry_it_started_with() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let added = Upstream::start("added").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[old.port()]),
+        1,
+    ))
+    .await;
+
+    let mut before = harness.client().await;
+    let answer = send(
+        &mut before,
+        get("http://app.internal/", Some("app.internal")),
+    )
+    .await;
+    assert_eq!(answer.text(), "old");
+
+    let yaml = [
+        service("app.internal", 80, "HTTP", &[new.port()]),
+        service("added.internal", 80, "HTTP", &[added.port()]),
+    ]
+    .concat();
+    harness.registry.store(Arc::new(snapshot(&yaml, 2)));
+
+    // The open connection still routes with version 1.
+    let answer = send(
+        &mut before,
+        get("http://app.internal/", Some("app.internal")),
+    )
+    .await;
+    assert_eq!(answer.text(), "old");
+    let answer = send(
+        &mut before,
+        get("http://added.internal/", Some("added.internal")),
+    )
+    .await;
+    assert_blocked(&answer);
+
+    // A new connection sees version 2.
+    let mut after = harness.client().await;
+    let answer = send(
+        &mut after,
+        get("http://app.internal/", Some("app.internal")),
+    )
+    .await;
+    assert_eq!(answer.text(), "new");
+    let answer = send(
+        &mut after,
+        get("http://added.internal/", Some("added.internal")),
+    )
+    .await;
+    assert_eq!(answer.text(), "added");
+
+    assert_eq!(old.requests().len(), 2);
+    assert_eq!(new.requests().len(), 1);
+    assert_eq!(added.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
+    let app = Upstream::start("app").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let registry = Arc::new(ArcSwap::from_pointee(snapshot(
+        &[
+            service("app.internal", 80, "HTTP", &[app.port()]),
+            MESH_ALLOW_ANY.to_string(),
+        ]
+        .concat(),
+        1,
+    )));
+    let metrics = Arc::new(Metrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    let proxy = Proxy::new(registry, ProxyConfig::default(), metrics, vec![addr]);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(Arc::clone(&proxy).run_outbound(listener, shutdown.clone()));
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.internal\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read = within(stream.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    assert!(
+        received.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_eq!(app.accepts(), 0);
+
+    shutdown.cancel();
+    within(server).await.unwrap();
+    proxy.tasks().close();
+    within(proxy.tasks().wait()).await;
+}
