@@ -267,7 +267,10 @@ impl<'a> Builder<'a> {
     }
 
     fn policy_for(&self, host: &str) -> Policy {
-        let rule = self.destination_rules.iter().find(|dr| {
+        // The most specific rule applies, as in Istio: an exact host, then the longest
+        // wildcard suffix (`*` last); the first of equals.
+        let mut rule = None;
+        for dr in &self.destination_rules {
             let dr_host = if dr.spec.host.contains('.') || dr.spec.host == "*" {
                 dr.spec.host.to_ascii_lowercase()
             } else {
@@ -278,12 +281,21 @@ impl<'a> Builder<'a> {
                     self.options.cluster_domain
                 )
             };
-            dr_host == host
-                || dr_host == "*"
-                || dr_host
-                    .strip_prefix('*')
-                    .is_some_and(|suffix| host.ends_with(suffix))
-        });
+            let rank = if dr_host == host {
+                (1, dr_host.len())
+            } else if let Some(suffix) = dr_host
+                .strip_prefix('*')
+                .filter(|suffix| host.ends_with(suffix))
+            {
+                (0, suffix.len())
+            } else {
+                continue;
+            };
+            if rule.is_none_or(|(best, _)| rank > best) {
+                rule = Some((rank, dr));
+            }
+        }
+        let rule = rule.map(|(_, dr)| dr);
         let simple = rule
             .and_then(|dr| dr.spec.traffic_policy.as_ref())
             .and_then(|tp| tp.load_balancer.as_ref())

@@ -862,6 +862,35 @@ fn destination_rules_choose_the_balancer() {
 }
 
 #[test]
+fn the_most_specific_destination_rule_applies() {
+    let app = "outbound|80||app.internal.com";
+    let api = "outbound|80||api.internal.com";
+    // Whatever the order, an exact host beats a wildcard, which beats `*`.
+    let rules = [
+        destination_rule("*", "default", "RANDOM"),
+        destination_rule("*.internal.com", "default", "LEAST_REQUEST"),
+        destination_rule("app.internal.com", "default", "ROUND_ROBIN"),
+    ];
+    for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
+        let mut docs = vec![APP.to_string()];
+        docs.extend(order.iter().map(|&i| rules[i].clone()));
+        let s = snapshot(&docs.concat());
+        assert_eq!(
+            cluster(&s, app).balancer.policy(),
+            Policy::RoundRobin,
+            "{order:?}"
+        );
+        assert_eq!(
+            cluster(&s, api).balancer.policy(),
+            Policy::LeastRequest,
+            "{order:?}"
+        );
+    }
+    let s = snapshot(&[APP.to_string(), rules[0].clone()].concat());
+    assert_eq!(cluster(&s, api).balancer.policy(), Policy::Random);
+}
+
+#[test]
 fn endpoint_state_survives_a_rebuild_for_the_same_cluster_and_address() {
     let resources = load(SELECTED);
     let options = BuildOptions::default();
