@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use portcullis_registry::{Decision, Snapshot, split_host_port};
@@ -197,6 +197,17 @@ async fn route_and_forward(
         Err(e) => return Err((e, outcome)),
     };
     let explicit = downstream.original_dst.is_none();
+    if req
+        .uri()
+        .scheme()
+        .is_some_and(|s| *s != http::uri::Scheme::HTTP)
+    {
+        // The proxy does not originate TLS: clients reach https:// origins with CONNECT.
+        return Err((
+            ProxyError::BadRequest("absolute-form must be http://; use CONNECT"),
+            outcome,
+        ));
+    }
     let parsed = authority.as_deref().map(split_host_port);
     let (host, host_port) = match parsed {
         Some(Ok((h, p))) => (Some(h), p),
@@ -377,6 +388,12 @@ fn prepare_response(
         HeaderName::from_static("x-envoy-upstream-service-time"),
         HeaderValue::from(start.elapsed().as_millis() as u64),
     );
+    if body.is_end_stream() {
+        // hyper never polls an empty body (HEAD, 204, content-length: 0), so the body
+        // cannot hand the connection back: do it now.
+        connection.release();
+        return Response::from_parts(parts, ProxyBody::Full(None));
+    }
     Response::from_parts(
         parts,
         ProxyBody::Upstream {

@@ -219,7 +219,7 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        // Services of the proxy's own namespace win host conflicts, then resource order.
+        // Services of the proxy's own namespace win host conflicts, then namespace and name order.
         let ns = options.namespace.as_str();
         b.service_entries.sort_by_key(|o| {
             (
