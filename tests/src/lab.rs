@@ -62,6 +62,17 @@ impl Role {
         }
     }
 
+    /// The host's IPv6 address on the lab subnet (the bridge has none).
+    pub fn ip6(self) -> Option<&'static str> {
+        match self {
+            Role::Bridge => None,
+            Role::External => Some(scenario::EXTERNAL_IP6),
+            Role::Pod => Some(scenario::POD_IP6),
+            Role::InCluster => Some(scenario::IN_CLUSTER_IP6),
+            Role::Rogue => Some(scenario::ROGUE_IP6),
+        }
+    }
+
     /// The host's address on the lab subnet (the bridge has none).
     pub fn ip(self) -> Option<&'static str> {
         match self {
@@ -211,6 +222,11 @@ impl Lab {
             self.ip(&["-n", &br, "link", "set", &port, "up"])?;
             let cidr = format!("{ip}/{}", scenario::PREFIX);
             self.ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            if let Some(ip6) = role.ip6() {
+                // nodad: usable at once, instead of after duplicate address detection.
+                let cidr6 = format!("{ip6}/{}", scenario::PREFIX6);
+                self.ip(&["-n", &ns, "addr", "add", &cidr6, "dev", "eth0", "nodad"])?;
+            }
             self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
@@ -233,6 +249,9 @@ impl Lab {
 
     fn start_nginx(&mut self, role: Role, page: &str) -> anyhow::Result<()> {
         let ip = role.ip().context("nginx needs a host with an address")?;
+        let ip6 = role
+            .ip6()
+            .context("nginx needs a host with an IPv6 address")?;
         let home = self.dir.join(format!("nginx-{}", role.short()));
         make_dir(&home)?;
         make_dir(&home.join("html"))?;
@@ -253,6 +272,7 @@ http {{
     proxy_temp_path {h}/tmp/proxy;
     server {{
         listen {ip}:80;
+        listen [{ip6}]:80;
         server_name _;
         root {h}/html;
         index index.html;
@@ -363,6 +383,14 @@ http {{
         })?;
         self.note(format!("portcullis ready after {:?}", start.elapsed()));
         Ok(())
+    }
+
+    /// What portcullis has written to stdout and stderr so far (its access log among it).
+    pub fn portcullis_output(&self) -> String {
+        self.portcullis.as_ref().map_or_else(String::new, |p| {
+            let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+            format!("{}{}", read(&p.stdout), read(&p.stderr))
+        })
     }
 
     /// Fails if portcullis was started and has exited.

@@ -14,6 +14,17 @@ pub const APP_VIP: &str = "10.50.200.1";
 /// Prefix length of the lab's one flat subnet.
 pub const PREFIX: u8 = 16;
 
+/// The external host's IPv6 address (the lab is dual-stack on one /64).
+pub const EXTERNAL_IP6: &str = "fd00:50::1";
+/// The client pod's IPv6 address.
+pub const POD_IP6: &str = "fd00:50::11";
+/// The in-cluster pod's IPv6 address.
+pub const IN_CLUSTER_IP6: &str = "fd00:50::21";
+/// The rogue host's IPv6 address.
+pub const ROGUE_IP6: &str = "fd00:50::33";
+/// Prefix length of the lab's IPv6 subnet.
+pub const PREFIX6: u8 = 64;
+
 /// The registered hostname.
 pub const APP_HOST: &str = "app.internal.com";
 
@@ -108,3 +119,8 @@ spec:
   hosts: [broken.internal.com
   ports:
 ";
+
+/// The in-cluster pod while it is still starting: running but not ready.
+pub fn pod_not_ready() -> String {
+    POD.replace("status: \"True\"", "status: \"False\"")
+}

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use portcullis_e2e::scenario::{
-    self, APP_HOST, EXTERNAL_IP, EXTERNAL_MARK, IN_CLUSTER_IP, IN_CLUSTER_MARK, ROGUE_IP,
+    self, APP_HOST, EXTERNAL_IP, EXTERNAL_IP6, EXTERNAL_MARK, IN_CLUSTER_IP, IN_CLUSTER_MARK,
+    ROGUE_IP,
 };
 use portcullis_e2e::{Lab, RELOAD_DEADLINE, Role, poll, run};
 
@@ -20,6 +21,10 @@ fn app_url() -> String {
 
 fn external_url() -> String {
     format!("http://{EXTERNAL_IP}/")
+}
+
+fn external_url6() -> String {
+    format!("http://[{EXTERNAL_IP6}]/")
 }
 
 /// Polls `curl args` in the pod until `accept` likes the reply.
@@ -50,6 +55,8 @@ fn lab_plumbing_without_proxy() {
             .expect_page("pod -> external host, no rules", EXTERNAL_MARK)?;
         lab.curl(&[&format!("http://{IN_CLUSTER_IP}/")])?
             .expect_page("pod -> in-cluster pod, no rules", IN_CLUSTER_MARK)?;
+        lab.curl(&["-g", &external_url6()])?
+            .expect_page("pod -> external host over IPv6, no rules", EXTERNAL_MARK)?;
         // app.internal.com resolves, inside the pod only, to an address where nothing listens.
         let reply = lab.curl(&["--connect-timeout", "2", &app_url()])?;
         ensure!(
@@ -158,6 +165,17 @@ fn scenario_steps_1_to_5() {
             lab.nginx_requests(Role::External) == before,
             "step 2: the blocked request reached the external host"
         );
+        poll(
+            "step 2: an access log line with route block_all and BlackHoleCluster",
+            Duration::from_secs(5),
+            || {
+                let log = lab.portcullis_output();
+                Ok(log
+                    .lines()
+                    .any(|l| l.contains("block_all") && l.contains("BlackHoleCluster"))
+                    .then_some(()))
+            },
+        )?;
 
         // Step 3: WorkloadEntry + ServiceEntry, picked up without restart.
         lab.write_app_service()?;
@@ -420,5 +438,83 @@ fn allow_any_passes_unregistered_traffic_through() {
             sink.addr
         );
         lab.expect_running().context("after passthrough")
+    });
+}
+
+/// IPv6 is captured too (ip6tables, original destination over IPv6): blocked, then passed
+/// through under ALLOW_ANY.
+#[test]
+fn ipv6_is_captured_like_ipv4() {
+    run("ipv6", |lab| {
+        start_locked_down(lab)?;
+        let before = lab.nginx_requests(Role::External);
+        lab.curl(&["-g", &external_url6()])?
+            .expect_blocked("curl http://[fd00:50::1]/ under REGISTRY_ONLY")?;
+        ensure!(
+            lab.nginx_requests(Role::External) == before,
+            "a blocked IPv6 request reached the external host"
+        );
+        lab.write_config("mesh.yaml", &scenario::mesh_config("ALLOW_ANY"))?;
+        let reply = curl_until(lab, "ALLOW_ANY over IPv6", &["-g", &external_url6()], |r| {
+            r.status == 200
+        })?;
+        reply.expect_page("curl http://[fd00:50::1]/ under ALLOW_ANY", EXTERNAL_MARK)?;
+        lab.expect_running()
+    });
+}
+
+/// Only running, ready pods are endpoints: a pod that is not ready gets no traffic until it
+/// becomes ready.
+#[test]
+fn not_ready_pod_gets_no_traffic() {
+    run("not-ready", |lab| {
+        // Everything is in place before the start, so the first snapshot has the unready pod.
+        lab.write_app_service()?;
+        lab.write_config("pod.yaml", &scenario::pod_not_ready())?;
+        start_locked_down(lab)?;
+        let before = lab.nginx_requests(Role::InCluster);
+        for attempt in 0..20 {
+            lab.curl(&[&app_url()])?.expect_page(
+                &format!(
+                    "attempt {attempt}: only the external host serves while the pod is unready"
+                ),
+                EXTERNAL_MARK,
+            )?;
+        }
+        ensure!(
+            lab.nginx_requests(Role::InCluster) == before,
+            "the unready pod received traffic"
+        );
+        lab.write_config("pod.yaml", scenario::POD)?;
+        curl_until(lab, "the ready pod serves", &[&app_url()], |r| {
+            r.body.contains(IN_CLUSTER_MARK)
+        })?;
+        lab.expect_running()
+    });
+}
+
+/// Loop guard: a connection whose original destination is the proxy's own listener is never
+/// forwarded to it again, even under ALLOW_ANY, and the proxy keeps serving.
+#[test]
+fn connection_to_own_listener_is_not_forwarded() {
+    run("loop-guard", |lab| {
+        lab.write_config("mesh.yaml", &scenario::mesh_config("ALLOW_ANY"))?;
+        lab.apply_iptables()?;
+        lab.start_portcullis(&[])?;
+        for url in [
+            format!("http://{}:15001/", scenario::POD_IP),
+            "http://127.0.0.1:15001/".to_owned(),
+        ] {
+            let reply = lab.curl(&[&url])?;
+            ensure!(
+                reply.exit != 28 && reply.status != 200,
+                "{url}: the proxy must refuse a connection to itself promptly: {reply}"
+            );
+        }
+        lab.curl(&[&external_url()])?.expect_page(
+            "passthrough still works after the loop attempts",
+            EXTERNAL_MARK,
+        )?;
+        lab.expect_running()
     });
 }
