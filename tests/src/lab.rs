@@ -336,6 +336,46 @@ http {{
         Ok(())
     }
 
+    /// Publishes `files` into the watched folder the way the kubelet updates a mounted
+    /// ConfigMap: a new hidden `..<version>` directory, the `..data` symlink swapped to it
+    /// with one rename, user-visible `name -> ..data/name` symlinks, and the old version and
+    /// stale links removed afterwards.
+    pub fn publish_configmap(&mut self, files: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.seq += 1;
+        let version = format!("..2026_01_01_00_00_00.{}", self.seq);
+        let version_dir = self.config_dir.join(&version);
+        make_dir(&version_dir)?;
+        for (name, content) in files {
+            let path = version_dir.join(name);
+            std::fs::write(&path, content)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        }
+        let tmp = self.config_dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&version, &tmp)?;
+        std::fs::rename(&tmp, self.config_dir.join("..data"))?;
+        for (name, _) in files {
+            let link = self.config_dir.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), &link)?;
+            }
+        }
+        for entry in std::fs::read_dir(&self.config_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale_link = !name.starts_with("..") && !files.iter().any(|(f, _)| *f == name);
+            let old_version = name.starts_with("..2026") && name != version;
+            if stale_link {
+                std::fs::remove_file(entry.path())?;
+            } else if old_version {
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+        let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+        self.note(format!("published ConfigMap {version} with {names:?}"));
+        Ok(())
+    }
+
     /// Writes the scenario's starting config: REGISTRY_ONLY mesh config, nothing registered.
     pub fn write_registry_only(&mut self) -> anyhow::Result<()> {
         self.write_config("mesh.yaml", &scenario::mesh_config("REGISTRY_ONLY"))

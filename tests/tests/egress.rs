@@ -518,3 +518,54 @@ fn connection_to_own_listener_is_not_forwarded() {
         lab.expect_running()
     });
 }
+
+/// A Kubernetes ConfigMap mount (`..data` symlink swapped by the kubelet) reloads on every
+/// update: a new key, a changed key, a removed key.
+#[test]
+fn configmap_symlink_swap_reloads() {
+    run("configmap", |lab| {
+        let mesh = scenario::mesh_config("REGISTRY_ONLY");
+        let base = [
+            ("mesh.yaml", mesh.as_str()),
+            ("workloadentry.yaml", scenario::WORKLOAD_ENTRY),
+        ];
+        lab.publish_configmap(&base)?;
+        lab.apply_iptables()?;
+        lab.start_portcullis(&[])?;
+        lab.curl(&[&app_url()])?
+            .expect_blocked("app.internal.com before the ServiceEntry key exists")?;
+
+        lab.publish_configmap(&[
+            base[0],
+            base[1],
+            ("serviceentry.yaml", scenario::SERVICE_ENTRY),
+        ])?;
+        curl_until(
+            lab,
+            "the new ServiceEntry key applied",
+            &[&app_url()],
+            |r| r.status == 200,
+        )?
+        .expect_page(
+            "app.internal.com after the ConfigMap gained the key",
+            EXTERNAL_MARK,
+        )?;
+
+        let renamed = scenario::SERVICE_ENTRY.replace("app.internal.com", "app2.internal.com");
+        lab.publish_configmap(&[base[0], base[1], ("serviceentry.yaml", renamed.as_str())])?;
+        let app2 = ["-H", "Host: app2.internal.com", &app_url()];
+        curl_until(lab, "the changed ServiceEntry key applied", &app2, |r| {
+            r.status == 200
+        })?
+        .expect_page("app2.internal.com after the key changed", EXTERNAL_MARK)?;
+        lab.curl(&[&app_url()])?
+            .expect_blocked("app.internal.com after the key changed to app2")?;
+
+        lab.publish_configmap(&base)?;
+        curl_until(lab, "the removed ServiceEntry key applied", &app2, |r| {
+            r.status == 502
+        })?
+        .expect_blocked("app2.internal.com after the key was removed")?;
+        lab.expect_running()
+    });
+}
