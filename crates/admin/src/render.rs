@@ -28,6 +28,7 @@ fn mode_name(mode: OutboundMode) -> &'static str {
 fn protocol_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Http => "HTTP",
+        Protocol::Http2 => "HTTP2",
         Protocol::Tls => "TLS",
         Protocol::Tcp => "TCP",
         Protocol::Auto => "AUTO",

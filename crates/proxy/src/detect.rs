@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum Detected {
     /// An HTTP/1.x request line.
     Http1,
+    /// The HTTP/2 connection preface (prior knowledge, h2c).
+    Http2,
     /// Anything else (including nothing within the timeout): opaque TCP.
     Opaque,
 }
@@ -29,9 +31,15 @@ const METHODS: [&[u8]; 9] = [
     b"CONNECT ",
 ];
 
+/// The start of the HTTP/2 client connection preface, as much as detection reads.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// Classifies `buf`: `Some` when decided, `None` when more bytes could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Detected> {
-    let mut undecided = false;
+    if buf.starts_with(H2_PREFACE) {
+        return Some(Detected::Http2);
+    }
+    let mut undecided = H2_PREFACE.starts_with(buf);
     for m in METHODS {
         if buf.starts_with(m) {
             return Some(Detected::Http1);
@@ -82,6 +90,9 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
         assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
         assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Detected::Http2));
+        assert_eq!(classify(b"PRI * HTT"), None);
+        assert_eq!(classify(b"PRI * HTTP/1.1"), Some(Detected::Opaque));
     }
 
     #[tokio::test(start_paused = true)]

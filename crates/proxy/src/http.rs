@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use portcullis_registry::{Decision, Snapshot, split_host_port};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_registry::{Decision, Protocol, Snapshot, split_host_port};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,36 @@ pub(crate) async fn serve<I>(
         result = conn.as_mut() => {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Serves HTTP/2 with prior knowledge (h2c) on `io`.
+pub(crate) async fn serve_h2<I>(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    io: I,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        let downstream = Arc::clone(&downstream);
+        async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
             }
         }
         () = shutdown.cancelled() => {
@@ -157,6 +187,15 @@ fn authority(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
         return Err(ProxyError::BadRequest("multiple Host headers"));
     }
     if let Some(a) = req.uri().authority() {
+        // HTTP/2 carries both :authority and possibly Host; two names for one request is
+        // how a Host check gets bypassed, so they must agree (RFC 9113 8.3.1). In HTTP/1.1
+        // absolute-form the URI wins and Host is rewritten to match (RFC 9112 3.2.2).
+        if req.version() == Version::HTTP_2
+            && let Some(h) = host
+            && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+        {
+            return Err(ProxyError::BadRequest(":authority and host differ"));
+        }
         return Ok(Some(a.as_str().to_string()));
     }
     match host {
@@ -256,7 +295,17 @@ async fn route_and_forward(
             Err(e) => Err((e, outcome)),
         };
     }
-    prepare_request(&mut req, authority.as_deref(), explicit);
+    let downstream_version = req.version();
+    let h2 = upstream_h2(&decision, downstream_version);
+    // An HTTP/1.1 upgrade (WebSocket): both sides switch protocols after a 101.
+    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    prepare_request(
+        &mut req,
+        authority.as_deref(),
+        explicit,
+        h2,
+        client_upgrade.is_some(),
+    );
     let mut tried: Vec<usize> = Vec::new();
     for attempt in 0..ATTEMPTS {
         let pick = match proxy.pick(&decision, original, &tried).await {
@@ -265,46 +314,209 @@ async fn route_and_forward(
         };
         outcome.upstream = Some(pick.addr);
         let Pick { addr, index, guard } = pick;
-        let mut pooled = match proxy.pool.checkout(addr).await {
-            Some(p) => p,
-            None => match proxy.connect(addr, &outcome.cluster).await {
-                Ok(stream) => match handshake(stream).await {
-                    Ok(sender) => proxy.pool.fresh(addr, sender),
-                    Err(e) => return Err((ProxyError::UpstreamReset(e), outcome)),
-                },
-                Err(e) => {
-                    if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
-                        tried.extend(index);
-                        continue;
-                    }
-                    return Err((e, outcome));
-                }
-            },
+        let sent = if h2 {
+            send_h2(proxy, addr, &outcome.cluster, req).await
+        } else {
+            send_h1(proxy, addr, &outcome.cluster, req).await
         };
-        proxy
-            .metrics
-            .upstream_rq
-            .get_or_create(&ClusterLabels {
-                cluster_name: Label(Arc::clone(&outcome.cluster)),
-            })
-            .inc();
-        match pooled.sender.try_send_request(req).await {
-            Ok(response) => {
-                let response = prepare_response(response, pooled, guard, start);
+        match sent {
+            Ok((mut response, pooled)) => {
+                proxy
+                    .metrics
+                    .upstream_rq
+                    .get_or_create(&ClusterLabels {
+                        cluster_name: Label(Arc::clone(&outcome.cluster)),
+                    })
+                    .inc();
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let response = match (client_upgrade, switching) {
+                    (Some(client), true) => {
+                        let upstream = hyper::upgrade::on(&mut response);
+                        tokio::spawn(splice_upgraded(client, upstream, guard, pooled));
+                        upgraded_response(response, downstream_version, start)
+                    }
+                    _ => prepare_response(response, pooled, guard, downstream_version, start),
+                };
                 outcome.status = response.status().as_u16();
                 return Ok((response, outcome));
             }
-            Err(mut e) => match e.take_message() {
-                // Never sent: the pooled connection had just closed. Safe to try again.
-                Some(unsent) if attempt + 1 < ATTEMPTS => {
+            Err(Failure::Connect(unsent, e)) => {
+                if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
+                    tried.extend(index);
                     req = unsent;
                     continue;
                 }
-                _ => return Err((ProxyError::UpstreamReset(e.into_error()), outcome)),
-            },
+                return Err((e, outcome));
+            }
+            // Never sent: the reused connection had just closed. Safe to try again.
+            Err(Failure::Unsent(unsent, e)) => {
+                if attempt + 1 < ATTEMPTS {
+                    req = unsent;
+                    continue;
+                }
+                return Err((e, outcome));
+            }
+            Err(Failure::Sent(e)) => return Err((e, outcome)),
         }
     }
     Err((ProxyError::NoHealthyUpstream, outcome))
+}
+
+/// Why sending to one upstream failed, and whether the request can be tried again.
+enum Failure {
+    /// No connection: another endpoint may work; the request comes back untouched.
+    Connect(Request<Incoming>, ProxyError),
+    /// The connection failed before the request left: it comes back for another try.
+    Unsent(Request<Incoming>, ProxyError),
+    /// The request was (at least partly) sent: not retried.
+    Sent(ProxyError),
+}
+
+type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
+
+async fn send_h1(
+    proxy: &Arc<Proxy>,
+    addr: SocketAddr,
+    cluster: &str,
+    req: Request<Incoming>,
+) -> Result<Sent, Failure> {
+    let mut pooled = match proxy.pool.checkout(addr).await {
+        Some(p) => p,
+        None => {
+            let stream = match proxy.connect(addr, cluster).await {
+                Ok(s) => s,
+                Err(e) => return Err(Failure::Connect(req, e)),
+            };
+            let (sender, conn) = match hyper::client::conn::http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+            {
+                Ok(h) => h,
+                Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
+                }
+            });
+            proxy.pool.fresh(addr, sender)
+        }
+    };
+    match pooled.sender.try_send_request(req).await {
+        Ok(response) => Ok((response, Some(pooled))),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => Err(Failure::Unsent(
+                unsent,
+                ProxyError::UpstreamReset(e.into_error()),
+            )),
+            None => Err(Failure::Sent(ProxyError::UpstreamReset(e.into_error()))),
+        },
+    }
+}
+
+async fn send_h2(
+    proxy: &Arc<Proxy>,
+    addr: SocketAddr,
+    cluster: &str,
+    req: Request<Incoming>,
+) -> Result<Sent, Failure> {
+    let mut sender = match proxy.pool.h2(addr) {
+        Some(s) => s,
+        None => {
+            let stream = match proxy.connect(addr, cluster).await {
+                Ok(s) => s,
+                Err(e) => return Err(Failure::Connect(req, e)),
+            };
+            let (sender, conn) =
+                match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                {
+                    Ok(h) => h,
+                    Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
+                };
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            proxy.pool.put_h2(addr, sender.clone());
+            sender
+        }
+    };
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok((response, None)),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => Err(Failure::Unsent(
+                unsent,
+                ProxyError::UpstreamReset(e.into_error()),
+            )),
+            None => Err(Failure::Sent(ProxyError::UpstreamReset(e.into_error()))),
+        },
+    }
+}
+
+/// HTTP/2 upstream for ports declared HTTP2/GRPC; HTTP/1.1 for ports declared HTTP; the
+/// client's own protocol where nothing is declared (Istio's sniffed ports do the same).
+fn upstream_h2(decision: &Decision, downstream: Version) -> bool {
+    match decision {
+        Decision::Cluster(c) => match c.protocol {
+            Protocol::Http2 => true,
+            Protocol::Http => false,
+            Protocol::Tls | Protocol::Tcp | Protocol::Auto => downstream == Version::HTTP_2,
+        },
+        _ => downstream == Version::HTTP_2,
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    guard: Option<portcullis_balance::ActiveGuard>,
+    connection: Option<crate::pool::Pooled>,
+) {
+    // Held until the upgrade resolves: the upstream connection must not close under it.
+    // It never goes back to the pool: after a 101 it speaks another protocol.
+    let _held = (guard, connection);
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+    }
+}
+
+fn upgraded_response(
+    response: Response<Incoming>,
+    version: Version,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let (mut parts, _) = response.into_parts();
+    parts.version = version;
+    parts
+        .headers
+        .insert(header::SERVER, HeaderValue::from_static("envoy"));
+    parts.headers.insert(
+        HeaderName::from_static("x-envoy-upstream-service-time"),
+        HeaderValue::from(start.elapsed().as_millis() as u64),
+    );
+    Response::from_parts(parts, ProxyBody::Full(None))
 }
 
 /// A CONNECT target: a registered name, a registered VIP or pod, or an address in a
@@ -322,15 +534,14 @@ fn route_connect(snapshot: &Snapshot, host: &str, port: u16) -> Decision {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded. `Upgrade` and `TE: trailers` are
+/// handled separately: an upgrade keeps its headers, gRPC needs `TE: trailers`.
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHORIZATION,
-    header::TE,
     header::TRANSFER_ENCODING,
-    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -345,40 +556,87 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+    let trailers_only = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
 }
 
-fn prepare_request(req: &mut Request<Incoming>, authority: Option<&str>, explicit: bool) {
-    let absolute = req.uri().authority().is_some();
+fn prepare_request(
+    req: &mut Request<Incoming>,
+    authority: Option<&str>,
+    explicit: bool,
+    h2: bool,
+    upgrade: bool,
+) {
     let path = req
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
-    *req.version_mut() = Version::HTTP_11;
+    let upgrade_to = req.headers().get(header::UPGRADE).cloned();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    if absolute && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
-        // The URI's authority is what was routed on; the upstream must see the same name.
-        headers.insert(header::HOST, value);
-    }
+    headers.remove(header::UPGRADE);
     if explicit {
         headers.remove(header::PROXY_AUTHENTICATE);
+    }
+    // Like Envoy, answer `Expect: 100-continue` here (hyper sends the 100 when the body is
+    // first read) rather than passing it on.
+    if headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        headers.remove(header::EXPECT);
     }
     headers
         .entry(HeaderName::from_static("x-forwarded-proto"))
         .or_insert(HeaderValue::from_static("http"));
+    let authority_value = authority.and_then(|a| HeaderValue::from_str(a).ok());
+    if h2 {
+        // HTTP/2 carries the name in :authority, taken from the URI.
+        headers.remove(header::HOST);
+        let uri = authority.and_then(|a| {
+            Uri::builder()
+                .scheme("http")
+                .authority(a)
+                .path_and_query(path.clone())
+                .build()
+                .ok()
+        });
+        *req.uri_mut() = uri.unwrap_or_else(|| Uri::from(path));
+        *req.version_mut() = Version::HTTP_2;
+        return;
+    }
+    // The name that was routed on is the one the upstream sees.
+    if let Some(value) = authority_value {
+        headers.insert(header::HOST, value);
+    }
+    if upgrade && let Some(to) = upgrade_to {
+        headers.insert(header::UPGRADE, to);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    *req.uri_mut() = Uri::from(path);
+    *req.version_mut() = Version::HTTP_11;
 }
 
 fn prepare_response(
     response: Response<Incoming>,
-    connection: crate::pool::Pooled,
+    connection: Option<crate::pool::Pooled>,
     guard: Option<portcullis_balance::ActiveGuard>,
+    version: Version,
     start: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    // The client gets the proxy's HTTP version, whatever the upstream spoke.
-    parts.version = Version::HTTP_11;
+    // The client gets its own HTTP version back, whatever the upstream spoke.
+    parts.version = if version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     strip_hop_by_hop(&mut parts.headers);
     // Envoy overwrites the server header on responses it proxies.
     parts
@@ -391,29 +649,17 @@ fn prepare_response(
     if body.is_end_stream() {
         // hyper never polls an empty body (HEAD, 204, content-length: 0), so the body
         // cannot hand the connection back: do it now.
-        connection.release();
+        if let Some(connection) = connection {
+            connection.release();
+        }
         return Response::from_parts(parts, ProxyBody::Full(None));
     }
     Response::from_parts(
         parts,
         ProxyBody::Upstream {
             body,
-            connection: Some(connection),
+            connection,
             guard,
         },
     )
-}
-
-async fn handshake(
-    stream: tokio::net::TcpStream,
-) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error> {
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
-        }
-    });
-    Ok(sender)
 }

@@ -178,13 +178,17 @@ impl Proxy {
         };
         let io = PrefixedIo::new(prefix, stream);
         match detected {
-            Detected::Http1 => {
+            Detected::Http1 | Detected::Http2 => {
                 let downstream = Arc::new(Downstream {
                     snapshot,
                     original_dst: Some(dst),
                     peer,
                 });
-                http::serve(self, downstream, io, shutdown).await;
+                if detected == Detected::Http2 {
+                    http::serve_h2(self, downstream, io, shutdown).await;
+                } else {
+                    http::serve(self, downstream, io, shutdown).await;
+                }
             }
             Detected::Opaque => tcp::forward(&self, &snapshot, io, dst, peer).await,
         }

@@ -1,8 +1,9 @@
-//! Upstream HTTP/1.1 connection reuse, keyed by endpoint address.
+//! Upstream connection reuse, keyed by endpoint address.
 //!
-//! A connection goes back to the pool only when the response body it carried has ended,
-//! so a pooled sender is always free for the next request. The lock is held only to push
-//! or pop one sender; it is never held across an await and a reload never takes it.
+//! HTTP/1.1: a connection goes back to the pool only when the response body it carried
+//! has ended, so a pooled sender is always free for the next request. HTTP/2: one shared,
+//! multiplexed connection per endpoint. The locks are held only to push, pop or clone one
+//! sender; never across an await, and a reload never takes them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1::SendRequest, http2};
 use tokio::time::Instant;
 
 type Idle = Vec<(SendRequest<Incoming>, Instant)>;
@@ -18,6 +19,7 @@ type Idle = Vec<(SendRequest<Incoming>, Instant)>;
 /// Idle upstream connections per endpoint.
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Idle>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
 }
@@ -44,6 +46,7 @@ impl Pool {
     pub fn new(max_idle_per_endpoint: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
             max_idle_per_endpoint,
             idle_timeout,
         }
@@ -94,6 +97,27 @@ impl Pool {
         if list.len() < self.max_idle_per_endpoint {
             list.push((sender, Instant::now()));
         }
+    }
+
+    /// The shared HTTP/2 connection to `key`, if one is open.
+    pub fn h2(&self, key: SocketAddr) -> Option<http2::SendRequest<Incoming>> {
+        let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        match h2.get(&key) {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                h2.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Shares a new HTTP/2 connection to `key` with later requests.
+    pub fn put_h2(&self, key: SocketAddr, sender: http2::SendRequest<Incoming>) {
+        self.h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, sender);
     }
 
     /// Number of idle connections, for the admin server.

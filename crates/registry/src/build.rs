@@ -98,7 +98,8 @@ fn protocol_of(protocol: Option<&str>, name: &str) -> Protocol {
     let from_name = name.split('-').next().unwrap_or("");
     for candidate in [declared, from_name] {
         match candidate.to_ascii_uppercase().as_str() {
-            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "HTTP_PROXY" => return Protocol::Http,
+            "HTTP" | "GRPC-WEB" | "HTTP_PROXY" => return Protocol::Http,
+            "HTTP2" | "GRPC" => return Protocol::Http2,
             "HTTPS" | "TLS" => return Protocol::Tls,
             "TCP" | "MONGO" | "MYSQL" | "REDIS" => return Protocol::Tcp,
             _ => {}

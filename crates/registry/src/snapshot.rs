@@ -18,8 +18,10 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// How traffic on a service port is handled, from the port's protocol or name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// HTTP/1.x, HTTP/2, gRPC: routed by Host.
+    /// HTTP: routed by Host; HTTP/1.1 to the upstream.
     Http,
+    /// HTTP/2 or gRPC: routed by `:authority`; HTTP/2 to the upstream.
+    Http2,
     /// TLS or HTTPS: routed by SNI.
     Tls,
     /// Opaque TCP: routed by destination address.
