@@ -11,6 +11,7 @@ pub mod metrics;
 mod orig_dst;
 mod pool;
 mod tcp;
+pub mod tls;
 mod tunnel;
 mod upstream;
 
