@@ -12,6 +12,8 @@ pub enum Detected {
     Http1,
     /// The HTTP/2 connection preface (prior knowledge, h2c).
     Http2,
+    /// A TLS handshake record: route by the ClientHello's SNI.
+    Tls,
     /// Anything else (including nothing within the timeout): opaque TCP.
     Opaque,
 }
@@ -36,6 +38,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 /// Classifies `buf`: `Some` when decided, `None` when more bytes could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Detected> {
+    // The TLS record type for handshakes; the ClientHello parser judges the rest.
+    if buf.first() == Some(&0x16) {
+        return Some(Detected::Tls);
+    }
     if buf.starts_with(H2_PREFACE) {
         return Some(Detected::Http2);
     }
@@ -87,7 +93,8 @@ mod tests {
         assert_eq!(classify(b"CONNECT a:443 HTTP/1.1"), Some(Detected::Http1));
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b""), None);
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Tls));
+        assert_eq!(classify(b"\x16"), Some(Detected::Tls));
         assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
         assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Detected::Http2));

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use portcullis_registry::Snapshot;
+use portcullis_registry::{Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,6 +38,8 @@ use crate::pool::Pool;
 pub struct ProxyConfig {
     /// How long to wait for a client's first bytes before treating it as opaque TCP.
     pub detect_timeout: Duration,
+    /// How long a TLS client may take to send its whole ClientHello.
+    pub client_hello_timeout: Duration,
     /// Upstream connect timeout (Istio's default `connectTimeout` is 10 s).
     pub connect_timeout: Duration,
     /// How long an idle pooled upstream connection is kept.
@@ -50,11 +52,23 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             detect_timeout: Duration::from_millis(100),
+            client_hello_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(60),
             max_idle_per_endpoint: 256,
         }
     }
+}
+
+/// TLS is routed by SNI among the hosts registered on the port; without a match (or
+/// without SNI) by the destination address, as opaque TCP would be.
+fn route_tls(snapshot: &Snapshot, sni: Option<&str>, dst: SocketAddr) -> Decision {
+    if let Some(name) = sni
+        && let found @ Decision::Cluster(_) = snapshot.route_host(name, dst.port())
+    {
+        return found;
+    }
+    snapshot.route_tcp(dst.ip(), dst.port())
 }
 
 /// The proxy: shared by every connection task.
@@ -166,7 +180,8 @@ impl Proxy {
         // The connection keeps this registry version for its whole life.
         let snapshot = self.registry.load_full();
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
-            tcp::forward(&self, &snapshot, stream, dst, peer).await;
+            let decision = snapshot.route_tcp(dst.ip(), dst.port());
+            tcp::forward(&self, decision, stream, dst, peer, None).await;
             return;
         }
         let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await
@@ -177,6 +192,25 @@ impl Proxy {
                 return;
             }
         };
+        if detected == Detected::Tls {
+            let mut buf = prefix;
+            let hello =
+                tls::peek_client_hello(&mut stream, &mut buf, self.config.client_hello_timeout)
+                    .await;
+            match hello {
+                Ok(hello) => {
+                    let sni = hello.sni.as_deref();
+                    let decision = route_tls(&snapshot, sni, dst);
+                    let io = PrefixedIo::new(buf, stream);
+                    tcp::forward(&self, decision, io, dst, peer, sni).await;
+                }
+                // Garbage, oversized or too slow: close without forwarding a byte.
+                Err(e) => {
+                    tracing::info!(error = %e, %peer, original_dst = %dst, "TLS ClientHello rejected; connection closed")
+                }
+            }
+            return;
+        }
         let io = PrefixedIo::new(prefix, stream);
         match detected {
             Detected::Http1 | Detected::Http2 => {
@@ -191,7 +225,10 @@ impl Proxy {
                     http::serve(self, downstream, io, shutdown).await;
                 }
             }
-            Detected::Opaque => tcp::forward(&self, &snapshot, io, dst, peer).await,
+            Detected::Opaque | Detected::Tls => {
+                let decision = snapshot.route_tcp(dst.ip(), dst.port());
+                tcp::forward(&self, decision, io, dst, peer, None).await;
+            }
         }
     }
 

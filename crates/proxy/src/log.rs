@@ -79,6 +79,8 @@ pub struct TcpLog<'a> {
     pub upstream: Option<SocketAddr>,
     /// The original destination.
     pub original_dst: SocketAddr,
+    /// The TLS SNI, when the connection was routed by it.
+    pub sni: Option<&'a str>,
     /// Client address.
     pub downstream: SocketAddr,
     /// Bytes client to upstream.
@@ -101,17 +103,19 @@ impl TcpLog<'_> {
             upstream_cluster = self.cluster,
             upstream_host = %upstream,
             original_dst = %self.original_dst,
+            requested_server_name = self.sni.unwrap_or("-"),
             downstream = %self.downstream,
             bytes_sent = self.sent,
             bytes_received = self.received,
             duration_ms = self.duration.as_millis() as u64,
-            "\"- - -\" 0 {} {} {} \"{}\" {} {}",
+            "\"- - -\" 0 {} {} {} \"{}\" {} {} {}",
             self.flags,
             self.received,
             self.sent,
             upstream,
             self.cluster,
             self.original_dst,
+            self.sni.unwrap_or("-"),
         );
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use portcullis_registry::{Decision, Snapshot};
+use portcullis_registry::Decision;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
@@ -12,18 +12,19 @@ use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
 use crate::upstream::{ATTEMPTS, Original, can_retry};
 
-/// Forwards one intercepted TCP connection, or closes it when the destination is refused.
+/// Forwards one intercepted TCP (or TLS) connection as `decision` says, or closes it when
+/// the destination is refused.
 pub(crate) async fn forward<C>(
     proxy: &Arc<Proxy>,
-    snapshot: &Snapshot,
+    decision: Decision,
     mut client: C,
     dst: SocketAddr,
     peer: SocketAddr,
+    sni: Option<&str>,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let decision = snapshot.route_tcp(dst.ip(), dst.port());
     let cluster: Arc<str> = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
         other => other.cluster_name().into(),
@@ -42,6 +43,7 @@ pub(crate) async fn forward<C>(
         cluster: &cluster,
         upstream: None,
         original_dst: dst,
+        sni,
         downstream: peer,
         sent: 0,
         received: 0,
