@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use portcullis_registry::{EndpointAddress, OutboundMode, Protocol, Resolution, Snapshot};
+use portcullis_registry::{OutboundMode, Protocol, Resolution, Snapshot};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
@@ -57,9 +57,10 @@ pub fn config_dump(snapshot: &Snapshot, config: &ConfigStatus) -> String {
                 "protocol": protocol_name(c.protocol),
                 "resolution": resolution_name(c.resolution),
                 "source": &*c.source,
+                "owned_destinations": c.owned_destinations.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "endpoints": c.endpoints.iter().map(|e| json!({
                     "address": e.display(),
-                    "dns": matches!(e.address, EndpointAddress::Dns(_)),
+                    "hostname": e.hostname.as_deref(),
                     "weight": e.weight,
                     "source": &*e.source,
                 })).collect::<Vec<_>>(),
@@ -76,6 +77,7 @@ pub fn config_dump(snapshot: &Snapshot, config: &ConfigStatus) -> String {
         "outbound_traffic_policy": mode_name(snapshot.outbound_mode()),
         "clusters": clusters,
         "warnings": snapshot.warnings,
+        "dns_names": snapshot.dns_names,
         "config": {
             "path": config.path,
             "path_error": config.path_error,

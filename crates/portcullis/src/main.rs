@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// Periodic re-scan of the config path, a backstop for missed file events.
     #[arg(long, env = "PORTCULLIS_RESCAN_INTERVAL", default_value = "5s")]
     pub rescan_interval: humantime::Duration,
+    /// Let resolution NONE forward to any original destination, as Istio does, instead of
+    /// only to the service's addresses and its host's DNS answers. Re-opens Host/SNI
+    /// spoofing; for exact Envoy parity only.
+    #[arg(long, env = "PORTCULLIS_PERMISSIVE_NONE_RESOLUTION")]
+    pub permissive_none_resolution: bool,
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,

@@ -9,9 +9,10 @@ use arc_swap::ArcSwap;
 use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 use portcullis_admin::{AdminState, ConfigStatus, FileStatus};
+use portcullis_dns::DnsCache;
 use portcullis_model::Severity;
 use portcullis_model::{ConfigSet, scan};
-use portcullis_registry::{BuildOptions, Snapshot, build};
+use portcullis_registry::{BuildOptions, Snapshot, build_with_dns};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +27,15 @@ pub enum Trigger {
     Signal,
     /// The periodic re-scan that backs up the watcher.
     Periodic,
+    /// A DNS answer the registry uses changed.
+    Dns,
 }
 
 /// The config path, the registry it feeds and the last good content of every file.
 pub struct Reloader {
     path: PathBuf,
     options: BuildOptions,
+    dns: Arc<DnsCache>,
     set: ConfigSet,
     registry: Arc<ArcSwap<Snapshot>>,
     admin: Arc<AdminState>,
@@ -43,12 +47,14 @@ impl Reloader {
     pub fn new(
         path: PathBuf,
         options: BuildOptions,
+        dns: Arc<DnsCache>,
         registry: Arc<ArcSwap<Snapshot>>,
         admin: Arc<AdminState>,
     ) -> Self {
         Reloader {
             path,
             options,
+            dns,
             set: ConfigSet::new(),
             registry,
             admin,
@@ -73,11 +79,21 @@ impl Reloader {
         if !self.set.loaded() {
             return;
         }
-        if update.changed || self.version == 0 {
+        if update.changed || self.version == 0 || matches!(trigger, Trigger::Dns) {
             self.version += 1;
             let resources: Vec<_> = self.set.resources().cloned().collect();
             let previous = self.registry.load_full();
-            let snapshot = build(&resources, &self.options, Some(&previous), self.version);
+            let answers = self.dns.answers();
+            let lookup = |name: &str| answers.get(name).map(|a| Arc::clone(&a.addrs));
+            let snapshot = build_with_dns(
+                &resources,
+                &self.options,
+                Some(&previous),
+                self.version,
+                &lookup,
+            );
+            // New names start resolving now; their answers trigger another build.
+            self.dns.set_names(snapshot.dns_names.iter().cloned());
             for warning in &snapshot.warnings {
                 tracing::warn!(%warning, "registry");
             }
@@ -169,6 +185,20 @@ pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationTok
             }
         }
     });
+    let dns_tx = tx.clone();
+    let mut dns_changes = reloader.dns.subscribe();
+    let dns_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = dns_stop.cancelled() => return,
+                changed = dns_changes.changed() => {
+                    if changed.is_err() { return; }
+                    let _ = dns_tx.send(Trigger::Dns).await;
+                }
+            }
+        }
+    });
     let mut trigger = Trigger::Start;
     let mut ticker = tokio::time::interval(rescan);
     ticker.tick().await;
@@ -192,9 +222,12 @@ pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationTok
             t = rx.recv() => t.unwrap_or(Trigger::Periodic),
             _ = ticker.tick() => Trigger::Periodic,
         };
-        // Coalesce a burst of events into one reload.
+        // Coalesce a burst of events into one reload; a DNS change among them still
+        // forces a rebuild.
         while let Ok(t) = rx.try_recv() {
-            trigger = t;
+            if !matches!(trigger, Trigger::Dns) {
+                trigger = t;
+            }
         }
     }
 }

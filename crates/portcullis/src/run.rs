@@ -9,7 +9,8 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portcullis_admin::{AdminState, ConfigStatus, Endpoints, SetLogLevel};
-use portcullis_proxy::{Metrics, Proxy, ProxyConfig};
+use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
+use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Snapshot};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -115,13 +116,27 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let config = ProxyConfig {
         detect_timeout: args.protocol_detection_timeout.into(),
         connect_timeout: args.connect_timeout.into(),
+        none_resolution: if args.permissive_none_resolution {
+            NonePolicy::Permissive
+        } else {
+            NonePolicy::Strict
+        },
         ..ProxyConfig::default()
     };
-    let proxy = Proxy::new(Arc::clone(&registry), config, metrics, own);
+    let lookup = HickoryLookup::from_system_conf().context("cannot read the DNS configuration")?;
+    let dns = DnsCache::new(lookup, DnsConfig::default());
+    let proxy = Proxy::new(
+        Arc::clone(&registry),
+        config,
+        metrics,
+        own,
+        Arc::clone(&dns),
+    );
 
     let reloader = Reloader::new(
         args.config.clone(),
         options,
+        dns,
         Arc::clone(&registry),
         Arc::clone(&admin),
     );

@@ -271,6 +271,10 @@ async fn route_and_forward(
             None => Decision::BlackHole,
         },
     };
+    let decision = match downstream.original_dst {
+        Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
+        None => decision,
+    };
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use portcullis_dns::DnsCache;
 use portcullis_registry::{Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
 pub use metrics::Metrics;
+pub use upstream::NonePolicy;
 
 use crate::detect::Detected;
 use crate::http::Downstream;
@@ -46,6 +48,8 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per endpoint.
     pub max_idle_per_endpoint: usize,
+    /// Which original destinations resolution NONE may forward to.
+    pub none_resolution: NonePolicy,
 }
 
 impl Default for ProxyConfig {
@@ -56,6 +60,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(60),
             max_idle_per_endpoint: 256,
+            none_resolution: NonePolicy::Strict,
         }
     }
 }
@@ -78,16 +83,19 @@ pub struct Proxy {
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     own_listeners: Vec<SocketAddr>,
+    dns: Arc<DnsCache>,
     tasks: TaskTracker,
 }
 
 impl Proxy {
-    /// A proxy reading `registry`, never forwarding to any of `own_listeners`.
+    /// A proxy reading `registry`, resolving names with `dns`, never forwarding to any of
+    /// `own_listeners`.
     pub fn new(
         registry: Arc<ArcSwap<Snapshot>>,
         config: ProxyConfig,
         metrics: Arc<Metrics>,
         own_listeners: Vec<SocketAddr>,
+        dns: Arc<DnsCache>,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool::new(
             config.max_idle_per_endpoint,
@@ -99,6 +107,7 @@ impl Proxy {
             pool,
             metrics,
             own_listeners,
+            dns,
             tasks: TaskTracker::new(),
         })
     }
@@ -181,6 +190,7 @@ impl Proxy {
         let snapshot = self.registry.load_full();
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let decision = snapshot.route_tcp(dst.ip(), dst.port());
+            let decision = self.confine_none(&snapshot, decision, dst, None).await;
             tcp::forward(&self, decision, stream, dst, peer, None).await;
             return;
         }
@@ -201,6 +211,7 @@ impl Proxy {
                 Ok(hello) => {
                     let sni = hello.sni.as_deref();
                     let decision = route_tls(&snapshot, sni, dst);
+                    let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     let io = PrefixedIo::new(buf, stream);
                     tcp::forward(&self, decision, io, dst, peer, sni).await;
                 }
@@ -227,6 +238,7 @@ impl Proxy {
             }
             Detected::Opaque | Detected::Tls => {
                 let decision = snapshot.route_tcp(dst.ip(), dst.port());
+                let decision = self.confine_none(&snapshot, decision, dst, None).await;
                 tcp::forward(&self, decision, io, dst, peer, None).await;
             }
         }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use portcullis_balance::ActiveGuard;
-use portcullis_registry::{Decision, EndpointAddress, Resolution};
+use portcullis_registry::{Decision, OutboundMode, Resolution, Snapshot};
 use tokio::net::TcpStream;
 
 use crate::Proxy;
@@ -29,6 +29,16 @@ pub struct Pick {
     pub guard: Option<ActiveGuard>,
 }
 
+/// How resolution NONE treats destinations that do not belong to the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonePolicy {
+    /// Only the service's addresses or its host's current DNS answers (the default).
+    #[default]
+    Strict,
+    /// Any destination, as Istio does (exact Envoy parity; Host/SNI spoofing is possible).
+    Permissive,
+}
+
 /// Upstream connection attempts for one request: the first plus Istio's default 2 retries.
 pub const ATTEMPTS: usize = 3;
 
@@ -46,12 +56,8 @@ impl Proxy {
                 let (index, endpoint) = c
                     .pick_excluding(tried)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
-                let addr = match &endpoint.address {
-                    EndpointAddress::Ip(ip) => SocketAddr::new(*ip, endpoint.port),
-                    EndpointAddress::Dns(host) => resolve(host, endpoint.port).await?,
-                };
                 Pick {
-                    addr,
+                    addr: SocketAddr::new(endpoint.address, endpoint.port),
                     index: Some(index),
                     guard: Some(endpoint.state.start()),
                 }
@@ -70,7 +76,7 @@ impl Proxy {
             Decision::Cluster(_) | Decision::Passthrough => Pick {
                 addr: match original {
                     Original::Address(a) => a,
-                    Original::Name(host, port) => resolve(host, port).await?,
+                    Original::Name(host, port) => self.resolve(host, port).await?,
                 },
                 index: None,
                 guard: None,
@@ -108,6 +114,62 @@ impl Proxy {
         Err(result)
     }
 
+    /// Resolution NONE forwards to the original destination, but only to a destination
+    /// that belongs to the service: one of its addresses, or what the requested host
+    /// resolves to now. Anything else is unregistered traffic, so a registered Host or SNI
+    /// cannot carry a connection to an arbitrary address. `NonePolicy::Permissive` keeps
+    /// Istio's behaviour (any destination).
+    pub(crate) async fn confine_none(
+        &self,
+        snapshot: &Snapshot,
+        decision: Decision,
+        dst: SocketAddr,
+        requested: Option<&str>,
+    ) -> Decision {
+        let Decision::Cluster(cluster) = &decision else {
+            return decision;
+        };
+        if cluster.resolution != Resolution::None
+            || self.config.none_resolution == NonePolicy::Permissive
+            || snapshot.outbound_mode() == OutboundMode::AllowAny
+            || Snapshot::owns_destination(cluster, dst.ip())
+        {
+            return decision;
+        }
+        // A wildcard host owns what the name actually requested resolves to.
+        if cluster.host.starts_with('*')
+            && let Some(name) = requested
+            && let Ok(addrs) = self.dns.resolve_now(name).await
+            && addrs.contains(&dst.ip())
+        {
+            return decision;
+        }
+        tracing::info!(
+            cluster = %cluster.name,
+            requested = requested.unwrap_or("-"),
+            original_dst = %dst,
+            "resolution NONE: destination does not belong to the service; treated as unregistered"
+        );
+        snapshot.unmatched()
+    }
+
+    /// Resolves a requested name (explicit proxy) to one address.
+    async fn resolve(&self, host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
+        if let Ok(ip) = host.parse() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        let failure = |_| ProxyError::DnsFailure {
+            host: host.to_string(),
+        };
+        let addrs = self.dns.resolve_now(host).await.map_err(failure)?;
+        addrs
+            .first()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .ok_or(ProxyError::DnsFailure {
+                host: host.to_string(),
+            })
+    }
+
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
         self.own_listeners.iter().any(|own| {
             own.port() == addr.port()
@@ -119,14 +181,4 @@ impl Proxy {
 /// Whether a failed pick may be retried on another endpoint of the same cluster.
 pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
     matches!(decision, Decision::Cluster(c) if c.endpoints.len() > 1) && pick_index.is_some()
-}
-
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
-    let failure = || ProxyError::DnsFailure {
-        host: host.to_string(),
-    };
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|_| failure())?;
-    addrs.next().ok_or_else(failure)
 }

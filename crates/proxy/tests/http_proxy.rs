@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Snapshot, build};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -223,6 +224,7 @@ impl Harness {
             ProxyConfig::default(),
             metrics,
             vec![addr],
+            dns(),
         );
         let shutdown = CancellationToken::new();
         tokio::spawn(proxy.run_http_proxy(listener, shutdown.clone()));
@@ -708,7 +710,7 @@ async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
     let metrics = Arc::new(Metrics::new(
         &mut prometheus_client::registry::Registry::default(),
     ));
-    let proxy = Proxy::new(registry, ProxyConfig::default(), metrics, vec![addr]);
+    let proxy = Proxy::new(registry, ProxyConfig::default(), metrics, vec![addr], dns());
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(Arc::clone(&proxy).run_outbound(listener, shutdown.clone()));
 
@@ -737,4 +739,10 @@ async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
     within(server).await.unwrap();
     proxy.tasks().close();
     within(proxy.tasks().wait()).await;
+}
+
+/// The system resolver, as the binary uses it.
+fn dns() -> Arc<DnsCache> {
+    let lookup = HickoryLookup::from_system_conf().expect("system resolver configuration");
+    DnsCache::new(lookup, DnsConfig::default())
 }

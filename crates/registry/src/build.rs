@@ -11,9 +11,16 @@ use portcullis_model::{
     Resource, ServiceEntrySpec, SidecarSpec, SimpleLb, TargetPort, WorkloadEntrySpec,
 };
 
-use crate::snapshot::{
-    AddressTable, Cluster, Endpoint, EndpointAddress, HostTable, Protocol, Snapshot,
-};
+use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
+
+/// Where a pending endpoint is, before DNS answers are applied.
+enum EndpointAddress {
+    Ip(IpAddr),
+    Dns(Box<str>),
+}
+
+/// Current DNS answers by lower-case hostname.
+pub type DnsAnswers<'a> = &'a dyn Fn(&str) -> Option<Arc<[IpAddr]>>;
 
 /// Who the proxy is: what decides visibility (`exportTo`), short names and the Sidecar.
 #[derive(Debug, Clone)]
@@ -37,17 +44,30 @@ impl Default for BuildOptions {
 }
 
 /// Compiles `resources` into snapshot `version`, carrying endpoint counters over from
-/// `previous` so that active-request counts survive a reload.
+/// `previous` so that active-request counts survive a reload. DNS names resolve to
+/// nothing: see [`build_with_dns`].
 pub fn build(
     resources: &[Resource],
     options: &BuildOptions,
     previous: Option<&Snapshot>,
     version: u64,
 ) -> Snapshot {
+    build_with_dns(resources, options, previous, version, &|_| None)
+}
+
+/// [`build`], with DNS endpoints expanded to every address in `dns`'s current answer
+/// (the first only for DNS_ROUND_ROBIN), and resolution-NONE hosts owning their answers.
+pub fn build_with_dns(
+    resources: &[Resource],
+    options: &BuildOptions,
+    previous: Option<&Snapshot>,
+    version: u64,
+    dns: DnsAnswers<'_>,
+) -> Snapshot {
     let mut b = Builder::new(resources, options, previous);
     b.service_entries();
     b.kube_services();
-    b.finish(version)
+    b.finish(version, dns)
 }
 
 /// A pod that can take traffic.
@@ -63,6 +83,7 @@ struct PendingCluster {
     protocol: Protocol,
     resolution: Resolution,
     source: Arc<str>,
+    addresses: Vec<IpNet>,
     endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
 }
 
@@ -348,6 +369,12 @@ impl<'a> Builder<'a> {
                         protocol,
                         resolution: se.spec.resolution,
                         source: Arc::clone(&source),
+                        addresses: se
+                            .spec
+                            .addresses
+                            .iter()
+                            .filter_map(|a| parse_net(a))
+                            .collect(),
                         endpoints,
                     });
                     if !added {
@@ -536,6 +563,7 @@ impl<'a> Builder<'a> {
                     protocol,
                     resolution,
                     source: Arc::clone(&source),
+                    addresses: vips.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
                 });
                 if !added {
@@ -596,7 +624,7 @@ impl<'a> Builder<'a> {
         out
     }
 
-    fn finish(mut self, version: u64) -> Snapshot {
+    fn finish(mut self, version: u64, dns: DnsAnswers<'_>) -> Snapshot {
         let mode = self.mode();
         for s in &self.sidecars {
             if !s.spec.egress.is_empty() {
@@ -607,26 +635,45 @@ impl<'a> Builder<'a> {
             }
         }
         let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+        let mut dns_names = std::collections::BTreeSet::new();
         let pending = std::mem::take(&mut self.clusters);
         for (name, p) in pending {
             let policy = self.policy_for(&p.host);
-            let endpoints: Vec<Endpoint> = p
-                .endpoints
-                .into_iter()
-                .map(|(address, port, weight, source)| {
+            let mut owned_destinations = p.addresses;
+            if p.resolution == Resolution::None && !p.host.starts_with('*') {
+                dns_names.insert(p.host.to_string());
+                let answer = dns(&p.host).unwrap_or_default();
+                owned_destinations.extend(answer.iter().map(|ip| IpNet::from(*ip)));
+            }
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            for (address, port, weight, source) in p.endpoints {
+                let (addrs, hostname): (Arc<[IpAddr]>, _) = match address {
+                    EndpointAddress::Ip(ip) => (Arc::new([ip]), None),
+                    EndpointAddress::Dns(host) => {
+                        dns_names.insert(host.to_string());
+                        let mut answer = dns(&host).unwrap_or_default();
+                        if p.resolution == Resolution::DnsRoundRobin {
+                            // Envoy's LOGICAL_DNS: one address at a time, the first answer.
+                            answer = answer.iter().take(1).copied().collect();
+                        }
+                        (answer, Some(Arc::<str>::from(&*host)))
+                    }
+                };
+                for address in addrs.iter().copied() {
                     let mut e = Endpoint {
                         address,
+                        hostname: hostname.clone(),
                         port,
                         weight,
-                        source,
+                        source: Arc::clone(&source),
                         state: Arc::new(EndpointState::new()),
                     };
                     if let Some(state) = self.previous.get(&(&*name, e.display())) {
                         e.state = Arc::clone(state);
                     }
-                    e
-                })
-                .collect();
+                    endpoints.push(e);
+                }
+            }
             let balancer = Balancer::new(
                 policy,
                 endpoints
@@ -643,6 +690,7 @@ impl<'a> Builder<'a> {
                     protocol: p.protocol,
                     resolution: p.resolution,
                     source: p.source,
+                    owned_destinations,
                     endpoints,
                     balancer,
                 }),
@@ -710,6 +758,7 @@ impl<'a> Builder<'a> {
             mode,
             clusters,
             warnings: self.warnings,
+            dns_names,
             hosts: self.hosts,
             addresses,
             pods: self

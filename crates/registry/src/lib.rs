@@ -7,11 +7,10 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildOptions, build};
+pub use build::{BuildOptions, DnsAnswers, build, build_with_dns};
 pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use host::{HostError, normalize_host, split_host_port};
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointAddress, PASSTHROUGH_CLUSTER, Protocol,
-    Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };

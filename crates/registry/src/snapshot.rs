@@ -30,20 +30,13 @@ pub enum Protocol {
     Auto,
 }
 
-/// Where an endpoint is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum EndpointAddress {
-    /// A fixed IP.
-    Ip(IpAddr),
-    /// A hostname resolved when connecting (resolution DNS).
-    Dns(Box<str>),
-}
-
 /// One endpoint of a cluster.
 #[derive(Debug)]
 pub struct Endpoint {
     /// Address.
-    pub address: EndpointAddress,
+    pub address: IpAddr,
+    /// The DNS name the address was resolved from (resolution DNS), if any.
+    pub hostname: Option<Arc<str>>,
     /// Port on the endpoint.
     pub port: u16,
     /// Load-balancing weight.
@@ -57,11 +50,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// `ip:port` or `host:port`, as Envoy prints upstream hosts.
     pub fn display(&self) -> String {
-        match &self.address {
-            EndpointAddress::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
-            EndpointAddress::Ip(ip) => format!("{ip}:{}", self.port),
-            EndpointAddress::Dns(host) => format!("{host}:{}", self.port),
-        }
+        std::net::SocketAddr::new(self.address, self.port).to_string()
     }
 }
 
@@ -80,6 +69,9 @@ pub struct Cluster {
     pub resolution: Resolution,
     /// The resource that defined the service.
     pub source: Arc<str>,
+    /// Destinations that belong to the service for resolution NONE: its addresses and
+    /// what its (non-wildcard) host resolves to now.
+    pub owned_destinations: Vec<IpNet>,
     /// Endpoints, in the order the balancer indexes them.
     pub endpoints: Vec<Endpoint>,
     /// Picks endpoints.
@@ -183,6 +175,8 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<Cluster>>,
     /// Warnings found while compiling (conflicts, unsupported features).
     pub warnings: Vec<String>,
+    /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
+    pub dns_names: std::collections::BTreeSet<String>,
     pub(crate) hosts: HashMap<u16, HostTable>,
     pub(crate) addresses: HashMap<u16, AddressTable>,
     pub(crate) pods: HashSet<IpAddr>,
@@ -251,6 +245,16 @@ impl Snapshot {
             .get(&port)
             .and_then(|t| t.get(canonical(ip)))
             .is_some_and(|c| c.protocol == Protocol::Tcp)
+    }
+
+    /// Whether forwarding to `dst` under resolution NONE stays within `cluster`: the
+    /// destination is one of its addresses or a current DNS answer for its host.
+    pub fn owns_destination(cluster: &Cluster, dst: IpAddr) -> bool {
+        let dst = canonical(dst);
+        cluster
+            .owned_destinations
+            .iter()
+            .any(|net| net.contains(&dst))
     }
 
     /// Looks up a cluster by its Envoy name.

@@ -10,7 +10,7 @@ use portcullis_model::{Resource, Severity, load_str};
 use proptest::prelude::*;
 
 use crate::{
-    BuildOptions, Cluster, Decision, EndpointAddress, OutboundMode, Protocol, Snapshot, build,
+    BuildOptions, Cluster, Decision, OutboundMode, Protocol, Snapshot, build, build_with_dns,
     normalize_host,
 };
 
@@ -435,11 +435,76 @@ spec:
   resolution: DNS
 ",
     );
+    // Never resolved: no endpoints (the proxy answers 503 UH), and the name is wanted.
     let c = cluster(&s, "outbound|443||api.example.org");
-    assert_eq!(c.endpoints.len(), 1);
+    assert!(c.endpoints.is_empty());
+    assert!(s.dns_names.contains("api.example.org"));
+}
+
+#[test]
+fn dns_answers_become_endpoints() {
+    let yaml = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [api.example.org, rr.example.org]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: rr, namespace: default}
+spec:
+  hosts: [one.example.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: none, namespace: default}
+spec:
+  hosts: [none.example.org, \"*.wild.example.org\"]
+  addresses: [192.0.2.0/24]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+    let answers = |name: &str| -> Option<Arc<[IpAddr]>> {
+        match name {
+            "api.example.org" => Some(Arc::new([ip("10.0.0.1"), ip("10.0.0.2")])),
+            "one.example.org" => Some(Arc::new([ip("10.0.1.1"), ip("10.0.1.2")])),
+            "none.example.org" => Some(Arc::new([ip("10.0.2.1")])),
+            _ => None,
+        }
+    };
+    let s = build_with_dns(&load(yaml), &BuildOptions::default(), None, 1, &answers);
+    let c = cluster(&s, "outbound|443||api.example.org");
+    assert_eq!(endpoints(c), ["10.0.0.1:443 w1", "10.0.0.2:443 w1"]);
+    assert_eq!(c.endpoints[0].hostname.as_deref(), Some("api.example.org"));
+    assert!(
+        cluster(&s, "outbound|443||rr.example.org")
+            .endpoints
+            .is_empty()
+    );
+    // DNS_ROUND_ROBIN uses one address at a time.
+    let c = cluster(&s, "outbound|80||one.example.org");
+    assert_eq!(endpoints(c), ["10.0.1.1:80 w1"]);
+    // NONE owns its addresses and its host's current answer, never anything else.
+    let none = cluster(&s, "outbound|80||none.example.org");
+    assert!(Snapshot::owns_destination(none, ip("10.0.2.1")));
+    assert!(Snapshot::owns_destination(none, ip("192.0.2.77")));
+    assert!(!Snapshot::owns_destination(none, ip("10.0.0.1")));
+    let wild = cluster(&s, "outbound|80||*.wild.example.org");
+    assert!(!Snapshot::owns_destination(wild, ip("10.0.2.1")));
+    let wanted: Vec<&str> = s.dns_names.iter().map(String::as_str).collect();
     assert_eq!(
-        c.endpoints[0].address,
-        EndpointAddress::Dns("api.example.org".into())
+        wanted,
+        [
+            "api.example.org",
+            "none.example.org",
+            "one.example.org",
+            "rr.example.org"
+        ]
     );
 }
 
