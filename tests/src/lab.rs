@@ -14,6 +14,10 @@ use crate::cmd::{self, Proc};
 use crate::curl::Reply;
 use crate::{poll, preflight, scenario};
 
+mod peers;
+
+pub use peers::{Certificate, DNS_IP, Nginx};
+
 /// Prefix of every namespace and temp dir the lab creates, so leftovers of a killed run can
 /// be recognised (scripts/test.sh sweeps them).
 pub const PREFIX: &str = "pce2e";
@@ -120,6 +124,10 @@ pub struct Lab {
     etc_netns: Vec<PathBuf>,
     nginx: Vec<(Role, Proc)>,
     sinks: Vec<(Sink, Proc)>,
+    /// Servers and helpers started by tests (see `peers`), stopped before the namespaces go.
+    peers: Vec<Proc>,
+    /// Further files worth printing when a test fails (peer logs, dnsmasq's hosts file).
+    logs: Vec<PathBuf>,
     portcullis: Option<Proc>,
     transcript: Vec<String>,
     seq: u32,
@@ -150,6 +158,8 @@ impl Lab {
             etc_netns: Vec::new(),
             nginx: Vec::new(),
             sinks: Vec::new(),
+            peers: Vec::new(),
+            logs: Vec::new(),
             portcullis: None,
             transcript: Vec::new(),
             seq: 0,
@@ -647,6 +657,18 @@ http {{
             let text = std::fs::read_to_string(&sink.log).unwrap_or_default();
             let _ = writeln!(out, "----- listener {} -----\n{text}", sink.addr);
         }
+        for p in &self.peers {
+            let _ = writeln!(out, "{}", p.logs());
+        }
+        for file in &self.logs {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "----- {} -----\n{}",
+                file.display(),
+                cmd::tail(&text, 100)
+            );
+        }
         let _ = writeln!(out, "===== end of lab {} =====", self.id);
         eprintln!("{out}");
     }
@@ -661,6 +683,9 @@ impl Drop for Lab {
             p.stop();
         }
         for (_, mut p) in self.sinks.drain(..) {
+            p.stop();
+        }
+        for mut p in self.peers.drain(..) {
             p.stop();
         }
         for (_, mut p) in self.nginx.drain(..) {

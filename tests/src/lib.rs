@@ -12,7 +12,7 @@ pub mod preflight;
 pub mod scenario;
 
 pub use curl::Reply;
-pub use lab::{Lab, Role};
+pub use lab::{Certificate, DNS_IP, Lab, Nginx, Role};
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};

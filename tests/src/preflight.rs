@@ -14,6 +14,13 @@ pub const TOOLS: &[&str] = &[
     "ip6tables-restore",
     "setpriv",
     "kill",
+    "openssl",
+    "dnsmasq",
+    "nghttp",
+    "h2load",
+    "python3",
+    "sha256sum",
+    "getent",
 ];
 
 /// What a test should do on this machine.

@@ -124,3 +124,37 @@ spec:
 pub fn pod_not_ready() -> String {
     POD.replace("status: \"True\"", "status: \"False\"")
 }
+
+/// `spec` lines that select the workloads labelled `app: external` (the WorkloadEntry of
+/// [`WORKLOAD_ENTRY`] at 10.50.0.1).
+pub const SELECT_EXTERNAL: &str = "  workloadSelector:\n    labels:\n      app: external\n";
+
+/// A ServiceEntry `name` for `hosts` on one `port` with `protocol` and `resolution`; `tail` is
+/// appended to `spec` (say [`SELECT_EXTERNAL`], or nothing).
+pub fn service_entry(
+    name: &str,
+    hosts: &[&str],
+    port: u16,
+    protocol: &str,
+    resolution: &str,
+    tail: &str,
+) -> String {
+    let hosts: String = hosts.iter().map(|h| format!("  - \"{h}\"\n")).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  hosts:
+{hosts}  location: MESH_EXTERNAL
+  ports:
+  - number: {port}
+    name: {proto_lower}-{port}
+    protocol: {protocol}
+  resolution: {resolution}
+{tail}",
+        proto_lower = protocol.to_ascii_lowercase()
+    )
+}

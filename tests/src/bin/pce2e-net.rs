@@ -5,8 +5,9 @@
 //! is done; after the first bytes arrive it answers with a small HTTP response saying `sink`,
 //! so a test can also tell from the client side that a connection reached it.
 //!
-//! `pce2e-net connect ADDR PAYLOAD SECONDS` connects, sends PAYLOAD, reads until the peer
-//! closes or SECONDS pass, and prints one line:
+//! `pce2e-net connect ADDR PAYLOAD SECONDS` connects, sends PAYLOAD (bytes given as hex
+//! digits when it starts with `hex:`), reads until the peer closes or SECONDS pass, and prints
+//! one line:
 //! `connected=1 received=N end=eof|reset|timeout data=...` or `connected=0 error=...`.
 
 use std::fs::OpenOptions;
@@ -64,7 +65,25 @@ fn listen(addr: &str, log_path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// PAYLOAD as bytes: `hex:` followed by hex digits, else the text itself.
+fn payload_bytes(payload: &str) -> Result<Vec<u8>, String> {
+    let Some(hex) = payload.strip_prefix("hex:") else {
+        return Ok(payload.as_bytes().to_vec());
+    };
+    if hex.len() % 2 != 0 {
+        return Err("odd number of hex digits".to_owned());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
 fn connect(addr: &str, payload: &str, seconds: u64) -> String {
+    let payload = match payload_bytes(payload) {
+        Ok(bytes) => bytes,
+        Err(e) => return format!("connected=0 error=bad-payload:{e}"),
+    };
     let timeout = Duration::from_secs(seconds);
     let target = match addr.parse() {
         Ok(target) => target,
@@ -76,7 +95,7 @@ fn connect(addr: &str, payload: &str, seconds: u64) -> String {
     };
     let deadline = Instant::now() + timeout;
     // A write can fail when the peer already closed; what we read back is what matters.
-    let _ = stream.write_all(payload.as_bytes());
+    let _ = stream.write_all(&payload);
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
     let end = loop {
