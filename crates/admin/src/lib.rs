@@ -58,8 +58,11 @@ pub struct AdminState {
     pub metrics: Registry,
     /// Log level control for `POST /logging`.
     pub set_log_level: SetLogLevel,
-    /// Cancelled by `POST /quitquitquit` and `POST /drain_listeners`.
+    /// Cancelled by `POST /quitquitquit`: drain, then exit.
     pub shutdown: CancellationToken,
+    /// Cancelled by `POST /drain_listeners` (and by shutdown): stop accepting, let open
+    /// connections finish, report not ready.
+    pub drain: CancellationToken,
     /// Process start, for `/server_info`.
     pub started: Instant,
 }
@@ -71,7 +74,7 @@ impl AdminState {
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.drain.is_cancelled()
     }
 }
 
@@ -155,6 +158,8 @@ fn route(
         | (Endpoints::Admin, &Method::GET, "/ready") => {
             if state.is_ready() {
                 reply(StatusCode::OK, text, "LIVE\n")
+            } else if state.drain.is_cancelled() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, text, "DRAINING\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, text, "PRE_INITIALIZING\n")
             }
@@ -197,8 +202,12 @@ fn route(
                 ),
             }
         }
-        (Endpoints::Admin, &Method::POST, "/quitquitquit" | "/drain_listeners") => {
+        (Endpoints::Admin, &Method::POST, "/quitquitquit") => {
             state.shutdown.cancel();
+            reply(StatusCode::OK, text, "OK\n")
+        }
+        (Endpoints::Admin, &Method::POST, "/drain_listeners") => {
+            state.drain.cancel();
             reply(StatusCode::OK, text, "OK\n")
         }
         (Endpoints::Admin, _, "/quitquitquit" | "/drain_listeners" | "/logging") => {

@@ -76,6 +76,24 @@ pub struct RunArgs {
     /// Upstream connect timeout.
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "10s")]
     pub connect_timeout: humantime::Duration,
+    /// Close client connections with no bytes either way for this long (Envoy: 1h).
+    #[arg(long, env = "PORTCULLIS_IDLE_TIMEOUT", default_value = "1h")]
+    pub idle_timeout: humantime::Duration,
+    /// A request head must arrive within this time of its first byte, else the
+    /// connection is closed.
+    #[arg(
+        long,
+        env = "PORTCULLIS_REQUEST_HEADERS_TIMEOUT",
+        default_value = "10s"
+    )]
+    pub request_headers_timeout: humantime::Duration,
+    /// Time from sending a request upstream to its response headers before a 504 (UT);
+    /// 0 waits forever, Istio's default.
+    #[arg(long, env = "PORTCULLIS_ROUTE_TIMEOUT", default_value = "0s")]
+    pub route_timeout: humantime::Duration,
+    /// Client connections open at once; more are closed as they arrive.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
     /// Periodic re-scan of the config path, a backstop for missed file events.
     #[arg(long, env = "PORTCULLIS_RESCAN_INTERVAL", default_value = "5s")]
     pub rescan_interval: humantime::Duration,

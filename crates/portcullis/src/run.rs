@@ -87,6 +87,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let mut metrics_registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
     let shutdown = CancellationToken::new();
+    let drain = CancellationToken::new();
     let admin = Arc::new(AdminState {
         registry: Arc::clone(&registry),
         config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
@@ -94,6 +95,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         metrics: metrics_registry,
         set_log_level,
         shutdown: shutdown.clone(),
+        drain: drain.clone(),
         started: Instant::now(),
     });
 
@@ -116,6 +118,10 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let config = ProxyConfig {
         detect_timeout: args.protocol_detection_timeout.into(),
         connect_timeout: args.connect_timeout.into(),
+        idle_timeout: args.idle_timeout.into(),
+        request_headers_timeout: args.request_headers_timeout.into(),
+        route_timeout: Some(std::time::Duration::from(args.route_timeout)).filter(|t| !t.is_zero()),
+        max_connections: args.max_connections,
         none_resolution: if args.permissive_none_resolution {
             NonePolicy::Permissive
         } else {
@@ -161,20 +167,21 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let mut listeners = Vec::new();
     tracing::info!(outbound = %args.outbound, admin = %args.admin, http_proxy = ?args.http_proxy, "portcullis listening");
     listeners.push(tokio::spawn(
-        Arc::clone(&proxy).run_outbound(outbound, shutdown.clone()),
+        Arc::clone(&proxy).run_outbound(outbound, drain.clone()),
     ));
     if let Some(l) = outbound_v6 {
         listeners.push(tokio::spawn(
-            Arc::clone(&proxy).run_outbound(l, shutdown.clone()),
+            Arc::clone(&proxy).run_outbound(l, drain.clone()),
         ));
     }
     if let Some(l) = http_proxy {
         listeners.push(tokio::spawn(
-            Arc::clone(&proxy).run_http_proxy(l, shutdown.clone()),
+            Arc::clone(&proxy).run_http_proxy(l, drain.clone()),
         ));
     }
 
     wait_for_stop(&shutdown).await;
+    drain.cancel();
     tracing::info!(deadline = ?args.drain_timeout, "draining: no new connections, waiting for open ones");
     for l in listeners {
         let _ = l.await;

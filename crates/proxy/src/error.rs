@@ -25,6 +25,9 @@ pub enum ProxyError {
     /// The upstream closed or reset before a response.
     #[error("upstream reset before response: {0}")]
     UpstreamReset(#[source] hyper::Error),
+    /// No response headers within the route timeout.
+    #[error("upstream request timeout")]
+    UpstreamTimeout,
     /// Resolving a DNS endpoint failed.
     #[error("DNS resolution of {host} failed")]
     DnsFailure {
@@ -49,6 +52,7 @@ impl ProxyError {
             ProxyError::ConnectFailure(_) => "UF",
             ProxyError::ConnectTimeout => "UF",
             ProxyError::UpstreamReset(_) => "UC",
+            ProxyError::UpstreamTimeout => "UT",
             ProxyError::DnsFailure { .. } => "DF",
             ProxyError::BadRequest(_) => "DPE",
             ProxyError::Loop => "NR",
@@ -79,6 +83,9 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             ),
+            ProxyError::UpstreamTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
             ProxyError::DnsFailure { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: DNS resolution failure",

@@ -19,14 +19,15 @@ use tokio_util::sync::CancellationToken;
 use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::guard::{InFlight, InFlightGuard};
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
 use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
-    /// The registry version the connection started with.
-    pub snapshot: Arc<Snapshot>,
+    /// Marks requests in flight for the connection's request-head deadline.
+    pub in_flight: Option<Arc<InFlight>>,
     /// `SO_ORIGINAL_DST` for intercepted connections; `None` on the explicit proxy.
     pub original_dst: Option<SocketAddr>,
     /// The client.
@@ -42,13 +43,17 @@ pub(crate) async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let metrics = Arc::clone(&proxy.metrics);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // A head beyond either limit gets hyper's 431 (Envoy's answer too).
+    builder
+        .max_buf_size(proxy.config.max_request_headers_bytes.max(8192))
+        .max_headers(proxy.config.max_request_headers);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let downstream = Arc::clone(&downstream);
         async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.max_buf_size(64 * 1024);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -56,6 +61,9 @@ pub(crate) async fn serve<I>(
     tokio::select! {
         result = conn.as_mut() => {
             if let Err(e) = result {
+                if e.is_parse() || e.is_parse_too_large() {
+                    metrics.protocol_error.inc();
+                }
                 tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
             }
         }
@@ -75,12 +83,14 @@ pub(crate) async fn serve_h2<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let max_header_list = u32::try_from(proxy.config.max_request_headers_bytes).unwrap_or(u32::MAX);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let downstream = Arc::clone(&downstream);
         async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(max_header_list)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -106,66 +116,118 @@ struct Outcome {
     route: &'static str,
 }
 
-async fn handle(
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            status: 0,
+            flags: "-",
+            cluster: "-".into(),
+            service: "unknown".into(),
+            upstream: None,
+            route: "-",
+        }
+    }
+}
+
+/// One request's log record. It is written when the response is ready; if the client goes
+/// away first, hyper drops the handler and the record is written on drop with Envoy's `DC`
+/// (downstream connection termination) and status 0.
+struct RequestLog {
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let version = req.version();
-    let host_header = req.headers().get(header::HOST).cloned();
-    let (response, outcome) = match route_and_forward(&proxy, &downstream, req, start).await {
-        Ok(ok) => ok,
-        Err((err, mut outcome)) => {
-            let response = err.to_response();
-            outcome.status = response.status().as_u16();
-            outcome.flags = err.flag();
-            (response, outcome)
+    method: Method,
+    uri: Uri,
+    version: Version,
+    host_header: Option<HeaderValue>,
+    start: Instant,
+    outcome: Outcome,
+    written: bool,
+}
+
+impl RequestLog {
+    fn write(&mut self) {
+        self.written = true;
+        let outcome = &self.outcome;
+        let duration = self.start.elapsed();
+        let labels = RequestLabels {
+            reporter: "source",
+            destination_service: Label(Arc::clone(&outcome.service)),
+            response_code: outcome.status,
+            response_flags: outcome.flags,
+            request_protocol: "http",
+        };
+        let metrics = &self.proxy.metrics;
+        metrics.requests.get_or_create(&labels).inc();
+        metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64() * 1000.0);
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
         }
-    };
-    let duration = start.elapsed();
-    let labels = RequestLabels {
-        reporter: "source",
-        destination_service: Label(Arc::clone(&outcome.service)),
-        response_code: outcome.status,
-        response_flags: outcome.flags,
-        request_protocol: "http",
-    };
-    proxy.metrics.requests.get_or_create(&labels).inc();
-    proxy
-        .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(duration.as_secs_f64() * 1000.0);
-    if tracing::enabled!(target: "access", tracing::Level::INFO) {
-        let authority = uri
+        let authority = self
+            .uri
             .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                host_header
-                    .as_ref()
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "-".to_string());
+            .map(|a| a.as_str())
+            .or_else(|| self.host_header.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("-");
         HttpLog {
-            method: method.as_str(),
-            path: uri.path_and_query().map_or("/", PathAndQuery::as_str),
-            protocol: version_str(version),
-            authority: &authority,
+            method: self.method.as_str(),
+            path: self.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            protocol: version_str(self.version),
+            authority,
             status: outcome.status,
             flags: outcome.flags,
             cluster: &outcome.cluster,
             upstream: outcome.upstream,
             route: outcome.route,
-            original_dst: downstream.original_dst,
-            downstream: downstream.peer,
+            original_dst: self.downstream.original_dst,
+            downstream: self.downstream.peer,
             duration,
         }
         .emit();
     }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        if !self.written {
+            self.outcome.status = 0;
+            self.outcome.flags = "DC";
+            self.write();
+        }
+    }
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
+    let mut log = RequestLog {
+        proxy: Arc::clone(&proxy),
+        downstream: Arc::clone(&downstream),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        host_header: req.headers().get(header::HOST).cloned(),
+        start: Instant::now(),
+        outcome: Outcome::default(),
+        written: false,
+    };
+    let start = log.start;
+    let response = match route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
+    {
+        Ok(response) => response,
+        Err(err) => {
+            let response = err.to_response();
+            log.outcome.flags = err.flag();
+            response
+        }
+    };
+    log.outcome.status = response.status().as_u16();
+    log.write();
     response
 }
 
@@ -215,26 +277,14 @@ fn route_name(decision: &Decision) -> &'static str {
     }
 }
 
-type Failed = (ProxyError, Outcome);
-
 async fn route_and_forward(
     proxy: &Arc<Proxy>,
     downstream: &Downstream,
     mut req: Request<Incoming>,
     start: Instant,
-) -> Result<(Response<ProxyBody>, Outcome), Failed> {
-    let mut outcome = Outcome {
-        status: 0,
-        flags: "-",
-        cluster: "-".into(),
-        service: "unknown".into(),
-        upstream: None,
-        route: "-",
-    };
-    let authority = match authority(&req) {
-        Ok(a) => a,
-        Err(e) => return Err((e, outcome)),
-    };
+    outcome: &mut Outcome,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let authority = authority(&req)?;
     let explicit = downstream.original_dst.is_none();
     if req
         .uri()
@@ -242,26 +292,28 @@ async fn route_and_forward(
         .is_some_and(|s| *s != http::uri::Scheme::HTTP)
     {
         // The proxy does not originate TLS: clients reach https:// origins with CONNECT.
-        return Err((
-            ProxyError::BadRequest("absolute-form must be http://; use CONNECT"),
-            outcome,
+        return Err(ProxyError::BadRequest(
+            "absolute-form must be http://; use CONNECT",
         ));
     }
     let parsed = authority.as_deref().map(split_host_port);
     let (host, host_port) = match parsed {
         Some(Ok((h, p))) => (Some(h), p),
-        Some(Err(_)) => return Err((ProxyError::BadRequest("invalid authority"), outcome)),
+        Some(Err(_)) => return Err(ProxyError::BadRequest("invalid authority")),
         None => (None, None),
     };
     let port = match (downstream.original_dst, host_port) {
         (Some(dst), _) => dst.port(),
         (None, Some(p)) => p,
         (None, None) if req.method() == Method::CONNECT => {
-            return Err((ProxyError::BadRequest("CONNECT needs host:port"), outcome));
+            return Err(ProxyError::BadRequest("CONNECT needs host:port"));
         }
         (None, None) => 80,
     };
-    let snapshot = &downstream.snapshot;
+    // Each request routes with the registry current when it starts (as Envoy applies
+    // route and membership updates to new requests on open connections); a request in
+    // flight keeps the version, and the endpoints, it started with.
+    let snapshot = &proxy.registry.load_full();
     let decision = match (req.method() == Method::CONNECT, host) {
         (true, Some(h)) => route_connect(snapshot, h, port),
         (false, Some(_)) => snapshot.route_http(authority.as_deref().unwrap_or_default(), port),
@@ -287,17 +339,20 @@ async fn route_and_forward(
     let original = match (downstream.original_dst, host) {
         (Some(dst), _) => Original::Address(dst),
         (None, Some(h)) => Original::Name(h, port),
-        (None, None) => return Err((ProxyError::Blocked, outcome)),
+        (None, None) => return Err(ProxyError::Blocked),
     };
     if req.method() == Method::CONNECT {
-        return match crate::tunnel::open(proxy, &decision, original, req, &outcome.cluster).await {
-            Ok((response, upstream)) => {
-                outcome.status = response.status().as_u16();
-                outcome.upstream = Some(upstream);
-                Ok((response, outcome))
-            }
-            Err(e) => Err((e, outcome)),
-        };
+        let (response, upstream) = crate::tunnel::open(
+            proxy,
+            downstream,
+            &decision,
+            original,
+            req,
+            &outcome.cluster,
+        )
+        .await?;
+        outcome.upstream = Some(upstream);
+        return Ok(response);
     }
     let downstream_version = req.version();
     let h2 = upstream_h2(&decision, downstream_version);
@@ -312,16 +367,23 @@ async fn route_and_forward(
     );
     let mut tried: Vec<usize> = Vec::new();
     for attempt in 0..ATTEMPTS {
-        let pick = match proxy.pick(&decision, original, &tried).await {
-            Ok(p) => p,
-            Err(e) => return Err((e, outcome)),
-        };
+        let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
         let Pick { addr, index, guard } = pick;
-        let sent = if h2 {
-            send_h2(proxy, addr, &outcome.cluster, req).await
-        } else {
-            send_h1(proxy, addr, &outcome.cluster, req).await
+        let sending = async {
+            if h2 {
+                send_h2(proxy, addr, &outcome.cluster, req).await
+            } else {
+                send_h1(proxy, addr, &outcome.cluster, req).await
+            }
+        };
+        // Envoy's route timeout: from the request being sent until the response headers.
+        let sent = match proxy.config.route_timeout {
+            Some(limit) => match tokio::time::timeout(limit, sending).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+            },
+            None => sending.await,
         };
         match sent {
             Ok((mut response, pooled)) => {
@@ -336,13 +398,19 @@ async fn route_and_forward(
                 let response = match (client_upgrade, switching) {
                     (Some(client), true) => {
                         let upstream = hyper::upgrade::on(&mut response);
-                        tokio::spawn(splice_upgraded(client, upstream, guard, pooled));
+                        // The upgraded stream is a request in flight for as long as it lives:
+                        // no request-head deadline applies to its bytes.
+                        let held = (
+                            guard,
+                            pooled,
+                            downstream.in_flight.as_ref().map(InFlight::start),
+                        );
+                        tokio::spawn(splice_upgraded(client, upstream, held));
                         upgraded_response(response, downstream_version, start)
                     }
                     _ => prepare_response(response, pooled, guard, downstream_version, start),
                 };
-                outcome.status = response.status().as_u16();
-                return Ok((response, outcome));
+                return Ok(response);
             }
             Err(Failure::Connect(unsent, e)) => {
                 if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
@@ -350,7 +418,7 @@ async fn route_and_forward(
                     req = unsent;
                     continue;
                 }
-                return Err((e, outcome));
+                return Err(e);
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
@@ -358,12 +426,12 @@ async fn route_and_forward(
                     req = unsent;
                     continue;
                 }
-                return Err((e, outcome));
+                return Err(e);
             }
-            Err(Failure::Sent(e)) => return Err((e, outcome)),
+            Err(Failure::Sent(e)) => return Err(e),
         }
     }
-    Err((ProxyError::NoHealthyUpstream, outcome))
+    Err(ProxyError::NoHealthyUpstream)
 }
 
 /// Why sending to one upstream failed, and whether the request can be tried again.
@@ -485,15 +553,21 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// What an upgraded stream keeps alive: its endpoint's active count, the upstream
+/// connection (which never returns to the pool: after a 101 it speaks another protocol),
+/// and the downstream's in-flight mark.
+type Held = (
+    Option<portcullis_balance::ActiveGuard>,
+    Option<crate::pool::Pooled>,
+    Option<InFlightGuard>,
+);
+
 async fn splice_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    guard: Option<portcullis_balance::ActiveGuard>,
-    connection: Option<crate::pool::Pooled>,
+    held: Held,
 ) {
-    // Held until the upgrade resolves: the upstream connection must not close under it.
-    // It never goes back to the pool: after a 101 it speaks another protocol.
-    let _held = (guard, connection);
+    let _held = held;
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);

@@ -4,6 +4,7 @@
 mod body;
 mod detect;
 mod error;
+mod guard;
 mod http;
 mod io;
 mod log;
@@ -23,6 +24,7 @@ use arc_swap::ArcSwap;
 use portcullis_dns::DnsCache;
 use portcullis_registry::{Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,6 +33,7 @@ pub use metrics::Metrics;
 pub use upstream::NonePolicy;
 
 use crate::detect::Detected;
+use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
 use crate::pool::Pool;
@@ -50,6 +53,20 @@ pub struct ProxyConfig {
     pub max_idle_per_endpoint: usize,
     /// Which original destinations resolution NONE may forward to.
     pub none_resolution: NonePolicy,
+    /// Connections closed after this long with no bytes either way (Envoy: 1 h).
+    pub idle_timeout: Duration,
+    /// A request head must be complete this long after its first byte (Envoy's
+    /// `request_headers_timeout`).
+    pub request_headers_timeout: Duration,
+    /// Time from sending a request to its response headers (Envoy's route timeout);
+    /// `None` waits forever, Istio's default.
+    pub route_timeout: Option<Duration>,
+    /// Client connections open at once, per proxy; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Largest request head in bytes (Envoy: `max_request_headers_kb` 60).
+    pub max_request_headers_bytes: usize,
+    /// Most header fields in a request (Envoy: `max_headers_count` 100).
+    pub max_request_headers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -61,6 +78,12 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(60),
             max_idle_per_endpoint: 256,
             none_resolution: NonePolicy::Strict,
+            idle_timeout: Duration::from_secs(3600),
+            request_headers_timeout: Duration::from_secs(10),
+            route_timeout: None,
+            max_connections: 65_536,
+            max_request_headers_bytes: 60 * 1024,
+            max_request_headers: 100,
         }
     }
 }
@@ -84,6 +107,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     own_listeners: Vec<SocketAddr>,
     dns: Arc<DnsCache>,
+    connections: Arc<Semaphore>,
     tasks: TaskTracker,
 }
 
@@ -101,6 +125,7 @@ impl Proxy {
             config.max_idle_per_endpoint,
             config.pool_idle_timeout,
         ));
+        let max_connections = config.max_connections.min(Semaphore::MAX_PERMITS);
         Arc::new(Proxy {
             registry,
             config,
@@ -108,6 +133,7 @@ impl Proxy {
             metrics,
             own_listeners,
             dns,
+            connections: Arc::new(Semaphore::new(max_connections)),
             tasks: TaskTracker::new(),
         })
     }
@@ -149,9 +175,16 @@ impl Proxy {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+                        // At the limit: close the newcomer, keep serving those already in.
+                        self.metrics.cx_overflow.inc();
+                        tracing::debug!(%peer, "connection limit reached; connection closed");
+                        continue;
+                    };
                     let proxy = Arc::clone(&self);
                     let shutdown = shutdown.clone();
                     self.tasks.spawn(async move {
+                        let _permit = permit;
                         if transparent {
                             proxy.outbound(stream, peer, shutdown).await;
                         } else {
@@ -168,13 +201,23 @@ impl Proxy {
         }
     }
 
+    fn guard(&self, stream: TcpStream) -> GuardedIo<TcpStream> {
+        let _ = stream.set_nodelay(true);
+        GuardedIo::new(
+            stream,
+            self.config.idle_timeout,
+            self.config.request_headers_timeout,
+            None,
+        )
+        .count_in(Arc::clone(&self.metrics))
+    }
+
     async fn outbound(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let _ = stream.set_nodelay(true);
         let dst = match orig_dst::original_dst(&stream) {
             Ok(dst) => dst,
             Err(e) => {
@@ -186,7 +229,9 @@ impl Proxy {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
             return;
         }
-        // The connection keeps this registry version for its whole life.
+        let mut stream = self.guard(stream);
+        // TCP and TLS connections keep this registry version for their whole life; HTTP
+        // requests each take the version current when they start.
         let snapshot = self.registry.load_full();
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let decision = snapshot.route_tcp(dst.ip(), dst.port());
@@ -222,26 +267,26 @@ impl Proxy {
             }
             return;
         }
-        let io = PrefixedIo::new(prefix, stream);
-        match detected {
-            Detected::Http1 | Detected::Http2 => {
-                let downstream = Arc::new(Downstream {
-                    snapshot,
-                    original_dst: Some(dst),
-                    peer,
-                });
-                if detected == Detected::Http2 {
-                    http::serve_h2(self, downstream, io, shutdown).await;
-                } else {
-                    http::serve(self, downstream, io, shutdown).await;
-                }
+        if matches!(detected, Detected::Http1 | Detected::Http2) {
+            let in_flight = Arc::new(InFlight::default());
+            stream.watch_requests(Arc::clone(&in_flight));
+            let downstream = Arc::new(Downstream {
+                in_flight: Some(in_flight),
+                original_dst: Some(dst),
+                peer,
+            });
+            let io = PrefixedIo::new(prefix, stream);
+            if detected == Detected::Http2 {
+                http::serve_h2(self, downstream, io, shutdown).await;
+            } else {
+                http::serve(self, downstream, io, shutdown).await;
             }
-            Detected::Opaque | Detected::Tls => {
-                let decision = snapshot.route_tcp(dst.ip(), dst.port());
-                let decision = self.confine_none(&snapshot, decision, dst, None).await;
-                tcp::forward(&self, decision, io, dst, peer, None).await;
-            }
+            return;
         }
+        let io = PrefixedIo::new(prefix, stream);
+        let decision = snapshot.route_tcp(dst.ip(), dst.port());
+        let decision = self.confine_none(&snapshot, decision, dst, None).await;
+        tcp::forward(&self, decision, io, dst, peer, None).await;
     }
 
     async fn explicit(
@@ -250,9 +295,11 @@ impl Proxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let _ = stream.set_nodelay(true);
+        let mut stream = self.guard(stream);
+        let in_flight = Arc::new(InFlight::default());
+        stream.watch_requests(Arc::clone(&in_flight));
         let downstream = Arc::new(Downstream {
-            snapshot: self.registry.load_full(),
+            in_flight: Some(in_flight),
             original_dst: None,
             peer,
         });

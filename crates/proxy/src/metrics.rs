@@ -81,6 +81,16 @@ pub struct Metrics {
     pub upstream_rq: Family<ClusterLabels, Counter>,
     /// `envoy_cluster_upstream_cx_connect_fail`.
     pub connect_fail: Family<ClusterLabels, Counter>,
+    /// `envoy_listener_downstream_cx_overflow`: connections refused at the limit.
+    pub cx_overflow: Counter,
+    /// `envoy_http_downstream_cx_idle_timeout`.
+    pub http_idle_timeout: Counter,
+    /// `envoy_http_downstream_rq_header_timeout`.
+    pub header_timeout: Counter,
+    /// `envoy_http_downstream_cx_protocol_error` (malformed requests, 400 and 431).
+    pub protocol_error: Counter,
+    /// `envoy_tcp_idle_timeout`.
+    pub tcp_idle_timeout: Counter,
 }
 
 impl Metrics {
@@ -95,6 +105,11 @@ impl Metrics {
             tcp_received: Family::default(),
             upstream_rq: Family::default(),
             connect_fail: Family::default(),
+            cx_overflow: Counter::default(),
+            http_idle_timeout: Counter::default(),
+            header_timeout: Counter::default(),
+            protocol_error: Counter::default(),
+            tcp_idle_timeout: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register(
@@ -131,6 +146,31 @@ impl Metrics {
             "envoy_cluster_upstream_cx_connect_fail",
             "Upstream connection failures per cluster",
             m.connect_fail.clone(),
+        );
+        registry.register(
+            "envoy_listener_downstream_cx_overflow",
+            "Connections refused at the connection limit",
+            m.cx_overflow.clone(),
+        );
+        registry.register(
+            "envoy_http_downstream_cx_idle_timeout",
+            "HTTP connections closed idle",
+            m.http_idle_timeout.clone(),
+        );
+        registry.register(
+            "envoy_http_downstream_rq_header_timeout",
+            "Requests whose head did not arrive in time",
+            m.header_timeout.clone(),
+        );
+        registry.register(
+            "envoy_http_downstream_cx_protocol_error",
+            "Malformed requests (400, 431)",
+            m.protocol_error.clone(),
+        );
+        registry.register(
+            "envoy_tcp_idle_timeout",
+            "TCP connections closed idle",
+            m.tcp_idle_timeout.clone(),
         );
         m
     }

@@ -11,11 +11,14 @@ use portcullis_registry::Decision;
 use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::guard::InFlight;
+use crate::http::Downstream;
 use crate::upstream::{ATTEMPTS, Original, can_retry};
 
 /// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
 pub(crate) async fn open(
     proxy: &Arc<Proxy>,
+    downstream: &Downstream,
     decision: &Decision,
     original: Original<'_>,
     req: Request<Incoming>,
@@ -36,8 +39,10 @@ pub(crate) async fn open(
         }
     };
     let addr = pick.addr;
+    // The tunnel is a request in flight for its whole life: no request-head deadline.
+    let in_flight = downstream.in_flight.as_ref().map(InFlight::start);
     tokio::spawn(async move {
-        let _active = pick.guard;
+        let _held = (pick.guard, in_flight);
         let mut upstream = upstream;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {

@@ -1,0 +1,348 @@
+//! Connection-level timeouts enforced in the I/O layer: an idle timeout (no bytes either
+//! way) and a deadline for a request head once its first byte has arrived, so a slow
+//! client cannot hold a connection open by trickling a request.
+//!
+//! One timer per connection, re-armed in place: no task and no allocation per read.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+
+/// Requests on a connection, maintained by the HTTP handler: while none is in flight, bytes
+/// from the client start a new request head and its deadline, which ends when the handler
+/// sees the head (the count of started requests moves on).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    active: AtomicU32,
+    started: AtomicU64,
+}
+
+impl InFlight {
+    /// A request's head has been read: its deadline no longer applies.
+    pub fn start(self: &Arc<Self>) -> InFlightGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    fn idle(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+    }
+
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+}
+
+/// Ends one in-flight request when dropped.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a guarded connection was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// No bytes in either direction for the idle timeout.
+    Idle,
+    /// A request head was not complete within the request-headers timeout.
+    RequestHeaders,
+}
+
+/// `inner` with an idle timeout and, when `in_flight` is given, a request-head deadline.
+pub struct GuardedIo<T> {
+    inner: T,
+    idle_timeout: Duration,
+    headers_timeout: Duration,
+    in_flight: Option<Arc<InFlight>>,
+    /// When the current head must be complete, and the started-request count then.
+    head_deadline: Option<(Instant, u64)>,
+    idle_deadline: Instant,
+    timer: Pin<Box<Sleep>>,
+    expired: Option<Expired>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<T> GuardedIo<T> {
+    /// Guards `inner`; `in_flight` enables the request-head deadline (HTTP only).
+    pub fn new(
+        inner: T,
+        idle_timeout: Duration,
+        headers_timeout: Duration,
+        in_flight: Option<Arc<InFlight>>,
+    ) -> Self {
+        let idle_deadline = Instant::now() + idle_timeout;
+        GuardedIo {
+            inner,
+            idle_timeout,
+            headers_timeout,
+            in_flight,
+            head_deadline: None,
+            idle_deadline,
+            timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
+            expired: None,
+            metrics: None,
+        }
+    }
+
+    /// Counts expiries in `metrics` (HTTP idle and header timeouts, or TCP idle).
+    pub fn count_in(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Starts enforcing request-head deadlines: the connection turned out to be HTTP and
+    /// the bytes read so far begin its first request.
+    pub fn watch_requests(&mut self, in_flight: Arc<InFlight>) {
+        let deadline = Instant::now() + self.headers_timeout;
+        self.head_deadline = Some((deadline, in_flight.started()));
+        self.in_flight = Some(in_flight);
+    }
+
+    fn expire(&mut self, why: Expired) -> io::Error {
+        if self.expired.is_none()
+            && let Some(m) = &self.metrics
+        {
+            match (why, self.in_flight.is_some()) {
+                (Expired::RequestHeaders, _) => m.header_timeout.inc(),
+                (Expired::Idle, true) => m.http_idle_timeout.inc(),
+                (Expired::Idle, false) => m.tcp_idle_timeout.inc(),
+            };
+        }
+        self.expired = Some(why);
+        timed_out(why)
+    }
+
+    /// What closed the connection, if a timeout did.
+    #[cfg(test)]
+    pub fn expired(&self) -> Option<Expired> {
+        self.expired
+    }
+
+    fn activity(&mut self) {
+        self.idle_deadline = Instant::now() + self.idle_timeout;
+    }
+
+    fn deadline(&self) -> Instant {
+        match self.head_deadline {
+            Some((head, _)) => head.min(self.idle_deadline),
+            None => self.idle_deadline,
+        }
+    }
+
+    /// Drops the head deadline once the handler has seen a new request start.
+    fn settle_head(&mut self) {
+        if let (Some((_, armed_at)), Some(in_flight)) = (self.head_deadline, &self.in_flight)
+            && in_flight.started() != armed_at
+        {
+            self.head_deadline = None;
+        }
+    }
+
+    /// Polls the timer; `Some` once a deadline has passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<Expired> {
+        if self.expired.is_some() {
+            return self.expired;
+        }
+        self.settle_head();
+        loop {
+            let deadline = self.deadline();
+            if self.timer.deadline() != deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let now = Instant::now();
+            let why = if self.head_deadline.is_some_and(|(d, _)| d <= now) {
+                Some(Expired::RequestHeaders)
+            } else if self.idle_deadline <= now {
+                Some(Expired::Idle)
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.expire(why);
+                return Some(why);
+            }
+        }
+    }
+}
+
+fn timed_out(why: Expired) -> io::Error {
+    let message = match why {
+        Expired::Idle => "idle timeout",
+        Expired::RequestHeaders => "request headers timeout",
+    };
+    io::Error::new(io::ErrorKind::TimedOut, message)
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(why) = this.expired {
+            return Poll::Ready(Err(timed_out(why)));
+        }
+        this.settle_head();
+        // A client that always has a byte ready never lets the read pend, so the deadline
+        // is also checked here, not only when the timer fires.
+        if this.head_deadline.is_some_and(|(d, _)| d <= Instant::now()) {
+            return Poll::Ready(Err(this.expire(Expired::RequestHeaders)));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity();
+                    if this.head_deadline.is_none()
+                        && let Some(in_flight) = this.in_flight.as_ref().filter(|f| f.idle())
+                    {
+                        let deadline = Instant::now() + this.headers_timeout;
+                        this.head_deadline = Some((deadline, in_flight.started()));
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.poll_expired(cx) {
+                Some(why) => Poll::Ready(Err(timed_out(why))),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            this.activity();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            this.activity();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const HEADERS: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connection_times_out_and_activity_defers_it() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, None);
+        let mut buf = [0u8; 8];
+        client.write_all(b"x").await.unwrap();
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        // 50 s after the last byte: still open.
+        let read = tokio::time::timeout(Duration::from_secs(50), io.read(&mut buf)).await;
+        assert!(read.is_err(), "must still be waiting");
+        // Past 60 s of silence: closed as idle.
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(io.expired(), Some(Expired::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_request_head_hits_the_headers_deadline() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::default());
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 8];
+        let start = Instant::now();
+        // One byte every 3 s keeps the connection active but never finishes the head.
+        let err = loop {
+            client.write_all(b"G").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(_) => tokio::time::advance(Duration::from_secs(3)).await,
+                Err(e) => break e,
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!("deadline never fired");
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(io.expired(), Some(Expired::RequestHeaders));
+        assert!(start.elapsed() >= HEADERS && start.elapsed() < HEADERS + Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_has_no_head_deadline() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::default());
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 18);
+        let request = in_flight.start();
+        // A slow request body while the request is being handled: only idle applies.
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(5)).await;
+            client.write_all(b"b").await.unwrap();
+            assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        }
+        drop(request);
+        assert_eq!(io.expired(), None);
+        // Idle between requests: no leftover head deadline fires, only idle does, later.
+        let read = tokio::time::timeout(Duration::from_secs(55), io.read(&mut buf)).await;
+        assert!(read.is_err(), "must still be waiting");
+        assert_eq!(io.expired(), None);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(io.expired(), Some(Expired::Idle));
+    }
+}
