@@ -1,0 +1,235 @@
+//! Resolution modes against a real DNS server: dnsmasq in the lab answers the pod (and
+//! portcullis in it), and its answers change during the tests.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use portcullis_e2e::scenario::{
+    self, APP_VIP, EXTERNAL_IP, EXTERNAL_MARK, IN_CLUSTER_IP, IN_CLUSTER_MARK, ROGUE_IP,
+    service_entry,
+};
+use portcullis_e2e::{Lab, RELOAD_DEADLINE, Reply, poll, run};
+
+/// A ServiceEntry for one host on port 80 (HTTP) with `resolution` and no endpoints.
+fn resolved_service(name: &str, host: &str, resolution: &str) -> String {
+    service_entry(name, &[host], 80, "HTTP", resolution, "")
+}
+
+/// `curl` for `host` on port 80, dialled at the VIP where nothing listens, so only the
+/// proxy's own resolution can decide where the request goes.
+fn via_vip(lab: &mut Lab, host: &str) -> anyhow::Result<Reply> {
+    lab.curl(&[
+        "--resolve",
+        &format!("{host}:80:{APP_VIP}"),
+        &format!("http://{host}/"),
+    ])
+}
+
+/// Which lab host served `reply`, if any.
+fn served_by(reply: &Reply) -> Option<&'static str> {
+    if reply.status != 200 {
+        None
+    } else if reply.body.contains(EXTERNAL_MARK) {
+        Some("external")
+    } else if reply.body.contains(IN_CLUSTER_MARK) {
+        Some("in-cluster")
+    } else {
+        None
+    }
+}
+
+/// REGISTRY_ONLY, `services`, rules, then portcullis with `extra` flags (after dnsmasq, so
+/// its resolv.conf is the lab's).
+fn start(lab: &mut Lab, services: &[(&str, String)], extra: &[&str]) -> anyhow::Result<()> {
+    lab.write_registry_only()?;
+    for (file, yaml) in services {
+        lab.write_config(file, yaml)?;
+    }
+    lab.apply_iptables()?;
+    lab.start_portcullis(extra)
+}
+
+/// DNS resolution follows the server's answers: a changed answer moves the traffic within a
+/// few TTLs, a dead server keeps the last good answer, a name that never resolves gets `503
+/// no healthy upstream`; DNS_ROUND_ROBIN uses one address, DNS uses them all.
+#[test]
+fn dns_resolution_follows_the_answers() {
+    run("dns", |lab| {
+        let hosts = |dns_ip: &str| {
+            format!(
+                "{dns_ip} dns.internal.com\n\
+                 {EXTERNAL_IP} rr.internal.com\n{IN_CLUSTER_IP} rr.internal.com\n\
+                 {EXTERNAL_IP} both.internal.com\n{IN_CLUSTER_IP} both.internal.com\n"
+            )
+        };
+        lab.start_dnsmasq(&hosts(EXTERNAL_IP), "dns.internal.com", EXTERNAL_IP)?;
+        start(
+            lab,
+            &[
+                (
+                    "dns.yaml",
+                    resolved_service("dns", "dns.internal.com", "DNS"),
+                ),
+                (
+                    "never.yaml",
+                    resolved_service("never", "never.internal.com", "DNS"),
+                ),
+                (
+                    "rr.yaml",
+                    resolved_service("rr", "rr.internal.com", "DNS_ROUND_ROBIN"),
+                ),
+                (
+                    "both.yaml",
+                    resolved_service("both", "both.internal.com", "DNS"),
+                ),
+            ],
+            &[],
+        )?;
+
+        let reply = poll("dns.internal.com resolved", RELOAD_DEADLINE, || {
+            let reply = via_vip(lab, "dns.internal.com")?;
+            Ok((reply.status == 200).then_some(reply))
+        })?;
+        reply.expect_page("dns.internal.com -> 10.50.0.1", EXTERNAL_MARK)?;
+
+        // A name the server does not know never resolves: no endpoints.
+        let reply = via_vip(lab, "never.internal.com")?;
+        ensure!(
+            reply.status == 503 && reply.body == "no healthy upstream",
+            "a DNS host that never resolved must get `503 no healthy upstream`: {reply}"
+        );
+        let log = lab.portcullis_output();
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("never.internal.com") && l.contains(" 503 UH ")),
+            "the 503 must be logged with flag UH:\n{}",
+            portcullis_e2e::cmd::tail(&log, 20)
+        );
+
+        // DNS_ROUND_ROBIN: one address at a time, so every request lands on the same host;
+        // plain DNS with the same two records uses both.
+        let mut rr = BTreeSet::new();
+        let mut both = BTreeSet::new();
+        for _ in 0..12 {
+            let reply = via_vip(lab, "rr.internal.com")?;
+            rr.insert(served_by(&reply).unwrap_or("neither"));
+            let reply = via_vip(lab, "both.internal.com")?;
+            both.insert(served_by(&reply).unwrap_or("neither"));
+        }
+        ensure!(
+            rr.len() == 1 && !rr.contains("neither"),
+            "DNS_ROUND_ROBIN must send every request to one address, saw {rr:?}"
+        );
+        ensure!(
+            both == BTreeSet::from(["external", "in-cluster"]),
+            "DNS with two A records must use both, saw {both:?}"
+        );
+
+        // The answer changes: within a bounded wait the traffic follows.
+        lab.set_dns_hosts(&hosts(IN_CLUSTER_IP))?;
+        let changed = Instant::now();
+        poll(
+            "dns.internal.com follows the new answer",
+            Duration::from_secs(10),
+            || {
+                let reply = via_vip(lab, "dns.internal.com")?;
+                Ok((served_by(&reply) == Some("in-cluster")).then_some(()))
+            },
+        )?;
+        lab.note(format!(
+            "traffic followed the new answer after {:?}",
+            changed.elapsed()
+        ));
+
+        // The server goes away: refreshes fail, the last good answer keeps serving, past
+        // several TTLs.
+        lab.stop_peer("dnsmasq")?;
+        let stopped = Instant::now();
+        while stopped.elapsed() < Duration::from_secs(4) {
+            let reply = via_vip(lab, "dns.internal.com")?;
+            ensure!(
+                served_by(&reply) == Some("in-cluster"),
+                "with the DNS server gone the last good answer must keep serving: {reply}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        lab.expect_running()
+    });
+}
+
+/// dnsmasq answering none.internal.com with the external host, and a listener on the rogue.
+fn none_lab(lab: &mut Lab, extra: &[&str]) -> anyhow::Result<portcullis_e2e::lab::Sink> {
+    let sink = lab.start_sink(portcullis_e2e::Role::Rogue, &format!("{ROGUE_IP}:80"))?;
+    lab.start_dnsmasq(
+        &format!("{EXTERNAL_IP} none.internal.com\n"),
+        "none.internal.com",
+        EXTERNAL_IP,
+    )?;
+    start(
+        lab,
+        &[(
+            "none.yaml",
+            resolved_service("none", "none.internal.com", "NONE"),
+        )],
+        extra,
+    )?;
+    Ok(sink)
+}
+
+/// Resolution NONE forwards to the original destination only when it is one of the host's
+/// current DNS answers: `Host: none.internal.com` sent to another address is refused.
+#[test]
+fn none_resolution_is_confined_to_the_hosts_addresses() {
+    run("none-strict", |lab| {
+        let sink = none_lab(lab, &[])?;
+        let reply = poll("none.internal.com served", RELOAD_DEADLINE, || {
+            let reply = lab.curl(&["http://none.internal.com/"])?;
+            Ok((reply.status == 200).then_some(reply))
+        })?;
+        reply.expect_page(
+            "curl http://none.internal.com/ (resolved to 10.50.0.1)",
+            EXTERNAL_MARK,
+        )?;
+        lab.curl(&[
+            "-H",
+            "Host: none.internal.com",
+            &format!("http://{ROGUE_IP}/"),
+        ])?
+        .expect_blocked("Host: none.internal.com sent to the rogue's address")?;
+        ensure!(
+            lab.sink_accepts(&sink) == 0,
+            "a spoofed Host with resolution NONE reached the rogue"
+        );
+        let log = lab.portcullis_output();
+        ensure!(
+            log.lines().any(|l| l.contains("\"none.internal.com\"")
+                && l.contains(&format!("{ROGUE_IP}:80"))
+                && l.contains("block_all")),
+            "the refusal must be logged with the host and the original destination:\n{}",
+            portcullis_e2e::cmd::tail(&log, 20)
+        );
+        lab.expect_running()
+    });
+}
+
+/// `--permissive-none-resolution` restores Istio's behaviour: resolution NONE forwards to any
+/// original destination, the spoofing hole Istio documents.
+#[test]
+fn permissive_none_resolution_matches_istio() {
+    run("none-permissive", |lab| {
+        let sink = none_lab(lab, &["--permissive-none-resolution"])?;
+        let reply = lab.curl(&[
+            "-H",
+            "Host: none.internal.com",
+            &format!("http://{ROGUE_IP}/"),
+        ])?;
+        ensure!(
+            reply.status == 200 && reply.body == "sink\n" && lab.sink_accepts(&sink) == 1,
+            "with --permissive-none-resolution the original destination is used: {reply}"
+        );
+        lab.curl(&[&format!("http://{}/", scenario::EXTERNAL_IP)])?
+            .expect_blocked("an unregistered Host is still refused")?;
+        lab.expect_running()
+    });
+}
