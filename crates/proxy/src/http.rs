@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::guard::{InFlight, InFlightGuard};
 use crate::log::HttpLog;
@@ -365,6 +365,17 @@ async fn route_and_forward(
         h2,
         client_upgrade.is_some(),
     );
+    // A request without a body can be sent again after a reset before its response (Istio's
+    // default retry); one with a body cannot, as it has been streamed away.
+    let replay = (req.body().is_end_stream() && client_upgrade.is_none()).then(|| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.version(),
+            req.headers().clone(),
+        )
+    });
+    let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
     for attempt in 0..ATTEMPTS {
         let pick = proxy.pick(&decision, original, &tried).await?;
@@ -428,7 +439,21 @@ async fn route_and_forward(
                 }
                 return Err(e);
             }
-            Err(Failure::Sent(e)) => return Err(e),
+            Err(Failure::Sent(e)) => match &replay {
+                Some((method, uri, version, headers)) if attempt + 1 < ATTEMPTS => {
+                    if can_retry(&decision, index) {
+                        tried.extend(index);
+                    }
+                    let mut again = Request::new(RequestBody::Empty);
+                    *again.method_mut() = method.clone();
+                    *again.uri_mut() = uri.clone();
+                    *again.version_mut() = *version;
+                    *again.headers_mut() = headers.clone();
+                    req = again;
+                    tracing::debug!(error = %e, "upstream reset before the response; retrying");
+                }
+                _ => return Err(e),
+            },
         }
     }
     Err(ProxyError::NoHealthyUpstream)
@@ -437,9 +462,9 @@ async fn route_and_forward(
 /// Why sending to one upstream failed, and whether the request can be tried again.
 enum Failure {
     /// No connection: another endpoint may work; the request comes back untouched.
-    Connect(Request<Incoming>, ProxyError),
+    Connect(Request<RequestBody>, ProxyError),
     /// The connection failed before the request left: it comes back for another try.
-    Unsent(Request<Incoming>, ProxyError),
+    Unsent(Request<RequestBody>, ProxyError),
     /// The request was (at least partly) sent: not retried.
     Sent(ProxyError),
 }
@@ -450,7 +475,7 @@ async fn send_h1(
     proxy: &Arc<Proxy>,
     addr: SocketAddr,
     cluster: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
     let mut pooled = match proxy.pool.checkout(addr).await {
         Some(p) => p,
@@ -490,7 +515,7 @@ async fn send_h2(
     proxy: &Arc<Proxy>,
     addr: SocketAddr,
     cluster: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
     let mut sender = match proxy.pool.h2(addr) {
         Some(s) => s,

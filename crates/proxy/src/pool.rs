@@ -10,16 +10,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1::SendRequest, http2};
 use tokio::time::Instant;
 
-type Idle = Vec<(SendRequest<Incoming>, Instant)>;
+use crate::body::RequestBody;
+
+type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
 
 /// Idle upstream connections per endpoint.
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Idle>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
 }
@@ -29,7 +30,7 @@ pub struct Pooled {
     pool: Arc<Pool>,
     key: SocketAddr,
     /// The sender for this connection.
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<RequestBody>,
     /// Whether it was reused from the pool (a stale-connection race is then possible).
     pub reused: bool,
 }
@@ -79,7 +80,7 @@ impl Pool {
     }
 
     /// Wraps a freshly connected sender so that it can be released to the pool.
-    pub fn fresh(self: &Arc<Self>, key: SocketAddr, sender: SendRequest<Incoming>) -> Pooled {
+    pub fn fresh(self: &Arc<Self>, key: SocketAddr, sender: SendRequest<RequestBody>) -> Pooled {
         Pooled {
             pool: Arc::clone(self),
             key,
@@ -88,7 +89,7 @@ impl Pool {
         }
     }
 
-    fn put(&self, key: SocketAddr, sender: SendRequest<Incoming>) {
+    fn put(&self, key: SocketAddr, sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -100,7 +101,7 @@ impl Pool {
     }
 
     /// The shared HTTP/2 connection to `key`, if one is open.
-    pub fn h2(&self, key: SocketAddr) -> Option<http2::SendRequest<Incoming>> {
+    pub fn h2(&self, key: SocketAddr) -> Option<http2::SendRequest<RequestBody>> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         match h2.get(&key) {
             Some(sender) if !sender.is_closed() => Some(sender.clone()),
@@ -113,7 +114,7 @@ impl Pool {
     }
 
     /// Shares a new HTTP/2 connection to `key` with later requests.
-    pub fn put_h2(&self, key: SocketAddr, sender: http2::SendRequest<Incoming>) {
+    pub fn put_h2(&self, key: SocketAddr, sender: http2::SendRequest<RequestBody>) {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
