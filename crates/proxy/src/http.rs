@@ -429,7 +429,7 @@ async fn route_and_forward(
                     req = unsent;
                     continue;
                 }
-                return Err(e);
+                return Err(retried(e, attempt));
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
@@ -437,7 +437,7 @@ async fn route_and_forward(
                     req = unsent;
                     continue;
                 }
-                return Err(e);
+                return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
                 Some((method, uri, version, headers)) if attempt + 1 < ATTEMPTS => {
@@ -452,11 +452,20 @@ async fn route_and_forward(
                     req = again;
                     tracing::debug!(error = %e, "upstream reset before the response; retrying");
                 }
-                _ => return Err(e),
+                _ => return Err(retried(e, attempt)),
             },
         }
     }
     Err(ProxyError::NoHealthyUpstream)
+}
+
+/// The final error of a request, marked as retried (Envoy's `URX`) when it was.
+fn retried(e: ProxyError, attempt: usize) -> ProxyError {
+    if attempt == 0 {
+        e
+    } else {
+        ProxyError::Retried(Box::new(e))
+    }
 }
 
 /// Why sending to one upstream failed, and whether the request can be tried again.

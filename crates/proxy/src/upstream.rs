@@ -178,7 +178,9 @@ impl Proxy {
     }
 }
 
-/// Whether a failed pick may be retried on another endpoint of the same cluster.
+/// Whether a failed attempt may be retried: on a cluster's endpoints (another one when
+/// there is one, else the same, as Envoy's retry policy does), never on an original
+/// destination.
 pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
-    matches!(decision, Decision::Cluster(c) if c.endpoints.len() > 1) && pick_index.is_some()
+    matches!(decision, Decision::Cluster(_)) && pick_index.is_some()
 }
