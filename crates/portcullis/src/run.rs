@@ -68,8 +68,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Runs the proxy until SIGTERM/SIGINT or `POST /quitquitquit`, then drains.
 pub fn run(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.concurrency.max(1))
+    // One worker: a current-thread runtime, no work stealing to pay for. More: tokio's
+    // multi-threaded scheduler with that many workers (Envoy's --concurrency).
+    let mut builder = if args.concurrency <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.concurrency);
+        b
+    };
+    let runtime = builder
         .thread_name("portcullis-worker")
         .enable_all()
         .build()
