@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every check of the project, on a fresh Debian machine, as root: installs what the
 # end-to-end lab needs (nginx, curl, iptables, iproute2, setpriv, kill), builds the proxy,
-# checks formatting and lints, and runs all tests (unit and end-to-end).
+# checks formatting and lints, and runs all tests (unit and end-to-end). The protocol, DNS and
+# bypass tests also need openssl, dnsmasq, nghttp2's clients and python3 with grpcio and
+# websockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # nginx, ip and iptables live in sbin, which a non-login root shell may not have on PATH.
@@ -56,10 +58,17 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends nginx curl iptables iproute2 util-linux procps
-for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv kill; do
+apt-get install -y -q --no-install-recommends nginx curl iptables iproute2 util-linux procps \
+    openssl dnsmasq-base nghttp2-client python3 python3-pip coreutils libc-bin
+for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv kill \
+    openssl dnsmasq nghttp h2load python3 sha256sum getent; do
     command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
 done
+# The gRPC and WebSocket peers of the e2e lab, for whichever python3 is first on PATH (the
+# lab runs that one). Debian's own python3 refuses pip without this override.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore \
+    grpcio websockets || die "pip could not install grpcio and websockets"
+python3 -c 'import grpc, websockets' || die "python3 cannot import grpc and websockets"
 
 sweep_stale_labs
 
