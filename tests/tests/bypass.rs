@@ -595,6 +595,7 @@ fn log_parts(row: &Row, path: &str, via: Via, got: Expect) -> Vec<String> {
     parts
 }
 
+/// Every row of [`ROWS`] along every path it names, in one shared lab.
 #[test]
 fn no_bypass() {
     run("bypass", |lab| {
