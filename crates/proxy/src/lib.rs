@@ -2,7 +2,7 @@
 //! forwarding, synthetic responses and upstream connection reuse.
 
 mod body;
-mod detect;
+pub mod detect;
 mod error;
 mod guard;
 mod http;
@@ -97,6 +97,23 @@ fn route_tls(snapshot: &Snapshot, sni: Option<&str>, dst: SocketAddr) -> Decisio
         return found;
     }
     snapshot.route_tcp(dst.ip(), dst.port())
+}
+
+/// The access log line of a connection closed before any routing: no filter chain matched,
+/// in Envoy's terms (`NR`).
+fn refused(dst: SocketAddr, peer: SocketAddr, sni: Option<&str>) {
+    log::TcpLog {
+        flags: "NR",
+        cluster: "-",
+        upstream: None,
+        original_dst: dst,
+        sni,
+        downstream: peer,
+        sent: 0,
+        received: 0,
+        duration: Duration::ZERO,
+    }
+    .emit();
 }
 
 /// The proxy: shared by every connection task.
@@ -227,6 +244,7 @@ impl Proxy {
         };
         if stream.local_addr().is_ok_and(|local| local == dst) {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
+            refused(dst, peer, None);
             return;
         }
         let mut stream = self.guard(stream);
@@ -262,7 +280,8 @@ impl Proxy {
                 }
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
-                    tracing::info!(error = %e, %peer, original_dst = %dst, "TLS ClientHello rejected; connection closed")
+                    tracing::info!(error = %e, %peer, original_dst = %dst, "TLS ClientHello rejected; connection closed");
+                    refused(dst, peer, Some("-"));
                 }
             }
             return;
