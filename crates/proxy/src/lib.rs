@@ -101,13 +101,13 @@ fn route_tls(snapshot: &Snapshot, sni: Option<&str>, dst: SocketAddr) -> Decisio
 
 /// The access log line of a connection closed before any routing: no filter chain matched,
 /// in Envoy's terms (`NR`).
-fn refused(dst: SocketAddr, peer: SocketAddr, sni: Option<&str>) {
+fn refused(dst: SocketAddr, peer: SocketAddr) {
     log::TcpLog {
         flags: "NR",
         cluster: "-",
         upstream: None,
         original_dst: dst,
-        sni,
+        sni: None,
         downstream: peer,
         sent: 0,
         received: 0,
@@ -244,7 +244,7 @@ impl Proxy {
         };
         if stream.local_addr().is_ok_and(|local| local == dst) {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
-            refused(dst, peer, None);
+            refused(dst, peer);
             return;
         }
         let mut stream = self.guard(stream);
@@ -281,7 +281,7 @@ impl Proxy {
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
                     tracing::info!(error = %e, %peer, original_dst = %dst, "TLS ClientHello rejected; connection closed");
-                    refused(dst, peer, Some("-"));
+                    refused(dst, peer);
                 }
             }
             return;
