@@ -48,6 +48,7 @@ pub(crate) async fn serve<I>(
     // A head beyond either limit gets hyper's 431 (Envoy's answer too).
     builder
         .max_buf_size(proxy.config.max_request_headers_bytes.max(8192))
+        .max_header_size(proxy.config.max_request_headers_bytes)
         .max_headers(proxy.config.max_request_headers);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
