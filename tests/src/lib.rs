@@ -7,6 +7,7 @@
 
 pub mod cmd;
 pub mod curl;
+pub mod faults;
 pub mod lab;
 pub mod preflight;
 pub mod scenario;
