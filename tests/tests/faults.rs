@@ -1,5 +1,6 @@
-//! Upstream failures, reloads under load, draining and a lost config folder, end to end:
-//! the real binary behind the pod's iptables capture, real nginx upstreams, curl and wrk.
+//! Limits set by flags, upstream failures, reloads under load, draining and a lost config
+//! folder, end to end: the real binary behind the pod's iptables capture, real nginx
+//! upstreams, curl, wrk and the lab's own TCP client.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -141,6 +142,10 @@ server {{ listen {EXTERNAL_IP}:8080; return 444; }}"
             "a stalled upstream with --route-timeout 1s, after {took:?}: {reply}"
         );
         expect_logged(lab, &["504 UT", "stall.internal.com"])?;
+        // The client giving up first: status 0 and DC in the access log.
+        let reply = lab.curl(&["--max-time", "0.5", "http://stall.internal.com:9001/gone"])?;
+        ensure!(reply.exit == 28, "curl must give up first: {reply}");
+        expect_logged(lab, &["\"GET /gone HTTP/1.1\" 0 DC", "stall.internal.com"])?;
 
         // One dead endpoint among three costs no request.
         let mut marks = (0, 0);
@@ -454,5 +459,109 @@ fn drain_listeners_drains_without_exiting() {
             "nothing open: /quitquitquit must exit 0 at once, got {status} after {took:?}"
         );
         Ok(())
+    });
+}
+
+/// Counter `name` from the metrics port (15090), 0 when absent.
+fn counter(lab: &mut Lab, name: &str) -> anyhow::Result<u64> {
+    let reply = lab.curl(&["http://127.0.0.1:15090/stats/prometheus"])?;
+    ensure!(reply.status == 200, "/stats/prometheus: {reply}");
+    Ok(reply
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// The limits as the binary's flags set them, with real clients: an oversized head, a head
+/// that never ends, an idle keep-alive connection, and the connection limit.
+#[test]
+fn limits_set_by_flags() {
+    run("limits", |lab| {
+        start_slow(
+            lab,
+            &[
+                "--request-headers-timeout",
+                "1s",
+                "--idle-timeout",
+                "3s",
+                "--max-connections",
+                "2",
+            ],
+        )?;
+        let vip = format!("{}:8080", scenario::APP_VIP);
+
+        let big = format!("x-big: {}", "a".repeat(70 * 1024));
+        let reply = lab.curl(&["-H", &big, &slow_url("")])?;
+        ensure!(reply.status == 431, "a 70 KiB request head: {reply}");
+        ensure!(
+            counter(lab, "envoy_http_downstream_cx_protocol_error_total")? == 1,
+            "the 431 is counted as a protocol error"
+        );
+
+        // A head that never ends is cut at the request-headers timeout (1 s), well before
+        // the idle timeout (3 s).
+        let start = Instant::now();
+        let partial = "GET / HTTP/1.1\r\nHost: slow.internal.com:8080\r\n";
+        let seen = lab.connect(Role::Pod, &vip, partial, 8)?;
+        let took = start.elapsed();
+        ensure!(
+            seen.connected
+                && seen.end != "timeout"
+                && took >= Duration::from_secs(1)
+                && took < Duration::from_millis(2500),
+            "an unfinished head must be closed after 1 s, took {took:?}: {}",
+            seen.line
+        );
+        ensure!(
+            counter(lab, "envoy_http_downstream_rq_header_timeout_total")? == 1,
+            "the cut head is counted"
+        );
+
+        // A keep-alive connection idle after its response is closed at the idle timeout.
+        let start = Instant::now();
+        let whole = "GET / HTTP/1.1\r\nHost: slow.internal.com:8080\r\n\r\n";
+        let seen = lab.connect(Role::Pod, &vip, whole, 8)?;
+        let took = start.elapsed();
+        ensure!(
+            seen.line.contains("200 OK")
+                && seen.end == "eof"
+                && took >= Duration::from_secs(3)
+                && took < Duration::from_secs(6),
+            "an idle keep-alive connection must be closed after 3 s, took {took:?}: {}",
+            seen.line
+        );
+        ensure!(
+            counter(lab, "envoy_http_downstream_cx_idle_timeout_total")? == 1,
+            "the idle close is counted"
+        );
+
+        // Two connections open: the third is closed at once, the two finish.
+        let open: Vec<Background> = (0..2)
+            .map(|_| curl_in_background(lab, &slow_url("slow.bin"), 20))
+            .collect();
+        wait_in_flight(lab, 2)?;
+        let reply = lab.curl(&[&slow_url("")])?;
+        ensure!(
+            reply.status == 0 && matches!(reply.exit, 52 | 56),
+            "a third connection beyond --max-connections 2 must be closed unanswered: {reply}"
+        );
+        ensure!(
+            counter(lab, "envoy_listener_downstream_cx_overflow_total")? == 1,
+            "the refused connection is counted"
+        );
+        for (i, curl) in open.into_iter().enumerate() {
+            let (exit, status, size) = curl_result(lab, curl)?;
+            ensure!(
+                exit == 0 && status == 200 && size == SLOW_SIZE as u64,
+                "open connection {i}: curl exit {exit}, status {status}, {size} bytes"
+            );
+        }
+        let reply = poll("a place freed", Duration::from_secs(5), || {
+            let reply = lab.curl(&[&slow_url("")])?;
+            Ok((reply.status == 200).then_some(reply))
+        })?;
+        reply.expect_page("a new connection once the others closed", EXTERNAL_MARK)?;
+        lab.expect_running()
     });
 }
