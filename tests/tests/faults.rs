@@ -259,8 +259,11 @@ fn reloads_under_load_and_a_lost_config_folder() {
             Ok(dump.contains("\"path_error\": null").then_some(()))
         })?;
 
-        // The folder deleted.
-        std::fs::remove_dir_all(&lab.config_dir)?;
+        // The folder deleted. Moved out of the way first, so it goes in one step: `rm -rf`
+        // empties it file by file, and a rescan in between rightly applies the removals.
+        let gone = lab.dir.join("config-deleted");
+        std::fs::rename(&lab.config_dir, &gone)?;
+        std::fs::remove_dir_all(&gone)?;
         lab.note("deleted the config folder".into());
         path_error_shown(lab)?;
         for attempt in 0..5 {
