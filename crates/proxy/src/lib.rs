@@ -218,13 +218,15 @@ impl Proxy {
         }
     }
 
-    fn guard(&self, stream: TcpStream) -> GuardedIo<TcpStream> {
+    /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
+    /// its first byte (the explicit proxy), so each request head gets its deadline.
+    fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
         let _ = stream.set_nodelay(true);
         GuardedIo::new(
             stream,
             self.config.idle_timeout,
             self.config.request_headers_timeout,
-            None,
+            in_flight,
         )
         .count_in(Arc::clone(&self.metrics))
     }
@@ -247,7 +249,7 @@ impl Proxy {
             refused(dst, peer);
             return;
         }
-        let mut stream = self.guard(stream);
+        let mut stream = self.guard(stream, None);
         // TCP and TLS connections keep this registry version for their whole life; HTTP
         // requests each take the version current when they start.
         let snapshot = self.registry.load_full();
@@ -314,9 +316,9 @@ impl Proxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let mut stream = self.guard(stream);
+        // The request-head deadline starts with the first byte, not at connect.
         let in_flight = Arc::new(InFlight::default());
-        stream.watch_requests(Arc::clone(&in_flight));
+        let stream = self.guard(stream, Some(Arc::clone(&in_flight)));
         let downstream = Arc::new(Downstream {
             in_flight: Some(in_flight),
             original_dst: None,

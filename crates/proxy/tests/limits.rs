@@ -279,8 +279,6 @@ async fn a_trickled_request_head_is_cut_off_but_an_idle_keep_alive_connection_is
 }
 
 #[tokio::test]
-#[ignore = "proxy bug: the explicit proxy arms the request-headers deadline when the \
-            connection opens (watch_requests in Proxy::explicit), not at a head's first byte"]
 async fn a_new_connection_may_wait_before_its_first_byte() {
     let app = Upstream::start("app").await;
     let config = ProxyConfig {
