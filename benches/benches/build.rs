@@ -1,0 +1,49 @@
+//! Compiling a snapshot from 10,000 ServiceEntries (what every reload pays), and, for
+//! scale, loading their YAML.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion};
+use portcullis_benches::{registry_yaml, resources};
+use portcullis_registry::{BuildOptions, build};
+
+const SERVICES: usize = 10_000;
+
+fn snapshot_build(c: &mut Criterion) {
+    let resources = resources(SERVICES);
+    let options = BuildOptions::default();
+    let previous = build(&resources, &options, None, 1);
+    let mut g = c.benchmark_group("build");
+    g.sample_size(20);
+    g.bench_with_input(
+        BenchmarkId::new("snapshot", SERVICES),
+        &resources,
+        |b, r| b.iter(|| build(black_box(r), &options, None, 2)),
+    );
+    // A reload carries endpoint counters over from the snapshot it replaces.
+    g.bench_with_input(
+        BenchmarkId::new("snapshot_after_previous", SERVICES),
+        &resources,
+        |b, r| b.iter(|| build(black_box(r), &options, Some(&previous), 2)),
+    );
+    // Parsing is slower than compiling; ten samples keep the run short.
+    g.sample_size(10);
+    let yaml = registry_yaml(SERVICES);
+    let file = Arc::new(PathBuf::from("generated.yaml"));
+    g.bench_with_input(BenchmarkId::new("load_yaml", SERVICES), &yaml, |b, y| {
+        b.iter(|| portcullis_model::load_str(black_box(y), &file));
+    });
+    g.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .configure_from_args();
+    snapshot_build(&mut c);
+    c.final_summary();
+}

@@ -1,0 +1,562 @@
+//! The bench lab: three network namespaces, the peers' configs, and every process the
+//! harness starts, all torn down on drop.
+//!
+//! ```text
+//!  peers ns (10.251.1.2)  ── veth ──  up ns (10.251.1.1, 10.251.2.1)  ── veth ──  pod ns (10.251.2.2)
+//!  wrk, HAProxy, nginx,               nginx upstream :80                          wrk (root, redirected),
+//!  Envoy, portcullis --http-proxy     bulk source :9000                           portcullis uid 1337 + iptables
+//! ```
+//!
+//! Every path to the upstream crosses exactly one veth, so the targets differ only in the
+//! proxy. The pod namespace holds the iptables redirect; the other proxies live apart from
+//! it so that their upstream connections are not captured.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Prefix of every namespace and run folder, so that `scripts/bench.sh` can sweep the
+/// leftovers of a killed run.
+pub const PREFIX: &str = "pcbench";
+/// The upstream as the peers namespace reaches it.
+pub const UP_FROM_PEERS: &str = "10.251.1.1";
+/// The upstream as the pod namespace reaches it.
+pub const UP_FROM_POD: &str = "10.251.2.1";
+/// The ServiceEntry host the sidecar routes to the upstream.
+pub const SIDECAR_HOST: &str = "upstream.bench";
+/// The ServiceEntry host the explicit proxy routes to the upstream.
+pub const EXPLICIT_HOST: &str = "upstream-peers.bench";
+/// Port of the bulk TCP source, registered as opaque TCP.
+pub const BULK_PORT: u16 = 9000;
+/// Loopback ports of the proxies in the peers namespace.
+pub const HAPROXY_PORT: u16 = 10001;
+/// nginx as a reverse proxy.
+pub const NGINX_PORT: u16 = 10002;
+/// Envoy.
+pub const ENVOY_PORT: u16 = 10003;
+/// portcullis `--http-proxy`.
+pub const EXPLICIT_PORT: u16 = 10004;
+/// uid (and gid) of the sidecar, excluded from the redirect.
+pub const PROXY_UID: &str = "1337";
+/// The body every request fetches: 100 bytes.
+pub const PAGE: &str = "portcullis bench page: one hundred bytes of static body served by nginx on the upstream host......\n";
+
+/// A namespace of the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ns {
+    /// The upstream host.
+    Up,
+    /// Clients and proxies without interception.
+    Peers,
+    /// The sidecar's pod: iptables redirect, portcullis as uid 1337, a wrk as root.
+    Pod,
+}
+
+impl Ns {
+    fn short(self) -> &'static str {
+        match self {
+            Ns::Up => "up",
+            Ns::Peers => "peers",
+            Ns::Pod => "pod",
+        }
+    }
+}
+
+/// A process the lab started; stopped (TERM, then KILL) by its own PID.
+pub struct Proc {
+    /// Name for messages and its log file.
+    pub name: String,
+    child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Its PID; `ip netns exec`, `taskset` and `setpriv` all exec, so this is
+    /// the program's own.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if it has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to one PID.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Namespaces, run folder and processes of one harness run.
+pub struct Lab {
+    /// Namespace prefix, unique per run.
+    pub id: String,
+    /// The run folder: configs, logs, the binary copy.
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    procs: Vec<Proc>,
+    /// Keep the run folder (logs) after a failure.
+    pub keep_dir: bool,
+}
+
+impl Lab {
+    /// Creates the namespaces and links; nothing runs yet.
+    pub fn new() -> anyhow::Result<Lab> {
+        let id = format!("{PREFIX}{}", std::process::id());
+        let dir = std::env::temp_dir().join(&id);
+        let mut lab = Lab {
+            id,
+            dir: dir.clone(),
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            keep_dir: true,
+        };
+        std::fs::create_dir_all(&dir)?;
+        // uid 1337 and nginx's unprivileged workers read configs and pages from here.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        for ns in [Ns::Up, Ns::Peers, Ns::Pod] {
+            let name = lab.ns(ns);
+            run(Command::new("ip").args(["netns", "add", &name]))?;
+            lab.namespaces.push(name.clone());
+            run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        }
+        lab.link(Ns::Peers, "10.251.1.2", UP_FROM_PEERS)?;
+        lab.link(Ns::Pod, "10.251.2.2", UP_FROM_POD)?;
+        for ns in [Ns::Up, Ns::Peers, Ns::Pod] {
+            // Connection-per-request runs open tens of thousands of connections; reuse
+            // TIME_WAIT ports instead of running out of them.
+            lab.run_in(
+                ns,
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.ip_local_port_range=1024 65000",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.core.somaxconn=65535",
+                ],
+            )?;
+        }
+        Ok(lab)
+    }
+
+    /// The namespace's name.
+    pub fn ns(&self, ns: Ns) -> String {
+        format!("{}-{}", self.id, ns.short())
+    }
+
+    /// A veth between `client` (address `mine`) and the upstream (address `up`).
+    fn link(&self, client: Ns, mine: &str, up: &str) -> anyhow::Result<()> {
+        let up_ns = self.ns(Ns::Up);
+        let client_ns = self.ns(client);
+        let port = format!("v-{}", client.short());
+        run(Command::new("ip").args([
+            "-n", &up_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            &client_ns,
+        ]))?;
+        run(Command::new("ip").args([
+            "-n",
+            &up_ns,
+            "addr",
+            "add",
+            &format!("{up}/24"),
+            "dev",
+            &port,
+        ]))?;
+        run(Command::new("ip").args(["-n", &up_ns, "link", "set", &port, "up"]))?;
+        run(Command::new("ip").args([
+            "-n",
+            &client_ns,
+            "addr",
+            "add",
+            &format!("{mine}/24"),
+            "dev",
+            "eth0",
+        ]))?;
+        run(Command::new("ip").args(["-n", &client_ns, "link", "set", "eth0", "up"])).map(drop)
+    }
+
+    /// A command running `program` in `ns`.
+    pub fn command(&self, ns: Ns, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(ns), program]);
+        cmd
+    }
+
+    /// A command running `program` in `ns` pinned to vCPU 0, where every measured process
+    /// runs (BENCHMARKING.md: the lowest-noise layout on this machine).
+    pub fn pinned(&self, ns: Ns, program: &str) -> Command {
+        let mut cmd = self.command(ns, "taskset");
+        cmd.args(["-c", "0", program]);
+        cmd
+    }
+
+    /// Runs `program args` in `ns` to completion; fails unless it exits 0.
+    pub fn run_in(&self, ns: Ns, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        run(self.command(ns, program).args(args))
+    }
+
+    /// Starts a long-running process, its output to `<name>.log` in the run folder.
+    pub fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<u32> {
+        let log = self.dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        });
+        Ok(pid)
+    }
+
+    /// Fails if any started process has exited, with the tail of its log.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            if let Some(status) = p.exited() {
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                bail!("{} exited ({status}):\n{}", p.name, tail(&log, 30));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `content` to `path` with mode 0644, via a rename so that a watcher never
+    /// reads half a file.
+    pub fn write(&self, path: &Path, content: &str) -> anyhow::Result<()> {
+        let staging = path.with_extension("staging");
+        std::fs::write(&staging, content)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&staging, path)?;
+        Ok(())
+    }
+
+    /// A fresh folder in the run folder, mode 0755.
+    pub fn mkdir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(name);
+        std::fs::create_dir_all(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path)
+    }
+
+    /// `curl -s` in `ns` with a 2 s cap: (status, body).
+    pub fn curl(&self, ns: Ns, args: &[&str]) -> anyhow::Result<(u16, String)> {
+        let out = self
+            .command(ns, "curl")
+            .args(["-s", "--max-time", "2", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// Polls until `check` passes, up to `within`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut check: impl FnMut(&Lab) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_running()?;
+            if check(self) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: not ready within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A `Host:`-addressed GET through `url` in `ns` returns the page.
+    pub fn serves_page(&self, ns: Ns, extra: &[&str]) -> bool {
+        self.curl(ns, extra)
+            .is_ok_and(|(status, body)| status == 200 && body == PAGE)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().rev() {
+            p.stop();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if self.keep_dir {
+            eprintln!("logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs a short command; fails with its output unless it exits 0 within 30 s.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} timed out");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// nginx serving [`PAGE`] on port 80 of every address of its namespace.
+pub fn upstream_nginx_conf(home: &Path) -> String {
+    let h = home.display();
+    format!(
+        "daemon off;
+worker_processes 1;
+pid {h}/nginx.pid;
+error_log {h}/error.log error;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {h}/tmp/body;
+    proxy_temp_path {h}/tmp/proxy;
+    fastcgi_temp_path {h}/tmp/fastcgi;
+    uwsgi_temp_path {h}/tmp/uwsgi;
+    scgi_temp_path {h}/tmp/scgi;
+    server {{
+        listen 80 backlog=65535;
+        server_name _;
+        root {h}/html;
+        index index.html;
+    }}
+}}
+"
+    )
+}
+
+/// nginx as a reverse proxy to the upstream: one worker, upstream keep-alive.
+pub fn proxy_nginx_conf(home: &Path) -> String {
+    let h = home.display();
+    format!(
+        "daemon off;
+worker_processes 1;
+pid {h}/nginx.pid;
+error_log {h}/error.log error;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {h}/tmp/body;
+    proxy_temp_path {h}/tmp/proxy;
+    fastcgi_temp_path {h}/tmp/fastcgi;
+    uwsgi_temp_path {h}/tmp/uwsgi;
+    scgi_temp_path {h}/tmp/scgi;
+    upstream up {{
+        server {UP_FROM_PEERS}:80;
+        keepalive 128;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{NGINX_PORT} backlog=65535;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// HAProxy: one thread, no logging, server connections shared across clients.
+pub fn haproxy_conf() -> String {
+    format!(
+        "global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:{HAPROXY_PORT}
+    default_backend up
+backend up
+    server s1 {UP_FROM_PEERS}:80
+"
+    )
+}
+
+/// Envoy as its own benchmarking guide advises: no request ids, no dynamic stats, no
+/// access log.
+pub fn envoy_conf() -> String {
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_PORT}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          generate_request_id: false
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: up}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              dynamic_stats: false
+  clusters:
+  - name: up
+    connect_timeout: 5s
+    type: STATIC
+    load_assignment:
+      cluster_name: up
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {UP_FROM_PEERS}, port_value: 80}}}}}}
+"#
+    )
+}
+
+/// The registry both portcullis instances load: the upstream under two names (one per
+/// side of the up namespace), the bulk source as opaque TCP, and `fillers` unrelated
+/// ServiceEntries so that the registry is the size of a real mesh's.
+pub fn portcullis_conf(fillers: usize) -> String {
+    let mut out = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: upstream, namespace: default}}
+spec:
+  hosts: [{SIDECAR_HOST}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_POD}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: upstream-peers, namespace: default}}
+spec:
+  hosts: [{EXPLICIT_HOST}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_PEERS}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: bulk, namespace: default}}
+spec:
+  hosts: [bulk.bench]
+  addresses: [{UP_FROM_POD}/32]
+  ports: [{{number: {BULK_PORT}, name: tcp, protocol: TCP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_POD}}}]
+"
+    );
+    for i in 0..fillers {
+        let _ = write!(
+            out,
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: filler-{i}, namespace: default}}
+spec:
+  hosts: [filler-{i}.example.com]
+  ports: [{{number: 443, name: https, protocol: TLS}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: 192.0.2.{}}}]
+",
+            1 + i % 250
+        );
+    }
+    out
+}
+
+/// One of two alternating reload payloads: a ServiceEntry whose host changes each time,
+/// so that every reload compiles and swaps a different snapshot.
+pub fn reload_conf(round: usize) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reloaded, namespace: default}}
+spec:
+  hosts: [reload-{round}.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: 192.0.2.{}}}]
+",
+        1 + round % 250
+    )
+}

