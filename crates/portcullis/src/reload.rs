@@ -147,14 +147,20 @@ fn watch_root(path: &Path) -> PathBuf {
 pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::channel::<Trigger>(16);
     let watch_tx = tx.clone();
-    let debouncer = new_debouncer(Duration::from_millis(100), None, move |result| {
-        if let Ok(events) = result {
-            let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
-            if !events.is_empty() {
-                let _ = watch_tx.try_send(Trigger::Watch);
+    // Debounce ticks wake a thread: every 100 ms is plenty for config files and keeps an
+    // idle sidecar from waking 40 times a second.
+    let debouncer = new_debouncer(
+        Duration::from_millis(200),
+        Some(Duration::from_millis(100)),
+        move |result| {
+            if let Ok(events) = result {
+                let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
+                if !events.is_empty() {
+                    let _ = watch_tx.try_send(Trigger::Watch);
+                }
             }
-        }
-    });
+        },
+    );
     let _debouncer = match debouncer {
         Ok(mut d) => {
             let root = watch_root(&reloader.path);

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -119,11 +119,14 @@ struct Outcome {
 
 impl Default for Outcome {
     fn default() -> Self {
+        // Shared placeholders: a request that never gets routed allocates nothing for them.
+        static DASH: LazyLock<Arc<str>> = LazyLock::new(|| "-".into());
+        static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
         Outcome {
             status: 0,
             flags: "-",
-            cluster: "-".into(),
-            service: "unknown".into(),
+            cluster: Arc::clone(&DASH),
+            service: Arc::clone(&UNKNOWN),
             upstream: None,
             route: "-",
         }
@@ -607,7 +610,7 @@ async fn splice_upgraded(
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
                 tracing::debug!(error = %e, "upgraded connection ended with an error");
             }
         }
@@ -627,7 +630,7 @@ fn upgraded_response(
         .insert(header::SERVER, HeaderValue::from_static("envoy"));
     parts.headers.insert(
         HeaderName::from_static("x-envoy-upstream-service-time"),
-        HeaderValue::from(start.elapsed().as_millis() as u64),
+        service_time(start),
     );
     Response::from_parts(parts, ProxyBody::Full(None))
 }
@@ -678,6 +681,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `x-envoy-upstream-service-time`, from a table for the common small values so that most
+/// responses need no allocation for it.
+fn service_time(start: Instant) -> HeaderValue {
+    static SMALL: LazyLock<Vec<HeaderValue>> =
+        LazyLock::new(|| (0u64..100).map(HeaderValue::from).collect());
+    let ms = start.elapsed().as_millis();
+    usize::try_from(ms)
+        .ok()
+        .and_then(|i| SMALL.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
 fn prepare_request(
     req: &mut Request<Incoming>,
     authority: Option<&str>,
@@ -691,6 +707,8 @@ fn prepare_request(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let upgrade_to = req.headers().get(header::UPGRADE).cloned();
+    // Absolute-form (or HTTP/2): the URI's authority was routed on, not a Host header.
+    let absolute = req.uri().authority().is_some();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     headers.remove(header::UPGRADE);
@@ -708,7 +726,6 @@ fn prepare_request(
     headers
         .entry(HeaderName::from_static("x-forwarded-proto"))
         .or_insert(HeaderValue::from_static("http"));
-    let authority_value = authority.and_then(|a| HeaderValue::from_str(a).ok());
     if h2 {
         // HTTP/2 carries the name in :authority, taken from the URI.
         headers.remove(header::HOST);
@@ -724,8 +741,9 @@ fn prepare_request(
         *req.version_mut() = Version::HTTP_2;
         return;
     }
-    // The name that was routed on is the one the upstream sees.
-    if let Some(value) = authority_value {
+    // The name that was routed on is the one the upstream sees. With origin-form that is
+    // the Host header already there.
+    if absolute && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
         headers.insert(header::HOST, value);
     }
     if upgrade && let Some(to) = upgrade_to {
@@ -757,7 +775,7 @@ fn prepare_response(
         .insert(header::SERVER, HeaderValue::from_static("envoy"));
     parts.headers.insert(
         HeaderName::from_static("x-envoy-upstream-service-time"),
-        HeaderValue::from(start.elapsed().as_millis() as u64),
+        service_time(start),
     );
     if body.is_end_stream() {
         // hyper never polls an empty body (HEAD, 204, content-length: 0), so the body

@@ -69,7 +69,7 @@ pub(crate) async fn forward<C>(
     match connected {
         Ok((mut upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            match crate::io::splice(&mut client, &mut upstream).await {
                 Ok((sent, received)) => {
                     log.sent = sent;
                     log.received = received;

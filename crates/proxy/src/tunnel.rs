@@ -47,7 +47,7 @@ pub(crate) async fn open(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
                     tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
                 }
             }

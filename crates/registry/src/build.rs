@@ -164,11 +164,22 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 }
 
 /// Warns when `what` on `port` is claimed by `other` but already routes to `kept`.
-fn conflict(warnings: &mut Vec<String>, what: &str, port: u16, kept: &Cluster, other: &Cluster) {
+/// Warns when `other` lost `what` to `kept`; `what` is only formatted then.
+fn conflict(
+    warnings: &mut Vec<String>,
+    what: impl FnOnce() -> String,
+    port: u16,
+    kept: &Cluster,
+    other: &Cluster,
+) {
     if kept.name != other.name {
         warnings.push(format!(
-            "{what} on port {port} is claimed by both {} ({}) and {} ({}); the first is used",
-            kept.name, kept.source, other.name, other.source
+            "{} on port {port} is claimed by both {} ({}) and {} ({}); the first is used",
+            what(),
+            kept.name,
+            kept.source,
+            other.name,
+            other.source
         ));
     }
 }
@@ -701,18 +712,26 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let table = self.hosts.entry(port).or_default();
-            let what = format!("host {host}");
             let kept = if &*host == "*" {
                 table.any.get_or_insert_with(|| Arc::clone(c))
             } else if let Some(suffix) = host.strip_prefix('*') {
-                table
-                    .wildcard
-                    .entry(suffix.into())
-                    .or_insert_with(|| Arc::clone(c))
+                match table.wildcard.get(suffix) {
+                    Some(kept) => kept,
+                    None => {
+                        table.wildcard.insert(suffix.into(), Arc::clone(c));
+                        continue;
+                    }
+                }
             } else {
-                table.exact.entry(host).or_insert_with(|| Arc::clone(c))
+                match table.exact.get(&*host) {
+                    Some(kept) => kept,
+                    None => {
+                        table.exact.insert(host, Arc::clone(c));
+                        continue;
+                    }
+                }
             };
-            conflict(&mut self.warnings, &what, port, kept, c);
+            conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
         }
         let mut addresses: HashMap<u16, AddressTable> = HashMap::new();
         for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
@@ -728,28 +747,48 @@ impl<'a> Builder<'a> {
                         .or_insert_with(|| Arc::clone(c));
                     conflict(
                         &mut self.warnings,
-                        &format!("address {}", net.addr()),
+                        || format!("address {}", net.addr()),
                         port,
                         kept,
                         c,
                     );
                 }
-                AddressKey::Net(net) => match table.cidrs.iter().find(|(n, _)| *n == net) {
-                    Some((_, kept)) => {
-                        conflict(&mut self.warnings, &format!("address {net}"), port, kept, c);
-                    }
-                    None => table.cidrs.push((net, Arc::clone(c))),
-                },
+                AddressKey::Net(net) => {
+                    let net = net.trunc();
+                    let len = net.prefix_len();
+                    let slot = match table.cidrs.iter().position(|(l, _)| *l == len) {
+                        Some(i) => i,
+                        None => {
+                            table.cidrs.push((len, HashMap::new()));
+                            table.cidrs.len() - 1
+                        }
+                    };
+                    let kept = table.cidrs[slot]
+                        .1
+                        .entry(net)
+                        .or_insert_with(|| Arc::clone(c));
+                    conflict(
+                        &mut self.warnings,
+                        || format!("address {net}"),
+                        port,
+                        kept,
+                        c,
+                    );
+                }
                 AddressKey::AnyOnPort => {
                     let kept = table.any.get_or_insert_with(|| Arc::clone(c));
-                    conflict(&mut self.warnings, "every address", port, kept, c);
+                    conflict(
+                        &mut self.warnings,
+                        || "every address".to_string(),
+                        port,
+                        kept,
+                        c,
+                    );
                 }
             }
         }
         for table in addresses.values_mut() {
-            table
-                .cidrs
-                .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+            table.cidrs.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         }
         let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
         clusters.sort_by(|a, b| a.name.cmp(&b.name));

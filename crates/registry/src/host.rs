@@ -1,5 +1,6 @@
 //! Host and authority normalisation shared by routing and the registry build.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use thiserror::Error;
@@ -60,12 +61,22 @@ fn parse_port(port: &str) -> Result<u16, HostError> {
 /// Rejects anything that is not a plausible DNS name or IP literal, so that odd spellings
 /// cannot match a registered name by accident.
 pub fn normalize_host(host: &str) -> Result<String, HostError> {
+    normalized(host).map(Cow::into_owned)
+}
+
+/// [`normalize_host`] without an allocation when the name is already in normal form, as
+/// nearly every Host header is: the routing path's version.
+pub(crate) fn normalized(host: &str) -> Result<Cow<'_, str>, HostError> {
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() {
         return Err(HostError::Empty);
     }
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip.to_string());
+    // Only something starting like an IP literal is worth parsing as one.
+    let first = host.as_bytes()[0];
+    if (first.is_ascii_hexdigit() || first == b':')
+        && let Ok(ip) = host.parse::<IpAddr>()
+    {
+        return Ok(Cow::Owned(ip.to_string()));
     }
     // An empty label (`.a.com`, `a..com`, `a.com..`) is no DNS name.
     if host.starts_with('.') || host.ends_with('.') || host.contains("..") {
@@ -77,7 +88,11 @@ pub fn normalize_host(host: &str) -> Result<String, HostError> {
     {
         return Err(HostError::InvalidChar);
     }
-    Ok(host.to_ascii_lowercase())
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Ok(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Ok(Cow::Borrowed(host))
+    }
 }
 
 #[cfg(test)]

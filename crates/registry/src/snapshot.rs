@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use portcullis_balance::{Balancer, EndpointState};
 use portcullis_model::{OutboundMode, Resolution};
 
-use crate::host::{normalize_host, split_host_port};
+use crate::host::{normalized, split_host_port};
 
 /// Envoy's name for the cluster that drops unregistered traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -146,8 +146,9 @@ impl HostTable {
 #[derive(Debug, Default)]
 pub(crate) struct AddressTable {
     pub(crate) exact: HashMap<IpAddr, Arc<Cluster>>,
-    /// Sorted longest prefix first.
-    pub(crate) cidrs: Vec<(IpNet, Arc<Cluster>)>,
+    /// Ranges by prefix length, longest first: one hash lookup per distinct length, so the
+    /// cost does not grow with the number of ranges.
+    pub(crate) cidrs: Vec<(u8, HashMap<IpNet, Arc<Cluster>>)>,
     /// A service that claims the whole port (TCP port, no addresses).
     pub(crate) any: Option<Arc<Cluster>>,
 }
@@ -157,8 +158,15 @@ impl AddressTable {
         if let Some(c) = self.exact.get(&ip) {
             return Some(c);
         }
-        if let Some((_, c)) = self.cidrs.iter().find(|(net, _)| net.contains(&ip)) {
-            return Some(c);
+        for (len, nets) in &self.cidrs {
+            let net = match IpNet::new(ip, *len) {
+                Ok(net) => net.trunc(),
+                // A length that does not fit this address family.
+                Err(_) => continue,
+            };
+            if let Some(c) = nets.get(&net) {
+                return Some(c);
+            }
         }
         self.any.as_ref()
     }
@@ -212,7 +220,7 @@ impl Snapshot {
 
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
-        let Ok(host) = normalize_host(host) else {
+        let Ok(host) = normalized(host) else {
             return self.unmatched();
         };
         if let Some(c) = self.hosts.get(&port).and_then(|t| t.get(&host)) {
