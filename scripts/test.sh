@@ -84,3 +84,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --release
 fi
+echo "=== fuzz (every target 20 s on stable: cargo fuzz -s none; a crash fails) ==="
+scripts/fuzz.sh 20
