@@ -1,6 +1,6 @@
 //! Compiling resources into a [`Snapshot`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use portcullis_model::{
     Resource, ServiceEntrySpec, SidecarSpec, SimpleLb, TargetPort, WorkloadEntrySpec,
 };
 
+use crate::Map;
 use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
@@ -89,7 +90,7 @@ struct PendingCluster {
 
 struct Builder<'a> {
     options: &'a BuildOptions,
-    previous: HashMap<(&'a str, String), Arc<EndpointState>>,
+    previous: Map<(&'a str, std::net::SocketAddr), Arc<EndpointState>>,
     service_entries: Vec<&'a Object<ServiceEntrySpec>>,
     workload_entries: Vec<&'a Object<WorkloadEntrySpec>>,
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
@@ -97,8 +98,8 @@ struct Builder<'a> {
     sidecars: Vec<&'a Object<SidecarSpec>>,
     mesh: Option<&'a Object<MeshConfig>>,
     pods: Vec<ReadyPod<'a>>,
-    clusters: BTreeMap<Arc<str>, PendingCluster>,
-    hosts: HashMap<u16, HostTable>,
+    clusters: Map<Arc<str>, PendingCluster>,
+    hosts: Map<u16, HostTable>,
     hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
     addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
     warnings: Vec<String>,
@@ -115,18 +116,31 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
 
 /// Protocol of a port from its declared protocol, else its name's prefix, as Istio does.
 fn protocol_of(protocol: Option<&str>, name: &str) -> Protocol {
+    const KNOWN: [(&str, Protocol); 12] = [
+        ("HTTP", Protocol::Http),
+        ("GRPC-WEB", Protocol::Http),
+        ("HTTP_PROXY", Protocol::Http),
+        ("HTTP2", Protocol::Http2),
+        ("GRPC", Protocol::Http2),
+        ("HTTPS", Protocol::Tls),
+        ("TLS", Protocol::Tls),
+        ("TCP", Protocol::Tcp),
+        ("MONGO", Protocol::Tcp),
+        ("MYSQL", Protocol::Tcp),
+        ("REDIS", Protocol::Tcp),
+        ("UDP", Protocol::Auto),
+    ];
     let declared = protocol.unwrap_or("");
     let from_name = name.split('-').next().unwrap_or("");
-    for candidate in [declared, from_name] {
-        match candidate.to_ascii_uppercase().as_str() {
-            "HTTP" | "GRPC-WEB" | "HTTP_PROXY" => return Protocol::Http,
-            "HTTP2" | "GRPC" => return Protocol::Http2,
-            "HTTPS" | "TLS" => return Protocol::Tls,
-            "TCP" | "MONGO" | "MYSQL" | "REDIS" => return Protocol::Tcp,
-            _ => {}
-        }
-    }
-    Protocol::Auto
+    [declared, from_name]
+        .iter()
+        .find_map(|candidate| {
+            KNOWN
+                .iter()
+                .find(|(known, _)| known.eq_ignore_ascii_case(candidate))
+                .map(|(_, p)| *p)
+        })
+        .unwrap_or(Protocol::Auto)
 }
 
 fn visible(export_to: &[String], own_ns: &str, proxy_ns: &str) -> bool {
@@ -199,7 +213,7 @@ impl<'a> Builder<'a> {
     ) -> Self {
         let mut b = Builder {
             options,
-            previous: HashMap::new(),
+            previous: Map::default(),
             service_entries: Vec::new(),
             workload_entries: Vec::new(),
             kube_services: Vec::new(),
@@ -207,8 +221,8 @@ impl<'a> Builder<'a> {
             sidecars: Vec::new(),
             mesh: None,
             pods: Vec::new(),
-            clusters: BTreeMap::new(),
-            hosts: HashMap::new(),
+            clusters: Map::default(),
+            hosts: Map::default(),
             hosts_pending: Vec::new(),
             addresses_pending: Vec::new(),
             warnings: Vec::new(),
@@ -216,8 +230,8 @@ impl<'a> Builder<'a> {
         if let Some(prev) = previous {
             for c in &prev.clusters {
                 for e in &c.endpoints {
-                    b.previous
-                        .insert((&*c.name, e.display()), Arc::clone(&e.state));
+                    let addr = std::net::SocketAddr::new(e.address, e.port);
+                    b.previous.insert((&*c.name, addr), Arc::clone(&e.state));
                 }
             }
         }
@@ -254,12 +268,12 @@ impl<'a> Builder<'a> {
         }
         // Services of the proxy's own namespace win host conflicts, then namespace and name order.
         let ns = options.namespace.as_str();
-        b.service_entries.sort_by_key(|o| {
-            (
-                o.meta.namespace != ns,
-                o.meta.namespace.clone(),
-                o.meta.name.clone(),
-            )
+        b.service_entries.sort_by(|a, b| {
+            (a.meta.namespace != ns, &a.meta.namespace, &a.meta.name).cmp(&(
+                b.meta.namespace != ns,
+                &b.meta.namespace,
+                &b.meta.name,
+            ))
         });
         b
     }
@@ -645,7 +659,7 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
-        let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+        let mut clusters: Map<Arc<str>, Arc<Cluster>> = Map::default();
         let mut dns_names = std::collections::BTreeSet::new();
         let pending = std::mem::take(&mut self.clusters);
         for (name, p) in pending {
@@ -671,18 +685,19 @@ impl<'a> Builder<'a> {
                     }
                 };
                 for address in addrs.iter().copied() {
-                    let mut e = Endpoint {
+                    let addr = std::net::SocketAddr::new(address, port);
+                    let state = self
+                        .previous
+                        .get(&(&*name, addr))
+                        .map_or_else(|| Arc::new(EndpointState::new()), Arc::clone);
+                    endpoints.push(Endpoint {
                         address,
                         hostname: hostname.clone(),
                         port,
                         weight,
                         source: Arc::clone(&source),
-                        state: Arc::new(EndpointState::new()),
-                    };
-                    if let Some(state) = self.previous.get(&(&*name, e.display())) {
-                        e.state = Arc::clone(state);
-                    }
-                    endpoints.push(e);
+                        state,
+                    });
                 }
             }
             let balancer = Balancer::new(
@@ -733,7 +748,7 @@ impl<'a> Builder<'a> {
             };
             conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
         }
-        let mut addresses: HashMap<u16, AddressTable> = HashMap::new();
+        let mut addresses: Map<u16, AddressTable> = Map::default();
         for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
             let Some(c) = clusters.get(&cluster) else {
                 continue;
@@ -759,7 +774,7 @@ impl<'a> Builder<'a> {
                     let slot = match table.cidrs.iter().position(|(l, _)| *l == len) {
                         Some(i) => i,
                         None => {
-                            table.cidrs.push((len, HashMap::new()));
+                            table.cidrs.push((len, Map::default()));
                             table.cidrs.len() - 1
                         }
                     };

@@ -1,6 +1,6 @@
 //! The immutable routing snapshot and its lookups.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use portcullis_balance::{Balancer, EndpointState};
 use portcullis_model::{OutboundMode, Resolution};
 
+use crate::Map;
 use crate::host::{normalized, split_host_port};
 
 /// Envoy's name for the cluster that drops unregistered traffic.
@@ -118,9 +119,9 @@ impl Decision {
 /// Hosts registered on one port.
 #[derive(Debug, Default)]
 pub(crate) struct HostTable {
-    pub(crate) exact: HashMap<Box<str>, Arc<Cluster>>,
+    pub(crate) exact: Map<Box<str>, Arc<Cluster>>,
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
-    pub(crate) wildcard: HashMap<Box<str>, Arc<Cluster>>,
+    pub(crate) wildcard: Map<Box<str>, Arc<Cluster>>,
     pub(crate) any: Option<Arc<Cluster>>,
 }
 
@@ -145,10 +146,10 @@ impl HostTable {
 /// Addresses registered on one port for opaque TCP.
 #[derive(Debug, Default)]
 pub(crate) struct AddressTable {
-    pub(crate) exact: HashMap<IpAddr, Arc<Cluster>>,
+    pub(crate) exact: Map<IpAddr, Arc<Cluster>>,
     /// Ranges by prefix length, longest first: one hash lookup per distinct length, so the
     /// cost does not grow with the number of ranges.
-    pub(crate) cidrs: Vec<(u8, HashMap<IpNet, Arc<Cluster>>)>,
+    pub(crate) cidrs: Vec<(u8, Map<IpNet, Arc<Cluster>>)>,
     /// A service that claims the whole port (TCP port, no addresses).
     pub(crate) any: Option<Arc<Cluster>>,
 }
@@ -185,8 +186,8 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
     pub dns_names: std::collections::BTreeSet<String>,
-    pub(crate) hosts: HashMap<u16, HostTable>,
-    pub(crate) addresses: HashMap<u16, AddressTable>,
+    pub(crate) hosts: Map<u16, HostTable>,
+    pub(crate) addresses: Map<u16, AddressTable>,
     pub(crate) pods: HashSet<IpAddr>,
 }
 
