@@ -216,7 +216,7 @@ pub fn pod_named(host: &str) -> Option<IpAddr> {
 
 /// Whether a request's authority host, as the client spelled it, names `cluster`'s service:
 /// one of its registered names or addresses exactly (case, one trailing dot and the spelling
-/// of an IP literal aside), or a name under its wildcard. Written without the registry's
+/// of an IP literal, IPv4-mapped IPv6 included, aside), or a name under its wildcard. Written without the registry's
 /// normalisation, so that normalisation cannot widen what a client reaches unnoticed.
 pub fn spelled_name_of(raw_host: &str, cluster_host: &str, port: u16) -> bool {
     let host = raw_host.strip_suffix('.').unwrap_or(raw_host);
@@ -225,7 +225,7 @@ pub fn spelled_name_of(raw_host: &str, cluster_host: &str, port: u16) -> bool {
         .iter()
         .filter(|&&(p, _, c)| p == port && c == cluster_host)
         .any(|&(_, name, _)| match (ip, name.parse::<IpAddr>().ok()) {
-            (Some(a), Some(b)) => a == b,
+            (Some(a), Some(b)) => canonical(a) == canonical(b),
             (None, None) => match name.strip_prefix('*') {
                 Some(suffix) => {
                     host.len() > suffix.len()

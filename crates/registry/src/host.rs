@@ -27,6 +27,10 @@ pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), HostError
     if let Some(rest) = authority.strip_prefix('[') {
         let end = rest.find(']').ok_or(HostError::InvalidChar)?;
         let host = &rest[..end];
+        // Brackets hold an IPv6 literal and nothing else (RFC 3986 3.2.2).
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(HostError::InvalidChar);
+        }
         let tail = &rest[end + 1..];
         return match tail {
             "" => Ok((host, None)),
@@ -76,7 +80,8 @@ pub(crate) fn normalized(host: &str) -> Result<Cow<'_, str>, HostError> {
     if (first.is_ascii_hexdigit() || first == b':')
         && let Ok(ip) = host.parse::<IpAddr>()
     {
-        return Ok(Cow::Owned(ip.to_string()));
+        // An IPv4-mapped IPv6 literal names the IPv4 address it carries.
+        return Ok(Cow::Owned(ip.to_canonical().to_string()));
     }
     // An empty label (`.a.com`, `a..com`, `a.com..`) is no DNS name.
     if host.starts_with('.') || host.ends_with('.') || host.contains("..") {
@@ -111,6 +116,11 @@ mod tests {
         assert_eq!(split_host_port("a.com:65536"), Err(HostError::InvalidPort));
         assert_eq!(split_host_port("a.com:"), Err(HostError::InvalidPort));
         assert_eq!(split_host_port("[::1]x"), Err(HostError::InvalidChar));
+        assert_eq!(
+            split_host_port("[app.internal.com]:80"),
+            Err(HostError::InvalidChar)
+        );
+        assert_eq!(split_host_port("[10.0.0.1]"), Err(HostError::InvalidChar));
     }
 
     #[test]
@@ -120,10 +130,8 @@ mod tests {
             Ok("app.internal.com".into())
         );
         assert_eq!(normalize_host("10.0.0.1"), Ok("10.0.0.1".into()));
-        assert_eq!(
-            normalize_host("::FFFF:10.0.0.1"),
-            Ok("::ffff:10.0.0.1".into())
-        );
+        assert_eq!(normalize_host("::FFFF:10.0.0.1"), Ok("10.0.0.1".into()));
+        assert_eq!(normalize_host("::1"), Ok("::1".into()));
         assert_eq!(normalize_host(""), Err(HostError::Empty));
         assert_eq!(normalize_host("."), Err(HostError::Empty));
         assert_eq!(normalize_host("a b"), Err(HostError::InvalidChar));
