@@ -54,7 +54,7 @@ for ns in $(ip netns list | awk '/^pcbench[0-9]+-/ {print $1}'); do
     kill -0 "$pid" 2>/dev/null || ip netns del "$ns" 2>/dev/null || true
 done
 
-cargo build --release -p portcullis -p portcullis-benches
+cargo build --profile dist -p portcullis -p portcullis-benches
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 # criterion: short windows under --quick; the full run uses the benches' own settings.
@@ -70,8 +70,8 @@ readme_flag=()
 [[ -n "$readme" ]] && readme_flag=(--readme README.md)
 report="$target_dir/bench-report.md"
 # The harness itself and its helper commands stay on vCPU 1, off the measured vCPU 0.
-taskset -c 1 "$target_dir/release/portcullis-bench" run \
-    --portcullis "$target_dir/release/portcullis" \
+taskset -c 1 "$target_dir/dist/portcullis-bench" run \
+    --portcullis "$target_dir/dist/portcullis" \
     "${envoy_flag[@]}" \
     --criterion-dir "$target_dir/criterion" \
     --report "$report" \
