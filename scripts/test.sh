@@ -76,13 +76,15 @@ echo "=== build (release) ==="
 cargo build --release -p portcullis
 echo "=== fmt ==="
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 echo "=== clippy ==="
 cargo clippy --workspace --all-targets -- -D warnings
+echo "=== fuzz (every target 20 s on stable: cargo fuzz -s none; a crash fails) ==="
+scripts/fuzz.sh 20
+# The test runner goes last, so that its summary closes the output.
 echo "=== tests (release; end-to-end tests use target/release/portcullis) ==="
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --release
 else
     cargo test --workspace --release
 fi
-echo "=== fuzz (every target 20 s on stable: cargo fuzz -s none; a crash fails) ==="
-scripts/fuzz.sh 20
