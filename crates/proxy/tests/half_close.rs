@@ -24,7 +24,9 @@ async fn the_client_half_closes_and_still_gets_the_answer() {
         let (mut s, _) = upstream.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
-        s.write_all(format!("got {}", got.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {}", got.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
     });
     let harness = Harness::start(snapshot(&service("db.internal", 5432, "TCP", &[port]), 1)).await;
