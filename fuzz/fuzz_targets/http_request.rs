@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use http::{HeaderValue, Method, Uri};
 use libfuzzer_sys::fuzz_target;
 use portcullis_fuzz::{PORTS, expected_tcp_route, pod_named, registry, spelled_name_of};
-use portcullis_registry::{Decision, Snapshot, split_host_port};
+use portcullis_registry::{Decision, split_host_port};
 
 /// The proxy's limit on request header fields (`max_request_headers`).
 const MAX_HEADERS: usize = 100;
@@ -62,19 +62,6 @@ fn authority(head: &Head) -> Result<Option<String>, ()> {
     }
 }
 
-/// The proxy's `route_connect`: by name, then (for an IP literal) by address.
-fn route_connect(snapshot: &Snapshot, host: &str, port: u16) -> Decision {
-    let by_name = snapshot.route_host(host, port);
-    match (&by_name, host.parse::<IpAddr>()) {
-        (Decision::BlackHole | Decision::Passthrough, Ok(ip)) => match snapshot.route_tcp(ip, port)
-        {
-            Decision::BlackHole | Decision::Passthrough => by_name,
-            found => found,
-        },
-        _ => by_name,
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some(head) = parse(data) else {
         return;
@@ -114,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
     let snapshot = registry();
     for port in ports {
         let decision = if connect {
-            route_connect(snapshot, host, port)
+            snapshot.route_name_or_address(Some(host), host.parse().ok(), port)
         } else {
             snapshot.route_http(authority.as_deref().unwrap_or_default(), port)
         };

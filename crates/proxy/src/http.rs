@@ -2,7 +2,7 @@
 //! pooled upstream connection, streaming bodies both ways.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_registry::{Decision, Protocol, Snapshot, split_host_port};
+use portcullis_registry::{Decision, Protocol, split_host_port};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -319,7 +319,9 @@ async fn route_and_forward(
     // flight keeps the version, and the endpoints, it started with.
     let snapshot = &proxy.registry.load_full();
     let decision = match (req.method() == Method::CONNECT, host) {
-        (true, Some(h)) => route_connect(snapshot, h, port),
+        // A CONNECT target: a registered name, a VIP or pod, or an address in a registered
+        // range when the target is an IP literal.
+        (true, Some(h)) => snapshot.route_name_or_address(Some(h), h.parse().ok(), port),
         (false, Some(_)) => snapshot.route_http(authority.as_deref().unwrap_or_default(), port),
         // No authority at all: nothing to match a registered name against.
         (_, None) => match downstream.original_dst {
@@ -633,21 +635,6 @@ fn upgraded_response(
         service_time(start),
     );
     Response::from_parts(parts, ProxyBody::Full(None))
-}
-
-/// A CONNECT target: a registered name, a registered VIP or pod, or an address in a
-/// registered range.
-fn route_connect(snapshot: &Snapshot, host: &str, port: u16) -> Decision {
-    let by_name = snapshot.route_host(host, port);
-    match (&by_name, host.parse::<IpAddr>()) {
-        (Decision::BlackHole | Decision::Passthrough, Ok(ip)) => match snapshot.route_tcp(ip, port)
-        {
-            // route_tcp falls back to the policy too; keep the by-name answer then.
-            Decision::BlackHole | Decision::Passthrough => by_name,
-            found => found,
-        },
-        _ => by_name,
-    }
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded. `Upgrade` and `TE: trailers` are

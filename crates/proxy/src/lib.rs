@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use portcullis_dns::DnsCache;
-use portcullis_registry::{Decision, Snapshot};
+use portcullis_registry::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -86,17 +86,6 @@ impl Default for ProxyConfig {
             max_request_headers: 100,
         }
     }
-}
-
-/// TLS is routed by SNI among the hosts registered on the port; without a match (or
-/// without SNI) by the destination address, as opaque TCP would be.
-fn route_tls(snapshot: &Snapshot, sni: Option<&str>, dst: SocketAddr) -> Decision {
-    if let Some(name) = sni
-        && let found @ Decision::Cluster(_) = snapshot.route_host(name, dst.port())
-    {
-        return found;
-    }
-    snapshot.route_tcp(dst.ip(), dst.port())
 }
 
 /// The access log line of a connection closed before any routing: no filter chain matched,
@@ -275,7 +264,9 @@ impl Proxy {
             match hello {
                 Ok(hello) => {
                     let sni = hello.sni.as_deref();
-                    let decision = route_tls(&snapshot, sni, dst);
+                    // By SNI among the hosts registered on the port; without a match (or
+                    // without SNI) by the destination address, as opaque TCP would be.
+                    let decision = snapshot.route_name_or_address(sni, Some(dst.ip()), dst.port());
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     let io = PrefixedIo::new(buf, stream);
                     tcp::forward(&self, decision, io, dst, peer, sni).await;

@@ -247,6 +247,31 @@ impl Snapshot {
         self.unmatched()
     }
 
+    /// Routes by a name if it is registered on `port` (TLS SNI, CONNECT target), else by a
+    /// destination address (the original destination, or the IP literal a client named),
+    /// else by the outbound policy.
+    pub fn route_name_or_address(
+        &self,
+        name: Option<&str>,
+        address: Option<IpAddr>,
+        port: u16,
+    ) -> Decision {
+        let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
+        if let Some(name) = name {
+            let by_name = self.route_host(name, port);
+            if found(&by_name) {
+                return by_name;
+            }
+        }
+        if let Some(ip) = address {
+            let by_address = self.route_tcp(ip, port);
+            if found(&by_address) {
+                return by_address;
+            }
+        }
+        self.unmatched()
+    }
+
     /// Whether `ip:port` belongs to a service whose port is opaque TCP, so that the
     /// connection must not be sniffed as HTTP.
     pub fn is_tcp_destination(&self, ip: IpAddr, port: u16) -> bool {

@@ -1164,3 +1164,42 @@ fn normalize_host_rejects_empty_labels() {
     assert_eq!(normalize_host("A.com."), Ok("a.com".to_string()));
     assert_eq!(normalize_host("1.2.3.4."), Ok("1.2.3.4".to_string()));
 }
+
+#[test]
+fn name_first_then_address_then_policy() {
+    let s = snapshot(&format!(
+        "{APP}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: default}}
+spec:
+  hosts: [db.internal.com]
+  addresses: [10.9.0.0/16]
+  ports: [{{number: 80, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.9.0.1}}]
+"
+    ));
+    let route = |name, addr: Option<&str>| routed(&s.route_name_or_address(name, addr.map(ip), 80));
+    // A registered name wins over the address it was sent to.
+    assert_eq!(
+        route(Some("app.internal.com"), Some("10.9.1.1")),
+        "outbound|80||app.internal.com"
+    );
+    // An unregistered name falls back to the address; an IP literal name routes by range.
+    assert_eq!(
+        route(Some("evil.com"), Some("10.9.1.1")),
+        "outbound|80||db.internal.com"
+    );
+    assert_eq!(
+        route(Some("10.9.1.1"), Some("10.9.1.1")),
+        "outbound|80||db.internal.com"
+    );
+    assert_eq!(
+        route(None, Some("10.9.1.1")),
+        "outbound|80||db.internal.com"
+    );
+    // Neither: the policy's answer.
+    assert_eq!(route(Some("evil.com"), Some("192.0.2.1")), "blackhole");
+    assert_eq!(route(None, None), "blackhole");
+}
