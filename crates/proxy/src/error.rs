@@ -25,6 +25,12 @@ pub enum ProxyError {
     /// The upstream closed or reset before a response.
     #[error("upstream reset before response: {0}")]
     UpstreamReset(#[source] hyper::Error),
+    /// The upstream connection failed or closed before a complete response head.
+    #[error("upstream connection closed before response: {0}")]
+    UpstreamClosed(#[source] std::io::Error),
+    /// The upstream's response was not valid HTTP/1.1.
+    #[error("upstream protocol error: {0}")]
+    UpstreamProtocol(&'static str),
     /// No response headers within the route timeout.
     #[error("upstream request timeout")]
     UpstreamTimeout,
@@ -54,14 +60,15 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream => "UH",
             ProxyError::ConnectFailure(_) => "UF",
             ProxyError::ConnectTimeout => "UF",
-            ProxyError::UpstreamReset(_) => "UC",
+            ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
+            ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout => "UT",
             ProxyError::DnsFailure { .. } => "DF",
             ProxyError::BadRequest(_) => "DPE",
             ProxyError::Loop => "NR",
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
-                ProxyError::UpstreamReset(_) => "URX,UC",
+                ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
                 ref other => other.flag(),
             },
         }
@@ -72,7 +79,10 @@ impl ProxyError {
         match self {
             ProxyError::ConnectFailure(_) => Some("remote connection failure"),
             ProxyError::ConnectTimeout => Some("connection timeout"),
-            ProxyError::UpstreamReset(_) => Some("connection termination"),
+            ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => {
+                Some("connection termination")
+            }
+            ProxyError::UpstreamProtocol(_) => Some("protocol error"),
             _ => None,
         }
     }

@@ -108,13 +108,13 @@ pub(crate) async fn serve_h2<I>(
 }
 
 /// What the access log and metrics need once the request is gone.
-struct Outcome {
-    status: u16,
-    flags: &'static str,
-    cluster: Arc<str>,
-    service: Arc<str>,
-    upstream: Option<SocketAddr>,
-    route: &'static str,
+pub(crate) struct Outcome {
+    pub status: u16,
+    pub flags: &'static str,
+    pub cluster: Arc<str>,
+    pub service: Arc<str>,
+    pub upstream: Option<SocketAddr>,
+    pub route: &'static str,
 }
 
 impl Default for Outcome {
@@ -133,23 +133,76 @@ impl Default for Outcome {
     }
 }
 
+/// The request as the access log line shows it; captured only when access logs are on.
+pub(crate) struct LogLine {
+    pub method: Method,
+    pub path: String,
+    pub protocol: &'static str,
+    pub authority: String,
+}
+
+impl LogLine {
+    /// Whether access log lines are wanted at all: nothing is captured otherwise.
+    pub fn wanted() -> bool {
+        tracing::enabled!(target: "access", tracing::Level::INFO)
+    }
+
+    fn of(req: &Request<Incoming>) -> LogLine {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("-");
+        LogLine {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", PathAndQuery::as_str)
+                .to_owned(),
+            protocol: version_str(req.version()),
+            authority: authority.to_owned(),
+        }
+    }
+}
+
 /// One request's log record. It is written when the response is ready; if the client goes
-/// away first, hyper drops the handler and the record is written on drop with Envoy's `DC`
+/// away first, the handler is dropped and the record is written on drop with Envoy's `DC`
 /// (downstream connection termination) and status 0.
-struct RequestLog {
+pub(crate) struct RequestLog {
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    method: Method,
-    uri: Uri,
-    version: Version,
-    host_header: Option<HeaderValue>,
-    start: Instant,
-    outcome: Outcome,
+    line: Option<LogLine>,
+    pub start: Instant,
+    pub outcome: Outcome,
     written: bool,
 }
 
 impl RequestLog {
-    fn write(&mut self) {
+    /// A record for a request that started at `start`.
+    pub fn new(
+        proxy: &Arc<Proxy>,
+        downstream: &Arc<Downstream>,
+        line: Option<LogLine>,
+        start: Instant,
+    ) -> Self {
+        RequestLog {
+            proxy: Arc::clone(proxy),
+            downstream: Arc::clone(downstream),
+            line,
+            start,
+            outcome: Outcome::default(),
+            written: false,
+        }
+    }
+
+    /// Counts the request and writes its access log line, with `status` as answered.
+    pub fn write(&mut self) {
         self.written = true;
         let outcome = &self.outcome;
         let duration = self.start.elapsed();
@@ -166,20 +219,14 @@ impl RequestLog {
             .request_duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64() * 1000.0);
-        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        let Some(line) = &self.line else {
             return;
-        }
-        let authority = self
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| self.host_header.as_ref().and_then(|h| h.to_str().ok()))
-            .unwrap_or("-");
+        };
         HttpLog {
-            method: self.method.as_str(),
-            path: self.uri.path_and_query().map_or("/", PathAndQuery::as_str),
-            protocol: version_str(self.version),
-            authority,
+            method: line.method.as_str(),
+            path: &line.path,
+            protocol: line.protocol,
+            authority: &line.authority,
             status: outcome.status,
             flags: outcome.flags,
             cluster: &outcome.cluster,
@@ -209,17 +256,8 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
-    let mut log = RequestLog {
-        proxy: Arc::clone(&proxy),
-        downstream: Arc::clone(&downstream),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        host_header: req.headers().get(header::HOST).cloned(),
-        start: Instant::now(),
-        outcome: Outcome::default(),
-        written: false,
-    };
+    let line = LogLine::wanted().then(|| LogLine::of(&req));
+    let mut log = RequestLog::new(&proxy, &downstream, line, Instant::now());
     let start = log.start;
     let response = match route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
     {
@@ -235,7 +273,7 @@ async fn handle(
     response
 }
 
-fn version_str(v: Version) -> &'static str {
+pub(crate) fn version_str(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -281,26 +319,22 @@ fn route_name(decision: &Decision) -> &'static str {
     }
 }
 
-async fn route_and_forward(
-    proxy: &Arc<Proxy>,
+/// Where a request goes: the registry's decision and the destination the client meant.
+pub(crate) struct Routed<'a> {
+    pub decision: Decision,
+    pub original: Original<'a>,
+}
+
+/// Routes a request for `authority` (absolute-form URI or Host) with the registry current
+/// now, and records the route in `outcome`.
+pub(crate) async fn route<'a>(
+    proxy: &Proxy,
     downstream: &Downstream,
-    mut req: Request<Incoming>,
-    start: Instant,
+    authority: Option<&'a str>,
+    connect: bool,
     outcome: &mut Outcome,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let authority = authority(&req)?;
-    let explicit = downstream.original_dst.is_none();
-    if req
-        .uri()
-        .scheme()
-        .is_some_and(|s| *s != http::uri::Scheme::HTTP)
-    {
-        // The proxy does not originate TLS: clients reach https:// origins with CONNECT.
-        return Err(ProxyError::BadRequest(
-            "absolute-form must be http://; use CONNECT",
-        ));
-    }
-    let parsed = authority.as_deref().map(split_host_port);
+) -> Result<Routed<'a>, ProxyError> {
+    let parsed = authority.map(split_host_port);
     let (host, host_port) = match parsed {
         Some(Ok((h, p))) => (Some(h), p),
         Some(Err(_)) => return Err(ProxyError::BadRequest("invalid authority")),
@@ -309,7 +343,7 @@ async fn route_and_forward(
     let port = match (downstream.original_dst, host_port) {
         (Some(dst), _) => dst.port(),
         (None, Some(p)) => p,
-        (None, None) if req.method() == Method::CONNECT => {
+        (None, None) if connect => {
             return Err(ProxyError::BadRequest("CONNECT needs host:port"));
         }
         (None, None) => 80,
@@ -318,11 +352,11 @@ async fn route_and_forward(
     // route and membership updates to new requests on open connections); a request in
     // flight keeps the version, and the endpoints, it started with.
     let snapshot = &proxy.registry.load_full();
-    let decision = match (req.method() == Method::CONNECT, host) {
+    let decision = match (connect, host) {
         // A CONNECT target: a registered name, a VIP or pod, or an address in a registered
         // range when the target is an IP literal.
         (true, Some(h)) => snapshot.route_name_or_address(Some(h), h.parse().ok(), port),
-        (false, Some(_)) => snapshot.route_http(authority.as_deref().unwrap_or_default(), port),
+        (false, Some(_)) => snapshot.route_http(authority.unwrap_or_default(), port),
         // No authority at all: nothing to match a registered name against.
         (_, None) => match downstream.original_dst {
             Some(_) => snapshot.unmatched(),
@@ -347,6 +381,31 @@ async fn route_and_forward(
         (None, Some(h)) => Original::Name(h, port),
         (None, None) => return Err(ProxyError::Blocked),
     };
+    Ok(Routed { decision, original })
+}
+
+async fn route_and_forward(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    mut req: Request<Incoming>,
+    start: Instant,
+    outcome: &mut Outcome,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let authority = authority(&req)?;
+    let explicit = downstream.original_dst.is_none();
+    if req
+        .uri()
+        .scheme()
+        .is_some_and(|s| *s != http::uri::Scheme::HTTP)
+    {
+        // The proxy does not originate TLS: clients reach https:// origins with CONNECT.
+        return Err(ProxyError::BadRequest(
+            "absolute-form must be http://; use CONNECT",
+        ));
+    }
+    let connect = req.method() == Method::CONNECT;
+    let Routed { decision, original } =
+        route(proxy, downstream, authority.as_deref(), connect, outcome).await?;
     if req.method() == Method::CONNECT {
         let (response, upstream) = crate::tunnel::open(
             proxy,
@@ -570,7 +629,7 @@ async fn send_h2(
 
 /// HTTP/2 upstream for ports declared HTTP2/GRPC; HTTP/1.1 for ports declared HTTP; the
 /// client's own protocol where nothing is declared (Istio's sniffed ports do the same).
-fn upstream_h2(decision: &Decision, downstream: Version) -> bool {
+pub(crate) fn upstream_h2(decision: &Decision, downstream: Version) -> bool {
     match decision {
         Decision::Cluster(c) => match c.protocol {
             Protocol::Http2 => true,

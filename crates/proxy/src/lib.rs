@@ -5,6 +5,7 @@ mod body;
 pub mod detect;
 mod error;
 mod guard;
+mod h1;
 mod http;
 mod io;
 mod log;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use portcullis_dns::DnsCache;
 use portcullis_registry::Snapshot;
 use tokio::net::{TcpListener, TcpStream};
@@ -287,11 +289,11 @@ impl Proxy {
                 original_dst: Some(dst),
                 peer,
             });
-            let io = PrefixedIo::new(prefix, stream);
             if detected == Detected::Http2 {
+                let io = PrefixedIo::new(prefix, stream);
                 http::serve_h2(self, downstream, io, shutdown).await;
             } else {
-                http::serve(self, downstream, io, shutdown).await;
+                h1::serve(self, downstream, stream, prefix, shutdown).await;
             }
             return;
         }
@@ -315,6 +317,6 @@ impl Proxy {
             original_dst: None,
             peer,
         });
-        http::serve(self, downstream, stream, shutdown).await;
+        h1::serve(self, downstream, stream, BytesMut::new(), shutdown).await;
     }
 }

@@ -1,16 +1,19 @@
 //! Upstream connection reuse, keyed by endpoint address.
 //!
 //! HTTP/1.1: a connection goes back to the pool only when the response body it carried
-//! has ended, so a pooled sender is always free for the next request. HTTP/2: one shared,
+//! has ended, so a pooled connection is always free for the next request. The fast path
+//! (`h1.rs`) pools plain sockets, the general path hyper senders. HTTP/2: one shared,
 //! multiplexed connection per endpoint. The locks are held only to push, pop or clone one
 //! sender; never across an await, and a reload never takes them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::client::conn::{http1::SendRequest, http2};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
@@ -20,6 +23,7 @@ type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
 /// Idle upstream connections per endpoint.
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Idle>>,
+    raw: Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
@@ -47,6 +51,7 @@ impl Pool {
     pub fn new(max_idle_per_endpoint: usize, idle_timeout: Duration) -> Self {
         Pool {
             idle: Mutex::new(HashMap::new()),
+            raw: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             max_idle_per_endpoint,
             idle_timeout,
@@ -121,13 +126,64 @@ impl Pool {
             .insert(key, sender);
     }
 
+    /// Takes an idle plain HTTP/1.1 connection to `key` that is still open, if any.
+    pub fn checkout_raw(&self, key: SocketAddr) -> Option<TcpStream> {
+        loop {
+            let (stream, since) = {
+                let mut raw = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
+                let list = raw.get_mut(&key)?;
+                let entry = list.pop();
+                if list.is_empty() {
+                    raw.remove(&key);
+                }
+                entry?
+            };
+            if since.elapsed() <= self.idle_timeout && still_open(&stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Keeps a plain HTTP/1.1 connection whose last response has ended for the next request.
+    pub fn put_raw(&self, key: SocketAddr, stream: TcpStream) {
+        let mut raw = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = raw.entry(key).or_default();
+        if list.len() < self.max_idle_per_endpoint {
+            list.push((stream, Instant::now()));
+        }
+    }
+
     /// Number of idle connections, for the admin server.
     pub fn idle_count(&self) -> usize {
-        self.idle
+        let hyper: usize = self
+            .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(Vec::len)
-            .sum()
+            .sum();
+        let raw: usize = self
+            .raw
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum();
+        hyper + raw
+    }
+}
+
+/// Whether an idle connection can still carry a request. The runtime has already seen any
+/// FIN or reset as read readiness, so the common case costs no system call; an idle
+/// HTTP/1.1 connection with something to read is closing or out of step, and unusable.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
     }
 }

@@ -1,0 +1,1273 @@
+//! HTTP/1.1 forwarding for the common request, without hyper: the head is parsed in place
+//! and rewritten once, sent with its body in one write on a pooled upstream socket, and the
+//! response head is rewritten and sent with the first body bytes in one write, the rest
+//! streamed with its own framing. An idle connection holds no buffer at all.
+//!
+//! Anything out of the ordinary (CONNECT, upgrades, `Expect`, chunked or large request
+//! bodies, HTTP/1.0, an HTTP/2 upstream, a head this parser does not fully accept) hands
+//! the connection, with every byte not yet consumed, to the general path in `http.rs`, so
+//! those requests behave exactly as they do there.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Response, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Proxy;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::guard::InFlight;
+use crate::http::{Downstream, LogLine, RequestLog, Routed};
+use crate::io::PrefixedIo;
+use crate::metrics::{ClusterLabels, Label};
+use crate::upstream::{ATTEMPTS, can_retry};
+
+/// Header fields parsed per head; a request with more goes to the general path.
+const MAX_HEADERS: usize = 128;
+/// Request bodies up to this size are read whole and sent with the head; larger ones are
+/// streamed by the general path.
+const MAX_BODY: usize = 64 * 1024;
+/// Read size for response bytes.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 96 * 1024;
+/// Pipelined bytes read while a response is awaited (to notice the client leaving).
+const MAX_PIPELINED: usize = 64 * 1024;
+/// Connection-listed header names dropped per message; more goes to the general path.
+const MAX_LISTED: usize = 8;
+
+/// What a connection does after one request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// The general path takes over the connection, starting with the buffer.
+    General,
+}
+
+/// Serves HTTP/1.x on `io`, whose first bytes (already read) are `initial`, until the
+/// client closes or `shutdown` asks to drain.
+pub(crate) async fn serve<I>(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    mut io: I,
+    initial: BytesMut,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = initial;
+    loop {
+        if buf.is_empty() {
+            // Idle: the buffer goes until the next request's first bytes arrive.
+            buf = BytesMut::new();
+            let read = tokio::select! {
+                read = read_some(&mut io, &mut buf) => read,
+                () = shutdown.cancelled() => return,
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return;
+            }
+        }
+        // Boxed: the idle connection's future stays small, a request's state lives only
+        // while the request does.
+        let next = Box::pin(exchange(&proxy, &downstream, &mut io, &mut buf, &shutdown)).await;
+        match next {
+            Next::KeepAlive => {}
+            Next::Close => {
+                let _ = io.shutdown().await;
+                return;
+            }
+            Next::General => {
+                let io = PrefixedIo::new(buf, io);
+                crate::http::serve(proxy, downstream, io, shutdown).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads what is available into `buf` through a stack buffer, so that nothing is
+/// allocated until bytes arrive.
+async fn read_some<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(Pin::new(&mut *io), cx, buf)).await
+}
+
+fn poll_read_some<I: AsyncRead>(
+    io: Pin<&mut I>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); 4096];
+    let mut read = ReadBuf::uninit(&mut stack);
+    ready!(io.poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
+}
+
+/// Resolves when the client closes (or fails) while a response is awaited; pipelined
+/// bytes it sends meanwhile are kept for the next request.
+async fn client_gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) {
+    while buf.len() < MAX_PIPELINED {
+        if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// One request on the connection: parse, route, forward, respond.
+async fn exchange<I>(
+    proxy: &Arc<Proxy>,
+    downstream: &Arc<Downstream>,
+    io: &mut I,
+    buf: &mut BytesMut,
+    shutdown: &CancellationToken,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let explicit = downstream.original_dst.is_none();
+    let head = loop {
+        match parse_request(buf, explicit, proxy.config.max_request_headers) {
+            Parsed::Complete(head) => break head,
+            Parsed::Partial if buf.len() < proxy.config.max_request_headers_bytes => {
+                if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
+                    return Next::Close;
+                }
+            }
+            Parsed::Partial | Parsed::Other => return Next::General,
+        }
+    };
+    if head.len > proxy.config.max_request_headers_bytes || head.body > MAX_BODY {
+        return Next::General;
+    }
+    let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
+    while buf.len() < head.len + head.body {
+        if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
+            return Next::Close;
+        }
+    }
+    // The request leaves the buffer; what follows it is the next one.
+    let request = buf.split_to(head.len + head.body).freeze();
+    let line = LogLine::wanted().then(|| head.log_line(&request));
+    let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+    let authority = head
+        .authority
+        .clone()
+        .and_then(|r| std::str::from_utf8(&request[r]).ok());
+    let routed =
+        match crate::http::route(proxy, downstream, authority, false, &mut log.outcome).await {
+            Ok(routed) => routed,
+            Err(e) => {
+                let close = head.close || shutdown.is_cancelled();
+                return reply_error(io, &mut log, &e, head.head_method, close).await;
+            }
+        };
+    if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
+        // The general path speaks HTTP/2 upstream: give it the request back.
+        let mut whole = BytesMut::from(&request[..]);
+        whole.extend_from_slice(buf);
+        *buf = whole;
+        return Next::General;
+    }
+    let mut out = head.out;
+    out.extend_from_slice(&request[head.len..]);
+    let forwarded = tokio::select! {
+        forwarded = forward(proxy, &routed, &out, head.body == 0, head.head_method, &mut log) => forwarded,
+        // The client left before the response: logged as DC when `log` is dropped.
+        () = client_gone(io, buf) => return Next::Close,
+    };
+    let (upstream, response) = match forwarded {
+        Ok(answer) => answer,
+        Err(e) => {
+            let close = head.close || shutdown.is_cancelled();
+            return reply_error(io, &mut log, &e, head.head_method, close).await;
+        }
+    };
+    proxy
+        .metrics
+        .upstream_rq
+        .get_or_create(&ClusterLabels {
+            cluster_name: Label(Arc::clone(&log.outcome.cluster)),
+        })
+        .inc();
+    log.outcome.status = response.status;
+    log.write();
+    let close = head.close || shutdown.is_cancelled();
+    let Upstream {
+        stream,
+        addr,
+        buffered,
+        guard,
+    } = upstream;
+    let done = relay(io, stream, buffered, response, log.start, close).await;
+    drop(guard);
+    match done {
+        Some((stream, reusable)) => {
+            if reusable {
+                proxy.pool.put_raw(addr, stream);
+            }
+            if close { Next::Close } else { Next::KeepAlive }
+        }
+        None => Next::Close,
+    }
+}
+
+/// An upstream connection with a response head read from it.
+struct Upstream {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Bytes read after the response head: the start of the body.
+    buffered: BytesMut,
+    /// Counts the request as active on its endpoint until the body ends.
+    guard: Option<portcullis_balance::ActiveGuard>,
+}
+
+/// Why one attempt failed, and whether another may follow.
+enum Failure {
+    /// No connection: another endpoint may work.
+    Connect(ProxyError),
+    /// Writing the request failed: nothing was answered, so it can go again.
+    Unsent(ProxyError),
+    /// Sent, then no complete response head: only a request without a body is replayed.
+    Sent(ProxyError),
+    /// The upstream answered with something that is not HTTP/1.1: not retried.
+    Fatal(ProxyError),
+}
+
+/// Sends `out` (head and body) to an upstream of `routed`, retrying as the general path
+/// does, and reads the response head. The route timeout covers each attempt up to the
+/// response head.
+async fn forward(
+    proxy: &Arc<Proxy>,
+    routed: &Routed<'_>,
+    out: &[u8],
+    replayable: bool,
+    head_method: bool,
+    log: &mut RequestLog,
+) -> Result<(Upstream, ResponseHead), ProxyError> {
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last = ProxyError::NoHealthyUpstream;
+    for attempt in 0..ATTEMPTS {
+        let pick = proxy
+            .pick(&routed.decision, routed.original, &tried)
+            .await?;
+        log.outcome.upstream = Some(pick.addr);
+        let sending = attempt_once(proxy, pick.addr, &log.outcome.cluster, out, head_method);
+        let sent = match proxy.config.route_timeout {
+            Some(limit) => match tokio::time::timeout(limit, sending).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+            },
+            None => sending.await,
+        };
+        let retry_elsewhere = can_retry(&routed.decision, pick.index);
+        let error = match sent {
+            Ok((stream, buffered, head)) => {
+                let upstream = Upstream {
+                    stream,
+                    addr: pick.addr,
+                    buffered,
+                    guard: pick.guard,
+                };
+                return Ok((upstream, head));
+            }
+            Err(Failure::Connect(e)) if retry_elsewhere => {
+                tried.extend(pick.index);
+                e
+            }
+            Err(Failure::Unsent(e)) => e,
+            Err(Failure::Sent(e)) if replayable => {
+                if retry_elsewhere {
+                    tried.extend(pick.index);
+                }
+                tracing::debug!(error = %e, "upstream closed before the response; retrying");
+                e
+            }
+            Err(Failure::Connect(e) | Failure::Sent(e) | Failure::Fatal(e)) => {
+                return Err(retried(e, attempt));
+            }
+        };
+        last = retried(error, attempt);
+    }
+    Err(last)
+}
+
+/// The final error of a request, marked as retried (Envoy's `URX`) when it was.
+fn retried(e: ProxyError, attempt: usize) -> ProxyError {
+    if attempt == 0 {
+        e
+    } else {
+        ProxyError::Retried(Box::new(e))
+    }
+}
+
+async fn attempt_once(
+    proxy: &Arc<Proxy>,
+    addr: SocketAddr,
+    cluster: &str,
+    out: &[u8],
+    head_method: bool,
+) -> Result<(TcpStream, BytesMut, ResponseHead), Failure> {
+    let mut stream = match proxy.pool.checkout_raw(addr) {
+        Some(stream) => stream,
+        None => proxy
+            .connect(addr, cluster)
+            .await
+            .map_err(Failure::Connect)?,
+    };
+    if let Err(e) = stream.write_all(out).await {
+        return Err(Failure::Unsent(ProxyError::UpstreamClosed(e)));
+    }
+    let mut buffered = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        match stream.read_buf(&mut buffered).await {
+            Ok(0) => {
+                let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
+                return Err(Failure::Sent(ProxyError::UpstreamClosed(closed)));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Failure::Sent(ProxyError::UpstreamClosed(e))),
+        }
+        // Interim responses (100, 103) are not passed on, as hyper's client does not.
+        loop {
+            match parse_response(&buffered, head_method) {
+                Ok(Some(head)) if head.interim => buffered.advance(head.len),
+                Ok(Some(head)) => {
+                    buffered.advance(head.len);
+                    return Ok((stream, buffered, head));
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Failure::Fatal(ProxyError::UpstreamProtocol(e))),
+            }
+        }
+        if buffered.len() > MAX_RESPONSE_HEAD {
+            return Err(Failure::Fatal(ProxyError::UpstreamProtocol(
+                "response head too large",
+            )));
+        }
+        if buffered.capacity() == buffered.len() {
+            buffered.reserve(READ_CHUNK);
+        }
+    }
+}
+
+/// Answers the client with the response Envoy would send for `e`.
+async fn reply_error<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    log: &mut RequestLog,
+    e: &ProxyError,
+    head_method: bool,
+    close: bool,
+) -> Next {
+    let response = e.to_response();
+    log.outcome.flags = e.flag();
+    log.outcome.status = response.status().as_u16();
+    log.write();
+    let bytes = local_reply(response, head_method, close);
+    if io.write_all(&bytes).await.is_err() || close {
+        return Next::Close;
+    }
+    Next::KeepAlive
+}
+
+/// A locally generated response, serialized as hyper's server writes one.
+fn local_reply(response: Response<ProxyBody>, head_method: bool, close: bool) -> Vec<u8> {
+    let (parts, body) = response.into_parts();
+    let mut out = Vec::with_capacity(256);
+    status_line(&mut out, parts.status, None);
+    for (name, value) in &parts.headers {
+        header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    header(&mut out, b"date", &date());
+    if close {
+        header(&mut out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    if let ProxyBody::Full(Some(bytes)) = body
+        && !head_method
+    {
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    match status.canonical_reason() {
+        Some(canonical) => out.extend_from_slice(canonical.as_bytes()),
+        None => out.extend_from_slice(reason.unwrap_or_default()),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Header names go out lowercase, as hyper (and Envoy) send them.
+fn header_lowercase(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `date` header's value, formatted once per second per thread.
+fn date() -> [u8; 29] {
+    use std::cell::Cell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let (at, value) = cached.get();
+        if at == secs {
+            return value;
+        }
+        let mut value = [0u8; 29];
+        let text = httpdate::fmt_http_date(now);
+        let n = text.len().min(29);
+        value[..n].copy_from_slice(&text.as_bytes()[..n]);
+        cached.set((secs, value));
+        value
+    })
+}
+
+/// Streams the response to the client: head and first body bytes in one write, then the
+/// rest. Returns the upstream connection when the body ended cleanly (and whether it can be
+/// reused), `None` when either side failed.
+async fn relay<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    mut stream: TcpStream,
+    mut buffered: BytesMut,
+    response: ResponseHead,
+    start: Instant,
+    close: bool,
+) -> Option<(TcpStream, bool)> {
+    let mut out = response.client_head(start, close);
+    match response.framing {
+        Framing::Empty => {
+            io.write_all(&out).await.ok()?;
+            Some((stream, response.reusable && buffered.is_empty()))
+        }
+        Framing::Length(mut left) => {
+            let now = left.min(buffered.len() as u64) as usize;
+            out.extend_from_slice(&buffered[..now]);
+            buffered.advance(now);
+            left -= now as u64;
+            io.write_all(&out).await.ok()?;
+            drop(out);
+            let extra = !buffered.is_empty();
+            while left > 0 {
+                buffered.clear();
+                buffered.reserve(READ_CHUNK);
+                let n = stream.read_buf(&mut buffered).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                let take = left.min(n as u64) as usize;
+                io.write_all(&buffered[..take]).await.ok()?;
+                left -= take as u64;
+                if take < n {
+                    return Some((stream, false));
+                }
+            }
+            Some((stream, response.reusable && !extra))
+        }
+        Framing::Chunked => {
+            let mut chunks = ChunkScanner::default();
+            let mut first = true;
+            loop {
+                let used = chunks
+                    .scan(&buffered)
+                    .map_err(|e| tracing::debug!(error = e, "bad chunked body from upstream"))
+                    .ok()?;
+                if first {
+                    out.extend_from_slice(&buffered[..used]);
+                    io.write_all(&out).await.ok()?;
+                    first = false;
+                } else if used > 0 {
+                    io.write_all(&buffered[..used]).await.ok()?;
+                }
+                if chunks.done() {
+                    return Some((stream, response.reusable && used == buffered.len()));
+                }
+                buffered.clear();
+                buffered.reserve(READ_CHUNK);
+                if stream.read_buf(&mut buffered).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        }
+        Framing::Close => {
+            // Until the upstream closes, re-framed as chunks so the client connection
+            // stays usable.
+            if !buffered.is_empty() {
+                chunk(&mut out, &buffered);
+            }
+            io.write_all(&out).await.ok()?;
+            loop {
+                buffered.clear();
+                buffered.reserve(READ_CHUNK);
+                let n = stream.read_buf(&mut buffered).await.ok()?;
+                if n == 0 {
+                    io.write_all(b"0\r\n\r\n").await.ok()?;
+                    return Some((stream, false));
+                }
+                let mut framed = Vec::with_capacity(n + 16);
+                chunk(&mut framed, &buffered);
+                io.write_all(&framed).await.ok()?;
+            }
+        }
+    }
+}
+
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A request head the fast path takes, with the head the upstream gets.
+struct Head {
+    /// Length of the client's head in the buffer.
+    len: usize,
+    /// `content-length` of the body (0 without one).
+    body: usize,
+    /// The client asked to close after this request.
+    close: bool,
+    /// A HEAD request: the response has no body whatever its headers say.
+    head_method: bool,
+    /// The absolute-form authority or the Host header, as a range of the buffer.
+    authority: Option<Range<usize>>,
+    /// Method and path as ranges of the buffer, for the access log.
+    method: Range<usize>,
+    path: Range<usize>,
+    /// The path is empty or only a query: `/` goes in front of it.
+    slash: bool,
+    /// The rewritten head for the upstream.
+    out: Vec<u8>,
+}
+
+impl Head {
+    fn log_line(&self, request: &Bytes) -> LogLine {
+        let text = |r: Range<usize>| String::from_utf8_lossy(&request[r]).into_owned();
+        LogLine {
+            method: Method::from_bytes(&request[self.method.clone()]).unwrap_or_default(),
+            path: if self.slash {
+                format!("/{}", text(self.path.clone()))
+            } else {
+                text(self.path.clone())
+            },
+            protocol: "HTTP/1.1",
+            authority: self.authority.clone().map_or_else(|| "-".to_owned(), text),
+        }
+    }
+}
+
+enum Parsed {
+    Complete(Head),
+    Partial,
+    /// Valid or not, not for the fast path: the general path decides.
+    Other,
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded; `te` is kept when it is only
+/// `trailers`.
+fn hop_by_hop(name: &[u8]) -> bool {
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"transfer-encoding",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Names listed in `Connection` values, and whether `close` (or `keep-alive`) was among
+/// them.
+#[derive(Default)]
+struct Listed<'a> {
+    names: [&'a [u8]; MAX_LISTED],
+    count: usize,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl<'a> Listed<'a> {
+    /// Adds one `Connection` value; `false` when it lists more names than are kept.
+    fn add(&mut self, value: &'a [u8]) -> bool {
+        for token in value.split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty() {
+                continue;
+            }
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if self.count == MAX_LISTED {
+                return false;
+            } else {
+                self.names[self.count] = token;
+                self.count += 1;
+            }
+        }
+        true
+    }
+
+    fn contains(&self, name: &[u8]) -> bool {
+        self.names[..self.count]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Offset of `part` (a slice of `whole`) in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn single_length(current: Option<usize>, value: &[u8]) -> Result<usize, ()> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 12 {
+        return Err(());
+    }
+    let n = value
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    match current {
+        Some(c) if c != n => Err(()),
+        _ => Ok(n),
+    }
+}
+
+/// Parses one request head at the start of `buf`.
+fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut storage) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Other;
+    };
+    if method == "CONNECT" || req.headers.len() > max_headers {
+        return Parsed::Other;
+    }
+    let target = target.as_bytes();
+    if target
+        .iter()
+        .any(|b| !(0x21..=0x7e).contains(b) || *b == b'#')
+    {
+        return Parsed::Other;
+    }
+    // Origin-form keeps the target; absolute-form (http:// only) is split into the
+    // authority routed on and the path sent upstream.
+    let (absolute, path) = if target.starts_with(b"/") {
+        (None, target)
+    } else if target.len() > 7 && target[..7].eq_ignore_ascii_case(b"http://") {
+        let rest = &target[7..];
+        let end = rest
+            .iter()
+            .position(|b| *b == b'/' || *b == b'?')
+            .unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.is_empty() || authority.contains(&b'@') {
+            return Parsed::Other;
+        }
+        (Some(authority), path)
+    } else {
+        return Parsed::Other;
+    };
+    let mut host = None;
+    let mut length = None;
+    let mut listed = Listed::default();
+    let mut forwarded_proto = false;
+    let mut te_trailers_only = true;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"host") {
+            let visible = h
+                .value
+                .iter()
+                .all(|b| (0x20..0x7f).contains(b) || *b == b'\t');
+            if host.is_some() || !visible {
+                return Parsed::Other;
+            }
+            host = Some(h.value.trim_ascii());
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            match single_length(length, h.value.trim_ascii()) {
+                Ok(n) => length = Some(n),
+                Err(()) => return Parsed::Other,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parsed::Other;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if !listed.add(h.value) {
+                return Parsed::Other;
+            }
+        } else if name.eq_ignore_ascii_case(b"te") {
+            te_trailers_only &= h.value.eq_ignore_ascii_case(b"trailers");
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            forwarded_proto = true;
+        }
+    }
+    let authority = absolute.or(host);
+    let mut out = Vec::with_capacity(len + 64);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    let slash = path.first().is_none_or(|b| *b == b'?');
+    if slash {
+        out.push(b'/');
+    }
+    out.extend_from_slice(path);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let (Some(authority), None) = (absolute, host) {
+        header(&mut out, b"host", authority);
+    }
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if hop_by_hop(name)
+            || listed.contains(name)
+            || (name.eq_ignore_ascii_case(b"te") && !te_trailers_only)
+            || (explicit && name.eq_ignore_ascii_case(b"proxy-authenticate"))
+        {
+            continue;
+        }
+        // The name that was routed on is the one the upstream sees.
+        match absolute {
+            Some(authority) if name.eq_ignore_ascii_case(b"host") => {
+                header(&mut out, b"host", authority);
+            }
+            _ => header_lowercase(&mut out, name, h.value),
+        }
+    }
+    if !forwarded_proto {
+        header(&mut out, b"x-forwarded-proto", b"http");
+    }
+    out.extend_from_slice(b"\r\n");
+    Parsed::Complete(Head {
+        len,
+        body: length.unwrap_or(0),
+        close: listed.close,
+        head_method: method == "HEAD",
+        authority: authority.map(|a| range_in(buf, a)),
+        method: range_in(buf, method.as_bytes()),
+        path: range_in(buf, path),
+        slash,
+        out,
+    })
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes.
+    Close,
+}
+
+/// A parsed response head, with what the client's head needs.
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    /// 1xx other than 101: skipped.
+    interim: bool,
+    framing: Framing,
+    /// The upstream connection can carry another request after this response.
+    reusable: bool,
+    /// The client's head without the proxy's own headers and the final blank line.
+    head: Vec<u8>,
+    has_date: bool,
+    /// The client is told `transfer-encoding: chunked` (also on a HEAD response, where
+    /// the upstream said so).
+    chunked: bool,
+}
+
+impl ResponseHead {
+    fn client_head(&self, start: Instant, close: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.head.len() + 160 + READ_CHUNK.min(4096));
+        out.extend_from_slice(&self.head);
+        header(&mut out, b"server", b"envoy");
+        let mut ms = itoa::Buffer::new();
+        let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        header(
+            &mut out,
+            b"x-envoy-upstream-service-time",
+            ms.format(elapsed).as_bytes(),
+        );
+        if !self.has_date {
+            header(&mut out, b"date", &date());
+        }
+        if self.chunked {
+            header(&mut out, b"transfer-encoding", b"chunked");
+        }
+        if close {
+            header(&mut out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// Parses a response head at the start of `buf`; `Ok(None)` until it is complete.
+fn parse_response(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>, &'static str> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut storage);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("invalid response head"),
+    };
+    let (Some(version), Some(code)) = (res.version, res.code) else {
+        return Err("invalid response head");
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "invalid status")?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err("101 to a request that did not ask to upgrade");
+    }
+    let interim = status.is_informational();
+    let mut listed = Listed::default();
+    let mut length = None;
+    let mut chunked = None;
+    let mut has_date = false;
+    for h in res.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            if !listed.add(h.value) {
+                return Err("too many connection options");
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            length = Some(
+                single_length(length, h.value.trim_ascii())
+                    .map_err(|()| "invalid content-length")?,
+            );
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only the last coding says whether the body is chunked (RFC 9112 6.3).
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        }
+    }
+    let no_body = interim || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = match (no_body || head_method, chunked, length) {
+        (true, _, _) => Framing::Empty,
+        (false, Some(true), _) => Framing::Chunked,
+        (false, Some(false), _) => Framing::Close,
+        (false, None, Some(n)) => Framing::Length(n as u64),
+        (false, None, None) => Framing::Close,
+    };
+    let reusable = if version == 1 {
+        !listed.close
+    } else {
+        listed.keep_alive && !listed.close
+    };
+    let mut head = Vec::with_capacity(len + 64);
+    status_line(&mut head, status, res.reason.map(str::as_bytes));
+    for h in res.headers.iter() {
+        let name = h.name.as_bytes();
+        if hop_by_hop(name)
+            || listed.contains(name)
+            || name.eq_ignore_ascii_case(b"te")
+            || name.eq_ignore_ascii_case(b"server")
+            || (chunked.is_some() && name.eq_ignore_ascii_case(b"content-length"))
+        {
+            continue;
+        }
+        header_lowercase(&mut head, name, h.value);
+    }
+    Ok(Some(ResponseHead {
+        len,
+        status: code,
+        interim,
+        framing,
+        reusable,
+        head,
+        has_date,
+        chunked: matches!(framing, Framing::Chunked | Framing::Close)
+            || (head_method && chunked == Some(true)),
+    }))
+}
+
+/// Finds where a chunked body ends, without decoding it: the bytes go through unchanged.
+#[derive(Debug, Default)]
+struct ChunkScanner {
+    state: Chunk,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// Start of a trailer line, or of the final empty line.
+    Trailer,
+    TrailerLine,
+    FinalLf,
+    Done,
+}
+
+impl ChunkScanner {
+    fn done(&self) -> bool {
+        self.state == Chunk::Done
+    }
+
+    /// Consumes `data` up to the end of the body; returns how many bytes belong to it.
+    fn scan(&mut self, data: &[u8]) -> Result<usize, &'static str> {
+        let mut i = 0;
+        while i < data.len() && self.state != Chunk::Done {
+            let b = data[i];
+            match self.state {
+                Chunk::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from(char::from(b).to_digit(16).unwrap_or(0));
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(digit))
+                            .ok_or("chunk size overflow")?;
+                        self.digits = self.digits.saturating_add(1);
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = Chunk::Extension,
+                    b'\r' if self.digits > 0 => self.state = Chunk::SizeLf,
+                    b'\n' if self.digits > 0 => self.end_size_line(),
+                    _ => return Err("invalid chunk size"),
+                },
+                Chunk::Extension => match b {
+                    b'\r' => self.state = Chunk::SizeLf,
+                    b'\n' => self.end_size_line(),
+                    _ => {}
+                },
+                Chunk::SizeLf => {
+                    if b != b'\n' {
+                        return Err("invalid chunk size line");
+                    }
+                    self.end_size_line();
+                }
+                Chunk::Data => {
+                    let take = self.size.min((data.len() - i) as u64);
+                    self.size -= take;
+                    i += take as usize;
+                    if self.size == 0 {
+                        self.state = Chunk::DataCr;
+                    }
+                    continue;
+                }
+                Chunk::DataCr => match b {
+                    b'\r' => self.state = Chunk::DataLf,
+                    b'\n' => self.next_chunk(),
+                    _ => return Err("chunk data too long"),
+                },
+                Chunk::DataLf => {
+                    if b != b'\n' {
+                        return Err("invalid chunk end");
+                    }
+                    self.next_chunk();
+                }
+                Chunk::Trailer => match b {
+                    b'\r' => self.state = Chunk::FinalLf,
+                    b'\n' => self.state = Chunk::Done,
+                    _ => self.state = Chunk::TrailerLine,
+                },
+                Chunk::TrailerLine => {
+                    if b == b'\n' {
+                        self.state = Chunk::Trailer;
+                    }
+                }
+                Chunk::FinalLf => {
+                    if b != b'\n' {
+                        return Err("invalid end of chunked body");
+                    }
+                    self.state = Chunk::Done;
+                }
+                Chunk::Done => {}
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn end_size_line(&mut self) {
+        self.state = if self.size == 0 {
+            Chunk::Trailer
+        } else {
+            Chunk::Data
+        };
+    }
+
+    fn next_chunk(&mut self) {
+        self.state = Chunk::Size;
+        self.size = 0;
+        self.digits = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn complete(raw: &str, explicit: bool) -> (Head, String) {
+        match parse_request(raw.as_bytes(), explicit, 100) {
+            Parsed::Complete(head) => {
+                let out = String::from_utf8(head.out.clone()).unwrap();
+                (head, out)
+            }
+            Parsed::Partial => panic!("partial: {raw:?}"),
+            Parsed::Other => panic!("not for the fast path: {raw:?}"),
+        }
+    }
+
+    fn is_other(raw: &str) -> bool {
+        matches!(parse_request(raw.as_bytes(), true, 100), Parsed::Other)
+    }
+
+    #[test]
+    fn origin_form_keeps_host_and_drops_hop_by_hop_headers() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: Up.Example:8080\r\nConnection: close, X-Hop\r\n\
+                   X-Hop: 1\r\nKeep-Alive: 5\r\nProxy-Authorization: x\r\nTE: gzip\r\n\
+                   Accept: */*\r\n\r\nnext";
+        let (head, out) = complete(raw, false);
+        assert_eq!(
+            out,
+            "GET /a?b=1 HTTP/1.1\r\nhost: Up.Example:8080\r\naccept: */*\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+        );
+        assert_eq!(head.len, raw.len() - 4);
+        assert!(head.close);
+        assert_eq!(head.body, 0);
+        assert_eq!(&raw[head.authority.unwrap()], "Up.Example:8080");
+    }
+
+    #[test]
+    fn absolute_form_routes_on_the_uri_and_rewrites_host() {
+        let (head, out) = complete(
+            "GET http://up.example:81?x HTTP/1.1\r\nHost: other\r\nTE: trailers\r\n\
+             X-Forwarded-Proto: https\r\nProxy-Authenticate: y\r\n\r\n",
+            true,
+        );
+        assert_eq!(
+            out,
+            "GET /?x HTTP/1.1\r\nhost: up.example:81\r\nte: trailers\r\n\
+             x-forwarded-proto: https\r\n\r\n"
+        );
+        assert!(!head.close);
+        let raw = "POST http://up.example/p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        let (head, out) = complete(raw, true);
+        assert_eq!(
+            out,
+            "POST /p HTTP/1.1\r\nhost: up.example\r\ncontent-length: 3\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+        );
+        assert_eq!(head.body, 3);
+        let line = head.log_line(&Bytes::from(raw));
+        assert_eq!(
+            (line.path.as_str(), line.authority.as_str()),
+            ("/p", "up.example")
+        );
+    }
+
+    #[test]
+    fn anything_unusual_goes_to_the_general_path() {
+        for raw in [
+            "CONNECT up:443 HTTP/1.1\r\nHost: up:443\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: up\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: up\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: up\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: up\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: up\r\nContent-Length: -1\r\n\r\n",
+            "GET https://up/ HTTP/1.1\r\n\r\n",
+            "GET http://user@up/ HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: up\r\n\r\n",
+            "GET /a#frag HTTP/1.1\r\nHost: up\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: up\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(is_other(raw), "{raw:?}");
+        }
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert!(is_other(&format!(
+            "GET / HTTP/1.1\r\nHost: up\r\n{many}\r\n"
+        )));
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: up\r\n", false, 100),
+            Parsed::Partial
+        ));
+    }
+
+    fn response(raw: &str, head_method: bool) -> ResponseHead {
+        parse_response(raw.as_bytes(), head_method)
+            .unwrap()
+            .expect("complete")
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let r = response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false);
+        assert_eq!(
+            (r.framing, r.reusable, r.chunked),
+            (Framing::Length(5), true, false)
+        );
+        let r = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!((r.framing, r.chunked), (Framing::Chunked, true));
+        assert!(!String::from_utf8_lossy(&r.head).contains("content-length"));
+        let r = response("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((r.framing, r.chunked), (Framing::Close, true));
+        let r = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            true,
+        );
+        assert_eq!((r.framing, r.chunked), (Framing::Empty, true));
+        let r = response(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, Framing::Empty);
+        let r = response("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false);
+        assert!(r.interim);
+        let r = response("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!r.reusable);
+        let r = response(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(r.reusable);
+        let r = response("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false);
+        assert!(!r.reusable);
+        for bad in [
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+        ] {
+            assert!(parse_response(bad.as_bytes(), false).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\n", false),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn client_response_head_is_rewritten_as_envoy_does() {
+        let r = response(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: x\r\nConnection: keep-alive, X-Hop\r\n\
+             X-Hop: 1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n",
+            false,
+        );
+        let head = String::from_utf8(r.client_head(Instant::now(), true)).unwrap();
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\
+             server: envoy\r\nx-envoy-upstream-service-time: 0\r\nconnection: close\r\n\r\n"
+        );
+        let r = response("HTTP/1.1 599 Odd\r\n\r\n", true);
+        let head = String::from_utf8(r.client_head(Instant::now(), false)).unwrap();
+        assert!(head.starts_with("HTTP/1.1 599 Odd\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+    }
+
+    #[test]
+    fn local_replies_match_the_general_path() {
+        let reply = local_reply(ProxyError::NoHealthyUpstream.to_response(), false, true);
+        let text = String::from_utf8(reply).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("content-length: 19\r\n"), "{text}");
+        assert!(text.contains("server: envoy\r\n"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nno healthy upstream"), "{text}");
+        let head_only = local_reply(ProxyError::NoHealthyUpstream.to_response(), true, false);
+        assert!(String::from_utf8(head_only).unwrap().ends_with("\r\n\r\n"));
+    }
+
+    const BODY: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: t\r\n\r\n";
+
+    #[test]
+    fn chunk_scanner_finds_the_end_of_the_body() {
+        let mut scanner = ChunkScanner::default();
+        let mut data = BODY.to_vec();
+        data.extend_from_slice(b"EXTRA");
+        assert_eq!(scanner.scan(&data), Ok(BODY.len()));
+        assert!(scanner.done());
+        let mut scanner = ChunkScanner::default();
+        assert_eq!(scanner.scan(b"0\r\n\r\n"), Ok(5));
+        assert!(scanner.done());
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"3\r\nabcd\r\n",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            assert!(ChunkScanner::default().scan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_scanner_is_independent_of_how_bytes_arrive(cuts in proptest::collection::vec(0..BODY.len(), 0..8)) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            cuts.push(BODY.len());
+            let mut scanner = ChunkScanner::default();
+            let mut from = 0;
+            let mut total = 0;
+            for cut in cuts {
+                total += scanner.scan(&BODY[from..cut]).unwrap();
+                from = cut;
+            }
+            prop_assert!(scanner.done());
+            prop_assert_eq!(total, BODY.len());
+        }
+
+        #[test]
+        fn request_parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&data, true, 100);
+            let _ = parse_response(&data, false);
+            let _ = ChunkScanner::default().scan(&data);
+        }
+    }
+}
