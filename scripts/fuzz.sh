@@ -8,13 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${1:-30}
-targets=(client_hello detect host_routing config_loader http_request)
+targets=(client_hello detect host_routing config_loader http_request h1_fast_path)
 declare -A dict=(
     [client_hello]=tls
     [detect]=http
     [host_routing]=hosts
     [config_loader]=yaml
     [http_request]=http
+    [h1_fast_path]=http
 )
 
 # libfuzzer-sys compiles libFuzzer itself, which is C++.

@@ -4,6 +4,8 @@
 //! The oracle is a plain list walked linearly, so a bug in the snapshot's hash and suffix
 //! tables cannot hide behind the same bug in the check.
 
+pub mod hyper_model;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};

@@ -684,23 +684,24 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
     {
         return Parsed::Other;
     }
+    // Only targets hyper would accept (its `Uri`), so that both paths read a request alike.
     // Origin-form keeps the target; absolute-form (http:// only) is split into the
     // authority routed on and the path sent upstream.
-    let (absolute, path) = if target.starts_with(b"/") {
-        (None, target)
-    } else if target.len() > 7 && target[..7].eq_ignore_ascii_case(b"http://") {
-        let rest = &target[7..];
-        let end = rest
-            .iter()
-            .position(|b| *b == b'/' || *b == b'?')
-            .unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(end);
-        if authority.is_empty() || authority.contains(&b'@') {
-            return Parsed::Other;
-        }
-        (Some(authority), path)
-    } else {
+    let Ok(uri) = http::Uri::try_from(target) else {
         return Parsed::Other;
+    };
+    let (absolute, path) = match (uri.scheme(), uri.authority()) {
+        (None, None) if target.starts_with(b"/") => (None, target),
+        (Some(scheme), Some(authority)) if *scheme == http::uri::Scheme::HTTP => {
+            let start = "http://".len();
+            let end = start + authority.as_str().len();
+            let authority = &target[start..end];
+            if authority.contains(&b'@') {
+                return Parsed::Other;
+            }
+            (Some(authority), &target[end..])
+        }
+        _ => return Parsed::Other,
     };
     let mut host = None;
     let mut length = None;
@@ -783,6 +784,53 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
         slash,
         out,
     })
+}
+
+/// A request head as the fast path forwards it; for the fuzzer, which checks it against
+/// hyper's reading of the same bytes.
+#[derive(Debug)]
+pub struct Rewritten {
+    /// Length of the client's head.
+    pub head_len: usize,
+    /// Body length the fast path reads after the head.
+    pub body: usize,
+    /// The authority the request is routed on.
+    pub authority: Option<String>,
+    /// The head sent upstream.
+    pub upstream_head: Vec<u8>,
+}
+
+/// What the fast path makes of the request head at the start of `buf`: `None` when it needs
+/// more bytes or leaves the request to the general path.
+pub fn rewrite_request(buf: &[u8], explicit: bool, max_headers: usize) -> Option<Rewritten> {
+    let Parsed::Complete(head) = parse_request(buf, explicit, max_headers) else {
+        return None;
+    };
+    Some(Rewritten {
+        head_len: head.len,
+        body: head.body,
+        authority: head
+            .authority
+            .map(|r| String::from_utf8_lossy(&buf[r]).into_owned()),
+        upstream_head: head.out,
+    })
+}
+
+/// The client's head for the response head at the start of `buf`, and the upstream head's
+/// length; `Ok(None)` until it is complete. For the fuzzer.
+pub fn rewrite_response(
+    buf: &[u8],
+    head_method: bool,
+) -> Result<Option<(usize, Vec<u8>)>, &'static str> {
+    Ok(parse_response(buf, head_method)?.map(|r| (r.len, r.client_head(Instant::now(), false))))
+}
+
+/// Where a chunked body at the start of `data` ends; `Ok(None)` when it does not end in
+/// `data`. For the fuzzer.
+pub fn chunked_body_len(data: &[u8]) -> Result<Option<usize>, &'static str> {
+    let mut scanner = ChunkScanner::default();
+    let used = scanner.scan(data)?;
+    Ok(scanner.done().then_some(used))
 }
 
 /// How a response body ends.

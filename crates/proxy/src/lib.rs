@@ -5,7 +5,7 @@ mod body;
 pub mod detect;
 mod error;
 mod guard;
-mod h1;
+pub mod h1;
 mod http;
 mod io;
 mod log;

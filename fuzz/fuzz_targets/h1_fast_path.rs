@@ -1,0 +1,104 @@
+//! The HTTP/1.1 fast path's own parser (`portcullis_proxy::h1`), checked against hyper's
+//! reading of the same bytes, which the general path and every other target rely on.
+//!
+//! Never panics; a head the fast path takes is one hyper takes too, with the same authority
+//! (two readings of one request are how a Host check gets bypassed); the head it sends
+//! upstream is valid HTTP/1.1 carrying that authority as its only Host and no hop-by-hop
+//! field; a rewritten response head is valid and says `server: envoy` once; where a chunked
+//! body ends does not depend on how its bytes arrive.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use portcullis_fuzz::hyper_model::{self, MAX_HEADERS};
+use portcullis_proxy::h1::{chunked_body_len, rewrite_request, rewrite_response};
+
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn check_request(data: &[u8], explicit: bool) {
+    let Some(fast) = rewrite_request(data, explicit, MAX_HEADERS) else {
+        return;
+    };
+    let head = &data[..fast.head_len];
+    let model = hyper_model::parse(head).expect("the fast path took a head hyper rejects");
+    let authority =
+        hyper_model::authority(&model).expect("the fast path took a request hyper answers 400");
+    assert_eq!(fast.authority, authority, "two readings of the authority");
+    assert_ne!(model.method, http::Method::CONNECT);
+
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+    let mut upstream = httparse::Request::new(&mut headers);
+    let status = upstream
+        .parse(&fast.upstream_head)
+        .expect("the upstream head is not valid HTTP/1.1");
+    assert_eq!(status, httparse::Status::Complete(fast.upstream_head.len()));
+    assert_eq!(upstream.method, Some(model.method.as_str()));
+    assert_eq!(upstream.version, Some(1));
+    let path = upstream.path.unwrap_or_default();
+    assert!(path.starts_with('/'), "upstream target {path:?}");
+    let hosts: Vec<&[u8]> = upstream
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .map(|h| h.value)
+        .collect();
+    match &authority {
+        Some(a) => assert_eq!(hosts, [a.as_bytes()], "upstream Host"),
+        None => assert!(hosts.is_empty()),
+    }
+    for h in upstream.headers.iter() {
+        assert!(
+            !HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)),
+            "hop-by-hop {} forwarded",
+            h.name
+        );
+    }
+}
+
+fn check_response(data: &[u8], head_method: bool) {
+    let Ok(Some((_, client))) = rewrite_response(data, head_method) else {
+        return;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 140];
+    let mut response = httparse::Response::new(&mut headers);
+    let status = response
+        .parse(&client)
+        .expect("the client's head is not valid HTTP/1.1");
+    assert_eq!(status, httparse::Status::Complete(client.len()));
+    let servers: Vec<&[u8]> = response
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("server"))
+        .map(|h| h.value)
+        .collect();
+    assert_eq!(servers, [&b"envoy"[..]]);
+}
+
+fn check_chunks(data: &[u8]) {
+    let Ok(whole) = chunked_body_len(data) else {
+        return;
+    };
+    // The same bytes arriving in two reads end the body at the same place.
+    for cut in [1, data.len() / 2, data.len().saturating_sub(1)] {
+        if cut == 0 || cut >= data.len() {
+            continue;
+        }
+        if let Ok(Some(end)) = chunked_body_len(&data[..cut]) {
+            assert_eq!(whole, Some(end), "ended early at a cut of {cut}");
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    check_request(data, false);
+    check_request(data, true);
+    check_response(data, false);
+    check_response(data, true);
+    check_chunks(data);
+});
