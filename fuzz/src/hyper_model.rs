@@ -6,6 +6,10 @@ use http::{HeaderValue, Method, Uri};
 /// The proxy's limit on request header fields (`max_request_headers`).
 pub const MAX_HEADERS: usize = 100;
 
+/// The proxy answers the request 400.
+#[derive(Debug)]
+pub struct BadRequest;
+
 /// What the routing step sees of a request.
 pub struct Head {
     /// The request method.
@@ -37,9 +41,9 @@ pub fn parse(data: &[u8]) -> Option<Head> {
 
 /// The proxy's `authority()`: the absolute-form URI's authority, else the single Host;
 /// `Err` for a request the proxy answers 400.
-pub fn authority(head: &Head) -> Result<Option<String>, ()> {
+pub fn authority(head: &Head) -> Result<Option<String>, BadRequest> {
     if head.hosts.len() > 1 {
-        return Err(());
+        return Err(BadRequest);
     }
     if let Some(a) = head.uri.authority() {
         return Ok(Some(a.as_str().to_owned()));
@@ -47,6 +51,6 @@ pub fn authority(head: &Head) -> Result<Option<String>, ()> {
     match head.hosts.first() {
         None => Ok(None),
         Some(Some(h)) => Ok(Some(h.clone())),
-        Some(None) => Err(()),
+        Some(None) => Err(BadRequest),
     }
 }
