@@ -27,7 +27,7 @@ use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::InFlight;
-use crate::http::{Downstream, LogLine, RequestLog, Routed};
+use crate::http::{Downstream, LogLine, RequestLog, Routed, retried};
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
 use crate::upstream::{ATTEMPTS, can_retry};
@@ -301,15 +301,6 @@ async fn forward(
         last = retried(error, attempt);
     }
     Err(last)
-}
-
-/// The final error of a request, marked as retried (Envoy's `URX`) when it was.
-fn retried(e: ProxyError, attempt: usize) -> ProxyError {
-    if attempt == 0 {
-        e
-    } else {
-        ProxyError::Retried(Box::new(e))
-    }
 }
 
 async fn attempt_once(

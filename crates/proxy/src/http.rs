@@ -525,7 +525,7 @@ async fn route_and_forward(
 }
 
 /// The final error of a request, marked as retried (Envoy's `URX`) when it was.
-fn retried(e: ProxyError, attempt: usize) -> ProxyError {
+pub(crate) fn retried(e: ProxyError, attempt: usize) -> ProxyError {
     if attempt == 0 {
         e
     } else {

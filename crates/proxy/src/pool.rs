@@ -18,12 +18,45 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 
-type Idle = Vec<(SendRequest<RequestBody>, Instant)>;
+/// Idle connections of one kind per endpoint, each with when it went idle; newest last.
+struct Idle<T>(Mutex<HashMap<SocketAddr, Vec<(T, Instant)>>>);
+
+impl<T> Idle<T> {
+    fn new() -> Self {
+        Idle(Mutex::new(HashMap::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<(T, Instant)>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pop(&self, key: SocketAddr) -> Option<(T, Instant)> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(&key)?;
+        let entry = list.pop();
+        if list.is_empty() {
+            idle.remove(&key);
+        }
+        entry
+    }
+
+    fn push(&self, key: SocketAddr, connection: T, max: usize) {
+        let mut idle = self.lock();
+        let list = idle.entry(key).or_default();
+        if list.len() < max {
+            list.push((connection, Instant::now()));
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+}
 
 /// Idle upstream connections per endpoint.
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Idle>>,
-    raw: Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    idle: Idle<SendRequest<RequestBody>>,
+    raw: Idle<TcpStream>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
@@ -50,8 +83,8 @@ impl Pool {
     /// A pool keeping up to `max_idle_per_endpoint` connections for `idle_timeout`.
     pub fn new(max_idle_per_endpoint: usize, idle_timeout: Duration) -> Self {
         Pool {
-            idle: Mutex::new(HashMap::new()),
-            raw: Mutex::new(HashMap::new()),
+            idle: Idle::new(),
+            raw: Idle::new(),
             h2: Mutex::new(HashMap::new()),
             max_idle_per_endpoint,
             idle_timeout,
@@ -61,15 +94,7 @@ impl Pool {
     /// Takes an idle connection to `key` that is still open, if any.
     pub async fn checkout(self: &Arc<Self>, key: SocketAddr) -> Option<Pooled> {
         loop {
-            let (mut sender, since) = {
-                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                let list = idle.get_mut(&key)?;
-                let entry = list.pop();
-                if list.is_empty() {
-                    idle.remove(&key);
-                }
-                entry?
-            };
+            let (mut sender, since) = self.idle.pop(key)?;
             if since.elapsed() > self.idle_timeout || sender.is_closed() {
                 continue;
             }
@@ -95,13 +120,8 @@ impl Pool {
     }
 
     fn put(&self, key: SocketAddr, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(key).or_default();
-        if list.len() < self.max_idle_per_endpoint {
-            list.push((sender, Instant::now()));
+        if !sender.is_closed() {
+            self.idle.push(key, sender, self.max_idle_per_endpoint);
         }
     }
 
@@ -129,15 +149,7 @@ impl Pool {
     /// Takes an idle plain HTTP/1.1 connection to `key` that is still open, if any.
     pub fn checkout_raw(&self, key: SocketAddr) -> Option<TcpStream> {
         loop {
-            let (stream, since) = {
-                let mut raw = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
-                let list = raw.get_mut(&key)?;
-                let entry = list.pop();
-                if list.is_empty() {
-                    raw.remove(&key);
-                }
-                entry?
-            };
+            let (stream, since) = self.raw.pop(key)?;
             if since.elapsed() <= self.idle_timeout && still_open(&stream) {
                 return Some(stream);
             }
@@ -146,30 +158,12 @@ impl Pool {
 
     /// Keeps a plain HTTP/1.1 connection whose last response has ended for the next request.
     pub fn put_raw(&self, key: SocketAddr, stream: TcpStream) {
-        let mut raw = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = raw.entry(key).or_default();
-        if list.len() < self.max_idle_per_endpoint {
-            list.push((stream, Instant::now()));
-        }
+        self.raw.push(key, stream, self.max_idle_per_endpoint);
     }
 
     /// Number of idle connections, for the admin server.
     pub fn idle_count(&self) -> usize {
-        let hyper: usize = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(Vec::len)
-            .sum();
-        let raw: usize = self
-            .raw
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(Vec::len)
-            .sum();
-        hyper + raw
+        self.idle.count() + self.raw.count()
     }
 }
 
@@ -185,5 +179,51 @@ fn still_open(stream: &TcpStream) -> bool {
             let mut byte = [0u8; 1];
             matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn connected(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_handed_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(4, Duration::from_secs(60));
+        let (client, server) = connected(&listener).await;
+        pool.put_raw(addr, client);
+        let open = pool.checkout_raw(addr).expect("an open connection");
+        pool.put_raw(addr, open);
+        drop(server);
+        // Lets the runtime's I/O driver see the FIN.
+        tokio::task::yield_now().await;
+        assert!(pool.checkout_raw(addr).is_none());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire_and_are_capped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let (client, server) = connected(&listener).await;
+            pool.put_raw(addr, client);
+            servers.push(server);
+        }
+        assert_eq!(pool.idle_count(), 2);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(pool.checkout_raw(addr).is_none());
+        assert_eq!(pool.idle_count(), 0);
     }
 }
