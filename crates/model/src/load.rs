@@ -5,6 +5,8 @@
 //! metadata) and once into the typed resource the header names.
 
 use std::collections::BTreeMap;
+use std::hash::Hasher;
+use std::io::{self, BufRead};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -73,14 +75,31 @@ const ISTIO_VERSIONS: [&str; 3] = [
 /// Loads every document of `text`, read from `file`, validating each resource.
 pub fn load_str(text: &str, file: &Arc<PathBuf>) -> FileLoad {
     let mut out = FileLoad::default();
-    for doc in split_documents(text) {
-        let origin = Origin {
-            file: Arc::clone(file),
-            line: doc.first_line,
-        };
-        load_document(&doc, origin, &mut out);
+    let mut documents = Documents::default();
+    for line in text.split_inclusive('\n') {
+        documents.push(line, |doc| load_document(doc, file, &mut out));
     }
+    documents.finish(|doc| load_document(doc, file, &mut out));
     out
+}
+
+/// [`load_str`] for a file read a line at a time, each line also fed to `digest`: only one
+/// document is in memory at once, however large the file.
+pub(crate) fn load_lines(
+    mut reader: impl BufRead,
+    file: &Arc<PathBuf>,
+    digest: &mut impl Hasher,
+) -> io::Result<FileLoad> {
+    let mut out = FileLoad::default();
+    let mut documents = Documents::default();
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        digest.write(line.as_bytes());
+        documents.push(&line, |doc| load_document(doc, file, &mut out));
+        line.clear();
+    }
+    documents.finish(|doc| load_document(doc, file, &mut out));
+    Ok(out)
 }
 
 /// One document of a multi-document file.
@@ -93,44 +112,64 @@ struct Document<'a> {
     first_line: u64,
 }
 
-/// Splits at document markers, yielding each document that has content.
-fn split_documents(text: &str) -> Vec<Document<'_>> {
-    let mut docs = Vec::new();
-    let mut start = 0usize;
-    let mut start_line = 1u64;
-    let mut first_line = None;
-    let mut offset = 0usize;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let number = index as u64 + 1;
+/// Splits a file into documents at document markers, fed a line at a time.
+struct Documents {
+    /// The current document's lines so far.
+    text: String,
+    /// Lines fed so far.
+    lines: u64,
+    /// Line number of the current document's first line (its marker, if it has one).
+    start_line: u64,
+    /// Its first line with content; a document without any is skipped.
+    first_line: Option<u64>,
+}
+
+impl Default for Documents {
+    fn default() -> Self {
+        Documents {
+            text: String::new(),
+            lines: 0,
+            start_line: 1,
+            first_line: None,
+        }
+    }
+}
+
+impl Documents {
+    /// Takes the next line, with its line ending; a marker ends the current document, which
+    /// goes to `done` if it has content.
+    fn push(&mut self, line: &str, done: impl FnOnce(&Document<'_>)) {
+        self.lines += 1;
         let trimmed = line.trim_end();
         let is_marker = trimmed == "---"
             || trimmed == "..."
             || trimmed.starts_with("--- ")
             || trimmed.starts_with("---\t");
         if is_marker {
-            if let Some(first_line) = first_line.take() {
-                docs.push(Document {
-                    text: &text[start..offset],
-                    start_line,
-                    first_line,
-                });
-            }
-            start = offset;
-            start_line = number;
+            self.end(done);
+            self.text.clear();
+            self.start_line = self.lines;
         }
-        if first_line.is_none() && has_content(trimmed) {
-            first_line = Some(number);
+        if self.first_line.is_none() && has_content(trimmed) {
+            self.first_line = Some(self.lines);
         }
-        offset += line.len();
+        self.text.push_str(line);
     }
-    if let Some(first_line) = first_line {
-        docs.push(Document {
-            text: &text[start..],
-            start_line,
-            first_line,
-        });
+
+    /// Ends the input: the last document goes to `done` if it has content.
+    fn finish(mut self, done: impl FnOnce(&Document<'_>)) {
+        self.end(done);
     }
-    docs
+
+    fn end(&mut self, done: impl FnOnce(&Document<'_>)) {
+        if let Some(first_line) = self.first_line.take() {
+            done(&Document {
+                text: &self.text,
+                start_line: self.start_line,
+                first_line,
+            });
+        }
+    }
 }
 
 /// Whether a line holds YAML content rather than blank space, a comment or a bare marker.
@@ -164,7 +203,11 @@ fn yaml_error(doc: &Document<'_>, origin: &Origin, err: &serde_saphyr::Error) ->
     f
 }
 
-fn load_document(doc: &Document<'_>, origin: Origin, out: &mut FileLoad) {
+fn load_document(doc: &Document<'_>, file: &Arc<PathBuf>, out: &mut FileLoad) {
+    let origin = Origin {
+        file: Arc::clone(file),
+        line: doc.first_line,
+    };
     let header: Header = match serde_saphyr::from_str(doc.text) {
         Ok(h) => h,
         Err(e) => {
@@ -999,6 +1042,36 @@ spec:
         let lines: Vec<u64> = l.resources.iter().map(|r| r.origin().line).collect();
         assert_eq!(lines, [6, 14]);
         assert_eq!(l.resources[1].meta().name, "b");
+    }
+
+    #[test]
+    fn read_a_line_at_a_time_as_from_a_string() {
+        use std::hash::DefaultHasher;
+        let text = "# comment\r\n---\r\napiVersion: networking.istio.io/v1\r\nkind: WorkloadEntry
+metadata: {name: a}
+spec: {address: 10.0.0.1}
+...
+--- # marker with a comment
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: b}
+spec: {address: 'not an ip'}
+---
+kind: [
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: c}
+spec: {address: 10.0.0.3}";
+        let file = Arc::new(PathBuf::from("cfg/test.yaml"));
+        let whole = load_str(text, &file);
+        assert_eq!(whole.resources.len(), 2);
+        assert_eq!(codes(&whole).len(), 2);
+        let mut digest = DefaultHasher::new();
+        let lines = load_lines(text.as_bytes(), &file, &mut digest).expect("read");
+        assert_eq!(lines, whole);
+        let bad = load_lines(&b"kind: \xff\n"[..], &file, &mut digest);
+        assert_eq!(bad.map_err(|e| e.kind()), Err(io::ErrorKind::InvalidData));
     }
 
     #[test]

@@ -5,7 +5,20 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// A list without spare capacity. Parsed resources live as long as their file's content
+/// does, and a list grown by doubling while parsed keeps room for four entries where
+/// there is usually one (a ServiceEntry's single endpoint or port).
+fn exact<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let mut list = Vec::deserialize(deserializer)?;
+    list.shrink_to_fit();
+    Ok(list)
+}
 
 /// Kubernetes object metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -106,13 +119,13 @@ pub struct WorkloadEntrySpec {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     /// Hostnames, possibly with a `*.` wildcard prefix.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub hosts: Vec<String>,
     /// Virtual IPs or CIDR ranges of the service.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub addresses: Vec<String>,
     /// Ports the service is reached on.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub ports: Vec<ServicePort>,
     /// Inside or outside the mesh.
     #[serde(default)]
@@ -121,16 +134,16 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub resolution: Resolution,
     /// Inline endpoints.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub endpoints: Vec<WorkloadEntrySpec>,
     /// Selects WorkloadEntries and Pods in the same namespace as endpoints.
     #[serde(default)]
     pub workload_selector: Option<WorkloadSelector>,
     /// Namespaces the entry is visible to (`*` all, `.` own); empty means all.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub export_to: Vec<String>,
     /// Expected server identities.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub subject_alt_names: Vec<String>,
 }
 
@@ -196,10 +209,10 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub traffic_policy: Option<TrafficPolicy>,
     /// Subsets.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub subsets: Vec<Subset>,
     /// Namespaces the rule is visible to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub export_to: Vec<String>,
 }
 
@@ -208,7 +221,7 @@ pub struct DestinationRuleSpec {
 #[serde(rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
     /// Hosts the routes apply to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub hosts: Vec<String>,
 }
 
@@ -236,7 +249,7 @@ pub struct OutboundTrafficPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct SidecarEgress {
     /// `namespace/host` patterns the workload may reach.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub hosts: Vec<String>,
 }
 
@@ -251,7 +264,7 @@ pub struct SidecarSpec {
     #[serde(default)]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
     /// Egress listeners.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub egress: Vec<SidecarEgress>,
 }
 
@@ -277,7 +290,7 @@ pub struct Container {
     #[serde(default)]
     pub name: String,
     /// Declared ports.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub ports: Vec<ContainerPort>,
 }
 
@@ -286,7 +299,7 @@ pub struct Container {
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     /// Containers.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub containers: Vec<Container>,
 }
 
@@ -316,13 +329,13 @@ pub struct PodStatus {
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
     /// All pod IPs (dual stack).
-    #[serde(default, rename = "podIPs")]
+    #[serde(default, deserialize_with = "exact", rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
     /// `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
     #[serde(default)]
     pub phase: Option<String>,
     /// Conditions; a `Ready` condition set to `False` takes the pod out of load balancing.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub conditions: Vec<PodCondition>,
 }
 
@@ -364,10 +377,10 @@ pub struct KubeServiceSpec {
     #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     /// All cluster IPs (dual stack).
-    #[serde(default, rename = "clusterIPs")]
+    #[serde(default, deserialize_with = "exact", rename = "clusterIPs")]
     pub cluster_ips: Vec<String>,
     /// Ports.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact")]
     pub ports: Vec<KubePort>,
     /// Pod selector; absent means endpoints are managed elsewhere.
     #[serde(default)]

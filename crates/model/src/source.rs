@@ -1,15 +1,18 @@
 //! Reading configuration from disk, and keeping the last good content of every file.
 //!
-//! [`scan`] is the only function here that touches the file system; [`ConfigSet`] is pure
-//! so that reload semantics can be tested without files.
+//! [`scan`] lists the config files; [`ConfigSet`] reads each a line at a time when it
+//! looks at it, or takes its text from memory ([`Content::Text`]) so that reload semantics
+//! can be tested without files.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::{FileLoad, Finding, Resource, Severity, load_str};
+use crate::load::load_lines;
+use crate::{FileLoad, Finding, Resource, Severity};
 
 /// The whole config path could not be read (it is missing, or a folder cannot be listed).
 #[derive(Debug, thiserror::Error)]
@@ -22,19 +25,39 @@ pub struct ScanError {
     pub source: io::Error,
 }
 
-/// The files of one scan, each with its content or the error reading it.
-pub type Scan = Vec<(PathBuf, io::Result<String>)>;
+/// The files of one scan, each with where its content is or the error finding it.
+pub type Scan = Vec<(PathBuf, io::Result<Content>)>;
+
+/// Where a scanned file's content is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// In the file at the scanned path, read when needed. Never read whole: an unchanged
+    /// file is only hashed, and a changed one parsed a document at a time, so a large
+    /// registry is not held in memory a second time as text.
+    Disk,
+    /// This text.
+    Text(String),
+}
+
+impl Content {
+    fn reader<'a>(&'a self, path: &Path) -> io::Result<Box<dyn BufRead + 'a>> {
+        Ok(match self {
+            Content::Disk => Box::new(BufReader::new(File::open(path)?)),
+            Content::Text(text) => Box::new(text.as_bytes()),
+        })
+    }
+}
 
 /// File name endings that are read as configuration.
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
-/// Reads the config at `path`: the file itself, or every `*.yaml`, `*.yml` and `*.json`
+/// Lists the config at `path`: the file itself, or every `*.yaml`, `*.yml` and `*.json`
 /// file under the folder, recursively, sorted by path.
 ///
 /// Names starting with `.` are skipped. That covers hidden files and, importantly, the
 /// `..data` and `..2024_…` folders of a Kubernetes ConfigMap mount, whose files are also
 /// reachable through the top-level `x.yaml -> ..data/x.yaml` symlinks; those symlinks are
-/// followed, so each file is read exactly once. Symlinked folders are followed too, each
+/// followed, so each file is listed exactly once. Symlinked folders are followed too, each
 /// real folder at most once, so that a symlink loop cannot make the scan run forever.
 pub fn scan(path: &Path) -> Result<Scan, ScanError> {
     let fail = |source| ScanError {
@@ -43,7 +66,7 @@ pub fn scan(path: &Path) -> Result<Scan, ScanError> {
     };
     let meta = fs::metadata(path).map_err(fail)?;
     if !meta.is_dir() {
-        return Ok(vec![(path.to_path_buf(), fs::read_to_string(path))]);
+        return Ok(vec![(path.to_path_buf(), Ok(Content::Disk))]);
     }
     let mut files = Vec::new();
     let mut visited = BTreeSet::new();
@@ -94,10 +117,7 @@ fn walk(
         // `metadata` follows symlinks, which is what makes ConfigMap mounts work.
         match fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => walk(&path, visited, files, false)?,
-            Ok(_) if is_config_name(&name) => {
-                let text = fs::read_to_string(&path);
-                files.push((path, text));
-            }
+            Ok(_) if is_config_name(&name) => files.push((path, Ok(Content::Disk))),
             Ok(_) => {}
             // A dangling `x.yaml` symlink is a config file that cannot be read right now.
             Err(e) if is_config_name(&name) => files.push((path, Err(e))),
@@ -125,14 +145,26 @@ pub struct Update {
     pub rejected: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct FileState {
-    /// The text last seen, so that an unchanged file is not parsed again.
-    text: Option<String>,
-    /// The last content that loaded without errors: what the file contributes.
-    good: Option<FileLoad>,
+    /// Digest of the text last seen, so that an unchanged file is not parsed again. A
+    /// digest rather than the text: a sidecar would otherwise hold its whole registry twice.
+    digest: Option<u64>,
+    /// How many of [`ConfigSet::resources`], from where the files before it end, come from
+    /// this file's last content that loaded without errors.
+    contributes: usize,
     /// Findings of the latest attempt (the read error, or the load's findings).
     findings: Vec<Finding>,
+}
+
+/// What a file's resources become in an update, in path order.
+enum Step {
+    /// The next `n` current resources stay.
+    Keep(usize),
+    /// The next `n` current resources go.
+    Drop(usize),
+    /// These join.
+    Add(Vec<Resource>),
 }
 
 /// Every config file's last good content, updated scan by scan.
@@ -144,6 +176,11 @@ struct FileState {
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSet {
     files: BTreeMap<PathBuf, FileState>,
+    /// Every file's contribution, files in path order: one slice that the registry compiles
+    /// as it is, without a copy.
+    resources: Vec<Resource>,
+    /// Keys the file digests; random so that no one can write a file that collides.
+    hasher: RandomState,
     scan_error: Option<Finding>,
     loaded: bool,
     last: Update,
@@ -174,40 +211,44 @@ impl ConfigSet {
         update
     }
 
-    fn apply(&mut self, files: Scan) -> Update {
+    fn apply(&mut self, mut files: Scan) -> Update {
         let mut update = Update {
             changed: !self.loaded,
             findings_changed: self.scan_error.take().is_some(),
             rejected: Vec::new(),
         };
         self.loaded = true;
-        let present: BTreeSet<&PathBuf> = files.iter().map(|(p, _)| p).collect();
-        self.files.retain(|path, state| {
-            let keep = present.contains(path);
-            if !keep {
-                update.changed |= state.good.as_ref().is_some_and(|g| !g.resources.is_empty());
-                update.findings_changed |= !state.findings.is_empty();
+        // Walked in step with the current files, which are in path order; a path listed
+        // twice is looked at once.
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files.dedup_by(|later, first| later.0 == first.0);
+        let mut old = std::mem::take(&mut self.files).into_iter().peekable();
+        let mut steps = Vec::new();
+        // Where the file being looked at starts in `self.resources`.
+        let mut offset = 0;
+        for (path, content) in files {
+            while let Some((_, state)) = old.next_if(|(p, _)| *p < path) {
+                steps.push(gone(state, &mut offset, &mut update));
             }
-            keep
-        });
-        for (path, text) in files {
-            let state = self.files.entry(path.clone()).or_insert(FileState {
-                text: None,
-                good: None,
-                findings: Vec::new(),
-            });
-            let (findings, new_good, text) = match text {
-                Ok(text) if state.text.as_deref() == Some(text.as_str()) => {
+            let mut state = old
+                .next_if(|(p, _)| *p == path)
+                .map(|(_, state)| state)
+                .unwrap_or_default();
+            let before = &self.resources[offset..offset + state.contributes];
+            offset += state.contributes;
+            let read = content.and_then(|content| self.read(&path, &content, state.digest));
+            let (findings, new_good, digest) = match read {
+                Ok(None) => {
                     if state.findings.iter().any(|f| f.severity == Severity::Error) {
-                        update.rejected.push(path);
+                        update.rejected.push(path.clone());
                     }
+                    steps.push(Step::Keep(state.contributes));
+                    self.files.insert(path, state);
                     continue;
                 }
-                Ok(text) => {
-                    let load = load_str(&text, &Arc::new(path.clone()));
-                    let findings = load.findings.clone();
-                    let good = (!load.has_errors()).then_some(load);
-                    (findings, good, Some(text))
+                Ok(Some((load, digest))) => {
+                    let good = (!load.has_errors()).then_some(load.resources);
+                    (load.findings, good, Some(digest))
                 }
                 Err(e) => (
                     vec![read_finding("READ", &path, &e.to_string())],
@@ -219,21 +260,61 @@ impl ConfigSet {
                 update.findings_changed = true;
             }
             state.findings = findings;
-            // A failed read forgets the text so that the same content is parsed again once
-            // the file is readable.
-            state.text = text;
+            // A failed read forgets the digest so that the same content is parsed again
+            // once the file is readable.
+            state.digest = digest;
             match new_good {
                 Some(good) => {
-                    let before = state.good.as_ref().map_or(&[][..], |g| &g.resources[..]);
-                    if before != good.resources.as_slice() {
-                        update.changed = true;
-                    }
-                    state.good = Some(good);
+                    update.changed |= before != good.as_slice();
+                    steps.push(Step::Drop(state.contributes));
+                    state.contributes = good.len();
+                    steps.push(Step::Add(good));
                 }
-                None => update.rejected.push(path),
+                None => {
+                    update.rejected.push(path.clone());
+                    steps.push(Step::Keep(state.contributes));
+                }
+            }
+            self.files.insert(path, state);
+        }
+        for (_, state) in old {
+            steps.push(gone(state, &mut offset, &mut update));
+        }
+        apply_steps(&mut self.resources, steps);
+        update
+    }
+
+    /// Loads the file unless its content hashes to `seen`, the digest of what it was last
+    /// loaded from: `None` when unchanged, else the load and the digest of the text loaded.
+    fn read(
+        &self,
+        path: &Path,
+        content: &Content,
+        seen: Option<u64>,
+    ) -> io::Result<Option<(FileLoad, u64)>> {
+        if seen.is_some() {
+            let mut reader = content.reader(path)?;
+            let mut digest = self.hasher.build_hasher();
+            let mut line = Vec::new();
+            // A line at a time, as `load_lines` feeds the digest: the same text hashes the
+            // same whatever the reads return.
+            while reader.read_until(b'\n', &mut line)? > 0 {
+                digest.write(&line);
+                line.clear();
+            }
+            if seen == Some(digest.finish()) {
+                return Ok(None);
             }
         }
-        update
+        // The file may change between the two reads: what is kept is the digest of the
+        // text actually loaded, so a later change is still seen as one.
+        let mut digest = self.hasher.build_hasher();
+        let load = load_lines(
+            content.reader(path)?,
+            &Arc::new(path.to_path_buf()),
+            &mut digest,
+        )?;
+        Ok(Some((load, digest.finish())))
     }
 
     /// Whether the last update changed the current resources.
@@ -253,11 +334,8 @@ impl ConfigSet {
 
     /// The current resources: every file's last good content, files in path order,
     /// resources in file order.
-    pub fn resources(&self) -> impl Iterator<Item = &Resource> {
-        self.files
-            .values()
-            .filter_map(|s| s.good.as_ref())
-            .flat_map(|g| g.resources.iter())
+    pub fn resources(&self) -> &[Resource] {
+        &self.resources
     }
 
     /// The latest findings of every file that has any, in path order.
@@ -284,6 +362,39 @@ impl ConfigSet {
     /// Whether any current finding is an error.
     pub fn has_errors(&self) -> bool {
         self.findings().any(|f| f.severity == Severity::Error)
+    }
+}
+
+/// The step for a file gone from the scan, whose resources start at `offset`.
+fn gone(state: FileState, offset: &mut usize, update: &mut Update) -> Step {
+    update.changed |= state.contributes > 0;
+    update.findings_changed |= !state.findings.is_empty();
+    *offset += state.contributes;
+    Step::Drop(state.contributes)
+}
+
+/// Applies `steps`, which walk `resources` from its start to its end, in place: the list
+/// of a large registry is not copied for a change to another file, nor freed and
+/// allocated again.
+fn apply_steps(resources: &mut Vec<Resource>, steps: Vec<Step>) {
+    let mut at = 0;
+    for step in steps {
+        match step {
+            Step::Keep(n) => at += n,
+            Step::Drop(n) => {
+                resources.drain(at..at + n);
+            }
+            // Into an empty set (the first load) the file's list goes as it is, uncopied.
+            Step::Add(new) if resources.is_empty() => {
+                at = new.len();
+                *resources = new;
+            }
+            Step::Add(new) => {
+                let n = new.len();
+                resources.splice(at..at, new);
+                at += n;
+            }
+        }
     }
 }
 
@@ -341,7 +452,10 @@ mod tests {
     }
 
     fn names(set: &ConfigSet) -> Vec<String> {
-        set.resources().map(|r| r.meta().name.clone()).collect()
+        set.resources()
+            .iter()
+            .map(|r| r.meta().name.clone())
+            .collect()
     }
 
     fn paths(scan: &Scan, root: &Path) -> Vec<String> {
@@ -355,8 +469,8 @@ mod tests {
             .collect()
     }
 
-    fn ok(path: &str, text: String) -> (PathBuf, io::Result<String>) {
-        (PathBuf::from(path), Ok(text))
+    fn ok(path: &str, text: String) -> (PathBuf, io::Result<Content>) {
+        (PathBuf::from(path), Ok(Content::Text(text)))
     }
 
     #[test]
@@ -366,7 +480,7 @@ mod tests {
         let scan = scan(&file).expect("scan");
         assert_eq!(scan.len(), 1);
         assert_eq!(scan[0].0, file);
-        assert_eq!(scan[0].1.as_deref().ok(), Some("a: 1\n"));
+        assert_eq!(scan[0].1.as_ref().ok(), Some(&Content::Disk));
         // A single file is read whatever its name.
         let other = dir.write("config.txt", "b: 2\n");
         assert_eq!(super::scan(&other).expect("scan").len(), 1);
@@ -423,7 +537,7 @@ mod tests {
 
         let update = set.update(scan(&dir.0));
         assert!(update.changed && update.rejected.is_empty());
-        let Some(Resource::WorkloadEntry(o)) = set.resources().next() else {
+        let Some(Resource::WorkloadEntry(o)) = set.resources().first() else {
             panic!("expected a WorkloadEntry");
         };
         assert_eq!(o.spec.address, "10.0.0.9");
@@ -450,13 +564,74 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_text_is_unchanged_however_it_is_read() {
+        let dir = TempDir::new("digest");
+        // Larger than a read buffer, so that the file arrives in several reads.
+        let text: String = (0..200)
+            .map(|i| format!("---\n{}", we(&format!("w{i}"), "10.0.0.1")))
+            .collect();
+        let file = dir.write("a.yaml", &text);
+        let mut set = ConfigSet::new();
+        assert!(
+            set.update(Ok(vec![(file, Ok(Content::Text(text)))]))
+                .changed
+        );
+        assert_eq!(set.resources().len(), 200);
+        let update = set.update(scan(&dir.0));
+        assert!(!update.changed && !update.findings_changed);
+        dir.write("a.yaml", &we("w0", "10.0.0.9"));
+        assert!(set.update(scan(&dir.0)).changed);
+        assert_eq!(names(&set), ["w0"]);
+    }
+
+    #[test]
+    fn invalid_utf8_on_disk_is_a_read_error() {
+        let dir = TempDir::new("utf8");
+        let file = dir.write("a.yaml", &we("a", "10.0.0.1"));
+        let mut set = ConfigSet::new();
+        set.update(scan(&dir.0));
+        fs::write(&file, b"kind: \xff\n").expect("write");
+        let update = set.update(scan(&dir.0));
+        assert_eq!(update.rejected, [file]);
+        assert_eq!(names(&set), ["a"]);
+        assert_eq!(set.findings().map(|f| f.code).collect::<Vec<_>>(), ["READ"]);
+    }
+
+    #[test]
+    fn files_that_change_come_and_go_keep_path_order() {
+        let two = |a: &str, b: &str| format!("{}---\n{}", we(a, "10.0.0.1"), we(b, "10.0.0.2"));
+        let mut set = ConfigSet::new();
+        set.update(Ok(vec![
+            ok("a.yaml", we("a", "10.0.0.1")),
+            ok("b.yaml", two("b1", "b2")),
+            ok("c.yaml", we("c", "10.0.0.3")),
+        ]));
+        assert_eq!(names(&set), ["a", "b1", "b2", "c"]);
+        let update = set.update(Ok(vec![
+            ok("b.yaml", we("b3", "10.0.0.1")),
+            ok("c.yaml", we("c", "10.0.0.3")),
+            ok("d.yaml", two("d1", "d2")),
+        ]));
+        assert!(update.changed);
+        assert_eq!(names(&set), ["b3", "c", "d1", "d2"]);
+        let update = set.update(Ok(vec![
+            ok("0.yaml", we("z", "10.0.0.1")),
+            ok("c.yaml", we("c", "10.0.0.3")),
+        ]));
+        assert!(update.changed);
+        assert_eq!(names(&set), ["z", "c"]);
+        assert!(set.update(Ok(Vec::new())).changed);
+        assert!(set.resources().is_empty());
+    }
+
+    #[test]
     fn first_update_is_a_change_even_when_empty() {
         let mut set = ConfigSet::new();
         assert!(!set.loaded());
         let update = set.update(Ok(Vec::new()));
         assert!(update.changed && set.changed() && set.loaded());
         assert!(!set.update(Ok(Vec::new())).changed);
-        assert_eq!(set.resources().count(), 0);
+        assert!(set.resources().is_empty());
     }
 
     #[test]
@@ -482,7 +657,7 @@ mod tests {
         assert!(update.findings_changed);
         assert_eq!(update.rejected, [PathBuf::from("b.yaml")]);
         assert_eq!(names(&set), ["a", "b"]);
-        let Some(Resource::WorkloadEntry(b)) = set.resources().nth(1) else {
+        let Some(Resource::WorkloadEntry(b)) = set.resources().get(1) else {
             panic!("b kept");
         };
         assert_eq!(b.spec.address, "10.0.0.2", "previous content kept");

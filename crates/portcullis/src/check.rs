@@ -19,8 +19,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{finding}");
     }
-    let resources: Vec<_> = set.resources().cloned().collect();
-    let snapshot = build(&resources, &BuildOptions::default(), None, 1);
+    let resources = set.resources();
+    let snapshot = build(resources, &BuildOptions::default(), None, 1);
     for warning in &snapshot.warnings {
         println!("Warning [REGISTRY] {warning}");
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::RecursiveMode;
-use notify_debouncer_full::new_debouncer;
+use notify::event::{AccessKind, EventKind};
+use notify::{RecursiveMode, Watcher};
 use portcullis_admin::{AdminState, ConfigStatus, FileStatus};
 use portcullis_dns::DnsCache;
 use portcullis_model::Severity;
@@ -81,12 +81,11 @@ impl Reloader {
         }
         if update.changed || self.version == 0 || matches!(trigger, Trigger::Dns) {
             self.version += 1;
-            let resources: Vec<_> = self.set.resources().cloned().collect();
             let previous = self.registry.load_full();
             let answers = self.dns.answers();
             let lookup = |name: &str| answers.get(name).map(|a| Arc::clone(&a.addrs));
             let snapshot = build_with_dns(
-                &resources,
+                self.set.resources(),
                 &self.options,
                 Some(&previous),
                 self.version,
@@ -143,31 +142,33 @@ fn watch_root(path: &Path) -> PathBuf {
     }
 }
 
+/// How long file events must stop before a reload: an editor's save or a ConfigMap's
+/// symlink swap is a burst of events, and wants one reload once it is over.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// The longest a reload waits for file events to stop, so that a file written without
+/// pause does not hold back every other change.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(1);
+
 /// Runs reloads on file events, SIGHUP and a periodic re-scan until `stop`.
 pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::channel::<Trigger>(16);
     let watch_tx = tx.clone();
-    // Debounce ticks wake a thread: every 100 ms is plenty for config files and keeps an
-    // idle sidecar from waking 40 times a second.
-    let debouncer = new_debouncer(
-        Duration::from_millis(200),
-        Some(Duration::from_millis(100)),
-        move |result| {
-            if let Ok(events) = result {
-                let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
-                if !events.is_empty() {
-                    let _ = watch_tx.try_send(Trigger::Watch);
-                }
-            }
-        },
-    );
-    let _debouncer = match debouncer {
-        Ok(mut d) => {
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening a file changes nothing, and every reload opens them all: reacting to
+        // opens would reload forever.
+        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(AccessKind::Open(_)))) {
+            // A full queue already holds a trigger, which is all a burst needs.
+            let _ = watch_tx.try_send(Trigger::Watch);
+        }
+    });
+    let _watcher = match watcher {
+        Ok(mut w) => {
             let root = watch_root(&reloader.path);
-            if let Err(e) = d.watch(&root, RecursiveMode::Recursive) {
+            if let Err(e) = w.watch(&root, RecursiveMode::Recursive) {
                 tracing::warn!(error = %e, path = %root.display(), "cannot watch the config path; relying on SIGHUP and periodic re-scan");
             }
-            Some(d)
+            Some(w)
         }
         Err(e) => {
             tracing::warn!(error = %e, "file watching unavailable; relying on SIGHUP and periodic re-scan");
@@ -228,9 +229,24 @@ pub async fn run(mut reloader: Reloader, rescan: Duration, stop: CancellationTok
             t = rx.recv() => t.unwrap_or(Trigger::Periodic),
             _ = ticker.tick() => Trigger::Periodic,
         };
-        // Coalesce a burst of events into one reload; a DNS change among them still
-        // forces a rebuild.
-        while let Ok(t) = rx.try_recv() {
+        // Coalesce a burst of triggers into one reload. File events alone wait to settle;
+        // SIGHUP or a DNS change reloads at once, and a DNS change among them still forces
+        // a rebuild.
+        let mut settling = matches!(trigger, Trigger::Watch);
+        let give_up = tokio::time::Instant::now() + SETTLE_AT_MOST;
+        loop {
+            let now = tokio::time::Instant::now();
+            let until = if settling {
+                (now + SETTLE).min(give_up)
+            } else {
+                now
+            };
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = tokio::time::timeout_at(until, rx.recv()) => next,
+            };
+            let Ok(Some(t)) = next else { break };
+            settling &= matches!(t, Trigger::Watch);
             if !matches!(trigger, Trigger::Dns) {
                 trigger = t;
             }

@@ -157,8 +157,12 @@ impl<T> GuardedIo<T> {
         }
         self.settle_head();
         loop {
+            // Only an earlier deadline re-arms the timer at once. Activity moves the idle
+            // deadline later on every read and write; the armed timer then fires early and
+            // is re-armed below, so a busy connection does not touch the timer wheel per
+            // request.
             let deadline = self.deadline();
-            if self.timer.deadline() != deadline {
+            if deadline < self.timer.deadline() {
                 self.timer.as_mut().reset(deadline);
             }
             if self.timer.as_mut().poll(cx).is_pending() {
@@ -176,6 +180,8 @@ impl<T> GuardedIo<T> {
                 self.expire(why);
                 return Some(why);
             }
+            let later = self.deadline();
+            self.timer.as_mut().reset(later);
         }
     }
 }
