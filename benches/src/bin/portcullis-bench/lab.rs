@@ -2,14 +2,19 @@
 //! harness starts, all torn down on drop.
 //!
 //! ```text
-//!  peers ns (10.251.1.2)  ── veth ──  up ns (10.251.1.1, 10.251.2.1)  ── veth ──  pod ns (10.251.2.2)
-//!  wrk, HAProxy, nginx,               nginx upstream :80                          wrk (root, redirected),
-//!  Envoy, portcullis --http-proxy     bulk source :9000                           portcullis uid 1337 + iptables
+//!  peers ns (10.251.1.2)  ── veth ──  up ns (10.251.1.1, 10.251.2.1,  ── veth ──  pod ns (10.251.2.2)
+//!  wrk, HAProxy, nginx,               10.251.3.1)                                 wrk (root, redirected),
+//!  Envoy, portcullis --http-proxy     nginx upstream :80                          portcullis uid 1337 + iptables
+//!                                     bulk source :9000     ── veth ──  haproxy-pod ns (10.251.3.2)
+//!                                                                       wrk (root, redirected),
+//!                                                                       HAProxy uid 1337 + the same iptables
 //! ```
 //!
 //! Every path to the upstream crosses exactly one veth, so the targets differ only in the
-//! proxy. The pod namespace holds the iptables redirect; the other proxies live apart from
-//! it so that their upstream connections are not captured.
+//! proxy. The pod namespaces hold the iptables redirect; the other proxies live apart from
+//! it so that their upstream connections are not captured. HAProxy also runs as a sidecar,
+//! forwarding to the original destination, so that the sidecar is compared with a peer
+//! that pays for the same interception.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -26,6 +31,8 @@ pub const PREFIX: &str = "pcbench";
 pub const UP_FROM_PEERS: &str = "10.251.1.1";
 /// The upstream as the pod namespace reaches it.
 pub const UP_FROM_POD: &str = "10.251.2.1";
+/// The upstream as HAProxy's pod namespace reaches it.
+pub const UP_FROM_HAPROXY_POD: &str = "10.251.3.1";
 /// The ServiceEntry host the sidecar routes to the upstream.
 pub const SIDECAR_HOST: &str = "upstream.bench";
 /// The ServiceEntry host the explicit proxy routes to the upstream.
@@ -54,14 +61,20 @@ pub enum Ns {
     Peers,
     /// The sidecar's pod: iptables redirect, portcullis as uid 1337, a wrk as root.
     Pod,
+    /// The same pod with HAProxy as the sidecar.
+    HaproxyPod,
 }
 
 impl Ns {
+    /// Every namespace of the lab.
+    pub const ALL: [Ns; 4] = [Ns::Up, Ns::Peers, Ns::Pod, Ns::HaproxyPod];
+
     fn short(self) -> &'static str {
         match self {
             Ns::Up => "up",
             Ns::Peers => "peers",
             Ns::Pod => "pod",
+            Ns::HaproxyPod => "hapod",
         }
     }
 }
@@ -139,7 +152,7 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         // uid 1337 and nginx's unprivileged workers read configs and pages from here.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-        for ns in [Ns::Up, Ns::Peers, Ns::Pod] {
+        for ns in Ns::ALL {
             let name = lab.ns(ns);
             run(Command::new("ip").args(["netns", "add", &name]))?;
             lab.namespaces.push(name.clone());
@@ -147,7 +160,8 @@ impl Lab {
         }
         lab.link(Ns::Peers, "10.251.1.2", UP_FROM_PEERS)?;
         lab.link(Ns::Pod, "10.251.2.2", UP_FROM_POD)?;
-        for ns in [Ns::Up, Ns::Peers, Ns::Pod] {
+        lab.link(Ns::HaproxyPod, "10.251.3.2", UP_FROM_HAPROXY_POD)?;
+        for ns in Ns::ALL {
             // Connection-per-request runs open tens of thousands of connections; reuse
             // TIME_WAIT ports instead of running out of them.
             lab.run_in(
@@ -446,6 +460,28 @@ backend up
     server s1 {UP_FROM_PEERS}:80
 "
     )
+}
+
+/// HAProxy as a sidecar: the redirected port, forwarding each connection to its original
+/// destination (`0.0.0.0:0`), which HAProxy reads with `SO_ORIGINAL_DST` as portcullis does.
+pub fn haproxy_sidecar_conf() -> String {
+    "global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    http-reuse always
+frontend sidecar
+    bind 0.0.0.0:15001
+    default_backend original
+backend original
+    server original 0.0.0.0:0
+"
+    .to_owned()
 }
 
 /// Envoy as its own benchmarking guide advises: no request ids, no dynamic stats, no

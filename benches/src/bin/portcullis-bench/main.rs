@@ -1,9 +1,10 @@
 //! `portcullis-bench`: the end-to-end comparison of issue 4.
 //!
-//! `portcullis-bench run` builds three network namespaces, starts one nginx upstream and
+//! `portcullis-bench run` builds four network namespaces, starts one nginx upstream and
 //! every proxy (HAProxy, nginx, Envoy, portcullis as the explicit proxy and as the
-//! transparent sidecar), pins them all and wrk to vCPU 0, and measures each target back
-//! to back in every repetition, as BENCHMARKING.md prescribes. It then measures opaque TCP
+//! transparent sidecar, HAProxy as a transparent sidecar too), pins them all and wrk to
+//! vCPU 0, and measures each target back to back in every repetition, as BENCHMARKING.md
+//! prescribes. It then measures opaque TCP
 //! throughput, portcullis's memory (idle, under load, with 10,000 idle connections) and a
 //! load run across 100 registry reloads, and prints one markdown report.
 //!
@@ -215,8 +216,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut out = String::from(
         "## Benchmarks\n\n\
          One run of `scripts/bench.sh`: wrk against a direct connection, HAProxy, nginx, \
-         Envoy and portcullis (explicit proxy and transparent sidecar) with one nginx \
-         upstream, every process pinned to one vCPU (on 2-vCPU machines the steadiest \
+         Envoy and portcullis (explicit proxy and transparent sidecar), and HAProxy as a \
+         transparent sidecar behind the same iptables redirect, with one nginx upstream, every process pinned to one vCPU (on 2-vCPU machines the steadiest \
          layout: throughput is 1 / the CPU per request of client + proxy + upstream, what a \
          sidecar costs its pod); then opaque TCP, memory, reloads under load, and the \
          criterion micro-benchmarks.\n\n",
@@ -538,6 +539,37 @@ fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
         .arg(&conf);
     let pid = lab.spawn("nginx-proxy", &mut cmd)?;
     targets.push(target("nginx", lab::NGINX_PORT, pid));
+
+    // The sidecar's peer: the same iptables redirect (installed by portcullis, which only
+    // writes the rules here), HAProxy as uid 1337 on the redirected port.
+    let conf = lab.dir.join("haproxy-sidecar.cfg");
+    lab.write(&conf, &lab::haproxy_sidecar_conf())?;
+    lab.run_in(
+        Ns::HaproxyPod,
+        &args.portcullis.display().to_string(),
+        &["iptables", "--apply"],
+    )?;
+    let mut cmd = lab.pinned(Ns::HaproxyPod, "setpriv");
+    cmd.args([
+        "--reuid",
+        lab::PROXY_UID,
+        "--regid",
+        lab::PROXY_UID,
+        "--clear-groups",
+        "haproxy",
+        "-db",
+        "-f",
+    ])
+    .arg(&conf);
+    let pid = lab.spawn("haproxy-sidecar", &mut cmd)?;
+    targets.push(Target {
+        name: "HAProxy sidecar",
+        ns: Ns::HaproxyPod,
+        url: format!("http://{}/", lab::UP_FROM_HAPROXY_POD),
+        headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
+        script: None,
+        pid: Some(pid),
+    });
 
     if let Some(envoy) = &args.envoy {
         let conf = lab.dir.join("envoy.yaml");

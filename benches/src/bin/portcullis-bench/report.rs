@@ -115,11 +115,21 @@ fn ratio_table(samples: &[Sample], case: &str) -> String {
     let mut out = String::from(
         "| ratio (median of per-repetition ratios) | portcullis sidecar | portcullis explicit |\n|---|---:|---:|\n",
     );
-    let rows: [(&str, &str, Ratio); 4] = [
+    let rows: [(&str, &str, Ratio); 6] = [
         (
             "req/s ÷ HAProxy (≥ 1 is the target)",
             "HAProxy",
             |p, o| p.wrk.rps / o.wrk.rps,
+        ),
+        (
+            "req/s ÷ HAProxy sidecar (same interception)",
+            "HAProxy sidecar",
+            |p, o| p.wrk.rps / o.wrk.rps,
+        ),
+        (
+            "proxy CPU/req ÷ HAProxy sidecar's",
+            "HAProxy sidecar",
+            |p, o| p.proxy_cpu_us.unwrap_or(f64::NAN) / o.proxy_cpu_us.unwrap_or(f64::NAN),
         ),
         ("req/s ÷ direct", "direct", |p, o| p.wrk.rps / o.wrk.rps),
         ("proxy CPU/req ÷ HAProxy's", "HAProxy", |p, o| {
@@ -135,11 +145,16 @@ fn ratio_table(samples: &[Sample], case: &str) -> String {
                 .collect();
             fmt_opt(median(&ratios), 2)
         };
+        // The explicit proxy is not intercepted: against HAProxy's sidecar it has no ratio.
+        let explicit = if other == "HAProxy sidecar" {
+            "–".to_owned()
+        } else {
+            cell("portcullis explicit")
+        };
         let _ = writeln!(
             out,
-            "| {label} | {} | {} |",
+            "| {label} | {} | {explicit} |",
             cell("portcullis sidecar"),
-            cell("portcullis explicit")
         );
     }
     out
