@@ -123,6 +123,12 @@ struct RunArgs {
     /// Keep the run folder (configs and logs) even on success.
     #[arg(long)]
     keep: bool,
+    /// Only these HTTP cases (e.g. `keepalive-c50`); all when not given.
+    #[arg(long = "case")]
+    cases: Vec<String>,
+    /// Only the HTTP comparison: no TCP throughput, memory or reload runs.
+    #[arg(long)]
+    http_only: bool,
 }
 
 /// What a run measures, resolved from the flags.
@@ -446,7 +452,10 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
 
     let mut samples = Vec::new();
     for rep in 0..plan.reps {
-        for (case, _, conns, close) in CASES {
+        let cases = CASES
+            .iter()
+            .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| n == c.0));
+        for &(case, _, conns, close) in cases {
             for t in &targets {
                 eprintln!("rep {}/{} {case} {}", rep + 1, plan.reps, t.name);
                 let s = http_run(lab, t, case, conns, close, plan.secs, upstream, rep)?;
@@ -471,9 +480,16 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
          on-CPU time (schedstat) over the run ÷ requests; proxy/upstream CPU divides by the \
          upstream nginx's, which normalises host speed.\n",
     );
-    let titles: Vec<(&'static str, &'static str)> = CASES.iter().map(|c| (c.0, c.1)).collect();
+    let titles: Vec<(&'static str, &'static str)> = CASES
+        .iter()
+        .filter(|c| samples.iter().any(|s| s.case == c.0))
+        .map(|c| (c.0, c.1))
+        .collect();
     out.push_str(&report::http_tables(&samples, &titles));
 
+    if args.http_only {
+        return Ok(out);
+    }
     out.push_str(&tcp_throughput(lab, plan, exe, sidecar)?);
     let loaded_rss = median(
         &samples
