@@ -733,7 +733,7 @@ impl<'a> Builder<'a> {
                 match table.wildcard.get(suffix) {
                     Some(kept) => kept,
                     None => {
-                        table.wildcard.insert(suffix.into(), Arc::clone(c));
+                        table.wildcard.insert(suffix, Arc::clone(c));
                         continue;
                     }
                 }

@@ -9,7 +9,7 @@ use portcullis_balance::{Balancer, EndpointState};
 use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
-use crate::host::{normalized, split_host_port};
+use crate::host::{Normalized, normalized, split_host_port};
 
 /// Envoy's name for the cluster that drops unregistered traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -120,27 +120,75 @@ impl Decision {
 #[derive(Debug, Default)]
 pub(crate) struct HostTable {
     pub(crate) exact: Map<Box<str>, Arc<Cluster>>,
-    /// Keyed by the suffix after `*`, e.g. `.example.com`.
-    pub(crate) wildcard: Map<Box<str>, Arc<Cluster>>,
+    pub(crate) wildcard: Wildcards,
     pub(crate) any: Option<Arc<Cluster>>,
 }
 
 impl HostTable {
-    fn get(&self, host: &str) -> Option<&Arc<Cluster>> {
-        if let Some(c) = self.exact.get(host) {
+    fn get(&self, host: &Normalized) -> Option<&Arc<Cluster>> {
+        if let Some(c) = self.exact.get(&*host.text) {
             return Some(c);
         }
-        // Longest suffix first: walk the dots left to right. The cost depends on the
-        // number of labels in the name, never on the number of services.
+        self.wildcard
+            .longest_match(&host.text, host.dots)
+            .or(self.any.as_ref())
+    }
+}
+
+/// The `*.` wildcard hosts on one port.
+#[derive(Debug, Default)]
+pub(crate) struct Wildcards {
+    /// Keyed by the suffix after `*`, e.g. `.example.com`.
+    by_suffix: Map<Box<str>, Arc<Cluster>>,
+    /// Bit `n` is set when some suffix has `n` dots (bit 63: 63 or more), so that a lookup
+    /// hashes only those suffixes of the host that could be registered.
+    dot_counts: u64,
+}
+
+impl Wildcards {
+    /// The service registered for exactly this suffix.
+    pub(crate) fn get(&self, suffix: &str) -> Option<&Arc<Cluster>> {
+        self.by_suffix.get(suffix)
+    }
+
+    /// Registers a service for a suffix, replacing any before it.
+    pub(crate) fn insert(&mut self, suffix: &str, cluster: Arc<Cluster>) {
+        self.dot_counts |= dots_bit(suffix.bytes().filter(|&b| b == b'.').count());
+        self.by_suffix.insert(suffix.into(), cluster);
+    }
+
+    /// The service of the longest registered suffix of `host`, which has `dots` dots, that
+    /// starts at a dot.
+    fn longest_match(&self, host: &str, mut dots: usize) -> Option<&Arc<Cluster>> {
+        if self.dot_counts == 0 {
+            return None;
+        }
+        // Suffixes from the longest: walk the dots left to right, knowing how many dots
+        // each suffix holds. The cost depends on the number of labels in the name and of
+        // distinct label counts registered, never on the number of services.
         for (i, b) in host.bytes().enumerate() {
-            if b == b'.'
-                && let Some(c) = self.wildcard.get(&host[i..])
+            if b != b'.' {
+                continue;
+            }
+            let bit = dots_bit(dots);
+            if self.dot_counts & bit != 0
+                && let Some(c) = self.by_suffix.get(&host[i..])
             {
                 return Some(c);
             }
+            // Every shorter suffix has fewer dots than any registered one.
+            if dots < 63 && self.dot_counts & (bit - 1) == 0 {
+                return None;
+            }
+            dots -= 1;
         }
-        self.any.as_ref()
+        None
     }
+}
+
+/// The bit of [`Wildcards::dot_counts`] for a suffix with `dots` dots.
+fn dots_bit(dots: usize) -> u64 {
+    1 << dots.min(63)
 }
 
 /// Addresses registered on one port for opaque TCP.
@@ -210,6 +258,15 @@ impl Snapshot {
     /// An authority naming another port than the one the request arrived on matches
     /// nothing, as Envoy's per-port route tables behave.
     pub fn route_http(&self, authority: &str, port: u16) -> Decision {
+        // Most authorities carry no port, and then the whole is the host: normalising it
+        // first saves looking for a colon. Whatever `normalized` accepts has no colon, or
+        // is an IPv6 literal that `split_host_port` leaves whole too. Anything ending in a
+        // digit may have a port, and goes the long way.
+        if !authority.ends_with(|c: char| c.is_ascii_digit())
+            && let Ok(host) = normalized(authority)
+        {
+            return self.route_normalized(&host, port);
+        }
         let Ok((host, host_port)) = split_host_port(authority) else {
             return self.unmatched();
         };
@@ -221,16 +278,23 @@ impl Snapshot {
 
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
-        let Ok(host) = normalized(host) else {
-            return self.unmatched();
-        };
-        if let Some(c) = self.hosts.get(&port).and_then(|t| t.get(&host)) {
+        match normalized(host) {
+            Ok(host) => self.route_normalized(&host, port),
+            Err(_) => self.unmatched(),
+        }
+    }
+
+    // Inlined into both entry points, as `normalized` is.
+    #[inline(always)]
+    fn route_normalized(&self, host: &Normalized, port: u16) -> Decision {
+        if let Some(c) = self.hosts.get(&port).and_then(|t| t.get(host)) {
             return Decision::Cluster(Arc::clone(c));
         }
-        if let Ok(ip) = host.parse::<IpAddr>()
-            && self.pods.contains(&canonical(ip))
+        // `normalized` gives IP literals in canonical form already.
+        if let Some(ip) = host.ip
+            && self.pods.contains(&ip)
         {
-            return Decision::Pod(canonical(ip));
+            return Decision::Pod(ip);
         }
         self.unmatched()
     }

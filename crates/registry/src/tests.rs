@@ -186,6 +186,36 @@ fn http_routing_ignores_case_and_one_trailing_dot() {
     }
 }
 
+#[test]
+fn an_authority_loses_its_port_only_when_it_has_one() {
+    let s = snapshot(&format!(
+        "{APP}{}{}",
+        pod("v4", "default", "10.0.0.5", "{}", ""),
+        pod("v6", "default", "fe80::5", "{}", ""),
+    ));
+    let app80 = "outbound|80||app.internal.com";
+    for (authority, want) in [
+        ("app.internal.com:80", app80),
+        ("app.internal.com.:80", app80),
+        ("app.internal.com:", "blackhole"),
+        ("app.internal.com:80.", "blackhole"),
+        ("app.internal.com:8080", "blackhole"),
+        ("10.0.0.5", "pod 10.0.0.5"),
+        ("10.0.0.5:80", "pod 10.0.0.5"),
+        ("10.0.0.5:81", "blackhole"),
+        ("::FFFF:10.0.0.5.", "pod 10.0.0.5"),
+        ("[::ffff:10.0.0.5]:80", "pod 10.0.0.5"),
+        ("fe80::5", "pod fe80::5"),
+        ("[fe80::5]", "pod fe80::5"),
+        ("[fe80::5]:80", "pod fe80::5"),
+        // A bare IPv6 literal keeps its last group: another address.
+        ("fe80::5:80", "blackhole"),
+        ("fe80::5]:80", "blackhole"),
+    ] {
+        assert_eq!(routed(&s.route_http(authority, 80)), want, "{authority}");
+    }
+}
+
 const WILDCARDS: &str = "
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -208,6 +238,17 @@ kind: ServiceEntry
 metadata: {name: exact, namespace: default}
 spec:
   hosts: [x.b.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: NONE
+";
+
+/// Wildcards two and four labels apart, and exact names under them.
+const WILDCARDS_ORG: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: org, namespace: default}
+spec:
+  hosts: ['*.z.y.x.w.example.org', '*.x.w.example.org', y.x.w.example.org]
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: NONE
 ";
@@ -245,6 +286,69 @@ fn wildcards_match_subdomains_longest_suffix_first() {
         );
     }
     assert_eq!(routed(&s.route_http("a.example.com", 8080)), "blackhole");
+}
+
+/// Wildcards that differ in depth, one deeper than the lookup's per-depth index tells
+/// apart (63 dots), and one on another port.
+fn deep_wildcards(deep: &str) -> Snapshot {
+    snapshot(&format!(
+        "{WILDCARDS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: deep, namespace: default}}
+spec:
+  hosts: ['*.{deep}', '*.z.y.x.w.example.org']
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: other-port, namespace: default}}
+spec:
+  hosts: ['*.example.org']
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  resolution: NONE
+"
+    ))
+}
+
+#[test]
+fn wildcards_of_any_depth_match_the_longest_suffix() {
+    // 71 dots: more than the index has bits.
+    let deep = format!("{}example.com", "a.".repeat(70));
+    let s = deep_wildcards(&deep);
+    let wide = "outbound|80||*.example.com";
+    let narrow = "outbound|80||*.b.example.com";
+    let deepest = format!("outbound|80||*.{deep}");
+    let org = "outbound|80||*.z.y.x.w.example.org";
+    let org_8080 = "outbound|8080||*.example.org";
+    for (authority, port, want) in [
+        (format!("x.{deep}"), 80, deepest.as_str()),
+        (format!("x.y.{deep}"), 80, &deepest),
+        (format!("X.{}", deep.to_uppercase()), 80, &deepest),
+        // One label short of the deep suffix: every long suffix misses, then the wide one.
+        (deep.clone(), 80, wide),
+        (format!("x.{}", &deep[2..]), 80, wide),
+        ("q.a.b.example.com:80".into(), 80, narrow),
+        ("Q.A.B.Example.Com.".into(), 80, narrow),
+        ("q.z.y.x.w.example.org".into(), 80, org),
+        ("p.q.z.y.x.w.example.org.".into(), 80, org),
+        ("z.y.x.w.example.org".into(), 80, "blackhole"),
+        ("q.y.x.w.example.org".into(), 80, "blackhole"),
+        ("q.z.y.x.w.example.org".into(), 8080, org_8080),
+        ("w.example.org".into(), 8080, org_8080),
+        ("example.org".into(), 8080, "blackhole"),
+        ("q.example.com".into(), 8080, "blackhole"),
+        ("com".into(), 80, "blackhole"),
+        ("localhost".into(), 80, "blackhole"),
+    ] {
+        assert_eq!(
+            routed(&s.route_http(&authority, port)),
+            want,
+            "{authority}:{port}"
+        );
+    }
 }
 
 #[test]
@@ -324,6 +428,7 @@ fn tcp_routes_by_address_cidr_and_port() {
     assert_eq!(routed(&s.route_tcp(ip("10.1.2.3"), 5433)), "blackhole");
     // A VIP is also the service's name for HTTP-style routing on its port.
     assert_eq!(routed(&s.route_host("10.1.2.3", 5432)), db);
+    assert_eq!(routed(&s.route_host("::FFFF:10.1.2.3", 5432)), db);
 
     let wide = "outbound|9000||wide.internal";
     let narrow = "outbound|9000||narrow.internal";
@@ -656,6 +761,11 @@ fn only_running_ready_pods_are_endpoints() {
         "pod 10.244.0.1"
     );
     assert_eq!(routed(&s.route_host("10.244.0.6", 80)), "pod 10.244.0.6");
+    assert_eq!(
+        routed(&s.route_http("[::FFFF:10.244.0.1]:8080", 8080)),
+        "pod 10.244.0.1"
+    );
+    assert_eq!(routed(&s.route_host("10.244.0.6.", 80)), "pod 10.244.0.6");
     for unready in ["10.244.0.3", "10.244.0.4", "10.244.0.5"] {
         assert_eq!(
             routed(&s.route_tcp(ip(unready), 1234)),
@@ -1145,6 +1255,68 @@ proptest! {
     ) {
         let s = snapshot(&format!("{APP}\n---\n{WILDCARDS}"));
         let _ = s.route_http(&authority, port);
+    }
+
+    #[test]
+    fn wildcard_routing_is_the_longest_registered_suffix(
+        labels in prop::collection::vec(
+            prop::sample::select(&["a", "b", "x", "w", "y", "z", "B", "example"][..]),
+            0..4,
+        ),
+        // Names near and under the registered ones, so that most cases match something.
+        tail in prop::sample::select(&[
+            "com", "example.com", "b.example.com", "x.b.example.com", "org", "w.example.org",
+            "x.w.example.org", "y.x.w.example.org", "z.y.x.w.example.org", "X.W.Example.Org",
+        ][..]),
+        trailing_dot in any::<bool>(),
+        with_port in any::<bool>(),
+    ) {
+        let s = snapshot(&format!("{WILDCARDS}\n---\n{WILDCARDS_ORG}"));
+        let host = labels.iter().chain([&tail]).copied().collect::<Vec<_>>().join(".");
+        let authority = format!(
+            "{host}{}{}",
+            if trailing_dot { "." } else { "" },
+            if with_port { ":80" } else { "" },
+        );
+        // Every name the two documents register on port 80, checked one by one.
+        let registered = [
+            "*.example.com",
+            "*.b.example.com",
+            "x.b.example.com",
+            "*.z.y.x.w.example.org",
+            "*.x.w.example.org",
+            "y.x.w.example.org",
+        ];
+        let host = host.to_ascii_lowercase();
+        let suffixes = registered.iter().filter_map(|r| r.strip_prefix('*'));
+        let want = if registered.contains(&host.as_str()) {
+            format!("outbound|80||{host}")
+        } else {
+            suffixes
+                .filter(|suffix| host.len() > suffix.len() && host.ends_with(suffix))
+                .max_by_key(|suffix| suffix.len())
+                .map_or("blackhole".to_string(), |suffix| format!("outbound|80||*{suffix}"))
+        };
+        prop_assert_eq!(routed(&s.route_http(&authority, 80)), want, "{}", authority);
+    }
+
+    #[test]
+    fn route_http_is_route_host_on_the_split_authority(
+        authority in "\\[?[a-fA-F0-9.:_\\-\\]xp]{0,20}(:[0-9]{0,6})?\\.?|\
+                      (::[fF]{4}:)?10\\.0\\.0\\.[0-9](:[0-9]{0,3})?|\
+                      [aA]\\.[bB]\\.example\\.com\\.?(:[0-9]{0,3})?",
+        port in prop::sample::select(&[80u16, 8080][..]),
+    ) {
+        let s = snapshot(&format!(
+            "{APP}\n---\n{WILDCARDS}{}{}",
+            pod("v4", "default", "10.0.0.5", "{}", ""),
+            pod("v6", "default", "fe80::5", "{}", ""),
+        ));
+        let want = match crate::split_host_port(&authority) {
+            Ok((host, p)) if p.is_none_or(|p| p == port) => s.route_host(host, port),
+            _ => s.unmatched(),
+        };
+        prop_assert_eq!(routed(&s.route_http(&authority, port)), routed(&want));
     }
 
     #[test]
