@@ -440,10 +440,9 @@ http {{
     )
 }
 
-/// HAProxy: one thread, no logging, server connections shared across clients.
-pub fn haproxy_conf() -> String {
-    format!(
-        "global
+/// What both HAProxy configs share: one thread, no logging, server connections shared
+/// across clients.
+const HAPROXY_COMMON: &str = "global
     nbthread 1
     maxconn 8000
 defaults
@@ -453,7 +452,12 @@ defaults
     timeout server 300s
     timeout http-keep-alive 300s
     http-reuse always
-frontend bench
+";
+
+/// HAProxy as a reverse proxy in front of the upstream.
+pub fn haproxy_conf() -> String {
+    format!(
+        "{HAPROXY_COMMON}frontend bench
     bind 127.0.0.1:{HAPROXY_PORT}
     default_backend up
 backend up
@@ -465,23 +469,14 @@ backend up
 /// HAProxy as a sidecar: the redirected port, forwarding each connection to its original
 /// destination (`0.0.0.0:0`), which HAProxy reads with `SO_ORIGINAL_DST` as portcullis does.
 pub fn haproxy_sidecar_conf() -> String {
-    "global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    http-reuse always
-frontend sidecar
+    format!(
+        "{HAPROXY_COMMON}frontend sidecar
     bind 0.0.0.0:15001
     default_backend original
 backend original
     server original 0.0.0.0:0
 "
-    .to_owned()
+    )
 }
 
 /// Envoy as its own benchmarking guide advises: no request ids, no dynamic stats, no
