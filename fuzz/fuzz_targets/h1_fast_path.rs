@@ -4,7 +4,8 @@
 //! Never panics; a head the fast path takes is one hyper takes too, with the same authority
 //! (two readings of one request are how a Host check gets bypassed); the head it sends
 //! upstream is valid HTTP/1.1 carrying that authority as its only Host and no hop-by-hop
-//! field; a rewritten response head is valid and says `server: envoy` once; where a chunked
+//! field, and the Content-Length of the body it forwards; a rewritten response head is valid,
+//! says `server: envoy` once and keeps a length-delimited body's length; where a chunked
 //! body ends does not depend on how its bytes arrive.
 #![no_main]
 
@@ -52,6 +53,21 @@ fn check_request(data: &[u8], explicit: bool) {
         Some(a) => assert_eq!(hosts, [a.as_bytes()], "upstream Host"),
         None => assert!(hosts.is_empty()),
     }
+    // The body the fast path forwards is the body the upstream reads: anything else lets a
+    // request be smuggled behind it.
+    let lengths: Vec<&[u8]> = upstream
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value)
+        .collect();
+    if fast.body > 0 || !lengths.is_empty() {
+        assert_eq!(
+            lengths,
+            [fast.body.to_string().as_bytes()],
+            "upstream Content-Length"
+        );
+    }
     for h in upstream.headers.iter() {
         assert!(
             !HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)),
@@ -78,6 +94,29 @@ fn check_response(data: &[u8], head_method: bool) {
         .map(|h| h.value)
         .collect();
     assert_eq!(servers, [&b"envoy"[..]]);
+    // A length-delimited body keeps its length on the way to the client.
+    let mut headers = [httparse::EMPTY_HEADER; 140];
+    let mut upstream = httparse::Response::new(&mut headers);
+    if upstream.parse(data).is_ok_and(|s| s.is_complete())
+        && !upstream
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        let length = |headers: &[httparse::Header<'_>]| {
+            headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .map(|h| h.value.trim_ascii().to_vec())
+        };
+        if let Some(upstream_length) = length(upstream.headers) {
+            assert_eq!(
+                length(response.headers),
+                Some(upstream_length),
+                "client Content-Length"
+            );
+        }
+    }
 }
 
 fn check_chunks(data: &[u8]) {

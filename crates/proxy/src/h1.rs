@@ -623,6 +623,10 @@ impl<'a> Listed<'a> {
                 self.close = true;
             } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
+            } else if end_to_end(token) {
+                // Framing and routing stay whatever a sender nominates: dropping them would
+                // let the next hop read the body, or the authority, differently from us.
+                continue;
             } else if self.count == MAX_LISTED {
                 return false;
             } else {
@@ -638,6 +642,12 @@ impl<'a> Listed<'a> {
             .iter()
             .any(|n| n.eq_ignore_ascii_case(name))
     }
+}
+
+/// Fields a `Connection` option never removes: the authority routed on and the body's
+/// length.
+pub(crate) fn end_to_end(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length")
 }
 
 /// Offset of `part` (a slice of `whole`) in `whole`.
@@ -749,6 +759,7 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
     if let (Some(authority), None) = (absolute, host) {
         header(&mut out, b"host", authority);
     }
+    let mut length_sent = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if hop_by_hop(name)
@@ -756,6 +767,19 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
             || (name.eq_ignore_ascii_case(b"te") && !te_trailers_only)
             || (explicit && name.eq_ignore_ascii_case(b"proxy-authenticate"))
         {
+            continue;
+        }
+        // Repeats of one length are accepted, as hyper does, but the length is sent once, in
+        // its plain form: some servers (nginx) refuse a repeated Content-Length.
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if !std::mem::replace(&mut length_sent, true) {
+                let mut n = itoa::Buffer::new();
+                header(
+                    &mut out,
+                    b"content-length",
+                    n.format(length.unwrap_or(0)).as_bytes(),
+                );
+            }
             continue;
         }
         // The name that was routed on is the one the upstream sees.
@@ -1119,6 +1143,26 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.body, 0);
         assert_eq!(&raw[head.authority.unwrap()], "Up.Example:8080");
+    }
+
+    #[test]
+    fn host_and_one_plain_content_length_always_reach_the_upstream() {
+        let raw = "POST /p HTTP/1.1\r\nHost: up\r\nConnection: Host, content-length, X\r\n\
+                   X: 1\r\nContent-Length: 02\r\ncontent-length: 2\r\n\r\nab";
+        let (head, out) = complete(raw, false);
+        assert_eq!(
+            out,
+            "POST /p HTTP/1.1\r\nhost: up\r\ncontent-length: 2\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+        );
+        assert_eq!(head.body, 2);
+        let r = response(
+            "HTTP/1.1 200 OK\r\nDate: x\r\nConnection: Content-Length\r\n\
+             Content-Length: 2\r\n\r\n",
+            false,
+        );
+        let head = String::from_utf8(r.client_head(Instant::now(), false, 0)).unwrap();
+        assert!(head.contains("\r\ncontent-length: 2\r\n"), "{head}");
     }
 
     #[test]

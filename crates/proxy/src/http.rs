@@ -20,6 +20,7 @@ use crate::Proxy;
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::guard::{InFlight, InFlightGuard};
+use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
 use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
@@ -713,7 +714,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| !h1::end_to_end(name.as_bytes()))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -839,4 +842,33 @@ fn prepare_response(
             guard,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_listed_fields_go_but_host_and_content_length_stay() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "close, X-Hop, Host"),
+            ("connection", "content-length"),
+            ("x-hop", "1"),
+            ("host", "up"),
+            ("content-length", "2"),
+            ("keep-alive", "5"),
+            ("te", "gzip"),
+            ("accept", "*/*"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "content-length", "host"]);
+    }
 }
