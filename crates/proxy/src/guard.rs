@@ -124,6 +124,22 @@ impl<T> GuardedIo<T> {
         timed_out(why)
     }
 
+    /// The guarded stream, for I/O that bypasses the guard (`splice::relay`, which keeps
+    /// its own idle deadline).
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// How long the connection may go with no bytes either way.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Records that the connection went idle for too long, as the guard itself would have.
+    pub fn expire_idle(&mut self) -> io::Error {
+        self.expire(Expired::Idle)
+    }
+
     /// What closed the connection, if a timeout did.
     #[cfg(test)]
     pub fn expired(&self) -> Option<Expired> {

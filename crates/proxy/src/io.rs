@@ -18,6 +18,11 @@ impl<T> PrefixedIo<T> {
     pub fn new(prefix: BytesMut, inner: T) -> Self {
         PrefixedIo { prefix, inner }
     }
+
+    /// The bytes not yet replayed, and the stream.
+    pub fn into_parts(self) -> (BytesMut, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {

@@ -12,6 +12,7 @@ mod log;
 pub mod metrics;
 mod orig_dst;
 mod pool;
+mod splice;
 mod tcp;
 pub mod tls;
 mod tunnel;
@@ -247,7 +248,7 @@ impl Proxy {
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let decision = snapshot.route_tcp(dst.ip(), dst.port());
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
-            tcp::forward(&self, decision, stream, dst, peer, None).await;
+            tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
             return;
         }
         let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await
@@ -270,8 +271,7 @@ impl Proxy {
                     // without SNI) by the destination address, as opaque TCP would be.
                     let decision = snapshot.route_name_or_address(sni, Some(dst.ip()), dst.port());
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
-                    let io = PrefixedIo::new(buf, stream);
-                    tcp::forward(&self, decision, io, dst, peer, sni).await;
+                    tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
@@ -297,10 +297,9 @@ impl Proxy {
             }
             return;
         }
-        let io = PrefixedIo::new(prefix, stream);
         let decision = snapshot.route_tcp(dst.ip(), dst.port());
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
-        tcp::forward(&self, decision, io, dst, peer, None).await;
+        tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
     }
 
     async fn explicit(

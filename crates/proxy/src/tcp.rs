@@ -4,26 +4,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use portcullis_registry::Decision;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Proxy;
+use crate::guard::GuardedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
 use crate::upstream::{ATTEMPTS, Original, can_retry};
 
-/// Forwards one intercepted TCP (or TLS) connection as `decision` says, or closes it when
-/// the destination is refused.
-pub(crate) async fn forward<C>(
+/// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
+/// read to detect its protocol) first, or closes it when the destination is refused.
+pub(crate) async fn forward(
     proxy: &Arc<Proxy>,
     decision: Decision,
-    mut client: C,
+    mut client: GuardedIo<TcpStream>,
+    prefix: &[u8],
     dst: SocketAddr,
     peer: SocketAddr,
     sni: Option<&str>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let start = Instant::now();
     let cluster: Arc<str> = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
@@ -69,12 +69,11 @@ pub(crate) async fn forward<C>(
     match connected {
         Ok((mut upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
-            match crate::io::splice(&mut client, &mut upstream).await {
-                Ok((sent, received)) => {
-                    log.sent = sent;
-                    log.received = received;
-                }
-                Err(e) => tracing::debug!(error = %e, "TCP connection ended with an error"),
+            let relayed = crate::splice::relay(&mut client, prefix, &mut upstream).await;
+            log.sent = relayed.sent;
+            log.received = relayed.received;
+            if let Err(e) = relayed.result {
+                tracing::debug!(error = %e, "TCP connection ended with an error");
             }
         }
         Err(e) => {

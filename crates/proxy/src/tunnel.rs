@@ -3,16 +3,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use portcullis_registry::Decision;
+use tokio::net::TcpStream;
 
 use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::guard::InFlight;
+use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
+use crate::io::PrefixedIo;
 use crate::upstream::{ATTEMPTS, Original, can_retry};
 
 /// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
@@ -45,10 +48,28 @@ pub(crate) async fn open(
         let _held = (pick.guard, in_flight);
         let mut upstream = upstream;
         match hyper::upgrade::on(req).await {
+            // A client on a plain socket (every one the listeners accept) is spliced in
+            // the kernel; anything else is copied.
             Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
-                    tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<TcpStream>>>>() {
+                    Ok(parts) => {
+                        // hyper read its buffer from the front of the stream, so its bytes
+                        // come before what the prefix still holds.
+                        let (rest, mut client) = parts.io.into_inner().into_parts();
+                        let mut early = BytesMut::from(parts.read_buf);
+                        early.extend_from_slice(&rest);
+                        let relayed =
+                            crate::splice::relay(&mut client, &early, &mut upstream).await;
+                        if let Err(e) = relayed.result {
+                            tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                        }
+                    }
+                    Err(upgraded) => {
+                        let mut client = TokioIo::new(upgraded);
+                        if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
+                            tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                        }
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),

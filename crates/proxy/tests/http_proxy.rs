@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 mod common;
 
 use common::{
-    Answer, Harness, MESH_ALLOW_ANY, Upstream, dns, fetch, get, raw, refused_port, send, service,
-    snapshot, within,
+    Answer, Harness, MESH_ALLOW_ANY, Upstream, dns, fetch, get, raw, read_response, refused_port,
+    send, service, snapshot, within,
 };
 
 /// A raw TCP echo server on loopback.
@@ -351,6 +351,35 @@ async fn connect_tunnels_to_registered_hosts_only() {
     .await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
     assert_eq!(echo.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_connect_head_go_through_first_and_in_order() {
+    let echo = Echo::start().await;
+    let harness = Harness::start(snapshot(
+        &service("echo.internal", 7000, "TLS", &[echo.addr.port()]),
+        1,
+    ))
+    .await;
+    // Early bytes arrive with the head and are read by the proxy before the tunnel
+    // exists; they must reach the upstream before anything sent later.
+    let early: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
+    let mut request =
+        b"CONNECT echo.internal:7000 HTTP/1.1\r\nHost: echo.internal:7000\r\n\r\n".to_vec();
+    request.extend_from_slice(&early);
+    within(async {
+        let mut stream = TcpStream::connect(harness.addr).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let (head, mut back) = read_response(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stream.write_all(b"late").await.unwrap();
+        let mut rest = vec![0u8; early.len() + 4 - back.len()];
+        stream.read_exact(&mut rest).await.unwrap();
+        back.extend_from_slice(&rest);
+        assert!(back[..early.len()] == early[..], "early bytes reordered");
+        assert_eq!(&back[early.len()..], b"late");
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,0 +1,292 @@
+//! Opaque TCP relayed with `splice(2)`: bytes go socket → pipe → socket inside the kernel
+//! and never through user space, so a bulk transfer costs the proxy two system calls per
+//! pipe-full instead of two copies of every byte.
+//!
+//! Each direction gets its own pipe, made when its first bytes arrive: an idle connection
+//! holds no pipe and no buffer.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
+use socket2::SockRef;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::guard::GuardedIo;
+
+/// A new pipe's capacity (Linux's default, 16 pages).
+const PIPE: usize = 64 * 1024;
+
+/// What a pipe grows to once a transfer fills it: bulk transfers then take a quarter of the
+/// system calls (about 20% less proxy CPU per byte measured here). Pipes start small
+/// because every pipe counts against the user's pipe allowance
+/// (`/proc/sys/fs/pipe-user-pages-soft`); past it, new pipes get two pages.
+const BULK_PIPE: usize = 256 * 1024;
+
+/// Bytes moved each way, and how the relay ended.
+#[derive(Debug)]
+pub(crate) struct Relayed {
+    /// Client to upstream, `prefix` included.
+    pub sent: u64,
+    /// Upstream to client.
+    pub received: u64,
+    /// `Ok` once both directions have ended cleanly.
+    pub result: io::Result<()>,
+}
+
+/// Sends `prefix` (bytes the proxy already read from the client), then relays both ways
+/// until both directions end, passing half-closes on, or until nothing moves either way for
+/// the client's idle timeout.
+pub(crate) async fn relay(
+    client: &mut GuardedIo<TcpStream>,
+    prefix: &[u8],
+    upstream: &mut TcpStream,
+) -> Relayed {
+    // Atomics only because the future must be `Send`; one task touches them.
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let last = Activity::new();
+    let idle = client.idle_timeout();
+    let relayed = async {
+        upstream.write_all(prefix).await?;
+        sent.store(prefix.len() as u64, Relaxed);
+        last.touch();
+        let (client, upstream) = (client.get_ref(), &*upstream);
+        tokio::try_join!(
+            one_way(client, upstream, &sent, &last),
+            one_way(upstream, client, &received, &last),
+        )
+        .map(|_| ())
+    };
+    // Activity moves the deadline later; the sleep is only re-armed when it fires.
+    let watchdog = async {
+        loop {
+            let deadline = last.at() + idle;
+            if deadline <= Instant::now() {
+                break;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let result = tokio::select! {
+        result = relayed => result,
+        () = watchdog => Err(client.expire_idle()),
+    };
+    Relayed {
+        sent: sent.into_inner(),
+        received: received.into_inner(),
+        result,
+    }
+}
+
+/// When bytes last moved either way.
+struct Activity {
+    start: Instant,
+    nanos: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.store(nanos, Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        self.start + Duration::from_nanos(self.nanos.load(Relaxed))
+    }
+}
+
+/// Moves bytes from `from` to `to` until `from` ends, then ends `to`'s sending side.
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &AtomicU64,
+    last: &Activity,
+) -> io::Result<()> {
+    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let mut capacity = PIPE;
+    loop {
+        from.readable().await?;
+        let (pipe_out, pipe_in) = match &pipe {
+            Some(p) => p,
+            None => pipe.insert(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?),
+        };
+        // The pipe is empty here, so a would-block can only come from the socket, and
+        // clearing the socket's readiness is right.
+        let filled = from.try_io(Interest::READABLE, || {
+            Ok(splice(from, None, pipe_in, None, capacity, flags())?)
+        });
+        let mut held = match filled {
+            Ok(0) => {
+                // The sender's end of the stream: pass it on, keep the other way open.
+                return match SockRef::from(to).shutdown(Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                    _ => Ok(()),
+                };
+            }
+            Ok(n) => {
+                if n == PIPE && capacity == PIPE {
+                    // Refused past the allowance: the pipe keeps its size.
+                    capacity = rustix::pipe::fcntl_setpipe_size(pipe_in, BULK_PIPE).unwrap_or(PIPE);
+                }
+                n
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        last.touch();
+        while held > 0 {
+            to.writable().await?;
+            // Likewise the pipe holds bytes, so only the socket can be full.
+            match to.try_io(Interest::WRITABLE, || {
+                Ok(splice(pipe_out, None, to, None, held, flags())?)
+            }) {
+                Ok(n) => {
+                    held -= n;
+                    moved.fetch_add(n as u64, Relaxed);
+                    last.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn flags() -> SpliceFlags {
+    SpliceFlags::MOVE | SpliceFlags::NONBLOCK
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus_client::registry::Registry;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::guard::Expired;
+    use crate::metrics::Metrics;
+
+    /// A connected pair of sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// The proxy's two sockets, and the far ends of each: the client's and the upstream's.
+    async fn lab(idle: Duration) -> (GuardedIo<TcpStream>, TcpStream, TcpStream, TcpStream) {
+        let (client, client_side) = pair().await;
+        let (upstream_side, upstream) = pair().await;
+        let guarded = GuardedIo::new(client_side, idle, idle, None);
+        (guarded, upstream_side, client, upstream)
+    }
+
+    #[tokio::test]
+    async fn bulk_both_ways_with_half_closes_and_counts() {
+        let (mut guarded, mut proxy_up, mut client, mut upstream) =
+            lab(Duration::from_secs(60)).await;
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = big.clone();
+        let relay = tokio::spawn(async move {
+            let relayed = relay(&mut guarded, b"hello ", &mut proxy_up).await;
+            (relayed.sent, relayed.received, relayed.result.is_ok())
+        });
+        let upstream_side = tokio::spawn(async move {
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            // The client's half-close arrived; the other way is still open.
+            upstream.write_all(b"bye").await.unwrap();
+            upstream.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(&big).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        let got = upstream_side.await.unwrap();
+        assert_eq!(&got[..6], b"hello ");
+        assert!(got[6..] == expected[..], "bytes changed on the way");
+        assert_eq!(back, b"bye");
+        assert_eq!(
+            relay.await.unwrap(),
+            (3_000_006, 3, true),
+            "sent, received, clean end"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_moving_for_the_idle_timeout_ends_the_relay() {
+        let (guarded, mut proxy_up, mut client, _upstream) = lab(Duration::from_secs(30)).await;
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let mut guarded = guarded.count_in(Arc::clone(&metrics));
+        client.write_all(b"x").await.unwrap();
+        let start = Instant::now();
+        let relayed = relay(&mut guarded, b"", &mut proxy_up).await;
+        let error = relayed.result.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(guarded.expired(), Some(Expired::Idle));
+        assert_eq!(metrics.tcp_idle_timeout.get(), 1);
+        assert_eq!((relayed.sent, relayed.received), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_either_way_keep_the_relay_open() {
+        let (mut guarded, mut proxy_up, mut client, mut upstream) =
+            lab(Duration::from_secs(30)).await;
+        let start = Instant::now();
+        let relay = tokio::spawn(async move { relay(&mut guarded, b"", &mut proxy_up).await });
+        // A byte every 20 s, alternating directions, for twice the idle timeout.
+        for round in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let (from, to) = if round % 2 == 0 {
+                (&mut client, &mut upstream)
+            } else {
+                (&mut upstream, &mut client)
+            };
+            from.write_all(b"x").await.unwrap();
+            let mut byte = [0];
+            to.read_exact(&mut byte).await.unwrap();
+        }
+        let relayed = relay.await.unwrap();
+        assert_eq!(relayed.result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(90));
+        assert_eq!((relayed.sent, relayed.received), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_reset_upstream_ends_the_relay_with_the_bytes_counted() {
+        let (mut guarded, mut proxy_up, mut client, upstream) = lab(Duration::from_secs(60)).await;
+        client.write_all(b"abc").await.unwrap();
+        let relay = tokio::spawn(async move { relay(&mut guarded, b"", &mut proxy_up).await });
+        let mut upstream = upstream;
+        let mut got = [0; 3];
+        upstream.read_exact(&mut got).await.unwrap();
+        SockRef::from(&upstream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(upstream);
+        let relayed = relay.await.unwrap();
+        assert!(relayed.result.is_err(), "{relayed:?}");
+        assert_eq!(relayed.sent, 3);
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+}
