@@ -13,6 +13,7 @@ use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Snapshot};
 use prometheus_client::registry::Registry;
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -66,8 +67,33 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+/// Raises the soft open-file limit to the hard one, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: each proxied connection holds two sockets, and a TCP relay two
+/// pipes more while bytes move, so the soft 1024 of a login shell would cap a laptop run
+/// at a few hundred connections. Returns the limit in force.
+fn raise_fd_limit() -> Option<u64> {
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
+        && current < maximum
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return Some(maximum),
+            Err(e) => {
+                tracing::warn!(error = %e, current, maximum, "cannot raise the open-file limit")
+            }
+        }
+    }
+    limit.current
+}
+
 /// Runs the proxy until SIGTERM/SIGINT or `POST /quitquitquit`, then drains.
 pub fn run(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
+    let files = raise_fd_limit();
+    tracing::debug!(limit = ?files, "open-file limit");
     // One worker: a current-thread runtime, no work stealing to pay for. More: tokio's
     // multi-threaded scheduler with that many workers (Envoy's --concurrency).
     let mut builder = if args.concurrency <= 1 {
@@ -222,4 +248,26 @@ async fn wait_for_stop(shutdown: &CancellationToken) {
         () = shutdown.cancelled() => tracing::info!("shutdown requested on the admin port"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        let before = getrlimit(Resource::Nofile);
+        let maximum = before.maximum.expect("a finite hard limit");
+        let low = maximum.min(256);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(low),
+                maximum: Some(maximum),
+            },
+        )
+        .unwrap();
+        assert_eq!(raise_fd_limit(), Some(maximum));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(maximum));
+    }
 }
