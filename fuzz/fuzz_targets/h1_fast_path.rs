@@ -43,24 +43,14 @@ fn check_request(data: &[u8], explicit: bool) {
     assert_eq!(upstream.version, Some(1));
     let path = upstream.path.unwrap_or_default();
     assert!(path.starts_with('/'), "upstream target {path:?}");
-    let hosts: Vec<&[u8]> = upstream
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("host"))
-        .map(|h| h.value)
-        .collect();
+    let hosts = values(upstream.headers, "host");
     match &authority {
         Some(a) => assert_eq!(hosts, [a.as_bytes()], "upstream Host"),
         None => assert!(hosts.is_empty()),
     }
     // The body the fast path forwards is the body the upstream reads: anything else lets a
     // request be smuggled behind it.
-    let lengths: Vec<&[u8]> = upstream
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map(|h| h.value)
-        .collect();
+    let lengths = values(upstream.headers, "content-length");
     if fast.body > 0 || !lengths.is_empty() {
         assert_eq!(
             lengths,
@@ -87,27 +77,17 @@ fn check_response(data: &[u8], head_method: bool) {
         .parse(&client)
         .expect("the client's head is not valid HTTP/1.1");
     assert_eq!(status, httparse::Status::Complete(client.len()));
-    let servers: Vec<&[u8]> = response
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("server"))
-        .map(|h| h.value)
-        .collect();
-    assert_eq!(servers, [&b"envoy"[..]]);
+    assert_eq!(values(response.headers, "server"), [&b"envoy"[..]]);
     // A length-delimited body keeps its length on the way to the client.
     let mut headers = [httparse::EMPTY_HEADER; 140];
     let mut upstream = httparse::Response::new(&mut headers);
     if upstream.parse(data).is_ok_and(|s| s.is_complete())
-        && !upstream
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        && values(upstream.headers, "transfer-encoding").is_empty()
     {
-        let length = |headers: &[httparse::Header<'_>]| {
-            headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| h.value.trim_ascii().to_vec())
+        let length = |headers| {
+            values(headers, "content-length")
+                .first()
+                .map(|v| v.trim_ascii())
         };
         if let Some(upstream_length) = length(upstream.headers) {
             assert_eq!(
@@ -117,6 +97,15 @@ fn check_response(data: &[u8], head_method: bool) {
             );
         }
     }
+}
+
+/// The values of every `name` field, in order.
+fn values<'a>(headers: &[httparse::Header<'a>], name: &str) -> Vec<&'a [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+        .collect()
 }
 
 fn check_chunks(data: &[u8]) {
