@@ -482,7 +482,7 @@ async fn route_and_forward(
                             pooled,
                             downstream.in_flight.as_ref().map(InFlight::start),
                         );
-                        tokio::spawn(splice_upgraded(client, upstream, held));
+                        tokio::spawn(relay_upgraded(client, upstream, held));
                         upgraded_response(response, downstream_version, start)
                     }
                     _ => prepare_response(response, pooled, guard, downstream_version, start),
@@ -662,7 +662,7 @@ type Held = (
     Option<InFlightGuard>,
 );
 
-async fn splice_upgraded(
+async fn relay_upgraded(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     held: Held,
@@ -672,7 +672,7 @@ async fn splice_upgraded(
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
+            if let Err(e) = crate::io::copy_both(&mut client, &mut upstream).await {
                 tracing::debug!(error = %e, "upgraded connection ended with an error");
             }
         }

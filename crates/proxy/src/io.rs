@@ -72,10 +72,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
     }
 }
 
-/// Copies both ways until both sides are done, passing half-closes on. 16 KiB buffers (one
-/// TLS record): half the reads and writes of tokio's default 8 KiB on bulk transfers, while
-/// an open tunnel still costs only 32 KiB of buffers.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// Copies both ways through user space until both sides are done, passing half-closes on:
+/// for streams that are not plain sockets (upgraded connections, tunnels inside HTTP/2);
+/// `splice::relay` moves bytes between sockets. 16 KiB buffers (one TLS record): half the
+/// reads and writes of tokio's default 8 KiB on bulk transfers.
+pub async fn copy_both<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -48,8 +48,8 @@ pub(crate) async fn open(
         let _held = (pick.guard, in_flight);
         let mut upstream = upstream;
         match hyper::upgrade::on(req).await {
-            // A client on a plain socket (every one the listeners accept) is spliced in
-            // the kernel; anything else is copied.
+            // An HTTP/1.1 client's socket is spliced in the kernel; a tunnel inside an
+            // HTTP/2 stream is copied.
             Ok(upgraded) => {
                 match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<TcpStream>>>>() {
                     Ok(parts) => {
@@ -66,7 +66,7 @@ pub(crate) async fn open(
                     }
                     Err(upgraded) => {
                         let mut client = TokioIo::new(upgraded);
-                        if let Err(e) = crate::io::splice(&mut client, &mut upstream).await {
+                        if let Err(e) = crate::io::copy_both(&mut client, &mut upstream).await {
                             tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
                         }
                     }
