@@ -171,6 +171,21 @@ struct Target {
     pid: Option<u32>,
 }
 
+impl Target {
+    /// A transparent sidecar: the client in `ns` asks for the upstream's own address, which
+    /// the pod's iptables redirect sends through the proxy `pid`.
+    fn sidecar(name: &'static str, ns: Ns, upstream: &str, pid: u32) -> Target {
+        Target {
+            name,
+            ns,
+            url: format!("http://{upstream}/"),
+            headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
+            script: None,
+            pid: Some(pid),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -416,14 +431,12 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         script: Some(explicit_script),
         pid: Some(explicit),
     });
-    targets.push(Target {
-        name: "portcullis sidecar",
-        ns: Ns::Pod,
-        url: format!("http://{}/", lab::UP_FROM_POD),
-        headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
-        script: None,
-        pid: Some(sidecar),
-    });
+    targets.push(Target::sidecar(
+        "portcullis sidecar",
+        Ns::Pod,
+        lab::UP_FROM_POD,
+        sidecar,
+    ));
     for t in &targets {
         let mut curl_args: Vec<String> = t
             .headers
@@ -578,14 +591,12 @@ fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
     ])
     .arg(&conf);
     let pid = lab.spawn("haproxy-sidecar", &mut cmd)?;
-    targets.push(Target {
-        name: "HAProxy sidecar",
-        ns: Ns::HaproxyPod,
-        url: format!("http://{}/", lab::UP_FROM_HAPROXY_POD),
-        headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
-        script: None,
-        pid: Some(pid),
-    });
+    targets.push(Target::sidecar(
+        "HAProxy sidecar",
+        Ns::HaproxyPod,
+        lab::UP_FROM_HAPROXY_POD,
+        pid,
+    ));
 
     if let Some(envoy) = &args.envoy {
         let conf = lab.dir.join("envoy.yaml");
