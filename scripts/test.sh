@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every check of the project, on a fresh Debian machine, as root: installs what the
 # end-to-end lab needs (nginx, curl, iptables, iproute2, setpriv, kill), builds the proxy,
-# checks formatting and lints, and runs all tests (unit and end-to-end). The protocol, DNS and
-# bypass tests also need openssl, dnsmasq, nghttp2's clients and python3 with grpcio and
-# websockets.
+# checks formatting and lints, and runs all tests (unit and end-to-end). The protocol, DNS,
+# bypass and ops tests also need openssl, dnsmasq, nghttp2's clients and python3 with grpcio,
+# websockets and prometheus_client (whose parser reads the metrics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # nginx, ip and iptables live in sbin, which a non-login root shell may not have on PATH.
@@ -64,11 +64,14 @@ for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv ki
     openssl dnsmasq nghttp h2load python3 sha256sum getent; do
     command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
 done
-# The gRPC and WebSocket peers of the e2e lab, for whichever python3 is first on PATH (the
-# lab runs that one). Debian's own python3 refuses pip without this override.
+# The gRPC and WebSocket peers of the e2e lab and the Prometheus parser it checks the metrics
+# with, for whichever python3 is first on PATH (the lab runs that one). Debian's own python3
+# refuses pip without this override.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore \
-    grpcio websockets || die "pip could not install grpcio and websockets"
-python3 -c 'import grpc, websockets' || die "python3 cannot import grpc and websockets"
+    grpcio websockets prometheus_client ||
+    die "pip could not install grpcio, websockets and prometheus_client"
+python3 -c 'import grpc, websockets, prometheus_client.parser' ||
+    die "python3 cannot import grpc, websockets and prometheus_client"
 
 sweep_stale_labs
 

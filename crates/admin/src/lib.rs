@@ -1,6 +1,7 @@
 //! Envoy-shaped admin server (`/ready`, `/config_dump`, `/clusters`, `/stats`, ...),
 //! the Prometheus scrape endpoint and the kubelet readiness endpoint.
 
+mod exposition;
 mod render;
 
 use std::convert::Infallible;
@@ -152,7 +153,7 @@ fn route(
         (Endpoints::Admin | Endpoints::Metrics, &Method::GET, "/stats/prometheus") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            render::prometheus(&state.metrics),
+            exposition::prometheus(&state.metrics),
         ),
         (Endpoints::Health, &Method::GET, "/healthz/ready")
         | (Endpoints::Admin, &Method::GET, "/ready") => {

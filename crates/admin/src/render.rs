@@ -1,5 +1,6 @@
 //! Bodies of the admin endpoints.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -7,16 +8,7 @@ use portcullis_registry::{OutboundMode, Protocol, Resolution, Snapshot};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::ConfigStatus;
-
-/// The Prometheus text exposition of `registry`.
-pub fn prometheus(registry: &Registry) -> String {
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
-        tracing::warn!(error = %e, "encoding metrics failed");
-    }
-    out
-}
+use crate::{ConfigStatus, exposition};
 
 fn mode_name(mode: OutboundMode) -> &'static str {
     match mode {
@@ -110,23 +102,37 @@ pub fn clusters(snapshot: &Snapshot) -> String {
     out
 }
 
-/// Envoy-style `name: value` stats for clusters, then the Prometheus metrics.
+/// Envoy's `/stats` text: every counter and gauge as `name: value` sorted by name, then the
+/// histograms as Envoy prints them.
 pub fn stats(snapshot: &Snapshot, registry: &Registry) -> String {
-    let mut out = String::new();
+    let mut stats = BTreeMap::new();
     for c in &snapshot.clusters {
         let active: u64 = c.endpoints.iter().map(|e| e.state.active()).sum();
         let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();
-        let _ = writeln!(
-            out,
-            "cluster.{}.membership_total: {}",
-            c.name,
-            c.endpoints.len()
+        let name = &c.name;
+        stats.insert(
+            format!("cluster.{name}.membership_total"),
+            c.endpoints.len().to_string(),
         );
-        let _ = writeln!(out, "cluster.{}.upstream_rq_active: {active}", c.name);
-        let _ = writeln!(out, "cluster.{}.upstream_rq_total: {total}", c.name);
+        stats.insert(
+            format!("cluster.{name}.upstream_rq_active"),
+            active.to_string(),
+        );
+        stats.insert(
+            format!("cluster.{name}.upstream_rq_total"),
+            total.to_string(),
+        );
     }
-    let _ = writeln!(out, "server.registry_version: {}", snapshot.version);
-    out.push_str(&prometheus(registry));
+    stats.insert(
+        "server.registry_version".to_owned(),
+        snapshot.version.to_string(),
+    );
+    let mut histograms = BTreeMap::new();
+    exposition::envoy_stats(registry, &mut stats, &mut histograms);
+    let mut out = String::new();
+    for (name, value) in stats.iter().chain(&histograms) {
+        let _ = writeln!(out, "{name}: {value}");
+    }
     out
 }
 

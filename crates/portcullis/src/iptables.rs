@@ -21,10 +21,15 @@
 //! COMMIT
 //! ```
 //!
-//! The same set with `::1/128` goes to ip6tables. `--apply` feeds it to
-//! `iptables-restore --noflush`: declaring a chain (`:NAME - [0:0]`) creates or flushes it, so
-//! re-applying replaces the ISTIO chains instead of duplicating them, and the `OUTPUT` jump is
-//! only added when `iptables -t nat -C` reports it missing.
+//! The same set with `::1/128` goes to ip6tables. The set is meant for
+//! `iptables-restore --noflush`, printed or (with `--apply`) fed to it: declaring a chain
+//! (`:NAME - [0:0]`) creates or flushes it, so re-applying replaces the ISTIO chains instead of
+//! duplicating them. A built-in chain cannot be flushed that way without taking other rules
+//! with it, and the restore format has no "add if missing", so the `OUTPUT` jump is written
+//! for the table as it is: when `iptables -t nat -C` finds the jump, the set deletes it and
+//! appends it again (`-D` then `-A`, one transaction), else it only appends it. Printed and
+//! applied in the same network namespace, the set therefore never leaves a second jump, and
+//! a set printed with the jump present stays safe to apply any number of times.
 //!
 //! IPv6: on by default, because an uncaptured IPv6 path is an egress hole. When the kernel has
 //! no IPv6 at all (no `/proc/net/if_inet6`) there is nothing to capture and the IPv6 rules are
@@ -131,11 +136,12 @@ impl Family {
     }
 }
 
-/// The jump from the built-in OUTPUT chain; kept apart so `--apply` can add it only once.
+/// The jump from the built-in OUTPUT chain; kept apart so that it is never added twice.
 const OUTPUT_JUMP: [&str; 4] = ["-p", "tcp", "-j", "ISTIO_OUTPUT"];
 
-/// The iptables-restore input for one family; `with_output_jump` adds the OUTPUT jump.
-fn rules(args: &IptablesArgs, family: Family, with_output_jump: bool) -> String {
+/// The iptables-restore input for one family; `jump_present` says whether the OUTPUT jump is
+/// already installed, in which case it is deleted before it is appended again.
+fn rules(args: &IptablesArgs, family: Family, jump_present: bool) -> String {
     let uid = args.proxy_uid;
     let gid = args.proxy_gid.unwrap_or(uid);
     let mut out = String::new();
@@ -180,9 +186,11 @@ fn rules(args: &IptablesArgs, family: Family, with_output_jump: bool) -> String 
         line(format!("-A ISTIO_OUTPUT -d {cidr} -j RETURN"));
     }
     line("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into());
-    if with_output_jump {
-        line(format!("-A OUTPUT {}", OUTPUT_JUMP.join(" ")));
+    let jump = OUTPUT_JUMP.join(" ");
+    if jump_present {
+        line(format!("-D OUTPUT {jump}"));
     }
+    line(format!("-A OUTPUT {jump}"));
     line("COMMIT".into());
     out
 }
@@ -199,18 +207,18 @@ fn families(args: &IptablesArgs) -> Vec<Family> {
     vec![Family::V4, Family::V6]
 }
 
-/// Whether the OUTPUT jump is already installed for this family.
-fn output_jump_present(family: Family) -> anyhow::Result<bool> {
-    let status = Command::new(family.iptables())
+/// Whether the OUTPUT jump is installed for this family; false when iptables cannot tell
+/// (not installed, no permission), where the rules are only printed or fail in the restore.
+fn output_jump_present(family: Family) -> bool {
+    // Exit 1 means the rule is missing and 2 that the chain is; any other failure shows up in
+    // the restore with iptables' own message.
+    Command::new(family.iptables())
         .args(["-w", "-t", "nat", "-C", "OUTPUT"])
         .args(OUTPUT_JUMP)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .with_context(|| format!("running `{} -t nat -C OUTPUT`", family.iptables()))?;
-    // Exit 1 means the rule is missing and 2 that the chain is; either way the restore below
-    // creates what is needed, and any other failure shows up there with iptables' message.
-    Ok(status.success())
+        .is_ok_and(|status| status.success())
 }
 
 /// Feeds `input` to `<family>-restore --noflush`.
@@ -240,8 +248,7 @@ fn restore(family: Family, input: &str) -> anyhow::Result<()> {
 pub fn run(args: &IptablesArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     for family in families(args) {
-        let with_jump = !args.apply || !output_jump_present(family)?;
-        let input = rules(args, family, with_jump);
+        let input = rules(args, family, output_jump_present(family));
         if args.apply {
             restore(family, &input)?;
         }
@@ -270,7 +277,7 @@ mod tests {
 
     #[test]
     fn defaults_match_istio_outbound_capture() {
-        let got = rules(&args(&[]), Family::V4, true);
+        let got = rules(&args(&[]), Family::V4, false);
         let want = "\
 *nat
 :ISTIO_OUTPUT - [0:0]
@@ -290,7 +297,7 @@ COMMIT
 
     #[test]
     fn ipv6_uses_ipv6_loopback() {
-        let got = rules(&args(&[]), Family::V6, true);
+        let got = rules(&args(&[]), Family::V6, false);
         assert!(got.contains("-A ISTIO_OUTPUT -d ::1/128 -j RETURN\n"));
         assert!(!got.contains("127.0.0.1"));
     }
@@ -307,7 +314,7 @@ COMMIT
                 "16001",
             ]),
             Family::V4,
-            true,
+            false,
         );
         assert!(got.contains("-A ISTIO_OUTPUT -m owner --uid-owner 1000 -j RETURN\n"));
         assert!(got.contains("-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1000 -j RETURN\n"));
@@ -318,7 +325,7 @@ COMMIT
 
     #[test]
     fn gid_defaults_to_uid() {
-        let got = rules(&args(&["--proxy-uid", "42"]), Family::V4, true);
+        let got = rules(&args(&["--proxy-uid", "42"]), Family::V4, false);
         assert!(got.contains("--gid-owner 42 -j RETURN\n"));
     }
 
@@ -327,7 +334,7 @@ COMMIT
         let got = rules(
             &args(&["--exclude-outbound-ports", "22,443"]),
             Family::V4,
-            true,
+            false,
         );
         let lines: Vec<&str> = got.lines().collect();
         let p22 = lines
@@ -348,8 +355,8 @@ COMMIT
     #[test]
     fn excluded_ips_split_by_family_and_precede_the_redirect() {
         let a = args(&["--exclude-outbound-ips", "10.0.0.0/8,192.168.1.1,fd00::/8"]);
-        let v4 = rules(&a, Family::V4, true);
-        let v6 = rules(&a, Family::V6, true);
+        let v4 = rules(&a, Family::V4, false);
+        let v6 = rules(&a, Family::V6, false);
         assert!(v4.contains("-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN\n"));
         assert!(v4.contains("-A ISTIO_OUTPUT -d 192.168.1.1/32 -j RETURN\n"));
         assert!(!v4.contains("fd00"));
@@ -367,7 +374,7 @@ COMMIT
         let got = rules(
             &args(&["--exclude-outbound-ips", "1.2.3.0/24"]),
             Family::V4,
-            true,
+            false,
         );
         let last = got
             .lines()
@@ -377,16 +384,20 @@ COMMIT
     }
 
     #[test]
-    fn output_jump_is_left_out_when_present() {
-        let got = rules(&args(&[]), Family::V4, false);
-        assert!(!got.contains("-A OUTPUT"));
-        assert!(got.ends_with("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\nCOMMIT\n"));
+    fn output_jump_is_replaced_when_present() {
+        let got = rules(&args(&[]), Family::V4, true);
+        assert!(got.ends_with(
+            "-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+             -D OUTPUT -p tcp -j ISTIO_OUTPUT\n\
+             -A OUTPUT -p tcp -j ISTIO_OUTPUT\nCOMMIT\n"
+        ));
+        assert_eq!(got.matches("-A OUTPUT").count(), 1);
     }
 
     #[test]
     fn chains_are_declared_not_created() {
         // `-N` fails on re-apply when the chain exists; a declaration flushes it instead.
-        let got = rules(&args(&[]), Family::V4, true);
+        let got = rules(&args(&[]), Family::V4, false);
         assert!(!got.contains("-N "));
         assert!(got.starts_with("*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n"));
     }

@@ -1,0 +1,496 @@
+//! The metrics registry in the two text forms the admin port serves: the Prometheus text
+//! exposition format 0.0.4 (`/stats/prometheus`) and Envoy's `name: value` (`/stats`).
+//!
+//! prometheus-client only writes OpenMetrics, and its encoder types are closed to other
+//! crates, so the registry is encoded once as OpenMetrics and read back into families, from
+//! which both forms are rendered. The sample lines of the two Prometheus formats are the
+//! same; the differences are the family names of counters (OpenMetrics names the family
+//! `x` and its sample `x_total`, 0.0.4 names both `x_total`), `info` and `unknown` types,
+//! `# UNIT`, exemplars and the closing `# EOF`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use prometheus_client::registry::Registry;
+
+/// The type of a metric family, as OpenMetrics declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Unknown,
+}
+
+impl Kind {
+    fn parse(text: &str) -> Kind {
+        match text {
+            "counter" => Kind::Counter,
+            "gauge" => Kind::Gauge,
+            "histogram" => Kind::Histogram,
+            "info" => Kind::Info,
+            _ => Kind::Unknown,
+        }
+    }
+}
+
+/// One sample line: `name{labels} value`, labels still escaped.
+#[derive(Debug, PartialEq, Eq)]
+struct Sample<'a> {
+    name: &'a str,
+    labels: &'a str,
+    value: &'a str,
+}
+
+/// One metric family with its samples.
+#[derive(Debug)]
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    kind: Kind,
+    samples: Vec<Sample<'a>>,
+}
+
+impl Family<'_> {
+    /// The family name in the 0.0.4 format, where it must equal the samples' names.
+    fn prometheus_name(&self) -> String {
+        match self.kind {
+            Kind::Counter => format!("{}_total", self.name),
+            Kind::Info => format!("{}_info", self.name),
+            Kind::Gauge | Kind::Histogram | Kind::Unknown => self.name.to_owned(),
+        }
+    }
+
+    fn prometheus_type(&self) -> &'static str {
+        match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge | Kind::Info => "gauge",
+            Kind::Histogram => "histogram",
+            Kind::Unknown => "untyped",
+        }
+    }
+}
+
+/// The registry's OpenMetrics text, without `# EOF`.
+fn openmetrics(registry: &Registry) -> String {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut text, registry) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    text
+}
+
+/// Splits `name{labels} value [timestamp] [# exemplar]`; `None` for anything else.
+fn sample(line: &str) -> Option<Sample<'_>> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let (labels, rest) = if line[name_end..].starts_with('{') {
+        let body = &line[name_end + 1..];
+        let close = labels_end(body)?;
+        (&body[..close], &body[close + 1..])
+    } else {
+        ("", &line[name_end..])
+    };
+    let value = rest.split_whitespace().next()?;
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The index of the `}` that closes a label set, skipping quoted values.
+fn labels_end(body: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads the families back from OpenMetrics text written by prometheus-client.
+fn families(text: &str) -> Vec<Family<'_>> {
+    let mut out: Vec<Family<'_>> = Vec::new();
+    let mut help = "";
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ').map_or("", |(_, h)| h);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push(Family {
+                name,
+                help,
+                kind: Kind::parse(kind),
+                samples: Vec::new(),
+            });
+        } else if line.starts_with('#') {
+            continue;
+        } else if let (Some(family), Some(s)) = (out.last_mut(), sample(line)) {
+            family.samples.push(s);
+        }
+    }
+    out
+}
+
+/// Escapes a help text as the 0.0.4 format requires.
+fn escape_help(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// The registry in the Prometheus text exposition format 0.0.4.
+pub fn prometheus(registry: &Registry) -> String {
+    let text = openmetrics(registry);
+    let mut out = String::with_capacity(text.len());
+    for family in families(&text) {
+        let name = family.prometheus_name();
+        let _ = writeln!(out, "# HELP {name} {}", escape_help(family.help));
+        let _ = writeln!(out, "# TYPE {name} {}", family.prometheus_type());
+        for s in &family.samples {
+            let _ = if s.labels.is_empty() {
+                writeln!(out, "{} {}", s.name, s.value)
+            } else {
+                writeln!(out, "{}{{{}}} {}", s.name, s.labels, s.value)
+            };
+        }
+    }
+    out
+}
+
+/// Label pairs of an escaped label set, values unescaped.
+fn labels(text: &str) -> Vec<(&str, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                _ => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(','), value));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// The Envoy stat name of a sample. Envoy's own stats put the tag values after the scope
+/// (`cluster.<cluster_name>.upstream_rq_total`); Istio's stats are `istiocustom.` plus the
+/// name, then each tag's name and value, an empty value left out, as Istio's Envoy prints them.
+fn envoy_name(sample: &str, labels: &[(&str, String)]) -> String {
+    if let Some((scope, tail)) = sample
+        .strip_prefix("envoy_")
+        .and_then(|rest| rest.split_once('_'))
+    {
+        let mut name = scope.to_owned();
+        for (_, value) in labels {
+            name.push('.');
+            name.push_str(value);
+        }
+        name.push('.');
+        name.push_str(tail);
+        return name;
+    }
+    let mut name = if sample.starts_with("istio_") {
+        format!("istiocustom.{sample}")
+    } else {
+        sample.to_owned()
+    };
+    for (key, value) in labels {
+        name.push('.');
+        name.push_str(key);
+        if !value.is_empty() {
+            name.push('.');
+            name.push_str(value);
+        }
+    }
+    name
+}
+
+/// The quantiles Envoy prints for a histogram, in percent.
+const QUANTILES: [f64; 10] = [0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0];
+
+/// One labelled series of a histogram: cumulative counts per upper bound.
+#[derive(Debug, Default)]
+struct Buckets {
+    bounds: Vec<(f64, f64)>,
+    count: f64,
+}
+
+impl Buckets {
+    /// The `q`th percentile, interpolated linearly within its bucket as Prometheus'
+    /// `histogram_quantile` does; the open last bucket answers its lower bound.
+    fn percentile(&self, q: f64) -> f64 {
+        let rank = q / 100.0 * self.count;
+        let mut lower = (0.0, 0.0);
+        for &(bound, cumulative) in &self.bounds {
+            if cumulative > 0.0 && cumulative >= rank {
+                if bound.is_infinite() {
+                    return lower.0;
+                }
+                let share = (rank - lower.1) / (cumulative - lower.1);
+                return lower.0 + (bound - lower.0) * share;
+            }
+            lower = (bound, cumulative);
+        }
+        lower.0
+    }
+
+    /// Envoy's text form: `P0(interval,cumulative) P25(...) ...`. portcullis keeps no
+    /// flush intervals, so the interval value is `nan`, as Envoy prints before its first flush.
+    fn envoy(&self) -> String {
+        if self.count == 0.0 {
+            return "No recorded values".to_owned();
+        }
+        let mut out = String::new();
+        for q in QUANTILES {
+            let _ = write!(out, "P{q}(nan,{}) ", self.percentile(q));
+        }
+        out.pop();
+        out
+    }
+}
+
+/// Adds the registry's samples to `stats` (counters and gauges) and `histograms`, keyed by
+/// their Envoy names.
+pub fn envoy_stats(
+    registry: &Registry,
+    stats: &mut BTreeMap<String, String>,
+    histograms: &mut BTreeMap<String, String>,
+) {
+    let text = openmetrics(registry);
+    for family in families(&text) {
+        if family.kind != Kind::Histogram {
+            for s in &family.samples {
+                let name = envoy_name(s.name, &labels(s.labels));
+                stats.insert(name, s.value.to_owned());
+            }
+            continue;
+        }
+        let mut series: BTreeMap<String, Buckets> = BTreeMap::new();
+        for s in &family.samples {
+            let mut pairs = labels(s.labels);
+            let le = pairs
+                .iter()
+                .position(|(k, _)| *k == "le")
+                .map(|i| pairs.remove(i).1);
+            let value: f64 = s.value.parse().unwrap_or(0.0);
+            let entry = series.entry(envoy_name(family.name, &pairs)).or_default();
+            match (s.name.strip_prefix(family.name), le) {
+                (Some("_bucket"), Some(le)) => {
+                    let bound = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap_or(f64::INFINITY)
+                    };
+                    entry.bounds.push((bound, value));
+                }
+                (Some("_count"), _) => entry.count = value,
+                _ => {}
+            }
+        }
+        for (name, buckets) in series {
+            histograms.insert(name, buckets.envoy());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family as MetricFamily;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct Labels {
+        destination_service: String,
+        response_code: u16,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct ClusterLabels {
+        cluster_name: String,
+    }
+
+    fn registry() -> Registry {
+        let mut registry = Registry::default();
+        let requests = MetricFamily::<Labels, Counter>::default();
+        let durations = MetricFamily::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new([1.0, 10.0, 100.0])
+        });
+        let upstream = MetricFamily::<ClusterLabels, Counter>::default();
+        let overflow = Counter::<u64>::default();
+        let open = Gauge::<i64>::default();
+        registry.register("istio_requests", "Requests handled", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            durations.clone(),
+        );
+        registry.register("envoy_cluster_upstream_rq", "Upstream", upstream.clone());
+        registry.register("envoy_listener_overflow", "Refused", overflow.clone());
+        registry.register("open_connections", "Open", open.clone());
+        let ok = Labels {
+            destination_service: "app.internal.com".into(),
+            response_code: 200,
+        };
+        requests.get_or_create(&ok).inc_by(3);
+        let odd = Labels {
+            destination_service: "quote\"back\\slash".into(),
+            response_code: 502,
+        };
+        requests.get_or_create(&odd).inc();
+        for ms in [0.5, 5.0, 5.0, 50.0] {
+            durations.get_or_create(&ok).observe(ms);
+        }
+        upstream
+            .get_or_create(&ClusterLabels {
+                cluster_name: "outbound|80||app.internal.com".into(),
+            })
+            .inc_by(2);
+        overflow.inc();
+        open.set(4);
+        registry
+    }
+
+    #[test]
+    fn prometheus_names_counter_families_by_their_samples_and_has_no_eof() {
+        let text = prometheus(&registry());
+        assert!(text.contains("# TYPE istio_requests_total counter\n"));
+        assert!(text.contains("# HELP istio_requests_total Requests handled"));
+        assert!(text.contains(
+            "istio_requests_total{destination_service=\"app.internal.com\",response_code=\"200\"} 3\n"
+        ));
+        assert!(text.contains("# TYPE envoy_listener_overflow_total counter\n"));
+        assert!(text.contains("envoy_listener_overflow_total 1\n"));
+        assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram\n"));
+        assert!(text.contains("# TYPE open_connections gauge\nopen_connections 4\n"));
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# UNIT"));
+    }
+
+    #[test]
+    fn prometheus_keeps_every_sample_and_its_type_line_first() {
+        let text = prometheus(&registry());
+        let mut typed = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed = rest.split(' ').next().unwrap_or_default();
+            } else if !line.starts_with('#') {
+                let name = sample(line).expect("a sample line").name;
+                assert!(
+                    name == typed
+                        || ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| name.strip_suffix(s) == Some(typed)),
+                    "{name} under # TYPE {typed}"
+                );
+            }
+        }
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        let source = openmetrics(&registry());
+        assert_eq!(
+            samples,
+            source.lines().filter(|l| !l.starts_with('#')).count()
+        );
+    }
+
+    #[test]
+    fn escaped_label_values_survive_both_forms() {
+        let text = prometheus(&registry());
+        assert!(text.contains("destination_service=\"quote\\\"back\\\\slash\""));
+        let mut stats = BTreeMap::new();
+        envoy_stats(&registry(), &mut stats, &mut BTreeMap::new());
+        assert_eq!(
+            stats.get(
+                "istiocustom.istio_requests_total.destination_service.quote\"back\\slash.response_code.502"
+            ),
+            Some(&"1".to_owned())
+        );
+    }
+
+    #[test]
+    fn envoy_names_follow_envoy_and_istio() {
+        let mut stats = BTreeMap::new();
+        let mut histograms = BTreeMap::new();
+        envoy_stats(&registry(), &mut stats, &mut histograms);
+        let get = |name: &str| stats.get(name).map(String::as_str);
+        assert_eq!(
+            get(
+                "istiocustom.istio_requests_total.destination_service.app.internal.com.response_code.200"
+            ),
+            Some("3")
+        );
+        assert_eq!(
+            get("cluster.outbound|80||app.internal.com.upstream_rq_total"),
+            Some("2")
+        );
+        assert_eq!(get("listener.overflow_total"), Some("1"));
+        assert_eq!(get("open_connections"), Some("4"));
+        let histogram = histograms
+            .get("istiocustom.istio_request_duration_milliseconds.destination_service.app.internal.com.response_code.200")
+            .expect("the duration histogram");
+        let want = [0.0, 1.0, 5.5, 10.0, 64.0, 82.0, 96.4, 98.2, 99.64, 100.0];
+        let got: Vec<(&str, f64)> = histogram
+            .split(' ')
+            .map(|p| {
+                let (q, rest) = p.split_once("(nan,").expect("P<q>(nan,<value>)");
+                (q, rest.trim_end_matches(')').parse().expect("a number"))
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{histogram}");
+        for ((q, value), (percent, want)) in got.iter().zip(QUANTILES.iter().zip(want)) {
+            assert_eq!(*q, format!("P{percent}"));
+            assert!((value - want).abs() < 1e-9, "{q}: {value}, want {want}");
+        }
+    }
+
+    #[test]
+    fn empty_histograms_say_so() {
+        assert_eq!(Buckets::default().envoy(), "No recorded values");
+    }
+
+    #[test]
+    fn values_beyond_the_last_bound_answer_that_bound() {
+        let buckets = Buckets {
+            bounds: vec![(1.0, 0.0), (10.0, 1.0), (f64::INFINITY, 2.0)],
+            count: 2.0,
+        };
+        assert_eq!(buckets.percentile(100.0), 10.0);
+        assert_eq!(buckets.percentile(0.0), 1.0);
+    }
+
+    #[test]
+    fn sample_lines_split_around_braces_in_values() {
+        assert_eq!(
+            sample("x_total{a=\"}{ \\\" \"} 7 # {trace=\"1\"} 1"),
+            Some(Sample {
+                name: "x_total",
+                labels: "a=\"}{ \\\" \"",
+                value: "7",
+            })
+        );
+        assert_eq!(sample("garbage"), None);
+    }
+}
