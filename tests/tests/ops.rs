@@ -1,9 +1,9 @@
 //! The operator's side, end to end: the admin port's metric formats read by a real Prometheus
-//! parser.
+//! parser, and the printed iptables rules applied twice.
 
 use anyhow::{Context, ensure};
 use portcullis_e2e::scenario::{APP_HOST, EXTERNAL_MARK, ROGUE_IP};
-use portcullis_e2e::{Role, run};
+use portcullis_e2e::{Lab, Role, run};
 
 /// Parses a scrape with `prometheus_client`'s text parser and fails on anything it does not
 /// take as the 0.0.4 format means it: every sample must land in a family typed by its own
@@ -149,4 +149,85 @@ fn metrics_in_prometheus_and_envoy_text() {
         );
         Ok(())
     });
+}
+
+/// The printed rules, split per family and fed to `<family>-restore --noflush` the way a user
+/// would, twice: one OUTPUT jump and one copy of the ISTIO chains, never two.
+#[test]
+fn printed_iptables_rules_apply_twice() {
+    run("ops-iptables", |lab| {
+        let bin = lab.dir.join("portcullis").display().to_string();
+        let mut before = None;
+        let mut printed = String::new();
+        for round in 1..=2 {
+            printed = lab.run(Role::Pod, &bin, &["iptables"])?;
+            restore_printed(lab, &printed, round)?;
+            let rules = count_rules(lab)?;
+            ensure!(
+                rules.iter().all(|(_, jumps, _)| *jumps == 1),
+                "after applying the printed rules {round} time(s): {rules:?}\n{printed}"
+            );
+            if let Some(before) = &before {
+                ensure!(
+                    *before == rules,
+                    "re-applying changed the rules: {before:?} -> {rules:?}"
+                );
+            }
+            before = Some(rules);
+        }
+        // A set printed with the jump in place stays safe to apply again as it is.
+        restore_printed(lab, &printed, 3)?;
+        ensure!(
+            before == Some(count_rules(lab)?),
+            "the saved set applied again changed the rules: {printed}"
+        );
+        Ok(())
+    });
+}
+
+/// Feeds each `# <tool> --noflush` section of `printed` to its tool in the pod.
+fn restore_printed(lab: &mut Lab, printed: &str, round: u32) -> anyhow::Result<()> {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in printed.lines() {
+        if let Some(tool) = line
+            .strip_prefix("# ")
+            .and_then(|l| l.strip_suffix(" --noflush"))
+        {
+            sections.push((tool.to_owned(), String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    ensure!(!sections.is_empty(), "no restore sections in:\n{printed}");
+    for (tool, body) in sections {
+        let file = lab.dir.join(format!("{tool}-{round}.rules"));
+        std::fs::write(&file, body)?;
+        lab.run(
+            Role::Pod,
+            "sh",
+            &["-c", &format!("{tool} -w --noflush < {}", file.display())],
+        )?;
+    }
+    Ok(())
+}
+
+/// Per family that has the chains: (tool, OUTPUT jumps, ISTIO_* rules).
+fn count_rules(lab: &mut Lab) -> anyhow::Result<Vec<(&'static str, usize, usize)>> {
+    let mut counts = Vec::new();
+    for tool in ["iptables", "ip6tables"] {
+        let Ok(rules) = lab.run(Role::Pod, tool, &["-w", "-t", "nat", "-S"]) else {
+            continue;
+        };
+        let jumps = rules
+            .lines()
+            .filter(|l| *l == "-A OUTPUT -p tcp -j ISTIO_OUTPUT")
+            .count();
+        let istio = rules.lines().filter(|l| l.starts_with("-A ISTIO_")).count();
+        if jumps > 0 || istio > 0 {
+            counts.push((tool, jumps, istio));
+        }
+    }
+    ensure!(!counts.is_empty(), "no ISTIO rules installed");
+    Ok(counts)
 }
