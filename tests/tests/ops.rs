@@ -1,9 +1,11 @@
 //! The operator's side, end to end: the admin port's metric formats read by a real Prometheus
-//! parser, and the printed iptables rules applied twice.
+//! parser, the printed iptables rules applied twice, and the repository's example config.
+
+use std::path::Path;
 
 use anyhow::{Context, ensure};
 use portcullis_e2e::scenario::{APP_HOST, EXTERNAL_MARK, ROGUE_IP};
-use portcullis_e2e::{Lab, Role, run};
+use portcullis_e2e::{Lab, RELOAD_DEADLINE, Role, poll, run};
 
 /// Parses a scrape with `prometheus_client`'s text parser and fails on anything it does not
 /// take as the 0.0.4 format means it: every sample must land in a family typed by its own
@@ -230,4 +232,94 @@ fn count_rules(lab: &mut Lab) -> anyhow::Result<Vec<(&'static str, usize, usize)
     }
     ensure!(!counts.is_empty(), "no ISTIO rules installed");
     Ok(counts)
+}
+
+/// The repository's `config/example`, served the way `scripts/run-example.sh` serves it:
+/// app.internal.com reaches both endpoints through the explicit proxy, while a server on
+/// 127.0.0.1 that nothing registers stays out of reach.
+#[test]
+fn example_config_keeps_loopback_closed() {
+    run("ops-example", |lab| {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/example");
+        for entry in std::fs::read_dir(&example)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("file name")?
+                .to_owned();
+            lab.write_config(&name, &std::fs::read_to_string(&path)?)?;
+        }
+        let pages = [
+            (
+                "external",
+                "127.0.0.2",
+                "8080",
+                "Welcome to the external host",
+            ),
+            ("pod", "127.0.0.3", "8081", "This is an Nginx Pod"),
+            (
+                "local",
+                "127.0.0.1",
+                "9999",
+                "a local server nobody registered",
+            ),
+        ];
+        for (name, ip, port, page) in pages {
+            let root = lab.dir.join(format!("www-{name}"));
+            std::fs::create_dir_all(&root)?;
+            std::fs::write(root.join("index.html"), format!("{page}\n"))?;
+            let root = root.display().to_string();
+            lab.spawn_peer(
+                Role::Pod,
+                name,
+                "python3",
+                &[
+                    "-m",
+                    "http.server",
+                    port,
+                    "--bind",
+                    ip,
+                    "--directory",
+                    &root,
+                ],
+                "TERM",
+            )?;
+            let url = format!("http://{ip}:{port}/");
+            poll(&format!("{name} page on {url}"), RELOAD_DEADLINE, || {
+                let reply = lab.curl(&[&url])?;
+                Ok(reply.body.contains(page).then_some(()))
+            })?;
+        }
+        lab.start_portcullis(&["--http-proxy", "127.0.0.1:15080"])?;
+        let proxy = ["-x", "http://127.0.0.1:15080"];
+
+        let mut seen = [false, false];
+        for _ in 0..20 {
+            let reply = lab.curl(&[proxy[0], proxy[1], &format!("http://{APP_HOST}/")])?;
+            ensure!(reply.status == 200, "app.internal.com: {reply}");
+            for (i, (_, _, _, page)) in pages[..2].iter().enumerate() {
+                seen[i] |= reply.body.contains(page);
+            }
+            if seen == [true, true] {
+                break;
+            }
+        }
+        ensure!(
+            seen == [true, true],
+            "app.internal.com must reach both endpoints: {seen:?}"
+        );
+
+        let reply = lab.curl(&[proxy[0], proxy[1], "http://127.0.0.1:9999/"])?;
+        ensure!(
+            reply.status == 502 && reply.header("server") == Some("envoy"),
+            "127.0.0.1:9999 through the proxy must be refused: {reply}"
+        );
+        let reply = lab.curl(&["-p", proxy[0], proxy[1], "http://127.0.0.1:9999/"])?;
+        ensure!(
+            reply.connect_status == 502 && !reply.body.contains(pages[2].3),
+            "CONNECT 127.0.0.1:9999 must be refused: {reply}"
+        );
+        Ok(())
+    });
 }
