@@ -482,6 +482,18 @@ mod tests {
     }
 
     #[test]
+    fn label_values_may_hold_commas_quotes_and_equals() {
+        assert_eq!(
+            labels("a=\"x,y=\\\"z\",b=\"\\\\n\\n\",c=\"\""),
+            vec![
+                ("a", "x,y=\"z".to_owned()),
+                ("b", "\\n\n".to_owned()),
+                ("c", String::new()),
+            ]
+        );
+    }
+
+    #[test]
     fn sample_lines_split_around_braces_in_values() {
         assert_eq!(
             sample("x_total{a=\"}{ \\\" \"} 7 # {trace=\"1\"} 1"),
