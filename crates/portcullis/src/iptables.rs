@@ -26,10 +26,11 @@
 //! (`:NAME - [0:0]`) creates or flushes it, so re-applying replaces the ISTIO chains instead of
 //! duplicating them. A built-in chain cannot be flushed that way without taking other rules
 //! with it, and the restore format has no "add if missing", so the `OUTPUT` jump is written
-//! for the table as it is: when `iptables -t nat -C` finds the jump, the set deletes it and
-//! appends it again (`-D` then `-A`, one transaction), else it only appends it. Printed and
-//! applied in the same network namespace, the set therefore never leaves a second jump, and
-//! a set printed with the jump present stays safe to apply any number of times.
+//! for the table as it is: the set deletes every copy of the jump that `iptables -t nat -S
+//! OUTPUT` lists and appends one (`-D`s then `-A`, one transaction). Printed and applied in
+//! the same network namespace, the set therefore never leaves a second jump (and removes
+//! extra ones an older set left), and a set printed with the jump present stays safe to apply
+//! any number of times.
 //!
 //! IPv6: on by default, because an uncaptured IPv6 path is an egress hole. When the kernel has
 //! no IPv6 at all (no `/proc/net/if_inet6`) there is nothing to capture and the IPv6 rules are
@@ -139,9 +140,9 @@ impl Family {
 /// The jump from the built-in OUTPUT chain; kept apart so that it is never added twice.
 const OUTPUT_JUMP: [&str; 4] = ["-p", "tcp", "-j", "ISTIO_OUTPUT"];
 
-/// The iptables-restore input for one family; `jump_present` says whether the OUTPUT jump is
-/// already installed, in which case it is deleted before it is appended again.
-fn rules(args: &IptablesArgs, family: Family, jump_present: bool) -> String {
+/// The iptables-restore input for one family; `installed_jumps` copies of the OUTPUT jump are
+/// deleted before the one is appended.
+fn rules(args: &IptablesArgs, family: Family, installed_jumps: usize) -> String {
     let uid = args.proxy_uid;
     let gid = args.proxy_gid.unwrap_or(uid);
     let mut out = String::new();
@@ -187,7 +188,7 @@ fn rules(args: &IptablesArgs, family: Family, jump_present: bool) -> String {
     }
     line("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into());
     let jump = OUTPUT_JUMP.join(" ");
-    if jump_present {
+    for _ in 0..installed_jumps {
         line(format!("-D OUTPUT {jump}"));
     }
     line(format!("-A OUTPUT {jump}"));
@@ -207,18 +208,22 @@ fn families(args: &IptablesArgs) -> Vec<Family> {
     vec![Family::V4, Family::V6]
 }
 
-/// Whether the OUTPUT jump is installed for this family; false when iptables cannot tell
-/// (not installed, no permission), where the rules are only printed or fail in the restore.
-fn output_jump_present(family: Family) -> bool {
-    // Exit 1 means the rule is missing and 2 that the chain is; any other failure shows up in
-    // the restore with iptables' own message.
-    Command::new(family.iptables())
-        .args(["-w", "-t", "nat", "-C", "OUTPUT"])
-        .args(OUTPUT_JUMP)
-        .stdout(Stdio::null())
+/// How many copies of the OUTPUT jump this family's nat table holds; 0 when iptables cannot
+/// tell (not installed, no permission), where the rules are only printed or the restore
+/// fails with iptables' own message.
+fn output_jumps(family: Family) -> usize {
+    let Ok(out) = Command::new(family.iptables())
+        .args(["-w", "-t", "nat", "-S", "OUTPUT"])
         .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
+        .output()
+    else {
+        return 0;
+    };
+    let jump = format!("-A OUTPUT {}", OUTPUT_JUMP.join(" "));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_end() == jump)
+        .count()
 }
 
 /// Feeds `input` to `<family>-restore --noflush`.
@@ -248,7 +253,7 @@ fn restore(family: Family, input: &str) -> anyhow::Result<()> {
 pub fn run(args: &IptablesArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     for family in families(args) {
-        let input = rules(args, family, output_jump_present(family));
+        let input = rules(args, family, output_jumps(family));
         if args.apply {
             restore(family, &input)?;
         }
@@ -277,7 +282,7 @@ mod tests {
 
     #[test]
     fn defaults_match_istio_outbound_capture() {
-        let got = rules(&args(&[]), Family::V4, false);
+        let got = rules(&args(&[]), Family::V4, 0);
         let want = "\
 *nat
 :ISTIO_OUTPUT - [0:0]
@@ -297,7 +302,7 @@ COMMIT
 
     #[test]
     fn ipv6_uses_ipv6_loopback() {
-        let got = rules(&args(&[]), Family::V6, false);
+        let got = rules(&args(&[]), Family::V6, 0);
         assert!(got.contains("-A ISTIO_OUTPUT -d ::1/128 -j RETURN\n"));
         assert!(!got.contains("127.0.0.1"));
     }
@@ -314,7 +319,7 @@ COMMIT
                 "16001",
             ]),
             Family::V4,
-            false,
+            0,
         );
         assert!(got.contains("-A ISTIO_OUTPUT -m owner --uid-owner 1000 -j RETURN\n"));
         assert!(got.contains("-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1000 -j RETURN\n"));
@@ -325,7 +330,7 @@ COMMIT
 
     #[test]
     fn gid_defaults_to_uid() {
-        let got = rules(&args(&["--proxy-uid", "42"]), Family::V4, false);
+        let got = rules(&args(&["--proxy-uid", "42"]), Family::V4, 0);
         assert!(got.contains("--gid-owner 42 -j RETURN\n"));
     }
 
@@ -334,7 +339,7 @@ COMMIT
         let got = rules(
             &args(&["--exclude-outbound-ports", "22,443"]),
             Family::V4,
-            false,
+            0,
         );
         let lines: Vec<&str> = got.lines().collect();
         let p22 = lines
@@ -355,8 +360,8 @@ COMMIT
     #[test]
     fn excluded_ips_split_by_family_and_precede_the_redirect() {
         let a = args(&["--exclude-outbound-ips", "10.0.0.0/8,192.168.1.1,fd00::/8"]);
-        let v4 = rules(&a, Family::V4, false);
-        let v6 = rules(&a, Family::V6, false);
+        let v4 = rules(&a, Family::V4, 0);
+        let v6 = rules(&a, Family::V6, 0);
         assert!(v4.contains("-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN\n"));
         assert!(v4.contains("-A ISTIO_OUTPUT -d 192.168.1.1/32 -j RETURN\n"));
         assert!(!v4.contains("fd00"));
@@ -374,7 +379,7 @@ COMMIT
         let got = rules(
             &args(&["--exclude-outbound-ips", "1.2.3.0/24"]),
             Family::V4,
-            false,
+            0,
         );
         let last = got
             .lines()
@@ -384,10 +389,11 @@ COMMIT
     }
 
     #[test]
-    fn output_jump_is_replaced_when_present() {
-        let got = rules(&args(&[]), Family::V4, true);
+    fn installed_output_jumps_are_replaced_by_one() {
+        let got = rules(&args(&[]), Family::V4, 2);
         assert!(got.ends_with(
             "-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n\
+             -D OUTPUT -p tcp -j ISTIO_OUTPUT\n\
              -D OUTPUT -p tcp -j ISTIO_OUTPUT\n\
              -A OUTPUT -p tcp -j ISTIO_OUTPUT\nCOMMIT\n"
         ));
@@ -397,7 +403,7 @@ COMMIT
     #[test]
     fn chains_are_declared_not_created() {
         // `-N` fails on re-apply when the chain exists; a declaration flushes it instead.
-        let got = rules(&args(&[]), Family::V4, false);
+        let got = rules(&args(&[]), Family::V4, 0);
         assert!(!got.contains("-N "));
         assert!(got.starts_with("*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n"));
     }
