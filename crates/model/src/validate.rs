@@ -27,7 +27,7 @@ pub fn resource(resource: &Resource) -> Vec<Finding> {
     let mut out = Findings::new(resource.origin());
     match resource {
         Resource::ServiceEntry(o) => service_entry(o, &mut out),
-        Resource::WorkloadEntry(o) => workload_entry(&o.spec, &mut out),
+        Resource::WorkloadEntry(o) => workload_entry(&o.spec.spec, &mut out),
         Resource::DestinationRule(o) => destination_rule(o, &mut out),
         Resource::VirtualService(o) => virtual_service(&o.spec, &mut out),
         Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
@@ -628,8 +628,10 @@ fn sidecar_host_problem(host: &str) -> Option<&'static str> {
     if namespace.is_empty() || name.is_empty() {
         return Some("namespace and dnsName cannot be empty");
     }
-    if !matches!(namespace, "*" | "." | "~") && !is_dns_label(namespace) {
-        return Some("namespace must be `*`, `.`, `~` or a namespace name");
+    // A `~` prefix excludes the namespace's matching hosts (`~/` those of every namespace).
+    let namespace = namespace.strip_prefix('~').unwrap_or(namespace);
+    if !matches!(namespace, "" | "*" | ".") && !is_dns_label(namespace) {
+        return Some("namespace must be `*`, `.` or a namespace name, optionally `~`-prefixed");
     }
     if name != "*" && !name.contains('.') {
         return Some("short names are not allowed, use a fully qualified name");
@@ -1163,7 +1165,7 @@ mod tests {
         };
         assert_eq!(
             sc(
-                "{egress: [{hosts: ['./*', '*/*', '~/*', 'istio-system/*.example.com', 'prod/api.example.com']}]}"
+                "{egress: [{hosts: ['./*', '*/*', '~/*', '~prod/*', 'istio-system/*.example.com', 'prod/api.example.com']}]}"
             ),
             vec![]
         );
@@ -1177,6 +1179,7 @@ mod tests {
             "Bad/a.com",
             "ns/reviews",
             "ns/*x.com",
+            "~Bad/a.com",
         ] {
             let codes = sc(&format!("{{egress: [{{hosts: ['{host}']}}]}}"));
             assert_eq!(errors(&codes), ["INVALID_EGRESS_HOST"], "{host}");
