@@ -742,6 +742,13 @@ impl<'a> Builder<'a> {
                 .external_name
                 .as_deref()
                 .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"));
+            // Headless: clients reach the pods directly, also as `pod.service...` (a
+            // StatefulSet's per-pod names), and the proxy forwards to the pod they chose.
+            let headless = external.is_none() && svc.spec.cluster_ip.as_deref() == Some("None");
+            if headless {
+                let wildcards: Vec<String> = names.iter().map(|n| format!("*.{n}")).collect();
+                names.extend(wildcards);
+            }
             for port in &svc.spec.ports {
                 let Ok(number) = u16::try_from(port.port) else {
                     continue;
@@ -767,7 +774,26 @@ impl<'a> Builder<'a> {
                             Arc::clone(&source),
                         )],
                     ),
-                    None => (Resolution::Static, self.service_endpoints(svc, port)),
+                    None if headless => (Resolution::None, self.service_endpoints(svc, port)),
+                    None => {
+                        let mut endpoints = self.service_endpoints(svc, port);
+                        if let Some(selector) = &svc.spec.selector {
+                            self.service_workload_entries(svc, selector, port, &mut endpoints);
+                        }
+                        (Resolution::Static, endpoints)
+                    }
+                };
+                // A headless service's addresses are its pods'.
+                let destinations: Vec<IpAddr> = if headless {
+                    endpoints
+                        .iter()
+                        .filter_map(|(address, ..)| match address {
+                            EndpointAddress::Ip(ip) => Some(*ip),
+                            EndpointAddress::Dns(_) => None,
+                        })
+                        .collect()
+                } else {
+                    vips.clone()
                 };
                 let added = self.add_cluster(PendingCluster {
                     name: Arc::clone(&name),
@@ -776,7 +802,7 @@ impl<'a> Builder<'a> {
                     protocol,
                     resolution,
                     source: Arc::clone(&source),
-                    addresses: vips.iter().map(|ip| IpNet::from(*ip)).collect(),
+                    addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
                 });
                 if !added {
@@ -786,7 +812,7 @@ impl<'a> Builder<'a> {
                     self.hosts_pending
                         .push((number, host.as_str().into(), Arc::clone(&name)));
                 }
-                for vip in &vips {
+                for vip in &destinations {
                     self.hosts_pending
                         .push((number, vip.to_string().into(), Arc::clone(&name)));
                     self.addresses_pending.push((
@@ -834,7 +860,6 @@ impl<'a> Builder<'a> {
                 out.push((EndpointAddress::Ip(*ip), target, 1, Arc::clone(&source)));
             }
         }
-        self.service_workload_entries(svc, selector, port, &mut out);
         out
     }
 

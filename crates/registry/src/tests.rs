@@ -1673,3 +1673,42 @@ fn sidecar_egress_picks_the_imported_namespace_of_a_host() {
         ["10.0.0.2:80 w1"]
     );
 }
+
+#[test]
+fn headless_services_forward_to_their_pods_also_by_per_pod_names() {
+    let yaml = [
+        "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+"
+        .to_string(),
+        pod("web-0", "shop", "10.244.1.1", "{app: web}", ""),
+        pod("web-1", "shop", "10.244.1.2", "{app: web}", ""),
+    ]
+    .concat();
+    let name = "outbound|80||web.shop.svc.cluster.local";
+    let s = in_namespace(&yaml, "shop");
+    for host in [
+        "web.shop.svc.cluster.local",
+        "web-0.web.shop.svc.cluster.local",
+        "web-1.web.shop.svc",
+        "web-0.web.shop",
+        "web-0.web",
+        "web",
+        "10.244.1.2",
+    ] {
+        assert_eq!(routed(&s.route_http(host, 80)), name, "{host}");
+    }
+    assert_eq!(routed(&s.route_tcp(ip("10.244.1.1"), 80)), name);
+    let c = cluster(&s, name);
+    assert_eq!(c.resolution, portcullis_model::Resolution::None);
+    // Forwarded only to its own pods.
+    assert!(Snapshot::owns_destination(c, ip("10.244.1.2")));
+    assert!(!Snapshot::owns_destination(c, ip("10.244.9.9")));
+    assert_eq!(routed(&s.route_http("web-0.other.shop", 80)), "blackhole");
+}
