@@ -240,3 +240,35 @@ fn headless_services_reach_their_pods_by_per_pod_names() {
         Ok(())
     });
 }
+
+/// An ExternalName Service is an alias of the service it names: its names reach that
+/// service's endpoints on that service's ports.
+#[test]
+fn external_name_services_alias_the_named_service() {
+    run("svc-externalname", |lab| {
+        let alias = "apiVersion: v1
+kind: Service
+metadata: {name: alias, namespace: default}
+spec:
+  type: ExternalName
+  externalName: shop.default.svc.cluster.local
+";
+        start(
+            lab,
+            &[
+                (
+                    "service.yaml",
+                    kube_service("shop", "default", "10.50.200.2"),
+                ),
+                ("pod.yaml", scenario::POD.to_string()),
+                ("alias.yaml", alias.to_string()),
+            ],
+        )?;
+        // Kubernetes DNS answers the alias with a CNAME to the named service's address.
+        for host in ["alias.default.svc.cluster.local", "alias"] {
+            get(lab, host, "10.50.200.2")?
+                .expect_page(&format!("{host}, an alias of shop"), IN_CLUSTER_MARK)?;
+        }
+        Ok(())
+    });
+}

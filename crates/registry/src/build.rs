@@ -70,6 +70,7 @@ pub fn build_with_dns(
     b.host_owners();
     b.service_entries();
     b.kube_services();
+    b.service_aliases();
     b.finish(version, dns)
 }
 
@@ -106,6 +107,8 @@ struct Builder<'a> {
     clusters: Map<Arc<str>, PendingCluster>,
     hosts: Map<u16, HostTable>,
     hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
+    /// ExternalName Services: their names, and the host they stand for.
+    aliases: Vec<(Vec<String>, String)>,
     addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
     warnings: Vec<String>,
 }
@@ -241,6 +244,14 @@ fn kube_export_to(svc: &Object<KubeServiceSpec>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The target of an ExternalName Service.
+fn external_name(svc: &Object<KubeServiceSpec>) -> Option<&str> {
+    svc.spec
+        .external_name
+        .as_deref()
+        .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"))
+}
+
 fn kube_fqdn(svc: &Object<KubeServiceSpec>, domain: &str) -> String {
     format!("{}.{}.svc.{domain}", svc.meta.name, svc.meta.namespace).to_ascii_lowercase()
 }
@@ -320,6 +331,7 @@ impl<'a> Builder<'a> {
             clusters: Map::default(),
             hosts: Map::default(),
             hosts_pending: Vec::new(),
+            aliases: Vec::new(),
             addresses_pending: Vec::new(),
             warnings: Vec::new(),
         };
@@ -512,10 +524,15 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let host = kube_fqdn(svc, &self.options.cluster_domain);
-            let imported =
+            // An alias takes its target's ports, so only a listener without a port can
+            // import it as such.
+            let imported = if external_name(svc).is_some() {
+                self.imports(ns, &host, 0)
+            } else {
                 svc.spec.ports.iter().any(|p| {
                     u16::try_from(p.port).is_ok_and(|number| self.imports(ns, &host, number))
-                });
+                })
+            };
             if imported {
                 candidates.push((host.into(), ns, true));
             }
@@ -736,15 +753,15 @@ impl<'a> Builder<'a> {
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
+            if let Some(target) = external_name(svc) {
+                let target = target.strip_suffix('.').unwrap_or(target);
+                self.aliases.push((names, target.to_ascii_lowercase()));
+                continue;
+            }
             let source: Arc<str> = format!("Service {ns}/{}", svc.meta.name).into();
-            let external = svc
-                .spec
-                .external_name
-                .as_deref()
-                .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"));
             // Headless: clients reach the pods directly, also as `pod.service...` (a
             // StatefulSet's per-pod names), and the proxy forwards to the pod they chose.
-            let headless = external.is_none() && svc.spec.cluster_ip.as_deref() == Some("None");
+            let headless = svc.spec.cluster_ip.as_deref() == Some("None");
             if headless {
                 let wildcards: Vec<String> = names.iter().map(|n| format!("*.{n}")).collect();
                 names.extend(wildcards);
@@ -764,24 +781,14 @@ impl<'a> Builder<'a> {
                     &port.name,
                 );
                 let name: Arc<str> = format!("outbound|{number}||{fqdn}").into();
-                let (resolution, endpoints) = match external {
-                    Some(target) => (
-                        Resolution::Dns,
-                        vec![(
-                            EndpointAddress::Dns(target.to_ascii_lowercase().into()),
-                            number,
-                            1,
-                            Arc::clone(&source),
-                        )],
-                    ),
-                    None if headless => (Resolution::None, self.service_endpoints(svc, port)),
-                    None => {
-                        let mut endpoints = self.service_endpoints(svc, port);
-                        if let Some(selector) = &svc.spec.selector {
-                            self.service_workload_entries(svc, selector, port, &mut endpoints);
-                        }
-                        (Resolution::Static, endpoints)
+                let (resolution, endpoints) = if headless {
+                    (Resolution::None, self.service_endpoints(svc, port))
+                } else {
+                    let mut endpoints = self.service_endpoints(svc, port);
+                    if let Some(selector) = &svc.spec.selector {
+                        self.service_workload_entries(svc, selector, port, &mut endpoints);
                     }
+                    (Resolution::Static, endpoints)
                 };
                 // A headless service's addresses are its pods'.
                 let destinations: Vec<IpAddr> = if headless {
@@ -820,6 +827,35 @@ impl<'a> Builder<'a> {
                         AddressKey::Net(IpNet::from(*vip)),
                         Arc::clone(&name),
                     ));
+                }
+            }
+        }
+    }
+
+    /// Registers each ExternalName Service's names on every port of the service it names,
+    /// as istiod's aliases do (following an alias of an alias); a name that is no
+    /// registered service's host gives the alias nothing to route to.
+    fn service_aliases(&mut self) {
+        let aliases = std::mem::take(&mut self.aliases);
+        for (names, target) in &aliases {
+            let mut target = target.as_str();
+            // A loop of aliases names nothing, as Kubernetes DNS answers NXDOMAIN for it.
+            for _ in 0..=aliases.len() {
+                match aliases.iter().find(|(n, _)| n[0] == target) {
+                    Some((_, next)) => target = next,
+                    None => break,
+                }
+            }
+            let ports: Vec<(u16, Arc<str>)> = self
+                .clusters
+                .values()
+                .filter(|c| &*c.host == target)
+                .map(|c| (c.port, Arc::clone(&c.name)))
+                .collect();
+            for (port, cluster) in ports {
+                for name in names {
+                    self.hosts_pending
+                        .push((port, name.as_str().into(), Arc::clone(&cluster)));
                 }
             }
         }

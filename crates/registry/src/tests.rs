@@ -1712,3 +1712,54 @@ spec:
     assert!(!Snapshot::owns_destination(c, ip("10.244.9.9")));
     assert_eq!(routed(&s.route_http("web-0.other.shop", 80)), "blackhole");
 }
+
+#[test]
+fn external_name_services_are_aliases_of_the_service_they_name() {
+    let alias = |name: &str, target: &str| {
+        format!(
+            "
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  type: ExternalName
+  externalName: {target}
+"
+        )
+    };
+    let yaml = [
+        KUBE_SERVICE.to_string(),
+        alias("db", "Shop-API.shop.svc.cluster.local."),
+        alias("db2", "db.shop.svc.cluster.local"),
+        alias("outside", "api.example.com"),
+        alias("loop-a", "loop-b.shop.svc.cluster.local"),
+        alias("loop-b", "loop-a.shop.svc.cluster.local"),
+        entry_in("api", "default", "api.example.com", &[443], "10.0.0.9"),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "shop");
+    // Every port of the named service, under every name of the alias (also an alias's alias).
+    for host in ["db.shop.svc.cluster.local", "db.shop", "db", "db2"] {
+        for port in [80, 81, 5432] {
+            assert_eq!(
+                routed(&s.route_http(host, port)),
+                format!("outbound|{port}||shop-api.shop.svc.cluster.local"),
+                "{host}:{port}"
+            );
+        }
+    }
+    assert_eq!(
+        routed(&s.route_http("outside", 443)),
+        "outbound|443||api.example.com"
+    );
+    // No cluster of their own; a loop or an unregistered name routes nowhere.
+    assert!(names(&s).iter().all(|n| !n.contains("||db.")));
+    assert_eq!(routed(&s.route_http("outside", 80)), "blackhole");
+    assert_eq!(routed(&s.route_http("loop-a", 80)), "blackhole");
+    let unregistered = [KUBE_SERVICE.to_string(), alias("ext", "example.org")].concat();
+    assert_eq!(
+        routed(&in_namespace(&unregistered, "shop").route_http("ext", 80)),
+        "blackhole"
+    );
+}
