@@ -99,6 +99,8 @@ struct Builder<'a> {
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
     destination_rules: Vec<&'a Object<DestinationRuleSpec>>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
+    /// The egress listeners of the Sidecar that applies, if it has any.
+    egress: Option<&'a [SidecarEgress]>,
     mesh: Option<&'a Object<MeshConfig>>,
     pods: Vec<ReadyPod<'a>>,
     /// For each service host: the namespace whose service the proxy uses, and whether that
@@ -325,6 +327,7 @@ impl<'a> Builder<'a> {
             kube_services: Vec::new(),
             destination_rules: Vec::new(),
             sidecars: Vec::new(),
+            egress: None,
             mesh: None,
             pods: Vec::new(),
             owners: Map::default(),
@@ -387,6 +390,10 @@ impl<'a> Builder<'a> {
                 &b.meta.name,
             ))
         });
+        b.egress = b
+            .sidecar()
+            .map(|s| &s.spec.egress[..])
+            .filter(|e| !e.is_empty());
         b
     }
 
@@ -475,10 +482,9 @@ impl<'a> Builder<'a> {
     /// on `port`: the listener for that port if there is one, else the one without a port.
     /// Without a Sidecar, or one without egress listeners, everything visible is imported.
     fn imports(&self, ns: &str, host: &str, port: u16) -> bool {
-        let Some(sidecar) = self.sidecar().filter(|s| !s.spec.egress.is_empty()) else {
+        let Some(listeners) = self.egress else {
             return true;
         };
-        let listeners = &sidecar.spec.egress;
         let port_number = |l: &SidecarEgress| {
             l.port
                 .as_ref()
