@@ -841,6 +841,7 @@ data:
     outboundTrafficPolicy:
       mode: REGISTRY_ONLY
     accessLogFile: /dev/stdout
+    defaultServiceExportTo: ['.']
   meshNetworks: 'networks: {}'
 ",
         );
@@ -849,6 +850,7 @@ data:
             _ => None,
         });
         assert_eq!(m.spec.root_namespace.as_deref(), Some("istio-config"));
+        assert_eq!(m.spec.default_service_export_to, ["."]);
         assert_eq!(
             m.spec.outbound_traffic_policy.and_then(|p| p.mode),
             Some(OutboundMode::RegistryOnly)

@@ -433,4 +433,7 @@ pub struct MeshConfig {
     /// Root namespace for mesh-wide resources (default `istio-system`).
     #[serde(default)]
     pub root_namespace: Option<String>,
+    /// Where services without `exportTo` are visible; empty means everywhere (`*`).
+    #[serde(default, deserialize_with = "exact")]
+    pub default_service_export_to: Vec<String>,
 }
