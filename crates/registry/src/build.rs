@@ -508,10 +508,14 @@ impl<'a> Builder<'a> {
     /// order. Within a namespace a Kubernetes Service hides ServiceEntries of its host.
     fn host_owners(&mut self) {
         let proxy_ns = self.options.namespace.as_str();
+        let mesh_default = self
+            .mesh
+            .map_or(&[][..], |m| &m.spec.default_service_export_to[..]);
+        let export_to = |own: &'a [String]| if own.is_empty() { mesh_default } else { own };
         let mut candidates: Vec<(Box<str>, &'a str, bool)> = Vec::new();
         for se in &self.service_entries {
             let ns = se.meta.namespace.as_str();
-            if !visible(&se.spec.export_to, ns, proxy_ns) {
+            if !visible(export_to(&se.spec.export_to), ns, proxy_ns) {
                 continue;
             }
             for host in &se.spec.hosts {
@@ -526,7 +530,13 @@ impl<'a> Builder<'a> {
         }
         for svc in &self.kube_services {
             let ns = svc.meta.namespace.as_str();
-            if !visible(&kube_export_to(svc), ns, proxy_ns) {
+            let annotated = kube_export_to(svc);
+            let exported = if annotated.is_empty() {
+                mesh_default
+            } else {
+                &annotated[..]
+            };
+            if !visible(exported, ns, proxy_ns) {
                 continue;
             }
             let host = kube_fqdn(svc, &self.options.cluster_domain);

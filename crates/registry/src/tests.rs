@@ -1763,3 +1763,44 @@ spec:
         "blackhole"
     );
 }
+
+#[test]
+fn the_mesh_default_export_to_applies_to_services_without_their_own() {
+    let mesh = "
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    defaultServiceExportTo: ['.']
+";
+    let public = entry_in("public", "team-a", "public.internal", &[80], "10.0.0.1")
+        .replace("  resolution:", "  exportTo: ['*']\n  resolution:");
+    let yaml = [
+        mesh.to_string(),
+        entry_in("private", "team-a", "private.internal", &[80], "10.0.0.2"),
+        public,
+        "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: svc, namespace: team-a}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80}]
+"
+        .to_string(),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "default");
+    assert_eq!(names(&s), ["outbound|80||public.internal"]);
+    let s = in_namespace(&yaml, "team-a");
+    assert_eq!(
+        names(&s),
+        [
+            "outbound|80||private.internal",
+            "outbound|80||public.internal",
+            "outbound|80||svc.team-a.svc.cluster.local"
+        ]
+    );
+}
