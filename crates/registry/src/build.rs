@@ -479,13 +479,17 @@ impl<'a> Builder<'a> {
     }
 
     /// Whether the Sidecar's egress listeners let the proxy reach `host` of namespace `ns`
-    /// on `port`: the listener for that port if there is one, else the one without a port.
-    /// Without a Sidecar, or one without egress listeners, everything visible is imported.
-    fn imports(&self, ns: &str, host: &str, port: u16) -> bool {
+    /// on `port`: the listener for that port if there is one, else the one without a port
+    /// (the only one asked when `port` is `None`). Without a Sidecar, or one without egress
+    /// listeners, everything visible is imported.
+    fn imports(&self, ns: &str, host: &str, port: Option<u16>) -> bool {
         let Some(listeners) = self.egress else {
             return true;
         };
-        let port_number = |l: &SidecarEgress| {
+        // A listener's port; none for the catch-all (also an HTTP_PROXY listener, which
+        // matches services on every port). Port 0 is a Unix socket's, which no traffic here
+        // reaches.
+        let port_of = |l: &SidecarEgress| {
             l.port
                 .as_ref()
                 .filter(|p| {
@@ -493,12 +497,12 @@ impl<'a> Builder<'a> {
                         .as_deref()
                         .is_some_and(|p| p.eq_ignore_ascii_case("HTTP_PROXY"))
                 })
-                .map_or(0, |p| p.number)
+                .map(|p| p.number)
         };
         listeners
             .iter()
-            .find(|l| port_number(l) == u32::from(port))
-            .or_else(|| listeners.iter().find(|l| port_number(l) == 0))
+            .find(|l| port.is_some() && port_of(l) == port.map(u32::from))
+            .or_else(|| listeners.iter().find(|l| port_of(l).is_none()))
             .is_some_and(|l| listener_imports(l, &self.options.namespace, ns, host))
     }
 
@@ -521,7 +525,8 @@ impl<'a> Builder<'a> {
             for host in &se.spec.hosts {
                 let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
                 let imported = se.spec.ports.iter().any(|p| {
-                    u16::try_from(p.number).is_ok_and(|number| self.imports(ns, &host, number))
+                    u16::try_from(p.number)
+                        .is_ok_and(|number| self.imports(ns, &host, Some(number)))
                 });
                 if imported {
                     candidates.push((host.into(), ns, false));
@@ -543,10 +548,10 @@ impl<'a> Builder<'a> {
             // An alias takes its target's ports, so only a listener without a port can
             // import it as such.
             let imported = if external_name(svc).is_some() {
-                self.imports(ns, &host, 0)
+                self.imports(ns, &host, None)
             } else {
                 svc.spec.ports.iter().any(|p| {
-                    u16::try_from(p.port).is_ok_and(|number| self.imports(ns, &host, number))
+                    u16::try_from(p.port).is_ok_and(|number| self.imports(ns, &host, Some(number)))
                 })
             };
             if imported {
@@ -596,7 +601,7 @@ impl<'a> Builder<'a> {
                     let Ok(number) = u16::try_from(port.number) else {
                         continue;
                     };
-                    if !self.imports(ns, &host, number) {
+                    if !self.imports(ns, &host, Some(number)) {
                         continue;
                     }
                     let protocol = protocol_of(port.protocol.as_deref(), &port.name);
@@ -786,7 +791,7 @@ impl<'a> Builder<'a> {
                 let Ok(number) = u16::try_from(port.port) else {
                     continue;
                 };
-                if !self.imports(ns, &fqdn, number) {
+                if !self.imports(ns, &fqdn, Some(number)) {
                     continue;
                 }
                 let protocol = protocol_of(

@@ -1804,3 +1804,19 @@ spec:
         ]
     );
 }
+
+#[test]
+fn sidecar_unix_socket_and_http_proxy_listeners() {
+    let services = entry_in("a", "team-a", "a.internal", &[80], "10.0.0.2");
+    // A Unix socket listener (port 0) takes no traffic, so it imports nothing here.
+    let egress = "
+  - port: {number: 0, protocol: HTTP, name: uds}
+    hosts: ['team-a/*']
+  - hosts: ['./*']";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert!(s.clusters.is_empty(), "{:?}", names(&s));
+    // An HTTP_PROXY listener matches services on every port.
+    let egress = "[{port: {number: 15080, protocol: HTTP_PROXY, name: proxy}, hosts: ['*/*']}]";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert_eq!(names(&s), ["outbound|80||a.internal"]);
+}
