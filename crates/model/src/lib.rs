@@ -46,13 +46,22 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
+/// An Istio WorkloadEntry: spec and status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    /// WorkloadEntry spec.
+    pub spec: WorkloadEntrySpec,
+    /// WorkloadEntry status.
+    pub status: WorkloadEntryStatus,
+}
+
 /// Every resource kind portcullis understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
     /// `networking.istio.io` ServiceEntry.
     ServiceEntry(Object<ServiceEntrySpec>),
     /// `networking.istio.io` WorkloadEntry.
-    WorkloadEntry(Object<WorkloadEntrySpec>),
+    WorkloadEntry(Object<WorkloadEntry>),
     /// `networking.istio.io` DestinationRule.
     DestinationRule(Object<DestinationRuleSpec>),
     /// `networking.istio.io` VirtualService.

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin, Pod,
     PodSpec, PodStatus, Resource, ServiceEntrySpec, Severity, SidecarSpec, VirtualServiceSpec,
-    WorkloadEntrySpec, validate,
+    WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus, validate,
 };
 
 /// What one file contributed: its resources and the findings about them.
@@ -52,12 +52,13 @@ struct WithSpec<S> {
     spec: Option<S>,
 }
 
+/// A document whose status matters too (Pod, WorkloadEntry).
 #[derive(Deserialize)]
-struct PodDoc {
+struct WithStatus<S, T> {
     #[serde(default)]
-    spec: PodSpec,
+    spec: S,
     #[serde(default)]
-    status: PodStatus,
+    status: T,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +263,20 @@ fn spec<S: DeserializeOwned + Default>(
     }
 }
 
+fn with_status<S: DeserializeOwned + Default, T: DeserializeOwned + Default>(
+    doc: &Document<'_>,
+    origin: &Origin,
+    findings: &mut Vec<Finding>,
+) -> Option<(S, T)> {
+    match serde_saphyr::from_str::<WithStatus<S, T>>(doc.text) {
+        Ok(w) => Some((w.spec, w.status)),
+        Err(e) => {
+            findings.push(yaml_error(doc, origin, &e));
+            None
+        }
+    }
+}
+
 fn object<S>(meta: ObjectMeta, spec: S, origin: &Origin) -> Object<S> {
     Object {
         meta,
@@ -299,28 +314,20 @@ fn typed(
     match (kind, istio, core) {
         ("ServiceEntry", true, _) => spec::<ServiceEntrySpec>(doc, origin, findings)
             .map(|s| Resource::ServiceEntry(object(meta, s, origin))),
-        ("WorkloadEntry", true, _) => spec::<WorkloadEntrySpec>(doc, origin, findings)
-            .map(|s| Resource::WorkloadEntry(object(meta, s, origin))),
+        ("WorkloadEntry", true, _) => with_status::<WorkloadEntrySpec, WorkloadEntryStatus>(
+            doc, origin, findings,
+        )
+        .map(|(spec, status)| {
+            Resource::WorkloadEntry(object(meta, WorkloadEntry { spec, status }, origin))
+        }),
         ("DestinationRule", true, _) => spec::<DestinationRuleSpec>(doc, origin, findings)
             .map(|s| Resource::DestinationRule(object(meta, s, origin))),
         ("VirtualService", true, _) => spec::<VirtualServiceSpec>(doc, origin, findings)
             .map(|s| Resource::VirtualService(object(meta, s, origin))),
         ("Sidecar", true, _) => spec::<SidecarSpec>(doc, origin, findings)
             .map(|s| Resource::Sidecar(object(meta, s, origin))),
-        ("Pod", _, true) => match serde_saphyr::from_str::<PodDoc>(doc.text) {
-            Ok(p) => Some(Resource::Pod(object(
-                meta,
-                Pod {
-                    spec: p.spec,
-                    status: p.status,
-                },
-                origin,
-            ))),
-            Err(e) => {
-                findings.push(yaml_error(doc, origin, &e));
-                None
-            }
-        },
+        ("Pod", _, true) => with_status::<PodSpec, PodStatus>(doc, origin, findings)
+            .map(|(spec, status)| Resource::Pod(object(meta, Pod { spec, status }, origin))),
         ("Service", _, true) => spec::<KubeServiceSpec>(doc, origin, findings)
             .map(|s| Resource::Service(object(meta, s, origin))),
         ("ConfigMap", _, true) => mesh_config(doc, meta, origin, findings),
@@ -563,6 +570,7 @@ kind: WorkloadEntry
 metadata:
   name: vm-1
   namespace: vms
+  annotations: {proxy.istio.io/health-checks-enabled: 'true'}
 spec:
   address: 10.0.0.7
   ports:
@@ -573,13 +581,23 @@ spec:
   locality: eu-west1/a
   weight: 2
   serviceAccount: vm-sa
+status:
+  conditions:
+  - {type: Healthy, status: 'False'}
 ",
         );
-        let we = only(&l, |r| match r {
+        let o = only(&l, |r| match r {
             Resource::WorkloadEntry(o) => Some(o),
             _ => None,
         });
-        assert_eq!(we.meta.namespace, "vms");
+        assert_eq!(o.meta.namespace, "vms");
+        assert_eq!(
+            o.meta.annotations["proxy.istio.io/health-checks-enabled"],
+            "true"
+        );
+        assert_eq!(o.spec.status.conditions[0].kind, "Healthy");
+        assert_eq!(o.spec.status.conditions[0].status, "False");
+        let we = &o.spec;
         assert_eq!(we.spec.address, "10.0.0.7");
         assert_eq!(we.spec.ports["http"], 8080);
         assert_eq!(we.spec.labels["app"], "vm");
@@ -823,6 +841,7 @@ data:
     outboundTrafficPolicy:
       mode: REGISTRY_ONLY
     accessLogFile: /dev/stdout
+    defaultServiceExportTo: ['.']
   meshNetworks: 'networks: {}'
 ",
         );
@@ -831,6 +850,7 @@ data:
             _ => None,
         });
         assert_eq!(m.spec.root_namespace.as_deref(), Some("istio-config"));
+        assert_eq!(m.spec.default_service_export_to, ["."]);
         assert_eq!(
             m.spec.outbound_traffic_policy.and_then(|p| p.mode),
             Some(OutboundMode::RegistryOnly)

@@ -33,6 +33,9 @@ pub struct ObjectMeta {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Annotations, e.g. `proxy.istio.io/health-checks-enabled`.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Label selector used by `workloadSelector` and Kubernetes `selector`.
@@ -112,6 +115,15 @@ pub struct WorkloadEntrySpec {
     /// Service account the workload runs as.
     #[serde(default)]
     pub service_account: String,
+}
+
+/// A WorkloadEntry's status, written by istiod's health checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntryStatus {
+    /// Conditions; `Healthy` counts when health checks are enabled by annotation.
+    #[serde(default, deserialize_with = "exact")]
+    pub conditions: Vec<PodCondition>,
 }
 
 /// The spec of a ServiceEntry.
@@ -244,10 +256,28 @@ pub struct OutboundTrafficPolicy {
     pub mode: Option<OutboundMode>,
 }
 
+/// The port of a Sidecar egress listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarPort {
+    /// Port number the listener takes traffic on.
+    #[serde(default)]
+    pub number: u32,
+    /// Protocol; `HTTP_PROXY` makes the listener an explicit proxy that matches no port.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Port name.
+    #[serde(default)]
+    pub name: String,
+}
+
 /// One `egress` listener of a Sidecar.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarEgress {
+    /// The port the listener is for; absent means every port no other listener names.
+    #[serde(default)]
+    pub port: Option<SidecarPort>,
     /// `namespace/host` patterns the workload may reach.
     #[serde(default, deserialize_with = "exact")]
     pub hosts: Vec<String>,
@@ -403,4 +433,7 @@ pub struct MeshConfig {
     /// Root namespace for mesh-wide resources (default `istio-system`).
     #[serde(default)]
     pub root_namespace: Option<String>,
+    /// Where services without `exportTo` are visible; empty means everywhere (`*`).
+    #[serde(default, deserialize_with = "exact")]
+    pub default_service_export_to: Vec<String>,
 }

@@ -540,7 +540,7 @@ mod tests {
         let Some(Resource::WorkloadEntry(o)) = set.resources().first() else {
             panic!("expected a WorkloadEntry");
         };
-        assert_eq!(o.spec.address, "10.0.0.9");
+        assert_eq!(o.spec.spec.address, "10.0.0.9");
         assert!(!set.update(scan(&dir.0)).changed, "nothing changed on disk");
     }
 
@@ -660,7 +660,7 @@ mod tests {
         let Some(Resource::WorkloadEntry(b)) = set.resources().get(1) else {
             panic!("b kept");
         };
-        assert_eq!(b.spec.address, "10.0.0.2", "previous content kept");
+        assert_eq!(b.spec.spec.address, "10.0.0.2", "previous content kept");
         assert!(set.has_errors());
         let per_file: Vec<(&Path, usize)> =
             set.file_findings().map(|(p, f)| (p, f.len())).collect();

@@ -27,7 +27,7 @@ pub fn resource(resource: &Resource) -> Vec<Finding> {
     let mut out = Findings::new(resource.origin());
     match resource {
         Resource::ServiceEntry(o) => service_entry(o, &mut out),
-        Resource::WorkloadEntry(o) => workload_entry(&o.spec, &mut out),
+        Resource::WorkloadEntry(o) => workload_entry(&o.spec.spec, &mut out),
         Resource::DestinationRule(o) => destination_rule(o, &mut out),
         Resource::VirtualService(o) => virtual_service(&o.spec, &mut out),
         Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
@@ -602,7 +602,27 @@ fn sidecar(spec: &SidecarSpec, out: &mut Findings) {
     if let Some(selector) = &spec.workload_selector {
         selector_labels(selector, out);
     }
+    let mut ports = std::collections::HashSet::new();
     for (index, egress) in spec.egress.iter().enumerate() {
+        // As Istio: one listener without a port, the last; ports unique and in range (0 is a
+        // Unix socket listener's).
+        match &egress.port {
+            None if index + 1 != spec.egress.len() => out.error(
+                "EGRESS_CATCH_ALL",
+                format!("egress[{index}]: the listener without a port must be the last"),
+            ),
+            None => {}
+            Some(port) if port.number == 0 => {}
+            Some(port) if !port_in_range(port.number) => out.error(
+                "INVALID_PORT",
+                format!("egress[{index}]: port {} is not in 1-65535", port.number),
+            ),
+            Some(port) if !ports.insert(port.number) => out.error(
+                "DUPLICATE_PORT",
+                format!("egress[{index}]: port {} has another listener", port.number),
+            ),
+            Some(_) => {}
+        }
         if egress.hosts.is_empty() {
             out.error(
                 "NO_HOSTS",
@@ -628,8 +648,10 @@ fn sidecar_host_problem(host: &str) -> Option<&'static str> {
     if namespace.is_empty() || name.is_empty() {
         return Some("namespace and dnsName cannot be empty");
     }
-    if !matches!(namespace, "*" | "." | "~") && !is_dns_label(namespace) {
-        return Some("namespace must be `*`, `.`, `~` or a namespace name");
+    // A `~` prefix excludes the namespace's matching hosts (`~/` those of every namespace).
+    let namespace = namespace.strip_prefix('~').unwrap_or(namespace);
+    if !matches!(namespace, "" | "*" | ".") && !is_dns_label(namespace) {
+        return Some("namespace must be `*`, `.` or a namespace name, optionally `~`-prefixed");
     }
     if name != "*" && !name.contains('.') {
         return Some("short names are not allowed, use a fully qualified name");
@@ -1163,13 +1185,31 @@ mod tests {
         };
         assert_eq!(
             sc(
-                "{egress: [{hosts: ['./*', '*/*', '~/*', 'istio-system/*.example.com', 'prod/api.example.com']}]}"
+                "{egress: [{hosts: ['./*', '*/*', '~/*', '~prod/*', 'istio-system/*.example.com', 'prod/api.example.com']}]}"
             ),
             vec![]
         );
         assert_eq!(sc("{outboundTrafficPolicy: {mode: REGISTRY_ONLY}}"), vec![]);
         assert_eq!(sc("{}"), vec![(Severity::Warning, "NOTHING_TO_DO")]);
         assert_eq!(errors(&sc("{egress: [{hosts: []}]}")), ["NO_HOSTS"]);
+        let listener = |port: &str| format!("{{{port}hosts: ['./*']}}");
+        for (listeners, want) in [
+            (
+                vec!["port: {number: 80}, ", "port: {number: 81}, ", ""],
+                vec![],
+            ),
+            (vec!["", "port: {number: 80}, "], vec!["EGRESS_CATCH_ALL"]),
+            (vec!["", ""], vec!["EGRESS_CATCH_ALL"]),
+            (
+                vec!["port: {number: 80}, ", "port: {number: 80}, "],
+                vec!["DUPLICATE_PORT"],
+            ),
+            (vec!["port: {number: 70000}, "], vec!["INVALID_PORT"]),
+        ] {
+            let egress: Vec<String> = listeners.iter().map(|p| listener(p)).collect();
+            let codes = sc(&format!("{{egress: [{}]}}", egress.join(", ")));
+            assert_eq!(errors(&codes), want, "{listeners:?}");
+        }
         for host in [
             "api.example.com",
             "/a.com",
@@ -1177,6 +1217,7 @@ mod tests {
             "Bad/a.com",
             "ns/reviews",
             "ns/*x.com",
+            "~Bad/a.com",
         ] {
             let codes = sc(&format!("{{egress: [{{hosts: ['{host}']}}]}}"));
             assert_eq!(errors(&codes), ["INVALID_EGRESS_HOST"], "{host}");

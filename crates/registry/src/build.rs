@@ -8,7 +8,8 @@ use ipnet::IpNet;
 use portcullis_balance::{Balancer, EndpointState, Policy};
 use portcullis_model::{
     DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode, Pod, Resolution,
-    Resource, ServiceEntrySpec, SidecarSpec, SimpleLb, TargetPort, WorkloadEntrySpec,
+    Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort, WorkloadEntry,
+    WorkloadEntrySpec,
 };
 
 use crate::Map;
@@ -66,8 +67,10 @@ pub fn build_with_dns(
     dns: DnsAnswers<'_>,
 ) -> Snapshot {
     let mut b = Builder::new(resources, options, previous);
+    b.host_owners();
     b.service_entries();
     b.kube_services();
+    b.service_aliases();
     b.finish(version, dns)
 }
 
@@ -92,15 +95,22 @@ struct Builder<'a> {
     options: &'a BuildOptions,
     previous: Map<(&'a str, std::net::SocketAddr), Arc<EndpointState>>,
     service_entries: Vec<&'a Object<ServiceEntrySpec>>,
-    workload_entries: Vec<&'a Object<WorkloadEntrySpec>>,
+    workload_entries: Vec<&'a Object<WorkloadEntry>>,
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
     destination_rules: Vec<&'a Object<DestinationRuleSpec>>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
+    /// The egress listeners of the Sidecar that applies, if it has any.
+    egress: Option<&'a [SidecarEgress]>,
     mesh: Option<&'a Object<MeshConfig>>,
     pods: Vec<ReadyPod<'a>>,
+    /// For each service host: the namespace whose service the proxy uses, and whether that
+    /// is a Kubernetes Service (which hides ServiceEntries of the same host there).
+    owners: Map<Box<str>, (&'a str, bool)>,
     clusters: Map<Arc<str>, PendingCluster>,
     hosts: Map<u16, HostTable>,
     hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
+    /// ExternalName Services: their names, and the host they stand for.
+    aliases: Vec<(Vec<String>, String)>,
     addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
     warnings: Vec<String>,
 }
@@ -148,6 +158,104 @@ fn visible(export_to: &[String], own_ns: &str, proxy_ns: &str) -> bool {
         || export_to
             .iter()
             .any(|e| e == "*" || (e == "." && own_ns == proxy_ns) || e == proxy_ns)
+}
+
+/// Annotation with which a WorkloadEntry's `Healthy` condition takes effect.
+const HEALTH_CHECKS_ENABLED: &str = "proxy.istio.io/health-checks-enabled";
+
+fn workload_entry_healthy(we: &Object<WorkloadEntry>) -> bool {
+    // As istiod: without health checks an entry is healthy; with them only a Healthy=True
+    // condition makes it so, since a new entry is unhealthy until a probe succeeds.
+    let checked = we
+        .meta
+        .annotations
+        .get(HEALTH_CHECKS_ENABLED)
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "True" | "TRUE"));
+    !checked
+        || we
+            .spec
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.kind == "Healthy")
+            .is_some_and(|c| c.status == "True")
+}
+
+/// A WorkloadEntry's labels as selectors see them: metadata labels, then spec labels.
+fn workload_entry_labels(we: &Object<WorkloadEntry>) -> BTreeMap<String, String> {
+    let mut labels = we.meta.labels.clone();
+    labels.extend(we.spec.spec.labels.clone());
+    labels
+}
+
+/// Whether a service's `host` is within a Sidecar egress host pattern (`*`, `*.suffix` or
+/// exact); a wildcard service host only within a wildcard at least as wide.
+fn host_within(host: &str, pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host
+            .strip_prefix('*')
+            .unwrap_or(host)
+            .ends_with(&*suffix.to_ascii_lowercase()),
+        None => !host.starts_with('*') && host.eq_ignore_ascii_case(pattern),
+    }
+}
+
+/// Whether a Sidecar egress listener imports `host` of namespace `ns`. Hosts are
+/// `namespace/host` with namespace `*` (any), `.` (the proxy's), or a name; a `~` prefix
+/// excludes (`~/host`: from every namespace), and an exclusion beats any import.
+fn listener_imports(listener: &SidecarEgress, proxy_ns: &str, ns: &str, host: &str) -> bool {
+    let mut imported = false;
+    for entry in &listener.hosts {
+        let Some((namespace, pattern)) = entry.split_once('/') else {
+            continue;
+        };
+        if pattern.contains('/') {
+            continue;
+        }
+        let (excluded, namespace) = match namespace.strip_prefix('~') {
+            Some("") => (true, "*"),
+            Some(namespace) => (true, namespace),
+            None => (false, namespace),
+        };
+        let namespace = if namespace == "." {
+            proxy_ns
+        } else {
+            namespace
+        };
+        if (namespace == "*" || namespace == ns) && host_within(host, pattern) {
+            if excluded {
+                return false;
+            }
+            imported = true;
+        }
+    }
+    imported
+}
+
+/// Annotation listing the namespaces a Kubernetes Service is visible to.
+const EXPORT_TO: &str = "networking.istio.io/exportTo";
+
+fn kube_export_to(svc: &Object<KubeServiceSpec>) -> Vec<String> {
+    svc.meta
+        .annotations
+        .get(EXPORT_TO)
+        .map(|v| v.split(',').map(|e| e.trim().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The target of an ExternalName Service.
+fn external_name(svc: &Object<KubeServiceSpec>) -> Option<&str> {
+    svc.spec
+        .external_name
+        .as_deref()
+        .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"))
+}
+
+fn kube_fqdn(svc: &Object<KubeServiceSpec>, domain: &str) -> String {
+    format!("{}.{}.svc.{domain}", svc.meta.name, svc.meta.namespace).to_ascii_lowercase()
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -219,11 +327,14 @@ impl<'a> Builder<'a> {
             kube_services: Vec::new(),
             destination_rules: Vec::new(),
             sidecars: Vec::new(),
+            egress: None,
             mesh: None,
             pods: Vec::new(),
+            owners: Map::default(),
             clusters: Map::default(),
             hosts: Map::default(),
             hosts_pending: Vec::new(),
+            aliases: Vec::new(),
             addresses_pending: Vec::new(),
             warnings: Vec::new(),
         };
@@ -238,7 +349,11 @@ impl<'a> Builder<'a> {
         for r in resources {
             match r {
                 Resource::ServiceEntry(o) => b.service_entries.push(o),
-                Resource::WorkloadEntry(o) => b.workload_entries.push(o),
+                Resource::WorkloadEntry(o) => {
+                    if workload_entry_healthy(o) {
+                        b.workload_entries.push(o);
+                    }
+                }
                 Resource::DestinationRule(o) => b.destination_rules.push(o),
                 Resource::VirtualService(o) => b.warnings.push(format!(
                     "VirtualService {}/{}: routing rules are not applied yet; hosts route to their services' endpoints",
@@ -275,10 +390,16 @@ impl<'a> Builder<'a> {
                 &b.meta.name,
             ))
         });
+        b.egress = b
+            .sidecar()
+            .map(|s| &s.spec.egress[..])
+            .filter(|e| !e.is_empty());
         b
     }
 
-    fn mode(&self) -> Option<OutboundMode> {
+    /// The Sidecar that applies to the proxy: the one selecting its workload, else its
+    /// namespace's default, else the root namespace's.
+    fn sidecar(&self) -> Option<&'a Object<SidecarSpec>> {
         let ns = &self.options.namespace;
         let root = self
             .mesh
@@ -301,9 +422,12 @@ impl<'a> Builder<'a> {
                 .iter()
                 .find(|s| s.meta.namespace == root && s.spec.workload_selector.is_none())
         };
-        let sidecar_mode = selected
-            .or_else(namespace_wide)
-            .or_else(mesh_wide)
+        selected.or_else(namespace_wide).or_else(mesh_wide).copied()
+    }
+
+    fn mode(&self) -> Option<OutboundMode> {
+        let sidecar_mode = self
+            .sidecar()
             .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
             .and_then(|p| p.mode);
         sidecar_mode.or_else(|| {
@@ -354,6 +478,103 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Whether the Sidecar's egress listeners let the proxy reach `host` of namespace `ns`
+    /// on `port`: the listener for that port if there is one, else the one without a port
+    /// (the only one asked when `port` is `None`). Without a Sidecar, or one without egress
+    /// listeners, everything visible is imported.
+    fn imports(&self, ns: &str, host: &str, port: Option<u16>) -> bool {
+        let Some(listeners) = self.egress else {
+            return true;
+        };
+        // A listener's port; none for the catch-all (also an HTTP_PROXY listener, which
+        // matches services on every port). Port 0 is a Unix socket's, which no traffic here
+        // reaches.
+        let port_of = |l: &SidecarEgress| {
+            l.port
+                .as_ref()
+                .filter(|p| {
+                    !p.protocol
+                        .as_deref()
+                        .is_some_and(|p| p.eq_ignore_ascii_case("HTTP_PROXY"))
+                })
+                .map(|p| p.number)
+        };
+        listeners
+            .iter()
+            .find(|l| port.is_some() && port_of(l) == port.map(u32::from))
+            .or_else(|| listeners.iter().find(|l| port_of(l).is_none()))
+            .is_some_and(|l| listener_imports(l, &self.options.namespace, ns, host))
+    }
+
+    /// Chooses, for every service host, the namespace whose service the proxy uses, as
+    /// istiod does: among visible services the Sidecar imports, the proxy's own namespace
+    /// first, then a Kubernetes Service, then the first ServiceEntry in namespace and name
+    /// order. Within a namespace a Kubernetes Service hides ServiceEntries of its host.
+    fn host_owners(&mut self) {
+        let proxy_ns = self.options.namespace.as_str();
+        let mesh_default = self
+            .mesh
+            .map_or(&[][..], |m| &m.spec.default_service_export_to[..]);
+        let export_to = |own: &'a [String]| if own.is_empty() { mesh_default } else { own };
+        let mut candidates: Vec<(Box<str>, &'a str, bool)> = Vec::new();
+        for se in &self.service_entries {
+            let ns = se.meta.namespace.as_str();
+            if !visible(export_to(&se.spec.export_to), ns, proxy_ns) {
+                continue;
+            }
+            for host in &se.spec.hosts {
+                let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+                let imported = se.spec.ports.iter().any(|p| {
+                    u16::try_from(p.number)
+                        .is_ok_and(|number| self.imports(ns, &host, Some(number)))
+                });
+                if imported {
+                    candidates.push((host.into(), ns, false));
+                }
+            }
+        }
+        for svc in &self.kube_services {
+            let ns = svc.meta.namespace.as_str();
+            let annotated = kube_export_to(svc);
+            let exported = if annotated.is_empty() {
+                mesh_default
+            } else {
+                &annotated[..]
+            };
+            if !visible(exported, ns, proxy_ns) {
+                continue;
+            }
+            let host = kube_fqdn(svc, &self.options.cluster_domain);
+            // An alias takes its target's ports, so only a listener without a port can
+            // import it as such.
+            let imported = if external_name(svc).is_some() {
+                self.imports(ns, &host, None)
+            } else {
+                svc.spec.ports.iter().any(|p| {
+                    u16::try_from(p.port).is_ok_and(|number| self.imports(ns, &host, Some(number)))
+                })
+            };
+            if imported {
+                candidates.push((host.into(), ns, true));
+            }
+        }
+        for (host, ns, kube) in candidates {
+            let rank = |(ns, kube): (&str, bool)| (ns == proxy_ns, kube);
+            match self.owners.get(&host) {
+                Some(&owner) if rank(owner) >= rank((ns, kube)) => {}
+                _ => {
+                    self.owners.insert(host, (ns, kube));
+                }
+            }
+        }
+    }
+
+    /// Whether the service of `ns` (a Kubernetes Service if `kube`) is the one used for
+    /// `host`.
+    fn owns(&self, host: &str, ns: &str, kube: bool) -> bool {
+        self.owners.get(host) == Some(&(ns, kube))
+    }
+
     fn add_cluster(&mut self, cluster: PendingCluster) -> bool {
         if let Some(existing) = self.clusters.get(&cluster.name) {
             self.warnings.push(format!(
@@ -369,21 +590,20 @@ impl<'a> Builder<'a> {
     fn service_entries(&mut self) {
         let entries = std::mem::take(&mut self.service_entries);
         for se in entries {
-            if !visible(
-                &se.spec.export_to,
-                &se.meta.namespace,
-                &self.options.namespace,
-            ) {
-                continue;
-            }
-            let source: Arc<str> =
-                format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name).into();
+            let ns = se.meta.namespace.as_str();
+            let source: Arc<str> = format!("ServiceEntry {ns}/{}", se.meta.name).into();
             for host in &se.spec.hosts {
                 let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+                if !self.owns(&host, ns, false) {
+                    continue;
+                }
                 for port in &se.spec.ports {
                     let Ok(number) = u16::try_from(port.number) else {
                         continue;
                     };
+                    if !self.imports(ns, &host, Some(number)) {
+                        continue;
+                    }
                     let protocol = protocol_of(port.protocol.as_deref(), &port.name);
                     let name: Arc<str> = format!("outbound|{number}||{host}").into();
                     let endpoints = self.se_endpoints(se, &host, port);
@@ -481,12 +701,12 @@ impl<'a> Builder<'a> {
                     .cloned()
                     .unwrap_or_default();
                 for we in &self.workload_entries {
-                    let mut labels = we.meta.labels.clone();
-                    labels.extend(we.spec.labels.clone());
-                    if we.meta.namespace == se.meta.namespace && labels_match(&selector, &labels) {
+                    if we.meta.namespace == se.meta.namespace
+                        && labels_match(&selector, &workload_entry_labels(we))
+                    {
                         let source =
                             format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into();
-                        push_workload(&we.spec, source);
+                        push_workload(&we.spec.spec, source);
                     }
                 }
                 if let Ok(target) = u16::try_from(default_port) {
@@ -533,7 +753,10 @@ impl<'a> Builder<'a> {
         let domain = self.options.cluster_domain.clone();
         for svc in services {
             let ns = &svc.meta.namespace;
-            let fqdn = format!("{}.{ns}.svc.{domain}", svc.meta.name).to_ascii_lowercase();
+            let fqdn = kube_fqdn(svc, &domain);
+            if !self.owns(&fqdn, ns, true) {
+                continue;
+            }
             let mut names = vec![
                 fqdn.clone(),
                 format!("{}.{ns}.svc", svc.meta.name).to_ascii_lowercase(),
@@ -551,16 +774,26 @@ impl<'a> Builder<'a> {
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
+            if let Some(target) = external_name(svc) {
+                let target = target.strip_suffix('.').unwrap_or(target);
+                self.aliases.push((names, target.to_ascii_lowercase()));
+                continue;
+            }
             let source: Arc<str> = format!("Service {ns}/{}", svc.meta.name).into();
-            let external = svc
-                .spec
-                .external_name
-                .as_deref()
-                .filter(|_| svc.spec.kind.as_deref() == Some("ExternalName"));
+            // Headless: clients reach the pods directly, also as `pod.service...` (a
+            // StatefulSet's per-pod names), and the proxy forwards to the pod they chose.
+            let headless = svc.spec.cluster_ip.as_deref() == Some("None");
+            if headless {
+                let wildcards: Vec<String> = names.iter().map(|n| format!("*.{n}")).collect();
+                names.extend(wildcards);
+            }
             for port in &svc.spec.ports {
                 let Ok(number) = u16::try_from(port.port) else {
                     continue;
                 };
+                if !self.imports(ns, &fqdn, Some(number)) {
+                    continue;
+                }
                 let protocol = protocol_of(
                     port.app_protocol
                         .as_deref()
@@ -569,17 +802,26 @@ impl<'a> Builder<'a> {
                     &port.name,
                 );
                 let name: Arc<str> = format!("outbound|{number}||{fqdn}").into();
-                let (resolution, endpoints) = match external {
-                    Some(target) => (
-                        Resolution::Dns,
-                        vec![(
-                            EndpointAddress::Dns(target.to_ascii_lowercase().into()),
-                            number,
-                            1,
-                            Arc::clone(&source),
-                        )],
-                    ),
-                    None => (Resolution::Static, self.service_endpoints(svc, port)),
+                let (resolution, endpoints) = if headless {
+                    (Resolution::None, self.service_endpoints(svc, port))
+                } else {
+                    let mut endpoints = self.service_endpoints(svc, port);
+                    if let Some(selector) = &svc.spec.selector {
+                        self.service_workload_entries(svc, selector, port, &mut endpoints);
+                    }
+                    (Resolution::Static, endpoints)
+                };
+                // A headless service's addresses are its pods'.
+                let destinations: Vec<IpAddr> = if headless {
+                    endpoints
+                        .iter()
+                        .filter_map(|(address, ..)| match address {
+                            EndpointAddress::Ip(ip) => Some(*ip),
+                            EndpointAddress::Dns(_) => None,
+                        })
+                        .collect()
+                } else {
+                    vips.clone()
                 };
                 let added = self.add_cluster(PendingCluster {
                     name: Arc::clone(&name),
@@ -588,7 +830,7 @@ impl<'a> Builder<'a> {
                     protocol,
                     resolution,
                     source: Arc::clone(&source),
-                    addresses: vips.iter().map(|ip| IpNet::from(*ip)).collect(),
+                    addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
                 });
                 if !added {
@@ -598,7 +840,7 @@ impl<'a> Builder<'a> {
                     self.hosts_pending
                         .push((number, host.as_str().into(), Arc::clone(&name)));
                 }
-                for vip in &vips {
+                for vip in &destinations {
                     self.hosts_pending
                         .push((number, vip.to_string().into(), Arc::clone(&name)));
                     self.addresses_pending.push((
@@ -606,6 +848,35 @@ impl<'a> Builder<'a> {
                         AddressKey::Net(IpNet::from(*vip)),
                         Arc::clone(&name),
                     ));
+                }
+            }
+        }
+    }
+
+    /// Registers each ExternalName Service's names on every port of the service it names,
+    /// as istiod's aliases do (following an alias of an alias); a name that is no
+    /// registered service's host gives the alias nothing to route to.
+    fn service_aliases(&mut self) {
+        let aliases = std::mem::take(&mut self.aliases);
+        for (names, target) in &aliases {
+            let mut target = target.as_str();
+            // A loop of aliases names nothing, as Kubernetes DNS answers NXDOMAIN for it.
+            for _ in 0..=aliases.len() {
+                match aliases.iter().find(|(n, _)| n[0] == target) {
+                    Some((_, next)) => target = next,
+                    None => break,
+                }
+            }
+            let ports: Vec<(u16, Arc<str>)> = self
+                .clusters
+                .values()
+                .filter(|c| &*c.host == target)
+                .map(|c| (c.port, Arc::clone(&c.name)))
+                .collect();
+            for (port, cluster) in ports {
+                for name in names {
+                    self.hosts_pending
+                        .push((port, name.as_str().into(), Arc::clone(&cluster)));
                 }
             }
         }
@@ -649,16 +920,50 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// WorkloadEntries a Kubernetes Service selects, as istiod adds them to the Service's
+    /// endpoints: the port is a numeric targetPort (or the service port), overridden by the
+    /// entry's port of the service port's name; a named targetPort must be among the
+    /// entry's ports.
+    fn service_workload_entries(
+        &self,
+        svc: &Object<KubeServiceSpec>,
+        selector: &BTreeMap<String, String>,
+        port: &portcullis_model::KubePort,
+        out: &mut Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+    ) {
+        for we in &self.workload_entries {
+            let labels = workload_entry_labels(we);
+            if we.meta.namespace != svc.meta.namespace
+                || labels.is_empty()
+                || !labels_match(selector, &labels)
+            {
+                continue;
+            }
+            let spec = &we.spec.spec;
+            let target = match &port.target_port {
+                Some(TargetPort::Name(name)) => spec.ports.get(name).copied(),
+                Some(TargetPort::Number(n)) if *n > 0 => {
+                    Some(spec.ports.get(&port.name).copied().unwrap_or(*n))
+                }
+                _ => Some(spec.ports.get(&port.name).copied().unwrap_or(port.port)),
+            };
+            let (Some(target), Ok(ip)) = (
+                target.and_then(|t| u16::try_from(t).ok()),
+                spec.address.parse::<IpAddr>(),
+            ) else {
+                continue;
+            };
+            out.push((
+                EndpointAddress::Ip(ip),
+                target,
+                spec.weight.unwrap_or(1).max(1),
+                format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
+            ));
+        }
+    }
+
     fn finish(mut self, version: u64, dns: DnsAnswers<'_>) -> Snapshot {
         let mode = self.mode();
-        for s in &self.sidecars {
-            if !s.spec.egress.is_empty() {
-                self.warnings.push(format!(
-                    "Sidecar {}/{}: egress host lists are not applied yet; every visible service is reachable",
-                    s.meta.namespace, s.meta.name
-                ));
-            }
-        }
         let mut clusters: Map<Arc<str>, Arc<Cluster>> = Map::default();
         let mut dns_names = std::collections::BTreeSet::new();
         let pending = std::mem::take(&mut self.clusters);

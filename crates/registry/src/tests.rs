@@ -1152,7 +1152,8 @@ spec:
         s.warnings
     );
 
-    // The proxy's own namespace wins over a namespace that sorts first.
+    // The proxy's own namespace wins over a namespace that sorts first, and a host's
+    // ServiceEntries in other namespaces are not candidates: no conflict, no warning.
     let yaml = [
         entry("a", "aaa", "10.0.0.1"),
         entry("z", "default", "10.0.0.2"),
@@ -1163,37 +1164,129 @@ spec:
         &*cluster(&s, "outbound|80||dup.internal").source,
         "ServiceEntry default/z"
     );
-    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
 
-    // A ServiceEntry for a Kubernetes service's name wins over the Service.
-    let yaml = format!(
-        "{KUBE_SERVICE}
+/// A ServiceEntry for `host` in `namespace` with `ports` (`number` list, HTTP).
+fn entry_in(name: &str, namespace: &str, host: &str, ports: &[u16], endpoint: &str) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{number: {p}, name: http-{p}, protocol: HTTP}}"))
+        .collect();
+    format!(
+        "
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {{name: override, namespace: shop}}
+metadata: {{name: {name}, namespace: {namespace}}}
 spec:
-  hosts: [shop-api.shop.svc.cluster.local]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  hosts: ['{host}']
+  ports: [{}]
   resolution: STATIC
-  endpoints: [{{address: 10.0.0.7}}]
-"
-    );
+  endpoints: [{{address: {endpoint}}}]
+",
+        ports.join(", ")
+    )
+}
+
+#[test]
+fn a_host_is_served_by_one_namespace_and_never_merges_ports_across_namespaces() {
+    let yaml = [
+        entry_in("a", "aaa", "dup.internal", &[80, 8080], "10.0.0.1"),
+        entry_in("b", "bbb", "dup.internal", &[80, 9090], "10.0.0.2"),
+    ]
+    .concat();
+    // Neither is in the proxy's namespace: the first in namespace order, with its ports only.
     let s = snapshot(&yaml);
-    let c = cluster(&s, "outbound|80||shop-api.shop.svc.cluster.local");
-    assert_eq!(&*c.source, "ServiceEntry shop/override");
-    assert!(
-        s.warnings
-            .iter()
-            .any(|w| w.contains("Service shop/Shop-API")),
-        "{:?}",
-        s.warnings
-    );
-    // The Service's other ports are still its own.
     assert_eq!(
-        &*cluster(&s, "outbound|81||shop-api.shop.svc.cluster.local").source,
+        names(&s),
+        ["outbound|8080||dup.internal", "outbound|80||dup.internal"]
+    );
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||dup.internal")),
+        ["10.0.0.1:80 w1"]
+    );
+    assert_eq!(routed(&s.route_http("dup.internal", 9090)), "blackhole");
+    // In namespace bbb its own entry, with its own ports.
+    let s = in_namespace(&yaml, "bbb");
+    assert_eq!(
+        names(&s),
+        ["outbound|80||dup.internal", "outbound|9090||dup.internal"]
+    );
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||dup.internal")),
+        ["10.0.0.2:80 w1"]
+    );
+    assert_eq!(routed(&s.route_http("dup.internal", 8080)), "blackhole");
+    // Entries of one namespace merge their ports.
+    let yaml = [
+        entry_in("a", "aaa", "dup.internal", &[80], "10.0.0.1"),
+        entry_in("b", "aaa", "dup.internal", &[81], "10.0.0.2"),
+    ]
+    .concat();
+    assert_eq!(
+        names(&snapshot(&yaml)),
+        ["outbound|80||dup.internal", "outbound|81||dup.internal"]
+    );
+}
+
+#[test]
+fn a_kubernetes_service_wins_its_host_over_service_entries() {
+    let fqdn = "shop-api.shop.svc.cluster.local";
+    // Within its namespace, whatever the order: the Service, all of its ports.
+    let yaml = format!(
+        "{}\n---{KUBE_SERVICE}{}",
+        entry_in("override", "shop", fqdn, &[80, 9999], "10.0.0.7"),
+        pod("api-1", "shop", "10.244.1.1", "{app: api}", "")
+    );
+    for namespace in ["shop", "default"] {
+        let s = in_namespace(&yaml, namespace);
+        let c = cluster(&s, &format!("outbound|80||{fqdn}"));
+        assert_eq!(&*c.source, "Service shop/Shop-API", "{namespace}");
+        assert_eq!(endpoints(c), ["10.244.1.1:8080 w1"]);
+        assert!(s.cluster(&format!("outbound|9999||{fqdn}")).is_none());
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+    // From another namespace than the proxy's, too.
+    let yaml = format!(
+        "{}\n---{KUBE_SERVICE}",
+        entry_in("squat", "aaa", fqdn, &[80], "10.0.0.7")
+    );
+    let s = in_namespace(&yaml, "default");
+    assert_eq!(
+        &*cluster(&s, &format!("outbound|80||{fqdn}")).source,
         "Service shop/Shop-API"
     );
+    // But an entry in the proxy's own namespace comes first.
+    let s = in_namespace(&yaml, "aaa");
+    assert_eq!(
+        &*cluster(&s, &format!("outbound|80||{fqdn}")).source,
+        "ServiceEntry aaa/squat"
+    );
+    assert!(s.cluster(&format!("outbound|81||{fqdn}")).is_none());
+}
+
+#[test]
+fn kubernetes_service_export_to_annotation_limits_visibility() {
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: private
+  namespace: shop
+  annotations: {networking.istio.io/exportTo: '.'}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80}]
+";
+    let name = "outbound|80||private.shop.svc.cluster.local";
+    assert_eq!(
+        routed(&in_namespace(yaml, "shop").route_http("private", 80)),
+        name
+    );
+    let s = in_namespace(yaml, "default");
+    assert_eq!(routed(&s.route_http("private.shop", 80)), "blackhole");
+    assert_eq!(routed(&s.route_tcp(ip("10.96.0.20"), 80)), "blackhole");
 }
 
 #[test]
@@ -1374,4 +1467,356 @@ spec:
     // Neither: the policy's answer.
     assert_eq!(route(Some("evil.com"), Some("192.0.2.1")), "blackhole");
     assert_eq!(route(None, None), "blackhole");
+}
+
+/// A WorkloadEntry in `shop` labelled `app: api`, with `meta` extra metadata and `status`.
+fn workload_entry(name: &str, address: &str, meta: &str, status: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}, namespace: shop{meta}}}
+spec:
+  address: {address}
+  labels: {{app: api}}
+  ports: {{web: 7000}}
+{status}"
+    )
+}
+
+const CHECKED: &str = ", annotations: {proxy.istio.io/health-checks-enabled: 'true'}";
+
+#[test]
+fn a_kubernetes_service_selects_workload_entries() {
+    let yaml = [
+        KUBE_SERVICE.to_string(),
+        pod("api-1", "shop", "10.244.1.1", "{app: api}", ""),
+        workload_entry("vm-1", "10.50.0.1", "", ""),
+        workload_entry("other-ns", "10.50.0.9", "", "").replace("namespace: shop", "namespace: x"),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "shop");
+    let c = |port: u16| {
+        cluster(
+            &s,
+            &format!("outbound|{port}||shop-api.shop.svc.cluster.local"),
+        )
+    };
+    // A numeric targetPort, unless the entry maps the service port's name.
+    assert_eq!(
+        endpoints(c(80)),
+        ["10.244.1.1:8080 w1", "10.50.0.1:8080 w1"]
+    );
+    // A named targetPort: the entry's port of that name.
+    assert_eq!(
+        endpoints(c(81)),
+        ["10.244.1.1:9000 w1", "10.50.0.1:7000 w1"]
+    );
+    // No targetPort: the service port.
+    assert_eq!(
+        endpoints(c(5432)),
+        ["10.244.1.1:5432 w1", "10.50.0.1:5432 w1"]
+    );
+    // A named targetPort the entry lacks: not an endpoint.
+    assert!(c(82).endpoints.is_empty());
+    assert!(
+        c(80)
+            .endpoints
+            .iter()
+            .any(|e| &*e.source == "WorkloadEntry shop/vm-1"),
+        "source named"
+    );
+}
+
+#[test]
+fn unhealthy_workload_entries_are_not_endpoints() {
+    let healthy = "status:\n  conditions: [{type: Healthy, status: 'True'}]\n";
+    let unhealthy = "status:\n  conditions: [{type: Healthy, status: 'False'}]\n";
+    let yaml = [
+        KUBE_SERVICE.to_string(),
+        workload_entry("unchecked-unhealthy", "10.50.0.1", "", unhealthy),
+        workload_entry("healthy", "10.50.0.2", CHECKED, healthy),
+        workload_entry("unhealthy", "10.50.0.3", CHECKED, unhealthy),
+        // Health checks on and no condition yet: unhealthy until a probe succeeds.
+        workload_entry("unprobed", "10.50.0.4", CHECKED, ""),
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vms, namespace: shop}
+spec:
+  hosts: [vms.internal]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: api}}
+"
+        .to_string(),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "shop");
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||vms.internal")),
+        ["10.50.0.1:80 w1", "10.50.0.2:80 w1"]
+    );
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||shop-api.shop.svc.cluster.local")),
+        ["10.50.0.1:8080 w1", "10.50.0.2:8080 w1"]
+    );
+}
+
+/// A namespace-wide Sidecar in `default` with the given egress listeners (YAML flow list).
+fn egress_sidecar(egress: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: default}}
+spec:
+  egress: {egress}
+"
+    )
+}
+
+#[test]
+fn sidecar_egress_hosts_scope_what_is_reachable() {
+    let services = [
+        entry_in("local", "default", "local.internal", &[80], "10.0.0.1"),
+        entry_in("a", "team-a", "a.internal", &[80], "10.0.0.2"),
+        entry_in("b", "team-b", "b.example.com", &[80], "10.0.0.3"),
+        entry_in("wild", "team-b", "*.wild.example.com", &[80], "10.0.0.4"),
+    ]
+    .concat();
+    let reachable = |egress: &str| {
+        let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+        let mut hosts: Vec<&str> = s.clusters.iter().map(|c| &*c.host).collect();
+        hosts.sort();
+        hosts.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(reachable("[{hosts: ['./*']}]"), ["local.internal"]);
+    assert_eq!(reachable("[{hosts: ['~/*']}]"), Vec::<String>::new());
+    assert_eq!(
+        reachable("[{hosts: ['./*', 'team-a/*']}]"),
+        ["a.internal", "local.internal"]
+    );
+    assert_eq!(
+        reachable("[{hosts: ['*/*.example.com']}]"),
+        ["*.wild.example.com", "b.example.com"]
+    );
+    // A wildcard service host is only within a wildcard at least as wide.
+    assert_eq!(
+        reachable("[{hosts: ['team-b/x.wild.example.com', 'team-b/b.example.com']}]"),
+        ["b.example.com"]
+    );
+    // An exclusion beats an import.
+    assert_eq!(
+        reachable("[{hosts: ['*/*', '~team-b/*.example.com']}]"),
+        ["a.internal", "local.internal"]
+    );
+    assert_eq!(
+        reachable("[{hosts: ['*/*', '~/a.internal']}]"),
+        ["*.wild.example.com", "b.example.com", "local.internal"]
+    );
+    let s = snapshot(&format!(
+        "{services}{}",
+        egress_sidecar("[{hosts: ['./*']}]")
+    ));
+    assert_eq!(routed(&s.route_http("a.internal", 80)), "blackhole");
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn sidecar_egress_listeners_with_a_port_scope_that_port() {
+    let services = [
+        entry_in("a", "team-a", "a.internal", &[80, 8080], "10.0.0.2"),
+        entry_in("b", "team-b", "b.internal", &[80, 8080], "10.0.0.3"),
+    ]
+    .concat();
+    let egress = "
+  - port: {number: 8080, protocol: HTTP, name: http-8080}
+    hosts: ['team-a/*']
+  - hosts: ['team-b/*']";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert_eq!(
+        routed(&s.route_http("a.internal", 8080)),
+        "outbound|8080||a.internal"
+    );
+    assert_eq!(routed(&s.route_http("b.internal", 8080)), "blackhole");
+    assert_eq!(routed(&s.route_http("a.internal", 80)), "blackhole");
+    assert_eq!(
+        routed(&s.route_http("b.internal", 80)),
+        "outbound|80||b.internal"
+    );
+    // Only a port listener: nothing on other ports.
+    let egress = "[{port: {number: 8080, protocol: HTTP, name: h}, hosts: ['*/*']}]";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert_eq!(
+        names(&s),
+        ["outbound|8080||a.internal", "outbound|8080||b.internal"]
+    );
+}
+
+#[test]
+fn sidecar_egress_picks_the_imported_namespace_of_a_host() {
+    let services = [
+        entry_in("mine", "default", "dup.internal", &[80], "10.0.0.1"),
+        entry_in("theirs", "team-a", "dup.internal", &[80], "10.0.0.2"),
+    ]
+    .concat();
+    let s = snapshot(&format!(
+        "{services}{}",
+        egress_sidecar("[{hosts: ['team-a/*']}]")
+    ));
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||dup.internal")),
+        ["10.0.0.2:80 w1"]
+    );
+}
+
+#[test]
+fn headless_services_forward_to_their_pods_also_by_per_pod_names() {
+    let yaml = [
+        "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+"
+        .to_string(),
+        pod("web-0", "shop", "10.244.1.1", "{app: web}", ""),
+        pod("web-1", "shop", "10.244.1.2", "{app: web}", ""),
+    ]
+    .concat();
+    let name = "outbound|80||web.shop.svc.cluster.local";
+    let s = in_namespace(&yaml, "shop");
+    for host in [
+        "web.shop.svc.cluster.local",
+        "web-0.web.shop.svc.cluster.local",
+        "web-1.web.shop.svc",
+        "web-0.web.shop",
+        "web-0.web",
+        "web",
+        "10.244.1.2",
+    ] {
+        assert_eq!(routed(&s.route_http(host, 80)), name, "{host}");
+    }
+    assert_eq!(routed(&s.route_tcp(ip("10.244.1.1"), 80)), name);
+    let c = cluster(&s, name);
+    assert_eq!(c.resolution, portcullis_model::Resolution::None);
+    // Forwarded only to its own pods.
+    assert!(Snapshot::owns_destination(c, ip("10.244.1.2")));
+    assert!(!Snapshot::owns_destination(c, ip("10.244.9.9")));
+    assert_eq!(routed(&s.route_http("web-0.other.shop", 80)), "blackhole");
+}
+
+#[test]
+fn external_name_services_are_aliases_of_the_service_they_name() {
+    let alias = |name: &str, target: &str| {
+        format!(
+            "
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  type: ExternalName
+  externalName: {target}
+"
+        )
+    };
+    let yaml = [
+        KUBE_SERVICE.to_string(),
+        alias("db", "Shop-API.shop.svc.cluster.local."),
+        alias("db2", "db.shop.svc.cluster.local"),
+        alias("outside", "api.example.com"),
+        alias("loop-a", "loop-b.shop.svc.cluster.local"),
+        alias("loop-b", "loop-a.shop.svc.cluster.local"),
+        entry_in("api", "default", "api.example.com", &[443], "10.0.0.9"),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "shop");
+    // Every port of the named service, under every name of the alias (also an alias's alias).
+    for host in ["db.shop.svc.cluster.local", "db.shop", "db", "db2"] {
+        for port in [80, 81, 5432] {
+            assert_eq!(
+                routed(&s.route_http(host, port)),
+                format!("outbound|{port}||shop-api.shop.svc.cluster.local"),
+                "{host}:{port}"
+            );
+        }
+    }
+    assert_eq!(
+        routed(&s.route_http("outside", 443)),
+        "outbound|443||api.example.com"
+    );
+    // No cluster of their own; a loop or an unregistered name routes nowhere.
+    assert!(names(&s).iter().all(|n| !n.contains("||db.")));
+    assert_eq!(routed(&s.route_http("outside", 80)), "blackhole");
+    assert_eq!(routed(&s.route_http("loop-a", 80)), "blackhole");
+    let unregistered = [KUBE_SERVICE.to_string(), alias("ext", "example.org")].concat();
+    assert_eq!(
+        routed(&in_namespace(&unregistered, "shop").route_http("ext", 80)),
+        "blackhole"
+    );
+}
+
+#[test]
+fn the_mesh_default_export_to_applies_to_services_without_their_own() {
+    let mesh = "
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    defaultServiceExportTo: ['.']
+";
+    let public = entry_in("public", "team-a", "public.internal", &[80], "10.0.0.1")
+        .replace("  resolution:", "  exportTo: ['*']\n  resolution:");
+    let yaml = [
+        mesh.to_string(),
+        entry_in("private", "team-a", "private.internal", &[80], "10.0.0.2"),
+        public,
+        "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: svc, namespace: team-a}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80}]
+"
+        .to_string(),
+    ]
+    .concat();
+    let s = in_namespace(&yaml, "default");
+    assert_eq!(names(&s), ["outbound|80||public.internal"]);
+    let s = in_namespace(&yaml, "team-a");
+    assert_eq!(
+        names(&s),
+        [
+            "outbound|80||private.internal",
+            "outbound|80||public.internal",
+            "outbound|80||svc.team-a.svc.cluster.local"
+        ]
+    );
+}
+
+#[test]
+fn sidecar_unix_socket_and_http_proxy_listeners() {
+    let services = entry_in("a", "team-a", "a.internal", &[80], "10.0.0.2");
+    // A Unix socket listener (port 0) takes no traffic, so it imports nothing here.
+    let egress = "
+  - port: {number: 0, protocol: HTTP, name: uds}
+    hosts: ['team-a/*']
+  - hosts: ['./*']";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert!(s.clusters.is_empty(), "{:?}", names(&s));
+    // An HTTP_PROXY listener matches services on every port.
+    let egress = "[{port: {number: 15080, protocol: HTTP_PROXY, name: proxy}, hosts: ['*/*']}]";
+    let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
+    assert_eq!(names(&s), ["outbound|80||a.internal"]);
 }
