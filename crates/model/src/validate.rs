@@ -139,6 +139,7 @@ impl Findings {
             resource: String::new(),
             file: Arc::clone(&self.file),
             line: self.line,
+            column: None,
             message,
         });
     }
