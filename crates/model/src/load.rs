@@ -486,7 +486,18 @@ fn load_document(doc: &Document<'_>, file: &Arc<PathBuf>, out: &mut FileLoad, in
         out.findings.push(f);
     }
     if let Some(resource) = resource {
-        let mut findings = validate::resource(&resource);
+        // A field that is not written (a missing `spec.hosts`) is pointed at through the
+        // nearest part of its path that is.
+        let locate = |path: &str| {
+            let mut path = path;
+            loop {
+                if let Some(at) = shape.field_at(path) {
+                    return Some(doc.position(at));
+                }
+                path = &path[..path.rfind(['.', '['])?];
+            }
+        };
+        let mut findings = validate::resource(&resource, &locate);
         for f in &mut findings {
             f.kind = resource.kind().to_string();
             f.resource.clone_from(&resource_name);
@@ -1751,11 +1762,11 @@ spec: {address: 'not an address'}
         let f = &l.findings[0];
         assert_eq!(
             (f.kind.as_str(), f.resource.as_str(), f.line),
-            ("WorkloadEntry", "default/bad", 6)
+            ("WorkloadEntry", "default/bad", 9)
         );
         assert_eq!(
             f.to_string(),
-            "Error [INVALID_ADDRESS] (WorkloadEntry default/bad cfg/test.yaml:6) address \"not an address\" is not an IP address, DNS name or unix:// path"
+            "Error [INVALID_ADDRESS] (WorkloadEntry default/bad cfg/test.yaml:9:8) address \"not an address\" is not an IP address, DNS name or unix:// path"
         );
     }
 

@@ -63,6 +63,15 @@ impl Node {
         }
     }
 
+    /// Where the field at `path` is written: its key, or for a list item the item.
+    pub fn field_at(&self, path: &str) -> Option<Pos> {
+        match path.rsplit_once('.') {
+            Some((parent, key)) if !key.ends_with(']') => self.find(parent)?.key_at(key),
+            None if !path.ends_with(']') && !path.is_empty() => self.key_at(path),
+            _ => self.find(path).map(|node| node.at),
+        }
+    }
+
     /// The node at a path of keys (`spec.ports`) and indexes (`[0]`), as validation names
     /// fields.
     pub fn find(&self, path: &str) -> Option<&Node> {
