@@ -613,10 +613,15 @@ fn typed(
     findings: &mut Vec<Finding>,
 ) -> Option<Resource> {
     if meta.name.is_empty() {
-        findings.push(finding(
+        let at = ["metadata.name", "metadata"]
+            .into_iter()
+            .find_map(|field| shape.field_at(field))
+            .unwrap_or(shape.at);
+        findings.push(field_finding(
+            doc,
             origin,
+            at,
             "NO_NAME",
-            Severity::Error,
             "metadata.name is required".to_string(),
         ));
         return None;
@@ -1563,6 +1568,7 @@ spec:
         assert!(l.resources.is_empty());
         assert_eq!(codes(&l), vec![(Severity::Error, "NO_NAME")]);
         assert_eq!(l.findings[0].kind, "ServiceEntry");
+        assert_eq!((l.findings[0].line, l.findings[0].column), (3, Some(1)));
     }
 
     #[test]
