@@ -1,7 +1,7 @@
 //! The field names of the real Istio and Kubernetes schemas, for the kinds portcullis reads.
 //!
 //! Taken from Istio's API protos (`networking/v1alpha3/*.proto`, `type/v1beta1`) and
-//! Kubernetes' `core/v1` and `meta/v1` types. Every field of a kind's top level and of the
+//! Kubernetes' `core/v1` and `meta/v1` types (kubernetes/api as of July 2026). Every field of a kind's top level and of the
 //! parts portcullis deserialises is listed, so that an unknown key there is a misspelling,
 //! never a field portcullis merely ignores. Parts portcullis does not read (a container's
 //! probes, a VirtualService's routes) are [`Field::Any`]: their contents are not checked.
@@ -228,6 +228,8 @@ const POD_SPEC: Field = Object(&[
     ("resourceClaims", Any),
     ("resources", Any),
     ("workloadRef", Any),
+    ("schedulingGroup", Any),
+    ("evictionResponders", Any),
 ]);
 
 const POD_STATUS: Field = Object(&[
@@ -260,6 +262,10 @@ const POD_STATUS: Field = Object(&[
     ("resize", Any),
     ("resourceClaimStatuses", Any),
     ("extendedResourceClaimStatus", Any),
+    ("allocatedResources", Any),
+    ("resources", Any),
+    ("nodeAllocatableResourceClaimStatuses", Any),
+    ("volumeHealth", Any),
 ]);
 
 const SERVICE_SPEC: Field = Object(&[
@@ -287,6 +293,8 @@ const SERVICE_SPEC: Field = Object(&[
     ("healthCheckNodePort", Any),
     ("publishNotReadyAddresses", Any),
     ("sessionAffinityConfig", Any),
+    ("topologyKeys", Any),
+    ("ipFamily", Any),
     ("ipFamilies", Any),
     ("ipFamilyPolicy", Any),
     ("allocateLoadBalancerNodePorts", Any),
