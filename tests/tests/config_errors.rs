@@ -1,12 +1,18 @@
 //! `portcullis check` on real files: findings a user can act on (the field's own line and
 //! column, "did you mean"), duplicates across files, `kubectl get -o yaml` lists, and the
-//! JSON report for CI. No network namespace: nothing here sends traffic.
+//! JSON report for CI; and `portcullis run` keeping the copy that serves when another
+//! file repeats a resource. No network namespace: only the admin port on loopback is
+//! spoken to.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use portcullis_e2e::preflight::portcullis_bin;
 
 /// A scratch folder of config files, removed on drop.
@@ -126,31 +132,32 @@ fn findings_and_summary_go_to_the_same_stream() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_resource_in_two_files_names_both() -> anyhow::Result<()> {
-    let dir = Config::new("duplicate")?;
-    let se = |address: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1
+/// The ServiceEntry `default/api` with one endpoint, `metadata.name` at line 3, column 18.
+fn api_entry(address: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata:
-  name: api
+metadata: {{name: api}}
 spec:
   hosts: [api.example.com]
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints: [{{address: {address}}}]
 "
-        )
-    };
-    let a = dir.write("a.yaml", &se("10.0.0.1"))?;
+    )
+}
+
+#[test]
+fn a_resource_in_two_files_names_both() -> anyhow::Result<()> {
+    let dir = Config::new("duplicate")?;
+    let a = dir.write("a.yaml", &api_entry("10.0.0.1"))?;
     let b = dir.write(
         "b.yaml",
-        &format!("# the same service again\n---\n{}", se("10.0.0.2")),
+        &format!("# the same service again\n---\n{}", api_entry("10.0.0.2")),
     )?;
     let out = check(&dir.0, &[])?;
     let want = format!(
-        "Error [DUPLICATE] (ServiceEntry default/api {}:6:9) ServiceEntry default/api is already defined at {}:4:9",
+        "Error [DUPLICATE] (ServiceEntry default/api {}:5:18) ServiceEntry default/api is already defined at {}:3:18",
         b.display(),
         a.display()
     );
@@ -316,5 +323,111 @@ spec:
     );
     ensure!(!out.stdout.contains("<input>"), "{}", out.stdout);
     ensure!(out.stdout.lines().count() == 2, "{}", out.stdout);
+    Ok(())
+}
+
+/// A `portcullis run` on loopback ports, stopped (by its PID) on drop.
+struct Running {
+    child: Child,
+    admin: u16,
+}
+
+impl Running {
+    fn start(config: &Path) -> anyhow::Result<Self> {
+        let port = || -> anyhow::Result<u16> {
+            Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+        };
+        let (outbound, admin, metrics, health) = (port()?, port()?, port()?, port()?);
+        let child = Command::new(portcullis_bin()?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(["--outbound", &format!("127.0.0.1:{outbound}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+            .args(["--health", &format!("127.0.0.1:{health}")])
+            .args(["--rescan-interval", "1s", "--log", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start portcullis run")?;
+        let running = Running { child, admin };
+        running.wait_for(|ready| ready.starts_with("HTTP/1.0 200"), "/ready")?;
+        Ok(running)
+    }
+
+    /// The admin server's whole answer (status line, headers, body) to `GET path`.
+    fn get(&self, path: &str) -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
+    }
+
+    /// Polls `path` until `done` holds for its answer, at most ten seconds.
+    fn wait_for(&self, done: impl Fn(&str) -> bool, path: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(reply) = self.get(path) {
+                if done(&reply) {
+                    return Ok(reply);
+                }
+                last = reply;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        bail!("{path} never became as expected; last answer: {last}")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_running_proxy_keeps_the_copy_that_serves() -> anyhow::Result<()> {
+    let dir = Config::new("run")?;
+    let serving = dir.write("b.yaml", &api_entry("10.0.0.1"))?;
+    let running = Running::start(&dir.0)?;
+    // The newcomer sorts first, and still does not take over.
+    let newcomer = dir.write("a.yaml", &api_entry("10.0.0.2"))?;
+    let dump = running.wait_for(|dump| dump.contains("DUPLICATE"), "/config_dump")?;
+    let body = dump.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let dump: serde_json::Value = serde_json::from_str(body).context("config_dump is JSON")?;
+    let files = dump["config"]["files"].as_array().context("files")?;
+    ensure!(files.len() == 1, "{dump:#}");
+    ensure!(
+        files[0]["path"] == newcomer.display().to_string().as_str(),
+        "{dump:#}"
+    );
+    ensure!(files[0]["rejected"] == true, "{dump:#}");
+    let finding = files[0]["findings"][0].as_str().context("a finding")?;
+    ensure!(
+        finding.ends_with(&format!(
+            "ServiceEntry default/api is already defined at {}:3:18",
+            serving.display()
+        )),
+        "{finding}"
+    );
+    let clusters = running.get("/clusters")?;
+    ensure!(
+        clusters.contains("outbound|80||api.example.com::10.0.0.1:80::")
+            && !clusters.contains("10.0.0.2"),
+        "{clusters}"
+    );
+
+    // Once the serving copy goes, the rejected file is read again and takes over.
+    fs::remove_file(&serving)?;
+    running.wait_for(
+        |c| c.contains("api.example.com::10.0.0.2:80::"),
+        "/clusters",
+    )?;
+    running.wait_for(|dump| !dump.contains("DUPLICATE"), "/config_dump")?;
     Ok(())
 }
