@@ -1,5 +1,5 @@
 //! Typed Istio and Kubernetes resources, loaded from multi-document YAML or JSON,
-//! with findings that name the file, line and resource.
+//! with findings that name the file, line, column and resource.
 //!
 //! [`load_str`] reads one file, [`validate`] applies Istio's rules to each resource, and
 //! [`ConfigSet`] keeps every file's last good content across reloads from [`scan`].

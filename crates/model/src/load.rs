@@ -2,7 +2,9 @@
 //!
 //! A file is split into documents at `---` lines so that every finding can name the line
 //! its document starts on; each document is read once for its header (apiVersion, kind,
-//! metadata) and once into the typed resource the header names.
+//! metadata), once for its shape (where each field is written, checked against the real
+//! schema's field names) and once into the typed resource the header names. A `kind: List`
+//! document is read as its items, each a document of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;

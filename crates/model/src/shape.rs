@@ -3,9 +3,9 @@
 //! and so that fields the real schema does not have are caught.
 //!
 //! serde reads only the fields portcullis models and would skip the rest silently; the
-//! schema tables below list every field the Istio and Kubernetes schemas define, so that
-//! a field portcullis merely does not use (`spec.containers[].image`) is accepted and a
-//! misspelt one (`adresses`) is an error.
+//! shape is what `schema.rs` checks against every field the Istio and Kubernetes schemas
+//! define, so that a field portcullis merely does not use (`spec.containers[].image`) is
+//! accepted and a misspelt one (`adresses`) is an error.
 
 use serde_saphyr::granit_parser::{Event, Parser, ScanError, Span, StructureStyle};
 
@@ -32,15 +32,18 @@ pub(crate) struct Node {
     pub at: Pos,
     /// Byte range of the node's text, from its first to the end of its last token.
     pub bytes: (usize, usize),
+    /// What it holds.
     pub value: Value,
 }
 
-/// What a node holds; scalar texts are kept only where the loader needs them.
+/// What a node holds. Scalars' texts are not kept: serde reads the values.
 #[derive(Debug)]
 pub(crate) enum Value {
+    /// A scalar.
     Scalar,
     /// Keys in order, each with its position and value.
     Map(Vec<(String, Pos, Node)>),
+    /// Items in order.
     Seq(Vec<Node>),
     /// An alias.
     Other,
