@@ -1594,13 +1594,25 @@ kind: PodList
 metadata: {name: s}
 ---
 metadata: {name: kindless}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a}
 ",
         );
         assert!(l.resources.is_empty());
-        assert!(!l.has_errors());
-        assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED"); 5]);
+        assert!(!l.has_errors(), "{:?}", l.findings);
+        assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED"); 8]);
         let lines: Vec<u64> = l.findings.iter().map(|f| f.line).collect();
-        assert_eq!(lines, [1, 6, 10, 14, 18]);
+        assert_eq!(lines, [1, 6, 10, 14, 18, 20, 24, 28]);
         assert!(l.findings[1].message.contains("apps/v1 Deployment"));
     }
 
