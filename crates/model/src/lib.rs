@@ -1,11 +1,13 @@
 //! Typed Istio and Kubernetes resources, loaded from multi-document YAML or JSON,
-//! with findings that name the file, line and resource.
+//! with findings that name the file, line, column and resource.
 //!
 //! [`load_str`] reads one file, [`validate`] applies Istio's rules to each resource, and
 //! [`ConfigSet`] keeps every file's last good content across reloads from [`scan`].
 
 pub mod load;
 pub mod resources;
+mod schema;
+mod shape;
 pub mod source;
 pub mod validate;
 
@@ -24,6 +26,24 @@ pub struct Origin {
     pub file: Arc<PathBuf>,
     /// 1-based line where its document starts.
     pub line: u64,
+    /// Where its `metadata.name` is written, which a finding about the resource as a whole
+    /// (a duplicate) points at.
+    pub name: Position,
+}
+
+/// A 1-based line and column in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// Line.
+    pub line: u64,
+    /// Column, counted in characters.
+    pub column: u64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
 }
 
 /// A resource of kind `S` with its metadata and origin.
@@ -130,7 +150,8 @@ pub enum Severity {
 }
 
 /// A problem found while loading or validating, printed as
-/// `Error [CODE] (kind namespace/name file:line) message`.
+/// `Error [CODE] (kind namespace/name file:line:column) message` (`file:line` when the
+/// column is not known).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     /// Error or warning.
@@ -145,6 +166,8 @@ pub struct Finding {
     pub file: Arc<PathBuf>,
     /// 1-based line.
     pub line: u64,
+    /// 1-based column of the field the finding is about, when it points at one.
+    pub column: Option<u64>,
     /// What is wrong.
     pub message: String,
 }
@@ -162,6 +185,10 @@ impl fmt::Display for Finding {
         if !self.resource.is_empty() {
             write!(f, "{} ", self.resource)?;
         }
-        write!(f, "{}:{}) {}", self.file.display(), self.line, self.message)
+        write!(f, "{}:{}", self.file.display(), self.line)?;
+        if let Some(column) = self.column {
+            write!(f, ":{column}")?;
+        }
+        write!(f, ") {}", self.message)
     }
 }

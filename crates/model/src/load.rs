@@ -2,21 +2,26 @@
 //!
 //! A file is split into documents at `---` lines so that every finding can name the line
 //! its document starts on; each document is read once for its header (apiVersion, kind,
-//! metadata) and once into the typed resource the header names.
+//! metadata), once for its shape (where each field is written, checked against the real
+//! schema's field names) and once into the typed resource the header names. A `kind: List`
+//! document is read as its items, each a document of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
 use std::io::{self, BufRead};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
+
+use crate::shape::{self, Node, Pos, Value};
 use crate::{
     DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin, Pod,
-    PodSpec, PodStatus, Resource, ServiceEntrySpec, Severity, SidecarSpec, VirtualServiceSpec,
-    WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus, validate,
+    PodSpec, PodStatus, Position, Resource, ServiceEntrySpec, Severity, SidecarSpec,
+    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus, schema, validate,
 };
 
 /// What one file contributed: its resources and the findings about them.
@@ -67,20 +72,15 @@ struct ConfigMapDoc {
     data: BTreeMap<String, String>,
 }
 
-const ISTIO_VERSIONS: [&str; 3] = [
-    "networking.istio.io/v1",
-    "networking.istio.io/v1beta1",
-    "networking.istio.io/v1alpha3",
-];
-
 /// Loads every document of `text`, read from `file`, validating each resource.
 pub fn load_str(text: &str, file: &Arc<PathBuf>) -> FileLoad {
     let mut out = FileLoad::default();
     let mut documents = Documents::default();
     for line in text.split_inclusive('\n') {
-        documents.push(line, |doc| load_document(doc, file, &mut out));
+        documents.push(line, |doc| load_document(doc, file, &mut out, false));
     }
-    documents.finish(|doc| load_document(doc, file, &mut out));
+    documents.finish(|doc| load_document(doc, file, &mut out, false));
+    reject_duplicates(&mut out);
     out
 }
 
@@ -96,11 +96,63 @@ pub(crate) fn load_lines(
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 {
         digest.write(line.as_bytes());
-        documents.push(&line, |doc| load_document(doc, file, &mut out));
+        documents.push(&line, |doc| load_document(doc, file, &mut out, false));
         line.clear();
     }
-    documents.finish(|doc| load_document(doc, file, &mut out));
+    documents.finish(|doc| load_document(doc, file, &mut out, false));
+    reject_duplicates(&mut out);
     Ok(out)
+}
+
+/// A resource's identity: two resources with the same kind, namespace and name are one
+/// too many.
+pub(crate) fn identity(r: &Resource) -> (&'static str, &str, &str) {
+    let meta = r.meta();
+    (r.kind(), &meta.namespace, &meta.name)
+}
+
+/// The finding for `again`, which has the identity of a resource defined at `first` in
+/// `file`.
+pub(crate) fn duplicate(again: &Resource, file: &Path, first: Position) -> Finding {
+    let (kind, namespace, name) = identity(again);
+    let origin = again.origin();
+    Finding {
+        severity: Severity::Error,
+        code: "DUPLICATE",
+        kind: kind.to_string(),
+        resource: format!("{namespace}/{name}"),
+        file: Arc::clone(&origin.file),
+        line: origin.name.line,
+        column: Some(origin.name.column),
+        message: format!(
+            "{kind} {namespace}/{name} is already defined at {}:{first}",
+            file.display()
+        ),
+    }
+}
+
+/// Drops every resource that repeats an earlier one of the file, with an error naming both.
+fn reject_duplicates(out: &mut FileLoad) {
+    let mut seen: HashMap<_, usize> = HashMap::with_capacity(out.resources.len());
+    let mut repeated = Vec::new();
+    for (i, r) in out.resources.iter().enumerate() {
+        if let Some(&first) = seen.get(&identity(r)) {
+            let first = out.resources[first].origin();
+            repeated.push((i, duplicate(r, &first.file, first.name)));
+        } else {
+            seen.insert(identity(r), i);
+        }
+    }
+    drop(seen);
+    if repeated.is_empty() {
+        return;
+    }
+    for (i, finding) in repeated.into_iter().rev() {
+        out.resources.remove(i);
+        out.findings.push(finding);
+    }
+    // Findings stay in file order; each document's own are in one stretch of lines.
+    out.findings.sort_by_key(|f| f.line);
 }
 
 /// One document of a multi-document file.
@@ -191,61 +243,344 @@ fn finding(origin: &Origin, code: &'static str, severity: Severity, message: Str
         resource: String::new(),
         file: Arc::clone(&origin.file),
         line: origin.line,
+        column: None,
         message,
     }
 }
 
+/// A finding about the field at `at` (a position in `doc`).
+fn field_finding(
+    doc: &Document<'_>,
+    origin: &Origin,
+    at: Pos,
+    code: &'static str,
+    message: String,
+) -> Finding {
+    let at = doc.position(at);
+    Finding {
+        line: at.line,
+        column: Some(at.column),
+        ..finding(origin, code, Severity::Error, message)
+    }
+}
+
+/// A parser error's message without the parser's own location and source excerpt, which
+/// count lines from the document's start: the finding carries the position in the file.
+fn parser_message(err: &serde_saphyr::Error) -> String {
+    let message = DefaultMessageFormatter.format_message(err.without_snippet());
+    // Parts of it come from the input: no control character reaches a terminal or log.
+    message
+        .chars()
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
+}
+
 fn yaml_error(doc: &Document<'_>, origin: &Origin, err: &serde_saphyr::Error) -> Finding {
-    let mut f = finding(origin, "YAML", Severity::Error, err.to_string());
-    if let Some(loc) = err.location() {
-        // Locations are 1-based within the document's text.
-        f.line = doc.start_line + loc.line().saturating_sub(1);
+    let mut f = finding(origin, "YAML", Severity::Error, parser_message(err));
+    if let Some(loc) = err.location().filter(|l| l.line() > 0) {
+        let at = doc.position(Pos {
+            line: loc.line(),
+            column: loc.column(),
+        });
+        f.line = at.line;
+        f.column = Some(at.column);
     }
     f
 }
 
-fn load_document(doc: &Document<'_>, file: &Arc<PathBuf>, out: &mut FileLoad) {
-    let origin = Origin {
+impl Document<'_> {
+    /// The file position of `at`, a position in the document's text.
+    fn position(&self, at: Pos) -> Position {
+        Position {
+            line: self.start_line + at.line.saturating_sub(1),
+            column: at.column.max(1),
+        }
+    }
+}
+
+/// The API group portcullis reads Istio resources from, and its versions.
+const ISTIO_GROUP: &str = "networking.istio.io";
+const ISTIO_GROUP_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// Kinds of `networking.istio.io` portcullis reads.
+const ISTIO_KINDS: [&str; 5] = [
+    "ServiceEntry",
+    "WorkloadEntry",
+    "DestinationRule",
+    "VirtualService",
+    "Sidecar",
+];
+/// Kinds of `networking.istio.io` that exist but do not concern an egress sidecar.
+const ISTIO_OTHER_KINDS: [&str; 4] = ["Gateway", "EnvoyFilter", "WorkloadGroup", "ProxyConfig"];
+/// Kinds of the core `v1` group portcullis reads.
+const CORE_KINDS: [&str; 4] = ["Pod", "Service", "ConfigMap", "List"];
+/// Kinds of the core `v1` group that do not concern an egress sidecar.
+const CORE_OTHER_KINDS: [&str; 14] = [
+    "Namespace",
+    "Secret",
+    "Endpoints",
+    "ServiceAccount",
+    "PersistentVolumeClaim",
+    "PersistentVolume",
+    "Node",
+    "Event",
+    "LimitRange",
+    "ResourceQuota",
+    "ReplicationController",
+    "PodTemplate",
+    "ComponentStatus",
+    "Binding",
+];
+
+/// What the loader does with a document, by its apiVersion and kind.
+enum Class {
+    /// A kind portcullis reads.
+    Read,
+    /// Not for portcullis: skipped with a note.
+    Skip(String),
+    /// A misspelt kind or apiVersion in a group portcullis reads.
+    Error(&'static str, String),
+}
+
+fn classify(api_version: &str, kind: &str) -> Class {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let istio = group == ISTIO_GROUP;
+    let core = api_version == "v1";
+    let own = |k: &str| {
+        if ISTIO_KINDS.contains(&k) {
+            format!("; {k} is apiVersion {ISTIO_GROUP}/v1")
+        } else if CORE_KINDS.contains(&k) {
+            format!("; {k} is apiVersion v1")
+        } else {
+            String::new()
+        }
+    };
+    if istio && !ISTIO_GROUP_VERSIONS.contains(&version) {
+        return Class::Error(
+            "UNKNOWN_API_VERSION",
+            format!(
+                "{api_version} is not a version portcullis reads ({})",
+                ISTIO_GROUP_VERSIONS
+                    .map(|v| format!("{ISTIO_GROUP}/{v}"))
+                    .join(", ")
+            ),
+        );
+    }
+    if !istio && !group.is_empty() && schema::closest(group, [ISTIO_GROUP].into_iter()).is_some() {
+        return Class::Error(
+            "UNKNOWN_API_VERSION",
+            format!("unknown API group {group} (did you mean {ISTIO_GROUP}/{version}?)"),
+        );
+    }
+    let (read, other): (&[&str], &[&str]) = match (istio, core) {
+        (true, _) => (&ISTIO_KINDS, &ISTIO_OTHER_KINDS),
+        (_, true) => (&CORE_KINDS, &CORE_OTHER_KINDS),
+        _ => {
+            return Class::Skip(format!(
+                "{api_version} {kind} is not a kind portcullis reads, skipped"
+            ));
+        }
+    };
+    if read.contains(&kind) {
+        Class::Read
+    } else if other.contains(&kind) || kind.strip_suffix("List").is_some_and(|k| read.contains(&k))
+    {
+        Class::Skip(format!(
+            "{api_version} {kind} is not a kind portcullis reads, skipped"
+        ))
+    } else {
+        let hint = match schema::closest(kind, read.iter().chain(other).copied()) {
+            Some(close) => format!(" (did you mean {close}?)"),
+            None => own(kind),
+        };
+        Class::Error(
+            "UNKNOWN_KIND",
+            format!("{api_version} has no kind {kind}{hint}"),
+        )
+    }
+}
+
+fn load_document(doc: &Document<'_>, file: &Arc<PathBuf>, out: &mut FileLoad, in_list: bool) {
+    let mut origin = Origin {
         file: Arc::clone(file),
         line: doc.first_line,
+        name: Position {
+            line: doc.first_line,
+            column: 1,
+        },
     };
-    let header: Header = match serde_saphyr::from_str(doc.text) {
-        Ok(h) => h,
-        Err(e) => {
+    let header = serde_saphyr::from_str::<Header>(doc.text);
+    let shape = match (shape::parse(doc.text), header) {
+        (Ok(Some(shape)), Ok(header)) => (shape, header),
+        (_, Err(e)) => {
             out.findings.push(yaml_error(doc, &origin, &e));
             return;
         }
+        (Err(e), Ok(_)) => {
+            let marker = e.marker();
+            let at = Pos {
+                line: marker.line() as u64,
+                column: marker.col() as u64 + 1,
+            };
+            let message = e.kind().to_string();
+            out.findings
+                .push(field_finding(doc, &origin, at, "YAML", message));
+            return;
+        }
+        (Ok(None), Ok(_)) => return,
     };
+    let (shape, header) = shape;
+    if let Some(name) = shape.find("metadata.name") {
+        origin.name = doc.position(name.at);
+    }
     let mut meta = header.metadata;
     if meta.namespace.is_empty() {
         meta.namespace = "default".to_string();
     }
     let resource_name = format!("{}/{}", meta.namespace, meta.name);
+    let kind = header.kind.as_str();
     let mut findings = Vec::new();
-    let resource = typed(
-        doc,
-        &header.api_version,
-        &header.kind,
-        meta,
-        &origin,
-        &mut findings,
-    );
+    let resource = match classify(&header.api_version, kind) {
+        _ if kind.is_empty() => {
+            findings.push(finding(
+                &origin,
+                "SKIPPED",
+                Severity::Warning,
+                "document has no kind, skipped".to_string(),
+            ));
+            None
+        }
+        Class::Skip(why) => {
+            findings.push(finding(&origin, "SKIPPED", Severity::Warning, why));
+            None
+        }
+        Class::Error(code, message) => {
+            let field = if code == "UNKNOWN_KIND" {
+                "kind"
+            } else {
+                "apiVersion"
+            };
+            let at = shape.get(field).map_or(shape.at, |n| n.at);
+            findings.push(field_finding(doc, &origin, at, code, message));
+            None
+        }
+        Class::Read if kind == "List" => {
+            list(doc, &shape, file, &origin, out, in_list);
+            None
+        }
+        Class::Read => {
+            if let Some(schema) = schema::document(kind) {
+                for unknown in schema::unknown_fields(&shape, schema) {
+                    findings.push(unknown_field(doc, &origin, &unknown));
+                }
+            }
+            typed(doc, &shape, kind, meta, &origin, &mut findings)
+        }
+    };
+    let ok = !findings.iter().any(|f| f.severity == Severity::Error);
     for mut f in findings {
-        f.kind.clone_from(&header.kind);
+        f.kind = header.kind.clone();
         f.resource.clone_from(&resource_name);
         out.findings.push(f);
     }
     if let Some(resource) = resource {
-        let mut findings = validate::resource(&resource);
+        // A field that is not written (a missing `spec.hosts`) is pointed at through the
+        // nearest part of its path that is.
+        let locate = |path: &str| {
+            let mut path = path;
+            loop {
+                if let Some(at) = shape.field_at(path) {
+                    return Some(doc.position(at));
+                }
+                path = &path[..path.rfind(['.', '['])?];
+            }
+        };
+        let mut findings = validate::resource(&resource, &locate);
         for f in &mut findings {
             f.kind = resource.kind().to_string();
             f.resource.clone_from(&resource_name);
         }
-        let ok = !findings.iter().any(|f| f.severity == Severity::Error);
+        let valid = !findings.iter().any(|f| f.severity == Severity::Error);
         out.findings.extend(findings);
-        if ok {
+        if ok && valid {
             out.resources.push(resource);
         }
+    }
+}
+
+fn unknown_field(doc: &Document<'_>, origin: &Origin, unknown: &schema::Unknown) -> Finding {
+    let within = if unknown.path.is_empty() {
+        String::new()
+    } else {
+        format!(" in {}", unknown.path)
+    };
+    let hint = unknown
+        .suggestion
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    field_finding(
+        doc,
+        origin,
+        unknown.at,
+        "UNKNOWN_FIELD",
+        format!("unknown field `{}`{within}{hint}", unknown.key),
+    )
+}
+
+/// Reads a `kind: List` (what `kubectl get -o yaml` prints) as its items, each one a
+/// document of its own that starts where the item does.
+fn list(
+    doc: &Document<'_>,
+    shape: &Node,
+    file: &Arc<PathBuf>,
+    origin: &Origin,
+    out: &mut FileLoad,
+    in_list: bool,
+) {
+    let mut findings = Vec::new();
+    if let Some(schema) = schema::document("List") {
+        for unknown in schema::unknown_fields(shape, schema) {
+            findings.push(unknown_field(doc, origin, &unknown));
+        }
+    }
+    if in_list {
+        findings.push(field_finding(
+            doc,
+            origin,
+            shape.at,
+            "NESTED_LIST",
+            "a List inside a List is not read".to_string(),
+        ));
+    }
+    let items = match shape.get("items").map(|n| &n.value) {
+        Some(Value::Seq(items)) if !in_list => items.as_slice(),
+        _ => &[],
+    };
+    for mut f in findings {
+        f.kind = "List".to_string();
+        out.findings.push(f);
+    }
+    for item in items {
+        let (start, end) = item.bytes;
+        let Some(body) = doc.text.get(start..end) else {
+            continue;
+        };
+        // Spaces in place of what precedes the item on its first line (`- `, `[`), so that
+        // columns, and the indentation of the item's later lines, stay as in the file.
+        let indent = usize::try_from(item.at.column.saturating_sub(1)).unwrap_or(0);
+        let text = format!("{}{body}\n", " ".repeat(indent));
+        let line = doc.position(item.at).line;
+        let item_doc = Document {
+            text: &text,
+            start_line: line,
+            first_line: line,
+        };
+        load_document(&item_doc, file, out, true);
     }
 }
 
@@ -285,61 +620,89 @@ fn object<S>(meta: ObjectMeta, spec: S, origin: &Origin) -> Object<S> {
     }
 }
 
+/// The typed resource of a kind portcullis reads.
 fn typed(
     doc: &Document<'_>,
-    api_version: &str,
+    shape: &Node,
     kind: &str,
     meta: ObjectMeta,
     origin: &Origin,
     findings: &mut Vec<Finding>,
 ) -> Option<Resource> {
-    let istio = ISTIO_VERSIONS.contains(&api_version);
-    let core = api_version == "v1";
-    let skipped = |findings: &mut Vec<Finding>, why: String| {
-        findings.push(finding(origin, "SKIPPED", Severity::Warning, why));
-        None
-    };
-    if kind.is_empty() {
-        return skipped(findings, "document has no kind, skipped".to_string());
-    }
     if meta.name.is_empty() {
-        findings.push(finding(
+        let at = ["metadata.name", "metadata"]
+            .into_iter()
+            .find_map(|field| shape.field_at(field))
+            .unwrap_or(shape.at);
+        findings.push(field_finding(
+            doc,
             origin,
+            at,
             "NO_NAME",
-            Severity::Error,
             "metadata.name is required".to_string(),
         ));
         return None;
     }
-    match (kind, istio, core) {
-        ("ServiceEntry", true, _) => spec::<ServiceEntrySpec>(doc, origin, findings)
+    match kind {
+        "ServiceEntry" => spec::<ServiceEntrySpec>(doc, origin, findings)
             .map(|s| Resource::ServiceEntry(object(meta, s, origin))),
-        ("WorkloadEntry", true, _) => with_status::<WorkloadEntrySpec, WorkloadEntryStatus>(
+        "WorkloadEntry" => with_status::<WorkloadEntrySpec, WorkloadEntryStatus>(
             doc, origin, findings,
         )
         .map(|(spec, status)| {
             Resource::WorkloadEntry(object(meta, WorkloadEntry { spec, status }, origin))
         }),
-        ("DestinationRule", true, _) => spec::<DestinationRuleSpec>(doc, origin, findings)
+        "DestinationRule" => spec::<DestinationRuleSpec>(doc, origin, findings)
             .map(|s| Resource::DestinationRule(object(meta, s, origin))),
-        ("VirtualService", true, _) => spec::<VirtualServiceSpec>(doc, origin, findings)
+        "VirtualService" => spec::<VirtualServiceSpec>(doc, origin, findings)
             .map(|s| Resource::VirtualService(object(meta, s, origin))),
-        ("Sidecar", true, _) => spec::<SidecarSpec>(doc, origin, findings)
+        "Sidecar" => spec::<SidecarSpec>(doc, origin, findings)
             .map(|s| Resource::Sidecar(object(meta, s, origin))),
-        ("Pod", _, true) => with_status::<PodSpec, PodStatus>(doc, origin, findings)
+        "Pod" => with_status::<PodSpec, PodStatus>(doc, origin, findings)
             .map(|(spec, status)| Resource::Pod(object(meta, Pod { spec, status }, origin))),
-        ("Service", _, true) => spec::<KubeServiceSpec>(doc, origin, findings)
+        "Service" => spec::<KubeServiceSpec>(doc, origin, findings)
             .map(|s| Resource::Service(object(meta, s, origin))),
-        ("ConfigMap", _, true) => mesh_config(doc, meta, origin, findings),
-        _ => skipped(
-            findings,
-            format!("{api_version} {kind} is not a kind portcullis reads, skipped"),
+        _ => mesh_config(doc, shape, meta, origin, findings),
+    }
+}
+
+/// Where a parser error in the mesh config, YAML inside the `data.mesh` string, is in the
+/// file. In a literal block (`mesh: |`), the usual way to write it, each line of the string
+/// is a line of the file, indented; otherwise the finding points at the `mesh` key and
+/// says where within the string.
+fn mesh_position(doc: &Document<'_>, shape: &Node, err: &serde_saphyr::Error) -> (Pos, String) {
+    let key = shape
+        .find("data")
+        .and_then(|d| d.key_at("mesh"))
+        .unwrap_or(shape.at);
+    let Some(loc) = err.location().filter(|l| l.line() > 0) else {
+        return (key, String::new());
+    };
+    let literal = shape.find("data.mesh").filter(|value| {
+        // The value of a literal block starts on the line after the key's `mesh: |`.
+        let key_line = usize::try_from(key.line.saturating_sub(1)).unwrap_or(usize::MAX);
+        value.at.line > key.line
+            && doc.text.lines().nth(key_line).is_some_and(|l| {
+                l.split_once(':')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('|'))
+            })
+    });
+    let literal = literal.map(|value| Pos {
+        line: value.at.line + loc.line() - 1,
+        column: value.at.column - 1 + loc.column(),
+    });
+    match literal {
+        Some(at) => (at, String::new()),
+        None => (
+            key,
+            format!(" (line {} column {} of it)", loc.line(), loc.column()),
         ),
     }
 }
 
 fn mesh_config(
     doc: &Document<'_>,
+    shape: &Node,
     meta: ObjectMeta,
     origin: &Origin,
     findings: &mut Vec<Finding>,
@@ -374,9 +737,14 @@ fn mesh_config(
             origin,
         ))),
         Err(e) => {
-            let mut f = finding(origin, "MESH_CONFIG", Severity::Error, String::new());
-            f.message = format!("data.mesh: {e}");
-            findings.push(f);
+            let (at, within) = mesh_position(doc, shape, &e);
+            findings.push(field_finding(
+                doc,
+                origin,
+                at,
+                "MESH_CONFIG",
+                format!("data.mesh{within}: {}", parser_message(&e)),
+            ));
             None
         }
     }
@@ -871,25 +1239,50 @@ data:
 
     #[test]
     fn bad_mesh_config_is_an_error() {
-        let l = load(
-            "apiVersion: v1
+        for (mode, why) in [
+            (
+                "SOMETIMES",
+                "unknown outbound traffic policy mode `SOMETIMES`",
+            ),
+            (
+                "ALLOW_ANY_DYNAMIC_DNS",
+                "mode ALLOW_ANY_DYNAMIC_DNS (Istio's dynamic forward proxy",
+            ),
+        ] {
+            let l = load(&format!(
+                "apiVersion: v1
 kind: ConfigMap
-metadata: {name: istio, namespace: istio-system}
+metadata: {{name: istio, namespace: istio-system}}
 data:
   mesh: |
     outboundTrafficPolicy:
-      mode: SOMETIMES
-",
+      mode: {mode}
+"
+            ));
+            assert!(l.resources.is_empty());
+            assert_eq!(codes(&l), vec![(Severity::Error, "MESH_CONFIG")]);
+            let f = &l.findings[0];
+            assert_eq!((f.line, f.column), (7, Some(13)), "the mode's value");
+            for part in [
+                "data.mesh: ",
+                why,
+                "; supported modes: REGISTRY_ONLY, ALLOW_ANY",
+            ] {
+                assert!(f.message.contains(part), "{part:?} in {f}");
+            }
+            assert_eq!(f.kind, "ConfigMap");
+            assert_eq!(f.resource, "istio-system/istio");
+        }
+        let quoted = load(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata: {mesh: 'rootNamespace: [x'}\n",
         );
-        assert!(l.resources.is_empty());
-        assert_eq!(codes(&l), vec![(Severity::Error, "MESH_CONFIG")]);
-        assert!(
-            l.findings[0].message.contains("data.mesh"),
-            "{}",
-            l.findings[0]
+        let f = &quoted.findings[0];
+        assert_eq!(
+            (f.code, f.line, f.column),
+            ("MESH_CONFIG", 4, Some(8)),
+            "the `mesh` key"
         );
-        assert_eq!(l.findings[0].kind, "ConfigMap");
-        assert_eq!(l.findings[0].resource, "istio-system/istio");
+        assert!(f.message.starts_with("data.mesh (line 1 column "), "{f}");
     }
 
     #[test]
@@ -929,6 +1322,203 @@ spec:
         assert!((13..=15).contains(&f.line), "line {} of {f}", f.line);
         assert_eq!(f.file.as_path(), Path::new("cfg/test.yaml"));
         assert!(l.has_errors());
+    }
+
+    #[test]
+    fn yaml_errors_are_file_relative_without_the_parser_excerpt() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ok}
+spec: {address: 10.0.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: broken}
+spec:
+  hosts: [b.example.com
+  ports: []
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: typed}
+spec:
+  hosts: [c.example.com]
+  resolution: STATIK
+",
+        );
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(
+            shown[0].starts_with("Error [YAML] (cfg/test.yaml:11:8) "),
+            "{}",
+            shown[0]
+        );
+        assert_eq!(
+            shown[1],
+            "Error [YAML] (ServiceEntry default/typed cfg/test.yaml:18:15) unknown variant `STATIK`, expected one of NONE, STATIC, DNS, DNS_ROUND_ROBIN"
+        );
+        for line in &shown {
+            assert!(!line.contains("<input>") && !line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_at_their_own_position() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.example.com]
+  adresses: [10.9.0.0/16]
+  locaton: MESH_INTERNAL
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+",
+        );
+        assert!(
+            l.resources.is_empty(),
+            "a misspelt field rejects the resource"
+        );
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown[..2],
+            [
+                "Error [UNKNOWN_FIELD] (ServiceEntry data/db cfg/test.yaml:6:3) unknown field `adresses` in spec (did you mean `addresses`?)",
+                "Error [UNKNOWN_FIELD] (ServiceEntry data/db cfg/test.yaml:7:3) unknown field `locaton` in spec (did you mean `location`?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn kubectl_list_is_read_as_its_items() {
+        let l = load(
+            "# kubectl get pods,services -o yaml
+apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: \"\"
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: web-1
+    labels: {app: web}
+  spec:
+    containers: [{name: app, image: nginx}]
+  status:
+    podIP: 10.244.0.5
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web}
+  spec:
+    clusterIP: 10.96.0.10
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+- {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: w}, spec: {address: 10.0.0.1, wieght: 2}}
+- apiVersion: v1
+  kind: Secret
+  metadata: {name: s}
+",
+        );
+        let kinds: Vec<&str> = l.resources.iter().map(Resource::kind).collect();
+        assert_eq!(kinds, ["Pod", "Service"]);
+        let lines: Vec<u64> = l.resources.iter().map(|r| r.origin().line).collect();
+        assert_eq!(lines, [7, 16]);
+        assert_eq!(
+            l.resources[0].origin().name,
+            Position {
+                line: 10,
+                column: 11
+            }
+        );
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "Error [UNKNOWN_FIELD] (WorkloadEntry default/w cfg/test.yaml:23:108) unknown field `wieght` in spec (did you mean `weight`?)",
+                "Warning [SKIPPED] (Secret default/s cfg/test.yaml:24) v1 Secret is not a kind portcullis reads, skipped",
+            ]
+        );
+
+        let json = load(
+            r#"{"apiVersion": "v1", "kind": "List", "items": [
+  {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}},
+  {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"ports": [{"port": 81}]}}
+]}"#,
+        );
+        assert_eq!(codes(&json), vec![]);
+        let names: Vec<&str> = json
+            .resources
+            .iter()
+            .map(|r| r.meta().name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(json.resources[1].origin().line, 3);
+
+        let nested =
+            load("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: List, items: []}\n");
+        assert_eq!(codes(&nested), vec![(Severity::Error, "NESTED_LIST")]);
+        assert_eq!(nested.findings[0].line, 4);
+    }
+
+    #[test]
+    fn a_repeated_resource_is_an_error_naming_both_places() {
+        let text = format!(
+            "{}---\n{}---\n{}",
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: 10.0.0.1}\n",
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, namespace: other}\nspec: {address: 10.0.0.1}\n",
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: w\nspec: {address: 10.0.0.2}\n",
+        );
+        let l = load(&text);
+        assert!(l.has_errors());
+        let namespaces: Vec<&str> = l
+            .resources
+            .iter()
+            .map(|r| r.meta().namespace.as_str())
+            .collect();
+        assert_eq!(namespaces, ["default", "other"]);
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "Error [DUPLICATE] (WorkloadEntry default/w cfg/test.yaml:14:9) WorkloadEntry default/w is already defined at cfg/test.yaml:3:18"
+            ]
+        );
+    }
+
+    #[test]
+    fn allow_any_dynamic_dns_is_rejected_in_a_sidecar_too() {
+        let sidecar = load(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: ALLOW_ANY_DYNAMIC_DNS}
+",
+        );
+        let f = &sidecar.findings[0];
+        assert_eq!((f.code, f.line), ("YAML", 5));
+        assert!(
+            f.message
+                .contains("supported modes: REGISTRY_ONLY, ALLOW_ANY"),
+            "{f}"
+        );
+        let other = load(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY_PLEASE}
+",
+        );
+        assert!(
+            other.findings[0].message.contains(
+                "unknown outbound traffic policy mode `REGISTRY_ONLY_PLEASE`; supported modes"
+            ),
+            "{}",
+            other.findings[0]
+        );
     }
 
     #[test]
@@ -1000,37 +1590,89 @@ spec:
         assert!(l.resources.is_empty());
         assert_eq!(codes(&l), vec![(Severity::Error, "NO_NAME")]);
         assert_eq!(l.findings[0].kind, "ServiceEntry");
+        assert_eq!((l.findings[0].line, l.findings[0].column), (3, Some(1)));
     }
 
     #[test]
-    fn unknown_kind_and_wrong_api_version_are_skipped() {
+    fn kinds_of_other_groups_are_skipped() {
         let l = load(
             "apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: gw}
 spec: {}
 ---
-apiVersion: networking.istio.io/v2
-kind: ServiceEntry
-metadata: {name: future}
----
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: s}
+---
+apiVersion: v1
+kind: PodList
+metadata: {name: s}
+---
+metadata: {name: kindless}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a}
+",
+        );
+        assert!(l.resources.is_empty());
+        assert!(!l.has_errors(), "{:?}", l.findings);
+        assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED"); 8]);
+        let lines: Vec<u64> = l.findings.iter().map(|f| f.line).collect();
+        assert_eq!(lines, [1, 6, 10, 14, 18, 20, 24, 28]);
+        assert!(l.findings[1].message.contains("apps/v1 Deployment"));
+    }
+
+    #[test]
+    fn misspelt_kinds_and_versions_of_groups_portcullis_reads_are_errors() {
+        let l = load(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntyr
+metadata: {name: typo}
+spec: {hosts: [a.example.com]}
+---
+apiVersion: networking.istio.io/v2
+kind: ServiceEntry
+metadata: {name: future}
 ---
 apiVersion: networking.istio.io/v1
 kind: Pod
 metadata: {name: confused}
 ---
-metadata: {name: kindless}
+apiVersion: v1
+kind: Servce
+metadata: {name: web}
+---
+apiVersion: networking.istoi.io/v1
+kind: ServiceEntry
+metadata: {name: group}
 ",
         );
         assert!(l.resources.is_empty());
-        assert!(!l.has_errors());
-        assert_eq!(codes(&l), vec![(Severity::Warning, "SKIPPED"); 5]);
-        let lines: Vec<u64> = l.findings.iter().map(|f| f.line).collect();
-        assert_eq!(lines, [1, 6, 10, 14, 18]);
-        assert!(l.findings[1].message.contains("networking.istio.io/v2"));
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "Error [UNKNOWN_KIND] (ServiceEntyr default/typo cfg/test.yaml:2:7) networking.istio.io/v1 has no kind ServiceEntyr (did you mean ServiceEntry?)",
+                "Error [UNKNOWN_API_VERSION] (ServiceEntry default/future cfg/test.yaml:6:13) networking.istio.io/v2 is not a version portcullis reads (networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3)",
+                "Error [UNKNOWN_KIND] (Pod default/confused cfg/test.yaml:11:7) networking.istio.io/v1 has no kind Pod; Pod is apiVersion v1",
+                "Error [UNKNOWN_KIND] (Servce default/web cfg/test.yaml:15:7) v1 has no kind Servce (did you mean Service?)",
+                "Error [UNKNOWN_API_VERSION] (ServiceEntry default/group cfg/test.yaml:18:13) unknown API group networking.istoi.io (did you mean networking.istio.io/v1?)",
+            ]
+        );
     }
 
     #[test]
@@ -1160,11 +1802,11 @@ spec: {address: 'not an address'}
         let f = &l.findings[0];
         assert_eq!(
             (f.kind.as_str(), f.resource.as_str(), f.line),
-            ("WorkloadEntry", "default/bad", 6)
+            ("WorkloadEntry", "default/bad", 9)
         );
         assert_eq!(
             f.to_string(),
-            "Error [INVALID_ADDRESS] (WorkloadEntry default/bad cfg/test.yaml:6) address \"not an address\" is not an IP address, DNS name or unix:// path"
+            "Error [INVALID_ADDRESS] (WorkloadEntry default/bad cfg/test.yaml:9:8) address \"not an address\" is not an IP address, DNS name or unix:// path"
         );
     }
 

@@ -1,7 +1,8 @@
 //! Serde types for the Istio and Kubernetes resources portcullis reads.
 //!
-//! Only the fields portcullis acts on are modelled; unknown fields are ignored so that
-//! real-world YAML written for Istio loads unchanged.
+//! Only the fields portcullis acts on are modelled. serde skips the others; which of them
+//! are fields of the real schema and which are misspellings is decided by the loader
+//! against the schema's field lists (`schema.rs`).
 
 use std::collections::BTreeMap;
 
@@ -238,13 +239,32 @@ pub struct VirtualServiceSpec {
 }
 
 /// Outbound traffic policy mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboundMode {
     /// Only registered destinations are reachable.
     RegistryOnly,
     /// Unregistered destinations are passed through.
     AllowAny,
+}
+
+impl<'de> Deserialize<'de> for OutboundMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const SUPPORTED: &str = "supported modes: REGISTRY_ONLY, ALLOW_ANY";
+        let mode = String::deserialize(deserializer)?;
+        match mode.as_str() {
+            "REGISTRY_ONLY" => Ok(OutboundMode::RegistryOnly),
+            "ALLOW_ANY" => Ok(OutboundMode::AllowAny),
+            // Istio's newer mode sends unregistered HTTP to the Host header's DNS answer
+            // through Envoy's dynamic forward proxy, a data path portcullis does not have.
+            "ALLOW_ANY_DYNAMIC_DNS" => Err(serde::de::Error::custom(format!(
+                "outbound traffic policy mode ALLOW_ANY_DYNAMIC_DNS (Istio's dynamic forward \
+                 proxy for unregistered HTTP hosts) is not supported by portcullis; {SUPPORTED}"
+            ))),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown outbound traffic policy mode `{other}`; {SUPPORTED}"
+            ))),
+        }
+    }
 }
 
 /// `outboundTrafficPolicy` in a Sidecar or in the mesh config.

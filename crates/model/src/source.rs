@@ -4,15 +4,15 @@
 //! looks at it, or takes its text from memory ([`Content::Text`]) so that reload semantics
 //! can be tested without files.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::load::load_lines;
-use crate::{FileLoad, Finding, Resource, Severity};
+use crate::load::{duplicate, identity, load_lines};
+use crate::{FileLoad, Finding, Position, Resource, Severity};
 
 /// The whole config path could not be read (it is missing, or a folder cannot be listed).
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +226,8 @@ impl ConfigSet {
         let mut steps = Vec::new();
         // Where the file being looked at starts in `self.resources`.
         let mut offset = 0;
+        // Who defines each resource, built once a file brings new content to check.
+        let mut index = None;
         for (path, content) in files {
             while let Some((_, state)) = old.next_if(|(p, _)| *p < path) {
                 steps.push(gone(state, &mut offset, &mut update));
@@ -238,6 +240,26 @@ impl ConfigSet {
             offset += state.contributes;
             let read = content.and_then(|content| self.read(&path, &content, state.digest));
             let (findings, new_good, digest) = match read {
+                Ok(Some((mut load, digest))) if !load.has_errors() => {
+                    let index = index.get_or_insert_with(|| identities(&self.resources));
+                    let repeated = repeats(&load.resources, &path, index);
+                    if repeated.is_empty() {
+                        for r in &load.resources {
+                            let (kind, namespace, name) = identity(r);
+                            index.insert(
+                                (kind, namespace.to_string(), name.to_string()),
+                                (Arc::clone(&r.origin().file), r.origin().name),
+                            );
+                        }
+                        (load.findings, Some(load.resources), Some(digest))
+                    } else {
+                        load.findings.extend(repeated);
+                        load.findings.sort_by_key(|f| f.line);
+                        // Not remembered as seen: the other file may drop its copy, and then
+                        // this one must be read again to take over.
+                        (load.findings, None, None)
+                    }
+                }
                 Ok(None) => {
                     if state.findings.iter().any(|f| f.severity == Severity::Error) {
                         update.rejected.push(path.clone());
@@ -365,6 +387,41 @@ impl ConfigSet {
     }
 }
 
+/// A resource's identity, owned.
+type Identity = (&'static str, String, String);
+
+/// Where each of `resources` is defined, by identity.
+fn identities(resources: &[Resource]) -> HashMap<Identity, (Arc<PathBuf>, Position)> {
+    resources
+        .iter()
+        .map(|r| {
+            let (kind, namespace, name) = identity(r);
+            let origin = r.origin();
+            (
+                (kind, namespace.to_string(), name.to_string()),
+                (Arc::clone(&origin.file), origin.name),
+            )
+        })
+        .collect()
+}
+
+/// An error for each of `resources`, new content of `path`, that another file defines
+/// already: the resource that serves keeps serving, and the newcomer's file is rejected.
+fn repeats(
+    resources: &[Resource],
+    path: &Path,
+    index: &HashMap<Identity, (Arc<PathBuf>, Position)>,
+) -> Vec<Finding> {
+    resources
+        .iter()
+        .filter_map(|r| {
+            let (kind, namespace, name) = identity(r);
+            let (file, at) = index.get(&(kind, namespace.to_string(), name.to_string()))?;
+            (file.as_path() != path).then(|| duplicate(r, file, *at))
+        })
+        .collect()
+}
+
 /// The step for a file gone from the scan, whose resources start at `offset`.
 fn gone(state: FileState, offset: &mut usize, update: &mut Update) -> Step {
     update.changed |= state.contributes > 0;
@@ -407,6 +464,7 @@ fn read_finding(code: &'static str, path: &Path, message: &str) -> Finding {
         resource: String::new(),
         file: Arc::new(path.to_path_buf()),
         line: 1,
+        column: None,
         message: message.to_string(),
     }
 }
@@ -797,6 +855,63 @@ mod tests {
         assert!(!set.update(Err(gone)).changed);
         assert!(!set.loaded());
         assert!(set.has_errors());
+    }
+
+    #[test]
+    fn a_resource_defined_in_two_files_is_kept_where_it_serves() {
+        let mut set = ConfigSet::new();
+        // On a first load the later file in path order is the one in error.
+        let update = set.update(Ok(vec![
+            ok("a.yaml", we("w", "10.0.0.1")),
+            ok(
+                "b.yaml",
+                format!("{}---\n{}", we("x", "10.0.0.3"), we("w", "10.0.0.2")),
+            ),
+        ]));
+        assert_eq!(update.rejected, [PathBuf::from("b.yaml")]);
+        assert_eq!(names(&set), ["w"]);
+        let shown: Vec<String> = set.findings().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "Error [DUPLICATE] (WorkloadEntry default/w b.yaml:8:18) WorkloadEntry default/w is already defined at a.yaml:3:18"
+            ]
+        );
+
+        // The copy that serves wins even when the newcomer sorts first.
+        let mut set = ConfigSet::new();
+        set.update(Ok(vec![ok("b.yaml", we("w", "10.0.0.2"))]));
+        let update = set.update(Ok(vec![
+            ok("a.yaml", we("w", "10.0.0.1")),
+            ok("b.yaml", we("w", "10.0.0.2")),
+        ]));
+        assert!(!update.changed);
+        assert_eq!(update.rejected, [PathBuf::from("a.yaml")]);
+        let Some(Resource::WorkloadEntry(w)) = set.resources().first() else {
+            panic!("w kept");
+        };
+        assert_eq!(w.spec.spec.address, "10.0.0.2");
+        assert_eq!(
+            set.findings()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>(),
+            ["WorkloadEntry default/w is already defined at b.yaml:3:18"]
+        );
+
+        // Once the serving copy is gone, the rejected file is read again and takes over.
+        let update = set.update(Ok(vec![
+            ok("a.yaml", we("w", "10.0.0.1")),
+            ok("b.yaml", we("other", "10.0.0.2")),
+        ]));
+        assert!(update.changed);
+        assert_eq!(names(&set), ["other"]);
+        let update = set.update(Ok(vec![
+            ok("a.yaml", we("w", "10.0.0.1")),
+            ok("b.yaml", we("other", "10.0.0.2")),
+        ]));
+        assert!(update.changed && update.rejected.is_empty());
+        assert_eq!(names(&set), ["w", "other"]);
+        assert!(!set.has_errors());
     }
 
     #[test]

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::{
-    DestinationRuleSpec, Finding, KubeServiceSpec, Object, Origin, Pod, Resolution, Resource,
-    ServiceEntrySpec, Severity, SidecarSpec, TargetPort, VirtualServiceSpec, WorkloadEntrySpec,
-    WorkloadSelector,
+    DestinationRuleSpec, Finding, KubeServiceSpec, Object, Origin, Pod, Position, Resolution,
+    Resource, ServiceEntrySpec, Severity, SidecarSpec, TargetPort, VirtualServiceSpec,
+    WorkloadEntrySpec, WorkloadSelector,
 };
 
 /// Prefix of a Unix domain socket endpoint address.
@@ -22,9 +22,11 @@ pub const UNIX_PREFIX: &str = "unix://";
 
 /// Checks one resource; errors reject it, warnings are informational.
 ///
-/// `kind` and `resource` of the findings are left empty for the loader to fill in.
-pub fn resource(resource: &Resource) -> Vec<Finding> {
-    let mut out = Findings::new(resource.origin());
+/// `locate` tells where a field (`spec.ports[0].name`) is written, so that a finding points
+/// at it; where it says `None`, the finding points at the document. `kind` and `resource`
+/// of the findings are left empty for the loader to fill in.
+pub fn resource(resource: &Resource, locate: &dyn Fn(&str) -> Option<Position>) -> Vec<Finding> {
+    let mut out = Findings::new(resource.origin(), locate);
     match resource {
         Resource::ServiceEntry(o) => service_entry(o, &mut out),
         Resource::WorkloadEntry(o) => workload_entry(&o.spec.spec, &mut out),
@@ -116,29 +118,42 @@ fn is_udp(protocol: Option<&str>) -> bool {
     protocol.is_some_and(|p| p.eq_ignore_ascii_case("UDP"))
 }
 
-struct Findings {
+struct Findings<'a> {
     file: Arc<std::path::PathBuf>,
     line: u64,
+    locate: &'a dyn Fn(&str) -> Option<Position>,
+    /// The field the next finding is about, set by [`Findings::at`] for that one finding.
+    field: Option<String>,
     list: Vec<Finding>,
 }
 
-impl Findings {
-    fn new(origin: &Origin) -> Self {
+impl<'a> Findings<'a> {
+    fn new(origin: &Origin, locate: &'a dyn Fn(&str) -> Option<Position>) -> Self {
         Findings {
             file: Arc::clone(&origin.file),
             line: origin.line,
+            locate,
+            field: None,
             list: Vec::new(),
         }
     }
 
+    /// Makes the next finding point at `field`, a path such as `spec.ports[0].name`.
+    fn at(&mut self, field: impl Into<String>) -> &mut Self {
+        self.field = Some(field.into());
+        self
+    }
+
     fn push(&mut self, severity: Severity, code: &'static str, message: String) {
+        let at = self.field.take().and_then(|field| (self.locate)(&field));
         self.list.push(Finding {
             severity,
             code,
             kind: String::new(),
             resource: String::new(),
             file: Arc::clone(&self.file),
-            line: self.line,
+            line: at.map_or(self.line, |at| at.line),
+            column: at.map(|at| at.column),
             message,
         });
     }
@@ -182,9 +197,11 @@ fn host_hint(host: &str) -> &'static str {
 fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
     let spec = &o.spec;
     if spec.hosts.is_empty() {
-        out.error("NO_HOSTS", "hosts must not be empty".to_string());
+        out.at("spec.hosts")
+            .error("NO_HOSTS", "hosts must not be empty".to_string());
     }
-    for host in &spec.hosts {
+    for (i, host) in spec.hosts.iter().enumerate() {
+        out.at(format!("spec.hosts[{i}]"));
         if host == "*" {
             out.error(
                 "INVALID_HOST",
@@ -199,7 +216,8 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
     }
 
     let mut has_cidr = false;
-    for address in &spec.addresses {
+    for (i, address) in spec.addresses.iter().enumerate() {
+        out.at(format!("spec.addresses[{i}]"));
         if is_ip(address) {
             continue;
         }
@@ -213,7 +231,7 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
         }
     }
     if has_cidr && !matches!(spec.resolution, Resolution::None | Resolution::Static) {
-        out.error(
+        out.at("spec.resolution").error(
             "INVALID_ADDRESS",
             "CIDR addresses are allowed only with resolution NONE or STATIC".to_string(),
         );
@@ -222,7 +240,7 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
     let port_names = service_entry_ports(spec, out);
 
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
-        out.error(
+        out.at("spec.workloadSelector").error(
             "SELECTOR_AND_ENDPOINTS",
             "only one of workloadSelector or endpoints can be set".to_string(),
         );
@@ -233,7 +251,8 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
 
     service_entry_resolution(spec, out);
     for (index, endpoint) in spec.endpoints.iter().enumerate() {
-        endpoint_common(&format!("endpoints[{index}]"), endpoint, &port_names, out);
+        let field = format!("endpoints[{index}]");
+        endpoint_common(&field, &format!("spec.{field}"), endpoint, &port_names, out);
     }
 
     if spec.resolution != Resolution::None
@@ -243,7 +262,7 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
             .iter()
             .any(|p| !carries_host(p.protocol.as_deref()))
     {
-        out.error(
+        out.at("spec.hosts").error(
             "MULTIPLE_HOSTS_TCP",
             "multiple hosts with a port that is not HTTP or TLS: the hosts cannot be told apart"
                 .to_string(),
@@ -251,10 +270,10 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
     }
 
     if spec.addresses.is_empty() {
-        for port in &spec.ports {
+        for (i, port) in spec.ports.iter().enumerate() {
             let protocol = port.protocol.as_deref();
             if !carries_host(protocol) && !is_udp(protocol) {
-                out.warn(
+                out.at(format!("spec.ports[{i}]")).warn(
                     "NO_ADDRESS_TCP",
                     format!(
                         "port {} ({}) has no addresses: TCP traffic to port {} on any IP is \
@@ -274,24 +293,26 @@ fn service_entry(o: &Object<ServiceEntrySpec>, out: &mut Findings) {
 /// Checks the ports; returns the declared port names for endpoint port overrides.
 fn service_entry_ports<'a>(spec: &'a ServiceEntrySpec, out: &mut Findings) -> BTreeSet<&'a str> {
     if spec.ports.is_empty() {
-        out.error("NO_PORTS", "ports must not be empty".to_string());
+        out.at("spec.ports")
+            .error("NO_PORTS", "ports must not be empty".to_string());
     }
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
-    for port in &spec.ports {
+    for (i, port) in spec.ports.iter().enumerate() {
+        let at = |field: &str| format!("spec.ports[{i}].{field}");
         if !port_in_range(port.number) {
-            out.error(
+            out.at(at("number")).error(
                 "INVALID_PORT",
                 format!("port number {} must be between 1 and 65535", port.number),
             );
         } else if !numbers.insert(port.number) {
-            out.error(
+            out.at(at("number")).error(
                 "DUPLICATE_PORT",
                 format!("port number {} is declared twice", port.number),
             );
         }
         if !is_dns_label(&port.name) {
-            out.error(
+            out.at(at("name")).error(
                 "INVALID_PORT_NAME",
                 format!(
                     "port {} name {:?} must be a lowercase DNS label",
@@ -300,7 +321,7 @@ fn service_entry_ports<'a>(spec: &'a ServiceEntrySpec, out: &mut Findings) -> BT
             );
         }
         if !port.name.is_empty() && !names.insert(port.name.as_str()) {
-            out.error(
+            out.at(at("name")).error(
                 "DUPLICATE_PORT_NAME",
                 format!("port name {:?} is declared twice", port.name),
             );
@@ -308,7 +329,7 @@ fn service_entry_ports<'a>(spec: &'a ServiceEntrySpec, out: &mut Findings) -> BT
         if let Some(target) = port.target_port
             && !port_in_range(target)
         {
-            out.error(
+            out.at(at("targetPort")).error(
                 "INVALID_PORT",
                 format!(
                     "port {} targetPort {target} must be between 1 and 65535",
@@ -318,12 +339,12 @@ fn service_entry_ports<'a>(spec: &'a ServiceEntrySpec, out: &mut Findings) -> BT
         }
         match port.protocol.as_deref() {
             Some(p) if !PROTOCOLS.iter().any(|known| known.eq_ignore_ascii_case(p)) => {
-                out.error(
+                out.at(at("protocol")).error(
                     "INVALID_PROTOCOL",
                     format!("port {} protocol {p:?} is not supported", port.number),
                 );
             }
-            Some(p) if is_udp(Some(p)) => out.warn(
+            Some(p) if is_udp(Some(p)) => out.at(at("protocol")).warn(
                 "UNSUPPORTED_PROTOCOL",
                 format!(
                     "port {} is UDP, which portcullis does not proxy",
@@ -340,7 +361,7 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
     match spec.resolution {
         Resolution::None => {
             if !spec.endpoints.is_empty() {
-                out.error(
+                out.at("spec.endpoints").error(
                     "INVALID_ENDPOINT",
                     "endpoints cannot be set with resolution NONE".to_string(),
                 );
@@ -348,7 +369,7 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
         }
         Resolution::Static => {
             if spec.endpoints.is_empty() && spec.workload_selector.is_none() {
-                out.warn(
+                out.at("spec.resolution").warn(
                     "NO_ENDPOINTS",
                     "resolution STATIC with neither endpoints nor workloadSelector: \
                      the service has no endpoints"
@@ -361,19 +382,19 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
                 if address.starts_with(UNIX_PREFIX) {
                     unix = true;
                     if !is_unix_address(address) {
-                        out.error(
+                        out.at(format!("spec.endpoints[{index}].address")).error(
                             "INVALID_ADDRESS",
                             format!("endpoints[{index}] address {address:?} is not an absolute socket path"),
                         );
                     }
                     if !endpoint.ports.is_empty() {
-                        out.error(
+                        out.at(format!("spec.endpoints[{index}].ports")).error(
                             "INVALID_ENDPOINT",
                             format!("endpoints[{index}] is a unix socket and cannot set ports"),
                         );
                     }
                 } else if !address.is_empty() && !is_ip(address) {
-                    out.error(
+                    out.at(format!("spec.endpoints[{index}].address")).error(
                         "INVALID_ADDRESS",
                         format!(
                             "endpoints[{index}] address {address:?} must be an IP address \
@@ -383,7 +404,7 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
                 }
             }
             if unix && spec.ports.len() != 1 {
-                out.error(
+                out.at("spec.ports").error(
                     "INVALID_ENDPOINT",
                     "unix socket endpoints need exactly one service port".to_string(),
                 );
@@ -391,8 +412,11 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
         }
         Resolution::Dns | Resolution::DnsRoundRobin => {
             if spec.endpoints.is_empty() {
-                for host in spec.hosts.iter().filter(|h| h.contains('*')) {
-                    out.error(
+                for (i, host) in spec.hosts.iter().enumerate() {
+                    if !host.contains('*') {
+                        continue;
+                    }
+                    out.at(format!("spec.hosts[{i}]")).error(
                         "DNS_WILDCARD",
                         format!(
                             "host {host:?} is a wildcard and cannot be resolved with DNS; \
@@ -404,7 +428,7 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
             for (index, endpoint) in spec.endpoints.iter().enumerate() {
                 let address = endpoint.address.as_str();
                 if !address.is_empty() && !is_ip(address) && !is_fqdn(address) {
-                    out.error(
+                    out.at(format!("spec.endpoints[{index}].address")).error(
                         "INVALID_ADDRESS",
                         format!(
                             "endpoints[{index}] address {address:?} is not an IP address or \
@@ -414,7 +438,7 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
                 }
             }
             if spec.resolution == Resolution::DnsRoundRobin && spec.endpoints.len() > 1 {
-                out.error(
+                out.at("spec.endpoints").error(
                     "TOO_MANY_ENDPOINTS",
                     "resolution DNS_ROUND_ROBIN allows at most one endpoint".to_string(),
                 );
@@ -425,37 +449,40 @@ fn service_entry_resolution(spec: &ServiceEntrySpec, out: &mut Findings) {
 
 /// Checks shared by inline endpoints and WorkloadEntries: address present, port overrides
 /// in range (and, for inline endpoints, naming a declared port), weight.
+/// `field` names the endpoint in messages, `path` is where it is written.
 fn endpoint_common(
     field: &str,
+    path: &str,
     endpoint: &WorkloadEntrySpec,
     port_names: &BTreeSet<&str>,
     out: &mut Findings,
 ) {
     if endpoint.address.is_empty() {
-        out.error("INVALID_ADDRESS", format!("{field} address is required"));
+        out.at(path)
+            .error("INVALID_ADDRESS", format!("{field} address is required"));
     }
-    endpoint_ports(field, &endpoint.ports, out);
+    endpoint_ports(field, path, &endpoint.ports, out);
     for name in endpoint.ports.keys() {
         if !name.is_empty() && !port_names.contains(name.as_str()) {
-            out.warn(
+            out.at(format!("{path}.ports")).warn(
                 "UNKNOWN_PORT_NAME",
                 format!("{field} port {name:?} is not a port of the service entry, ignored"),
             );
         }
     }
-    endpoint_weight(field, endpoint.weight, out);
+    endpoint_weight(field, path, endpoint.weight, out);
 }
 
-fn endpoint_ports(field: &str, ports: &BTreeMap<String, u32>, out: &mut Findings) {
+fn endpoint_ports(field: &str, path: &str, ports: &BTreeMap<String, u32>, out: &mut Findings) {
     for (name, port) in ports {
         if name.is_empty() {
-            out.error(
+            out.at(format!("{path}.ports")).error(
                 "INVALID_PORT_NAME",
                 format!("{field} ports has an empty name"),
             );
         }
         if !port_in_range(*port) {
-            out.error(
+            out.at(format!("{path}.ports.{name}")).error(
                 "INVALID_PORT",
                 format!("{field} port {name:?} = {port} must be between 1 and 65535"),
             );
@@ -463,11 +490,11 @@ fn endpoint_ports(field: &str, ports: &BTreeMap<String, u32>, out: &mut Findings
     }
 }
 
-fn endpoint_weight(field: &str, weight: Option<u32>, out: &mut Findings) {
+fn endpoint_weight(field: &str, path: &str, weight: Option<u32>, out: &mut Findings) {
     // Istio's weight is a proto3 uint32, so 0 cannot be told from "unset" and means 1;
     // someone writing 0 most likely wanted to drain the endpoint, which it does not do.
     if weight == Some(0) {
-        out.warn(
+        out.at(format!("{path}.weight")).warn(
             "ZERO_WEIGHT",
             format!("{field} weight 0 is treated as 1, it does not drain the endpoint"),
         );
@@ -477,7 +504,7 @@ fn endpoint_weight(field: &str, weight: Option<u32>, out: &mut Findings) {
 fn selector_labels(selector: &WorkloadSelector, out: &mut Findings) {
     for (key, value) in &selector.labels {
         if key.is_empty() || key.contains('*') || value.contains('*') {
-            out.error(
+            out.at("spec.workloadSelector.labels").error(
                 "INVALID_SELECTOR",
                 format!("workloadSelector label {key:?}: {value:?}: wildcards are not supported"),
             );
@@ -487,14 +514,15 @@ fn selector_labels(selector: &WorkloadSelector, out: &mut Findings) {
 
 fn export_to(entries: &[String], namespace: &str, allow_none: bool, out: &mut Findings) {
     let mut seen = BTreeSet::new();
-    for entry in entries {
+    for (i, entry) in entries.iter().enumerate() {
+        let at = format!("spec.exportTo[{i}]");
         let valid = match entry.as_str() {
             "." | "*" => true,
             "~" => allow_none,
             ns => is_dns_label(ns),
         };
         if !valid {
-            out.error(
+            out.at(at.clone()).error(
                 "INVALID_EXPORT_TO",
                 format!("exportTo {entry:?} must be `.`, `*`, `~` or a namespace name"),
             );
@@ -502,7 +530,7 @@ fn export_to(entries: &[String], namespace: &str, allow_none: bool, out: &mut Fi
         // `.` is the resource's own namespace, so `.` next to that name is a duplicate.
         let key = if entry == "." { namespace } else { entry };
         if !seen.insert(key) {
-            out.error(
+            out.at(at).error(
                 "INVALID_EXPORT_TO",
                 format!("exportTo {entry:?} is listed twice"),
             );
@@ -512,6 +540,7 @@ fn export_to(entries: &[String], namespace: &str, allow_none: bool, out: &mut Fi
 
 fn workload_entry(spec: &WorkloadEntrySpec, out: &mut Findings) {
     let address = spec.address.as_str();
+    out.at("spec.address");
     if address.is_empty() {
         if spec.network.is_empty() {
             out.error("INVALID_ADDRESS", "address is required".to_string());
@@ -536,12 +565,13 @@ fn workload_entry(spec: &WorkloadEntrySpec, out: &mut Findings) {
             format!("address {address:?} is not an IP address, DNS name or unix:// path"),
         );
     }
-    endpoint_ports("workload entry", &spec.ports, out);
-    endpoint_weight("workload entry", spec.weight, out);
+    endpoint_ports("workload entry", "spec", &spec.ports, out);
+    endpoint_weight("workload entry", "spec", spec.weight, out);
 }
 
 fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
     let spec = &o.spec;
+    out.at("spec.host");
     if spec.host.is_empty() {
         out.error("NO_HOSTS", "host is required".to_string());
     } else if !is_wildcard_host(&spec.host) {
@@ -555,7 +585,8 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
         );
     }
     let mut names = BTreeSet::new();
-    for subset in &spec.subsets {
+    for (i, subset) in spec.subsets.iter().enumerate() {
+        out.at(format!("spec.subsets[{i}].name"));
         if !is_dns_label(&subset.name) {
             out.error(
                 "INVALID_SUBSET",
@@ -576,14 +607,14 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
 
 fn virtual_service(spec: &VirtualServiceSpec, out: &mut Findings) {
     if spec.hosts.is_empty() {
-        out.warn(
+        out.at("spec").warn(
             "NO_HOSTS",
             "no hosts: a delegate VirtualService, which portcullis ignores".to_string(),
         );
     }
-    for host in &spec.hosts {
+    for (i, host) in spec.hosts.iter().enumerate() {
         if !is_wildcard_host(host) && !is_ip(host) {
-            out.error(
+            out.at(format!("spec.hosts[{i}]")).error(
                 "INVALID_HOST",
                 format!("host {host:?} is not a valid DNS name or IP address"),
             );
@@ -624,14 +655,14 @@ fn sidecar(spec: &SidecarSpec, out: &mut Findings) {
             Some(_) => {}
         }
         if egress.hosts.is_empty() {
-            out.error(
+            out.at(format!("spec.egress[{index}]")).error(
                 "NO_HOSTS",
                 format!("egress[{index}] must have at least one host"),
             );
         }
-        for host in &egress.hosts {
+        for (i, host) in egress.hosts.iter().enumerate() {
             if let Some(problem) = sidecar_host_problem(host) {
-                out.error(
+                out.at(format!("spec.egress[{index}].hosts[{i}]")).error(
                     "INVALID_EGRESS_HOST",
                     format!("egress[{index}] host {host:?}: {problem}"),
                 );
@@ -667,35 +698,46 @@ fn pod(pod: &Pod, out: &mut Findings) {
         .status
         .pod_ip
         .iter()
-        .chain(pod.status.pod_ips.iter().map(|p| &p.ip));
-    for ip in ips {
+        .map(|ip| (ip, "status.podIP".to_string()))
+        .chain(
+            (pod.status.pod_ips.iter().enumerate())
+                .map(|(i, p)| (&p.ip, format!("status.podIPs[{i}].ip"))),
+        );
+    for (ip, at) in ips {
         if !is_ip(ip) {
-            out.error(
+            out.at(at).error(
                 "INVALID_ADDRESS",
                 format!("pod IP {ip:?} is not an IP address"),
             );
         }
     }
-    for container in &pod.spec.containers {
-        for port in &container.ports {
+    for (c, container) in pod.spec.containers.iter().enumerate() {
+        for (p, port) in container.ports.iter().enumerate() {
             if !port_in_range(port.container_port) {
-                out.error(
-                    "INVALID_PORT",
-                    format!(
-                        "container {:?} port {} must be between 1 and 65535",
-                        container.name, port.container_port
-                    ),
-                );
+                out.at(format!("spec.containers[{c}].ports[{p}].containerPort"))
+                    .error(
+                        "INVALID_PORT",
+                        format!(
+                            "container {:?} port {} must be between 1 and 65535",
+                            container.name, port.container_port
+                        ),
+                    );
             }
         }
     }
 }
 
 fn kube_service(spec: &KubeServiceSpec, out: &mut Findings) {
-    let ips = spec.cluster_ip.iter().chain(spec.cluster_ips.iter());
-    for ip in ips {
+    let ips = (spec
+        .cluster_ip
+        .iter()
+        .map(|ip| (ip, "spec.clusterIP".to_string())))
+    .chain(
+        (spec.cluster_ips.iter().enumerate()).map(|(i, ip)| (ip, format!("spec.clusterIPs[{i}]"))),
+    );
+    for (ip, at) in ips {
         if !ip.is_empty() && ip != "None" && !is_ip(ip) {
-            out.error(
+            out.at(at).error(
                 "INVALID_ADDRESS",
                 format!("cluster IP {ip:?} is not an IP address or `None`"),
             );
@@ -703,22 +745,23 @@ fn kube_service(spec: &KubeServiceSpec, out: &mut Findings) {
     }
     let mut seen = BTreeSet::new();
     let mut names = BTreeSet::new();
-    for port in &spec.ports {
+    for (i, port) in spec.ports.iter().enumerate() {
+        let at = |field: &str| format!("spec.ports[{i}].{field}");
         if !port_in_range(port.port) {
-            out.error(
+            out.at(at("port")).error(
                 "INVALID_PORT",
                 format!("port {} must be between 1 and 65535", port.port),
             );
         }
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
         if !seen.insert((port.port, protocol)) {
-            out.error(
+            out.at(at("port")).error(
                 "DUPLICATE_PORT",
                 format!("port {}/{protocol} is declared twice", port.port),
             );
         }
         if spec.ports.len() > 1 && port.name.is_empty() {
-            out.error(
+            out.at(format!("spec.ports[{i}]")).error(
                 "INVALID_PORT_NAME",
                 format!(
                     "port {} needs a name when a service has several ports",
@@ -727,7 +770,7 @@ fn kube_service(spec: &KubeServiceSpec, out: &mut Findings) {
             );
         }
         if !port.name.is_empty() && !names.insert(port.name.as_str()) {
-            out.error(
+            out.at(at("name")).error(
                 "DUPLICATE_PORT_NAME",
                 format!("port name {:?} is declared twice", port.name),
             );
@@ -735,7 +778,7 @@ fn kube_service(spec: &KubeServiceSpec, out: &mut Findings) {
         if let Some(TargetPort::Number(target)) = &port.target_port
             && !port_in_range(*target)
         {
-            out.error(
+            out.at(at("targetPort")).error(
                 "INVALID_PORT",
                 format!(
                     "port {} targetPort {target} must be between 1 and 65535",
@@ -762,8 +805,9 @@ mod tests {
             "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: t, namespace: ns}}\n{spec}\n"
         );
         let load = load_str(&text, &Arc::new(PathBuf::from("v.yaml")));
+        let lines = text.lines().count() as u64;
         for f in &load.findings {
-            assert_eq!(f.line, 1, "{f}");
+            assert!((1..=lines).contains(&f.line), "{f}");
             assert_eq!(f.file.as_path(), std::path::Path::new("v.yaml"));
         }
         let codes: Codes = load.findings.iter().map(|f| (f.severity, f.code)).collect();
@@ -773,6 +817,57 @@ mod tests {
             "{codes:?}"
         );
         codes
+    }
+
+    #[test]
+    fn findings_point_at_their_field() {
+        let text = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: t}
+spec:
+  hosts:
+  - ok.example.com
+  - Bad.example.com
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 5432, name: Db, protocol: TCP}
+  resolution: STATIC
+  endpoints:
+  - {address: 10.0.0.1, weight: 0}
+  exportTo: ['-']
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.300
+  ports: [{port: 80}]
+";
+        let load = load_str(text, &Arc::new(PathBuf::from("v.yaml")));
+        let at: Vec<(&str, u64, Option<u64>)> = load
+            .findings
+            .iter()
+            .map(|f| (f.code, f.line, f.column))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                ("INVALID_HOST", 7, Some(5)),
+                ("INVALID_PORT_NAME", 10, Some(20)),
+                ("ZERO_WEIGHT", 13, Some(25)),
+                ("MULTIPLE_HOSTS_TCP", 5, Some(3)),
+                ("NO_ADDRESS_TCP", 10, Some(5)),
+                ("INVALID_EXPORT_TO", 14, Some(14)),
+                ("INVALID_ADDRESS", 20, Some(3)),
+            ]
+        );
+        // A missing field is pointed at through what is written of its path.
+        let load = load_str(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: t}\nspec:\n  ports: [{number: 80, name: http}]\n",
+            &Arc::new(PathBuf::from("v.yaml")),
+        );
+        let f = &load.findings[0];
+        assert_eq!((f.code, f.line, f.column), ("NO_HOSTS", 4, Some(1)), "{f}");
     }
 
     fn se(spec: &str) -> Codes {

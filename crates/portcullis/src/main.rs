@@ -113,6 +113,9 @@ pub struct CheckArgs {
     /// Config file or folder.
     #[arg(long, env = "PORTCULLIS_CONFIG")]
     pub config: PathBuf,
+    /// `text`: one finding a line, then a summary line; `json`: one JSON object, for CI.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: check::Output,
 }
 
 /// Installs the log subscriber; the returned function changes the filter at run time.
