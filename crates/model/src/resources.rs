@@ -33,6 +33,9 @@ pub struct ObjectMeta {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `creationTimestamp` as written (RFC 3339); Istio orders conflicting services by it.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// Label selector used by `workloadSelector` and Kubernetes `selector`.
