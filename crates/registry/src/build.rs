@@ -12,6 +12,7 @@ use portcullis_model::{
 };
 
 use crate::Map;
+use crate::order::Age;
 use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
@@ -83,6 +84,7 @@ struct PendingCluster {
     port: u16,
     protocol: Protocol,
     resolution: Resolution,
+    passthrough_port: Option<u16>,
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
@@ -100,14 +102,35 @@ struct Builder<'a> {
     pods: Vec<ReadyPod<'a>>,
     clusters: Map<Arc<str>, PendingCluster>,
     hosts: Map<u16, HostTable>,
-    hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
-    addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
+    /// Port, name, cluster, and whether a ClientHello's SNI may match the name.
+    hosts_pending: Vec<(u16, Box<str>, Arc<str>, bool)>,
+    addresses_pending: Vec<PendingAddress>,
+    /// Ports whose wildcard listener sniffs HTTP.
+    sniffed_ports: HashSet<u16>,
     warnings: Vec<String>,
 }
 
 enum AddressKey {
     Net(IpNet),
     AnyOnPort,
+}
+
+/// A claim on a port's destination addresses, settled in Istio's service order.
+struct PendingAddress {
+    age: Age,
+    port: u16,
+    key: AddressKey,
+    cluster: Arc<str>,
+}
+
+/// Whether SNI routes to a TLS service: Istio matches it only on the wildcard listener, where
+/// a service lands without addresses or with a range; an exact address has its own listener.
+fn routed_by_sni(protocol: Protocol, addresses: &[IpNet]) -> bool {
+    protocol == Protocol::Tls
+        && (addresses.is_empty()
+            || addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len()))
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -225,6 +248,7 @@ impl<'a> Builder<'a> {
             hosts: Map::default(),
             hosts_pending: Vec::new(),
             addresses_pending: Vec::new(),
+            sniffed_ports: HashSet::new(),
             warnings: Vec::new(),
         };
         if let Some(prev) = previous {
@@ -387,53 +411,95 @@ impl<'a> Builder<'a> {
                     let protocol = protocol_of(port.protocol.as_deref(), &port.name);
                     let name: Arc<str> = format!("outbound|{number}||{host}").into();
                     let endpoints = self.se_endpoints(se, &host, port);
+                    let addresses: Vec<IpNet> = se
+                        .spec
+                        .addresses
+                        .iter()
+                        .filter_map(|a| parse_net(a))
+                        .collect();
+                    // Istio's ORIGINAL_DST cluster takes `targetPort` as its upstream port.
+                    let passthrough_port = port
+                        .target_port
+                        .filter(|_| se.spec.resolution == Resolution::None)
+                        .and_then(|p| u16::try_from(p).ok());
                     let added = self.add_cluster(PendingCluster {
                         name: Arc::clone(&name),
                         host: host.as_str().into(),
                         port: number,
                         protocol,
                         resolution: se.spec.resolution,
+                        passthrough_port,
                         source: Arc::clone(&source),
-                        addresses: se
-                            .spec
-                            .addresses
-                            .iter()
-                            .filter_map(|a| parse_net(a))
-                            .collect(),
+                        addresses: addresses.clone(),
                         endpoints,
                     });
                     if !added {
                         continue;
                     }
+                    let sni = routed_by_sni(protocol, &addresses);
                     self.hosts_pending
-                        .push((number, host.as_str().into(), Arc::clone(&name)));
-                    for address in &se.spec.addresses {
-                        if let Some(net) = parse_net(address) {
-                            if net.prefix_len() == net.max_prefix_len() {
-                                self.hosts_pending.push((
-                                    number,
-                                    net.addr().to_string().into(),
-                                    Arc::clone(&name),
-                                ));
-                            }
-                            self.addresses_pending.push((
-                                number,
-                                AddressKey::Net(net),
-                                Arc::clone(&name),
-                            ));
-                        }
-                    }
-                    if se.spec.addresses.is_empty()
-                        && matches!(protocol, Protocol::Tcp | Protocol::Auto)
-                    {
-                        self.addresses_pending.push((
-                            number,
-                            AddressKey::AnyOnPort,
-                            Arc::clone(&name),
-                        ));
-                    }
+                        .push((number, host.as_str().into(), Arc::clone(&name), sni));
+                    let age = Age::new(
+                        se.meta.creation_timestamp.as_deref(),
+                        &host,
+                        &se.meta.namespace,
+                    );
+                    let port_wide = se.spec.addresses.is_empty();
+                    self.claim_port(age, number, protocol, &addresses, port_wide, &name);
                 }
             }
+        }
+    }
+
+    /// Registers a service port's claims on destinations as Istio's outbound listeners make
+    /// them: an exact address is also a name for Host routing; opaque (TCP, TLS, undeclared)
+    /// services own their addresses or ranges, and with `port_wide` (TCP or undeclared
+    /// without addresses) the whole port; HTTP services live on the port's wildcard listener
+    /// and own no address, and make that listener sniff HTTP, as undeclared ones do there.
+    fn claim_port(
+        &mut self,
+        age: Age,
+        port: u16,
+        protocol: Protocol,
+        addresses: &[IpNet],
+        port_wide: bool,
+        cluster: &Arc<str>,
+    ) {
+        for net in addresses {
+            if net.prefix_len() == net.max_prefix_len() {
+                self.hosts_pending.push((
+                    port,
+                    net.addr().to_string().into(),
+                    Arc::clone(cluster),
+                    false,
+                ));
+            }
+        }
+        let on_wildcard = addresses.is_empty()
+            || addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len());
+        match protocol {
+            Protocol::Http | Protocol::Http2 => {
+                self.sniffed_ports.insert(port);
+                return;
+            }
+            Protocol::Auto if on_wildcard => {
+                self.sniffed_ports.insert(port);
+            }
+            Protocol::Auto | Protocol::Tcp | Protocol::Tls => {}
+        }
+        let mut keys: Vec<AddressKey> = addresses.iter().map(|n| AddressKey::Net(*n)).collect();
+        if port_wide && matches!(protocol, Protocol::Tcp | Protocol::Auto) {
+            keys.push(AddressKey::AnyOnPort);
+        }
+        for key in keys {
+            self.addresses_pending.push(PendingAddress {
+                age: age.clone(),
+                port,
+                key,
+                cluster: Arc::clone(cluster),
+            });
         }
     }
 
@@ -587,6 +653,7 @@ impl<'a> Builder<'a> {
                     port: number,
                     protocol,
                     resolution,
+                    passthrough_port: None,
                     source: Arc::clone(&source),
                     addresses: vips.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
@@ -594,19 +661,14 @@ impl<'a> Builder<'a> {
                 if !added {
                     continue;
                 }
+                let addresses: Vec<IpNet> = vips.iter().map(|ip| IpNet::from(*ip)).collect();
+                let sni = routed_by_sni(protocol, &addresses);
                 for host in &names {
                     self.hosts_pending
-                        .push((number, host.as_str().into(), Arc::clone(&name)));
+                        .push((number, host.as_str().into(), Arc::clone(&name), sni));
                 }
-                for vip in &vips {
-                    self.hosts_pending
-                        .push((number, vip.to_string().into(), Arc::clone(&name)));
-                    self.addresses_pending.push((
-                        number,
-                        AddressKey::Net(IpNet::from(*vip)),
-                        Arc::clone(&name),
-                    ));
-                }
+                let age = Age::new(svc.meta.creation_timestamp.as_deref(), &svc.meta.name, ns);
+                self.claim_port(age, number, protocol, &addresses, false, &name);
             }
         }
     }
@@ -715,6 +777,7 @@ impl<'a> Builder<'a> {
                     port: p.port,
                     protocol: p.protocol,
                     resolution: p.resolution,
+                    passthrough_port: p.passthrough_port,
                     source: p.source,
                     owned_destinations,
                     endpoints,
@@ -722,34 +785,29 @@ impl<'a> Builder<'a> {
                 }),
             );
         }
-        for (port, host, cluster) in std::mem::take(&mut self.hosts_pending) {
+        let mut sni: Map<u16, HostTable> = Map::default();
+        for (port, host, cluster, by_sni) in std::mem::take(&mut self.hosts_pending) {
             let Some(c) = clusters.get(&cluster) else {
                 continue;
             };
             let table = self.hosts.entry(port).or_default();
-            let kept = if &*host == "*" {
-                table.any.get_or_insert_with(|| Arc::clone(c))
-            } else if let Some(suffix) = host.strip_prefix('*') {
-                match table.wildcard.get(suffix) {
-                    Some(kept) => kept,
-                    None => {
-                        table.wildcard.insert(suffix, Arc::clone(c));
-                        continue;
-                    }
-                }
-            } else {
-                match table.exact.get(&*host) {
-                    Some(kept) => kept,
-                    None => {
-                        table.exact.insert(host, Arc::clone(c));
-                        continue;
-                    }
-                }
-            };
-            conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
+            if let Some(kept) = table.claim(&host, c) {
+                conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
+            }
+            if by_sni {
+                // Conflicts are reported once, by the table above.
+                sni.entry(port).or_default().claim(&host, c);
+            }
         }
         let mut addresses: Map<u16, AddressTable> = Map::default();
-        for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
+        let mut pending = std::mem::take(&mut self.addresses_pending);
+        // The oldest service keeps a contested address, as Istio builds listeners in
+        // creation order; stable, so one service's claims keep their order.
+        pending.sort_by(|a, b| a.age.cmp(&b.age));
+        for PendingAddress {
+            port, key, cluster, ..
+        } in pending
+        {
             let Some(c) = clusters.get(&cluster) else {
                 continue;
             };
@@ -802,8 +860,9 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        for table in addresses.values_mut() {
+        for (port, table) in addresses.iter_mut() {
             table.cidrs.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+            table.sniffed = self.sniffed_ports.contains(port);
         }
         let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
         clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -814,6 +873,7 @@ impl<'a> Builder<'a> {
             warnings: self.warnings,
             dns_names,
             hosts: self.hosts,
+            sni,
             addresses,
             pods: self
                 .pods
