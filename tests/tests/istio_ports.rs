@@ -2,14 +2,12 @@
 //! declared HTTP, HTTP beside a TCP ServiceEntry without addresses, the oldest of two TCP
 //! entries on one port, resolution NONE with `targetPort`, and a Host naming another port.
 
-use std::time::Duration;
-
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use portcullis_e2e::scenario::{
     self, APP_HOST, EXTERNAL_IP, EXTERNAL_MARK, IN_CLUSTER_IP, IN_CLUSTER_MARK, ROGUE_IP,
     SELECT_EXTERNAL, service_entry,
 };
-use portcullis_e2e::{Lab, Role, poll, run};
+use portcullis_e2e::{Lab, Role, run};
 
 /// REGISTRY_ONLY, the external host's WorkloadEntry and `services`, `names` mapped to the VIP
 /// in the pod, rules installed, portcullis running.
@@ -22,18 +20,6 @@ fn start(lab: &mut Lab, names: &[&str], services: &[(&str, String)]) -> anyhow::
     }
     lab.apply_iptables()?;
     lab.start_portcullis(&[])
-}
-
-/// Fails unless the access log gets a line holding every one of `parts`.
-fn expect_logged(lab: &mut Lab, what: &str, parts: &[&str]) -> anyhow::Result<()> {
-    poll(what, Duration::from_secs(5), || {
-        let log = lab.portcullis_output();
-        Ok(log
-            .lines()
-            .any(|l| parts.iter().all(|p| l.contains(p)))
-            .then_some(()))
-    })
-    .with_context(|| format!("no access log line with all of {parts:?}"))
 }
 
 /// A ServiceEntry `name` for `host` on TCP `port`, without addresses, created at `created`,
@@ -67,17 +53,7 @@ fn tls_to_an_http_port_is_not_routed_by_sni() {
     run("ports-tls-on-http", |lab| {
         let host = "plain.internal.com";
         let cert = lab.make_certificate(&[host, "tls.internal.com"])?;
-        let servers = format!(
-            "    server {{
-        listen {EXTERNAL_IP}:8443 ssl;
-        server_name _;
-        ssl_certificate {};
-        ssl_certificate_key {};
-        root {{html}};
-    }}",
-            cert.cert.display(),
-            cert.key.display()
-        );
+        let servers = cert.nginx_tls_server(&format!("{EXTERNAL_IP}:8443"));
         let nginx = lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8099)?;
         start(
             lab,
@@ -116,8 +92,7 @@ fn tls_to_an_http_port_is_not_routed_by_sni() {
             "nginx saw {} TLS connection(s) sent to an HTTP port",
             after - before - 1
         );
-        expect_logged(
-            lab,
+        lab.expect_logged(
             "the refused TLS connection in the access log",
             &[host, "BlackHoleCluster"],
         )?;
@@ -159,8 +134,7 @@ fn tcp_without_addresses_leaves_http_to_the_http_services() {
             seen.received > 0,
             "opaque bytes on the mixed port must reach the TCP service: {seen:?}"
         );
-        expect_logged(
-            lab,
+        lab.expect_logged(
             "opaque bytes logged to the TCP service",
             &[
                 "outbound|80||db.internal.com",
@@ -241,8 +215,7 @@ spec:
             .expect_page("HTTP, resolution NONE, targetPort 80", EXTERNAL_MARK)?;
         lab.curl(&[&format!("http://{EXTERNAL_IP}:8082/")])?
             .expect_page("TCP, resolution NONE, targetPort 80", EXTERNAL_MARK)?;
-        expect_logged(
-            lab,
+        lab.expect_logged(
             "the upstream on the target port",
             &[
                 "outbound|8081||web.internal.com",
