@@ -215,6 +215,11 @@ spec:
             .expect_page("HTTP, resolution NONE, targetPort 80", EXTERNAL_MARK)?;
         lab.curl(&[&format!("http://{EXTERNAL_IP}:8082/")])?
             .expect_page("TCP, resolution NONE, targetPort 80", EXTERNAL_MARK)?;
+        let (_, dump) = lab.admin_get("/config_dump")?;
+        ensure!(
+            dump.contains("\"passthrough_port\": 80"),
+            "/config_dump must show the target port of resolution NONE:\n{dump}"
+        );
         lab.expect_logged(
             "the upstream on the target port",
             &[
