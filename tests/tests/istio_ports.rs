@@ -256,3 +256,37 @@ fn a_host_with_another_port_is_routed_by_name() {
         lab.expect_running()
     });
 }
+
+/// HTTP sent to the address of a service of undeclared protocol goes to that service
+/// whatever its Host: Istio gives it its own sniffed listener whose route table holds only it.
+#[test]
+fn an_undeclared_service_takes_http_to_its_address() {
+    run("ports-auto-vip", |lab| {
+        let vip = "10.50.77.7";
+        let entry = format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: auto, namespace: default}}
+spec:
+  hosts: [auto.internal.com]
+  addresses: [{vip}]
+  location: MESH_EXTERNAL
+  ports:
+  - {{number: 8090, name: web-8090, targetPort: 80}}
+  resolution: STATIC
+  endpoints:
+  - address: {EXTERNAL_IP}
+"
+        );
+        start(lab, &[], &[("auto.yaml", entry)])?;
+        lab.curl(&[&format!("http://{vip}:8090/"), "-H", "Host: nobody.example"])?
+            .expect_page("HTTP to the undeclared service's address", EXTERNAL_MARK)?;
+        lab.curl(&[
+            &format!("http://{ROGUE_IP}:8090/"),
+            "-H",
+            "Host: nobody.example",
+        ])?
+        .expect_blocked("the same Host to another address")?;
+        lab.expect_running()
+    });
+}

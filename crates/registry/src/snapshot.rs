@@ -311,6 +311,21 @@ impl Snapshot {
         self.route_host(host, port)
     }
 
+    /// Routes an intercepted HTTP request sent to `dst`: a service of undeclared protocol
+    /// that owns `dst` exactly takes it whatever its Host, as Istio gives such a service
+    /// its own sniffed listener and a route table of its one host; else [`Self::route_http`].
+    pub fn route_http_to(&self, authority: &str, dst: IpAddr, port: u16) -> Decision {
+        if let Some(c) = self
+            .addresses
+            .get(&port)
+            .and_then(|t| t.exact.get(&canonical(dst)))
+            .filter(|c| c.protocol == Protocol::Auto)
+        {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        self.route_http(authority, port)
+    }
+
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
         match normalized(host) {

@@ -1629,3 +1629,51 @@ spec:
     assert_eq!(c.passthrough_port, None);
     assert_eq!(endpoints(c), ["10.60.0.1:80 w1"]);
 }
+
+#[test]
+fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
+    let s = snapshot(
+        &[
+            entry(
+                "auto",
+                "[auto.internal]",
+                "{number: 7000, name: other}",
+                "  addresses: [10.5.5.5]\n",
+            ),
+            entry(
+                "web",
+                "[web.internal]",
+                "{number: 7000, name: http, protocol: HTTP}",
+                "  addresses: [10.6.6.6]\n",
+            ),
+        ]
+        .concat(),
+    );
+    let auto = "outbound|7000||auto.internal";
+    let web = "outbound|7000||web.internal";
+    for host in [
+        "auto.internal",
+        "web.internal",
+        "nobody.example",
+        "10.6.6.6",
+    ] {
+        assert_eq!(
+            routed(&s.route_http_to(host, ip("10.5.5.5"), 7000)),
+            auto,
+            "{host}"
+        );
+    }
+    // An HTTP service's address does not do that: it lives on the port's wildcard listener.
+    assert_eq!(
+        routed(&s.route_http_to("nobody.example", ip("10.6.6.6"), 7000)),
+        "blackhole"
+    );
+    assert_eq!(
+        routed(&s.route_http_to("web.internal", ip("10.5.5.6"), 7000)),
+        web
+    );
+    assert_eq!(
+        routed(&s.route_http_to("auto.internal", ip("192.0.2.1"), 7000)),
+        auto
+    );
+}
