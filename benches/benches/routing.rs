@@ -32,7 +32,13 @@ fn routing(c: &mut Criterion) {
             ("miss", &k.missing_host),
         ] {
             g.bench_with_input(BenchmarkId::new(case, n), host, |b, host| {
-                b.iter(|| s.route_host(black_box(host), black_box(TLS_PORT)));
+                b.iter(|| {
+                    s.route_tls(
+                        black_box(Some(host)),
+                        black_box(k.missing_ip),
+                        black_box(TLS_PORT),
+                    )
+                });
             });
         }
         g.finish();

@@ -221,8 +221,9 @@ mod tests {
                 s.route_http(&k.missing_host, HTTP_PORT),
                 Decision::BlackHole
             ));
-            assert!(cluster(&s.route_host(&k.exact_host, TLS_PORT)).starts_with("svc-"));
-            assert!(cluster(&s.route_host(&k.wildcard_host, TLS_PORT)).starts_with("*.wild-"));
+            let sni = |host| s.route_tls(Some(host), k.missing_ip, TLS_PORT);
+            assert!(cluster(&sni(&k.exact_host)).starts_with("svc-"));
+            assert!(cluster(&sni(&k.wildcard_host)).starts_with("*.wild-"));
             assert!(cluster(&s.route_tcp(k.exact_ip, TCP_PORT)).starts_with("db-"));
             assert!(cluster(&s.route_tcp(k.cidr_ip, TCP_PORT)).starts_with("range-"));
             assert!(matches!(

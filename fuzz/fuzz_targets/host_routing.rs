@@ -51,14 +51,11 @@ fn host(text: &str, port: u16) {
     }
 }
 
-/// `route_http`: an authority names a registered service only on the port it arrived on.
+/// `route_http`: an authority's host routes on the port the request arrived on, whatever
+/// port the authority names (Istio's `ignore_port_in_host_matching`).
 fn authority(text: &str, port: u16) {
     let decision = registry().route_http(text, port);
-    let host = match split_host_port(text) {
-        Ok((host, None)) => Some(host),
-        Ok((host, Some(p))) if p == port => Some(host),
-        _ => None,
-    };
+    let host = split_host_port(text).ok().map(|(host, _)| host);
     match host.map(normalize_host) {
         Some(Ok(h)) => check_decision(
             &decision,

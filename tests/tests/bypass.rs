@@ -146,12 +146,14 @@ const ROWS: &[Row] = &[
         via: &[Transparent(ROGUE_80, Page), Explicit(Page)],
     },
     Row {
+        // Intercepted, the port the client dialled decides and the authority's is ignored,
+        // as in Istio's route tables; the explicit proxy has only the authority's port.
         name: "registered name with an unregistered port",
         send: Raw(
             "GET http://app.internal.com:22{p} HTTP/1.1\r\nHost: app.internal.com:22\r\nConnection: close\r\n\r\n",
         ),
         host: Some("app.internal.com:22"),
-        via: &[Transparent(ROGUE_80, Blocked), Explicit(Blocked)],
+        via: &[Transparent(ROGUE_80, Page), Explicit(Blocked)],
     },
     Row {
         name: "absolute-form https URL",

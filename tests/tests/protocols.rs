@@ -8,7 +8,7 @@ use anyhow::{Context, ensure};
 use portcullis_e2e::scenario::{
     self, APP_VIP, EXTERNAL_IP, EXTERNAL_MARK, ROGUE_IP, SELECT_EXTERNAL, service_entry,
 };
-use portcullis_e2e::{Lab, Nginx, Role, poll, run};
+use portcullis_e2e::{Lab, Nginx, Role, run};
 
 /// The explicit-proxy listener, next to the transparent one.
 const HTTP_PROXY: &str = "127.0.0.1:15080";
@@ -34,18 +34,6 @@ fn start(
     }
     lab.apply_iptables()?;
     lab.start_portcullis(extra)
-}
-
-/// Fails unless the access log gets a line holding every one of `parts`.
-fn expect_logged(lab: &mut Lab, what: &str, parts: &[&str]) -> anyhow::Result<()> {
-    poll(what, Duration::from_secs(5), || {
-        let log = lab.portcullis_output();
-        Ok(log
-            .lines()
-            .any(|l| parts.iter().all(|p| l.contains(p)))
-            .then_some(()))
-    })
-    .with_context(|| format!("no access log line with all of {parts:?}"))
 }
 
 /// Runs `action` and fails unless `nginx` accepted no connection meanwhile.
@@ -147,8 +135,7 @@ fn tls_is_routed_by_sni() {
             );
             Ok(())
         })?;
-        expect_logged(
-            lab,
+        lab.expect_logged(
             "the refused SNI in the access log",
             &["other.internal.com", &format!("{APP_VIP}:443")],
         )?;
@@ -272,8 +259,7 @@ fn http2_prior_knowledge() {
             );
             Ok(())
         })?;
-        expect_logged(
-            lab,
+        lab.expect_logged(
             "the refused h2c request in the access log",
             &["HTTP/2", "502", &format!("{EXTERNAL_IP}:8080"), "block_all"],
         )?;

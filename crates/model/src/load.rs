@@ -783,6 +783,7 @@ kind: ServiceEntry
 metadata:
   name: external-svc
   namespace: egress
+  creationTimestamp: "2020-01-01T00:00:00Z"
   labels:
     team: payments
 spec:
@@ -827,6 +828,10 @@ spec:
         assert_eq!(o.meta.name, "external-svc");
         assert_eq!(o.meta.namespace, "egress");
         assert_eq!(o.meta.labels["team"], "payments");
+        assert_eq!(
+            o.meta.creation_timestamp.as_deref(),
+            Some("2020-01-01T00:00:00Z")
+        );
         assert_eq!(o.origin.line, 2);
         assert_eq!(o.origin.file.as_path(), Path::new("cfg/test.yaml"));
         let s = &o.spec;

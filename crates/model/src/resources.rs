@@ -37,6 +37,9 @@ pub struct ObjectMeta {
     /// Annotations, e.g. `proxy.istio.io/health-checks-enabled`.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// `creationTimestamp` as written (RFC 3339); Istio orders conflicting services by it.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// Label selector used by `workloadSelector` and Kubernetes `selector`.

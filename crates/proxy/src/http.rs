@@ -357,7 +357,10 @@ pub(crate) async fn route<'a>(
         // A CONNECT target: a registered name, a VIP or pod, or an address in a registered
         // range when the target is an IP literal.
         (true, Some(h)) => snapshot.route_name_or_address(Some(h), h.parse().ok(), port),
-        (false, Some(_)) => snapshot.route_http(authority.unwrap_or_default(), port),
+        (false, Some(_)) => match downstream.original_dst {
+            Some(dst) => snapshot.route_http_to(authority.unwrap_or_default(), dst.ip(), port),
+            None => snapshot.route_http(authority.unwrap_or_default(), port),
+        },
         // No authority at all: nothing to match a registered name against.
         (_, None) => match downstream.original_dst {
             Some(_) => snapshot.unmatched(),

@@ -267,9 +267,9 @@ impl Proxy {
             match hello {
                 Ok(hello) => {
                     let sni = hello.sni.as_deref();
-                    // By SNI among the hosts registered on the port; without a match (or
-                    // without SNI) by the destination address, as opaque TCP would be.
-                    let decision = snapshot.route_name_or_address(sni, Some(dst.ip()), dst.port());
+                    // By the destination's own service, else by SNI among the port's TLS
+                    // names, else by the destination address as opaque TCP would be.
+                    let decision = snapshot.route_tls(sni, dst.ip(), dst.port());
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }

@@ -73,14 +73,26 @@ impl Proxy {
                     guard: None,
                 }
             }
-            Decision::Cluster(_) | Decision::Passthrough => Pick {
-                addr: match original {
-                    Original::Address(a) => a,
-                    Original::Name(host, port) => self.resolve(host, port).await?,
-                },
-                index: None,
-                guard: None,
-            },
+            Decision::Cluster(_) | Decision::Passthrough => {
+                // Resolution NONE with a `targetPort`: the original address on that port.
+                let port_override = match decision {
+                    Decision::Cluster(c) => c.passthrough_port,
+                    _ => None,
+                };
+                let addr = match original {
+                    Original::Address(a) => {
+                        SocketAddr::new(a.ip(), port_override.unwrap_or(a.port()))
+                    }
+                    Original::Name(host, port) => {
+                        self.resolve(host, port_override.unwrap_or(port)).await?
+                    }
+                };
+                Pick {
+                    addr,
+                    index: None,
+                    guard: None,
+                }
+            }
         };
         if self.is_own_listener(pick.addr) {
             return Err(ProxyError::Loop);

@@ -13,6 +13,7 @@ use portcullis_model::{
 };
 
 use crate::Map;
+use crate::order::Age;
 use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
@@ -86,6 +87,7 @@ struct PendingCluster {
     port: u16,
     protocol: Protocol,
     resolution: Resolution,
+    passthrough_port: Option<u16>,
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
@@ -108,16 +110,37 @@ struct Builder<'a> {
     owners: Map<Box<str>, (&'a str, bool)>,
     clusters: Map<Arc<str>, PendingCluster>,
     hosts: Map<u16, HostTable>,
-    hosts_pending: Vec<(u16, Box<str>, Arc<str>)>,
+    /// Port, name, cluster, and whether a ClientHello's SNI may match the name.
+    hosts_pending: Vec<(u16, Box<str>, Arc<str>, bool)>,
     /// ExternalName Services: their names, and the host they stand for.
     aliases: Vec<(Vec<String>, String)>,
-    addresses_pending: Vec<(u16, AddressKey, Arc<str>)>,
+    addresses_pending: Vec<PendingAddress>,
+    /// Ports whose wildcard listener sniffs HTTP.
+    sniffed_ports: HashSet<u16>,
     warnings: Vec<String>,
 }
 
 enum AddressKey {
     Net(IpNet),
     AnyOnPort,
+}
+
+/// A claim on a port's destination addresses, settled in Istio's service order.
+struct PendingAddress {
+    age: Age,
+    port: u16,
+    key: AddressKey,
+    cluster: Arc<str>,
+}
+
+/// Whether SNI routes to a TLS service: Istio matches it only on the wildcard listener, where
+/// a service lands without addresses or with a range; an exact address has its own listener.
+fn routed_by_sni(protocol: Protocol, addresses: &[IpNet]) -> bool {
+    protocol == Protocol::Tls
+        && (addresses.is_empty()
+            || addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len()))
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -336,6 +359,7 @@ impl<'a> Builder<'a> {
             hosts_pending: Vec::new(),
             aliases: Vec::new(),
             addresses_pending: Vec::new(),
+            sniffed_ports: HashSet::new(),
             warnings: Vec::new(),
         };
         if let Some(prev) = previous {
@@ -516,7 +540,7 @@ impl<'a> Builder<'a> {
             .mesh
             .map_or(&[][..], |m| &m.spec.default_service_export_to[..]);
         let export_to = |own: &'a [String]| if own.is_empty() { mesh_default } else { own };
-        let mut candidates: Vec<(Box<str>, &'a str, bool)> = Vec::new();
+        let mut candidates: Vec<(Age, Box<str>, &'a str, bool)> = Vec::new();
         for se in &self.service_entries {
             let ns = se.meta.namespace.as_str();
             if !visible(export_to(&se.spec.export_to), ns, proxy_ns) {
@@ -529,7 +553,8 @@ impl<'a> Builder<'a> {
                         .is_ok_and(|number| self.imports(ns, &host, Some(number)))
                 });
                 if imported {
-                    candidates.push((host.into(), ns, false));
+                    let age = Age::new(se.meta.creation_timestamp.as_deref(), &host, ns);
+                    candidates.push((age, host.into(), ns, false));
                 }
             }
         }
@@ -555,10 +580,13 @@ impl<'a> Builder<'a> {
                 })
             };
             if imported {
-                candidates.push((host.into(), ns, true));
+                let age = Age::new(svc.meta.creation_timestamp.as_deref(), &svc.meta.name, ns);
+                candidates.push((age, host.into(), ns, true));
             }
         }
-        for (host, ns, kube) in candidates {
+        // Among equals the oldest service wins, as Istio orders services by creation time.
+        candidates.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, host, ns, kube) in candidates {
             let rank = |(ns, kube): (&str, bool)| (ns == proxy_ns, kube);
             match self.owners.get(&host) {
                 Some(&owner) if rank(owner) >= rank((ns, kube)) => {}
@@ -607,53 +635,95 @@ impl<'a> Builder<'a> {
                     let protocol = protocol_of(port.protocol.as_deref(), &port.name);
                     let name: Arc<str> = format!("outbound|{number}||{host}").into();
                     let endpoints = self.se_endpoints(se, &host, port);
+                    let addresses: Vec<IpNet> = se
+                        .spec
+                        .addresses
+                        .iter()
+                        .filter_map(|a| parse_net(a))
+                        .collect();
+                    // Istio's ORIGINAL_DST cluster takes `targetPort` as its upstream port.
+                    let passthrough_port = port
+                        .target_port
+                        .filter(|_| se.spec.resolution == Resolution::None)
+                        .and_then(|p| u16::try_from(p).ok());
                     let added = self.add_cluster(PendingCluster {
                         name: Arc::clone(&name),
                         host: host.as_str().into(),
                         port: number,
                         protocol,
                         resolution: se.spec.resolution,
+                        passthrough_port,
                         source: Arc::clone(&source),
-                        addresses: se
-                            .spec
-                            .addresses
-                            .iter()
-                            .filter_map(|a| parse_net(a))
-                            .collect(),
+                        addresses: addresses.clone(),
                         endpoints,
                     });
                     if !added {
                         continue;
                     }
+                    let sni = routed_by_sni(protocol, &addresses);
                     self.hosts_pending
-                        .push((number, host.as_str().into(), Arc::clone(&name)));
-                    for address in &se.spec.addresses {
-                        if let Some(net) = parse_net(address) {
-                            if net.prefix_len() == net.max_prefix_len() {
-                                self.hosts_pending.push((
-                                    number,
-                                    net.addr().to_string().into(),
-                                    Arc::clone(&name),
-                                ));
-                            }
-                            self.addresses_pending.push((
-                                number,
-                                AddressKey::Net(net),
-                                Arc::clone(&name),
-                            ));
-                        }
-                    }
-                    if se.spec.addresses.is_empty()
-                        && matches!(protocol, Protocol::Tcp | Protocol::Auto)
-                    {
-                        self.addresses_pending.push((
-                            number,
-                            AddressKey::AnyOnPort,
-                            Arc::clone(&name),
-                        ));
-                    }
+                        .push((number, host.as_str().into(), Arc::clone(&name), sni));
+                    let age = Age::new(
+                        se.meta.creation_timestamp.as_deref(),
+                        &host,
+                        &se.meta.namespace,
+                    );
+                    let port_wide = se.spec.addresses.is_empty();
+                    self.claim_port(age, number, protocol, &addresses, port_wide, &name);
                 }
             }
+        }
+    }
+
+    /// Registers a service port's claims on destinations as Istio's outbound listeners make
+    /// them: an exact address is also a name for Host routing; opaque (TCP, TLS, undeclared)
+    /// services own their addresses or ranges, and with `port_wide` (TCP or undeclared
+    /// without addresses) the whole port; HTTP services live on the port's wildcard listener
+    /// and own no address, and make that listener sniff HTTP, as undeclared ones do there.
+    fn claim_port(
+        &mut self,
+        age: Age,
+        port: u16,
+        protocol: Protocol,
+        addresses: &[IpNet],
+        port_wide: bool,
+        cluster: &Arc<str>,
+    ) {
+        for net in addresses {
+            if net.prefix_len() == net.max_prefix_len() {
+                self.hosts_pending.push((
+                    port,
+                    net.addr().to_string().into(),
+                    Arc::clone(cluster),
+                    false,
+                ));
+            }
+        }
+        let on_wildcard = addresses.is_empty()
+            || addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len());
+        match protocol {
+            Protocol::Http | Protocol::Http2 => {
+                self.sniffed_ports.insert(port);
+                return;
+            }
+            Protocol::Auto if on_wildcard => {
+                self.sniffed_ports.insert(port);
+            }
+            Protocol::Auto | Protocol::Tcp | Protocol::Tls => {}
+        }
+        let mut keys: Vec<AddressKey> = addresses.iter().map(|n| AddressKey::Net(*n)).collect();
+        if port_wide && matches!(protocol, Protocol::Tcp | Protocol::Auto) {
+            keys.push(AddressKey::AnyOnPort);
+        }
+        for key in keys {
+            self.addresses_pending.push(PendingAddress {
+                age: age.clone(),
+                port,
+                key,
+                cluster: Arc::clone(cluster),
+            });
         }
     }
 
@@ -829,6 +899,7 @@ impl<'a> Builder<'a> {
                     port: number,
                     protocol,
                     resolution,
+                    passthrough_port: None,
                     source: Arc::clone(&source),
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
@@ -836,19 +907,15 @@ impl<'a> Builder<'a> {
                 if !added {
                     continue;
                 }
+                let addresses: Vec<IpNet> =
+                    destinations.iter().map(|ip| IpNet::from(*ip)).collect();
+                let sni = routed_by_sni(protocol, &addresses);
                 for host in &names {
                     self.hosts_pending
-                        .push((number, host.as_str().into(), Arc::clone(&name)));
+                        .push((number, host.as_str().into(), Arc::clone(&name), sni));
                 }
-                for vip in &destinations {
-                    self.hosts_pending
-                        .push((number, vip.to_string().into(), Arc::clone(&name)));
-                    self.addresses_pending.push((
-                        number,
-                        AddressKey::Net(IpNet::from(*vip)),
-                        Arc::clone(&name),
-                    ));
-                }
+                let age = Age::new(svc.meta.creation_timestamp.as_deref(), &svc.meta.name, ns);
+                self.claim_port(age, number, protocol, &addresses, false, &name);
             }
         }
     }
@@ -867,16 +934,24 @@ impl<'a> Builder<'a> {
                     None => break,
                 }
             }
-            let ports: Vec<(u16, Arc<str>)> = self
+            // An alias matches SNI wherever the service it names does.
+            let ports: Vec<(u16, Arc<str>, bool)> = self
                 .clusters
                 .values()
                 .filter(|c| &*c.host == target)
-                .map(|c| (c.port, Arc::clone(&c.name)))
+                .map(|c| {
+                    let sni = routed_by_sni(c.protocol, &c.addresses);
+                    (c.port, Arc::clone(&c.name), sni)
+                })
                 .collect();
-            for (port, cluster) in ports {
+            for (port, cluster, sni) in ports {
                 for name in names {
-                    self.hosts_pending
-                        .push((port, name.as_str().into(), Arc::clone(&cluster)));
+                    self.hosts_pending.push((
+                        port,
+                        name.as_str().into(),
+                        Arc::clone(&cluster),
+                        sni,
+                    ));
                 }
             }
         }
@@ -1020,6 +1095,7 @@ impl<'a> Builder<'a> {
                     port: p.port,
                     protocol: p.protocol,
                     resolution: p.resolution,
+                    passthrough_port: p.passthrough_port,
                     source: p.source,
                     owned_destinations,
                     endpoints,
@@ -1027,34 +1103,29 @@ impl<'a> Builder<'a> {
                 }),
             );
         }
-        for (port, host, cluster) in std::mem::take(&mut self.hosts_pending) {
+        let mut sni: Map<u16, HostTable> = Map::default();
+        for (port, host, cluster, by_sni) in std::mem::take(&mut self.hosts_pending) {
             let Some(c) = clusters.get(&cluster) else {
                 continue;
             };
             let table = self.hosts.entry(port).or_default();
-            let kept = if &*host == "*" {
-                table.any.get_or_insert_with(|| Arc::clone(c))
-            } else if let Some(suffix) = host.strip_prefix('*') {
-                match table.wildcard.get(suffix) {
-                    Some(kept) => kept,
-                    None => {
-                        table.wildcard.insert(suffix, Arc::clone(c));
-                        continue;
-                    }
-                }
-            } else {
-                match table.exact.get(&*host) {
-                    Some(kept) => kept,
-                    None => {
-                        table.exact.insert(host, Arc::clone(c));
-                        continue;
-                    }
-                }
-            };
-            conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
+            if let Some(kept) = table.claim(&host, c) {
+                conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
+            }
+            if by_sni {
+                // Conflicts are reported once, by the table above.
+                sni.entry(port).or_default().claim(&host, c);
+            }
         }
         let mut addresses: Map<u16, AddressTable> = Map::default();
-        for (port, key, cluster) in std::mem::take(&mut self.addresses_pending) {
+        let mut pending = std::mem::take(&mut self.addresses_pending);
+        // The oldest service keeps a contested address, as Istio builds listeners in
+        // creation order; stable, so one service's claims keep their order.
+        pending.sort_by(|a, b| a.age.cmp(&b.age));
+        for PendingAddress {
+            port, key, cluster, ..
+        } in pending
+        {
             let Some(c) = clusters.get(&cluster) else {
                 continue;
             };
@@ -1107,8 +1178,9 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        for table in addresses.values_mut() {
+        for (port, table) in addresses.iter_mut() {
             table.cidrs.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+            table.sniffed = self.sniffed_ports.contains(port);
         }
         let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
         clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1119,6 +1191,7 @@ impl<'a> Builder<'a> {
             warnings: self.warnings,
             dns_names,
             hosts: self.hosts,
+            sni,
             addresses,
             pods: self
                 .pods

@@ -3,6 +3,7 @@
 
 mod build;
 mod host;
+mod order;
 mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -68,6 +68,9 @@ pub struct Cluster {
     pub protocol: Protocol,
     /// How endpoints are found; `None` forwards to the original destination.
     pub resolution: Resolution,
+    /// Resolution NONE: the port forwarded to on the original destination's address
+    /// (`targetPort`), instead of the port the client dialled.
+    pub passthrough_port: Option<u16>,
     /// The resource that defined the service.
     pub source: Arc<str>,
     /// Destinations that belong to the service for resolution NONE: its addresses and
@@ -125,6 +128,30 @@ pub(crate) struct HostTable {
 }
 
 impl HostTable {
+    /// Registers `cluster` for `host` (exact, `*.` wildcard or `*`) unless a cluster holds
+    /// it already; returns that one then.
+    pub(crate) fn claim(&mut self, host: &str, cluster: &Arc<Cluster>) -> Option<&Arc<Cluster>> {
+        if host == "*" {
+            if self.any.is_none() {
+                self.any = Some(Arc::clone(cluster));
+                return None;
+            }
+            return self.any.as_ref();
+        }
+        if let Some(suffix) = host.strip_prefix('*') {
+            if self.wildcard.get(suffix).is_none() {
+                self.wildcard.insert(suffix, Arc::clone(cluster));
+                return None;
+            }
+            return self.wildcard.get(suffix);
+        }
+        if !self.exact.contains_key(host) {
+            self.exact.insert(host.into(), Arc::clone(cluster));
+            return None;
+        }
+        self.exact.get(host)
+    }
+
     fn get(&self, host: &Normalized) -> Option<&Arc<Cluster>> {
         if let Some(c) = self.exact.get(&*host.text) {
             return Some(c);
@@ -200,10 +227,19 @@ pub(crate) struct AddressTable {
     pub(crate) cidrs: Vec<(u8, Map<IpNet, Arc<Cluster>>)>,
     /// A service that claims the whole port (TCP port, no addresses).
     pub(crate) any: Option<Arc<Cluster>>,
+    /// Whether HTTP is sniffed on the port's wildcard listener (an HTTP service, or one of
+    /// undeclared protocol without an exact address, is on it): then [`Self::any`] takes
+    /// only what is not HTTP.
+    pub(crate) sniffed: bool,
 }
 
 impl AddressTable {
     fn get(&self, ip: IpAddr) -> Option<&Arc<Cluster>> {
+        self.by_address(ip).or(self.any.as_ref())
+    }
+
+    /// The service registered for `ip` itself or a range holding it, not the port-wide one.
+    fn by_address(&self, ip: IpAddr) -> Option<&Arc<Cluster>> {
         if let Some(c) = self.exact.get(&ip) {
             return Some(c);
         }
@@ -217,7 +253,7 @@ impl AddressTable {
                 return Some(c);
             }
         }
-        self.any.as_ref()
+        None
     }
 }
 
@@ -235,6 +271,8 @@ pub struct Snapshot {
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
     pub dns_names: std::collections::BTreeSet<String>,
     pub(crate) hosts: Map<u16, HostTable>,
+    /// Names of TLS/HTTPS ports, the only ones a ClientHello's SNI is matched against.
+    pub(crate) sni: Map<u16, HostTable>,
     pub(crate) addresses: Map<u16, AddressTable>,
     pub(crate) pods: HashSet<IpAddr>,
 }
@@ -255,8 +293,8 @@ impl Snapshot {
 
     /// Routes an HTTP request by its Host/authority as received on `port`.
     ///
-    /// An authority naming another port than the one the request arrived on matches
-    /// nothing, as Envoy's per-port route tables behave.
+    /// A port in the authority is ignored: the route table of the port the request arrived
+    /// on decides, as Istio's (`ignore_port_in_host_matching`).
     pub fn route_http(&self, authority: &str, port: u16) -> Decision {
         // Most authorities carry no port, and then the whole is the host: normalising it
         // first saves looking for a colon. Whatever `normalized` accepts has no colon, or
@@ -267,13 +305,25 @@ impl Snapshot {
         {
             return self.route_normalized(&host, port);
         }
-        let Ok((host, host_port)) = split_host_port(authority) else {
+        let Ok((host, _)) = split_host_port(authority) else {
             return self.unmatched();
         };
-        if host_port.is_some_and(|p| p != port) {
-            return self.unmatched();
-        }
         self.route_host(host, port)
+    }
+
+    /// Routes an intercepted HTTP request sent to `dst`: a service of undeclared protocol
+    /// that owns `dst` exactly takes it whatever its Host, as Istio gives such a service
+    /// its own sniffed listener and a route table of its one host; else [`Self::route_http`].
+    pub fn route_http_to(&self, authority: &str, dst: IpAddr, port: u16) -> Decision {
+        if let Some(c) = self
+            .addresses
+            .get(&port)
+            .and_then(|t| t.exact.get(&canonical(dst)))
+            .filter(|c| c.protocol == Protocol::Auto)
+        {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        self.route_http(authority, port)
     }
 
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
@@ -336,13 +386,43 @@ impl Snapshot {
         self.unmatched()
     }
 
+    /// Routes a TLS connection on `port` as Istio's listeners do: a service of the exact
+    /// destination address first (its own listener), then the SNI among the port's TLS/HTTPS
+    /// names without an exact address, then the destination as opaque TCP, then the
+    /// outbound policy. Names of HTTP ports never match: TLS bytes on an HTTP port get no
+    /// SNI route.
+    pub fn route_tls(&self, sni: Option<&str>, dst: IpAddr, port: u16) -> Decision {
+        let dst = canonical(dst);
+        if let Some(c) = self.addresses.get(&port).and_then(|t| t.exact.get(&dst)) {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        if let Some(table) = self.sni.get(&port)
+            && let Some(name) = sni
+            && let Ok(name) = normalized(name)
+            && let Some(c) = table.get(&name)
+        {
+            return Decision::Cluster(Arc::clone(c));
+        }
+        self.route_tcp(dst, port)
+    }
+
     /// Whether `ip:port` belongs to a service whose port is opaque TCP, so that the
-    /// connection must not be sniffed as HTTP.
+    /// connection must not be sniffed as HTTP: a TCP service of the address (or a range
+    /// holding it), or a port-wide TCP service on a port where no HTTP is sniffed.
     pub fn is_tcp_destination(&self, ip: IpAddr, port: u16) -> bool {
-        self.addresses
-            .get(&port)
-            .and_then(|t| t.get(canonical(ip)))
-            .is_some_and(|c| c.protocol == Protocol::Tcp)
+        let Some(table) = self.addresses.get(&port) else {
+            return false;
+        };
+        match table.by_address(canonical(ip)) {
+            Some(c) => c.protocol == Protocol::Tcp,
+            None => {
+                !table.sniffed
+                    && table
+                        .any
+                        .as_ref()
+                        .is_some_and(|c| c.protocol == Protocol::Tcp)
+            }
+        }
     }
 
     /// Whether forwarding to `dst` under resolution NONE stays within `cluster`: the

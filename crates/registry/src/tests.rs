@@ -131,15 +131,22 @@ fn http_routes_by_exact_host_and_port() {
         routed(&s.route_http("api.internal.com", 80)),
         "outbound|80||api.internal.com"
     );
-    // An authority naming another port than the one the request arrived on.
+    // The port in an authority is ignored: the port the request arrived on decides, as
+    // Istio's route tables (`ignore_port_in_host_matching`).
+    assert_eq!(routed(&s.route_http("app.internal.com:8080", 80)), app80);
+    assert_eq!(routed(&s.route_http("app.internal.com:12345", 80)), app80);
     assert_eq!(
-        routed(&s.route_http("app.internal.com:8080", 80)),
-        "blackhole"
+        routed(&s.route_http("app.internal.com:80", 8080)),
+        "outbound|8080||app.internal.com"
     );
     // A port the service does not declare.
     assert_eq!(routed(&s.route_http("app.internal.com", 81)), "blackhole");
     assert_eq!(
         routed(&s.route_http("app.internal.com:81", 81)),
+        "blackhole"
+    );
+    assert_eq!(
+        routed(&s.route_http("other.internal.com:80", 80)),
         "blackhole"
     );
     // Names that only look alike.
@@ -199,10 +206,10 @@ fn an_authority_loses_its_port_only_when_it_has_one() {
         ("app.internal.com.:80", app80),
         ("app.internal.com:", "blackhole"),
         ("app.internal.com:80.", "blackhole"),
-        ("app.internal.com:8080", "blackhole"),
+        ("app.internal.com:8080", app80),
         ("10.0.0.5", "pod 10.0.0.5"),
         ("10.0.0.5:80", "pod 10.0.0.5"),
-        ("10.0.0.5:81", "blackhole"),
+        ("10.0.0.5:81", "pod 10.0.0.5"),
         ("::FFFF:10.0.0.5.", "pod 10.0.0.5"),
         ("[::ffff:10.0.0.5]:80", "pod 10.0.0.5"),
         ("fe80::5", "pod fe80::5"),
@@ -444,12 +451,14 @@ fn tcp_routes_by_address_cidr_and_port() {
     assert_eq!(routed(&s.route_tcp(ip("192.0.2.77"), 6379)), redis);
     assert_eq!(routed(&s.route_tcp(ip("2001:db8::1"), 6379)), redis);
 
-    // An HTTP service with an address is reachable by it; without one it claims nothing.
+    // An HTTP service owns no address for what is not HTTP (Istio puts it on the port's
+    // wildcard listener), but its address is a name for Host routing.
+    assert_eq!(routed(&s.route_tcp(ip("10.9.9.9"), 80)), "blackhole");
+    assert_eq!(routed(&s.route_tcp(ip("10.9.9.8"), 80)), "blackhole");
     assert_eq!(
-        routed(&s.route_tcp(ip("10.9.9.9"), 80)),
+        routed(&s.route_http("10.9.9.9", 80)),
         "outbound|80||web.internal"
     );
-    assert_eq!(routed(&s.route_tcp(ip("10.9.9.8"), 80)), "blackhole");
 }
 
 #[test]
@@ -810,7 +819,9 @@ fn kubernetes_services_register_their_names_and_cluster_ip() {
     ] {
         assert_eq!(routed(&s.route_http(host, 80)), fqdn80, "{host}");
     }
-    assert_eq!(routed(&s.route_tcp(ip("10.96.0.10"), 80)), fqdn80);
+    // The cluster IP on an HTTP port is a name for Host routing only; on other ports it
+    // takes opaque traffic.
+    assert_eq!(routed(&s.route_tcp(ip("10.96.0.10"), 80)), "blackhole");
     assert_eq!(
         routed(&s.route_tcp(ip("10.96.0.10"), 81)),
         "outbound|81||shop-api.shop.svc.cluster.local"
@@ -1196,7 +1207,8 @@ fn a_host_is_served_by_one_namespace_and_never_merges_ports_across_namespaces() 
         entry_in("b", "bbb", "dup.internal", &[80, 9090], "10.0.0.2"),
     ]
     .concat();
-    // Neither is in the proxy's namespace: the first in namespace order, with its ports only.
+    // Neither is in the proxy's namespace and both are as old: the first in namespace
+    // order, with its ports only.
     let s = snapshot(&yaml);
     assert_eq!(
         names(&s),
@@ -1218,6 +1230,20 @@ fn a_host_is_served_by_one_namespace_and_never_merges_ports_across_namespaces() 
         ["10.0.0.2:80 w1"]
     );
     assert_eq!(routed(&s.route_http("dup.internal", 8080)), "blackhole");
+    // Otherwise the oldest service wins, as Istio orders services by creation time.
+    let older = entry_in("b", "bbb", "dup.internal", &[80, 9090], "10.0.0.2").replace(
+        "namespace: bbb}",
+        "namespace: bbb, creationTimestamp: '2020-01-01T00:00:00Z'}",
+    );
+    let newer = entry_in("a", "aaa", "dup.internal", &[80, 8080], "10.0.0.1").replace(
+        "namespace: aaa}",
+        "namespace: aaa, creationTimestamp: '2024-01-01T00:00:00Z'}",
+    );
+    let s = snapshot(&[newer, older].concat());
+    assert_eq!(
+        endpoints(cluster(&s, "outbound|80||dup.internal")),
+        ["10.0.0.2:80 w1"]
+    );
     // Entries of one namespace merge their ports.
     let yaml = [
         entry_in("a", "aaa", "dup.internal", &[80], "10.0.0.1"),
@@ -1311,7 +1337,7 @@ spec:
         "outbound|80||shop-api.shop"
     );
     assert_eq!(
-        routed(&s.route_tcp(ip("10.96.0.10"), 80)),
+        routed(&s.route_http("10.96.0.10", 80)),
         "outbound|80||shop-api.shop"
     );
     assert!(
@@ -1405,9 +1431,10 @@ proptest! {
             pod("v4", "default", "10.0.0.5", "{}", ""),
             pod("v6", "default", "fe80::5", "{}", ""),
         ));
+        // The authority's port plays no part.
         let want = match crate::split_host_port(&authority) {
-            Ok((host, p)) if p.is_none_or(|p| p == port) => s.route_host(host, port),
-            _ => s.unmatched(),
+            Ok((host, _)) => s.route_host(host, port),
+            Err(_) => s.unmatched(),
         };
         prop_assert_eq!(routed(&s.route_http(&authority, port)), routed(&want));
     }
@@ -1704,7 +1731,8 @@ spec:
     ] {
         assert_eq!(routed(&s.route_http(host, 80)), name, "{host}");
     }
-    assert_eq!(routed(&s.route_tcp(ip("10.244.1.1"), 80)), name);
+    // An HTTP port's addresses route by Host only; opaque bytes to a pod reach that pod.
+    assert_eq!(routed(&s.route_tcp(ip("10.244.1.1"), 80)), "pod 10.244.1.1");
     let c = cluster(&s, name);
     assert_eq!(c.resolution, portcullis_model::Resolution::None);
     // Forwarded only to its own pods.
@@ -1819,4 +1847,294 @@ fn sidecar_unix_socket_and_http_proxy_listeners() {
     let egress = "[{port: {number: 15080, protocol: HTTP_PROXY, name: proxy}, hosts: ['*/*']}]";
     let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
     assert_eq!(names(&s), ["outbound|80||a.internal"]);
+}
+
+/// One ServiceEntry: `name` for `hosts` on one port, `extra` appended to its spec.
+fn entry(name: &str, hosts: &str, port: &str, extra: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: {hosts}
+  ports: [{port}]
+  resolution: STATIC
+  endpoints: [{{address: 10.60.0.1}}]
+{extra}"
+    )
+}
+
+#[test]
+fn tls_gets_an_sni_route_only_on_tls_ports() {
+    let s = snapshot(
+        &[
+            entry(
+                "plain",
+                "[plain.internal]",
+                "{number: 443, name: http, protocol: HTTP}",
+                "",
+            ),
+            entry(
+                "tls",
+                "[tls.internal, '*.wild.internal']",
+                "{number: 443, name: tls, protocol: TLS}",
+                "",
+            ),
+            entry(
+                "auto",
+                "[auto.internal]",
+                "{number: 8443, name: other}",
+                "  addresses: [10.8.0.1]\n",
+            ),
+            entry(
+                "vip",
+                "[vip.internal]",
+                "{number: 9443, name: https, protocol: HTTPS}",
+                "  addresses: [10.9.0.1]\n",
+            ),
+            entry(
+                "range",
+                "[range.internal]",
+                "{number: 9443, name: https, protocol: HTTPS}",
+                "  addresses: [10.7.0.0/16]\n",
+            ),
+        ]
+        .concat(),
+    );
+    let tls = |sni: &str, dst: &str, port| routed(&s.route_tls(Some(sni), ip(dst), port));
+    let elsewhere = "192.0.2.1";
+    // The HTTP port's name, as SNI on that port: no route.
+    assert_eq!(tls("plain.internal", elsewhere, 443), "blackhole");
+    assert_eq!(
+        tls("tls.internal", elsewhere, 443),
+        "outbound|443||tls.internal"
+    );
+    assert_eq!(
+        tls("a.wild.internal", elsewhere, 443),
+        "outbound|443||*.wild.internal"
+    );
+    // An undeclared port is routed by address only, as opaque TCP.
+    assert_eq!(tls("auto.internal", elsewhere, 8443), "blackhole");
+    assert_eq!(
+        tls("other", "10.8.0.1", 8443),
+        "outbound|8443||auto.internal"
+    );
+    // A TLS service with an exact address has its own listener: the address decides, and
+    // its name matches nowhere else; a range keeps its SNI route.
+    assert_eq!(
+        tls("range.internal", "10.9.0.1", 9443),
+        "outbound|9443||vip.internal"
+    );
+    assert_eq!(tls("vip.internal", elsewhere, 9443), "blackhole");
+    assert_eq!(
+        tls("range.internal", elsewhere, 9443),
+        "outbound|9443||range.internal"
+    );
+    assert_eq!(tls("x", "10.7.1.1", 9443), "outbound|9443||range.internal");
+    assert_eq!(routed(&s.route_tls(None, ip(elsewhere), 443)), "blackhole");
+    // The HTTP name stays routable by Host and as a CONNECT target.
+    assert_eq!(
+        routed(&s.route_http("plain.internal", 443)),
+        "outbound|443||plain.internal"
+    );
+    assert_eq!(
+        routed(&s.route_name_or_address(Some("plain.internal"), None, 443)),
+        "outbound|443||plain.internal"
+    );
+}
+
+#[test]
+fn http_beside_a_port_wide_tcp_service_is_sniffed() {
+    let web = entry(
+        "web",
+        "[web.internal]",
+        "{number: 80, name: http, protocol: HTTP}",
+        "",
+    );
+    let db = entry(
+        "db",
+        "[db.internal]",
+        "{number: 80, name: tcp, protocol: TCP}",
+        "",
+    );
+    let fixed = entry(
+        "fixed",
+        "[fixed.internal]",
+        "{number: 80, name: tcp, protocol: TCP}",
+        "  addresses: [10.5.0.1, 10.6.0.0/16]\n",
+    );
+    let s = snapshot(&[web.as_str(), &db, &fixed].concat());
+    // Not sniffed only where a TCP service owns the address or its range.
+    assert!(!s.is_tcp_destination(ip("192.0.2.1"), 80));
+    assert!(s.is_tcp_destination(ip("10.5.0.1"), 80));
+    assert!(s.is_tcp_destination(ip("10.6.1.1"), 80));
+    // HTTP goes by Host; what is not HTTP to the port-wide service.
+    assert_eq!(
+        routed(&s.route_http("web.internal", 80)),
+        "outbound|80||web.internal"
+    );
+    assert_eq!(routed(&s.route_http("unknown.example", 80)), "blackhole");
+    assert_eq!(
+        routed(&s.route_tcp(ip("192.0.2.1"), 80)),
+        "outbound|80||db.internal"
+    );
+    // An undeclared service without addresses sniffs as well; alone, TCP is never sniffed.
+    let auto = entry("auto", "[auto.internal]", "{number: 80, name: auto}", "");
+    let s = snapshot(&[db.as_str(), &auto].concat());
+    assert!(!s.is_tcp_destination(ip("192.0.2.1"), 80));
+    let s = snapshot(&db);
+    assert!(s.is_tcp_destination(ip("192.0.2.1"), 80));
+    // An undeclared service with an exact address has its own listener: no sniffing here.
+    let auto_vip = entry(
+        "auto",
+        "[auto.internal]",
+        "{number: 80, name: auto}",
+        "  addresses: [10.5.5.5]\n",
+    );
+    let s = snapshot(&[db.as_str(), &auto_vip].concat());
+    assert!(s.is_tcp_destination(ip("192.0.2.1"), 80));
+    assert!(!s.is_tcp_destination(ip("10.5.5.5"), 80));
+}
+
+#[test]
+fn the_oldest_service_wins_an_address_then_the_name() {
+    let tcp = |name: &str, host: &str, created: &str, addresses: &str| {
+        entry(
+            name,
+            &format!("[{host}]"),
+            "{number: 5000, name: tcp, protocol: TCP}",
+            addresses,
+        )
+        .replace(
+            "namespace: default}",
+            &format!("namespace: default, creationTimestamp: '{created}'}}"),
+        )
+    };
+    let none = "";
+    let vip = "  addresses: [10.1.1.1]\n";
+    // The entry named first is the newer: the older one keeps the port.
+    let s = snapshot(
+        &[
+            tcp("aaa", "a.internal", "2024-01-01T00:00:00Z", none),
+            tcp("zzz", "z.internal", "2010-01-01T00:00:00Z", none),
+            tcp("bbb", "b.internal", "2024-01-01T00:00:00Z", vip),
+            tcp("yyy", "y.internal", "2010-01-01T00:00:00+02:00", vip),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("192.0.2.1"), 5000)),
+        "outbound|5000||z.internal"
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.1.1.1"), 5000)),
+        "outbound|5000||y.internal"
+    );
+    assert!(
+        s.warnings.iter().any(|w| w.contains("every address")
+            && w.contains("a.internal")
+            && w.contains("z.internal")),
+        "{:?}",
+        s.warnings
+    );
+    // Created at the same second: the service name (the host) decides, not the entry's.
+    let s = snapshot(
+        &[
+            tcp("aaa", "z.internal", "2020-01-01T00:00:00Z", none),
+            tcp("zzz", "a.internal", "2020-01-01T00:00:00Z", none),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        routed(&s.route_tcp(ip("192.0.2.1"), 5000)),
+        "outbound|5000||a.internal"
+    );
+}
+
+#[test]
+fn resolution_none_forwards_to_the_target_port() {
+    let s = snapshot(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: none, namespace: default}
+spec:
+  hosts: [none.internal]
+  addresses: [10.1.1.1]
+  ports:
+  - {number: 8080, name: http, protocol: HTTP, targetPort: 80}
+  - {number: 9000, name: tcp, protocol: TCP}
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static, namespace: default}
+spec:
+  hosts: [static.internal]
+  ports: [{number: 8080, name: http, protocol: HTTP, targetPort: 80}]
+  resolution: STATIC
+  endpoints: [{address: 10.60.0.1}]
+",
+    );
+    assert_eq!(
+        cluster(&s, "outbound|8080||none.internal").passthrough_port,
+        Some(80)
+    );
+    assert_eq!(
+        cluster(&s, "outbound|9000||none.internal").passthrough_port,
+        None
+    );
+    // Other resolutions have endpoints on the target port instead.
+    let c = cluster(&s, "outbound|8080||static.internal");
+    assert_eq!(c.passthrough_port, None);
+    assert_eq!(endpoints(c), ["10.60.0.1:80 w1"]);
+}
+
+#[test]
+fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
+    let s = snapshot(
+        &[
+            entry(
+                "auto",
+                "[auto.internal]",
+                "{number: 7000, name: other}",
+                "  addresses: [10.5.5.5]\n",
+            ),
+            entry(
+                "web",
+                "[web.internal]",
+                "{number: 7000, name: http, protocol: HTTP}",
+                "  addresses: [10.6.6.6]\n",
+            ),
+        ]
+        .concat(),
+    );
+    let auto = "outbound|7000||auto.internal";
+    let web = "outbound|7000||web.internal";
+    for host in [
+        "auto.internal",
+        "web.internal",
+        "nobody.example",
+        "10.6.6.6",
+    ] {
+        assert_eq!(
+            routed(&s.route_http_to(host, ip("10.5.5.5"), 7000)),
+            auto,
+            "{host}"
+        );
+    }
+    // An HTTP service's address does not do that: it lives on the port's wildcard listener.
+    assert_eq!(
+        routed(&s.route_http_to("nobody.example", ip("10.6.6.6"), 7000)),
+        "blackhole"
+    );
+    assert_eq!(
+        routed(&s.route_http_to("web.internal", ip("10.5.5.6"), 7000)),
+        web
+    );
+    assert_eq!(
+        routed(&s.route_http_to("auto.internal", ip("192.0.2.1"), 7000)),
+        auto
+    );
 }

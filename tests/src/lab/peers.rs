@@ -40,6 +40,24 @@ pub struct Certificate {
     pub key: PathBuf,
 }
 
+impl Certificate {
+    /// An nginx server block for [`Lab::start_nginx_servers`] that serves TLS with this
+    /// certificate on `listen` (`ip:port`), for any SNI.
+    pub fn nginx_tls_server(&self, listen: &str) -> String {
+        format!(
+            "    server {{
+        listen {listen} ssl;
+        server_name _;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        root {{html}};
+    }}",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+}
+
 impl Lab {
     /// Starts `program args` in `role`'s namespace as a peer named `name` (unique per lab),
     /// stopped with `stop_signal` when the lab ends.
@@ -424,5 +442,18 @@ http {{
                     .then_some(()))
             },
         )
+    }
+
+    /// Fails unless portcullis's access log gets a line holding every one of `parts`
+    /// within 5 s.
+    pub fn expect_logged(&mut self, what: &str, parts: &[&str]) -> anyhow::Result<()> {
+        poll(what, Duration::from_secs(5), || {
+            let log = self.portcullis_output();
+            Ok(log
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+                .then_some(()))
+        })
+        .with_context(|| format!("no access log line with all of {parts:?}"))
     }
 }
