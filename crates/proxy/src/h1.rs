@@ -180,7 +180,9 @@ where
             }
         };
     if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
-        // The general path speaks HTTP/2 upstream: give it the request back.
+        // The general path speaks HTTP/2 upstream: give it the request back, and the
+        // logging of it.
+        log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);
         *buf = whole;

@@ -202,6 +202,12 @@ impl RequestLog {
         }
     }
 
+    /// The request goes to another handler, which logs and counts it: this record is
+    /// dropped unwritten, so the request is not logged twice.
+    pub fn hand_over(mut self) {
+        self.written = true;
+    }
+
     /// Counts the request and writes its access log line, with `status` as answered.
     pub fn write(&mut self) {
         self.written = true;
