@@ -236,8 +236,12 @@ impl Proxy {
                 return;
             }
         };
-        if stream.local_addr().is_ok_and(|local| local == dst) {
-            tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
+        // Its own listener as the destination: either a direct connection that was never
+        // redirected (the original destination is then the listener's own address) or one
+        // that would come straight back. Closed, as Istio's virtualOutbound-blackhole chain
+        // does, before a byte is read.
+        if self.is_own_listener(dst) {
+            tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener closed (loop guard)");
             refused(dst, peer);
             return;
         }
