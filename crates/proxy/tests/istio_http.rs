@@ -83,3 +83,77 @@ async fn an_http1_request_to_an_http2_port_is_counted_once() {
     assert!(samples[0].contains("response_code=\"200\""), "{samples:#?}");
     assert!(samples[0].ends_with(" 1"), "{samples:#?}");
 }
+
+/// What Envoy as an Istio sidecar adds to every proxied request, on the fast path (a plain
+/// GET), the general path (a chunked body) and towards an HTTP/2 upstream.
+#[tokio::test]
+async fn upstreams_get_envoys_request_headers_on_every_path() {
+    let h1 = common::Upstream::start("app").await;
+    let h2 = H2Upstream::start().await;
+    let yaml = [
+        common::service("app.internal", 80, "HTTP", &[h1.port()]),
+        common::service("h2.internal", 80, "HTTP2", &[h2.addr.port()]),
+    ]
+    .concat();
+    let config = portcullis_proxy::ProxyConfig {
+        route_timeout: Some(std::time::Duration::from_secs(5)),
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    let mut sender = harness.client().await;
+    let with = |uri: &str, chunked: bool| {
+        let mut builder = Request::post(uri)
+            .header("x-envoy-attempt-count", "7")
+            .header("x-envoy-expected-rq-timeout-ms", "9");
+        if chunked {
+            builder = builder.header("transfer-encoding", "chunked");
+        }
+        builder
+            .body(http_body_util::BodyExt::boxed(Full::new(Bytes::from_static(b"x"))))
+            .unwrap()
+    };
+    for (uri, chunked) in [
+        ("http://app.internal/fast", false),
+        ("http://app.internal/general", true),
+        ("http://h2.internal/", false),
+    ] {
+        let answer = common::send(&mut sender, with(uri, chunked)).await;
+        assert_eq!(answer.status, 200, "{uri}");
+    }
+    let mut seen: Vec<HeaderMap> = h1.requests().into_iter().map(|s| s.headers).collect();
+    seen.extend(h2.seen.lock().unwrap().iter().cloned());
+    assert_eq!(seen.len(), 3);
+    let mut ids = Vec::new();
+    for headers in &seen {
+        let one = |name: &str| {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(values.len(), 1, "{name}: {headers:?}");
+            values[0].to_owned()
+        };
+        assert_eq!(one("x-envoy-attempt-count"), "1", "{headers:?}");
+        assert_eq!(one("x-envoy-expected-rq-timeout-ms"), "5000", "{headers:?}");
+        assert_eq!(one("x-forwarded-proto"), "http", "{headers:?}");
+        let id = one("x-request-id");
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id.as_bytes()[14], b'4', "{id}");
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each request has its own id");
+
+    // A client's own request id is kept, on both paths.
+    for chunked in [false, true] {
+        let mut req = with("http://app.internal/", chunked);
+        req.headers_mut()
+            .insert("x-request-id", "from-the-client".parse().unwrap());
+        common::send(&mut sender, req).await;
+    }
+    for seen in &h1.requests()[2..] {
+        assert_eq!(seen.headers["x-request-id"], "from-the-client");
+    }
+}
