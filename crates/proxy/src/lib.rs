@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_dns::DnsCache;
-use portcullis_registry::Snapshot;
+use portcullis_registry::{Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -242,7 +242,8 @@ impl Proxy {
         // does, before a byte is read.
         if self.is_own_listener(dst) {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener closed (loop guard)");
-            refused(dst, peer);
+            let stream = self.guard(stream, None);
+            tcp::forward(&self, Decision::BlackHole, stream, &[], dst, peer, None).await;
             return;
         }
         let mut stream = self.guard(stream, None);
