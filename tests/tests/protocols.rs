@@ -1,12 +1,12 @@
 //! Every protocol a pod speaks, through the transparent listener, with real peers: TLS routed
 //! by SNI to an nginx holding a certificate made at test time, h2c and gRPC, WebSocket,
-//! HTTP/1.0, `Expect: 100-continue` and large bodies both ways.
+//! HTTP/1.0 refused as Istio's Envoy does, `Expect: 100-continue` and large bodies both ways.
 
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use portcullis_e2e::scenario::{
-    self, APP_VIP, EXTERNAL_IP, EXTERNAL_MARK, ROGUE_IP, SELECT_EXTERNAL, service_entry,
+    self, APP_VIP, EXTERNAL_IP, ROGUE_IP, SELECT_EXTERNAL, service_entry,
 };
 use portcullis_e2e::{Lab, Nginx, Role, poll, run};
 
@@ -425,7 +425,7 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// HTTP/1.0 with and without Host, `Expect: 100-continue` answered by the proxy, and 20 MiB
+/// HTTP/1.0 refused with 426, `Expect: 100-continue` answered by the proxy, and 20 MiB
 /// bodies streamed intact in both directions, with a length and chunked.
 #[test]
 fn http1_bodies_and_versions() {
@@ -448,10 +448,12 @@ fn http1_bodies_and_versions() {
             &[],
         )?;
 
-        // HTTP/1.0: with a registered Host it is served; without Host it cannot be routed.
-        let reply = lab.curl(&["--http1.0", &format!("http://{}/", scenario::APP_HOST)])?;
-        reply.expect_page("curl --http1.0 http://app.internal.com/", EXTERNAL_MARK)?;
+        // HTTP/1.0 gets Envoy's `426 Upgrade Required` (Istio's default; see
+        // tests/tests/istio_http.rs for `--accept-http10`), with or without Host, and
+        // nothing reaches an upstream.
         let before = lab.nginx_requests(Role::External);
+        let reply = lab.curl(&["--http1.0", &format!("http://{}/", scenario::APP_HOST)])?;
+        ensure!(reply.status == 426, "curl --http1.0 must get 426: {reply}");
         let seen = lab.connect(
             Role::Pod,
             &format!("{EXTERNAL_IP}:80"),
@@ -459,13 +461,13 @@ fn http1_bodies_and_versions() {
             5,
         )?;
         ensure!(
-            seen.line.contains("data=HTTP/1.1 502 Bad Gateway")
-                || seen.line.contains("data=HTTP/1.0 502 Bad Gateway"),
-            "HTTP/1.0 without Host to {EXTERNAL_IP}:80 must get 502: {seen:?}"
+            seen.line.contains("data=HTTP/1.1 426 Upgrade Required")
+                || seen.line.contains("data=HTTP/1.0 426 Upgrade Required"),
+            "HTTP/1.0 without Host to {EXTERNAL_IP}:80 must get 426: {seen:?}"
         );
         ensure!(
             lab.nginx_requests(Role::External) == before,
-            "the Host-less request reached the external host"
+            "an HTTP/1.0 request reached the external host"
         );
 
         let size = 20 << 20;

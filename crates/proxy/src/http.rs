@@ -400,6 +400,16 @@ async fn route_and_forward(
     outcome: &mut Outcome,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = authority(&req)?;
+    // As Envoy's HTTP/1 codec: HTTP/1.0 is refused unless accepted, and then needs a Host
+    // to be routed on, never forwarded without one.
+    if req.version() == Version::HTTP_10 {
+        if !proxy.config.accept_http10 {
+            return Err(ProxyError::Http10);
+        }
+        if authority.is_none() {
+            return Err(ProxyError::BadRequest("HTTP/1.0 without Host"));
+        }
+    }
     let explicit = downstream.original_dst.is_none();
     if req
         .uri()

@@ -70,6 +70,9 @@ pub struct ProxyConfig {
     pub max_request_headers_bytes: usize,
     /// Most header fields in a request (Envoy: `max_headers_count` 100).
     pub max_request_headers: usize,
+    /// HTTP/1.0 requests are served (Envoy's `accept_http_10`, which istiod sets only for
+    /// `ISTIO_META_HTTP10=1`); otherwise they get `426 Upgrade Required`.
+    pub accept_http10: bool,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +90,7 @@ impl Default for ProxyConfig {
             max_connections: 65_536,
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
+            accept_http10: false,
         }
     }
 }

@@ -109,7 +109,9 @@ async fn upstreams_get_envoys_request_headers_on_every_path() {
             builder = builder.header("transfer-encoding", "chunked");
         }
         builder
-            .body(http_body_util::BodyExt::boxed(Full::new(Bytes::from_static(b"x"))))
+            .body(http_body_util::BodyExt::boxed(Full::new(
+                Bytes::from_static(b"x"),
+            )))
             .unwrap()
     };
     for (uri, chunked) in [
@@ -156,4 +158,56 @@ async fn upstreams_get_envoys_request_headers_on_every_path() {
     for seen in &h1.requests()[2..] {
         assert_eq!(seen.headers["x-request-id"], "from-the-client");
     }
+}
+
+/// HTTP/1.0 as Envoy's codec treats it in Istio's default config (`426`, connection closed),
+/// and with `accept_http_10` (served with a Host, `400` without one); never forwarded as a
+/// Host-less HTTP/1.1 request.
+#[tokio::test]
+async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
+    let app = common::Upstream::start("app").await;
+    let yaml = [
+        common::service("app.internal", 80, "HTTP", &[app.port()]),
+        common::MESH_ALLOW_ANY.to_string(),
+    ]
+    .concat();
+    let harness = Harness::start(snapshot(&yaml, 1)).await;
+    for request in [
+        "GET http://app.internal/ HTTP/1.0\r\n\r\n",
+        "GET http://app.internal/ HTTP/1.0\r\nHost: app.internal\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let (mut stream, head, body) = common::raw(harness.addr, request).await;
+        // Envoy's status line says HTTP/1.1 here; hyper answers a 1.0 client in 1.0.
+        assert!(head.contains(" 426 Upgrade Required\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(head.contains("\r\nserver: envoy\r\n"), "{head}");
+        assert_eq!(body, b"Upgrade Required");
+        let mut rest = Vec::new();
+        let read = common::within(tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest));
+        assert_eq!(read.await.unwrap(), 0, "the connection is closed");
+    }
+    assert_eq!(app.accepts(), 0);
+
+    let config = portcullis_proxy::ProxyConfig {
+        accept_http10: true,
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    let (_, head, body) = common::raw(
+        harness.addr,
+        "GET http://app.internal/ HTTP/1.0\r\nHost: app.internal\r\n\r\n",
+    )
+    .await;
+    assert!(head.contains(" 200 OK\r\n"), "{head}");
+    assert_eq!(body, b"app");
+    let seen = app.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["host"], "app.internal");
+    assert!(seen[0].headers.contains_key("x-request-id"));
+    assert_eq!(app.accepts(), 1);
+
+    // Without a Host, in origin-form: nothing to route on.
+    let (_, head, _) = common::raw(harness.addr, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(head.contains(" 400 Bad Request\r\n"), "{head}");
+    assert_eq!(app.accepts(), 1);
 }
