@@ -5,31 +5,8 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use portcullis_e2e::scenario::{self, EXTERNAL_IP, POD_IP, SELECT_EXTERNAL, service_entry};
+use portcullis_e2e::scenario::{EXTERNAL_IP, POD_IP, external_service};
 use portcullis_e2e::{Lab, Role, poll, run};
-
-/// A ServiceEntry served by the external host's WorkloadEntry.
-fn external_service(name: &str, hosts: &[&str], port: u16, protocol: &str) -> String {
-    service_entry(name, hosts, port, protocol, "STATIC", SELECT_EXTERNAL)
-}
-
-/// REGISTRY_ONLY, the external host's WorkloadEntry and `services`, `names` mapped to the VIP
-/// in the pod, rules installed, portcullis running with `extra` flags.
-fn start(
-    lab: &mut Lab,
-    names: &[&str],
-    services: &[(&str, String)],
-    extra: &[&str],
-) -> anyhow::Result<()> {
-    lab.map_pod_names(names)?;
-    lab.write_registry_only()?;
-    lab.write_config("workloadentry.yaml", scenario::WORKLOAD_ENTRY)?;
-    for (file, yaml) in services {
-        lab.write_config(file, yaml)?;
-    }
-    lab.apply_iptables()?;
-    lab.start_portcullis(extra)
-}
 
 /// The lines portcullis has written so far (its access log among them) holding every one
 /// of `parts`.
@@ -52,8 +29,7 @@ fn the_loop_guard_covers_only_the_pods_own_addresses() {
         let servers = format!("    server {{ listen {EXTERNAL_IP}:15090; root {{html}}; }}");
         let nginx =
             lab.start_nginx_servers(Role::External, "m15090", &servers, METRICS_PAGE, 8097)?;
-        start(
-            lab,
+        lab.start_with_services(
             &["metrics.internal.com"],
             &[(
                 "metrics.yaml",
@@ -95,8 +71,7 @@ fn an_http1_request_to_an_http2_port_is_logged_and_counted_once() {
     run("h2once", |lab| {
         let servers = format!("    server {{ listen {EXTERNAL_IP}:8080 http2; root {{html}}; }}");
         lab.start_nginx_servers(Role::External, "h2", &servers, H2_PAGE, 8099)?;
-        start(
-            lab,
+        lab.start_with_services(
             &["h2.internal.com"],
             &[(
                 "h2.yaml",
@@ -147,8 +122,7 @@ fn upstream_headers_and_accepted_http10() {
             "http-echo",
             &["http-echo", EXTERNAL_IP, "8090"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["echo.internal.com"],
             &[(
                 "echo.yaml",

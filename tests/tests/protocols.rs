@@ -5,36 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use portcullis_e2e::scenario::{
-    self, APP_VIP, EXTERNAL_IP, ROGUE_IP, SELECT_EXTERNAL, service_entry,
-};
+use portcullis_e2e::scenario::{self, APP_VIP, EXTERNAL_IP, ROGUE_IP, external_service};
 use portcullis_e2e::{Lab, Nginx, Role, poll, run};
 
 /// The explicit-proxy listener, next to the transparent one.
 const HTTP_PROXY: &str = "127.0.0.1:15080";
-
-/// A ServiceEntry served by the external host's WorkloadEntry.
-fn external_service(name: &str, hosts: &[&str], port: u16, protocol: &str) -> String {
-    service_entry(name, hosts, port, protocol, "STATIC", SELECT_EXTERNAL)
-}
-
-/// REGISTRY_ONLY, the external host's WorkloadEntry and `services`, `names` mapped to the VIP
-/// in the pod, rules installed, portcullis running with `extra` flags.
-fn start(
-    lab: &mut Lab,
-    names: &[&str],
-    services: &[(&str, String)],
-    extra: &[&str],
-) -> anyhow::Result<()> {
-    lab.map_pod_names(names)?;
-    lab.write_registry_only()?;
-    lab.write_config("workloadentry.yaml", scenario::WORKLOAD_ENTRY)?;
-    for (file, yaml) in services {
-        lab.write_config(file, yaml)?;
-    }
-    lab.apply_iptables()?;
-    lab.start_portcullis(extra)
-}
 
 /// Fails unless the access log gets a line holding every one of `parts`.
 fn expect_logged(lab: &mut Lab, what: &str, parts: &[&str]) -> anyhow::Result<()> {
@@ -93,8 +68,7 @@ fn tls_is_routed_by_sni() {
         );
         let nginx = lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8099)?;
         let rogue = lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:443"))?;
-        start(
-            lab,
+        lab.start_with_services(
             &[
                 "tls.internal.com",
                 "https.internal.com",
@@ -220,8 +194,7 @@ fn http2_prior_knowledge() {
     server {{ listen {EXTERNAL_IP}:8081; root {{html}}; }}"
         );
         let nginx = lab.start_nginx_servers(Role::External, "h2", &servers, H2_PAGE, 8099)?;
-        start(
-            lab,
+        lab.start_with_services(
             &["h2.internal.com", "h1.internal.com"],
             &[
                 (
@@ -312,8 +285,7 @@ fn grpc_bidirectional_stream() {
             "grpc-server",
             &["grpc-server", EXTERNAL_IP, "50051"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["grpc.internal.com"],
             &[(
                 "grpc.yaml",
@@ -365,8 +337,7 @@ fn websocket_round_trip() {
             "ws-server",
             &["ws-server", EXTERNAL_IP, "8765"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["ws.internal.com"],
             &[(
                 "ws.yaml",
@@ -435,8 +406,7 @@ fn http1_bodies_and_versions() {
             "http-echo",
             &["http-echo", EXTERNAL_IP, "8090"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["echo.internal.com"],
             &[
                 ("serviceentry.yaml", scenario::SERVICE_ENTRY.to_owned()),
