@@ -211,3 +211,55 @@ async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
     assert!(head.contains(" 400 Bad Request\r\n"), "{head}");
     assert_eq!(app.accepts(), 1);
 }
+
+/// Each attempt carries its number: an upstream that drops the first connection without an
+/// answer sees the retried request with `x-envoy-attempt-count: 2`.
+#[tokio::test]
+async fn a_retried_request_carries_its_attempt_number() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = tokio::spawn(async move {
+        let mut heads = Vec::new();
+        for answer in [false, true] {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await.unwrap() == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            if answer {
+                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                stream.write_all(reply.as_bytes()).await.unwrap();
+                stream.write_all(&head).await.unwrap();
+            }
+            heads.push(String::from_utf8(head).unwrap());
+        }
+        heads
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("app.internal", 80, "HTTP", &[port]),
+        1,
+    ))
+    .await;
+    let answer = fetch(&harness, "http://app.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    let heads = common::within(upstream).await.unwrap();
+    assert!(
+        heads[0].contains("\r\nx-envoy-attempt-count: 1\r\n"),
+        "{heads:?}"
+    );
+    assert!(
+        heads[1].contains("\r\nx-envoy-attempt-count: 2\r\n"),
+        "{heads:?}"
+    );
+    let id = |h: &str| {
+        h.lines()
+            .find(|l| l.starts_with("x-request-id: "))
+            .map(str::to_owned)
+    };
+    assert_eq!(id(&heads[0]), id(&heads[1]), "one request, one id");
+}
