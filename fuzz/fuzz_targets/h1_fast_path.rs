@@ -33,7 +33,9 @@ fn check_request(data: &[u8], explicit: bool) {
     assert_eq!(fast.authority, authority, "two readings of the authority");
     assert_ne!(model.method, http::Method::CONNECT);
 
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+    // Room for the fields the proxy adds: Host, x-forwarded-proto, x-request-id and
+    // x-envoy-attempt-count.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 4];
     let mut upstream = httparse::Request::new(&mut headers);
     let status = upstream
         .parse(&fast.upstream_head)

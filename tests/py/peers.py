@@ -81,9 +81,19 @@ def http_echo(host, port):
 
         def do_POST(self):
             total, digest, framing = self.read_body()
+            if self.path == "/headers":
+                self.reply_headers()
+                return
             self.reply(f"len={total} sha256={digest} framing={framing}\n".encode())
 
+        def reply_headers(self):
+            seen = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items())
+            self.reply(seen.encode())
+
         def do_GET(self):
+            if self.path == "/headers":
+                self.reply_headers()
+                return
             if not self.path.startswith("/bytes/"):
                 self.reply(b"echo server\n")
                 return

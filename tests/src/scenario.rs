@@ -158,3 +158,9 @@ spec:
         proto_lower = protocol.to_ascii_lowercase()
     )
 }
+
+/// A STATIC ServiceEntry `name` for `hosts` on `port`, served by the external host's
+/// WorkloadEntry ([`WORKLOAD_ENTRY`]).
+pub fn external_service(name: &str, hosts: &[&str], port: u16, protocol: &str) -> String {
+    service_entry(name, hosts, port, protocol, "STATIC", SELECT_EXTERNAL)
+}

@@ -42,6 +42,8 @@ enum Expect {
     Blocked,
     /// `400 Bad Request`.
     BadRequest,
+    /// `426 Upgrade Required`: HTTP/1.0, refused as Istio's Envoy does by default.
+    UpgradeRequired,
     /// Closed without a byte.
     Closed,
 }
@@ -67,7 +69,7 @@ struct Row {
 const ROGUE_80: &str = "10.50.3.3:80";
 const ROGUE_443: &str = "10.50.3.3:443";
 
-use Expect::{BadRequest, Blocked, Closed, Page};
+use Expect::{BadRequest, Blocked, Closed, Page, UpgradeRequired};
 use Request::{H2, Raw, Tls};
 use Via::{Explicit, Transparent};
 
@@ -128,9 +130,9 @@ const ROWS: &[Row] = &[
         send: Raw("GET {p} HTTP/1.0\r\n\r\n"),
         host: None,
         via: &[
-            Transparent(ROGUE_80, Blocked),
-            Transparent("10.50.0.1:80", Blocked),
-            Explicit(Blocked),
+            Transparent(ROGUE_80, UpgradeRequired),
+            Transparent("10.50.0.1:80", UpgradeRequired),
+            Explicit(UpgradeRequired),
         ],
     },
     Row {
@@ -430,6 +432,9 @@ fn classify(text: &str, received: usize, timed_out: bool) -> Option<Expect> {
     }
     if lower.starts_with("http/1.1 400") || lower.starts_with("http/1.0 400") {
         return Some(BadRequest);
+    }
+    if lower.starts_with("http/1.1 426") || lower.starts_with("http/1.0 426") {
+        return Some(UpgradeRequired);
     }
     (received == 0 && !timed_out).then_some(Closed)
 }

@@ -1,40 +1,15 @@
 //! Every protocol a pod speaks, through the transparent listener, with real peers: TLS routed
 //! by SNI to an nginx holding a certificate made at test time, h2c and gRPC, WebSocket,
-//! HTTP/1.0, `Expect: 100-continue` and large bodies both ways.
+//! HTTP/1.0 refused as Istio's Envoy does, `Expect: 100-continue` and large bodies both ways.
 
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use portcullis_e2e::scenario::{
-    self, APP_VIP, EXTERNAL_IP, EXTERNAL_MARK, ROGUE_IP, SELECT_EXTERNAL, service_entry,
-};
+use portcullis_e2e::scenario::{self, APP_VIP, EXTERNAL_IP, ROGUE_IP, external_service};
 use portcullis_e2e::{Lab, Nginx, Role, run};
 
 /// The explicit-proxy listener, next to the transparent one.
 const HTTP_PROXY: &str = "127.0.0.1:15080";
-
-/// A ServiceEntry served by the external host's WorkloadEntry.
-fn external_service(name: &str, hosts: &[&str], port: u16, protocol: &str) -> String {
-    service_entry(name, hosts, port, protocol, "STATIC", SELECT_EXTERNAL)
-}
-
-/// REGISTRY_ONLY, the external host's WorkloadEntry and `services`, `names` mapped to the VIP
-/// in the pod, rules installed, portcullis running with `extra` flags.
-fn start(
-    lab: &mut Lab,
-    names: &[&str],
-    services: &[(&str, String)],
-    extra: &[&str],
-) -> anyhow::Result<()> {
-    lab.map_pod_names(names)?;
-    lab.write_registry_only()?;
-    lab.write_config("workloadentry.yaml", scenario::WORKLOAD_ENTRY)?;
-    for (file, yaml) in services {
-        lab.write_config(file, yaml)?;
-    }
-    lab.apply_iptables()?;
-    lab.start_portcullis(extra)
-}
 
 /// Runs `action` and fails unless `nginx` accepted no connection meanwhile.
 fn untouched(
@@ -81,8 +56,7 @@ fn tls_is_routed_by_sni() {
         );
         let nginx = lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8099)?;
         let rogue = lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:443"))?;
-        start(
-            lab,
+        lab.start_with_services(
             &[
                 "tls.internal.com",
                 "https.internal.com",
@@ -207,8 +181,7 @@ fn http2_prior_knowledge() {
     server {{ listen {EXTERNAL_IP}:8081; root {{html}}; }}"
         );
         let nginx = lab.start_nginx_servers(Role::External, "h2", &servers, H2_PAGE, 8099)?;
-        start(
-            lab,
+        lab.start_with_services(
             &["h2.internal.com", "h1.internal.com"],
             &[
                 (
@@ -298,8 +271,7 @@ fn grpc_bidirectional_stream() {
             "grpc-server",
             &["grpc-server", EXTERNAL_IP, "50051"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["grpc.internal.com"],
             &[(
                 "grpc.yaml",
@@ -351,8 +323,7 @@ fn websocket_round_trip() {
             "ws-server",
             &["ws-server", EXTERNAL_IP, "8765"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["ws.internal.com"],
             &[(
                 "ws.yaml",
@@ -411,7 +382,7 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// HTTP/1.0 with and without Host, `Expect: 100-continue` answered by the proxy, and 20 MiB
+/// HTTP/1.0 refused with 426, `Expect: 100-continue` answered by the proxy, and 20 MiB
 /// bodies streamed intact in both directions, with a length and chunked.
 #[test]
 fn http1_bodies_and_versions() {
@@ -421,8 +392,7 @@ fn http1_bodies_and_versions() {
             "http-echo",
             &["http-echo", EXTERNAL_IP, "8090"],
         )?;
-        start(
-            lab,
+        lab.start_with_services(
             &["echo.internal.com"],
             &[
                 ("serviceentry.yaml", scenario::SERVICE_ENTRY.to_owned()),
@@ -434,10 +404,12 @@ fn http1_bodies_and_versions() {
             &[],
         )?;
 
-        // HTTP/1.0: with a registered Host it is served; without Host it cannot be routed.
-        let reply = lab.curl(&["--http1.0", &format!("http://{}/", scenario::APP_HOST)])?;
-        reply.expect_page("curl --http1.0 http://app.internal.com/", EXTERNAL_MARK)?;
+        // HTTP/1.0 gets Envoy's `426 Upgrade Required` (Istio's default; see
+        // tests/tests/istio_http.rs for `--accept-http10`), with or without Host, and
+        // nothing reaches an upstream.
         let before = lab.nginx_requests(Role::External);
+        let reply = lab.curl(&["--http1.0", &format!("http://{}/", scenario::APP_HOST)])?;
+        ensure!(reply.status == 426, "curl --http1.0 must get 426: {reply}");
         let seen = lab.connect(
             Role::Pod,
             &format!("{EXTERNAL_IP}:80"),
@@ -445,13 +417,13 @@ fn http1_bodies_and_versions() {
             5,
         )?;
         ensure!(
-            seen.line.contains("data=HTTP/1.1 502 Bad Gateway")
-                || seen.line.contains("data=HTTP/1.0 502 Bad Gateway"),
-            "HTTP/1.0 without Host to {EXTERNAL_IP}:80 must get 502: {seen:?}"
+            seen.line.contains("data=HTTP/1.1 426 Upgrade Required")
+                || seen.line.contains("data=HTTP/1.0 426 Upgrade Required"),
+            "HTTP/1.0 without Host to {EXTERNAL_IP}:80 must get 426: {seen:?}"
         );
         ensure!(
             lab.nginx_requests(Role::External) == before,
-            "the Host-less request reached the external host"
+            "an HTTP/1.0 request reached the external host"
         );
 
         let size = 20 << 20;

@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// spoofing; for exact Envoy parity only.
     #[arg(long, env = "PORTCULLIS_PERMISSIVE_NONE_RESOLUTION")]
     pub permissive_none_resolution: bool,
+    /// Serve HTTP/1.0 requests (a Host header is then required), as Istio does for a pod
+    /// annotated with `ISTIO_META_HTTP10=1`; by default they get `426 Upgrade Required`.
+    #[arg(long = "accept-http10", env = "PORTCULLIS_ACCEPT_HTTP10")]
+    pub accept_http10: bool,
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,

@@ -156,6 +156,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         request_headers_timeout: args.request_headers_timeout.into(),
         route_timeout: Some(std::time::Duration::from(args.route_timeout)).filter(|t| !t.is_zero()),
         max_connections: args.max_connections,
+        accept_http10: args.accept_http10,
         none_resolution: if args.permissive_none_resolution {
             NonePolicy::Permissive
         } else {

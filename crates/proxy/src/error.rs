@@ -46,6 +46,9 @@ pub enum ProxyError {
     /// The destination is the proxy itself.
     #[error("request loops back to the proxy")]
     Loop,
+    /// An HTTP/1.0 request where HTTP/1.0 is not accepted.
+    #[error("HTTP/1.0 is not accepted")]
+    Http10,
     /// Retries were made and the last attempt failed with the inner error.
     #[error("retries exhausted: {0}")]
     Retried(Box<ProxyError>),
@@ -64,7 +67,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout => "UT",
             ProxyError::DnsFailure { .. } => "DF",
-            ProxyError::BadRequest(_) => "DPE",
+            ProxyError::BadRequest(_) | ProxyError::Http10 => "DPE",
             ProxyError::Loop => "NR",
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
@@ -127,9 +130,17 @@ impl ProxyError {
                 "upstream connect error or disconnect/reset before headers. reset reason: DNS resolution failure",
             ),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad Request"),
+            ProxyError::Http10 => (StatusCode::UPGRADE_REQUIRED, "Upgrade Required"),
             _ => (StatusCode::BAD_GATEWAY, ""),
         };
-        synthetic(status, Bytes::from_static(body.as_bytes()))
+        let mut response = synthetic(status, Bytes::from_static(body.as_bytes()));
+        if matches!(self, ProxyError::Http10) {
+            // Envoy's HTTP/1 codec rejects the connection along with the request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -194,6 +205,9 @@ mod tests {
         assert_eq!(ProxyError::UpstreamTimeout.flag(), "UT");
         assert_eq!(answer(&ProxyError::BadRequest("x")).await.0, 400);
         assert_eq!(answer(&ProxyError::Loop).await.0, 502);
+        let (status, _, body) = answer(&ProxyError::Http10).await;
+        assert_eq!((status, body.as_str()), (426, "Upgrade Required"));
+        assert_eq!(ProxyError::Http10.flag(), "DPE");
     }
 
     #[tokio::test]

@@ -27,7 +27,10 @@ use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::InFlight;
-use crate::http::{Downstream, LogLine, RequestLog, Routed, retried};
+use crate::http::{
+    ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, Routed,
+    request_id, retried, timeout_ms,
+};
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
 use crate::upstream::{ATTEMPTS, can_retry};
@@ -144,7 +147,8 @@ where
 {
     let explicit = downstream.original_dst.is_none();
     let head = loop {
-        match parse_request(buf, explicit, proxy.config.max_request_headers) {
+        let limits = (proxy.config.max_request_headers, proxy.config.route_timeout);
+        match parse_request(buf, explicit, limits) {
             Parsed::Complete(head) => break head,
             Parsed::Partial if buf.len() < proxy.config.max_request_headers_bytes => {
                 if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
@@ -180,7 +184,9 @@ where
             }
         };
     if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
-        // The general path speaks HTTP/2 upstream: give it the request back.
+        // The general path speaks HTTP/2 upstream: give it the request back, and the
+        // logging of it.
+        log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);
         *buf = whole;
@@ -188,8 +194,9 @@ where
     }
     let mut out = head.out;
     out.extend_from_slice(&request[head.len..]);
+    let attempt_at = head.attempt_at;
     let forwarded = tokio::select! {
-        forwarded = forward(proxy, &routed, &out, head.body == 0, head.head_method, &mut log) => forwarded,
+        forwarded = forward(proxy, &routed, (&mut out, attempt_at), head.body == 0, head.head_method, &mut log) => forwarded,
         // The client left before the response: logged as DC when `log` is dropped.
         () = client_gone(io, buf) => return Next::Close,
     };
@@ -252,23 +259,26 @@ enum Failure {
 }
 
 /// Sends `out` (head and body) to an upstream of `routed`, retrying as the general path
-/// does, and reads the response head. The route timeout covers each attempt up to the
-/// response head.
+/// does, and reads the response head; the attempt number goes into `out` at its offset.
+/// The route timeout covers each attempt up to the response head.
 async fn forward(
     proxy: &Arc<Proxy>,
     routed: &Routed<'_>,
-    out: &[u8],
+    (out, attempt_at): (&mut [u8], usize),
     replayable: bool,
     head_method: bool,
     log: &mut RequestLog,
 ) -> Result<(Upstream, ResponseHead), ProxyError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last = ProxyError::NoHealthyUpstream;
-    for attempt in 0..ATTEMPTS {
+    for (attempt, count) in ATTEMPT_DIGITS.into_iter().enumerate() {
         let pick = proxy
             .pick(&routed.decision, routed.original, &tried)
             .await?;
         log.outcome.upstream = Some(pick.addr);
+        if let Some(digit) = out.get_mut(attempt_at) {
+            *digit = count;
+        }
         let sending = attempt_once(proxy, pick.addr, &log.outcome.cluster, out, head_method);
         let sent = match proxy.config.route_timeout {
             Some(limit) => match tokio::time::timeout(limit, sending).await {
@@ -562,6 +572,8 @@ struct Head {
     slash: bool,
     /// The rewritten head for the upstream.
     out: Vec<u8>,
+    /// Where the digit of `x-envoy-attempt-count` is in `out`.
+    attempt_at: usize,
 }
 
 impl Head {
@@ -669,8 +681,25 @@ fn single_length(current: Option<usize>, value: &[u8]) -> Result<usize, ()> {
     }
 }
 
-/// Parses one request head at the start of `buf`.
-fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
+/// `x-envoy-attempt-count` for each attempt, one digit each.
+const ATTEMPT_DIGITS: [u8; ATTEMPTS] = {
+    assert!(ATTEMPTS < 10);
+    let mut digits = [0; ATTEMPTS];
+    let mut i = 0;
+    while i < ATTEMPTS {
+        digits[i] = b'1' + i as u8;
+        i += 1;
+    }
+    digits
+};
+
+/// Parses one request head at the start of `buf`, at most `max_headers` fields, for a route
+/// with `timeout`.
+fn parse_request(
+    buf: &[u8],
+    explicit: bool,
+    (max_headers, timeout): (usize, Option<std::time::Duration>),
+) -> Parsed {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut storage) {
@@ -714,6 +743,7 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
     let mut length = None;
     let mut listed = Listed::default();
     let mut forwarded_proto = false;
+    let mut has_request_id = false;
     let mut te_trailers_only = true;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -744,6 +774,8 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
             te_trailers_only &= h.value.eq_ignore_ascii_case(b"trailers");
         } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             forwarded_proto = true;
+        } else if name.eq_ignore_ascii_case(REQUEST_ID.as_bytes()) {
+            has_request_id = true;
         }
     }
     let authority = absolute.or(host);
@@ -762,7 +794,10 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
     let mut length_sent = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        // The proxy's own headers are set below, whatever the client sent.
         if hop_by_hop(name)
+            || name.eq_ignore_ascii_case(ATTEMPT_COUNT.as_bytes())
+            || name.eq_ignore_ascii_case(EXPECTED_TIMEOUT.as_bytes())
             || listed.contains(name)
             || (name.eq_ignore_ascii_case(b"te") && !te_trailers_only)
             || (explicit && name.eq_ignore_ascii_case(b"proxy-authenticate"))
@@ -793,6 +828,16 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
     if !forwarded_proto {
         header(&mut out, b"x-forwarded-proto", b"http");
     }
+    if !has_request_id {
+        header(&mut out, REQUEST_ID.as_bytes(), &request_id());
+    }
+    if let Some(timeout) = timeout {
+        let mut ms = itoa::Buffer::new();
+        let ms = ms.format(timeout_ms(timeout));
+        header(&mut out, EXPECTED_TIMEOUT.as_bytes(), ms.as_bytes());
+    }
+    header(&mut out, ATTEMPT_COUNT.as_bytes(), b"1");
+    let attempt_at = out.len() - 3;
     out.extend_from_slice(b"\r\n");
     Parsed::Complete(Head {
         len,
@@ -804,6 +849,7 @@ fn parse_request(buf: &[u8], explicit: bool, max_headers: usize) -> Parsed {
         path: range_in(buf, path),
         slash,
         out,
+        attempt_at,
     })
 }
 
@@ -824,7 +870,7 @@ pub struct Rewritten {
 /// What the fast path makes of the request head at the start of `buf`: `None` when it needs
 /// more bytes or leaves the request to the general path.
 pub fn rewrite_request(buf: &[u8], explicit: bool, max_headers: usize) -> Option<Rewritten> {
-    let Parsed::Complete(head) = parse_request(buf, explicit, max_headers) else {
+    let Parsed::Complete(head) = parse_request(buf, explicit, (max_headers, None)) else {
         return None;
     };
     Some(Rewritten {
@@ -1113,10 +1159,16 @@ mod tests {
 
     use super::*;
 
+    /// The head the fast path takes, and the head it sends without the proxy's own
+    /// `x-request-id` and `x-envoy-attempt-count` lines (checked by their own test).
     fn complete(raw: &str, explicit: bool) -> (Head, String) {
-        match parse_request(raw.as_bytes(), explicit, 100) {
+        match parse_request(raw.as_bytes(), explicit, (100, None)) {
             Parsed::Complete(head) => {
                 let out = String::from_utf8(head.out.clone()).unwrap();
+                let own = |l: &&str| {
+                    l.starts_with("x-request-id: ") || l.starts_with("x-envoy-attempt-count: ")
+                };
+                let out = out.split_inclusive("\r\n").filter(|l| !own(l)).collect();
                 (head, out)
             }
             Parsed::Partial => panic!("partial: {raw:?}"),
@@ -1125,7 +1177,10 @@ mod tests {
     }
 
     fn is_other(raw: &str) -> bool {
-        matches!(parse_request(raw.as_bytes(), true, 100), Parsed::Other)
+        matches!(
+            parse_request(raw.as_bytes(), true, (100, None)),
+            Parsed::Other
+        )
     }
 
     #[test]
@@ -1143,6 +1198,60 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.body, 0);
         assert_eq!(&raw[head.authority.unwrap()], "Up.Example:8080");
+    }
+
+    #[test]
+    fn the_upstream_gets_envoys_request_id_attempt_count_and_expected_timeout() {
+        let id_of = |out: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix("x-request-id: "))
+                .map(str::to_owned)
+        };
+        let raw = "GET / HTTP/1.1\r\nHost: up\r\nX-Envoy-Attempt-Count: 7\r\n\
+                   x-envoy-expected-rq-timeout-ms: 9\r\n\r\n";
+        let Parsed::Complete(head) = parse_request(raw.as_bytes(), false, (100, None)) else {
+            panic!("not taken");
+        };
+        let out = String::from_utf8(head.out.clone()).unwrap();
+        let id = id_of(&out).expect("a generated x-request-id");
+        // A UUID version 4, variant 10.
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(
+            id.bytes()
+                .all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert!(groups[2].starts_with('4'), "{id}");
+        assert!(
+            matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+            "{id}"
+        );
+        // The client's attempt count and expected timeout are replaced, not passed on.
+        assert!(!out.contains("-timeout-ms"), "{out}");
+        assert_eq!(out.matches("x-envoy-attempt-count: ").count(), 1, "{out}");
+        assert_eq!(head.out[head.attempt_at], b'1');
+        assert!(out.ends_with("x-envoy-attempt-count: 1\r\n\r\n"), "{out}");
+        // Every request gets its own id.
+        let Parsed::Complete(again) = parse_request(raw.as_bytes(), false, (100, None)) else {
+            panic!("not taken");
+        };
+        assert_ne!(id_of(std::str::from_utf8(&again.out).unwrap()), Some(id));
+
+        // The client's id is kept; a route timeout is announced in milliseconds.
+        let raw = "GET / HTTP/1.1\r\nHost: up\r\nX-Request-Id: mine\r\n\r\n";
+        let timeout = Some(std::time::Duration::from_millis(1500));
+        let Parsed::Complete(head) = parse_request(raw.as_bytes(), false, (100, timeout)) else {
+            panic!("not taken");
+        };
+        let out = String::from_utf8(head.out).unwrap();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nhost: up\r\nx-request-id: mine\r\nx-forwarded-proto: http\r\n\
+             x-envoy-expected-rq-timeout-ms: 1500\r\nx-envoy-attempt-count: 1\r\n\r\n"
+        );
     }
 
     #[test]
@@ -1218,7 +1327,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: up\r\n{many}\r\n"
         )));
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nHost: up\r\n", false, 100),
+            parse_request(b"GET / HTTP/1.1\r\nHost: up\r\n", false, (100, None)),
             Parsed::Partial
         ));
     }
@@ -1355,7 +1464,7 @@ mod tests {
 
         #[test]
         fn request_parser_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = parse_request(&data, true, 100);
+            let _ = parse_request(&data, true, (100, None));
             let _ = parse_response(&data, false);
             let _ = ChunkScanner::default().scan(&data);
         }

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -202,6 +203,12 @@ impl RequestLog {
         }
     }
 
+    /// The request goes to another handler, which logs and counts it: this record is
+    /// dropped unwritten, so the request is not logged twice.
+    pub fn hand_over(mut self) {
+        self.written = true;
+    }
+
     /// Counts the request and writes its access log line, with `status` as answered.
     pub fn write(&mut self) {
         self.written = true;
@@ -396,6 +403,16 @@ async fn route_and_forward(
     outcome: &mut Outcome,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = authority(&req)?;
+    // As Envoy's HTTP/1 codec: HTTP/1.0 is refused unless accepted, and then needs a Host
+    // to be routed on, never forwarded without one.
+    if req.version() == Version::HTTP_10 {
+        if !proxy.config.accept_http10 {
+            return Err(ProxyError::Http10);
+        }
+        if authority.is_none() {
+            return Err(ProxyError::BadRequest("HTTP/1.0 without Host"));
+        }
+    }
     let explicit = downstream.original_dst.is_none();
     if req
         .uri()
@@ -433,6 +450,7 @@ async fn route_and_forward(
         explicit,
         h2,
         client_upgrade.is_some(),
+        proxy.config.route_timeout,
     );
     // A request without a body can be sent again after a reset before its response (Istio's
     // default retry); one with a body cannot, as it has been streamed away.
@@ -449,6 +467,8 @@ async fn route_and_forward(
     for attempt in 0..ATTEMPTS {
         let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
+        req.headers_mut()
+            .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
         let Pick { addr, index, guard } = pick;
         let sending = async {
             if h2 {
@@ -746,12 +766,48 @@ fn service_time(start: Instant) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)))
 }
 
+/// `x-request-id`: kept when the client sent one, else generated (Envoy's UUID request
+/// id extension, as istiod configures it for outbound sidecar listeners).
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+/// `x-envoy-attempt-count`: the attempt number, 1 for the first (Istio sets
+/// `include_request_attempt_count` on every virtual host).
+pub(crate) const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+/// `x-envoy-expected-rq-timeout-ms`: the route timeout when one applies; never passed on
+/// from the client.
+pub(crate) const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+
+/// A random UUID version 4, as Envoy generates request ids: from the thread's own fast
+/// generator, formatted on the stack, so that no request pays a syscall or a lock for it.
+pub(crate) fn request_id() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0x0f)];
+        at += 2;
+    }
+    out
+}
+
+/// The route timeout in milliseconds, as `x-envoy-expected-rq-timeout-ms` carries it.
+pub(crate) fn timeout_ms(timeout: Duration) -> u64 {
+    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn prepare_request(
     req: &mut Request<Incoming>,
     authority: Option<&str>,
     explicit: bool,
     h2: bool,
     upgrade: bool,
+    route_timeout: Option<Duration>,
 ) {
     let path = req
         .uri()
@@ -778,6 +834,15 @@ fn prepare_request(
     headers
         .entry(HeaderName::from_static("x-forwarded-proto"))
         .or_insert(HeaderValue::from_static("http"));
+    if !headers.contains_key(REQUEST_ID)
+        && let Ok(id) = HeaderValue::from_bytes(&request_id())
+    {
+        headers.insert(REQUEST_ID, id);
+    }
+    headers.remove(EXPECTED_TIMEOUT);
+    if let Some(timeout) = route_timeout {
+        headers.insert(EXPECTED_TIMEOUT, HeaderValue::from(timeout_ms(timeout)));
+    }
     if h2 {
         // HTTP/2 carries the name in :authority, taken from the URI.
         headers.remove(header::HOST);

@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_dns::DnsCache;
-use portcullis_registry::Snapshot;
+use portcullis_registry::{Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +70,9 @@ pub struct ProxyConfig {
     pub max_request_headers_bytes: usize,
     /// Most header fields in a request (Envoy: `max_headers_count` 100).
     pub max_request_headers: usize,
+    /// HTTP/1.0 requests are served (Envoy's `accept_http_10`, which istiod sets only for
+    /// `ISTIO_META_HTTP10=1`); otherwise they get `426 Upgrade Required`.
+    pub accept_http10: bool,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +90,7 @@ impl Default for ProxyConfig {
             max_connections: 65_536,
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
+            accept_http10: false,
         }
     }
 }
@@ -236,9 +240,14 @@ impl Proxy {
                 return;
             }
         };
-        if stream.local_addr().is_ok_and(|local| local == dst) {
-            tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener refused (loop guard)");
-            refused(dst, peer);
+        // Its own listener as the destination: either a direct connection that was never
+        // redirected (the original destination is then the listener's own address) or one
+        // that would come straight back. Closed, as Istio's virtualOutbound-blackhole chain
+        // does, before a byte is read.
+        if self.is_own_listener(dst) {
+            tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener closed (loop guard)");
+            let stream = self.guard(stream, None);
+            tcp::forward(&self, Decision::BlackHole, stream, &[], dst, peer, None).await;
             return;
         }
         let mut stream = self.guard(stream, None);

@@ -1,6 +1,6 @@
 //! Choosing and connecting to an upstream: endpoint pick, DNS, connect timeout, loop guard.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use portcullis_balance::ActiveGuard;
 use portcullis_registry::{Decision, OutboundMode, Resolution, Snapshot};
@@ -182,12 +182,43 @@ impl Proxy {
             })
     }
 
-    fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip() == addr.ip() || own.ip().is_unspecified() || addr.ip().is_loopback())
-        })
+    /// Whether `addr` reaches one of the proxy's own listeners: their port on their address,
+    /// or, for a wildcard listener, on any address of this host. The same port elsewhere is
+    /// another service.
+    pub(crate) fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        reaches_listener(&self.own_listeners, addr)
     }
+}
+
+/// Whether a connection to `addr` lands on one of `listeners`.
+fn reaches_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    let mut same_port = listeners.iter().filter(|l| l.port() == addr.port());
+    same_port
+        .any(|l| l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_address(addr.ip())))
+}
+
+/// Whether `ip` is an address of this host. The kernel routes a local address with itself
+/// as the source, so a connected UDP socket (no packet is sent) tells without listing the
+/// interfaces, and keeps telling the truth when addresses change.
+fn is_local_address(ip: IpAddr) -> bool {
+    use socket2::{Domain, Socket, Type};
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let probe = || -> std::io::Result<bool> {
+        let socket = Socket::new(
+            Domain::for_address(SocketAddr::new(ip, 0)),
+            Type::DGRAM,
+            None,
+        )?;
+        socket.connect(&SocketAddr::new(ip, 9).into())?;
+        Ok(socket
+            .local_addr()?
+            .as_socket()
+            .is_some_and(|source| source.ip() == ip))
+    };
+    // No route at all: not an address of ours either.
+    probe().unwrap_or(false)
 }
 
 /// Whether a failed attempt may be retried: on a cluster's endpoints (another one when
@@ -195,4 +226,35 @@ impl Proxy {
 /// destination.
 pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
     matches!(decision, Decision::Cluster(_)) && pick_index.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_hosts_addresses_are_local() {
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(is_local_address("127.3.4.5".parse().unwrap()));
+        assert!(is_local_address("::1".parse().unwrap()));
+        // Documentation ranges (RFC 5737, RFC 3849): never assigned to a host here.
+        assert!(!is_local_address("192.0.2.1".parse().unwrap()));
+        assert!(!is_local_address("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_wildcard_listeners_port_elsewhere_is_another_service() {
+        let own: Vec<SocketAddr> = ["0.0.0.0:15001", "0.0.0.0:15090", "127.0.0.1:15000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let reaches = |a: &str| reaches_listener(&own, a.parse().unwrap());
+        assert!(reaches("127.0.0.1:15001"));
+        assert!(reaches("127.0.0.1:15090"));
+        assert!(reaches("127.0.0.1:15000"));
+        assert!(!reaches("192.0.2.1:15090"));
+        assert!(!reaches("192.0.2.1:15001"));
+        assert!(!reaches("192.0.2.1:15000"));
+        assert!(!reaches("127.0.0.1:8080"));
+    }
 }

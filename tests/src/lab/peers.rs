@@ -59,6 +59,25 @@ impl Certificate {
 }
 
 impl Lab {
+    /// REGISTRY_ONLY, the external host's WorkloadEntry and `services` (file name, YAML),
+    /// `names` mapped to the VIP in the pod, rules installed, portcullis running with `extra`
+    /// flags.
+    pub fn start_with_services(
+        &mut self,
+        names: &[&str],
+        services: &[(&str, String)],
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        self.map_pod_names(names)?;
+        self.write_registry_only()?;
+        self.write_config("workloadentry.yaml", scenario::WORKLOAD_ENTRY)?;
+        for (file, yaml) in services {
+            self.write_config(file, yaml)?;
+        }
+        self.apply_iptables()?;
+        self.start_portcullis(extra)
+    }
+
     /// Starts `program args` in `role`'s namespace as a peer named `name` (unique per lab),
     /// stopped with `stop_signal` when the lab ends.
     pub fn spawn_peer(

@@ -1,0 +1,265 @@
+//! What an Istio sidecar's outbound HTTP does beyond routing, checked against Envoy 1.40
+//! configured as istiod configures it: one log record per request, the headers Envoy adds
+//! upstream, and HTTP/1.0.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+mod common;
+
+use common::{Harness, fetch, snapshot};
+
+/// An h2c (prior knowledge) server on loopback that records request headers.
+struct H2Upstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl H2Upstream {
+    async fn start() -> H2Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task_seen = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = Arc::clone(&task_seen);
+                connections.spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        seen.lock().unwrap().push(req.headers().clone());
+                        let response = Response::new(Full::new(Bytes::from_static(b"h2")));
+                        async { Ok::<_, Infallible>(response) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        H2Upstream { addr, seen, task }
+    }
+}
+
+/// The `istio_requests_total` samples in Prometheus text.
+fn request_samples(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_http1_request_to_an_http2_port_is_counted_once() {
+    let upstream = H2Upstream::start().await;
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[upstream.addr.port()]),
+        1,
+    ))
+    .await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "h2");
+    assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+    let text = harness.prometheus();
+    let samples = request_samples(&text);
+    assert_eq!(samples.len(), 1, "{samples:#?}");
+    assert!(samples[0].contains("response_code=\"200\""), "{samples:#?}");
+    assert!(samples[0].ends_with(" 1"), "{samples:#?}");
+}
+
+/// What Envoy as an Istio sidecar adds to every proxied request, on the fast path (a plain
+/// GET), the general path (a chunked body) and towards an HTTP/2 upstream.
+#[tokio::test]
+async fn upstreams_get_envoys_request_headers_on_every_path() {
+    let h1 = common::Upstream::start("app").await;
+    let h2 = H2Upstream::start().await;
+    let yaml = [
+        common::service("app.internal", 80, "HTTP", &[h1.port()]),
+        common::service("h2.internal", 80, "HTTP2", &[h2.addr.port()]),
+    ]
+    .concat();
+    let config = portcullis_proxy::ProxyConfig {
+        route_timeout: Some(std::time::Duration::from_secs(5)),
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    let mut sender = harness.client().await;
+    let with = |uri: &str, chunked: bool| {
+        let mut builder = Request::post(uri)
+            .header("x-envoy-attempt-count", "7")
+            .header("x-envoy-expected-rq-timeout-ms", "9");
+        if chunked {
+            builder = builder.header("transfer-encoding", "chunked");
+        }
+        builder
+            .body(http_body_util::BodyExt::boxed(Full::new(
+                Bytes::from_static(b"x"),
+            )))
+            .unwrap()
+    };
+    for (uri, chunked) in [
+        ("http://app.internal/fast", false),
+        ("http://app.internal/general", true),
+        ("http://h2.internal/", false),
+    ] {
+        let answer = common::send(&mut sender, with(uri, chunked)).await;
+        assert_eq!(answer.status, 200, "{uri}");
+    }
+    let mut seen: Vec<HeaderMap> = h1.requests().into_iter().map(|s| s.headers).collect();
+    seen.extend(h2.seen.lock().unwrap().iter().cloned());
+    assert_eq!(seen.len(), 3);
+    let mut ids = Vec::new();
+    for headers in &seen {
+        let one = |name: &str| {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(values.len(), 1, "{name}: {headers:?}");
+            values[0].to_owned()
+        };
+        assert_eq!(one("x-envoy-attempt-count"), "1", "{headers:?}");
+        assert_eq!(one("x-envoy-expected-rq-timeout-ms"), "5000", "{headers:?}");
+        assert_eq!(one("x-forwarded-proto"), "http", "{headers:?}");
+        let id = one("x-request-id");
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id.as_bytes()[14], b'4', "{id}");
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each request has its own id");
+
+    // A client's own request id is kept, on both paths.
+    for chunked in [false, true] {
+        let mut req = with("http://app.internal/", chunked);
+        req.headers_mut()
+            .insert("x-request-id", "from-the-client".parse().unwrap());
+        common::send(&mut sender, req).await;
+    }
+    for seen in &h1.requests()[2..] {
+        assert_eq!(seen.headers["x-request-id"], "from-the-client");
+    }
+}
+
+/// HTTP/1.0 as Envoy's codec treats it in Istio's default config (`426`, connection closed),
+/// and with `accept_http_10` (served with a Host, `400` without one); never forwarded as a
+/// Host-less HTTP/1.1 request.
+#[tokio::test]
+async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
+    let app = common::Upstream::start("app").await;
+    let yaml = [
+        common::service("app.internal", 80, "HTTP", &[app.port()]),
+        common::MESH_ALLOW_ANY.to_string(),
+    ]
+    .concat();
+    let harness = Harness::start(snapshot(&yaml, 1)).await;
+    for request in [
+        "GET http://app.internal/ HTTP/1.0\r\n\r\n",
+        "GET http://app.internal/ HTTP/1.0\r\nHost: app.internal\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let (mut stream, head, body) = common::raw(harness.addr, request).await;
+        // Envoy's status line says HTTP/1.1 here; hyper answers a 1.0 client in 1.0.
+        assert!(head.contains(" 426 Upgrade Required\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(head.contains("\r\nserver: envoy\r\n"), "{head}");
+        assert_eq!(body, b"Upgrade Required");
+        let mut rest = Vec::new();
+        let read = common::within(tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest));
+        assert_eq!(read.await.unwrap(), 0, "the connection is closed");
+    }
+    assert_eq!(app.accepts(), 0);
+
+    let config = portcullis_proxy::ProxyConfig {
+        accept_http10: true,
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    let (_, head, body) = common::raw(
+        harness.addr,
+        "GET http://app.internal/ HTTP/1.0\r\nHost: app.internal\r\n\r\n",
+    )
+    .await;
+    assert!(head.contains(" 200 OK\r\n"), "{head}");
+    assert_eq!(body, b"app");
+    let seen = app.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers["host"], "app.internal");
+    assert!(seen[0].headers.contains_key("x-request-id"));
+    assert_eq!(app.accepts(), 1);
+
+    // Without a Host, in origin-form: nothing to route on.
+    let (_, head, _) = common::raw(harness.addr, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(head.contains(" 400 Bad Request\r\n"), "{head}");
+    assert_eq!(app.accepts(), 1);
+}
+
+/// Each attempt carries its number: an upstream that drops the first connection without an
+/// answer sees the retried request with `x-envoy-attempt-count: 2`.
+#[tokio::test]
+async fn a_retried_request_carries_its_attempt_number() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = tokio::spawn(async move {
+        let mut heads = Vec::new();
+        for answer in [false, true] {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await.unwrap() == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            if answer {
+                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                stream.write_all(reply.as_bytes()).await.unwrap();
+                stream.write_all(&head).await.unwrap();
+            }
+            heads.push(String::from_utf8(head).unwrap());
+        }
+        heads
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("app.internal", 80, "HTTP", &[port]),
+        1,
+    ))
+    .await;
+    let answer = fetch(&harness, "http://app.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    let heads = common::within(upstream).await.unwrap();
+    assert!(
+        heads[0].contains("\r\nx-envoy-attempt-count: 1\r\n"),
+        "{heads:?}"
+    );
+    assert!(
+        heads[1].contains("\r\nx-envoy-attempt-count: 2\r\n"),
+        "{heads:?}"
+    );
+    let id = |h: &str| {
+        h.lines()
+            .find(|l| l.starts_with("x-request-id: "))
+            .map(str::to_owned)
+    };
+    assert_eq!(id(&heads[0]), id(&heads[1]), "one request, one id");
+}
