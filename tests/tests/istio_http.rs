@@ -113,7 +113,8 @@ fn echoed<'a>(body: &'a str, name: &str) -> Vec<&'a str> {
 /// The upstream gets what Envoy sends as an Istio sidecar (`x-request-id`, kept when the
 /// client sent one; `x-envoy-attempt-count`; `x-forwarded-proto`;
 /// `x-envoy-expected-rq-timeout-ms` with a route timeout); with `--accept-http10`, HTTP/1.0
-/// is served with a Host and answered 400, never forwarded, without one.
+/// is served with a Host; without one, HTTP/1.0 and HTTP/1.1 are answered 400, never
+/// forwarded.
 #[test]
 fn upstream_headers_and_accepted_http10() {
     run("istiohdr", |lab| {
@@ -172,16 +173,22 @@ fn upstream_headers_and_accepted_http10() {
             reply.status == 200 && echoed(&reply.body, "host") == ["echo.internal.com:8090"],
             "HTTP/1.0 with a Host is served with --accept-http10: {reply}"
         );
-        let seen = lab.connect(
-            Role::Pod,
-            &format!("{EXTERNAL_IP}:8090"),
-            "GET /headers HTTP/1.0\r\n\r\n",
-            5,
-        )?;
-        ensure!(
-            seen.line.contains(" 400 Bad Request"),
-            "HTTP/1.0 without Host is a 400: {seen:?}"
-        );
+        // Without a Host, HTTP/1.0 and HTTP/1.1 alike get Envoy's empty 400 and the
+        // connection is closed.
+        for version in ["1.0", "1.1"] {
+            let seen = lab.connect(
+                Role::Pod,
+                &format!("{EXTERNAL_IP}:8090"),
+                &format!("GET /headers HTTP/{version}\r\n\r\n"),
+                5,
+            )?;
+            ensure!(
+                seen.line.contains(" 400 Bad Request")
+                    && seen.line.contains("content-length: 0")
+                    && seen.end == "eof",
+                "HTTP/{version} without Host is an empty 400 and a close: {seen:?}"
+            );
+        }
         let log = lab.peer_stdout("http-echo")?;
         let served = log.lines().filter(|l| l.contains(" /headers HTTP")).count();
         ensure!(

@@ -49,6 +49,9 @@ pub enum ProxyError {
     /// An HTTP/1.0 request where HTTP/1.0 is not accepted.
     #[error("HTTP/1.0 is not accepted")]
     Http10,
+    /// An HTTP/1.x request with no Host to route on.
+    #[error("missing Host header")]
+    MissingHost,
     /// Retries were made and the last attempt failed with the inner error.
     #[error("retries exhausted: {0}")]
     Retried(Box<ProxyError>),
@@ -67,7 +70,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout => "UT",
             ProxyError::DnsFailure { .. } => "DF",
-            ProxyError::BadRequest(_) | ProxyError::Http10 => "DPE",
+            ProxyError::BadRequest(_) | ProxyError::Http10 | ProxyError::MissingHost => "DPE",
             ProxyError::Loop => "NR",
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
@@ -131,10 +134,11 @@ impl ProxyError {
             ),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad Request"),
             ProxyError::Http10 => (StatusCode::UPGRADE_REQUIRED, "Upgrade Required"),
+            ProxyError::MissingHost => (StatusCode::BAD_REQUEST, ""),
             _ => (StatusCode::BAD_GATEWAY, ""),
         };
         let mut response = synthetic(status, Bytes::from_static(body.as_bytes()));
-        if matches!(self, ProxyError::Http10) {
+        if matches!(self, ProxyError::Http10 | ProxyError::MissingHost) {
             // Envoy's HTTP/1 codec rejects the connection along with the request.
             response
                 .headers_mut()
@@ -208,6 +212,12 @@ mod tests {
         let (status, _, body) = answer(&ProxyError::Http10).await;
         assert_eq!((status, body.as_str()), (426, "Upgrade Required"));
         assert_eq!(ProxyError::Http10.flag(), "DPE");
+        // As Envoy 1.40: an empty 400 and the connection closed.
+        let response = ProxyError::MissingHost.to_response();
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        let (status, _, body) = answer(&ProxyError::MissingHost).await;
+        assert_eq!((status, body.as_str()), (400, ""));
+        assert_eq!(ProxyError::MissingHost.flag(), "DPE");
     }
 
     #[tokio::test]

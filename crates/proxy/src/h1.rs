@@ -171,10 +171,7 @@ where
     let request = buf.split_to(head.len + head.body).freeze();
     let line = LogLine::wanted().then(|| head.log_line(&request));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
-    let authority = head
-        .authority
-        .clone()
-        .and_then(|r| std::str::from_utf8(&request[r]).ok());
+    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
     let routed =
         match crate::http::route(proxy, downstream, authority, false, &mut log.outcome).await {
             Ok(routed) => routed,
@@ -564,7 +561,7 @@ struct Head {
     /// A HEAD request: the response has no body whatever its headers say.
     head_method: bool,
     /// The absolute-form authority or the Host header, as a range of the buffer.
-    authority: Option<Range<usize>>,
+    authority: Range<usize>,
     /// Method and path as ranges of the buffer, for the access log.
     method: Range<usize>,
     path: Range<usize>,
@@ -587,7 +584,7 @@ impl Head {
                 text(self.path.clone())
             },
             protocol: "HTTP/1.1",
-            authority: self.authority.clone().map_or_else(|| "-".to_owned(), text),
+            authority: text(self.authority.clone()),
         }
     }
 }
@@ -778,7 +775,10 @@ fn parse_request(
             has_request_id = true;
         }
     }
-    let authority = absolute.or(host);
+    // A request without a Host is answered by the general path, the one place for it.
+    let Some(authority) = absolute.or(host) else {
+        return Parsed::Other;
+    };
     let mut out = Vec::with_capacity(len + 64);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -844,7 +844,7 @@ fn parse_request(
         body: length.unwrap_or(0),
         close: listed.close,
         head_method: method == "HEAD",
-        authority: authority.map(|a| range_in(buf, a)),
+        authority: range_in(buf, authority),
         method: range_in(buf, method.as_bytes()),
         path: range_in(buf, path),
         slash,
@@ -876,9 +876,7 @@ pub fn rewrite_request(buf: &[u8], explicit: bool, max_headers: usize) -> Option
     Some(Rewritten {
         head_len: head.len,
         body: head.body,
-        authority: head
-            .authority
-            .map(|r| String::from_utf8_lossy(&buf[r]).into_owned()),
+        authority: Some(String::from_utf8_lossy(&buf[head.authority]).into_owned()),
         upstream_head: head.out,
     })
 }
@@ -1197,7 +1195,7 @@ mod tests {
         assert_eq!(head.len, raw.len() - 4);
         assert!(head.close);
         assert_eq!(head.body, 0);
-        assert_eq!(&raw[head.authority.unwrap()], "Up.Example:8080");
+        assert_eq!(&raw[head.authority], "Up.Example:8080");
     }
 
     #[test]
@@ -1316,6 +1314,7 @@ mod tests {
             "GET https://up/ HTTP/1.1\r\n\r\n",
             "GET http://user@up/ HTTP/1.1\r\n\r\n",
             "GET * HTTP/1.1\r\nHost: up\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
             "GET /a#frag HTTP/1.1\r\nHost: up\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: up\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",

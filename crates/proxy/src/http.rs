@@ -403,15 +403,13 @@ async fn route_and_forward(
     outcome: &mut Outcome,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = authority(&req)?;
-    // As Envoy's HTTP/1 codec: HTTP/1.0 is refused unless accepted, and then needs a Host
-    // to be routed on, never forwarded without one.
-    if req.version() == Version::HTTP_10 {
-        if !proxy.config.accept_http10 {
-            return Err(ProxyError::Http10);
-        }
-        if authority.is_none() {
-            return Err(ProxyError::BadRequest("HTTP/1.0 without Host"));
-        }
+    // As Envoy's HTTP/1 codec: HTTP/1.0 is refused unless accepted, and an HTTP/1.x request
+    // needs a Host to be routed on, never forwarded without one.
+    if req.version() == Version::HTTP_10 && !proxy.config.accept_http10 {
+        return Err(ProxyError::Http10);
+    }
+    if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) && authority.is_none() {
+        return Err(ProxyError::MissingHost);
     }
     let explicit = downstream.original_dst.is_none();
     if req
