@@ -6,7 +6,7 @@
 
 pub mod hyper_model;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 
@@ -125,7 +125,6 @@ const HOST_ROUTES: [(u16, &str, &str); 15] = [
 ];
 
 const WEB: &str = "web.default.svc.cluster.local";
-const V6_VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 
 /// The registry built from [`REGISTRY_YAML`]; panics if it does not load cleanly, since
 /// every routing property below depends on it.
@@ -178,14 +177,14 @@ pub fn expected_host_route(host: &str, port: u16) -> Option<&'static str> {
     best.map(|(_, cluster)| cluster)
 }
 
-/// What routing opaque TCP to `ip:port` must give, as for [`expected_host_route`].
+/// What routing opaque TCP to `ip:port` must give, as for [`expected_host_route`]. The
+/// addresses of HTTP services (v6.example.com, the `web` Service) route by Host only, as
+/// Istio's HTTP listeners do, so opaque bytes to them are refused.
 pub fn expected_tcp_route(ip: IpAddr, port: u16) -> Option<&'static str> {
     let ip = canonical(ip);
     match (port, ip) {
         (3306, IpAddr::V4(v4)) if v4 == Ipv4Addr::new(10, 1, 2, 3) => Some("db.example.net"),
         (3306, IpAddr::V4(v4)) if v4.octets()[..2] == [10, 9] => Some("db.example.net"),
-        (8080, IpAddr::V4(v4)) if v4 == Ipv4Addr::new(10, 96, 0, 10) => Some(WEB),
-        (80, IpAddr::V6(v6)) if v6 == V6_VIP => Some("v6.example.com"),
         (5672, _) => Some("mq.example.com"),
         _ => None,
     }
