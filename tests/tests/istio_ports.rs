@@ -9,17 +9,9 @@ use portcullis_e2e::scenario::{
 };
 use portcullis_e2e::{Lab, Role, run};
 
-/// REGISTRY_ONLY, the external host's WorkloadEntry and `services`, `names` mapped to the VIP
-/// in the pod, rules installed, portcullis running.
+/// The usual start (`Lab::start_with_services`) with no extra flags.
 fn start(lab: &mut Lab, names: &[&str], services: &[(&str, String)]) -> anyhow::Result<()> {
-    lab.map_pod_names(names)?;
-    lab.write_registry_only()?;
-    lab.write_config("workloadentry.yaml", scenario::WORKLOAD_ENTRY)?;
-    for (file, yaml) in services {
-        lab.write_config(file, yaml)?;
-    }
-    lab.apply_iptables()?;
-    lab.start_portcullis(&[])
+    lab.start_with_services(names, services, &[])
 }
 
 /// A ServiceEntry `name` for `host` on TCP `port`, without addresses, created at `created`,
