@@ -133,14 +133,18 @@ struct PendingAddress {
     cluster: Arc<str>,
 }
 
-/// Whether SNI routes to a TLS service: Istio matches it only on the wildcard listener, where
-/// a service lands without addresses or with a range; an exact address has its own listener.
+/// Whether a service with `addresses` lands on its port's wildcard listener, as Istio builds
+/// them: without addresses or with a range; an exact address has its own listener.
+fn on_wildcard_listener(addresses: &[IpNet]) -> bool {
+    addresses.is_empty()
+        || addresses
+            .iter()
+            .any(|n| n.prefix_len() < n.max_prefix_len())
+}
+
+/// Whether SNI routes to a TLS service: Istio matches it only on the wildcard listener.
 fn routed_by_sni(protocol: Protocol, addresses: &[IpNet]) -> bool {
-    protocol == Protocol::Tls
-        && (addresses.is_empty()
-            || addresses
-                .iter()
-                .any(|n| n.prefix_len() < n.max_prefix_len()))
+    protocol == Protocol::Tls && on_wildcard_listener(addresses)
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -699,10 +703,7 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
-        let on_wildcard = addresses.is_empty()
-            || addresses
-                .iter()
-                .any(|n| n.prefix_len() < n.max_prefix_len());
+        let on_wildcard = on_wildcard_listener(addresses);
         match protocol {
             Protocol::Http | Protocol::Http2 => {
                 self.sniffed_ports.insert(port);
