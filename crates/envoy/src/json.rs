@@ -1,0 +1,810 @@
+//! The model in Envoy's v3 JSON shape: what `/config_dump` shows and what real Envoy loads
+//! (`portcullis compile`). Proto3 JSON: durations as `"1.5s"`, enums by name, `@type` on
+//! every typed config.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{Map, Value, json};
+
+use crate::{
+    AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Discovery, EndpointAddress,
+    FilterChain, FilterChainMatch, HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus,
+    HttpConnectionManager, LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch,
+    QueryParameterMatcher, Redirect, RetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteSource, StringMatcher, StringPattern, TcpProxy, UpstreamProtocol, UpstreamTransport,
+    VirtualHost,
+};
+
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// A proto3 JSON duration.
+pub fn duration(d: Duration) -> Value {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
+        Value::String(format!("{}s", d.as_secs()))
+    } else {
+        let frac = format!("{nanos:09}");
+        Value::String(format!("{}.{}s", d.as_secs(), frac.trim_end_matches('0')))
+    }
+}
+
+fn socket_address(addr: SocketAddr) -> Value {
+    json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
+}
+
+fn cidr(net: &IpNet) -> Value {
+    json!({"address_prefix": net.network().to_string(), "prefix_len": net.prefix_len()})
+}
+
+/// Inserts `key: value` unless the value is an empty list, `null` or `false`, as proto3
+/// JSON leaves defaults out.
+fn put(obj: &mut Map<String, Value>, key: &str, value: Value) {
+    let empty = match &value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Number(_) | Value::Bool(true) => false,
+    };
+    if !empty {
+        obj.insert(key.to_string(), value);
+    }
+}
+
+fn opt<T>(value: Option<T>, f: impl FnOnce(T) -> Value) -> Value {
+    value.map_or(Value::Null, f)
+}
+
+/// A listener.
+pub fn listener(l: &Listener) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(l.name));
+    put(&mut o, "address", socket_address(l.address));
+    if !l.bind_to_port {
+        o.insert("bind_to_port".into(), json!(false));
+    }
+    put(&mut o, "use_original_dst", json!(l.use_original_dst));
+    put(
+        &mut o,
+        "listener_filters",
+        l.listener_filters
+            .iter()
+            .map(|name| listener_filter(name))
+            .collect(),
+    );
+    put(
+        &mut o,
+        "filter_chains",
+        l.filter_chains.iter().map(filter_chain).collect(),
+    );
+    put(
+        &mut o,
+        "default_filter_chain",
+        opt(l.default_filter_chain.as_ref(), filter_chain),
+    );
+    Value::Object(o)
+}
+
+fn listener_filter(name: &str) -> Value {
+    let ty = match name {
+        "envoy.filters.listener.original_dst" => "original_dst.v3.OriginalDst",
+        "envoy.filters.listener.tls_inspector" => "tls_inspector.v3.TlsInspector",
+        "envoy.filters.listener.http_inspector" => "http_inspector.v3.HttpInspector",
+        _ => return json!({ "name": name }),
+    };
+    json!({
+        "name": name,
+        "typed_config": {"@type": format!("type.googleapis.com/envoy.extensions.filters.listener.{ty}")},
+    })
+}
+
+fn filter_chain(c: &FilterChain) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(c.name));
+    put(
+        &mut o,
+        "filter_chain_match",
+        filter_chain_match(&c.filter_chain_match),
+    );
+    let terminal = match &c.filter {
+        NetworkFilter::TcpProxy(t) => json!({
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": tcp_proxy(t),
+        }),
+        NetworkFilter::Http(h) => json!({
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": http_connection_manager(h),
+        }),
+    };
+    o.insert("filters".into(), Value::Array(vec![terminal]));
+    let mut notes = Map::new();
+    put(&mut notes, "skipped_filters", json!(c.skipped_filters));
+    if let NetworkFilter::Http(h) = &c.filter {
+        put(&mut notes, "skipped_http_filters", json!(h.skipped_filters));
+    }
+    portcullis_metadata(&mut o, notes);
+    Value::Object(o)
+}
+
+fn filter_chain_match(m: &FilterChainMatch) -> Value {
+    let mut o = Map::new();
+    put(
+        &mut o,
+        "destination_port",
+        opt(m.destination_port, |p| json!(p)),
+    );
+    put(
+        &mut o,
+        "prefix_ranges",
+        m.prefix_ranges.iter().map(cidr).collect(),
+    );
+    put(
+        &mut o,
+        "source_prefix_ranges",
+        m.source_prefix_ranges.iter().map(cidr).collect(),
+    );
+    put(&mut o, "server_names", json!(m.server_names));
+    put(
+        &mut o,
+        "transport_protocol",
+        opt(m.transport_protocol.as_ref(), |t| json!(t)),
+    );
+    put(
+        &mut o,
+        "application_protocols",
+        json!(m.application_protocols),
+    );
+    Value::Object(o)
+}
+
+fn tcp_proxy(t: &TcpProxy) -> Value {
+    let mut o = Map::new();
+    o.insert("@type".into(), json!(TCP_PROXY));
+    put(&mut o, "stat_prefix", json!(t.stat_prefix));
+    match &t.cluster {
+        ClusterSpecifier::Cluster(name) => put(&mut o, "cluster", json!(name)),
+        ClusterSpecifier::Weighted(ws) => put(
+            &mut o,
+            "weighted_clusters",
+            json!({"clusters": ws.iter().map(|w| json!({"name": w.name, "weight": w.weight})).collect::<Vec<_>>()}),
+        ),
+    }
+    put(&mut o, "idle_timeout", opt(t.idle_timeout, duration));
+    Value::Object(o)
+}
+
+fn http_connection_manager(h: &HttpConnectionManager) -> Value {
+    let mut o = Map::new();
+    o.insert("@type".into(), json!(HCM));
+    put(&mut o, "stat_prefix", json!(h.stat_prefix));
+    match &h.route_config {
+        RouteSource::Rds(name) => put(
+            &mut o,
+            "rds",
+            json!({
+                "route_config_name": name,
+                "config_source": {"ads": {}, "resource_api_version": "V3"},
+            }),
+        ),
+        RouteSource::Inline(rc) => put(&mut o, "route_config", route_configuration(rc)),
+    }
+    put(
+        &mut o,
+        "stream_idle_timeout",
+        opt(h.stream_idle_timeout, duration),
+    );
+    put(&mut o, "request_timeout", opt(h.request_timeout, duration));
+    if h.accept_http_10 {
+        o.insert(
+            "http_protocol_options".into(),
+            json!({"accept_http_10": true}),
+        );
+    }
+    o.insert(
+        "http_filters".into(),
+        json!([{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]),
+    );
+    Value::Object(o)
+}
+
+/// A route configuration.
+pub fn route_configuration(rc: &RouteConfiguration) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(rc.name));
+    put(
+        &mut o,
+        "virtual_hosts",
+        rc.virtual_hosts.iter().map(virtual_host).collect(),
+    );
+    headers(
+        &mut o,
+        &rc.request_headers_to_add,
+        &rc.request_headers_to_remove,
+        &rc.response_headers_to_add,
+        &rc.response_headers_to_remove,
+    );
+    put(
+        &mut o,
+        "ignore_port_in_host_matching",
+        json!(rc.ignore_port_in_host_matching),
+    );
+    Value::Object(o)
+}
+
+fn virtual_host(v: &VirtualHost) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(v.name));
+    put(&mut o, "domains", json!(v.domains));
+    put(&mut o, "routes", v.routes.iter().map(route).collect());
+    put(&mut o, "retry_policy", opt(v.retry_policy.as_ref(), retry));
+    put(
+        &mut o,
+        "include_request_attempt_count",
+        json!(v.include_request_attempt_count),
+    );
+    headers(
+        &mut o,
+        &v.request_headers_to_add,
+        &v.request_headers_to_remove,
+        &v.response_headers_to_add,
+        &v.response_headers_to_remove,
+    );
+    Value::Object(o)
+}
+
+fn headers(
+    o: &mut Map<String, Value>,
+    request_add: &[HeaderValueOption],
+    request_remove: &[String],
+    response_add: &[HeaderValueOption],
+    response_remove: &[String],
+) {
+    put(
+        o,
+        "request_headers_to_add",
+        request_add.iter().map(header_value_option).collect(),
+    );
+    put(o, "request_headers_to_remove", json!(request_remove));
+    put(
+        o,
+        "response_headers_to_add",
+        response_add.iter().map(header_value_option).collect(),
+    );
+    put(o, "response_headers_to_remove", json!(response_remove));
+}
+
+fn header_value_option(h: &HeaderValueOption) -> Value {
+    let action = match h.append {
+        AppendAction::AppendIfExistsOrAdd => "APPEND_IF_EXISTS_OR_ADD",
+        AppendAction::AddIfAbsent => "ADD_IF_ABSENT",
+        AppendAction::OverwriteIfExistsOrAdd => "OVERWRITE_IF_EXISTS_OR_ADD",
+        AppendAction::OverwriteIfExists => "OVERWRITE_IF_EXISTS",
+    };
+    json!({"header": {"key": h.name, "value": h.value}, "append_action": action})
+}
+
+fn route(r: &Route) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(r.name));
+    let m = &r.route_match;
+    let mut mo = Map::new();
+    match &m.path {
+        PathMatch::Prefix(p) => mo.insert("prefix".into(), json!(p)),
+        PathMatch::Path(p) => mo.insert("path".into(), json!(p)),
+        PathMatch::Regex(re) => mo.insert("safe_regex".into(), json!({ "regex": re })),
+        PathMatch::PathSeparatedPrefix(p) => mo.insert("path_separated_prefix".into(), json!(p)),
+    };
+    if !m.case_sensitive {
+        mo.insert("case_sensitive".into(), json!(false));
+    }
+    put(
+        &mut mo,
+        "headers",
+        m.headers.iter().map(header_matcher).collect(),
+    );
+    put(
+        &mut mo,
+        "query_parameters",
+        m.query_parameters.iter().map(query_parameter).collect(),
+    );
+    o.insert("match".into(), Value::Object(mo));
+    match &r.action {
+        RouteAction::Forward(f) => {
+            let mut a = Map::new();
+            match &f.cluster {
+                ClusterSpecifier::Cluster(name) => put(&mut a, "cluster", json!(name)),
+                ClusterSpecifier::Weighted(ws) => {
+                    let clusters: Vec<Value> = ws
+                        .iter()
+                        .map(|w| {
+                            let mut c = Map::new();
+                            put(&mut c, "name", json!(w.name));
+                            put(&mut c, "weight", json!(w.weight));
+                            headers(
+                                &mut c,
+                                &w.request_headers_to_add,
+                                &w.request_headers_to_remove,
+                                &[],
+                                &[],
+                            );
+                            Value::Object(c)
+                        })
+                        .collect();
+                    put(&mut a, "weighted_clusters", json!({ "clusters": clusters }));
+                }
+            }
+            put(&mut a, "timeout", opt(f.timeout, duration));
+            put(&mut a, "idle_timeout", opt(f.idle_timeout, duration));
+            put(&mut a, "retry_policy", opt(f.retry_policy.as_ref(), retry));
+            put(
+                &mut a,
+                "host_rewrite_literal",
+                opt(f.host_rewrite_literal.as_ref(), |h| json!(h)),
+            );
+            put(
+                &mut a,
+                "prefix_rewrite",
+                opt(f.prefix_rewrite.as_ref(), |p| json!(p)),
+            );
+            put(
+                &mut a,
+                "regex_rewrite",
+                opt(
+                    f.regex_rewrite.as_ref(),
+                    |r| json!({"pattern": {"regex": r.pattern}, "substitution": r.substitution}),
+                ),
+            );
+            o.insert("route".into(), Value::Object(a));
+        }
+        RouteAction::DirectResponse { status, body } => {
+            let mut d = Map::new();
+            d.insert("status".into(), json!(status));
+            put(
+                &mut d,
+                "body",
+                opt(body.as_ref(), |b| json!({ "inline_string": b })),
+            );
+            o.insert("direct_response".into(), Value::Object(d));
+        }
+        RouteAction::Redirect(r) => {
+            o.insert("redirect".into(), redirect(r));
+        }
+    }
+    headers(
+        &mut o,
+        &r.request_headers_to_add,
+        &r.request_headers_to_remove,
+        &r.response_headers_to_add,
+        &r.response_headers_to_remove,
+    );
+    Value::Object(o)
+}
+
+fn redirect(r: &Redirect) -> Value {
+    let mut o = Map::new();
+    put(
+        &mut o,
+        "scheme_redirect",
+        opt(r.scheme.as_ref(), |s| json!(s)),
+    );
+    put(&mut o, "host_redirect", opt(r.host.as_ref(), |h| json!(h)));
+    put(&mut o, "port_redirect", opt(r.port, |p| json!(p)));
+    put(&mut o, "path_redirect", opt(r.path.as_ref(), |p| json!(p)));
+    put(
+        &mut o,
+        "prefix_rewrite",
+        opt(r.prefix_rewrite.as_ref(), |p| json!(p)),
+    );
+    let code = match r.status {
+        302 => "FOUND",
+        303 => "SEE_OTHER",
+        307 => "TEMPORARY_REDIRECT",
+        308 => "PERMANENT_REDIRECT",
+        _ => "MOVED_PERMANENTLY",
+    };
+    if code != "MOVED_PERMANENTLY" {
+        o.insert("response_code".into(), json!(code));
+    }
+    put(&mut o, "strip_query", json!(r.strip_query));
+    Value::Object(o)
+}
+
+fn retry(r: &RetryPolicy) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "retry_on", json!(r.retry_on.join(",")));
+    o.insert("num_retries".into(), json!(r.num_retries));
+    put(&mut o, "per_try_timeout", opt(r.per_try_timeout, duration));
+    put(
+        &mut o,
+        "retriable_status_codes",
+        json!(r.retriable_status_codes),
+    );
+    if r.avoid_previous_hosts {
+        o.insert(
+            "retry_host_predicate".into(),
+            json!([{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]),
+        );
+    }
+    put(
+        &mut o,
+        "host_selection_retry_max_attempts",
+        if r.host_selection_retry_max_attempts == 0 {
+            Value::Null
+        } else {
+            json!(r.host_selection_retry_max_attempts.to_string())
+        },
+    );
+    Value::Object(o)
+}
+
+fn header_matcher(h: &HeaderMatcher) -> Value {
+    let mut o = Map::new();
+    o.insert("name".into(), json!(h.name));
+    match &h.matcher {
+        HeaderMatch::Present(p) => {
+            o.insert("present_match".into(), json!(p));
+        }
+        HeaderMatch::String(s) => {
+            o.insert("string_match".into(), string_matcher(s));
+        }
+    }
+    put(&mut o, "invert_match", json!(h.invert_match));
+    put(
+        &mut o,
+        "treat_missing_header_as_empty",
+        json!(h.treat_missing_header_as_empty),
+    );
+    Value::Object(o)
+}
+
+fn query_parameter(q: &QueryParameterMatcher) -> Value {
+    match &q.matcher {
+        Some(m) => json!({"name": q.name, "string_match": string_matcher(m)}),
+        None => json!({"name": q.name, "present_match": true}),
+    }
+}
+
+fn string_matcher(s: &StringMatcher) -> Value {
+    let mut o = Map::new();
+    match &s.pattern {
+        StringPattern::Exact(v) => o.insert("exact".into(), json!(v)),
+        StringPattern::Prefix(v) => o.insert("prefix".into(), json!(v)),
+        StringPattern::Suffix(v) => o.insert("suffix".into(), json!(v)),
+        StringPattern::Contains(v) => o.insert("contains".into(), json!(v)),
+        StringPattern::Regex(v) => o.insert("safe_regex".into(), json!({ "regex": v })),
+    };
+    put(&mut o, "ignore_case", json!(s.ignore_case));
+    Value::Object(o)
+}
+
+/// A cluster.
+pub fn cluster(c: &Cluster) -> Value {
+    let mut o = Map::new();
+    put(&mut o, "name", json!(c.name));
+    let ty = match &c.discovery {
+        Discovery::Static => "STATIC",
+        Discovery::StrictDns => "STRICT_DNS",
+        Discovery::LogicalDns => "LOGICAL_DNS",
+        Discovery::Eds { .. } => "EDS",
+        Discovery::OriginalDst(_) => "ORIGINAL_DST",
+    };
+    o.insert("type".into(), json!(ty));
+    match &c.discovery {
+        Discovery::Eds { service_name } => {
+            let mut eds = Map::new();
+            eds.insert(
+                "eds_config".into(),
+                json!({"ads": {}, "resource_api_version": "V3"}),
+            );
+            if *service_name != c.name {
+                eds.insert("service_name".into(), json!(service_name));
+            }
+            o.insert("eds_cluster_config".into(), Value::Object(eds));
+        }
+        Discovery::OriginalDst(od) => {
+            put(
+                &mut o,
+                "original_dst_lb_config",
+                opt(od.port_override, |p| json!({ "upstream_port_override": p })),
+            );
+        }
+        Discovery::Static | Discovery::StrictDns | Discovery::LogicalDns => {}
+    }
+    o.insert("connect_timeout".into(), duration(c.connect_timeout));
+    let lb = match c.lb_policy {
+        LbPolicy::RoundRobin => None,
+        LbPolicy::LeastRequest => Some("LEAST_REQUEST"),
+        LbPolicy::Random => Some("RANDOM"),
+        LbPolicy::ClusterProvided => Some("CLUSTER_PROVIDED"),
+    };
+    put(&mut o, "lb_policy", opt(lb, |l| json!(l)));
+    let t = c.circuit_breakers;
+    o.insert(
+        "circuit_breakers".into(),
+        json!({"thresholds": [{
+            "max_connections": t.max_connections,
+            "max_pending_requests": t.max_pending_requests,
+            "max_requests": t.max_requests,
+            "max_retries": t.max_retries,
+        }]}),
+    );
+    let protocol = match c.upstream_protocol {
+        UpstreamProtocol::Http1 => None,
+        UpstreamProtocol::Http2 => {
+            Some(json!({"explicit_http_config": {"http2_protocol_options": {}}}))
+        }
+        UpstreamProtocol::UseDownstream => Some(json!({"use_downstream_protocol_config": {}})),
+    };
+    if let Some(Value::Object(mut options)) = protocol {
+        options.insert(
+            "@type".into(),
+            json!(format!("type.googleapis.com/{HTTP_OPTIONS}")),
+        );
+        o.insert(
+            "typed_extension_protocol_options".into(),
+            json!({ HTTP_OPTIONS: options }),
+        );
+    }
+    put(
+        &mut o,
+        "load_assignment",
+        opt(c.load_assignment.as_ref(), load_assignment),
+    );
+    let mut notes = Map::new();
+    if let Discovery::OriginalDst(od) = &c.discovery {
+        put(
+            &mut notes,
+            "allowed_destinations",
+            od.allowed_destinations
+                .iter()
+                .map(|n| json!(n.to_string()))
+                .collect(),
+        );
+    }
+    put(
+        &mut o,
+        "transport_socket",
+        transport(&c.transport, &mut notes),
+    );
+    let matches: Vec<Value> = c
+        .transport_socket_matches
+        .iter()
+        .map(|m| {
+            let mut t = Map::new();
+            t.insert("name".into(), json!(m.name));
+            t.insert("match".into(), json!(m.match_metadata));
+            put(
+                &mut t,
+                "transport_socket",
+                transport(&m.transport, &mut notes),
+            );
+            Value::Object(t)
+        })
+        .collect();
+    put(&mut o, "transport_socket_matches", Value::Array(matches));
+    put(
+        &mut o,
+        "dns_refresh_rate",
+        opt(c.dns_refresh_rate, duration),
+    );
+    if let Some(source) = &c.source {
+        o.insert(
+            "metadata".into(),
+            json!({"filter_metadata": {"istio": {"config": source}}}),
+        );
+    }
+    portcullis_metadata(&mut o, notes);
+    Value::Object(o)
+}
+
+/// Adds portcullis's own notes (skipped filters, unsupported transports, guards beyond
+/// Envoy's) under `metadata.filter_metadata.portcullis`, where Envoy accepts and ignores them.
+fn portcullis_metadata(o: &mut Map<String, Value>, notes: Map<String, Value>) {
+    if notes.is_empty() {
+        return;
+    }
+    let metadata = o
+        .entry("metadata")
+        .or_insert_with(|| json!({"filter_metadata": {}}));
+    if let Some(fm) = metadata
+        .get_mut("filter_metadata")
+        .and_then(Value::as_object_mut)
+    {
+        fm.insert("portcullis".into(), Value::Object(notes));
+    }
+}
+
+/// The transport socket of an endpoint; one portcullis cannot build is named, with a note.
+fn transport(t: &UpstreamTransport, notes: &mut Map<String, Value>) -> Value {
+    let name = match t {
+        UpstreamTransport::Plaintext => return Value::Null,
+        UpstreamTransport::IstioMutualTls => {
+            "envoy.transport_sockets.tls (Istio mutual TLS over SDS)"
+        }
+        UpstreamTransport::Unsupported(what) => what.as_str(),
+    };
+    let unsupported = notes
+        .entry("unsupported_transports")
+        .or_insert_with(|| json!([]));
+    if let Some(list) = unsupported.as_array_mut() {
+        list.push(json!(format!(
+            "{name}: not supported yet; connections to endpoints that need it fail"
+        )));
+    }
+    json!({ "name": "envoy.transport_sockets.tls" })
+}
+
+/// A cluster load assignment.
+pub fn load_assignment(a: &ClusterLoadAssignment) -> Value {
+    let groups: Vec<Value> = a
+        .endpoints
+        .iter()
+        .map(|g| {
+            let mut o = Map::new();
+            let mut loc = Map::new();
+            put(&mut loc, "region", json!(g.locality.region));
+            put(&mut loc, "zone", json!(g.locality.zone));
+            put(&mut loc, "sub_zone", json!(g.locality.sub_zone));
+            put(&mut o, "locality", Value::Object(loc));
+            put(
+                &mut o,
+                "lb_endpoints",
+                g.lb_endpoints.iter().map(lb_endpoint).collect(),
+            );
+            put(
+                &mut o,
+                "load_balancing_weight",
+                opt(g.load_balancing_weight, |w| json!(w)),
+            );
+            put(
+                &mut o,
+                "priority",
+                if g.priority == 0 {
+                    Value::Null
+                } else {
+                    json!(g.priority)
+                },
+            );
+            Value::Object(o)
+        })
+        .collect();
+    let mut o = Map::new();
+    o.insert("cluster_name".into(), json!(a.cluster_name));
+    put(&mut o, "endpoints", Value::Array(groups));
+    Value::Object(o)
+}
+
+fn lb_endpoint(e: &LbEndpoint) -> Value {
+    let address = match &e.address {
+        EndpointAddress::Socket(a) => socket_address(*a),
+        EndpointAddress::Name { host, port } => {
+            json!({"socket_address": {"address": host, "port_value": port}})
+        }
+    };
+    let mut o = Map::new();
+    o.insert("endpoint".into(), json!({ "address": address }));
+    let health = match e.health {
+        HealthStatus::Unknown => None,
+        HealthStatus::Healthy => Some("HEALTHY"),
+        HealthStatus::Unhealthy => Some("UNHEALTHY"),
+        HealthStatus::Draining => Some("DRAINING"),
+        HealthStatus::Timeout => Some("TIMEOUT"),
+        HealthStatus::Degraded => Some("DEGRADED"),
+    };
+    put(&mut o, "health_status", opt(health, |h| json!(h)));
+    if e.load_balancing_weight != 1 {
+        o.insert(
+            "load_balancing_weight".into(),
+            json!(e.load_balancing_weight),
+        );
+    }
+    let mut filter_metadata = Map::new();
+    if !e.transport_socket_match.is_empty() {
+        filter_metadata.insert(
+            "envoy.transport_socket_match".into(),
+            json!(e.transport_socket_match),
+        );
+    }
+    if let Some(source) = &e.source {
+        filter_metadata.insert("portcullis".into(), json!({ "source": source }));
+    }
+    if !filter_metadata.is_empty() {
+        o.insert(
+            "metadata".into(),
+            json!({ "filter_metadata": filter_metadata }),
+        );
+    }
+    Value::Object(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LocalityLbEndpoints, RouteMatch, Thresholds};
+
+    #[test]
+    fn durations_are_proto3_json() {
+        assert_eq!(duration(Duration::from_secs(10)), json!("10s"));
+        assert_eq!(duration(Duration::from_millis(250)), json!("0.25s"));
+        assert_eq!(
+            duration(Duration::from_micros(1_500_001)),
+            json!("1.500001s")
+        );
+    }
+
+    #[test]
+    fn a_static_cluster_renders_as_the_reference_config_writes_it() {
+        let c = Cluster {
+            name: "outbound|80||app.internal.com".into(),
+            discovery: Discovery::Static,
+            lb_policy: LbPolicy::LeastRequest,
+            connect_timeout: Duration::from_secs(10),
+            upstream_protocol: UpstreamProtocol::Http1,
+            circuit_breakers: Thresholds::default(),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: "outbound|80||app.internal.com".into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![LbEndpoint {
+                        address: EndpointAddress::Socket("10.50.0.1:80".parse().unwrap()),
+                        health: HealthStatus::Unknown,
+                        load_balancing_weight: 1,
+                        transport_socket_match: Default::default(),
+                        source: None,
+                    }],
+                    ..Default::default()
+                }],
+            }),
+            transport: UpstreamTransport::Plaintext,
+            transport_socket_matches: Vec::new(),
+            dns_refresh_rate: None,
+            source: None,
+        };
+        let v = cluster(&c);
+        assert_eq!(v["type"], json!("STATIC"));
+        assert_eq!(v["lb_policy"], json!("LEAST_REQUEST"));
+        assert_eq!(v["connect_timeout"], json!("10s"));
+        assert_eq!(
+            v["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+            json!({"socket_address": {"address": "10.50.0.1", "port_value": 80}})
+        );
+        assert!(v.get("transport_socket").is_none());
+    }
+
+    #[test]
+    fn istios_block_all_route_is_a_direct_502() {
+        let rc = RouteConfiguration {
+            name: "80".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "block_all".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    name: "block_all".into(),
+                    route_match: RouteMatch::any(),
+                    action: RouteAction::DirectResponse {
+                        status: 502,
+                        body: None,
+                    },
+                    request_headers_to_add: Vec::new(),
+                    request_headers_to_remove: Vec::new(),
+                    response_headers_to_add: Vec::new(),
+                    response_headers_to_remove: Vec::new(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            route_configuration(&rc),
+            json!({"name": "80", "virtual_hosts": [{
+                "name": "block_all", "domains": ["*"],
+                "routes": [{"name": "block_all", "match": {"prefix": "/"}, "direct_response": {"status": 502}}],
+            }]})
+        );
+    }
+}

@@ -1,0 +1,667 @@
+//! Envoy's configuration model as plain Rust data: listeners and their filter chains, route
+//! configurations, clusters and their endpoints.
+//!
+//! Both config sources end here: xDS resources from istiod are converted into these types,
+//! and Istio YAML files are compiled into them the way istiod compiles them. The data path
+//! is indexed from this model only, so a feature is implemented once. The types keep
+//! Envoy's names and meaning (see Envoy's v3 API reference); fields Envoy has but portcullis
+//! does not honour are not represented, and the converters say so instead of dropping them
+//! silently. [`json`] renders them in Envoy's JSON shape, which real Envoy loads.
+
+pub mod json;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// Envoy's type URL of a `Listener`.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Envoy's type URL of a `RouteConfiguration`.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Envoy's type URL of a `Cluster`.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Envoy's type URL of a `ClusterLoadAssignment`.
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Istio's name of the cluster that drops what it gets.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Istio's name of the cluster that forwards to the original destination.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Istio's name of the listener on 15001 that hands intercepted connections on.
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+
+/// A complete set of resources: what one snapshot of the data path is built from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    /// Listeners (LDS), by name.
+    pub listeners: BTreeMap<String, Listener>,
+    /// Route configurations (RDS), by name.
+    pub routes: BTreeMap<String, RouteConfiguration>,
+    /// Clusters (CDS), by name.
+    pub clusters: BTreeMap<String, Cluster>,
+    /// Endpoints of EDS clusters (EDS), by cluster (or EDS service) name.
+    pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
+}
+
+/// A listener: an address and the filter chains that take its connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// Name, e.g. `virtualOutbound`, `0.0.0.0_80`, `10.0.0.5_443`.
+    pub name: String,
+    /// The address it listens on or, with `bind_to_port: false`, takes connections for.
+    pub address: SocketAddr,
+    /// Whether it binds a socket; Istio's per-port and per-VIP listeners do not, they only
+    /// receive connections that `virtualOutbound` hands over by original destination.
+    pub bind_to_port: bool,
+    /// Hands each connection to the listener of its original destination (`virtualOutbound`).
+    pub use_original_dst: bool,
+    /// Listener filter names (`envoy.filters.listener.tls_inspector`, `http_inspector`,
+    /// `original_dst`): what must be inspected before a filter chain is chosen.
+    pub listener_filters: Vec<String>,
+    /// Filter chains, in the order received; chosen by [`FilterChainMatch`] with Envoy's
+    /// most-specific-first rules, not by order.
+    pub filter_chains: Vec<FilterChain>,
+    /// The chain for a connection that no chain matches; without it such a connection is
+    /// closed.
+    pub default_filter_chain: Option<FilterChain>,
+}
+
+/// One filter chain: when it applies, and the network filter that ends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterChain {
+    /// Name (Istio names some, e.g. `virtualOutbound-catchall-tcp`).
+    pub name: String,
+    /// When the chain applies.
+    pub filter_chain_match: FilterChainMatch,
+    /// The terminal network filter.
+    pub filter: NetworkFilter,
+    /// Non-terminal filters received and skipped (Istio's metadata exchange, stats, Wasm):
+    /// shown in the config dump so that nothing is dropped silently.
+    pub skipped_filters: Vec<String>,
+    /// How the downstream connection is secured; portcullis never terminates TLS on the
+    /// outbound side, so a chain that asks for it is rejected when converted.
+    pub transport_socket: Option<String>,
+}
+
+/// Envoy's `FilterChainMatch`, the criteria portcullis honours. An empty list or `None`
+/// matches anything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FilterChainMatch {
+    /// The destination port, when the listener takes several (`virtualOutbound`).
+    pub destination_port: Option<u16>,
+    /// Destination address ranges.
+    pub prefix_ranges: Vec<IpNet>,
+    /// Source address ranges.
+    pub source_prefix_ranges: Vec<IpNet>,
+    /// SNI names: exact, or `*.suffix` wildcards.
+    pub server_names: Vec<String>,
+    /// `tls` or `raw_buffer`, as the TLS inspector decides.
+    pub transport_protocol: Option<String>,
+    /// ALPN, or `http/1.1` / `h2c` as the HTTP inspector decides.
+    pub application_protocols: Vec<String>,
+}
+
+/// The terminal network filter of a chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkFilter {
+    /// `envoy.filters.network.tcp_proxy`.
+    TcpProxy(TcpProxy),
+    /// `envoy.filters.network.http_connection_manager`.
+    Http(HttpConnectionManager),
+}
+
+/// Envoy's `TcpProxy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpProxy {
+    /// Stat prefix (Istio: the cluster name).
+    pub stat_prefix: String,
+    /// Where connections go.
+    pub cluster: ClusterSpecifier,
+    /// Closes a connection idle this long (Envoy's default 1 h); `None` never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// One cluster, or several with weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterSpecifier {
+    /// A single cluster by name.
+    Cluster(String),
+    /// Clusters picked at random in proportion to their weights.
+    Weighted(Vec<WeightedCluster>),
+}
+
+/// One cluster of a weighted set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedCluster {
+    /// Cluster name.
+    pub name: String,
+    /// Weight (relative).
+    pub weight: u32,
+    /// Headers added to requests sent to this cluster (routes only).
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from requests sent to this cluster (routes only).
+    pub request_headers_to_remove: Vec<String>,
+}
+
+/// Envoy's `HttpConnectionManager`, the parts portcullis honours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConnectionManager {
+    /// Stat prefix (Istio: `outbound_0.0.0.0_80`).
+    pub stat_prefix: String,
+    /// Where the route table comes from.
+    pub route_config: RouteSource,
+    /// Closes a stream idle this long (Envoy's default 5 min); `None` never.
+    pub stream_idle_timeout: Option<Duration>,
+    /// Bounds receiving a whole request; `None` unbounded (Envoy's default).
+    pub request_timeout: Option<Duration>,
+    /// Whether HTTP/1.0 requests are served (`http_protocol_options.accept_http_10`).
+    pub accept_http_10: bool,
+    /// HTTP filters received and skipped (Istio's stats, metadata exchange, CORS, fault,
+    /// gRPC stats, Wasm) by name; the router is implicit.
+    pub skipped_filters: Vec<String>,
+}
+
+/// Where an HTTP connection manager finds its routes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteSource {
+    /// By name over RDS.
+    Rds(String),
+    /// Inline.
+    Inline(RouteConfiguration),
+}
+
+/// Envoy's `RouteConfiguration`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteConfiguration {
+    /// Name (Istio: the port, `80`, or `host:port`).
+    pub name: String,
+    /// Virtual hosts, chosen by domain with Envoy's precedence (exact, longest `*.suffix`,
+    /// longest `prefix*`, `*`), not by order.
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Headers added to every request routed by this table.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from every request routed by this table.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to every response.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from every response.
+    pub response_headers_to_remove: Vec<String>,
+    /// Whether a port in the Host is ignored when matching domains (Istio sets it).
+    pub ignore_port_in_host_matching: bool,
+}
+
+/// Envoy's `VirtualHost`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VirtualHost {
+    /// Name (Istio: `host:port`, `allow_any`, `block_all`).
+    pub name: String,
+    /// Domains: exact, `*.suffix`, `prefix*`, `*`; with or without `:port`.
+    pub domains: Vec<String>,
+    /// Routes, tried in order; the first that matches wins.
+    pub routes: Vec<Route>,
+    /// Retry policy for routes without their own.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Whether `x-envoy-attempt-count` is sent upstream.
+    pub include_request_attempt_count: bool,
+    /// Headers added to requests.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from requests.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to responses.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from responses.
+    pub response_headers_to_remove: Vec<String>,
+}
+
+/// Envoy's `Route`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Name (Istio: `default`, `allow_any`, `block_all`, or the VirtualService's).
+    pub name: String,
+    /// When it applies.
+    pub route_match: RouteMatch,
+    /// What it does.
+    pub action: RouteAction,
+    /// Headers added to requests.
+    pub request_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from requests.
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to responses.
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from responses.
+    pub response_headers_to_remove: Vec<String>,
+}
+
+/// Envoy's `RouteMatch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteMatch {
+    /// How the path matches.
+    pub path: PathMatch,
+    /// Whether prefix and path comparisons are case sensitive (Envoy's default: yes).
+    pub case_sensitive: bool,
+    /// Every header matcher must match.
+    pub headers: Vec<HeaderMatcher>,
+    /// Every query parameter matcher must match.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+}
+
+impl RouteMatch {
+    /// Matches every request (`prefix: "/"`).
+    pub fn any() -> RouteMatch {
+        RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            case_sensitive: true,
+            headers: Vec::new(),
+            query_parameters: Vec::new(),
+        }
+    }
+}
+
+/// The path part of a route match.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    /// The path (without query) starts with this.
+    Prefix(String),
+    /// The path (without query) is exactly this.
+    Path(String),
+    /// The path (without query) matches this RE2 regex entirely.
+    Regex(String),
+    /// Like prefix, but only at a `/` boundary.
+    PathSeparatedPrefix(String),
+}
+
+/// Envoy's `HeaderMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderMatcher {
+    /// Header name, lower case (`:authority`, `:method`, `:path` included).
+    pub name: String,
+    /// How the value matches.
+    pub matcher: HeaderMatch,
+    /// Inverts the result.
+    pub invert_match: bool,
+    /// With `invert_match`, whether an absent header still fails the match
+    /// (`treat_missing_header_as_empty` aside, Envoy's default: absent does not match).
+    pub treat_missing_header_as_empty: bool,
+}
+
+/// How a header value matches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderMatch {
+    /// The header is present (true) or absent (false).
+    Present(bool),
+    /// A string matcher on the value.
+    String(StringMatcher),
+}
+
+/// Envoy's `StringMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StringMatcher {
+    /// How it compares.
+    pub pattern: StringPattern,
+    /// Compares ignoring ASCII case (not for regex).
+    pub ignore_case: bool,
+}
+
+/// The comparison of a [`StringMatcher`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StringPattern {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Contains.
+    Contains(String),
+    /// Matches this RE2 regex entirely.
+    Regex(String),
+}
+
+/// Envoy's `QueryParameterMatcher`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryParameterMatcher {
+    /// Parameter name.
+    pub name: String,
+    /// `None`: present with any value; else the value must match.
+    pub matcher: Option<StringMatcher>,
+}
+
+/// Envoy's `HeaderValueOption`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderValueOption {
+    /// Header name, lower case.
+    pub name: String,
+    /// Value.
+    pub value: String,
+    /// What happens when the header is already there.
+    pub append: AppendAction,
+}
+
+/// Envoy's `HeaderAppendAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendAction {
+    /// Adds a value beside any existing (Envoy's default).
+    AppendIfExistsOrAdd,
+    /// Adds only when absent.
+    AddIfAbsent,
+    /// Replaces any existing value.
+    OverwriteIfExistsOrAdd,
+    /// Replaces only an existing value.
+    OverwriteIfExists,
+}
+
+/// What a matched route does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAction {
+    /// Forward to a cluster.
+    Forward(Forward),
+    /// Answer directly (Istio's `block_all` is a direct 502).
+    DirectResponse {
+        /// Status code.
+        status: u16,
+        /// Body, if any.
+        body: Option<String>,
+    },
+    /// Answer with a redirect.
+    Redirect(Redirect),
+}
+
+/// Envoy's `RouteAction`, the parts portcullis honours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// Where requests go.
+    pub cluster: ClusterSpecifier,
+    /// Whole-request timeout; `None` takes Envoy's default of 15 s, `Some(ZERO)` disables.
+    pub timeout: Option<Duration>,
+    /// Idle timeout of the stream on this route.
+    pub idle_timeout: Option<Duration>,
+    /// Retry policy; overrides the virtual host's.
+    pub retry_policy: Option<RetryPolicy>,
+    /// Replaces the Host/`:authority`.
+    pub host_rewrite_literal: Option<String>,
+    /// Replaces the matched prefix of the path.
+    pub prefix_rewrite: Option<String>,
+    /// Rewrites the path by regex substitution.
+    pub regex_rewrite: Option<RegexRewrite>,
+}
+
+/// Envoy's `RegexMatchAndSubstitute`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegexRewrite {
+    /// RE2 pattern.
+    pub pattern: String,
+    /// Substitution, with `\1` style groups.
+    pub substitution: String,
+}
+
+/// Envoy's `RedirectAction`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Redirect {
+    /// New scheme (`https_redirect` is `Some("https")`).
+    pub scheme: Option<String>,
+    /// New host.
+    pub host: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New path.
+    pub path: Option<String>,
+    /// Replaces the matched prefix.
+    pub prefix_rewrite: Option<String>,
+    /// Status code: 301 (Envoy's default), 302, 303, 307 or 308.
+    pub status: u16,
+    /// Drops the query string.
+    pub strip_query: bool,
+}
+
+/// Envoy's `RetryPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Conditions, e.g. `connect-failure`, `refused-stream`, `5xx`, `gateway-error`,
+    /// `reset`, `retriable-status-codes`, `retriable-4xx`.
+    pub retry_on: Vec<String>,
+    /// Retries after the first attempt.
+    pub num_retries: u32,
+    /// Timeout of each attempt.
+    pub per_try_timeout: Option<Duration>,
+    /// Status codes retried under `retriable-status-codes`.
+    pub retriable_status_codes: Vec<u16>,
+    /// Whether a retry avoids hosts already tried (Istio's `previous_hosts` predicate).
+    pub avoid_previous_hosts: bool,
+    /// How many times a host pick is retried to avoid previous hosts.
+    pub host_selection_retry_max_attempts: u32,
+}
+
+/// Envoy's `Cluster`, the parts portcullis honours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// Name (Istio: `outbound|PORT|SUBSET|HOST`, `BlackHoleCluster`, `PassthroughCluster`).
+    pub name: String,
+    /// How its endpoints are found.
+    pub discovery: Discovery,
+    /// How an endpoint is picked.
+    pub lb_policy: LbPolicy,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// The protocol spoken upstream for HTTP.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Circuit breaker thresholds at default priority.
+    pub circuit_breakers: Thresholds,
+    /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
+    pub load_assignment: Option<ClusterLoadAssignment>,
+    /// Transport of every endpoint, unless a match below applies.
+    pub transport: UpstreamTransport,
+    /// Istio's `transport_socket_matches`: endpoints whose metadata
+    /// `envoy.transport_socket_match` carries these keys get that transport.
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
+    /// How often DNS names are re-resolved (DNS types).
+    pub dns_refresh_rate: Option<Duration>,
+    /// Where the cluster came from, e.g. Istio's `metadata.filter_metadata.istio.config`
+    /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`).
+    pub source: Option<String>,
+}
+
+/// Envoy's cluster discovery type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Discovery {
+    /// Endpoints inline, fixed addresses.
+    Static,
+    /// Endpoints inline, names resolved to every address.
+    StrictDns,
+    /// Endpoints inline, a name resolved to its first address for each new connection.
+    LogicalDns,
+    /// Endpoints over EDS, under this name (`eds_cluster_config.service_name`, else the
+    /// cluster's name).
+    Eds {
+        /// The ClusterLoadAssignment name to subscribe to.
+        service_name: String,
+    },
+    /// The original destination of the connection.
+    OriginalDst(OriginalDst),
+}
+
+/// How an ORIGINAL_DST cluster forwards.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OriginalDst {
+    /// Forwards to this port instead of the original one (`upstream_port_override`; Istio
+    /// sets it for a resolution NONE service whose endpoints use another `targetPort`).
+    pub port_override: Option<u16>,
+    /// Portcullis's guard for resolution NONE services compiled from files: only these
+    /// destinations are forwarded to (the service's addresses and its host's current DNS
+    /// answers). Empty: any destination, as Envoy.
+    pub allowed_destinations: Vec<IpNet>,
+}
+
+/// Envoy's `lb_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// Weighted round robin (Envoy's default).
+    RoundRobin,
+    /// Least request, power of two choices (Istio's default).
+    LeastRequest,
+    /// Random.
+    Random,
+    /// The cluster picks (ORIGINAL_DST).
+    ClusterProvided,
+}
+
+/// The HTTP protocol spoken upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (Envoy's default).
+    Http1,
+    /// HTTP/2 (`explicit_http_config.http2_protocol_options`).
+    Http2,
+    /// The downstream's (`use_downstream_protocol_config`).
+    UseDownstream,
+}
+
+/// Circuit breaker thresholds (Envoy's defaults: 1024, 1024, 1024, 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Connections to the cluster.
+    pub max_connections: u32,
+    /// Requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Requests in flight.
+    pub max_requests: u32,
+    /// Retries in flight.
+    pub max_retries: u32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// How bytes to an endpoint are carried.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamTransport {
+    /// Plain TCP (`raw_buffer`).
+    Plaintext,
+    /// Istio mutual TLS with certificates from SDS: accepted, not supported yet, so an
+    /// endpoint that needs it is refused a connection rather than sent plaintext.
+    IstioMutualTls,
+    /// A TLS transport portcullis cannot build (named by its type), kept for the config
+    /// dump; connections to endpoints that need it fail.
+    Unsupported(String),
+}
+
+/// One of Istio's `transport_socket_matches`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportSocketMatch {
+    /// Name (Istio: `tlsMode-istio`, `tlsMode-disabled`).
+    pub name: String,
+    /// Endpoint metadata under `envoy.transport_socket_match` that must all be present.
+    pub match_metadata: BTreeMap<String, String>,
+    /// The transport used for matching endpoints.
+    pub transport: UpstreamTransport,
+}
+
+/// Envoy's `ClusterLoadAssignment`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterLoadAssignment {
+    /// The cluster (or EDS service) name.
+    pub cluster_name: String,
+    /// Endpoints grouped by locality and priority.
+    pub endpoints: Vec<LocalityLbEndpoints>,
+}
+
+/// Envoy's `LocalityLbEndpoints`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalityLbEndpoints {
+    /// Region, zone and sub-zone.
+    pub locality: Locality,
+    /// Priority: 0 is used first; higher ones only when lower ones are unhealthy.
+    pub priority: u32,
+    /// Weight of the locality (locality-weighted balancing), if set.
+    pub load_balancing_weight: Option<u32>,
+    /// The endpoints.
+    pub lb_endpoints: Vec<LbEndpoint>,
+}
+
+/// Envoy's `Locality`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Locality {
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Sub-zone.
+    pub sub_zone: String,
+}
+
+/// Envoy's `LbEndpoint`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbEndpoint {
+    /// Where it is.
+    pub address: EndpointAddress,
+    /// Health as the control plane reports it.
+    pub health: HealthStatus,
+    /// Weight (Envoy's default 1).
+    pub load_balancing_weight: u32,
+    /// Metadata under `envoy.transport_socket_match` (Istio: `tlsMode: istio`).
+    pub transport_socket_match: BTreeMap<String, String>,
+    /// Where the endpoint came from, e.g. `WorkloadEntry default/external` (portcullis's
+    /// files; not an Envoy field).
+    pub source: Option<String>,
+}
+
+/// An endpoint's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddress {
+    /// An IP address and port.
+    Socket(SocketAddr),
+    /// A DNS name and port (DNS clusters).
+    Name {
+        /// The name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl EndpointAddress {
+    /// The IP address, when the endpoint has one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            EndpointAddress::Socket(a) => Some(a.ip()),
+            EndpointAddress::Name { .. } => None,
+        }
+    }
+}
+
+/// Envoy's endpoint `HealthStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// Not reported: treated as healthy.
+    Unknown,
+    /// Healthy.
+    Healthy,
+    /// Unhealthy: not used.
+    Unhealthy,
+    /// Draining: not used for new requests.
+    Draining,
+    /// Timed out: not used.
+    Timeout,
+    /// Degraded: used only when no healthy endpoint is left.
+    Degraded,
+}
+
+impl HealthStatus {
+    /// Whether the endpoint takes new traffic.
+    pub fn is_usable(self) -> bool {
+        matches!(
+            self,
+            HealthStatus::Unknown | HealthStatus::Healthy | HealthStatus::Degraded
+        )
+    }
+}
