@@ -286,6 +286,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_config_path_that_goes_away_keeps_serving_its_last_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("app.yaml"), service()).unwrap();
+        let (folder, admin) = folder(&path);
+        assert_eq!(folder.reload(Trigger::Start), Outcome::Published(1));
+
+        fs::remove_dir_all(&path).unwrap();
+        assert_eq!(folder.reload(Trigger::Periodic), Outcome::Unchanged);
+        assert_eq!(endpoint_ports(&admin), [80]);
+        assert!(admin.is_ready());
+        assert!(admin.config.load().path_error.is_some());
+    }
+
+    #[tokio::test]
     async fn an_empty_folder_is_a_complete_set() {
         let dir = tempfile::tempdir().unwrap();
         let (folder, admin) = folder(dir.path());

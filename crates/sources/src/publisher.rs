@@ -71,7 +71,9 @@ pub enum Outcome {
     Unchanged,
     /// Some source has not delivered its first complete set yet.
     Waiting,
-    /// The build failed; the snapshot in use stays.
+    /// The build failed; the snapshot in use, its version and readiness stay. The set keeps
+    /// what the delivery made of it: a source that must not build on rejected content
+    /// checks its input before taking it into its set, as the files' set does per file.
     Rejected(CompileError),
     /// An earlier update panicked while holding the sets; nothing is published any more.
     Stopped,
@@ -453,10 +455,14 @@ mod tests {
 
         let mut builds = fake.subscribe();
         changes.send_replace(1);
+        // The fake counts a build before the publisher stores it; the publisher's lock,
+        // held across both, orders the checks after the store.
         builds.wait_for(|n| *n == 2).await.unwrap();
+        assert_eq!(publisher.version(), 2);
         assert_eq!(admin.registry.load().version, 2);
         changes.send_replace(2);
         builds.wait_for(|n| *n == 3).await.unwrap();
+        assert_eq!(publisher.version(), 3);
         assert_eq!(admin.registry.load().version, 3);
 
         stop.cancel();
