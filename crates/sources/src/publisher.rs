@@ -75,7 +75,8 @@ pub enum Outcome {
     /// what the delivery made of it: a source that must not build on rejected content
     /// checks its input before taking it into its set, as the files' set does per file.
     Rejected(CompileError),
-    /// An earlier update panicked while holding the sets; nothing is published any more.
+    /// An earlier update panicked while holding the sets, so nothing is published any
+    /// more; or the source is not this publisher's.
     Stopped,
 }
 
