@@ -31,6 +31,10 @@ const NONE_CONFINED: &str = "README, Differences from Istio/Envoy: resolution `N
 const POD_IP_REGISTERED: &str = "README, Differences from Istio/Envoy: a ready pod's IP is a \
                                  registered destination on any port (Istio: only through its \
                                  services' listeners)";
+/// The README row on plain HTTP to a TLS service's address.
+const HTTP_TO_TLS_ADDRESS: &str = "README, Differences from Istio/Envoy: plain HTTP to a TLS \
+                                   service's exact address is sniffed and routed by Host \
+                                   (Istio: `tcp_proxy` to the TLS service)";
 /// The README row on port 15001 of another host.
 const PORT_15001_ELSEWHERE: &str = "README, Differences from Istio/Envoy: port 15001 of another \
                                     host is an ordinary destination (Istio's virtualOutbound \
@@ -44,9 +48,9 @@ const F_BLOCK_LOG_CLUSTER: &str = "F1: access log of a `block_all` 502: Envoy lo
                                    cluster (`-`, a direct response), portcullis \
                                    `BlackHoleCluster`";
 /// F2.
-const F_RESET: &str = "F2: a connection Envoy black-holes (or whose passthrough connect fails) \
-                       while client bytes are unread ends in a reset; portcullis closes it \
-                       cleanly";
+const F_RESET: &str = "F2: a connection Envoy black-holes after a listener filter (TLS or HTTP \
+                       inspector) has peeked at the client's bytes ends in a reset (the bytes \
+                       are unread); portcullis reads them and closes cleanly";
 /// F3.
 const F_HTTP_WITHOUT_LISTENER: &str = "F3: plain HTTP on a port with no HTTP service: Istio has \
                                        no HTTP listener there, Envoy treats it as opaque TCP \
@@ -108,7 +112,7 @@ fn seed_guide_http_by_host() {
         envoy: Resources::new(Mode::RegistryOnly)
             .listener(http_listener(
                 80,
-                vec![service_vhost(APP_HOST, 80)],
+                vec![service_vhost(APP_HOST, 80, &[])],
                 Mode::RegistryOnly,
             ))
             .cluster(static_cluster(
@@ -214,17 +218,36 @@ fn seed_guide_http_by_host() {
     });
 }
 
-/// TLS and HTTPS services without addresses on port 443, routed by SNI; bytes pass through.
+/// The address of the TLS service that has one.
+const TLS_VIP: &str = "10.50.200.4";
+
+/// TLS and HTTPS services without addresses on port 443, routed by SNI, and one with an
+/// address, routed by it; bytes pass through.
 #[test]
 fn tls_by_sni() {
     let tls = external_service("tls", &["tls.internal.com"], 443, "TLS");
     let https = external_service("secure", &["secure.internal.com"], 443, "HTTPS");
-    let mut envoy = Resources::new(Mode::RegistryOnly).listener(tls_listener(
+    let tail = format!("  addresses:\n  - {TLS_VIP}\n{SELECT_EXTERNAL}");
+    let at_vip = service_entry(
+        "viptls",
+        &["vip-tls.internal.com"],
         443,
-        &["tls.internal.com", "secure.internal.com"],
-        Mode::RegistryOnly,
-    ));
-    for host in ["tls.internal.com", "secure.internal.com"] {
+        "TLS",
+        "STATIC",
+        &tail,
+    );
+    let mut envoy = Resources::new(Mode::RegistryOnly)
+        .listener(tls_listener(
+            443,
+            &["tls.internal.com", "secure.internal.com"],
+            Mode::RegistryOnly,
+        ))
+        .listener(tcp_listener(TLS_VIP, 443, "vip-tls.internal.com"));
+    for host in [
+        "tls.internal.com",
+        "secure.internal.com",
+        "vip-tls.internal.com",
+    ] {
         envoy = envoy.cluster(static_cluster(443, host, &[EXTERNAL_IP], 443));
     }
     let scenario = Scenario {
@@ -233,6 +256,7 @@ fn tls_by_sni() {
             ("workloadentry.yaml", WORKLOAD_ENTRY),
             ("tls.yaml", &tls),
             ("https.yaml", &https),
+            ("viptls.yaml", &at_vip),
         ]),
         envoy,
         portcullis_flags: vec![],
@@ -266,12 +290,40 @@ fn tls_by_sni() {
             Probe::curl(
                 "registered SNI on a port without services",
                 &["-k", "https://tls.internal.com:8443/"],
-            ),
+            )
+            .close_races(),
             Probe::curl(
                 "plaintext HTTP on the TLS port",
                 &["http://tls.internal.com:443/"],
             )
             .finding(F_HTTP_ON_TLS_PORT),
+            Probe::curl(
+                "TLS service with an address, by SNI",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("vip-tls.internal.com:443:{TLS_VIP}"),
+                    "https://vip-tls.internal.com/",
+                ],
+            ),
+            Probe::curl(
+                "TLS service with an address, no SNI",
+                &["-k", &format!("https://{TLS_VIP}/")],
+            ),
+            Probe::curl(
+                "TLS service with an address, another SNI",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("other.example:443:{TLS_VIP}"),
+                    "https://other.example/",
+                ],
+            ),
+            Probe::curl(
+                "plaintext HTTP to the TLS service's address",
+                &[&format!("http://{TLS_VIP}:443/")],
+            )
+            .differs(HTTP_TO_TLS_ADDRESS),
             Probe::tcp(
                 "garbage on the TLS port",
                 &format!("{EXTERNAL_IP}:443"),
@@ -290,23 +342,60 @@ fn tls_by_sni() {
 
 /// The VIP of the opaque TCP service.
 const TCP_VIP: &str = "10.50.200.2";
+/// The VIP of the HTTP service with an address.
+const WEB_VIP: &str = "10.50.200.5";
 
-/// An opaque TCP service with an address: its own listener, never sniffed.
+/// Services with addresses, and a port-wide one: opaque TCP on a VIP (its own listener, never
+/// sniffed), TCP without addresses (claims its port), HTTP whose VIP is also a domain.
 #[test]
 fn tcp_by_vip() {
-    let tail = format!("  addresses:\n  - {TCP_VIP}\n{SELECT_EXTERNAL}");
-    let tcp = service_entry("tcp", &["tcp.internal.com"], 9000, "TCP", "STATIC", &tail);
+    let at = |vip: &str| format!("  addresses:\n  - {vip}\n{SELECT_EXTERNAL}");
+    let tcp = service_entry(
+        "tcp",
+        &["tcp.internal.com"],
+        9000,
+        "TCP",
+        "STATIC",
+        &at(TCP_VIP),
+    );
+    let web = service_entry(
+        "web",
+        &["web.internal.com"],
+        80,
+        "HTTP",
+        "STATIC",
+        &at(WEB_VIP),
+    );
+    let port_wide = external_service("tcpany", &["tcpany.internal.com"], 9100, "TCP");
     let scenario = Scenario {
         name: "tcp",
-        istio: files(&[("workloadentry.yaml", WORKLOAD_ENTRY), ("tcp.yaml", &tcp)]),
+        istio: files(&[
+            ("workloadentry.yaml", WORKLOAD_ENTRY),
+            ("tcp.yaml", &tcp),
+            ("web.yaml", &web),
+            ("tcpany.yaml", &port_wide),
+        ]),
         envoy: Resources::new(Mode::RegistryOnly)
             .listener(tcp_listener(TCP_VIP, 9000, "tcp.internal.com"))
+            .listener(tcp_listener("0.0.0.0", 9100, "tcpany.internal.com"))
+            .listener(http_listener(
+                80,
+                vec![service_vhost("web.internal.com", 80, &[WEB_VIP])],
+                Mode::RegistryOnly,
+            ))
             .cluster(static_cluster(
                 9000,
                 "tcp.internal.com",
                 &[EXTERNAL_IP],
                 9000,
-            )),
+            ))
+            .cluster(static_cluster(
+                9100,
+                "tcpany.internal.com",
+                &[EXTERNAL_IP],
+                9100,
+            ))
+            .cluster(static_cluster(80, "web.internal.com", &[EXTERNAL_IP], 80)),
         portcullis_flags: vec![],
         probes: vec![
             Probe::tcp("the VIP and port", &format!("{TCP_VIP}:9000"), "hello\n"),
@@ -319,28 +408,50 @@ fn tcp_by_vip() {
                 &format!("{TCP_VIP}:9001"),
                 "hello\n",
             )
-            .finding(F_RESET),
+            .close_races(),
             Probe::tcp(
                 "another address, the same port",
                 "10.50.200.3:9000",
                 "hello\n",
             )
-            .finding(F_RESET),
+            .close_races(),
             Probe::tcp(
                 "the endpoint's own address",
                 &format!("{EXTERNAL_IP}:9000"),
                 "hello\n",
             )
-            .finding(F_RESET),
+            .close_races(),
+            Probe::tcp(
+                "a port claimed by a TCP service without addresses",
+                &format!("{ROGUE_IP}:9100"),
+                "hello\n",
+            ),
             Probe::curl(
-                "HTTP on a port with no HTTP service",
-                &[&format!("http://{EXTERNAL_IP}/")],
+                "HTTP on the claimed port",
+                &[&format!("http://{ROGUE_IP}:9100/")],
+            ),
+            Probe::curl(
+                "HTTP to the web service's VIP",
+                &[&format!("http://{WEB_VIP}/")],
+            ),
+            Probe::curl(
+                "the web service's Host sent to the rogue",
+                &[
+                    "-H",
+                    "Host: web.internal.com",
+                    &format!("http://{ROGUE_IP}/"),
+                ],
+            ),
+            Probe::curl(
+                "HTTP on a port with no service",
+                &[&format!("http://{EXTERNAL_IP}:8080/")],
             )
             .finding(F_HTTP_WITHOUT_LISTENER),
         ],
     };
     run_differential(scenario, |lab| {
         lab.start_sink(Role::External, &format!("{EXTERNAL_IP}:9000"))?;
+        lab.start_sink(Role::External, &format!("{EXTERNAL_IP}:9100"))?;
         Ok(())
     });
 }
@@ -358,7 +469,7 @@ fn allow_any_passthrough() {
         envoy: Resources::new(Mode::AllowAny)
             .listener(http_listener(
                 80,
-                vec![service_vhost(APP_HOST, 80)],
+                vec![service_vhost(APP_HOST, 80, &[])],
                 Mode::AllowAny,
             ))
             .cluster(static_cluster(80, APP_HOST, &[EXTERNAL_IP], 80)),
@@ -394,13 +505,14 @@ fn allow_any_passthrough() {
                 &format!("{ROGUE_IP}:7001"),
                 "hello\n",
             )
-            .finding(F_RESET)
+            .close_races()
             .finding(F_CONNECT_RETRY_FLAG),
             Probe::tcp(
                 "port 15001 of another host",
                 &format!("{ROGUE_IP}:15001"),
                 "hello\n",
             )
+            .close_races()
             .differs(PORT_15001_ELSEWHERE),
             Probe::curl(
                 "TLS to an unregistered host",
@@ -450,7 +562,7 @@ spec:
         envoy: Resources::new(Mode::RegistryOnly)
             .listener(http_listener(
                 80,
-                vec![service_vhost("*.wild.com", 80)],
+                vec![service_vhost("*.wild.com", 80, &[])],
                 Mode::RegistryOnly,
             ))
             .listener(tls_listener(443, &["*.wild.com"], Mode::RegistryOnly))
@@ -513,7 +625,7 @@ fn dns_clusters() {
         80,
         ["dns", "never", "both", "rr", "none"]
             .iter()
-            .map(|n| service_vhost(&format!("{n}.internal.com"), 80))
+            .map(|n| service_vhost(&format!("{n}.internal.com"), 80, &[]))
             .collect(),
         Mode::RegistryOnly,
     ));

@@ -128,12 +128,15 @@ pub fn virtual_outbound(mode: Mode) -> Value {
     })
 }
 
-/// The virtual host istiod builds for a service without a VirtualService: its host (ports
-/// are ignored in host matching) and a `default` route with the mesh's retry policy.
-pub fn service_vhost(host: &str, port: u16) -> Value {
+/// The virtual host istiod builds for a service without a VirtualService: its host and its
+/// `addresses` as domains (ports are ignored in host matching) and a `default` route with the
+/// mesh's retry policy.
+pub fn service_vhost(host: &str, port: u16, addresses: &[&str]) -> Value {
+    let mut domains = vec![host];
+    domains.extend_from_slice(addresses);
     json!({
         "name": format!("{host}:{port}"),
-        "domains": [host],
+        "domains": domains,
         "routes": [{
             "name": "default",
             "match": { "prefix": "/" },
@@ -413,7 +416,11 @@ mod tests {
 
     #[test]
     fn registry_only_blocks_with_a_502_and_allow_any_passes_through() {
-        let blocked = http_listener(80, vec![service_vhost("a.com", 80)], Mode::RegistryOnly);
+        let blocked = http_listener(
+            80,
+            vec![service_vhost("a.com", 80, &[])],
+            Mode::RegistryOnly,
+        );
         let hcm = &blocked["filter_chains"][0]["filters"][0]["typed_config"];
         let vhosts = hcm["route_config"]["virtual_hosts"].as_array().unwrap();
         assert_eq!(
