@@ -8,6 +8,8 @@
 //! VirtualServices and DestinationRules, which only the control plane will carry to both
 //! proxies alike: their scenarios belong in the section at the end of this file.
 
+use std::time::Duration;
+
 use portcullis_e2e::Lab;
 use portcullis_e2e::envoy::istio::{
     Mode, Resources, dns_cluster, http_listener, original_dst_cluster, service_vhost,
@@ -18,7 +20,7 @@ use portcullis_e2e::scenario::{
     APP_HOST, APP_VIP, EXTERNAL_IP, IN_CLUSTER_IP, POD, ROGUE_IP, SELECT_EXTERNAL, SERVICE_ENTRY,
     WORKLOAD_ENTRY, external_service, service_entry,
 };
-use portcullis_e2e::{DNS_IP, Role};
+use portcullis_e2e::{DNS_IP, Role, poll};
 
 /// Enough requests that two endpoints chosen at random both answer (a miss is 1 in 2^11).
 const SPREAD: usize = 12;
@@ -78,6 +80,11 @@ const F_BODY_CLOSE: &str = "F8: a 502 answered before the request body was read:
 /// F9.
 const F_H2_LENGTH: &str = "F9: a 502 over HTTP/2: Envoy sends no `content-length`, portcullis \
                            `content-length: 0`";
+/// F11.
+const F_RESET_RETRIED: &str = "F11: a reset before response headers: Istio's default retry \
+                               policy has no `reset` in `retry_on`, so Envoy answers 503 `UC` \
+                               at once; portcullis retries it on another endpoint (`URX,UC` and \
+                               a longer body when all reset)";
 /// F10.
 const F_CONNECT_RETRY_FLAG: &str = "F10: passthrough TCP whose connect fails: Envoy logs \
                                     `UF,URX`, portcullis `UF`";
@@ -118,8 +125,7 @@ fn seed_guide_http_by_host() {
             .cluster(static_cluster(
                 80,
                 APP_HOST,
-                &[EXTERNAL_IP, IN_CLUSTER_IP],
-                80,
+                &[(EXTERNAL_IP, 80), (IN_CLUSTER_IP, 80)],
             )),
         portcullis_flags: vec![],
         probes: vec![
@@ -248,7 +254,7 @@ fn tls_by_sni() {
         "secure.internal.com",
         "vip-tls.internal.com",
     ] {
-        envoy = envoy.cluster(static_cluster(443, host, &[EXTERNAL_IP], 443));
+        envoy = envoy.cluster(static_cluster(443, host, &[(EXTERNAL_IP, 443)]));
     }
     let scenario = Scenario {
         name: "tls",
@@ -367,6 +373,7 @@ fn tcp_by_vip() {
         &at(WEB_VIP),
     );
     let port_wide = external_service("tcpany", &["tcpany.internal.com"], 9100, "TCP");
+    let web_url = format!("http://{WEB_VIP}/");
     let scenario = Scenario {
         name: "tcp",
         istio: files(&[
@@ -386,16 +393,14 @@ fn tcp_by_vip() {
             .cluster(static_cluster(
                 9000,
                 "tcp.internal.com",
-                &[EXTERNAL_IP],
-                9000,
+                &[(EXTERNAL_IP, 9000)],
             ))
             .cluster(static_cluster(
                 9100,
                 "tcpany.internal.com",
-                &[EXTERNAL_IP],
-                9100,
+                &[(EXTERNAL_IP, 9100)],
             ))
-            .cluster(static_cluster(80, "web.internal.com", &[EXTERNAL_IP], 80)),
+            .cluster(static_cluster(80, "web.internal.com", &[(EXTERNAL_IP, 80)])),
         portcullis_flags: vec![],
         probes: vec![
             Probe::tcp("the VIP and port", &format!("{TCP_VIP}:9000"), "hello\n"),
@@ -443,6 +448,16 @@ fn tcp_by_vip() {
                 ],
             ),
             Probe::curl(
+                "one connection: the web service, then an unregistered Host",
+                &[&web_url, "--next", "-H", "Host: other.example", &web_url],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
+                "one connection: an unregistered Host, then the web service",
+                &["-H", "Host: other.example", &web_url, "--next", &web_url],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
                 "HTTP on a port with no service",
                 &[&format!("http://{EXTERNAL_IP}:8080/")],
             )
@@ -472,7 +487,7 @@ fn allow_any_passthrough() {
                 vec![service_vhost(APP_HOST, 80, &[])],
                 Mode::AllowAny,
             ))
-            .cluster(static_cluster(80, APP_HOST, &[EXTERNAL_IP], 80)),
+            .cluster(static_cluster(80, APP_HOST, &[(EXTERNAL_IP, 80)])),
         portcullis_flags: vec![],
         probes: vec![
             Probe::curl("registered host", &[&app_url]),
@@ -607,6 +622,115 @@ spec:
         lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:80"))?;
         tls_server(lab, &["a.wild.com"])?;
         Ok(())
+    });
+}
+
+/// An upstream on the rogue that reads a request and resets the connection.
+const RESETTER: &str = "import socket, struct
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('10.50.3.3', 82))
+s.listen(64)
+print('ready', flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    c.close()
+";
+
+/// A STATIC ServiceEntry `name`.internal.com on port 80 (HTTP) with inline endpoints
+/// (address, port).
+fn inline_service(name: &str, endpoints: &[(&str, u16)]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(address, port)| {
+            format!("  - address: {address}\n    ports:\n      http-80: {port}\n")
+        })
+        .collect();
+    let host = format!("{name}.internal.com");
+    service_entry(
+        name,
+        &[&host],
+        80,
+        "HTTP",
+        "STATIC",
+        &format!("  endpoints:\n{endpoints}"),
+    )
+}
+
+/// Upstream failures under Istio's default retry policy (two retries on connect failure,
+/// refused stream, `unavailable`, `cancelled`, other hosts first): a refusing endpoint beside a
+/// good one, only refusing endpoints, a resetting endpoint beside a good one, only resetting.
+#[test]
+fn upstream_failures_and_default_retries() {
+    let good = (EXTERNAL_IP, 80);
+    let refusing = (ROGUE_IP, 81);
+    let resetting = (ROGUE_IP, 82);
+    let services: [(&str, Vec<(&str, u16)>); 4] = [
+        ("flaky", vec![good, refusing]),
+        ("dead", vec![refusing]),
+        ("shaky", vec![good, resetting]),
+        ("reset", vec![resetting]),
+    ];
+    let mut envoy = Resources::new(Mode::RegistryOnly).listener(http_listener(
+        80,
+        services
+            .iter()
+            .map(|(name, _)| service_vhost(&format!("{name}.internal.com"), 80, &[]))
+            .collect(),
+        Mode::RegistryOnly,
+    ));
+    for (name, endpoints) in &services {
+        envoy = envoy.cluster(static_cluster(
+            80,
+            &format!("{name}.internal.com"),
+            endpoints,
+        ));
+    }
+    let istio = services
+        .iter()
+        .map(|(name, endpoints)| (format!("{name}.yaml"), inline_service(name, endpoints)))
+        .collect();
+    let scenario = Scenario {
+        name: "failures",
+        istio,
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::spread(
+                "a refusing endpoint beside a good one",
+                &["http://flaky.internal.com/"],
+                SPREAD,
+            ),
+            Probe::curl("only refusing endpoints", &["http://dead.internal.com/"]),
+            Probe::spread(
+                "a resetting endpoint beside a good one",
+                &["http://shaky.internal.com/"],
+                SPREAD,
+            )
+            .finding(F_RESET_RETRIED),
+            Probe::curl("only resetting endpoints", &["http://reset.internal.com/"])
+                .finding(F_RESET_RETRIED),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[
+            "flaky.internal.com",
+            "dead.internal.com",
+            "shaky.internal.com",
+            "reset.internal.com",
+        ])?;
+        lab.spawn_peer(
+            Role::Rogue,
+            "resetter",
+            "python3",
+            &["-u", "-c", RESETTER],
+            "TERM",
+        )?;
+        poll("the resetting upstream", Duration::from_secs(10), || {
+            Ok(lab.peer_stdout("resetter")?.contains("ready").then_some(()))
+        })
     });
 }
 

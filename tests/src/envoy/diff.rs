@@ -40,7 +40,8 @@ pub struct Scenario {
 /// What one client does, the same way in both pods.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// One `curl` with these arguments.
+    /// One `curl` with these arguments (several requests when they hold `--next`: the last
+    /// response is described, the bodies are all kept).
     Curl(Vec<String>),
     /// The same `curl` several times: which endpoints answered, as a set (or, with
     /// `count_only`, how many distinct ones, when which one is the proxy's own pick).
@@ -297,8 +298,9 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
     let before = access_lines(lab, side)?.len();
     let (mut seen, requests) = match action {
         Action::Curl(args) => {
+            let requests = 1 + args.iter().filter(|a| *a == "--next").count();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            (describe_reply(&lab.curl(&args)?), 1)
+            (describe_reply(&lab.curl(&args)?), requests)
         }
         Action::Spread {
             args,

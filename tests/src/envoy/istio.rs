@@ -317,17 +317,17 @@ pub fn builtin_clusters() -> Vec<Value> {
     ]
 }
 
-fn load_assignment(name: &str, addresses: &[&str], port: u16) -> Value {
-    let endpoints: Vec<Value> = addresses
+fn load_assignment(name: &str, endpoints: &[(&str, u16)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
         .iter()
-        .map(|address| json!({ "endpoint": { "address": socket_address(address, port) } }))
+        .map(|(address, port)| json!({ "endpoint": { "address": socket_address(address, *port) } }))
         .collect();
     json!({ "cluster_name": name, "endpoints": [{ "lb_endpoints": endpoints }] })
 }
 
-/// A STATIC (resolved) service's cluster: its endpoints' addresses on `target_port`. istiod
-/// sends these as EDS clusters; a static bootstrap carries the same endpoints inline.
-pub fn static_cluster(port: u16, host: &str, endpoints: &[&str], target_port: u16) -> Value {
+/// A STATIC (resolved) service's cluster: its endpoints (address, target port). istiod sends
+/// these as EDS clusters; a static bootstrap carries the same endpoints inline.
+pub fn static_cluster(port: u16, host: &str, endpoints: &[(&str, u16)]) -> Value {
     let name = cluster_name(port, host);
     json!({
         "name": name,
@@ -335,7 +335,7 @@ pub fn static_cluster(port: u16, host: &str, endpoints: &[&str], target_port: u1
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "LEAST_REQUEST",
         "common_lb_config": {},
-        "load_assignment": load_assignment(&name, endpoints, target_port)
+        "load_assignment": load_assignment(&name, endpoints)
     })
 }
 
@@ -352,7 +352,7 @@ pub fn dns_cluster(port: u16, host: &str, round_robin: bool) -> Value {
         "dns_lookup_family": "V4_ONLY",
         "dns_refresh_rate": DNS_REFRESH_RATE,
         "respect_dns_ttl": true,
-        "load_assignment": load_assignment(&name, &[host], port)
+        "load_assignment": load_assignment(&name, &[(host, port)])
     })
 }
 
