@@ -6,7 +6,7 @@ mod diff;
 pub mod istio;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -71,11 +71,7 @@ impl Lab {
     /// Starts real Envoy (`envoy`, see [`envoy_bin`]) in the pod as uid/gid 1337 with
     /// `bootstrap`, one worker thread and its access log on its stdout, and waits until its
     /// admin `/ready` answers 200 `LIVE`. Istio's rules must already be installed.
-    pub fn start_envoy(
-        &mut self,
-        envoy: &std::path::Path,
-        bootstrap: &Value,
-    ) -> anyhow::Result<()> {
+    pub fn start_envoy(&mut self, envoy: &Path, bootstrap: &Value) -> anyhow::Result<()> {
         // The wheel lives under /root, which uid 1337 cannot traverse: a link (or a copy, across
         // file systems) inside the lab's world-readable folder.
         let bin = self.dir.join("envoy");
@@ -123,7 +119,8 @@ impl Lab {
         let stderr = self.dir.join(format!("{ENVOY_PEER}.stderr"));
         poll("envoy /ready = 200 LIVE", READY_DEADLINE, || {
             let errors = std::fs::read_to_string(&stderr).unwrap_or_default();
-            if errors.contains("exiting") || errors.contains("error initializing") {
+            // A config Envoy rejects is logged at `critical` before it exits.
+            if errors.contains("[critical]") {
                 bail!("envoy did not start:\n{}", cmd::tail(&errors, 30));
             }
             let (status, body) = self.admin_get("/ready")?;
