@@ -734,6 +734,62 @@ fn upstream_failures_and_default_retries() {
     });
 }
 
+/// What an upstream receives, and what the client gets back from it: the headers the echo
+/// server saw (Envoy's `x-forwarded-proto`, `x-request-id`, `x-envoy-attempt-count`, and what
+/// happens to a client's own), over HTTP/1.1 and h2c, registered and passed through.
+#[test]
+fn upstream_request_headers() {
+    let echo = external_service("echo", &["echo.internal.com"], 8080, "HTTP");
+    let url = "http://echo.internal.com:8080/headers";
+    let scenario = Scenario {
+        name: "headers",
+        istio: files(&[("workloadentry.yaml", WORKLOAD_ENTRY), ("echo.yaml", &echo)]),
+        envoy: Resources::new(Mode::AllowAny)
+            .listener(http_listener(
+                8080,
+                vec![service_vhost("echo.internal.com", 8080, &[])],
+                Mode::AllowAny,
+            ))
+            .cluster(static_cluster(
+                8080,
+                "echo.internal.com",
+                &[(EXTERNAL_IP, 8080)],
+            )),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("GET", &[url]),
+            Probe::curl("GET over h2c", &["--http2-prior-knowledge", url]),
+            Probe::curl("POST with a body", &["-d", "payload", url]),
+            Probe::curl(
+                "the client's own request id",
+                &["-H", "x-request-id: from-the-client", url],
+            ),
+            Probe::curl(
+                "the client's own attempt count and forwarded proto",
+                &[
+                    "-H",
+                    "x-envoy-attempt-count: 7",
+                    "-H",
+                    "x-forwarded-proto: https",
+                    url,
+                ],
+            ),
+            Probe::curl(
+                "the client's own x-forwarded-for",
+                &["-H", "x-forwarded-for: 192.0.2.7", url],
+            ),
+            Probe::curl(
+                "an unregistered Host passed through (allow_any)",
+                &["-H", "Host: other.example:8080", url],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&["echo.internal.com"])?;
+        lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
+    });
+}
+
 /// DNS, DNS_ROUND_ROBIN and NONE against dnsmasq in the lab: STRICT_DNS, LOGICAL_DNS and
 /// ORIGINAL_DST clusters.
 #[test]

@@ -18,7 +18,7 @@ use crate::{Reply, can_run, poll};
 const LOG_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a raw TCP probe waits for the proxy to answer or close.
 const TCP_PROBE_SECONDS: u64 = 3;
-/// The longest value shown in a table cell.
+/// The longest value shown in a table cell when both sides agree on it.
 const CELL: usize = 100;
 
 /// One scenario, written once: the Istio YAML portcullis reads, the resources istiod would
@@ -247,12 +247,17 @@ fn compare(scenario: &Scenario, ours: &mut Lab, theirs: &mut Lab) -> anyhow::Res
             let _ = writeln!(report, "  | field | portcullis | envoy |");
             let _ = writeln!(report, "  |---|---|---|");
             for (i, (field, value)) in mine.iter().enumerate() {
-                let mark = if differing.contains(&i) { " (*)" } else { "" };
+                // A differing value is shown whole: the difference may be past any cut.
+                let (mark, limit) = if differing.contains(&i) {
+                    (" (*)", usize::MAX)
+                } else {
+                    ("", CELL)
+                };
                 let _ = writeln!(
                     report,
                     "  | {field}{mark} | {} | {} |",
-                    cell(value),
-                    cell(&envoy[i].1)
+                    cell(value, limit),
+                    cell(&envoy[i].1, limit)
                 );
             }
         }
@@ -278,10 +283,11 @@ fn merge_close_and_reset(seen: &mut Observation) {
     }
 }
 
-fn cell(value: &str) -> String {
+/// `value` fit for one table cell, cut after `limit` characters.
+fn cell(value: &str, limit: usize) -> String {
     let flat = value.replace('\n', "\\n").replace('|', "\\|");
-    if flat.chars().count() > CELL {
-        let cut: String = flat.chars().take(CELL).collect();
+    if flat.chars().count() > limit {
+        let cut: String = flat.chars().take(limit).collect();
         format!("{cut}...")
     } else {
         flat
@@ -378,9 +384,31 @@ fn describe_reply(reply: &Reply) -> Observation {
         ("outcome", outcome(reply)),
         ("status", reply.status_line.clone()),
         ("headers", headers(reply, &[])),
-        ("body", reply.body.clone()),
+        ("body", body_for_comparison(&reply.body)),
         ("endpoint", endpoint(&reply.body)),
     ]
+}
+
+/// `body`, or, when it is an echo of the headers an upstream received (every line
+/// `name: value`), those lines sorted (their order is no proxy's promise) with the value of
+/// `x-request-id` reduced to its presence (a proxy makes up a new one per request).
+fn body_for_comparison(body: &str) -> String {
+    let lines: Vec<&str> = body.lines().collect();
+    if lines.is_empty() || !lines.iter().all(|l| l.contains(": ")) {
+        return body.to_owned();
+    }
+    let mut lines: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            if line.to_ascii_lowercase().starts_with("x-request-id: ") {
+                "x-request-id: *".to_owned()
+            } else {
+                (*line).to_owned()
+            }
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
 }
 
 /// How the exchange ended: a response, or how the connection failed (closed, reset, timed
@@ -573,6 +601,15 @@ mod tests {
             raw_response("HTTP/1.1 400 Bad Request  Date: Fri, 04 Dec 2026 GMT  server: envoy    "),
         );
         assert_eq!(raw_response("sink "), "sink ");
+    }
+
+    #[test]
+    fn an_echo_of_headers_is_compared_sorted_without_request_ids() {
+        assert_eq!(
+            body_for_comparison("x-request-id: 6c1f-22\nhost: a\n"),
+            body_for_comparison("host: a\nx-request-id: 0d2e-33\n"),
+        );
+        assert_eq!(body_for_comparison("Welcome\n"), "Welcome\n");
     }
 
     #[test]
