@@ -23,7 +23,7 @@ const ENVOY_PEER: &str = "envoy";
 /// How long Envoy may take to report `/ready` (DNS clusters resolve first).
 const READY_DEADLINE: Duration = Duration::from_secs(20);
 /// The Envoy release the lab is meant to compare against.
-pub const ENVOY_VERSION: &str = "1.40.";
+const ENVOY_VERSION: &str = "1.40.";
 
 /// The page of the TLS server the scenarios put on the external host.
 pub const TLS_PAGE: &str = "Welcome to the TLS host\n";
