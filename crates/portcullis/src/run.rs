@@ -125,6 +125,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let admin = Arc::new(AdminState {
         registry: Arc::clone(&registry),
         config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
+        resources: Arc::default(),
         ready: AtomicBool::new(false),
         metrics: metrics_registry,
         set_log_level,
