@@ -154,20 +154,20 @@ pub(crate) fn ip_socket_address(a: Option<&core::Address>) -> Result<SocketAddr,
     Ok(SocketAddr::new(ip("socket_address.address", &host)?, port))
 }
 
-/// A CIDR range, normalised to its network address as Envoy matches it.
+/// A CIDR range, normalised to its network address as Envoy matches it. Envoy 1.40 takes
+/// any length up to 128 and clamps it to the address's width.
 pub(crate) fn cidr(c: &core::CidrRange) -> Result<IpNet, Invalid> {
     let addr = ip("address_prefix", &c.address_prefix)?;
     let len = c.prefix_len.map_or(0, |l| l.value);
-    u8::try_from(len)
-        .ok()
-        .and_then(|len| IpNet::new(addr, len).ok())
-        .map(|n| n.trunc())
-        .ok_or_else(|| {
-            Invalid::new(
-                "prefix_len",
-                format!("prefix length {len} is invalid for {addr}"),
-            )
-        })
+    if len > 128 {
+        return Err(Invalid::new(
+            "prefix_len",
+            format!("prefix length {len} is above 128"),
+        ));
+    }
+    let width = if addr.is_ipv4() { 32 } else { 128 };
+    let len = u8::try_from(len.min(width)).unwrap_or(0);
+    Ok(IpNet::new(addr, len).map_or_else(|_| IpNet::from(addr), |n| n.trunc()))
 }
 
 /// Envoy refuses to add or remove pseudo-headers and `host` by header manipulation.

@@ -222,10 +222,8 @@ fn query_parameter(q: &rds::QueryParameterMatcher) -> Result<QueryParameterMatch
     }
     let matcher = match &q.query_parameter_match_specifier {
         Some(Q::StringMatch(m)) => Some(string_matcher(m).at("string_match")?),
-        Some(Q::PresentMatch(true)) | None => None,
-        Some(Q::PresentMatch(false)) => {
-            return Err(Invalid::new("present_match", "only true is meaningful"));
-        }
+        // Envoy 1.40 matches presence for `present_match: false` too.
+        Some(Q::PresentMatch(_)) | None => None,
     };
     Ok(QueryParameterMatcher {
         name: q.name.clone(),
@@ -368,10 +366,7 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
 
 fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {
     let retriable_status_codes = each("retriable_status_codes", &r.retriable_status_codes, |c| {
-        u16::try_from(*c)
-            .ok()
-            .filter(|c| (100..600).contains(c))
-            .ok_or_else(|| Invalid::new("", format!("status code {c} is invalid")))
+        u16::try_from(*c).map_err(|_| Invalid::new("", format!("status code {c} is invalid")))
     })?;
     Ok(RetryPolicy {
         retry_on: r

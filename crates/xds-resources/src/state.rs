@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
+use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::{
     cluster::v3 as cds, endpoint::v3 as eds, listener::v3 as lds, route::v3 as rds,
 };
@@ -99,6 +100,8 @@ impl Default for XdsState {
 /// A decoded, converted resource of one of the four types.
 enum Converted {
     Listener(Box<Listener>),
+    /// An inbound listener (`virtualInbound`): portcullis handles outbound traffic only.
+    Inbound,
     Route(portcullis_envoy::RouteConfiguration),
     Cluster(Cluster),
     Endpoint(portcullis_envoy::ClusterLoadAssignment),
@@ -129,8 +132,18 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
     }
     match ty {
         ResourceType::Listener => {
-            let (n, r) = go(any, |l: &lds::Listener| &l.name, crate::listener);
-            (n, r.map(|l| Converted::Listener(Box::new(l))))
+            let (n, r) = go(
+                any,
+                |l: &lds::Listener| &l.name,
+                |l| {
+                    if l.traffic_direction == TrafficDirection::Inbound as i32 {
+                        Ok(Converted::Inbound)
+                    } else {
+                        crate::listener(l).map(|l| Converted::Listener(Box::new(l)))
+                    }
+                },
+            );
+            (n, r)
         }
         ResourceType::Route => {
             let (n, r) = go(
@@ -303,6 +316,13 @@ impl XdsState {
             }
         };
         match converted {
+            Converted::Inbound => {
+                tracing::debug!(
+                    name,
+                    "inbound listener ignored: portcullis serves outbound only"
+                );
+                self.remove(ResourceType::Listener, name);
+            }
             Converted::Listener(l) => {
                 let warm = self.listener_ready(&l);
                 self.stage(ResourceType::Listener, name, versioned(*l, version), warm);

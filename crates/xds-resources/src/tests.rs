@@ -785,6 +785,7 @@ fn passthrough_and_blackhole_clusters_take_envoys_defaults() {
 
 #[test]
 fn a_dns_cluster_keeps_names_and_logical_dns_takes_exactly_one_endpoint() {
+    // The message is Envoy 1.40's for two endpoints in a LOGICAL_DNS cluster.
     let mut proto = blackhole();
     proto.name = "outbound|443||api.example.com".into();
     proto.cluster_discovery_type = Some(cds::cluster::ClusterDiscoveryType::Type(
@@ -871,6 +872,7 @@ fn an_unsupported_terminal_network_filter_is_rejected() {
 
 #[test]
 fn an_unsupported_http_filter_is_rejected_and_the_router_must_end_the_chain() {
+    // Envoy 1.40 too rejects a chain whose last HTTP filter is not terminal.
     let mut l = http_80();
     let lds::filter::ConfigType::TypedConfig(any) =
         l.filter_chains[0].filters[0].config_type.clone().unwrap()
@@ -902,17 +904,31 @@ fn invalid_addresses_and_prefixes_are_rejected() {
         listener_error(&l),
         "address.socket_address.address: malformed IP address: 10.0.0.300"
     );
-    let mut l = virtual_outbound();
-    l.filter_chains[0].filter_chain_match = Some(lds::FilterChainMatch {
-        prefix_ranges: vec![core::CidrRange {
-            address_prefix: "10.0.0.0".into(),
-            prefix_len: Some(UInt32Value { value: 33 }),
-        }],
-        ..Default::default()
-    });
+    // Checked against Envoy 1.40: a malformed prefix and a length above 128 are errors, an
+    // IPv4 length between 33 and 128 is taken as /32.
+    let with_prefix = |address_prefix: &str, len: u32| {
+        let mut l = virtual_outbound();
+        l.filter_chains[0].filter_chain_match = Some(lds::FilterChainMatch {
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: address_prefix.into(),
+                prefix_len: Some(UInt32Value { value: len }),
+            }],
+            ..Default::default()
+        });
+        l
+    };
     assert_eq!(
-        listener_error(&l),
-        "filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len: prefix length 33 is invalid for 10.0.0.0"
+        listener_error(&with_prefix("10.0.0", 8)),
+        "filter_chains[0].filter_chain_match.prefix_ranges[0].address_prefix: malformed IP address: 10.0.0"
+    );
+    assert_eq!(
+        listener_error(&with_prefix("::", 129)),
+        "filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len: prefix length 129 is above 128"
+    );
+    let l = listener(&with_prefix("10.0.0.1", 33)).unwrap();
+    assert_eq!(
+        l.filter_chains[0].filter_chain_match.prefix_ranges,
+        ["10.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]
     );
 }
 
@@ -929,6 +945,8 @@ fn two_chains_with_the_same_match_are_rejected() {
 
 #[test]
 fn weighted_clusters_that_sum_to_zero_or_overflow_are_rejected() {
+    // Envoy 1.40 (--mode validate): "Sum of weights in the weighted_cluster must be greater
+    // than 0", "The sum of weights of all weighted clusters of route exceeds 4294967295".
     let weighted = |weights: &[u32]| {
         let mut rc = route_80();
         let Some(rds::route::Action::Route(a)) = &mut rc.virtual_hosts[0].routes[0].action else {
@@ -961,6 +979,7 @@ fn weighted_clusters_that_sum_to_zero_or_overflow_are_rejected() {
 
 #[test]
 fn a_regex_that_does_not_compile_is_rejected() {
+    // Envoy 1.40 (RE2): "missing ): /(unclosed".
     let mut rc = route_80();
     rc.virtual_hosts[0].routes[0].r#match = Some(rds::RouteMatch {
         path_specifier: Some(rds::route_match::PathSpecifier::SafeRegex(
@@ -980,6 +999,7 @@ fn a_regex_that_does_not_compile_is_rejected() {
 
 #[test]
 fn a_route_without_an_action_is_rejected() {
+    // Envoy 1.40: `action` is required.
     let mut rc = route_80();
     rc.virtual_hosts[1].routes[0].action = None;
     assert_eq!(
@@ -1018,6 +1038,8 @@ fn tls_origination_other_than_istio_mtls_is_rejected() {
 
 #[test]
 fn original_dst_pairs_only_with_cluster_provided() {
+    // Envoy 1.40 rejects ORIGINAL_DST with ROUND_ROBIN, and CLUSTER_PROVIDED on a STATIC
+    // cluster ("cluster provided LB specified but cluster 'o' did not provide one").
     let mut c = passthrough();
     c.lb_policy = cds::cluster::LbPolicy::RoundRobin as i32;
     assert!(
@@ -1134,6 +1156,36 @@ fn a_sotw_response_removes_the_clusters_it_leaves_out_and_their_endpoints() {
     assert!(
         active.endpoints.is_empty(),
         "nothing needs {APP}'s endpoints any more"
+    );
+}
+
+#[test]
+fn istios_inbound_listener_is_neither_applied_nor_rejected() {
+    // virtualInbound terminates Istio mTLS on 15006: inbound, outside portcullis's job.
+    let inbound = lds::Listener {
+        name: "virtualInbound".into(),
+        address: address("0.0.0.0", 15006),
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        filter_chains: vec![lds::FilterChain {
+            transport_socket: Some(istio_mtls()),
+            ..chain(
+                "inbound_0.0.0.0_8080",
+                None,
+                vec![tcp_proxy_to("inbound|8080||")],
+            )
+        }],
+        ..Default::default()
+    };
+    let mut s = XdsState::default();
+    let applied = s.apply_sotw(
+        LISTENER_TYPE,
+        "1",
+        &any_of(vec![virtual_outbound(), inbound]),
+    );
+    assert!(applied.rejected.is_empty());
+    assert_eq!(
+        s.state().listeners.keys().collect::<Vec<_>>(),
+        [VIRTUAL_OUTBOUND]
     );
 }
 
