@@ -77,12 +77,6 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
         }
     };
     let lb_policy = lb_policy(c, &discovery)?;
-    if c.load_balancing_policy.is_some() {
-        return Err(Invalid::new(
-            "load_balancing_policy",
-            "typed load balancing policies are not supported; use lb_policy",
-        ));
-    }
     let connect_timeout = match &c.connect_timeout {
         Some(d) => duration("connect_timeout", d)?,
         None => CONNECT_TIMEOUT,
@@ -164,24 +158,62 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
     })
 }
 
+/// The typed policy of `load_balancing_policy`: Envoy takes the first one it knows.
+fn typed_lb_policy(p: &cds::LoadBalancingPolicy) -> Result<LbPolicy, Invalid> {
+    const TYPED: [(&str, LbPolicy); 4] = [
+        ("round_robin.v3.RoundRobin", LbPolicy::RoundRobin),
+        ("least_request.v3.LeastRequest", LbPolicy::LeastRequest),
+        ("random.v3.Random", LbPolicy::Random),
+        (
+            "cluster_provided.v3.ClusterProvided",
+            LbPolicy::ClusterProvided,
+        ),
+    ];
+    let type_urls = p
+        .policies
+        .iter()
+        .filter_map(|p| p.typed_extension_config.as_ref()?.typed_config.as_ref())
+        .map(|any| any.type_url.as_str());
+    for type_url in type_urls.clone() {
+        let known = TYPED.iter().find(|(suffix, _)| {
+            type_url.strip_suffix(suffix)
+                == Some("type.googleapis.com/envoy.extensions.load_balancing_policies.")
+        });
+        if let Some((_, policy)) = known {
+            return Ok(*policy);
+        }
+    }
+    Err(Invalid::new(
+        "load_balancing_policy",
+        format!(
+            "none of the policies is supported: {}",
+            type_urls.collect::<Vec<_>>().join(", ")
+        ),
+    ))
+}
+
 fn lb_policy(c: &cds::Cluster, discovery: &Discovery) -> Result<LbPolicy, Invalid> {
     use cds::cluster::LbPolicy as P;
-    let policy = match P::try_from(c.lb_policy) {
-        Ok(P::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(P::LeastRequest) => LbPolicy::LeastRequest,
-        Ok(P::Random) => LbPolicy::Random,
-        Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
-        Ok(other) => {
-            return Err(Invalid::new(
-                "lb_policy",
-                format!("{} is not supported", other.as_str_name()),
-            ));
-        }
-        Err(_) => {
-            return Err(Invalid::new(
-                "lb_policy",
-                format!("unknown policy {}", c.lb_policy),
-            ));
+    let policy = if let Some(typed) = &c.load_balancing_policy {
+        typed_lb_policy(typed)?
+    } else {
+        match P::try_from(c.lb_policy) {
+            Ok(P::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(P::LeastRequest) => LbPolicy::LeastRequest,
+            Ok(P::Random) => LbPolicy::Random,
+            Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
+            Ok(other) => {
+                return Err(Invalid::new(
+                    "lb_policy",
+                    format!("{} is not supported", other.as_str_name()),
+                ));
+            }
+            Err(_) => {
+                return Err(Invalid::new(
+                    "lb_policy",
+                    format!("unknown policy {}", c.lb_policy),
+                ));
+            }
         }
     };
     // Envoy 1.40 pairs ORIGINAL_DST with CLUSTER_PROVIDED, both ways.

@@ -784,6 +784,33 @@ fn passthrough_and_blackhole_clusters_take_envoys_defaults() {
 }
 
 #[test]
+fn a_typed_load_balancing_policy_takes_the_first_one_portcullis_knows() {
+    let policy = |type_url: &str| cds::load_balancing_policy::Policy {
+        typed_extension_config: Some(core::TypedExtensionConfig {
+            name: "p".into(),
+            typed_config: Some(Any {
+                type_url: type_url.into(),
+                value: Vec::new(),
+            }),
+        }),
+    };
+    let mut c = eds_cluster(APP);
+    c.lb_policy = cds::cluster::LbPolicy::LoadBalancingPolicyConfig as i32;
+    c.load_balancing_policy = Some(cds::LoadBalancingPolicy {
+        policies: vec![
+            policy("type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev"),
+            policy("type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random"),
+        ],
+    });
+    assert_eq!(cluster(&c).unwrap().lb_policy, LbPolicy::Random);
+    c.load_balancing_policy.as_mut().unwrap().policies.pop();
+    assert_eq!(
+        cluster(&c).unwrap_err().to_string(),
+        "load_balancing_policy: none of the policies is supported: type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev"
+    );
+}
+
+#[test]
 fn a_dns_cluster_keeps_names_and_logical_dns_takes_exactly_one_endpoint() {
     // The message is Envoy 1.40's for two endpoints in a LOGICAL_DNS cluster.
     let mut proto = blackhole();
