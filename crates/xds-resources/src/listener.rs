@@ -62,16 +62,20 @@ pub fn listener(l: &lds::Listener) -> Result<Listener, Invalid> {
     if filter_chains.is_empty() && default_filter_chain.is_none() {
         return Err(Invalid::new("filter_chains", "no filter chains specified"));
     }
-    // Envoy 1.40 rejects a listener whose chains cannot be told apart.
-    let mut seen = Vec::with_capacity(filter_chains.len());
+    // Envoy 1.40 rejects a listener where one connection could match two chains equally.
     for (i, c) in filter_chains.iter().enumerate() {
-        if seen.contains(&&c.filter_chain_match) {
+        let m = &c.filter_chain_match;
+        if let Some(j) = filter_chains[..i]
+            .iter()
+            .position(|earlier| overlaps(&earlier.filter_chain_match, m))
+        {
             return Err(Invalid::new(
                 format!("filter_chains[{i}].filter_chain_match"),
-                "multiple filter chains with the same matching rules are defined",
+                format!(
+                    "multiple filter chains with overlapping matching rules are defined (filter_chains[{j}])"
+                ),
             ));
         }
-        seen.push(&c.filter_chain_match);
     }
     Ok(Listener {
         name: l.name.clone(),
@@ -157,6 +161,20 @@ fn skippable_network_filter(name: &str, type_url: &str) -> bool {
         || type_url.contains("metadata_exchange")
         || type_url.contains("metadataexchange")
         || type_url.contains("peer_metadata")
+}
+
+/// Whether some connection matches both, criterion by criterion: Envoy keys each value of
+/// a list (and "any" for an empty one) separately, so lists overlap when they share a value.
+fn overlaps(a: &FilterChainMatch, b: &FilterChainMatch) -> bool {
+    fn share<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+        (a.is_empty() && b.is_empty()) || a.iter().any(|x| b.contains(x))
+    }
+    a.destination_port == b.destination_port
+        && a.transport_protocol == b.transport_protocol
+        && share(&a.prefix_ranges, &b.prefix_ranges)
+        && share(&a.source_prefix_ranges, &b.source_prefix_ranges)
+        && share(&a.server_names, &b.server_names)
+        && share(&a.application_protocols, &b.application_protocols)
 }
 
 fn chain_match(m: &lds::FilterChainMatch) -> Result<FilterChainMatch, Invalid> {

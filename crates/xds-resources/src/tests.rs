@@ -960,14 +960,25 @@ fn invalid_addresses_and_prefixes_are_rejected() {
 }
 
 #[test]
-fn two_chains_with_the_same_match_are_rejected() {
-    // Envoy 1.40: "multiple filter chains with the same matching rules are defined".
-    let mut l = sni_443();
-    l.filter_chains[1].filter_chain_match = l.filter_chains[0].filter_chain_match.clone();
+fn chains_that_match_the_same_connection_are_rejected() {
+    // Checked against Envoy 1.40: identical matches, and lists sharing a value (server
+    // names in another order or case, one prefix in common), are all "overlapping".
+    let with_names = |first: &[&str], second: &[&str]| {
+        let mut l = sni_443();
+        for (chain, names) in l.filter_chains.iter_mut().zip([first, second]) {
+            chain.filter_chain_match.as_mut().unwrap().server_names =
+                names.iter().map(|n| n.to_string()).collect();
+        }
+        l
+    };
+    let overlap = "filter_chains[1].filter_chain_match: multiple filter chains with overlapping matching rules are defined (filter_chains[0])";
+    assert_eq!(listener_error(&with_names(&["a.com"], &["a.com"])), overlap);
     assert_eq!(
-        listener_error(&l),
-        "filter_chains[1].filter_chain_match: multiple filter chains with the same matching rules are defined"
+        listener_error(&with_names(&["a.com", "b.com"], &["B.com"])),
+        overlap
     );
+    assert!(listener(&with_names(&["a.com"], &["b.com"])).is_ok());
+    assert!(listener(&with_names(&[], &["b.com"])).is_ok());
 }
 
 #[test]
