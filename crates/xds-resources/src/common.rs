@@ -229,6 +229,9 @@ pub(crate) fn headers_to_remove(field: &str, names: &[String]) -> Result<Vec<Str
 
 /// Checks that an RE2 pattern compiles, anchored as Envoy matches it.
 pub(crate) fn regex(field: &str, re: &matcher::RegexMatcher) -> Result<String, Invalid> {
+    if re.regex.is_empty() {
+        return Err(Invalid::new(field, "the regex must not be empty"));
+    }
     regex::Regex::new(&format!("^(?:{})$", re.regex))
         .map_err(|e| Invalid::new(field, format!("invalid regex {:?}: {e}", re.regex)))?;
     Ok(re.regex.clone())
