@@ -26,7 +26,7 @@ pub fn route_configuration(rc: &rds::RouteConfiguration) -> Result<RouteConfigur
     let mut domains = HashSet::new();
     for (i, v) in virtual_hosts.iter().enumerate() {
         for d in &v.domains {
-            if !domains.insert(d.to_ascii_lowercase()) {
+            if !domains.insert(d.as_str()) {
                 return Err(Invalid::new(
                     format!("virtual_hosts[{i}].domains"),
                     format!("only unique values for domains are permitted: {d} is duplicated"),
@@ -66,7 +66,8 @@ fn virtual_host(v: &rds::VirtualHost) -> Result<VirtualHost, Invalid> {
     }
     Ok(VirtualHost {
         name: v.name.clone(),
-        domains: v.domains.clone(),
+        // Envoy matches domains case-insensitively.
+        domains: v.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         routes: each("routes", &v.routes, route)?,
         retry_policy: v
             .retry_policy
@@ -144,11 +145,11 @@ fn route_match(m: &rds::RouteMatch) -> Result<RouteMatch, Invalid> {
         Some(P::Path(p)) => PathMatch::Path(p.clone()),
         Some(P::SafeRegex(re)) => PathMatch::Regex(regex("safe_regex", re)?),
         Some(P::PathSeparatedPrefix(p)) => {
-            // Envoy's validation: no query, fragment or trailing slash.
-            if p.contains(['?', '#']) || (p.len() > 1 && p.ends_with('/')) || !p.starts_with('/') {
+            // Envoy 1.40's validation: `^[^?#]+[^?#/]$`.
+            if p.len() < 2 || p.contains(['?', '#']) || p.ends_with('/') {
                 return Err(Invalid::new(
                     "path_separated_prefix",
-                    format!("{p:?} must start with / and have no query, fragment or trailing /"),
+                    format!("{p:?} must have no query, fragment or trailing /"),
                 ));
             }
             PathMatch::PathSeparatedPrefix(p.clone())
