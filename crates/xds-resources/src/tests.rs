@@ -1047,6 +1047,24 @@ fn a_route_without_an_action_is_rejected() {
 }
 
 #[test]
+fn duplicate_domains_and_host_rewrites_by_header_manipulation_are_rejected() {
+    // Envoy 1.40: "Only unique values for domains are permitted" (case-insensitively), and
+    // ":-prefixed or host headers may not be modified".
+    let mut rc = route_80();
+    rc.virtual_hosts[1].domains.push("APP.internal.com".into());
+    assert_eq!(
+        route_configuration(&rc).unwrap_err().to_string(),
+        "virtual_hosts[1].domains: only unique values for domains are permitted: app.internal.com is duplicated"
+    );
+    let mut rc = route_80();
+    rc.virtual_hosts[0].request_headers_to_remove = vec![":authority".into()];
+    assert_eq!(
+        route_configuration(&rc).unwrap_err().to_string(),
+        "virtual_hosts[0].request_headers_to_remove[0]: header \":authority\" may not be modified"
+    );
+}
+
+#[test]
 fn tls_origination_other_than_istio_mtls_is_rejected() {
     // A DestinationRule `tls: SIMPLE`: a validation context from a file, no client cert.
     let ctx = tls::UpstreamTlsContext {
@@ -1225,6 +1243,18 @@ fn istios_inbound_listener_is_neither_applied_nor_rejected() {
         s.state().listeners.keys().collect::<Vec<_>>(),
         [VIRTUAL_OUTBOUND]
     );
+}
+
+#[test]
+fn resources_wrapped_in_a_resource_are_unwrapped() {
+    let mut s = XdsState::default();
+    let wrapped = pack_any(delta("80", "7", pack_any(route_80())));
+    assert!(
+        s.apply_sotw(ROUTE_TYPE, "7", &[wrapped])
+            .rejected
+            .is_empty()
+    );
+    assert!(s.active().routes.contains_key("80"));
 }
 
 #[test]
