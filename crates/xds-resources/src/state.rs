@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
-use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::core::v3::{self as core, TrafficDirection};
 use envoy_types::pb::envoy::config::{
     cluster::v3 as cds, endpoint::v3 as eds, listener::v3 as lds, route::v3 as rds,
 };
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
 use portcullis_envoy::state::{ResourceState, SourceState, UpdateFailure, Versioned};
@@ -17,11 +18,12 @@ use portcullis_envoy::{
 use prost::{Message, Name};
 use tokio::time::Instant;
 
-use crate::common::{Invalid, unpack};
+use crate::common::{Invalid, duration, unpack};
 use crate::listener::rds_names;
 
 /// Envoy's default `initial_fetch_timeout`: how long a cluster waits for its endpoints and a
-/// listener for its routes before it is used without them.
+/// listener for its routes before it is used without them, when their config source sets
+/// none (zero: no end).
 pub const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The four resource types portcullis takes over xDS.
@@ -86,7 +88,9 @@ pub struct Applied {
 pub struct XdsState {
     state: SourceState,
     initial_fetch_timeout: Duration,
-    warming_since: HashMap<(ResourceType, String), Instant>,
+    /// When each warming listener or cluster stops waiting (`None`: never, as with
+    /// Istio's `initial_fetch_timeout: 0s`).
+    warming: HashMap<(ResourceType, String), Option<Instant>>,
     lds_received: bool,
     cds_received: bool,
 }
@@ -99,11 +103,11 @@ impl Default for XdsState {
 
 /// A decoded, converted resource of one of the four types.
 enum Converted {
-    Listener(Box<Listener>),
+    Listener(Box<Listener>, FetchTimeouts),
     /// An inbound listener (`virtualInbound`): portcullis handles outbound traffic only.
     Inbound,
     Route(portcullis_envoy::RouteConfiguration),
-    Cluster(Cluster),
+    Cluster(Cluster, FetchTimeouts),
     Endpoint(portcullis_envoy::ClusterLoadAssignment),
 }
 
@@ -139,7 +143,8 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
                     if l.traffic_direction == TrafficDirection::Inbound as i32 {
                         Ok(Converted::Inbound)
                     } else {
-                        crate::listener(l).map(|l| Converted::Listener(Box::new(l)))
+                        let timeout = rds_fetch_timeout(l);
+                        crate::listener(l).map(|l| Converted::Listener(Box::new(l), timeout))
                     }
                 },
             );
@@ -154,8 +159,19 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
             (n, r.map(Converted::Route))
         }
         ResourceType::Cluster => {
-            let (n, r) = go(any, |c: &cds::Cluster| &c.name, crate::cluster);
-            (n, r.map(Converted::Cluster))
+            let (n, r) = go(
+                any,
+                |c: &cds::Cluster| &c.name,
+                |c| {
+                    let timeout = vec![fetch_timeout(
+                        c.eds_cluster_config
+                            .as_ref()
+                            .and_then(|e| e.eds_config.as_ref()),
+                    )];
+                    crate::cluster(c).map(|c| Converted::Cluster(c, timeout))
+                },
+            );
+            (n, r)
         }
         ResourceType::Endpoint => {
             let (n, r) = go(
@@ -168,6 +184,37 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
     }
 }
 
+/// The `initial_fetch_timeout`s of the config sources a resource waits for, as given
+/// (`None`: unset).
+type FetchTimeouts = Vec<Option<Duration>>;
+
+fn fetch_timeout(source: Option<&core::ConfigSource>) -> Option<Duration> {
+    source
+        .and_then(|s| s.initial_fetch_timeout.as_ref())
+        .and_then(|d| duration("initial_fetch_timeout", d).ok())
+}
+
+/// The timeouts of a listener's RDS config sources.
+fn rds_fetch_timeout(l: &lds::Listener) -> FetchTimeouts {
+    l.filter_chains
+        .iter()
+        .chain(&l.default_filter_chain)
+        .flat_map(|c| &c.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(lds::filter::ConfigType::TypedConfig(any)) => {
+                unpack::<hcm::HttpConnectionManager>(any).ok()
+            }
+            _ => None,
+        })
+        .filter_map(|h| match h.route_specifier {
+            Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                Some(fetch_timeout(rds.config_source.as_ref()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn versioned<T>(resource: T, version: &str) -> Versioned<T> {
     Versioned {
         resource,
@@ -177,13 +224,13 @@ fn versioned<T>(resource: T, version: &str) -> Versioned<T> {
 }
 
 impl XdsState {
-    /// An empty state; `initial_fetch_timeout` bounds warming (Envoy's default is
-    /// [`INITIAL_FETCH_TIMEOUT`]).
+    /// An empty state; `initial_fetch_timeout` bounds warming on config sources that set
+    /// no timeout of their own (Envoy's default is [`INITIAL_FETCH_TIMEOUT`]).
     pub fn new(initial_fetch_timeout: Duration) -> XdsState {
         XdsState {
             state: SourceState::default(),
             initial_fetch_timeout,
-            warming_since: HashMap::new(),
+            warming: HashMap::new(),
             lds_received: false,
             cds_received: false,
         }
@@ -323,12 +370,12 @@ impl XdsState {
                 );
                 self.remove(ResourceType::Listener, name);
             }
-            Converted::Listener(l) => {
-                let warm = self.listener_ready(&l);
+            Converted::Listener(l, timeout) => {
+                let warm = (!self.listener_ready(&l)).then_some(timeout);
                 self.stage(ResourceType::Listener, name, versioned(*l, version), warm);
             }
-            Converted::Cluster(c) => {
-                let warm = self.cluster_ready(&c);
+            Converted::Cluster(c, timeout) => {
+                let warm = (!self.cluster_ready(&c)).then_some(timeout);
                 self.stage(ResourceType::Cluster, name, versioned(c, version), warm);
             }
             Converted::Route(r) => {
@@ -345,21 +392,50 @@ impl XdsState {
         None
     }
 
-    fn stage<T>(&mut self, ty: ResourceType, name: &str, v: Versioned<T>, ready: bool)
-    where
+    /// Makes `v` active, or warming (the active version keeps serving) when `warm` says
+    /// which config sources it waits for.
+    fn stage<T>(
+        &mut self,
+        ty: ResourceType,
+        name: &str,
+        v: Versioned<T>,
+        warm: Option<FetchTimeouts>,
+    ) where
         XdsState: Staged<T>,
     {
         let key = (ty, name.to_string());
+        let deadline = warm.map(|timeouts| self.deadline(&timeouts));
         let entry = self.entries().entry(name.to_string()).or_default();
         entry.error = None;
-        if ready {
-            entry.active = Some(v);
-            entry.warming = None;
-            self.warming_since.remove(&key);
-        } else {
-            entry.warming = Some(v);
-            self.warming_since.insert(key, Instant::now());
+        match deadline {
+            None => {
+                entry.active = Some(v);
+                entry.warming = None;
+                self.warming.remove(&key);
+            }
+            Some(deadline) => {
+                entry.warming = Some(v);
+                self.warming.insert(key, deadline);
+            }
         }
+    }
+
+    /// When a resource waiting on these sources stops waiting: at the longest of their
+    /// timeouts (unset: the default), never if one of them is zero.
+    fn deadline(&self, timeouts: &[Option<Duration>]) -> Option<Instant> {
+        let mut longest = if timeouts.is_empty() {
+            self.initial_fetch_timeout
+        } else {
+            Duration::ZERO
+        };
+        for t in timeouts {
+            match t {
+                None => longest = longest.max(self.initial_fetch_timeout),
+                Some(t) if t.is_zero() => return None,
+                Some(t) => longest = longest.max(*t),
+            }
+        }
+        Instant::now().checked_add(longest)
     }
 
     fn remove(&mut self, ty: ResourceType, name: &str) {
@@ -369,7 +445,7 @@ impl XdsState {
             ResourceType::Cluster => self.state.clusters.remove(name).is_some(),
             ResourceType::Endpoint => self.state.endpoints.remove(name).is_some(),
         };
-        self.warming_since.remove(&(ty, name.to_string()));
+        self.warming.remove(&(ty, name.to_string()));
         if removed {
             tracing::info!(type_url = ty.type_url(), name, "xDS resource removed");
         }
@@ -426,13 +502,14 @@ impl XdsState {
     /// `initial_fetch_timeout` passed. Returns whether anything changed.
     pub fn promote(&mut self) -> bool {
         let now = Instant::now();
-        let timeout = self.initial_fetch_timeout;
-        let expired = |since: Option<&Instant>| since.is_some_and(|s| now >= *s + timeout);
+        let expired = |deadline: Option<&Option<Instant>>| {
+            deadline.is_some_and(|d| d.is_some_and(|d| now >= d))
+        };
         let mut ready = Vec::new();
         for (name, entry) in &self.state.clusters {
             if let Some(w) = &entry.warming {
                 let key = (ResourceType::Cluster, name.clone());
-                if self.cluster_ready(&w.resource) || expired(self.warming_since.get(&key)) {
+                if self.cluster_ready(&w.resource) || expired(self.warming.get(&key)) {
                     ready.push(key);
                 }
             }
@@ -440,14 +517,14 @@ impl XdsState {
         for (name, entry) in &self.state.listeners {
             if let Some(w) = &entry.warming {
                 let key = (ResourceType::Listener, name.clone());
-                if self.listener_ready(&w.resource) || expired(self.warming_since.get(&key)) {
+                if self.listener_ready(&w.resource) || expired(self.warming.get(&key)) {
                     ready.push(key);
                 }
             }
         }
         let changed = !ready.is_empty();
         for key in ready {
-            self.warming_since.remove(&key);
+            self.warming.remove(&key);
             match key.0 {
                 ResourceType::Cluster => promote_entry(self.state.clusters.get_mut(&key.1)),
                 _ => promote_entry(self.state.listeners.get_mut(&key.1)),
@@ -459,10 +536,7 @@ impl XdsState {
     /// When the next warming resource times out, if any is warming: call [`Self::promote`]
     /// then.
     pub fn next_warming_deadline(&self) -> Option<Instant> {
-        self.warming_since
-            .values()
-            .min()
-            .map(|since| *since + self.initial_fetch_timeout)
+        self.warming.values().flatten().min().copied()
     }
 
     /// The route configurations and cluster load assignments the current listeners and
@@ -504,7 +578,7 @@ impl XdsState {
     /// Whether readiness may turn on: CDS and LDS have answered, and nothing they brought
     /// is still warming (it got what it needs or timed out).
     pub fn initial_set_complete(&self) -> bool {
-        self.lds_received && self.cds_received && self.warming_since.is_empty()
+        self.lds_received && self.cds_received && self.warming.is_empty()
     }
 
     /// Everything held, with versions, warming and errors: what `/config_dump` shows.

@@ -78,6 +78,17 @@ fn http_filter(name: &str) -> hcm::HttpFilter {
     }
 }
 
+fn ads(initial_fetch_timeout: Option<pb::Duration>) -> core::ConfigSource {
+    core::ConfigSource {
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            Default::default(),
+        )),
+        initial_fetch_timeout,
+        resource_api_version: core::ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
 fn hcm_rds(route: &str) -> lds::Filter {
     let filters = [
         "istio.metadata_exchange",
@@ -95,13 +106,7 @@ fn hcm_rds(route: &str) -> lds::Filter {
             route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
                 hcm::Rds {
                     route_config_name: route.into(),
-                    config_source: Some(core::ConfigSource {
-                        config_source_specifier: Some(
-                            core::config_source::ConfigSourceSpecifier::Ads(Default::default()),
-                        ),
-                        resource_api_version: core::ApiVersion::V3 as i32,
-                        ..Default::default()
-                    }),
+                    config_source: Some(ads(None)),
                 },
             )),
             http_filters: filters.iter().map(|f| http_filter(f)).collect(),
@@ -339,7 +344,8 @@ fn eds_cluster(name: &str) -> cds::Cluster {
         )),
         eds_cluster_config: Some(cds::cluster::EdsClusterConfig {
             service_name: name.into(),
-            ..Default::default()
+            // istiod's `maybeApplyEdsConfig`: over ADS, waiting for endpoints without end.
+            eds_config: Some(ads(secs(0))),
         }),
         connect_timeout: secs(10),
         lb_policy: cds::cluster::LbPolicy::LeastRequest as i32,
@@ -1370,7 +1376,10 @@ fn an_updated_cluster_keeps_serving_its_previous_version_while_the_new_one_warms
 #[tokio::test(start_paused = true)]
 async fn warming_ends_at_the_initial_fetch_timeout_with_no_endpoints() {
     let mut s = XdsState::new(Duration::from_secs(15));
-    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![eds_cluster(APP)]));
+    let mut c = eds_cluster(APP);
+    // Unset: Envoy's default applies.
+    c.eds_cluster_config.as_mut().unwrap().eds_config = Some(ads(None));
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![c]));
     s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![http_80()]));
     let deadline = s.next_warming_deadline().unwrap();
     tokio::time::sleep_until(deadline - Duration::from_millis(1)).await;
@@ -1382,4 +1391,25 @@ async fn warming_ends_at_the_initial_fetch_timeout_with_no_endpoints() {
     assert!(active.listeners.contains_key("0.0.0.0_80") && active.routes.is_empty());
     assert!(s.initial_set_complete());
     assert_eq!(s.next_warming_deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_initial_fetch_timeout_waits_for_endpoints_without_end() {
+    // istiod sets `initial_fetch_timeout: 0s` on EDS: Envoy then waits for the endpoints
+    // however long they take, and so does readiness.
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![eds_cluster(APP)]));
+    s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![virtual_outbound()]));
+    assert_eq!(s.next_warming_deadline(), None);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!s.promote());
+    assert!(!s.initial_set_complete());
+    // A service without endpoints: istiod sends an empty assignment.
+    let empty = eds::ClusterLoadAssignment {
+        cluster_name: APP.into(),
+        ..Default::default()
+    };
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![empty]));
+    assert!(s.active().clusters.contains_key(APP));
+    assert!(s.initial_set_complete());
 }
