@@ -93,6 +93,8 @@ pub struct XdsState {
     warming: HashMap<(ResourceType, String), Option<Instant>>,
     lds_received: bool,
     cds_received: bool,
+    /// What the listeners and clusters need, kept from their last response.
+    needed: Applied,
 }
 
 impl Default for XdsState {
@@ -231,6 +233,7 @@ impl XdsState {
             state: SourceState::default(),
             initial_fetch_timeout,
             warming: HashMap::new(),
+            needed: Applied::default(),
             lds_received: false,
             cds_received: false,
         }
@@ -243,7 +246,6 @@ impl XdsState {
         let Some(ty) = ResourceType::from_type_url(type_url) else {
             return self.unknown_type(type_url);
         };
-        let before = self.needed();
         let mut present = BTreeSet::new();
         let mut rejected = Vec::new();
         for (i, any) in resources.iter().enumerate() {
@@ -280,7 +282,7 @@ impl XdsState {
                 self.remove(ty, &name);
             }
         }
-        self.finish(ty, &before, rejected)
+        self.finish(ty, rejected)
     }
 
     /// Applies a Delta response: `added` are added or updated, `removed` are removed.
@@ -293,7 +295,6 @@ impl XdsState {
         let Some(ty) = ResourceType::from_type_url(type_url) else {
             return self.unknown_type(type_url);
         };
-        let before = self.needed();
         let mut rejected = Vec::new();
         for (i, r) in added.iter().enumerate() {
             let (decoded_name, result) = match &r.resource {
@@ -319,11 +320,11 @@ impl XdsState {
         for name in removed {
             self.remove(ty, name);
         }
-        self.finish(ty, &before, rejected)
+        self.finish(ty, rejected)
     }
 
     fn unknown_type(&self, type_url: &str) -> Applied {
-        let mut applied = self.needed();
+        let mut applied = self.needed.clone();
         applied.rejected.push(Rejected {
             name: String::new(),
             reason: format!("type URL {type_url} is not supported"),
@@ -453,29 +454,36 @@ impl XdsState {
 
     /// Promotes what can be, drops routes and endpoints nothing needs any more (Envoy
     /// unsubscribes from them), and says what is needed now.
-    fn finish(&mut self, ty: ResourceType, before: &Applied, rejected: Vec<Rejected>) -> Applied {
+    fn finish(&mut self, ty: ResourceType, rejected: Vec<Rejected>) -> Applied {
+        self.promote();
+        // Only listeners and clusters say what is needed, so only their responses change it.
         match ty {
-            ResourceType::Listener => self.lds_received = true,
-            ResourceType::Cluster => self.cds_received = true,
+            ResourceType::Listener => {
+                self.lds_received = true;
+                let now = self.compute_needed();
+                for name in self.needed.routes_needed.difference(&now.routes_needed) {
+                    self.state.routes.remove(name);
+                }
+                self.needed = now;
+            }
+            ResourceType::Cluster => {
+                self.cds_received = true;
+                let now = self.compute_needed();
+                for name in self
+                    .needed
+                    .endpoints_needed
+                    .difference(&now.endpoints_needed)
+                {
+                    self.state.endpoints.remove(name);
+                }
+                self.needed = now;
+            }
             ResourceType::Route | ResourceType::Endpoint => {}
         }
-        self.promote();
-        let mut applied = self.needed();
-        if matches!(ty, ResourceType::Listener) {
-            for name in before.routes_needed.difference(&applied.routes_needed) {
-                self.state.routes.remove(name);
-            }
+        Applied {
+            rejected,
+            ..self.needed.clone()
         }
-        if matches!(ty, ResourceType::Cluster) {
-            for name in before
-                .endpoints_needed
-                .difference(&applied.endpoints_needed)
-            {
-                self.state.endpoints.remove(name);
-            }
-        }
-        applied.rejected = rejected;
-        applied
     }
 
     fn listener_ready(&self, l: &Listener) -> bool {
@@ -541,7 +549,11 @@ impl XdsState {
 
     /// The route configurations and cluster load assignments the current listeners and
     /// clusters (active or warming) need.
-    pub fn needed(&self) -> Applied {
+    pub fn needed(&self) -> &Applied {
+        &self.needed
+    }
+
+    fn compute_needed(&self) -> Applied {
         let mut applied = Applied::default();
         for entry in self.state.listeners.values() {
             for l in entry.active.iter().chain(&entry.warming) {
