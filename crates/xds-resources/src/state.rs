@@ -83,6 +83,20 @@ pub struct Applied {
     pub endpoints_needed: BTreeSet<String>,
 }
 
+impl Applied {
+    /// The NACK's `error_detail` message, one `name: field: reason` line per rejected
+    /// resource; `None` when the response is to be ACKed.
+    pub fn error_detail(&self) -> Option<String> {
+        (!self.rejected.is_empty()).then(|| {
+            self.rejected
+                .iter()
+                .map(|r| format!("{}: {}", r.name, r.reason))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+}
+
 /// The resources received over xDS and what is active of them.
 #[derive(Debug)]
 pub struct XdsState {
