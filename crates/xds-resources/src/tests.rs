@@ -1171,8 +1171,8 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     assert_eq!(applied.rejected.len(), 1);
     assert_eq!(applied.rejected[0].name, PASSTHROUGH_CLUSTER);
     assert_eq!(
-        applied.rejected[0].reason,
-        "lb_policy: MAGLEV is not supported"
+        applied.error_detail().as_deref(),
+        Some("PassthroughCluster: lb_policy: MAGLEV is not supported")
     );
     let active = s.active();
     assert_eq!(
