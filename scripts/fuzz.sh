@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${1:-30}
-targets=(client_hello detect host_routing config_loader http_request h1_fast_path)
+targets=(client_hello detect host_routing config_loader http_request h1_fast_path xds_resources)
 declare -A dict=(
     [client_hello]=tls
     [detect]=http

@@ -400,7 +400,9 @@ fn a_running_proxy_keeps_the_copy_that_serves() -> anyhow::Result<()> {
     let dump = running.wait_for(|dump| dump.contains("DUPLICATE"), "/config_dump")?;
     let body = dump.split_once("\r\n\r\n").map_or("", |(_, body)| body);
     let dump: serde_json::Value = serde_json::from_str(body).context("config_dump is JSON")?;
-    let files = dump["config"]["files"].as_array().context("files")?;
+    let files = dump["portcullis"]["config"]["files"]
+        .as_array()
+        .context("files")?;
     ensure!(files.len() == 1, "{dump:#}");
     ensure!(
         files[0]["path"] == newcomer.display().to_string().as_str(),

@@ -1,6 +1,7 @@
 //! Envoy-shaped admin server (`/ready`, `/config_dump`, `/clusters`, `/stats`, ...),
 //! the Prometheus scrape endpoint and the kubelet readiness endpoint.
 
+mod config_dump;
 mod exposition;
 mod render;
 
@@ -16,6 +17,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use portcullis_envoy::state::SourceState;
 use portcullis_registry::Snapshot;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -53,6 +55,8 @@ pub struct AdminState {
     pub registry: Arc<ArcSwap<Snapshot>>,
     /// Config files and their errors.
     pub config: Arc<ArcSwap<ConfigStatus>>,
+    /// The config sources' resources in the model, for `/config_dump` in Envoy's shape.
+    pub resources: Arc<ArcSwap<SourceState>>,
     /// Set by the publisher once every config source's first complete set is applied.
     ready: AtomicBool,
     /// Metrics to expose.
@@ -80,6 +84,7 @@ impl AdminState {
         AdminState {
             registry,
             config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
+            resources: Arc::default(),
             ready: AtomicBool::new(false),
             metrics,
             set_log_level,
@@ -189,7 +194,11 @@ fn route(
         (Endpoints::Admin, &Method::GET, "/config_dump") => reply(
             StatusCode::OK,
             "application/json",
-            render::config_dump(&state.registry.load(), &state.config.load()),
+            render::config_dump(
+                &state.resources.load(),
+                &state.registry.load(),
+                &state.config.load(),
+            ),
         ),
         (Endpoints::Admin, &Method::GET, "/clusters") => reply(
             StatusCode::OK,

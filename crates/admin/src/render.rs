@@ -8,7 +8,9 @@ use portcullis_registry::{OutboundMode, Protocol, Resolution, Snapshot};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::{ConfigStatus, exposition};
+use portcullis_envoy::state::SourceState;
+
+use crate::{ConfigStatus, config_dump, exposition};
 
 fn mode_name(mode: OutboundMode) -> &'static str {
     match mode {
@@ -36,8 +38,9 @@ fn resolution_name(r: Resolution) -> &'static str {
     }
 }
 
-/// The active snapshot and the per-file config status, as JSON.
-pub fn config_dump(snapshot: &Snapshot, config: &ConfigStatus) -> String {
+/// Envoy's `ConfigDump` of the source's resources, with the active registry snapshot and
+/// the per-file config status under `portcullis`.
+pub fn config_dump(resources: &SourceState, snapshot: &Snapshot, config: &ConfigStatus) -> String {
     let clusters: Vec<Value> = snapshot
         .clusters
         .iter()
@@ -77,7 +80,7 @@ pub fn config_dump(snapshot: &Snapshot, config: &ConfigStatus) -> String {
             "files": files,
         },
     });
-    serde_json::to_string_pretty(&dump).unwrap_or_default()
+    serde_json::to_string_pretty(&config_dump::config_dump(resources, dump)).unwrap_or_default()
 }
 
 /// Envoy's `/clusters` text format: `cluster::host::stat::value`.

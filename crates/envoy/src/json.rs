@@ -687,8 +687,15 @@ fn lb_endpoint(e: &LbEndpoint) -> Value {
             json!({"socket_address": {"address": host, "port_value": port}})
         }
     };
+    let mut endpoint = Map::new();
+    endpoint.insert("address".into(), address);
+    put(
+        &mut endpoint,
+        "hostname",
+        opt(e.hostname.as_ref(), |h| json!(h)),
+    );
     let mut o = Map::new();
-    o.insert("endpoint".into(), json!({ "address": address }));
+    o.insert("endpoint".into(), Value::Object(endpoint));
     let health = match e.health {
         HealthStatus::Unknown => None,
         HealthStatus::Healthy => Some("HEALTHY"),
@@ -755,6 +762,7 @@ mod tests {
                         health: HealthStatus::Unknown,
                         load_balancing_weight: 1,
                         transport_socket_match: Default::default(),
+                        hostname: None,
                         source: None,
                     }],
                     ..Default::default()

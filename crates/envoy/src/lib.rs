@@ -9,6 +9,7 @@
 //! silently. [`json`] renders them in Envoy's JSON shape, which real Envoy loads.
 
 pub mod json;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -610,6 +611,9 @@ pub struct LbEndpoint {
     pub load_balancing_weight: u32,
     /// Metadata under `envoy.transport_socket_match` (Istio: `tlsMode: istio`).
     pub transport_socket_match: BTreeMap<String, String>,
+    /// The endpoint's hostname (`endpoint.hostname`; Istio sets it for DNS endpoints),
+    /// used as the upstream Host when a route asks for auto host rewrite.
+    pub hostname: Option<String>,
     /// Where the endpoint came from, e.g. `WorkloadEntry default/external` (portcullis's
     /// files; not an Envoy field).
     pub source: Option<String>,

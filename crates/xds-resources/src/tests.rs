@@ -1,0 +1,1415 @@
+//! Conversion and state tests on the shapes istiod sends a sidecar for its outbound side
+//! (`pilot/pkg/networking/core`, and ../shared/reference/istio-sidecar-envoy.yaml).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cds;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::config::route::v3 as rds;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{self as pb, Any, BoolValue, UInt32Value};
+use envoy_types::util::pack_any;
+use portcullis_envoy::*;
+
+use crate::{XdsState, cluster, listener, load_assignment, route_configuration};
+
+fn address(ip: &str, port: u32) -> Option<core::Address> {
+    Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn secs(s: i64) -> Option<pb::Duration> {
+    Some(pb::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+fn filter(name: &str, any: Any) -> lds::Filter {
+    lds::Filter {
+        name: name.into(),
+        config_type: Some(lds::filter::ConfigType::TypedConfig(any)),
+    }
+}
+
+/// Istio's stats filter as istiod sends it: Wasm-typed (or `stats.PluginConfig`).
+fn istio_stats() -> lds::Filter {
+    filter(
+        "istio.stats",
+        Any {
+            type_url: "type.googleapis.com/stats.PluginConfig".into(),
+            value: Vec::new(),
+        },
+    )
+}
+
+fn tcp_proxy_to(cluster: &str) -> lds::Filter {
+    filter(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(tcp::TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+fn http_filter(name: &str) -> hcm::HttpFilter {
+    hcm::HttpFilter {
+        name: name.into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(Any {
+            type_url: format!("type.googleapis.com/{name}"),
+            value: Vec::new(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn ads(initial_fetch_timeout: Option<pb::Duration>) -> core::ConfigSource {
+    core::ConfigSource {
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            Default::default(),
+        )),
+        initial_fetch_timeout,
+        resource_api_version: core::ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn hcm_rds(route: &str) -> lds::Filter {
+    let filters = [
+        "istio.metadata_exchange",
+        "envoy.filters.http.grpc_stats",
+        "istio.alpn",
+        "envoy.filters.http.fault",
+        "envoy.filters.http.cors",
+        "istio.stats",
+        "envoy.filters.http.router",
+    ];
+    filter(
+        "envoy.filters.network.http_connection_manager",
+        pack_any(hcm::HttpConnectionManager {
+            stat_prefix: format!("outbound_0.0.0.0_{route}"),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: route.into(),
+                    config_source: Some(ads(None)),
+                },
+            )),
+            http_filters: filters.iter().map(|f| http_filter(f)).collect(),
+            ..Default::default()
+        }),
+    )
+}
+
+fn chain(
+    name: &str,
+    m: Option<lds::FilterChainMatch>,
+    filters: Vec<lds::Filter>,
+) -> lds::FilterChain {
+    lds::FilterChain {
+        name: name.into(),
+        filter_chain_match: m,
+        filters,
+        ..Default::default()
+    }
+}
+
+fn listener_filter(name: &str) -> lds::ListenerFilter {
+    lds::ListenerFilter {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// istiod's `virtualOutbound` under REGISTRY_ONLY.
+fn virtual_outbound() -> lds::Listener {
+    lds::Listener {
+        name: "virtualOutbound".into(),
+        address: address("0.0.0.0", 15001),
+        use_original_dst: Some(BoolValue { value: true }),
+        listener_filters: vec![listener_filter("envoy.filters.listener.original_dst")],
+        filter_chains: vec![
+            chain(
+                "virtualOutbound-blackhole",
+                Some(lds::FilterChainMatch {
+                    destination_port: Some(UInt32Value { value: 15001 }),
+                    ..Default::default()
+                }),
+                vec![istio_stats(), tcp_proxy_to("BlackHoleCluster")],
+            ),
+            chain(
+                "virtualOutbound-catchall-tcp",
+                None,
+                vec![istio_stats(), tcp_proxy_to("BlackHoleCluster")],
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
+/// istiod's per-port HTTP listener `0.0.0.0_80`, routes over RDS `80`.
+fn http_80() -> lds::Listener {
+    lds::Listener {
+        name: "0.0.0.0_80".into(),
+        address: address("0.0.0.0", 80),
+        bind_to_port: Some(BoolValue { value: false }),
+        filter_chains: vec![chain("", None, vec![hcm_rds("80")])],
+        default_filter_chain: Some(chain(
+            "PassthroughFilterChain",
+            None,
+            vec![istio_stats(), tcp_proxy_to("BlackHoleCluster")],
+        )),
+        ..Default::default()
+    }
+}
+
+/// istiod's per-VIP TCP listener.
+fn tcp_vip() -> lds::Listener {
+    lds::Listener {
+        name: "10.0.0.5_5432".into(),
+        address: address("10.0.0.5", 5432),
+        bind_to_port: Some(BoolValue { value: false }),
+        filter_chains: vec![chain(
+            "",
+            None,
+            vec![istio_stats(), tcp_proxy_to("outbound|5432||db.internal")],
+        )],
+        ..Default::default()
+    }
+}
+
+/// istiod's `0.0.0.0_443` for TLS ServiceEntries: one chain per SNI.
+fn sni_443() -> lds::Listener {
+    let sni = |names: &[&str], cluster: &str| {
+        chain(
+            &format!("0.0.0.0_443_{}", names[0]),
+            Some(lds::FilterChainMatch {
+                server_names: names.iter().map(|s| s.to_string()).collect(),
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            }),
+            vec![istio_stats(), tcp_proxy_to(cluster)],
+        )
+    };
+    lds::Listener {
+        name: "0.0.0.0_443".into(),
+        address: address("0.0.0.0", 443),
+        bind_to_port: Some(BoolValue { value: false }),
+        listener_filters: vec![listener_filter("envoy.filters.listener.tls_inspector")],
+        filter_chains: vec![
+            sni(&["api.example.com"], "outbound|443||api.example.com"),
+            sni(&["*.example.org"], "outbound|443||*.example.org"),
+        ],
+        ..Default::default()
+    }
+}
+
+fn route_to(cluster: &str) -> rds::Route {
+    rds::Route {
+        name: "default".into(),
+        r#match: Some(rds::RouteMatch {
+            path_specifier: Some(rds::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(rds::route::Action::Route(rds::RouteAction {
+            cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(cluster.into())),
+            timeout: secs(0),
+            retry_policy: Some(rds::RetryPolicy {
+                retry_on:
+                    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+                        .into(),
+                num_retries: Some(UInt32Value { value: 2 }),
+                retry_host_predicate: vec![rds::retry_policy::RetryHostPredicate {
+                    name: "envoy.retry_host_predicates.previous_hosts".into(),
+                    ..Default::default()
+                }],
+                host_selection_retry_max_attempts: 5,
+                retriable_status_codes: vec![503],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// istiod's RDS `80`: one virtual host per service, and `block_all` (REGISTRY_ONLY).
+fn route_80() -> rds::RouteConfiguration {
+    rds::RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![
+            rds::VirtualHost {
+                name: "app.internal.com:80".into(),
+                domains: vec!["app.internal.com".into(), "app.internal.com:80".into()],
+                routes: vec![route_to("outbound|80||app.internal.com")],
+                include_request_attempt_count: true,
+                ..Default::default()
+            },
+            rds::VirtualHost {
+                name: "block_all".into(),
+                domains: vec!["*".into()],
+                routes: vec![rds::Route {
+                    name: "block_all".into(),
+                    r#match: Some(rds::RouteMatch {
+                        path_specifier: Some(rds::route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(rds::route::Action::DirectResponse(
+                        rds::DirectResponseAction {
+                            status: 502,
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ],
+        validate_clusters: Some(BoolValue { value: false }),
+        ignore_port_in_host_matching: true,
+        ..Default::default()
+    }
+}
+
+fn sds(name: &str) -> tls::SdsSecretConfig {
+    tls::SdsSecretConfig {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Istio's `tlsMode-istio` transport socket: mutual TLS with SDS `default` and `ROOTCA`.
+fn istio_mtls() -> core::TransportSocket {
+    let ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            ..Default::default()
+        }),
+        sni: "outbound_.80_._.app.internal.com".into(),
+        ..Default::default()
+    };
+    core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
+            ctx,
+        ))),
+    }
+}
+
+fn string_struct(pairs: &[(&str, &str)]) -> pb::Struct {
+    pb::Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    pb::Value {
+                        kind: Some(pb::value::Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// istiod's `outbound|80||HOST` EDS cluster.
+fn eds_cluster(name: &str) -> cds::Cluster {
+    cds::Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+            cds::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cds::cluster::EdsClusterConfig {
+            service_name: name.into(),
+            // istiod's `maybeApplyEdsConfig`: over ADS, waiting for endpoints without end.
+            eds_config: Some(ads(secs(0))),
+        }),
+        connect_timeout: secs(10),
+        lb_policy: cds::cluster::LbPolicy::LeastRequest as i32,
+        circuit_breakers: Some(cds::CircuitBreakers {
+            thresholds: vec![cds::circuit_breakers::Thresholds {
+                max_connections: Some(UInt32Value { value: 4_294_967_295 }),
+                max_pending_requests: Some(UInt32Value { value: 4_294_967_295 }),
+                max_requests: Some(UInt32Value { value: 4_294_967_295 }),
+                max_retries: Some(UInt32Value { value: 4_294_967_295 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        metadata: Some(core::Metadata {
+            filter_metadata: [(
+                "istio".to_string(),
+                string_struct(&[(
+                    "config",
+                    "/apis/networking.istio.io/v1/namespaces/default/service-entry/app",
+                )]),
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        transport_socket_matches: vec![
+            cds::cluster::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                r#match: Some(string_struct(&[("tlsMode", "istio")])),
+                transport_socket: Some(istio_mtls()),
+            },
+            cds::cluster::TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                r#match: Some(pb::Struct::default()),
+                transport_socket: Some(core::TransportSocket {
+                    name: "envoy.transport_sockets.raw_buffer".into(),
+                    config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer".into(),
+                        value: Vec::new(),
+                    })),
+                }),
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+fn passthrough() -> cds::Cluster {
+    cds::Cluster {
+        name: PASSTHROUGH_CLUSTER.into(),
+        cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+            cds::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        connect_timeout: secs(10),
+        lb_policy: cds::cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    }
+}
+
+fn blackhole() -> cds::Cluster {
+    cds::Cluster {
+        name: BLACKHOLE_CLUSTER.into(),
+        connect_timeout: secs(10),
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(ip: &str, port: u32, tls_mode: Option<&str>) -> eds::LbEndpoint {
+    eds::LbEndpoint {
+        host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+            address: address(ip, port),
+            ..Default::default()
+        })),
+        metadata: tls_mode.map(|m| core::Metadata {
+            filter_metadata: [(
+                "envoy.transport_socket_match".to_string(),
+                string_struct(&[("tlsMode", m)]),
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        load_balancing_weight: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    }
+}
+
+fn cla(name: &str, ips: &[&str]) -> eds::ClusterLoadAssignment {
+    eds::ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![eds::LocalityLbEndpoints {
+            locality: Some(core::Locality {
+                region: "eu".into(),
+                zone: "eu-1".into(),
+                ..Default::default()
+            }),
+            lb_endpoints: ips
+                .iter()
+                .map(|ip| lb_endpoint(ip, 8080, Some("istio")))
+                .collect(),
+            load_balancing_weight: Some(UInt32Value {
+                value: ips.len() as u32,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn terminal(l: &Listener, chain: usize) -> &NetworkFilter {
+    &l.filter_chains[chain].filter
+}
+
+#[test]
+fn virtual_outbound_hands_on_by_original_destination_and_skips_istio_stats() {
+    let l = listener(&virtual_outbound()).unwrap();
+    assert_eq!(l.address, "0.0.0.0:15001".parse().unwrap());
+    assert!(l.use_original_dst && l.bind_to_port);
+    assert_eq!(l.listener_filters, ["envoy.filters.listener.original_dst"]);
+    assert_eq!(
+        l.filter_chains[0].filter_chain_match.destination_port,
+        Some(15001)
+    );
+    assert_eq!(
+        l.filter_chains[1].filter_chain_match,
+        FilterChainMatch::default()
+    );
+    assert_eq!(l.filter_chains[1].skipped_filters, ["istio.stats"]);
+    let NetworkFilter::TcpProxy(t) = terminal(&l, 1) else {
+        panic!("tcp_proxy")
+    };
+    assert_eq!(
+        t.cluster,
+        ClusterSpecifier::Cluster(BLACKHOLE_CLUSTER.into())
+    );
+    // Envoy's default idle timeout of a TCP proxy: 1 hour.
+    assert_eq!(t.idle_timeout, Some(Duration::from_secs(3600)));
+}
+
+#[test]
+fn the_port_80_listener_takes_routes_over_rds_and_skips_istios_http_filters() {
+    let l = listener(&http_80()).unwrap();
+    assert!(!l.bind_to_port);
+    let NetworkFilter::Http(h) = terminal(&l, 0) else {
+        panic!("hcm")
+    };
+    assert_eq!(h.route_config, RouteSource::Rds("80".into()));
+    assert_eq!(h.skipped_filters.len(), 6);
+    assert!(
+        h.skipped_filters
+            .contains(&"istio.metadata_exchange".to_string())
+    );
+    // Envoy's defaults: streams idle 5 min, no request timeout, no HTTP/1.0.
+    assert_eq!(h.stream_idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(h.request_timeout, None);
+    assert!(!h.accept_http_10);
+    assert!(l.default_filter_chain.is_some());
+    assert_eq!(
+        crate::listener::rds_names(&l)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["80"]
+    );
+}
+
+#[test]
+fn a_vip_listener_proxies_tcp_and_a_zero_idle_timeout_disables_it() {
+    let mut proto = tcp_vip();
+    let l = listener(&proto).unwrap();
+    assert_eq!(l.address, "10.0.0.5:5432".parse().unwrap());
+    let NetworkFilter::TcpProxy(t) = terminal(&l, 0) else {
+        panic!("tcp_proxy")
+    };
+    assert_eq!(
+        t.cluster,
+        ClusterSpecifier::Cluster("outbound|5432||db.internal".into())
+    );
+    proto.filter_chains[0].filters[1] = filter(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(tcp::TcpProxy {
+            cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+            idle_timeout: secs(0),
+            ..Default::default()
+        }),
+    );
+    let NetworkFilter::TcpProxy(t) = terminal(&listener(&proto).unwrap(), 0).clone() else {
+        panic!("tcp_proxy")
+    };
+    assert_eq!(t.idle_timeout, None);
+}
+
+#[test]
+fn sni_chains_keep_server_names_and_transport_protocol() {
+    let l = listener(&sni_443()).unwrap();
+    assert_eq!(l.listener_filters, ["envoy.filters.listener.tls_inspector"]);
+    let m = &l.filter_chains[1].filter_chain_match;
+    assert_eq!(m.server_names, ["*.example.org"]);
+    assert_eq!(m.transport_protocol.as_deref(), Some("tls"));
+}
+
+#[test]
+fn route_80_keeps_istios_virtual_hosts_retries_and_block_all() {
+    let rc = route_configuration(&route_80()).unwrap();
+    assert!(rc.ignore_port_in_host_matching);
+    let app = &rc.virtual_hosts[0];
+    assert!(app.include_request_attempt_count);
+    let RouteAction::Forward(f) = &app.routes[0].action else {
+        panic!("forward")
+    };
+    assert_eq!(
+        f.cluster,
+        ClusterSpecifier::Cluster("outbound|80||app.internal.com".into())
+    );
+    // Istio's `timeout: 0s` disables Envoy's 15 s default.
+    assert_eq!(f.timeout, Some(Duration::ZERO));
+    let retry = f.retry_policy.as_ref().unwrap();
+    assert_eq!(retry.num_retries, 2);
+    assert_eq!(retry.retry_on.len(), 5);
+    assert!(retry.avoid_previous_hosts);
+    assert_eq!(retry.host_selection_retry_max_attempts, 5);
+    assert_eq!(retry.retriable_status_codes, [503]);
+    assert_eq!(
+        rc.virtual_hosts[1].routes[0].action,
+        RouteAction::DirectResponse {
+            status: 502,
+            body: None
+        }
+    );
+}
+
+#[test]
+fn route_matches_actions_and_headers_convert_with_envoys_defaults() {
+    let sm = |p| matcher::StringMatcher {
+        match_pattern: Some(p),
+        ignore_case: true,
+    };
+    let hv = |k: &str, v: &str| core::HeaderValueOption {
+        header: Some(core::HeaderValue {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }),
+        append_action: core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    };
+    let mut r = route_to("c");
+    r.r#match = Some(rds::RouteMatch {
+        path_specifier: Some(rds::route_match::PathSpecifier::SafeRegex(
+            matcher::RegexMatcher {
+                regex: "/v[0-9]+/.*".into(),
+                ..Default::default()
+            },
+        )),
+        case_sensitive: Some(BoolValue { value: false }),
+        headers: vec![rds::HeaderMatcher {
+            name: "X-Version".into(),
+            header_match_specifier: Some(rds::header_matcher::HeaderMatchSpecifier::StringMatch(
+                sm(matcher::string_matcher::MatchPattern::Prefix("v2".into())),
+            )),
+            invert_match: true,
+            ..Default::default()
+        }],
+        query_parameters: vec![rds::QueryParameterMatcher {
+            name: "debug".into(),
+            query_parameter_match_specifier: Some(
+                rds::query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(true),
+            ),
+        }],
+        ..Default::default()
+    });
+    r.request_headers_to_add = vec![hv("X-Added", "1")];
+    r.response_headers_to_remove = vec!["x-internal".into()];
+    let Some(rds::route::Action::Route(a)) = &mut r.action else {
+        unreachable!()
+    };
+    a.cluster_specifier = Some(rds::route_action::ClusterSpecifier::WeightedClusters(
+        rds::WeightedCluster {
+            clusters: vec![
+                rds::weighted_cluster::ClusterWeight {
+                    name: "v1".into(),
+                    weight: Some(UInt32Value { value: 90 }),
+                    request_headers_to_add: vec![hv("x-subset", "v1")],
+                    ..Default::default()
+                },
+                rds::weighted_cluster::ClusterWeight {
+                    name: "v2".into(),
+                    weight: Some(UInt32Value { value: 10 }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    ));
+    a.host_rewrite_specifier = Some(rds::route_action::HostRewriteSpecifier::HostRewriteLiteral(
+        "backend.internal".into(),
+    ));
+    a.prefix_rewrite = "/api/".into();
+    a.timeout = None;
+    let mut redirect = route_to("unused");
+    redirect.action = Some(rds::route::Action::Redirect(rds::RedirectAction {
+        scheme_rewrite_specifier: Some(
+            rds::redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true),
+        ),
+        path_rewrite_specifier: Some(rds::redirect_action::PathRewriteSpecifier::PathRedirect(
+            "/new".into(),
+        )),
+        response_code: rds::redirect_action::RedirectResponseCode::Found as i32,
+        port_redirect: 8443,
+        ..Default::default()
+    }));
+    redirect.r#match = Some(rds::RouteMatch {
+        path_specifier: Some(rds::route_match::PathSpecifier::PathSeparatedPrefix(
+            "/old".into(),
+        )),
+        ..Default::default()
+    });
+    let mut rc = route_80();
+    rc.virtual_hosts[0].routes = vec![r, redirect];
+    rc.virtual_hosts[0].response_headers_to_add = vec![hv("x-vh", "1")];
+    let rc = route_configuration(&rc).unwrap();
+    let route = &rc.virtual_hosts[0].routes[0];
+    assert_eq!(
+        route.route_match.path,
+        PathMatch::Regex("/v[0-9]+/.*".into())
+    );
+    assert!(!route.route_match.case_sensitive);
+    let h = &route.route_match.headers[0];
+    assert_eq!(h.name, "x-version");
+    assert!(h.invert_match);
+    assert_eq!(
+        h.matcher,
+        HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Prefix("v2".into()),
+            ignore_case: true
+        })
+    );
+    assert_eq!(route.route_match.query_parameters[0].matcher, None);
+    assert_eq!(route.request_headers_to_add[0].name, "x-added");
+    assert_eq!(
+        route.request_headers_to_add[0].append,
+        AppendAction::OverwriteIfExistsOrAdd
+    );
+    assert_eq!(route.response_headers_to_remove, ["x-internal"]);
+    let RouteAction::Forward(f) = &route.action else {
+        panic!("forward")
+    };
+    let ClusterSpecifier::Weighted(ws) = &f.cluster else {
+        panic!("weighted")
+    };
+    assert_eq!((ws[0].weight, ws[1].weight), (90, 10));
+    assert_eq!(ws[0].request_headers_to_add[0].value, "v1");
+    assert_eq!(f.host_rewrite_literal.as_deref(), Some("backend.internal"));
+    assert_eq!(f.prefix_rewrite.as_deref(), Some("/api/"));
+    // Unset: Envoy's 15 s default applies in the data path.
+    assert_eq!(f.timeout, None);
+    let RouteAction::Redirect(r) = &rc.virtual_hosts[0].routes[1].action else {
+        panic!("redirect")
+    };
+    assert_eq!(
+        (r.scheme.as_deref(), r.path.as_deref(), r.status, r.port),
+        (Some("https"), Some("/new"), 302, Some(8443))
+    );
+    assert_eq!(
+        rc.virtual_hosts[0].routes[1].route_match.path,
+        PathMatch::PathSeparatedPrefix("/old".into())
+    );
+    assert_eq!(rc.virtual_hosts[0].response_headers_to_add[0].name, "x-vh");
+}
+
+#[test]
+fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
+    let mut proto = eds_cluster("outbound|80||app.internal.com");
+    proto.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(http_options::HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                http_options::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_options::http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_options::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Default::default()),
+                        ),
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+    );
+    let c = cluster(&proto).unwrap();
+    assert_eq!(
+        c.discovery,
+        Discovery::Eds {
+            service_name: "outbound|80||app.internal.com".into()
+        }
+    );
+    assert_eq!(c.lb_policy, LbPolicy::LeastRequest);
+    assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.upstream_protocol, UpstreamProtocol::Http2);
+    assert_eq!(c.circuit_breakers.max_connections, u32::MAX);
+    assert_eq!(c.circuit_breakers.max_retries, u32::MAX);
+    assert_eq!(
+        c.source.as_deref(),
+        Some("/apis/networking.istio.io/v1/namespaces/default/service-entry/app")
+    );
+    assert_eq!(c.transport, UpstreamTransport::Plaintext);
+    assert_eq!(
+        c.transport_socket_matches[0].transport,
+        UpstreamTransport::IstioMutualTls
+    );
+    assert_eq!(
+        c.transport_socket_matches[0].match_metadata,
+        BTreeMap::from([("tlsMode".to_string(), "istio".to_string())])
+    );
+    assert_eq!(
+        c.transport_socket_matches[1].transport,
+        UpstreamTransport::Plaintext
+    );
+    assert!(c.transport_socket_matches[1].match_metadata.is_empty());
+}
+
+#[test]
+fn passthrough_and_blackhole_clusters_take_envoys_defaults() {
+    let mut proto = passthrough();
+    proto.lb_config = Some(cds::cluster::LbConfig::OriginalDstLbConfig(
+        cds::cluster::OriginalDstLbConfig {
+            upstream_port_override: Some(UInt32Value { value: 8080 }),
+            ..Default::default()
+        },
+    ));
+    let p = cluster(&proto).unwrap();
+    assert_eq!(
+        p.discovery,
+        Discovery::OriginalDst(OriginalDst {
+            port_override: Some(8080),
+            allowed_destinations: Vec::new()
+        })
+    );
+    assert_eq!(p.lb_policy, LbPolicy::ClusterProvided);
+    let b = cluster(&blackhole()).unwrap();
+    // Unset type is STATIC; unset policy ROUND_ROBIN; default thresholds 1024/1024/1024/3.
+    assert_eq!(b.discovery, Discovery::Static);
+    assert_eq!(b.lb_policy, LbPolicy::RoundRobin);
+    assert_eq!(b.circuit_breakers, Thresholds::default());
+    assert_eq!(b.load_assignment, None);
+}
+
+#[test]
+fn a_typed_load_balancing_policy_takes_the_first_one_portcullis_knows() {
+    let policy = |type_url: &str| cds::load_balancing_policy::Policy {
+        typed_extension_config: Some(core::TypedExtensionConfig {
+            name: "p".into(),
+            typed_config: Some(Any {
+                type_url: type_url.into(),
+                value: Vec::new(),
+            }),
+        }),
+    };
+    let mut c = eds_cluster(APP);
+    c.lb_policy = cds::cluster::LbPolicy::LoadBalancingPolicyConfig as i32;
+    c.load_balancing_policy = Some(cds::LoadBalancingPolicy {
+        policies: vec![
+            policy("type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev"),
+            policy("type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random"),
+        ],
+    });
+    assert_eq!(cluster(&c).unwrap().lb_policy, LbPolicy::Random);
+    c.load_balancing_policy.as_mut().unwrap().policies.pop();
+    assert_eq!(
+        cluster(&c).unwrap_err().to_string(),
+        "load_balancing_policy: none of the policies is supported: type.googleapis.com/envoy.extensions.load_balancing_policies.maglev.v3.Maglev"
+    );
+}
+
+#[test]
+fn a_dns_cluster_keeps_names_and_logical_dns_takes_exactly_one_endpoint() {
+    // The message is Envoy 1.40's for two endpoints in a LOGICAL_DNS cluster.
+    let mut proto = blackhole();
+    proto.name = "outbound|443||api.example.com".into();
+    proto.cluster_discovery_type = Some(cds::cluster::ClusterDiscoveryType::Type(
+        cds::cluster::DiscoveryType::LogicalDns as i32,
+    ));
+    let mut a = cla("outbound|443||api.example.com", &[]);
+    a.endpoints[0].lb_endpoints = vec![lb_endpoint("api.example.com", 443, None)];
+    a.endpoints[0].load_balancing_weight = None;
+    proto.load_assignment = Some(a.clone());
+    let c = cluster(&proto).unwrap();
+    let ep = &c.load_assignment.unwrap().endpoints[0].lb_endpoints[0];
+    assert_eq!(
+        ep.address,
+        EndpointAddress::Name {
+            host: "api.example.com".into(),
+            port: 443
+        }
+    );
+    a.endpoints[0]
+        .lb_endpoints
+        .push(lb_endpoint("api2.example.com", 443, None));
+    proto.load_assignment = Some(a);
+    assert_eq!(
+        cluster(&proto).unwrap_err().to_string(),
+        "load_assignment: LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint"
+    );
+}
+
+#[test]
+fn endpoints_keep_locality_priority_weight_health_tls_mode_and_hostname() {
+    let mut proto = cla("outbound|80||app.internal.com", &["10.1.0.1", "10.1.0.2"]);
+    proto.endpoints[0].priority = 1;
+    proto.endpoints[0].lb_endpoints[1].health_status = core::HealthStatus::Draining as i32;
+    proto.endpoints[0].lb_endpoints[1].load_balancing_weight = Some(UInt32Value { value: 3 });
+    if let Some(eds::lb_endpoint::HostIdentifier::Endpoint(e)) =
+        &mut proto.endpoints[0].lb_endpoints[0].host_identifier
+    {
+        e.hostname = "pod-1.app".into();
+    }
+    let a = load_assignment(&proto, false).unwrap();
+    let g = &a.endpoints[0];
+    assert_eq!(
+        (
+            g.locality.region.as_str(),
+            g.priority,
+            g.load_balancing_weight
+        ),
+        ("eu", 1, Some(2))
+    );
+    assert_eq!(
+        g.lb_endpoints[0].address,
+        EndpointAddress::Socket("10.1.0.1:8080".parse().unwrap())
+    );
+    assert_eq!(g.lb_endpoints[0].hostname.as_deref(), Some("pod-1.app"));
+    assert_eq!(g.lb_endpoints[0].transport_socket_match["tlsMode"], "istio");
+    assert_eq!(g.lb_endpoints[1].health, HealthStatus::Draining);
+    assert!(!g.lb_endpoints[1].health.is_usable());
+    assert_eq!(g.lb_endpoints[1].load_balancing_weight, 3);
+}
+
+// NACKs: each case with the message the client sends.
+
+fn listener_error(l: &lds::Listener) -> String {
+    listener(l).unwrap_err().to_string()
+}
+
+#[test]
+fn an_unsupported_terminal_network_filter_is_rejected() {
+    let mut l = tcp_vip();
+    l.filter_chains[0].filters[1] = filter(
+        "envoy.filters.network.redis_proxy",
+        Any {
+            type_url:
+                "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy"
+                    .into(),
+            value: Vec::new(),
+        },
+    );
+    assert_eq!(
+        listener_error(&l),
+        "filter_chains[0].filters[1]: unsupported network filter envoy.filters.network.redis_proxy (type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy)"
+    );
+}
+
+#[test]
+fn an_unsupported_http_filter_is_rejected_and_the_router_must_end_the_chain() {
+    // Envoy 1.40 too rejects a chain whose last HTTP filter is not terminal.
+    let mut l = http_80();
+    let lds::filter::ConfigType::TypedConfig(any) =
+        l.filter_chains[0].filters[0].config_type.clone().unwrap()
+    else {
+        unreachable!()
+    };
+    let mut h: hcm::HttpConnectionManager = crate::common::unpack(&any).unwrap();
+    h.http_filters
+        .insert(0, http_filter("envoy.filters.http.rbac"));
+    l.filter_chains[0].filters[0] = filter("hcm", pack_any(h.clone()));
+    assert_eq!(
+        listener_error(&l),
+        "filter_chains[0].filters[0].typed_config.http_filters[0]: unsupported HTTP filter envoy.filters.http.rbac"
+    );
+    h.http_filters.remove(0);
+    h.http_filters.pop();
+    l.filter_chains[0].filters[0] = filter("hcm", pack_any(h));
+    assert_eq!(
+        listener_error(&l),
+        "filter_chains[0].filters[0].typed_config.http_filters: the last HTTP filter must be the router"
+    );
+}
+
+#[test]
+fn invalid_addresses_and_prefixes_are_rejected() {
+    let mut l = tcp_vip();
+    l.address = address("10.0.0.300", 5432);
+    assert_eq!(
+        listener_error(&l),
+        "address.socket_address.address: malformed IP address: 10.0.0.300"
+    );
+    // Checked against Envoy 1.40: a malformed prefix and a length above 128 are errors, an
+    // IPv4 length between 33 and 128 is taken as /32.
+    let with_prefix = |address_prefix: &str, len: u32| {
+        let mut l = virtual_outbound();
+        l.filter_chains[0].filter_chain_match = Some(lds::FilterChainMatch {
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: address_prefix.into(),
+                prefix_len: Some(UInt32Value { value: len }),
+            }],
+            ..Default::default()
+        });
+        l
+    };
+    assert_eq!(
+        listener_error(&with_prefix("10.0.0", 8)),
+        "filter_chains[0].filter_chain_match.prefix_ranges[0].address_prefix: malformed IP address: 10.0.0"
+    );
+    assert_eq!(
+        listener_error(&with_prefix("::", 129)),
+        "filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len: prefix length 129 is above 128"
+    );
+    let l = listener(&with_prefix("10.0.0.1", 33)).unwrap();
+    assert_eq!(
+        l.filter_chains[0].filter_chain_match.prefix_ranges,
+        ["10.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn chains_that_match_the_same_connection_are_rejected() {
+    // Checked against Envoy 1.40: identical matches, and lists sharing a value (server
+    // names in another order or case, one prefix in common), are all "overlapping".
+    let with_names = |first: &[&str], second: &[&str]| {
+        let mut l = sni_443();
+        for (chain, names) in l.filter_chains.iter_mut().zip([first, second]) {
+            chain.filter_chain_match.as_mut().unwrap().server_names =
+                names.iter().map(|n| n.to_string()).collect();
+        }
+        l
+    };
+    let overlap = "filter_chains[1].filter_chain_match: multiple filter chains with overlapping matching rules are defined (filter_chains[0])";
+    assert_eq!(listener_error(&with_names(&["a.com"], &["a.com"])), overlap);
+    assert_eq!(
+        listener_error(&with_names(&["a.com", "b.com"], &["B.com"])),
+        overlap
+    );
+    assert!(listener(&with_names(&["a.com"], &["b.com"])).is_ok());
+    assert!(listener(&with_names(&[], &["b.com"])).is_ok());
+}
+
+#[test]
+fn weighted_clusters_that_sum_to_zero_or_overflow_are_rejected() {
+    // Envoy 1.40 (--mode validate): "Sum of weights in the weighted_cluster must be greater
+    // than 0", "The sum of weights of all weighted clusters of route exceeds 4294967295".
+    let weighted = |weights: &[u32]| {
+        let mut rc = route_80();
+        let Some(rds::route::Action::Route(a)) = &mut rc.virtual_hosts[0].routes[0].action else {
+            unreachable!()
+        };
+        a.cluster_specifier = Some(rds::route_action::ClusterSpecifier::WeightedClusters(
+            rds::WeightedCluster {
+                clusters: weights
+                    .iter()
+                    .map(|w| rds::weighted_cluster::ClusterWeight {
+                        name: format!("c{w}"),
+                        weight: Some(UInt32Value { value: *w }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        ));
+        route_configuration(&rc).unwrap_err().to_string()
+    };
+    assert_eq!(
+        weighted(&[0, 0]),
+        "virtual_hosts[0].routes[0].route.weighted_clusters.clusters: the sum of the weights must be greater than 0"
+    );
+    assert_eq!(
+        weighted(&[u32::MAX, 1]),
+        "virtual_hosts[0].routes[0].route.weighted_clusters.clusters: the sum of the weights overflows 32 bits"
+    );
+}
+
+#[test]
+fn a_regex_that_does_not_compile_is_rejected() {
+    // Envoy 1.40 (RE2): "missing ): /(unclosed".
+    let mut rc = route_80();
+    rc.virtual_hosts[0].routes[0].r#match = Some(rds::RouteMatch {
+        path_specifier: Some(rds::route_match::PathSpecifier::SafeRegex(
+            matcher::RegexMatcher {
+                regex: "/(unclosed".into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    });
+    let e = route_configuration(&rc).unwrap_err().to_string();
+    assert!(
+        e.starts_with("virtual_hosts[0].routes[0].match.safe_regex: invalid regex \"/(unclosed\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_route_without_an_action_is_rejected() {
+    // Envoy 1.40: `action` is required.
+    let mut rc = route_80();
+    rc.virtual_hosts[1].routes[0].action = None;
+    assert_eq!(
+        route_configuration(&rc).unwrap_err().to_string(),
+        "virtual_hosts[1].routes[0].action: the route has no action"
+    );
+}
+
+#[test]
+fn duplicate_domains_and_host_rewrites_by_header_manipulation_are_rejected() {
+    // Envoy 1.40: "Only unique values for domains are permitted" (case-insensitively), and
+    // ":-prefixed or host headers may not be modified".
+    let mut rc = route_80();
+    rc.virtual_hosts[1].domains.push("APP.internal.com".into());
+    assert_eq!(
+        route_configuration(&rc).unwrap_err().to_string(),
+        "virtual_hosts[1].domains: only unique values for domains are permitted: app.internal.com is duplicated"
+    );
+    let mut rc = route_80();
+    rc.virtual_hosts[0].request_headers_to_remove = vec![":authority".into()];
+    assert_eq!(
+        route_configuration(&rc).unwrap_err().to_string(),
+        "virtual_hosts[0].request_headers_to_remove[0]: header \":authority\" may not be modified"
+    );
+}
+
+#[test]
+fn tls_origination_other_than_istio_mtls_is_rejected() {
+    // A DestinationRule `tls: SIMPLE`: a validation context from a file, no client cert.
+    let ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    sds("file-root:/etc/ssl/certs/ca-certificates.crt"),
+                ),
+            ),
+            ..Default::default()
+        }),
+        sni: "api.example.com".into(),
+        ..Default::default()
+    };
+    let mut c = eds_cluster("outbound|443||api.example.com");
+    c.transport_socket = Some(core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
+            ctx,
+        ))),
+    });
+    assert_eq!(
+        cluster(&c).unwrap_err().to_string(),
+        "transport_socket.typed_config: TLS origination (certificates [], root file-root:/etc/ssl/certs/ca-certificates.crt) is not supported yet; only Istio mutual TLS over SDS is accepted"
+    );
+}
+
+#[test]
+fn original_dst_pairs_only_with_cluster_provided() {
+    // Envoy 1.40 rejects ORIGINAL_DST with ROUND_ROBIN, and CLUSTER_PROVIDED on a STATIC
+    // cluster ("cluster provided LB specified but cluster 'o' did not provide one").
+    let mut c = passthrough();
+    c.lb_policy = cds::cluster::LbPolicy::RoundRobin as i32;
+    assert!(
+        cluster(&c)
+            .unwrap_err()
+            .to_string()
+            .starts_with("lb_policy: CLUSTER_PROVIDED")
+    );
+    let mut c = blackhole();
+    c.lb_policy = cds::cluster::LbPolicy::ClusterProvided as i32;
+    assert!(cluster(&c).is_err());
+}
+
+// The state: partial acceptance, removal, warming.
+
+fn any_of<T: prost::Message + prost::Name>(items: Vec<T>) -> Vec<Any> {
+    items.into_iter().map(pack_any).collect()
+}
+
+fn delta(name: &str, version: &str, any: Any) -> Resource {
+    Resource {
+        name: name.into(),
+        version: version.into(),
+        resource: Some(any),
+        ..Default::default()
+    }
+}
+
+const APP: &str = "outbound|80||app.internal.com";
+
+#[test]
+fn an_unparseable_any_is_rejected_and_the_rest_applied() {
+    let mut s = XdsState::default();
+    let mut resources = any_of(vec![passthrough(), blackhole()]);
+    resources.push(Any {
+        type_url: CLUSTER_TYPE.into(),
+        value: vec![0xff, 0xff, 0xff],
+    });
+    resources.push(pack_any(route_80()));
+    let applied = s.apply_sotw(CLUSTER_TYPE, "1", &resources);
+    assert_eq!(applied.rejected.len(), 2);
+    assert_eq!(applied.rejected[0].name, "<resource 2>");
+    assert!(
+        applied.rejected[0]
+            .reason
+            .starts_with("cannot decode envoy.config.cluster.v3.Cluster"),
+        "{}",
+        applied.rejected[0].reason
+    );
+    assert_eq!(
+        applied.rejected[1].reason,
+        format!("type URL {ROUTE_TYPE} in a {CLUSTER_TYPE} response")
+    );
+    assert_eq!(s.active().clusters.len(), 2);
+}
+
+#[test]
+fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
+    // Envoy applies the valid clusters of a CDS response and NACKs the whole response.
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![passthrough(), blackhole()]));
+    let mut bad = passthrough();
+    bad.lb_policy = cds::cluster::LbPolicy::Maglev as i32;
+    let mut changed = blackhole();
+    changed.connect_timeout = secs(3);
+    let applied = s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![bad, changed]));
+    assert_eq!(applied.rejected.len(), 1);
+    assert_eq!(applied.rejected[0].name, PASSTHROUGH_CLUSTER);
+    assert_eq!(
+        applied.error_detail().as_deref(),
+        Some("PassthroughCluster: lb_policy: MAGLEV is not supported")
+    );
+    let active = s.active();
+    assert_eq!(
+        active.clusters[BLACKHOLE_CLUSTER].connect_timeout,
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        active.clusters[PASSTHROUGH_CLUSTER].lb_policy,
+        LbPolicy::ClusterProvided
+    );
+    let entry = &s.state().clusters[PASSTHROUGH_CLUSTER];
+    assert_eq!(entry.active.as_ref().unwrap().version, "1");
+    let error = entry.error.as_ref().unwrap();
+    assert_eq!(
+        (error.version.as_str(), error.details.as_str()),
+        ("2", "lb_policy: MAGLEV is not supported")
+    );
+    // The next good update clears it.
+    s.apply_sotw(CLUSTER_TYPE, "3", &any_of(vec![passthrough(), blackhole()]));
+    assert!(s.state().clusters[PASSTHROUGH_CLUSTER].error.is_none());
+}
+
+#[test]
+fn a_sotw_response_removes_the_clusters_it_leaves_out_and_their_endpoints() {
+    let mut s = XdsState::default();
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    let applied = s.apply_sotw(
+        CLUSTER_TYPE,
+        "1",
+        &any_of(vec![eds_cluster(APP), blackhole()]),
+    );
+    assert_eq!(applied.endpoints_needed.iter().collect::<Vec<_>>(), [APP]);
+    // RDS and EDS responses carry only some resources: absence is no removal.
+    s.apply_sotw(ENDPOINT_TYPE, "2", &[]);
+    assert!(s.active().endpoints.contains_key(APP));
+    let applied = s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![blackhole()]));
+    assert!(applied.endpoints_needed.is_empty());
+    let active = s.active();
+    assert_eq!(
+        active.clusters.keys().collect::<Vec<_>>(),
+        [BLACKHOLE_CLUSTER]
+    );
+    assert!(
+        active.endpoints.is_empty(),
+        "nothing needs {APP}'s endpoints any more"
+    );
+}
+
+#[test]
+fn istios_inbound_listener_is_neither_applied_nor_rejected() {
+    // virtualInbound terminates Istio mTLS on 15006: inbound, outside portcullis's job.
+    let inbound = lds::Listener {
+        name: "virtualInbound".into(),
+        address: address("0.0.0.0", 15006),
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        filter_chains: vec![lds::FilterChain {
+            transport_socket: Some(istio_mtls()),
+            ..chain(
+                "inbound_0.0.0.0_8080",
+                None,
+                vec![tcp_proxy_to("inbound|8080||")],
+            )
+        }],
+        ..Default::default()
+    };
+    let mut s = XdsState::default();
+    let applied = s.apply_sotw(
+        LISTENER_TYPE,
+        "1",
+        &any_of(vec![virtual_outbound(), inbound]),
+    );
+    assert!(applied.rejected.is_empty());
+    assert_eq!(
+        s.state().listeners.keys().collect::<Vec<_>>(),
+        [VIRTUAL_OUTBOUND]
+    );
+}
+
+#[test]
+fn resources_wrapped_in_a_resource_are_unwrapped() {
+    let mut s = XdsState::default();
+    let wrapped = pack_any(delta("80", "7", pack_any(route_80())));
+    assert!(
+        s.apply_sotw(ROUTE_TYPE, "7", &[wrapped])
+            .rejected
+            .is_empty()
+    );
+    assert!(s.active().routes.contains_key("80"));
+}
+
+#[test]
+fn a_delta_response_adds_and_removes_by_name() {
+    let mut s = XdsState::default();
+    let added = [
+        delta("virtualOutbound", "v1", pack_any(virtual_outbound())),
+        delta("10.0.0.5_5432", "v1", pack_any(tcp_vip())),
+    ];
+    assert!(
+        s.apply_delta(LISTENER_TYPE, &added, &[])
+            .rejected
+            .is_empty()
+    );
+    assert_eq!(
+        s.state().listeners["10.0.0.5_5432"]
+            .active
+            .as_ref()
+            .unwrap()
+            .version,
+        "v1"
+    );
+    s.apply_delta(LISTENER_TYPE, &[], &["10.0.0.5_5432".to_string()]);
+    assert_eq!(
+        s.active().listeners.keys().collect::<Vec<_>>(),
+        [VIRTUAL_OUTBOUND]
+    );
+}
+
+#[test]
+fn an_eds_cluster_warms_until_its_endpoints_arrive() {
+    let mut s = XdsState::default();
+    s.apply_sotw(
+        CLUSTER_TYPE,
+        "1",
+        &any_of(vec![eds_cluster(APP), blackhole()]),
+    );
+    s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![virtual_outbound()]));
+    assert!(!s.active().clusters.contains_key(APP));
+    assert!(s.state().clusters[APP].warming.is_some());
+    assert!(!s.initial_set_complete());
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    assert!(s.active().clusters.contains_key(APP));
+    assert!(s.initial_set_complete());
+}
+
+#[test]
+fn endpoints_that_arrived_first_make_the_cluster_active_at_once() {
+    let mut s = XdsState::default();
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![eds_cluster(APP)]));
+    assert!(s.active().clusters.contains_key(APP));
+    assert!(s.state().clusters[APP].warming.is_none());
+}
+
+#[test]
+fn a_listener_warms_until_its_routes_arrive_and_not_for_the_clusters_they_name() {
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![blackhole()]));
+    let applied = s.apply_sotw(
+        LISTENER_TYPE,
+        "1",
+        &any_of(vec![virtual_outbound(), http_80()]),
+    );
+    assert_eq!(applied.routes_needed.iter().collect::<Vec<_>>(), ["80"]);
+    assert!(!s.active().listeners.contains_key("0.0.0.0_80"));
+    assert!(!s.initial_set_complete());
+    // Route 80 names outbound|80||app.internal.com, which never arrives: Envoy answers
+    // 503 NC for it at request time; the listener does not wait for it.
+    s.apply_sotw(ROUTE_TYPE, "1", &any_of(vec![route_80()]));
+    assert!(s.active().listeners.contains_key("0.0.0.0_80"));
+    assert!(s.initial_set_complete());
+}
+
+#[test]
+fn routes_that_arrived_first_make_the_listener_active_at_once() {
+    let mut s = XdsState::default();
+    s.apply_sotw(ROUTE_TYPE, "1", &any_of(vec![route_80()]));
+    s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![http_80()]));
+    assert!(s.active().listeners.contains_key("0.0.0.0_80"));
+}
+
+#[test]
+fn an_updated_cluster_keeps_serving_its_previous_version_while_the_new_one_warms() {
+    let mut s = XdsState::default();
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![eds_cluster(APP)]));
+    let mut updated = eds_cluster(APP);
+    updated.eds_cluster_config.as_mut().unwrap().service_name = "app-v2".into();
+    s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![updated]));
+    let entry = &s.state().clusters[APP];
+    assert_eq!(entry.active.as_ref().unwrap().version, "1");
+    assert_eq!(entry.warming.as_ref().unwrap().version, "2");
+    assert_eq!(
+        s.active().clusters[APP].discovery,
+        Discovery::Eds {
+            service_name: APP.into()
+        }
+    );
+    s.apply_sotw(
+        ENDPOINT_TYPE,
+        "2",
+        &any_of(vec![cla("app-v2", &["10.1.0.2"])]),
+    );
+    assert_eq!(
+        s.active().clusters[APP].discovery,
+        Discovery::Eds {
+            service_name: "app-v2".into()
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn warming_ends_at_the_initial_fetch_timeout_with_no_endpoints() {
+    let mut s = XdsState::new(Duration::from_secs(15));
+    let mut c = eds_cluster(APP);
+    // Unset: Envoy's default applies.
+    c.eds_cluster_config.as_mut().unwrap().eds_config = Some(ads(None));
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![c]));
+    s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![http_80()]));
+    let deadline = s.next_warming_deadline().unwrap();
+    tokio::time::sleep_until(deadline - Duration::from_millis(1)).await;
+    assert!(!s.promote());
+    tokio::time::sleep_until(deadline).await;
+    assert!(s.promote());
+    let active = s.active();
+    assert!(active.clusters.contains_key(APP) && active.endpoints.is_empty());
+    assert!(active.listeners.contains_key("0.0.0.0_80") && active.routes.is_empty());
+    assert!(s.initial_set_complete());
+    assert_eq!(s.next_warming_deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_initial_fetch_timeout_waits_for_endpoints_without_end() {
+    // istiod sets `initial_fetch_timeout: 0s` on EDS: Envoy then waits for the endpoints
+    // however long they take, and so does readiness.
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![eds_cluster(APP)]));
+    s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![virtual_outbound()]));
+    assert_eq!(s.next_warming_deadline(), None);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!s.promote());
+    assert!(!s.initial_set_complete());
+    // A service without endpoints: istiod sends an empty assignment.
+    let empty = eds::ClusterLoadAssignment {
+        cluster_name: APP.into(),
+        ..Default::default()
+    };
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![empty]));
+    assert!(s.active().clusters.contains_key(APP));
+    assert!(s.initial_set_complete());
+}

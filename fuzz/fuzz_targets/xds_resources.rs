@@ -1,0 +1,97 @@
+//! xDS resources from a control plane: arbitrary bytes decoded as a `Listener`,
+//! `RouteConfiguration`, `Cluster` or `ClusterLoadAssignment` (or as the `Any` of a SotW or
+//! Delta response), converted and applied. Never panics; conversion is deterministic and
+//! survives a protobuf round trip; an accepted resource renders as Envoy JSON; applying the
+//! same response twice changes nothing.
+#![no_main]
+
+use envoy_types::pb::envoy::config::{
+    cluster::v3 as cds, endpoint::v3 as eds, listener::v3 as lds, route::v3 as rds,
+};
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::google::protobuf::Any;
+use libfuzzer_sys::fuzz_target;
+use portcullis_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, json};
+use portcullis_xds_resources::{Invalid, XdsState};
+use prost::Message;
+
+/// Decodes `bytes` as `P`, converts it, and checks that converting its re-encoding agrees.
+fn convert<P: Message + Default, T: PartialEq + std::fmt::Debug>(
+    bytes: &[u8],
+    f: impl Fn(&P) -> Result<T, Invalid>,
+) -> Option<T> {
+    let proto = P::decode(bytes).ok()?;
+    let first = f(&proto);
+    let again = f(&P::decode(proto.encode_to_vec().as_slice()).expect("re-encoded proto decodes"));
+    assert_eq!(
+        first, again,
+        "conversion is deterministic across a round trip"
+    );
+    first.ok()
+}
+
+const TYPES: [&str; 4] = [LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE];
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, bytes)) = data.split_first() else {
+        return;
+    };
+    match selector % 6 {
+        0 => {
+            if let Some(l) = convert::<lds::Listener, _>(bytes, portcullis_xds_resources::listener)
+            {
+                let _ = json::listener(&l);
+            }
+        }
+        1 => {
+            if let Some(r) = convert::<rds::RouteConfiguration, _>(
+                bytes,
+                portcullis_xds_resources::route_configuration,
+            ) {
+                let _ = json::route_configuration(&r);
+            }
+        }
+        2 => {
+            if let Some(c) = convert::<cds::Cluster, _>(bytes, portcullis_xds_resources::cluster) {
+                let _ = json::cluster(&c);
+            }
+        }
+        3 => {
+            if let Some(a) = convert::<eds::ClusterLoadAssignment, _>(bytes, |a| {
+                portcullis_xds_resources::load_assignment(a, true)
+            }) {
+                let _ = json::load_assignment(&a);
+            }
+        }
+        4 => {
+            // A SotW response of one type: the bytes as one resource of it, applied twice.
+            let type_url = TYPES[usize::from(selector / 6) % TYPES.len()];
+            let any = Any {
+                type_url: type_url.to_string(),
+                value: bytes.to_vec(),
+            };
+            let mut state = XdsState::default();
+            let first = state.apply_sotw(type_url, "1", std::slice::from_ref(&any));
+            let active = state.active();
+            let again = state.apply_sotw(type_url, "1", std::slice::from_ref(&any));
+            assert_eq!(first, again);
+            assert_eq!(active, state.active());
+        }
+        _ => {
+            // A Delta response: the bytes as a `Resource`, whatever type its `Any` claims.
+            let Ok(resource) = Resource::decode(bytes) else {
+                return;
+            };
+            let mut state = XdsState::default();
+            for type_url in TYPES {
+                let applied = state.apply_delta(type_url, std::slice::from_ref(&resource), &[]);
+                assert!(applied.rejected.len() <= 1);
+                state.apply_delta(type_url, &[], std::slice::from_ref(&resource.name));
+            }
+            // Removal by the name the resource was added under leaves nothing behind.
+            if !resource.name.is_empty() {
+                assert_eq!(state.active(), portcullis_envoy::Resources::default());
+            }
+        }
+    }
+});
