@@ -5,6 +5,7 @@
 //! logs what every node sent, and has fault knobs: reset streams, replay a stale nonce, go
 //! silent, refuse connections.
 
+pub mod resources;
 mod store;
 mod stream;
 

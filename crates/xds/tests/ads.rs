@@ -7,21 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
-};
-use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
-use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ConfigSource};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use envoy_types::util::pack_any;
-use portcullis_control_plane::{ControlPlane, Event, EventKind, Tls};
+use portcullis_control_plane::{ControlPlane, Event, EventKind, Tls, resources};
 use portcullis_xds::{
     Any, Applied, Backoff, Client, ClientConfig, NodeIdentity, NodeOverrides, Protocol, Rejected,
     Sink, Update, XdsStats, type_url,
@@ -37,67 +28,23 @@ const ROUTE: &str = type_url::ROUTE;
 // --- resources ---
 
 fn eds_cluster(name: &str, connect_timeout_secs: i64) -> Any {
-    pack_any(Cluster {
-        name: name.to_owned(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(EdsClusterConfig {
-            eds_config: Some(ConfigSource {
-                config_source_specifier: Some(ConfigSourceSpecifier::Ads(
-                    AggregatedConfigSource {},
-                )),
-                resource_api_version: 2,
-                ..ConfigSource::default()
-            }),
-            service_name: String::new(),
-        }),
-        connect_timeout: Some(PbDuration {
-            seconds: connect_timeout_secs,
-            nanos: 0,
-        }),
-        ..Cluster::default()
-    })
+    let timeout = PbDuration {
+        seconds: connect_timeout_secs,
+        nanos: 0,
+    };
+    pack_any(resources::eds_cluster(name, timeout))
 }
 
 fn rds_listener(name: &str, route: &str) -> Any {
-    let hcm = HttpConnectionManager {
-        stat_prefix: name.to_owned(),
-        route_specifier: Some(RouteSpecifier::Rds(Rds {
-            route_config_name: route.to_owned(),
-            config_source: Some(ConfigSource {
-                config_source_specifier: Some(ConfigSourceSpecifier::Ads(
-                    AggregatedConfigSource {},
-                )),
-                resource_api_version: 2,
-                ..ConfigSource::default()
-            }),
-        })),
-        ..HttpConnectionManager::default()
-    };
-    pack_any(Listener {
-        name: name.to_owned(),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".to_owned(),
-                config_type: Some(ConfigType::TypedConfig(pack_any(hcm))),
-            }],
-            ..FilterChain::default()
-        }],
-        ..Listener::default()
-    })
+    pack_any(resources::rds_listener(name, None, route))
 }
 
 fn assignment(cluster: &str) -> Any {
-    pack_any(ClusterLoadAssignment {
-        cluster_name: cluster.to_owned(),
-        ..ClusterLoadAssignment::default()
-    })
+    pack_any(resources::assignment(cluster, &[]))
 }
 
 fn route(name: &str) -> Any {
-    pack_any(RouteConfiguration {
-        name: name.to_owned(),
-        ..RouteConfiguration::default()
-    })
+    pack_any(resources::route_configuration(name))
 }
 
 // --- a sink that decodes what it gets, as the real one will ---
