@@ -190,7 +190,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn record(&self, stream: u64, node_id: &str, kind: EventKind) {
-        tracing::debug!(stream, node_id, ?kind, "control plane event");
+        match &kind {
+            EventKind::Sent { .. } | EventKind::Request { .. } => {
+                tracing::debug!(stream, node_id, ?kind, "control plane event");
+            }
+            _ => tracing::info!(stream, node_id, ?kind, "control plane event"),
+        }
         lock(&self.log).push(Event {
             at: tokio::time::Instant::now(),
             stream,

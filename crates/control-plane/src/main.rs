@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::Parser;
 use notify::Watcher as _;
-use portcullis_control_plane::{Any, ControlPlane, type_url};
+use portcullis_control_plane::{Any, ControlPlane, Tls, type_url};
 use prost::Message as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -17,12 +17,18 @@ use tokio::sync::mpsc;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to serve ADS on (plaintext h2).
+    /// Address to serve ADS on (plaintext h2 unless --tls-cert).
     #[arg(long)]
     listen: SocketAddr,
     /// Folder of resources: one file each, the protobuf encoding of a google.protobuf.Any.
     #[arg(long)]
     resources: PathBuf,
+    /// Serve TLS with this PEM certificate chain (as istiod's 15012), with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -35,7 +41,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let control_plane = ControlPlane::start(args.listen, None).await?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls {
+            cert_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    let control_plane = ControlPlane::start(args.listen, tls).await?;
     println!("listening on {}", control_plane.local_addr());
 
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);

@@ -14,6 +14,9 @@ use portcullis_xds::{
 };
 use prost::Message;
 
+#[path = "support/pki.rs"]
+mod pki;
+
 /// Keeps the names of what it was given, per type.
 #[derive(Clone, Default)]
 struct Names(Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>);
@@ -66,13 +69,10 @@ fn write_cluster(dir: &Path, file: &str, name: &str) {
     std::fs::rename(tmp, dir.join(file)).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_the_folder_and_reloads_on_change_and_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    write_cluster(dir.path(), "a.pb", "a");
+/// Starts the binary; returns it and the address it printed.
+fn spawn(args: &[&std::ffi::OsStr]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis-control-plane"))
-        .args(["--listen", "127.0.0.1:0", "--resources"])
-        .arg(dir.path())
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("the binary starts");
@@ -85,13 +85,30 @@ async fn serves_the_folder_and_reloads_on_change_and_sighup() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
+    (server, addr)
+}
 
-    let names = Names::default();
+fn client_config(address: String, dir: &Path) -> ClientConfig {
     let mut config = ClientConfig::new(
-        format!("http://{addr}"),
+        address,
         NodeIdentity::from_env(Vec::new(), &NodeOverrides::default()),
     );
-    config.token_file = dir.path().join("no-token");
+    config.token_file = dir.join("no-token");
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_folder_and_reloads_on_change_and_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cluster(dir.path(), "a.pb", "a");
+    let (server, addr) = spawn(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--resources".as_ref(),
+        dir.path().as_os_str(),
+    ]);
+    let names = Names::default();
+    let config = client_config(format!("http://{addr}"), dir.path());
     let client = Client::new(config, Arc::new(XdsStats::default())).unwrap();
     let task = tokio::spawn(client.run(names.clone()));
     names.wait_for(&["a"]).await;
@@ -116,5 +133,38 @@ async fn serves_the_folder_and_reloads_on_change_and_sighup() {
     names.wait_for(&["b"]).await;
     std::fs::remove_file(dir.path().join("junk.pb")).unwrap();
     names.wait_for(&["b", "c"]).await;
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_tls_with_the_given_certificate() {
+    let pki = pki::pki();
+    let resources = pki.dir.path().join("resources");
+    std::fs::create_dir(&resources).unwrap();
+    write_cluster(&resources, "a.pb", "a");
+    let (cert, key) = (
+        pki.dir.path().join("cert.pem"),
+        pki.dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert, &pki.server.cert_pem).unwrap();
+    std::fs::write(&key, &pki.server.key_pem).unwrap();
+    let (_server, addr) = spawn(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--resources".as_ref(),
+        resources.as_os_str(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ]);
+    let mut config = client_config(format!("https://{addr}"), pki.dir.path());
+    config.root_cert = Some(pki.dir.path().join("root-cert.pem"));
+    config.token_file = pki.dir.path().join("token");
+    std::fs::write(&config.token_file, "t").unwrap();
+    let names = Names::default();
+    let client = Client::new(config, Arc::new(XdsStats::default())).unwrap();
+    let task = tokio::spawn(client.run(names.clone()));
+    names.wait_for(&["a"]).await;
     task.abort();
 }

@@ -829,3 +829,101 @@ where
     }
     Err(ClientError::Closed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(name: &str) -> Any {
+        Any {
+            type_url: type_url::CLUSTER.to_owned(),
+            value: crate::Named {
+                name: name.to_owned(),
+            }
+            .encode_to_vec(),
+        }
+    }
+
+    fn sotw(resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: "7".to_owned(),
+            resources,
+            type_url: type_url::CLUSTER.to_owned(),
+            nonce: "n".to_owned(),
+            ..DiscoveryResponse::default()
+        }
+    }
+
+    #[test]
+    fn sotw_names_resources_by_their_first_field_or_their_wrapper() {
+        let wrapped = Any {
+            type_url: type_url::RESOURCE_WRAPPER.to_owned(),
+            value: WrappedResource {
+                name: "by-wrapper".to_owned(),
+                resource: Some(cluster("inner")),
+                ..WrappedResource::default()
+            }
+            .encode_to_vec(),
+        };
+        let resources = sotw_resources(&sotw(vec![cluster("a"), wrapped])).unwrap();
+        let names: Vec<_> = resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "by-wrapper"]);
+        assert!(resources.iter().all(|r| r.version == "7"));
+        assert_eq!(resources[1].any, cluster("inner"));
+    }
+
+    #[test]
+    fn envelope_errors() {
+        let duplicate = sotw_resources(&sotw(vec![cluster("a"), cluster("a")]));
+        assert_eq!(duplicate, Err(EnvelopeError::Duplicate("a".to_owned())));
+        let nameless = sotw_resources(&sotw(vec![cluster("")]));
+        assert_eq!(nameless, Err(EnvelopeError::Nameless { index: 0 }));
+        let delta = DeltaDiscoveryResponse {
+            type_url: type_url::CLUSTER.to_owned(),
+            resources: vec![WrappedResource {
+                name: "x".to_owned(),
+                resource: Some(Any {
+                    type_url: type_url::ROUTE.to_owned(),
+                    value: Vec::new(),
+                }),
+                ..WrappedResource::default()
+            }],
+            ..DeltaDiscoveryResponse::default()
+        };
+        assert!(matches!(
+            delta_resources(&delta),
+            Err(EnvelopeError::TypeMismatch { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_nonce_seen_on_the_stream_is_stale() {
+        let mut t = TypeState::new(type_url::CLUSTER);
+        assert!(t.fresh_nonce("1"));
+        assert!(t.fresh_nonce("2"));
+        assert!(!t.fresh_nonce("1"));
+        assert_eq!(t.nonce, "2");
+        t.start_stream();
+        assert!(t.fresh_nonce("1"), "a new stream starts over");
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(
+            !Target::parse("http://istiod.istio-system.svc:15010")
+                .unwrap()
+                .tls
+        );
+        let tls = Target::parse("https://[fd00::1]:15012").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.host, "fd00::1");
+        for bad in [
+            "istiod:15010",
+            "grpc://istiod:15010",
+            "http://istiod",
+            "not a uri",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

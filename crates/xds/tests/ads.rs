@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use envoy_types::util::pack_any;
-use portcullis_control_plane::{ControlPlane, Event, EventKind, Tls, resources};
+use portcullis_control_plane::{ControlPlane, Event, EventKind, resources};
 use portcullis_xds::{
     Any, Applied, Backoff, Client, ClientConfig, NodeIdentity, NodeOverrides, Protocol, Rejected,
     Sink, Update, XdsStats, type_url,
@@ -1013,37 +1013,9 @@ async fn silence_clears_nothing() {
 
 // --- TLS and the token ---
 
-struct Pki {
-    dir: tempfile::TempDir,
-    server: Tls,
-}
-
-fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test mesh CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![
-        "127.0.0.1".to_owned(),
-        "istiod.istio-system.svc".to_owned(),
-    ])
-    .unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("root-cert.pem"), ca.pem()).unwrap();
-    Pki {
-        dir,
-        server: Tls {
-            cert_pem: cert.pem().into_bytes(),
-            key_pem: key.serialize_pem().into_bytes(),
-        },
-    }
-}
+#[path = "../../control-plane/tests/support/pki.rs"]
+mod pki;
+use pki::pki;
 
 fn fast() -> Option<Backoff> {
     Some(Backoff::new(
@@ -1109,7 +1081,7 @@ async fn tls_verified_against_the_root_with_the_bearer_token() {
 #[tokio::test]
 async fn tls_rejects_a_server_the_root_did_not_sign() {
     let pki = pki();
-    let other = self::pki();
+    let other = pki::pki();
     let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap(), Some(other.server))
         .await
         .unwrap();
