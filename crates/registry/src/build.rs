@@ -12,6 +12,10 @@ use portcullis_model::{
     WorkloadEntrySpec,
 };
 
+mod compile;
+
+pub use compile::{Compiled, OUTBOUND_PORT, compile};
+
 use crate::Map;
 use crate::order::Age;
 use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
@@ -68,10 +72,7 @@ pub fn build_with_dns(
     dns: DnsAnswers<'_>,
 ) -> Snapshot {
     let mut b = Builder::new(resources, options, previous);
-    b.host_owners();
-    b.service_entries();
-    b.kube_services();
-    b.service_aliases();
+    b.decide();
     b.finish(version, dns)
 }
 
@@ -312,25 +313,30 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-/// Warns when `what` on `port` is claimed by `other` but already routes to `kept`.
-/// Warns when `other` lost `what` to `kept`; `what` is only formatted then.
+/// Warns when `other` lost `what` on `port` to `kept` (each a cluster's name and source);
+/// `what` is only formatted then.
 fn conflict(
     warnings: &mut Vec<String>,
     what: impl FnOnce() -> String,
     port: u16,
-    kept: &Cluster,
-    other: &Cluster,
+    kept: (&str, &str),
+    other: (&str, &str),
 ) {
-    if kept.name != other.name {
+    if kept.0 != other.0 {
         warnings.push(format!(
             "{} on port {port} is claimed by both {} ({}) and {} ({}); the first is used",
             what(),
-            kept.name,
-            kept.source,
-            other.name,
-            other.source
+            kept.0,
+            kept.1,
+            other.0,
+            other.1
         ));
     }
+}
+
+/// A snapshot cluster's name and source, as [`conflict`] takes them.
+fn named(c: &Cluster) -> (&str, &str) {
+    (&c.name, &c.source)
 }
 
 fn parse_net(address: &str) -> Option<IpNet> {
@@ -423,6 +429,14 @@ impl<'a> Builder<'a> {
             .map(|s| &s.spec.egress[..])
             .filter(|e| !e.is_empty());
         b
+    }
+
+    /// Decides every service, cluster and claim on names and addresses, as istiod does.
+    fn decide(&mut self) {
+        self.host_owners();
+        self.service_entries();
+        self.kube_services();
+        self.service_aliases();
     }
 
     /// The Sidecar that applies to the proxy: the one selecting its workload, else its
@@ -1111,7 +1125,13 @@ impl<'a> Builder<'a> {
             };
             let table = self.hosts.entry(port).or_default();
             if let Some(kept) = table.claim(&host, c) {
-                conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
+                conflict(
+                    &mut self.warnings,
+                    || format!("host {host}"),
+                    port,
+                    named(kept),
+                    named(c),
+                );
             }
             if by_sni {
                 // Conflicts are reported once, by the table above.
@@ -1141,8 +1161,8 @@ impl<'a> Builder<'a> {
                         &mut self.warnings,
                         || format!("address {}", net.addr()),
                         port,
-                        kept,
-                        c,
+                        named(kept),
+                        named(c),
                     );
                 }
                 AddressKey::Net(net) => {
@@ -1163,8 +1183,8 @@ impl<'a> Builder<'a> {
                         &mut self.warnings,
                         || format!("address {net}"),
                         port,
-                        kept,
-                        c,
+                        named(kept),
+                        named(c),
                     );
                 }
                 AddressKey::AnyOnPort => {
@@ -1173,8 +1193,8 @@ impl<'a> Builder<'a> {
                         &mut self.warnings,
                         || "every address".to_string(),
                         port,
-                        kept,
-                        c,
+                        named(kept),
+                        named(c),
                     );
                 }
             }
