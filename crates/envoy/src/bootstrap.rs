@@ -108,3 +108,97 @@ fn inline_routes(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        Cluster, FilterChain, FilterChainMatch, HttpConnectionManager, LbPolicy, Listener,
+        NetworkFilter, RouteConfiguration, RouteSource, Thresholds, UpstreamProtocol,
+        UpstreamTransport,
+    };
+
+    fn http_listener(routes: &str) -> Listener {
+        Listener {
+            name: "0.0.0.0_80".into(),
+            address: "0.0.0.0:80".parse().unwrap(),
+            bind_to_port: false,
+            use_original_dst: false,
+            listener_filters: Vec::new(),
+            filter_chains: vec![FilterChain {
+                name: String::new(),
+                filter_chain_match: FilterChainMatch::default(),
+                filter: NetworkFilter::Http(HttpConnectionManager {
+                    stat_prefix: "outbound_0.0.0.0_80".into(),
+                    route_config: RouteSource::Rds(routes.into()),
+                    stream_idle_timeout: None,
+                    request_timeout: None,
+                    accept_http_10: false,
+                    skipped_filters: Vec::new(),
+                }),
+                skipped_filters: Vec::new(),
+                transport_socket: None,
+            }],
+            default_filter_chain: None,
+        }
+    }
+
+    #[test]
+    fn route_tables_are_inlined_and_eds_clusters_made_static() {
+        let mut r = Resources::default();
+        r.listeners.insert("0.0.0.0_80".into(), http_listener("80"));
+        r.routes.insert(
+            "80".into(),
+            RouteConfiguration {
+                name: "80".into(),
+                ..RouteConfiguration::default()
+            },
+        );
+        r.clusters.insert(
+            "outbound|80||a".into(),
+            Cluster {
+                name: "outbound|80||a".into(),
+                discovery: Discovery::Eds {
+                    service_name: "outbound|80||a".into(),
+                },
+                lb_policy: LbPolicy::LeastRequest,
+                connect_timeout: Duration::from_secs(10),
+                upstream_protocol: UpstreamProtocol::Http1,
+                circuit_breakers: Thresholds::default(),
+                load_assignment: None,
+                transport: UpstreamTransport::Plaintext,
+                transport_socket_matches: Vec::new(),
+                dns_refresh_rate: None,
+                source: None,
+            },
+        );
+        let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
+        assert_eq!(
+            v["admin"]["address"]["socket_address"],
+            json!({"address": "127.0.0.1", "port_value": 15000})
+        );
+        let hcm = &v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert!(hcm.get("rds").is_none());
+        assert_eq!(hcm["route_config"]["name"], json!("80"));
+        let c = &v["static_resources"]["clusters"][0];
+        assert_eq!(c["type"], json!("STATIC"));
+        assert!(c.get("eds_cluster_config").is_none());
+        assert_eq!(
+            c["load_assignment"],
+            json!({"cluster_name": "outbound|80||a"})
+        );
+    }
+
+    #[test]
+    fn a_route_table_that_is_not_there_is_an_error() {
+        let mut r = Resources::default();
+        r.listeners.insert("0.0.0.0_80".into(), http_listener("81"));
+        let err = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "listener 0.0.0.0_80 uses route table 81, which is not defined"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Loads YAML text, failing the test on any error finding.
-fn load(yaml: &str) -> Vec<Resource> {
+pub(crate) fn load(yaml: &str) -> Vec<Resource> {
     let loaded = load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
     let errors: Vec<_> = loaded
         .findings
@@ -73,7 +73,7 @@ fn endpoints(c: &Cluster) -> Vec<String> {
     out
 }
 
-const MESH_ALLOW_ANY: &str = "
+pub(crate) const MESH_ALLOW_ANY: &str = "
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: istio, namespace: istio-system}

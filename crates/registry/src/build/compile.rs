@@ -816,3 +816,6 @@ fn service_cluster(
     }
     cluster
 }
+
+#[cfg(test)]
+mod tests;
