@@ -2,7 +2,6 @@
 
 mod check;
 mod iptables;
-mod reload;
 mod run;
 
 use std::net::SocketAddr;
