@@ -494,49 +494,21 @@ fn undeclared_protocols_are_sniffed_beside_a_tcp_chain() {
     );
 }
 
-const KUBERNETES: &str = "
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: api}
-  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-db, port: 5433}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: shop}
-spec:
-  clusterIP: None
-  selector: {app: db}
-  ports: [{name: tcp, port: 3306}, {name: http, port: 8000}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: alias, namespace: shop}
-spec:
-  type: ExternalName
-  externalName: api.shop.svc.cluster.local
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-1, namespace: shop, labels: {app: api}}
-status: {podIP: 10.244.0.1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db-1, namespace: shop, labels: {app: db}}
-status: {podIP: 10.244.0.2}
-";
+/// Services of every shape, the `compile` end-to-end tests' too.
+const EVERY_SHAPE: &str = include_str!("../../../testdata/every-shape.yaml");
 
 #[test]
 fn kubernetes_services_headless_and_external_names() {
-    let c = compiled_in(KUBERNETES, "shop", &|_| None);
-    assert_eq!(
-        virtual_hosts(routes(&c, "80"))[0],
-        "api.shop.svc.cluster.local:80: api.shop.svc.cluster.local,api.shop.svc,api.shop,api,\
-         10.96.0.10,alias.shop.svc.cluster.local,alias.shop.svc,alias.shop,alias \
-         -> outbound|80||api.shop.svc.cluster.local"
+    let c = compiled_in(EVERY_SHAPE, "shop", &|_| None);
+    let port80 = virtual_hosts(routes(&c, "80"));
+    assert!(
+        port80.contains(
+            &"api.shop.svc.cluster.local:80: api.shop.svc.cluster.local,api.shop.svc,api.shop,\
+              api,10.96.0.10,alias.default.svc.cluster.local,alias.default.svc,alias.default \
+              -> outbound|80||api.shop.svc.cluster.local"
+                .to_string()
+        ),
+        "{port80:#?}"
     );
     assert_eq!(
         endpoints(&c, "outbound|80||api.shop.svc.cluster.local"),
