@@ -1078,6 +1078,7 @@ impl<'a> Builder<'a> {
                         weight,
                         source: Arc::clone(&source),
                         state,
+                        transport_error: None,
                     });
                 }
             }
@@ -1098,7 +1099,7 @@ impl<'a> Builder<'a> {
                     resolution: p.resolution,
                     passthrough_port: p.passthrough_port,
                     source: p.source,
-                    owned_destinations,
+                    owned_destinations: Some(owned_destinations),
                     endpoints,
                     balancer,
                 }),
@@ -1199,6 +1200,7 @@ impl<'a> Builder<'a> {
                 .iter()
                 .flat_map(|p| p.ips.iter().copied())
                 .collect(),
+            listeners: None,
         }
     }
 }

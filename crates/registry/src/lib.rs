@@ -2,8 +2,12 @@
 //! data path reads without locks, and routes hosts and addresses against it.
 
 mod build;
+mod cluster;
 mod host;
+mod index;
+mod listener;
 mod order;
+mod route;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -11,7 +15,12 @@ mod tests;
 pub use build::{BuildOptions, DnsAnswers, build, build_with_dns};
 pub use portcullis_model::{OutboundMode, Resolution};
 
+pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
+pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
+pub use route::{
+    Action, DirectResponse, Headers, HttpRoute, Request, Route, RouteTable, VirtualHost,
+};
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
