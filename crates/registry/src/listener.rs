@@ -325,21 +325,43 @@ impl<T> Prefixes<T> {
     }
 }
 
+/// One level of the chain tree: it files a chain under the match's keys for its criterion.
+trait Level: Default {
+    /// Files `chain`; false when some place it goes to was taken already.
+    fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool;
+}
+
+/// Files `chain` in the next level under each of `keys` (with `file`), or under `any` when
+/// the match sets no key for this criterion. Every key is filed even when an earlier one
+/// was taken.
+fn spread<K, N: Level>(
+    keys: &[K],
+    any: &mut Option<N>,
+    mut file: impl FnMut(&K) -> bool,
+    m: &envoy::FilterChainMatch,
+    chain: usize,
+) -> bool {
+    if keys.is_empty() {
+        return any.get_or_insert_default().insert(m, chain);
+    }
+    keys.iter().fold(true, |fresh, key| file(key) & fresh)
+}
+
 #[derive(Debug, Default)]
 struct PortLevel {
     by_port: Map<u16, AddressLevel>,
     any: Option<AddressLevel>,
 }
 
-impl PortLevel {
+impl Level for PortLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
-        let next = match m.destination_port {
-            Some(port) => self.by_port.entry(port).or_default(),
-            None => self.any.get_or_insert_default(),
-        };
-        next.insert(m, chain)
+        let by_port = &mut self.by_port;
+        let at = |port: &u16| by_port.entry(*port).or_default().insert(m, chain);
+        spread(m.destination_port.as_slice(), &mut self.any, at, m, chain)
     }
+}
 
+impl PortLevel {
     fn get(&self, port: u16) -> Option<&AddressLevel> {
         self.by_port.get(&port).or(self.any.as_ref())
     }
@@ -359,18 +381,15 @@ struct AddressLevel {
     any: Option<NameLevel>,
 }
 
-impl AddressLevel {
+impl Level for AddressLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
-        if m.prefix_ranges.is_empty() {
-            return self.any.get_or_insert_default().insert(m, chain);
-        }
-        let mut fresh = true;
-        for net in &m.prefix_ranges {
-            fresh &= self.ranges.entry(*net).insert(m, chain);
-        }
-        fresh
+        let ranges = &mut self.ranges;
+        let at = |net: &IpNet| ranges.entry(*net).insert(m, chain);
+        spread(&m.prefix_ranges, &mut self.any, at, m, chain)
     }
+}
 
+impl AddressLevel {
     fn get(&self, destination: Option<IpAddr>) -> Option<&NameLevel> {
         destination
             .and_then(|ip| self.ranges.get(ip))
@@ -387,30 +406,27 @@ struct NameLevel {
     inspects: bool,
 }
 
-impl NameLevel {
+impl Level for NameLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
-        if m.server_names.is_empty() {
-            return self.any.get_or_insert_default().insert(m, chain);
-        }
-        let mut fresh = true;
-        for name in &m.server_names {
+        let (exact, wildcard) = (&mut self.exact, &mut self.wildcard);
+        let at = |name: &String| {
             let name = name.to_ascii_lowercase();
             let next = match name.strip_prefix('*') {
                 Some(suffix) => {
-                    if self.wildcard.get(suffix).is_none() {
-                        self.wildcard.insert(suffix, TransportLevel::default());
+                    if wildcard.get(suffix).is_none() {
+                        wildcard.insert(suffix, TransportLevel::default());
                     }
-                    self.wildcard.get_mut(suffix)
+                    wildcard.get_mut(suffix)
                 }
-                None => Some(self.exact.entry(name.into_boxed_str()).or_default()),
+                None => Some(exact.entry(name.into_boxed_str()).or_default()),
             };
-            if let Some(next) = next {
-                fresh &= next.insert(m, chain);
-            }
-        }
-        fresh
+            next.is_none_or(|next| next.insert(m, chain))
+        };
+        spread(&m.server_names, &mut self.any, at, m, chain)
     }
+}
 
+impl NameLevel {
     fn finish(&mut self) {
         let below = |t: &TransportLevel| t.inspects();
         self.inspects = !self.exact.is_empty()
@@ -435,15 +451,15 @@ struct TransportLevel {
     any: Option<ProtocolLevel>,
 }
 
-impl TransportLevel {
+impl Level for TransportLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
-        let next = match &m.transport_protocol {
-            Some(p) => slot(&mut self.by_protocol, p),
-            None => self.any.get_or_insert_default(),
-        };
-        next.insert(m, chain)
+        let by_protocol = &mut self.by_protocol;
+        let at = |p: &String| slot(by_protocol, p).insert(m, chain);
+        spread(m.transport_protocol.as_slice(), &mut self.any, at, m, chain)
     }
+}
 
+impl TransportLevel {
     fn inspects(&self) -> bool {
         !self.by_protocol.is_empty() || self.any.as_ref().is_some_and(|a| !a.by_protocol.is_empty())
     }
@@ -465,18 +481,15 @@ struct ProtocolLevel {
     any: Option<SourceLevel>,
 }
 
-impl ProtocolLevel {
+impl Level for ProtocolLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
-        if m.application_protocols.is_empty() {
-            return self.any.get_or_insert_default().insert(m, chain);
-        }
-        let mut fresh = true;
-        for p in &m.application_protocols {
-            fresh &= slot(&mut self.by_protocol, p).insert(m, chain);
-        }
-        fresh
+        let by_protocol = &mut self.by_protocol;
+        let at = |p: &String| slot(by_protocol, p).insert(m, chain);
+        spread(&m.application_protocols, &mut self.any, at, m, chain)
     }
+}
 
+impl ProtocolLevel {
     fn pick(&self, conn: &Connection<'_>) -> Option<usize> {
         // The connection's protocols in its own order: the first with chains decides.
         conn.application_protocols
@@ -494,7 +507,7 @@ struct SourceLevel {
     any: Option<usize>,
 }
 
-impl SourceLevel {
+impl Level for SourceLevel {
     fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
         let claim = |slot: &mut Option<usize>| {
             let fresh = slot.is_none();
@@ -510,7 +523,9 @@ impl SourceLevel {
         }
         fresh
     }
+}
 
+impl SourceLevel {
     fn pick(&self, conn: &Connection<'_>) -> Option<usize> {
         conn.source
             .and_then(|ip| self.ranges.get(canonical(ip)).copied().flatten())
