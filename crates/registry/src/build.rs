@@ -1092,6 +1092,7 @@ impl<'a> Builder<'a> {
                         weight,
                         source: Arc::clone(&source),
                         state,
+                        transport_error: None,
                     });
                 }
             }
@@ -1112,7 +1113,7 @@ impl<'a> Builder<'a> {
                     resolution: p.resolution,
                     passthrough_port: p.passthrough_port,
                     source: p.source,
-                    owned_destinations,
+                    owned_destinations: Some(owned_destinations),
                     endpoints,
                     balancer,
                 }),
@@ -1219,6 +1220,7 @@ impl<'a> Builder<'a> {
                 .iter()
                 .flat_map(|p| p.ips.iter().copied())
                 .collect(),
+            listeners: None,
         }
     }
 }

@@ -3,8 +3,12 @@
 
 mod bootstrap;
 mod build;
+mod cluster;
 mod host;
+mod index;
+mod listener;
 mod order;
+mod route;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -15,7 +19,12 @@ pub use build::{
 };
 pub use portcullis_model::{OutboundMode, Resolution};
 
+pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
+pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
+pub use route::{
+    Action, DirectResponse, Headers, HttpRoute, Request, Route, RouteTable, VirtualHost,
+};
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };

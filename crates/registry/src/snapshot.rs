@@ -10,6 +10,8 @@ use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
 use crate::host::{Normalized, normalized, split_host_port};
+use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
+use crate::route::{DirectResponse, HttpRoute, Request};
 
 /// Envoy's name for the cluster that drops unregistered traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -46,6 +48,9 @@ pub struct Endpoint {
     pub source: Arc<str>,
     /// Live counters, carried over across reloads for the same cluster and address.
     pub state: Arc<EndpointState>,
+    /// Why the endpoint must not get a plaintext connection (it needs a TLS transport
+    /// portcullis does not originate), if it must not.
+    pub transport_error: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -73,9 +78,9 @@ pub struct Cluster {
     pub passthrough_port: Option<u16>,
     /// The resource that defined the service.
     pub source: Arc<str>,
-    /// Destinations that belong to the service for resolution NONE: its addresses and
-    /// what its (non-wildcard) host resolves to now.
-    pub owned_destinations: Vec<IpNet>,
+    /// Resolution NONE: the only destinations forwarded to (the service's addresses and
+    /// what its non-wildcard host resolves to now); `None`: any, as Envoy.
+    pub owned_destinations: Option<Vec<IpNet>>,
     /// Endpoints, in the order the balancer indexes them.
     pub endpoints: Vec<Endpoint>,
     /// Picks endpoints.
@@ -106,6 +111,15 @@ pub enum Decision {
     BlackHole,
     /// Unregistered and ALLOW_ANY: forward to the original destination.
     Passthrough,
+    /// Answer an HTTP request directly (a route's `direct_response` or redirect).
+    Direct(Arc<DirectResponse>),
+    /// No route for an HTTP request: Envoy's 404, flag `NR`.
+    NoRoute,
+    /// A route or filter chain names a cluster that does not exist: Envoy's 503 (HTTP) or
+    /// closed connection, flag `NC`.
+    NoCluster(Arc<str>),
+    /// No filter chain takes the connection: closed, flag `NR`.
+    NoFilterChain,
 }
 
 impl Decision {
@@ -115,6 +129,8 @@ impl Decision {
             Decision::Cluster(c) => &c.name,
             Decision::Pod(_) | Decision::Passthrough => PASSTHROUGH_CLUSTER,
             Decision::BlackHole => BLACKHOLE_CLUSTER,
+            Decision::NoCluster(name) => name,
+            Decision::Direct(_) | Decision::NoRoute | Decision::NoFilterChain => "-",
         }
     }
 }
@@ -162,31 +178,50 @@ impl HostTable {
     }
 }
 
-/// The `*.` wildcard hosts on one port.
-#[derive(Debug, Default)]
-pub(crate) struct Wildcards {
+/// The `*.` wildcard names of one table (hosts on a port, SNI names of filter chains).
+#[derive(Debug)]
+pub(crate) struct Wildcards<T = Arc<Cluster>> {
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
-    by_suffix: Map<Box<str>, Arc<Cluster>>,
+    by_suffix: Map<Box<str>, T>,
     /// Bit `n` is set when some suffix has `n` dots (bit 63: 63 or more), so that a lookup
     /// hashes only those suffixes of the host that could be registered.
     dot_counts: u64,
 }
 
-impl Wildcards {
-    /// The service registered for exactly this suffix.
-    pub(crate) fn get(&self, suffix: &str) -> Option<&Arc<Cluster>> {
+impl<T> Default for Wildcards<T> {
+    fn default() -> Self {
+        Wildcards {
+            by_suffix: Map::default(),
+            dot_counts: 0,
+        }
+    }
+}
+
+impl<T> Wildcards<T> {
+    /// The value registered for exactly this suffix.
+    pub(crate) fn get(&self, suffix: &str) -> Option<&T> {
         self.by_suffix.get(suffix)
     }
 
-    /// Registers a service for a suffix, replacing any before it.
-    pub(crate) fn insert(&mut self, suffix: &str, cluster: Arc<Cluster>) {
-        self.dot_counts |= dots_bit(suffix.bytes().filter(|&b| b == b'.').count());
-        self.by_suffix.insert(suffix.into(), cluster);
+    /// The value registered for exactly this suffix, to change it.
+    pub(crate) fn get_mut(&mut self, suffix: &str) -> Option<&mut T> {
+        self.by_suffix.get_mut(suffix)
     }
 
-    /// The service of the longest registered suffix of `host`, which has `dots` dots, that
+    /// Registers a value for a suffix, replacing any before it.
+    pub(crate) fn insert(&mut self, suffix: &str, value: T) {
+        self.dot_counts |= dots_bit(suffix.bytes().filter(|&b| b == b'.').count());
+        self.by_suffix.insert(suffix.into(), value);
+    }
+
+    /// The values, in no order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.by_suffix.values()
+    }
+
+    /// The value of the longest registered suffix of `host`, which has `dots` dots, that
     /// starts at a dot.
-    fn longest_match(&self, host: &str, mut dots: usize) -> Option<&Arc<Cluster>> {
+    pub(crate) fn longest_match(&self, host: &str, mut dots: usize) -> Option<&T> {
         if self.dot_counts == 0 {
             return None;
         }
@@ -275,6 +310,125 @@ pub struct Snapshot {
     pub(crate) sni: Map<u16, HostTable>,
     pub(crate) addresses: Map<u16, AddressTable>,
     pub(crate) pods: HashSet<IpAddr>,
+    /// The listeners of a snapshot indexed from Envoy's model ([`Snapshot::index`]): when
+    /// present, every lookup goes through them and the tables above are empty.
+    pub(crate) listeners: Option<Listeners>,
+}
+
+/// The ALPN an HTTP/1 request is sniffed as, for filter chain matching.
+const SNIFFED_HTTP1: &[&str] = &["http/1.1"];
+
+impl Snapshot {
+    /// The chains that may take a connection to `destination:port` (`None`: the explicit
+    /// proxy, which has no original destination), once the listener is chosen as Envoy's
+    /// `use_original_dst` hand-off does. `None` when the snapshot has no listener for it.
+    pub fn candidates(&self, destination: Option<IpAddr>, port: u16) -> Option<Candidates<'_>> {
+        self.listeners.as_ref()?.candidates(destination, port)
+    }
+
+    /// The filter chain for a connection; `None` when no chain takes it.
+    pub fn filter_chain(&self, conn: &Connection<'_>) -> Option<&Arc<Chain>> {
+        self.candidates(conn.destination, conn.port)?.pick(conn)
+    }
+
+    /// Routes one HTTP request that arrived on a connection described by `conn`: its filter
+    /// chain's route table, virtual host and first matching route.
+    pub fn route_request(&self, conn: &Connection<'_>, req: &Request<'_>) -> HttpRoute {
+        if self.listeners.is_none() {
+            let decision = match conn.destination {
+                Some(dst) => self.route_http_to(req.authority, dst, conn.port),
+                None => self.route_http(req.authority, conn.port),
+            };
+            return HttpRoute {
+                decision,
+                route: None,
+            };
+        }
+        match self.filter_chain(conn).map(|c| &c.filter) {
+            None => HttpRoute {
+                decision: Decision::NoFilterChain,
+                route: None,
+            },
+            Some(ChainFilter::Http(h)) => match &h.routes {
+                Some(table) => table.route(req),
+                None => HttpRoute::none(),
+            },
+            // The chain has changed under a connection served as HTTP: its requests go
+            // where its bytes would.
+            Some(ChainFilter::Tcp(t)) => HttpRoute {
+                decision: t.decide(),
+                route: None,
+            },
+        }
+    }
+
+    /// The decision of a connection described by `conn` carried as bytes (TCP, TLS): its
+    /// filter chain's clusters. A chain of HTTP routes takes no opaque bytes: the outbound
+    /// policy's.
+    pub fn route_connection(&self, conn: &Connection<'_>) -> Decision {
+        if self.listeners.is_none() {
+            let Some(dst) = conn.destination else {
+                return self.unmatched();
+            };
+            return match conn.tls {
+                true => self.route_tls(conn.server_name, dst, conn.port),
+                false => self.route_tcp(dst, conn.port),
+            };
+        }
+        match self.filter_chain(conn).map(|c| &c.filter) {
+            None => Decision::NoFilterChain,
+            Some(ChainFilter::Tcp(t)) => t.decide(),
+            Some(ChainFilter::Http(_)) => self.unmatched(),
+        }
+    }
+
+    /// Whether a connection described by `conn`, sniffed as HTTP, is served as HTTP: its
+    /// filter chain is an HTTP connection manager (always, for a snapshot built from files
+    /// without listeners).
+    pub fn serves_http(&self, conn: &Connection<'_>) -> bool {
+        self.listeners.is_none()
+            || matches!(
+                self.filter_chain(conn).map(|c| &c.filter),
+                Some(ChainFilter::Http(_))
+            )
+    }
+
+    /// The decision for a name on `port` without an original destination (the explicit
+    /// proxy): the port's HTTP routes for it as a Host, or its filter chain for it as SNI;
+    /// `None` when neither registers it.
+    fn by_name(&self, name: &str, port: u16) -> Option<Decision> {
+        let candidates = self.candidates(None, port)?;
+        let http = Connection {
+            port,
+            application_protocols: SNIFFED_HTTP1,
+            ..Connection::default()
+        };
+        let decision = match candidates.pick(&http).map(|c| &c.filter) {
+            Some(ChainFilter::Http(h)) => {
+                let req = Request {
+                    authority: name,
+                    path: "/",
+                    method: "GET",
+                    scheme: "http",
+                    headers: &(),
+                };
+                h.routes.as_ref().map(|t| t.route(&req).decision)
+            }
+            _ => {
+                let tls = Connection {
+                    port,
+                    server_name: Some(name),
+                    tls: true,
+                    ..Connection::default()
+                };
+                match candidates.pick(&tls).map(|c| &c.filter) {
+                    Some(ChainFilter::Tcp(t)) => Some(t.decide()),
+                    _ => None,
+                }
+            }
+        };
+        decision.filter(|d| matches!(d, Decision::Cluster(_) | Decision::Pod(_)))
+    }
 }
 
 impl Snapshot {
@@ -296,6 +450,12 @@ impl Snapshot {
     /// A port in the authority is ignored: the route table of the port the request arrived
     /// on decides, as Istio's (`ignore_port_in_host_matching`).
     pub fn route_http(&self, authority: &str, port: u16) -> Decision {
+        if self.listeners.is_some() {
+            let Ok((host, _)) = split_host_port(authority) else {
+                return self.unmatched();
+            };
+            return self.route_host(host, port);
+        }
         // Most authorities carry no port, and then the whole is the host: normalising it
         // first saves looking for a colon. Whatever `normalized` accepts has no colon, or
         // is an IPv6 literal that `split_host_port` leaves whole too. Anything ending in a
@@ -315,6 +475,22 @@ impl Snapshot {
     /// that owns `dst` exactly takes it whatever its Host, as Istio gives such a service
     /// its own sniffed listener and a route table of its one host; else [`Self::route_http`].
     pub fn route_http_to(&self, authority: &str, dst: IpAddr, port: u16) -> Decision {
+        if self.listeners.is_some() {
+            let conn = Connection {
+                destination: Some(dst),
+                port,
+                application_protocols: SNIFFED_HTTP1,
+                ..Connection::default()
+            };
+            let req = Request {
+                authority,
+                path: "/",
+                method: "GET",
+                scheme: "http",
+                headers: &(),
+            };
+            return self.route_request(&conn, &req).decision;
+        }
         if let Some(c) = self
             .addresses
             .get(&port)
@@ -328,6 +504,9 @@ impl Snapshot {
 
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
+        if self.listeners.is_some() {
+            return self.by_name(host, port).unwrap_or_else(|| self.unmatched());
+        }
         match normalized(host) {
             Ok(host) => self.route_normalized(&host, port),
             Err(_) => self.unmatched(),
@@ -351,6 +530,13 @@ impl Snapshot {
 
     /// Routes opaque TCP by its original destination address and port.
     pub fn route_tcp(&self, ip: IpAddr, port: u16) -> Decision {
+        if self.listeners.is_some() {
+            return self.route_connection(&Connection {
+                destination: Some(ip),
+                port,
+                ..Connection::default()
+            });
+        }
         let ip = canonical(ip);
         if let Some(c) = self.addresses.get(&port).and_then(|t| t.get(ip)) {
             return Decision::Cluster(Arc::clone(c));
@@ -371,6 +557,12 @@ impl Snapshot {
         port: u16,
     ) -> Decision {
         let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
+        if self.listeners.is_some() {
+            return name
+                .and_then(|n| self.by_name(n, port))
+                .or_else(|| address.map(|ip| self.route_tcp(ip, port)).filter(found))
+                .unwrap_or_else(|| self.unmatched());
+        }
         if let Some(name) = name {
             let by_name = self.route_host(name, port);
             if found(&by_name) {
@@ -392,6 +584,15 @@ impl Snapshot {
     /// outbound policy. Names of HTTP ports never match: TLS bytes on an HTTP port get no
     /// SNI route.
     pub fn route_tls(&self, sni: Option<&str>, dst: IpAddr, port: u16) -> Decision {
+        if self.listeners.is_some() {
+            return self.route_connection(&Connection {
+                destination: Some(dst),
+                port,
+                server_name: sni,
+                tls: true,
+                ..Connection::default()
+            });
+        }
         let dst = canonical(dst);
         if let Some(c) = self.addresses.get(&port).and_then(|t| t.exact.get(&dst)) {
             return Decision::Cluster(Arc::clone(c));
@@ -410,6 +611,20 @@ impl Snapshot {
     /// connection must not be sniffed as HTTP: a TCP service of the address (or a range
     /// holding it), or a port-wide TCP service on a port where no HTTP is sniffed.
     pub fn is_tcp_destination(&self, ip: IpAddr, port: u16) -> bool {
+        if self.listeners.is_some() {
+            return self.candidates(Some(ip), port).is_some_and(|c| {
+                !c.needs_inspection()
+                    && matches!(
+                        c.pick(&Connection {
+                            destination: Some(ip),
+                            port,
+                            ..Connection::default()
+                        })
+                        .map(|c| &c.filter),
+                        Some(ChainFilter::Tcp(_))
+                    )
+            });
+        }
         let Some(table) = self.addresses.get(&port) else {
             return false;
         };
@@ -431,8 +646,8 @@ impl Snapshot {
         let dst = canonical(dst);
         cluster
             .owned_destinations
-            .iter()
-            .any(|net| net.contains(&dst))
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|net| net.contains(&dst)))
     }
 
     /// Looks up a cluster by its Envoy name.
@@ -445,7 +660,7 @@ impl Snapshot {
 }
 
 /// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -50,6 +50,7 @@ fn routed(d: &Decision) -> String {
         Decision::Pod(ip) => format!("pod {ip}"),
         Decision::BlackHole => "blackhole".to_string(),
         Decision::Passthrough => "passthrough".to_string(),
+        other => format!("{other:?}"),
     }
 }
 
