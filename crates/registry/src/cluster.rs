@@ -49,11 +49,15 @@ pub(crate) struct Clusters<'a> {
 impl Clusters<'_> {
     /// The decision for a cluster name: Istio's BlackHoleCluster and PassthroughCluster are
     /// the refusal and the original destination; a name without a cluster is Envoy's `NC`.
+    /// A PassthroughCluster with allowed destinations (the registered pods, under
+    /// REGISTRY_ONLY) is a cluster, confined to them as resolution NONE's are.
     pub(crate) fn decision(&self, name: &str) -> Decision {
         match self.by_name.get(name) {
             None => Decision::NoCluster(name.into()),
             Some(_) if name == envoy::BLACKHOLE_CLUSTER => Decision::BlackHole,
-            Some(_) if name == envoy::PASSTHROUGH_CLUSTER => Decision::Passthrough,
+            Some(c) if name == envoy::PASSTHROUGH_CLUSTER && c.owned_destinations.is_none() => {
+                Decision::Passthrough
+            }
             Some(c) => Decision::Cluster(Arc::clone(c)),
         }
     }

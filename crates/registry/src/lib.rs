@@ -15,7 +15,8 @@ mod tests;
 
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
-    BuildOptions, Compiled, DnsAnswers, OUTBOUND_PORT, build, build_with_dns, compile,
+    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, OUTBOUND_PORT, build, build_with_dns,
+    compile,
 };
 pub use portcullis_model::{OutboundMode, Resolution};
 

@@ -255,8 +255,12 @@ impl RouteTable {
             (authority, None)
         };
         let host = normalized(host).ok()?;
+        // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
         let key: Cow<'_, str> = match port {
-            Some(port) if !self.ignore_port => Cow::Owned(format!("{}:{port}", host.text)),
+            Some(port) if !self.ignore_port => match host.ip {
+                Some(std::net::IpAddr::V6(_)) => Cow::Owned(format!("[{}]:{port}", host.text)),
+                _ => Cow::Owned(format!("{}:{port}", host.text)),
+            },
             _ => Cow::Borrowed(&host.text),
         };
         let i = self

@@ -28,6 +28,11 @@ use super::{
 use crate::Map;
 use crate::snapshot::Protocol;
 
+/// Istio's route table for explicit proxying (`RDS_HTTP_PROXY`): every service on every
+/// port, by `host:port`. No listener of a sidecar names it unless its Sidecar asks for an
+/// HTTP proxy port; portcullis's `--http-proxy` and CONNECT route through it.
+pub const HTTP_PROXY_ROUTES: &str = "http_proxy";
+
 /// The port `virtualOutbound` listens on (Istio's `proxyListenPort`).
 pub const OUTBOUND_PORT: u16 = 15001;
 
@@ -67,7 +72,7 @@ pub fn compile(
     options: &BuildOptions,
     dns: DnsAnswers<'_>,
 ) -> Compiled {
-    let mut b = Builder::new(resources, options, None);
+    let mut b = Builder::new(resources, options);
     b.decide();
     b.compile(dns)
 }
@@ -85,8 +90,9 @@ struct PortListener {
     /// Ranges owned by opaque services, and whether the owner is sniffed (then HTTP to the
     /// range still goes to the route table).
     ranges: Vec<(IpNet, Arc<str>, bool)>,
-    /// TLS services matched by SNI: names, and the ranges they own.
-    sni: Vec<(Arc<str>, Vec<String>, Vec<IpNet>)>,
+    /// TLS services matched by SNI, and their names. A TLS service's range is a chain of
+    /// its own among [`Self::ranges`]: either the name or the range takes a connection.
+    sni: Vec<(Arc<str>, Vec<String>)>,
     /// The service that takes the whole port.
     any: Option<Arc<str>>,
 }
@@ -142,11 +148,11 @@ impl Builder<'_> {
                 let sniffed = pending
                     .get(cluster)
                     .is_some_and(|c| c.protocol == Protocol::Auto);
-                let l = listeners.entry(*port).or_default();
-                match pending.get(cluster) {
-                    Some(c) if c.protocol == Protocol::Tls => {}
-                    _ => l.ranges.push((*net, Arc::clone(cluster), sniffed)),
-                }
+                listeners.entry(*port).or_default().ranges.push((
+                    *net,
+                    Arc::clone(cluster),
+                    sniffed,
+                ));
             }
         }
         for (port, names) in &claims.sni {
@@ -161,15 +167,7 @@ impl Builder<'_> {
             }
             let l = listeners.entry(*port).or_default();
             for (cluster, names) in by_cluster {
-                let owned: Vec<IpNet> = claims
-                    .ranges
-                    .get(port)
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, c)| *c == cluster)
-                    .map(|(net, _)| *net)
-                    .collect();
-                l.sni.push((Arc::clone(cluster), names, owned));
+                l.sni.push((Arc::clone(cluster), names));
             }
         }
         for (port, cluster) in &claims.any {
@@ -193,6 +191,10 @@ impl Builder<'_> {
                 out.resources.routes.insert(routes.name.clone(), routes);
             }
         }
+        let proxy_routes = http_proxy_routes(&claims, &pending, mode, reachable_pods);
+        out.resources
+            .routes
+            .insert(proxy_routes.name.clone(), proxy_routes);
         for (port, exact) in &claims.exact {
             for (ip, cluster) in exact {
                 let Some(c) = pending.get(cluster) else {
@@ -411,6 +413,27 @@ fn virtual_outbound(catch_all: &str, pods: &[IpAddr]) -> Listener {
     }
 }
 
+/// Chains for destinations in `nets`: with `http`, plaintext HTTP to it beside the rest to
+/// `cluster`, both on the raw-buffer transport; without the same transport on both, Envoy
+/// would pick the HTTP chain for its more specific transport and, the application
+/// protocols failing, fall to the default chain, as it never goes back a level.
+fn range_chains(
+    chains: &mut Vec<FilterChain>,
+    nets: Vec<IpNet>,
+    http: Option<NetworkFilter>,
+    cluster: &str,
+) {
+    let mut tcp = FilterChainMatch {
+        prefix_ranges: nets.clone(),
+        ..FilterChainMatch::default()
+    };
+    if let Some(http) = http {
+        tcp.transport_protocol = Some("raw_buffer".to_string());
+        chains.push(chain("", http_match(nets), http));
+    }
+    chains.push(chain("", tcp, tcp_proxy(cluster)));
+}
+
 /// A `0.0.0.0_PORT` listener: HTTP to the port's route table, ranges and SNI names to their
 /// services, the port-wide service (or the catch-all) for the rest.
 fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) -> Listener {
@@ -425,27 +448,13 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
         ));
     }
     for (net, cluster, sniffed) in &l.ranges {
-        if *sniffed {
-            chains.push(chain(
-                "",
-                http_match(vec![*net]),
-                http_manager(&name, &routes),
-            ));
-        }
-        chains.push(chain(
-            "",
-            FilterChainMatch {
-                prefix_ranges: vec![*net],
-                ..FilterChainMatch::default()
-            },
-            tcp_proxy(cluster),
-        ));
+        let http = sniffed.then(|| http_manager(&name, &routes));
+        range_chains(&mut chains, vec![*net], http, cluster);
     }
-    for (cluster, names, nets) in &l.sni {
+    for (cluster, names) in &l.sni {
         chains.push(chain(
             "",
             FilterChainMatch {
-                prefix_ranges: nets.clone(),
                 server_names: names.clone(),
                 ..FilterChainMatch::default()
             },
@@ -460,21 +469,8 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
         .filter(|ip| l.any.is_none() && !l.ranges.iter().any(|(net, ..)| net.contains(ip)))
         .collect();
     if !pods.is_empty() {
-        if l.http {
-            chains.push(chain(
-                "",
-                http_match(host_nets(&pods)),
-                http_manager(&name, &routes),
-            ));
-        }
-        chains.push(chain(
-            "",
-            FilterChainMatch {
-                prefix_ranges: host_nets(&pods),
-                ..FilterChainMatch::default()
-            },
-            tcp_proxy(PASSTHROUGH_CLUSTER),
-        ));
+        let http = l.http.then(|| http_manager(&name, &routes));
+        range_chains(&mut chains, host_nets(&pods), http, PASSTHROUGH_CLUSTER);
     }
     let default = match &l.any {
         Some(cluster) => chain("", FilterChainMatch::default(), tcp_proxy(cluster)),
@@ -665,28 +661,94 @@ fn port_routes(
         });
     }
     if !any_host {
-        let (name, action) = match mode {
-            OutboundMode::RegistryOnly => (
-                "block_all",
-                RouteAction::DirectResponse {
-                    status: 502,
-                    body: None,
-                },
-            ),
-            OutboundMode::AllowAny => ("allow_any", passthrough()),
-        };
-        virtual_hosts.push(VirtualHost {
-            name: name.to_string(),
-            domains: vec!["*".to_string()],
-            routes: vec![route(name, action)],
-            include_request_attempt_count: true,
-            ..VirtualHost::default()
-        });
+        virtual_hosts.push(catch_all_host(mode));
     }
     RouteConfiguration {
         name: port.to_string(),
         virtual_hosts,
         ignore_port_in_host_matching: true,
+        ..RouteConfiguration::default()
+    }
+}
+
+/// `host:port` as a domain, an IPv6 literal in brackets as in a Host header.
+fn with_port(host: &str, port: &str) -> String {
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
+    }
+}
+
+/// The outbound policy's catch-all virtual host: Istio's `block_all` (a direct 502) or
+/// `allow_any` (PassthroughCluster).
+fn catch_all_host(mode: OutboundMode) -> VirtualHost {
+    let (name, action) = match mode {
+        OutboundMode::RegistryOnly => (
+            "block_all",
+            RouteAction::DirectResponse {
+                status: 502,
+                body: None,
+            },
+        ),
+        OutboundMode::AllowAny => ("allow_any", passthrough()),
+    };
+    VirtualHost {
+        name: name.to_string(),
+        domains: vec!["*".to_string()],
+        routes: vec![route(name, action)],
+        include_request_attempt_count: true,
+        ..VirtualHost::default()
+    }
+}
+
+/// The route table [`HTTP_PROXY_ROUTES`]: a virtual host per service port (`host:port`)
+/// with every name it won there, whatever its protocol; the pods by IP on any port; then
+/// the outbound policy's catch-all.
+fn http_proxy_routes(
+    claims: &Claims,
+    clusters: &Map<Arc<str>, PendingCluster>,
+    mode: OutboundMode,
+    pods: &[IpAddr],
+) -> RouteConfiguration {
+    let mut by_cluster: BTreeMap<&Arc<str>, Vec<String>> = BTreeMap::new();
+    for (port, names) in &claims.hosts {
+        let port = port.to_string();
+        for (host, cluster) in names {
+            by_cluster
+                .entry(cluster)
+                .or_default()
+                .push(with_port(host, &port));
+        }
+    }
+    let mut virtual_hosts: Vec<VirtualHost> = by_cluster
+        .into_iter()
+        .filter_map(|(cluster, domains)| {
+            let c = clusters.get(cluster)?;
+            Some(VirtualHost {
+                name: format!("{}:{}", c.host, c.port),
+                domains,
+                routes: vec![route("default", forward(cluster))],
+                include_request_attempt_count: true,
+                ..VirtualHost::default()
+            })
+        })
+        .collect();
+    if !pods.is_empty() {
+        virtual_hosts.push(VirtualHost {
+            name: "pods".to_string(),
+            domains: pods
+                .iter()
+                .map(|ip| with_port(&ip.to_string(), "*"))
+                .collect(),
+            routes: vec![route("pods", passthrough())],
+            include_request_attempt_count: true,
+            ..VirtualHost::default()
+        });
+    }
+    virtual_hosts.push(catch_all_host(mode));
+    RouteConfiguration {
+        name: HTTP_PROXY_ROUTES.to_string(),
+        virtual_hosts,
         ..RouteConfiguration::default()
     }
 }

@@ -322,7 +322,10 @@ fn opaque_services_get_address_listeners_ranges_and_the_whole_port() {
         ["outbound|6379||any.internal.com ranges=[] sni=[] alpn=0"]
     );
     assert!(any.default_filter_chain.is_none());
-    assert!(c.resources.routes.is_empty(), "no HTTP, no route tables");
+    assert!(
+        c.resources.routes.keys().eq([HTTP_PROXY_ROUTES]),
+        "no HTTP listener, no route table of a port"
+    );
 }
 
 fn tls() -> String {
@@ -378,11 +381,12 @@ fn tls_services_are_matched_by_sni_unless_they_have_an_address() {
     assert_eq!(
         chains(port),
         [
+            "outbound|443||range.example.com ranges=[\"10.30.0.0/16\"] sni=[] alpn=0",
             "outbound|443||*.wild.example.com ranges=[] sni=[\"*.wild.example.com\"] alpn=0",
-            "outbound|443||range.example.com ranges=[\"10.30.0.0/16\"] sni=[\"range.example.com\"] alpn=0",
+            "outbound|443||range.example.com ranges=[] sni=[\"range.example.com\"] alpn=0",
             "outbound|443||secure.example.com ranges=[] sni=[\"secure.example.com\"] alpn=0",
         ],
-        "a range narrows its SNI chain, as istiod's destination CIDRs do"
+        "a range and a name each take a connection (istiod asks for both on one chain)"
     );
     assert_eq!(
         chains(listener(&c, "10.20.0.1_443")),
