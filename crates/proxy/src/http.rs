@@ -442,13 +442,26 @@ pub(crate) async fn route<'a>(
         Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
         None => decision,
     };
+    // A destination the route's cluster may not reach is refused as unregistered traffic:
+    // logged as the policy's route, not the one that matched.
+    if matches!(decision, Decision::BlackHole) {
+        outcome.matched = None;
+    }
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
         other => other.cluster_name().into(),
     };
-    outcome.service = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.host),
+    // Istio's telemetry names the service of its catch-all routes by their clusters, also
+    // for block_all's direct response, which has no upstream cluster.
+    let catch_all = match outcome.matched.as_ref().map(|r| &*r.name) {
+        Some("block_all") => Some(portcullis_registry::BLACKHOLE_CLUSTER),
+        Some("allow_any") => Some(portcullis_registry::PASSTHROUGH_CLUSTER),
+        _ => None,
+    };
+    outcome.service = match (&decision, catch_all) {
+        (_, Some(cluster)) => cluster.into(),
+        (Decision::Cluster(c), None) => Arc::clone(&c.host),
         _ => Arc::clone(&outcome.cluster),
     };
     let original = match (downstream.original_dst, host) {

@@ -8,6 +8,7 @@ use portcullis_balance::{Balancer, EndpointState};
 use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
+use crate::cluster::Target;
 use crate::host::{normalized, split_host_port};
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
@@ -288,14 +289,16 @@ impl Snapshot {
     }
 
     /// Whether a connection described by `conn`, sniffed as HTTP, is served as HTTP: its
-    /// filter chain is an HTTP connection manager (always, for an empty snapshot, whose
-    /// HTTP gets the outbound policy's answer).
+    /// filter chain is an HTTP connection manager, or ends in the outbound policy's
+    /// catch-all, whose answer HTTP gets as HTTP (the 502), as it does in an empty
+    /// snapshot.
     pub fn serves_http(&self, conn: &Connection<'_>) -> bool {
         self.listeners.is_none()
-            || matches!(
-                self.filter_chain(conn).map(|c| &c.filter),
-                Some(ChainFilter::Http(_))
-            )
+            || match self.filter_chain(conn).map(|c| &c.filter) {
+                Some(ChainFilter::Http(_)) => true,
+                Some(ChainFilter::Tcp(t)) => policy_catch_all(t),
+                None => false,
+            }
     }
 
     /// The decision for a name on `port` without an original destination (the explicit
@@ -455,8 +458,7 @@ impl Snapshot {
                         ..Connection::default()
                     })
                     .map(|c| &c.filter),
-                    Some(ChainFilter::Tcp(t))
-                        if !matches!(t.decide(), Decision::BlackHole | Decision::Passthrough)
+                    Some(ChainFilter::Tcp(t)) if !policy_catch_all(t)
                 )
         })
     }
@@ -471,6 +473,13 @@ impl Snapshot {
             .is_none_or(|nets| nets.iter().any(|net| net.contains(&dst)))
     }
 
+    /// The services' clusters: all but Istio's BlackHoleCluster and PassthroughCluster.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters
+            .iter()
+            .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
+    }
+
     /// Looks up a cluster by its Envoy name.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters
@@ -481,6 +490,12 @@ impl Snapshot {
 }
 
 /// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
+/// Whether a TCP chain ends in the outbound policy's answer (BlackHoleCluster or an
+/// unguarded PassthroughCluster) rather than in a service.
+fn policy_catch_all(t: &Target) -> bool {
+    matches!(t.decide(), Decision::BlackHole | Decision::Passthrough)
+}
+
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),

@@ -10,8 +10,8 @@ use portcullis_model::{Resource, Severity, load_str};
 use proptest::prelude::*;
 
 use crate::{
-    BLACKHOLE_CLUSTER, BuildOptions, Cluster, Decision, OutboundMode, PASSTHROUGH_CLUSTER,
-    Protocol, Snapshot, build, build_with_dns, normalize_host,
+    BuildOptions, Cluster, Decision, OutboundMode, PASSTHROUGH_CLUSTER, Protocol, Snapshot, build,
+    build_with_dns, normalize_host,
 };
 
 /// Loads YAML text, failing the test on any error finding.
@@ -62,15 +62,8 @@ fn cluster<'a>(s: &'a Snapshot, name: &str) -> &'a Arc<Cluster> {
         .unwrap_or_else(|| panic!("no cluster {name}; have {:?}", names(s)))
 }
 
-/// The services' clusters: all but Istio's BlackHoleCluster and PassthroughCluster.
-fn service_clusters(s: &Snapshot) -> impl Iterator<Item = &Arc<Cluster>> {
-    s.clusters
-        .iter()
-        .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
-}
-
 fn names(s: &Snapshot) -> Vec<&str> {
-    service_clusters(s).map(|c| &*c.name).collect()
+    s.services().map(|c| &*c.name).collect()
 }
 
 /// `address:port weight` of each endpoint, sorted.
@@ -903,7 +896,7 @@ spec:
     .concat();
     let visible = |ns: &str| {
         let s = in_namespace(&yaml, ns);
-        let mut hosts: Vec<String> = service_clusters(&s).map(|c| c.host.to_string()).collect();
+        let mut hosts: Vec<String> = s.services().map(|c| c.host.to_string()).collect();
         hosts.sort();
         for h in &hosts {
             assert!(matches!(s.route_http(h, 80), Decision::Cluster(_)));
@@ -1637,7 +1630,7 @@ fn sidecar_egress_hosts_scope_what_is_reachable() {
     .concat();
     let reachable = |egress: &str| {
         let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
-        let mut hosts: Vec<&str> = service_clusters(&s).map(|c| &*c.host).collect();
+        let mut hosts: Vec<&str> = s.services().map(|c| &*c.host).collect();
         hosts.sort();
         hosts.into_iter().map(str::to_string).collect::<Vec<_>>()
     };
