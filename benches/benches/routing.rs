@@ -6,14 +6,23 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
+use portcullis_benches::model::indexed;
 use portcullis_benches::{HTTP_PORT, SIZES, TCP_PORT, TLS_PORT, keys, snapshot};
+use portcullis_registry::Snapshot;
 
 fn routing(c: &mut Criterion) {
     for n in SIZES {
-        let s = snapshot(n);
+        lookups(c, "", &snapshot(n), n);
+        // The same registry as Envoy's model (listeners, chains, route tables).
+        lookups(c, "index/", &indexed(n), n);
+    }
+}
+
+fn lookups(c: &mut Criterion, prefix: &str, s: &Snapshot, n: usize) {
+    {
         let k = keys(n);
 
-        let mut g = c.benchmark_group("route_http");
+        let mut g = c.benchmark_group(format!("{prefix}route_http"));
         for (case, host) in [
             ("exact", &k.exact_host),
             ("wildcard", &k.wildcard_host),
@@ -25,7 +34,7 @@ fn routing(c: &mut Criterion) {
         }
         g.finish();
 
-        let mut g = c.benchmark_group("route_sni");
+        let mut g = c.benchmark_group(format!("{prefix}route_sni"));
         for (case, host) in [
             ("exact", &k.exact_host),
             ("wildcard", &k.wildcard_host),
@@ -43,7 +52,7 @@ fn routing(c: &mut Criterion) {
         }
         g.finish();
 
-        let mut g = c.benchmark_group("route_tcp");
+        let mut g = c.benchmark_group(format!("{prefix}route_tcp"));
         for (case, ip) in [
             ("exact", k.exact_ip),
             ("cidr", k.cidr_ip),

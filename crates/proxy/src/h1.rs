@@ -8,6 +8,7 @@
 //! the connection, with every byte not yet consumed, to the general path in `http.rs`, so
 //! those requests behave exactly as they do there.
 
+use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Version};
+use portcullis_registry::Headers;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -28,8 +30,8 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::InFlight;
 use crate::http::{
-    ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, Routed,
-    request_id, retried, timeout_ms,
+    ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, RouteInput,
+    Routed, SNIFFED_HTTP1, request_id, retried, timeout_ms,
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
@@ -172,14 +174,37 @@ where
     let line = LogLine::wanted().then(|| head.log_line(&request));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
     let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
-    let routed =
-        match crate::http::route(proxy, downstream, authority, false, &mut log.outcome).await {
-            Ok(routed) => routed,
-            Err(e) => {
-                let close = head.close || shutdown.is_cancelled();
-                return reply_error(io, &mut log, &e, head.head_method, close).await;
-            }
-        };
+    let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
+    let path = if head.slash {
+        Cow::Owned(format!("/{path}"))
+    } else {
+        Cow::Borrowed(path)
+    };
+    let input = RouteInput {
+        path: &path,
+        method: std::str::from_utf8(&request[head.method.clone()]).unwrap_or_default(),
+        headers: &RawHeaders {
+            head: &request[..head.len],
+            max: proxy.config.max_request_headers,
+        },
+        sniffed: SNIFFED_HTTP1,
+    };
+    let routed = match crate::http::route(
+        proxy,
+        downstream,
+        authority,
+        false,
+        &input,
+        &mut log.outcome,
+    )
+    .await
+    {
+        Ok(routed) => routed,
+        Err(e) => {
+            let close = head.close || shutdown.is_cancelled();
+            return reply_error(io, &mut log, &e, head.head_method, close).await;
+        }
+    };
     if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
         // The general path speaks HTTP/2 upstream: give it the request back, and the
         // logging of it.
@@ -548,6 +573,31 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
+}
+
+/// The client's request head, parsed again only when a route matches on headers.
+struct RawHeaders<'a> {
+    head: &'a [u8],
+    max: usize,
+}
+
+impl Headers for RawHeaders<'_> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut fields = vec![httparse::EMPTY_HEADER; self.max];
+        let mut req = httparse::Request::new(&mut fields);
+        req.parse(self.head).ok()?;
+        let mut values = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok());
+        let mut joined = values.next()?.to_string();
+        for v in values {
+            joined.push(',');
+            joined.push_str(v);
+        }
+        Some(Cow::Owned(joined))
+    }
 }
 
 /// A request head the fast path takes, with the head the upstream gets.

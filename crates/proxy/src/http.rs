@@ -1,6 +1,7 @@
 //! HTTP/1.x: route each request by Host (or absolute-form authority) and forward it over a
 //! pooled upstream connection, streaming bodies both ways.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
@@ -12,7 +13,9 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_registry::{Decision, Protocol, split_host_port};
+use portcullis_registry::{
+    Connection, Decision, Headers, Protocol, Request as RouteRequest, split_host_port,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -117,6 +120,8 @@ pub(crate) struct Outcome {
     pub service: Arc<str>,
     pub upstream: Option<SocketAddr>,
     pub route: &'static str,
+    /// The route of the model that matched, whose name the log shows instead of `route`.
+    pub matched: Option<Arc<portcullis_registry::Route>>,
 }
 
 impl Default for Outcome {
@@ -131,6 +136,7 @@ impl Default for Outcome {
             service: Arc::clone(&UNKNOWN),
             upstream: None,
             route: "-",
+            matched: None,
         }
     }
 }
@@ -239,7 +245,7 @@ impl RequestLog {
             flags: outcome.flags,
             cluster: &outcome.cluster,
             upstream: outcome.upstream,
-            route: outcome.route,
+            route: outcome.matched.as_ref().map_or(outcome.route, |r| &r.name),
             original_dst: self.downstream.original_dst,
             downstream: self.downstream.peer,
             duration,
@@ -324,8 +330,50 @@ fn route_name(decision: &Decision) -> &'static str {
         Decision::BlackHole => "block_all",
         Decision::Passthrough => "allow_any",
         Decision::Cluster(_) | Decision::Pod(_) => "default",
+        Decision::Direct(_)
+        | Decision::NoRoute
+        | Decision::NoCluster(_)
+        | Decision::NoFilterChain => "-",
     }
 }
+
+/// What route matching reads of a request besides its authority.
+pub(crate) struct RouteInput<'a> {
+    /// `:path`, with the query.
+    pub path: &'a str,
+    /// `:method`.
+    pub method: &'a str,
+    /// The headers.
+    pub headers: &'a dyn Headers,
+    /// The protocol the HTTP inspector would name: `http/1.1` or `h2c`.
+    pub sniffed: &'static [&'static str],
+}
+
+/// A request's headers in hyper's map, as route matching reads them.
+pub(crate) struct MapHeaders<'a>(pub &'a HeaderMap);
+
+impl Headers for MapHeaders<'_> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self.0.get_all(name).iter().filter_map(|v| v.to_str().ok());
+        let first = values.next()?;
+        match values.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = format!("{first},{second}");
+                for v in values {
+                    joined.push(',');
+                    joined.push_str(v);
+                }
+                Some(Cow::Owned(joined))
+            }
+        }
+    }
+}
+
+/// What the HTTP inspector names an HTTP/1 connection.
+pub(crate) const SNIFFED_HTTP1: &[&str] = &["http/1.1"];
+/// What the HTTP inspector names an HTTP/2 prior-knowledge connection.
+const SNIFFED_H2C: &[&str] = &["h2c"];
 
 /// Where a request goes: the registry's decision and the destination the client meant.
 pub(crate) struct Routed<'a> {
@@ -340,6 +388,7 @@ pub(crate) async fn route<'a>(
     downstream: &Downstream,
     authority: Option<&'a str>,
     connect: bool,
+    input: &RouteInput<'_>,
     outcome: &mut Outcome,
 ) -> Result<Routed<'a>, ProxyError> {
     let parsed = authority.map(split_host_port);
@@ -364,10 +413,25 @@ pub(crate) async fn route<'a>(
         // A CONNECT target: a registered name, a VIP or pod, or an address in a registered
         // range when the target is an IP literal.
         (true, Some(h)) => snapshot.route_name_or_address(Some(h), h.parse().ok(), port),
-        (false, Some(_)) => match downstream.original_dst {
-            Some(dst) => snapshot.route_http_to(authority.unwrap_or_default(), dst.ip(), port),
-            None => snapshot.route_http(authority.unwrap_or_default(), port),
-        },
+        (false, Some(_)) => {
+            let conn = Connection {
+                destination: downstream.original_dst.map(|d| d.ip()),
+                port,
+                application_protocols: input.sniffed,
+                source: Some(downstream.peer.ip()),
+                ..Connection::default()
+            };
+            let request = RouteRequest {
+                authority: authority.unwrap_or_default(),
+                path: input.path,
+                method: input.method,
+                scheme: "http",
+                headers: input.headers,
+            };
+            let routed = snapshot.route_request(&conn, &request);
+            outcome.matched = routed.route;
+            routed.decision
+        }
         // No authority at all: nothing to match a registered name against.
         (_, None) => match downstream.original_dst {
             Some(_) => snapshot.unmatched(),
@@ -378,13 +442,26 @@ pub(crate) async fn route<'a>(
         Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
         None => decision,
     };
+    // A destination the route's cluster may not reach is refused as unregistered traffic:
+    // logged as the policy's route, not the one that matched.
+    if matches!(decision, Decision::BlackHole) {
+        outcome.matched = None;
+    }
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
         other => other.cluster_name().into(),
     };
-    outcome.service = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.host),
+    // Istio's telemetry names the service of its catch-all routes by their clusters, also
+    // for block_all's direct response, which has no upstream cluster.
+    let catch_all = match outcome.matched.as_ref().map(|r| &*r.name) {
+        Some("block_all") => Some(portcullis_registry::BLACKHOLE_CLUSTER),
+        Some("allow_any") => Some(portcullis_registry::PASSTHROUGH_CLUSTER),
+        _ => None,
+    };
+    outcome.service = match (&decision, catch_all) {
+        (_, Some(cluster)) => cluster.into(),
+        (Decision::Cluster(c), None) => Arc::clone(&c.host),
         _ => Arc::clone(&outcome.cluster),
     };
     let original = match (downstream.original_dst, host) {
@@ -423,8 +500,25 @@ async fn route_and_forward(
         ));
     }
     let connect = req.method() == Method::CONNECT;
-    let Routed { decision, original } =
-        route(proxy, downstream, authority.as_deref(), connect, outcome).await?;
+    let input = RouteInput {
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        method: req.method().as_str(),
+        headers: &MapHeaders(req.headers()),
+        sniffed: if req.version() == Version::HTTP_2 {
+            SNIFFED_H2C
+        } else {
+            SNIFFED_HTTP1
+        },
+    };
+    let Routed { decision, original } = route(
+        proxy,
+        downstream,
+        authority.as_deref(),
+        connect,
+        &input,
+        outcome,
+    )
+    .await?;
     if req.method() == Method::CONNECT {
         let (response, upstream) = crate::tunnel::open(
             proxy,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_dns::DnsCache;
-use portcullis_registry::{Decision, Snapshot};
+use portcullis_registry::{Connection, Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -278,7 +278,15 @@ impl Proxy {
                     let sni = hello.sni.as_deref();
                     // By the destination's own service, else by SNI among the port's TLS
                     // names, else by the destination address as opaque TCP would be.
-                    let decision = snapshot.route_tls(sni, dst.ip(), dst.port());
+                    let alpn: Vec<&str> = hello.alpn.iter().map(String::as_str).collect();
+                    let decision = snapshot.route_connection(&Connection {
+                        destination: Some(dst.ip()),
+                        port: dst.port(),
+                        server_name: sni,
+                        tls: true,
+                        application_protocols: &alpn,
+                        source: Some(peer.ip()),
+                    });
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }
@@ -291,6 +299,24 @@ impl Proxy {
             return;
         }
         if matches!(detected, Detected::Http1 | Detected::Http2) {
+            let conn = Connection {
+                destination: Some(dst.ip()),
+                port: dst.port(),
+                application_protocols: if detected == Detected::Http2 {
+                    &["h2c"]
+                } else {
+                    http::SNIFFED_HTTP1
+                },
+                source: Some(peer.ip()),
+                ..Connection::default()
+            };
+            // Sniffed as HTTP, yet the chain for it carries bytes: as Envoy's tcp_proxy.
+            if !snapshot.serves_http(&conn) {
+                let decision = snapshot.route_connection(&conn);
+                let decision = self.confine_none(&snapshot, decision, dst, None).await;
+                tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
+                return;
+            }
             let in_flight = Arc::new(InFlight::default());
             stream.watch_requests(Arc::clone(&in_flight));
             let downstream = Arc::new(Downstream {

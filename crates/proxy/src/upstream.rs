@@ -1,6 +1,7 @@
 //! Choosing and connecting to an upstream: endpoint pick, DNS, connect timeout, loop guard.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use portcullis_balance::ActiveGuard;
 use portcullis_registry::{Decision, OutboundMode, Resolution, Snapshot};
@@ -52,10 +53,17 @@ impl Proxy {
     ) -> Result<Pick, ProxyError> {
         let pick = match decision {
             Decision::BlackHole => return Err(ProxyError::Blocked),
+            Decision::NoRoute | Decision::NoFilterChain => return Err(ProxyError::NoRoute),
+            Decision::NoCluster(name) => return Err(ProxyError::NoCluster(Arc::clone(name))),
+            Decision::Direct(d) => return Err(ProxyError::Direct(Arc::clone(d))),
             Decision::Cluster(c) if c.resolution != Resolution::None => {
                 let (index, endpoint) = c
                     .pick_excluding(tried)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
+                if let Some(why) = &endpoint.transport_error {
+                    tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no plaintext connection to an endpoint that needs TLS");
+                    return Err(ProxyError::TransportRefused(Arc::clone(why)));
+                }
                 Pick {
                     addr: SocketAddr::new(endpoint.address, endpoint.port),
                     index: Some(index),

@@ -1,17 +1,31 @@
 //! Compiles Istio and Kubernetes resources into one immutable, indexed [`Snapshot`] that the
 //! data path reads without locks, and routes hosts and addresses against it.
 
+mod bootstrap;
 mod build;
+mod cluster;
 mod host;
+mod index;
+mod listener;
 mod order;
+mod route;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildOptions, DnsAnswers, build, build_with_dns};
+pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
+pub use build::{
+    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, OUTBOUND_PORT, build, build_with_dns,
+    compile,
+};
 pub use portcullis_model::{OutboundMode, Resolution};
 
+pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
+pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
+pub use route::{
+    Action, DirectResponse, Headers, HttpRoute, Request, Route, RouteTable, VirtualHost,
+};
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };

@@ -14,7 +14,7 @@ pub struct Report {
     pub registry_warnings: Vec<String>,
     /// Resources accepted.
     pub resources: usize,
-    /// Clusters they compile to.
+    /// Clusters of services they compile to.
     pub clusters: usize,
 }
 
@@ -40,9 +40,9 @@ pub fn check(path: &Path) -> Report {
     let snapshot = build(set.resources(), &BuildOptions::default(), None, 1);
     Report {
         findings: set.findings().cloned().collect(),
+        clusters: snapshot.services().count(),
         registry_warnings: snapshot.warnings,
         resources: set.resources().len(),
-        clusters: snapshot.clusters.len(),
     }
 }
 

@@ -307,7 +307,7 @@ mod tests {
         let (folder, admin) = folder(dir.path());
         assert_eq!(folder.reload(Trigger::Start), Outcome::Published(1));
         assert!(admin.is_ready());
-        assert!(admin.registry.load().clusters.is_empty());
+        assert!(admin.registry.load().services().next().is_none());
     }
 
     #[tokio::test]

@@ -145,7 +145,7 @@ spec:
         let snapshot = compiler
             .compile(&[&a, &b], &Snapshot::default(), 1)
             .unwrap();
-        let names: Vec<&str> = snapshot.clusters.iter().map(|c| &*c.name).collect();
+        let names: Vec<&str> = snapshot.services().map(|c| &*c.name).collect();
         assert_eq!(
             names,
             ["outbound|80||a.example.com", "outbound|80||b.example.com"]

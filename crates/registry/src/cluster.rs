@@ -1,0 +1,249 @@
+//! Clusters and their endpoints, from Envoy's model: discovery type, priorities, health,
+//! weights and transports, with endpoint counters carried over across snapshots.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use portcullis_balance::{Balancer, EndpointState, Policy};
+use portcullis_envoy as envoy;
+use portcullis_model::Resolution;
+
+use crate::Map;
+use crate::build::DnsAnswers;
+use crate::snapshot::{Cluster, Decision, Endpoint, Protocol};
+
+/// Where a filter chain or route sends traffic: one cluster, or several by weight.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Always this.
+    One(Decision),
+    /// One of these at random in proportion to the weights: each with the running total of
+    /// the weights up to and including it.
+    Weighted(Vec<(u64, Decision)>),
+}
+
+impl Target {
+    /// The decision for one connection or request.
+    pub fn decide(&self) -> Decision {
+        match self {
+            Target::One(d) => d.clone(),
+            Target::Weighted(choices) => {
+                let total = choices.last().map_or(0, |(t, _)| *t);
+                let draw = fastrand::u64(0..total.max(1));
+                choices
+                    .iter()
+                    .find(|(upto, _)| draw < *upto)
+                    .or(choices.first())
+                    .map_or(Decision::NoCluster("".into()), |(_, d)| d.clone())
+            }
+        }
+    }
+}
+
+/// Resolves cluster names to what the data path does with them.
+pub(crate) struct Clusters<'a> {
+    pub(crate) by_name: &'a Map<Arc<str>, Arc<Cluster>>,
+}
+
+impl Clusters<'_> {
+    /// The decision for a cluster name: Istio's BlackHoleCluster and PassthroughCluster are
+    /// the refusal and the original destination; a name without a cluster is Envoy's `NC`.
+    /// A PassthroughCluster with allowed destinations (the registered pods, under
+    /// REGISTRY_ONLY) is a cluster, confined to them as resolution NONE's are.
+    pub(crate) fn decision(&self, name: &str) -> Decision {
+        match self.by_name.get(name) {
+            None => Decision::NoCluster(name.into()),
+            Some(_) if name == envoy::BLACKHOLE_CLUSTER => Decision::BlackHole,
+            Some(c) if name == envoy::PASSTHROUGH_CLUSTER && c.owned_destinations.is_none() => {
+                Decision::Passthrough
+            }
+            Some(c) => Decision::Cluster(Arc::clone(c)),
+        }
+    }
+
+    /// Resolves a cluster specifier.
+    pub(crate) fn target(&self, spec: &envoy::ClusterSpecifier) -> Target {
+        match spec {
+            envoy::ClusterSpecifier::Cluster(name) => Target::One(self.decision(name)),
+            envoy::ClusterSpecifier::Weighted(list) => {
+                let mut total = 0u64;
+                let choices = list
+                    .iter()
+                    .filter(|w| w.weight > 0)
+                    .map(|w| {
+                        total += u64::from(w.weight);
+                        (total, self.decision(&w.name))
+                    })
+                    .collect();
+                Target::Weighted(choices)
+            }
+        }
+    }
+}
+
+/// Endpoint counters of the previous snapshot, by cluster and address.
+pub(crate) type Counters<'a> = Map<(&'a str, SocketAddr), Arc<EndpointState>>;
+
+/// Builds one cluster. `protocol` is how listeners use it; DNS names its endpoints need
+/// are added to `dns_names` and their current answers taken from `dns`.
+pub(crate) fn build(
+    c: &envoy::Cluster,
+    resources: &envoy::Resources,
+    protocol: Protocol,
+    dns: DnsAnswers<'_>,
+    previous: &Counters<'_>,
+    dns_names: &mut BTreeSet<String>,
+    warnings: &mut Vec<String>,
+) -> Cluster {
+    let (host, port) = istio_host_port(&c.name);
+    let resolution = match &c.discovery {
+        envoy::Discovery::Static | envoy::Discovery::Eds { .. } => Resolution::Static,
+        envoy::Discovery::StrictDns => Resolution::Dns,
+        envoy::Discovery::LogicalDns => Resolution::DnsRoundRobin,
+        envoy::Discovery::OriginalDst(_) => Resolution::None,
+    };
+    let (passthrough_port, owned_destinations) = match &c.discovery {
+        envoy::Discovery::OriginalDst(o) => (o.port_override, o.allowed_destinations.clone()),
+        _ => (None, None),
+    };
+    let assignment = match &c.discovery {
+        envoy::Discovery::Eds { service_name } => resources.endpoints.get(service_name),
+        envoy::Discovery::OriginalDst(_) => None,
+        _ => c.load_assignment.as_ref(),
+    };
+    let mut endpoints = Vec::new();
+    for e in assignment.map(usable_endpoints).unwrap_or_default() {
+        let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
+        let transport_error = transport_error(c, e);
+        let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
+            envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
+            envoy::EndpointAddress::Name { host, port } => {
+                if resolution == Resolution::Static {
+                    warnings.push(format!(
+                        "cluster {}: endpoint {host}:{port} is a name in a cluster that does not resolve names; ignored",
+                        c.name
+                    ));
+                    continue;
+                }
+                let host = host.to_ascii_lowercase();
+                let mut answer = dns(&host).unwrap_or_default();
+                if resolution == Resolution::DnsRoundRobin {
+                    // LOGICAL_DNS: one address at a time, the first answer.
+                    answer = answer.iter().take(1).copied().collect();
+                }
+                dns_names.insert(host.clone());
+                (answer, Some(Arc::<str>::from(host)), *port)
+            }
+        };
+        for address in addrs.iter().copied() {
+            let state = previous
+                .get(&(&*c.name, SocketAddr::new(address, port)))
+                .map_or_else(|| Arc::new(EndpointState::new()), Arc::clone);
+            endpoints.push(Endpoint {
+                address,
+                hostname: hostname.clone(),
+                port,
+                weight: e.load_balancing_weight.max(1),
+                source: Arc::clone(&source),
+                state,
+                transport_error: transport_error.clone(),
+            });
+        }
+    }
+    let policy = match c.lb_policy {
+        envoy::LbPolicy::RoundRobin => Policy::RoundRobin,
+        envoy::LbPolicy::Random => Policy::Random,
+        envoy::LbPolicy::LeastRequest | envoy::LbPolicy::ClusterProvided => Policy::LeastRequest,
+    };
+    let balancer = Balancer::new(
+        policy,
+        endpoints
+            .iter()
+            .map(|e| (e.weight, Arc::clone(&e.state)))
+            .collect(),
+    );
+    Cluster {
+        name: c.name.as_str().into(),
+        host,
+        port,
+        protocol,
+        resolution,
+        passthrough_port,
+        source: c.source.as_deref().unwrap_or(&c.name).into(),
+        owned_destinations,
+        endpoints,
+        balancer,
+    }
+}
+
+/// The endpoints traffic goes to: those of the lowest priority that has a usable one, and
+/// of those the healthy ones, or the degraded ones when none is healthy. Envoy spreads load
+/// onto the next priority gradually as a priority loses health (overprovisioning factor
+/// 1.4); here a priority is used whole until none of its endpoints is usable.
+fn usable_endpoints(a: &envoy::ClusterLoadAssignment) -> Vec<&envoy::LbEndpoint> {
+    let usable =
+        |l: &&envoy::LocalityLbEndpoints| l.lb_endpoints.iter().any(|e| e.health.is_usable());
+    let Some(priority) = a.endpoints.iter().filter(usable).map(|l| l.priority).min() else {
+        return Vec::new();
+    };
+    let candidates: Vec<&envoy::LbEndpoint> = a
+        .endpoints
+        .iter()
+        .filter(|l| l.priority == priority)
+        .flat_map(|l| &l.lb_endpoints)
+        .filter(|e| e.health.is_usable())
+        .collect();
+    let healthy: Vec<&envoy::LbEndpoint> = candidates
+        .iter()
+        .copied()
+        .filter(|e| e.health != envoy::HealthStatus::Degraded)
+        .collect();
+    if healthy.is_empty() {
+        candidates
+    } else {
+        healthy
+    }
+}
+
+/// Why an endpoint must not get a plaintext connection, if it must not: the transport
+/// of the first `transport_socket_matches` entry whose metadata it carries, else the
+/// cluster's.
+fn transport_error(c: &envoy::Cluster, e: &envoy::LbEndpoint) -> Option<Arc<str>> {
+    let transport = c
+        .transport_socket_matches
+        .iter()
+        .find(|m| {
+            m.match_metadata
+                .iter()
+                .all(|(k, v)| e.transport_socket_match.get(k) == Some(v))
+        })
+        .map_or(&c.transport, |m| &m.transport);
+    match transport {
+        envoy::UpstreamTransport::Plaintext => None,
+        envoy::UpstreamTransport::IstioMutualTls => {
+            Some("the endpoint needs Istio mutual TLS, which portcullis does not originate".into())
+        }
+        envoy::UpstreamTransport::Unsupported(kind) => Some(
+            format!("the endpoint needs the transport {kind}, which portcullis cannot build")
+                .into(),
+        ),
+    }
+}
+
+/// The service host and port of an Istio cluster name `outbound|PORT|SUBSET|HOST`; any
+/// other name is its own host, on no port.
+fn istio_host_port(name: &str) -> (Arc<str>, u16) {
+    let mut parts = name.split('|');
+    if let (Some("outbound" | "inbound"), Some(port), Some(_), Some(host), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) && let Ok(port) = port.parse()
+    {
+        return (host.into(), port);
+    }
+    (name.into(), 0)
+}

@@ -1,0 +1,1230 @@
+//! Indexing Envoy's model into the data path's [`Snapshot`]: the one routing structure for
+//! both config sources (xDS, and Istio files compiled as istiod would).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use portcullis_envoy as envoy;
+use portcullis_model::OutboundMode;
+
+use crate::Map;
+use crate::build::DnsAnswers;
+use crate::cluster::{self, Clusters, Counters};
+use crate::listener::{ChainFilter, Listeners};
+use crate::route::RouteTable;
+use crate::snapshot::{Cluster, Decision, Protocol, Snapshot};
+
+impl Snapshot {
+    /// Indexes `resources` into snapshot `version`. DNS names that clusters need are
+    /// collected in [`Snapshot::dns_names`] and their current answers taken from `dns`;
+    /// endpoint counters are carried over from `previous` for the same cluster and address.
+    /// The outbound policy is read from the hand-off listener's catch-all chain.
+    pub fn index(
+        resources: &envoy::Resources,
+        dns: DnsAnswers<'_>,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Snapshot {
+        let mut warnings = Vec::new();
+        let mut dns_names = BTreeSet::new();
+        let counters: Counters<'_> = previous
+            .into_iter()
+            .flat_map(|p| &p.clusters)
+            .flat_map(|c| {
+                c.endpoints.iter().map(|e| {
+                    (
+                        (&*c.name, SocketAddr::new(e.address, e.port)),
+                        Arc::clone(&e.state),
+                    )
+                })
+            })
+            .collect();
+        let usage = protocol_usage(resources);
+        let by_name: Map<Arc<str>, Arc<Cluster>> = resources
+            .clusters
+            .values()
+            .map(|c| {
+                let protocol = match c.upstream_protocol {
+                    envoy::UpstreamProtocol::Http2 => Protocol::Http2,
+                    envoy::UpstreamProtocol::UseDownstream => Protocol::Auto,
+                    envoy::UpstreamProtocol::Http1 => usage
+                        .get(c.name.as_str())
+                        .copied()
+                        .unwrap_or(Protocol::Http),
+                };
+                let built = cluster::build(
+                    c,
+                    resources,
+                    protocol,
+                    dns,
+                    &counters,
+                    &mut dns_names,
+                    &mut warnings,
+                );
+                (Arc::clone(&built.name), Arc::new(built))
+            })
+            .collect();
+        let clusters = Clusters { by_name: &by_name };
+        let target = |spec: &envoy::ClusterSpecifier| clusters.target(spec);
+        let mut route_warnings = Vec::new();
+        let routes: Map<Box<str>, Arc<RouteTable>> = resources
+            .routes
+            .iter()
+            .map(|(name, rc)| {
+                (
+                    name.as_str().into(),
+                    Arc::new(RouteTable::compile(rc, &target, &mut route_warnings)),
+                )
+            })
+            .collect();
+        let inline_warnings = std::cell::RefCell::new(Vec::new());
+        let inline = |rc: &envoy::RouteConfiguration| {
+            Arc::new(RouteTable::compile(
+                rc,
+                &target,
+                &mut inline_warnings.borrow_mut(),
+            ))
+        };
+        let listeners = Listeners::index(resources, &target, &routes, &inline, &mut warnings);
+        warnings.extend(route_warnings);
+        warnings.extend(inline_warnings.into_inner());
+        let mode = listeners.catch_all().and_then(|c| match &c.filter {
+            ChainFilter::Tcp(t) => match t.decide() {
+                Decision::Passthrough => Some(OutboundMode::AllowAny),
+                Decision::BlackHole => Some(OutboundMode::RegistryOnly),
+                _ => None,
+            },
+            ChainFilter::Http(_) => None,
+        });
+        let mut clusters: Vec<Arc<Cluster>> = by_name.into_values().collect();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            version,
+            mode,
+            clusters,
+            warnings,
+            dns_names,
+            listeners: Some(listeners),
+            http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
+        }
+    }
+}
+
+/// How listeners use each cluster, for clusters whose upstream protocol does not say: HTTP
+/// when a route forwards to it, else TLS when a chain that matches on SNI or on the TLS
+/// transport sends to it, else opaque TCP.
+fn protocol_usage(resources: &envoy::Resources) -> Map<&str, Protocol> {
+    fn names(spec: &envoy::ClusterSpecifier) -> Vec<&str> {
+        match spec {
+            envoy::ClusterSpecifier::Cluster(n) => vec![n.as_str()],
+            envoy::ClusterSpecifier::Weighted(w) => w.iter().map(|w| w.name.as_str()).collect(),
+        }
+    }
+    fn routed<'a>(rc: &'a envoy::RouteConfiguration, usage: &mut Map<&'a str, Protocol>) {
+        for vh in &rc.virtual_hosts {
+            for r in &vh.routes {
+                if let envoy::RouteAction::Forward(f) = &r.action {
+                    for n in names(&f.cluster) {
+                        usage.insert(n, Protocol::Http);
+                    }
+                }
+            }
+        }
+    }
+    let mut usage = Map::default();
+    // The explicit proxy's table names every service, whatever its listeners make of it.
+    for rc in resources
+        .routes
+        .values()
+        .filter(|rc| rc.name != crate::HTTP_PROXY_ROUTES)
+    {
+        routed(rc, &mut usage);
+    }
+    for l in resources.listeners.values() {
+        for c in l.filter_chains.iter().chain(&l.default_filter_chain) {
+            match &c.filter {
+                envoy::NetworkFilter::Http(h) => {
+                    if let envoy::RouteSource::Inline(rc) = &h.route_config {
+                        routed(rc, &mut usage);
+                    }
+                }
+                envoy::NetworkFilter::TcpProxy(t) => {
+                    let m = &c.filter_chain_match;
+                    let tls = !m.server_names.is_empty()
+                        || m.transport_protocol.as_deref() == Some("tls");
+                    for n in names(&t.cluster) {
+                        let p = if tls { Protocol::Tls } else { Protocol::Tcp };
+                        usage
+                            .entry(n)
+                            .and_modify(|old| {
+                                if *old == Protocol::Tcp {
+                                    *old = p;
+                                }
+                            })
+                            .or_insert(p);
+                    }
+                }
+            }
+        }
+    }
+    usage
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    use envoy::{
+        ClusterSpecifier, Discovery, FilterChain, FilterChainMatch, HealthStatus,
+        HttpConnectionManager, LbEndpoint, LbPolicy, Listener, LocalityLbEndpoints, NetworkFilter,
+        Resources, RouteAction, RouteMatch, RouteSource, TcpProxy, UpstreamProtocol,
+        UpstreamTransport,
+    };
+    use ipnet::IpNet;
+
+    use super::*;
+    use crate::listener::Connection;
+    use crate::route::{Headers, Request};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn cluster(name: &str, discovery: Discovery, endpoints: &[&str]) -> envoy::Cluster {
+        envoy::Cluster {
+            name: name.into(),
+            discovery,
+            lb_policy: LbPolicy::LeastRequest,
+            connect_timeout: std::time::Duration::from_secs(10),
+            upstream_protocol: UpstreamProtocol::Http1,
+            circuit_breakers: Default::default(),
+            load_assignment: Some(envoy::ClusterLoadAssignment {
+                cluster_name: name.into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: endpoints.iter().map(|e| endpoint(e)).collect(),
+                    ..Default::default()
+                }],
+            }),
+            transport: UpstreamTransport::Plaintext,
+            transport_socket_matches: Vec::new(),
+            dns_refresh_rate: None,
+            source: None,
+        }
+    }
+
+    fn endpoint(address: &str) -> LbEndpoint {
+        let address = match address.parse() {
+            Ok(a) => envoy::EndpointAddress::Socket(a),
+            Err(_) => {
+                let (host, port) = address.rsplit_once(':').unwrap();
+                envoy::EndpointAddress::Name {
+                    host: host.into(),
+                    port: port.parse().unwrap(),
+                }
+            }
+        };
+        LbEndpoint {
+            address,
+            health: HealthStatus::Unknown,
+            load_balancing_weight: 1,
+            transport_socket_match: BTreeMap::new(),
+            source: None,
+        }
+    }
+
+    fn chain(name: &str, m: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
+        FilterChain {
+            name: name.into(),
+            filter_chain_match: m,
+            filter,
+            skipped_filters: Vec::new(),
+            transport_socket: None,
+        }
+    }
+
+    fn tcp(cluster: &str) -> NetworkFilter {
+        NetworkFilter::TcpProxy(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster: ClusterSpecifier::Cluster(cluster.into()),
+            idle_timeout: None,
+        })
+    }
+
+    fn hcm(rds: &str) -> NetworkFilter {
+        NetworkFilter::Http(HttpConnectionManager {
+            stat_prefix: format!("outbound_0.0.0.0_{rds}"),
+            route_config: RouteSource::Rds(rds.into()),
+            stream_idle_timeout: None,
+            request_timeout: None,
+            accept_http_10: false,
+            skipped_filters: Vec::new(),
+        })
+    }
+
+    fn listener(name: &str, address: &str, chains: Vec<FilterChain>) -> Listener {
+        Listener {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            bind_to_port: false,
+            use_original_dst: false,
+            listener_filters: Vec::new(),
+            filter_chains: chains,
+            default_filter_chain: None,
+        }
+    }
+
+    fn vhost(name: &str, domains: &[&str], routes: Vec<envoy::Route>) -> envoy::VirtualHost {
+        envoy::VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes,
+            ..Default::default()
+        }
+    }
+
+    fn route(name: &str, m: RouteMatch, action: RouteAction) -> envoy::Route {
+        envoy::Route {
+            name: name.into(),
+            route_match: m,
+            action,
+            request_headers_to_add: Vec::new(),
+            request_headers_to_remove: Vec::new(),
+            response_headers_to_add: Vec::new(),
+            response_headers_to_remove: Vec::new(),
+        }
+    }
+
+    fn forward(cluster: &str) -> RouteAction {
+        RouteAction::Forward(envoy::Forward {
+            cluster: ClusterSpecifier::Cluster(cluster.into()),
+            timeout: None,
+            idle_timeout: None,
+            retry_policy: None,
+            host_rewrite_literal: None,
+            prefix_rewrite: None,
+            regex_rewrite: None,
+        })
+    }
+
+    const BLOCK_ALL: RouteAction = RouteAction::DirectResponse {
+        status: 502,
+        body: None,
+    };
+
+    /// The seed guide as istiod builds it for REGISTRY_ONLY (or ALLOW_ANY): virtualOutbound
+    /// with its catch-all, `0.0.0.0_80` with RDS `80` holding `app.internal.com` and
+    /// `block_all` (or `allow_any`).
+    fn seed(allow_any: bool) -> Resources {
+        let policy = if allow_any {
+            envoy::PASSTHROUGH_CLUSTER
+        } else {
+            envoy::BLACKHOLE_CLUSTER
+        };
+        let mut r = Resources::default();
+        let mut vo = listener(
+            envoy::VIRTUAL_OUTBOUND,
+            "0.0.0.0:15001",
+            vec![chain(
+                "virtualOutbound-catchall-tcp",
+                FilterChainMatch::default(),
+                tcp(policy),
+            )],
+        );
+        vo.use_original_dst = true;
+        vo.bind_to_port = true;
+        r.listeners.insert(vo.name.clone(), vo);
+        let l80 = listener(
+            "0.0.0.0_80",
+            "0.0.0.0:80",
+            vec![chain("", FilterChainMatch::default(), hcm("80"))],
+        );
+        r.listeners.insert(l80.name.clone(), l80);
+        let fallback = if allow_any {
+            vhost(
+                "allow_any",
+                &["*"],
+                vec![route(
+                    "allow_any",
+                    RouteMatch::any(),
+                    forward(envoy::PASSTHROUGH_CLUSTER),
+                )],
+            )
+        } else {
+            vhost(
+                "block_all",
+                &["*"],
+                vec![route("block_all", RouteMatch::any(), BLOCK_ALL)],
+            )
+        };
+        r.routes.insert(
+            "80".into(),
+            envoy::RouteConfiguration {
+                name: "80".into(),
+                virtual_hosts: vec![
+                    vhost(
+                        "app.internal.com:80",
+                        &["app.internal.com", "app.internal.com:80"],
+                        vec![route(
+                            "default",
+                            RouteMatch::any(),
+                            forward("outbound|80||app.internal.com"),
+                        )],
+                    ),
+                    fallback,
+                ],
+                ignore_port_in_host_matching: false,
+                ..Default::default()
+            },
+        );
+        for c in [
+            cluster(envoy::BLACKHOLE_CLUSTER, Discovery::Static, &[]),
+            cluster(
+                envoy::PASSTHROUGH_CLUSTER,
+                Discovery::OriginalDst(Default::default()),
+                &[],
+            ),
+            cluster(
+                "outbound|80||app.internal.com",
+                Discovery::Static,
+                &["127.0.0.2:8080"],
+            ),
+        ] {
+            r.clusters.insert(c.name.clone(), c);
+        }
+        r
+    }
+
+    fn index(r: &Resources) -> Snapshot {
+        Snapshot::index(r, &|_| None, None, 1)
+    }
+
+    fn add_cluster(r: &mut Resources, c: envoy::Cluster) {
+        r.clusters.insert(c.name.clone(), c);
+    }
+
+    fn add_listener(r: &mut Resources, l: Listener) {
+        r.listeners.insert(l.name.clone(), l);
+    }
+
+    /// The cluster name a decision sends to, or the decision's kind.
+    fn named(d: &Decision) -> String {
+        match d {
+            Decision::Cluster(c) => c.name.to_string(),
+            Decision::Direct(r) => format!("direct {}", r.status),
+            other => format!("{other:?}"),
+        }
+    }
+
+    struct Fields(&'static [(&'static str, &'static str)]);
+
+    impl Headers for Fields {
+        fn get(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+            self.0
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| std::borrow::Cow::Borrowed(*v))
+        }
+    }
+
+    fn http(
+        s: &Snapshot,
+        dst: &str,
+        authority: &str,
+        path: &str,
+        headers: &'static [(&'static str, &'static str)],
+    ) -> crate::route::HttpRoute {
+        let dst: std::net::SocketAddr = dst.parse().unwrap();
+        let conn = Connection {
+            destination: Some(dst.ip()),
+            port: dst.port(),
+            application_protocols: &["http/1.1"],
+            ..Connection::default()
+        };
+        let req = Request {
+            authority,
+            path,
+            method: "GET",
+            scheme: "http",
+            headers: &Fields(headers),
+        };
+        s.route_request(&conn, &req)
+    }
+
+    fn tls(s: &Snapshot, dst: &str, sni: Option<&str>) -> String {
+        let dst: std::net::SocketAddr = dst.parse().unwrap();
+        named(&s.route_connection(&Connection {
+            destination: Some(dst.ip()),
+            port: dst.port(),
+            server_name: sni,
+            tls: true,
+            ..Connection::default()
+        }))
+    }
+
+    #[test]
+    fn the_seed_guide_routes_registered_hosts_and_blocks_the_rest() {
+        let s = index(&seed(false));
+        assert_eq!(s.outbound_mode(), OutboundMode::RegistryOnly);
+        let app = http(&s, "10.0.0.9:80", "app.internal.com", "/", &[]);
+        assert_eq!(named(&app.decision), "outbound|80||app.internal.com");
+        assert_eq!(&*app.route.unwrap().name, "default");
+        assert_eq!(
+            named(&http(&s, "10.0.0.9:80", "APP.internal.com:80", "/x", &[]).decision),
+            "outbound|80||app.internal.com"
+        );
+        let blocked = http(&s, "10.0.0.9:80", "example.org", "/", &[]);
+        assert_eq!(named(&blocked.decision), "direct 502");
+        assert_eq!(&*blocked.route.unwrap().name, "block_all");
+        // Another port: no listener, so virtualOutbound's catch-all.
+        assert!(matches!(
+            s.route_tcp(ip("10.0.0.9"), 5432),
+            Decision::BlackHole
+        ));
+        // Sniffed all the same, so that HTTP there gets the 502 (the registry's tests).
+        assert!(!s.is_tcp_destination(ip("10.0.0.9"), 5432));
+        assert!(!s.is_tcp_destination(ip("10.0.0.9"), 80));
+        // The explicit proxy: the port's listener, no original destination.
+        assert_eq!(
+            named(&s.route_http("app.internal.com", 80)),
+            "outbound|80||app.internal.com"
+        );
+        let c = s.cluster("outbound|80||app.internal.com").unwrap();
+        assert_eq!(
+            (&*c.host, c.port, c.protocol),
+            ("app.internal.com", 80, Protocol::Http)
+        );
+        assert_eq!(c.endpoints[0].display(), "127.0.0.2:8080");
+    }
+
+    #[test]
+    fn allow_any_passes_unregistered_traffic_through() {
+        let s = index(&seed(true));
+        assert_eq!(s.outbound_mode(), OutboundMode::AllowAny);
+        let any = http(&s, "10.0.0.9:80", "example.org", "/", &[]);
+        assert!(matches!(any.decision, Decision::Passthrough));
+        assert_eq!(&*any.route.unwrap().name, "allow_any");
+        assert!(matches!(
+            s.route_tcp(ip("10.0.0.9"), 5432),
+            Decision::Passthrough
+        ));
+    }
+
+    /// SNI chains on `0.0.0.0_443`, a per-VIP TCP listener on the same port, and the
+    /// port's catch-all chain.
+    fn tls_port() -> Resources {
+        let mut r = seed(false);
+        let sni = |name: &str, names: &[&str], cluster: &str| {
+            chain(
+                name,
+                FilterChainMatch {
+                    server_names: names.iter().map(|n| n.to_string()).collect(),
+                    transport_protocol: Some("tls".into()),
+                    ..Default::default()
+                },
+                tcp(cluster),
+            )
+        };
+        add_listener(
+            &mut r,
+            listener(
+                "0.0.0.0_443",
+                "0.0.0.0:443",
+                vec![
+                    sni("a", &["api.example.com"], "outbound|443||api.example.com"),
+                    sni("b", &["*.example.com"], "outbound|443||*.example.com"),
+                    sni("c", &["*.eu.example.com"], "outbound|443||*.eu.example.com"),
+                    chain(
+                        "catchall",
+                        FilterChainMatch::default(),
+                        tcp(envoy::BLACKHOLE_CLUSTER),
+                    ),
+                ],
+            ),
+        );
+        add_listener(
+            &mut r,
+            listener(
+                "10.0.0.5_443",
+                "10.0.0.5:443",
+                vec![chain(
+                    "",
+                    FilterChainMatch::default(),
+                    tcp("outbound|443||db.internal"),
+                )],
+            ),
+        );
+        for name in [
+            "outbound|443||api.example.com",
+            "outbound|443||*.example.com",
+            "outbound|443||*.eu.example.com",
+            "outbound|443||db.internal",
+        ] {
+            add_cluster(
+                &mut r,
+                cluster(name, Discovery::OriginalDst(Default::default()), &[]),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn sni_picks_exact_then_longest_wildcard_and_the_exact_listener_comes_first() {
+        let s = index(&tls_port());
+        let api = "outbound|443||api.example.com";
+        let wild = "outbound|443||*.example.com";
+        for (dst, sni, want) in [
+            ("1.2.3.4:443", Some("api.example.com"), api),
+            ("1.2.3.4:443", Some("API.example.com."), api),
+            ("1.2.3.4:443", Some("www.example.com"), wild),
+            ("1.2.3.4:443", Some("a.b.example.com"), wild),
+            (
+                "1.2.3.4:443",
+                Some("x.eu.example.com"),
+                "outbound|443||*.eu.example.com",
+            ),
+            // `*.example.com` does not take `example.com` itself.
+            ("1.2.3.4:443", Some("example.com"), "BlackHole"),
+            ("1.2.3.4:443", None, "BlackHole"),
+            // The listener bound to the exact destination wins over SNI on the wildcard one.
+            (
+                "10.0.0.5:443",
+                Some("api.example.com"),
+                "outbound|443||db.internal",
+            ),
+        ] {
+            assert_eq!(tls(&s, dst, sni), want, "{dst} {sni:?}");
+        }
+        assert!(s.is_tcp_destination(ip("10.0.0.5"), 443));
+        assert!(!s.is_tcp_destination(ip("10.0.0.6"), 443));
+        let cands = s.candidates(Some(ip("1.2.3.4")), 443).unwrap();
+        assert!(cands.needs_inspection());
+        // The explicit proxy's CONNECT: the name as SNI on the port's listener.
+        assert_eq!(
+            named(&s.route_name_or_address(Some("api.example.com"), None, 443)),
+            "outbound|443||api.example.com"
+        );
+        assert_eq!(
+            named(&s.route_name_or_address(Some("nope.org"), None, 443)),
+            "BlackHole"
+        );
+        assert_eq!(
+            named(&s.route_name_or_address(Some("10.0.0.5"), Some(ip("10.0.0.5")), 443)),
+            "outbound|443||db.internal"
+        );
+        assert_eq!(
+            s.cluster("outbound|443||api.example.com").unwrap().protocol,
+            Protocol::Tls
+        );
+        assert_eq!(
+            s.cluster("outbound|443||db.internal").unwrap().protocol,
+            Protocol::Tcp
+        );
+    }
+
+    #[test]
+    fn the_most_specific_destination_range_wins_without_backtracking() {
+        let mut r = seed(false);
+        let ranged = |name: &str, ranges: &[&str], names: &[&str], cluster: &str| {
+            chain(
+                name,
+                FilterChainMatch {
+                    prefix_ranges: ranges.iter().map(|n| net(n)).collect(),
+                    server_names: names.iter().map(|n| n.to_string()).collect(),
+                    ..Default::default()
+                },
+                tcp(cluster),
+            )
+        };
+        add_listener(
+            &mut r,
+            listener(
+                "0.0.0.0_6379",
+                "0.0.0.0:6379",
+                vec![
+                    ranged("wide", &["10.0.0.0/8"], &[], "wide"),
+                    ranged("narrow", &["10.1.0.0/16", "192.168.0.0/24"], &[], "narrow"),
+                    ranged("named", &["172.16.0.0/12"], &["only.example"], "named"),
+                    ranged("rest", &[], &[], "rest"),
+                ],
+            ),
+        );
+        for n in ["wide", "narrow", "named", "rest"] {
+            add_cluster(&mut r, cluster(n, Discovery::Static, &["127.0.0.1:1"]));
+        }
+        let s = index(&r);
+        let tcp_to = |d: &str| named(&s.route_tcp(ip(d), 6379));
+        assert_eq!(tcp_to("10.1.2.3"), "narrow");
+        assert_eq!(tcp_to("10.2.0.1"), "wide");
+        assert_eq!(tcp_to("192.168.0.7"), "narrow");
+        assert_eq!(tcp_to("8.8.8.8"), "rest");
+        assert_eq!(tcp_to("::ffff:10.1.0.1"), "narrow");
+        // 172.16/12 has a chain, for one SNI only: Envoy does not fall back to the chain
+        // without ranges (checked against Envoy 1.40: the connection is closed).
+        assert_eq!(tcp_to("172.16.0.1"), "NoFilterChain");
+        assert_eq!(tls(&s, "172.16.0.1:6379", Some("only.example")), "named");
+        assert!(s.is_tcp_destination(ip("10.1.2.3"), 6379));
+        assert!(!s.is_tcp_destination(ip("172.16.0.1"), 6379));
+    }
+
+    #[test]
+    fn virtual_outbound_chains_match_destination_port_and_default_chain() {
+        let mut r = seed(false);
+        let vo = r.listeners.get_mut(envoy::VIRTUAL_OUTBOUND).unwrap();
+        vo.filter_chains.push(chain(
+            "pods",
+            FilterChainMatch {
+                destination_port: Some(9000),
+                prefix_ranges: vec![net("10.244.0.7/32")],
+                ..Default::default()
+            },
+            tcp(envoy::PASSTHROUGH_CLUSTER),
+        ));
+        let mut only_named = listener(
+            "0.0.0.0_7000",
+            "0.0.0.0:7000",
+            vec![chain(
+                "n",
+                FilterChainMatch {
+                    server_names: vec!["x.example".into()],
+                    ..Default::default()
+                },
+                tcp("outbound|80||app.internal.com"),
+            )],
+        );
+        let s = index(&r);
+        assert!(matches!(
+            s.route_tcp(ip("10.244.0.7"), 9000),
+            Decision::Passthrough
+        ));
+        // Port 9000 has chains of its own, so the port-less catch-all is not consulted:
+        // Envoy's matching never backtracks to a less specific level (checked against
+        // Envoy 1.40: `no_filter_chain_match`, connection closed).
+        assert!(matches!(
+            s.route_tcp(ip("10.244.0.8"), 9000),
+            Decision::NoFilterChain
+        ));
+        assert!(matches!(
+            s.route_tcp(ip("10.244.0.7"), 9001),
+            Decision::BlackHole
+        ));
+        assert_eq!(s.outbound_mode(), OutboundMode::RegistryOnly);
+        add_listener(&mut r, only_named.clone());
+        let s = index(&r);
+        assert_eq!(tls(&s, "1.1.1.1:7000", Some("y.example")), "NoFilterChain");
+        only_named.default_filter_chain = Some(chain(
+            "default",
+            FilterChainMatch::default(),
+            tcp(envoy::PASSTHROUGH_CLUSTER),
+        ));
+        add_listener(&mut r, only_named);
+        let s = index(&r);
+        assert_eq!(tls(&s, "1.1.1.1:7000", Some("y.example")), "Passthrough");
+        assert_eq!(
+            tls(&s, "1.1.1.1:7000", Some("x.example")),
+            "outbound|80||app.internal.com"
+        );
+    }
+
+    #[test]
+    fn sniffed_ports_split_http_from_other_bytes() {
+        let mut r = seed(false);
+        add_listener(
+            &mut r,
+            listener(
+                "0.0.0.0_8080",
+                "0.0.0.0:8080",
+                vec![
+                    chain(
+                        "http",
+                        FilterChainMatch {
+                            application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                            transport_protocol: Some("raw_buffer".into()),
+                            ..Default::default()
+                        },
+                        hcm("80"),
+                    ),
+                    chain(
+                        "tcp",
+                        FilterChainMatch {
+                            transport_protocol: Some("raw_buffer".into()),
+                            ..Default::default()
+                        },
+                        tcp("outbound|80||app.internal.com"),
+                    ),
+                    chain(
+                        "tls",
+                        FilterChainMatch {
+                            transport_protocol: Some("tls".into()),
+                            ..Default::default()
+                        },
+                        tcp(envoy::PASSTHROUGH_CLUSTER),
+                    ),
+                ],
+            ),
+        );
+        let s = index(&r);
+        assert!(!s.is_tcp_destination(ip("10.0.0.1"), 8080));
+        assert!(
+            s.candidates(Some(ip("10.0.0.1")), 8080)
+                .unwrap()
+                .needs_inspection()
+        );
+        let conn = |alpn: &'static [&'static str]| Connection {
+            destination: Some(ip("10.0.0.1")),
+            port: 8080,
+            application_protocols: alpn,
+            ..Connection::default()
+        };
+        assert!(s.serves_http(&conn(&["h2c"])));
+        assert!(!s.serves_http(&conn(&[])));
+        assert_eq!(
+            named(&s.route_connection(&conn(&[]))),
+            "outbound|80||app.internal.com"
+        );
+        assert_eq!(
+            named(&http(&s, "10.0.0.1:8080", "app.internal.com", "/", &[]).decision),
+            "outbound|80||app.internal.com"
+        );
+        assert_eq!(tls(&s, "10.0.0.1:8080", Some("x.example")), "Passthrough");
+        // Without `raw_buffer` on the TCP chain, raw bytes that are not HTTP land in the
+        // raw_buffer bucket, which has no chain for them: closed, as Envoy 1.40 does
+        // (checked with tls_inspector and http_inspector on a static listener).
+        let l = r.listeners.get_mut("0.0.0.0_8080").unwrap();
+        l.filter_chains[1].filter_chain_match.transport_protocol = None;
+        let s = index(&r);
+        assert_eq!(named(&s.route_connection(&conn(&[]))), "NoFilterChain");
+    }
+
+    fn table(vhosts: Vec<envoy::VirtualHost>, ignore_port: bool) -> Snapshot {
+        let mut r = seed(false);
+        r.routes.insert(
+            "80".into(),
+            envoy::RouteConfiguration {
+                name: "80".into(),
+                virtual_hosts: vhosts,
+                ignore_port_in_host_matching: ignore_port,
+                ..Default::default()
+            },
+        );
+        for name in ["exact", "suffix", "longer", "prefix", "any", "other"] {
+            add_cluster(&mut r, cluster(name, Discovery::Static, &["127.0.0.1:1"]));
+        }
+        index(&r)
+    }
+
+    fn to(name: &str) -> Vec<envoy::Route> {
+        vec![route("r", RouteMatch::any(), forward(name))]
+    }
+
+    #[test]
+    fn virtual_hosts_follow_envoys_domain_precedence() {
+        let vhosts = vec![
+            vhost("any", &["*"], to("any")),
+            vhost("prefix", &["api.*"], to("prefix")),
+            vhost("suffix", &["*.example.com"], to("suffix")),
+            vhost(
+                "longer",
+                &["*-x.eu.example.com", "*.eu.example.com"],
+                to("longer"),
+            ),
+            vhost(
+                "exact",
+                &["api.example.com", "api.example.com:8080"],
+                to("exact"),
+            ),
+        ];
+        let s = table(vhosts, true);
+        let host = |h: &str| named(&http(&s, "10.0.0.1:80", h, "/", &[]).decision);
+        for (authority, want) in [
+            ("api.example.com", "exact"),
+            ("api.example.com:9999", "exact"),
+            ("www.example.com", "suffix"),
+            ("a.eu.example.com", "longer"),
+            ("a-x.eu.example.com", "longer"),
+            ("api.other.org", "prefix"),
+            ("example.com", "any"),
+            ("api", "any"),
+        ] {
+            assert_eq!(host(authority), want, "{authority}");
+        }
+        let vhosts = vec![
+            vhost("exact", &["api.example.com"], to("exact")),
+            vhost("other", &["api.example.com:8080"], to("other")),
+        ];
+        // Without ignore_port_in_host_matching the port is part of the domain.
+        let s = table(vhosts, false);
+        let host = |h: &str| named(&http(&s, "10.0.0.1:80", h, "/", &[]).decision);
+        assert_eq!(host("api.example.com"), "exact");
+        assert_eq!(host("api.example.com:8080"), "other");
+        assert_eq!(host("api.example.com:9999"), "NoRoute");
+    }
+
+    #[test]
+    fn routes_match_in_order_on_path_headers_and_query() {
+        use envoy::{
+            HeaderMatch, HeaderMatcher, PathMatch, QueryParameterMatcher, StringMatcher,
+            StringPattern,
+        };
+        let m = |path: PathMatch, case_sensitive: bool| RouteMatch {
+            path,
+            case_sensitive,
+            headers: Vec::new(),
+            query_parameters: Vec::new(),
+        };
+        let mut header = m(PathMatch::Prefix("/h".into()), true);
+        header.headers = vec![
+            HeaderMatcher {
+                name: "x-team".into(),
+                matcher: HeaderMatch::String(StringMatcher {
+                    pattern: StringPattern::Exact("Blue".into()),
+                    ignore_case: true,
+                }),
+                invert_match: false,
+                treat_missing_header_as_empty: false,
+            },
+            HeaderMatcher {
+                name: "x-debug".into(),
+                matcher: HeaderMatch::Present(true),
+                invert_match: true,
+                treat_missing_header_as_empty: false,
+            },
+        ];
+        let mut query = m(PathMatch::Prefix("/q".into()), true);
+        query.query_parameters = vec![QueryParameterMatcher {
+            name: "v".into(),
+            matcher: Some(StringMatcher {
+                pattern: StringPattern::Regex("[0-9]+".into()),
+                ignore_case: false,
+            }),
+        }];
+        let routes = vec![
+            route(
+                "exact-path",
+                m(PathMatch::Path("/exact".into()), true),
+                forward("exact"),
+            ),
+            route(
+                "insensitive",
+                m(PathMatch::Prefix("/CASE".into()), false),
+                forward("prefix"),
+            ),
+            route(
+                "separated",
+                m(PathMatch::PathSeparatedPrefix("/api".into()), true),
+                forward("suffix"),
+            ),
+            route(
+                "regex",
+                m(PathMatch::Regex("/r/[a-z]+".into()), true),
+                forward("longer"),
+            ),
+            route("header", header, forward("other")),
+            route("query", query, forward("any")),
+            route(
+                "missing",
+                m(PathMatch::Prefix("/missing".into()), true),
+                forward("no-such-cluster"),
+            ),
+            route(
+                "blocked",
+                m(PathMatch::Prefix("/blocked".into()), true),
+                BLOCK_ALL,
+            ),
+            route(
+                "redirect",
+                m(PathMatch::Prefix("/old".into()), true),
+                RouteAction::Redirect(envoy::Redirect {
+                    scheme: Some("https".into()),
+                    prefix_rewrite: Some("/new".into()),
+                    status: 301,
+                    ..Default::default()
+                }),
+            ),
+        ];
+        let s = table(vec![vhost("all", &["*"], routes)], true);
+        let go = |path: &str, headers: &'static [(&'static str, &'static str)]| {
+            named(&http(&s, "10.0.0.1:80", "h.example", path, headers).decision)
+        };
+        let none = "NoRoute";
+        for (path, headers, want) in [
+            ("/exact", &[][..], "exact"),
+            ("/exact?x=1", &[], "exact"),
+            ("/exact/more", &[], none),
+            ("/case/x", &[], "prefix"),
+            ("/api", &[], "suffix"),
+            ("/api/v1", &[], "suffix"),
+            ("/apiv1", &[], none),
+            ("/r/abc", &[], "longer"),
+            ("/r/abc1", &[], none),
+            ("/h", &[("x-team", "blue")], "other"),
+            ("/h", &[("x-team", "blue"), ("x-debug", "1")], none),
+            ("/h", &[], none),
+            ("/q?a=b&v=42", &[], "any"),
+            ("/q?v=x", &[], none),
+            ("/q", &[], none),
+            ("/missing", &[], "NoCluster(\"no-such-cluster\")"),
+            ("/blocked", &[], "direct 502"),
+        ] {
+            assert_eq!(go(path, headers), want, "{path} {headers:?}");
+        }
+        let Decision::Direct(redirect) =
+            http(&s, "10.0.0.1:80", "h.example:8080", "/old/page?k=v", &[]).decision
+        else {
+            panic!("not a redirect");
+        };
+        assert_eq!(redirect.status, 301);
+        assert_eq!(
+            redirect.location.as_deref(),
+            Some("https://h.example/new/page?k=v")
+        );
+    }
+
+    #[test]
+    fn weighted_clusters_are_drawn_in_proportion() {
+        let weighted = RouteAction::Forward(envoy::Forward {
+            cluster: ClusterSpecifier::Weighted(
+                [("exact", 1), ("other", 1), ("any", 0)]
+                    .iter()
+                    .map(|(n, w)| envoy::WeightedCluster {
+                        name: n.to_string(),
+                        weight: *w,
+                        request_headers_to_add: Vec::new(),
+                        request_headers_to_remove: Vec::new(),
+                    })
+                    .collect(),
+            ),
+            timeout: None,
+            idle_timeout: None,
+            retry_policy: None,
+            host_rewrite_literal: None,
+            prefix_rewrite: None,
+            regex_rewrite: None,
+        });
+        let s = table(
+            vec![vhost(
+                "all",
+                &["*"],
+                vec![route("w", RouteMatch::any(), weighted)],
+            )],
+            true,
+        );
+        let mut seen = BTreeMap::new();
+        for _ in 0..2000 {
+            *seen
+                .entry(named(&http(&s, "10.0.0.1:80", "h", "/", &[]).decision))
+                .or_insert(0) += 1;
+        }
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["exact", "other"]);
+        assert!(seen.values().all(|n| *n > 700), "{seen:?}");
+    }
+
+    #[test]
+    fn original_dst_clusters_carry_port_override_and_allowed_destinations() {
+        let mut r = seed(false);
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|80||none.example",
+                Discovery::OriginalDst(envoy::OriginalDst {
+                    port_override: Some(9090),
+                    allowed_destinations: Some(vec![net("10.9.0.0/16")]),
+                }),
+                &[],
+            ),
+        );
+        let s = index(&r);
+        let c = s.cluster("outbound|80||none.example").unwrap();
+        assert_eq!(
+            (c.resolution, c.passthrough_port),
+            (portcullis_model::Resolution::None, Some(9090))
+        );
+        assert!(Snapshot::owns_destination(c, ip("10.9.1.1")));
+        assert!(!Snapshot::owns_destination(c, ip("10.8.1.1")));
+        // Without a guard, as Envoy: any destination.
+        let pass = s.cluster(envoy::PASSTHROUGH_CLUSTER).unwrap();
+        assert!(Snapshot::owns_destination(pass, ip("10.8.1.1")));
+    }
+
+    #[test]
+    fn eds_uses_the_lowest_priority_with_usable_endpoints() {
+        let mut r = seed(false);
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|80||eds.example",
+                Discovery::Eds {
+                    service_name: "eds".into(),
+                },
+                &[],
+            ),
+        );
+        let with = |address: &str, health: HealthStatus, weight: u32| LbEndpoint {
+            health,
+            load_balancing_weight: weight,
+            ..endpoint(address)
+        };
+        let locality = |priority: u32, endpoints: Vec<LbEndpoint>| LocalityLbEndpoints {
+            priority,
+            lb_endpoints: endpoints,
+            ..Default::default()
+        };
+        let assign = |r: &mut Resources, localities: Vec<LocalityLbEndpoints>| {
+            r.endpoints.insert(
+                "eds".into(),
+                envoy::ClusterLoadAssignment {
+                    cluster_name: "eds".into(),
+                    endpoints: localities,
+                },
+            );
+        };
+        assign(
+            &mut r,
+            vec![
+                locality(
+                    1,
+                    vec![
+                        with("10.0.1.1:80", HealthStatus::Healthy, 3),
+                        with("10.0.1.2:80", HealthStatus::Draining, 1),
+                    ],
+                ),
+                locality(
+                    0,
+                    vec![
+                        with("10.0.0.1:80", HealthStatus::Unhealthy, 1),
+                        with("10.0.0.2:80", HealthStatus::Timeout, 1),
+                    ],
+                ),
+            ],
+        );
+        let s = index(&r);
+        let eps = |s: &Snapshot| {
+            s.cluster("outbound|80||eds.example")
+                .unwrap()
+                .endpoints
+                .iter()
+                .map(|e| format!("{} w{}", e.display(), e.weight))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(eps(&s), ["10.0.1.1:80 w3"]);
+        assign(
+            &mut r,
+            vec![locality(
+                0,
+                vec![
+                    with("10.0.0.1:80", HealthStatus::Degraded, 1),
+                    with("10.0.0.2:80", HealthStatus::Healthy, 2),
+                ],
+            )],
+        );
+        assert_eq!(eps(&index(&r)), ["10.0.0.2:80 w2"]);
+        assign(
+            &mut r,
+            vec![locality(
+                0,
+                vec![with("10.0.0.1:80", HealthStatus::Degraded, 1)],
+            )],
+        );
+        assert_eq!(eps(&index(&r)), ["10.0.0.1:80 w1"]);
+        r.endpoints.clear();
+        assert!(eps(&index(&r)).is_empty());
+    }
+
+    #[test]
+    fn dns_clusters_resolve_through_the_lookup_and_report_their_names() {
+        let mut r = seed(false);
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|443||strict.example",
+                Discovery::StrictDns,
+                &["Strict.example:443"],
+            ),
+        );
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|443||logical.example",
+                Discovery::LogicalDns,
+                &["logical.example:443"],
+            ),
+        );
+        let answers = |name: &str| -> Option<Arc<[IpAddr]>> {
+            (name.ends_with(".example")).then(|| Arc::from(vec![ip("192.0.2.1"), ip("192.0.2.2")]))
+        };
+        let s = Snapshot::index(&r, &answers, None, 1);
+        assert_eq!(
+            s.dns_names.iter().collect::<Vec<_>>(),
+            ["logical.example", "strict.example"]
+        );
+        let eps = |name: &str| {
+            s.cluster(name)
+                .unwrap()
+                .endpoints
+                .iter()
+                .map(|e| (e.display(), e.hostname.as_deref().unwrap_or("").to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            eps("outbound|443||strict.example"),
+            [
+                ("192.0.2.1:443".into(), "strict.example".into()),
+                ("192.0.2.2:443".into(), "strict.example".into())
+            ]
+        );
+        assert_eq!(
+            eps("outbound|443||logical.example"),
+            [("192.0.2.1:443".to_string(), "logical.example".to_string())]
+        );
+    }
+
+    #[test]
+    fn endpoints_needing_tls_are_marked_and_counters_survive_a_reload() {
+        let mut r = seed(false);
+        let mut c = cluster(
+            "outbound|80||mesh.internal",
+            Discovery::Static,
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        );
+        c.transport_socket_matches = vec![
+            envoy::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                match_metadata: BTreeMap::from([("tlsMode".to_string(), "istio".to_string())]),
+                transport: UpstreamTransport::IstioMutualTls,
+            },
+            envoy::TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                match_metadata: BTreeMap::new(),
+                transport: UpstreamTransport::Plaintext,
+            },
+        ];
+        let eps = &mut c.load_assignment.as_mut().unwrap().endpoints[0].lb_endpoints;
+        eps[0]
+            .transport_socket_match
+            .insert("tlsMode".into(), "istio".into());
+        add_cluster(&mut r, c);
+        let first = index(&r);
+        let c = first.cluster("outbound|80||mesh.internal").unwrap();
+        assert!(
+            c.endpoints[0]
+                .transport_error
+                .as_deref()
+                .unwrap()
+                .contains("Istio mutual TLS")
+        );
+        assert!(c.endpoints[1].transport_error.is_none());
+        let _active = c.endpoints[1].state.start();
+        let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
+        let c = second.cluster("outbound|80||mesh.internal").unwrap();
+        assert_eq!(
+            (c.endpoints[1].state.active(), c.endpoints[0].state.active()),
+            (1, 0)
+        );
+        assert_eq!(second.version, 2);
+    }
+}

@@ -1,0 +1,562 @@
+//! Route tables: virtual hosts chosen by domain with Envoy's precedence, routes tried in
+//! order, regexes compiled once here rather than per request.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use portcullis_envoy as envoy;
+use regex::Regex;
+
+use crate::Map;
+use crate::cluster::Target;
+use crate::host::{normalized, split_host_port};
+use crate::snapshot::{Decision, Wildcards};
+
+/// A request's headers as route matching reads them.
+pub trait Headers: Sync {
+    /// Every value of the header `name` (lower case), joined with `,` as Envoy does; `None`
+    /// when absent.
+    fn get(&self, name: &str) -> Option<Cow<'_, str>>;
+}
+
+/// No headers at all.
+impl Headers for () {
+    fn get(&self, _: &str) -> Option<Cow<'_, str>> {
+        None
+    }
+}
+
+/// A request as route matching sees it.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    /// Host or `:authority`.
+    pub authority: &'a str,
+    /// `:path`, with any query string.
+    pub path: &'a str,
+    /// `:method`.
+    pub method: &'a str,
+    /// `:scheme` (`http` unless the client said otherwise).
+    pub scheme: &'a str,
+    /// The other headers.
+    pub headers: &'a dyn Headers,
+}
+
+impl Request<'_> {
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        match name {
+            ":authority" | "host" => Some(Cow::Borrowed(self.authority)),
+            ":path" => Some(Cow::Borrowed(self.path)),
+            ":method" => Some(Cow::Borrowed(self.method)),
+            ":scheme" => Some(Cow::Borrowed(self.scheme)),
+            _ => self.headers.get(name),
+        }
+    }
+
+    /// The path without query string or fragment.
+    fn path_only(&self) -> &str {
+        self.path
+            .split_once(['?', '#'])
+            .map_or(self.path, |(p, _)| p)
+    }
+
+    fn query(&self) -> &str {
+        let rest = self.path.split_once('?').map_or("", |(_, q)| q);
+        rest.split_once('#').map_or(rest, |(q, _)| q)
+    }
+}
+
+/// A route configuration, indexed.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// Its name (Istio: the port, `80`).
+    pub name: Arc<str>,
+    vhosts: Vec<VirtualHost>,
+    exact: Map<Box<str>, usize>,
+    /// `*.suffix` domains: the virtual host and the suffix's length.
+    dot_suffixes: Wildcards<(usize, usize)>,
+    /// Other `*suffix` domains, by suffix length, longest first.
+    suffixes: Vec<(usize, Map<Box<str>, usize>)>,
+    /// `prefix*` domains, by prefix length, longest first.
+    prefixes: Vec<(usize, Map<Box<str>, usize>)>,
+    any: Option<usize>,
+    ignore_port: bool,
+}
+
+/// A virtual host, indexed.
+#[derive(Debug)]
+pub struct VirtualHost {
+    /// Its name (Istio: `host:port`, `allow_any`, `block_all`).
+    pub name: Arc<str>,
+    routes: Vec<Arc<Route>>,
+    /// Retry policy for routes without their own.
+    pub retry_policy: Option<envoy::RetryPolicy>,
+}
+
+/// A route, compiled.
+#[derive(Debug)]
+pub struct Route {
+    /// Its name (Istio: `default`, `allow_any`, `block_all`, or the VirtualService's).
+    pub name: Arc<str>,
+    matcher: Matcher,
+    /// What it does.
+    pub action: Action,
+}
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum Action {
+    /// Forwards: where, and how (timeouts, retries, rewrites).
+    Forward(Target, envoy::Forward),
+    /// Answers with this.
+    Direct(Decision),
+    /// Answers with a redirect.
+    Redirect(envoy::Redirect),
+}
+
+/// The answer of a direct response or a redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectResponse {
+    /// Status code.
+    pub status: u16,
+    /// Body, if any.
+    pub body: Option<String>,
+    /// The `location` of a redirect.
+    pub location: Option<String>,
+}
+
+/// The outcome of routing one request.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// What to do with it.
+    pub decision: Decision,
+    /// The route that matched, if one did.
+    pub route: Option<Arc<Route>>,
+}
+
+impl HttpRoute {
+    /// No route: Envoy's 404 `NR`.
+    pub(crate) fn none() -> HttpRoute {
+        HttpRoute {
+            decision: Decision::NoRoute,
+            route: None,
+        }
+    }
+}
+
+impl RouteTable {
+    /// Compiles a route configuration; routes Envoy would reject are left out and reported
+    /// in `warnings`.
+    pub fn compile(
+        rc: &envoy::RouteConfiguration,
+        target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
+        warnings: &mut Vec<String>,
+    ) -> RouteTable {
+        let mut table = RouteTable {
+            name: rc.name.as_str().into(),
+            vhosts: Vec::with_capacity(rc.virtual_hosts.len()),
+            exact: Map::default(),
+            dot_suffixes: Wildcards::default(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            any: None,
+            ignore_port: rc.ignore_port_in_host_matching,
+        };
+        for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+            for domain in &vh.domains {
+                if !table.claim(&domain.to_ascii_lowercase(), i) {
+                    // Envoy rejects the whole table; the first virtual host keeps the domain.
+                    warnings.push(format!(
+                        "route configuration {}: domain {domain:?} of virtual host {} is already taken; ignored",
+                        rc.name, vh.name
+                    ));
+                }
+            }
+            let routes = vh
+                .routes
+                .iter()
+                .filter_map(|r| match Route::compile(r, target) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "route configuration {}: virtual host {}: route {:?}: {e}; ignored",
+                            rc.name, vh.name, r.name
+                        ));
+                        None
+                    }
+                })
+                .collect();
+            table.vhosts.push(VirtualHost {
+                name: vh.name.as_str().into(),
+                routes,
+                retry_policy: vh.retry_policy.clone(),
+            });
+        }
+        table
+            .suffixes
+            .sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        table
+            .prefixes
+            .sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        table
+    }
+
+    /// Registers `domain` for virtual host `vh`; false when another one holds it.
+    fn claim(&mut self, domain: &str, vh: usize) -> bool {
+        fn by_length(list: &mut Vec<(usize, Map<Box<str>, usize>)>, key: &str, vh: usize) -> bool {
+            let i = match list.iter().position(|(len, _)| *len == key.len()) {
+                Some(i) => i,
+                None => {
+                    list.push((key.len(), Map::default()));
+                    list.len() - 1
+                }
+            };
+            let map = &mut list[i].1;
+            if map.contains_key(key) {
+                return false;
+            }
+            map.insert(key.into(), vh);
+            true
+        }
+        if domain == "*" {
+            if self.any.is_some() {
+                return false;
+            }
+            self.any = Some(vh);
+            return true;
+        }
+        if let Some(suffix) = domain.strip_prefix('*') {
+            if suffix.starts_with('.') {
+                if self.dot_suffixes.get(suffix).is_some() {
+                    return false;
+                }
+                self.dot_suffixes.insert(suffix, (vh, suffix.len()));
+                return true;
+            }
+            return by_length(&mut self.suffixes, suffix, vh);
+        }
+        if let Some(prefix) = domain.strip_suffix('*') {
+            return by_length(&mut self.prefixes, prefix, vh);
+        }
+        if self.exact.contains_key(domain) {
+            return false;
+        }
+        self.exact.insert(domain.into(), vh);
+        true
+    }
+
+    /// The virtual host for an authority, in Envoy's precedence: exact domain, then the
+    /// longest `*suffix`, then the longest `prefix*`, then `*`. The port is left out
+    /// with `ignore_port_in_host_matching`, else matched as part of the domain.
+    pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        // Most authorities carry no port: then the whole is the host. One that is no host
+        // at all still matches `*`, as in Envoy.
+        let split =
+            if authority.ends_with(|c: char| c.is_ascii_digit()) || authority.starts_with('[') {
+                split_host_port(authority).ok()
+            } else {
+                Some((authority, None))
+            };
+        let Some((host, port)) = split else {
+            return self.any.and_then(|i| self.vhosts.get(i));
+        };
+        let Ok(host) = normalized(host) else {
+            return self.any.and_then(|i| self.vhosts.get(i));
+        };
+        // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
+        let key: Cow<'_, str> = match port {
+            Some(port) if !self.ignore_port => match host.ip {
+                Some(std::net::IpAddr::V6(_)) => Cow::Owned(format!("[{}]:{port}", host.text)),
+                _ => Cow::Owned(format!("{}:{port}", host.text)),
+            },
+            _ => Cow::Borrowed(&host.text),
+        };
+        let i = self
+            .exact
+            .get(&*key)
+            .copied()
+            .or_else(|| self.by_suffix(&key, host.dots))
+            .or_else(|| {
+                self.prefixes.iter().find_map(|(len, m)| {
+                    (*len < key.len())
+                        .then(|| key.get(..*len).and_then(|p| m.get(p)).copied())
+                        .flatten()
+                })
+            })
+            .or(self.any)?;
+        self.vhosts.get(i)
+    }
+
+    fn by_suffix(&self, key: &str, dots: usize) -> Option<usize> {
+        let dotted = self.dot_suffixes.longest_match(key, dots).copied();
+        let other = self.suffixes.iter().find_map(|(len, m)| {
+            (*len < key.len())
+                .then(|| {
+                    key.get(key.len() - len..)
+                        .and_then(|s| m.get(s))
+                        .map(|vh| (*vh, *len))
+                })
+                .flatten()
+        });
+        match (dotted, other) {
+            (Some(a), Some(b)) => Some(if b.1 > a.1 { b.0 } else { a.0 }),
+            (a, b) => a.or(b).map(|(vh, _)| vh),
+        }
+    }
+
+    /// Routes a request: its virtual host, then the first route that matches.
+    pub fn route(&self, req: &Request<'_>) -> HttpRoute {
+        let Some(vh) = self.virtual_host(req.authority) else {
+            return HttpRoute::none();
+        };
+        let Some(route) = vh.routes.iter().find(|r| r.matcher.matches(req)) else {
+            return HttpRoute::none();
+        };
+        let decision = match &route.action {
+            Action::Forward(target, _) => target.decide(),
+            Action::Direct(d) => d.clone(),
+            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
+                status: r.status,
+                body: None,
+                location: Some(location(r, &route.matcher.path, req)),
+            })),
+        };
+        HttpRoute {
+            decision,
+            route: Some(Arc::clone(route)),
+        }
+    }
+}
+
+/// The `location` of a redirect, from the request and the redirect's replacements.
+fn location(r: &envoy::Redirect, matched: &PathMatcher, req: &Request<'_>) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(req.scheme);
+    let (host, port) = split_host_port(req.authority).unwrap_or((req.authority, None));
+    let host = r.host.as_deref().unwrap_or(host);
+    // A new scheme drops the old port unless one is given, as the old one belonged to it.
+    let port = match (r.port, &r.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => port,
+    };
+    let path = req.path_only();
+    let mut path = match (&r.path, &r.prefix_rewrite, matched) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(new), PathMatcher::Prefix(old) | PathMatcher::Separated(old)) => {
+            format!("{new}{}", path.get(old.len()..).unwrap_or(""))
+        }
+        _ => path.to_string(),
+    };
+    let query = req.query();
+    if !r.strip_query && !query.is_empty() && !path.contains('?') {
+        path.push('?');
+        path.push_str(query);
+    }
+    match port {
+        Some(port) => format!("{scheme}://{host}:{port}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+impl Route {
+    fn compile(
+        r: &envoy::Route,
+        target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
+    ) -> Result<Route, regex::Error> {
+        let action = match &r.action {
+            envoy::RouteAction::Forward(f) => Action::Forward(target(&f.cluster), f.clone()),
+            envoy::RouteAction::DirectResponse { status, body } => {
+                Action::Direct(Decision::Direct(Arc::new(DirectResponse {
+                    status: *status,
+                    body: body.clone(),
+                    location: None,
+                })))
+            }
+            envoy::RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
+        };
+        Ok(Route {
+            name: r.name.as_str().into(),
+            matcher: Matcher::compile(&r.route_match)?,
+            action,
+        })
+    }
+}
+
+#[derive(Debug)]
+enum PathMatcher {
+    Prefix(Box<str>),
+    Path(Box<str>),
+    Regex(Regex),
+    Separated(Box<str>),
+}
+
+#[derive(Debug)]
+struct Matcher {
+    path: PathMatcher,
+    case_sensitive: bool,
+    headers: Vec<HeaderCheck>,
+    query: Vec<(Box<str>, Option<StringCheck>)>,
+}
+
+#[derive(Debug)]
+struct HeaderCheck {
+    name: Box<str>,
+    check: Option<StringCheck>,
+    present: bool,
+    invert: bool,
+    missing_as_empty: bool,
+}
+
+#[derive(Debug)]
+enum Pattern {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Contains(Box<str>),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+struct StringCheck {
+    pattern: Pattern,
+    ignore_case: bool,
+}
+
+/// An RE2-style pattern that must match the whole input, as Envoy's `safe_regex`.
+fn whole(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{pattern})$"))
+}
+
+fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
+    s.len() >= prefix.len()
+        && if case_sensitive {
+            s.as_bytes().starts_with(prefix.as_bytes())
+        } else {
+            s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        }
+}
+
+impl Matcher {
+    fn compile(m: &envoy::RouteMatch) -> Result<Matcher, regex::Error> {
+        let path = match &m.path {
+            envoy::PathMatch::Prefix(p) => PathMatcher::Prefix(p.as_str().into()),
+            envoy::PathMatch::Path(p) => PathMatcher::Path(p.as_str().into()),
+            envoy::PathMatch::Regex(r) => PathMatcher::Regex(whole(r)?),
+            envoy::PathMatch::PathSeparatedPrefix(p) => PathMatcher::Separated(p.as_str().into()),
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(|h| {
+                let (check, present) = match &h.matcher {
+                    envoy::HeaderMatch::Present(p) => (None, *p),
+                    envoy::HeaderMatch::String(s) => (Some(StringCheck::compile(s)?), true),
+                };
+                Ok(HeaderCheck {
+                    name: h.name.to_ascii_lowercase().into(),
+                    check,
+                    present,
+                    invert: h.invert_match,
+                    missing_as_empty: h.treat_missing_header_as_empty,
+                })
+            })
+            .collect::<Result<_, regex::Error>>()?;
+        let query = m
+            .query_parameters
+            .iter()
+            .map(|q| {
+                let check = q.matcher.as_ref().map(StringCheck::compile).transpose()?;
+                Ok((q.name.as_str().into(), check))
+            })
+            .collect::<Result<_, regex::Error>>()?;
+        Ok(Matcher {
+            path,
+            case_sensitive: m.case_sensitive,
+            headers,
+            query,
+        })
+    }
+
+    fn matches(&self, req: &Request<'_>) -> bool {
+        let path = req.path_only();
+        let cs = self.case_sensitive;
+        let path_ok = match &self.path {
+            PathMatcher::Prefix(p) => starts_with(path, p, cs),
+            PathMatcher::Path(p) => path.len() == p.len() && starts_with(path, p, cs),
+            PathMatcher::Regex(r) => r.is_match(path),
+            PathMatcher::Separated(p) => {
+                starts_with(path, p, cs)
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+        };
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req))
+            && self.query.iter().all(|(name, check)| {
+                let value = req.query().split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == &**name).then_some(v)
+                });
+                match (value, check) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(c)) => c.matches(v),
+                }
+            })
+    }
+}
+
+impl HeaderCheck {
+    fn matches(&self, req: &Request<'_>) -> bool {
+        let value = req.header(&self.name);
+        let value = match value {
+            Some(v) => v,
+            None if self.missing_as_empty => Cow::Borrowed(""),
+            // Envoy: an absent header matches only `present: false`, or inverted only
+            // `present: true`; every value matcher fails on it, inverted or not.
+            None => return self.check.is_none() && self.present == self.invert,
+        };
+        let result = match &self.check {
+            None => self.present,
+            Some(c) => c.matches(&value),
+        };
+        result != self.invert
+    }
+}
+
+impl StringCheck {
+    fn compile(s: &envoy::StringMatcher) -> Result<StringCheck, regex::Error> {
+        let text = |t: &str| -> Box<str> {
+            if s.ignore_case {
+                t.to_ascii_lowercase().into()
+            } else {
+                t.into()
+            }
+        };
+        let pattern = match &s.pattern {
+            envoy::StringPattern::Exact(t) => Pattern::Exact(text(t)),
+            envoy::StringPattern::Prefix(t) => Pattern::Prefix(text(t)),
+            envoy::StringPattern::Suffix(t) => Pattern::Suffix(text(t)),
+            envoy::StringPattern::Contains(t) => Pattern::Contains(text(t)),
+            envoy::StringPattern::Regex(r) => Pattern::Regex(whole(r)?),
+        };
+        Ok(StringCheck {
+            pattern,
+            ignore_case: s.ignore_case,
+        })
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        let value: Cow<'_, str> = if self.ignore_case && !matches!(self.pattern, Pattern::Regex(_))
+        {
+            Cow::Owned(value.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(value)
+        };
+        match &self.pattern {
+            Pattern::Exact(t) => *value == **t,
+            Pattern::Prefix(t) => value.starts_with(&**t),
+            Pattern::Suffix(t) => value.ends_with(&**t),
+            Pattern::Contains(t) => value.contains(&**t),
+            Pattern::Regex(r) => r.is_match(&value),
+        }
+    }
+}
