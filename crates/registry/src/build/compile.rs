@@ -865,6 +865,7 @@ fn service_cluster(
                 health: HealthStatus::Unknown,
                 load_balancing_weight: weight,
                 transport_socket_match: BTreeMap::new(),
+                hostname: None,
                 source: Some(source.to_string()),
             })
             .collect();
