@@ -8,6 +8,7 @@
 //! does not honour are not represented, and the converters say so instead of dropping them
 //! silently. [`json`] renders them in Envoy's JSON shape, which real Envoy loads.
 
+mod defaults;
 pub mod json;
 
 use std::collections::BTreeMap;

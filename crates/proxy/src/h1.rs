@@ -205,9 +205,14 @@ where
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
-        // The general path speaks HTTP/2 upstream: give it the request back, and the
-        // logging of it.
+    let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
+        r.rewrites()
+            || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
+                != proxy.config.route_timeout
+    });
+    if rewrites || crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
+        // The general path speaks HTTP/2 upstream and applies a route's rewrites and
+        // timeout: give it the request back, and the logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);

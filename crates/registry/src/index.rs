@@ -174,8 +174,7 @@ mod tests {
     use envoy::{
         ClusterSpecifier, Discovery, FilterChain, FilterChainMatch, HealthStatus,
         HttpConnectionManager, LbEndpoint, LbPolicy, Listener, LocalityLbEndpoints, NetworkFilter,
-        Resources, RouteAction, RouteMatch, RouteSource, TcpProxy, UpstreamProtocol,
-        UpstreamTransport,
+        Resources, RouteAction, RouteMatch, RouteSource, TcpProxy, UpstreamTransport,
     };
     use ipnet::IpNet;
 
@@ -193,12 +192,7 @@ mod tests {
 
     fn cluster(name: &str, discovery: Discovery, endpoints: &[&str]) -> envoy::Cluster {
         envoy::Cluster {
-            name: name.into(),
-            discovery,
             lb_policy: LbPolicy::LeastRequest,
-            connect_timeout: std::time::Duration::from_secs(10),
-            upstream_protocol: UpstreamProtocol::Http1,
-            circuit_breakers: Default::default(),
             load_assignment: Some(envoy::ClusterLoadAssignment {
                 cluster_name: name.into(),
                 endpoints: vec![LocalityLbEndpoints {
@@ -206,15 +200,12 @@ mod tests {
                     ..Default::default()
                 }],
             }),
-            transport: UpstreamTransport::Plaintext,
-            transport_socket_matches: Vec::new(),
-            dns_refresh_rate: None,
-            source: None,
+            ..envoy::Cluster::new(name, discovery)
         }
     }
 
     fn endpoint(address: &str) -> LbEndpoint {
-        let address = match address.parse() {
+        LbEndpoint::new(match address.parse() {
             Ok(a) => envoy::EndpointAddress::Socket(a),
             Err(_) => {
                 let (host, port) = address.rsplit_once(':').unwrap();
@@ -223,14 +214,7 @@ mod tests {
                     port: port.parse().unwrap(),
                 }
             }
-        };
-        LbEndpoint {
-            address,
-            health: HealthStatus::Unknown,
-            load_balancing_weight: 1,
-            transport_socket_match: BTreeMap::new(),
-            source: None,
-        }
+        })
     }
 
     fn chain(name: &str, m: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
@@ -284,27 +268,11 @@ mod tests {
     }
 
     fn route(name: &str, m: RouteMatch, action: RouteAction) -> envoy::Route {
-        envoy::Route {
-            name: name.into(),
-            route_match: m,
-            action,
-            request_headers_to_add: Vec::new(),
-            request_headers_to_remove: Vec::new(),
-            response_headers_to_add: Vec::new(),
-            response_headers_to_remove: Vec::new(),
-        }
+        envoy::Route::new(name, m, action)
     }
 
     fn forward(cluster: &str) -> RouteAction {
-        RouteAction::Forward(envoy::Forward {
-            cluster: ClusterSpecifier::Cluster(cluster.into()),
-            timeout: None,
-            idle_timeout: None,
-            retry_policy: None,
-            host_rewrite_literal: None,
-            prefix_rewrite: None,
-            regex_rewrite: None,
-        })
+        RouteAction::Forward(envoy::Forward::to(cluster))
     }
 
     const BLOCK_ALL: RouteAction = RouteAction::DirectResponse {
@@ -993,12 +961,7 @@ mod tests {
                     })
                     .collect(),
             ),
-            timeout: None,
-            idle_timeout: None,
-            retry_policy: None,
-            host_rewrite_literal: None,
-            prefix_rewrite: None,
-            regex_rewrite: None,
+            ..envoy::Forward::to("")
         });
         let s = table(
             vec![vhost(
