@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_envoy::AppendAction;
 use portcullis_registry::{
-    Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Route,
-    split_host_port,
+    BLACKHOLE_CLUSTER, Connection, Decision, HeaderMutation, Headers, Protocol,
+    Request as RouteRequest, Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -447,6 +447,16 @@ pub(crate) async fn route<'a>(
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
+        // Istio's telemetry names its `block_all` direct response after the cluster it
+        // stands for.
+        Decision::Direct(_)
+            if outcome
+                .matched
+                .as_ref()
+                .is_some_and(|r| &*r.name == "block_all") =>
+        {
+            BLACKHOLE_CLUSTER.into()
+        }
         other => other.cluster_name().into(),
     };
     outcome.service = match &decision {

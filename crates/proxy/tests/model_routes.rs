@@ -108,8 +108,9 @@ fn model(app: SocketAddr) -> Snapshot {
     let block_all = envoy::VirtualHost {
         name: "block_all".into(),
         domains: vec!["*".into()],
-        routes: vec![route(
-            "/",
+        routes: vec![envoy::Route::new(
+            "block_all",
+            RouteMatch::any(),
             RouteAction::DirectResponse {
                 status: 502,
                 body: None,
@@ -187,6 +188,17 @@ async fn route_actions_answer_as_envoy_does() {
     let blocked = fetch(&harness, "http://unregistered.example/", None).await;
     assert_eq!((blocked.status.as_u16(), blocked.text()), (502, ""));
     assert_eq!(blocked.header("server"), Some("envoy"));
+    // Counted as Istio counts its `block_all` route: against BlackHoleCluster.
+    assert!(
+        harness
+            .prometheus()
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("\"BlackHoleCluster\"")
+                && l.contains("\"502\"")),
+        "{}",
+        harness.prometheus()
+    );
 
     let no_route = fetch(&harness, "http://strict.internal/other", None).await;
     assert_eq!(no_route.status.as_u16(), 404);
