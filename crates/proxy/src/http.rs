@@ -29,7 +29,7 @@ use crate::guard::{InFlight, InFlightGuard};
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
-use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
+use crate::upstream::{Original, Pick, Retries, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -573,7 +573,9 @@ async fn route_and_forward(
     });
     let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
-    for attempt in 0..ATTEMPTS {
+    let retries = Retries::of(matched);
+    for attempt in 0..retries.attempts {
+        let more = attempt + 1 < retries.attempts;
         let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
@@ -626,7 +628,7 @@ async fn route_and_forward(
                 return Ok(response);
             }
             Err(Failure::Connect(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
+                if more && retries.connect_failure && can_retry(&decision, index) {
                     tried.extend(index);
                     req = unsent;
                     continue;
@@ -635,14 +637,14 @@ async fn route_and_forward(
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS {
+                if more {
                     req = unsent;
                     continue;
                 }
                 return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers)) if attempt + 1 < ATTEMPTS => {
+                Some((method, uri, version, headers)) if more && retries.reset => {
                     if can_retry(&decision, index) {
                         tried.extend(index);
                     }

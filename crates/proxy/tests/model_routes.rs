@@ -49,7 +49,7 @@ fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
 
 /// `0.0.0.0_80` with an inline table: `app.internal` with every action, `block_all` for
 /// the rest.
-fn model(app: SocketAddr) -> Snapshot {
+fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
     let mut rewrite = route(
         "/old",
         RouteAction::Forward(envoy::Forward {
@@ -86,6 +86,21 @@ fn model(app: SocketAddr) -> Snapshot {
                 RouteAction::Forward(envoy::Forward::to("no-such-cluster")),
             ),
             route("/mtls", RouteAction::Forward(envoy::Forward::to("mtls"))),
+            route(
+                "/retried",
+                RouteAction::Forward(envoy::Forward {
+                    retry_policy: Some(envoy::RetryPolicy {
+                        retry_on: vec!["connect-failure".into()],
+                        num_retries: 2,
+                        per_try_timeout: None,
+                        retriable_status_codes: Vec::new(),
+                        avoid_previous_hosts: false,
+                        host_selection_retry_max_attempts: 0,
+                    }),
+                    ..envoy::Forward::to("refused")
+                }),
+            ),
+            route("/once", RouteAction::Forward(envoy::Forward::to("refused"))),
             route("/", RouteAction::Forward(envoy::Forward::to("app"))),
         ],
         request_headers_to_add: vec![set("x-level", "vhost", AppendAction::AppendIfExistsOrAdd)],
@@ -156,6 +171,7 @@ fn model(app: SocketAddr) -> Snapshot {
     for c in [
         cluster("app", app, UpstreamTransport::Plaintext),
         cluster("mtls", app, UpstreamTransport::IstioMutualTls),
+        cluster("refused", refused, UpstreamTransport::Plaintext),
     ] {
         r.clusters.insert(c.name.clone(), c);
     }
@@ -165,7 +181,8 @@ fn model(app: SocketAddr) -> Snapshot {
 #[tokio::test]
 async fn route_actions_answer_as_envoy_does() {
     let app = Upstream::start("app").await;
-    let harness = Harness::start(model(app.addr)).await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
 
     let ok = fetch(&harness, "http://app.internal/page", None).await;
     assert_eq!((ok.status.as_u16(), ok.text()), (200, "app"));
@@ -216,7 +233,8 @@ async fn route_actions_answer_as_envoy_does() {
 #[tokio::test]
 async fn routes_rewrite_host_path_and_headers_in_envoys_order() {
     let app = Upstream::start("app").await;
-    let harness = Harness::start(model(app.addr)).await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
     let mut sender = harness.client().await;
     let req = http::Request::get("http://app.internal/old/page?k=v")
         .header("x-drop", "secret")
@@ -236,4 +254,29 @@ async fn routes_rewrite_host_path_and_headers_in_envoys_order() {
     let levels: Vec<_> = last.headers.get_all("x-level").iter().collect();
     assert_eq!(levels, ["table"]);
     assert_eq!(answer.header("x-answered-by"), Some("app"));
+}
+
+#[tokio::test]
+async fn a_route_retries_as_its_policy_says_and_not_without_one() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    let flags = |path: &'static str| {
+        let harness = &harness;
+        async move {
+            let answer = fetch(harness, &format!("http://app.internal{path}"), None).await;
+            assert_eq!(answer.status.as_u16(), 503);
+            let text = harness.prometheus();
+            let flags: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .filter_map(|l| l.split("response_flags=\"").nth(1))
+                .filter_map(|rest| rest.split('"').next().map(str::to_string))
+                .collect();
+            flags
+        }
+    };
+    assert_eq!(flags("/once").await, ["UF"]);
+    let after = flags("/retried").await;
+    assert!(after.contains(&"URX,UF".to_string()), "{after:?}");
 }

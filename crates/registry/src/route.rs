@@ -107,6 +107,8 @@ pub struct Route {
     pub response_headers: Vec<HeaderMutation>,
     /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
     regex_rewrite: Option<(Regex, String)>,
+    /// The retry policy in force: the route's, else its virtual host's.
+    pub retry_policy: Option<envoy::RetryPolicy>,
 }
 
 /// One header change.
@@ -418,6 +420,10 @@ impl Route {
                 &rc.response_headers_to_add,
             ))
             .collect();
+        let retry_policy = match &r.action {
+            envoy::RouteAction::Forward(f) => f.retry_policy.clone().or(vh.retry_policy.clone()),
+            _ => None,
+        };
         Ok(Route {
             name: r.name.as_str().into(),
             matcher: Matcher::compile(&r.route_match)?,
@@ -425,6 +431,7 @@ impl Route {
             request_headers,
             response_headers,
             regex_rewrite,
+            retry_policy,
         })
     }
 
