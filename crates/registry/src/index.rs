@@ -948,6 +948,50 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_rewritten_by_prefix_or_by_regex_with_re2_groups() {
+        let rewrite = |m: RouteMatch, prefix: Option<&str>, regex: Option<(&str, &str)>| {
+            let action = RouteAction::Forward(envoy::Forward {
+                prefix_rewrite: prefix.map(str::to_string),
+                regex_rewrite: regex.map(|(pattern, substitution)| envoy::RegexRewrite {
+                    pattern: pattern.into(),
+                    substitution: substitution.into(),
+                }),
+                ..envoy::Forward::to("exact")
+            });
+            let s = table(
+                vec![vhost("all", &["*"], vec![route("r", m, action)])],
+                true,
+            );
+            move |path: &str| {
+                http(&s, "10.0.0.1:80", "h", path, &[])
+                    .route
+                    .and_then(|r| r.rewrite_path(path))
+            }
+        };
+        let by_prefix = rewrite(
+            RouteMatch {
+                path: envoy::PathMatch::Prefix("/old".into()),
+                ..RouteMatch::any()
+            },
+            Some("/new"),
+            None,
+        );
+        assert_eq!(by_prefix("/old/a?q=1").as_deref(), Some("/new/a?q=1"));
+        let by_regex = rewrite(
+            RouteMatch::any(),
+            None,
+            Some((r"^/v(\d+)/(.*)$", r"/api/\2/v\1")),
+        );
+        assert_eq!(
+            by_regex("/v2/users?x=1").as_deref(),
+            Some("/api/users/v2?x=1")
+        );
+        assert_eq!(by_regex("/other").as_deref(), Some("/other"));
+        let none = rewrite(RouteMatch::any(), None, None);
+        assert_eq!(none("/a"), None);
+    }
+
+    #[test]
     fn weighted_clusters_are_drawn_in_proportion() {
         let weighted = RouteAction::Forward(envoy::Forward {
             cluster: ClusterSpecifier::Weighted(
