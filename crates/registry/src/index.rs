@@ -784,6 +784,8 @@ mod tests {
         vec![route("r", RouteMatch::any(), forward(name))]
     }
 
+    /// Every case below was checked against Envoy 1.40 with the same domains in a static
+    /// route configuration.
     #[test]
     fn virtual_hosts_follow_envoys_domain_precedence() {
         let vhosts = vec![
