@@ -323,25 +323,19 @@ impl RouteTable {
 
     /// Routes a request: its virtual host, then the first route that matches.
     pub fn route(&self, req: &Request<'_>) -> HttpRoute {
-        let Some(vh) = self.virtual_host(req.authority) else {
-            return HttpRoute::none();
-        };
-        let Some(route) = vh.routes.iter().find(|r| r.matcher.matches(req)) else {
-            return HttpRoute::none();
-        };
-        let decision = match &route.action {
-            Action::Forward(target, _) => target.decide(),
-            Action::Direct(d) => d.clone(),
-            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
-                status: r.status,
-                body: None,
-                location: Some(location(r, &route.matcher.path, req)),
-            })),
-        };
-        HttpRoute {
-            decision,
-            route: Some(Arc::clone(route)),
+        match self.matching(req) {
+            Some(route) => HttpRoute {
+                decision: route.decide(req),
+                route: Some(Arc::clone(route)),
+            },
+            None => HttpRoute::none(),
         }
+    }
+
+    /// The first route of the request's virtual host that matches it.
+    pub(crate) fn matching(&self, req: &Request<'_>) -> Option<&Arc<Route>> {
+        let vh = self.virtual_host(req.authority)?;
+        vh.routes.iter().find(|r| r.matcher.matches(req))
     }
 }
 
@@ -433,6 +427,19 @@ impl Route {
             regex_rewrite,
             retry_policy,
         })
+    }
+
+    /// What the route does with `req`.
+    pub(crate) fn decide(&self, req: &Request<'_>) -> Decision {
+        match &self.action {
+            Action::Forward(target, _) => target.decide(),
+            Action::Direct(d) => d.clone(),
+            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
+                status: r.status,
+                body: None,
+                location: Some(location(r, &self.matcher.path, req)),
+            })),
+        }
     }
 
     /// The forwarding settings, when the route forwards.

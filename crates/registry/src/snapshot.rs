@@ -393,10 +393,10 @@ impl Snapshot {
             )
     }
 
-    /// The decision for a name on `port` without an original destination (the explicit
-    /// proxy): the port's HTTP routes for it as a Host, or its filter chain for it as SNI;
-    /// `None` when neither registers it.
-    fn by_name(&self, name: &str, port: u16) -> Option<Decision> {
+    /// The decision for an authority on `port` without an original destination (the
+    /// explicit proxy): the port's HTTP routes for it as a Host, or its filter chain for its
+    /// host as SNI; `None` when neither registers it.
+    fn by_name(&self, authority: &str, port: u16) -> Option<Decision> {
         let candidates = self.candidates(None, port)?;
         let http = Connection {
             port,
@@ -406,15 +406,17 @@ impl Snapshot {
         let decision = match candidates.pick(&http).map(|c| &c.filter) {
             Some(ChainFilter::Http(h)) => {
                 let req = Request {
-                    authority: name,
+                    authority,
                     path: "/",
                     method: "GET",
                     scheme: "http",
                     headers: &(),
                 };
-                h.routes.as_ref().map(|t| t.route(&req).decision)
+                let table = h.routes.as_ref()?;
+                table.matching(&req).map(|r| r.decide(&req))
             }
             _ => {
+                let (name, _) = split_host_port(authority).ok()?;
                 let tls = Connection {
                     port,
                     server_name: Some(name),
@@ -451,10 +453,9 @@ impl Snapshot {
     /// on decides, as Istio's (`ignore_port_in_host_matching`).
     pub fn route_http(&self, authority: &str, port: u16) -> Decision {
         if self.listeners.is_some() {
-            let Ok((host, _)) = split_host_port(authority) else {
-                return self.unmatched();
-            };
-            return self.route_host(host, port);
+            return self
+                .by_name(authority, port)
+                .unwrap_or_else(|| self.unmatched());
         }
         // Most authorities carry no port, and then the whole is the host: normalising it
         // first saves looking for a colon. Whatever `normalized` accepts has no colon, or
