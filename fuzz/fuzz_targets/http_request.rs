@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Decision::BlackHole => {}
             Decision::Passthrough => panic!("REGISTRY_ONLY passed {authority:?} through"),
+            other => panic!("{authority:?} on port {port} got {other:?}"),
         }
     }
 });

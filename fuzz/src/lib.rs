@@ -204,6 +204,7 @@ pub fn check_decision(decision: &Decision, expected: Option<&str>, pod: Option<I
         (Decision::BlackHole, None) => assert_ne!(pod, Some(POD_IP), "the ready pod was refused"),
         (other, Some(host)) => panic!("{host} is registered on {port} but routed to {other:?}"),
         (Decision::Passthrough, None) => panic!("REGISTRY_ONLY registry passed traffic through"),
+        (other, None) => panic!("an unregistered destination got {other:?}"),
     }
 }
 
