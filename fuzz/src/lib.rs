@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
 
 use portcullis_model::{Severity, load_str};
-use portcullis_registry::{BuildOptions, Decision, Snapshot, build};
+use portcullis_registry::{BuildOptions, Decision, PASSTHROUGH_CLUSTER, Snapshot, build};
 
 /// The registry every routing target queries: exact, wildcard, DNS and CIDR services, a
 /// Kubernetes Service with its short names and cluster IP, an IPv6 VIP, a whole TCP port and
@@ -199,12 +199,16 @@ pub fn check_decision(decision: &Decision, expected: Option<&str>, pod: Option<I
             assert_eq!(&*c.host, host, "routed to the wrong service");
             assert_eq!(c.port, port, "routed to a cluster of another port");
         }
+        // A ready pod is reached through PassthroughCluster, which forwards only to pods.
+        (Decision::Cluster(c), None) if &*c.name == PASSTHROUGH_CLUSTER => assert!(
+            pod.is_some_and(|ip| Snapshot::owns_destination(c, ip)),
+            "passed through to a pod not named"
+        ),
         (Decision::Cluster(c), None) => panic!("routed to {} but nothing is registered", c.name),
-        (Decision::Pod(ip), None) => assert_eq!(Some(*ip), pod, "routed to a pod not named"),
         (Decision::BlackHole, None) => assert_ne!(pod, Some(POD_IP), "the ready pod was refused"),
         (other, Some(host)) => panic!("{host} is registered on {port} but routed to {other:?}"),
         (Decision::Passthrough, None) => panic!("REGISTRY_ONLY registry passed traffic through"),
-        (other, None) => panic!("an unregistered destination got {other:?}"),
+        (other, None) => panic!("neither routed nor refused: {other:?}"),
     }
 }
 

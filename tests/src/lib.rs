@@ -7,6 +7,7 @@
 
 pub mod cmd;
 pub mod curl;
+pub mod envoy;
 pub mod faults;
 pub mod lab;
 pub mod preflight;
@@ -26,16 +27,8 @@ pub const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
 /// Without root (or without the tools) the test is skipped loudly, unless `CI` is set, where
 /// that is a failure.
 pub fn run(test: &str, body: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
-    match preflight::check() {
-        Ok(preflight::Verdict::Go) => {}
-        Ok(preflight::Verdict::Skip(reason)) => {
-            // Written to the real stderr rather than with eprintln!, which the test harness
-            // captures and hides for a passing test: a skip must be seen.
-            let banner = format!("\n!!!!!!!!!! SKIPPED: {test}: {reason} !!!!!!!!!!\n\n");
-            let _ = std::io::stderr().write_all(banner.as_bytes());
-            return;
-        }
-        Err(e) => panic!("{test}: {e:#}"),
+    if !can_run(test) {
+        return;
     }
     let mut lab = match Lab::new(test) {
         Ok(lab) => lab,
@@ -44,6 +37,22 @@ pub fn run(test: &str, body: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
     if let Err(e) = body(&mut lab) {
         lab.dump_logs();
         panic!("{test}: {e:#}");
+    }
+}
+
+/// Whether the lab can run here: false after printing a loud skip banner (no root or tools,
+/// outside CI); panics in CI, where that is a failure.
+pub fn can_run(test: &str) -> bool {
+    match preflight::check() {
+        Ok(preflight::Verdict::Go) => true,
+        Ok(preflight::Verdict::Skip(reason)) => {
+            // Written to the real stderr rather than with eprintln!, which the test harness
+            // captures and hides for a passing test: a skip must be seen.
+            let banner = format!("\n!!!!!!!!!! SKIPPED: {test}: {reason} !!!!!!!!!!\n\n");
+            let _ = std::io::stderr().write_all(banner.as_bytes());
+            false
+        }
+        Err(e) => panic!("{test}: {e:#}"),
     }
 }
 

@@ -53,8 +53,8 @@ pub struct AdminState {
     pub registry: Arc<ArcSwap<Snapshot>>,
     /// Config files and their errors.
     pub config: Arc<ArcSwap<ConfigStatus>>,
-    /// Set once the first config has been loaded.
-    pub ready: AtomicBool,
+    /// Set by the publisher once every config source's first complete set is applied.
+    ready: AtomicBool,
     /// Metrics to expose.
     pub metrics: Registry,
     /// Log level control for `POST /logging`.
@@ -69,12 +69,33 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Marks the proxy ready: the first config is loaded.
+    /// State serving `registry`, not ready, with no config status yet.
+    pub fn new(
+        registry: Arc<ArcSwap<Snapshot>>,
+        metrics: Registry,
+        set_log_level: SetLogLevel,
+        shutdown: CancellationToken,
+        drain: CancellationToken,
+    ) -> Self {
+        AdminState {
+            registry,
+            config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
+            ready: AtomicBool::new(false),
+            metrics,
+            set_log_level,
+            shutdown,
+            drain,
+            started: Instant::now(),
+        }
+    }
+
+    /// Marks the proxy ready: every config source's first complete set is applied.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }
 
-    fn is_ready(&self) -> bool {
+    /// Whether `/ready` answers `LIVE`: ready, and not draining (a drain is for good).
+    pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.drain.is_cancelled()
     }
 }

@@ -557,14 +557,13 @@ pub fn cluster(c: &Cluster) -> Value {
         opt(c.load_assignment.as_ref(), load_assignment),
     );
     let mut notes = Map::new();
-    if let Discovery::OriginalDst(od) = &c.discovery {
-        put(
-            &mut notes,
-            "allowed_destinations",
-            od.allowed_destinations
-                .iter()
-                .map(|n| json!(n.to_string()))
-                .collect(),
+    if let Discovery::OriginalDst(od) = &c.discovery
+        && let Some(nets) = &od.allowed_destinations
+    {
+        // Shown even when empty: an empty guard lets nothing through.
+        notes.insert(
+            "allowed_destinations".into(),
+            nets.iter().map(|n| json!(n.to_string())).collect(),
         );
     }
     put(

@@ -8,6 +8,7 @@
 //! does not honour are not represented, and the converters say so instead of dropping them
 //! silently. [`json`] renders them in Envoy's JSON shape, which real Envoy loads.
 
+pub mod bootstrap;
 mod defaults;
 pub mod json;
 
@@ -491,8 +492,9 @@ pub struct OriginalDst {
     pub port_override: Option<u16>,
     /// Portcullis's guard for resolution NONE services compiled from files: only these
     /// destinations are forwarded to (the service's addresses and its host's current DNS
-    /// answers). Empty: any destination, as Envoy.
-    pub allowed_destinations: Vec<IpNet>,
+    /// answers; for `PassthroughCluster` under REGISTRY_ONLY, the registered pods). `None`:
+    /// any destination, as Envoy; `Some` of an empty list: none yet.
+    pub allowed_destinations: Option<Vec<IpNet>>,
 }
 
 /// Envoy's `lb_policy`.

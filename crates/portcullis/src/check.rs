@@ -3,8 +3,8 @@
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use portcullis_model::{ConfigSet, Finding, Severity, scan};
-use portcullis_registry::{BuildOptions, build};
+use portcullis_model::{Finding, Severity};
+use portcullis_sources::check;
 use serde_json::{Value, json};
 
 use crate::CheckArgs;
@@ -22,49 +22,43 @@ pub enum Output {
 /// Prints findings for the config at `args.config`, all of it to standard output so that
 /// the summary stays with the findings it counts; failure when any is an error.
 pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let mut set = ConfigSet::new();
-    set.update(scan(&args.config));
-    let resources = set.resources();
-    let snapshot = build(resources, &BuildOptions::default(), None, 1);
-    let errors = set
-        .findings()
-        .filter(|f| f.severity == Severity::Error)
-        .count();
-    let warnings = set.findings().count() - errors + snapshot.warnings.len();
+    let report = check(&args.config);
+    let errors = report.errors();
+    let warnings = report.warnings();
     let mut out = io::stdout().lock();
     match args.output {
         Output::Text => {
-            for finding in set.findings() {
+            for finding in &report.findings {
                 writeln!(out, "{finding}")?;
             }
-            for warning in &snapshot.warnings {
+            for warning in &report.registry_warnings {
                 writeln!(out, "Warning [REGISTRY] {warning}")?;
             }
             writeln!(
                 out,
                 "{} resources, {} clusters, {errors} errors, {warnings} warnings",
-                resources.len(),
-                snapshot.clusters.len()
+                report.resources, report.clusters
             )?;
         }
         Output::Json => {
-            let findings: Vec<Value> = set
-                .findings()
+            let findings: Vec<Value> = report
+                .findings
+                .iter()
                 .map(finding_json)
-                .chain(snapshot.warnings.iter().map(|warning| {
+                .chain(report.registry_warnings.iter().map(|warning| {
                     json!({"severity": "warning", "code": "REGISTRY", "message": warning})
                 }))
                 .collect();
-            let report = json!({
+            let summary = json!({
                 "findings": findings,
                 "summary": {
-                    "resources": resources.len(),
-                    "clusters": snapshot.clusters.len(),
+                    "resources": report.resources,
+                    "clusters": report.clusters,
                     "errors": errors,
                     "warnings": warnings,
                 },
             });
-            writeln!(out, "{report:#}")?;
+            writeln!(out, "{summary:#}")?;
         }
     }
     out.flush()?;

@@ -2,7 +2,6 @@
 
 mod check;
 mod iptables;
-mod reload;
 mod run;
 
 use std::net::SocketAddr;
@@ -31,6 +30,8 @@ enum Command {
     Check(CheckArgs),
     /// Print (or apply) the iptables rules that redirect outbound TCP to the proxy.
     Iptables(iptables::IptablesArgs),
+    /// Print the config compiled as istiod would, as an Envoy bootstrap real Envoy loads.
+    Compile(CompileArgs),
 }
 
 /// Flags of `portcullis run`.
@@ -122,6 +123,40 @@ pub struct CheckArgs {
     pub output: check::Output,
 }
 
+/// Flags of `portcullis compile`.
+#[derive(Args, Debug)]
+pub struct CompileArgs {
+    /// Config file or folder.
+    #[arg(long, env = "PORTCULLIS_CONFIG")]
+    pub config: PathBuf,
+    /// Namespace of the workload the bootstrap is for.
+    #[arg(long, env = "PORTCULLIS_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// `yaml` or `json`.
+    #[arg(long, value_parser = ["yaml", "json"], default_value = "yaml")]
+    pub format: String,
+}
+
+/// Prints the bootstrap on standard output and the warnings on standard error.
+fn compile(args: &CompileArgs) -> anyhow::Result<ExitCode> {
+    use portcullis_registry::{BuildOptions, Format, compile_bootstrap};
+    let options = BuildOptions {
+        namespace: args.namespace.clone(),
+        ..BuildOptions::default()
+    };
+    let format = if args.format == "json" {
+        Format::Json
+    } else {
+        Format::Yaml
+    };
+    let rendered = compile_bootstrap(&args.config, &options, format)?;
+    for warning in &rendered.warnings {
+        eprintln!("{warning}");
+    }
+    print!("{}", rendered.text);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Installs the log subscriber; the returned function changes the filter at run time.
 fn logging(filter: &str) -> anyhow::Result<portcullis_admin::SetLogLevel> {
     use tracing_subscriber::prelude::*;
@@ -151,6 +186,7 @@ fn main() -> ExitCode {
         },
         Command::Check(args) => check::run(&args),
         Command::Iptables(args) => iptables::run(&args),
+        Command::Compile(args) => compile(&args),
     };
     match result {
         Ok(code) => code,

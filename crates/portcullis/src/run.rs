@@ -4,22 +4,20 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use portcullis_admin::{AdminState, ConfigStatus, Endpoints, SetLogLevel};
+use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Snapshot};
+use portcullis_sources::{Folder, Publisher, RegistryCompiler, rebuild_on};
 use prometheus_client::registry::Registry;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::RunArgs;
-use crate::reload::{self, Reloader};
 
 /// Parses `k=v,k2=v2`.
 fn parse_labels(labels: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -122,16 +120,13 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
-    let admin = Arc::new(AdminState {
-        registry: Arc::clone(&registry),
-        config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
-        ready: AtomicBool::new(false),
-        metrics: metrics_registry,
+    let admin = Arc::new(AdminState::new(
+        Arc::clone(&registry),
+        metrics_registry,
         set_log_level,
-        shutdown: shutdown.clone(),
-        drain: drain.clone(),
-        started: Instant::now(),
-    });
+        shutdown.clone(),
+        drain.clone(),
+    ));
 
     let outbound = bind(args.outbound, "outbound").await?;
     let outbound_v6 = bind_v6_twin(args.outbound);
@@ -174,19 +169,12 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         Arc::clone(&dns),
     );
 
-    let reloader = Reloader::new(
-        args.config.clone(),
-        options,
-        dns,
-        Arc::clone(&registry),
-        Arc::clone(&admin),
-    );
+    let dns_changes = dns.subscribe();
+    let publisher = Publisher::new(RegistryCompiler::new(options, dns), Arc::clone(&admin));
+    let folder = Folder::new(args.config.clone(), &publisher);
     let background = CancellationToken::new();
-    tokio::spawn(reload::run(
-        reloader,
-        args.rescan_interval.into(),
-        background.clone(),
-    ));
+    tokio::spawn(folder.run(args.rescan_interval.into(), background.clone()));
+    tokio::spawn(rebuild_on(publisher, dns_changes, background.clone()));
     for (listener, endpoints) in [
         (admin_listener, Endpoints::Admin),
         (metrics_listener, Endpoints::Metrics),

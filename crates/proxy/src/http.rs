@@ -444,6 +444,11 @@ pub(crate) async fn route<'a>(
         Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
         None => decision,
     };
+    // A destination the route's cluster may not reach is refused as unregistered traffic:
+    // logged as the policy's route, not the one that matched.
+    if matches!(decision, Decision::BlackHole) {
+        outcome.matched = None;
+    }
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
@@ -459,8 +464,16 @@ pub(crate) async fn route<'a>(
         }
         other => other.cluster_name().into(),
     };
-    outcome.service = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.host),
+    // Istio's telemetry names the service of its catch-all routes by their clusters, also
+    // for block_all's direct response, which has no upstream cluster.
+    let catch_all = match outcome.matched.as_ref().map(|r| &*r.name) {
+        Some("block_all") => Some(portcullis_registry::BLACKHOLE_CLUSTER),
+        Some("allow_any") => Some(portcullis_registry::PASSTHROUGH_CLUSTER),
+        _ => None,
+    };
+    outcome.service = match (&decision, catch_all) {
+        (_, Some(cluster)) => cluster.into(),
+        (Decision::Cluster(c), None) => Arc::clone(&c.host),
         _ => Arc::clone(&outcome.cluster),
     };
     let original = match (downstream.original_dst, host) {
@@ -668,12 +681,13 @@ fn input_path<B>(req: &Request<B>) -> &str {
     req.uri().path_and_query().map_or("/", |p| p.as_str())
 }
 
-/// The route timeout: the matched route's (zero: none), else the proxy's own.
+/// The route timeout: the matched route's when it sets one, else the proxy's own. Istio
+/// writes `0s` (none) on every route without a VirtualService timeout, so zero leaves the
+/// proxy's setting in force, which is none unless the operator configured one.
 pub(crate) fn route_timeout(route: Option<&Route>, default: Option<Duration>) -> Option<Duration> {
     match route.and_then(|r| r.forward()).and_then(|f| f.timeout) {
-        Some(t) if t.is_zero() => None,
-        Some(t) => Some(t),
-        None => default,
+        Some(t) if !t.is_zero() => Some(t),
+        _ => default,
     }
 }
 

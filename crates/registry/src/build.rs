@@ -5,16 +5,20 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use portcullis_balance::{Balancer, EndpointState, Policy};
+use portcullis_balance::Policy;
 use portcullis_model::{
     DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode, Pod, Resolution,
     Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort, WorkloadEntry,
     WorkloadEntrySpec,
 };
 
+mod compile;
+
+pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
+
 use crate::Map;
 use crate::order::Age;
-use crate::snapshot::{AddressTable, Cluster, Endpoint, HostTable, Protocol, Snapshot};
+use crate::snapshot::{Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
 enum EndpointAddress {
@@ -60,6 +64,8 @@ pub fn build(
 
 /// [`build`], with DNS endpoints expanded to every address in `dns`'s current answer
 /// (the first only for DNS_ROUND_ROBIN), and resolution-NONE hosts owning their answers.
+/// One path from files to the data path: [`compile`] into Envoy's model as istiod does,
+/// then [`Snapshot::index`] as for resources from xDS.
 pub fn build_with_dns(
     resources: &[Resource],
     options: &BuildOptions,
@@ -67,12 +73,12 @@ pub fn build_with_dns(
     version: u64,
     dns: DnsAnswers<'_>,
 ) -> Snapshot {
-    let mut b = Builder::new(resources, options, previous);
-    b.host_owners();
-    b.service_entries();
-    b.kube_services();
-    b.service_aliases();
-    b.finish(version, dns)
+    let compiled = compile(resources, options, dns);
+    let mut snapshot = Snapshot::index(&compiled.resources, dns, previous, version);
+    let index_warnings = std::mem::replace(&mut snapshot.warnings, compiled.warnings);
+    snapshot.warnings.extend(index_warnings);
+    snapshot.dns_names.extend(compiled.dns_names);
+    snapshot
 }
 
 /// A pod that can take traffic.
@@ -95,7 +101,6 @@ struct PendingCluster {
 
 struct Builder<'a> {
     options: &'a BuildOptions,
-    previous: Map<(&'a str, std::net::SocketAddr), Arc<EndpointState>>,
     service_entries: Vec<&'a Object<ServiceEntrySpec>>,
     workload_entries: Vec<&'a Object<WorkloadEntry>>,
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
@@ -109,7 +114,6 @@ struct Builder<'a> {
     /// is a Kubernetes Service (which hides ServiceEntries of the same host there).
     owners: Map<Box<str>, (&'a str, bool)>,
     clusters: Map<Arc<str>, PendingCluster>,
-    hosts: Map<u16, HostTable>,
     /// Port, name, cluster, and whether a ClientHello's SNI may match the name.
     hosts_pending: Vec<(u16, Box<str>, Arc<str>, bool)>,
     /// ExternalName Services: their names, and the host they stand for.
@@ -312,23 +316,23 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-/// Warns when `what` on `port` is claimed by `other` but already routes to `kept`.
-/// Warns when `other` lost `what` to `kept`; `what` is only formatted then.
+/// Warns when `other` lost `what` on `port` to `kept` (each a cluster's name and source);
+/// `what` is only formatted then.
 fn conflict(
     warnings: &mut Vec<String>,
     what: impl FnOnce() -> String,
     port: u16,
-    kept: &Cluster,
-    other: &Cluster,
+    kept: (&str, &str),
+    other: (&str, &str),
 ) {
-    if kept.name != other.name {
+    if kept.0 != other.0 {
         warnings.push(format!(
             "{} on port {port} is claimed by both {} ({}) and {} ({}); the first is used",
             what(),
-            kept.name,
-            kept.source,
-            other.name,
-            other.source
+            kept.0,
+            kept.1,
+            other.0,
+            other.1
         ));
     }
 }
@@ -341,14 +345,9 @@ fn parse_net(address: &str) -> Option<IpNet> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(
-        resources: &'a [Resource],
-        options: &'a BuildOptions,
-        previous: Option<&'a Snapshot>,
-    ) -> Self {
+    fn new(resources: &'a [Resource], options: &'a BuildOptions) -> Self {
         let mut b = Builder {
             options,
-            previous: Map::default(),
             service_entries: Vec::new(),
             workload_entries: Vec::new(),
             kube_services: Vec::new(),
@@ -359,21 +358,12 @@ impl<'a> Builder<'a> {
             pods: Vec::new(),
             owners: Map::default(),
             clusters: Map::default(),
-            hosts: Map::default(),
             hosts_pending: Vec::new(),
             aliases: Vec::new(),
             addresses_pending: Vec::new(),
             sniffed_ports: HashSet::new(),
             warnings: Vec::new(),
         };
-        if let Some(prev) = previous {
-            for c in &prev.clusters {
-                for e in &c.endpoints {
-                    let addr = std::net::SocketAddr::new(e.address, e.port);
-                    b.previous.insert((&*c.name, addr), Arc::clone(&e.state));
-                }
-            }
-        }
         for r in resources {
             match r {
                 Resource::ServiceEntry(o) => b.service_entries.push(o),
@@ -423,6 +413,14 @@ impl<'a> Builder<'a> {
             .map(|s| &s.spec.egress[..])
             .filter(|e| !e.is_empty());
         b
+    }
+
+    /// Decides every service, cluster and claim on names and addresses, as istiod does.
+    fn decide(&mut self) {
+        self.host_owners();
+        self.service_entries();
+        self.kube_services();
+        self.service_aliases();
     }
 
     /// The Sidecar that applies to the proxy: the one selecting its workload, else its
@@ -1035,172 +1033,6 @@ impl<'a> Builder<'a> {
                 spec.weight.unwrap_or(1).max(1),
                 format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
             ));
-        }
-    }
-
-    fn finish(mut self, version: u64, dns: DnsAnswers<'_>) -> Snapshot {
-        let mode = self.mode();
-        let mut clusters: Map<Arc<str>, Arc<Cluster>> = Map::default();
-        let mut dns_names = std::collections::BTreeSet::new();
-        let pending = std::mem::take(&mut self.clusters);
-        for (name, p) in pending {
-            let policy = self.policy_for(&p.host);
-            let mut owned_destinations = p.addresses;
-            if p.resolution == Resolution::None && !p.host.starts_with('*') {
-                dns_names.insert(p.host.to_string());
-                let answer = dns(&p.host).unwrap_or_default();
-                owned_destinations.extend(answer.iter().map(|ip| IpNet::from(*ip)));
-            }
-            let mut endpoints: Vec<Endpoint> = Vec::new();
-            for (address, port, weight, source) in p.endpoints {
-                let (addrs, hostname): (Arc<[IpAddr]>, _) = match address {
-                    EndpointAddress::Ip(ip) => (Arc::new([ip]), None),
-                    EndpointAddress::Dns(host) => {
-                        dns_names.insert(host.to_string());
-                        let mut answer = dns(&host).unwrap_or_default();
-                        if p.resolution == Resolution::DnsRoundRobin {
-                            // Envoy's LOGICAL_DNS: one address at a time, the first answer.
-                            answer = answer.iter().take(1).copied().collect();
-                        }
-                        (answer, Some(Arc::<str>::from(&*host)))
-                    }
-                };
-                for address in addrs.iter().copied() {
-                    let addr = std::net::SocketAddr::new(address, port);
-                    let state = self
-                        .previous
-                        .get(&(&*name, addr))
-                        .map_or_else(|| Arc::new(EndpointState::new()), Arc::clone);
-                    endpoints.push(Endpoint {
-                        address,
-                        hostname: hostname.clone(),
-                        port,
-                        weight,
-                        source: Arc::clone(&source),
-                        state,
-                        transport_error: None,
-                    });
-                }
-            }
-            let balancer = Balancer::new(
-                policy,
-                endpoints
-                    .iter()
-                    .map(|e| (e.weight, Arc::clone(&e.state)))
-                    .collect(),
-            );
-            clusters.insert(
-                Arc::clone(&name),
-                Arc::new(Cluster {
-                    name,
-                    host: p.host,
-                    port: p.port,
-                    protocol: p.protocol,
-                    resolution: p.resolution,
-                    passthrough_port: p.passthrough_port,
-                    source: p.source,
-                    owned_destinations: Some(owned_destinations),
-                    endpoints,
-                    balancer,
-                }),
-            );
-        }
-        let mut sni: Map<u16, HostTable> = Map::default();
-        for (port, host, cluster, by_sni) in std::mem::take(&mut self.hosts_pending) {
-            let Some(c) = clusters.get(&cluster) else {
-                continue;
-            };
-            let table = self.hosts.entry(port).or_default();
-            if let Some(kept) = table.claim(&host, c) {
-                conflict(&mut self.warnings, || format!("host {host}"), port, kept, c);
-            }
-            if by_sni {
-                // Conflicts are reported once, by the table above.
-                sni.entry(port).or_default().claim(&host, c);
-            }
-        }
-        let mut addresses: Map<u16, AddressTable> = Map::default();
-        let mut pending = std::mem::take(&mut self.addresses_pending);
-        // The oldest service keeps a contested address, as Istio builds listeners in
-        // creation order; stable, so one service's claims keep their order.
-        pending.sort_by(|a, b| a.age.cmp(&b.age));
-        for PendingAddress {
-            port, key, cluster, ..
-        } in pending
-        {
-            let Some(c) = clusters.get(&cluster) else {
-                continue;
-            };
-            let table = addresses.entry(port).or_default();
-            match key {
-                AddressKey::Net(net) if net.prefix_len() == net.max_prefix_len() => {
-                    let kept = table
-                        .exact
-                        .entry(net.addr())
-                        .or_insert_with(|| Arc::clone(c));
-                    conflict(
-                        &mut self.warnings,
-                        || format!("address {}", net.addr()),
-                        port,
-                        kept,
-                        c,
-                    );
-                }
-                AddressKey::Net(net) => {
-                    let net = net.trunc();
-                    let len = net.prefix_len();
-                    let slot = match table.cidrs.iter().position(|(l, _)| *l == len) {
-                        Some(i) => i,
-                        None => {
-                            table.cidrs.push((len, Map::default()));
-                            table.cidrs.len() - 1
-                        }
-                    };
-                    let kept = table.cidrs[slot]
-                        .1
-                        .entry(net)
-                        .or_insert_with(|| Arc::clone(c));
-                    conflict(
-                        &mut self.warnings,
-                        || format!("address {net}"),
-                        port,
-                        kept,
-                        c,
-                    );
-                }
-                AddressKey::AnyOnPort => {
-                    let kept = table.any.get_or_insert_with(|| Arc::clone(c));
-                    conflict(
-                        &mut self.warnings,
-                        || "every address".to_string(),
-                        port,
-                        kept,
-                        c,
-                    );
-                }
-            }
-        }
-        for (port, table) in addresses.iter_mut() {
-            table.cidrs.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
-            table.sniffed = self.sniffed_ports.contains(port);
-        }
-        let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
-        clusters.sort_by(|a, b| a.name.cmp(&b.name));
-        Snapshot {
-            version,
-            mode,
-            clusters,
-            warnings: self.warnings,
-            dns_names,
-            hosts: self.hosts,
-            sni,
-            addresses,
-            pods: self
-                .pods
-                .iter()
-                .flat_map(|p| p.ips.iter().copied())
-                .collect(),
-            listeners: None,
         }
     }
 }

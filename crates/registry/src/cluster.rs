@@ -49,11 +49,15 @@ pub(crate) struct Clusters<'a> {
 impl Clusters<'_> {
     /// The decision for a cluster name: Istio's BlackHoleCluster and PassthroughCluster are
     /// the refusal and the original destination; a name without a cluster is Envoy's `NC`.
+    /// A PassthroughCluster with allowed destinations (the registered pods, under
+    /// REGISTRY_ONLY) is a cluster, confined to them as resolution NONE's are.
     pub(crate) fn decision(&self, name: &str) -> Decision {
         match self.by_name.get(name) {
             None => Decision::NoCluster(name.into()),
             Some(_) if name == envoy::BLACKHOLE_CLUSTER => Decision::BlackHole,
-            Some(_) if name == envoy::PASSTHROUGH_CLUSTER => Decision::Passthrough,
+            Some(c) if name == envoy::PASSTHROUGH_CLUSTER && c.owned_destinations.is_none() => {
+                Decision::Passthrough
+            }
             Some(c) => Decision::Cluster(Arc::clone(c)),
         }
     }
@@ -100,10 +104,7 @@ pub(crate) fn build(
         envoy::Discovery::OriginalDst(_) => Resolution::None,
     };
     let (passthrough_port, owned_destinations) = match &c.discovery {
-        envoy::Discovery::OriginalDst(o) => (
-            o.port_override,
-            (!o.allowed_destinations.is_empty()).then(|| o.allowed_destinations.clone()),
-        ),
+        envoy::Discovery::OriginalDst(o) => (o.port_override, o.allowed_destinations.clone()),
         _ => (None, None),
     };
     let assignment = match &c.discovery {

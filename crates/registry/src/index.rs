@@ -106,7 +106,7 @@ impl Snapshot {
             warnings,
             dns_names,
             listeners: Some(listeners),
-            ..Snapshot::default()
+            http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
         }
     }
 }
@@ -133,7 +133,12 @@ fn protocol_usage(resources: &envoy::Resources) -> Map<&str, Protocol> {
         }
     }
     let mut usage = Map::default();
-    for rc in resources.routes.values() {
+    // The explicit proxy's table names every service, whatever its listeners make of it.
+    for rc in resources
+        .routes
+        .values()
+        .filter(|rc| rc.name != crate::HTTP_PROXY_ROUTES)
+    {
         routed(rc, &mut usage);
     }
     for l in resources.listeners.values() {
@@ -449,7 +454,8 @@ mod tests {
             s.route_tcp(ip("10.0.0.9"), 5432),
             Decision::BlackHole
         ));
-        assert!(s.is_tcp_destination(ip("10.0.0.9"), 5432));
+        // Sniffed all the same, so that HTTP there gets the 502 (the registry's tests).
+        assert!(!s.is_tcp_destination(ip("10.0.0.9"), 5432));
         assert!(!s.is_tcp_destination(ip("10.0.0.9"), 80));
         // The explicit proxy: the port's listener, no original destination.
         assert_eq!(
@@ -1036,7 +1042,7 @@ mod tests {
                 "outbound|80||none.example",
                 Discovery::OriginalDst(envoy::OriginalDst {
                     port_override: Some(9090),
-                    allowed_destinations: vec![net("10.9.0.0/16")],
+                    allowed_destinations: Some(vec![net("10.9.0.0/16")]),
                 }),
                 &[],
             ),

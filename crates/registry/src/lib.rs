@@ -1,6 +1,7 @@
 //! Compiles Istio and Kubernetes resources into one immutable, indexed [`Snapshot`] that the
 //! data path reads without locks, and routes hosts and addresses against it.
 
+mod bootstrap;
 mod build;
 mod cluster;
 mod host;
@@ -12,7 +13,11 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildOptions, DnsAnswers, build, build_with_dns};
+pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
+pub use build::{
+    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, OUTBOUND_PORT, build, build_with_dns,
+    compile,
+};
 pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use cluster::Target;

@@ -277,15 +277,26 @@ impl RouteTable {
     /// longest `*suffix`, then the longest `prefix*`, then `*`. The port is left out
     /// with `ignore_port_in_host_matching`, else matched as part of the domain.
     pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
-        // Most authorities carry no port: then the whole is the host.
-        let (host, port) = if authority.ends_with(|c: char| c.is_ascii_digit()) {
-            split_host_port(authority).ok()?
-        } else {
-            (authority, None)
+        // Most authorities carry no port: then the whole is the host. One that is no host
+        // at all still matches `*`, as in Envoy.
+        let split =
+            if authority.ends_with(|c: char| c.is_ascii_digit()) || authority.starts_with('[') {
+                split_host_port(authority).ok()
+            } else {
+                Some((authority, None))
+            };
+        let Some((host, port)) = split else {
+            return self.any.and_then(|i| self.vhosts.get(i));
         };
-        let host = normalized(host).ok()?;
+        let Ok(host) = normalized(host) else {
+            return self.any.and_then(|i| self.vhosts.get(i));
+        };
+        // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
         let key: Cow<'_, str> = match port {
-            Some(port) if !self.ignore_port => Cow::Owned(format!("{}:{port}", host.text)),
+            Some(port) if !self.ignore_port => match host.ip {
+                Some(std::net::IpAddr::V6(_)) => Cow::Owned(format!("[{}]:{port}", host.text)),
+                _ => Cow::Owned(format!("{}:{port}", host.text)),
+            },
             _ => Cow::Borrowed(&host.text),
         };
         let i = self

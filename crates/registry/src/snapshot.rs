@@ -1,6 +1,5 @@
 //! The immutable routing snapshot and its lookups.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -9,9 +8,10 @@ use portcullis_balance::{Balancer, EndpointState};
 use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
-use crate::host::{Normalized, normalized, split_host_port};
+use crate::cluster::Target;
+use crate::host::{normalized, split_host_port};
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
-use crate::route::{DirectResponse, HttpRoute, Request};
+use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
 
 /// Envoy's name for the cluster that drops unregistered traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -135,52 +135,9 @@ impl Decision {
     }
 }
 
-/// Hosts registered on one port.
-#[derive(Debug, Default)]
-pub(crate) struct HostTable {
-    pub(crate) exact: Map<Box<str>, Arc<Cluster>>,
-    pub(crate) wildcard: Wildcards,
-    pub(crate) any: Option<Arc<Cluster>>,
-}
-
-impl HostTable {
-    /// Registers `cluster` for `host` (exact, `*.` wildcard or `*`) unless a cluster holds
-    /// it already; returns that one then.
-    pub(crate) fn claim(&mut self, host: &str, cluster: &Arc<Cluster>) -> Option<&Arc<Cluster>> {
-        if host == "*" {
-            if self.any.is_none() {
-                self.any = Some(Arc::clone(cluster));
-                return None;
-            }
-            return self.any.as_ref();
-        }
-        if let Some(suffix) = host.strip_prefix('*') {
-            if self.wildcard.get(suffix).is_none() {
-                self.wildcard.insert(suffix, Arc::clone(cluster));
-                return None;
-            }
-            return self.wildcard.get(suffix);
-        }
-        if !self.exact.contains_key(host) {
-            self.exact.insert(host.into(), Arc::clone(cluster));
-            return None;
-        }
-        self.exact.get(host)
-    }
-
-    fn get(&self, host: &Normalized) -> Option<&Arc<Cluster>> {
-        if let Some(c) = self.exact.get(&*host.text) {
-            return Some(c);
-        }
-        self.wildcard
-            .longest_match(&host.text, host.dots)
-            .or(self.any.as_ref())
-    }
-}
-
 /// The `*.` wildcard names of one table (hosts on a port, SNI names of filter chains).
 #[derive(Debug)]
-pub(crate) struct Wildcards<T = Arc<Cluster>> {
+pub(crate) struct Wildcards<T> {
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
     by_suffix: Map<Box<str>, T>,
     /// Bit `n` is set when some suffix has `n` dots (bit 63: 63 or more), so that a lookup
@@ -253,45 +210,6 @@ fn dots_bit(dots: usize) -> u64 {
     1 << dots.min(63)
 }
 
-/// Addresses registered on one port for opaque TCP.
-#[derive(Debug, Default)]
-pub(crate) struct AddressTable {
-    pub(crate) exact: Map<IpAddr, Arc<Cluster>>,
-    /// Ranges by prefix length, longest first: one hash lookup per distinct length, so the
-    /// cost does not grow with the number of ranges.
-    pub(crate) cidrs: Vec<(u8, Map<IpNet, Arc<Cluster>>)>,
-    /// A service that claims the whole port (TCP port, no addresses).
-    pub(crate) any: Option<Arc<Cluster>>,
-    /// Whether HTTP is sniffed on the port's wildcard listener (an HTTP service, or one of
-    /// undeclared protocol without an exact address, is on it): then [`Self::any`] takes
-    /// only what is not HTTP.
-    pub(crate) sniffed: bool,
-}
-
-impl AddressTable {
-    fn get(&self, ip: IpAddr) -> Option<&Arc<Cluster>> {
-        self.by_address(ip).or(self.any.as_ref())
-    }
-
-    /// The service registered for `ip` itself or a range holding it, not the port-wide one.
-    fn by_address(&self, ip: IpAddr) -> Option<&Arc<Cluster>> {
-        if let Some(c) = self.exact.get(&ip) {
-            return Some(c);
-        }
-        for (len, nets) in &self.cidrs {
-            let net = match IpNet::new(ip, *len) {
-                Ok(net) => net.trunc(),
-                // A length that does not fit this address family.
-                Err(_) => continue,
-            };
-            if let Some(c) = nets.get(&net) {
-                return Some(c);
-            }
-        }
-        None
-    }
-}
-
 /// One immutable version of the registry. Built off the data path, swapped in whole.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -305,14 +223,12 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
     pub dns_names: std::collections::BTreeSet<String>,
-    pub(crate) hosts: Map<u16, HostTable>,
-    /// Names of TLS/HTTPS ports, the only ones a ClientHello's SNI is matched against.
-    pub(crate) sni: Map<u16, HostTable>,
-    pub(crate) addresses: Map<u16, AddressTable>,
-    pub(crate) pods: HashSet<IpAddr>,
-    /// The listeners of a snapshot indexed from Envoy's model ([`Snapshot::index`]): when
-    /// present, every lookup goes through them and the tables above are empty.
+    /// The listeners of a snapshot indexed from Envoy's model ([`Snapshot::index`]); an
+    /// empty snapshot has none, and everything in it is unmatched.
     pub(crate) listeners: Option<Listeners>,
+    /// Istio's `http_proxy` route table, when the files were compiled into one: names on
+    /// every port, for explicit proxying and CONNECT.
+    pub(crate) http_proxy: Option<Arc<RouteTable>>,
 }
 
 /// The ALPN an HTTP/1 request is sniffed as, for filter chain matching.
@@ -335,12 +251,8 @@ impl Snapshot {
     /// chain's route table, virtual host and first matching route.
     pub fn route_request(&self, conn: &Connection<'_>, req: &Request<'_>) -> HttpRoute {
         if self.listeners.is_none() {
-            let decision = match conn.destination {
-                Some(dst) => self.route_http_to(req.authority, dst, conn.port),
-                None => self.route_http(req.authority, conn.port),
-            };
             return HttpRoute {
-                decision,
+                decision: self.unmatched(),
                 route: None,
             };
         }
@@ -367,13 +279,7 @@ impl Snapshot {
     /// policy's.
     pub fn route_connection(&self, conn: &Connection<'_>) -> Decision {
         if self.listeners.is_none() {
-            let Some(dst) = conn.destination else {
-                return self.unmatched();
-            };
-            return match conn.tls {
-                true => self.route_tls(conn.server_name, dst, conn.port),
-                false => self.route_tcp(dst, conn.port),
-            };
+            return self.unmatched();
         }
         match self.filter_chain(conn).map(|c| &c.filter) {
             None => Decision::NoFilterChain,
@@ -383,20 +289,39 @@ impl Snapshot {
     }
 
     /// Whether a connection described by `conn`, sniffed as HTTP, is served as HTTP: its
-    /// filter chain is an HTTP connection manager (always, for a snapshot built from files
-    /// without listeners).
+    /// filter chain is an HTTP connection manager, or ends in the outbound policy's
+    /// catch-all, whose answer HTTP gets as HTTP (the 502), as it does in an empty
+    /// snapshot.
     pub fn serves_http(&self, conn: &Connection<'_>) -> bool {
         self.listeners.is_none()
-            || matches!(
-                self.filter_chain(conn).map(|c| &c.filter),
-                Some(ChainFilter::Http(_))
-            )
+            || match self.filter_chain(conn).map(|c| &c.filter) {
+                Some(ChainFilter::Http(_)) => true,
+                Some(ChainFilter::Tcp(t)) => policy_catch_all(t),
+                None => false,
+            }
     }
 
-    /// The decision for an authority on `port` without an original destination (the
-    /// explicit proxy): the port's HTTP routes for it as a Host, or its filter chain for its
-    /// host as SNI; `None` when neither registers it.
-    fn by_name(&self, authority: &str, port: u16) -> Option<Decision> {
+    /// The decision for a name on `port` without an original destination (the explicit
+    /// proxy): the port's HTTP routes for it as a Host, or its filter chain for it as SNI;
+    /// `None` when neither registers it.
+    fn by_name(&self, name: &str, port: u16) -> Option<Decision> {
+        let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
+        if let Some(table) = &self.http_proxy {
+            let host = normalized(name).ok()?;
+            let authority = match host.ip.map(canonical) {
+                Some(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                Some(ip) => format!("{ip}:{port}"),
+                None => format!("{}:{port}", host.text),
+            };
+            let req = Request {
+                authority: &authority,
+                path: "/",
+                method: "GET",
+                scheme: "http",
+                headers: &(),
+            };
+            return Some(table.route(&req).decision).filter(found);
+        }
         let candidates = self.candidates(None, port)?;
         let http = Connection {
             port,
@@ -406,7 +331,7 @@ impl Snapshot {
         let decision = match candidates.pick(&http).map(|c| &c.filter) {
             Some(ChainFilter::Http(h)) => {
                 let req = Request {
-                    authority,
+                    authority: name,
                     path: "/",
                     method: "GET",
                     scheme: "http",
@@ -416,7 +341,6 @@ impl Snapshot {
                 table.matching(&req).map(|r| r.decide(&req))
             }
             _ => {
-                let (name, _) = split_host_port(authority).ok()?;
                 let tls = Connection {
                     port,
                     server_name: Some(name),
@@ -447,25 +371,9 @@ impl Snapshot {
         }
     }
 
-    /// Routes an HTTP request by its Host/authority as received on `port`.
-    ///
-    /// A port in the authority is ignored: the route table of the port the request arrived
-    /// on decides, as Istio's (`ignore_port_in_host_matching`).
+    /// Routes an HTTP request by its Host/authority for `port`, without an original
+    /// destination (the explicit proxy). A port in the authority is ignored: `port` decides.
     pub fn route_http(&self, authority: &str, port: u16) -> Decision {
-        if self.listeners.is_some() {
-            return self
-                .by_name(authority, port)
-                .unwrap_or_else(|| self.unmatched());
-        }
-        // Most authorities carry no port, and then the whole is the host: normalising it
-        // first saves looking for a colon. Whatever `normalized` accepts has no colon, or
-        // is an IPv6 literal that `split_host_port` leaves whole too. Anything ending in a
-        // digit may have a port, and goes the long way.
-        if !authority.ends_with(|c: char| c.is_ascii_digit())
-            && let Ok(host) = normalized(authority)
-        {
-            return self.route_normalized(&host, port);
-        }
         let Ok((host, _)) = split_host_port(authority) else {
             return self.unmatched();
         };
@@ -476,76 +384,34 @@ impl Snapshot {
     /// that owns `dst` exactly takes it whatever its Host, as Istio gives such a service
     /// its own sniffed listener and a route table of its one host; else [`Self::route_http`].
     pub fn route_http_to(&self, authority: &str, dst: IpAddr, port: u16) -> Decision {
-        if self.listeners.is_some() {
-            let conn = Connection {
-                destination: Some(dst),
-                port,
-                application_protocols: SNIFFED_HTTP1,
-                ..Connection::default()
-            };
-            let req = Request {
-                authority,
-                path: "/",
-                method: "GET",
-                scheme: "http",
-                headers: &(),
-            };
-            return self.route_request(&conn, &req).decision;
-        }
-        if let Some(c) = self
-            .addresses
-            .get(&port)
-            .and_then(|t| t.exact.get(&canonical(dst)))
-            .filter(|c| c.protocol == Protocol::Auto)
-        {
-            return Decision::Cluster(Arc::clone(c));
-        }
-        self.route_http(authority, port)
+        let conn = Connection {
+            destination: Some(dst),
+            port,
+            application_protocols: SNIFFED_HTTP1,
+            ..Connection::default()
+        };
+        let req = Request {
+            authority,
+            path: "/",
+            method: "GET",
+            scheme: "http",
+            headers: &(),
+        };
+        self.route_request(&conn, &req).decision
     }
 
     /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
-        if self.listeners.is_some() {
-            return self.by_name(host, port).unwrap_or_else(|| self.unmatched());
-        }
-        match normalized(host) {
-            Ok(host) => self.route_normalized(&host, port),
-            Err(_) => self.unmatched(),
-        }
-    }
-
-    // Inlined into both entry points, as `normalized` is.
-    #[inline(always)]
-    fn route_normalized(&self, host: &Normalized, port: u16) -> Decision {
-        if let Some(c) = self.hosts.get(&port).and_then(|t| t.get(host)) {
-            return Decision::Cluster(Arc::clone(c));
-        }
-        // `normalized` gives IP literals in canonical form already.
-        if let Some(ip) = host.ip
-            && self.pods.contains(&ip)
-        {
-            return Decision::Pod(ip);
-        }
-        self.unmatched()
+        self.by_name(host, port).unwrap_or_else(|| self.unmatched())
     }
 
     /// Routes opaque TCP by its original destination address and port.
     pub fn route_tcp(&self, ip: IpAddr, port: u16) -> Decision {
-        if self.listeners.is_some() {
-            return self.route_connection(&Connection {
-                destination: Some(ip),
-                port,
-                ..Connection::default()
-            });
-        }
-        let ip = canonical(ip);
-        if let Some(c) = self.addresses.get(&port).and_then(|t| t.get(ip)) {
-            return Decision::Cluster(Arc::clone(c));
-        }
-        if self.pods.contains(&ip) {
-            return Decision::Pod(ip);
-        }
-        self.unmatched()
+        self.route_connection(&Connection {
+            destination: Some(ip),
+            port,
+            ..Connection::default()
+        })
     }
 
     /// Routes by a name if it is registered on `port` (TLS SNI, CONNECT target), else by a
@@ -558,25 +424,9 @@ impl Snapshot {
         port: u16,
     ) -> Decision {
         let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
-        if self.listeners.is_some() {
-            return name
-                .and_then(|n| self.by_name(n, port))
-                .or_else(|| address.map(|ip| self.route_tcp(ip, port)).filter(found))
-                .unwrap_or_else(|| self.unmatched());
-        }
-        if let Some(name) = name {
-            let by_name = self.route_host(name, port);
-            if found(&by_name) {
-                return by_name;
-            }
-        }
-        if let Some(ip) = address {
-            let by_address = self.route_tcp(ip, port);
-            if found(&by_address) {
-                return by_address;
-            }
-        }
-        self.unmatched()
+        name.and_then(|n| self.by_name(n, port))
+            .or_else(|| address.map(|ip| self.route_tcp(ip, port)).filter(found))
+            .unwrap_or_else(|| self.unmatched())
     }
 
     /// Routes a TLS connection on `port` as Istio's listeners do: a service of the exact
@@ -585,60 +435,33 @@ impl Snapshot {
     /// outbound policy. Names of HTTP ports never match: TLS bytes on an HTTP port get no
     /// SNI route.
     pub fn route_tls(&self, sni: Option<&str>, dst: IpAddr, port: u16) -> Decision {
-        if self.listeners.is_some() {
-            return self.route_connection(&Connection {
-                destination: Some(dst),
-                port,
-                server_name: sni,
-                tls: true,
-                ..Connection::default()
-            });
-        }
-        let dst = canonical(dst);
-        if let Some(c) = self.addresses.get(&port).and_then(|t| t.exact.get(&dst)) {
-            return Decision::Cluster(Arc::clone(c));
-        }
-        if let Some(table) = self.sni.get(&port)
-            && let Some(name) = sni
-            && let Ok(name) = normalized(name)
-            && let Some(c) = table.get(&name)
-        {
-            return Decision::Cluster(Arc::clone(c));
-        }
-        self.route_tcp(dst, port)
+        self.route_connection(&Connection {
+            destination: Some(dst),
+            port,
+            server_name: sni,
+            tls: true,
+            ..Connection::default()
+        })
     }
 
     /// Whether `ip:port` belongs to a service whose port is opaque TCP, so that the
     /// connection must not be sniffed as HTTP: a TCP service of the address (or a range
-    /// holding it), or a port-wide TCP service on a port where no HTTP is sniffed.
+    /// holding it), or a port-wide TCP service on a port where no HTTP is sniffed. What
+    /// ends in the outbound policy's catch-all is no service's: it is sniffed, so that
+    /// HTTP gets the policy's answer (the 502).
     pub fn is_tcp_destination(&self, ip: IpAddr, port: u16) -> bool {
-        if self.listeners.is_some() {
-            return self.candidates(Some(ip), port).is_some_and(|c| {
-                !c.needs_inspection()
-                    && matches!(
-                        c.pick(&Connection {
-                            destination: Some(ip),
-                            port,
-                            ..Connection::default()
-                        })
-                        .map(|c| &c.filter),
-                        Some(ChainFilter::Tcp(_))
-                    )
-            });
-        }
-        let Some(table) = self.addresses.get(&port) else {
-            return false;
-        };
-        match table.by_address(canonical(ip)) {
-            Some(c) => c.protocol == Protocol::Tcp,
-            None => {
-                !table.sniffed
-                    && table
-                        .any
-                        .as_ref()
-                        .is_some_and(|c| c.protocol == Protocol::Tcp)
-            }
-        }
+        self.candidates(Some(ip), port).is_some_and(|c| {
+            !c.needs_inspection()
+                && matches!(
+                    c.pick(&Connection {
+                        destination: Some(ip),
+                        port,
+                        ..Connection::default()
+                    })
+                    .map(|c| &c.filter),
+                    Some(ChainFilter::Tcp(t)) if !policy_catch_all(t)
+                )
+        })
     }
 
     /// Whether forwarding to `dst` under resolution NONE stays within `cluster`: the
@@ -651,6 +474,13 @@ impl Snapshot {
             .is_none_or(|nets| nets.iter().any(|net| net.contains(&dst)))
     }
 
+    /// The services' clusters: all but Istio's BlackHoleCluster and PassthroughCluster.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters
+            .iter()
+            .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
+    }
+
     /// Looks up a cluster by its Envoy name.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters
@@ -661,6 +491,12 @@ impl Snapshot {
 }
 
 /// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
+/// Whether a TCP chain ends in the outbound policy's answer (BlackHoleCluster or an
+/// unguarded PassthroughCluster) rather than in a service.
+fn policy_catch_all(t: &Target) -> bool {
+    matches!(t.decide(), Decision::BlackHole | Decision::Passthrough)
+}
+
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),

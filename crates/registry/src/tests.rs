@@ -10,12 +10,12 @@ use portcullis_model::{Resource, Severity, load_str};
 use proptest::prelude::*;
 
 use crate::{
-    BuildOptions, Cluster, Decision, OutboundMode, Protocol, Snapshot, build, build_with_dns,
-    normalize_host,
+    BuildOptions, Cluster, Decision, OutboundMode, PASSTHROUGH_CLUSTER, Protocol, Snapshot, build,
+    build_with_dns, normalize_host,
 };
 
 /// Loads YAML text, failing the test on any error finding.
-fn load(yaml: &str) -> Vec<Resource> {
+pub(crate) fn load(yaml: &str) -> Vec<Resource> {
     let loaded = load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
     let errors: Vec<_> = loaded
         .findings
@@ -50,6 +50,9 @@ fn routed(d: &Decision) -> String {
         Decision::Pod(ip) => format!("pod {ip}"),
         Decision::BlackHole => "blackhole".to_string(),
         Decision::Passthrough => "passthrough".to_string(),
+        // Istio's block_all: what BlackHoleCluster is for HTTP.
+        Decision::Direct(d) if d.status == 502 && d.body.is_none() => "blackhole".to_string(),
+        Decision::Direct(d) => format!("direct {}", d.status),
         other => format!("{other:?}"),
     }
 }
@@ -60,7 +63,7 @@ fn cluster<'a>(s: &'a Snapshot, name: &str) -> &'a Arc<Cluster> {
 }
 
 fn names(s: &Snapshot) -> Vec<&str> {
-    s.clusters.iter().map(|c| &*c.name).collect()
+    s.services().map(|c| &*c.name).collect()
 }
 
 /// `address:port weight` of each endpoint, sorted.
@@ -74,7 +77,7 @@ fn endpoints(c: &Cluster) -> Vec<String> {
     out
 }
 
-const MESH_ALLOW_ANY: &str = "
+pub(crate) const MESH_ALLOW_ANY: &str = "
 apiVersion: v1
 kind: ConfigMap
 metadata: {name: istio, namespace: istio-system}
@@ -208,14 +211,14 @@ fn an_authority_loses_its_port_only_when_it_has_one() {
         ("app.internal.com:", "blackhole"),
         ("app.internal.com:80.", "blackhole"),
         ("app.internal.com:8080", app80),
-        ("10.0.0.5", "pod 10.0.0.5"),
-        ("10.0.0.5:80", "pod 10.0.0.5"),
-        ("10.0.0.5:81", "pod 10.0.0.5"),
-        ("::FFFF:10.0.0.5.", "pod 10.0.0.5"),
-        ("[::ffff:10.0.0.5]:80", "pod 10.0.0.5"),
-        ("fe80::5", "pod fe80::5"),
-        ("[fe80::5]", "pod fe80::5"),
-        ("[fe80::5]:80", "pod fe80::5"),
+        ("10.0.0.5", "PassthroughCluster"),
+        ("10.0.0.5:80", "PassthroughCluster"),
+        ("10.0.0.5:81", "PassthroughCluster"),
+        ("::FFFF:10.0.0.5.", "PassthroughCluster"),
+        ("[::ffff:10.0.0.5]:80", "PassthroughCluster"),
+        ("fe80::5", "PassthroughCluster"),
+        ("[fe80::5]", "PassthroughCluster"),
+        ("[fe80::5]:80", "PassthroughCluster"),
         // A bare IPv6 literal keeps its last group: another address.
         ("fe80::5:80", "blackhole"),
         ("fe80::5]:80", "blackhole"),
@@ -362,7 +365,6 @@ fn wildcards_of_any_depth_match_the_longest_suffix() {
 #[test]
 fn unregistered_follows_the_outbound_mode() {
     let s = snapshot(APP);
-    assert_eq!(s.mode, None);
     assert_eq!(s.outbound_mode(), OutboundMode::RegistryOnly);
     assert_eq!(routed(&s.route_http("other.com", 80)), "blackhole");
     assert_eq!(routed(&s.route_tcp(ip("192.0.2.1"), 5432)), "blackhole");
@@ -760,22 +762,32 @@ fn only_running_ready_pods_are_endpoints() {
     // Ready pods are registered destinations by IP; the others are not.
     assert_eq!(
         routed(&s.route_tcp(ip("10.244.0.2"), 1234)),
-        "pod 10.244.0.2"
+        "PassthroughCluster"
     );
     assert_eq!(
         routed(&s.route_tcp(ip("::ffff:10.244.0.2"), 1234)),
-        "pod 10.244.0.2"
+        "PassthroughCluster"
     );
     assert_eq!(
         routed(&s.route_http("10.244.0.1:8080", 8080)),
-        "pod 10.244.0.1"
+        "PassthroughCluster"
     );
-    assert_eq!(routed(&s.route_host("10.244.0.6", 80)), "pod 10.244.0.6");
+    assert_eq!(
+        routed(&s.route_host("10.244.0.6", 80)),
+        "PassthroughCluster"
+    );
     assert_eq!(
         routed(&s.route_http("[::FFFF:10.244.0.1]:8080", 8080)),
-        "pod 10.244.0.1"
+        "PassthroughCluster"
     );
-    assert_eq!(routed(&s.route_host("10.244.0.6.", 80)), "pod 10.244.0.6");
+    assert_eq!(
+        routed(&s.route_host("10.244.0.6.", 80)),
+        "PassthroughCluster"
+    );
+    // Forwarded to the original destination, but only to a ready pod.
+    let pods = cluster(&s, PASSTHROUGH_CLUSTER);
+    assert!(Snapshot::owns_destination(pods, ip("10.244.0.2")));
+    assert!(!Snapshot::owns_destination(pods, ip("10.244.0.3")));
     for unready in ["10.244.0.3", "10.244.0.4", "10.244.0.5"] {
         assert_eq!(
             routed(&s.route_tcp(ip(unready), 1234)),
@@ -884,7 +896,7 @@ spec:
     .concat();
     let visible = |ns: &str| {
         let s = in_namespace(&yaml, ns);
-        let mut hosts: Vec<String> = s.clusters.iter().map(|c| c.host.to_string()).collect();
+        let mut hosts: Vec<String> = s.services().map(|c| c.host.to_string()).collect();
         hosts.sort();
         for h in &hosts {
             assert!(matches!(s.route_http(h, 80), Decision::Cluster(_)));
@@ -1618,7 +1630,7 @@ fn sidecar_egress_hosts_scope_what_is_reachable() {
     .concat();
     let reachable = |egress: &str| {
         let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
-        let mut hosts: Vec<&str> = s.clusters.iter().map(|c| &*c.host).collect();
+        let mut hosts: Vec<&str> = s.services().map(|c| &*c.host).collect();
         hosts.sort();
         hosts.into_iter().map(str::to_string).collect::<Vec<_>>()
     };
@@ -1733,7 +1745,10 @@ spec:
         assert_eq!(routed(&s.route_http(host, 80)), name, "{host}");
     }
     // An HTTP port's addresses route by Host only; opaque bytes to a pod reach that pod.
-    assert_eq!(routed(&s.route_tcp(ip("10.244.1.1"), 80)), "pod 10.244.1.1");
+    assert_eq!(
+        routed(&s.route_tcp(ip("10.244.1.1"), 80)),
+        "PassthroughCluster"
+    );
     let c = cluster(&s, name);
     assert_eq!(c.resolution, portcullis_model::Resolution::None);
     // Forwarded only to its own pods.
@@ -1843,7 +1858,7 @@ fn sidecar_unix_socket_and_http_proxy_listeners() {
     hosts: ['team-a/*']
   - hosts: ['./*']";
     let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));
-    assert!(s.clusters.is_empty(), "{:?}", names(&s));
+    assert!(names(&s).is_empty(), "{:?}", names(&s));
     // An HTTP_PROXY listener matches services on every port.
     let egress = "[{port: {number: 15080, protocol: HTTP_PROXY, name: proxy}, hosts: ['*/*']}]";
     let s = snapshot(&format!("{services}{}", egress_sidecar(egress)));

@@ -1,0 +1,883 @@
+//! The decisions of [`Builder`] expressed as Envoy's model, shaped as istiod shapes a
+//! sidecar's outbound side (`pilot/pkg/networking/core`): `virtualOutbound` on 15001 with
+//! its catch-all, a `0.0.0.0_PORT` listener for each port that has HTTP, sniffed, CIDR, SNI
+//! or port-wide services, an `IP_PORT` listener for each exact address of an opaque
+//! service, route tables named by port, and `outbound|PORT||HOST` clusters.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use portcullis_balance::Policy;
+use portcullis_envoy::{
+    BLACKHOLE_CLUSTER, Cluster, ClusterLoadAssignment, ClusterSpecifier, Discovery,
+    EndpointAddress as Address, FilterChain, FilterChainMatch, Forward, HealthStatus,
+    HttpConnectionManager, LbEndpoint, LbPolicy, Listener, LocalityLbEndpoints, NetworkFilter,
+    OriginalDst, PASSTHROUGH_CLUSTER, Resources, RetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, RouteSource, TcpProxy, Thresholds, UpstreamProtocol,
+    UpstreamTransport, VIRTUAL_OUTBOUND, VirtualHost,
+};
+use portcullis_model::{OutboundMode, Resolution};
+
+use super::{
+    AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
+    conflict,
+};
+use crate::Map;
+use crate::snapshot::Protocol;
+
+/// Istio's route table for explicit proxying (`RDS_HTTP_PROXY`): every service on every
+/// port, by `host:port`. No listener of a sidecar names it unless its Sidecar asks for an
+/// HTTP proxy port; portcullis's `--http-proxy` and CONNECT route through it.
+pub const HTTP_PROXY_ROUTES: &str = "http_proxy";
+
+/// The port `virtualOutbound` listens on (Istio's `proxyListenPort`).
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Istio's name of a listener's fallback chain when no service takes the whole port.
+const PASSTHROUGH_FILTER_CHAIN: &str = "PassthroughFilterChain";
+
+/// The application protocols the HTTP inspector reports for plaintext HTTP, as Istio
+/// matches them on a sniffed listener.
+const PLAINTEXT_HTTP: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
+
+/// Istio's `connectTimeout` default.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Envoy's `tcp_proxy` idle timeout default, which Istio keeps.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Envoy's `stream_idle_timeout` default, which Istio keeps.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The model compiled from files, with what compiling found beside it.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    /// Listeners, routes and clusters as istiod would send them to this sidecar.
+    pub resources: Resources,
+    /// Conflicts and unsupported features, for logs and `/config_dump`.
+    pub warnings: Vec<String>,
+    /// Names whose DNS answers the result depends on: DNS endpoints and the hosts of
+    /// resolution NONE services, whose answers are allowed destinations.
+    pub dns_names: BTreeSet<String>,
+}
+
+/// Compiles `resources` into Envoy's model as istiod compiles them for this sidecar's
+/// outbound side. `dns` gives the current answers for resolution NONE hosts, which become
+/// the destinations their clusters may forward to.
+pub fn compile(
+    resources: &[portcullis_model::Resource],
+    options: &BuildOptions,
+    dns: DnsAnswers<'_>,
+) -> Compiled {
+    let mut b = Builder::new(resources, options);
+    b.decide();
+    b.compile(dns)
+}
+
+/// Whether HTTP to a cluster's port is routed by its route table.
+fn routed_by_host(protocol: Protocol) -> bool {
+    matches!(protocol, Protocol::Http | Protocol::Http2 | Protocol::Auto)
+}
+
+/// What one `0.0.0.0_PORT` listener holds, gathered before it is written.
+#[derive(Default)]
+struct PortListener {
+    /// Its route table `PORT` takes HTTP (an HTTP service, or a sniffed one, is here).
+    http: bool,
+    /// Ranges owned by opaque services, and whether the owner is sniffed (then HTTP to the
+    /// range still goes to the route table).
+    ranges: Vec<(IpNet, Arc<str>, bool)>,
+    /// TLS services matched by SNI, and their names. A TLS service's range is a chain of
+    /// its own among [`Self::ranges`]: either the name or the range takes a connection.
+    sni: Vec<(Arc<str>, Vec<String>)>,
+    /// The service that takes the whole port.
+    any: Option<Arc<str>>,
+}
+
+/// Per port: names and the cluster each routes to, in claim order.
+type NameClaims = BTreeMap<u16, Vec<(Box<str>, Arc<str>)>>;
+
+/// Who owns what on each port, once conflicts are settled as istiod settles them.
+#[derive(Default)]
+struct Claims {
+    /// Per port: each name and the cluster it routes to, in claim order.
+    hosts: NameClaims,
+    /// Per port: each SNI name and the TLS cluster it routes to, in claim order.
+    sni: NameClaims,
+    /// Per port: exact addresses and their cluster.
+    exact: BTreeMap<u16, BTreeMap<IpAddr, Arc<str>>>,
+    /// Per port: ranges and their cluster.
+    ranges: BTreeMap<u16, BTreeMap<IpNet, Arc<str>>>,
+    /// Per port: the cluster that takes the whole port.
+    any: BTreeMap<u16, Arc<str>>,
+}
+
+impl Builder<'_> {
+    /// Writes the decisions as Envoy resources.
+    fn compile(mut self, dns: DnsAnswers<'_>) -> Compiled {
+        let mode = self.mode().unwrap_or(OutboundMode::RegistryOnly);
+        let claims = self.settle_claims();
+        let mut out = Compiled::default();
+        let pending = std::mem::take(&mut self.clusters);
+        let pods: Vec<IpAddr> = self
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // Under REGISTRY_ONLY, portcullis's registered pods are reachable by IP: Istio has
+        // no such route, so they get chains and domains of their own to PassthroughCluster,
+        // guarded to the pods.
+        let reachable_pods: &[IpAddr] = match mode {
+            OutboundMode::RegistryOnly => &pods,
+            OutboundMode::AllowAny => &[],
+        };
+        for c in [blackhole_cluster(), passthrough_cluster(mode, &pods)] {
+            out.resources.clusters.insert(c.name.clone(), c);
+        }
+        let mut listeners: BTreeMap<u16, PortListener> = BTreeMap::new();
+        for port in &self.sniffed_ports {
+            listeners.entry(*port).or_default().http = true;
+        }
+        for (port, ranges) in &claims.ranges {
+            for (net, cluster) in ranges {
+                let sniffed = pending
+                    .get(cluster)
+                    .is_some_and(|c| c.protocol == Protocol::Auto);
+                listeners.entry(*port).or_default().ranges.push((
+                    *net,
+                    Arc::clone(cluster),
+                    sniffed,
+                ));
+            }
+        }
+        for (port, names) in &claims.sni {
+            let mut by_cluster: BTreeMap<&Arc<str>, Vec<String>> = BTreeMap::new();
+            for (name, cluster) in names {
+                if &**name != "*" {
+                    by_cluster
+                        .entry(cluster)
+                        .or_default()
+                        .push(name.to_string());
+                }
+            }
+            let l = listeners.entry(*port).or_default();
+            for (cluster, names) in by_cluster {
+                l.sni.push((Arc::clone(cluster), names));
+            }
+        }
+        for (port, cluster) in &claims.any {
+            listeners.entry(*port).or_default().any = Some(Arc::clone(cluster));
+        }
+        let catch_all = match mode {
+            OutboundMode::RegistryOnly => BLACKHOLE_CLUSTER,
+            OutboundMode::AllowAny => PASSTHROUGH_CLUSTER,
+        };
+        out.resources.listeners.insert(
+            VIRTUAL_OUTBOUND.to_string(),
+            virtual_outbound(catch_all, reachable_pods),
+        );
+        for (port, l) in &listeners {
+            let listener = port_listener(*port, l, catch_all, reachable_pods);
+            out.resources
+                .listeners
+                .insert(listener.name.clone(), listener);
+            if l.http {
+                let routes = port_routes(*port, &claims, &pending, mode, reachable_pods);
+                out.resources.routes.insert(routes.name.clone(), routes);
+            }
+        }
+        let proxy_routes = http_proxy_routes(&claims, &pending, mode, reachable_pods);
+        out.resources
+            .routes
+            .insert(proxy_routes.name.clone(), proxy_routes);
+        for (port, exact) in &claims.exact {
+            for (ip, cluster) in exact {
+                let Some(c) = pending.get(cluster) else {
+                    continue;
+                };
+                if !matches!(c.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Auto) {
+                    continue;
+                }
+                let (listener, routes) = address_listener(*ip, *port, c);
+                out.resources
+                    .listeners
+                    .insert(listener.name.clone(), listener);
+                if let Some(routes) = routes {
+                    out.resources.routes.insert(routes.name.clone(), routes);
+                }
+            }
+        }
+        for (name, p) in pending {
+            let policy = self.policy_for(&p.host);
+            let cluster = service_cluster(p, policy, dns, &mut out.dns_names);
+            out.resources.clusters.insert(name.to_string(), cluster);
+        }
+        out.warnings = self.warnings;
+        out
+    }
+
+    /// Settles who owns each name, range and address on each port: names by claim order,
+    /// addresses by the oldest service, as istiod builds listeners in creation order.
+    fn settle_claims(&mut self) -> Claims {
+        let mut claims = Claims::default();
+        let mut hosts: Map<(u16, Box<str>), Arc<str>> = Map::default();
+        let mut sni: Map<(u16, Box<str>), Arc<str>> = Map::default();
+        let source = |name: &Arc<str>| -> Arc<str> {
+            self.clusters
+                .get(name)
+                .map_or_else(|| Arc::from(""), |c| Arc::clone(&c.source))
+        };
+        let mut warnings = Vec::new();
+        for (port, host, cluster, by_sni) in std::mem::take(&mut self.hosts_pending) {
+            match hosts.get(&(port, host.clone())) {
+                Some(kept) => conflict(
+                    &mut warnings,
+                    || format!("host {host}"),
+                    port,
+                    (kept, &source(kept)),
+                    (&cluster, &source(&cluster)),
+                ),
+                None => {
+                    hosts.insert((port, host.clone()), Arc::clone(&cluster));
+                    claims
+                        .hosts
+                        .entry(port)
+                        .or_default()
+                        .push((host.clone(), Arc::clone(&cluster)));
+                }
+            }
+            // Conflicts are reported once, by the names above.
+            if by_sni && !sni.contains_key(&(port, host.clone())) {
+                sni.insert((port, host.clone()), Arc::clone(&cluster));
+                claims.sni.entry(port).or_default().push((host, cluster));
+            }
+        }
+        let mut pending = std::mem::take(&mut self.addresses_pending);
+        pending.sort_by(|a, b| a.age.cmp(&b.age));
+        for PendingAddress {
+            port, key, cluster, ..
+        } in pending
+        {
+            let (kept, what) = match key {
+                AddressKey::Net(net) if net.prefix_len() == net.max_prefix_len() => (
+                    claims
+                        .exact
+                        .entry(port)
+                        .or_default()
+                        .entry(net.addr())
+                        .or_insert_with(|| Arc::clone(&cluster))
+                        .clone(),
+                    format!("address {}", net.addr()),
+                ),
+                AddressKey::Net(net) => {
+                    let net = net.trunc();
+                    (
+                        claims
+                            .ranges
+                            .entry(port)
+                            .or_default()
+                            .entry(net)
+                            .or_insert_with(|| Arc::clone(&cluster))
+                            .clone(),
+                        format!("address {net}"),
+                    )
+                }
+                AddressKey::AnyOnPort => (
+                    claims
+                        .any
+                        .entry(port)
+                        .or_insert_with(|| Arc::clone(&cluster))
+                        .clone(),
+                    "every address".to_string(),
+                ),
+            };
+            conflict(
+                &mut warnings,
+                || what,
+                port,
+                (&kept, &source(&kept)),
+                (&cluster, &source(&cluster)),
+            );
+        }
+        self.warnings.extend(warnings);
+        claims
+    }
+}
+
+fn tcp_proxy(cluster: &str) -> NetworkFilter {
+    NetworkFilter::TcpProxy(TcpProxy {
+        stat_prefix: cluster.to_string(),
+        cluster: ClusterSpecifier::Cluster(cluster.to_string()),
+        idle_timeout: Some(TCP_IDLE_TIMEOUT),
+    })
+}
+
+fn chain(name: &str, filter_chain_match: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
+    FilterChain {
+        name: name.to_string(),
+        filter_chain_match,
+        filter,
+        skipped_filters: Vec::new(),
+        transport_socket: None,
+    }
+}
+
+fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
+    NetworkFilter::Http(HttpConnectionManager {
+        stat_prefix: format!("outbound_{listener}"),
+        route_config: RouteSource::Rds(routes.to_string()),
+        stream_idle_timeout: Some(STREAM_IDLE_TIMEOUT),
+        request_timeout: None,
+        accept_http_10: false,
+        skipped_filters: Vec::new(),
+    })
+}
+
+/// The match of a chain that takes plaintext HTTP, as the HTTP inspector tells it.
+fn http_match(prefix_ranges: Vec<IpNet>) -> FilterChainMatch {
+    FilterChainMatch {
+        prefix_ranges,
+        transport_protocol: Some("raw_buffer".to_string()),
+        application_protocols: PLAINTEXT_HTTP.iter().map(|p| p.to_string()).collect(),
+        ..FilterChainMatch::default()
+    }
+}
+
+fn host_nets(ips: &[IpAddr]) -> Vec<IpNet> {
+    ips.iter().map(|ip| IpNet::from(*ip)).collect()
+}
+
+/// The listener filters a listener's chains need: the TLS inspector for server names, the
+/// HTTP inspector for application protocols.
+fn inspectors(chains: &[FilterChain]) -> Vec<String> {
+    let mut filters = Vec::new();
+    if chains
+        .iter()
+        .any(|c| !c.filter_chain_match.server_names.is_empty())
+    {
+        filters.push("envoy.filters.listener.tls_inspector".to_string());
+    }
+    if chains
+        .iter()
+        .any(|c| !c.filter_chain_match.application_protocols.is_empty())
+    {
+        filters.push("envoy.filters.listener.http_inspector".to_string());
+    }
+    filters
+}
+
+fn wildcard(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+}
+
+/// Istio's `virtualOutbound`: hands connections to the listener of their original
+/// destination; what none takes ends in the catch-all, and a connection to 15001 itself
+/// is dropped.
+fn virtual_outbound(catch_all: &str, pods: &[IpAddr]) -> Listener {
+    let mut chains = vec![chain(
+        "virtualOutbound-blackhole",
+        FilterChainMatch {
+            destination_port: Some(OUTBOUND_PORT),
+            ..FilterChainMatch::default()
+        },
+        tcp_proxy(BLACKHOLE_CLUSTER),
+    )];
+    if !pods.is_empty() {
+        chains.push(chain(
+            "virtualOutbound-pods",
+            FilterChainMatch {
+                prefix_ranges: host_nets(pods),
+                ..FilterChainMatch::default()
+            },
+            tcp_proxy(PASSTHROUGH_CLUSTER),
+        ));
+    }
+    chains.push(chain(
+        "virtualOutbound-catchall-tcp",
+        FilterChainMatch::default(),
+        tcp_proxy(catch_all),
+    ));
+    Listener {
+        name: VIRTUAL_OUTBOUND.to_string(),
+        address: wildcard(OUTBOUND_PORT),
+        bind_to_port: true,
+        use_original_dst: true,
+        listener_filters: Vec::new(),
+        filter_chains: chains,
+        default_filter_chain: None,
+    }
+}
+
+/// Chains for destinations in `nets`: with `http`, plaintext HTTP to it beside the rest to
+/// `cluster`, both on the raw-buffer transport; without the same transport on both, Envoy
+/// would pick the HTTP chain for its more specific transport and, the application
+/// protocols failing, fall to the default chain, as it never goes back a level.
+fn range_chains(
+    chains: &mut Vec<FilterChain>,
+    nets: Vec<IpNet>,
+    http: Option<NetworkFilter>,
+    cluster: &str,
+) {
+    let mut tcp = FilterChainMatch {
+        prefix_ranges: nets.clone(),
+        ..FilterChainMatch::default()
+    };
+    if let Some(http) = http {
+        tcp.transport_protocol = Some("raw_buffer".to_string());
+        chains.push(chain("", http_match(nets), http));
+    }
+    chains.push(chain("", tcp, tcp_proxy(cluster)));
+}
+
+/// A `0.0.0.0_PORT` listener: HTTP to the port's route table, ranges and SNI names to their
+/// services, the port-wide service (or the catch-all) for the rest.
+fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) -> Listener {
+    let name = format!("0.0.0.0_{port}");
+    let routes = port.to_string();
+    let mut chains = Vec::new();
+    if l.http {
+        chains.push(chain(
+            "",
+            http_match(Vec::new()),
+            http_manager(&name, &routes),
+        ));
+    }
+    for (net, cluster, sniffed) in &l.ranges {
+        let http = sniffed.then(|| http_manager(&name, &routes));
+        range_chains(&mut chains, vec![*net], http, cluster);
+    }
+    for (cluster, names) in &l.sni {
+        chains.push(chain(
+            "",
+            FilterChainMatch {
+                server_names: names.clone(),
+                ..FilterChainMatch::default()
+            },
+            tcp_proxy(cluster),
+        ));
+    }
+    // A port-wide service takes pods' addresses too; else pods outside the ranges here get
+    // their own chains, since this listener, not virtualOutbound's, takes their traffic.
+    let pods: Vec<IpAddr> = pods
+        .iter()
+        .copied()
+        .filter(|ip| l.any.is_none() && !l.ranges.iter().any(|(net, ..)| net.contains(ip)))
+        .collect();
+    if !pods.is_empty() {
+        let http = l.http.then(|| http_manager(&name, &routes));
+        range_chains(&mut chains, host_nets(&pods), http, PASSTHROUGH_CLUSTER);
+    }
+    let default = match &l.any {
+        Some(cluster) => chain("", FilterChainMatch::default(), tcp_proxy(cluster)),
+        None => chain(
+            PASSTHROUGH_FILTER_CHAIN,
+            FilterChainMatch::default(),
+            tcp_proxy(catch_all),
+        ),
+    };
+    let (filter_chains, default_filter_chain) = if chains.is_empty() {
+        (vec![default], None)
+    } else {
+        (chains, Some(default))
+    };
+    let listener_filters = inspectors(&filter_chains);
+    Listener {
+        name,
+        address: wildcard(port),
+        bind_to_port: false,
+        use_original_dst: false,
+        listener_filters,
+        filter_chains,
+        default_filter_chain,
+    }
+}
+
+/// An `IP_PORT` listener for an opaque service's exact address: all its traffic goes to
+/// the service; a sniffed one sends HTTP through a route table of its own (`host:port`)
+/// that takes any Host.
+fn address_listener(
+    ip: IpAddr,
+    port: u16,
+    c: &PendingCluster,
+) -> (Listener, Option<RouteConfiguration>) {
+    let name = format!("{ip}_{port}");
+    let tcp = chain("", FilterChainMatch::default(), tcp_proxy(&c.name));
+    let mut listener = Listener {
+        name,
+        address: SocketAddr::new(ip, port),
+        bind_to_port: false,
+        use_original_dst: false,
+        listener_filters: Vec::new(),
+        filter_chains: vec![tcp],
+        default_filter_chain: None,
+    };
+    if c.protocol != Protocol::Auto {
+        return (listener, None);
+    }
+    let routes_name = format!("{}:{port}", c.host);
+    let http = chain(
+        "",
+        http_match(Vec::new()),
+        http_manager(&listener.name, &routes_name),
+    );
+    listener.default_filter_chain = listener.filter_chains.pop();
+    listener.filter_chains = vec![http];
+    listener.listener_filters = inspectors(&listener.filter_chains);
+    let routes = RouteConfiguration {
+        name: routes_name.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name: routes_name,
+            domains: vec!["*".to_string()],
+            routes: vec![route("default", forward(&c.name))],
+            include_request_attempt_count: true,
+            ..VirtualHost::default()
+        }],
+        ignore_port_in_host_matching: true,
+        ..RouteConfiguration::default()
+    };
+    (listener, Some(routes))
+}
+
+/// Istio's default retry policy for a service route: two retries on connect failure,
+/// refused stream, unavailable, cancelled and 503, each to another host where possible.
+fn istio_retry_policy() -> RetryPolicy {
+    RetryPolicy {
+        retry_on: [
+            "connect-failure",
+            "refused-stream",
+            "unavailable",
+            "cancelled",
+            "retriable-status-codes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        num_retries: 2,
+        per_try_timeout: None,
+        retriable_status_codes: vec![503],
+        avoid_previous_hosts: true,
+        host_selection_retry_max_attempts: 5,
+    }
+}
+
+/// Istio's default route to a service's cluster.
+fn forward_spec(cluster: &str) -> Forward {
+    Forward {
+        cluster: ClusterSpecifier::Cluster(cluster.to_string()),
+        // Istio disables the route timeout unless a VirtualService sets one.
+        timeout: Some(Duration::ZERO),
+        idle_timeout: None,
+        retry_policy: Some(istio_retry_policy()),
+        host_rewrite_literal: None,
+        prefix_rewrite: None,
+        regex_rewrite: None,
+    }
+}
+
+fn forward(cluster: &str) -> RouteAction {
+    RouteAction::Forward(forward_spec(cluster))
+}
+
+/// Istio's `allow_any` action: PassthroughCluster, no timeout, no retries.
+fn passthrough() -> RouteAction {
+    RouteAction::Forward(Forward {
+        retry_policy: None,
+        ..forward_spec(PASSTHROUGH_CLUSTER)
+    })
+}
+
+fn route(name: &str, action: RouteAction) -> Route {
+    Route {
+        name: name.to_string(),
+        route_match: RouteMatch::any(),
+        action,
+        request_headers_to_add: Vec::new(),
+        request_headers_to_remove: Vec::new(),
+        response_headers_to_add: Vec::new(),
+        response_headers_to_remove: Vec::new(),
+    }
+}
+
+/// The route table `PORT`: a virtual host per HTTP or sniffed service (`host:port`) with
+/// every name it won on the port, then the outbound policy's `allow_any` or `block_all`.
+fn port_routes(
+    port: u16,
+    claims: &Claims,
+    clusters: &Map<Arc<str>, PendingCluster>,
+    mode: OutboundMode,
+    pods: &[IpAddr],
+) -> RouteConfiguration {
+    let mut by_cluster: BTreeMap<&Arc<str>, Vec<String>> = BTreeMap::new();
+    let mut any_host = false;
+    for (host, cluster) in claims.hosts.get(&port).into_iter().flatten() {
+        if clusters
+            .get(cluster)
+            .is_some_and(|c| routed_by_host(c.protocol))
+        {
+            any_host |= &**host == "*";
+            by_cluster
+                .entry(cluster)
+                .or_default()
+                .push(host.to_string());
+        }
+    }
+    let mut virtual_hosts: Vec<VirtualHost> = by_cluster
+        .into_iter()
+        .filter_map(|(cluster, domains)| {
+            let c = clusters.get(cluster)?;
+            Some(VirtualHost {
+                name: format!("{}:{port}", c.host),
+                domains,
+                routes: vec![route("default", forward(cluster))],
+                include_request_attempt_count: true,
+                ..VirtualHost::default()
+            })
+        })
+        .collect();
+    let claimed: BTreeSet<&str> = claims
+        .hosts
+        .get(&port)
+        .into_iter()
+        .flatten()
+        .map(|(h, _)| &**h)
+        .collect();
+    let pod_domains: Vec<String> = pods
+        .iter()
+        .map(IpAddr::to_string)
+        .filter(|ip| !claimed.contains(ip.as_str()))
+        .collect();
+    if !pod_domains.is_empty() {
+        virtual_hosts.push(VirtualHost {
+            name: "pods".to_string(),
+            domains: pod_domains,
+            routes: vec![route("pods", passthrough())],
+            include_request_attempt_count: true,
+            ..VirtualHost::default()
+        });
+    }
+    if !any_host {
+        virtual_hosts.push(catch_all_host(mode));
+    }
+    RouteConfiguration {
+        name: port.to_string(),
+        virtual_hosts,
+        ignore_port_in_host_matching: true,
+        ..RouteConfiguration::default()
+    }
+}
+
+/// `host:port` as a domain, an IPv6 literal in brackets as in a Host header.
+fn with_port(host: &str, port: &str) -> String {
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
+    }
+}
+
+/// The outbound policy's catch-all virtual host: Istio's `block_all` (a direct 502) or
+/// `allow_any` (PassthroughCluster).
+fn catch_all_host(mode: OutboundMode) -> VirtualHost {
+    let (name, action) = match mode {
+        OutboundMode::RegistryOnly => (
+            "block_all",
+            RouteAction::DirectResponse {
+                status: 502,
+                body: None,
+            },
+        ),
+        OutboundMode::AllowAny => ("allow_any", passthrough()),
+    };
+    VirtualHost {
+        name: name.to_string(),
+        domains: vec!["*".to_string()],
+        routes: vec![route(name, action)],
+        include_request_attempt_count: true,
+        ..VirtualHost::default()
+    }
+}
+
+/// The route table [`HTTP_PROXY_ROUTES`]: a virtual host per service port (`host:port`)
+/// with every name it won there, whatever its protocol; the pods by IP on any port; then
+/// the outbound policy's catch-all.
+fn http_proxy_routes(
+    claims: &Claims,
+    clusters: &Map<Arc<str>, PendingCluster>,
+    mode: OutboundMode,
+    pods: &[IpAddr],
+) -> RouteConfiguration {
+    let mut by_cluster: BTreeMap<&Arc<str>, Vec<String>> = BTreeMap::new();
+    for (port, names) in &claims.hosts {
+        let port = port.to_string();
+        for (host, cluster) in names {
+            by_cluster
+                .entry(cluster)
+                .or_default()
+                .push(with_port(host, &port));
+        }
+    }
+    let mut virtual_hosts: Vec<VirtualHost> = by_cluster
+        .into_iter()
+        .filter_map(|(cluster, domains)| {
+            let c = clusters.get(cluster)?;
+            Some(VirtualHost {
+                name: format!("{}:{}", c.host, c.port),
+                domains,
+                routes: vec![route("default", forward(cluster))],
+                include_request_attempt_count: true,
+                ..VirtualHost::default()
+            })
+        })
+        .collect();
+    if !pods.is_empty() {
+        virtual_hosts.push(VirtualHost {
+            name: "pods".to_string(),
+            domains: pods
+                .iter()
+                .map(|ip| with_port(&ip.to_string(), "*"))
+                .collect(),
+            routes: vec![route("pods", passthrough())],
+            include_request_attempt_count: true,
+            ..VirtualHost::default()
+        });
+    }
+    virtual_hosts.push(catch_all_host(mode));
+    RouteConfiguration {
+        name: HTTP_PROXY_ROUTES.to_string(),
+        virtual_hosts,
+        ..RouteConfiguration::default()
+    }
+}
+
+/// Istio's circuit breaker thresholds: unlimited unless a DestinationRule sets them.
+fn istio_thresholds() -> Thresholds {
+    Thresholds {
+        max_connections: u32::MAX,
+        max_pending_requests: u32::MAX,
+        max_requests: u32::MAX,
+        max_retries: u32::MAX,
+    }
+}
+
+fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        discovery,
+        lb_policy,
+        connect_timeout: CONNECT_TIMEOUT,
+        upstream_protocol: UpstreamProtocol::Http1,
+        circuit_breakers: istio_thresholds(),
+        load_assignment: None,
+        transport: UpstreamTransport::Plaintext,
+        transport_socket_matches: Vec::new(),
+        dns_refresh_rate: None,
+        source: None,
+    }
+}
+
+fn blackhole_cluster() -> Cluster {
+    bare_cluster(BLACKHOLE_CLUSTER, Discovery::Static, LbPolicy::RoundRobin)
+}
+
+/// Istio's PassthroughCluster; under REGISTRY_ONLY only pods reach it, so it forwards only
+/// to them.
+fn passthrough_cluster(mode: OutboundMode, pods: &[IpAddr]) -> Cluster {
+    let allowed_destinations = match mode {
+        OutboundMode::RegistryOnly => Some(host_nets(pods)),
+        OutboundMode::AllowAny => None,
+    };
+    bare_cluster(
+        PASSTHROUGH_CLUSTER,
+        Discovery::OriginalDst(OriginalDst {
+            port_override: None,
+            allowed_destinations,
+        }),
+        LbPolicy::ClusterProvided,
+    )
+}
+
+/// A service's `outbound|PORT||HOST` cluster: STATIC with its endpoints, STRICT_DNS or
+/// LOGICAL_DNS with names, ORIGINAL_DST for resolution NONE; the DestinationRule's
+/// balancer, LEAST_REQUEST by default as Istio.
+fn service_cluster(
+    p: PendingCluster,
+    policy: Policy,
+    dns: DnsAnswers<'_>,
+    dns_names: &mut BTreeSet<String>,
+) -> Cluster {
+    let lb_policy = match policy {
+        Policy::RoundRobin => LbPolicy::RoundRobin,
+        Policy::Random => LbPolicy::Random,
+        Policy::LeastRequest => LbPolicy::LeastRequest,
+    };
+    let discovery = match p.resolution {
+        Resolution::Static => Discovery::Static,
+        Resolution::Dns => Discovery::StrictDns,
+        Resolution::DnsRoundRobin => Discovery::LogicalDns,
+        Resolution::None => {
+            let mut allowed = p.addresses.clone();
+            if !p.host.starts_with('*') {
+                dns_names.insert(p.host.to_string());
+                let answer = dns(&p.host).unwrap_or_default();
+                allowed.extend(answer.iter().map(|ip| IpNet::from(*ip)));
+            }
+            Discovery::OriginalDst(OriginalDst {
+                port_override: p.passthrough_port,
+                allowed_destinations: Some(allowed),
+            })
+        }
+    };
+    let original_dst = matches!(discovery, Discovery::OriginalDst(_));
+    let mut cluster = bare_cluster(
+        &p.name,
+        discovery,
+        if original_dst {
+            LbPolicy::ClusterProvided
+        } else {
+            lb_policy
+        },
+    );
+    cluster.upstream_protocol = match p.protocol {
+        Protocol::Http2 => UpstreamProtocol::Http2,
+        Protocol::Auto => UpstreamProtocol::UseDownstream,
+        Protocol::Http | Protocol::Tcp | Protocol::Tls => UpstreamProtocol::Http1,
+    };
+    cluster.source = Some(p.source.to_string());
+    if !original_dst {
+        let lb_endpoints = p
+            .endpoints
+            .into_iter()
+            .map(|(address, port, weight, source)| LbEndpoint {
+                address: match address {
+                    EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(ip, port)),
+                    EndpointAddress::Dns(host) => {
+                        dns_names.insert(host.to_string());
+                        Address::Name {
+                            host: host.to_string(),
+                            port,
+                        }
+                    }
+                },
+                health: HealthStatus::Unknown,
+                load_balancing_weight: weight,
+                transport_socket_match: BTreeMap::new(),
+                source: Some(source.to_string()),
+            })
+            .collect();
+        cluster.load_assignment = Some(ClusterLoadAssignment {
+            cluster_name: p.name.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..LocalityLbEndpoints::default()
+            }],
+        });
+    }
+    cluster
+}
+
+#[cfg(test)]
+mod tests;

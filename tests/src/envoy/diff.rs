@@ -1,0 +1,606 @@
+//! The differential run: two identical labs, portcullis fed Istio YAML in one pod and real
+//! Envoy fed the resources istiod would build from it in the other, the same probes from each
+//! pod, and a table of every disagreement.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use super::istio::Resources;
+use super::{TLS_MARK, envoy_bin};
+use crate::lab::{Lab, Role};
+use crate::scenario::{EXTERNAL_MARK, IN_CLUSTER_MARK, mesh_config};
+use crate::{Reply, can_run, poll};
+
+/// How long a proxy may take to write the access log line of a finished probe.
+const LOG_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a raw TCP probe waits for the proxy to answer or close.
+const TCP_PROBE_SECONDS: u64 = 3;
+/// The longest value shown in a table cell.
+const CELL: usize = 100;
+
+/// One scenario, written once: the Istio YAML portcullis reads, the resources istiod would
+/// send Envoy for the same config, and the probes both must answer alike.
+pub struct Scenario {
+    /// Short name, used for the labs and the report.
+    pub name: &'static str,
+    /// Files for portcullis's `--config` folder (file name, YAML), besides the mesh
+    /// ConfigMap that [`Resources::mode`] implies.
+    pub istio: Vec<(String, String)>,
+    /// Envoy's listeners and clusters.
+    pub envoy: Resources,
+    /// Extra `portcullis run` flags.
+    pub portcullis_flags: Vec<&'static str>,
+    /// What the clients do.
+    pub probes: Vec<Probe>,
+}
+
+/// What one client does, the same way in both pods.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// One `curl` with these arguments.
+    Curl(Vec<String>),
+    /// The same `curl` several times: which endpoints answered, as a set (or, with
+    /// `count_only`, how many distinct ones, when which one is the proxy's own pick).
+    Spread {
+        /// curl's arguments.
+        args: Vec<String>,
+        /// How many requests.
+        times: usize,
+        /// Compare only the number of distinct endpoints.
+        count_only: bool,
+    },
+    /// A raw TCP connection (`pce2e-net connect`) that sends `payload` and reads until the
+    /// end.
+    Tcp {
+        /// `ip:port` dialled.
+        addr: String,
+        /// What is sent (`hex:` for bytes).
+        payload: String,
+    },
+}
+
+/// A named client action, and whether the two proxies are meant to agree on it.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// What the probe checks, in a few words.
+    pub name: String,
+    /// What the client does.
+    pub action: Action,
+    /// `Some(why)` for a deliberate difference (a row of the README's "Differences from
+    /// Istio/Envoy"): the two must then differ, and the report shows how.
+    pub differs: Option<&'static str>,
+    /// Known, undocumented disagreements this probe shows (still failures), named in the
+    /// report so a red run says which finding it is.
+    pub findings: Vec<&'static str>,
+    /// The proxy may close before the client's first bytes arrive or after: whether the
+    /// client sees a clean close or a reset is then a race, so only "it ended" is compared.
+    pub close_races: bool,
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+impl Probe {
+    /// `curl args` from the pod.
+    pub fn curl(name: &str, args: &[&str]) -> Probe {
+        Probe::new(name, Action::Curl(strings(args)))
+    }
+
+    /// `curl args` `times` times, comparing the set of endpoints that answered.
+    pub fn spread(name: &str, args: &[&str], times: usize) -> Probe {
+        Probe::new(
+            name,
+            Action::Spread {
+                args: strings(args),
+                times,
+                count_only: false,
+            },
+        )
+    }
+
+    /// `curl args` `times` times, comparing how many distinct endpoints answered.
+    pub fn spread_count(name: &str, args: &[&str], times: usize) -> Probe {
+        Probe::new(
+            name,
+            Action::Spread {
+                args: strings(args),
+                times,
+                count_only: true,
+            },
+        )
+    }
+
+    /// A TCP connection to `addr` from the pod that sends `payload`.
+    pub fn tcp(name: &str, addr: &str, payload: &str) -> Probe {
+        Probe::new(
+            name,
+            Action::Tcp {
+                addr: addr.to_owned(),
+                payload: payload.to_owned(),
+            },
+        )
+    }
+
+    fn new(name: &str, action: Action) -> Probe {
+        Probe {
+            name: name.to_owned(),
+            action,
+            differs: None,
+            findings: Vec::new(),
+            close_races: false,
+        }
+    }
+
+    /// Marks a connection the proxy ends without reading it (Envoy's catch-all chains close
+    /// at once), where clean close and reset depend only on timing.
+    pub fn close_races(mut self) -> Probe {
+        self.close_races = true;
+        self
+    }
+
+    /// Names a known finding this probe exposes; it still fails while the two disagree.
+    pub fn finding(mut self, finding: &'static str) -> Probe {
+        self.findings.push(finding);
+        self
+    }
+
+    /// Marks a deliberate difference, naming the README row that documents it.
+    pub fn differs(mut self, why: &'static str) -> Probe {
+        self.differs = Some(why);
+        self
+    }
+}
+
+/// Which proxy a lab runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Portcullis,
+    Envoy,
+}
+
+/// What a client saw, as (field, value) pairs in a fixed order.
+type Observation = Vec<(&'static str, String)>;
+
+/// Runs `scenario`: builds the two labs, calls `setup` in each (peers, names, dnsmasq:
+/// everything but the proxy), starts portcullis in one pod and Envoy in the other, runs every
+/// probe against both and fails with a table of both sides on any undocumented difference,
+/// or on a documented one that did not show. Skips like [`crate::run`] without root; fails
+/// loudly without Envoy 1.40.
+pub fn run_differential(scenario: Scenario, setup: impl Fn(&mut Lab) -> anyhow::Result<()>) {
+    let test = format!("diff-{}", scenario.name);
+    if !can_run(&test) {
+        return;
+    }
+    let envoy = match envoy_bin() {
+        Ok(bin) => bin,
+        Err(e) => panic!("{test}: the differential lab needs real Envoy: {e:#}"),
+    };
+    let mut labs = Vec::new();
+    for side in ["p", "e"] {
+        match Lab::new(&format!("{test}-{side}")) {
+            Ok(lab) => labs.push(lab),
+            Err(e) => panic!("{test}: building the lab failed: {e:#}"),
+        }
+    }
+    let (ours, theirs) = labs.split_at_mut(1);
+    let (ours, theirs) = (&mut ours[0], &mut theirs[0]);
+    let outcome = (|| {
+        for lab in [&mut *ours, &mut *theirs] {
+            setup(lab)?;
+        }
+        ours.write_config("mesh.yaml", &mesh_config(scenario.envoy.mode.mesh_name()))?;
+        for (file, yaml) in &scenario.istio {
+            ours.write_config(file, yaml)?;
+        }
+        ours.apply_iptables()?;
+        ours.start_portcullis(&scenario.portcullis_flags)?;
+        theirs.apply_iptables()?;
+        theirs.start_envoy(&envoy, &scenario.envoy.bootstrap())?;
+        compare(&scenario, ours, theirs)
+    })();
+    match outcome {
+        Ok(report) => eprintln!("{report}"),
+        Err(e) => {
+            ours.dump_logs();
+            theirs.dump_logs();
+            panic!("{test}: {e:#}");
+        }
+    }
+}
+
+/// Runs every probe on both sides; the report on success, the failing table as the error.
+fn compare(scenario: &Scenario, ours: &mut Lab, theirs: &mut Lab) -> anyhow::Result<String> {
+    let mut report = format!(
+        "differential scenario {}: {} probes, portcullis vs Envoy 1.40\n",
+        scenario.name,
+        scenario.probes.len()
+    );
+    let mut failures = 0;
+    for probe in &scenario.probes {
+        let mut mine = observe(ours, Side::Portcullis, &probe.action)?;
+        let mut envoy = observe(theirs, Side::Envoy, &probe.action)?;
+        if probe.close_races {
+            for seen in [&mut mine, &mut envoy] {
+                merge_close_and_reset(seen);
+            }
+        }
+        let differing: Vec<usize> = (0..mine.len())
+            .filter(|&i| mine[i].1 != envoy[i].1)
+            .collect();
+        let verdict = match (probe.differs, differing.is_empty()) {
+            (None, true) => "same",
+            (None, false) => "MISMATCH",
+            (Some(_), false) => "differs, as documented",
+            (Some(_), true) => "SAME, but documented as differing",
+        };
+        let failed = verdict.chars().next().is_some_and(char::is_uppercase);
+        failures += usize::from(failed);
+        let _ = writeln!(report, "- {}: {verdict}", probe.name);
+        if let Some(why) = probe.differs {
+            let _ = writeln!(report, "  documented difference: {why}");
+        }
+        for finding in &probe.findings {
+            let _ = writeln!(report, "  known finding: {finding}");
+        }
+        if failed || probe.differs.is_some() {
+            let _ = writeln!(report, "  action: {:?}", probe.action);
+            let _ = writeln!(report, "  | field | portcullis | envoy |");
+            let _ = writeln!(report, "  |---|---|---|");
+            for (i, (field, value)) in mine.iter().enumerate() {
+                let mark = if differing.contains(&i) { " (*)" } else { "" };
+                let _ = writeln!(
+                    report,
+                    "  | {field}{mark} | {} | {} |",
+                    cell(value),
+                    cell(&envoy[i].1)
+                );
+            }
+        }
+    }
+    ours.expect_running()?;
+    let (status, _) = theirs.admin_get("/ready")?;
+    if status != 200 {
+        bail!("envoy stopped being ready ({status})\n{report}");
+    }
+    if failures > 0 {
+        bail!("{failures} probe(s) disagree with Envoy 1.40:\n{report}");
+    }
+    Ok(report)
+}
+
+/// Reduces a clean close and a reset to one value, for probes whose end is a race.
+fn merge_close_and_reset(seen: &mut Observation) {
+    for (field, value) in seen.iter_mut() {
+        let ended = value.contains("reset") || value.contains("closed") || value == "eof";
+        if matches!(*field, "outcome" | "end") && ended {
+            *value = "closed or reset".to_owned();
+        }
+    }
+}
+
+fn cell(value: &str) -> String {
+    let flat = value.replace('\n', "\\n").replace('|', "\\|");
+    if flat.chars().count() > CELL {
+        let cut: String = flat.chars().take(CELL).collect();
+        format!("{cut}...")
+    } else {
+        flat
+    }
+}
+
+/// Runs `action` in `lab`'s pod and describes what the client saw and what the proxy logged.
+fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observation> {
+    let before = access_lines(lab, side)?.len();
+    let (mut seen, requests) = match action {
+        Action::Curl(args) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (describe_reply(&lab.curl(&args)?), 1)
+        }
+        Action::Spread {
+            args,
+            times,
+            count_only,
+        } => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut outcomes = BTreeSet::new();
+            let mut all_headers = BTreeSet::new();
+            let mut endpoints = BTreeSet::new();
+            for _ in 0..*times {
+                let reply = lab.curl(&args)?;
+                outcomes.insert(format!("{} {}", outcome(&reply), reply.status_line));
+                // The endpoints' pages differ in length; which one answered is compared apart.
+                all_headers.insert(headers(&reply, &["content-length"]));
+                endpoints.insert(endpoint(&reply.body));
+            }
+            let endpoints = if *count_only {
+                format!("{} distinct", endpoints.len())
+            } else {
+                join(&endpoints)
+            };
+            (
+                vec![
+                    ("outcomes", join(&outcomes)),
+                    ("headers", join(&all_headers)),
+                    ("endpoints", endpoints),
+                ],
+                *times,
+            )
+        }
+        Action::Tcp { addr, payload } => {
+            let seen = lab.connect(Role::Pod, addr, payload, TCP_PROBE_SECONDS)?;
+            let data = seen
+                .line
+                .split_once(" data=")
+                .map_or("", |(_, d)| d)
+                .to_owned();
+            let data = raw_response(&data);
+            (
+                vec![
+                    ("connected", seen.connected.to_string()),
+                    ("end", seen.end.clone()),
+                    ("received", data.clone()),
+                    ("endpoint", endpoint(&data)),
+                ],
+                1,
+            )
+        }
+    };
+    let lines = poll("the probe's access log lines", LOG_DEADLINE, || {
+        let lines = access_lines(lab, side)?;
+        Ok((lines.len() >= before + requests).then_some(lines))
+    })
+    .or_else(|_| access_lines(lab, side))?;
+    let new = lines.get(before..).unwrap_or_default();
+    let fields: Vec<[String; 3]> = new.iter().map(|l| log_fields(side, l)).collect();
+    for (i, name) in ["log flags", "log cluster", "log route"]
+        .into_iter()
+        .enumerate()
+    {
+        let values: BTreeSet<String> = fields.iter().map(|f| f[i].clone()).collect();
+        seen.push((name, join(&values)));
+    }
+    seen.push(("log lines", new.len().to_string()));
+    Ok(seen)
+}
+
+fn join(values: &BTreeSet<String>) -> String {
+    if values.is_empty() {
+        "(none)".to_owned()
+    } else {
+        values.iter().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Status, proxy-visible headers, body and answering endpoint of one curl exchange.
+fn describe_reply(reply: &Reply) -> Observation {
+    vec![
+        ("outcome", outcome(reply)),
+        ("status", reply.status_line.clone()),
+        ("headers", headers(reply, &[])),
+        ("body", reply.body.clone()),
+        ("endpoint", endpoint(&reply.body)),
+    ]
+}
+
+/// How the exchange ended: a response, or how the connection failed (closed, reset, timed
+/// out), with curl's exit code.
+fn outcome(reply: &Reply) -> String {
+    let stderr = reply.stderr.to_ascii_lowercase();
+    let how = match reply.exit {
+        0 => "response",
+        7 => "refused",
+        28 => "timeout",
+        52 => "closed, empty reply",
+        _ if stderr.contains("reset") => "reset",
+        35 => "closed in the TLS handshake",
+        56 => "closed",
+        _ => "other failure",
+    };
+    format!("curl {}: {how}", reply.exit)
+}
+
+/// The response headers, sorted; values that vary by run or by lab (dates, file times,
+/// timings) and those named in `vary` are reduced to their presence.
+fn headers(reply: &Reply, vary: &[&str]) -> String {
+    const VARYING: [&str; 3] = ["x-envoy-upstream-service-time", "last-modified", "etag"];
+    let mut all: Vec<String> = reply
+        .headers
+        .iter()
+        .filter(|(name, _)| name != "date")
+        .map(|(name, value)| {
+            if VARYING.contains(&name.as_str()) || vary.contains(&name.as_str()) {
+                format!("{name}: *")
+            } else {
+                format!("{name}: {value}")
+            }
+        })
+        .collect();
+    all.sort();
+    all.join("; ")
+}
+
+/// Which lab host's page `body` is.
+fn endpoint(body: &str) -> String {
+    let known = [
+        (EXTERNAL_MARK, "external nginx"),
+        (IN_CLUSTER_MARK, "in-cluster nginx"),
+        (TLS_MARK, "external TLS nginx"),
+        ("sink", "a sink"),
+    ];
+    known
+        .iter()
+        .find(|(mark, _)| body.contains(mark))
+        .map_or("-", |(_, name)| name)
+        .to_owned()
+}
+
+/// A raw exchange's bytes as `pce2e-net` prints them (each CR and LF a space): an HTTP
+/// response is reduced to its status line, its headers sorted with the date's value
+/// dropped, and its body, so that header order does not count.
+fn raw_response(data: &str) -> String {
+    if !data.starts_with("HTTP/") {
+        return data.to_owned();
+    }
+    let (head, body) = data.split_once("    ").unwrap_or((data, ""));
+    let mut lines = head.split("  ");
+    let status = lines.next().unwrap_or_default();
+    let mut headers: Vec<String> = lines
+        .map(|line| match line.split_once(':') {
+            Some((name, _)) if name.eq_ignore_ascii_case("date") => "date: *".to_owned(),
+            Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+            None => line.to_owned(),
+        })
+        .collect();
+    headers.sort();
+    format!("{status} [{}] {body}", headers.join("; "))
+}
+
+/// The access log lines a proxy has written so far.
+fn access_lines(lab: &mut Lab, side: Side) -> anyhow::Result<Vec<String>> {
+    Ok(match side {
+        Side::Portcullis => lab
+            .portcullis_output()
+            .lines()
+            .filter(|l| l.contains("response_flags="))
+            .map(str::to_owned)
+            .collect(),
+        Side::Envoy => lab
+            .envoy_access_log()?
+            .lines()
+            .filter(|l| l.starts_with('['))
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+/// Response flags, upstream cluster and route name of one access log line.
+fn log_fields(side: Side, line: &str) -> [String; 3] {
+    match side {
+        Side::Portcullis => {
+            let field = |key: &str| {
+                let tokens = tokens(line);
+                tokens
+                    .iter()
+                    .find_map(|t| t.strip_prefix(key))
+                    .map_or("-", |v| v.trim_matches('"'))
+                    .to_owned()
+            };
+            [
+                field("response_flags="),
+                field("upstream_cluster="),
+                field("route_name="),
+            ]
+        }
+        // Istio's format: [time] "request" code flags details termination "failure" in out
+        // duration upstream-time "xff" "agent" "id" "authority" "upstream" cluster
+        // upstream-local downstream-local downstream-remote sni route.
+        Side::Envoy => {
+            let tokens = tokens(line);
+            let at = |i: usize| tokens.get(i).map_or("?", String::as_str).to_owned();
+            [at(3), at(16), at(21)]
+        }
+    }
+}
+
+/// `line` split on spaces, keeping a `"quoted string"` as one token (quotes included).
+fn tokens(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+            _ => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_flags_cluster_and_route_from_istios_envoy_format() {
+        let line = "[2026-12-03T16:00:00.000Z] \"GET / HTTP/1.1\" 502 - direct_response - \"-\" 0 0 0 - \"-\" \"curl/8.5.0\" \"6c1f\" \"example.org\" \"-\" - - 10.50.3.3:80 10.50.1.1:40000 - block_all";
+        assert_eq!(
+            log_fields(Side::Envoy, line),
+            ["-", "-", "block_all"].map(String::from)
+        );
+        let tcp = "[2026-12-03T16:00:00.000Z] \"- - -\" 0 UH - - \"-\" 0 0 0 - \"-\" \"-\" \"-\" \"-\" \"-\" BlackHoleCluster - 10.50.0.1:9 10.50.1.1:4 - -";
+        assert_eq!(
+            log_fields(Side::Envoy, tcp),
+            ["UH", "BlackHoleCluster", "-"].map(String::from)
+        );
+    }
+
+    #[test]
+    fn reads_flags_cluster_and_route_from_portcullis_fields() {
+        let line = "2026-12-03T16:00:00Z INFO access: \"GET / HTTP/1.1\" 502 - \"a b\" \"-\" BlackHoleCluster 10.50.3.3:80 block_all method=\"GET\" response_flags=\"-\" upstream_cluster=\"BlackHoleCluster\" route_name=\"block_all\"";
+        assert_eq!(
+            log_fields(Side::Portcullis, line),
+            ["-", "BlackHoleCluster", "block_all"].map(String::from)
+        );
+        let tcp = "INFO access: \"- - -\" 0 UH response_flags=\"UH\" upstream_cluster=\"PassthroughCluster\"";
+        assert_eq!(
+            log_fields(Side::Portcullis, tcp),
+            ["UH", "PassthroughCluster", "-"].map(String::from)
+        );
+    }
+
+    #[test]
+    fn header_values_that_vary_by_run_are_reduced_to_presence() {
+        let dump = "HTTP/1.1 200 OK\r\nServer: envoy\r\nDate: Thu, 03 Dec 2026 16:00:00 GMT\r\nx-envoy-upstream-service-time: 3\r\ncontent-length: 5\r\n\r\n";
+        let reply = Reply::parse(0, "200 000", dump, "hello", "");
+        assert_eq!(
+            headers(&reply, &[]),
+            "content-length: 5; server: envoy; x-envoy-upstream-service-time: *"
+        );
+        assert_eq!(
+            raw_response("HTTP/1.1 400 Bad Request  server: envoy  date: Thu, 03 Dec 2026 GMT    "),
+            raw_response("HTTP/1.1 400 Bad Request  Date: Fri, 04 Dec 2026 GMT  server: envoy    "),
+        );
+        assert_eq!(raw_response("sink "), "sink ");
+    }
+
+    #[test]
+    fn a_racy_end_compares_only_that_it_ended() {
+        let mut reset = vec![("end", "reset".to_owned()), ("received", String::new())];
+        let mut eof = vec![("end", "eof".to_owned()), ("received", String::new())];
+        let mut answered = vec![("outcome", "curl 0: response".to_owned())];
+        merge_close_and_reset(&mut reset);
+        merge_close_and_reset(&mut eof);
+        merge_close_and_reset(&mut answered);
+        assert_eq!(reset, eof);
+        assert_eq!(answered[0].1, "curl 0: response");
+    }
+
+    #[test]
+    fn a_reset_is_told_from_a_close() {
+        let reset = Reply::parse(
+            56,
+            "000 000",
+            "",
+            "",
+            "curl: (56) Recv failure: Connection reset by peer",
+        );
+        let closed = Reply::parse(52, "000 000", "", "", "curl: (52) Empty reply from server");
+        assert_eq!(outcome(&reset), "curl 56: reset");
+        assert_eq!(outcome(&closed), "curl 52: closed, empty reply");
+    }
+}

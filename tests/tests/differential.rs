@@ -1,0 +1,697 @@
+//! Differential tests against real Envoy 1.40: each scenario is written once, as the Istio
+//! YAML portcullis reads, the listeners and clusters istiod builds from it for a sidecar's
+//! outbound side, and the probes; the same clients in two identical pods must see the same
+//! status, proxy-owned headers, body, answering endpoint, closed-vs-reset, and access-log
+//! flags, cluster and route (see `portcullis_e2e::envoy`).
+//!
+//! Weighted clusters, retries, redirects, direct responses and header rewrites come from
+//! VirtualServices and DestinationRules, which only the control plane will carry to both
+//! proxies alike: their scenarios belong in the section at the end of this file.
+
+use portcullis_e2e::Lab;
+use portcullis_e2e::envoy::istio::{
+    Mode, Resources, dns_cluster, http_listener, original_dst_cluster, service_vhost,
+    static_cluster, tcp_listener, tls_listener,
+};
+use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
+use portcullis_e2e::scenario::{
+    APP_HOST, APP_VIP, EXTERNAL_IP, IN_CLUSTER_IP, POD, ROGUE_IP, SELECT_EXTERNAL, SERVICE_ENTRY,
+    WORKLOAD_ENTRY, external_service, service_entry,
+};
+use portcullis_e2e::{DNS_IP, Role};
+
+/// Enough requests that two endpoints chosen at random both answer (a miss is 1 in 2^11).
+const SPREAD: usize = 12;
+
+/// The README row on resolution `NONE`.
+const NONE_CONFINED: &str = "README, Differences from Istio/Envoy: resolution `NONE` forwards \
+                             only to the service's addresses or what its host resolves to \
+                             now (Istio forwards to any original destination)";
+/// The README row on pod IPs.
+const POD_IP_REGISTERED: &str = "README, Differences from Istio/Envoy: a ready pod's IP is a \
+                                 registered destination on any port (Istio: only through its \
+                                 services' listeners)";
+/// The README row on plain HTTP to a TLS service's address.
+const HTTP_TO_TLS_ADDRESS: &str = "README, Differences from Istio/Envoy: plain HTTP to a TLS \
+                                   service's exact address is sniffed and routed by Host \
+                                   (Istio: `tcp_proxy` to the TLS service)";
+/// The README row on port 15001 of another host.
+const PORT_15001_ELSEWHERE: &str = "README, Differences from Istio/Envoy: port 15001 of another \
+                                    host is an ordinary destination (Istio's virtualOutbound \
+                                    black-holes the port on any address)";
+
+// Disagreements found by these tests and not (yet) in the README's table: each is a bug by
+// the README's own rule, and the probes showing it fail until it is fixed or documented.
+
+/// F1.
+const F_BLOCK_LOG_CLUSTER: &str = "F1: access log of a `block_all` 502: Envoy logs no upstream \
+                                   cluster (`-`, a direct response), portcullis \
+                                   `BlackHoleCluster`";
+/// F2.
+const F_RESET: &str = "F2: a connection Envoy black-holes after a listener filter (TLS or HTTP \
+                       inspector) has peeked at the client's bytes ends in a reset (the bytes \
+                       are unread); portcullis reads them and closes cleanly";
+/// F3.
+const F_HTTP_WITHOUT_LISTENER: &str = "F3: plain HTTP on a port with no HTTP service: Istio has \
+                                       no HTTP listener there, Envoy treats it as opaque TCP \
+                                       (REGISTRY_ONLY reset with `UH`, ALLOW_ANY bytes passed \
+                                       through untouched); portcullis sniffs it (502 \
+                                       `block_all`, or proxied as HTTP via `allow_any`)";
+/// F4.
+const F_HTTP10: &str = "F4: HTTP/1.0: istiod's HTTP listeners match only http/1.1 and h2c, so \
+                        Envoy sends it to the default chain (REGISTRY_ONLY reset with `UH`, \
+                        ALLOW_ANY passed through); portcullis answers 426 (the README row on \
+                        426 describes an HTTP connection manager istiod never reaches here)";
+/// F5.
+const F_HTTP_ON_TLS_PORT: &str = "F5: plain HTTP on a port with only TLS services (no address): \
+                                  Envoy's default chain (reset, `UH`); portcullis routes it by \
+                                  Host to the TLS service's endpoint";
+/// F6.
+const F_TRAILING_DOT: &str = "F6: `Host` with a trailing dot: Envoy matches no virtual host \
+                              (502); portcullis routes it as the host without the dot";
+/// F7.
+const F_NO_HOST_FLAG: &str = "F7: request without `Host` (400): Envoy logs no response flag, \
+                              portcullis `DPE`";
+/// F8.
+const F_BODY_CLOSE: &str = "F8: a 502 answered before the request body was read: Envoy adds \
+                            `connection: close`; portcullis keeps the connection";
+/// F9.
+const F_H2_LENGTH: &str = "F9: a 502 over HTTP/2: Envoy sends no `content-length`, portcullis \
+                           `content-length: 0`";
+/// F10.
+const F_CONNECT_RETRY_FLAG: &str = "F10: passthrough TCP whose connect fails: Envoy logs \
+                                    `UF,URX`, portcullis `UF`";
+
+fn files(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(name, yaml)| ((*name).to_owned(), (*yaml).to_owned()))
+        .collect()
+}
+
+/// A certificate for `names` and an nginx serving [`TLS_PAGE`] with it on 10.50.0.1:443.
+fn tls_server(lab: &mut Lab, names: &[&str]) -> anyhow::Result<()> {
+    let cert = lab.make_certificate(names)?;
+    let servers = cert.nginx_tls_server(&format!("{EXTERNAL_IP}:443"));
+    lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8443)?;
+    Ok(())
+}
+
+/// The seed guide's final state: app.internal.com served by the external host's
+/// WorkloadEntry and the in-cluster pod; everything else refused.
+#[test]
+fn seed_guide_http_by_host() {
+    let app_url = format!("http://{APP_HOST}/");
+    let rogue_url = format!("http://{ROGUE_IP}/");
+    let scenario = Scenario {
+        name: "seed",
+        istio: files(&[
+            ("workloadentry.yaml", WORKLOAD_ENTRY),
+            ("serviceentry.yaml", SERVICE_ENTRY),
+            ("pod.yaml", POD),
+        ]),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(
+                80,
+                vec![service_vhost(APP_HOST, 80, &[])],
+                Mode::RegistryOnly,
+            ))
+            .cluster(static_cluster(
+                80,
+                APP_HOST,
+                &[EXTERNAL_IP, IN_CLUSTER_IP],
+                80,
+            )),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::spread("registered host, both endpoints", &[&app_url], SPREAD),
+            Probe::spread(
+                "registered host over h2c",
+                &["--http2-prior-knowledge", &app_url],
+                SPREAD,
+            ),
+            Probe::spread(
+                "Host with the port",
+                &["-H", "Host: app.internal.com:80", &app_url],
+                SPREAD,
+            ),
+            Probe::spread(
+                "Host in upper case",
+                &["-H", "Host: APP.Internal.COM", &app_url],
+                SPREAD,
+            ),
+            Probe::curl(
+                "Host with a trailing dot",
+                &["-H", "Host: app.internal.com.", &app_url],
+            )
+            .finding(F_TRAILING_DOT),
+            Probe::spread(
+                "absolute-form URI naming the registered host, sent to the rogue",
+                &["--request-target", &app_url, &rogue_url],
+                SPREAD,
+            ),
+            Probe::curl(
+                "absolute-form URI naming an unregistered host, Host registered",
+                &[
+                    "--request-target",
+                    "http://example.org/",
+                    "-H",
+                    "Host: app.internal.com",
+                    &rogue_url,
+                ],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
+                "unregistered IP literal",
+                &[&format!("http://{EXTERNAL_IP}/")],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
+                "unregistered name",
+                &[
+                    "--resolve",
+                    &format!("example.org:80:{ROGUE_IP}"),
+                    "http://example.org/",
+                ],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
+                "unregistered, POST with a body",
+                &["-d", "payload", &format!("http://{EXTERNAL_IP}/")],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER)
+            .finding(F_BODY_CLOSE),
+            Probe::curl(
+                "unregistered over h2c",
+                &["--http2-prior-knowledge", &format!("http://{EXTERNAL_IP}/")],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER)
+            .finding(F_H2_LENGTH),
+            Probe::curl("HTTP/1.0", &["-0", &app_url]).finding(F_HTTP10),
+            Probe::curl(
+                "registered host on a port without services",
+                &[&format!("http://{APP_HOST}:8080/")],
+            )
+            .finding(F_HTTP_WITHOUT_LISTENER),
+            Probe::tcp(
+                "request without Host",
+                &format!("{APP_VIP}:80"),
+                "GET / HTTP/1.1\r\n\r\n",
+            )
+            .finding(F_NO_HOST_FLAG),
+            Probe::tcp(
+                "non-HTTP bytes on the HTTP port",
+                &format!("{EXTERNAL_IP}:80"),
+                "hello there\n",
+            )
+            .finding(F_RESET),
+            Probe::curl(
+                "the in-cluster pod's IP",
+                &[&format!("http://{IN_CLUSTER_IP}/")],
+            )
+            .differs(POD_IP_REGISTERED),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[])?;
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:80"))?;
+        Ok(())
+    });
+}
+
+/// The address of the TLS service that has one.
+const TLS_VIP: &str = "10.50.200.4";
+
+/// TLS and HTTPS services without addresses on port 443, routed by SNI, and one with an
+/// address, routed by it; bytes pass through.
+#[test]
+fn tls_by_sni() {
+    let tls = external_service("tls", &["tls.internal.com"], 443, "TLS");
+    let https = external_service("secure", &["secure.internal.com"], 443, "HTTPS");
+    let tail = format!("  addresses:\n  - {TLS_VIP}\n{SELECT_EXTERNAL}");
+    let at_vip = service_entry(
+        "viptls",
+        &["vip-tls.internal.com"],
+        443,
+        "TLS",
+        "STATIC",
+        &tail,
+    );
+    let mut envoy = Resources::new(Mode::RegistryOnly)
+        .listener(tls_listener(
+            443,
+            &["tls.internal.com", "secure.internal.com"],
+            Mode::RegistryOnly,
+        ))
+        .listener(tcp_listener(TLS_VIP, 443, "vip-tls.internal.com"));
+    for host in [
+        "tls.internal.com",
+        "secure.internal.com",
+        "vip-tls.internal.com",
+    ] {
+        envoy = envoy.cluster(static_cluster(443, host, &[EXTERNAL_IP], 443));
+    }
+    let scenario = Scenario {
+        name: "tls",
+        istio: files(&[
+            ("workloadentry.yaml", WORKLOAD_ENTRY),
+            ("tls.yaml", &tls),
+            ("https.yaml", &https),
+            ("viptls.yaml", &at_vip),
+        ]),
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("TLS service by SNI", &["-k", "https://tls.internal.com/"]),
+            Probe::curl(
+                "HTTPS service by SNI",
+                &["-k", "https://secure.internal.com/"],
+            ),
+            Probe::curl("SNI in upper case", &["-k", "https://TLS.INTERNAL.COM/"]),
+            Probe::curl(
+                "registered SNI dialled to the rogue's address",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("tls.internal.com:443:{ROGUE_IP}"),
+                    "https://tls.internal.com/",
+                ],
+            ),
+            Probe::curl(
+                "unregistered SNI",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("other.example:443:{EXTERNAL_IP}"),
+                    "https://other.example/",
+                ],
+            )
+            .finding(F_RESET),
+            Probe::curl("no SNI", &["-k", &format!("https://{EXTERNAL_IP}/")]).finding(F_RESET),
+            Probe::curl(
+                "registered SNI on a port without services",
+                &["-k", "https://tls.internal.com:8443/"],
+            )
+            .close_races(),
+            Probe::curl(
+                "plaintext HTTP on the TLS port",
+                &["http://tls.internal.com:443/"],
+            )
+            .finding(F_HTTP_ON_TLS_PORT),
+            Probe::curl(
+                "TLS service with an address, by SNI",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("vip-tls.internal.com:443:{TLS_VIP}"),
+                    "https://vip-tls.internal.com/",
+                ],
+            ),
+            Probe::curl(
+                "TLS service with an address, no SNI",
+                &["-k", &format!("https://{TLS_VIP}/")],
+            ),
+            Probe::curl(
+                "TLS service with an address, another SNI",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("other.example:443:{TLS_VIP}"),
+                    "https://other.example/",
+                ],
+            ),
+            Probe::curl(
+                "plaintext HTTP to the TLS service's address",
+                &[&format!("http://{TLS_VIP}:443/")],
+            )
+            .differs(HTTP_TO_TLS_ADDRESS),
+            Probe::tcp(
+                "garbage on the TLS port",
+                &format!("{EXTERNAL_IP}:443"),
+                "hello there\n",
+            )
+            .finding(F_RESET),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&["tls.internal.com", "secure.internal.com"])?;
+        tls_server(lab, &["tls.internal.com", "secure.internal.com"])?;
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:443"))?;
+        Ok(())
+    });
+}
+
+/// The VIP of the opaque TCP service.
+const TCP_VIP: &str = "10.50.200.2";
+/// The VIP of the HTTP service with an address.
+const WEB_VIP: &str = "10.50.200.5";
+
+/// Services with addresses, and a port-wide one: opaque TCP on a VIP (its own listener, never
+/// sniffed), TCP without addresses (claims its port), HTTP whose VIP is also a domain.
+#[test]
+fn tcp_by_vip() {
+    let at = |vip: &str| format!("  addresses:\n  - {vip}\n{SELECT_EXTERNAL}");
+    let tcp = service_entry(
+        "tcp",
+        &["tcp.internal.com"],
+        9000,
+        "TCP",
+        "STATIC",
+        &at(TCP_VIP),
+    );
+    let web = service_entry(
+        "web",
+        &["web.internal.com"],
+        80,
+        "HTTP",
+        "STATIC",
+        &at(WEB_VIP),
+    );
+    let port_wide = external_service("tcpany", &["tcpany.internal.com"], 9100, "TCP");
+    let scenario = Scenario {
+        name: "tcp",
+        istio: files(&[
+            ("workloadentry.yaml", WORKLOAD_ENTRY),
+            ("tcp.yaml", &tcp),
+            ("web.yaml", &web),
+            ("tcpany.yaml", &port_wide),
+        ]),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(tcp_listener(TCP_VIP, 9000, "tcp.internal.com"))
+            .listener(tcp_listener("0.0.0.0", 9100, "tcpany.internal.com"))
+            .listener(http_listener(
+                80,
+                vec![service_vhost("web.internal.com", 80, &[WEB_VIP])],
+                Mode::RegistryOnly,
+            ))
+            .cluster(static_cluster(
+                9000,
+                "tcp.internal.com",
+                &[EXTERNAL_IP],
+                9000,
+            ))
+            .cluster(static_cluster(
+                9100,
+                "tcpany.internal.com",
+                &[EXTERNAL_IP],
+                9100,
+            ))
+            .cluster(static_cluster(80, "web.internal.com", &[EXTERNAL_IP], 80)),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::tcp("the VIP and port", &format!("{TCP_VIP}:9000"), "hello\n"),
+            Probe::curl(
+                "HTTP to the VIP passes as bytes",
+                &[&format!("http://{TCP_VIP}:9000/")],
+            ),
+            Probe::tcp(
+                "the VIP, another port",
+                &format!("{TCP_VIP}:9001"),
+                "hello\n",
+            )
+            .close_races(),
+            Probe::tcp(
+                "another address, the same port",
+                "10.50.200.3:9000",
+                "hello\n",
+            )
+            .close_races(),
+            Probe::tcp(
+                "the endpoint's own address",
+                &format!("{EXTERNAL_IP}:9000"),
+                "hello\n",
+            )
+            .close_races(),
+            Probe::tcp(
+                "a port claimed by a TCP service without addresses",
+                &format!("{ROGUE_IP}:9100"),
+                "hello\n",
+            ),
+            Probe::curl(
+                "HTTP on the claimed port",
+                &[&format!("http://{ROGUE_IP}:9100/")],
+            ),
+            Probe::curl(
+                "HTTP to the web service's VIP",
+                &[&format!("http://{WEB_VIP}/")],
+            ),
+            Probe::curl(
+                "the web service's Host sent to the rogue",
+                &[
+                    "-H",
+                    "Host: web.internal.com",
+                    &format!("http://{ROGUE_IP}/"),
+                ],
+            ),
+            Probe::curl(
+                "HTTP on a port with no service",
+                &[&format!("http://{EXTERNAL_IP}:8080/")],
+            )
+            .finding(F_HTTP_WITHOUT_LISTENER),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.start_sink(Role::External, &format!("{EXTERNAL_IP}:9000"))?;
+        lab.start_sink(Role::External, &format!("{EXTERNAL_IP}:9100"))?;
+        Ok(())
+    });
+}
+
+/// ALLOW_ANY: registered traffic as usual, everything else to its original destination.
+#[test]
+fn allow_any_passthrough() {
+    let app_url = format!("http://{APP_HOST}/");
+    let scenario = Scenario {
+        name: "allowany",
+        istio: files(&[
+            ("workloadentry.yaml", WORKLOAD_ENTRY),
+            ("serviceentry.yaml", SERVICE_ENTRY),
+        ]),
+        envoy: Resources::new(Mode::AllowAny)
+            .listener(http_listener(
+                80,
+                vec![service_vhost(APP_HOST, 80, &[])],
+                Mode::AllowAny,
+            ))
+            .cluster(static_cluster(80, APP_HOST, &[EXTERNAL_IP], 80)),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("registered host", &[&app_url]),
+            Probe::curl("registered host, HEAD", &["-I", &app_url]),
+            Probe::curl(
+                "unregistered host on an HTTP port",
+                &[&format!("http://{EXTERNAL_IP}/")],
+            ),
+            Probe::curl(
+                "unregistered host, nothing listening",
+                &[&format!("http://{ROGUE_IP}/")],
+            ),
+            Probe::curl(
+                "HTTP on a port without services",
+                &[&format!("http://{ROGUE_IP}:7000/")],
+            )
+            .finding(F_HTTP_WITHOUT_LISTENER),
+            Probe::curl(
+                "HTTP/1.0, unregistered",
+                &["-0", &format!("http://{EXTERNAL_IP}/")],
+            )
+            .finding(F_HTTP10),
+            Probe::tcp(
+                "opaque TCP, unregistered",
+                &format!("{ROGUE_IP}:7000"),
+                "hello\n",
+            ),
+            Probe::tcp(
+                "opaque TCP, nothing listening",
+                &format!("{ROGUE_IP}:7001"),
+                "hello\n",
+            )
+            .close_races()
+            .finding(F_CONNECT_RETRY_FLAG),
+            Probe::tcp(
+                "port 15001 of another host",
+                &format!("{ROGUE_IP}:15001"),
+                "hello\n",
+            )
+            .close_races()
+            .differs(PORT_15001_ELSEWHERE),
+            Probe::curl(
+                "TLS to an unregistered host",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("unknown.example:443:{EXTERNAL_IP}"),
+                    "https://unknown.example/",
+                ],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[])?;
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:7000"))?;
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:15001"))?;
+        tls_server(lab, &["unknown.example"])?;
+        Ok(())
+    });
+}
+
+/// `*.wild.com` on 80 (HTTP) and 443 (TLS) with resolution NONE: the original destination,
+/// with `--permissive-none-resolution` for Istio's exact behaviour.
+#[test]
+fn wildcard_with_resolution_none() {
+    let wild = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: wild
+  namespace: default
+spec:
+  hosts:
+  - \"*.wild.com\"
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - number: 443
+    name: tls
+    protocol: TLS
+  resolution: NONE
+";
+    let scenario = Scenario {
+        name: "wildnone",
+        istio: files(&[("wild.yaml", wild)]),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(
+                80,
+                vec![service_vhost("*.wild.com", 80, &[])],
+                Mode::RegistryOnly,
+            ))
+            .listener(tls_listener(443, &["*.wild.com"], Mode::RegistryOnly))
+            .cluster(original_dst_cluster(80, "*.wild.com"))
+            .cluster(original_dst_cluster(443, "*.wild.com")),
+        portcullis_flags: vec!["--permissive-none-resolution"],
+        probes: vec![
+            Probe::curl("one label under the wildcard", &["http://a.wild.com/"]),
+            Probe::curl("two labels under the wildcard", &["http://a.b.wild.com/"]),
+            Probe::curl(
+                "the bare domain",
+                &[
+                    "--resolve",
+                    &format!("wild.com:80:{EXTERNAL_IP}"),
+                    "http://wild.com/",
+                ],
+            )
+            .finding(F_BLOCK_LOG_CLUSTER),
+            Probe::curl(
+                "a wildcard Host sent to the rogue (Istio's documented hole)",
+                &["-H", "Host: a.wild.com", &format!("http://{ROGUE_IP}/")],
+            ),
+            Probe::curl("TLS under the wildcard", &["-k", "https://a.wild.com/"]),
+            Probe::curl(
+                "TLS, SNI outside the wildcard",
+                &[
+                    "-k",
+                    "--resolve",
+                    &format!("x.other.com:443:{EXTERNAL_IP}"),
+                    "https://x.other.com/",
+                ],
+            )
+            .finding(F_RESET),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        let hosts = format!(
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost\n\
+             {EXTERNAL_IP} a.wild.com\n{EXTERNAL_IP} a.b.wild.com\n"
+        );
+        lab.write_pod_etc("hosts", &hosts)?;
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:80"))?;
+        tls_server(lab, &["a.wild.com"])?;
+        Ok(())
+    });
+}
+
+/// DNS, DNS_ROUND_ROBIN and NONE against dnsmasq in the lab: STRICT_DNS, LOGICAL_DNS and
+/// ORIGINAL_DST clusters.
+#[test]
+fn dns_clusters() {
+    let dns = |name: &str, resolution: &str| {
+        let host = format!("{name}.internal.com");
+        (
+            format!("{name}.yaml"),
+            service_entry(name, &[&host], 80, "HTTP", resolution, ""),
+        )
+    };
+    let mut envoy = Resources::new(Mode::RegistryOnly).listener(http_listener(
+        80,
+        ["dns", "never", "both", "rr", "none"]
+            .iter()
+            .map(|n| service_vhost(&format!("{n}.internal.com"), 80, &[]))
+            .collect(),
+        Mode::RegistryOnly,
+    ));
+    for name in ["dns", "never", "both"] {
+        envoy = envoy.cluster(dns_cluster(80, &format!("{name}.internal.com"), false));
+    }
+    envoy = envoy
+        .cluster(dns_cluster(80, "rr.internal.com", true))
+        .cluster(original_dst_cluster(80, "none.internal.com"));
+    let via_vip = |host: &str| {
+        [
+            "--resolve".to_owned(),
+            format!("{host}:80:{APP_VIP}"),
+            format!("http://{host}/"),
+        ]
+    };
+    let [a, b, c] = via_vip("dns.internal.com");
+    let [d, e, f] = via_vip("never.internal.com");
+    let [g, h, i] = via_vip("both.internal.com");
+    let [j, k, l] = via_vip("rr.internal.com");
+    let scenario = Scenario {
+        name: "dns",
+        istio: vec![
+            dns("dns", "DNS"),
+            dns("never", "DNS"),
+            dns("both", "DNS"),
+            dns("rr", "DNS_ROUND_ROBIN"),
+            dns("none", "NONE"),
+        ],
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("DNS, one address", &[&a, &b, &c]),
+            Probe::curl("DNS, a name that never resolves", &[&d, &e, &f]),
+            Probe::spread("DNS, two addresses", &[&g, &h, &i], SPREAD),
+            Probe::spread_count("DNS_ROUND_ROBIN, two addresses", &[&j, &k, &l], SPREAD),
+            Probe::curl(
+                "NONE, dialled to what the host resolves to",
+                &["http://none.internal.com/"],
+            ),
+            Probe::curl(
+                "NONE, Host sent to the rogue",
+                &[
+                    "-H",
+                    "Host: none.internal.com",
+                    &format!("http://{ROGUE_IP}/"),
+                ],
+            )
+            .differs(NONE_CONFINED),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        let hosts = format!(
+            "{EXTERNAL_IP} dns.internal.com\n\
+             {EXTERNAL_IP} both.internal.com\n{IN_CLUSTER_IP} both.internal.com\n\
+             {EXTERNAL_IP} rr.internal.com\n{IN_CLUSTER_IP} rr.internal.com\n\
+             {EXTERNAL_IP} none.internal.com\n"
+        );
+        lab.start_dnsmasq(&hosts, "none.internal.com", EXTERNAL_IP)?;
+        lab.note(format!("the pod resolves through dnsmasq on {DNS_IP}"));
+        lab.start_sink(Role::Rogue, &format!("{ROGUE_IP}:80"))?;
+        Ok(())
+    });
+}
+
+// Scenarios that need the control plane (issue 10 item 5): weighted clusters, retries,
+// redirects, direct responses and header rewrites. They come from VirtualServices and
+// DestinationRules; once the test control plane serves one set of resources to both proxies,
+// each becomes a `Scenario` here whose `envoy` resources are what the control plane pushes.
