@@ -2,9 +2,6 @@
 //! straight into a [`Snapshot`]: the data path's lookups over listeners, filter chains and
 //! route tables, measured without the YAML compiler in between.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use portcullis_envoy::{
     self as envoy, ClusterSpecifier, Discovery, FilterChain, FilterChainMatch,
     HttpConnectionManager, Listener, NetworkFilter, Resources, RouteAction, RouteMatch,
@@ -20,29 +17,15 @@ fn cluster(
     endpoint: Option<std::net::SocketAddr>,
 ) -> envoy::Cluster {
     envoy::Cluster {
-        name: name.into(),
-        discovery,
         lb_policy: envoy::LbPolicy::LeastRequest,
-        connect_timeout: Duration::from_secs(10),
-        upstream_protocol: envoy::UpstreamProtocol::Http1,
-        circuit_breakers: Default::default(),
         load_assignment: endpoint.map(|a| envoy::ClusterLoadAssignment {
             cluster_name: name.into(),
             endpoints: vec![envoy::LocalityLbEndpoints {
-                lb_endpoints: vec![envoy::LbEndpoint {
-                    address: envoy::EndpointAddress::Socket(a),
-                    health: envoy::HealthStatus::Unknown,
-                    load_balancing_weight: 1,
-                    transport_socket_match: BTreeMap::new(),
-                    source: None,
-                }],
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(a))],
                 ..Default::default()
             }],
         }),
-        transport: envoy::UpstreamTransport::Plaintext,
-        transport_socket_matches: Vec::new(),
-        dns_refresh_rate: None,
-        source: None,
+        ..envoy::Cluster::new(name, discovery)
     }
 }
 
@@ -80,29 +63,13 @@ fn virtual_host(name: String, domains: Vec<String>, action: RouteAction) -> envo
     envoy::VirtualHost {
         name,
         domains,
-        routes: vec![envoy::Route {
-            name: "default".into(),
-            route_match: RouteMatch::any(),
-            action,
-            request_headers_to_add: Vec::new(),
-            request_headers_to_remove: Vec::new(),
-            response_headers_to_add: Vec::new(),
-            response_headers_to_remove: Vec::new(),
-        }],
+        routes: vec![envoy::Route::new("default", RouteMatch::any(), action)],
         ..Default::default()
     }
 }
 
 fn forward(cluster: String) -> RouteAction {
-    RouteAction::Forward(envoy::Forward {
-        cluster: ClusterSpecifier::Cluster(cluster),
-        timeout: None,
-        idle_timeout: None,
-        retry_policy: None,
-        host_rewrite_literal: None,
-        prefix_rewrite: None,
-        regex_rewrite: None,
-    })
+    RouteAction::Forward(envoy::Forward::to(cluster))
 }
 
 /// The resources istiod would send a REGISTRY_ONLY sidecar for [`crate::registry_yaml`]`(n)`:

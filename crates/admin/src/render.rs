@@ -52,7 +52,7 @@ pub fn config_dump(resources: &SourceState, snapshot: &Snapshot, config: &Config
                 "protocol": protocol_name(c.protocol),
                 "resolution": resolution_name(c.resolution),
                 "source": &*c.source,
-                "owned_destinations": c.owned_destinations.iter().flatten().map(ToString::to_string).collect::<Vec<_>>(),
+                "owned_destinations": c.owned_destinations.as_ref().map(|nets| nets.iter().map(ToString::to_string).collect::<Vec<_>>()),
                 "passthrough_port": c.passthrough_port,
                 "endpoints": c.endpoints.iter().map(|e| json!({
                     "address": e.display(),

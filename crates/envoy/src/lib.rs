@@ -9,6 +9,7 @@
 //! silently. [`json`] renders them in Envoy's JSON shape, which real Envoy loads.
 
 pub mod bootstrap;
+mod defaults;
 pub mod json;
 pub mod state;
 

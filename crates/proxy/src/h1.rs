@@ -35,7 +35,7 @@ use crate::http::{
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
-use crate::upstream::{ATTEMPTS, can_retry};
+use crate::upstream::{ATTEMPTS, Retries, can_retry};
 
 /// Header fields parsed per head; a request with more goes to the general path.
 const MAX_HEADERS: usize = 128;
@@ -205,9 +205,17 @@ where
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    if crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
-        // The general path speaks HTTP/2 upstream: give it the request back, and the
-        // logging of it.
+    // The attempt count is written as one digit of the head: more attempts than that go
+    // the general way.
+    let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
+        r.rewrites()
+            || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
+                != proxy.config.route_timeout
+            || Retries::of(Some(r)).attempts > ATTEMPTS
+    });
+    if rewrites || crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
+        // The general path speaks HTTP/2 upstream and applies a route's rewrites and
+        // timeout: give it the request back, and the logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);
@@ -293,7 +301,12 @@ async fn forward(
 ) -> Result<(Upstream, ResponseHead), ProxyError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last = ProxyError::NoHealthyUpstream;
-    for (attempt, count) in ATTEMPT_DIGITS.into_iter().enumerate() {
+    let retries = Retries::of(log.outcome.matched.as_deref());
+    for (attempt, count) in ATTEMPT_DIGITS
+        .into_iter()
+        .enumerate()
+        .take(retries.attempts)
+    {
         let pick = proxy
             .pick(&routed.decision, routed.original, &tried)
             .await?;
@@ -320,12 +333,12 @@ async fn forward(
                 };
                 return Ok((upstream, head));
             }
-            Err(Failure::Connect(e)) if retry_elsewhere => {
+            Err(Failure::Connect(e)) if retry_elsewhere && retries.connect_failure => {
                 tried.extend(pick.index);
                 e
             }
             Err(Failure::Unsent(e)) => e,
-            Err(Failure::Sent(e)) if replayable => {
+            Err(Failure::Sent(e)) if replayable && retries.reset => {
                 if retry_elsewhere {
                     tried.extend(pick.index);
                 }

@@ -13,8 +13,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_envoy::AppendAction;
 use portcullis_registry::{
-    Connection, Decision, Headers, Protocol, Request as RouteRequest, split_host_port,
+    BLACKHOLE_CLUSTER, Connection, Decision, HeaderMutation, Headers, Protocol,
+    Request as RouteRequest, Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -27,7 +29,7 @@ use crate::guard::{InFlight, InFlightGuard};
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
-use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
+use crate::upstream::{Original, Pick, Retries, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -121,7 +123,7 @@ pub(crate) struct Outcome {
     pub upstream: Option<SocketAddr>,
     pub route: &'static str,
     /// The route of the model that matched, whose name the log shows instead of `route`.
-    pub matched: Option<Arc<portcullis_registry::Route>>,
+    pub matched: Option<Arc<Route>>,
 }
 
 impl Default for Outcome {
@@ -450,6 +452,16 @@ pub(crate) async fn route<'a>(
     outcome.route = route_name(&decision);
     outcome.cluster = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.name),
+        // Istio's telemetry names its `block_all` direct response after the cluster it
+        // stands for.
+        Decision::Direct(_)
+            if outcome
+                .matched
+                .as_ref()
+                .is_some_and(|r| &*r.name == "block_all") =>
+        {
+            BLACKHOLE_CLUSTER.into()
+        }
         other => other.cluster_name().into(),
     };
     // Istio's telemetry names the service of its catch-all routes by their clusters, also
@@ -501,7 +513,7 @@ async fn route_and_forward(
     }
     let connect = req.method() == Method::CONNECT;
     let input = RouteInput {
-        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        path: input_path(&req),
         method: req.method().as_str(),
         headers: &MapHeaders(req.headers()),
         sniffed: if req.version() == Version::HTTP_2 {
@@ -534,16 +546,34 @@ async fn route_and_forward(
     }
     let downstream_version = req.version();
     let h2 = upstream_h2(&decision, downstream_version);
+    let matched = outcome.matched.clone();
+    let matched = matched.as_deref();
+    let timeout = route_timeout(matched, proxy.config.route_timeout);
+    if let Some(path) = matched.and_then(|r| r.rewrite_path(input_path(&req)))
+        && let Ok(path) = PathAndQuery::try_from(path)
+    {
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(path);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    let host_rewrite = matched
+        .and_then(|r| r.forward())
+        .and_then(|f| f.host_rewrite_literal.as_deref());
     // An HTTP/1.1 upgrade (WebSocket): both sides switch protocols after a 101.
     let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     prepare_request(
         &mut req,
-        authority.as_deref(),
+        host_rewrite.or(authority.as_deref()),
         explicit,
         h2,
         client_upgrade.is_some(),
-        proxy.config.route_timeout,
+        timeout,
     );
+    if let Some(route) = matched {
+        mutate_headers(req.headers_mut(), &route.request_headers);
+    }
     // A request without a body can be sent again after a reset before its response (Istio's
     // default retry); one with a body cannot, as it has been streamed away.
     let replay = (req.body().is_end_stream() && client_upgrade.is_none()).then(|| {
@@ -556,7 +586,9 @@ async fn route_and_forward(
     });
     let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
-    for attempt in 0..ATTEMPTS {
+    let retries = Retries::of(matched);
+    for attempt in 0..retries.attempts {
+        let more = attempt + 1 < retries.attempts;
         let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
@@ -570,7 +602,7 @@ async fn route_and_forward(
             }
         };
         // Envoy's route timeout: from the request being sent until the response headers.
-        let sent = match proxy.config.route_timeout {
+        let sent = match timeout {
             Some(limit) => match tokio::time::timeout(limit, sending).await {
                 Ok(sent) => sent,
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
@@ -602,10 +634,14 @@ async fn route_and_forward(
                     }
                     _ => prepare_response(response, pooled, guard, downstream_version, start),
                 };
+                let mut response = response;
+                if let Some(route) = matched {
+                    mutate_headers(response.headers_mut(), &route.response_headers);
+                }
                 return Ok(response);
             }
             Err(Failure::Connect(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
+                if more && retries.connect_failure && can_retry(&decision, index) {
                     tried.extend(index);
                     req = unsent;
                     continue;
@@ -614,14 +650,14 @@ async fn route_and_forward(
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS {
+                if more {
                     req = unsent;
                     continue;
                 }
                 return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers)) if attempt + 1 < ATTEMPTS => {
+                Some((method, uri, version, headers)) if more && retries.reset => {
                     if can_retry(&decision, index) {
                         tried.extend(index);
                     }
@@ -638,6 +674,64 @@ async fn route_and_forward(
         }
     }
     Err(ProxyError::NoHealthyUpstream)
+}
+
+/// The path and query of a request, as routing saw it.
+fn input_path<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// The route timeout: the matched route's when it sets one, else the proxy's own. Istio
+/// writes `0s` (none) on every route without a VirtualService timeout, so zero leaves the
+/// proxy's setting in force, which is none unless the operator configured one.
+pub(crate) fn route_timeout(route: Option<&Route>, default: Option<Duration>) -> Option<Duration> {
+    match route.and_then(|r| r.forward()).and_then(|f| f.timeout) {
+        Some(t) if !t.is_zero() => Some(t),
+        _ => default,
+    }
+}
+
+/// Applies a route's header changes in order; names or values HTTP cannot carry, and the
+/// Host, which only a host rewrite changes, are skipped as Envoy rejects them.
+fn mutate_headers(headers: &mut HeaderMap, mutations: &[HeaderMutation]) {
+    for m in mutations {
+        match m {
+            HeaderMutation::Remove(name) => {
+                if let Ok(name) = HeaderName::try_from(name.as_str())
+                    && name != header::HOST
+                {
+                    headers.remove(name);
+                }
+            }
+            HeaderMutation::Add(h) => {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::try_from(h.name.as_str()),
+                    HeaderValue::try_from(h.value.as_str()),
+                ) else {
+                    continue;
+                };
+                if name == header::HOST {
+                    continue;
+                }
+                match h.append {
+                    AppendAction::AppendIfExistsOrAdd => {
+                        headers.append(name, value);
+                    }
+                    AppendAction::AddIfAbsent => {
+                        headers.entry(name).or_insert(value);
+                    }
+                    AppendAction::OverwriteIfExistsOrAdd => {
+                        headers.insert(name, value);
+                    }
+                    AppendAction::OverwriteIfExists => {
+                        if headers.contains_key(&name) {
+                            headers.insert(name, value);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The final error of a request, marked as retried (Envoy's `URX`) when it was.

@@ -254,8 +254,14 @@ impl Proxy {
         // TCP and TLS connections keep this registry version for their whole life; HTTP
         // requests each take the version current when they start.
         let snapshot = self.registry.load_full();
+        let opaque = Connection {
+            destination: Some(dst.ip()),
+            port: dst.port(),
+            source: Some(peer.ip()),
+            ..Connection::default()
+        };
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
-            let decision = snapshot.route_tcp(dst.ip(), dst.port());
+            let decision = snapshot.route_connection(&opaque);
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
             tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
             return;
@@ -332,7 +338,7 @@ impl Proxy {
             }
             return;
         }
-        let decision = snapshot.route_tcp(dst.ip(), dst.port());
+        let decision = snapshot.route_connection(&opaque);
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
         tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
     }

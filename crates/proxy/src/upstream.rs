@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use portcullis_balance::ActiveGuard;
-use portcullis_registry::{Decision, OutboundMode, Resolution, Snapshot};
+use portcullis_registry::{Decision, OutboundMode, Resolution, Route, Snapshot};
 use tokio::net::TcpStream;
 
 use crate::Proxy;
@@ -42,6 +42,53 @@ pub enum NonePolicy {
 
 /// Upstream connection attempts for one request: the first plus Istio's default 2 retries.
 pub const ATTEMPTS: usize = 3;
+
+/// How an HTTP request is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Retries {
+    /// Attempts in all, the first included.
+    pub attempts: usize,
+    /// Whether a failed connection is retried (`connect-failure`, `5xx`, `gateway-error`).
+    pub connect_failure: bool,
+    /// Whether a request without a body is sent again after the upstream reset or closed
+    /// before a response (`reset`, `5xx`, `gateway-error`, `refused-stream`).
+    pub reset: bool,
+}
+
+impl Retries {
+    /// The retries of a request: the matched route's retry policy (none without one, as
+    /// Envoy); Istio's default when no route of the model matched (a snapshot without
+    /// listeners, or a filter chain that carries bytes).
+    pub(crate) fn of(route: Option<&Route>) -> Retries {
+        let Some(route) = route else {
+            return Retries {
+                attempts: ATTEMPTS,
+                connect_failure: true,
+                reset: true,
+            };
+        };
+        let Some(policy) = &route.retry_policy else {
+            return Retries {
+                attempts: 1,
+                connect_failure: false,
+                reset: false,
+            };
+        };
+        let on = |conditions: &[&str]| {
+            policy
+                .retry_on
+                .iter()
+                .any(|c| conditions.contains(&c.as_str()))
+        };
+        Retries {
+            attempts: usize::try_from(policy.num_retries)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1),
+            connect_failure: on(&["connect-failure", "5xx", "gateway-error"]),
+            reset: on(&["reset", "5xx", "gateway-error", "refused-stream"]),
+        }
+    }
+}
 
 impl Proxy {
     /// Picks an upstream for `decision`, avoiding endpoints in `tried`.

@@ -179,8 +179,7 @@ mod tests {
     use envoy::{
         ClusterSpecifier, Discovery, FilterChain, FilterChainMatch, HealthStatus,
         HttpConnectionManager, LbEndpoint, LbPolicy, Listener, LocalityLbEndpoints, NetworkFilter,
-        Resources, RouteAction, RouteMatch, RouteSource, TcpProxy, UpstreamProtocol,
-        UpstreamTransport,
+        Resources, RouteAction, RouteMatch, RouteSource, TcpProxy, UpstreamTransport,
     };
     use ipnet::IpNet;
 
@@ -198,12 +197,7 @@ mod tests {
 
     fn cluster(name: &str, discovery: Discovery, endpoints: &[&str]) -> envoy::Cluster {
         envoy::Cluster {
-            name: name.into(),
-            discovery,
             lb_policy: LbPolicy::LeastRequest,
-            connect_timeout: std::time::Duration::from_secs(10),
-            upstream_protocol: UpstreamProtocol::Http1,
-            circuit_breakers: Default::default(),
             load_assignment: Some(envoy::ClusterLoadAssignment {
                 cluster_name: name.into(),
                 endpoints: vec![LocalityLbEndpoints {
@@ -211,15 +205,12 @@ mod tests {
                     ..Default::default()
                 }],
             }),
-            transport: UpstreamTransport::Plaintext,
-            transport_socket_matches: Vec::new(),
-            dns_refresh_rate: None,
-            source: None,
+            ..envoy::Cluster::new(name, discovery)
         }
     }
 
     fn endpoint(address: &str) -> LbEndpoint {
-        let address = match address.parse() {
+        LbEndpoint::new(match address.parse() {
             Ok(a) => envoy::EndpointAddress::Socket(a),
             Err(_) => {
                 let (host, port) = address.rsplit_once(':').unwrap();
@@ -228,14 +219,7 @@ mod tests {
                     port: port.parse().unwrap(),
                 }
             }
-        };
-        LbEndpoint {
-            address,
-            health: HealthStatus::Unknown,
-            load_balancing_weight: 1,
-            transport_socket_match: BTreeMap::new(),
-            source: None,
-        }
+        })
     }
 
     fn chain(name: &str, m: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
@@ -289,27 +273,11 @@ mod tests {
     }
 
     fn route(name: &str, m: RouteMatch, action: RouteAction) -> envoy::Route {
-        envoy::Route {
-            name: name.into(),
-            route_match: m,
-            action,
-            request_headers_to_add: Vec::new(),
-            request_headers_to_remove: Vec::new(),
-            response_headers_to_add: Vec::new(),
-            response_headers_to_remove: Vec::new(),
-        }
+        envoy::Route::new(name, m, action)
     }
 
     fn forward(cluster: &str) -> RouteAction {
-        RouteAction::Forward(envoy::Forward {
-            cluster: ClusterSpecifier::Cluster(cluster.into()),
-            timeout: None,
-            idle_timeout: None,
-            retry_policy: None,
-            host_rewrite_literal: None,
-            prefix_rewrite: None,
-            regex_rewrite: None,
-        })
+        RouteAction::Forward(envoy::Forward::to(cluster))
     }
 
     const BLOCK_ALL: RouteAction = RouteAction::DirectResponse {
@@ -822,6 +790,8 @@ mod tests {
         vec![route("r", RouteMatch::any(), forward(name))]
     }
 
+    /// Every case below was checked against Envoy 1.40 with the same domains in a static
+    /// route configuration.
     #[test]
     fn virtual_hosts_follow_envoys_domain_precedence() {
         let vhosts = vec![
@@ -986,6 +956,50 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_rewritten_by_prefix_or_by_regex_with_re2_groups() {
+        let rewrite = |m: RouteMatch, prefix: Option<&str>, regex: Option<(&str, &str)>| {
+            let action = RouteAction::Forward(envoy::Forward {
+                prefix_rewrite: prefix.map(str::to_string),
+                regex_rewrite: regex.map(|(pattern, substitution)| envoy::RegexRewrite {
+                    pattern: pattern.into(),
+                    substitution: substitution.into(),
+                }),
+                ..envoy::Forward::to("exact")
+            });
+            let s = table(
+                vec![vhost("all", &["*"], vec![route("r", m, action)])],
+                true,
+            );
+            move |path: &str| {
+                http(&s, "10.0.0.1:80", "h", path, &[])
+                    .route
+                    .and_then(|r| r.rewrite_path(path))
+            }
+        };
+        let by_prefix = rewrite(
+            RouteMatch {
+                path: envoy::PathMatch::Prefix("/old".into()),
+                ..RouteMatch::any()
+            },
+            Some("/new"),
+            None,
+        );
+        assert_eq!(by_prefix("/old/a?q=1").as_deref(), Some("/new/a?q=1"));
+        let by_regex = rewrite(
+            RouteMatch::any(),
+            None,
+            Some((r"^/v(\d+)/(.*)$", r"/api/\2/v\1")),
+        );
+        assert_eq!(
+            by_regex("/v2/users?x=1").as_deref(),
+            Some("/api/users/v2?x=1")
+        );
+        assert_eq!(by_regex("/other").as_deref(), Some("/other"));
+        let none = rewrite(RouteMatch::any(), None, None);
+        assert_eq!(none("/a"), None);
+    }
+
+    #[test]
     fn weighted_clusters_are_drawn_in_proportion() {
         let weighted = RouteAction::Forward(envoy::Forward {
             cluster: ClusterSpecifier::Weighted(
@@ -999,12 +1013,7 @@ mod tests {
                     })
                     .collect(),
             ),
-            timeout: None,
-            idle_timeout: None,
-            retry_policy: None,
-            host_rewrite_literal: None,
-            prefix_rewrite: None,
-            regex_rewrite: None,
+            ..envoy::Forward::to("")
         });
         let s = table(
             vec![vhost(

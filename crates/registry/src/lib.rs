@@ -24,7 +24,8 @@ pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
 pub use route::{
-    Action, DirectResponse, Headers, HttpRoute, Request, Route, RouteTable, VirtualHost,
+    Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Request, Route, RouteTable,
+    VirtualHost,
 };
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,

@@ -75,6 +75,9 @@ pub(crate) struct Listener {
     tree: PortLevel,
     chains: Vec<Arc<Chain>>,
     default_chain: Option<Arc<Chain>>,
+    /// The one chain of a listener whose single chain matches everything (Istio's per-VIP
+    /// TCP listeners): taken without walking the tree.
+    only: Option<Arc<Chain>>,
 }
 
 /// The chains left once a connection's destination port and address are known: all that
@@ -83,6 +86,19 @@ pub(crate) struct Listener {
 pub struct Candidates<'s> {
     listener: &'s Listener,
     names: Option<&'s NameLevel>,
+}
+
+impl Listener {
+    fn candidates(&self, destination: Option<IpAddr>, port: u16) -> Candidates<'_> {
+        let names = match self.only {
+            Some(_) => None,
+            None => self.tree.get(port).and_then(|ips| ips.get(destination)),
+        };
+        Candidates {
+            listener: self,
+            names,
+        }
+    }
 }
 
 impl<'s> Candidates<'s> {
@@ -95,19 +111,13 @@ impl<'s> Candidates<'s> {
     /// The chain for a connection, or `None` when none matches and there is no default
     /// chain (Envoy closes the connection, flag `NR`).
     pub fn pick(&self, conn: &Connection<'_>) -> Option<&'s Arc<Chain>> {
+        if let Some(only) = &self.listener.only {
+            return Some(only);
+        }
         self.names
             .and_then(|n| n.pick(conn))
             .map(|i| &self.listener.chains[i])
             .or(self.listener.default_chain.as_ref())
-    }
-}
-
-impl Listener {
-    fn candidates(&self, destination: Option<IpAddr>, port: u16) -> Candidates<'_> {
-        Candidates {
-            listener: self,
-            names: self.tree.get(port).and_then(|ips| ips.get(destination)),
-        }
     }
 }
 
@@ -246,10 +256,17 @@ impl Listener {
             chains.push(chain(c));
         }
         tree.finish();
+        let only = match l.filter_chains.as_slice() {
+            [one] if one.filter_chain_match == envoy::FilterChainMatch::default() => {
+                chains.first().cloned()
+            }
+            _ => None,
+        };
         Listener {
             tree,
             chains,
             default_chain: l.default_filter_chain.as_ref().map(chain),
+            only,
         }
     }
 }

@@ -100,6 +100,35 @@ pub struct Route {
     matcher: Matcher,
     /// What it does.
     pub action: Action,
+    /// Request header changes of the route, its virtual host and its table, in the order
+    /// Envoy applies them (the table's last, so that it wins).
+    pub request_headers: Vec<HeaderMutation>,
+    /// Response header changes, in the same order.
+    pub response_headers: Vec<HeaderMutation>,
+    /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
+    regex_rewrite: Option<(Regex, String)>,
+    /// The retry policy in force: the route's, else its virtual host's.
+    pub retry_policy: Option<envoy::RetryPolicy>,
+}
+
+/// One header change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderMutation {
+    /// Removes every value of the header.
+    Remove(String),
+    /// Adds a value as the action says.
+    Add(envoy::HeaderValueOption),
+}
+
+/// The changes of one level: removals first, then additions, as Envoy's header parser.
+fn mutations<'a>(
+    remove: &'a [String],
+    add: &'a [envoy::HeaderValueOption],
+) -> impl Iterator<Item = HeaderMutation> + 'a {
+    remove
+        .iter()
+        .map(|n| HeaderMutation::Remove(n.to_ascii_lowercase()))
+        .chain(add.iter().cloned().map(HeaderMutation::Add))
 }
 
 /// What a matched route does.
@@ -174,7 +203,7 @@ impl RouteTable {
             let routes = vh
                 .routes
                 .iter()
-                .filter_map(|r| match Route::compile(r, target) {
+                .filter_map(|r| match Route::compile(r, vh, rc, target) {
                     Ok(r) => Some(Arc::new(r)),
                     Err(e) => {
                         warnings.push(format!(
@@ -305,25 +334,19 @@ impl RouteTable {
 
     /// Routes a request: its virtual host, then the first route that matches.
     pub fn route(&self, req: &Request<'_>) -> HttpRoute {
-        let Some(vh) = self.virtual_host(req.authority) else {
-            return HttpRoute::none();
-        };
-        let Some(route) = vh.routes.iter().find(|r| r.matcher.matches(req)) else {
-            return HttpRoute::none();
-        };
-        let decision = match &route.action {
-            Action::Forward(target, _) => target.decide(),
-            Action::Direct(d) => d.clone(),
-            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
-                status: r.status,
-                body: None,
-                location: Some(location(r, &route.matcher.path, req)),
-            })),
-        };
-        HttpRoute {
-            decision,
-            route: Some(Arc::clone(route)),
+        match self.matching(req) {
+            Some(route) => HttpRoute {
+                decision: route.decide(req),
+                route: Some(Arc::clone(route)),
+            },
+            None => HttpRoute::none(),
         }
+    }
+
+    /// The first route of the request's virtual host that matches it.
+    pub(crate) fn matching(&self, req: &Request<'_>) -> Option<&Arc<Route>> {
+        let vh = self.virtual_host(req.authority)?;
+        vh.routes.iter().find(|r| r.matcher.matches(req))
     }
 }
 
@@ -360,6 +383,8 @@ fn location(r: &envoy::Redirect, matched: &PathMatcher, req: &Request<'_>) -> St
 impl Route {
     fn compile(
         r: &envoy::Route,
+        vh: &envoy::VirtualHost,
+        rc: &envoy::RouteConfiguration,
         target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
     ) -> Result<Route, regex::Error> {
         let action = match &r.action {
@@ -373,12 +398,129 @@ impl Route {
             }
             envoy::RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
         };
+        let regex_rewrite = match &r.action {
+            envoy::RouteAction::Forward(envoy::Forward {
+                regex_rewrite: Some(rw),
+                ..
+            }) => Some((Regex::new(&rw.pattern)?, substitution(&rw.substitution))),
+            _ => None,
+        };
+        let request_headers = mutations(&r.request_headers_to_remove, &r.request_headers_to_add)
+            .chain(mutations(
+                &vh.request_headers_to_remove,
+                &vh.request_headers_to_add,
+            ))
+            .chain(mutations(
+                &rc.request_headers_to_remove,
+                &rc.request_headers_to_add,
+            ))
+            .collect();
+        let response_headers = mutations(&r.response_headers_to_remove, &r.response_headers_to_add)
+            .chain(mutations(
+                &vh.response_headers_to_remove,
+                &vh.response_headers_to_add,
+            ))
+            .chain(mutations(
+                &rc.response_headers_to_remove,
+                &rc.response_headers_to_add,
+            ))
+            .collect();
+        let retry_policy = match &r.action {
+            envoy::RouteAction::Forward(f) => f.retry_policy.clone().or(vh.retry_policy.clone()),
+            _ => None,
+        };
         Ok(Route {
             name: r.name.as_str().into(),
             matcher: Matcher::compile(&r.route_match)?,
             action,
+            request_headers,
+            response_headers,
+            regex_rewrite,
+            retry_policy,
         })
     }
+
+    /// What the route does with `req`.
+    pub(crate) fn decide(&self, req: &Request<'_>) -> Decision {
+        match &self.action {
+            Action::Forward(target, _) => target.decide(),
+            Action::Direct(d) => d.clone(),
+            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
+                status: r.status,
+                body: None,
+                location: Some(location(r, &self.matcher.path, req)),
+            })),
+        }
+    }
+
+    /// The forwarding settings, when the route forwards.
+    pub fn forward(&self) -> Option<&envoy::Forward> {
+        match &self.action {
+            Action::Forward(_, f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether the route changes the request or response beyond routing it: headers, host
+    /// or path.
+    pub fn rewrites(&self) -> bool {
+        !self.request_headers.is_empty()
+            || !self.response_headers.is_empty()
+            || self.forward().is_some_and(|f| {
+                f.host_rewrite_literal.is_some()
+                    || f.prefix_rewrite.is_some()
+                    || f.regex_rewrite.is_some()
+            })
+    }
+
+    /// The path (with query) the upstream gets for `path_and_query`: the matched prefix
+    /// replaced by `prefix_rewrite` (the whole path under an exact `path` match), or every
+    /// match of `regex_rewrite` substituted; `None` when the route rewrites no path.
+    pub fn rewrite_path(&self, path_and_query: &str) -> Option<String> {
+        let f = self.forward()?;
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let rewritten = if let Some(new) = &f.prefix_rewrite {
+            let rest = match &self.matcher.path {
+                PathMatcher::Prefix(old) | PathMatcher::Separated(old) => {
+                    path.get(old.len()..).unwrap_or("")
+                }
+                PathMatcher::Path(_) | PathMatcher::Regex(_) => "",
+            };
+            format!("{new}{rest}")
+        } else {
+            let (re, with) = self.regex_rewrite.as_ref()?;
+            re.replace_all(path, with.as_str()).into_owned()
+        };
+        Some(match query {
+            Some(q) => format!("{rewritten}?{q}"),
+            None => rewritten,
+        })
+    }
+}
+
+/// An RE2 substitution (`\1` for a group) in the `regex` crate's syntax (`${1}`).
+fn substitution(re2: &str) -> String {
+    let mut out = String::with_capacity(re2.len());
+    let mut chars = re2.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(d) if d.is_ascii_digit() => {
+                    out.push_str("${");
+                    out.push(d);
+                    out.push('}');
+                }
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            '$' => out.push_str("$$"),
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[derive(Debug)]

@@ -337,7 +337,8 @@ impl Snapshot {
                     scheme: "http",
                     headers: &(),
                 };
-                h.routes.as_ref().map(|t| t.route(&req).decision)
+                let table = h.routes.as_ref()?;
+                table.matching(&req).map(|r| r.decide(&req))
             }
             _ => {
                 let tls = Connection {

@@ -1,0 +1,282 @@
+//! Requests routed by a snapshot indexed from Envoy's model: route actions (direct
+//! responses, redirects, a missing cluster, no route), header changes at route, virtual
+//! host and table level, host and prefix rewrites, and endpoints that need TLS.
+
+use std::net::SocketAddr;
+
+use portcullis_envoy::{
+    self as envoy, AppendAction, Discovery, FilterChain, FilterChainMatch, HeaderValueOption,
+    HttpConnectionManager, NetworkFilter, PathMatch, Resources, RouteAction, RouteMatch,
+    RouteSource, UpstreamTransport,
+};
+use portcullis_registry::Snapshot;
+
+mod common;
+
+use common::{Harness, Upstream, fetch};
+
+fn cluster(name: &str, endpoint: SocketAddr, transport: UpstreamTransport) -> envoy::Cluster {
+    envoy::Cluster {
+        load_assignment: Some(envoy::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    endpoint,
+                ))],
+                ..Default::default()
+            }],
+        }),
+        transport,
+        ..envoy::Cluster::new(name, Discovery::Static)
+    }
+}
+
+fn route(prefix: &str, action: RouteAction) -> envoy::Route {
+    let route_match = RouteMatch {
+        path: PathMatch::Prefix(prefix.into()),
+        ..RouteMatch::any()
+    };
+    envoy::Route::new(prefix, route_match, action)
+}
+
+fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        name: name.into(),
+        value: value.into(),
+        append,
+    }
+}
+
+/// `0.0.0.0_80` with an inline table: `app.internal` with every action, `block_all` for
+/// the rest.
+fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
+    let mut rewrite = route(
+        "/old",
+        RouteAction::Forward(envoy::Forward {
+            host_rewrite_literal: Some("backend.internal".into()),
+            prefix_rewrite: Some("/new".into()),
+            ..envoy::Forward::to("app")
+        }),
+    );
+    rewrite.request_headers_to_remove = vec!["x-drop".into()];
+    rewrite.request_headers_to_add =
+        vec![set("x-level", "route", AppendAction::AppendIfExistsOrAdd)];
+    let app_host = envoy::VirtualHost {
+        name: "app.internal:80".into(),
+        domains: vec!["app.internal".into()],
+        routes: vec![
+            rewrite,
+            route(
+                "/teapot",
+                RouteAction::DirectResponse {
+                    status: 418,
+                    body: Some("short and stout".into()),
+                },
+            ),
+            route(
+                "/moved",
+                RouteAction::Redirect(envoy::Redirect {
+                    host: Some("elsewhere.example".into()),
+                    status: 302,
+                    ..Default::default()
+                }),
+            ),
+            route(
+                "/gone-cluster",
+                RouteAction::Forward(envoy::Forward::to("no-such-cluster")),
+            ),
+            route("/mtls", RouteAction::Forward(envoy::Forward::to("mtls"))),
+            route(
+                "/retried",
+                RouteAction::Forward(envoy::Forward {
+                    retry_policy: Some(envoy::RetryPolicy {
+                        retry_on: vec!["connect-failure".into()],
+                        num_retries: 2,
+                        per_try_timeout: None,
+                        retriable_status_codes: Vec::new(),
+                        avoid_previous_hosts: false,
+                        host_selection_retry_max_attempts: 0,
+                    }),
+                    ..envoy::Forward::to("refused")
+                }),
+            ),
+            route("/once", RouteAction::Forward(envoy::Forward::to("refused"))),
+            route("/", RouteAction::Forward(envoy::Forward::to("app"))),
+        ],
+        request_headers_to_add: vec![set("x-level", "vhost", AppendAction::AppendIfExistsOrAdd)],
+        response_headers_to_add: vec![set(
+            "x-answered-by",
+            "app",
+            AppendAction::OverwriteIfExistsOrAdd,
+        )],
+        ..Default::default()
+    };
+    let strict = envoy::VirtualHost {
+        name: "strict.internal:80".into(),
+        domains: vec!["strict.internal".into()],
+        routes: vec![route(
+            "/only",
+            RouteAction::Forward(envoy::Forward::to("app")),
+        )],
+        ..Default::default()
+    };
+    let block_all = envoy::VirtualHost {
+        name: "block_all".into(),
+        domains: vec!["*".into()],
+        routes: vec![envoy::Route::new(
+            "block_all",
+            RouteMatch::any(),
+            RouteAction::DirectResponse {
+                status: 502,
+                body: None,
+            },
+        )],
+        ..Default::default()
+    };
+    let table = envoy::RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![app_host, strict, block_all],
+        request_headers_to_add: vec![set(
+            "x-level",
+            "table",
+            AppendAction::OverwriteIfExistsOrAdd,
+        )],
+        ignore_port_in_host_matching: true,
+        ..Default::default()
+    };
+    let mut r = Resources::default();
+    let listener = envoy::Listener {
+        name: "0.0.0.0_80".into(),
+        address: "0.0.0.0:80".parse().unwrap(),
+        bind_to_port: false,
+        use_original_dst: false,
+        listener_filters: Vec::new(),
+        filter_chains: vec![FilterChain {
+            name: String::new(),
+            filter_chain_match: FilterChainMatch::default(),
+            filter: NetworkFilter::Http(HttpConnectionManager {
+                stat_prefix: "outbound_0.0.0.0_80".into(),
+                route_config: RouteSource::Inline(table),
+                stream_idle_timeout: None,
+                request_timeout: None,
+                accept_http_10: false,
+                skipped_filters: Vec::new(),
+            }),
+            skipped_filters: Vec::new(),
+            transport_socket: None,
+        }],
+        default_filter_chain: None,
+    };
+    r.listeners.insert(listener.name.clone(), listener);
+    for c in [
+        cluster("app", app, UpstreamTransport::Plaintext),
+        cluster("mtls", app, UpstreamTransport::IstioMutualTls),
+        cluster("refused", refused, UpstreamTransport::Plaintext),
+    ] {
+        r.clusters.insert(c.name.clone(), c);
+    }
+    Snapshot::index(&r, &|_| None, None, 1)
+}
+
+#[tokio::test]
+async fn route_actions_answer_as_envoy_does() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+
+    let ok = fetch(&harness, "http://app.internal/page", None).await;
+    assert_eq!((ok.status.as_u16(), ok.text()), (200, "app"));
+    assert_eq!(ok.header("x-answered-by"), Some("app"));
+
+    let teapot = fetch(&harness, "http://app.internal/teapot", None).await;
+    assert_eq!(
+        (teapot.status.as_u16(), teapot.text()),
+        (418, "short and stout")
+    );
+    assert_eq!(teapot.header("server"), Some("envoy"));
+
+    let moved = fetch(&harness, "http://app.internal/moved/x?q=1", None).await;
+    assert_eq!(moved.status.as_u16(), 302);
+    assert_eq!(
+        moved.header("location"),
+        Some("http://elsewhere.example/moved/x?q=1")
+    );
+
+    let blocked = fetch(&harness, "http://unregistered.example/", None).await;
+    assert_eq!((blocked.status.as_u16(), blocked.text()), (502, ""));
+    assert_eq!(blocked.header("server"), Some("envoy"));
+    // Counted as Istio counts its `block_all` route: against BlackHoleCluster.
+    assert!(
+        harness
+            .prometheus()
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("\"BlackHoleCluster\"")
+                && l.contains("\"502\"")),
+        "{}",
+        harness.prometheus()
+    );
+
+    let no_route = fetch(&harness, "http://strict.internal/other", None).await;
+    assert_eq!(no_route.status.as_u16(), 404);
+
+    let no_cluster = fetch(&harness, "http://app.internal/gone-cluster", None).await;
+    assert_eq!(no_cluster.status.as_u16(), 503);
+
+    // An endpoint that needs Istio mutual TLS is never sent plaintext.
+    let accepts = app.accepts();
+    let mtls = fetch(&harness, "http://app.internal/mtls", None).await;
+    assert_eq!(mtls.status.as_u16(), 503);
+    assert_eq!(app.accepts(), accepts);
+}
+
+#[tokio::test]
+async fn routes_rewrite_host_path_and_headers_in_envoys_order() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    let mut sender = harness.client().await;
+    let req = http::Request::get("http://app.internal/old/page?k=v")
+        .header("x-drop", "secret")
+        .header("x-level", "client")
+        .body(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+            bytes::Bytes::new(),
+        )))
+        .unwrap();
+    let answer = common::send(&mut sender, req).await;
+    assert_eq!(answer.status.as_u16(), 200);
+    let seen = app.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.uri, "/new/page?k=v");
+    assert_eq!(last.headers.get("host").unwrap(), "backend.internal");
+    assert!(last.headers.get("x-drop").is_none());
+    // Route and virtual host append; the table's overwrite comes last and wins.
+    let levels: Vec<_> = last.headers.get_all("x-level").iter().collect();
+    assert_eq!(levels, ["table"]);
+    assert_eq!(answer.header("x-answered-by"), Some("app"));
+}
+
+#[tokio::test]
+async fn a_route_retries_as_its_policy_says_and_not_without_one() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    let flags = |path: &'static str| {
+        let harness = &harness;
+        async move {
+            let answer = fetch(harness, &format!("http://app.internal{path}"), None).await;
+            assert_eq!(answer.status.as_u16(), 503);
+            let text = harness.prometheus();
+            let flags: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .filter_map(|l| l.split("response_flags=\"").nth(1))
+                .filter_map(|rest| rest.split('"').next().map(str::to_string))
+                .collect();
+            flags
+        }
+    };
+    assert_eq!(flags("/once").await, ["UF"]);
+    let after = flags("/retried").await;
+    assert!(after.contains(&"URX,UF".to_string()), "{after:?}");
+}
