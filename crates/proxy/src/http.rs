@@ -24,7 +24,7 @@ use crate::guard::{InFlight, InFlightGuard};
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
-use crate::upstream::{ATTEMPTS, Original, Pick, can_retry};
+use crate::upstream::{Original, Pick, RetryPolicy, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -267,17 +267,37 @@ async fn handle(
     let line = LogLine::wanted().then(|| LogLine::of(&req));
     let mut log = RequestLog::new(&proxy, &downstream, line, Instant::now());
     let start = log.start;
+    let version = req.version();
+    let with_body = !req.body().is_end_stream();
     let response = match route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
     {
         Ok(response) => response,
         Err(err) => {
-            let response = err.to_response();
             log.outcome.flags = err.flag();
-            response
+            local_reply(&err, version, with_body)
         }
     };
     log.outcome.status = response.status().as_u16();
     log.write();
+    response
+}
+
+/// The response Envoy sends for `err` on a downstream speaking `version`, to a request
+/// that had a body (`with_body`).
+fn local_reply(err: &ProxyError, version: Version, with_body: bool) -> Response<ProxyBody> {
+    let mut response = err.to_response();
+    if version == Version::HTTP_2 {
+        // Envoy's HTTP/2 codec sends an empty local reply as headers alone.
+        if response.body().is_end_stream() {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    } else if with_body && err.before_upstream() {
+        // Answered with the body unread: Envoy's HTTP/1 codec cannot find the next request,
+        // so it closes the connection.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -364,6 +384,9 @@ pub(crate) async fn route<'a>(
         // A CONNECT target: a registered name, a VIP or pod, or an address in a registered
         // range when the target is an IP literal.
         (true, Some(h)) => snapshot.route_name_or_address(Some(h), h.parse().ok(), port),
+        // Envoy compares the Host with the virtual hosts' domains as sent: with a trailing
+        // dot it matches none of them and falls to the catch-all.
+        (false, Some(h)) if h.ends_with('.') => snapshot.unmatched(),
         (false, Some(_)) => match downstream.original_dst {
             Some(dst) => snapshot.route_http_to(authority.unwrap_or_default(), dst.ip(), port),
             None => snapshot.route_http(authority.unwrap_or_default(), port),
@@ -379,13 +402,16 @@ pub(crate) async fn route<'a>(
         None => decision,
     };
     outcome.route = route_name(&decision);
-    outcome.cluster = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.name),
-        other => other.cluster_name().into(),
-    };
     outcome.service = match &decision {
         Decision::Cluster(c) => Arc::clone(&c.host),
-        _ => Arc::clone(&outcome.cluster),
+        other => other.cluster_name().into(),
+    };
+    // `block_all` is a direct response: Envoy logs no upstream cluster for it, while
+    // Istio's metrics still name BlackHoleCluster as its destination service.
+    outcome.cluster = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.name),
+        Decision::BlackHole => Outcome::default().cluster,
+        _ => Arc::clone(&outcome.service),
     };
     let original = match (downstream.original_dst, host) {
         (Some(dst), _) => Original::Address(dst),
@@ -450,9 +476,11 @@ async fn route_and_forward(
         client_upgrade.is_some(),
         proxy.config.route_timeout,
     );
-    // A request without a body can be sent again after a reset before its response (Istio's
-    // default retry); one with a body cannot, as it has been streamed away.
-    let replay = (req.body().is_end_stream() && client_upgrade.is_none()).then(|| {
+    let policy = RetryPolicy::default();
+    // Where the policy retries resets, a request without a body can be sent again after
+    // one; a request with a body cannot, as it has been streamed away.
+    let bodiless = req.body().is_end_stream() && client_upgrade.is_none();
+    let replay = (policy.reset && bodiless).then(|| {
         (
             req.method().clone(),
             req.uri().clone(),
@@ -462,7 +490,7 @@ async fn route_and_forward(
     });
     let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
-    for attempt in 0..ATTEMPTS {
+    for attempt in 0..policy.attempts() {
         let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
@@ -511,8 +539,9 @@ async fn route_and_forward(
                 return Ok(response);
             }
             Err(Failure::Connect(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS && can_retry(&decision, index) {
-                    tried.extend(index);
+                if policy.connect_failure && policy.another(attempt) && can_retry(&decision, index)
+                {
+                    policy.tried(&mut tried, index);
                     req = unsent;
                     continue;
                 }
@@ -520,16 +549,16 @@ async fn route_and_forward(
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
-                if attempt + 1 < ATTEMPTS {
+                if policy.another(attempt) {
                     req = unsent;
                     continue;
                 }
                 return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers)) if attempt + 1 < ATTEMPTS => {
+                Some((method, uri, version, headers)) if policy.another(attempt) => {
                     if can_retry(&decision, index) {
-                        tried.extend(index);
+                        policy.tried(&mut tried, index);
                     }
                     let mut again = Request::new(RequestBody::Empty);
                     *again.method_mut() = method.clone();
@@ -913,6 +942,25 @@ fn prepare_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_replies_are_framed_as_envoys_codecs_frame_them() {
+        let blocked = ProxyError::Blocked;
+        let h2 = local_reply(&blocked, Version::HTTP_2, true);
+        assert!(!h2.headers().contains_key(header::CONTENT_LENGTH));
+        assert!(!h2.headers().contains_key(header::CONNECTION));
+        let unavailable = local_reply(&ProxyError::NoHealthyUpstream, Version::HTTP_2, false);
+        assert_eq!(unavailable.headers()[header::CONTENT_LENGTH], "19");
+        let h1 = local_reply(&blocked, Version::HTTP_11, false);
+        assert_eq!(h1.headers()[header::CONTENT_LENGTH], "0");
+        assert!(!h1.headers().contains_key(header::CONNECTION));
+        let unread = local_reply(&blocked, Version::HTTP_11, true);
+        assert_eq!(unread.headers()[header::CONNECTION], "close");
+        // After an upstream attempt the body has been sent on: the connection stays.
+        let refused = ProxyError::ConnectFailure(std::io::ErrorKind::ConnectionRefused.into());
+        let sent = local_reply(&refused, Version::HTTP_11, true);
+        assert!(!sent.headers().contains_key(header::CONNECTION));
+    }
 
     #[test]
     fn connection_listed_fields_go_but_host_and_content_length_stay() {

@@ -8,10 +8,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Proxy;
+use crate::error::ProxyError;
 use crate::guard::GuardedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
-use crate::upstream::{ATTEMPTS, Original, can_retry};
+use crate::upstream::{Original, TCP_CONNECT_ATTEMPTS, can_retry};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
 /// read to detect its protocol) first, or closes it when the destination is refused.
@@ -60,8 +61,12 @@ pub(crate) async fn forward(
         log.upstream = Some(pick.addr);
         match proxy.connect(pick.addr, &cluster).await {
             Ok(stream) => break Ok((stream, pick.guard)),
-            Err(_) if attempt < ATTEMPTS && can_retry(&decision, pick.index) => {
+            Err(_) if attempt < TCP_CONNECT_ATTEMPTS && can_retry(&decision, pick.index) => {
                 tried.extend(pick.index);
+            }
+            // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
+            Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
+                break Err(ProxyError::Retried(Box::new(e)));
             }
             Err(e) => break Err(e),
         }
@@ -77,6 +82,14 @@ pub(crate) async fn forward(
             }
         }
         Err(e) => {
+            // Envoy's listener filters only peek: the client's first bytes are still unread
+            // when it gives up on the connection, so the kernel resets it. Those bytes were
+            // read here; a zero linger makes the close the same reset.
+            if !prefix.is_empty()
+                && let Err(error) = client.get_ref().set_zero_linger()
+            {
+                tracing::debug!(%error, "cannot set SO_LINGER to reset the connection");
+            }
             log.flags = e.tcp_flag();
             labels.response_flags = log.flags;
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();

@@ -39,8 +39,62 @@ pub enum NonePolicy {
     Permissive,
 }
 
-/// Upstream connection attempts for one request: the first plus Istio's default 2 retries.
-pub const ATTEMPTS: usize = 3;
+/// When a failed upstream attempt is made again: the conditions of Envoy's route
+/// `retry_policy` that the data path tells apart. Its `Default` is Istio's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// `num_retries`: attempts after the first.
+    pub num_retries: u8,
+    /// `retry_on: connect-failure`: no connection to the upstream could be made.
+    pub connect_failure: bool,
+    /// `retry_on: reset`: the upstream reset or closed after the request was sent, before
+    /// the response headers (a request whose body was streamed away cannot go again).
+    pub reset: bool,
+    /// The `previous_hosts` predicate: a retry goes to an endpoint not tried yet while the
+    /// cluster has one. The pick excludes tried endpoints outright, so Envoy's
+    /// `host_selection_retry_max_attempts` has nothing left to bound.
+    pub previous_hosts: bool,
+}
+
+impl RetryPolicy {
+    /// What istiod puts on every service route: `connect-failure,refused-stream,unavailable,
+    /// cancelled,retriable-status-codes`, 2 retries, `previous_hosts`. No `reset`: a reset
+    /// after the request was sent is answered at once (`UC`). `retriable-status-codes` comes
+    /// without codes, so no status is retried.
+    pub const ISTIO: RetryPolicy = RetryPolicy {
+        num_retries: 2,
+        connect_failure: true,
+        reset: false,
+        previous_hosts: true,
+    };
+
+    /// Attempts in all, the first included.
+    pub fn attempts(&self) -> usize {
+        usize::from(self.num_retries) + 1
+    }
+
+    /// Whether another attempt may follow attempt `attempt` (0 for the first).
+    pub fn another(&self, attempt: usize) -> bool {
+        attempt + 1 < self.attempts()
+    }
+
+    /// Marks the endpoint `index` as tried, when retries avoid tried endpoints.
+    pub fn tried(&self, tried: &mut Vec<usize>, index: Option<usize>) {
+        if self.previous_hosts {
+            tried.extend(index);
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::ISTIO
+    }
+}
+
+/// Upstream connect attempts of an opaque TCP connection: Envoy's `tcp_proxy`
+/// `max_connect_attempts`, which istiod leaves at its default of one.
+pub const TCP_CONNECT_ATTEMPTS: usize = 1;
 
 impl Proxy {
     /// Picks an upstream for `decision`, avoiding endpoints in `tried`.
@@ -231,6 +285,25 @@ pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istios_default_retries_connect_failures_twice_on_other_endpoints() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy, RetryPolicy::ISTIO);
+        assert!(policy.connect_failure && !policy.reset);
+        assert_eq!(policy.attempts(), 3);
+        assert!(policy.another(0) && policy.another(1) && !policy.another(2));
+        let mut tried = Vec::new();
+        policy.tried(&mut tried, Some(4));
+        policy.tried(&mut tried, None);
+        assert_eq!(tried, [4]);
+        let anywhere = RetryPolicy {
+            previous_hosts: false,
+            ..policy
+        };
+        anywhere.tried(&mut tried, Some(5));
+        assert_eq!(tried, [4]);
+    }
 
     #[test]
     fn only_this_hosts_addresses_are_local() {
