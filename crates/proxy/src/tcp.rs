@@ -12,7 +12,7 @@ use crate::error::ProxyError;
 use crate::guard::GuardedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
-use crate::upstream::{Original, TCP_CONNECT_ATTEMPTS, can_retry};
+use crate::upstream::{Original, Pick};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
 /// read to detect its protocol) first, or closes it when the destination is refused.
@@ -50,27 +50,7 @@ pub(crate) async fn forward(
         received: 0,
         duration: Default::default(),
     };
-    let mut tried = Vec::new();
-    let mut attempt = 0;
-    let connected = loop {
-        attempt += 1;
-        let pick = match proxy.pick(&decision, Original::Address(dst), &tried).await {
-            Ok(p) => p,
-            Err(e) => break Err(e),
-        };
-        log.upstream = Some(pick.addr);
-        match proxy.connect(pick.addr, &cluster).await {
-            Ok(stream) => break Ok((stream, pick.guard)),
-            Err(_) if attempt < TCP_CONNECT_ATTEMPTS && can_retry(&decision, pick.index) => {
-                tried.extend(pick.index);
-            }
-            // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
-            Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
-                break Err(ProxyError::Retried(Box::new(e)));
-            }
-            Err(e) => break Err(e),
-        }
-    };
+    let connected = connect_once(proxy, &decision, dst, &cluster, &mut log).await;
     match connected {
         Ok((mut upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
@@ -108,4 +88,25 @@ pub(crate) async fn forward(
     proxy.metrics.tcp_closed.get_or_create(&labels).inc();
     log.duration = start.elapsed();
     log.emit();
+}
+
+/// The one upstream connection attempt of Envoy's `tcp_proxy` as istiod configures it
+/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log`.
+async fn connect_once(
+    proxy: &Proxy,
+    decision: &Decision,
+    dst: SocketAddr,
+    cluster: &str,
+    log: &mut TcpLog<'_>,
+) -> Result<(TcpStream, Option<portcullis_balance::ActiveGuard>), ProxyError> {
+    let Pick { addr, guard, .. } = proxy.pick(decision, Original::Address(dst), &[]).await?;
+    log.upstream = Some(addr);
+    match proxy.connect(addr, cluster).await {
+        Ok(stream) => Ok((stream, guard)),
+        // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
+        Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
+            Err(ProxyError::Retried(Box::new(e)))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -92,10 +92,6 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Upstream connect attempts of an opaque TCP connection: Envoy's `tcp_proxy`
-/// `max_connect_attempts`, which istiod leaves at its default of one.
-pub const TCP_CONNECT_ATTEMPTS: usize = 1;
-
 impl Proxy {
     /// Picks an upstream for `decision`, avoiding endpoints in `tried`.
     pub(crate) async fn pick(
