@@ -96,6 +96,22 @@ impl ProxyError {
         )
     }
 
+    /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it never processed
+    /// the request.
+    pub fn refused_stream(&self) -> bool {
+        let ProxyError::UpstreamReset(e) = self else {
+            return false;
+        };
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = cause.source();
+        }
+        false
+    }
+
     /// Envoy's wording for why the upstream connection ended, where it has one.
     fn reset_reason(&self) -> Option<&'static str> {
         match self {

@@ -309,7 +309,7 @@ async fn forward(
             }
             Err(Failure::Unsent(e)) => e,
             // The whole request is still in `out`, body included: it can go again.
-            Err(Failure::Sent(e)) if policy.reset => {
+            Err(Failure::Sent(e)) if policy.resend(&e) => {
                 if retry_elsewhere {
                     policy.tried(&mut tried, pick.index);
                 }

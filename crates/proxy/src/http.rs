@@ -477,10 +477,11 @@ async fn route_and_forward(
         proxy.config.route_timeout,
     );
     let policy = RetryPolicy::default();
-    // Where the policy retries resets, a request without a body can be sent again after
-    // one; a request with a body cannot, as it has been streamed away.
+    // Where the policy resends after a reset (or, to HTTP/2, a refused stream), a request
+    // without a body can go again; one with a body cannot, as it has been streamed away.
     let bodiless = req.body().is_end_stream() && client_upgrade.is_none();
-    let replay = (policy.reset && bodiless).then(|| {
+    let resends = policy.reset || (policy.refused_stream && h2);
+    let replay = (resends && bodiless).then(|| {
         (
             req.method().clone(),
             req.uri().clone(),
@@ -556,7 +557,9 @@ async fn route_and_forward(
                 return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers)) if policy.another(attempt) => {
+                Some((method, uri, version, headers))
+                    if policy.another(attempt) && policy.resend(&e) =>
+                {
                     if can_retry(&decision, index) {
                         policy.tried(&mut tried, index);
                     }
@@ -566,7 +569,7 @@ async fn route_and_forward(
                     *again.version_mut() = *version;
                     *again.headers_mut() = headers.clone();
                     req = again;
-                    tracing::debug!(error = %e, "upstream reset before the response; retrying");
+                    tracing::debug!(error = %e, "upstream reset or refused before the response; retrying");
                 }
                 _ => return Err(retried(e, attempt)),
             },

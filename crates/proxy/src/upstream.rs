@@ -47,6 +47,9 @@ pub struct RetryPolicy {
     pub num_retries: u8,
     /// `retry_on: connect-failure`: no connection to the upstream could be made.
     pub connect_failure: bool,
+    /// `retry_on: refused-stream`: an HTTP/2 upstream refused the stream (`REFUSED_STREAM`),
+    /// so it never processed it (a request whose body was streamed away cannot go again).
+    pub refused_stream: bool,
     /// `retry_on: reset`: the upstream reset or closed after the request was sent, before
     /// the response headers (a request whose body was streamed away cannot go again).
     pub reset: bool,
@@ -64,6 +67,7 @@ impl RetryPolicy {
     pub const ISTIO: RetryPolicy = RetryPolicy {
         num_retries: 2,
         connect_failure: true,
+        refused_stream: true,
         reset: false,
         previous_hosts: true,
     };
@@ -71,6 +75,12 @@ impl RetryPolicy {
     /// Attempts in all, the first included.
     pub fn attempts(&self) -> usize {
         usize::from(self.num_retries) + 1
+    }
+
+    /// Whether a request sent upstream that failed with `error` before its response may be
+    /// sent again.
+    pub fn resend(&self, error: &ProxyError) -> bool {
+        self.reset || (self.refused_stream && error.refused_stream())
     }
 
     /// Whether another attempt may follow attempt `attempt` (0 for the first).
@@ -286,7 +296,7 @@ mod tests {
     fn istios_default_retries_connect_failures_twice_on_other_endpoints() {
         let policy = RetryPolicy::default();
         assert_eq!(policy, RetryPolicy::ISTIO);
-        assert!(policy.connect_failure && !policy.reset);
+        assert!(policy.connect_failure && policy.refused_stream && !policy.reset);
         assert_eq!(policy.attempts(), 3);
         assert!(policy.another(0) && policy.another(1) && !policy.another(2));
         let mut tried = Vec::new();

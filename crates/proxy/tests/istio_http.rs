@@ -212,6 +212,41 @@ async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
     assert_eq!(app.accepts(), 1);
 }
 
+/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`) never processed it: Istio's
+/// `refused-stream` sends the request again, as attempt 2.
+#[tokio::test]
+async fn a_refused_http2_stream_is_sent_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        let mut counts = Vec::new();
+        let mut report = Some(counts_tx);
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let count = &request.headers()["x-envoy-attempt-count"];
+            counts.push(count.to_str().unwrap().to_owned());
+            if counts.len() == 1 {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            respond.send_response(Response::new(()), true).unwrap();
+            if let Some(tx) = report.take() {
+                let _ = tx.send(counts.clone());
+            }
+        }
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
+        1,
+    ))
+    .await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
+}
+
 /// Each attempt carries its number: with a refusing endpoint beside a good one, a request
 /// whose first pick was the refusing one reaches the good one with
 /// `x-envoy-attempt-count: 2` (Istio's default retries connect failures only).
