@@ -37,6 +37,7 @@ impl LbEndpoint {
             health: HealthStatus::Unknown,
             load_balancing_weight: 1,
             transport_socket_match: BTreeMap::new(),
+            hostname: None,
             source: None,
         }
     }

@@ -86,7 +86,9 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout => "UT",
             ProxyError::DnsFailure { .. } => "DF",
-            ProxyError::BadRequest(_) | ProxyError::Http10 | ProxyError::MissingHost => "DPE",
+            ProxyError::BadRequest(_) | ProxyError::Http10 => "DPE",
+            // Envoy's codec answers the request without a Host as a complete one: no flag.
+            ProxyError::MissingHost => "-",
             ProxyError::Loop | ProxyError::NoRoute => "NR",
             ProxyError::NoCluster(_) => "NC",
             ProxyError::Direct(_) => "-",
@@ -97,6 +99,36 @@ impl ProxyError {
                 ref other => other.flag(),
             },
         }
+    }
+
+    /// Whether Envoy answers this before any upstream is tried, from the request's headers
+    /// alone: a request body is then still unread, and an HTTP/1 connection has to close.
+    pub fn before_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Blocked
+                | ProxyError::NoHealthyUpstream
+                | ProxyError::Loop
+                | ProxyError::BadRequest(_)
+                | ProxyError::Http10
+                | ProxyError::MissingHost
+        )
+    }
+
+    /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it never processed
+    /// the request.
+    pub fn refused_stream(&self) -> bool {
+        let ProxyError::UpstreamReset(e) = self else {
+            return false;
+        };
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = cause.source();
+        }
+        false
     }
 
     /// Envoy's wording for why the upstream connection ended, where it has one.
@@ -119,6 +151,15 @@ impl ProxyError {
         match self {
             // A TCP connection sent to BlackHoleCluster finds no host in it.
             ProxyError::Blocked => "UH",
+            // tcp_proxy sets the failure before the retry limit; the router the other way.
+            ProxyError::Retried(last)
+                if matches!(
+                    **last,
+                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout
+                ) =>
+            {
+                "UF,URX"
+            }
             other => other.flag(),
         }
     }
@@ -258,7 +299,7 @@ mod tests {
         assert_eq!(response.headers()[header::CONNECTION], "close");
         let (status, _, body) = answer(&ProxyError::MissingHost).await;
         assert_eq!((status, body.as_str()), (400, ""));
-        assert_eq!(ProxyError::MissingHost.flag(), "DPE");
+        assert_eq!(ProxyError::MissingHost.flag(), "-");
     }
 
     #[tokio::test]
@@ -271,6 +312,7 @@ mod tests {
             body,
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
         );
+        assert_eq!(e.tcp_flag(), "UF,URX");
         let e = ProxyError::Retried(Box::new(ProxyError::NoHealthyUpstream));
         assert_eq!(e.flag(), "UH");
         assert_eq!(answer(&e).await.2, "no healthy upstream");

@@ -35,7 +35,7 @@ use crate::http::{
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
-use crate::upstream::{ATTEMPTS, Retries, can_retry};
+use crate::upstream::{RetryPolicy, can_retry};
 
 /// Header fields parsed per head; a request with more goes to the general path.
 const MAX_HEADERS: usize = 128;
@@ -173,6 +173,11 @@ where
     let request = buf.split_to(head.len + head.body).freeze();
     let line = LogLine::wanted().then(|| head.log_line(&request));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+    // Envoy answers some errors from the head alone, with the body still unread: the
+    // connection then closes, as Envoy's does.
+    let closes = |e: &ProxyError| {
+        head.close || shutdown.is_cancelled() || (head.body > 0 && e.before_upstream())
+    };
     let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
     let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
     let path = if head.slash {
@@ -201,21 +206,23 @@ where
     {
         Ok(routed) => routed,
         Err(e) => {
-            let close = head.close || shutdown.is_cancelled();
+            let close = closes(&e);
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    // The attempt count is written as one digit of the head: more attempts than that go
-    // the general way.
+    let policy = RetryPolicy::of(log.outcome.matched.as_deref());
     let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
         r.rewrites()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout
-            || Retries::of(Some(r)).attempts > ATTEMPTS
     });
-    if rewrites || crate::http::upstream_h2(&routed.decision, Version::HTTP_11) {
-        // The general path speaks HTTP/2 upstream and applies a route's rewrites and
-        // timeout: give it the request back, and the logging of it.
+    if rewrites
+        || crate::http::upstream_h2(&routed.decision, Version::HTTP_11)
+        || attempt_digit(policy.attempts() - 1).is_none()
+    {
+        // The general path speaks HTTP/2 upstream, applies a route's rewrites and timeout,
+        // and writes attempt counts of any length: give it the request back, and the
+        // logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);
@@ -226,14 +233,14 @@ where
     out.extend_from_slice(&request[head.len..]);
     let attempt_at = head.attempt_at;
     let forwarded = tokio::select! {
-        forwarded = forward(proxy, &routed, (&mut out, attempt_at), head.body == 0, head.head_method, &mut log) => forwarded,
+        forwarded = forward(proxy, &routed, (&mut out, attempt_at), &policy, head.head_method, &mut log) => forwarded,
         // The client left before the response: logged as DC when `log` is dropped.
         () = client_gone(io, buf) => return Next::Close,
     };
     let (upstream, response) = match forwarded {
         Ok(answer) => answer,
         Err(e) => {
-            let close = head.close || shutdown.is_cancelled();
+            let close = closes(&e);
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
@@ -295,23 +302,18 @@ async fn forward(
     proxy: &Arc<Proxy>,
     routed: &Routed<'_>,
     (out, attempt_at): (&mut [u8], usize),
-    replayable: bool,
+    policy: &RetryPolicy,
     head_method: bool,
     log: &mut RequestLog,
 ) -> Result<(Upstream, ResponseHead), ProxyError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last = ProxyError::NoHealthyUpstream;
-    let retries = Retries::of(log.outcome.matched.as_deref());
-    for (attempt, count) in ATTEMPT_DIGITS
-        .into_iter()
-        .enumerate()
-        .take(retries.attempts)
-    {
+    for attempt in 0..policy.attempts() {
         let pick = proxy
             .pick(&routed.decision, routed.original, &tried)
             .await?;
         log.outcome.upstream = Some(pick.addr);
-        if let Some(digit) = out.get_mut(attempt_at) {
+        if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(attempt)) {
             *digit = count;
         }
         let sending = attempt_once(proxy, pick.addr, &log.outcome.cluster, out, head_method);
@@ -333,14 +335,15 @@ async fn forward(
                 };
                 return Ok((upstream, head));
             }
-            Err(Failure::Connect(e)) if retry_elsewhere && retries.connect_failure => {
-                tried.extend(pick.index);
+            Err(Failure::Connect(e)) if policy.connect_failure && retry_elsewhere => {
+                policy.tried(&mut tried, pick.index);
                 e
             }
             Err(Failure::Unsent(e)) => e,
-            Err(Failure::Sent(e)) if replayable && retries.reset => {
+            // The whole request is still in `out`, body included: it can go again.
+            Err(Failure::Sent(e)) if policy.resend(&e) => {
                 if retry_elsewhere {
-                    tried.extend(pick.index);
+                    policy.tried(&mut tried, pick.index);
                 }
                 tracing::debug!(error = %e, "upstream closed before the response; retrying");
                 e
@@ -741,17 +744,14 @@ fn single_length(current: Option<usize>, value: &[u8]) -> Result<usize, ()> {
     }
 }
 
-/// `x-envoy-attempt-count` for each attempt, one digit each.
-const ATTEMPT_DIGITS: [u8; ATTEMPTS] = {
-    assert!(ATTEMPTS < 10);
-    let mut digits = [0; ATTEMPTS];
-    let mut i = 0;
-    while i < ATTEMPTS {
-        digits[i] = b'1' + i as u8;
-        i += 1;
-    }
-    digits
-};
+/// `x-envoy-attempt-count` of attempt `attempt` (0 for the first) as the one digit this
+/// path writes in place; `None` from the tenth on.
+fn attempt_digit(attempt: usize) -> Option<u8> {
+    u8::try_from(attempt + 1)
+        .ok()
+        .filter(|n| *n <= 9)
+        .map(|n| b'0' + n)
+}
 
 /// Parses one request head at the start of `buf`, at most `max_headers` fields, for a route
 /// with `timeout`.

@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_envoy::AppendAction;
 use portcullis_registry::{
-    BLACKHOLE_CLUSTER, Connection, Decision, HeaderMutation, Headers, Protocol,
-    Request as RouteRequest, Route, split_host_port,
+    Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Route,
+    split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -29,7 +29,7 @@ use crate::guard::{InFlight, InFlightGuard};
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
-use crate::upstream::{Original, Pick, Retries, can_retry};
+use crate::upstream::{Original, Pick, RetryPolicy, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -275,17 +275,37 @@ async fn handle(
     let line = LogLine::wanted().then(|| LogLine::of(&req));
     let mut log = RequestLog::new(&proxy, &downstream, line, Instant::now());
     let start = log.start;
+    let version = req.version();
+    let with_body = !req.body().is_end_stream();
     let response = match route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
     {
         Ok(response) => response,
         Err(err) => {
-            let response = err.to_response();
             log.outcome.flags = err.flag();
-            response
+            local_reply(&err, version, with_body)
         }
     };
     log.outcome.status = response.status().as_u16();
     log.write();
+    response
+}
+
+/// The response Envoy sends for `err` on a downstream speaking `version`, to a request
+/// that had a body (`with_body`).
+fn local_reply(err: &ProxyError, version: Version, with_body: bool) -> Response<ProxyBody> {
+    let mut response = err.to_response();
+    if version == Version::HTTP_2 {
+        // Envoy's HTTP/2 codec sends an empty local reply as headers alone.
+        if response.body().is_end_stream() {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    } else if with_body && err.before_upstream() {
+        // Answered with the body unread: Envoy's HTTP/1 codec cannot find the next request,
+        // so it closes the connection.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -450,20 +470,6 @@ pub(crate) async fn route<'a>(
         outcome.matched = None;
     }
     outcome.route = route_name(&decision);
-    outcome.cluster = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.name),
-        // Istio's telemetry names its `block_all` direct response after the cluster it
-        // stands for.
-        Decision::Direct(_)
-            if outcome
-                .matched
-                .as_ref()
-                .is_some_and(|r| &*r.name == "block_all") =>
-        {
-            BLACKHOLE_CLUSTER.into()
-        }
-        other => other.cluster_name().into(),
-    };
     // Istio's telemetry names the service of its catch-all routes by their clusters, also
     // for block_all's direct response, which has no upstream cluster.
     let catch_all = match outcome.matched.as_ref().map(|r| &*r.name) {
@@ -474,7 +480,14 @@ pub(crate) async fn route<'a>(
     outcome.service = match (&decision, catch_all) {
         (_, Some(cluster)) => cluster.into(),
         (Decision::Cluster(c), None) => Arc::clone(&c.host),
-        _ => Arc::clone(&outcome.cluster),
+        (other, None) => other.cluster_name().into(),
+    };
+    // A direct response (block_all's among them) and a refusal have no upstream cluster:
+    // Envoy logs none.
+    outcome.cluster = match &decision {
+        Decision::Cluster(c) => Arc::clone(&c.name),
+        Decision::BlackHole => Outcome::default().cluster,
+        other => other.cluster_name().into(),
     };
     let original = match (downstream.original_dst, host) {
         (Some(dst), _) => Original::Address(dst),
@@ -574,9 +587,12 @@ async fn route_and_forward(
     if let Some(route) = matched {
         mutate_headers(req.headers_mut(), &route.request_headers);
     }
-    // A request without a body can be sent again after a reset before its response (Istio's
-    // default retry); one with a body cannot, as it has been streamed away.
-    let replay = (req.body().is_end_stream() && client_upgrade.is_none()).then(|| {
+    let policy = RetryPolicy::of(matched);
+    // Where the policy resends after a reset (or, to HTTP/2, a refused stream), a request
+    // without a body can go again; one with a body cannot, as it has been streamed away.
+    let bodiless = req.body().is_end_stream() && client_upgrade.is_none();
+    let resends = policy.reset || (policy.refused_stream && h2);
+    let replay = (resends && bodiless).then(|| {
         (
             req.method().clone(),
             req.uri().clone(),
@@ -586,9 +602,7 @@ async fn route_and_forward(
     });
     let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
-    let retries = Retries::of(matched);
-    for attempt in 0..retries.attempts {
-        let more = attempt + 1 < retries.attempts;
+    for attempt in 0..policy.attempts() {
         let pick = proxy.pick(&decision, original, &tried).await?;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
@@ -641,8 +655,9 @@ async fn route_and_forward(
                 return Ok(response);
             }
             Err(Failure::Connect(unsent, e)) => {
-                if more && retries.connect_failure && can_retry(&decision, index) {
-                    tried.extend(index);
+                if policy.connect_failure && policy.another(attempt) && can_retry(&decision, index)
+                {
+                    policy.tried(&mut tried, index);
                     req = unsent;
                     continue;
                 }
@@ -650,16 +665,18 @@ async fn route_and_forward(
             }
             // Never sent: the reused connection had just closed. Safe to try again.
             Err(Failure::Unsent(unsent, e)) => {
-                if more {
+                if policy.another(attempt) {
                     req = unsent;
                     continue;
                 }
                 return Err(retried(e, attempt));
             }
             Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers)) if more && retries.reset => {
+                Some((method, uri, version, headers))
+                    if policy.another(attempt) && policy.resend(&e) =>
+                {
                     if can_retry(&decision, index) {
-                        tried.extend(index);
+                        policy.tried(&mut tried, index);
                     }
                     let mut again = Request::new(RequestBody::Empty);
                     *again.method_mut() = method.clone();
@@ -667,7 +684,7 @@ async fn route_and_forward(
                     *again.version_mut() = *version;
                     *again.headers_mut() = headers.clone();
                     req = again;
-                    tracing::debug!(error = %e, "upstream reset before the response; retrying");
+                    tracing::debug!(error = %e, "upstream reset or refused before the response; retrying");
                 }
                 _ => return Err(retried(e, attempt)),
             },
@@ -1101,6 +1118,25 @@ fn prepare_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_replies_are_framed_as_envoys_codecs_frame_them() {
+        let blocked = ProxyError::Blocked;
+        let h2 = local_reply(&blocked, Version::HTTP_2, true);
+        assert!(!h2.headers().contains_key(header::CONTENT_LENGTH));
+        assert!(!h2.headers().contains_key(header::CONNECTION));
+        let unavailable = local_reply(&ProxyError::NoHealthyUpstream, Version::HTTP_2, false);
+        assert_eq!(unavailable.headers()[header::CONTENT_LENGTH], "19");
+        let h1 = local_reply(&blocked, Version::HTTP_11, false);
+        assert_eq!(h1.headers()[header::CONTENT_LENGTH], "0");
+        assert!(!h1.headers().contains_key(header::CONNECTION));
+        let unread = local_reply(&blocked, Version::HTTP_11, true);
+        assert_eq!(unread.headers()[header::CONNECTION], "close");
+        // After an upstream attempt the body has been sent on: the connection stays.
+        let refused = ProxyError::ConnectFailure(std::io::ErrorKind::ConnectionRefused.into());
+        let sent = local_reply(&refused, Version::HTTP_11, true);
+        assert!(!sent.headers().contains_key(header::CONNECTION));
+    }
 
     #[test]
     fn connection_listed_fields_go_but_host_and_content_length_stay() {

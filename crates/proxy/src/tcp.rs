@@ -8,10 +8,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Proxy;
+use crate::error::ProxyError;
 use crate::guard::GuardedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
-use crate::upstream::{ATTEMPTS, Original, can_retry};
+use crate::upstream::{Original, Pick};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
 /// read to detect its protocol) first, or closes it when the destination is refused.
@@ -49,23 +50,7 @@ pub(crate) async fn forward(
         received: 0,
         duration: Default::default(),
     };
-    let mut tried = Vec::new();
-    let mut attempt = 0;
-    let connected = loop {
-        attempt += 1;
-        let pick = match proxy.pick(&decision, Original::Address(dst), &tried).await {
-            Ok(p) => p,
-            Err(e) => break Err(e),
-        };
-        log.upstream = Some(pick.addr);
-        match proxy.connect(pick.addr, &cluster).await {
-            Ok(stream) => break Ok((stream, pick.guard)),
-            Err(_) if attempt < ATTEMPTS && can_retry(&decision, pick.index) => {
-                tried.extend(pick.index);
-            }
-            Err(e) => break Err(e),
-        }
-    };
+    let connected = connect_once(proxy, &decision, dst, &cluster, &mut log).await;
     match connected {
         Ok((mut upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
@@ -77,6 +62,14 @@ pub(crate) async fn forward(
             }
         }
         Err(e) => {
+            // Envoy's listener filters only peek: the client's first bytes are still unread
+            // when it gives up on the connection, so the kernel resets it. Those bytes were
+            // read here; a zero linger makes the close the same reset.
+            if !prefix.is_empty()
+                && let Err(error) = client.get_ref().set_zero_linger()
+            {
+                tracing::debug!(%error, "cannot set SO_LINGER to reset the connection");
+            }
             log.flags = e.tcp_flag();
             labels.response_flags = log.flags;
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
@@ -95,4 +88,25 @@ pub(crate) async fn forward(
     proxy.metrics.tcp_closed.get_or_create(&labels).inc();
     log.duration = start.elapsed();
     log.emit();
+}
+
+/// The one upstream connection attempt of Envoy's `tcp_proxy` as istiod configures it
+/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log`.
+async fn connect_once(
+    proxy: &Proxy,
+    decision: &Decision,
+    dst: SocketAddr,
+    cluster: &str,
+    log: &mut TcpLog<'_>,
+) -> Result<(TcpStream, Option<portcullis_balance::ActiveGuard>), ProxyError> {
+    let Pick { addr, guard, .. } = proxy.pick(decision, Original::Address(dst), &[]).await?;
+    log.upstream = Some(addr);
+    match proxy.connect(addr, cluster).await {
+        Ok(stream) => Ok((stream, guard)),
+        // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
+        Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
+            Err(ProxyError::Retried(Box::new(e)))
+        }
+        Err(e) => Err(e),
+    }
 }

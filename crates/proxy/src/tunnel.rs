@@ -16,7 +16,7 @@ use crate::error::ProxyError;
 use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
-use crate::upstream::{ATTEMPTS, Original, can_retry};
+use crate::upstream::{Original, RetryPolicy, can_retry};
 
 /// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
 pub(crate) async fn open(
@@ -27,15 +27,20 @@ pub(crate) async fn open(
     req: Request<Incoming>,
     cluster: &str,
 ) -> Result<(Response<ProxyBody>, SocketAddr), ProxyError> {
+    let policy = RetryPolicy::default();
     let mut tried = Vec::new();
     let mut attempt = 0;
     let (upstream, pick) = loop {
-        attempt += 1;
         let pick = proxy.pick(decision, original, &tried).await?;
         match proxy.connect(pick.addr, cluster).await {
             Ok(stream) => break (stream, pick),
-            Err(e) if attempt < ATTEMPTS && can_retry(decision, pick.index) => {
-                tried.extend(pick.index);
+            Err(e)
+                if policy.connect_failure
+                    && policy.another(attempt)
+                    && can_retry(decision, pick.index) =>
+            {
+                attempt += 1;
+                policy.tried(&mut tried, pick.index);
                 tracing::debug!(error = %e, upstream = %pick.addr, "CONNECT retrying elsewhere");
             }
             Err(e) => return Err(e),

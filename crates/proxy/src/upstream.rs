@@ -40,39 +40,88 @@ pub enum NonePolicy {
     Permissive,
 }
 
-/// Upstream connection attempts for one request: the first plus Istio's default 2 retries.
-pub const ATTEMPTS: usize = 3;
-
-/// How an HTTP request is retried.
+/// When a failed upstream attempt is made again: the conditions of Envoy's route
+/// `retry_policy` that the data path tells apart. Its `Default` is Istio's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Retries {
-    /// Attempts in all, the first included.
-    pub attempts: usize,
-    /// Whether a failed connection is retried (`connect-failure`, `5xx`, `gateway-error`).
+pub struct RetryPolicy {
+    /// `num_retries`: attempts after the first.
+    pub num_retries: u8,
+    /// `retry_on: connect-failure`: no connection to the upstream could be made.
     pub connect_failure: bool,
-    /// Whether a request without a body is sent again after the upstream reset or closed
-    /// before a response (`reset`, `5xx`, `gateway-error`, `refused-stream`).
+    /// `retry_on: refused-stream`: an HTTP/2 upstream refused the stream (`REFUSED_STREAM`),
+    /// so it never processed it (a request whose body was streamed away cannot go again).
+    pub refused_stream: bool,
+    /// `retry_on: reset`: the upstream reset or closed after the request was sent, before
+    /// the response headers (a request whose body was streamed away cannot go again).
     pub reset: bool,
+    /// The `previous_hosts` predicate: a retry goes to an endpoint not tried yet while the
+    /// cluster has one. The pick excludes tried endpoints outright, so Envoy's
+    /// `host_selection_retry_max_attempts` has nothing left to bound.
+    pub previous_hosts: bool,
 }
 
-impl Retries {
+impl RetryPolicy {
+    /// What istiod puts on every service route: `connect-failure,refused-stream,unavailable,
+    /// cancelled,retriable-status-codes`, 2 retries, `previous_hosts`. No `reset`: a reset
+    /// after the request was sent is answered at once (`UC`). `retriable-status-codes` comes
+    /// without codes, so no status is retried.
+    pub const ISTIO: RetryPolicy = RetryPolicy {
+        num_retries: 2,
+        connect_failure: true,
+        refused_stream: true,
+        reset: false,
+        previous_hosts: true,
+    };
+
+    /// No retries: a route without a retry policy.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        num_retries: 0,
+        connect_failure: false,
+        refused_stream: false,
+        reset: false,
+        previous_hosts: false,
+    };
+
+    /// Attempts in all, the first included.
+    pub fn attempts(&self) -> usize {
+        usize::from(self.num_retries) + 1
+    }
+
+    /// Whether a request sent upstream that failed with `error` before its response may be
+    /// sent again.
+    pub fn resend(&self, error: &ProxyError) -> bool {
+        self.reset || (self.refused_stream && error.refused_stream())
+    }
+
+    /// Whether another attempt may follow attempt `attempt` (0 for the first).
+    pub fn another(&self, attempt: usize) -> bool {
+        attempt + 1 < self.attempts()
+    }
+
+    /// Marks the endpoint `index` as tried, when retries avoid tried endpoints.
+    pub fn tried(&self, tried: &mut Vec<usize>, index: Option<usize>) {
+        if self.previous_hosts {
+            tried.extend(index);
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::ISTIO
+    }
+}
+
+impl RetryPolicy {
     /// The retries of a request: the matched route's retry policy (none without one, as
     /// Envoy); Istio's default when no route of the model matched (a snapshot without
     /// listeners, or a filter chain that carries bytes).
-    pub(crate) fn of(route: Option<&Route>) -> Retries {
+    pub(crate) fn of(route: Option<&Route>) -> RetryPolicy {
         let Some(route) = route else {
-            return Retries {
-                attempts: ATTEMPTS,
-                connect_failure: true,
-                reset: true,
-            };
+            return RetryPolicy::ISTIO;
         };
         let Some(policy) = &route.retry_policy else {
-            return Retries {
-                attempts: 1,
-                connect_failure: false,
-                reset: false,
-            };
+            return RetryPolicy::NONE;
         };
         let on = |conditions: &[&str]| {
             policy
@@ -80,12 +129,14 @@ impl Retries {
                 .iter()
                 .any(|c| conditions.contains(&c.as_str()))
         };
-        Retries {
-            attempts: usize::try_from(policy.num_retries)
-                .unwrap_or(usize::MAX)
-                .saturating_add(1),
+        RetryPolicy {
+            num_retries: u8::try_from(policy.num_retries).unwrap_or(u8::MAX),
+            // Envoy's `5xx` and `gateway-error` take in a failed connect and any reset, a
+            // refused stream included.
             connect_failure: on(&["connect-failure", "5xx", "gateway-error"]),
-            reset: on(&["reset", "5xx", "gateway-error", "refused-stream"]),
+            refused_stream: on(&["refused-stream", "reset", "5xx", "gateway-error"]),
+            reset: on(&["reset", "5xx", "gateway-error"]),
+            previous_hosts: policy.avoid_previous_hosts,
         }
     }
 }
@@ -286,6 +337,25 @@ pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istios_default_retries_connect_failures_twice_on_other_endpoints() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy, RetryPolicy::ISTIO);
+        assert!(policy.connect_failure && policy.refused_stream && !policy.reset);
+        assert_eq!(policy.attempts(), 3);
+        assert!(policy.another(0) && policy.another(1) && !policy.another(2));
+        let mut tried = Vec::new();
+        policy.tried(&mut tried, Some(4));
+        policy.tried(&mut tried, None);
+        assert_eq!(tried, [4]);
+        let anywhere = RetryPolicy {
+            previous_hosts: false,
+            ..policy
+        };
+        anywhere.tried(&mut tried, Some(5));
+        assert_eq!(tried, [4]);
+    }
 
     #[test]
     fn only_this_hosts_addresses_are_local() {

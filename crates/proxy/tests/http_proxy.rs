@@ -145,6 +145,46 @@ async fn unregistered_destination_gets_502_and_is_never_contacted() {
     assert_eq!(registered.accepts(), 0);
 }
 
+/// A blocked request with a body is answered from its head, the body unread: as Envoy, the
+/// 502 says `connection: close` and the connection closes. Without a body it stays open.
+#[tokio::test]
+async fn a_blocked_request_with_a_body_closes_the_connection() {
+    let upstream = Upstream::start("secret").await;
+    let harness = Harness::start(snapshot(&service("app.internal", 80, "HTTP", &[]), 1)).await;
+    let uri = format!("http://127.0.0.1:{}/", upstream.port());
+    let post = format!("POST {uri} HTTP/1.1\r\nHost: x\r\ncontent-length: 7\r\n\r\npayload");
+    let (mut stream, head, _) = raw(harness.addr, &post).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    let mut rest = Vec::new();
+    within(stream.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+
+    let get = format!("GET {uri} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (mut stream, head, _) = raw(harness.addr, &get).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    stream.write_all(get.as_bytes()).await.unwrap();
+    let (head, _) = within(read_response(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert_eq!(upstream.accepts(), 0);
+}
+
+/// A Host with a trailing dot matches no registered name, as in Envoy's virtual hosts.
+#[tokio::test]
+async fn a_host_with_a_trailing_dot_is_unregistered() {
+    let app = Upstream::start("app").await;
+    let harness = Harness::start(snapshot(
+        &service("app.internal", 80, "HTTP", &[app.port()]),
+        1,
+    ))
+    .await;
+    assert_blocked(&fetch(&harness, "http://app.internal./", None).await);
+    assert_eq!(app.accepts(), 0);
+    let answer = fetch(&harness, "http://app.internal/", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn the_absolute_form_authority_wins_over_the_host_header() {
     let secret = Upstream::start("secret").await;

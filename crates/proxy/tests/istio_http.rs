@@ -17,7 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 mod common;
 
-use common::{Harness, fetch, snapshot};
+use common::{Harness, Upstream, fetch, snapshot};
 
 /// An h2c (prior knowledge) server on loopback that records request headers.
 struct H2Upstream {
@@ -212,54 +212,71 @@ async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
     assert_eq!(app.accepts(), 1);
 }
 
-/// Each attempt carries its number: an upstream that drops the first connection without an
-/// answer sees the retried request with `x-envoy-attempt-count: 2`.
+/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`) never processed it: Istio's
+/// `refused-stream` sends the request again, as attempt 2.
 #[tokio::test]
-async fn a_retried_request_carries_its_attempt_number() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn a_refused_http2_stream_is_sent_again() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let upstream = tokio::spawn(async move {
-        let mut heads = Vec::new();
-        for answer in [false, true] {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                if stream.read(&mut byte).await.unwrap() == 0 {
-                    break;
-                }
-                head.push(byte[0]);
+    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        let mut counts = Vec::new();
+        let mut report = Some(counts_tx);
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let count = &request.headers()["x-envoy-attempt-count"];
+            counts.push(count.to_str().unwrap().to_owned());
+            if counts.len() == 1 {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
             }
-            if answer {
-                let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
-                stream.write_all(reply.as_bytes()).await.unwrap();
-                stream.write_all(&head).await.unwrap();
+            respond.send_response(Response::new(()), true).unwrap();
+            if let Some(tx) = report.take() {
+                let _ = tx.send(counts.clone());
             }
-            heads.push(String::from_utf8(head).unwrap());
         }
-        heads
     });
     let harness = Harness::start(snapshot(
-        &common::service("app.internal", 80, "HTTP", &[port]),
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
         1,
     ))
     .await;
-    let answer = fetch(&harness, "http://app.internal/", None).await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
     assert_eq!(answer.status, 200);
-    let heads = common::within(upstream).await.unwrap();
-    assert!(
-        heads[0].contains("\r\nx-envoy-attempt-count: 1\r\n"),
-        "{heads:?}"
-    );
-    assert!(
-        heads[1].contains("\r\nx-envoy-attempt-count: 2\r\n"),
-        "{heads:?}"
-    );
-    let id = |h: &str| {
-        h.lines()
-            .find(|l| l.starts_with("x-request-id: "))
-            .map(str::to_owned)
-    };
-    assert_eq!(id(&heads[0]), id(&heads[1]), "one request, one id");
+    assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
+}
+
+/// Each attempt carries its number: with a refusing endpoint beside a good one, a request
+/// whose first pick was the refusing one reaches the good one with
+/// `x-envoy-attempt-count: 2` (Istio's default retries connect failures only).
+#[tokio::test]
+async fn a_retried_request_carries_its_attempt_number() {
+    let good = Upstream::start("good").await;
+    let refused = common::refused_port().await;
+    let harness = Harness::start(snapshot(
+        &common::service("app.internal", 80, "HTTP", &[refused, good.port()]),
+        1,
+    ))
+    .await;
+    // The first pick is random: 40 requests all going to the good one first is 1 in 2^40.
+    for _ in 0..40 {
+        let answer = fetch(&harness, "http://app.internal/", None).await;
+        assert_eq!(answer.status, 200);
+        let counts: Vec<String> = good
+            .requests()
+            .iter()
+            .map(|seen| {
+                seen.headers["x-envoy-attempt-count"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert!(counts.iter().all(|c| c == "1" || c == "2"), "{counts:?}");
+        if counts.iter().any(|c| c == "2") {
+            return;
+        }
+    }
+    panic!("no request was retried after the refused endpoint");
 }

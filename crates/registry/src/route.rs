@@ -288,6 +288,11 @@ impl RouteTable {
         let Some((host, port)) = split else {
             return self.any.and_then(|i| self.vhosts.get(i));
         };
+        // Envoy compares the host with the domains as sent: with a trailing dot it matches
+        // none of them but `*`.
+        if host.ends_with('.') {
+            return self.any.and_then(|i| self.vhosts.get(i));
+        }
         let Ok(host) = normalized(host) else {
             return self.any.and_then(|i| self.vhosts.get(i));
         };

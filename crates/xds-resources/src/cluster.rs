@@ -72,7 +72,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             };
             Discovery::OriginalDst(OriginalDst {
                 port_override,
-                allowed_destinations: Vec::new(),
+                allowed_destinations: None,
             })
         }
     };

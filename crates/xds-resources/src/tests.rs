@@ -777,7 +777,7 @@ fn passthrough_and_blackhole_clusters_take_envoys_defaults() {
         p.discovery,
         Discovery::OriginalDst(OriginalDst {
             port_override: Some(8080),
-            allowed_destinations: Vec::new()
+            allowed_destinations: None
         })
     );
     assert_eq!(p.lb_policy, LbPolicy::ClusterProvided);
