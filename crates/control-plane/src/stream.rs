@@ -233,12 +233,13 @@ impl Protocol for Sotw {
 
     fn on_request(&mut self, log: &mut dyn FnMut(EventKind), request: DiscoveryRequest) {
         let type_url = request.type_url;
-        let watch = self.watches.entry(type_url.clone()).or_default();
         let nonce = request.response_nonce;
-        if !nonce.is_empty() && nonce != watch.nonce {
+        let latest = self.watches.get(&type_url).map(|w| w.nonce.as_str());
+        if !nonce.is_empty() && latest != Some(nonce.as_str()) {
             log(EventKind::Stale { type_url, nonce });
             return;
         }
+        let watch = self.watches.entry(type_url.clone()).or_default();
         log(EventKind::Request {
             type_url: type_url.clone(),
             names: request.resource_names.clone(),
@@ -467,5 +468,107 @@ impl Protocol for Delta {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Any;
+
+    fn store_with(names: &[&str]) -> Store {
+        let mut store = Store::default();
+        let resources = names
+            .iter()
+            .map(|n| {
+                let any = Any {
+                    type_url: type_url::ENDPOINT.to_owned(),
+                    value: n.as_bytes().to_vec(),
+                };
+                ((*n).to_owned(), any)
+            })
+            .collect();
+        store.upsert(type_url::ENDPOINT, resources);
+        store
+    }
+
+    fn counter() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("n{n}")
+        }
+    }
+
+    #[test]
+    fn sotw_answers_named_resources_and_ignores_stale_nonces() {
+        let store = store_with(&["a", "b"]);
+        let mut sotw = Sotw::default();
+        let mut events = Vec::new();
+        let mut nonce = counter();
+        let request = |names: &[&str], nonce: &str| DiscoveryRequest {
+            type_url: type_url::ENDPOINT.to_owned(),
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            response_nonce: nonce.to_owned(),
+            ..DiscoveryRequest::default()
+        };
+        sotw.on_request(&mut |e| events.push(e), request(&["stale"], "n9"));
+        assert!(matches!(&events[0], EventKind::Stale { .. }));
+        assert!(
+            sotw.pending(&store, &mut nonce).is_empty(),
+            "a stale request subscribes nothing"
+        );
+
+        sotw.on_request(&mut |e| events.push(e), request(&["a"], ""));
+        let sent = sotw.pending(&store, &mut nonce);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].response.resources.len(), 1, "only the named one");
+        assert!(
+            sotw.pending(&store, &mut nonce).is_empty(),
+            "nothing new to send"
+        );
+
+        // An old nonce with new names is ignored; the latest nonce with them is taken.
+        sotw.on_request(&mut |e| events.push(e), request(&["a", "b"], "n0"));
+        assert!(sotw.pending(&store, &mut nonce).is_empty());
+        sotw.on_request(&mut |e| events.push(e), request(&["a", "b"], "n1"));
+        assert!(matches!(events.last(), Some(EventKind::Ack { .. })));
+        assert_eq!(
+            sotw.pending(&store, &mut nonce)[0].response.resources.len(),
+            2
+        );
+    }
+
+    #[test]
+    fn delta_sends_what_the_client_lacks_and_removals() {
+        let mut store = store_with(&["a", "b"]);
+        let mut delta = Delta::default();
+        let mut events = Vec::new();
+        let mut nonce = counter();
+        let version_of_a = store.get(type_url::ENDPOINT).unwrap().resources["a"]
+            .version
+            .clone();
+        delta.on_request(
+            &mut |e| events.push(e),
+            DeltaDiscoveryRequest {
+                type_url: type_url::ENDPOINT.to_owned(),
+                resource_names_subscribe: vec!["a".into(), "b".into(), "c".into()],
+                initial_resource_versions: [
+                    ("a".to_owned(), version_of_a),
+                    ("c".to_owned(), "old".to_owned()),
+                ]
+                .into(),
+                ..DeltaDiscoveryRequest::default()
+            },
+        );
+        let sent = delta.pending(&store, &mut nonce);
+        let names: Vec<_> = sent[0].response.resources.iter().map(|r| &r.name).collect();
+        assert_eq!(names, ["b"], "a is current at the client");
+        assert_eq!(sent[0].response.removed_resources, ["c"]);
+
+        store.remove(type_url::ENDPOINT, &["a"]);
+        let sent = delta.pending(&store, &mut nonce);
+        assert_eq!(sent[0].response.removed_resources, ["a"]);
+        assert!(sent[0].response.resources.is_empty());
     }
 }
