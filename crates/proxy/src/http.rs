@@ -351,7 +351,7 @@ fn route_name(decision: &Decision) -> &'static str {
     match decision {
         Decision::BlackHole => "block_all",
         Decision::Passthrough => "allow_any",
-        Decision::Cluster(_) | Decision::Pod(_) => "default",
+        Decision::Cluster(_) => "default",
         Decision::Direct(_)
         | Decision::NoRoute
         | Decision::NoCluster(_)

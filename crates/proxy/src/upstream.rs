@@ -168,17 +168,6 @@ impl Proxy {
                     guard: Some(endpoint.state.start()),
                 }
             }
-            Decision::Pod(ip) => {
-                let port = match original {
-                    Original::Address(a) => a.port(),
-                    Original::Name(_, port) => port,
-                };
-                Pick {
-                    addr: SocketAddr::new(*ip, port),
-                    index: None,
-                    guard: None,
-                }
-            }
             Decision::Cluster(_) | Decision::Passthrough => {
                 // Resolution NONE with a `targetPort`: the original address on that port.
                 let port_override = match decision {

@@ -105,8 +105,6 @@ impl Cluster {
 pub enum Decision {
     /// Send to this registered cluster.
     Cluster(Arc<Cluster>),
-    /// A registered in-cluster pod reached by its own IP: forward to it.
-    Pod(IpAddr),
     /// Unregistered and REGISTRY_ONLY: refuse.
     BlackHole,
     /// Unregistered and ALLOW_ANY: forward to the original destination.
@@ -127,7 +125,7 @@ impl Decision {
     pub fn cluster_name(&self) -> &str {
         match self {
             Decision::Cluster(c) => &c.name,
-            Decision::Pod(_) | Decision::Passthrough => PASSTHROUGH_CLUSTER,
+            Decision::Passthrough => PASSTHROUGH_CLUSTER,
             Decision::BlackHole => BLACKHOLE_CLUSTER,
             Decision::NoCluster(name) => name,
             Decision::Direct(_) | Decision::NoRoute | Decision::NoFilterChain => "-",
@@ -305,7 +303,7 @@ impl Snapshot {
     /// proxy): the port's HTTP routes for it as a Host, or its filter chain for it as SNI;
     /// `None` when neither registers it.
     fn by_name(&self, name: &str, port: u16) -> Option<Decision> {
-        let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
+        let found = |d: &Decision| matches!(d, Decision::Cluster(_));
         if let Some(table) = &self.http_proxy {
             let host = normalized(name).ok()?;
             let authority = match host.ip.map(canonical) {
@@ -353,7 +351,7 @@ impl Snapshot {
                 }
             }
         };
-        decision.filter(|d| matches!(d, Decision::Cluster(_) | Decision::Pod(_)))
+        decision.filter(|d| matches!(d, Decision::Cluster(_)))
     }
 }
 
@@ -423,7 +421,7 @@ impl Snapshot {
         address: Option<IpAddr>,
         port: u16,
     ) -> Decision {
-        let found = |d: &Decision| matches!(d, Decision::Cluster(_) | Decision::Pod(_));
+        let found = |d: &Decision| matches!(d, Decision::Cluster(_));
         name.and_then(|n| self.by_name(n, port))
             .or_else(|| address.map(|ip| self.route_tcp(ip, port)).filter(found))
             .unwrap_or_else(|| self.unmatched())

@@ -47,7 +47,6 @@ fn ip(s: &str) -> IpAddr {
 fn routed(d: &Decision) -> String {
     match d {
         Decision::Cluster(c) => c.name.to_string(),
-        Decision::Pod(ip) => format!("pod {ip}"),
         Decision::BlackHole => "blackhole".to_string(),
         Decision::Passthrough => "passthrough".to_string(),
         // Istio's block_all: what BlackHoleCluster is for HTTP.
