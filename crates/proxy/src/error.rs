@@ -107,6 +107,10 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::Blocked
+                | ProxyError::Direct(_)
+                | ProxyError::NoRoute
+                | ProxyError::NoCluster(_)
+                | ProxyError::TransportRefused(_)
                 | ProxyError::NoHealthyUpstream
                 | ProxyError::Loop
                 | ProxyError::BadRequest(_)
