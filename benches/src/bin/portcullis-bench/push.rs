@@ -44,9 +44,13 @@ pub struct PushArgs {
     /// Leave portcullis out (measure Envoy alone).
     #[arg(long)]
     pub skip_portcullis: bool,
-    /// Repetitions (each proxy once per repetition, fresh each time).
-    #[arg(long, default_value_t = 3)]
-    pub repetitions: usize,
+    /// Repetitions (each proxy once per repetition, fresh each time; default 3, 1 with
+    /// --quick).
+    #[arg(long)]
+    pub repetitions: Option<usize>,
+    /// Validate the harness: one repetition.
+    #[arg(long)]
+    pub quick: bool,
     /// Small pushes (endpoints and routes, alternating).
     #[arg(long, default_value_t = 100)]
     pub small: usize,
@@ -95,6 +99,7 @@ impl Proxy {
 
 /// Runs the comparison and prints (and optionally writes) its report.
 pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
+    let repetitions = args.repetitions.unwrap_or(if args.quick { 1 } else { 3 });
     let mut proxies = Vec::new();
     if !args.skip_portcullis {
         proxies.push(Proxy::Portcullis);
@@ -136,9 +141,9 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
         .transpose()?;
 
     let mut samples = Vec::new();
-    for rep in 0..args.repetitions {
+    for rep in 0..repetitions {
         for &proxy in &proxies {
-            eprintln!("rep {}/{} {}", rep + 1, args.repetitions, proxy.name());
+            eprintln!("rep {}/{repetitions} {}", rep + 1, proxy.name());
             let binary = match proxy {
                 Proxy::Portcullis => &bin,
                 Proxy::Envoy => envoy.as_ref().context("no Envoy")?,
@@ -157,7 +162,7 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
             samples.push((rep, sample));
         }
     }
-    let out = report(args, &samples, started.elapsed());
+    let out = report(args, repetitions, &samples, started.elapsed());
     lab.keep_dir = args.keep;
     drop(lab);
     println!("{out}");
@@ -425,7 +430,12 @@ fn envoy_bootstrap(name: &str, cp: std::net::SocketAddr) -> serde_json::Value {
     })
 }
 
-fn report(args: &PushArgs, samples: &[(usize, Sample)], elapsed: std::time::Duration) -> String {
+fn report(
+    args: &PushArgs,
+    repetitions: usize,
+    samples: &[(usize, Sample)],
+    elapsed: std::time::Duration,
+) -> String {
     let mut out = format!(
         "\n### Config pushes under load (`portcullis-bench push`)\n\n\
          Each proxy fresh as a sidecar in the bench pod (uid 1337, iptables redirect, one \
@@ -439,7 +449,7 @@ fn report(args: &PushArgs, samples: &[(usize, Sample)], elapsed: std::time::Dura
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.small,
         args.bulk,
-        args.repetitions,
+        repetitions,
         elapsed.as_secs_f64(),
         args.bulk,
     );
