@@ -57,6 +57,10 @@ pub struct PushArgs {
     /// EDS clusters in the bulk push.
     #[arg(long, default_value_t = 10_000)]
     pub bulk: usize,
+    /// Small pushes after the bulk push, with its clusters held (the steady state of a
+    /// large mesh).
+    #[arg(long, default_value_t = 20)]
+    pub after_bulk: usize,
     /// Also write the report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -73,6 +77,8 @@ struct Sample {
     small_ms: Vec<f64>,
     /// Push-to-ACK of the bulk push, in milliseconds.
     bulk_ms: f64,
+    /// Push-to-ACK of each small push after the bulk push, in milliseconds.
+    after_ms: Vec<f64>,
     rss_ready_kib: u64,
     rss_before_bulk_kib: u64,
     rss_after_bulk_kib: u64,
@@ -150,10 +156,11 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
             };
             let sample = one(&mut lab, &rt, args, proxy, binary, rep)?;
             eprintln!(
-                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; RSS {:.1} → {:.1} MiB; {} requests, {} failed",
+                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; after it {:.1} ms; RSS {:.1} → {:.1} MiB; {} requests, {} failed",
                 median(&sample.small_ms),
                 sample.small_ms.iter().copied().fold(0.0, f64::max),
                 sample.bulk_ms,
+                median(&sample.after_ms),
                 sample.rss_before_bulk_kib as f64 / 1024.0,
                 sample.rss_after_bulk_kib as f64 / 1024.0,
                 sample.wrk.requests,
@@ -233,7 +240,14 @@ fn one(
     let measured = pushes(lab, rt, &cp, &sidecar, &node_id, args, pid);
     signal(wrk_pid, "INT");
     let wrk = finish_wrk(wrk, Duration::from_secs(30));
-    let (small_ms, bulk_ms, rss_before_bulk_kib, rss_after_bulk_kib, bulk_cpu_ms) = measured?;
+    let Measured {
+        small_ms,
+        bulk_ms,
+        rss_before_bulk_kib,
+        rss_after_bulk_kib,
+        bulk_cpu_ms,
+        after_ms,
+    } = measured?;
     let wrk = wrk?;
     lab.check_running()?;
     if !lab.serves_page(Ns::Pod, &["-H", &host, &url]) {
@@ -245,6 +259,7 @@ fn one(
         proxy: proxy.name(),
         small_ms,
         bulk_ms,
+        after_ms,
         rss_ready_kib,
         rss_before_bulk_kib,
         rss_after_bulk_kib,
@@ -253,9 +268,20 @@ fn one(
     })
 }
 
-/// Push-to-ACK of each small push and of the bulk push (ms), RSS before and after the bulk
-/// push (KiB), and the proxy's CPU time over the bulk push (ms).
-type Measured = (Vec<f64>, f64, u64, u64, f64);
+/// What [`pushes`] measures.
+struct Measured {
+    /// Push-to-ACK of each small push (ms).
+    small_ms: Vec<f64>,
+    /// Push-to-ACK of the bulk push (ms).
+    bulk_ms: f64,
+    /// RSS before and after the bulk push (KiB).
+    rss_before_bulk_kib: u64,
+    rss_after_bulk_kib: u64,
+    /// The proxy's CPU time over the bulk push (ms).
+    bulk_cpu_ms: f64,
+    /// Push-to-ACK of each small push after the bulk push (ms).
+    after_ms: Vec<f64>,
+}
 
 fn pushes(
     lab: &mut Lab,
@@ -287,13 +313,22 @@ fn pushes(
     // Lets the proxy finish what follows the ACK (freeing the old config, warming).
     std::thread::sleep(Duration::from_secs(1));
     lab.check_running()?;
-    Ok((
+    let rss_after = rss_kib(pid);
+    let mut after_ms = Vec::with_capacity(args.after_bulk);
+    for i in args.small..args.small + args.after_bulk {
+        let small = sidecar.small(i);
+        let took = timed(rt, cp, node_id, std::slice::from_ref(&small.push))
+            .with_context(|| format!("small push {i}, after the bulk push"))?;
+        after_ms.push(took.as_secs_f64() * 1e3);
+    }
+    Ok(Measured {
         small_ms,
-        took.as_secs_f64() * 1e3,
-        rss_before,
-        rss_kib(pid),
-        cpu_ms,
-    ))
+        bulk_ms: took.as_secs_f64() * 1e3,
+        rss_before_bulk_kib: rss_before,
+        rss_after_bulk_kib: rss_after,
+        bulk_cpu_ms: cpu_ms,
+        after_ms,
+    })
 }
 
 /// Sends `pushes` back to back and waits until every one is ACKed; returns the time from
@@ -444,11 +479,13 @@ fn report(
          alternating one cluster's endpoints (EDS) and the route of the loaded host (RDS), each \
          waited for until ACKed, then one push of {} EDS clusters with their endpoints. \
          Push→ACK is from just before the push to the ACK of the last response that carried \
-         it. {} repetition(s), medians; took {:.0} s.\n\n\
-         | proxy | small push→ACK median ms | small max ms | {} clusters push→ACK ms | CPU over it ms | RSS ready MiB | RSS before bulk MiB | RSS after bulk MiB | requests | failed |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         it. Then {} more small pushes with the bulk clusters held. {} repetition(s), \
+         medians; took {:.0} s.\n\n\
+         | proxy | small push→ACK median ms | small max ms | {} clusters push→ACK ms | CPU over it ms | RSS ready MiB | RSS before bulk MiB | RSS after bulk MiB | small push→ACK after bulk, median ms | max ms | requests | failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.small,
         args.bulk,
+        args.after_bulk,
         repetitions,
         elapsed.as_secs_f64(),
         args.bulk,
@@ -471,6 +508,8 @@ fn report(
     };
     let small_median = |s: &Sample| median(&s.small_ms);
     let small_max = |s: &Sample| s.small_ms.iter().copied().fold(0.0, f64::max);
+    let after_median = |s: &Sample| median(&s.after_ms);
+    let after_max = |s: &Sample| s.after_ms.iter().copied().fold(0.0, f64::max);
     for proxy in &proxies {
         let requests: u64 = samples
             .iter()
@@ -484,7 +523,7 @@ fn report(
             .sum();
         let _ = writeln!(
             out,
-            "| {proxy} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {requests} | {failed} |",
+            "| {proxy} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {requests} | {failed} |",
             of(proxy, &small_median),
             of(proxy, &small_max),
             of(proxy, &|s| s.bulk_ms),
@@ -492,6 +531,8 @@ fn report(
             of(proxy, &|s| mib(s.rss_ready_kib)),
             of(proxy, &|s| mib(s.rss_before_bulk_kib)),
             of(proxy, &|s| mib(s.rss_after_bulk_kib)),
+            of(proxy, &after_median),
+            of(proxy, &after_max),
         );
     }
     let reps: Vec<usize> = {
@@ -522,13 +563,15 @@ fn report(
              | small push→ACK, max | {:.2} |\n\
              | {} clusters push→ACK | {:.2} |\n\
              | CPU over the bulk push | {:.2} |\n\
-             | RSS after the bulk push | {:.2} |\n",
+             | RSS after the bulk push | {:.2} |\n\
+             | small push→ACK after the bulk push, median | {:.2} |\n",
             ratio(&small_median),
             ratio(&small_max),
             args.bulk,
             ratio(&|s| s.bulk_ms),
             ratio(&|s| s.bulk_cpu_ms),
             ratio(&|s| s.rss_after_bulk_kib as f64),
+            ratio(&after_median),
         );
     }
     out
