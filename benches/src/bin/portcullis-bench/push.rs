@@ -79,6 +79,8 @@ struct Sample {
     bulk_ms: f64,
     /// Push-to-ACK of each small push after the bulk push, in milliseconds.
     after_ms: Vec<f64>,
+    /// The proxy's CPU time per small push after the bulk push, in milliseconds.
+    after_cpu_ms: f64,
     rss_ready_kib: u64,
     rss_before_bulk_kib: u64,
     rss_after_bulk_kib: u64,
@@ -156,11 +158,12 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
             };
             let sample = one(&mut lab, &rt, args, proxy, binary, rep)?;
             eprintln!(
-                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; after it {:.1} ms; RSS {:.1} → {:.1} MiB; {} requests, {} failed",
+                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; after it {:.1} ms ({:.1} ms CPU); RSS {:.1} → {:.1} MiB; {} requests, {} failed",
                 median(&sample.small_ms),
                 sample.small_ms.iter().copied().fold(0.0, f64::max),
                 sample.bulk_ms,
                 median(&sample.after_ms),
+                sample.after_cpu_ms,
                 sample.rss_before_bulk_kib as f64 / 1024.0,
                 sample.rss_after_bulk_kib as f64 / 1024.0,
                 sample.wrk.requests,
@@ -247,6 +250,7 @@ fn one(
         rss_after_bulk_kib,
         bulk_cpu_ms,
         after_ms,
+        after_cpu_ms,
     } = measured?;
     let wrk = wrk?;
     lab.check_running()?;
@@ -260,6 +264,7 @@ fn one(
         small_ms,
         bulk_ms,
         after_ms,
+        after_cpu_ms,
         rss_ready_kib,
         rss_before_bulk_kib,
         rss_after_bulk_kib,
@@ -281,6 +286,8 @@ struct Measured {
     bulk_cpu_ms: f64,
     /// Push-to-ACK of each small push after the bulk push (ms).
     after_ms: Vec<f64>,
+    /// The proxy's CPU time per small push after the bulk push (ms; wrk's load included).
+    after_cpu_ms: f64,
 }
 
 fn pushes(
@@ -315,6 +322,7 @@ fn pushes(
     lab.check_running()?;
     let rss_after = rss_kib(pid);
     let mut after_ms = Vec::with_capacity(args.after_bulk);
+    let after_cpu = crate::measure::cpu_ns(pid);
     for i in args.small..args.small + args.after_bulk {
         let small = sidecar.small(i);
         let took = timed(rt, cp, node_id, std::slice::from_ref(&small.push))
@@ -327,6 +335,9 @@ fn pushes(
         rss_before_bulk_kib: rss_before,
         rss_after_bulk_kib: rss_after,
         bulk_cpu_ms: cpu_ms,
+        after_cpu_ms: crate::measure::cpu_ns(pid).saturating_sub(after_cpu) as f64
+            / 1e6
+            / args.after_bulk.max(1) as f64,
         after_ms,
     })
 }
@@ -481,8 +492,8 @@ fn report(
          Push→ACK is from just before the push to the ACK of the last response that carried \
          it. Then {} more small pushes with the bulk clusters held. {} repetition(s), \
          medians; took {:.0} s.\n\n\
-         | proxy | small push→ACK median ms | small max ms | {} clusters push→ACK ms | CPU over it ms | RSS ready MiB | RSS before bulk MiB | RSS after bulk MiB | small push→ACK after bulk, median ms | max ms | requests | failed |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | proxy | small push→ACK median ms | small max ms | {} clusters push→ACK ms | CPU over it ms | RSS ready MiB | RSS before bulk MiB | RSS after bulk MiB | small push→ACK after bulk, median ms | max ms | proxy CPU per push after bulk ms | requests | failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.small,
         args.bulk,
         args.after_bulk,
@@ -523,7 +534,7 @@ fn report(
             .sum();
         let _ = writeln!(
             out,
-            "| {proxy} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {requests} | {failed} |",
+            "| {proxy} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {requests} | {failed} |",
             of(proxy, &small_median),
             of(proxy, &small_max),
             of(proxy, &|s| s.bulk_ms),
@@ -533,6 +544,7 @@ fn report(
             of(proxy, &|s| mib(s.rss_after_bulk_kib)),
             of(proxy, &after_median),
             of(proxy, &after_max),
+            of(proxy, &|s| s.after_cpu_ms),
         );
     }
     let reps: Vec<usize> = {
@@ -564,7 +576,8 @@ fn report(
              | {} clusters push→ACK | {:.2} |\n\
              | CPU over the bulk push | {:.2} |\n\
              | RSS after the bulk push | {:.2} |\n\
-             | small push→ACK after the bulk push, median | {:.2} |\n",
+             | small push→ACK after the bulk push, median | {:.2} |\n\
+             | proxy CPU per small push after the bulk push | {:.2} |\n",
             ratio(&small_median),
             ratio(&small_max),
             args.bulk,
@@ -572,6 +585,7 @@ fn report(
             ratio(&|s| s.bulk_cpu_ms),
             ratio(&|s| s.rss_after_bulk_kib as f64),
             ratio(&after_median),
+            ratio(&|s| s.after_cpu_ms),
         );
     }
     out
