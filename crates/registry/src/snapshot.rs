@@ -285,7 +285,8 @@ impl Snapshot {
         let Some(table) = &self.http_proxy else {
             return self.route_request(conn, req);
         };
-        let Ok(name) = normalized(host) else {
+        // A name with a trailing dot matches no domain as sent (Envoy does not strip it).
+        let Some(name) = normalized(host).ok().filter(|_| !host.ends_with('.')) else {
             return table.route(req);
         };
         let authority = match name.ip.map(canonical) {
