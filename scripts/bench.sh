@@ -5,6 +5,8 @@
 #   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~25 minutes)
 #   scripts/bench.sh --quick    harness check (1 repetition × 2 s; a few minutes)
 #   scripts/bench.sh --readme   full run, then the README's bench section is replaced
+#   scripts/bench.sh --push     config pushes under load instead: portcullis beside Envoy
+#                               fed the same ADS pushes (`portcullis-bench push`, ~5 minutes)
 #
 # Other flags go to `portcullis-bench run` (see `--help`). Needs root: it creates network
 # namespaces and iptables rules inside them. Run it on a quiet machine; BENCHMARKING.md
@@ -14,11 +16,13 @@ cd "$(dirname "$0")/.."
 
 quick=""
 readme=""
+push=""
 pass=()
 for arg in "$@"; do
     case "$arg" in
         --quick) quick="--quick"; pass+=("--quick") ;;
         --readme) readme="yes" ;;
+        --push) push="yes" ;;
         *) pass+=("$arg") ;;
     esac
 done
@@ -56,6 +60,14 @@ done
 
 cargo build --profile dist -p portcullis -p portcullis-benches
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+if [[ -n "$push" ]]; then
+    # The harness and its control plane stay on vCPU 1, off the measured vCPU 0.
+    exec taskset -c 1 "$target_dir/dist/portcullis-bench" push \
+        --portcullis "$target_dir/dist/portcullis" \
+        "${envoy_flag[@]}" \
+        --report "$target_dir/push-report.md" "${pass[@]}"
+fi
 
 # criterion: short windows under --quick; the full run uses the benches' own settings.
 crit_args=()

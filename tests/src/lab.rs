@@ -413,17 +413,42 @@ http {{
     /// Starts `portcullis run --config <config_dir> <extra>` in the pod as uid/gid 1337 and
     /// waits until its admin `/ready` answers 200 `LIVE`.
     pub fn start_portcullis(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let config = self.config_dir.display().to_string();
+        self.start_portcullis_with(&["--config", &config], extra)
+    }
+
+    /// Starts `portcullis run --xds-address <address> <extra>` (config from a control plane
+    /// only, no files) in the pod as uid/gid 1337, as the pod `push-0` at the pod's address,
+    /// and waits until its admin `/ready` answers 200 `LIVE`.
+    pub fn start_portcullis_xds(&mut self, address: &str, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_portcullis_with(
+            &[
+                "--xds-address",
+                address,
+                "--pod-name",
+                "push-0",
+                "--pod-namespace",
+                "default",
+                "--instance-ip",
+                scenario::POD_IP,
+                "--xds-token-file",
+                "/nonexistent",
+            ],
+            extra,
+        )
+    }
+
+    fn start_portcullis_with(&mut self, source: &[&str], extra: &[&str]) -> anyhow::Result<()> {
         let id = PROXY_UID.to_string();
         let mut command = self.exec(Role::Pod, "setpriv");
         command
             .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
             .arg(&self.bin)
             .arg("run")
-            .arg("--config")
-            .arg(&self.config_dir)
+            .args(source)
             .args(extra)
             .env("RUST_BACKTRACE", "1");
-        self.note(format!("starting portcullis {extra:?}"));
+        self.note(format!("starting portcullis {source:?} {extra:?}"));
         self.portcullis = Some(Proc::spawn("portcullis", &mut command, &self.dir, "TERM")?);
         let start = Instant::now();
         poll("portcullis /ready = 200 LIVE", READY_DEADLINE, || {

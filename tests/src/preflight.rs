@@ -21,6 +21,7 @@ pub const TOOLS: &[&str] = &[
     "python3",
     "sha256sum",
     "getent",
+    "wrk",
 ];
 
 /// What a test should do on this machine.

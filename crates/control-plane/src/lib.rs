@@ -6,10 +6,11 @@
 //! silent, refuse connections.
 
 pub mod resources;
+pub mod sidecar;
 mod store;
 mod stream;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -233,6 +234,19 @@ impl ControlPlane {
         Self::start_with(addr, tls, Arc::new(Shared::new())).await
     }
 
+    /// Like [`ControlPlane::start`], but listening inside the named network namespace
+    /// (`ip netns add NAME`; root only), so that a proxy in a test's namespace reaches it
+    /// while the pushes and the log stay in this process.
+    pub async fn start_in_netns(
+        netns: &str,
+        addr: SocketAddr,
+        tls: Option<Tls>,
+    ) -> Result<Self, Error> {
+        let listener =
+            listen_in_netns(netns, addr).map_err(|source| Error::Listen { addr, source })?;
+        Self::start_on(listener, tls, Arc::new(Shared::new())).await
+    }
+
     async fn start_with(
         addr: SocketAddr,
         tls: Option<Tls>,
@@ -249,7 +263,20 @@ impl ControlPlane {
         socket.set_reuseaddr(true).map_err(listen)?;
         socket.bind(addr).map_err(listen)?;
         let listener = socket.listen(1024).map_err(listen)?;
-        let local = listener.local_addr().map_err(listen)?;
+        Self::start_on(listener.into_std().map_err(listen)?, tls, shared).await
+    }
+
+    async fn start_on(
+        listener: std::net::TcpListener,
+        tls: Option<Tls>,
+        shared: Arc<Shared>,
+    ) -> Result<Self, Error> {
+        let unknown: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let addr = listener.local_addr().unwrap_or(unknown);
+        let listen = |source| Error::Listen { addr, source };
+        listener.set_nonblocking(true).map_err(listen)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(listen)?;
+        let local = addr;
         let mut builder = Server::builder();
         if let Some(tls) = &tls {
             builder = builder.tls_config(
@@ -357,6 +384,20 @@ impl ControlPlane {
         }
     }
 
+    /// Waits until `node_id` has ACKed responses of `type_url`, sent at or after `since`,
+    /// that together carried every one of `names`; returns when the last of those ACKs
+    /// arrived. A NACK of such a response is an error carrying the client's message.
+    pub async fn wait_acked(
+        &self,
+        node_id: &str,
+        type_url: &str,
+        names: &BTreeSet<String>,
+        since: tokio::time::Instant,
+    ) -> Result<tokio::time::Instant, Nacked> {
+        self.wait_for(|events| acked(events, node_id, type_url, names, since))
+            .await
+    }
+
     /// Stops listening and ends every stream; the resources and log go with it.
     pub async fn stop(mut self) {
         self.halt();
@@ -404,6 +445,102 @@ impl Shared {
             next_nonce: std::sync::atomic::AtomicU64::new(0),
         }
     }
+}
+
+/// A client rejected a push (see [`ControlPlane::wait_acked`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{type_url} version {version} NACKed: {message}")]
+pub struct Nacked {
+    /// The type.
+    pub type_url: String,
+    /// The version the NACK names.
+    pub version: String,
+    /// The client's `error_detail` message.
+    pub message: String,
+}
+
+/// Whether the log shows `names` of `type_url` sent to `node_id` since `since` and ACKed:
+/// `Some(Ok(time of the last ACK needed))`, `Some(Err)` on a NACK of one of those
+/// responses, `None` while waiting.
+fn acked(
+    events: &[Event],
+    node_id: &str,
+    type_url: &str,
+    names: &BTreeSet<String>,
+    since: tokio::time::Instant,
+) -> Option<Result<tokio::time::Instant, Nacked>> {
+    // The names each response carried, by nonce, until its ACK.
+    let mut sent: BTreeMap<&str, &[String]> = BTreeMap::new();
+    let mut covered: BTreeSet<&str> = BTreeSet::new();
+    let mut last = since;
+    for event in events
+        .iter()
+        .filter(|e| e.at >= since && e.node_id == node_id)
+    {
+        match &event.kind {
+            EventKind::Sent {
+                type_url: t,
+                nonce,
+                names: carried,
+                ..
+            } if t == type_url => {
+                sent.insert(nonce, carried);
+            }
+            EventKind::Ack {
+                type_url: t, nonce, ..
+            } if t == type_url => {
+                if let Some(carried) = sent.remove(nonce.as_str()) {
+                    let before = covered.len();
+                    covered.extend(
+                        carried
+                            .iter()
+                            .map(String::as_str)
+                            .filter(|n| names.contains(*n)),
+                    );
+                    if covered.len() > before {
+                        last = event.at;
+                    }
+                    if covered.len() == names.len() {
+                        return Some(Ok(last));
+                    }
+                }
+            }
+            EventKind::Nack {
+                type_url: t,
+                version,
+                nonce,
+                error,
+            } if t == type_url && sent.contains_key(nonce.as_str()) => {
+                return Some(Err(Nacked {
+                    type_url: t.clone(),
+                    version: version.clone(),
+                    message: error.message.clone(),
+                }));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Binds a TCP listener inside the network namespace `/run/netns/NAME`: a short-lived thread
+/// enters it (the namespace is per thread), and the socket stays in it for good.
+fn listen_in_netns(netns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let path = std::path::Path::new("/run/netns").join(netns);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::os::fd::AsFd as _;
+                let ns = std::fs::File::open(&path)?;
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                std::net::TcpListener::bind(addr)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the netns thread panicked")))
+    })
 }
 
 fn name_all(type_url: &str, resources: Vec<Any>) -> Result<Vec<(String, Any)>, Error> {

@@ -63,8 +63,9 @@ pub struct CompileError(pub String);
 pub struct Built {
     /// The data path's snapshot.
     pub snapshot: Snapshot,
-    /// The sources' resources in Envoy's model, for `/config_dump`.
-    pub resources: SourceState,
+    /// The sources' resources in Envoy's model, for `/config_dump`: shared, not copied, when
+    /// one source holds them all.
+    pub resources: Arc<SourceState>,
 }
 
 /// Compiles the sources' sets into a data-path snapshot.
@@ -237,7 +238,7 @@ impl Publisher {
                     "registry updated"
                 );
                 self.registry.store(Arc::new(snapshot));
-                self.admin.resources.store(Arc::new(resources));
+                self.admin.resources.store(resources);
                 *version = next;
                 self.admin.set_ready();
                 Outcome::Published(next)

@@ -61,21 +61,38 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
             }
             None => (Resources::default(), Vec::new(), Default::default()),
         };
-        let mut dump = SourceState::default();
-        let from_files = (istio.is_some())
-            .then(|| SourceState::of(resources.clone(), &version.to_string(), SystemTime::now()));
-        for set in sets {
-            if let Set::Xds(state) = set {
-                let active = state.active();
-                resources.listeners.extend(active.listeners);
-                resources.routes.extend(active.routes);
-                resources.clusters.extend(active.clusters);
-                resources.endpoints.extend(active.endpoints);
-                dump.fill_from(SourceState::clone(state));
+        let xds_sets: Vec<&Arc<SourceState>> = sets
+            .iter()
+            .filter_map(|set| match set {
+                Set::Xds(state) => Some(state),
+                Set::Files(_) => None,
+            })
+            .collect();
+        let dump = match (istio, xds_sets.as_slice()) {
+            // With 10,000 clusters a copy of the state costs as much as building the
+            // snapshot: the one source's state is shown as it is.
+            (None, [only]) => Arc::clone(only),
+            _ => {
+                let mut dump = SourceState::default();
+                for state in &xds_sets {
+                    dump.fill_from(SourceState::clone(state));
+                }
+                if istio.is_some() {
+                    dump.fill_from(SourceState::of(
+                        resources.clone(),
+                        &version.to_string(),
+                        SystemTime::now(),
+                    ));
+                }
+                Arc::new(dump)
             }
-        }
-        if let Some(files) = from_files {
-            dump.fill_from(files);
+        };
+        for state in &xds_sets {
+            let active = state.active();
+            resources.listeners.extend(active.listeners);
+            resources.routes.extend(active.routes);
+            resources.clusters.extend(active.clusters);
+            resources.endpoints.extend(active.endpoints);
         }
         let mut snapshot = Snapshot::index(&resources, &lookup, Some(previous), version);
         warnings.append(&mut snapshot.warnings);

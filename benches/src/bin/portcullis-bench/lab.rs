@@ -253,6 +253,27 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Stops one process the lab started (TERM, then KILL) and forgets it.
+    pub fn stop(&mut self, pid: u32) {
+        if let Some(i) = self.procs.iter().position(|p| p.pid() == pid) {
+            let mut p = self.procs.remove(i);
+            p.stop();
+        }
+    }
+
+    /// A copy of `binary` in the run folder that uid 1337 can surely read and execute (a
+    /// hard link when on the same file system).
+    pub fn private_copy(&self, binary: &Path, name: &str) -> anyhow::Result<PathBuf> {
+        let copy = self.dir.join(name);
+        let _ = std::fs::remove_file(&copy);
+        if std::fs::hard_link(binary, &copy).is_err() {
+            std::fs::copy(binary, &copy)
+                .with_context(|| format!("copying {}", binary.display()))?;
+        }
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+        Ok(copy)
+    }
+
     /// Fails if any started process has exited, with the tail of its log.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         for p in &mut self.procs {

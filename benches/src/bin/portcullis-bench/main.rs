@@ -12,6 +12,7 @@
 
 mod lab;
 mod measure;
+mod push;
 mod report;
 mod tools;
 
@@ -41,6 +42,8 @@ struct Cli {
 enum Cmd {
     /// The whole end-to-end comparison (root; creates network namespaces).
     Run(RunArgs),
+    /// Config pushes under load, portcullis beside Envoy (root; creates network namespaces).
+    Push(push::PushArgs),
     /// Prints criterion's results as tables by registry size.
     CriterionTable {
         /// criterion's output folder (`target/criterion`).
@@ -190,6 +193,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run(args) => run(&args),
+        Cmd::Push(args) => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| push::run(&args, &exe)),
         Cmd::CriterionTable { dir } => report::criterion_table(&dir).map(|t| print!("{t}")),
         Cmd::Spin { iterations } => {
             tools::spin(iterations);
