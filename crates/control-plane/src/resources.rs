@@ -145,17 +145,16 @@ pub fn tcp_proxy_listener(name: &str, addr: SocketAddr, cluster: &str) -> Listen
     )
 }
 
-/// A listener whose HTTP connection manager takes its routes from RDS over ADS, with the
-/// router as its one HTTP filter (as istiod ends every chain).
+/// A listener whose HTTP connection manager takes its routes from RDS over ADS and ends in
+/// the router, as istiod's do.
 pub fn rds_listener(name: &str, addr: Option<SocketAddr>, route_config: &str) -> Listener {
-    let router = HttpFilter {
-        name: "envoy.filters.http.router".to_owned(),
-        config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
-        ..HttpFilter::default()
-    };
     let hcm = HttpConnectionManager {
         stat_prefix: name.to_owned(),
-        http_filters: vec![router],
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_owned(),
+            config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
+            ..HttpFilter::default()
+        }],
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             route_config_name: route_config.to_owned(),
             config_source: Some(ads_source()),
