@@ -821,3 +821,39 @@ async fn delta_control_plane_faults_never_interrupt_traffic() {
 async fn sotw_control_plane_faults_never_interrupt_traffic() {
     control_plane_faults_never_interrupt_traffic("sotw").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_is_not_up_yet_is_retried_until_it_is() {
+    // Nothing listens on the address at first: connections are refused (TCP RST, not a gRPC
+    // status), the proxy is not ready, and it keeps retrying with backoff.
+    let mesh = Mesh {
+        a: upstream("a").await,
+        b: upstream("b").await,
+    };
+    let address = free_port();
+    let proxy = start_proxy(address, "delta");
+    let (status, _) = eventually("the admin port", async || {
+        admin(&proxy, "/ready").await.ok()
+    })
+    .await;
+    assert_eq!(status, 503, "ready without a control plane");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(admin(&proxy, "/ready").await.map(|r| r.0), Ok(503));
+    let output = proxy.output();
+    assert!(
+        output.contains("disconnected from the control plane"),
+        "the failed attempts are logged: {output}"
+    );
+
+    let cp = ControlPlane::start(address, None).await.unwrap();
+    mesh.push(&cp, &proxy, mesh.a);
+    eventually("readiness once the control plane is up", async || {
+        admin(&proxy, "/ready")
+            .await
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let served = via_proxy(proxy.http_proxy, "app.test").await;
+    assert_eq!(served, Ok((200, "a".to_owned())));
+}
