@@ -134,11 +134,20 @@ pub struct XdsArgs {
     #[arg(long, env = "PORTCULLIS_XDS_TOKEN_FILE", default_value = portcullis_xds::DEFAULT_TOKEN_FILE)]
     pub xds_token_file: PathBuf,
     /// `delta` (istiod's preferred) or `sotw` (State of the World).
-    #[arg(long, value_parser = ["delta", "sotw"], default_value = "delta")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_XDS_PROTOCOL",
+        value_parser = ["delta", "sotw"],
+        default_value = "delta"
+    )]
     pub xds_protocol: String,
     /// How long a listener or cluster waits for its routes or endpoints before it is used
     /// anyway, when its config source sets no `initial_fetch_timeout` (Envoy's 15 s).
-    #[arg(long, default_value = "15s")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_XDS_INITIAL_FETCH_TIMEOUT",
+        default_value = "15s"
+    )]
     pub xds_initial_fetch_timeout: humantime::Duration,
     /// The pod's name (env POD_NAME).
     #[arg(long)]

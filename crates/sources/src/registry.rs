@@ -190,4 +190,44 @@ spec:
             ["outbound|80||a.example.com", "outbound|80||b.example.com"]
         );
     }
+
+    #[tokio::test]
+    async fn files_and_a_control_plane_compile_into_one_model_the_control_plane_winning_a_name() {
+        use portcullis_envoy::state::SourceState;
+        use portcullis_envoy::{Cluster, Discovery, Resources};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, service_entry("a", "a.example.com")).unwrap();
+        let mut files = portcullis_model::ConfigSet::new();
+        files.update(portcullis_model::scan(&path));
+        let files = Set::Files(files);
+        let strict = |name: &str| Cluster::new(name, Discovery::StrictDns);
+        let mut pushed = Resources::default();
+        for name in ["outbound|80||a.example.com", "outbound|443||b.example.com"] {
+            pushed.clusters.insert(name.to_owned(), strict(name));
+        }
+        let xds = Set::Xds(Arc::new(SourceState::of(
+            pushed,
+            "7",
+            std::time::SystemTime::now(),
+        )));
+        let dns = DnsCache::new(OneAddress, DnsConfig::default());
+        let mut compiler = RegistryCompiler::new(BuildOptions::default(), dns);
+        let built = compiler
+            .compile(&[&files, &xds], &Snapshot::default(), 1)
+            .unwrap();
+        let cluster = |name: &str| built.snapshot.cluster(name).map(|c| c.resolution);
+        // The file's STATIC service gave way to the control plane's DNS cluster of that name.
+        assert_eq!(
+            cluster("outbound|80||a.example.com"),
+            Some(portcullis_registry::Resolution::Dns)
+        );
+        assert!(cluster("outbound|443||b.example.com").is_some());
+        // `/config_dump` shows the control plane's version of the shared name, and the
+        // files' catch-all clusters beside it.
+        let dump = &built.resources.clusters;
+        let version = |name: &str| dump[name].active.as_ref().map(|a| a.version.clone());
+        assert_eq!(version("outbound|80||a.example.com").as_deref(), Some("7"));
+        assert_eq!(version("PassthroughCluster").as_deref(), Some("1"));
+    }
 }

@@ -148,3 +148,63 @@ impl Sink for XdsSource {
         tracing::info!("the control plane stream ended; the last applied config keeps serving");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+    use envoy_types::util::pack_any;
+    use portcullis_control_plane::resources::eds_cluster;
+    use portcullis_xds::Resource;
+
+    use super::*;
+    use crate::testing::{Fake, admin};
+
+    fn update(type_url: &str, resources: Vec<Resource>) -> Update {
+        Update {
+            type_url: type_url.to_owned(),
+            version: "1".to_owned(),
+            resources,
+            removed: Vec::new(),
+            state_of_the_world: true,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_whose_endpoints_never_come_serves_after_its_initial_fetch_timeout() {
+        let admin = admin();
+        let publisher = Publisher::new(Fake::default(), Arc::clone(&admin));
+        let mut source = XdsSource::new("xds", &publisher, Duration::from_secs(15));
+        let timer = tokio::spawn(warming_timer(Arc::clone(&source.shared)));
+        let cluster = eds_cluster(
+            "outbound|80||a.example.com",
+            ProtoDuration {
+                seconds: 1,
+                nanos: 0,
+            },
+        );
+        let applied = source.apply(update(
+            type_url::CLUSTER,
+            vec![Resource {
+                name: cluster.name.clone(),
+                version: "1".to_owned(),
+                any: pack_any(cluster),
+            }],
+        ));
+        assert!(applied.rejected.is_empty());
+        assert!(applied.wants[type_url::ENDPOINT].contains("outbound|80||a.example.com"));
+        source.apply(update(type_url::LISTENER, Vec::new()));
+        assert!(!admin.is_ready(), "ready while a cluster warms");
+
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert!(!admin.is_ready(), "ready before the initial fetch timeout");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            admin.is_ready(),
+            "still warming after the initial fetch timeout"
+        );
+        assert_eq!(publisher.version(), 1);
+        timer.abort();
+    }
+}
