@@ -2,14 +2,18 @@
 //! `RouteConfiguration`, `Cluster` or `ClusterLoadAssignment` (or as the `Any` of a SotW or
 //! Delta response), converted and applied. Never panics; conversion is deterministic and
 //! survives a protobuf round trip; an accepted resource renders as Envoy JSON; applying the
-//! same response twice changes nothing.
+//! same response twice changes nothing; a rejected Delta resource leaves the valid one it
+//! was to replace serving.
 #![no_main]
 
 use envoy_types::pb::envoy::config::{
-    cluster::v3 as cds, endpoint::v3 as eds, listener::v3 as lds, route::v3 as rds,
+    cluster::v3 as cds, core::v3 as core, endpoint::v3 as eds, listener::v3 as lds,
+    route::v3 as rds,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
 use libfuzzer_sys::fuzz_target;
 use portcullis_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, json};
 use portcullis_xds_resources::{Invalid, XdsState};
@@ -78,20 +82,93 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(active, state.active());
         }
         _ => {
-            // A Delta response: the bytes as a `Resource`, whatever type its `Any` claims.
+            // A Delta response: the bytes as a `Resource`, whatever type its `Any` claims,
+            // replacing a valid resource of the same name that serves.
             let Ok(resource) = Resource::decode(bytes) else {
                 return;
             };
-            let mut state = XdsState::default();
             for type_url in TYPES {
+                let mut state = XdsState::default();
+                if !resource.name.is_empty() {
+                    let serving = serving(type_url, &resource.name);
+                    let applied = state.apply_delta(type_url, &[serving], &[]);
+                    assert_eq!(applied.rejected, [], "the serving {type_url} converts");
+                }
+                let before = state.active();
                 let applied = state.apply_delta(type_url, std::slice::from_ref(&resource), &[]);
                 assert!(applied.rejected.len() <= 1);
-                state.apply_delta(type_url, &[], std::slice::from_ref(&resource.name));
-            }
-            // Removal by the name the resource was added under leaves nothing behind.
-            if !resource.name.is_empty() {
-                assert_eq!(state.active(), portcullis_envoy::Resources::default());
+                if !applied.rejected.is_empty() {
+                    assert_eq!(
+                        state.active(),
+                        before,
+                        "a rejected resource leaves what serves as it was"
+                    );
+                }
+                // Removal by the name the resource was added under leaves nothing behind.
+                if !resource.name.is_empty() {
+                    state.apply_delta(type_url, &[], std::slice::from_ref(&resource.name));
+                    assert_eq!(state.active(), portcullis_envoy::Resources::default());
+                }
             }
         }
     }
 });
+
+/// A valid resource of the type, named `name`, that needs nothing else to be active.
+fn serving(type_url: &str, name: &str) -> Resource {
+    let any = match type_url {
+        LISTENER_TYPE => pack_any(lds::Listener {
+            name: name.to_string(),
+            address: Some(core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: "127.0.0.1".to_string(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(15001)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![lds::FilterChain {
+                filters: vec![lds::Filter {
+                    name: "envoy.filters.network.tcp_proxy".to_string(),
+                    config_type: Some(lds::filter::ConfigType::TypedConfig(pack_any(
+                        tcp_proxy::TcpProxy {
+                            stat_prefix: "BlackHoleCluster".to_string(),
+                            cluster_specifier: Some(
+                                tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+                                    "BlackHoleCluster".to_string(),
+                                ),
+                            ),
+                            ..Default::default()
+                        },
+                    ))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ROUTE_TYPE => pack_any(rds::RouteConfiguration {
+            name: name.to_string(),
+            ..Default::default()
+        }),
+        CLUSTER_TYPE => pack_any(cds::Cluster {
+            name: name.to_string(),
+            cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                cds::cluster::DiscoveryType::Static as i32,
+            )),
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        _ => pack_any(eds::ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            ..Default::default()
+        }),
+    };
+    Resource {
+        name: name.to_string(),
+        version: "serving".to_string(),
+        resource: Some(any),
+        ..Default::default()
+    }
+}

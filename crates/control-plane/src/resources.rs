@@ -19,7 +19,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::route::Action;
+use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier as RouteCluster;
+use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfig;
@@ -168,6 +173,31 @@ pub fn rds_listener(name: &str, addr: Option<SocketAddr>, route_config: &str) ->
 pub fn route_configuration(name: &str) -> RouteConfiguration {
     RouteConfiguration {
         name: name.to_owned(),
+        ..RouteConfiguration::default()
+    }
+}
+
+/// A route configuration whose one virtual host (every domain) sends every path to `cluster`.
+pub fn route_to_cluster(name: &str, cluster: &str) -> RouteConfiguration {
+    let route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".to_owned())),
+            ..RouteMatch::default()
+        }),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(RouteCluster::Cluster(cluster.to_owned())),
+            ..RouteAction::default()
+        })),
+        ..Route::default()
+    };
+    RouteConfiguration {
+        name: name.to_owned(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".to_owned(),
+            domains: vec!["*".to_owned()],
+            routes: vec![route],
+            ..VirtualHost::default()
+        }],
         ..RouteConfiguration::default()
     }
 }

@@ -119,10 +119,10 @@ impl Default for XdsState {
 
 /// A decoded, converted resource of one of the four types.
 enum Converted {
-    Listener(Box<Listener>, FetchTimeouts),
+    Listener(Box<Listener>, FetchTimeouts, Vec<ClusterRef>),
     /// An inbound listener (`virtualInbound`): portcullis handles outbound traffic only.
     Inbound,
-    Route(portcullis_envoy::RouteConfiguration),
+    Route(portcullis_envoy::RouteConfiguration, Vec<ClusterRef>),
     Cluster(Cluster, FetchTimeouts),
     Endpoint(portcullis_envoy::ClusterLoadAssignment),
 }
@@ -160,19 +160,23 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
                         Ok(Converted::Inbound)
                     } else {
                         let timeout = rds_fetch_timeout(l);
-                        crate::listener(l).map(|l| Converted::Listener(Box::new(l), timeout))
+                        let refs = inline_cluster_refs(l);
+                        crate::listener(l).map(|l| Converted::Listener(Box::new(l), timeout, refs))
                     }
                 },
             );
             (n, r)
         }
         ResourceType::Route => {
-            let (n, r) = go(
+            go(
                 any,
                 |r: &rds::RouteConfiguration| &r.name,
-                crate::route_configuration,
-            );
-            (n, r.map(Converted::Route))
+                |r| {
+                    // RDS validates clusters only when asked to (Envoy's default for RDS).
+                    let refs = cluster_refs(r, false);
+                    crate::route_configuration(r).map(|c| Converted::Route(c, refs))
+                },
+            )
         }
         ResourceType::Cluster => {
             let (n, r) = go(
@@ -198,6 +202,62 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
             (n, r.map(Converted::Endpoint))
         }
     }
+}
+
+/// A cluster a route configuration names and Envoy checks exists (`validate_clusters`).
+struct ClusterRef {
+    name: String,
+    weighted: bool,
+}
+
+/// The clusters `rc` names that must exist when it is applied: none unless its
+/// `validate_clusters` (or, unset, `default`) says so. Envoy's default is true for a route
+/// configuration inline in a listener, false for one from RDS.
+fn cluster_refs(rc: &rds::RouteConfiguration, default: bool) -> Vec<ClusterRef> {
+    if !rc.validate_clusters.map_or(default, |v| v.value) {
+        return Vec::new();
+    }
+    use rds::route_action::ClusterSpecifier as C;
+    let mut refs = Vec::new();
+    for route in rc.virtual_hosts.iter().flat_map(|vh| &vh.routes) {
+        let Some(rds::route::Action::Route(action)) = &route.action else {
+            continue;
+        };
+        match &action.cluster_specifier {
+            Some(C::Cluster(name)) => refs.push(ClusterRef {
+                name: name.clone(),
+                weighted: false,
+            }),
+            Some(C::WeightedClusters(w)) => refs.extend(w.clusters.iter().map(|c| ClusterRef {
+                name: c.name.clone(),
+                weighted: true,
+            })),
+            _ => {}
+        }
+    }
+    refs
+}
+
+/// The clusters the inline route configurations of a listener's HTTP connection managers
+/// must find.
+fn inline_cluster_refs(l: &lds::Listener) -> Vec<ClusterRef> {
+    l.filter_chains
+        .iter()
+        .chain(&l.default_filter_chain)
+        .flat_map(|c| &c.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(lds::filter::ConfigType::TypedConfig(any)) => {
+                unpack::<hcm::HttpConnectionManager>(any).ok()
+            }
+            _ => None,
+        })
+        .flat_map(|h| match &h.route_specifier {
+            Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                cluster_refs(rc, true)
+            }
+            _ => Vec::new(),
+        })
+        .collect()
 }
 
 /// The `initial_fetch_timeout`s of the config sources a resource waits for, as given
@@ -355,6 +415,13 @@ impl XdsState {
         version: &str,
         result: Result<Converted, Invalid>,
     ) -> Option<Rejected> {
+        let result = result.and_then(|c| {
+            let refs = match &c {
+                Converted::Listener(_, _, refs) | Converted::Route(_, refs) => refs.as_slice(),
+                _ => &[],
+            };
+            self.check_clusters(refs).map(|()| c)
+        });
         let converted = match result {
             Ok(c) => c,
             Err(e) => {
@@ -385,7 +452,7 @@ impl XdsState {
                 );
                 self.remove(ResourceType::Listener, name);
             }
-            Converted::Listener(l, timeout) => {
+            Converted::Listener(l, timeout, _) => {
                 let warm = (!self.listener_ready(&l)).then_some(timeout);
                 self.stage(ResourceType::Listener, name, versioned(*l, version), warm);
             }
@@ -393,7 +460,7 @@ impl XdsState {
                 let warm = (!self.cluster_ready(&c)).then_some(timeout);
                 self.stage(ResourceType::Cluster, name, versioned(c, version), warm);
             }
-            Converted::Route(r) => {
+            Converted::Route(r, _) => {
                 let entry = self.state.routes.entry(name.to_string()).or_default();
                 entry.active = Some(versioned(r, version));
                 entry.error = None;
@@ -405,6 +472,27 @@ impl XdsState {
             }
         }
         None
+    }
+
+    /// Envoy's `validate_clusters`: every named cluster must be known (active or warming)
+    /// when the route configuration is applied, in Envoy's words.
+    fn check_clusters(&self, refs: &[ClusterRef]) -> Result<(), Invalid> {
+        match refs.iter().find(|r| {
+            self.state
+                .clusters
+                .get(&r.name)
+                .is_none_or(|c| c.active.is_none() && c.warming.is_none())
+        }) {
+            None => Ok(()),
+            Some(r) => Err(Invalid::new(
+                "route",
+                format!(
+                    "unknown {}cluster '{}'",
+                    if r.weighted { "weighted " } else { "" },
+                    r.name
+                ),
+            )),
+        }
     }
 
     /// Makes `v` active, or warming (the active version keeps serving) when `warm` says

@@ -1413,3 +1413,84 @@ async fn a_zero_initial_fetch_timeout_waits_for_endpoints_without_end() {
     assert!(s.active().clusters.contains_key(APP));
     assert!(s.initial_set_complete());
 }
+
+#[test]
+fn validate_clusters_rejects_routes_to_unknown_clusters_as_envoy_does() {
+    // Envoy 1.40 (checked with --mode validate): "route: unknown cluster 'nowhere'" and
+    // "route: unknown weighted cluster 'nowhere'"; on by default for a route configuration
+    // inline in a listener, off by default for one from RDS (Istio sets it off anyway).
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![blackhole()]));
+    let mut rc = route_80();
+    rc.validate_clusters = None;
+    assert!(
+        s.apply_sotw(ROUTE_TYPE, "1", &any_of(vec![rc.clone()]))
+            .rejected
+            .is_empty(),
+        "RDS does not validate unless asked"
+    );
+    rc.validate_clusters = Some(BoolValue { value: true });
+    let applied = s.apply_sotw(ROUTE_TYPE, "2", &any_of(vec![rc.clone()]));
+    assert_eq!(
+        applied.error_detail().as_deref(),
+        Some("80: route: unknown cluster 'outbound|80||app.internal.com'")
+    );
+    assert_eq!(s.state().routes["80"].active.as_ref().unwrap().version, "1");
+
+    // Inline in a listener: validated unless turned off; a weighted cluster is named so.
+    let inline = |rc: rds::RouteConfiguration| {
+        let mut l = http_80();
+        let lds::filter::ConfigType::TypedConfig(any) =
+            l.filter_chains[0].filters[0].config_type.clone().unwrap()
+        else {
+            unreachable!()
+        };
+        let mut h: hcm::HttpConnectionManager = crate::common::unpack(&any).unwrap();
+        h.route_specifier = Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            rc,
+        ));
+        l.filter_chains[0].filters[0] = filter("hcm", pack_any(h));
+        l
+    };
+    let mut weighted = route_80();
+    weighted.validate_clusters = None;
+    let Some(rds::route::Action::Route(a)) = &mut weighted.virtual_hosts[0].routes[0].action else {
+        unreachable!()
+    };
+    a.cluster_specifier = Some(rds::route_action::ClusterSpecifier::WeightedClusters(
+        rds::WeightedCluster {
+            clusters: [BLACKHOLE_CLUSTER, "nowhere"]
+                .iter()
+                .map(|name| rds::weighted_cluster::ClusterWeight {
+                    name: (*name).into(),
+                    weight: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        },
+    ));
+    let applied = s.apply_sotw(LISTENER_TYPE, "1", &any_of(vec![inline(weighted.clone())]));
+    assert_eq!(
+        applied.error_detail().as_deref(),
+        Some("0.0.0.0_80: route: unknown weighted cluster 'nowhere'")
+    );
+    assert!(s.active().listeners.is_empty());
+    weighted.validate_clusters = Some(BoolValue { value: false });
+    let applied = s.apply_sotw(LISTENER_TYPE, "2", &any_of(vec![inline(weighted)]));
+    assert!(applied.rejected.is_empty(), "{applied:?}");
+    assert!(s.active().listeners.contains_key("0.0.0.0_80"));
+
+    // Once the cluster exists (warming counts), the route is taken.
+    s.apply_sotw(
+        CLUSTER_TYPE,
+        "2",
+        &any_of(vec![blackhole(), eds_cluster(APP)]),
+    );
+    assert!(s.state().clusters[APP].warming.is_some());
+    assert!(
+        s.apply_sotw(ROUTE_TYPE, "3", &any_of(vec![rc]))
+            .rejected
+            .is_empty()
+    );
+}
