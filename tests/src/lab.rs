@@ -413,17 +413,41 @@ http {{
     /// Starts `portcullis run --config <config_dir> <extra>` in the pod as uid/gid 1337 and
     /// waits until its admin `/ready` answers 200 `LIVE`.
     pub fn start_portcullis(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let config = self.config_dir.display().to_string();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        self.spawn_portcullis(&args, &[])
+    }
+
+    /// Starts `portcullis run --xds-address <xds> <extra>` (no `--config`) in the pod as
+    /// uid/gid 1337, with the environment Istio's injector gives the sidecar (pod name,
+    /// namespace, IP), and waits until its admin `/ready` answers 200 `LIVE`: the first
+    /// complete set of resources is applied.
+    pub fn start_portcullis_xds(&mut self, xds: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["--xds-address", xds];
+        args.extend_from_slice(extra);
+        self.spawn_portcullis(
+            &args,
+            &[
+                ("POD_NAME", "client"),
+                ("POD_NAMESPACE", "default"),
+                ("INSTANCE_IP", scenario::POD_IP),
+                ("SERVICE_ACCOUNT", "default"),
+            ],
+        )
+    }
+
+    fn spawn_portcullis(&mut self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
         let id = PROXY_UID.to_string();
         let mut command = self.exec(Role::Pod, "setpriv");
         command
             .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
             .arg(&self.bin)
             .arg("run")
-            .arg("--config")
-            .arg(&self.config_dir)
-            .args(extra)
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_BACKTRACE", "1");
-        self.note(format!("starting portcullis {extra:?}"));
+        self.note(format!("starting portcullis {args:?}"));
         self.portcullis = Some(Proc::spawn("portcullis", &mut command, &self.dir, "TERM")?);
         let start = Instant::now();
         poll("portcullis /ready = 200 LIVE", READY_DEADLINE, || {

@@ -10,10 +10,13 @@
 
 use std::time::Duration;
 
+use serde_json::{Value, json};
+
 use portcullis_e2e::Lab;
 use portcullis_e2e::envoy::istio::{
-    Mode, Resources, dns_cluster, http_listener, original_dst_cluster, service_vhost,
-    static_cluster, tcp_listener, tls_listener,
+    Mode, Resources, cluster_name, dns_cluster, http_listener, original_dst_cluster, retry_policy,
+    service_vhost, static_cluster, tcp_listener, tls_listener, to_cluster, to_weighted, vs_route,
+    vs_vhost,
 };
 use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
 use portcullis_e2e::scenario::{
@@ -83,7 +86,7 @@ fn seed_guide_http_by_host() {
     let rogue_url = format!("http://{ROGUE_IP}/");
     let scenario = Scenario {
         name: "seed",
-        istio: files(&[
+        files: files(&[
             ("workloadentry.yaml", WORKLOAD_ENTRY),
             ("serviceentry.yaml", SERVICE_ENTRY),
             ("pod.yaml", POD),
@@ -220,7 +223,7 @@ fn tls_by_sni() {
     }
     let scenario = Scenario {
         name: "tls",
-        istio: files(&[
+        files: files(&[
             ("workloadentry.yaml", WORKLOAD_ENTRY),
             ("tls.yaml", &tls),
             ("https.yaml", &https),
@@ -336,7 +339,7 @@ fn tcp_by_vip() {
     let web_url = format!("http://{WEB_VIP}/");
     let scenario = Scenario {
         name: "tcp",
-        istio: files(&[
+        files: files(&[
             ("workloadentry.yaml", WORKLOAD_ENTRY),
             ("tcp.yaml", &tcp),
             ("web.yaml", &web),
@@ -435,7 +438,7 @@ fn allow_any_passthrough() {
     let app_url = format!("http://{APP_HOST}/");
     let scenario = Scenario {
         name: "allowany",
-        istio: files(&[
+        files: files(&[
             ("workloadentry.yaml", WORKLOAD_ENTRY),
             ("serviceentry.yaml", SERVICE_ENTRY),
         ]),
@@ -530,7 +533,7 @@ spec:
 ";
     let scenario = Scenario {
         name: "wildnone",
-        istio: files(&[("wild.yaml", wild)]),
+        files: files(&[("wild.yaml", wild)]),
         envoy: Resources::new(Mode::RegistryOnly)
             .listener(http_listener(
                 80,
@@ -649,7 +652,7 @@ fn upstream_failures_and_default_retries() {
         .collect();
     let scenario = Scenario {
         name: "failures",
-        istio,
+        files: istio,
         envoy,
         portcullis_flags: vec![],
         probes: vec![
@@ -696,7 +699,7 @@ fn upstream_request_headers() {
     let url = "http://echo.internal.com:8080/headers";
     let scenario = Scenario {
         name: "headers",
-        istio: files(&[("workloadentry.yaml", WORKLOAD_ENTRY), ("echo.yaml", &echo)]),
+        files: files(&[("workloadentry.yaml", WORKLOAD_ENTRY), ("echo.yaml", &echo)]),
         envoy: Resources::new(Mode::AllowAny)
             .listener(http_listener(
                 8080,
@@ -781,7 +784,7 @@ fn dns_clusters() {
     let [j, k, l] = via_vip("rr.internal.com");
     let scenario = Scenario {
         name: "dns",
-        istio: vec![
+        files: vec![
             dns("dns", "DNS"),
             dns("never", "DNS"),
             dns("both", "DNS"),
@@ -824,7 +827,363 @@ fn dns_clusters() {
     });
 }
 
-// Scenarios that need the control plane (issue 10 item 5): weighted clusters, retries,
-// redirects, direct responses and header rewrites. They come from VirtualServices and
-// DestinationRules; once the test control plane serves one set of resources to both proxies,
-// each becomes a `Scenario` here whose `envoy` resources are what the control plane pushes.
+// Scenarios only the control plane carries (issue 10 item 5): what istiod builds from
+// VirtualServices (weighted destinations, redirects, direct responses, header rewrites,
+// retries). portcullis reads no VirtualService routes from files, so these run over ADS only.
+
+/// The external nginx as a service's only endpoint.
+const EXTERNAL_CLUSTER: &str = "outbound|80||ext.internal.com";
+/// The in-cluster nginx as a service's only endpoint.
+const IN_CLUSTER_CLUSTER: &str = "outbound|80||pod.internal.com";
+/// The echo peer on the external host's port 8080.
+const ECHO_CLUSTER: &str = "outbound|8080||echo.internal.com";
+
+/// `action` with `extra` fields merged in.
+fn with(mut action: Value, extra: Value) -> Value {
+    if let (Some(action), Value::Object(extra)) = (action.as_object_mut(), extra) {
+        action.extend(extra);
+    }
+    action
+}
+
+/// A VirtualService route to one cluster with the mesh's default retries.
+fn route_to(cluster: &str) -> Value {
+    json!({ "route": to_cluster(cluster, None) })
+}
+
+/// Weighted destinations, redirects, direct responses, header rewrites and header matches,
+/// all on port 80 beside Istio's `block_all`.
+#[test]
+fn virtual_service_routes() {
+    let header = |key: &str, value: &str, append: &str| json!({ "header": { "key": key, "value": value }, "append_action": append });
+    let vhosts = vec![
+        vs_vhost(
+            "split.internal.com",
+            80,
+            vec![
+                json!({
+                    "name": "canary-by-header",
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{ "name": "x-canary", "string_match": { "exact": "yes" } }]
+                    },
+                    "route": to_cluster(IN_CLUSTER_CLUSTER, None)
+                }),
+                vs_route(
+                    "split",
+                    "/",
+                    json!({ "route": to_weighted(&[(EXTERNAL_CLUSTER, 50), (IN_CLUSTER_CLUSTER, 50)]) }),
+                ),
+            ],
+        ),
+        vs_vhost(
+            "canary.internal.com",
+            80,
+            vec![vs_route(
+                "all-on-one",
+                "/",
+                json!({ "route": to_weighted(&[(EXTERNAL_CLUSTER, 100), (IN_CLUSTER_CLUSTER, 0)]) }),
+            )],
+        ),
+        vs_vhost(
+            "moved.internal.com",
+            80,
+            vec![
+                vs_route(
+                    "path",
+                    "/old",
+                    json!({ "redirect": { "path_redirect": "/new", "response_code": "MOVED_PERMANENTLY" } }),
+                ),
+                vs_route(
+                    "elsewhere",
+                    "/away",
+                    json!({ "redirect": {
+                        "host_redirect": "app.internal.com",
+                        "scheme_redirect": "https",
+                        "port_redirect": 8443,
+                        "response_code": "FOUND"
+                    } }),
+                ),
+                vs_route(
+                    "keep-path",
+                    "/",
+                    json!({ "redirect": { "host_redirect": "ext.internal.com", "response_code": "PERMANENT_REDIRECT" } }),
+                ),
+            ],
+        ),
+        vs_vhost(
+            "fixed.internal.com",
+            80,
+            vec![
+                vs_route(
+                    "teapot",
+                    "/teapot",
+                    json!({ "direct_response": { "status": 418, "body": { "inline_string": "short and stout\n" } } }),
+                ),
+                vs_route(
+                    "empty",
+                    "/empty",
+                    json!({ "direct_response": { "status": 204 } }),
+                ),
+                vs_route(
+                    "maintenance",
+                    "/",
+                    json!({ "direct_response": { "status": 503, "body": { "inline_string": "down for maintenance\n" } } }),
+                ),
+            ],
+        ),
+        vs_vhost(
+            "rewrite.internal.com",
+            80,
+            vec![
+                vs_route(
+                    "rewritten",
+                    "/old/",
+                    with(
+                        json!({ "route": with(to_cluster(ECHO_CLUSTER, None), json!({
+                            "prefix_rewrite": "/headers/new/",
+                            "host_rewrite_literal": "backend.example"
+                        })) }),
+                        json!({
+                            "request_headers_to_add": [
+                                header("x-added", "by-route", "APPEND_IF_EXISTS_OR_ADD"),
+                                header("x-set", "by-route", "OVERWRITE_IF_EXISTS_OR_ADD")
+                            ],
+                            "request_headers_to_remove": ["x-drop"],
+                            "response_headers_to_add": [
+                                header("x-response-added", "by-route", "APPEND_IF_EXISTS_OR_ADD"),
+                                header("x-upstream", "overwritten", "OVERWRITE_IF_EXISTS_OR_ADD")
+                            ]
+                        }),
+                    ),
+                ),
+                vs_route(
+                    "response-removed",
+                    "/headers/",
+                    with(
+                        route_to(ECHO_CLUSTER),
+                        json!({ "response_headers_to_remove": ["x-upstream"] }),
+                    ),
+                ),
+            ],
+        ),
+    ];
+    let envoy = Resources::new(Mode::RegistryOnly)
+        .listener(http_listener(80, vhosts, Mode::RegistryOnly))
+        .cluster(static_cluster(80, "ext.internal.com", &[(EXTERNAL_IP, 80)]))
+        .cluster(static_cluster(
+            80,
+            "pod.internal.com",
+            &[(IN_CLUSTER_IP, 80)],
+        ))
+        .cluster(static_cluster(
+            8080,
+            "echo.internal.com",
+            &[(EXTERNAL_IP, 8080)],
+        ));
+    let client_headers = [
+        "-H",
+        "x-added: by-client",
+        "-H",
+        "x-set: by-client",
+        "-H",
+        "x-drop: by-client",
+    ];
+    let rewritten = "http://rewrite.internal.com/old/thing?q=1";
+    let mut rewrite_args = client_headers.to_vec();
+    rewrite_args.push(rewritten);
+    let scenario = Scenario {
+        name: "vsroutes",
+        files: Vec::new(),
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::spread("weighted 50/50", &["http://split.internal.com/"], SPREAD),
+            Probe::spread("weighted 100/0", &["http://canary.internal.com/"], SPREAD),
+            Probe::spread(
+                "a header match before the split",
+                &["-H", "x-canary: yes", "http://split.internal.com/"],
+                SPREAD,
+            ),
+            Probe::curl(
+                "redirect of the path",
+                &["http://moved.internal.com/old/page?x=1"],
+            ),
+            Probe::curl(
+                "redirect to another scheme, host and port",
+                &["http://moved.internal.com/away/page"],
+            ),
+            Probe::curl(
+                "redirect of the host, path kept, 308",
+                &["-d", "payload", "http://moved.internal.com/kept?y=2"],
+            ),
+            Probe::curl(
+                "direct response with a body",
+                &["http://fixed.internal.com/teapot"],
+            ),
+            Probe::curl(
+                "direct response without a body",
+                &["http://fixed.internal.com/empty"],
+            ),
+            Probe::curl(
+                "direct response, HEAD",
+                &["-I", "http://fixed.internal.com/down"],
+            ),
+            Probe::curl(
+                "direct response over h2c",
+                &["--http2-prior-knowledge", "http://fixed.internal.com/down"],
+            ),
+            Probe::curl(
+                "prefix and host rewritten, request and response headers changed",
+                &rewrite_args,
+            ),
+            Probe::curl(
+                "a response header removed",
+                &["http://rewrite.internal.com/headers/plain"],
+            ),
+            Probe::curl(
+                "a path no route of the host matches",
+                &["http://rewrite.internal.com/elsewhere"],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[
+            "split.internal.com",
+            "canary.internal.com",
+            "moved.internal.com",
+            "fixed.internal.com",
+            "rewrite.internal.com",
+        ])?;
+        lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
+    });
+}
+
+/// VirtualService `retries` against an upstream that answers the status a path names (and
+/// a second attempt with 200 on `/flaky/`), and against a refusing endpoint: `5xx`,
+/// `gateway-error`, a status code, Istio's default policy, and retries turned off.
+#[test]
+fn retry_policies() {
+    let refusing = (ROGUE_IP, 81);
+    let policies: [(&str, Option<Value>); 4] = [
+        ("fivexx", Some(retry_policy("5xx", 2))),
+        ("gateway", Some(retry_policy("gateway-error", 1))),
+        ("codes", Some(retry_policy("503", 1))),
+        ("plain", None),
+    ];
+    let mut vhosts: Vec<Value> = policies
+        .iter()
+        .map(|(name, policy)| {
+            vs_vhost(
+                &format!("{name}.internal.com"),
+                80,
+                vec![vs_route(
+                    name,
+                    "/",
+                    json!({ "route": to_cluster(ECHO_CLUSTER, policy.clone()) }),
+                )],
+            )
+        })
+        .collect();
+    let dead = cluster_name(80, "dead.internal.com");
+    vhosts.push(vs_vhost(
+        "dead.internal.com",
+        80,
+        vec![vs_route(
+            "connect-retries",
+            "/",
+            json!({ "route": to_cluster(&dead, Some(retry_policy("connect-failure", 3))) }),
+        )],
+    ));
+    vhosts.push(vs_vhost(
+        "noretry.internal.com",
+        80,
+        vec![vs_route(
+            "no-retries",
+            "/",
+            json!({ "route": to_cluster(&dead, Some(Value::Null)) }),
+        )],
+    ));
+    let envoy = Resources::new(Mode::RegistryOnly)
+        .listener(http_listener(80, vhosts, Mode::RegistryOnly))
+        .cluster(static_cluster(80, "dead.internal.com", &[refusing]))
+        .cluster(static_cluster(
+            8080,
+            "echo.internal.com",
+            &[(EXTERNAL_IP, 8080)],
+        ));
+    let scenario = Scenario {
+        name: "retries",
+        files: Vec::new(),
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl(
+                "5xx: a 503 every time",
+                &["http://fivexx.internal.com/status/503"],
+            ),
+            Probe::curl(
+                "5xx: a 503, then 200",
+                &["http://fivexx.internal.com/flaky/503"],
+            ),
+            Probe::curl(
+                "5xx: a 404 is not retried",
+                &["http://fivexx.internal.com/status/404"],
+            ),
+            Probe::curl(
+                "5xx over h2c",
+                &[
+                    "--http2-prior-knowledge",
+                    "http://fivexx.internal.com/status/500",
+                ],
+            ),
+            Probe::curl(
+                "gateway-error: a 502",
+                &["http://gateway.internal.com/status/502"],
+            ),
+            Probe::curl(
+                "gateway-error: a 504, then 200",
+                &["http://gateway.internal.com/flaky/504"],
+            ),
+            Probe::curl(
+                "gateway-error: a 500 is not retried",
+                &["http://gateway.internal.com/status/500"],
+            ),
+            Probe::curl(
+                "status code 503: a 503",
+                &["http://codes.internal.com/status/503"],
+            ),
+            Probe::curl(
+                "status code 503: a 502 is not retried",
+                &["http://codes.internal.com/status/502"],
+            ),
+            Probe::curl(
+                "Istio's default policy: a 503 is not retried",
+                &["http://plain.internal.com/status/503"],
+            ),
+            Probe::curl(
+                "Istio's default policy: POST, a 503",
+                &["-d", "payload", "http://plain.internal.com/flaky/503"],
+            ),
+            Probe::curl(
+                "connect-failure, 3 retries, a refusing endpoint",
+                &["http://dead.internal.com/"],
+            ),
+            Probe::curl(
+                "no retries, a refusing endpoint",
+                &["http://noretry.internal.com/"],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[
+            "fivexx.internal.com",
+            "gateway.internal.com",
+            "codes.internal.com",
+            "plain.internal.com",
+            "dead.internal.com",
+            "noretry.internal.com",
+        ])?;
+        lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
+    });
+}
