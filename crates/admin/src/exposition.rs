@@ -145,8 +145,9 @@ fn escape_help(help: &str) -> String {
     help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
-/// The registry in the Prometheus text exposition format 0.0.4.
-pub fn prometheus(registry: &Registry) -> String {
+/// The registry in the Prometheus text exposition format 0.0.4, then `extra`'s counters
+/// under the names Envoy exports them with (`envoy_` and the stat name, dots as `_`).
+pub fn prometheus(registry: &Registry, extra: &[(String, u64)]) -> String {
     let text = openmetrics(registry);
     let mut out = String::with_capacity(text.len());
     for family in families(&text) {
@@ -160,6 +161,9 @@ pub fn prometheus(registry: &Registry) -> String {
                 writeln!(out, "{}{{{}}} {}", s.name, s.labels, s.value)
             };
         }
+    }
+    for (name, value) in extra {
+        let _ = writeln!(out, "envoy_{} {value}", name.replace(['.', '-'], "_"));
     }
     out
 }
@@ -376,7 +380,7 @@ mod tests {
 
     #[test]
     fn prometheus_names_counter_families_by_their_samples_and_has_no_eof() {
-        let text = prometheus(&registry());
+        let text = prometheus(&registry(), &[]);
         assert!(text.contains("# TYPE istio_requests_total counter\n"));
         assert!(text.contains("# HELP istio_requests_total Requests handled"));
         assert!(text.contains(
@@ -391,8 +395,15 @@ mod tests {
     }
 
     #[test]
+    fn counters_from_outside_the_registry_follow_under_envoys_names() {
+        let extra = [("cluster_manager.cds.update_success".to_owned(), 3)];
+        let text = prometheus(&registry(), &extra);
+        assert!(text.ends_with("envoy_cluster_manager_cds_update_success 3\n"));
+    }
+
+    #[test]
     fn prometheus_keeps_every_sample_and_its_type_line_first() {
-        let text = prometheus(&registry());
+        let text = prometheus(&registry(), &[]);
         let mut typed = "";
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -418,7 +429,7 @@ mod tests {
 
     #[test]
     fn escaped_label_values_survive_both_forms() {
-        let text = prometheus(&registry());
+        let text = prometheus(&registry(), &[]);
         assert!(text.contains("destination_service=\"quote\\\"back\\\\slash\""));
         let mut stats = BTreeMap::new();
         envoy_stats(&registry(), &mut stats, &mut BTreeMap::new());

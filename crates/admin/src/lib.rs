@@ -49,6 +49,10 @@ pub struct ConfigStatus {
 /// Changes the log filter, e.g. `debug` or `access=off,info`.
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Counters kept outside the metrics registry (the xDS client's), as Envoy stat names
+/// (`cluster_manager.cds.update_success`) and values.
+pub type StatsSource = Box<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
+
 /// Everything the admin endpoints read.
 pub struct AdminState {
     /// The active registry snapshot.
@@ -70,6 +74,8 @@ pub struct AdminState {
     pub drain: CancellationToken,
     /// Process start, for `/server_info`.
     pub started: Instant,
+    /// Counters from outside the registry; the admin server alone reads them.
+    stats_sources: std::sync::Mutex<Vec<StatsSource>>,
 }
 
 impl AdminState {
@@ -91,7 +97,25 @@ impl AdminState {
             shutdown,
             drain,
             started: Instant::now(),
+            stats_sources: std::sync::Mutex::default(),
         }
+    }
+
+    /// Adds counters to `/stats` and `/stats/prometheus`.
+    pub fn add_stats(&self, source: StatsSource) {
+        self.stats_sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(source);
+    }
+
+    /// The counters of every added source.
+    fn extra_stats(&self) -> Vec<(String, u64)> {
+        let sources = self
+            .stats_sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sources.iter().flat_map(|source| source()).collect()
     }
 
     /// Marks the proxy ready: every config source's first complete set is applied.
@@ -179,7 +203,7 @@ fn route(
         (Endpoints::Admin | Endpoints::Metrics, &Method::GET, "/stats/prometheus") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            exposition::prometheus(&state.metrics),
+            exposition::prometheus(&state.metrics, &state.extra_stats()),
         ),
         (Endpoints::Health, &Method::GET, "/healthz/ready")
         | (Endpoints::Admin, &Method::GET, "/ready") => {
@@ -208,7 +232,7 @@ fn route(
         (Endpoints::Admin, &Method::GET, "/stats") => reply(
             StatusCode::OK,
             text,
-            render::stats(&state.registry.load(), &state.metrics),
+            render::stats(&state.registry.load(), &state.metrics, &state.extra_stats()),
         ),
         (Endpoints::Admin, &Method::GET, "/server_info") => reply(
             StatusCode::OK,

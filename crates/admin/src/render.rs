@@ -107,9 +107,12 @@ pub fn clusters(snapshot: &Snapshot) -> String {
 }
 
 /// Envoy's `/stats` text: every counter and gauge as `name: value` sorted by name, then the
-/// histograms as Envoy prints them.
-pub fn stats(snapshot: &Snapshot, registry: &Registry) -> String {
-    let mut stats = BTreeMap::new();
+/// histograms as Envoy prints them. `extra` are counters kept outside the registry.
+pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) -> String {
+    let mut stats: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(name, value)| (name.clone(), value.to_string()))
+        .collect();
     for c in &snapshot.clusters {
         let active: u64 = c.endpoints.iter().map(|e| e.state.active()).sum();
         let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();

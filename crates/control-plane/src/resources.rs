@@ -21,8 +21,10 @@ use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfig;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, Rds,
+    HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier;
@@ -138,10 +140,16 @@ pub fn tcp_proxy_listener(name: &str, addr: SocketAddr, cluster: &str) -> Listen
     )
 }
 
-/// A listener whose HTTP connection manager takes its routes from RDS over ADS.
+/// A listener whose HTTP connection manager takes its routes from RDS over ADS and ends in
+/// the router, as istiod's do.
 pub fn rds_listener(name: &str, addr: Option<SocketAddr>, route_config: &str) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: name.to_owned(),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_owned(),
+            config_type: Some(HttpFilterConfig::TypedConfig(pack_any(Router::default()))),
+            ..HttpFilter::default()
+        }],
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             route_config_name: route_config.to_owned(),
             config_source: Some(ads_source()),

@@ -65,3 +65,70 @@ pub struct SourceState {
     /// Cluster load assignments, by cluster (or EDS service) name.
     pub endpoints: BTreeMap<String, ResourceState<ClusterLoadAssignment>>,
 }
+
+impl SourceState {
+    /// The active version of every resource: what the data path is built from.
+    pub fn active(&self) -> crate::Resources {
+        fn active<T: Clone>(m: &BTreeMap<String, ResourceState<T>>) -> BTreeMap<String, T> {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.active.as_ref()?.resource.clone())))
+                .collect()
+        }
+        crate::Resources {
+            listeners: active(&self.listeners),
+            routes: active(&self.routes),
+            clusters: active(&self.clusters),
+            endpoints: active(&self.endpoints),
+        }
+    }
+
+    /// A state holding `resources` as active, each at `version`: how a source without
+    /// versions of its own (the files) shows in `/config_dump`.
+    pub fn of(resources: crate::Resources, version: &str, at: SystemTime) -> SourceState {
+        fn all<T>(
+            m: BTreeMap<String, T>,
+            version: &str,
+            at: SystemTime,
+        ) -> BTreeMap<String, ResourceState<T>> {
+            m.into_iter()
+                .map(|(name, resource)| {
+                    let active = Versioned {
+                        resource,
+                        version: version.to_owned(),
+                        last_updated: at,
+                    };
+                    (
+                        name,
+                        ResourceState {
+                            active: Some(active),
+                            ..ResourceState::default()
+                        },
+                    )
+                })
+                .collect()
+        }
+        SourceState {
+            listeners: all(resources.listeners, version, at),
+            routes: all(resources.routes, version, at),
+            clusters: all(resources.clusters, version, at),
+            endpoints: all(resources.endpoints, version, at),
+        }
+    }
+
+    /// Adds `other`'s resources under names this state does not hold: with two sources,
+    /// the one merged into wins a name both use.
+    pub fn fill_from(&mut self, other: SourceState) {
+        fn fill<T>(
+            into: &mut BTreeMap<String, ResourceState<T>>,
+            from: BTreeMap<String, ResourceState<T>>,
+        ) {
+            for (name, state) in from {
+                into.entry(name).or_insert(state);
+            }
+        }
+        fill(&mut self.listeners, other.listeners);
+        fill(&mut self.routes, other.routes);
+        fill(&mut self.clusters, other.clusters);
+        fill(&mut self.endpoints, other.endpoints);
+    }
+}

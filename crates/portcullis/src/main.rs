@@ -37,9 +37,16 @@ enum Command {
 /// Flags of `portcullis run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Config file or folder of *.yaml, *.yml, *.json.
-    #[arg(long, env = "PORTCULLIS_CONFIG")]
-    pub config: PathBuf,
+    /// Config file or folder of *.yaml, *.yml, *.json (with or without --xds-address).
+    #[arg(
+        long,
+        env = "PORTCULLIS_CONFIG",
+        required_unless_present = "xds_address"
+    )]
+    pub config: Option<PathBuf>,
+    /// The control plane, and the node this proxy presents to it.
+    #[command(flatten)]
+    pub xds: XdsArgs,
     /// Transparent outbound listener.
     #[arg(long, env = "PORTCULLIS_OUTBOUND", default_value = "0.0.0.0:15001")]
     pub outbound: SocketAddr,
@@ -110,6 +117,47 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// How `portcullis run` reaches the control plane and who it says it is (istio-agent's
+/// node, from the env vars Istio's injector sets; each flag wins over its variable).
+#[derive(Args, Debug)]
+pub struct XdsArgs {
+    /// The control plane: `http://HOST:PORT` (plaintext, istiod's 15010) or
+    /// `https://HOST:PORT` (TLS verified with --xds-root-cert, istiod's 15012).
+    #[arg(long, env = "PORTCULLIS_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// PEM roots that verify an `https` control plane (the `istio-ca-root-cert` ConfigMap).
+    #[arg(long, env = "PORTCULLIS_XDS_ROOT_CERT")]
+    pub xds_root_cert: Option<PathBuf>,
+    /// The projected service-account token, sent as `authorization: Bearer`.
+    #[arg(long, env = "PORTCULLIS_XDS_TOKEN_FILE", default_value = portcullis_xds::DEFAULT_TOKEN_FILE)]
+    pub xds_token_file: PathBuf,
+    /// `delta` (istiod's preferred) or `sotw` (State of the World).
+    #[arg(long, value_parser = ["delta", "sotw"], default_value = "delta")]
+    pub xds_protocol: String,
+    /// How long a listener or cluster waits for its routes or endpoints before it is used
+    /// anyway, when its config source sets no `initial_fetch_timeout` (Envoy's 15 s).
+    #[arg(long, default_value = "15s")]
+    pub xds_initial_fetch_timeout: humantime::Duration,
+    /// The pod's name (env POD_NAME).
+    #[arg(long)]
+    pub pod_name: Option<String>,
+    /// The pod's namespace (env POD_NAMESPACE).
+    #[arg(long)]
+    pub pod_namespace: Option<String>,
+    /// The pod's IP (env INSTANCE_IP).
+    #[arg(long)]
+    pub instance_ip: Option<String>,
+    /// The pod's service account (env SERVICE_ACCOUNT).
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// The cluster's id in the mesh (env ISTIO_META_CLUSTER_ID).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// The mesh's id (env ISTIO_META_MESH_ID).
+    #[arg(long)]
+    pub mesh_id: Option<String>,
 }
 
 /// Flags of `portcullis check`.

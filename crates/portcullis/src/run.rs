@@ -11,13 +11,59 @@ use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Snapshot};
-use portcullis_sources::{Folder, Publisher, RegistryCompiler, rebuild_on};
+use portcullis_sources::{Folder, Publisher, RegistryCompiler, XdsSource, rebuild_on};
+use portcullis_xds::{Client, ClientConfig, NodeIdentity, NodeOverrides, Protocol, XdsStats};
 use prometheus_client::registry::Registry;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::RunArgs;
+use crate::{RunArgs, XdsArgs};
+
+/// Where Istio's injector mounts the pod's labels (downward API).
+const POD_LABELS: &str = "/etc/istio/pod/labels";
+
+/// The ADS client `args` describe, presenting the node istio-agent would.
+fn xds_client(
+    args: &XdsArgs,
+    address: &str,
+    workload_labels: &BTreeMap<String, String>,
+    stats: Arc<XdsStats>,
+) -> anyhow::Result<Client> {
+    let labels = if workload_labels.is_empty() {
+        match std::fs::read_to_string(POD_LABELS) {
+            Ok(text) => Some(
+                portcullis_xds::parse_downward_api(&text)
+                    .map_err(|e| anyhow::anyhow!("{POD_LABELS}: {e}"))?,
+            ),
+            Err(_) => None,
+        }
+    } else {
+        Some(workload_labels.clone())
+    };
+    let overrides = NodeOverrides {
+        pod_name: args.pod_name.clone(),
+        pod_namespace: args.pod_namespace.clone(),
+        instance_ip: args.instance_ip.clone(),
+        service_account: args.service_account.clone(),
+        cluster_id: args.cluster_id.clone(),
+        mesh_id: args.mesh_id.clone(),
+        labels,
+    };
+    let node = NodeIdentity::from_env(std::env::vars(), &overrides);
+    tracing::info!(address, node = %node.id, cluster = %node.cluster, "control plane");
+    let config = ClientConfig {
+        root_cert: args.xds_root_cert.clone(),
+        token_file: args.xds_token_file.clone(),
+        protocol: if args.xds_protocol == "sotw" {
+            Protocol::StateOfTheWorld
+        } else {
+            Protocol::Delta
+        },
+        ..ClientConfig::new(address, node)
+    };
+    Client::new(config, stats).with_context(|| format!("control plane {address}"))
+}
 
 /// Parses `k=v,k2=v2`.
 fn parse_labels(labels: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -110,9 +156,10 @@ pub fn run(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode
 }
 
 async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
+    let workload_labels = parse_labels(&args.workload_labels)?;
     let options = BuildOptions {
         namespace: args.namespace.clone(),
-        workload_labels: parse_labels(&args.workload_labels)?,
+        workload_labels: workload_labels.clone(),
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -171,9 +218,43 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
 
     let dns_changes = dns.subscribe();
     let publisher = Publisher::new(RegistryCompiler::new(options, dns), Arc::clone(&admin));
-    let folder = Folder::new(args.config.clone(), &publisher);
+    // Every source registers before any delivers: readiness waits for each one's first
+    // complete set.
+    let folder = args
+        .config
+        .as_ref()
+        .map(|path| Folder::new(path.clone(), &publisher));
+    let xds = match &args.xds.xds_address {
+        Some(address) => {
+            let stats = Arc::new(XdsStats::default());
+            let client = xds_client(&args.xds, address, &workload_labels, Arc::clone(&stats))?;
+            admin.add_stats(Box::new(move || stats.entries()));
+            let timeout = args.xds.xds_initial_fetch_timeout.into();
+            Some((XdsSource::new("xds", &publisher, timeout), client))
+        }
+        None => None,
+    };
     let background = CancellationToken::new();
-    tokio::spawn(folder.run(args.rescan_interval.into(), background.clone()));
+    if let Some(folder) = folder {
+        tokio::spawn(folder.run(args.rescan_interval.into(), background.clone()));
+    }
+    if let Some((source, client)) = xds {
+        // Each update blocks for the build, as Envoy's main thread applies config: the
+        // client gets a thread and runtime of its own, away from the data path's workers.
+        let stop = background.clone();
+        std::thread::Builder::new()
+            .name("portcullis-xds".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(source.run(client, stop)),
+                    Err(e) => tracing::error!(error = %e, "cannot start the xDS runtime"),
+                }
+            })
+            .context("cannot start the xDS thread")?;
+    }
     tokio::spawn(rebuild_on(publisher, dns_changes, background.clone()));
     for (listener, endpoints) in [
         (admin_listener, Endpoints::Admin),

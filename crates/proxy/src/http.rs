@@ -450,7 +450,10 @@ pub(crate) async fn route<'a>(
                 scheme: "http",
                 headers: input.headers,
             };
-            let routed = snapshot.route_request(&conn, &request);
+            let routed = match (downstream.original_dst, host) {
+                (None, Some(h)) => snapshot.route_explicit(h, &conn, &request),
+                _ => snapshot.route_request(&conn, &request),
+            };
             outcome.matched = routed.route;
             routed.decision
         }

@@ -272,6 +272,33 @@ impl Snapshot {
         }
     }
 
+    /// Routes one request of the explicit proxy (no original destination) for `host` on
+    /// `port`: through Istio's `http_proxy` route table when the config has one, as the
+    /// listener of a sidecar's HTTP proxy port does, its authority written `host:port` as
+    /// that table's domains are; else as a request on `conn`.
+    pub fn route_explicit(
+        &self,
+        host: &str,
+        conn: &Connection<'_>,
+        req: &Request<'_>,
+    ) -> HttpRoute {
+        let Some(table) = &self.http_proxy else {
+            return self.route_request(conn, req);
+        };
+        let Ok(name) = normalized(host) else {
+            return table.route(req);
+        };
+        let authority = match name.ip.map(canonical) {
+            Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", conn.port),
+            Some(ip) => format!("{ip}:{}", conn.port),
+            None => format!("{}:{}", name.text, conn.port),
+        };
+        table.route(&Request {
+            authority: &authority,
+            ..*req
+        })
+    }
+
     /// The decision of a connection described by `conn` carried as bytes (TCP, TLS): its
     /// filter chain's clusters. A chain of HTTP routes takes no opaque bytes: the outbound
     /// policy's.

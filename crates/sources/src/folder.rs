@@ -49,7 +49,10 @@ impl Folder {
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let path = &self.path;
         self.publisher.update(self.source, trigger, |set| {
-            let Set::Files(files) = set;
+            let Set::Files(files) = set else {
+                // Only the folder registered this source, with a set of files.
+                return Delivery::default();
+            };
             let update = files.update(scan(path));
             let report = update.findings_changed || trigger == Trigger::Start;
             if report {

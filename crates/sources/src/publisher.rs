@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
 use portcullis_admin::{AdminState, ConfigStatus};
+use portcullis_envoy::state::SourceState;
 use portcullis_model::ConfigSet;
 use portcullis_registry::Snapshot;
 use tokio::sync::watch;
@@ -23,14 +24,21 @@ pub enum Trigger {
     Periodic,
     /// A DNS answer the snapshot uses changed.
     Dns,
+    /// The control plane sent resources, or a warming one timed out.
+    Xds,
 }
 
 /// What one source holds: its current set, kept by the publisher so that a build reads
 /// every source's set in place, without a copy. One variant per kind of source.
+// A publisher holds one set per source, two at most: boxing the files' set would save
+// nothing worth an indirection on every build.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Set {
     /// Istio and Kubernetes resources from a config path: every file's last good content.
     Files(ConfigSet),
+    /// Envoy resources from a control plane: active, warming and rejected versions.
+    Xds(Arc<SourceState>),
 }
 
 /// What a source's update did to its set.
@@ -50,6 +58,15 @@ pub struct Delivery {
 #[error("{0}")]
 pub struct CompileError(pub String);
 
+/// What one build produced.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// The data path's snapshot.
+    pub snapshot: Snapshot,
+    /// The sources' resources in Envoy's model, for `/config_dump`.
+    pub resources: SourceState,
+}
+
 /// Compiles the sources' sets into a data-path snapshot.
 pub trait Compile: Send {
     /// Snapshot `version` from `sets` (one per source, in the order they were added),
@@ -59,7 +76,7 @@ pub trait Compile: Send {
         sets: &[&Set],
         previous: &Snapshot,
         version: u64,
-    ) -> Result<Snapshot, CompileError>;
+    ) -> Result<Built, CompileError>;
 }
 
 /// What an update or a rebuild did.
@@ -208,7 +225,10 @@ impl Publisher {
         let previous = self.registry.load_full();
         let next = *version + 1;
         match compiler.compile(&sets, &previous, next) {
-            Ok(snapshot) => {
+            Ok(Built {
+                snapshot,
+                resources,
+            }) => {
                 tracing::info!(
                     version = snapshot.version,
                     clusters = snapshot.clusters.len(),
@@ -217,6 +237,7 @@ impl Publisher {
                     "registry updated"
                 );
                 self.registry.store(Arc::new(snapshot));
+                self.admin.resources.store(Arc::new(resources));
                 *version = next;
                 self.admin.set_ready();
                 Outcome::Published(next)

@@ -1,15 +1,19 @@
 //! The registry's build as the publisher's compiler, DNS answers included.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use portcullis_dns::{DnsCache, HickoryLookup, Lookup};
+use portcullis_envoy::Resources;
+use portcullis_envoy::state::SourceState;
 use portcullis_model::Resource;
-use portcullis_registry::{BuildOptions, Snapshot, build_with_dns};
+use portcullis_registry::{BuildOptions, Snapshot, compile};
 
-use crate::{Compile, CompileError, Set};
+use crate::{Built, Compile, CompileError, Set};
 
 /// Compiles Istio resources with the registry, resolving DNS endpoints from `dns`'s current
-/// answers and keeping every name the snapshot needs resolved.
+/// answers and keeping every name the snapshot needs resolved; resources from a control
+/// plane join the compiled ones, winning a name both use.
 pub struct RegistryCompiler<L: Lookup = HickoryLookup> {
     options: BuildOptions,
     dns: Arc<DnsCache<L>>,
@@ -28,31 +32,65 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
         sets: &[&Set],
         previous: &Snapshot,
         version: u64,
-    ) -> Result<Snapshot, CompileError> {
-        let joined: Vec<Resource>;
-        let resources = match sets {
-            // The usual case compiles the source's slice as it is, without a copy.
-            [Set::Files(files)] => files.resources(),
-            _ => {
-                joined = sets
-                    .iter()
-                    .flat_map(|set| match set {
-                        Set::Files(files) => files.resources(),
-                    })
-                    .cloned()
-                    .collect();
-                &joined
-            }
-        };
+    ) -> Result<Built, CompileError> {
         let answers = self.dns.answers();
         let lookup = |name: &str| answers.get(name).map(|a| Arc::clone(&a.addrs));
-        let snapshot = build_with_dns(resources, &self.options, Some(previous), version, &lookup);
+        let mut file_sets = sets.iter().filter_map(|set| match set {
+            Set::Files(files) => Some(files.resources()),
+            Set::Xds(_) => None,
+        });
+        let joined: Vec<Resource>;
+        let istio: Option<&[Resource]> = match (file_sets.next(), file_sets.next()) {
+            (None, _) => None,
+            // The usual case compiles the source's slice as it is, without a copy.
+            (Some(only), None) => Some(only),
+            (Some(first), Some(second)) => {
+                joined = [first, second]
+                    .into_iter()
+                    .chain(file_sets)
+                    .flatten()
+                    .cloned()
+                    .collect();
+                Some(&joined)
+            }
+        };
+        let (mut resources, mut warnings, mut dns_names) = match istio {
+            Some(istio) => {
+                let compiled = compile(istio, &self.options, &lookup);
+                (compiled.resources, compiled.warnings, compiled.dns_names)
+            }
+            None => (Resources::default(), Vec::new(), Default::default()),
+        };
+        let mut dump = SourceState::default();
+        let from_files = (istio.is_some())
+            .then(|| SourceState::of(resources.clone(), &version.to_string(), SystemTime::now()));
+        for set in sets {
+            if let Set::Xds(state) = set {
+                let active = state.active();
+                resources.listeners.extend(active.listeners);
+                resources.routes.extend(active.routes);
+                resources.clusters.extend(active.clusters);
+                resources.endpoints.extend(active.endpoints);
+                dump.fill_from(SourceState::clone(state));
+            }
+        }
+        if let Some(files) = from_files {
+            dump.fill_from(files);
+        }
+        let mut snapshot = Snapshot::index(&resources, &lookup, Some(previous), version);
+        warnings.append(&mut snapshot.warnings);
+        snapshot.warnings = warnings;
+        dns_names.append(&mut snapshot.dns_names);
+        snapshot.dns_names = dns_names;
         // New names start resolving now; their answers trigger another build.
         self.dns.set_names(snapshot.dns_names.iter().cloned());
         for warning in &snapshot.warnings {
             tracing::warn!(%warning, "registry");
         }
-        Ok(snapshot)
+        Ok(Built {
+            snapshot,
+            resources: dump,
+        })
     }
 }
 
@@ -144,7 +182,8 @@ spec:
         let mut compiler = RegistryCompiler::new(BuildOptions::default(), dns);
         let snapshot = compiler
             .compile(&[&a, &b], &Snapshot::default(), 1)
-            .unwrap();
+            .unwrap()
+            .snapshot;
         let names: Vec<&str> = snapshot.services().map(|c| &*c.name).collect();
         assert_eq!(
             names,

@@ -9,7 +9,7 @@ use portcullis_registry::Snapshot;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Compile, CompileError, Set};
+use crate::{Built, Compile, CompileError, Set};
 
 /// Admin state over an empty registry, as `portcullis run` starts.
 pub fn admin() -> Arc<AdminState> {
@@ -98,7 +98,7 @@ impl Compile for Fake {
         sets: &[&Set],
         previous: &Snapshot,
         version: u64,
-    ) -> Result<Snapshot, CompileError> {
+    ) -> Result<Built, CompileError> {
         let mut record = self.record.lock().unwrap();
         record.last_sets = sets.len();
         record.previous_versions.push(previous.version);
@@ -108,7 +108,10 @@ impl Compile for Fake {
         self.builds.send_modify(|n| *n += 1);
         let mut snapshot = Snapshot::default();
         snapshot.version = version;
-        Ok(snapshot)
+        Ok(Built {
+            snapshot,
+            ..Built::default()
+        })
     }
 }
 

@@ -588,17 +588,7 @@ impl XdsState {
 
     /// The active resources: what the data path is built from.
     pub fn active(&self) -> Resources {
-        fn active<T: Clone>(m: &BTreeMap<String, ResourceState<T>>) -> BTreeMap<String, T> {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.active.as_ref()?.resource.clone())))
-                .collect()
-        }
-        Resources {
-            listeners: active(&self.state.listeners),
-            routes: active(&self.state.routes),
-            clusters: active(&self.state.clusters),
-            endpoints: active(&self.state.endpoints),
-        }
+        self.state.active()
     }
 
     /// Whether readiness may turn on: CDS and LDS have answered, and nothing they brought
