@@ -175,10 +175,11 @@ pub fn retry_policy(retry_on: &str, attempts: u32) -> Value {
     policy
 }
 
-/// The mesh's default retry policy (no `retries` in a VirtualService).
+/// The mesh's default retry policy (no `retries` in a VirtualService): istiod's
+/// `DefaultPolicy`, which retries a 503 through `retriable-status-codes`.
 pub fn default_retry_policy() -> Value {
     retry_policy(
-        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "connect-failure,refused-stream,unavailable,cancelled,503",
         2,
     )
 }
