@@ -81,6 +81,8 @@ def http_echo(host, port):
 
         def do_POST(self):
             total, digest, framing = self.read_body()
+            if self.reply_status():
+                return
             if self.path == "/headers":
                 self.reply_headers()
                 return
@@ -90,9 +92,35 @@ def http_echo(host, port):
             seen = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items())
             self.reply(seen.encode())
 
+        def reply_status(self):
+            # /status/CODE answers CODE; /flaky/CODE answers CODE to a first attempt and 200
+            # to a retry (by Envoy's x-envoy-attempt-count); both say which attempt they saw.
+            kind, _, code = self.path.strip("/").partition("/")
+            if kind not in ("status", "flaky") or not code.isdigit():
+                return False
+            status = int(code)
+            if kind == "flaky" and self.attempt() > 1:
+                status = 200
+            body = f"status {status} on attempt {self.attempt()}\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
+        def attempt(self):
+            return int(self.headers.get("x-envoy-attempt-count", "1"))
+
         def do_GET(self):
             if self.path == "/headers":
                 self.reply_headers()
+                return
+            # Another path under /headers/ (a rewritten prefix): the path, then the headers.
+            if self.path.startswith("/headers/"):
+                seen = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items())
+                self.reply(f"path: {self.path}\n{seen}".encode(), [("x-upstream", "echo")])
+                return
+            if self.reply_status():
                 return
             if not self.path.startswith("/bytes/"):
                 self.reply(b"echo server\n")

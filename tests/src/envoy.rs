@@ -2,6 +2,7 @@
 //! side, and the differential run that puts the same clients in front of it and of
 //! portcullis (see [`run_differential`]).
 
+pub mod any;
 mod diff;
 pub mod istio;
 
@@ -14,7 +15,8 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::lab::{Lab, PROXY_UID, Role};
-use crate::{cmd, poll};
+use crate::{cmd, poll, preflight};
+use istio::Xds;
 
 pub use diff::{Action, Probe, Scenario, run_differential};
 
@@ -24,6 +26,16 @@ const ENVOY_PEER: &str = "envoy";
 const READY_DEADLINE: Duration = Duration::from_secs(20);
 /// The Envoy release the lab is meant to compare against.
 const ENVOY_VERSION: &str = "1.40.";
+
+/// The control plane's address in the lab: a second address of the external host, as istiod
+/// would be a host of its own.
+pub const ISTIOD_IP: &str = "10.50.0.15";
+/// Its plaintext gRPC port (istiod's 15010).
+pub const ISTIOD_PORT: u16 = 15010;
+/// The peer name the control plane runs under.
+const CONTROL_PLANE_PEER: &str = "istiod";
+/// How long the control plane may take to listen.
+const CONTROL_PLANE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The page of the TLS server the scenarios put on the external host.
 pub const TLS_PAGE: &str = "Welcome to the TLS host\n";
@@ -68,6 +80,53 @@ pub fn envoy_bin() -> anyhow::Result<PathBuf> {
 }
 
 impl Lab {
+    /// Starts the repo's control plane (`portcullis-control-plane`) on
+    /// [`ISTIOD_IP`]:[`ISTIOD_PORT`] serving `resources` over ADS, each encoded from its JSON
+    /// to the protobuf `Any` istiod would send; returns the `http://` address for
+    /// `--xds-address`.
+    pub fn start_control_plane(&mut self, resources: &Xds) -> anyhow::Result<String> {
+        let bin = preflight::control_plane_bin()?;
+        let folder = self.dir.join("xds");
+        std::fs::create_dir_all(&folder)?;
+        for (i, (type_url, json)) in resources.all().into_iter().enumerate() {
+            let any = any::encode(type_url, json)
+                .with_context(|| format!("encoding resource {i} ({type_url})"))?;
+            std::fs::write(
+                folder.join(format!("{i:03}.any")),
+                prost::Message::encode_to_vec(&any),
+            )?;
+        }
+        self.add_address(Role::External, ISTIOD_IP)?;
+        let listen = format!("{ISTIOD_IP}:{ISTIOD_PORT}");
+        let bin = bin.display().to_string();
+        let folder = folder.display().to_string();
+        self.spawn_peer(
+            Role::External,
+            CONTROL_PLANE_PEER,
+            &bin,
+            &["--listen", &listen, "--resources", &folder],
+            "TERM",
+        )?;
+        poll(
+            "the control plane listening",
+            CONTROL_PLANE_DEADLINE,
+            || {
+                Ok(self
+                    .peer_stdout(CONTROL_PLANE_PEER)?
+                    .contains("listening on")
+                    .then_some(()))
+            },
+        )?;
+        self.note(format!(
+            "control plane on {listen}: {} listeners, {} routes, {} clusters, {} assignments",
+            resources.listeners.len(),
+            resources.routes.len(),
+            resources.clusters.len(),
+            resources.endpoints.len()
+        ));
+        Ok(format!("http://{listen}"))
+    }
+
     /// Starts real Envoy (`envoy`, see [`envoy_bin`]) in the pod as uid/gid 1337 with
     /// `bootstrap`, one worker thread and its access log on its stdout, and waits until its
     /// admin `/ready` answers 200 `LIVE`. Istio's rules must already be installed.

@@ -414,41 +414,40 @@ http {{
     /// waits until its admin `/ready` answers 200 `LIVE`.
     pub fn start_portcullis(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let config = self.config_dir.display().to_string();
-        self.start_portcullis_with(&["--config", &config], extra)
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        self.spawn_portcullis(&args, &[])
     }
 
-    /// Starts `portcullis run --xds-address <address> <extra>` (config from a control plane
-    /// only, no files) in the pod as uid/gid 1337, as the pod `push-0` at the pod's address,
-    /// and waits until its admin `/ready` answers 200 `LIVE`.
-    pub fn start_portcullis_xds(&mut self, address: &str, extra: &[&str]) -> anyhow::Result<()> {
-        self.start_portcullis_with(
+    /// Starts `portcullis run --xds-address <xds> <extra>` (no `--config`) in the pod as
+    /// uid/gid 1337, with the environment Istio's injector gives the sidecar (pod name,
+    /// namespace, IP), and waits until its admin `/ready` answers 200 `LIVE`: the first
+    /// complete set of resources is applied.
+    pub fn start_portcullis_xds(&mut self, xds: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["--xds-address", xds];
+        args.extend_from_slice(extra);
+        self.spawn_portcullis(
+            &args,
             &[
-                "--xds-address",
-                address,
-                "--pod-name",
-                "push-0",
-                "--pod-namespace",
-                "default",
-                "--instance-ip",
-                scenario::POD_IP,
-                "--xds-token-file",
-                "/nonexistent",
+                ("POD_NAME", "client"),
+                ("POD_NAMESPACE", "default"),
+                ("INSTANCE_IP", scenario::POD_IP),
+                ("SERVICE_ACCOUNT", "default"),
             ],
-            extra,
         )
     }
 
-    fn start_portcullis_with(&mut self, source: &[&str], extra: &[&str]) -> anyhow::Result<()> {
+    fn spawn_portcullis(&mut self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
         let id = PROXY_UID.to_string();
         let mut command = self.exec(Role::Pod, "setpriv");
         command
             .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
             .arg(&self.bin)
             .arg("run")
-            .args(source)
-            .args(extra)
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_BACKTRACE", "1");
-        self.note(format!("starting portcullis {source:?} {extra:?}"));
+        self.note(format!("starting portcullis {args:?}"));
         self.portcullis = Some(Proc::spawn("portcullis", &mut command, &self.dir, "TERM")?);
         let start = Instant::now();
         poll("portcullis /ready = 200 LIVE", READY_DEADLINE, || {

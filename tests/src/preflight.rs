@@ -115,6 +115,34 @@ pub fn portcullis_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The test control plane (`portcullis-control-plane`): `$CONTROL_PLANE_BIN`, else the one
+/// built next to the portcullis binary under test.
+pub fn control_plane_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("CONTROL_PLANE_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("CONTROL_PLANE_BIN={} does not exist", bin.display());
+        }
+        return Ok(bin);
+    }
+    let dir = profile_dir()?;
+    let bin = dir.join("portcullis-control-plane");
+    if !bin.is_file() {
+        let release = if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        };
+        bail!(
+            "the control plane binary is not at {}: build it first with \
+             `cargo build{release} -p portcullis-control-plane` (or point CONTROL_PLANE_BIN at \
+             one)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// The lab's own TCP helper (`pce2e-net`), which Cargo builds next to the test executables.
 pub fn net_tool_bin() -> anyhow::Result<PathBuf> {
     let bin = profile_dir()?.join("pce2e-net");

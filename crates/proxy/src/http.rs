@@ -594,7 +594,7 @@ async fn route_and_forward(
     // Where the policy resends after a reset (or, to HTTP/2, a refused stream), a request
     // without a body can go again; one with a body cannot, as it has been streamed away.
     let bodiless = req.body().is_end_stream() && client_upgrade.is_none();
-    let resends = policy.reset || (policy.refused_stream && h2);
+    let resends = policy.reset || (policy.refused_stream && h2) || policy.retries_statuses();
     let replay = (resends && bodiless).then(|| {
         (
             req.method().clone(),
@@ -635,6 +635,31 @@ async fn route_and_forward(
                         cluster_name: Label(Arc::clone(&outcome.cluster)),
                     })
                     .inc();
+                let status = response.status().as_u16();
+                if policy.retry_status(status) {
+                    if policy.another(attempt)
+                        && let Some((method, uri, version, headers)) = &replay
+                    {
+                        // The response and its connection are dropped, never reused with a
+                        // body left unread; the request goes again as Envoy's router does.
+                        drop((response, pooled, guard));
+                        if can_retry(&decision, index) {
+                            policy.tried(&mut tried, index);
+                        }
+                        let mut again = Request::new(RequestBody::Empty);
+                        *again.method_mut() = method.clone();
+                        *again.uri_mut() = uri.clone();
+                        *again.version_mut() = *version;
+                        *again.headers_mut() = headers.clone();
+                        req = again;
+                        tracing::debug!(status, "retriable upstream status; retrying");
+                        continue;
+                    }
+                    // The last response a policy would have retried: Envoy's `URX`.
+                    if attempt > 0 {
+                        outcome.flags = "URX";
+                    }
+                }
                 let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 let response = match (client_upgrade, switching) {
                     (Some(client), true) => {

@@ -42,7 +42,7 @@ pub enum NonePolicy {
 
 /// When a failed upstream attempt is made again: the conditions of Envoy's route
 /// `retry_policy` that the data path tells apart. Its `Default` is Istio's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// `num_retries`: attempts after the first.
     pub num_retries: u8,
@@ -58,20 +58,31 @@ pub struct RetryPolicy {
     /// cluster has one. The pick excludes tried endpoints outright, so Envoy's
     /// `host_selection_retry_max_attempts` has nothing left to bound.
     pub previous_hosts: bool,
+    /// `retry_on: 5xx`: the upstream answered with any 5xx status.
+    pub five_xx: bool,
+    /// `retry_on: gateway-error`: the upstream answered 502, 503 or 504.
+    pub gateway_error: bool,
+    /// `retry_on: retriable-status-codes`: the upstream answered one of these.
+    pub status_codes: Vec<u16>,
 }
 
 impl RetryPolicy {
     /// What istiod puts on every service route: `connect-failure,refused-stream,unavailable,
     /// cancelled,retriable-status-codes`, 2 retries, `previous_hosts`. No `reset`: a reset
-    /// after the request was sent is answered at once (`UC`). `retriable-status-codes` comes
-    /// without codes, so no status is retried.
-    pub const ISTIO: RetryPolicy = RetryPolicy {
-        num_retries: 2,
-        connect_failure: true,
-        refused_stream: true,
-        reset: false,
-        previous_hosts: true,
-    };
+    /// after the request was sent is answered at once (`UC`). `retriable-status-codes` with
+    /// 503, as istiod's `DefaultPolicy` writes it.
+    pub fn istio() -> RetryPolicy {
+        RetryPolicy {
+            num_retries: 2,
+            connect_failure: true,
+            refused_stream: true,
+            reset: false,
+            previous_hosts: true,
+            five_xx: false,
+            gateway_error: false,
+            status_codes: vec![503],
+        }
+    }
 
     /// No retries: a route without a retry policy.
     pub const NONE: RetryPolicy = RetryPolicy {
@@ -80,7 +91,22 @@ impl RetryPolicy {
         refused_stream: false,
         reset: false,
         previous_hosts: false,
+        five_xx: false,
+        gateway_error: false,
+        status_codes: Vec::new(),
     };
+
+    /// Whether a response with `status` is retried (when attempts are left).
+    pub fn retry_status(&self, status: u16) -> bool {
+        (self.five_xx && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || self.status_codes.contains(&status)
+    }
+
+    /// Whether some response status is retried.
+    pub fn retries_statuses(&self) -> bool {
+        self.five_xx || self.gateway_error || !self.status_codes.is_empty()
+    }
 
     /// Attempts in all, the first included.
     pub fn attempts(&self) -> usize {
@@ -108,7 +134,7 @@ impl RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy::ISTIO
+        RetryPolicy::istio()
     }
 }
 
@@ -118,11 +144,16 @@ impl RetryPolicy {
     /// listeners, or a filter chain that carries bytes).
     pub(crate) fn of(route: Option<&Route>) -> RetryPolicy {
         let Some(route) = route else {
-            return RetryPolicy::ISTIO;
+            return RetryPolicy::istio();
         };
-        let Some(policy) = &route.retry_policy else {
-            return RetryPolicy::NONE;
-        };
+        match &route.retry_policy {
+            Some(policy) => RetryPolicy::from_envoy(policy),
+            None => RetryPolicy::NONE,
+        }
+    }
+
+    /// The conditions of Envoy's `retry_policy` the data path tells apart.
+    pub(crate) fn from_envoy(policy: &portcullis_envoy::RetryPolicy) -> RetryPolicy {
         let on = |conditions: &[&str]| {
             policy
                 .retry_on
@@ -137,6 +168,13 @@ impl RetryPolicy {
             refused_stream: on(&["refused-stream", "reset", "5xx", "gateway-error"]),
             reset: on(&["reset", "5xx", "gateway-error"]),
             previous_hosts: policy.avoid_previous_hosts,
+            five_xx: on(&["5xx"]),
+            gateway_error: on(&["gateway-error"]),
+            status_codes: if on(&["retriable-status-codes"]) {
+                policy.retriable_status_codes.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -330,7 +368,7 @@ mod tests {
     #[test]
     fn istios_default_retries_connect_failures_twice_on_other_endpoints() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy, RetryPolicy::ISTIO);
+        assert_eq!(policy, RetryPolicy::istio());
         assert!(policy.connect_failure && policy.refused_stream && !policy.reset);
         assert_eq!(policy.attempts(), 3);
         assert!(policy.another(0) && policy.another(1) && !policy.another(2));
@@ -340,10 +378,42 @@ mod tests {
         assert_eq!(tried, [4]);
         let anywhere = RetryPolicy {
             previous_hosts: false,
-            ..policy
+            ..policy.clone()
         };
         anywhere.tried(&mut tried, Some(5));
         assert_eq!(tried, [4]);
+    }
+
+    #[test]
+    fn response_statuses_are_retried_as_the_route_says() {
+        // Istio's default: only 503, through `retriable-status-codes`.
+        let istio = RetryPolicy::istio();
+        assert!(istio.retries_statuses());
+        assert!(istio.retry_status(503) && !istio.retry_status(502));
+        assert!(!RetryPolicy::NONE.retries_statuses());
+
+        let route = |retry_on: &[&str], codes: &[u16]| {
+            RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
+                retry_on: retry_on.iter().map(|c| (*c).to_owned()).collect(),
+                num_retries: 2,
+                per_try_timeout: None,
+                retriable_status_codes: codes.to_vec(),
+                avoid_previous_hosts: true,
+                host_selection_retry_max_attempts: 5,
+            })
+        };
+        let five = route(&["5xx"], &[]);
+        assert!(five.retry_status(500) && five.retry_status(599) && !five.retry_status(404));
+        // `5xx` also covers connect failures and resets, as in Envoy.
+        assert!(five.connect_failure && five.reset);
+        let gateway = route(&["gateway-error"], &[]);
+        assert!(gateway.retry_status(502) && gateway.retry_status(504));
+        assert!(!gateway.retry_status(500));
+        // Codes count only under `retriable-status-codes`.
+        let listed = route(&["retriable-status-codes"], &[409]);
+        assert!(listed.retry_status(409) && !listed.retry_status(503));
+        let unlisted = route(&["connect-failure"], &[409]);
+        assert!(!unlisted.retries_statuses());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::istio::Resources;
-use super::{TLS_MARK, envoy_bin};
+use super::{ISTIOD_IP, ISTIOD_PORT, TLS_MARK, envoy_bin};
 use crate::lab::{Lab, Role};
 use crate::scenario::{EXTERNAL_MARK, IN_CLUSTER_MARK, mesh_config};
 use crate::{Reply, can_run, poll};
@@ -21,16 +21,19 @@ const TCP_PROBE_SECONDS: u64 = 3;
 /// The longest value shown in a table cell when both sides agree on it.
 const CELL: usize = 100;
 
-/// One scenario, written once: the Istio YAML portcullis reads, the resources istiod would
-/// send Envoy for the same config, and the probes both must answer alike.
+/// One scenario, written once: the resources istiod would send a sidecar, which the test
+/// control plane serves to both proxies, and the probes both must answer alike.
 pub struct Scenario {
     /// Short name, used for the labs and the report.
     pub name: &'static str,
-    /// Files for portcullis's `--config` folder (file name, YAML), besides the mesh
-    /// ConfigMap that [`Resources::mode`] implies.
-    pub istio: Vec<(String, String)>,
-    /// Envoy's listeners and clusters.
+    /// The listeners, routes and clusters both proxies get over ADS.
     pub envoy: Resources,
+    /// Istio YAML (file name, YAML) that istiod would compile into [`Scenario::envoy`]: when
+    /// not empty, a third lab runs portcullis from these files (`--config`, with the mesh
+    /// ConfigMap that [`Resources::mode`] implies) against the same probes, which covers
+    /// portcullis's own compilation of Istio YAML. Kept for the scenarios where that path has
+    /// something to show, as every lab costs run time.
+    pub files: Vec<(String, String)>,
     /// Extra `portcullis run` flags.
     pub portcullis_flags: Vec<&'static str>,
     /// What the clients do.
@@ -73,9 +76,9 @@ pub struct Probe {
     /// `Some(why)` for a deliberate difference (a row of the README's "Differences from
     /// Istio/Envoy"): the two must then differ, and the report shows how.
     pub differs: Option<&'static str>,
-    /// Known, undocumented disagreements this probe shows (still failures), named in the
-    /// report so a red run says which finding it is.
-    pub findings: Vec<&'static str>,
+    /// `Some(why)`: a deliberate difference of portcullis fed from files only (over xDS it
+    /// must agree, unless [`Probe::differs`] says otherwise).
+    pub files_differs: Option<&'static str>,
     /// The proxy may close before the client's first bytes arrive or after: whether the
     /// client sees a clean close or a reset is then a race, so only "it ended" is compared.
     pub close_races: bool,
@@ -131,7 +134,7 @@ impl Probe {
             name: name.to_owned(),
             action,
             differs: None,
-            findings: Vec::new(),
+            files_differs: None,
             close_races: false,
         }
     }
@@ -143,9 +146,10 @@ impl Probe {
         self
     }
 
-    /// Names a known finding this probe exposes; it still fails while the two disagree.
-    pub fn finding(mut self, finding: &'static str) -> Probe {
-        self.findings.push(finding);
+    /// Marks a deliberate difference of portcullis fed from Istio YAML (the files lab),
+    /// naming the README row that documents it.
+    pub fn differs_from_files(mut self, why: &'static str) -> Probe {
+        self.files_differs = Some(why);
         self
     }
 
@@ -166,11 +170,12 @@ enum Side {
 /// What a client saw, as (field, value) pairs in a fixed order.
 type Observation = Vec<(&'static str, String)>;
 
-/// Runs `scenario`: builds the two labs, calls `setup` in each (peers, names, dnsmasq:
-/// everything but the proxy), starts portcullis in one pod and Envoy in the other, runs every
-/// probe against both and fails with a table of both sides on any undocumented difference,
-/// or on a documented one that did not show. Skips like [`crate::run`] without root; fails
-/// loudly without Envoy 1.40.
+/// Runs `scenario`: builds twin labs (three with [`Scenario::files`]), calls `setup` in each
+/// (peers, names, dnsmasq: everything but the proxies), starts the control plane serving the
+/// scenario's resources in each, portcullis over ADS in one pod and Envoy over ADS in the
+/// other, runs every probe against both and fails with a table of both sides on any
+/// undocumented difference, or on a documented one that did not show. Skips like
+/// [`crate::run`] without root; fails loudly without Envoy 1.40.
 pub fn run_differential(scenario: Scenario, setup: impl Fn(&mut Lab) -> anyhow::Result<()>) {
     let test = format!("diff-{}", scenario.name);
     if !can_run(&test) {
@@ -184,85 +189,101 @@ pub fn run_differential(scenario: Scenario, setup: impl Fn(&mut Lab) -> anyhow::
         Lab::new(&format!("{test}-{side}"))
             .unwrap_or_else(|e| panic!("{test}: building the lab failed: {e:#}"))
     };
-    // Two labs with the same namespaces and addresses: one pod runs portcullis, the twin Envoy.
-    let (mut ours, mut theirs) = (new_lab("p"), new_lab("e"));
+    // Labs with the same namespaces and addresses: portcullis over ADS, portcullis from files
+    // (when the scenario has them), Envoy over ADS.
+    let mut ours = vec![(Feed::Xds, new_lab("p"))];
+    if !scenario.files.is_empty() {
+        ours.push((Feed::Files, new_lab("f")));
+    }
+    let mut theirs = new_lab("e");
+    let xds = scenario.envoy.xds();
     let outcome = (|| {
-        setup(&mut ours)?;
-        setup(&mut theirs)?;
-        ours.write_config("mesh.yaml", &mesh_config(scenario.envoy.mode.mesh_name()))?;
-        for (file, yaml) in &scenario.istio {
-            ours.write_config(file, yaml)?;
+        for (feed, lab) in &mut ours {
+            setup(lab)?;
+            lab.apply_iptables()?;
+            match feed {
+                Feed::Xds => {
+                    let address = lab.start_control_plane(&xds)?;
+                    lab.start_portcullis_xds(&address, &scenario.portcullis_flags)?;
+                }
+                Feed::Files => {
+                    lab.write_config("mesh.yaml", &mesh_config(scenario.envoy.mode.mesh_name()))?;
+                    for (file, yaml) in &scenario.files {
+                        lab.write_config(file, yaml)?;
+                    }
+                    lab.start_portcullis(&scenario.portcullis_flags)?;
+                }
+            }
         }
-        ours.apply_iptables()?;
-        ours.start_portcullis(&scenario.portcullis_flags)?;
+        setup(&mut theirs)?;
+        theirs.start_control_plane(&xds)?;
         theirs.apply_iptables()?;
-        theirs.start_envoy(&envoy, &scenario.envoy.bootstrap())?;
+        theirs.start_envoy(&envoy, &Resources::ads_bootstrap((ISTIOD_IP, ISTIOD_PORT)))?;
         compare(&scenario, &mut ours, &mut theirs)
     })();
     match outcome {
         Ok(report) => eprintln!("{report}"),
         Err(e) => {
-            ours.dump_logs();
+            for (_, lab) in &mut ours {
+                lab.dump_logs();
+            }
             theirs.dump_logs();
             panic!("{test}: {e:#}");
         }
     }
 }
 
-/// Runs every probe on both sides; the report on success, the failing table as the error.
-fn compare(scenario: &Scenario, ours: &mut Lab, theirs: &mut Lab) -> anyhow::Result<String> {
+/// How a portcullis lab gets its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Over ADS from the control plane, as Envoy.
+    Xds,
+    /// From the scenario's Istio YAML.
+    Files,
+}
+
+impl Feed {
+    fn label(self) -> &'static str {
+        match self {
+            Feed::Xds => "portcullis",
+            Feed::Files => "portcullis (files)",
+        }
+    }
+}
+
+/// Runs every probe on every side; the report on success, the failing table as the error.
+fn compare(
+    scenario: &Scenario,
+    ours: &mut [(Feed, Lab)],
+    theirs: &mut Lab,
+) -> anyhow::Result<String> {
     let mut report = format!(
-        "differential scenario {}: {} probes, portcullis vs Envoy 1.40\n",
+        "differential scenario {}: {} probes, portcullis vs Envoy 1.40, both over ADS{}\n",
         scenario.name,
-        scenario.probes.len()
+        scenario.probes.len(),
+        if ours.len() > 1 {
+            "; portcullis from Istio YAML too"
+        } else {
+            ""
+        }
     );
     let mut failures = 0;
     for probe in &scenario.probes {
-        let mut mine = observe(ours, Side::Portcullis, &probe.action)?;
         let mut envoy = observe(theirs, Side::Envoy, &probe.action)?;
         if probe.close_races {
-            for seen in [&mut mine, &mut envoy] {
-                merge_close_and_reset(seen);
+            merge_close_and_reset(&mut envoy);
+        }
+        for (feed, lab) in ours.iter_mut() {
+            let mut mine = observe(lab, Side::Portcullis, &probe.action)?;
+            if probe.close_races {
+                merge_close_and_reset(&mut mine);
             }
-        }
-        let differing: Vec<usize> = (0..mine.len())
-            .filter(|&i| mine[i].1 != envoy[i].1)
-            .collect();
-        let (verdict, failed) = match (probe.differs, differing.is_empty()) {
-            (None, true) => ("same", false),
-            (None, false) => ("MISMATCH", true),
-            (Some(_), false) => ("differs, as documented", false),
-            (Some(_), true) => ("SAME, but documented as differing", true),
-        };
-        failures += usize::from(failed);
-        let _ = writeln!(report, "- {}: {verdict}", probe.name);
-        if let Some(why) = probe.differs {
-            let _ = writeln!(report, "  documented difference: {why}");
-        }
-        for finding in &probe.findings {
-            let _ = writeln!(report, "  known finding: {finding}");
-        }
-        if failed || probe.differs.is_some() {
-            let _ = writeln!(report, "  action: {:?}", probe.action);
-            let _ = writeln!(report, "  | field | portcullis | envoy |");
-            let _ = writeln!(report, "  |---|---|---|");
-            for (i, (field, value)) in mine.iter().enumerate() {
-                // A differing value is shown whole: the difference may be past any cut.
-                let (mark, limit) = if differing.contains(&i) {
-                    (" (*)", usize::MAX)
-                } else {
-                    ("", CELL)
-                };
-                let _ = writeln!(
-                    report,
-                    "  | {field}{mark} | {} | {} |",
-                    cell(value, limit),
-                    cell(&envoy[i].1, limit)
-                );
-            }
+            failures += usize::from(judge(&mut report, probe, *feed, &mine, &envoy));
         }
     }
-    ours.expect_running()?;
+    for (_, lab) in ours.iter_mut() {
+        lab.expect_running()?;
+    }
     let (status, _) = theirs.admin_get("/ready")?;
     if status != 200 {
         bail!("envoy stopped being ready ({status})\n{report}");
@@ -271,6 +292,57 @@ fn compare(scenario: &Scenario, ours: &mut Lab, theirs: &mut Lab) -> anyhow::Res
         bail!("{failures} probe(s) disagree with Envoy 1.40:\n{report}");
     }
     Ok(report)
+}
+
+/// Writes `probe`'s verdict for one portcullis side into `report`; whether it failed.
+fn judge(
+    report: &mut String,
+    probe: &Probe,
+    feed: Feed,
+    mine: &Observation,
+    envoy: &Observation,
+) -> bool {
+    let differing: Vec<usize> = (0..mine.len())
+        .filter(|&i| mine[i].1 != envoy[i].1)
+        .collect();
+    let expected = match feed {
+        Feed::Xds => probe.differs,
+        Feed::Files => probe.files_differs.or(probe.differs),
+    };
+    let (verdict, failed) = match (expected, differing.is_empty()) {
+        (None, true) => ("same", false),
+        (None, false) => ("MISMATCH", true),
+        (Some(_), false) => ("differs, as documented", false),
+        (Some(_), true) => ("SAME, but documented as differing", true),
+    };
+    let side = match feed {
+        Feed::Xds => String::new(),
+        Feed::Files => format!(" [{}]", feed.label()),
+    };
+    let _ = writeln!(report, "- {}{side}: {verdict}", probe.name);
+    if let Some(why) = expected {
+        let _ = writeln!(report, "  documented difference: {why}");
+    }
+    if failed || expected.is_some() {
+        let _ = writeln!(report, "  action: {:?}", probe.action);
+        let _ = writeln!(report, "  | field | {} | envoy |", feed.label());
+        let _ = writeln!(report, "  |---|---|---|");
+        for (i, (field, value)) in mine.iter().enumerate() {
+            // A differing value is shown whole: the difference may be past any cut.
+            let (mark, limit) = if differing.contains(&i) {
+                (" (*)", usize::MAX)
+            } else {
+                ("", CELL)
+            };
+            let _ = writeln!(
+                report,
+                "  | {field}{mark} | {} | {} |",
+                cell(value, limit),
+                cell(&envoy[i].1, limit)
+            );
+        }
+    }
+    failed
 }
 
 /// Reduces a clean close and a reset to one value, for probes whose end is a race.

@@ -5,9 +5,10 @@
 //! Istio-only extensions (metadata exchange, stats, ALPN) are left out, as plain Envoy 1.40
 //! cannot load them and they do not touch the traffic compared here.
 //!
-//! Today these go into a static bootstrap; over xDS the same listeners and clusters are the
-//! LDS and CDS resources, with each HTTP listener's inline `route_config` served by RDS under
-//! its `name` (Istio's `rds` is the port number).
+//! [`Resources::bootstrap`] puts them into a static bootstrap; [`Resources::xds`] splits them
+//! the way istiod serves them over ADS: each HTTP listener's inline `route_config` becomes an
+//! RDS resource under its `name` (Istio's `rds` is the port number), and each STATIC cluster
+//! with endpoints becomes an EDS cluster and its `ClusterLoadAssignment`.
 
 use serde_json::{Value, json};
 
@@ -140,22 +141,94 @@ pub fn service_vhost(host: &str, port: u16, addresses: &[&str]) -> Value {
         "routes": [{
             "name": "default",
             "match": { "prefix": "/" },
-            "route": {
-                "cluster": cluster_name(port, host),
-                "timeout": "0s",
-                "retry_policy": {
-                    "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-                    "num_retries": 2,
-                    "retry_host_predicate": [{
-                        "name": "envoy.retry_host_predicates.previous_hosts",
-                        "typed_config": typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")
-                    }],
-                    "host_selection_retry_max_attempts": 5
-                },
-                "max_grpc_timeout": "0s"
-            },
+            "route": to_cluster(&cluster_name(port, host), None),
             "decorator": { "operation": format!("{host}:{port}/*") }
         }],
+        "include_request_attempt_count": true
+    })
+}
+
+/// The retry policy istiod writes for a VirtualService's `retries` (`retryOn`, `attempts`):
+/// other hosts first, as for the mesh default. A `retryOn` status code (`"503"`) becomes
+/// `retriable-status-codes` with that code, as istiod splits it.
+pub fn retry_policy(retry_on: &str, attempts: u32) -> Value {
+    let (codes, conditions): (Vec<&str>, Vec<&str>) = retry_on
+        .split(',')
+        .partition(|c| c.bytes().all(|b| b.is_ascii_digit()));
+    let mut conditions = conditions;
+    if !codes.is_empty() && !conditions.contains(&"retriable-status-codes") {
+        conditions.push("retriable-status-codes");
+    }
+    let mut policy = json!({
+        "retry_on": conditions.join(","),
+        "num_retries": attempts,
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")
+        }],
+        "host_selection_retry_max_attempts": 5
+    });
+    if !codes.is_empty() {
+        let codes: Vec<u32> = codes.iter().filter_map(|c| c.parse().ok()).collect();
+        policy["retriable_status_codes"] = json!(codes);
+    }
+    policy
+}
+
+/// The mesh's default retry policy (no `retries` in a VirtualService): istiod's
+/// `DefaultPolicy`, which retries a 503 through `retriable-status-codes`.
+pub fn default_retry_policy() -> Value {
+    retry_policy(
+        "connect-failure,refused-stream,unavailable,cancelled,503",
+        2,
+    )
+}
+
+/// A route `action` as istiod builds it for one destination `cluster`: no timeout and
+/// `retry_policy` (the mesh default for none, see [`default_retry_policy`]; `Value::Null`
+/// leaves it out, as istiod does for `attempts: 0`).
+pub fn to_cluster(cluster: &str, retry_policy: Option<Value>) -> Value {
+    let mut action = json!({ "cluster": cluster, "timeout": "0s", "max_grpc_timeout": "0s" });
+    match retry_policy {
+        None => action["retry_policy"] = default_retry_policy(),
+        Some(Value::Null) => {}
+        Some(policy) => action["retry_policy"] = policy,
+    }
+    action
+}
+
+/// A route action splitting requests over `clusters` (name, weight) as a VirtualService's
+/// weighted destinations do.
+pub fn to_weighted(clusters: &[(&str, u32)]) -> Value {
+    let clusters: Vec<Value> = clusters
+        .iter()
+        .map(|(name, weight)| json!({ "name": name, "weight": weight }))
+        .collect();
+    json!({
+        "weighted_clusters": { "clusters": clusters },
+        "timeout": "0s",
+        "retry_policy": default_retry_policy(),
+        "max_grpc_timeout": "0s"
+    })
+}
+
+/// One route of a VirtualService's `http` list: `name`, paths under `prefix`, and `action`:
+/// a JSON object holding the `route`, `redirect` or `direct_response` key and anything else
+/// the route carries (header additions and removals).
+pub fn vs_route(name: &str, prefix: &str, action: Value) -> Value {
+    let mut route = json!({ "name": name, "match": { "prefix": prefix } });
+    if let (Some(route), Value::Object(action)) = (route.as_object_mut(), action) {
+        route.extend(action);
+    }
+    route
+}
+
+/// The virtual host of `host` on `port` with a VirtualService's `routes`.
+pub fn vs_vhost(host: &str, port: u16, routes: Vec<Value>) -> Value {
+    json!({
+        "name": format!("{host}:{port}"),
+        "domains": [host],
+        "routes": routes,
         "include_request_attempt_count": true
     })
 }
@@ -367,6 +440,97 @@ pub fn original_dst_cluster(port: u16, host: &str) -> Value {
     })
 }
 
+/// The node id istio-agent gives the lab's client pod (`sidecar~IP~POD.NS~NS.svc.cluster.local`).
+pub const NODE_ID: &str = "sidecar~10.50.1.1~client.default~default.svc.cluster.local";
+/// The node cluster istio-agent gives it (`APP.NAMESPACE`).
+pub const NODE_CLUSTER: &str = "client.default";
+
+/// The type URL of LDS resources.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// The type URL of RDS resources.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// The type URL of CDS resources.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// The type URL of EDS resources.
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The `@type` of the HTTP connection manager.
+const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+/// The config source istiod names in every RDS listener and EDS cluster: ADS, waiting for
+/// the resource however long it takes.
+fn ads_source() -> Value {
+    json!({ "ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3" })
+}
+
+/// The same resources as ADS serves them, each list one type.
+#[derive(Debug, Clone, Default)]
+pub struct Xds {
+    /// LDS.
+    pub listeners: Vec<Value>,
+    /// RDS: the HTTP listeners' route configurations.
+    pub routes: Vec<Value>,
+    /// CDS.
+    pub clusters: Vec<Value>,
+    /// EDS: the endpoints of the EDS clusters.
+    pub endpoints: Vec<Value>,
+}
+
+impl Xds {
+    /// Every resource with its type URL, in LDS, RDS, CDS, EDS order.
+    pub fn all(&self) -> Vec<(&'static str, &Value)> {
+        let mut all = Vec::new();
+        all.extend(self.listeners.iter().map(|v| (LISTENER_TYPE, v)));
+        all.extend(self.routes.iter().map(|v| (ROUTE_TYPE, v)));
+        all.extend(self.clusters.iter().map(|v| (CLUSTER_TYPE, v)));
+        all.extend(self.endpoints.iter().map(|v| (ENDPOINT_TYPE, v)));
+        all
+    }
+}
+
+/// Moves every inline `route_config` of `listener`'s connection managers into `routes`,
+/// leaving an `rds` reference by name.
+fn split_routes(mut listener: Value, routes: &mut Vec<Value>) -> Value {
+    let chains = listener["filter_chains"]
+        .as_array_mut()
+        .into_iter()
+        .flatten();
+    for filter in chains.filter_map(|c| c["filters"].as_array_mut()).flatten() {
+        let config = &mut filter["typed_config"];
+        if config["@type"] != HCM_TYPE {
+            continue;
+        }
+        if let Some(route) = config
+            .as_object_mut()
+            .and_then(|c| c.remove("route_config"))
+        {
+            config["rds"] =
+                json!({ "config_source": ads_source(), "route_config_name": route["name"] });
+            routes.push(route);
+        }
+    }
+    listener
+}
+
+/// A STATIC cluster with endpoints becomes EDS (istiod's shape for resolved services) and
+/// its endpoints go into `endpoints`; other clusters are served as they are.
+fn split_endpoints(mut cluster: Value, endpoints: &mut Vec<Value>) -> Value {
+    if cluster["type"] != "STATIC" {
+        return cluster;
+    }
+    let Some(assignment) = cluster
+        .as_object_mut()
+        .and_then(|c| c.remove("load_assignment"))
+    else {
+        return cluster;
+    };
+    cluster["type"] = json!("EDS");
+    cluster["eds_cluster_config"] =
+        json!({ "eds_config": ads_source(), "service_name": cluster["name"] });
+    endpoints.push(assignment);
+    cluster
+}
+
 /// One sidecar's outbound resources: listeners and clusters.
 #[derive(Debug, Clone)]
 pub struct Resources {
@@ -400,10 +564,70 @@ impl Resources {
         self
     }
 
+    /// The resources split into the four types ADS serves, as istiod sends them.
+    pub fn xds(&self) -> Xds {
+        let mut xds = Xds::default();
+        for listener in &self.listeners {
+            let listener = split_routes(listener.clone(), &mut xds.routes);
+            xds.listeners.push(listener);
+        }
+        for cluster in &self.clusters {
+            let cluster = split_endpoints(cluster.clone(), &mut xds.endpoints);
+            xds.clusters.push(cluster);
+        }
+        xds
+    }
+
+    /// The bootstrap istio-agent writes for a sidecar (node, Delta ADS to the control plane
+    /// at `xds` as cluster `xds-grpc`, LDS and CDS from ADS), admin on 127.0.0.1:15000; the
+    /// resources themselves come from the control plane (see [`Resources::xds`]).
+    pub fn ads_bootstrap(xds: (&str, u16)) -> Value {
+        let (address, port) = xds;
+        json!({
+            "node": {
+                "id": NODE_ID,
+                "cluster": NODE_CLUSTER,
+                "metadata": {
+                    "NAMESPACE": "default",
+                    "CLUSTER_ID": "Kubernetes",
+                    "INTERCEPTION_MODE": "REDIRECT",
+                    "INSTANCE_IPS": crate::scenario::POD_IP,
+                    "WORKLOAD_NAME": "client"
+                }
+            },
+            "admin": { "address": socket_address("127.0.0.1", 15000) },
+            "dynamic_resources": {
+                "lds_config": ads_source(),
+                "cds_config": ads_source(),
+                "ads_config": {
+                    "api_type": "DELTA_GRPC",
+                    "set_node_on_first_message_only": true,
+                    "transport_api_version": "V3",
+                    "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds-grpc" } }]
+                }
+            },
+            "static_resources": {
+                "clusters": [{
+                    "name": "xds-grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "lb_policy": "ROUND_ROBIN",
+                    "load_assignment": load_assignment("xds-grpc", &[(address, port)]),
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": { "http2_protocol_options": {} }
+                        }
+                    }
+                }]
+            }
+        })
+    }
+
     /// A bootstrap carrying these resources statically, admin on 127.0.0.1:15000.
     pub fn bootstrap(&self) -> Value {
         json!({
-            "node": { "id": "sidecar~10.50.1.1~client.default~default.svc.cluster.local", "cluster": "client.default" },
+            "node": { "id": NODE_ID, "cluster": NODE_CLUSTER },
             "admin": { "address": socket_address("127.0.0.1", 15000) },
             "static_resources": { "listeners": self.listeners, "clusters": self.clusters }
         })
