@@ -90,14 +90,14 @@ pub(crate) type Counters<'a> = Map<(&'a str, SocketAddr), Arc<EndpointState>>;
 pub(crate) type Loads<'a> = Map<&'a str, Arc<ClusterLoad>>;
 
 /// Builds one cluster. `protocol` is how listeners use it; DNS names its endpoints need
-/// are added to `dns_names` and their current answers taken from `dns`.
+/// are added to `dns_names` and their current answers taken from `dns`; live counts of
+/// the previous snapshot are taken over from `previous` and `loads`.
 pub(crate) fn build(
     c: &envoy::Cluster,
     resources: &envoy::Resources,
     protocol: Protocol,
     dns: DnsAnswers<'_>,
-    previous: &Counters<'_>,
-    loads: &Loads<'_>,
+    (previous, loads): (&Counters<'_>, &Loads<'_>),
     dns_names: &mut BTreeSet<String>,
     warnings: &mut Vec<String>,
 ) -> Cluster {

@@ -64,8 +64,7 @@ impl Snapshot {
                     resources,
                     protocol,
                     dns,
-                    &counters,
-                    &loads,
+                    (&counters, &loads),
                     &mut dns_names,
                     &mut warnings,
                 );
