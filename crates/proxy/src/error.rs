@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use portcullis_registry::DirectResponse;
+use portcullis_registry::{DirectResponse, Overflow};
 use thiserror::Error;
 
 use crate::body::ProxyBody;
@@ -68,6 +68,9 @@ pub enum ProxyError {
     /// The endpoint needs a transport portcullis cannot originate; it gets no plaintext.
     #[error("upstream transport unavailable: {0}")]
     TransportRefused(Arc<str>),
+    /// A circuit breaker of the cluster is at its threshold (Envoy's overflow, `UO`).
+    #[error("upstream overflow: {0}")]
+    Overflow(#[source] Overflow),
     /// Retries were made and the last attempt failed with the inner error.
     #[error("retries exhausted: {0}")]
     Retried(Box<ProxyError>),
@@ -93,6 +96,7 @@ impl ProxyError {
             ProxyError::NoCluster(_) => "NC",
             ProxyError::Direct(_) => "-",
             ProxyError::TransportRefused(_) => "UF",
+            ProxyError::Overflow(_) => "UO",
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
@@ -142,6 +146,7 @@ impl ProxyError {
                 Some("connection termination")
             }
             ProxyError::UpstreamProtocol(_) => Some("protocol error"),
+            ProxyError::Overflow(_) => Some("overflow"),
             _ => None,
         }
     }
@@ -170,7 +175,15 @@ impl ProxyError {
             let body = format!(
                 "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
             );
-            return synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body));
+            let mut response = synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body));
+            if matches!(self, ProxyError::Overflow(_)) {
+                // Envoy's router marks every answer it gives for an overflow so.
+                response.headers_mut().insert(
+                    header::HeaderName::from_static("x-envoy-overloaded"),
+                    HeaderValue::from_static("true"),
+                );
+            }
+            return response;
         }
         if let ProxyError::Retried(last) = self {
             return match last.reset_reason() {
@@ -300,6 +313,22 @@ mod tests {
         let (status, _, body) = answer(&ProxyError::MissingHost).await;
         assert_eq!((status, body.as_str()), (400, ""));
         assert_eq!(ProxyError::MissingHost.flag(), "-");
+    }
+
+    #[tokio::test]
+    async fn an_overflow_answers_as_envoys_router_does() {
+        let e = ProxyError::Overflow(portcullis_registry::Overflow(
+            portcullis_registry::Resource::Requests,
+        ));
+        assert_eq!((e.flag(), e.tcp_flag()), ("UO", "UO"));
+        let response = e.to_response();
+        assert_eq!(response.headers()["x-envoy-overloaded"], "true");
+        let (status, server, body) = answer(&e).await;
+        assert_eq!((status, server.as_str()), (503, "envoy"));
+        assert_eq!(
+            body,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
     }
 
     #[tokio::test]
