@@ -71,6 +71,10 @@ pub enum ProxyError {
     /// A circuit breaker of the cluster is at its threshold (Envoy's overflow, `UO`).
     #[error("upstream overflow: {0}")]
     Overflow(#[source] Overflow),
+    /// A retry was due and the cluster's `max_retries` forbade it: the inner error (of the
+    /// attempt before) is the answer, flagged `UO` as well, as Envoy's router does.
+    #[error("retry overflow after: {0}")]
+    RetryOverflow(Box<ProxyError>),
     /// Retries were made and the last attempt failed with the inner error.
     #[error("retries exhausted: {0}")]
     Retried(Box<ProxyError>),
@@ -97,6 +101,17 @@ impl ProxyError {
             ProxyError::Direct(_) => "-",
             ProxyError::TransportRefused(_) => "UF",
             ProxyError::Overflow(_) => "UO",
+            // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
+            ProxyError::RetryOverflow(last) => match &**last {
+                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,UF",
+                ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,UC",
+                ProxyError::Retried(inner) => match **inner {
+                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,URX,UF",
+                    ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,URX,UC",
+                    _ => last.flag(),
+                },
+                other => other.flag(),
+            },
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
@@ -184,6 +199,9 @@ impl ProxyError {
                 );
             }
             return response;
+        }
+        if let ProxyError::RetryOverflow(last) = self {
+            return last.to_response();
         }
         if let ProxyError::Retried(last) = self {
             return match last.reset_reason() {
@@ -342,6 +360,9 @@ mod tests {
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
         );
         assert_eq!(e.tcp_flag(), "UF,URX");
+        let e = ProxyError::RetryOverflow(Box::new(refused()));
+        assert_eq!(e.flag(), "UO,UF");
+        assert_eq!(answer(&e).await.2, answer(&refused()).await.2);
         let e = ProxyError::Retried(Box::new(ProxyError::NoHealthyUpstream));
         assert_eq!(e.flag(), "UH");
         assert_eq!(answer(&e).await.2, "no healthy upstream");

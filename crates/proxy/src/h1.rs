@@ -317,7 +317,7 @@ async fn forward(
             match proxy.admit(&routed.decision, Resource::Retries) {
                 Ok(slot) => _retrying = slot,
                 // No retry: the failure it would have retried is the answer.
-                Err(_) => return Err(last),
+                Err(_) => return Err(ProxyError::RetryOverflow(Box::new(last))),
             }
         }
         let slot = proxy.admit(&routed.decision, Resource::Requests)?;

@@ -617,7 +617,7 @@ async fn route_and_forward(
                 // No retry: the failure it would have retried is the answer.
                 Err(_) => {
                     let e = last.take().unwrap_or(ProxyError::NoHealthyUpstream);
-                    return Err(retried(e, attempt - 1));
+                    return Err(ProxyError::RetryOverflow(Box::new(retried(e, attempt - 1))));
                 }
             }
         }

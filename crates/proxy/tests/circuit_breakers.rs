@@ -326,13 +326,14 @@ async fn max_retries_zero_makes_no_retry() {
         let uri = format!("http://app.internal{path}");
         let capped = within(fetch(&harness, &uri, Some("app.internal"))).await;
         assert_eq!(capped.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
-        // One attempt, its failure the answer: no `URX`, no "retried" in the body.
+        // One attempt, its failure the answer: no `URX`, no "retried" in the body; `UO` for
+        // the retry not made, as Envoy flags it.
         assert_eq!(
             capped.text(),
             "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
             "{path}"
         );
-        assert_eq!(requests_flagged(&harness, "UF"), n as u64 + 1, "{path}");
+        assert_eq!(requests_flagged(&harness, "UO,UF"), n as u64 + 1, "{path}");
         assert_eq!(
             counter(
                 &harness,
@@ -456,9 +457,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Envoy with one listener routing `app.internal` to cluster `app` (`upstream`, at most
-/// `max_requests` requests at once), logging `STATUS FLAGS` per request.
-async fn start_envoy(upstream: SocketAddr, max_requests: u32) -> Envoy {
+/// Envoy with one listener routing `app.internal` to cluster `app` (`upstream`, with these
+/// circuit breaker `thresholds` and route `retry_policy`, JSON), logging `STATUS FLAGS` per
+/// request.
+async fn start_envoy(upstream: SocketAddr, thresholds: &str, retry_policy: &str) -> Envoy {
     let (port, admin) = (free_port(), free_port());
     let log = std::env::temp_dir().join(format!("portcullis-envoy-uo-{port}.log"));
     let config = format!(
@@ -471,11 +473,11 @@ async fn start_envoy(upstream: SocketAddr, max_requests: u32) -> Envoy {
     "access_log": [{{"name": "f", "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
       "path": "{log}", "log_format": {{"text_format_source": {{"inline_string": "%RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}}}}}}}],
     "route_config": {{"virtual_hosts": [{{"name": "app", "domains": ["app.internal"],
-      "routes": [{{"match": {{"prefix": "/"}}, "route": {{"cluster": "app"}}}}]}}]}},
+      "routes": [{{"match": {{"prefix": "/"}}, "route": {{"cluster": "app"{retry_policy}}}}}]}}]}},
     "http_filters": [{{"name": "envoy.filters.http.router",
       "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]}}}}]}}]}}],
  "clusters": [{{"name": "app", "type": "STATIC", "connect_timeout": "5s",
-  "circuit_breakers": {{"thresholds": [{{"max_requests": {max_requests}}}]}},
+  "circuit_breakers": {{"thresholds": [{thresholds}]}},
   "load_assignment": {{"cluster_name": "app", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
    {{"socket_address": {{"address": "{ip}", "port_value": {up}}}}}}}}}]}}]}}}}]}}}}"#,
         log = log.display(),
@@ -503,6 +505,20 @@ async fn start_envoy(upstream: SocketAddr, max_requests: u32) -> Envoy {
     envoy
 }
 
+/// The first line Envoy logged, bounded.
+async fn envoy_logged(envoy: &Envoy, lines: usize) -> String {
+    within(async {
+        loop {
+            let text = std::fs::read_to_string(&envoy.log).unwrap_or_default();
+            if text.lines().count() >= lines {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
 /// One request to Envoy's listener on a new connection.
 async fn fetch_envoy(envoy: &Envoy) -> common::Answer {
     let stream = TcpStream::connect(envoy.listener).await.unwrap();
@@ -519,7 +535,7 @@ async fn fetch_envoy(envoy: &Envoy) -> common::Answer {
 #[tokio::test]
 async fn an_overflow_answers_as_real_envoy_does() {
     let slow = Slow::start().await;
-    let envoy = start_envoy(slow.addr, 1).await;
+    let envoy = start_envoy(slow.addr, r#"{"max_requests": 1}"#, "").await;
     let first = tokio::spawn({
         let listener = envoy.listener;
         async move {
@@ -585,4 +601,46 @@ async fn an_overflow_answers_as_real_envoy_does() {
     }
     assert_eq!(envoy_flag, "UO");
     assert_eq!(requests_flagged(&harness, &envoy_flag), 1);
+}
+
+/// A retry that `max_retries` 0 forbids, through real Envoy and through portcullis: the
+/// connect failure is the answer, with the same status, body and flags.
+#[tokio::test]
+async fn a_retry_overflow_answers_as_real_envoy_does() {
+    let dead = SocketAddr::from(([127, 0, 0, 1], refused_port().await));
+    let envoy = start_envoy(
+        dead,
+        r#"{"max_retries": 0}"#,
+        r#", "retry_policy": {"retry_on": "connect-failure", "num_retries": 2}"#,
+    )
+    .await;
+    let theirs = within(fetch_envoy(&envoy)).await;
+    let logged = envoy_logged(&envoy, 1).await;
+    let envoy_flags = logged.lines().next().unwrap().split_once(' ').unwrap().1;
+    let capped = Thresholds {
+        max_retries: 0,
+        ..UNLIMITED
+    };
+    let harness = Harness::start(model(vec![cluster("app", &[dead], capped)])).await;
+    let ours = within(fetch(
+        &harness,
+        "http://app.internal/retried/app",
+        Some("app.internal"),
+    ))
+    .await;
+    assert_eq!(ours.status, theirs.status);
+    assert_eq!(ours.text(), theirs.text());
+    for header in [
+        "x-envoy-overloaded",
+        "server",
+        "content-type",
+        "content-length",
+    ] {
+        assert_eq!(ours.header(header), theirs.header(header), "{header}");
+    }
+    assert_eq!(
+        requests_flagged(&harness, envoy_flags),
+        1,
+        "Envoy: {envoy_flags}"
+    );
 }
