@@ -81,7 +81,8 @@ pub struct RunArgs {
         default_value = "100ms"
     )]
     pub protocol_detection_timeout: humantime::Duration,
-    /// Upstream connect timeout.
+    /// Upstream connect timeout to original destinations; a cluster's own connect timeout
+    /// (Istio's default 10s) wins for it.
     #[arg(long, env = "PORTCULLIS_CONNECT_TIMEOUT", default_value = "10s")]
     pub connect_timeout: humantime::Duration,
     /// Close client connections with no bytes either way for this long (Envoy: 1h).

@@ -6,9 +6,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use portcullis_balance::ActiveGuard;
-
 use crate::pool::Pooled;
+use crate::upstream::Hold;
 
 /// A response body; an enum rather than a boxed trait object so no allocation is needed.
 pub enum ProxyBody {
@@ -18,8 +17,9 @@ pub enum ProxyBody {
         body: Incoming,
         /// The connection it arrived on, released when the body ends.
         connection: Option<Pooled>,
-        /// Keeps the request counted as active on its endpoint until the body ends.
-        guard: Option<ActiveGuard>,
+        /// Keeps the request counted (on its endpoint, against its cluster's circuit
+        /// breakers) until the body ends.
+        guard: Hold,
     },
     /// Generated locally.
     Full(Option<Bytes>),
@@ -57,7 +57,7 @@ impl Body for ProxyBody {
                     if let Some(connection) = connection.take() {
                         connection.release();
                     }
-                    guard.take();
+                    guard.release();
                 }
                 polled
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use portcullis_registry::DirectResponse;
+use portcullis_registry::{DirectResponse, Overflow};
 use thiserror::Error;
 
 use crate::body::ProxyBody;
@@ -68,6 +68,13 @@ pub enum ProxyError {
     /// The endpoint needs a transport portcullis cannot originate; it gets no plaintext.
     #[error("upstream transport unavailable: {0}")]
     TransportRefused(Arc<str>),
+    /// A circuit breaker of the cluster is at its threshold (Envoy's overflow, `UO`).
+    #[error("upstream overflow: {0}")]
+    Overflow(#[source] Overflow),
+    /// A retry was due and the cluster's `max_retries` forbade it: the inner error (of the
+    /// attempt before) is the answer, flagged `UO` as well, as Envoy's router does.
+    #[error("retry overflow after: {0}")]
+    RetryOverflow(Box<ProxyError>),
     /// Retries were made and the last attempt failed with the inner error.
     #[error("retries exhausted: {0}")]
     Retried(Box<ProxyError>),
@@ -93,6 +100,18 @@ impl ProxyError {
             ProxyError::NoCluster(_) => "NC",
             ProxyError::Direct(_) => "-",
             ProxyError::TransportRefused(_) => "UF",
+            ProxyError::Overflow(_) => "UO",
+            // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
+            ProxyError::RetryOverflow(last) => match &**last {
+                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,UF",
+                ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,UC",
+                ProxyError::Retried(inner) => match **inner {
+                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,URX,UF",
+                    ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,URX,UC",
+                    _ => last.flag(),
+                },
+                other => other.flag(),
+            },
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
@@ -146,6 +165,7 @@ impl ProxyError {
                 Some("connection termination")
             }
             ProxyError::UpstreamProtocol(_) => Some("protocol error"),
+            ProxyError::Overflow(_) => Some("overflow"),
             _ => None,
         }
     }
@@ -174,7 +194,18 @@ impl ProxyError {
             let body = format!(
                 "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
             );
-            return synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body));
+            let mut response = synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body));
+            if matches!(self, ProxyError::Overflow(_)) {
+                // Envoy's router marks every answer it gives for an overflow so.
+                response.headers_mut().insert(
+                    header::HeaderName::from_static("x-envoy-overloaded"),
+                    HeaderValue::from_static("true"),
+                );
+            }
+            return response;
+        }
+        if let ProxyError::RetryOverflow(last) = self {
+            return last.to_response();
         }
         if let ProxyError::Retried(last) = self {
             return match last.reset_reason() {
@@ -307,6 +338,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_overflow_answers_as_envoys_router_does() {
+        let e = ProxyError::Overflow(portcullis_registry::Overflow(
+            portcullis_registry::Resource::Requests,
+        ));
+        assert_eq!((e.flag(), e.tcp_flag()), ("UO", "UO"));
+        let response = e.to_response();
+        assert_eq!(response.headers()["x-envoy-overloaded"], "true");
+        let (status, server, body) = answer(&e).await;
+        assert_eq!((status, server.as_str()), (503, "envoy"));
+        assert_eq!(
+            body,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        );
+    }
+
+    #[tokio::test]
     async fn retried_failures_say_so() {
         let e = ProxyError::Retried(Box::new(refused()));
         assert_eq!(e.flag(), "URX,UF");
@@ -317,6 +364,9 @@ mod tests {
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
         );
         assert_eq!(e.tcp_flag(), "UF,URX");
+        let e = ProxyError::RetryOverflow(Box::new(refused()));
+        assert_eq!(e.flag(), "UO,UF");
+        assert_eq!(answer(&e).await.2, answer(&refused()).await.2);
         let e = ProxyError::Retried(Box::new(ProxyError::NoHealthyUpstream));
         assert_eq!(e.flag(), "UH");
         assert_eq!(answer(&e).await.2, "no healthy upstream");

@@ -135,6 +135,13 @@ impl<T> GuardedIo<T> {
         self.idle_timeout
     }
 
+    /// Changes the idle timeout, counted from now: the filter chain that takes the
+    /// connection has its own.
+    pub fn set_idle_timeout(&mut self, idle_timeout: Duration) {
+        self.idle_timeout = idle_timeout;
+        self.activity();
+    }
+
     /// Records that the connection went idle for too long, as the guard itself would have.
     pub fn expire_idle(&mut self) -> io::Error {
         self.expire(Expired::Idle)
@@ -317,6 +324,28 @@ mod tests {
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(io.expired(), Some(Expired::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_filter_chains_idle_timeout_replaces_the_proxys() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, None);
+        let mut buf = [0u8; 8];
+        let start = Instant::now();
+        io.set_idle_timeout(Duration::from_secs(5));
+        assert_eq!(io.idle_timeout(), Duration::from_secs(5));
+        // Shorter than the deadline already armed: it fires at 5 s, not 60 s.
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // A longer one (a chain without an idle timeout gets a century) outlasts the
+        // proxy's own.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, None);
+        io.set_idle_timeout(crate::NEVER);
+        let read = tokio::time::timeout(Duration::from_secs(7200), io.read(&mut buf)).await;
+        assert!(read.is_err(), "must still be waiting after two hours");
+        assert_eq!(io.expired(), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,10 +16,11 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Version};
-use portcullis_registry::Headers;
+use portcullis_registry::{Headers, Resource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -280,7 +281,7 @@ struct Upstream {
     /// Bytes read after the response head: the start of the body.
     buffered: BytesMut,
     /// Counts the request as active on its endpoint until the body ends.
-    guard: Option<portcullis_balance::ActiveGuard>,
+    guard: crate::upstream::Hold,
 }
 
 /// Why one attempt failed, and whether another may follow.
@@ -308,15 +309,28 @@ async fn forward(
 ) -> Result<(Upstream, ResponseHead), ProxyError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut last = ProxyError::NoHealthyUpstream;
+    let connect_timeout = proxy.connect_timeout(&routed.decision);
+    // Held while a retry is in flight: the cluster's `max_retries` bounds them.
+    let mut _retrying = None;
     for attempt in 0..policy.attempts() {
-        let pick = proxy
+        if attempt > 0 {
+            match proxy.admit(&routed.decision, Resource::Retries) {
+                Ok(slot) => _retrying = slot,
+                // No retry: the failure it would have retried is the answer.
+                Err(_) => return Err(ProxyError::RetryOverflow(Box::new(last))),
+            }
+        }
+        let slot = proxy.admit(&routed.decision, Resource::Requests)?;
+        let mut pick = proxy
             .pick(&routed.decision, routed.original, &tried)
             .await?;
+        pick.guard.slot = slot;
         log.outcome.upstream = Some(pick.addr);
         if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(attempt)) {
             *digit = count;
         }
-        let sending = attempt_once(proxy, pick.addr, &log.outcome.cluster, out, head_method);
+        let upstream = (pick.addr, connect_timeout);
+        let sending = attempt_once(proxy, upstream, &log.outcome.cluster, out, head_method);
         let sent = match proxy.config.route_timeout {
             Some(limit) => match tokio::time::timeout(limit, sending).await {
                 Ok(sent) => sent,
@@ -359,7 +373,7 @@ async fn forward(
 
 async fn attempt_once(
     proxy: &Arc<Proxy>,
-    addr: SocketAddr,
+    (addr, connect_timeout): (SocketAddr, Duration),
     cluster: &str,
     out: &[u8],
     head_method: bool,
@@ -367,7 +381,7 @@ async fn attempt_once(
     let mut stream = match proxy.pool.checkout_raw(addr) {
         Some(stream) => stream,
         None => proxy
-            .connect(addr, cluster)
+            .connect(addr, cluster, connect_timeout)
             .await
             .map_err(Failure::Connect)?,
     };

@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_envoy::AppendAction;
 use portcullis_registry::{
-    Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Route,
-    split_host_port,
+    Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Resource,
+    Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -605,17 +605,34 @@ async fn route_and_forward(
     });
     let mut req = req.map(RequestBody::Client);
     let mut tried: Vec<usize> = Vec::new();
+    let connect_timeout = proxy.connect_timeout(&decision);
+    // The failure of the attempt before, which a retry follows.
+    let mut last = None;
+    // Held while a retry is in flight: the cluster's `max_retries` bounds them.
+    let mut _retrying = None;
     for attempt in 0..policy.attempts() {
-        let pick = proxy.pick(&decision, original, &tried).await?;
+        if attempt > 0 {
+            match proxy.admit(&decision, Resource::Retries) {
+                Ok(slot) => _retrying = slot,
+                // No retry: the failure it would have retried is the answer.
+                Err(_) => {
+                    let e = last.take().unwrap_or(ProxyError::NoHealthyUpstream);
+                    return Err(ProxyError::RetryOverflow(Box::new(retried(e, attempt - 1))));
+                }
+            }
+        }
+        let slot = proxy.admit(&decision, Resource::Requests)?;
+        let mut pick = proxy.pick(&decision, original, &tried).await?;
+        pick.guard.slot = slot;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
         let Pick { addr, index, guard } = pick;
         let sending = async {
             if h2 {
-                send_h2(proxy, addr, &outcome.cluster, req).await
+                send_h2(proxy, (addr, connect_timeout), &outcome.cluster, req).await
             } else {
-                send_h1(proxy, addr, &outcome.cluster, req).await
+                send_h1(proxy, (addr, connect_timeout), &outcome.cluster, req).await
             }
         };
         // Envoy's route timeout: from the request being sent until the response headers.
@@ -687,6 +704,7 @@ async fn route_and_forward(
                 {
                     policy.tried(&mut tried, index);
                     req = unsent;
+                    last = Some(e);
                     continue;
                 }
                 return Err(retried(e, attempt));
@@ -695,6 +713,7 @@ async fn route_and_forward(
             Err(Failure::Unsent(unsent, e)) => {
                 if policy.another(attempt) {
                     req = unsent;
+                    last = Some(e);
                     continue;
                 }
                 return Err(retried(e, attempt));
@@ -713,6 +732,7 @@ async fn route_and_forward(
                     *again.headers_mut() = headers.clone();
                     req = again;
                     tracing::debug!(error = %e, "upstream reset or refused before the response; retrying");
+                    last = Some(e);
                 }
                 _ => return Err(retried(e, attempt)),
             },
@@ -802,14 +822,14 @@ type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
 
 async fn send_h1(
     proxy: &Arc<Proxy>,
-    addr: SocketAddr,
+    (addr, connect_timeout): (SocketAddr, Duration),
     cluster: &str,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
     let mut pooled = match proxy.pool.checkout(addr).await {
         Some(p) => p,
         None => {
-            let stream = match proxy.connect(addr, cluster).await {
+            let stream = match proxy.connect(addr, cluster, connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -842,14 +862,14 @@ async fn send_h1(
 
 async fn send_h2(
     proxy: &Arc<Proxy>,
-    addr: SocketAddr,
+    (addr, connect_timeout): (SocketAddr, Duration),
     cluster: &str,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
     let mut sender = match proxy.pool.h2(addr) {
         Some(s) => s,
         None => {
-            let stream = match proxy.connect(addr, cluster).await {
+            let stream = match proxy.connect(addr, cluster, connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -911,7 +931,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 /// connection (which never returns to the pool: after a 101 it speaks another protocol),
 /// and the downstream's in-flight mark.
 type Held = (
-    Option<portcullis_balance::ActiveGuard>,
+    crate::upstream::Hold,
     Option<crate::pool::Pooled>,
     Option<InFlightGuard>,
 );
@@ -1105,7 +1125,7 @@ fn prepare_request(
 fn prepare_response(
     response: Response<Incoming>,
     connection: Option<crate::pool::Pooled>,
-    guard: Option<portcullis_balance::ActiveGuard>,
+    guard: crate::upstream::Hold,
     version: Version,
     start: Instant,
 ) -> Response<ProxyBody> {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_dns::DnsCache;
-use portcullis_registry::{Connection, Decision, Snapshot};
+use portcullis_registry::{Chain, ChainFilter, Connection, Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,9 @@ use crate::http::Downstream;
 use crate::io::PrefixedIo;
 use crate::pool::Pool;
 
+/// An idle timeout that never fires (a `tcp_proxy` without one): a century.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Timeouts and limits of the data path.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -48,7 +51,9 @@ pub struct ProxyConfig {
     pub detect_timeout: Duration,
     /// How long a TLS client may take to send its whole ClientHello.
     pub client_hello_timeout: Duration,
-    /// Upstream connect timeout (Istio's default `connectTimeout` is 10 s).
+    /// Upstream connect timeout to original destinations (PassthroughCluster, resolution
+    /// NONE without a model cluster); a cluster's own `connect_timeout` wins for its
+    /// endpoints (Istio's default `connectTimeout` is 10 s).
     pub connect_timeout: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub pool_idle_timeout: Duration,
@@ -214,6 +219,15 @@ impl Proxy {
         }
     }
 
+    /// The idle timeout of a connection carried as bytes: its `tcp_proxy` chain's (Envoy's
+    /// `idle_timeout`; none is never), else the proxy's own.
+    fn chain_idle_timeout(&self, chain: Option<&Arc<Chain>>) -> Duration {
+        match chain {
+            Some(c) if matches!(c.filter, ChainFilter::Tcp(_)) => c.idle_timeout.unwrap_or(NEVER),
+            _ => self.config.idle_timeout,
+        }
+    }
+
     /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
     /// its first byte (the explicit proxy), so each request head gets its deadline.
     fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
@@ -261,7 +275,8 @@ impl Proxy {
             ..Connection::default()
         };
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
-            let decision = snapshot.route_connection(&opaque);
+            let (decision, chain) = snapshot.route_connection_chain(&opaque);
+            stream.set_idle_timeout(self.chain_idle_timeout(chain));
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
             tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
             return;
@@ -285,7 +300,7 @@ impl Proxy {
                     // By the destination's own service, else by SNI among the port's TLS
                     // names, else by the destination address as opaque TCP would be.
                     let alpn: Vec<&str> = hello.alpn.iter().map(String::as_str).collect();
-                    let decision = snapshot.route_connection(&Connection {
+                    let (decision, chain) = snapshot.route_connection_chain(&Connection {
                         destination: Some(dst.ip()),
                         port: dst.port(),
                         server_name: sni,
@@ -293,6 +308,7 @@ impl Proxy {
                         application_protocols: &alpn,
                         source: Some(peer.ip()),
                     });
+                    stream.set_idle_timeout(self.chain_idle_timeout(chain));
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }
@@ -318,7 +334,8 @@ impl Proxy {
             };
             // Sniffed as HTTP, yet the chain for it carries bytes: as Envoy's tcp_proxy.
             if !snapshot.serves_http(&conn) {
-                let decision = snapshot.route_connection(&conn);
+                let (decision, chain) = snapshot.route_connection_chain(&conn);
+                stream.set_idle_timeout(self.chain_idle_timeout(chain));
                 let decision = self.confine_none(&snapshot, decision, dst, None).await;
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
@@ -338,7 +355,8 @@ impl Proxy {
             }
             return;
         }
-        let decision = snapshot.route_connection(&opaque);
+        let (decision, chain) = snapshot.route_connection_chain(&opaque);
+        stream.set_idle_timeout(self.chain_idle_timeout(chain));
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
         tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
     }

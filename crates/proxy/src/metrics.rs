@@ -81,6 +81,15 @@ pub struct Metrics {
     pub upstream_rq: Family<ClusterLabels, Counter>,
     /// `envoy_cluster_upstream_cx_connect_fail`.
     pub connect_fail: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_cx_connect_timeout`.
+    pub connect_timeout: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_cx_overflow`: connections refused by `max_connections`.
+    pub upstream_cx_overflow: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_pending_overflow`: requests refused by `max_requests` or
+    /// `max_pending_requests`.
+    pub upstream_rq_pending_overflow: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_retry_overflow`: retries not made for `max_retries`.
+    pub upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
     /// `envoy_listener_downstream_cx_overflow`: connections refused at the limit.
     pub cx_overflow: Counter,
     /// `envoy_http_downstream_cx_idle_timeout`.
@@ -105,6 +114,10 @@ impl Metrics {
             tcp_received: Family::default(),
             upstream_rq: Family::default(),
             connect_fail: Family::default(),
+            connect_timeout: Family::default(),
+            upstream_cx_overflow: Family::default(),
+            upstream_rq_pending_overflow: Family::default(),
+            upstream_rq_retry_overflow: Family::default(),
             cx_overflow: Counter::default(),
             http_idle_timeout: Counter::default(),
             header_timeout: Counter::default(),
@@ -146,6 +159,26 @@ impl Metrics {
             "envoy_cluster_upstream_cx_connect_fail",
             "Upstream connection failures per cluster",
             m.connect_fail.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_cx_connect_timeout",
+            "Upstream connect timeouts per cluster",
+            m.connect_timeout.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_cx_overflow",
+            "Upstream connections refused by the cluster's max_connections",
+            m.upstream_cx_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_pending_overflow",
+            "Requests refused by the cluster's max_requests or max_pending_requests",
+            m.upstream_rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_overflow",
+            "Retries not made for the cluster's max_retries",
+            m.upstream_rq_retry_overflow.clone(),
         );
         registry.register(
             "envoy_listener_downstream_cx_overflow",

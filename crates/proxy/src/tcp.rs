@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use portcullis_registry::Decision;
+use portcullis_registry::{Decision, Resource};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -98,15 +98,156 @@ async fn connect_once(
     dst: SocketAddr,
     cluster: &str,
     log: &mut TcpLog<'_>,
-) -> Result<(TcpStream, Option<portcullis_balance::ActiveGuard>), ProxyError> {
-    let Pick { addr, guard, .. } = proxy.pick(decision, Original::Address(dst), &[]).await?;
+) -> Result<(TcpStream, crate::upstream::Hold), ProxyError> {
+    // Envoy's tcp_proxy refuses the connection at the cluster's `max_connections` before
+    // choosing a host.
+    let slot = proxy.admit(decision, Resource::Connections)?;
+    let Pick {
+        addr, mut guard, ..
+    } = proxy.pick(decision, Original::Address(dst), &[]).await?;
+    guard.slot = slot;
     log.upstream = Some(addr);
-    match proxy.connect(addr, cluster).await {
+    let timeout = proxy.connect_timeout(decision);
+    match proxy.connect(addr, cluster, timeout).await {
         Ok(stream) => Ok((stream, guard)),
         // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
         Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
             Err(ProxyError::Retried(Box::new(e)))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
+    use portcullis_envoy::{self as envoy, Discovery, Resources, Thresholds};
+    use portcullis_registry::Snapshot;
+    use prometheus_client::registry::Registry;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::metrics::{ClusterLabels, Metrics};
+    use crate::{Proxy, ProxyConfig};
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Fails the test instead of hanging.
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("timed out")
+    }
+
+    #[tokio::test]
+    async fn max_connections_closes_the_connection_over_it_with_uo() {
+        // An upstream that holds each connection until its client closes, then closes.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&accepted);
+        let server = tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        });
+        let mut r = Resources::default();
+        let mut c = envoy::Cluster::new("db", Discovery::Static);
+        c.load_assignment = Some(envoy::ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    upstream_addr,
+                ))],
+                ..Default::default()
+            }],
+        });
+        c.circuit_breakers = Thresholds {
+            max_connections: 1,
+            ..Thresholds::default()
+        };
+        r.clusters.insert(c.name.clone(), c);
+        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
+        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
+        let mut prometheus = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut prometheus));
+        let dns = DnsCache::new(
+            HickoryLookup::from_system_conf().unwrap(),
+            DnsConfig::default(),
+        );
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            Arc::clone(&metrics),
+            Vec::new(),
+            dns,
+        );
+        let dst = upstream_addr;
+        let connection = |decision: Decision| {
+            let proxy = Arc::clone(&proxy);
+            async move {
+                let (client, proxy_side) = pair().await;
+                let guarded =
+                    GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
+                let peer = client.local_addr().unwrap();
+                let task = tokio::spawn(async move {
+                    forward(&proxy, decision, guarded, b"", dst, peer, None).await;
+                });
+                (client, task)
+            }
+        };
+        let (mut first, first_task) = connection(decision.clone()).await;
+        bounded(async {
+            while accepted.load(Ordering::SeqCst) < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        // The cluster's one connection is open: the next is closed without an upstream.
+        let (mut second, second_task) = connection(decision.clone()).await;
+        bounded(second_task).await.unwrap();
+        let mut got = Vec::new();
+        let _ = bounded(second.read_to_end(&mut got)).await;
+        assert!(got.is_empty());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let labels = ClusterLabels {
+            cluster_name: Label::from("db"),
+        };
+        assert_eq!(metrics.upstream_cx_overflow.get_or_create(&labels).get(), 1);
+        let uo = TcpLabels {
+            reporter: "source",
+            destination_service: Label::from("db"),
+            response_flags: "UO",
+        };
+        assert_eq!(metrics.tcp_opened.get_or_create(&uo).get(), 1);
+        // The first ends; its connection is given back and the next one gets through.
+        first.write_all(b"bye").await.unwrap();
+        first.shutdown().await.unwrap();
+        drop(first);
+        bounded(first_task).await.unwrap();
+        let (third, _third_task) = connection(decision).await;
+        bounded(async {
+            while accepted.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        drop(third);
+        server.abort();
     }
 }

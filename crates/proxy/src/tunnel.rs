@@ -30,9 +30,10 @@ pub(crate) async fn open(
     let policy = RetryPolicy::default();
     let mut tried = Vec::new();
     let mut attempt = 0;
+    let timeout = proxy.connect_timeout(decision);
     let (upstream, pick) = loop {
         let pick = proxy.pick(decision, original, &tried).await?;
-        match proxy.connect(pick.addr, cluster).await {
+        match proxy.connect(pick.addr, cluster, timeout).await {
             Ok(stream) => break (stream, pick),
             Err(e)
                 if policy.connect_failure

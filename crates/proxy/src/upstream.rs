@@ -2,9 +2,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use portcullis_balance::ActiveGuard;
-use portcullis_registry::{Decision, OutboundMode, Resolution, Route, Snapshot};
+use portcullis_registry::{Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot};
 use tokio::net::TcpStream;
 
 use crate::Proxy;
@@ -26,8 +27,26 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// Index of the endpoint in its cluster, for retries elsewhere.
     pub index: Option<usize>,
-    /// Counts the request as active on the endpoint while held.
-    pub guard: Option<ActiveGuard>,
+    /// What the request holds until its response ends.
+    pub guard: Hold,
+}
+
+/// What an upstream request or connection holds until it ends: its endpoint's active
+/// count and a unit of its cluster's circuit breakers.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Counts the request as active on the endpoint.
+    pub active: Option<ActiveGuard>,
+    /// Counts it against the cluster's `max_requests` or `max_connections`.
+    pub slot: Option<Slot>,
+}
+
+impl Hold {
+    /// Gives back what is held.
+    pub fn release(&mut self) {
+        self.active = None;
+        self.slot = None;
+    }
 }
 
 /// How resolution NONE treats destinations that do not belong to the service.
@@ -203,7 +222,10 @@ impl Proxy {
                 Pick {
                     addr: SocketAddr::new(endpoint.address, endpoint.port),
                     index: Some(index),
-                    guard: Some(endpoint.state.start()),
+                    guard: Hold {
+                        active: Some(endpoint.state.start()),
+                        slot: None,
+                    },
                 }
             }
             Decision::Cluster(_) | Decision::Passthrough => {
@@ -223,7 +245,7 @@ impl Proxy {
                 Pick {
                     addr,
                     index: None,
-                    guard: None,
+                    guard: Hold::default(),
                 }
             }
         };
@@ -233,30 +255,67 @@ impl Proxy {
         Ok(pick)
     }
 
-    /// Connects to `addr` within the connect timeout, counting failures per cluster.
+    /// The connect timeout for `decision`: its cluster's (Envoy's `connect_timeout`), else
+    /// the proxy's own (original destinations).
+    pub(crate) fn connect_timeout(&self, decision: &Decision) -> Duration {
+        match decision {
+            Decision::Cluster(c) => c.connect_timeout,
+            _ => self.config.connect_timeout,
+        }
+    }
+
+    /// Connects to `addr` within `timeout`, counting failures per cluster.
     pub(crate) async fn connect(
         &self,
         addr: SocketAddr,
         cluster: &str,
+        timeout: Duration,
     ) -> Result<TcpStream, ProxyError> {
-        let result =
-            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await
-            {
-                Ok(Ok(stream)) => {
-                    // Request/response traffic: latency matters more than packet count.
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Ok(Err(e)) => ProxyError::ConnectFailure(e),
-                Err(_) => ProxyError::ConnectTimeout,
-            };
-        self.metrics
-            .connect_fail
-            .get_or_create(&ClusterLabels {
-                cluster_name: Label::from(cluster),
-            })
-            .inc();
+        let result = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                // Request/response traffic: latency matters more than packet count.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => ProxyError::ConnectFailure(e),
+            Err(_) => ProxyError::ConnectTimeout,
+        };
+        let labels = ClusterLabels {
+            cluster_name: Label::from(cluster),
+        };
+        self.metrics.connect_fail.get_or_create(&labels).inc();
+        if matches!(result, ProxyError::ConnectTimeout) {
+            self.metrics.connect_timeout.get_or_create(&labels).inc();
+        }
         Err(result)
+    }
+
+    /// Takes a unit of `resource` from the circuit breakers of `decision`'s cluster (none
+    /// for original destinations), counting an overflow in Envoy's stat for it.
+    pub(crate) fn admit(
+        &self,
+        decision: &Decision,
+        resource: Resource,
+    ) -> Result<Option<Slot>, ProxyError> {
+        let Decision::Cluster(c) = decision else {
+            return Ok(None);
+        };
+        c.breakers.acquire(resource).map_err(|overflow| {
+            let family = match resource {
+                Resource::Connections => &self.metrics.upstream_cx_overflow,
+                Resource::PendingRequests | Resource::Requests => {
+                    &self.metrics.upstream_rq_pending_overflow
+                }
+                Resource::Retries => &self.metrics.upstream_rq_retry_overflow,
+            };
+            family
+                .get_or_create(&ClusterLabels {
+                    cluster_name: Label(Arc::clone(&c.name)),
+                })
+                .inc();
+            tracing::debug!(cluster = %c.name, ?resource, "circuit breaker overflow");
+            ProxyError::Overflow(overflow)
+        })
     }
 
     /// Resolution NONE forwards to the original destination, but only to a destination

@@ -11,6 +11,7 @@ use portcullis_model::Resolution;
 
 use crate::Map;
 use crate::build::DnsAnswers;
+use crate::limits::{CircuitBreakers, ClusterLoad};
 use crate::snapshot::{Cluster, Decision, Endpoint, Protocol};
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
@@ -85,14 +86,18 @@ impl Clusters<'_> {
 /// Endpoint counters of the previous snapshot, by cluster and address.
 pub(crate) type Counters<'a> = Map<(&'a str, SocketAddr), Arc<EndpointState>>;
 
+/// Circuit breaker counts of the previous snapshot, by cluster name.
+pub(crate) type Loads<'a> = Map<&'a str, Arc<ClusterLoad>>;
+
 /// Builds one cluster. `protocol` is how listeners use it; DNS names its endpoints need
-/// are added to `dns_names` and their current answers taken from `dns`.
+/// are added to `dns_names` and their current answers taken from `dns`; live counts of
+/// the previous snapshot are taken over from `previous` and `loads`.
 pub(crate) fn build(
     c: &envoy::Cluster,
     resources: &envoy::Resources,
     protocol: Protocol,
     dns: DnsAnswers<'_>,
-    previous: &Counters<'_>,
+    (previous, loads): (&Counters<'_>, &Loads<'_>),
     dns_names: &mut BTreeSet<String>,
     warnings: &mut Vec<String>,
 ) -> Cluster {
@@ -174,6 +179,14 @@ pub(crate) fn build(
         owned_destinations,
         endpoints,
         balancer,
+        connect_timeout: c.connect_timeout,
+        breakers: CircuitBreakers {
+            thresholds: c.circuit_breakers,
+            load: loads
+                .get(c.name.as_str())
+                .map(Arc::clone)
+                .unwrap_or_default(),
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use portcullis_model::OutboundMode;
 
 use crate::Map;
 use crate::build::DnsAnswers;
-use crate::cluster::{self, Clusters, Counters};
+use crate::cluster::{self, Clusters, Counters, Loads};
 use crate::listener::{ChainFilter, Listeners};
 use crate::route::RouteTable;
 use crate::snapshot::{Cluster, Decision, Protocol, Snapshot};
@@ -18,7 +18,8 @@ use crate::snapshot::{Cluster, Decision, Protocol, Snapshot};
 impl Snapshot {
     /// Indexes `resources` into snapshot `version`. DNS names that clusters need are
     /// collected in [`Snapshot::dns_names`] and their current answers taken from `dns`;
-    /// endpoint counters are carried over from `previous` for the same cluster and address.
+    /// endpoint counters are carried over from `previous` for the same cluster and address,
+    /// circuit breaker counts for the same cluster.
     /// The outbound policy is read from the hand-off listener's catch-all chain.
     pub fn index(
         resources: &envoy::Resources,
@@ -40,6 +41,11 @@ impl Snapshot {
                 })
             })
             .collect();
+        let loads: Loads<'_> = previous
+            .into_iter()
+            .flat_map(|p| &p.clusters)
+            .map(|c| (&*c.name, Arc::clone(&c.breakers.load)))
+            .collect();
         let usage = protocol_usage(resources);
         let by_name: Map<Arc<str>, Arc<Cluster>> = resources
             .clusters
@@ -58,7 +64,7 @@ impl Snapshot {
                     resources,
                     protocol,
                     dns,
-                    &counters,
+                    (&counters, &loads),
                     &mut dns_names,
                     &mut warnings,
                 );
@@ -1235,5 +1241,132 @@ mod tests {
             (1, 0)
         );
         assert_eq!(second.version, 2);
+    }
+
+    #[test]
+    fn circuit_breakers_and_connect_timeout_reach_the_cluster_and_counts_survive_a_reload() {
+        use crate::limits::Resource;
+        use std::time::Duration;
+        let mut r = seed(false);
+        let mut c = cluster(
+            "outbound|80||limited.internal",
+            Discovery::Static,
+            &["10.0.0.1:80"],
+        );
+        c.connect_timeout = Duration::from_millis(250);
+        c.circuit_breakers = envoy::Thresholds {
+            max_connections: 1,
+            max_pending_requests: 2,
+            max_requests: 3,
+            max_retries: 0,
+        };
+        add_cluster(&mut r, c);
+        let first = index(&r);
+        let c = first.cluster("outbound|80||limited.internal").unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.breakers.threshold(Resource::Requests), 3);
+        assert_eq!(c.breakers.threshold(Resource::PendingRequests), 2);
+        let held = c.breakers.acquire(Resource::Connections).unwrap();
+        assert!(held.is_some());
+        assert!(c.breakers.acquire(Resource::Retries).is_err());
+        // A cluster that sets no thresholds has Envoy's defaults.
+        let seeded = first.cluster("outbound|80||app.internal.com").unwrap();
+        assert_eq!(seeded.breakers.threshold(Resource::Connections), 1024);
+        assert_eq!(seeded.breakers.threshold(Resource::Retries), 3);
+        // A reload keeps what is held: the one connection still counts against the limit,
+        // in the new snapshot's cluster as in the old one's.
+        let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
+        let c2 = second.cluster("outbound|80||limited.internal").unwrap();
+        assert_eq!(c2.breakers.load.held(Resource::Connections), 1);
+        assert!(c2.breakers.acquire(Resource::Connections).is_err());
+        drop(held);
+        assert!(
+            c2.breakers
+                .acquire(Resource::Connections)
+                .unwrap()
+                .is_some()
+        );
+        // A cluster of another name starts from nothing.
+        let mut renamed = r.clone();
+        let mut c = renamed
+            .clusters
+            .remove("outbound|80||limited.internal")
+            .unwrap();
+        c.name = "outbound|81||limited.internal".into();
+        add_cluster(&mut renamed, c);
+        let _held = c2.breakers.acquire(Resource::Connections).unwrap();
+        let third = Snapshot::index(&renamed, &|_| None, Some(&second), 3);
+        let c3 = third.cluster("outbound|81||limited.internal").unwrap();
+        assert_eq!(c3.breakers.load.held(Resource::Connections), 0);
+    }
+
+    #[test]
+    fn a_tcp_chain_carries_its_idle_timeout() {
+        use std::time::Duration;
+        let mut r = seed(false);
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|5432||db.internal",
+                Discovery::Static,
+                &["10.0.0.9:5432"],
+            ),
+        );
+        add_cluster(
+            &mut r,
+            cluster(
+                "outbound|6379||cache.internal",
+                Discovery::Static,
+                &["10.0.0.8:6379"],
+            ),
+        );
+        let mut idle = tcp("outbound|5432||db.internal");
+        if let NetworkFilter::TcpProxy(t) = &mut idle {
+            t.idle_timeout = Some(Duration::from_secs(30));
+        }
+        add_listener(
+            &mut r,
+            listener(
+                "10.0.0.9_5432",
+                "10.0.0.9:5432",
+                vec![chain("", FilterChainMatch::default(), idle)],
+            ),
+        );
+        add_listener(
+            &mut r,
+            listener(
+                "10.0.0.8_6379",
+                "10.0.0.8:6379",
+                vec![chain(
+                    "",
+                    FilterChainMatch::default(),
+                    tcp("outbound|6379||cache.internal"),
+                )],
+            ),
+        );
+        let s = index(&r);
+        let conn = |dst: &str| {
+            let dst: std::net::SocketAddr = dst.parse().unwrap();
+            Connection {
+                destination: Some(dst.ip()),
+                port: dst.port(),
+                ..Connection::default()
+            }
+        };
+        let (decision, chain) = s.route_connection_chain(&conn("10.0.0.9:5432"));
+        assert_eq!(named(&decision), "outbound|5432||db.internal");
+        assert_eq!(chain.unwrap().idle_timeout, Some(Duration::from_secs(30)));
+        // `None` in the model is Envoy's 0: never.
+        let (decision, chain) = s.route_connection_chain(&conn("10.0.0.8:6379"));
+        assert_eq!(named(&decision), "outbound|6379||cache.internal");
+        assert_eq!(chain.unwrap().idle_timeout, None);
+        // Without listeners there is no chain: the proxy's own timeout applies.
+        let empty = Snapshot::index(&Resources::default(), &|_| None, None, 1);
+        assert!(
+            empty
+                .route_connection_chain(&conn("10.0.0.9:5432"))
+                .1
+                .is_none()
+        );
     }
 }

@@ -6,6 +6,7 @@ mod build;
 mod cluster;
 mod host;
 mod index;
+mod limits;
 mod listener;
 mod order;
 mod route;
@@ -22,6 +23,7 @@ pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
+pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMITED};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
 pub use route::{
     Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Request, Route, RouteTable,

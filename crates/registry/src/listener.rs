@@ -11,6 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use portcullis_envoy as envoy;
@@ -47,6 +48,10 @@ pub struct Chain {
     pub listener: Arc<str>,
     /// Its terminal filter.
     pub filter: ChainFilter,
+    /// How long a connection it carries may go with no bytes either way: `tcp_proxy`'s
+    /// `idle_timeout`, `None` never. HTTP chains: `None`; the model carries no connection
+    /// idle timeout for them, so the proxy's own applies.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The terminal filter of a [`Chain`].
@@ -218,6 +223,10 @@ impl Listener {
     ) -> Listener {
         let listener_name: Arc<str> = l.name.as_str().into();
         let chain = |c: &envoy::FilterChain| {
+            let idle_timeout = match &c.filter {
+                envoy::NetworkFilter::TcpProxy(t) => t.idle_timeout,
+                envoy::NetworkFilter::Http(_) => None,
+            };
             let filter = match &c.filter {
                 envoy::NetworkFilter::TcpProxy(t) => ChainFilter::Tcp(target(&t.cluster)),
                 envoy::NetworkFilter::Http(h) => {
@@ -240,6 +249,7 @@ impl Listener {
                 name: c.name.as_str().into(),
                 listener: Arc::clone(&listener_name),
                 filter,
+                idle_timeout,
             })
         };
         let mut tree = PortLevel::default();

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use portcullis_balance::{Balancer, EndpointState};
@@ -10,6 +11,7 @@ use portcullis_model::{OutboundMode, Resolution};
 use crate::Map;
 use crate::cluster::Target;
 use crate::host::{normalized, split_host_port};
+use crate::limits::CircuitBreakers;
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
 
@@ -85,6 +87,10 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     /// Picks endpoints.
     pub balancer: Balancer,
+    /// Upstream connect timeout (Envoy's `connect_timeout`).
+    pub connect_timeout: Duration,
+    /// Circuit breakers (default priority).
+    pub breakers: CircuitBreakers,
 }
 
 impl Cluster {
@@ -304,14 +310,23 @@ impl Snapshot {
     /// filter chain's clusters. A chain of HTTP routes takes no opaque bytes: the outbound
     /// policy's.
     pub fn route_connection(&self, conn: &Connection<'_>) -> Decision {
+        self.route_connection_chain(conn).0
+    }
+
+    /// As [`Snapshot::route_connection`], with the filter chain that decided (`None`
+    /// without listeners or when no chain matched), whose settings (its idle timeout) the
+    /// connection keeps.
+    pub fn route_connection_chain(&self, conn: &Connection<'_>) -> (Decision, Option<&Arc<Chain>>) {
         if self.listeners.is_none() {
-            return self.unmatched();
+            return (self.unmatched(), None);
         }
-        match self.filter_chain(conn).map(|c| &c.filter) {
+        let chain = self.filter_chain(conn);
+        let decision = match chain.map(|c| &c.filter) {
             None => Decision::NoFilterChain,
             Some(ChainFilter::Tcp(t)) => t.decide(),
             Some(ChainFilter::Http(_)) => self.unmatched(),
-        }
+        };
+        (decision, chain)
     }
 
     /// Whether a connection described by `conn`, sniffed as HTTP, is served as HTTP: its
