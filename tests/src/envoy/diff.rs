@@ -46,15 +46,12 @@ pub enum Action {
     /// One `curl` with these arguments (several requests when they hold `--next`: the last
     /// response is described, the bodies are all kept).
     Curl(Vec<String>),
-    /// The same `curl` several times: which endpoints answered, as a set (or, with
-    /// `count_only`, how many distinct ones, when which one is the proxy's own pick).
+    /// The same `curl` several times: which endpoints answered, as a set.
     Spread {
         /// curl's arguments.
         args: Vec<String>,
         /// How many requests.
         times: usize,
-        /// Compare only the number of distinct endpoints.
-        count_only: bool,
     },
     /// A raw TCP connection (`pce2e-net connect`) that sends `payload` and reads until the
     /// end.
@@ -101,19 +98,6 @@ impl Probe {
             Action::Spread {
                 args: strings(args),
                 times,
-                count_only: false,
-            },
-        )
-    }
-
-    /// `curl args` `times` times, comparing how many distinct endpoints answered.
-    pub fn spread_count(name: &str, args: &[&str], times: usize) -> Probe {
-        Probe::new(
-            name,
-            Action::Spread {
-                args: strings(args),
-                times,
-                count_only: true,
             },
         )
     }
@@ -375,11 +359,7 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             (describe_reply(&lab.curl(&args)?), requests)
         }
-        Action::Spread {
-            args,
-            times,
-            count_only,
-        } => {
+        Action::Spread { args, times } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut outcomes = BTreeSet::new();
             let mut all_headers = BTreeSet::new();
@@ -391,16 +371,11 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
                 all_headers.insert(headers(&reply, &["content-length"]));
                 endpoints.insert(endpoint(&reply.body));
             }
-            let endpoints = if *count_only {
-                format!("{} distinct", endpoints.len())
-            } else {
-                join(&endpoints)
-            };
             (
                 vec![
                     ("outcomes", join(&outcomes)),
                     ("headers", join(&all_headers)),
-                    ("endpoints", endpoints),
+                    ("endpoints", join(&endpoints)),
                 ],
                 *times,
             )
