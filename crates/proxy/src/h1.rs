@@ -341,6 +341,25 @@ async fn forward(
         let retry_elsewhere = can_retry(&routed.decision, pick.index);
         let error = match sent {
             Ok((stream, buffered, head)) => {
+                if policy.retry_status(head.status) {
+                    if policy.another(attempt) {
+                        // The response and its connection are dropped, never reused with a
+                        // body left unread; the whole request is still in `out`.
+                        drop((stream, buffered, pick.guard));
+                        if retry_elsewhere {
+                            policy.tried(&mut tried, pick.index);
+                        }
+                        tracing::debug!(
+                            status = head.status,
+                            "retriable upstream status; retrying"
+                        );
+                        continue;
+                    }
+                    // The last response a policy would have retried: Envoy's `URX`.
+                    if attempt > 0 {
+                        log.outcome.flags = "URX";
+                    }
+                }
                 let upstream = Upstream {
                     stream,
                     addr: pick.addr,

@@ -59,9 +59,40 @@ pub enum NonePolicy {
     Permissive,
 }
 
+/// HTTP status codes below 640, as bits: a route's `retriable_status_codes` read per request
+/// without an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    /// No status.
+    pub const EMPTY: StatusSet = StatusSet([0; 10]);
+
+    /// The set with `code` added; codes of 640 and above are left out (no such status).
+    pub const fn with(mut self, code: u16) -> StatusSet {
+        let i = (code / 64) as usize;
+        if i < self.0.len() {
+            self.0[i] |= 1 << (code % 64);
+        }
+        self
+    }
+
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        self.0
+            .get(usize::from(code / 64))
+            .is_some_and(|bits| bits & (1 << (code % 64)) != 0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 10]
+    }
+}
+
 /// When a failed upstream attempt is made again: the conditions of Envoy's route
 /// `retry_policy` that the data path tells apart. Its `Default` is Istio's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// `num_retries`: attempts after the first.
     pub num_retries: u8,
@@ -82,7 +113,7 @@ pub struct RetryPolicy {
     /// `retry_on: gateway-error`: the upstream answered 502, 503 or 504.
     pub gateway_error: bool,
     /// `retry_on: retriable-status-codes`: the upstream answered one of these.
-    pub status_codes: Vec<u16>,
+    pub status_codes: StatusSet,
 }
 
 impl RetryPolicy {
@@ -90,18 +121,16 @@ impl RetryPolicy {
     /// cancelled,retriable-status-codes`, 2 retries, `previous_hosts`. No `reset`: a reset
     /// after the request was sent is answered at once (`UC`). `retriable-status-codes` with
     /// 503, as istiod's `DefaultPolicy` writes it.
-    pub fn istio() -> RetryPolicy {
-        RetryPolicy {
-            num_retries: 2,
-            connect_failure: true,
-            refused_stream: true,
-            reset: false,
-            previous_hosts: true,
-            five_xx: false,
-            gateway_error: false,
-            status_codes: vec![503],
-        }
-    }
+    pub const ISTIO: RetryPolicy = RetryPolicy {
+        num_retries: 2,
+        connect_failure: true,
+        refused_stream: true,
+        reset: false,
+        previous_hosts: true,
+        five_xx: false,
+        gateway_error: false,
+        status_codes: StatusSet::EMPTY.with(503),
+    };
 
     /// No retries: a route without a retry policy.
     pub const NONE: RetryPolicy = RetryPolicy {
@@ -112,14 +141,14 @@ impl RetryPolicy {
         previous_hosts: false,
         five_xx: false,
         gateway_error: false,
-        status_codes: Vec::new(),
+        status_codes: StatusSet::EMPTY,
     };
 
     /// Whether a response with `status` is retried (when attempts are left).
     pub fn retry_status(&self, status: u16) -> bool {
         (self.five_xx && (500..600).contains(&status))
             || (self.gateway_error && matches!(status, 502..=504))
-            || self.status_codes.contains(&status)
+            || self.status_codes.contains(status)
     }
 
     /// Whether some response status is retried.
@@ -153,7 +182,7 @@ impl RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy::istio()
+        RetryPolicy::ISTIO
     }
 }
 
@@ -163,7 +192,7 @@ impl RetryPolicy {
     /// listeners, or a filter chain that carries bytes).
     pub(crate) fn of(route: Option<&Route>) -> RetryPolicy {
         let Some(route) = route else {
-            return RetryPolicy::istio();
+            return RetryPolicy::ISTIO;
         };
         match &route.retry_policy {
             Some(policy) => RetryPolicy::from_envoy(policy),
@@ -190,9 +219,12 @@ impl RetryPolicy {
             five_xx: on(&["5xx"]),
             gateway_error: on(&["gateway-error"]),
             status_codes: if on(&["retriable-status-codes"]) {
-                policy.retriable_status_codes.clone()
+                policy
+                    .retriable_status_codes
+                    .iter()
+                    .fold(StatusSet::EMPTY, |set, &code| set.with(code))
             } else {
-                Vec::new()
+                StatusSet::EMPTY
             },
         }
     }
@@ -427,7 +459,7 @@ mod tests {
     #[test]
     fn istios_default_retries_connect_failures_twice_on_other_endpoints() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy, RetryPolicy::istio());
+        assert_eq!(policy, RetryPolicy::ISTIO);
         assert!(policy.connect_failure && policy.refused_stream && !policy.reset);
         assert_eq!(policy.attempts(), 3);
         assert!(policy.another(0) && policy.another(1) && !policy.another(2));
@@ -437,7 +469,7 @@ mod tests {
         assert_eq!(tried, [4]);
         let anywhere = RetryPolicy {
             previous_hosts: false,
-            ..policy.clone()
+            ..policy
         };
         anywhere.tried(&mut tried, Some(5));
         assert_eq!(tried, [4]);
@@ -446,7 +478,7 @@ mod tests {
     #[test]
     fn response_statuses_are_retried_as_the_route_says() {
         // Istio's default: only 503, through `retriable-status-codes`.
-        let istio = RetryPolicy::istio();
+        let istio = RetryPolicy::ISTIO;
         assert!(istio.retries_statuses());
         assert!(istio.retry_status(503) && !istio.retry_status(502));
         assert!(!RetryPolicy::NONE.retries_statuses());
