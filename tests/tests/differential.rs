@@ -50,9 +50,6 @@ const DIRECT_RESPONSE_HEAD: &str = "README, Differences from Istio/Envoy: a dire
                                     reason phrase is the standard one (`418 I'm a teapot`, \
                                     Envoy: `Unknown` for codes it has no name for) and a 204 \
                                     carries `content-length: 0`";
-/// The README row on rewrites.
-const HOST_REWRITE: &str = "README, Differences from Istio/Envoy: `host_rewrite_literal` is not \
-                            applied and `x-envoy-original-path`/`-host` are not sent";
 /// Istio YAML files (name, content) for the files lab.
 fn files(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -930,8 +927,7 @@ fn virtual_service_routes() {
             Probe::curl(
                 "prefix and host rewritten, request and response headers changed",
                 &rewrite_args,
-            )
-            .differs(HOST_REWRITE),
+            ),
             Probe::curl(
                 "a response header removed",
                 &["http://rewrite.internal.com/headers/plain"],

@@ -568,6 +568,10 @@ async fn route_and_forward(
     if let Some(path) = matched.and_then(|r| r.rewrite_path(input_path(&req)))
         && let Ok(path) = PathAndQuery::try_from(path)
     {
+        // Envoy's router keeps the path it rewrote in `x-envoy-original-path`.
+        if let Ok(original) = HeaderValue::from_str(input_path(&req)) {
+            req.headers_mut().insert(ORIGINAL_PATH, original);
+        }
         let mut parts = req.uri().clone().into_parts();
         parts.path_and_query = Some(path);
         if let Ok(uri) = Uri::from_parts(parts) {
@@ -577,11 +581,22 @@ async fn route_and_forward(
     let host_rewrite = matched
         .and_then(|r| r.forward())
         .and_then(|f| f.host_rewrite_literal.as_deref());
+    // Envoy keeps the authority it rewrote in `x-envoy-original-host`.
+    if host_rewrite.is_some()
+        && let Some(original) = authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        req.headers_mut().insert(ORIGINAL_HOST, original);
+    }
     // An HTTP/1.1 upgrade (WebSocket): both sides switch protocols after a 101.
     let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     prepare_request(
         &mut req,
-        host_rewrite.or(authority.as_deref()),
+        (
+            host_rewrite.or(authority.as_deref()),
+            host_rewrite.is_some(),
+        ),
         explicit,
         h2,
         client_upgrade.is_some(),
@@ -1023,6 +1038,10 @@ pub(crate) const REQUEST_ID: &str = "x-request-id";
 /// `x-envoy-attempt-count`: the attempt number, 1 for the first (Istio sets
 /// `include_request_attempt_count` on every virtual host).
 pub(crate) const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+/// The path before a route rewrote it.
+const ORIGINAL_PATH: &str = "x-envoy-original-path";
+/// The authority before a route rewrote it.
+const ORIGINAL_HOST: &str = "x-envoy-original-host";
 /// `x-envoy-expected-rq-timeout-ms`: the route timeout when one applies; never passed on
 /// from the client.
 pub(crate) const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
@@ -1054,7 +1073,7 @@ pub(crate) fn timeout_ms(timeout: Duration) -> u64 {
 
 fn prepare_request(
     req: &mut Request<Incoming>,
-    authority: Option<&str>,
+    (authority, rewritten): (Option<&str>, bool),
     explicit: bool,
     h2: bool,
     upgrade: bool,
@@ -1109,9 +1128,11 @@ fn prepare_request(
         *req.version_mut() = Version::HTTP_2;
         return;
     }
-    // The name that was routed on is the one the upstream sees. With origin-form that is
-    // the Host header already there.
-    if absolute && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+    // The name that was routed on (or the route's rewrite of it) is the one the upstream
+    // sees. With origin-form and no rewrite that is the Host header already there.
+    if (absolute || rewritten)
+        && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok())
+    {
         headers.insert(header::HOST, value);
     }
     if upgrade && let Some(to) = upgrade_to {
