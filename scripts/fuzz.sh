@@ -17,6 +17,7 @@ declare -A dict=(
     [http_request]=http
     [h1_fast_path]=http
 )
+# Protobuf input (xds_resources) has no useful token dictionary: its seeds carry the structure.
 
 # libfuzzer-sys compiles libFuzzer itself, which is C++.
 if ! command -v c++ >/dev/null; then
@@ -44,9 +45,13 @@ for target in "${targets[@]}"; do
     mkdir -p "$work" "${log%/*}"
     echo "=== fuzz: $target for ${seconds} s ==="
     status=0
+    dict_flag=()
+    if [ -n "${dict[$target]:-}" ]; then
+        dict_flag=(-dict="fuzz/dict/${dict[$target]}.dict")
+    fi
     cargo fuzz run -s none "$target" "$work" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-        -dict="fuzz/dict/${dict[$target]}.dict" -print_final_stats=1 >"$log" 2>&1 || status=$?
+        "${dict_flag[@]}" -print_final_stats=1 >"$log" 2>&1 || status=$?
     if [ "$status" -ne 0 ]; then
         tail -n 60 "$log"
         artifact=$(grep -o 'Test unit written to [^ ]*' "$log" | tail -n 1 | cut -d' ' -f5 || true)
