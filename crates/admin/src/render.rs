@@ -90,11 +90,15 @@ pub fn clusters(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "{name}::default_priority::max_connections::4294967295");
     }
     for c in &snapshot.clusters {
-        let _ = writeln!(
-            out,
-            "{}::default_priority::max_connections::4294967295",
-            c.name
-        );
+        let t = &c.breakers.thresholds;
+        for (threshold, value) in [
+            ("max_connections", t.max_connections),
+            ("max_pending_requests", t.max_pending_requests),
+            ("max_requests", t.max_requests),
+            ("max_retries", t.max_retries),
+        ] {
+            let _ = writeln!(out, "{}::default_priority::{threshold}::{value}", c.name);
+        }
         for e in &c.endpoints {
             let host = e.display();
             let _ = writeln!(out, "{}::{host}::rq_active::{}", c.name, e.state.active());
@@ -152,4 +156,35 @@ pub fn server_info(ready: bool, uptime: Duration) -> String {
         "node": {"user_agent_name": "portcullis"},
     });
     serde_json::to_string_pretty(&info).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_envoy::{Cluster, Discovery, Resources, Thresholds};
+    use portcullis_registry::Snapshot;
+
+    use super::*;
+
+    #[test]
+    fn clusters_show_each_clusters_own_thresholds() {
+        let mut limited = Cluster::new("outbound|80||api.example.com", Discovery::Static);
+        limited.circuit_breakers = Thresholds {
+            max_connections: 1,
+            max_pending_requests: 2,
+            max_requests: 3,
+            max_retries: 4,
+        };
+        let mut resources = Resources::default();
+        resources.clusters.insert(limited.name.clone(), limited);
+        let text = clusters(&Snapshot::index(&resources, &|_| None, None, 1));
+        for line in [
+            "outbound|80||api.example.com::default_priority::max_connections::1",
+            "outbound|80||api.example.com::default_priority::max_pending_requests::2",
+            "outbound|80||api.example.com::default_priority::max_requests::3",
+            "outbound|80||api.example.com::default_priority::max_retries::4",
+            "PassthroughCluster::default_priority::max_connections::4294967295",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 }

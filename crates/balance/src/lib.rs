@@ -5,7 +5,7 @@
 //! snapshots so that in-flight request counts carry across config reloads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// A load-balancing algorithm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -24,6 +24,7 @@ pub enum Policy {
 pub struct EndpointState {
     active: AtomicU64,
     total: AtomicU64,
+    connections: AtomicU32,
 }
 
 impl EndpointState {
@@ -40,6 +41,20 @@ impl EndpointState {
     /// Requests ever started.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Upstream connections open to the endpoint, as far as they are counted: only a
+    /// cluster that limits its connections counts them.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Counts a connection as open until the guard is dropped.
+    pub fn open_connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            state: Arc::clone(self),
+        }
     }
 
     /// Counts a request as started; it stays active until the guard is dropped.
@@ -69,6 +84,19 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An open upstream connection to an endpoint; dropping it counts the connection closed.
+#[derive(Debug)]
+#[must_use = "the connection counts as open only while the guard is alive"]
+pub struct ConnectionGuard {
+    state: Arc<EndpointState>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.state.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -292,6 +320,19 @@ mod tests {
     }
 
     const POLICIES: [Policy; 3] = [Policy::LeastRequest, Policy::RoundRobin, Policy::Random];
+
+    #[test]
+    fn open_connections_are_counted_apart_from_requests() {
+        let state = Arc::new(EndpointState::new());
+        let first = state.open_connection();
+        let second = state.open_connection();
+        let request = state.start();
+        assert_eq!((state.connections(), state.active()), (2, 1));
+        drop(first);
+        assert_eq!(state.connections(), 1);
+        drop((second, request));
+        assert_eq!((state.connections(), state.active()), (0, 0));
+    }
 
     #[test]
     fn distribution_follows_weights_for_every_policy() {

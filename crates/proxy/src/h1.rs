@@ -16,7 +16,6 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Version};
@@ -36,7 +35,8 @@ use crate::http::{
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label};
-use crate::upstream::{RetryPolicy, can_retry};
+use crate::pool::Conn;
+use crate::upstream::{Acquired, RetryPolicy, Target, can_retry};
 
 /// Header fields parsed per head; a request with more goes to the general path.
 const MAX_HEADERS: usize = 128;
@@ -256,7 +256,7 @@ where
     log.write();
     let close = head.close || shutdown.is_cancelled();
     let Upstream {
-        stream,
+        conn: Conn { io: stream, hold },
         addr,
         buffered,
         guard,
@@ -266,7 +266,7 @@ where
     match done {
         Some((stream, reusable)) => {
             if reusable {
-                proxy.pool.put_raw(addr, stream);
+                proxy.pool.put_raw(addr, Conn { io: stream, hold });
             }
             if close { Next::Close } else { Next::KeepAlive }
         }
@@ -276,7 +276,7 @@ where
 
 /// An upstream connection with a response head read from it.
 struct Upstream {
-    stream: TcpStream,
+    conn: Conn<TcpStream>,
     addr: SocketAddr,
     /// Bytes read after the response head: the start of the body.
     buffered: BytesMut,
@@ -329,8 +329,14 @@ async fn forward(
         if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(attempt)) {
             *digit = count;
         }
-        let upstream = (pick.addr, connect_timeout);
-        let sending = attempt_once(proxy, upstream, &log.outcome.cluster, out, head_method);
+        let target = Target {
+            addr: pick.addr,
+            connect_timeout,
+            cluster: &log.outcome.cluster,
+            decision: &routed.decision,
+            endpoint: pick.guard.endpoint(),
+        };
+        let sending = attempt_once(proxy, target, out, head_method);
         let sent = match proxy.config.route_timeout {
             Some(limit) => match tokio::time::timeout(limit, sending).await {
                 Ok(sent) => sent,
@@ -340,12 +346,12 @@ async fn forward(
         };
         let retry_elsewhere = can_retry(&routed.decision, pick.index);
         let error = match sent {
-            Ok((stream, buffered, head)) => {
+            Ok((conn, buffered, head)) => {
                 if policy.retry_status(head.status) {
                     if policy.another(attempt) {
                         // The response and its connection are dropped, never reused with a
                         // body left unread; the whole request is still in `out`.
-                        drop((stream, buffered, pick.guard));
+                        drop((conn, buffered, pick.guard));
                         if retry_elsewhere {
                             policy.tried(&mut tried, pick.index);
                         }
@@ -361,7 +367,7 @@ async fn forward(
                     }
                 }
                 let upstream = Upstream {
-                    stream,
+                    conn,
                     addr: pick.addr,
                     buffered,
                     guard: pick.guard,
@@ -392,24 +398,32 @@ async fn forward(
 
 async fn attempt_once(
     proxy: &Arc<Proxy>,
-    (addr, connect_timeout): (SocketAddr, Duration),
-    cluster: &str,
+    target: Target<'_>,
     out: &[u8],
     head_method: bool,
-) -> Result<(TcpStream, BytesMut, ResponseHead), Failure> {
-    let mut stream = match proxy.pool.checkout_raw(addr) {
-        Some(stream) => stream,
-        None => proxy
-            .connect(addr, cluster, connect_timeout)
-            .await
-            .map_err(Failure::Connect)?,
+) -> Result<(Conn<TcpStream>, BytesMut, ResponseHead), Failure> {
+    let idle = || std::future::ready(proxy.pool.checkout_raw(target.addr));
+    let mut conn = match proxy
+        .connection(&target, idle)
+        .await
+        .map_err(Failure::Fatal)?
+    {
+        Acquired::Idle(conn) => conn,
+        Acquired::New { hold, pending } => {
+            let io = proxy
+                .connect(target.addr, target.cluster, target.connect_timeout)
+                .await
+                .map_err(Failure::Connect)?;
+            drop(pending);
+            Conn { io, hold }
+        }
     };
-    if let Err(e) = stream.write_all(out).await {
+    if let Err(e) = conn.io.write_all(out).await {
         return Err(Failure::Unsent(ProxyError::UpstreamClosed(e)));
     }
     let mut buffered = BytesMut::with_capacity(HEAD_CHUNK);
     loop {
-        match stream.read_buf(&mut buffered).await {
+        match conn.io.read_buf(&mut buffered).await {
             Ok(0) => {
                 let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
                 return Err(Failure::Sent(ProxyError::UpstreamClosed(closed)));
@@ -423,7 +437,7 @@ async fn attempt_once(
                 Ok(Some(head)) if head.interim => buffered.advance(head.len),
                 Ok(Some(head)) => {
                     buffered.advance(head.len);
-                    return Ok((stream, buffered, head));
+                    return Ok((conn, buffered, head));
                 }
                 Ok(None) => break,
                 Err(e) => return Err(Failure::Fatal(ProxyError::UpstreamProtocol(e))),

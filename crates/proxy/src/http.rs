@@ -29,7 +29,8 @@ use crate::guard::{InFlight, InFlightGuard};
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, RequestLabels};
-use crate::upstream::{Original, Pick, RetryPolicy, can_retry};
+use crate::pool::Conn;
+use crate::upstream::{Acquired, Original, Pick, RetryPolicy, Target, can_retry};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -643,11 +644,18 @@ async fn route_and_forward(
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
         let Pick { addr, index, guard } = pick;
+        let target = Target {
+            addr,
+            connect_timeout,
+            cluster: &outcome.cluster,
+            decision: &decision,
+            endpoint: guard.endpoint(),
+        };
         let sending = async {
             if h2 {
-                send_h2(proxy, (addr, connect_timeout), &outcome.cluster, req).await
+                send_h2(proxy, target, req).await
             } else {
-                send_h1(proxy, (addr, connect_timeout), &outcome.cluster, req).await
+                send_h1(proxy, target, req).await
             }
         };
         // Envoy's route timeout: from the request being sent until the response headers.
@@ -733,6 +741,7 @@ async fn route_and_forward(
                 }
                 return Err(retried(e, attempt));
             }
+            Err(Failure::Refused(e)) => return Err(retried(e, attempt)),
             Err(Failure::Sent(e)) => match &replay {
                 Some((method, uri, version, headers))
                     if policy.another(attempt) && policy.resend(&e) =>
@@ -831,20 +840,27 @@ enum Failure {
     Unsent(Request<RequestBody>, ProxyError),
     /// The request was (at least partly) sent: not retried.
     Sent(ProxyError),
+    /// The cluster's circuit breakers refused it a connection: not retried.
+    Refused(ProxyError),
 }
 
 type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
 
 async fn send_h1(
     proxy: &Arc<Proxy>,
-    (addr, connect_timeout): (SocketAddr, Duration),
-    cluster: &str,
+    target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
-    let mut pooled = match proxy.pool.checkout(addr).await {
-        Some(p) => p,
-        None => {
-            let stream = match proxy.connect(addr, cluster, connect_timeout).await {
+    let idle = || proxy.pool.checkout(target.addr);
+    let acquired = match proxy.connection(&target, idle).await {
+        Ok(acquired) => acquired,
+        Err(e) => return Err(Failure::Refused(e)),
+    };
+    let mut pooled = match acquired {
+        Acquired::Idle(pooled) => pooled,
+        Acquired::New { hold, pending } => {
+            let (addr, cluster) = (target.addr, target.cluster);
+            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -860,7 +876,8 @@ async fn send_h1(
                     tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
                 }
             });
-            proxy.pool.fresh(addr, sender)
+            drop(pending);
+            proxy.pool.fresh(addr, Conn { io: sender, hold })
         }
     };
     match pooled.sender.try_send_request(req).await {
@@ -877,14 +894,19 @@ async fn send_h1(
 
 async fn send_h2(
     proxy: &Arc<Proxy>,
-    (addr, connect_timeout): (SocketAddr, Duration),
-    cluster: &str,
+    target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
-    let mut sender = match proxy.pool.h2(addr) {
-        Some(s) => s,
-        None => {
-            let stream = match proxy.connect(addr, cluster, connect_timeout).await {
+    let idle = || std::future::ready(proxy.pool.h2(target.addr));
+    let acquired = match proxy.connection(&target, idle).await {
+        Ok(acquired) => acquired,
+        Err(e) => return Err(Failure::Refused(e)),
+    };
+    let mut sender = match acquired {
+        Acquired::Idle(sender) => sender,
+        Acquired::New { hold, pending } => {
+            let (addr, cluster) = (target.addr, target.cluster);
+            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -896,12 +918,19 @@ async fn send_h2(
                     Ok(h) => h,
                     Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
                 };
+            proxy.pool.put_h2(addr, sender.clone());
+            drop(pending);
+            // The connection holds its unit of `max_connections` until it ends; requests
+            // waiting for it are woken now that it is shared.
+            if let Some(hold) = &hold {
+                hold.wake();
+            }
             tokio::spawn(async move {
+                let _hold = hold;
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });
-            proxy.pool.put_h2(addr, sender.clone());
             sender
         }
     };

@@ -5,6 +5,9 @@
 //! (`h1.rs`) pools plain sockets, the general path hyper senders. HTTP/2: one shared,
 //! multiplexed connection per endpoint. The locks are held only to push, pop or clone one
 //! sender; never across an await, and a reload never takes them.
+//!
+//! A connection to a cluster that limits its connections carries a [`ConnHold`] for as long
+//! as it is open, idle in the pool included, as Envoy counts its pools' connections.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +16,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::client::conn::{http1::SendRequest, http2};
+use portcullis_balance::{ConnectionGuard, EndpointState};
+use portcullis_registry::{ClusterLoad, Slot};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -53,10 +58,63 @@ impl<T> Idle<T> {
     }
 }
 
+/// What an open upstream connection of a cluster that limits its connections holds: a unit
+/// of the cluster's `max_connections` and a count on its endpoint. Dropped with the
+/// connection, it wakes the cluster's requests waiting for one.
+#[derive(Debug)]
+pub struct ConnHold {
+    slot: Option<Slot>,
+    endpoint: Option<ConnectionGuard>,
+    load: Arc<ClusterLoad>,
+}
+
+impl ConnHold {
+    /// Holds `slot` of `load`'s cluster for a connection to `endpoint`.
+    pub fn new(slot: Slot, endpoint: Option<&Arc<EndpointState>>, load: &Arc<ClusterLoad>) -> Self {
+        ConnHold {
+            slot: Some(slot),
+            endpoint: endpoint.map(EndpointState::open_connection),
+            load: Arc::clone(load),
+        }
+    }
+}
+
+impl ConnHold {
+    /// Wakes the cluster's requests waiting for a connection: this one can take them now.
+    pub fn wake(&self) {
+        self.load.wake();
+    }
+}
+
+impl Drop for ConnHold {
+    fn drop(&mut self) {
+        // Counts first, so that a woken waiter sees the room this connection leaves.
+        self.endpoint = None;
+        self.slot = None;
+        self.load.wake();
+    }
+}
+
+/// An upstream connection and what it holds against its cluster's limits.
+#[derive(Debug)]
+pub struct Conn<T> {
+    /// The connection.
+    pub io: T,
+    /// Its unit of the cluster's `max_connections`, when the cluster limits them.
+    pub hold: Option<ConnHold>,
+}
+
+impl<T> Conn<T> {
+    /// The cluster to wake once the connection is back in the pool, when it is limited.
+    fn waiters(&self) -> Option<Arc<ClusterLoad>> {
+        self.hold.as_ref().map(|h| Arc::clone(&h.load))
+    }
+}
+
 /// Idle upstream connections per endpoint.
 pub struct Pool {
-    idle: Idle<SendRequest<RequestBody>>,
-    raw: Idle<TcpStream>,
+    idle: Idle<Conn<SendRequest<RequestBody>>>,
+    raw: Idle<Conn<TcpStream>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
@@ -68,6 +126,8 @@ pub struct Pooled {
     key: SocketAddr,
     /// The sender for this connection.
     pub sender: SendRequest<RequestBody>,
+    /// What the connection holds against its cluster's limits.
+    hold: Option<ConnHold>,
     /// Whether it was reused from the pool (a stale-connection race is then possible).
     pub reused: bool,
 }
@@ -75,7 +135,11 @@ pub struct Pooled {
 impl Pooled {
     /// Returns the connection to the pool for the next request.
     pub fn release(self) {
-        self.pool.put(self.key, self.sender);
+        let conn = Conn {
+            io: self.sender,
+            hold: self.hold,
+        };
+        self.pool.put(self.key, conn);
     }
 }
 
@@ -94,15 +158,16 @@ impl Pool {
     /// Takes an idle connection to `key` that is still open, if any.
     pub async fn checkout(self: &Arc<Self>, key: SocketAddr) -> Option<Pooled> {
         loop {
-            let (mut sender, since) = self.idle.pop(key)?;
-            if since.elapsed() > self.idle_timeout || sender.is_closed() {
+            let (mut conn, since) = self.idle.pop(key)?;
+            if since.elapsed() > self.idle_timeout || conn.io.is_closed() {
                 continue;
             }
-            if sender.ready().await.is_ok() {
+            if conn.io.ready().await.is_ok() {
                 return Some(Pooled {
                     pool: Arc::clone(self),
                     key,
-                    sender,
+                    sender: conn.io,
+                    hold: conn.hold,
                     reused: true,
                 });
             }
@@ -110,18 +175,27 @@ impl Pool {
     }
 
     /// Wraps a freshly connected sender so that it can be released to the pool.
-    pub fn fresh(self: &Arc<Self>, key: SocketAddr, sender: SendRequest<RequestBody>) -> Pooled {
+    pub fn fresh(
+        self: &Arc<Self>,
+        key: SocketAddr,
+        conn: Conn<SendRequest<RequestBody>>,
+    ) -> Pooled {
         Pooled {
             pool: Arc::clone(self),
             key,
-            sender,
+            sender: conn.io,
+            hold: conn.hold,
             reused: false,
         }
     }
 
-    fn put(&self, key: SocketAddr, sender: SendRequest<RequestBody>) {
-        if !sender.is_closed() {
-            self.idle.push(key, sender, self.max_idle_per_endpoint);
+    fn put(&self, key: SocketAddr, conn: Conn<SendRequest<RequestBody>>) {
+        if !conn.io.is_closed() {
+            let waiters = conn.waiters();
+            self.idle.push(key, conn, self.max_idle_per_endpoint);
+            if let Some(load) = waiters {
+                load.wake();
+            }
         }
     }
 
@@ -147,18 +221,28 @@ impl Pool {
     }
 
     /// Takes an idle plain HTTP/1.1 connection to `key` that is still open, if any.
-    pub fn checkout_raw(&self, key: SocketAddr) -> Option<TcpStream> {
+    pub fn checkout_raw(&self, key: SocketAddr) -> Option<Conn<TcpStream>> {
         loop {
-            let (stream, since) = self.raw.pop(key)?;
-            if since.elapsed() <= self.idle_timeout && still_open(&stream) {
-                return Some(stream);
+            let (conn, since) = self.raw.pop(key)?;
+            if since.elapsed() <= self.idle_timeout && still_open(&conn.io) {
+                return Some(conn);
             }
         }
     }
 
     /// Keeps a plain HTTP/1.1 connection whose last response has ended for the next request.
-    pub fn put_raw(&self, key: SocketAddr, stream: TcpStream) {
-        self.raw.push(key, stream, self.max_idle_per_endpoint);
+    pub fn put_raw(&self, key: SocketAddr, conn: Conn<TcpStream>) {
+        let waiters = conn.waiters();
+        self.raw.push(key, conn, self.max_idle_per_endpoint);
+        if let Some(load) = waiters {
+            load.wake();
+        }
+    }
+
+    /// Closes one idle connection to `key` of either kind, if there is one: a request of the
+    /// other HTTP path waiting at `max_connections` gets the room it leaves.
+    pub fn close_idle(&self, key: SocketAddr) -> bool {
+        self.raw.pop(key).is_some() || self.idle.pop(key).is_some()
     }
 
     /// Number of idle connections, for the admin server.
@@ -188,6 +272,10 @@ mod tests {
 
     use super::*;
 
+    fn plain(io: TcpStream) -> Conn<TcpStream> {
+        Conn { io, hold: None }
+    }
+
     async fn connected(listener: &TcpListener) -> (TcpStream, TcpStream) {
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -200,7 +288,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let pool = Pool::new(4, Duration::from_secs(60));
         let (client, server) = connected(&listener).await;
-        pool.put_raw(addr, client);
+        pool.put_raw(addr, plain(client));
         let open = pool.checkout_raw(addr).expect("an open connection");
         pool.put_raw(addr, open);
         drop(server);
@@ -218,7 +306,7 @@ mod tests {
         let mut servers = Vec::new();
         for _ in 0..3 {
             let (client, server) = connected(&listener).await;
-            pool.put_raw(addr, client);
+            pool.put_raw(addr, plain(client));
             servers.push(server);
         }
         assert_eq!(pool.idle_count(), 2);

@@ -4,13 +4,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_balance::ActiveGuard;
-use portcullis_registry::{Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot};
+use portcullis_balance::{ActiveGuard, EndpointState};
+use portcullis_registry::{
+    Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, UNLIMITED,
+};
 use tokio::net::TcpStream;
 
 use crate::Proxy;
 use crate::error::ProxyError;
 use crate::metrics::{ClusterLabels, Label};
+use crate::pool::ConnHold;
 
 /// Where the client meant to go, for decisions that forward to the original destination.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +50,40 @@ impl Hold {
         self.active = None;
         self.slot = None;
     }
+
+    /// The endpoint the request runs on, when it is a cluster's.
+    pub fn endpoint(&self) -> Option<&Arc<EndpointState>> {
+        self.active.as_ref().map(ActiveGuard::state)
+    }
+}
+
+/// Where one upstream attempt goes.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// The cluster's connect timeout.
+    pub connect_timeout: Duration,
+    /// The cluster's name, for its stats.
+    pub cluster: &'a str,
+    /// The routing decision, with the cluster's limits.
+    pub decision: &'a Decision,
+    /// The endpoint's counters, when it is a cluster's.
+    pub endpoint: Option<&'a Arc<EndpointState>>,
+}
+
+/// How a request gets its upstream connection.
+#[derive(Debug)]
+pub enum Acquired<T> {
+    /// An idle connection from the pool.
+    Idle(T),
+    /// A new connection is to be opened.
+    New {
+        /// What it holds against its cluster's `max_connections`, when that is limited.
+        hold: Option<ConnHold>,
+        /// The request's unit of `max_pending_requests` until the connection is ready.
+        pending: Option<Slot>,
+    },
 }
 
 /// How resolution NONE treats destinations that do not belong to the service.
@@ -348,6 +385,80 @@ impl Proxy {
             tracing::debug!(cluster = %c.name, ?resource, "circuit breaker overflow");
             ProxyError::Overflow(overflow)
         })
+    }
+
+    /// A connection for a request: an idle one that `idle` finds, else leave to open one.
+    /// Under a cluster's `max_connections` and `max_pending_requests` this is Envoy's
+    /// connection pool: a request without an idle connection is pending (503 `UO` past
+    /// `max_pending_requests`) until its connection is ready, and it opens one only while
+    /// the cluster is under `max_connections` or when `endpoint` has none open at all
+    /// (counted as an overflow then); otherwise it waits until a connection of the cluster
+    /// closes or goes back to the pool.
+    pub(crate) async fn connection<T, F: Future<Output = Option<T>>>(
+        &self,
+        target: &Target<'_>,
+        mut idle: impl FnMut() -> F,
+    ) -> Result<Acquired<T>, ProxyError> {
+        let Target {
+            addr,
+            decision,
+            endpoint,
+            ..
+        } = *target;
+        if let Some(conn) = idle().await {
+            return Ok(Acquired::Idle(conn));
+        }
+        let Decision::Cluster(c) = decision else {
+            return Ok(Acquired::New {
+                hold: None,
+                pending: None,
+            });
+        };
+        let breakers = &c.breakers;
+        if breakers.threshold(Resource::Connections) == UNLIMITED
+            && breakers.threshold(Resource::PendingRequests) == UNLIMITED
+        {
+            return Ok(Acquired::New {
+                hold: None,
+                pending: None,
+            });
+        }
+        let pending = self.admit(decision, Resource::PendingRequests)?;
+        loop {
+            let released = breakers.load.released();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(conn) = idle().await {
+                return Ok(Acquired::Idle(conn));
+            }
+            let slot = match breakers.acquire(Resource::Connections) {
+                Ok(slot) => slot,
+                Err(_) => {
+                    self.metrics
+                        .upstream_cx_overflow
+                        .get_or_create(&ClusterLabels {
+                            cluster_name: Label(Arc::clone(&c.name)),
+                        })
+                        .inc();
+                    // Nothing of this endpoint's would ever free up for the request.
+                    endpoint
+                        .is_none_or(|e| e.connections() == 0)
+                        .then(|| breakers.force(Resource::Connections))
+                }
+            };
+            let unlimited = breakers.threshold(Resource::Connections) == UNLIMITED;
+            if slot.is_some() || unlimited {
+                let hold = slot.map(|slot| ConnHold::new(slot, endpoint, &breakers.load));
+                return Ok(Acquired::New { hold, pending });
+            }
+            // An idle connection to the endpoint that `idle` cannot use (the other HTTP path
+            // pooled it) would keep the request waiting for as long as it stays idle.
+            if self.pool.close_idle(addr) {
+                continue;
+            }
+            tracing::debug!(cluster = %c.name, "at max_connections; waiting for a connection");
+            released.await;
+        }
     }
 
     /// Resolution NONE forwards to the original destination, but only to a destination

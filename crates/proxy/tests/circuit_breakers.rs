@@ -1,6 +1,7 @@
 //! A cluster's own limits from Envoy's model, over real loopback sockets: circuit breaker
 //! overflow (`max_requests` answered 503 `UO` on both HTTP/1 paths, `max_retries` stopping
-//! a retry) and the cluster's connect timeout winning over the proxy's.
+//! a retry, `max_connections` queueing requests and `max_pending_requests` bounding that
+//! queue) and the cluster's connect timeout winning over the proxy's.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ const UNLIMITED: Thresholds = Thresholds {
 struct Slow {
     addr: SocketAddr,
     arrived: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
     release: Arc<Semaphore>,
     task: JoinHandle<()>,
 }
@@ -57,11 +60,14 @@ impl Slow {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let arrived = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Semaphore::new(0));
         let (seen, gate) = (Arc::clone(&arrived), Arc::clone(&release));
+        let accepted = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (seen, gate) = (Arc::clone(&seen), Arc::clone(&gate));
                 connections.spawn(async move {
                     let service = service_fn(move |_req| {
@@ -81,6 +87,7 @@ impl Slow {
         Slow {
             addr,
             arrived,
+            connections,
             release,
             task,
         }
@@ -643,4 +650,174 @@ async fn a_retry_overflow_answers_as_real_envoy_does() {
         1,
         "Envoy: {envoy_flags}"
     );
+}
+
+/// What a client sees of Envoy's connection pool under `max_connections` 1 and
+/// `max_pending_requests` 1: one request held upstream, two more sent at once.
+struct Queued {
+    /// The one that overflowed the pending queue.
+    refused: common::Answer,
+    /// Requests the upstream had seen when it came back.
+    arrived_then: usize,
+    /// Statuses of the held and the queued request, once released.
+    served: Vec<StatusCode>,
+    /// Connections the upstream accepted in all.
+    connections: usize,
+}
+
+/// Runs the queueing scenario through `send` (one request per call) against `slow`, whose
+/// counts start at `base` requests and connections.
+async fn queue_up<F, Fut>(slow: &Slow, base: (usize, usize), send: F) -> Queued
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = common::Answer> + Send + 'static,
+{
+    let held = tokio::spawn(send());
+    slow.arrived(base.0 + 1).await;
+    let (second, third) = (tokio::spawn(send()), tokio::spawn(send()));
+    tokio::pin!(second, third);
+    // One of the two waits for the connection; the other finds the queue full.
+    let (refused, waiting) = within(async {
+        tokio::select! {
+            a = &mut second => (a.unwrap(), third),
+            b = &mut third => (b.unwrap(), second),
+        }
+    })
+    .await;
+    let arrived_then = slow.arrived.load(Ordering::SeqCst) - base.0;
+    slow.release.add_permits(2);
+    let mut served = vec![within(held).await.unwrap().status];
+    served.push(within(waiting).await.unwrap().status);
+    Queued {
+        refused,
+        arrived_then,
+        served,
+        connections: slow.connections.load(Ordering::SeqCst) - base.1,
+    }
+}
+
+/// `max_connections` 1 and `max_pending_requests` 1, through real Envoy and through both
+/// HTTP/1 paths of portcullis fed the same model: a request that finds the one connection
+/// busy waits for it (it is not sent upstream, nor refused), the next one finds the pending
+/// queue full and gets Envoy's 503 `UO`, and the waiting one goes out on the same
+/// connection once the first response has ended.
+#[tokio::test]
+async fn max_connections_queues_and_max_pending_requests_refuses_as_real_envoy_does() {
+    let slow = Slow::start().await;
+    let envoy = start_envoy(
+        slow.addr,
+        r#"{"max_connections": 1, "max_pending_requests": 1}"#,
+        "",
+    )
+    .await;
+    let listener = envoy.listener;
+    let theirs = queue_up(&slow, (0, 0), move || async move {
+        let stream = TcpStream::connect(listener).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        common::send(&mut sender, common::get("/", Some("app.internal"))).await
+    })
+    .await;
+    let logged = envoy_logged(&envoy, 3).await;
+    let envoy_flag = logged
+        .lines()
+        .find_map(|l| l.strip_prefix("503 "))
+        .expect("Envoy logged the 503")
+        .to_string();
+    assert_eq!(theirs.refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(theirs.arrived_then, 1, "Envoy sent only the held request");
+    assert_eq!(theirs.served, [StatusCode::OK, StatusCode::OK]);
+    assert_eq!(theirs.connections, 1);
+    assert_eq!(envoy_flag, "UO");
+
+    let limited = Thresholds {
+        max_connections: 1,
+        max_pending_requests: 1,
+        ..UNLIMITED
+    };
+    for path in ["/app", "/general/app"] {
+        let harness =
+            Arc::new(Harness::start(model(vec![cluster("app", &[slow.addr], limited)])).await);
+        let base = (
+            slow.arrived.load(Ordering::SeqCst),
+            slow.connections.load(Ordering::SeqCst),
+        );
+        let uri = format!("http://app.internal{path}");
+        let send = || {
+            let (harness, uri) = (Arc::clone(&harness), uri.clone());
+            async move { fetch(&harness, &uri, Some("app.internal")).await }
+        };
+        let ours = queue_up(&slow, base, send).await;
+        assert_eq!(ours.refused.status, theirs.refused.status, "{path}");
+        assert_eq!(ours.refused.text(), theirs.refused.text(), "{path}");
+        for header in [
+            "x-envoy-overloaded",
+            "server",
+            "content-type",
+            "content-length",
+        ] {
+            assert_eq!(
+                ours.refused.header(header),
+                theirs.refused.header(header),
+                "{path} {header}"
+            );
+        }
+        assert_eq!(ours.arrived_then, theirs.arrived_then, "{path}");
+        assert_eq!(ours.served, theirs.served, "{path}");
+        assert_eq!(ours.connections, theirs.connections, "{path}");
+        assert_eq!(requests_flagged(&harness, &envoy_flag), 1, "{path}");
+        assert_eq!(
+            counter(
+                &harness,
+                "envoy_cluster_upstream_rq_pending_overflow",
+                "app"
+            ),
+            1,
+            "{path}"
+        );
+        assert!(
+            counter(&harness, "envoy_cluster_upstream_cx_overflow", "app") >= 1,
+            "{path}"
+        );
+    }
+}
+
+/// A cluster at `max_connections` still opens a first connection to an endpoint that has
+/// none, as Envoy's pool does, so that a request picked for it never waits on connections
+/// that only other endpoints could free.
+#[tokio::test]
+async fn an_endpoint_without_connections_gets_one_at_max_connections() {
+    let (a, b) = (Slow::start().await, Slow::start().await);
+    let limited = Thresholds {
+        max_connections: 1,
+        ..UNLIMITED
+    };
+    let mut c = cluster("app", &[a.addr, b.addr], limited);
+    c.lb_policy = envoy::LbPolicy::RoundRobin;
+    let harness = Arc::new(Harness::start(model(vec![c])).await);
+    let mut requests = JoinSet::new();
+    for path in ["/app", "/general/app"] {
+        let harness = Arc::clone(&harness);
+        let uri = format!("http://app.internal{path}");
+        requests.spawn(async move { fetch(&harness, &uri, Some("app.internal")).await });
+        // Round robin alternates: the second request goes to the other endpoint.
+        within(async {
+            while a.arrived.load(Ordering::SeqCst) + b.arrived.load(Ordering::SeqCst)
+                < requests.len()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    assert_eq!(a.arrived.load(Ordering::SeqCst), 1);
+    assert_eq!(b.arrived.load(Ordering::SeqCst), 1);
+    assert!(counter(&harness, "envoy_cluster_upstream_cx_overflow", "app") >= 1);
+    a.release.add_permits(1);
+    b.release.add_permits(1);
+    while let Some(answer) = within(requests.join_next()).await {
+        assert_eq!(answer.unwrap().status, StatusCode::OK);
+    }
 }

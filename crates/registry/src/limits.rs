@@ -1,11 +1,15 @@
 //! Circuit breakers: a cluster's thresholds (Envoy's default priority) and the counts held
-//! against them, in atomics only, so that the data path never takes a lock for them.
+//! against them, in atomics only, so that the data path never takes a lock for them. Requests
+//! waiting for a connection of a cluster that limits connections are woken when one of its
+//! connections is closed or goes back to the pool.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use portcullis_envoy::Thresholds;
 use thiserror::Error;
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// A threshold at this value is unlimited (Istio's default for every threshold): nothing is
 /// counted against it, so the default path costs no atomic operation.
@@ -32,6 +36,8 @@ pub struct ClusterLoad {
     pending: AtomicU32,
     requests: AtomicU32,
     retries: AtomicU32,
+    /// Signalled when a connection of a limited cluster closes or becomes idle.
+    released: Notify,
 }
 
 impl ClusterLoad {
@@ -47,6 +53,18 @@ impl ClusterLoad {
     /// Units of `resource` held now (those of limited thresholds only).
     pub fn held(&self, resource: Resource) -> u32 {
         self.counter(resource).load(Ordering::Relaxed)
+    }
+
+    /// Resolves at the next [`ClusterLoad::wake`] after it is enabled or first polled: a
+    /// waiter enables it before looking for a connection, so that no release is missed.
+    pub fn released(&self) -> Notified<'_> {
+        self.released.notified()
+    }
+
+    /// Wakes every request waiting for a connection of this cluster: one was closed or
+    /// went back to the pool.
+    pub fn wake(&self) {
+        self.released.notify_waiters();
     }
 }
 
@@ -124,6 +142,17 @@ impl CircuitBreakers {
             resource,
         }))
     }
+
+    /// Takes one unit of `resource` over its threshold: Envoy's connection pool opens a
+    /// first connection to an endpoint even when the cluster is at `max_connections`, and
+    /// counts it.
+    pub fn force(&self, resource: Resource) -> Slot {
+        self.load.counter(resource).fetch_add(1, Ordering::AcqRel);
+        Slot {
+            load: Arc::clone(&self.load),
+            resource,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +194,35 @@ mod tests {
             .collect();
         assert!(slots.iter().all(Option::is_none));
         assert_eq!(breakers.load.held(Resource::Connections), 0);
+    }
+
+    #[test]
+    fn a_forced_unit_counts_over_the_threshold() {
+        let breakers = CircuitBreakers {
+            thresholds: Thresholds {
+                max_connections: 1,
+                ..CircuitBreakers::unlimited().thresholds
+            },
+            load: Arc::default(),
+        };
+        let first = breakers.acquire(Resource::Connections).unwrap();
+        let over = breakers.force(Resource::Connections);
+        assert_eq!(breakers.load.held(Resource::Connections), 2);
+        drop(first);
+        // Still at the threshold while the forced one is open.
+        assert!(breakers.acquire(Resource::Connections).is_err());
+        drop(over);
+        assert!(breakers.acquire(Resource::Connections).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_enabled_before_the_release_sees_it() {
+        let load = ClusterLoad::default();
+        let released = load.released();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        load.wake();
+        released.await;
     }
 
     #[test]
