@@ -5,6 +5,7 @@
 //! against the schema's field lists (`schema.rs`).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
@@ -182,6 +183,17 @@ pub enum SimpleLb {
     Passthrough,
 }
 
+/// A field read only to say that portcullis does not apply it yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unapplied;
+
+impl<'de> Deserialize<'de> for Unapplied {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer)?;
+        Ok(Unapplied)
+    }
+}
+
 /// `trafficPolicy.loadBalancer`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -189,6 +201,15 @@ pub struct LoadBalancerSettings {
     /// The simple algorithm.
     #[serde(default)]
     pub simple: Option<SimpleLb>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub consistent_hash: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub locality_lb_setting: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub warmup_duration_secs: Option<Unapplied>,
 }
 
 /// `trafficPolicy` of a DestinationRule or one of its subsets.
@@ -198,6 +219,233 @@ pub struct TrafficPolicy {
     /// Load balancer settings.
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection pool limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Policies for single ports, each replacing the rule's parts it sets.
+    #[serde(default, deserialize_with = "exact")]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub outlier_detection: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub tls: Option<Unapplied>,
+}
+
+impl TrafficPolicy {
+    /// The fields set here (port-level settings included) that portcullis does not apply
+    /// yet, by their path under the policy.
+    pub fn unapplied(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut parts = vec![(
+            String::new(),
+            self.load_balancer.as_ref(),
+            self.connection_pool.as_ref(),
+            self.outlier_detection.is_some(),
+            self.tls.is_some(),
+        )];
+        for (i, p) in self.port_level_settings.iter().enumerate() {
+            parts.push((
+                format!("portLevelSettings[{i}]."),
+                p.load_balancer.as_ref(),
+                p.connection_pool.as_ref(),
+                p.outlier_detection.is_some(),
+                p.tls.is_some(),
+            ));
+        }
+        for (at, lb, pool, outlier, tls) in parts {
+            let lb = lb.map(|lb| {
+                [
+                    ("loadBalancer.consistentHash", lb.consistent_hash.is_some()),
+                    (
+                        "loadBalancer.localityLbSetting",
+                        lb.locality_lb_setting.is_some(),
+                    ),
+                    (
+                        "loadBalancer.warmupDurationSecs",
+                        lb.warmup_duration_secs.is_some(),
+                    ),
+                ]
+            });
+            let tcp = pool.and_then(|p| p.tcp.as_ref());
+            let http = pool.and_then(|p| p.http.as_ref());
+            let set = lb
+                .into_iter()
+                .flatten()
+                .chain([
+                    ("outlierDetection", outlier),
+                    ("tls", tls),
+                    (
+                        "connectionPool.tcp.tcpKeepalive",
+                        tcp.is_some_and(|t| t.tcp_keepalive.is_some()),
+                    ),
+                    (
+                        "connectionPool.tcp.maxConnectionDuration",
+                        tcp.is_some_and(|t| t.max_connection_duration.is_some()),
+                    ),
+                    (
+                        "connectionPool.tcp.idleTimeout",
+                        tcp.is_some_and(|t| t.idle_timeout.is_some()),
+                    ),
+                    (
+                        "connectionPool.http.idleTimeout",
+                        http.is_some_and(|h| h.idle_timeout.is_some()),
+                    ),
+                    (
+                        "connectionPool.http.maxRequestsPerConnection",
+                        http.is_some_and(|h| h.max_requests_per_connection.is_some()),
+                    ),
+                    (
+                        "connectionPool.http.h2UpgradePolicy",
+                        http.is_some_and(|h| h.h2_upgrade_policy.is_some()),
+                    ),
+                    (
+                        "connectionPool.http.useClientProtocol",
+                        http.is_some_and(|h| h.use_client_protocol.is_some()),
+                    ),
+                ])
+                .filter(|(_, set)| *set);
+            out.extend(set.map(|(field, _)| format!("{at}{field}")));
+        }
+        out
+    }
+}
+
+/// One entry of `trafficPolicy.portLevelSettings`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The service port it applies to.
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    /// Load balancer settings for the port.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection pool limits for the port.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub outlier_detection: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub tls: Option<Unapplied>,
+}
+
+/// `portLevelSettings[].port`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PortSelector {
+    /// The port number.
+    #[serde(default)]
+    pub number: u32,
+}
+
+/// `trafficPolicy.connectionPool`: what istiod turns into a cluster's circuit breakers
+/// and connect timeout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolSettings {
+    /// TCP-level limits.
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSettings>,
+    /// HTTP-level limits.
+    #[serde(default)]
+    pub http: Option<HttpPoolSettings>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPoolSettings {
+    /// `maxConnections`: connections to the destination's hosts at once.
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    /// `connectTimeout`.
+    #[serde(default, deserialize_with = "duration")]
+    pub connect_timeout: Option<Duration>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub tcp_keepalive: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub max_connection_duration: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub idle_timeout: Option<Unapplied>,
+}
+
+/// `connectionPool.http`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPoolSettings {
+    /// `http1MaxPendingRequests`: requests waiting for a connection.
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    /// `http2MaxRequests`: requests in flight.
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    /// `maxRetries`: retries in flight.
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub idle_timeout: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub max_requests_per_connection: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<Unapplied>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub use_client_protocol: Option<Unapplied>,
+}
+
+/// A duration as Istio's YAML writes one: Go's `time.ParseDuration` syntax (`30ms`, `1.5s`,
+/// `1h2m`), which is what istiod reads for these fields.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    parse_duration(&text)
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("invalid duration {text:?}")))
+}
+
+/// Parses Go's duration syntax: one or more decimal numbers, each with a unit of `ns`,
+/// `us`, `µs`, `ms`, `s`, `m` or `h`; a sign is not accepted (no negative durations here).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds;
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// A named subset of a DestinationRule.
@@ -459,4 +707,28 @@ pub struct MeshConfig {
     /// Where services without `exportTo` are visible; empty means everywhere (`*`).
     #[serde(default, deserialize_with = "exact")]
     pub default_service_export_to: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_go_writes_them() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("30ms", ms(30)),
+            ("1.5s", ms(1500)),
+            ("1h2m", Duration::from_secs(3720)),
+            ("250us", Duration::from_micros(250)),
+            ("250µs", Duration::from_micros(250)),
+            ("10ns", Duration::from_nanos(10)),
+            ("0", Duration::ZERO),
+        ] {
+            assert_eq!(parse_duration(text), Some(want), "{text}");
+        }
+        for bad in ["", "10", "s", "1x", "-1s", "1.2.3s", "ms10"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
 }

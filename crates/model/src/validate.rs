@@ -13,8 +13,8 @@ use ipnet::IpNet;
 
 use crate::{
     DestinationRuleSpec, Finding, KubeServiceSpec, Object, Origin, Pod, Position, Resolution,
-    Resource, ServiceEntrySpec, Severity, SidecarSpec, TargetPort, VirtualServiceSpec,
-    WorkloadEntrySpec, WorkloadSelector,
+    Resource, ServiceEntrySpec, Severity, SidecarSpec, TargetPort, TrafficPolicy,
+    VirtualServiceSpec, WorkloadEntrySpec, WorkloadSelector,
 };
 
 /// Prefix of a Unix domain socket endpoint address.
@@ -584,8 +584,14 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
             ),
         );
     }
+    if let Some(policy) = &spec.traffic_policy {
+        traffic_policy(policy, "spec.trafficPolicy", out);
+    }
     let mut names = BTreeSet::new();
     for (i, subset) in spec.subsets.iter().enumerate() {
+        if let Some(policy) = &subset.traffic_policy {
+            traffic_policy(policy, &format!("spec.subsets[{i}].trafficPolicy"), out);
+        }
         out.at(format!("spec.subsets[{i}].name"));
         if !is_dns_label(&subset.name) {
             out.error(
@@ -603,6 +609,59 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
         }
     }
     export_to(&spec.export_to, &o.meta.namespace, false, out);
+}
+
+/// Istio's checks of a `trafficPolicy`'s connection pools: no negative limit, and a
+/// connect timeout of at least a millisecond.
+fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
+    let mut pools = vec![(at.to_string(), policy.connection_pool.as_ref())];
+    for (i, port) in policy.port_level_settings.iter().enumerate() {
+        let here = format!("{at}.portLevelSettings[{i}]");
+        if port
+            .port
+            .as_ref()
+            .is_none_or(|p| p.number == 0 || p.number > 65535)
+        {
+            out.at(format!("{here}.port")).error(
+                "INVALID_PORT",
+                "port level settings need a port number between 1 and 65535".to_string(),
+            );
+        }
+        pools.push((here, port.connection_pool.as_ref()));
+    }
+    for (here, pool) in pools {
+        let Some(pool) = pool else { continue };
+        let tcp = pool.tcp.as_ref();
+        let http = pool.http.as_ref();
+        for (field, value) in [
+            ("tcp.maxConnections", tcp.and_then(|t| t.max_connections)),
+            (
+                "http.http1MaxPendingRequests",
+                http.and_then(|h| h.http1_max_pending_requests),
+            ),
+            (
+                "http.http2MaxRequests",
+                http.and_then(|h| h.http2_max_requests),
+            ),
+            ("http.maxRetries", http.and_then(|h| h.max_retries)),
+        ] {
+            if let Some(v) = value.filter(|v| !(0..=i64::from(i32::MAX)).contains(v)) {
+                out.at(format!("{here}.connectionPool.{field}")).error(
+                    "INVALID_LIMIT",
+                    format!("{field} {v} must be between 0 and {}", i32::MAX),
+                );
+            }
+        }
+        if let Some(t) = tcp.and_then(|t| t.connect_timeout)
+            && t < std::time::Duration::from_millis(1)
+        {
+            out.at(format!("{here}.connectionPool.tcp.connectTimeout"))
+                .error(
+                    "INVALID_DURATION",
+                    "connectTimeout must be at least 1ms".to_string(),
+                );
+        }
+    }
 }
 
 fn virtual_service(spec: &VirtualServiceSpec, out: &mut Findings) {
@@ -1245,6 +1304,32 @@ spec:
         assert_eq!(
             errors(&dr("{host: a.com, subsets: [{name: ''}]}")),
             ["INVALID_SUBSET"]
+        );
+        let pool = |p: &str| {
+            errors(&dr(&format!(
+                "{{host: a.com, trafficPolicy: {{connectionPool: {p}}}}}"
+            )))
+        };
+        assert!(pool("{tcp: {maxConnections: 1, connectTimeout: 30ms}}").is_empty());
+        assert_eq!(pool("{tcp: {maxConnections: -1}}"), ["INVALID_LIMIT"]);
+        assert_eq!(
+            pool("{http: {http2MaxRequests: 3000000000}}"),
+            ["INVALID_LIMIT"]
+        );
+        assert_eq!(pool("{tcp: {connectTimeout: 1us}}"), ["INVALID_DURATION"]);
+        // An unparseable duration fails the resource as istiod rejects it.
+        assert!(!pool("{tcp: {connectTimeout: soon}}").is_empty());
+        assert_eq!(
+            errors(&dr(
+                "{host: a.com, trafficPolicy: {portLevelSettings: [{connectionPool: {}}]}}"
+            )),
+            ["INVALID_PORT"]
+        );
+        assert_eq!(
+            errors(&dr(
+                "{host: a.com, subsets: [{name: v1, trafficPolicy: {connectionPool: {http: {maxRetries: -2}}}}]}"
+            )),
+            ["INVALID_LIMIT"]
         );
         assert_eq!(
             errors(&dr("{host: a.com, exportTo: ['~']}")),

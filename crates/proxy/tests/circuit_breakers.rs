@@ -821,3 +821,35 @@ async fn an_endpoint_without_connections_gets_one_at_max_connections() {
         assert_eq!(answer.unwrap().status, StatusCode::OK);
     }
 }
+
+/// The same queueing from the Istio YAML users write: a DestinationRule's
+/// `connectionPool` (`tcp.maxConnections`, `http.http1MaxPendingRequests`) on a
+/// ServiceEntry's host, compiled into the cluster's circuit breakers as istiod writes them.
+#[tokio::test]
+async fn a_destination_rules_connection_pool_queues_and_refuses() {
+    let slow = Slow::start().await;
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: app, namespace: default}
+spec:
+  host: app.internal
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+";
+    let yaml = common::service("app.internal", 80, "HTTP", &[slow.addr.port()]) + rule;
+    let harness = Arc::new(Harness::start(common::snapshot(&yaml, 1)).await);
+    let send = || {
+        let harness = Arc::clone(&harness);
+        async move { fetch(&harness, "http://app.internal/", Some("app.internal")).await }
+    };
+    let queued = queue_up(&slow, (0, 0), send).await;
+    assert_eq!(queued.refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(queued.refused.text(), OVERFLOW_BODY);
+    assert_eq!(queued.arrived_then, 1);
+    assert_eq!(queued.served, [StatusCode::OK, StatusCode::OK]);
+    assert_eq!(queued.connections, 1);
+    assert_eq!(requests_flagged(&harness, "UO"), 1);
+}

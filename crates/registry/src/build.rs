@@ -7,9 +7,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use portcullis_balance::Policy;
 use portcullis_model::{
-    DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode, Pod, Resolution,
-    Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort, WorkloadEntry,
-    WorkloadEntrySpec,
+    ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode,
+    Pod, Resolution, Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort,
+    WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
@@ -97,6 +97,35 @@ struct PendingCluster {
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+}
+
+/// A warning for each part of a DestinationRule that portcullis does not apply yet.
+fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
+    let mut parts: Vec<String> = o
+        .spec
+        .traffic_policy
+        .iter()
+        .flat_map(|tp| tp.unapplied())
+        .map(|field| format!("spec.trafficPolicy.{field}"))
+        .collect();
+    if !o.spec.subsets.is_empty() {
+        parts.push("spec.subsets".to_string());
+    }
+    parts
+        .into_iter()
+        .map(|part| {
+            format!(
+                "DestinationRule {}/{}: {part} is not applied yet",
+                o.meta.namespace, o.meta.name
+            )
+        })
+        .collect()
+}
+
+/// What a DestinationRule sets on a service's cluster.
+struct Traffic<'a> {
+    lb: Policy,
+    pool: Option<&'a ConnectionPoolSettings>,
 }
 
 struct Builder<'a> {
@@ -372,7 +401,10 @@ impl<'a> Builder<'a> {
                         b.workload_entries.push(o);
                     }
                 }
-                Resource::DestinationRule(o) => b.destination_rules.push(o),
+                Resource::DestinationRule(o) => {
+                    b.warnings.extend(unapplied_parts(o));
+                    b.destination_rules.push(o);
+                }
                 Resource::VirtualService(o) => b.warnings.push(format!(
                     "VirtualService {}/{}: routing rules are not applied yet; hosts route to their services' endpoints",
                     o.meta.namespace, o.meta.name
@@ -463,7 +495,8 @@ impl<'a> Builder<'a> {
         })
     }
 
-    fn policy_for(&self, host: &str) -> Policy {
+    /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
+    fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
         // The most specific rule applies, as in Istio: an exact host, then the longest
         // wildcard suffix (`*` last); the first of equals.
         let mut rule = None;
@@ -492,16 +525,28 @@ impl<'a> Builder<'a> {
                 rule = Some((rank, dr));
             }
         }
-        let rule = rule.map(|(_, dr)| dr);
-        let simple = rule
-            .and_then(|dr| dr.spec.traffic_policy.as_ref())
-            .and_then(|tp| tp.load_balancer.as_ref())
-            .and_then(|lb| lb.simple);
-        match simple {
+        let policy = rule.and_then(|(_, dr)| dr.spec.traffic_policy.as_ref());
+        // A port's settings replace the rule's load balancer and connection pool whole, as
+        // istiod merges them.
+        let port_level = policy.and_then(|tp| {
+            tp.port_level_settings.iter().find(|pls| {
+                pls.port
+                    .as_ref()
+                    .is_some_and(|p| p.number == u32::from(port))
+            })
+        });
+        let load_balancer = port_level
+            .and_then(|pls| pls.load_balancer.as_ref())
+            .or_else(|| policy.and_then(|tp| tp.load_balancer.as_ref()));
+        let pool = port_level
+            .and_then(|pls| pls.connection_pool.as_ref())
+            .or_else(|| policy.and_then(|tp| tp.connection_pool.as_ref()));
+        let lb = match load_balancer.and_then(|lb| lb.simple) {
             Some(SimpleLb::RoundRobin) => Policy::RoundRobin,
             Some(SimpleLb::Random) => Policy::Random,
             _ => Policy::LeastRequest,
-        }
+        };
+        Traffic { lb, pool }
     }
 
     /// Whether the Sidecar's egress listeners let the proxy reach `host` of namespace `ns`

@@ -1059,6 +1059,92 @@ fn destination_rules_choose_the_balancer() {
     assert_eq!(policy(&docs, svc), Policy::LeastRequest);
 }
 
+/// A DestinationRule `default/app` for `app.internal.com` with `spec` after its host.
+fn app_rule(spec: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: app, namespace: default}}
+spec:
+  host: app.internal.com
+{spec}"
+    )
+}
+
+#[test]
+fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them() {
+    use crate::Resource as Limit;
+    let rule = &app_rule(
+        "  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool:
+      tcp: {maxConnections: 1, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 2, http2MaxRequests: 3, maxRetries: 0}
+    portLevelSettings:
+    - port: {number: 8080}
+      connectionPool:
+        http: {http2MaxRequests: 7}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    let c = cluster(&s, "outbound|80||app.internal.com");
+    let b = &c.breakers;
+    assert_eq!(b.threshold(Limit::Connections), 1);
+    assert_eq!(b.threshold(Limit::PendingRequests), 2);
+    assert_eq!(b.threshold(Limit::Requests), 3);
+    // Zero is Istio's "not set": unlimited.
+    assert_eq!(b.threshold(Limit::Retries), u32::MAX);
+    assert_eq!(c.connect_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(c.balancer.policy(), Policy::Random);
+    // The port's pool replaces the rule's whole; its balancer is still the rule's.
+    let alt = cluster(&s, "outbound|8080||app.internal.com");
+    assert_eq!(alt.breakers.threshold(Limit::Requests), 7);
+    assert_eq!(alt.breakers.threshold(Limit::Connections), u32::MAX);
+    assert_eq!(alt.connect_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(alt.balancer.policy(), Policy::Random);
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    // Other hosts keep Istio's defaults.
+    let api = cluster(&s, "outbound|80||api.internal.com");
+    assert_eq!(api.breakers.threshold(Limit::Connections), u32::MAX);
+    assert_eq!(api.connect_timeout, std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+    connectionPool:
+      tcp: {maxConnections: 1, tcpKeepalive: {time: 7200s}}
+      http: {maxRequestsPerConnection: 1}
+    outlierDetection: {consecutive5xxErrors: 5}
+    portLevelSettings:
+    - port: {number: 8080}
+      tls: {mode: SIMPLE}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    let said: Vec<&str> = s.warnings.iter().map(String::as_str).collect();
+    assert_eq!(
+        said,
+        [
+            "DestinationRule default/app: spec.trafficPolicy.loadBalancer.consistentHash is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls is not applied yet",
+            "DestinationRule default/app: spec.subsets is not applied yet",
+        ]
+    );
+    // What is applied is not held back by what is not.
+    let c = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(c.breakers.threshold(crate::Resource::Connections), 1);
+}
+
 #[test]
 fn the_most_specific_destination_rule_applies() {
     let app = "outbound|80||app.internal.com";

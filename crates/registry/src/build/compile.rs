@@ -19,11 +19,11 @@ use portcullis_envoy::{
     RouteConfiguration, RouteMatch, RouteSource, TcpProxy, Thresholds, UpstreamProtocol,
     UpstreamTransport, VIRTUAL_OUTBOUND, VirtualHost,
 };
-use portcullis_model::{OutboundMode, Resolution};
+use portcullis_model::{ConnectionPoolSettings, OutboundMode, Resolution};
 
 use super::{
     AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
-    conflict,
+    Traffic, conflict,
 };
 use crate::Map;
 use crate::snapshot::Protocol;
@@ -213,8 +213,8 @@ impl Builder<'_> {
             }
         }
         for (name, p) in pending {
-            let policy = self.policy_for(&p.host);
-            let cluster = service_cluster(p, policy, dns, &mut out.dns_names);
+            let traffic = self.traffic_for(&p.host, p.port);
+            let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
             out.resources.clusters.insert(name.to_string(), cluster);
         }
         out.warnings = self.warnings;
@@ -779,6 +779,33 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
     }
 }
 
+/// A DestinationRule's `connectionPool` on a cluster, as istiod writes it: each limit that
+/// is set and above zero becomes the default-priority threshold (zero keeps Istio's
+/// unlimited), and `tcp.connectTimeout` the cluster's connect timeout.
+fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
+    let limit = |v: Option<i64>| v.filter(|v| *v > 0).and_then(|v| u32::try_from(v).ok());
+    let t = &mut cluster.circuit_breakers;
+    if let Some(http) = &pool.http {
+        if let Some(v) = limit(http.http2_max_requests) {
+            t.max_requests = v;
+        }
+        if let Some(v) = limit(http.http1_max_pending_requests) {
+            t.max_pending_requests = v;
+        }
+        if let Some(v) = limit(http.max_retries) {
+            t.max_retries = v;
+        }
+    }
+    if let Some(tcp) = &pool.tcp {
+        if let Some(v) = limit(tcp.max_connections) {
+            t.max_connections = v;
+        }
+        if let Some(timeout) = tcp.connect_timeout {
+            cluster.connect_timeout = timeout;
+        }
+    }
+}
+
 fn blackhole_cluster() -> Cluster {
     bare_cluster(BLACKHOLE_CLUSTER, Discovery::Static, LbPolicy::RoundRobin)
 }
@@ -805,11 +832,11 @@ fn passthrough_cluster(mode: OutboundMode, pods: &[IpAddr]) -> Cluster {
 /// balancer, LEAST_REQUEST by default as Istio.
 fn service_cluster(
     p: PendingCluster,
-    policy: Policy,
+    traffic: &Traffic<'_>,
     dns: DnsAnswers<'_>,
     dns_names: &mut BTreeSet<String>,
 ) -> Cluster {
-    let lb_policy = match policy {
+    let lb_policy = match traffic.lb {
         Policy::RoundRobin => LbPolicy::RoundRobin,
         Policy::Random => LbPolicy::Random,
         Policy::LeastRequest => LbPolicy::LeastRequest,
@@ -847,6 +874,9 @@ fn service_cluster(
         Protocol::Http | Protocol::Tcp | Protocol::Tls => UpstreamProtocol::Http1,
     };
     cluster.source = Some(p.source.to_string());
+    if let Some(pool) = traffic.pool {
+        apply_connection_pool(&mut cluster, pool);
+    }
     if !original_dst {
         let lb_endpoints = p
             .endpoints
