@@ -1,5 +1,6 @@
 //! Compiling a snapshot from 10,000 ServiceEntries (what every reload pays), and, for
-//! scale, loading their YAML.
+//! scale, loading their YAML; and what an xDS update pays once 10,000 clusters are held:
+//! copying the source's state to publish it, taking its active resources, indexing them.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
 use portcullis_benches::{registry_yaml, resources};
-use portcullis_registry::{BuildOptions, build};
+use portcullis_envoy::state::SourceState;
+use portcullis_registry::{BuildOptions, Snapshot, build, compile};
 
 const SERVICES: usize = 10_000;
 
@@ -39,11 +41,31 @@ fn snapshot_build(c: &mut Criterion) {
     g.finish();
 }
 
+fn publish(c: &mut Criterion) {
+    let compiled = compile(&resources(SERVICES), &BuildOptions::default(), &|_| None);
+    let state = SourceState::of(compiled.resources, "1", std::time::SystemTime::UNIX_EPOCH);
+    let active = state.active();
+    let previous = Snapshot::index(&active, &|_| None, None, 1);
+    let mut g = c.benchmark_group("publish");
+    g.sample_size(20);
+    g.bench_function(BenchmarkId::new("state_clone", SERVICES), |b| {
+        b.iter(|| black_box(&state).clone());
+    });
+    g.bench_function(BenchmarkId::new("active", SERVICES), |b| {
+        b.iter(|| black_box(&state).active());
+    });
+    g.bench_function(BenchmarkId::new("index", SERVICES), |b| {
+        b.iter(|| Snapshot::index(black_box(&active), &|_| None, Some(&previous), 2));
+    });
+    g.finish();
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .configure_from_args();
     snapshot_build(&mut c);
+    publish(&mut c);
     c.final_summary();
 }

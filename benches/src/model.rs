@@ -8,6 +8,7 @@ use portcullis_envoy::{
     RouteSource, TcpProxy,
 };
 use portcullis_registry::Snapshot;
+use std::sync::Arc;
 
 use crate::{HTTP_PORT, Kind, TCP_PORT, TLS_PORT, cidr_base, endpoint, kind, vip};
 
@@ -104,15 +105,21 @@ pub fn model(n: usize) -> Resources {
                 },
                 tcp(&tls),
             ));
-            r.clusters
-                .insert(http.clone(), cluster(&http, Discovery::Static, Some(ep)));
-            r.clusters
-                .insert(tls.clone(), cluster(&tls, Discovery::Static, Some(ep)));
+            r.clusters.insert(
+                http.clone(),
+                Arc::new(cluster(&http, Discovery::Static, Some(ep))),
+            );
+            r.clusters.insert(
+                tls.clone(),
+                Arc::new(cluster(&tls, Discovery::Static, Some(ep))),
+            );
             continue;
         }
         let name = format!("outbound|{TCP_PORT}||{host}");
-        r.clusters
-            .insert(name.clone(), cluster(&name, Discovery::Static, Some(ep)));
+        r.clusters.insert(
+            name.clone(),
+            Arc::new(cluster(&name, Discovery::Static, Some(ep))),
+        );
         if kind(i) == Kind::Address {
             let address = std::net::SocketAddr::new(vip(i).into(), TCP_PORT);
             let l = listener(
@@ -120,7 +127,7 @@ pub fn model(n: usize) -> Resources {
                 address,
                 vec![chain(FilterChainMatch::default(), tcp(&name))],
             );
-            r.listeners.insert(l.name.clone(), l);
+            r.listeners.insert(l.name.clone(), Arc::new(l));
         } else {
             let net = ipnet::IpNet::new(cidr_base(i).into(), 28).expect("a /28 fits IPv4");
             ranges.push(chain(
@@ -142,12 +149,12 @@ pub fn model(n: usize) -> Resources {
     ));
     r.routes.insert(
         HTTP_PORT.to_string(),
-        envoy::RouteConfiguration {
+        Arc::new(envoy::RouteConfiguration {
             name: HTTP_PORT.to_string(),
             virtual_hosts: vhosts,
             ignore_port_in_host_matching: true,
             ..Default::default()
-        },
+        }),
     );
     let blackhole = envoy::BLACKHOLE_CLUSTER;
     sni.push(chain(FilterChainMatch::default(), tcp(blackhole)));
@@ -187,7 +194,7 @@ pub fn model(n: usize) -> Resources {
             ranges,
         ),
     ] {
-        r.listeners.insert(l.name.clone(), l);
+        r.listeners.insert(l.name.clone(), Arc::new(l));
     }
     for (name, discovery) in [
         (blackhole, Discovery::Static),
@@ -197,7 +204,7 @@ pub fn model(n: usize) -> Resources {
         ),
     ] {
         r.clusters
-            .insert(name.into(), cluster(name, discovery, None));
+            .insert(name.into(), Arc::new(cluster(name, discovery, None)));
     }
     r
 }

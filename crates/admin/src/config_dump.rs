@@ -172,7 +172,7 @@ mod tests {
 
     fn versioned<T>(resource: T, version: &str) -> Versioned<T> {
         Versioned {
-            resource,
+            resource: resource.into(),
             version: version.into(),
             last_updated: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         }

@@ -160,6 +160,8 @@ pub fn server_info(ready: bool, uptime: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use portcullis_envoy::{Cluster, Discovery, Resources, Thresholds};
     use portcullis_registry::Snapshot;
 
@@ -175,7 +177,9 @@ mod tests {
             max_retries: 4,
         };
         let mut resources = Resources::default();
-        resources.clusters.insert(limited.name.clone(), limited);
+        resources
+            .clusters
+            .insert(limited.name.clone(), Arc::new(limited));
         let text = clusters(&Snapshot::index(&resources, &|_| None, None, 1));
         for line in [
             "outbound|80||api.example.com::default_priority::max_connections::1",

@@ -46,7 +46,7 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
                             endpoints: Vec::new(),
                         })
                     },
-                    load_assignment,
+                    |a| load_assignment(a),
                 );
                 o.remove("eds_cluster_config");
                 o.insert("type".into(), json!("STATIC"));
@@ -111,6 +111,8 @@ fn inline_routes(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use std::time::Duration;
 
     use super::*;
@@ -148,17 +150,18 @@ mod tests {
     #[test]
     fn route_tables_are_inlined_and_eds_clusters_made_static() {
         let mut r = Resources::default();
-        r.listeners.insert("0.0.0.0_80".into(), http_listener("80"));
+        r.listeners
+            .insert("0.0.0.0_80".into(), Arc::new(http_listener("80")));
         r.routes.insert(
             "80".into(),
-            RouteConfiguration {
+            Arc::new(RouteConfiguration {
                 name: "80".into(),
                 ..RouteConfiguration::default()
-            },
+            }),
         );
         r.clusters.insert(
             "outbound|80||a".into(),
-            Cluster {
+            Arc::new(Cluster {
                 name: "outbound|80||a".into(),
                 discovery: Discovery::Eds {
                     service_name: "outbound|80||a".into(),
@@ -172,7 +175,7 @@ mod tests {
                 transport_socket_matches: Vec::new(),
                 dns_refresh_rate: None,
                 source: None,
-            },
+            }),
         );
         let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
         assert_eq!(
@@ -194,7 +197,8 @@ mod tests {
     #[test]
     fn a_route_table_that_is_not_there_is_an_error() {
         let mut r = Resources::default();
-        r.listeners.insert("0.0.0.0_80".into(), http_listener("81"));
+        r.listeners
+            .insert("0.0.0.0_80".into(), Arc::new(http_listener("81")));
         let err = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -15,6 +15,7 @@ pub mod state;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -36,17 +37,19 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// Istio's name of the listener on 15001 that hands intercepted connections on.
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 
-/// A complete set of resources: what one snapshot of the data path is built from.
+/// A complete set of resources: what one snapshot of the data path is built from. Each
+/// resource is shared, so that a source's state, its active set and `/config_dump` hold
+/// the same one: an update copies pointers, never resources.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
     /// Listeners (LDS), by name.
-    pub listeners: BTreeMap<String, Listener>,
+    pub listeners: BTreeMap<String, Arc<Listener>>,
     /// Route configurations (RDS), by name.
-    pub routes: BTreeMap<String, RouteConfiguration>,
+    pub routes: BTreeMap<String, Arc<RouteConfiguration>>,
     /// Clusters (CDS), by name.
-    pub clusters: BTreeMap<String, Cluster>,
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// Endpoints of EDS clusters (EDS), by cluster (or EDS service) name.
-    pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    pub endpoints: BTreeMap<String, Arc<ClusterLoadAssignment>>,
 }
 
 /// A listener: an address and the filter chains that take its connections.

@@ -3,6 +3,7 @@
 //! `ConfigDump` shape whether the resources came over xDS or from files.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::{Cluster, ClusterLoadAssignment, Listener, RouteConfiguration};
@@ -10,8 +11,8 @@ use crate::{Cluster, ClusterLoadAssignment, Listener, RouteConfiguration};
 /// One accepted version of a resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {
-    /// The resource.
-    pub resource: T,
+    /// The resource, shared with the snapshots built from it.
+    pub resource: Arc<T>,
     /// The version it came with (xDS `version_info` or the resource's own version).
     pub version: String,
     /// When it was accepted.
@@ -69,9 +70,9 @@ pub struct SourceState {
 impl SourceState {
     /// The active version of every resource: what the data path is built from.
     pub fn active(&self) -> crate::Resources {
-        fn active<T: Clone>(m: &BTreeMap<String, ResourceState<T>>) -> BTreeMap<String, T> {
+        fn active<T>(m: &BTreeMap<String, ResourceState<T>>) -> BTreeMap<String, Arc<T>> {
             m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.active.as_ref()?.resource.clone())))
+                .filter_map(|(k, v)| Some((k.clone(), Arc::clone(&v.active.as_ref()?.resource))))
                 .collect()
         }
         crate::Resources {
@@ -86,7 +87,7 @@ impl SourceState {
     /// versions of its own (the files) shows in `/config_dump`.
     pub fn of(resources: crate::Resources, version: &str, at: SystemTime) -> SourceState {
         fn all<T>(
-            m: BTreeMap<String, T>,
+            m: BTreeMap<String, Arc<T>>,
             version: &str,
             at: SystemTime,
         ) -> BTreeMap<String, ResourceState<T>> {

@@ -181,7 +181,7 @@ mod tests {
             max_connections: 1,
             ..Thresholds::default()
         };
-        r.clusters.insert(c.name.clone(), c);
+        r.clusters.insert(c.name.clone(), Arc::new(c));
         let snapshot = Snapshot::index(&r, &|_| None, None, 1);
         let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
         let mut prometheus = Registry::default();

@@ -205,9 +205,10 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
         default_filter_chain: None,
     };
     let mut r = Resources::default();
-    r.listeners.insert(listener.name.clone(), listener);
+    r.listeners
+        .insert(listener.name.clone(), Arc::new(listener));
     for c in clusters {
-        r.clusters.insert(c.name.clone(), c);
+        r.clusters.insert(c.name.clone(), Arc::new(c));
     }
     Snapshot::index(&r, &|_| None, None, 1)
 }

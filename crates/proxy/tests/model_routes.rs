@@ -3,6 +3,7 @@
 //! host and table level, host and prefix rewrites, and endpoints that need TLS.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use portcullis_envoy::{
     self as envoy, AppendAction, Discovery, FilterChain, FilterChainMatch, HeaderValueOption,
@@ -167,13 +168,14 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
         }],
         default_filter_chain: None,
     };
-    r.listeners.insert(listener.name.clone(), listener);
+    r.listeners
+        .insert(listener.name.clone(), Arc::new(listener));
     for c in [
         cluster("app", app, UpstreamTransport::Plaintext),
         cluster("mtls", app, UpstreamTransport::IstioMutualTls),
         cluster("refused", refused, UpstreamTransport::Plaintext),
     ] {
-        r.clusters.insert(c.name.clone(), c);
+        r.clusters.insert(c.name.clone(), Arc::new(c));
     }
     Snapshot::index(&r, &|_| None, None, 1)
 }

@@ -113,7 +113,9 @@ pub(crate) fn build(
         _ => (None, None),
     };
     let assignment = match &c.discovery {
-        envoy::Discovery::Eds { service_name } => resources.endpoints.get(service_name),
+        envoy::Discovery::Eds { service_name } => {
+            resources.endpoints.get(service_name).map(|a| &**a)
+        }
         envoy::Discovery::OriginalDst(_) => None,
         _ => c.load_assignment.as_ref(),
     };

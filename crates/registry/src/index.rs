@@ -312,13 +312,13 @@ mod tests {
         );
         vo.use_original_dst = true;
         vo.bind_to_port = true;
-        r.listeners.insert(vo.name.clone(), vo);
+        r.listeners.insert(vo.name.clone(), Arc::new(vo));
         let l80 = listener(
             "0.0.0.0_80",
             "0.0.0.0:80",
             vec![chain("", FilterChainMatch::default(), hcm("80"))],
         );
-        r.listeners.insert(l80.name.clone(), l80);
+        r.listeners.insert(l80.name.clone(), Arc::new(l80));
         let fallback = if allow_any {
             vhost(
                 "allow_any",
@@ -338,7 +338,7 @@ mod tests {
         };
         r.routes.insert(
             "80".into(),
-            envoy::RouteConfiguration {
+            Arc::new(envoy::RouteConfiguration {
                 name: "80".into(),
                 virtual_hosts: vec![
                     vhost(
@@ -354,7 +354,7 @@ mod tests {
                 ],
                 ignore_port_in_host_matching: false,
                 ..Default::default()
-            },
+            }),
         );
         for c in [
             cluster(envoy::BLACKHOLE_CLUSTER, Discovery::Static, &[]),
@@ -369,7 +369,7 @@ mod tests {
                 &["127.0.0.2:8080"],
             ),
         ] {
-            r.clusters.insert(c.name.clone(), c);
+            r.clusters.insert(c.name.clone(), Arc::new(c));
         }
         r
     }
@@ -379,11 +379,11 @@ mod tests {
     }
 
     fn add_cluster(r: &mut Resources, c: envoy::Cluster) {
-        r.clusters.insert(c.name.clone(), c);
+        r.clusters.insert(c.name.clone(), Arc::new(c));
     }
 
     fn add_listener(r: &mut Resources, l: Listener) {
-        r.listeners.insert(l.name.clone(), l);
+        r.listeners.insert(l.name.clone(), Arc::new(l));
     }
 
     /// The cluster name a decision sends to, or the decision's kind.
@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn virtual_outbound_chains_match_destination_port_and_default_chain() {
         let mut r = seed(false);
-        let vo = r.listeners.get_mut(envoy::VIRTUAL_OUTBOUND).unwrap();
+        let vo = Arc::make_mut(r.listeners.get_mut(envoy::VIRTUAL_OUTBOUND).unwrap());
         vo.filter_chains.push(chain(
             "pods",
             FilterChainMatch {
@@ -769,7 +769,7 @@ mod tests {
         // Without `raw_buffer` on the TCP chain, raw bytes that are not HTTP land in the
         // raw_buffer bucket, which has no chain for them: closed, as Envoy 1.40 does
         // (checked with tls_inspector and http_inspector on a static listener).
-        let l = r.listeners.get_mut("0.0.0.0_8080").unwrap();
+        let l = Arc::make_mut(r.listeners.get_mut("0.0.0.0_8080").unwrap());
         l.filter_chains[1].filter_chain_match.transport_protocol = None;
         let s = index(&r);
         assert_eq!(named(&s.route_connection(&conn(&[]))), "NoFilterChain");
@@ -779,12 +779,12 @@ mod tests {
         let mut r = seed(false);
         r.routes.insert(
             "80".into(),
-            envoy::RouteConfiguration {
+            Arc::new(envoy::RouteConfiguration {
                 name: "80".into(),
                 virtual_hosts: vhosts,
                 ignore_port_in_host_matching: ignore_port,
                 ..Default::default()
-            },
+            }),
         );
         for name in ["exact", "suffix", "longer", "prefix", "any", "other"] {
             add_cluster(&mut r, cluster(name, Discovery::Static, &["127.0.0.1:1"]));
@@ -1092,10 +1092,10 @@ mod tests {
         let assign = |r: &mut Resources, localities: Vec<LocalityLbEndpoints>| {
             r.endpoints.insert(
                 "eds".into(),
-                envoy::ClusterLoadAssignment {
+                Arc::new(envoy::ClusterLoadAssignment {
                     cluster_name: "eds".into(),
                     endpoints: localities,
-                },
+                }),
             );
         };
         assign(
@@ -1288,10 +1288,12 @@ mod tests {
         );
         // A cluster of another name starts from nothing.
         let mut renamed = r.clone();
-        let mut c = renamed
-            .clusters
-            .remove("outbound|80||limited.internal")
-            .unwrap();
+        let mut c = Arc::unwrap_or_clone(
+            renamed
+                .clusters
+                .remove("outbound|80||limited.internal")
+                .unwrap(),
+        );
         c.name = "outbound|81||limited.internal".into();
         add_cluster(&mut renamed, c);
         let _held = c2.breakers.acquire(Resource::Connections).unwrap();

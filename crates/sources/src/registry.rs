@@ -221,7 +221,9 @@ spec:
         let strict = |name: &str| Cluster::new(name, Discovery::StrictDns);
         let mut pushed = Resources::default();
         for name in ["outbound|80||a.example.com", "outbound|443||b.example.com"] {
-            pushed.clusters.insert(name.to_owned(), strict(name));
+            pushed
+                .clusters
+                .insert(name.to_owned(), Arc::new(strict(name)));
         }
         let xds = Set::Xds(Arc::new(SourceState::of(
             pushed,

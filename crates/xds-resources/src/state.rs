@@ -2,6 +2,7 @@
 //! acceptance, removal and warming.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::{self as core, TrafficDirection};
@@ -293,7 +294,7 @@ fn rds_fetch_timeout(l: &lds::Listener) -> FetchTimeouts {
 
 fn versioned<T>(resource: T, version: &str) -> Versioned<T> {
     Versioned {
-        resource,
+        resource: Arc::new(resource),
         version: version.to_string(),
         last_updated: SystemTime::now(),
     }

@@ -137,7 +137,7 @@ impl Builder<'_> {
             OutboundMode::AllowAny => &[],
         };
         for c in [blackhole_cluster(), passthrough_cluster(mode, &pods)] {
-            out.resources.clusters.insert(c.name.clone(), c);
+            out.resources.clusters.insert(c.name.clone(), Arc::new(c));
         }
         let mut listeners: BTreeMap<u16, PortListener> = BTreeMap::new();
         for port in &self.sniffed_ports {
@@ -179,22 +179,24 @@ impl Builder<'_> {
         };
         out.resources.listeners.insert(
             VIRTUAL_OUTBOUND.to_string(),
-            virtual_outbound(catch_all, reachable_pods),
+            Arc::new(virtual_outbound(catch_all, reachable_pods)),
         );
         for (port, l) in &listeners {
             let listener = port_listener(*port, l, catch_all, reachable_pods);
             out.resources
                 .listeners
-                .insert(listener.name.clone(), listener);
+                .insert(listener.name.clone(), Arc::new(listener));
             if l.http {
                 let routes = port_routes(*port, &claims, &pending, mode, reachable_pods);
-                out.resources.routes.insert(routes.name.clone(), routes);
+                out.resources
+                    .routes
+                    .insert(routes.name.clone(), Arc::new(routes));
             }
         }
         let proxy_routes = http_proxy_routes(&claims, &pending, mode, reachable_pods);
         out.resources
             .routes
-            .insert(proxy_routes.name.clone(), proxy_routes);
+            .insert(proxy_routes.name.clone(), Arc::new(proxy_routes));
         for (port, exact) in &claims.exact {
             for (ip, cluster) in exact {
                 let Some(c) = pending.get(cluster) else {
@@ -206,16 +208,20 @@ impl Builder<'_> {
                 let (listener, routes) = address_listener(*ip, *port, c);
                 out.resources
                     .listeners
-                    .insert(listener.name.clone(), listener);
+                    .insert(listener.name.clone(), Arc::new(listener));
                 if let Some(routes) = routes {
-                    out.resources.routes.insert(routes.name.clone(), routes);
+                    out.resources
+                        .routes
+                        .insert(routes.name.clone(), Arc::new(routes));
                 }
             }
         }
         for (name, p) in pending {
             let traffic = self.traffic_for(&p.host, p.port);
             let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
-            out.resources.clusters.insert(name.to_string(), cluster);
+            out.resources
+                .clusters
+                .insert(name.to_string(), Arc::new(cluster));
         }
         out.warnings = self.warnings;
         out
