@@ -11,8 +11,8 @@ use portcullis_model::Resolution;
 
 use crate::Map;
 use crate::build::DnsAnswers;
-use crate::limits::{CircuitBreakers, ClusterLoad};
-use crate::snapshot::{Cluster, Decision, Endpoint, Protocol};
+use crate::limits::CircuitBreakers;
+use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, Protocol};
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
 #[derive(Debug, Clone)]
@@ -83,24 +83,25 @@ impl Clusters<'_> {
     }
 }
 
-/// Endpoint counters of the previous snapshot, by cluster and address.
-pub(crate) type Counters<'a> = Map<(&'a str, SocketAddr), Arc<EndpointState>>;
-
-/// Circuit breaker counts of the previous snapshot, by cluster name.
-pub(crate) type Loads<'a> = Map<&'a str, Arc<ClusterLoad>>;
-
 /// Builds one cluster. `protocol` is how listeners use it; DNS names its endpoints need
-/// are added to `dns_names` and their current answers taken from `dns`; live counts of
-/// the previous snapshot are taken over from `previous` and `loads`.
+/// are added to `dns_names` and their current answers taken from `dns`; live counts (the
+/// endpoints' and the circuit breakers') are taken over from `previous`, the cluster of
+/// the same name in the snapshot this one replaces.
 pub(crate) fn build(
-    c: &envoy::Cluster,
+    c: &Arc<envoy::Cluster>,
     resources: &envoy::Resources,
     protocol: Protocol,
     dns: DnsAnswers<'_>,
-    (previous, loads): (&Counters<'_>, &Loads<'_>),
+    previous: Option<&Cluster>,
     dns_names: &mut BTreeSet<String>,
     warnings: &mut Vec<String>,
 ) -> Cluster {
+    let counters: Map<SocketAddr, &Arc<EndpointState>> = previous
+        .into_iter()
+        .flat_map(|p| &p.endpoints)
+        .map(|e| (SocketAddr::new(e.address, e.port), &e.state))
+        .collect();
+    let warned = warnings.len();
     let (host, port) = istio_host_port(&c.name);
     let resolution = match &c.discovery {
         envoy::Discovery::Static | envoy::Discovery::Eds { .. } => Resolution::Static,
@@ -112,10 +113,12 @@ pub(crate) fn build(
         envoy::Discovery::OriginalDst(o) => (o.port_override, o.allowed_destinations.clone()),
         _ => (None, None),
     };
+    let eds = match &c.discovery {
+        envoy::Discovery::Eds { service_name } => resources.endpoints.get(service_name),
+        _ => None,
+    };
     let assignment = match &c.discovery {
-        envoy::Discovery::Eds { service_name } => {
-            resources.endpoints.get(service_name).map(|a| &**a)
-        }
+        envoy::Discovery::Eds { .. } => eds.map(|a| &**a),
         envoy::Discovery::OriginalDst(_) => None,
         _ => c.load_assignment.as_ref(),
     };
@@ -144,9 +147,9 @@ pub(crate) fn build(
             }
         };
         for address in addrs.iter().copied() {
-            let state = previous
-                .get(&(&*c.name, SocketAddr::new(address, port)))
-                .map_or_else(|| Arc::new(EndpointState::new()), Arc::clone);
+            let state = counters
+                .get(&SocketAddr::new(address, port))
+                .map_or_else(|| Arc::new(EndpointState::new()), |s| Arc::clone(s));
             endpoints.push(Endpoint {
                 address,
                 hostname: hostname.clone(),
@@ -184,12 +187,44 @@ pub(crate) fn build(
         connect_timeout: c.connect_timeout,
         breakers: CircuitBreakers {
             thresholds: c.circuit_breakers,
-            load: loads
-                .get(c.name.as_str())
-                .map(Arc::clone)
+            load: previous
+                .map(|p| Arc::clone(&p.breakers.load))
                 .unwrap_or_default(),
         },
+        // Only what depends on the resources alone is reused: not a cluster that resolves
+        // names (its answers change) or that was warned about (the warning is said again).
+        built_from: (resolution != Resolution::Dns
+            && resolution != Resolution::DnsRoundRobin
+            && warnings.len() == warned)
+            .then(|| BuiltFrom {
+                cluster: Arc::clone(c),
+                assignment: eds.map(Arc::clone),
+            }),
     }
+}
+
+/// Whether `previous` was built from exactly these resources for the same protocol, so
+/// that the next snapshot can share it instead of building it again.
+pub(crate) fn unchanged(
+    previous: &Cluster,
+    c: &Arc<envoy::Cluster>,
+    resources: &envoy::Resources,
+    protocol: Protocol,
+) -> bool {
+    let Some(from) = &previous.built_from else {
+        return false;
+    };
+    let eds = match &c.discovery {
+        envoy::Discovery::Eds { service_name } => resources.endpoints.get(service_name),
+        _ => None,
+    };
+    previous.protocol == protocol
+        && Arc::ptr_eq(&from.cluster, c)
+        && match (&from.assignment, eds) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
 }
 
 /// The endpoints traffic goes to: those of the lowest priority that has a usable one, and

@@ -2,7 +2,6 @@
 //! both config sources (xDS, and Istio files compiled as istiod would).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use portcullis_envoy as envoy;
@@ -10,7 +9,7 @@ use portcullis_model::OutboundMode;
 
 use crate::Map;
 use crate::build::DnsAnswers;
-use crate::cluster::{self, Clusters, Counters, Loads};
+use crate::cluster::{self, Clusters};
 use crate::listener::{ChainFilter, Listeners};
 use crate::route::RouteTable;
 use crate::snapshot::{Cluster, Decision, Protocol, Snapshot};
@@ -29,22 +28,10 @@ impl Snapshot {
     ) -> Snapshot {
         let mut warnings = Vec::new();
         let mut dns_names = BTreeSet::new();
-        let counters: Counters<'_> = previous
+        let before: Map<&str, &Arc<Cluster>> = previous
             .into_iter()
             .flat_map(|p| &p.clusters)
-            .flat_map(|c| {
-                c.endpoints.iter().map(|e| {
-                    (
-                        (&*c.name, SocketAddr::new(e.address, e.port)),
-                        Arc::clone(&e.state),
-                    )
-                })
-            })
-            .collect();
-        let loads: Loads<'_> = previous
-            .into_iter()
-            .flat_map(|p| &p.clusters)
-            .map(|c| (&*c.name, Arc::clone(&c.breakers.load)))
+            .map(|c| (&*c.name, c))
             .collect();
         let usage = protocol_usage(resources);
         let by_name: Map<Arc<str>, Arc<Cluster>> = resources
@@ -59,12 +46,18 @@ impl Snapshot {
                         .copied()
                         .unwrap_or(Protocol::Http),
                 };
+                let previous = before.get(c.name.as_str()).copied();
+                if let Some(p) = previous
+                    && cluster::unchanged(p, c, resources, protocol)
+                {
+                    return (Arc::clone(&p.name), Arc::clone(p));
+                }
                 let built = cluster::build(
                     c,
                     resources,
                     protocol,
                     dns,
-                    (&counters, &loads),
+                    previous.map(|p| &**p),
                     &mut dns_names,
                     &mut warnings,
                 );
@@ -1234,13 +1227,79 @@ mod tests {
         );
         assert!(c.endpoints[1].transport_error.is_none());
         let _active = c.endpoints[1].state.start();
+        // A new version of the cluster (a copy, as an update brings) is built again.
+        Arc::make_mut(r.clusters.get_mut("outbound|80||mesh.internal").unwrap());
         let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
+        let rebuilt = second.cluster("outbound|80||mesh.internal").unwrap();
+        assert!(!Arc::ptr_eq(
+            rebuilt,
+            first.cluster("outbound|80||mesh.internal").unwrap()
+        ));
         let c = second.cluster("outbound|80||mesh.internal").unwrap();
         assert_eq!(
             (c.endpoints[1].state.active(), c.endpoints[0].state.active()),
             (1, 0)
         );
         assert_eq!(second.version, 2);
+    }
+
+    #[test]
+    fn a_cluster_built_from_the_same_resources_is_shared_by_the_next_snapshot() {
+        let mut r = seed(false);
+        let a = || {
+            cluster(
+                "outbound|80||a.internal",
+                Discovery::Static,
+                &["10.0.0.1:80"],
+            )
+        };
+        add_cluster(&mut r, a());
+        let eds = |name: &str| envoy::Cluster {
+            discovery: Discovery::Eds {
+                service_name: name.into(),
+            },
+            ..cluster(name, Discovery::Static, &[])
+        };
+        let assignment = |name: &str, ep: &str| envoy::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    ep.parse().unwrap(),
+                ))],
+                ..Default::default()
+            }],
+        };
+        for name in ["outbound|80||b.internal", "outbound|80||c.internal"] {
+            add_cluster(&mut r, eds(name));
+            r.endpoints
+                .insert(name.into(), Arc::new(assignment(name, "10.0.0.2:80")));
+        }
+        add_cluster(
+            &mut r,
+            cluster("outbound|80||d.internal", Discovery::StrictDns, &[]),
+        );
+        let first = index(&r);
+        let same = |s: &Snapshot, name: &str| {
+            Arc::ptr_eq(s.cluster(name).unwrap(), first.cluster(name).unwrap())
+        };
+        // One endpoint update (EDS) to c: only c is built again.
+        r.endpoints.insert(
+            "outbound|80||c.internal".into(),
+            Arc::new(assignment("outbound|80||c.internal", "10.0.0.3:80")),
+        );
+        let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
+        assert!(same(&second, "outbound|80||a.internal"));
+        assert!(same(&second, "outbound|80||b.internal"));
+        assert!(!same(&second, "outbound|80||c.internal"));
+        let c = second.cluster("outbound|80||c.internal").unwrap();
+        assert_eq!(c.endpoints[0].display(), "10.0.0.3:80");
+        // Names resolve anew every time.
+        assert!(!same(&second, "outbound|80||d.internal"));
+        // A cluster whose resource is replaced, even by an equal one, is built again.
+        add_cluster(&mut r, a());
+        let third = Snapshot::index(&r, &|_| None, Some(&second), 3);
+        assert!(!same(&third, "outbound|80||a.internal"));
+        assert!(same(&third, "outbound|80||b.internal"));
     }
 
     #[test]
@@ -1274,7 +1333,9 @@ mod tests {
         assert_eq!(seeded.breakers.threshold(Resource::Connections), 1024);
         assert_eq!(seeded.breakers.threshold(Resource::Retries), 3);
         // A reload keeps what is held: the one connection still counts against the limit,
-        // in the new snapshot's cluster as in the old one's.
+        // in the new snapshot's cluster as in the old one's, also when the cluster is
+        // built again from a new version of its resource.
+        Arc::make_mut(r.clusters.get_mut("outbound|80||limited.internal").unwrap());
         let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
         let c2 = second.cluster("outbound|80||limited.internal").unwrap();
         assert_eq!(c2.breakers.load.held(Resource::Connections), 1);

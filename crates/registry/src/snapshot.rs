@@ -91,6 +91,16 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Circuit breakers (default priority).
     pub breakers: CircuitBreakers,
+    /// The resources it was built from, when a later snapshot may share it while they stay
+    /// the same.
+    pub(crate) built_from: Option<BuiltFrom>,
+}
+
+/// The Envoy resources a cluster was built from.
+#[derive(Debug)]
+pub(crate) struct BuiltFrom {
+    pub(crate) cluster: Arc<portcullis_envoy::Cluster>,
+    pub(crate) assignment: Option<Arc<portcullis_envoy::ClusterLoadAssignment>>,
 }
 
 impl Cluster {
