@@ -292,9 +292,19 @@ fn rds_fetch_timeout(l: &lds::Listener) -> FetchTimeouts {
         .collect()
 }
 
-fn versioned<T>(resource: T, version: &str) -> Versioned<T> {
+/// A new version of a resource; one equal to the active version shares it, so that the
+/// snapshot built next reuses what was built from it (istiod resends unchanged resources).
+fn versioned<T: PartialEq>(
+    resource: T,
+    version: &str,
+    active: Option<&ResourceState<T>>,
+) -> Versioned<T> {
+    let resource = match active.and_then(|s| s.active.as_ref()) {
+        Some(a) if *a.resource == resource => Arc::clone(&a.resource),
+        _ => Arc::new(resource),
+    };
     Versioned {
-        resource: Arc::new(resource),
+        resource,
         version: version.to_string(),
         last_updated: SystemTime::now(),
     }
@@ -455,20 +465,22 @@ impl XdsState {
             }
             Converted::Listener(l, timeout, _) => {
                 let warm = (!self.listener_ready(&l)).then_some(timeout);
-                self.stage(ResourceType::Listener, name, versioned(*l, version), warm);
+                let v = versioned(*l, version, self.state.listeners.get(name));
+                self.stage(ResourceType::Listener, name, v, warm);
             }
             Converted::Cluster(c, timeout) => {
                 let warm = (!self.cluster_ready(&c)).then_some(timeout);
-                self.stage(ResourceType::Cluster, name, versioned(c, version), warm);
+                let v = versioned(c, version, self.state.clusters.get(name));
+                self.stage(ResourceType::Cluster, name, v, warm);
             }
             Converted::Route(r, _) => {
                 let entry = self.state.routes.entry(name.to_string()).or_default();
-                entry.active = Some(versioned(r, version));
+                entry.active = Some(versioned(r, version, Some(entry)));
                 entry.error = None;
             }
             Converted::Endpoint(a) => {
                 let entry = self.state.endpoints.entry(name.to_string()).or_default();
-                entry.active = Some(versioned(a, version));
+                entry.active = Some(versioned(a, version, Some(entry)));
                 entry.error = None;
             }
         }

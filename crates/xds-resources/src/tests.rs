@@ -1196,6 +1196,34 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
 }
 
 #[test]
+fn a_resource_sent_again_unchanged_is_the_same_shared_one() {
+    let mut s = XdsState::default();
+    s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![passthrough(), blackhole()]));
+    s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    let before = s.active();
+    let mut changed = blackhole();
+    changed.connect_timeout = secs(3);
+    s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![passthrough(), changed]));
+    s.apply_sotw(ENDPOINT_TYPE, "2", &any_of(vec![cla(APP, &["10.1.0.1"])]));
+    let after = s.active();
+    assert!(std::sync::Arc::ptr_eq(
+        &before.clusters[PASSTHROUGH_CLUSTER],
+        &after.clusters[PASSTHROUGH_CLUSTER]
+    ));
+    assert!(!std::sync::Arc::ptr_eq(
+        &before.clusters[BLACKHOLE_CLUSTER],
+        &after.clusters[BLACKHOLE_CLUSTER]
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &before.endpoints[APP],
+        &after.endpoints[APP]
+    ));
+    // The version is the new one all the same.
+    let entry = &s.state().clusters[PASSTHROUGH_CLUSTER];
+    assert_eq!(entry.active.as_ref().unwrap().version, "2");
+}
+
+#[test]
 fn a_sotw_response_removes_the_clusters_it_leaves_out_and_their_endpoints() {
     let mut s = XdsState::default();
     s.apply_sotw(ENDPOINT_TYPE, "1", &any_of(vec![cla(APP, &["10.1.0.1"])]));
