@@ -36,7 +36,7 @@ pub use metrics::Metrics;
 pub use upstream::NonePolicy;
 
 use crate::detect::Detected;
-use crate::guard::{GuardedIo, InFlight};
+use crate::guard::{GuardedIo, InFlight, StreamTimeouts};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
 use crate::pool::Pool;
@@ -97,6 +97,18 @@ impl Default for ProxyConfig {
             max_request_headers: 100,
             accept_http10: false,
         }
+    }
+}
+
+/// The stream timeouts of an HTTP connection: its connection manager's, else (no
+/// listeners, or a policy catch-all chain) Envoy's defaults.
+fn stream_timeouts(chain: Option<&Arc<Chain>>) -> StreamTimeouts {
+    match chain.map(|c| &c.filter) {
+        Some(ChainFilter::Http(h)) => StreamTimeouts {
+            idle: h.stream_idle_timeout,
+            request: h.request_timeout,
+        },
+        _ => StreamTimeouts::ENVOY_DEFAULT,
     }
 }
 
@@ -340,12 +352,20 @@ impl Proxy {
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
             }
-            let in_flight = Arc::new(InFlight::default());
+            let streams = stream_timeouts(snapshot.route_connection_chain(&conn).1);
+            // HTTP/1.1 has one stream at a time: the connection's guard times it, with no
+            // timer of its own per request. HTTP/2 streams are timed one by one.
+            let in_flight = Arc::new(if detected == Detected::Http2 {
+                InFlight::default()
+            } else {
+                InFlight::with_streams(streams)
+            });
             stream.watch_requests(Arc::clone(&in_flight));
             let downstream = Arc::new(Downstream {
                 in_flight: Some(in_flight),
                 original_dst: Some(dst),
                 peer,
+                streams,
             });
             if detected == Detected::Http2 {
                 let io = PrefixedIo::new(prefix, stream);
@@ -368,12 +388,14 @@ impl Proxy {
         shutdown: CancellationToken,
     ) {
         // The request-head deadline starts with the first byte, not at connect.
-        let in_flight = Arc::new(InFlight::default());
+        let streams = StreamTimeouts::ENVOY_DEFAULT;
+        let in_flight = Arc::new(InFlight::with_streams(streams));
         let stream = self.guard(stream, Some(Arc::clone(&in_flight)));
         let downstream = Arc::new(Downstream {
             in_flight: Some(in_flight),
             original_dst: None,
             peer,
+            streams,
         });
         h1::serve(self, downstream, stream, BytesMut::new(), shutdown).await;
     }
