@@ -600,4 +600,130 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(io.expired(), Some(Expired::Idle));
     }
+
+    const STREAMS: StreamTimeouts = StreamTimeouts {
+        idle: Some(Duration::from_secs(5)),
+        request: Some(Duration::from_secs(8)),
+    };
+
+    /// A guard enforcing `streams` on the fast path, with a request head already read.
+    async fn streaming(
+        streams: StreamTimeouts,
+    ) -> (
+        tokio::io::DuplexStream,
+        GuardedIo<tokio::io::DuplexStream>,
+        Arc<InFlight>,
+    ) {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::with_streams(streams));
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 19);
+        (client, io, in_flight)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_response_is_a_stream_idle_timeout_and_the_connection_goes_on() {
+        let (mut client, mut io, in_flight) = streaming(STREAMS).await;
+        let request = in_flight.start();
+        in_flight.received();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        // Idle for `stream_idle_timeout`; the request timeout no longer applies.
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Reported once: the handler answers, the connection itself is not expired.
+        io.write_all(b"HTTP/1.1 504").await.unwrap();
+        drop(request);
+        assert_eq!(io.expired(), None);
+        let read = tokio::time::timeout(Duration::from_secs(30), io.read(&mut buf)).await;
+        assert!(read.is_err(), "no stream, no stream timeout");
+        client.write_all(b"G").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_defers_the_stream_idle_timeout_but_not_the_request_timeout() {
+        let (mut client, mut io, in_flight) = streaming(STREAMS).await;
+        let _request = in_flight.start();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        // A body byte every 3 s: never idle for 5 s, yet not whole after 8 s.
+        let err = loop {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            client.write_all(b"b").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(_) => assert!(start.elapsed() < Duration::from_secs(20), "never fired"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(Expired::of_stream(&err), Some(Expired::Request));
+        assert_eq!(start.elapsed(), Duration::from_secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_head_hits_the_stream_idle_timeout() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::with_streams(StreamTimeouts {
+            idle: Some(Duration::from_secs(2)),
+            request: None,
+        }));
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        let start = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_streams_leave_the_connection_timeouts_alone() {
+        let (_client, mut io, in_flight) = streaming(STREAMS).await;
+        let _request = in_flight.start();
+        in_flight.release_streams();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), None);
+        assert_eq!(io.expired(), Some(Expired::Idle));
+        assert_eq!(start.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_clock_follows_its_body() {
+        let clock = StreamClock::new(false);
+        let start = Instant::now();
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(5), Expired::StreamIdle))
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        clock.activity(false);
+        // Idle would now end at 9 s: the request timeout, at 8 s, comes first.
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(8), Expired::Request))
+        );
+        clock.activity(true);
+        assert!(clock.received());
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(9), Expired::StreamIdle))
+        );
+        assert_eq!(clock.expired(STREAMS).await, Expired::StreamIdle);
+        assert_eq!(start.elapsed(), Duration::from_secs(9));
+        // Only a request timeout, and the request is whole: nothing ever fires.
+        let only_request = StreamTimeouts {
+            idle: None,
+            request: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(clock.deadline(only_request), None);
+        let waited =
+            tokio::time::timeout(Duration::from_secs(60), clock.expired(only_request)).await;
+        assert!(waited.is_err());
+    }
 }

@@ -32,11 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
+pub use guard::StreamTimeouts;
 pub use metrics::Metrics;
 pub use upstream::NonePolicy;
 
 use crate::detect::Detected;
-use crate::guard::{GuardedIo, InFlight, StreamTimeouts};
+use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
 use crate::pool::Pool;
@@ -69,6 +70,9 @@ pub struct ProxyConfig {
     /// Time from sending a request to its response headers (Envoy's route timeout);
     /// `None` waits forever, Istio's default.
     pub route_timeout: Option<Duration>,
+    /// Stream timeouts where no HTTP connection manager gives any: the explicit proxy and
+    /// snapshots without listeners (Envoy's defaults: 5 min idle, no request timeout).
+    pub stream_timeouts: StreamTimeouts,
     /// Client connections open at once, per proxy; more are closed as they arrive.
     pub max_connections: usize,
     /// Largest request head in bytes (Envoy: `max_request_headers_kb` 60).
@@ -92,23 +96,12 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(3600),
             request_headers_timeout: Duration::from_secs(10),
             route_timeout: None,
+            stream_timeouts: StreamTimeouts::ENVOY_DEFAULT,
             max_connections: 65_536,
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
             accept_http10: false,
         }
-    }
-}
-
-/// The stream timeouts of an HTTP connection: its connection manager's, else (no
-/// listeners, or a policy catch-all chain) Envoy's defaults.
-fn stream_timeouts(chain: Option<&Arc<Chain>>) -> StreamTimeouts {
-    match chain.map(|c| &c.filter) {
-        Some(ChainFilter::Http(h)) => StreamTimeouts {
-            idle: h.stream_idle_timeout,
-            request: h.request_timeout,
-        },
-        _ => StreamTimeouts::ENVOY_DEFAULT,
     }
 }
 
@@ -240,6 +233,18 @@ impl Proxy {
         }
     }
 
+    /// The stream timeouts of an HTTP connection: its connection manager's, else (no
+    /// listeners, or a policy catch-all chain) the proxy's own.
+    fn stream_timeouts(&self, chain: Option<&Arc<Chain>>) -> StreamTimeouts {
+        match chain.map(|c| &c.filter) {
+            Some(ChainFilter::Http(h)) => StreamTimeouts {
+                idle: h.stream_idle_timeout,
+                request: h.request_timeout,
+            },
+            _ => self.config.stream_timeouts,
+        }
+    }
+
     /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
     /// its first byte (the explicit proxy), so each request head gets its deadline.
     fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
@@ -352,7 +357,7 @@ impl Proxy {
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
             }
-            let streams = stream_timeouts(snapshot.route_connection_chain(&conn).1);
+            let streams = self.stream_timeouts(snapshot.route_connection_chain(&conn).1);
             // HTTP/1.1 has one stream at a time: the connection's guard times it, with no
             // timer of its own per request. HTTP/2 streams are timed one by one.
             let in_flight = Arc::new(if detected == Detected::Http2 {
@@ -388,7 +393,7 @@ impl Proxy {
         shutdown: CancellationToken,
     ) {
         // The request-head deadline starts with the first byte, not at connect.
-        let streams = StreamTimeouts::ENVOY_DEFAULT;
+        let streams = self.config.stream_timeouts;
         let in_flight = Arc::new(InFlight::with_streams(streams));
         let stream = self.guard(stream, Some(Arc::clone(&in_flight)));
         let downstream = Arc::new(Downstream {
