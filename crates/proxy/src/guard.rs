@@ -221,8 +221,9 @@ pub struct GuardedIo<T> {
     /// When the current request's first byte arrived, and the received-request count
     /// then: `request_timeout` runs until that count moves on.
     request_began: Option<(Instant, u64)>,
-    /// A stream timeout was reported for the current request; none again until the next.
-    stream_reported: bool,
+    /// A stream timeout was reported, with the started-request count then: none again for
+    /// that request (a pipelined one that follows has its own).
+    stream_reported: Option<u64>,
     idle_deadline: Instant,
     timer: Pin<Box<Sleep>>,
     expired: Option<Expired>,
@@ -245,7 +246,7 @@ impl<T> GuardedIo<T> {
             in_flight,
             head_deadline: None,
             request_began: None,
-            stream_reported: false,
+            stream_reported: None,
             idle_deadline,
             timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
             expired: None,
@@ -265,14 +266,14 @@ impl<T> GuardedIo<T> {
         let now = Instant::now();
         self.head_deadline = Some((now + self.headers_timeout, in_flight.started()));
         self.request_began = Some((now, in_flight.received_count()));
-        self.stream_reported = false;
+        self.stream_reported = None;
         self.in_flight = Some(in_flight);
     }
 
     fn expire(&mut self, why: Expired) -> io::Error {
         if matches!(why, Expired::StreamIdle | Expired::Request) {
             // The handler answers (and counts) it; the connection may serve more requests.
-            self.stream_reported = true;
+            self.stream_reported = self.in_flight.as_ref().map(|f| f.started());
             return timed_out(why);
         }
         if self.expired.is_none()
@@ -336,10 +337,10 @@ impl<T> GuardedIo<T> {
     /// The earliest stream deadline of the request in progress on the HTTP/1.1 fast path,
     /// and which one it is.
     fn stream_deadline(&self) -> Option<(Instant, Expired)> {
-        if self.stream_reported {
+        let in_flight = self.in_flight.as_ref()?;
+        if self.stream_reported == Some(in_flight.started()) {
             return None;
         }
-        let in_flight = self.in_flight.as_ref()?;
         let timeouts = in_flight.guarded_streams()?;
         // A stream exists from a request's first byte until its response is done.
         if self.head_deadline.is_none() && in_flight.idle() {
@@ -446,7 +447,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                         this.head_deadline =
                             Some((now + this.headers_timeout, in_flight.started()));
                         this.request_began = Some((now, in_flight.received_count()));
-                        this.stream_reported = false;
+                        this.stream_reported = None;
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -642,6 +643,24 @@ mod tests {
         assert!(read.is_err(), "no stream, no stream timeout");
         client.write_all(b"G").await.unwrap();
         assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipelined_request_has_its_own_stream_idle_timeout() {
+        let (_client, mut io, in_flight) = streaming(STREAMS).await;
+        let request = in_flight.start();
+        in_flight.received();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        io.write_all(b"HTTP/1.1 504").await.unwrap();
+        drop(request);
+        // The next request was read along with the first: no new byte arrives for it.
+        let start = Instant::now();
+        let _next = in_flight.start();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
