@@ -277,32 +277,7 @@ where
     let closes = |e: &ProxyError| {
         head.close || shutdown.is_cancelled() || (head.body > 0 && e.before_upstream())
     };
-    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
-    let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
-    let path = if head.slash {
-        Cow::Owned(format!("/{path}"))
-    } else {
-        Cow::Borrowed(path)
-    };
-    let input = RouteInput {
-        path: &path,
-        method: std::str::from_utf8(&request[head.method.clone()]).unwrap_or_default(),
-        headers: &RawHeaders {
-            head: &request[..head.len],
-            max: proxy.config.max_request_headers,
-        },
-        sniffed: SNIFFED_HTTP1,
-    };
-    let routed = match crate::http::route(
-        proxy,
-        downstream,
-        authority,
-        false,
-        &input,
-        &mut log.outcome,
-    )
-    .await
-    {
+    let routed = match route_head(proxy, downstream, &head, &request, &mut log).await {
         Ok(routed) => routed,
         Err(e) => {
             let close = closes(&e);
@@ -383,6 +358,41 @@ where
         }
         None => Next::Close,
     }
+}
+
+/// Routes a request by its parsed head, recording the route in `log`.
+async fn route_head<'r>(
+    proxy: &Arc<Proxy>,
+    downstream: &Arc<Downstream>,
+    head: &Head,
+    request: &'r [u8],
+    log: &mut RequestLog,
+) -> Result<Routed<'r>, ProxyError> {
+    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
+    let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
+    let path = if head.slash {
+        Cow::Owned(format!("/{path}"))
+    } else {
+        Cow::Borrowed(path)
+    };
+    let input = RouteInput {
+        path: &path,
+        method: std::str::from_utf8(&request[head.method.clone()]).unwrap_or_default(),
+        headers: &RawHeaders {
+            head: &request[..head.len],
+            max: proxy.config.max_request_headers,
+        },
+        sniffed: SNIFFED_HTTP1,
+    };
+    crate::http::route(
+        proxy,
+        downstream,
+        authority,
+        false,
+        &input,
+        &mut log.outcome,
+    )
+    .await
 }
 
 /// An upstream connection with a response head read from it.
