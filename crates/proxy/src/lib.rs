@@ -105,6 +105,18 @@ impl Default for ProxyConfig {
     }
 }
 
+/// The stream timeouts of an HTTP connection: its connection manager's, else (no
+/// listeners, or a policy catch-all chain) `otherwise`, the proxy's own.
+fn stream_timeouts(chain: Option<&Arc<Chain>>, otherwise: StreamTimeouts) -> StreamTimeouts {
+    match chain.map(|c| &c.filter) {
+        Some(ChainFilter::Http(h)) => StreamTimeouts {
+            idle: h.stream_idle_timeout,
+            request: h.request_timeout,
+        },
+        _ => otherwise,
+    }
+}
+
 /// The access log line of a connection closed before any routing: no filter chain matched,
 /// in Envoy's terms (`NR`).
 fn refused(dst: SocketAddr, peer: SocketAddr) {
@@ -233,18 +245,6 @@ impl Proxy {
         }
     }
 
-    /// The stream timeouts of an HTTP connection: its connection manager's, else (no
-    /// listeners, or a policy catch-all chain) the proxy's own.
-    fn stream_timeouts(&self, chain: Option<&Arc<Chain>>) -> StreamTimeouts {
-        match chain.map(|c| &c.filter) {
-            Some(ChainFilter::Http(h)) => StreamTimeouts {
-                idle: h.stream_idle_timeout,
-                request: h.request_timeout,
-            },
-            _ => self.config.stream_timeouts,
-        }
-    }
-
     /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
     /// its first byte (the explicit proxy), so each request head gets its deadline.
     fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
@@ -357,7 +357,8 @@ impl Proxy {
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
             }
-            let streams = self.stream_timeouts(snapshot.route_connection_chain(&conn).1);
+            let chain = snapshot.route_connection_chain(&conn).1;
+            let streams = stream_timeouts(chain, self.config.stream_timeouts);
             // HTTP/1.1 has one stream at a time: the connection's guard times it, with no
             // timer of its own per request. HTTP/2 streams are timed one by one.
             let in_flight = Arc::new(if detected == Detected::Http2 {
@@ -403,5 +404,45 @@ impl Proxy {
             streams,
         });
         h1::serve(self, downstream, stream, BytesMut::new(), shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_registry::HttpChain;
+
+    use super::*;
+
+    fn http_chain(idle: Option<Duration>, request: Option<Duration>) -> Arc<Chain> {
+        Arc::new(Chain {
+            name: "chain".into(),
+            listener: "0.0.0.0_80".into(),
+            filter: ChainFilter::Http(HttpChain {
+                route_name: "80".into(),
+                routes: None,
+                accept_http_10: false,
+                stream_idle_timeout: idle,
+                request_timeout: request,
+            }),
+            idle_timeout: None,
+        })
+    }
+
+    #[test]
+    fn stream_timeouts_come_from_the_chains_connection_manager() {
+        let own = StreamTimeouts::ENVOY_DEFAULT;
+        let second = Some(Duration::from_secs(1));
+        let chain = http_chain(None, second);
+        assert_eq!(
+            stream_timeouts(Some(&chain), own),
+            StreamTimeouts {
+                idle: None,
+                request: second,
+            }
+        );
+        let chain = http_chain(second, None);
+        assert_eq!(stream_timeouts(Some(&chain), own).idle, second);
+        // No listeners (or no chain): the proxy's own.
+        assert_eq!(stream_timeouts(None, own), own);
     }
 }
