@@ -254,8 +254,12 @@ where
         }
     }
     if let Some(why) = timed_out {
-        let line = LogLine::wanted().then(|| head.log_line(&buf.clone().freeze()));
+        // The connection closes: what arrived of the request is not needed after this.
+        let request = buf.split().freeze();
+        let line = LogLine::wanted().then(|| head.log_line(&request));
         let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+        // Envoy routed the head before the body stalled: its log names route and cluster.
+        let _ = route_head(proxy, downstream, &head, &request, &mut log).await;
         return reply_error(
             io,
             &mut log,
@@ -590,7 +594,7 @@ fn local_reply(response: Response<ProxyBody>, head_method: bool, close: bool) ->
         header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     header(&mut out, b"date", &date());
-    if close {
+    if close && !parts.headers.contains_key(http::header::CONNECTION) {
         header(&mut out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
