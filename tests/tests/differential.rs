@@ -1164,6 +1164,20 @@ fn stream_timeouts() {
                 &[&format!("http://{host}/hang")],
             ),
             Probe::curl(
+                "the same over h2c",
+                &["--http2-prior-knowledge", &format!("http://{host}/hang")],
+            ),
+            Probe::curl(
+                "the same with a chunked body (the general HTTP/1.1 path)",
+                &[
+                    "-H",
+                    "transfer-encoding: chunked",
+                    "--data-binary",
+                    "abc",
+                    &format!("http://{host}/hang"),
+                ],
+            ),
+            Probe::curl(
                 "the route timeout first",
                 &[&format!("http://{host}/short/hang")],
             ),
