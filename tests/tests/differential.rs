@@ -1078,3 +1078,146 @@ fn retry_policies() {
         lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
     });
 }
+
+/// The README row on a response body that stalls past the stream idle timeout.
+const STALLED_BODY_LOG: &str = "README, Differences from Istio/Envoy: stream idle timeout while \
+                                a response body streams (the access log line, written at the \
+                                response head, shows no `SI`)";
+
+/// An upstream on the rogue host's port 84 that never answers `/hang`, sends `/stall`'s
+/// response head and 3 of its 100 body bytes, then nothing, and answers the rest at once.
+const STALLER: &str = "import socket, threading, time
+def serve(c):
+    data = b''
+    while b'\\r\\n\\r\\n' not in data:
+        d = c.recv(65536)
+        if not d:
+            return
+        data += d
+    path = data.split(b' ')[1]
+    if path.startswith(b'/hang'):
+        time.sleep(60)
+    elif path.startswith(b'/stall'):
+        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 100\\r\\n\\r\\nabc')
+        time.sleep(60)
+    else:
+        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok')
+        time.sleep(60)
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('10.50.3.3', 84))
+s.listen(64)
+print('ready', flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+/// The connection manager's stream timeouts, 1 s each: port 80 with `stream_idle_timeout`
+/// (a complete request nobody answers: 504 `SI`; a request head or body that stops: 408;
+/// a response body that stalls: closed), port 8080 with `request_timeout` alone (a request
+/// body that stops: 408, no flag), and a route timeout shorter than the stream idle timeout
+/// (504 `UT`).
+#[test]
+fn stream_timeouts() {
+    let host = "slow.internal.com";
+    let staller = [(ROGUE_IP, 84)];
+    let with_timeouts = |port: u16, timeouts: Value| {
+        let mut vhost = service_vhost(host, port, &[]);
+        vhost["routes"].as_array_mut().expect("routes").insert(
+            0,
+            vs_route(
+                "short",
+                "/short",
+                json!({"route": with(
+                    to_cluster(&cluster_name(port, host), None),
+                    json!({"timeout": "0.3s"}),
+                )}),
+            ),
+        );
+        let mut listener = http_listener(port, vec![vhost], Mode::RegistryOnly);
+        let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+        for (key, value) in timeouts.as_object().expect("timeouts") {
+            hcm[key] = value.clone();
+        }
+        listener
+    };
+    let envoy = Resources::new(Mode::RegistryOnly)
+        .listener(with_timeouts(80, json!({"stream_idle_timeout": "1s"})))
+        .listener(with_timeouts(
+            8080,
+            json!({"stream_idle_timeout": "0s", "request_timeout": "1s"}),
+        ))
+        .cluster(static_cluster(80, host, &staller))
+        .cluster(static_cluster(8080, host, &staller));
+    let partial_body =
+        format!("POST /hang HTTP/1.1\r\nHost: {host}\r\ncontent-length: 10\r\n\r\nabc");
+    let scenario = Scenario {
+        name: "stream-timeouts",
+        files: Vec::new(),
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl(
+                "a complete request nobody answers",
+                &[&format!("http://{host}/hang")],
+            ),
+            Probe::curl(
+                "the same over h2c",
+                &["--http2-prior-knowledge", &format!("http://{host}/hang")],
+            ),
+            Probe::curl(
+                "the same with a chunked body (the general HTTP/1.1 path)",
+                &[
+                    "-H",
+                    "transfer-encoding: chunked",
+                    "--data-binary",
+                    "abc",
+                    &format!("http://{host}/hang"),
+                ],
+            ),
+            Probe::curl(
+                "the route timeout first",
+                &[&format!("http://{host}/short/hang")],
+            ),
+            Probe::tcp(
+                "a request body that stops",
+                &format!("{APP_VIP}:80"),
+                &partial_body,
+            ),
+            Probe::tcp(
+                "a request head that stops",
+                &format!("{APP_VIP}:80"),
+                &format!("GET /hang HTTP/1.1\r\nHost: {host}\r\n"),
+            ),
+            Probe::curl(
+                "a response body that stalls",
+                &[&format!("http://{host}/stall")],
+            )
+            .differs(STALLED_BODY_LOG),
+            Probe::tcp(
+                "a request body that stops, request_timeout alone",
+                &format!("{APP_VIP}:8080"),
+                &partial_body,
+            ),
+            Probe::curl(
+                "a complete request, request_timeout alone",
+                &[&format!("http://{host}:8080/ok")],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        lab.spawn_peer(
+            Role::Rogue,
+            "staller",
+            "python3",
+            &["-u", "-c", STALLER],
+            "TERM",
+        )?;
+        poll("the stalling upstream", Duration::from_secs(10), || {
+            Ok(lab.peer_stdout("staller")?.contains("ready").then_some(()))
+        })
+    });
+}

@@ -194,10 +194,11 @@ fn http_connection_manager(h: &HttpConnectionManager) -> Value {
         ),
         RouteSource::Inline(rc) => put(&mut o, "route_config", route_configuration(rc)),
     }
+    // Absent means Envoy's 5 min: the model's `None` (off) is written as `0s`.
     put(
         &mut o,
         "stream_idle_timeout",
-        opt(h.stream_idle_timeout, duration),
+        duration(h.stream_idle_timeout.unwrap_or_default()),
     );
     put(&mut o, "request_timeout", opt(h.request_timeout, duration));
     if h.accept_http_10 {

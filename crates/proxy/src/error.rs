@@ -37,6 +37,17 @@ pub enum ProxyError {
     /// No response headers within the route timeout.
     #[error("upstream request timeout")]
     UpstreamTimeout,
+    /// The stream saw no activity for the connection manager's `stream_idle_timeout`;
+    /// `request_complete` tells whether the client had sent its whole request.
+    #[error("stream idle timeout")]
+    StreamIdle {
+        /// Whether the request had been received whole (then 504, else 408).
+        request_complete: bool,
+    },
+    /// The request was not received whole within the connection manager's
+    /// `request_timeout`.
+    #[error("request timeout")]
+    RequestTimeout,
     /// Resolving a DNS endpoint failed.
     #[error("DNS resolution of {host} failed")]
     DnsFailure {
@@ -92,6 +103,9 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
             ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout => "UT",
+            ProxyError::StreamIdle { .. } => "SI",
+            // Envoy 1.40 logs its 408 with no flag, details `request_overall_timeout`.
+            ProxyError::RequestTimeout => "-",
             ProxyError::DnsFailure { .. } => "DF",
             ProxyError::BadRequest(_) | ProxyError::Http10 => "DPE",
             // Envoy's codec answers the request without a Host as a complete one: no flag.
@@ -135,6 +149,19 @@ impl ProxyError {
                 | ProxyError::BadRequest(_)
                 | ProxyError::Http10
                 | ProxyError::MissingHost
+        )
+    }
+
+    /// Whether the answer to this error ends an HTTP/1 connection (`connection: close`).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Http10
+                | ProxyError::MissingHost
+                | ProxyError::RequestTimeout
+                | ProxyError::StreamIdle {
+                    request_complete: false
+                }
         )
     }
 
@@ -230,6 +257,13 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
             }
+            ProxyError::StreamIdle {
+                request_complete: true,
+            } => (StatusCode::GATEWAY_TIMEOUT, "stream timeout"),
+            ProxyError::StreamIdle {
+                request_complete: false,
+            } => (StatusCode::REQUEST_TIMEOUT, "stream timeout"),
+            ProxyError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request timeout"),
             ProxyError::DnsFailure { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: DNS resolution failure",
@@ -240,8 +274,9 @@ impl ProxyError {
             _ => (StatusCode::BAD_GATEWAY, ""),
         };
         let mut response = synthetic(status, Bytes::from_static(body.as_bytes()));
-        if matches!(self, ProxyError::Http10 | ProxyError::MissingHost) {
-            // Envoy's HTTP/1 codec rejects the connection along with the request.
+        if self.closes_connection() {
+            // Envoy's HTTP/1 codec rejects the connection along with the request; a 408
+            // leaves the rest of the request unread, so the connection cannot go on.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -335,6 +370,42 @@ mod tests {
         let (status, _, body) = answer(&ProxyError::MissingHost).await;
         assert_eq!((status, body.as_str()), (400, ""));
         assert_eq!(ProxyError::MissingHost.flag(), "-");
+    }
+
+    #[tokio::test]
+    async fn stream_and_request_timeouts_answer_as_envoy_1_40_does() {
+        // Measured against Envoy 1.40: a complete request without a response in time.
+        let idle = ProxyError::StreamIdle {
+            request_complete: true,
+        };
+        assert_eq!(
+            answer(&idle).await,
+            (504, "envoy".into(), "stream timeout".into())
+        );
+        assert_eq!(idle.flag(), "SI");
+        assert!(
+            !idle
+                .to_response()
+                .headers()
+                .contains_key(header::CONNECTION)
+        );
+        // Part of the request still to come: 408, and the connection closes.
+        let partial = ProxyError::StreamIdle {
+            request_complete: false,
+        };
+        assert_eq!(
+            answer(&partial).await,
+            (408, "envoy".into(), "stream timeout".into())
+        );
+        assert_eq!(partial.flag(), "SI");
+        assert_eq!(partial.to_response().headers()[header::CONNECTION], "close");
+        let request = ProxyError::RequestTimeout;
+        assert_eq!(
+            answer(&request).await,
+            (408, "envoy".into(), "request timeout".into())
+        );
+        assert_eq!(request.flag(), "-");
+        assert_eq!(request.to_response().headers()[header::CONNECTION], "close");
     }
 
     #[tokio::test]

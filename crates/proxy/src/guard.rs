@@ -1,13 +1,16 @@
 //! Connection-level timeouts enforced in the I/O layer: an idle timeout (no bytes either
 //! way) and a deadline for a request head once its first byte has arrived, so a slow
-//! client cannot hold a connection open by trickling a request.
+//! client cannot hold a connection open by trickling a request. For the HTTP/1.1 fast
+//! path, the same timer also enforces the connection manager's per-stream timeouts
+//! (`stream_idle_timeout`, `request_timeout`): HTTP/1.1 has one stream at a time, so the
+//! connection's activity is the stream's.
 //!
 //! One timer per connection, re-armed in place: no task and no allocation per read.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +19,90 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 
+/// An HTTP connection manager's per-stream timeouts; `None` disables either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTimeouts {
+    /// `stream_idle_timeout`: a stream with no activity this long ends.
+    pub idle: Option<Duration>,
+    /// `request_timeout`: the whole request must arrive within this from its first byte.
+    pub request: Option<Duration>,
+}
+
+impl StreamTimeouts {
+    /// Envoy's defaults: 5 min stream idle timeout, no request timeout.
+    pub const ENVOY_DEFAULT: StreamTimeouts = StreamTimeouts {
+        idle: Some(Duration::from_secs(300)),
+        request: None,
+    };
+}
+
+/// One stream's clock on the general path, where streams (HTTP/2's several at once) are
+/// timed one by one: when the request began, when its body last moved, whether it is whole.
+#[derive(Debug)]
+pub struct StreamClock {
+    began: Instant,
+    /// Nanoseconds from `began` to the last request body frame.
+    last: AtomicU64,
+    received: AtomicBool,
+}
+
+impl StreamClock {
+    /// A stream starting now; `received` when its request has no body.
+    pub fn new(received: bool) -> Self {
+        StreamClock {
+            began: Instant::now(),
+            last: AtomicU64::new(0),
+            received: AtomicBool::new(received),
+        }
+    }
+
+    /// A request body frame went by; `end` when it was the last.
+    pub fn activity(&self, end: bool) {
+        let nanos = u64::try_from(self.began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Release);
+        if end {
+            self.received.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the whole request has been received.
+    pub fn received(&self) -> bool {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// The next stream deadline under `timeouts`, and which it is; `None` when none
+    /// applies (both disabled, or only `request_timeout` and the request is whole).
+    pub fn deadline(&self, timeouts: StreamTimeouts) -> Option<(Instant, Expired)> {
+        let last = self.began + Duration::from_nanos(self.last.load(Ordering::Acquire));
+        let idle = timeouts.idle.map(|t| (last + t, Expired::StreamIdle));
+        let request = timeouts
+            .request
+            .filter(|_| !self.received())
+            .map(|t| (self.began + t, Expired::Request));
+        match (idle, request) {
+            (Some(i), Some(r)) => Some(if r.0 <= i.0 { r } else { i }),
+            (i, r) => i.or(r),
+        }
+    }
+
+    /// Waits until a stream deadline under `timeouts` passes, following the body's
+    /// activity; pending forever when none applies.
+    pub async fn expired(&self, timeouts: StreamTimeouts) -> Expired {
+        loop {
+            let Some((at, why)) = self.deadline(timeouts) else {
+                // The request became whole and only `request_timeout` was set.
+                return std::future::pending().await;
+            };
+            if at <= Instant::now() {
+                return why;
+            }
+            // Deadlines only move later (body activity) or go (the request became whole):
+            // wake at the one known now and look again.
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
 /// Requests on a connection, maintained by the HTTP handler: while none is in flight, bytes
 /// from the client start a new request head and its deadline, which ends when the handler
 /// sees the head (the count of started requests moves on).
@@ -23,14 +110,40 @@ use crate::metrics::Metrics;
 pub struct InFlight {
     active: AtomicU32,
     started: AtomicU64,
+    /// Requests received whole, for `request_timeout`.
+    received: AtomicU64,
+    /// The stream timeouts the guard enforces, while `guarded` says it does.
+    streams: Option<StreamTimeouts>,
+    guarded: AtomicBool,
 }
 
 impl InFlight {
+    /// Requests on a connection whose guard also enforces `streams` (the HTTP/1.1 fast
+    /// path), until [`InFlight::release_streams`].
+    pub fn with_streams(streams: StreamTimeouts) -> Self {
+        InFlight {
+            streams: Some(streams),
+            guarded: AtomicBool::new(true),
+            ..InFlight::default()
+        }
+    }
+
     /// A request's head has been read: its deadline no longer applies.
     pub fn start(self: &Arc<Self>) -> InFlightGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         self.started.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(Arc::clone(self))
+    }
+
+    /// The current request has been received whole: `request_timeout` no longer applies.
+    pub fn received(&self) {
+        self.received.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The stream timeouts stop being the guard's job: the general path, which keeps its
+    /// own per request, takes the connection over.
+    pub fn release_streams(&self) {
+        self.guarded.store(false, Ordering::Release);
     }
 
     fn idle(&self) -> bool {
@@ -39,6 +152,15 @@ impl InFlight {
 
     fn started(&self) -> u64 {
         self.started.load(Ordering::Acquire)
+    }
+
+    fn received_count(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    fn guarded_streams(&self) -> Option<StreamTimeouts> {
+        self.streams
+            .filter(|_| self.guarded.load(Ordering::Acquire))
     }
 }
 
@@ -58,6 +180,34 @@ pub enum Expired {
     Idle,
     /// A request head was not complete within the request-headers timeout.
     RequestHeaders,
+    /// The current stream saw no bytes for `stream_idle_timeout`; the connection itself
+    /// may go on once the handler has answered.
+    StreamIdle,
+    /// The current request was not received whole within `request_timeout`.
+    Request,
+}
+
+impl std::fmt::Display for Expired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expired::Idle => "idle timeout",
+            Expired::RequestHeaders => "request headers timeout",
+            Expired::StreamIdle => "stream idle timeout",
+            Expired::Request => "request timeout",
+        })
+    }
+}
+
+impl std::error::Error for Expired {}
+
+impl Expired {
+    /// The stream timeout an I/O error of a guarded connection reports, if any.
+    pub fn of_stream(e: &io::Error) -> Option<Expired> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Expired>())
+            .copied()
+            .filter(|why| matches!(why, Expired::StreamIdle | Expired::Request))
+    }
 }
 
 /// `inner` with an idle timeout and, when `in_flight` is given, a request-head deadline.
@@ -68,6 +218,12 @@ pub struct GuardedIo<T> {
     in_flight: Option<Arc<InFlight>>,
     /// When the current head must be complete, and the started-request count then.
     head_deadline: Option<(Instant, u64)>,
+    /// When the current request's first byte arrived, and the received-request count
+    /// then: `request_timeout` runs until that count moves on.
+    request_began: Option<(Instant, u64)>,
+    /// A stream timeout was reported, with the started-request count then: none again for
+    /// that request (a pipelined one that follows has its own).
+    stream_reported: Option<u64>,
     idle_deadline: Instant,
     timer: Pin<Box<Sleep>>,
     expired: Option<Expired>,
@@ -89,6 +245,8 @@ impl<T> GuardedIo<T> {
             headers_timeout,
             in_flight,
             head_deadline: None,
+            request_began: None,
+            stream_reported: None,
             idle_deadline,
             timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
             expired: None,
@@ -105,12 +263,19 @@ impl<T> GuardedIo<T> {
     /// Starts enforcing request-head deadlines: the connection turned out to be HTTP and
     /// the bytes read so far begin its first request.
     pub fn watch_requests(&mut self, in_flight: Arc<InFlight>) {
-        let deadline = Instant::now() + self.headers_timeout;
-        self.head_deadline = Some((deadline, in_flight.started()));
+        let now = Instant::now();
+        self.head_deadline = Some((now + self.headers_timeout, in_flight.started()));
+        self.request_began = Some((now, in_flight.received_count()));
+        self.stream_reported = None;
         self.in_flight = Some(in_flight);
     }
 
     fn expire(&mut self, why: Expired) -> io::Error {
+        if matches!(why, Expired::StreamIdle | Expired::Request) {
+            // The handler answers (and counts) it; the connection may serve more requests.
+            self.stream_reported = self.in_flight.as_ref().map(|f| f.started());
+            return timed_out(why);
+        }
         if self.expired.is_none()
             && let Some(m) = &self.metrics
         {
@@ -118,6 +283,7 @@ impl<T> GuardedIo<T> {
                 (Expired::RequestHeaders, _) => m.header_timeout.inc(),
                 (Expired::Idle, true) => m.http_idle_timeout.inc(),
                 (Expired::Idle, false) => m.tcp_idle_timeout.inc(),
+                (Expired::StreamIdle | Expired::Request, _) => 0,
             };
         }
         self.expired = Some(why);
@@ -158,9 +324,43 @@ impl<T> GuardedIo<T> {
     }
 
     fn deadline(&self) -> Instant {
-        match self.head_deadline {
+        let mut deadline = match self.head_deadline {
             Some((head, _)) => head.min(self.idle_deadline),
             None => self.idle_deadline,
+        };
+        if let Some((stream, _)) = self.stream_deadline() {
+            deadline = deadline.min(stream);
+        }
+        deadline
+    }
+
+    /// The earliest stream deadline of the request in progress on the HTTP/1.1 fast path,
+    /// and which one it is.
+    fn stream_deadline(&self) -> Option<(Instant, Expired)> {
+        let in_flight = self.in_flight.as_ref()?;
+        if self.stream_reported == Some(in_flight.started()) {
+            return None;
+        }
+        let timeouts = in_flight.guarded_streams()?;
+        // A stream exists from a request's first byte until its response is done.
+        if self.head_deadline.is_none() && in_flight.idle() {
+            return None;
+        }
+        let idle = timeouts.idle.map(|t| {
+            (
+                self.idle_deadline - self.idle_timeout + t,
+                Expired::StreamIdle,
+            )
+        });
+        let request = match (timeouts.request, self.request_began) {
+            (Some(t), Some((began, received))) if in_flight.received_count() == received => {
+                Some((began + t, Expired::Request))
+            }
+            _ => None,
+        };
+        match (idle, request) {
+            (Some(i), Some(r)) => Some(if r.0 <= i.0 { r } else { i }),
+            (i, r) => i.or(r),
         }
     }
 
@@ -192,7 +392,9 @@ impl<T> GuardedIo<T> {
                 return None;
             }
             let now = Instant::now();
-            let why = if self.head_deadline.is_some_and(|(d, _)| d <= now) {
+            let why = if let Some((_, why)) = self.stream_deadline().filter(|(d, _)| *d <= now) {
+                Some(why)
+            } else if self.head_deadline.is_some_and(|(d, _)| d <= now) {
                 Some(Expired::RequestHeaders)
             } else if self.idle_deadline <= now {
                 Some(Expired::Idle)
@@ -210,11 +412,7 @@ impl<T> GuardedIo<T> {
 }
 
 fn timed_out(why: Expired) -> io::Error {
-    let message = match why {
-        Expired::Idle => "idle timeout",
-        Expired::RequestHeaders => "request headers timeout",
-    };
-    io::Error::new(io::ErrorKind::TimedOut, message)
+    io::Error::new(io::ErrorKind::TimedOut, why)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
@@ -230,7 +428,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         this.settle_head();
         // A client that always has a byte ready never lets the read pend, so the deadline
         // is also checked here, not only when the timer fires.
-        if this.head_deadline.is_some_and(|(d, _)| d <= Instant::now()) {
+        let now = Instant::now();
+        if let Some((_, why)) = this.stream_deadline().filter(|(d, _)| *d <= now) {
+            return Poll::Ready(Err(this.expire(why)));
+        }
+        if this.head_deadline.is_some_and(|(d, _)| d <= now) {
             return Poll::Ready(Err(this.expire(Expired::RequestHeaders)));
         }
         let before = buf.filled().len();
@@ -241,8 +443,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     if this.head_deadline.is_none()
                         && let Some(in_flight) = this.in_flight.as_ref().filter(|f| f.idle())
                     {
-                        let deadline = Instant::now() + this.headers_timeout;
-                        this.head_deadline = Some((deadline, in_flight.started()));
+                        let now = Instant::now();
+                        this.head_deadline =
+                            Some((now + this.headers_timeout, in_flight.started()));
+                        this.request_began = Some((now, in_flight.received_count()));
+                        this.stream_reported = None;
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -395,5 +600,149 @@ mod tests {
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(io.expired(), Some(Expired::Idle));
+    }
+
+    const STREAMS: StreamTimeouts = StreamTimeouts {
+        idle: Some(Duration::from_secs(5)),
+        request: Some(Duration::from_secs(8)),
+    };
+
+    /// A guard enforcing `streams` on the fast path, with a request head already read.
+    async fn streaming(
+        streams: StreamTimeouts,
+    ) -> (
+        tokio::io::DuplexStream,
+        GuardedIo<tokio::io::DuplexStream>,
+        Arc<InFlight>,
+    ) {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::with_streams(streams));
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 19);
+        (client, io, in_flight)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_response_is_a_stream_idle_timeout_and_the_connection_goes_on() {
+        let (mut client, mut io, in_flight) = streaming(STREAMS).await;
+        let request = in_flight.start();
+        in_flight.received();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        // Idle for `stream_idle_timeout`; the request timeout no longer applies.
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Reported once: the handler answers, the connection itself is not expired.
+        io.write_all(b"HTTP/1.1 504").await.unwrap();
+        drop(request);
+        assert_eq!(io.expired(), None);
+        let read = tokio::time::timeout(Duration::from_secs(30), io.read(&mut buf)).await;
+        assert!(read.is_err(), "no stream, no stream timeout");
+        client.write_all(b"G").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipelined_request_has_its_own_stream_idle_timeout() {
+        let (_client, mut io, in_flight) = streaming(STREAMS).await;
+        let request = in_flight.start();
+        in_flight.received();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        io.write_all(b"HTTP/1.1 504").await.unwrap();
+        drop(request);
+        // The next request was read along with the first: no new byte arrives for it.
+        let start = Instant::now();
+        let _next = in_flight.start();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_defers_the_stream_idle_timeout_but_not_the_request_timeout() {
+        let (mut client, mut io, in_flight) = streaming(STREAMS).await;
+        let _request = in_flight.start();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        // A body byte every 3 s: never idle for 5 s, yet not whole after 8 s.
+        let err = loop {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            client.write_all(b"b").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(_) => assert!(start.elapsed() < Duration::from_secs(20), "never fired"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(Expired::of_stream(&err), Some(Expired::Request));
+        assert_eq!(start.elapsed(), Duration::from_secs(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_head_hits_the_stream_idle_timeout() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let in_flight = Arc::new(InFlight::with_streams(StreamTimeouts {
+            idle: Some(Duration::from_secs(2)),
+            request: None,
+        }));
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, Some(Arc::clone(&in_flight)));
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        let start = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), Some(Expired::StreamIdle));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_streams_leave_the_connection_timeouts_alone() {
+        let (_client, mut io, in_flight) = streaming(STREAMS).await;
+        let _request = in_flight.start();
+        in_flight.release_streams();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(Expired::of_stream(&err), None);
+        assert_eq!(io.expired(), Some(Expired::Idle));
+        assert_eq!(start.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_clock_follows_its_body() {
+        let clock = StreamClock::new(false);
+        let start = Instant::now();
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(5), Expired::StreamIdle))
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        clock.activity(false);
+        // Idle would now end at 9 s: the request timeout, at 8 s, comes first.
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(8), Expired::Request))
+        );
+        clock.activity(true);
+        assert!(clock.received());
+        assert_eq!(
+            clock.deadline(STREAMS),
+            Some((start + Duration::from_secs(9), Expired::StreamIdle))
+        );
+        assert_eq!(clock.expired(STREAMS).await, Expired::StreamIdle);
+        assert_eq!(start.elapsed(), Duration::from_secs(9));
+        // Only a request timeout, and the request is whole: nothing ever fires.
+        let only_request = StreamTimeouts {
+            idle: None,
+            request: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(clock.deadline(only_request), None);
+        let waited =
+            tokio::time::timeout(Duration::from_secs(60), clock.expired(only_request)).await;
+        assert!(waited.is_err());
     }
 }

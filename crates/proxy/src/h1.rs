@@ -28,13 +28,13 @@ use tokio_util::sync::CancellationToken;
 use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::guard::InFlight;
+use crate::guard::{Expired, InFlight};
 use crate::http::{
     ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, RouteInput,
     Routed, SNIFFED_HTTP1, request_id, retried, timeout_ms,
 };
 use crate::io::PrefixedIo;
-use crate::metrics::{ClusterLabels, Label};
+use crate::metrics::{ClusterLabels, Label, Metrics};
 use crate::pool::Conn;
 use crate::upstream::{Acquired, RetryPolicy, Target, can_retry};
 
@@ -100,6 +100,10 @@ pub(crate) async fn serve<I>(
                 return;
             }
             Next::General => {
+                // The general path times each of its requests itself.
+                if let Some(in_flight) = &downstream.in_flight {
+                    in_flight.release_streams();
+                }
                 let io = PrefixedIo::new(buf, io);
                 crate::http::serve(proxy, downstream, io, shutdown).await;
                 return;
@@ -126,15 +130,80 @@ fn poll_read_some<I: AsyncRead>(
     Poll::Ready(Ok(read.filled().len()))
 }
 
-/// Resolves when the client closes (or fails) while a response is awaited; pipelined
-/// bytes it sends meanwhile are kept for the next request.
-async fn client_gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) {
+/// Resolves when the client closes (or fails) while a response is awaited, or with the
+/// stream timeout the connection's guard reports meanwhile; pipelined bytes it sends are
+/// kept for the next request.
+async fn client_gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> Option<Expired> {
     while buf.len() < MAX_PIPELINED {
-        if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
-            return;
+        match read_some(io, buf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return None,
+            Err(e) => return Expired::of_stream(&e),
         }
     }
-    std::future::pending::<()>().await;
+    std::future::pending().await
+}
+
+/// Resolves with the stream timeout the guard reports while a response body is relayed.
+/// Pipelined bytes are kept; a client that closes or fails is left for the writes to
+/// notice, as before.
+async fn body_stalled<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> Expired {
+    while buf.len() < MAX_PIPELINED {
+        match read_some(io, buf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => break,
+            Err(e) => match Expired::of_stream(&e) {
+                Some(why) => return why,
+                None => break,
+            },
+        }
+    }
+    std::future::pending().await
+}
+
+/// Reads more of a response body from the upstream, unless the stream times out first:
+/// Envoy then ends the stream, which on HTTP/1.1 closes the connection (`SI`).
+async fn read_body<I: AsyncRead + Unpin>(
+    upstream: &mut TcpStream,
+    into: &mut BytesMut,
+    (io, pipelined): (&mut I, &mut BytesMut),
+    metrics: &Metrics,
+) -> Option<usize> {
+    tokio::select! {
+        read = upstream.read_buf(into) => read.ok(),
+        _ = body_stalled(io, pipelined) => {
+            metrics.rq_idle_timeout.inc();
+            tracing::debug!("stream idle timeout while relaying a response body; connection closed");
+            None
+        }
+    }
+}
+
+/// The error a stream timeout reported by the guard is answered with, from the request
+/// still being received.
+fn stream_error(why: Expired, request_complete: bool) -> ProxyError {
+    match why {
+        Expired::Request => ProxyError::RequestTimeout,
+        _ => ProxyError::StreamIdle { request_complete },
+    }
+}
+
+/// Answers a stream timeout that fired before the request head was whole: Envoy's 408,
+/// logged with no request line, and the connection closes.
+async fn reply_headless<I: AsyncWrite + Unpin>(
+    proxy: &Arc<Proxy>,
+    downstream: &Arc<Downstream>,
+    io: &mut I,
+    why: Expired,
+) -> Next {
+    let line = LogLine::wanted().then(|| LogLine {
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        path: "-".into(),
+        protocol: "HTTP/1.1",
+        authority: "-".into(),
+    });
+    let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+    reply_error(io, &mut log, &stream_error(why, false), false, true).await
 }
 
 /// One request on the connection: parse, route, forward, respond.
@@ -154,8 +223,13 @@ where
         match parse_request(buf, explicit, limits) {
             Parsed::Complete(head) => break head,
             Parsed::Partial if buf.len() < proxy.config.max_request_headers_bytes => {
-                if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
-                    return Next::Close;
+                match read_some(io, buf).await {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) => return Next::Close,
+                    Err(e) => match Expired::of_stream(&e) {
+                        Some(why) => return reply_headless(proxy, downstream, io, why).await,
+                        None => return Next::Close,
+                    },
                 }
             }
             Parsed::Partial | Parsed::Other => return Next::General,
@@ -165,10 +239,38 @@ where
         return Next::General;
     }
     let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
+    let mut timed_out = None;
     while buf.len() < head.len + head.body {
-        if !matches!(read_some(io, buf).await, Ok(n) if n > 0) {
-            return Next::Close;
+        match read_some(io, buf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Next::Close,
+            Err(e) => match Expired::of_stream(&e) {
+                Some(why) => {
+                    timed_out = Some(why);
+                    break;
+                }
+                None => return Next::Close,
+            },
         }
+    }
+    if let Some(why) = timed_out {
+        // The connection closes: what arrived of the request is not needed after this.
+        let request = buf.split().freeze();
+        let line = LogLine::wanted().then(|| head.log_line(&request));
+        let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+        // Envoy routed the head before the body stalled: its log names route and cluster.
+        let _ = route_head(proxy, downstream, &head, &request, &mut log).await;
+        return reply_error(
+            io,
+            &mut log,
+            &stream_error(why, false),
+            head.head_method,
+            true,
+        )
+        .await;
+    }
+    if let Some(in_flight) = &downstream.in_flight {
+        in_flight.received();
     }
     // The request leaves the buffer; what follows it is the next one.
     let request = buf.split_to(head.len + head.body).freeze();
@@ -179,32 +281,7 @@ where
     let closes = |e: &ProxyError| {
         head.close || shutdown.is_cancelled() || (head.body > 0 && e.before_upstream())
     };
-    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
-    let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
-    let path = if head.slash {
-        Cow::Owned(format!("/{path}"))
-    } else {
-        Cow::Borrowed(path)
-    };
-    let input = RouteInput {
-        path: &path,
-        method: std::str::from_utf8(&request[head.method.clone()]).unwrap_or_default(),
-        headers: &RawHeaders {
-            head: &request[..head.len],
-            max: proxy.config.max_request_headers,
-        },
-        sniffed: SNIFFED_HTTP1,
-    };
-    let routed = match crate::http::route(
-        proxy,
-        downstream,
-        authority,
-        false,
-        &input,
-        &mut log.outcome,
-    )
-    .await
-    {
+    let routed = match route_head(proxy, downstream, &head, &request, &mut log).await {
         Ok(routed) => routed,
         Err(e) => {
             let close = closes(&e);
@@ -235,8 +312,13 @@ where
     let attempt_at = head.attempt_at;
     let forwarded = tokio::select! {
         forwarded = forward(proxy, &routed, (&mut out, attempt_at), &policy, head.head_method, &mut log) => forwarded,
-        // The client left before the response: logged as DC when `log` is dropped.
-        () = client_gone(io, buf) => return Next::Close,
+        gone = client_gone(io, buf) => match gone {
+            // No response within the stream idle timeout: the attempt is abandoned and
+            // the client gets Envoy's 504.
+            Some(why) => Err(stream_error(why, true)),
+            // The client left before the response: logged as DC when `log` is dropped.
+            None => return Next::Close,
+        },
     };
     let (upstream, response) = match forwarded {
         Ok(answer) => answer,
@@ -261,7 +343,15 @@ where
         buffered,
         guard,
     } = upstream;
-    let done = relay(io, stream, buffered, response, log.start, close).await;
+    let done = relay(
+        (io, buf),
+        stream,
+        buffered,
+        response,
+        (log.start, close),
+        &proxy.metrics,
+    )
+    .await;
     drop(guard);
     match done {
         Some((stream, reusable)) => {
@@ -272,6 +362,41 @@ where
         }
         None => Next::Close,
     }
+}
+
+/// Routes a request by its parsed head, recording the route in `log`.
+async fn route_head<'r>(
+    proxy: &Arc<Proxy>,
+    downstream: &Arc<Downstream>,
+    head: &Head,
+    request: &'r [u8],
+    log: &mut RequestLog,
+) -> Result<Routed<'r>, ProxyError> {
+    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
+    let path = std::str::from_utf8(&request[head.path.clone()]).unwrap_or_default();
+    let path = if head.slash {
+        Cow::Owned(format!("/{path}"))
+    } else {
+        Cow::Borrowed(path)
+    };
+    let input = RouteInput {
+        path: &path,
+        method: std::str::from_utf8(&request[head.method.clone()]).unwrap_or_default(),
+        headers: &RawHeaders {
+            head: &request[..head.len],
+            max: proxy.config.max_request_headers,
+        },
+        sniffed: SNIFFED_HTTP1,
+    };
+    crate::http::route(
+        proxy,
+        downstream,
+        authority,
+        false,
+        &input,
+        &mut log.outcome,
+    )
+    .await
 }
 
 /// An upstream connection with a response head read from it.
@@ -464,6 +589,7 @@ async fn reply_error<I: AsyncWrite + Unpin>(
 ) -> Next {
     let response = e.to_response();
     log.outcome.flags = e.flag();
+    log.metrics().count_error(e);
     log.outcome.status = response.status().as_u16();
     log.write();
     let bytes = local_reply(response, head_method, close);
@@ -482,7 +608,7 @@ fn local_reply(response: Response<ProxyBody>, head_method: bool, close: bool) ->
         header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     header(&mut out, b"date", &date());
-    if close {
+    if close && !parts.headers.contains_key(http::header::CONNECTION) {
         header(&mut out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
@@ -546,13 +672,13 @@ fn date() -> [u8; 29] {
 /// Streams the response to the client: head and first body bytes in one write, then the
 /// rest. Returns the upstream connection when the body ended cleanly (and whether it can be
 /// reused), `None` when either side failed.
-async fn relay<I: AsyncWrite + Unpin>(
-    io: &mut I,
+async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
+    (io, pipelined): (&mut I, &mut BytesMut),
     mut stream: TcpStream,
     mut buffered: BytesMut,
     response: ResponseHead,
-    start: Instant,
-    close: bool,
+    (start, close): (Instant, bool),
+    metrics: &Metrics,
 ) -> Option<(TcpStream, bool)> {
     let mut out = response.client_head(start, close, buffered.len());
     match response.framing {
@@ -571,7 +697,7 @@ async fn relay<I: AsyncWrite + Unpin>(
             while left > 0 {
                 buffered.clear();
                 buffered.reserve(READ_CHUNK);
-                let n = stream.read_buf(&mut buffered).await.ok()?;
+                let n = read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await?;
                 if n == 0 {
                     return None;
                 }
@@ -604,7 +730,7 @@ async fn relay<I: AsyncWrite + Unpin>(
                 }
                 buffered.clear();
                 buffered.reserve(READ_CHUNK);
-                if stream.read_buf(&mut buffered).await.ok()? == 0 {
+                if read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await? == 0 {
                     return None;
                 }
             }
@@ -619,7 +745,7 @@ async fn relay<I: AsyncWrite + Unpin>(
             loop {
                 buffered.clear();
                 buffered.reserve(READ_CHUNK);
-                let n = stream.read_buf(&mut buffered).await.ok()?;
+                let n = read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await?;
                 if n == 0 {
                     io.write_all(b"0\r\n\r\n").await.ok()?;
                     return Some((stream, false));

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::Proxy;
 use crate::body::{ProxyBody, RequestBody};
 use crate::error::ProxyError;
-use crate::guard::{InFlight, InFlightGuard};
+use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
 use crate::log::HttpLog;
-use crate::metrics::{ClusterLabels, Label, RequestLabels};
+use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
 use crate::pool::Conn;
 use crate::upstream::{Acquired, Original, Pick, RetryPolicy, Target, can_retry};
 
@@ -40,6 +40,8 @@ pub(crate) struct Downstream {
     pub original_dst: Option<SocketAddr>,
     /// The client.
     pub peer: SocketAddr,
+    /// The connection manager's stream timeouts.
+    pub streams: StreamTimeouts,
 }
 
 /// Serves HTTP/1.x on `io` until the client closes or `shutdown` asks to drain.
@@ -212,6 +214,11 @@ impl RequestLog {
         }
     }
 
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.proxy.metrics
+    }
+
     /// The request goes to another handler, which logs and counts it: this record is
     /// dropped unwritten, so the request is not logged twice.
     pub fn hand_over(mut self) {
@@ -270,7 +277,7 @@ impl Drop for RequestLog {
 async fn handle(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
     let line = LogLine::wanted().then(|| LogLine::of(&req));
@@ -278,11 +285,28 @@ async fn handle(
     let start = log.start;
     let version = req.version();
     let with_body = !req.body().is_end_stream();
-    let response = match route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
-    {
+    let streams = downstream.streams;
+    let timed = streams.idle.is_some() || (with_body && streams.request.is_some());
+    let forwarded = if timed {
+        // The body's frames move the clock as the upstream connection sends them.
+        let clock = Arc::new(StreamClock::new(!with_body));
+        req.extensions_mut().insert(Arc::clone(&clock));
+        let forwarding = route_and_forward(&proxy, &downstream, req, start, &mut log.outcome);
+        tokio::select! {
+            forwarded = forwarding => forwarded,
+            why = clock.expired(streams) => Err(match why {
+                Expired::Request => ProxyError::RequestTimeout,
+                _ => ProxyError::StreamIdle { request_complete: clock.received() },
+            }),
+        }
+    } else {
+        route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
+    };
+    let response = match forwarded {
         Ok(response) => response,
         Err(err) => {
             log.outcome.flags = err.flag();
+            proxy.metrics.count_error(&err);
             local_reply(&err, version, with_body)
         }
     };
@@ -300,6 +324,8 @@ fn local_reply(err: &ProxyError, version: Version, with_body: bool) -> Response<
         if response.body().is_end_stream() {
             response.headers_mut().remove(header::CONTENT_LENGTH);
         }
+        // HTTP/2 has no connection-level header: the stream alone ends.
+        response.headers_mut().remove(header::CONNECTION);
     } else if with_body && err.before_upstream() {
         // Answered with the body unread: Envoy's HTTP/1 codec cannot find the next request,
         // so it closes the connection.
@@ -619,7 +645,10 @@ async fn route_and_forward(
             req.headers().clone(),
         )
     });
-    let mut req = req.map(RequestBody::Client);
+    let mut req = match req.extensions_mut().remove::<Arc<StreamClock>>() {
+        Some(clock) => req.map(|body| RequestBody::Timed(body, clock)),
+        None => req.map(RequestBody::Client),
+    };
     let mut tried: Vec<usize> = Vec::new();
     let connect_timeout = proxy.connect_timeout(&decision);
     // The failure of the attempt before, which a retry follows.

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
+pub use guard::StreamTimeouts;
 pub use metrics::Metrics;
 pub use upstream::NonePolicy;
 
@@ -69,6 +70,9 @@ pub struct ProxyConfig {
     /// Time from sending a request to its response headers (Envoy's route timeout);
     /// `None` waits forever, Istio's default.
     pub route_timeout: Option<Duration>,
+    /// Stream timeouts where no HTTP connection manager gives any: the explicit proxy and
+    /// snapshots without listeners (Envoy's defaults: 5 min idle, no request timeout).
+    pub stream_timeouts: StreamTimeouts,
     /// Client connections open at once, per proxy; more are closed as they arrive.
     pub max_connections: usize,
     /// Largest request head in bytes (Envoy: `max_request_headers_kb` 60).
@@ -92,11 +96,24 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(3600),
             request_headers_timeout: Duration::from_secs(10),
             route_timeout: None,
+            stream_timeouts: StreamTimeouts::ENVOY_DEFAULT,
             max_connections: 65_536,
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
             accept_http10: false,
         }
+    }
+}
+
+/// The stream timeouts of an HTTP connection: its connection manager's, else (no
+/// listeners, or a policy catch-all chain) `otherwise`, the proxy's own.
+fn stream_timeouts(chain: Option<&Arc<Chain>>, otherwise: StreamTimeouts) -> StreamTimeouts {
+    match chain.map(|c| &c.filter) {
+        Some(ChainFilter::Http(h)) => StreamTimeouts {
+            idle: h.stream_idle_timeout,
+            request: h.request_timeout,
+        },
+        _ => otherwise,
     }
 }
 
@@ -340,12 +357,21 @@ impl Proxy {
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
             }
-            let in_flight = Arc::new(InFlight::default());
+            let chain = snapshot.route_connection_chain(&conn).1;
+            let streams = stream_timeouts(chain, self.config.stream_timeouts);
+            // HTTP/1.1 has one stream at a time: the connection's guard times it, with no
+            // timer of its own per request. HTTP/2 streams are timed one by one.
+            let in_flight = Arc::new(if detected == Detected::Http2 {
+                InFlight::default()
+            } else {
+                InFlight::with_streams(streams)
+            });
             stream.watch_requests(Arc::clone(&in_flight));
             let downstream = Arc::new(Downstream {
                 in_flight: Some(in_flight),
                 original_dst: Some(dst),
                 peer,
+                streams,
             });
             if detected == Detected::Http2 {
                 let io = PrefixedIo::new(prefix, stream);
@@ -368,13 +394,55 @@ impl Proxy {
         shutdown: CancellationToken,
     ) {
         // The request-head deadline starts with the first byte, not at connect.
-        let in_flight = Arc::new(InFlight::default());
+        let streams = self.config.stream_timeouts;
+        let in_flight = Arc::new(InFlight::with_streams(streams));
         let stream = self.guard(stream, Some(Arc::clone(&in_flight)));
         let downstream = Arc::new(Downstream {
             in_flight: Some(in_flight),
             original_dst: None,
             peer,
+            streams,
         });
         h1::serve(self, downstream, stream, BytesMut::new(), shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portcullis_registry::HttpChain;
+
+    use super::*;
+
+    fn http_chain(idle: Option<Duration>, request: Option<Duration>) -> Arc<Chain> {
+        Arc::new(Chain {
+            name: "chain".into(),
+            listener: "0.0.0.0_80".into(),
+            filter: ChainFilter::Http(HttpChain {
+                route_name: "80".into(),
+                routes: None,
+                accept_http_10: false,
+                stream_idle_timeout: idle,
+                request_timeout: request,
+            }),
+            idle_timeout: None,
+        })
+    }
+
+    #[test]
+    fn stream_timeouts_come_from_the_chains_connection_manager() {
+        let own = StreamTimeouts::ENVOY_DEFAULT;
+        let second = Some(Duration::from_secs(1));
+        let chain = http_chain(None, second);
+        assert_eq!(
+            stream_timeouts(Some(&chain), own),
+            StreamTimeouts {
+                idle: None,
+                request: second,
+            }
+        );
+        let chain = http_chain(second, None);
+        assert_eq!(stream_timeouts(Some(&chain), own).idle, second);
+        // No listeners (or no chain): the proxy's own.
+        assert_eq!(stream_timeouts(None, own), own);
     }
 }

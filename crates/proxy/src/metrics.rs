@@ -96,6 +96,11 @@ pub struct Metrics {
     pub http_idle_timeout: Counter,
     /// `envoy_http_downstream_rq_header_timeout`.
     pub header_timeout: Counter,
+    /// `envoy_http_downstream_rq_idle_timeout`: streams ended by `stream_idle_timeout`.
+    pub rq_idle_timeout: Counter,
+    /// `envoy_http_downstream_rq_timeout`: requests not received whole within
+    /// `request_timeout`.
+    pub rq_timeout: Counter,
     /// `envoy_http_downstream_cx_protocol_error` (malformed requests, 400 and 431).
     pub protocol_error: Counter,
     /// `envoy_tcp_idle_timeout`.
@@ -103,6 +108,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts an error answered to a client in the connection manager's stats that
+    /// Envoy keeps for it (the stream and request timeouts).
+    pub fn count_error(&self, e: &crate::ProxyError) {
+        match e {
+            crate::ProxyError::StreamIdle { .. } => self.rq_idle_timeout.inc(),
+            crate::ProxyError::RequestTimeout => self.rq_timeout.inc(),
+            _ => 0,
+        };
+    }
+
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
@@ -121,6 +136,8 @@ impl Metrics {
             cx_overflow: Counter::default(),
             http_idle_timeout: Counter::default(),
             header_timeout: Counter::default(),
+            rq_idle_timeout: Counter::default(),
+            rq_timeout: Counter::default(),
             protocol_error: Counter::default(),
             tcp_idle_timeout: Counter::default(),
         };
@@ -194,6 +211,16 @@ impl Metrics {
             "envoy_http_downstream_rq_header_timeout",
             "Requests whose head did not arrive in time",
             m.header_timeout.clone(),
+        );
+        registry.register(
+            "envoy_http_downstream_rq_idle_timeout",
+            "Streams ended by the stream idle timeout",
+            m.rq_idle_timeout.clone(),
+        );
+        registry.register(
+            "envoy_http_downstream_rq_timeout",
+            "Requests not received whole within the request timeout",
+            m.rq_timeout.clone(),
         );
         registry.register(
             "envoy_http_downstream_cx_protocol_error",

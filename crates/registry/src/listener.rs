@@ -72,6 +72,10 @@ pub struct HttpChain {
     pub routes: Option<Arc<RouteTable>>,
     /// Whether HTTP/1.0 requests are served.
     pub accept_http_10: bool,
+    /// A stream with no activity this long ends (`stream_idle_timeout`); `None` never.
+    pub stream_idle_timeout: Option<Duration>,
+    /// A request must be received whole within this (`request_timeout`); `None` never.
+    pub request_timeout: Option<Duration>,
 }
 
 /// One listener: its chains, indexed.
@@ -242,6 +246,9 @@ impl Listener {
                         route_name,
                         routes: table,
                         accept_http_10: h.accept_http_10,
+                        // Zero disables either, as in Envoy.
+                        stream_idle_timeout: h.stream_idle_timeout.filter(|d| !d.is_zero()),
+                        request_timeout: h.request_timeout.filter(|d| !d.is_zero()),
                     })
                 }
             };

@@ -49,9 +49,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envoy's `tcp_proxy` idle timeout default, which Istio keeps.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Envoy's `stream_idle_timeout` default, which Istio keeps.
-const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-
 /// The model compiled from files, with what compiling found beside it.
 #[derive(Debug, Default)]
 pub struct Compiled {
@@ -337,7 +334,8 @@ fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
     NetworkFilter::Http(HttpConnectionManager {
         stat_prefix: format!("outbound_{listener}"),
         route_config: RouteSource::Rds(routes.to_string()),
-        stream_idle_timeout: Some(STREAM_IDLE_TIMEOUT),
+        // istiod sets `stream_idle_timeout: 0s` on every sidecar connection manager: off.
+        stream_idle_timeout: None,
         request_timeout: None,
         accept_http_10: false,
         skipped_filters: Vec::new(),
