@@ -53,7 +53,17 @@ async fn main() -> anyhow::Result<()> {
 
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes count: reading the folder raises open and close events, which
+        // would otherwise start the next reload, and that one the next, without end.
+        let changed = event.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Remove(_)
+            )
+        });
+        if changed {
             // A full channel already holds a pending reload.
             let _ = changed_tx.try_send(());
         }
