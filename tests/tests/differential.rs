@@ -1196,6 +1196,11 @@ fn stream_timeouts() {
                 &[&format!("http://{host}/stall")],
             )
             .differs(STALLED_BODY_LOG),
+            Probe::curl(
+                "a response body that stalls, over h2c (the stream is reset)",
+                &["--http2-prior-knowledge", &format!("http://{host}/stall")],
+            )
+            .differs(STALLED_BODY_LOG),
             Probe::tcp(
                 "a request body that stops, request_timeout alone",
                 &format!("{APP_VIP}:8080"),

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{BodyIdle, ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
@@ -303,7 +303,14 @@ async fn handle(
         route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
     };
     let response = match forwarded {
-        Ok(response) => response,
+        Ok(mut response) => {
+            if let (Some(timeout), ProxyBody::Upstream { idle, .. }) =
+                (streams.idle, response.body_mut())
+            {
+                *idle = Some(BodyIdle::new(timeout, Arc::clone(&proxy.metrics)));
+            }
+            response
+        }
         Err(err) => {
             log.outcome.flags = err.flag();
             proxy.metrics.count_error(&err);
@@ -1238,6 +1245,7 @@ fn prepare_response(
             body,
             connection,
             guard,
+            idle: None,
         },
     )
 }

@@ -311,3 +311,27 @@ async fn the_shorter_of_the_route_and_stream_idle_timeouts_answers() {
     let waited = tokio::time::timeout(IDLE * 3, stream.read(&mut byte)).await;
     assert!(waited.is_err(), "answered with the stream idle timeout off");
 }
+
+/// On the general path (here an HTTP/1.1 request with a chunked body), a response body that
+/// stalls for the stream idle timeout ends the stream: the connection closes, as on the
+/// fast path. (An HTTP/2 client, which only the transparent listener serves, gets the
+/// stream reset instead: the same body error, checked against Envoy in the differential
+/// lab.)
+#[tokio::test]
+async fn a_stalled_response_body_on_the_general_path_ends_the_stream() {
+    let upstream = Stalling::start().await;
+    let harness = proxy(&upstream, config(Some(IDLE), None)).await;
+    let mut stream = TcpStream::connect(harness.addr).await.unwrap();
+    let stall = "POST http://app.internal/stall HTTP/1.1\r\nHost: app.internal\r\n\
+                 transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    stream.write_all(stall.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = within(stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok() || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset));
+    let got = String::from_utf8(got).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nabc"), "{got}");
+    assert!(start.elapsed() >= IDLE && start.elapsed() < IDLE * 5);
+    assert_eq!(harness.metrics.rq_idle_timeout.get(), 1);
+}
