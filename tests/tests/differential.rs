@@ -1085,7 +1085,8 @@ const STALLED_BODY_LOG: &str = "README, Differences from Istio/Envoy: stream idl
                                 response head, shows no `SI`)";
 
 /// An upstream on the rogue host's port 84 that never answers `/hang`, sends `/stall`'s
-/// response head and 3 of its 100 body bytes, then nothing, and answers the rest at once.
+/// response head and 3 of its 100 body bytes, then nothing, and answers the rest at once,
+/// closing the connection (it serves one request per connection, so none may be pooled).
 const STALLER: &str = "import socket, threading, time
 def serve(c):
     data = b''
@@ -1101,8 +1102,7 @@ def serve(c):
         c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 100\\r\\n\\r\\nabc')
         time.sleep(60)
     else:
-        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok')
-        time.sleep(60)
+        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\nconnection: close\\r\\n\\r\\nok')
     c.close()
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
