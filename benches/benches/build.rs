@@ -60,6 +60,38 @@ fn publish(c: &mut Criterion) {
     g.finish();
 }
 
+/// What one small xDS push costs the proxy while 10,000 EDS clusters are held (the bulk
+/// push of `portcullis-bench push`): one cluster's endpoints change, then the state is
+/// published, its active set taken and the snapshot indexed against the previous one.
+fn small_push(c: &mut Criterion) {
+    use portcullis_control_plane::{resources, sidecar};
+    use portcullis_xds_resources::{ResourceType, XdsState};
+    let [endpoints, clusters] = sidecar::bulk(SERVICES);
+    let mut state = XdsState::new(Duration::from_secs(15));
+    let eds = ResourceType::Endpoint.type_url();
+    state.apply_sotw(eds, "1", &endpoints.resources);
+    state.apply_sotw(ResourceType::Cluster.type_url(), "1", &clusters.resources);
+    let previous = Snapshot::index(&state.active(), &|_| None, None, 1);
+    // Two versions of the first cluster's endpoints, pushed in turn.
+    let one = [1, 2].map(|host| {
+        let addr = std::net::SocketAddr::from(([192, 0, 2, host], 80));
+        let cla = resources::assignment(&sidecar::bulk_cluster(0), &[addr]);
+        vec![envoy_types::util::pack_any(cla)]
+    });
+    let mut g = c.benchmark_group("publish");
+    g.sample_size(20);
+    let mut turn = 0;
+    g.bench_function(BenchmarkId::new("xds_small_push", SERVICES), |b| {
+        b.iter(|| {
+            turn += 1;
+            state.apply_sotw(eds, &turn.to_string(), &one[turn % 2]);
+            let held = Arc::new(state.state().clone());
+            Snapshot::index(&held.active(), &|_| None, Some(&previous), 2)
+        });
+    });
+    g.finish();
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -67,5 +99,6 @@ fn main() {
         .configure_from_args();
     snapshot_build(&mut c);
     publish(&mut c);
+    small_push(&mut c);
     c.final_summary();
 }
