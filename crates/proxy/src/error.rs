@@ -8,6 +8,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use portcullis_registry::{DirectResponse, Overflow};
 use thiserror::Error;
 
+use crate::attempt::Condition;
 use crate::body::ProxyBody;
 
 /// Why a request or connection was not forwarded (or not completed).
@@ -37,6 +38,9 @@ pub enum ProxyError {
     /// No response headers within the route timeout.
     #[error("upstream request timeout")]
     UpstreamTimeout,
+    /// No response headers within the retry policy's `per_try_timeout` of one attempt.
+    #[error("upstream per-try timeout")]
+    PerTryTimeout,
     /// The stream saw no activity for the connection manager's `stream_idle_timeout`;
     /// `request_complete` tells whether the client had sent its whole request.
     #[error("stream idle timeout")]
@@ -102,7 +106,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout => "UF",
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
             ProxyError::UpstreamProtocol(_) => "UPE",
-            ProxyError::UpstreamTimeout => "UT",
+            ProxyError::UpstreamTimeout | ProxyError::PerTryTimeout => "UT",
             ProxyError::StreamIdle { .. } => "SI",
             // Envoy 1.40 logs its 408 with no flag, details `request_overall_timeout`.
             ProxyError::RequestTimeout => "-",
@@ -129,6 +133,8 @@ impl ProxyError {
             ProxyError::Retried(last) => match **last {
                 ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
+                // The retry limit is noted before the last attempt's timeout ends the request.
+                ProxyError::PerTryTimeout => "URX,UT",
                 ref other => other.flag(),
             },
         }
@@ -179,6 +185,22 @@ impl ProxyError {
             source = cause.source();
         }
         false
+    }
+
+    /// The retry condition of Envoy's `retry_on` that covers an attempt failed with this
+    /// error; `None` when no condition retries it (overflow, protocol errors, the route
+    /// timeout).
+    pub(crate) fn retry_condition(&self) -> Option<Condition> {
+        match self {
+            ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => {
+                Some(Condition::ConnectFailure)
+            }
+            ProxyError::UpstreamReset(_) if self.refused_stream() => Some(Condition::RefusedStream),
+            ProxyError::UpstreamReset(_)
+            | ProxyError::UpstreamClosed(_)
+            | ProxyError::PerTryTimeout => Some(Condition::Reset),
+            _ => None,
+        }
     }
 
     /// Envoy's wording for why the upstream connection ended, where it has one.
@@ -254,7 +276,7 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
             }
-            ProxyError::UpstreamTimeout => {
+            ProxyError::UpstreamTimeout | ProxyError::PerTryTimeout => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
             }
             ProxyError::StreamIdle {

@@ -26,17 +26,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
+use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight};
 use crate::http::{
     ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, RouteInput,
-    Routed, SNIFFED_HTTP1, request_id, retried, timeout_ms,
+    Routed, SNIFFED_HTTP1, request_id, timeout_ms,
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label, Metrics};
 use crate::pool::Conn;
-use crate::upstream::{Acquired, RetryPolicy, Target, can_retry};
+use crate::upstream::{Acquired, RetryPolicy, Target};
 
 /// Header fields parsed per head; a request with more goes to the general path.
 const MAX_HEADERS: usize = 128;
@@ -296,7 +297,7 @@ where
     });
     if rewrites
         || crate::http::upstream_h2(&routed.decision, Version::HTTP_11)
-        || attempt_digit(policy.attempts() - 1).is_none()
+        || attempt_digit(policy.attempts()).is_none()
     {
         // The general path speaks HTTP/2 upstream, applies a route's rewrites and timeout,
         // and writes attempt counts of any length: give it the request back, and the
@@ -311,7 +312,7 @@ where
     out.extend_from_slice(&request[head.len..]);
     let attempt_at = head.attempt_at;
     let forwarded = tokio::select! {
-        forwarded = forward(proxy, &routed, (&mut out, attempt_at), &policy, head.head_method, &mut log) => forwarded,
+        forwarded = forward(proxy, &routed, (&mut out, attempt_at), policy, head.head_method, &mut log) => forwarded,
         gone = client_gone(io, buf) => match gone {
             // No response within the stream idle timeout: the attempt is abandoned and
             // the client gets Envoy's 504.
@@ -409,116 +410,61 @@ struct Upstream {
     guard: crate::upstream::Hold,
 }
 
-/// Why one attempt failed, and whether another may follow.
-enum Failure {
-    /// No connection: another endpoint may work.
-    Connect(ProxyError),
-    /// Writing the request failed: nothing was answered, so it can go again.
-    Unsent(ProxyError),
-    /// Sent, then no complete response head: only a request without a body is replayed.
-    Sent(ProxyError),
-    /// The upstream answered with something that is not HTTP/1.1: not retried.
-    Fatal(ProxyError),
-}
-
-/// Sends `out` (head and body) to an upstream of `routed`, retrying as the general path
-/// does, and reads the response head; the attempt number goes into `out` at its offset.
-/// The route timeout covers each attempt up to the response head.
+/// Sends `out` (head and body) to an upstream of `routed` through the attempt engine,
+/// and reads the response head; the attempt number goes into `out` at its offset. The
+/// whole request is in `out`, so every attempt can send it again.
 async fn forward(
     proxy: &Arc<Proxy>,
     routed: &Routed<'_>,
     (out, attempt_at): (&mut [u8], usize),
-    policy: &RetryPolicy,
+    policy: RetryPolicy,
     head_method: bool,
     log: &mut RequestLog,
 ) -> Result<(Upstream, ResponseHead), ProxyError> {
-    let mut tried: Vec<usize> = Vec::new();
-    let mut last = ProxyError::NoHealthyUpstream;
-    let connect_timeout = proxy.connect_timeout(&routed.decision);
-    // Held while a retry is in flight: the cluster's `max_retries` bounds them.
-    let mut _retrying = None;
-    for attempt in 0..policy.attempts() {
-        if attempt > 0 {
-            match proxy.admit(&routed.decision, Resource::Retries) {
-                Ok(slot) => _retrying = slot,
-                // No retry: the failure it would have retried is the answer.
-                Err(_) => return Err(ProxyError::RetryOverflow(Box::new(last))),
-            }
-        }
-        let slot = proxy.admit(&routed.decision, Resource::Requests)?;
-        let mut pick = proxy
-            .pick(&routed.decision, routed.original, &tried)
-            .await?;
-        pick.guard.slot = slot;
+    let cluster = Arc::clone(&log.outcome.cluster);
+    let mut attempts = Attempts::new(
+        proxy,
+        (&routed.decision, routed.original),
+        &cluster,
+        policy,
+        Some(Resource::Requests),
+    )
+    .with_timeout(proxy.config.route_timeout);
+    loop {
+        let Attempt { number, pick } = attempts.start().await?;
         log.outcome.upstream = Some(pick.addr);
-        if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(attempt)) {
+        if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(number)) {
             *digit = count;
         }
-        let target = Target {
-            addr: pick.addr,
-            connect_timeout,
-            cluster: &log.outcome.cluster,
-            decision: &routed.decision,
-            endpoint: pick.guard.endpoint(),
-        };
-        let sending = attempt_once(proxy, target, out, head_method);
-        let sent = match proxy.config.route_timeout {
-            Some(limit) => match tokio::time::timeout(limit, sending).await {
-                Ok(sent) => sent,
-                Err(_) => return Err(ProxyError::UpstreamTimeout),
+        let sent = attempts
+            .send(attempt_once(
+                proxy,
+                attempts.target(&pick),
+                out,
+                head_method,
+            ))
+            .await;
+        match sent {
+            Ok((conn, buffered, head)) => match attempts.answered(head.status, Some(())) {
+                // The response and its connection are dropped, never reused with a body
+                // left unread; the whole request is still in `out`.
+                Answer::Retry(()) => drop((conn, buffered, pick)),
+                Answer::Deliver(flag) => {
+                    if let Some(flag) = flag {
+                        log.outcome.flags = flag;
+                    }
+                    let upstream = Upstream {
+                        conn,
+                        addr: pick.addr,
+                        buffered,
+                        guard: pick.guard,
+                    };
+                    return Ok((upstream, head));
+                }
             },
-            None => sending.await,
-        };
-        let retry_elsewhere = can_retry(&routed.decision, pick.index);
-        let error = match sent {
-            Ok((conn, buffered, head)) => {
-                if policy.retry_status(head.status) {
-                    if policy.another(attempt) {
-                        // The response and its connection are dropped, never reused with a
-                        // body left unread; the whole request is still in `out`.
-                        drop((conn, buffered, pick.guard));
-                        if retry_elsewhere {
-                            policy.tried(&mut tried, pick.index);
-                        }
-                        tracing::debug!(
-                            status = head.status,
-                            "retriable upstream status; retrying"
-                        );
-                        continue;
-                    }
-                    // The last response a policy would have retried: Envoy's `URX`.
-                    if attempt > 0 {
-                        log.outcome.flags = "URX";
-                    }
-                }
-                let upstream = Upstream {
-                    conn,
-                    addr: pick.addr,
-                    buffered,
-                    guard: pick.guard,
-                };
-                return Ok((upstream, head));
-            }
-            Err(Failure::Connect(e)) if policy.connect_failure && retry_elsewhere => {
-                policy.tried(&mut tried, pick.index);
-                e
-            }
-            Err(Failure::Unsent(e)) => e,
-            // The whole request is still in `out`, body included: it can go again.
-            Err(Failure::Sent(e)) if policy.resend(&e) => {
-                if retry_elsewhere {
-                    policy.tried(&mut tried, pick.index);
-                }
-                tracing::debug!(error = %e, "upstream closed before the response; retrying");
-                e
-            }
-            Err(Failure::Connect(e) | Failure::Sent(e) | Failure::Fatal(e)) => {
-                return Err(retried(e, attempt));
-            }
-        };
-        last = retried(error, attempt);
+            Err(failure) => attempts.failed(failure, Some(()))?,
+        }
     }
-    Err(last)
 }
 
 async fn attempt_once(
@@ -531,14 +477,14 @@ async fn attempt_once(
     let mut conn = match proxy
         .connection(&target, idle)
         .await
-        .map_err(Failure::Fatal)?
+        .map_err(Failure::Unsent)?
     {
         Acquired::Idle(conn) => conn,
         Acquired::New { hold, pending } => {
             let io = proxy
                 .connect(target.addr, target.cluster, target.connect_timeout)
                 .await
-                .map_err(Failure::Connect)?;
+                .map_err(Failure::Unsent)?;
             drop(pending);
             Conn { io, hold }
         }
@@ -565,11 +511,11 @@ async fn attempt_once(
                     return Ok((conn, buffered, head));
                 }
                 Ok(None) => break,
-                Err(e) => return Err(Failure::Fatal(ProxyError::UpstreamProtocol(e))),
+                Err(e) => return Err(Failure::Sent(ProxyError::UpstreamProtocol(e))),
             }
         }
         if buffered.len() > MAX_RESPONSE_HEAD {
-            return Err(Failure::Fatal(ProxyError::UpstreamProtocol(
+            return Err(Failure::Sent(ProxyError::UpstreamProtocol(
                 "response head too large",
             )));
         }
@@ -917,10 +863,10 @@ fn single_length(current: Option<usize>, value: &[u8]) -> Result<usize, ()> {
     }
 }
 
-/// `x-envoy-attempt-count` of attempt `attempt` (0 for the first) as the one digit this
+/// `x-envoy-attempt-count` of attempt `number` (1 for the first) as the one digit this
 /// path writes in place; `None` from the tenth on.
-fn attempt_digit(attempt: usize) -> Option<u8> {
-    u8::try_from(attempt + 1)
+fn attempt_digit(number: usize) -> Option<u8> {
+    u8::try_from(number)
         .ok()
         .filter(|n| *n <= 9)
         .map(|n| b'0' + n)

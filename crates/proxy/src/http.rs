@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
+use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::{BodyIdle, ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
@@ -30,7 +31,7 @@ use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
 use crate::pool::Conn;
-use crate::upstream::{Acquired, Original, Pick, RetryPolicy, Target, can_retry};
+use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
 /// The downstream connection a request arrived on.
 pub(crate) struct Downstream {
@@ -656,37 +657,30 @@ async fn route_and_forward(
         Some(clock) => req.map(|body| RequestBody::Timed(body, clock)),
         None => req.map(RequestBody::Client),
     };
-    let mut tried: Vec<usize> = Vec::new();
-    let connect_timeout = proxy.connect_timeout(&decision);
-    // The failure of the attempt before, which a retry follows.
-    let mut last = None;
-    // Held while a retry is in flight: the cluster's `max_retries` bounds them.
-    let mut _retrying = None;
-    for attempt in 0..policy.attempts() {
-        if attempt > 0 {
-            match proxy.admit(&decision, Resource::Retries) {
-                Ok(slot) => _retrying = slot,
-                // No retry: the failure it would have retried is the answer.
-                Err(_) => {
-                    let e = last.take().unwrap_or(ProxyError::NoHealthyUpstream);
-                    return Err(ProxyError::RetryOverflow(Box::new(retried(e, attempt - 1))));
-                }
-            }
-        }
-        let slot = proxy.admit(&decision, Resource::Requests)?;
-        let mut pick = proxy.pick(&decision, original, &tried).await?;
-        pick.guard.slot = slot;
+    let again = || {
+        replay.as_ref().map(|(method, uri, version, headers)| {
+            let mut again = Request::new(RequestBody::Empty);
+            *again.method_mut() = method.clone();
+            *again.uri_mut() = uri.clone();
+            *again.version_mut() = *version;
+            *again.headers_mut() = headers.clone();
+            again
+        })
+    };
+    let mut attempts = Attempts::new(
+        proxy,
+        (&decision, original),
+        &outcome.cluster,
+        policy,
+        Some(Resource::Requests),
+    )
+    .with_timeout(timeout);
+    loop {
+        let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
-            .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
-        let Pick { addr, index, guard } = pick;
-        let target = Target {
-            addr,
-            connect_timeout,
-            cluster: &outcome.cluster,
-            decision: &decision,
-            endpoint: guard.endpoint(),
-        };
+            .insert(ATTEMPT_COUNT, HeaderValue::from(number));
+        let target = attempts.target(&pick);
         let sending = async {
             if h2 {
                 send_h2(proxy, target, req).await
@@ -694,111 +688,57 @@ async fn route_and_forward(
                 send_h1(proxy, target, req).await
             }
         };
-        // Envoy's route timeout: from the request being sent until the response headers.
-        let sent = match timeout {
-            Some(limit) => match tokio::time::timeout(limit, sending).await {
-                Ok(sent) => sent,
-                Err(_) => return Err(ProxyError::UpstreamTimeout),
-            },
-            None => sending.await,
+        let (mut response, pooled) = match attempts.send(sending).await {
+            Ok(sent) => sent,
+            Err(Failed(failure, unsent)) => {
+                req = attempts.failed(failure, unsent.or_else(&again))?;
+                continue;
+            }
         };
-        match sent {
-            Ok((mut response, pooled)) => {
-                proxy
-                    .metrics
-                    .upstream_rq
-                    .get_or_create(&ClusterLabels {
-                        cluster_name: Label(Arc::clone(&outcome.cluster)),
-                    })
-                    .inc();
-                let status = response.status().as_u16();
-                if policy.retry_status(status) {
-                    if policy.another(attempt)
-                        && let Some((method, uri, version, headers)) = &replay
-                    {
-                        // The response and its connection are dropped, never reused with a
-                        // body left unread; the request goes again as Envoy's router does.
-                        drop((response, pooled, guard));
-                        if can_retry(&decision, index) {
-                            policy.tried(&mut tried, index);
-                        }
-                        let mut again = Request::new(RequestBody::Empty);
-                        *again.method_mut() = method.clone();
-                        *again.uri_mut() = uri.clone();
-                        *again.version_mut() = *version;
-                        *again.headers_mut() = headers.clone();
-                        req = again;
-                        tracing::debug!(status, "retriable upstream status; retrying");
-                        continue;
-                    }
-                    // The last response a policy would have retried: Envoy's `URX`.
-                    if attempt > 0 {
-                        outcome.flags = "URX";
-                    }
-                }
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                let response = match (client_upgrade, switching) {
-                    (Some(client), true) => {
-                        let upstream = hyper::upgrade::on(&mut response);
-                        // The upgraded stream is a request in flight for as long as it lives:
-                        // no request-head deadline applies to its bytes.
-                        let held = (
-                            guard,
-                            pooled,
-                            downstream.in_flight.as_ref().map(InFlight::start),
-                        );
-                        tokio::spawn(relay_upgraded(client, upstream, held));
-                        upgraded_response(response, downstream_version, start)
-                    }
-                    _ => prepare_response(response, pooled, guard, downstream_version, start),
-                };
-                let mut response = response;
-                if let Some(route) = matched {
-                    mutate_headers(response.headers_mut(), &route.response_headers);
-                }
-                return Ok(response);
+        proxy
+            .metrics
+            .upstream_rq
+            .get_or_create(&ClusterLabels {
+                cluster_name: Label(Arc::clone(&outcome.cluster)),
+            })
+            .inc();
+        match attempts.answered(response.status().as_u16(), again()) {
+            // The response and its connection are dropped, never reused with a body left
+            // unread; the request goes again as Envoy's router does.
+            Answer::Retry(next) => {
+                drop((response, pooled, pick));
+                req = next;
+                continue;
             }
-            Err(Failure::Connect(unsent, e)) => {
-                if policy.connect_failure && policy.another(attempt) && can_retry(&decision, index)
-                {
-                    policy.tried(&mut tried, index);
-                    req = unsent;
-                    last = Some(e);
-                    continue;
+            Answer::Deliver(flag) => {
+                if let Some(flag) = flag {
+                    outcome.flags = flag;
                 }
-                return Err(retried(e, attempt));
             }
-            // Never sent: the reused connection had just closed. Safe to try again.
-            Err(Failure::Unsent(unsent, e)) => {
-                if policy.another(attempt) {
-                    req = unsent;
-                    last = Some(e);
-                    continue;
-                }
-                return Err(retried(e, attempt));
-            }
-            Err(Failure::Refused(e)) => return Err(retried(e, attempt)),
-            Err(Failure::Sent(e)) => match &replay {
-                Some((method, uri, version, headers))
-                    if policy.another(attempt) && policy.resend(&e) =>
-                {
-                    if can_retry(&decision, index) {
-                        policy.tried(&mut tried, index);
-                    }
-                    let mut again = Request::new(RequestBody::Empty);
-                    *again.method_mut() = method.clone();
-                    *again.uri_mut() = uri.clone();
-                    *again.version_mut() = *version;
-                    *again.headers_mut() = headers.clone();
-                    req = again;
-                    tracing::debug!(error = %e, "upstream reset or refused before the response; retrying");
-                    last = Some(e);
-                }
-                _ => return Err(retried(e, attempt)),
-            },
         }
+        let guard = pick.guard;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let response = match (client_upgrade, switching) {
+            (Some(client), true) => {
+                let upstream = hyper::upgrade::on(&mut response);
+                // The upgraded stream is a request in flight for as long as it lives: no
+                // request-head deadline applies to its bytes.
+                let held = (
+                    guard,
+                    pooled,
+                    downstream.in_flight.as_ref().map(InFlight::start),
+                );
+                tokio::spawn(relay_upgraded(client, upstream, held));
+                upgraded_response(response, downstream_version, start)
+            }
+            _ => prepare_response(response, pooled, guard, downstream_version, start),
+        };
+        let mut response = response;
+        if let Some(route) = matched {
+            mutate_headers(response.headers_mut(), &route.response_headers);
+        }
+        return Ok(response);
     }
-    Err(ProxyError::NoHealthyUpstream)
 }
 
 /// The path and query of a request, as routing saw it.
@@ -859,25 +799,13 @@ fn mutate_headers(headers: &mut HeaderMap, mutations: &[HeaderMutation]) {
     }
 }
 
-/// The final error of a request, marked as retried (Envoy's `URX`) when it was.
-pub(crate) fn retried(e: ProxyError, attempt: usize) -> ProxyError {
-    if attempt == 0 {
-        e
-    } else {
-        ProxyError::Retried(Box::new(e))
-    }
-}
+/// A failed attempt, with the request when it never left (it can go again as it is).
+struct Failed(Failure, Option<Request<RequestBody>>);
 
-/// Why sending to one upstream failed, and whether the request can be tried again.
-enum Failure {
-    /// No connection: another endpoint may work; the request comes back untouched.
-    Connect(Request<RequestBody>, ProxyError),
-    /// The connection failed before the request left: it comes back for another try.
-    Unsent(Request<RequestBody>, ProxyError),
-    /// The request was (at least partly) sent: not retried.
-    Sent(ProxyError),
-    /// The cluster's circuit breakers refused it a connection: not retried.
-    Refused(ProxyError),
+impl From<Failure> for Failed {
+    fn from(failure: Failure) -> Self {
+        Failed(failure, None)
+    }
 }
 
 type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
@@ -886,11 +814,11 @@ async fn send_h1(
     proxy: &Arc<Proxy>,
     target: Target<'_>,
     req: Request<RequestBody>,
-) -> Result<Sent, Failure> {
+) -> Result<Sent, Failed> {
     let idle = || proxy.pool.checkout(target.addr);
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
-        Err(e) => return Err(Failure::Refused(e)),
+        Err(e) => return Err(Failed(Failure::Unsent(e), None)),
     };
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
@@ -898,14 +826,19 @@ async fn send_h1(
             let (addr, cluster) = (target.addr, target.cluster);
             let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
                 Ok(s) => s,
-                Err(e) => return Err(Failure::Connect(req, e)),
+                Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
             let (sender, conn) = match hyper::client::conn::http1::Builder::new()
                 .handshake(TokioIo::new(stream))
                 .await
             {
                 Ok(h) => h,
-                Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
+                Err(e) => {
+                    return Err(Failed(
+                        Failure::Unsent(ProxyError::UpstreamReset(e)),
+                        Some(req),
+                    ));
+                }
             };
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
@@ -919,11 +852,14 @@ async fn send_h1(
     match pooled.sender.try_send_request(req).await {
         Ok(response) => Ok((response, Some(pooled))),
         Err(mut e) => match e.take_message() {
-            Some(unsent) => Err(Failure::Unsent(
-                unsent,
-                ProxyError::UpstreamReset(e.into_error()),
+            Some(unsent) => Err(Failed(
+                Failure::Unsent(ProxyError::UpstreamReset(e.into_error())),
+                Some(unsent),
             )),
-            None => Err(Failure::Sent(ProxyError::UpstreamReset(e.into_error()))),
+            None => Err(Failed(
+                Failure::Sent(ProxyError::UpstreamReset(e.into_error())),
+                None,
+            )),
         },
     }
 }
@@ -932,11 +868,11 @@ async fn send_h2(
     proxy: &Arc<Proxy>,
     target: Target<'_>,
     req: Request<RequestBody>,
-) -> Result<Sent, Failure> {
+) -> Result<Sent, Failed> {
     let idle = || std::future::ready(proxy.pool.h2(target.addr));
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
-        Err(e) => return Err(Failure::Refused(e)),
+        Err(e) => return Err(Failed(Failure::Unsent(e), None)),
     };
     let mut sender = match acquired {
         Acquired::Idle(sender) => sender,
@@ -944,7 +880,7 @@ async fn send_h2(
             let (addr, cluster) = (target.addr, target.cluster);
             let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
                 Ok(s) => s,
-                Err(e) => return Err(Failure::Connect(req, e)),
+                Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
             let (sender, conn) =
                 match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -952,7 +888,12 @@ async fn send_h2(
                     .await
                 {
                     Ok(h) => h,
-                    Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
+                    Err(e) => {
+                        return Err(Failed(
+                            Failure::Unsent(ProxyError::UpstreamReset(e)),
+                            Some(req),
+                        ));
+                    }
                 };
             proxy.pool.put_h2(addr, sender.clone());
             drop(pending);
@@ -973,11 +914,14 @@ async fn send_h2(
     match sender.try_send_request(req).await {
         Ok(response) => Ok((response, None)),
         Err(mut e) => match e.take_message() {
-            Some(unsent) => Err(Failure::Unsent(
-                unsent,
-                ProxyError::UpstreamReset(e.into_error()),
+            Some(unsent) => Err(Failed(
+                Failure::Unsent(ProxyError::UpstreamReset(e.into_error())),
+                Some(unsent),
             )),
-            None => Err(Failure::Sent(ProxyError::UpstreamReset(e.into_error()))),
+            None => Err(Failed(
+                Failure::Sent(ProxyError::UpstreamReset(e.into_error())),
+                None,
+            )),
         },
     }
 }

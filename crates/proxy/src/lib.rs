@@ -1,6 +1,7 @@
 //! The data path: listeners, original destination, protocol detection, HTTP and TCP
 //! forwarding, synthetic responses and upstream connection reuse.
 
+mod attempt;
 mod body;
 pub mod detect;
 mod error;

@@ -8,11 +8,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Proxy;
+use crate::attempt::{Attempt, Attempts};
 use crate::error::ProxyError;
 use crate::guard::GuardedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
-use crate::upstream::{Original, Pick};
+use crate::upstream::{Original, RetryPolicy};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
 /// read to detect its protocol) first, or closes it when the destination is refused.
@@ -91,7 +92,8 @@ pub(crate) async fn forward(
 }
 
 /// The one upstream connection attempt of Envoy's `tcp_proxy` as istiod configures it
-/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log`.
+/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log`. Envoy's tcp_proxy
+/// refuses the connection at the cluster's `max_connections` before choosing a host.
 async fn connect_once(
     proxy: &Proxy,
     decision: &Decision,
@@ -99,17 +101,18 @@ async fn connect_once(
     cluster: &str,
     log: &mut TcpLog<'_>,
 ) -> Result<(TcpStream, crate::upstream::Hold), ProxyError> {
-    // Envoy's tcp_proxy refuses the connection at the cluster's `max_connections` before
-    // choosing a host.
-    let slot = proxy.admit(decision, Resource::Connections)?;
-    let Pick {
-        addr, mut guard, ..
-    } = proxy.pick(decision, Original::Address(dst), &[]).await?;
-    guard.slot = slot;
-    log.upstream = Some(addr);
+    let mut attempts = Attempts::new(
+        proxy,
+        (decision, Original::Address(dst)),
+        cluster,
+        RetryPolicy::NONE,
+        Some(Resource::Connections),
+    );
+    let Attempt { pick, .. } = attempts.start().await?;
+    log.upstream = Some(pick.addr);
     let timeout = proxy.connect_timeout(decision);
-    match proxy.connect(addr, cluster, timeout).await {
-        Ok(stream) => Ok((stream, guard)),
+    match proxy.connect(pick.addr, cluster, timeout).await {
+        Ok(stream) => Ok((stream, pick.guard)),
         // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
         Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
             Err(ProxyError::Retried(Box::new(e)))

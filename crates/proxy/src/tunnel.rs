@@ -11,12 +11,13 @@ use portcullis_registry::Decision;
 use tokio::net::TcpStream;
 
 use crate::Proxy;
+use crate::attempt::{Attempt, Attempts, Failure};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
-use crate::upstream::{Original, RetryPolicy, can_retry};
+use crate::upstream::{Original, RetryPolicy};
 
 /// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
 pub(crate) async fn open(
@@ -27,24 +28,24 @@ pub(crate) async fn open(
     req: Request<Incoming>,
     cluster: &str,
 ) -> Result<(Response<ProxyBody>, SocketAddr), ProxyError> {
-    let policy = RetryPolicy::default();
-    let mut tried = Vec::new();
-    let mut attempt = 0;
-    let timeout = proxy.connect_timeout(decision);
+    // Istio's default retries: a failed connect goes to another endpoint.
+    let mut attempts = Attempts::new(
+        proxy,
+        (decision, original),
+        cluster,
+        RetryPolicy::default(),
+        None,
+    );
     let (upstream, pick) = loop {
-        let pick = proxy.pick(decision, original, &tried).await?;
-        match proxy.connect(pick.addr, cluster, timeout).await {
+        let Attempt { pick, .. } = attempts.start().await?;
+        let target = attempts.target(&pick);
+        let connecting = proxy.connect(target.addr, cluster, target.connect_timeout);
+        match attempts
+            .send(async { connecting.await.map_err(Failure::Unsent) })
+            .await
+        {
             Ok(stream) => break (stream, pick),
-            Err(e)
-                if policy.connect_failure
-                    && policy.another(attempt)
-                    && can_retry(decision, pick.index) =>
-            {
-                attempt += 1;
-                policy.tried(&mut tried, pick.index);
-                tracing::debug!(error = %e, upstream = %pick.addr, "CONNECT retrying elsewhere");
-            }
-            Err(e) => return Err(e),
+            Err(failure) => attempts.failed(failure, Some(()))?,
         }
     };
     let addr = pick.addr;

@@ -11,6 +11,7 @@ use portcullis_registry::{
 use tokio::net::TcpStream;
 
 use crate::Proxy;
+use crate::attempt::Condition;
 use crate::error::ProxyError;
 use crate::metrics::{ClusterLabels, Label};
 use crate::pool::ConnHold;
@@ -149,8 +150,11 @@ pub struct RetryPolicy {
     pub five_xx: bool,
     /// `retry_on: gateway-error`: the upstream answered 502, 503 or 504.
     pub gateway_error: bool,
-    /// `retry_on: retriable-status-codes`: the upstream answered one of these.
+    /// `retry_on: retriable-status-codes`: the upstream answered one of these
+    /// (`retriable-4xx` adds 409).
     pub status_codes: StatusSet,
+    /// `per_try_timeout`: how long one attempt may wait for the response head.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -167,6 +171,7 @@ impl RetryPolicy {
         five_xx: false,
         gateway_error: false,
         status_codes: StatusSet::EMPTY.with(503),
+        per_try_timeout: None,
     };
 
     /// No retries: a route without a retry policy.
@@ -179,6 +184,7 @@ impl RetryPolicy {
         five_xx: false,
         gateway_error: false,
         status_codes: StatusSet::EMPTY,
+        per_try_timeout: None,
     };
 
     /// Whether a response with `status` is retried (when attempts are left).
@@ -198,10 +204,13 @@ impl RetryPolicy {
         usize::from(self.num_retries) + 1
     }
 
-    /// Whether a request sent upstream that failed with `error` before its response may be
-    /// sent again.
-    pub fn resend(&self, error: &ProxyError) -> bool {
-        self.reset || (self.refused_stream && error.refused_stream())
+    /// Whether the policy retries an attempt that failed under `condition`.
+    pub(crate) fn covers(&self, condition: Condition) -> bool {
+        match condition {
+            Condition::ConnectFailure => self.connect_failure,
+            Condition::RefusedStream => self.refused_stream,
+            Condition::Reset => self.reset,
+        }
     }
 
     /// Whether another attempt may follow attempt `attempt` (0 for the first).
@@ -255,14 +264,22 @@ impl RetryPolicy {
             previous_hosts: policy.avoid_previous_hosts,
             five_xx: on(&["5xx"]),
             gateway_error: on(&["gateway-error"]),
-            status_codes: if on(&["retriable-status-codes"]) {
-                policy
-                    .retriable_status_codes
-                    .iter()
-                    .fold(StatusSet::EMPTY, |set, &code| set.with(code))
-            } else {
-                StatusSet::EMPTY
+            status_codes: {
+                let listed = if on(&["retriable-status-codes"]) {
+                    policy
+                        .retriable_status_codes
+                        .iter()
+                        .fold(StatusSet::EMPTY, |set, &code| set.with(code))
+                } else {
+                    StatusSet::EMPTY
+                };
+                if on(&["retriable-4xx"]) {
+                    listed.with(409)
+                } else {
+                    listed
+                }
             },
+            per_try_timeout: policy.per_try_timeout.filter(|t| !t.is_zero()),
         }
     }
 }
@@ -554,13 +571,6 @@ fn is_local_address(ip: IpAddr) -> bool {
     };
     // No route at all: not an address of ours either.
     probe().unwrap_or(false)
-}
-
-/// Whether a failed attempt may be retried: on a cluster's endpoints (another one when
-/// there is one, else the same, as Envoy's retry policy does), never on an original
-/// destination.
-pub fn can_retry(decision: &Decision, pick_index: Option<usize>) -> bool {
-    matches!(decision, Decision::Cluster(_)) && pick_index.is_some()
 }
 
 #[cfg(test)]

@@ -1,0 +1,559 @@
+//! The one upstream attempt engine: every forwarding path (the HTTP/1.1 fast path, the
+//! hyper path, CONNECT tunnels, TCP proxying) makes its attempts through it, so the
+//! circuit breakers, the endpoint pick, the retry conditions, the back-off and the
+//! timeouts of a route's policy are decided in one place. A path only knows how to send
+//! once; it reports how far an attempt got, and the error says which retry condition
+//! covers it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use portcullis_registry::{Decision, Resource, Slot};
+use tokio::time::Instant;
+
+use crate::Proxy;
+use crate::error::ProxyError;
+use crate::upstream::{Original, Pick, RetryPolicy, Target};
+
+/// Envoy's default retry back-off base interval (`upstream.base_retry_backoff_ms`).
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// Envoy caps the back-off at ten times the base interval.
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// The retry condition of Envoy's `retry_on` that covers a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Condition {
+    /// No connection could be made (`connect-failure`).
+    ConnectFailure,
+    /// An HTTP/2 upstream refused the stream (`refused-stream`).
+    RefusedStream,
+    /// The upstream reset or closed before the response head, or the attempt's per-try
+    /// timeout ended it (Envoy resets the stream then) (`reset`, `5xx`, `gateway-error`).
+    Reset,
+}
+
+/// How far a failed attempt got.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The request did not leave: no connection, or a connection that failed before the
+    /// request was written. Nothing was processed upstream.
+    Unsent(ProxyError),
+    /// The request left, at least in part, and no response head came back.
+    Sent(ProxyError),
+}
+
+impl Failure {
+    fn into_error(self) -> ProxyError {
+        match self {
+            Failure::Unsent(e) | Failure::Sent(e) => e,
+        }
+    }
+}
+
+/// What to do with a response head.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Answer<R> {
+    /// Drop it (and its connection) and make the next attempt with this request.
+    Retry(R),
+    /// Pass it on; the response flag Envoy logs for it when a retry would have been due
+    /// (`URX` out of retries, `UO` past `max_retries`).
+    Deliver(Option<&'static str>),
+}
+
+/// One attempt in progress: its endpoint and how to reach it.
+pub(crate) struct Attempt {
+    /// 1 for the first attempt (`x-envoy-attempt-count`).
+    pub number: usize,
+    /// The endpoint, with what it holds while the request is in flight.
+    pub pick: Pick,
+}
+
+/// The attempts of one request or connection under one retry policy.
+pub(crate) struct Attempts<'a> {
+    proxy: &'a Proxy,
+    decision: &'a Decision,
+    original: Original<'a>,
+    cluster: &'a str,
+    policy: RetryPolicy,
+    /// The circuit breaker each attempt takes a unit of (`Requests` for HTTP,
+    /// `Connections` for TCP), if any.
+    admission: Option<Resource>,
+    connect_timeout: Duration,
+    /// The route timeout: the whole exchange, retries included, up to the response head.
+    deadline: Option<Instant>,
+    /// Endpoints tried, avoided by later picks under `previous_hosts`.
+    tried: Vec<usize>,
+    /// Attempts started.
+    made: usize,
+    /// The endpoint of the attempt in flight.
+    current: Option<usize>,
+    /// The next back-off ceiling (Envoy's jittered exponential back-off).
+    backoff: Duration,
+    /// Held while a retry is in flight: the cluster's `max_retries` bounds them.
+    retrying: Option<Slot>,
+}
+
+impl<'a> Attempts<'a> {
+    /// Attempts at `decision` under `policy`, each taking a unit of `admission`.
+    pub(crate) fn new(
+        proxy: &'a Proxy,
+        (decision, original): (&'a Decision, Original<'a>),
+        cluster: &'a str,
+        policy: RetryPolicy,
+        admission: Option<Resource>,
+    ) -> Self {
+        Attempts {
+            proxy,
+            decision,
+            original,
+            cluster,
+            policy,
+            admission,
+            connect_timeout: proxy.connect_timeout(decision),
+            deadline: None,
+            tried: Vec::new(),
+            made: 0,
+            current: None,
+            backoff: BACKOFF_BASE,
+            retrying: None,
+        }
+    }
+
+    /// Bounds the whole exchange, retries and back-off included, by the route timeout.
+    pub(crate) fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.deadline = timeout.map(|t| Instant::now() + t);
+        self
+    }
+
+    /// Starts the next attempt: waits out the back-off after a failed one, takes the
+    /// circuit breaker unit, and picks an endpoint (another than those tried, where the
+    /// policy says so).
+    pub(crate) async fn start(&mut self) -> Result<Attempt, ProxyError> {
+        if self.made > 0 {
+            let ceiling = self.backoff;
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+            let pause = Duration::from_millis(fastrand::u64(0..millis.max(1)));
+            self.bounded(tokio::time::sleep(pause)).await?;
+        }
+        let slot = match self.admission {
+            Some(resource) => self.proxy.admit(self.decision, resource)?,
+            None => None,
+        };
+        let mut pick = self
+            .proxy
+            .pick(self.decision, self.original, &self.tried)
+            .await?;
+        pick.guard.slot = slot;
+        self.current = pick.index;
+        self.made += 1;
+        Ok(Attempt {
+            number: self.made,
+            pick,
+        })
+    }
+
+    /// How to reach the endpoint of `pick`.
+    pub(crate) fn target<'p>(&'p self, pick: &'p Pick) -> Target<'p> {
+        Target {
+            addr: pick.addr,
+            connect_timeout: self.connect_timeout,
+            cluster: self.cluster,
+            decision: self.decision,
+            endpoint: pick.guard.endpoint(),
+        }
+    }
+
+    /// Runs one attempt's exchange up to the response head within the attempt's per-try
+    /// timeout and what is left of the route timeout.
+    pub(crate) async fn send<T, E: From<Failure>>(
+        &self,
+        exchange: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let exchange = async {
+            match self.policy.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, exchange)
+                    .await
+                    .unwrap_or_else(|_| Err(Failure::Sent(ProxyError::PerTryTimeout).into())),
+                None => exchange.await,
+            }
+        };
+        match self.bounded(exchange).await {
+            Ok(sent) => sent,
+            Err(e) => Err(Failure::Sent(e).into()),
+        }
+    }
+
+    /// Runs `f` until the route timeout, which ends the exchange with Envoy's `UT`.
+    async fn bounded<T>(&self, f: impl Future<Output = T>) -> Result<T, ProxyError> {
+        match self.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, f)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout),
+            None => Ok(f.await),
+        }
+    }
+
+    /// Judges a failed attempt: the request to send again when another attempt follows
+    /// (start it), else the error to answer with. `again` is the request as it can be sent
+    /// again, `None` when it cannot (its body streamed away).
+    pub(crate) fn failed<R>(
+        &mut self,
+        failure: Failure,
+        again: Option<R>,
+    ) -> Result<R, ProxyError> {
+        let elsewhere = self.on_cluster();
+        let retry = match (&failure, failure_condition(&failure)) {
+            // Nothing was processed; a failed connect only goes to a cluster's endpoint.
+            (Failure::Unsent(_), Some(Condition::ConnectFailure)) => {
+                self.policy.connect_failure && elsewhere
+            }
+            (Failure::Unsent(_), Some(_)) => true,
+            (Failure::Sent(_), Some(condition)) => self.policy.covers(condition),
+            (_, None) => false,
+        };
+        let error = failure.into_error();
+        let again = match again {
+            Some(again) if retry && self.policy.another(self.made - 1) => again,
+            _ => return Err(self.last(error)),
+        };
+        if self.admit_retry().is_err() {
+            return Err(ProxyError::RetryOverflow(Box::new(self.last(error))));
+        }
+        tracing::debug!(error = %error, attempt = self.made, "upstream attempt failed; retrying");
+        Ok(again)
+    }
+
+    /// Judges a response head with `status`: a status the policy retries goes again while
+    /// attempts and the retry budget last and the request can be sent again (`again`).
+    pub(crate) fn answered<R>(&mut self, status: u16, again: Option<R>) -> Answer<R> {
+        if !self.policy.retry_status(status) {
+            return Answer::Deliver(None);
+        }
+        let again = match again {
+            Some(again) if self.policy.another(self.made - 1) => again,
+            _ => return Answer::Deliver((self.made > 1).then_some("URX")),
+        };
+        if self.admit_retry().is_err() {
+            return Answer::Deliver(Some("UO"));
+        }
+        tracing::debug!(
+            status,
+            attempt = self.made,
+            "retriable upstream status; retrying"
+        );
+        Answer::Retry(again)
+    }
+
+    /// Takes a unit of the cluster's `max_retries` for the next attempt, and marks the
+    /// endpoint just tried as one to avoid.
+    fn admit_retry(&mut self) -> Result<(), ProxyError> {
+        self.retrying = None;
+        self.retrying = self.proxy.admit(self.decision, Resource::Retries)?;
+        if self.on_cluster() {
+            self.policy.tried(&mut self.tried, self.current);
+        }
+        Ok(())
+    }
+
+    /// Whether the attempt in flight went to a cluster's endpoint (retries may go to
+    /// another one), not to an original destination.
+    fn on_cluster(&self) -> bool {
+        matches!(self.decision, Decision::Cluster(_)) && self.current.is_some()
+    }
+
+    /// The final error, marked as retried (Envoy's `URX`) when attempts were made before.
+    fn last(&self, e: ProxyError) -> ProxyError {
+        if self.made > 1 {
+            ProxyError::Retried(Box::new(e))
+        } else {
+            e
+        }
+    }
+}
+
+fn failure_condition(failure: &Failure) -> Option<Condition> {
+    match failure {
+        Failure::Unsent(e) | Failure::Sent(e) => e.retry_condition(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
+    use portcullis_envoy::{self as envoy, Discovery, Resources, Thresholds};
+    use portcullis_registry::Snapshot;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::upstream::StatusSet;
+    use crate::{Proxy, ProxyConfig};
+
+    /// A proxy whose one cluster `api` has `endpoints` (never connected to here) and
+    /// `max_retries` of `retries`.
+    fn proxy(endpoints: u16, retries: u32) -> (Arc<Proxy>, Decision) {
+        let mut r = Resources::default();
+        let mut c = envoy::Cluster::new("api", Discovery::Static);
+        c.load_assignment = Some(envoy::ClusterLoadAssignment {
+            cluster_name: "api".into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: (1..=endpoints)
+                    .map(|n| {
+                        let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + n));
+                        envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(addr))
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+        });
+        c.circuit_breakers = Thresholds {
+            max_retries: retries,
+            ..Thresholds::default()
+        };
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
+        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("api").unwrap()));
+        let dns = DnsCache::new(
+            HickoryLookup::from_system_conf().unwrap(),
+            DnsConfig::default(),
+        );
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            Arc::new(Metrics::new(&mut Registry::default())),
+            Vec::new(),
+            dns,
+        );
+        (proxy, decision)
+    }
+
+    fn refused() -> ProxyError {
+        ProxyError::ConnectFailure(io::Error::from(io::ErrorKind::ConnectionRefused))
+    }
+
+    fn reset() -> ProxyError {
+        ProxyError::UpstreamClosed(io::Error::from(io::ErrorKind::ConnectionReset))
+    }
+
+    const ANY: Original<'static> = Original::Address(SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        80,
+    ));
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_go_to_other_endpoints_after_a_jittered_backoff() {
+        let (proxy, decision) = proxy(3, 3);
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            RetryPolicy::ISTIO,
+            Some(Resource::Requests),
+        );
+        let mut seen = Vec::new();
+        let mut waits = Vec::new();
+        let error = loop {
+            let before = Instant::now();
+            let attempt = attempts.start().await.unwrap();
+            waits.push(before.elapsed());
+            assert_eq!(attempt.number, seen.len() + 1);
+            seen.push(attempt.pick.addr);
+            if let Err(e) = attempts.failed(Failure::Unsent(refused()), Some(())) {
+                break e;
+            }
+        };
+        // Istio's policy: two retries, each on an endpoint not tried yet.
+        assert_eq!(seen.len(), 3);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        // No wait before the first; then under 25 ms, then under 50 ms (Envoy's back-off).
+        assert_eq!(waits[0], Duration::ZERO);
+        assert!(waits[1] < Duration::from_millis(25), "{waits:?}");
+        assert!(waits[2] < Duration::from_millis(50), "{waits:?}");
+        assert_eq!(error.flag(), "URX,UF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_policy_does_not_retry_is_answered_at_once() {
+        let (proxy, decision) = proxy(2, 3);
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            RetryPolicy::ISTIO,
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        // Istio's default does not resend after a reset.
+        let e = attempts
+            .failed(Failure::Sent(reset()), Some(()))
+            .unwrap_err();
+        assert_eq!(e.flag(), "UC");
+        // A reset before the request left is retried whatever the policy says...
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            RetryPolicy {
+                num_retries: 1,
+                ..RetryPolicy::NONE
+            },
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        assert!(attempts.failed(Failure::Unsent(reset()), Some(())).is_ok());
+        // ...but a request whose body streamed away cannot go again.
+        let mut reset_policy = RetryPolicy {
+            num_retries: 2,
+            ..RetryPolicy::NONE
+        };
+        reset_policy.reset = true;
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            reset_policy,
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        let e = attempts
+            .failed::<()>(Failure::Sent(reset()), None)
+            .unwrap_err();
+        assert_eq!(e.flag(), "UC");
+        // A failed connect to an original destination has nowhere else to go.
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&Decision::Passthrough, ANY),
+            "PassthroughCluster",
+            RetryPolicy::ISTIO,
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        let e = attempts
+            .failed(Failure::Unsent(refused()), Some(()))
+            .unwrap_err();
+        assert_eq!(e.flag(), "UF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retriable_statuses_are_retried_then_delivered_with_urx() {
+        let (proxy, decision) = proxy(2, 3);
+        let mut policy = RetryPolicy {
+            num_retries: 2,
+            ..RetryPolicy::NONE
+        };
+        policy.status_codes = StatusSet::EMPTY.with(503);
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            policy,
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        assert_eq!(attempts.answered(200, Some(())), Answer::Deliver(None));
+        assert_eq!(attempts.answered(503, Some(())), Answer::Retry(()));
+        attempts.start().await.unwrap();
+        // A request that cannot be sent again gets the response as it is.
+        assert_eq!(
+            attempts.answered(503, None::<()>),
+            Answer::Deliver(Some("URX"))
+        );
+        assert_eq!(attempts.answered(503, Some(())), Answer::Retry(()));
+        attempts.start().await.unwrap();
+        assert_eq!(
+            attempts.answered(503, Some(())),
+            Answer::Deliver(Some("URX"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_retries_turns_a_due_retry_into_the_answer_with_uo() {
+        let (proxy, decision) = proxy(2, 0);
+        let mut policy = RetryPolicy::ISTIO;
+        policy.five_xx = true;
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            policy,
+            Some(Resource::Requests),
+        );
+        attempts.start().await.unwrap();
+        assert_eq!(
+            attempts.answered(500, Some(())),
+            Answer::Deliver(Some("UO"))
+        );
+        let e = attempts
+            .failed(Failure::Unsent(refused()), Some(()))
+            .unwrap_err();
+        assert_eq!(e.flag(), "UO,UF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_timeouts_are_retried_as_resets_within_the_route_timeout() {
+        let (proxy, decision) = proxy(3, 3);
+        let mut policy = RetryPolicy {
+            num_retries: 2,
+            ..RetryPolicy::NONE
+        };
+        policy.per_try_timeout = Some(Duration::from_secs(1));
+        policy.reset = true;
+        let hang = || async {
+            std::future::pending::<()>().await;
+            Ok::<(), Failure>(())
+        };
+        // Three attempts of one second each: out of retries, Envoy's `URX,UT` and 504.
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            policy,
+            Some(Resource::Requests),
+        );
+        let start = Instant::now();
+        let error = loop {
+            attempts.start().await.unwrap();
+            let failure = attempts.send(hang()).await.unwrap_err();
+            if let Err(e) = attempts.failed(failure, Some(())) {
+                break e;
+            }
+        };
+        assert_eq!(error.flag(), "URX,UT");
+        assert_eq!(error.to_response().status(), 504);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+        assert!(took < Duration::from_millis(3100), "{took:?}");
+        // The route timeout covers every attempt: it ends the second one.
+        let mut attempts = Attempts::new(
+            &proxy,
+            (&decision, ANY),
+            "api",
+            policy,
+            Some(Resource::Requests),
+        )
+        .with_timeout(Some(Duration::from_millis(1500)));
+        let start = Instant::now();
+        let error = loop {
+            let started = attempts.start().await;
+            let failure = match started {
+                Ok(_) => attempts.send(hang()).await.unwrap_err(),
+                Err(e) => break e,
+            };
+            if let Err(e) = attempts.failed(failure, Some(())) {
+                break e;
+            }
+        };
+        // The route timeout is not an attempt's failure: no `URX`, whatever came before.
+        assert_eq!(error.flag(), "UT");
+        assert_eq!(error.to_response().status(), 504);
+        assert_eq!(start.elapsed(), Duration::from_millis(1500));
+    }
+}
