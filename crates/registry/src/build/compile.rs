@@ -580,6 +580,7 @@ fn forward_spec(cluster: &str) -> Forward {
         host_rewrite_literal: None,
         prefix_rewrite: None,
         regex_rewrite: None,
+        request_mirror_policies: Vec::new(),
     }
 }
 
@@ -596,15 +597,7 @@ fn passthrough() -> RouteAction {
 }
 
 fn route(name: &str, action: RouteAction) -> Route {
-    Route {
-        name: name.to_string(),
-        route_match: RouteMatch::any(),
-        action,
-        request_headers_to_add: Vec::new(),
-        request_headers_to_remove: Vec::new(),
-        response_headers_to_add: Vec::new(),
-        response_headers_to_remove: Vec::new(),
-    }
+    Route::new(name, RouteMatch::any(), action)
 }
 
 /// The route table `PORT`: a virtual host per HTTP or sniffed service (`host:port`) with
