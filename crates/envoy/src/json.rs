@@ -848,24 +848,64 @@ mod tests {
     }
 
     #[test]
+    fn faults_and_mirrors_render_as_istiod_writes_them() {
+        let million = |numerator| FractionalPercent {
+            numerator,
+            denominator: Denominator::Million,
+        };
+        let mut r = Route::new(
+            "r",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward {
+                request_mirror_policies: vec![crate::RequestMirrorPolicy {
+                    cluster: "outbound|80||b".into(),
+                    runtime_fraction: Some(million(50_000)),
+                }],
+                ..crate::Forward::to("outbound|80||a")
+            }),
+        );
+        r.fault = Some(HttpFault {
+            delay: Some(crate::FaultDelay {
+                fixed_delay: Duration::from_secs(2),
+                percentage: million(1_000_000),
+            }),
+            abort: None,
+        });
+        assert_eq!(
+            route(&r),
+            json!({
+                "name": "r",
+                "match": {"prefix": "/"},
+                "route": {
+                    "cluster": "outbound|80||a",
+                    "request_mirror_policies": [{
+                        "cluster": "outbound|80||b",
+                        "runtime_fraction": {"default_value": {"numerator": 50_000, "denominator": "MILLION"}},
+                    }],
+                },
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "delay": {"fixed_delay": "2s", "percentage": {"numerator": 1_000_000, "denominator": "MILLION"}},
+                }},
+            })
+        );
+    }
+
+    #[test]
     fn istios_block_all_route_is_a_direct_502() {
         let rc = RouteConfiguration {
             name: "80".into(),
             virtual_hosts: vec![VirtualHost {
                 name: "block_all".into(),
                 domains: vec!["*".into()],
-                routes: vec![Route {
-                    name: "block_all".into(),
-                    route_match: RouteMatch::any(),
-                    action: RouteAction::DirectResponse {
+                routes: vec![Route::new(
+                    "block_all",
+                    RouteMatch::any(),
+                    RouteAction::DirectResponse {
                         status: 502,
                         body: None,
                     },
-                    request_headers_to_add: Vec::new(),
-                    request_headers_to_remove: Vec::new(),
-                    response_headers_to_add: Vec::new(),
-                    response_headers_to_remove: Vec::new(),
-                }],
+                )],
                 ..Default::default()
             }],
             ..Default::default()
