@@ -119,6 +119,7 @@ impl Builder<'_> {
         let claims = self.settle_claims();
         let mut out = Compiled::default();
         let pending = std::mem::take(&mut self.clusters);
+        let vs_routes = self.virtual_service_routes(&pending);
         let pods: Vec<IpAddr> = self
             .pods
             .iter()
@@ -184,13 +185,13 @@ impl Builder<'_> {
                 .listeners
                 .insert(listener.name.clone(), Arc::new(listener));
             if l.http {
-                let routes = port_routes(*port, &claims, &pending, mode, reachable_pods);
+                let routes = port_routes(*port, &claims, &pending, &vs_routes, mode, reachable_pods);
                 out.resources
                     .routes
                     .insert(routes.name.clone(), Arc::new(routes));
             }
         }
-        let proxy_routes = http_proxy_routes(&claims, &pending, mode, reachable_pods);
+        let proxy_routes = http_proxy_routes(&claims, &pending, &vs_routes, mode, reachable_pods);
         out.resources
             .routes
             .insert(proxy_routes.name.clone(), Arc::new(proxy_routes));
@@ -202,18 +203,44 @@ impl Builder<'_> {
                 if !matches!(c.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Auto) {
                     continue;
                 }
-                let (listener, routes) = address_listener(*ip, *port, c);
+                let (listener, table) = address_listener(*ip, *port, c, &vs_routes);
                 out.resources
                     .listeners
                     .insert(listener.name.clone(), Arc::new(listener));
-                if let Some(routes) = routes {
+                if let Some(table) = table {
                     out.resources
                         .routes
-                        .insert(routes.name.clone(), Arc::new(routes));
+                        .insert(table.name.clone(), Arc::new(table));
                 }
             }
         }
         for (name, p) in pending {
+            // Each subset of the host's DestinationRule is a cluster of its own,
+            // `outbound|PORT|SUBSET|HOST`, of the endpoints its labels select.
+            for (subset, traffic) in self.subsets_for(&p.host, p.port) {
+                let subset_name = format!("outbound|{}|{}|{}", p.port, subset.name, p.host);
+                let endpoints = p
+                    .endpoints
+                    .iter()
+                    .filter(|e| super::labels_match(&subset.labels, &e.4))
+                    .cloned()
+                    .collect();
+                let pending_subset = PendingCluster {
+                    name: subset_name.as_str().into(),
+                    host: Arc::clone(&p.host),
+                    port: p.port,
+                    protocol: p.protocol,
+                    resolution: p.resolution,
+                    passthrough_port: p.passthrough_port,
+                    source: Arc::clone(&p.source),
+                    addresses: p.addresses.clone(),
+                    endpoints,
+                };
+                let cluster = service_cluster(pending_subset, &traffic, dns, &mut out.dns_names);
+                out.resources
+                    .clusters
+                    .insert(subset_name, Arc::new(cluster));
+            }
             let traffic = self.traffic_for(&p.host, p.port);
             let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
             out.resources
@@ -221,7 +248,35 @@ impl Builder<'_> {
                 .insert(name.to_string(), Arc::new(cluster));
         }
         out.warnings = self.warnings;
+        out.warnings.extend(self.vs_warnings);
         out
+    }
+
+    /// The routes VirtualServices give each HTTP service's virtual host, by its cluster.
+    fn virtual_service_routes(
+        &mut self,
+        pending: &Map<Arc<str>, PendingCluster>,
+    ) -> Map<Arc<str>, Vec<Route>> {
+        let mut ports: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+        for c in pending.values() {
+            let list = ports.entry(c.host.to_string()).or_default();
+            list.push(c.port);
+            list.sort_unstable();
+            list.dedup();
+        }
+        let mut routes = Map::default();
+        for c in pending.values() {
+            if !routed_by_host(c.protocol) {
+                continue;
+            }
+            let Some(vs) = self.virtual_service_for(&c.host, c.port) else {
+                continue;
+            };
+            if let Some(list) = self.http_routes(vs, c.port, &ports) {
+                routes.insert(Arc::clone(&c.name), list);
+            }
+        }
+        routes
     }
 
     /// Settles who owns each name, range and address on each port: names by claim order,
@@ -508,6 +563,7 @@ fn address_listener(
     ip: IpAddr,
     port: u16,
     c: &PendingCluster,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
 ) -> (Listener, Option<RouteConfiguration>) {
     let name = format!("{ip}_{port}");
     let tcp = chain("", FilterChainMatch::default(), tcp_proxy(&c.name));
@@ -537,7 +593,7 @@ fn address_listener(
         virtual_hosts: vec![VirtualHost {
             name: routes_name,
             domains: vec!["*".to_string()],
-            routes: vec![route("default", forward(&c.name))],
+            routes: service_routes(&c.name, vs_routes),
             include_request_attempt_count: true,
             ..VirtualHost::default()
         }],
@@ -549,7 +605,7 @@ fn address_listener(
 
 /// Istio's default retry policy for a service route: two retries on connect failure,
 /// refused stream, unavailable, cancelled and 503, each to another host where possible.
-fn istio_retry_policy() -> RetryPolicy {
+pub(super) fn istio_retry_policy() -> RetryPolicy {
     RetryPolicy {
         retry_on: [
             "connect-failure",
@@ -600,12 +656,21 @@ fn route(name: &str, action: RouteAction) -> Route {
     Route::new(name, RouteMatch::any(), action)
 }
 
+/// The routes of a service's virtual host: its VirtualService's, else istiod's default.
+fn service_routes(cluster: &Arc<str>, vs_routes: &Map<Arc<str>, Vec<Route>>) -> Vec<Route> {
+    vs_routes
+        .get(cluster)
+        .cloned()
+        .unwrap_or_else(|| vec![route("default", forward(cluster))])
+}
+
 /// The route table `PORT`: a virtual host per HTTP or sniffed service (`host:port`) with
 /// every name it won on the port, then the outbound policy's `allow_any` or `block_all`.
 fn port_routes(
     port: u16,
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
     mode: OutboundMode,
     pods: &[IpAddr],
 ) -> RouteConfiguration {
@@ -630,7 +695,7 @@ fn port_routes(
             Some(VirtualHost {
                 name: format!("{}:{port}", c.host),
                 domains,
-                routes: vec![route("default", forward(cluster))],
+                routes: service_routes(cluster, vs_routes),
                 include_request_attempt_count: true,
                 ..VirtualHost::default()
             })
@@ -704,6 +769,7 @@ fn catch_all_host(mode: OutboundMode) -> VirtualHost {
 fn http_proxy_routes(
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
     mode: OutboundMode,
     pods: &[IpAddr],
 ) -> RouteConfiguration {
@@ -724,7 +790,7 @@ fn http_proxy_routes(
             Some(VirtualHost {
                 name: format!("{}:{}", c.host, c.port),
                 domains,
-                routes: vec![route("default", forward(cluster))],
+                routes: service_routes(cluster, vs_routes),
                 include_request_attempt_count: true,
                 ..VirtualHost::default()
             })
@@ -878,7 +944,7 @@ fn service_cluster(
         let lb_endpoints = p
             .endpoints
             .into_iter()
-            .map(|(address, port, weight, source)| LbEndpoint {
+            .map(|(address, port, weight, source, _)| LbEndpoint {
                 address: match address {
                     EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(ip, port)),
                     EndpointAddress::Dns(host) => {
