@@ -18,6 +18,9 @@ mod virtual_service;
 
 pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
 
+#[cfg(test)]
+pub(crate) use compile::istio_retry_policy as compile_default_retry_policy;
+
 use crate::Map;
 use crate::order::Age;
 use crate::snapshot::{Protocol, Snapshot};
@@ -859,7 +862,13 @@ impl<'a> Builder<'a> {
                 }
                 Err(_) => return,
             };
-            out.push((address, target, we.weight.unwrap_or(1).max(1), source, labels));
+            out.push((
+                address,
+                target,
+                we.weight.unwrap_or(1).max(1),
+                source,
+                labels,
+            ));
         };
         match spec.resolution {
             Resolution::None => return out,

@@ -2239,3 +2239,5 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
         auto
     );
 }
+
+mod virtual_service;

@@ -185,7 +185,8 @@ impl Builder<'_> {
                 .listeners
                 .insert(listener.name.clone(), Arc::new(listener));
             if l.http {
-                let routes = port_routes(*port, &claims, &pending, &vs_routes, mode, reachable_pods);
+                let routes =
+                    port_routes(*port, &claims, &pending, &vs_routes, mode, reachable_pods);
                 out.resources
                     .routes
                     .insert(routes.name.clone(), Arc::new(routes));
@@ -605,7 +606,7 @@ fn address_listener(
 
 /// Istio's default retry policy for a service route: two retries on connect failure,
 /// refused stream, unavailable, cancelled and 503, each to another host where possible.
-pub(super) fn istio_retry_policy() -> RetryPolicy {
+pub(crate) fn istio_retry_policy() -> RetryPolicy {
     RetryPolicy {
         retry_on: [
             "connect-failure",

@@ -78,8 +78,7 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
         if h.delegate.is_some() {
             not_yet("delegate");
         }
-        if h
-            .direct_response
+        if h.direct_response
             .as_ref()
             .and_then(|d| d.body.as_ref())
             .is_some_and(|b| b.bytes.is_some())
@@ -112,8 +111,7 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
             not_yet("route[].headers (per destination of a weighted route)");
         }
     }
-    if o
-        .spec
+    if o.spec
         .tcp
         .iter()
         .flat_map(|t| &t.matches)
@@ -617,7 +615,12 @@ pub(super) fn retry_policy(r: Option<&portcullis_model::HttpRetry>) -> Option<Re
     if !r.retry_on.is_empty() {
         let mut on = Vec::new();
         let mut codes = Vec::new();
-        for part in r.retry_on.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in r
+            .retry_on
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             match part.parse::<u16>() {
                 Ok(code) if (100..600).contains(&code) => codes.push(code),
                 _ => on.push(part.to_string()),
