@@ -21,6 +21,7 @@ use portcullis_envoy::{
 };
 use portcullis_model::{ConnectionPoolSettings, OutboundMode, Resolution};
 
+use super::virtual_service::SubnetRoute;
 use super::{
     AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
     Traffic, conflict,
@@ -74,6 +75,18 @@ pub fn compile(
     b.compile(dns)
 }
 
+/// The ports of each service host, which a destination without a port is inferred from.
+fn service_ports(pending: &Map<Arc<str>, PendingCluster>) -> BTreeMap<String, Vec<u16>> {
+    let mut ports: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for c in pending.values() {
+        let list = ports.entry(c.host.to_string()).or_default();
+        list.push(c.port);
+        list.sort_unstable();
+        list.dedup();
+    }
+    ports
+}
+
 /// Whether HTTP to a cluster's port is routed by its route table.
 fn routed_by_host(protocol: Protocol) -> bool {
     matches!(protocol, Protocol::Http | Protocol::Http2 | Protocol::Auto)
@@ -87,9 +100,12 @@ struct PortListener {
     /// Ranges owned by opaque services, and whether the owner is sniffed (then HTTP to the
     /// range still goes to the route table).
     ranges: Vec<(IpNet, Arc<str>, bool)>,
-    /// TLS services matched by SNI, and their names. A TLS service's range is a chain of
-    /// its own among [`Self::ranges`]: either the name or the range takes a connection.
-    sni: Vec<(Arc<str>, Vec<String>)>,
+    /// TLS services matched by SNI (or a VirtualService's TLS routes for them), and the
+    /// names. A TLS service's range is a chain of its own among [`Self::ranges`]: either
+    /// the name or the range takes a connection.
+    sni: Vec<(ClusterSpecifier, Vec<String>)>,
+    /// Chains VirtualServices' TCP routes add for destination ranges.
+    subnets: Vec<SubnetRoute>,
     /// The service that takes the whole port.
     any: Option<Arc<str>>,
 }
@@ -119,7 +135,8 @@ impl Builder<'_> {
         let claims = self.settle_claims();
         let mut out = Compiled::default();
         let pending = std::mem::take(&mut self.clusters);
-        let vs_routes = self.virtual_service_routes(&pending);
+        let ports = service_ports(&pending);
+        let vs_routes = self.virtual_service_routes(&pending, &ports);
         let pods: Vec<IpAddr> = self
             .pods
             .iter()
@@ -163,9 +180,34 @@ impl Builder<'_> {
                         .push(name.to_string());
                 }
             }
-            let l = listeners.entry(*port).or_default();
             for (cluster, names) in by_cluster {
-                l.sni.push((Arc::clone(cluster), names));
+                let routes = pending
+                    .get(cluster)
+                    .and_then(|c| self.tls_routes(&c.host, c.port, &ports));
+                let l = listeners.entry(*port).or_default();
+                match routes {
+                    Some(routes) => l
+                        .sni
+                        .extend(routes.into_iter().map(|r| (r.target, r.server_names))),
+                    None => l
+                        .sni
+                        .push((ClusterSpecifier::Cluster(cluster.to_string()), names)),
+                }
+            }
+        }
+        // TCP services' VirtualService routes: the first without subnets takes the
+        // service's own chains, those with subnets get chains of their own.
+        let mut tcp_targets: Map<Arc<str>, ClusterSpecifier> = Map::default();
+        for c in pending.values() {
+            if !matches!(c.protocol, Protocol::Tcp | Protocol::Auto) {
+                continue;
+            }
+            for route in self.tcp_routes(&c.host, c.port, &ports) {
+                if route.subnets.is_empty() {
+                    tcp_targets.insert(Arc::clone(&c.name), route.target);
+                } else {
+                    listeners.entry(c.port).or_default().subnets.push(route);
+                }
             }
         }
         for (port, cluster) in &claims.any {
@@ -180,7 +222,7 @@ impl Builder<'_> {
             Arc::new(virtual_outbound(catch_all, reachable_pods)),
         );
         for (port, l) in &listeners {
-            let listener = port_listener(*port, l, catch_all, reachable_pods);
+            let listener = port_listener(*port, l, catch_all, reachable_pods, &tcp_targets);
             out.resources
                 .listeners
                 .insert(listener.name.clone(), Arc::new(listener));
@@ -204,7 +246,7 @@ impl Builder<'_> {
                 if !matches!(c.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Auto) {
                     continue;
                 }
-                let (listener, table) = address_listener(*ip, *port, c, &vs_routes);
+                let (listener, table) = address_listener(*ip, *port, c, &vs_routes, &tcp_targets);
                 out.resources
                     .listeners
                     .insert(listener.name.clone(), Arc::new(listener));
@@ -257,14 +299,8 @@ impl Builder<'_> {
     fn virtual_service_routes(
         &mut self,
         pending: &Map<Arc<str>, PendingCluster>,
+        ports: &BTreeMap<String, Vec<u16>>,
     ) -> Map<Arc<str>, Vec<Route>> {
-        let mut ports: BTreeMap<String, Vec<u16>> = BTreeMap::new();
-        for c in pending.values() {
-            let list = ports.entry(c.host.to_string()).or_default();
-            list.push(c.port);
-            list.sort_unstable();
-            list.dedup();
-        }
         let mut routes = Map::default();
         for c in pending.values() {
             if !routed_by_host(c.protocol) {
@@ -273,7 +309,7 @@ impl Builder<'_> {
             let Some(vs) = self.virtual_service_for(&c.host, c.port) else {
                 continue;
             };
-            if let Some(list) = self.http_routes(vs, c.port, &ports) {
+            if let Some(list) = self.http_routes(vs, c.port, ports) {
                 routes.insert(Arc::clone(&c.name), list);
             }
         }
@@ -369,11 +405,31 @@ impl Builder<'_> {
 }
 
 fn tcp_proxy(cluster: &str) -> NetworkFilter {
+    tcp_proxy_to(ClusterSpecifier::Cluster(cluster.to_string()))
+}
+
+/// A `tcp_proxy` to one cluster or several by weight; istiod names its stats after the
+/// (first) cluster.
+fn tcp_proxy_to(cluster: ClusterSpecifier) -> NetworkFilter {
+    let stat_prefix = match &cluster {
+        ClusterSpecifier::Cluster(name) => name.clone(),
+        ClusterSpecifier::Weighted(list) => {
+            list.first().map(|w| w.name.clone()).unwrap_or_default()
+        }
+    };
     NetworkFilter::TcpProxy(TcpProxy {
-        stat_prefix: cluster.to_string(),
-        cluster: ClusterSpecifier::Cluster(cluster.to_string()),
+        stat_prefix,
+        cluster,
         idle_timeout: Some(TCP_IDLE_TIMEOUT),
     })
+}
+
+/// A service's own `tcp_proxy`: to its VirtualService's TCP route when one takes it.
+fn service_tcp_proxy(cluster: &str, targets: &Map<Arc<str>, ClusterSpecifier>) -> NetworkFilter {
+    match targets.get(cluster) {
+        Some(target) => tcp_proxy_to(target.clone()),
+        None => tcp_proxy(cluster),
+    }
 }
 
 fn chain(name: &str, filter_chain_match: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
@@ -481,7 +537,7 @@ fn range_chains(
     chains: &mut Vec<FilterChain>,
     nets: Vec<IpNet>,
     http: Option<NetworkFilter>,
-    cluster: &str,
+    tcp_filter: NetworkFilter,
 ) {
     let mut tcp = FilterChainMatch {
         prefix_ranges: nets.clone(),
@@ -491,12 +547,18 @@ fn range_chains(
         tcp.transport_protocol = Some("raw_buffer".to_string());
         chains.push(chain("", http_match(nets), http));
     }
-    chains.push(chain("", tcp, tcp_proxy(cluster)));
+    chains.push(chain("", tcp, tcp_filter));
 }
 
 /// A `0.0.0.0_PORT` listener: HTTP to the port's route table, ranges and SNI names to their
 /// services, the port-wide service (or the catch-all) for the rest.
-fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) -> Listener {
+fn port_listener(
+    port: u16,
+    l: &PortListener,
+    catch_all: &str,
+    pods: &[IpAddr],
+    targets: &Map<Arc<str>, ClusterSpecifier>,
+) -> Listener {
     let name = format!("0.0.0.0_{port}");
     let routes = port.to_string();
     let mut chains = Vec::new();
@@ -507,18 +569,33 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
             http_manager(&name, &routes),
         ));
     }
+    for route in &l.subnets {
+        chains.push(chain(
+            "",
+            FilterChainMatch {
+                prefix_ranges: route.subnets.clone(),
+                ..FilterChainMatch::default()
+            },
+            tcp_proxy_to(route.target.clone()),
+        ));
+    }
     for (net, cluster, sniffed) in &l.ranges {
         let http = sniffed.then(|| http_manager(&name, &routes));
-        range_chains(&mut chains, vec![*net], http, cluster);
+        range_chains(
+            &mut chains,
+            vec![*net],
+            http,
+            service_tcp_proxy(cluster, targets),
+        );
     }
-    for (cluster, names) in &l.sni {
+    for (target, names) in &l.sni {
         chains.push(chain(
             "",
             FilterChainMatch {
                 server_names: names.clone(),
                 ..FilterChainMatch::default()
             },
-            tcp_proxy(cluster),
+            tcp_proxy_to(target.clone()),
         ));
     }
     // A port-wide service takes pods' addresses too; else pods outside the ranges here get
@@ -530,10 +607,19 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
         .collect();
     if !pods.is_empty() {
         let http = l.http.then(|| http_manager(&name, &routes));
-        range_chains(&mut chains, host_nets(&pods), http, PASSTHROUGH_CLUSTER);
+        range_chains(
+            &mut chains,
+            host_nets(&pods),
+            http,
+            tcp_proxy(PASSTHROUGH_CLUSTER),
+        );
     }
     let default = match &l.any {
-        Some(cluster) => chain("", FilterChainMatch::default(), tcp_proxy(cluster)),
+        Some(cluster) => chain(
+            "",
+            FilterChainMatch::default(),
+            service_tcp_proxy(cluster, targets),
+        ),
         None => chain(
             PASSTHROUGH_FILTER_CHAIN,
             FilterChainMatch::default(),
@@ -565,9 +651,14 @@ fn address_listener(
     port: u16,
     c: &PendingCluster,
     vs_routes: &Map<Arc<str>, Vec<Route>>,
+    targets: &Map<Arc<str>, ClusterSpecifier>,
 ) -> (Listener, Option<RouteConfiguration>) {
     let name = format!("{ip}_{port}");
-    let tcp = chain("", FilterChainMatch::default(), tcp_proxy(&c.name));
+    let tcp = chain(
+        "",
+        FilterChainMatch::default(),
+        service_tcp_proxy(&c.name, targets),
+    );
     let mut listener = Listener {
         name,
         address: SocketAddr::new(ip, port),

@@ -638,3 +638,148 @@ pub(super) fn retry_policy(r: Option<&portcullis_model::HttpRetry>) -> Option<Re
     }
     Some(policy)
 }
+
+/// Where a TLS or TCP route sends connections: one cluster, or several by weight (zero
+/// weights left out when there are several, as istiod does).
+fn l4_target(
+    b: &Builder<'_>,
+    vs: Vs<'_>,
+    route: &[portcullis_model::RouteDestination],
+    port: u16,
+    ports: &BTreeMap<String, Vec<u16>>,
+) -> Option<ClusterSpecifier> {
+    let ns = vs.meta.namespace.as_str();
+    match route {
+        [] => None,
+        [only] => Some(ClusterSpecifier::Cluster(b.destination_cluster(
+            &only.destination,
+            ns,
+            port,
+            ports,
+        ))),
+        several => Some(ClusterSpecifier::Weighted(
+            several
+                .iter()
+                .filter(|d| d.weight != 0)
+                .map(|d| WeightedCluster {
+                    name: b.destination_cluster(&d.destination, ns, port, ports),
+                    weight: u32::try_from(d.weight).unwrap_or(0),
+                    request_headers_to_add: Vec::new(),
+                    request_headers_to_remove: Vec::new(),
+                })
+                .collect(),
+        )),
+    }
+}
+
+/// A TLS route's chain: the SNI names it matches and where it sends them.
+pub(super) struct SniRoute {
+    /// `server_names` of the chain.
+    pub(super) server_names: Vec<String>,
+    /// Where it goes.
+    pub(super) target: ClusterSpecifier,
+}
+
+/// A TCP route's chain for destination ranges, or for the whole port (no ranges).
+pub(super) struct SubnetRoute {
+    /// `prefix_ranges` of the chain; empty for the service's own chains.
+    pub(super) subnets: Vec<ipnet::IpNet>,
+    /// Where it goes.
+    pub(super) target: ClusterSpecifier,
+}
+
+impl Builder<'_> {
+    /// The chains a VirtualService's `tls` routes give a TLS service on `port`, as istiod's
+    /// `buildSidecarOutboundTLSFilterChainOpts`: one per match that holds on this port and
+    /// for this sidecar; `None` without such a match (the service keeps its own chain).
+    pub(super) fn tls_routes(
+        &self,
+        host: &str,
+        port: u16,
+        ports: &BTreeMap<String, Vec<u16>>,
+    ) -> Option<Vec<SniRoute>> {
+        let vs = self.virtual_service_for(host, port)?;
+        let mut out = Vec::new();
+        for route in &vs.spec.tls {
+            for m in &route.matches {
+                if m.port.is_some_and(|p| p != 0 && p != u32::from(port))
+                    || !self.l4_source_holds(&m.gateways, &m.source_labels, &m.source_namespace)
+                {
+                    continue;
+                }
+                let Some(target) = l4_target(self, vs, &route.route, port, ports) else {
+                    continue;
+                };
+                out.push(SniRoute {
+                    server_names: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    target,
+                });
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The routes a VirtualService's `tcp` routes give a TCP service on `port`, as istiod's
+    /// `buildSidecarOutboundTCPFilterChainOpts`: matches with destination subnets become
+    /// chains of their own, in order; the first route that matches the port without subnets
+    /// (or has no match) takes the service's own chains, and ends the list.
+    pub(super) fn tcp_routes(
+        &self,
+        host: &str,
+        port: u16,
+        ports: &BTreeMap<String, Vec<u16>>,
+    ) -> Vec<SubnetRoute> {
+        let Some(vs) = self.virtual_service_for(host, port) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for route in &vs.spec.tcp {
+            let Some(target) = l4_target(self, vs, &route.route, port, ports) else {
+                continue;
+            };
+            if route.matches.is_empty() {
+                out.push(SubnetRoute {
+                    subnets: Vec::new(),
+                    target,
+                });
+                return out;
+            }
+            for m in &route.matches {
+                if m.port.is_some_and(|p| p != 0 && p != u32::from(port))
+                    || !self.l4_source_holds(&m.gateways, &m.source_labels, &m.source_namespace)
+                {
+                    continue;
+                }
+                let subnets: Vec<ipnet::IpNet> = m
+                    .destination_subnets
+                    .iter()
+                    .filter_map(|s| super::parse_net(s))
+                    .collect();
+                let whole_port = subnets.is_empty();
+                out.push(SubnetRoute {
+                    subnets,
+                    target: target.clone(),
+                });
+                if whole_port {
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
+    fn l4_source_holds(
+        &self,
+        gateways: &[String],
+        labels: &BTreeMap<String, String>,
+        namespace: &str,
+    ) -> bool {
+        source_holds(
+            gateways,
+            labels,
+            namespace,
+            &self.options.workload_labels,
+            &self.options.namespace,
+        )
+    }
+}

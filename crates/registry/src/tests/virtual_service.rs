@@ -388,3 +388,128 @@ spec:
         ]
     );
 }
+
+fn connection_target(s: &Snapshot, dst: &str, port: u16, sni: Option<&str>) -> String {
+    let d = s.route_connection(&Connection {
+        destination: Some(dst.parse().unwrap()),
+        port,
+        server_name: sni,
+        tls: sni.is_some(),
+        ..Connection::default()
+    });
+    match d {
+        Decision::Cluster(c) => c.name.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+const BACKENDS: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: one, namespace: default}
+spec:
+  hosts: [one.backend.test]
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 5432, name: tcp, protocol: TCP}]
+  addresses: [10.7.0.1]
+  resolution: STATIC
+  endpoints: [{address: 10.7.1.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: two, namespace: default}
+spec:
+  hosts: [two.backend.test]
+  ports: [{number: 443, name: tls, protocol: TLS}, {number: 5432, name: tcp, protocol: TCP}]
+  addresses: [10.7.0.2]
+  resolution: STATIC
+  endpoints: [{address: 10.7.1.2}]
+";
+
+#[test]
+fn tls_routes_send_their_sni_names_to_the_weighted_destinations() {
+    let yaml = "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: front, namespace: default}
+spec:
+  hosts: [front.tls.test, other.tls.test]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 10.8.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: front, namespace: default}
+spec:
+  hosts: [front.tls.test]
+  tls:
+  - match: [{sniHosts: [front.tls.test], port: 8443}]
+    route: [{destination: {host: front.tls.test}}]
+  - match: [{sniHosts: [front.tls.test]}]
+    route:
+    - {destination: {host: one.backend.test, port: {number: 443}}, weight: 50}
+    - {destination: {host: two.backend.test, port: {number: 443}}, weight: 50}
+";
+    let s = snapshot(&[BACKENDS, yaml].concat());
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        seen.insert(connection_target(
+            &s,
+            "10.9.9.9",
+            443,
+            Some("front.tls.test"),
+        ));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [
+            "outbound|443||one.backend.test",
+            "outbound|443||two.backend.test"
+        ]
+    );
+    // A name without a TLS route keeps its service's chain.
+    assert_eq!(
+        connection_target(&s, "10.9.9.9", 443, Some("other.tls.test")),
+        "outbound|443||other.tls.test"
+    );
+}
+
+#[test]
+fn tcp_routes_send_destination_subnets_and_the_port_where_they_say() {
+    let yaml = "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.test]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.8.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.test]
+  tcp:
+  - match: [{destinationSubnets: [10.6.0.0/16], port: 5432}]
+    route: [{destination: {host: two.backend.test, port: {number: 5432}}}]
+  - route: [{destination: {host: one.backend.test, port: {number: 5432}}}]
+";
+    let s = snapshot(&[BACKENDS, yaml].concat());
+    assert_eq!(
+        connection_target(&s, "10.6.3.4", 5432, None),
+        "outbound|5432||two.backend.test"
+    );
+    assert_eq!(
+        connection_target(&s, "10.9.9.9", 5432, None),
+        "outbound|5432||one.backend.test"
+    );
+    // The backends' own addresses stay theirs.
+    assert_eq!(
+        connection_target(&s, "10.7.0.1", 5432, None),
+        "outbound|5432||one.backend.test"
+    );
+}

@@ -588,3 +588,112 @@ spec:
         "default's Sidecar does not apply in other"
     );
 }
+
+/// istiod's `TranslateRouteMatch`: headers and `withoutHeaders` sorted by name, then
+/// method, authority and scheme; `{}` and the regex `*` are presence checks; an inverted
+/// value match treats a missing header as empty; the uri is case sensitive unless
+/// `ignoreUriCase`.
+#[test]
+fn virtual_service_matches_compile_to_istiods_route_match() {
+    use portcullis_envoy::{
+        HeaderMatch, HeaderMatcher, PathMatch, QueryParameterMatcher, StringMatcher, StringPattern,
+    };
+    let c = compiled(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  http:
+  - name: r
+    match:
+    - name: m
+      uri: {regex: '/v[0-9]+/.*'}
+      ignoreUriCase: true
+      headers: {x-b: {exact: one}, x-a: {}}
+      withoutHeaders: {x-c: {prefix: bad}, x-d: {regex: '*'}}
+      method: {exact: POST}
+      authority: {prefix: api.}
+      scheme: {exact: http}
+      queryParams: {q: {regex: '*'}, v: {exact: '2'}}
+    - port: 8080
+      uri: {exact: /elsewhere}
+    route: [{destination: {host: api.example.com}}]
+",
+    );
+    let table = routes(&c, "80");
+    let vh = table
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "api.example.com:80")
+        .expect("the service's virtual host");
+    // The match for port 8080 is left out on port 80, and no default route is added.
+    assert_eq!(vh.routes.len(), 1, "{:?}", vh.routes);
+    let r = &vh.routes[0];
+    assert_eq!(r.name, "r.m");
+    let exact = |v: &str| {
+        HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Exact(v.into()),
+            ignore_case: false,
+        })
+    };
+    let prefix = |v: &str| {
+        HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Prefix(v.into()),
+            ignore_case: false,
+        })
+    };
+    let header = |name: &str, matcher, invert: bool, missing_empty: bool| HeaderMatcher {
+        name: name.into(),
+        matcher,
+        invert_match: invert,
+        treat_missing_header_as_empty: missing_empty,
+    };
+    assert_eq!(
+        r.route_match,
+        RouteMatch {
+            path: PathMatch::Regex("/v[0-9]+/.*".into()),
+            case_sensitive: false,
+            headers: vec![
+                header("x-a", HeaderMatch::Present(true), false, false),
+                header("x-b", exact("one"), false, false),
+                header("x-c", prefix("bad"), true, true),
+                header("x-d", HeaderMatch::Present(true), true, false),
+                header(":method", exact("POST"), false, false),
+                header(":authority", prefix("api."), false, false),
+                header(":scheme", exact("http"), false, false),
+            ],
+            query_parameters: vec![
+                QueryParameterMatcher {
+                    name: "q".into(),
+                    matcher: None,
+                },
+                QueryParameterMatcher {
+                    name: "v".into(),
+                    matcher: Some(StringMatcher {
+                        pattern: StringPattern::Exact("2".into()),
+                        ignore_case: false,
+                    }),
+                },
+            ],
+        }
+    );
+    // The same service on the HTTP proxy table (`host:port` domains) gets the same routes.
+    let proxy = routes(&c, HTTP_PROXY_ROUTES);
+    let vh = proxy
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "api.example.com:80")
+        .expect("the service's virtual host");
+    assert_eq!(vh.routes[0].name, "r.m");
+}
