@@ -1147,13 +1147,29 @@ fn retry_policies() {
             "noretry.internal.com",
         ]),
     ];
-    for (name, retries) in [
-        ("fivexx", "\n    retries: {attempts: 2, retryOn: 5xx}"),
-        ("gateway", "\n    retries: {attempts: 1, retryOn: gateway-error}"),
-        ("codes", "\n    retries: {attempts: 1, retryOn: '503'}"),
-        ("plain", ""),
-        ("dead", "\n    retries: {attempts: 3, retryOn: connect-failure}"),
-        ("noretry", "\n    retries: {attempts: 0}"),
+    for (name, route, retries) in [
+        (
+            "fivexx",
+            "fivexx",
+            "\n    retries: {attempts: 2, retryOn: 5xx}",
+        ),
+        (
+            "gateway",
+            "gateway",
+            "\n    retries: {attempts: 1, retryOn: gateway-error}",
+        ),
+        (
+            "codes",
+            "codes",
+            "\n    retries: {attempts: 1, retryOn: '503'}",
+        ),
+        ("plain", "plain", ""),
+        (
+            "dead",
+            "connect-retries",
+            "\n    retries: {attempts: 3, retryOn: connect-failure}",
+        ),
+        ("noretry", "no-retries", "\n    retries: {attempts: 0}"),
     ] {
         let to = if matches!(name, "dead" | "noretry") {
             "dead.internal.com"
@@ -1167,7 +1183,8 @@ metadata: {{name: {name}, namespace: default}}
 spec:
   hosts: [{name}.internal.com]
   http:
-  - route: [{{destination: {{host: {to}}}}}]{retries}
+  - name: {route}
+    route: [{{destination: {{host: {to}}}}}]{retries}
 ---
 "
         ));

@@ -78,7 +78,13 @@ spec:
 
 /// An nginx on `ip:8080` serving `page`, answering 500 under `/fail`, and logging each
 /// request's `x-envoy-attempt-count` to `attempts.log` in its folder.
-fn backend(lab: &mut Lab, name: &str, ip: &str, page: &str, status_port: u16) -> anyhow::Result<()> {
+fn backend(
+    lab: &mut Lab,
+    name: &str,
+    ip: &str,
+    page: &str,
+    status_port: u16,
+) -> anyhow::Result<()> {
     lab.add_address(Role::External, ip)?;
     let servers = format!(
         "    log_format attempts '$request $status attempt=$http_x_envoy_attempt_count';
@@ -142,8 +148,7 @@ fn http_routes_split_match_redirect_answer_and_retry_as_istio() {
         let before = lab.nginx_requests(Role::External);
         let reply = lab.curl(&["http://shop.internal.com/old/page?q=1"])?;
         ensure!(
-            reply.status == 302
-                && reply.header("location") == Some("http://www.shop.test/new?q=1"),
+            reply.status == 302 && reply.header("location") == Some("http://www.shop.test/new?q=1"),
             "the redirect: {reply}"
         );
         // A direct response, likewise.
@@ -179,7 +184,10 @@ fn http_routes_split_match_redirect_answer_and_retry_as_istio() {
             .filter(|l| l.contains("VirtualService") && l.contains("not applied"))
             .map(str::to_owned)
             .collect();
-        ensure!(unapplied.is_empty(), "no VirtualService warning: {unapplied:#?}");
+        ensure!(
+            unapplied.is_empty(),
+            "no VirtualService warning: {unapplied:#?}"
+        );
         Ok(())
     });
 }
