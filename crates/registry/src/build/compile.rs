@@ -246,7 +246,25 @@ impl Builder<'_> {
                 if !matches!(c.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Auto) {
                     continue;
                 }
-                let (listener, table) = address_listener(*ip, *port, c, &vs_routes, &tcp_targets);
+                let (mut listener, table) =
+                    address_listener(*ip, *port, c, &vs_routes, &tcp_targets);
+                // A TLS service's address with TLS routes: a chain per SNI match, as
+                // istiod builds them; other names find no chain.
+                if c.protocol == Protocol::Tls
+                    && let Some(routes) = self.tls_routes(&c.host, c.port, &ports)
+                {
+                    listener.filter_chains = routes
+                        .into_iter()
+                        .map(|r| {
+                            let sni = FilterChainMatch {
+                                server_names: r.server_names,
+                                ..FilterChainMatch::default()
+                            };
+                            chain("", sni, tcp_proxy_to(r.target))
+                        })
+                        .collect();
+                    listener.listener_filters = inspectors(&listener.filter_chains);
+                }
                 out.resources
                     .listeners
                     .insert(listener.name.clone(), Arc::new(listener));

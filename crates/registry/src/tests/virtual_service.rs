@@ -513,3 +513,28 @@ spec:
         "outbound|5432||one.backend.test"
     );
 }
+
+#[test]
+fn tls_routes_also_apply_on_a_tls_services_own_address() {
+    let yaml = "
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: one, namespace: default}
+spec:
+  hosts: [one.backend.test]
+  tls:
+  - match: [{sniHosts: [one.backend.test]}]
+    route: [{destination: {host: two.backend.test, port: {number: 443}}}]
+";
+    let s = snapshot(&[BACKENDS, yaml].concat());
+    assert_eq!(
+        connection_target(&s, "10.7.0.1", 443, Some("one.backend.test")),
+        "outbound|443||two.backend.test"
+    );
+    // Another name to that address matches no chain, as with Envoy fed by istiod.
+    assert_eq!(
+        connection_target(&s, "10.7.0.1", 443, Some("other.test")),
+        "NoFilterChain"
+    );
+}
