@@ -697,3 +697,85 @@ spec:
         .expect("the service's virtual host");
     assert_eq!(vh.routes[0].name, "r.m");
 }
+
+/// A DestinationRule's subsets are clusters of their own beside the service's, and TCP and
+/// TLS routes of a VirtualService become `tcp_proxy` chains to their (weighted)
+/// destinations, as istiod builds them.
+#[test]
+fn subsets_and_l4_routes_compile_to_istiods_clusters_and_chains() {
+    let c = compiled(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1, labels: {role: primary}}, {address: 10.1.0.2, labels: {role: replica}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.example.com
+  subsets: [{name: primary, labels: {role: primary}}, {name: replica, labels: {role: replica}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db}
+spec:
+  hosts: [db.example.com]
+  tcp:
+  - route:
+    - {destination: {host: db.example.com, subset: primary}, weight: 90}
+    - {destination: {host: db.example.com, subset: replica}, weight: 10}
+",
+    );
+    let names: Vec<&str> = c.resources.clusters.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "outbound|5432|primary|db.example.com",
+            "outbound|5432|replica|db.example.com",
+            "outbound|5432||db.example.com",
+        ]
+    );
+    let endpoints = |name: &str| -> Vec<String> {
+        c.resources.clusters[name]
+            .load_assignment
+            .iter()
+            .flat_map(|a| &a.endpoints)
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| format!("{:?}", e.address))
+            .collect()
+    };
+    assert_eq!(
+        endpoints("outbound|5432|replica|db.example.com"),
+        ["Socket(10.1.0.2:5432)"]
+    );
+    assert_eq!(endpoints("outbound|5432||db.example.com").len(), 2);
+    let l = listener(&c, "0.0.0.0_5432");
+    let chain = l
+        .default_filter_chain
+        .as_ref()
+        .or(l.filter_chains.first())
+        .expect("the port's chain");
+    let NetworkFilter::TcpProxy(t) = &chain.filter else {
+        panic!("{chain:?}");
+    };
+    assert_eq!(t.stat_prefix, "outbound|5432|primary|db.example.com");
+    let ClusterSpecifier::Weighted(w) = &t.cluster else {
+        panic!("{t:?}");
+    };
+    let weights: Vec<(&str, u32)> = w.iter().map(|w| (w.name.as_str(), w.weight)).collect();
+    assert_eq!(
+        weights,
+        [
+            ("outbound|5432|primary|db.example.com", 90),
+            ("outbound|5432|replica|db.example.com", 10)
+        ]
+    );
+}
