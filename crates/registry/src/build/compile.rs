@@ -319,6 +319,7 @@ impl Builder<'_> {
         pending: &Map<Arc<str>, PendingCluster>,
         ports: &BTreeMap<String, Vec<u16>>,
     ) -> Map<Arc<str>, Vec<Route>> {
+        self.unmatched_virtual_service_hosts(ports);
         let mut routes = Map::default();
         for c in pending.values() {
             if !routed_by_host(c.protocol) {

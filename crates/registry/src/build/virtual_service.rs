@@ -164,6 +164,29 @@ impl<'a> Builder<'a> {
         best.map(|(_, _, vs)| vs)
     }
 
+    /// Warns about each host of a VirtualService for this sidecar that names no service it
+    /// has: istiod would still give such a host a virtual host on port 80; portcullis
+    /// applies rules only to registered services.
+    pub(super) fn unmatched_virtual_service_hosts(&mut self, ports: &BTreeMap<String, Vec<u16>>) {
+        let domain = &self.options.cluster_domain;
+        let proxy_ns = &self.options.namespace;
+        for vs in &self.virtual_services {
+            let ns = &vs.meta.namespace;
+            if !vs.spec.applies_to_sidecars() || !visible(&vs.spec.export_to, ns, proxy_ns) {
+                continue;
+            }
+            for host in &vs.spec.hosts {
+                let host = fqdn(host, ns, domain);
+                if !ports.keys().any(|service| covers(&host, service).is_some()) {
+                    self.vs_warnings.insert(format!(
+                        "VirtualService {ns}/{}: host {host} is no registered service of this proxy; its rules apply to nothing here (register it with a ServiceEntry)",
+                        vs.meta.name
+                    ));
+                }
+            }
+        }
+    }
+
     /// Whether a match's source conditions hold for this sidecar: gateways naming `mesh`
     /// when it names any, else its labels within the workload's and its namespace.
     fn source_matches(&self, m: &HttpMatchRequest) -> bool {

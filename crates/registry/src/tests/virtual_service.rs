@@ -538,3 +538,40 @@ spec:
         "NoFilterChain"
     );
 }
+
+#[test]
+fn retry_options_and_unregistered_hosts_are_handled_as_istiod_does() {
+    let yaml = "
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.example.com, nowhere.example.com]
+  http:
+  - route: [{destination: {host: api.example.com}}]
+    retries: {attempts: 1, retryIgnorePreviousHosts: false}
+";
+    let s = snapshot(&[API, yaml].concat());
+    let route = request(&s, "/", &[]).route.expect("a route");
+    // `retryOn` unset keeps the default conditions; the host predicate can be turned off.
+    let want = RetryPolicy {
+        num_retries: 1,
+        avoid_previous_hosts: false,
+        ..crate::build::compile_default_retry_policy()
+    };
+    assert_eq!(route.retry_policy, Some(want));
+    assert!(
+        s.warnings.iter().any(|w| w
+            == "VirtualService default/api: host nowhere.example.com is no registered service of this proxy; its rules apply to nothing here (register it with a ServiceEntry)"),
+        "{:?}",
+        s.warnings
+    );
+    assert!(
+        !s.warnings
+            .iter()
+            .any(|w| w.contains("host api.example.com")),
+        "{:?}",
+        s.warnings
+    );
+}
