@@ -855,12 +855,80 @@ fn route_to(cluster: &str) -> Value {
     json!({ "route": to_cluster(cluster, None) })
 }
 
+/// The cluster of `subset` of `host` on port 80 (`outbound|80|SUBSET|HOST`), as istiod
+/// builds one for each subset of a DestinationRule.
+fn subset_cluster(subset: &str, host: &str, endpoint: (&str, u16)) -> Value {
+    let mut cluster = static_cluster(80, host, &[endpoint]);
+    let name = format!("outbound|80|{subset}|{host}");
+    cluster["name"] = json!(name);
+    cluster["load_assignment"]["cluster_name"] = json!(name);
+    cluster
+}
+
+/// `subsets.internal.com`: the external nginx is subset v1, the in-cluster one v2.
+const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: subsets, namespace: default}
+spec:
+  hosts: [subsets.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.50.0.1, labels: {version: v1}}
+  - {address: 10.50.2.1, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: subsets, namespace: default}
+spec:
+  host: subsets.internal.com
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: subsets, namespace: default}
+spec:
+  hosts: [subsets.internal.com]
+  http:
+  - name: v2-by-header
+    match: [{headers: {x-v2: {exact: 'yes'}}}]
+    route: [{destination: {host: subsets.internal.com, subset: v2}}]
+  - name: by-subset
+    route:
+    - {destination: {host: subsets.internal.com, subset: v1}, weight: 50}
+    - {destination: {host: subsets.internal.com, subset: v2}, weight: 50}
+---
+";
+
 /// Weighted destinations, redirects, direct responses, header rewrites and header matches,
 /// all on port 80 beside Istio's `block_all`.
 #[test]
 fn virtual_service_routes() {
     let header = |key: &str, value: &str, append: &str| json!({ "header": { "key": key, "value": value }, "append_action": append });
+    let v1 = "outbound|80|v1|subsets.internal.com";
+    let v2 = "outbound|80|v2|subsets.internal.com";
     let vhosts = vec![
+        vs_vhost(
+            "subsets.internal.com",
+            80,
+            vec![
+                json!({
+                    "name": "v2-by-header",
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{ "name": "x-v2", "string_match": { "exact": "yes" } }]
+                    },
+                    "route": to_cluster(v2, None)
+                }),
+                vs_route(
+                    "by-subset",
+                    "/",
+                    json!({ "route": to_weighted(&[(v1, 50), (v2, 50)]) }),
+                ),
+            ],
+        ),
         vs_vhost(
             "split.internal.com",
             80,
@@ -984,6 +1052,16 @@ fn virtual_service_routes() {
             8080,
             "echo.internal.com",
             &[(EXTERNAL_IP, 8080)],
+        ))
+        .cluster(subset_cluster(
+            "v1",
+            "subsets.internal.com",
+            (EXTERNAL_IP, 80),
+        ))
+        .cluster(subset_cluster(
+            "v2",
+            "subsets.internal.com",
+            (IN_CLUSTER_IP, 80),
         ));
     let client_headers = [
         "-H",
@@ -1009,6 +1087,7 @@ fn virtual_service_routes() {
             "fixed.internal.com",
             "rewrite.internal.com",
         ]),
+        SUBSETS.to_owned(),
         VS_ROUTES.to_owned(),
     ]
     .concat();
@@ -1018,6 +1097,16 @@ fn virtual_service_routes() {
         envoy,
         portcullis_flags: vec![],
         probes: vec![
+            Probe::spread(
+                "subsets weighted 50/50",
+                &["http://subsets.internal.com/"],
+                SPREAD,
+            ),
+            Probe::spread(
+                "a header match to one subset",
+                &["-H", "x-v2: yes", "http://subsets.internal.com/"],
+                SPREAD,
+            ),
             Probe::spread("weighted 50/50", &["http://split.internal.com/"], SPREAD),
             Probe::spread("weighted 100/0", &["http://canary.internal.com/"], SPREAD),
             Probe::spread(
@@ -1071,6 +1160,7 @@ fn virtual_service_routes() {
     };
     run_differential(scenario, |lab| {
         lab.map_pod_names(&[
+            "subsets.internal.com",
             "split.internal.com",
             "canary.internal.com",
             "moved.internal.com",
