@@ -716,9 +716,124 @@ fn dns_clusters() {
     });
 }
 
-// Scenarios only the control plane carries (issue 10 item 5): what istiod builds from
-// VirtualServices (weighted destinations, redirects, direct responses, header rewrites,
-// retries). portcullis reads no VirtualService routes from files, so these run over ADS only.
+// What istiod builds from VirtualServices (weighted destinations, redirects, direct
+// responses, header rewrites, retries), served over ADS to both proxies; a third lab runs
+// portcullis from the VirtualServices themselves, which istiod compiles into those resources.
+
+/// STATIC ServiceEntries, one per `(host, port, endpoint ip, endpoint port)`, each with its
+/// own name.
+fn static_services(services: &[(&str, u16, &str, u16)]) -> String {
+    services
+        .iter()
+        .map(|(host, port, ip, target)| {
+            let name = host.split('.').next().unwrap_or(host);
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: {port}, name: http, protocol: HTTP, targetPort: {target}}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+"
+            )
+        })
+        .collect()
+}
+
+/// Hosts that exist only for their VirtualServices: registered on port 80 (HTTP) so that
+/// the sidecar imports them, with no endpoints of their own.
+fn route_only_hosts(hosts: &[&str]) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: routed, namespace: default}}
+spec:
+  hosts: [{}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+",
+        hosts.join(", ")
+    )
+}
+
+/// The VirtualServices of [`virtual_service_routes`].
+const VS_ROUTES: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: split, namespace: default}
+spec:
+  hosts: [split.internal.com]
+  http:
+  - name: canary-by-header
+    match: [{headers: {x-canary: {exact: 'yes'}}}]
+    route: [{destination: {host: pod.internal.com}}]
+  - name: split
+    route:
+    - {destination: {host: ext.internal.com}, weight: 50}
+    - {destination: {host: pod.internal.com}, weight: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: canary, namespace: default}
+spec:
+  hosts: [canary.internal.com]
+  http:
+  - name: all-on-one
+    route:
+    - {destination: {host: ext.internal.com}, weight: 100}
+    - {destination: {host: pod.internal.com}, weight: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: moved, namespace: default}
+spec:
+  hosts: [moved.internal.com]
+  http:
+  - name: path
+    match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new}
+  - name: elsewhere
+    match: [{uri: {prefix: /away}}]
+    redirect: {authority: app.internal.com, scheme: https, port: 8443, redirectCode: 302}
+  - name: keep-path
+    redirect: {authority: ext.internal.com, redirectCode: 308}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: fixed, namespace: default}
+spec:
+  hosts: [fixed.internal.com]
+  http:
+  - name: teapot
+    match: [{uri: {prefix: /teapot}}]
+    directResponse: {status: 418, body: {string: \"short and stout\\n\"}}
+  - name: empty
+    match: [{uri: {prefix: /empty}}]
+    directResponse: {status: 204}
+  - name: maintenance
+    directResponse: {status: 503, body: {string: \"down for maintenance\\n\"}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: rewrite, namespace: default}
+spec:
+  hosts: [rewrite.internal.com]
+  http:
+  - name: rewritten
+    match: [{uri: {prefix: /old/}}]
+    route: [{destination: {host: echo.internal.com}}]
+    rewrite: {uri: /headers/new/, authority: backend.example}
+    headers:
+      request: {add: {x-added: by-route}, set: {x-set: by-route}, remove: [x-drop]}
+      response: {add: {x-response-added: by-route}, set: {x-upstream: overwritten}}
+  - name: response-removed
+    match: [{uri: {prefix: /headers/}}]
+    route: [{destination: {host: echo.internal.com}}]
+    headers: {response: {remove: [x-upstream]}}
+";
 
 /// The external nginx as a service's only endpoint.
 const EXTERNAL_CLUSTER: &str = "outbound|80||ext.internal.com";
@@ -740,12 +855,80 @@ fn route_to(cluster: &str) -> Value {
     json!({ "route": to_cluster(cluster, None) })
 }
 
+/// The cluster of `subset` of `host` on port 80 (`outbound|80|SUBSET|HOST`), as istiod
+/// builds one for each subset of a DestinationRule.
+fn subset_cluster(subset: &str, host: &str, endpoint: (&str, u16)) -> Value {
+    let mut cluster = static_cluster(80, host, &[endpoint]);
+    let name = format!("outbound|80|{subset}|{host}");
+    cluster["name"] = json!(name);
+    cluster["load_assignment"]["cluster_name"] = json!(name);
+    cluster
+}
+
+/// `subsets.internal.com`: the external nginx is subset v1, the in-cluster one v2.
+const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: subsets, namespace: default}
+spec:
+  hosts: [subsets.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.50.0.1, labels: {version: v1}}
+  - {address: 10.50.2.1, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: subsets, namespace: default}
+spec:
+  host: subsets.internal.com
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: subsets, namespace: default}
+spec:
+  hosts: [subsets.internal.com]
+  http:
+  - name: v2-by-header
+    match: [{headers: {x-v2: {exact: 'yes'}}}]
+    route: [{destination: {host: subsets.internal.com, subset: v2}}]
+  - name: by-subset
+    route:
+    - {destination: {host: subsets.internal.com, subset: v1}, weight: 50}
+    - {destination: {host: subsets.internal.com, subset: v2}, weight: 50}
+---
+";
+
 /// Weighted destinations, redirects, direct responses, header rewrites and header matches,
 /// all on port 80 beside Istio's `block_all`.
 #[test]
 fn virtual_service_routes() {
     let header = |key: &str, value: &str, append: &str| json!({ "header": { "key": key, "value": value }, "append_action": append });
+    let v1 = "outbound|80|v1|subsets.internal.com";
+    let v2 = "outbound|80|v2|subsets.internal.com";
     let vhosts = vec![
+        vs_vhost(
+            "subsets.internal.com",
+            80,
+            vec![
+                json!({
+                    "name": "v2-by-header",
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{ "name": "x-v2", "string_match": { "exact": "yes" } }]
+                    },
+                    "route": to_cluster(v2, None)
+                }),
+                vs_route(
+                    "by-subset",
+                    "/",
+                    json!({ "route": to_weighted(&[(v1, 50), (v2, 50)]) }),
+                ),
+            ],
+        ),
         vs_vhost(
             "split.internal.com",
             80,
@@ -869,6 +1052,16 @@ fn virtual_service_routes() {
             8080,
             "echo.internal.com",
             &[(EXTERNAL_IP, 8080)],
+        ))
+        .cluster(subset_cluster(
+            "v1",
+            "subsets.internal.com",
+            (EXTERNAL_IP, 80),
+        ))
+        .cluster(subset_cluster(
+            "v2",
+            "subsets.internal.com",
+            (IN_CLUSTER_IP, 80),
         ));
     let client_headers = [
         "-H",
@@ -881,12 +1074,39 @@ fn virtual_service_routes() {
     let rewritten = "http://rewrite.internal.com/old/thing?q=1";
     let mut rewrite_args = client_headers.to_vec();
     rewrite_args.push(rewritten);
+    let services = [
+        static_services(&[
+            ("ext.internal.com", 80, EXTERNAL_IP, 80),
+            ("pod.internal.com", 80, IN_CLUSTER_IP, 80),
+            ("echo.internal.com", 8080, EXTERNAL_IP, 8080),
+        ]),
+        route_only_hosts(&[
+            "split.internal.com",
+            "canary.internal.com",
+            "moved.internal.com",
+            "fixed.internal.com",
+            "rewrite.internal.com",
+        ]),
+        SUBSETS.to_owned(),
+        VS_ROUTES.to_owned(),
+    ]
+    .concat();
     let scenario = Scenario {
         name: "vsroutes",
-        files: Vec::new(),
+        files: vec![("routes.yaml".to_owned(), services)],
         envoy,
         portcullis_flags: vec![],
         probes: vec![
+            Probe::spread(
+                "subsets weighted 50/50",
+                &["http://subsets.internal.com/"],
+                SPREAD,
+            ),
+            Probe::spread(
+                "a header match to one subset",
+                &["-H", "x-v2: yes", "http://subsets.internal.com/"],
+                SPREAD,
+            ),
             Probe::spread("weighted 50/50", &["http://split.internal.com/"], SPREAD),
             Probe::spread("weighted 100/0", &["http://canary.internal.com/"], SPREAD),
             Probe::spread(
@@ -940,6 +1160,7 @@ fn virtual_service_routes() {
     };
     run_differential(scenario, |lab| {
         lab.map_pod_names(&[
+            "subsets.internal.com",
             "split.internal.com",
             "canary.internal.com",
             "moved.internal.com",
@@ -1003,9 +1224,64 @@ fn retry_policies() {
             "echo.internal.com",
             &[(EXTERNAL_IP, 8080)],
         ));
+    let mut services = vec![
+        static_services(&[
+            ("dead.internal.com", 80, refusing.0, refusing.1),
+            ("echo.internal.com", 8080, EXTERNAL_IP, 8080),
+        ]),
+        route_only_hosts(&[
+            "fivexx.internal.com",
+            "gateway.internal.com",
+            "codes.internal.com",
+            "plain.internal.com",
+            "noretry.internal.com",
+        ]),
+    ];
+    for (name, route, retries) in [
+        (
+            "fivexx",
+            "fivexx",
+            "\n    retries: {attempts: 2, retryOn: 5xx}",
+        ),
+        (
+            "gateway",
+            "gateway",
+            "\n    retries: {attempts: 1, retryOn: gateway-error}",
+        ),
+        (
+            "codes",
+            "codes",
+            "\n    retries: {attempts: 1, retryOn: '503'}",
+        ),
+        ("plain", "plain", ""),
+        (
+            "dead",
+            "connect-retries",
+            "\n    retries: {attempts: 3, retryOn: connect-failure}",
+        ),
+        ("noretry", "no-retries", "\n    retries: {attempts: 0}"),
+    ] {
+        let to = if matches!(name, "dead" | "noretry") {
+            "dead.internal.com"
+        } else {
+            "echo.internal.com"
+        };
+        services.push(format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{name}.internal.com]
+  http:
+  - name: {route}
+    route: [{{destination: {{host: {to}}}}}]{retries}
+---
+"
+        ));
+    }
     let scenario = Scenario {
         name: "retries",
-        files: Vec::new(),
+        files: vec![("retries.yaml".to_owned(), services.concat())],
         envoy,
         portcullis_flags: vec![],
         probes: vec![

@@ -55,6 +55,7 @@ impl Forward {
             host_rewrite_literal: None,
             prefix_rewrite: None,
             regex_rewrite: None,
+            request_mirror_policies: Vec::new(),
         }
     }
 }
@@ -70,6 +71,7 @@ impl Route {
             request_headers_to_remove: Vec::new(),
             response_headers_to_add: Vec::new(),
             response_headers_to_remove: Vec::new(),
+            fault: None,
         }
     }
 }

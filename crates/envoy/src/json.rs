@@ -9,12 +9,12 @@ use ipnet::IpNet;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Discovery, EndpointAddress,
-    FilterChain, FilterChainMatch, HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus,
-    HttpConnectionManager, LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch,
-    QueryParameterMatcher, Redirect, RetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteSource, StringMatcher, StringPattern, TcpProxy, UpstreamProtocol, UpstreamTransport,
-    VirtualHost,
+    AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Denominator, Discovery,
+    EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HeaderMatch, HeaderMatcher,
+    HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault, LbEndpoint, LbPolicy,
+    Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteSource, StringMatcher, StringPattern, TcpProxy,
+    UpstreamProtocol, UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -361,6 +361,26 @@ fn route(r: &Route) -> Value {
                     |r| json!({"pattern": {"regex": r.pattern}, "substitution": r.substitution}),
                 ),
             );
+            put(
+                &mut a,
+                "request_mirror_policies",
+                f.request_mirror_policies
+                    .iter()
+                    .map(|m| {
+                        let mut p = Map::new();
+                        put(&mut p, "cluster", json!(m.cluster));
+                        put(
+                            &mut p,
+                            "runtime_fraction",
+                            opt(
+                                m.runtime_fraction,
+                                |f| json!({ "default_value": fraction(f) }),
+                            ),
+                        );
+                        Value::Object(p)
+                    })
+                    .collect(),
+            );
             o.insert("route".into(), Value::Object(a));
         }
         RouteAction::DirectResponse { status, body } => {
@@ -383,6 +403,49 @@ fn route(r: &Route) -> Value {
         &r.request_headers_to_remove,
         &r.response_headers_to_add,
         &r.response_headers_to_remove,
+    );
+    if let Some(f) = &r.fault {
+        o.insert(
+            "typed_per_filter_config".into(),
+            json!({ FAULT_FILTER: fault(f) }),
+        );
+    }
+    Value::Object(o)
+}
+
+/// The HTTP filter name istiod keys a route's fault config by.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+fn fraction(f: FractionalPercent) -> Value {
+    let denominator = match f.denominator {
+        Denominator::Hundred => "HUNDRED",
+        Denominator::TenThousand => "TEN_THOUSAND",
+        Denominator::Million => "MILLION",
+    };
+    json!({"numerator": f.numerator, "denominator": denominator})
+}
+
+fn fault(f: &HttpFault) -> Value {
+    let mut o = Map::new();
+    o.insert(
+        "@type".into(),
+        json!("type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"),
+    );
+    put(
+        &mut o,
+        "delay",
+        opt(
+            f.delay.as_ref(),
+            |d| json!({"fixed_delay": duration(d.fixed_delay), "percentage": fraction(d.percentage)}),
+        ),
+    );
+    put(
+        &mut o,
+        "abort",
+        opt(
+            f.abort.as_ref(),
+            |a| json!({"http_status": a.http_status, "percentage": fraction(a.percentage)}),
+        ),
     );
     Value::Object(o)
 }
@@ -785,24 +848,64 @@ mod tests {
     }
 
     #[test]
+    fn faults_and_mirrors_render_as_istiod_writes_them() {
+        let million = |numerator| FractionalPercent {
+            numerator,
+            denominator: Denominator::Million,
+        };
+        let mut r = Route::new(
+            "r",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward {
+                request_mirror_policies: vec![crate::RequestMirrorPolicy {
+                    cluster: "outbound|80||b".into(),
+                    runtime_fraction: Some(million(50_000)),
+                }],
+                ..crate::Forward::to("outbound|80||a")
+            }),
+        );
+        r.fault = Some(HttpFault {
+            delay: Some(crate::FaultDelay {
+                fixed_delay: Duration::from_secs(2),
+                percentage: million(1_000_000),
+            }),
+            abort: None,
+        });
+        assert_eq!(
+            route(&r),
+            json!({
+                "name": "r",
+                "match": {"prefix": "/"},
+                "route": {
+                    "cluster": "outbound|80||a",
+                    "request_mirror_policies": [{
+                        "cluster": "outbound|80||b",
+                        "runtime_fraction": {"default_value": {"numerator": 50_000, "denominator": "MILLION"}},
+                    }],
+                },
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "delay": {"fixed_delay": "2s", "percentage": {"numerator": 1_000_000, "denominator": "MILLION"}},
+                }},
+            })
+        );
+    }
+
+    #[test]
     fn istios_block_all_route_is_a_direct_502() {
         let rc = RouteConfiguration {
             name: "80".into(),
             virtual_hosts: vec![VirtualHost {
                 name: "block_all".into(),
                 domains: vec!["*".into()],
-                routes: vec![Route {
-                    name: "block_all".into(),
-                    route_match: RouteMatch::any(),
-                    action: RouteAction::DirectResponse {
+                routes: vec![Route::new(
+                    "block_all",
+                    RouteMatch::any(),
+                    RouteAction::DirectResponse {
                         status: 502,
                         body: None,
                     },
-                    request_headers_to_add: Vec::new(),
-                    request_headers_to_remove: Vec::new(),
-                    response_headers_to_add: Vec::new(),
-                    response_headers_to_remove: Vec::new(),
-                }],
+                )],
                 ..Default::default()
             }],
             ..Default::default()

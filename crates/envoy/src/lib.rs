@@ -239,6 +239,78 @@ pub struct Route {
     pub response_headers_to_add: Vec<HeaderValueOption>,
     /// Headers removed from responses.
     pub response_headers_to_remove: Vec<String>,
+    /// The fault filter's per-route config (`typed_per_filter_config` of
+    /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`); carried in
+    /// the model and the config dump, not applied by the data path yet.
+    pub fault: Option<HttpFault>,
+}
+
+/// Envoy's `HTTPFault`, the parts istiod sets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpFault {
+    /// Delays requests before they are forwarded.
+    pub delay: Option<FaultDelay>,
+    /// Answers requests with a status instead of forwarding them.
+    pub abort: Option<FaultAbort>,
+}
+
+/// Envoy's `FaultDelay` (fixed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultDelay {
+    /// How long.
+    pub fixed_delay: Duration,
+    /// Share of requests delayed.
+    pub percentage: FractionalPercent,
+}
+
+/// Envoy's `FaultAbort` with an HTTP status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultAbort {
+    /// The status answered.
+    pub http_status: u16,
+    /// Share of requests aborted.
+    pub percentage: FractionalPercent,
+}
+
+/// Envoy's `FractionalPercent`: `numerator` out of `denominator`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FractionalPercent {
+    /// The share.
+    pub numerator: u32,
+    /// Out of how many.
+    pub denominator: Denominator,
+}
+
+/// Envoy's `FractionalPercent.DenominatorType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denominator {
+    /// Out of 100.
+    Hundred,
+    /// Out of 10,000.
+    TenThousand,
+    /// Out of 1,000,000.
+    Million,
+}
+
+impl Denominator {
+    /// The denominator's value.
+    pub fn value(self) -> u32 {
+        match self {
+            Denominator::Hundred => 100,
+            Denominator::TenThousand => 10_000,
+            Denominator::Million => 1_000_000,
+        }
+    }
+}
+
+/// Envoy's `RequestMirrorPolicy`: a copy of each request (of a share of them) sent to
+/// another cluster, its response ignored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMirrorPolicy {
+    /// Where copies go.
+    pub cluster: String,
+    /// Share of requests copied (`runtime_fraction.default_value`); `None`: all.
+    pub runtime_fraction: Option<FractionalPercent>,
 }
 
 /// Envoy's `RouteMatch`.
@@ -392,6 +464,9 @@ pub struct Forward {
     pub prefix_rewrite: Option<String>,
     /// Rewrites the path by regex substitution.
     pub regex_rewrite: Option<RegexRewrite>,
+    /// Copies of requests sent elsewhere; carried in the model and the config dump, not
+    /// applied by the data path yet.
+    pub request_mirror_policies: Vec<RequestMirrorPolicy>,
 }
 
 /// Envoy's `RegexMatchAndSubstitute`.

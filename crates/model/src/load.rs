@@ -1078,6 +1078,7 @@ spec:
             panic!("{l:?}");
         };
         assert_eq!(vs.spec.hosts, ["api.example.com"]);
+        assert_eq!(vs.spec.http[0].route[0].destination.host, "api.example.com");
         let Resource::Sidecar(sc) = &l.resources[1] else {
             panic!("{l:?}");
         };

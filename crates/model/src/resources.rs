@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod virtual_service;
+
+pub use virtual_service::*;
+
 /// A list without spare capacity. Parsed resources live as long as their file's content
 /// does, and a list grown by doubling while parsed keeps room for four entries where
 /// there is usually one (a ServiceEntry's single endpoint or port).
@@ -478,15 +482,6 @@ pub struct DestinationRuleSpec {
     /// Namespaces the rule is visible to.
     #[serde(default, deserialize_with = "exact")]
     pub export_to: Vec<String>,
-}
-
-/// The spec of a VirtualService; kept as raw data until routing rules are implemented.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VirtualServiceSpec {
-    /// Hosts the routes apply to.
-    #[serde(default, deserialize_with = "exact")]
-    pub hosts: Vec<String>,
 }
 
 /// Outbound traffic policy mode.

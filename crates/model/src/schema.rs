@@ -4,7 +4,7 @@
 //! Kubernetes' `core/v1` and `meta/v1` types (kubernetes/api as of July 2026). Every field of a kind's top level and of the
 //! parts portcullis deserialises is listed, so that an unknown key there is a misspelling,
 //! never a field portcullis merely ignores. Parts portcullis does not read (a container's
-//! probes, a VirtualService's routes) are [`Field::Any`]: their contents are not checked.
+//! probes, a header matcher's map) are [`Field::Any`]: their contents are not checked.
 
 use crate::shape::{Node, Pos, Value};
 
@@ -120,12 +120,172 @@ const DESTINATION_RULE: &[(&str, Field)] = &[
     ("workloadSelector", MATCH_SELECTOR),
 ];
 
+/// `Destination`.
+const DESTINATION: Field = Object(&[
+    ("host", Any),
+    ("subset", Any),
+    ("port", Object(&[("number", Any)])),
+]);
+
+const HEADER_OPERATIONS: Field = Object(&[("set", Any), ("add", Any), ("remove", Any)]);
+
+/// `Headers`.
+const HEADERS: Field = Object(&[
+    ("request", HEADER_OPERATIONS),
+    ("response", HEADER_OPERATIONS),
+]);
+
+/// `StringMatch`.
+const STRING_MATCH: Field = Object(&[("exact", Any), ("prefix", Any), ("regex", Any)]);
+
+const PERCENT: Field = Object(&[("value", Any)]);
+
+const HTTP_ROUTE: &[(&str, Field)] = &[
+    ("name", Any),
+    (
+        "match",
+        List(&[
+            ("name", Any),
+            ("uri", STRING_MATCH),
+            ("scheme", STRING_MATCH),
+            ("method", STRING_MATCH),
+            ("authority", STRING_MATCH),
+            ("headers", Any),
+            ("port", Any),
+            ("sourceLabels", Any),
+            ("gateways", Any),
+            ("queryParams", Any),
+            ("ignoreUriCase", Any),
+            ("withoutHeaders", Any),
+            ("sourceNamespace", Any),
+            ("statPrefix", Any),
+        ]),
+    ),
+    (
+        "route",
+        List(&[
+            ("destination", DESTINATION),
+            ("weight", Any),
+            ("headers", HEADERS),
+        ]),
+    ),
+    (
+        "redirect",
+        Object(&[
+            ("uri", Any),
+            ("authority", Any),
+            ("port", Any),
+            ("derivePort", Any),
+            ("scheme", Any),
+            ("redirectCode", Any),
+        ]),
+    ),
+    (
+        "directResponse",
+        Object(&[
+            ("status", Any),
+            ("body", Object(&[("string", Any), ("bytes", Any)])),
+        ]),
+    ),
+    ("delegate", Any),
+    (
+        "rewrite",
+        Object(&[
+            ("uri", Any),
+            ("authority", Any),
+            (
+                "uriRegexRewrite",
+                Object(&[("match", Any), ("rewrite", Any)]),
+            ),
+        ]),
+    ),
+    ("timeout", Any),
+    (
+        "retries",
+        Object(&[
+            ("attempts", Any),
+            ("perTryTimeout", Any),
+            ("retryOn", Any),
+            ("retryRemoteLocalities", Any),
+            ("retryIgnorePreviousHosts", Any),
+            ("backoff", Any),
+        ]),
+    ),
+    (
+        "fault",
+        Object(&[
+            (
+                "delay",
+                Object(&[
+                    ("fixedDelay", Any),
+                    ("exponentialDelay", Any),
+                    ("percentage", PERCENT),
+                    ("percent", Any),
+                ]),
+            ),
+            (
+                "abort",
+                Object(&[
+                    ("httpStatus", Any),
+                    ("grpcStatus", Any),
+                    ("http2Error", Any),
+                    ("percentage", PERCENT),
+                ]),
+            ),
+        ]),
+    ),
+    ("mirror", DESTINATION),
+    (
+        "mirrors",
+        List(&[("destination", DESTINATION), ("percentage", PERCENT)]),
+    ),
+    ("mirrorPercent", Any),
+    ("mirrorPercentage", PERCENT),
+    ("corsPolicy", Any),
+    ("headers", HEADERS),
+];
+
+/// `RouteDestination` of TLS and TCP routes.
+const ROUTE_DESTINATION: &[(&str, Field)] = &[("destination", DESTINATION), ("weight", Any)];
+
 const VIRTUAL_SERVICE: &[(&str, Field)] = &[
     ("hosts", Any),
     ("gateways", Any),
-    ("http", Any),
-    ("tls", Any),
-    ("tcp", Any),
+    ("http", List(HTTP_ROUTE)),
+    (
+        "tls",
+        List(&[
+            (
+                "match",
+                List(&[
+                    ("sniHosts", Any),
+                    ("destinationSubnets", Any),
+                    ("port", Any),
+                    ("sourceLabels", Any),
+                    ("gateways", Any),
+                    ("sourceNamespace", Any),
+                ]),
+            ),
+            ("route", List(ROUTE_DESTINATION)),
+        ]),
+    ),
+    (
+        "tcp",
+        List(&[
+            (
+                "match",
+                List(&[
+                    ("destinationSubnets", Any),
+                    ("port", Any),
+                    ("sourceSubnet", Any),
+                    ("sourceLabels", Any),
+                    ("gateways", Any),
+                    ("sourceNamespace", Any),
+                ]),
+            ),
+            ("route", List(ROUTE_DESTINATION)),
+        ]),
+    ),
     ("exportTo", Any),
 ];
 
@@ -637,6 +797,49 @@ spec:
   ingress: [{port: {number: 9080}, defaultEndpoint: '127.0.0.1:8080'}]
 ";
         assert_eq!(unknown("Sidecar", sidecar), []);
+    }
+
+    #[test]
+    fn virtual_service_fields_are_checked_to_the_leaves() {
+        let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v}
+spec:
+  hosts: [a.example.com]
+  http:
+  - name: r
+    match: [{uri: {prefix: /}, headers: {x: {exact: y}}, statPrefix: s}]
+    route: [{destination: {host: a, subset: v1, port: {number: 80}}, weight: 100, headers: {request: {set: {a: b}}}}]
+    retries: {attempts: 2, perTryTimeout: 1s, retryOn: 5xx, retryRemoteLocalities: true}
+    fault: {delay: {fixedDelay: 1s, percentage: {value: 1}}, abort: {httpStatus: 500, percentage: {value: 1}}}
+    mirror: {host: b}
+    mirrorPercentage: {value: 5}
+    corsPolicy: {allowOrigins: [{exact: x}]}
+  tls: [{match: [{sniHosts: [a.example.com]}], route: [{destination: {host: a}}]}]
+  tcp: [{match: [{port: 5432}], route: [{destination: {host: a}, weight: 1}]}]
+";
+        assert_eq!(unknown("VirtualService", vs), []);
+        let misspelt = "kind: VirtualService
+spec:
+  http:
+  - retrys: {attempts: 1}
+    route: [{destination: {hots: a}}]
+    redirect: {code: 302}
+  tls: [{match: [{sni: [a]}]}]
+";
+        let keys: Vec<(String, String)> = unknown("VirtualService", misspelt)
+            .into_iter()
+            .map(|(_, _, path, key, _)| (path, key))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("spec.http[0]".into(), "retrys".into()),
+                ("spec.http[0].route[0].destination".into(), "hots".into()),
+                ("spec.http[0].redirect".into(), "code".into()),
+                ("spec.tls[0].match[0]".into(), "sni".into()),
+            ]
+        );
     }
 
     #[test]

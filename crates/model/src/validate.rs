@@ -12,9 +12,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::{
-    DestinationRuleSpec, Finding, KubeServiceSpec, Object, Origin, Pod, Position, Resolution,
-    Resource, ServiceEntrySpec, Severity, SidecarSpec, TargetPort, TrafficPolicy,
-    VirtualServiceSpec, WorkloadEntrySpec, WorkloadSelector,
+    Destination, DestinationRuleSpec, Finding, HttpRoute, KubeServiceSpec, Object, Origin, Pod,
+    Position, Resolution, Resource, ServiceEntrySpec, Severity, SidecarSpec, StringMatch,
+    TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntrySpec, WorkloadSelector,
 };
 
 /// Prefix of a Unix domain socket endpoint address.
@@ -31,7 +31,7 @@ pub fn resource(resource: &Resource, locate: &dyn Fn(&str) -> Option<Position>) 
         Resource::ServiceEntry(o) => service_entry(o, &mut out),
         Resource::WorkloadEntry(o) => workload_entry(&o.spec.spec, &mut out),
         Resource::DestinationRule(o) => destination_rule(o, &mut out),
-        Resource::VirtualService(o) => virtual_service(&o.spec, &mut out),
+        Resource::VirtualService(o) => virtual_service(o, &mut out),
         Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
         Resource::Pod(o) => pod(&o.spec, &mut out),
         Resource::Service(o) => kube_service(&o.spec, &mut out),
@@ -664,20 +664,432 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
     }
 }
 
-fn virtual_service(spec: &VirtualServiceSpec, out: &mut Findings) {
+/// Envoy's `retry_on` conditions Istio accepts in `retries.retryOn`, beside status codes.
+const RETRY_ON: [&str; 16] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// Istio's checks of a VirtualService (`ValidateVirtualService`).
+fn virtual_service(o: &Object<VirtualServiceSpec>, out: &mut Findings) {
+    let spec = &o.spec;
     if spec.hosts.is_empty() {
         out.at("spec").warn(
             "NO_HOSTS",
             "no hosts: a delegate VirtualService, which portcullis ignores".to_string(),
         );
     }
+    let mesh = spec.applies_to_sidecars();
     for (i, host) in spec.hosts.iter().enumerate() {
-        if !is_wildcard_host(host) && !is_ip(host) {
+        let short = is_dns_label(host);
+        if !is_wildcard_host(host) && !is_ip(host) && !short {
             out.at(format!("spec.hosts[{i}]")).error(
                 "INVALID_HOST",
                 format!("host {host:?} is not a valid DNS name or IP address"),
             );
+        } else if host == "*" && mesh {
+            out.at(format!("spec.hosts[{i}]")).error(
+                "INVALID_HOST",
+                "the wildcard host `*` is not allowed for virtual services bound to the mesh"
+                    .to_string(),
+            );
         }
+    }
+    if spec.http.is_empty() && spec.tls.is_empty() && spec.tcp.is_empty() && !spec.hosts.is_empty()
+    {
+        out.at("spec").error(
+            "NO_ROUTES",
+            "http, tcp or tls must be provided in a virtual service".to_string(),
+        );
+    }
+    for (i, route) in spec.http.iter().enumerate() {
+        http_route(route, &format!("spec.http[{i}]"), out);
+    }
+    for (i, route) in spec.tls.iter().enumerate() {
+        let at = format!("spec.tls[{i}]");
+        if route.matches.is_empty() {
+            out.at(&at).error(
+                "INVALID_MATCH",
+                "a TLS route must have at least one match".to_string(),
+            );
+        }
+        for (j, m) in route.matches.iter().enumerate() {
+            let here = format!("{at}.match[{j}]");
+            if m.sni_hosts.is_empty() {
+                out.at(&here).error(
+                    "INVALID_MATCH",
+                    "a TLS match must have at least one sniHosts entry".to_string(),
+                );
+            }
+            for (k, sni) in m.sni_hosts.iter().enumerate() {
+                if !spec.hosts.iter().any(|h| sni_within(sni, h)) {
+                    out.at(format!("{here}.sniHosts[{k}]")).error(
+                        "INVALID_MATCH",
+                        format!(
+                            "SNI host {sni:?} is not within any of the virtual service's hosts"
+                        ),
+                    );
+                }
+            }
+            l4_match(&m.destination_subnets, m.port, &here, out);
+        }
+        route_destinations(
+            route.route.iter().map(|d| (&d.destination, d.weight)),
+            &format!("{at}.route"),
+            out,
+        );
+    }
+    for (i, route) in spec.tcp.iter().enumerate() {
+        let at = format!("spec.tcp[{i}]");
+        for (j, m) in route.matches.iter().enumerate() {
+            l4_match(
+                &m.destination_subnets,
+                m.port,
+                &format!("{at}.match[{j}]"),
+                out,
+            );
+        }
+        route_destinations(
+            route.route.iter().map(|d| (&d.destination, d.weight)),
+            &format!("{at}.route"),
+            out,
+        );
+    }
+    export_to(&spec.export_to, &o.meta.namespace, false, out);
+}
+
+/// Whether an SNI name is one of a VirtualService's hosts or under one of its wildcards.
+fn sni_within(sni: &str, host: &str) -> bool {
+    let sni = sni.to_ascii_lowercase();
+    let host = host.to_ascii_lowercase();
+    match (sni.strip_prefix('*'), host.strip_prefix('*')) {
+        (_, Some(suffix)) => sni.ends_with(suffix),
+        (None, None) => sni == host,
+        (Some(_), None) => false,
+    }
+}
+
+fn l4_match(subnets: &[String], port: Option<u32>, at: &str, out: &mut Findings) {
+    for (k, subnet) in subnets.iter().enumerate() {
+        if subnet.parse::<IpNet>().is_err() && !is_ip(subnet) {
+            out.at(format!("{at}.destinationSubnets[{k}]")).error(
+                "INVALID_ADDRESS",
+                format!("destination subnet {subnet:?} is not an IP address or CIDR range"),
+            );
+        }
+    }
+    if let Some(port) = port.filter(|p| !port_in_range(*p)) {
+        out.at(format!("{at}.port"))
+            .error("INVALID_PORT", format!("port {port} is not in 1-65535"));
+    }
+}
+
+/// The destinations of a route: valid hosts, subsets and ports, weights not negative, and
+/// some weight when there are several.
+fn route_destinations<'d>(
+    destinations: impl Iterator<Item = (&'d Destination, i64)>,
+    at: &str,
+    out: &mut Findings,
+) {
+    let mut count = 0;
+    let mut total = 0i64;
+    for (i, (d, weight)) in destinations.enumerate() {
+        count += 1;
+        destination(d, &format!("{at}[{i}].destination"), out);
+        if weight < 0 {
+            out.at(format!("{at}[{i}].weight")).error(
+                "INVALID_WEIGHT",
+                format!("weight {weight} must not be negative"),
+            );
+        }
+        total = total.saturating_add(weight.max(0));
+    }
+    if count > 1 && total == 0 {
+        out.at(at).error(
+            "INVALID_WEIGHT",
+            "the destinations' weights add up to 0".to_string(),
+        );
+    }
+}
+
+fn destination(d: &Destination, at: &str, out: &mut Findings) {
+    if d.host.is_empty() {
+        out.at(format!("{at}.host"))
+            .error("NO_HOSTS", "destination host is required".to_string());
+    } else if d.host == "*" || (!is_wildcard_host(&d.host) && !is_dns_label(&d.host)) {
+        out.at(format!("{at}.host")).error(
+            "INVALID_HOST",
+            format!("destination host {:?} is not a valid service host", d.host),
+        );
+    }
+    if !d.subset.is_empty() && !is_dns_label(&d.subset) {
+        out.at(format!("{at}.subset")).error(
+            "INVALID_SUBSET",
+            format!("subset name {:?} must be a lowercase DNS label", d.subset),
+        );
+    }
+    if let Some(port) = d.port.as_ref().filter(|p| !port_in_range(p.number)) {
+        out.at(format!("{at}.port")).error(
+            "INVALID_PORT",
+            format!("port {} is not in 1-65535", port.number),
+        );
+    }
+}
+
+fn percent(value: Option<f64>, at: String, out: &mut Findings) {
+    if let Some(v) = value.filter(|v| !(0.0..=100.0).contains(v)) {
+        out.at(at).error(
+            "INVALID_PERCENT",
+            format!("percentage {v} must be between 0 and 100"),
+        );
+    }
+}
+
+/// A duration Istio requires to be at least a millisecond (zero allowed when `zero_ok`).
+fn millis(value: Option<std::time::Duration>, zero_ok: bool, at: String, out: &mut Findings) {
+    if let Some(d) = value
+        && d < std::time::Duration::from_millis(1)
+        && !(zero_ok && d.is_zero())
+    {
+        out.at(at).error(
+            "INVALID_DURATION",
+            format!("duration {d:?} must be at least 1ms"),
+        );
+    }
+}
+
+fn string_match(m: &StringMatch, at: String, out: &mut Findings) {
+    if m.kinds_set() > 1 {
+        out.at(at).error(
+            "INVALID_MATCH",
+            "only one of exact, prefix and regex may be set".to_string(),
+        );
+    }
+}
+
+fn http_route(route: &HttpRoute, at: &str, out: &mut Findings) {
+    let actions = [
+        !route.route.is_empty(),
+        route.redirect.is_some(),
+        route.direct_response.is_some(),
+        route.delegate.is_some(),
+    ];
+    match actions.iter().filter(|set| **set).count() {
+        0 => {
+            out.at(at).error(
+                "NO_ROUTE",
+                "an HTTP route needs one of route, redirect, directResponse or delegate"
+                    .to_string(),
+            );
+        }
+        1 => {}
+        _ => {
+            out.at(at).error(
+                "CONFLICTING_ACTIONS",
+                "an HTTP route may have only one of route, redirect, directResponse and delegate"
+                    .to_string(),
+            );
+        }
+    }
+    for (i, m) in route.matches.iter().enumerate() {
+        let here = format!("{at}.match[{i}]");
+        for (field, value) in [
+            ("uri", &m.uri),
+            ("scheme", &m.scheme),
+            ("method", &m.method),
+            ("authority", &m.authority),
+        ] {
+            if let Some(value) = value {
+                string_match(value, format!("{here}.{field}"), out);
+            }
+        }
+        for (field, map) in [
+            ("headers", &m.headers),
+            ("withoutHeaders", &m.without_headers),
+            ("queryParams", &m.query_params),
+        ] {
+            for (name, value) in map {
+                if name.is_empty() {
+                    out.at(format!("{here}.{field}"))
+                        .error("INVALID_MATCH", format!("{field}: a name is required"));
+                }
+                string_match(value, format!("{here}.{field}"), out);
+            }
+        }
+        if let Some(port) = m.port.filter(|p| !port_in_range(*p)) {
+            out.at(format!("{here}.port"))
+                .error("INVALID_PORT", format!("port {port} is not in 1-65535"));
+        }
+    }
+    route_destinations(
+        route.route.iter().map(|d| (&d.destination, d.weight)),
+        &format!("{at}.route"),
+        out,
+    );
+    if let Some(r) = &route.redirect {
+        if route.rewrite.is_some() {
+            out.at(format!("{at}.rewrite")).error(
+                "CONFLICTING_ACTIONS",
+                "an HTTP route cannot have both rewrite and redirect".to_string(),
+            );
+        }
+        if r.uri.is_none()
+            && r.authority.is_none()
+            && r.scheme.is_none()
+            && r.port.is_none()
+            && r.derive_port.is_none()
+        {
+            out.at(format!("{at}.redirect")).error(
+                "INVALID_REDIRECT",
+                "a redirect must set uri, authority, scheme or port".to_string(),
+            );
+        }
+        if let Some(code) = r.redirect_code.filter(|c| !(300..=399).contains(c)) {
+            out.at(format!("{at}.redirect.redirectCode")).error(
+                "INVALID_REDIRECT",
+                format!("redirect code {code} must be between 300 and 399"),
+            );
+        }
+        if let Some(port) = r.port.filter(|p| !port_in_range(*p)) {
+            out.at(format!("{at}.redirect.port"))
+                .error("INVALID_PORT", format!("port {port} is not in 1-65535"));
+        }
+    }
+    if let Some(d) = &route.direct_response
+        && !(200..=599).contains(&d.status)
+    {
+        out.at(format!("{at}.directResponse.status")).error(
+            "INVALID_STATUS",
+            format!("status {} must be between 200 and 599", d.status),
+        );
+    }
+    if let Some(rw) = &route.rewrite
+        && rw.uri.is_some()
+        && rw.uri_regex_rewrite.is_some()
+    {
+        out.at(format!("{at}.rewrite")).error(
+            "INVALID_REWRITE",
+            "rewrite cannot set both uri and uriRegexRewrite".to_string(),
+        );
+    }
+    millis(route.timeout, true, format!("{at}.timeout"), out);
+    if let Some(r) = &route.retries {
+        if r.attempts < 0 {
+            out.at(format!("{at}.retries.attempts")).error(
+                "INVALID_RETRIES",
+                format!("attempts {} must not be negative", r.attempts),
+            );
+        }
+        millis(
+            r.per_try_timeout,
+            false,
+            format!("{at}.retries.perTryTimeout"),
+            out,
+        );
+        for condition in r.retry_on.split(',').map(str::trim) {
+            let code = condition.parse::<u16>().is_ok();
+            if !condition.is_empty() && !code && !RETRY_ON.contains(&condition) {
+                out.at(format!("{at}.retries.retryOn")).error(
+                    "INVALID_RETRIES",
+                    format!("{condition:?} is not a valid retryOn condition"),
+                );
+            }
+        }
+    }
+    if let Some(f) = &route.fault {
+        if f.delay.is_none() && f.abort.is_none() {
+            out.at(format!("{at}.fault")).error(
+                "INVALID_FAULT",
+                "a fault needs a delay or an abort".to_string(),
+            );
+        }
+        if let Some(d) = &f.delay {
+            if d.fixed_delay.is_none() && d.exponential_delay.is_none() {
+                out.at(format!("{at}.fault.delay"))
+                    .error("INVALID_FAULT", "a delay needs fixedDelay".to_string());
+            }
+            millis(
+                d.fixed_delay,
+                false,
+                format!("{at}.fault.delay.fixedDelay"),
+                out,
+            );
+            percent(
+                d.percentage.map(|p| p.value),
+                format!("{at}.fault.delay.percentage"),
+                out,
+            );
+            percent(
+                d.percent.map(|p| p as f64),
+                format!("{at}.fault.delay.percent"),
+                out,
+            );
+        }
+        if let Some(a) = &f.abort {
+            match a.http_status {
+                Some(status) if !(200..=599).contains(&status) => {
+                    out.at(format!("{at}.fault.abort.httpStatus")).error(
+                        "INVALID_FAULT",
+                        format!("abort status {status} must be between 200 and 599"),
+                    );
+                }
+                None if a.grpc_status.is_none() && a.http2_error.is_none() => {
+                    out.at(format!("{at}.fault.abort"))
+                        .error("INVALID_FAULT", "an abort needs httpStatus".to_string());
+                }
+                _ => {}
+            }
+            percent(
+                a.percentage.map(|p| p.value),
+                format!("{at}.fault.abort.percentage"),
+                out,
+            );
+        }
+    }
+    if route.mirror.is_some() && !route.mirrors.is_empty() {
+        out.at(format!("{at}.mirrors")).error(
+            "CONFLICTING_ACTIONS",
+            "mirror and mirrors cannot both be set".to_string(),
+        );
+    }
+    if let Some(m) = &route.mirror {
+        destination(m, &format!("{at}.mirror"), out);
+    }
+    percent(
+        route.mirror_percentage.map(|p| p.value),
+        format!("{at}.mirrorPercentage"),
+        out,
+    );
+    percent(
+        route.mirror_percent.map(|p| p as f64),
+        format!("{at}.mirrorPercent"),
+        out,
+    );
+    for (i, m) in route.mirrors.iter().enumerate() {
+        destination(
+            &m.destination,
+            &format!("{at}.mirrors[{i}].destination"),
+            out,
+        );
+        percent(
+            m.percentage.map(|p| p.value),
+            format!("{at}.mirrors[{i}].percentage"),
+            out,
+        );
     }
 }
 
@@ -1346,12 +1758,172 @@ spec:
                 &format!("spec: {spec}"),
             )
         };
+        let route = "http: [{route: [{destination: {host: reviews}}]}]";
         assert_eq!(
-            vs("{hosts: [reviews, '*.example.com', '*', 10.0.0.1]}"),
+            vs(&format!(
+                "{{hosts: [reviews, '*.example.com', 10.0.0.1], {route}}}"
+            )),
             vec![]
         );
         assert_eq!(vs("{}"), vec![(Severity::Warning, "NO_HOSTS")]);
-        assert_eq!(errors(&vs("{hosts: ['re*views']}")), ["INVALID_HOST"]);
+        assert_eq!(
+            errors(&vs(&format!("{{hosts: ['re*views'], {route}}}"))),
+            ["INVALID_HOST"]
+        );
+        // `*` is refused for the mesh, as istiod refuses it; a gateway's rules may use it.
+        assert_eq!(
+            errors(&vs(&format!("{{hosts: ['*'], {route}}}"))),
+            ["INVALID_HOST"]
+        );
+        assert_eq!(
+            vs(&format!("{{hosts: ['*'], gateways: [ingress], {route}}}")),
+            vec![]
+        );
+        assert_eq!(errors(&vs("{hosts: [a.com]}")), ["NO_ROUTES"]);
+    }
+
+    #[test]
+    fn virtual_service_http_routes_follow_istios_validation() {
+        let http = |route: &str| {
+            let codes = check(
+                "VirtualService",
+                "networking.istio.io/v1",
+                &format!("spec: {{hosts: [a.example.com], http: [{route}]}}"),
+            );
+            errors(&codes)
+        };
+        let to = "route: [{destination: {host: a.example.com}}]";
+        let valid = [
+            format!("{{{to}}}"),
+            format!(
+                "{{name: r, match: [{{uri: {{prefix: /api}}, headers: {{x-v: {{exact: '2'}}, x-any: {{}}}}, withoutHeaders: {{x-no: {{}}}}, queryParams: {{q: {{regex: 'a.*'}}}}, method: {{exact: GET}}, authority: {{prefix: a}}, scheme: {{exact: http}}, port: 80, ignoreUriCase: true}}], {to}}}"
+            ),
+            "{route: [{destination: {host: a.example.com, subset: v1, port: {number: 80}}, weight: 80}, {destination: {host: b, subset: v2}, weight: 20, headers: {request: {set: {x-b: '1'}}}}]}".to_string(),
+            format!("{{{to}, timeout: 0s, retries: {{attempts: 3, perTryTimeout: 2s, retryOn: '5xx,retriable-status-codes,503'}}}}"),
+            format!("{{{to}, retries: {{attempts: 0}}}}"),
+            format!("{{{to}, rewrite: {{uri: /v2, authority: b.example.com}}}}"),
+            format!("{{{to}, rewrite: {{uriRegexRewrite: {{match: '^/a/(.*)', rewrite: '/\\1'}}}}}}"),
+            "{redirect: {uri: /new, authority: b.example.com, redirectCode: 302}}".to_string(),
+            "{redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}}".to_string(),
+            "{directResponse: {status: 418, body: {string: teapot}}}".to_string(),
+            format!("{{{to}, fault: {{delay: {{fixedDelay: 5s, percentage: {{value: 10}}}}, abort: {{httpStatus: 503, percentage: {{value: 0.5}}}}}}}}"),
+            format!("{{{to}, mirror: {{host: b.example.com}}, mirrorPercentage: {{value: 50}}}}"),
+            format!("{{{to}, mirrors: [{{destination: {{host: b.example.com}}, percentage: {{value: 5}}}}]}}"),
+            format!("{{{to}, headers: {{request: {{set: {{a: b}}, add: {{c: d}}, remove: [e]}}, response: {{remove: [server]}}}}}}"),
+        ];
+        for route in &valid {
+            assert_eq!(http(route), Vec::<&str>::new(), "{route}");
+        }
+        for (route, want) in [
+            ("{}".to_string(), "NO_ROUTE"),
+            (
+                format!("{{{to}, redirect: {{uri: /x}}}}"),
+                "CONFLICTING_ACTIONS",
+            ),
+            (
+                "{redirect: {redirectCode: 302}}".to_string(),
+                "INVALID_REDIRECT",
+            ),
+            (
+                "{redirect: {uri: /x, redirectCode: 200}}".to_string(),
+                "INVALID_REDIRECT",
+            ),
+            (
+                "{directResponse: {status: 99}}".to_string(),
+                "INVALID_STATUS",
+            ),
+            (
+                "{route: [{destination: {host: a.com}, weight: -1}]}".to_string(),
+                "INVALID_WEIGHT",
+            ),
+            (
+                "{route: [{destination: {host: a.com}}, {destination: {host: b.com}}]}".to_string(),
+                "INVALID_WEIGHT",
+            ),
+            ("{route: [{destination: {}}]}".to_string(), "NO_HOSTS"),
+            (
+                "{route: [{destination: {host: a.com, subset: V_1}}]}".to_string(),
+                "INVALID_SUBSET",
+            ),
+            (
+                "{route: [{destination: {host: a.com, port: {number: 70000}}}]}".to_string(),
+                "INVALID_PORT",
+            ),
+            (
+                format!("{{{to}, retries: {{attempts: -1}}}}"),
+                "INVALID_RETRIES",
+            ),
+            (
+                format!("{{{to}, retries: {{attempts: 1, retryOn: 'sometimes'}}}}"),
+                "INVALID_RETRIES",
+            ),
+            (format!("{{{to}, timeout: 1us}}"), "INVALID_DURATION"),
+            (
+                format!("{{{to}, match: [{{uri: {{exact: /a, prefix: /b}}}}]}}"),
+                "INVALID_MATCH",
+            ),
+            (
+                format!("{{{to}, fault: {{abort: {{httpStatus: 700}}}}}}"),
+                "INVALID_FAULT",
+            ),
+            (
+                format!(
+                    "{{{to}, fault: {{delay: {{fixedDelay: 1s, percentage: {{value: 101}}}}}}}}"
+                ),
+                "INVALID_PERCENT",
+            ),
+            (
+                format!(
+                    "{{{to}, mirror: {{host: b.com}}, mirrors: [{{destination: {{host: c.com}}}}]}}"
+                ),
+                "CONFLICTING_ACTIONS",
+            ),
+            (
+                format!(
+                    "{{{to}, rewrite: {{uri: /a, uriRegexRewrite: {{match: a, rewrite: b}}}}}}"
+                ),
+                "INVALID_REWRITE",
+            ),
+        ] {
+            assert_eq!(http(&route), [want], "{route}");
+        }
+    }
+
+    #[test]
+    fn virtual_service_tls_and_tcp_routes_follow_istios_validation() {
+        let vs = |spec: &str| {
+            errors(&check(
+                "VirtualService",
+                "networking.istio.io/v1",
+                &format!("spec: {{hosts: ['*.example.com'], {spec}}}"),
+            ))
+        };
+        let to = "route: [{destination: {host: a.example.com}}]";
+        assert_eq!(
+            vs(&format!(
+                "tls: [{{match: [{{sniHosts: [a.example.com], port: 443}}], {to}}}]"
+            )),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            vs(&format!(
+                "tcp: [{{match: [{{destinationSubnets: [10.0.0.0/8, 10.1.1.1], port: 5432}}], {to}}}, {{{to}}}]"
+            )),
+            Vec::<&str>::new()
+        );
+        assert_eq!(vs(&format!("tls: [{{{to}}}]")), ["INVALID_MATCH"]);
+        assert_eq!(
+            vs(&format!(
+                "tls: [{{match: [{{sniHosts: [b.other.com]}}], {to}}}]"
+            )),
+            ["INVALID_MATCH"]
+        );
+        assert_eq!(
+            vs(&format!(
+                "tcp: [{{match: [{{destinationSubnets: [10.0.0.0/33]}}], {to}}}]"
+            )),
+            ["INVALID_ADDRESS"]
+        );
     }
 
     #[test]

@@ -7,24 +7,37 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use portcullis_balance::Policy;
 use portcullis_model::{
-    ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode,
-    Pod, Resolution, Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort,
-    WorkloadEntry, WorkloadEntrySpec,
+    ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, LoadBalancerSettings, MeshConfig,
+    Object, OutboundMode, Pod, Resolution, Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec,
+    SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
+    WorkloadEntrySpec,
 };
 
 mod compile;
+mod virtual_service;
 
 pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
+
+#[cfg(test)]
+pub(crate) use compile::istio_retry_policy as compile_default_retry_policy;
 
 use crate::Map;
 use crate::order::Age;
 use crate::snapshot::{Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
+#[derive(Clone)]
 enum EndpointAddress {
     Ip(IpAddr),
     Dns(Box<str>),
 }
+
+/// An endpoint's labels, which DestinationRule subsets select by.
+type Labels = Arc<BTreeMap<String, String>>;
+
+/// An endpoint before DNS answers are applied: address, port, weight, where it came from,
+/// and its labels.
+type PendingEndpoint = (EndpointAddress, u16, u32, Arc<str>, Labels);
 
 /// Current DNS answers by lower-case hostname.
 pub type DnsAnswers<'a> = &'a dyn Fn(&str) -> Option<Arc<[IpAddr]>>;
@@ -96,7 +109,7 @@ struct PendingCluster {
     passthrough_port: Option<u16>,
     source: Arc<str>,
     addresses: Vec<IpNet>,
-    endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+    endpoints: Vec<PendingEndpoint>,
 }
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
@@ -108,8 +121,14 @@ fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
         .flat_map(|tp| tp.unapplied())
         .map(|field| format!("spec.trafficPolicy.{field}"))
         .collect();
-    if !o.spec.subsets.is_empty() {
-        parts.push("spec.subsets".to_string());
+    for (i, subset) in o.spec.subsets.iter().enumerate() {
+        parts.extend(
+            subset
+                .traffic_policy
+                .iter()
+                .flat_map(|tp| tp.unapplied())
+                .map(|field| format!("spec.subsets[{i}].trafficPolicy.{field}")),
+        );
     }
     parts
         .into_iter()
@@ -128,12 +147,54 @@ struct Traffic<'a> {
     pool: Option<&'a ConnectionPoolSettings>,
 }
 
+/// The policy of a rule on `port`, and of a subset over it: a port's settings replace the
+/// rule's load balancer and connection pool, a subset's replace what it sets, and a
+/// subset's port-level settings replace both whole (unset ones revert to defaults), as
+/// istiod's `MergeTrafficPolicy`.
+fn traffic<'a>(
+    policy: Option<&'a TrafficPolicy>,
+    subset: Option<&'a TrafficPolicy>,
+    port: u16,
+) -> Traffic<'a> {
+    let at_port = |tp: &'a TrafficPolicy| {
+        tp.port_level_settings.iter().find(|pls| {
+            pls.port
+                .as_ref()
+                .is_some_and(|p| p.number == u32::from(port))
+        })
+    };
+    let port_level = policy.and_then(at_port);
+    let mut load_balancer: Option<&'a LoadBalancerSettings> = port_level
+        .and_then(|pls| pls.load_balancer.as_ref())
+        .or_else(|| policy.and_then(|tp| tp.load_balancer.as_ref()));
+    let mut pool = port_level
+        .and_then(|pls| pls.connection_pool.as_ref())
+        .or_else(|| policy.and_then(|tp| tp.connection_pool.as_ref()));
+    if let Some(sp) = subset {
+        load_balancer = sp.load_balancer.as_ref().or(load_balancer);
+        pool = sp.connection_pool.as_ref().or(pool);
+        if let Some(pls) = at_port(sp) {
+            load_balancer = pls.load_balancer.as_ref();
+            pool = pls.connection_pool.as_ref();
+        }
+    }
+    let lb = match load_balancer.and_then(|lb| lb.simple) {
+        Some(SimpleLb::RoundRobin) => Policy::RoundRobin,
+        Some(SimpleLb::Random) => Policy::Random,
+        _ => Policy::LeastRequest,
+    };
+    Traffic { lb, pool }
+}
+
 struct Builder<'a> {
     options: &'a BuildOptions,
     service_entries: Vec<&'a Object<ServiceEntrySpec>>,
     workload_entries: Vec<&'a Object<WorkloadEntry>>,
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
     destination_rules: Vec<&'a Object<DestinationRuleSpec>>,
+    virtual_services: Vec<&'a Object<VirtualServiceSpec>>,
+    /// Warnings about VirtualService routes, each once however many ports it is built for.
+    vs_warnings: std::collections::BTreeSet<String>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
     egress: Option<&'a [SidecarEgress]>,
@@ -381,6 +442,8 @@ impl<'a> Builder<'a> {
             workload_entries: Vec::new(),
             kube_services: Vec::new(),
             destination_rules: Vec::new(),
+            virtual_services: Vec::new(),
+            vs_warnings: std::collections::BTreeSet::new(),
             sidecars: Vec::new(),
             egress: None,
             mesh: None,
@@ -405,10 +468,10 @@ impl<'a> Builder<'a> {
                     b.warnings.extend(unapplied_parts(o));
                     b.destination_rules.push(o);
                 }
-                Resource::VirtualService(o) => b.warnings.push(format!(
-                    "VirtualService {}/{}: routing rules are not applied yet; hosts route to their services' endpoints",
-                    o.meta.namespace, o.meta.name
-                )),
+                Resource::VirtualService(o) => {
+                    b.warnings.extend(virtual_service::unapplied(o));
+                    b.virtual_services.push(o);
+                }
                 Resource::Sidecar(o) => b.sidecars.push(o),
                 Resource::Pod(o) => {
                     if pod_ready(&o.spec) {
@@ -495,10 +558,9 @@ impl<'a> Builder<'a> {
         })
     }
 
-    /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
-    fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
-        // The most specific rule applies, as in Istio: an exact host, then the longest
-        // wildcard suffix (`*` last); the first of equals.
+    /// The DestinationRule for `host`: the most specific, as in Istio: an exact host, then
+    /// the longest wildcard suffix (`*` last); the first of equals.
+    fn rule_for(&self, host: &str) -> Option<&'a Object<DestinationRuleSpec>> {
         let mut rule = None;
         for dr in &self.destination_rules {
             let dr_host = if dr.spec.host.contains('.') || dr.spec.host == "*" {
@@ -522,31 +584,38 @@ impl<'a> Builder<'a> {
                 continue;
             };
             if rule.is_none_or(|(best, _)| rank > best) {
-                rule = Some((rank, dr));
+                rule = Some((rank, *dr));
             }
         }
-        let policy = rule.and_then(|(_, dr)| dr.spec.traffic_policy.as_ref());
-        // A port's settings replace the rule's load balancer and connection pool whole, as
-        // istiod merges them.
-        let port_level = policy.and_then(|tp| {
-            tp.port_level_settings.iter().find(|pls| {
-                pls.port
-                    .as_ref()
-                    .is_some_and(|p| p.number == u32::from(port))
-            })
-        });
-        let load_balancer = port_level
-            .and_then(|pls| pls.load_balancer.as_ref())
-            .or_else(|| policy.and_then(|tp| tp.load_balancer.as_ref()));
-        let pool = port_level
-            .and_then(|pls| pls.connection_pool.as_ref())
-            .or_else(|| policy.and_then(|tp| tp.connection_pool.as_ref()));
-        let lb = match load_balancer.and_then(|lb| lb.simple) {
-            Some(SimpleLb::RoundRobin) => Policy::RoundRobin,
-            Some(SimpleLb::Random) => Policy::Random,
-            _ => Policy::LeastRequest,
+        rule.map(|(_, dr)| dr)
+    }
+
+    /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
+    fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
+        let policy = self
+            .rule_for(host)
+            .and_then(|dr| dr.spec.traffic_policy.as_ref());
+        traffic(policy, None, port)
+    }
+
+    /// The subsets of `host`'s DestinationRule, each with its traffic policy on `port`: the
+    /// subset's own over the rule's, as istiod merges them.
+    fn subsets_for(&self, host: &str, port: u16) -> Vec<(&'a Subset, Traffic<'a>)> {
+        let Some(dr) = self.rule_for(host) else {
+            return Vec::new();
         };
-        Traffic { lb, pool }
+        dr.spec
+            .subsets
+            .iter()
+            .map(|subset| {
+                let policy = traffic(
+                    dr.spec.traffic_policy.as_ref(),
+                    subset.traffic_policy.as_ref(),
+                    port,
+                );
+                (subset, policy)
+            })
+            .collect()
     }
 
     /// Whether the Sidecar's egress listeners let the proxy reach `host` of namespace `ns`
@@ -776,12 +845,12 @@ impl<'a> Builder<'a> {
         se: &Object<ServiceEntrySpec>,
         host: &str,
         port: &portcullis_model::ServicePort,
-    ) -> Vec<(EndpointAddress, u16, u32, Arc<str>)> {
+    ) -> Vec<PendingEndpoint> {
         let spec = &se.spec;
         let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
         let default_port = port.target_port.unwrap_or(port.number);
         let mut out = Vec::new();
-        let mut push_workload = |we: &WorkloadEntrySpec, source: Arc<str>| {
+        let mut push_workload = |we: &WorkloadEntrySpec, source: Arc<str>, labels: Labels| {
             let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
             let Ok(target) = u16::try_from(target) else {
                 return;
@@ -793,7 +862,13 @@ impl<'a> Builder<'a> {
                 }
                 Err(_) => return,
             };
-            out.push((address, target, we.weight.unwrap_or(1).max(1), source));
+            out.push((
+                address,
+                target,
+                we.weight.unwrap_or(1).max(1),
+                source,
+                labels,
+            ));
         };
         match spec.resolution {
             Resolution::None => return out,
@@ -804,7 +879,7 @@ impl<'a> Builder<'a> {
                 )
                 .into();
                 for we in &spec.endpoints {
-                    push_workload(we, Arc::clone(&source));
+                    push_workload(we, Arc::clone(&source), Arc::new(we.labels.clone()));
                 }
             }
             _ if spec.workload_selector.is_some() => {
@@ -815,12 +890,11 @@ impl<'a> Builder<'a> {
                     .cloned()
                     .unwrap_or_default();
                 for we in &self.workload_entries {
-                    if we.meta.namespace == se.meta.namespace
-                        && labels_match(&selector, &workload_entry_labels(we))
-                    {
+                    let labels = workload_entry_labels(we);
+                    if we.meta.namespace == se.meta.namespace && labels_match(&selector, &labels) {
                         let source =
                             format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into();
-                        push_workload(&we.spec.spec, source);
+                        push_workload(&we.spec.spec, source, Arc::new(labels));
                     }
                 }
                 if let Ok(target) = u16::try_from(default_port) {
@@ -831,12 +905,14 @@ impl<'a> Builder<'a> {
                         {
                             let source: Arc<str> =
                                 format!("Pod {}/{}", meta.namespace, meta.name).into();
+                            let labels = Arc::new(meta.labels.clone());
                             for ip in &pod.ips {
                                 out.push((
                                     EndpointAddress::Ip(*ip),
                                     target,
                                     1,
                                     Arc::clone(&source),
+                                    Arc::clone(&labels),
                                 ));
                             }
                         }
@@ -850,6 +926,7 @@ impl<'a> Builder<'a> {
                         target,
                         1,
                         format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name).into(),
+                        Labels::default(),
                     ));
                 }
             }
@@ -1005,7 +1082,7 @@ impl<'a> Builder<'a> {
         &self,
         svc: &Object<KubeServiceSpec>,
         port: &portcullis_model::KubePort,
-    ) -> Vec<(EndpointAddress, u16, u32, Arc<str>)> {
+    ) -> Vec<PendingEndpoint> {
         let Some(selector) = &svc.spec.selector else {
             return Vec::new();
         };
@@ -1032,8 +1109,15 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
+            let labels = Arc::new(meta.labels.clone());
             for ip in &pod.ips {
-                out.push((EndpointAddress::Ip(*ip), target, 1, Arc::clone(&source)));
+                out.push((
+                    EndpointAddress::Ip(*ip),
+                    target,
+                    1,
+                    Arc::clone(&source),
+                    Arc::clone(&labels),
+                ));
             }
         }
         out
@@ -1048,7 +1132,7 @@ impl<'a> Builder<'a> {
         svc: &Object<KubeServiceSpec>,
         selector: &BTreeMap<String, String>,
         port: &portcullis_model::KubePort,
-        out: &mut Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+        out: &mut Vec<PendingEndpoint>,
     ) {
         for we in &self.workload_entries {
             let labels = workload_entry_labels(we);
@@ -1077,6 +1161,7 @@ impl<'a> Builder<'a> {
                 target,
                 spec.weight.unwrap_or(1).max(1),
                 format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
+                Arc::new(labels),
             ));
         }
     }

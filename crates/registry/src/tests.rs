@@ -1124,7 +1124,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     - port: {number: 8080}
       tls: {mode: SIMPLE}
   subsets:
-  - {name: v1, labels: {version: v1}}
+  - {name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}
 ",
     );
     let s = snapshot(&[APP, rule].concat());
@@ -1137,7 +1137,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls is not applied yet",
-            "DestinationRule default/app: spec.subsets is not applied yet",
+            "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
         ]
     );
     // What is applied is not held back by what is not.
@@ -2239,3 +2239,5 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
         auto
     );
 }
+
+mod virtual_service;

@@ -3,14 +3,17 @@
 use std::collections::HashSet;
 
 use envoy_types::pb::envoy::config::route::v3 as rds;
+use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
-    ClusterSpecifier, Forward, HeaderMatch, HeaderMatcher, PathMatch, QueryParameterMatcher,
-    Redirect, RegexRewrite, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward, FractionalPercent, HeaderMatch,
+    HeaderMatcher, HttpFault, PathMatch, QueryParameterMatcher, Redirect, RegexRewrite,
+    RequestMirrorPolicy, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
     StringMatcher, StringPattern, VirtualHost, WeightedCluster,
 };
 
 use crate::common::{
     At, Invalid, duration, each, headers_to_add, headers_to_remove, port, regex, string_matcher,
+    unpack,
 };
 
 /// Envoy's default number of retries when a retry policy leaves it unset.
@@ -135,6 +138,80 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
             "response_headers_to_remove",
             &r.response_headers_to_remove,
         )?,
+        fault: r
+            .typed_per_filter_config
+            .get(FAULT_FILTER)
+            .map(fault)
+            .transpose()
+            .at(format_args!("typed_per_filter_config[{FAULT_FILTER}]"))?,
+    })
+}
+
+/// The fault filter's per-route config, as istiod writes a VirtualService's `fault`.
+fn fault(any: &envoy_types::pb::google::protobuf::Any) -> Result<HttpFault, Invalid> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier as D;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault as Pb;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType as E;
+    let f: Pb = unpack(any)?;
+    let delay = f
+        .delay
+        .as_ref()
+        .map(|d| match &d.fault_delay_secifier {
+            Some(D::FixedDelay(fixed)) => Ok(FaultDelay {
+                fixed_delay: duration("fixed_delay", fixed)?,
+                percentage: d.percentage.map(fraction).transpose()?.unwrap_or(NONE),
+            }),
+            _ => Err(Invalid::new(
+                "fault_delay_secifier",
+                "only fixed_delay is supported",
+            )),
+        })
+        .transpose()
+        .at("delay")?;
+    let abort = f
+        .abort
+        .as_ref()
+        .map(|a| match a.error_type {
+            Some(E::HttpStatus(status)) => Ok(FaultAbort {
+                http_status: u16::try_from(status)
+                    .ok()
+                    .filter(|s| (200..600).contains(s))
+                    .ok_or_else(|| {
+                        Invalid::new("http_status", format!("status {status} is invalid"))
+                    })?,
+                percentage: a.percentage.map(fraction).transpose()?.unwrap_or(NONE),
+            }),
+            _ => Err(Invalid::new("error_type", "only http_status is supported")),
+        })
+        .transpose()
+        .at("abort")?;
+    Ok(HttpFault { delay, abort })
+}
+
+/// Envoy's default of an unset `FractionalPercent`: none.
+const NONE: FractionalPercent = FractionalPercent {
+    numerator: 0,
+    denominator: Denominator::Hundred,
+};
+
+fn fraction(
+    f: envoy_types::pb::envoy::r#type::v3::FractionalPercent,
+) -> Result<FractionalPercent, Invalid> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType as T;
+    let denominator = match T::try_from(f.denominator) {
+        Ok(T::Hundred) => Denominator::Hundred,
+        Ok(T::TenThousand) => Denominator::TenThousand,
+        Ok(T::Million) => Denominator::Million,
+        Err(_) => {
+            return Err(Invalid::new(
+                "denominator",
+                format!("unknown denominator {}", f.denominator),
+            ));
+        }
+    };
+    Ok(FractionalPercent {
+        numerator: f.numerator,
+        denominator,
     })
 }
 
@@ -362,6 +439,28 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
         host_rewrite_literal,
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,
+        request_mirror_policies: each(
+            "request_mirror_policies",
+            &a.request_mirror_policies,
+            |m| {
+                if m.cluster.is_empty() {
+                    return Err(Invalid::new(
+                        "cluster",
+                        "a cluster name is required (cluster_header is not supported)",
+                    ));
+                }
+                Ok(RequestMirrorPolicy {
+                    cluster: m.cluster.clone(),
+                    runtime_fraction: m
+                        .runtime_fraction
+                        .as_ref()
+                        .and_then(|r| r.default_value)
+                        .map(fraction)
+                        .transpose()
+                        .at("runtime_fraction.default_value")?,
+                })
+            },
+        )?,
     })
 }
 

@@ -1522,3 +1522,105 @@ fn validate_clusters_rejects_routes_to_unknown_clusters_as_envoy_does() {
             .is_empty()
     );
 }
+
+#[test]
+fn istios_fault_and_mirror_policies_are_carried_into_the_model() {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent as Pct, fractional_percent};
+    // What istiod writes for `fault: {delay: {fixedDelay: 2s, percentage: {value: 12.5}},
+    // abort: {httpStatus: 503}}` and `mirror: {host: b}` with `mirrorPercentage: {value: 5}`.
+    let mut rc = route_80();
+    let route = &mut rc.virtual_hosts[0].routes[0];
+    let delay = common_fault::FaultDelay {
+        percentage: Some(Pct {
+            numerator: 125_000,
+            denominator: fractional_percent::DenominatorType::Million as i32,
+        }),
+        fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+            pb::Duration {
+                seconds: 2,
+                nanos: 0,
+            },
+        )),
+    };
+    let abort = fault::FaultAbort {
+        error_type: Some(fault::fault_abort::ErrorType::HttpStatus(503)),
+        ..Default::default()
+    };
+    route.typed_per_filter_config.insert(
+        "envoy.filters.http.fault".into(),
+        pack_any(fault::HttpFault {
+            delay: Some(delay),
+            abort: Some(abort),
+            ..Default::default()
+        }),
+    );
+    let Some(rds::route::Action::Route(action)) = &mut route.action else {
+        panic!("a forwarding route");
+    };
+    action.request_mirror_policies = vec![rds::route_action::RequestMirrorPolicy {
+        cluster: "outbound|80||b.default.svc.cluster.local".into(),
+        runtime_fraction: Some(core::RuntimeFractionalPercent {
+            default_value: Some(Pct {
+                numerator: 50_000,
+                denominator: fractional_percent::DenominatorType::Million as i32,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let converted = route_configuration(&rc).expect("converts");
+    let route = &converted.virtual_hosts[0].routes[0];
+    assert_eq!(
+        route.fault,
+        Some(HttpFault {
+            delay: Some(FaultDelay {
+                fixed_delay: Duration::from_secs(2),
+                percentage: FractionalPercent {
+                    numerator: 125_000,
+                    denominator: Denominator::Million,
+                },
+            }),
+            // Unset, Envoy's percentage is none: istiod always writes one when Istio has it.
+            abort: Some(FaultAbort {
+                http_status: 503,
+                percentage: FractionalPercent {
+                    numerator: 0,
+                    denominator: Denominator::Hundred,
+                },
+            }),
+        })
+    );
+    let RouteAction::Forward(f) = &route.action else {
+        panic!("{route:?}");
+    };
+    assert_eq!(
+        f.request_mirror_policies,
+        [RequestMirrorPolicy {
+            cluster: "outbound|80||b.default.svc.cluster.local".into(),
+            runtime_fraction: Some(FractionalPercent {
+                numerator: 50_000,
+                denominator: Denominator::Million,
+            }),
+        }]
+    );
+    // A header abort is a fault portcullis cannot represent: refused, by name.
+    let mut bad = rc.clone();
+    bad.virtual_hosts[0].routes[0]
+        .typed_per_filter_config
+        .insert(
+            "envoy.filters.http.fault".into(),
+            pack_any(fault::HttpFault {
+                abort: Some(fault::FaultAbort {
+                    error_type: Some(fault::fault_abort::ErrorType::GrpcStatus(14)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+    assert_eq!(
+        route_configuration(&bad).unwrap_err().to_string(),
+        "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.fault].abort.error_type: only http_status is supported"
+    );
+}

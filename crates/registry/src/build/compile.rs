@@ -21,6 +21,7 @@ use portcullis_envoy::{
 };
 use portcullis_model::{ConnectionPoolSettings, OutboundMode, Resolution};
 
+use super::virtual_service::SubnetRoute;
 use super::{
     AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
     Traffic, conflict,
@@ -74,6 +75,18 @@ pub fn compile(
     b.compile(dns)
 }
 
+/// The ports of each service host, which a destination without a port is inferred from.
+fn service_ports(pending: &Map<Arc<str>, PendingCluster>) -> BTreeMap<String, Vec<u16>> {
+    let mut ports: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for c in pending.values() {
+        let list = ports.entry(c.host.to_string()).or_default();
+        list.push(c.port);
+        list.sort_unstable();
+        list.dedup();
+    }
+    ports
+}
+
 /// Whether HTTP to a cluster's port is routed by its route table.
 fn routed_by_host(protocol: Protocol) -> bool {
     matches!(protocol, Protocol::Http | Protocol::Http2 | Protocol::Auto)
@@ -87,9 +100,12 @@ struct PortListener {
     /// Ranges owned by opaque services, and whether the owner is sniffed (then HTTP to the
     /// range still goes to the route table).
     ranges: Vec<(IpNet, Arc<str>, bool)>,
-    /// TLS services matched by SNI, and their names. A TLS service's range is a chain of
-    /// its own among [`Self::ranges`]: either the name or the range takes a connection.
-    sni: Vec<(Arc<str>, Vec<String>)>,
+    /// TLS services matched by SNI (or a VirtualService's TLS routes for them), and the
+    /// names. A TLS service's range is a chain of its own among [`Self::ranges`]: either
+    /// the name or the range takes a connection.
+    sni: Vec<(ClusterSpecifier, Vec<String>)>,
+    /// Chains VirtualServices' TCP routes add for destination ranges.
+    subnets: Vec<SubnetRoute>,
     /// The service that takes the whole port.
     any: Option<Arc<str>>,
 }
@@ -119,6 +135,8 @@ impl Builder<'_> {
         let claims = self.settle_claims();
         let mut out = Compiled::default();
         let pending = std::mem::take(&mut self.clusters);
+        let ports = service_ports(&pending);
+        let vs_routes = self.virtual_service_routes(&pending, &ports);
         let pods: Vec<IpAddr> = self
             .pods
             .iter()
@@ -162,9 +180,34 @@ impl Builder<'_> {
                         .push(name.to_string());
                 }
             }
-            let l = listeners.entry(*port).or_default();
             for (cluster, names) in by_cluster {
-                l.sni.push((Arc::clone(cluster), names));
+                let routes = pending
+                    .get(cluster)
+                    .and_then(|c| self.tls_routes(&c.host, c.port, &ports));
+                let l = listeners.entry(*port).or_default();
+                match routes {
+                    Some(routes) => l
+                        .sni
+                        .extend(routes.into_iter().map(|r| (r.target, r.server_names))),
+                    None => l
+                        .sni
+                        .push((ClusterSpecifier::Cluster(cluster.to_string()), names)),
+                }
+            }
+        }
+        // TCP services' VirtualService routes: the first without subnets takes the
+        // service's own chains, those with subnets get chains of their own.
+        let mut tcp_targets: Map<Arc<str>, ClusterSpecifier> = Map::default();
+        for c in pending.values() {
+            if !matches!(c.protocol, Protocol::Tcp | Protocol::Auto) {
+                continue;
+            }
+            for route in self.tcp_routes(&c.host, c.port, &ports) {
+                if route.subnets.is_empty() {
+                    tcp_targets.insert(Arc::clone(&c.name), route.target);
+                } else {
+                    listeners.entry(c.port).or_default().subnets.push(route);
+                }
             }
         }
         for (port, cluster) in &claims.any {
@@ -179,18 +222,19 @@ impl Builder<'_> {
             Arc::new(virtual_outbound(catch_all, reachable_pods)),
         );
         for (port, l) in &listeners {
-            let listener = port_listener(*port, l, catch_all, reachable_pods);
+            let listener = port_listener(*port, l, catch_all, reachable_pods, &tcp_targets);
             out.resources
                 .listeners
                 .insert(listener.name.clone(), Arc::new(listener));
             if l.http {
-                let routes = port_routes(*port, &claims, &pending, mode, reachable_pods);
+                let routes =
+                    port_routes(*port, &claims, &pending, &vs_routes, mode, reachable_pods);
                 out.resources
                     .routes
                     .insert(routes.name.clone(), Arc::new(routes));
             }
         }
-        let proxy_routes = http_proxy_routes(&claims, &pending, mode, reachable_pods);
+        let proxy_routes = http_proxy_routes(&claims, &pending, &vs_routes, mode, reachable_pods);
         out.resources
             .routes
             .insert(proxy_routes.name.clone(), Arc::new(proxy_routes));
@@ -202,18 +246,62 @@ impl Builder<'_> {
                 if !matches!(c.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Auto) {
                     continue;
                 }
-                let (listener, routes) = address_listener(*ip, *port, c);
+                let (mut listener, table) =
+                    address_listener(*ip, *port, c, &vs_routes, &tcp_targets);
+                // A TLS service's address with TLS routes: a chain per SNI match, as
+                // istiod builds them; other names find no chain.
+                if c.protocol == Protocol::Tls
+                    && let Some(routes) = self.tls_routes(&c.host, c.port, &ports)
+                {
+                    listener.filter_chains = routes
+                        .into_iter()
+                        .map(|r| {
+                            let sni = FilterChainMatch {
+                                server_names: r.server_names,
+                                ..FilterChainMatch::default()
+                            };
+                            chain("", sni, tcp_proxy_to(r.target))
+                        })
+                        .collect();
+                    listener.listener_filters = inspectors(&listener.filter_chains);
+                }
                 out.resources
                     .listeners
                     .insert(listener.name.clone(), Arc::new(listener));
-                if let Some(routes) = routes {
+                if let Some(table) = table {
                     out.resources
                         .routes
-                        .insert(routes.name.clone(), Arc::new(routes));
+                        .insert(table.name.clone(), Arc::new(table));
                 }
             }
         }
         for (name, p) in pending {
+            // Each subset of the host's DestinationRule is a cluster of its own,
+            // `outbound|PORT|SUBSET|HOST`, of the endpoints its labels select.
+            for (subset, traffic) in self.subsets_for(&p.host, p.port) {
+                let subset_name = format!("outbound|{}|{}|{}", p.port, subset.name, p.host);
+                let endpoints = p
+                    .endpoints
+                    .iter()
+                    .filter(|e| super::labels_match(&subset.labels, &e.4))
+                    .cloned()
+                    .collect();
+                let pending_subset = PendingCluster {
+                    name: subset_name.as_str().into(),
+                    host: Arc::clone(&p.host),
+                    port: p.port,
+                    protocol: p.protocol,
+                    resolution: p.resolution,
+                    passthrough_port: p.passthrough_port,
+                    source: Arc::clone(&p.source),
+                    addresses: p.addresses.clone(),
+                    endpoints,
+                };
+                let cluster = service_cluster(pending_subset, &traffic, dns, &mut out.dns_names);
+                out.resources
+                    .clusters
+                    .insert(subset_name, Arc::new(cluster));
+            }
             let traffic = self.traffic_for(&p.host, p.port);
             let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
             out.resources
@@ -221,7 +309,30 @@ impl Builder<'_> {
                 .insert(name.to_string(), Arc::new(cluster));
         }
         out.warnings = self.warnings;
+        out.warnings.extend(self.vs_warnings);
         out
+    }
+
+    /// The routes VirtualServices give each HTTP service's virtual host, by its cluster.
+    fn virtual_service_routes(
+        &mut self,
+        pending: &Map<Arc<str>, PendingCluster>,
+        ports: &BTreeMap<String, Vec<u16>>,
+    ) -> Map<Arc<str>, Vec<Route>> {
+        self.unmatched_virtual_service_hosts(ports);
+        let mut routes = Map::default();
+        for c in pending.values() {
+            if !routed_by_host(c.protocol) {
+                continue;
+            }
+            let Some(vs) = self.virtual_service_for(&c.host, c.port) else {
+                continue;
+            };
+            if let Some(list) = self.http_routes(vs, c.port, ports) {
+                routes.insert(Arc::clone(&c.name), list);
+            }
+        }
+        routes
     }
 
     /// Settles who owns each name, range and address on each port: names by claim order,
@@ -313,11 +424,31 @@ impl Builder<'_> {
 }
 
 fn tcp_proxy(cluster: &str) -> NetworkFilter {
+    tcp_proxy_to(ClusterSpecifier::Cluster(cluster.to_string()))
+}
+
+/// A `tcp_proxy` to one cluster or several by weight; istiod names its stats after the
+/// (first) cluster.
+fn tcp_proxy_to(cluster: ClusterSpecifier) -> NetworkFilter {
+    let stat_prefix = match &cluster {
+        ClusterSpecifier::Cluster(name) => name.clone(),
+        ClusterSpecifier::Weighted(list) => {
+            list.first().map(|w| w.name.clone()).unwrap_or_default()
+        }
+    };
     NetworkFilter::TcpProxy(TcpProxy {
-        stat_prefix: cluster.to_string(),
-        cluster: ClusterSpecifier::Cluster(cluster.to_string()),
+        stat_prefix,
+        cluster,
         idle_timeout: Some(TCP_IDLE_TIMEOUT),
     })
+}
+
+/// A service's own `tcp_proxy`: to its VirtualService's TCP route when one takes it.
+fn service_tcp_proxy(cluster: &str, targets: &Map<Arc<str>, ClusterSpecifier>) -> NetworkFilter {
+    match targets.get(cluster) {
+        Some(target) => tcp_proxy_to(target.clone()),
+        None => tcp_proxy(cluster),
+    }
 }
 
 fn chain(name: &str, filter_chain_match: FilterChainMatch, filter: NetworkFilter) -> FilterChain {
@@ -425,7 +556,7 @@ fn range_chains(
     chains: &mut Vec<FilterChain>,
     nets: Vec<IpNet>,
     http: Option<NetworkFilter>,
-    cluster: &str,
+    tcp_filter: NetworkFilter,
 ) {
     let mut tcp = FilterChainMatch {
         prefix_ranges: nets.clone(),
@@ -435,12 +566,18 @@ fn range_chains(
         tcp.transport_protocol = Some("raw_buffer".to_string());
         chains.push(chain("", http_match(nets), http));
     }
-    chains.push(chain("", tcp, tcp_proxy(cluster)));
+    chains.push(chain("", tcp, tcp_filter));
 }
 
 /// A `0.0.0.0_PORT` listener: HTTP to the port's route table, ranges and SNI names to their
 /// services, the port-wide service (or the catch-all) for the rest.
-fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) -> Listener {
+fn port_listener(
+    port: u16,
+    l: &PortListener,
+    catch_all: &str,
+    pods: &[IpAddr],
+    targets: &Map<Arc<str>, ClusterSpecifier>,
+) -> Listener {
     let name = format!("0.0.0.0_{port}");
     let routes = port.to_string();
     let mut chains = Vec::new();
@@ -451,18 +588,33 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
             http_manager(&name, &routes),
         ));
     }
+    for route in &l.subnets {
+        chains.push(chain(
+            "",
+            FilterChainMatch {
+                prefix_ranges: route.subnets.clone(),
+                ..FilterChainMatch::default()
+            },
+            tcp_proxy_to(route.target.clone()),
+        ));
+    }
     for (net, cluster, sniffed) in &l.ranges {
         let http = sniffed.then(|| http_manager(&name, &routes));
-        range_chains(&mut chains, vec![*net], http, cluster);
+        range_chains(
+            &mut chains,
+            vec![*net],
+            http,
+            service_tcp_proxy(cluster, targets),
+        );
     }
-    for (cluster, names) in &l.sni {
+    for (target, names) in &l.sni {
         chains.push(chain(
             "",
             FilterChainMatch {
                 server_names: names.clone(),
                 ..FilterChainMatch::default()
             },
-            tcp_proxy(cluster),
+            tcp_proxy_to(target.clone()),
         ));
     }
     // A port-wide service takes pods' addresses too; else pods outside the ranges here get
@@ -474,10 +626,19 @@ fn port_listener(port: u16, l: &PortListener, catch_all: &str, pods: &[IpAddr]) 
         .collect();
     if !pods.is_empty() {
         let http = l.http.then(|| http_manager(&name, &routes));
-        range_chains(&mut chains, host_nets(&pods), http, PASSTHROUGH_CLUSTER);
+        range_chains(
+            &mut chains,
+            host_nets(&pods),
+            http,
+            tcp_proxy(PASSTHROUGH_CLUSTER),
+        );
     }
     let default = match &l.any {
-        Some(cluster) => chain("", FilterChainMatch::default(), tcp_proxy(cluster)),
+        Some(cluster) => chain(
+            "",
+            FilterChainMatch::default(),
+            service_tcp_proxy(cluster, targets),
+        ),
         None => chain(
             PASSTHROUGH_FILTER_CHAIN,
             FilterChainMatch::default(),
@@ -508,9 +669,15 @@ fn address_listener(
     ip: IpAddr,
     port: u16,
     c: &PendingCluster,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
+    targets: &Map<Arc<str>, ClusterSpecifier>,
 ) -> (Listener, Option<RouteConfiguration>) {
     let name = format!("{ip}_{port}");
-    let tcp = chain("", FilterChainMatch::default(), tcp_proxy(&c.name));
+    let tcp = chain(
+        "",
+        FilterChainMatch::default(),
+        service_tcp_proxy(&c.name, targets),
+    );
     let mut listener = Listener {
         name,
         address: SocketAddr::new(ip, port),
@@ -537,7 +704,7 @@ fn address_listener(
         virtual_hosts: vec![VirtualHost {
             name: routes_name,
             domains: vec!["*".to_string()],
-            routes: vec![route("default", forward(&c.name))],
+            routes: service_routes(&c.name, vs_routes),
             include_request_attempt_count: true,
             ..VirtualHost::default()
         }],
@@ -549,7 +716,7 @@ fn address_listener(
 
 /// Istio's default retry policy for a service route: two retries on connect failure,
 /// refused stream, unavailable, cancelled and 503, each to another host where possible.
-fn istio_retry_policy() -> RetryPolicy {
+pub(crate) fn istio_retry_policy() -> RetryPolicy {
     RetryPolicy {
         retry_on: [
             "connect-failure",
@@ -580,6 +747,7 @@ fn forward_spec(cluster: &str) -> Forward {
         host_rewrite_literal: None,
         prefix_rewrite: None,
         regex_rewrite: None,
+        request_mirror_policies: Vec::new(),
     }
 }
 
@@ -596,15 +764,15 @@ fn passthrough() -> RouteAction {
 }
 
 fn route(name: &str, action: RouteAction) -> Route {
-    Route {
-        name: name.to_string(),
-        route_match: RouteMatch::any(),
-        action,
-        request_headers_to_add: Vec::new(),
-        request_headers_to_remove: Vec::new(),
-        response_headers_to_add: Vec::new(),
-        response_headers_to_remove: Vec::new(),
-    }
+    Route::new(name, RouteMatch::any(), action)
+}
+
+/// The routes of a service's virtual host: its VirtualService's, else istiod's default.
+fn service_routes(cluster: &Arc<str>, vs_routes: &Map<Arc<str>, Vec<Route>>) -> Vec<Route> {
+    vs_routes
+        .get(cluster)
+        .cloned()
+        .unwrap_or_else(|| vec![route("default", forward(cluster))])
 }
 
 /// The route table `PORT`: a virtual host per HTTP or sniffed service (`host:port`) with
@@ -613,6 +781,7 @@ fn port_routes(
     port: u16,
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
     mode: OutboundMode,
     pods: &[IpAddr],
 ) -> RouteConfiguration {
@@ -637,7 +806,7 @@ fn port_routes(
             Some(VirtualHost {
                 name: format!("{}:{port}", c.host),
                 domains,
-                routes: vec![route("default", forward(cluster))],
+                routes: service_routes(cluster, vs_routes),
                 include_request_attempt_count: true,
                 ..VirtualHost::default()
             })
@@ -711,6 +880,7 @@ fn catch_all_host(mode: OutboundMode) -> VirtualHost {
 fn http_proxy_routes(
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
+    vs_routes: &Map<Arc<str>, Vec<Route>>,
     mode: OutboundMode,
     pods: &[IpAddr],
 ) -> RouteConfiguration {
@@ -731,7 +901,7 @@ fn http_proxy_routes(
             Some(VirtualHost {
                 name: format!("{}:{}", c.host, c.port),
                 domains,
-                routes: vec![route("default", forward(cluster))],
+                routes: service_routes(cluster, vs_routes),
                 include_request_attempt_count: true,
                 ..VirtualHost::default()
             })
@@ -885,7 +1055,7 @@ fn service_cluster(
         let lb_endpoints = p
             .endpoints
             .into_iter()
-            .map(|(address, port, weight, source)| LbEndpoint {
+            .map(|(address, port, weight, source, _)| LbEndpoint {
                 address: match address {
                     EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(ip, port)),
                     EndpointAddress::Dns(host) => {

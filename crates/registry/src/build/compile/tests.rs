@@ -588,3 +588,194 @@ spec:
         "default's Sidecar does not apply in other"
     );
 }
+
+/// istiod's `TranslateRouteMatch`: headers and `withoutHeaders` sorted by name, then
+/// method, authority and scheme; `{}` and the regex `*` are presence checks; an inverted
+/// value match treats a missing header as empty; the uri is case sensitive unless
+/// `ignoreUriCase`.
+#[test]
+fn virtual_service_matches_compile_to_istiods_route_match() {
+    use portcullis_envoy::{
+        HeaderMatch, HeaderMatcher, PathMatch, QueryParameterMatcher, StringMatcher, StringPattern,
+    };
+    let c = compiled(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  http:
+  - name: r
+    match:
+    - name: m
+      uri: {regex: '/v[0-9]+/.*'}
+      ignoreUriCase: true
+      headers: {x-b: {exact: one}, x-a: {}}
+      withoutHeaders: {x-c: {prefix: bad}, x-d: {regex: '*'}}
+      method: {exact: POST}
+      authority: {prefix: api.}
+      scheme: {exact: http}
+      queryParams: {q: {regex: '*'}, v: {exact: '2'}}
+    - port: 8080
+      uri: {exact: /elsewhere}
+    route: [{destination: {host: api.example.com}}]
+",
+    );
+    let table = routes(&c, "80");
+    let vh = table
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "api.example.com:80")
+        .expect("the service's virtual host");
+    // The match for port 8080 is left out on port 80, and no default route is added.
+    assert_eq!(vh.routes.len(), 1, "{:?}", vh.routes);
+    let r = &vh.routes[0];
+    assert_eq!(r.name, "r.m");
+    let exact = |v: &str| {
+        HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Exact(v.into()),
+            ignore_case: false,
+        })
+    };
+    let prefix = |v: &str| {
+        HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Prefix(v.into()),
+            ignore_case: false,
+        })
+    };
+    let header = |name: &str, matcher, invert: bool, missing_empty: bool| HeaderMatcher {
+        name: name.into(),
+        matcher,
+        invert_match: invert,
+        treat_missing_header_as_empty: missing_empty,
+    };
+    assert_eq!(
+        r.route_match,
+        RouteMatch {
+            path: PathMatch::Regex("/v[0-9]+/.*".into()),
+            case_sensitive: false,
+            headers: vec![
+                header("x-a", HeaderMatch::Present(true), false, false),
+                header("x-b", exact("one"), false, false),
+                header("x-c", prefix("bad"), true, true),
+                header("x-d", HeaderMatch::Present(true), true, false),
+                header(":method", exact("POST"), false, false),
+                header(":authority", prefix("api."), false, false),
+                header(":scheme", exact("http"), false, false),
+            ],
+            query_parameters: vec![
+                QueryParameterMatcher {
+                    name: "q".into(),
+                    matcher: None,
+                },
+                QueryParameterMatcher {
+                    name: "v".into(),
+                    matcher: Some(StringMatcher {
+                        pattern: StringPattern::Exact("2".into()),
+                        ignore_case: false,
+                    }),
+                },
+            ],
+        }
+    );
+    // The same service on the HTTP proxy table (`host:port` domains) gets the same routes.
+    let proxy = routes(&c, HTTP_PROXY_ROUTES);
+    let vh = proxy
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "api.example.com:80")
+        .expect("the service's virtual host");
+    assert_eq!(vh.routes[0].name, "r.m");
+}
+
+/// A DestinationRule's subsets are clusters of their own beside the service's, and TCP and
+/// TLS routes of a VirtualService become `tcp_proxy` chains to their (weighted)
+/// destinations, as istiod builds them.
+#[test]
+fn subsets_and_l4_routes_compile_to_istiods_clusters_and_chains() {
+    let c = compiled(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [db.example.com]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1, labels: {role: primary}}, {address: 10.1.0.2, labels: {role: replica}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.example.com
+  subsets: [{name: primary, labels: {role: primary}}, {name: replica, labels: {role: replica}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db}
+spec:
+  hosts: [db.example.com]
+  tcp:
+  - route:
+    - {destination: {host: db.example.com, subset: primary}, weight: 90}
+    - {destination: {host: db.example.com, subset: replica}, weight: 10}
+",
+    );
+    let names: Vec<&str> = c.resources.clusters.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "outbound|5432|primary|db.example.com",
+            "outbound|5432|replica|db.example.com",
+            "outbound|5432||db.example.com",
+        ]
+    );
+    let endpoints = |name: &str| -> Vec<String> {
+        c.resources.clusters[name]
+            .load_assignment
+            .iter()
+            .flat_map(|a| &a.endpoints)
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| format!("{:?}", e.address))
+            .collect()
+    };
+    assert_eq!(
+        endpoints("outbound|5432|replica|db.example.com"),
+        ["Socket(10.1.0.2:5432)"]
+    );
+    assert_eq!(endpoints("outbound|5432||db.example.com").len(), 2);
+    let l = listener(&c, "0.0.0.0_5432");
+    let chain = l
+        .default_filter_chain
+        .as_ref()
+        .or(l.filter_chains.first())
+        .expect("the port's chain");
+    let NetworkFilter::TcpProxy(t) = &chain.filter else {
+        panic!("{chain:?}");
+    };
+    assert_eq!(t.stat_prefix, "outbound|5432|primary|db.example.com");
+    let ClusterSpecifier::Weighted(w) = &t.cluster else {
+        panic!("{t:?}");
+    };
+    let weights: Vec<(&str, u32)> = w.iter().map(|w| (w.name.as_str(), w.weight)).collect();
+    assert_eq!(
+        weights,
+        [
+            ("outbound|5432|primary|db.example.com", 90),
+            ("outbound|5432|replica|db.example.com", 10)
+        ]
+    );
+}
