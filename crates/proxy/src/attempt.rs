@@ -341,6 +341,17 @@ mod tests {
         ProxyError::UpstreamClosed(io::Error::from(io::ErrorKind::ConnectionReset))
     }
 
+    /// HTTP attempts at `decision` under `policy`.
+    fn http<'a>(proxy: &'a Proxy, decision: &'a Decision, policy: RetryPolicy) -> Attempts<'a> {
+        Attempts::new(
+            proxy,
+            (decision, ANY),
+            "api",
+            policy,
+            Some(Resource::Requests),
+        )
+    }
+
     const ANY: Original<'static> = Original::Address(SocketAddr::new(
         std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         80,
@@ -349,13 +360,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn connect_failures_go_to_other_endpoints_after_a_jittered_backoff() {
         let (proxy, decision) = proxy(3, 3);
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            RetryPolicy::ISTIO,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         let mut seen = Vec::new();
         let mut waits = Vec::new();
         let error = loop {
@@ -383,13 +388,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn what_a_policy_does_not_retry_is_answered_at_once() {
         let (proxy, decision) = proxy(2, 3);
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            RetryPolicy::ISTIO,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         attempts.start().await.unwrap();
         // Istio's default does not resend after a reset.
         let e = attempts
@@ -415,13 +414,7 @@ mod tests {
             ..RetryPolicy::NONE
         };
         reset_policy.reset = true;
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            reset_policy,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, reset_policy);
         attempts.start().await.unwrap();
         let e = attempts
             .failed::<()>(Failure::Sent(reset()), None)
@@ -450,13 +443,7 @@ mod tests {
             ..RetryPolicy::NONE
         };
         policy.status_codes = StatusSet::EMPTY.with(503);
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            policy,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(attempts.answered(200, Some(())), Answer::Deliver(None));
         assert_eq!(attempts.answered(503, Some(())), Answer::Retry(()));
@@ -479,13 +466,7 @@ mod tests {
         let (proxy, decision) = proxy(2, 0);
         let mut policy = RetryPolicy::ISTIO;
         policy.five_xx = true;
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            policy,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(
             attempts.answered(500, Some(())),
@@ -511,13 +492,7 @@ mod tests {
             Ok::<(), Failure>(())
         };
         // Three attempts of one second each: out of retries, Envoy's `URX,UT` and 504.
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            policy,
-            Some(Resource::Requests),
-        );
+        let mut attempts = http(&proxy, &decision, policy);
         let start = Instant::now();
         let error = loop {
             attempts.start().await.unwrap();
@@ -532,14 +507,8 @@ mod tests {
         assert!(took >= Duration::from_secs(3), "{took:?}");
         assert!(took < Duration::from_millis(3100), "{took:?}");
         // The route timeout covers every attempt: it ends the second one.
-        let mut attempts = Attempts::new(
-            &proxy,
-            (&decision, ANY),
-            "api",
-            policy,
-            Some(Resource::Requests),
-        )
-        .with_timeout(Some(Duration::from_millis(1500)));
+        let mut attempts =
+            http(&proxy, &decision, policy).with_timeout(Some(Duration::from_millis(1500)));
         let start = Instant::now();
         let error = loop {
             let started = attempts.start().await;
