@@ -13,8 +13,8 @@ use crate::{
     FilterChain, FilterChainMatch, HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus,
     HttpConnectionManager, LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch,
     QueryParameterMatcher, Redirect, RetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteSource, StringMatcher, StringPattern, TcpProxy, UpstreamProtocol, UpstreamTransport,
-    VirtualHost,
+    RouteSource, StringMatcher, StringPattern, TcpProxy, TlsVersion, TrustedCa, UpstreamProtocol,
+    UpstreamTls, UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -22,6 +22,11 @@ const TCP_PROXY: &str =
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+/// Where Debian (and the images Envoy and istio-proxy ship in) keep the system's trusted
+/// CAs: what the system trust store is rendered as, so that real Envoy loads the same.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A proto3 JSON duration.
 pub fn duration(d: Duration) -> Value {
@@ -535,13 +540,23 @@ pub fn cluster(c: &Cluster) -> Value {
             "max_retries": t.max_retries,
         }]}),
     );
-    let protocol = match c.upstream_protocol {
+    let mut protocol = match c.upstream_protocol {
         UpstreamProtocol::Http1 => None,
         UpstreamProtocol::Http2 => {
             Some(json!({"explicit_http_config": {"http2_protocol_options": {}}}))
         }
         UpstreamProtocol::UseDownstream => Some(json!({"use_downstream_protocol_config": {}})),
     };
+    if let UpstreamTransport::Tls(tls) = &c.transport
+        && (tls.auto_sni || tls.auto_san_validation)
+    {
+        let options = protocol
+            .get_or_insert_with(|| json!({"explicit_http_config": {"http_protocol_options": {}}}));
+        options["upstream_http_protocol_options"] = json!({
+            "auto_sni": tls.auto_sni,
+            "auto_san_validation": tls.auto_san_validation,
+        });
+    }
     if let Some(Value::Object(mut options)) = protocol {
         options.insert(
             "@type".into(),
@@ -624,6 +639,9 @@ fn portcullis_metadata(o: &mut Map<String, Value>, notes: Map<String, Value>) {
 fn transport(t: &UpstreamTransport, notes: &mut Map<String, Value>) -> Value {
     let name = match t {
         UpstreamTransport::Plaintext => return Value::Null,
+        UpstreamTransport::Tls(tls) => {
+            return json!({ "name": "envoy.transport_sockets.tls", "typed_config": upstream_tls(tls) });
+        }
         UpstreamTransport::IstioMutualTls => {
             "envoy.transport_sockets.tls (Istio mutual TLS over SDS)"
         }
@@ -638,6 +656,89 @@ fn transport(t: &UpstreamTransport, notes: &mut Map<String, Value>) -> Value {
         )));
     }
     json!({ "name": "envoy.transport_sockets.tls" })
+}
+
+/// An `UpstreamTlsContext`.
+fn upstream_tls(tls: &UpstreamTls) -> Value {
+    let version = |v: TlsVersion| match v {
+        TlsVersion::Tls10 => "TLSv1_0",
+        TlsVersion::Tls11 => "TLSv1_1",
+        TlsVersion::Tls12 => "TLSv1_2",
+        TlsVersion::Tls13 => "TLSv1_3",
+    };
+    let mut common = Map::new();
+    common.insert(
+        "tls_params".into(),
+        json!({
+            "tls_minimum_protocol_version": version(tls.min_version),
+            "tls_maximum_protocol_version": version(tls.max_version),
+        }),
+    );
+    put(&mut common, "alpn_protocols", json!(tls.alpn_protocols));
+    if let Some(cert) = &tls.client_certificate {
+        common.insert(
+            "tls_certificates".into(),
+            json!([{
+                "certificate_chain": data_source(&cert.certificate_chain),
+                "private_key": data_source(&cert.private_key),
+            }]),
+        );
+    }
+    if let Some(v) = &tls.validation {
+        let trusted_ca = match &v.trusted_ca {
+            TrustedCa::Pem(source) => data_source(source),
+            TrustedCa::System => json!({ "filename": SYSTEM_CA_BUNDLE }),
+        };
+        let mut validation = Map::new();
+        validation.insert("trusted_ca".into(), trusted_ca);
+        put(
+            &mut validation,
+            "match_subject_alt_names",
+            v.match_subject_alt_names
+                .iter()
+                .map(string_matcher)
+                .collect(),
+        );
+        common.insert("validation_context".into(), Value::Object(validation));
+    }
+    let mut o = Map::new();
+    o.insert("@type".into(), json!(UPSTREAM_TLS));
+    put(&mut o, "sni", opt(tls.sni.as_ref(), |s| json!(s)));
+    o.insert("common_tls_context".into(), Value::Object(common));
+    Value::Object(o)
+}
+
+/// A `DataSource`: a file by name, inline bytes as base64 (proto3 JSON's `bytes`).
+fn data_source(d: &crate::DataSource) -> Value {
+    match d {
+        crate::DataSource::File(path) => json!({ "filename": path }),
+        crate::DataSource::Inline(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => json!({ "inline_string": text }),
+            Err(_) => json!({ "inline_bytes": base64(bytes) }),
+        },
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A cluster load assignment.

@@ -13,6 +13,7 @@ mod route;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
@@ -32,6 +33,7 @@ pub use route::{
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
+pub use tls::{TlsConfigError, TlsOrigin, failure_reason};
 
 /// The registry's hash map: foldhash is several times faster than SipHash for the short
 /// keys routed on, and still seeded per process so lookup keys sent by clients cannot be

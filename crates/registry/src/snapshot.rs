@@ -50,8 +50,11 @@ pub struct Endpoint {
     pub source: Arc<str>,
     /// Live counters, carried over across reloads for the same cluster and address.
     pub state: Arc<EndpointState>,
-    /// Why the endpoint must not get a plaintext connection (it needs a TLS transport
-    /// portcullis does not originate), if it must not.
+    /// The TLS to originate to the endpoint (DestinationRule `tls`, an
+    /// `UpstreamTlsContext`), compiled with the snapshot; `None`: plaintext.
+    pub tls: Option<Arc<crate::TlsOrigin>>,
+    /// Why the endpoint must not get a connection at all (it needs a TLS transport
+    /// portcullis does not originate, or its TLS settings are unusable), if it must not.
     pub transport_error: Option<Arc<str>>,
 }
 
