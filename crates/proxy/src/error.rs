@@ -22,6 +22,9 @@ pub enum ProxyError {
     /// Connecting to the upstream failed.
     #[error("upstream connect error: {0}")]
     ConnectFailure(#[source] std::io::Error),
+    /// The TLS handshake with the upstream failed, for Envoy's transport failure reason.
+    #[error("upstream TLS handshake failed: {0}")]
+    TlsHandshake(Arc<str>),
     /// Connecting to the upstream took longer than the connect timeout.
     #[error("upstream connect timeout")]
     ConnectTimeout,
@@ -98,7 +101,7 @@ impl ProxyError {
             // Istio's block_all is a direct response on a matched route: Envoy sets no flag.
             ProxyError::Blocked => "-",
             ProxyError::NoHealthyUpstream => "UH",
-            ProxyError::ConnectFailure(_) => "UF",
+            ProxyError::ConnectFailure(_) | ProxyError::TlsHandshake(_) => "UF",
             ProxyError::ConnectTimeout => "UF",
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
             ProxyError::UpstreamProtocol(_) => "UPE",
@@ -117,17 +120,23 @@ impl ProxyError {
             ProxyError::Overflow(_) => "UO",
             // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
             ProxyError::RetryOverflow(last) => match &**last {
-                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,UF",
+                ProxyError::ConnectFailure(_)
+                | ProxyError::TlsHandshake(_)
+                | ProxyError::ConnectTimeout => "UO,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,UC",
                 ProxyError::Retried(inner) => match **inner {
-                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,URX,UF",
+                    ProxyError::ConnectFailure(_)
+                    | ProxyError::TlsHandshake(_)
+                    | ProxyError::ConnectTimeout => "UO,URX,UF",
                     ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,URX,UC",
                     _ => last.flag(),
                 },
                 other => other.flag(),
             },
             ProxyError::Retried(last) => match **last {
-                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
+                ProxyError::ConnectFailure(_)
+                | ProxyError::TlsHandshake(_)
+                | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
                 ref other => other.flag(),
             },
@@ -184,9 +193,9 @@ impl ProxyError {
     /// Envoy's wording for why the upstream connection ended, where it has one.
     fn reset_reason(&self) -> Option<&'static str> {
         match self {
-            ProxyError::ConnectFailure(_) | ProxyError::TransportRefused(_) => {
-                Some("remote connection failure")
-            }
+            ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::TransportRefused(_) => Some("remote connection failure"),
             ProxyError::ConnectTimeout => Some("connection timeout"),
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => {
                 Some("connection termination")
@@ -194,6 +203,15 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(_) => Some("protocol error"),
             ProxyError::Overflow(_) => Some("overflow"),
             _ => None,
+        }
+    }
+
+    /// Envoy's `, transport failure reason: ...` suffix of a reset reason, when the
+    /// transport socket (TLS) said why it failed.
+    fn transport_failure(&self) -> String {
+        match self {
+            ProxyError::TlsHandshake(why) => format!(", transport failure reason: {why}"),
+            _ => String::new(),
         }
     }
 
@@ -206,7 +224,9 @@ impl ProxyError {
             ProxyError::Retried(last)
                 if matches!(
                     **last,
-                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout
+                    ProxyError::ConnectFailure(_)
+                        | ProxyError::TlsHandshake(_)
+                        | ProxyError::ConnectTimeout
                 ) =>
             {
                 "UF,URX"
@@ -219,7 +239,8 @@ impl ProxyError {
     pub fn to_response(&self) -> Response<ProxyBody> {
         if let Some(reason) = self.reset_reason() {
             let body = format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}{}",
+                self.transport_failure()
             );
             let mut response = synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body));
             if matches!(self, ProxyError::Overflow(_)) {
@@ -238,7 +259,8 @@ impl ProxyError {
             return match last.reset_reason() {
                 Some(reason) => {
                     let body = format!(
-                        "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}"
+                        "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}{}",
+                        last.transport_failure()
                     );
                     synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body))
                 }

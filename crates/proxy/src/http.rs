@@ -29,6 +29,7 @@ use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
+use crate::origin::Transport;
 use crate::pool::Conn;
 use crate::upstream::{Acquired, Original, Pick, RetryPolicy, Target, can_retry};
 
@@ -679,9 +680,16 @@ async fn route_and_forward(
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
-        let Pick { addr, index, guard } = pick;
+        let Pick {
+            addr,
+            index,
+            tls,
+            guard,
+        } = pick;
+        let transport = Transport::new(addr, tls.as_ref(), upstream_authority(&req));
         let target = Target {
             addr,
+            transport: &transport,
             connect_timeout,
             cluster: &outcome.cluster,
             decision: &decision,
@@ -887,7 +895,7 @@ async fn send_h1(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
-    let idle = || proxy.pool.checkout(target.addr);
+    let idle = || proxy.pool.checkout(&target.transport.key);
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
         Err(e) => return Err(Failure::Refused(e)),
@@ -895,8 +903,7 @@ async fn send_h1(
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
         Acquired::New { hold, pending } => {
-            let (addr, cluster) = (target.addr, target.cluster);
-            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
+            let stream = match proxy.connect_upstream(&target).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -913,7 +920,8 @@ async fn send_h1(
                 }
             });
             drop(pending);
-            proxy.pool.fresh(addr, Conn { io: sender, hold })
+            let key = target.transport.key.clone();
+            proxy.pool.fresh(key, Conn { io: sender, hold })
         }
     };
     match pooled.sender.try_send_request(req).await {
@@ -933,7 +941,7 @@ async fn send_h2(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failure> {
-    let idle = || std::future::ready(proxy.pool.h2(target.addr));
+    let idle = || std::future::ready(proxy.pool.h2(&target.transport.key));
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
         Err(e) => return Err(Failure::Refused(e)),
@@ -941,8 +949,7 @@ async fn send_h2(
     let mut sender = match acquired {
         Acquired::Idle(sender) => sender,
         Acquired::New { hold, pending } => {
-            let (addr, cluster) = (target.addr, target.cluster);
-            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
+            let stream = match proxy.connect_upstream(&target).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failure::Connect(req, e)),
             };
@@ -954,7 +961,9 @@ async fn send_h2(
                     Ok(h) => h,
                     Err(e) => return Err(Failure::Connect(req, ProxyError::UpstreamReset(e))),
                 };
-            proxy.pool.put_h2(addr, sender.clone());
+            proxy
+                .pool
+                .put_h2(target.transport.key.clone(), sender.clone());
             drop(pending);
             // The connection holds its unit of `max_connections` until it ends; requests
             // waiting for it are woken now that it is shared.
@@ -980,6 +989,15 @@ async fn send_h2(
             None => Err(Failure::Sent(ProxyError::UpstreamReset(e.into_error()))),
         },
     }
+}
+
+/// The authority the upstream gets (after any rewrite): what Envoy's `auto_sni` sends.
+fn upstream_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
 }
 
 /// HTTP/2 upstream for ports declared HTTP2/GRPC; HTTP/1.1 for ports declared HTTP; the

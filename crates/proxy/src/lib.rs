@@ -11,6 +11,7 @@ mod io;
 mod log;
 pub mod metrics;
 mod orig_dst;
+mod origin;
 mod pool;
 mod splice;
 mod tcp;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use portcullis_registry::{Decision, Resource};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -10,9 +11,11 @@ use tokio::time::Instant;
 use crate::Proxy;
 use crate::error::ProxyError;
 use crate::guard::GuardedIo;
+use crate::io::PrefixedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
-use crate::upstream::{Original, Pick};
+use crate::origin::{Transport, UpstreamIo};
+use crate::upstream::{Original, Pick, Target};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
 /// read to detect its protocol) first, or closes it when the destination is refused.
@@ -52,9 +55,24 @@ pub(crate) async fn forward(
     };
     let connected = connect_once(proxy, &decision, dst, &cluster, &mut log).await;
     match connected {
-        Ok((mut upstream, _active)) => {
+        Ok((upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
-            let relayed = crate::splice::relay(&mut client, prefix, &mut upstream).await;
+            let relayed = match upstream {
+                UpstreamIo::Plain(mut upstream) => {
+                    crate::splice::relay(&mut client, prefix, &mut upstream).await
+                }
+                // TLS originated here: the bytes pass through user space to be encrypted.
+                UpstreamIo::Tls(mut upstream) => {
+                    let mut client = PrefixedIo::new(BytesMut::from(prefix), client);
+                    let copied = crate::io::copy_both(&mut client, &mut upstream).await;
+                    let (sent, received) = copied.as_ref().map_or((0, 0), |&(s, r)| (s, r));
+                    crate::splice::Relayed {
+                        sent,
+                        received,
+                        result: copied.map(|_| ()),
+                    }
+                }
+            };
             log.sent = relayed.sent;
             log.received = relayed.received;
             if let Err(e) = relayed.result {
@@ -98,22 +116,36 @@ async fn connect_once(
     dst: SocketAddr,
     cluster: &str,
     log: &mut TcpLog<'_>,
-) -> Result<(TcpStream, crate::upstream::Hold), ProxyError> {
+) -> Result<(UpstreamIo, crate::upstream::Hold), ProxyError> {
     // Envoy's tcp_proxy refuses the connection at the cluster's `max_connections` before
     // choosing a host.
     let slot = proxy.admit(decision, Resource::Connections)?;
     let Pick {
-        addr, mut guard, ..
+        addr,
+        tls,
+        mut guard,
+        ..
     } = proxy.pick(decision, Original::Address(dst), &[]).await?;
     guard.slot = slot;
     log.upstream = Some(addr);
-    let timeout = proxy.connect_timeout(decision);
-    match proxy.connect(addr, cluster, timeout).await {
+    // No request here whose host could be the SNI: `auto_sni` is HTTP's.
+    let transport = Transport::new(addr, tls.as_ref(), None);
+    let target = Target {
+        addr,
+        transport: &transport,
+        connect_timeout: proxy.connect_timeout(decision),
+        cluster,
+        decision,
+        endpoint: guard.endpoint(),
+    };
+    match proxy.connect_upstream(&target).await {
         Ok(stream) => Ok((stream, guard)),
         // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
-        Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
-            Err(ProxyError::Retried(Box::new(e)))
-        }
+        Err(
+            e @ (ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::ConnectTimeout),
+        ) => Err(ProxyError::Retried(Box::new(e))),
         Err(e) => Err(e),
     }
 }
