@@ -680,7 +680,11 @@ fn upstream_tls(tls: &UpstreamTls) -> Value {
             "tls_certificates".into(),
             json!([{
                 "certificate_chain": data_source(&cert.certificate_chain),
-                "private_key": data_source(&cert.private_key),
+                // Envoy's config dump never shows a key given inline; neither does this.
+                "private_key": match &cert.private_key {
+                    crate::DataSource::Inline(_) => json!({ "inline_string": "[redacted]" }),
+                    file => data_source(file),
+                },
             }]),
         );
     }
@@ -835,6 +839,61 @@ fn lb_endpoint(e: &LbEndpoint) -> Value {
 mod tests {
     use super::*;
     use crate::{LocalityLbEndpoints, RouteMatch, Thresholds};
+
+    #[test]
+    fn an_upstream_tls_context_renders_as_istiod_writes_it_keys_redacted() {
+        let tls = UpstreamTls {
+            sni: None,
+            auto_sni: true,
+            auto_san_validation: true,
+            alpn_protocols: Vec::new(),
+            min_version: TlsVersion::Tls12,
+            max_version: TlsVersion::Tls13,
+            client_certificate: Some(crate::TlsCertificate {
+                certificate_chain: crate::DataSource::File("/certs/cert.pem".into()),
+                private_key: crate::DataSource::Inline(b"-----BEGIN PRIVATE KEY-----".to_vec()),
+            }),
+            validation: Some(crate::CertificateValidationContext {
+                trusted_ca: TrustedCa::System,
+                match_subject_alt_names: vec![StringMatcher {
+                    pattern: StringPattern::Exact("api.example.com".into()),
+                    ignore_case: false,
+                }],
+            }),
+        };
+        let mut c = Cluster::new("outbound|443||api.example.com", Discovery::Static);
+        c.transport = UpstreamTransport::Tls(std::sync::Arc::new(tls));
+        let v = cluster(&c);
+        assert_eq!(
+            v["transport_socket"],
+            json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": UPSTREAM_TLS,
+                    "common_tls_context": {
+                        "tls_params": {
+                            "tls_minimum_protocol_version": "TLSv1_2",
+                            "tls_maximum_protocol_version": "TLSv1_3",
+                        },
+                        "tls_certificates": [{
+                            "certificate_chain": {"filename": "/certs/cert.pem"},
+                            "private_key": {"inline_string": "[redacted]"},
+                        }],
+                        "validation_context": {
+                            "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
+                            "match_subject_alt_names": [{"exact": "api.example.com"}],
+                        },
+                    },
+                },
+            })
+        );
+        assert_eq!(
+            v["typed_extension_protocol_options"][HTTP_OPTIONS]["upstream_http_protocol_options"],
+            json!({"auto_sni": true, "auto_san_validation": true})
+        );
+        assert!(!v.to_string().contains("BEGIN PRIVATE KEY"));
+        assert_eq!(base64(b"abcde"), "YWJjZGU=");
+    }
 
     #[test]
     fn durations_are_proto3_json() {

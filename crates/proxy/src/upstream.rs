@@ -304,10 +304,17 @@ impl Proxy {
                 }
             }
             Decision::Cluster(_) | Decision::Passthrough => {
-                // Resolution NONE with a `targetPort`: the original address on that port.
-                let port_override = match decision {
-                    Decision::Cluster(c) => c.passthrough_port,
-                    _ => None,
+                // Resolution NONE with a `targetPort`: the original address on that port,
+                // with the cluster's transport.
+                let (port_override, tls) = match decision {
+                    Decision::Cluster(c) => {
+                        if let Some(why) = &c.passthrough_transport_error {
+                            tracing::warn!(cluster = %c.name, reason = %why, "no connection to an original destination whose transport cannot be built");
+                            return Err(ProxyError::TransportRefused(Arc::clone(why)));
+                        }
+                        (c.passthrough_port, c.passthrough_tls.clone())
+                    }
+                    _ => (None, None),
                 };
                 let addr = match original {
                     Original::Address(a) => {
@@ -320,7 +327,7 @@ impl Proxy {
                 Pick {
                     addr,
                     index: None,
-                    tls: None,
+                    tls,
                     guard: Hold::default(),
                 }
             }

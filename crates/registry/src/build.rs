@@ -8,11 +8,12 @@ use ipnet::IpNet;
 use portcullis_balance::Policy;
 use portcullis_model::{
     ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, MeshConfig, Object, OutboundMode,
-    Pod, Resolution, Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, TargetPort,
-    WorkloadEntry, WorkloadEntrySpec,
+    Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb,
+    TargetPort, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
+mod tls;
 
 pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
 
@@ -97,6 +98,8 @@ struct PendingCluster {
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<(EndpointAddress, u16, u32, Arc<str>)>,
+    /// The ServiceEntry's `subjectAltNames` (none for a Kubernetes Service).
+    subject_alt_names: Vec<String>,
 }
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
@@ -126,6 +129,7 @@ fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
 struct Traffic<'a> {
     lb: Policy,
     pool: Option<&'a ConnectionPoolSettings>,
+    tls: Option<tls::TlsRule<'a>>,
 }
 
 struct Builder<'a> {
@@ -135,6 +139,7 @@ struct Builder<'a> {
     kube_services: Vec<&'a Object<KubeServiceSpec>>,
     destination_rules: Vec<&'a Object<DestinationRuleSpec>>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
+    secrets: Vec<&'a Object<Secret>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
     egress: Option<&'a [SidecarEgress]>,
     mesh: Option<&'a Object<MeshConfig>>,
@@ -382,6 +387,7 @@ impl<'a> Builder<'a> {
             kube_services: Vec::new(),
             destination_rules: Vec::new(),
             sidecars: Vec::new(),
+            secrets: Vec::new(),
             egress: None,
             mesh: None,
             pods: Vec::new(),
@@ -419,6 +425,7 @@ impl<'a> Builder<'a> {
                     }
                 }
                 Resource::Service(o) => b.kube_services.push(o),
+                Resource::Secret(o) => b.secrets.push(o),
                 Resource::MeshConfig(o) => {
                     if b.mesh.is_some() {
                         b.warnings.push(
@@ -546,7 +553,16 @@ impl<'a> Builder<'a> {
             Some(SimpleLb::Random) => Policy::Random,
             _ => Policy::LeastRequest,
         };
-        Traffic { lb, pool }
+        // A port's `tls` replaces the rule's, as istiod merges them.
+        let tls = port_level
+            .and_then(|pls| pls.tls.as_ref())
+            .or_else(|| policy.and_then(|tp| tp.tls.as_ref()))
+            .zip(rule)
+            .map(|(settings, (_, dr))| tls::TlsRule {
+                settings,
+                namespace: &dr.meta.namespace,
+            });
+        Traffic { lb, pool, tls }
     }
 
     /// Whether the Sidecar's egress listeners let the proxy reach `host` of namespace `ns`
@@ -703,6 +719,7 @@ impl<'a> Builder<'a> {
                         source: Arc::clone(&source),
                         addresses: addresses.clone(),
                         endpoints,
+                        subject_alt_names: se.spec.subject_alt_names.clone(),
                     });
                     if !added {
                         continue;
@@ -947,6 +964,7 @@ impl<'a> Builder<'a> {
                     source: Arc::clone(&source),
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
+                    subject_alt_names: Vec::new(),
                 });
                 if !added {
                     continue;

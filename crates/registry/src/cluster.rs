@@ -176,7 +176,13 @@ pub(crate) fn build(
             .map(|e| (e.weight, Arc::clone(&e.state)))
             .collect(),
     );
+    let (passthrough_tls, passthrough_transport_error) = match &transports.cluster {
+        Ok(tls) => (tls.clone(), None),
+        Err(why) => (None, Some(Arc::clone(why))),
+    };
     Cluster {
+        passthrough_tls,
+        passthrough_transport_error,
         name: c.name.as_str().into(),
         host,
         port,

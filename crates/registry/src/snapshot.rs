@@ -86,6 +86,12 @@ pub struct Cluster {
     /// Resolution NONE: the only destinations forwarded to (the service's addresses and
     /// what its non-wildcard host resolves to now); `None`: any, as Envoy.
     pub owned_destinations: Option<Vec<IpNet>>,
+    /// Resolution NONE: the TLS to originate to the original destination (the cluster's
+    /// transport; endpoints carry their own).
+    pub passthrough_tls: Option<Arc<crate::TlsOrigin>>,
+    /// Resolution NONE: why the original destination gets no connection, if it does not
+    /// (the cluster's transport cannot be built).
+    pub passthrough_transport_error: Option<Arc<str>>,
     /// Endpoints, in the order the balancer indexes them.
     pub endpoints: Vec<Endpoint>,
     /// Picks endpoints.

@@ -215,7 +215,19 @@ impl Builder<'_> {
         }
         for (name, p) in pending {
             let traffic = self.traffic_for(&p.host, p.port);
-            let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
+            let transport = traffic.tls.map(|rule| {
+                super::tls::transport(rule, p.protocol, &p.subject_alt_names, &self.secrets)
+                    .unwrap_or_else(|why| {
+                        self.warnings.push(format!(
+                            "cluster {name}: DestinationRule tls cannot be applied ({why}); its endpoints get no connection"
+                        ));
+                        UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
+                    })
+            });
+            let mut cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
+            if let Some(transport) = transport {
+                cluster.transport = transport;
+            }
             out.resources
                 .clusters
                 .insert(name.to_string(), Arc::new(cluster));
