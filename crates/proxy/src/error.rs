@@ -258,9 +258,9 @@ impl ProxyError {
         if let ProxyError::Retried(last) = self {
             return match last.reset_reason() {
                 Some(reason) => {
+                    // Envoy 1.40 leaves the transport failure reason out after retries.
                     let body = format!(
-                        "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}{}",
-                        last.transport_failure()
+                        "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}"
                     );
                     synthetic(StatusCode::SERVICE_UNAVAILABLE, Bytes::from(body))
                 }
@@ -463,5 +463,27 @@ mod tests {
         let e = ProxyError::Retried(Box::new(ProxyError::NoHealthyUpstream));
         assert_eq!(e.flag(), "UH");
         assert_eq!(answer(&e).await.2, "no healthy upstream");
+    }
+
+    #[tokio::test]
+    async fn a_failed_tls_handshake_answers_with_its_reason_as_envoy_1_40_does() {
+        let e = ProxyError::TlsHandshake("TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end".into());
+        assert_eq!(e.flag(), "UF");
+        assert_eq!(
+            answer(&e).await,
+            (
+                503,
+                "envoy".to_owned(),
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end".to_owned()
+            )
+        );
+        // After retries Envoy names only the reset reason (checked against it).
+        let e = ProxyError::Retried(Box::new(e));
+        assert_eq!(e.flag(), "URX,UF");
+        assert_eq!(e.tcp_flag(), "UF,URX");
+        assert_eq!(
+            answer(&e).await.2,
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
+        );
     }
 }

@@ -242,21 +242,35 @@ impl ServerCertVerifier for Verifier {
             intermediates,
             now,
             self.algorithms.all,
-        )?;
+        )
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(c) => verify_failed(format!(
+                "X509_verify_cert: certificate verification error at depth 0: {}",
+                x509_reason(&c)
+            )),
+            other => other,
+        })?;
+        let sans = || subject_alt_names(end_entity).unwrap_or_default();
         if !self.subject_alt_names.is_empty() {
-            let sans = subject_alt_names(end_entity).ok_or(rustls::Error::InvalidCertificate(
-                CertificateError::BadEncoding,
-            ))?;
+            let sans = sans();
             if !sans
                 .iter()
                 .any(|san| self.subject_alt_names.iter().any(|m| m.matches(san)))
             {
-                return Err(rustls::Error::InvalidCertificate(
-                    CertificateError::NotValidForName,
-                ));
+                return Err(verify_failed(format!(
+                    "SAN matcher, certificate SANs are [{}]",
+                    listed(&sans)
+                )));
             }
-        } else if self.auto_san_validation && matches!(server_name, ServerName::DnsName(_)) {
-            verify_server_name(&cert, server_name)?;
+        } else if self.auto_san_validation
+            && let ServerName::DnsName(name) = server_name
+            && verify_server_name(&cert, server_name).is_err()
+        {
+            return Err(verify_failed(format!(
+                "verify SAN list, expected SANs: [{}], certificate SANs: [{}]",
+                name.as_ref(),
+                listed(&sans())
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -282,6 +296,47 @@ impl ServerCertVerifier for Verifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// Why Envoy's verification failed, in its words (the part after `verify cert failed: `).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct VerifyFailed(String);
+
+fn verify_failed(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        VerifyFailed(why),
+    ))))
+}
+
+/// OpenSSL's `X509_verify_cert_error_string` for what webpki found.
+fn x509_reason(e: &CertificateError) -> String {
+    match e {
+        CertificateError::UnknownIssuer => "unable to get local issuer certificate".into(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "certificate has expired".into()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "certificate is not yet valid".into()
+        }
+        CertificateError::BadSignature => "certificate signature failure".into(),
+        CertificateError::Revoked => "certificate revoked".into(),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "unsupported certificate purpose".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// SANs as Envoy lists them: comma and space separated.
+fn listed(sans: &[SubjectAltName]) -> String {
+    sans.iter()
+        .map(|san| match san {
+            SubjectAltName::Dns(v) | SubjectAltName::Uri(v) | SubjectAltName::Email(v) => v.clone(),
+            SubjectAltName::Ip(ip) => ip.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One subject alternative name of a certificate.
@@ -377,8 +432,16 @@ fn dns_name_matches(name: &str, pattern: &str) -> bool {
 /// What Envoy logs as the transport failure reason of a failed handshake (BoringSSL's
 /// error queue as Envoy prints it), for the access log and the 503 body.
 pub fn failure_reason(error: &rustls::Error) -> String {
+    if let rustls::Error::InvalidCertificate(e) = error {
+        let detail = match e {
+            CertificateError::Other(why) => why.to_string(),
+            other => format!("X509_verify_cert: {}", x509_reason(other)),
+        };
+        return format!(
+            "TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:verify cert failed: {detail}:TLS_error_end"
+        );
+    }
     let (code, what) = match error {
-        rustls::Error::InvalidCertificate(_) => (268435581, "CERTIFICATE_VERIFY_FAILED"),
         rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure) => {
             (268436496, "SSLV3_ALERT_HANDSHAKE_FAILURE")
         }
@@ -482,33 +545,42 @@ mod tests {
         SystemTime::now() - Duration::from_secs(3600)
     }
 
+    /// Envoy 1.40's transport failure reason for a verification that failed so.
+    fn envoys(detail: &str) -> String {
+        format!(
+            "TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:verify cert failed: {detail}:TLS_error_end"
+        )
+    }
+
+    fn reason(result: Result<(), rustls::Error>) -> String {
+        failure_reason(&result.expect_err("verification fails"))
+    }
+
     #[test]
     fn the_chain_must_end_in_the_trusted_ca() {
         let (trusted, other) = (ca(), ca());
         let tls = context(Some(&trusted), Vec::new());
         assert!(verify(&tls, &leaf(&trusted, &["api.example.com"], now()), "x.test").is_ok());
-        let err = verify(&tls, &leaf(&other, &["api.example.com"], now()), "x.test").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            ),
-            "{err:?}"
+        assert_eq!(
+            reason(verify(
+                &tls,
+                &leaf(&other, &["api.example.com"], now()),
+                "x.test"
+            )),
+            envoys(
+                "X509_verify_cert: certificate verification error at depth 0: unable to get local issuer certificate"
+            )
         );
         let expired = leaf(
             &trusted,
             &["api.example.com"],
             SystemTime::now() - Duration::from_secs(3 * 86_400),
         );
-        let err = verify(&tls, &expired, "x.test").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(
-                    CertificateError::ExpiredContext { .. } | CertificateError::Expired
-                )
-            ),
-            "{err:?}"
+        assert_eq!(
+            reason(verify(&tls, &expired, "x.test")),
+            envoys(
+                "X509_verify_cert: certificate verification error at depth 0: certificate has expired"
+            )
         );
         // Without a validation context Envoy verifies nothing (insecureSkipVerify).
         assert!(verify(&context(None, Vec::new()), &expired, "x.test").is_ok());
@@ -527,26 +599,26 @@ mod tests {
             ignore_case: false,
         };
         assert!(verify(&with(vec![exact("nope.test"), prefix]), &cert, "x.test").is_ok());
-        let err = verify(&with(vec![exact("other.test")]), &cert, "x.test").unwrap_err();
         assert_eq!(
-            err,
-            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
-        );
-        assert_eq!(
-            failure_reason(&err),
-            "TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end"
+            reason(verify(&with(vec![exact("other.test")]), &cert, "x.test")),
+            envoys("SAN matcher, certificate SANs are [*.example.com, spiffe://td/ns/a/sa/b]")
         );
     }
 
     #[test]
     fn auto_san_validation_checks_the_sni_sent() {
         let ca = ca();
-        let cert = leaf(&ca, &["api.example.com"], now());
+        let cert = leaf(&ca, &["api.example.com", "sans.example.com"], now());
         let mut tls = context(Some(&ca), Vec::new());
         assert!(verify(&tls, &cert, "other.test").is_ok());
         tls.auto_san_validation = true;
         assert!(verify(&tls, &cert, "api.example.com").is_ok());
-        assert!(verify(&tls, &cert, "other.test").is_err());
+        assert_eq!(
+            reason(verify(&tls, &cert, "other.test")),
+            envoys(
+                "verify SAN list, expected SANs: [other.test], certificate SANs: [api.example.com, sans.example.com]"
+            )
+        );
     }
 
     #[test]

@@ -1,0 +1,337 @@
+//! TLS origination (DestinationRule `tls`), differential against real Envoy 1.40: the app
+//! speaks plain HTTP to `http://HOST/`, the sidecar speaks TLS to nginx on the external host
+//! and verifies it with a test CA made here. A good certificate is served; a wrong CA, a
+//! name the certificate does not carry (auto SAN validation and an explicit SAN list) and an
+//! expired certificate are refused with Envoy's 503, flag and transport failure reason; MUTUAL
+//! presents the configured client certificate to an nginx that requires one, and without one
+//! nginx answers its own 400. Both proxies get the resources istiod builds over ADS, and a
+//! third lab runs portcullis from the Istio YAML istiod compiles them from.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use portcullis_e2e::Role;
+use portcullis_e2e::envoy::istio::{Mode, Resources, http_listener, service_vhost, static_cluster};
+use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
+use portcullis_e2e::scenario::EXTERNAL_IP;
+
+/// The test CA, a CA nobody trusts, and the certificates nginx and the client present,
+/// written to a folder every lab reads (the proxies' DestinationRule files and nginx).
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str, dir: &Path, file: &str) -> anyhow::Result<Ca> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        write(dir, file, &params.self_signed(&key)?.pem())?;
+        Ok(Ca {
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// `NAME.pem` and `NAME-key.pem` for `names`, valid from `from` for two days.
+    fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+        from: SystemTime,
+    ) -> anyhow::Result<()> {
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.not_before = from.into();
+        params.not_after = (from + Duration::from_secs(2 * 86_400)).into();
+        let key = rcgen::KeyPair::generate()?;
+        write(
+            dir,
+            &format!("{name}.pem"),
+            &params.signed_by(&key, &self.issuer)?.pem(),
+        )?;
+        write(dir, &format!("{name}-key.pem"), &key.serialize_pem())
+    }
+}
+
+fn write(dir: &Path, file: &str, content: &str) -> anyhow::Result<()> {
+    let path = dir.join(file);
+    std::fs::write(&path, content)?;
+    // The proxies run as Istio's proxy user.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Pki> {
+        let dir = std::env::temp_dir().join(format!("pce2e-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let pki = Pki { dir };
+        let ca = Ca::new("portcullis e2e CA", &pki.dir, "ca.pem")?;
+        Ca::new("untrusted e2e CA", &pki.dir, "other-ca.pem")?;
+        let now = SystemTime::now() - Duration::from_secs(3600);
+        ca.issue(
+            &pki.dir,
+            "api",
+            &["api.example.com", "sans.example.com"],
+            now,
+        )?;
+        let expired = SystemTime::now() - Duration::from_secs(5 * 86_400);
+        ca.issue(&pki.dir, "expired", &["expired.example.com"], expired)?;
+        ca.issue(
+            &pki.dir,
+            "mutual",
+            &["mutual.example.com", "anonymous.example.com"],
+            now,
+        )?;
+        ca.issue(
+            &pki.dir,
+            "client",
+            &["client.default.svc.cluster.local"],
+            now,
+        )?;
+        Ok(pki)
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    /// nginx servers on the external host: the good certificate on 443, the expired one on
+    /// 9443, and on 11443 one that requires a client certificate of the CA.
+    fn nginx_servers(&self) -> String {
+        let server = |port: u16, name: &str, extra: &str| {
+            format!(
+                "    server {{
+        listen {EXTERNAL_IP}:{port} ssl;
+        server_name _;
+        ssl_certificate {};
+        ssl_certificate_key {};
+{extra}        root {{html}};
+    }}
+",
+                self.path(&format!("{name}.pem")),
+                self.path(&format!("{name}-key.pem")),
+            )
+        };
+        let verify = format!(
+            "        ssl_verify_client on;\n        ssl_client_certificate {};\n",
+            self.path("ca.pem")
+        );
+        [
+            server(443, "api", ""),
+            server(9443, "expired", ""),
+            server(11443, "mutual", &verify),
+        ]
+        .concat()
+    }
+}
+
+/// One origination case: the host the app asks for, the nginx port behind it, and the
+/// DestinationRule `tls` it gets.
+struct Case {
+    host: &'static str,
+    port: u16,
+    ca: String,
+    sni: Option<&'static str>,
+    sans: &'static [&'static str],
+    /// MUTUAL's client certificate and key files.
+    client: Option<(String, String)>,
+}
+
+impl Case {
+    fn new(host: &'static str, port: u16, ca: String) -> Case {
+        Case {
+            host,
+            port,
+            ca,
+            sni: None,
+            sans: &[],
+            client: None,
+        }
+    }
+
+    /// The ServiceEntry and DestinationRule istiod compiles the cluster from.
+    fn yaml(&self) -> String {
+        let name = self.host.split('.').next().unwrap_or(self.host);
+        let mut tls = format!("caCertificates: {}", self.ca);
+        if let Some(sni) = self.sni {
+            tls.push_str(&format!(", sni: {sni}"));
+        }
+        if !self.sans.is_empty() {
+            tls.push_str(&format!(", subjectAltNames: [{}]", self.sans.join(", ")));
+        }
+        let mode = match &self.client {
+            Some((cert, key)) => {
+                tls.push_str(&format!(", clientCertificate: {cert}, privateKey: {key}"));
+                "MUTUAL"
+            }
+            None => "SIMPLE",
+        };
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{host}]
+  ports:
+  - {{number: 80, name: http, protocol: HTTP, targetPort: {port}}}
+  resolution: STATIC
+  endpoints:
+  - address: {EXTERNAL_IP}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy:
+    tls: {{mode: {mode}, {tls}}}
+",
+            host = self.host,
+            port = self.port,
+        )
+    }
+
+    /// What istiod writes for the rule (`cluster_tls.go`), with the files istio-agent would
+    /// serve over SDS given to Envoy as file data sources (plain Envoy has no istio-agent):
+    /// TLS 1.2 to 1.3, the rule's SNI or else `auto_sni` with `auto_san_validation` (unless
+    /// SANs are given), the rule's SANs.
+    fn cluster(&self) -> Value {
+        let mut cluster = static_cluster(80, self.host, &[(EXTERNAL_IP, self.port)]);
+        let sans: Vec<Value> = self.sans.iter().map(|s| json!({ "exact": s })).collect();
+        let mut common = json!({
+            "tls_params": {
+                "tls_minimum_protocol_version": "TLSv1_2",
+                "tls_maximum_protocol_version": "TLSv1_3"
+            },
+            "validation_context": {
+                "trusted_ca": { "filename": self.ca },
+                "match_subject_alt_names": sans
+            }
+        });
+        if let Some((cert, key)) = &self.client {
+            common["tls_certificates"] = json!([{
+                "certificate_chain": { "filename": cert },
+                "private_key": { "filename": key }
+            }]);
+        }
+        let mut context = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common
+        });
+        match self.sni {
+            Some(sni) => context["sni"] = json!(sni),
+            None => {
+                cluster["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http_protocol_options": {} },
+                        "upstream_http_protocol_options": {
+                            "auto_sni": true,
+                            "auto_san_validation": self.sans.is_empty()
+                        }
+                    }
+                })
+            }
+        }
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": context
+        });
+        cluster
+    }
+}
+
+#[test]
+fn tls_origination_verifies_the_upstream_as_envoy_does() {
+    let pki = Pki::new().expect("test PKI");
+    let ca = pki.path("ca.pem");
+    let cases = [
+        Case::new("api.example.com", 443, ca.clone()),
+        // The certificate does not name the host the SNI (auto SNI) asks for.
+        Case::new("wrongsan.example.com", 443, ca.clone()),
+        Case {
+            sni: Some("api.example.com"),
+            sans: &["billing.example.com"],
+            ..Case::new("sans.example.com", 443, ca.clone())
+        },
+        Case::new("wrongca.example.com", 443, pki.path("other-ca.pem")),
+        Case::new("expired.example.com", 9443, ca.clone()),
+        Case {
+            client: Some((pki.path("client.pem"), pki.path("client-key.pem"))),
+            ..Case::new("mutual.example.com", 11443, ca.clone())
+        },
+        Case::new("anonymous.example.com", 11443, ca.clone()),
+    ];
+    let mut envoy = Resources::new(Mode::RegistryOnly).listener(http_listener(
+        80,
+        cases
+            .iter()
+            .map(|c| service_vhost(c.host, 80, &[]))
+            .collect(),
+        Mode::RegistryOnly,
+    ));
+    for case in &cases {
+        envoy = envoy.cluster(case.cluster());
+    }
+    let probe = |name: &str, host: &str| Probe::curl(name, &[&format!("http://{host}/")]);
+    let scenario = Scenario {
+        name: "tls-origination",
+        files: cases
+            .iter()
+            .map(|c| (format!("{}.yaml", c.host), c.yaml()))
+            .collect(),
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            probe("verified TLS to the upstream", "api.example.com"),
+            probe(
+                "certificate without the SNI's name (auto SAN validation)",
+                "wrongsan.example.com",
+            ),
+            probe(
+                "certificate without the rule's subjectAltNames",
+                "sans.example.com",
+            ),
+            probe("certificate of a CA not trusted", "wrongca.example.com"),
+            probe("expired certificate", "expired.example.com"),
+            probe(
+                "client certificate presented (MUTUAL)",
+                "mutual.example.com",
+            ),
+            probe(
+                "no client certificate where nginx requires one",
+                "anonymous.example.com",
+            ),
+        ],
+    };
+    let names: Vec<&str> = cases.iter().map(|c| c.host).collect();
+    let servers = pki.nginx_servers();
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&names)?;
+        lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8444)?;
+        Ok(())
+    });
+}
