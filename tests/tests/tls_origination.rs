@@ -2,7 +2,7 @@
 //! speaks plain HTTP to `http://HOST/`, the sidecar speaks TLS to nginx on the external host
 //! and verifies it with a test CA made here. A good certificate is served; a wrong CA, a
 //! name the certificate does not carry (auto SAN validation and an explicit SAN list) and an
-//! expired certificate are refused with Envoy's 503, flag and transport failure reason; MUTUAL
+//! expired certificate are refused with Envoy's 503 and flags; MUTUAL
 //! presents the configured client certificate to an nginx that requires one, and without one
 //! nginx answers its own 400. Both proxies get the resources istiod builds over ADS, and a
 //! third lab runs portcullis from the Istio YAML istiod compiles them from.
@@ -14,7 +14,10 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use portcullis_e2e::Role;
-use portcullis_e2e::envoy::istio::{Mode, Resources, http_listener, service_vhost, static_cluster};
+use portcullis_e2e::envoy::istio::{
+    Mode, Resources, cluster_name, http_listener, service_vhost, static_cluster, to_cluster,
+    vs_route, vs_vhost,
+};
 use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
 use portcullis_e2e::scenario::EXTERNAL_IP;
 
@@ -331,6 +334,42 @@ fn tls_origination_verifies_the_upstream_as_envoy_does() {
     let servers = pki.nginx_servers();
     run_differential(scenario, |lab| {
         lab.map_pod_names(&names)?;
+        lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8444)?;
+        Ok(())
+    });
+}
+
+/// A route without retries (a VirtualService's `retries: {attempts: 0}`, over xDS only:
+/// routing rules from files are not applied yet): one attempt, `UF` without `URX`, and a
+/// body that names only the reset reason (the transport failure reason is the log's).
+#[test]
+fn a_refused_certificate_without_retries_names_the_reason_as_envoy_does() {
+    let pki = Pki::new().expect("test PKI");
+    let case = Case::new("wrongca.example.com", 443, pki.path("other-ca.pem"));
+    let route = vs_route(
+        "once",
+        "/",
+        json!({ "route": to_cluster(&cluster_name(80, case.host), Some(Value::Null)) }),
+    );
+    let scenario = Scenario {
+        name: "tls-no-retry",
+        files: Vec::new(),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(
+                80,
+                vec![vs_vhost(case.host, 80, vec![route])],
+                Mode::RegistryOnly,
+            ))
+            .cluster(case.cluster()),
+        portcullis_flags: vec![],
+        probes: vec![Probe::curl(
+            "certificate of a CA not trusted, one attempt",
+            &["http://wrongca.example.com/"],
+        )],
+    };
+    let servers = pki.nginx_servers();
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[case.host])?;
         lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8444)?;
         Ok(())
     });
