@@ -282,4 +282,99 @@ mod tests {
         drop(third);
         server.abort();
     }
+
+    #[tokio::test]
+    async fn a_tls_cluster_gets_tls_and_the_clients_first_bytes_inside_it() {
+        // An upstream speaking TLS with a certificate of a CA made here, echoing one line.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["db.example.com".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = upstream.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+            let mut line = [0u8; 6];
+            tls.read_exact(&mut line).await.unwrap();
+            tls.write_all(&line).await.unwrap();
+            tls.shutdown().await.unwrap();
+            sni
+        });
+        let mut r = Resources::default();
+        let mut c = envoy::Cluster::new("db", Discovery::Static);
+        c.load_assignment = Some(envoy::ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    upstream_addr,
+                ))],
+                ..Default::default()
+            }],
+        });
+        c.transport = envoy::UpstreamTransport::Tls(Arc::new(envoy::UpstreamTls {
+            sni: Some("db.example.com".into()),
+            auto_sni: false,
+            auto_san_validation: false,
+            alpn_protocols: Vec::new(),
+            min_version: envoy::TlsVersion::Tls12,
+            max_version: envoy::TlsVersion::Tls13,
+            client_certificate: None,
+            validation: Some(envoy::CertificateValidationContext {
+                trusted_ca: envoy::TrustedCa::Pem(envoy::DataSource::Inline(ca_pem.into_bytes())),
+                match_subject_alt_names: Vec::new(),
+            }),
+        }));
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
+        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
+        let mut prometheus = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut prometheus));
+        let dns = DnsCache::new(
+            HickoryLookup::from_system_conf().unwrap(),
+            DnsConfig::default(),
+        );
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            metrics,
+            Vec::new(),
+            dns,
+        );
+        let (mut client, proxy_side) = pair().await;
+        let guarded = GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
+        let peer = client.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // "hel" was read to detect the protocol: it must go first, inside TLS.
+            forward(&proxy, decision, guarded, b"hel", upstream_addr, peer, None).await;
+        });
+        client.write_all(b"lo!").await.unwrap();
+        let mut echoed = Vec::new();
+        bounded(client.read_to_end(&mut echoed)).await.unwrap();
+        assert_eq!(echoed, b"hello!");
+        assert_eq!(
+            bounded(server).await.unwrap().as_deref(),
+            Some("db.example.com")
+        );
+        drop(client);
+        bounded(task).await.unwrap();
+    }
 }
