@@ -642,8 +642,8 @@ fn transport(t: &UpstreamTransport, notes: &mut Map<String, Value>) -> Value {
         UpstreamTransport::Tls(tls) => {
             return json!({ "name": "envoy.transport_sockets.tls", "typed_config": upstream_tls(tls) });
         }
-        UpstreamTransport::IstioMutualTls => {
-            "envoy.transport_sockets.tls (Istio mutual TLS over SDS)"
+        UpstreamTransport::IstioMutualTls(m) => {
+            return json!({ "name": "envoy.transport_sockets.tls", "typed_config": istio_mutual(m) });
         }
         UpstreamTransport::Unsupported(what) => what.as_str(),
     };
@@ -656,6 +656,46 @@ fn transport(t: &UpstreamTransport, notes: &mut Map<String, Value>) -> Value {
         )));
     }
     json!({ "name": "envoy.transport_sockets.tls" })
+}
+
+/// Istio's mutual TLS context, as istiod writes it: the workload certificate and root
+/// from SDS.
+fn istio_mutual(m: &crate::IstioMutual) -> Value {
+    let sds = |name: &str| json!({ "name": name, "sds_config": { "ads": {}, "resource_api_version": "V3" } });
+    let mut validation = Map::new();
+    put(
+        &mut validation,
+        "match_subject_alt_names",
+        m.match_subject_alt_names
+            .iter()
+            .map(string_matcher)
+            .collect(),
+    );
+    let mut common = Map::new();
+    common.insert(
+        "tls_params".into(),
+        json!({
+            "tls_minimum_protocol_version": "TLSv1_2",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        }),
+    );
+    put(&mut common, "alpn_protocols", json!(m.alpn_protocols));
+    common.insert(
+        "tls_certificate_sds_secret_configs".into(),
+        json!([sds("default")]),
+    );
+    common.insert(
+        "combined_validation_context".into(),
+        json!({
+            "default_validation_context": Value::Object(validation),
+            "validation_context_sds_secret_config": sds("ROOTCA"),
+        }),
+    );
+    let mut o = Map::new();
+    o.insert("@type".into(), json!(UPSTREAM_TLS));
+    put(&mut o, "sni", opt(m.sni.as_ref(), |s| json!(s)));
+    o.insert("common_tls_context".into(), Value::Object(common));
+    Value::Object(o)
 }
 
 /// An `UpstreamTlsContext`.

@@ -554,9 +554,11 @@ impl Default for Thresholds {
 pub enum UpstreamTransport {
     /// Plain TCP (`raw_buffer`).
     Plaintext,
-    /// Istio mutual TLS with certificates from SDS: accepted, not supported yet, so an
-    /// endpoint that needs it is refused a connection rather than sent plaintext.
-    IstioMutualTls,
+    /// Istio mutual TLS: the workload's certificate (SDS `default`) and the mesh root
+    /// (`ROOTCA`), with the SNI, ALPN and peer SANs istiod sets. The certificates come from
+    /// istio-agent's output files when portcullis is given them; otherwise an endpoint that
+    /// needs it is refused a connection rather than sent plaintext.
+    IstioMutualTls(Arc<IstioMutual>),
     /// TLS originated by portcullis (`envoy.transport_sockets.tls` with an
     /// `UpstreamTlsContext` whose certificates are given as data or files).
     Tls(Arc<UpstreamTls>),
@@ -588,6 +590,17 @@ pub struct UpstreamTls {
     /// How the server's certificate is verified; `None` accepts any (Envoy's behaviour
     /// without a validation context).
     pub validation: Option<CertificateValidationContext>,
+}
+
+/// What istiod sets in an Istio mutual TLS context besides the workload's certificates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct IstioMutual {
+    /// The SNI (istiod: `outbound_.PORT_._.HOST`).
+    pub sni: Option<String>,
+    /// ALPN (istiod: `istio-peer-exchange`, `istio`, and `h2` for HTTP/2 clusters).
+    pub alpn_protocols: Vec<String>,
+    /// The peer's identities (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`); empty: any.
+    pub match_subject_alt_names: Vec<StringMatcher>,
 }
 
 /// A TLS protocol version of `TlsParameters`.

@@ -325,10 +325,6 @@ impl TrafficPolicy {
                     ("outlierDetection", outlier),
                     ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
                     (
-                        "tls.mode ISTIO_MUTUAL",
-                        tls.is_some_and(|t| t.mode == TlsMode::IstioMutual),
-                    ),
-                    (
                         "connectionPool.tcp.tcpKeepalive",
                         tcp.is_some_and(|t| t.tcp_keepalive.is_some()),
                     ),

@@ -145,6 +145,8 @@ pub struct Proxy {
     dns: Arc<DnsCache>,
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// The workload's Istio identity, for Istio mutual TLS, once one is read.
+    identity: arc_swap::ArcSwapOption<portcullis_registry::WorkloadIdentity>,
 }
 
 impl Proxy {
@@ -171,6 +173,7 @@ impl Proxy {
             dns,
             connections: Arc::new(Semaphore::new(max_connections)),
             tasks: TaskTracker::new(),
+            identity: arc_swap::ArcSwapOption::empty(),
         })
     }
 

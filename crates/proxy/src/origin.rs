@@ -7,11 +7,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use portcullis_registry::{TlsOrigin, failure_reason};
+use portcullis_registry::{
+    EndpointTransport, IstioPeer, TlsOrigin, WorkloadIdentity, failure_reason,
+};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -84,6 +88,65 @@ impl Transport {
 }
 
 impl Proxy {
+    /// The TLS to originate over `transport`, if any; `Err` why no connection may be made.
+    pub(crate) fn origination(
+        &self,
+        transport: &EndpointTransport,
+    ) -> Result<Option<Arc<TlsOrigin>>, Arc<str>> {
+        match transport {
+            EndpointTransport::Plaintext => Ok(None),
+            EndpointTransport::Tls(origin) => Ok(Some(Arc::clone(origin))),
+            EndpointTransport::Refused(why) => Err(Arc::clone(why)),
+            EndpointTransport::IstioMutual(peer) => {
+                let Some(identity) = self.identity.load_full() else {
+                    return Err("the endpoint needs Istio mutual TLS and the proxy has no workload certificates (--istio-certs)".into());
+                };
+                peer.origin(&identity)
+                    .map(Some)
+                    .map_err(|e| format!("Istio mutual TLS cannot be set up: {e}").into())
+            }
+        }
+    }
+
+    /// Uses `identity` for Istio mutual TLS from now on; connections already open keep
+    /// theirs.
+    pub fn set_workload_identity(&self, identity: Arc<WorkloadIdentity>) {
+        self.identity.store(Some(identity));
+    }
+
+    /// Reads the workload's identity from istio-agent's files in `dir` now and every
+    /// `every` (istio-agent rotates them before they expire). A set of files that does not
+    /// make a usable identity (one written halfway) is skipped until the next reading; the
+    /// identity before it stays in use.
+    pub async fn watch_workload_identity(self: Arc<Self>, dir: PathBuf, every: Duration) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let read = match WorkloadIdentity::read(&dir) {
+                Ok(read) => read,
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot read the workload certificates");
+                    continue;
+                }
+            };
+            if self.identity.load().as_deref() == Some(&read) {
+                continue;
+            }
+            let read = Arc::new(read);
+            let probe = IstioPeer::new(Arc::default());
+            match probe.origin(&read) {
+                Ok(_) => {
+                    tracing::info!(dir = %dir.display(), "workload certificates loaded");
+                    self.set_workload_identity(read);
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "workload certificates unusable; the previous ones stay in use");
+                }
+            }
+        }
+    }
+
     /// Connects for `target`, the TLS handshake included, within the cluster's connect
     /// timeout; counts failures as `connect` does.
     pub(crate) async fn connect_upstream(
@@ -233,6 +296,91 @@ mod tests {
             validation: None,
         };
         Arc::new(portcullis_registry::compile_tls(&tls).unwrap())
+    }
+
+    /// A workload identity of a fresh CA, as istio-agent's three PEM files.
+    fn identity(name: &str) -> [(&'static str, String); 3] {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://cluster.local/ns/default/sa/{name}")
+                .try_into()
+                .unwrap(),
+        )];
+        let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+        [
+            ("cert-chain.pem", cert),
+            ("key.pem", key.serialize_pem()),
+            ("root-cert.pem", root),
+        ]
+    }
+
+    /// A folder that is removed with it.
+    struct Folder(PathBuf);
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_workload_identity_is_read_again_and_a_half_written_one_skipped() {
+        use arc_swap::ArcSwap;
+        use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
+        use portcullis_registry::Snapshot;
+
+        let dir = Folder(std::env::temp_dir().join(format!(
+            "portcullis-identity-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let write = |files: &[(&str, String)]| {
+            for (name, pem) in files {
+                std::fs::write(dir.0.join(name), pem).unwrap();
+            }
+        };
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(Snapshot::index(
+                &Default::default(),
+                &|_| None,
+                None,
+                1,
+            ))),
+            crate::ProxyConfig::default(),
+            Arc::new(crate::Metrics::new(&mut prometheus)),
+            Vec::new(),
+            DnsCache::new(
+                HickoryLookup::from_system_conf().unwrap(),
+                DnsConfig::default(),
+            ),
+        );
+        let current = || proxy.identity.load_full().map(|i| i.cert_chain.clone());
+        let first = identity("first");
+        write(&first);
+        let watcher = tokio::spawn(
+            Arc::clone(&proxy).watch_workload_identity(dir.0.clone(), Duration::from_secs(10)),
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(current(), Some(first[0].1.clone().into_bytes()));
+        // A rotation caught halfway: the new certificate with the old key is not used.
+        let second = identity("second");
+        write(&second[..1]);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(current(), Some(first[0].1.clone().into_bytes()));
+        write(&second);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(current(), Some(second[0].1.clone().into_bytes()));
+        watcher.abort();
     }
 
     #[test]

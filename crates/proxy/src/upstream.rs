@@ -289,14 +289,14 @@ impl Proxy {
                 let (index, endpoint) = c
                     .pick_excluding(tried)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
-                if let Some(why) = &endpoint.transport_error {
+                let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");
-                    return Err(ProxyError::TransportRefused(Arc::clone(why)));
-                }
+                    ProxyError::TransportRefused(why)
+                })?;
                 Pick {
                     addr: SocketAddr::new(endpoint.address, endpoint.port),
                     index: Some(index),
-                    tls: endpoint.tls.clone(),
+                    tls,
                     guard: Hold {
                         active: Some(endpoint.state.start()),
                         slot: None,
@@ -308,11 +308,11 @@ impl Proxy {
                 // with the cluster's transport.
                 let (port_override, tls) = match decision {
                     Decision::Cluster(c) => {
-                        if let Some(why) = &c.passthrough_transport_error {
+                        let tls = self.origination(&c.passthrough_transport).map_err(|why| {
                             tracing::warn!(cluster = %c.name, reason = %why, "no connection to an original destination whose transport cannot be built");
-                            return Err(ProxyError::TransportRefused(Arc::clone(why)));
-                        }
-                        (c.passthrough_port, c.passthrough_tls.clone())
+                            ProxyError::TransportRefused(why)
+                        })?;
+                        (c.passthrough_port, tls)
                     }
                     _ => (None, None),
                 };

@@ -50,6 +50,15 @@ impl Ca {
         }
     }
 
+    /// A certificate for the SPIFFE identity `uri` and its key, as PEM.
+    fn issue_spiffe(&self, uri: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A certificate for `names` and its key, as PEM.
     fn issue(&self, names: &[&str]) -> (String, String) {
         let params = rcgen::CertificateParams::new(
@@ -69,6 +78,7 @@ struct TlsUpstream {
     handshakes: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     sni: Arc<Mutex<Vec<Option<String>>>>,
+    alpn: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
     task: JoinHandle<()>,
 }
 
@@ -80,7 +90,11 @@ impl Drop for TlsUpstream {
 
 impl TlsUpstream {
     async fn start(ca: &Ca, names: &[&str], clients: Option<&Ca>) -> TlsUpstream {
-        let (cert, key) = ca.issue(names);
+        TlsUpstream::serving(ca.issue(names), clients).await
+    }
+
+    /// Serves with `cert` and `key` (PEM).
+    async fn serving((cert, key): (String, String), clients: Option<&Ca>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
@@ -110,26 +124,29 @@ impl TlsUpstream {
                 PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
             )
             .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"istio".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let sni = Arc::new(Mutex::new(Vec::new()));
-        let (task_handshakes, task_requests, task_sni) = (
+        let alpn = Arc::new(Mutex::new(Vec::new()));
+        let (task_handshakes, task_requests, task_sni, task_alpn) = (
             Arc::clone(&handshakes),
             Arc::clone(&requests),
             Arc::clone(&sni),
+            Arc::clone(&alpn),
         );
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
-                let (handshakes, requests, sni) = (
+                let (handshakes, requests, sni, alpn) = (
                     Arc::clone(&task_handshakes),
                     Arc::clone(&task_requests),
                     Arc::clone(&task_sni),
+                    Arc::clone(&task_alpn),
                 );
                 connections.spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
@@ -140,6 +157,9 @@ impl TlsUpstream {
                     sni.lock()
                         .unwrap()
                         .push(session.server_name().map(str::to_owned));
+                    alpn.lock()
+                        .unwrap()
+                        .push(session.alpn_protocol().map(<[u8]>::to_vec));
                     let h2 = session.alpn_protocol() == Some(b"h2");
                     let service = service_fn(move |_: Request<Incoming>| {
                         requests.fetch_add(1, Ordering::SeqCst);
@@ -168,6 +188,7 @@ impl TlsUpstream {
             handshakes,
             requests,
             sni,
+            alpn,
             task,
         }
     }
@@ -398,5 +419,59 @@ async fn mutual_tls_presents_the_configured_client_certificate() {
     // certificate; its alert ends the connection before any response.
     let refused = fetch(&harness, "http://anonymous.example.com/", None).await;
     assert_eq!(refused.status.as_u16(), 503);
+    assert_eq!(server.requests(), 1);
+}
+
+/// Istio mutual TLS: a mesh CA, a peer whose certificate names its SPIFFE identity and that
+/// requires the workload's certificate; the proxy gets the workload's identity (as read from
+/// istio-agent's files) at run time.
+#[tokio::test]
+async fn istio_mutual_tls_presents_the_workload_identity_and_checks_the_peers() {
+    let mesh = Ca::new("mesh root");
+    let peer_id = "spiffe://cluster.local/ns/default/sa/api";
+    let server = TlsUpstream::serving(mesh.issue_spiffe(peer_id), Some(&mesh)).await;
+    let istio = |san: &str| envoy::IstioMutual {
+        sni: Some("outbound_.80_._.api.example.com".into()),
+        alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+        match_subject_alt_names: vec![StringMatcher {
+            pattern: StringPattern::Exact(san.into()),
+            ignore_case: false,
+        }],
+    };
+    let mtls = |name: &str, san: &str| envoy::Cluster {
+        transport: UpstreamTransport::IstioMutualTls(Arc::new(istio(san))),
+        ..cluster(name, server.addr, simple(&mesh, None))
+    };
+    let harness = Harness::start(model(vec![
+        mtls("mesh", peer_id),
+        mtls("impostor", "spiffe://cluster.local/ns/default/sa/billing"),
+    ]))
+    .await;
+    // No workload certificates yet: refused, never plaintext.
+    let refused = fetch(&harness, "http://mesh.example.com/", None).await;
+    assert_eq!(refused.status.as_u16(), 503);
+    assert_eq!(server.handshakes(), 0);
+
+    let (cert, key) = mesh.issue_spiffe("spiffe://cluster.local/ns/default/sa/client");
+    harness
+        .proxy
+        .set_workload_identity(Arc::new(portcullis_registry::WorkloadIdentity {
+            cert_chain: cert.into_bytes(),
+            key: key.into_bytes(),
+            root: mesh.pem.clone().into_bytes(),
+        }));
+    let ok = fetch(&harness, "http://mesh.example.com/", None).await;
+    assert_eq!((ok.status.as_u16(), ok.text()), (200, "tls-app"));
+    assert_eq!(
+        server.sni(),
+        [Some("outbound_.80_._.api.example.com".to_owned())]
+    );
+    assert_eq!(
+        server.alpn.lock().unwrap()[0].as_deref(),
+        Some(&b"istio"[..])
+    );
+    // A peer that is not the identity the cluster names.
+    let impostor = fetch(&harness, "http://impostor.example.com/", None).await;
+    assert_eq!(impostor.status.as_u16(), 503);
     assert_eq!(server.requests(), 1);
 }

@@ -12,8 +12,8 @@ use portcullis_model::Resolution;
 use crate::Map;
 use crate::build::DnsAnswers;
 use crate::limits::CircuitBreakers;
-use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, Protocol};
-use crate::tls::TlsOrigin;
+use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Protocol};
+use crate::tls::IstioPeer;
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
 #[derive(Debug, Clone)]
@@ -127,7 +127,7 @@ pub(crate) fn build(
     let mut endpoints = Vec::new();
     for e in assignment.map(usable_endpoints).unwrap_or_default() {
         let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
-        let (tls, transport_error) = transports.of(c, e);
+        let transport = transports.of(c, e);
         let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
             envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
             envoy::EndpointAddress::Name { host, port } => {
@@ -159,8 +159,7 @@ pub(crate) fn build(
                 weight: e.load_balancing_weight.max(1),
                 source: Arc::clone(&source),
                 state,
-                tls: tls.clone(),
-                transport_error: transport_error.clone(),
+                transport: transport.clone(),
             });
         }
     }
@@ -176,13 +175,8 @@ pub(crate) fn build(
             .map(|e| (e.weight, Arc::clone(&e.state)))
             .collect(),
     );
-    let (passthrough_tls, passthrough_transport_error) = match &transports.cluster {
-        Ok(tls) => (tls.clone(), None),
-        Err(why) => (None, Some(Arc::clone(why))),
-    };
     Cluster {
-        passthrough_tls,
-        passthrough_transport_error,
+        passthrough_transport: transports.cluster.clone(),
         name: c.name.as_str().into(),
         host,
         port,
@@ -265,40 +259,39 @@ fn usable_endpoints(a: &envoy::ClusterLoadAssignment) -> Vec<&envoy::LbEndpoint>
     }
 }
 
-/// What a transport of the model means for a connection: plaintext (`Ok(None)`), TLS
-/// with this configuration, or no connection at all, for this reason.
-type Compiled = Result<Option<Arc<TlsOrigin>>, Arc<str>>;
-
 /// The transports of a cluster (its own and those of its `transport_socket_matches`),
 /// each compiled once for all its endpoints.
 struct Transports {
-    cluster: Compiled,
-    matches: Vec<Compiled>,
+    cluster: EndpointTransport,
+    matches: Vec<EndpointTransport>,
 }
 
 impl Transports {
     fn compile(c: &envoy::Cluster, warnings: &mut Vec<String>) -> Transports {
-        let mut compile = |t: &envoy::UpstreamTransport| -> Compiled {
+        let mut compile = |t: &envoy::UpstreamTransport| -> EndpointTransport {
             match t {
-                envoy::UpstreamTransport::Plaintext => Ok(None),
+                envoy::UpstreamTransport::Plaintext => EndpointTransport::Plaintext,
                 envoy::UpstreamTransport::Tls(tls) => match crate::tls::compile(tls) {
-                    Ok(origin) => Ok(Some(Arc::new(origin))),
+                    Ok(origin) => EndpointTransport::Tls(Arc::new(origin)),
                     Err(e) => {
                         warnings.push(format!(
                             "cluster {}: TLS origination cannot be set up ({e}); its endpoints get no connection",
                             c.name
                         ));
-                        Err(format!("the endpoint's TLS settings cannot be used: {e}").into())
+                        EndpointTransport::Refused(
+                            format!("the endpoint's TLS settings cannot be used: {e}").into(),
+                        )
                     }
                 },
-                envoy::UpstreamTransport::IstioMutualTls => Err(
-                    "the endpoint needs Istio mutual TLS, which portcullis does not originate"
-                        .into(),
+                envoy::UpstreamTransport::IstioMutualTls(m) => {
+                    EndpointTransport::IstioMutual(Arc::new(IstioPeer::new(Arc::clone(m))))
+                }
+                envoy::UpstreamTransport::Unsupported(kind) => EndpointTransport::Refused(
+                    format!(
+                        "the endpoint needs the transport {kind}, which portcullis cannot build"
+                    )
+                    .into(),
                 ),
-                envoy::UpstreamTransport::Unsupported(kind) => Err(format!(
-                    "the endpoint needs the transport {kind}, which portcullis cannot build"
-                )
-                .into()),
             }
         };
         Transports {
@@ -312,16 +305,9 @@ impl Transports {
     }
 
     /// The transport of an endpoint: that of the first `transport_socket_matches` entry
-    /// whose metadata it carries, else the cluster's. Either the TLS to originate, or why
-    /// the endpoint must not get a connection (it needs a transport portcullis cannot
-    /// build: never plaintext instead).
-    fn of(
-        &self,
-        c: &envoy::Cluster,
-        e: &envoy::LbEndpoint,
-    ) -> (Option<Arc<TlsOrigin>>, Option<Arc<str>>) {
-        let compiled = c
-            .transport_socket_matches
+    /// whose metadata it carries, else the cluster's.
+    fn of(&self, c: &envoy::Cluster, e: &envoy::LbEndpoint) -> EndpointTransport {
+        c.transport_socket_matches
             .iter()
             .position(|m| {
                 m.match_metadata
@@ -329,11 +315,8 @@ impl Transports {
                     .all(|(k, v)| e.transport_socket_match.get(k) == Some(v))
             })
             .and_then(|i| self.matches.get(i))
-            .unwrap_or(&self.cluster);
-        match compiled {
-            Ok(tls) => (tls.clone(), None),
-            Err(why) => (None, Some(Arc::clone(why))),
-        }
+            .unwrap_or(&self.cluster)
+            .clone()
     }
 }
 

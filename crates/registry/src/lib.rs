@@ -31,9 +31,12 @@ pub use route::{
     VirtualHost,
 };
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, PASSTHROUGH_CLUSTER,
+    Protocol, Snapshot,
 };
-pub use tls::{TlsConfigError, TlsOrigin, compile as compile_tls, failure_reason};
+pub use tls::{
+    IstioPeer, TlsConfigError, TlsOrigin, WorkloadIdentity, compile as compile_tls, failure_reason,
+};
 
 /// The registry's hash map: foldhash is several times faster than SipHash for the short
 /// keys routed on, and still seeded per process so lookup keys sent by clients cannot be

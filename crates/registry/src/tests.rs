@@ -1111,6 +1111,20 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
     assert_eq!(api.connect_timeout, std::time::Duration::from_secs(10));
 }
 
+fn origin(t: &crate::EndpointTransport) -> Option<Arc<crate::TlsOrigin>> {
+    match t {
+        crate::EndpointTransport::Tls(origin) => Some(Arc::clone(origin)),
+        _ => None,
+    }
+}
+
+fn refused(e: &crate::Endpoint) -> Option<&str> {
+    match &e.transport {
+        crate::EndpointTransport::Refused(why) => Some(why),
+        _ => None,
+    }
+}
+
 #[test]
 fn a_destination_rules_tls_originates_on_the_port_it_names() {
     let rule = &app_rule(
@@ -1124,9 +1138,9 @@ fn a_destination_rules_tls_originates_on_the_port_it_names() {
     let s = snapshot(&[APP, rule].concat());
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let tls = cluster(&s, "outbound|80||app.internal.com").endpoints[0]
-        .tls
-        .clone()
-        .expect("TLS on port 80");
+        .transport
+        .clone();
+    let tls = origin(&tls).expect("TLS on port 80");
     // No SNI in the rule: the request's host is sent (auto_sni).
     assert!(tls.auto_sni && tls.sni.is_none());
     assert_eq!(
@@ -1134,16 +1148,14 @@ fn a_destination_rules_tls_originates_on_the_port_it_names() {
         Some("app.internal.com")
     );
     // The port's own `tls` (DISABLE) replaces the rule's; other hosts are untouched.
-    assert!(
-        cluster(&s, "outbound|8080||app.internal.com").endpoints[0]
-            .tls
-            .is_none()
-    );
-    assert!(
-        cluster(&s, "outbound|80||api.internal.com").endpoints[0]
-            .tls
-            .is_none()
-    );
+    assert!(matches!(
+        cluster(&s, "outbound|8080||app.internal.com").endpoints[0].transport,
+        crate::EndpointTransport::Plaintext
+    ));
+    assert!(matches!(
+        cluster(&s, "outbound|80||api.internal.com").endpoints[0].transport,
+        crate::EndpointTransport::Plaintext
+    ));
 }
 
 #[test]
@@ -1155,13 +1167,10 @@ fn tls_that_cannot_be_set_up_refuses_connections_rather_than_send_plaintext() {
     );
     let s = snapshot(&[APP, rule].concat());
     let e = &cluster(&s, "outbound|80||app.internal.com").endpoints[0];
-    assert!(e.tls.is_none());
     assert!(
-        e.transport_error
-            .as_deref()
-            .is_some_and(|w| w.contains("missing")),
+        refused(e).is_some_and(|w| w.contains("missing")),
         "{:?}",
-        e.transport_error
+        refused(e)
     );
     assert!(
         s.warnings
@@ -1179,7 +1188,7 @@ fn tls_that_cannot_be_set_up_refuses_connections_rather_than_send_plaintext() {
     );
     let s = snapshot(&[APP, rule].concat());
     let e = &cluster(&s, "outbound|80||app.internal.com").endpoints[0];
-    assert!(e.tls.is_none() && e.transport_error.is_some());
+    assert!(refused(e).is_some());
 }
 
 #[test]
@@ -1209,9 +1218,9 @@ stringData:
     let s = snapshot(&[APP, rule, &secret].concat());
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     let tls = cluster(&s, "outbound|80||app.internal.com").endpoints[0]
-        .tls
-        .clone()
-        .expect("TLS");
+        .transport
+        .clone();
+    let tls = origin(&tls).expect("TLS");
     assert_eq!(tls.sni.as_deref(), Some("api.example.com"));
 }
 

@@ -51,6 +51,88 @@ impl TlsOrigin {
     }
 }
 
+/// The workload's Istio identity: what istio-agent writes with `OUTPUT_CERTS`
+/// (`cert-chain.pem`, `key.pem`, `root-cert.pem`), read whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WorkloadIdentity {
+    /// The PEM certificate chain, leaf first.
+    pub cert_chain: Vec<u8>,
+    /// The PEM private key.
+    pub key: Vec<u8>,
+    /// The PEM mesh root(s).
+    pub root: Vec<u8>,
+}
+
+impl std::fmt::Debug for WorkloadIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkloadIdentity")
+    }
+}
+
+impl WorkloadIdentity {
+    /// Reads istio-agent's three files from `dir`.
+    pub fn read(dir: &std::path::Path) -> std::io::Result<WorkloadIdentity> {
+        Ok(WorkloadIdentity {
+            cert_chain: std::fs::read(dir.join("cert-chain.pem"))?,
+            key: std::fs::read(dir.join("key.pem"))?,
+            root: std::fs::read(dir.join("root-cert.pem"))?,
+        })
+    }
+}
+
+/// An endpoint's Istio mutual TLS: istiod's settings, compiled with the workload's
+/// identity on the first connection after the identity (or the snapshot) changes; later
+/// connections clone the result.
+#[derive(Debug)]
+pub struct IstioPeer {
+    settings: Arc<envoy::IstioMutual>,
+    compiled: arc_swap::ArcSwapOption<(Arc<WorkloadIdentity>, Arc<TlsOrigin>)>,
+}
+
+impl IstioPeer {
+    /// The peer for istiod's `settings`.
+    pub fn new(settings: Arc<envoy::IstioMutual>) -> IstioPeer {
+        IstioPeer {
+            settings,
+            compiled: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// The TLS to originate with `identity`: TLS 1.2 to 1.3, the workload's certificate,
+    /// the mesh root as the only trusted CA, the peer's SANs.
+    pub fn origin(
+        &self,
+        identity: &Arc<WorkloadIdentity>,
+    ) -> Result<Arc<TlsOrigin>, TlsConfigError> {
+        if let Some(done) = &*self.compiled.load()
+            && Arc::ptr_eq(&done.0, identity)
+        {
+            return Ok(Arc::clone(&done.1));
+        }
+        let m = &self.settings;
+        let tls = envoy::UpstreamTls {
+            sni: m.sni.clone(),
+            auto_sni: false,
+            auto_san_validation: false,
+            alpn_protocols: m.alpn_protocols.clone(),
+            min_version: envoy::TlsVersion::Tls12,
+            max_version: envoy::TlsVersion::Tls13,
+            client_certificate: Some(envoy::TlsCertificate {
+                certificate_chain: envoy::DataSource::Inline(identity.cert_chain.clone()),
+                private_key: envoy::DataSource::Inline(identity.key.clone()),
+            }),
+            validation: Some(envoy::CertificateValidationContext {
+                trusted_ca: envoy::TrustedCa::Pem(envoy::DataSource::Inline(identity.root.clone())),
+                match_subject_alt_names: m.match_subject_alt_names.clone(),
+            }),
+        };
+        let origin = Arc::new(compile(&tls)?);
+        self.compiled
+            .store(Some(Arc::new((Arc::clone(identity), Arc::clone(&origin)))));
+        Ok(origin)
+    }
+}
+
 /// Why an `UpstreamTlsContext` cannot be compiled.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {

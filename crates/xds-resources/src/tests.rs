@@ -750,7 +750,11 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
     assert_eq!(c.transport, UpstreamTransport::Plaintext);
     assert_eq!(
         c.transport_socket_matches[0].transport,
-        UpstreamTransport::IstioMutualTls
+        UpstreamTransport::IstioMutualTls(std::sync::Arc::new(IstioMutual {
+            sni: Some("outbound_.80_._.app.internal.com".into()),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            match_subject_alt_names: Vec::new(),
+        }))
     );
     assert_eq!(
         c.transport_socket_matches[0].match_metadata,

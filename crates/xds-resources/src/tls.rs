@@ -7,8 +7,8 @@
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use portcullis_envoy::{
-    CertificateValidationContext, DataSource, StringMatcher, TlsCertificate, TlsVersion, TrustedCa,
-    UpstreamTls, UpstreamTransport,
+    CertificateValidationContext, DataSource, IstioMutual, StringMatcher, TlsCertificate,
+    TlsVersion, TrustedCa, UpstreamTls, UpstreamTransport,
 };
 
 use crate::common::{At, Invalid, each, string_matcher};
@@ -65,7 +65,7 @@ pub(crate) fn upstream_tls(
         && cert_sds == [ISTIO_CERT]
         && root_sds == Some(ISTIO_ROOT)
     {
-        return Ok(UpstreamTransport::IstioMutualTls);
+        return istio_mutual(ctx.sni, common);
     }
     let at = "common_tls_context";
     refuse_common(&common).at(at)?;
@@ -111,6 +111,47 @@ pub(crate) fn upstream_tls(
         client_certificate,
         validation,
     })))
+}
+
+/// Istio's mutual TLS: the workload's certificates come from its identity; the SNI, ALPN
+/// and the peer SANs of the default validation context are istiod's.
+#[allow(deprecated)]
+fn istio_mutual(sni: String, common: tls::CommonTlsContext) -> Result<UpstreamTransport, Invalid> {
+    use tls::common_tls_context::ValidationContextType as V;
+    let sans = match &common.validation_context_type {
+        Some(V::CombinedValidationContext(c)) => c
+            .default_validation_context
+            .as_ref()
+            .map(|v| {
+                let mut sans = each(
+                    "match_subject_alt_names",
+                    &v.match_subject_alt_names,
+                    string_matcher,
+                )?;
+                sans.extend(each(
+                    "match_typed_subject_alt_names",
+                    &v.match_typed_subject_alt_names,
+                    |m| {
+                        m.matcher
+                            .as_ref()
+                            .ok_or_else(|| Invalid::new("matcher", "required"))
+                            .and_then(string_matcher)
+                    },
+                )?);
+                Ok::<_, Invalid>(sans)
+            })
+            .transpose()
+            .at("common_tls_context.combined_validation_context.default_validation_context")?
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Ok(UpstreamTransport::IstioMutualTls(std::sync::Arc::new(
+        IstioMutual {
+            sni: (!sni.is_empty()).then_some(sni),
+            alpn_protocols: common.alpn_protocols,
+            match_subject_alt_names: sans,
+        },
+    )))
 }
 
 /// The parts of a `CommonTlsContext` portcullis does not honour, refused when set.

@@ -216,7 +216,8 @@ impl Builder<'_> {
         for (name, p) in pending {
             let traffic = self.traffic_for(&p.host, p.port);
             let transport = traffic.tls.map(|rule| {
-                super::tls::transport(rule, p.protocol, &p.subject_alt_names, &self.secrets)
+                let service = (&*p.host, p.port, p.protocol);
+                super::tls::transport(rule, service, &p.subject_alt_names, &self.secrets)
                     .unwrap_or_else(|why| {
                         self.warnings.push(format!(
                             "cluster {name}: DestinationRule tls cannot be applied ({why}); its endpoints get no connection"

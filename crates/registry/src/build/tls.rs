@@ -7,8 +7,8 @@
 //! rule's namespace present among the resources, read as istio-agent reads one.
 
 use portcullis_envoy::{
-    CertificateValidationContext, DataSource, StringMatcher, StringPattern, TlsCertificate,
-    TlsVersion, TrustedCa, UpstreamTls, UpstreamTransport,
+    CertificateValidationContext, DataSource, IstioMutual, StringMatcher, StringPattern,
+    TlsCertificate, TlsVersion, TrustedCa, UpstreamTls, UpstreamTransport,
 };
 use portcullis_model::{ClientTlsSettings, Object, Secret, TlsMode};
 
@@ -29,18 +29,20 @@ pub(crate) struct TlsRule<'a> {
 /// and plaintext is never the fallback.
 pub(crate) fn transport(
     rule: TlsRule<'_>,
-    protocol: Protocol,
+    (host, port, protocol): (&str, u16, Protocol),
     service_sans: &[String],
     secrets: &[&Object<Secret>],
 ) -> Result<UpstreamTransport, String> {
     let tls = rule.settings;
+    let sni = tls.sni.clone().filter(|s| !s.is_empty());
     let mutual = match tls.mode {
         TlsMode::Disable => return Ok(UpstreamTransport::Plaintext),
-        TlsMode::IstioMutual => return Ok(UpstreamTransport::IstioMutualTls),
+        TlsMode::IstioMutual => {
+            return Ok(istio_mutual(tls, sni, (host, port, protocol), service_sans));
+        }
         TlsMode::Simple => false,
         TlsMode::Mutual => true,
     };
-    let sni = tls.sni.clone().filter(|s| !s.is_empty());
     let insecure = tls.insecure_skip_verify.unwrap_or(false);
     let sans = if tls.subject_alt_names.is_empty() {
         service_sans
@@ -78,13 +80,7 @@ pub(crate) fn transport(
     };
     let validation = trusted_ca.map(|trusted_ca| CertificateValidationContext {
         trusted_ca,
-        match_subject_alt_names: sans
-            .iter()
-            .map(|san| StringMatcher {
-                pattern: StringPattern::Exact(san.clone()),
-                ignore_case: false,
-            })
-            .collect(),
+        match_subject_alt_names: sans.iter().map(|san| exact(san)).collect(),
     });
     Ok(UpstreamTransport::Tls(std::sync::Arc::new(UpstreamTls {
         auto_sni: sni.is_none(),
@@ -100,6 +96,38 @@ pub(crate) fn transport(
         client_certificate,
         validation,
     })))
+}
+
+/// ISTIO_MUTUAL as istiod writes it (`buildIstioMutualTLS`): SNI `outbound_.PORT_._.HOST`
+/// unless the rule sets one, the rule's SANs else the service's, ALPN with Istio's
+/// metadata exchange (and `h2` for HTTP/2 ports); the certificates are the workload's.
+fn istio_mutual(
+    tls: &ClientTlsSettings,
+    sni: Option<String>,
+    (host, port, protocol): (&str, u16, Protocol),
+    service_sans: &[String],
+) -> UpstreamTransport {
+    let sans = if tls.subject_alt_names.is_empty() {
+        service_sans
+    } else {
+        &tls.subject_alt_names
+    };
+    let mut alpn_protocols = vec!["istio-peer-exchange".to_owned(), "istio".to_owned()];
+    if protocol == Protocol::Http2 {
+        alpn_protocols.push("h2".into());
+    }
+    UpstreamTransport::IstioMutualTls(std::sync::Arc::new(IstioMutual {
+        sni: Some(sni.unwrap_or_else(|| format!("outbound_.{port}_._.{host}"))),
+        alpn_protocols,
+        match_subject_alt_names: sans.iter().map(|san| exact(san)).collect(),
+    }))
+}
+
+fn exact(value: &str) -> StringMatcher {
+    StringMatcher {
+        pattern: StringPattern::Exact(value.to_owned()),
+        ignore_case: false,
+    }
 }
 
 /// The client certificate (MUTUAL) and trusted CA (unless `insecure`) of `credentialName`:
@@ -168,6 +196,10 @@ mod tests {
 
     use super::*;
 
+    fn svc(protocol: Protocol) -> (&'static str, u16, Protocol) {
+        ("api.example.com", 443, protocol)
+    }
+
     fn rule(settings: &ClientTlsSettings) -> TlsRule<'_> {
         TlsRule {
             settings,
@@ -210,7 +242,7 @@ mod tests {
             mode: TlsMode::Simple,
             ..Default::default()
         };
-        let tls = context(transport(rule(&settings), Protocol::Http, &[], &[]).unwrap());
+        let tls = context(transport(rule(&settings), svc(Protocol::Http), &[], &[]).unwrap());
         assert!(tls.auto_sni && tls.auto_san_validation && tls.sni.is_none());
         assert_eq!(
             (tls.min_version, tls.max_version),
@@ -232,7 +264,7 @@ mod tests {
         };
         // The ServiceEntry's subjectAltNames when the rule has none.
         let sans = ["spiffe://example/ns/a/sa/b".to_owned()];
-        let tls = context(transport(rule(&settings), Protocol::Http2, &sans, &[]).unwrap());
+        let tls = context(transport(rule(&settings), svc(Protocol::Http2), &sans, &[]).unwrap());
         assert_eq!(tls.sni.as_deref(), Some("api.example.com"));
         assert!(!tls.auto_sni && !tls.auto_san_validation);
         assert_eq!(tls.alpn_protocols, ["h2"]);
@@ -250,7 +282,7 @@ mod tests {
             insecure_skip_verify: Some(true),
             ..settings
         };
-        let tls = context(transport(rule(&insecure), Protocol::Http, &[], &[]).unwrap());
+        let tls = context(transport(rule(&insecure), svc(Protocol::Http), &[], &[]).unwrap());
         assert!(tls.validation.is_none() && !tls.auto_san_validation);
     }
 
@@ -261,12 +293,12 @@ mod tests {
             client_certificate: Some("/c.pem".into()),
             ..Default::default()
         };
-        assert!(transport(rule(&settings), Protocol::Http, &[], &[]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[]).is_err());
         let settings = ClientTlsSettings {
             private_key: Some("/k.pem".into()),
             ..settings
         };
-        let tls = context(transport(rule(&settings), Protocol::Http, &[], &[]).unwrap());
+        let tls = context(transport(rule(&settings), svc(Protocol::Http), &[], &[]).unwrap());
         assert_eq!(
             tls.client_certificate.unwrap().private_key,
             DataSource::File("/k.pem".into())
@@ -284,7 +316,8 @@ mod tests {
             "client",
             &[("tls.crt", "CERT"), ("tls.key", "KEY"), ("ca.crt", "CA")],
         );
-        let tls = context(transport(rule(&settings), Protocol::Http, &[], &[&tls_secret]).unwrap());
+        let tls =
+            context(transport(rule(&settings), svc(Protocol::Http), &[], &[&tls_secret]).unwrap());
         let cert = tls.client_certificate.unwrap();
         assert_eq!(cert.certificate_chain, DataSource::Inline(b"CERT".to_vec()));
         assert_eq!(
@@ -296,7 +329,7 @@ mod tests {
         let tls = context(
             transport(
                 rule(&settings),
-                Protocol::Http,
+                svc(Protocol::Http),
                 &[],
                 &[&generic, &companion],
             )
@@ -307,25 +340,30 @@ mod tests {
             TrustedCa::Pem(DataSource::Inline(b"CA2".to_vec()))
         );
         // No CA anywhere, or no Secret: refused, never plaintext.
-        assert!(transport(rule(&settings), Protocol::Http, &[], &[&generic]).is_err());
-        assert!(transport(rule(&settings), Protocol::Http, &[], &[]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[&generic]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[]).is_err());
         // Another namespace's Secret is not the rule's.
         let mut elsewhere = tls_secret.clone();
         elsewhere.meta.namespace = "other".into();
-        assert!(transport(rule(&settings), Protocol::Http, &[], &[&elsewhere]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[&elsewhere]).is_err());
     }
 
     #[test]
     fn disable_and_istio_mutual() {
         let mut settings = ClientTlsSettings::default();
         assert_eq!(
-            transport(rule(&settings), Protocol::Http, &[], &[]),
+            transport(rule(&settings), svc(Protocol::Http), &[], &[]),
             Ok(UpstreamTransport::Plaintext)
         );
         settings.mode = TlsMode::IstioMutual;
-        assert_eq!(
-            transport(rule(&settings), Protocol::Http, &[], &[]),
-            Ok(UpstreamTransport::IstioMutualTls)
-        );
+        let sans = ["spiffe://cluster.local/ns/default/sa/api".to_owned()];
+        let Ok(UpstreamTransport::IstioMutualTls(m)) =
+            transport(rule(&settings), svc(Protocol::Http2), &sans, &[])
+        else {
+            panic!("not Istio mutual TLS");
+        };
+        assert_eq!(m.sni.as_deref(), Some("outbound_.443_._.api.example.com"));
+        assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio", "h2"]);
+        assert_eq!(m.match_subject_alt_names, [exact(&sans[0])]);
     }
 }
