@@ -13,13 +13,13 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use portcullis_e2e::Role;
 use portcullis_e2e::envoy::istio::{
     Mode, Resources, cluster_name, http_listener, service_vhost, static_cluster, to_cluster,
     vs_route, vs_vhost,
 };
 use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
 use portcullis_e2e::scenario::EXTERNAL_IP;
+use portcullis_e2e::{Role, poll, run};
 
 /// The test CA, a CA nobody trusts, and the certificates nginx and the client present,
 /// written to a folder every lab reads (the proxies' DestinationRule files and nginx).
@@ -49,6 +49,23 @@ impl Ca {
         Ok(Ca {
             issuer: rcgen::Issuer::new(params, key),
         })
+    }
+
+    /// `FILE` and `KEY_FILE` for the SPIFFE identity `uri`, valid for two days.
+    fn issue_spiffe(
+        &self,
+        dir: &Path,
+        (file, key_file): (&str, &str),
+        uri: &str,
+    ) -> anyhow::Result<()> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into()?)];
+        let now = SystemTime::now() - Duration::from_secs(3600);
+        params.not_before = now.into();
+        params.not_after = (now + Duration::from_secs(2 * 86_400)).into();
+        let key = rcgen::KeyPair::generate()?;
+        write(dir, file, &params.signed_by(&key, &self.issuer)?.pem())?;
+        write(dir, key_file, &key.serialize_pem())
     }
 
     /// `NAME.pem` and `NAME-key.pem` for `names`, valid from `from` for two days.
@@ -371,6 +388,102 @@ fn a_refused_certificate_without_retries_names_the_reason_as_envoy_does() {
     run_differential(scenario, |lab| {
         lab.map_pod_names(&[case.host])?;
         lab.start_nginx_servers(Role::External, "tls", &servers, TLS_PAGE, 8444)?;
+        Ok(())
+    });
+}
+
+/// The peer's identity in the ISTIO_MUTUAL lab.
+const PEER_ID: &str = "spiffe://cluster.local/ns/default/sa/api";
+
+/// DestinationRule `ISTIO_MUTUAL` from files, the workload's certificates where istio-agent
+/// writes them with `OUTPUT_CERTS` (`--istio-certs`): nginx, with a certificate for the
+/// peer's SPIFFE identity and requiring a client certificate of the mesh CA, answers; a
+/// service whose `subjectAltNames` name another identity is refused.
+#[test]
+fn istio_mutual_tls_from_files_with_istio_agents_certificates() {
+    run("istio-mutual", |lab| {
+        let pki = Pki::new()?;
+        let mesh = Ca::new("mesh root", &pki.dir, "root-cert.pem")?;
+        mesh.issue_spiffe(
+            &pki.dir,
+            ("cert-chain.pem", "key.pem"),
+            "spiffe://cluster.local/ns/default/sa/client",
+        )?;
+        mesh.issue_spiffe(&pki.dir, ("peer.pem", "peer-key.pem"), PEER_ID)?;
+        // A mesh peer that, like Istio's inbound Envoy, accepts the `istio` ALPN (nginx
+        // refuses unknown protocols) and requires a client certificate of the mesh CA.
+        let (peer, peer_key, root) = (
+            pki.path("peer.pem"),
+            pki.path("peer-key.pem"),
+            pki.path("root-cert.pem"),
+        );
+        lab.spawn_peer(
+            Role::External,
+            "mesh-peer",
+            "openssl",
+            &[
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &format!("{EXTERNAL_IP}:11443"),
+                "-cert",
+                &peer,
+                "-key",
+                &peer_key,
+                "-CAfile",
+                &root,
+                "-Verify",
+                "1",
+                "-verify_return_error",
+            ],
+            "TERM",
+        )?;
+        let service = |name: &str, san: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{name}.example.com]
+  ports:
+  - {{number: 80, name: http, protocol: HTTP, targetPort: 11443}}
+  resolution: STATIC
+  subjectAltNames: [{san}]
+  endpoints:
+  - address: {EXTERNAL_IP}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: default}}
+spec:
+  host: {name}.example.com
+  trafficPolicy:
+    tls: {{mode: ISTIO_MUTUAL}}
+"
+            )
+        };
+        lab.map_pod_names(&["mesh.example.com", "impostor.example.com"])?;
+        lab.write_registry_only()?;
+        lab.write_config("mesh.yaml", &service("mesh", PEER_ID))?;
+        lab.write_config(
+            "impostor.yaml",
+            &service("impostor", "spiffe://cluster.local/ns/default/sa/billing"),
+        )?;
+        lab.apply_iptables()?;
+        let certs = pki.dir.display().to_string();
+        lab.start_portcullis(&["--istio-certs", &certs])?;
+        // s_server's `-www` page describes the session it served.
+        let reply = poll("the mesh peer", Duration::from_secs(10), || {
+            let reply = lab.curl(&["http://mesh.example.com/"])?;
+            Ok((reply.status != 503).then_some(reply))
+        })?;
+        reply.expect_page("ISTIO_MUTUAL to the peer istiod names", "s_server")?;
+        let impostor = lab.curl(&["http://impostor.example.com/"])?;
+        anyhow::ensure!(
+            impostor.status == 503,
+            "a peer with another identity must be refused: {impostor}"
+        );
         Ok(())
     });
 }

@@ -1205,6 +1205,57 @@ fn tls_origination_as_istiod_sends_it_for_destination_rule_files() {
 }
 
 #[test]
+fn istio_mutual_tls_keeps_istiods_sni_alpn_and_peer_identities() {
+    let mut ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            #[allow(deprecated)]
+                            match_subject_alt_names: vec![exact_matcher(
+                                "spiffe://cluster.local/ns/default/sa/api",
+                            )],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into(), "h2".into()],
+            ..Default::default()
+        }),
+        sni: "outbound_.8080_._.api.default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let UpstreamTransport::IstioMutualTls(m) = cluster(&with_tls(eds_cluster("m"), ctx.clone()))
+        .unwrap()
+        .transport
+    else {
+        panic!("not Istio mutual TLS");
+    };
+    assert_eq!(
+        m.sni.as_deref(),
+        Some("outbound_.8080_._.api.default.svc.cluster.local")
+    );
+    assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio", "h2"]);
+    assert_eq!(
+        m.match_subject_alt_names[0].pattern,
+        StringPattern::Exact("spiffe://cluster.local/ns/default/sa/api".into())
+    );
+    // Without istiod's SNI nothing is sent as SNI.
+    ctx.sni.clear();
+    let UpstreamTransport::IstioMutualTls(m) =
+        cluster(&with_tls(eds_cluster("m"), ctx)).unwrap().transport
+    else {
+        panic!("not Istio mutual TLS");
+    };
+    assert!(m.sni.is_none());
+}
+
+#[test]
 fn tls_that_cannot_be_honoured_is_refused_by_name() {
     use tls::common_tls_context::ValidationContextType as V;
     // credentialName: istiod's SDS (`kubernetes://`), which portcullis has no client for.
