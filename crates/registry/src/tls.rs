@@ -4,7 +4,7 @@
 //! Verification follows Envoy's, not a browser's: without a validation context nothing is
 //! verified; with one, the chain must end in its CAs and, when SAN matchers are given, one
 //! SAN (DNS, URI, email or IP) must match one of them. The host name is checked only under
-//! `auto_san_validation`, against the SNI sent.
+//! `auto_san_validation`, against the SNI sent, and then instead of the matchers.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -333,7 +333,20 @@ impl ServerCertVerifier for Verifier {
             other => other,
         })?;
         let sans = || subject_alt_names(end_entity).unwrap_or_default();
-        if !self.subject_alt_names.is_empty() {
+        // Envoy's `auto_san_validation` replaces the configured SAN matchers with the host
+        // the request names, which is the SNI sent (`auto_sni`); without one (no host, as
+        // for TCP) the matchers apply.
+        if self.auto_san_validation
+            && let ServerName::DnsName(name) = server_name
+        {
+            if verify_server_name(&cert, server_name).is_err() {
+                return Err(verify_failed(format!(
+                    "verify SAN list, expected SANs: [{}], certificate SANs: [{}]",
+                    name.as_ref(),
+                    listed(&sans())
+                )));
+            }
+        } else if !self.subject_alt_names.is_empty() {
             let sans = sans();
             if !sans
                 .iter()
@@ -344,15 +357,6 @@ impl ServerCertVerifier for Verifier {
                     listed(&sans)
                 )));
             }
-        } else if self.auto_san_validation
-            && let ServerName::DnsName(name) = server_name
-            && verify_server_name(&cert, server_name).is_err()
-        {
-            return Err(verify_failed(format!(
-                "verify SAN list, expected SANs: [{}], certificate SANs: [{}]",
-                name.as_ref(),
-                listed(&sans())
-            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -701,6 +705,11 @@ mod tests {
                 "verify SAN list, expected SANs: [other.test], certificate SANs: [api.example.com, sans.example.com]"
             )
         );
+        // The host replaces the configured matchers, as in Envoy.
+        let mut both = context(Some(&ca), vec![exact("billing.example.com")]);
+        both.auto_san_validation = true;
+        assert!(verify(&both, &cert, "api.example.com").is_ok());
+        assert!(verify(&both, &cert, "other.test").is_err());
     }
 
     #[test]
