@@ -176,6 +176,8 @@ struct Case {
     ca: String,
     sni: Option<&'static str>,
     sans: &'static [&'static str],
+    /// The ServiceEntry's `subjectAltNames`.
+    service_sans: &'static [&'static str],
     /// MUTUAL's client certificate and key files.
     client: Option<(String, String)>,
 }
@@ -188,6 +190,7 @@ impl Case {
             ca,
             sni: None,
             sans: &[],
+            service_sans: &[],
             client: None,
         }
     }
@@ -218,6 +221,7 @@ spec:
   ports:
   - {{number: 80, name: http, protocol: HTTP, targetPort: {port}}}
   resolution: STATIC
+  subjectAltNames: [{service_sans}]
   endpoints:
   - address: {EXTERNAL_IP}
 ---
@@ -231,6 +235,7 @@ spec:
 ",
             host = self.host,
             port = self.port,
+            service_sans = self.service_sans.join(", "),
         )
     }
 
@@ -240,7 +245,14 @@ spec:
     /// SANs are given), the rule's SANs.
     fn cluster(&self) -> Value {
         let mut cluster = static_cluster(80, self.host, &[(EXTERNAL_IP, self.port)]);
-        let sans: Vec<Value> = self.sans.iter().map(|s| json!({ "exact": s })).collect();
+        // istiod decides auto SAN validation on the rule's SANs, then falls back to the
+        // ServiceEntry's for the matchers.
+        let matchers = if self.sans.is_empty() {
+            self.service_sans
+        } else {
+            self.sans
+        };
+        let sans: Vec<Value> = matchers.iter().map(|s| json!({ "exact": s })).collect();
         let mut common = json!({
             "tls_params": {
                 "tls_minimum_protocol_version": "TLSv1_2",
@@ -290,6 +302,12 @@ fn tls_origination_verifies_the_upstream_as_envoy_does() {
     let ca = pki.path("ca.pem");
     let cases = [
         Case::new("api.example.com", 443, ca.clone()),
+        // The ServiceEntry's SANs do not name the certificate, but auto SAN validation (no
+        // SNI in the rule) checks the host instead of them.
+        Case {
+            service_sans: &["billing.example.com"],
+            ..Case::new("override.example.com", 443, ca.clone())
+        },
         // The certificate does not name the host the SNI (auto SNI) asks for.
         Case::new("wrongsan.example.com", 443, ca.clone()),
         Case {
@@ -327,6 +345,10 @@ fn tls_origination_verifies_the_upstream_as_envoy_does() {
         portcullis_flags: vec![],
         probes: vec![
             probe("verified TLS to the upstream", "api.example.com"),
+            probe(
+                "auto SAN validation in place of the ServiceEntry's SANs",
+                "override.example.com",
+            ),
             probe(
                 "certificate without the SNI's name (auto SAN validation)",
                 "wrongsan.example.com",
