@@ -28,6 +28,7 @@ const FILES: &[&str] = &[
     "envoy/extensions/request_id/uuid/v3/uuid.proto",
     "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
     "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
+    "envoy/extensions/transport_sockets/tls/v3/tls.proto",
 ];
 
 /// Folders of `envoy-types/proto` that hold import roots.

@@ -375,7 +375,7 @@ pub enum HeaderMatch {
 }
 
 /// Envoy's `StringMatcher`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StringMatcher {
     /// How it compares.
     pub pattern: StringPattern,
@@ -384,7 +384,7 @@ pub struct StringMatcher {
 }
 
 /// The comparison of a [`StringMatcher`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StringPattern {
     /// Equal.
     Exact(String),
@@ -629,12 +629,103 @@ impl Default for Thresholds {
 pub enum UpstreamTransport {
     /// Plain TCP (`raw_buffer`).
     Plaintext,
-    /// Istio mutual TLS with certificates from SDS: accepted, not supported yet, so an
-    /// endpoint that needs it is refused a connection rather than sent plaintext.
-    IstioMutualTls,
+    /// Istio mutual TLS: the workload's certificate (SDS `default`) and the mesh root
+    /// (`ROOTCA`), with the SNI, ALPN and peer SANs istiod sets. The certificates come from
+    /// istio-agent's output files when portcullis is given them; otherwise an endpoint that
+    /// needs it is refused a connection rather than sent plaintext.
+    IstioMutualTls(Arc<IstioMutual>),
+    /// TLS originated by portcullis (`envoy.transport_sockets.tls` with an
+    /// `UpstreamTlsContext` whose certificates are given as data or files).
+    Tls(Arc<UpstreamTls>),
     /// A TLS transport portcullis cannot build (named by its type), kept for the config
     /// dump; connections to endpoints that need it fail.
     Unsupported(String),
+}
+
+/// Envoy's `UpstreamTlsContext`, the parts istiod sets for a DestinationRule's `tls`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// The SNI sent; `None` sends none (or, with `auto_sni`, the request's host).
+    pub sni: Option<String>,
+    /// Sends the HTTP request's host as SNI when `sni` is unset (`auto_sni` of the
+    /// cluster's `upstream_http_protocol_options`; istiod sets it when the rule names no
+    /// SNI).
+    pub auto_sni: bool,
+    /// Verifies the certificate's SANs against the SNI sent (`auto_san_validation`).
+    pub auto_san_validation: bool,
+    /// ALPN protocols offered, in order.
+    pub alpn_protocols: Vec<String>,
+    /// `tls_params.tls_minimum_protocol_version` (Envoy's client default: TLS 1.2).
+    pub min_version: TlsVersion,
+    /// `tls_params.tls_maximum_protocol_version` (Envoy's client default: TLS 1.2;
+    /// istiod sets 1.3).
+    pub max_version: TlsVersion,
+    /// The client certificate presented, if any (`tls_certificates`).
+    pub client_certificate: Option<TlsCertificate>,
+    /// How the server's certificate is verified; `None` accepts any (Envoy's behaviour
+    /// without a validation context).
+    pub validation: Option<CertificateValidationContext>,
+}
+
+/// What istiod sets in an Istio mutual TLS context besides the workload's certificates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct IstioMutual {
+    /// The SNI (istiod: `outbound_.PORT_._.HOST`).
+    pub sni: Option<String>,
+    /// ALPN (istiod: `istio-peer-exchange`, `istio`, and `h2` for HTTP/2 clusters).
+    pub alpn_protocols: Vec<String>,
+    /// The peer's identities (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`); empty: any.
+    pub match_subject_alt_names: Vec<StringMatcher>,
+}
+
+/// A TLS protocol version of `TlsParameters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TlsVersion {
+    /// `TLSv1_0`.
+    Tls10,
+    /// `TLSv1_1`.
+    Tls11,
+    /// `TLSv1_2`.
+    Tls12,
+    /// `TLSv1_3`.
+    Tls13,
+}
+
+/// Envoy's `TlsCertificate`: a certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsCertificate {
+    /// The PEM certificate chain, leaf first.
+    pub certificate_chain: DataSource,
+    /// The PEM private key.
+    pub private_key: DataSource,
+}
+
+/// Envoy's `CertificateValidationContext`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertificateValidationContext {
+    /// PEM CA certificates the chain must end in; [`TrustedCa::System`] for the system's.
+    pub trusted_ca: TrustedCa,
+    /// The certificate must carry a SAN (DNS, URI, email or IP) that one of these matches;
+    /// empty: any.
+    pub match_subject_alt_names: Vec<StringMatcher>,
+}
+
+/// Where the trusted CA certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TrustedCa {
+    /// PEM data, inline or in a file.
+    Pem(DataSource),
+    /// The operating system's trust store (istiod's `file-root:system`).
+    System,
+}
+
+/// Envoy's `DataSource`: bytes given inline or read from a file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DataSource {
+    /// `filename`: read when the snapshot is built.
+    File(String),
+    /// `inline_bytes` / `inline_string`.
+    Inline(Vec<u8>),
 }
 
 /// One of Istio's `transport_socket_matches`.

@@ -75,6 +75,24 @@ pub struct WorkloadEntry {
     pub status: WorkloadEntryStatus,
 }
 
+/// A Kubernetes Secret: its type and its data, decoded. `Debug` leaves the data out.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret {
+    /// `type`, e.g. `kubernetes.io/tls` or `Opaque`.
+    pub kind: String,
+    /// The data by key, `stringData` merged in.
+    pub data: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("kind", &self.kind)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// Every resource kind portcullis understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
@@ -92,6 +110,8 @@ pub enum Resource {
     Pod(Object<Pod>),
     /// Kubernetes `v1` Service.
     Service(Object<KubeServiceSpec>),
+    /// Kubernetes `v1` Secret (certificates a DestinationRule's `credentialName` names).
+    Secret(Object<Secret>),
     /// Istio's mesh config, from the `istio` ConfigMap's `data.mesh`.
     MeshConfig(Object<MeshConfig>),
 }
@@ -107,6 +127,7 @@ impl Resource {
             Resource::Sidecar(_) => "Sidecar",
             Resource::Pod(_) => "Pod",
             Resource::Service(_) => "Service",
+            Resource::Secret(_) => "Secret",
             Resource::MeshConfig(_) => "ConfigMap",
         }
     }
@@ -121,6 +142,7 @@ impl Resource {
             Resource::Sidecar(o) => &o.meta,
             Resource::Pod(o) => &o.meta,
             Resource::Service(o) => &o.meta,
+            Resource::Secret(o) => &o.meta,
             Resource::MeshConfig(o) => &o.meta,
         }
     }
@@ -135,6 +157,7 @@ impl Resource {
             Resource::Sidecar(o) => &o.origin,
             Resource::Pod(o) => &o.origin,
             Resource::Service(o) => &o.origin,
+            Resource::Secret(o) => &o.origin,
             Resource::MeshConfig(o) => &o.origin,
         }
     }

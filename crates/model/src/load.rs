@@ -20,7 +20,7 @@ use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
 use crate::shape::{self, Node, Pos, Value};
 use crate::{
     DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin, Pod,
-    PodSpec, PodStatus, Position, Resource, ServiceEntrySpec, Severity, SidecarSpec,
+    PodSpec, PodStatus, Position, Resource, Secret, ServiceEntrySpec, Severity, SidecarSpec,
     VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus, schema, validate,
 };
 
@@ -64,6 +64,91 @@ struct WithStatus<S, T> {
     spec: S,
     #[serde(default)]
     status: T,
+}
+
+#[derive(Deserialize)]
+struct SecretDoc {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default, rename = "stringData")]
+    string_data: BTreeMap<String, String>,
+}
+
+/// A Secret's type and data, `data` decoded from base64 and `stringData` taken as written
+/// (winning over `data`, as the API server merges them).
+fn secret(
+    doc: &Document<'_>,
+    shape: &Node,
+    origin: &Origin,
+    findings: &mut Vec<Finding>,
+) -> Option<Secret> {
+    let parsed = match serde_saphyr::from_str::<SecretDoc>(doc.text) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            findings.push(yaml_error(doc, origin, &e));
+            return None;
+        }
+    };
+    let mut data = BTreeMap::new();
+    for (key, encoded) in parsed.data {
+        let Some(bytes) = base64_decode(&encoded) else {
+            let at = shape
+                .find("data")
+                .and_then(|d| d.key_at(&key))
+                .unwrap_or(shape.at);
+            findings.push(field_finding(
+                doc,
+                origin,
+                at,
+                "BAD_SECRET_DATA",
+                format!("data.{key} is not base64"),
+            ));
+            return None;
+        };
+        data.insert(key, bytes);
+    }
+    for (key, text) in parsed.string_data {
+        data.insert(key, text.into_bytes());
+    }
+    Some(Secret {
+        kind: parsed.kind.unwrap_or_else(|| "Opaque".into()),
+        data,
+    })
+}
+
+/// Standard base64 (RFC 4648, padding optional, whitespace ignored), as Kubernetes
+/// writes a Secret's `data`.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let digits = digits
+        .strip_suffix(b"==")
+        .or_else(|| digits.strip_suffix(b"="))
+        .unwrap_or(&digits);
+    if digits.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 #[derive(Deserialize)]
@@ -318,11 +403,10 @@ const ISTIO_KINDS: [&str; 5] = [
 /// Kinds of `networking.istio.io` that exist but do not concern an egress sidecar.
 const ISTIO_OTHER_KINDS: [&str; 4] = ["Gateway", "EnvoyFilter", "WorkloadGroup", "ProxyConfig"];
 /// Kinds of the core `v1` group portcullis reads.
-const CORE_KINDS: [&str; 4] = ["Pod", "Service", "ConfigMap", "List"];
+const CORE_KINDS: [&str; 5] = ["Pod", "Service", "ConfigMap", "Secret", "List"];
 /// Kinds of the core `v1` group that do not concern an egress sidecar.
-const CORE_OTHER_KINDS: [&str; 14] = [
+const CORE_OTHER_KINDS: [&str; 13] = [
     "Namespace",
-    "Secret",
     "Endpoints",
     "ServiceAccount",
     "PersistentVolumeClaim",
@@ -662,6 +746,9 @@ fn typed(
             .map(|(spec, status)| Resource::Pod(object(meta, Pod { spec, status }, origin))),
         "Service" => spec::<KubeServiceSpec>(doc, origin, findings)
             .map(|s| Resource::Service(object(meta, s, origin))),
+        "Secret" => {
+            secret(doc, shape, origin, findings).map(|s| Resource::Secret(object(meta, s, origin)))
+        }
         _ => mesh_config(doc, shape, meta, origin, findings),
     }
 }
@@ -1423,7 +1510,7 @@ items:
     ports: [{port: 80, targetPort: 8080}]
 - {apiVersion: networking.istio.io/v1, kind: WorkloadEntry, metadata: {name: w}, spec: {address: 10.0.0.1, wieght: 2}}
 - apiVersion: v1
-  kind: Secret
+  kind: ServiceAccount
   metadata: {name: s}
 ",
         );
@@ -1443,7 +1530,7 @@ items:
             shown,
             [
                 "Error [UNKNOWN_FIELD] (WorkloadEntry default/w cfg/test.yaml:23:108) unknown field `wieght` in spec (did you mean `weight`?)",
-                "Warning [SKIPPED] (Secret default/s cfg/test.yaml:24) v1 Secret is not a kind portcullis reads, skipped",
+                "Warning [SKIPPED] (ServiceAccount default/s cfg/test.yaml:24) v1 ServiceAccount is not a kind portcullis reads, skipped",
             ]
         );
 
@@ -1600,6 +1687,44 @@ spec:
     }
 
     #[test]
+    fn secrets_are_read_with_data_decoded_and_string_data_merged() {
+        let l = load(
+            "apiVersion: v1
+kind: Secret
+metadata: {name: client, namespace: egress}
+type: kubernetes.io/tls
+data:
+  tls.crt: Q0VSVA==
+  tls.key: |
+    S0VZ
+    Cg==
+stringData:
+  ca.crt: CA
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: broken}
+data: {ca.crt: 'not base64!'}
+",
+        );
+        assert_eq!(l.resources.len(), 1);
+        let Resource::Secret(s) = &l.resources[0] else {
+            panic!("not a Secret: {:?}", l.resources[0]);
+        };
+        assert_eq!(s.spec.kind, "kubernetes.io/tls");
+        assert_eq!(s.spec.data["tls.crt"], b"CERT");
+        assert_eq!(s.spec.data["tls.key"], b"KEY\n");
+        assert_eq!(s.spec.data["ca.crt"], b"CA");
+        // Key material never shows in debug output.
+        assert!(!format!("{s:?}").contains("CERT"));
+        assert_eq!(codes(&l), vec![(Severity::Error, "BAD_SECRET_DATA")]);
+        assert_eq!(l.findings[0].line, 16);
+        assert_eq!(base64_decode("YWJjZA"), Some(b"abcd".to_vec()));
+        assert_eq!(base64_decode("YWJjZGU="), Some(b"abcde".to_vec()));
+        assert_eq!(base64_decode("Y"), None);
+    }
+
+    #[test]
     fn kinds_of_other_groups_are_skipped() {
         let l = load(
             "apiVersion: networking.istio.io/v1
@@ -1612,7 +1737,7 @@ kind: Deployment
 metadata: {name: web}
 ---
 apiVersion: v1
-kind: Secret
+kind: ServiceAccount
 metadata: {name: s}
 ---
 apiVersion: v1

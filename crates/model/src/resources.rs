@@ -232,9 +232,57 @@ pub struct TrafficPolicy {
     /// Not applied yet.
     #[serde(default)]
     pub outlier_detection: Option<Unapplied>,
-    /// Not applied yet.
+    /// TLS to the upstream.
     #[serde(default)]
-    pub tls: Option<Unapplied>,
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// `ClientTLSSettings`: how connections to the upstream are secured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    /// The mode (DISABLE when unset).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// File of the client certificate chain (MUTUAL).
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    /// File of the client's private key (MUTUAL).
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// File of the CA certificates that verify the server; the system's when unset.
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    /// A Kubernetes Secret in the rule's namespace holding the certificates.
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// SANs the server's certificate must carry one of.
+    #[serde(default, deserialize_with = "exact")]
+    pub subject_alt_names: Vec<String>,
+    /// SNI sent in the handshake.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Skips verifying the server's certificate.
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+    /// Not applied yet: a certificate revocation list file.
+    #[serde(default)]
+    pub ca_crl: Option<String>,
+}
+
+/// `ClientTLSSettings.TLSmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// TLS, verifying the server.
+    Simple,
+    /// TLS with a client certificate.
+    Mutual,
+    /// Istio's mutual TLS with the workload's certificates.
+    IstioMutual,
 }
 
 impl TrafficPolicy {
@@ -247,7 +295,7 @@ impl TrafficPolicy {
             self.load_balancer.as_ref(),
             self.connection_pool.as_ref(),
             self.outlier_detection.is_some(),
-            self.tls.is_some(),
+            self.tls.as_ref(),
         )];
         for (i, p) in self.port_level_settings.iter().enumerate() {
             parts.push((
@@ -255,7 +303,7 @@ impl TrafficPolicy {
                 p.load_balancer.as_ref(),
                 p.connection_pool.as_ref(),
                 p.outlier_detection.is_some(),
-                p.tls.is_some(),
+                p.tls.as_ref(),
             ));
         }
         for (at, lb, pool, outlier, tls) in parts {
@@ -279,7 +327,7 @@ impl TrafficPolicy {
                 .flatten()
                 .chain([
                     ("outlierDetection", outlier),
-                    ("tls", tls),
+                    ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
                     (
                         "connectionPool.tcp.tcpKeepalive",
                         tcp.is_some_and(|t| t.tcp_keepalive.is_some()),
@@ -332,9 +380,9 @@ pub struct PortTrafficPolicy {
     /// Not applied yet.
     #[serde(default)]
     pub outlier_detection: Option<Unapplied>,
-    /// Not applied yet.
+    /// TLS to the upstream on this port, replacing the rule's.
     #[serde(default)]
-    pub tls: Option<Unapplied>,
+    pub tls: Option<ClientTlsSettings>,
 }
 
 /// `portLevelSettings[].port`.

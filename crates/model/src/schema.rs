@@ -85,11 +85,24 @@ const LOAD_BALANCER: Field = Object(&[
     ("warmup", Any),
 ]);
 
+/// `istio.networking.v1alpha3.ClientTLSSettings`.
+const CLIENT_TLS: Field = Object(&[
+    ("mode", Any),
+    ("clientCertificate", Any),
+    ("privateKey", Any),
+    ("caCertificates", Any),
+    ("credentialName", Any),
+    ("subjectAltNames", Any),
+    ("sni", Any),
+    ("insecureSkipVerify", Any),
+    ("caCrl", Any),
+]);
+
 const TRAFFIC_POLICY: Field = Object(&[
     ("loadBalancer", LOAD_BALANCER),
     ("connectionPool", Any),
     ("outlierDetection", Any),
-    ("tls", Any),
+    ("tls", CLIENT_TLS),
     (
         "portLevelSettings",
         List(&[
@@ -97,7 +110,7 @@ const TRAFFIC_POLICY: Field = Object(&[
             ("loadBalancer", LOAD_BALANCER),
             ("connectionPool", Any),
             ("outlierDetection", Any),
-            ("tls", Any),
+            ("tls", CLIENT_TLS),
         ]),
     ),
     ("tunnel", Any),
@@ -504,6 +517,15 @@ pub(crate) fn document(kind: &str) -> Option<Field> {
             ("metadata", META),
             ("data", Any),
             ("binaryData", Any),
+            ("immutable", Any),
+        ]),
+        "Secret" => Object(&[
+            ("apiVersion", Any),
+            ("kind", Any),
+            ("metadata", META),
+            ("type", Any),
+            ("data", Any),
+            ("stringData", Any),
             ("immutable", Any),
         ]),
         "List" => Object(&[

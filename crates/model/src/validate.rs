@@ -12,9 +12,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::{
-    Destination, DestinationRuleSpec, Finding, HttpRoute, KubeServiceSpec, Object, Origin, Pod,
-    Position, Resolution, Resource, ServiceEntrySpec, Severity, SidecarSpec, StringMatch,
-    TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntrySpec, WorkloadSelector,
+    ClientTlsSettings, Destination, DestinationRuleSpec, Finding, HttpRoute, KubeServiceSpec,
+    Object, Origin, Pod, Position, Resolution, Resource, ServiceEntrySpec, Severity, SidecarSpec,
+    StringMatch, TargetPort, TlsMode, TrafficPolicy, VirtualServiceSpec, WorkloadEntrySpec,
+    WorkloadSelector,
 };
 
 /// Prefix of a Unix domain socket endpoint address.
@@ -35,7 +36,7 @@ pub fn resource(resource: &Resource, locate: &dyn Fn(&str) -> Option<Position>) 
         Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
         Resource::Pod(o) => pod(&o.spec, &mut out),
         Resource::Service(o) => kube_service(&o.spec, &mut out),
-        Resource::MeshConfig(_) => {}
+        Resource::MeshConfig(_) | Resource::Secret(_) => {}
     }
     out.list
 }
@@ -615,8 +616,14 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
 /// connect timeout of at least a millisecond.
 fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
     let mut pools = vec![(at.to_string(), policy.connection_pool.as_ref())];
+    if let Some(tls) = &policy.tls {
+        client_tls(tls, &format!("{at}.tls"), out);
+    }
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         let here = format!("{at}.portLevelSettings[{i}]");
+        if let Some(tls) = &port.tls {
+            client_tls(tls, &format!("{here}.tls"), out);
+        }
         if port
             .port
             .as_ref()
@@ -660,6 +667,67 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
                     "INVALID_DURATION",
                     "connectTimeout must be at least 1ms".to_string(),
                 );
+        }
+    }
+}
+
+/// istiod's `ValidateTLS` of a `ClientTLSSettings`.
+fn client_tls(tls: &ClientTlsSettings, at: &str, out: &mut Findings) {
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+    let credential = set(&tls.credential_name);
+    if tls.mode == TlsMode::IstioMutual {
+        if credential
+            || set(&tls.client_certificate)
+            || set(&tls.private_key)
+            || set(&tls.ca_certificates)
+        {
+            out.at(format!("{at}.mode")).error(
+                "INVALID_TLS",
+                "cannot specify client certificates or CA certificate or credentialName If tls mode is ISTIO_MUTUAL".to_string(),
+            );
+        }
+        return;
+    }
+    if tls.insecure_skip_verify == Some(true) {
+        let sans = !tls.subject_alt_names.is_empty();
+        if tls.mode == TlsMode::Simple && (set(&tls.ca_certificates) || credential || sans) {
+            out.at(format!("{at}.insecureSkipVerify")).error(
+                "INVALID_TLS",
+                "cannot specify CaCertificates or CredentialName or SubjectAltNames when InsecureSkipVerify is set true".to_string(),
+            );
+        }
+        if tls.mode == TlsMode::Mutual && (set(&tls.ca_certificates) || sans) {
+            out.at(format!("{at}.insecureSkipVerify")).error(
+                "INVALID_TLS",
+                "cannot specify CaCertificates or SubjectAltNames when InsecureSkipVerify is set true".to_string(),
+            );
+        }
+    }
+    if matches!(tls.mode, TlsMode::Simple | TlsMode::Mutual) && credential {
+        if set(&tls.client_certificate)
+            || set(&tls.ca_certificates)
+            || set(&tls.private_key)
+            || set(&tls.ca_crl)
+        {
+            out.at(format!("{at}.credentialName")).error(
+                "INVALID_TLS",
+                "cannot specify client certificates or CA certificate or CA CRL If credentialName is set".to_string(),
+            );
+        }
+        return;
+    }
+    if tls.mode == TlsMode::Mutual {
+        if !set(&tls.client_certificate) {
+            out.at(format!("{at}.mode")).error(
+                "INVALID_TLS",
+                "client certificate required for mutual tls".to_string(),
+            );
+        }
+        if !set(&tls.private_key) {
+            out.at(format!("{at}.mode")).error(
+                "INVALID_TLS",
+                "private key required for mutual tls".to_string(),
+            );
         }
     }
 }
@@ -1708,6 +1776,34 @@ spec:
             vec![]
         );
         assert_eq!(errors(&dr("{}")), ["NO_HOSTS"]);
+        let tls = |t: &str| {
+            errors(&dr(&format!(
+                "{{host: a.com, trafficPolicy: {{tls: {t}}}}}"
+            )))
+        };
+        assert!(tls("{mode: SIMPLE}").is_empty());
+        assert!(tls("{mode: SIMPLE, caCertificates: /ca.pem, sni: a.com}").is_empty());
+        assert!(tls("{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}").is_empty());
+        assert!(tls("{mode: MUTUAL, credentialName: client}").is_empty());
+        assert_eq!(tls("{mode: MUTUAL}"), ["INVALID_TLS", "INVALID_TLS"]);
+        assert_eq!(
+            tls("{mode: SIMPLE, credentialName: c, caCertificates: /ca.pem}"),
+            ["INVALID_TLS"]
+        );
+        assert_eq!(
+            tls("{mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [a.com]}"),
+            ["INVALID_TLS"]
+        );
+        assert_eq!(
+            tls("{mode: ISTIO_MUTUAL, caCertificates: /ca.pem}"),
+            ["INVALID_TLS"]
+        );
+        assert_eq!(
+            errors(&dr(
+                "{host: a.com, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: MUTUAL, privateKey: /k.pem}}]}}"
+            )),
+            ["INVALID_TLS"]
+        );
         assert_eq!(errors(&dr("{host: 'a.*.com'}")), ["INVALID_HOST"]);
         assert_eq!(
             errors(&dr("{host: a.com, subsets: [{name: v1}, {name: v1}]}")),

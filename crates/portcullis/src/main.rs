@@ -115,6 +115,12 @@ pub struct RunArgs {
     /// annotated with `ISTIO_META_HTTP10=1`; by default they get `426 Upgrade Required`.
     #[arg(long = "accept-http10", env = "PORTCULLIS_ACCEPT_HTTP10")]
     pub accept_http10: bool,
+    /// Folder of the workload's Istio certificates as istio-agent writes them with
+    /// `OUTPUT_CERTS` (`cert-chain.pem`, `key.pem`, `root-cert.pem`), for Istio mutual TLS
+    /// (DestinationRule `ISTIO_MUTUAL`, istiod's auto mTLS); re-read every 10 s, so a
+    /// rotation is picked up. Without it such endpoints are refused.
+    #[arg(long, env = "PORTCULLIS_ISTIO_CERTS")]
+    pub istio_certs: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,

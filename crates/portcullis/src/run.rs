@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{RunArgs, XdsArgs};
 
+/// How often the workload's Istio certificates are read again (istio-agent rotates them
+/// well before they expire).
+const IDENTITY_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where Istio's injector mounts the pod's labels (downward API).
 const POD_LABELS: &str = "/etc/istio/pod/labels";
 
@@ -235,6 +239,9 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         None => None,
     };
     let background = CancellationToken::new();
+    if let Some(dir) = &args.istio_certs {
+        tokio::spawn(Arc::clone(&proxy).watch_workload_identity(dir.clone(), IDENTITY_REREAD));
+    }
     if let Some(folder) = folder {
         tokio::spawn(folder.run(args.rescan_interval.into(), background.clone()));
     }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::Proxy;
 use crate::error::ProxyError;
+use crate::origin::Transport;
 use crate::upstream::{Original, Pick, RetryPolicy, Target};
 
 /// Envoy's default retry back-off base interval (`upstream.base_retry_backoff_ms`).
@@ -153,10 +154,11 @@ impl<'a> Attempts<'a> {
         })
     }
 
-    /// How to reach the endpoint of `pick`.
-    pub(crate) fn target<'p>(&'p self, pick: &'p Pick) -> Target<'p> {
+    /// How to reach the endpoint of `pick` over `transport`.
+    pub(crate) fn target<'p>(&'p self, pick: &'p Pick, transport: &'p Transport) -> Target<'p> {
         Target {
             addr: pick.addr,
+            transport,
             connect_timeout: self.connect_timeout,
             cluster: self.cluster,
             decision: self.decision,

@@ -23,6 +23,9 @@ pub enum ProxyError {
     /// Connecting to the upstream failed.
     #[error("upstream connect error: {0}")]
     ConnectFailure(#[source] std::io::Error),
+    /// The TLS handshake with the upstream failed, for Envoy's transport failure reason.
+    #[error("upstream TLS handshake failed: {0}")]
+    TlsHandshake(Arc<str>),
     /// Connecting to the upstream took longer than the connect timeout.
     #[error("upstream connect timeout")]
     ConnectTimeout,
@@ -102,7 +105,7 @@ impl ProxyError {
             // Istio's block_all is a direct response on a matched route: Envoy sets no flag.
             ProxyError::Blocked => "-",
             ProxyError::NoHealthyUpstream => "UH",
-            ProxyError::ConnectFailure(_) => "UF",
+            ProxyError::ConnectFailure(_) | ProxyError::TlsHandshake(_) => "UF",
             ProxyError::ConnectTimeout => "UF",
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
             ProxyError::UpstreamProtocol(_) => "UPE",
@@ -121,17 +124,23 @@ impl ProxyError {
             ProxyError::Overflow(_) => "UO",
             // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
             ProxyError::RetryOverflow(last) => match &**last {
-                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,UF",
+                ProxyError::ConnectFailure(_)
+                | ProxyError::TlsHandshake(_)
+                | ProxyError::ConnectTimeout => "UO,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,UC",
                 ProxyError::Retried(inner) => match **inner {
-                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "UO,URX,UF",
+                    ProxyError::ConnectFailure(_)
+                    | ProxyError::TlsHandshake(_)
+                    | ProxyError::ConnectTimeout => "UO,URX,UF",
                     ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,URX,UC",
                     _ => last.flag(),
                 },
                 other => other.flag(),
             },
             ProxyError::Retried(last) => match **last {
-                ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => "URX,UF",
+                ProxyError::ConnectFailure(_)
+                | ProxyError::TlsHandshake(_)
+                | ProxyError::ConnectTimeout => "URX,UF",
                 ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
                 // The retry limit is noted before the last attempt's timeout ends the request.
                 ProxyError::PerTryTimeout => "URX,UT",
@@ -192,9 +201,9 @@ impl ProxyError {
     /// timeout).
     pub(crate) fn retry_condition(&self) -> Option<Condition> {
         match self {
-            ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout => {
-                Some(Condition::ConnectFailure)
-            }
+            ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::ConnectTimeout => Some(Condition::ConnectFailure),
             ProxyError::UpstreamReset(_) if self.refused_stream() => Some(Condition::RefusedStream),
             ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamClosed(_)
@@ -206,9 +215,9 @@ impl ProxyError {
     /// Envoy's wording for why the upstream connection ended, where it has one.
     fn reset_reason(&self) -> Option<&'static str> {
         match self {
-            ProxyError::ConnectFailure(_) | ProxyError::TransportRefused(_) => {
-                Some("remote connection failure")
-            }
+            ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::TransportRefused(_) => Some("remote connection failure"),
             ProxyError::ConnectTimeout => Some("connection timeout"),
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => {
                 Some("connection termination")
@@ -228,7 +237,9 @@ impl ProxyError {
             ProxyError::Retried(last)
                 if matches!(
                     **last,
-                    ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout
+                    ProxyError::ConnectFailure(_)
+                        | ProxyError::TlsHandshake(_)
+                        | ProxyError::ConnectTimeout
                 ) =>
             {
                 "UF,URX"
@@ -240,6 +251,7 @@ impl ProxyError {
     /// The HTTP response Envoy would send for this error.
     pub fn to_response(&self) -> Response<ProxyBody> {
         if let Some(reason) = self.reset_reason() {
+            // Envoy 1.40 keeps a transport failure reason (TLS) for its access log only.
             let body = format!(
                 "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
             );
@@ -463,5 +475,20 @@ mod tests {
         let e = ProxyError::Retried(Box::new(ProxyError::NoHealthyUpstream));
         assert_eq!(e.flag(), "UH");
         assert_eq!(answer(&e).await.2, "no healthy upstream");
+    }
+
+    #[tokio::test]
+    async fn a_failed_tls_handshake_answers_as_a_failed_connect_as_envoy_1_40_does() {
+        let e = ProxyError::TlsHandshake("TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end".into());
+        assert_eq!(e.flag(), "UF");
+        // The reason is not in the body (checked against Envoy 1.40).
+        assert_eq!(answer(&e).await, answer(&refused()).await);
+        let e = ProxyError::Retried(Box::new(e));
+        assert_eq!(e.flag(), "URX,UF");
+        assert_eq!(e.tcp_flag(), "UF,URX");
+        assert_eq!(
+            answer(&e).await.2,
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
+        );
     }
 }

@@ -11,7 +11,6 @@
 use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,7 +20,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Version};
 use portcullis_registry::{Headers, Resource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +34,7 @@ use crate::http::{
 };
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label, Metrics};
+use crate::origin::{PoolKey, Transport, UpstreamIo};
 use crate::pool::Conn;
 use crate::upstream::{Acquired, RetryPolicy, Target};
 
@@ -165,7 +164,7 @@ async fn body_stalled<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> E
 /// Reads more of a response body from the upstream, unless the stream times out first:
 /// Envoy then ends the stream, which on HTTP/1.1 closes the connection (`SI`).
 async fn read_body<I: AsyncRead + Unpin>(
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamIo,
     into: &mut BytesMut,
     (io, pipelined): (&mut I, &mut BytesMut),
     metrics: &Metrics,
@@ -308,11 +307,13 @@ where
         *buf = whole;
         return Next::General;
     }
+    // The upstream's Host, which `auto_sni` sends as SNI.
+    let authority = std::str::from_utf8(&request[head.authority.clone()]).ok();
     let mut out = head.out;
     out.extend_from_slice(&request[head.len..]);
     let attempt_at = head.attempt_at;
     let forwarded = tokio::select! {
-        forwarded = forward(proxy, &routed, (&mut out, attempt_at), policy, head.head_method, &mut log) => forwarded,
+        forwarded = forward(proxy, (&routed, authority), (&mut out, attempt_at), policy, head.head_method, &mut log) => forwarded,
         gone = client_gone(io, buf) => match gone {
             // No response within the stream idle timeout: the attempt is abandoned and
             // the client gets Envoy's 504.
@@ -340,7 +341,7 @@ where
     let close = head.close || shutdown.is_cancelled();
     let Upstream {
         conn: Conn { io: stream, hold },
-        addr,
+        key,
         buffered,
         guard,
     } = upstream;
@@ -357,7 +358,7 @@ where
     match done {
         Some((stream, reusable)) => {
             if reusable {
-                proxy.pool.put_raw(addr, Conn { io: stream, hold });
+                proxy.pool.put_raw(key, Conn { io: stream, hold });
             }
             if close { Next::Close } else { Next::KeepAlive }
         }
@@ -402,8 +403,8 @@ async fn route_head<'r>(
 
 /// An upstream connection with a response head read from it.
 struct Upstream {
-    conn: Conn<TcpStream>,
-    addr: SocketAddr,
+    conn: Conn<UpstreamIo>,
+    key: PoolKey,
     /// Bytes read after the response head: the start of the body.
     buffered: BytesMut,
     /// Counts the request as active on its endpoint until the body ends.
@@ -415,7 +416,7 @@ struct Upstream {
 /// whole request is in `out`, so every attempt can send it again.
 async fn forward(
     proxy: &Arc<Proxy>,
-    routed: &Routed<'_>,
+    (routed, authority): (&Routed<'_>, Option<&str>),
     (out, attempt_at): (&mut [u8], usize),
     policy: RetryPolicy,
     head_method: bool,
@@ -436,10 +437,11 @@ async fn forward(
         if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(number)) {
             *digit = count;
         }
+        let transport = Transport::new(pick.addr, pick.tls.as_ref(), authority);
         let sent = attempts
             .send(attempt_once(
                 proxy,
-                attempts.target(&pick),
+                attempts.target(&pick, &transport),
                 out,
                 head_method,
             ))
@@ -455,7 +457,7 @@ async fn forward(
                     }
                     let upstream = Upstream {
                         conn,
-                        addr: pick.addr,
+                        key: transport.key,
                         buffered,
                         guard: pick.guard,
                     };
@@ -472,8 +474,8 @@ async fn attempt_once(
     target: Target<'_>,
     out: &[u8],
     head_method: bool,
-) -> Result<(Conn<TcpStream>, BytesMut, ResponseHead), Failure> {
-    let idle = || std::future::ready(proxy.pool.checkout_raw(target.addr));
+) -> Result<(Conn<UpstreamIo>, BytesMut, ResponseHead), Failure> {
+    let idle = || std::future::ready(proxy.pool.checkout_raw(&target.transport.key));
     let mut conn = match proxy
         .connection(&target, idle)
         .await
@@ -482,7 +484,7 @@ async fn attempt_once(
         Acquired::Idle(conn) => conn,
         Acquired::New { hold, pending } => {
             let io = proxy
-                .connect(target.addr, target.cluster, target.connect_timeout)
+                .connect_upstream(&target)
                 .await
                 .map_err(Failure::Unsent)?;
             drop(pending);
@@ -620,12 +622,12 @@ fn date() -> [u8; 29] {
 /// reused), `None` when either side failed.
 async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
     (io, pipelined): (&mut I, &mut BytesMut),
-    mut stream: TcpStream,
+    mut stream: UpstreamIo,
     mut buffered: BytesMut,
     response: ResponseHead,
     (start, close): (Instant, bool),
     metrics: &Metrics,
-) -> Option<(TcpStream, bool)> {
+) -> Option<(UpstreamIo, bool)> {
     let mut out = response.client_head(start, close, buffered.len());
     match response.framing {
         Framing::Empty => {

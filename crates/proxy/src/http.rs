@@ -30,6 +30,7 @@ use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts
 use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
+use crate::origin::Transport;
 use crate::pool::Conn;
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
@@ -680,7 +681,8 @@ async fn route_and_forward(
         outcome.upstream = Some(pick.addr);
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(number));
-        let target = attempts.target(&pick);
+        let transport = Transport::new(pick.addr, pick.tls.as_ref(), upstream_authority(&req));
+        let target = attempts.target(&pick, &transport);
         let sending = async {
             if h2 {
                 send_h2(proxy, target, req).await
@@ -815,7 +817,7 @@ async fn send_h1(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failed> {
-    let idle = || proxy.pool.checkout(target.addr);
+    let idle = || proxy.pool.checkout(&target.transport.key);
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
         Err(e) => return Err(Failed(Failure::Unsent(e), None)),
@@ -823,8 +825,7 @@ async fn send_h1(
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
         Acquired::New { hold, pending } => {
-            let (addr, cluster) = (target.addr, target.cluster);
-            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
+            let stream = match proxy.connect_upstream(&target).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
@@ -846,7 +847,8 @@ async fn send_h1(
                 }
             });
             drop(pending);
-            proxy.pool.fresh(addr, Conn { io: sender, hold })
+            let key = target.transport.key.clone();
+            proxy.pool.fresh(key, Conn { io: sender, hold })
         }
     };
     match pooled.sender.try_send_request(req).await {
@@ -869,7 +871,7 @@ async fn send_h2(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failed> {
-    let idle = || std::future::ready(proxy.pool.h2(target.addr));
+    let idle = || std::future::ready(proxy.pool.h2(&target.transport.key));
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
         Err(e) => return Err(Failed(Failure::Unsent(e), None)),
@@ -877,8 +879,7 @@ async fn send_h2(
     let mut sender = match acquired {
         Acquired::Idle(sender) => sender,
         Acquired::New { hold, pending } => {
-            let (addr, cluster) = (target.addr, target.cluster);
-            let stream = match proxy.connect(addr, cluster, target.connect_timeout).await {
+            let stream = match proxy.connect_upstream(&target).await {
                 Ok(s) => s,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
@@ -895,7 +896,9 @@ async fn send_h2(
                         ));
                     }
                 };
-            proxy.pool.put_h2(addr, sender.clone());
+            proxy
+                .pool
+                .put_h2(target.transport.key.clone(), sender.clone());
             drop(pending);
             // The connection holds its unit of `max_connections` until it ends; requests
             // waiting for it are woken now that it is shared.
@@ -924,6 +927,15 @@ async fn send_h2(
             )),
         },
     }
+}
+
+/// The authority the upstream gets (after any rewrite): what Envoy's `auto_sni` sends.
+fn upstream_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })
 }
 
 /// HTTP/2 upstream for ports declared HTTP2/GRPC; HTTP/1.1 for ports declared HTTP; the

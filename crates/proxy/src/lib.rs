@@ -12,6 +12,7 @@ mod io;
 mod log;
 pub mod metrics;
 mod orig_dst;
+mod origin;
 mod pool;
 mod splice;
 mod tcp;
@@ -145,6 +146,8 @@ pub struct Proxy {
     dns: Arc<DnsCache>,
     connections: Arc<Semaphore>,
     tasks: TaskTracker,
+    /// The workload's Istio identity, for Istio mutual TLS, once one is read.
+    identity: arc_swap::ArcSwapOption<portcullis_registry::WorkloadIdentity>,
 }
 
 impl Proxy {
@@ -171,6 +174,7 @@ impl Proxy {
             dns,
             connections: Arc::new(Semaphore::new(max_connections)),
             tasks: TaskTracker::new(),
+            identity: arc_swap::ArcSwapOption::empty(),
         })
     }
 

@@ -1,4 +1,5 @@
-//! Upstream connection reuse, keyed by endpoint address.
+//! Upstream connection reuse, keyed by endpoint and transport ([`PoolKey`]: the address,
+//! and for TLS the context and SNI the connection was made with).
 //!
 //! HTTP/1.1: a connection goes back to the pool only when the response body it carried
 //! has ended, so a pooled connection is always free for the next request. The fast path
@@ -10,42 +11,40 @@
 //! as it is open, idle in the pool included, as Envoy counts its pools' connections.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::client::conn::{http1::SendRequest, http2};
 use portcullis_balance::{ConnectionGuard, EndpointState};
 use portcullis_registry::{ClusterLoad, Slot};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::origin::{PoolKey, UpstreamIo};
 
 /// Idle connections of one kind per endpoint, each with when it went idle; newest last.
-struct Idle<T>(Mutex<HashMap<SocketAddr, Vec<(T, Instant)>>>);
+struct Idle<T>(Mutex<HashMap<PoolKey, Vec<(T, Instant)>>>);
 
 impl<T> Idle<T> {
     fn new() -> Self {
         Idle(Mutex::new(HashMap::new()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<(T, Instant)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<(T, Instant)>>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pop(&self, key: SocketAddr) -> Option<(T, Instant)> {
+    fn pop(&self, key: &PoolKey) -> Option<(T, Instant)> {
         let mut idle = self.lock();
-        let list = idle.get_mut(&key)?;
+        let list = idle.get_mut(key)?;
         let entry = list.pop();
         if list.is_empty() {
-            idle.remove(&key);
+            idle.remove(key);
         }
         entry
     }
 
-    fn push(&self, key: SocketAddr, connection: T, max: usize) {
+    fn push(&self, key: PoolKey, connection: T, max: usize) {
         let mut idle = self.lock();
         let list = idle.entry(key).or_default();
         if list.len() < max {
@@ -114,8 +113,8 @@ impl<T> Conn<T> {
 /// Idle upstream connections per endpoint.
 pub struct Pool {
     idle: Idle<Conn<SendRequest<RequestBody>>>,
-    raw: Idle<Conn<TcpStream>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
+    raw: Idle<Conn<UpstreamIo>>,
+    h2: Mutex<HashMap<PoolKey, http2::SendRequest<RequestBody>>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
 }
@@ -123,7 +122,7 @@ pub struct Pool {
 /// A connection checked out of (or new for) the pool.
 pub struct Pooled {
     pool: Arc<Pool>,
-    key: SocketAddr,
+    key: PoolKey,
     /// The sender for this connection.
     pub sender: SendRequest<RequestBody>,
     /// What the connection holds against its cluster's limits.
@@ -155,8 +154,8 @@ impl Pool {
         }
     }
 
-    /// Takes an idle connection to `key` that is still open, if any.
-    pub async fn checkout(self: &Arc<Self>, key: SocketAddr) -> Option<Pooled> {
+    /// Takes an idle connection for `key` that is still open, if any.
+    pub async fn checkout(self: &Arc<Self>, key: &PoolKey) -> Option<Pooled> {
         loop {
             let (mut conn, since) = self.idle.pop(key)?;
             if since.elapsed() > self.idle_timeout || conn.io.is_closed() {
@@ -165,7 +164,7 @@ impl Pool {
             if conn.io.ready().await.is_ok() {
                 return Some(Pooled {
                     pool: Arc::clone(self),
-                    key,
+                    key: key.clone(),
                     sender: conn.io,
                     hold: conn.hold,
                     reused: true,
@@ -175,11 +174,7 @@ impl Pool {
     }
 
     /// Wraps a freshly connected sender so that it can be released to the pool.
-    pub fn fresh(
-        self: &Arc<Self>,
-        key: SocketAddr,
-        conn: Conn<SendRequest<RequestBody>>,
-    ) -> Pooled {
+    pub fn fresh(self: &Arc<Self>, key: PoolKey, conn: Conn<SendRequest<RequestBody>>) -> Pooled {
         Pooled {
             pool: Arc::clone(self),
             key,
@@ -189,7 +184,7 @@ impl Pool {
         }
     }
 
-    fn put(&self, key: SocketAddr, conn: Conn<SendRequest<RequestBody>>) {
+    fn put(&self, key: PoolKey, conn: Conn<SendRequest<RequestBody>>) {
         if !conn.io.is_closed() {
             let waiters = conn.waiters();
             self.idle.push(key, conn, self.max_idle_per_endpoint);
@@ -199,13 +194,13 @@ impl Pool {
         }
     }
 
-    /// The shared HTTP/2 connection to `key`, if one is open.
-    pub fn h2(&self, key: SocketAddr) -> Option<http2::SendRequest<RequestBody>> {
+    /// The shared HTTP/2 connection for `key`, if one is open.
+    pub fn h2(&self, key: &PoolKey) -> Option<http2::SendRequest<RequestBody>> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        match h2.get(&key) {
+        match h2.get(key) {
             Some(sender) if !sender.is_closed() => Some(sender.clone()),
             Some(_) => {
-                h2.remove(&key);
+                h2.remove(key);
                 None
             }
             None => None,
@@ -213,25 +208,27 @@ impl Pool {
     }
 
     /// Shares a new HTTP/2 connection to `key` with later requests.
-    pub fn put_h2(&self, key: SocketAddr, sender: http2::SendRequest<RequestBody>) {
+    pub fn put_h2(&self, key: PoolKey, sender: http2::SendRequest<RequestBody>) {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, sender);
     }
 
-    /// Takes an idle plain HTTP/1.1 connection to `key` that is still open, if any.
-    pub fn checkout_raw(&self, key: SocketAddr) -> Option<Conn<TcpStream>> {
+    /// Takes an idle HTTP/1.1 connection of the fast path for `key` that is still open, if
+    /// any.
+    pub fn checkout_raw(&self, key: &PoolKey) -> Option<Conn<UpstreamIo>> {
         loop {
-            let (conn, since) = self.raw.pop(key)?;
-            if since.elapsed() <= self.idle_timeout && still_open(&conn.io) {
+            let (mut conn, since) = self.raw.pop(key)?;
+            if since.elapsed() <= self.idle_timeout && conn.io.still_open() {
                 return Some(conn);
             }
         }
     }
 
-    /// Keeps a plain HTTP/1.1 connection whose last response has ended for the next request.
-    pub fn put_raw(&self, key: SocketAddr, conn: Conn<TcpStream>) {
+    /// Keeps an HTTP/1.1 connection of the fast path whose last response has ended for the
+    /// next request.
+    pub fn put_raw(&self, key: PoolKey, conn: Conn<UpstreamIo>) {
         let waiters = conn.waiters();
         self.raw.push(key, conn, self.max_idle_per_endpoint);
         if let Some(load) = waiters {
@@ -241,7 +238,7 @@ impl Pool {
 
     /// Closes one idle connection to `key` of either kind, if there is one: a request of the
     /// other HTTP path waiting at `max_connections` gets the room it leaves.
-    pub fn close_idle(&self, key: SocketAddr) -> bool {
+    pub fn close_idle(&self, key: &PoolKey) -> bool {
         self.raw.pop(key).is_some() || self.idle.pop(key).is_some()
     }
 
@@ -251,29 +248,17 @@ impl Pool {
     }
 }
 
-/// Whether an idle connection can still carry a request. The runtime has already seen any
-/// FIN or reset as read readiness, so the common case costs no system call; an idle
-/// HTTP/1.1 connection with something to read is closing or out of step, and unusable.
-fn still_open(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut byte = [0u8; 1];
-            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
-    fn plain(io: TcpStream) -> Conn<TcpStream> {
-        Conn { io, hold: None }
+    fn plain(io: TcpStream) -> Conn<UpstreamIo> {
+        Conn {
+            io: UpstreamIo::Plain(io),
+            hold: None,
+        }
     }
 
     async fn connected(listener: &TcpListener) -> (TcpStream, TcpStream) {
@@ -285,33 +270,33 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_handed_out() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = PoolKey::plain(listener.local_addr().unwrap());
         let pool = Pool::new(4, Duration::from_secs(60));
         let (client, server) = connected(&listener).await;
-        pool.put_raw(addr, plain(client));
-        let open = pool.checkout_raw(addr).expect("an open connection");
-        pool.put_raw(addr, open);
+        pool.put_raw(addr.clone(), plain(client));
+        let open = pool.checkout_raw(&addr).expect("an open connection");
+        pool.put_raw(addr.clone(), open);
         drop(server);
         // Lets the runtime's I/O driver see the FIN.
         tokio::task::yield_now().await;
-        assert!(pool.checkout_raw(addr).is_none());
+        assert!(pool.checkout_raw(&addr).is_none());
         assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire_and_are_capped() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = PoolKey::plain(listener.local_addr().unwrap());
         let pool = Pool::new(2, Duration::from_secs(60));
         let mut servers = Vec::new();
         for _ in 0..3 {
             let (client, server) = connected(&listener).await;
-            pool.put_raw(addr, plain(client));
+            pool.put_raw(addr.clone(), plain(client));
             servers.push(server);
         }
         assert_eq!(pool.idle_count(), 2);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(pool.checkout_raw(addr).is_none());
+        assert!(pool.checkout_raw(&addr).is_none());
         assert_eq!(pool.idle_count(), 0);
     }
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use portcullis_registry::{Decision, Resource};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -11,8 +12,10 @@ use crate::Proxy;
 use crate::attempt::{Attempt, Attempts};
 use crate::error::ProxyError;
 use crate::guard::GuardedIo;
+use crate::io::PrefixedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
+use crate::origin::{Transport, UpstreamIo};
 use crate::upstream::{Original, RetryPolicy};
 
 /// Forwards one intercepted TCP (or TLS) connection as `decision` says, `prefix` (the bytes
@@ -53,9 +56,24 @@ pub(crate) async fn forward(
     };
     let connected = connect_once(proxy, &decision, dst, &cluster, &mut log).await;
     match connected {
-        Ok((mut upstream, _active)) => {
+        Ok((upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
-            let relayed = crate::splice::relay(&mut client, prefix, &mut upstream).await;
+            let relayed = match upstream {
+                UpstreamIo::Plain(mut upstream) => {
+                    crate::splice::relay(&mut client, prefix, &mut upstream).await
+                }
+                // TLS originated here: the bytes pass through user space to be encrypted.
+                UpstreamIo::Tls(mut upstream) => {
+                    let mut client = PrefixedIo::new(BytesMut::from(prefix), client);
+                    let copied = crate::io::copy_both(&mut client, &mut upstream).await;
+                    let (sent, received) = copied.as_ref().map_or((0, 0), |&(s, r)| (s, r));
+                    crate::splice::Relayed {
+                        sent,
+                        received,
+                        result: copied.map(|_| ()),
+                    }
+                }
+            };
             log.sent = relayed.sent;
             log.received = relayed.received;
             if let Err(e) = relayed.result {
@@ -100,7 +118,7 @@ async fn connect_once(
     dst: SocketAddr,
     cluster: &str,
     log: &mut TcpLog<'_>,
-) -> Result<(TcpStream, crate::upstream::Hold), ProxyError> {
+) -> Result<(UpstreamIo, crate::upstream::Hold), ProxyError> {
     let mut attempts = Attempts::new(
         proxy,
         (decision, Original::Address(dst)),
@@ -110,13 +128,19 @@ async fn connect_once(
     );
     let Attempt { pick, .. } = attempts.start().await?;
     log.upstream = Some(pick.addr);
-    let timeout = proxy.connect_timeout(decision);
-    match proxy.connect(pick.addr, cluster, timeout).await {
+    // No request here whose host could be the SNI: `auto_sni` is HTTP's.
+    let transport = Transport::new(pick.addr, pick.tls.as_ref(), None);
+    match proxy
+        .connect_upstream(&attempts.target(&pick, &transport))
+        .await
+    {
         Ok(stream) => Ok((stream, pick.guard)),
         // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
-        Err(e @ (ProxyError::ConnectFailure(_) | ProxyError::ConnectTimeout)) => {
-            Err(ProxyError::Retried(Box::new(e)))
-        }
+        Err(
+            e @ (ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::ConnectTimeout),
+        ) => Err(ProxyError::Retried(Box::new(e))),
         Err(e) => Err(e),
     }
 }
@@ -252,5 +276,100 @@ mod tests {
         .await;
         drop(third);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_tls_cluster_gets_tls_and_the_clients_first_bytes_inside_it() {
+        // An upstream speaking TLS with a certificate of a CA made here, echoing one line.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["db.example.com".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = upstream.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+            let mut line = [0u8; 6];
+            tls.read_exact(&mut line).await.unwrap();
+            tls.write_all(&line).await.unwrap();
+            tls.shutdown().await.unwrap();
+            sni
+        });
+        let mut r = Resources::default();
+        let mut c = envoy::Cluster::new("db", Discovery::Static);
+        c.load_assignment = Some(envoy::ClusterLoadAssignment {
+            cluster_name: "db".into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    upstream_addr,
+                ))],
+                ..Default::default()
+            }],
+        });
+        c.transport = envoy::UpstreamTransport::Tls(Arc::new(envoy::UpstreamTls {
+            sni: Some("db.example.com".into()),
+            auto_sni: false,
+            auto_san_validation: false,
+            alpn_protocols: Vec::new(),
+            min_version: envoy::TlsVersion::Tls12,
+            max_version: envoy::TlsVersion::Tls13,
+            client_certificate: None,
+            validation: Some(envoy::CertificateValidationContext {
+                trusted_ca: envoy::TrustedCa::Pem(envoy::DataSource::Inline(ca_pem.into_bytes())),
+                match_subject_alt_names: Vec::new(),
+            }),
+        }));
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
+        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
+        let mut prometheus = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut prometheus));
+        let dns = DnsCache::new(
+            HickoryLookup::from_system_conf().unwrap(),
+            DnsConfig::default(),
+        );
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            metrics,
+            Vec::new(),
+            dns,
+        );
+        let (mut client, proxy_side) = pair().await;
+        let guarded = GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
+        let peer = client.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // "hel" was read to detect the protocol: it must go first, inside TLS.
+            forward(&proxy, decision, guarded, b"hel", upstream_addr, peer, None).await;
+        });
+        client.write_all(b"lo!").await.unwrap();
+        let mut echoed = Vec::new();
+        bounded(client.read_to_end(&mut echoed)).await.unwrap();
+        assert_eq!(echoed, b"hello!");
+        assert_eq!(
+            bounded(server).await.unwrap().as_deref(),
+            Some("db.example.com")
+        );
+        drop(client);
+        bounded(task).await.unwrap();
     }
 }

@@ -17,6 +17,7 @@ use crate::error::ProxyError;
 use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
+use crate::origin::{Transport, UpstreamIo};
 use crate::upstream::{Original, RetryPolicy};
 
 /// Opens the upstream for a CONNECT request; on success the tunnel runs in its own task.
@@ -38,8 +39,10 @@ pub(crate) async fn open(
     );
     let (upstream, pick) = loop {
         let Attempt { pick, .. } = attempts.start().await?;
-        let target = attempts.target(&pick);
-        let connecting = proxy.connect(target.addr, cluster, target.connect_timeout);
+        // No request host to send as SNI: CONNECT names an address.
+        let transport = Transport::new(pick.addr, pick.tls.as_ref(), None);
+        let target = attempts.target(&pick, &transport);
+        let connecting = proxy.connect_upstream(&target);
         match attempts
             .send(async { connecting.await.map_err(Failure::Unsent) })
             .await
@@ -53,33 +56,44 @@ pub(crate) async fn open(
     let in_flight = downstream.in_flight.as_ref().map(InFlight::start);
     tokio::spawn(async move {
         let _held = (pick.guard, in_flight);
-        let mut upstream = upstream;
-        match hyper::upgrade::on(req).await {
-            // An HTTP/1.1 client's socket is spliced in the kernel; a tunnel inside an
-            // HTTP/2 stream is copied.
-            Ok(upgraded) => {
-                match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<TcpStream>>>>() {
-                    Ok(parts) => {
-                        // hyper read its buffer from the front of the stream, so its bytes
-                        // come before what the prefix still holds.
-                        let (rest, mut client) = parts.io.into_inner().into_parts();
-                        let mut early = BytesMut::from(parts.read_buf);
-                        early.extend_from_slice(&rest);
-                        let relayed =
-                            crate::splice::relay(&mut client, &early, &mut upstream).await;
-                        if let Err(e) = relayed.result {
-                            tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
-                        }
-                    }
-                    Err(upgraded) => {
-                        let mut client = TokioIo::new(upgraded);
-                        if let Err(e) = crate::io::copy_both(&mut client, &mut upstream).await {
-                            tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
-                        }
-                    }
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let mut upstream = match upstream {
+            UpstreamIo::Plain(upstream) => upstream,
+            // TLS originated here: copied through user space to be encrypted.
+            UpstreamIo::Tls(mut upstream) => {
+                let mut client = TokioIo::new(upgraded);
+                if let Err(e) = crate::io::copy_both(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                }
+                return;
+            }
+        };
+        // An HTTP/1.1 client's socket is spliced in the kernel; a tunnel inside an HTTP/2
+        // stream is copied.
+        match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<TcpStream>>>>() {
+            Ok(parts) => {
+                // hyper read its buffer from the front of the stream, so its bytes come
+                // before what the prefix still holds.
+                let (rest, mut client) = parts.io.into_inner().into_parts();
+                let mut early = BytesMut::from(parts.read_buf);
+                early.extend_from_slice(&rest);
+                let relayed = crate::splice::relay(&mut client, &early, &mut upstream).await;
+                if let Err(e) = relayed.result {
+                    tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            Err(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                if let Err(e) = crate::io::copy_both(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "CONNECT tunnel ended with an error");
+                }
+            }
         }
     });
     let mut response = Response::new(ProxyBody::Full(None));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use portcullis_balance::{ActiveGuard, EndpointState};
 use portcullis_registry::{
-    Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, UNLIMITED,
+    Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, TlsOrigin, UNLIMITED,
 };
 use tokio::net::TcpStream;
 
@@ -14,6 +14,7 @@ use crate::Proxy;
 use crate::attempt::Condition;
 use crate::error::ProxyError;
 use crate::metrics::{ClusterLabels, Label};
+use crate::origin::Transport;
 use crate::pool::ConnHold;
 
 /// Where the client meant to go, for decisions that forward to the original destination.
@@ -31,6 +32,8 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// Index of the endpoint in its cluster, for retries elsewhere.
     pub index: Option<usize>,
+    /// The TLS to originate to the endpoint, when its cluster says so.
+    pub tls: Option<Arc<TlsOrigin>>,
     /// What the request holds until its response ends.
     pub guard: Hold,
 }
@@ -63,6 +66,8 @@ impl Hold {
 pub(crate) struct Target<'a> {
     /// The endpoint's address.
     pub addr: SocketAddr,
+    /// How connections to it are made (plaintext or TLS), and pooled.
+    pub transport: &'a Transport,
     /// The cluster's connect timeout.
     pub connect_timeout: Duration,
     /// The cluster's name, for its stats.
@@ -301,13 +306,14 @@ impl Proxy {
                 let (index, endpoint) = c
                     .pick_excluding(tried)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
-                if let Some(why) = &endpoint.transport_error {
-                    tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no plaintext connection to an endpoint that needs TLS");
-                    return Err(ProxyError::TransportRefused(Arc::clone(why)));
-                }
+                let tls = self.origination(&endpoint.transport).map_err(|why| {
+                    tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");
+                    ProxyError::TransportRefused(why)
+                })?;
                 Pick {
                     addr: SocketAddr::new(endpoint.address, endpoint.port),
                     index: Some(index),
+                    tls,
                     guard: Hold {
                         active: Some(endpoint.state.start()),
                         slot: None,
@@ -315,10 +321,17 @@ impl Proxy {
                 }
             }
             Decision::Cluster(_) | Decision::Passthrough => {
-                // Resolution NONE with a `targetPort`: the original address on that port.
-                let port_override = match decision {
-                    Decision::Cluster(c) => c.passthrough_port,
-                    _ => None,
+                // Resolution NONE with a `targetPort`: the original address on that port,
+                // with the cluster's transport.
+                let (port_override, tls) = match decision {
+                    Decision::Cluster(c) => {
+                        let tls = self.origination(&c.passthrough_transport).map_err(|why| {
+                            tracing::warn!(cluster = %c.name, reason = %why, "no connection to an original destination whose transport cannot be built");
+                            ProxyError::TransportRefused(why)
+                        })?;
+                        (c.passthrough_port, tls)
+                    }
+                    _ => (None, None),
                 };
                 let addr = match original {
                     Original::Address(a) => {
@@ -331,6 +344,7 @@ impl Proxy {
                 Pick {
                     addr,
                     index: None,
+                    tls,
                     guard: Hold::default(),
                 }
             }
@@ -366,14 +380,19 @@ impl Proxy {
             Ok(Err(e)) => ProxyError::ConnectFailure(e),
             Err(_) => ProxyError::ConnectTimeout,
         };
+        self.count_connect_failure(cluster, &result);
+        Err(result)
+    }
+
+    /// Counts a failed connection (TCP or TLS) to `cluster` in Envoy's stats.
+    pub(crate) fn count_connect_failure(&self, cluster: &str, error: &ProxyError) {
         let labels = ClusterLabels {
             cluster_name: Label::from(cluster),
         };
         self.metrics.connect_fail.get_or_create(&labels).inc();
-        if matches!(result, ProxyError::ConnectTimeout) {
+        if matches!(error, ProxyError::ConnectTimeout) {
             self.metrics.connect_timeout.get_or_create(&labels).inc();
         }
-        Err(result)
     }
 
     /// Takes a unit of `resource` from the circuit breakers of `decision`'s cluster (none
@@ -417,10 +436,7 @@ impl Proxy {
         mut idle: impl FnMut() -> F,
     ) -> Result<Acquired<T>, ProxyError> {
         let Target {
-            addr,
-            decision,
-            endpoint,
-            ..
+            decision, endpoint, ..
         } = *target;
         if let Some(conn) = idle().await {
             return Ok(Acquired::Idle(conn));
@@ -470,7 +486,7 @@ impl Proxy {
             }
             // An idle connection to the endpoint that `idle` cannot use (the other HTTP path
             // pooled it) would keep the request waiting for as long as it stays idle.
-            if self.pool.close_idle(addr) {
+            if self.pool.close_idle(&target.transport.key) {
                 continue;
             }
             tracing::debug!(cluster = %c.name, "at max_connections; waiting for a connection");

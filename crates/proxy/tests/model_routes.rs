@@ -172,7 +172,11 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
         .insert(listener.name.clone(), Arc::new(listener));
     for c in [
         cluster("app", app, UpstreamTransport::Plaintext),
-        cluster("mtls", app, UpstreamTransport::IstioMutualTls),
+        cluster(
+            "mtls",
+            app,
+            UpstreamTransport::IstioMutualTls(Default::default()),
+        ),
         cluster("refused", refused, UpstreamTransport::Plaintext),
     ] {
         r.clusters.insert(c.name.clone(), Arc::new(c));

@@ -8,12 +8,13 @@ use ipnet::IpNet;
 use portcullis_balance::Policy;
 use portcullis_model::{
     ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, LoadBalancerSettings, MeshConfig,
-    Object, OutboundMode, Pod, Resolution, Resource, ServiceEntrySpec, SidecarEgress, SidecarSpec,
-    SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
+    Object, OutboundMode, Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress,
+    SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
     WorkloadEntrySpec,
 };
 
 mod compile;
+mod tls;
 mod virtual_service;
 
 pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
@@ -110,6 +111,8 @@ struct PendingCluster {
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<PendingEndpoint>,
+    /// The ServiceEntry's `subjectAltNames` (none for a Kubernetes Service).
+    subject_alt_names: Vec<String>,
 }
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
@@ -145,6 +148,7 @@ fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
 struct Traffic<'a> {
     lb: Policy,
     pool: Option<&'a ConnectionPoolSettings>,
+    tls: Option<tls::TlsRule<'a>>,
 }
 
 /// The policy of a rule on `port`, and of a subset over it: a port's settings replace the
@@ -152,10 +156,11 @@ struct Traffic<'a> {
 /// subset's port-level settings replace both whole (unset ones revert to defaults), as
 /// istiod's `MergeTrafficPolicy`.
 fn traffic<'a>(
-    policy: Option<&'a TrafficPolicy>,
+    rule: Option<&'a Object<DestinationRuleSpec>>,
     subset: Option<&'a TrafficPolicy>,
     port: u16,
 ) -> Traffic<'a> {
+    let policy = rule.and_then(|dr| dr.spec.traffic_policy.as_ref());
     let at_port = |tp: &'a TrafficPolicy| {
         tp.port_level_settings.iter().find(|pls| {
             pls.port
@@ -170,12 +175,17 @@ fn traffic<'a>(
     let mut pool = port_level
         .and_then(|pls| pls.connection_pool.as_ref())
         .or_else(|| policy.and_then(|tp| tp.connection_pool.as_ref()));
+    let mut tls = port_level
+        .and_then(|pls| pls.tls.as_ref())
+        .or_else(|| policy.and_then(|tp| tp.tls.as_ref()));
     if let Some(sp) = subset {
         load_balancer = sp.load_balancer.as_ref().or(load_balancer);
         pool = sp.connection_pool.as_ref().or(pool);
+        tls = sp.tls.as_ref().or(tls);
         if let Some(pls) = at_port(sp) {
             load_balancer = pls.load_balancer.as_ref();
             pool = pls.connection_pool.as_ref();
+            tls = pls.tls.as_ref();
         }
     }
     let lb = match load_balancer.and_then(|lb| lb.simple) {
@@ -183,7 +193,12 @@ fn traffic<'a>(
         Some(SimpleLb::Random) => Policy::Random,
         _ => Policy::LeastRequest,
     };
-    Traffic { lb, pool }
+    let tls = tls.zip(rule).map(|(settings, dr)| tls::TlsRule {
+        settings,
+        namespace: &dr.meta.namespace,
+        subset: None,
+    });
+    Traffic { lb, pool, tls }
 }
 
 struct Builder<'a> {
@@ -196,6 +211,7 @@ struct Builder<'a> {
     /// Warnings about VirtualService routes, each once however many ports it is built for.
     vs_warnings: std::collections::BTreeSet<String>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
+    secrets: Vec<&'a Object<Secret>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
     egress: Option<&'a [SidecarEgress]>,
     mesh: Option<&'a Object<MeshConfig>>,
@@ -445,6 +461,7 @@ impl<'a> Builder<'a> {
             virtual_services: Vec::new(),
             vs_warnings: std::collections::BTreeSet::new(),
             sidecars: Vec::new(),
+            secrets: Vec::new(),
             egress: None,
             mesh: None,
             pods: Vec::new(),
@@ -482,6 +499,7 @@ impl<'a> Builder<'a> {
                     }
                 }
                 Resource::Service(o) => b.kube_services.push(o),
+                Resource::Secret(o) => b.secrets.push(o),
                 Resource::MeshConfig(o) => {
                     if b.mesh.is_some() {
                         b.warnings.push(
@@ -592,10 +610,7 @@ impl<'a> Builder<'a> {
 
     /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
     fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
-        let policy = self
-            .rule_for(host)
-            .and_then(|dr| dr.spec.traffic_policy.as_ref());
-        traffic(policy, None, port)
+        traffic(self.rule_for(host), None, port)
     }
 
     /// The subsets of `host`'s DestinationRule, each with its traffic policy on `port`: the
@@ -608,11 +623,10 @@ impl<'a> Builder<'a> {
             .subsets
             .iter()
             .map(|subset| {
-                let policy = traffic(
-                    dr.spec.traffic_policy.as_ref(),
-                    subset.traffic_policy.as_ref(),
-                    port,
-                );
+                let mut policy = traffic(Some(dr), subset.traffic_policy.as_ref(), port);
+                if let Some(tls) = &mut policy.tls {
+                    tls.subset = Some(&subset.name);
+                }
                 (subset, policy)
             })
             .collect()
@@ -772,6 +786,7 @@ impl<'a> Builder<'a> {
                         source: Arc::clone(&source),
                         addresses: addresses.clone(),
                         endpoints,
+                        subject_alt_names: se.spec.subject_alt_names.clone(),
                     });
                     if !added {
                         continue;
@@ -1024,6 +1039,7 @@ impl<'a> Builder<'a> {
                     source: Arc::clone(&source),
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
+                    subject_alt_names: Vec::new(),
                 });
                 if !added {
                     continue;

@@ -12,7 +12,8 @@ use portcullis_model::Resolution;
 use crate::Map;
 use crate::build::DnsAnswers;
 use crate::limits::CircuitBreakers;
-use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, Protocol};
+use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Protocol};
+use crate::tls::IstioPeer;
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
 #[derive(Debug, Clone)]
@@ -122,10 +123,11 @@ pub(crate) fn build(
         envoy::Discovery::OriginalDst(_) => None,
         _ => c.load_assignment.as_ref(),
     };
+    let transports = Transports::compile(c, warnings);
     let mut endpoints = Vec::new();
     for e in assignment.map(usable_endpoints).unwrap_or_default() {
         let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
-        let transport_error = transport_error(c, e);
+        let transport = transports.of(c, e);
         let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
             envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
             envoy::EndpointAddress::Name { host, port } => {
@@ -157,7 +159,7 @@ pub(crate) fn build(
                 weight: e.load_balancing_weight.max(1),
                 source: Arc::clone(&source),
                 state,
-                transport_error: transport_error.clone(),
+                transport: transport.clone(),
             });
         }
     }
@@ -174,6 +176,7 @@ pub(crate) fn build(
             .collect(),
     );
     Cluster {
+        passthrough_transport: transports.cluster.clone(),
         name: c.name.as_str().into(),
         host,
         port,
@@ -256,28 +259,64 @@ fn usable_endpoints(a: &envoy::ClusterLoadAssignment) -> Vec<&envoy::LbEndpoint>
     }
 }
 
-/// Why an endpoint must not get a plaintext connection, if it must not: the transport
-/// of the first `transport_socket_matches` entry whose metadata it carries, else the
-/// cluster's.
-fn transport_error(c: &envoy::Cluster, e: &envoy::LbEndpoint) -> Option<Arc<str>> {
-    let transport = c
-        .transport_socket_matches
-        .iter()
-        .find(|m| {
-            m.match_metadata
+/// The transports of a cluster (its own and those of its `transport_socket_matches`),
+/// each compiled once for all its endpoints.
+struct Transports {
+    cluster: EndpointTransport,
+    matches: Vec<EndpointTransport>,
+}
+
+impl Transports {
+    fn compile(c: &envoy::Cluster, warnings: &mut Vec<String>) -> Transports {
+        let mut compile = |t: &envoy::UpstreamTransport| -> EndpointTransport {
+            match t {
+                envoy::UpstreamTransport::Plaintext => EndpointTransport::Plaintext,
+                envoy::UpstreamTransport::Tls(tls) => match crate::tls::compile(tls) {
+                    Ok(origin) => EndpointTransport::Tls(Arc::new(origin)),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "cluster {}: TLS origination cannot be set up ({e}); its endpoints get no connection",
+                            c.name
+                        ));
+                        EndpointTransport::Refused(
+                            format!("the endpoint's TLS settings cannot be used: {e}").into(),
+                        )
+                    }
+                },
+                envoy::UpstreamTransport::IstioMutualTls(m) => {
+                    EndpointTransport::IstioMutual(Arc::new(IstioPeer::new(Arc::clone(m))))
+                }
+                envoy::UpstreamTransport::Unsupported(kind) => EndpointTransport::Refused(
+                    format!(
+                        "the endpoint needs the transport {kind}, which portcullis cannot build"
+                    )
+                    .into(),
+                ),
+            }
+        };
+        Transports {
+            cluster: compile(&c.transport),
+            matches: c
+                .transport_socket_matches
                 .iter()
-                .all(|(k, v)| e.transport_socket_match.get(k) == Some(v))
-        })
-        .map_or(&c.transport, |m| &m.transport);
-    match transport {
-        envoy::UpstreamTransport::Plaintext => None,
-        envoy::UpstreamTransport::IstioMutualTls => {
-            Some("the endpoint needs Istio mutual TLS, which portcullis does not originate".into())
+                .map(|m| compile(&m.transport))
+                .collect(),
         }
-        envoy::UpstreamTransport::Unsupported(kind) => Some(
-            format!("the endpoint needs the transport {kind}, which portcullis cannot build")
-                .into(),
-        ),
+    }
+
+    /// The transport of an endpoint: that of the first `transport_socket_matches` entry
+    /// whose metadata it carries, else the cluster's.
+    fn of(&self, c: &envoy::Cluster, e: &envoy::LbEndpoint) -> EndpointTransport {
+        c.transport_socket_matches
+            .iter()
+            .position(|m| {
+                m.match_metadata
+                    .iter()
+                    .all(|(k, v)| e.transport_socket_match.get(k) == Some(v))
+            })
+            .and_then(|i| self.matches.get(i))
+            .unwrap_or(&self.cluster)
+            .clone()
     }
 }
 

@@ -1203,7 +1203,7 @@ mod tests {
             envoy::TransportSocketMatch {
                 name: "tlsMode-istio".into(),
                 match_metadata: BTreeMap::from([("tlsMode".to_string(), "istio".to_string())]),
-                transport: UpstreamTransport::IstioMutualTls,
+                transport: UpstreamTransport::IstioMutualTls(Default::default()),
             },
             envoy::TransportSocketMatch {
                 name: "tlsMode-disabled".into(),
@@ -1218,14 +1218,14 @@ mod tests {
         add_cluster(&mut r, c);
         let first = index(&r);
         let c = first.cluster("outbound|80||mesh.internal").unwrap();
-        assert!(
-            c.endpoints[0]
-                .transport_error
-                .as_deref()
-                .unwrap()
-                .contains("Istio mutual TLS")
-        );
-        assert!(c.endpoints[1].transport_error.is_none());
+        assert!(matches!(
+            c.endpoints[0].transport,
+            crate::EndpointTransport::IstioMutual(_)
+        ));
+        assert!(matches!(
+            c.endpoints[1].transport,
+            crate::EndpointTransport::Plaintext
+        ));
         let _active = c.endpoints[1].state.start();
         // A new version of the cluster (a copy, as an update brings) is built again.
         Arc::make_mut(r.clusters.get_mut("outbound|80||mesh.internal").unwrap());

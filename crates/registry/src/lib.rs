@@ -13,6 +13,7 @@ mod route;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
@@ -30,7 +31,11 @@ pub use route::{
     VirtualHost,
 };
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, PASSTHROUGH_CLUSTER,
+    Protocol, Snapshot,
+};
+pub use tls::{
+    IstioPeer, TlsConfigError, TlsOrigin, WorkloadIdentity, compile as compile_tls, failure_reason,
 };
 
 /// The registry's hash map: foldhash is several times faster than SipHash for the short

@@ -563,7 +563,7 @@ enum Pattern {
 }
 
 #[derive(Debug)]
-struct StringCheck {
+pub(crate) struct StringCheck {
     pattern: Pattern,
     ignore_case: bool,
 }
@@ -670,7 +670,7 @@ impl HeaderCheck {
 }
 
 impl StringCheck {
-    fn compile(s: &envoy::StringMatcher) -> Result<StringCheck, regex::Error> {
+    pub(crate) fn compile(s: &envoy::StringMatcher) -> Result<StringCheck, regex::Error> {
         let text = |t: &str| -> Box<str> {
             if s.ignore_case {
                 t.to_ascii_lowercase().into()
@@ -691,7 +691,7 @@ impl StringCheck {
         })
     }
 
-    fn matches(&self, value: &str) -> bool {
+    pub(crate) fn matches(&self, value: &str) -> bool {
         let value: Cow<'_, str> = if self.ignore_case && !matches!(self.pattern, Pattern::Regex(_))
         {
             Cow::Owned(value.to_ascii_lowercase())

@@ -50,9 +50,23 @@ pub struct Endpoint {
     pub source: Arc<str>,
     /// Live counters, carried over across reloads for the same cluster and address.
     pub state: Arc<EndpointState>,
-    /// Why the endpoint must not get a plaintext connection (it needs a TLS transport
-    /// portcullis does not originate), if it must not.
-    pub transport_error: Option<Arc<str>>,
+    /// How connections to it are made.
+    pub transport: EndpointTransport,
+}
+
+/// How connections to an endpoint are made, compiled with the snapshot.
+#[derive(Debug, Clone)]
+pub enum EndpointTransport {
+    /// Plain TCP.
+    Plaintext,
+    /// TLS originated with this configuration (DestinationRule `tls`, an
+    /// `UpstreamTlsContext`).
+    Tls(Arc<crate::TlsOrigin>),
+    /// Istio mutual TLS, with the workload's identity when the proxy has one.
+    IstioMutual(Arc<crate::IstioPeer>),
+    /// No connection at all, for this reason: the transport cannot be built (unusable TLS
+    /// settings, or one portcullis does not originate); never plaintext instead.
+    Refused(Arc<str>),
 }
 
 impl Endpoint {
@@ -83,6 +97,9 @@ pub struct Cluster {
     /// Resolution NONE: the only destinations forwarded to (the service's addresses and
     /// what its non-wildcard host resolves to now); `None`: any, as Envoy.
     pub owned_destinations: Option<Vec<IpNet>>,
+    /// Resolution NONE: how connections to the original destination are made (the
+    /// cluster's transport; endpoints carry their own).
+    pub passthrough_transport: EndpointTransport,
     /// Endpoints, in the order the balancer indexes them.
     pub endpoints: Vec<Endpoint>,
     /// Picks endpoints.

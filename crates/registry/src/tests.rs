@@ -1111,6 +1111,119 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
     assert_eq!(api.connect_timeout, std::time::Duration::from_secs(10));
 }
 
+fn origin(t: &crate::EndpointTransport) -> Option<Arc<crate::TlsOrigin>> {
+    match t {
+        crate::EndpointTransport::Tls(origin) => Some(Arc::clone(origin)),
+        _ => None,
+    }
+}
+
+fn refused(e: &crate::Endpoint) -> Option<&str> {
+    match &e.transport {
+        crate::EndpointTransport::Refused(why) => Some(why),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_destination_rules_tls_originates_on_the_port_it_names() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
+    portLevelSettings:
+    - port: {number: 8080}
+      tls: {mode: DISABLE}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let tls = cluster(&s, "outbound|80||app.internal.com").endpoints[0]
+        .transport
+        .clone();
+    let tls = origin(&tls).expect("TLS on port 80");
+    // No SNI in the rule: the request's host is sent (auto_sni).
+    assert!(tls.auto_sni && tls.sni.is_none());
+    assert_eq!(
+        tls.server_name(Some("app.internal.com:80")).as_deref(),
+        Some("app.internal.com")
+    );
+    // The port's own `tls` (DISABLE) replaces the rule's; other hosts are untouched.
+    assert!(matches!(
+        cluster(&s, "outbound|8080||app.internal.com").endpoints[0].transport,
+        crate::EndpointTransport::Plaintext
+    ));
+    assert!(matches!(
+        cluster(&s, "outbound|80||api.internal.com").endpoints[0].transport,
+        crate::EndpointTransport::Plaintext
+    ));
+}
+
+#[test]
+fn tls_that_cannot_be_set_up_refuses_connections_rather_than_send_plaintext() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    tls: {mode: MUTUAL, credentialName: missing}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    let e = &cluster(&s, "outbound|80||app.internal.com").endpoints[0];
+    assert!(
+        refused(e).is_some_and(|w| w.contains("missing")),
+        "{:?}",
+        refused(e)
+    );
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("outbound|80||app.internal.com")
+                && w.contains("no Secret default/missing")),
+        "{:?}",
+        s.warnings
+    );
+    // A CA file that does not exist: the same.
+    let rule = &app_rule(
+        "  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: /nonexistent/ca.pem}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    let e = &cluster(&s, "outbound|80||app.internal.com").endpoints[0];
+    assert!(refused(e).is_some());
+}
+
+#[test]
+fn credential_name_is_read_from_a_secret_in_the_rules_namespace() {
+    let ca = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    };
+    let indented: String = ca.lines().map(|l| format!("    {l}\n")).collect();
+    let secret = format!(
+        "
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: api-cacert, namespace: default}}
+stringData:
+  ca.crt: |
+{indented}"
+    );
+    let rule = &app_rule(
+        "  trafficPolicy:
+    tls: {mode: SIMPLE, credentialName: api, sni: api.example.com}
+",
+    );
+    let s = snapshot(&[APP, rule, &secret].concat());
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    let tls = cluster(&s, "outbound|80||app.internal.com").endpoints[0]
+        .transport
+        .clone();
+    let tls = origin(&tls).expect("TLS");
+    assert_eq!(tls.sni.as_deref(), Some("api.example.com"));
+}
+
 #[test]
 fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     let rule = &app_rule(
@@ -1122,7 +1235,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     outlierDetection: {consecutive5xxErrors: 5}
     portLevelSettings:
     - port: {number: 8080}
-      tls: {mode: SIMPLE}
+      tls: {mode: SIMPLE, caCrl: /etc/crl.pem}
   subsets:
   - {name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}
 ",
@@ -1136,7 +1249,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
             "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
-            "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
             "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
         ]
     );

@@ -17,13 +17,11 @@ use prost::Name;
 use crate::common::{
     At, Invalid, duration, each, filter_metadata, ip, socket_address, struct_text, unpack,
 };
+use crate::tls::Auto;
 
 /// Envoy's default connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-/// The SDS secrets of Istio's own mutual TLS: the workload certificate and the mesh root.
-const ISTIO_CERT: &str = "default";
-const ISTIO_ROOT: &str = "ROOTCA";
 
 /// Converts a cluster.
 pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
@@ -105,10 +103,11 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             ));
         }
     }
+    let auto = auto_tls(c)?;
     let transport = c
         .transport_socket
         .as_ref()
-        .map(transport_socket)
+        .map(|t| transport_socket(t, auto))
         .transpose()
         .at("transport_socket")?
         .unwrap_or(UpstreamTransport::Plaintext);
@@ -131,7 +130,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
                 transport: m
                     .transport_socket
                     .as_ref()
-                    .map(transport_socket)
+                    .map(|t| transport_socket(t, auto))
                     .transpose()
                     .at("transport_socket")?
                     .unwrap_or(UpstreamTransport::Plaintext),
@@ -256,6 +255,29 @@ fn upstream_protocol(c: &cds::Cluster) -> Result<UpstreamProtocol, Invalid> {
     }
 }
 
+/// The cluster's `upstream_http_protocol_options`: SNI and SAN validation from the
+/// request's host. Overriding the header the SNI comes from is not supported.
+fn auto_tls(c: &cds::Cluster) -> Result<Auto, Invalid> {
+    let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
+        return Ok(Auto::default());
+    };
+    let field = format!("typed_extension_protocol_options[{HTTP_OPTIONS}]");
+    let options: http_options::HttpProtocolOptions = unpack(any).at(&field)?;
+    let Some(o) = options.upstream_http_protocol_options else {
+        return Ok(Auto::default());
+    };
+    if !o.override_auto_sni_header.is_empty() {
+        return Err(Invalid::new(
+            format!("{field}.upstream_http_protocol_options.override_auto_sni_header"),
+            "is not supported",
+        ));
+    }
+    Ok(Auto {
+        sni: o.auto_sni,
+        san_validation: o.auto_san_validation,
+    })
+}
+
 /// The thresholds at default priority, Envoy's defaults for what is unset.
 fn thresholds(cb: Option<&cds::CircuitBreakers>) -> Thresholds {
     let default = Thresholds::default();
@@ -278,10 +300,10 @@ fn thresholds(cb: Option<&cds::CircuitBreakers>) -> Thresholds {
     }
 }
 
-/// The transport an upstream socket needs. Istio's mutual TLS (certificates from its own
-/// SDS secrets) is accepted and refused at connect time until it is implemented; any other
-/// TLS cannot be honoured and would otherwise be downgraded, so it is rejected.
-fn transport_socket(t: &core::TransportSocket) -> Result<UpstreamTransport, Invalid> {
+/// The transport an upstream socket needs: plaintext, or TLS as the context says (see
+/// [`crate::tls`]); any other transport socket is rejected, as it would otherwise be
+/// downgraded.
+fn transport_socket(t: &core::TransportSocket, auto: Auto) -> Result<UpstreamTransport, Invalid> {
     let Some(core::transport_socket::ConfigType::TypedConfig(any)) = &t.config_type else {
         return match t.name.as_str() {
             "envoy.transport_sockets.raw_buffer" | "raw_buffer" => Ok(UpstreamTransport::Plaintext),
@@ -304,31 +326,7 @@ fn transport_socket(t: &core::TransportSocket) -> Result<UpstreamTransport, Inva
         ));
     }
     let ctx: tls::UpstreamTlsContext = unpack(any).at("typed_config")?;
-    let common = ctx.common_tls_context.unwrap_or_default();
-    let certs: Vec<&str> = common
-        .tls_certificate_sds_secret_configs
-        .iter()
-        .map(|s| s.name.as_str())
-        .collect();
-    use tls::common_tls_context::ValidationContextType as V;
-    let root = match &common.validation_context_type {
-        Some(V::CombinedValidationContext(c)) => c
-            .validation_context_sds_secret_config
-            .as_ref()
-            .map(|s| s.name.as_str()),
-        Some(V::ValidationContextSdsSecretConfig(s)) => Some(s.name.as_str()),
-        _ => None,
-    };
-    if common.tls_certificates.is_empty() && certs == [ISTIO_CERT] && root == Some(ISTIO_ROOT) {
-        return Ok(UpstreamTransport::IstioMutualTls);
-    }
-    Err(Invalid::new(
-        "typed_config",
-        format!(
-            "TLS origination (certificates {certs:?}, root {}) is not supported yet; only Istio mutual TLS over SDS is accepted",
-            root.unwrap_or("inline or file")
-        ),
-    ))
+    crate::tls::upstream_tls(ctx, auto).at("typed_config")
 }
 
 /// Converts a cluster load assignment (EDS, or inline in a cluster). `names` allows DNS

@@ -18,6 +18,7 @@ mod route;
 mod state;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use cluster::{cluster, load_assignment};
 pub use common::Invalid;

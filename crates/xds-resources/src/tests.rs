@@ -750,7 +750,11 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
     assert_eq!(c.transport, UpstreamTransport::Plaintext);
     assert_eq!(
         c.transport_socket_matches[0].transport,
-        UpstreamTransport::IstioMutualTls
+        UpstreamTransport::IstioMutualTls(std::sync::Arc::new(IstioMutual {
+            sni: Some("outbound_.80_._.app.internal.com".into()),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            match_subject_alt_names: Vec::new(),
+        }))
     );
     assert_eq!(
         c.transport_socket_matches[0].match_metadata,
@@ -1070,31 +1074,223 @@ fn duplicate_domains_and_host_rewrites_by_header_manipulation_are_rejected() {
     );
 }
 
-#[test]
-fn tls_origination_other_than_istio_mtls_is_rejected() {
-    // A DestinationRule `tls: SIMPLE`: a validation context from a file, no client cert.
-    let ctx = tls::UpstreamTlsContext {
-        common_tls_context: Some(tls::CommonTlsContext {
-            validation_context_type: Some(
-                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                    sds("file-root:/etc/ssl/certs/ca-certificates.crt"),
-                ),
-            ),
-            ..Default::default()
-        }),
-        sni: "api.example.com".into(),
-        ..Default::default()
-    };
-    let mut c = eds_cluster("outbound|443||api.example.com");
+fn exact_matcher(value: &str) -> matcher::StringMatcher {
+    matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(value.into())),
+        ignore_case: false,
+    }
+}
+
+fn with_tls(mut c: cds::Cluster, ctx: tls::UpstreamTlsContext) -> cds::Cluster {
     c.transport_socket = Some(core::TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
             ctx,
         ))),
     });
+    c
+}
+
+fn tls_of(c: &cds::Cluster) -> UpstreamTls {
+    match cluster(c).unwrap().transport {
+        UpstreamTransport::Tls(t) => (*t).clone(),
+        other => panic!("not TLS: {other:?}"),
+    }
+}
+
+#[test]
+fn tls_origination_as_istiod_sends_it_for_destination_rule_files() {
+    use tls::common_tls_context::{
+        CombinedCertificateValidationContext, ValidationContextType as V,
+    };
+    // A DestinationRule `tls: MUTUAL` with files and SANs: istio-agent's file SDS names,
+    // and auto SNI from the cluster's protocol options.
+    let ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_params: Some(tls::TlsParameters {
+                tls_minimum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv12 as i32,
+                tls_maximum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            tls_certificate_sds_secret_configs: vec![sds("file-cert:/certs/c.pem~/certs/k.pem")],
+            validation_context_type: Some(V::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(tls::CertificateValidationContext {
+                        #[allow(deprecated)]
+                        match_subject_alt_names: vec![exact_matcher("api.example.com")],
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds("file-root:/certs/ca.pem")),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut c = with_tls(eds_cluster("outbound|443||api.example.com"), ctx);
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(http_options::HttpProtocolOptions {
+            upstream_http_protocol_options: Some(core::UpstreamHttpProtocolOptions {
+                auto_sni: true,
+                auto_san_validation: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let t = tls_of(&c);
+    assert!(t.auto_sni && !t.auto_san_validation && t.sni.is_none());
     assert_eq!(
-        cluster(&c).unwrap_err().to_string(),
-        "transport_socket.typed_config: TLS origination (certificates [], root file-root:/etc/ssl/certs/ca-certificates.crt) is not supported yet; only Istio mutual TLS over SDS is accepted"
+        (t.min_version, t.max_version),
+        (TlsVersion::Tls12, TlsVersion::Tls13)
+    );
+    let cert = t.client_certificate.unwrap();
+    assert_eq!(
+        cert.certificate_chain,
+        DataSource::File("/certs/c.pem".into())
+    );
+    assert_eq!(cert.private_key, DataSource::File("/certs/k.pem".into()));
+    let v = t.validation.unwrap();
+    assert_eq!(
+        v.trusted_ca,
+        TrustedCa::Pem(DataSource::File("/certs/ca.pem".into()))
+    );
+    assert_eq!(
+        v.match_subject_alt_names[0].pattern,
+        StringPattern::Exact("api.example.com".into())
+    );
+
+    // `tls: SIMPLE` without a CA: the system's roots; with insecureSkipVerify an empty
+    // validation context, which verifies nothing.
+    let simple = |validation| tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            validation_context_type: Some(validation),
+            ..Default::default()
+        }),
+        sni: "api.example.com".into(),
+        ..Default::default()
+    };
+    let system = simple(V::ValidationContextSdsSecretConfig(sds("file-root:system")));
+    let t = tls_of(&with_tls(eds_cluster("s"), system));
+    assert_eq!(t.sni.as_deref(), Some("api.example.com"));
+    assert_eq!(t.validation.unwrap().trusted_ca, TrustedCa::System);
+    // Envoy's client default without tls_params: TLS 1.2 only.
+    assert_eq!(
+        (t.min_version, t.max_version),
+        (TlsVersion::Tls12, TlsVersion::Tls12)
+    );
+    let insecure = simple(V::ValidationContext(Default::default()));
+    assert!(
+        tls_of(&with_tls(eds_cluster("i"), insecure))
+            .validation
+            .is_none()
+    );
+    // Inline data from any control plane.
+    let inline = simple(V::ValidationContext(tls::CertificateValidationContext {
+        trusted_ca: Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString("PEM".into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    assert_eq!(
+        tls_of(&with_tls(eds_cluster("n"), inline))
+            .validation
+            .unwrap()
+            .trusted_ca,
+        TrustedCa::Pem(DataSource::Inline(b"PEM".to_vec()))
+    );
+}
+
+#[test]
+fn istio_mutual_tls_keeps_istiods_sni_alpn_and_peer_identities() {
+    let mut ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            #[allow(deprecated)]
+                            match_subject_alt_names: vec![exact_matcher(
+                                "spiffe://cluster.local/ns/default/sa/api",
+                            )],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into(), "h2".into()],
+            ..Default::default()
+        }),
+        sni: "outbound_.8080_._.api.default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let UpstreamTransport::IstioMutualTls(m) = cluster(&with_tls(eds_cluster("m"), ctx.clone()))
+        .unwrap()
+        .transport
+    else {
+        panic!("not Istio mutual TLS");
+    };
+    assert_eq!(
+        m.sni.as_deref(),
+        Some("outbound_.8080_._.api.default.svc.cluster.local")
+    );
+    assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio", "h2"]);
+    assert_eq!(
+        m.match_subject_alt_names[0].pattern,
+        StringPattern::Exact("spiffe://cluster.local/ns/default/sa/api".into())
+    );
+    // Without istiod's SNI nothing is sent as SNI.
+    ctx.sni.clear();
+    let UpstreamTransport::IstioMutualTls(m) =
+        cluster(&with_tls(eds_cluster("m"), ctx)).unwrap().transport
+    else {
+        panic!("not Istio mutual TLS");
+    };
+    assert!(m.sni.is_none());
+}
+
+#[test]
+fn tls_that_cannot_be_honoured_is_refused_by_name() {
+    use tls::common_tls_context::ValidationContextType as V;
+    // credentialName: istiod's SDS (`kubernetes://`), which portcullis has no client for.
+    let ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            validation_context_type: Some(V::ValidationContextSdsSecretConfig(sds(
+                "kubernetes://api-cacert",
+            ))),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        cluster(&with_tls(eds_cluster("k"), ctx))
+            .unwrap_err()
+            .to_string(),
+        "transport_socket.typed_config.common_tls_context.validation_context_sds_secret_config: SDS secret kubernetes://api-cacert is not supported: only istio-agent's file-root:CA (portcullis reads the file)"
+    );
+    let ctx = tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            validation_context_type: Some(V::ValidationContext(
+                tls::CertificateValidationContext {
+                    verify_certificate_hash: vec!["AB:CD".into()],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        cluster(&with_tls(eds_cluster("h"), ctx))
+            .unwrap_err()
+            .to_string(),
+        "transport_socket.typed_config.common_tls_context.validation_context.verify_certificate_hash: is not supported"
     );
 }
 

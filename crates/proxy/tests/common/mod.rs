@@ -167,6 +167,7 @@ data:
 /// A running explicit proxy; stops accepting when dropped.
 pub struct Harness {
     pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
     pub registry: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     /// The metrics as Prometheus text, through the registry they are registered in.
@@ -200,9 +201,10 @@ impl Harness {
             dns(),
         );
         let shutdown = CancellationToken::new();
-        tokio::spawn(proxy.run_http_proxy(listener, shutdown.clone()));
+        tokio::spawn(Arc::clone(&proxy).run_http_proxy(listener, shutdown.clone()));
         Harness {
             addr,
+            proxy,
             registry,
             metrics,
             prometheus,

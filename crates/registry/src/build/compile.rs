@@ -296,14 +296,16 @@ impl Builder<'_> {
                     source: Arc::clone(&p.source),
                     addresses: p.addresses.clone(),
                     endpoints,
+                    subject_alt_names: p.subject_alt_names.clone(),
                 };
-                let cluster = service_cluster(pending_subset, &traffic, dns, &mut out.dns_names);
+                let cluster =
+                    self.traffic_cluster(pending_subset, &traffic, dns, &mut out.dns_names);
                 out.resources
                     .clusters
                     .insert(subset_name, Arc::new(cluster));
             }
             let traffic = self.traffic_for(&p.host, p.port);
-            let cluster = service_cluster(p, &traffic, dns, &mut out.dns_names);
+            let cluster = self.traffic_cluster(p, &traffic, dns, &mut out.dns_names);
             out.resources
                 .clusters
                 .insert(name.to_string(), Arc::new(cluster));
@@ -311,6 +313,33 @@ impl Builder<'_> {
         out.warnings = self.warnings;
         out.warnings.extend(self.vs_warnings);
         out
+    }
+
+    /// The cluster of `p` under a DestinationRule's `traffic`, TLS origination included: TLS
+    /// that cannot be set up leaves the endpoints without a connection, never plaintext.
+    fn traffic_cluster(
+        &mut self,
+        p: PendingCluster,
+        traffic: &Traffic<'_>,
+        dns: DnsAnswers<'_>,
+        dns_names: &mut BTreeSet<String>,
+    ) -> Cluster {
+        let transport = traffic.tls.map(|rule| {
+            let service = (&*p.host, p.port, p.protocol);
+            super::tls::transport(rule, service, &p.subject_alt_names, &self.secrets)
+                .unwrap_or_else(|why| {
+                    self.warnings.push(format!(
+                        "cluster {}: DestinationRule tls cannot be applied ({why}); its endpoints get no connection",
+                        p.name
+                    ));
+                    UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
+                })
+        });
+        let mut cluster = service_cluster(p, traffic, dns, dns_names);
+        if let Some(transport) = transport {
+            cluster.transport = transport;
+        }
+        cluster
     }
 
     /// The routes VirtualServices give each HTTP service's virtual host, by its cluster.
