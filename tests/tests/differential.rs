@@ -1502,3 +1502,114 @@ fn stream_timeouts() {
         })
     });
 }
+
+/// The fault filter's per-route config as istiod writes a VirtualService's `fault`
+/// (percentages per million).
+fn fault_config(delay: Option<(&str, u32)>, abort: Option<(u16, u32)>) -> Value {
+    let mut fault =
+        json!({ "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" });
+    if let Some((fixed, percent)) = delay {
+        fault["delay"] = json!({
+            "fixed_delay": fixed,
+            "percentage": { "numerator": percent * 10_000, "denominator": "MILLION" }
+        });
+    }
+    if let Some((status, percent)) = abort {
+        fault["abort"] = json!({
+            "http_status": status,
+            "percentage": { "numerator": percent * 10_000, "denominator": "MILLION" }
+        });
+    }
+    json!({ "envoy.filters.http.fault": fault })
+}
+
+/// A VirtualService's `fault`: an abort, a delay, both (the delay first), and a fault for
+/// no share of requests, each in front of the echo peer.
+#[test]
+fn faults() {
+    let routes = [
+        ("abort", "/abort", fault_config(None, Some((429, 100)))),
+        ("delay", "/delay", fault_config(Some(("0.3s", 100)), None)),
+        (
+            "both",
+            "/both",
+            fault_config(Some(("0.2s", 100)), Some((503, 100))),
+        ),
+        ("spared", "/", fault_config(None, Some((500, 0)))),
+    ];
+    let vhost = vs_vhost(
+        "fault.internal.com",
+        80,
+        routes
+            .into_iter()
+            .map(|(name, prefix, config)| {
+                let mut route = vs_route(name, prefix, route_to(ECHO_CLUSTER));
+                route["typed_per_filter_config"] = config;
+                route
+            })
+            .collect(),
+    );
+    let envoy = Resources::new(Mode::RegistryOnly)
+        .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+        .cluster(static_cluster(
+            8080,
+            "echo.internal.com",
+            &[(EXTERNAL_IP, 8080)],
+        ));
+    let services = [
+        static_services(&[("echo.internal.com", 8080, EXTERNAL_IP, 8080)]),
+        route_only_hosts(&["fault.internal.com"]),
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: fault, namespace: default}
+spec:
+  hosts: [fault.internal.com]
+  http:
+  - name: abort
+    match: [{uri: {prefix: /abort}}]
+    route: [{destination: {host: echo.internal.com}}]
+    fault: {abort: {httpStatus: 429, percentage: {value: 100}}}
+  - name: delay
+    match: [{uri: {prefix: /delay}}]
+    route: [{destination: {host: echo.internal.com}}]
+    fault: {delay: {fixedDelay: 0.3s, percentage: {value: 100}}}
+  - name: both
+    match: [{uri: {prefix: /both}}]
+    route: [{destination: {host: echo.internal.com}}]
+    fault:
+      delay: {fixedDelay: 0.2s, percentage: {value: 100}}
+      abort: {httpStatus: 503, percentage: {value: 100}}
+  - name: spared
+    route: [{destination: {host: echo.internal.com}}]
+    fault: {abort: {httpStatus: 500, percentage: {value: 0}}}
+"
+        .to_owned(),
+    ];
+    let scenario = Scenario {
+        name: "faults",
+        files: vec![("faults.yaml".to_owned(), services.concat())],
+        envoy,
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("an abort", &["http://fault.internal.com/abort"]),
+            Probe::curl(
+                "an abort over h2c",
+                &["--http2-prior-knowledge", "http://fault.internal.com/abort"],
+            ),
+            Probe::curl(
+                "an abort of a POST",
+                &["-d", "payload", "http://fault.internal.com/abort"],
+            ),
+            Probe::curl("a delay", &["http://fault.internal.com/delay"]),
+            Probe::curl(
+                "a delay, then an abort",
+                &["http://fault.internal.com/both"],
+            ),
+            Probe::curl("a fault for no request", &["http://fault.internal.com/"]),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&["fault.internal.com"])?;
+        lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
+    });
+}

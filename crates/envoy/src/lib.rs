@@ -240,8 +240,7 @@ pub struct Route {
     /// Headers removed from responses.
     pub response_headers_to_remove: Vec<String>,
     /// The fault filter's per-route config (`typed_per_filter_config` of
-    /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`); carried in
-    /// the model and the config dump, not applied by the data path yet.
+    /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`).
     pub fault: Option<HttpFault>,
 }
 

@@ -80,6 +80,9 @@ pub enum ProxyError {
     /// The route or filter chain names a cluster that does not exist.
     #[error("cluster {0} not found")]
     NoCluster(Arc<str>),
+    /// The route's fault injection aborted the request with this status (`FI`).
+    #[error("fault injected: abort with {0}")]
+    FaultAbort(u16),
     /// The route answers directly (`direct_response`, redirect).
     #[error("direct response {}", .0.status)]
     Direct(Arc<DirectResponse>),
@@ -120,6 +123,7 @@ impl ProxyError {
             ProxyError::Loop | ProxyError::NoRoute => "NR",
             ProxyError::NoCluster(_) => "NC",
             ProxyError::Direct(_) => "-",
+            ProxyError::FaultAbort(_) => "FI",
             ProxyError::TransportRefused(_) => "UF",
             ProxyError::Overflow(_) => "UO",
             // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
@@ -156,6 +160,7 @@ impl ProxyError {
             self,
             ProxyError::Blocked
                 | ProxyError::Direct(_)
+                | ProxyError::FaultAbort(_)
                 | ProxyError::NoRoute
                 | ProxyError::NoCluster(_)
                 | ProxyError::TransportRefused(_)
@@ -282,6 +287,11 @@ impl ProxyError {
         if let ProxyError::Direct(d) = self {
             return direct(d);
         }
+        if let ProxyError::FaultAbort(status) = *self {
+            // Envoy's fault filter answers with its own local reply.
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return synthetic(status, Bytes::from_static(b"fault filter abort"));
+        }
         let (status, body): (StatusCode, &'static str) = match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, ""),
             ProxyError::NoCluster(_) => (StatusCode::SERVICE_UNAVAILABLE, ""),
@@ -316,6 +326,34 @@ impl ProxyError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// `flags` of a request the fault filter delayed first: Envoy lists its flags in the order
+/// they were set, and the delay (`DI`) comes before anything else happens to the request.
+pub(crate) fn after_delay(flags: &'static str) -> &'static str {
+    match flags {
+        "FI" => "DI,FI",
+        "DC" => "DI,DC",
+        "SI" => "DI,SI",
+        "UH" => "DI,UH",
+        "UF" => "DI,UF",
+        "UC" => "DI,UC",
+        "UT" => "DI,UT",
+        "UO" => "DI,UO",
+        "DF" => "DI,DF",
+        "NC" => "DI,NC",
+        "UPE" => "DI,UPE",
+        "URX" => "DI,URX",
+        "URX,UF" => "DI,URX,UF",
+        "URX,UC" => "DI,URX,UC",
+        "URX,UT" => "DI,URX,UT",
+        "UO,UF" => "DI,UO,UF",
+        "UO,UC" => "DI,UO,UC",
+        "UO,URX,UF" => "DI,UO,URX,UF",
+        "UO,URX,UC" => "DI,UO,URX,UC",
+        // Nothing else set: the delay alone.
+        _ => "DI",
     }
 }
 

@@ -291,6 +291,7 @@ where
     let policy = RetryPolicy::of(log.outcome.matched.as_deref());
     let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
         r.rewrites()
+            || r.fault.is_some()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout
     });
@@ -298,8 +299,8 @@ where
         || crate::http::upstream_h2(&routed.decision, Version::HTTP_11)
         || attempt_digit(policy.attempts()).is_none()
     {
-        // The general path speaks HTTP/2 upstream, applies a route's rewrites and timeout,
-        // and writes attempt counts of any length: give it the request back, and the
+        // The general path speaks HTTP/2 upstream, applies a route's rewrites, faults and
+        // timeout, and writes attempt counts of any length: give it the request back, and the
         // logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);

@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portcullis_envoy::AppendAction;
+use portcullis_envoy::{AppendAction, FractionalPercent, HttpFault};
 use portcullis_registry::{
     Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Resource,
     Route, split_host_port,
@@ -129,6 +129,8 @@ pub(crate) struct Outcome {
     pub route: &'static str,
     /// The route of the model that matched, whose name the log shows instead of `route`.
     pub matched: Option<Arc<Route>>,
+    /// Whether the route's fault injection delayed the request (`DI` before other flags).
+    pub delayed: bool,
 }
 
 impl Default for Outcome {
@@ -144,6 +146,7 @@ impl Default for Outcome {
             upstream: None,
             route: "-",
             matched: None,
+            delayed: false,
         }
     }
 }
@@ -232,11 +235,16 @@ impl RequestLog {
         self.written = true;
         let outcome = &self.outcome;
         let duration = self.start.elapsed();
+        let flags = if outcome.delayed {
+            crate::error::after_delay(outcome.flags)
+        } else {
+            outcome.flags
+        };
         let labels = RequestLabels {
             reporter: "source",
             destination_service: Label(Arc::clone(&outcome.service)),
             response_code: outcome.status,
-            response_flags: outcome.flags,
+            response_flags: flags,
             request_protocol: "http",
         };
         let metrics = &self.proxy.metrics;
@@ -254,7 +262,7 @@ impl RequestLog {
             protocol: line.protocol,
             authority: &line.authority,
             status: outcome.status,
-            flags: outcome.flags,
+            flags,
             cluster: &outcome.cluster,
             upstream: outcome.upstream,
             route: outcome.matched.as_ref().map_or(outcome.route, |r| &r.name),
@@ -583,6 +591,11 @@ async fn route_and_forward(
         outcome,
     )
     .await?;
+    if let Some(route) = outcome.matched.clone()
+        && let Some(fault) = &route.fault
+    {
+        inject_fault(proxy, fault, outcome).await?;
+    }
     if req.method() == Method::CONNECT {
         let (response, upstream) = crate::tunnel::open(
             proxy,
@@ -741,6 +754,34 @@ async fn route_and_forward(
         }
         return Ok(response);
     }
+}
+
+/// Envoy's fault filter on a route: the delay, then the abort, each for its share of
+/// requests.
+async fn inject_fault(
+    proxy: &Proxy,
+    fault: &HttpFault,
+    outcome: &mut Outcome,
+) -> Result<(), ProxyError> {
+    if let Some(delay) = &fault.delay
+        && sampled(delay.percentage)
+    {
+        outcome.delayed = true;
+        proxy.metrics.fault_delays.inc();
+        tokio::time::sleep(delay.fixed_delay).await;
+    }
+    if let Some(abort) = &fault.abort
+        && sampled(abort.percentage)
+    {
+        proxy.metrics.fault_aborts.inc();
+        return Err(ProxyError::FaultAbort(abort.http_status));
+    }
+    Ok(())
+}
+
+/// Whether this request falls in the share `p`, drawn as Envoy's fault filter does.
+fn sampled(p: FractionalPercent) -> bool {
+    p.numerator > 0 && fastrand::u32(0..p.denominator.value()) < p.numerator
 }
 
 /// The path and query of a request, as routing saw it.
@@ -1209,6 +1250,25 @@ fn prepare_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fault_hits_its_share_of_requests() {
+        fastrand::seed(11);
+        let share = |numerator, denominator| {
+            let p = FractionalPercent {
+                numerator,
+                denominator,
+            };
+            (0..20_000).filter(|_| sampled(p)).count()
+        };
+        use portcullis_envoy::Denominator::{Hundred, Million, TenThousand};
+        assert_eq!(share(0, Hundred), 0);
+        assert_eq!(share(100, Hundred), 20_000);
+        assert_eq!(share(1_000_000, Million), 20_000);
+        // 25% of 20,000 is 5,000; four standard deviations are about 245.
+        assert!((4_755..=5_245).contains(&share(2_500, TenThousand)));
+        assert!((4_755..=5_245).contains(&share(250_000, Million)));
+    }
 
     #[test]
     fn local_replies_are_framed_as_envoys_codecs_frame_them() {

@@ -96,6 +96,10 @@ pub struct Metrics {
     pub http_idle_timeout: Counter,
     /// `envoy_http_downstream_rq_header_timeout`.
     pub header_timeout: Counter,
+    /// `envoy_http_fault_delays_injected`: requests the fault filter delayed.
+    pub fault_delays: Counter,
+    /// `envoy_http_fault_aborts_injected`: requests the fault filter aborted.
+    pub fault_aborts: Counter,
     /// `envoy_http_downstream_rq_idle_timeout`: streams ended by `stream_idle_timeout`.
     pub rq_idle_timeout: Counter,
     /// `envoy_http_downstream_rq_timeout`: requests not received whole within
@@ -136,6 +140,8 @@ impl Metrics {
             cx_overflow: Counter::default(),
             http_idle_timeout: Counter::default(),
             header_timeout: Counter::default(),
+            fault_delays: Counter::default(),
+            fault_aborts: Counter::default(),
             rq_idle_timeout: Counter::default(),
             rq_timeout: Counter::default(),
             protocol_error: Counter::default(),
@@ -211,6 +217,16 @@ impl Metrics {
             "envoy_http_downstream_rq_header_timeout",
             "Requests whose head did not arrive in time",
             m.header_timeout.clone(),
+        );
+        registry.register(
+            "envoy_http_fault_delays_injected",
+            "Requests delayed by fault injection",
+            m.fault_delays.clone(),
+        );
+        registry.register(
+            "envoy_http_fault_aborts_injected",
+            "Requests aborted by fault injection",
+            m.fault_aborts.clone(),
         );
         registry.register(
             "envoy_http_downstream_rq_idle_timeout",

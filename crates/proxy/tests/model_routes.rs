@@ -1,14 +1,16 @@
 //! Requests routed by a snapshot indexed from Envoy's model: route actions (direct
 //! responses, redirects, a missing cluster, no route), header changes at route, virtual
-//! host and table level, host and prefix rewrites, and endpoints that need TLS.
+//! host and table level, host and prefix rewrites, fault injection, and endpoints that need
+//! TLS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use portcullis_envoy::{
-    self as envoy, AppendAction, Discovery, FilterChain, FilterChainMatch, HeaderValueOption,
-    HttpConnectionManager, NetworkFilter, PathMatch, Resources, RouteAction, RouteMatch,
-    RouteSource, UpstreamTransport,
+    self as envoy, AppendAction, Denominator, Discovery, FaultAbort, FaultDelay, FilterChain,
+    FilterChainMatch, FractionalPercent, HeaderValueOption, HttpConnectionManager, HttpFault,
+    NetworkFilter, PathMatch, Resources, RouteAction, RouteMatch, RouteSource, UpstreamTransport,
 };
 use portcullis_registry::Snapshot;
 
@@ -38,6 +40,29 @@ fn route(prefix: &str, action: RouteAction) -> envoy::Route {
         ..RouteMatch::any()
     };
     envoy::Route::new(prefix, route_match, action)
+}
+
+/// A route to `app` with the fault filter's `delay` and `abort`.
+fn faulty(prefix: &str, delay: Option<FaultDelay>, abort: Option<FaultAbort>) -> envoy::Route {
+    let mut r = route(prefix, RouteAction::Forward(envoy::Forward::to("app")));
+    r.fault = Some(HttpFault { delay, abort });
+    r
+}
+
+/// Every request, as istiod writes 100%.
+fn all() -> FractionalPercent {
+    FractionalPercent {
+        numerator: 1_000_000,
+        denominator: Denominator::Million,
+    }
+}
+
+/// No request.
+fn none() -> FractionalPercent {
+    FractionalPercent {
+        numerator: 0,
+        denominator: Denominator::Million,
+    }
 }
 
 fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
@@ -102,6 +127,33 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
                 }),
             ),
             route("/once", RouteAction::Forward(envoy::Forward::to("refused"))),
+            faulty(
+                "/aborted",
+                None,
+                Some(FaultAbort {
+                    http_status: 418,
+                    percentage: all(),
+                }),
+            ),
+            faulty(
+                "/delayed",
+                Some(FaultDelay {
+                    fixed_delay: Duration::from_millis(300),
+                    percentage: all(),
+                }),
+                None,
+            ),
+            faulty(
+                "/never",
+                Some(FaultDelay {
+                    fixed_delay: Duration::from_secs(60),
+                    percentage: none(),
+                }),
+                Some(FaultAbort {
+                    http_status: 500,
+                    percentage: none(),
+                }),
+            ),
             route("/", RouteAction::Forward(envoy::Forward::to("app"))),
         ],
         request_headers_to_add: vec![set("x-level", "vhost", AppendAction::AppendIfExistsOrAdd)],
@@ -285,4 +337,57 @@ async fn a_route_retries_as_its_policy_says_and_not_without_one() {
     assert_eq!(flags("/once").await, ["UF"]);
     let after = flags("/retried").await;
     assert!(after.contains(&"URX,UF".to_string()), "{after:?}");
+}
+
+/// The `response_flags` labels of `istio_requests_total` with `status`.
+fn flags_of(harness: &Harness, status: &str) -> Vec<String> {
+    harness
+        .prometheus()
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| l.contains(&format!("response_code=\"{status}\"")))
+        .filter_map(|l| l.split("response_flags=\"").nth(1))
+        .filter_map(|rest| rest.split('"').next().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_routes_fault_filter_delays_and_aborts_as_envoys_does() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+
+    let accepts = app.accepts();
+    let aborted = fetch(&harness, "http://app.internal/aborted", None).await;
+    assert_eq!(
+        (aborted.status.as_u16(), aborted.text()),
+        (418, "fault filter abort")
+    );
+    assert_eq!(aborted.header("server"), Some("envoy"));
+    assert_eq!(app.accepts(), accepts, "an aborted request goes nowhere");
+    assert_eq!(flags_of(&harness, "418"), ["FI"]);
+
+    // The delay comes before the request is forwarded, and is flagged first.
+    let started = Instant::now();
+    let delayed = fetch(&harness, "http://app.internal/delayed", None).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!((delayed.status.as_u16(), delayed.text()), (200, "app"));
+    assert_eq!(flags_of(&harness, "200"), ["DI"]);
+
+    // A fault for no share of requests never happens.
+    let spared = fetch(&harness, "http://app.internal/never", None).await;
+    assert_eq!((spared.status.as_u16(), spared.text()), (200, "app"));
+    let mut flags = flags_of(&harness, "200");
+    flags.sort();
+    assert_eq!(flags, ["-", "DI"]);
+
+    let text = harness.prometheus();
+    assert!(
+        text.contains("envoy_http_fault_aborts_injected_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("envoy_http_fault_delays_injected_total 1"),
+        "{text}"
+    );
 }

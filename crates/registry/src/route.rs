@@ -109,6 +109,9 @@ pub struct Route {
     regex_rewrite: Option<(Regex, String)>,
     /// The retry policy in force: the route's, else its virtual host's.
     pub retry_policy: Option<envoy::RetryPolicy>,
+    /// The fault filter's configuration for the route (Istio's `fault`), with something
+    /// to inject.
+    pub fault: Option<envoy::HttpFault>,
 }
 
 /// One header change.
@@ -442,6 +445,10 @@ impl Route {
             response_headers,
             regex_rewrite,
             retry_policy,
+            fault: r
+                .fault
+                .clone()
+                .filter(|f| f.delay.is_some() || f.abort.is_some()),
         })
     }
 

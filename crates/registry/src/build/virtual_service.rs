@@ -20,13 +20,14 @@ use super::{Builder, labels_match, visible};
 use crate::order::Age;
 
 /// `retryOn` conditions the data path tells apart; others are accepted and not acted on.
-const RETRY_ON_APPLIED: [&str; 6] = [
+const RETRY_ON_APPLIED: [&str; 7] = [
     "5xx",
     "gateway-error",
     "reset",
     "connect-failure",
     "refused-stream",
     "retriable-status-codes",
+    "retriable-4xx",
 ];
 
 /// A VirtualService with the name it is reported by.
@@ -66,8 +67,21 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
     for (i, h) in o.spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         let mut not_yet = |what: &str| parts.push(format!("{at}.{what} is not applied yet"));
-        if h.fault.is_some() {
-            not_yet("fault");
+        if let Some(f) = &h.fault {
+            if f.delay
+                .as_ref()
+                .is_some_and(|d| d.exponential_delay.is_some())
+            {
+                not_yet("fault.delay.exponentialDelay");
+            }
+            if let Some(a) = &f.abort {
+                if a.grpc_status.is_some() {
+                    not_yet("fault.abort.grpcStatus");
+                }
+                if a.http2_error.is_some() {
+                    not_yet("fault.abort.http2Error");
+                }
+            }
         }
         if h.mirror.is_some() || !h.mirrors.is_empty() {
             not_yet("mirror");
@@ -86,9 +100,6 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
             not_yet("directResponse.body.bytes");
         }
         if let Some(r) = &h.retries {
-            if r.per_try_timeout.is_some() {
-                not_yet("retries.perTryTimeout");
-            }
             if r.retry_remote_localities == Some(true) {
                 not_yet("retries.retryRemoteLocalities");
             }

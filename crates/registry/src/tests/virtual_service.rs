@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use portcullis_balance::Policy;
-use portcullis_envoy::RetryPolicy;
+use portcullis_envoy::{Denominator, RetryPolicy};
 
 use super::{cluster, endpoints, load, snapshot};
 use crate::route::Headers;
@@ -352,7 +352,7 @@ spec:
 }
 
 #[test]
-fn faults_and_mirrors_are_compiled_but_said_to_be_not_applied() {
+fn faults_are_applied_and_mirrors_said_to_be_not() {
     let yaml = "
 ---
 apiVersion: networking.istio.io/v1
@@ -362,12 +362,25 @@ spec:
   hosts: [api.example.com]
   http:
   - route: [{destination: {host: api.example.com, subset: v1}}]
-    fault: {abort: {httpStatus: 503, percentage: {value: 10}}}
+    fault:
+      abort: {httpStatus: 503, percentage: {value: 10}}
+      delay: {fixedDelay: 2s, percentage: {value: 0.5}}
     mirror: {host: api.example.com, subset: v2}
     mirrorPercentage: {value: 50}
 ";
     let s = snapshot(&[API, yaml].concat());
     let route = request(&s, "/", &[]).route.expect("a route");
+    let fault = route.fault.as_ref().expect("a fault");
+    let abort = fault.abort.as_ref().expect("an abort");
+    assert_eq!(abort.http_status, 503);
+    // Istio's percentages are per million in Envoy's config.
+    assert_eq!(
+        (abort.percentage.numerator, abort.percentage.denominator),
+        (100_000, Denominator::Million)
+    );
+    let delay = fault.delay.as_ref().expect("a delay");
+    assert_eq!(delay.fixed_delay, Duration::from_secs(2));
+    assert_eq!(delay.percentage.numerator, 5_000);
     let f = route.forward().expect("forwards");
     assert_eq!(f.request_mirror_policies.len(), 1);
     assert_eq!(
@@ -382,10 +395,7 @@ spec:
         .collect();
     assert_eq!(
         said,
-        [
-            "VirtualService default/chaos: spec.http[0].fault is not applied yet",
-            "VirtualService default/chaos: spec.http[0].mirror is not applied yet",
-        ]
+        ["VirtualService default/chaos: spec.http[0].mirror is not applied yet"]
     );
 }
 
