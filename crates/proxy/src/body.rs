@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::ProxyError;
 use crate::guard::StreamClock;
+use crate::http::RequestLog;
 use crate::metrics::Metrics;
 use crate::pool::Pooled;
 use crate::upstream::Hold;
@@ -39,6 +40,20 @@ impl BodyIdle {
     }
 }
 
+/// A request's access log record riding on its response body until the body ends.
+pub struct StreamLog(pub(crate) RequestLog);
+
+impl StreamLog {
+    /// Writes the record with `flags` when given (how the stream was cut short).
+    fn end(self, flags: Option<&'static str>) {
+        let mut log = self.0;
+        if let Some(flags) = flags {
+            log.outcome.flags = flags;
+        }
+        log.write();
+    }
+}
+
 /// A response body; an enum rather than a boxed trait object so no allocation is needed.
 pub enum ProxyBody {
     /// Streamed from the upstream; the connection returns to the pool at end of stream.
@@ -52,6 +67,10 @@ pub enum ProxyBody {
         guard: Hold,
         /// The stream idle timeout, when the connection manager sets one.
         idle: Option<BodyIdle>,
+        /// The request's access log record, written when the body ends: whole, cut short
+        /// by the upstream (`UC`) or the stream idle timeout (`SI`), or dropped because the
+        /// client went away (`DC`), as Envoy logs at the end of the stream.
+        log: Option<StreamLog>,
     },
     /// Generated locally.
     Full(Option<Bytes>),
@@ -79,6 +98,7 @@ impl Body for ProxyBody {
                 connection,
                 guard,
                 idle,
+                log,
             } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 if let Some(idle) = idle {
@@ -93,19 +113,33 @@ impl Body for ProxyBody {
                         let e = ProxyError::StreamIdle {
                             request_complete: true,
                         };
+                        if let Some(log) = log.take() {
+                            log.end(Some(e.flag()));
+                        }
                         return Poll::Ready(Some(Err(e.into())));
                     }
                 }
                 let finished = match &polled {
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                    _ => false,
+                    Poll::Ready(Some(Err(_))) => {
+                        // The upstream ended the body short: Envoy's upstream connection
+                        // termination.
+                        if let Some(log) = log.take() {
+                            log.end(Some("UC"));
+                        }
+                        false
+                    }
+                    Poll::Pending => false,
                 };
                 if finished {
                     if let Some(connection) = connection.take() {
                         connection.release();
                     }
                     guard.release();
+                    if let Some(log) = log.take() {
+                        log.end(None);
+                    }
                 }
                 polled.map_err(Into::into)
             }

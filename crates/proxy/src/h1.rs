@@ -168,13 +168,37 @@ async fn read_body<I: AsyncRead + Unpin>(
     into: &mut BytesMut,
     (io, pipelined): (&mut I, &mut BytesMut),
     metrics: &Metrics,
-) -> Option<usize> {
+) -> Result<usize, Cut> {
     tokio::select! {
-        read = upstream.read_buf(into) => read.ok(),
+        read = upstream.read_buf(into) => read.map_err(|_| Cut::Upstream),
         _ = body_stalled(io, pipelined) => {
             metrics.rq_idle_timeout.inc();
             tracing::debug!("stream idle timeout while relaying a response body; connection closed");
-            None
+            Err(Cut::Idle)
+        }
+    }
+}
+
+/// Why a response body was not relayed to its end, as Envoy flags it in the access log.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// The client went away (`DC`).
+    Downstream,
+    /// The upstream closed or failed mid-body (`UC`).
+    Upstream,
+    /// The stream idle timeout passed (`SI`).
+    Idle,
+    /// The upstream's body framing was broken (`UPE`).
+    Protocol,
+}
+
+impl Cut {
+    fn flag(self) -> &'static str {
+        match self {
+            Cut::Downstream => "DC",
+            Cut::Upstream => "UC",
+            Cut::Idle => "SI",
+            Cut::Protocol => "UPE",
         }
     }
 }
@@ -338,7 +362,6 @@ where
         })
         .inc();
     log.outcome.status = response.status;
-    log.write();
     let close = head.close || shutdown.is_cancelled();
     let Upstream {
         conn: Conn { io: stream, hold },
@@ -356,14 +379,20 @@ where
     )
     .await;
     drop(guard);
+    // Logged when the body has been relayed, or cut short, as Envoy logs at stream end.
     match done {
-        Some((stream, reusable)) => {
+        Ok((stream, reusable)) => {
+            log.write();
             if reusable {
                 proxy.pool.put_raw(key, Conn { io: stream, hold });
             }
             if close { Next::Close } else { Next::KeepAlive }
         }
-        None => Next::Close,
+        Err(cut) => {
+            log.outcome.flags = cut.flag();
+            log.write();
+            Next::Close
+        }
     }
 }
 
@@ -620,7 +649,7 @@ fn date() -> [u8; 29] {
 
 /// Streams the response to the client: head and first body bytes in one write, then the
 /// rest. Returns the upstream connection when the body ended cleanly (and whether it can be
-/// reused), `None` when either side failed.
+/// reused), else why it was cut short.
 async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
     (io, pipelined): (&mut I, &mut BytesMut),
     mut stream: UpstreamIo,
@@ -628,19 +657,19 @@ async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
     response: ResponseHead,
     (start, close): (Instant, bool),
     metrics: &Metrics,
-) -> Option<(UpstreamIo, bool)> {
+) -> Result<(UpstreamIo, bool), Cut> {
     let mut out = response.client_head(start, close, buffered.len());
     match response.framing {
         Framing::Empty => {
-            io.write_all(&out).await.ok()?;
-            Some((stream, response.reusable && buffered.is_empty()))
+            io.write_all(&out).await.map_err(|_| Cut::Downstream)?;
+            Ok((stream, response.reusable && buffered.is_empty()))
         }
         Framing::Length(mut left) => {
             let now = left.min(buffered.len() as u64) as usize;
             out.extend_from_slice(&buffered[..now]);
             buffered.advance(now);
             left -= now as u64;
-            io.write_all(&out).await.ok()?;
+            io.write_all(&out).await.map_err(|_| Cut::Downstream)?;
             drop(out);
             let extra = !buffered.is_empty();
             while left > 0 {
@@ -648,39 +677,43 @@ async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
                 buffered.reserve(READ_CHUNK);
                 let n = read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await?;
                 if n == 0 {
-                    return None;
+                    return Err(Cut::Upstream);
                 }
                 let take = left.min(n as u64) as usize;
-                io.write_all(&buffered[..take]).await.ok()?;
+                io.write_all(&buffered[..take])
+                    .await
+                    .map_err(|_| Cut::Downstream)?;
                 left -= take as u64;
                 if take < n {
-                    return Some((stream, false));
+                    return Ok((stream, false));
                 }
             }
-            Some((stream, response.reusable && !extra))
+            Ok((stream, response.reusable && !extra))
         }
         Framing::Chunked => {
             let mut chunks = ChunkScanner::default();
             let mut first = true;
             loop {
-                let used = chunks
-                    .scan(&buffered)
-                    .map_err(|e| tracing::debug!(error = e, "bad chunked body from upstream"))
-                    .ok()?;
+                let used = chunks.scan(&buffered).map_err(|e| {
+                    tracing::debug!(error = e, "bad chunked body from upstream");
+                    Cut::Protocol
+                })?;
                 if first {
                     out.extend_from_slice(&buffered[..used]);
-                    io.write_all(&out).await.ok()?;
+                    io.write_all(&out).await.map_err(|_| Cut::Downstream)?;
                     first = false;
                 } else if used > 0 {
-                    io.write_all(&buffered[..used]).await.ok()?;
+                    io.write_all(&buffered[..used])
+                        .await
+                        .map_err(|_| Cut::Downstream)?;
                 }
                 if chunks.done() {
-                    return Some((stream, response.reusable && used == buffered.len()));
+                    return Ok((stream, response.reusable && used == buffered.len()));
                 }
                 buffered.clear();
                 buffered.reserve(READ_CHUNK);
                 if read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await? == 0 {
-                    return None;
+                    return Err(Cut::Upstream);
                 }
             }
         }
@@ -690,18 +723,20 @@ async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
             if !buffered.is_empty() {
                 chunk(&mut out, &buffered);
             }
-            io.write_all(&out).await.ok()?;
+            io.write_all(&out).await.map_err(|_| Cut::Downstream)?;
             loop {
                 buffered.clear();
                 buffered.reserve(READ_CHUNK);
                 let n = read_body(&mut stream, &mut buffered, (io, pipelined), metrics).await?;
                 if n == 0 {
-                    io.write_all(b"0\r\n\r\n").await.ok()?;
-                    return Some((stream, false));
+                    io.write_all(b"0\r\n\r\n")
+                        .await
+                        .map_err(|_| Cut::Downstream)?;
+                    return Ok((stream, false));
                 }
                 let mut framed = Vec::with_capacity(n + 16);
                 chunk(&mut framed, &buffered);
-                io.write_all(&framed).await.ok()?;
+                io.write_all(&framed).await.map_err(|_| Cut::Downstream)?;
             }
         }
     }

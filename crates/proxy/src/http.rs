@@ -189,9 +189,10 @@ impl LogLine {
     }
 }
 
-/// One request's log record. It is written when the response is ready; if the client goes
-/// away first, the handler is dropped and the record is written on drop with Envoy's `DC`
-/// (downstream connection termination) and status 0.
+/// One request's log record. It is written when the stream ends: with a local reply or a
+/// response without a body, when the response is ready; else when its body ends (see
+/// `ProxyBody`). If the client goes away first, the record is written on drop with Envoy's
+/// `DC` (downstream connection termination).
 pub(crate) struct RequestLog {
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
@@ -275,9 +276,10 @@ impl RequestLog {
 }
 
 impl Drop for RequestLog {
+    /// The client went away first: before the response (status 0), or while its body
+    /// streamed (the status it had).
     fn drop(&mut self) {
         if !self.written {
-            self.outcome.status = 0;
             self.outcome.flags = "DC";
             self.write();
         }
@@ -328,7 +330,14 @@ async fn handle(
         }
     };
     log.outcome.status = response.status().as_u16();
-    log.write();
+    let mut response = response;
+    match response.body_mut() {
+        // Logged when the body ends, as Envoy logs at the end of the stream.
+        ProxyBody::Upstream { body, log: at, .. } if !body.is_end_stream() => {
+            *at = Some(crate::body::StreamLog(log));
+        }
+        _ => log.write(),
+    }
     response
 }
 
@@ -1243,6 +1252,7 @@ fn prepare_response(
             connection,
             guard,
             idle: None,
+            log: None,
         },
     )
 }

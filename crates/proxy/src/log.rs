@@ -28,7 +28,7 @@ pub struct HttpLog<'a> {
     pub original_dst: Option<SocketAddr>,
     /// Client address.
     pub downstream: SocketAddr,
-    /// Time to response headers.
+    /// From the request to the end of the stream.
     pub duration: Duration,
 }
 

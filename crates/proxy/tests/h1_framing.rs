@@ -266,3 +266,47 @@ async fn an_upstream_that_does_not_speak_http_is_a_503_protocol_error() {
         harness.prometheus()
     );
 }
+
+#[tokio::test]
+async fn a_body_cut_short_by_the_upstream_is_logged_at_its_end_with_uc() {
+    let upstream = Scripted::start(vec![Script(
+        "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc",
+        true,
+    )])
+    .await;
+    let harness = proxy_for(&upstream).await;
+    let cut_short = |harness: &Harness| {
+        harness
+            .prometheus()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("response_code=\"200\"")
+                    && l.contains("response_flags=\"UC\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    // The HTTP/1.1 fast path, then the general path (a chunked request body).
+    let requests = [
+        get("/"),
+        "POST http://app.internal/ HTTP/1.1\r\nHost: app.internal\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_owned(),
+    ];
+    for (i, request) in requests.iter().enumerate() {
+        let mut client = TcpStream::connect(harness.addr).await.unwrap();
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        within(client.read_to_end(&mut got))
+            .await
+            .unwrap_or_default();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+        assert!(got.ends_with("abc"), "{got}");
+        within(async {
+            while cut_short(&harness) < i as u64 + 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
