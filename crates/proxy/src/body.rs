@@ -40,13 +40,14 @@ impl BodyIdle {
     }
 }
 
-/// A request's access log record riding on its response body until the body ends.
-pub struct StreamLog(pub(crate) RequestLog);
+/// A request's access log record riding on its response body until the body ends (boxed:
+/// local replies, the other kind of body, stay small).
+pub struct StreamLog(pub(crate) Box<RequestLog>);
 
 impl StreamLog {
     /// Writes the record with `flags` when given (how the stream was cut short).
     fn end(self, flags: Option<&'static str>) {
-        let mut log = self.0;
+        let mut log = *self.0;
         if let Some(flags) = flags {
             log.outcome.flags = flags;
         }

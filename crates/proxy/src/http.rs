@@ -334,7 +334,7 @@ async fn handle(
     match response.body_mut() {
         // Logged when the body ends, as Envoy logs at the end of the stream.
         ProxyBody::Upstream { body, log: at, .. } if !body.is_end_stream() => {
-            *at = Some(crate::body::StreamLog(log));
+            *at = Some(crate::body::StreamLog(Box::new(log)));
         }
         _ => log.write(),
     }
