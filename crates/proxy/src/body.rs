@@ -40,18 +40,33 @@ impl BodyIdle {
     }
 }
 
-/// A request's access log record riding on its response body until the body ends (boxed:
-/// local replies, the other kind of body, stay small).
-pub struct StreamLog(pub(crate) Box<RequestLog>);
+/// What a streamed response body carries to its end: the stream idle timeout and the
+/// request's access log record, written when the body ends (whole, cut short by the
+/// upstream, `UC`, or by the stream idle timeout, `SI`; dropped because the client went
+/// away, `DC`), as Envoy logs at the end of the stream. Boxed, so that local replies, the
+/// other kind of body, stay small.
+pub struct StreamEnd {
+    idle: Option<BodyIdle>,
+    log: Option<RequestLog>,
+}
 
-impl StreamLog {
-    /// Writes the record with `flags` when given (how the stream was cut short).
-    fn end(self, flags: Option<&'static str>) {
-        let mut log = *self.0;
-        if let Some(flags) = flags {
-            log.outcome.flags = flags;
+impl StreamEnd {
+    /// The end of a stream timed by `idle`, logged by `log`.
+    pub(crate) fn new(idle: Option<BodyIdle>, log: RequestLog) -> Box<StreamEnd> {
+        Box::new(StreamEnd {
+            idle,
+            log: Some(log),
+        })
+    }
+
+    /// Writes the record once, with `flags` when given (how the stream was cut short).
+    fn log(&mut self, flags: Option<&'static str>) {
+        if let Some(mut log) = self.log.take() {
+            if let Some(flags) = flags {
+                log.outcome.flags = flags;
+            }
+            log.write();
         }
-        log.write();
     }
 }
 
@@ -66,12 +81,8 @@ pub enum ProxyBody {
         /// Keeps the request counted (on its endpoint, against its cluster's circuit
         /// breakers) until the body ends.
         guard: Hold,
-        /// The stream idle timeout, when the connection manager sets one.
-        idle: Option<BodyIdle>,
-        /// The request's access log record, written when the body ends: whole, cut short
-        /// by the upstream (`UC`) or the stream idle timeout (`SI`), or dropped because the
-        /// client went away (`DC`), as Envoy logs at the end of the stream.
-        log: Option<StreamLog>,
+        /// The stream idle timeout and the access log record, when the body streams.
+        end: Option<Box<StreamEnd>>,
     },
     /// Generated locally.
     Full(Option<Bytes>),
@@ -98,11 +109,12 @@ impl Body for ProxyBody {
                 body,
                 connection,
                 guard,
-                idle,
-                log,
+                end,
             } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                if let Some(idle) = idle {
+                if let Some(end) = end.as_deref_mut()
+                    && let Some(idle) = &mut end.idle
+                {
                     if polled.is_ready() {
                         let next = Instant::now() + idle.timeout;
                         idle.sleep.as_mut().reset(next);
@@ -114,9 +126,7 @@ impl Body for ProxyBody {
                         let e = ProxyError::StreamIdle {
                             request_complete: true,
                         };
-                        if let Some(log) = log.take() {
-                            log.end(Some(e.flag()));
-                        }
+                        end.log(Some(e.flag()));
                         return Poll::Ready(Some(Err(e.into())));
                     }
                 }
@@ -126,8 +136,8 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Err(_))) => {
                         // The upstream ended the body short: Envoy's upstream connection
                         // termination.
-                        if let Some(log) = log.take() {
-                            log.end(Some("UC"));
+                        if let Some(end) = end.as_deref_mut() {
+                            end.log(Some("UC"));
                         }
                         false
                     }
@@ -138,8 +148,8 @@ impl Body for ProxyBody {
                         connection.release();
                     }
                     guard.release();
-                    if let Some(log) = log.take() {
-                        log.end(None);
+                    if let Some(end) = end.as_deref_mut() {
+                        end.log(None);
                     }
                 }
                 polled.map_err(Into::into)

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
-use crate::body::{BodyIdle, ProxyBody, RequestBody};
+use crate::body::{BodyIdle, ProxyBody, RequestBody, StreamEnd};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
@@ -315,14 +315,7 @@ async fn handle(
         route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
     };
     let response = match forwarded {
-        Ok(mut response) => {
-            if let (Some(timeout), ProxyBody::Upstream { idle, .. }) =
-                (streams.idle, response.body_mut())
-            {
-                *idle = Some(BodyIdle::new(timeout, Arc::clone(&proxy.metrics)));
-            }
-            response
-        }
+        Ok(response) => response,
         Err(err) => {
             log.outcome.flags = err.flag();
             proxy.metrics.count_error(&err);
@@ -333,8 +326,11 @@ async fn handle(
     let mut response = response;
     match response.body_mut() {
         // Logged when the body ends, as Envoy logs at the end of the stream.
-        ProxyBody::Upstream { body, log: at, .. } if !body.is_end_stream() => {
-            *at = Some(crate::body::StreamLog(Box::new(log)));
+        ProxyBody::Upstream { body, end, .. } if !body.is_end_stream() => {
+            let idle = streams
+                .idle
+                .map(|timeout| BodyIdle::new(timeout, Arc::clone(&proxy.metrics)));
+            *end = Some(StreamEnd::new(idle, log));
         }
         _ => log.write(),
     }
@@ -1251,8 +1247,7 @@ fn prepare_response(
             body,
             connection,
             guard,
-            idle: None,
-            log: None,
+            end: None,
         },
     )
 }
