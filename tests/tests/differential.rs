@@ -1333,6 +1333,16 @@ spec:
                 &["-d", "payload", "http://plain.internal.com/flaky/503"],
             ),
             Probe::curl(
+                "Istio's default policy: POST with a streamed (chunked) body, a 503",
+                &[
+                    "-H",
+                    "transfer-encoding: chunked",
+                    "-d",
+                    "payload",
+                    "http://plain.internal.com/flaky/503",
+                ],
+            ),
+            Probe::curl(
                 "connect-failure, 3 retries, a refusing endpoint",
                 &["http://dead.internal.com/"],
             ),

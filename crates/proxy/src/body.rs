@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -173,15 +173,88 @@ impl Body for ProxyBody {
     }
 }
 
-/// A request body sent upstream: the client's, streamed, or none (a request without a
-/// body, rebuilt for a retry after the first attempt was reset before its response).
+/// A request body sent upstream: the client's, streamed (and copied, when it may have to
+/// be sent again), a copy sent again, or none.
 pub enum RequestBody {
     /// Streamed from the client.
     Client(Incoming),
     /// Streamed from the client; its frames move its stream's clock.
     Timed(Incoming, Arc<StreamClock>),
+    /// Streamed, and copied up to a bound as it goes (for retries and mirrors).
+    Copying(Box<RequestBody>, Box<BodyTap>),
+    /// A whole body sent again from its copy.
+    Replay(Option<Bytes>),
     /// No body.
     Empty,
+}
+
+/// What became of a request body's copy: `None` while the body streams, then the whole
+/// body, or `Lost` (over the bound, with trailers, or cut short).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Copied {
+    /// Every byte of the body.
+    Whole(Bytes),
+    /// No usable copy.
+    Lost,
+}
+
+/// Copies a request body as it streams, up to `limit` bytes (Envoy's request buffer
+/// limit); tells those waiting for the copy how it ended.
+pub struct BodyTap {
+    buf: BytesMut,
+    limit: usize,
+    ended: tokio::sync::watch::Sender<Option<Copied>>,
+}
+
+impl BodyTap {
+    /// A tap copying up to `limit` bytes, and where its copy can be awaited.
+    pub(crate) fn new(limit: usize) -> (BodyTap, tokio::sync::watch::Receiver<Option<Copied>>) {
+        let (ended, copy) = tokio::sync::watch::channel(None);
+        let tap = BodyTap {
+            buf: BytesMut::new(),
+            limit,
+            ended,
+        };
+        (tap, copy)
+    }
+
+    fn end(&mut self, how: Copied) {
+        if self.ended.borrow().is_none() {
+            self.ended.send_replace(Some(how));
+        }
+    }
+
+    /// Takes in one polled frame of the body (`None`: its end).
+    fn frame(&mut self, frame: Option<&Frame<Bytes>>, end_stream: bool) {
+        if self.ended.borrow().is_some() {
+            return;
+        }
+        match frame.map(Frame::data_ref) {
+            Some(Some(data)) if self.buf.len() + data.len() > self.limit => {
+                self.buf = BytesMut::new();
+                self.end(Copied::Lost);
+                return;
+            }
+            Some(Some(data)) => self.buf.extend_from_slice(data),
+            // Trailers are not replayed.
+            Some(None) => {
+                self.end(Copied::Lost);
+                return;
+            }
+            None => {}
+        }
+        if frame.is_none() || end_stream {
+            let whole = std::mem::take(&mut self.buf).freeze();
+            self.end(Copied::Whole(whole));
+        }
+    }
+}
+
+impl Drop for BodyTap {
+    /// A body never read to its end leaves no copy.
+    fn drop(&mut self) {
+        self.end(Copied::Lost);
+    }
 }
 
 impl Body for RequestBody {
@@ -203,6 +276,17 @@ impl Body for RequestBody {
                 }
                 polled
             }
+            RequestBody::Copying(body, tap) => {
+                let polled = Pin::new(&mut **body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => tap.frame(None, true),
+                    Poll::Ready(Some(Ok(frame))) => tap.frame(Some(frame), body.is_end_stream()),
+                    Poll::Ready(Some(Err(_))) => tap.end(Copied::Lost),
+                    Poll::Pending => {}
+                }
+                polled
+            }
+            RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -210,6 +294,8 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Client(body) | RequestBody::Timed(body, _) => body.is_end_stream(),
+            RequestBody::Copying(body, _) => body.is_end_stream(),
+            RequestBody::Replay(bytes) => bytes.is_none(),
             RequestBody::Empty => true,
         }
     }
@@ -217,7 +303,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Client(body) | RequestBody::Timed(body, _) => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Copying(body, _) => body.size_hint(),
+            RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            RequestBody::Replay(None) | RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

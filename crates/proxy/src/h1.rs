@@ -316,6 +316,7 @@ where
     let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
         r.rewrites()
             || r.fault.is_some()
+            || !r.mirrors.is_empty()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout
     });
@@ -323,8 +324,8 @@ where
         || crate::http::upstream_h2(&routed.decision, Version::HTTP_11)
         || attempt_digit(policy.attempts()).is_none()
     {
-        // The general path speaks HTTP/2 upstream, applies a route's rewrites, faults and
-        // timeout, and writes attempt counts of any length: give it the request back, and the
+        // The general path speaks HTTP/2 upstream, applies a route's rewrites, faults,
+        // mirrors and timeout, and writes attempt counts of any length: give it the request back, and the
         // logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);

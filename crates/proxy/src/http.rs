@@ -15,8 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_envoy::{AppendAction, FractionalPercent, HttpFault};
 use portcullis_registry::{
-    Connection, Decision, HeaderMutation, Headers, Protocol, Request as RouteRequest, Resource,
-    Route, split_host_port,
+    Connection, Decision, HeaderMutation, Headers, Mirror, Protocol, Request as RouteRequest,
+    Resource, Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
-use crate::body::{BodyIdle, ProxyBody, RequestBody, StreamEnd};
+use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
@@ -660,31 +660,64 @@ async fn route_and_forward(
         mutate_headers(req.headers_mut(), &route.request_headers);
     }
     let policy = RetryPolicy::of(matched);
-    // Where the policy resends after a reset (or, to HTTP/2, a refused stream), a request
-    // without a body can go again; one with a body cannot, as it has been streamed away.
-    let bodiless = req.body().is_end_stream() && client_upgrade.is_none();
+    let upgrade = client_upgrade.is_some();
+    let bodiless = req.body().is_end_stream();
+    // Where the policy resends after a reset (or, to HTTP/2, a refused stream) or for a
+    // status, or the route mirrors, the request may go again: its head is kept, and its
+    // body copied up to Envoy's buffer limit as it streams.
     let resends = policy.reset || (policy.refused_stream && h2) || policy.retries_statuses();
-    let replay = (resends && bodiless).then(|| {
-        (
+    let mirrors: Vec<&Mirror> = matched.map_or_else(Vec::new, |r| {
+        r.mirrors
+            .iter()
+            .filter(|m| m.fraction.is_none_or(sampled))
+            .collect()
+    });
+    let head = ((resends || !mirrors.is_empty()) && !upgrade).then(|| {
+        Arc::new((
             req.method().clone(),
             req.uri().clone(),
             req.version(),
             req.headers().clone(),
-        )
+        ))
     });
     let mut req = match req.extensions_mut().remove::<Arc<StreamClock>>() {
         Some(clock) => req.map(|body| RequestBody::Timed(body, clock)),
         None => req.map(RequestBody::Client),
     };
+    let copy = (head.is_some() && !bodiless).then(|| {
+        let (tap, copy) = BodyTap::new(REQUEST_BUFFER_LIMIT);
+        req = std::mem::replace(&mut req, Request::new(RequestBody::Empty))
+            .map(|body| RequestBody::Copying(Box::new(body), Box::new(tap)));
+        copy
+    });
+    for mirror in mirrors {
+        if let (Some(head), Decision::Cluster(_)) = (&head, &mirror.decision) {
+            let body = copy.clone();
+            let proxy = Arc::clone(proxy);
+            let (decision, head) = (mirror.decision.clone(), Arc::clone(head));
+            let h2 = upstream_h2(&decision, downstream_version);
+            tokio::spawn(async move { mirrored(&proxy, decision, head, body, h2).await });
+        }
+    }
     let again = || {
-        replay.as_ref().map(|(method, uri, version, headers)| {
-            let mut again = Request::new(RequestBody::Empty);
-            *again.method_mut() = method.clone();
-            *again.uri_mut() = uri.clone();
-            *again.version_mut() = *version;
-            *again.headers_mut() = headers.clone();
-            again
-        })
+        if !resends {
+            return None;
+        }
+        let (method, uri, version, headers) = head.as_deref()?;
+        let body = match &copy {
+            None => RequestBody::Empty,
+            // Sent again only when the copy holds all of it.
+            Some(copy) => match &*copy.borrow() {
+                Some(Copied::Whole(bytes)) => RequestBody::Replay(Some(bytes.clone())),
+                _ => return None,
+            },
+        };
+        let mut again = Request::new(body);
+        *again.method_mut() = method.clone();
+        *again.uri_mut() = uri.clone();
+        *again.version_mut() = *version;
+        *again.headers_mut() = headers.clone();
+        Some(again)
     };
     let mut attempts = Attempts::new(
         proxy,
@@ -782,6 +815,108 @@ async fn inject_fault(
         return Err(ProxyError::FaultAbort(abort.http_status));
     }
     Ok(())
+}
+
+/// The request head a retry or a mirror sends again.
+type Head = (Method, Uri, Version, HeaderMap);
+
+/// Envoy's default buffer limit of a connection, which bounds the copy of a request body
+/// kept for retries and mirrors (`per_request_buffer_limit_bytes`) when the route sets none.
+const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
+
+/// Sends a copy of a request to a mirror `decision`, as Envoy's shadowing does: the
+/// authority gets `-shadow` (before its port), the body is the copy (none when it was lost),
+/// no retries, over HTTP/2 when `h2`; the response is dropped and nothing is logged.
+async fn mirrored(
+    proxy: &Arc<Proxy>,
+    decision: Decision,
+    head: Arc<Head>,
+    body: Option<tokio::sync::watch::Receiver<Option<Copied>>>,
+    h2: bool,
+) {
+    let body = match body {
+        None => RequestBody::Empty,
+        Some(mut copy) => match copy.wait_for(Option::is_some).await.as_deref() {
+            Ok(Some(Copied::Whole(bytes))) => RequestBody::Replay(Some(bytes.clone())),
+            _ => {
+                tracing::debug!("request body not copied whole; no mirror sent");
+                return;
+            }
+        },
+    };
+    let (method, uri, _, headers) = &*head;
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = headers.clone();
+    let shadow = |authority: &str| {
+        let shadowed = match split_host_port(authority) {
+            Ok((host, Some(port))) => format!("{host}-shadow:{port}"),
+            _ => format!("{authority}-shadow"),
+        };
+        HeaderValue::from_str(&shadowed).ok()
+    };
+    if let Some(host) = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(shadow)
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    let mut parts = uri.clone().into_parts();
+    if let Some(authority) = parts
+        .authority
+        .as_ref()
+        .and_then(|a| shadow(a.as_str()))
+        .and_then(|a| a.to_str().ok()?.parse().ok())
+    {
+        parts.authority = Some(authority);
+    }
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| uri.clone());
+    let Decision::Cluster(cluster) = &decision else {
+        return;
+    };
+    let name = Arc::clone(&cluster.name);
+    let original = Original::Name("", 0);
+    let mut attempts = Attempts::new(
+        proxy,
+        (&decision, original),
+        &name,
+        RetryPolicy::NONE,
+        Some(Resource::Requests),
+    );
+    let Ok(Attempt { pick, .. }) = attempts.start().await else {
+        return;
+    };
+    let transport = Transport::new(pick.addr, pick.tls.as_ref(), upstream_authority(&req));
+    let target = attempts.target(&pick, &transport);
+    let sent = if h2 {
+        send_h2(proxy, target, req).await
+    } else {
+        send_h1(proxy, target, req).await
+    };
+    proxy
+        .metrics
+        .upstream_rq
+        .get_or_create(&ClusterLabels {
+            cluster_name: Label(name),
+        })
+        .inc();
+    if let Ok((response, pooled)) = sent {
+        // Read to its end, so that the connection can serve again.
+        let body = prepare_response(
+            response,
+            pooled,
+            pick.guard,
+            Version::HTTP_11,
+            Instant::now(),
+        );
+        let _ = http_body_util::BodyExt::collect(body.into_body()).await;
+    }
 }
 
 /// Whether this request falls in the share `p`, drawn as Envoy's fault filter does.

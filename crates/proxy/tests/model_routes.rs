@@ -76,6 +76,11 @@ fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
 /// `0.0.0.0_80` with an inline table: `app.internal` with every action, `block_all` for
 /// the rest.
 fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
+    model_with_shadow(app, refused, refused)
+}
+
+/// [`model`] with `/mirrored` copying its requests to `shadow`.
+fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -> Snapshot {
     let mut rewrite = route(
         "/old",
         RouteAction::Forward(envoy::Forward {
@@ -154,6 +159,30 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
                     percentage: none(),
                 }),
             ),
+            route(
+                "/flaky-echo",
+                RouteAction::Forward(envoy::Forward {
+                    retry_policy: Some(envoy::RetryPolicy {
+                        retry_on: vec!["retriable-status-codes".into()],
+                        num_retries: 1,
+                        per_try_timeout: None,
+                        retriable_status_codes: vec![503],
+                        avoid_previous_hosts: false,
+                        host_selection_retry_max_attempts: 0,
+                    }),
+                    ..envoy::Forward::to("app")
+                }),
+            ),
+            route(
+                "/mirrored",
+                RouteAction::Forward(envoy::Forward {
+                    request_mirror_policies: vec![envoy::RequestMirrorPolicy {
+                        cluster: "shadow".into(),
+                        runtime_fraction: None,
+                    }],
+                    ..envoy::Forward::to("app")
+                }),
+            ),
             route("/", RouteAction::Forward(envoy::Forward::to("app"))),
         ],
         request_headers_to_add: vec![set("x-level", "vhost", AppendAction::AppendIfExistsOrAdd)],
@@ -230,6 +259,7 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
             UpstreamTransport::IstioMutualTls(Default::default()),
         ),
         cluster("refused", refused, UpstreamTransport::Plaintext),
+        cluster("shadow", shadow, UpstreamTransport::Plaintext),
     ] {
         r.clusters.insert(c.name.clone(), Arc::new(c));
     }
@@ -390,4 +420,55 @@ async fn a_routes_fault_filter_delays_and_aborts_as_envoys_does() {
         text.contains("envoy_http_fault_delays_injected_total 1"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_copied_so_a_retry_can_send_it_again() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    // A chunked body takes the general path, which streams it upstream.
+    let request = "POST http://app.internal/flaky-echo HTTP/1.1\r\nHost: app.internal\r\n\
+                   transfer-encoding: chunked\r\n\r\n7\r\npayload\r\n0\r\n\r\n";
+    let (_, head, body) = common::raw(harness.addr, request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8(body).unwrap(), "payload");
+    let attempts: Vec<_> = app
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("flaky-echo"))
+        .map(|r| {
+            r.headers["x-envoy-attempt-count"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(attempts, ["1", "2"]);
+}
+
+#[tokio::test]
+async fn a_mirrored_request_goes_to_the_shadow_with_its_body_and_a_shadow_host() {
+    let (app, shadow) = (
+        Upstream::start("app").await,
+        Upstream::start("shadow").await,
+    );
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model_with_shadow(app.addr, refused, shadow.addr)).await;
+    let request = "POST http://app.internal/mirrored/echo HTTP/1.1\r\nHost: app.internal\r\n\
+                   content-length: 7\r\n\r\npayload";
+    let (_, head, body) = common::raw(harness.addr, request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8(body).unwrap(), "app");
+    common::within(async {
+        while shadow.requests().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let copy = &shadow.requests()[0];
+    assert_eq!(copy.uri, "/mirrored/echo");
+    assert_eq!(copy.headers["host"], "app.internal-shadow");
+    assert_eq!(copy.headers["content-length"], "7");
+    assert_eq!(app.requests().len(), 1);
 }

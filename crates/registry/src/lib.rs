@@ -27,7 +27,7 @@ pub use host::{HostError, normalize_host, split_host_port};
 pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMITED};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
 pub use route::{
-    Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Request, Route, RouteTable,
+    Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Mirror, Request, Route, RouteTable,
     VirtualHost,
 };
 pub use snapshot::{

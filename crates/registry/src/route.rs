@@ -112,6 +112,17 @@ pub struct Route {
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<envoy::HttpFault>,
+    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// One of a route's request mirrors: the cluster copies go to, resolved with the route.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// The cluster (or why there is none).
+    pub decision: Decision,
+    /// The share of requests copied; `None`: all.
+    pub fraction: Option<envoy::FractionalPercent>,
 }
 
 /// One header change.
@@ -449,6 +460,18 @@ impl Route {
                 .fault
                 .clone()
                 .filter(|f| f.delay.is_some() || f.abort.is_some()),
+            mirrors: match &r.action {
+                envoy::RouteAction::Forward(f) => f
+                    .request_mirror_policies
+                    .iter()
+                    .map(|m| Mirror {
+                        decision: target(&envoy::ClusterSpecifier::Cluster(m.cluster.clone()))
+                            .decide(),
+                        fraction: m.runtime_fraction,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
         })
     }
 

@@ -43,7 +43,9 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
-/// An HTTP/1.1 server on loopback answering its `name`, or echoing the body on `/echo`.
+/// An HTTP/1.1 server on loopback answering its `name`, or echoing the body on `/echo`;
+/// `/flaky-echo` reads the body and answers the first such request 503, later ones with
+/// the body.
 pub struct Upstream {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
@@ -65,27 +67,43 @@ impl Upstream {
         let accepts = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (task_accepts, task_seen) = (Arc::clone(&accepts), Arc::clone(&seen));
+        let flaky = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 task_accepts.fetch_add(1, Ordering::SeqCst);
-                let seen = Arc::clone(&task_seen);
+                let (seen, flaky) = (Arc::clone(&task_seen), Arc::clone(&flaky));
                 connections.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         seen.lock().unwrap().push(Seen {
                             uri: req.uri().to_string(),
                             headers: req.headers().clone(),
                         });
-                        let body = if req.uri().path() == "/echo" {
-                            Either::Left(req.into_body())
-                        } else {
-                            Either::Right(Full::new(Bytes::from_static(name.as_bytes())))
-                        };
-                        let mut response = Response::new(body);
-                        response
-                            .headers_mut()
-                            .insert("server", "upstream".parse().unwrap());
-                        async { Ok::<_, Infallible>(response) }
+                        let flaky = Arc::clone(&flaky);
+                        async move {
+                            let (body, status) = match req.uri().path() {
+                                "/echo" => (Either::Left(req.into_body()), StatusCode::OK),
+                                "/flaky-echo" => {
+                                    let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                                    let status = if flaky.fetch_add(1, Ordering::SeqCst) == 0 {
+                                        StatusCode::SERVICE_UNAVAILABLE
+                                    } else {
+                                        StatusCode::OK
+                                    };
+                                    (Either::Right(Full::new(bytes)), status)
+                                }
+                                _ => (
+                                    Either::Right(Full::new(Bytes::from_static(name.as_bytes()))),
+                                    StatusCode::OK,
+                                ),
+                            };
+                            let mut response = Response::new(body);
+                            *response.status_mut() = status;
+                            response
+                                .headers_mut()
+                                .insert("server", "upstream".parse().unwrap());
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     // Above hyper's default of 100 header fields, so that the proxy's own
                     // limit is what tests meet, not this server's.

@@ -83,9 +83,6 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
                 }
             }
         }
-        if h.mirror.is_some() || !h.mirrors.is_empty() {
-            not_yet("mirror");
-        }
         if h.cors_policy.is_some() {
             not_yet("corsPolicy");
         }
