@@ -188,6 +188,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
+            connection_limits: Default::default(),
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

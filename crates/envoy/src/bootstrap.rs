@@ -170,6 +170,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(10),
                 upstream_protocol: UpstreamProtocol::Http1,
                 circuit_breakers: Thresholds::default(),
+                connection_limits: crate::ConnectionLimits::default(),
                 load_assignment: None,
                 transport: UpstreamTransport::Plaintext,
                 transport_socket_matches: Vec::new(),

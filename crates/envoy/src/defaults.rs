@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::{
-    Cluster, ClusterSpecifier, Discovery, EndpointAddress, Forward, HealthStatus, LbEndpoint,
-    LbPolicy, Route, RouteAction, RouteMatch, Thresholds, UpstreamProtocol, UpstreamTransport,
+    Cluster, ClusterSpecifier, ConnectionLimits, Discovery, EndpointAddress, Forward, HealthStatus,
+    LbEndpoint, LbPolicy, Route, RouteAction, RouteMatch, Thresholds, UpstreamProtocol,
+    UpstreamTransport,
 };
 
 impl Cluster {
@@ -20,6 +21,7 @@ impl Cluster {
             connect_timeout: Duration::from_secs(5),
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
+            connection_limits: ConnectionLimits::default(),
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

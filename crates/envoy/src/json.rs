@@ -610,6 +610,47 @@ pub fn cluster(c: &Cluster) -> Value {
         }
         UpstreamProtocol::UseDownstream => Some(json!({"use_downstream_protocol_config": {}})),
     };
+    let limits = c.connection_limits;
+    let mut common = Map::new();
+    put(
+        &mut common,
+        "idle_timeout",
+        opt(limits.idle_timeout, duration),
+    );
+    put(
+        &mut common,
+        "max_requests_per_connection",
+        opt(limits.max_requests_per_connection, |n| json!(n)),
+    );
+    put(
+        &mut common,
+        "max_connection_duration",
+        opt(limits.max_connection_duration, duration),
+    );
+    if !common.is_empty() {
+        let options = protocol
+            .get_or_insert_with(|| json!({"explicit_http_config": {"http_protocol_options": {}}}));
+        options["common_http_protocol_options"] = Value::Object(common);
+    }
+    if let Some(k) = limits.tcp_keepalive {
+        let mut keepalive = Map::new();
+        put(
+            &mut keepalive,
+            "keepalive_probes",
+            opt(k.probes, |n| json!(n)),
+        );
+        let seconds = |d: Duration| json!(d.as_secs());
+        put(&mut keepalive, "keepalive_time", opt(k.time, seconds));
+        put(
+            &mut keepalive,
+            "keepalive_interval",
+            opt(k.interval, seconds),
+        );
+        o.insert(
+            "upstream_connection_options".into(),
+            json!({ "tcp_keepalive": keepalive }),
+        );
+    }
     if let UpstreamTransport::Tls(tls) = &c.transport
         && (tls.auto_sni || tls.auto_san_validation)
     {
@@ -1017,6 +1058,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
+            connection_limits: crate::ConnectionLimits::default(),
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: "outbound|80||app.internal.com".into(),
                 endpoints: vec![LocalityLbEndpoints {

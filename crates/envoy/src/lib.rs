@@ -529,6 +529,8 @@ pub struct Cluster {
     pub upstream_protocol: UpstreamProtocol,
     /// Circuit breaker thresholds at default priority.
     pub circuit_breakers: Thresholds,
+    /// Limits on each upstream connection.
+    pub connection_limits: ConnectionLimits,
     /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub load_assignment: Option<ClusterLoadAssignment>,
     /// Transport of every endpoint, unless a match below applies.
@@ -541,6 +543,31 @@ pub struct Cluster {
     /// Where the cluster came from, e.g. Istio's `metadata.filter_metadata.istio.config`
     /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`).
     pub source: Option<String>,
+}
+
+/// Envoy's limits on each upstream connection of a cluster: the HTTP protocol options'
+/// `common_http_protocol_options` and `upstream_connection_options.tcp_keepalive`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Closes a connection idle this long; `None`: Envoy's default of 1 h.
+    pub idle_timeout: Option<Duration>,
+    /// Closes a connection after this many requests; `None`: unlimited.
+    pub max_requests_per_connection: Option<u32>,
+    /// Closes a connection this long after it opened; `None`: never.
+    pub max_connection_duration: Option<Duration>,
+    /// TCP keepalive on upstream sockets; `None`: the system's (off).
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// Envoy's `TcpKeepalive`; unset fields take the system's values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Unanswered probes before the connection is dead.
+    pub probes: Option<u32>,
+    /// Idle time before the first probe.
+    pub time: Option<Duration>,
+    /// Time between probes.
+    pub interval: Option<Duration>,
 }
 
 /// Envoy's cluster discovery type.

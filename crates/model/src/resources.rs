@@ -225,7 +225,7 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     /// Connection pool limits.
     #[serde(default)]
-    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub connection_pool: Option<Box<ConnectionPoolSettings>>,
     /// Policies for single ports, each replacing the rule's parts it sets.
     #[serde(default, deserialize_with = "exact")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
@@ -293,7 +293,7 @@ impl TrafficPolicy {
         let mut parts = vec![(
             String::new(),
             self.load_balancer.as_ref(),
-            self.connection_pool.as_ref(),
+            self.connection_pool.as_deref(),
             self.outlier_detection.is_some(),
             self.tls.as_ref(),
         )];
@@ -301,7 +301,7 @@ impl TrafficPolicy {
             parts.push((
                 format!("portLevelSettings[{i}]."),
                 p.load_balancer.as_ref(),
-                p.connection_pool.as_ref(),
+                p.connection_pool.as_deref(),
                 p.outlier_detection.is_some(),
                 p.tls.as_ref(),
             ));
@@ -329,32 +329,12 @@ impl TrafficPolicy {
                     ("outlierDetection", outlier),
                     ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
                     (
-                        "connectionPool.tcp.tcpKeepalive",
-                        tcp.is_some_and(|t| t.tcp_keepalive.is_some()),
-                    ),
-                    (
-                        "connectionPool.tcp.maxConnectionDuration",
-                        tcp.is_some_and(|t| t.max_connection_duration.is_some()),
-                    ),
-                    (
                         "connectionPool.tcp.idleTimeout",
                         tcp.is_some_and(|t| t.idle_timeout.is_some()),
                     ),
                     (
-                        "connectionPool.http.idleTimeout",
-                        http.is_some_and(|h| h.idle_timeout.is_some()),
-                    ),
-                    (
-                        "connectionPool.http.maxRequestsPerConnection",
-                        http.is_some_and(|h| h.max_requests_per_connection.is_some()),
-                    ),
-                    (
                         "connectionPool.http.h2UpgradePolicy",
                         http.is_some_and(|h| h.h2_upgrade_policy.is_some()),
-                    ),
-                    (
-                        "connectionPool.http.useClientProtocol",
-                        http.is_some_and(|h| h.use_client_protocol.is_some()),
                     ),
                 ])
                 .filter(|(_, set)| *set);
@@ -376,7 +356,7 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     /// Connection pool limits for the port.
     #[serde(default)]
-    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub connection_pool: Option<Box<ConnectionPoolSettings>>,
     /// Not applied yet.
     #[serde(default)]
     pub outlier_detection: Option<Unapplied>,
@@ -416,15 +396,30 @@ pub struct TcpPoolSettings {
     /// `connectTimeout`.
     #[serde(default, deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
-    /// Not applied yet.
+    /// `tcpKeepalive`: TCP keepalive on upstream sockets.
     #[serde(default)]
-    pub tcp_keepalive: Option<Unapplied>,
-    /// Not applied yet.
-    #[serde(default)]
-    pub max_connection_duration: Option<Unapplied>,
+    pub tcp_keepalive: Option<TcpKeepaliveSettings>,
+    /// `maxConnectionDuration`: how long an upstream connection may live.
+    #[serde(default, deserialize_with = "duration")]
+    pub max_connection_duration: Option<Duration>,
     /// Not applied yet.
     #[serde(default)]
     pub idle_timeout: Option<Unapplied>,
+}
+
+/// `connectionPool.tcp.tcpKeepalive`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepaliveSettings {
+    /// `probes`: unanswered probes before the connection is dead.
+    #[serde(default)]
+    pub probes: Option<u32>,
+    /// `time`: idle time before the first probe.
+    #[serde(default, deserialize_with = "duration")]
+    pub time: Option<Duration>,
+    /// `interval`: time between probes.
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
 }
 
 /// `connectionPool.http`.
@@ -440,18 +435,18 @@ pub struct HttpPoolSettings {
     /// `maxRetries`: retries in flight.
     #[serde(default)]
     pub max_retries: Option<i64>,
-    /// Not applied yet.
+    /// `idleTimeout`: an upstream connection idle this long is closed.
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
+    /// `maxRequestsPerConnection`: requests one upstream connection carries.
     #[serde(default)]
-    pub idle_timeout: Option<Unapplied>,
-    /// Not applied yet.
-    #[serde(default)]
-    pub max_requests_per_connection: Option<Unapplied>,
+    pub max_requests_per_connection: Option<i64>,
     /// Not applied yet.
     #[serde(default)]
     pub h2_upgrade_policy: Option<Unapplied>,
-    /// Not applied yet.
+    /// `useClientProtocol`: the upstream speaks the client's HTTP version.
     #[serde(default)]
-    pub use_client_protocol: Option<Unapplied>,
+    pub use_client_protocol: Option<bool>,
 }
 
 /// A duration as Istio's YAML writes one: Go's `time.ParseDuration` syntax (`30ms`, `1.5s`,

@@ -615,7 +615,7 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
 /// Istio's checks of a `trafficPolicy`'s connection pools: no negative limit, and a
 /// connect timeout of at least a millisecond.
 fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
-    let mut pools = vec![(at.to_string(), policy.connection_pool.as_ref())];
+    let mut pools = vec![(at.to_string(), policy.connection_pool.as_deref())];
     if let Some(tls) = &policy.tls {
         client_tls(tls, &format!("{at}.tls"), out);
     }
@@ -634,7 +634,7 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
                 "port level settings need a port number between 1 and 65535".to_string(),
             );
         }
-        pools.push((here, port.connection_pool.as_ref()));
+        pools.push((here, port.connection_pool.as_deref()));
     }
     for (here, pool) in pools {
         let Some(pool) = pool else { continue };

@@ -35,7 +35,7 @@ use crate::http::{
 use crate::io::PrefixedIo;
 use crate::metrics::{ClusterLabels, Label, Metrics};
 use crate::origin::{PoolKey, Transport, UpstreamIo};
-use crate::pool::Conn;
+use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, RetryPolicy, Target};
 
 /// Header fields parsed per head; a request with more goes to the general path.
@@ -365,7 +365,11 @@ where
     log.outcome.status = response.status;
     let close = head.close || shutdown.is_cancelled();
     let Upstream {
-        conn: Conn { io: stream, hold },
+        conn: Conn {
+            io: stream,
+            hold,
+            life,
+        },
         key,
         buffered,
         guard,
@@ -385,7 +389,12 @@ where
         Ok((stream, reusable)) => {
             log.write();
             if reusable {
-                proxy.pool.put_raw(key, Conn { io: stream, hold });
+                let conn = Conn {
+                    io: stream,
+                    hold,
+                    life,
+                };
+                proxy.pool.put_raw(key, conn);
             }
             if close { Next::Close } else { Next::KeepAlive }
         }
@@ -519,7 +528,11 @@ async fn attempt_once(
                 .await
                 .map_err(Failure::Unsent)?;
             drop(pending);
-            Conn { io, hold }
+            Conn {
+                io,
+                hold,
+                life: Life::new(target.connection_limits()),
+            }
         }
     };
     if let Err(e) = conn.io.write_all(out).await {

@@ -31,7 +31,7 @@ use crate::h1;
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
 use crate::origin::Transport;
-use crate::pool::Conn;
+use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
 /// The downstream connection a request arrived on.
@@ -1029,7 +1029,15 @@ async fn send_h1(
             });
             drop(pending);
             let key = target.transport.key.clone();
-            proxy.pool.fresh(key, Conn { io: sender, hold })
+            let life = Life::new(target.connection_limits());
+            proxy.pool.fresh(
+                key,
+                Conn {
+                    io: sender,
+                    hold,
+                    life,
+                },
+            )
         }
     };
     match pooled.sender.try_send_request(req).await {

@@ -157,6 +157,9 @@ impl Proxy {
         let stream = self
             .connect(target.addr, target.cluster, target.connect_timeout)
             .await?;
+        if let Some(keepalive) = target.connection_limits().tcp_keepalive {
+            keep_alive(&stream, keepalive);
+        }
         let Some((tls, name)) = &target.transport.tls else {
             return Ok(UpstreamIo::Plain(stream));
         };
@@ -170,6 +173,24 @@ impl Proxy {
         tracing::debug!(cluster = target.cluster, upstream = %target.addr, error = %error, "upstream TLS handshake failed");
         self.count_connect_failure(target.cluster, &error);
         Err(error)
+    }
+}
+
+/// Turns TCP keepalive on for `stream` with the cluster's settings (the system's for
+/// those unset), as Envoy's `upstream_connection_options.tcp_keepalive`.
+fn keep_alive(stream: &TcpStream, k: portcullis_envoy::TcpKeepalive) {
+    let mut keepalive = socket2::TcpKeepalive::new();
+    if let Some(time) = k.time {
+        keepalive = keepalive.with_time(time);
+    }
+    if let Some(interval) = k.interval {
+        keepalive = keepalive.with_interval(interval);
+    }
+    if let Some(probes) = k.probes {
+        keepalive = keepalive.with_retries(probes);
+    }
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "cannot set TCP keepalive on an upstream connection");
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1::SendRequest, http2};
 use portcullis_balance::{ConnectionGuard, EndpointState};
+use portcullis_envoy::ConnectionLimits;
 use portcullis_registry::{ClusterLoad, Slot};
 use tokio::time::Instant;
 
@@ -101,6 +102,56 @@ pub struct Conn<T> {
     pub io: T,
     /// Its unit of the cluster's `max_connections`, when the cluster limits them.
     pub hold: Option<ConnHold>,
+    /// How long and for how many requests it may serve (boxed: one allocation per
+    /// connection keeps the response body that carries it small).
+    pub life: Box<Life>,
+}
+
+/// How long and for how many requests one connection may serve: its cluster's
+/// `max_requests_per_connection`, `max_connection_duration` and idle timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct Life {
+    limits: ConnectionLimits,
+    born: Instant,
+    served: u32,
+}
+
+impl Life {
+    /// A connection opened now under `limits`.
+    pub fn new(limits: ConnectionLimits) -> Box<Life> {
+        Box::new(Life {
+            limits,
+            born: Instant::now(),
+            served: 0,
+        })
+    }
+
+    /// Counts a request it carried to its end; whether it may carry another.
+    fn served(&mut self) -> bool {
+        self.served += 1;
+        self.limits
+            .max_requests_per_connection
+            .is_none_or(|max| self.served < max)
+            && !self.expired()
+    }
+
+    /// Whether it has lived its `max_connection_duration`.
+    fn expired(&self) -> bool {
+        self.limits
+            .max_connection_duration
+            .is_some_and(|d| self.born.elapsed() >= d)
+    }
+
+    /// Whether, idle since `since`, it has passed its idle timeout (`default` when the
+    /// cluster sets none; zero: never) or its lifetime.
+    fn stale(&self, since: Instant, default: Duration) -> bool {
+        let idle = match self.limits.idle_timeout {
+            Some(t) if t.is_zero() => false,
+            Some(t) => since.elapsed() > t,
+            None => since.elapsed() > default,
+        };
+        idle || self.expired()
+    }
 }
 
 impl<T> Conn<T> {
@@ -127,6 +178,8 @@ pub struct Pooled {
     pub sender: SendRequest<RequestBody>,
     /// What the connection holds against its cluster's limits.
     hold: Option<ConnHold>,
+    /// How long and for how many requests it may serve.
+    life: Box<Life>,
     /// Whether it was reused from the pool (a stale-connection race is then possible).
     pub reused: bool,
 }
@@ -137,6 +190,7 @@ impl Pooled {
         let conn = Conn {
             io: self.sender,
             hold: self.hold,
+            life: self.life,
         };
         self.pool.put(self.key, conn);
     }
@@ -158,7 +212,7 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, key: &PoolKey) -> Option<Pooled> {
         loop {
             let (mut conn, since) = self.idle.pop(key)?;
-            if since.elapsed() > self.idle_timeout || conn.io.is_closed() {
+            if conn.life.stale(since, self.idle_timeout) || conn.io.is_closed() {
                 continue;
             }
             if conn.io.ready().await.is_ok() {
@@ -167,6 +221,7 @@ impl Pool {
                     key: key.clone(),
                     sender: conn.io,
                     hold: conn.hold,
+                    life: conn.life,
                     reused: true,
                 });
             }
@@ -180,12 +235,13 @@ impl Pool {
             key,
             sender: conn.io,
             hold: conn.hold,
+            life: conn.life,
             reused: false,
         }
     }
 
-    fn put(&self, key: PoolKey, conn: Conn<SendRequest<RequestBody>>) {
-        if !conn.io.is_closed() {
+    fn put(&self, key: PoolKey, mut conn: Conn<SendRequest<RequestBody>>) {
+        if conn.life.served() && !conn.io.is_closed() {
             let waiters = conn.waiters();
             self.idle.push(key, conn, self.max_idle_per_endpoint);
             if let Some(load) = waiters {
@@ -220,7 +276,7 @@ impl Pool {
     pub fn checkout_raw(&self, key: &PoolKey) -> Option<Conn<UpstreamIo>> {
         loop {
             let (mut conn, since) = self.raw.pop(key)?;
-            if since.elapsed() <= self.idle_timeout && conn.io.still_open() {
+            if !conn.life.stale(since, self.idle_timeout) && conn.io.still_open() {
                 return Some(conn);
             }
         }
@@ -228,9 +284,14 @@ impl Pool {
 
     /// Keeps an HTTP/1.1 connection of the fast path whose last response has ended for the
     /// next request.
-    pub fn put_raw(&self, key: PoolKey, conn: Conn<UpstreamIo>) {
+    pub fn put_raw(&self, key: PoolKey, mut conn: Conn<UpstreamIo>) {
         let waiters = conn.waiters();
-        self.raw.push(key, conn, self.max_idle_per_endpoint);
+        if conn.life.served() {
+            self.raw.push(key, conn, self.max_idle_per_endpoint);
+        } else {
+            // At its request or time limit: closed, which leaves room to its cluster.
+            drop(conn);
+        }
         if let Some(load) = waiters {
             load.wake();
         }
@@ -255,9 +316,14 @@ mod tests {
     use super::*;
 
     fn plain(io: TcpStream) -> Conn<UpstreamIo> {
+        limited(io, ConnectionLimits::default())
+    }
+
+    fn limited(io: TcpStream, limits: ConnectionLimits) -> Conn<UpstreamIo> {
         Conn {
             io: UpstreamIo::Plain(io),
             hold: None,
+            life: Life::new(limits),
         }
     }
 
@@ -297,6 +363,55 @@ mod tests {
         assert_eq!(pool.idle_count(), 2);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(pool.checkout_raw(&addr).is_none());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clusters_connection_limits_retire_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = PoolKey::plain(listener.local_addr().unwrap());
+        let pool = Pool::new(4, Duration::from_secs(60));
+        let (client, _server) = connected(&listener).await;
+
+        // `max_requests_per_connection: 2`: back after the first request, not the second.
+        let two = ConnectionLimits {
+            max_requests_per_connection: Some(2),
+            ..ConnectionLimits::default()
+        };
+        pool.put_raw(addr.clone(), limited(client, two));
+        let again = pool.checkout_raw(&addr).expect("one more request");
+        pool.put_raw(addr.clone(), again);
+        assert_eq!(pool.idle_count(), 0);
+
+        // The cluster's idle timeout replaces the pool's; zero never expires.
+        let (client, _server) = connected(&listener).await;
+        let short = ConnectionLimits {
+            idle_timeout: Some(Duration::from_secs(5)),
+            ..ConnectionLimits::default()
+        };
+        pool.put_raw(addr.clone(), limited(client, short));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(pool.checkout_raw(&addr).is_none());
+        let (client, _server) = connected(&listener).await;
+        let never = ConnectionLimits {
+            idle_timeout: Some(Duration::ZERO),
+            ..ConnectionLimits::default()
+        };
+        pool.put_raw(addr.clone(), limited(client, never));
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let kept = pool.checkout_raw(&addr).expect("no idle timeout");
+
+        // `max_connection_duration`: retired once that old, idle or coming back.
+        drop(kept);
+        let (client, _server) = connected(&listener).await;
+        let brief = ConnectionLimits {
+            max_connection_duration: Some(Duration::from_secs(10)),
+            ..ConnectionLimits::default()
+        };
+        pool.put_raw(addr.clone(), limited(client, brief));
+        let young = pool.checkout_raw(&addr).expect("young enough");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        pool.put_raw(addr.clone(), young);
         assert_eq!(pool.idle_count(), 0);
     }
 }

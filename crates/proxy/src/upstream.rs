@@ -78,6 +78,16 @@ pub(crate) struct Target<'a> {
     pub endpoint: Option<&'a Arc<EndpointState>>,
 }
 
+impl Target<'_> {
+    /// The limits on each connection to the endpoint: its cluster's, else Envoy's defaults.
+    pub fn connection_limits(&self) -> portcullis_envoy::ConnectionLimits {
+        match self.decision {
+            Decision::Cluster(c) => c.connection_limits,
+            _ => portcullis_envoy::ConnectionLimits::default(),
+        }
+    }
+}
+
 /// How a request gets its upstream connection.
 #[derive(Debug)]
 pub enum Acquired<T> {

@@ -854,3 +854,35 @@ spec:
     assert_eq!(queued.connections, 1);
     assert_eq!(requests_flagged(&harness, "UO"), 1);
 }
+
+/// A DestinationRule's `http.maxRequestsPerConnection` retires an upstream connection after
+/// that many requests, on the HTTP/1.1 fast path and the general path alike.
+#[tokio::test]
+async fn max_requests_per_connection_retires_connections() {
+    let app = common::Upstream::start("app").await;
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: app, namespace: default}
+spec:
+  host: app.internal
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: 2}
+";
+    let yaml = common::service("app.internal", 80, "HTTP", &[app.port()]) + rule;
+    let harness = Harness::start(common::snapshot(&yaml, 1)).await;
+    for _ in 0..4 {
+        let answer = fetch(&harness, "http://app.internal/", Some("app.internal")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    assert_eq!(app.accepts(), 2);
+    // A chunked request body takes the general path.
+    for _ in 0..2 {
+        let request = "POST http://app.internal/ HTTP/1.1\r\nHost: app.internal\r\n\
+                       transfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n";
+        let (_, head, _) = common::raw(harness.addr, request).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    assert_eq!(app.accepts(), 3);
+}

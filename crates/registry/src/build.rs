@@ -173,18 +173,18 @@ fn traffic<'a>(
         .and_then(|pls| pls.load_balancer.as_ref())
         .or_else(|| policy.and_then(|tp| tp.load_balancer.as_ref()));
     let mut pool = port_level
-        .and_then(|pls| pls.connection_pool.as_ref())
-        .or_else(|| policy.and_then(|tp| tp.connection_pool.as_ref()));
+        .and_then(|pls| pls.connection_pool.as_deref())
+        .or_else(|| policy.and_then(|tp| tp.connection_pool.as_deref()));
     let mut tls = port_level
         .and_then(|pls| pls.tls.as_ref())
         .or_else(|| policy.and_then(|tp| tp.tls.as_ref()));
     if let Some(sp) = subset {
         load_balancer = sp.load_balancer.as_ref().or(load_balancer);
-        pool = sp.connection_pool.as_ref().or(pool);
+        pool = sp.connection_pool.as_deref().or(pool);
         tls = sp.tls.as_ref().or(tls);
         if let Some(pls) = at_port(sp) {
             load_balancer = pls.load_balancer.as_ref();
-            pool = pls.connection_pool.as_ref();
+            pool = pls.connection_pool.as_deref();
             tls = pls.tls.as_ref();
         }
     }

@@ -188,6 +188,7 @@ pub(crate) fn build(
         endpoints,
         balancer,
         connect_timeout: c.connect_timeout,
+        connection_limits: c.connection_limits,
         breakers: CircuitBreakers {
             thresholds: c.circuit_breakers,
             load: previous

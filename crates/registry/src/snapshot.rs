@@ -106,6 +106,8 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// Upstream connect timeout (Envoy's `connect_timeout`).
     pub connect_timeout: Duration,
+    /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive).
+    pub connection_limits: portcullis_envoy::ConnectionLimits,
     /// Circuit breakers (default priority).
     pub breakers: CircuitBreakers,
     /// The resources it was built from, when a later snapshot may share it while they stay

@@ -1080,8 +1080,18 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
         "  trafficPolicy:
     loadBalancer: {simple: RANDOM}
     connectionPool:
-      tcp: {maxConnections: 1, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 2, http2MaxRequests: 3, maxRetries: 0}
+      tcp:
+        maxConnections: 1
+        connectTimeout: 250ms
+        maxConnectionDuration: 30m
+        tcpKeepalive: {probes: 3, time: 600s, interval: 75s}
+      http:
+        http1MaxPendingRequests: 2
+        http2MaxRequests: 3
+        maxRetries: 0
+        idleTimeout: 30s
+        maxRequestsPerConnection: 10
+        useClientProtocol: true
     portLevelSettings:
     - port: {number: 8080}
       connectionPool:
@@ -1098,11 +1108,31 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
     assert_eq!(b.threshold(Limit::Retries), u32::MAX);
     assert_eq!(c.connect_timeout, std::time::Duration::from_millis(250));
     assert_eq!(c.balancer.policy(), Policy::Random);
+    let secs = std::time::Duration::from_secs;
+    assert_eq!(
+        c.connection_limits,
+        portcullis_envoy::ConnectionLimits {
+            idle_timeout: Some(secs(30)),
+            max_requests_per_connection: Some(10),
+            max_connection_duration: Some(secs(1800)),
+            tcp_keepalive: Some(portcullis_envoy::TcpKeepalive {
+                probes: Some(3),
+                time: Some(secs(600)),
+                interval: Some(secs(75)),
+            }),
+        }
+    );
+    // `useClientProtocol`: the client's HTTP version upstream.
+    assert_eq!(c.protocol, crate::Protocol::Auto);
     // The port's pool replaces the rule's whole; its balancer is still the rule's.
     let alt = cluster(&s, "outbound|8080||app.internal.com");
     assert_eq!(alt.breakers.threshold(Limit::Requests), 7);
     assert_eq!(alt.breakers.threshold(Limit::Connections), u32::MAX);
     assert_eq!(alt.connect_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(
+        alt.connection_limits,
+        portcullis_envoy::ConnectionLimits::default()
+    );
     assert_eq!(alt.balancer.policy(), Policy::Random);
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     // Other hosts keep Istio's defaults.
@@ -1247,8 +1277,6 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
         [
             "DestinationRule default/app: spec.trafficPolicy.loadBalancer.consistentHash is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
-            "DestinationRule default/app: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not applied yet",
-            "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
             "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
         ]

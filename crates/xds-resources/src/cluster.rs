@@ -8,9 +8,9 @@ use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use portcullis_envoy::{
-    Cluster, ClusterLoadAssignment, Discovery, EndpointAddress, HealthStatus, LbEndpoint, LbPolicy,
-    Locality, LocalityLbEndpoints, OriginalDst, Thresholds, TransportSocketMatch, UpstreamProtocol,
-    UpstreamTransport,
+    Cluster, ClusterLoadAssignment, ConnectionLimits, Discovery, EndpointAddress, HealthStatus,
+    LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst, TcpKeepalive, Thresholds,
+    TransportSocketMatch, UpstreamProtocol, UpstreamTransport,
 };
 use prost::Name;
 
@@ -143,6 +143,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
         connect_timeout,
         upstream_protocol: upstream_protocol(c)?,
         circuit_breakers: thresholds(c.circuit_breakers.as_ref()),
+        connection_limits: connection_limits(c)?,
         load_assignment,
         transport,
         transport_socket_matches,
@@ -253,6 +254,50 @@ fn upstream_protocol(c: &cds::Cluster) -> Result<UpstreamProtocol, Invalid> {
         Some(U::AutoConfig(_)) => Err(Invalid::new(field, "auto_config (ALPN) is not supported")),
         None => Ok(UpstreamProtocol::Http1),
     }
+}
+
+/// The limits on each upstream connection: the HTTP protocol options'
+/// `common_http_protocol_options` (idle timeout, requests and lifetime per connection) and
+/// `upstream_connection_options.tcp_keepalive`.
+fn connection_limits(c: &cds::Cluster) -> Result<ConnectionLimits, Invalid> {
+    let mut limits = ConnectionLimits::default();
+    if let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
+        let field = format!("typed_extension_protocol_options[{HTTP_OPTIONS}]");
+        let options: http_options::HttpProtocolOptions = unpack(any).at(&field)?;
+        if let Some(common) = options.common_http_protocol_options {
+            let at = format!("{field}.common_http_protocol_options");
+            limits.idle_timeout = common
+                .idle_timeout
+                .as_ref()
+                .map(|d| duration("idle_timeout", d))
+                .transpose()
+                .at(&at)?;
+            limits.max_requests_per_connection = common
+                .max_requests_per_connection
+                .map(|n| n.value)
+                .filter(|n| *n > 0);
+            limits.max_connection_duration = common
+                .max_connection_duration
+                .as_ref()
+                .map(|d| duration("max_connection_duration", d))
+                .transpose()
+                .at(&at)?
+                .filter(|d| !d.is_zero());
+        }
+    }
+    if let Some(k) = c
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())
+    {
+        let seconds = |v: Option<u32>| v.map(|s| Duration::from_secs(u64::from(s)));
+        limits.tcp_keepalive = Some(TcpKeepalive {
+            probes: k.keepalive_probes.map(|v| v.value),
+            time: seconds(k.keepalive_time.map(|v| v.value)),
+            interval: seconds(k.keepalive_interval.map(|v| v.value)),
+        });
+    }
+    Ok(limits)
 }
 
 /// The cluster's `upstream_http_protocol_options`: SNI and SAN validation from the

@@ -728,10 +728,38 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
                     },
                 ),
             ),
+            // What istiod writes for a DestinationRule's connectionPool.
+            common_http_protocol_options: Some(core::HttpProtocolOptions {
+                idle_timeout: secs(30),
+                max_requests_per_connection: Some(UInt32Value { value: 10 }),
+                max_connection_duration: secs(1800),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     );
+    proto.upstream_connection_options = Some(cds::UpstreamConnectionOptions {
+        tcp_keepalive: Some(core::TcpKeepalive {
+            keepalive_probes: Some(UInt32Value { value: 3 }),
+            keepalive_time: Some(UInt32Value { value: 600 }),
+            keepalive_interval: None,
+        }),
+        ..Default::default()
+    });
     let c = cluster(&proto).unwrap();
+    assert_eq!(
+        c.connection_limits,
+        portcullis_envoy::ConnectionLimits {
+            idle_timeout: Some(Duration::from_secs(30)),
+            max_requests_per_connection: Some(10),
+            max_connection_duration: Some(Duration::from_secs(1800)),
+            tcp_keepalive: Some(portcullis_envoy::TcpKeepalive {
+                probes: Some(3),
+                time: Some(Duration::from_secs(600)),
+                interval: None,
+            }),
+        }
+    );
     assert_eq!(
         c.discovery,
         Discovery::Eds {

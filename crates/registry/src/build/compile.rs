@@ -974,6 +974,7 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         connect_timeout: CONNECT_TIMEOUT,
         upstream_protocol: UpstreamProtocol::Http1,
         circuit_breakers: istio_thresholds(),
+        connection_limits: portcullis_envoy::ConnectionLimits::default(),
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
@@ -984,7 +985,10 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
 
 /// A DestinationRule's `connectionPool` on a cluster, as istiod writes it: each limit that
 /// is set and above zero becomes the default-priority threshold (zero keeps Istio's
-/// unlimited), and `tcp.connectTimeout` the cluster's connect timeout.
+/// unlimited), `tcp.connectTimeout` the cluster's connect timeout, the per-connection
+/// settings (`http.idleTimeout`, `http.maxRequestsPerConnection`,
+/// `tcp.maxConnectionDuration`, `tcp.tcpKeepalive`) the connection limits, and
+/// `http.useClientProtocol` the downstream's protocol upstream.
 fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
     let limit = |v: Option<i64>| v.filter(|v| *v > 0).and_then(|v| u32::try_from(v).ok());
     let t = &mut cluster.circuit_breakers;
@@ -999,12 +1003,32 @@ fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
             t.max_retries = v;
         }
     }
+    let limits = &mut cluster.connection_limits;
+    if let Some(http) = &pool.http {
+        limits.idle_timeout = http.idle_timeout.or(limits.idle_timeout);
+        if let Some(v) = limit(http.max_requests_per_connection) {
+            limits.max_requests_per_connection = Some(v);
+        }
+        if http.use_client_protocol == Some(true) {
+            cluster.upstream_protocol = UpstreamProtocol::UseDownstream;
+        }
+    }
     if let Some(tcp) = &pool.tcp {
         if let Some(v) = limit(tcp.max_connections) {
             t.max_connections = v;
         }
         if let Some(timeout) = tcp.connect_timeout {
             cluster.connect_timeout = timeout;
+        }
+        if let Some(d) = tcp.max_connection_duration.filter(|d| !d.is_zero()) {
+            limits.max_connection_duration = Some(d);
+        }
+        if let Some(k) = &tcp.tcp_keepalive {
+            limits.tcp_keepalive = Some(portcullis_envoy::TcpKeepalive {
+                probes: k.probes,
+                time: k.time,
+                interval: k.interval,
+            });
         }
     }
 }
