@@ -37,12 +37,18 @@ pub const UP_FROM_HAPROXY_POD: &str = "10.251.3.1";
 pub const SIDECAR_HOST: &str = "upstream.bench";
 /// The ServiceEntry host the explicit proxy routes to the upstream.
 pub const EXPLICIT_HOST: &str = "upstream-peers.bench";
+/// The host whose requests portcullis, HAProxy and Envoy send over TLS (origination).
+pub const TLS_HOST: &str = "upstream-tls.bench";
 /// Port of the bulk TCP source, registered as opaque TCP.
 pub const BULK_PORT: u16 = 9000;
 /// Loopback ports of the proxies in the peers namespace.
 pub const HAPROXY_PORT: u16 = 10001;
 /// nginx as a reverse proxy.
 pub const NGINX_PORT: u16 = 10002;
+/// HAProxy originating TLS to the upstream.
+pub const HAPROXY_TLS_PORT: u16 = 10011;
+/// Envoy originating TLS to the upstream.
+pub const ENVOY_TLS_PORT: u16 = 10013;
 /// Envoy.
 pub const ENVOY_PORT: u16 = 10003;
 /// portcullis `--http-proxy`.
@@ -397,8 +403,9 @@ pub fn tail(text: &str, lines: usize) -> String {
 }
 
 /// nginx serving [`PAGE`] on port 80 of every address of its namespace.
-pub fn upstream_nginx_conf(home: &Path) -> String {
+pub fn upstream_nginx_conf(home: &Path, tls: &Path) -> String {
     let h = home.display();
+    let t = tls.display();
     format!(
         "daemon off;
 worker_processes 1;
@@ -420,9 +427,77 @@ http {{
         root {h}/html;
         index index.html;
     }}
+    server {{
+        listen 443 ssl backlog=65535;
+        server_name _;
+        ssl_certificate {t}/server.pem;
+        ssl_certificate_key {t}/server.key;
+        root {h}/html;
+        index index.html;
+    }}
 }}
 "
     )
+}
+
+/// A test CA and a certificate it signs for [`TLS_HOST`], written to `dir` (`ca.pem`,
+/// `server.pem`, `server.key`) with openssl.
+pub fn make_test_ca(dir: &Path) -> anyhow::Result<()> {
+    let d = |name: &str| dir.join(name).display().to_string();
+    run(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=portcullis bench CA",
+        "-keyout",
+        &d("ca.key"),
+        "-out",
+        &d("ca.pem"),
+    ]))?;
+    run(Command::new("openssl").args([
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        &format!("/CN={TLS_HOST}"),
+        "-keyout",
+        &d("server.key"),
+        "-out",
+        &d("server.csr"),
+    ]))?;
+    let ext = dir.join("san.ext");
+    std::fs::write(&ext, format!("subjectAltName=DNS:{TLS_HOST}\n"))?;
+    run(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        &d("server.csr"),
+        "-CA",
+        &d("ca.pem"),
+        "-CAkey",
+        &d("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &d("san.ext"),
+        "-out",
+        &d("server.pem"),
+    ]))?;
+    for name in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
 }
 
 /// nginx as a reverse proxy to the upstream: one worker, upstream keep-alive.
@@ -475,15 +550,22 @@ defaults
     http-reuse always
 ";
 
-/// HAProxy as a reverse proxy in front of the upstream.
-pub fn haproxy_conf() -> String {
+/// HAProxy as a reverse proxy in front of the upstream, over plain HTTP and, verifying the
+/// upstream against `ca`, over TLS.
+pub fn haproxy_conf(ca: &Path) -> String {
     format!(
         "{HAPROXY_COMMON}frontend bench
     bind 127.0.0.1:{HAPROXY_PORT}
     default_backend up
 backend up
     server s1 {UP_FROM_PEERS}:80
-"
+frontend bench-tls
+    bind 127.0.0.1:{HAPROXY_TLS_PORT}
+    default_backend up-tls
+backend up-tls
+    server s1 {UP_FROM_PEERS}:443 ssl verify required ca-file {} sni str({TLS_HOST}) verifyhost {TLS_HOST}
+",
+        ca.display()
     )
 }
 
@@ -502,7 +584,8 @@ backend original
 
 /// Envoy as its own benchmarking guide advises: no request ids, no dynamic stats, no
 /// access log.
-pub fn envoy_conf() -> String {
+pub fn envoy_conf(ca: &Path) -> String {
+    let ca = ca.display();
     format!(
         r#"static_resources:
   listeners:
@@ -525,7 +608,43 @@ pub fn envoy_conf() -> String {
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
               dynamic_stats: false
+  - name: bench-tls
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_TLS_PORT}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench_tls
+          generate_request_id: false
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: up-tls}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              dynamic_stats: false
   clusters:
+  - name: up-tls
+    connect_timeout: 5s
+    type: STATIC
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {TLS_HOST}
+        common_tls_context:
+          validation_context:
+            trusted_ca: {{filename: {ca}}}
+            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {TLS_HOST}}}}}]
+    load_assignment:
+      cluster_name: up-tls
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {UP_FROM_PEERS}, port_value: 443}}}}}}
   - name: up
     connect_timeout: 5s
     type: STATIC
@@ -541,7 +660,8 @@ pub fn envoy_conf() -> String {
 /// The registry both portcullis instances load: the upstream under two names (one per
 /// side of the up namespace), the bulk source as opaque TCP, and `fillers` unrelated
 /// ServiceEntries so that the registry is the size of a real mesh's.
-pub fn portcullis_conf(fillers: usize) -> String {
+pub fn portcullis_conf(fillers: usize, ca: &Path) -> String {
+    let ca = ca.display();
     let mut out = format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -573,6 +693,24 @@ spec:
   location: MESH_EXTERNAL
   resolution: STATIC
   endpoints: [{{address: {UP_FROM_POD}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: upstream-tls, namespace: default}}
+spec:
+  hosts: [{TLS_HOST}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 443}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_PEERS}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: upstream-tls, namespace: default}}
+spec:
+  host: {TLS_HOST}
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}, sni: {TLS_HOST}}}
 "
     );
     for i in 0..fillers {

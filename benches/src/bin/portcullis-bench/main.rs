@@ -142,12 +142,14 @@ struct Plan {
     tcp_bytes: u64,
 }
 
-/// The HTTP load cases: (name, title, connections, connection-per-request).
-const CASES: [(&str, &str, u32, bool); 3] = [
+/// The HTTP load cases: (name, title, connections, connection-per-request, TLS to the
+/// upstream).
+const CASES: [(&str, &str, u32, bool, bool); 4] = [
     (
         "keepalive-c1",
         "HTTP/1.1 keep-alive, 1 connection",
         1,
+        false,
         false,
     ),
     (
@@ -155,11 +157,20 @@ const CASES: [(&str, &str, u32, bool); 3] = [
         "HTTP/1.1 keep-alive, 50 connections",
         50,
         false,
+        false,
     ),
     (
         "close-c50",
         "New connection per request (`Connection: close`), 50 connections",
         50,
+        true,
+        false,
+    ),
+    (
+        "tls-origination-c50",
+        "TLS origination: plain HTTP/1.1 keep-alive in, TLS (verified, pooled) to the upstream, 50 connections; `direct` is wrk over TLS",
+        50,
+        false,
         true,
     ),
 ];
@@ -413,7 +424,10 @@ fn parallelism(exe: &Path) -> anyhow::Result<String> {
 
 /// Starts everything, runs every measurement, returns the report's body.
 fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow::Result<String> {
-    let upstream = start_upstream(lab, exe)?;
+    let tls = lab.mkdir("tls")?;
+    lab::make_test_ca(&tls)?;
+    let ca = tls.join("ca.pem");
+    let upstream = start_upstream(lab, exe, &tls)?;
     let mut targets = vec![Target {
         name: "direct",
         ns: Ns::Peers,
@@ -422,8 +436,9 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         script: None,
         pid: None,
     }];
-    targets.extend(start_peers(lab, args)?);
-    let (explicit, sidecar, sidecar_config) = start_portcullis(lab, args)?;
+    let (peers, mut tls_targets) = start_peers(lab, args, &ca)?;
+    targets.extend(peers);
+    let (explicit, sidecar, sidecar_config) = start_portcullis(lab, args, &ca)?;
     let explicit_script = lab.dir.join("absolute-form.lua");
     lab.write(
         &explicit_script,
@@ -443,18 +458,32 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         lab::UP_FROM_POD,
         sidecar,
     ));
-    for t in &targets {
+    let tls_script = lab.dir.join("absolute-form-tls.lua");
+    lab.write(
+        &tls_script,
+        &format!("wrk.path = \"http://{}/\"\n", lab::TLS_HOST),
+    )?;
+    tls_targets.push(Target {
+        name: "portcullis explicit",
+        ns: Ns::Peers,
+        url: format!("http://127.0.0.1:{}/", lab::EXPLICIT_PORT),
+        headers: vec![format!("Host: {}", lab::TLS_HOST)],
+        script: Some(tls_script),
+        pid: Some(explicit),
+    });
+    for t in targets.iter().chain(&tls_targets) {
         let mut curl_args: Vec<String> = t
             .headers
             .iter()
             .flat_map(|h| ["-H".to_owned(), h.clone()])
             .collect();
-        if t.script.is_some() {
-            curl_args.extend([
-                "-x".to_owned(),
-                t.url.clone(),
-                format!("http://{}/", lab::EXPLICIT_HOST),
-            ]);
+        if let Some(host) = t.headers.iter().find_map(|h| h.strip_prefix("Host: "))
+            && t.script.is_some()
+        {
+            curl_args.extend(["-x".to_owned(), t.url.clone(), format!("http://{host}/")]);
+        } else if t.url.starts_with("https:") {
+            // wrk does not verify the upstream's certificate either.
+            curl_args.extend(["-k".to_owned(), t.url.clone()]);
         } else {
             curl_args.push(t.url.clone());
         }
@@ -474,8 +503,9 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         let cases = CASES
             .iter()
             .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| n == c.0));
-        for &(case, _, conns, close) in cases {
-            for t in &targets {
+        for &(case, _, conns, close, tls) in cases {
+            let targets = if tls { &tls_targets } else { &targets };
+            for t in targets {
                 eprintln!("rep {}/{} {case} {}", rep + 1, plan.reps, t.name);
                 let s = http_run(lab, t, case, conns, close, plan.secs, upstream, rep)?;
                 eprintln!(
@@ -523,13 +553,13 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
 }
 
 /// The nginx upstream and the bulk TCP source in the up namespace; returns nginx's PID.
-fn start_upstream(lab: &mut Lab, exe: &Path) -> anyhow::Result<u32> {
+fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> {
     let home = lab.mkdir("upstream")?;
     lab.mkdir("upstream/html")?;
     lab.mkdir("upstream/tmp")?;
     lab.write(&home.join("html/index.html"), lab::PAGE)?;
     let conf = home.join("nginx.conf");
-    lab.write(&conf, &lab::upstream_nginx_conf(&home))?;
+    lab.write(&conf, &lab::upstream_nginx_conf(&home, tls))?;
     let h = home.display().to_string();
     let mut cmd = lab.pinned(Ns::Up, "nginx");
     cmd.args(["-p", &h, "-e", &format!("{h}/error.log"), "-c"])
@@ -545,9 +575,22 @@ fn start_upstream(lab: &mut Lab, exe: &Path) -> anyhow::Result<u32> {
     Ok(pid)
 }
 
-/// HAProxy, nginx and Envoy as reverse proxies in the peers namespace.
-fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
+/// HAProxy, nginx and Envoy as reverse proxies in the peers namespace; returns the
+/// targets of the plain HTTP cases and those of TLS origination (verifying against `ca`).
+fn start_peers(
+    lab: &mut Lab,
+    args: &RunArgs,
+    ca: &Path,
+) -> anyhow::Result<(Vec<Target>, Vec<Target>)> {
     let mut targets = Vec::new();
+    let mut tls_targets = vec![Target {
+        name: "direct",
+        ns: Ns::Peers,
+        url: format!("https://{}/", lab::UP_FROM_PEERS),
+        headers: Vec::new(),
+        script: None,
+        pid: None,
+    }];
     let target = |name, port: u16, pid| Target {
         name,
         ns: Ns::Peers,
@@ -558,11 +601,12 @@ fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
     };
 
     let conf = lab.dir.join("haproxy.cfg");
-    lab.write(&conf, &lab::haproxy_conf())?;
+    lab.write(&conf, &lab::haproxy_conf(ca))?;
     let mut cmd = lab.pinned(Ns::Peers, "haproxy");
     cmd.args(["-db", "-f"]).arg(&conf);
     let pid = lab.spawn("haproxy", &mut cmd)?;
     targets.push(target("HAProxy", lab::HAPROXY_PORT, pid));
+    tls_targets.push(target("HAProxy", lab::HAPROXY_TLS_PORT, pid));
 
     let home = lab.mkdir("nginx-proxy")?;
     lab.mkdir("nginx-proxy/tmp")?;
@@ -606,7 +650,7 @@ fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
 
     if let Some(envoy) = &args.envoy {
         let conf = lab.dir.join("envoy.yaml");
-        lab.write(&conf, &lab::envoy_conf())?;
+        lab.write(&conf, &lab::envoy_conf(ca))?;
         let mut cmd = lab.pinned(Ns::Peers, &envoy.display().to_string());
         cmd.args([
             "--concurrency",
@@ -619,20 +663,25 @@ fn start_peers(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<Vec<Target>> {
         .arg(&conf);
         let pid = lab.spawn("envoy", &mut cmd)?;
         targets.push(target("Envoy", lab::ENVOY_PORT, pid));
+        tls_targets.push(target("Envoy", lab::ENVOY_TLS_PORT, pid));
     }
-    Ok(targets)
+    Ok((targets, tls_targets))
 }
 
 /// portcullis as the explicit proxy (peers) and as the sidecar (pod, uid 1337, iptables);
 /// returns their PIDs and the sidecar's config folder.
-fn start_portcullis(lab: &mut Lab, args: &RunArgs) -> anyhow::Result<(u32, u32, PathBuf)> {
+fn start_portcullis(
+    lab: &mut Lab,
+    args: &RunArgs,
+    ca: &Path,
+) -> anyhow::Result<(u32, u32, PathBuf)> {
     // A private copy that uid 1337 can surely read and execute.
     let bin = lab.dir.join("portcullis");
     std::fs::copy(&args.portcullis, &bin)
         .with_context(|| format!("copying {}", args.portcullis.display()))?;
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let bin = bin.display().to_string();
-    let registry = lab::portcullis_conf(args.fillers);
+    let registry = lab::portcullis_conf(args.fillers, ca);
     let mut pids = Vec::new();
     let mut dirs = Vec::new();
     for (name, ns) in [

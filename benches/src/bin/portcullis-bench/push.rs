@@ -124,7 +124,10 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
         .build()?;
     let mut lab = Lab::new()?;
     let started = std::time::Instant::now();
-    crate::start_upstream(&mut lab, exe)?;
+    // The upstream's TLS port is not used here, but its nginx needs a certificate.
+    let tls = lab.mkdir("tls")?;
+    crate::lab::make_test_ca(&tls)?;
+    crate::start_upstream(&mut lab, exe, &tls)?;
     lab.run_in(
         Ns::Up,
         "ip",
