@@ -14,10 +14,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use portcullis_envoy::{
-    self as envoy, Discovery, FilterChain, FilterChainMatch, HttpConnectionManager, NetworkFilter,
-    PathMatch, Resources, RouteAction, RouteMatch, RouteSource, Thresholds,
-};
+use portcullis_envoy::{self as envoy, Discovery, PathMatch, RouteAction, RouteMatch, Thresholds};
 use portcullis_proxy::ProxyConfig;
 use portcullis_registry::Snapshot;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -182,35 +179,7 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
         ignore_port_in_host_matching: true,
         ..Default::default()
     };
-    let listener = envoy::Listener {
-        name: "0.0.0.0_80".into(),
-        address: "0.0.0.0:80".parse().unwrap(),
-        bind_to_port: false,
-        use_original_dst: false,
-        listener_filters: Vec::new(),
-        filter_chains: vec![FilterChain {
-            name: String::new(),
-            filter_chain_match: FilterChainMatch::default(),
-            filter: NetworkFilter::Http(HttpConnectionManager {
-                stat_prefix: "outbound_0.0.0.0_80".into(),
-                route_config: RouteSource::Inline(table),
-                stream_idle_timeout: None,
-                request_timeout: None,
-                accept_http_10: false,
-                skipped_filters: Vec::new(),
-            }),
-            skipped_filters: Vec::new(),
-            transport_socket: None,
-        }],
-        default_filter_chain: None,
-    };
-    let mut r = Resources::default();
-    r.listeners
-        .insert(listener.name.clone(), Arc::new(listener));
-    for c in clusters {
-        r.clusters.insert(c.name.clone(), Arc::new(c));
-    }
-    Snapshot::index(&r, &|_| None, None, 1)
+    common::http_model(table, clusters)
 }
 
 /// The value of Prometheus counter `name` for `cluster`, 0 when absent.

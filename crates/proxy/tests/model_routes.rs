@@ -4,13 +4,11 @@
 //! TLS.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_envoy::{
-    self as envoy, AppendAction, Denominator, Discovery, FaultAbort, FaultDelay, FilterChain,
-    FilterChainMatch, FractionalPercent, HeaderValueOption, HttpConnectionManager, HttpFault,
-    NetworkFilter, PathMatch, Resources, RouteAction, RouteMatch, RouteSource, UpstreamTransport,
+    self as envoy, AppendAction, Denominator, Discovery, FaultAbort, FaultDelay, FractionalPercent,
+    HeaderValueOption, HttpFault, PathMatch, RouteAction, RouteMatch, UpstreamTransport,
 };
 use portcullis_registry::Snapshot;
 
@@ -226,44 +224,19 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
         ignore_port_in_host_matching: true,
         ..Default::default()
     };
-    let mut r = Resources::default();
-    let listener = envoy::Listener {
-        name: "0.0.0.0_80".into(),
-        address: "0.0.0.0:80".parse().unwrap(),
-        bind_to_port: false,
-        use_original_dst: false,
-        listener_filters: Vec::new(),
-        filter_chains: vec![FilterChain {
-            name: String::new(),
-            filter_chain_match: FilterChainMatch::default(),
-            filter: NetworkFilter::Http(HttpConnectionManager {
-                stat_prefix: "outbound_0.0.0.0_80".into(),
-                route_config: RouteSource::Inline(table),
-                stream_idle_timeout: None,
-                request_timeout: None,
-                accept_http_10: false,
-                skipped_filters: Vec::new(),
-            }),
-            skipped_filters: Vec::new(),
-            transport_socket: None,
-        }],
-        default_filter_chain: None,
-    };
-    r.listeners
-        .insert(listener.name.clone(), Arc::new(listener));
-    for c in [
-        cluster("app", app, UpstreamTransport::Plaintext),
-        cluster(
-            "mtls",
-            app,
-            UpstreamTransport::IstioMutualTls(Default::default()),
-        ),
-        cluster("refused", refused, UpstreamTransport::Plaintext),
-        cluster("shadow", shadow, UpstreamTransport::Plaintext),
-    ] {
-        r.clusters.insert(c.name.clone(), Arc::new(c));
-    }
-    Snapshot::index(&r, &|_| None, None, 1)
+    common::http_model(
+        table,
+        [
+            cluster("app", app, UpstreamTransport::Plaintext),
+            cluster(
+                "mtls",
+                app,
+                UpstreamTransport::IstioMutualTls(Default::default()),
+            ),
+            cluster("refused", refused, UpstreamTransport::Plaintext),
+            cluster("shadow", shadow, UpstreamTransport::Plaintext),
+        ],
+    )
 }
 
 #[tokio::test]

@@ -29,6 +29,47 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+/// A snapshot with one HTTP listener, `0.0.0.0_80`, serving the inline route `table`, and
+/// `clusters`, as an istiod-built model is indexed.
+pub fn http_model(
+    table: portcullis_envoy::RouteConfiguration,
+    clusters: impl IntoIterator<Item = portcullis_envoy::Cluster>,
+) -> Snapshot {
+    use portcullis_envoy::{
+        FilterChain, FilterChainMatch, HttpConnectionManager, Listener, NetworkFilter, Resources,
+        RouteSource,
+    };
+    let listener = Listener {
+        name: "0.0.0.0_80".into(),
+        address: "0.0.0.0:80".parse().unwrap(),
+        bind_to_port: false,
+        use_original_dst: false,
+        listener_filters: Vec::new(),
+        filter_chains: vec![FilterChain {
+            name: String::new(),
+            filter_chain_match: FilterChainMatch::default(),
+            filter: NetworkFilter::Http(HttpConnectionManager {
+                stat_prefix: "outbound_0.0.0.0_80".into(),
+                route_config: RouteSource::Inline(table),
+                stream_idle_timeout: None,
+                request_timeout: None,
+                accept_http_10: false,
+                skipped_filters: Vec::new(),
+            }),
+            skipped_filters: Vec::new(),
+            transport_socket: None,
+        }],
+        default_filter_chain: None,
+    };
+    let mut r = Resources::default();
+    r.listeners
+        .insert(listener.name.clone(), Arc::new(listener));
+    for c in clusters {
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+    }
+    Snapshot::index(&r, &|_| None, None, 1)
+}
+
 /// Fails a test that hangs instead of letting it run forever.
 pub async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(20), f)
