@@ -1085,9 +1085,11 @@ async fn send_h2(
                         ));
                     }
                 };
-            proxy
-                .pool
-                .put_h2(target.transport.key.clone(), sender.clone());
+            proxy.pool.put_h2(
+                target.transport.key.clone(),
+                sender.clone(),
+                Life::new(target.connection_limits()),
+            );
             drop(pending);
             // The connection holds its unit of `max_connections` until it ends; requests
             // waiting for it are woken now that it is shared.

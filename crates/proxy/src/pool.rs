@@ -165,9 +165,16 @@ impl<T> Conn<T> {
 pub struct Pool {
     idle: Idle<Conn<SendRequest<RequestBody>>>,
     raw: Idle<Conn<UpstreamIo>>,
-    h2: Mutex<HashMap<PoolKey, http2::SendRequest<RequestBody>>>,
+    h2: Mutex<HashMap<PoolKey, Shared>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
+}
+
+/// A shared HTTP/2 connection: its sender, its limits, and when it last took a stream.
+struct Shared {
+    sender: http2::SendRequest<RequestBody>,
+    life: Box<Life>,
+    used: Instant,
 }
 
 /// A connection checked out of (or new for) the pool.
@@ -250,25 +257,45 @@ impl Pool {
         }
     }
 
-    /// The shared HTTP/2 connection for `key`, if one is open.
+    /// The shared HTTP/2 connection for `key`, if one is open and within its cluster's
+    /// limits; each call is one stream on it. One past its idle timeout or lifetime is
+    /// given up (its open streams finish); one that has carried its
+    /// `max_requests_per_connection` takes this last stream and no more.
     pub fn h2(&self, key: &PoolKey) -> Option<http2::SendRequest<RequestBody>> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        match h2.get(key) {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                h2.remove(key);
-                None
-            }
-            None => None,
+        let shared = h2.get_mut(key)?;
+        if shared.sender.is_closed() || shared.life.stale(shared.used, self.idle_timeout) {
+            h2.remove(key);
+            return None;
         }
+        shared.used = Instant::now();
+        let sender = shared.sender.clone();
+        if !shared.life.served() {
+            h2.remove(key);
+        }
+        Some(sender)
     }
 
-    /// Shares a new HTTP/2 connection to `key` with later requests.
-    pub fn put_h2(&self, key: PoolKey, sender: http2::SendRequest<RequestBody>) {
+    /// Shares a new HTTP/2 connection to `key` with later requests, the one that opened it
+    /// counted against its limits.
+    pub fn put_h2(
+        &self,
+        key: PoolKey,
+        sender: http2::SendRequest<RequestBody>,
+        mut life: Box<Life>,
+    ) {
+        if !life.served() {
+            return;
+        }
+        let shared = Shared {
+            sender,
+            life,
+            used: Instant::now(),
+        };
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, sender);
+            .insert(key, shared);
     }
 
     /// Takes an idle HTTP/1.1 connection of the fast path for `key` that is still open, if

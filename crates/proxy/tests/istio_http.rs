@@ -23,6 +23,7 @@ use common::{Harness, Upstream, fetch, snapshot};
 struct H2Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<HeaderMap>>>,
+    accepts: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -37,10 +38,12 @@ impl H2Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let task_seen = Arc::clone(&seen);
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (task_seen, task_accepts) = (Arc::clone(&seen), Arc::clone(&accepts));
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                task_accepts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = Arc::clone(&task_seen);
                 connections.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -54,7 +57,12 @@ impl H2Upstream {
                 });
             }
         });
-        H2Upstream { addr, seen, task }
+        H2Upstream {
+            addr,
+            seen,
+            accepts,
+            task,
+        }
     }
 }
 
@@ -279,4 +287,31 @@ async fn a_retried_request_carries_its_attempt_number() {
         }
     }
     panic!("no request was retried after the refused endpoint");
+}
+
+/// A DestinationRule's `http.maxRequestsPerConnection` on an HTTP/2 upstream: the shared
+/// connection takes that many streams, then a new one is opened.
+#[tokio::test]
+async fn a_shared_http2_connection_carries_max_requests_per_connection() {
+    let upstream = H2Upstream::start().await;
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: h2, namespace: default}
+spec:
+  host: h2.internal
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: 2}
+";
+    let yaml = common::service("h2.internal", 80, "HTTP2", &[upstream.addr.port()]) + rule;
+    let harness = Harness::start(snapshot(&yaml, 1)).await;
+    for _ in 0..5 {
+        let answer = fetch(&harness, "http://h2.internal/", None).await;
+        assert_eq!(answer.text(), "h2");
+    }
+    assert_eq!(
+        upstream.accepts.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
 }
