@@ -28,6 +28,7 @@ use crate::body::{BodyIdle, ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
+use crate::hash::{HashInput, RequestHash, request_hash};
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
 use crate::origin::Transport;
@@ -625,6 +626,7 @@ async fn route_and_forward(
     {
         req.headers_mut().insert(ORIGINAL_HOST, original);
     }
+    let hashed = consistent_hash(&decision, matched, downstream, &req);
     // An HTTP/1.1 upgrade (WebSocket): both sides switch protocols after a 101.
     let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     prepare_request(
@@ -675,7 +677,8 @@ async fn route_and_forward(
         policy,
         Some(Resource::Requests),
     )
-    .with_timeout(timeout);
+    .with_timeout(timeout)
+    .with_hash(hashed.hash);
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
@@ -739,7 +742,38 @@ async fn route_and_forward(
         if let Some(route) = matched {
             mutate_headers(response.headers_mut(), &route.response_headers);
         }
+        if let Some(cookie) = hashed.set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         return Ok(response);
+    }
+}
+
+/// The request's hash under the route's hash policy, when the cluster balances by one.
+fn consistent_hash<B>(
+    decision: &Decision,
+    route: Option<&Route>,
+    downstream: &Downstream,
+    req: &Request<B>,
+) -> RequestHash {
+    let policies = route
+        .and_then(|r| r.forward())
+        .map_or(&[][..], |f| &f.hash_policy[..]);
+    match decision {
+        Decision::Cluster(c)
+            if !policies.is_empty() && c.balancer.policy().is_consistent_hash() =>
+        {
+            request_hash(
+                policies,
+                &HashInput {
+                    headers: req.headers(),
+                    path: input_path(req),
+                    peer: downstream.peer,
+                    local: downstream.original_dst,
+                },
+            )
+        }
+        _ => RequestHash::default(),
     }
 }
 

@@ -1245,7 +1245,6 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     assert_eq!(
         said,
         [
-            "DestinationRule default/app: spec.trafficPolicy.loadBalancer.consistentHash is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
@@ -1256,6 +1255,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     // What is applied is not held back by what is not.
     let c = cluster(&s, "outbound|80||app.internal.com");
     assert_eq!(c.breakers.threshold(crate::Resource::Connections), 1);
+    assert!(c.balancer.policy().is_consistent_hash());
 }
 
 #[test]

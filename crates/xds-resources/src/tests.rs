@@ -1361,6 +1361,11 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![passthrough(), blackhole()]));
     let mut bad = passthrough();
     bad.lb_policy = cds::cluster::LbPolicy::Maglev as i32;
+    bad.lb_config = Some(cds::cluster::LbConfig::MaglevLbConfig(
+        cds::cluster::MaglevLbConfig {
+            table_size: Some(pb::UInt64Value { value: 100 }),
+        },
+    ));
     let mut changed = blackhole();
     changed.connect_timeout = secs(3);
     let applied = s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![bad, changed]));
@@ -1368,7 +1373,9 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     assert_eq!(applied.rejected[0].name, PASSTHROUGH_CLUSTER);
     assert_eq!(
         applied.error_detail().as_deref(),
-        Some("PassthroughCluster: lb_policy: MAGLEV is not supported")
+        Some(
+            "PassthroughCluster: maglev_lb_config.table_size: 100 is not a prime of at most 5000011"
+        )
     );
     let active = s.active();
     assert_eq!(
@@ -1384,7 +1391,10 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     let error = entry.error.as_ref().unwrap();
     assert_eq!(
         (error.version.as_str(), error.details.as_str()),
-        ("2", "lb_policy: MAGLEV is not supported")
+        (
+            "2",
+            "maglev_lb_config.table_size: 100 is not a prime of at most 5000011"
+        )
     );
     // The next good update clears it.
     s.apply_sotw(CLUSTER_TYPE, "3", &any_of(vec![passthrough(), blackhole()]));
