@@ -393,7 +393,9 @@ impl Route {
         target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
     ) -> Result<Route, regex::Error> {
         let action = match &r.action {
-            envoy::RouteAction::Forward(f) => Action::Forward(target(&f.cluster), Box::new(f.clone())),
+            envoy::RouteAction::Forward(f) => {
+                Action::Forward(target(&f.cluster), Box::new(f.clone()))
+            }
             envoy::RouteAction::DirectResponse { status, body } => {
                 Action::Direct(Decision::Direct(Arc::new(DirectResponse {
                     status: *status,

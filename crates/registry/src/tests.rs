@@ -2353,4 +2353,5 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
     );
 }
 
+mod consistent_hash;
 mod virtual_service;
