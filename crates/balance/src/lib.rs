@@ -25,7 +25,7 @@ pub enum Policy {
     LeastRequest,
     /// Smooth weighted round robin.
     RoundRobin,
-    /// Weighted random.
+    /// Uniform random over the endpoints, weights ignored, as Envoy's RANDOM.
     Random,
     /// Envoy's ring hash: a request's hash picks the next point on a ring of endpoint keys.
     RingHash {
@@ -246,7 +246,7 @@ impl Balancer {
                     self.less_loaded(first, second)
                 }
                 Policy::RoundRobin => self.next_in_turn(),
-                Policy::Random => self.draw(),
+                Policy::Random => fastrand::usize(..self.states.len()),
             }),
         }
     }
@@ -288,8 +288,19 @@ impl Balancer {
                     index
                 }
             }
-            Policy::Random => self.draw_excluding(excluded, remaining),
+            Policy::Random => self.uniform_excluding(excluded),
         })
+    }
+
+    /// A uniformly random endpoint outside `excluded`, at least one of which exists. Linear
+    /// in the endpoints, which is fine for the rare retry.
+    fn uniform_excluding(&self, excluded: &[usize]) -> usize {
+        let allowed = |i: &usize| !excluded.contains(i);
+        let count = (0..self.states.len()).filter(allowed).count();
+        (0..self.states.len())
+            .filter(allowed)
+            .nth(fastrand::usize(..count.max(1)))
+            .unwrap_or(0)
     }
 
     /// The endpoint `hash` maps to, past `excluded` ones; some endpoint is always usable
@@ -421,8 +432,8 @@ mod tests {
         table_size: DEFAULT_MAGLEV_TABLE_SIZE,
     };
     /// The policies that spread by weight alone; a hash ring's spread also depends on
-    /// where the endpoints' points fall, tested apart.
-    const POLICIES: [Policy; 3] = [Policy::LeastRequest, Policy::RoundRobin, Policy::Random];
+    /// where the endpoints' points fall, and RANDOM ignores weights: both tested apart.
+    const POLICIES: [Policy; 2] = [Policy::LeastRequest, Policy::RoundRobin];
     const ALL: [Policy; 5] = [
         Policy::LeastRequest,
         Policy::RoundRobin,
@@ -575,6 +586,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn random_ignores_weights_as_envoys() {
+        let (b, _) = balancer(Policy::Random, &[1, 9, 5]);
+        let c = counts(&b, 30_000, Balancer::pick);
+        for count in &c {
+            let share = *count as f64 / 30_000.0;
+            assert!((share - 1.0 / 3.0).abs() < 0.02, "{c:?}");
+        }
+        let c = counts(&b, 20_000, |b| b.pick_excluding(&[1]));
+        assert_eq!(c[1], 0);
+        let share = c[0] as f64 / 20_000.0;
+        assert!((share - 0.5).abs() < 0.02, "{c:?}");
     }
 
     #[test]

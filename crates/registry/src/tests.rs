@@ -1238,6 +1238,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
       tls: {mode: SIMPLE, caCrl: /etc/crl.pem}
   subsets:
   - {name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}
 ",
     );
     let s = snapshot(&[APP, rule].concat());
@@ -1250,6 +1251,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
             "DestinationRule default/app: spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
             "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
+            "DestinationRule default/app: spec.subsets[1].trafficPolicy.loadBalancer.simple: PASSTHROUGH is not applied yet",
         ]
     );
     // What is applied is not held back by what is not.
