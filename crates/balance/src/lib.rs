@@ -261,11 +261,14 @@ impl Balancer {
     /// random one when `None`), walking the ring or table past excluded endpoints as
     /// Envoy's retry host predicate makes it. Other policies ignore `hash`.
     pub fn pick_hashed(&self, hash: Option<u64>, excluded: &[usize]) -> Option<usize> {
-        if excluded.is_empty() && (hash.is_none() || !self.policy.is_consistent_hash()) {
-            return self.pick();
-        }
         if self.states.len() <= 1 {
             return self.pick();
+        }
+        if excluded.is_empty() {
+            return match hash {
+                Some(hash) if self.policy.is_consistent_hash() => Some(self.by_hash(hash, &[])),
+                _ => self.pick(),
+            };
         }
         let remaining = self.remaining_weight(excluded);
         if remaining == 0 {
