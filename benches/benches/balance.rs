@@ -1,11 +1,15 @@
-//! Endpoint pick for each load-balancing policy, over 3 and 1,000 endpoints.
+//! Endpoint pick for each load-balancing policy, over 3 and 1,000 endpoints; the
+//! consistent-hash policies pick by a request hash, as for a hashed header.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
-use portcullis_balance::{Balancer, EndpointState, Policy};
+use portcullis_balance::{
+    Balancer, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAXIMUM_RING_SIZE, DEFAULT_MINIMUM_RING_SIZE,
+    EndpointState, Member, Policy, xxhash64,
+};
 
 fn pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("pick");
@@ -13,21 +17,39 @@ fn pick(c: &mut Criterion) {
         ("least_request", Policy::LeastRequest),
         ("round_robin", Policy::RoundRobin),
         ("random", Policy::Random),
+        (
+            "ring_hash",
+            Policy::RingHash {
+                minimum_ring_size: DEFAULT_MINIMUM_RING_SIZE,
+                maximum_ring_size: DEFAULT_MAXIMUM_RING_SIZE,
+            },
+        ),
+        (
+            "maglev",
+            Policy::Maglev {
+                table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            },
+        ),
     ] {
         for n in [3u32, 1_000] {
             // Unequal weights and some requests in flight, so that weighted paths and the
             // least-request comparison do real work.
-            let endpoints: Vec<(u32, Arc<EndpointState>)> = (0..n)
-                .map(|i| (1 + i % 5, Arc::new(EndpointState::new())))
+            let endpoints: Vec<Member> = (0..n)
+                .map(|i| Member {
+                    weight: 1 + i % 5,
+                    state: Arc::new(EndpointState::new()),
+                    key: format!("10.0.{}.{}:80", i / 250, i % 250),
+                })
                 .collect();
             let guards: Vec<_> = endpoints
                 .iter()
                 .step_by(2)
-                .map(|(_, s)| s.start())
+                .map(|m| m.state.start())
                 .collect();
             let balancer = Balancer::new(policy, endpoints);
+            let hash = Some(xxhash64(b"user-42", 0));
             g.bench_with_input(BenchmarkId::new(name, n), &balancer, |b, balancer| {
-                b.iter(|| black_box(balancer).pick());
+                b.iter(|| black_box(balancer).pick_hashed(black_box(hash), &[]));
             });
             drop(guards);
         }

@@ -1616,3 +1616,59 @@ spec:
         lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
     });
 }
+
+/// `hashed.internal.com`: both nginx endpoints, a DestinationRule hashing on `x-user`.
+const HASHED: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: hashed, namespace: default}
+spec:
+  hosts: [hashed.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.50.0.1}
+  - {address: 10.50.2.1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hashed, namespace: default}
+spec:
+  host: hashed.internal.com
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}
+";
+
+// DestinationRule consistentHash: istiod's RING_HASH cluster and the default route's header
+// hash policy. Both proxies place the endpoints on Envoy's ring (xxHash64 of `IP:PORT_N`),
+// so each user lands on the same endpoint in both.
+#[test]
+fn consistent_hash_by_header() {
+    let host = "hashed.internal.com";
+    let mut cluster = static_cluster(80, host, &[(EXTERNAL_IP, 80), (IN_CLUSTER_IP, 80)]);
+    cluster["lb_policy"] = json!("RING_HASH");
+    cluster["ring_hash_lb_config"] = json!({ "minimum_ring_size": "1024" });
+    let mut vhost = service_vhost(host, 80, &[]);
+    vhost["routes"][0]["route"]["hash_policy"] = json!([{ "header": { "header_name": "x-user" } }]);
+    let url = format!("http://{host}/");
+    let users = ["alice", "bob", "carol", "dave"];
+    let headers: Vec<String> = users.iter().map(|u| format!("x-user: {u}")).collect();
+    let mut probes: Vec<Probe> = headers
+        .iter()
+        .map(|h| Probe::spread(&format!("one user ({h})"), &["-H", h, &url], SPREAD))
+        .collect();
+    probes.push(Probe::spread("no user: at random", &[&url], SPREAD));
+    let scenario = Scenario {
+        name: "lbhash",
+        files: vec![("hashed.yaml".to_owned(), HASHED.to_owned())],
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+            .cluster(cluster),
+        portcullis_flags: vec![],
+        probes,
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        Ok(())
+    });
+}

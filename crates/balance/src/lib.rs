@@ -7,6 +7,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+mod hash;
+mod xxhash;
+
+pub use hash::{
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAXIMUM_RING_SIZE, DEFAULT_MINIMUM_RING_SIZE, is_prime,
+};
+pub use xxhash::xxhash64;
+
+use hash::HashTable;
+
 /// A load-balancing algorithm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Policy {
@@ -15,8 +25,39 @@ pub enum Policy {
     LeastRequest,
     /// Smooth weighted round robin.
     RoundRobin,
-    /// Weighted random.
+    /// Uniform random over the endpoints, weights ignored, as Envoy's RANDOM.
     Random,
+    /// Envoy's ring hash: a request's hash picks the next point on a ring of endpoint keys.
+    RingHash {
+        /// Fewest points on the ring.
+        minimum_ring_size: u64,
+        /// Most points on the ring.
+        maximum_ring_size: u64,
+    },
+    /// Envoy's Maglev: a request's hash picks a slot of a table filled by weight.
+    Maglev {
+        /// Slots in the table (a prime).
+        table_size: u64,
+    },
+}
+
+impl Policy {
+    /// Whether the policy picks by a request's hash.
+    pub fn is_consistent_hash(self) -> bool {
+        matches!(self, Policy::RingHash { .. } | Policy::Maglev { .. })
+    }
+}
+
+/// One endpoint as a [`Balancer`] is built from it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Load-balancing weight; 0 counts as 1.
+    pub weight: u32,
+    /// Its live counters.
+    pub state: Arc<EndpointState>,
+    /// What consistent hashing places it by: Envoy hashes the address as `IP:PORT`
+    /// (`[IP]:PORT` for IPv6).
+    pub key: String,
 }
 
 /// Live counters of one endpoint, shared by every balancer that includes it.
@@ -113,16 +154,37 @@ pub struct Balancer {
     /// of `total` picks visits every unit of weight exactly once.
     stride: u64,
     cursor: AtomicU64,
+    /// The ring or Maglev table of a consistent-hash policy.
+    table: Option<HashTable>,
 }
 
 impl Balancer {
-    /// A balancer over `endpoints`, given as (weight, state); weight 0 counts as 1.
-    pub fn new(policy: Policy, endpoints: Vec<(u32, Arc<EndpointState>)>) -> Self {
+    /// A balancer over `endpoints`; a consistent-hash policy builds its ring or table here,
+    /// off the data path.
+    pub fn new(policy: Policy, endpoints: Vec<Member>) -> Self {
         let weights: Box<[u64]> = endpoints
             .iter()
-            .map(|(w, _)| u64::from((*w).max(1)))
+            .map(|m| u64::from(m.weight.max(1)))
             .collect();
-        let states: Box<[Arc<EndpointState>]> = endpoints.into_iter().map(|(_, s)| s).collect();
+        let keys: Vec<String> = if policy.is_consistent_hash() {
+            endpoints.iter().map(|m| m.key.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let table = match policy {
+            Policy::RingHash {
+                minimum_ring_size,
+                maximum_ring_size,
+            } => Some(HashTable::ring(
+                &keys,
+                &weights,
+                minimum_ring_size,
+                maximum_ring_size,
+            )),
+            Policy::Maglev { table_size } => Some(HashTable::maglev(&keys, &weights, table_size)),
+            _ => None,
+        };
+        let states: Box<[Arc<EndpointState>]> = endpoints.into_iter().map(|m| m.state).collect();
         let cumulative: Box<[u64]> = weights
             .iter()
             .scan(0u64, |sum, w| {
@@ -139,6 +201,7 @@ impl Balancer {
             total,
             stride: stride(total),
             cursor: AtomicU64::new(0),
+            table,
         }
     }
 
@@ -167,19 +230,23 @@ impl Balancer {
         self.states.get(index)
     }
 
-    /// Picks an endpoint; the index refers to the list given to [`Balancer::new`].
+    /// Picks an endpoint; the index refers to the list given to [`Balancer::new`]. A
+    /// consistent-hash policy without a request hash picks by a random one, as Envoy.
     pub fn pick(&self) -> Option<usize> {
         match self.states.len() {
             0 => None,
             1 => Some(0),
             _ => Some(match self.policy {
+                Policy::RingHash { .. } | Policy::Maglev { .. } => {
+                    self.by_hash(fastrand::u64(..), &[])
+                }
                 Policy::LeastRequest => {
                     let first = self.draw();
                     let second = self.draw();
                     self.less_loaded(first, second)
                 }
                 Policy::RoundRobin => self.next_in_turn(),
-                Policy::Random => self.draw(),
+                Policy::Random => fastrand::usize(..self.states.len()),
             }),
         }
     }
@@ -187,14 +254,30 @@ impl Balancer {
     /// Picks an endpoint not in `excluded` (for a retry on another endpoint), by the same
     /// policy over the remaining endpoints; if every endpoint is excluded, picks any.
     pub fn pick_excluding(&self, excluded: &[usize]) -> Option<usize> {
-        if excluded.is_empty() {
+        self.pick_hashed(None, excluded)
+    }
+
+    /// Picks an endpoint not in `excluded`; a consistent-hash policy picks by `hash` (a
+    /// random one when `None`), walking the ring or table past excluded endpoints as
+    /// Envoy's retry host predicate makes it. Other policies ignore `hash`.
+    pub fn pick_hashed(&self, hash: Option<u64>, excluded: &[usize]) -> Option<usize> {
+        if self.states.len() <= 1 {
             return self.pick();
+        }
+        if excluded.is_empty() {
+            return match hash {
+                Some(hash) if self.policy.is_consistent_hash() => Some(self.by_hash(hash, &[])),
+                _ => self.pick(),
+            };
         }
         let remaining = self.remaining_weight(excluded);
         if remaining == 0 {
             return self.pick();
         }
         Some(match self.policy {
+            Policy::RingHash { .. } | Policy::Maglev { .. } => {
+                self.by_hash(hash.unwrap_or_else(|| fastrand::u64(..)), excluded)
+            }
             Policy::LeastRequest => {
                 let first = self.draw_excluding(excluded, remaining);
                 let second = self.draw_excluding(excluded, remaining);
@@ -208,8 +291,28 @@ impl Balancer {
                     index
                 }
             }
-            Policy::Random => self.draw_excluding(excluded, remaining),
+            Policy::Random => self.uniform_excluding(excluded),
         })
+    }
+
+    /// A uniformly random endpoint outside `excluded`, at least one of which exists. Linear
+    /// in the endpoints, which is fine for the rare retry.
+    fn uniform_excluding(&self, excluded: &[usize]) -> usize {
+        let allowed = |i: &usize| !excluded.contains(i);
+        let count = (0..self.states.len()).filter(allowed).count();
+        (0..self.states.len())
+            .filter(allowed)
+            .nth(fastrand::usize(..count.max(1)))
+            .unwrap_or(0)
+    }
+
+    /// The endpoint `hash` maps to, past `excluded` ones; some endpoint is always usable
+    /// when this is called, so the table's walk finds one.
+    fn by_hash(&self, hash: u64, excluded: &[usize]) -> usize {
+        self.table
+            .as_ref()
+            .and_then(|t| t.lookup(hash, |i| !excluded.contains(&i)))
+            .unwrap_or(0)
     }
 
     /// Of two candidates, the one with fewer active requests per unit of weight; the
@@ -302,7 +405,12 @@ mod tests {
         let endpoints = weights
             .iter()
             .zip(&states)
-            .map(|(w, s)| (*w, Arc::clone(s)))
+            .enumerate()
+            .map(|(i, (w, s))| Member {
+                weight: *w,
+                state: Arc::clone(s),
+                key: format!("10.0.0.{}:80", i + 1),
+            })
             .collect();
         (Balancer::new(policy, endpoints), states)
     }
@@ -319,7 +427,129 @@ mod tests {
         counts
     }
 
-    const POLICIES: [Policy; 3] = [Policy::LeastRequest, Policy::RoundRobin, Policy::Random];
+    const RING: Policy = Policy::RingHash {
+        minimum_ring_size: DEFAULT_MINIMUM_RING_SIZE,
+        maximum_ring_size: DEFAULT_MAXIMUM_RING_SIZE,
+    };
+    const MAGLEV: Policy = Policy::Maglev {
+        table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+    };
+    /// The policies that spread by weight alone; a hash ring's spread also depends on
+    /// where the endpoints' points fall, and RANDOM ignores weights: both tested apart.
+    const POLICIES: [Policy; 2] = [Policy::LeastRequest, Policy::RoundRobin];
+    const ALL: [Policy; 5] = [
+        Policy::LeastRequest,
+        Policy::RoundRobin,
+        Policy::Random,
+        RING,
+        MAGLEV,
+    ];
+    const HASHED: [Policy; 2] = [RING, MAGLEV];
+
+    /// Request hashes of `n` distinct keys from a seeded generator, as a header value
+    /// would be hashed.
+    fn request_hashes(n: usize) -> Vec<u64> {
+        let mut rng = fastrand::Rng::with_seed(11);
+        (0..n)
+            .map(|_| xxhash64(format!("user-{}", rng.u64(..)).as_bytes(), 0))
+            .collect()
+    }
+
+    #[test]
+    fn consistent_hash_spreads_keys_by_weight() {
+        for policy in HASHED {
+            let (b, _) = balancer(policy, &[1, 2]);
+            let mut c = [0usize; 2];
+            for h in request_hashes(30_000) {
+                c[b.pick_hashed(Some(h), &[]).expect("picks")] += 1;
+            }
+            let share = c[1] as f64 / 30_000.0;
+            // A 1024-point ring places endpoints within a few percent of their weight.
+            assert!((share - 2.0 / 3.0).abs() < 0.05, "{policy:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_moves_only_removed_keys() {
+        let ring = |points_each: u64, n: u64| Policy::RingHash {
+            minimum_ring_size: points_each * n,
+            maximum_ring_size: DEFAULT_MAXIMUM_RING_SIZE,
+        };
+        // (policy over five endpoints, over four, keys of staying endpoints that may move):
+        // a ring keeps every endpoint's points when each has as many in both, so only the
+        // leaving endpoint's keys move; with Envoy's default 1024 points the staying ones
+        // get more points each and take some keys from each other; Maglev refills slots.
+        let cases = [
+            (ring(256, 5), ring(256, 4), 0.0),
+            (RING, RING, 0.12),
+            (MAGLEV, MAGLEV, 0.05),
+        ];
+        let hashes = request_hashes(20_000);
+        for (five, four, tolerated) in cases {
+            let (all, _) = balancer(five, &[1, 1, 1, 1, 1]);
+            let before: Vec<usize> = hashes
+                .iter()
+                .map(|&h| all.pick_hashed(Some(h), &[]).expect("picks"))
+                .collect();
+            // The same key always lands on the same endpoint, also in a rebuilt balancer.
+            let (again, _) = balancer(five, &[1, 1, 1, 1, 1]);
+            for (&h, &i) in hashes.iter().zip(&before) {
+                assert_eq!(again.pick_hashed(Some(h), &[]), Some(i));
+            }
+            // Endpoint 10.0.0.5 leaves.
+            let (rest, _) = balancer(four, &[1, 1, 1, 1]);
+            let (mut moved, mut disturbed) = (0, 0);
+            for (&h, &i) in hashes.iter().zip(&before) {
+                let now = rest.pick_hashed(Some(h), &[]).expect("picks");
+                if i == 4 {
+                    moved += 1;
+                } else if now != i {
+                    disturbed += 1;
+                }
+            }
+            let share = f64::from(moved) / 20_000.0;
+            assert!((share - 0.2).abs() < 0.05, "{five:?}: {share}");
+            let needless = f64::from(disturbed) / 20_000.0;
+            assert!(
+                needless <= tolerated,
+                "{five:?}: {needless} moved needlessly"
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_hash_skips_excluded_endpoints_deterministically() {
+        for policy in HASHED {
+            let (b, _) = balancer(policy, &[1, 1, 1]);
+            for h in request_hashes(500) {
+                let first = b.pick_hashed(Some(h), &[]).expect("picks");
+                let second = b.pick_hashed(Some(h), &[first]).expect("picks");
+                assert_ne!(first, second);
+                assert_eq!(b.pick_hashed(Some(h), &[first]), Some(second));
+                let third = b.pick_hashed(Some(h), &[first, second]).expect("picks");
+                assert!(third != first && third != second);
+            }
+        }
+    }
+
+    #[test]
+    fn consistent_hash_without_a_hash_picks_at_random() {
+        for policy in HASHED {
+            let (b, _) = balancer(policy, &[1, 1]);
+            let c = counts(&b, 10_000, Balancer::pick);
+            let share = c[0] as f64 / 10_000.0;
+            assert!((share - 0.5).abs() < 0.05, "{policy:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn other_policies_ignore_the_hash() {
+        let (b, _) = balancer(Policy::RoundRobin, &[1, 1]);
+        let seq: Vec<usize> = (0..4)
+            .filter_map(|_| b.pick_hashed(Some(42), &[]))
+            .collect();
+        assert_eq!(seq, vec![0, 1, 0, 1]);
+    }
 
     #[test]
     fn open_connections_are_counted_apart_from_requests() {
@@ -359,6 +589,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn random_ignores_weights_as_envoys() {
+        let (b, _) = balancer(Policy::Random, &[1, 9, 5]);
+        let c = counts(&b, 30_000, Balancer::pick);
+        for count in &c {
+            let share = *count as f64 / 30_000.0;
+            assert!((share - 1.0 / 3.0).abs() < 0.02, "{c:?}");
+        }
+        let c = counts(&b, 20_000, |b| b.pick_excluding(&[1]));
+        assert_eq!(c[1], 0);
+        let share = c[0] as f64 / 20_000.0;
+        assert!((share - 0.5).abs() < 0.02, "{c:?}");
     }
 
     #[test]
@@ -433,7 +677,7 @@ mod tests {
 
     #[test]
     fn empty_balancer_picks_nothing() {
-        for policy in POLICIES {
+        for policy in ALL {
             let b = Balancer::new(policy, Vec::new());
             assert!(b.is_empty());
             assert_eq!(b.len(), 0);
@@ -444,7 +688,7 @@ mod tests {
 
     #[test]
     fn single_endpoint_is_always_picked() {
-        for policy in POLICIES {
+        for policy in ALL {
             let (b, _) = balancer(policy, &[7]);
             assert_eq!(b.pick(), Some(0));
             assert_eq!(b.pick_excluding(&[0]), Some(0));
@@ -453,7 +697,7 @@ mod tests {
 
     #[test]
     fn pick_excluding_never_returns_excluded_when_another_exists() {
-        for policy in POLICIES {
+        for policy in ALL {
             let (b, _) = balancer(policy, &[1, 100, 1, 5]);
             for _ in 0..5_000 {
                 let i = b.pick_excluding(&[1, 3]).expect("picks");
@@ -477,7 +721,7 @@ mod tests {
 
     #[test]
     fn pick_excluding_everything_falls_back_to_any() {
-        for policy in POLICIES {
+        for policy in ALL {
             let (b, _) = balancer(policy, &[1, 1]);
             assert!(b.pick_excluding(&[0, 1]).is_some_and(|i| i < 2));
             // Out-of-range indices exclude nothing.

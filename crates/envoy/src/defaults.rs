@@ -58,6 +58,24 @@ impl Forward {
             prefix_rewrite: None,
             regex_rewrite: None,
             request_mirror_policies: Vec::new(),
+            hash_policy: Vec::new(),
+        }
+    }
+}
+
+impl LbPolicy {
+    /// Envoy's `minimum_ring_size` default.
+    pub const DEFAULT_MINIMUM_RING_SIZE: u64 = 1024;
+    /// Envoy's `maximum_ring_size` default.
+    pub const DEFAULT_MAXIMUM_RING_SIZE: u64 = 8 * 1024 * 1024;
+    /// Envoy's Maglev `table_size` default.
+    pub const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
+
+    /// Ring hash with Envoy's default ring sizes.
+    pub fn ring_hash() -> LbPolicy {
+        LbPolicy::RingHash {
+            minimum_ring_size: Self::DEFAULT_MINIMUM_RING_SIZE,
+            maximum_ring_size: Self::DEFAULT_MAXIMUM_RING_SIZE,
         }
     }
 }

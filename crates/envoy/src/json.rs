@@ -10,11 +10,11 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Denominator, Discovery,
-    EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HeaderMatch, HeaderMatcher,
-    HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault, LbEndpoint, LbPolicy,
-    Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect, RetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteSource, StringMatcher, StringPattern, TcpProxy,
-    TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
+    EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HashKey, HashPolicy,
+    HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault,
+    LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource, StringMatcher, StringPattern,
+    TcpProxy, TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -386,6 +386,11 @@ fn route(r: &Route) -> Value {
                     })
                     .collect(),
             );
+            put(
+                &mut a,
+                "hash_policy",
+                f.hash_policy.iter().map(hash_policy).collect(),
+            );
             o.insert("route".into(), Value::Object(a));
         }
         RouteAction::DirectResponse { status, body } => {
@@ -552,6 +557,32 @@ fn string_matcher(s: &StringMatcher) -> Value {
     Value::Object(o)
 }
 
+fn hash_policy(h: &HashPolicy) -> Value {
+    let mut o = Map::new();
+    match &h.key {
+        HashKey::Header(name) => {
+            o.insert("header".into(), json!({ "header_name": name }));
+        }
+        HashKey::Cookie { name, path, ttl } => {
+            let mut c = Map::new();
+            c.insert("name".into(), json!(name));
+            put(&mut c, "path", opt(path.as_ref(), |p| json!(p)));
+            put(&mut c, "ttl", opt(*ttl, duration));
+            o.insert("cookie".into(), Value::Object(c));
+        }
+        HashKey::SourceIp => {
+            o.insert("connection_properties".into(), json!({ "source_ip": true }));
+        }
+        HashKey::QueryParameter(name) => {
+            o.insert("query_parameter".into(), json!({ "name": name }));
+        }
+    }
+    if h.terminal {
+        o.insert("terminal".into(), json!(true));
+    }
+    Value::Object(o)
+}
+
 /// A cluster.
 pub fn cluster(c: &Cluster) -> Value {
     let mut o = Map::new();
@@ -591,8 +622,31 @@ pub fn cluster(c: &Cluster) -> Value {
         LbPolicy::LeastRequest => Some("LEAST_REQUEST"),
         LbPolicy::Random => Some("RANDOM"),
         LbPolicy::ClusterProvided => Some("CLUSTER_PROVIDED"),
+        LbPolicy::RingHash { .. } => Some("RING_HASH"),
+        LbPolicy::Maglev { .. } => Some("MAGLEV"),
     };
     put(&mut o, "lb_policy", opt(lb, |l| json!(l)));
+    match c.lb_policy {
+        LbPolicy::RingHash {
+            minimum_ring_size,
+            maximum_ring_size,
+        } => {
+            o.insert(
+                "ring_hash_lb_config".into(),
+                json!({
+                    "minimum_ring_size": minimum_ring_size.to_string(),
+                    "maximum_ring_size": maximum_ring_size.to_string(),
+                }),
+            );
+        }
+        LbPolicy::Maglev { table_size } => {
+            o.insert(
+                "maglev_lb_config".into(),
+                json!({ "table_size": table_size.to_string() }),
+            );
+        }
+        _ => {}
+    }
     let t = c.circuit_breakers;
     o.insert(
         "circuit_breakers".into(),

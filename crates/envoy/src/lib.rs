@@ -466,6 +466,38 @@ pub struct Forward {
     /// Copies of requests sent elsewhere; carried in the model and the config dump, not
     /// applied by the data path yet.
     pub request_mirror_policies: Vec<RequestMirrorPolicy>,
+    /// What a request's hash is computed from, for a RING_HASH or MAGLEV cluster.
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// Envoy's `RouteAction.HashPolicy`: one input to a request's hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashPolicy {
+    /// What is hashed.
+    pub key: HashKey,
+    /// When this policy yields a hash, the ones after it are not evaluated.
+    pub terminal: bool,
+}
+
+/// The request property a [`HashPolicy`] hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    /// The value of a request header (lower-case name).
+    Header(String),
+    /// The value of a cookie; with a `ttl` and no such cookie in the request, the proxy
+    /// makes one up and sends it back in `set-cookie`.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// `Path` of a generated cookie.
+        path: Option<String>,
+        /// `Max-Age` of a generated cookie; zero makes a session cookie.
+        ttl: Option<Duration>,
+    },
+    /// The downstream connection's source IP (`connection_properties.source_ip`).
+    SourceIp,
+    /// The value of a query parameter.
+    QueryParameter(String),
 }
 
 /// Envoy's `RegexMatchAndSubstitute`.
@@ -613,6 +645,18 @@ pub enum LbPolicy {
     Random,
     /// The cluster picks (ORIGINAL_DST).
     ClusterProvided,
+    /// Consistent hashing on a ring (`ring_hash_lb_config`).
+    RingHash {
+        /// `minimum_ring_size`, Envoy's default 1024.
+        minimum_ring_size: u64,
+        /// `maximum_ring_size`, Envoy's default 8M.
+        maximum_ring_size: u64,
+    },
+    /// Consistent hashing with a Maglev table (`maglev_lb_config`).
+    Maglev {
+        /// `table_size`, a prime, Envoy's default 65537.
+        table_size: u64,
+    },
 }
 
 /// The HTTP protocol spoken upstream.

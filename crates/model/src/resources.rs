@@ -205,9 +205,9 @@ pub struct LoadBalancerSettings {
     /// The simple algorithm.
     #[serde(default)]
     pub simple: Option<SimpleLb>,
-    /// Not applied yet.
+    /// Consistent hashing (ring hash or Maglev) on a request property.
     #[serde(default)]
-    pub consistent_hash: Option<Unapplied>,
+    pub consistent_hash: Option<ConsistentHash>,
     /// Not applied yet.
     #[serde(default)]
     pub locality_lb_setting: Option<Unapplied>,
@@ -216,13 +216,76 @@ pub struct LoadBalancerSettings {
     pub warmup_duration_secs: Option<Unapplied>,
 }
 
+/// `loadBalancer.consistentHash`: what a request's hash is made of, and the table it
+/// picks from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// Hash the value of this request header.
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Hash the value of this cookie (generated when absent and a `ttl` is set).
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    /// Hash the client's IP address.
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    /// Hash the value of this query parameter.
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// Ring hash, with its minimum ring size.
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    /// Maglev, with its table size.
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated minimum ring size, used when neither `ringHash` nor `maglev` is given.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+/// `consistentHash.httpCookie`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCookie {
+    /// Cookie name.
+    pub name: String,
+    /// `Path` of a generated cookie.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Lifetime of a generated cookie; without it no cookie is generated.
+    #[serde(default, deserialize_with = "duration")]
+    pub ttl: Option<Duration>,
+    /// Not applied yet.
+    #[serde(default)]
+    pub attributes: Option<Unapplied>,
+}
+
+/// `consistentHash.ringHash`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RingHash {
+    /// Fewest points on the ring; 0 or unset takes Envoy's 1024.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+/// `consistentHash.maglev`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Maglev {
+    /// Slots of the table, a prime; 0 or unset takes Envoy's 65537.
+    #[serde(default)]
+    pub table_size: Option<u64>,
+}
+
 /// `trafficPolicy` of a DestinationRule or one of its subsets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     /// Load balancer settings.
     #[serde(default)]
-    pub load_balancer: Option<LoadBalancerSettings>,
+    pub load_balancer: Option<Box<LoadBalancerSettings>>,
     /// Connection pool limits.
     #[serde(default)]
     pub connection_pool: Option<Box<ConnectionPoolSettings>>,
@@ -292,7 +355,7 @@ impl TrafficPolicy {
         let mut out = Vec::new();
         let mut parts = vec![(
             String::new(),
-            self.load_balancer.as_ref(),
+            self.load_balancer.as_deref(),
             self.connection_pool.as_deref(),
             self.outlier_detection.is_some(),
             self.tls.as_ref(),
@@ -300,7 +363,7 @@ impl TrafficPolicy {
         for (i, p) in self.port_level_settings.iter().enumerate() {
             parts.push((
                 format!("portLevelSettings[{i}]."),
-                p.load_balancer.as_ref(),
+                p.load_balancer.as_deref(),
                 p.connection_pool.as_deref(),
                 p.outlier_detection.is_some(),
                 p.tls.as_ref(),
@@ -309,7 +372,17 @@ impl TrafficPolicy {
         for (at, lb, pool, outlier, tls) in parts {
             let lb = lb.map(|lb| {
                 [
-                    ("loadBalancer.consistentHash", lb.consistent_hash.is_some()),
+                    (
+                        "loadBalancer.simple: PASSTHROUGH",
+                        lb.simple == Some(SimpleLb::Passthrough),
+                    ),
+                    (
+                        "loadBalancer.consistentHash.httpCookie.attributes",
+                        lb.consistent_hash
+                            .as_ref()
+                            .and_then(|c| c.http_cookie.as_ref())
+                            .is_some_and(|c| c.attributes.is_some()),
+                    ),
                     (
                         "loadBalancer.localityLbSetting",
                         lb.locality_lb_setting.is_some(),
@@ -353,7 +426,7 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     /// Load balancer settings for the port.
     #[serde(default)]
-    pub load_balancer: Option<LoadBalancerSettings>,
+    pub load_balancer: Option<Box<LoadBalancerSettings>>,
     /// Connection pool limits for the port.
     #[serde(default)]
     pub connection_pool: Option<Box<ConnectionPoolSettings>>,

@@ -76,9 +76,28 @@ const SERVICE_ENTRY: &[(&str, Field)] = &[
     ("subjectAltNames", Any),
 ];
 
+/// `istio.networking.v1alpha3.LoadBalancerSettings.ConsistentHashLB`.
+const CONSISTENT_HASH: Field = Object(&[
+    ("httpHeaderName", Any),
+    (
+        "httpCookie",
+        Object(&[
+            ("name", Any),
+            ("path", Any),
+            ("ttl", Any),
+            ("attributes", Any),
+        ]),
+    ),
+    ("useSourceIp", Any),
+    ("httpQueryParameterName", Any),
+    ("ringHash", Object(&[("minimumRingSize", Any)])),
+    ("maglev", Object(&[("tableSize", Any)])),
+    ("minimumRingSize", Any),
+]);
+
 const LOAD_BALANCER: Field = Object(&[
     ("simple", Any),
-    ("consistentHash", Any),
+    ("consistentHash", CONSISTENT_HASH),
     ("localityLbSetting", Any),
     ("zoneAwareLbSetting", Any),
     ("warmupDurationSecs", Any),

@@ -203,6 +203,8 @@ type Outcomes = BTreeMap<String, BTreeMap<String, u64>>;
 /// the hosts, bounded in count and time.
 struct Traffic {
     seen: Arc<Mutex<Outcomes>>,
+    /// Requests completed so far.
+    completed: Arc<std::sync::atomic::AtomicU64>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -213,9 +215,11 @@ const MAX_TRAFFIC: Duration = Duration::from_secs(180);
 impl Traffic {
     fn start(proxy: SocketAddr, hosts: &'static [&'static str]) -> Traffic {
         let seen = Arc::new(Mutex::new(Outcomes::new()));
+        let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn({
             let seen = Arc::clone(&seen);
+            let completed = Arc::clone(&completed);
             async move {
                 let start = Instant::now();
                 for n in 0..MAX_REQUESTS {
@@ -234,11 +238,17 @@ impl Traffic {
                         .or_default()
                         .entry(outcome)
                         .or_default() += 1;
+                    completed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
         });
-        Traffic { seen, stop, task }
+        Traffic {
+            seen,
+            completed,
+            stop,
+            task,
+        }
     }
 
     /// What was seen since the last call.
@@ -251,6 +261,22 @@ impl Traffic {
     fn expect(&self, phase: &str, allowed: &[(&str, &[&str])]) {
         let total = self.check(phase, allowed);
         assert!(total > 0, "{phase}: no request was made");
+    }
+
+    /// [`Traffic::check`] once the request in flight now has ended: requests are made one
+    /// at a time, so two more completions mean the one routed before a change is counted.
+    async fn check_transition(&self, phase: &str, allowed: &[(&str, &[&str])]) {
+        let now = || self.completed.load(std::sync::atomic::Ordering::SeqCst);
+        let target = now() + 2;
+        let settled = async {
+            while now() < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), settled)
+            .await
+            .unwrap_or_else(|_| panic!("{phase}: the request loop stopped"));
+        self.check(phase, allowed);
     }
 
     /// Asserts that every request since the last check got one of `allowed` for its host;
@@ -739,7 +765,7 @@ async fn malformed_resources_never_take_down_what_serves(protocol: &str) {
     // A good change still applies: app.test moves to b.
     let moved = cp.push(ENDPOINT, mesh.endpoints(mesh.b)).unwrap();
     wait_ack(&cp, ENDPOINT, &moved).await;
-    traffic.check("the move", EITHER);
+    traffic.check_transition("the move", EITHER).await;
     some_traffic().await;
     traffic.expect(
         "after the move",
@@ -801,7 +827,9 @@ async fn control_plane_faults_never_interrupt_traffic(protocol: &str) {
         .await
         .expect("the control plane replays a stale response");
     wait_ack(&cp, ENDPOINT, &to_b).await;
-    traffic.check("stale nonce: the move", EITHER);
+    traffic
+        .check_transition("stale nonce: the move", EITHER)
+        .await;
     some_traffic().await;
     let moved = &[
         ("app.test", &["200 b"][..]),
@@ -823,7 +851,9 @@ async fn control_plane_faults_never_interrupt_traffic(protocol: &str) {
     expect_ready(&proxy, "silence").await;
     cp.set_silent(false);
     wait_ack(&cp, ENDPOINT, &back_to_a).await;
-    traffic.check("silence ended: the move back", EITHER);
+    traffic
+        .check_transition("silence ended: the move back", EITHER)
+        .await;
     some_traffic().await;
     traffic.expect("silence ended", SERVED_BY_A);
 
@@ -857,7 +887,9 @@ async fn control_plane_faults_never_interrupt_traffic(protocol: &str) {
     expect_ready(&proxy, "control plane restarted").await;
     let version = cp.push(ENDPOINT, mesh.endpoints(mesh.b)).unwrap();
     wait_ack(&cp, ENDPOINT, &version).await;
-    traffic.check("after the restart: the move", EITHER);
+    traffic
+        .check_transition("after the restart: the move", EITHER)
+        .await;
     some_traffic().await;
     traffic.expect("after the restart", moved);
     expect_ready(&proxy, "after the restart").await;

@@ -84,6 +84,8 @@ pub(crate) struct Attempts<'a> {
     deadline: Option<Instant>,
     /// Endpoints tried, avoided by later picks under `previous_hosts`.
     tried: Vec<usize>,
+    /// The request's hash under the route's hash policy, for a consistent-hash cluster.
+    hash: Option<u64>,
     /// Attempts started.
     made: usize,
     /// The endpoint of the attempt in flight.
@@ -113,6 +115,7 @@ impl<'a> Attempts<'a> {
             connect_timeout: proxy.connect_timeout(decision),
             deadline: None,
             tried: Vec::new(),
+            hash: None,
             made: 0,
             current: None,
             backoff: BACKOFF_BASE,
@@ -123,6 +126,12 @@ impl<'a> Attempts<'a> {
     /// Bounds the whole exchange, retries and back-off included, by the route timeout.
     pub(crate) fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.deadline = timeout.map(|t| Instant::now() + t);
+        self
+    }
+
+    /// Picks by `hash` where the cluster hashes (Envoy's route `hash_policy`).
+    pub(crate) fn with_hash(mut self, hash: Option<u64>) -> Self {
+        self.hash = hash;
         self
     }
 
@@ -143,7 +152,7 @@ impl<'a> Attempts<'a> {
         };
         let mut pick = self
             .proxy
-            .pick(self.decision, self.original, &self.tried)
+            .pick(self.decision, self.original, (&self.tried, self.hash))
             .await?;
         pick.guard.slot = slot;
         self.current = pick.index;

@@ -319,14 +319,15 @@ where
             || !r.mirrors.is_empty()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout
+            || r.forward().is_some_and(|f| !f.hash_policy.is_empty())
     });
     if rewrites
         || crate::http::upstream_h2(&routed.decision, Version::HTTP_11)
         || attempt_digit(policy.attempts()).is_none()
     {
         // The general path speaks HTTP/2 upstream, applies a route's rewrites, faults,
-        // mirrors and timeout, and writes attempt counts of any length: give it the request back, and the
-        // logging of it.
+        // mirrors, timeout and hash policy, and writes attempt counts of any length: give it
+        // the request back, and the logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);
         whole.extend_from_slice(buf);

@@ -28,6 +28,7 @@ use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd};
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
+use crate::hash::{HashInput, RequestHash, request_hash};
 use crate::log::HttpLog;
 use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
 use crate::origin::Transport;
@@ -643,6 +644,7 @@ async fn route_and_forward(
     {
         req.headers_mut().insert(ORIGINAL_HOST, original);
     }
+    let hashed = consistent_hash(&decision, matched, downstream, &req);
     // An HTTP/1.1 upgrade (WebSocket): both sides switch protocols after a 101.
     let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     prepare_request(
@@ -726,7 +728,8 @@ async fn route_and_forward(
         policy,
         Some(Resource::Requests),
     )
-    .with_timeout(timeout);
+    .with_timeout(timeout)
+    .with_hash(hashed.hash);
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
@@ -789,6 +792,9 @@ async fn route_and_forward(
         let mut response = response;
         if let Some(route) = matched {
             mutate_headers(response.headers_mut(), &route.response_headers);
+        }
+        if let Some(cookie) = hashed.set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
         }
         return Ok(response);
     }
@@ -922,6 +928,34 @@ async fn mirrored(
 /// Whether this request falls in the share `p`, drawn as Envoy's fault filter does.
 fn sampled(p: FractionalPercent) -> bool {
     p.numerator > 0 && fastrand::u32(0..p.denominator.value()) < p.numerator
+}
+
+/// The request's hash under the route's hash policy, when the cluster balances by one.
+fn consistent_hash<B>(
+    decision: &Decision,
+    route: Option<&Route>,
+    downstream: &Downstream,
+    req: &Request<B>,
+) -> RequestHash {
+    let policies = route
+        .and_then(|r| r.forward())
+        .map_or(&[][..], |f| &f.hash_policy[..]);
+    match decision {
+        Decision::Cluster(c)
+            if !policies.is_empty() && c.balancer.policy().is_consistent_hash() =>
+        {
+            request_hash(
+                policies,
+                &HashInput {
+                    headers: req.headers(),
+                    path: input_path(req),
+                    peer: downstream.peer,
+                    local: downstream.original_dst,
+                },
+            )
+        }
+        _ => RequestHash::default(),
+    }
 }
 
 /// The path and query of a request, as routing saw it.

@@ -300,12 +300,13 @@ impl RetryPolicy {
 }
 
 impl Proxy {
-    /// Picks an upstream for `decision`, avoiding endpoints in `tried`.
+    /// Picks an upstream for `decision`, avoiding endpoints in `tried`; a consistent-hash
+    /// cluster picks by the request's `hash`.
     pub(crate) async fn pick(
         &self,
         decision: &Decision,
         original: Original<'_>,
-        tried: &[usize],
+        (tried, hash): (&[usize], Option<u64>),
     ) -> Result<Pick, ProxyError> {
         let pick = match decision {
             Decision::BlackHole => return Err(ProxyError::Blocked),
@@ -314,7 +315,7 @@ impl Proxy {
             Decision::Direct(d) => return Err(ProxyError::Direct(Arc::clone(d))),
             Decision::Cluster(c) if c.resolution != Resolution::None => {
                 let (index, endpoint) = c
-                    .pick_excluding(tried)
+                    .pick_hashed(hash, tried)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
                 let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");

@@ -5,12 +5,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use portcullis_balance::Policy;
+use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
 use portcullis_model::{
-    ConnectionPoolSettings, DestinationRuleSpec, KubeServiceSpec, LoadBalancerSettings, MeshConfig,
-    Object, OutboundMode, Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress,
-    SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
-    WorkloadEntrySpec,
+    ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
+    LoadBalancerSettings, MeshConfig, Object, OutboundMode, Pod, Resolution, Resource, Secret,
+    ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy,
+    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
@@ -146,7 +146,9 @@ fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
 
 /// What a DestinationRule sets on a service's cluster.
 struct Traffic<'a> {
-    lb: Policy,
+    lb: LbPolicy,
+    /// The route's hash policy for a consistent-hash balancer.
+    hash: Option<HashPolicy>,
     pool: Option<&'a ConnectionPoolSettings>,
     tls: Option<tls::TlsRule<'a>>,
 }
@@ -170,8 +172,8 @@ fn traffic<'a>(
     };
     let port_level = policy.and_then(at_port);
     let mut load_balancer: Option<&'a LoadBalancerSettings> = port_level
-        .and_then(|pls| pls.load_balancer.as_ref())
-        .or_else(|| policy.and_then(|tp| tp.load_balancer.as_ref()));
+        .and_then(|pls| pls.load_balancer.as_deref())
+        .or_else(|| policy.and_then(|tp| tp.load_balancer.as_deref()));
     let mut pool = port_level
         .and_then(|pls| pls.connection_pool.as_deref())
         .or_else(|| policy.and_then(|tp| tp.connection_pool.as_deref()));
@@ -179,26 +181,77 @@ fn traffic<'a>(
         .and_then(|pls| pls.tls.as_ref())
         .or_else(|| policy.and_then(|tp| tp.tls.as_ref()));
     if let Some(sp) = subset {
-        load_balancer = sp.load_balancer.as_ref().or(load_balancer);
+        load_balancer = sp.load_balancer.as_deref().or(load_balancer);
         pool = sp.connection_pool.as_deref().or(pool);
         tls = sp.tls.as_ref().or(tls);
         if let Some(pls) = at_port(sp) {
-            load_balancer = pls.load_balancer.as_ref();
+            load_balancer = pls.load_balancer.as_deref();
             pool = pls.connection_pool.as_deref();
             tls = pls.tls.as_ref();
         }
     }
-    let lb = match load_balancer.and_then(|lb| lb.simple) {
-        Some(SimpleLb::RoundRobin) => Policy::RoundRobin,
-        Some(SimpleLb::Random) => Policy::Random,
-        _ => Policy::LeastRequest,
+    let consistent = load_balancer.and_then(|lb| lb.consistent_hash.as_ref());
+    let lb = match (consistent, load_balancer.and_then(|lb| lb.simple)) {
+        (Some(ch), _) => consistent_lb_policy(ch),
+        (None, Some(SimpleLb::RoundRobin)) => LbPolicy::RoundRobin,
+        (None, Some(SimpleLb::Random)) => LbPolicy::Random,
+        _ => LbPolicy::LeastRequest,
     };
     let tls = tls.zip(rule).map(|(settings, dr)| tls::TlsRule {
         settings,
         namespace: &dr.meta.namespace,
         subset: None,
     });
-    Traffic { lb, pool, tls }
+    Traffic {
+        lb,
+        hash: consistent.and_then(hash_policy),
+        pool,
+        tls,
+    }
+}
+
+/// The cluster policy istiod gives a `consistentHash` (`ApplyRingHashLoadBalancer`):
+/// MAGLEV with its table size, else RING_HASH with its minimum ring size (the deprecated
+/// top-level one when `ringHash` is absent); zero or unset sizes take Envoy's defaults.
+fn consistent_lb_policy(ch: &ConsistentHash) -> LbPolicy {
+    let set = |size: Option<u64>| size.filter(|&s| s != 0);
+    if let Some(maglev) = &ch.maglev {
+        return LbPolicy::Maglev {
+            table_size: set(maglev.table_size).unwrap_or(LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE),
+        };
+    }
+    let minimum = match &ch.ring_hash {
+        Some(ring) => set(ring.minimum_ring_size),
+        None => set(ch.minimum_ring_size),
+    };
+    LbPolicy::RingHash {
+        minimum_ring_size: minimum.unwrap_or(LbPolicy::DEFAULT_MINIMUM_RING_SIZE),
+        maximum_ring_size: LbPolicy::DEFAULT_MAXIMUM_RING_SIZE,
+    }
+}
+
+/// The route hash policy istiod makes of a `consistentHash` (`consistentHashToHashPolicy`);
+/// none without a hash key, which leaves the balancer hashing at random.
+fn hash_policy(ch: &ConsistentHash) -> Option<HashPolicy> {
+    let key = if let Some(name) = &ch.http_header_name {
+        HashKey::Header(name.to_ascii_lowercase())
+    } else if let Some(cookie) = &ch.http_cookie {
+        HashKey::Cookie {
+            name: cookie.name.clone(),
+            path: cookie.path.clone().filter(|p| !p.is_empty()),
+            ttl: cookie.ttl,
+        }
+    } else if ch.use_source_ip == Some(true) {
+        HashKey::SourceIp
+    } else if let Some(name) = &ch.http_query_parameter_name {
+        HashKey::QueryParameter(name.clone())
+    } else {
+        return None;
+    };
+    Some(HashPolicy {
+        key,
+        terminal: false,
+    })
 }
 
 struct Builder<'a> {
@@ -611,6 +664,18 @@ impl<'a> Builder<'a> {
     /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
     fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
         traffic(self.rule_for(host), None, port)
+    }
+
+    /// The route hash policy for `host`'s `subset` (empty: the service) on `port`.
+    fn hash_for(&self, host: &str, subset: &str, port: u16) -> Option<HashPolicy> {
+        let rule = self.rule_for(host);
+        let subset_policy = if subset.is_empty() {
+            None
+        } else {
+            rule.and_then(|dr| dr.spec.subsets.iter().find(|s| s.name == subset))
+                .and_then(|s| s.traffic_policy.as_ref())
+        };
+        traffic(rule, subset_policy, port).hash
     }
 
     /// The subsets of `host`'s DestinationRule, each with its traffic policy on `port`: the

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use portcullis_balance::{Balancer, EndpointState, Policy};
+use portcullis_balance::{Balancer, EndpointState, Member, Policy, is_prime};
 use portcullis_envoy as envoy;
 use portcullis_model::Resolution;
 
@@ -167,12 +167,39 @@ pub(crate) fn build(
         envoy::LbPolicy::RoundRobin => Policy::RoundRobin,
         envoy::LbPolicy::Random => Policy::Random,
         envoy::LbPolicy::LeastRequest | envoy::LbPolicy::ClusterProvided => Policy::LeastRequest,
+        envoy::LbPolicy::RingHash {
+            minimum_ring_size,
+            maximum_ring_size,
+        } => Policy::RingHash {
+            minimum_ring_size,
+            maximum_ring_size,
+        },
+        envoy::LbPolicy::Maglev { table_size } => {
+            if !is_prime(table_size) {
+                warnings.push(format!(
+                    "cluster {}: maglev table_size {table_size} is not prime; Envoy's default {} is used",
+                    c.name,
+                    envoy::LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE
+                ));
+            }
+            Policy::Maglev { table_size }
+        }
     };
+    // The ring or table is built here, once per snapshot, off the data path; endpoints
+    // are placed by `IP:PORT` as Envoy places hosts by their address.
     let balancer = Balancer::new(
         policy,
         endpoints
             .iter()
-            .map(|e| (e.weight, Arc::clone(&e.state)))
+            .map(|e| Member {
+                weight: e.weight,
+                state: Arc::clone(&e.state),
+                key: if policy.is_consistent_hash() {
+                    SocketAddr::new(e.address, e.port).to_string()
+                } else {
+                    String::new()
+                },
+            })
             .collect(),
     );
     Cluster {

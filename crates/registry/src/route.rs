@@ -149,7 +149,7 @@ fn mutations<'a>(
 #[derive(Debug)]
 pub enum Action {
     /// Forwards: where, and how (timeouts, retries, rewrites).
-    Forward(Target, envoy::Forward),
+    Forward(Target, Box<envoy::Forward>),
     /// Answers with this.
     Direct(Decision),
     /// Answers with a redirect.
@@ -407,7 +407,9 @@ impl Route {
         target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
     ) -> Result<Route, regex::Error> {
         let action = match &r.action {
-            envoy::RouteAction::Forward(f) => Action::Forward(target(&f.cluster), f.clone()),
+            envoy::RouteAction::Forward(f) => {
+                Action::Forward(target(&f.cluster), Box::new(f.clone()))
+            }
             envoy::RouteAction::DirectResponse { status, body } => {
                 Action::Direct(Decision::Direct(Arc::new(DirectResponse {
                     status: *status,

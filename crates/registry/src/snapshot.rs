@@ -128,9 +128,10 @@ impl Cluster {
         self.balancer.pick().and_then(|i| self.endpoints.get(i))
     }
 
-    /// Picks an endpoint other than those already tried, for a retry.
-    pub fn pick_excluding(&self, tried: &[usize]) -> Option<(usize, &Endpoint)> {
-        let i = self.balancer.pick_excluding(tried)?;
+    /// Picks an endpoint other than those tried; a consistent-hash balancer picks by the
+    /// request's `hash`.
+    pub fn pick_hashed(&self, hash: Option<u64>, tried: &[usize]) -> Option<(usize, &Endpoint)> {
+        let i = self.balancer.pick_hashed(hash, tried)?;
         self.endpoints.get(i).map(|e| (i, e))
     }
 }

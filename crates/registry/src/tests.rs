@@ -1268,6 +1268,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
       tls: {mode: SIMPLE, caCrl: /etc/crl.pem}
   subsets:
   - {name: v1, labels: {version: v1}, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}
 ",
     );
     let s = snapshot(&[APP, rule].concat());
@@ -1275,15 +1276,16 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     assert_eq!(
         said,
         [
-            "DestinationRule default/app: spec.trafficPolicy.loadBalancer.consistentHash is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
             "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
+            "DestinationRule default/app: spec.subsets[1].trafficPolicy.loadBalancer.simple: PASSTHROUGH is not applied yet",
         ]
     );
     // What is applied is not held back by what is not.
     let c = cluster(&s, "outbound|80||app.internal.com");
     assert_eq!(c.breakers.threshold(crate::Resource::Connections), 1);
+    assert!(c.balancer.policy().is_consistent_hash());
 }
 
 #[test]
@@ -2381,4 +2383,5 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
     );
 }
 
+mod consistent_hash;
 mod virtual_service;

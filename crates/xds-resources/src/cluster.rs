@@ -202,6 +202,8 @@ fn lb_policy(c: &cds::Cluster, discovery: &Discovery) -> Result<LbPolicy, Invali
             Ok(P::LeastRequest) => LbPolicy::LeastRequest,
             Ok(P::Random) => LbPolicy::Random,
             Ok(P::ClusterProvided) => LbPolicy::ClusterProvided,
+            Ok(P::RingHash) => ring_hash(c)?,
+            Ok(P::Maglev) => maglev(c)?,
             Ok(other) => {
                 return Err(Invalid::new(
                     "lb_policy",
@@ -216,6 +218,7 @@ fn lb_policy(c: &cds::Cluster, discovery: &Discovery) -> Result<LbPolicy, Invali
             }
         }
     };
+    lb_config_fits(c, policy)?;
     // Envoy 1.40 pairs ORIGINAL_DST with CLUSTER_PROVIDED, both ways.
     let original_dst = matches!(discovery, Discovery::OriginalDst(_));
     if original_dst != (policy == LbPolicy::ClusterProvided) {
@@ -225,6 +228,102 @@ fn lb_policy(c: &cds::Cluster, discovery: &Discovery) -> Result<LbPolicy, Invali
         ));
     }
     Ok(policy)
+}
+
+/// Envoy's bound on both ring sizes.
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Envoy's bound on the Maglev table size.
+const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;
+
+/// RING_HASH with `ring_hash_lb_config`: xxHash only (Envoy's default), sizes within
+/// Envoy's bounds.
+fn ring_hash(c: &cds::Cluster) -> Result<LbPolicy, Invalid> {
+    use cds::cluster::LbConfig;
+    use cds::cluster::ring_hash_lb_config::HashFunction;
+    let config = match &c.lb_config {
+        Some(LbConfig::RingHashLbConfig(r)) => Some(r),
+        _ => None,
+    };
+    if config.is_some_and(|r| r.hash_function != HashFunction::XxHash as i32) {
+        return Err(Invalid::new(
+            "ring_hash_lb_config.hash_function",
+            "only XX_HASH is supported",
+        ));
+    }
+    let minimum = config
+        .and_then(|r| r.minimum_ring_size)
+        .map_or(LbPolicy::DEFAULT_MINIMUM_RING_SIZE, |v| v.value);
+    let maximum = config
+        .and_then(|r| r.maximum_ring_size)
+        .map_or(LbPolicy::DEFAULT_MAXIMUM_RING_SIZE, |v| v.value);
+    if minimum > MAX_RING_SIZE || maximum > MAX_RING_SIZE {
+        return Err(Invalid::new(
+            "ring_hash_lb_config",
+            format!("ring sizes are at most {MAX_RING_SIZE}"),
+        ));
+    }
+    if minimum > maximum {
+        return Err(Invalid::new(
+            "ring_hash_lb_config.minimum_ring_size",
+            format!("{minimum} is above maximum_ring_size {maximum}"),
+        ));
+    }
+    Ok(LbPolicy::RingHash {
+        minimum_ring_size: minimum,
+        maximum_ring_size: maximum,
+    })
+}
+
+/// MAGLEV with `maglev_lb_config`: a prime table size, as Envoy requires.
+fn maglev(c: &cds::Cluster) -> Result<LbPolicy, Invalid> {
+    use cds::cluster::LbConfig;
+    let table_size = match &c.lb_config {
+        Some(LbConfig::MaglevLbConfig(m)) => m
+            .table_size
+            .map_or(LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE, |v| v.value),
+        _ => LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE,
+    };
+    if table_size > MAX_MAGLEV_TABLE_SIZE || !portcullis_balance::is_prime(table_size) {
+        return Err(Invalid::new(
+            "maglev_lb_config.table_size",
+            format!("{table_size} is not a prime of at most {MAX_MAGLEV_TABLE_SIZE}"),
+        ));
+    }
+    Ok(LbPolicy::Maglev { table_size })
+}
+
+/// Refuses load-balancing settings the data path would not honour: a least-request
+/// `choice_count` other than 2, consistent hashing by hostname or with bounded load.
+fn lb_config_fits(c: &cds::Cluster, policy: LbPolicy) -> Result<(), Invalid> {
+    use cds::cluster::LbConfig;
+    if let (Some(LbConfig::LeastRequestLbConfig(l)), LbPolicy::LeastRequest) =
+        (&c.lb_config, policy)
+        && l.choice_count.is_some_and(|n| n.value != 2)
+    {
+        return Err(Invalid::new(
+            "least_request_lb_config.choice_count",
+            "only 2 choices are supported",
+        ));
+    }
+    if let Some(h) = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.consistent_hashing_lb_config.as_ref())
+    {
+        if h.use_hostname_for_hashing {
+            return Err(Invalid::new(
+                "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing",
+                "not supported",
+            ));
+        }
+        if h.hash_balance_factor.is_some() {
+            return Err(Invalid::new(
+                "common_lb_config.consistent_hashing_lb_config.hash_balance_factor",
+                "not supported",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn upstream_protocol(c: &cds::Cluster) -> Result<UpstreamProtocol, Invalid> {

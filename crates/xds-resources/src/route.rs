@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use envoy_types::pb::envoy::config::route::v3 as rds;
 use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
-    ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward, FractionalPercent, HeaderMatch,
-    HeaderMatcher, HttpFault, PathMatch, QueryParameterMatcher, Redirect, RegexRewrite,
-    RequestMirrorPolicy, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
-    StringMatcher, StringPattern, VirtualHost, WeightedCluster,
+    ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward, FractionalPercent, HashKey,
+    HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch, QueryParameterMatcher, Redirect,
+    RegexRewrite, RequestMirrorPolicy, RetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, StringMatcher, StringPattern, VirtualHost, WeightedCluster,
 };
 
 use crate::common::{
@@ -461,7 +461,60 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
                 })
             },
         )?,
+        hash_policy: each("hash_policy", &a.hash_policy, hash_policy)?
+            .into_iter()
+            .flatten()
+            .collect(),
     })
+}
+
+/// One hash policy; `None` for one that never yields a hash (`source_ip: false`).
+fn hash_policy(h: &rds::route_action::HashPolicy) -> Result<Option<HashPolicy>, Invalid> {
+    use rds::route_action::hash_policy::PolicySpecifier as S;
+    let key = match &h.policy_specifier {
+        Some(S::Header(header)) => {
+            if header.header_name.is_empty() {
+                return Err(Invalid::new("header.header_name", "must not be empty"));
+            }
+            if header.regex_rewrite.is_some() {
+                return Err(Invalid::new("header.regex_rewrite", "not supported"));
+            }
+            HashKey::Header(header.header_name.to_ascii_lowercase())
+        }
+        Some(S::Cookie(cookie)) => {
+            if cookie.name.is_empty() {
+                return Err(Invalid::new("cookie.name", "must not be empty"));
+            }
+            if !cookie.attributes.is_empty() {
+                return Err(Invalid::new("cookie.attributes", "not supported"));
+            }
+            HashKey::Cookie {
+                name: cookie.name.clone(),
+                path: (!cookie.path.is_empty()).then(|| cookie.path.clone()),
+                ttl: cookie
+                    .ttl
+                    .as_ref()
+                    .map(|d| duration("cookie.ttl", d))
+                    .transpose()?,
+            }
+        }
+        Some(S::ConnectionProperties(p)) if p.source_ip => HashKey::SourceIp,
+        Some(S::ConnectionProperties(_)) => return Ok(None),
+        Some(S::QueryParameter(q)) => {
+            if q.name.is_empty() {
+                return Err(Invalid::new("query_parameter.name", "must not be empty"));
+            }
+            HashKey::QueryParameter(q.name.clone())
+        }
+        Some(S::FilterState(_)) => {
+            return Err(Invalid::new("filter_state", "not supported"));
+        }
+        None => return Err(Invalid::new("policy_specifier", "required")),
+    };
+    Ok(Some(HashPolicy {
+        key,
+        terminal: h.terminal,
+    }))
 }
 
 fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {

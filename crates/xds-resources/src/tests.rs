@@ -1389,6 +1389,11 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     s.apply_sotw(CLUSTER_TYPE, "1", &any_of(vec![passthrough(), blackhole()]));
     let mut bad = passthrough();
     bad.lb_policy = cds::cluster::LbPolicy::Maglev as i32;
+    bad.lb_config = Some(cds::cluster::LbConfig::MaglevLbConfig(
+        cds::cluster::MaglevLbConfig {
+            table_size: Some(pb::UInt64Value { value: 100 }),
+        },
+    ));
     let mut changed = blackhole();
     changed.connect_timeout = secs(3);
     let applied = s.apply_sotw(CLUSTER_TYPE, "2", &any_of(vec![bad, changed]));
@@ -1396,7 +1401,9 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     assert_eq!(applied.rejected[0].name, PASSTHROUGH_CLUSTER);
     assert_eq!(
         applied.error_detail().as_deref(),
-        Some("PassthroughCluster: lb_policy: MAGLEV is not supported")
+        Some(
+            "PassthroughCluster: maglev_lb_config.table_size: 100 is not a prime of at most 5000011"
+        )
     );
     let active = s.active();
     assert_eq!(
@@ -1412,7 +1419,10 @@ fn an_invalid_update_keeps_the_previous_version_and_records_the_error() {
     let error = entry.error.as_ref().unwrap();
     assert_eq!(
         (error.version.as_str(), error.details.as_str()),
-        ("2", "lb_policy: MAGLEV is not supported")
+        (
+            "2",
+            "maglev_lb_config.table_size: 100 is not a prime of at most 5000011"
+        )
     );
     // The next good update clears it.
     s.apply_sotw(CLUSTER_TYPE, "3", &any_of(vec![passthrough(), blackhole()]));
@@ -1846,5 +1856,203 @@ fn istios_fault_and_mirror_policies_are_carried_into_the_model() {
     assert_eq!(
         route_configuration(&bad).unwrap_err().to_string(),
         "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.fault].abort.error_type: only http_status is supported"
+    );
+}
+
+/// istiod's cluster for a DestinationRule `consistentHash` with `ringHash` or `maglev`.
+fn hashed_cluster(
+    policy: cds::cluster::LbPolicy,
+    config: Option<cds::cluster::LbConfig>,
+) -> cds::Cluster {
+    let mut c = eds_cluster("outbound|80||app.internal.com");
+    c.lb_policy = policy as i32;
+    c.lb_config = config;
+    c
+}
+
+fn ring_config(minimum: u64) -> Option<cds::cluster::LbConfig> {
+    Some(cds::cluster::LbConfig::RingHashLbConfig(
+        cds::cluster::RingHashLbConfig {
+            minimum_ring_size: Some(pb::UInt64Value { value: minimum }),
+            ..Default::default()
+        },
+    ))
+}
+
+#[test]
+fn ring_hash_and_maglev_clusters_keep_their_sizes() {
+    use cds::cluster::{LbConfig, LbPolicy as P, MaglevLbConfig};
+    let ring = cluster(&hashed_cluster(P::RingHash, ring_config(2048))).unwrap();
+    assert_eq!(
+        ring.lb_policy,
+        LbPolicy::RingHash {
+            minimum_ring_size: 2048,
+            maximum_ring_size: LbPolicy::DEFAULT_MAXIMUM_RING_SIZE,
+        }
+    );
+    // Without a config, Envoy's defaults.
+    let bare = cluster(&hashed_cluster(P::RingHash, None)).unwrap();
+    assert_eq!(bare.lb_policy, LbPolicy::ring_hash());
+    let maglev = hashed_cluster(
+        P::Maglev,
+        Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+            table_size: Some(pb::UInt64Value { value: 257 }),
+        })),
+    );
+    assert_eq!(
+        cluster(&maglev).unwrap().lb_policy,
+        LbPolicy::Maglev { table_size: 257 }
+    );
+    let bare = cluster(&hashed_cluster(P::Maglev, None)).unwrap();
+    assert_eq!(
+        bare.lb_policy,
+        LbPolicy::Maglev {
+            table_size: LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE
+        }
+    );
+}
+
+#[test]
+fn consistent_hashing_that_cannot_be_honoured_is_refused_by_name() {
+    use cds::cluster::ring_hash_lb_config::HashFunction;
+    use cds::cluster::{LbConfig, LbPolicy as P, RingHashLbConfig};
+    let error = |c: cds::Cluster| cluster(&c).unwrap_err().to_string();
+    let murmur = hashed_cluster(
+        P::RingHash,
+        Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+            hash_function: HashFunction::MurmurHash2 as i32,
+            ..Default::default()
+        })),
+    );
+    assert_eq!(
+        error(murmur),
+        "ring_hash_lb_config.hash_function: only XX_HASH is supported"
+    );
+    let upside_down = hashed_cluster(
+        P::RingHash,
+        Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+            minimum_ring_size: Some(pb::UInt64Value { value: 4096 }),
+            maximum_ring_size: Some(pb::UInt64Value { value: 1024 }),
+            ..Default::default()
+        })),
+    );
+    assert_eq!(
+        error(upside_down),
+        "ring_hash_lb_config.minimum_ring_size: 4096 is above maximum_ring_size 1024"
+    );
+    let mut by_hostname = hashed_cluster(P::RingHash, ring_config(1024));
+    by_hostname.common_lb_config = Some(cds::cluster::CommonLbConfig {
+        consistent_hashing_lb_config: Some(
+            cds::cluster::common_lb_config::ConsistentHashingLbConfig {
+                use_hostname_for_hashing: true,
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    });
+    assert_eq!(
+        error(by_hostname),
+        "common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing: not supported"
+    );
+    let mut three_choices = eds_cluster("outbound|80||app.internal.com");
+    three_choices.lb_config = Some(LbConfig::LeastRequestLbConfig(
+        cds::cluster::LeastRequestLbConfig {
+            choice_count: Some(UInt32Value { value: 3 }),
+            ..Default::default()
+        },
+    ));
+    assert_eq!(
+        error(three_choices),
+        "least_request_lb_config.choice_count: only 2 choices are supported"
+    );
+}
+
+/// Route `80`'s first service route with `hash_policy`.
+fn route_80_hashed(policies: Vec<rds::route_action::HashPolicy>) -> rds::RouteConfiguration {
+    let mut rc = route_80();
+    let Some(rds::route::Action::Route(action)) = &mut rc.virtual_hosts[0].routes[0].action else {
+        panic!("route_80 forwards first");
+    };
+    action.hash_policy = policies;
+    rc
+}
+
+#[test]
+fn route_hash_policies_convert_as_istiod_writes_them() {
+    use rds::route_action::HashPolicy as H;
+    use rds::route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier as S, QueryParameter,
+    };
+    let policy = |specifier, terminal| H {
+        policy_specifier: Some(specifier),
+        terminal,
+    };
+    let rc = route_80_hashed(vec![
+        policy(
+            S::Header(Header {
+                header_name: "X-User".into(),
+                ..Default::default()
+            }),
+            true,
+        ),
+        policy(
+            S::Cookie(Cookie {
+                name: "session".into(),
+                ttl: secs(30),
+                path: "/".into(),
+                ..Default::default()
+            }),
+            false,
+        ),
+        policy(
+            S::ConnectionProperties(ConnectionProperties { source_ip: true }),
+            false,
+        ),
+        policy(
+            S::QueryParameter(QueryParameter {
+                name: "user".into(),
+            }),
+            false,
+        ),
+        // Never yields a hash: left out.
+        policy(
+            S::ConnectionProperties(ConnectionProperties { source_ip: false }),
+            false,
+        ),
+    ]);
+    let rc = route_configuration(&rc).unwrap();
+    let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+        panic!("forwards");
+    };
+    let plain = |key| HashPolicy {
+        key,
+        terminal: false,
+    };
+    assert_eq!(
+        f.hash_policy,
+        [
+            HashPolicy {
+                key: HashKey::Header("x-user".into()),
+                terminal: true,
+            },
+            plain(HashKey::Cookie {
+                name: "session".into(),
+                path: Some("/".into()),
+                ttl: Some(Duration::from_secs(30)),
+            }),
+            plain(HashKey::SourceIp),
+            plain(HashKey::QueryParameter("user".into())),
+        ]
+    );
+    let refused = |specifier| {
+        route_configuration(&route_80_hashed(vec![policy(specifier, false)]))
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        refused(S::FilterState(
+            rds::route_action::hash_policy::FilterState { key: "k".into() }
+        )),
+        "virtual_hosts[0].routes[0].route.hash_policy[0].filter_state: not supported"
     );
 }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_balance::Policy;
 use portcullis_envoy::{
     BLACKHOLE_CLUSTER, Cluster, ClusterLoadAssignment, ClusterSpecifier, Discovery,
     EndpointAddress as Address, FilterChain, FilterChainMatch, Forward, HealthStatus,
@@ -342,7 +341,9 @@ impl Builder<'_> {
         cluster
     }
 
-    /// The routes VirtualServices give each HTTP service's virtual host, by its cluster.
+    /// The routes of each HTTP service's virtual host that differ from istiod's plain
+    /// default, by its cluster: a VirtualService's, or the default route with the hash
+    /// policy of the service's DestinationRule.
     fn virtual_service_routes(
         &mut self,
         pending: &Map<Arc<str>, PendingCluster>,
@@ -354,10 +355,16 @@ impl Builder<'_> {
             if !routed_by_host(c.protocol) {
                 continue;
             }
-            let Some(vs) = self.virtual_service_for(&c.host, c.port) else {
-                continue;
-            };
-            if let Some(list) = self.http_routes(vs, c.port, ports) {
+            let list = self
+                .virtual_service_for(&c.host, c.port)
+                .and_then(|vs| self.http_routes(vs, c.port, ports));
+            let list = list.or_else(|| {
+                let hash = self.hash_for(&c.host, "", c.port)?;
+                let mut spec = forward_spec(&c.name);
+                spec.hash_policy.push(hash);
+                Some(vec![route("default", RouteAction::Forward(spec))])
+            });
+            if let Some(list) = list {
                 routes.insert(Arc::clone(&c.name), list);
             }
         }
@@ -777,6 +784,7 @@ fn forward_spec(cluster: &str) -> Forward {
         prefix_rewrite: None,
         regex_rewrite: None,
         request_mirror_policies: Vec::new(),
+        hash_policy: Vec::new(),
     }
 }
 
@@ -1063,11 +1071,7 @@ fn service_cluster(
     dns: DnsAnswers<'_>,
     dns_names: &mut BTreeSet<String>,
 ) -> Cluster {
-    let lb_policy = match traffic.lb {
-        Policy::RoundRobin => LbPolicy::RoundRobin,
-        Policy::Random => LbPolicy::Random,
-        Policy::LeastRequest => LbPolicy::LeastRequest,
-    };
+    let lb_policy = traffic.lb;
     let discovery = match p.resolution {
         Resolution::Static => Discovery::Static,
         Resolution::Dns => Discovery::StrictDns,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use portcullis_envoy::{
     AppendAction, ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward,
-    FractionalPercent, HeaderMatch, HeaderMatcher, HeaderValueOption, HttpFault, PathMatch,
-    QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryPolicy, Route,
-    RouteAction, RouteMatch, StringMatcher, StringPattern, WeightedCluster,
+    FractionalPercent, HashPolicy, HeaderMatch, HeaderMatcher, HeaderValueOption, HttpFault,
+    PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryPolicy,
+    Route, RouteAction, RouteMatch, StringMatcher, StringPattern, WeightedCluster,
 };
 use portcullis_model::{
     DerivePort, Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Object,
@@ -225,6 +225,24 @@ impl<'a> Builder<'a> {
         format!("outbound|{port}|{}|{host}", d.subset)
     }
 
+    /// The hash policy of a destination's DestinationRule (its subset's and port's
+    /// settings merged over the rule's), as istiod's `hashForHTTPDestination`.
+    fn destination_hash(
+        &self,
+        d: &Destination,
+        namespace: &str,
+        listener_port: u16,
+        ports: &BTreeMap<String, Vec<u16>>,
+    ) -> Option<HashPolicy> {
+        let host = fqdn(&d.host, namespace, &self.options.cluster_domain);
+        let port = match (&d.port, ports.get(&host).map(Vec::as_slice)) {
+            (Some(p), _) => u16::try_from(p.number).ok()?,
+            (None, Some([only])) => *only,
+            (None, _) => listener_port,
+        };
+        self.hash_for(&host, &d.subset, port)
+    }
+
     /// The routes of `vs` for a virtual host on `port`, in order, ending at the first
     /// catch-all; `None` when no route applies to this sidecar on this port (istiod then
     /// leaves the service its default route).
@@ -341,11 +359,16 @@ impl<'a> Builder<'a> {
                 host_rewrite = Some(a.clone());
             }
         }
+        let hash = |d: &Destination| self.destination_hash(d, ns, port, ports);
+        let mut hash_policy = Vec::new();
+        let mut consistent_hash = false;
         let specifier = match &http.route[..] {
             [only] => {
                 if host_rewrite.is_none() {
                     host_rewrite = only.headers.as_ref().and_then(|h| operations(h).authority);
                 }
+                hash_policy.extend(hash(&only.destination));
+                consistent_hash = !hash_policy.is_empty();
                 ClusterSpecifier::Cluster(cluster(&only.destination))
             }
             several => ClusterSpecifier::Weighted(
@@ -353,6 +376,8 @@ impl<'a> Builder<'a> {
                     .iter()
                     .filter(|d| d.weight != 0)
                     .map(|d| {
+                        // Each destination's hash policy is appended, as istiod does.
+                        hash_policy.extend(hash(&d.destination));
                         let ops = d.headers.as_ref().map(operations).unwrap_or_default();
                         WeightedCluster {
                             name: cluster(&d.destination),
@@ -386,11 +411,12 @@ impl<'a> Builder<'a> {
             // istiod disables the route timeout unless the VirtualService sets one.
             timeout: Some(http.timeout.unwrap_or(Duration::ZERO)),
             idle_timeout: None,
-            retry_policy: retry_policy(http.retries.as_ref()),
+            retry_policy: retry_policy(http.retries.as_ref(), consistent_hash),
             host_rewrite_literal: host_rewrite,
             prefix_rewrite,
             regex_rewrite,
             request_mirror_policies: mirrors,
+            hash_policy,
         }
     }
 }
@@ -633,15 +659,20 @@ fn default_retry_policy() -> RetryPolicy {
 
 /// istiod's `retry.ConvertPolicy`: the default without `retries`, none with `attempts: 0`;
 /// else the default with the attempts, conditions (status codes among them become
-/// `retriable-status-codes`), per-try timeout and host predicate given.
-pub(super) fn retry_policy(r: Option<&portcullis_model::HttpRetry>) -> Option<RetryPolicy> {
+/// `retriable-status-codes`), per-try timeout and host predicate given. A route that
+/// hashes to its host (`consistent_hash`) does not avoid previous hosts unless asked to.
+pub(super) fn retry_policy(
+    r: Option<&portcullis_model::HttpRetry>,
+    consistent_hash: bool,
+) -> Option<RetryPolicy> {
+    let mut policy = default_retry_policy();
+    policy.avoid_previous_hosts = !consistent_hash;
     let Some(r) = r else {
-        return Some(default_retry_policy());
+        return Some(policy);
     };
     if r.attempts <= 0 {
         return None;
     }
-    let mut policy = default_retry_policy();
     policy.num_retries = u32::try_from(r.attempts).unwrap_or(u32::MAX);
     if !r.retry_on.is_empty() {
         let mut on = Vec::new();
