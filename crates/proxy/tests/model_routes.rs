@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_envoy::{
-    self as envoy, AppendAction, Denominator, Discovery, FaultAbort, FaultDelay, FractionalPercent,
+    self as envoy, AppendAction, Denominator, FaultAbort, FaultDelay, FractionalPercent,
     HeaderValueOption, HttpFault, PathMatch, RouteAction, RouteMatch, UpstreamTransport,
 };
 use portcullis_registry::Snapshot;
@@ -17,19 +17,7 @@ mod common;
 use common::{Harness, Upstream, fetch};
 
 fn cluster(name: &str, endpoint: SocketAddr, transport: UpstreamTransport) -> envoy::Cluster {
-    envoy::Cluster {
-        load_assignment: Some(envoy::ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![envoy::LocalityLbEndpoints {
-                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
-                    endpoint,
-                ))],
-                ..Default::default()
-            }],
-        }),
-        transport,
-        ..envoy::Cluster::new(name, Discovery::Static)
-    }
+    common::static_cluster(name, endpoint, transport)
 }
 
 fn route(prefix: &str, action: RouteAction) -> envoy::Route {

@@ -15,8 +15,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_envoy::{
-    self as envoy, DataSource, Discovery, PathMatch, RouteAction, RouteMatch, StringMatcher,
-    StringPattern, TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport,
+    self as envoy, DataSource, PathMatch, RouteAction, RouteMatch, StringMatcher, StringPattern,
+    TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport,
 };
 use portcullis_registry::Snapshot;
 use rustls::pki_types::pem::PemObject;
@@ -223,19 +223,7 @@ fn simple(ca: &Ca, sni: Option<&str>) -> UpstreamTls {
 }
 
 fn cluster(name: &str, endpoint: SocketAddr, tls: UpstreamTls) -> envoy::Cluster {
-    envoy::Cluster {
-        load_assignment: Some(envoy::ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![envoy::LocalityLbEndpoints {
-                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
-                    endpoint,
-                ))],
-                ..Default::default()
-            }],
-        }),
-        transport: UpstreamTransport::Tls(Arc::new(tls)),
-        ..envoy::Cluster::new(name, Discovery::Static)
-    }
+    common::static_cluster(name, endpoint, UpstreamTransport::Tls(Arc::new(tls)))
 }
 
 /// One virtual host per cluster, `NAME.example.com`, on an HTTP listener; `/rewritten`

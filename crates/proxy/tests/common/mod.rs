@@ -29,6 +29,28 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+/// A static cluster of one endpoint, reached over `transport`.
+pub fn static_cluster(
+    name: &str,
+    endpoint: SocketAddr,
+    transport: portcullis_envoy::UpstreamTransport,
+) -> portcullis_envoy::Cluster {
+    use portcullis_envoy as envoy;
+    envoy::Cluster {
+        load_assignment: Some(envoy::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                    endpoint,
+                ))],
+                ..Default::default()
+            }],
+        }),
+        transport,
+        ..envoy::Cluster::new(name, envoy::Discovery::Static)
+    }
+}
+
 /// A snapshot with one HTTP listener, `0.0.0.0_80`, serving the inline route `table`, and
 /// `clusters`, as an istiod-built model is indexed.
 pub fn http_model(
