@@ -1113,6 +1113,8 @@ mod tests {
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
             connection_limits: crate::ConnectionLimits::default(),
+            outlier_detection: None,
+            healthy_panic_threshold: None,
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: "outbound|80||app.internal.com".into(),
                 endpoints: vec![LocalityLbEndpoints {

@@ -144,6 +144,8 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
         upstream_protocol: upstream_protocol(c)?,
         circuit_breakers: thresholds(c.circuit_breakers.as_ref()),
         connection_limits: connection_limits(c)?,
+        outlier_detection: None,
+        healthy_panic_threshold: None,
         load_assignment,
         transport,
         transport_socket_matches,

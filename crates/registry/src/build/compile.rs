@@ -983,6 +983,8 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         upstream_protocol: UpstreamProtocol::Http1,
         circuit_breakers: istio_thresholds(),
         connection_limits: portcullis_envoy::ConnectionLimits::default(),
+        outlier_detection: None,
+        healthy_panic_threshold: None,
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
