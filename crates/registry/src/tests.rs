@@ -2428,6 +2428,17 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
     assert_eq!(od.max_ejection_percent, 50);
     // istiod turns Envoy's 50% panic threshold off unless minHealthPercent says otherwise.
     assert_eq!(panic, Some(0.0));
+    // What the data path applies: the enforced detectors only.
+    let applied = cluster(&s, "outbound|80||app.internal.com")
+        .outlier
+        .expect("applied");
+    assert_eq!(applied.detection.consecutive_5xx, Some(3));
+    assert_eq!(applied.detection.consecutive_gateway, None);
+    assert_eq!(
+        applied.detection.base_ejection,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(applied.panic_threshold, 0.0);
     // The deprecated consecutiveErrors counts gateway errors only.
     let (od, panic) = compiled("outbound|8080||app.internal.com");
     let od = od.expect("outlier detection");
