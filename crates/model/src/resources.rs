@@ -357,7 +357,6 @@ impl TrafficPolicy {
             String::new(),
             self.load_balancer.as_deref(),
             self.connection_pool.as_deref(),
-            self.outlier_detection.is_some(),
             self.tls.as_ref(),
         )];
         for (i, p) in self.port_level_settings.iter().enumerate() {
@@ -365,11 +364,10 @@ impl TrafficPolicy {
                 format!("portLevelSettings[{i}]."),
                 p.load_balancer.as_deref(),
                 p.connection_pool.as_deref(),
-                p.outlier_detection.is_some(),
                 p.tls.as_ref(),
             ));
         }
-        for (at, lb, pool, outlier, tls) in parts {
+        for (at, lb, pool, tls) in parts {
             let lb = lb.map(|lb| {
                 [
                     (
@@ -399,7 +397,6 @@ impl TrafficPolicy {
                 .into_iter()
                 .flatten()
                 .chain([
-                    ("outlierDetection", outlier),
                     ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
                     (
                         "connectionPool.tcp.idleTimeout",

@@ -1276,9 +1276,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     assert_eq!(
         said,
         [
-            "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
-            "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.subsets[1].trafficPolicy.loadBalancer.simple: PASSTHROUGH is not applied yet",
         ]
     );
