@@ -189,6 +189,8 @@ mod tests {
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
             connection_limits: Default::default(),
+            outlier_detection: None,
+            healthy_panic_threshold: None,
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

@@ -89,6 +89,7 @@ pub fn clusters(snapshot: &Snapshot) -> String {
     for name in ["BlackHoleCluster", "PassthroughCluster"] {
         let _ = writeln!(out, "{name}::default_priority::max_connections::4294967295");
     }
+    let now = std::time::Instant::now();
     for c in &snapshot.clusters {
         let t = &c.breakers.thresholds;
         for (threshold, value) in [
@@ -104,7 +105,13 @@ pub fn clusters(snapshot: &Snapshot) -> String {
             let _ = writeln!(out, "{}::{host}::rq_active::{}", c.name, e.state.active());
             let _ = writeln!(out, "{}::{host}::rq_total::{}", c.name, e.state.total());
             let _ = writeln!(out, "{}::{host}::weight::{}", c.name, e.weight);
-            let _ = writeln!(out, "{}::{host}::health_flags::healthy", c.name);
+            // Envoy's flag for an endpoint outlier detection ejected.
+            let health = if e.state.outlier.ejected(now) {
+                "/failed_outlier_check"
+            } else {
+                "healthy"
+            };
+            let _ = writeln!(out, "{}::{host}::health_flags::{health}", c.name);
         }
     }
     out

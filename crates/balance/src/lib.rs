@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 mod hash;
+pub mod outlier;
 mod xxhash;
 
 pub use hash::{
@@ -66,6 +67,8 @@ pub struct EndpointState {
     active: AtomicU64,
     total: AtomicU64,
     connections: AtomicU32,
+    /// Outlier detection's view of the endpoint.
+    pub outlier: outlier::Outlier,
 }
 
 impl EndpointState {

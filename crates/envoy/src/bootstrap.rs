@@ -171,6 +171,8 @@ mod tests {
                 upstream_protocol: UpstreamProtocol::Http1,
                 circuit_breakers: Thresholds::default(),
                 connection_limits: crate::ConnectionLimits::default(),
+                outlier_detection: None,
+                healthy_panic_threshold: None,
                 load_assignment: None,
                 transport: UpstreamTransport::Plaintext,
                 transport_socket_matches: Vec::new(),

@@ -22,6 +22,8 @@ impl Cluster {
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
             connection_limits: ConnectionLimits::default(),
+            outlier_detection: None,
+            healthy_panic_threshold: None,
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

@@ -664,6 +664,31 @@ pub fn cluster(c: &Cluster) -> Value {
         }
         UpstreamProtocol::UseDownstream => Some(json!({"use_downstream_protocol_config": {}})),
     };
+    if let Some(od) = &c.outlier_detection {
+        o.insert(
+            "outlier_detection".into(),
+            json!({
+                "consecutive_5xx": od.consecutive_5xx,
+                "enforcing_consecutive_5xx": od.enforcing_consecutive_5xx,
+                "consecutive_gateway_failure": od.consecutive_gateway_failure,
+                "enforcing_consecutive_gateway_failure": od.enforcing_consecutive_gateway_failure,
+                "split_external_local_origin_errors": od.split_external_local_origin_errors,
+                "consecutive_local_origin_failure": od.consecutive_local_origin_failure,
+                "enforcing_consecutive_local_origin_failure": od.enforcing_consecutive_local_origin_failure,
+                "interval": duration(od.interval),
+                "base_ejection_time": duration(od.base_ejection_time),
+                "max_ejection_time": duration(od.max_ejection_time),
+                "max_ejection_percent": od.max_ejection_percent,
+                "enforcing_success_rate": 0,
+            }),
+        );
+    }
+    if let Some(threshold) = c.healthy_panic_threshold {
+        o.insert(
+            "common_lb_config".into(),
+            json!({ "healthy_panic_threshold": { "value": threshold } }),
+        );
+    }
     let limits = c.connection_limits;
     let mut common = Map::new();
     put(
@@ -1113,6 +1138,8 @@ mod tests {
             upstream_protocol: UpstreamProtocol::Http1,
             circuit_breakers: Thresholds::default(),
             connection_limits: crate::ConnectionLimits::default(),
+            outlier_detection: None,
+            healthy_panic_threshold: None,
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: "outbound|80||app.internal.com".into(),
                 endpoints: vec![LocalityLbEndpoints {

@@ -563,6 +563,11 @@ pub struct Cluster {
     pub circuit_breakers: Thresholds,
     /// Limits on each upstream connection.
     pub connection_limits: ConnectionLimits,
+    /// Ejection of failing endpoints, when configured.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `common_lb_config.healthy_panic_threshold`: below this percentage of healthy
+    /// endpoints, health (ejections included) is ignored; `None`: Envoy's 50.
+    pub healthy_panic_threshold: Option<f64>,
     /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub load_assignment: Option<ClusterLoadAssignment>,
     /// Transport of every endpoint, unless a match below applies.
@@ -589,6 +594,52 @@ pub struct ConnectionLimits {
     pub max_connection_duration: Option<Duration>,
     /// TCP keepalive on upstream sockets; `None`: the system's (off).
     pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// Envoy's `OutlierDetection`, the consecutive-failure detectors (success-rate and
+/// failure-percentage detection are not applied; istiod turns them off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// `consecutive_5xx` (Envoy's default 5).
+    pub consecutive_5xx: u32,
+    /// `enforcing_consecutive_5xx`, percent (default 100).
+    pub enforcing_consecutive_5xx: u32,
+    /// `consecutive_gateway_failure` (default 5).
+    pub consecutive_gateway_failure: u32,
+    /// `enforcing_consecutive_gateway_failure`, percent (default 0).
+    pub enforcing_consecutive_gateway_failure: u32,
+    /// `split_external_local_origin_errors`.
+    pub split_external_local_origin_errors: bool,
+    /// `consecutive_local_origin_failure` (default 5).
+    pub consecutive_local_origin_failure: u32,
+    /// `enforcing_consecutive_local_origin_failure`, percent (default 100).
+    pub enforcing_consecutive_local_origin_failure: u32,
+    /// `interval` (default 10 s).
+    pub interval: Duration,
+    /// `base_ejection_time` (default 30 s).
+    pub base_ejection_time: Duration,
+    /// `max_ejection_time` (default 300 s).
+    pub max_ejection_time: Duration,
+    /// `max_ejection_percent` (default 10).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            enforcing_consecutive_5xx: 100,
+            consecutive_gateway_failure: 5,
+            enforcing_consecutive_gateway_failure: 0,
+            split_external_local_origin_errors: false,
+            consecutive_local_origin_failure: 5,
+            enforcing_consecutive_local_origin_failure: 100,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
 }
 
 /// Envoy's `TcpKeepalive`; unset fields take the system's values.

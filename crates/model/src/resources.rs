@@ -292,9 +292,9 @@ pub struct TrafficPolicy {
     /// Policies for single ports, each replacing the rule's parts it sets.
     #[serde(default, deserialize_with = "exact")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
-    /// Not applied yet.
+    /// Ejection of failing endpoints.
     #[serde(default)]
-    pub outlier_detection: Option<Unapplied>,
+    pub outlier_detection: Option<Box<OutlierDetection>>,
     /// TLS to the upstream.
     #[serde(default)]
     pub tls: Option<ClientTlsSettings>,
@@ -357,7 +357,6 @@ impl TrafficPolicy {
             String::new(),
             self.load_balancer.as_deref(),
             self.connection_pool.as_deref(),
-            self.outlier_detection.is_some(),
             self.tls.as_ref(),
         )];
         for (i, p) in self.port_level_settings.iter().enumerate() {
@@ -365,11 +364,10 @@ impl TrafficPolicy {
                 format!("portLevelSettings[{i}]."),
                 p.load_balancer.as_deref(),
                 p.connection_pool.as_deref(),
-                p.outlier_detection.is_some(),
                 p.tls.as_ref(),
             ));
         }
-        for (at, lb, pool, outlier, tls) in parts {
+        for (at, lb, pool, tls) in parts {
             let lb = lb.map(|lb| {
                 [
                     (
@@ -399,7 +397,6 @@ impl TrafficPolicy {
                 .into_iter()
                 .flatten()
                 .chain([
-                    ("outlierDetection", outlier),
                     ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
                     (
                         "connectionPool.tcp.idleTimeout",
@@ -430,9 +427,9 @@ pub struct PortTrafficPolicy {
     /// Connection pool limits for the port.
     #[serde(default)]
     pub connection_pool: Option<Box<ConnectionPoolSettings>>,
-    /// Not applied yet.
+    /// Ejection of failing endpoints on this port, replacing the rule's.
     #[serde(default)]
-    pub outlier_detection: Option<Unapplied>,
+    pub outlier_detection: Option<Box<OutlierDetection>>,
     /// TLS to the upstream on this port, replacing the rule's.
     #[serde(default)]
     pub tls: Option<ClientTlsSettings>,
@@ -478,6 +475,39 @@ pub struct TcpPoolSettings {
     /// Not applied yet.
     #[serde(default)]
     pub idle_timeout: Option<Unapplied>,
+}
+
+/// `trafficPolicy.outlierDetection`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Deprecated `consecutiveErrors`: gateway errors before an ejection.
+    #[serde(default)]
+    pub consecutive_errors: Option<i32>,
+    /// `consecutive5xxErrors` (5xx and, unless split, local-origin failures).
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// `consecutiveGatewayErrors` (502, 503, 504).
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// `splitExternalLocalOriginErrors`: count local-origin failures apart.
+    #[serde(default)]
+    pub split_external_local_origin_errors: bool,
+    /// `consecutiveLocalOriginFailures` (with the split).
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// `interval` between ejection sweeps.
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
+    /// `baseEjectionTime`.
+    #[serde(default, deserialize_with = "duration")]
+    pub base_ejection_time: Option<Duration>,
+    /// `maxEjectionPercent`.
+    #[serde(default)]
+    pub max_ejection_percent: Option<i32>,
+    /// `minHealthPercent`: below it, ejections are ignored (Envoy's panic threshold).
+    #[serde(default)]
+    pub min_health_percent: Option<i32>,
 }
 
 /// `connectionPool.tcp.tcpKeepalive`.

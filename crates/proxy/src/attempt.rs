@@ -11,6 +11,8 @@ use std::time::Duration;
 use portcullis_registry::{Decision, Resource, Slot};
 use tokio::time::Instant;
 
+use portcullis_balance::outlier::Outcome;
+
 use crate::Proxy;
 use crate::error::ProxyError;
 use crate::origin::Transport;
@@ -214,6 +216,11 @@ impl<'a> Attempts<'a> {
         again: Option<R>,
     ) -> Result<R, ProxyError> {
         let elsewhere = self.on_cluster();
+        if let Some(Condition::ConnectFailure | Condition::Reset | Condition::RefusedStream) =
+            failure_condition(&failure)
+        {
+            self.report(Outcome::LocalFailure);
+        }
         let retry = match (&failure, failure_condition(&failure)) {
             // Nothing was processed; a failed connect only goes to a cluster's endpoint.
             (Failure::Unsent(_), Some(Condition::ConnectFailure)) => {
@@ -238,6 +245,7 @@ impl<'a> Attempts<'a> {
     /// Judges a response head with `status`: a status the policy retries goes again while
     /// attempts and the retry budget last and the request can be sent again (`again`).
     pub(crate) fn answered<R>(&mut self, status: u16, again: Option<R>) -> Answer<R> {
+        self.report(Outcome::Status(status));
         if !self.policy.retry_status(status) {
             return Answer::Deliver(None);
         }
@@ -254,6 +262,37 @@ impl<'a> Attempts<'a> {
             "retriable upstream status; retrying"
         );
         Answer::Retry(again)
+    }
+
+    /// Tells the cluster's outlier detection how the attempt on its endpoint ended.
+    fn report(&self, outcome: Outcome) {
+        let (Decision::Cluster(c), Some(index)) = (self.decision, self.current) else {
+            return;
+        };
+        let (Some(outliers), Some(endpoint)) = (&c.outlier, c.endpoints.get(index)) else {
+            return;
+        };
+        let now = Instant::now().into_std();
+        let detection = &outliers.detection;
+        // Envoy ejects while the share ejected stays within `max_ejection_percent`, and
+        // always at least one endpoint.
+        let may_eject = || {
+            let ejected = c
+                .endpoints
+                .iter()
+                .filter(|e| e.state.outlier.ejected(now))
+                .count();
+            let share = 100 * (ejected + 1) / c.endpoints.len().max(1);
+            ejected == 0 || share <= detection.max_ejection_percent as usize
+        };
+        if let Some(reason) = endpoint
+            .state
+            .outlier
+            .report(detection, outcome, now, may_eject)
+        {
+            self.proxy.count_ejection(&c.name, reason);
+            tracing::info!(cluster = %c.name, endpoint = %endpoint.display(), ?reason, "endpoint ejected by outlier detection");
+        }
     }
 
     /// Takes a unit of the cluster's `max_retries` for the next attempt, and marks the

@@ -90,6 +90,14 @@ pub struct Metrics {
     pub upstream_rq_pending_overflow: Family<ClusterLabels, Counter>,
     /// `envoy_cluster_upstream_rq_retry_overflow`: retries not made for `max_retries`.
     pub upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_outlier_detection_ejections_enforced_total`: endpoints ejected.
+    pub ejections_enforced_total: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx`.
+    pub ejections_consecutive_5xx: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_gateway_failure`.
+    pub ejections_consecutive_gateway: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_local_origin_failure`.
+    pub ejections_consecutive_local_origin: Family<ClusterLabels, Counter>,
     /// `envoy_listener_downstream_cx_overflow`: connections refused at the limit.
     pub cx_overflow: Counter,
     /// `envoy_http_downstream_cx_idle_timeout`.
@@ -137,6 +145,10 @@ impl Metrics {
             upstream_cx_overflow: Family::default(),
             upstream_rq_pending_overflow: Family::default(),
             upstream_rq_retry_overflow: Family::default(),
+            ejections_enforced_total: Family::default(),
+            ejections_consecutive_5xx: Family::default(),
+            ejections_consecutive_gateway: Family::default(),
+            ejections_consecutive_local_origin: Family::default(),
             cx_overflow: Counter::default(),
             http_idle_timeout: Counter::default(),
             header_timeout: Counter::default(),
@@ -202,6 +214,26 @@ impl Metrics {
             "envoy_cluster_upstream_rq_retry_overflow",
             "Retries not made for the cluster's max_retries",
             m.upstream_rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced",
+            "Endpoints ejected by outlier detection",
+            m.ejections_enforced_total.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx",
+            "Ejections for consecutive 5xx",
+            m.ejections_consecutive_5xx.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced_consecutive_gateway_failure",
+            "Ejections for consecutive gateway failures",
+            m.ejections_consecutive_gateway.clone(),
+        );
+        registry.register(
+            "envoy_cluster_outlier_detection_ejections_enforced_consecutive_local_origin_failure",
+            "Ejections for consecutive local-origin failures",
+            m.ejections_consecutive_local_origin.clone(),
         );
         registry.register(
             "envoy_listener_downstream_cx_overflow",

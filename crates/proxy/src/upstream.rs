@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use portcullis_balance::outlier::Reason;
 use portcullis_balance::{ActiveGuard, EndpointState};
 use portcullis_registry::{
     Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, TlsOrigin, UNLIMITED,
@@ -299,9 +300,40 @@ impl RetryPolicy {
     }
 }
 
+/// The endpoints of `c` a pick avoids when outlier detection has ejected some: `tried` and
+/// the ejected ones, unless fewer than the panic threshold's share would be left (then
+/// ejections are ignored, as in Envoy's panic mode). `Ok(None)` when nothing is ejected;
+/// Envoy's `no healthy upstream` when every endpoint is.
+fn ejected_and_tried(
+    c: &portcullis_registry::Cluster,
+    tried: &[usize],
+) -> Result<Option<Vec<usize>>, ProxyError> {
+    let Some(outliers) = c.outlier.as_ref() else {
+        return Ok(None);
+    };
+    let now = tokio::time::Instant::now().into_std();
+    let ejected: Vec<usize> = (0..c.endpoints.len())
+        .filter(|&i| c.endpoints[i].state.outlier.ejected(now))
+        .collect();
+    if ejected.is_empty() {
+        return Ok(None);
+    }
+    let left = c.endpoints.len() - ejected.len();
+    let healthy_percent = 100.0 * left as f64 / c.endpoints.len() as f64;
+    if outliers.panic_threshold > 0.0 && healthy_percent < outliers.panic_threshold {
+        return Ok(None);
+    }
+    if left == 0 {
+        return Err(ProxyError::NoHealthyUpstream);
+    }
+    let mut avoided = ejected;
+    avoided.extend_from_slice(tried);
+    Ok(Some(avoided))
+}
+
 impl Proxy {
-    /// Picks an upstream for `decision`, avoiding endpoints in `tried`; a consistent-hash
-    /// cluster picks by the request's `hash`.
+    /// Picks an upstream for `decision`, avoiding endpoints in `tried` and those outlier
+    /// detection ejected; a consistent-hash cluster picks by the request's `hash`.
     pub(crate) async fn pick(
         &self,
         decision: &Decision,
@@ -314,8 +346,9 @@ impl Proxy {
             Decision::NoCluster(name) => return Err(ProxyError::NoCluster(Arc::clone(name))),
             Decision::Direct(d) => return Err(ProxyError::Direct(Arc::clone(d))),
             Decision::Cluster(c) if c.resolution != Resolution::None => {
+                let avoided = ejected_and_tried(c, tried)?;
                 let (index, endpoint) = c
-                    .pick_hashed(hash, tried)
+                    .pick_hashed(hash, avoided.as_deref().unwrap_or(tried))
                     .ok_or(ProxyError::NoHealthyUpstream)?;
                 let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");
@@ -404,6 +437,21 @@ impl Proxy {
         if matches!(error, ProxyError::ConnectTimeout) {
             self.metrics.connect_timeout.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts an outlier ejection of an endpoint of `cluster` in Envoy's stats.
+    pub(crate) fn count_ejection(&self, cluster: &Arc<str>, reason: Reason) {
+        let labels = ClusterLabels {
+            cluster_name: Label(Arc::clone(cluster)),
+        };
+        let m = &self.metrics;
+        m.ejections_enforced_total.get_or_create(&labels).inc();
+        let by_reason = match reason {
+            Reason::Consecutive5xx => &m.ejections_consecutive_5xx,
+            Reason::ConsecutiveGateway => &m.ejections_consecutive_gateway,
+            Reason::ConsecutiveLocalOrigin => &m.ejections_consecutive_local_origin,
+        };
+        by_reason.get_or_create(&labels).inc();
     }
 
     /// Takes a unit of `resource` from the circuit breakers of `decision`'s cluster (none

@@ -855,3 +855,43 @@ spec:
     }
     assert_eq!(app.accepts(), 3);
 }
+
+/// A DestinationRule's `outlierDetection`: an endpoint answering 500 is ejected after
+/// `consecutive5xxErrors`, and the other one serves everything until the ejection ends.
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_answering_500() {
+    let good = common::Upstream::start("good").await;
+    let bad = common::Upstream::answering("bad", StatusCode::INTERNAL_SERVER_ERROR).await;
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: app, namespace: default}
+spec:
+  host: app.internal
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}
+";
+    let yaml = common::service("app.internal", 80, "HTTP", &[good.port(), bad.port()]) + rule;
+    let harness = Harness::start(common::snapshot(&yaml, 1)).await;
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let answer = fetch(&harness, "http://app.internal/", Some("app.internal")).await;
+        bodies.push(answer.text().to_owned());
+    }
+    let failures = bodies.iter().filter(|b| *b == "bad").count();
+    assert_eq!(failures, 2, "{bodies:?}");
+    // After its second 500 the bad endpoint gets nothing.
+    let last_bad = bodies.iter().rposition(|b| b == "bad").unwrap();
+    assert!(
+        bodies[last_bad + 1..].iter().all(|b| b == "good"),
+        "{bodies:?}"
+    );
+    let text = harness.prometheus();
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total{"
+        ) && l.ends_with(" 1")),
+        "{text}"
+    );
+}

@@ -8,9 +8,9 @@ use ipnet::IpNet;
 use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
-    LoadBalancerSettings, MeshConfig, Object, OutboundMode, Pod, Resolution, Resource, Secret,
-    ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy,
-    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    LoadBalancerSettings, MeshConfig, Object, OutboundMode, OutlierDetection, Pod, Resolution,
+    Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort,
+    TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
@@ -150,6 +150,7 @@ struct Traffic<'a> {
     /// The route's hash policy for a consistent-hash balancer.
     hash: Option<HashPolicy>,
     pool: Option<&'a ConnectionPoolSettings>,
+    outlier: Option<&'a OutlierDetection>,
     tls: Option<tls::TlsRule<'a>>,
 }
 
@@ -180,14 +181,19 @@ fn traffic<'a>(
     let mut tls = port_level
         .and_then(|pls| pls.tls.as_ref())
         .or_else(|| policy.and_then(|tp| tp.tls.as_ref()));
+    let mut outlier = port_level
+        .and_then(|pls| pls.outlier_detection.as_deref())
+        .or_else(|| policy.and_then(|tp| tp.outlier_detection.as_deref()));
     if let Some(sp) = subset {
         load_balancer = sp.load_balancer.as_deref().or(load_balancer);
         pool = sp.connection_pool.as_deref().or(pool);
         tls = sp.tls.as_ref().or(tls);
+        outlier = sp.outlier_detection.as_deref().or(outlier);
         if let Some(pls) = at_port(sp) {
             load_balancer = pls.load_balancer.as_deref();
             pool = pls.connection_pool.as_deref();
             tls = pls.tls.as_ref();
+            outlier = pls.outlier_detection.as_deref();
         }
     }
     let consistent = load_balancer.and_then(|lb| lb.consistent_hash.as_ref());
@@ -206,6 +212,7 @@ fn traffic<'a>(
         lb,
         hash: consistent.and_then(hash_policy),
         pool,
+        outlier,
         tls,
     }
 }

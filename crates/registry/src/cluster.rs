@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use portcullis_balance::outlier::Detection;
 use portcullis_balance::{Balancer, EndpointState, Member, Policy, is_prime};
 use portcullis_envoy as envoy;
 use portcullis_model::Resolution;
@@ -12,7 +13,9 @@ use portcullis_model::Resolution;
 use crate::Map;
 use crate::build::DnsAnswers;
 use crate::limits::CircuitBreakers;
-use crate::snapshot::{BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Protocol};
+use crate::snapshot::{
+    BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Outliers, Protocol,
+};
 use crate::tls::IstioPeer;
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
@@ -216,6 +219,12 @@ pub(crate) fn build(
         balancer,
         connect_timeout: c.connect_timeout,
         connection_limits: c.connection_limits,
+        outlier: c.outlier_detection.map(|o| Outliers {
+            detection: detection(&o),
+            // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
+            // `minHealthPercent` says otherwise.
+            panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),
+        }),
         breakers: CircuitBreakers {
             thresholds: c.circuit_breakers,
             load: previous
@@ -363,4 +372,27 @@ fn istio_host_port(name: &str) -> (Arc<str>, u16) {
         return (host.into(), port);
     }
     (name.into(), 0)
+}
+
+/// The detectors Envoy enforces, as the data path applies them: a detector whose
+/// enforcement is above zero ejects (Envoy draws partial enforcement percentages per
+/// ejection; istiod writes only 0 and 100).
+fn detection(o: &envoy::OutlierDetection) -> Detection {
+    let enforced = |n: u32, enforcing: u32| (enforcing > 0 && n > 0).then_some(n);
+    Detection {
+        consecutive_5xx: enforced(o.consecutive_5xx, o.enforcing_consecutive_5xx),
+        consecutive_gateway: enforced(
+            o.consecutive_gateway_failure,
+            o.enforcing_consecutive_gateway_failure,
+        ),
+        consecutive_local_origin: enforced(
+            o.consecutive_local_origin_failure,
+            o.enforcing_consecutive_local_origin_failure,
+        )
+        .filter(|_| o.split_external_local_origin_errors),
+        split_local_origin: o.split_external_local_origin_errors,
+        base_ejection: o.base_ejection_time,
+        max_ejection: o.max_ejection_time,
+        max_ejection_percent: o.max_ejection_percent,
+    }
 }

@@ -31,8 +31,8 @@ pub use route::{
     VirtualHost,
 };
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, PASSTHROUGH_CLUSTER,
-    Protocol, Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Outliers,
+    PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
 pub use tls::{
     IstioPeer, TlsConfigError, TlsOrigin, WorkloadIdentity, compile as compile_tls, failure_reason,

@@ -108,11 +108,23 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive).
     pub connection_limits: portcullis_envoy::ConnectionLimits,
+    /// Outlier detection, when the cluster has it.
+    pub outlier: Option<Outliers>,
     /// Circuit breakers (default priority).
     pub breakers: CircuitBreakers,
     /// The resources it was built from, when a later snapshot may share it while they stay
     /// the same.
     pub(crate) built_from: Option<BuiltFrom>,
+}
+
+/// A cluster's outlier detection as the data path applies it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outliers {
+    /// The detectors and ejection times.
+    pub detection: portcullis_balance::outlier::Detection,
+    /// Below this percentage of endpoints not ejected, ejections are ignored (Envoy's
+    /// `healthy_panic_threshold`; 0 never).
+    pub panic_threshold: f64,
 }
 
 /// The Envoy resources a cluster was built from.

@@ -1276,9 +1276,7 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
     assert_eq!(
         said,
         [
-            "DestinationRule default/app: spec.trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
-            "DestinationRule default/app: spec.subsets[0].trafficPolicy.outlierDetection is not applied yet",
             "DestinationRule default/app: spec.subsets[1].trafficPolicy.loadBalancer.simple: PASSTHROUGH is not applied yet",
         ]
     );
@@ -2385,3 +2383,70 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
 
 mod consistent_hash;
 mod virtual_service;
+
+#[test]
+fn outlier_detection_compiles_as_istiod_writes_it() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 3
+      consecutiveGatewayErrors: 0
+      interval: 5s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+    portLevelSettings:
+    - port: {number: 8080}
+      outlierDetection: {consecutiveErrors: 2, minHealthPercent: 30}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    let compiled = |name: &str| {
+        let c = s
+            .services()
+            .find(|c| &*c.name == name)
+            .expect("the cluster");
+        let from = c.built_from.as_ref().expect("built from resources");
+        (
+            from.cluster.outlier_detection,
+            from.cluster.healthy_panic_threshold,
+        )
+    };
+    let (od, panic) = compiled("outbound|80||app.internal.com");
+    let od = od.expect("outlier detection");
+    assert_eq!((od.consecutive_5xx, od.enforcing_consecutive_5xx), (3, 100));
+    assert_eq!(
+        (
+            od.consecutive_gateway_failure,
+            od.enforcing_consecutive_gateway_failure
+        ),
+        (0, 0)
+    );
+    assert_eq!(od.interval, std::time::Duration::from_secs(5));
+    assert_eq!(od.base_ejection_time, std::time::Duration::from_secs(60));
+    assert_eq!(od.max_ejection_percent, 50);
+    // istiod turns Envoy's 50% panic threshold off unless minHealthPercent says otherwise.
+    assert_eq!(panic, Some(0.0));
+    // What the data path applies: the enforced detectors only.
+    let applied = cluster(&s, "outbound|80||app.internal.com")
+        .outlier
+        .expect("applied");
+    assert_eq!(applied.detection.consecutive_5xx, Some(3));
+    assert_eq!(applied.detection.consecutive_gateway, None);
+    assert_eq!(
+        applied.detection.base_ejection,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(applied.panic_threshold, 0.0);
+    // The deprecated consecutiveErrors counts gateway errors only.
+    let (od, panic) = compiled("outbound|8080||app.internal.com");
+    let od = od.expect("outlier detection");
+    assert_eq!(
+        (
+            od.consecutive_gateway_failure,
+            od.enforcing_consecutive_gateway_failure
+        ),
+        (2, 100)
+    );
+    assert_eq!(od.enforcing_consecutive_5xx, 0);
+    assert_eq!(panic, Some(30.0));
+}

@@ -9,8 +9,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use portcullis_envoy::{
     Cluster, ClusterLoadAssignment, ConnectionLimits, Discovery, EndpointAddress, HealthStatus,
-    LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst, TcpKeepalive, Thresholds,
-    TransportSocketMatch, UpstreamProtocol, UpstreamTransport,
+    LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst, OutlierDetection,
+    TcpKeepalive, Thresholds, TransportSocketMatch, UpstreamProtocol, UpstreamTransport,
 };
 use prost::Name;
 
@@ -144,6 +144,17 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
         upstream_protocol: upstream_protocol(c)?,
         circuit_breakers: thresholds(c.circuit_breakers.as_ref()),
         connection_limits: connection_limits(c)?,
+        outlier_detection: c
+            .outlier_detection
+            .as_ref()
+            .map(outlier_detection)
+            .transpose()
+            .at("outlier_detection")?,
+        healthy_panic_threshold: c
+            .common_lb_config
+            .as_ref()
+            .and_then(|l| l.healthy_panic_threshold.as_ref())
+            .map(|p| p.value),
         load_assignment,
         transport,
         transport_socket_matches,
@@ -353,6 +364,87 @@ fn upstream_protocol(c: &cds::Cluster) -> Result<UpstreamProtocol, Invalid> {
         Some(U::AutoConfig(_)) => Err(Invalid::new(field, "auto_config (ALPN) is not supported")),
         None => Ok(UpstreamProtocol::Http1),
     }
+}
+
+/// The consecutive-failure detectors of Envoy's outlier detection, Envoy's defaults for
+/// what is unset. Success-rate and failure-percentage detection, which istiod turns off,
+/// are refused when enforced.
+fn outlier_detection(o: &cds::OutlierDetection) -> Result<OutlierDetection, Invalid> {
+    let d = OutlierDetection::default();
+    let or = |v: Option<u32>, default: u32| v.unwrap_or(default);
+    let enforced =
+        |field: &str, v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32| {
+            let v = v.as_ref().map_or(default, |v| v.value);
+            if v > 0 {
+                Err(Invalid::new(
+                    field,
+                    "only consecutive-failure detection is supported",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+    enforced("enforcing_success_rate", &o.enforcing_success_rate, 100)?;
+    enforced(
+        "enforcing_failure_percentage",
+        &o.enforcing_failure_percentage,
+        0,
+    )?;
+    enforced(
+        "enforcing_failure_percentage_local_origin",
+        &o.enforcing_failure_percentage_local_origin,
+        0,
+    )?;
+    if o.split_external_local_origin_errors {
+        enforced(
+            "enforcing_local_origin_success_rate",
+            &o.enforcing_local_origin_success_rate,
+            100,
+        )?;
+    }
+    let time = |field: &str, v: &Option<envoy_types::pb::google::protobuf::Duration>, default| {
+        v.as_ref().map_or(Ok(default), |v| duration(field, v))
+    };
+    Ok(OutlierDetection {
+        consecutive_5xx: or(o.consecutive_5xx.map(|v| v.value), d.consecutive_5xx),
+        enforcing_consecutive_5xx: or(
+            o.enforcing_consecutive_5xx.map(|v| v.value),
+            d.enforcing_consecutive_5xx,
+        ),
+        consecutive_gateway_failure: or(
+            o.consecutive_gateway_failure.map(|v| v.value),
+            d.consecutive_gateway_failure,
+        ),
+        enforcing_consecutive_gateway_failure: or(
+            o.enforcing_consecutive_gateway_failure.map(|v| v.value),
+            d.enforcing_consecutive_gateway_failure,
+        ),
+        split_external_local_origin_errors: o.split_external_local_origin_errors,
+        consecutive_local_origin_failure: or(
+            o.consecutive_local_origin_failure.map(|v| v.value),
+            d.consecutive_local_origin_failure,
+        ),
+        enforcing_consecutive_local_origin_failure: or(
+            o.enforcing_consecutive_local_origin_failure
+                .map(|v| v.value),
+            d.enforcing_consecutive_local_origin_failure,
+        ),
+        interval: time("interval", &o.interval, d.interval)?,
+        base_ejection_time: time(
+            "base_ejection_time",
+            &o.base_ejection_time,
+            d.base_ejection_time,
+        )?,
+        max_ejection_time: time(
+            "max_ejection_time",
+            &o.max_ejection_time,
+            d.max_ejection_time,
+        )?,
+        max_ejection_percent: or(
+            o.max_ejection_percent.map(|v| v.value),
+            d.max_ejection_percent,
+        ),
+    })
 }
 
 /// The limits on each upstream connection: the HTTP protocol options'

@@ -124,7 +124,7 @@ enum Converted {
     /// An inbound listener (`virtualInbound`): portcullis handles outbound traffic only.
     Inbound,
     Route(portcullis_envoy::RouteConfiguration, Vec<ClusterRef>),
-    Cluster(Cluster, FetchTimeouts),
+    Cluster(Box<Cluster>, FetchTimeouts),
     Endpoint(portcullis_envoy::ClusterLoadAssignment),
 }
 
@@ -189,7 +189,7 @@ fn convert(ty: ResourceType, any: &Any) -> (Option<String>, Result<Converted, In
                             .as_ref()
                             .and_then(|e| e.eds_config.as_ref()),
                     )];
-                    crate::cluster(c).map(|c| Converted::Cluster(c, timeout))
+                    crate::cluster(c).map(|c| Converted::Cluster(Box::new(c), timeout))
                 },
             );
             (n, r)
@@ -470,7 +470,7 @@ impl XdsState {
             }
             Converted::Cluster(c, timeout) => {
                 let warm = (!self.cluster_ready(&c)).then_some(timeout);
-                let v = versioned(c, version, self.state.clusters.get(name));
+                let v = versioned(*c, version, self.state.clusters.get(name));
                 self.stage(ResourceType::Cluster, name, v, warm);
             }
             Converted::Route(r, _) => {

@@ -2056,3 +2056,45 @@ fn route_hash_policies_convert_as_istiod_writes_them() {
         "virtual_hosts[0].routes[0].route.hash_policy[0].filter_state: not supported"
     );
 }
+
+#[test]
+fn outlier_detection_as_istiod_writes_it_and_success_rate_refused() {
+    let mut proto = eds_cluster("outbound|80||app.internal.com");
+    proto.outlier_detection = Some(cds::OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 3 }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 100 }),
+        enforcing_success_rate: Some(UInt32Value { value: 0 }),
+        interval: secs(5),
+        base_ejection_time: secs(60),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    });
+    proto.common_lb_config = Some(cds::cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 0.0 }),
+        ..Default::default()
+    });
+    let c = cluster(&proto).unwrap();
+    let od = c.outlier_detection.expect("outlier detection");
+    assert_eq!((od.consecutive_5xx, od.enforcing_consecutive_5xx), (3, 100));
+    // Envoy's defaults for what istiod leaves unset.
+    assert_eq!(
+        (
+            od.consecutive_gateway_failure,
+            od.enforcing_consecutive_gateway_failure
+        ),
+        (5, 0)
+    );
+    assert_eq!(od.max_ejection_time, Duration::from_secs(300));
+    assert_eq!(od.base_ejection_time, Duration::from_secs(60));
+    assert_eq!(od.max_ejection_percent, 50);
+    assert_eq!(c.healthy_panic_threshold, Some(0.0));
+    // Success-rate detection (Envoy enforces it by default) is not honoured: refused.
+    let mut enforced = proto.clone();
+    enforced
+        .outlier_detection
+        .as_mut()
+        .unwrap()
+        .enforcing_success_rate = None;
+    let e = cluster(&enforced).unwrap_err();
+    assert!(e.to_string().contains("enforcing_success_rate"), "{e}");
+}

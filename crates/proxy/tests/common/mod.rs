@@ -125,6 +125,11 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(name: &'static str) -> Upstream {
+        Upstream::answering(name, StatusCode::OK).await
+    }
+
+    /// An upstream answering everything but `/echo` and `/flaky-echo` with `status`.
+    pub async fn answering(name: &'static str, status: StatusCode) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepts = Arc::new(AtomicUsize::new(0));
@@ -157,7 +162,7 @@ impl Upstream {
                                 }
                                 _ => (
                                     Either::Right(Full::new(Bytes::from_static(name.as_bytes()))),
-                                    StatusCode::OK,
+                                    status,
                                 ),
                             };
                             let mut response = Response::new(body);

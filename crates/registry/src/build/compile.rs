@@ -983,6 +983,8 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         upstream_protocol: UpstreamProtocol::Http1,
         circuit_breakers: istio_thresholds(),
         connection_limits: portcullis_envoy::ConnectionLimits::default(),
+        outlier_detection: None,
+        healthy_panic_threshold: None,
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
@@ -1038,6 +1040,58 @@ fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
                 interval: k.interval,
             });
         }
+    }
+}
+
+/// A DestinationRule's `outlierDetection` as istiod writes it (`applyOutlierDetection`):
+/// the consecutive 5xx and gateway detectors enforced when their counts are above zero,
+/// the deprecated `consecutiveErrors` as gateway errors only, local-origin failures apart
+/// when split, and `minHealthPercent` (0 unless set) as the panic threshold, which turns
+/// Envoy's default of 50% off.
+fn apply_outlier_detection(cluster: &mut Cluster, o: &portcullis_model::OutlierDetection) {
+    let mut out = portcullis_envoy::OutlierDetection::default();
+    let enforced = |v: u32| if v > 0 { 100 } else { 0 };
+    if let Some(n) = o
+        .consecutive_errors
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0)
+    {
+        out.consecutive_gateway_failure = n;
+        out.enforcing_consecutive_gateway_failure = 100;
+        out.enforcing_consecutive_5xx = 0;
+    }
+    if let Some(n) = o.consecutive_5xx_errors {
+        out.consecutive_5xx = n;
+        out.enforcing_consecutive_5xx = enforced(n);
+    }
+    if let Some(n) = o.consecutive_gateway_errors {
+        out.consecutive_gateway_failure = n;
+        out.enforcing_consecutive_gateway_failure = enforced(n);
+    }
+    if let Some(interval) = o.interval {
+        out.interval = interval;
+    }
+    if let Some(base) = o.base_ejection_time {
+        out.base_ejection_time = base;
+    }
+    if let Some(p) = o
+        .max_ejection_percent
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p > 0)
+    {
+        out.max_ejection_percent = p;
+    }
+    if o.split_external_local_origin_errors {
+        out.split_external_local_origin_errors = true;
+        if let Some(n) = o.consecutive_local_origin_failures.filter(|n| *n > 0) {
+            out.consecutive_local_origin_failure = n;
+            out.enforcing_consecutive_local_origin_failure = 100;
+        }
+    }
+    cluster.outlier_detection = Some(out);
+    let min_health = o.min_health_percent.unwrap_or(0);
+    if min_health >= 0 {
+        cluster.healthy_panic_threshold = Some(f64::from(min_health));
     }
 }
 
@@ -1107,6 +1161,9 @@ fn service_cluster(
     cluster.source = Some(p.source.to_string());
     if let Some(pool) = traffic.pool {
         apply_connection_pool(&mut cluster, pool);
+    }
+    if let Some(outlier) = traffic.outlier {
+        apply_outlier_detection(&mut cluster, outlier);
     }
     if !original_dst {
         let lb_endpoints = p
