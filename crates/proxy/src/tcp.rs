@@ -162,6 +162,26 @@ mod tests {
     use crate::metrics::{ClusterLabels, Metrics};
     use crate::{Proxy, ProxyConfig};
 
+    /// A proxy serving `r`, the decision for its cluster `db`, and the proxy's metrics.
+    fn serving(r: &Resources) -> (Arc<Proxy>, Decision, Arc<Metrics>) {
+        let snapshot = Snapshot::index(r, &|_| None, None, 1);
+        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
+        let mut prometheus = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut prometheus));
+        let dns = DnsCache::new(
+            HickoryLookup::from_system_conf().unwrap(),
+            DnsConfig::default(),
+        );
+        let proxy = Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            Arc::clone(&metrics),
+            Vec::new(),
+            dns,
+        );
+        (proxy, decision, metrics)
+    }
+
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -209,21 +229,7 @@ mod tests {
             ..Thresholds::default()
         };
         r.clusters.insert(c.name.clone(), Arc::new(c));
-        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
-        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
-        let mut prometheus = Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut prometheus));
-        let dns = DnsCache::new(
-            HickoryLookup::from_system_conf().unwrap(),
-            DnsConfig::default(),
-        );
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            ProxyConfig::default(),
-            Arc::clone(&metrics),
-            Vec::new(),
-            dns,
-        );
+        let (proxy, decision, metrics) = serving(&r);
         let dst = upstream_addr;
         let connection = |decision: Decision| {
             let proxy = Arc::clone(&proxy);
@@ -339,21 +345,7 @@ mod tests {
             }),
         }));
         r.clusters.insert(c.name.clone(), Arc::new(c));
-        let snapshot = Snapshot::index(&r, &|_| None, None, 1);
-        let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
-        let mut prometheus = Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut prometheus));
-        let dns = DnsCache::new(
-            HickoryLookup::from_system_conf().unwrap(),
-            DnsConfig::default(),
-        );
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            ProxyConfig::default(),
-            metrics,
-            Vec::new(),
-            dns,
-        );
+        let (proxy, decision, _) = serving(&r);
         let (mut client, proxy_side) = pair().await;
         let guarded = GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
         let peer = client.local_addr().unwrap();
