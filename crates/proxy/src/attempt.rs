@@ -216,12 +216,11 @@ impl<'a> Attempts<'a> {
         again: Option<R>,
     ) -> Result<R, ProxyError> {
         let elsewhere = self.on_cluster();
-        if let Some(Condition::ConnectFailure | Condition::Reset | Condition::RefusedStream) =
-            failure_condition(&failure)
-        {
+        let condition = failure_condition(&failure);
+        if condition.is_some() {
             self.report(Outcome::LocalFailure);
         }
-        let retry = match (&failure, failure_condition(&failure)) {
+        let retry = match (&failure, condition) {
             // Nothing was processed; a failed connect only goes to a cluster's endpoint.
             (Failure::Unsent(_), Some(Condition::ConnectFailure)) => {
                 self.policy.connect_failure && elsewhere
