@@ -13,6 +13,8 @@ use std::fmt::Write;
 
 use prometheus_client::registry::Registry;
 
+use crate::render::ClusterGauge;
+
 /// The type of a metric family, as OpenMetrics declares it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -146,8 +148,10 @@ fn escape_help(help: &str) -> String {
 }
 
 /// The registry in the Prometheus text exposition format 0.0.4, then `extra`'s counters
-/// under the names Envoy exports them with (`envoy_` and the stat name, dots as `_`).
-pub fn prometheus(registry: &Registry, extra: &[(String, u64)]) -> String {
+/// under the names Envoy exports them with (`envoy_` and the stat name, dots as `_`), then
+/// the snapshot's cluster `gauges` as Envoy exports them (`envoy_cluster_<stat>` labelled
+/// with `cluster_name`).
+pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[ClusterGauge]) -> String {
     let text = openmetrics(registry);
     let mut out = String::with_capacity(text.len());
     for family in families(&text) {
@@ -164,6 +168,19 @@ pub fn prometheus(registry: &Registry, extra: &[(String, u64)]) -> String {
     }
     for (name, value) in extra {
         let _ = writeln!(out, "envoy_{} {value}", name.replace(['.', '-'], "_"));
+    }
+    let mut by_stat: BTreeMap<&str, Vec<&ClusterGauge>> = BTreeMap::new();
+    for g in gauges {
+        by_stat.entry(g.stat).or_default().push(g);
+    }
+    for (stat, family) in by_stat {
+        let name = format!("envoy_cluster_{}", stat.replace('.', "_"));
+        let _ = writeln!(out, "# HELP {name} Envoy's cluster gauge {stat}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for g in family {
+            let cluster = g.cluster.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{cluster_name=\"{cluster}\"}} {}", g.value);
+        }
     }
     out
 }
@@ -380,7 +397,7 @@ mod tests {
 
     #[test]
     fn prometheus_names_counter_families_by_their_samples_and_has_no_eof() {
-        let text = prometheus(&registry(), &[]);
+        let text = prometheus(&registry(), &[], &[]);
         assert!(text.contains("# TYPE istio_requests_total counter\n"));
         assert!(text.contains("# HELP istio_requests_total Requests handled"));
         assert!(text.contains(
@@ -397,13 +414,13 @@ mod tests {
     #[test]
     fn counters_from_outside_the_registry_follow_under_envoys_names() {
         let extra = [("cluster_manager.cds.update_success".to_owned(), 3)];
-        let text = prometheus(&registry(), &extra);
+        let text = prometheus(&registry(), &extra, &[]);
         assert!(text.ends_with("envoy_cluster_manager_cds_update_success 3\n"));
     }
 
     #[test]
     fn prometheus_keeps_every_sample_and_its_type_line_first() {
-        let text = prometheus(&registry(), &[]);
+        let text = prometheus(&registry(), &[], &[]);
         let mut typed = "";
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -429,7 +446,7 @@ mod tests {
 
     #[test]
     fn escaped_label_values_survive_both_forms() {
-        let text = prometheus(&registry(), &[]);
+        let text = prometheus(&registry(), &[], &[]);
         assert!(text.contains("destination_service=\"quote\\\"back\\\\slash\""));
         let mut stats = BTreeMap::new();
         envoy_stats(&registry(), &mut stats, &mut BTreeMap::new());

@@ -203,7 +203,11 @@ fn route(
         (Endpoints::Admin | Endpoints::Metrics, &Method::GET, "/stats/prometheus") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            exposition::prometheus(&state.metrics, &state.extra_stats()),
+            exposition::prometheus(
+                &state.metrics,
+                &state.extra_stats(),
+                &render::cluster_gauges(&state.registry.load()),
+            ),
         ),
         (Endpoints::Health, &Method::GET, "/healthz/ready")
         | (Endpoints::Admin, &Method::GET, "/ready") => {

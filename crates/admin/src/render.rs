@@ -117,6 +117,45 @@ pub fn clusters(snapshot: &Snapshot) -> String {
     out
 }
 
+/// One of a cluster's gauges that is read from the snapshot when stats are asked for.
+pub struct ClusterGauge {
+    /// The cluster's name.
+    pub cluster: std::sync::Arc<str>,
+    /// Envoy's stat name under the cluster (`membership_total`).
+    pub stat: &'static str,
+    /// Its value now.
+    pub value: u64,
+}
+
+/// The gauges Envoy keeps per cluster that portcullis reads from the snapshot's live
+/// endpoint states: members, active requests and, where outlier detection is on, the
+/// endpoints ejected now (an ejection ends lazily, so only a count taken now is right).
+pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
+    let now = std::time::Instant::now();
+    let mut out = Vec::with_capacity(snapshot.clusters.len() * 2);
+    for c in &snapshot.clusters {
+        let gauge = |stat, value| ClusterGauge {
+            cluster: std::sync::Arc::clone(&c.name),
+            stat,
+            value,
+        };
+        out.push(gauge("membership_total", c.endpoints.len() as u64));
+        out.push(gauge(
+            "upstream_rq_active",
+            c.endpoints.iter().map(|e| e.state.active()).sum(),
+        ));
+        if c.outlier.is_some() {
+            let ejected = c
+                .endpoints
+                .iter()
+                .filter(|e| e.state.outlier.ejected(now))
+                .count();
+            out.push(gauge("outlier_detection.ejections_active", ejected as u64));
+        }
+    }
+    out
+}
+
 /// Envoy's `/stats` text: every counter and gauge as `name: value` sorted by name, then the
 /// histograms as Envoy prints them. `extra` are counters kept outside the registry.
 pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) -> String {
@@ -124,20 +163,16 @@ pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) 
         .iter()
         .map(|(name, value)| (name.clone(), value.to_string()))
         .collect();
+    for g in cluster_gauges(snapshot) {
+        stats.insert(
+            format!("cluster.{}.{}", g.cluster, g.stat),
+            g.value.to_string(),
+        );
+    }
     for c in &snapshot.clusters {
-        let active: u64 = c.endpoints.iter().map(|e| e.state.active()).sum();
         let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();
-        let name = &c.name;
         stats.insert(
-            format!("cluster.{name}.membership_total"),
-            c.endpoints.len().to_string(),
-        );
-        stats.insert(
-            format!("cluster.{name}.upstream_rq_active"),
-            active.to_string(),
-        );
-        stats.insert(
-            format!("cluster.{name}.upstream_rq_total"),
+            format!("cluster.{}.upstream_rq_total", c.name),
             total.to_string(),
         );
     }
@@ -197,5 +232,67 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn stats_count_the_endpoints_ejected_now() {
+        use portcullis_balance::outlier::{Detection, Outcome};
+        use portcullis_envoy::{
+            ClusterLoadAssignment, EndpointAddress, LbEndpoint, LocalityLbEndpoints,
+            OutlierDetection,
+        };
+        let name = "outbound|80||api.example.com";
+        let mut c = Cluster::new(name, Discovery::Static);
+        c.outlier_detection = Some(OutlierDetection::default());
+        c.load_assignment = Some(ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: ["10.0.0.1:80", "10.0.0.2:80"]
+                    .iter()
+                    .map(|a| LbEndpoint::new(EndpointAddress::Socket(a.parse().unwrap())))
+                    .collect(),
+                ..Default::default()
+            }],
+        });
+        let plain = Cluster::new("outbound|81||plain.example.com", Discovery::Static);
+        let mut resources = Resources::default();
+        for c in [c, plain] {
+            resources.clusters.insert(c.name.clone(), Arc::new(c));
+        }
+        let snapshot = Snapshot::index(&resources, &|_| None, None, 1);
+        let cluster = snapshot.clusters.iter().find(|c| &*c.name == name).unwrap();
+        let detection = Detection {
+            consecutive_5xx: Some(1),
+            ..Detection::default()
+        };
+        let now = std::time::Instant::now();
+        assert!(
+            cluster.endpoints[0]
+                .state
+                .outlier
+                .report(&detection, Outcome::Status(500), now, || true)
+                .is_some()
+        );
+        let text = stats(&snapshot, &Registry::default(), &[]);
+        for line in [
+            "cluster.outbound|80||api.example.com.outlier_detection.ejections_active: 1",
+            "cluster.outbound|80||api.example.com.membership_total: 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Only clusters with outlier detection have the gauge, as in Envoy.
+        assert!(
+            !text.contains("plain.example.com.outlier_detection"),
+            "{text}"
+        );
+        let exposed =
+            crate::exposition::prometheus(&Registry::default(), &[], &cluster_gauges(&snapshot));
+        assert!(
+            exposed.contains(
+                "# TYPE envoy_cluster_outlier_detection_ejections_active gauge\n\
+                 envoy_cluster_outlier_detection_ejections_active{cluster_name=\"outbound|80||api.example.com\"} 1\n"
+            ),
+            "{exposed}"
+        );
     }
 }
