@@ -544,6 +544,18 @@ pub struct RetryPolicy {
     pub avoid_previous_hosts: bool,
     /// How many times a host pick is retried to avoid previous hosts.
     pub host_selection_retry_max_attempts: u32,
+    /// `retry_back_off`; `None`: Envoy's 25 ms base and 250 ms ceiling.
+    pub retry_back_off: Option<Box<RetryBackOff>>,
+}
+
+/// Envoy's `RetryBackOff`: a retry waits a random time below a ceiling that starts at the
+/// base interval and doubles with each retry, up to the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBackOff {
+    /// `base_interval`, above zero.
+    pub base_interval: Duration,
+    /// `max_interval`, at least the base; `None`: ten times the base.
+    pub max_interval: Option<Duration>,
 }
 
 /// Envoy's `Cluster`, the parts portcullis honours.

@@ -6,7 +6,11 @@
 //! covers it.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 use portcullis_registry::{Decision, Resource, Slot};
 use tokio::time::Instant;
@@ -17,11 +21,6 @@ use crate::Proxy;
 use crate::error::ProxyError;
 use crate::origin::Transport;
 use crate::upstream::{Original, Pick, RetryPolicy, Target};
-
-/// Envoy's default retry back-off base interval (`upstream.base_retry_backoff_ms`).
-const BACKOFF_BASE: Duration = Duration::from_millis(25);
-/// Envoy caps the back-off at ten times the base interval.
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// The retry condition of Envoy's `retry_on` that covers a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +119,7 @@ impl<'a> Attempts<'a> {
             hash: None,
             made: 0,
             current: None,
-            backoff: BACKOFF_BASE,
+            backoff: policy.backoff_base,
             retrying: None,
         }
     }
@@ -143,10 +142,10 @@ impl<'a> Attempts<'a> {
     pub(crate) async fn start(&mut self) -> Result<Attempt, ProxyError> {
         if self.made > 0 {
             let ceiling = self.backoff;
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            self.backoff = (self.backoff * 2).min(self.policy.backoff_max);
             let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
             let pause = Duration::from_millis(fastrand::u64(0..millis.max(1)));
-            self.bounded(tokio::time::sleep(pause)).await?;
+            self.pause(pause).await?;
         }
         let slot = match self.admission {
             Some(resource) => self.proxy.admit(self.decision, resource)?,
@@ -178,32 +177,35 @@ impl<'a> Attempts<'a> {
     }
 
     /// Runs one attempt's exchange up to the response head within the attempt's per-try
-    /// timeout and what is left of the route timeout.
-    pub(crate) async fn send<T, E: From<Failure>>(
-        &self,
-        exchange: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        let exchange = async {
-            match self.policy.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, exchange)
-                    .await
-                    .unwrap_or_else(|_| Err(Failure::Sent(ProxyError::PerTryTimeout).into())),
-                None => exchange.await,
-            }
+    /// timeout and what is left of the route timeout: one timer, at the earlier of the two,
+    /// and the exchange's future held once (it is the largest state of a request).
+    pub(crate) fn send<F>(&self, exchange: F) -> Bounded<F> {
+        let per_try = self.policy.per_try_timeout.map(|t| Instant::now() + t);
+        let (deadline, per_try) = match (per_try, self.deadline) {
+            (Some(p), Some(r)) if r < p => (Some(r), false),
+            (Some(p), _) => (Some(p), true),
+            (None, r) => (r, false),
         };
-        match self.bounded(exchange).await {
-            Ok(sent) => sent,
-            Err(e) => Err(Failure::Sent(e).into()),
+        Bounded {
+            exchange,
+            timer: deadline.map(tokio::time::sleep_until),
+            per_try,
         }
     }
 
-    /// Runs `f` until the route timeout, which ends the exchange with Envoy's `UT`.
-    async fn bounded<T>(&self, f: impl Future<Output = T>) -> Result<T, ProxyError> {
+    /// Waits out `pause` before a retry, within the route timeout (Envoy's `UT` when it
+    /// ends first).
+    async fn pause(&self, pause: Duration) -> Result<(), ProxyError> {
+        let wake = Instant::now() + pause;
         match self.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, f)
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout),
-            None => Ok(f.await),
+            Some(deadline) if deadline <= wake => {
+                tokio::time::sleep_until(deadline).await;
+                Err(ProxyError::UpstreamTimeout)
+            }
+            _ => {
+                tokio::time::sleep_until(wake).await;
+                Ok(())
+            }
         }
     }
 
@@ -241,11 +243,20 @@ impl<'a> Attempts<'a> {
         Ok(again)
     }
 
-    /// Judges a response head with `status`: a status the policy retries goes again while
-    /// attempts and the retry budget last and the request can be sent again (`again`).
-    pub(crate) fn answered<R>(&mut self, status: u16, again: Option<R>) -> Answer<R> {
-        self.report(Outcome::Status(status));
-        if !self.policy.retry_status(status) {
+    /// Judges a response head with `status` (and `grpc-status`, for a trailers-only gRPC
+    /// response): one the policy retries goes again while attempts and the retry budget
+    /// last and the request can be sent again (`again`).
+    pub(crate) fn answered<R>(
+        &mut self,
+        status: u16,
+        grpc_status: Option<u32>,
+        again: Option<R>,
+    ) -> Answer<R> {
+        // Envoy's router tells outlier detection a gRPC status as the HTTP status it maps to.
+        self.report(Outcome::Status(grpc_status.map_or(status, grpc_to_http)));
+        let retried = self.policy.retry_status(status)
+            || grpc_status.is_some_and(|code| self.policy.retry_grpc(code));
+        if !retried {
             return Answer::Deliver(None);
         }
         let again = match again {
@@ -318,6 +329,64 @@ impl<'a> Attempts<'a> {
         } else {
             e
         }
+    }
+}
+
+pin_project! {
+    /// An attempt's exchange up to the response head, ended by its timer with the timeout
+    /// that fired first (see [`Attempts::send`]).
+    pub(crate) struct Bounded<F> {
+        #[pin]
+        exchange: F,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        // The timer is the attempt's per-try timeout, not the route's.
+        per_try: bool,
+    }
+}
+
+impl<T, E, F> Future for Bounded<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: From<Failure>,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(done) = this.exchange.poll(cx) {
+            return Poll::Ready(done);
+        }
+        match this.timer.as_pin_mut() {
+            Some(timer) => {
+                ready!(timer.poll(cx));
+                let e = if *this.per_try {
+                    ProxyError::PerTryTimeout
+                } else {
+                    ProxyError::UpstreamTimeout
+                };
+                Poll::Ready(Err(Failure::Sent(e).into()))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Envoy's `Grpc::Utility::grpcToHttpStatus`.
+fn grpc_to_http(code: u32) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
     }
 }
 
@@ -494,20 +563,105 @@ mod tests {
         policy.status_codes = StatusSet::EMPTY.with(503);
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
-        assert_eq!(attempts.answered(200, Some(())), Answer::Deliver(None));
-        assert_eq!(attempts.answered(503, Some(())), Answer::Retry(()));
+        assert_eq!(
+            attempts.answered(200, None, Some(())),
+            Answer::Deliver(None)
+        );
+        assert_eq!(attempts.answered(503, None, Some(())), Answer::Retry(()));
         attempts.start().await.unwrap();
         // A request that cannot be sent again gets the response as it is.
         assert_eq!(
-            attempts.answered(503, None::<()>),
+            attempts.answered(503, None, None::<()>),
             Answer::Deliver(Some("URX"))
         );
-        assert_eq!(attempts.answered(503, Some(())), Answer::Retry(()));
+        assert_eq!(attempts.answered(503, None, Some(())), Answer::Retry(()));
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(503, Some(())),
+            attempts.answered(503, None, Some(())),
             Answer::Deliver(Some("URX"))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_statuses_of_a_trailers_only_response_are_retried_as_the_policy_says() {
+        let (proxy, decision) = proxy(3, 3);
+        // Istio's default: `unavailable` (14) and `cancelled` (1), whatever the HTTP status.
+        let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
+        attempts.start().await.unwrap();
+        assert_eq!(
+            attempts.answered(200, Some(14), Some(())),
+            Answer::Retry(())
+        );
+        attempts.start().await.unwrap();
+        assert_eq!(attempts.answered(200, Some(1), Some(())), Answer::Retry(()));
+        attempts.start().await.unwrap();
+        assert_eq!(
+            attempts.answered(200, Some(14), Some(())),
+            Answer::Deliver(Some("URX"))
+        );
+        let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
+        attempts.start().await.unwrap();
+        // `internal` (13) is not among them, nor is a plain 200.
+        assert_eq!(
+            attempts.answered(200, Some(13), Some(())),
+            Answer::Deliver(None)
+        );
+        assert_eq!(
+            attempts.answered(200, Some(0), Some(())),
+            Answer::Deliver(None)
+        );
+        let policy = RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
+            retry_on: vec!["internal".into(), "deadline-exceeded".into()],
+            num_retries: 1,
+            per_try_timeout: None,
+            retriable_status_codes: Vec::new(),
+            avoid_previous_hosts: true,
+            host_selection_retry_max_attempts: 5,
+            retry_back_off: None,
+        });
+        assert!(policy.retry_grpc(13) && policy.retry_grpc(4));
+        assert!(!policy.retry_grpc(14) && !policy.retry_grpc(99));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_routes_back_off_sets_the_first_ceiling_and_the_cap() {
+        let (proxy, decision) = proxy(5, 5);
+        let policy = RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
+            retry_on: vec!["connect-failure".into()],
+            num_retries: 4,
+            per_try_timeout: None,
+            retriable_status_codes: Vec::new(),
+            avoid_previous_hosts: true,
+            host_selection_retry_max_attempts: 5,
+            retry_back_off: Some(Box::new(portcullis_envoy::RetryBackOff {
+                base_interval: Duration::from_secs(1),
+                max_interval: Some(Duration::from_secs(3)),
+            })),
+        });
+        // Ceilings of 1 s, 2 s, then 3 s (the cap) twice; each wait is below its ceiling,
+        // and over 50 requests the last waits go past the base (odds of missing: 3^-50).
+        let mut longest_last = Duration::ZERO;
+        for _ in 0..50 {
+            let mut attempts = http(&proxy, &decision, policy);
+            let mut waits = Vec::new();
+            loop {
+                let before = Instant::now();
+                attempts.start().await.unwrap();
+                waits.push(before.elapsed());
+                if attempts
+                    .failed(Failure::Unsent(refused()), Some(()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            assert_eq!(waits.len(), 5);
+            for (wait, ceiling) in waits[1..].iter().zip([1, 2, 3, 3]) {
+                assert!(*wait < Duration::from_secs(ceiling), "{waits:?}");
+            }
+            longest_last = longest_last.max(waits[4]);
+        }
+        assert!(longest_last > Duration::from_secs(1), "{longest_last:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -518,7 +672,7 @@ mod tests {
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(500, Some(())),
+            attempts.answered(500, None, Some(())),
             Answer::Deliver(Some("UO"))
         );
         let e = attempts

@@ -488,7 +488,7 @@ async fn forward(
             ))
             .await;
         match sent {
-            Ok((conn, buffered, head)) => match attempts.answered(head.status, Some(())) {
+            Ok((conn, buffered, head)) => match attempts.answered(head.status, None, Some(())) {
                 // The response and its connection are dropped, never reused with a body
                 // left unread; the whole request is still in `out`.
                 Answer::Retry(()) => drop((conn, buffered, pick)),

@@ -758,7 +758,11 @@ async fn route_and_forward(
                 cluster_name: Label(Arc::clone(&outcome.cluster)),
             })
             .inc();
-        match attempts.answered(response.status().as_u16(), again()) {
+        let grpc_status = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        match attempts.answered(response.status().as_u16(), grpc_status, again()) {
             // The response and its connection are dropped, never reused with a body left
             // unread; the request goes again as Envoy's router does.
             Answer::Retry(next) => {

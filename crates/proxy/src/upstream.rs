@@ -169,8 +169,35 @@ pub struct RetryPolicy {
     /// `retry_on: retriable-status-codes`: the upstream answered one of these
     /// (`retriable-4xx` adds 409).
     pub status_codes: StatusSet,
+    /// `retry_on`'s gRPC conditions (`cancelled`, `deadline-exceeded`, `internal`,
+    /// `resource-exhausted`, `unavailable`): the `grpc-status` codes of a response head
+    /// (a trailers-only gRPC response) that are retried, one bit per code.
+    pub grpc_statuses: u32,
     /// `per_try_timeout`: how long one attempt may wait for the response head.
     pub per_try_timeout: Option<Duration>,
+    /// The first back-off ceiling (`retry_back_off.base_interval`).
+    pub backoff_base: Duration,
+    /// The highest back-off ceiling (`retry_back_off.max_interval`).
+    pub backoff_max: Duration,
+}
+
+/// Envoy's default retry back-off base interval (`upstream.base_retry_backoff_ms`).
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// Envoy caps the back-off at ten times the base interval unless told otherwise.
+const BACKOFF_CEILING_FACTOR: u32 = 10;
+
+/// The `retry_on` names of gRPC conditions and the status codes they cover.
+const GRPC_CONDITIONS: [(&str, u32); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
+
+/// The bit of a gRPC status code in [`RetryPolicy::grpc_statuses`].
+const fn grpc_bit(code: u32) -> u32 {
+    1 << code
 }
 
 impl RetryPolicy {
@@ -187,7 +214,10 @@ impl RetryPolicy {
         five_xx: false,
         gateway_error: false,
         status_codes: StatusSet::EMPTY.with(503),
+        grpc_statuses: grpc_bit(1) | grpc_bit(14),
         per_try_timeout: None,
+        backoff_base: BACKOFF_BASE,
+        backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
     };
 
     /// No retries: a route without a retry policy.
@@ -200,7 +230,10 @@ impl RetryPolicy {
         five_xx: false,
         gateway_error: false,
         status_codes: StatusSet::EMPTY,
+        grpc_statuses: 0,
         per_try_timeout: None,
+        backoff_base: BACKOFF_BASE,
+        backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
     };
 
     /// Whether a response with `status` is retried (when attempts are left).
@@ -210,9 +243,17 @@ impl RetryPolicy {
             || self.status_codes.contains(status)
     }
 
-    /// Whether some response status is retried.
+    /// Whether a response head carrying `grpc-status: code` is retried.
+    pub fn retry_grpc(&self, code: u32) -> bool {
+        code < 32 && self.grpc_statuses & grpc_bit(code) != 0
+    }
+
+    /// Whether some response head is retried.
     pub fn retries_statuses(&self) -> bool {
-        self.five_xx || self.gateway_error || !self.status_codes.is_empty()
+        self.five_xx
+            || self.gateway_error
+            || !self.status_codes.is_empty()
+            || self.grpc_statuses != 0
     }
 
     /// Attempts in all, the first included.
@@ -295,7 +336,22 @@ impl RetryPolicy {
                     listed
                 }
             },
+            grpc_statuses: GRPC_CONDITIONS
+                .iter()
+                .filter(|(name, _)| on(&[name]))
+                .fold(0, |bits, (_, code)| bits | grpc_bit(*code)),
             per_try_timeout: policy.per_try_timeout.filter(|t| !t.is_zero()),
+            backoff_base: policy
+                .retry_back_off
+                .as_ref()
+                .map_or(BACKOFF_BASE, |b| b.base_interval),
+            backoff_max: policy.retry_back_off.as_ref().map_or(
+                BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
+                |b| {
+                    b.max_interval
+                        .unwrap_or(b.base_interval.saturating_mul(BACKOFF_CEILING_FACTOR))
+                },
+            ),
         }
     }
 }
@@ -687,6 +743,7 @@ mod tests {
                 retriable_status_codes: codes.to_vec(),
                 avoid_previous_hosts: true,
                 host_selection_retry_max_attempts: 5,
+                retry_back_off: None,
             })
         };
         let five = route(&["5xx"], &[]);

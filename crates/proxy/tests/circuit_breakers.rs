@@ -139,6 +139,7 @@ fn retried(cluster: &str, general: bool) -> RouteAction {
             retriable_status_codes: Vec::new(),
             avoid_previous_hosts: false,
             host_selection_retry_max_attempts: 0,
+            retry_back_off: None,
         }),
         ..envoy::Forward::to(cluster)
     })

@@ -113,6 +113,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                         retriable_status_codes: Vec::new(),
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
+                        retry_back_off: None,
                     }),
                     ..envoy::Forward::to("refused")
                 }),
@@ -155,6 +156,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                         retriable_status_codes: vec![503],
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
+                        retry_back_off: None,
                     }),
                     ..envoy::Forward::to("app")
                 }),

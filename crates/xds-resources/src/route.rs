@@ -1,14 +1,15 @@
 //! RDS: `RouteConfiguration` into the model (also inline route configs of an HCM).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3 as rds;
 use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
     ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward, FractionalPercent, HashKey,
     HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch, QueryParameterMatcher, Redirect,
-    RegexRewrite, RequestMirrorPolicy, RetryPolicy, Route, RouteAction, RouteConfiguration,
-    RouteMatch, StringMatcher, StringPattern, VirtualHost, WeightedCluster,
+    RegexRewrite, RequestMirrorPolicy, RetryBackOff, RetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, StringMatcher, StringPattern, VirtualHost, WeightedCluster,
 };
 
 use crate::common::{
@@ -544,6 +545,41 @@ fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {
             r.host_selection_retry_max_attempts.max(0),
         )
         .unwrap_or(u32::MAX),
+        retry_back_off: r
+            .retry_back_off
+            .as_ref()
+            .map(retry_back_off)
+            .transpose()
+            .at("retry_back_off")?
+            .map(Box::new),
+    })
+}
+
+/// Envoy's checks: a base interval above zero (below 1 ms taken as 1 ms), and a maximum,
+/// when given, not below it.
+fn retry_back_off(b: &rds::retry_policy::RetryBackOff) -> Result<RetryBackOff, Invalid> {
+    let base_interval = b
+        .base_interval
+        .as_ref()
+        .map(|d| duration("base_interval", d))
+        .transpose()?
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| Invalid::new("base_interval", "must be greater than zero"))?
+        .max(Duration::from_millis(1));
+    let max_interval = b
+        .max_interval
+        .as_ref()
+        .map(|d| duration("max_interval", d))
+        .transpose()?;
+    if max_interval.is_some_and(|max| max < base_interval) {
+        return Err(Invalid::new(
+            "max_interval",
+            "must not be below base_interval",
+        ));
+    }
+    Ok(RetryBackOff {
+        base_interval,
+        max_interval,
     })
 }
 

@@ -2098,3 +2098,60 @@ fn outlier_detection_as_istiod_writes_it_and_success_rate_refused() {
     let e = cluster(&enforced).unwrap_err();
     assert!(e.to_string().contains("enforcing_success_rate"), "{e}");
 }
+
+#[test]
+fn a_retry_back_off_keeps_its_intervals_and_envoys_checks() {
+    let with = |base: Option<pb::Duration>, max: Option<pb::Duration>| {
+        let mut rc = route_80();
+        let Some(rds::route::Action::Route(action)) = &mut rc.virtual_hosts[0].routes[0].action
+        else {
+            panic!("a route action")
+        };
+        action.retry_policy.as_mut().unwrap().retry_back_off =
+            Some(rds::retry_policy::RetryBackOff {
+                base_interval: base,
+                max_interval: max,
+            });
+        route_configuration(&rc).map(|rc| {
+            let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+                panic!("forward")
+            };
+            f.retry_policy
+                .as_ref()
+                .unwrap()
+                .retry_back_off
+                .as_deref()
+                .copied()
+        })
+    };
+    let nanos = |n: i32| {
+        Some(pb::Duration {
+            seconds: 0,
+            nanos: n,
+        })
+    };
+    assert_eq!(
+        with(secs(1), None).unwrap(),
+        Some(RetryBackOff {
+            base_interval: Duration::from_secs(1),
+            max_interval: None
+        })
+    );
+    // Below a millisecond counts as one, as Envoy rounds it.
+    assert_eq!(
+        with(nanos(1000), secs(2)).unwrap(),
+        Some(RetryBackOff {
+            base_interval: Duration::from_millis(1),
+            max_interval: Some(Duration::from_secs(2))
+        })
+    );
+    let refused = |base, max| with(base, max).unwrap_err().to_string();
+    assert_eq!(
+        refused(None, None),
+        "virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.base_interval: must be greater than zero"
+    );
+    assert_eq!(
+        refused(secs(2), secs(1)),
+        "virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.max_interval: must not be below base_interval"
+    );
+}

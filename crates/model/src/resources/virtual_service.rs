@@ -271,9 +271,9 @@ pub struct HttpRetry {
     /// Whether retries avoid hosts already tried (Istio's default: yes).
     #[serde(default)]
     pub retry_ignore_previous_hosts: Option<bool>,
-    /// Not applied yet (a retry back-off).
-    #[serde(default)]
-    pub backoff: Option<Unapplied>,
+    /// The base interval of the jittered back-off between retries (Envoy's default 25 ms).
+    #[serde(default, deserialize_with = "duration")]
+    pub backoff: Option<Duration>,
 }
 
 /// Istio's `Percent`: `{value: 12.5}`.

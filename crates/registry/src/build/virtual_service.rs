@@ -8,8 +8,8 @@ use std::time::Duration;
 use portcullis_envoy::{
     AppendAction, ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward,
     FractionalPercent, HashPolicy, HeaderMatch, HeaderMatcher, HeaderValueOption, HttpFault,
-    PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryPolicy,
-    Route, RouteAction, RouteMatch, StringMatcher, StringPattern, WeightedCluster,
+    PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryBackOff,
+    RetryPolicy, Route, RouteAction, RouteMatch, StringMatcher, StringPattern, WeightedCluster,
 };
 use portcullis_model::{
     DerivePort, Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Object,
@@ -20,7 +20,7 @@ use super::{Builder, labels_match, visible};
 use crate::order::Age;
 
 /// `retryOn` conditions the data path tells apart; others are accepted and not acted on.
-const RETRY_ON_APPLIED: [&str; 7] = [
+const RETRY_ON_APPLIED: [&str; 12] = [
     "5xx",
     "gateway-error",
     "reset",
@@ -28,6 +28,11 @@ const RETRY_ON_APPLIED: [&str; 7] = [
     "refused-stream",
     "retriable-status-codes",
     "retriable-4xx",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
 ];
 
 /// A VirtualService with the name it is reported by.
@@ -99,9 +104,6 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
         if let Some(r) = &h.retries {
             if r.retry_remote_localities == Some(true) {
                 not_yet("retries.retryRemoteLocalities");
-            }
-            if r.backoff.is_some() {
-                not_yet("retries.backoff");
             }
             for condition in r.retry_on.split(',').map(str::trim) {
                 if !condition.is_empty()
@@ -695,6 +697,12 @@ pub(super) fn retry_policy(
         policy.retriable_status_codes = codes;
     }
     policy.per_try_timeout = r.per_try_timeout;
+    policy.retry_back_off = r.backoff.map(|base_interval| {
+        Box::new(RetryBackOff {
+            base_interval,
+            max_interval: None,
+        })
+    });
     if let Some(avoid) = r.retry_ignore_previous_hosts {
         policy.avoid_previous_hosts = avoid;
     }

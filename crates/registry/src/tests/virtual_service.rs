@@ -217,6 +217,7 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
             retriable_status_codes: vec![409],
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
+            retry_back_off: None,
         })
     );
     assert_eq!(split.retry_policy, f.retry_policy);
