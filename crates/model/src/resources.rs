@@ -168,6 +168,20 @@ pub struct ServiceEntrySpec {
     pub subject_alt_names: Vec<String>,
 }
 
+/// `h2UpgradePolicy` of a connection pool or of the mesh: whether an HTTP service's
+/// HTTP/1.1 requests go upstream as HTTP/2.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum H2UpgradePolicy {
+    /// The mesh's policy (a connection pool only).
+    #[default]
+    Default,
+    /// Keep the client's HTTP/1.1.
+    DoNotUpgrade,
+    /// Upgrade to HTTP/2.
+    Upgrade,
+}
+
 /// Load-balancing algorithm named by a DestinationRule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -356,18 +370,16 @@ impl TrafficPolicy {
         let mut parts = vec![(
             String::new(),
             self.load_balancer.as_deref(),
-            self.connection_pool.as_deref(),
             self.tls.as_ref(),
         )];
         for (i, p) in self.port_level_settings.iter().enumerate() {
             parts.push((
                 format!("portLevelSettings[{i}]."),
                 p.load_balancer.as_deref(),
-                p.connection_pool.as_deref(),
                 p.tls.as_ref(),
             ));
         }
-        for (at, lb, pool, tls) in parts {
+        for (at, lb, tls) in parts {
             let lb = lb.map(|lb| {
                 [
                     (
@@ -391,22 +403,10 @@ impl TrafficPolicy {
                     ),
                 ]
             });
-            let tcp = pool.and_then(|p| p.tcp.as_ref());
-            let http = pool.and_then(|p| p.http.as_ref());
             let set = lb
                 .into_iter()
                 .flatten()
-                .chain([
-                    ("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some())),
-                    (
-                        "connectionPool.tcp.idleTimeout",
-                        tcp.is_some_and(|t| t.idle_timeout.is_some()),
-                    ),
-                    (
-                        "connectionPool.http.h2UpgradePolicy",
-                        http.is_some_and(|h| h.h2_upgrade_policy.is_some()),
-                    ),
-                ])
+                .chain([("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some()))])
                 .filter(|(_, set)| *set);
             out.extend(set.map(|(field, _)| format!("{at}{field}")));
         }
@@ -472,9 +472,11 @@ pub struct TcpPoolSettings {
     /// `maxConnectionDuration`: how long an upstream connection may live.
     #[serde(default, deserialize_with = "duration")]
     pub max_connection_duration: Option<Duration>,
-    /// Not applied yet.
-    #[serde(default)]
-    pub idle_timeout: Option<Unapplied>,
+    /// `idleTimeout`: a TCP connection with no bytes either way this long is closed (0s:
+    /// never); also an upstream HTTP connection's idle timeout when `http.idleTimeout` is
+    /// unset.
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `trafficPolicy.outlierDetection`.
@@ -544,9 +546,9 @@ pub struct HttpPoolSettings {
     /// `maxRequestsPerConnection`: requests one upstream connection carries.
     #[serde(default)]
     pub max_requests_per_connection: Option<i64>,
-    /// Not applied yet.
+    /// `h2UpgradePolicy`: whether HTTP/1.1 requests go upstream as HTTP/2.
     #[serde(default)]
-    pub h2_upgrade_policy: Option<Unapplied>,
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
     /// `useClientProtocol`: the upstream speaks the client's HTTP version.
     #[serde(default)]
     pub use_client_protocol: Option<bool>,
@@ -848,6 +850,10 @@ pub struct MeshConfig {
     /// Where services without `exportTo` are visible; empty means everywhere (`*`).
     #[serde(default, deserialize_with = "exact")]
     pub default_service_export_to: Vec<String>,
+    /// `h2UpgradePolicy`: whether HTTP services' HTTP/1.1 requests go upstream as HTTP/2
+    /// (Istio's default: no).
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
 }
 
 #[cfg(test)]

@@ -659,6 +659,13 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
                 );
             }
         }
+        // Zero turns the TCP idle timeout off; anything else is a duration of 1ms or more.
+        millis(
+            tcp.and_then(|t| t.idle_timeout),
+            true,
+            format!("{here}.connectionPool.tcp.idleTimeout"),
+            out,
+        );
         if let Some(t) = tcp.and_then(|t| t.connect_timeout)
             && t < std::time::Duration::from_millis(1)
         {
@@ -1068,6 +1075,7 @@ fn http_route(route: &HttpRoute, at: &str, out: &mut Findings) {
             format!("{at}.retries.perTryTimeout"),
             out,
         );
+        millis(r.backoff, false, format!("{at}.retries.backoff"), out);
         for condition in r.retry_on.split(',').map(str::trim) {
             let code = condition.parse::<u16>().is_ok();
             if !condition.is_empty() && !code && !RETRY_ON.contains(&condition) {

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
@@ -671,6 +672,23 @@ impl<'a> Builder<'a> {
     /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
     fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
         traffic(self.rule_for(host), None, port)
+    }
+
+    /// The `tcp_proxy` idle timeout istiod gives `host`'s TCP chains: its DestinationRule's
+    /// top-level `connectionPool.tcp.idleTimeout` (port-level settings and subsets do not
+    /// count), `Some(None)` for 0s (never); `None` when the rule sets none.
+    fn tcp_idle_timeout(&self, host: &str) -> Option<Option<Duration>> {
+        let idle = self
+            .rule_for(host)?
+            .spec
+            .traffic_policy
+            .as_ref()?
+            .connection_pool
+            .as_ref()?
+            .tcp
+            .as_ref()?
+            .idle_timeout?;
+        Some((!idle.is_zero()).then_some(idle))
     }
 
     /// The route hash policy for `host`'s `subset` (empty: the service) on `port`.

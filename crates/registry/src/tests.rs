@@ -2450,3 +2450,104 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
     assert_eq!(od.enforcing_consecutive_5xx, 0);
     assert_eq!(panic, Some(30.0));
 }
+
+#[test]
+fn a_tcp_idle_timeout_goes_to_the_services_tcp_proxy_and_its_pooled_connections() {
+    let rule = |spec: &str| {
+        format!(
+            "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: default}}
+spec:
+  host: db.internal
+  trafficPolicy:
+{spec}"
+        )
+    };
+    let idle = |s: &Snapshot| {
+        let conn = crate::Connection {
+            destination: Some(ip("10.1.2.3")),
+            port: 5432,
+            ..Default::default()
+        };
+        s.filter_chain(&conn).expect("db's chain").idle_timeout
+    };
+    let secs = std::time::Duration::from_secs;
+    // Without a rule: Envoy's hour, as istiod leaves it.
+    assert_eq!(idle(&snapshot(TCP)), Some(secs(3600)));
+    let s = snapshot(
+        &[
+            TCP,
+            &rule("    connectionPool: {tcp: {idleTimeout: 30s}}\n"),
+        ]
+        .concat(),
+    );
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(idle(&s), Some(secs(30)));
+    // It is also the upstream connections' idle timeout when http.idleTimeout is unset.
+    let db = cluster(&s, "outbound|5432||db.internal");
+    assert_eq!(db.connection_limits.idle_timeout, Some(secs(30)));
+    // 0s turns it off.
+    let s = snapshot(&[TCP, &rule("    connectionPool: {tcp: {idleTimeout: 0s}}\n")].concat());
+    assert_eq!(idle(&s), None);
+    // Only the rule's top-level pool counts, as istiod reads it.
+    let port_level = "    portLevelSettings:
+    - port: {number: 5432}
+      connectionPool: {tcp: {idleTimeout: 5s}}
+";
+    assert_eq!(
+        idle(&snapshot(&[TCP, &rule(port_level)].concat())),
+        Some(secs(3600))
+    );
+    // http.idleTimeout wins for the pooled connections.
+    let both = "    connectionPool: {tcp: {idleTimeout: 30s}, http: {idleTimeout: 7s}}\n";
+    let s = snapshot(&[TCP, &rule(both)].concat());
+    assert_eq!(
+        cluster(&s, "outbound|5432||db.internal")
+            .connection_limits
+            .idle_timeout,
+        Some(secs(7))
+    );
+}
+
+#[test]
+fn h2_upgrade_policy_makes_an_http_service_speak_http2_upstream_as_istiod_decides() {
+    let protocol = |yaml: &str, name: &str| cluster(&snapshot(yaml), name).protocol;
+    let app = "outbound|80||app.internal.com";
+    let pool = |p: &str| {
+        app_rule(&format!(
+            "  trafficPolicy:\n    connectionPool: {{http: {p}}}\n"
+        ))
+    };
+    assert_eq!(protocol(APP, app), Protocol::Http);
+    let upgrade = pool("{h2UpgradePolicy: UPGRADE}");
+    assert_eq!(protocol(&[APP, &upgrade].concat(), app), Protocol::Http2);
+    // useClientProtocol wins over an upgrade.
+    let client = pool("{h2UpgradePolicy: UPGRADE, useClientProtocol: true}");
+    assert_eq!(protocol(&[APP, &client].concat(), app), Protocol::Auto);
+    // The mesh's policy applies to HTTP services that do not decide for themselves.
+    let mesh = "
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    h2UpgradePolicy: UPGRADE
+";
+    assert_eq!(protocol(&[APP, mesh].concat(), app), Protocol::Http2);
+    let keep = pool("{h2UpgradePolicy: DO_NOT_UPGRADE}");
+    assert_eq!(protocol(&[APP, mesh, &keep].concat(), app), Protocol::Http);
+    let default = pool("{h2UpgradePolicy: DEFAULT}");
+    assert_eq!(
+        protocol(&[APP, mesh, &default].concat(), app),
+        Protocol::Http2
+    );
+    // A TCP service is not upgraded by the mesh.
+    assert_eq!(
+        protocol(&[TCP, mesh].concat(), "outbound|5432||db.internal"),
+        Protocol::Tcp
+    );
+}

@@ -18,7 +18,7 @@ use portcullis_envoy::{
     RouteConfiguration, RouteMatch, RouteSource, TcpProxy, Thresholds, UpstreamProtocol,
     UpstreamTransport, VIRTUAL_OUTBOUND, VirtualHost,
 };
-use portcullis_model::{ConnectionPoolSettings, OutboundMode, Resolution};
+use portcullis_model::{ConnectionPoolSettings, H2UpgradePolicy, OutboundMode, Resolution};
 
 use super::virtual_service::SubnetRoute;
 use super::{
@@ -274,11 +274,19 @@ impl Builder<'_> {
                 }
             }
         }
+        let mut tcp_idle: Map<String, Option<Duration>> = Map::default();
         for (name, p) in pending {
+            let idle = self.tcp_idle_timeout(&p.host);
+            if let Some(idle) = idle {
+                tcp_idle.insert(name.to_string(), idle);
+            }
             // Each subset of the host's DestinationRule is a cluster of its own,
             // `outbound|PORT|SUBSET|HOST`, of the endpoints its labels select.
             for (subset, traffic) in self.subsets_for(&p.host, p.port) {
                 let subset_name = format!("outbound|{}|{}|{}", p.port, subset.name, p.host);
+                if let Some(idle) = idle {
+                    tcp_idle.insert(subset_name.clone(), idle);
+                }
                 let endpoints = p
                     .endpoints
                     .iter()
@@ -309,6 +317,11 @@ impl Builder<'_> {
                 .clusters
                 .insert(name.to_string(), Arc::new(cluster));
         }
+        if !tcp_idle.is_empty() {
+            for listener in out.resources.listeners.values_mut() {
+                apply_tcp_idle_timeouts(Arc::make_mut(listener), &tcp_idle);
+            }
+        }
         out.warnings = self.warnings;
         out.warnings.extend(self.vs_warnings);
         out
@@ -334,11 +347,36 @@ impl Builder<'_> {
                     UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
                 })
         });
+        let protocol = p.protocol;
         let mut cluster = service_cluster(p, traffic, dns, dns_names);
         if let Some(transport) = transport {
             cluster.transport = transport;
         }
+        if self.h2_upgrade(protocol, traffic.pool) {
+            cluster.upstream_protocol = UpstreamProtocol::Http2;
+        }
         cluster
+    }
+
+    /// istiod's `shouldH2Upgrade`: the connection pool's `h2UpgradePolicy` decides unless it
+    /// is `DEFAULT` (`useClientProtocol` wins over both), else the mesh's, for HTTP services
+    /// only (a sniffed port keeps the client's protocol).
+    fn h2_upgrade(&self, protocol: Protocol, pool: Option<&ConnectionPoolSettings>) -> bool {
+        if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
+            if http.use_client_protocol == Some(true) {
+                return false;
+            }
+            match http.h2_upgrade_policy {
+                Some(H2UpgradePolicy::Upgrade) => return true,
+                Some(H2UpgradePolicy::DoNotUpgrade) => return false,
+                Some(H2UpgradePolicy::Default) | None => {}
+            }
+        }
+        matches!(protocol, Protocol::Http | Protocol::Http2)
+            && self
+                .mesh
+                .and_then(|m| m.spec.h2_upgrade_policy)
+                .is_some_and(|p| p == H2UpgradePolicy::Upgrade)
     }
 
     /// The routes of each HTTP service's virtual host that differ from istiod's plain
@@ -477,6 +515,23 @@ fn tcp_proxy_to(cluster: ClusterSpecifier) -> NetworkFilter {
         cluster,
         idle_timeout: Some(TCP_IDLE_TIMEOUT),
     })
+}
+
+/// istiod's `tcp_proxy` idle timeout: that of the DestinationRule of the one cluster a
+/// chain's `tcp_proxy` goes to (`None`: never); weighted routes keep Envoy's hour.
+fn apply_tcp_idle_timeouts(listener: &mut Listener, idle: &Map<String, Option<Duration>>) {
+    let chains = listener
+        .filter_chains
+        .iter_mut()
+        .chain(listener.default_filter_chain.as_mut());
+    for chain in chains {
+        if let NetworkFilter::TcpProxy(t) = &mut chain.filter
+            && let ClusterSpecifier::Cluster(name) = &t.cluster
+            && let Some(timeout) = idle.get(name)
+        {
+            t.idle_timeout = *timeout;
+        }
+    }
 }
 
 /// A service's own `tcp_proxy`: to its VirtualService's TCP route when one takes it.
@@ -769,6 +824,7 @@ pub(crate) fn istio_retry_policy() -> RetryPolicy {
         retriable_status_codes: vec![503],
         avoid_previous_hosts: true,
         host_selection_retry_max_attempts: 5,
+        retry_back_off: None,
     }
 }
 
@@ -1014,8 +1070,12 @@ fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
         }
     }
     let limits = &mut cluster.connection_limits;
+    // `http.idleTimeout`, else `tcp.idleTimeout`, is the connections' idle timeout.
+    let idle = pool.http.as_ref().and_then(|h| h.idle_timeout);
+    if let Some(idle) = idle.or(pool.tcp.as_ref().and_then(|t| t.idle_timeout)) {
+        limits.idle_timeout = Some(idle);
+    }
     if let Some(http) = &pool.http {
-        limits.idle_timeout = http.idle_timeout.or(limits.idle_timeout);
         if let Some(v) = limit(http.max_requests_per_connection) {
             limits.max_requests_per_connection = Some(v);
         }
