@@ -228,7 +228,7 @@ impl<'a> Attempts<'a> {
                 self.policy.connect_failure && elsewhere
             }
             (Failure::Unsent(_), Some(_)) => true,
-            (Failure::Sent(_), Some(condition)) => self.policy.covers(condition),
+            (Failure::Sent(_), Some(condition)) => covers(&self.policy, condition),
             (_, None) => false,
         };
         let error = failure.into_error();
@@ -372,6 +372,15 @@ where
     }
 }
 
+/// Whether `policy` retries an attempt that failed under `condition`.
+fn covers(policy: &RetryPolicy, condition: Condition) -> bool {
+    match condition {
+        Condition::ConnectFailure => policy.connect_failure,
+        Condition::RefusedStream => policy.refused_stream,
+        Condition::Reset => policy.reset,
+    }
+}
+
 /// Envoy's `Grpc::Utility::grpcToHttpStatus`.
 fn grpc_to_http(code: u32) -> u16 {
     match code {
@@ -410,8 +419,8 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::upstream::StatusSet;
     use crate::{Proxy, ProxyConfig};
+    use portcullis_registry::StatusSet;
 
     /// A proxy whose one cluster `api` has `endpoints` (never connected to here) and
     /// `max_retries` of `retries`.

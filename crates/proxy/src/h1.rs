@@ -312,7 +312,7 @@ where
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    let policy = RetryPolicy::of(log.outcome.matched.as_deref());
+    let policy = crate::upstream::retry_policy(log.outcome.matched.as_deref());
     let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
         r.rewrites()
             || r.fault.is_some()

@@ -661,7 +661,7 @@ async fn route_and_forward(
     if let Some(route) = matched {
         mutate_headers(req.headers_mut(), &route.request_headers);
     }
-    let policy = RetryPolicy::of(matched);
+    let policy = crate::upstream::retry_policy(matched);
     let upgrade = client_upgrade.is_some();
     let bodiless = req.body().is_end_stream();
     // Where the policy resends after a reset (or, to HTTP/2, a refused stream) or for a

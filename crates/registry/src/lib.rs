@@ -9,6 +9,7 @@ mod index;
 mod limits;
 mod listener;
 mod order;
+mod retry;
 mod route;
 mod snapshot;
 #[cfg(test)]
@@ -26,6 +27,7 @@ pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
 pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMITED};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
+pub use retry::{RetryPolicy, StatusSet};
 pub use route::{
     Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Mirror, Request, Route, RouteTable,
     VirtualHost,

@@ -10,6 +10,7 @@ use regex::Regex;
 use crate::Map;
 use crate::cluster::Target;
 use crate::host::{normalized, split_host_port};
+use crate::retry::RetryPolicy;
 use crate::snapshot::{Decision, Wildcards};
 
 /// A request's headers as route matching reads them.
@@ -109,6 +110,8 @@ pub struct Route {
     regex_rewrite: Option<(Regex, String)>,
     /// The retry policy in force: the route's, else its virtual host's.
     pub retry_policy: Option<envoy::RetryPolicy>,
+    /// That policy as the data path reads it (none without one, as Envoy).
+    pub retries: RetryPolicy,
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<envoy::HttpFault>,
@@ -457,6 +460,9 @@ impl Route {
             request_headers,
             response_headers,
             regex_rewrite,
+            retries: retry_policy
+                .as_ref()
+                .map_or(RetryPolicy::NONE, RetryPolicy::from_envoy),
             retry_policy,
             fault: r
                 .fault
