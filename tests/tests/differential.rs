@@ -1672,3 +1672,93 @@ fn consistent_hash_by_header() {
         Ok(())
     });
 }
+
+/// The address of an nginx that answers every request with a 500.
+const FAILING_IP: &str = "10.50.0.31";
+
+const FLAKY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: flaky, namespace: default}
+spec:
+  hosts: [flaky.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.50.0.1}
+  - {address: 10.50.0.31}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: flaky, namespace: default}
+spec:
+  host: flaky.internal.com
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: flaky, namespace: default}
+spec:
+  hosts: [flaky.internal.com]
+  http:
+  - name: flaky
+    route: [{destination: {host: flaky.internal.com}}]
+    retries: {attempts: 0}
+";
+
+// DestinationRule outlierDetection: istiod's cluster (consecutive 5xx enforced, the panic
+// threshold off) over two endpoints in turn, one answering 500 to everything. Its second
+// 500 ejects it, within four requests in both proxies; after that only the healthy one
+// answers (the ejection lasts a minute, longer than the scenario).
+#[test]
+fn outlier_detection_ejects_an_endpoint_answering_500() {
+    let host = "flaky.internal.com";
+    let name = cluster_name(80, host);
+    let mut cluster = static_cluster(80, host, &[(EXTERNAL_IP, 80), (FAILING_IP, 80)]);
+    cluster["lb_policy"] = json!("ROUND_ROBIN");
+    cluster["outlier_detection"] = json!({
+        "consecutive_5xx": 2,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_success_rate": 0,
+        "interval": "1s",
+        "base_ejection_time": "60s",
+        "max_ejection_percent": 100
+    });
+    cluster["common_lb_config"] = json!({ "healthy_panic_threshold": { "value": 0 } });
+    let vhost = vs_vhost(
+        host,
+        80,
+        vec![vs_route(
+            "flaky",
+            "/",
+            json!({ "route": to_cluster(&name, Some(Value::Null)) }),
+        )],
+    );
+    let url = format!("http://{host}/");
+    let scenario = Scenario {
+        name: "outlier",
+        files: vec![("flaky.yaml".to_owned(), FLAKY.to_owned())],
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+            .cluster(cluster),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::spread(
+                "in turn: a 200, and the failing endpoint's 500s",
+                &[&url],
+                4,
+            ),
+            Probe::spread("the failing endpoint ejected", &[&url], SPREAD),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        lab.add_address(Role::External, FAILING_IP)?;
+        let failing = format!(
+            "    server {{ listen {FAILING_IP}:80; location / {{ return 500 \"failing endpoint\\n\"; }} }}\n"
+        );
+        lab.start_nginx_servers(Role::External, "failing", &failing, "unused\n", 8141)?;
+        Ok(())
+    });
+}

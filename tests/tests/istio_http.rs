@@ -198,3 +198,43 @@ fn upstream_headers_and_accepted_http10() {
         Ok(())
     });
 }
+
+/// DestinationRule `h2UpgradePolicy: UPGRADE` on a port declared HTTP: an HTTP/1.1 client's
+/// request reaches an upstream that speaks only h2c as HTTP/2, as Envoy's upgraded
+/// cluster sends it (without the rule it would go as HTTP/1.1, which that nginx refuses).
+#[test]
+fn h2_upgrade_policy_sends_http1_requests_upstream_as_http2() {
+    run("h2up", |lab| {
+        let servers = format!("    server {{ listen {EXTERNAL_IP}:8080 http2; root {{html}}; }}");
+        let nginx = lab.start_nginx_servers(Role::External, "h2", &servers, H2_PAGE, 8099)?;
+        let rule = "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: h2, namespace: default}
+spec:
+  host: h2.internal.com
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
+";
+        let service = external_service("h2", &["h2.internal.com"], 8080, "HTTP");
+        lab.start_with_services(
+            &["h2.internal.com"],
+            &[("h2.yaml", format!("{service}{rule}"))],
+            &[],
+        )?;
+        let reply = lab.curl(&["--http1.1", "http://h2.internal.com:8080/"])?;
+        reply.expect_page("curl --http1.1 http://h2.internal.com:8080/", "h2c host")?;
+        let served = std::fs::read_to_string(nginx.home.join("access.log"))?;
+        ensure!(
+            served.lines().count() == 1 && served.contains("proto=HTTP/2.0"),
+            "one request, upstream as HTTP/2:\n{served}"
+        );
+        let unapplied: Vec<String> = log_lines(lab, &["not applied"]);
+        ensure!(
+            unapplied.is_empty(),
+            "nothing reported as not applied: {unapplied:#?}"
+        );
+        Ok(())
+    });
+}

@@ -1,5 +1,6 @@
-//! DestinationRule consistent hashing from Istio YAML files, end to end: real curl in the
-//! pod, three nginx endpoints on the external host, portcullis in between.
+//! DestinationRule load balancing from Istio YAML files, end to end: real curl in the pod,
+//! nginx endpoints on the external host, portcullis in between. Consistent hashing over
+//! three endpoints, and outlier detection ejecting an endpoint that answers 500.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,25 +14,33 @@ const ENDPOINTS: [&str; 3] = ["10.50.0.21", "10.50.0.22", "10.50.0.23"];
 const USERS: usize = 24;
 const REQUESTS_PER_USER: usize = 4;
 
-/// `shop.internal.com:80` hashed on the `x-user` header over a Maglev table, and
-/// `cart.internal.com:80` on a `session` cookie generated with a ttl, both on the three
-/// endpoints (port 8080).
-fn config() -> String {
-    let endpoints: String = ENDPOINTS
+/// A STATIC ServiceEntry `name` for `hosts` on port 80 (HTTP), its endpoints `ips` on
+/// port 8080, and the document separator after it.
+fn service(name: &str, hosts: &str, ips: &[&str]) -> String {
+    let endpoints: String = ips
         .iter()
         .map(|ip| format!("  - {{address: {ip}, ports: {{http: 8080}}}}\n"))
         .collect();
     format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {{name: shop, namespace: default}}
+metadata: {{name: {name}, namespace: default}}
 spec:
-  hosts: [shop.internal.com, cart.internal.com]
+  hosts: [{hosts}]
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
 {endpoints}---
-apiVersion: networking.istio.io/v1
+"
+    )
+}
+
+/// `shop.internal.com:80` hashed on the `x-user` header over a Maglev table, and
+/// `cart.internal.com:80` on a `session` cookie generated with a ttl, both on the three
+/// endpoints (port 8080).
+fn config() -> String {
+    format!(
+        "{}apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: shop, namespace: default}}
 spec:
@@ -50,7 +59,8 @@ spec:
       consistentHash:
         httpCookie: {{name: session, path: /, ttl: 3600s}}
         ringHash: {{minimumRingSize: 1024}}
-"
+",
+        service("shop", "shop.internal.com, cart.internal.com", &ENDPOINTS)
     )
 }
 
@@ -147,6 +157,148 @@ fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
         ensure!(
             unapplied.is_empty(),
             "no DestinationRule warning: {unapplied:#?}"
+        );
+        Ok(())
+    });
+}
+
+/// The healthy endpoints of `flaky.internal.com` and the one that answers every request
+/// with a 500.
+const HEALTHY: [&str; 2] = ["10.50.0.31", "10.50.0.32"];
+const FAILING: &str = "10.50.0.33";
+
+/// `flaky.internal.com:80` over its three endpoints in turn, with outlier detection that
+/// ejects an endpoint after two consecutive 5xx for a minute (longer than the test), and
+/// no retries, so that every 500 reaches the client.
+fn flaky_config() -> String {
+    let ips = [HEALTHY[0], HEALTHY[1], FAILING];
+    format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flaky, namespace: default}}
+spec:
+  host: flaky.internal.com
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 60s
+      maxEjectionPercent: 100
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: flaky, namespace: default}}
+spec:
+  hosts: [flaky.internal.com]
+  http:
+  - route: [{{destination: {{host: flaky.internal.com}}}}]
+    retries: {{attempts: 0}}
+",
+        service("flaky", "flaky.internal.com", &ips)
+    )
+}
+
+/// Status codes of `n` requests to `url`, in order, from one curl in the pod.
+fn statuses(lab: &mut Lab, url: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut args = vec!["-sS", "--max-time", "20", "-w", "%{http_code}\\n"];
+    // Each URL needs an `-o` of its own.
+    for _ in 0..n {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    let out = lab.run(Role::Pod, "curl", &args)?;
+    let codes: Vec<String> = out.lines().map(str::to_owned).collect();
+    ensure!(codes.len() == n, "{n} status codes: {out}");
+    Ok(codes)
+}
+
+#[test]
+fn outlier_detection_ejects_the_endpoint_answering_500() {
+    run("lboutlier", |lab| {
+        let mut healthy = String::new();
+        for ip in HEALTHY.iter().chain([&FAILING]) {
+            lab.add_address(Role::External, ip)?;
+        }
+        for ip in HEALTHY {
+            healthy.push_str(&format!(
+                "    server {{ listen {ip}:8080; location / {{ return 200 \"healthy {ip}\\n\"; }} }}\n"
+            ));
+        }
+        lab.start_nginx_servers(Role::External, "healthy", &healthy, "unused\n", 8131)?;
+        let failing = lab.start_nginx_servers(
+            Role::External,
+            "failing",
+            &format!("    server {{ listen {FAILING}:8080; location / {{ return 500; }} }}\n"),
+            "unused\n",
+            8132,
+        )?;
+        lab.start_with_services(
+            &["flaky.internal.com"],
+            &[("flaky.yaml", flaky_config())],
+            &[],
+        )?;
+        let url = "http://flaky.internal.com/";
+
+        // In turn over three endpoints, the failing one answers the 2nd or 3rd request and
+        // then three later: its second 500 ejects it, within the first six requests.
+        let first = statuses(lab, url, 12)?;
+        let failures = first.iter().filter(|c| *c == "500").count();
+        ensure!(
+            failures == 2 && first[6..].iter().all(|c| c == "200"),
+            "two 500s, then only 200s: {first:?}"
+        );
+        let again = statuses(lab, url, 12)?;
+        ensure!(
+            again.iter().all(|c| c == "200"),
+            "the ejected endpoint gets no more requests: {again:?}"
+        );
+        let served = std::fs::read_to_string(failing.home.join("access.log"))?;
+        ensure!(
+            served.lines().count() == 2,
+            "the failing nginx saw exactly the two requests before its ejection:\n{served}"
+        );
+
+        // Envoy's admin views of it.
+        let (_, clusters) = lab.admin_get("/clusters")?;
+        let flag = format!(
+            "outbound|80||flaky.internal.com::{FAILING}:8080::health_flags::/failed_outlier_check"
+        );
+        ensure!(
+            clusters.lines().any(|l| l == flag),
+            "{flag} in /clusters:\n{clusters}"
+        );
+        for ip in HEALTHY {
+            let line = format!("outbound|80||flaky.internal.com::{ip}:8080::health_flags::healthy");
+            ensure!(clusters.lines().any(|l| l == line), "{line} in /clusters");
+        }
+        let (_, metrics) = lab.admin_get("/stats/prometheus")?;
+        let cluster = "{cluster_name=\"outbound|80||flaky.internal.com\"}";
+        for sample in [
+            format!("envoy_cluster_outlier_detection_ejections_enforced_total{cluster} 1"),
+            format!(
+                "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total{cluster} 1"
+            ),
+            format!("envoy_cluster_outlier_detection_ejections_active{cluster} 1"),
+        ] {
+            ensure!(
+                metrics.lines().any(|l| l == sample),
+                "{sample} in /stats/prometheus:\n{}",
+                metrics
+                    .lines()
+                    .filter(|l| l.contains("outlier"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        let unapplied: Vec<String> = lab
+            .portcullis_output()
+            .lines()
+            .filter(|l| l.contains("not applied"))
+            .map(str::to_owned)
+            .collect();
+        ensure!(
+            unapplied.is_empty(),
+            "nothing reported as not applied: {unapplied:#?}"
         );
         Ok(())
     });
