@@ -383,10 +383,6 @@ impl TrafficPolicy {
             let lb = lb.map(|lb| {
                 [
                     (
-                        "loadBalancer.simple: PASSTHROUGH",
-                        lb.simple == Some(SimpleLb::Passthrough),
-                    ),
-                    (
                         "loadBalancer.consistentHash.httpCookie.attributes",
                         lb.consistent_hash
                             .as_ref()

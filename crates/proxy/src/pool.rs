@@ -10,7 +10,6 @@
 //! A connection to a cluster that limits its connections carries a [`ConnHold`] for as long
 //! as it is open, idle in the pool included, as Envoy counts its pools' connections.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,12 +22,16 @@ use tokio::time::Instant;
 use crate::body::RequestBody;
 use crate::origin::{PoolKey, UpstreamIo};
 
+/// The pool's maps: every request looks its endpoint up, and foldhash costs a fraction of
+/// SipHash on these keys while still seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Idle connections of one kind per endpoint, each with when it went idle; newest last.
 struct Idle<T>(Mutex<HashMap<PoolKey, Vec<(T, Instant)>>>);
 
 impl<T> Idle<T> {
     fn new() -> Self {
-        Idle(Mutex::new(HashMap::new()))
+        Idle(Mutex::new(HashMap::default()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<(T, Instant)>>> {
@@ -209,7 +212,7 @@ impl Pool {
         Pool {
             idle: Idle::new(),
             raw: Idle::new(),
-            h2: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::default()),
             max_idle_per_endpoint,
             idle_timeout,
         }

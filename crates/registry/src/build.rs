@@ -202,6 +202,7 @@ fn traffic<'a>(
         (Some(ch), _) => consistent_lb_policy(ch),
         (None, Some(SimpleLb::RoundRobin)) => LbPolicy::RoundRobin,
         (None, Some(SimpleLb::Random)) => LbPolicy::Random,
+        (None, Some(SimpleLb::Passthrough)) => LbPolicy::ClusterProvided,
         _ => LbPolicy::LeastRequest,
     };
     let tls = tls.zip(rule).map(|(settings, dr)| tls::TlsRule {

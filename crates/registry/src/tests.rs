@@ -1277,7 +1277,6 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
         said,
         [
             "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
-            "DestinationRule default/app: spec.subsets[1].trafficPolicy.loadBalancer.simple: PASSTHROUGH is not applied yet",
         ]
     );
     // What is applied is not held back by what is not.
@@ -2550,4 +2549,28 @@ data:
         protocol(&[TCP, mesh].concat(), "outbound|5432||db.internal"),
         Protocol::Tcp
     );
+}
+
+#[test]
+fn passthrough_sends_to_the_original_destination_among_the_services_own() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    loadBalancer: {simple: PASSTHROUGH}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    // istiod's ORIGINAL_DST cluster without endpoints; portcullis keeps the destination to
+    // the service's own addresses (here its endpoint's), as for resolution NONE.
+    let c = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(c.resolution, crate::Resolution::None);
+    assert!(c.endpoints.is_empty());
+    assert_eq!(
+        c.owned_destinations.as_deref(),
+        Some(&["10.50.0.1/32".parse().unwrap()][..])
+    );
+    // Other hosts keep their endpoints.
+    let api = cluster(&s, "outbound|80||api.internal.com");
+    assert_eq!(api.resolution, crate::Resolution::Static);
+    assert_eq!(endpoints(api), ["10.50.0.1:80 w1"]);
 }

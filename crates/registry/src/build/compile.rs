@@ -1177,7 +1177,8 @@ fn passthrough_cluster(mode: OutboundMode, pods: &[IpAddr]) -> Cluster {
 }
 
 /// A service's `outbound|PORT||HOST` cluster: STATIC with its endpoints, STRICT_DNS or
-/// LOGICAL_DNS with names, ORIGINAL_DST for resolution NONE; the DestinationRule's
+/// LOGICAL_DNS with names, ORIGINAL_DST for resolution NONE and for a DestinationRule's
+/// `simple: PASSTHROUGH` (istiod drops the endpoints then); the DestinationRule's
 /// balancer, LEAST_REQUEST by default as Istio.
 fn service_cluster(
     p: PendingCluster,
@@ -1186,12 +1187,27 @@ fn service_cluster(
     dns_names: &mut BTreeSet<String>,
 ) -> Cluster {
     let lb_policy = traffic.lb;
+    let passthrough = lb_policy == LbPolicy::ClusterProvided;
     let discovery = match p.resolution {
-        Resolution::Static => Discovery::Static,
-        Resolution::Dns => Discovery::StrictDns,
-        Resolution::DnsRoundRobin => Discovery::LogicalDns,
-        Resolution::None => {
+        Resolution::Static if !passthrough => Discovery::Static,
+        Resolution::Dns if !passthrough => Discovery::StrictDns,
+        Resolution::DnsRoundRobin if !passthrough => Discovery::LogicalDns,
+        Resolution::Static | Resolution::Dns | Resolution::DnsRoundRobin | Resolution::None => {
+            // The original destination must still be one of the service's: its addresses,
+            // its host's current DNS answers and, under PASSTHROUGH, its endpoints' (a
+            // request naming the host cannot take the client anywhere else).
             let mut allowed = p.addresses.clone();
+            if passthrough {
+                let endpoints = p.endpoints.iter().filter_map(|e| match &e.0 {
+                    EndpointAddress::Ip(ip) => Some(IpNet::from(*ip)),
+                    EndpointAddress::Dns(_) => None,
+                });
+                for net in endpoints {
+                    if !allowed.contains(&net) {
+                        allowed.push(net);
+                    }
+                }
+            }
             if !p.host.starts_with('*') {
                 dns_names.insert(p.host.to_string());
                 let answer = dns(&p.host).unwrap_or_default();
