@@ -1,7 +1,9 @@
 //! Envoy's outlier detection for one endpoint: consecutive 5xx, gateway failures and
-//! local-origin failures eject it for the base ejection time times the number of times it
-//! was ejected, capped at the maximum ejection time. The state lives in the endpoint's
-//! [`crate::EndpointState`], so it outlasts config reloads as Envoy's host monitors do.
+//! local-origin failures eject it for the base ejection time times its ejection multiplier
+//! (one more per ejection, one less per `interval` spent healthy), capped at the maximum
+//! ejection time; it comes back at the first `interval` tick after that, as Envoy's timer
+//! returns hosts. The state lives in the endpoint's [`crate::EndpointState`], so it
+//! outlasts config reloads as Envoy's host monitors do.
 //!
 //! Time is passed in (`now`), so the logic is tested on tokio's paused clock by the callers
 //! and with plain instants here.
@@ -24,7 +26,10 @@ pub struct Detection {
     pub consecutive_local_origin: Option<u32>,
     /// Whether local-origin failures are counted apart from the upstream's 5xx.
     pub split_local_origin: bool,
-    /// The first ejection's length; later ones are multiplied by their count.
+    /// Envoy's `interval`: ejections end on its ticks, and each tick an endpoint spends
+    /// healthy lowers its ejection multiplier.
+    pub interval: Duration,
+    /// The first ejection's length; later ones are multiplied by the multiplier.
     pub base_ejection: Duration,
     /// The longest an ejection lasts.
     pub max_ejection: Duration,
@@ -33,14 +38,15 @@ pub struct Detection {
 }
 
 impl Default for Detection {
-    /// Envoy's defaults: 5 consecutive 5xx enforced, gateway failures not, 30 s base
-    /// ejection, 300 s at most, 10% of the endpoints.
+    /// Envoy's defaults: 5 consecutive 5xx enforced, gateway failures not, a 10 s interval,
+    /// 30 s base ejection, 300 s at most, 10% of the endpoints.
     fn default() -> Self {
         Detection {
             consecutive_5xx: Some(5),
             consecutive_gateway: None,
             consecutive_local_origin: None,
             split_local_origin: false,
+            interval: Duration::from_secs(10),
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
             max_ejection_percent: 10,
@@ -74,9 +80,12 @@ pub struct Outlier {
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
     consecutive_local: AtomicU32,
-    /// When the current ejection ends, in nanoseconds since [`epoch`]; 0 when not ejected.
+    /// When the current (or last) ejection ends, in nanoseconds since [`epoch`]; 0 before
+    /// the first.
     ejected_until: AtomicU64,
-    /// Ejections so far (Envoy's ejection time multiplier).
+    /// Envoy's ejection time multiplier as of the last ejection.
+    multiplier: AtomicU32,
+    /// Ejections so far.
     ejections: AtomicU32,
 }
 
@@ -88,6 +97,14 @@ fn epoch() -> Instant {
 
 fn nanos(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(epoch()).as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The interval timer's ticks fall on whole intervals since [`epoch`] (Envoy's start when
+/// the cluster's detector is made, at a phase no client can see).
+fn interval_nanos(interval: Duration) -> u64 {
+    u64::try_from(interval.as_nanos())
         .unwrap_or(u64::MAX)
         .max(1)
 }
@@ -158,13 +175,32 @@ impl Outlier {
         if !may_eject() {
             return None;
         }
-        let times = self.ejections.fetch_add(1, Ordering::AcqRel) + 1;
-        let length = detection
-            .base_ejection
-            .saturating_mul(times)
-            .min(detection.max_ejection.max(detection.base_ejection));
-        self.ejected_until
-            .store(nanos(now + length), Ordering::Release);
+        self.ejections.fetch_add(1, Ordering::AcqRel);
+        let at = nanos(now);
+        let tick = interval_nanos(detection.interval);
+        // Each tick since the last ejection ended, the endpoint healthy, lowered the
+        // multiplier by one; it rises by one per ejection while the base times it stays
+        // under the maximum.
+        let last_end = self.ejected_until.load(Ordering::Acquire);
+        let healthy_ticks = if last_end == 0 {
+            0
+        } else {
+            u32::try_from(at.saturating_sub(last_end) / tick).unwrap_or(u32::MAX)
+        };
+        let cap = detection.max_ejection.max(detection.base_ejection);
+        let mut multiplier = self
+            .multiplier
+            .load(Ordering::Acquire)
+            .saturating_sub(healthy_ticks);
+        if detection.base_ejection.saturating_mul(multiplier) < cap {
+            multiplier += 1;
+        }
+        self.multiplier.store(multiplier, Ordering::Release);
+        let length = detection.base_ejection.saturating_mul(multiplier).min(cap);
+        // The host comes back at the first tick once its time is up.
+        let due = nanos(now + length);
+        let until = due.div_ceil(tick).saturating_mul(tick);
+        self.ejected_until.store(until, Ordering::Release);
         Some(reason)
     }
 }
@@ -181,6 +217,11 @@ mod tests {
         }
     }
 
+    /// An instant on a tick of the default 10 s interval.
+    fn on_tick() -> Instant {
+        epoch() + Duration::from_secs(100)
+    }
+
     #[test]
     fn consecutive_failures_eject_and_a_success_resets_the_count() {
         let o = Outlier::default();
@@ -188,7 +229,7 @@ mod tests {
             consecutive_gateway: None,
             ..detection()
         };
-        let t = Instant::now();
+        let t = on_tick();
         assert_eq!(o.report(&d, Outcome::Status(500), t, || true), None);
         assert_eq!(o.report(&d, Outcome::Status(500), t, || true), None);
         assert_eq!(o.report(&d, Outcome::Status(200), t, || true), None);
@@ -207,7 +248,7 @@ mod tests {
     fn gateway_failures_and_the_ejection_multiplier() {
         let o = Outlier::default();
         let d = detection();
-        let t = Instant::now();
+        let t = on_tick();
         o.report(&d, Outcome::Status(502), t, || true);
         assert_eq!(
             o.report(&d, Outcome::Status(504), t, || true),
@@ -227,7 +268,36 @@ mod tests {
         o.report(&capped, Outcome::Status(502), t3, || true);
         o.report(&capped, Outcome::Status(502), t3, || true);
         assert_eq!(o.ejections(), 3);
-        assert!(!o.ejected(t3 + Duration::from_secs(45)));
+        // 45 s are up between two ticks: the endpoint comes back at the next one.
+        assert!(o.ejected(t3 + Duration::from_secs(45)));
+        assert!(!o.ejected(t3 + Duration::from_secs(50)));
+    }
+
+    #[test]
+    fn the_multiplier_falls_by_one_per_interval_spent_healthy() {
+        let d = Detection {
+            consecutive_5xx: Some(1),
+            ..Detection::default()
+        };
+        let eject = |o: &Outlier, at: Instant| {
+            assert!(o.report(&d, Outcome::Status(500), at, || true).is_some());
+        };
+        let t = on_tick();
+        // Ejected again as soon as it is back: 30 s, then 60 s.
+        let again = Outlier::default();
+        eject(&again, t);
+        eject(&again, t + Duration::from_secs(30));
+        assert!(again.ejected(t + Duration::from_secs(89)));
+        assert!(!again.ejected(t + Duration::from_secs(90)));
+        // Back for two ticks first: the multiplier fell from 1 to 0, so 30 s again.
+        let rested = Outlier::default();
+        eject(&rested, t);
+        let later = t + Duration::from_secs(55);
+        eject(&rested, later);
+        assert!(rested.ejected(later + Duration::from_secs(25)));
+        // 30 s from 55 s end at 85 s, between ticks: back at 90 s.
+        assert!(rested.ejected(later + Duration::from_secs(34)));
+        assert!(!rested.ejected(later + Duration::from_secs(35)));
     }
 
     #[test]

@@ -391,6 +391,7 @@ fn detection(o: &envoy::OutlierDetection) -> Detection {
         )
         .filter(|_| o.split_external_local_origin_errors),
         split_local_origin: o.split_external_local_origin_errors,
+        interval: o.interval,
         base_ejection: o.base_ejection_time,
         max_ejection: o.max_ejection_time,
         max_ejection_percent: o.max_ejection_percent,
