@@ -20,10 +20,12 @@ use super::{Builder, labels_match, visible};
 use crate::order::Age;
 
 /// `retryOn` conditions the data path tells apart; others are accepted and not acted on.
-const RETRY_ON_APPLIED: [&str; 12] = [
+const RETRY_ON_APPLIED: [&str; 13] = [
     "5xx",
     "gateway-error",
     "reset",
+    // A request that never left is always sent again while attempts last.
+    "reset-before-request",
     "connect-failure",
     "refused-stream",
     "retriable-status-codes",
