@@ -985,6 +985,7 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         connection_limits: portcullis_envoy::ConnectionLimits::default(),
         outlier_detection: None,
         healthy_panic_threshold: None,
+        locality_weighted: false,
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
