@@ -126,11 +126,9 @@ impl Layers {
         let healthy_in = |c: &Cell| c.members.iter().filter(|&&i| is_healthy(i)).count() as u64;
         let tier_healthy = |t: &Tier| self.cells[t.cells.clone()].iter().map(healthy_in).sum();
         let health = |healthy: u64, hosts: u64| {
-            if hosts == 0 {
-                0
-            } else {
-                (OVERPROVISIONING * healthy / hosts).min(100)
-            }
+            (OVERPROVISIONING * healthy)
+                .checked_div(hosts)
+                .map_or(0, |h| h.min(100))
         };
         let total_health: u64 = self
             .tiers
