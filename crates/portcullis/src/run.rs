@@ -164,6 +164,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let options = BuildOptions {
         namespace: args.namespace.clone(),
         workload_labels: workload_labels.clone(),
+        locality: portcullis_registry::locality::parse(&args.locality),
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
