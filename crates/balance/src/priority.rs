@@ -123,7 +123,11 @@ impl Layers {
         panic_threshold: f64,
     ) -> Option<usize> {
         let is_healthy = |i: usize| healthy.is_none_or(|h| h(i));
-        let healthy_in = |c: &Cell| c.members.iter().filter(|&&i| is_healthy(i)).count() as u64;
+        // Without a health check every member counts, without walking them.
+        let healthy_in = |c: &Cell| match healthy {
+            None => c.members.len() as u64,
+            Some(_) => c.members.iter().filter(|&&i| is_healthy(i)).count() as u64,
+        };
         let tier_healthy = |t: &Tier| self.cells[t.cells.clone()].iter().map(healthy_in).sum();
         let health = |healthy: u64, hosts: u64| {
             (OVERPROVISIONING * healthy)
