@@ -191,6 +191,7 @@ mod tests {
             connection_limits: Default::default(),
             outlier_detection: None,
             healthy_panic_threshold: None,
+            locality_weighted: false,
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

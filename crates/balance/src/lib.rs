@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 mod hash;
 pub mod outlier;
+mod priority;
 mod xxhash;
 
 pub use hash::{
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAXIMUM_RING_SIZE, DEFAULT_MINIMUM_RING_SIZE, is_prime,
 };
+pub use priority::{Group, Layout};
 pub use xxhash::xxhash64;
 
 use hash::HashTable;
+use priority::Layers;
 
 /// A load-balancing algorithm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -159,6 +162,9 @@ pub struct Balancer {
     cursor: AtomicU64,
     /// The ring or Maglev table of a consistent-hash policy.
     table: Option<HashTable>,
+    /// Priorities and localities, when built by [`Balancer::layered`]: picks go through
+    /// them instead of the flat set.
+    layers: Option<Box<Layers>>,
 }
 
 impl Balancer {
@@ -205,6 +211,43 @@ impl Balancer {
             stride: stride(total),
             cursor: AtomicU64::new(0),
             table,
+            layers: None,
+        }
+    }
+
+    /// A balancer over `endpoints` grouped into priorities and localities by `layout`, as
+    /// Envoy balances an EDS cluster: each pick chooses a priority by load, then a
+    /// locality (when locality-weighted), then an endpoint by `policy`.
+    pub fn layered(policy: Policy, endpoints: Vec<Member>, layout: Layout) -> Self {
+        let layers = Layers::new(policy, &endpoints, layout);
+        // The flat set serves only the per-endpoint accessors; rings live in the cells.
+        let flat_policy = if policy.is_consistent_hash() {
+            Policy::Random
+        } else {
+            policy
+        };
+        Balancer {
+            policy,
+            layers: Some(Box::new(layers)),
+            ..Balancer::new(flat_policy, endpoints)
+        }
+    }
+
+    /// Picks an endpoint not in `tried`, a consistent-hash policy by `hash`; endpoints
+    /// `healthy` rejects (outlier ejection) count as unhealthy for the priority load and
+    /// are avoided unless the healthy share is below `panic_threshold` percent (Envoy's
+    /// panic mode; 0 disables it). `None` when there is no endpoint or no healthy one may
+    /// be used (Envoy's `no healthy upstream`).
+    pub fn choose(
+        &self,
+        hash: Option<u64>,
+        tried: &[usize],
+        healthy: Option<&dyn Fn(usize) -> bool>,
+        panic_threshold: f64,
+    ) -> Option<usize> {
+        match &self.layers {
+            Some(layers) => layers.pick(hash, tried, healthy, panic_threshold),
+            None => self.pick_hashed(hash, tried),
         }
     }
 
@@ -236,6 +279,9 @@ impl Balancer {
     /// Picks an endpoint; the index refers to the list given to [`Balancer::new`]. A
     /// consistent-hash policy without a request hash picks by a random one, as Envoy.
     pub fn pick(&self) -> Option<usize> {
+        if let Some(layers) = &self.layers {
+            return layers.pick(None, &[], None, 0.0);
+        }
         match self.states.len() {
             0 => None,
             1 => Some(0),
@@ -264,6 +310,9 @@ impl Balancer {
     /// random one when `None`), walking the ring or table past excluded endpoints as
     /// Envoy's retry host predicate makes it. Other policies ignore `hash`.
     pub fn pick_hashed(&self, hash: Option<u64>, excluded: &[usize]) -> Option<usize> {
+        if let Some(layers) = &self.layers {
+            return layers.pick(hash, excluded, None, 0.0);
+        }
         if self.states.len() <= 1 {
             return self.pick();
         }

@@ -24,6 +24,7 @@ impl Cluster {
             connection_limits: ConnectionLimits::default(),
             outlier_detection: None,
             healthy_panic_threshold: None,
+            locality_weighted: false,
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

@@ -683,11 +683,18 @@ pub fn cluster(c: &Cluster) -> Value {
             }),
         );
     }
+    let mut lb = Map::new();
     if let Some(threshold) = c.healthy_panic_threshold {
-        o.insert(
-            "common_lb_config".into(),
-            json!({ "healthy_panic_threshold": { "value": threshold } }),
+        lb.insert(
+            "healthy_panic_threshold".into(),
+            json!({ "value": threshold }),
         );
+    }
+    if c.locality_weighted {
+        lb.insert("locality_weighted_lb_config".into(), json!({}));
+    }
+    if !lb.is_empty() {
+        o.insert("common_lb_config".into(), Value::Object(lb));
     }
     let limits = c.connection_limits;
     let mut common = Map::new();
@@ -1140,6 +1147,7 @@ mod tests {
             connection_limits: crate::ConnectionLimits::default(),
             outlier_detection: None,
             healthy_panic_threshold: None,
+            locality_weighted: false,
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: "outbound|80||app.internal.com".into(),
                 endpoints: vec![LocalityLbEndpoints {

@@ -580,6 +580,9 @@ pub struct Cluster {
     /// `common_lb_config.healthy_panic_threshold`: below this percentage of healthy
     /// endpoints, health (ejections included) is ignored; `None`: Envoy's 50.
     pub healthy_panic_threshold: Option<f64>,
+    /// `common_lb_config.locality_weighted_lb_config`: a pick first draws a locality of
+    /// the priority by its `load_balancing_weight`.
+    pub locality_weighted: bool,
     /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub load_assignment: Option<ClusterLoadAssignment>,
     /// Transport of every endpoint, unless a match below applies.

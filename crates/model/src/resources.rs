@@ -222,12 +222,52 @@ pub struct LoadBalancerSettings {
     /// Consistent hashing (ring hash or Maglev) on a request property.
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
-    /// Not applied yet.
+    /// Locality-aware balancing: weights per locality or failover priorities.
     #[serde(default)]
-    pub locality_lb_setting: Option<Unapplied>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     /// Not applied yet.
     #[serde(default)]
     pub warmup_duration_secs: Option<Unapplied>,
+}
+
+/// `loadBalancer.localityLbSetting`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalityLbSetting {
+    /// `false` turns locality balancing off for the rule's destinations.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Weights of destination localities for clients in a locality.
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    /// Which region a client's region fails over to.
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    /// Labels whose match between client and endpoint orders the priorities.
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+}
+
+/// `localityLbSetting.distribute[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct LocalityDistribute {
+    /// The client locality it applies to, `region/zone/subzone` with `*` wildcards.
+    #[serde(default)]
+    pub from: String,
+    /// Destination localities (wildcards allowed) and their weights.
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
+}
+
+/// `localityLbSetting.failover[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct LocalityFailover {
+    /// The client's region.
+    #[serde(default)]
+    pub from: String,
+    /// The region it fails over to.
+    #[serde(default)]
+    pub to: String,
 }
 
 /// `loadBalancer.consistentHash`: what a request's hash is made of, and the table it
@@ -388,10 +428,6 @@ impl TrafficPolicy {
                             .as_ref()
                             .and_then(|c| c.http_cookie.as_ref())
                             .is_some_and(|c| c.attributes.is_some()),
-                    ),
-                    (
-                        "loadBalancer.localityLbSetting",
-                        lb.locality_lb_setting.is_some(),
                     ),
                     (
                         "loadBalancer.warmupDurationSecs",

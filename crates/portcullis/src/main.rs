@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Labels of the workload, `k=v,k2=v2`, matched against Sidecar workloadSelector.
     #[arg(long, env = "PORTCULLIS_WORKLOAD_LABELS", default_value = "")]
     pub workload_labels: String,
+    /// The workload's locality, `region/zone/subzone` (Istio's `ISTIO_LOCALITY`): what a
+    /// DestinationRule's `localityLbSetting` measures endpoints against.
+    #[arg(long, env = "ISTIO_LOCALITY", default_value = "")]
+    pub locality: String,
     /// Worker threads (Envoy's --concurrency; Istio's sidecar default is 2).
     #[arg(long, env = "PORTCULLIS_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,

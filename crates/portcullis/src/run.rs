@@ -27,11 +27,13 @@ const IDENTITY_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
 /// Where Istio's injector mounts the pod's labels (downward API).
 const POD_LABELS: &str = "/etc/istio/pod/labels";
 
-/// The ADS client `args` describe, presenting the node istio-agent would.
+/// The ADS client `args` describe, presenting the node istio-agent would (in `locality`
+/// when given).
 fn xds_client(
     args: &XdsArgs,
     address: &str,
     workload_labels: &BTreeMap<String, String>,
+    locality: &str,
     stats: Arc<XdsStats>,
 ) -> anyhow::Result<Client> {
     let labels = if workload_labels.is_empty() {
@@ -53,6 +55,7 @@ fn xds_client(
         cluster_id: args.cluster_id.clone(),
         mesh_id: args.mesh_id.clone(),
         labels,
+        locality: Some(locality.to_owned()).filter(|l| !l.is_empty()),
     };
     let node = NodeIdentity::from_env(std::env::vars(), &overrides);
     tracing::info!(address, node = %node.id, cluster = %node.cluster, "control plane");
@@ -164,6 +167,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let options = BuildOptions {
         namespace: args.namespace.clone(),
         workload_labels: workload_labels.clone(),
+        locality: portcullis_registry::locality::parse(&args.locality),
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -231,7 +235,13 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let xds = match &args.xds.xds_address {
         Some(address) => {
             let stats = Arc::new(XdsStats::default());
-            let client = xds_client(&args.xds, address, &workload_labels, Arc::clone(&stats))?;
+            let client = xds_client(
+                &args.xds,
+                address,
+                &workload_labels,
+                &args.locality,
+                Arc::clone(&stats),
+            )?;
             admin.add_stats(Box::new(move || stats.entries()));
             let timeout = args.xds.xds_initial_fetch_timeout.into();
             Some((XdsSource::new("xds", &publisher, timeout), client))

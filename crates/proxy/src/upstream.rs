@@ -120,37 +120,6 @@ pub(crate) fn retry_policy(route: Option<&Route>) -> RetryPolicy {
     route.map_or(RetryPolicy::ISTIO, |r| r.retries)
 }
 
-/// The endpoints of `c` a pick avoids when outlier detection has ejected some: `tried` and
-/// the ejected ones, unless fewer than the panic threshold's share would be left (then
-/// ejections are ignored, as in Envoy's panic mode). `Ok(None)` when nothing is ejected;
-/// Envoy's `no healthy upstream` when every endpoint is.
-fn ejected_and_tried(
-    c: &portcullis_registry::Cluster,
-    tried: &[usize],
-) -> Result<Option<Vec<usize>>, ProxyError> {
-    let Some(outliers) = c.outlier.as_ref() else {
-        return Ok(None);
-    };
-    let now = tokio::time::Instant::now().into_std();
-    let ejected: Vec<usize> = (0..c.endpoints.len())
-        .filter(|&i| c.endpoints[i].state.outlier.ejected(now))
-        .collect();
-    if ejected.is_empty() {
-        return Ok(None);
-    }
-    let left = c.endpoints.len() - ejected.len();
-    let healthy_percent = 100.0 * left as f64 / c.endpoints.len() as f64;
-    if outliers.panic_threshold > 0.0 && healthy_percent < outliers.panic_threshold {
-        return Ok(None);
-    }
-    if left == 0 {
-        return Err(ProxyError::NoHealthyUpstream);
-    }
-    let mut avoided = ejected;
-    avoided.extend_from_slice(tried);
-    Ok(Some(avoided))
-}
-
 impl Proxy {
     /// Picks an upstream for `decision`, avoiding endpoints in `tried` and those outlier
     /// detection ejected; a consistent-hash cluster picks by the request's `hash`.
@@ -166,9 +135,9 @@ impl Proxy {
             Decision::NoCluster(name) => return Err(ProxyError::NoCluster(Arc::clone(name))),
             Decision::Direct(d) => return Err(ProxyError::Direct(Arc::clone(d))),
             Decision::Cluster(c) if c.resolution != Resolution::None => {
-                let avoided = ejected_and_tried(c, tried)?;
+                let now = tokio::time::Instant::now().into_std();
                 let (index, endpoint) = c
-                    .pick_hashed(hash, avoided.as_deref().unwrap_or(tried))
+                    .pick_hashed(hash, tried, now)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
                 let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");

@@ -9,12 +9,13 @@ use ipnet::IpNet;
 use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
-    LoadBalancerSettings, MeshConfig, Object, OutboundMode, OutlierDetection, Pod, Resolution,
-    Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort,
-    TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    LoadBalancerSettings, LocalityLbSetting, MeshConfig, Object, OutboundMode, OutlierDetection,
+    Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb,
+    Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
+pub mod locality;
 mod tls;
 mod virtual_service;
 
@@ -53,6 +54,9 @@ pub struct BuildOptions {
     pub workload_labels: BTreeMap<String, String>,
     /// Kubernetes cluster domain.
     pub cluster_domain: String,
+    /// The proxy's locality (`--locality`, `ISTIO_LOCALITY`): what `localityLbSetting`
+    /// compares endpoints' localities with.
+    pub locality: portcullis_envoy::Locality,
 }
 
 impl Default for BuildOptions {
@@ -61,6 +65,7 @@ impl Default for BuildOptions {
             namespace: "default".to_string(),
             workload_labels: BTreeMap::new(),
             cluster_domain: "cluster.local".to_string(),
+            locality: portcullis_envoy::Locality::default(),
         }
     }
 }
@@ -153,6 +158,8 @@ struct Traffic<'a> {
     pool: Option<&'a ConnectionPoolSettings>,
     outlier: Option<&'a OutlierDetection>,
     tls: Option<tls::TlsRule<'a>>,
+    /// Locality balancing; `None` when the rule turns it off.
+    locality: Option<&'a LocalityLbSetting>,
 }
 
 /// The policy of a rule on `port`, and of a subset over it: a port's settings replace the
@@ -216,8 +223,22 @@ fn traffic<'a>(
         pool,
         outlier,
         tls,
+        locality: match load_balancer.and_then(|lb| lb.locality_lb_setting.as_ref()) {
+            Some(l) if l.enabled == Some(false) => None,
+            Some(l) => Some(l),
+            // Istio's mesh default: locality balancing on, no settings.
+            None => Some(&DEFAULT_LOCALITY),
+        },
     }
 }
+
+/// The mesh-wide `localityLbSetting` istiod uses when a rule sets none.
+static DEFAULT_LOCALITY: LocalityLbSetting = LocalityLbSetting {
+    enabled: None,
+    distribute: Vec::new(),
+    failover: Vec::new(),
+    failover_priority: Vec::new(),
+};
 
 /// The cluster policy istiod gives a `consistentHash` (`ApplyRingHashLoadBalancer`):
 /// MAGLEV with its table size, else RING_HASH with its minimum ring size (the deprecated
@@ -968,6 +989,10 @@ impl<'a> Builder<'a> {
                 }
                 Err(_) => return,
             };
+            let mut labels = labels;
+            if !we.locality.is_empty() {
+                locality::augment(Arc::make_mut(&mut labels), &we.locality);
+            }
             out.push((
                 address,
                 target,
@@ -1263,6 +1288,8 @@ impl<'a> Builder<'a> {
             ) else {
                 continue;
             };
+            let mut labels = labels;
+            locality::augment(&mut labels, &spec.locality);
             out.push((
                 EndpointAddress::Ip(ip),
                 target,

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use portcullis_balance::outlier::Detection;
-use portcullis_balance::{Balancer, EndpointState, Member, Policy, is_prime};
+use portcullis_balance::{Balancer, EndpointState, Group, Layout, Member, Policy, is_prime};
 use portcullis_envoy as envoy;
 use portcullis_model::Resolution;
 
@@ -128,43 +128,53 @@ pub(crate) fn build(
     };
     let transports = Transports::compile(c, warnings);
     let mut endpoints = Vec::new();
-    for e in assignment.map(usable_endpoints).unwrap_or_default() {
-        let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
-        let transport = transports.of(c, e);
-        let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
-            envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
-            envoy::EndpointAddress::Name { host, port } => {
-                if resolution == Resolution::Static {
-                    warnings.push(format!(
-                        "cluster {}: endpoint {host}:{port} is a name in a cluster that does not resolve names; ignored",
-                        c.name
-                    ));
-                    continue;
+    let mut groups = Vec::new();
+    for (locality, usable, skipped) in assignment.map(usable_endpoints).unwrap_or_default() {
+        let first = endpoints.len();
+        for e in usable {
+            let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
+            let transport = transports.of(c, e);
+            let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
+                envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
+                envoy::EndpointAddress::Name { host, port } => {
+                    if resolution == Resolution::Static {
+                        warnings.push(format!(
+                            "cluster {}: endpoint {host}:{port} is a name in a cluster that does not resolve names; ignored",
+                            c.name
+                        ));
+                        continue;
+                    }
+                    let host = host.to_ascii_lowercase();
+                    let mut answer = dns(&host).unwrap_or_default();
+                    if resolution == Resolution::DnsRoundRobin {
+                        // LOGICAL_DNS: one address at a time, the first answer.
+                        answer = answer.iter().take(1).copied().collect();
+                    }
+                    dns_names.insert(host.clone());
+                    (answer, Some(Arc::<str>::from(host)), *port)
                 }
-                let host = host.to_ascii_lowercase();
-                let mut answer = dns(&host).unwrap_or_default();
-                if resolution == Resolution::DnsRoundRobin {
-                    // LOGICAL_DNS: one address at a time, the first answer.
-                    answer = answer.iter().take(1).copied().collect();
-                }
-                dns_names.insert(host.clone());
-                (answer, Some(Arc::<str>::from(host)), *port)
+            };
+            for address in addrs.iter().copied() {
+                let state = counters
+                    .get(&SocketAddr::new(address, port))
+                    .map_or_else(|| Arc::new(EndpointState::new()), |s| Arc::clone(s));
+                endpoints.push(Endpoint {
+                    address,
+                    hostname: hostname.clone(),
+                    port,
+                    weight: e.load_balancing_weight.max(1),
+                    source: Arc::clone(&source),
+                    state,
+                    transport: transport.clone(),
+                });
             }
-        };
-        for address in addrs.iter().copied() {
-            let state = counters
-                .get(&SocketAddr::new(address, port))
-                .map_or_else(|| Arc::new(EndpointState::new()), |s| Arc::clone(s));
-            endpoints.push(Endpoint {
-                address,
-                hostname: hostname.clone(),
-                port,
-                weight: e.load_balancing_weight.max(1),
-                source: Arc::clone(&source),
-                state,
-                transport: transport.clone(),
-            });
         }
+        groups.push(Group {
+            priority: locality.priority,
+            weight: locality.load_balancing_weight.unwrap_or(0),
+            hosts: u32::try_from(endpoints.len() - first + skipped).unwrap_or(u32::MAX),
+            members: (first..endpoints.len()).collect(),
+        });
     }
     let policy = match c.lb_policy {
         envoy::LbPolicy::RoundRobin => Policy::RoundRobin,
@@ -190,7 +200,7 @@ pub(crate) fn build(
     };
     // The ring or table is built here, once per snapshot, off the data path; endpoints
     // are placed by `IP:PORT` as Envoy places hosts by their address.
-    let balancer = Balancer::new(
+    let balancer = Balancer::layered(
         policy,
         endpoints
             .iter()
@@ -204,6 +214,10 @@ pub(crate) fn build(
                 },
             })
             .collect(),
+        Layout {
+            groups,
+            locality_weighted: c.locality_weighted,
+        },
     );
     Cluster {
         passthrough_transport: transports.cluster.clone(),
@@ -267,33 +281,37 @@ pub(crate) fn unchanged(
         }
 }
 
-/// The endpoints traffic goes to: those of the lowest priority that has a usable one, and
-/// of those the healthy ones, or the degraded ones when none is healthy. Envoy spreads load
-/// onto the next priority gradually as a priority loses health (overprovisioning factor
-/// 1.4); here a priority is used whole until none of its endpoints is usable.
-fn usable_endpoints(a: &envoy::ClusterLoadAssignment) -> Vec<&envoy::LbEndpoint> {
-    let usable =
-        |l: &&envoy::LocalityLbEndpoints| l.lb_endpoints.iter().any(|e| e.health.is_usable());
-    let Some(priority) = a.endpoints.iter().filter(usable).map(|l| l.priority).min() else {
-        return Vec::new();
-    };
-    let candidates: Vec<&envoy::LbEndpoint> = a
-        .endpoints
+/// Each locality of `a` with the endpoints that may take traffic and how many of its
+/// endpoints may not: unhealthy ones, and degraded ones while their priority has a healthy
+/// one (Envoy sends degraded endpoints traffic only when healthy ones run short).
+fn usable_endpoints(
+    a: &envoy::ClusterLoadAssignment,
+) -> Vec<(&envoy::LocalityLbEndpoints, Vec<&envoy::LbEndpoint>, usize)> {
+    let healthy =
+        |e: &&envoy::LbEndpoint| e.health.is_usable() && e.health != envoy::HealthStatus::Degraded;
+    a.endpoints
         .iter()
-        .filter(|l| l.priority == priority)
-        .flat_map(|l| &l.lb_endpoints)
-        .filter(|e| e.health.is_usable())
-        .collect();
-    let healthy: Vec<&envoy::LbEndpoint> = candidates
-        .iter()
-        .copied()
-        .filter(|e| e.health != envoy::HealthStatus::Degraded)
-        .collect();
-    if healthy.is_empty() {
-        candidates
-    } else {
-        healthy
-    }
+        .map(|l| {
+            let priority_healthy = a
+                .endpoints
+                .iter()
+                .filter(|o| o.priority == l.priority)
+                .any(|o| o.lb_endpoints.iter().any(|e| healthy(&e)));
+            let usable: Vec<&envoy::LbEndpoint> = l
+                .lb_endpoints
+                .iter()
+                .filter(|e| {
+                    if priority_healthy {
+                        healthy(e)
+                    } else {
+                        e.health.is_usable()
+                    }
+                })
+                .collect();
+            let skipped = l.lb_endpoints.len() - usable.len();
+            (l, usable, skipped)
+        })
+        .collect()
 }
 
 /// The transports of a cluster (its own and those of its `transport_socket_matches`),

@@ -1144,6 +1144,57 @@ mod tests {
     }
 
     #[test]
+    fn eds_priorities_and_localities_reach_the_balancer() {
+        let mut r = seed(false);
+        add_cluster(
+            &mut r,
+            envoy::Cluster {
+                locality_weighted: true,
+                ..cluster(
+                    "outbound|80||eds.example",
+                    Discovery::Eds {
+                        service_name: "eds".into(),
+                    },
+                    &[],
+                )
+            },
+        );
+        let locality =
+            |zone: &str, priority: u32, weight: u32, addresses: &[&str]| LocalityLbEndpoints {
+                locality: envoy::Locality {
+                    zone: zone.into(),
+                    ..Default::default()
+                },
+                priority,
+                load_balancing_weight: Some(weight),
+                lb_endpoints: addresses.iter().map(|a| endpoint(a)).collect(),
+            };
+        r.endpoints.insert(
+            "eds".into(),
+            Arc::new(envoy::ClusterLoadAssignment {
+                cluster_name: "eds".into(),
+                endpoints: vec![
+                    locality("a", 0, 1, &["10.0.0.1:80"]),
+                    locality("b", 0, 3, &["10.0.0.2:80"]),
+                    locality("c", 1, 1, &["10.0.0.3:80"]),
+                ],
+            }),
+        );
+        let s = index(&r);
+        let c = s.cluster("outbound|80||eds.example").unwrap();
+        let now = std::time::Instant::now();
+        let mut counts = [0usize; 3];
+        for _ in 0..20_000 {
+            let (i, _) = c.pick_hashed(None, &[], now).expect("picks");
+            counts[i] += 1;
+        }
+        // Priority 1 idles while priority 0 is healthy; zones a and b split 1:3.
+        assert_eq!(counts[2], 0, "{counts:?}");
+        let share = counts[1] as f64 / 20_000.0;
+        assert!((share - 0.75).abs() < 0.02, "{counts:?}");
+    }
+
+    #[test]
     fn dns_clusters_resolve_through_the_lookup_and_report_their_names() {
         let mut r = seed(false);
         add_cluster(

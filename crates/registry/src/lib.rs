@@ -19,7 +19,7 @@ mod tls;
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
     BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, OUTBOUND_PORT, build, build_with_dns,
-    compile,
+    compile, locality,
 };
 pub use portcullis_model::{OutboundMode, Resolution};
 

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use portcullis_balance::{Balancer, EndpointState};
@@ -141,9 +141,27 @@ impl Cluster {
     }
 
     /// Picks an endpoint other than those tried; a consistent-hash balancer picks by the
-    /// request's `hash`.
-    pub fn pick_hashed(&self, hash: Option<u64>, tried: &[usize]) -> Option<(usize, &Endpoint)> {
-        let i = self.balancer.pick_hashed(hash, tried)?;
+    /// request's `hash`. With outlier detection, endpoints ejected at `now` count as
+    /// unhealthy in the priority and locality load and are avoided outside panic mode.
+    /// `None`: no endpoint, or none healthy and panic mode off (Envoy's `no healthy
+    /// upstream`).
+    pub fn pick_hashed(
+        &self,
+        hash: Option<u64>,
+        tried: &[usize],
+        now: Instant,
+    ) -> Option<(usize, &Endpoint)> {
+        let not_ejected = |i: usize| {
+            self.endpoints
+                .get(i)
+                .is_some_and(|e| !e.state.outlier.ejected(now))
+        };
+        let i = match &self.outlier {
+            Some(o) => self
+                .balancer
+                .choose(hash, tried, Some(&not_ejected), o.panic_threshold),
+            None => self.balancer.choose(hash, tried, None, 0.0),
+        }?;
         self.endpoints.get(i).map(|e| (i, e))
     }
 }

@@ -2574,3 +2574,135 @@ fn passthrough_sends_to_the_original_destination_among_the_services_own() {
     assert_eq!(api.resolution, crate::Resolution::Static);
     assert_eq!(endpoints(api), ["10.50.0.1:80 w1"]);
 }
+
+/// A ServiceEntry with endpoints in three localities, and a rule over it.
+const LOCALITIES: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: geo, namespace: default}
+spec:
+  hosts: [geo.internal.com]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 10.1.0.1, locality: us/a/1}
+  - {address: 10.1.0.2, locality: us/b/1}
+  - {address: 10.1.0.3, labels: {istio-locality: eu.c.1}}
+---
+";
+
+/// The geo services with a DestinationRule of `traffic_policy` (indented YAML).
+fn geo_rule(traffic_policy: &str) -> String {
+    format!(
+        "{LOCALITIES}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: geo, namespace: default}}
+spec:
+  host: geo.internal.com
+  trafficPolicy:
+{traffic_policy}"
+    )
+}
+
+fn at_locality(yaml: &str, locality: &str) -> Snapshot {
+    let options = BuildOptions {
+        locality: crate::locality::parse(locality),
+        ..BuildOptions::default()
+    };
+    build(&load(yaml), &options, None, 1)
+}
+
+/// Each endpoint of the geo cluster with its priority and locality weight, and whether the
+/// cluster balances by locality weight.
+fn geo(s: &Snapshot) -> (Vec<(String, u32, Option<u32>)>, bool) {
+    let c = s
+        .services()
+        .find(|c| &*c.name == "outbound|80||geo.internal.com")
+        .expect("the cluster");
+    let from = c.built_from.as_ref().expect("built from resources");
+    let la = from.cluster.load_assignment.as_ref().expect("endpoints");
+    let mut out: Vec<(String, u32, Option<u32>)> = la
+        .endpoints
+        .iter()
+        .flat_map(|g| {
+            g.lb_endpoints.iter().map(move |e| {
+                let address = match &e.address {
+                    portcullis_envoy::EndpointAddress::Socket(a) => a.to_string(),
+                    portcullis_envoy::EndpointAddress::Name { host, port } => {
+                        format!("{host}:{port}")
+                    }
+                };
+                (address, g.priority, g.load_balancing_weight)
+            })
+        })
+        .collect();
+    out.sort();
+    (out, from.cluster.locality_weighted)
+}
+
+#[test]
+fn locality_failover_applies_with_outlier_detection_as_istiod() {
+    let rule = geo_rule("    outlierDetection: {consecutive5xxErrors: 1}\n");
+    let s = at_locality(&rule, "us/a/1");
+    let (eps, weighted) = geo(&s);
+    assert_eq!(
+        eps,
+        [
+            ("10.1.0.1:80".to_string(), 0, Some(1)),
+            ("10.1.0.2:80".to_string(), 1, Some(1)),
+            ("10.1.0.3:80".to_string(), 2, Some(1)),
+        ]
+    );
+    // The mesh default (no explicit failover) leaves localities unweighted, as istiod.
+    assert!(!weighted);
+    // Without outlier detection Envoy would never fail over: no priorities.
+    let s = at_locality(LOCALITIES, "us/a/1");
+    assert!(geo(&s).0.iter().all(|e| e.1 == 0));
+    // Traffic stays in the client's locality while it is healthy.
+    let c = cluster(
+        &at_locality(&rule, "us/a/1"),
+        "outbound|80||geo.internal.com",
+    )
+    .clone();
+    let now = std::time::Instant::now();
+    for _ in 0..200 {
+        let (_, e) = c.pick_hashed(None, &[], now).expect("picks");
+        assert_eq!(e.display(), "10.1.0.1:80");
+    }
+}
+
+#[test]
+fn locality_distribute_sets_weights_as_istiod() {
+    let rule = geo_rule(
+        "    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: us/a/*
+          to: {us/*: 70, eu/c/*: 30}
+",
+    );
+    let s = at_locality(&rule, "us/a/1");
+    let (eps, weighted) = geo(&s);
+    assert_eq!(
+        eps,
+        [
+            ("10.1.0.1:80".to_string(), 0, Some(35)),
+            ("10.1.0.2:80".to_string(), 0, Some(35)),
+            ("10.1.0.3:80".to_string(), 0, Some(30)),
+        ]
+    );
+    assert!(weighted);
+    assert!(
+        s.warnings.iter().all(|w| !w.contains("localityLbSetting")),
+        "{:?}",
+        s.warnings
+    );
+    let c = cluster(&s, "outbound|80||geo.internal.com");
+    let now = std::time::Instant::now();
+    let eu = (0..20_000)
+        .filter(|_| c.pick_hashed(None, &[], now).expect("picks").1.display() == "10.1.0.3:80")
+        .count();
+    let share = eu as f64 / 20_000.0;
+    assert!((share - 0.3).abs() < 0.02, "{share}");
+}

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use cds::cluster::common_lb_config::LocalityConfigSpecifier;
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
@@ -155,6 +156,12 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             .as_ref()
             .and_then(|l| l.healthy_panic_threshold.as_ref())
             .map(|p| p.value),
+        locality_weighted: matches!(
+            c.common_lb_config
+                .as_ref()
+                .and_then(|l| l.locality_config_specifier.as_ref()),
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        ),
         load_assignment,
         transport,
         transport_socket_matches,
@@ -333,6 +340,16 @@ fn lb_config_fits(c: &cds::Cluster, policy: LbPolicy) -> Result<(), Invalid> {
                 "not supported",
             ));
         }
+    }
+    if let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(_)) = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.locality_config_specifier.as_ref())
+    {
+        return Err(Invalid::new(
+            "common_lb_config.zone_aware_lb_config",
+            "not supported",
+        ));
     }
     Ok(())
 }
@@ -571,6 +588,17 @@ pub fn load_assignment(
     a: &eds::ClusterLoadAssignment,
     names: bool,
 ) -> Result<ClusterLoadAssignment, Invalid> {
+    if let Some(factor) = a
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        && factor.value != 140
+    {
+        return Err(Invalid::new(
+            "policy.overprovisioning_factor",
+            "only Envoy's default 140 is supported",
+        ));
+    }
     let endpoints = each("endpoints", &a.endpoints, |g| {
         let load_balancing_weight = g.load_balancing_weight.map(|w| w.value);
         if load_balancing_weight == Some(0) {

@@ -2155,3 +2155,41 @@ fn a_retry_back_off_keeps_its_intervals_and_envoys_checks() {
         "virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.max_interval: must not be below base_interval"
     );
 }
+
+#[test]
+fn locality_weighted_balancing_is_kept_and_zone_aware_refused() {
+    use cds::cluster::common_lb_config::{
+        LocalityConfigSpecifier as L, LocalityWeightedLbConfig, ZoneAwareLbConfig,
+    };
+    let mut proto = eds_cluster("outbound|80||app.internal.com");
+    assert!(!cluster(&proto).unwrap().locality_weighted);
+    proto.common_lb_config = Some(cds::cluster::CommonLbConfig {
+        locality_config_specifier: Some(L::LocalityWeightedLbConfig(
+            LocalityWeightedLbConfig::default(),
+        )),
+        ..Default::default()
+    });
+    assert!(cluster(&proto).unwrap().locality_weighted);
+    proto.common_lb_config = Some(cds::cluster::CommonLbConfig {
+        locality_config_specifier: Some(L::ZoneAwareLbConfig(ZoneAwareLbConfig::default())),
+        ..Default::default()
+    });
+    let e = cluster(&proto).unwrap_err();
+    assert!(e.to_string().contains("zone_aware_lb_config"), "{e}");
+}
+
+#[test]
+fn an_overprovisioning_factor_other_than_envoys_is_refused() {
+    let mut proto = cla("outbound|80||app.internal.com", &["10.1.0.1"]);
+    proto.policy = Some(eds::cluster_load_assignment::Policy {
+        overprovisioning_factor: Some(UInt32Value { value: 140 }),
+        ..Default::default()
+    });
+    assert!(load_assignment(&proto, false).is_ok());
+    proto.policy = Some(eds::cluster_load_assignment::Policy {
+        overprovisioning_factor: Some(UInt32Value { value: 100 }),
+        ..Default::default()
+    });
+    let e = load_assignment(&proto, false).unwrap_err();
+    assert!(e.to_string().contains("overprovisioning_factor"), "{e}");
+}

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::google::protobuf::{ListValue, NullValue, Struct, Value, value::Kind};
 
 /// Env prefix of plain node metadata (key without the prefix, value as a string).
@@ -40,6 +40,8 @@ pub struct NodeOverrides {
     /// The pod's labels (e.g. [`parse_downward_api`] of `/etc/istio/pod/labels`); without
     /// them, `ISTIO_METAJSON_LABELS`.
     pub labels: Option<BTreeMap<String, String>>,
+    /// `ISTIO_LOCALITY`, `region/zone/subzone`.
+    pub locality: Option<String>,
 }
 
 /// The node of every stream: id, cluster and metadata as istio-agent builds them.
@@ -51,6 +53,8 @@ pub struct NodeIdentity {
     pub cluster: String,
     /// The metadata istiod reads (NAMESPACE, LABELS, CLUSTER_ID, ...), as JSON.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `region/zone/subzone`, as istio-agent sends it in the node's `locality`.
+    pub locality: String,
 }
 
 impl NodeIdentity {
@@ -182,6 +186,11 @@ impl NodeIdentity {
             id,
             cluster,
             metadata: meta,
+            locality: overrides
+                .locality
+                .clone()
+                .or_else(|| get("ISTIO_LOCALITY"))
+                .unwrap_or_default(),
         }
     }
 
@@ -192,6 +201,15 @@ impl NodeIdentity {
             cluster: self.cluster.clone(),
             metadata: Some(json_object_to_struct(&self.metadata)),
             user_agent_name: "portcullis".to_owned(),
+            locality: (!self.locality.is_empty()).then(|| {
+                let mut parts = self.locality.splitn(3, '/').map(str::to_owned);
+                let mut next = || parts.next().unwrap_or_default();
+                Locality {
+                    region: next(),
+                    zone: next(),
+                    sub_zone: next(),
+                }
+            }),
             ..Node::default()
         }
     }
@@ -345,6 +363,7 @@ mod tests {
             cluster_id: Some("east".into()),
             mesh_id: Some("mesh1".into()),
             labels: None,
+            locality: None,
         };
         let node = NodeIdentity::from_env(injected_env(), &overrides);
         assert_eq!(node.id, "sidecar~fd00::5~p.ns~ns.svc.cluster.local");
@@ -385,5 +404,28 @@ mod tests {
     fn downward_api_rejects_an_unquoted_value() {
         assert!(parse_downward_api("app=reviews").is_err());
         assert_eq!(parse_downward_api("no equals sign\n").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn locality_is_sent_as_istio_agent_sends_it() {
+        let env = [("ISTIO_LOCALITY", "us-east1/us-east1-b/rack1")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let node = NodeIdentity::from_env(env.clone(), &NodeOverrides::default()).to_node();
+        let l = node.locality.expect("locality");
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str(), l.sub_zone.as_str()),
+            ("us-east1", "us-east1-b", "rack1")
+        );
+        let overrides = NodeOverrides {
+            locality: Some("eu".into()),
+            ..NodeOverrides::default()
+        };
+        let l = NodeIdentity::from_env(env, &overrides).to_node().locality;
+        assert_eq!(
+            l.map(|l| (l.region, l.zone)),
+            Some(("eu".into(), String::new()))
+        );
+        let none = NodeIdentity::from_env([], &NodeOverrides::default()).to_node();
+        assert!(none.locality.is_none());
     }
 }

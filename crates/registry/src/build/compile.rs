@@ -13,13 +13,16 @@ use ipnet::IpNet;
 use portcullis_envoy::{
     BLACKHOLE_CLUSTER, Cluster, ClusterLoadAssignment, ClusterSpecifier, Discovery,
     EndpointAddress as Address, FilterChain, FilterChainMatch, Forward, HealthStatus,
-    HttpConnectionManager, LbEndpoint, LbPolicy, Listener, LocalityLbEndpoints, NetworkFilter,
-    OriginalDst, PASSTHROUGH_CLUSTER, Resources, RetryPolicy, Route, RouteAction,
-    RouteConfiguration, RouteMatch, RouteSource, TcpProxy, Thresholds, UpstreamProtocol,
-    UpstreamTransport, VIRTUAL_OUTBOUND, VirtualHost,
+    HttpConnectionManager, LbEndpoint, LbPolicy, Listener, Locality, NetworkFilter, OriginalDst,
+    PASSTHROUGH_CLUSTER, Resources, RetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, RouteSource, TcpProxy, Thresholds, UpstreamProtocol, UpstreamTransport,
+    VIRTUAL_OUTBOUND, VirtualHost,
 };
-use portcullis_model::{ConnectionPoolSettings, H2UpgradePolicy, OutboundMode, Resolution};
+use portcullis_model::{
+    ConnectionPoolSettings, H2UpgradePolicy, LocalityLbSetting, OutboundMode, Resolution,
+};
 
+use super::locality;
 use super::virtual_service::SubnetRoute;
 use super::{
     AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
@@ -348,7 +351,7 @@ impl Builder<'_> {
                 })
         });
         let protocol = p.protocol;
-        let mut cluster = service_cluster(p, traffic, dns, dns_names);
+        let mut cluster = service_cluster(p, traffic, self.options, dns, dns_names);
         if let Some(transport) = transport {
             cluster.transport = transport;
         }
@@ -1041,6 +1044,7 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         connection_limits: portcullis_envoy::ConnectionLimits::default(),
         outlier_detection: None,
         healthy_panic_threshold: None,
+        locality_weighted: false,
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
@@ -1183,6 +1187,7 @@ fn passthrough_cluster(mode: OutboundMode, pods: &[IpAddr]) -> Cluster {
 fn service_cluster(
     p: PendingCluster,
     traffic: &Traffic<'_>,
+    client: &BuildOptions,
     dns: DnsAnswers<'_>,
     dns_names: &mut BTreeSet<String>,
 ) -> Cluster {
@@ -1242,33 +1247,54 @@ fn service_cluster(
         apply_outlier_detection(&mut cluster, outlier);
     }
     if !original_dst {
-        let lb_endpoints = p
-            .endpoints
-            .into_iter()
-            .map(|(address, port, weight, source, _)| LbEndpoint {
+        let failover = cluster.outlier_detection.is_some();
+        let mut by_locality: BTreeMap<Locality, Vec<locality::Labelled<'_>>> = BTreeMap::new();
+        for (address, port, weight, source, labels) in &p.endpoints {
+            let endpoint = LbEndpoint {
                 address: match address {
-                    EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(ip, port)),
+                    EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(*ip, *port)),
                     EndpointAddress::Dns(host) => {
                         dns_names.insert(host.to_string());
                         Address::Name {
                             host: host.to_string(),
-                            port,
+                            port: *port,
                         }
                     }
                 },
                 health: HealthStatus::Unknown,
-                load_balancing_weight: weight,
+                load_balancing_weight: *weight,
                 transport_socket_match: BTreeMap::new(),
                 hostname: None,
                 source: Some(source.to_string()),
-            })
-            .collect();
+            };
+            by_locality
+                .entry(locality::of_labels(labels))
+                .or_default()
+                .push((endpoint, &**labels));
+        }
+        let groups = by_locality.into_iter().collect();
+        let endpoints = match traffic.locality {
+            Some(setting) => {
+                cluster.locality_weighted = locality::weighted(setting, failover);
+                locality::apply(
+                    groups,
+                    setting,
+                    failover,
+                    &client.locality,
+                    &client.workload_labels,
+                )
+            }
+            None => locality::apply(
+                groups,
+                &LocalityLbSetting::default(),
+                false,
+                &client.locality,
+                &client.workload_labels,
+            ),
+        };
         cluster.load_assignment = Some(ClusterLoadAssignment {
             cluster_name: p.name.to_string(),
-            endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints,
-                ..LocalityLbEndpoints::default()
-            }],
+            endpoints,
         });
     }
     cluster
