@@ -303,3 +303,102 @@ fn outlier_detection_ejects_the_endpoint_answering_500() {
         Ok(())
     });
 }
+
+/// `geo.internal.com`'s endpoints: one in the proxy's own zone, one in another region.
+const LOCAL: &str = "10.50.0.41";
+const REMOTE: &str = "10.50.0.42";
+
+/// `geo.internal.com:80` over an endpoint in `us-east/zone1` (the proxy's locality) and one
+/// in `eu-west/zone9`, with outlier detection (which istiod requires before it fails over
+/// by locality) ejecting an endpoint at its first 5xx, and no retries.
+fn geo_config() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: geo, namespace: default}}
+spec:
+  hosts: [geo.internal.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {LOCAL}, locality: us-east/zone1, ports: {{http: 8080}}}}
+  - {{address: {REMOTE}, locality: eu-west/zone9, ports: {{http: 8080}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: geo, namespace: default}}
+spec:
+  host: geo.internal.com
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: geo, namespace: default}}
+spec:
+  hosts: [geo.internal.com]
+  http:
+  - route: [{{destination: {{host: geo.internal.com}}}}]
+    retries: {{attempts: 0}}
+"
+    )
+}
+
+/// Bodies of `n` requests to `url`, in order, from one curl in the pod.
+fn bodies(lab: &mut Lab, url: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut args = vec!["-sS", "--max-time", "20"];
+    args.extend(std::iter::repeat_n(url, n));
+    let out = lab.run(Role::Pod, "curl", &args)?;
+    let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+    ensure!(lines.len() == n, "{n} answers: {out}");
+    Ok(lines)
+}
+
+#[test]
+fn locality_failover_keeps_traffic_local_until_the_local_endpoint_is_ejected() {
+    run("lblocality", |lab| {
+        let mut servers = String::new();
+        for (ip, name) in [(LOCAL, "local"), (REMOTE, "remote")] {
+            lab.add_address(Role::External, ip)?;
+            servers.push_str(&format!(
+                "    server {{ listen {ip}:8080; location /fail {{ return 500 \"{name} failed\\n\"; }} location / {{ return 200 \"{name}\\n\"; }} }}\n"
+            ));
+        }
+        lab.start_nginx_servers(Role::External, "geo", &servers, "unused\n", 8151)?;
+        lab.start_with_services(
+            &["geo.internal.com"],
+            &[("geo.yaml", geo_config())],
+            &["--locality", "us-east/zone1"],
+        )?;
+        let url = "http://geo.internal.com/";
+        // The remote region is a lower priority: while the local endpoint is healthy it
+        // takes everything.
+        let before = bodies(lab, url, 12)?;
+        ensure!(
+            before.iter().all(|b| b == "local"),
+            "all local while it is healthy: {before:?}"
+        );
+        // Its first 500 ejects it; the load fails over to the other region.
+        let failed = bodies(lab, "http://geo.internal.com/fail", 1)?;
+        ensure!(
+            failed == ["local failed"],
+            "the local endpoint fails: {failed:?}"
+        );
+        let after = bodies(lab, url, 12)?;
+        ensure!(
+            after.iter().all(|b| b == "remote"),
+            "all remote once the local endpoint is ejected: {after:?}"
+        );
+        let unapplied: Vec<String> = lab
+            .portcullis_output()
+            .lines()
+            .filter(|l| l.contains("not applied"))
+            .map(str::to_owned)
+            .collect();
+        ensure!(
+            unapplied.is_empty(),
+            "nothing reported as not applied: {unapplied:#?}"
+        );
+        Ok(())
+    });
+}
