@@ -14,9 +14,9 @@ use portcullis_xds::ca::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCerti
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::NamedService;
 
-/// Why the test CA could not be made.
+/// Why the test CA could not make a certificate.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot make the test CA's root: {0}")]
+#[error("the test CA cannot make a certificate: {0}")]
 pub struct CaError(#[from] rcgen::Error);
 
 /// A CA signing with a self-signed test root.
@@ -79,6 +79,17 @@ impl TestCa {
         self.issued.lock().map(|i| i.clone()).unwrap_or_default()
     }
 
+    /// A certificate (PEM) and its key (PEM) for a mesh peer with `spiffe_id`, valid from
+    /// now for `validity`: the identity a test's server presents.
+    pub fn issue(&self, spiffe_id: &str, validity: Duration) -> Result<(String, String), CaError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into()?)];
+        stamp(&mut params, validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     fn sign(
         &self,
         token: Option<&str>,
@@ -113,11 +124,7 @@ impl TestCa {
             .ok()
             .filter(|s| *s > 0)
             .map_or(self.max_validity, Duration::from_secs);
-        let validity = asked_validity.min(self.max_validity);
-        let now = time::OffsetDateTime::now_utc();
-        csr.params.not_before = now;
-        csr.params.not_after = now + validity;
-        csr.params.use_authority_key_identifier_extension = true;
+        stamp(&mut csr.params, asked_validity.min(self.max_validity));
         let leaf = csr
             .signed_by(&self.issuer)
             .map_err(|e| tonic::Status::internal(format!("cannot sign: {e}")))?;
@@ -128,6 +135,14 @@ impl TestCa {
             cert_chain: vec![leaf.pem(), self.root_pem.clone()],
         })
     }
+}
+
+/// Valid from now for `validity`, naming the root's key as istiod's leaves do.
+fn stamp(params: &mut rcgen::CertificateParams, validity: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + validity;
+    params.use_authority_key_identifier_extension = true;
 }
 
 /// The gRPC service answering `CreateCertificate` with the [`TestCa`] in its slot, if any.
