@@ -288,3 +288,24 @@ fn route(
         _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
     }
 }
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[test]
+    fn an_awaited_certificate_holds_readiness_back_until_it_arrives() {
+        let state = AdminState::new(
+            Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            Registry::default(),
+            Box::new(|_| Ok(())),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        state.await_identity();
+        state.set_ready();
+        assert!(!state.is_ready());
+        state.identity_arrived();
+        assert!(state.is_ready());
+    }
+}
