@@ -414,6 +414,38 @@ fn a_refused_certificate_without_retries_names_the_reason_as_envoy_does() {
     });
 }
 
+/// A mesh peer on the external host that, like Istio's inbound Envoy, accepts the `istio`
+/// ALPN (nginx refuses unknown protocols) and requires a client certificate of `root`.
+fn spawn_mesh_peer(
+    lab: &mut portcullis_e2e::Lab,
+    cert: &str,
+    key: &str,
+    root: &str,
+) -> anyhow::Result<()> {
+    lab.spawn_peer(
+        Role::External,
+        "mesh-peer",
+        "openssl",
+        &[
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &format!("{EXTERNAL_IP}:11443"),
+            "-cert",
+            cert,
+            "-key",
+            key,
+            "-CAfile",
+            root,
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ],
+        "TERM",
+    )
+}
+
 /// The peer's identity in the ISTIO_MUTUAL lab.
 const PEER_ID: &str = "spiffe://cluster.local/ns/default/sa/api";
 
@@ -432,34 +464,11 @@ fn istio_mutual_tls_from_files_with_istio_agents_certificates() {
             "spiffe://cluster.local/ns/default/sa/client",
         )?;
         mesh.issue_spiffe(&pki.dir, ("peer.pem", "peer-key.pem"), PEER_ID)?;
-        // A mesh peer that, like Istio's inbound Envoy, accepts the `istio` ALPN (nginx
-        // refuses unknown protocols) and requires a client certificate of the mesh CA.
-        let (peer, peer_key, root) = (
-            pki.path("peer.pem"),
-            pki.path("peer-key.pem"),
-            pki.path("root-cert.pem"),
-        );
-        lab.spawn_peer(
-            Role::External,
-            "mesh-peer",
-            "openssl",
-            &[
-                "s_server",
-                "-quiet",
-                "-www",
-                "-accept",
-                &format!("{EXTERNAL_IP}:11443"),
-                "-cert",
-                &peer,
-                "-key",
-                &peer_key,
-                "-CAfile",
-                &root,
-                "-Verify",
-                "1",
-                "-verify_return_error",
-            ],
-            "TERM",
+        spawn_mesh_peer(
+            lab,
+            &pki.path("peer.pem"),
+            &pki.path("peer-key.pem"),
+            &pki.path("root-cert.pem"),
         )?;
         let service = |name: &str, san: &str| {
             format!(
@@ -506,6 +515,107 @@ spec:
             impostor.status == 503,
             "a peer with another identity must be refused: {impostor}"
         );
+        Ok(())
+    });
+}
+
+/// `ISTIO_MUTUAL` with the workload's certificate requested from Istio's CA (`--ca-address`,
+/// the control plane's test CA in the pod, the service-account token as a bearer), with a
+/// lifetime of a few seconds: portcullis is ready only once it has one, reaches the mesh
+/// peer with it, and renews it at half its lifetime.
+#[test]
+fn istio_mutual_tls_with_a_certificate_from_istios_ca_renewed_before_expiry() {
+    run("istio-ca", |lab| {
+        let pki = Pki::new()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let ca = std::sync::Arc::new(
+            portcullis_control_plane::ca::TestCa::new("cluster.local", Duration::from_secs(3600))?
+                .with_token("client-token", "default", "client"),
+        );
+        let (peer_cert, peer_key) = ca.issue(PEER_ID, Duration::from_secs(3600))?;
+        write(&pki.dir, "ca-peer.pem", &peer_cert)?;
+        write(&pki.dir, "ca-peer-key.pem", &peer_key)?;
+        write(&pki.dir, "ca-root.pem", ca.root_pem())?;
+        write(&pki.dir, "istio-token", "client-token\n")?;
+        let pod = lab.ns(Role::Pod);
+        let cp = rt.block_on(portcullis_control_plane::ControlPlane::start_in_netns(
+            &pod,
+            "127.0.0.1:0".parse()?,
+            None,
+        ))?;
+        cp.serve_ca(std::sync::Arc::clone(&ca));
+        spawn_mesh_peer(
+            lab,
+            &pki.path("ca-peer.pem"),
+            &pki.path("ca-peer-key.pem"),
+            &pki.path("ca-root.pem"),
+        )?;
+        lab.map_pod_names(&["mesh.example.com"])?;
+        lab.write_registry_only()?;
+        lab.write_config(
+            "mesh.yaml",
+            &format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mesh, namespace: default}}
+spec:
+  hosts: [mesh.example.com]
+  ports:
+  - {{number: 80, name: http, protocol: HTTP, targetPort: 11443}}
+  resolution: STATIC
+  subjectAltNames: [{PEER_ID}]
+  endpoints:
+  - address: {EXTERNAL_IP}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: mesh, namespace: default}}
+spec:
+  host: mesh.example.com
+  trafficPolicy:
+    tls: {{mode: ISTIO_MUTUAL}}
+"
+            ),
+        )?;
+        lab.apply_iptables()?;
+        let address = format!("http://{}", cp.local_addr());
+        let token = pki.path("istio-token");
+        lab.start_portcullis(&[
+            "--ca-address",
+            &address,
+            "--xds-token-file",
+            &token,
+            "--pod-namespace",
+            "default",
+            "--service-account",
+            "client",
+            "--secret-ttl",
+            "6s",
+        ])?;
+        anyhow::ensure!(
+            !ca.issued().is_empty(),
+            "ready before the CA issued a certificate"
+        );
+        let reply = lab.curl(&["http://mesh.example.com/"])?;
+        reply.expect_page("ISTIO_MUTUAL with the CA's certificate", "s_server")?;
+        // A 6 s certificate is renewed about every 3 s.
+        poll("three renewals", Duration::from_secs(20), || {
+            Ok((ca.issued().len() >= 4).then_some(()))
+        })?;
+        anyhow::ensure!(
+            ca.issued()
+                .iter()
+                .all(|id| id == "spiffe://cluster.local/ns/default/sa/client"),
+            "issued {:?}",
+            ca.issued()
+        );
+        // The first certificate has expired by now: the renewed one is in use.
+        let reply = lab.curl(&["http://mesh.example.com/"])?;
+        reply.expect_page("ISTIO_MUTUAL with a renewed certificate", "s_server")?;
+        drop(cp);
         Ok(())
     });
 }

@@ -63,6 +63,8 @@ pub struct AdminState {
     pub resources: Arc<ArcSwap<SourceState>>,
     /// Set by the publisher once every config source's first complete set is applied.
     ready: AtomicBool,
+    /// Set while the workload's certificate is awaited from a CA.
+    awaiting_identity: AtomicBool,
     /// Metrics to expose.
     pub metrics: Registry,
     /// Log level control for `POST /logging`.
@@ -92,6 +94,7 @@ impl AdminState {
             config: Arc::new(ArcSwap::from_pointee(ConfigStatus::default())),
             resources: Arc::default(),
             ready: AtomicBool::new(false),
+            awaiting_identity: AtomicBool::new(false),
             metrics,
             set_log_level,
             shutdown,
@@ -123,9 +126,23 @@ impl AdminState {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Whether `/ready` answers `LIVE`: ready, and not draining (a drain is for good).
+    /// Holds readiness back until [`AdminState::identity_arrived`]: a certificate is
+    /// requested from a CA, and Istio mutual TLS fails without one.
+    pub fn await_identity(&self) {
+        self.awaiting_identity.store(true, Ordering::Release);
+    }
+
+    /// The workload's certificate is in use.
+    pub fn identity_arrived(&self) {
+        self.awaiting_identity.store(false, Ordering::Release);
+    }
+
+    /// Whether `/ready` answers `LIVE`: config applied, the certificate (if awaited) in
+    /// use, and not draining (a drain is for good).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.drain.is_cancelled()
+        self.ready.load(Ordering::Acquire)
+            && !self.awaiting_identity.load(Ordering::Acquire)
+            && !self.drain.is_cancelled()
     }
 }
 
@@ -273,5 +290,26 @@ fn route(
             reply(StatusCode::METHOD_NOT_ALLOWED, text, "use POST\n")
         }
         _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[test]
+    fn an_awaited_certificate_holds_readiness_back_until_it_arrives() {
+        let state = AdminState::new(
+            Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            Registry::default(),
+            Box::new(|_| Ok(())),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        state.await_identity();
+        state.set_ready();
+        assert!(!state.is_ready());
+        state.identity_arrived();
+        assert!(state.is_ready());
     }
 }

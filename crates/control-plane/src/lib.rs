@@ -5,6 +5,7 @@
 //! logs what every node sent, and has fault knobs: reset streams, replay a stale nonce, go
 //! silent, refuse connections.
 
+pub mod ca;
 pub mod resources;
 pub mod sidecar;
 mod store;
@@ -180,6 +181,8 @@ struct Shared {
     logged: watch::Sender<u64>,
     next_stream: std::sync::atomic::AtomicU64,
     next_nonce: std::sync::atomic::AtomicU64,
+    /// The CA served next to ADS, once a test enables it.
+    ca: Arc<Mutex<Option<Arc<ca::TestCa>>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -290,12 +293,15 @@ impl ControlPlane {
         .max_encoding_message_size(usize::MAX);
         let (shutdown, stopped) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let task = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
-            incoming,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let ca = ca::CaService(Arc::clone(&shared.ca));
+        let task = tokio::spawn(
+            builder
+                .add_service(service)
+                .add_service(ca)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.await;
+                }),
+        );
         tracing::info!(addr = %local, "control plane listening");
         Ok(Self {
             shared,
@@ -304,6 +310,11 @@ impl ControlPlane {
             shutdown: Some(shutdown),
             task: Some(task),
         })
+    }
+
+    /// Serves `ca` as istiod's `IstioCertificateService` on the same port.
+    pub fn serve_ca(&self, ca: Arc<ca::TestCa>) {
+        *lock(&self.shared.ca) = Some(ca);
     }
 
     /// The address it listens on.
@@ -443,6 +454,7 @@ impl Shared {
             logged: watch::channel(0).0,
             next_stream: std::sync::atomic::AtomicU64::new(0),
             next_nonce: std::sync::atomic::AtomicU64::new(0),
+            ca: Arc::new(Mutex::new(None)),
         }
     }
 }

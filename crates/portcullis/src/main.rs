@@ -123,7 +123,7 @@ pub struct RunArgs {
     /// `OUTPUT_CERTS` (`cert-chain.pem`, `key.pem`, `root-cert.pem`), for Istio mutual TLS
     /// (DestinationRule `ISTIO_MUTUAL`, istiod's auto mTLS); re-read every 10 s, so a
     /// rotation is picked up. Without it such endpoints are refused.
-    #[arg(long, env = "PORTCULLIS_ISTIO_CERTS")]
+    #[arg(long, env = "PORTCULLIS_ISTIO_CERTS", conflicts_with = "ca_address")]
     pub istio_certs: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
@@ -178,6 +178,21 @@ pub struct XdsArgs {
     /// The mesh's id (env ISTIO_META_MESH_ID).
     #[arg(long)]
     pub mesh_id: Option<String>,
+    /// Istio's CA (istio-agent's `CA_ADDR`, istiod's `https://istiod.istio-system.svc:15012`):
+    /// the workload's certificate for Istio mutual TLS is requested from it with the
+    /// service-account token (--xds-token-file) and renewed at half its lifetime. Readiness
+    /// waits for the first one.
+    #[arg(long, env = "CA_ADDR")]
+    pub ca_address: Option<String>,
+    /// PEM roots that verify the CA (istio-agent's mesh root).
+    #[arg(long, env = "PORTCULLIS_CA_ROOT_CERT", default_value = portcullis_xds::ca::DEFAULT_ROOT_CERT)]
+    pub ca_root_cert: PathBuf,
+    /// The trust domain of the workload's SPIFFE ID.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The lifetime asked of the CA (istio-agent's `SECRET_TTL`).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h")]
+    pub secret_ttl: humantime::Duration,
 }
 
 /// Flags of `portcullis check`.

@@ -10,8 +10,9 @@ use arc_swap::ArcSwap;
 use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
-use portcullis_registry::{BuildOptions, Snapshot};
+use portcullis_registry::{BuildOptions, Snapshot, WorkloadIdentity};
 use portcullis_sources::{Folder, Publisher, RegistryCompiler, XdsSource, rebuild_on};
+use portcullis_xds::ca::CaConfig;
 use portcullis_xds::{Client, ClientConfig, NodeIdentity, NodeOverrides, Protocol, XdsStats};
 use prometheus_client::registry::Registry;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
@@ -27,15 +28,13 @@ const IDENTITY_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
 /// Where Istio's injector mounts the pod's labels (downward API).
 const POD_LABELS: &str = "/etc/istio/pod/labels";
 
-/// The ADS client `args` describe, presenting the node istio-agent would (in `locality`
-/// when given).
-fn xds_client(
+/// The node istio-agent would present, from the env vars Istio's injector sets and `args`
+/// (in `locality` when given).
+fn node_identity(
     args: &XdsArgs,
-    address: &str,
     workload_labels: &BTreeMap<String, String>,
     locality: &str,
-    stats: Arc<XdsStats>,
-) -> anyhow::Result<Client> {
+) -> anyhow::Result<NodeIdentity> {
     let labels = if workload_labels.is_empty() {
         match std::fs::read_to_string(POD_LABELS) {
             Ok(text) => Some(
@@ -57,7 +56,40 @@ fn xds_client(
         labels,
         locality: Some(locality.to_owned()).filter(|l| !l.is_empty()),
     };
-    let node = NodeIdentity::from_env(std::env::vars(), &overrides);
+    Ok(NodeIdentity::from_env(std::env::vars(), &overrides))
+}
+
+/// Who to ask Istio's CA to certify: the namespace, service account and cluster the node
+/// presents, in `args`' trust domain.
+fn ca_config(args: &XdsArgs, address: &str, node: &NodeIdentity) -> anyhow::Result<CaConfig> {
+    let meta = |key: &str| {
+        node.metadata
+            .get(key)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let namespace = meta("NAMESPACE")
+        .context("the CA needs the pod's namespace (POD_NAMESPACE or --pod-namespace)")?;
+    let service_account = meta("SERVICE_ACCOUNT")
+        .context("the CA needs the pod's service account (SERVICE_ACCOUNT or --service-account)")?;
+    let mut config = CaConfig::new(address, &args.trust_domain, namespace, service_account);
+    config.root_cert = args.ca_root_cert.clone();
+    config.token_file = args.xds_token_file.clone();
+    config.validity = args.secret_ttl.into();
+    if let Some(cluster) = meta("CLUSTER_ID") {
+        config.cluster_id = cluster;
+    }
+    Ok(config)
+}
+
+/// The ADS client `args` describe, presenting `node`.
+fn xds_client(
+    args: &XdsArgs,
+    address: &str,
+    node: NodeIdentity,
+    stats: Arc<XdsStats>,
+) -> anyhow::Result<Client> {
     tracing::info!(address, node = %node.id, cluster = %node.cluster, "control plane");
     let config = ClientConfig {
         root_cert: args.xds_root_cert.clone(),
@@ -232,16 +264,11 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         .config
         .as_ref()
         .map(|path| Folder::new(path.clone(), &publisher));
+    let node = node_identity(&args.xds, &workload_labels, &args.locality)?;
     let xds = match &args.xds.xds_address {
         Some(address) => {
             let stats = Arc::new(XdsStats::default());
-            let client = xds_client(
-                &args.xds,
-                address,
-                &workload_labels,
-                &args.locality,
-                Arc::clone(&stats),
-            )?;
+            let client = xds_client(&args.xds, address, node.clone(), Arc::clone(&stats))?;
             admin.add_stats(Box::new(move || stats.entries()));
             let timeout = args.xds.xds_initial_fetch_timeout.into();
             Some((XdsSource::new("xds", &publisher, timeout), client))
@@ -251,6 +278,21 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let background = CancellationToken::new();
     if let Some(dir) = &args.istio_certs {
         tokio::spawn(Arc::clone(&proxy).watch_workload_identity(dir.clone(), IDENTITY_REREAD));
+    }
+    if let Some(address) = &args.xds.ca_address {
+        let config = ca_config(&args.xds, address, &node)?;
+        tracing::info!(address, identity = %config.spiffe_id(), "workload certificates from Istio's CA");
+        admin.await_identity();
+        let proxy = Arc::clone(&proxy);
+        let admin = Arc::clone(&admin);
+        tokio::spawn(portcullis_xds::ca::run(config, move |issued| {
+            proxy.set_workload_identity(Arc::new(WorkloadIdentity {
+                cert_chain: issued.cert_chain,
+                key: issued.key,
+                root: issued.root,
+            }));
+            admin.identity_arrived();
+        }));
     }
     if let Some(folder) = folder {
         tokio::spawn(folder.run(args.rescan_interval.into(), background.clone()));

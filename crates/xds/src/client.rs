@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -606,14 +606,15 @@ fn named(
 
 /// Whether the address is TLS, and the host its certificate must name.
 #[derive(Debug, Clone)]
-struct Target {
+/// A parsed `http://host:port` or `https://host:port` of an Istio control-plane service.
+pub(crate) struct Target {
     uri: http::Uri,
     tls: bool,
     host: String,
 }
 
 impl Target {
-    fn parse(address: &str) -> Result<Self, ClientError> {
+    pub(crate) fn parse(address: &str) -> Result<Self, ClientError> {
         let bad = |reason: &str| ClientError::Address {
             address: address.to_owned(),
             reason: reason.to_owned(),
@@ -708,44 +709,20 @@ impl Client {
         }
     }
 
-    async fn connect(&self) -> Result<(Channel, Option<String>), ClientError> {
-        let mut endpoint = Endpoint::from(self.target.uri.clone())
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_keepalive(Some(Duration::from_secs(300)));
-        if self.target.tls {
-            let path = self.config.root_cert.clone().unwrap_or_default();
-            let pem = tokio::fs::read(&path)
-                .await
-                .map_err(|source| ClientError::RootCert { path, source })?;
-            endpoint = endpoint.tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(pem))
-                    .domain_name(self.target.host.clone()),
-            )?;
-        }
-        let token = match tokio::fs::read_to_string(&self.config.token_file).await {
-            Ok(token) => Some(token.trim().to_owned()),
-            Err(source) if self.target.tls => {
-                return Err(ClientError::Token {
-                    path: self.config.token_file.clone(),
-                    source,
-                });
-            }
-            Err(e) => {
-                debug!(path = %self.config.token_file.display(), error = %e, "no xDS token; connecting without one");
-                None
-            }
-        };
-        Ok((endpoint.connect().await?, token))
-    }
-
     async fn stream<S: Sink>(
         &mut self,
         sink: &mut S,
         delivered: &mut bool,
         established: &mut bool,
     ) -> ClientError {
-        let (channel, token) = match self.connect().await {
+        let connected = connect(
+            &self.target,
+            self.config.root_cert.as_deref(),
+            &self.config.token_file,
+            self.config.connect_timeout,
+        )
+        .await;
+        let (channel, token) = match connected {
             Ok(connected) => connected,
             Err(e) => return e,
         };
@@ -794,8 +771,46 @@ impl Client {
     }
 }
 
+/// Opens a channel to `target` as istio-agent does: TLS verified with `root_cert` for
+/// `https`, and the service-account token to send (required over TLS).
+pub(crate) async fn connect(
+    target: &Target,
+    root_cert: Option<&Path>,
+    token_file: &Path,
+    connect_timeout: Duration,
+) -> Result<(Channel, Option<String>), ClientError> {
+    let mut endpoint = Endpoint::from(target.uri.clone())
+        .connect_timeout(connect_timeout)
+        .tcp_keepalive(Some(Duration::from_secs(300)));
+    if target.tls {
+        let path = root_cert.map(Path::to_path_buf).unwrap_or_default();
+        let pem = tokio::fs::read(&path)
+            .await
+            .map_err(|source| ClientError::RootCert { path, source })?;
+        endpoint = endpoint.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(target.host.clone()),
+        )?;
+    }
+    let token = match tokio::fs::read_to_string(token_file).await {
+        Ok(token) => Some(token.trim().to_owned()),
+        Err(source) if target.tls => {
+            return Err(ClientError::Token {
+                path: token_file.to_path_buf(),
+                source,
+            });
+        }
+        Err(e) => {
+            debug!(path = %token_file.display(), error = %e, "no token; connecting without one");
+            None
+        }
+    };
+    Ok((endpoint.connect().await?, token))
+}
+
 /// A request carrying `authorization: Bearer TOKEN` when there is a token.
-fn with_token<T>(body: T, token: Option<&str>) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(body: T, token: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(body);
     if let Some(token) = token {
         match MetadataValue::try_from(format!("Bearer {token}")) {

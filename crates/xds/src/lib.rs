@@ -6,6 +6,7 @@
 //! rejected and which EDS and RDS names it needs next.
 
 mod backoff;
+pub mod ca;
 mod client;
 mod node;
 mod stats;
