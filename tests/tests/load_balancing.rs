@@ -148,17 +148,7 @@ fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
         }
 
         // consistentHash is applied, not reported otherwise.
-        let unapplied: Vec<String> = lab
-            .portcullis_output()
-            .lines()
-            .filter(|l| l.contains("DestinationRule") && l.contains("not applied"))
-            .map(str::to_owned)
-            .collect();
-        ensure!(
-            unapplied.is_empty(),
-            "no DestinationRule warning: {unapplied:#?}"
-        );
-        Ok(())
+        nothing_unapplied(lab)
     });
 }
 
@@ -210,6 +200,21 @@ fn statuses(lab: &mut Lab, url: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let codes: Vec<String> = out.lines().map(str::to_owned).collect();
     ensure!(codes.len() == n, "{n} status codes: {out}");
     Ok(codes)
+}
+
+/// Fails when portcullis reported any part of its config as not applied.
+fn nothing_unapplied(lab: &Lab) -> anyhow::Result<()> {
+    let unapplied: Vec<String> = lab
+        .portcullis_output()
+        .lines()
+        .filter(|l| l.contains("not applied"))
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        unapplied.is_empty(),
+        "nothing reported as not applied: {unapplied:#?}"
+    );
+    Ok(())
 }
 
 #[test]
@@ -290,17 +295,7 @@ fn outlier_detection_ejects_the_endpoint_answering_500() {
                     .join("\n")
             );
         }
-        let unapplied: Vec<String> = lab
-            .portcullis_output()
-            .lines()
-            .filter(|l| l.contains("not applied"))
-            .map(str::to_owned)
-            .collect();
-        ensure!(
-            unapplied.is_empty(),
-            "nothing reported as not applied: {unapplied:#?}"
-        );
-        Ok(())
+        nothing_unapplied(lab)
     });
 }
 
@@ -389,16 +384,6 @@ fn locality_failover_keeps_traffic_local_until_the_local_endpoint_is_ejected() {
             after.iter().all(|b| b == "remote"),
             "all remote once the local endpoint is ejected: {after:?}"
         );
-        let unapplied: Vec<String> = lab
-            .portcullis_output()
-            .lines()
-            .filter(|l| l.contains("not applied"))
-            .map(str::to_owned)
-            .collect();
-        ensure!(
-            unapplied.is_empty(),
-            "nothing reported as not applied: {unapplied:#?}"
-        );
-        Ok(())
+        nothing_unapplied(lab)
     });
 }
