@@ -1676,6 +1676,72 @@ fn consistent_hash_by_header() {
 /// The address of an nginx that answers every request with a 500.
 const FAILING_IP: &str = "10.50.0.31";
 
+/// istiod's outlier detection for `consecutive5xxErrors: n` (interval 1 s, a minute's
+/// ejection, every endpoint ejectable) on `cluster`, with the panic threshold it turns off.
+fn eject_on_5xx(cluster: &mut Value, n: u32) {
+    cluster["outlier_detection"] = json!({
+        "consecutive_5xx": n,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_success_rate": 0,
+        "interval": "1s",
+        "base_ejection_time": "60s",
+        "max_ejection_percent": 100
+    });
+    cluster["common_lb_config"] = json!({ "healthy_panic_threshold": { "value": 0 } });
+}
+
+/// `host:80`'s virtual host with one VirtualService route `route` to `cluster` and no
+/// retries (`attempts: 0`), so every answer reaches the client.
+fn no_retries_vhost(host: &str, route: &str, cluster: &str) -> Value {
+    vs_vhost(
+        host,
+        80,
+        vec![vs_route(
+            route,
+            "/",
+            json!({ "route": to_cluster(cluster, Some(Value::Null)) }),
+        )],
+    )
+}
+
+/// An nginx on [`FAILING_IP`]:80 that answers every request with a 500.
+fn start_failing_endpoint(lab: &mut Lab) -> anyhow::Result<()> {
+    lab.add_address(Role::External, FAILING_IP)?;
+    let failing = format!(
+        "    server {{ listen {FAILING_IP}:80; location / {{ return 500 \"failing endpoint\\n\"; }} }}\n"
+    );
+    lab.start_nginx_servers(Role::External, "failing", &failing, "unused\n", 8141)?;
+    Ok(())
+}
+
+/// A DestinationRule for `NAME.internal.com` with `extra` traffic policy lines and outlier
+/// detection ejecting at `n` consecutive 5xx (as [`eject_on_5xx`]), and a VirtualService
+/// route `NAME` to it without retries (as [`no_retries_vhost`]).
+fn ejecting_rules(name: &str, extra: &str, n: u32) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: default}}
+spec:
+  host: {name}.internal.com
+  trafficPolicy:
+{extra}    outlierDetection: {{consecutive5xxErrors: {n}, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{name}.internal.com]
+  http:
+  - name: {name}
+    route: [{{destination: {{host: {name}.internal.com}}}}]
+    retries: {{attempts: 0}}
+"
+    )
+}
+
+/// `flaky.internal.com`: its endpoints in turn.
 const FLAKY: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: flaky, namespace: default}
@@ -1686,25 +1752,6 @@ spec:
   endpoints:
   - {address: 10.50.0.1}
   - {address: 10.50.0.31}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: flaky, namespace: default}
-spec:
-  host: flaky.internal.com
-  trafficPolicy:
-    loadBalancer: {simple: ROUND_ROBIN}
-    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: flaky, namespace: default}
-spec:
-  hosts: [flaky.internal.com]
-  http:
-  - name: flaky
-    route: [{destination: {host: flaky.internal.com}}]
-    retries: {attempts: 0}
 ";
 
 // DestinationRule outlierDetection: istiod's cluster (consecutive 5xx enforced, the panic
@@ -1717,28 +1764,18 @@ fn outlier_detection_ejects_an_endpoint_answering_500() {
     let name = cluster_name(80, host);
     let mut cluster = static_cluster(80, host, &[(EXTERNAL_IP, 80), (FAILING_IP, 80)]);
     cluster["lb_policy"] = json!("ROUND_ROBIN");
-    cluster["outlier_detection"] = json!({
-        "consecutive_5xx": 2,
-        "enforcing_consecutive_5xx": 100,
-        "enforcing_success_rate": 0,
-        "interval": "1s",
-        "base_ejection_time": "60s",
-        "max_ejection_percent": 100
-    });
-    cluster["common_lb_config"] = json!({ "healthy_panic_threshold": { "value": 0 } });
-    let vhost = vs_vhost(
-        host,
-        80,
-        vec![vs_route(
-            "flaky",
-            "/",
-            json!({ "route": to_cluster(&name, Some(Value::Null)) }),
-        )],
-    );
+    eject_on_5xx(&mut cluster, 2);
+    let vhost = no_retries_vhost(host, "flaky", &name);
     let url = format!("http://{host}/");
     let scenario = Scenario {
         name: "outlier",
-        files: vec![("flaky.yaml".to_owned(), FLAKY.to_owned())],
+        files: vec![(
+            "flaky.yaml".to_owned(),
+            format!(
+                "{FLAKY}{}",
+                ejecting_rules("flaky", "    loadBalancer: {simple: ROUND_ROBIN}\n", 2)
+            ),
+        )],
         envoy: Resources::new(Mode::RegistryOnly)
             .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
             .cluster(cluster),
@@ -1754,11 +1791,73 @@ fn outlier_detection_ejects_an_endpoint_answering_500() {
     };
     run_differential(scenario, |lab| {
         lab.map_pod_names(&[host])?;
-        lab.add_address(Role::External, FAILING_IP)?;
-        let failing = format!(
-            "    server {{ listen {FAILING_IP}:80; location / {{ return 500 \"failing endpoint\\n\"; }} }}\n"
-        );
-        lab.start_nginx_servers(Role::External, "failing", &failing, "unused\n", 8141)?;
-        Ok(())
+        start_failing_endpoint(lab)
+    });
+}
+
+/// `geo.internal.com`: an endpoint in the proxy's zone and one in another region.
+const GEO: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: geo, namespace: default}
+spec:
+  hosts: [geo.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.50.0.31, locality: us-east/zone1}
+  - {address: 10.50.0.1, locality: eu-west/zone9}
+";
+
+// Locality failover: the priorities istiod gives a proxy in us-east/zone1 (its own zone's
+// endpoint first, the other region's next) over EDS-style locality groups, and outlier
+// detection. The local endpoint answers 500 and is ejected at once; both proxies then send
+// everything to the next priority. From files, portcullis computes the same priorities
+// from `--locality` and the endpoints' localities.
+#[test]
+fn locality_priorities_fail_over_when_the_local_endpoint_is_ejected() {
+    let host = "geo.internal.com";
+    let name = cluster_name(80, host);
+    let group = |region: &str, zone: &str, priority: u32, ip: &str| {
+        json!({
+            "locality": { "region": region, "zone": zone },
+            "priority": priority,
+            "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": ip, "port_value": 80 }
+            } } }]
+        })
+    };
+    let mut cluster = static_cluster(80, host, &[]);
+    cluster["load_assignment"] = json!({
+        "cluster_name": name,
+        "endpoints": [
+            group("us-east", "zone1", 0, FAILING_IP),
+            group("eu-west", "zone9", 1, EXTERNAL_IP),
+        ]
+    });
+    eject_on_5xx(&mut cluster, 1);
+    let vhost = no_retries_vhost(host, "geo", &name);
+    let url = format!("http://{host}/");
+    let scenario = Scenario {
+        name: "locality",
+        files: vec![(
+            "geo.yaml".to_owned(),
+            format!("{GEO}{}", ejecting_rules("geo", "", 1)),
+        )],
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+            .cluster(cluster),
+        portcullis_flags: vec!["--locality", "us-east/zone1"],
+        probes: vec![
+            Probe::curl("the local priority answers (a 500)", &[&url]),
+            Probe::spread(
+                "the local endpoint ejected: the next priority",
+                &[&url],
+                SPREAD,
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        start_failing_endpoint(lab)
     });
 }
