@@ -89,8 +89,6 @@ pub struct VirtualHost {
     /// Its name (Istio: `host:port`, `allow_any`, `block_all`).
     pub name: Arc<str>,
     routes: Vec<Arc<Route>>,
-    /// Retry policy for routes without their own.
-    pub retry_policy: Option<envoy::RetryPolicy>,
 }
 
 /// A route, compiled.
@@ -108,9 +106,8 @@ pub struct Route {
     pub response_headers: Vec<HeaderMutation>,
     /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
     regex_rewrite: Option<(Regex, String)>,
-    /// The retry policy in force: the route's, else its virtual host's.
-    pub retry_policy: Option<envoy::RetryPolicy>,
-    /// That policy as the data path reads it (none without one, as Envoy).
+    /// The retry policy in force (the route's, else its virtual host's) as the data path
+    /// reads it; none without one, as Envoy.
     pub retries: RetryPolicy,
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
@@ -234,7 +231,6 @@ impl RouteTable {
             table.vhosts.push(VirtualHost {
                 name: vh.name.as_str().into(),
                 routes,
-                retry_policy: vh.retry_policy.clone(),
             });
         }
         table
@@ -450,7 +446,7 @@ impl Route {
             ))
             .collect();
         let retry_policy = match &r.action {
-            envoy::RouteAction::Forward(f) => f.retry_policy.clone().or(vh.retry_policy.clone()),
+            envoy::RouteAction::Forward(f) => f.retry_policy.as_ref().or(vh.retry_policy.as_ref()),
             _ => None,
         };
         Ok(Route {
@@ -460,10 +456,7 @@ impl Route {
             request_headers,
             response_headers,
             regex_rewrite,
-            retries: retry_policy
-                .as_ref()
-                .map_or(RetryPolicy::NONE, RetryPolicy::from_envoy),
-            retry_policy,
+            retries: retry_policy.map_or(RetryPolicy::NONE, RetryPolicy::from_envoy),
             fault: r
                 .fault
                 .clone()

@@ -220,18 +220,24 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
             retry_back_off: None,
         })
     );
-    assert_eq!(split.retry_policy, f.retry_policy);
+    // The data path reads the same policy, compiled.
+    assert_eq!(
+        split.retries,
+        crate::RetryPolicy::from_envoy(f.retry_policy.as_ref().unwrap())
+    );
     // Without `retries`, Istio's default; `attempts: 0` none; no timeout unless set.
     let canary = request(&s, "/", &[("x-canary", "yes")])
         .route
         .expect("a route");
     assert_eq!(
-        canary.retry_policy,
+        canary.forward().unwrap().retry_policy,
         Some(crate::build::compile_default_retry_policy())
     );
+    assert_eq!(canary.retries, crate::RetryPolicy::ISTIO);
     assert_eq!(canary.forward().unwrap().timeout, Some(Duration::ZERO));
     let once = request(&s, "/once/x?y=1", &[]).route.expect("a route");
-    assert_eq!(once.retry_policy, None);
+    assert_eq!(once.forward().unwrap().retry_policy, None);
+    assert_eq!(once.retries, crate::RetryPolicy::NONE);
     assert_eq!(
         once.rewrite_path("/once/x?y=1").as_deref(),
         Some("/v2/once/x?y=1")
@@ -572,7 +578,8 @@ spec:
         avoid_previous_hosts: false,
         ..crate::build::compile_default_retry_policy()
     };
-    assert_eq!(route.retry_policy, Some(want));
+    assert_eq!(route.forward().unwrap().retry_policy, Some(want.clone()));
+    assert_eq!(route.retries, crate::RetryPolicy::from_envoy(&want));
     assert!(
         s.warnings.iter().any(|w| w
             == "VirtualService default/api: host nowhere.example.com is no registered service of this proxy; its rules apply to nothing here (register it with a ServiceEntry)"),
