@@ -45,6 +45,7 @@ fn tcp(cluster: &str) -> NetworkFilter {
         stat_prefix: cluster.into(),
         cluster: ClusterSpecifier::Cluster(cluster.into()),
         idle_timeout: None,
+        max_downstream_connection_duration: None,
     })
 }
 

@@ -379,6 +379,61 @@ fn tcp_by_vip() {
     });
 }
 
+/// A TCP service whose DestinationRule sets `connectionPool.tcp.maxConnectionDuration: 1s`
+/// (istiod: the `tcp_proxy`'s `max_downstream_connection_duration`). A connection that
+/// stays open (the client sends nothing, the sink waits 3 s for bytes) is closed at 1 s with
+/// `DT`; one that ends on its own before has no flag.
+#[test]
+fn tcp_max_connection_duration() {
+    let mut listener = tcp_listener(TCP_VIP, 9000, "tcp.internal.com");
+    listener["filter_chains"][0]["filters"][0]["typed_config"]["max_downstream_connection_duration"] =
+        json!("1s");
+    let addr = format!("{TCP_VIP}:9000");
+    let scenario = Scenario {
+        name: "tcp-max-duration",
+        files: vec![(
+            "tcp.yaml".to_owned(),
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tcp, namespace: default}}
+spec:
+  hosts: [tcp.internal.com]
+  addresses: [{TCP_VIP}]
+  ports: [{{number: 9000, name: tcp, protocol: TCP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tcp, namespace: default}}
+spec:
+  host: tcp.internal.com
+  trafficPolicy:
+    connectionPool: {{tcp: {{maxConnectionDuration: 1s}}}}
+"
+            ),
+        )],
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(listener)
+            .cluster(static_cluster(
+                9000,
+                "tcp.internal.com",
+                &[(EXTERNAL_IP, 9000)],
+            )),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::tcp("a connection that stays open", &addr, ""),
+            Probe::tcp("a connection that ends before", &addr, "hello\n"),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.start_sink(Role::External, &format!("{EXTERNAL_IP}:9000"))?;
+        Ok(())
+    });
+}
+
 /// ALLOW_ANY: registered traffic as usual, everything else to its original destination.
 #[test]
 fn allow_any_passthrough() {

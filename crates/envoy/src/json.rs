@@ -181,6 +181,11 @@ fn tcp_proxy(t: &TcpProxy) -> Value {
         ),
     }
     put(&mut o, "idle_timeout", opt(t.idle_timeout, duration));
+    put(
+        &mut o,
+        "max_downstream_connection_duration",
+        opt(t.max_downstream_connection_duration, duration),
+    );
     Value::Object(o)
 }
 

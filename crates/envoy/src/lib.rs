@@ -128,6 +128,9 @@ pub struct TcpProxy {
     pub cluster: ClusterSpecifier,
     /// Closes a connection idle this long (Envoy's default 1 h); `None` never.
     pub idle_timeout: Option<Duration>,
+    /// Closes a connection this long after it was accepted, busy or not
+    /// (`max_downstream_connection_duration`, flag `DT`); `None` never.
+    pub max_downstream_connection_duration: Option<Duration>,
 }
 
 /// One cluster, or several with weights.

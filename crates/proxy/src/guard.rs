@@ -185,6 +185,8 @@ pub enum Expired {
     StreamIdle,
     /// The current request was not received whole within `request_timeout`.
     Request,
+    /// The connection reached the `tcp_proxy`'s `max_downstream_connection_duration`.
+    MaxDuration,
 }
 
 impl std::fmt::Display for Expired {
@@ -194,6 +196,7 @@ impl std::fmt::Display for Expired {
             Expired::RequestHeaders => "request headers timeout",
             Expired::StreamIdle => "stream idle timeout",
             Expired::Request => "request timeout",
+            Expired::MaxDuration => "max connection duration reached",
         })
     }
 }
@@ -201,12 +204,16 @@ impl std::fmt::Display for Expired {
 impl std::error::Error for Expired {}
 
 impl Expired {
-    /// The stream timeout an I/O error of a guarded connection reports, if any.
-    pub fn of_stream(e: &io::Error) -> Option<Expired> {
+    /// The timeout an I/O error of a guarded connection reports, if any.
+    pub fn of(e: &io::Error) -> Option<Expired> {
         e.get_ref()
             .and_then(|inner| inner.downcast_ref::<Expired>())
             .copied()
-            .filter(|why| matches!(why, Expired::StreamIdle | Expired::Request))
+    }
+
+    /// The stream timeout an I/O error of a guarded connection reports, if any.
+    pub fn of_stream(e: &io::Error) -> Option<Expired> {
+        Expired::of(e).filter(|why| matches!(why, Expired::StreamIdle | Expired::Request))
     }
 }
 
@@ -225,6 +232,10 @@ pub struct GuardedIo<T> {
     /// that request (a pipelined one that follows has its own).
     stream_reported: Option<u64>,
     idle_deadline: Instant,
+    /// When the connection was accepted, which a maximum duration counts from.
+    accepted: Instant,
+    /// When the connection is closed however busy (`max_downstream_connection_duration`).
+    max_deadline: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     expired: Option<Expired>,
     metrics: Option<Arc<Metrics>>,
@@ -238,7 +249,8 @@ impl<T> GuardedIo<T> {
         headers_timeout: Duration,
         in_flight: Option<Arc<InFlight>>,
     ) -> Self {
-        let idle_deadline = Instant::now() + idle_timeout;
+        let accepted = Instant::now();
+        let idle_deadline = accepted + idle_timeout;
         GuardedIo {
             inner,
             idle_timeout,
@@ -248,6 +260,8 @@ impl<T> GuardedIo<T> {
             request_began: None,
             stream_reported: None,
             idle_deadline,
+            accepted,
+            max_deadline: None,
             timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
             expired: None,
             metrics: None,
@@ -283,6 +297,7 @@ impl<T> GuardedIo<T> {
                 (Expired::RequestHeaders, _) => m.header_timeout.inc(),
                 (Expired::Idle, true) => m.http_idle_timeout.inc(),
                 (Expired::Idle, false) => m.tcp_idle_timeout.inc(),
+                (Expired::MaxDuration, _) => m.tcp_max_duration.inc(),
                 (Expired::StreamIdle | Expired::Request, _) => 0,
             };
         }
@@ -308,9 +323,20 @@ impl<T> GuardedIo<T> {
         self.activity();
     }
 
-    /// Records that the connection went idle for too long, as the guard itself would have.
-    pub fn expire_idle(&mut self) -> io::Error {
-        self.expire(Expired::Idle)
+    /// Closes the connection this long after it was accepted, however busy; `None` never.
+    pub fn set_max_duration(&mut self, max: Option<Duration>) {
+        self.max_deadline = max.map(|d| self.accepted + d);
+    }
+
+    /// When the connection reaches its maximum duration, if it has one.
+    pub fn max_deadline(&self) -> Option<Instant> {
+        self.max_deadline
+    }
+
+    /// Records that the connection went idle for too long, or reached its maximum
+    /// duration, as the guard itself would have.
+    pub fn expire_relay(&mut self, why: Expired) -> io::Error {
+        self.expire(why)
     }
 
     /// What closed the connection, if a timeout did.
@@ -330,6 +356,9 @@ impl<T> GuardedIo<T> {
         };
         if let Some((stream, _)) = self.stream_deadline() {
             deadline = deadline.min(stream);
+        }
+        if let Some(max) = self.max_deadline {
+            deadline = deadline.min(max);
         }
         deadline
     }
@@ -392,7 +421,9 @@ impl<T> GuardedIo<T> {
                 return None;
             }
             let now = Instant::now();
-            let why = if let Some((_, why)) = self.stream_deadline().filter(|(d, _)| *d <= now) {
+            let why = if self.max_deadline.is_some_and(|d| d <= now) {
+                Some(Expired::MaxDuration)
+            } else if let Some((_, why)) = self.stream_deadline().filter(|(d, _)| *d <= now) {
                 Some(why)
             } else if self.head_deadline.is_some_and(|(d, _)| d <= now) {
                 Some(Expired::RequestHeaders)
@@ -429,6 +460,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         // A client that always has a byte ready never lets the read pend, so the deadline
         // is also checked here, not only when the timer fires.
         let now = Instant::now();
+        if this.max_deadline.is_some_and(|d| d <= now) {
+            return Poll::Ready(Err(this.expire(Expired::MaxDuration)));
+        }
         if let Some((_, why)) = this.stream_deadline().filter(|(d, _)| *d <= now) {
             return Poll::Ready(Err(this.expire(why)));
         }
@@ -551,6 +585,40 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(7200), io.read(&mut buf)).await;
         assert!(read.is_err(), "must still be waiting after two hours");
         assert_eq!(io.expired(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_ends_at_its_max_duration_counted_from_the_accept() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let start = Instant::now();
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, None);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        io.set_max_duration(Some(Duration::from_secs(10)));
+        let mut buf = [0u8; 8];
+        // A byte always waiting: the read never pends, the deadline is still seen.
+        let mut reads = 0;
+        let err = loop {
+            client.write_all(b"x").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(_) => reads += 1,
+                Err(e) => break e,
+            }
+            assert!(reads < 100, "still open after {reads} reads");
+            tokio::time::advance(Duration::from_millis(500)).await;
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Expired::of(&err), Some(Expired::MaxDuration));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(reads, 16);
+        // A quiet one: the timer fires at the deadline.
+        let (_client, server) = tokio::io::duplex(64);
+        let start = Instant::now();
+        let mut io = GuardedIo::new(server, IDLE, HEADERS, None);
+        io.set_max_duration(Some(Duration::from_secs(3)));
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(io.expired(), Some(Expired::MaxDuration));
+        assert_eq!(Expired::of_stream(&err), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -242,12 +242,16 @@ impl Proxy {
         }
     }
 
-    /// The idle timeout of a connection carried as bytes: its `tcp_proxy` chain's (Envoy's
-    /// `idle_timeout`; none is never), else the proxy's own.
-    fn chain_idle_timeout(&self, chain: Option<&Arc<Chain>>) -> Duration {
+    /// Gives a connection carried as bytes its `tcp_proxy` chain's timeouts: the chain's
+    /// idle timeout (Envoy's `idle_timeout`; none is never) and maximum duration; without
+    /// a `tcp_proxy` chain, the proxy's own idle timeout and no maximum.
+    fn apply_chain_timeouts(&self, stream: &mut GuardedIo<TcpStream>, chain: Option<&Arc<Chain>>) {
         match chain {
-            Some(c) if matches!(c.filter, ChainFilter::Tcp(_)) => c.idle_timeout.unwrap_or(NEVER),
-            _ => self.config.idle_timeout,
+            Some(c) if matches!(c.filter, ChainFilter::Tcp(_)) => {
+                stream.set_idle_timeout(c.idle_timeout.unwrap_or(NEVER));
+                stream.set_max_duration(c.max_duration);
+            }
+            _ => stream.set_idle_timeout(self.config.idle_timeout),
         }
     }
 
@@ -299,7 +303,7 @@ impl Proxy {
         };
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let (decision, chain) = snapshot.route_connection_chain(&opaque);
-            stream.set_idle_timeout(self.chain_idle_timeout(chain));
+            self.apply_chain_timeouts(&mut stream, chain);
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
             tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
             return;
@@ -331,7 +335,7 @@ impl Proxy {
                         application_protocols: &alpn,
                         source: Some(peer.ip()),
                     });
-                    stream.set_idle_timeout(self.chain_idle_timeout(chain));
+                    self.apply_chain_timeouts(&mut stream, chain);
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }
@@ -358,7 +362,7 @@ impl Proxy {
             // Sniffed as HTTP, yet the chain for it carries bytes: as Envoy's tcp_proxy.
             if !snapshot.serves_http(&conn) {
                 let (decision, chain) = snapshot.route_connection_chain(&conn);
-                stream.set_idle_timeout(self.chain_idle_timeout(chain));
+                self.apply_chain_timeouts(&mut stream, chain);
                 let decision = self.confine_none(&snapshot, decision, dst, None).await;
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
@@ -388,7 +392,7 @@ impl Proxy {
             return;
         }
         let (decision, chain) = snapshot.route_connection_chain(&opaque);
-        stream.set_idle_timeout(self.chain_idle_timeout(chain));
+        self.apply_chain_timeouts(&mut stream, chain);
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
         tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
     }
@@ -431,6 +435,7 @@ mod tests {
                 request_timeout: request,
             }),
             idle_timeout: None,
+            max_duration: None,
         })
     }
 

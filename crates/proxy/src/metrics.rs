@@ -117,6 +117,9 @@ pub struct Metrics {
     pub protocol_error: Counter,
     /// `envoy_tcp_idle_timeout`.
     pub tcp_idle_timeout: Counter,
+    /// `envoy_tcp_max_downstream_connection_duration`: connections closed at the
+    /// `tcp_proxy`'s maximum duration.
+    pub tcp_max_duration: Counter,
 }
 
 impl Metrics {
@@ -158,6 +161,7 @@ impl Metrics {
             rq_timeout: Counter::default(),
             protocol_error: Counter::default(),
             tcp_idle_timeout: Counter::default(),
+            tcp_max_duration: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register(
@@ -279,6 +283,11 @@ impl Metrics {
             "envoy_tcp_idle_timeout",
             "TCP connections closed idle",
             m.tcp_idle_timeout.clone(),
+        );
+        registry.register(
+            "envoy_tcp_max_downstream_connection_duration",
+            "TCP connections closed at their maximum duration",
+            m.tcp_max_duration.clone(),
         );
         m
     }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::guard::GuardedIo;
+use crate::guard::{Expired, GuardedIo};
 
 /// A new pipe's capacity (Linux's default, 16 pages).
 const PIPE: usize = 64 * 1024;
@@ -40,8 +40,9 @@ pub(crate) struct Relayed {
 }
 
 /// Sends `prefix` (bytes the proxy already read from the client), then relays both ways
-/// until both directions end, passing half-closes on, or until nothing moves either way for
-/// the client's idle timeout.
+/// until both directions end, passing half-closes on, until nothing moves either way for
+/// the client's idle timeout, or until the client's connection reaches its maximum
+/// duration.
 pub(crate) async fn relay(
     client: &mut GuardedIo<TcpStream>,
     prefix: &[u8],
@@ -63,19 +64,25 @@ pub(crate) async fn relay(
         )
         .map(|_| ())
     };
-    // Activity moves the deadline later; the sleep is only re-armed when it fires.
+    // Activity moves the idle deadline later; the sleep is only re-armed when it fires.
+    let max = client.max_deadline();
     let watchdog = async {
         loop {
-            let deadline = last.at() + idle;
-            if deadline <= Instant::now() {
-                break;
+            let idle_deadline = last.at() + idle;
+            let now = Instant::now();
+            if max.is_some_and(|max| max <= now) {
+                break Expired::MaxDuration;
             }
+            if idle_deadline <= now {
+                break Expired::Idle;
+            }
+            let deadline = max.map_or(idle_deadline, |max| max.min(idle_deadline));
             tokio::time::sleep_until(deadline).await;
         }
     };
     let result = tokio::select! {
         result = relayed => result,
-        () = watchdog => Err(client.expire_idle()),
+        why = watchdog => Err(client.expire_relay(why)),
     };
     Relayed {
         sent: sent.into_inner(),
@@ -268,6 +275,37 @@ mod tests {
         assert_eq!(relayed.result.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert_eq!(start.elapsed(), Duration::from_secs(90));
         assert_eq!((relayed.sent, relayed.received), (2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_relay_ends_at_the_max_connection_duration() {
+        let (guarded, mut proxy_up, mut client, mut upstream) = lab(Duration::from_secs(30)).await;
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let mut guarded = guarded.count_in(Arc::clone(&metrics));
+        // Counted from the accept: time spent before the relay starts counts.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        guarded.set_max_duration(Some(Duration::from_secs(10)));
+        let accepted = Instant::now() - Duration::from_secs(1);
+        let relay = tokio::spawn(async move {
+            let relayed = relay(&mut guarded, b"", &mut proxy_up).await;
+            (relayed, guarded.expired())
+        });
+        // A byte a second, well inside the idle timeout, until the relay ends.
+        let mut moved = 0;
+        while client.write_all(b"x").await.is_ok() && moved < 20 {
+            let mut byte = [0];
+            if upstream.read_exact(&mut byte).await.is_err() {
+                break;
+            }
+            moved += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (relayed, expired) = relay.await.unwrap();
+        assert_eq!(relayed.result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(expired, Some(Expired::MaxDuration));
+        assert_eq!(accepted.elapsed(), Duration::from_secs(10));
+        assert_eq!(metrics.tcp_max_duration.get(), 1);
+        assert_eq!(metrics.tcp_idle_timeout.get(), 0);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::Proxy;
 use crate::attempt::{Attempt, Attempts};
 use crate::error::ProxyError;
-use crate::guard::GuardedIo;
+use crate::guard::{Expired, GuardedIo};
 use crate::io::PrefixedIo;
 use crate::log::TcpLog;
 use crate::metrics::{Label, TcpLabels};
@@ -78,6 +78,10 @@ pub(crate) async fn forward(
             log.received = relayed.received;
             if let Err(e) = relayed.result {
                 tracing::debug!(error = %e, "TCP connection ended with an error");
+                if Expired::of(&e) == Some(Expired::MaxDuration) {
+                    log.flags = "DT";
+                    labels.response_flags = log.flags;
+                }
             }
         }
         Err(e) => {

@@ -162,6 +162,15 @@ struct Traffic<'a> {
     locality: Option<&'a LocalityLbSetting>,
 }
 
+/// What a DestinationRule sets on the `tcp_proxy` of chains to its service.
+#[derive(Debug, Clone, Copy)]
+struct TcpProxyTimeouts {
+    /// `idleTimeout`: `Some(None)` for 0s (never), `None` when unset (Envoy's hour).
+    idle: Option<Option<Duration>>,
+    /// `maxConnectionDuration`: `max_downstream_connection_duration`.
+    max_duration: Option<Duration>,
+}
+
 /// The policy of a rule on `port`, and of a subset over it: a port's settings replace the
 /// rule's load balancer and connection pool, a subset's replace what it sets, and a
 /// subset's port-level settings replace both whole (unset ones revert to defaults), as
@@ -696,11 +705,11 @@ impl<'a> Builder<'a> {
         traffic(self.rule_for(host), None, port)
     }
 
-    /// The `tcp_proxy` idle timeout istiod gives `host`'s TCP chains: its DestinationRule's
-    /// top-level `connectionPool.tcp.idleTimeout` (port-level settings and subsets do not
-    /// count), `Some(None)` for 0s (never); `None` when the rule sets none.
-    fn tcp_idle_timeout(&self, host: &str) -> Option<Option<Duration>> {
-        let idle = self
+    /// The `tcp_proxy` timeouts istiod gives `host`'s TCP chains, from its
+    /// DestinationRule's top-level `connectionPool.tcp` (port-level settings and subsets do
+    /// not count); `None` when the rule sets neither.
+    fn tcp_proxy_timeouts(&self, host: &str) -> Option<TcpProxyTimeouts> {
+        let tcp = self
             .rule_for(host)?
             .spec
             .traffic_policy
@@ -708,9 +717,14 @@ impl<'a> Builder<'a> {
             .connection_pool
             .as_ref()?
             .tcp
-            .as_ref()?
-            .idle_timeout?;
-        Some((!idle.is_zero()).then_some(idle))
+            .as_ref()?;
+        let t = TcpProxyTimeouts {
+            idle: tcp
+                .idle_timeout
+                .map(|idle| (!idle.is_zero()).then_some(idle)),
+            max_duration: tcp.max_connection_duration.filter(|d| !d.is_zero()),
+        };
+        (t.idle.is_some() || t.max_duration.is_some()).then_some(t)
     }
 
     /// The route hash policy for `host`'s `subset` (empty: the service) on `port`.

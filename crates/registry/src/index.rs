@@ -236,6 +236,7 @@ mod tests {
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),
             idle_timeout: None,
+            max_downstream_connection_duration: None,
         })
     }
 
@@ -1415,7 +1416,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tcp_chain_carries_its_idle_timeout() {
+    fn a_tcp_chain_carries_its_idle_timeout_and_max_duration() {
         use std::time::Duration;
         let mut r = seed(false);
         add_cluster(
@@ -1437,6 +1438,7 @@ mod tests {
         let mut idle = tcp("outbound|5432||db.internal");
         if let NetworkFilter::TcpProxy(t) = &mut idle {
             t.idle_timeout = Some(Duration::from_secs(30));
+            t.max_downstream_connection_duration = Some(Duration::from_secs(600));
         }
         add_listener(
             &mut r,
@@ -1469,11 +1471,15 @@ mod tests {
         };
         let (decision, chain) = s.route_connection_chain(&conn("10.0.0.9:5432"));
         assert_eq!(named(&decision), "outbound|5432||db.internal");
-        assert_eq!(chain.unwrap().idle_timeout, Some(Duration::from_secs(30)));
+        let chain = chain.unwrap();
+        assert_eq!(chain.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(chain.max_duration, Some(Duration::from_secs(600)));
         // `None` in the model is Envoy's 0: never.
         let (decision, chain) = s.route_connection_chain(&conn("10.0.0.8:6379"));
         assert_eq!(named(&decision), "outbound|6379||cache.internal");
-        assert_eq!(chain.unwrap().idle_timeout, None);
+        let chain = chain.unwrap();
+        assert_eq!(chain.idle_timeout, None);
+        assert_eq!(chain.max_duration, None);
         // Without listeners there is no chain: the proxy's own timeout applies.
         let empty = Snapshot::index(&Resources::default(), &|_| None, None, 1);
         assert!(

@@ -52,6 +52,9 @@ pub struct Chain {
     /// `idle_timeout`, `None` never. HTTP chains: `None`; the model carries no connection
     /// idle timeout for them, so the proxy's own applies.
     pub idle_timeout: Option<Duration>,
+    /// How long after it was accepted a connection it carries is closed (`tcp_proxy`'s
+    /// `max_downstream_connection_duration`); `None` never, and always for HTTP chains.
+    pub max_duration: Option<Duration>,
 }
 
 /// The terminal filter of a [`Chain`].
@@ -227,9 +230,11 @@ impl Listener {
     ) -> Listener {
         let listener_name: Arc<str> = l.name.as_str().into();
         let chain = |c: &envoy::FilterChain| {
-            let idle_timeout = match &c.filter {
-                envoy::NetworkFilter::TcpProxy(t) => t.idle_timeout,
-                envoy::NetworkFilter::Http(_) => None,
+            let (idle_timeout, max_duration) = match &c.filter {
+                envoy::NetworkFilter::TcpProxy(t) => {
+                    (t.idle_timeout, t.max_downstream_connection_duration)
+                }
+                envoy::NetworkFilter::Http(_) => (None, None),
             };
             let filter = match &c.filter {
                 envoy::NetworkFilter::TcpProxy(t) => ChainFilter::Tcp(target(&t.cluster)),
@@ -257,6 +262,7 @@ impl Listener {
                 listener: Arc::clone(&listener_name),
                 filter,
                 idle_timeout,
+                max_duration,
             })
         };
         let mut tree = PortLevel::default();

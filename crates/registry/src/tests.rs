@@ -2451,7 +2451,7 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
 }
 
 #[test]
-fn a_tcp_idle_timeout_goes_to_the_services_tcp_proxy_and_its_pooled_connections() {
+fn tcp_idle_timeout_and_max_duration_go_to_the_services_tcp_proxy_and_its_pooled_connections() {
     let rule = |spec: &str| {
         format!(
             "
@@ -2508,6 +2508,35 @@ spec:
             .connection_limits
             .idle_timeout,
         Some(secs(7))
+    );
+    // maxConnectionDuration closes the service's TCP connections that old, and its pooled
+    // upstream connections; the idle timeout stays Envoy's hour.
+    let s = snapshot(
+        &[
+            TCP,
+            &rule("    connectionPool: {tcp: {maxConnectionDuration: 90s}}\n"),
+        ]
+        .concat(),
+    );
+    let conn = crate::Connection {
+        destination: Some(ip("10.1.2.3")),
+        port: 5432,
+        ..Default::default()
+    };
+    let chain = s.filter_chain(&conn).expect("db's chain");
+    assert_eq!(
+        (chain.idle_timeout, chain.max_duration),
+        (Some(secs(3600)), Some(secs(90)))
+    );
+    assert_eq!(
+        cluster(&s, "outbound|5432||db.internal")
+            .connection_limits
+            .max_connection_duration,
+        Some(secs(90))
+    );
+    assert_eq!(
+        snapshot(TCP).filter_chain(&conn).unwrap().max_duration,
+        None
     );
 }
 

@@ -13,7 +13,9 @@ use portcullis_envoy::{
 };
 use prost::Name;
 
-use crate::common::{At, Invalid, cidr, each, ip_socket_address, port, timeout_or, unpack};
+use crate::common::{
+    At, Invalid, cidr, duration, each, ip_socket_address, port, timeout_or, unpack,
+};
 use crate::route;
 
 const LISTENER_FILTERS: [&str; 3] = [
@@ -262,7 +264,24 @@ fn tcp_proxy(t: &tcp::TcpProxy) -> Result<TcpProxy, Invalid> {
             t.idle_timeout.as_ref(),
             Some(TCP_IDLE_TIMEOUT),
         )?,
+        max_downstream_connection_duration: t
+            .max_downstream_connection_duration
+            .as_ref()
+            .map(|d| at_least_a_millisecond("max_downstream_connection_duration", d))
+            .transpose()?,
     })
+}
+
+/// A duration Envoy's validation requires to be at least 1 ms.
+fn at_least_a_millisecond(
+    field: &str,
+    d: &envoy_types::pb::google::protobuf::Duration,
+) -> Result<Duration, Invalid> {
+    let d = duration(field, d)?;
+    if d < Duration::from_millis(1) {
+        return Err(Invalid::new(field, "must be at least 1ms"));
+    }
+    Ok(d)
 }
 
 fn http_connection_manager(

@@ -533,6 +533,33 @@ fn a_vip_listener_proxies_tcp_and_a_zero_idle_timeout_disables_it() {
         panic!("tcp_proxy")
     };
     assert_eq!(t.idle_timeout, None);
+    assert_eq!(t.max_downstream_connection_duration, None);
+}
+
+#[test]
+fn a_max_downstream_connection_duration_under_a_millisecond_is_refused() {
+    let with = |d: Option<pb::Duration>| {
+        let mut proto = tcp_vip();
+        proto.filter_chains[0].filters[1] = filter(
+            "envoy.filters.network.tcp_proxy",
+            pack_any(tcp::TcpProxy {
+                cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+                max_downstream_connection_duration: d,
+                ..Default::default()
+            }),
+        );
+        listener(&proto)
+    };
+    let l = with(secs(90)).unwrap();
+    let NetworkFilter::TcpProxy(t) = terminal(&l, 0) else {
+        panic!("tcp_proxy")
+    };
+    assert_eq!(
+        t.max_downstream_connection_duration,
+        Some(Duration::from_secs(90))
+    );
+    let e = with(secs(0)).unwrap_err().to_string();
+    assert!(e.contains("max_downstream_connection_duration"), "{e}");
 }
 
 #[test]

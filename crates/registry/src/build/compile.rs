@@ -26,7 +26,7 @@ use super::locality;
 use super::virtual_service::SubnetRoute;
 use super::{
     AddressKey, BuildOptions, Builder, DnsAnswers, EndpointAddress, PendingAddress, PendingCluster,
-    Traffic, conflict,
+    TcpProxyTimeouts, Traffic, conflict,
 };
 use crate::Map;
 use crate::snapshot::Protocol;
@@ -277,18 +277,18 @@ impl Builder<'_> {
                 }
             }
         }
-        let mut tcp_idle: Map<String, Option<Duration>> = Map::default();
+        let mut tcp_timeouts: Map<String, TcpProxyTimeouts> = Map::default();
         for (name, p) in pending {
-            let idle = self.tcp_idle_timeout(&p.host);
-            if let Some(idle) = idle {
-                tcp_idle.insert(name.to_string(), idle);
+            let timeouts = self.tcp_proxy_timeouts(&p.host);
+            if let Some(t) = timeouts {
+                tcp_timeouts.insert(name.to_string(), t);
             }
             // Each subset of the host's DestinationRule is a cluster of its own,
             // `outbound|PORT|SUBSET|HOST`, of the endpoints its labels select.
             for (subset, traffic) in self.subsets_for(&p.host, p.port) {
                 let subset_name = format!("outbound|{}|{}|{}", p.port, subset.name, p.host);
-                if let Some(idle) = idle {
-                    tcp_idle.insert(subset_name.clone(), idle);
+                if let Some(t) = timeouts {
+                    tcp_timeouts.insert(subset_name.clone(), t);
                 }
                 let endpoints = p
                     .endpoints
@@ -320,9 +320,9 @@ impl Builder<'_> {
                 .clusters
                 .insert(name.to_string(), Arc::new(cluster));
         }
-        if !tcp_idle.is_empty() {
+        if !tcp_timeouts.is_empty() {
             for listener in out.resources.listeners.values_mut() {
-                apply_tcp_idle_timeouts(Arc::make_mut(listener), &tcp_idle);
+                apply_tcp_proxy_timeouts(Arc::make_mut(listener), &tcp_timeouts);
             }
         }
         out.warnings = self.warnings;
@@ -517,12 +517,13 @@ fn tcp_proxy_to(cluster: ClusterSpecifier) -> NetworkFilter {
         stat_prefix,
         cluster,
         idle_timeout: Some(TCP_IDLE_TIMEOUT),
+        max_downstream_connection_duration: None,
     })
 }
 
-/// istiod's `tcp_proxy` idle timeout: that of the DestinationRule of the one cluster a
-/// chain's `tcp_proxy` goes to (`None`: never); weighted routes keep Envoy's hour.
-fn apply_tcp_idle_timeouts(listener: &mut Listener, idle: &Map<String, Option<Duration>>) {
+/// istiod's `tcp_proxy` timeouts: those of the DestinationRule of the one cluster a
+/// chain's `tcp_proxy` goes to; weighted routes keep Envoy's defaults.
+fn apply_tcp_proxy_timeouts(listener: &mut Listener, timeouts: &Map<String, TcpProxyTimeouts>) {
     let chains = listener
         .filter_chains
         .iter_mut()
@@ -530,9 +531,12 @@ fn apply_tcp_idle_timeouts(listener: &mut Listener, idle: &Map<String, Option<Du
     for chain in chains {
         if let NetworkFilter::TcpProxy(t) = &mut chain.filter
             && let ClusterSpecifier::Cluster(name) = &t.cluster
-            && let Some(timeout) = idle.get(name)
+            && let Some(set) = timeouts.get(name)
         {
-            t.idle_timeout = *timeout;
+            if let Some(idle) = set.idle {
+                t.idle_timeout = idle;
+            }
+            t.max_downstream_connection_duration = set.max_duration;
         }
     }
 }
