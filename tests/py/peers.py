@@ -94,15 +94,19 @@ def http_echo(host, port):
 
         def reply_status(self):
             # /status/CODE answers CODE; /flaky/CODE answers CODE to a first attempt and 200
-            # to a retry (by Envoy's x-envoy-attempt-count); both say which attempt they saw.
+            # to a retry (by Envoy's x-envoy-attempt-count); /busy/CODE answers CODE with
+            # `x-busy: yes` to a first attempt and without it to a retry; all say which
+            # attempt they saw.
             kind, _, code = self.path.strip("/").partition("/")
-            if kind not in ("status", "flaky") or not code.isdigit():
+            if kind not in ("status", "flaky", "busy") or not code.isdigit():
                 return False
             status = int(code)
             if kind == "flaky" and self.attempt() > 1:
                 status = 200
             body = f"status {status} on attempt {self.attempt()}\n".encode()
             self.send_response(status)
+            if kind == "busy" and self.attempt() == 1:
+                self.send_header("x-busy", "yes")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -1420,6 +1420,74 @@ spec:
     });
 }
 
+/// `retriable-headers` over xDS (Istio's VirtualService has no field for the headers): a
+/// response carrying `x-busy: yes` is retried, over HTTP/1.1 and h2c; a policy with
+/// another condition delivers it.
+#[test]
+fn retriable_headers() {
+    let mut policy = retry_policy("retriable-headers", 1);
+    policy["retriable_headers"] = json!([{ "name": "x-busy", "string_match": { "exact": "yes" } }]);
+    let mut other = retry_policy("5xx", 1);
+    other["retriable_headers"] = policy["retriable_headers"].clone();
+    let vhosts = vec![
+        vs_vhost(
+            "busy.internal.com",
+            80,
+            vec![vs_route(
+                "busy",
+                "/",
+                json!({ "route": to_cluster(ECHO_CLUSTER, Some(policy)) }),
+            )],
+        ),
+        vs_vhost(
+            "other.internal.com",
+            80,
+            vec![vs_route(
+                "other",
+                "/",
+                json!({ "route": to_cluster(ECHO_CLUSTER, Some(other)) }),
+            )],
+        ),
+    ];
+    let scenario = Scenario {
+        name: "retriable-headers",
+        files: Vec::new(),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vhosts, Mode::RegistryOnly))
+            .cluster(static_cluster(
+                8080,
+                "echo.internal.com",
+                &[(EXTERNAL_IP, 8080)],
+            )),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl(
+                "x-busy: yes on the first attempt, retried",
+                &["http://busy.internal.com/busy/200"],
+            ),
+            Probe::curl(
+                "the same over h2c",
+                &[
+                    "--http2-prior-knowledge",
+                    "http://busy.internal.com/busy/200",
+                ],
+            ),
+            Probe::curl(
+                "a response without it is delivered",
+                &["http://busy.internal.com/status/200"],
+            ),
+            Probe::curl(
+                "5xx only: the header is not read",
+                &["http://other.internal.com/busy/200"],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&["busy.internal.com", "other.internal.com"])?;
+        lab.start_python_peer(Role::External, "echo", &["http-echo", EXTERNAL_IP, "8080"])
+    });
+}
+
 /// An upstream on the rogue host's port 84 that never answers `/hang`, sends `/stall`'s
 /// response head and 3 of its 100 body bytes, then nothing, and answers the rest at once,
 /// closing the connection (it serves one request per connection, so none may be pooled).

@@ -352,7 +352,11 @@ fn route(r: &Route) -> Value {
             }
             put(&mut a, "timeout", opt(f.timeout, duration));
             put(&mut a, "idle_timeout", opt(f.idle_timeout, duration));
-            put(&mut a, "retry_policy", opt(f.retry_policy.as_ref(), retry));
+            put(
+                &mut a,
+                "retry_policy",
+                opt(f.retry_policy.as_deref(), retry),
+            );
             put(
                 &mut a,
                 "host_rewrite_literal",
@@ -503,6 +507,11 @@ fn retry(r: &RetryPolicy) -> Value {
         &mut o,
         "retriable_status_codes",
         json!(r.retriable_status_codes),
+    );
+    put(
+        &mut o,
+        "retriable_headers",
+        Value::Array(r.retriable_headers.iter().map(header_matcher).collect()),
     );
     if r.avoid_previous_hosts {
         o.insert(

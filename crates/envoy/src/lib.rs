@@ -458,8 +458,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// Idle timeout of the stream on this route.
     pub idle_timeout: Option<Duration>,
-    /// Retry policy; overrides the virtual host's.
-    pub retry_policy: Option<RetryPolicy>,
+    /// Retry policy; overrides the virtual host's. Boxed: most routes carry Istio's one
+    /// policy and the action enum stays small.
+    pub retry_policy: Option<Box<RetryPolicy>>,
     /// Replaces the Host/`:authority`.
     pub host_rewrite_literal: Option<String>,
     /// Replaces the matched prefix of the path.
@@ -543,6 +544,8 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<Duration>,
     /// Status codes retried under `retriable-status-codes`.
     pub retriable_status_codes: Vec<u16>,
+    /// Response headers retried under `retriable-headers`: any one matching is enough.
+    pub retriable_headers: Vec<HeaderMatcher>,
     /// Whether a retry avoids hosts already tried (Istio's `previous_hosts` predicate).
     pub avoid_previous_hosts: bool,
     /// How many times a host pick is retried to avoid previous hosts.

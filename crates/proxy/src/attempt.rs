@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use portcullis_registry::{Decision, Resource, Slot};
+use portcullis_registry::{Decision, Headers, Resource, Slot};
 use tokio::time::Instant;
 
 use portcullis_balance::outlier::Outcome;
@@ -106,6 +106,7 @@ impl<'a> Attempts<'a> {
         policy: RetryPolicy,
         admission: Option<Resource>,
     ) -> Self {
+        let backoff = policy.backoff_base;
         Attempts {
             proxy,
             decision,
@@ -119,7 +120,7 @@ impl<'a> Attempts<'a> {
             hash: None,
             made: 0,
             current: None,
-            backoff: policy.backoff_base,
+            backoff,
             retrying: None,
         }
     }
@@ -243,19 +244,20 @@ impl<'a> Attempts<'a> {
         Ok(again)
     }
 
-    /// Judges a response head with `status` (and `grpc-status`, for a trailers-only gRPC
-    /// response): one the policy retries goes again while attempts and the retry budget
-    /// last and the request can be sent again (`again`).
+    /// Judges a response head with `status` and `headers` (and `grpc-status`, for a
+    /// trailers-only gRPC response): one the policy retries goes again while attempts and
+    /// the retry budget last and the request can be sent again (`again`).
     pub(crate) fn answered<R>(
         &mut self,
-        status: u16,
+        (status, headers): (u16, &dyn Headers),
         grpc_status: Option<u32>,
         again: Option<R>,
     ) -> Answer<R> {
         // Envoy's router tells outlier detection a gRPC status as the HTTP status it maps to.
         self.report(Outcome::Status(grpc_status.map_or(status, grpc_to_http)));
         let retried = self.policy.retry_status(status)
-            || grpc_status.is_some_and(|code| self.policy.retry_grpc(code));
+            || grpc_status.is_some_and(|code| self.policy.retry_grpc(code))
+            || self.policy.retry_headers(status, headers);
         if !retried {
             return Answer::Deliver(None);
         }
@@ -573,20 +575,26 @@ mod tests {
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(200, None, Some(())),
+            attempts.answered((200, &()), None, Some(())),
             Answer::Deliver(None)
         );
-        assert_eq!(attempts.answered(503, None, Some(())), Answer::Retry(()));
+        assert_eq!(
+            attempts.answered((503, &()), None, Some(())),
+            Answer::Retry(())
+        );
         attempts.start().await.unwrap();
         // A request that cannot be sent again gets the response as it is.
         assert_eq!(
-            attempts.answered(503, None, None::<()>),
+            attempts.answered((503, &()), None, None::<()>),
             Answer::Deliver(Some("URX"))
         );
-        assert_eq!(attempts.answered(503, None, Some(())), Answer::Retry(()));
+        assert_eq!(
+            attempts.answered((503, &()), None, Some(())),
+            Answer::Retry(())
+        );
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(503, None, Some(())),
+            attempts.answered((503, &()), None, Some(())),
             Answer::Deliver(Some("URX"))
         );
     }
@@ -598,25 +606,28 @@ mod tests {
         let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(200, Some(14), Some(())),
+            attempts.answered((200, &()), Some(14), Some(())),
             Answer::Retry(())
         );
         attempts.start().await.unwrap();
-        assert_eq!(attempts.answered(200, Some(1), Some(())), Answer::Retry(()));
+        assert_eq!(
+            attempts.answered((200, &()), Some(1), Some(())),
+            Answer::Retry(())
+        );
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(200, Some(14), Some(())),
+            attempts.answered((200, &()), Some(14), Some(())),
             Answer::Deliver(Some("URX"))
         );
         let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         attempts.start().await.unwrap();
         // `internal` (13) is not among them, nor is a plain 200.
         assert_eq!(
-            attempts.answered(200, Some(13), Some(())),
+            attempts.answered((200, &()), Some(13), Some(())),
             Answer::Deliver(None)
         );
         assert_eq!(
-            attempts.answered(200, Some(0), Some(())),
+            attempts.answered((200, &()), Some(0), Some(())),
             Answer::Deliver(None)
         );
         let policy = RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
@@ -624,10 +635,12 @@ mod tests {
             num_retries: 1,
             per_try_timeout: None,
             retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
             retry_back_off: None,
-        });
+        })
+        .unwrap();
         assert!(policy.retry_grpc(13) && policy.retry_grpc(4));
         assert!(!policy.retry_grpc(14) && !policy.retry_grpc(99));
     }
@@ -640,18 +653,20 @@ mod tests {
             num_retries: 4,
             per_try_timeout: None,
             retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
             retry_back_off: Some(Box::new(portcullis_envoy::RetryBackOff {
                 base_interval: Duration::from_secs(1),
                 max_interval: Some(Duration::from_secs(3)),
             })),
-        });
+        })
+        .unwrap();
         // Ceilings of 1 s, 2 s, then 3 s (the cap) twice; each wait is below its ceiling,
         // and over 50 requests the last waits go past the base (odds of missing: 3^-50).
         let mut longest_last = Duration::ZERO;
         for _ in 0..50 {
-            let mut attempts = http(&proxy, &decision, policy);
+            let mut attempts = http(&proxy, &decision, policy.clone());
             let mut waits = Vec::new();
             loop {
                 let before = Instant::now();
@@ -681,7 +696,7 @@ mod tests {
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered(500, None, Some(())),
+            attempts.answered((500, &()), None, Some(())),
             Answer::Deliver(Some("UO"))
         );
         let e = attempts
@@ -704,7 +719,7 @@ mod tests {
             Ok::<(), Failure>(())
         };
         // Three attempts of one second each: out of retries, Envoy's `URX,UT` and 504.
-        let mut attempts = http(&proxy, &decision, policy);
+        let mut attempts = http(&proxy, &decision, policy.clone());
         let start = Instant::now();
         let error = loop {
             attempts.start().await.unwrap();

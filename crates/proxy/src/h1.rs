@@ -488,23 +488,26 @@ async fn forward(
             ))
             .await;
         match sent {
-            Ok((conn, buffered, head)) => match attempts.answered(head.status, None, Some(())) {
-                // The response and its connection are dropped, never reused with a body
-                // left unread; the whole request is still in `out`.
-                Answer::Retry(()) => drop((conn, buffered, pick)),
-                Answer::Deliver(flag) => {
-                    if let Some(flag) = flag {
-                        log.outcome.flags = flag;
+            Ok((conn, buffered, head)) => {
+                match attempts.answered((head.status, &ResponseHeaders(&head.head)), None, Some(()))
+                {
+                    // The response and its connection are dropped, never reused with a body
+                    // left unread; the whole request is still in `out`.
+                    Answer::Retry(()) => drop((conn, buffered, pick)),
+                    Answer::Deliver(flag) => {
+                        if let Some(flag) = flag {
+                            log.outcome.flags = flag;
+                        }
+                        let upstream = Upstream {
+                            conn,
+                            key: transport.key,
+                            buffered,
+                            guard: pick.guard,
+                        };
+                        return Ok((upstream, head));
                     }
-                    let upstream = Upstream {
-                        conn,
-                        key: transport.key,
-                        buffered,
-                        guard: pick.guard,
-                    };
-                    return Ok((upstream, head));
                 }
-            },
+            }
             Err(failure) => attempts.failed(failure, Some(()))?,
         }
     }
@@ -761,6 +764,35 @@ fn chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A response head as [`ResponseHead::head`] keeps it (a status line, then `name: value`
+/// lines with lower-case names), read only when a retry policy matches on headers.
+struct ResponseHeaders<'a>(&'a [u8]);
+
+impl Headers for ResponseHeaders<'_> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self
+            .0
+            .split(|b| *b == b'\n')
+            .skip(1)
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let (field, value) = line.split_at(line.iter().position(|b| *b == b':')?);
+                (field == name.as_bytes()).then(|| value[1..].trim_ascii())
+            })
+            .filter_map(|v| std::str::from_utf8(v).ok());
+        let first = values.next()?;
+        let Some(second) = values.next() else {
+            return Some(Cow::Borrowed(first));
+        };
+        let mut joined = format!("{first},{second}");
+        for v in values {
+            joined.push(',');
+            joined.push_str(v);
+        }
+        Some(Cow::Owned(joined))
+    }
 }
 
 /// The client's request head, parsed again only when a route matches on headers.
@@ -1391,6 +1423,20 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_response_heads_headers_are_read_by_lower_case_name_and_joined() {
+        let raw =
+            b"HTTP/1.1 200 OK\r\nX-Busy: yes\r\nVia: a\r\ncontent-length: 0\r\nvia:  b \r\n\r\n";
+        let head = parse_response(raw, false).unwrap().unwrap();
+        let headers = ResponseHeaders(&head.head);
+        assert_eq!(headers.get("x-busy").as_deref(), Some("yes"));
+        assert_eq!(headers.get("via").as_deref(), Some("a,b"));
+        assert_eq!(headers.get("content-length").as_deref(), Some("0"));
+        assert_eq!(headers.get("x-other"), None);
+        // The status line is no header.
+        assert_eq!(headers.get("http/1.1 200 ok"), None);
+    }
 
     /// The head the fast path takes, and the head it sends without the proxy's own
     /// `x-request-id` and `x-envoy-attempt-count` lines (checked by their own test).

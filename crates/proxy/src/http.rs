@@ -762,7 +762,11 @@ async fn route_and_forward(
             .headers()
             .get("grpc-status")
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        match attempts.answered(response.status().as_u16(), grpc_status, again()) {
+        let head = (
+            response.status().as_u16(),
+            &MapHeaders(response.headers()) as &dyn Headers,
+        );
+        match attempts.answered(head, grpc_status, again()) {
             // The response and its connection are dropped, never reused with a body left
             // unread; the request goes again as Envoy's router does.
             Answer::Retry(next) => {

@@ -132,15 +132,16 @@ fn route(prefix: &str, action: RouteAction) -> envoy::Route {
 fn retried(cluster: &str, general: bool) -> RouteAction {
     RouteAction::Forward(envoy::Forward {
         prefix_rewrite: general.then(|| "/".into()),
-        retry_policy: Some(envoy::RetryPolicy {
+        retry_policy: Some(Box::new(envoy::RetryPolicy {
             retry_on: vec!["connect-failure".into()],
             num_retries: 2,
             per_try_timeout: None,
             retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
             avoid_previous_hosts: false,
             host_selection_retry_max_attempts: 0,
             retry_back_off: None,
-        }),
+        })),
         ..envoy::Forward::to(cluster)
     })
 }

@@ -106,15 +106,16 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             route(
                 "/retried",
                 RouteAction::Forward(envoy::Forward {
-                    retry_policy: Some(envoy::RetryPolicy {
+                    retry_policy: Some(Box::new(envoy::RetryPolicy {
                         retry_on: vec!["connect-failure".into()],
                         num_retries: 2,
                         per_try_timeout: None,
                         retriable_status_codes: Vec::new(),
+                        retriable_headers: Vec::new(),
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
                         retry_back_off: None,
-                    }),
+                    })),
                     ..envoy::Forward::to("refused")
                 }),
             ),
@@ -149,15 +150,16 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             route(
                 "/flaky-echo",
                 RouteAction::Forward(envoy::Forward {
-                    retry_policy: Some(envoy::RetryPolicy {
+                    retry_policy: Some(Box::new(envoy::RetryPolicy {
                         retry_on: vec!["retriable-status-codes".into()],
                         num_retries: 1,
                         per_try_timeout: None,
                         retriable_status_codes: vec![503],
+                        retriable_headers: Vec::new(),
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
                         retry_back_off: None,
-                    }),
+                    })),
                     ..envoy::Forward::to("app")
                 }),
             ),

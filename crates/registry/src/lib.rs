@@ -27,7 +27,7 @@ pub use cluster::Target;
 pub use host::{HostError, normalize_host, split_host_port};
 pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMITED};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
-pub use retry::{RetryPolicy, StatusSet};
+pub use retry::{RetriableHeaders, RetryPolicy, StatusSet};
 pub use route::{
     Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Mirror, Request, Route, RouteTable,
     VirtualHost,

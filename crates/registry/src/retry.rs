@@ -2,7 +2,11 @@
 //! `retry_policy`, compiled once per snapshot into flags and bit sets so that a request
 //! decides a retry without comparing strings.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::route::{HeaderCheck, Headers};
 
 /// HTTP status codes below 640, as bits: a route's `retriable_status_codes` read per request
 /// without an allocation.
@@ -35,9 +39,49 @@ impl StatusSet {
     }
 }
 
+/// The response headers of a `retriable-headers` policy: a response carrying any one of
+/// them is retried.
+#[derive(Debug)]
+pub struct RetriableHeaders {
+    checks: Box<[HeaderCheck]>,
+    /// What they were compiled from, to compare policies.
+    source: Box<[portcullis_envoy::HeaderMatcher]>,
+}
+
+impl RetriableHeaders {
+    fn compile(
+        matchers: &[portcullis_envoy::HeaderMatcher],
+    ) -> Result<RetriableHeaders, regex::Error> {
+        Ok(RetriableHeaders {
+            checks: matchers
+                .iter()
+                .map(HeaderCheck::compile)
+                .collect::<Result<_, _>>()?,
+            source: matchers.into(),
+        })
+    }
+
+    /// Whether a response head with `status` and `headers` matches one of them.
+    pub fn any_in(&self, status: u16, headers: &dyn Headers) -> bool {
+        self.checks.iter().any(|check| {
+            let value = match check.name() {
+                ":status" => Some(Cow::Owned(status.to_string())),
+                name => headers.get(name),
+            };
+            check.matches_value(value)
+        })
+    }
+}
+
+impl PartialEq for RetriableHeaders {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
 /// When a failed upstream attempt is made again: the conditions of Envoy's route
 /// `retry_policy` that the data path tells apart. Its `Default` is Istio's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     /// `num_retries`: attempts after the first.
     pub num_retries: u8,
@@ -64,6 +108,9 @@ pub struct RetryPolicy {
     /// `resource-exhausted`, `unavailable`): the `grpc-status` codes of a response head
     /// (a trailers-only gRPC response) that are retried, one bit per code.
     pub grpc_statuses: u32,
+    /// `retry_on: retriable-headers`: the response headers that are retried (`None`
+    /// without the condition or without headers).
+    pub retriable_headers: Option<Arc<RetriableHeaders>>,
     /// `per_try_timeout`: how long one attempt may wait for the response head.
     pub per_try_timeout: Option<Duration>,
     /// The first back-off ceiling (`retry_back_off.base_interval`).
@@ -106,6 +153,7 @@ impl RetryPolicy {
         gateway_error: false,
         status_codes: StatusSet::EMPTY.with(503),
         grpc_statuses: grpc_bit(1) | grpc_bit(14),
+        retriable_headers: None,
         per_try_timeout: None,
         backoff_base: BACKOFF_BASE,
         backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
@@ -122,6 +170,7 @@ impl RetryPolicy {
         gateway_error: false,
         status_codes: StatusSet::EMPTY,
         grpc_statuses: 0,
+        retriable_headers: None,
         per_try_timeout: None,
         backoff_base: BACKOFF_BASE,
         backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
@@ -139,12 +188,20 @@ impl RetryPolicy {
         code < 32 && self.grpc_statuses & grpc_bit(code) != 0
     }
 
+    /// Whether a response head with `status` and `headers` is retried for its headers.
+    pub fn retry_headers(&self, status: u16, headers: &dyn Headers) -> bool {
+        self.retriable_headers
+            .as_ref()
+            .is_some_and(|h| h.any_in(status, headers))
+    }
+
     /// Whether some response head is retried.
     pub fn retries_statuses(&self) -> bool {
         self.five_xx
             || self.gateway_error
             || !self.status_codes.is_empty()
             || self.grpc_statuses != 0
+            || self.retriable_headers.is_some()
     }
 
     /// Attempts in all, the first included.
@@ -172,15 +229,24 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The conditions of Envoy's `retry_policy` the data path tells apart.
-    pub fn from_envoy(policy: &portcullis_envoy::RetryPolicy) -> RetryPolicy {
+    /// The conditions of Envoy's `retry_policy` the data path tells apart; an error for a
+    /// retriable header's regex that does not compile.
+    pub fn from_envoy(policy: &portcullis_envoy::RetryPolicy) -> Result<RetryPolicy, regex::Error> {
         let on = |conditions: &[&str]| {
             policy
                 .retry_on
                 .iter()
                 .any(|c| conditions.contains(&c.as_str()))
         };
-        RetryPolicy {
+        let retriable_headers =
+            if on(&["retriable-headers"]) && !policy.retriable_headers.is_empty() {
+                Some(Arc::new(RetriableHeaders::compile(
+                    &policy.retriable_headers,
+                )?))
+            } else {
+                None
+            };
+        Ok(RetryPolicy {
             num_retries: u8::try_from(policy.num_retries).unwrap_or(u8::MAX),
             // Envoy's `5xx` and `gateway-error` take in a failed connect and any reset, a
             // refused stream included.
@@ -209,6 +275,7 @@ impl RetryPolicy {
                 .iter()
                 .filter(|(name, _)| on(&[name]))
                 .fold(0, |bits, (_, code)| bits | grpc_bit(*code)),
+            retriable_headers,
             per_try_timeout: policy.per_try_timeout.filter(|t| !t.is_zero()),
             backoff_base: policy
                 .retry_back_off
@@ -221,7 +288,7 @@ impl RetryPolicy {
                         .unwrap_or(b.base_interval.saturating_mul(BACKOFF_CEILING_FACTOR))
                 },
             ),
-        }
+        })
     }
 }
 
@@ -262,10 +329,12 @@ mod tests {
                 num_retries: 2,
                 per_try_timeout: None,
                 retriable_status_codes: codes.to_vec(),
+                retriable_headers: Vec::new(),
                 avoid_previous_hosts: true,
                 host_selection_retry_max_attempts: 5,
                 retry_back_off: None,
             })
+            .unwrap()
         };
         let five = route(&["5xx"], &[]);
         assert!(five.retry_status(500) && five.retry_status(599) && !five.retry_status(404));
@@ -279,5 +348,72 @@ mod tests {
         assert!(listed.retry_status(409) && !listed.retry_status(503));
         let unlisted = route(&["connect-failure"], &[409]);
         assert!(!unlisted.retries_statuses());
+    }
+
+    #[test]
+    fn retriable_headers_count_only_under_their_condition_and_any_one_matches() {
+        use portcullis_envoy::{HeaderMatch, HeaderMatcher, StringMatcher, StringPattern};
+
+        struct Two;
+        impl Headers for Two {
+            fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+                match name {
+                    "x-busy" => Some(Cow::Borrowed("yes")),
+                    "x-load" => Some(Cow::Borrowed("high")),
+                    _ => None,
+                }
+            }
+        }
+        let matcher = |name: &str, matcher| HeaderMatcher {
+            name: name.to_owned(),
+            matcher,
+            invert_match: false,
+            treat_missing_header_as_empty: false,
+        };
+        let exact = |v: &str| {
+            HeaderMatch::String(StringMatcher {
+                pattern: StringPattern::Exact(v.to_owned()),
+                ignore_case: false,
+            })
+        };
+        let policy = |retry_on: &str, headers: Vec<HeaderMatcher>| {
+            RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
+                retry_on: vec![retry_on.to_owned()],
+                num_retries: 1,
+                per_try_timeout: None,
+                retriable_status_codes: Vec::new(),
+                retriable_headers: headers,
+                avoid_previous_hosts: true,
+                host_selection_retry_max_attempts: 0,
+                retry_back_off: None,
+            })
+        };
+        let headers = vec![
+            matcher("x-load", exact("low")),
+            matcher("x-busy", HeaderMatch::Present(true)),
+        ];
+        let on = policy("retriable-headers", headers.clone()).unwrap();
+        assert!(on.retries_statuses());
+        assert!(on.retry_headers(200, &Two));
+        assert!(!on.retry_headers(200, &()));
+        // Another condition: the headers are not read.
+        let off = policy("5xx", headers).unwrap();
+        assert_eq!(off.retriable_headers, None);
+        assert!(!off.retry_headers(200, &Two));
+        // The condition without headers retries nothing.
+        assert_eq!(
+            policy("retriable-headers", Vec::new())
+                .unwrap()
+                .retriable_headers,
+            None
+        );
+        // `:status` is the response's status.
+        let status = policy("retriable-headers", vec![matcher(":status", exact("429"))]).unwrap();
+        assert!(status.retry_headers(429, &()) && !status.retry_headers(200, &()));
+        let bad = HeaderMatch::String(StringMatcher {
+            pattern: StringPattern::Regex("(".to_owned()),
+            ignore_case: false,
+        });
+        assert!(policy("retriable-headers", vec![matcher("x-busy", bad)]).is_err());
     }
 }

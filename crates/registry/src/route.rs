@@ -446,7 +446,9 @@ impl Route {
             ))
             .collect();
         let retry_policy = match &r.action {
-            envoy::RouteAction::Forward(f) => f.retry_policy.as_ref().or(vh.retry_policy.as_ref()),
+            envoy::RouteAction::Forward(f) => {
+                f.retry_policy.as_deref().or(vh.retry_policy.as_ref())
+            }
             _ => None,
         };
         Ok(Route {
@@ -456,7 +458,10 @@ impl Route {
             request_headers,
             response_headers,
             regex_rewrite,
-            retries: retry_policy.map_or(RetryPolicy::NONE, RetryPolicy::from_envoy),
+            retries: retry_policy
+                .map(RetryPolicy::from_envoy)
+                .transpose()?
+                .unwrap_or(RetryPolicy::NONE),
             fault: r
                 .fault
                 .clone()
@@ -575,8 +580,9 @@ struct Matcher {
     query: Vec<(Box<str>, Option<StringCheck>)>,
 }
 
+/// One of Envoy's `HeaderMatcher`s, compiled.
 #[derive(Debug)]
-struct HeaderCheck {
+pub(crate) struct HeaderCheck {
     name: Box<str>,
     check: Option<StringCheck>,
     present: bool,
@@ -624,19 +630,7 @@ impl Matcher {
         let headers = m
             .headers
             .iter()
-            .map(|h| {
-                let (check, present) = match &h.matcher {
-                    envoy::HeaderMatch::Present(p) => (None, *p),
-                    envoy::HeaderMatch::String(s) => (Some(StringCheck::compile(s)?), true),
-                };
-                Ok(HeaderCheck {
-                    name: h.name.to_ascii_lowercase().into(),
-                    check,
-                    present,
-                    invert: h.invert_match,
-                    missing_as_empty: h.treat_missing_header_as_empty,
-                })
-            })
+            .map(HeaderCheck::compile)
             .collect::<Result<_, regex::Error>>()?;
         let query = m
             .query_parameters
@@ -683,8 +677,31 @@ impl Matcher {
 }
 
 impl HeaderCheck {
+    pub(crate) fn compile(h: &envoy::HeaderMatcher) -> Result<HeaderCheck, regex::Error> {
+        let (check, present) = match &h.matcher {
+            envoy::HeaderMatch::Present(p) => (None, *p),
+            envoy::HeaderMatch::String(s) => (Some(StringCheck::compile(s)?), true),
+        };
+        Ok(HeaderCheck {
+            name: h.name.to_ascii_lowercase().into(),
+            check,
+            present,
+            invert: h.invert_match,
+            missing_as_empty: h.treat_missing_header_as_empty,
+        })
+    }
+
+    /// The header's lower-case name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     fn matches(&self, req: &Request<'_>) -> bool {
-        let value = req.header(&self.name);
+        self.matches_value(req.header(&self.name))
+    }
+
+    /// Whether the header, with `value` (`None`: absent), matches.
+    pub(crate) fn matches_value(&self, value: Option<Cow<'_, str>>) -> bool {
         let value = match value {
             Some(v) => v,
             None if self.missing_as_empty => Cow::Borrowed(""),

@@ -436,7 +436,8 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
             .as_ref()
             .map(retry_policy)
             .transpose()
-            .at("retry_policy")?,
+            .at("retry_policy")?
+            .map(Box::new),
         host_rewrite_literal,
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,
@@ -537,6 +538,7 @@ fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {
             .map(|d| duration("per_try_timeout", d))
             .transpose()?,
         retriable_status_codes,
+        retriable_headers: each("retriable_headers", &r.retriable_headers, header_matcher)?,
         avoid_previous_hosts: r
             .retry_host_predicate
             .iter()

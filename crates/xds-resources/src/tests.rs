@@ -239,6 +239,7 @@ fn route_to(cluster: &str) -> rds::Route {
                 }],
                 host_selection_retry_max_attempts: 5,
                 retriable_status_codes: vec![503],
+                retriable_headers: Vec::new(),
                 ..Default::default()
             }),
             ..Default::default()

@@ -829,6 +829,7 @@ pub(crate) fn istio_retry_policy() -> RetryPolicy {
         num_retries: 2,
         per_try_timeout: None,
         retriable_status_codes: vec![503],
+        retriable_headers: Vec::new(),
         avoid_previous_hosts: true,
         host_selection_retry_max_attempts: 5,
         retry_back_off: None,
@@ -842,7 +843,7 @@ fn forward_spec(cluster: &str) -> Forward {
         // Istio disables the route timeout unless a VirtualService sets one.
         timeout: Some(Duration::ZERO),
         idle_timeout: None,
-        retry_policy: Some(istio_retry_policy()),
+        retry_policy: Some(Box::new(istio_retry_policy())),
         host_rewrite_literal: None,
         prefix_rewrite: None,
         regex_rewrite: None,

@@ -415,7 +415,7 @@ impl<'a> Builder<'a> {
             // istiod disables the route timeout unless the VirtualService sets one.
             timeout: Some(http.timeout.unwrap_or(Duration::ZERO)),
             idle_timeout: None,
-            retry_policy: retry_policy(http.retries.as_ref(), consistent_hash),
+            retry_policy: retry_policy(http.retries.as_ref(), consistent_hash).map(Box::new),
             host_rewrite_literal: host_rewrite,
             prefix_rewrite,
             regex_rewrite,

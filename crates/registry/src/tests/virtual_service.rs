@@ -205,8 +205,8 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
     assert_eq!(f.timeout, Some(Duration::from_secs(3)));
     // istiod's `ConvertPolicy`: status codes go to `retriable-status-codes`, which is added.
     assert_eq!(
-        f.retry_policy,
-        Some(RetryPolicy {
+        f.retry_policy.as_deref(),
+        Some(&RetryPolicy {
             retry_on: vec![
                 "5xx".into(),
                 "retriable-4xx".into(),
@@ -215,6 +215,7 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
             num_retries: 4,
             per_try_timeout: Some(Duration::from_secs(1)),
             retriable_status_codes: vec![409],
+            retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
             retry_back_off: None,
@@ -223,15 +224,15 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
     // The data path reads the same policy, compiled.
     assert_eq!(
         split.retries,
-        crate::RetryPolicy::from_envoy(f.retry_policy.as_ref().unwrap())
+        crate::RetryPolicy::from_envoy(f.retry_policy.as_ref().unwrap()).unwrap()
     );
     // Without `retries`, Istio's default; `attempts: 0` none; no timeout unless set.
     let canary = request(&s, "/", &[("x-canary", "yes")])
         .route
         .expect("a route");
     assert_eq!(
-        canary.forward().unwrap().retry_policy,
-        Some(crate::build::compile_default_retry_policy())
+        canary.forward().unwrap().retry_policy.as_deref(),
+        Some(&crate::build::compile_default_retry_policy())
     );
     assert_eq!(canary.retries, crate::RetryPolicy::ISTIO);
     assert_eq!(canary.forward().unwrap().timeout, Some(Duration::ZERO));
@@ -578,8 +579,14 @@ spec:
         avoid_previous_hosts: false,
         ..crate::build::compile_default_retry_policy()
     };
-    assert_eq!(route.forward().unwrap().retry_policy, Some(want.clone()));
-    assert_eq!(route.retries, crate::RetryPolicy::from_envoy(&want));
+    assert_eq!(
+        route.forward().unwrap().retry_policy.as_deref(),
+        Some(&want)
+    );
+    assert_eq!(
+        route.retries,
+        crate::RetryPolicy::from_envoy(&want).unwrap()
+    );
     assert!(
         s.warnings.iter().any(|w| w
             == "VirtualService default/api: host nowhere.example.com is no registered service of this proxy; its rules apply to nothing here (register it with a ServiceEntry)"),
