@@ -1864,6 +1864,90 @@ spec:
     )
 }
 
+// `retryRemoteLocalities` (Envoy's `previous_priorities` retry priority, updated every
+// second attempt) over the priorities of the locality scenario without ejection: the local
+// endpoint answers 500 to the first attempt and to the retry (its priority still takes all
+// the load), the second retry leaves that priority and reaches the other region. Without
+// the retry priority all three attempts stay local.
+#[test]
+fn retry_remote_localities() {
+    let host = "geo.internal.com";
+    let name = cluster_name(80, host);
+    let mut cluster = geo_cluster();
+    eject_on_5xx(&mut cluster, 1000);
+    let mut remote = retry_policy("5xx", 2);
+    remote["retry_priority"] = json!({
+        "name": "envoy.retry_priorities.previous_priorities",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+            "update_frequency": 2
+        }
+    });
+    let vhost = vs_vhost(
+        host,
+        80,
+        vec![
+            vs_route(
+                "local",
+                "/local",
+                json!({ "route": to_cluster(&name, Some(retry_policy("5xx", 2))) }),
+            ),
+            vs_route(
+                "remote",
+                "/",
+                json!({ "route": to_cluster(&name, Some(remote)) }),
+            ),
+        ],
+    );
+    let files = format!(
+        "{GEO}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: geo, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1000, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: geo, namespace: default}}
+spec:
+  hosts: [{host}]
+  http:
+  - name: local
+    match: [{{uri: {{prefix: /local}}}}]
+    route: [{{destination: {{host: {host}}}}}]
+    retries: {{attempts: 2, retryOn: 5xx}}
+  - name: remote
+    route: [{{destination: {{host: {host}}}}}]
+    retries: {{attempts: 2, retryOn: 5xx, retryRemoteLocalities: true}}
+"
+    );
+    let scenario = Scenario {
+        name: "retry-remote-localities",
+        files: vec![("geo.yaml".to_owned(), files)],
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+            .cluster(cluster),
+        portcullis_flags: vec!["--locality", "us-east/zone1"],
+        probes: vec![
+            Probe::curl(
+                "the second retry goes to the other region",
+                &[&format!("http://{host}/")],
+            ),
+            Probe::curl(
+                "without the retry priority every attempt stays local",
+                &[&format!("http://{host}/local")],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        start_failing_endpoint(lab)
+    });
+}
+
 /// `flaky.internal.com`: its endpoints in turn.
 const FLAKY: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -1931,15 +2015,9 @@ spec:
   - {address: 10.50.0.1, locality: eu-west/zone9}
 ";
 
-// Locality failover: the priorities istiod gives a proxy in us-east/zone1 (its own zone's
-// endpoint first, the other region's next) over EDS-style locality groups, and outlier
-// detection. The local endpoint answers 500 and is ejected at once; both proxies then send
-// everything to the next priority. From files, portcullis computes the same priorities
-// from `--locality` and the endpoints' localities.
-#[test]
-fn locality_priorities_fail_over_when_the_local_endpoint_is_ejected() {
-    let host = "geo.internal.com";
-    let name = cluster_name(80, host);
+/// [`GEO`]'s cluster as istiod gives it to a proxy in us-east/zone1: its own zone's
+/// endpoint ([`FAILING_IP`]) at priority 0, the other region's at priority 1.
+fn geo_cluster() -> Value {
     let group = |region: &str, zone: &str, priority: u32, ip: &str| {
         json!({
             "locality": { "region": region, "zone": zone },
@@ -1949,14 +2027,27 @@ fn locality_priorities_fail_over_when_the_local_endpoint_is_ejected() {
             } } }]
         })
     };
-    let mut cluster = static_cluster(80, host, &[]);
+    let mut cluster = static_cluster(80, "geo.internal.com", &[]);
     cluster["load_assignment"] = json!({
-        "cluster_name": name,
+        "cluster_name": cluster_name(80, "geo.internal.com"),
         "endpoints": [
             group("us-east", "zone1", 0, FAILING_IP),
             group("eu-west", "zone9", 1, EXTERNAL_IP),
         ]
     });
+    cluster
+}
+
+// Locality failover: the priorities istiod gives a proxy in us-east/zone1 (its own zone's
+// endpoint first, the other region's next) over EDS-style locality groups, and outlier
+// detection. The local endpoint answers 500 and is ejected at once; both proxies then send
+// everything to the next priority. From files, portcullis computes the same priorities
+// from `--locality` and the endpoints' localities.
+#[test]
+fn locality_priorities_fail_over_when_the_local_endpoint_is_ejected() {
+    let host = "geo.internal.com";
+    let name = cluster_name(80, host);
+    let mut cluster = geo_cluster();
     eject_on_5xx(&mut cluster, 1);
     let vhost = no_retries_vhost(host, "geo", &name);
     let url = format!("http://{host}/");

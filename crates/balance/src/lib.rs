@@ -15,7 +15,7 @@ mod xxhash;
 pub use hash::{
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAXIMUM_RING_SIZE, DEFAULT_MINIMUM_RING_SIZE, is_prime,
 };
-pub use priority::{Group, Layout};
+pub use priority::{Group, Layout, PreviousPriorities};
 pub use xxhash::xxhash64;
 
 use hash::HashTable;
@@ -233,20 +233,21 @@ impl Balancer {
         }
     }
 
-    /// Picks an endpoint not in `tried`, a consistent-hash policy by `hash`; endpoints
-    /// `healthy` rejects (outlier ejection) count as unhealthy for the priority load and
-    /// are avoided unless the healthy share is below `panic_threshold` percent (Envoy's
-    /// panic mode; 0 disables it). `None` when there is no endpoint or no healthy one may
-    /// be used (Envoy's `no healthy upstream`).
+    /// Picks an endpoint not in `tried`, a consistent-hash policy by `hash`, the load of
+    /// priorities `previous` leaves given to the others; endpoints `healthy` rejects
+    /// (outlier ejection) count as unhealthy for the priority load and are avoided unless
+    /// the healthy share is below `panic_threshold` percent (Envoy's panic mode; 0
+    /// disables it). `None` when there is no endpoint or no healthy one may be used
+    /// (Envoy's `no healthy upstream`).
     pub fn choose(
         &self,
         hash: Option<u64>,
-        tried: &[usize],
+        (tried, previous): (&[usize], Option<PreviousPriorities<'_>>),
         healthy: Option<&dyn Fn(usize) -> bool>,
         panic_threshold: f64,
     ) -> Option<usize> {
         match &self.layers {
-            Some(layers) => layers.pick(hash, tried, healthy, panic_threshold),
+            Some(layers) => layers.pick(hash, (tried, previous), healthy, panic_threshold),
             None => self.pick_hashed(hash, tried),
         }
     }
@@ -280,7 +281,7 @@ impl Balancer {
     /// consistent-hash policy without a request hash picks by a random one, as Envoy.
     pub fn pick(&self) -> Option<usize> {
         if let Some(layers) = &self.layers {
-            return layers.pick(None, &[], None, 0.0);
+            return layers.pick(None, (&[], None), None, 0.0);
         }
         match self.states.len() {
             0 => None,
@@ -311,7 +312,7 @@ impl Balancer {
     /// Envoy's retry host predicate makes it. Other policies ignore `hash`.
     pub fn pick_hashed(&self, hash: Option<u64>, excluded: &[usize]) -> Option<usize> {
         if let Some(layers) = &self.layers {
-            return layers.pick(hash, excluded, None, 0.0);
+            return layers.pick(hash, (excluded, None), None, 0.0);
         }
         if self.states.len() <= 1 {
             return self.pick();

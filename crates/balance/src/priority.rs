@@ -38,6 +38,16 @@ pub struct Layout {
     pub locality_weighted: bool,
 }
 
+/// Envoy's `previous_priorities` retry priority for one pick: every `update_frequency`
+/// attempts, the priorities of the endpoints attempted so far take no more load.
+#[derive(Debug, Clone, Copy)]
+pub struct PreviousPriorities<'a> {
+    /// The endpoints of the attempts made, in order (indices into the members).
+    pub attempted: &'a [usize],
+    /// Envoy's `update_frequency`, above zero (Istio: 2).
+    pub update_frequency: u32,
+}
+
 /// A set the policy picks within: a locality (locality-weighted) or a whole priority.
 #[derive(Debug)]
 struct Cell {
@@ -118,7 +128,7 @@ impl Layers {
     pub(crate) fn pick(
         &self,
         hash: Option<u64>,
-        tried: &[usize],
+        (tried, previous): (&[usize], Option<PreviousPriorities<'_>>),
         healthy: Option<&dyn Fn(usize) -> bool>,
         panic_threshold: f64,
     ) -> Option<usize> {
@@ -150,13 +160,35 @@ impl Layers {
         let tier = if total_panic {
             // Envoy's total panic: load by host count, health ignored.
             let hosts: u64 = self.tiers.iter().map(|t| t.hosts).sum();
-            pick_by_load(&self.tiers, draw, |t| {
+            pick_by_load(&self.tiers, draw, |_, t| {
                 (t.hosts * 100).checked_div(hosts).unwrap_or(0)
             })
         } else {
-            pick_by_load(&self.tiers, draw, |t| {
-                health(tier_healthy(t), t.hosts) * 100 / total_health
-            })
+            // The retry priority's load: the priorities it leaves take none, the others
+            // theirs by health; none left with health, the load as it was (Envoy).
+            let left = previous.map_or(0, |p| self.attempted_tiers(p));
+            let kept = |i: usize| i >= 64 || left & (1 << i) == 0;
+            let kept_health: u64 = self
+                .tiers
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| kept(i))
+                .map(|(_, t)| health(tier_healthy(t), t.hosts))
+                .sum::<u64>()
+                .min(100);
+            if left != 0 && kept_health > 0 {
+                pick_by_load(&self.tiers, draw, |i, t| {
+                    if kept(i) {
+                        health(tier_healthy(t), t.hosts) * 100 / kept_health
+                    } else {
+                        0
+                    }
+                })
+            } else {
+                pick_by_load(&self.tiers, draw, |_, t| {
+                    health(tier_healthy(t), t.hosts) * 100 / total_health
+                })
+            }
         }?;
         let panic = total_panic || {
             let hosts = tier.hosts.max(1) as f64;
@@ -189,14 +221,35 @@ impl Layers {
     }
 }
 
+impl Layers {
+    /// The tiers (as bits by position) `previous` leaves: those of the endpoints attempted
+    /// up to the last multiple of its update frequency, as Envoy's retry priority adds
+    /// them at each update.
+    fn attempted_tiers(&self, previous: PreviousPriorities<'_>) -> u64 {
+        let every = previous.update_frequency.max(1) as usize;
+        let counted = previous.attempted.len() / every * every;
+        previous.attempted[..counted]
+            .iter()
+            .filter_map(|&member| {
+                self.tiers.iter().position(|t| {
+                    self.cells[t.cells.clone()]
+                        .iter()
+                        .any(|c| c.members.contains(&member))
+                })
+            })
+            .filter(|&i| i < 64)
+            .fold(0, |bits, i| bits | (1 << i))
+    }
+}
+
 /// The tier `draw` (0..100) falls in by cumulative `load`; any remainder of rounding goes
 /// to the first tier with load, as Envoy gives it to the first priority.
-fn pick_by_load(tiers: &[Tier], draw: u64, load: impl Fn(&Tier) -> u64) -> Option<&Tier> {
+fn pick_by_load(tiers: &[Tier], draw: u64, load: impl Fn(usize, &Tier) -> u64) -> Option<&Tier> {
     let mut remaining = 100u64;
     let mut first = None;
     let mut position = draw;
-    for t in tiers {
-        let l = load(t).min(remaining);
+    for (i, t) in tiers.iter().enumerate() {
+        let l = load(i, t).min(remaining);
         remaining -= l;
         if l > 0 && first.is_none() {
             first = Some(t);
@@ -283,7 +336,7 @@ mod tests {
     #[test]
     fn a_healthy_priority_takes_all_traffic() {
         let b = two_priorities(Policy::RoundRobin);
-        let s = shares(20, 2_000, || b.choose(None, &[], None, 50.0));
+        let s = shares(20, 2_000, || b.choose(None, (&[], None), None, 50.0));
         assert_eq!(s[10..].iter().sum::<f64>(), 0.0);
     }
 
@@ -293,13 +346,17 @@ mod tests {
             let b = two_priorities(policy);
             // 5 of 10 healthy in priority 0: 1.4 * 50% = 70% stays, 30% spills.
             let healthy = |i: usize| i >= 5;
-            let s = shares(20, 40_000, || b.choose(None, &[], Some(&healthy), 0.0));
+            let s = shares(20, 40_000, || {
+                b.choose(None, (&[], None), Some(&healthy), 0.0)
+            });
             let p0: f64 = s[..10].iter().sum();
             assert!((p0 - 0.7).abs() < 0.02, "{policy:?}: {s:?}");
             assert_eq!(s[..5].iter().sum::<f64>(), 0.0, "{policy:?}");
             // 8 of 10 healthy: 1.4 * 80% caps at 100%, nothing spills.
             let healthy = |i: usize| i >= 2;
-            let s = shares(20, 5_000, || b.choose(None, &[], Some(&healthy), 0.0));
+            let s = shares(20, 5_000, || {
+                b.choose(None, (&[], None), Some(&healthy), 0.0)
+            });
             assert_eq!(s[10..].iter().sum::<f64>(), 0.0, "{policy:?}");
         }
     }
@@ -308,7 +365,9 @@ mod tests {
     fn an_unhealthy_priority_fails_over_whole() {
         let b = two_priorities(Policy::RoundRobin);
         let healthy = |i: usize| i >= 10;
-        let s = shares(20, 5_000, || b.choose(None, &[], Some(&healthy), 50.0));
+        let s = shares(20, 5_000, || {
+            b.choose(None, (&[], None), Some(&healthy), 50.0)
+        });
         assert_eq!(s[..10].iter().sum::<f64>(), 0.0);
     }
 
@@ -318,16 +377,22 @@ mod tests {
         // 2 healthy of 10 in each priority: 28% + 28% = 56% total health; below a 60%
         // threshold the priorities share load by host count and ejected endpoints serve.
         let healthy = |i: usize| i % 10 < 2;
-        let s = shares(20, 40_000, || b.choose(None, &[], Some(&healthy), 60.0));
+        let s = shares(20, 40_000, || {
+            b.choose(None, (&[], None), Some(&healthy), 60.0)
+        });
         let p0: f64 = s[..10].iter().sum();
         assert!((p0 - 0.5).abs() < 0.02, "{s:?}");
         assert!(s[5] > 0.03, "{s:?}");
         // Total health above the threshold, but each priority's own healthy share (20%)
         // below it: Envoy's per-priority panic still uses every endpoint of a priority.
-        let s = shares(20, 40_000, || b.choose(None, &[], Some(&healthy), 50.0));
+        let s = shares(20, 40_000, || {
+            b.choose(None, (&[], None), Some(&healthy), 50.0)
+        });
         assert!(s[5] > 0.03, "{s:?}");
         // Below neither: the healthy ones only, 28% / 56% of the load per priority.
-        let s = shares(20, 40_000, || b.choose(None, &[], Some(&healthy), 10.0));
+        let s = shares(20, 40_000, || {
+            b.choose(None, (&[], None), Some(&healthy), 10.0)
+        });
         assert!((s[..10].iter().sum::<f64>() - 0.5).abs() < 0.02, "{s:?}");
         assert_eq!(s[5], 0.0);
     }
@@ -336,8 +401,8 @@ mod tests {
     fn nothing_healthy_without_panic_picks_nothing() {
         let b = two_priorities(Policy::LeastRequest);
         let none = |_: usize| false;
-        assert_eq!(b.choose(None, &[], Some(&none), 0.0), None);
-        assert!(b.choose(None, &[], Some(&none), 50.0).is_some());
+        assert_eq!(b.choose(None, (&[], None), Some(&none), 0.0), None);
+        assert!(b.choose(None, (&[], None), Some(&none), 50.0).is_some());
     }
 
     #[test]
@@ -347,13 +412,15 @@ mod tests {
             locality_weighted: true,
         };
         let b = Balancer::layered(Policy::LeastRequest, members(6), layout);
-        let s = shares(6, 40_000, || b.choose(None, &[], None, 50.0));
+        let s = shares(6, 40_000, || b.choose(None, (&[], None), None, 50.0));
         assert!((s[0] + s[1] - 0.25).abs() < 0.02, "{s:?}");
         assert!((s[2] + s[3] - 0.75).abs() < 0.02, "{s:?}");
         assert_eq!(s[4] + s[5], 0.0, "weightless locality: {s:?}");
         // Half of the heavy locality ejected: its weight scales by 1.4 * 50%.
         let healthy = |i: usize| i != 2;
-        let s = shares(6, 40_000, || b.choose(None, &[], Some(&healthy), 0.0));
+        let s = shares(6, 40_000, || {
+            b.choose(None, (&[], None), Some(&healthy), 0.0)
+        });
         let light = 1.0 / (1.0 + 3.0 * 0.7);
         assert!((s[0] + s[1] - light).abs() < 0.02, "{s:?}");
         assert_eq!(s[2], 0.0);
@@ -364,10 +431,13 @@ mod tests {
         let b = two_priorities(Policy::RoundRobin);
         let tried: Vec<usize> = (0..9).collect();
         for _ in 0..100 {
-            assert_eq!(b.choose(None, &tried, None, 50.0), Some(9));
+            assert_eq!(b.choose(None, (&tried, None), None, 50.0), Some(9));
         }
         let all: Vec<usize> = (0..10).collect();
-        assert!(b.choose(None, &all, None, 50.0).is_some_and(|i| i < 10));
+        assert!(
+            b.choose(None, (&all, None), None, 50.0)
+                .is_some_and(|i| i < 10)
+        );
     }
 
     #[test]
@@ -378,9 +448,9 @@ mod tests {
         };
         let b = two_priorities(ring);
         for h in [1u64, 77, 123_456_789, u64::MAX] {
-            let first = b.choose(Some(h), &[], None, 50.0);
+            let first = b.choose(Some(h), (&[], None), None, 50.0);
             assert!(first.is_some_and(|i| i < 10));
-            assert_eq!(b.choose(Some(h), &[], None, 50.0), first);
+            assert_eq!(b.choose(Some(h), (&[], None), None, 50.0), first);
         }
     }
 
@@ -395,5 +465,39 @@ mod tests {
                     .is_some_and(|i| (1..10).contains(&i))
             );
         }
+    }
+
+    #[test]
+    fn previous_priorities_move_the_load_every_update_frequency_attempts() {
+        let b = two_priorities(Policy::RoundRobin);
+        let tier = |attempted: &[usize], update_frequency: u32| {
+            let previous = PreviousPriorities {
+                attempted,
+                update_frequency,
+            };
+            let picks: Vec<usize> = (0..200)
+                .map(|_| {
+                    b.choose(None, (&[], Some(previous)), None, 50.0)
+                        .expect("picks")
+                })
+                .collect();
+            match (
+                picks.iter().all(|&i| i < 10),
+                picks.iter().all(|&i| i >= 10),
+            ) {
+                (true, _) => 0,
+                (_, true) => 1,
+                _ => panic!("picks in both priorities: {picks:?}"),
+            }
+        };
+        // Healthy priority 0 takes everything until two attempts have been made there.
+        assert_eq!(tier(&[], 2), 0);
+        assert_eq!(tier(&[3], 2), 0);
+        assert_eq!(tier(&[3, 4], 2), 1);
+        // Between updates the last one holds.
+        assert_eq!(tier(&[3, 4, 12], 2), 1);
+        // Every priority attempted: the load as it was.
+        assert_eq!(tier(&[3, 14], 2), 0);
+        assert_eq!(tier(&[3], 1), 1);
     }
 }

@@ -528,6 +528,12 @@ fn retry(r: &RetryPolicy) -> Value {
             json!(r.host_selection_retry_max_attempts.to_string())
         },
     );
+    if let Some(update_frequency) = r.previous_priorities {
+        o.insert(
+            "retry_priority".into(),
+            json!({"name": "envoy.retry_priorities.previous_priorities", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", "update_frequency": update_frequency}}),
+        );
+    }
     Value::Object(o)
 }
 

@@ -550,6 +550,10 @@ pub struct RetryPolicy {
     pub avoid_previous_hosts: bool,
     /// How many times a host pick is retried to avoid previous hosts.
     pub host_selection_retry_max_attempts: u32,
+    /// The `previous_priorities` retry priority's `update_frequency` (Istio's
+    /// `retryRemoteLocalities`: 2): every that many attempts, retries leave the priorities
+    /// already tried.
+    pub previous_priorities: Option<u32>,
     /// `retry_back_off`; `None`: Envoy's 25 ms base and 250 ms ceiling.
     pub retry_back_off: Option<Box<RetryBackOff>>,
 }

@@ -15,6 +15,7 @@ use pin_project_lite::pin_project;
 use portcullis_registry::{Decision, Headers, Resource, Slot};
 use tokio::time::Instant;
 
+use portcullis_balance::PreviousPriorities;
 use portcullis_balance::outlier::Outcome;
 
 use crate::Proxy;
@@ -85,6 +86,8 @@ pub(crate) struct Attempts<'a> {
     deadline: Option<Instant>,
     /// Endpoints tried, avoided by later picks under `previous_hosts`.
     tried: Vec<usize>,
+    /// Endpoints attempted, in order, under a `previous_priorities` retry priority.
+    attempted: Vec<usize>,
     /// The request's hash under the route's hash policy, for a consistent-hash cluster.
     hash: Option<u64>,
     /// Attempts started.
@@ -117,6 +120,7 @@ impl<'a> Attempts<'a> {
             connect_timeout: proxy.connect_timeout(decision),
             deadline: None,
             tried: Vec::new(),
+            attempted: Vec::new(),
             hash: None,
             made: 0,
             current: None,
@@ -152,9 +156,20 @@ impl<'a> Attempts<'a> {
             Some(resource) => self.proxy.admit(self.decision, resource)?,
             None => None,
         };
+        let previous = self
+            .policy
+            .previous_priorities
+            .map(|update_frequency| PreviousPriorities {
+                attempted: &self.attempted,
+                update_frequency,
+            });
         let mut pick = self
             .proxy
-            .pick(self.decision, self.original, (&self.tried, self.hash))
+            .pick(
+                self.decision,
+                self.original,
+                (&self.tried, previous, self.hash),
+            )
             .await?;
         pick.guard.slot = slot;
         self.current = pick.index;
@@ -314,6 +329,9 @@ impl<'a> Attempts<'a> {
         self.retrying = self.proxy.admit(self.decision, Resource::Retries)?;
         if self.on_cluster() {
             self.policy.tried(&mut self.tried, self.current);
+            if self.policy.previous_priorities.is_some() {
+                self.attempted.extend(self.current);
+            }
         }
         Ok(())
     }
@@ -638,6 +656,7 @@ mod tests {
             retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
+            previous_priorities: None,
             retry_back_off: None,
         })
         .unwrap();
@@ -656,6 +675,7 @@ mod tests {
             retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
+            previous_priorities: None,
             retry_back_off: Some(Box::new(portcullis_envoy::RetryBackOff {
                 base_interval: Duration::from_secs(1),
                 max_interval: Some(Duration::from_secs(3)),

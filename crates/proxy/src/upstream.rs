@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_balance::outlier::Reason;
-use portcullis_balance::{ActiveGuard, EndpointState};
+use portcullis_balance::{ActiveGuard, EndpointState, PreviousPriorities};
 pub use portcullis_registry::RetryPolicy;
 use portcullis_registry::{
     Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, TlsOrigin, UNLIMITED,
@@ -122,12 +122,13 @@ pub(crate) fn retry_policy(route: Option<&Route>) -> RetryPolicy {
 
 impl Proxy {
     /// Picks an upstream for `decision`, avoiding endpoints in `tried` and those outlier
-    /// detection ejected; a consistent-hash cluster picks by the request's `hash`.
+    /// detection ejected, and the priorities `previous` leaves; a consistent-hash cluster
+    /// picks by the request's `hash`.
     pub(crate) async fn pick(
         &self,
         decision: &Decision,
         original: Original<'_>,
-        (tried, hash): (&[usize], Option<u64>),
+        (tried, previous, hash): (&[usize], Option<PreviousPriorities<'_>>, Option<u64>),
     ) -> Result<Pick, ProxyError> {
         let pick = match decision {
             Decision::BlackHole => return Err(ProxyError::Blocked),
@@ -137,7 +138,7 @@ impl Proxy {
             Decision::Cluster(c) if c.resolution != Resolution::None => {
                 let now = tokio::time::Instant::now().into_std();
                 let (index, endpoint) = c
-                    .pick_hashed(hash, tried, now)
+                    .pick_hashed(hash, (tried, previous), now)
                     .ok_or(ProxyError::NoHealthyUpstream)?;
                 let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");

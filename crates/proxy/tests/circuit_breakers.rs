@@ -140,6 +140,7 @@ fn retried(cluster: &str, general: bool) -> RouteAction {
             retriable_headers: Vec::new(),
             avoid_previous_hosts: false,
             host_selection_retry_max_attempts: 0,
+            previous_priorities: None,
             retry_back_off: None,
         })),
         ..envoy::Forward::to(cluster)

@@ -114,6 +114,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                         retriable_headers: Vec::new(),
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
+                        previous_priorities: None,
                         retry_back_off: None,
                     })),
                     ..envoy::Forward::to("refused")
@@ -158,6 +159,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                         retriable_headers: Vec::new(),
                         avoid_previous_hosts: false,
                         host_selection_retry_max_attempts: 0,
+                        previous_priorities: None,
                         retry_back_off: None,
                     })),
                     ..envoy::Forward::to("app")

@@ -1186,7 +1186,7 @@ mod tests {
         let now = std::time::Instant::now();
         let mut counts = [0usize; 3];
         for _ in 0..20_000 {
-            let (i, _) = c.pick_hashed(None, &[], now).expect("picks");
+            let (i, _) = c.pick_hashed(None, (&[], None), now).expect("picks");
             counts[i] += 1;
         }
         // Priority 1 idles while priority 0 is healthy; zones a and b split 1:3.

@@ -111,6 +111,9 @@ pub struct RetryPolicy {
     /// `retry_on: retriable-headers`: the response headers that are retried (`None`
     /// without the condition or without headers).
     pub retriable_headers: Option<Arc<RetriableHeaders>>,
+    /// The `previous_priorities` retry priority's update frequency: every that many
+    /// attempts, retries leave the priorities already attempted.
+    pub previous_priorities: Option<u32>,
     /// `per_try_timeout`: how long one attempt may wait for the response head.
     pub per_try_timeout: Option<Duration>,
     /// The first back-off ceiling (`retry_back_off.base_interval`).
@@ -154,6 +157,7 @@ impl RetryPolicy {
         status_codes: StatusSet::EMPTY.with(503),
         grpc_statuses: grpc_bit(1) | grpc_bit(14),
         retriable_headers: None,
+        previous_priorities: None,
         per_try_timeout: None,
         backoff_base: BACKOFF_BASE,
         backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
@@ -171,6 +175,7 @@ impl RetryPolicy {
         status_codes: StatusSet::EMPTY,
         grpc_statuses: 0,
         retriable_headers: None,
+        previous_priorities: None,
         per_try_timeout: None,
         backoff_base: BACKOFF_BASE,
         backoff_max: BACKOFF_BASE.saturating_mul(BACKOFF_CEILING_FACTOR),
@@ -276,6 +281,7 @@ impl RetryPolicy {
                 .filter(|(name, _)| on(&[name]))
                 .fold(0, |bits, (_, code)| bits | grpc_bit(*code)),
             retriable_headers,
+            previous_priorities: policy.previous_priorities.filter(|&f| f > 0),
             per_try_timeout: policy.per_try_timeout.filter(|t| !t.is_zero()),
             backoff_base: policy
                 .retry_back_off
@@ -332,6 +338,7 @@ mod tests {
                 retriable_headers: Vec::new(),
                 avoid_previous_hosts: true,
                 host_selection_retry_max_attempts: 5,
+                previous_priorities: None,
                 retry_back_off: None,
             })
             .unwrap()
@@ -385,6 +392,7 @@ mod tests {
                 retriable_headers: headers,
                 avoid_previous_hosts: true,
                 host_selection_retry_max_attempts: 0,
+                previous_priorities: None,
                 retry_back_off: None,
             })
         };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use portcullis_balance::{Balancer, EndpointState};
+use portcullis_balance::{Balancer, EndpointState, PreviousPriorities};
 use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
@@ -141,14 +141,15 @@ impl Cluster {
     }
 
     /// Picks an endpoint other than those tried; a consistent-hash balancer picks by the
-    /// request's `hash`. With outlier detection, endpoints ejected at `now` count as
+    /// request's `hash`; a retry priority (`previous`) moves load off the priorities
+    /// already attempted. With outlier detection, endpoints ejected at `now` count as
     /// unhealthy in the priority and locality load and are avoided outside panic mode.
     /// `None`: no endpoint, or none healthy and panic mode off (Envoy's `no healthy
     /// upstream`).
     pub fn pick_hashed(
         &self,
         hash: Option<u64>,
-        tried: &[usize],
+        avoid: (&[usize], Option<PreviousPriorities<'_>>),
         now: Instant,
     ) -> Option<(usize, &Endpoint)> {
         let not_ejected = |i: usize| {
@@ -159,8 +160,8 @@ impl Cluster {
         let i = match &self.outlier {
             Some(o) => self
                 .balancer
-                .choose(hash, tried, Some(&not_ejected), o.panic_threshold),
-            None => self.balancer.choose(hash, tried, None, 0.0),
+                .choose(hash, avoid, Some(&not_ejected), o.panic_threshold),
+            None => self.balancer.choose(hash, avoid, None, 0.0),
         }?;
         self.endpoints.get(i).map(|e| (i, e))
     }

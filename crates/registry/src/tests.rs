@@ -2696,7 +2696,7 @@ fn locality_failover_applies_with_outlier_detection_as_istiod() {
     .clone();
     let now = std::time::Instant::now();
     for _ in 0..200 {
-        let (_, e) = c.pick_hashed(None, &[], now).expect("picks");
+        let (_, e) = c.pick_hashed(None, (&[], None), now).expect("picks");
         assert_eq!(e.display(), "10.1.0.1:80");
     }
 }
@@ -2730,7 +2730,13 @@ fn locality_distribute_sets_weights_as_istiod() {
     let c = cluster(&s, "outbound|80||geo.internal.com");
     let now = std::time::Instant::now();
     let eu = (0..20_000)
-        .filter(|_| c.pick_hashed(None, &[], now).expect("picks").1.display() == "10.1.0.3:80")
+        .filter(|_| {
+            c.pick_hashed(None, (&[], None), now)
+                .expect("picks")
+                .1
+                .display()
+                == "10.1.0.3:80"
+        })
         .count();
     let share = eu as f64 / 20_000.0;
     assert!((share - 0.3).abs() < 0.02, "{share}");

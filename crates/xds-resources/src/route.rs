@@ -543,6 +543,12 @@ fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {
             .retry_host_predicate
             .iter()
             .any(|p| p.name == "envoy.retry_host_predicates.previous_hosts"),
+        previous_priorities: r
+            .retry_priority
+            .as_ref()
+            .map(previous_priorities)
+            .transpose()
+            .at("retry_priority")?,
         host_selection_retry_max_attempts: u32::try_from(
             r.host_selection_retry_max_attempts.max(0),
         )
@@ -555,6 +561,24 @@ fn retry_policy(r: &rds::RetryPolicy) -> Result<RetryPolicy, Invalid> {
             .at("retry_back_off")?
             .map(Box::new),
     })
+}
+
+/// The one retry priority Envoy has, `previous_priorities`, and its `update_frequency`
+/// (above zero, as Envoy validates it).
+fn previous_priorities(p: &rds::retry_policy::RetryPriority) -> Result<u32, Invalid> {
+    use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    use rds::retry_policy::retry_priority::ConfigType;
+    let Some(ConfigType::TypedConfig(any)) = &p.config_type else {
+        return Err(Invalid::new("typed_config", "required"));
+    };
+    let config: PreviousPrioritiesConfig = unpack(any).at("typed_config")?;
+    if config.update_frequency <= 0 {
+        return Err(Invalid::new(
+            "typed_config.update_frequency",
+            "must be greater than 0",
+        ));
+    }
+    Ok(config.update_frequency.unsigned_abs())
 }
 
 /// Envoy's checks: a base interval above zero (below 1 ms taken as 1 ms), and a maximum,

@@ -2185,6 +2185,37 @@ fn a_retry_back_off_keeps_its_intervals_and_envoys_checks() {
 }
 
 #[test]
+fn a_previous_priorities_retry_priority_keeps_its_update_frequency() {
+    use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    let with = |update_frequency: i32| {
+        let mut rc = route_80();
+        let Some(rds::route::Action::Route(action)) = &mut rc.virtual_hosts[0].routes[0].action
+        else {
+            panic!("a route action")
+        };
+        action.retry_policy.as_mut().unwrap().retry_priority =
+            Some(rds::retry_policy::RetryPriority {
+                name: "envoy.retry_priorities.previous_priorities".into(),
+                config_type: Some(rds::retry_policy::retry_priority::ConfigType::TypedConfig(
+                    pack_any(PreviousPrioritiesConfig { update_frequency }),
+                )),
+            });
+        route_configuration(&rc).map(|rc| {
+            let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+                panic!("forward")
+            };
+            f.retry_policy.as_ref().unwrap().previous_priorities
+        })
+    };
+    assert_eq!(with(2).unwrap(), Some(2));
+    let e = with(0).unwrap_err().to_string();
+    assert!(
+        e.contains("retry_priority.typed_config.update_frequency"),
+        "{e}"
+    );
+}
+
+#[test]
 fn locality_weighted_balancing_is_kept_and_zone_aware_refused() {
     use cds::cluster::common_lb_config::{
         LocalityConfigSpecifier as L, LocalityWeightedLbConfig, ZoneAwareLbConfig,

@@ -832,6 +832,7 @@ pub(crate) fn istio_retry_policy() -> RetryPolicy {
         retriable_headers: Vec::new(),
         avoid_previous_hosts: true,
         host_selection_retry_max_attempts: 5,
+        previous_priorities: None,
         retry_back_off: None,
     }
 }

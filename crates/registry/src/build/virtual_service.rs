@@ -20,7 +20,7 @@ use super::{Builder, labels_match, visible};
 use crate::order::Age;
 
 /// `retryOn` conditions the data path tells apart; others are accepted and not acted on.
-const RETRY_ON_APPLIED: [&str; 13] = [
+const RETRY_ON_APPLIED: [&str; 14] = [
     "5xx",
     "gateway-error",
     "reset",
@@ -35,6 +35,9 @@ const RETRY_ON_APPLIED: [&str; 13] = [
     "internal",
     "resource-exhausted",
     "unavailable",
+    // A VirtualService has no field for the headers, and the sidecar drops a client's
+    // `x-envoy-retriable-header-names`: as in Envoy, nothing is retried for it.
+    "retriable-headers",
 ];
 
 /// A VirtualService with the name it is reported by.
@@ -104,9 +107,6 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
             not_yet("directResponse.body.bytes");
         }
         if let Some(r) = &h.retries {
-            if r.retry_remote_localities == Some(true) {
-                not_yet("retries.retryRemoteLocalities");
-            }
             for condition in r.retry_on.split(',').map(str::trim) {
                 if !condition.is_empty()
                     && condition.parse::<u16>().is_err()
@@ -707,6 +707,10 @@ pub(super) fn retry_policy(
     });
     if let Some(avoid) = r.retry_ignore_previous_hosts {
         policy.avoid_previous_hosts = avoid;
+    }
+    // istiod's `previous_priorities` retry priority, updated every second attempt.
+    if r.retry_remote_localities == Some(true) {
+        policy.previous_priorities = Some(2);
     }
     Some(policy)
 }

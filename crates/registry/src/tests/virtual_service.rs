@@ -218,6 +218,7 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
             retriable_headers: Vec::new(),
             avoid_previous_hosts: true,
             host_selection_retry_max_attempts: 5,
+            previous_priorities: None,
             retry_back_off: None,
         })
     );
@@ -569,14 +570,16 @@ spec:
   hosts: [api.example.com, nowhere.example.com]
   http:
   - route: [{destination: {host: api.example.com}}]
-    retries: {attempts: 1, retryIgnorePreviousHosts: false}
+    retries: {attempts: 1, retryIgnorePreviousHosts: false, retryRemoteLocalities: true}
 ";
     let s = snapshot(&[API, yaml].concat());
     let route = request(&s, "/", &[]).route.expect("a route");
-    // `retryOn` unset keeps the default conditions; the host predicate can be turned off.
+    // `retryOn` unset keeps the default conditions; the host predicate can be turned off;
+    // `retryRemoteLocalities` is istiod's `previous_priorities` updated every 2 attempts.
     let want = RetryPolicy {
         num_retries: 1,
         avoid_previous_hosts: false,
+        previous_priorities: Some(2),
         ..crate::build::compile_default_retry_policy()
     };
     assert_eq!(
@@ -596,7 +599,7 @@ spec:
     assert!(
         !s.warnings
             .iter()
-            .any(|w| w.contains("host api.example.com")),
+            .any(|w| w.contains("host api.example.com") || w.contains("retryRemoteLocalities")),
         "{:?}",
         s.warnings
     );
