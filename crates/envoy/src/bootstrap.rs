@@ -1,7 +1,9 @@
 //! A set of resources as an Envoy bootstrap with static resources: what `portcullis
 //! compile` prints and real Envoy loads with `envoy -c FILE`. A static bootstrap has no
 //! xDS to fetch from, so route tables named over RDS are written inline into their
-//! connection managers and EDS clusters become STATIC ones with their endpoints.
+//! connection managers and EDS clusters become STATIC ones with their endpoints. Istio
+//! mutual TLS takes its certificates over SDS from istio-agent's socket, as the bootstrap
+//! istio-agent writes for Envoy does (`sds-grpc`).
 
 use std::net::SocketAddr;
 
@@ -22,6 +24,20 @@ pub enum BootstrapError {
         routes: String,
     },
 }
+
+/// istio-agent's SDS cluster, which serves the workload certificate (`default`) and the
+/// mesh root (`ROOTCA`).
+const SDS_CLUSTER: &str = "sds-grpc";
+
+/// Where istio-agent serves SDS, relative to Envoy's working directory as in Istio's
+/// bootstrap.
+const SDS_SOCKET: &str = "./var/run/secrets/workload-spiffe-uds/socket";
+
+/// How long Envoy waits for certificates before it starts without them. Istio's sidecar
+/// waits for its agent without limit; a compiled bootstrap may run where no agent is, and
+/// then starts after this, with connections needing the certificates failing, as
+/// portcullis's do without `--istio-certs`.
+const SDS_INITIAL_FETCH_TIMEOUT: &str = "1s";
 
 /// The bootstrap: `resources` as static resources, and the admin server on `admin`.
 pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, BootstrapError> {
@@ -55,13 +71,69 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
             value
         })
         .collect();
-    Ok(json!({
+    let mut clusters = clusters;
+    let sds = clusters
+        .iter_mut()
+        .fold(false, |found, c| sds_from_agent(c) || found);
+    let mut out = json!({
         "admin": {"address": {"socket_address": {
             "address": admin.ip().to_string(),
             "port_value": admin.port(),
         }}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }))
+    });
+    if sds {
+        clusters.push(json!({
+            "name": SDS_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                },
+            },
+            "load_assignment": {
+                "cluster_name": SDS_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": SDS_SOCKET}}}}]}],
+            },
+        }));
+        // SDS needs a node; istio-agent names it after the pod, which a compiled folder
+        // does not know.
+        out["node"] = json!({"id": "sidecar~0.0.0.0~compiled.default~default.svc.cluster.local", "cluster": "compiled.default"});
+    }
+    out["static_resources"] = json!({"listeners": listeners, "clusters": clusters});
+    Ok(out)
+}
+
+/// Points every SDS config source in `value` at istio-agent's socket; whether there was one.
+fn sds_from_agent(value: &mut Value) -> bool {
+    match value {
+        Value::Object(o) => {
+            let mut found = false;
+            for (key, v) in o.iter_mut() {
+                if key == "sds_config" {
+                    *v = json!({
+                        "api_config_source": {
+                            "api_type": "GRPC",
+                            "transport_api_version": "V3",
+                            "set_node_on_first_message_only": true,
+                            "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
+                        },
+                        "initial_fetch_timeout": SDS_INITIAL_FETCH_TIMEOUT,
+                        "resource_api_version": "V3",
+                    });
+                    found = true;
+                } else {
+                    found |= sds_from_agent(v);
+                }
+            }
+            found
+        }
+        Value::Array(list) => list
+            .iter_mut()
+            .fold(false, |found, v| sds_from_agent(v) || found),
+        _ => false,
+    }
 }
 
 /// Replaces every `rds` of the connection managers in a rendered listener by the route
