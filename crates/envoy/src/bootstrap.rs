@@ -47,7 +47,7 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
         inline_routes(&mut value, resources, &l.name)?;
         listeners.push(value);
     }
-    let clusters: Vec<Value> = resources
+    let mut clusters: Vec<Value> = resources
         .clusters
         .values()
         .map(|c| {
@@ -71,10 +71,10 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
             value
         })
         .collect();
-    let mut clusters = clusters;
-    let sds = clusters
-        .iter_mut()
-        .fold(false, |found, c| sds_from_agent(c) || found);
+    let mut sds = false;
+    for c in &mut clusters {
+        sds |= sds_from_agent(c);
+    }
     let mut out = json!({
         "admin": {"address": {"socket_address": {
             "address": admin.ip().to_string(),
@@ -129,9 +129,13 @@ fn sds_from_agent(value: &mut Value) -> bool {
             }
             found
         }
-        Value::Array(list) => list
-            .iter_mut()
-            .fold(false, |found, v| sds_from_agent(v) || found),
+        Value::Array(list) => {
+            let mut found = false;
+            for v in list {
+                found |= sds_from_agent(v);
+            }
+            found
+        }
         _ => false,
     }
 }
@@ -267,6 +271,54 @@ mod tests {
         assert_eq!(
             c["load_assignment"],
             json!({"cluster_name": "outbound|80||a"})
+        );
+    }
+
+    #[test]
+    fn istio_mutual_tls_takes_its_certificates_from_istio_agents_sds_socket() {
+        let mut r = Resources::default();
+        let mut c = Cluster::new("outbound|80||a", Discovery::Static);
+        c.transport_socket_matches = vec![
+            crate::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                match_metadata: [("tlsMode".to_string(), "istio".to_string())].into(),
+                transport: UpstreamTransport::IstioMutualTls(Arc::default()),
+            },
+            crate::TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                match_metadata: Default::default(),
+                transport: UpstreamTransport::Plaintext,
+            },
+        ];
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
+        let clusters = &v["static_resources"]["clusters"];
+        let matches = &clusters[0]["transport_socket_matches"];
+        let tls = &matches[0]["transport_socket"]["typed_config"]["common_tls_context"];
+        let source = &tls["tls_certificate_sds_secret_configs"][0]["sds_config"];
+        assert_eq!(
+            source["api_config_source"]["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+            json!(SDS_CLUSTER)
+        );
+        assert_eq!(
+            tls["combined_validation_context"]["validation_context_sds_secret_config"]["sds_config"],
+            *source
+        );
+        assert_eq!(
+            matches[1]["transport_socket"]["name"],
+            json!("envoy.transport_sockets.raw_buffer")
+        );
+        assert_eq!(clusters[1]["name"], json!(SDS_CLUSTER));
+        assert!(v["node"]["id"].is_string());
+        // Without Istio mutual TLS, neither the agent's cluster nor a node.
+        r.clusters
+            .insert("b".into(), Arc::new(Cluster::new("b", Discovery::Static)));
+        r.clusters.remove("outbound|80||a");
+        let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
+        assert!(v.get("node").is_none());
+        assert_eq!(
+            v["static_resources"]["clusters"].as_array().map(Vec::len),
+            Some(1)
         );
     }
 
