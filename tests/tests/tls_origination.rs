@@ -619,3 +619,147 @@ spec:
         Ok(())
     });
 }
+
+/// The address of the second mesh peer, which presents an identity its pod does not have.
+const IMPOSTOR_IP: &str = "10.50.0.2";
+
+/// A Kubernetes Service with a pod that has a sidecar (label `security.istio.io/tlsMode:
+/// istio`, service account `api`) and one without, in Istio YAML files, with no
+/// DestinationRule TLS: istiod's auto mTLS. Portcullis speaks Istio mutual TLS to the first
+/// (an openssl peer requiring a client certificate of the mesh root, whose page shows the
+/// SPIFFE identity presented) and plaintext to the second (nginx), and refuses a peer whose
+/// certificate names another service account than its pod runs as (`UF`).
+#[test]
+fn auto_mutual_tls_from_files_to_the_pods_with_sidecars() {
+    run("auto-mtls", |lab| {
+        let pki = Pki::new()?;
+        let mesh = Ca::new("mesh root", &pki.dir, "root-cert.pem")?;
+        let client_id = "spiffe://cluster.local/ns/default/sa/client";
+        mesh.issue_spiffe(&pki.dir, ("cert-chain.pem", "key.pem"), client_id)?;
+        mesh.issue_spiffe(&pki.dir, ("peer.pem", "peer-key.pem"), PEER_ID)?;
+        mesh.issue_spiffe(
+            &pki.dir,
+            ("impostor.pem", "impostor-key.pem"),
+            "spiffe://cluster.local/ns/default/sa/billing",
+        )?;
+        spawn_mesh_peer(
+            lab,
+            &pki.path("peer.pem"),
+            &pki.path("peer-key.pem"),
+            &pki.path("root-cert.pem"),
+        )?;
+        lab.add_address(Role::External, IMPOSTOR_IP)?;
+        lab.spawn_peer(
+            Role::External,
+            "impostor-peer",
+            "openssl",
+            &[
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &format!("{IMPOSTOR_IP}:11443"),
+                "-cert",
+                &pki.path("impostor.pem"),
+                "-key",
+                &pki.path("impostor-key.pem"),
+            ],
+            "TERM",
+        )?;
+        let pod = |name: &str, app: &str, sidecar: bool, port: u16, ip: &str| {
+            let label = if sidecar {
+                ", security.istio.io/tlsMode: istio"
+            } else {
+                ""
+            };
+            let account = if sidecar { "api" } else { "default" };
+            format!(
+                "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {app}{label}}}}}
+spec:
+  serviceAccountName: {account}
+  containers: [{{name: app, ports: [{{name: web, containerPort: {port}}}]}}]
+status: {{podIP: {ip}}}
+"
+            )
+        };
+        let service = |name: &str| {
+            format!(
+                "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 80, targetPort: web}}]
+"
+            )
+        };
+        let in_cluster = portcullis_e2e::scenario::IN_CLUSTER_IP;
+        let yaml = [
+            service("api"),
+            pod("api-mesh", "api", true, 11443, EXTERNAL_IP),
+            pod("api-plain", "api", false, 80, in_cluster),
+            service("impostor"),
+            pod("impostor", "impostor", true, 11443, IMPOSTOR_IP),
+            // A rule without `tls` keeps auto mTLS; round robin takes turns.
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: default}
+spec:
+  host: api.default.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+"
+            .to_owned(),
+        ]
+        .concat();
+        lab.map_pod_names(&[
+            "api.default.svc.cluster.local",
+            "impostor.default.svc.cluster.local",
+        ])?;
+        lab.write_registry_only()?;
+        lab.write_config("mesh.yaml", &yaml)?;
+        lab.apply_iptables()?;
+        lab.start_portcullis(&["--istio-certs", &pki.dir.display().to_string()])?;
+        let mut pages = Vec::new();
+        for _ in 0..4 {
+            pages.push(lab.curl(&["http://api.default.svc.cluster.local/"])?);
+        }
+        let mutual = pages
+            .iter()
+            .find(|r| r.body.contains("s_server"))
+            .ok_or_else(|| anyhow::anyhow!("no answer from the pod with a sidecar: {pages:?}"))?;
+        mutual.expect_page("auto mTLS to the pod with a sidecar", "s_server")?;
+        // s_server's page prints the client certificate it verified.
+        mutual.expect_page(
+            "the workload's identity presented",
+            &format!("URI:{client_id}"),
+        )?;
+        let plain = pages
+            .iter()
+            .find(|r| !r.body.contains("s_server"))
+            .ok_or_else(|| anyhow::anyhow!("no answer from the pod without one: {pages:?}"))?;
+        plain.expect_page(
+            "plaintext to the pod without a sidecar",
+            portcullis_e2e::scenario::IN_CLUSTER_PAGE,
+        )?;
+        let impostor = lab.curl(&["http://impostor.default.svc.cluster.local/"])?;
+        anyhow::ensure!(
+            impostor.status == 503,
+            "a peer with another identity than its pod's must be refused: {impostor}"
+        );
+        lab.expect_logged(
+            "the impostor refused as a TLS failure",
+            &["impostor.default.svc.cluster.local", "UF", "503"],
+        )?;
+        let log = lab.portcullis_output();
+        anyhow::ensure!(
+            !log.contains("not applied"),
+            "auto mTLS is applied, nothing reported otherwise: {log}"
+        );
+        Ok(())
+    });
+}

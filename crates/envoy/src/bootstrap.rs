@@ -1,7 +1,9 @@
 //! A set of resources as an Envoy bootstrap with static resources: what `portcullis
 //! compile` prints and real Envoy loads with `envoy -c FILE`. A static bootstrap has no
 //! xDS to fetch from, so route tables named over RDS are written inline into their
-//! connection managers and EDS clusters become STATIC ones with their endpoints.
+//! connection managers and EDS clusters become STATIC ones with their endpoints. Istio
+//! mutual TLS takes its certificates over SDS from istio-agent's socket, as the bootstrap
+//! istio-agent writes for Envoy does (`sds-grpc`).
 
 use std::net::SocketAddr;
 
@@ -23,6 +25,20 @@ pub enum BootstrapError {
     },
 }
 
+/// istio-agent's SDS cluster, which serves the workload certificate (`default`) and the
+/// mesh root (`ROOTCA`).
+const SDS_CLUSTER: &str = "sds-grpc";
+
+/// Where istio-agent serves SDS, relative to Envoy's working directory as in Istio's
+/// bootstrap.
+const SDS_SOCKET: &str = "./var/run/secrets/workload-spiffe-uds/socket";
+
+/// How long Envoy waits for certificates before it starts without them. Istio's sidecar
+/// waits for its agent without limit; a compiled bootstrap may run where no agent is, and
+/// then starts after this, with connections needing the certificates failing, as
+/// portcullis's do without `--istio-certs`.
+const SDS_INITIAL_FETCH_TIMEOUT: &str = "1s";
+
 /// The bootstrap: `resources` as static resources, and the admin server on `admin`.
 pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, BootstrapError> {
     let mut listeners = Vec::with_capacity(resources.listeners.len());
@@ -31,7 +47,7 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
         inline_routes(&mut value, resources, &l.name)?;
         listeners.push(value);
     }
-    let clusters: Vec<Value> = resources
+    let mut clusters: Vec<Value> = resources
         .clusters
         .values()
         .map(|c| {
@@ -55,13 +71,73 @@ pub fn bootstrap(resources: &Resources, admin: SocketAddr) -> Result<Value, Boot
             value
         })
         .collect();
-    Ok(json!({
+    let mut sds = false;
+    for c in &mut clusters {
+        sds |= sds_from_agent(c);
+    }
+    let mut out = json!({
         "admin": {"address": {"socket_address": {
             "address": admin.ip().to_string(),
             "port_value": admin.port(),
         }}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }))
+    });
+    if sds {
+        clusters.push(json!({
+            "name": SDS_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                },
+            },
+            "load_assignment": {
+                "cluster_name": SDS_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": SDS_SOCKET}}}}]}],
+            },
+        }));
+        // SDS needs a node; istio-agent names it after the pod, which a compiled folder
+        // does not know.
+        out["node"] = json!({"id": "sidecar~0.0.0.0~compiled.default~default.svc.cluster.local", "cluster": "compiled.default"});
+    }
+    out["static_resources"] = json!({"listeners": listeners, "clusters": clusters});
+    Ok(out)
+}
+
+/// Points every SDS config source in `value` at istio-agent's socket; whether there was one.
+fn sds_from_agent(value: &mut Value) -> bool {
+    match value {
+        Value::Object(o) => {
+            let mut found = false;
+            for (key, v) in o.iter_mut() {
+                if key == "sds_config" {
+                    *v = json!({
+                        "api_config_source": {
+                            "api_type": "GRPC",
+                            "transport_api_version": "V3",
+                            "set_node_on_first_message_only": true,
+                            "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
+                        },
+                        "initial_fetch_timeout": SDS_INITIAL_FETCH_TIMEOUT,
+                        "resource_api_version": "V3",
+                    });
+                    found = true;
+                } else {
+                    found |= sds_from_agent(v);
+                }
+            }
+            found
+        }
+        Value::Array(list) => {
+            let mut found = false;
+            for v in list {
+                found |= sds_from_agent(v);
+            }
+            found
+        }
+        _ => false,
+    }
 }
 
 /// Replaces every `rds` of the connection managers in a rendered listener by the route
@@ -195,6 +271,54 @@ mod tests {
         assert_eq!(
             c["load_assignment"],
             json!({"cluster_name": "outbound|80||a"})
+        );
+    }
+
+    #[test]
+    fn istio_mutual_tls_takes_its_certificates_from_istio_agents_sds_socket() {
+        let mut r = Resources::default();
+        let mut c = Cluster::new("outbound|80||a", Discovery::Static);
+        c.transport_socket_matches = vec![
+            crate::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                match_metadata: [("tlsMode".to_string(), "istio".to_string())].into(),
+                transport: UpstreamTransport::IstioMutualTls(Arc::default()),
+            },
+            crate::TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                match_metadata: Default::default(),
+                transport: UpstreamTransport::Plaintext,
+            },
+        ];
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
+        let clusters = &v["static_resources"]["clusters"];
+        let matches = &clusters[0]["transport_socket_matches"];
+        let tls = &matches[0]["transport_socket"]["typed_config"]["common_tls_context"];
+        let source = &tls["tls_certificate_sds_secret_configs"][0]["sds_config"];
+        assert_eq!(
+            source["api_config_source"]["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+            json!(SDS_CLUSTER)
+        );
+        assert_eq!(
+            tls["combined_validation_context"]["validation_context_sds_secret_config"]["sds_config"],
+            *source
+        );
+        assert_eq!(
+            matches[1]["transport_socket"]["name"],
+            json!("envoy.transport_sockets.raw_buffer")
+        );
+        assert_eq!(clusters[1]["name"], json!(SDS_CLUSTER));
+        assert!(v["node"]["id"].is_string());
+        // Without Istio mutual TLS, neither the agent's cluster nor a node.
+        r.clusters
+            .insert("b".into(), Arc::new(Cluster::new("b", Discovery::Static)));
+        r.clusters.remove("outbound|80||a");
+        let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();
+        assert!(v.get("node").is_none());
+        assert_eq!(
+            v["static_resources"]["clusters"].as_array().map(Vec::len),
+            Some(1)
         );
     }
 

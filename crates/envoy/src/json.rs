@@ -804,11 +804,15 @@ pub fn cluster(c: &Cluster) -> Value {
             let mut t = Map::new();
             t.insert("name".into(), json!(m.name));
             t.insert("match".into(), json!(m.match_metadata));
-            put(
-                &mut t,
-                "transport_socket",
-                transport(&m.transport, &mut notes),
-            );
+            // A match needs a socket of its own; istiod names raw_buffer for plaintext.
+            let socket = match &m.transport {
+                UpstreamTransport::Plaintext => json!({
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+                }),
+                other => transport(other, &mut notes),
+            };
+            t.insert("transport_socket".into(), socket);
             Value::Object(t)
         })
         .collect();

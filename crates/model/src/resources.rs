@@ -777,6 +777,9 @@ pub struct PodSpec {
     /// Containers.
     #[serde(default, deserialize_with = "exact")]
     pub containers: Vec<Container>,
+    /// The service account the pod runs as (Kubernetes fills in `default`).
+    #[serde(default)]
+    pub service_account_name: Option<String>,
 }
 
 /// A Pod condition such as `Ready`.
@@ -886,6 +889,14 @@ pub struct MeshConfig {
     /// (Istio's default: no).
     #[serde(default)]
     pub h2_upgrade_policy: Option<H2UpgradePolicy>,
+    /// `enableAutoMtls`: whether clusters without DestinationRule TLS speak Istio mutual TLS
+    /// to endpoints with sidecars (Istio's default: yes).
+    #[serde(default)]
+    pub enable_auto_mtls: Option<bool>,
+    /// `trustDomain`, the domain of the mesh's SPIFFE identities (Istio's default:
+    /// `cluster.local`).
+    #[serde(default)]
+    pub trust_domain: Option<String>,
 }
 
 #[cfg(test)]

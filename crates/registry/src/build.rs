@@ -9,9 +9,10 @@ use ipnet::IpNet;
 use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
-    LoadBalancerSettings, LocalityLbSetting, MeshConfig, Object, OutboundMode, OutlierDetection,
-    Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb,
-    Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, OutboundMode,
+    OutlierDetection, Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress,
+    SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
+    WorkloadEntrySpec,
 };
 
 mod compile;
@@ -38,9 +39,77 @@ enum EndpointAddress {
 /// An endpoint's labels, which DestinationRule subsets select by.
 type Labels = Arc<BTreeMap<String, String>>;
 
-/// An endpoint before DNS answers are applied: address, port, weight, where it came from,
-/// and its labels.
-type PendingEndpoint = (EndpointAddress, u16, u32, Arc<str>, Labels);
+/// An endpoint before DNS answers are applied.
+#[derive(Clone)]
+struct PendingEndpoint {
+    address: EndpointAddress,
+    port: u16,
+    weight: u32,
+    /// Where it came from.
+    source: Arc<str>,
+    labels: Labels,
+    peer: Peer,
+}
+
+/// What istiod knows of the workload behind an endpoint for mutual TLS.
+#[derive(Clone, Default)]
+struct Peer {
+    /// Istio's TLS mode of the workload (`security.istio.io/tlsMode`, or `istio` for a
+    /// WorkloadEntry with a service account); `None` is `disabled`.
+    tls_mode: Option<Arc<str>>,
+    /// Its SPIFFE identity, `spiffe://TRUST_DOMAIN/ns/NS/sa/SA`.
+    identity: Option<Arc<str>>,
+}
+
+/// The label istio-injected workloads carry: `istio` when a sidecar terminates mutual TLS.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Istio's `tlsMode` of a workload without one.
+const TLS_MODE_DISABLED: &str = "disabled";
+
+impl Peer {
+    /// A pod's: its label, and its service account (`default` when the spec names none,
+    /// as Kubernetes fills it in).
+    fn of_pod(pod: &Object<Pod>, trust_domain: &str) -> Peer {
+        let account = pod.spec.spec.service_account_name.as_deref();
+        Peer {
+            tls_mode: tls_mode(pod.meta.labels.get(TLS_MODE_LABEL).map(String::as_str)),
+            identity: Some(spiffe_identity(
+                trust_domain,
+                &pod.meta.namespace,
+                account.filter(|a| !a.is_empty()).unwrap_or("default"),
+            )),
+        }
+    }
+
+    /// A WorkloadEntry's with its `labels` (or a ServiceEntry's inline endpoint's, in the
+    /// ServiceEntry's `namespace`), as istiod's `getTLSModeFromWorkloadEntry`: the label, else `istio`
+    /// when it names a service account.
+    fn of_workload(
+        we: &WorkloadEntrySpec,
+        labels: &BTreeMap<String, String>,
+        namespace: &str,
+        trust_domain: &str,
+    ) -> Peer {
+        let account = Some(we.service_account.as_str()).filter(|a| !a.is_empty());
+        let label = labels.get(TLS_MODE_LABEL).map(String::as_str);
+        Peer {
+            tls_mode: tls_mode(label.or(account.map(|_| "istio"))),
+            identity: account.map(|a| spiffe_identity(trust_domain, namespace, a)),
+        }
+    }
+}
+
+fn tls_mode(value: Option<&str>) -> Option<Arc<str>> {
+    value
+        .filter(|v| !v.is_empty() && *v != TLS_MODE_DISABLED)
+        .map(Arc::from)
+}
+
+/// The SPIFFE identity of service account `account` of `namespace`.
+fn spiffe_identity(trust_domain: &str, namespace: &str, account: &str) -> Arc<str> {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}").into()
+}
 
 /// Current DNS answers by lower-case hostname.
 pub type DnsAnswers<'a> = &'a dyn Fn(&str) -> Option<Arc<[IpAddr]>>;
@@ -119,6 +188,10 @@ struct PendingCluster {
     endpoints: Vec<PendingEndpoint>,
     /// The ServiceEntry's `subjectAltNames` (none for a Kubernetes Service).
     subject_alt_names: Vec<String>,
+    /// From a ServiceEntry (istiod's `External` registry), not a Kubernetes Service.
+    service_entry: bool,
+    /// A ServiceEntry of location `MESH_EXTERNAL`.
+    mesh_external: bool,
 }
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
@@ -620,6 +693,22 @@ impl<'a> Builder<'a> {
         b
     }
 
+    /// The mesh's trust domain (`trustDomain`, Istio's default `cluster.local`).
+    fn trust_domain(&self) -> &'a str {
+        self.mesh
+            .and_then(|m| m.spec.trust_domain.as_deref())
+            .filter(|d| !d.is_empty())
+            .unwrap_or("cluster.local")
+    }
+
+    /// Whether clusters without DestinationRule TLS get Istio's auto mutual TLS
+    /// (`enableAutoMtls`, on unless the mesh config turns it off).
+    fn auto_mtls(&self) -> bool {
+        self.mesh
+            .and_then(|m| m.spec.enable_auto_mtls)
+            .unwrap_or(true)
+    }
+
     /// Decides every service, cluster and claim on names and addresses, as istiod does.
     fn decide(&mut self) {
         self.host_owners();
@@ -913,6 +1002,8 @@ impl<'a> Builder<'a> {
                         addresses: addresses.clone(),
                         endpoints,
                         subject_alt_names: se.spec.subject_alt_names.clone(),
+                        service_entry: true,
+                        mesh_external: se.spec.location == Location::MeshExternal,
                     });
                     if !added {
                         continue;
@@ -990,31 +1081,34 @@ impl<'a> Builder<'a> {
         let spec = &se.spec;
         let dns = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
         let default_port = port.target_port.unwrap_or(port.number);
+        let trust_domain = self.trust_domain();
         let mut out = Vec::new();
-        let mut push_workload = |we: &WorkloadEntrySpec, source: Arc<str>, labels: Labels| {
-            let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
-            let Ok(target) = u16::try_from(target) else {
-                return;
-            };
-            let address = match we.address.parse::<IpAddr>() {
-                Ok(ip) => EndpointAddress::Ip(ip),
-                Err(_) if dns && !we.address.starts_with("unix://") => {
-                    EndpointAddress::Dns(we.address.to_ascii_lowercase().into())
+        let mut push_workload =
+            |we: &WorkloadEntrySpec, source: Arc<str>, labels: Labels, ns: &str| {
+                let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
+                let Ok(target) = u16::try_from(target) else {
+                    return;
+                };
+                let address = match we.address.parse::<IpAddr>() {
+                    Ok(ip) => EndpointAddress::Ip(ip),
+                    Err(_) if dns && !we.address.starts_with("unix://") => {
+                        EndpointAddress::Dns(we.address.to_ascii_lowercase().into())
+                    }
+                    Err(_) => return,
+                };
+                let mut labels = labels;
+                if !we.locality.is_empty() {
+                    locality::augment(Arc::make_mut(&mut labels), &we.locality);
                 }
-                Err(_) => return,
+                out.push(PendingEndpoint {
+                    address,
+                    port: target,
+                    weight: we.weight.unwrap_or(1).max(1),
+                    source,
+                    peer: Peer::of_workload(we, &labels, ns, trust_domain),
+                    labels,
+                });
             };
-            let mut labels = labels;
-            if !we.locality.is_empty() {
-                locality::augment(Arc::make_mut(&mut labels), &we.locality);
-            }
-            out.push((
-                address,
-                target,
-                we.weight.unwrap_or(1).max(1),
-                source,
-                labels,
-            ));
-        };
         match spec.resolution {
             Resolution::None => return out,
             _ if !spec.endpoints.is_empty() => {
@@ -1024,7 +1118,12 @@ impl<'a> Builder<'a> {
                 )
                 .into();
                 for we in &spec.endpoints {
-                    push_workload(we, Arc::clone(&source), Arc::new(we.labels.clone()));
+                    push_workload(
+                        we,
+                        Arc::clone(&source),
+                        Arc::new(we.labels.clone()),
+                        &se.meta.namespace,
+                    );
                 }
             }
             _ if spec.workload_selector.is_some() => {
@@ -1039,7 +1138,7 @@ impl<'a> Builder<'a> {
                     if we.meta.namespace == se.meta.namespace && labels_match(&selector, &labels) {
                         let source =
                             format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into();
-                        push_workload(&we.spec.spec, source, Arc::new(labels));
+                        push_workload(&we.spec.spec, source, Arc::new(labels), &we.meta.namespace);
                     }
                 }
                 if let Ok(target) = u16::try_from(default_port) {
@@ -1051,14 +1150,16 @@ impl<'a> Builder<'a> {
                             let source: Arc<str> =
                                 format!("Pod {}/{}", meta.namespace, meta.name).into();
                             let labels = Arc::new(meta.labels.clone());
+                            let peer = Peer::of_pod(pod.object, trust_domain);
                             for ip in &pod.ips {
-                                out.push((
-                                    EndpointAddress::Ip(*ip),
-                                    target,
-                                    1,
-                                    Arc::clone(&source),
-                                    Arc::clone(&labels),
-                                ));
+                                out.push(PendingEndpoint {
+                                    address: EndpointAddress::Ip(*ip),
+                                    port: target,
+                                    weight: 1,
+                                    source: Arc::clone(&source),
+                                    labels: Arc::clone(&labels),
+                                    peer: peer.clone(),
+                                });
                             }
                         }
                     }
@@ -1066,13 +1167,15 @@ impl<'a> Builder<'a> {
             }
             _ if dns && !host.starts_with('*') => {
                 if let Ok(target) = u16::try_from(default_port) {
-                    out.push((
-                        EndpointAddress::Dns(host.into()),
-                        target,
-                        1,
-                        format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name).into(),
-                        Labels::default(),
-                    ));
+                    out.push(PendingEndpoint {
+                        address: EndpointAddress::Dns(host.into()),
+                        port: target,
+                        weight: 1,
+                        source: format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name)
+                            .into(),
+                        labels: Labels::default(),
+                        peer: Peer::default(),
+                    });
                 }
             }
             _ => {}
@@ -1151,7 +1254,7 @@ impl<'a> Builder<'a> {
                 let destinations: Vec<IpAddr> = if headless {
                     endpoints
                         .iter()
-                        .filter_map(|(address, ..)| match address {
+                        .filter_map(|e| match &e.address {
                             EndpointAddress::Ip(ip) => Some(*ip),
                             EndpointAddress::Dns(_) => None,
                         })
@@ -1170,6 +1273,8 @@ impl<'a> Builder<'a> {
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
                     subject_alt_names: Vec::new(),
+                    service_entry: false,
+                    mesh_external: false,
                 });
                 if !added {
                     continue;
@@ -1256,14 +1361,16 @@ impl<'a> Builder<'a> {
             };
             let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
             let labels = Arc::new(meta.labels.clone());
+            let peer = Peer::of_pod(pod.object, self.trust_domain());
             for ip in &pod.ips {
-                out.push((
-                    EndpointAddress::Ip(*ip),
-                    target,
-                    1,
-                    Arc::clone(&source),
-                    Arc::clone(&labels),
-                ));
+                out.push(PendingEndpoint {
+                    address: EndpointAddress::Ip(*ip),
+                    port: target,
+                    weight: 1,
+                    source: Arc::clone(&source),
+                    labels: Arc::clone(&labels),
+                    peer: peer.clone(),
+                });
             }
         }
         out
@@ -1302,15 +1409,17 @@ impl<'a> Builder<'a> {
             ) else {
                 continue;
             };
+            let peer = Peer::of_workload(spec, &labels, &we.meta.namespace, self.trust_domain());
             let mut labels = labels;
             locality::augment(&mut labels, &spec.locality);
-            out.push((
-                EndpointAddress::Ip(ip),
-                target,
-                spec.weight.unwrap_or(1).max(1),
-                format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
-                Arc::new(labels),
-            ));
+            out.push(PendingEndpoint {
+                address: EndpointAddress::Ip(ip),
+                port: target,
+                weight: spec.weight.unwrap_or(1).max(1),
+                source: format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
+                labels: Arc::new(labels),
+                peer,
+            });
         }
     }
 }

@@ -89,6 +89,35 @@ fn service_ports(pending: &Map<Arc<str>, PendingCluster>) -> BTreeMap<String, Ve
     ports
 }
 
+/// What auto mutual TLS needs of a service port's workloads.
+struct Peers<'a> {
+    /// istiod's `ServiceAccounts` of the service: its workloads' identities (over all its
+    /// ports) and a ServiceEntry's `subjectAltNames`, sorted.
+    accounts: &'a [String],
+    /// Every endpoint of the port has a sidecar (a TLS mode other than `disabled`), and
+    /// there is one: istiod's inference for passthrough clusters.
+    sidecars: bool,
+}
+
+/// The accounts of each service host (see [`Peers::accounts`]).
+fn service_accounts(pending: &Map<Arc<str>, PendingCluster>) -> Map<Arc<str>, Vec<String>> {
+    let mut accounts: Map<Arc<str>, BTreeSet<String>> = Map::default();
+    for c in pending.values() {
+        let set = accounts.entry(Arc::clone(&c.host)).or_default();
+        set.extend(c.subject_alt_names.iter().cloned());
+        set.extend(
+            c.endpoints
+                .iter()
+                .filter_map(|e| e.peer.identity.as_deref())
+                .map(str::to_owned),
+        );
+    }
+    accounts
+        .into_iter()
+        .map(|(host, set)| (host, set.into_iter().collect()))
+        .collect()
+}
+
 /// Whether HTTP to a cluster's port is routed by its route table.
 fn routed_by_host(protocol: Protocol) -> bool {
     matches!(protocol, Protocol::Http | Protocol::Http2 | Protocol::Auto)
@@ -278,7 +307,13 @@ impl Builder<'_> {
             }
         }
         let mut tcp_timeouts: Map<String, TcpProxyTimeouts> = Map::default();
+        let accounts = service_accounts(&pending);
         for (name, p) in pending {
+            let peers = Peers {
+                accounts: accounts.get(&p.host).map_or(&[][..], Vec::as_slice),
+                sidecars: !p.endpoints.is_empty()
+                    && p.endpoints.iter().all(|e| e.peer.tls_mode.is_some()),
+            };
             let timeouts = self.tcp_proxy_timeouts(&p.host);
             if let Some(t) = timeouts {
                 tcp_timeouts.insert(name.to_string(), t);
@@ -293,7 +328,7 @@ impl Builder<'_> {
                 let endpoints = p
                     .endpoints
                     .iter()
-                    .filter(|e| super::labels_match(&subset.labels, &e.4))
+                    .filter(|e| super::labels_match(&subset.labels, &e.labels))
                     .cloned()
                     .collect();
                 let pending_subset = PendingCluster {
@@ -307,15 +342,22 @@ impl Builder<'_> {
                     addresses: p.addresses.clone(),
                     endpoints,
                     subject_alt_names: p.subject_alt_names.clone(),
+                    service_entry: p.service_entry,
+                    mesh_external: p.mesh_external,
                 };
-                let cluster =
-                    self.traffic_cluster(pending_subset, &traffic, dns, &mut out.dns_names);
+                let cluster = self.traffic_cluster(
+                    pending_subset,
+                    (Some(&subset.name), &traffic, &peers),
+                    dns,
+                    &mut out.dns_names,
+                );
                 out.resources
                     .clusters
                     .insert(subset_name, Arc::new(cluster));
             }
             let traffic = self.traffic_for(&p.host, p.port);
-            let cluster = self.traffic_cluster(p, &traffic, dns, &mut out.dns_names);
+            let cluster =
+                self.traffic_cluster(p, (None, &traffic, &peers), dns, &mut out.dns_names);
             out.resources
                 .clusters
                 .insert(name.to_string(), Arc::new(cluster));
@@ -330,33 +372,60 @@ impl Builder<'_> {
         out
     }
 
-    /// The cluster of `p` under a DestinationRule's `traffic`, TLS origination included: TLS
-    /// that cannot be set up leaves the endpoints without a connection, never plaintext.
+    /// The cluster of `p` (of `subset`, if any) under a DestinationRule's `traffic`, TLS
+    /// origination included: TLS that cannot be set up leaves the endpoints without a
+    /// connection, never plaintext. Without DestinationRule TLS, istiod's auto mutual TLS
+    /// (`buildUpstreamTLSSettings`): Istio mutual TLS to the endpoints whose workloads have
+    /// sidecars, plaintext to the others; for an ORIGINAL_DST cluster, mutual TLS only when
+    /// every endpoint has one. Never for a `MESH_EXTERNAL` ServiceEntry.
     fn traffic_cluster(
         &mut self,
         p: PendingCluster,
-        traffic: &Traffic<'_>,
+        (subset, traffic, peers): (Option<&str>, &Traffic<'_>, &Peers<'_>),
         dns: DnsAnswers<'_>,
         dns_names: &mut BTreeSet<String>,
     ) -> Cluster {
-        let transport = traffic.tls.map(|rule| {
-            let service = (&*p.host, p.port, p.protocol);
-            super::tls::transport(rule, service, &p.subject_alt_names, &self.secrets)
-                .unwrap_or_else(|why| {
-                    self.warnings.push(format!(
-                        "cluster {}: DestinationRule tls cannot be applied ({why}); its endpoints get no connection",
-                        p.name
-                    ));
-                    UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
-                })
-        });
-        let protocol = p.protocol;
+        let (name, host, port, protocol) =
+            (Arc::clone(&p.name), Arc::clone(&p.host), p.port, p.protocol);
+        let mesh_external = p.mesh_external;
+        // istiod's `SubjectAltNames` fallback: the service's accounts for ISTIO_MUTUAL, and
+        // for SIMPLE and MUTUAL those of a ServiceEntry only.
+        let simple_sans = if p.service_entry { peers.accounts } else { &[] };
         let mut cluster = service_cluster(p, traffic, self.options, dns, dns_names);
-        if let Some(transport) = transport {
-            cluster.transport = transport;
-        }
         if self.h2_upgrade(protocol, traffic.pool) {
             cluster.upstream_protocol = UpstreamProtocol::Http2;
+        }
+        // istiod's `isHttp2Cluster`: ALPN offers `h2` to clusters that speak HTTP/2 upstream.
+        let wire = if cluster.upstream_protocol == UpstreamProtocol::Http2 {
+            Protocol::Http2
+        } else {
+            protocol
+        };
+        let original_dst = matches!(cluster.discovery, Discovery::OriginalDst(_));
+        match traffic.tls {
+            Some(rule) => {
+                let sans = super::tls::ServiceSans {
+                    istio_mutual: peers.accounts,
+                    simple: simple_sans,
+                };
+                cluster.transport = super::tls::transport(rule, (&host, port, wire), sans, &self.secrets)
+                    .unwrap_or_else(|why| {
+                        self.warnings.push(format!(
+                            "cluster {name}: DestinationRule tls cannot be applied ({why}); its endpoints get no connection",
+                        ));
+                        UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
+                    });
+            }
+            None if self.auto_mtls() && !mesh_external && (!original_dst || peers.sidecars) => {
+                let sni = super::tls::istio_sni(port, subset, &host);
+                let mutual = super::tls::istio_mutual(sni, wire, peers.accounts);
+                if original_dst {
+                    cluster.transport = mutual;
+                } else {
+                    cluster.transport_socket_matches = super::tls::auto_mtls_matches(mutual);
+                }
+            }
+            None => {}
         }
         cluster
     }
@@ -1209,7 +1278,7 @@ fn service_cluster(
             // request naming the host cannot take the client anywhere else).
             let mut allowed = p.addresses.clone();
             if passthrough {
-                let endpoints = p.endpoints.iter().filter_map(|e| match &e.0 {
+                let endpoints = p.endpoints.iter().filter_map(|e| match &e.address {
                     EndpointAddress::Ip(ip) => Some(IpNet::from(*ip)),
                     EndpointAddress::Dns(_) => None,
                 });
@@ -1255,28 +1324,34 @@ fn service_cluster(
     if !original_dst {
         let failover = cluster.outlier_detection.is_some();
         let mut by_locality: BTreeMap<Locality, Vec<locality::Labelled<'_>>> = BTreeMap::new();
-        for (address, port, weight, source, labels) in &p.endpoints {
+        for e in &p.endpoints {
             let endpoint = LbEndpoint {
-                address: match address {
-                    EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(*ip, *port)),
+                address: match &e.address {
+                    EndpointAddress::Ip(ip) => Address::Socket(SocketAddr::new(*ip, e.port)),
                     EndpointAddress::Dns(host) => {
                         dns_names.insert(host.to_string());
                         Address::Name {
                             host: host.to_string(),
-                            port: *port,
+                            port: e.port,
                         }
                     }
                 },
                 health: HealthStatus::Unknown,
-                load_balancing_weight: *weight,
-                transport_socket_match: BTreeMap::new(),
+                load_balancing_weight: e.weight,
+                // istiod's `AppendLbEndpointMetadata`: a workload's TLS mode unless disabled.
+                transport_socket_match: e
+                    .peer
+                    .tls_mode
+                    .iter()
+                    .map(|mode| (super::tls::TLS_MODE_KEY.to_owned(), mode.to_string()))
+                    .collect(),
                 hostname: None,
-                source: Some(source.to_string()),
+                source: Some(e.source.to_string()),
             };
             by_locality
-                .entry(locality::of_labels(labels))
+                .entry(locality::of_labels(&e.labels))
                 .or_default()
-                .push((endpoint, &**labels));
+                .push((endpoint, &*e.labels));
         }
         let groups = by_locality.into_iter().collect();
         let endpoints = match traffic.locality {

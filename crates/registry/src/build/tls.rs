@@ -6,9 +6,11 @@
 //! 1.2 to 1.3, and ALPN `h2` for HTTP/2 clusters. `credentialName` names a Secret of the
 //! rule's namespace present among the resources, read as istio-agent reads one.
 
+use std::collections::BTreeMap;
+
 use portcullis_envoy::{
     CertificateValidationContext, DataSource, IstioMutual, StringMatcher, StringPattern,
-    TlsCertificate, TlsVersion, TrustedCa, UpstreamTls, UpstreamTransport,
+    TlsCertificate, TlsVersion, TransportSocketMatch, TrustedCa, UpstreamTls, UpstreamTransport,
 };
 use portcullis_model::{ClientTlsSettings, Object, Secret, TlsMode};
 
@@ -25,14 +27,27 @@ pub(crate) struct TlsRule<'a> {
     pub subset: Option<&'a str>,
 }
 
-/// The transport of a cluster that `rule` applies to; `service_sans` are the
-/// ServiceEntry's `subjectAltNames` (none for a Kubernetes Service). An error is why the
-/// cluster's endpoints get no connection: the settings ask for TLS that cannot be set up,
-/// and plaintext is never the fallback.
+/// The key of an endpoint's `envoy.transport_socket_match` metadata istiod writes.
+pub(crate) const TLS_MODE_KEY: &str = "tlsMode";
+
+/// The SANs a rule without `subjectAltNames` verifies the peer against (istiod's
+/// `serviceAccounts` fallback).
+#[derive(Clone, Copy)]
+pub(crate) struct ServiceSans<'a> {
+    /// For ISTIO_MUTUAL: the service's accounts (its workloads' identities and a
+    /// ServiceEntry's `subjectAltNames`).
+    pub istio_mutual: &'a [String],
+    /// For SIMPLE and MUTUAL: the same for a ServiceEntry, none for a Kubernetes Service.
+    pub simple: &'a [String],
+}
+
+/// The transport of a cluster that `rule` applies to, with `service_sans` when the rule
+/// names none. An error is why the cluster's endpoints get no connection: the settings
+/// ask for TLS that cannot be set up, and plaintext is never the fallback.
 pub(crate) fn transport(
     rule: TlsRule<'_>,
     (host, port, protocol): (&str, u16, Protocol),
-    service_sans: &[String],
+    service_sans: ServiceSans<'_>,
     secrets: &[&Object<Secret>],
 ) -> Result<UpstreamTransport, String> {
     let tls = rule.settings;
@@ -40,15 +55,18 @@ pub(crate) fn transport(
     let mutual = match tls.mode {
         TlsMode::Disable => return Ok(UpstreamTransport::Plaintext),
         TlsMode::IstioMutual => {
-            let sni = sni.unwrap_or_else(|| {
-                let subset = rule.subset.unwrap_or_default();
-                format!("outbound_.{port}_.{subset}_.{host}")
-            });
-            return Ok(istio_mutual(tls, sni, protocol, service_sans));
+            let sni = sni.unwrap_or_else(|| istio_sni(port, rule.subset, host));
+            let sans = if tls.subject_alt_names.is_empty() {
+                service_sans.istio_mutual
+            } else {
+                &tls.subject_alt_names
+            };
+            return Ok(istio_mutual(sni, protocol, sans));
         }
         TlsMode::Simple => false,
         TlsMode::Mutual => true,
     };
+    let service_sans = service_sans.simple;
     let insecure = tls.insecure_skip_verify.unwrap_or(false);
     let sans = if tls.subject_alt_names.is_empty() {
         service_sans
@@ -104,20 +122,17 @@ pub(crate) fn transport(
     })))
 }
 
-/// ISTIO_MUTUAL as istiod writes it (`buildIstioMutualTLS`): SNI `sni`, the rule's or
-/// `outbound_.PORT_.SUBSET_.HOST`, the rule's SANs else the service's, ALPN with Istio's
-/// metadata exchange (and `h2` for HTTP/2 ports); the certificates are the workload's.
-fn istio_mutual(
-    tls: &ClientTlsSettings,
-    sni: String,
-    protocol: Protocol,
-    service_sans: &[String],
-) -> UpstreamTransport {
-    let sans = if tls.subject_alt_names.is_empty() {
-        service_sans
-    } else {
-        &tls.subject_alt_names
-    };
+/// istiod's SNI for Istio mutual TLS to a service port (and subset):
+/// `outbound_.PORT_.SUBSET_.HOST`.
+pub(crate) fn istio_sni(port: u16, subset: Option<&str>, host: &str) -> String {
+    let subset = subset.unwrap_or_default();
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
+/// ISTIO_MUTUAL as istiod writes it (`buildIstioMutualTLS`): SNI `sni`, the peer's
+/// identities `sans`, ALPN with Istio's metadata exchange (and `h2` for HTTP/2 clusters);
+/// the certificates are the workload's.
+pub(crate) fn istio_mutual(sni: String, protocol: Protocol, sans: &[String]) -> UpstreamTransport {
     let mut alpn_protocols = vec!["istio-peer-exchange".to_owned(), "istio".to_owned()];
     if protocol == Protocol::Http2 {
         alpn_protocols.push("h2".into());
@@ -127,6 +142,23 @@ fn istio_mutual(
         alpn_protocols,
         match_subject_alt_names: sans.iter().map(|san| exact(san)).collect(),
     }))
+}
+
+/// istiod's auto mutual TLS matches: `mutual` for endpoints whose metadata says
+/// `tlsMode: istio`, plaintext for every other.
+pub(crate) fn auto_mtls_matches(mutual: UpstreamTransport) -> Vec<TransportSocketMatch> {
+    vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".to_owned(),
+            match_metadata: BTreeMap::from([(TLS_MODE_KEY.to_owned(), "istio".to_owned())]),
+            transport: mutual,
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".to_owned(),
+            match_metadata: BTreeMap::new(),
+            transport: UpstreamTransport::Plaintext,
+        },
+    ]
 }
 
 fn exact(value: &str) -> StringMatcher {
@@ -202,6 +234,18 @@ mod tests {
 
     use super::*;
 
+    const NO_SANS: ServiceSans<'static> = ServiceSans {
+        istio_mutual: &[],
+        simple: &[],
+    };
+
+    fn same(sans: &[String]) -> ServiceSans<'_> {
+        ServiceSans {
+            istio_mutual: sans,
+            simple: sans,
+        }
+    }
+
     fn svc(protocol: Protocol) -> (&'static str, u16, Protocol) {
         ("api.example.com", 443, protocol)
     }
@@ -249,7 +293,7 @@ mod tests {
             mode: TlsMode::Simple,
             ..Default::default()
         };
-        let tls = context(transport(rule(&settings), svc(Protocol::Http), &[], &[]).unwrap());
+        let tls = context(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]).unwrap());
         assert!(tls.auto_sni && tls.auto_san_validation && tls.sni.is_none());
         assert_eq!(
             (tls.min_version, tls.max_version),
@@ -271,7 +315,8 @@ mod tests {
         };
         // The ServiceEntry's subjectAltNames when the rule has none.
         let sans = ["spiffe://example/ns/a/sa/b".to_owned()];
-        let tls = context(transport(rule(&settings), svc(Protocol::Http2), &sans, &[]).unwrap());
+        let tls =
+            context(transport(rule(&settings), svc(Protocol::Http2), same(&sans), &[]).unwrap());
         assert_eq!(tls.sni.as_deref(), Some("api.example.com"));
         assert!(!tls.auto_sni && !tls.auto_san_validation);
         assert_eq!(tls.alpn_protocols, ["h2"]);
@@ -289,7 +334,7 @@ mod tests {
             insecure_skip_verify: Some(true),
             ..settings
         };
-        let tls = context(transport(rule(&insecure), svc(Protocol::Http), &[], &[]).unwrap());
+        let tls = context(transport(rule(&insecure), svc(Protocol::Http), NO_SANS, &[]).unwrap());
         assert!(tls.validation.is_none() && !tls.auto_san_validation);
     }
 
@@ -300,12 +345,12 @@ mod tests {
             client_certificate: Some("/c.pem".into()),
             ..Default::default()
         };
-        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]).is_err());
         let settings = ClientTlsSettings {
             private_key: Some("/k.pem".into()),
             ..settings
         };
-        let tls = context(transport(rule(&settings), svc(Protocol::Http), &[], &[]).unwrap());
+        let tls = context(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]).unwrap());
         assert_eq!(
             tls.client_certificate.unwrap().private_key,
             DataSource::File("/k.pem".into())
@@ -323,8 +368,15 @@ mod tests {
             "client",
             &[("tls.crt", "CERT"), ("tls.key", "KEY"), ("ca.crt", "CA")],
         );
-        let tls =
-            context(transport(rule(&settings), svc(Protocol::Http), &[], &[&tls_secret]).unwrap());
+        let tls = context(
+            transport(
+                rule(&settings),
+                svc(Protocol::Http),
+                NO_SANS,
+                &[&tls_secret],
+            )
+            .unwrap(),
+        );
         let cert = tls.client_certificate.unwrap();
         assert_eq!(cert.certificate_chain, DataSource::Inline(b"CERT".to_vec()));
         assert_eq!(
@@ -337,7 +389,7 @@ mod tests {
             transport(
                 rule(&settings),
                 svc(Protocol::Http),
-                &[],
+                NO_SANS,
                 &[&generic, &companion],
             )
             .unwrap(),
@@ -347,25 +399,25 @@ mod tests {
             TrustedCa::Pem(DataSource::Inline(b"CA2".to_vec()))
         );
         // No CA anywhere, or no Secret: refused, never plaintext.
-        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[&generic]).is_err());
-        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[&generic]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]).is_err());
         // Another namespace's Secret is not the rule's.
         let mut elsewhere = tls_secret.clone();
         elsewhere.meta.namespace = "other".into();
-        assert!(transport(rule(&settings), svc(Protocol::Http), &[], &[&elsewhere]).is_err());
+        assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[&elsewhere]).is_err());
     }
 
     #[test]
     fn disable_and_istio_mutual() {
         let mut settings = ClientTlsSettings::default();
         assert_eq!(
-            transport(rule(&settings), svc(Protocol::Http), &[], &[]),
+            transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]),
             Ok(UpstreamTransport::Plaintext)
         );
         settings.mode = TlsMode::IstioMutual;
         let sans = ["spiffe://cluster.local/ns/default/sa/api".to_owned()];
         let Ok(UpstreamTransport::IstioMutualTls(m)) =
-            transport(rule(&settings), svc(Protocol::Http2), &sans, &[])
+            transport(rule(&settings), svc(Protocol::Http2), same(&sans), &[])
         else {
             panic!("not Istio mutual TLS");
         };
@@ -377,7 +429,7 @@ mod tests {
             ..rule(&settings)
         };
         let Ok(UpstreamTransport::IstioMutualTls(m)) =
-            transport(in_subset, svc(Protocol::Http), &sans, &[])
+            transport(in_subset, svc(Protocol::Http), same(&sans), &[])
         else {
             panic!("not Istio mutual TLS");
         };

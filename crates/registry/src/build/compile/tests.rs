@@ -779,3 +779,5 @@ spec:
         ]
     );
 }
+
+mod auto_mtls;

@@ -1,0 +1,350 @@
+//! istiod's auto mutual TLS from files: endpoint TLS modes, the two transport socket
+//! matches and when a cluster gets them, and the peer identities checked.
+
+use portcullis_envoy::{Cluster, IstioMutual, StringPattern, TransportSocketMatch};
+
+use super::*;
+use crate::Snapshot;
+
+/// A Service `api` in `shop` on port 80 (and a headless `db` on 3306) over a pod with a
+/// sidecar running as `api-sa`, a pod without one (account `default`), and a VM entry with
+/// a service account and no label.
+const MESH: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api-mesh
+  namespace: shop
+  labels: {app: api, version: v1, security.istio.io/tlsMode: istio}
+spec:
+  serviceAccountName: api-sa
+  containers: [{name: app}]
+status: {podIP: 10.244.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-plain, namespace: shop, labels: {app: api, version: v2}}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: shop}
+spec: {address: 10.244.0.3, labels: {app: api, version: v1}, serviceAccount: vm-sa}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp, port: 3306}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: shop
+  labels: {app: db, security.istio.io/tlsMode: istio}
+spec: {serviceAccountName: db}
+status: {podIP: 10.244.1.1}
+";
+
+const API: &str = "outbound|80||api.shop.svc.cluster.local";
+const DB: &str = "outbound|3306||db.shop.svc.cluster.local";
+
+fn cluster<'a>(c: &'a Compiled, name: &str) -> &'a Cluster {
+    c.resources
+        .clusters
+        .get(name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+        .as_ref()
+}
+
+/// Each endpoint's address with its `tlsMode` metadata (`-` when it has none).
+fn tls_modes(c: &Compiled, name: &str) -> Vec<String> {
+    let assignment = cluster(c, name)
+        .load_assignment
+        .as_ref()
+        .expect("endpoints");
+    let mut modes: Vec<String> = assignment
+        .endpoints
+        .iter()
+        .flat_map(|g| &g.lb_endpoints)
+        .map(|e| {
+            let address = match &e.address {
+                EndpointAddress::Socket(a) => a.to_string(),
+                EndpointAddress::Name { host, port } => format!("{host}:{port}"),
+            };
+            let mode = e.transport_socket_match.get("tlsMode");
+            format!("{address} {}", mode.map_or("-", String::as_str))
+        })
+        .collect();
+    modes.sort();
+    modes
+}
+
+/// The auto mTLS matches of a cluster: the Istio mutual TLS settings of `tlsMode-istio`,
+/// after checking that plaintext `tlsMode-disabled` follows it.
+fn auto_mutual(matches: &[TransportSocketMatch]) -> &IstioMutual {
+    let [istio, disabled] = matches else {
+        panic!("not istiod's two matches: {matches:?}");
+    };
+    assert_eq!(
+        (istio.name.as_str(), disabled.name.as_str()),
+        ("tlsMode-istio", "tlsMode-disabled")
+    );
+    assert_eq!(
+        istio.match_metadata,
+        BTreeMap::from([("tlsMode".to_string(), "istio".to_string())])
+    );
+    assert!(disabled.match_metadata.is_empty());
+    assert_eq!(disabled.transport, UpstreamTransport::Plaintext);
+    match &istio.transport {
+        UpstreamTransport::IstioMutualTls(m) => m,
+        other => panic!("not Istio mutual TLS: {other:?}"),
+    }
+}
+
+fn sans(m: &IstioMutual) -> Vec<&str> {
+    m.match_subject_alt_names
+        .iter()
+        .map(|s| match &s.pattern {
+            StringPattern::Exact(v) => v.as_str(),
+            other => panic!("not exact: {other:?}"),
+        })
+        .collect()
+}
+
+const API_ACCOUNTS: [&str; 3] = [
+    "spiffe://cluster.local/ns/shop/sa/api-sa",
+    "spiffe://cluster.local/ns/shop/sa/default",
+    "spiffe://cluster.local/ns/shop/sa/vm-sa",
+];
+
+#[test]
+fn endpoints_with_sidecars_get_istio_mutual_tls_and_the_others_plaintext() {
+    let c = compiled_in(MESH, "shop", &|_| None);
+    // A labelled pod, and a WorkloadEntry with a service account, have sidecars.
+    assert_eq!(
+        tls_modes(&c, API),
+        [
+            "10.244.0.1:8080 istio",
+            "10.244.0.2:8080 -",
+            "10.244.0.3:8080 istio"
+        ]
+    );
+    let api = cluster(&c, API);
+    assert_eq!(api.transport, UpstreamTransport::Plaintext);
+    let m = auto_mutual(&api.transport_socket_matches);
+    assert_eq!(
+        m.sni.as_deref(),
+        Some("outbound_.80_._.api.shop.svc.cluster.local")
+    );
+    assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio"]);
+    // Every workload's identity, sidecar or not, as istiod's ServiceAccounts.
+    assert_eq!(sans(m), API_ACCOUNTS);
+    // The data path picks per endpoint.
+    let s = Snapshot::index(&c.resources, &|_| None, None, 1);
+    let built = s.cluster(API).unwrap();
+    let mutual: Vec<bool> = built
+        .endpoints
+        .iter()
+        .map(|e| matches!(e.transport, crate::EndpointTransport::IstioMutual(_)))
+        .collect();
+    let addresses: Vec<String> = built
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    let by_address: BTreeMap<_, _> = addresses.iter().zip(mutual).collect();
+    assert_eq!(
+        by_address
+            .into_iter()
+            .map(|(a, m)| (a.as_str(), m))
+            .collect::<Vec<_>>(),
+        [
+            ("10.244.0.1", true),
+            ("10.244.0.2", false),
+            ("10.244.0.3", true)
+        ]
+    );
+}
+
+#[test]
+fn headless_services_get_mutual_tls_only_when_every_endpoint_has_a_sidecar() {
+    let c = compiled_in(MESH, "shop", &|_| None);
+    let db = cluster(&c, DB);
+    assert!(db.transport_socket_matches.is_empty());
+    let UpstreamTransport::IstioMutualTls(m) = &db.transport else {
+        panic!("not Istio mutual TLS: {:?}", db.transport);
+    };
+    assert_eq!(
+        m.sni.as_deref(),
+        Some("outbound_.3306_._.db.shop.svc.cluster.local")
+    );
+    assert_eq!(sans(m), ["spiffe://cluster.local/ns/shop/sa/db"]);
+    let with_plain = format!(
+        "{MESH}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: db-1, namespace: shop, labels: {{app: db}}}}
+status: {{podIP: 10.244.1.2}}
+"
+    );
+    let c = compiled_in(&with_plain, "shop", &|_| None);
+    let db = cluster(&c, DB);
+    assert_eq!(db.transport, UpstreamTransport::Plaintext);
+    assert!(db.transport_socket_matches.is_empty());
+}
+
+#[test]
+fn a_destination_rule_with_tls_replaces_auto_mtls_and_subsets_get_their_own_sni() {
+    let rule = |tls: &str| {
+        format!(
+            "{MESH}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.shop.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}{tls}}}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+  - name: v2
+    labels: {{version: v2}}
+    trafficPolicy: {{tls: {{mode: DISABLE}}}}
+"
+        )
+    };
+    // A rule without tls keeps auto mTLS, subsets included, with the subset's SNI and the
+    // service's identities.
+    let c = compiled_in(&rule(""), "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    assert_eq!(sans(m), API_ACCOUNTS);
+    let v1 = auto_mutual(
+        &cluster(&c, "outbound|80|v1|api.shop.svc.cluster.local").transport_socket_matches,
+    );
+    assert_eq!(
+        v1.sni.as_deref(),
+        Some("outbound_.80_.v1_.api.shop.svc.cluster.local")
+    );
+    assert_eq!(sans(v1), API_ACCOUNTS);
+    // A subset whose tls says DISABLE is plaintext to every endpoint.
+    let v2 = cluster(&c, "outbound|80|v2|api.shop.svc.cluster.local");
+    assert!(v2.transport_socket_matches.is_empty());
+    assert_eq!(v2.transport, UpstreamTransport::Plaintext);
+    // ISTIO_MUTUAL set by the rule: every endpoint, with the same identities.
+    let c = compiled_in(&rule(", tls: {mode: ISTIO_MUTUAL}"), "shop", &|_| None);
+    let api = cluster(&c, API);
+    assert!(api.transport_socket_matches.is_empty());
+    let UpstreamTransport::IstioMutualTls(m) = &api.transport else {
+        panic!("not Istio mutual TLS: {:?}", api.transport);
+    };
+    assert_eq!(sans(m), API_ACCOUNTS);
+    assert_eq!(
+        m.sni.as_deref(),
+        Some("outbound_.80_._.api.shop.svc.cluster.local")
+    );
+    // SIMPLE: the user's TLS, no auto mTLS, no service accounts for a Kubernetes Service.
+    let c = compiled_in(&rule(", tls: {mode: SIMPLE}"), "shop", &|_| None);
+    let api = cluster(&c, API);
+    assert!(api.transport_socket_matches.is_empty());
+    let UpstreamTransport::Tls(tls) = &api.transport else {
+        panic!("not TLS: {:?}", api.transport);
+    };
+    assert!(
+        tls.validation
+            .as_ref()
+            .unwrap()
+            .match_subject_alt_names
+            .is_empty()
+    );
+}
+
+#[test]
+fn service_entries_inside_the_mesh_only_with_their_subject_alt_names() {
+    let entry = |location: &str| {
+        se(
+            "vms",
+            &[
+                "hosts: [vms.internal]",
+                location,
+                "resolution: STATIC",
+                "ports: [{number: 8080, name: http, protocol: HTTP}]",
+                "subjectAltNames: [spiffe://cluster.local/ns/default/sa/declared]",
+                "endpoints:",
+                "- {address: 10.1.0.1, labels: {security.istio.io/tlsMode: istio}}",
+                "- {address: 10.1.0.2, serviceAccount: vm}",
+                "- {address: 10.1.0.3, serviceAccount: legacy, labels: {security.istio.io/tlsMode: disabled}}",
+            ],
+        )
+    };
+    let c = compiled(&entry("location: MESH_INTERNAL"));
+    let name = "outbound|8080||vms.internal";
+    assert_eq!(
+        tls_modes(&c, name),
+        [
+            "10.1.0.1:8080 istio",
+            "10.1.0.2:8080 istio",
+            "10.1.0.3:8080 -"
+        ]
+    );
+    let m = auto_mutual(&cluster(&c, name).transport_socket_matches);
+    assert_eq!(
+        sans(m),
+        [
+            "spiffe://cluster.local/ns/default/sa/declared",
+            "spiffe://cluster.local/ns/default/sa/legacy",
+            "spiffe://cluster.local/ns/default/sa/vm",
+        ]
+    );
+    // MESH_EXTERNAL (also Istio's default location): the metadata stays, no TLS.
+    for location in ["location: MESH_EXTERNAL", ""] {
+        let c = compiled(&entry(location));
+        let vms = cluster(&c, name);
+        assert!(vms.transport_socket_matches.is_empty(), "{location}");
+        assert_eq!(vms.transport, UpstreamTransport::Plaintext);
+        assert_eq!(tls_modes(&c, name)[0], "10.1.0.1:8080 istio");
+    }
+}
+
+#[test]
+fn the_mesh_config_turns_auto_mtls_off_and_names_the_trust_domain() {
+    let mesh = |data: &str| {
+        format!(
+            "{MESH}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    {data}
+"
+        )
+    };
+    let c = compiled_in(&mesh("enableAutoMtls: false"), "shop", &|_| None);
+    assert!(cluster(&c, API).transport_socket_matches.is_empty());
+    assert_eq!(cluster(&c, DB).transport, UpstreamTransport::Plaintext);
+    // The endpoints still say what they are, as istiod's do.
+    assert_eq!(tls_modes(&c, API)[0], "10.244.0.1:8080 istio");
+    let c = compiled_in(&mesh("trustDomain: example.org"), "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    assert_eq!(sans(m)[0], "spiffe://example.org/ns/shop/sa/api-sa");
+}
+
+#[test]
+fn http2_clusters_offer_h2_after_istios_alpn() {
+    let yaml = MESH.replace("name: http, port: 80", "name: grpc, port: 80");
+    let c = compiled_in(&yaml, "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio", "h2"]);
+}
