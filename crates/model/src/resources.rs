@@ -897,6 +897,10 @@ pub struct MeshConfig {
     /// `cluster.local`).
     #[serde(default)]
     pub trust_domain: Option<String>,
+    /// `localityLbSetting`: the locality balancing of destinations whose DestinationRule
+    /// sets none (Istio's default: on, no settings).
+    #[serde(default)]
+    pub locality_lb_setting: Option<LocalityLbSetting>,
 }
 
 #[cfg(test)]

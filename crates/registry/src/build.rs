@@ -249,7 +249,10 @@ struct TcpProxyTimeouts {
 /// subset's port-level settings replace both whole (unset ones revert to defaults), as
 /// istiod's `MergeTrafficPolicy`.
 fn traffic<'a>(
-    rule: Option<&'a Object<DestinationRuleSpec>>,
+    (rule, mesh_locality): (
+        Option<&'a Object<DestinationRuleSpec>>,
+        Option<&'a LocalityLbSetting>,
+    ),
     subset: Option<&'a TrafficPolicy>,
     port: u16,
 ) -> Traffic<'a> {
@@ -305,10 +308,14 @@ fn traffic<'a>(
         pool,
         outlier,
         tls,
-        locality: match load_balancer.and_then(|lb| lb.locality_lb_setting.as_ref()) {
+        // The rule's setting, else the mesh config's, else Istio's mesh default (on, no
+        // settings), as istiod's `GetEffectiveLbSetting`; `enabled: false` turns it off.
+        locality: match load_balancer
+            .and_then(|lb| lb.locality_lb_setting.as_ref())
+            .or(mesh_locality)
+        {
             Some(l) if l.enabled == Some(false) => None,
             Some(l) => Some(l),
-            // Istio's mesh default: locality balancing on, no settings.
             None => Some(&DEFAULT_LOCALITY),
         },
     }
@@ -791,7 +798,12 @@ impl<'a> Builder<'a> {
 
     /// The DestinationRule's traffic policy for `host`'s clusters on `port`.
     fn traffic_for(&self, host: &str, port: u16) -> Traffic<'a> {
-        traffic(self.rule_for(host), None, port)
+        traffic((self.rule_for(host), self.mesh_locality()), None, port)
+    }
+
+    /// The mesh config's `localityLbSetting`, if it sets one.
+    fn mesh_locality(&self) -> Option<&'a LocalityLbSetting> {
+        self.mesh.and_then(|m| m.spec.locality_lb_setting.as_ref())
     }
 
     /// The `tcp_proxy` timeouts istiod gives `host`'s TCP chains, from its
@@ -825,7 +837,7 @@ impl<'a> Builder<'a> {
             rule.and_then(|dr| dr.spec.subsets.iter().find(|s| s.name == subset))
                 .and_then(|s| s.traffic_policy.as_ref())
         };
-        traffic(rule, subset_policy, port).hash
+        traffic((rule, self.mesh_locality()), subset_policy, port).hash
     }
 
     /// The subsets of `host`'s DestinationRule, each with its traffic policy on `port`: the
@@ -838,7 +850,11 @@ impl<'a> Builder<'a> {
             .subsets
             .iter()
             .map(|subset| {
-                let mut policy = traffic(Some(dr), subset.traffic_policy.as_ref(), port);
+                let mut policy = traffic(
+                    (Some(dr), self.mesh_locality()),
+                    subset.traffic_policy.as_ref(),
+                    port,
+                );
                 if let Some(tls) = &mut policy.tls {
                     tls.subset = Some(&subset.name);
                 }

@@ -2702,6 +2702,56 @@ fn locality_failover_applies_with_outlier_detection_as_istiod() {
 }
 
 #[test]
+fn the_mesh_configs_locality_setting_applies_where_a_rule_sets_none() {
+    let mesh = |setting: &str| {
+        format!(
+            "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    localityLbSetting: {setting}
+---
+"
+        )
+    };
+    let outlier = geo_rule("    outlierDetection: {consecutive5xxErrors: 1}\n");
+    // The mesh's failover: us to eu before the other us zone.
+    let failover = mesh("{failover: [{from: us, to: eu}]}");
+    let (eps, weighted) = geo(&at_locality(&format!("{failover}{outlier}"), "us/a/1"));
+    assert_eq!(
+        eps,
+        [
+            ("10.1.0.1:80".to_string(), 0, Some(1)),
+            ("10.1.0.2:80".to_string(), 1, Some(1)),
+            ("10.1.0.3:80".to_string(), 2, Some(1)),
+        ]
+    );
+    assert!(
+        weighted,
+        "an explicit failover weights localities, as istiod"
+    );
+    // Turned off mesh-wide: no priorities, even with outlier detection.
+    let off = mesh("{enabled: false}");
+    let (eps, _) = geo(&at_locality(&format!("{off}{outlier}"), "us/a/1"));
+    assert!(eps.iter().all(|e| e.1 == 0), "{eps:?}");
+    // A rule's own setting wins over the mesh's.
+    let own = geo_rule(
+        "    outlierDetection: {consecutive5xxErrors: 1}
+    loadBalancer: {localityLbSetting: {enabled: true}}
+",
+    );
+    let (eps, _) = geo(&at_locality(&format!("{off}{own}"), "us/a/1"));
+    assert_eq!(eps.iter().map(|e| e.1).collect::<Vec<_>>(), [0, 1, 2]);
+    // The mesh's distribute.
+    let distribute = mesh("{distribute: [{from: us/a/*, to: {us/b/*: 100}}]}");
+    let (eps, weighted) = geo(&at_locality(&[&distribute, LOCALITIES].concat(), "us/a/1"));
+    assert!(weighted);
+    // Localities the distribution gives nothing are left out, as istiod does.
+    assert_eq!(eps, [("10.1.0.2:80".to_string(), 0, Some(100))]);
+}
+
+#[test]
 fn locality_distribute_sets_weights_as_istiod() {
     let rule = geo_rule(
         "    loadBalancer:
