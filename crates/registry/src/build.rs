@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
+use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartConfig};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
     LoadBalancerSettings, LocalityLbSetting, MeshConfig, Object, OutboundMode, OutlierDetection,
@@ -160,6 +160,8 @@ struct Traffic<'a> {
     tls: Option<tls::TlsRule<'a>>,
     /// Locality balancing; `None` when the rule turns it off.
     locality: Option<&'a LocalityLbSetting>,
+    /// Slow start, for the round robin and least request balancers that read it.
+    slow_start: Option<SlowStartConfig>,
 }
 
 /// The policy of a rule on `port`, and of a subset over it: a port's settings replace the
@@ -218,6 +220,9 @@ fn traffic<'a>(
         subset: None,
     });
     Traffic {
+        slow_start: load_balancer
+            .filter(|_| matches!(lb, LbPolicy::RoundRobin | LbPolicy::LeastRequest))
+            .and_then(slow_start),
         lb,
         hash: consistent.and_then(hash_policy),
         pool,
@@ -229,6 +234,29 @@ fn traffic<'a>(
             // Istio's mesh default: locality balancing on, no settings.
             None => Some(&DEFAULT_LOCALITY),
         },
+    }
+}
+
+/// A load balancer's slow start as istiod's `setWarmup` and `setSlowStartConfig` write it:
+/// `warmup` with Istio's defaults (aggression 1, 10%) filled in, else
+/// `warmupDurationSecs` alone.
+fn slow_start(lb: &LoadBalancerSettings) -> Option<SlowStartConfig> {
+    match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => Some(SlowStartConfig {
+            window: w.duration.unwrap_or_default(),
+            aggression: Some(RuntimeDouble {
+                default_value: w.aggression.unwrap_or(1.0),
+                // istiod's key, one no runtime holds, so the default value always applies.
+                runtime_key: "(".into(),
+            }),
+            min_weight_percent: Some(w.minimum_percent.unwrap_or(10.0)),
+        }),
+        (None, Some(window)) => Some(SlowStartConfig {
+            window,
+            aggression: None,
+            min_weight_percent: None,
+        }),
+        (None, None) => None,
     }
 }
 
