@@ -1,11 +1,13 @@
 //! DestinationRule load balancing from Istio YAML files, end to end: real curl in the pod,
 //! nginx endpoints on the external host, portcullis in between. Consistent hashing over
-//! three endpoints, and outlier detection ejecting an endpoint that answers 500.
+//! three endpoints, outlier detection ejecting an endpoint that answers 500, and slow start
+//! of an endpoint added by a file update.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use portcullis_e2e::{Lab, Role, run};
+use portcullis_e2e::{Lab, Role, poll, run};
 
 /// The external host's extra addresses, one per endpoint.
 const ENDPOINTS: [&str; 3] = ["10.50.0.21", "10.50.0.22", "10.50.0.23"];
@@ -148,6 +150,85 @@ fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
         }
 
         // consistentHash is applied, not reported otherwise.
+        nothing_unapplied(lab)
+    });
+}
+
+/// The slow start window of `warm.internal.com`.
+const WINDOW: Duration = Duration::from_secs(8);
+/// Requests per sample of `warm.internal.com`'s spread.
+const SAMPLE: usize = 60;
+
+/// `warm.internal.com:80` round robin over `ips` (port 8080), new endpoints warming up over
+/// [`WINDOW`] from 10% of their weight.
+fn warm_config(ips: &[&str]) -> String {
+    format!(
+        "{}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: warm, namespace: default}}
+spec:
+  host: warm.internal.com
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+      warmup: {{duration: {}s, minimumPercent: 10}}
+",
+        service("warm", "warm.internal.com", ips),
+        WINDOW.as_secs()
+    )
+}
+
+/// How many of [`SAMPLE`] requests to `warm.internal.com`, from one curl, the third
+/// endpoint answered.
+fn third_endpoint_answers(lab: &mut Lab) -> anyhow::Result<usize> {
+    let mut args = vec!["-sS", "--max-time", "20"];
+    args.extend(["http://warm.internal.com/"; SAMPLE]);
+    let bodies = lab.run(Role::Pod, "curl", &args)?;
+    let lines: Vec<&str> = bodies.lines().collect();
+    ensure!(lines.len() == SAMPLE, "every request answered: {bodies}");
+    Ok(lines.iter().filter(|l| **l == "endpoint 3").count())
+}
+
+#[test]
+fn slow_start_ramps_up_an_endpoint_added_by_a_file_update() {
+    run("lbwarm", |lab| {
+        endpoints(lab)?;
+        lab.start_with_services(
+            &["warm.internal.com"],
+            &[("warm.yaml", warm_config(&ENDPOINTS[..2]))],
+            &[],
+        )?;
+        // The first two endpoints warm up together from the start; let them finish.
+        std::thread::sleep(WINDOW);
+        lab.write_config("warm.yaml", &warm_config(&ENDPOINTS))?;
+        let third = format!("outbound|80||warm.internal.com::{}:8080::", ENDPOINTS[2]);
+        poll(
+            "the third endpoint in /clusters",
+            Duration::from_secs(10),
+            || {
+                let (_, clusters) = lab.admin_get("/clusters")?;
+                Ok(clusters.contains(&third).then_some(()))
+            },
+        )?;
+        let added = Instant::now();
+        // In its first second it weighs about an eighth of the others' (10% to 12.5%):
+        // about 3 of 60 requests; more than 12 has odds below one in a thousand.
+        let early = third_endpoint_answers(lab)?;
+        let early_took = added.elapsed();
+        ensure!(
+            early <= 12,
+            "the new endpoint got {early} of {SAMPLE} in its first {early_took:?}"
+        );
+        // After the window, round robin gives it its full third.
+        std::thread::sleep(WINDOW.saturating_sub(added.elapsed()) + Duration::from_secs(1));
+        let late = third_endpoint_answers(lab)?;
+        ensure!(
+            late >= 15,
+            "the warm endpoint got {late} of {SAMPLE} after the window (early: {early})"
+        );
+        println!(
+            "slow start: the third endpoint answered {early}/{SAMPLE} in its first {early_took:?}, {late}/{SAMPLE} after the window"
+        );
         nothing_unapplied(lab)
     });
 }

@@ -192,6 +192,7 @@ mod tests {
             outlier_detection: None,
             healthy_panic_threshold: None,
             locality_weighted: false,
+            slow_start: None,
             load_assignment: None,
             transport: UpstreamTransport::Plaintext,
             transport_socket_matches: Vec::new(),

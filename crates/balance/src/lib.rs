@@ -6,16 +6,19 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 mod hash;
 pub mod outlier;
 mod priority;
+mod slow_start;
 mod xxhash;
 
 pub use hash::{
     DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAXIMUM_RING_SIZE, DEFAULT_MINIMUM_RING_SIZE, is_prime,
 };
 pub use priority::{Group, Layout, PreviousPriorities};
+pub use slow_start::SlowStart;
 pub use xxhash::xxhash64;
 
 use hash::HashTable;
@@ -65,19 +68,43 @@ pub struct Member {
 }
 
 /// Live counters of one endpoint, shared by every balancer that includes it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointState {
     active: AtomicU64,
     total: AtomicU64,
     connections: AtomicU32,
+    /// When the endpoint joined its cluster: slow start counts its warm-up from here.
+    added: Instant,
     /// Outlier detection's view of the endpoint.
     pub outlier: outlier::Outlier,
 }
 
+impl Default for EndpointState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl EndpointState {
-    /// A state with no requests.
+    /// A state with no requests, of an endpoint that joins now.
     pub fn new() -> Self {
-        Self::default()
+        Self::added_at(Instant::now())
+    }
+
+    /// A state with no requests, of an endpoint that joined its cluster `at`.
+    pub fn added_at(at: Instant) -> Self {
+        EndpointState {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connections: AtomicU32::new(0),
+            added: at,
+            outlier: outlier::Outlier::default(),
+        }
+    }
+
+    /// When the endpoint joined its cluster.
+    pub fn added(&self) -> Instant {
+        self.added
     }
 
     /// Requests in flight.
@@ -165,6 +192,15 @@ pub struct Balancer {
     /// Priorities and localities, when built by [`Balancer::layered`]: picks go through
     /// them instead of the flat set.
     layers: Option<Box<Layers>>,
+    /// Slow start, while some endpoint may still be warming up.
+    warmup: Option<Warmup>,
+}
+
+/// A balancer's slow start and the instant its last endpoint is warm.
+#[derive(Debug, Clone, Copy)]
+struct Warmup {
+    slow_start: SlowStart,
+    until: Instant,
 }
 
 impl Balancer {
@@ -212,14 +248,40 @@ impl Balancer {
             cursor: AtomicU64::new(0),
             table,
             layers: None,
+            warmup: None,
         }
+    }
+
+    /// Applies Envoy's slow start to a round robin or least request balancer: an endpoint
+    /// younger than the window gets a share of its weight that grows with its age. The
+    /// other policies ignore it, as Envoy's do. Nothing changes once the youngest endpoint
+    /// is past the window, so the picks of a settled cluster take the plain path.
+    pub fn with_slow_start(mut self, slow_start: Option<SlowStart>) -> Self {
+        let applies = matches!(self.policy, Policy::RoundRobin | Policy::LeastRequest);
+        let youngest = self.states.iter().map(|s| s.added).max();
+        self.warmup = slow_start
+            .filter(|s| applies && !s.window.is_zero())
+            .zip(youngest)
+            .and_then(|(slow_start, youngest)| {
+                Some(Warmup {
+                    slow_start,
+                    until: youngest.checked_add(slow_start.window)?,
+                })
+            });
+        self
     }
 
     /// A balancer over `endpoints` grouped into priorities and localities by `layout`, as
     /// Envoy balances an EDS cluster: each pick chooses a priority by load, then a
-    /// locality (when locality-weighted), then an endpoint by `policy`.
-    pub fn layered(policy: Policy, endpoints: Vec<Member>, layout: Layout) -> Self {
-        let layers = Layers::new(policy, &endpoints, layout);
+    /// locality (when locality-weighted), then an endpoint by `policy`, with `slow_start`
+    /// (see [`Balancer::with_slow_start`]).
+    pub fn layered(
+        policy: Policy,
+        endpoints: Vec<Member>,
+        layout: Layout,
+        slow_start: Option<SlowStart>,
+    ) -> Self {
+        let layers = Layers::new(policy, &endpoints, layout, slow_start);
         // The flat set serves only the per-endpoint accessors; rings live in the cells.
         let flat_policy = if policy.is_consistent_hash() {
             Policy::Random
@@ -234,21 +296,24 @@ impl Balancer {
     }
 
     /// Picks an endpoint not in `tried`, a consistent-hash policy by `hash`, the load of
-    /// priorities `previous` leaves given to the others; endpoints `healthy` rejects
-    /// (outlier ejection) count as unhealthy for the priority load and are avoided unless
-    /// the healthy share is below `panic_threshold` percent (Envoy's panic mode; 0
-    /// disables it). `None` when there is no endpoint or no healthy one may be used
-    /// (Envoy's `no healthy upstream`).
+    /// priorities `previous` leaves given to the others; endpoints `healthy` rejects (outlier ejection) count as unhealthy for the priority load and
+    /// are avoided unless the healthy share is below `panic_threshold` percent (Envoy's
+    /// panic mode; 0 disables it). Endpoints still warming up at `now` weigh less (slow
+    /// start). `None` when there is no endpoint or no healthy one may be used (Envoy's
+    /// `no healthy upstream`).
     pub fn choose(
         &self,
         hash: Option<u64>,
         (tried, previous): (&[usize], Option<PreviousPriorities<'_>>),
         healthy: Option<&dyn Fn(usize) -> bool>,
         panic_threshold: f64,
+        now: Instant,
     ) -> Option<usize> {
         match &self.layers {
-            Some(layers) => layers.pick(hash, (tried, previous), healthy, panic_threshold),
-            None => self.pick_hashed(hash, tried),
+            Some(layers) => {
+                layers.pick(hash, (tried, previous), healthy, panic_threshold, Some(now))
+            }
+            None => self.select(hash, tried, Some(now)),
         }
     }
 
@@ -277,11 +342,12 @@ impl Balancer {
         self.states.get(index)
     }
 
-    /// Picks an endpoint; the index refers to the list given to [`Balancer::new`]. A
-    /// consistent-hash policy without a request hash picks by a random one, as Envoy.
+    /// Picks an endpoint, as after every endpoint's warm-up; the index refers to the list
+    /// given to [`Balancer::new`]. A consistent-hash policy without a request hash picks
+    /// by a random one, as Envoy.
     pub fn pick(&self) -> Option<usize> {
         if let Some(layers) = &self.layers {
-            return layers.pick(None, (&[], None), None, 0.0);
+            return layers.pick(None, (&[], None), None, 0.0, None);
         }
         match self.states.len() {
             0 => None,
@@ -307,15 +373,32 @@ impl Balancer {
         self.pick_hashed(None, excluded)
     }
 
-    /// Picks an endpoint not in `excluded`; a consistent-hash policy picks by `hash` (a
-    /// random one when `None`), walking the ring or table past excluded endpoints as
-    /// Envoy's retry host predicate makes it. Other policies ignore `hash`.
+    /// Picks an endpoint not in `excluded`, as after every endpoint's warm-up; a
+    /// consistent-hash policy picks by `hash` (a random one when `None`), walking the ring
+    /// or table past excluded endpoints as Envoy's retry host predicate makes it. Other
+    /// policies ignore `hash`.
     pub fn pick_hashed(&self, hash: Option<u64>, excluded: &[usize]) -> Option<usize> {
+        self.select(hash, excluded, None)
+    }
+
+    /// Picks an endpoint not in `excluded`, weighing endpoints that are warming up at
+    /// `now` by their slow start factor.
+    pub(crate) fn select(
+        &self,
+        hash: Option<u64>,
+        excluded: &[usize],
+        now: Option<Instant>,
+    ) -> Option<usize> {
         if let Some(layers) = &self.layers {
-            return layers.pick(hash, (excluded, None), None, 0.0);
+            return layers.pick(hash, (excluded, None), None, 0.0, now);
         }
         if self.states.len() <= 1 {
             return self.pick();
+        }
+        if let (Some(warmup), Some(now)) = (&self.warmup, now)
+            && now < warmup.until
+        {
+            return Some(self.pick_warming(&warmup.slow_start, excluded, now));
         }
         if excluded.is_empty() {
             return match hash {
@@ -373,6 +456,56 @@ impl Balancer {
     fn less_loaded(&self, first: usize, second: usize) -> usize {
         let load = |i: usize| u128::from(self.states[i].active());
         let weight = |i: usize| u128::from(self.weights[i]);
+        if load(second) * weight(first) < load(first) * weight(second) {
+            second
+        } else {
+            first
+        }
+    }
+
+    /// A pick by the policy over weights scaled by each endpoint's slow start factor at
+    /// `now`, outside `excluded` unless that leaves nothing. Round robin draws by those
+    /// weights instead of keeping its cycle, whose weights would change under it; least
+    /// request compares load per scaled weight, as Envoy's schedule weighs load by it.
+    /// Linear in the endpoints, only while some endpoint is warming up.
+    fn pick_warming(&self, slow_start: &SlowStart, excluded: &[usize], now: Instant) -> usize {
+        let scaled = |i: usize, excluded: &[usize]| {
+            if excluded.contains(&i) {
+                return 0.0;
+            }
+            let age = now.saturating_duration_since(self.states[i].added);
+            self.weights[i] as f64 * slow_start.factor(age)
+        };
+        let total_outside = |excluded: &[usize]| -> f64 {
+            (0..self.states.len()).map(|i| scaled(i, excluded)).sum()
+        };
+        let (excluded, total) = match total_outside(excluded) {
+            t if t > 0.0 => (excluded, t),
+            _ => (&[][..], total_outside(&[])),
+        };
+        let weight = |i: usize| scaled(i, excluded);
+        let draw = || {
+            let mut position = fastrand::f64() * total;
+            let mut last = 0;
+            for i in 0..self.states.len() {
+                let w = weight(i);
+                if w <= 0.0 {
+                    continue;
+                }
+                if position < w {
+                    return i;
+                }
+                position -= w;
+                last = i;
+            }
+            last
+        };
+        let first = draw();
+        if self.policy != Policy::LeastRequest {
+            return first;
+        }
+        let second = draw();
+        let load = |i: usize| self.states[i].active() as f64;
         if load(second) * weight(first) < load(first) * weight(second) {
             second
         } else {
@@ -447,6 +580,8 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn states(n: usize) -> Vec<Arc<EndpointState>> {
@@ -780,6 +915,118 @@ mod tests {
             // Out-of-range indices exclude nothing.
             assert!(b.pick_excluding(&[9]).is_some_and(|i| i < 2));
         }
+    }
+
+    /// Two endpoints that joined an hour before a third, balanced by `policy` with a 10 s
+    /// slow start, flat or in one priority; with the instant the third joined.
+    fn warming(policy: Policy, layered: bool) -> (Balancer, Instant) {
+        let long_ago = Instant::now();
+        let joined = long_ago + Duration::from_secs(3600);
+        let endpoints: Vec<Member> = [long_ago, long_ago, joined]
+            .into_iter()
+            .enumerate()
+            .map(|(i, at)| Member {
+                weight: 1,
+                state: Arc::new(EndpointState::added_at(at)),
+                key: format!("10.0.0.{}:80", i + 1),
+            })
+            .collect();
+        let slow_start = Some(SlowStart::new(Duration::from_secs(10)));
+        if layered {
+            let layout = Layout {
+                groups: vec![Group {
+                    priority: 0,
+                    weight: 1,
+                    hosts: 3,
+                    members: vec![0, 1, 2],
+                }],
+                locality_weighted: false,
+            };
+            (
+                Balancer::layered(policy, endpoints, layout, slow_start),
+                joined,
+            )
+        } else {
+            (
+                Balancer::new(policy, endpoints).with_slow_start(slow_start),
+                joined,
+            )
+        }
+    }
+
+    fn share_of_newest(b: &Balancer, now: Instant, tried: &[usize]) -> f64 {
+        let picks = 30_000;
+        let newest = (0..picks)
+            .filter(|_| b.choose(None, (tried, None), None, 0.0, now) == Some(2))
+            .count();
+        newest as f64 / f64::from(picks)
+    }
+
+    #[test]
+    fn a_new_endpoint_ramps_up_from_the_minimum_share_over_the_window() {
+        for policy in POLICIES {
+            for layered in [false, true] {
+                let (b, joined) = warming(policy, layered);
+                let at = |secs: u64| joined + Duration::from_secs(secs);
+                // Weight 0.1 against 1 + 1, then 0.5, then the full third.
+                for (now, expected) in [(at(0), 0.1 / 2.1), (at(5), 0.5 / 2.5), (at(10), 1.0 / 3.0)]
+                {
+                    let share = share_of_newest(&b, now, &[]);
+                    assert!(
+                        (share - expected).abs() < 0.015,
+                        "{policy:?} layered {layered}: {share} at {:?}",
+                        now - joined
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn warming_endpoints_keep_retries_away_from_tried_ones() {
+        for policy in POLICIES {
+            let (b, joined) = warming(policy, false);
+            let now = joined + Duration::from_secs(1);
+            for _ in 0..2_000 {
+                assert_ne!(b.choose(None, (&[0], None), None, 0.0, now), Some(0));
+            }
+            // With the old ones tried, only the warming one is left.
+            assert_eq!(share_of_newest(&b, now, &[0, 1]), 1.0);
+            assert!(b.choose(None, (&[0, 1, 2], None), None, 0.0, now).is_some());
+        }
+    }
+
+    #[test]
+    fn least_request_weighs_load_by_the_warming_weight() {
+        let (b, joined) = warming(Policy::LeastRequest, false);
+        let _old: Vec<ActiveGuard> = (0..2).map(|i| b.states[i].start()).collect();
+        let _new = b.states[2].start();
+        // One request on a tenth of a weight is more load than one on a whole weight.
+        let share = share_of_newest(&b, joined, &[]);
+        assert!(share < 0.1 / 2.1, "{share}");
+    }
+
+    #[test]
+    fn settled_clusters_and_other_policies_are_not_slowed() {
+        // Past the window round robin keeps its exact cycle.
+        let (b, joined) = warming(Policy::RoundRobin, false);
+        let later = joined + Duration::from_secs(11);
+        let cycle: Vec<usize> = (0..6)
+            .filter_map(|_| b.choose(None, (&[], None), None, 0.0, later))
+            .collect();
+        let mut sorted = cycle.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 0, 1, 1, 2, 2], "{cycle:?}");
+        // RANDOM and the hashes ignore slow start, as Envoy's.
+        for policy in [Policy::Random, RING, MAGLEV] {
+            let (b, joined) = warming(policy, false);
+            let share = share_of_newest(&b, joined, &[]);
+            assert!((share - 1.0 / 3.0).abs() < 0.05, "{policy:?}: {share}");
+        }
+        // A zero window is no slow start.
+        let (b, _) = balancer(Policy::RoundRobin, &[1, 1]);
+        let b = b.with_slow_start(Some(SlowStart::new(Duration::ZERO)));
+        assert!(b.warmup.is_none());
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! some endpoint of the chosen cell must be avoided.
 
 use std::ops::Range;
+use std::time::Instant;
 
-use crate::{Balancer, Member, Policy};
+use crate::{Balancer, Member, Policy, SlowStart};
 
 /// Envoy's default overprovisioning factor, in percent.
 const OVERPROVISIONING: u64 = 140;
@@ -74,8 +75,14 @@ pub(crate) struct Layers {
 
 impl Layers {
     /// Groups `members` by `layout`: priorities in ascending order, cells per locality when
-    /// locality-weighted, else one per priority. Members in no group are never picked.
-    pub(crate) fn new(policy: Policy, members: &[Member], layout: Layout) -> Layers {
+    /// locality-weighted, else one per priority, each with `slow_start`. Members in no
+    /// group are never picked.
+    pub(crate) fn new(
+        policy: Policy,
+        members: &[Member],
+        layout: Layout,
+        slow_start: Option<SlowStart>,
+    ) -> Layers {
         let mut groups = layout.groups;
         groups.sort_by_key(|g| g.priority);
         let mut tiers = Vec::new();
@@ -96,7 +103,8 @@ impl Layers {
                 let balancer = Balancer::new(
                     policy,
                     indices.iter().map(|&i| members[i].clone()).collect(),
-                );
+                )
+                .with_slow_start(slow_start);
                 cells.push(Cell {
                     members: indices,
                     hosts: parts.iter().map(|g| u64::from(g.hosts)).sum(),
@@ -123,14 +131,16 @@ impl Layers {
     }
 
     /// Picks a member index: a priority by load, a locality by weight, then an endpoint by
-    /// the policy, avoiding `tried` and, outside panic, endpoints `healthy` rejects. `None`
-    /// when nothing may take the request (Envoy's `no healthy upstream`).
+    /// the policy, avoiding `tried` and, outside panic, endpoints `healthy` rejects;
+    /// endpoints warming up at `now` weigh less. `None` when nothing may take the request
+    /// (Envoy's `no healthy upstream`).
     pub(crate) fn pick(
         &self,
         hash: Option<u64>,
         (tried, previous): (&[usize], Option<PreviousPriorities<'_>>),
         healthy: Option<&dyn Fn(usize) -> bool>,
         panic_threshold: f64,
+        now: Option<Instant>,
     ) -> Option<usize> {
         let is_healthy = |i: usize| healthy.is_none_or(|h| h(i));
         // Without a health check every member counts, without walking them.
@@ -217,7 +227,7 @@ impl Layers {
         } else {
             cells.first()?
         };
-        cell.pick(hash, tried, (!panic).then_some(&is_healthy))
+        cell.pick(hash, tried, (!panic).then_some(&is_healthy), now)
     }
 }
 
@@ -270,6 +280,7 @@ impl Cell {
         hash: Option<u64>,
         tried: &[usize],
         healthy: Option<&dyn Fn(usize) -> bool>,
+        now: Option<Instant>,
     ) -> Option<usize> {
         let unhealthy = |i: usize| healthy.is_some_and(|h| !h(i));
         let local = |avoid: &dyn Fn(usize) -> bool| -> Vec<usize> {
@@ -285,7 +296,7 @@ impl Cell {
         if excluded.len() == self.members.len() {
             excluded = sick;
         }
-        let position = self.balancer.pick_hashed(hash, &excluded)?;
+        let position = self.balancer.select(hash, &excluded, now)?;
         self.members.get(position).copied()
     }
 }
@@ -330,13 +341,15 @@ mod tests {
             groups: vec![group(0, 0, 0..10), group(1, 0, 10..20)],
             locality_weighted: false,
         };
-        Balancer::layered(policy, members(20), layout)
+        Balancer::layered(policy, members(20), layout, None)
     }
 
     #[test]
     fn a_healthy_priority_takes_all_traffic() {
         let b = two_priorities(Policy::RoundRobin);
-        let s = shares(20, 2_000, || b.choose(None, (&[], None), None, 50.0));
+        let s = shares(20, 2_000, || {
+            b.choose(None, (&[], None), None, 50.0, Instant::now())
+        });
         assert_eq!(s[10..].iter().sum::<f64>(), 0.0);
     }
 
@@ -347,7 +360,7 @@ mod tests {
             // 5 of 10 healthy in priority 0: 1.4 * 50% = 70% stays, 30% spills.
             let healthy = |i: usize| i >= 5;
             let s = shares(20, 40_000, || {
-                b.choose(None, (&[], None), Some(&healthy), 0.0)
+                b.choose(None, (&[], None), Some(&healthy), 0.0, Instant::now())
             });
             let p0: f64 = s[..10].iter().sum();
             assert!((p0 - 0.7).abs() < 0.02, "{policy:?}: {s:?}");
@@ -355,7 +368,7 @@ mod tests {
             // 8 of 10 healthy: 1.4 * 80% caps at 100%, nothing spills.
             let healthy = |i: usize| i >= 2;
             let s = shares(20, 5_000, || {
-                b.choose(None, (&[], None), Some(&healthy), 0.0)
+                b.choose(None, (&[], None), Some(&healthy), 0.0, Instant::now())
             });
             assert_eq!(s[10..].iter().sum::<f64>(), 0.0, "{policy:?}");
         }
@@ -366,7 +379,7 @@ mod tests {
         let b = two_priorities(Policy::RoundRobin);
         let healthy = |i: usize| i >= 10;
         let s = shares(20, 5_000, || {
-            b.choose(None, (&[], None), Some(&healthy), 50.0)
+            b.choose(None, (&[], None), Some(&healthy), 50.0, Instant::now())
         });
         assert_eq!(s[..10].iter().sum::<f64>(), 0.0);
     }
@@ -378,7 +391,7 @@ mod tests {
         // threshold the priorities share load by host count and ejected endpoints serve.
         let healthy = |i: usize| i % 10 < 2;
         let s = shares(20, 40_000, || {
-            b.choose(None, (&[], None), Some(&healthy), 60.0)
+            b.choose(None, (&[], None), Some(&healthy), 60.0, Instant::now())
         });
         let p0: f64 = s[..10].iter().sum();
         assert!((p0 - 0.5).abs() < 0.02, "{s:?}");
@@ -386,12 +399,12 @@ mod tests {
         // Total health above the threshold, but each priority's own healthy share (20%)
         // below it: Envoy's per-priority panic still uses every endpoint of a priority.
         let s = shares(20, 40_000, || {
-            b.choose(None, (&[], None), Some(&healthy), 50.0)
+            b.choose(None, (&[], None), Some(&healthy), 50.0, Instant::now())
         });
         assert!(s[5] > 0.03, "{s:?}");
         // Below neither: the healthy ones only, 28% / 56% of the load per priority.
         let s = shares(20, 40_000, || {
-            b.choose(None, (&[], None), Some(&healthy), 10.0)
+            b.choose(None, (&[], None), Some(&healthy), 10.0, Instant::now())
         });
         assert!((s[..10].iter().sum::<f64>() - 0.5).abs() < 0.02, "{s:?}");
         assert_eq!(s[5], 0.0);
@@ -401,8 +414,14 @@ mod tests {
     fn nothing_healthy_without_panic_picks_nothing() {
         let b = two_priorities(Policy::LeastRequest);
         let none = |_: usize| false;
-        assert_eq!(b.choose(None, (&[], None), Some(&none), 0.0), None);
-        assert!(b.choose(None, (&[], None), Some(&none), 50.0).is_some());
+        assert_eq!(
+            b.choose(None, (&[], None), Some(&none), 0.0, Instant::now()),
+            None
+        );
+        assert!(
+            b.choose(None, (&[], None), Some(&none), 50.0, Instant::now())
+                .is_some()
+        );
     }
 
     #[test]
@@ -411,15 +430,17 @@ mod tests {
             groups: vec![group(0, 1, 0..2), group(0, 3, 2..4), group(0, 0, 4..6)],
             locality_weighted: true,
         };
-        let b = Balancer::layered(Policy::LeastRequest, members(6), layout);
-        let s = shares(6, 40_000, || b.choose(None, (&[], None), None, 50.0));
+        let b = Balancer::layered(Policy::LeastRequest, members(6), layout, None);
+        let s = shares(6, 40_000, || {
+            b.choose(None, (&[], None), None, 50.0, Instant::now())
+        });
         assert!((s[0] + s[1] - 0.25).abs() < 0.02, "{s:?}");
         assert!((s[2] + s[3] - 0.75).abs() < 0.02, "{s:?}");
         assert_eq!(s[4] + s[5], 0.0, "weightless locality: {s:?}");
         // Half of the heavy locality ejected: its weight scales by 1.4 * 50%.
         let healthy = |i: usize| i != 2;
         let s = shares(6, 40_000, || {
-            b.choose(None, (&[], None), Some(&healthy), 0.0)
+            b.choose(None, (&[], None), Some(&healthy), 0.0, Instant::now())
         });
         let light = 1.0 / (1.0 + 3.0 * 0.7);
         assert!((s[0] + s[1] - light).abs() < 0.02, "{s:?}");
@@ -431,11 +452,14 @@ mod tests {
         let b = two_priorities(Policy::RoundRobin);
         let tried: Vec<usize> = (0..9).collect();
         for _ in 0..100 {
-            assert_eq!(b.choose(None, (&tried, None), None, 50.0), Some(9));
+            assert_eq!(
+                b.choose(None, (&tried, None), None, 50.0, Instant::now()),
+                Some(9)
+            );
         }
         let all: Vec<usize> = (0..10).collect();
         assert!(
-            b.choose(None, (&all, None), None, 50.0)
+            b.choose(None, (&all, None), None, 50.0, Instant::now())
                 .is_some_and(|i| i < 10)
         );
     }
@@ -448,9 +472,12 @@ mod tests {
         };
         let b = two_priorities(ring);
         for h in [1u64, 77, 123_456_789, u64::MAX] {
-            let first = b.choose(Some(h), (&[], None), None, 50.0);
+            let first = b.choose(Some(h), (&[], None), None, 50.0, Instant::now());
             assert!(first.is_some_and(|i| i < 10));
-            assert_eq!(b.choose(Some(h), (&[], None), None, 50.0), first);
+            assert_eq!(
+                b.choose(Some(h), (&[], None), None, 50.0, Instant::now()),
+                first
+            );
         }
     }
 
@@ -466,7 +493,6 @@ mod tests {
             );
         }
     }
-
     #[test]
     fn previous_priorities_move_the_load_every_update_frequency_attempts() {
         let b = two_priorities(Policy::RoundRobin);
@@ -477,7 +503,7 @@ mod tests {
             };
             let picks: Vec<usize> = (0..200)
                 .map(|_| {
-                    b.choose(None, (&[], Some(previous)), None, 50.0)
+                    b.choose(None, (&[], Some(previous)), None, 50.0, Instant::now())
                         .expect("picks")
                 })
                 .collect();

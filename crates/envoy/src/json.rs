@@ -13,8 +13,9 @@ use crate::{
     EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HashKey, HashPolicy,
     HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault,
     LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect,
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource, StringMatcher, StringPattern,
-    TcpProxy, TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource, SlowStartConfig,
+    StringMatcher, StringPattern, TcpProxy, TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls,
+    UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -64,6 +65,24 @@ fn put(obj: &mut Map<String, Value>, key: &str, value: Value) {
 
 fn opt<T>(value: Option<T>, f: impl FnOnce(T) -> Value) -> Value {
     value.map_or(Value::Null, f)
+}
+
+/// Envoy's `SlowStartConfig`, the fields that are set.
+fn slow_start(s: &SlowStartConfig) -> Value {
+    let mut o = Map::new();
+    o.insert("slow_start_window".into(), duration(s.window));
+    if let Some(a) = &s.aggression {
+        o.insert(
+            "aggression".into(),
+            json!({ "default_value": a.default_value, "runtime_key": a.runtime_key }),
+        );
+    }
+    put(
+        &mut o,
+        "min_weight_percent",
+        opt(s.min_weight_percent, |p| json!({ "value": p })),
+    );
+    Value::Object(o)
 }
 
 /// A listener.
@@ -665,7 +684,17 @@ pub fn cluster(c: &Cluster) -> Value {
                 json!({ "table_size": table_size.to_string() }),
             );
         }
-        _ => {}
+        LbPolicy::RoundRobin | LbPolicy::LeastRequest => {
+            if let Some(s) = &c.slow_start {
+                let key = if c.lb_policy == LbPolicy::RoundRobin {
+                    "round_robin_lb_config"
+                } else {
+                    "least_request_lb_config"
+                };
+                o.insert(key.into(), json!({ "slow_start_config": slow_start(s) }));
+            }
+        }
+        LbPolicy::Random | LbPolicy::ClusterProvided => {}
     }
     let t = c.circuit_breakers;
     o.insert(
@@ -1160,6 +1189,39 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_renders_under_the_policy_that_reads_it() {
+        let mut c = Cluster::new("outbound|80||a.example", Discovery::Static);
+        c.slow_start = Some(SlowStartConfig {
+            window: Duration::from_secs(30),
+            aggression: Some(crate::RuntimeDouble {
+                default_value: 1.5,
+                runtime_key: "(".into(),
+            }),
+            min_weight_percent: Some(5.0),
+        });
+        assert_eq!(
+            cluster(&c)["round_robin_lb_config"],
+            json!({"slow_start_config": {
+                "slow_start_window": "30s",
+                "aggression": {"default_value": 1.5, "runtime_key": "("},
+                "min_weight_percent": {"value": 5.0},
+            }})
+        );
+        c.lb_policy = LbPolicy::LeastRequest;
+        c.slow_start = Some(SlowStartConfig {
+            window: Duration::from_secs(10),
+            aggression: None,
+            min_weight_percent: None,
+        });
+        let v = cluster(&c);
+        assert_eq!(
+            v["least_request_lb_config"],
+            json!({"slow_start_config": {"slow_start_window": "10s"}})
+        );
+        assert!(v.get("round_robin_lb_config").is_none());
+    }
+
+    #[test]
     fn a_static_cluster_renders_as_the_reference_config_writes_it() {
         let c = Cluster {
             name: "outbound|80||app.internal.com".into(),
@@ -1172,6 +1234,7 @@ mod tests {
             outlier_detection: None,
             healthy_panic_threshold: None,
             locality_weighted: false,
+            slow_start: None,
             load_assignment: Some(ClusterLoadAssignment {
                 cluster_name: "outbound|80||app.internal.com".into(),
                 endpoints: vec![LocalityLbEndpoints {

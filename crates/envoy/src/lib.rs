@@ -593,6 +593,9 @@ pub struct Cluster {
     /// `common_lb_config.locality_weighted_lb_config`: a pick first draws a locality of
     /// the priority by its `load_balancing_weight`.
     pub locality_weighted: bool,
+    /// `round_robin_lb_config.slow_start_config` or
+    /// `least_request_lb_config.slow_start_config`, whichever the policy reads.
+    pub slow_start: Option<SlowStartConfig>,
     /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub load_assignment: Option<ClusterLoadAssignment>,
     /// Transport of every endpoint, unless a match below applies.
@@ -605,6 +608,27 @@ pub struct Cluster {
     /// Where the cluster came from, e.g. Istio's `metadata.filter_metadata.istio.config`
     /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`).
     pub source: Option<String>,
+}
+
+/// Envoy's `SlowStartConfig`: new endpoints' weights ramp up over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlowStartConfig {
+    /// `slow_start_window`.
+    pub window: Duration,
+    /// `aggression` (Envoy's default 1.0); only its default value is read, portcullis has
+    /// no runtime.
+    pub aggression: Option<RuntimeDouble>,
+    /// `min_weight_percent` (Envoy's default 10).
+    pub min_weight_percent: Option<f64>,
+}
+
+/// Envoy's `RuntimeDouble`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeDouble {
+    /// `default_value`.
+    pub default_value: f64,
+    /// `runtime_key`.
+    pub runtime_key: String,
 }
 
 /// Envoy's limits on each upstream connection of a cluster: the HTTP protocol options'

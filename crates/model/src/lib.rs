@@ -94,7 +94,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Every resource kind portcullis understands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     /// `networking.istio.io` ServiceEntry.
     ServiceEntry(Object<ServiceEntrySpec>),

@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// What one file contributed: its resources and the findings about them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileLoad {
     /// Resources that loaded and validated.
     pub resources: Vec<Resource>,

@@ -213,7 +213,7 @@ impl<'de> Deserialize<'de> for Unapplied {
 }
 
 /// `trafficPolicy.loadBalancer`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSettings {
     /// The simple algorithm.
@@ -225,9 +225,27 @@ pub struct LoadBalancerSettings {
     /// Locality-aware balancing: weights per locality or failover priorities.
     #[serde(default)]
     pub locality_lb_setting: Option<LocalityLbSetting>,
-    /// Not applied yet.
+    /// Slow start of new endpoints over this window (deprecated by Istio for `warmup`).
+    #[serde(default, deserialize_with = "duration")]
+    pub warmup_duration_secs: Option<Duration>,
+    /// Slow start of new endpoints; wins over `warmupDurationSecs`.
     #[serde(default)]
-    pub warmup_duration_secs: Option<Unapplied>,
+    pub warmup: Option<Warmup>,
+}
+
+/// `loadBalancer.warmup`: Envoy's slow start.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Warmup {
+    /// How long a new endpoint warms up (required).
+    #[serde(default, deserialize_with = "duration")]
+    pub duration: Option<Duration>,
+    /// The smallest share of its weight, in percent, a warming endpoint gets (Envoy's 10).
+    #[serde(default)]
+    pub minimum_percent: Option<f64>,
+    /// The ramp's shape: 1 (the default) linear, more is faster at first.
+    #[serde(default)]
+    pub aggression: Option<f64>,
 }
 
 /// `loadBalancer.localityLbSetting`.
@@ -334,7 +352,7 @@ pub struct Maglev {
 }
 
 /// `trafficPolicy` of a DestinationRule or one of its subsets.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     /// Load balancer settings.
@@ -421,19 +439,13 @@ impl TrafficPolicy {
         }
         for (at, lb, tls) in parts {
             let lb = lb.map(|lb| {
-                [
-                    (
-                        "loadBalancer.consistentHash.httpCookie.attributes",
-                        lb.consistent_hash
-                            .as_ref()
-                            .and_then(|c| c.http_cookie.as_ref())
-                            .is_some_and(|c| c.attributes.is_some()),
-                    ),
-                    (
-                        "loadBalancer.warmupDurationSecs",
-                        lb.warmup_duration_secs.is_some(),
-                    ),
-                ]
+                [(
+                    "loadBalancer.consistentHash.httpCookie.attributes",
+                    lb.consistent_hash
+                        .as_ref()
+                        .and_then(|c| c.http_cookie.as_ref())
+                        .is_some_and(|c| c.attributes.is_some()),
+                )]
             });
             let set = lb
                 .into_iter()
@@ -447,7 +459,7 @@ impl TrafficPolicy {
 }
 
 /// One entry of `trafficPolicy.portLevelSettings`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortTrafficPolicy {
     /// The service port it applies to.
@@ -633,7 +645,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 /// A named subset of a DestinationRule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     /// Subset name.
@@ -647,7 +659,7 @@ pub struct Subset {
 }
 
 /// The spec of a DestinationRule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     /// Host the rule applies to.

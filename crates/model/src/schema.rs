@@ -101,7 +101,14 @@ const LOAD_BALANCER: Field = Object(&[
     ("localityLbSetting", Any),
     ("zoneAwareLbSetting", Any),
     ("warmupDurationSecs", Any),
-    ("warmup", Any),
+    (
+        "warmup",
+        Object(&[
+            ("duration", Any),
+            ("minimumPercent", Any),
+            ("aggression", Any),
+        ]),
+    ),
 ]);
 
 /// `istio.networking.v1alpha3.ClientTLSSettings`.

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::{
     ClientTlsSettings, Destination, DestinationRuleSpec, Finding, HttpRoute, KubeServiceSpec,
     Object, Origin, Pod, Position, Resolution, Resource, ServiceEntrySpec, Severity, SidecarSpec,
-    StringMatch, TargetPort, TlsMode, TrafficPolicy, VirtualServiceSpec, WorkloadEntrySpec,
+    StringMatch, TargetPort, TlsMode, TrafficPolicy, VirtualServiceSpec, Warmup, WorkloadEntrySpec,
     WorkloadSelector,
 };
 
@@ -612,10 +612,23 @@ fn destination_rule(o: &Object<DestinationRuleSpec>, out: &mut Findings) {
     export_to(&spec.export_to, &o.meta.namespace, false, out);
 }
 
-/// Istio's checks of a `trafficPolicy`'s connection pools: no negative limit, and a
-/// connect timeout of at least a millisecond.
+/// Istio's checks of a `trafficPolicy`'s connection pools (no negative limit, and a
+/// connect timeout of at least a millisecond) and load balancers' `warmup`.
 fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
     let mut pools = vec![(at.to_string(), policy.connection_pool.as_deref())];
+    let balancers = std::iter::once((at.to_string(), policy.load_balancer.as_deref())).chain(
+        policy.port_level_settings.iter().enumerate().map(|(i, p)| {
+            (
+                format!("{at}.portLevelSettings[{i}]"),
+                p.load_balancer.as_deref(),
+            )
+        }),
+    );
+    for (here, lb) in balancers {
+        if let Some(warmup) = lb.and_then(|lb| lb.warmup.as_ref()) {
+            self::warmup(warmup, &format!("{here}.loadBalancer.warmup"), out);
+        }
+    }
     if let Some(tls) = &policy.tls {
         client_tls(tls, &format!("{at}.tls"), out);
     }
@@ -675,6 +688,36 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
                     "connectTimeout must be at least 1ms".to_string(),
                 );
         }
+    }
+}
+
+/// istiod's checks of a load balancer's `warmup`: a duration of whole milliseconds, at
+/// least one; a minimum percentage of at most 100; an aggression above 0.
+fn warmup(warmup: &Warmup, at: &str, out: &mut Findings) {
+    match warmup.duration {
+        None => {
+            out.at(format!("{at}.duration"))
+                .error("INVALID_WARMUP", "warmup duration is required".to_string());
+        }
+        Some(d) if d < std::time::Duration::from_millis(1) || d.subsec_nanos() % 1_000_000 != 0 => {
+            out.at(format!("{at}.duration")).error(
+                "INVALID_DURATION",
+                format!("duration {d:?} must be whole milliseconds, at least 1ms"),
+            );
+        }
+        Some(_) => {}
+    }
+    if let Some(p) = warmup.minimum_percent.filter(|p| p.is_nan() || *p > 100.0) {
+        out.at(format!("{at}.minimumPercent")).error(
+            "INVALID_WARMUP",
+            format!("minimumPercent {p} must be at most 100"),
+        );
+    }
+    if let Some(a) = warmup.aggression.filter(|a| a.is_nan() || *a <= 0.0) {
+        out.at(format!("{at}.aggression")).error(
+            "INVALID_WARMUP",
+            format!("aggression {a} must be greater than 0"),
+        );
     }
 }
 
@@ -1773,6 +1816,31 @@ spec:
             "networking.istio.io/v1",
             &format!("spec: {spec}"),
         )
+    }
+
+    #[test]
+    fn warmup_is_checked_as_istio_checks_it() {
+        let lb = |l: &str| {
+            errors(&dr(&format!(
+                "{{host: a.com, trafficPolicy: {{loadBalancer: {l}}}}}"
+            )))
+        };
+        assert!(lb("{warmupDurationSecs: 10s}").is_empty());
+        assert!(lb("{warmup: {duration: 300s, minimumPercent: 5, aggression: 1.5}}").is_empty());
+        assert_eq!(lb("{warmup: {minimumPercent: 5}}"), ["INVALID_WARMUP"]);
+        assert_eq!(
+            lb("{warmup: {duration: 300s, minimumPercent: 150}}"),
+            ["INVALID_WARMUP"]
+        );
+        assert_eq!(
+            lb("{warmup: {duration: 300s, aggression: -0.1}}"),
+            ["INVALID_WARMUP"]
+        );
+        assert_eq!(lb("{warmup: {duration: 1.5ms}}"), ["INVALID_DURATION"]);
+        let at_port = errors(&dr(
+            "{host: a.com, trafficPolicy: {portLevelSettings: [{port: {number: 80}, loadBalancer: {warmup: {duration: 1s, aggression: 0}}}]}}",
+        ));
+        assert_eq!(at_port, ["INVALID_WARMUP"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_envoy::{HashKey, HashPolicy, LbPolicy};
+use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartConfig};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
     LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, OutboundMode,
@@ -233,6 +233,8 @@ struct Traffic<'a> {
     tls: Option<tls::TlsRule<'a>>,
     /// Locality balancing; `None` when the rule turns it off.
     locality: Option<&'a LocalityLbSetting>,
+    /// Slow start, for the round robin and least request balancers that read it.
+    slow_start: Option<SlowStartConfig>,
 }
 
 /// What a DestinationRule sets on the `tcp_proxy` of chains to its service.
@@ -303,6 +305,9 @@ fn traffic<'a>(
         subset: None,
     });
     Traffic {
+        slow_start: load_balancer
+            .filter(|_| matches!(lb, LbPolicy::RoundRobin | LbPolicy::LeastRequest))
+            .and_then(slow_start),
         lb,
         hash: consistent.and_then(hash_policy),
         pool,
@@ -318,6 +323,29 @@ fn traffic<'a>(
             Some(l) => Some(l),
             None => Some(&DEFAULT_LOCALITY),
         },
+    }
+}
+
+/// A load balancer's slow start as istiod's `setWarmup` and `setSlowStartConfig` write it:
+/// `warmup` with Istio's defaults (aggression 1, 10%) filled in, else
+/// `warmupDurationSecs` alone.
+fn slow_start(lb: &LoadBalancerSettings) -> Option<SlowStartConfig> {
+    match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => Some(SlowStartConfig {
+            window: w.duration.unwrap_or_default(),
+            aggression: Some(RuntimeDouble {
+                default_value: w.aggression.unwrap_or(1.0),
+                // istiod's key, one no runtime holds, so the default value always applies.
+                runtime_key: "(".into(),
+            }),
+            min_weight_percent: Some(w.minimum_percent.unwrap_or(10.0)),
+        }),
+        (None, Some(window)) => Some(SlowStartConfig {
+            window,
+            aggression: None,
+            min_weight_percent: None,
+        }),
+        (None, None) => None,
     }
 }
 

@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use portcullis_balance::outlier::Detection;
-use portcullis_balance::{Balancer, EndpointState, Group, Layout, Member, Policy, is_prime};
+use portcullis_balance::{
+    Balancer, EndpointState, Group, Layout, Member, Policy, SlowStart, is_prime,
+};
 use portcullis_envoy as envoy;
 use portcullis_model::Resolution;
 
@@ -127,6 +129,9 @@ pub(crate) fn build(
         _ => c.load_assignment.as_ref(),
     };
     let transports = Transports::compile(c, warnings);
+    // An endpoint new to the cluster joins now, on tokio's clock as the data path reads it;
+    // one the cluster had keeps its state, and with it its place in the slow start ramp.
+    let now = tokio::time::Instant::now().into_std();
     let mut endpoints = Vec::new();
     let mut groups = Vec::new();
     for (locality, usable, skipped) in assignment.map(usable_endpoints).unwrap_or_default() {
@@ -157,7 +162,7 @@ pub(crate) fn build(
             for address in addrs.iter().copied() {
                 let state = counters
                     .get(&SocketAddr::new(address, port))
-                    .map_or_else(|| Arc::new(EndpointState::new()), |s| Arc::clone(s));
+                    .map_or_else(|| Arc::new(EndpointState::added_at(now)), |s| Arc::clone(s));
                 endpoints.push(Endpoint {
                     address,
                     hostname: hostname.clone(),
@@ -218,6 +223,7 @@ pub(crate) fn build(
             groups,
             locality_weighted: c.locality_weighted,
         },
+        c.slow_start.as_ref().map(slow_start),
     );
     Cluster {
         passthrough_transport: transports.cluster.clone(),
@@ -390,6 +396,22 @@ fn istio_host_port(name: &str) -> (Arc<str>, u16) {
         return (host.into(), port);
     }
     (name.into(), 0)
+}
+
+/// A cluster's slow start with Envoy's defaults filled in: a linear ramp from 10% of the
+/// weight; the aggression's default value, as without a runtime override.
+fn slow_start(s: &envoy::SlowStartConfig) -> SlowStart {
+    let defaults = SlowStart::new(s.window);
+    SlowStart {
+        aggression: s
+            .aggression
+            .as_ref()
+            .map_or(defaults.aggression, |a| a.default_value),
+        min_weight: s
+            .min_weight_percent
+            .map_or(defaults.min_weight, |p| p / 100.0),
+        ..defaults
+    }
 }
 
 /// The detectors Envoy enforces, as the data path applies them: a detector whose

@@ -143,7 +143,8 @@ impl Cluster {
     /// Picks an endpoint other than those tried; a consistent-hash balancer picks by the
     /// request's `hash`; a retry priority (`previous`) moves load off the priorities
     /// already attempted. With outlier detection, endpoints ejected at `now` count as
-    /// unhealthy in the priority and locality load and are avoided outside panic mode.
+    /// unhealthy in the priority and locality load and are avoided outside panic mode;
+    /// with slow start, endpoints warming up at `now` weigh less.
     /// `None`: no endpoint, or none healthy and panic mode off (Envoy's `no healthy
     /// upstream`).
     pub fn pick_hashed(
@@ -158,10 +159,11 @@ impl Cluster {
                 .is_some_and(|e| !e.state.outlier.ejected(now))
         };
         let i = match &self.outlier {
-            Some(o) => self
-                .balancer
-                .choose(hash, avoid, Some(&not_ejected), o.panic_threshold),
-            None => self.balancer.choose(hash, avoid, None, 0.0),
+            Some(o) => {
+                self.balancer
+                    .choose(hash, avoid, Some(&not_ejected), o.panic_threshold, now)
+            }
+            None => self.balancer.choose(hash, avoid, None, 0.0, now),
         }?;
         self.endpoints.get(i).map(|e| (i, e))
     }

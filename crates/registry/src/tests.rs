@@ -1314,6 +1314,67 @@ fn the_most_specific_destination_rule_applies() {
     assert_eq!(cluster(&s, api).balancer.policy(), Policy::Random);
 }
 
+/// The instant `address` of cluster `name` joined it.
+fn added(s: &Snapshot, name: &str, address: &str) -> std::time::Instant {
+    cluster(s, name)
+        .endpoints
+        .iter()
+        .find(|e| e.display() == address)
+        .unwrap_or_else(|| panic!("{name} has no {address}"))
+        .state
+        .added()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_warm_up_of_endpoints_it_keeps() {
+    let rule = app_rule("  trafficPolicy: {loadBalancer: {warmupDurationSecs: 60s}}\n");
+    let name = "outbound|80||app.internal.com";
+    let options = BuildOptions::default();
+    let first = build(&load(&[APP, &rule].concat()), &options, None, 1);
+    let started = tokio::time::Instant::now().into_std();
+    assert_eq!(added(&first, name, "10.50.0.1:80"), started);
+    tokio::time::advance(std::time::Duration::from_secs(30)).await;
+    // A second endpoint joins; the first keeps its place in the ramp.
+    let two = APP.replace(
+        "  - address: 10.50.0.1\n",
+        "  - address: 10.50.0.1\n  - address: 10.50.0.2\n",
+    );
+    let second = build(
+        &load(&[two.as_str(), &rule].concat()),
+        &options,
+        Some(&first),
+        2,
+    );
+    assert_eq!(added(&second, name, "10.50.0.1:80"), started);
+    let joined = added(&second, name, "10.50.0.2:80");
+    assert_eq!(joined, started + std::time::Duration::from_secs(30));
+    // Half way through its own warm-up the older endpoint weighs 0.5, the new one 0.1.
+    let c = cluster(&second, name);
+    let now = tokio::time::Instant::now().into_std();
+    let picks = 20_000;
+    let newest = (0..picks)
+        .filter(|_| {
+            c.pick_hashed(None, (&[], None), now)
+                .expect("picks")
+                .1
+                .display()
+                == "10.50.0.2:80"
+        })
+        .count();
+    let share = newest as f64 / f64::from(picks);
+    assert!((share - 0.1 / 0.6).abs() < 0.02, "{share}");
+    // An endpoint that leaves and comes back starts over.
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    let third = build(&load(&[APP, &rule].concat()), &options, Some(&second), 3);
+    let fourth = build(
+        &load(&[two.as_str(), &rule].concat()),
+        &options,
+        Some(&third),
+        4,
+    );
+    assert!(added(&fourth, name, "10.50.0.2:80") > joined);
+}
+
 #[test]
 fn endpoint_state_survives_a_rebuild_for_the_same_cluster_and_address() {
     let resources = load(SELECTED);

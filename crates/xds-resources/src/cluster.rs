@@ -11,7 +11,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use portcullis_envoy::{
     Cluster, ClusterLoadAssignment, ConnectionLimits, Discovery, EndpointAddress, HealthStatus,
     LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst, OutlierDetection,
-    TcpKeepalive, Thresholds, TransportSocketMatch, UpstreamProtocol, UpstreamTransport,
+    RuntimeDouble, SlowStartConfig, TcpKeepalive, Thresholds, TransportSocketMatch,
+    UpstreamProtocol, UpstreamTransport,
 };
 use prost::Name;
 
@@ -162,6 +163,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
                 .and_then(|l| l.locality_config_specifier.as_ref()),
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
         ),
+        slow_start: slow_start(c, lb_policy)?,
         load_assignment,
         transport,
         transport_socket_matches,
@@ -352,6 +354,46 @@ fn lb_config_fits(c: &cds::Cluster, policy: LbPolicy) -> Result<(), Invalid> {
         ));
     }
     Ok(())
+}
+
+/// The slow start of the policy's own `lb_config` (Envoy reads no other policy's); a zero
+/// or missing window is none.
+fn slow_start(c: &cds::Cluster, policy: LbPolicy) -> Result<Option<SlowStartConfig>, Invalid> {
+    use cds::cluster::LbConfig;
+    let (field, config) = match (&c.lb_config, policy) {
+        (Some(LbConfig::RoundRobinLbConfig(r)), LbPolicy::RoundRobin) => {
+            ("round_robin_lb_config", r.slow_start_config.as_ref())
+        }
+        (Some(LbConfig::LeastRequestLbConfig(l)), LbPolicy::LeastRequest) => {
+            ("least_request_lb_config", l.slow_start_config.as_ref())
+        }
+        _ => return Ok(None),
+    };
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let window = config
+        .slow_start_window
+        .as_ref()
+        .map(|d| duration("slow_start_window", d))
+        .transpose()
+        .at(format!("{field}.slow_start_config"))?
+        .unwrap_or_default();
+    let min_weight_percent = config.min_weight_percent.as_ref().map(|p| p.value);
+    if min_weight_percent.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+        return Err(Invalid::new(
+            format!("{field}.slow_start_config.min_weight_percent"),
+            "must be from 0 to 100",
+        ));
+    }
+    Ok((!window.is_zero()).then(|| SlowStartConfig {
+        window,
+        aggression: config.aggression.as_ref().map(|a| RuntimeDouble {
+            default_value: a.default_value,
+            runtime_key: a.runtime_key.clone(),
+        }),
+        min_weight_percent,
+    }))
 }
 
 fn upstream_protocol(c: &cds::Cluster) -> Result<UpstreamProtocol, Invalid> {

@@ -2252,3 +2252,70 @@ fn an_overprovisioning_factor_other_than_envoys_is_refused() {
     let e = load_assignment(&proto, false).unwrap_err();
     assert!(e.to_string().contains("overprovisioning_factor"), "{e}");
 }
+
+#[test]
+fn slow_start_is_read_from_the_policys_own_config() {
+    use cds::cluster::{LbConfig, LbPolicy as P, LeastRequestLbConfig, RoundRobinLbConfig};
+    use envoy_types::pb::envoy::r#type::v3::Percent;
+    // As istiod's `setWarmup` writes it.
+    let warmup = cds::cluster::SlowStartConfig {
+        slow_start_window: secs(30),
+        aggression: Some(core::RuntimeDouble {
+            default_value: 2.0,
+            runtime_key: "(".into(),
+        }),
+        min_weight_percent: Some(Percent { value: 5.0 }),
+    };
+    let mut lr = eds_cluster("outbound|80||app.internal.com");
+    lr.lb_config = Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+        slow_start_config: Some(warmup.clone()),
+        ..Default::default()
+    }));
+    assert_eq!(
+        cluster(&lr).unwrap().slow_start,
+        Some(SlowStartConfig {
+            window: Duration::from_secs(30),
+            aggression: Some(RuntimeDouble {
+                default_value: 2.0,
+                runtime_key: "(".into(),
+            }),
+            min_weight_percent: Some(5.0),
+        })
+    );
+    // `warmupDurationSecs`: the window alone.
+    let mut rr = eds_cluster("outbound|80||app.internal.com");
+    rr.lb_policy = P::RoundRobin as i32;
+    rr.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+        slow_start_config: Some(cds::cluster::SlowStartConfig {
+            slow_start_window: secs(10),
+            ..Default::default()
+        }),
+    }));
+    let c = cluster(&rr).unwrap();
+    assert_eq!(
+        c.slow_start
+            .map(|s| (s.window, s.aggression, s.min_weight_percent)),
+        Some((Duration::from_secs(10), None, None))
+    );
+    // Another policy's config is not read, and a zero window is no slow start.
+    rr.lb_policy = P::Random as i32;
+    assert_eq!(cluster(&rr).unwrap().slow_start, None);
+    let mut zero = lr.clone();
+    zero.lb_config = Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+        slow_start_config: Some(cds::cluster::SlowStartConfig::default()),
+        ..Default::default()
+    }));
+    assert_eq!(cluster(&zero).unwrap().slow_start, None);
+    let mut too_much = lr;
+    too_much.lb_config = Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+        slow_start_config: Some(cds::cluster::SlowStartConfig {
+            min_weight_percent: Some(Percent { value: 150.0 }),
+            ..warmup
+        }),
+        ..Default::default()
+    }));
+    assert_eq!(
+        cluster(&too_much).unwrap_err().to_string(),
+        "least_request_lb_config.slow_start_config.min_weight_percent: must be from 0 to 100"
+    );
+}

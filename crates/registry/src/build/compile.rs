@@ -1120,6 +1120,7 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         outlier_detection: None,
         healthy_panic_threshold: None,
         locality_weighted: false,
+        slow_start: None,
         load_assignment: None,
         transport: UpstreamTransport::Plaintext,
         transport_socket_matches: Vec::new(),
@@ -1315,6 +1316,9 @@ fn service_cluster(
         Protocol::Http | Protocol::Tcp | Protocol::Tls => UpstreamProtocol::Http1,
     };
     cluster.source = Some(p.source.to_string());
+    if !original_dst {
+        cluster.slow_start.clone_from(&traffic.slow_start);
+    }
     if let Some(pool) = traffic.pool {
         apply_connection_pool(&mut cluster, pool);
     }

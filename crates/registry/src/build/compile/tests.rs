@@ -781,3 +781,73 @@ spec:
 }
 
 mod auto_mtls;
+
+/// A rule's `warmupDurationSecs` and `warmup` become the `slow_start_config` of the round
+/// robin and least request clusters they reach, as istiod's `setSlowStartConfig` and
+/// `setWarmup` write it; a consistent hash or RANDOM has none.
+#[test]
+fn warmup_becomes_slow_start_of_round_robin_and_least_request_clusters() {
+    use portcullis_envoy::{RuntimeDouble, SlowStartConfig};
+    let c = compiled(
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app}
+spec:
+  hosts: [app.internal.com]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: http-alt, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1, labels: {v: one}}, {address: 10.1.0.2, labels: {v: two}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: app}
+spec:
+  host: app.internal.com
+  trafficPolicy:
+    loadBalancer: {warmupDurationSecs: 45s}
+    portLevelSettings:
+    - port: {number: 8080}
+      loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 20s, aggression: 1.5}}
+  subsets:
+  - {name: one, labels: {v: one}, trafficPolicy: {loadBalancer: {simple: RANDOM, warmupDurationSecs: 9s}}}
+  - {name: two, labels: {v: two}, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x}, warmupDurationSecs: 9s}}}
+",
+    );
+    let slow_start = |name: &str| {
+        let cluster = &c.resources.clusters[name];
+        (cluster.lb_policy, cluster.slow_start.clone())
+    };
+    assert_eq!(
+        slow_start("outbound|80||app.internal.com"),
+        (
+            LbPolicy::LeastRequest,
+            Some(SlowStartConfig {
+                window: std::time::Duration::from_secs(45),
+                aggression: None,
+                min_weight_percent: None,
+            })
+        )
+    );
+    assert_eq!(
+        slow_start("outbound|8080||app.internal.com"),
+        (
+            LbPolicy::RoundRobin,
+            Some(SlowStartConfig {
+                window: std::time::Duration::from_secs(20),
+                aggression: Some(RuntimeDouble {
+                    default_value: 1.5,
+                    runtime_key: "(".into(),
+                }),
+                min_weight_percent: Some(10.0),
+            })
+        )
+    );
+    assert_eq!(slow_start("outbound|80|one|app.internal.com").1, None);
+    assert_eq!(slow_start("outbound|80|two|app.internal.com").1, None);
+    assert!(
+        c.warnings.iter().all(|w| !w.contains("warmup")),
+        "{:?}",
+        c.warnings
+    );
+}
