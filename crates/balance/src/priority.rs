@@ -282,6 +282,11 @@ impl Cell {
         healthy: Option<&dyn Fn(usize) -> bool>,
         now: Option<Instant>,
     ) -> Option<usize> {
+        // A first attempt without health checks avoids nothing: no walk over the members.
+        if healthy.is_none() && tried.is_empty() {
+            let position = self.balancer.select(hash, &[], now)?;
+            return self.members.get(position).copied();
+        }
         let unhealthy = |i: usize| healthy.is_some_and(|h| !h(i));
         let local = |avoid: &dyn Fn(usize) -> bool| -> Vec<usize> {
             (0..self.members.len())
