@@ -106,6 +106,8 @@ pub enum Resource {
     VirtualService(Object<VirtualServiceSpec>),
     /// `networking.istio.io` Sidecar.
     Sidecar(Object<SidecarSpec>),
+    /// `security.istio.io` PeerAuthentication.
+    PeerAuthentication(Object<PeerAuthenticationSpec>),
     /// Kubernetes `v1` Pod.
     Pod(Object<Pod>),
     /// Kubernetes `v1` Service.
@@ -125,6 +127,7 @@ impl Resource {
             Resource::DestinationRule(_) => "DestinationRule",
             Resource::VirtualService(_) => "VirtualService",
             Resource::Sidecar(_) => "Sidecar",
+            Resource::PeerAuthentication(_) => "PeerAuthentication",
             Resource::Pod(_) => "Pod",
             Resource::Service(_) => "Service",
             Resource::Secret(_) => "Secret",
@@ -140,6 +143,7 @@ impl Resource {
             Resource::DestinationRule(o) => &o.meta,
             Resource::VirtualService(o) => &o.meta,
             Resource::Sidecar(o) => &o.meta,
+            Resource::PeerAuthentication(o) => &o.meta,
             Resource::Pod(o) => &o.meta,
             Resource::Service(o) => &o.meta,
             Resource::Secret(o) => &o.meta,
@@ -155,6 +159,7 @@ impl Resource {
             Resource::DestinationRule(o) => &o.origin,
             Resource::VirtualService(o) => &o.origin,
             Resource::Sidecar(o) => &o.origin,
+            Resource::PeerAuthentication(o) => &o.origin,
             Resource::Pod(o) => &o.origin,
             Resource::Service(o) => &o.origin,
             Resource::Secret(o) => &o.origin,

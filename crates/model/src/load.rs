@@ -19,9 +19,10 @@ use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
 
 use crate::shape::{self, Node, Pos, Value};
 use crate::{
-    DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin, Pod,
-    PodSpec, PodStatus, Position, Resource, Secret, ServiceEntrySpec, Severity, SidecarSpec,
-    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus, schema, validate,
+    DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin,
+    PeerAuthenticationSpec, Pod, PodSpec, PodStatus, Position, Resource, Secret, ServiceEntrySpec,
+    Severity, SidecarSpec, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    WorkloadEntryStatus, schema, validate,
 };
 
 /// What one file contributed: its resources and the findings about them.
@@ -432,6 +433,15 @@ enum Class {
 }
 
 fn classify(api_version: &str, kind: &str) -> Class {
+    // The one `security.istio.io` kind a client sidecar needs: it decides auto mTLS.
+    if kind == "PeerAuthentication"
+        && matches!(
+            api_version,
+            "security.istio.io/v1" | "security.istio.io/v1beta1"
+        )
+    {
+        return Class::Read;
+    }
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
     let istio = group == ISTIO_GROUP;
     let core = api_version == "v1";
@@ -742,6 +752,8 @@ fn typed(
             .map(|s| Resource::VirtualService(object(meta, s, origin))),
         "Sidecar" => spec::<SidecarSpec>(doc, origin, findings)
             .map(|s| Resource::Sidecar(object(meta, s, origin))),
+        "PeerAuthentication" => spec::<PeerAuthenticationSpec>(doc, origin, findings)
+            .map(|s| Resource::PeerAuthentication(object(meta, s, origin))),
         "Pod" => with_status::<PodSpec, PodStatus>(doc, origin, findings)
             .map(|(spec, status)| Resource::Pod(object(meta, Pod { spec, status }, origin))),
         "Service" => spec::<KubeServiceSpec>(doc, origin, findings)

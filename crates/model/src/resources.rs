@@ -756,6 +756,53 @@ pub struct SidecarSpec {
     pub egress: Vec<SidecarEgress>,
 }
 
+/// The spec of a `security.istio.io` PeerAuthentication: what mutual TLS the selected
+/// workloads accept. Only its namespace- and mesh-wide mode matters to a client sidecar
+/// (istiod's `BestEffortInferServiceMTLSMode`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// Workloads it applies to; absent or empty: the whole namespace (the root namespace:
+    /// the mesh).
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    /// The mutual TLS mode.
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+}
+
+/// Kubernetes' `matchLabels` selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels a workload must carry.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// A PeerAuthentication's `mtls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PeerMtls {
+    /// `UNSET` (inherit), `DISABLE`, `PERMISSIVE` or `STRICT`.
+    #[serde(default)]
+    pub mode: Option<PeerMtlsMode>,
+}
+
+/// A PeerAuthentication's mutual TLS mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerMtlsMode {
+    /// Inherits the parent's (the mesh's for a namespace, permissive for the mesh).
+    #[default]
+    Unset,
+    /// Plaintext only.
+    Disable,
+    /// Both.
+    Permissive,
+    /// Mutual TLS only.
+    Strict,
+}
+
 /// A container port of a Pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]

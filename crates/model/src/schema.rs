@@ -347,6 +347,12 @@ const SIDECAR: &[(&str, Field)] = &[
     ),
 ];
 
+const PEER_AUTHENTICATION: &[(&str, Field)] = &[
+    ("selector", Object(&[("matchLabels", Any)])),
+    ("mtls", Object(&[("mode", Any)])),
+    ("portLevelMtls", Any),
+];
+
 const CONTAINER: &[(&str, Field)] = &[
     ("name", Any),
     ("image", Any),
@@ -523,6 +529,7 @@ pub(crate) fn document(kind: &str) -> Option<Field> {
         "DestinationRule" => istio!(DESTINATION_RULE),
         "VirtualService" => istio!(VIRTUAL_SERVICE),
         "Sidecar" => istio!(SIDECAR),
+        "PeerAuthentication" => istio!(PEER_AUTHENTICATION),
         "Pod" => Object(&[
             ("apiVersion", Any),
             ("kind", Any),

@@ -10,9 +10,9 @@ use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartCo
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
     LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, OutboundMode,
-    OutlierDetection, Pod, Resolution, Resource, Secret, ServiceEntrySpec, SidecarEgress,
-    SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy, VirtualServiceSpec, WorkloadEntry,
-    WorkloadEntrySpec,
+    OutlierDetection, PeerAuthenticationSpec, PeerMtlsMode, Pod, Resolution, Resource, Secret,
+    ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy,
+    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
@@ -192,6 +192,8 @@ struct PendingCluster {
     service_entry: bool,
     /// A ServiceEntry of location `MESH_EXTERNAL`.
     mesh_external: bool,
+    /// The namespace of the ServiceEntry or Service.
+    namespace: Arc<str>,
 }
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
@@ -411,6 +413,8 @@ struct Builder<'a> {
     /// Warnings about VirtualService routes, each once however many ports it is built for.
     vs_warnings: std::collections::BTreeSet<String>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
+    /// PeerAuthentications in file order.
+    peer_authentications: Vec<&'a Object<PeerAuthenticationSpec>>,
     secrets: Vec<&'a Object<Secret>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
     egress: Option<&'a [SidecarEgress]>,
@@ -661,6 +665,7 @@ impl<'a> Builder<'a> {
             virtual_services: Vec::new(),
             vs_warnings: std::collections::BTreeSet::new(),
             sidecars: Vec::new(),
+            peer_authentications: Vec::new(),
             secrets: Vec::new(),
             egress: None,
             mesh: None,
@@ -690,6 +695,7 @@ impl<'a> Builder<'a> {
                     b.virtual_services.push(o);
                 }
                 Resource::Sidecar(o) => b.sidecars.push(o),
+                Resource::PeerAuthentication(o) => b.peer_authentications.push(o),
                 Resource::Pod(o) => {
                     if pod_ready(&o.spec) {
                         let ips = pod_ips(&o.spec);
@@ -742,6 +748,43 @@ impl<'a> Builder<'a> {
         self.mesh
             .and_then(|m| m.spec.enable_auto_mtls)
             .unwrap_or(true)
+    }
+
+    /// Whether the workloads of `namespace` accept only plaintext as far as istiod infers
+    /// it for a client (`BestEffortInferServiceMTLSMode`): the mode of the namespace's
+    /// PeerAuthentication without a selector (`UNSET` inherits the mesh's), else the
+    /// mesh's (the root namespace's). The first of each namespace counts; istiod keeps the
+    /// oldest, which files do not tell.
+    fn plaintext_namespace(&self, namespace: &str) -> bool {
+        let root = self
+            .mesh
+            .and_then(|m| m.spec.root_namespace.as_deref())
+            .unwrap_or("istio-system");
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find(|pa| {
+                    pa.meta.namespace == ns
+                        && pa
+                            .spec
+                            .selector
+                            .as_ref()
+                            .is_none_or(|s| s.match_labels.is_empty())
+                })
+                .map(|pa| {
+                    pa.spec
+                        .mtls
+                        .as_ref()
+                        .and_then(|m| m.mode)
+                        .unwrap_or_default()
+                })
+        };
+        let mesh = wide(root).unwrap_or_default();
+        let mode = match wide(namespace) {
+            Some(PeerMtlsMode::Unset) | None => mesh,
+            Some(mode) => mode,
+        };
+        mode == PeerMtlsMode::Disable
     }
 
     /// Decides every service, cluster and claim on names and addresses, as istiod does.
@@ -1048,6 +1091,7 @@ impl<'a> Builder<'a> {
                         subject_alt_names: se.spec.subject_alt_names.clone(),
                         service_entry: true,
                         mesh_external: se.spec.location == Location::MeshExternal,
+                        namespace: ns.into(),
                     });
                     if !added {
                         continue;
@@ -1319,6 +1363,7 @@ impl<'a> Builder<'a> {
                     subject_alt_names: Vec::new(),
                     service_entry: false,
                     mesh_external: false,
+                    namespace: ns.as_str().into(),
                 });
                 if !added {
                     continue;

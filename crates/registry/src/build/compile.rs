@@ -344,6 +344,7 @@ impl Builder<'_> {
                     subject_alt_names: p.subject_alt_names.clone(),
                     service_entry: p.service_entry,
                     mesh_external: p.mesh_external,
+                    namespace: Arc::clone(&p.namespace),
                 };
                 let cluster = self.traffic_cluster(
                     pending_subset,
@@ -388,6 +389,7 @@ impl Builder<'_> {
         let (name, host, port, protocol) =
             (Arc::clone(&p.name), Arc::clone(&p.host), p.port, p.protocol);
         let mesh_external = p.mesh_external;
+        let plaintext_peers = self.plaintext_namespace(&p.namespace);
         // istiod's `SubjectAltNames` fallback: the service's accounts for ISTIO_MUTUAL, and
         // for SIMPLE and MUTUAL those of a ServiceEntry only.
         let simple_sans = if p.service_entry { peers.accounts } else { &[] };
@@ -416,7 +418,11 @@ impl Builder<'_> {
                         UpstreamTransport::Unsupported(format!("envoy.transport_sockets.tls ({why})"))
                     });
             }
-            None if self.auto_mtls() && !mesh_external && (!original_dst || peers.sidecars) => {
+            None if self.auto_mtls()
+                && !mesh_external
+                && !plaintext_peers
+                && (!original_dst || peers.sidecars) =>
+            {
                 let sni = super::tls::istio_sni(port, subset, &host);
                 let mutual = super::tls::istio_mutual(sni, wire, peers.accounts);
                 if original_dst {

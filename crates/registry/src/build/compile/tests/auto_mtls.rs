@@ -348,3 +348,43 @@ fn http2_clusters_offer_h2_after_istios_alpn() {
     let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
     assert_eq!(m.alpn_protocols, ["istio-peer-exchange", "istio", "h2"]);
 }
+
+#[test]
+fn a_namespace_or_mesh_peer_authentication_disabling_mtls_turns_auto_mtls_off() {
+    let pa = |namespace: &str, extra: &str, mode: &str| {
+        format!(
+            "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: pa, namespace: {namespace}}}
+spec:
+{extra}  mtls: {{mode: {mode}}}
+"
+        )
+    };
+    let auto = |policies: &[String]| {
+        let c = compiled_in(&format!("{MESH}{}", policies.concat()), "shop", &|_| None);
+        !cluster(&c, API).transport_socket_matches.is_empty()
+    };
+    assert!(auto(&[]));
+    assert!(!auto(&[pa("shop", "", "DISABLE")]));
+    assert!(auto(&[pa("shop", "", "STRICT")]));
+    // Another namespace's policy is not the service's.
+    assert!(auto(&[pa("other", "", "DISABLE")]));
+    // The mesh's (root namespace), inherited by UNSET, overridden by the namespace's own.
+    assert!(!auto(&[pa("istio-system", "", "DISABLE")]));
+    assert!(!auto(&[
+        pa("istio-system", "", "DISABLE"),
+        pa("shop", "", "UNSET")
+    ]));
+    assert!(auto(&[
+        pa("istio-system", "", "DISABLE"),
+        pa("shop", "", "PERMISSIVE")
+    ]));
+    // A workload's own policy is not read for a service, as istiod's best-effort inference.
+    assert!(auto(&[pa(
+        "shop",
+        "  selector: {matchLabels: {app: api}}\n",
+        "DISABLE"
+    )]));
+}
