@@ -1796,6 +1796,44 @@ fn consistent_hash_by_header() {
     });
 }
 
+/// A cookie hash policy with a ttl, path and attributes: a client without the cookie gets
+/// one in `set-cookie` (its value made from the client's address and port, so only its
+/// name and attributes are compared, and one endpoint answers whatever it hashes to); one
+/// that sends it back gets none.
+#[test]
+fn consistent_hash_by_a_generated_cookie() {
+    let host = "hashed.internal.com";
+    let mut cluster = static_cluster(80, host, &[(EXTERNAL_IP, 80)]);
+    cluster["lb_policy"] = json!("RING_HASH");
+    let mut vhost = service_vhost(host, 80, &[]);
+    vhost["routes"][0]["route"]["hash_policy"] = json!([{ "cookie": {
+        "name": "session",
+        "ttl": "60s",
+        "path": "/",
+        "attributes": [{ "name": "SameSite", "value": "Strict" }, { "name": "Secure" }]
+    } }]);
+    let url = format!("http://{host}/");
+    let scenario = Scenario {
+        name: "lbcookie",
+        files: Vec::new(),
+        envoy: Resources::new(Mode::RegistryOnly)
+            .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
+            .cluster(cluster),
+        portcullis_flags: vec![],
+        probes: vec![
+            Probe::curl("no cookie: one is set", &[&url]),
+            Probe::curl(
+                "the cookie sent back: none set",
+                &["-H", "cookie: session=\"0123456789abcdef\"", &url],
+            ),
+        ],
+    };
+    run_differential(scenario, |lab| {
+        lab.map_pod_names(&[host])?;
+        Ok(())
+    });
+}
+
 /// The address of an nginx that answers every request with a 500.
 const FAILING_IP: &str = "10.50.0.31";
 

@@ -602,11 +602,31 @@ fn hash_policy(h: &HashPolicy) -> Value {
         HashKey::Header(name) => {
             o.insert("header".into(), json!({ "header_name": name }));
         }
-        HashKey::Cookie { name, path, ttl } => {
+        HashKey::Cookie {
+            name,
+            path,
+            ttl,
+            attributes,
+        } => {
             let mut c = Map::new();
             c.insert("name".into(), json!(name));
             put(&mut c, "path", opt(path.as_ref(), |p| json!(p)));
             put(&mut c, "ttl", opt(*ttl, duration));
+            put(
+                &mut c,
+                "attributes",
+                Value::Array(
+                    attributes
+                        .iter()
+                        .map(|a| {
+                            let mut o = Map::new();
+                            o.insert("name".into(), json!(a.name));
+                            put(&mut o, "value", json!(a.value));
+                            Value::Object(o)
+                        })
+                        .collect(),
+                ),
+            );
             o.insert("cookie".into(), Value::Object(c));
         }
         HashKey::SourceIp => {

@@ -483,6 +483,15 @@ pub struct HashPolicy {
     pub terminal: bool,
 }
 
+/// An attribute of a generated hash cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieAttribute {
+    /// Its name.
+    pub name: String,
+    /// Its value; empty for a flag such as `Secure`.
+    pub value: String,
+}
+
 /// The request property a [`HashPolicy`] hashes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HashKey {
@@ -497,6 +506,8 @@ pub enum HashKey {
         path: Option<String>,
         /// `Max-Age` of a generated cookie; zero makes a session cookie.
         ttl: Option<Duration>,
+        /// More attributes of a generated cookie (`name` or `name=value`), e.g. `SameSite`.
+        attributes: Vec<CookieAttribute>,
     },
     /// The downstream connection's source IP (`connection_properties.source_ip`).
     SourceIp,

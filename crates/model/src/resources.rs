@@ -328,9 +328,19 @@ pub struct HttpCookie {
     /// Lifetime of a generated cookie; without it no cookie is generated.
     #[serde(default, deserialize_with = "duration")]
     pub ttl: Option<Duration>,
-    /// Not applied yet.
+    /// More attributes of a generated cookie.
+    #[serde(default, deserialize_with = "exact")]
+    pub attributes: Vec<HttpCookieAttribute>,
+}
+
+/// `httpCookie.attributes[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct HttpCookieAttribute {
+    /// Its name.
+    pub name: String,
+    /// Its value; absent for a flag such as `Secure`.
     #[serde(default)]
-    pub attributes: Option<Unapplied>,
+    pub value: Option<String>,
 }
 
 /// `consistentHash.ringHash`.
@@ -424,35 +434,15 @@ impl TrafficPolicy {
     /// The fields set here (port-level settings included) that portcullis does not apply
     /// yet, by their path under the policy.
     pub fn unapplied(&self) -> Vec<String> {
+        let ca_crl = |tls: Option<&ClientTlsSettings>| tls.is_some_and(|t| t.ca_crl.is_some());
         let mut out = Vec::new();
-        let mut parts = vec![(
-            String::new(),
-            self.load_balancer.as_deref(),
-            self.tls.as_ref(),
-        )];
-        for (i, p) in self.port_level_settings.iter().enumerate() {
-            parts.push((
-                format!("portLevelSettings[{i}]."),
-                p.load_balancer.as_deref(),
-                p.tls.as_ref(),
-            ));
+        if ca_crl(self.tls.as_ref()) {
+            out.push("tls.caCrl".to_string());
         }
-        for (at, lb, tls) in parts {
-            let lb = lb.map(|lb| {
-                [(
-                    "loadBalancer.consistentHash.httpCookie.attributes",
-                    lb.consistent_hash
-                        .as_ref()
-                        .and_then(|c| c.http_cookie.as_ref())
-                        .is_some_and(|c| c.attributes.is_some()),
-                )]
-            });
-            let set = lb
-                .into_iter()
-                .flatten()
-                .chain([("tls.caCrl", tls.is_some_and(|t| t.ca_crl.is_some()))])
-                .filter(|(_, set)| *set);
-            out.extend(set.map(|(field, _)| format!("{at}{field}")));
+        for (i, p) in self.port_level_settings.iter().enumerate() {
+            if ca_crl(p.tls.as_ref()) {
+                out.push(format!("portLevelSettings[{i}].tls.caCrl"));
+            }
         }
         out
     }

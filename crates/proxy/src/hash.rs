@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderValue};
 use portcullis_balance::xxhash64;
-use portcullis_envoy::{HashKey, HashPolicy};
+use portcullis_envoy::{CookieAttribute, HashKey, HashPolicy};
 
 /// What a request hashes to.
 #[derive(Debug, Default, PartialEq)]
@@ -69,12 +69,17 @@ fn evaluate(
             values.sort_unstable();
             Some(xxhash64(&values.concat(), 0))
         }
-        HashKey::Cookie { name, path, ttl } => match cookie(input.headers, name) {
+        HashKey::Cookie {
+            name,
+            path,
+            ttl,
+            attributes,
+        } => match cookie(input.headers, name) {
             Some(value) => Some(xxhash64(value.as_bytes(), 0)),
             None => {
                 let ttl = (*ttl)?;
                 let value = generated_cookie(input);
-                *set_cookie = set_cookie_value(name, &value, path.as_deref(), ttl);
+                *set_cookie = set_cookie_value(name, &value, (path.as_deref(), attributes), ttl);
                 Some(xxhash64(value.as_bytes(), 0))
             }
         },
@@ -124,12 +129,12 @@ fn generated_cookie(input: &HashInput<'_>) -> String {
     format!("{:016x}", xxhash64(addresses.as_bytes(), 0))
 }
 
-/// `name="value"; Max-Age=N; Path=P; HttpOnly` as Envoy writes it; no `Max-Age` for a
-/// zero ttl, which makes a session cookie.
+/// `name="value"; Max-Age=N; Path=P; A=V; HttpOnly` as Envoy writes it; no `Max-Age` for
+/// a zero ttl, which makes a session cookie.
 fn set_cookie_value(
     name: &str,
     value: &str,
-    path: Option<&str>,
+    (path, attributes): (Option<&str>, &[CookieAttribute]),
     ttl: Duration,
 ) -> Option<HeaderValue> {
     let mut cookie = format!("{name}=\"{value}\"");
@@ -138,6 +143,12 @@ fn set_cookie_value(
     }
     if let Some(path) = path {
         let _ = write!(cookie, "; Path={path}");
+    }
+    for a in attributes {
+        let _ = write!(cookie, "; {}", a.name);
+        if !a.value.is_empty() {
+            let _ = write!(cookie, "={}", a.value);
+        }
     }
     cookie.push_str("; HttpOnly");
     HeaderValue::from_str(&cookie).ok()
@@ -215,6 +226,7 @@ mod tests {
                     name: "session".into(),
                     path: Some("/".into()),
                     ttl,
+                    attributes: Vec::new(),
                 },
                 false,
             )]
@@ -249,6 +261,32 @@ mod tests {
         assert_eq!(
             session.set_cookie.as_ref().and_then(|v| v.to_str().ok()),
             Some(format!("session=\"{value}\"; Path=/; HttpOnly").as_str())
+        );
+        // Attributes follow the path, a flag without `=`.
+        let attributes = [policy(
+            HashKey::Cookie {
+                name: "session".into(),
+                path: None,
+                ttl: Some(Duration::from_secs(5)),
+                attributes: vec![
+                    CookieAttribute {
+                        name: "SameSite".into(),
+                        value: "Lax".into(),
+                    },
+                    CookieAttribute {
+                        name: "Secure".into(),
+                        value: String::new(),
+                    },
+                ],
+            },
+            false,
+        )];
+        let made = hash_of(&attributes, &headers(&[]), "/");
+        assert_eq!(
+            made.set_cookie.as_ref().and_then(|v| v.to_str().ok()),
+            Some(
+                format!("session=\"{value}\"; Max-Age=5; SameSite=Lax; Secure; HttpOnly").as_str()
+            )
         );
     }
 

@@ -389,6 +389,14 @@ fn hash_policy(ch: &ConsistentHash) -> Option<HashPolicy> {
             name: cookie.name.clone(),
             path: cookie.path.clone().filter(|p| !p.is_empty()),
             ttl: cookie.ttl,
+            attributes: cookie
+                .attributes
+                .iter()
+                .map(|a| portcullis_envoy::CookieAttribute {
+                    name: a.name.clone(),
+                    value: a.value.clone().unwrap_or_default(),
+                })
+                .collect(),
         }
     } else if ch.use_source_ip == Some(true) {
         HashKey::SourceIp

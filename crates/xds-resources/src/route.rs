@@ -6,10 +6,11 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::route::v3 as rds;
 use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
-    ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward, FractionalPercent, HashKey,
-    HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch, QueryParameterMatcher, Redirect,
-    RegexRewrite, RequestMirrorPolicy, RetryBackOff, RetryPolicy, Route, RouteAction,
-    RouteConfiguration, RouteMatch, StringMatcher, StringPattern, VirtualHost, WeightedCluster,
+    ClusterSpecifier, CookieAttribute, Denominator, FaultAbort, FaultDelay, Forward,
+    FractionalPercent, HashKey, HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch,
+    QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryBackOff, RetryPolicy,
+    Route, RouteAction, RouteConfiguration, RouteMatch, StringMatcher, StringPattern, VirtualHost,
+    WeightedCluster,
 };
 
 use crate::common::{
@@ -487,10 +488,22 @@ fn hash_policy(h: &rds::route_action::HashPolicy) -> Result<Option<HashPolicy>, 
             if cookie.name.is_empty() {
                 return Err(Invalid::new("cookie.name", "must not be empty"));
             }
-            if !cookie.attributes.is_empty() {
-                return Err(Invalid::new("cookie.attributes", "not supported"));
-            }
+            let attributes = each("cookie.attributes", &cookie.attributes, |a| {
+                // Envoy's validation: a name of header-name characters, both bounded.
+                let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+                if a.name.is_empty() || a.name.len() > 16384 || !a.name.chars().all(token) {
+                    return Err(Invalid::new("name", "must be a non-empty token"));
+                }
+                if a.value.len() > 16384 || a.value.contains(['\r', '\n', '\0']) {
+                    return Err(Invalid::new("value", "must be a header value"));
+                }
+                Ok(CookieAttribute {
+                    name: a.name.clone(),
+                    value: a.value.clone(),
+                })
+            })?;
             HashKey::Cookie {
+                attributes,
                 name: cookie.name.clone(),
                 path: (!cookie.path.is_empty()).then(|| cookie.path.clone()),
                 ttl: cookie

@@ -2028,7 +2028,10 @@ fn route_hash_policies_convert_as_istiod_writes_them() {
                 name: "session".into(),
                 ttl: secs(30),
                 path: "/".into(),
-                ..Default::default()
+                attributes: vec![rds::route_action::hash_policy::CookieAttribute {
+                    name: "SameSite".into(),
+                    value: "Strict".into(),
+                }],
             }),
             false,
         ),
@@ -2067,6 +2070,10 @@ fn route_hash_policies_convert_as_istiod_writes_them() {
                 name: "session".into(),
                 path: Some("/".into()),
                 ttl: Some(Duration::from_secs(30)),
+                attributes: vec![portcullis_envoy::CookieAttribute {
+                    name: "SameSite".into(),
+                    value: "Strict".into(),
+                }],
             }),
             plain(HashKey::SourceIp),
             plain(HashKey::QueryParameter("user".into())),
@@ -2083,6 +2090,15 @@ fn route_hash_policies_convert_as_istiod_writes_them() {
         )),
         "virtual_hosts[0].routes[0].route.hash_policy[0].filter_state: not supported"
     );
+    let e = refused(S::Cookie(Cookie {
+        name: "session".into(),
+        attributes: vec![rds::route_action::hash_policy::CookieAttribute {
+            name: "Same Site".into(),
+            value: String::new(),
+        }],
+        ..Default::default()
+    }));
+    assert!(e.contains("cookie.attributes[0].name"), "{e}");
 }
 
 #[test]

@@ -476,7 +476,8 @@ fn outcome(reply: &Reply) -> String {
 }
 
 /// The response headers, sorted; values that vary by run or by lab (dates, file times,
-/// timings) and those named in `vary` are reduced to their presence.
+/// timings) and those named in `vary` are reduced to their presence, and a `set-cookie`'s
+/// value (a hash cookie is made from the client's port) to `*`, its attributes kept.
 fn headers(reply: &Reply, vary: &[&str]) -> String {
     const VARYING: [&str; 3] = ["x-envoy-upstream-service-time", "last-modified", "etag"];
     let mut all: Vec<String> = reply
@@ -486,6 +487,10 @@ fn headers(reply: &Reply, vary: &[&str]) -> String {
         .map(|(name, value)| {
             if VARYING.contains(&name.as_str()) || vary.contains(&name.as_str()) {
                 format!("{name}: *")
+            } else if name == "set-cookie" {
+                let (cookie, attributes) = value.split_once(';').unwrap_or((value, ""));
+                let cookie_name = cookie.split_once('=').map_or(cookie, |(n, _)| n);
+                format!("{name}: {cookie_name}=*;{attributes}")
             } else {
                 format!("{name}: {value}")
             }

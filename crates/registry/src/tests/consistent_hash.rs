@@ -44,7 +44,7 @@ spec:
     trafficPolicy:
       loadBalancer:
         consistentHash:
-          httpCookie: {name: session, path: /, ttl: 30s}
+          httpCookie: {name: session, path: /, ttl: 30s, attributes: [{name: SameSite, value: Strict}, {name: Secure}]}
           maglev: {tableSize: 257}
 ";
 
@@ -104,6 +104,16 @@ fn cookie() -> HashPolicy {
         name: "session".into(),
         path: Some("/".into()),
         ttl: Some(Duration::from_secs(30)),
+        attributes: vec![
+            portcullis_envoy::CookieAttribute {
+                name: "SameSite".into(),
+                value: "Strict".into(),
+            },
+            portcullis_envoy::CookieAttribute {
+                name: "Secure".into(),
+                value: String::new(),
+            },
+        ],
     })
 }
 
