@@ -1006,6 +1006,12 @@ fn upstream_tls(tls: &UpstreamTls) -> Value {
                 .map(string_matcher)
                 .collect(),
         );
+        put(&mut validation, "crl", opt(v.crl.as_ref(), data_source));
+        put(
+            &mut validation,
+            "only_verify_leaf_cert_crl",
+            json!(v.only_verify_leaf_cert_crl),
+        );
         common.insert("validation_context".into(), Value::Object(validation));
     }
     let mut o = Map::new();
@@ -1162,6 +1168,8 @@ mod tests {
                     pattern: StringPattern::Exact("api.example.com".into()),
                     ignore_case: false,
                 }],
+                crl: None,
+                only_verify_leaf_cert_crl: false,
             }),
         };
         let mut c = Cluster::new("outbound|443||api.example.com", Discovery::Static);

@@ -889,6 +889,11 @@ pub struct CertificateValidationContext {
     /// The certificate must carry a SAN (DNS, URI, email or IP) that one of these matches;
     /// empty: any.
     pub match_subject_alt_names: Vec<StringMatcher>,
+    /// PEM certificate revocation lists (`crl`): a revoked certificate is refused, and so is
+    /// one whose issuer has no list here.
+    pub crl: Option<DataSource>,
+    /// `only_verify_leaf_cert_crl`: only the server's own certificate is checked.
+    pub only_verify_leaf_cert_crl: bool,
 }
 
 /// Where the trusted CA certificates come from.

@@ -380,6 +380,30 @@ pub struct TrafficPolicy {
     /// TLS to the upstream.
     #[serde(default)]
     pub tls: Option<ClientTlsSettings>,
+    /// Not applied yet: HTTP CONNECT tunnelling through a proxy.
+    #[serde(default)]
+    pub tunnel: Option<Unapplied>,
+    /// Not applied yet: the PROXY protocol header sent upstream.
+    #[serde(default)]
+    pub proxy_protocol: Option<Unapplied>,
+    /// Not applied yet: a retry budget.
+    #[serde(default)]
+    pub retry_budget: Option<Unapplied>,
+}
+
+impl TrafficPolicy {
+    /// The fields set here that portcullis does not apply yet, by their path under the
+    /// policy.
+    pub fn unapplied(&self) -> Vec<&'static str> {
+        [
+            ("tunnel", self.tunnel.is_some()),
+            ("proxyProtocol", self.proxy_protocol.is_some()),
+            ("retryBudget", self.retry_budget.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect()
+    }
 }
 
 /// `ClientTLSSettings`: how connections to the upstream are secured.
@@ -410,7 +434,7 @@ pub struct ClientTlsSettings {
     /// Skips verifying the server's certificate.
     #[serde(default)]
     pub insecure_skip_verify: Option<bool>,
-    /// Not applied yet: a certificate revocation list file.
+    /// A PEM certificate revocation list file the server certificate is checked against.
     #[serde(default)]
     pub ca_crl: Option<String>,
 }
@@ -428,24 +452,6 @@ pub enum TlsMode {
     Mutual,
     /// Istio's mutual TLS with the workload's certificates.
     IstioMutual,
-}
-
-impl TrafficPolicy {
-    /// The fields set here (port-level settings included) that portcullis does not apply
-    /// yet, by their path under the policy.
-    pub fn unapplied(&self) -> Vec<String> {
-        let ca_crl = |tls: Option<&ClientTlsSettings>| tls.is_some_and(|t| t.ca_crl.is_some());
-        let mut out = Vec::new();
-        if ca_crl(self.tls.as_ref()) {
-            out.push("tls.caCrl".to_string());
-        }
-        for (i, p) in self.port_level_settings.iter().enumerate() {
-            if ca_crl(p.tls.as_ref()) {
-                out.push(format!("portLevelSettings[{i}].tls.caCrl"));
-            }
-        }
-        out
-    }
 }
 
 /// One entry of `trafficPolicy.portLevelSettings`.
@@ -664,6 +670,9 @@ pub struct DestinationRuleSpec {
     /// Namespaces the rule is visible to.
     #[serde(default, deserialize_with = "exact")]
     pub export_to: Vec<String>,
+    /// The workloads of its namespace it applies to; absent: every client.
+    #[serde(default)]
+    pub workload_selector: Option<LabelSelector>,
 }
 
 /// Outbound traffic policy mode.

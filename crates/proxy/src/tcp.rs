@@ -346,6 +346,8 @@ mod tests {
             validation: Some(envoy::CertificateValidationContext {
                 trusted_ca: envoy::TrustedCa::Pem(envoy::DataSource::Inline(ca_pem.into_bytes())),
                 match_subject_alt_names: Vec::new(),
+                crl: None,
+                only_verify_leaf_cert_crl: false,
             }),
         }));
         r.clusters.insert(c.name.clone(), Arc::new(c));

@@ -218,6 +218,8 @@ fn simple(ca: &Ca, sni: Option<&str>) -> UpstreamTls {
         validation: Some(envoy::CertificateValidationContext {
             trusted_ca: TrustedCa::Pem(DataSource::Inline(ca.pem.clone().into_bytes())),
             match_subject_alt_names: Vec::new(),
+            crl: None,
+            only_verify_leaf_cert_crl: false,
         }),
     }
 }

@@ -198,29 +198,24 @@ struct PendingCluster {
 
 /// A warning for each part of a DestinationRule that portcullis does not apply yet.
 fn unapplied_parts(o: &Object<DestinationRuleSpec>) -> Vec<String> {
-    let mut parts: Vec<String> = o
+    let policies = o
         .spec
         .traffic_policy
         .iter()
-        .flat_map(|tp| tp.unapplied())
-        .map(|field| format!("spec.trafficPolicy.{field}"))
-        .collect();
-    for (i, subset) in o.spec.subsets.iter().enumerate() {
-        parts.extend(
-            subset
-                .traffic_policy
-                .iter()
-                .flat_map(|tp| tp.unapplied())
-                .map(|field| format!("spec.subsets[{i}].trafficPolicy.{field}")),
-        );
-    }
-    parts
-        .into_iter()
-        .map(|part| {
-            format!(
-                "DestinationRule {}/{}: {part} is not applied yet",
-                o.meta.namespace, o.meta.name
-            )
+        .map(|tp| ("spec.trafficPolicy".to_string(), tp))
+        .chain(o.spec.subsets.iter().enumerate().filter_map(|(i, s)| {
+            s.traffic_policy
+                .as_ref()
+                .map(|tp| (format!("spec.subsets[{i}].trafficPolicy"), tp))
+        }));
+    policies
+        .flat_map(|(at, tp)| {
+            tp.unapplied().into_iter().map(move |field| {
+                format!(
+                    "DestinationRule {}/{}: {at}.{field} is not applied yet",
+                    o.meta.namespace, o.meta.name
+                )
+            })
         })
         .collect()
 }
@@ -695,8 +690,16 @@ impl<'a> Builder<'a> {
                     }
                 }
                 Resource::DestinationRule(o) => {
-                    b.warnings.extend(unapplied_parts(o));
-                    b.destination_rules.push(o);
+                    // A rule with a workload selector is only for the workloads of its
+                    // namespace it selects.
+                    let for_us = o.spec.workload_selector.as_ref().is_none_or(|s| {
+                        o.meta.namespace == options.namespace
+                            && labels_match(&s.match_labels, &options.workload_labels)
+                    });
+                    if for_us {
+                        b.warnings.extend(unapplied_parts(o));
+                        b.destination_rules.push(o);
+                    }
                 }
                 Resource::VirtualService(o) => {
                     b.warnings.extend(virtual_service::unapplied(o));
@@ -844,7 +847,8 @@ impl<'a> Builder<'a> {
     }
 
     /// The DestinationRule for `host`: the most specific, as in Istio: an exact host, then
-    /// the longest wildcard suffix (`*` last); the first of equals.
+    /// the longest wildcard suffix (`*` last), one selecting this workload before one for
+    /// every client; the first of equals.
     fn rule_for(&self, host: &str) -> Option<&'a Object<DestinationRuleSpec>> {
         let mut rule = None;
         for dr in &self.destination_rules {
@@ -858,13 +862,14 @@ impl<'a> Builder<'a> {
                     self.options.cluster_domain
                 )
             };
+            let selected = dr.spec.workload_selector.is_some();
             let rank = if dr_host == host {
-                (1, dr_host.len())
+                (1, dr_host.len(), selected)
             } else if let Some(suffix) = dr_host
                 .strip_prefix('*')
                 .filter(|suffix| host.ends_with(suffix))
             {
-                (0, suffix.len())
+                (0, suffix.len(), selected)
             } else {
                 continue;
             };

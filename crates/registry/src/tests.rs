@@ -1255,7 +1255,7 @@ stringData:
 }
 
 #[test]
-fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
+fn every_part_of_a_destination_rule_is_applied() {
     let rule = &app_rule(
         "  trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: x-user}}
@@ -1272,17 +1272,93 @@ fn what_a_destination_rule_sets_and_portcullis_does_not_apply_is_said() {
 ",
     );
     let s = snapshot(&[APP, rule].concat());
-    let said: Vec<&str> = s.warnings.iter().map(String::as_str).collect();
-    assert_eq!(
-        said,
-        [
-            "DestinationRule default/app: spec.trafficPolicy.portLevelSettings[0].tls.caCrl is not applied yet",
-        ]
+    assert!(
+        s.warnings.iter().all(|w| !w.contains("not applied")),
+        "{:?}",
+        s.warnings
     );
-    // What is applied is not held back by what is not.
+    // The revocation list is read with the port's TLS settings: a missing file leaves its
+    // endpoints without a connection, never unchecked.
+    match &cluster(&s, "outbound|8080||app.internal.com").endpoints[0].transport {
+        crate::EndpointTransport::Refused(why) => assert!(why.contains("/etc/crl.pem"), "{why}"),
+        other => panic!("{other:?}"),
+    }
     let c = cluster(&s, "outbound|80||app.internal.com");
     assert_eq!(c.breakers.threshold(crate::Resource::Connections), 1);
     assert!(c.balancer.policy().is_consistent_hash());
+}
+
+#[test]
+fn a_destination_rule_with_a_workload_selector_applies_only_to_the_workloads_it_selects() {
+    let rule = |name: &str, namespace: &str, selector: &str, lb: &str| {
+        format!(
+            "
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  host: app.internal.com
+{selector}  trafficPolicy:
+    loadBalancer: {{simple: {lb}}}
+"
+        )
+    };
+    let frontend = "  workloadSelector: {matchLabels: {app: frontend}}\n";
+    let as_frontend = |yaml: &str, namespace: &str| {
+        let options = BuildOptions {
+            namespace: namespace.to_string(),
+            workload_labels: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
+            ..BuildOptions::default()
+        };
+        let s = build(&load(yaml), &options, None, 1);
+        cluster(&s, "outbound|80||app.internal.com")
+            .balancer
+            .policy()
+    };
+    let general = rule("general", "default", "", "RANDOM");
+    let selecting = rule("selecting", "default", frontend, "ROUND_ROBIN");
+    // Selected: it wins over the rule for every client, in either order.
+    for docs in [[&general, &selecting], [&selecting, &general]] {
+        let yaml = format!("{APP}{}{}", docs[0], docs[1]);
+        assert_eq!(
+            as_frontend(&yaml, "default"),
+            portcullis_balance::Policy::RoundRobin
+        );
+    }
+    // Another workload, or the same labels in another namespace: not for them.
+    let yaml = format!("{APP}{general}{selecting}");
+    assert_eq!(
+        cluster(&snapshot(&yaml), "outbound|80||app.internal.com")
+            .balancer
+            .policy(),
+        portcullis_balance::Policy::Random
+    );
+    assert_eq!(
+        as_frontend(&yaml, "shop"),
+        portcullis_balance::Policy::Random
+    );
+}
+
+#[test]
+fn the_parts_of_a_destination_rule_not_applied_yet_are_named() {
+    let rule = &app_rule(
+        "  trafficPolicy:
+    tunnel: {protocol: CONNECT, targetHost: egress.example.com, targetPort: 8080}
+    proxyProtocol: {version: V1}
+  subsets:
+  - {name: v1, labels: {version: v1}, trafficPolicy: {retryBudget: {percent: {value: 20}}}}
+",
+    );
+    let s = snapshot(&[APP, rule].concat());
+    assert_eq!(
+        s.warnings,
+        [
+            "DestinationRule default/app: spec.trafficPolicy.tunnel is not applied yet",
+            "DestinationRule default/app: spec.trafficPolicy.proxyProtocol is not applied yet",
+            "DestinationRule default/app: spec.subsets[0].trafficPolicy.retryBudget is not applied yet",
+        ]
+    );
 }
 
 #[test]

@@ -4,7 +4,10 @@
 //! Verification follows Envoy's, not a browser's: without a validation context nothing is
 //! verified; with one, the chain must end in its CAs and, when SAN matchers are given, one
 //! SAN (DNS, URI, email or IP) must match one of them. The host name is checked only under
-//! `auto_san_validation`, against the SNI sent, and then instead of the matchers.
+//! `auto_san_validation`, against the SNI sent, and then instead of the matchers. With
+//! revocation lists (`crl`), every certificate of the chain below the trusted CA must have
+//! its issuer's list and not be on it (only the server's own with
+//! `only_verify_leaf_cert_crl`), as Envoy's BoringSSL checks `X509_V_FLAG_CRL_CHECK_ALL`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -17,7 +20,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -124,6 +129,8 @@ impl IstioPeer {
             validation: Some(envoy::CertificateValidationContext {
                 trusted_ca: envoy::TrustedCa::Pem(envoy::DataSource::Inline(identity.root.clone())),
                 match_subject_alt_names: m.match_subject_alt_names.clone(),
+                crl: None,
+                only_verify_leaf_cert_crl: false,
             }),
         };
         let origin = Arc::new(compile(&tls)?);
@@ -284,6 +291,90 @@ struct Verifier {
     subject_alt_names: Vec<SanMatcher>,
     auto_san_validation: bool,
     algorithms: WebPkiSupportedAlgorithms,
+    revocation: Option<Revocation>,
+}
+
+/// A validation context's revocation lists, parsed once.
+#[derive(Debug)]
+struct Revocation {
+    lists: Vec<webpki::CertRevocationList<'static>>,
+    depth: webpki::RevocationCheckDepth,
+}
+
+impl Revocation {
+    fn compile(
+        v: &envoy::CertificateValidationContext,
+    ) -> Result<Option<Revocation>, TlsConfigError> {
+        let Some(source) = &v.crl else {
+            return Ok(None);
+        };
+        let bad = |why: String| TlsConfigError::Pem {
+            what: "certificate revocation list",
+            why,
+        };
+        let pem = read(source)?;
+        let lists = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .map(|der| {
+                let der = der.map_err(|e| bad(e.to_string()))?;
+                webpki::OwnedCertRevocationList::from_der(der.as_ref())
+                    .map(webpki::CertRevocationList::from)
+                    .map_err(|e| bad(format!("{e:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if lists.is_empty() {
+            return Err(bad("no PEM X509 CRL".into()));
+        }
+        Ok(Some(Revocation {
+            lists,
+            depth: if v.only_verify_leaf_cert_crl {
+                webpki::RevocationCheckDepth::EndEntity
+            } else {
+                webpki::RevocationCheckDepth::Chain
+            },
+        }))
+    }
+
+    /// Checks the chain of `end_entity` (already verified to end in `roots`) against the
+    /// lists, in OpenSSL's words when it fails.
+    fn check(
+        &self,
+        (end_entity, intermediates): (&CertificateDer<'_>, &[CertificateDer<'_>]),
+        roots: &RootCertStore,
+        now: UnixTime,
+        algorithms: &WebPkiSupportedAlgorithms,
+    ) -> Result<(), rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| verify_failed(format!("{e:?}")))?;
+        let lists: Vec<&webpki::CertRevocationList<'_>> = self.lists.iter().collect();
+        let options = webpki::RevocationOptionsBuilder::new(&lists)
+            .map_err(|_| verify_failed("no certificate revocation list".into()))?
+            .with_depth(self.depth)
+            .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+            .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+            .build();
+        cert.verify_for_usage(
+            algorithms.all,
+            &roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(options),
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let reason = match e {
+                webpki::Error::CertRevoked => "certificate revoked".to_string(),
+                webpki::Error::UnknownRevocationStatus => {
+                    "unable to get certificate CRL".to_string()
+                }
+                other => format!("{other:?}"),
+            };
+            verify_failed(format!(
+                "X509_verify_cert: certificate verification error at depth 0: {reason}"
+            ))
+        })
+    }
 }
 
 impl Verifier {
@@ -301,6 +392,12 @@ impl Verifier {
                 .collect::<Result<_, _>>()?,
             auto_san_validation: tls.auto_san_validation && tls.validation.is_some(),
             algorithms,
+            revocation: tls
+                .validation
+                .as_ref()
+                .map(Revocation::compile)
+                .transpose()?
+                .flatten(),
         })
     }
 }
@@ -332,6 +429,9 @@ impl ServerCertVerifier for Verifier {
             )),
             other => other,
         })?;
+        if let Some(revocation) = &self.revocation {
+            revocation.check((end_entity, intermediates), roots, now, &self.algorithms)?;
+        }
         let sans = || subject_alt_names(end_entity).unwrap_or_default();
         // Envoy's `auto_san_validation` replaces the configured SAN matchers with the host
         // the request names, which is the SNI sent (`auto_sni`); without one (no host, as
@@ -579,10 +679,21 @@ mod tests {
 
     /// A leaf of `ca` for `names`, valid from `from` for a day.
     fn leaf(ca: &Ca, names: &[&str], from: SystemTime) -> CertificateDer<'static> {
+        numbered_leaf(ca, names, from, fastrand::u64(1..))
+    }
+
+    /// [`leaf`] with serial number `serial`.
+    fn numbered_leaf(
+        ca: &Ca,
+        names: &[&str],
+        from: SystemTime,
+        serial: u64,
+    ) -> CertificateDer<'static> {
         let mut params = rcgen::CertificateParams::new(
             names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
         )
         .unwrap();
+        params.serial_number = Some(serial.into());
         params.not_before = from.into();
         params.not_after = (from + Duration::from_secs(86_400)).into();
         let key = rcgen::KeyPair::generate().unwrap();
@@ -603,6 +714,8 @@ mod tests {
                     ca.pem.clone().into_bytes(),
                 )),
                 match_subject_alt_names: sans,
+                crl: None,
+                only_verify_leaf_cert_crl: false,
             }),
         }
     }
@@ -746,5 +859,69 @@ mod tests {
         tls.max_version = envoy::TlsVersion::Tls11;
         tls.client_certificate = None;
         assert!(compile(&tls).is_err());
+    }
+
+    /// A PEM revocation list of `ca` revoking `serials`.
+    fn crl(ca: &Ca, serials: &[u64]) -> Vec<u8> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now().into(),
+            next_update: (now() + Duration::from_secs(86_400)).into(),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: now().into(),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&ca.issuer)
+            .unwrap()
+            .pem()
+            .unwrap()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_revocation_list_refuses_revoked_certificates_and_those_it_cannot_vouch_for() {
+        let (trusted, other) = (ca(), ca());
+        let with_crl = |lists: Vec<u8>, leaf_only: bool| {
+            let mut tls = context(Some(&trusted), Vec::new());
+            let v = tls.validation.as_mut().unwrap();
+            v.crl = Some(envoy::DataSource::Inline(lists));
+            v.only_verify_leaf_cert_crl = leaf_only;
+            tls
+        };
+        let revoked = numbered_leaf(&trusted, &["api.example.com"], now(), 7);
+        let good = numbered_leaf(&trusted, &["api.example.com"], now(), 8);
+        let tls = with_crl(crl(&trusted, &[7]), false);
+        assert!(verify(&tls, &good, "x.test").is_ok());
+        assert_eq!(
+            reason(verify(&tls, &revoked, "x.test")),
+            envoys(
+                "X509_verify_cert: certificate verification error at depth 0: certificate revoked"
+            )
+        );
+        // Without the issuer's list the status is unknown: refused, as Envoy does.
+        let foreign = with_crl(crl(&other, &[]), false);
+        assert_eq!(
+            reason(verify(&foreign, &good, "x.test")),
+            envoys(
+                "X509_verify_cert: certificate verification error at depth 0: unable to get certificate CRL"
+            )
+        );
+        // Several lists in one PEM: each issuer's applies.
+        let both = with_crl([crl(&other, &[]), crl(&trusted, &[7])].concat(), true);
+        assert!(verify(&both, &good, "x.test").is_ok());
+        assert!(verify(&both, &revoked, "x.test").is_err());
+        // Not PEM: the context cannot be built.
+        let provider = rustls::crypto::ring::default_provider();
+        let broken = with_crl(b"not a list".to_vec(), false);
+        assert!(Verifier::new(&broken, provider.signature_verification_algorithms).is_err());
     }
 }

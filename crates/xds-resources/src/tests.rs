@@ -1258,6 +1258,26 @@ fn tls_origination_as_istiod_sends_it_for_destination_rule_files() {
             .trusted_ca,
         TrustedCa::Pem(DataSource::Inline(b"PEM".to_vec()))
     );
+    // A revocation list, checked for the whole chain unless only for the leaf.
+    let revoking = simple(V::ValidationContext(tls::CertificateValidationContext {
+        trusted_ca: Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString("PEM".into())),
+            ..Default::default()
+        }),
+        crl: Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::Filename(
+                "/etc/crl.pem".into(),
+            )),
+            ..Default::default()
+        }),
+        only_verify_leaf_cert_crl: true,
+        ..Default::default()
+    }));
+    let v = tls_of(&with_tls(eds_cluster("c"), revoking))
+        .validation
+        .unwrap();
+    assert_eq!(v.crl, Some(DataSource::File("/etc/crl.pem".into())));
+    assert!(v.only_verify_leaf_cert_crl);
 }
 
 #[test]

@@ -303,7 +303,6 @@ fn validation(
             v.require_signed_certificate_timestamp
                 .is_some_and(|b| b.value),
         ),
-        ("crl", v.crl.is_some()),
         ("allow_expired_certificate", v.allow_expired_certificate),
         (
             "custom_validator_config",
@@ -367,6 +366,13 @@ fn validation(
     Ok(Some(CertificateValidationContext {
         trusted_ca,
         match_subject_alt_names,
+        crl: v
+            .crl
+            .as_ref()
+            .map(|c| data_source(Some(c)))
+            .transpose()
+            .at("crl")?,
+        only_verify_leaf_cert_crl: v.only_verify_leaf_cert_crl,
     }))
 }
 

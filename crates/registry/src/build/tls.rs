@@ -99,12 +99,19 @@ pub(crate) fn transport(
                 Some(path) if !path.is_empty() => TrustedCa::Pem(DataSource::File(path.into())),
                 _ => TrustedCa::System,
             };
-            (client, (!insecure).then_some(ca))
+            let crl = tls
+                .ca_crl
+                .as_deref()
+                .filter(|path| !path.is_empty())
+                .map(|path| DataSource::File(path.into()));
+            (client, (!insecure).then_some((ca, crl)))
         }
     };
-    let validation = trusted_ca.map(|trusted_ca| CertificateValidationContext {
+    let validation = trusted_ca.map(|(trusted_ca, crl)| CertificateValidationContext {
         trusted_ca,
         match_subject_alt_names: sans.iter().map(|san| exact(san)).collect(),
+        crl,
+        only_verify_leaf_cert_crl: false,
     });
     Ok(UpstreamTransport::Tls(std::sync::Arc::new(UpstreamTls {
         auto_sni: sni.is_none(),
@@ -168,16 +175,20 @@ fn exact(value: &str) -> StringMatcher {
     }
 }
 
+/// Trusted CAs, and the revocation list if there is one.
+type Validation = (TrustedCa, Option<DataSource>);
+
 /// The client certificate (MUTUAL) and trusted CA (unless `insecure`) of `credentialName`:
 /// a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`) or a generic one (`cert`,
-/// `key`, `cacert`), the CA also from a `NAME-cacert` Secret, which wins.
+/// `key`, `cacert`), the CA also from a `NAME-cacert` Secret, which wins, with that
+/// Secret's revocation list (`ca.crl`) if it has one.
 fn credential(
     name: &str,
     namespace: &str,
     mutual: bool,
     insecure: bool,
     secrets: &[&Object<Secret>],
-) -> Result<(Option<TlsCertificate>, Option<TrustedCa>), String> {
+) -> Result<(Option<TlsCertificate>, Option<Validation>), String> {
     let find = |name: &str| {
         secrets
             .iter()
@@ -213,15 +224,25 @@ fn credential(
     if insecure {
         return Ok((client, None));
     }
-    let ca = find(&format!("{name}-cacert"))
-        .and_then(|s| value(s, ["ca.crt", "cacert"]))
-        .or_else(|| secret.and_then(|s| value(s, ["ca.crt", "cacert"])))
+    let ca_of = |s: &Object<Secret>| {
+        let crl = s.spec.data.get("ca.crl").filter(|v| !v.is_empty()).cloned();
+        value(s, ["ca.crt", "cacert"]).map(|ca| (ca, crl))
+    };
+    let (ca, crl) = find(&format!("{name}-cacert"))
+        .and_then(|s| ca_of(s))
+        .or_else(|| secret.and_then(|s| ca_of(s)))
         .ok_or_else(|| {
             format!(
                 "credentialName {name}: no CA certificate (ca.crt or cacert) in Secret {namespace}/{name} or {namespace}/{name}-cacert"
             )
         })?;
-    Ok((client, Some(TrustedCa::Pem(DataSource::Inline(ca)))))
+    Ok((
+        client,
+        Some((
+            TrustedCa::Pem(DataSource::Inline(ca)),
+            crl.map(DataSource::Inline),
+        )),
+    ))
 }
 
 #[cfg(test)]
@@ -379,12 +400,14 @@ mod tests {
         );
         let cert = tls.client_certificate.unwrap();
         assert_eq!(cert.certificate_chain, DataSource::Inline(b"CERT".to_vec()));
+        let validation = tls.validation.unwrap();
         assert_eq!(
-            tls.validation.unwrap().trusted_ca,
+            validation.trusted_ca,
             TrustedCa::Pem(DataSource::Inline(b"CA".to_vec()))
         );
+        assert_eq!(validation.crl, None);
         let generic = secret("client", &[("cert", "C2"), ("key", "K2")]);
-        let companion = secret("client-cacert", &[("cacert", "CA2")]);
+        let companion = secret("client-cacert", &[("cacert", "CA2"), ("ca.crl", "CRL2")]);
         let tls = context(
             transport(
                 rule(&settings),
@@ -394,10 +417,13 @@ mod tests {
             )
             .unwrap(),
         );
+        let validation = tls.validation.unwrap();
         assert_eq!(
-            tls.validation.unwrap().trusted_ca,
+            validation.trusted_ca,
             TrustedCa::Pem(DataSource::Inline(b"CA2".to_vec()))
         );
+        // The companion's revocation list comes with its CA.
+        assert_eq!(validation.crl, Some(DataSource::Inline(b"CRL2".to_vec())));
         // No CA anywhere, or no Secret: refused, never plaintext.
         assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[&generic]).is_err());
         assert!(transport(rule(&settings), svc(Protocol::Http), NO_SANS, &[]).is_err());
