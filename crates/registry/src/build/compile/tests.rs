@@ -11,6 +11,8 @@ use portcullis_envoy::{
 use super::*;
 use crate::tests::{MESH_ALLOW_ANY, load};
 
+mod auto_mtls;
+
 fn compiled_in(yaml: &str, namespace: &str, dns: DnsAnswers<'_>) -> Compiled {
     let options = BuildOptions {
         namespace: namespace.to_string(),
@@ -779,8 +781,6 @@ spec:
         ]
     );
 }
-
-mod auto_mtls;
 
 /// A rule's `warmupDurationSecs` and `warmup` become the `slow_start_config` of the round
 /// robin and least request clusters they reach, as istiod's `setSlowStartConfig` and
