@@ -275,6 +275,11 @@ fn virtual_host(v: &VirtualHost) -> Value {
     put(&mut o, "retry_policy", opt(v.retry_policy.as_ref(), retry));
     put(
         &mut o,
+        "per_request_buffer_limit_bytes",
+        opt(v.per_request_buffer_limit_bytes, |b| json!(b)),
+    );
+    put(
+        &mut o,
         "include_request_attempt_count",
         json!(v.include_request_attempt_count),
     );
@@ -322,6 +327,11 @@ fn header_value_option(h: &HeaderValueOption) -> Value {
 fn route(r: &Route) -> Value {
     let mut o = Map::new();
     put(&mut o, "name", json!(r.name));
+    put(
+        &mut o,
+        "per_request_buffer_limit_bytes",
+        opt(r.per_request_buffer_limit_bytes, |b| json!(b)),
+    );
     let m = &r.route_match;
     let mut mo = Map::new();
     match &m.path {

@@ -213,6 +213,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Retry policy for routes without their own.
     pub retry_policy: Option<RetryPolicy>,
+    /// `per_request_buffer_limit_bytes` of its routes that set none.
+    pub per_request_buffer_limit_bytes: Option<u32>,
     /// Whether `x-envoy-attempt-count` is sent upstream.
     pub include_request_attempt_count: bool,
     /// Headers added to requests.
@@ -245,6 +247,9 @@ pub struct Route {
     /// The fault filter's per-route config (`typed_per_filter_config` of
     /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`).
     pub fault: Option<HttpFault>,
+    /// `per_request_buffer_limit_bytes`: the most of a request body kept for retries and
+    /// mirrors (over the virtual host's); `None`: the connection's limit.
+    pub per_request_buffer_limit_bytes: Option<u32>,
 }
 
 /// Envoy's `HTTPFault`, the parts istiod sets.

@@ -317,6 +317,7 @@ where
         r.rewrites()
             || r.fault.is_some()
             || !r.mirrors.is_empty()
+            || r.request_buffer_limit.is_some()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout
             || r.forward().is_some_and(|f| !f.hash_policy.is_empty())
@@ -326,7 +327,8 @@ where
         || attempt_digit(policy.attempts()).is_none()
     {
         // The general path speaks HTTP/2 upstream, applies a route's rewrites, faults,
-        // mirrors, timeout and hash policy, and writes attempt counts of any length: give it
+        // mirrors, timeout, hash policy and buffer limit, and writes attempt counts of any
+        // length: give it
         // the request back, and the logging of it.
         log.hand_over();
         let mut whole = BytesMut::from(&request[..]);

@@ -687,7 +687,7 @@ async fn route_and_forward(
         None => req.map(RequestBody::Client),
     };
     let copy = (head.is_some() && !bodiless).then(|| {
-        let (tap, copy) = BodyTap::new(REQUEST_BUFFER_LIMIT);
+        let (tap, copy) = BodyTap::new(request_buffer_limit(matched));
         req = std::mem::replace(&mut req, Request::new(RequestBody::Empty))
             .map(|body| RequestBody::Copying(Box::new(body), Box::new(tap)));
         copy
@@ -837,6 +837,17 @@ type Head = (Method, Uri, Version, HeaderMap);
 /// Envoy's default buffer limit of a connection, which bounds the copy of a request body
 /// kept for retries and mirrors (`per_request_buffer_limit_bytes`) when the route sets none.
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
+
+/// How much of a request body is kept for retries and mirrors: the route's
+/// `per_request_buffer_limit_bytes`, within the connection's limit, as Envoy's router takes
+/// the smaller of the two.
+fn request_buffer_limit(route: Option<&Route>) -> usize {
+    route
+        .and_then(|r| r.request_buffer_limit)
+        .map_or(REQUEST_BUFFER_LIMIT, |limit| {
+            usize::try_from(limit).map_or(REQUEST_BUFFER_LIMIT, |l| l.min(REQUEST_BUFFER_LIMIT))
+        })
+}
 
 /// Sends a copy of a request to a mirror `decision`, as Envoy's shadowing does: the
 /// authority gets `-shadow` (before its port), the body is the copy (none when it was lost),

@@ -59,8 +59,29 @@ fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
     }
 }
 
-/// `0.0.0.0_80` with an inline table: `app.internal` with every action, `block_all` for
-/// the rest.
+/// `/flaky-echo` to the app, a 503 retried once.
+fn flaky_echo() -> envoy::Route {
+    route(
+        "/flaky-echo",
+        RouteAction::Forward(envoy::Forward {
+            retry_policy: Some(Box::new(envoy::RetryPolicy {
+                retry_on: vec!["retriable-status-codes".into()],
+                num_retries: 1,
+                per_try_timeout: None,
+                retriable_status_codes: vec![503],
+                retriable_headers: Vec::new(),
+                avoid_previous_hosts: false,
+                host_selection_retry_max_attempts: 0,
+                previous_priorities: None,
+                retry_back_off: None,
+            })),
+            ..envoy::Forward::to("app")
+        }),
+    )
+}
+
+/// `0.0.0.0_80` with an inline table: `app.internal` with every action, `small.internal`
+/// keeping at most 4 bytes of a body for retries, `block_all` for the rest.
 fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
     model_with_shadow(app, refused, refused)
 }
@@ -148,23 +169,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                     percentage: none(),
                 }),
             ),
-            route(
-                "/flaky-echo",
-                RouteAction::Forward(envoy::Forward {
-                    retry_policy: Some(Box::new(envoy::RetryPolicy {
-                        retry_on: vec!["retriable-status-codes".into()],
-                        num_retries: 1,
-                        per_try_timeout: None,
-                        retriable_status_codes: vec![503],
-                        retriable_headers: Vec::new(),
-                        avoid_previous_hosts: false,
-                        host_selection_retry_max_attempts: 0,
-                        previous_priorities: None,
-                        retry_back_off: None,
-                    })),
-                    ..envoy::Forward::to("app")
-                }),
-            ),
+            flaky_echo(),
             route(
                 "/mirrored",
                 RouteAction::Forward(envoy::Forward {
@@ -209,7 +214,18 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
     };
     let table = envoy::RouteConfiguration {
         name: "80".into(),
-        virtual_hosts: vec![app_host, strict, block_all],
+        virtual_hosts: vec![
+            app_host,
+            envoy::VirtualHost {
+                name: "small.internal:80".into(),
+                domains: vec!["small.internal".into()],
+                routes: vec![flaky_echo()],
+                per_request_buffer_limit_bytes: Some(4),
+                ..Default::default()
+            },
+            strict,
+            block_all,
+        ],
         request_headers_to_add: vec![set(
             "x-level",
             "table",
@@ -412,6 +428,40 @@ async fn a_streamed_body_is_copied_so_a_retry_can_send_it_again() {
         })
         .collect();
     assert_eq!(attempts, ["1", "2"]);
+}
+
+#[tokio::test]
+async fn a_body_over_the_routes_buffer_limit_is_not_retried() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    let post = |body: &str| {
+        format!(
+            "POST http://small.internal/flaky-echo HTTP/1.1\r\nHost: small.internal\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // 7 bytes, 4 kept: the 503 cannot be retried (Envoy gives up the retry when the body
+    // outgrows its buffer), even on the HTTP/1.1 fast path.
+    let (_, head, _) = common::raw(harness.addr, &post("payload")).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let attempts = || {
+        app.requests()
+            .iter()
+            .filter(|r| r.uri.contains("flaky-echo"))
+            .map(|r| {
+                r.headers["x-envoy-attempt-count"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(attempts(), ["1"]);
+    let (_, head, body) = common::raw(harness.addr, &post("abc")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"abc");
 }
 
 #[tokio::test]

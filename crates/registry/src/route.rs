@@ -109,6 +109,9 @@ pub struct Route {
     /// The retry policy in force (the route's, else its virtual host's) as the data path
     /// reads it; none without one, as Envoy.
     pub retries: RetryPolicy,
+    /// `per_request_buffer_limit_bytes` in force (the route's, else its virtual host's):
+    /// the most of a request body kept for retries and mirrors.
+    pub request_buffer_limit: Option<u32>,
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<envoy::HttpFault>,
@@ -462,6 +465,9 @@ impl Route {
                 .map(RetryPolicy::from_envoy)
                 .transpose()?
                 .unwrap_or(RetryPolicy::NONE),
+            request_buffer_limit: r
+                .per_request_buffer_limit_bytes
+                .or(vh.per_request_buffer_limit_bytes),
             fault: r
                 .fault
                 .clone()

@@ -80,6 +80,7 @@ fn virtual_host(v: &rds::VirtualHost) -> Result<VirtualHost, Invalid> {
             .map(retry_policy)
             .transpose()
             .at("retry_policy")?,
+        per_request_buffer_limit_bytes: v.per_request_buffer_limit_bytes.map(|v| v.value),
         include_request_attempt_count: v.include_request_attempt_count,
         request_headers_to_add: headers_to_add(
             "request_headers_to_add",
@@ -146,6 +147,7 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
             .map(fault)
             .transpose()
             .at(format_args!("typed_per_filter_config[{FAULT_FILTER}]"))?,
+        per_request_buffer_limit_bytes: r.per_request_buffer_limit_bytes.map(|v| v.value),
     })
 }
 
