@@ -96,7 +96,7 @@ impl Route {
             response_headers_to_add: Vec::new(),
             response_headers_to_remove: Vec::new(),
             fault: None,
-            per_request_buffer_limit_bytes: None,
+            request_buffer_limit: None,
         }
     }
 }

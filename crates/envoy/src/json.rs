@@ -13,9 +13,9 @@ use crate::{
     EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HashKey, HashPolicy,
     HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault,
     LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect,
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource, SlowStartConfig,
-    StringMatcher, StringPattern, TcpProxy, TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls,
-    UpstreamTransport, VirtualHost,
+    RequestBufferLimit, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource,
+    SlowStartConfig, StringMatcher, StringPattern, TcpProxy, TlsVersion, TrustedCa,
+    UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -273,11 +273,7 @@ fn virtual_host(v: &VirtualHost) -> Value {
     put(&mut o, "domains", json!(v.domains));
     put(&mut o, "routes", v.routes.iter().map(route).collect());
     put(&mut o, "retry_policy", opt(v.retry_policy.as_ref(), retry));
-    put(
-        &mut o,
-        "per_request_buffer_limit_bytes",
-        opt(v.per_request_buffer_limit_bytes, |b| json!(b)),
-    );
+    buffer_limit(&mut o, v.request_buffer_limit);
     put(
         &mut o,
         "include_request_attempt_count",
@@ -324,14 +320,23 @@ fn header_value_option(h: &HeaderValueOption) -> Value {
     json!({"header": {"key": h.name, "value": h.value}, "append_action": action})
 }
 
+/// A route's or virtual host's request body buffer limit, in the field it came from.
+fn buffer_limit(o: &mut Map<String, Value>, limit: Option<RequestBufferLimit>) {
+    match limit {
+        Some(RequestBufferLimit::PerRequest(b)) => {
+            o.insert("per_request_buffer_limit_bytes".into(), json!(b));
+        }
+        Some(RequestBufferLimit::RequestBody(b)) => {
+            o.insert("request_body_buffer_limit".into(), json!(b.to_string()));
+        }
+        None => {}
+    }
+}
+
 fn route(r: &Route) -> Value {
     let mut o = Map::new();
     put(&mut o, "name", json!(r.name));
-    put(
-        &mut o,
-        "per_request_buffer_limit_bytes",
-        opt(r.per_request_buffer_limit_bytes, |b| json!(b)),
-    );
+    buffer_limit(&mut o, r.request_buffer_limit);
     let m = &r.route_match;
     let mut mo = Map::new();
     match &m.path {

@@ -213,8 +213,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Retry policy for routes without their own.
     pub retry_policy: Option<RetryPolicy>,
-    /// `per_request_buffer_limit_bytes` of its routes that set none.
-    pub per_request_buffer_limit_bytes: Option<u32>,
+    /// The request body buffer limit of its routes that set none.
+    pub request_buffer_limit: Option<RequestBufferLimit>,
     /// Whether `x-envoy-attempt-count` is sent upstream.
     pub include_request_attempt_count: bool,
     /// Headers added to requests.
@@ -247,9 +247,28 @@ pub struct Route {
     /// The fault filter's per-route config (`typed_per_filter_config` of
     /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`).
     pub fault: Option<HttpFault>,
-    /// `per_request_buffer_limit_bytes`: the most of a request body kept for retries and
-    /// mirrors (over the virtual host's); `None`: the connection's limit.
-    pub per_request_buffer_limit_bytes: Option<u32>,
+    /// The most of a request body kept for retries and mirrors (over the virtual host's);
+    /// `None`: the connection's limit.
+    pub request_buffer_limit: Option<RequestBufferLimit>,
+}
+
+/// How much of a request body a route buffers for retries and mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBufferLimit {
+    /// The deprecated `per_request_buffer_limit_bytes`: at most the connection's limit.
+    PerRequest(u32),
+    /// `request_body_buffer_limit`: as given, above the connection's limit too.
+    RequestBody(u64),
+}
+
+impl RequestBufferLimit {
+    /// The limit in bytes, with a connection buffer limit of `connection` bytes.
+    pub fn bytes(self, connection: u64) -> u64 {
+        match self {
+            RequestBufferLimit::PerRequest(limit) => u64::from(limit).min(connection),
+            RequestBufferLimit::RequestBody(limit) => limit,
+        }
+    }
 }
 
 /// Envoy's `HTTPFault`, the parts istiod sets.

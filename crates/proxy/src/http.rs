@@ -838,14 +838,14 @@ type Head = (Method, Uri, Version, HeaderMap);
 /// kept for retries and mirrors (`per_request_buffer_limit_bytes`) when the route sets none.
 const REQUEST_BUFFER_LIMIT: usize = 1 << 20;
 
-/// How much of a request body is kept for retries and mirrors: the route's
-/// `per_request_buffer_limit_bytes`, within the connection's limit, as Envoy's router takes
-/// the smaller of the two.
+/// How much of a request body is kept for retries and mirrors: the route's limit, Envoy's
+/// deprecated `per_request_buffer_limit_bytes` within the connection's.
 fn request_buffer_limit(route: Option<&Route>) -> usize {
     route
         .and_then(|r| r.request_buffer_limit)
         .map_or(REQUEST_BUFFER_LIMIT, |limit| {
-            usize::try_from(limit).map_or(REQUEST_BUFFER_LIMIT, |l| l.min(REQUEST_BUFFER_LIMIT))
+            let connection = REQUEST_BUFFER_LIMIT as u64;
+            usize::try_from(limit.bytes(connection)).unwrap_or(usize::MAX)
         })
 }
 

@@ -220,7 +220,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                 name: "small.internal:80".into(),
                 domains: vec!["small.internal".into()],
                 routes: vec![flaky_echo()],
-                per_request_buffer_limit_bytes: Some(4),
+                request_buffer_limit: Some(envoy::RequestBufferLimit::PerRequest(4)),
                 ..Default::default()
             },
             strict,

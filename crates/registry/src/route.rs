@@ -109,9 +109,9 @@ pub struct Route {
     /// The retry policy in force (the route's, else its virtual host's) as the data path
     /// reads it; none without one, as Envoy.
     pub retries: RetryPolicy,
-    /// `per_request_buffer_limit_bytes` in force (the route's, else its virtual host's):
-    /// the most of a request body kept for retries and mirrors.
-    pub request_buffer_limit: Option<u32>,
+    /// The request body buffer limit in force (the route's, else its virtual host's): how
+    /// much of a request body is kept for retries and mirrors.
+    pub request_buffer_limit: Option<envoy::RequestBufferLimit>,
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<envoy::HttpFault>,
@@ -465,9 +465,7 @@ impl Route {
                 .map(RetryPolicy::from_envoy)
                 .transpose()?
                 .unwrap_or(RetryPolicy::NONE),
-            request_buffer_limit: r
-                .per_request_buffer_limit_bytes
-                .or(vh.per_request_buffer_limit_bytes),
+            request_buffer_limit: r.request_buffer_limit.or(vh.request_buffer_limit),
             fault: r
                 .fault
                 .clone()

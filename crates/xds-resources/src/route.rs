@@ -8,9 +8,9 @@ use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
     ClusterSpecifier, CookieAttribute, Denominator, FaultAbort, FaultDelay, Forward,
     FractionalPercent, HashKey, HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch,
-    QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryBackOff, RetryPolicy,
-    Route, RouteAction, RouteConfiguration, RouteMatch, StringMatcher, StringPattern, VirtualHost,
-    WeightedCluster,
+    QueryParameterMatcher, Redirect, RegexRewrite, RequestBufferLimit, RequestMirrorPolicy,
+    RetryBackOff, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, StringMatcher,
+    StringPattern, VirtualHost, WeightedCluster,
 };
 
 use crate::common::{
@@ -62,6 +62,24 @@ pub fn route_configuration(rc: &rds::RouteConfiguration) -> Result<RouteConfigur
     })
 }
 
+/// The request body buffer limit of a route or virtual host: the deprecated
+/// `per_request_buffer_limit_bytes` (still honoured by Envoy) or `request_body_buffer_limit`,
+/// not both.
+fn buffer_limit(
+    per_request: Option<envoy_types::pb::google::protobuf::UInt32Value>,
+    request_body: Option<envoy_types::pb::google::protobuf::UInt64Value>,
+) -> Result<Option<RequestBufferLimit>, Invalid> {
+    match (per_request, request_body) {
+        (Some(_), Some(_)) => Err(Invalid::new(
+            "request_body_buffer_limit",
+            "only one of per_request_buffer_limit_bytes and request_body_buffer_limit may be set",
+        )),
+        (Some(b), None) => Ok(Some(RequestBufferLimit::PerRequest(b.value))),
+        (None, Some(b)) => Ok(Some(RequestBufferLimit::RequestBody(b.value))),
+        (None, None) => Ok(None),
+    }
+}
+
 fn virtual_host(v: &rds::VirtualHost) -> Result<VirtualHost, Invalid> {
     if v.domains.is_empty() {
         return Err(Invalid::new("domains", "at least one domain is required"));
@@ -80,7 +98,11 @@ fn virtual_host(v: &rds::VirtualHost) -> Result<VirtualHost, Invalid> {
             .map(retry_policy)
             .transpose()
             .at("retry_policy")?,
-        per_request_buffer_limit_bytes: v.per_request_buffer_limit_bytes.map(|v| v.value),
+        #[allow(deprecated)]
+        request_buffer_limit: buffer_limit(
+            v.per_request_buffer_limit_bytes,
+            v.request_body_buffer_limit,
+        )?,
         include_request_attempt_count: v.include_request_attempt_count,
         request_headers_to_add: headers_to_add(
             "request_headers_to_add",
@@ -147,7 +169,11 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
             .map(fault)
             .transpose()
             .at(format_args!("typed_per_filter_config[{FAULT_FILTER}]"))?,
-        per_request_buffer_limit_bytes: r.per_request_buffer_limit_bytes.map(|v| v.value),
+        #[allow(deprecated)]
+        request_buffer_limit: buffer_limit(
+            r.per_request_buffer_limit_bytes,
+            r.request_body_buffer_limit,
+        )?,
     })
 }
 

@@ -2221,6 +2221,28 @@ fn a_retry_back_off_keeps_its_intervals_and_envoys_checks() {
 }
 
 #[test]
+#[allow(deprecated)]
+fn a_request_body_buffer_limit_comes_from_either_field_not_both() {
+    use envoy_types::pb::google::protobuf::UInt64Value;
+    let with = |per_request: Option<u32>, request_body: Option<u64>| {
+        let mut rc = route_80();
+        let r = &mut rc.virtual_hosts[0].routes[0];
+        r.per_request_buffer_limit_bytes = per_request.map(|value| UInt32Value { value });
+        r.request_body_buffer_limit = request_body.map(|value| UInt64Value { value });
+        route_configuration(&rc).map(|rc| rc.virtual_hosts[0].routes[0].request_buffer_limit)
+    };
+    assert_eq!(with(None, None).unwrap(), None);
+    let per_request = with(Some(4096), None).unwrap().unwrap();
+    assert_eq!(per_request, RequestBufferLimit::PerRequest(4096));
+    // The deprecated field stays within the connection's limit; the new one does not.
+    assert_eq!(per_request.bytes(1024), 1024);
+    let body = with(None, Some(1 << 24)).unwrap().unwrap();
+    assert_eq!(body.bytes(1024), 1 << 24);
+    let e = with(Some(1), Some(1)).unwrap_err().to_string();
+    assert!(e.contains("only one of"), "{e}");
+}
+
+#[test]
 fn a_previous_priorities_retry_priority_keeps_its_update_frequency() {
     use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
     let with = |update_frequency: i32| {
