@@ -176,6 +176,24 @@ struct ReadyPod<'a> {
     ips: Vec<IpAddr>,
 }
 
+impl ReadyPod<'_> {
+    /// The pod's endpoints on `port`, one per IP, with its labels and workload identity.
+    fn endpoints(&self, port: u16, trust_domain: &str, out: &mut Vec<PendingEndpoint>) {
+        let meta = &self.object.meta;
+        let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
+        let labels = Arc::new(meta.labels.clone());
+        let peer = Peer::of_pod(self.object, trust_domain);
+        out.extend(self.ips.iter().map(|ip| PendingEndpoint {
+            address: EndpointAddress::Ip(*ip),
+            port,
+            weight: 1,
+            source: Arc::clone(&source),
+            labels: Arc::clone(&labels),
+            peer: peer.clone(),
+        }));
+    }
+}
+
 struct PendingCluster {
     name: Arc<str>,
     host: Arc<str>,
@@ -1248,20 +1266,7 @@ impl<'a> Builder<'a> {
                         if meta.namespace == se.meta.namespace
                             && labels_match(&selector, &meta.labels)
                         {
-                            let source: Arc<str> =
-                                format!("Pod {}/{}", meta.namespace, meta.name).into();
-                            let labels = Arc::new(meta.labels.clone());
-                            let peer = Peer::of_pod(pod.object, trust_domain);
-                            for ip in &pod.ips {
-                                out.push(PendingEndpoint {
-                                    address: EndpointAddress::Ip(*ip),
-                                    port: target,
-                                    weight: 1,
-                                    source: Arc::clone(&source),
-                                    labels: Arc::clone(&labels),
-                                    peer: peer.clone(),
-                                });
-                            }
+                            pod.endpoints(target, trust_domain, &mut out);
                         }
                     }
                 }
@@ -1461,19 +1466,7 @@ impl<'a> Builder<'a> {
             let Some(target) = target.and_then(|t| u16::try_from(t).ok()) else {
                 continue;
             };
-            let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
-            let labels = Arc::new(meta.labels.clone());
-            let peer = Peer::of_pod(pod.object, self.trust_domain());
-            for ip in &pod.ips {
-                out.push(PendingEndpoint {
-                    address: EndpointAddress::Ip(*ip),
-                    port: target,
-                    weight: 1,
-                    source: Arc::clone(&source),
-                    labels: Arc::clone(&labels),
-                    peer: peer.clone(),
-                });
-            }
+            pod.endpoints(target, self.trust_domain(), &mut out);
         }
         out
     }
