@@ -59,22 +59,27 @@ fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
     }
 }
 
+/// A retry policy on one condition, every attempt free to go to any endpoint.
+fn retries(retry_on: &str, num_retries: u32, codes: &[u16]) -> Box<envoy::RetryPolicy> {
+    Box::new(envoy::RetryPolicy {
+        retry_on: vec![retry_on.into()],
+        num_retries,
+        per_try_timeout: None,
+        retriable_status_codes: codes.to_vec(),
+        retriable_headers: Vec::new(),
+        avoid_previous_hosts: false,
+        host_selection_retry_max_attempts: 0,
+        previous_priorities: None,
+        retry_back_off: None,
+    })
+}
+
 /// `/flaky-echo` to the app, a 503 retried once.
 fn flaky_echo() -> envoy::Route {
     route(
         "/flaky-echo",
         RouteAction::Forward(envoy::Forward {
-            retry_policy: Some(Box::new(envoy::RetryPolicy {
-                retry_on: vec!["retriable-status-codes".into()],
-                num_retries: 1,
-                per_try_timeout: None,
-                retriable_status_codes: vec![503],
-                retriable_headers: Vec::new(),
-                avoid_previous_hosts: false,
-                host_selection_retry_max_attempts: 0,
-                previous_priorities: None,
-                retry_back_off: None,
-            })),
+            retry_policy: Some(retries("retriable-status-codes", 1, &[503])),
             ..envoy::Forward::to("app")
         }),
     )
@@ -127,17 +132,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             route(
                 "/retried",
                 RouteAction::Forward(envoy::Forward {
-                    retry_policy: Some(Box::new(envoy::RetryPolicy {
-                        retry_on: vec!["connect-failure".into()],
-                        num_retries: 2,
-                        per_try_timeout: None,
-                        retriable_status_codes: Vec::new(),
-                        retriable_headers: Vec::new(),
-                        avoid_previous_hosts: false,
-                        host_selection_retry_max_attempts: 0,
-                        previous_priorities: None,
-                        retry_back_off: None,
-                    })),
+                    retry_policy: Some(retries("connect-failure", 2, &[])),
                     ..envoy::Forward::to("refused")
                 }),
             ),
