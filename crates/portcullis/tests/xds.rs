@@ -920,7 +920,12 @@ async fn a_control_plane_that_is_not_up_yet_is_retried_until_it_is() {
         a: upstream("a").await,
         b: upstream("b").await,
     };
-    let address = free_port();
+    // The address stays bound (not listening) until the control plane starts: connections
+    // to it are refused, and no ephemeral port of this or a parallel test (a client's
+    // self-connect included) can take it in the meantime.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = reserved.local_addr().unwrap();
     let proxy = start_proxy(address, "delta");
     let (status, _) = eventually("the admin port", async || {
         admin(&proxy, "/ready").await.ok()
@@ -935,6 +940,7 @@ async fn a_control_plane_that_is_not_up_yet_is_retried_until_it_is() {
         "the failed attempts are logged: {output}"
     );
 
+    drop(reserved);
     let cp = ControlPlane::start(address, None).await.unwrap();
     mesh.push(&cp, &proxy, mesh.a);
     eventually("readiness once the control plane is up", async || {
