@@ -959,6 +959,19 @@ pub struct MeshConfig {
     /// sets none (Istio's default: on, no settings).
     #[serde(default)]
     pub locality_lb_setting: Option<LocalityLbSetting>,
+    /// `defaultConfig`: the proxies' default `ProxyConfig`.
+    #[serde(default)]
+    pub default_config: Option<ProxyConfig>,
+}
+
+/// The parts of Istio's `ProxyConfig` portcullis uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// `proxyMetadata`: environment the proxies run with (portcullis reads
+    /// `PORTCULLIS_MODE` from it).
+    #[serde(default)]
+    pub proxy_metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub(crate) use compile::istio_retry_policy as compile_default_retry_policy;
 
 use crate::Map;
 use crate::order::Age;
-use crate::snapshot::{Protocol, Snapshot};
+use crate::snapshot::{Enforcement, Protocol, Snapshot};
 
 /// Where a pending endpoint is, before DNS answers are applied.
 #[derive(Clone)]
@@ -167,8 +167,35 @@ pub fn build_with_dns(
     let index_warnings = std::mem::replace(&mut snapshot.warnings, compiled.warnings);
     snapshot.warnings.extend(index_warnings);
     snapshot.dns_names.extend(compiled.dns_names);
+    snapshot.enforcement = mesh_enforcement(resources, &mut snapshot.warnings);
     snapshot
 }
+
+/// The mesh config's `defaultConfig.proxyMetadata.PORTCULLIS_MODE` (the first mesh
+/// ConfigMap's, as the build uses); a value other than `enforce` or `audit` is a warning.
+fn mesh_enforcement(resources: &[Resource], warnings: &mut Vec<String>) -> Option<Enforcement> {
+    let value = resources
+        .iter()
+        .find_map(|r| match r {
+            Resource::MeshConfig(o) => Some(o),
+            _ => None,
+        })?
+        .spec
+        .default_config
+        .as_ref()?
+        .proxy_metadata
+        .get(MODE_METADATA)?;
+    let parsed = Enforcement::parse(value);
+    if parsed.is_none() {
+        warnings.push(format!(
+            "mesh config: {MODE_METADATA} {value:?} is neither enforce nor audit; ignored"
+        ));
+    }
+    parsed
+}
+
+/// The `proxyMetadata` key that sets the enforcement mode mesh-wide.
+pub const MODE_METADATA: &str = "PORTCULLIS_MODE";
 
 /// A pod that can take traffic.
 struct ReadyPod<'a> {

@@ -104,6 +104,7 @@ impl Snapshot {
             clusters,
             warnings,
             dns_names,
+            enforcement: None,
             listeners: Some(listeners),
             http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
         }

@@ -4,6 +4,7 @@
 mod bootstrap;
 mod build;
 mod cluster;
+mod explain;
 mod host;
 mod index;
 mod limits;
@@ -18,12 +19,13 @@ mod tls;
 
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
-    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, OUTBOUND_PORT, build, build_with_dns,
-    compile, locality,
+    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, MODE_METADATA, OUTBOUND_PORT, build,
+    build_with_dns, compile, locality,
 };
 pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use cluster::Target;
+pub use explain::{Reason, Refused};
 pub use host::{HostError, normalize_host, split_host_port};
 pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMITED};
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
@@ -33,7 +35,7 @@ pub use route::{
     VirtualHost,
 };
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Outliers,
+    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Enforcement, Outliers,
     PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
 pub use tls::{

@@ -169,6 +169,34 @@ impl Cluster {
     }
 }
 
+/// Whether a refusal is enforced or only recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Unregistered traffic is refused.
+    Enforce,
+    /// Unregistered traffic is forwarded as ALLOW_ANY would, and recorded as a would-deny.
+    Audit,
+}
+
+impl Enforcement {
+    /// Parses `enforce` or `audit` (any case, surrounding blanks ignored).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "enforce" => Some(Enforcement::Enforce),
+            "audit" => Some(Enforcement::Audit),
+            _ => None,
+        }
+    }
+
+    /// `enforce` or `audit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Enforce => "enforce",
+            Enforcement::Audit => "audit",
+        }
+    }
+}
+
 /// What the data path does with a connection or request.
 #[derive(Debug, Clone)]
 pub enum Decision {
@@ -290,6 +318,9 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
     pub dns_names: std::collections::BTreeSet<String>,
+    /// What the mesh config asks of refusals (`defaultConfig.proxyMetadata.PORTCULLIS_MODE`);
+    /// `None` when it says nothing.
+    pub enforcement: Option<Enforcement>,
     /// The listeners of a snapshot indexed from Envoy's model ([`Snapshot::index`]); an
     /// empty snapshot has none, and everything in it is unmatched.
     pub(crate) listeners: Option<Listeners>,

@@ -27,7 +27,7 @@ pub(crate) fn load(yaml: &str) -> Vec<Resource> {
     loaded.resources
 }
 
-fn snapshot(yaml: &str) -> Snapshot {
+pub(crate) fn snapshot(yaml: &str) -> Snapshot {
     build(&load(yaml), &BuildOptions::default(), None, 1)
 }
 
