@@ -17,8 +17,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use portcullis_audit::Audit;
 use portcullis_envoy::state::SourceState;
-use portcullis_registry::Snapshot;
+use portcullis_registry::{Enforcement, Snapshot};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -78,12 +79,15 @@ pub struct AdminState {
     pub started: Instant,
     /// Counters from outside the registry; the admin server alone reads them.
     stats_sources: std::sync::Mutex<Vec<StatsSource>>,
+    /// Refusals, the enforcement mode, and what learning makes of them.
+    pub audit: Arc<Audit>,
 }
 
 impl AdminState {
-    /// State serving `registry`, not ready, with no config status yet.
+    /// State serving `registry` and `audit`, not ready, with no config status yet.
     pub fn new(
         registry: Arc<ArcSwap<Snapshot>>,
+        audit: Arc<Audit>,
         metrics: Registry,
         set_log_level: SetLogLevel,
         shutdown: CancellationToken,
@@ -101,6 +105,7 @@ impl AdminState {
             drain,
             started: Instant::now(),
             stats_sources: std::sync::Mutex::default(),
+            audit,
         }
     }
 
@@ -208,6 +213,15 @@ fn reply(
     response
 }
 
+/// The value of `key` in the request's query, as given.
+fn query_value(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
 fn route(
     state: &AdminState,
     endpoints: Endpoints,
@@ -261,11 +275,7 @@ fn route(
             render::server_info(state.is_ready(), state.started.elapsed()),
         ),
         (Endpoints::Admin, &Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
-                .map(str::to_string);
+            let level = query_value(&req, "level");
             match level {
                 Some(level) => match (state.set_log_level)(&level) {
                     Ok(()) => reply(StatusCode::OK, text, format!("log level set to {level}\n")),
@@ -286,6 +296,58 @@ fn route(
             state.drain.cancel();
             reply(StatusCode::OK, text, "OK\n")
         }
+        (Endpoints::Admin, &Method::GET, "/mode") => reply(
+            StatusCode::OK,
+            "application/json",
+            state.audit.mode_json(state.registry.load().enforcement),
+        ),
+        (Endpoints::Admin, &Method::POST, "/mode") => {
+            let value = query_value(&req, "value");
+            let mode = match value.as_deref() {
+                Some("reset") => Ok(None),
+                Some(v) => Enforcement::parse(v).map(Some).ok_or(()),
+                None => Err(()),
+            };
+            match mode {
+                Ok(mode) => {
+                    state.audit.mode().set_admin(mode);
+                    let (now, source) = state
+                        .audit
+                        .mode()
+                        .effective(state.registry.load().enforcement);
+                    tracing::info!(
+                        mode = now.as_str(),
+                        source = source.as_str(),
+                        "enforcement mode set from the admin port"
+                    );
+                    reply(
+                        StatusCode::OK,
+                        text,
+                        format!("mode {} (from {})\n", now.as_str(), source.as_str()),
+                    )
+                }
+                Err(()) => reply(
+                    StatusCode::BAD_REQUEST,
+                    text,
+                    "usage: POST /mode?value=enforce|audit|reset\n",
+                ),
+            }
+        }
+        (Endpoints::Admin, &Method::GET, "/denials") => reply(
+            StatusCode::OK,
+            "application/json",
+            state.audit.denials_json(state.registry.load().enforcement),
+        ),
+        (Endpoints::Admin, &Method::POST, "/denials/reset") => {
+            state.audit.reset();
+            reply(StatusCode::OK, text, "OK\n")
+        }
+        (Endpoints::Admin, &Method::GET, "/learned") => {
+            reply(StatusCode::OK, "application/yaml", state.audit.learned())
+        }
+        (Endpoints::Admin, _, "/mode" | "/denials/reset") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, text, "use POST\n")
+        }
         (Endpoints::Admin, _, "/quitquitquit" | "/drain_listeners" | "/logging") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, text, "use POST\n")
         }
@@ -299,8 +361,10 @@ mod readiness_tests {
 
     #[test]
     fn an_awaited_certificate_holds_readiness_back_until_it_arrives() {
+        let mut metrics = Registry::default();
         let state = AdminState::new(
             Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            Arc::new(Audit::new(Enforcement::Enforce, "default", &mut metrics)),
             Registry::default(),
             Box::new(|_| Ok(())),
             CancellationToken::new(),

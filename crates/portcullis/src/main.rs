@@ -2,6 +2,7 @@
 
 mod check;
 mod iptables;
+mod learn;
 mod run;
 
 use std::net::SocketAddr;
@@ -32,6 +33,9 @@ enum Command {
     Iptables(iptables::IptablesArgs),
     /// Print the config compiled as istiod would, as an Envoy bootstrap real Envoy loads.
     Compile(CompileArgs),
+    /// Print the ServiceEntries that would allow what a running proxy refused, or would
+    /// have in audit mode (its `GET /learned`).
+    Learn(learn::LearnArgs),
 }
 
 /// Flags of `portcullis run`.
@@ -125,9 +129,29 @@ pub struct RunArgs {
     /// rotation is picked up. Without it such endpoints are refused.
     #[arg(long, env = "PORTCULLIS_ISTIO_CERTS", conflicts_with = "ca_address")]
     pub istio_certs: Option<PathBuf>,
+    /// `enforce` refuses unregistered destinations; `audit` forwards them as ALLOW_ANY
+    /// would and records each as a would-deny (`GET /denials`). The pod annotation
+    /// `portcullis.io/mode`, the mesh config's `defaultConfig.proxyMetadata.PORTCULLIS_MODE`
+    /// and `POST /mode?value=` on the admin port switch it at run time.
+    #[arg(long, env = "PORTCULLIS_MODE", value_parser = parse_mode, default_value = "enforce")]
+    pub mode: portcullis_registry::Enforcement,
+    /// The pod's annotations as the downward API writes them (Istio's injector mounts
+    /// them here), read again every few seconds for `portcullis.io/mode`; a missing file
+    /// sets nothing.
+    #[arg(
+        long,
+        env = "PORTCULLIS_POD_ANNOTATIONS",
+        default_value = "/etc/istio/pod/annotations"
+    )]
+    pub pod_annotations: PathBuf,
     /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,
+}
+
+fn parse_mode(text: &str) -> Result<portcullis_registry::Enforcement, String> {
+    portcullis_registry::Enforcement::parse(text)
+        .ok_or_else(|| format!("{text:?} is neither enforce nor audit"))
 }
 
 /// How `portcullis run` reaches the control plane and who it says it is (istio-agent's
@@ -270,6 +294,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Iptables(args) => iptables::run(&args),
         Command::Compile(args) => compile(&args),
+        Command::Learn(args) => learn::run(&args),
     };
     match result {
         Ok(code) => code,

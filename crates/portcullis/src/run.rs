@@ -2,15 +2,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
+use portcullis_audit::{Audit, MODE_ANNOTATION, annotation_mode};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
-use portcullis_registry::{BuildOptions, Snapshot, WorkloadIdentity};
+use portcullis_registry::{BuildOptions, Enforcement, Snapshot, WorkloadIdentity};
 use portcullis_sources::{Folder, Publisher, RegistryCompiler, XdsSource, rebuild_on};
 use portcullis_xds::ca::CaConfig;
 use portcullis_xds::{Client, ClientConfig, NodeIdentity, NodeOverrides, Protocol, XdsStats};
@@ -24,6 +26,42 @@ use crate::{RunArgs, XdsArgs};
 /// How often the workload's Istio certificates are read again (istio-agent rotates them
 /// well before they expire).
 const IDENTITY_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often the pod's annotations are read again (the kubelet rewrites the downward API
+/// file within about a minute of a change).
+const ANNOTATIONS_REREAD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the audit's annotation layer in step with the pod's `portcullis.io/mode`
+/// annotation in `path`, until `stop`. A missing file sets nothing; an unreadable value
+/// is logged and leaves the mode as it was.
+async fn watch_annotations(path: PathBuf, audit: Arc<Audit>, stop: CancellationToken) {
+    let mut last: Option<Result<Option<Enforcement>, String>> = None;
+    loop {
+        let now = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => annotation_mode(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        };
+        if last.as_ref() != Some(&now) {
+            match &now {
+                Ok(mode) => {
+                    audit.mode().set_annotation(*mode);
+                    tracing::info!(
+                        annotation = MODE_ANNOTATION,
+                        mode = mode.map_or("unset", Enforcement::as_str),
+                        "enforcement mode from the pod annotation"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "pod annotation ignored"),
+            }
+            last = Some(now);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(ANNOTATIONS_REREAD) => {}
+        }
+    }
+}
 
 /// Where Istio's injector mounts the pod's labels (downward API).
 const POD_LABELS: &str = "/etc/istio/pod/labels";
@@ -205,10 +243,16 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let mut metrics_registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let audit = Arc::new(Audit::new(
+        args.mode,
+        &args.namespace,
+        &mut metrics_registry,
+    ));
     let shutdown = CancellationToken::new();
     let drain = CancellationToken::new();
     let admin = Arc::new(AdminState::new(
         Arc::clone(&registry),
+        Arc::clone(&audit),
         metrics_registry,
         set_log_level,
         shutdown.clone(),
@@ -254,6 +298,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         metrics,
         own,
         Arc::clone(&dns),
+        Arc::clone(&audit),
     );
 
     let dns_changes = dns.subscribe();
@@ -276,6 +321,11 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         None => None,
     };
     let background = CancellationToken::new();
+    tokio::spawn(watch_annotations(
+        args.pod_annotations.clone(),
+        audit,
+        background.clone(),
+    ));
     if let Some(dir) = &args.istio_certs {
         tokio::spawn(Arc::clone(&proxy).watch_workload_identity(dir.clone(), IDENTITY_REREAD));
     }

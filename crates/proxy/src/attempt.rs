@@ -476,6 +476,11 @@ mod tests {
             Arc::new(Metrics::new(&mut Registry::default())),
             Vec::new(),
             dns,
+            Arc::new(portcullis_audit::Audit::new(
+                portcullis_registry::Enforcement::Enforce,
+                "default",
+                &mut Registry::default(),
+            )),
         );
         (proxy, decision)
     }

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_audit::Observation;
 use portcullis_envoy::{AppendAction, FractionalPercent, HttpFault};
 use portcullis_registry::{
     Connection, Decision, HeaderMutation, Headers, Mirror, Protocol, Request as RouteRequest,
@@ -517,9 +518,42 @@ pub(crate) async fn route<'a>(
         Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
         None => decision,
     };
+    // istiod's REGISTRY_ONLY catch-all is a route answering 502 itself: as much a refusal
+    // of the registry as BlackHoleCluster.
+    let refusal = matches!(&decision, Decision::Direct(_))
+        && outcome
+            .matched
+            .as_ref()
+            .is_some_and(|r| &*r.name == "block_all");
+    let seen = Observation {
+        host,
+        destination: downstream.original_dst,
+        port,
+        protocol: if connect {
+            portcullis_audit::Protocol::Connect
+        } else {
+            portcullis_audit::Protocol::Http
+        },
+        listener: if downstream.original_dst.is_some() {
+            crate::VIRTUAL_OUTBOUND
+        } else {
+            "http_proxy"
+        },
+    };
+    let refused = refusal || matches!(decision, Decision::BlackHole);
+    let decision = if refused {
+        match proxy.gate(snapshot, Decision::BlackHole, seen) {
+            // Enforced: istiod's route answers as it would have.
+            Decision::BlackHole if refusal => decision,
+            gated => gated,
+        }
+    } else {
+        decision
+    };
     // A destination the route's cluster may not reach is refused as unregistered traffic:
-    // logged as the policy's route, not the one that matched.
-    if matches!(decision, Decision::BlackHole) {
+    // logged as the policy's route, not the one that matched; a refusal forwarded in audit
+    // mode is logged as ALLOW_ANY's.
+    if refused && !matches!(decision, Decision::Direct(_)) {
         outcome.matched = None;
     }
     outcome.route = route_name(&decision);

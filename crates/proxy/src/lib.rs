@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
+use portcullis_audit::{Audit, Observation, Verdict};
 use portcullis_dns::DnsCache;
 use portcullis_registry::{Chain, ChainFilter, Connection, Decision, Snapshot};
 use tokio::net::{TcpListener, TcpStream};
@@ -137,6 +138,21 @@ fn refused(dst: SocketAddr, peer: SocketAddr) {
     .emit();
 }
 
+/// Envoy's name for the listener that takes every redirected connection.
+const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+
+/// A connection carried as bytes to `dst`, as the audit records it: named by nothing, on
+/// the listener of the chain that decided (Istio's port listener), else the redirect's.
+fn opaque_seen(dst: SocketAddr, chain: Option<&Arc<Chain>>) -> Observation<'_> {
+    Observation {
+        host: None,
+        destination: Some(dst),
+        port: dst.port(),
+        protocol: portcullis_audit::Protocol::Tcp,
+        listener: chain.map_or(VIRTUAL_OUTBOUND, |c| &c.listener),
+    }
+}
+
 /// The proxy: shared by every connection task.
 pub struct Proxy {
     registry: Arc<ArcSwap<Snapshot>>,
@@ -149,17 +165,20 @@ pub struct Proxy {
     tasks: TaskTracker,
     /// The workload's Istio identity, for Istio mutual TLS, once one is read.
     identity: arc_swap::ArcSwapOption<portcullis_registry::WorkloadIdentity>,
+    /// Records refusals and decides, by the mode in force, whether they are enforced.
+    audit: Arc<Audit>,
 }
 
 impl Proxy {
     /// A proxy reading `registry`, resolving names with `dns`, never forwarding to any of
-    /// `own_listeners`.
+    /// `own_listeners`, its refusals recorded (and in audit mode forwarded) by `audit`.
     pub fn new(
         registry: Arc<ArcSwap<Snapshot>>,
         config: ProxyConfig,
         metrics: Arc<Metrics>,
         own_listeners: Vec<SocketAddr>,
         dns: Arc<DnsCache>,
+        audit: Arc<Audit>,
     ) -> Arc<Self> {
         let pool = Arc::new(Pool::new(
             config.max_idle_per_endpoint,
@@ -176,7 +195,26 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(max_connections)),
             tasks: TaskTracker::new(),
             identity: arc_swap::ArcSwapOption::empty(),
+            audit,
         })
+    }
+
+    /// Passes a registry refusal (BlackHoleCluster) through the audit: recorded, logged
+    /// and counted, then refused in enforce mode or, in audit mode, sent to where the
+    /// client meant as ALLOW_ANY would. Any other decision is returned as it is.
+    pub(crate) fn gate(
+        &self,
+        snapshot: &Snapshot,
+        decision: Decision,
+        seen: Observation<'_>,
+    ) -> Decision {
+        match decision {
+            Decision::BlackHole => match self.audit.refused(snapshot, seen) {
+                Verdict::Deny => Decision::BlackHole,
+                Verdict::Forward => Decision::Passthrough,
+            },
+            other => other,
+        }
     }
 
     /// Connection tasks still running, for draining.
@@ -305,6 +343,7 @@ impl Proxy {
             let (decision, chain) = snapshot.route_connection_chain(&opaque);
             self.apply_chain_timeouts(&mut stream, chain);
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
+            let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
             tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
             return;
         }
@@ -337,6 +376,12 @@ impl Proxy {
                     });
                     self.apply_chain_timeouts(&mut stream, chain);
                     let decision = self.confine_none(&snapshot, decision, dst, sni).await;
+                    let seen = Observation {
+                        host: sni,
+                        protocol: portcullis_audit::Protocol::Tls,
+                        ..opaque_seen(dst, chain)
+                    };
+                    let decision = self.gate(&snapshot, decision, seen);
                     tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
                 }
                 // Garbage, oversized or too slow: close without forwarding a byte.
@@ -364,6 +409,7 @@ impl Proxy {
                 let (decision, chain) = snapshot.route_connection_chain(&conn);
                 self.apply_chain_timeouts(&mut stream, chain);
                 let decision = self.confine_none(&snapshot, decision, dst, None).await;
+                let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
                 tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
                 return;
             }
@@ -394,6 +440,7 @@ impl Proxy {
         let (decision, chain) = snapshot.route_connection_chain(&opaque);
         self.apply_chain_timeouts(&mut stream, chain);
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
+        let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
         tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
     }
 

@@ -382,6 +382,11 @@ mod tests {
                 HickoryLookup::from_system_conf().unwrap(),
                 DnsConfig::default(),
             ),
+            Arc::new(portcullis_audit::Audit::new(
+                portcullis_registry::Enforcement::Enforce,
+                "default",
+                &mut prometheus,
+            )),
         );
         let current = || proxy.identity.load_full().map(|i| i.cert_chain.clone());
         let first = identity("first");

@@ -182,6 +182,11 @@ mod tests {
             Arc::clone(&metrics),
             Vec::new(),
             dns,
+            Arc::new(portcullis_audit::Audit::new(
+                portcullis_registry::Enforcement::Enforce,
+                "default",
+                &mut prometheus_client::registry::Registry::default(),
+            )),
         );
         (proxy, decision, metrics)
     }

@@ -508,10 +508,21 @@ async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
         .concat(),
         1,
     )));
-    let metrics = Arc::new(Metrics::new(
-        &mut prometheus_client::registry::Registry::default(),
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut prometheus));
+    let audit = Arc::new(portcullis_audit::Audit::new(
+        portcullis_registry::Enforcement::Enforce,
+        "default",
+        &mut prometheus,
     ));
-    let proxy = Proxy::new(registry, ProxyConfig::default(), metrics, vec![addr], dns());
+    let proxy = Proxy::new(
+        registry,
+        ProxyConfig::default(),
+        metrics,
+        vec![addr],
+        dns(),
+        audit,
+    );
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(Arc::clone(&proxy).run_outbound(listener, shutdown.clone()));
 

@@ -167,13 +167,16 @@ pub fn build_with_dns(
     let index_warnings = std::mem::replace(&mut snapshot.warnings, compiled.warnings);
     snapshot.warnings.extend(index_warnings);
     snapshot.dns_names.extend(compiled.dns_names);
-    snapshot.enforcement = mesh_enforcement(resources, &mut snapshot.warnings);
+    snapshot.enforcement = compiled.enforcement;
     snapshot
 }
 
 /// The mesh config's `defaultConfig.proxyMetadata.PORTCULLIS_MODE` (the first mesh
 /// ConfigMap's, as the build uses); a value other than `enforce` or `audit` is a warning.
-fn mesh_enforcement(resources: &[Resource], warnings: &mut Vec<String>) -> Option<Enforcement> {
+pub(crate) fn mesh_enforcement(
+    resources: &[Resource],
+    warnings: &mut Vec<String>,
+) -> Option<Enforcement> {
     let value = resources
         .iter()
         .find_map(|r| match r {

@@ -54,12 +54,12 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
                 Some(&joined)
             }
         };
-        let (mut resources, mut warnings, mut dns_names) = match istio {
+        let (mut resources, mut warnings, mut dns_names, enforcement) = match istio {
             Some(istio) => {
-                let compiled = compile(istio, &self.options, &lookup);
-                (compiled.resources, compiled.warnings, compiled.dns_names)
+                let c = compile(istio, &self.options, &lookup);
+                (c.resources, c.warnings, c.dns_names, c.enforcement)
             }
-            None => (Resources::default(), Vec::new(), Default::default()),
+            None => (Resources::default(), Vec::new(), Default::default(), None),
         };
         let xds_sets: Vec<&Arc<SourceState>> = sets
             .iter()
@@ -99,6 +99,7 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
         snapshot.warnings = warnings;
         dns_names.append(&mut snapshot.dns_names);
         snapshot.dns_names = dns_names;
+        snapshot.enforcement = enforcement;
         // New names start resolving now; their answers trigger another build.
         self.dns.set_names(snapshot.dns_names.iter().cloned());
         for warning in &snapshot.warnings {

@@ -13,9 +13,16 @@ use crate::{Built, Compile, CompileError, Set};
 
 /// Admin state over an empty registry, as `portcullis run` starts.
 pub fn admin() -> Arc<AdminState> {
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let audit = portcullis_audit::Audit::new(
+        portcullis_registry::Enforcement::Enforce,
+        "default",
+        &mut metrics,
+    );
     Arc::new(AdminState::new(
         Arc::new(ArcSwap::from_pointee(Snapshot::default())),
-        prometheus_client::registry::Registry::default(),
+        Arc::new(audit),
+        metrics,
         Box::new(|_| Ok(())),
         CancellationToken::new(),
         CancellationToken::new(),

@@ -21,9 +21,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use portcullis_audit::Audit;
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::{Metrics, Proxy, ProxyConfig};
-use portcullis_registry::{BuildOptions, Snapshot, build};
+use portcullis_registry::{BuildOptions, Enforcement, Snapshot, build};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -256,6 +257,7 @@ pub struct Harness {
     pub proxy: Arc<Proxy>,
     pub registry: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
+    pub audit: Arc<Audit>,
     /// The metrics as Prometheus text, through the registry they are registered in.
     prometheus: prometheus_client::registry::Registry,
     shutdown: CancellationToken,
@@ -279,12 +281,14 @@ impl Harness {
         let registry = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::new(&mut prometheus));
+        let audit = Arc::new(Audit::new(Enforcement::Enforce, "default", &mut prometheus));
         let proxy = Proxy::new(
             Arc::clone(&registry),
             config,
             Arc::clone(&metrics),
             vec![addr],
             dns(),
+            Arc::clone(&audit),
         );
         let shutdown = CancellationToken::new();
         tokio::spawn(Arc::clone(&proxy).run_http_proxy(listener, shutdown.clone()));
@@ -293,6 +297,7 @@ impl Harness {
             proxy,
             registry,
             metrics,
+            audit,
             prometheus,
             shutdown,
         }

@@ -62,6 +62,8 @@ pub struct Compiled {
     /// Names whose DNS answers the result depends on: DNS endpoints and the hosts of
     /// resolution NONE services, whose answers are allowed destinations.
     pub dns_names: BTreeSet<String>,
+    /// The mesh config's enforcement mode, if it sets one.
+    pub enforcement: Option<crate::Enforcement>,
 }
 
 /// Compiles `resources` into Envoy's model as istiod compiles them for this sidecar's
@@ -74,7 +76,9 @@ pub fn compile(
 ) -> Compiled {
     let mut b = Builder::new(resources, options);
     b.decide();
-    b.compile(dns)
+    let mut compiled = b.compile(dns);
+    compiled.enforcement = super::mesh_enforcement(resources, &mut compiled.warnings);
+    compiled
 }
 
 /// The ports of each service host, which a destination without a port is inferred from.
