@@ -218,3 +218,51 @@ fn the_mode_follows_the_annotation_the_mesh_config_and_the_admin() {
         Ok(())
     });
 }
+
+/// With config from a control plane, istiod's `block_all` route is the refusal: enforced
+/// as its 502, recorded with its reason, and forwarded once audit mode is switched on.
+#[test]
+fn audit_mode_applies_to_istiods_block_all_route_over_xds() {
+    use portcullis_control_plane::ControlPlane;
+    use portcullis_control_plane::sidecar::Sidecar;
+    run("audit-xds", |lab| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let external: std::net::SocketAddr = format!("{EXTERNAL_IP}:80").parse()?;
+        let sidecar = Sidecar::new(vec![external], vec![external]);
+        let pod = lab.ns(Role::Pod);
+        let cp = rt.block_on(ControlPlane::start_in_netns(
+            &pod,
+            "127.0.0.1:0".parse()?,
+            None,
+        ))?;
+        for push in sidecar.initial() {
+            push.send(&cp)?;
+        }
+        lab.apply_iptables()?;
+        lab.start_portcullis_xds(&format!("http://{}", cp.local_addr()), &[])?;
+        let unregistered = [
+            "-H",
+            "Host: unregistered.test",
+            &format!("http://{EXTERNAL_IP}/"),
+        ];
+        lab.curl(&unregistered)?
+            .expect_blocked("block_all in enforce mode")?;
+        let json = denials(lab)?;
+        let seen = record(&json, "unregistered.test", 80).context("block_all is recorded")?;
+        ensure!(
+            seen["reason"] == "no ServiceEntry for host \"unregistered.test\" on port 80"
+                && seen["denied"] == 1,
+            "{seen:#}"
+        );
+        admin_post(lab, "/mode?value=audit")?;
+        lab.curl(&unregistered)?
+            .expect_page("forwarded in audit mode", EXTERNAL_MARK)?;
+        let json = denials(lab)?;
+        let seen = record(&json, "unregistered.test", 80).context("still recorded")?;
+        ensure!(seen["would_deny"] == 1, "{seen:#}");
+        Ok(())
+    });
+}
