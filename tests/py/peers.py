@@ -14,6 +14,12 @@ Usage: python3 peers.py COMMAND ARGS...
   ws-server HOST PORT            WebSocket server echoing each message as `echo:<message>`.
   ws-client URL PROXY N          WebSocket client (PROXY `-` for none); prints the echoes, or
                                  `status <code>` when the handshake is refused.
+  admin-page URL DIR FIRST SECOND
+                                 drives headless Chromium over the DevTools protocol: opens
+                                 the admin page URL, prints `loaded <json>` (mode, services,
+                                 denial rows) once a denial of FIRST is shown, `live` once one
+                                 of SECOND appears without a reload, then clicks the download
+                                 button and prints `downloaded <path>` once the file is in DIR.
 
 Servers print `ready` once they listen and one `connection` line per client connection.
 """
@@ -237,6 +243,94 @@ async def ws_client(url, proxy, n):
         say(f"status {refused.response.status_code}")
 
 
+def admin_page(url, downloads, first, second):
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from websockets.sync.client import connect
+
+    profile = tempfile.mkdtemp(prefix="pce2e-chromium-")
+    chromium = subprocess.Popen(
+        ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--user-data-dir=" + profile, "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def until(what, check, seconds=30):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if chromium.poll() is not None:
+                sys.exit(f"chromium exited ({chromium.returncode}) waiting for {what}")
+            value = check()
+            if value:
+                return value
+            time.sleep(0.2)
+        sys.exit(f"timed out waiting for {what}")
+
+    def active_port():
+        try:
+            with open(os.path.join(profile, "DevToolsActivePort")) as f:
+                lines = f.read().split()
+            return lines if len(lines) == 2 else None
+        except FileNotFoundError:
+            return None
+
+    try:
+        port, path = until("the DevTools port", active_port)
+        ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=10)
+        ids = iter(range(1, 1 << 30))
+
+        def call(method, params=None, session=None):
+            message = {"id": next(ids), "method": method, "params": params or {}}
+            if session:
+                message["sessionId"] = session
+            ws.send(json.dumps(message))
+            while True:
+                answer = json.loads(ws.recv(timeout=30))
+                if answer.get("id") == message["id"]:
+                    if "error" in answer:
+                        sys.exit(f"{method}: {answer['error']}")
+                    return answer["result"]
+
+        call("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": downloads})
+        target = call("Target.createTarget", {"url": url})["targetId"]
+        session = call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+        def evaluate(expression):
+            result = call("Runtime.evaluate",
+                          {"expression": expression, "returnByValue": True}, session)
+            return result["result"].get("value")
+
+        state = """JSON.stringify({
+            mode: document.getElementById('mode').textContent,
+            source: document.getElementById('mode-source').textContent,
+            services: [...document.querySelectorAll('#services tbody tr')].map(r => r.dataset.host),
+            denials: [...document.querySelectorAll('#denials tbody tr')].map(r =>
+                [...r.children].map(c => c.textContent))})"""
+
+        def showing(host):
+            page = json.loads(evaluate(state) or "{}")
+            rows = page.get("denials", [])
+            return page if any(row and row[0] == host for row in rows) else None
+
+        say("loaded " + json.dumps(until(f"a denial of {first} on the page", lambda: showing(first))))
+        until(f"a denial of {second} on the page", lambda: showing(second))
+        say("live")
+        evaluate("document.getElementById('download').click()")
+        saved = os.path.join(downloads, "learned-serviceentries.yaml")
+        until("the download", lambda: os.path.exists(saved))
+        say("downloaded " + saved)
+    finally:
+        chromium.terminate()
+        try:
+            chromium.wait(10)
+        except subprocess.TimeoutExpired:
+            chromium.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 def main():
     command, args = sys.argv[1], sys.argv[2:]
     if command == "http-echo":
@@ -249,6 +343,8 @@ def main():
         asyncio.run(ws_server(*args))
     elif command == "ws-client":
         asyncio.run(ws_client(*args))
+    elif command == "admin-page":
+        admin_page(*args)
     else:
         sys.exit(f"unknown command {command}")
 

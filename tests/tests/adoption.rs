@@ -2,8 +2,10 @@
 //! refuse and records why, `portcullis learn` turns the records into ServiceEntries, and
 //! with those applied enforce mode refuses nothing the app did, and still everything else.
 
+use std::time::Duration;
+
 use anyhow::{Context, ensure};
-use portcullis_e2e::scenario::{EXTERNAL_IP, EXTERNAL_MARK};
+use portcullis_e2e::scenario::{self, EXTERNAL_IP, EXTERNAL_MARK};
 use portcullis_e2e::{Lab, RELOAD_DEADLINE, Role, poll, run};
 use serde_json::Value;
 
@@ -263,6 +265,92 @@ fn audit_mode_applies_to_istiods_block_all_route_over_xds() {
         let json = denials(lab)?;
         let seen = record(&json, "unregistered.test", 80).context("still recorded")?;
         ensure!(seen["would_deny"] == 1, "{seen:#}");
+        Ok(())
+    });
+}
+
+/// The admin page in a real browser (headless Chromium over the DevTools protocol): it
+/// shows the mode, the registry and the denials, the table fills from live traffic without
+/// a reload, and its download button saves what `/learned` serves.
+#[test]
+fn the_admin_page_shows_live_denials_and_downloads_the_learned_entries() {
+    run("admin-page", |lab| {
+        ensure!(
+            portcullis_e2e::preflight::which("chromium").is_some(),
+            "chromium is missing (apt-get install chromium)"
+        );
+        let hosts = format!("{EXTERNAL_IP} {API}\n{EXTERNAL_IP} {PAY}\n");
+        lab.start_dnsmasq(&hosts, API, EXTERNAL_IP)?;
+        lab.write_registry_only()?;
+        lab.write_app_service()?;
+        lab.apply_iptables()?;
+        lab.start_portcullis(&["--mode", "audit"])?;
+        lab.curl(&[&format!("http://{API}/")])?
+            .expect_page("forwarded in audit mode", EXTERNAL_MARK)?;
+
+        let downloads = lab.dir.join("downloads");
+        std::fs::create_dir_all(&downloads)?;
+        let downloads_arg = downloads.display().to_string();
+        lab.spawn_python_peer(
+            Role::Pod,
+            "browser",
+            &[
+                "admin-page",
+                "http://127.0.0.1:15000/",
+                &downloads_arg,
+                API,
+                PAY,
+            ],
+        )?;
+        let said = |lab: &mut Lab, prefix: &str| -> anyhow::Result<Option<String>> {
+            let out = lab.peer_stdout("browser")?;
+            Ok(out
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(str::to_owned))
+        };
+        let loaded = poll(
+            "the page shows the first denial",
+            Duration::from_secs(60),
+            || said(lab, "loaded "),
+        )?;
+        let page: Value = serde_json::from_str(&loaded)?;
+        ensure!(page["mode"] == "audit", "{page:#}");
+        ensure!(
+            page["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|h| h == scenario::APP_HOST)),
+            "the registry lists {}: {page:#}",
+            scenario::APP_HOST
+        );
+        let row = page["denials"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r[0] == API))
+            .context("a row for the first host")?;
+        ensure!(
+            row[1] == "80"
+                && row[2] == "HTTP"
+                && row[8] == format!("no ServiceEntry for host \"{API}\" on port 80"),
+            "{row:#}"
+        );
+
+        // New traffic shows up in the open page.
+        lab.curl(&["-k", &format!("https://{PAY}/")])?;
+        poll(
+            "the page shows live traffic",
+            Duration::from_secs(30),
+            || said(lab, "live"),
+        )?;
+        let saved = poll("the download", Duration::from_secs(30), || {
+            said(lab, "downloaded ")
+        })?;
+        let downloaded = std::fs::read_to_string(saved.trim())?;
+        let (_, learned) = lab.admin_get("/learned")?;
+        ensure!(
+            downloaded == learned,
+            "the download differs from /learned:\n{downloaded}\n---\n{learned}"
+        );
+        ensure!(downloaded.contains(&format!("  - {API}\n")), "{downloaded}");
         Ok(())
     });
 }

@@ -213,6 +213,9 @@ fn reply(
     response
 }
 
+/// The admin page: the registry, the mode and the denials, with no external assets.
+const PAGE: &str = include_str!("page.html");
+
 /// The value of `key` in the request's query, as given.
 fn query_value(req: &Request<Incoming>, key: &str) -> Option<String> {
     req.uri()
@@ -296,6 +299,22 @@ fn route(
             state.drain.cancel();
             reply(StatusCode::OK, text, "OK\n")
         }
+        (Endpoints::Admin, &Method::GET, "/") => {
+            let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+            // Everything the page needs is in it; it may only call the admin port back.
+            page.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                ),
+            );
+            page
+        }
+        (Endpoints::Admin, &Method::GET, "/registry") => reply(
+            StatusCode::OK,
+            "application/json",
+            render::registry(&state.registry.load()),
+        ),
         (Endpoints::Admin, &Method::GET, "/mode") => reply(
             StatusCode::OK,
             "application/json",

@@ -117,6 +117,43 @@ pub fn clusters(snapshot: &Snapshot) -> String {
     out
 }
 
+/// `/registry`: the services of the snapshot, their endpoints and health, as JSON for the
+/// admin page.
+pub fn registry(snapshot: &Snapshot) -> String {
+    let now = std::time::Instant::now();
+    let services: Vec<Value> = snapshot
+        .services()
+        .map(|c| {
+            let endpoints: Vec<Value> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.display(),
+                        "weight": e.weight,
+                        "active_requests": e.state.active(),
+                        "health": if e.state.outlier.ejected(now) { "failed_outlier_check" } else { "healthy" },
+                    })
+                })
+                .collect();
+            json!({
+                "cluster": &*c.name,
+                "host": &*c.host,
+                "port": c.port,
+                "protocol": protocol_name(c.protocol),
+                "resolution": resolution_name(c.resolution),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let body = json!({
+        "version": snapshot.version,
+        "outbound_policy": mode_name(snapshot.outbound_mode()),
+        "services": services,
+    });
+    format!("{body:#}\n")
+}
+
 /// One of a cluster's gauges that is read from the snapshot when stats are asked for.
 pub struct ClusterGauge {
     /// The cluster's name.

@@ -99,10 +99,12 @@ pub fn learned_yaml(seen: &[Seen<'_>], namespace: &str) -> String {
     }
     let mut out = String::new();
     let total = by_name.len() + by_address.len();
+    // The last refusal, not the time of asking: the same records give the same text.
+    let last = seen.iter().map(|s| s.last_seen).max();
     let _ = writeln!(
         out,
-        "# ServiceEntries learned by portcullis from refused traffic: {total} destination(s), {}.",
-        rfc3339(SystemTime::now())
+        "# ServiceEntries learned by portcullis from refused traffic: {total} destination(s), last seen {}.",
+        last.map_or_else(|| "never".to_string(), rfc3339)
     );
     out.push_str(
         "# Applied, they allow exactly what was seen (these names and addresses, on these ports).\n",

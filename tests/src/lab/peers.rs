@@ -363,11 +363,21 @@ http {{
         name: &str,
         args: &[&str],
     ) -> anyhow::Result<()> {
+        self.spawn_python_peer(role, name, args)?;
+        self.wait_ready(name)
+    }
+
+    /// Starts `python3 peers.py args` as peer `name`, without waiting for it.
+    pub fn spawn_python_peer(
+        &mut self,
+        role: Role,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<()> {
         let script = self.peers_py()?;
         let mut all = vec!["-u", script.as_str()];
         all.extend_from_slice(args);
-        self.spawn_peer(role, name, "python3", &all, "TERM")?;
-        self.wait_ready(name)
+        self.spawn_peer(role, name, "python3", &all, "TERM")
     }
 
     /// Runs `python3 peers.py args` in `role`'s namespace to completion; returns its stdout,
