@@ -552,3 +552,71 @@ async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
     proxy.tasks().close();
     within(proxy.tasks().wait()).await;
 }
+
+/// Audit mode through the explicit proxy: a request or CONNECT the registry refuses reaches
+/// where the client meant, each is recorded as a would-deny, and the entries learned from
+/// the records let the same requests through once enforced.
+#[tokio::test]
+async fn audit_mode_forwards_refusals_and_learns_entries_that_allow_them() {
+    let echo = Echo::start().await;
+    let upstream = Upstream::start("outside").await;
+    let harness = Harness::start(snapshot("", 1)).await;
+    harness
+        .audit
+        .mode()
+        .set_admin(Some(portcullis_registry::Enforcement::Audit));
+    let by_ip = format!("http://127.0.0.1:{}/", upstream.port());
+    let answer = fetch(&harness, &by_ip, None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "outside");
+    let request = format!(
+        "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n",
+        port = echo.addr.port()
+    );
+    let (mut stream, head, _) = raw(harness.addr, &request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    within(async {
+        stream.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+    })
+    .await;
+
+    let denials: serde_json::Value =
+        serde_json::from_str(&harness.audit.denials_json(None)).unwrap();
+    let records = denials["denials"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "{denials:#}");
+    for (port, protocol) in [(upstream.port(), "HTTP"), (echo.addr.port(), "CONNECT")] {
+        let record = records
+            .iter()
+            .find(|r| r["port"] == port)
+            .unwrap_or_else(|| panic!("no record for port {port}: {denials:#}"));
+        assert_eq!(record["protocol"], protocol);
+        assert_eq!(record["would_deny"], 1);
+        assert_eq!(record["address"], "127.0.0.1");
+        assert_eq!(record["listener"], "http_proxy");
+        assert_eq!(
+            record["reason"],
+            format!("port {port} has no TCP service at 127.0.0.1")
+        );
+    }
+    assert!(
+        harness
+            .prometheus()
+            .contains("portcullis_denials_total{action=\"would_deny\""),
+        "{}",
+        harness.prometheus()
+    );
+
+    // Enforced, and with the learned entries applied, both still go through.
+    let learned = harness.audit.learned();
+    harness.registry.store(Arc::new(snapshot(&learned, 2)));
+    harness.audit.mode().set_admin(None);
+    let answer = fetch(&harness, &by_ip, None).await;
+    assert_eq!(answer.status, StatusCode::OK, "{learned}");
+    let (_stream, head, _) = raw(harness.addr, &request).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{learned}");
+    let other = format!("http://127.0.0.1:{}/", echo.addr.port() + 1);
+    assert_blocked(&fetch(&harness, &other, None).await);
+}
