@@ -26,6 +26,8 @@ pub use mode::{MODE_ANNOTATION, ModeSource, ModeSwitch, annotation_mode};
 const MAX_RECORDS: usize = 4096;
 /// Individual refusals kept for `recent`.
 const RECENT: usize = 100;
+/// The `host` and `destination` labels of refusals past the record limit.
+const OVERFLOW: &str = "other";
 /// Destination addresses kept per record.
 const MAX_DESTINATIONS: usize = 16;
 
@@ -216,7 +218,7 @@ impl Audit {
                 port: seen.port,
             })
         };
-        let (reason, code) = {
+        let (reason, code, recorded) = {
             let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
             let store = &mut *store;
             let known = store
@@ -229,6 +231,7 @@ impl Audit {
                 (r.to_string(), r.code())
             });
             let full = store.records.len() >= MAX_RECORDS;
+            let recorded = !full || store.records.contains_key(&key);
             match store.records.get_mut(&key) {
                 Some(record) => {
                     record.last_seen = now;
@@ -268,7 +271,7 @@ impl Audit {
                 verdict,
                 reason: reason.clone(),
             });
-            (reason, code)
+            (reason, code, recorded)
         };
         let destination = seen
             .destination
@@ -296,11 +299,18 @@ impl Audit {
                 "would deny (audit mode, forwarded): {reason}"
             ),
         }
+        // Past the record limit the names are clients' to choose: one series takes them
+        // all, so that made-up hosts cannot grow the metrics without bound.
+        let (host, destination) = if recorded {
+            (shown_host.to_string(), destination)
+        } else {
+            (OVERFLOW.to_string(), OVERFLOW.to_string())
+        };
         self.denials
             .get_or_create(&DenialLabels {
                 action: verdict.as_str(),
                 protocol: seen.protocol.as_str(),
-                host: shown_host.to_string(),
+                host,
                 destination,
                 listener: seen.listener.to_string(),
                 port: seen.port,

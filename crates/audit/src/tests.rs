@@ -147,7 +147,8 @@ fn the_mesh_config_mode_applies_under_the_admin_and_annotation() {
 #[test]
 fn records_are_bounded_and_the_rest_counted() {
     let base = snapshot(BASE);
-    let gate = audit(Enforcement::Enforce);
+    let mut metrics = Registry::default();
+    let gate = Audit::new(Enforcement::Enforce, "default", &mut metrics);
     for port in 1..=u16::try_from(MAX_RECORDS + 5).unwrap() {
         let dst = format!("10.0.0.1:{port}");
         let dst: &'static str = Box::leak(dst.into_boxed_str());
@@ -157,6 +158,23 @@ fn records_are_bounded_and_the_rest_counted() {
     assert_eq!(json["denials"].as_array().unwrap().len(), MAX_RECORDS);
     assert_eq!(json["recent"].as_array().unwrap().len(), RECENT);
     assert_eq!(json["unrecorded"], 5);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("portcullis_denials_total{"))
+        .count();
+    assert_eq!(
+        series,
+        MAX_RECORDS + 5,
+        "one series per port, the overflow's own"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("host=\"other\"")
+            && l.contains("destination=\"other\"")
+            && l.contains("port=\"4097\"")),
+        "past the limit, host and destination are folded"
+    );
     gate.reset();
     let json: Value = serde_json::from_str(&gate.denials_json(None)).unwrap();
     assert!(json["denials"].as_array().unwrap().is_empty());
