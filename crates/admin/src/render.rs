@@ -60,6 +60,12 @@ pub fn config_dump(resources: &SourceState, snapshot: &Snapshot, config: &Config
                     "weight": e.weight,
                     "source": &*e.source,
                 })).collect::<Vec<_>>(),
+                "dns_rejected": c.dns_rejected.iter().map(|r| json!({
+                    "host": &*r.host,
+                    "address": r.address.to_string(),
+                    "reason": r.reason,
+                    "message": r.to_string(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -113,6 +119,10 @@ pub fn clusters(snapshot: &Snapshot) -> String {
             };
             let _ = writeln!(out, "{}::{host}::health_flags::{health}", c.name);
         }
+        // Answers that are not hosts of the cluster, listed beside them with why.
+        for r in &c.dns_rejected {
+            let _ = writeln!(out, "{}::{}::ssrf_guard::{r}", c.name, r.address);
+        }
     }
     out
 }
@@ -144,6 +154,12 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
             "upstream_rq_active",
             c.endpoints.iter().map(|e| e.state.active()).sum(),
         ));
+        if !c.dns_rejected.is_empty() {
+            out.push(gauge(
+                "ssrf_guard.dns_answers_rejected",
+                c.dns_rejected.len() as u64,
+            ));
+        }
         if c.outlier.is_some() {
             let ejected = c
                 .endpoints

@@ -115,6 +115,17 @@ pub struct RunArgs {
     /// spoofing; for exact Envoy parity only.
     #[arg(long, env = "PORTCULLIS_PERMISSIVE_NONE_RESOLUTION")]
     pub permissive_none_resolution: bool,
+    /// The SSRF guard, `on` or `off`: a `MESH_EXTERNAL` ServiceEntry's DNS answers that are
+    /// not public addresses (loopback, link-local and cloud metadata, private, CGNAT, ULA...)
+    /// are not used unless its `addresses` or endpoints name them. `off` uses them, as Istio.
+    #[arg(
+        long,
+        env = "PORTCULLIS_SSRF_GUARD",
+        default_value = "on",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub ssrf_guard: bool,
     /// Serve HTTP/1.0 requests (a Host header is then required), as Istio does for a pod
     /// annotated with `ISTIO_META_HTTP10=1`; by default they get `426 Upgrade Required`.
     #[arg(long = "accept-http10", env = "PORTCULLIS_ACCEPT_HTTP10")]

@@ -12,6 +12,7 @@ mod order;
 mod retry;
 mod route;
 mod snapshot;
+mod ssrf;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -36,6 +37,7 @@ pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Outliers,
     PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
+pub use ssrf::{RejectedAnswer, non_public};
 pub use tls::{
     IstioPeer, TlsConfigError, TlsOrigin, WorkloadIdentity, compile as compile_tls, failure_reason,
 };
