@@ -15,10 +15,10 @@ use portcullis_model::Resolution;
 use crate::Map;
 use crate::build::DnsAnswers;
 use crate::limits::CircuitBreakers;
-use crate::ssrf;
 use crate::snapshot::{
     BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Outliers, Protocol,
 };
+use crate::ssrf;
 use crate::tls::IstioPeer;
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.

@@ -679,7 +679,9 @@ fn ssrf_guard_drops_non_public_answers_of_external_services() {
     let rejected: Vec<String> = c.dns_rejected.iter().map(ToString::to_string).collect();
     assert_eq!(
         rejected,
-        [r#"DNS answer 169.254.169.254 for "metadata.example.com" is link-local (cloud metadata) (SSRF guard)"#]
+        [
+            r#"DNS answer 169.254.169.254 for "metadata.example.com" is link-local (cloud metadata) (SSRF guard)"#
+        ]
     );
     assert!(s.warnings.iter().any(|w| w.contains("169.254.169.254")));
     // The ServiceEntry's own addresses allow what they cover; the round robin then takes
