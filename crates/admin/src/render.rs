@@ -251,6 +251,42 @@ mod tests {
     }
 
     #[test]
+    fn rejected_dns_answers_show_with_their_reason() {
+        use portcullis_envoy::{
+            ClusterLoadAssignment, EndpointAddress, LbEndpoint, LocalityLbEndpoints,
+        };
+        let name = "outbound|80||metadata.example.com";
+        let mut c = Cluster::new(name, Discovery::StrictDns);
+        c.ssrf_guard = Some(Vec::new());
+        c.load_assignment = Some(ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint::new(EndpointAddress::Name {
+                    host: "metadata.example.com".into(),
+                    port: 80,
+                })],
+                ..Default::default()
+            }],
+        });
+        let mut resources = Resources::default();
+        resources.clusters.insert(c.name.clone(), Arc::new(c));
+        let answer: Arc<[std::net::IpAddr]> = Arc::new(["169.254.169.254".parse().unwrap()]);
+        let snapshot = Snapshot::index(&resources, &|_| Some(Arc::clone(&answer)), None, 1);
+        let line = format!(
+            "{name}::169.254.169.254::ssrf_guard::DNS answer 169.254.169.254 for \"metadata.example.com\" is link-local (cloud metadata) (SSRF guard)"
+        );
+        let text = clusters(&snapshot);
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        let text = stats(&snapshot, &Registry::default(), &[]);
+        let line = format!("cluster.{name}.ssrf_guard.dns_answers_rejected: 1");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        let gauges = exposition::prometheus(&Registry::default(), &[], &cluster_gauges(&snapshot));
+        assert!(gauges.contains(&format!(
+            "envoy_cluster_ssrf_guard_dns_answers_rejected{{cluster_name=\"{name}\"}} 1"
+        )));
+    }
+
+    #[test]
     fn stats_count_the_endpoints_ejected_now() {
         use portcullis_balance::outlier::{Detection, Outcome};
         use portcullis_envoy::{
