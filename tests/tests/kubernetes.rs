@@ -147,8 +147,9 @@ fn manifests_are_valid_kubernetes_objects() {
 
 /// deployment.yaml's containers in the lab: the init container's iptables args, then the
 /// sidecar with its exact args and env over the mounted ConfigMap; the probes answer 200 from
-/// outside the pod, as the kubelet asks them, and the app's connection to an unregistered
-/// host is captured and refused.
+/// outside the pod, as the kubelet asks them, the app's connection to an unregistered host is
+/// captured and refused, and one to the host its `hostAliases` name is routed to that host's
+/// service.
 #[test]
 fn the_deployment_runs_as_written() {
     run("kubernetes", |lab| {
@@ -219,11 +220,25 @@ fn the_deployment_runs_as_written() {
             "the refusal in the access log",
             &["route_name=\"block_all\"", EXTERNAL_IP],
         )?;
-        let (_, dump) = lab.admin_get("/config_dump")?;
-        ensure!(
-            dump.contains("app.internal.com"),
-            "the ConfigMap's ServiceEntry must be loaded"
-        );
+
+        // The pod's hostAliases are its /etc/hosts: the ConfigMap's made-up host resolves in
+        // the app, and its connection is captured and routed to the registered service.
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for alias in pod["hostAliases"].as_array().into_iter().flatten() {
+            let ip = alias["ip"].as_str().context("a hostAlias without an ip")?;
+            for name in strings(&alias["hostnames"]) {
+                hosts.push_str(&format!("{ip} {name}\n"));
+            }
+        }
+        lab.write_pod_etc("hosts", &hosts)?;
+        // A pod has a default route, which the alias address leaves by (and is captured on
+        // the way); the lab's pod only has a route to its own network.
+        lab.run(Role::Pod, "ip", &["route", "add", "default", "dev", "eth0"])?;
+        lab.curl(&["--max-time", "2", "http://app.internal.com/"])?;
+        lab.expect_logged(
+            "app.internal.com routed to its ServiceEntry's cluster",
+            &["app.internal.com", "outbound|80||app.internal.com"],
+        )?;
         lab.expect_running()
     });
 }
