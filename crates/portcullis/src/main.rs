@@ -290,3 +290,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn ssrf_guard(flags: &[&str]) -> Result<bool, clap::Error> {
+        let args = ["portcullis", "run", "--config", "c"].iter().chain(flags);
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(run) => Ok(run.ssrf_guard),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_ssrf_guard_is_on_unless_switched_off() {
+        assert!(ssrf_guard(&[]).unwrap());
+        assert!(ssrf_guard(&["--ssrf-guard", "on"]).unwrap());
+        assert!(!ssrf_guard(&["--ssrf-guard", "off"]).unwrap());
+        assert!(!ssrf_guard(&["--ssrf-guard=false"]).unwrap());
+        assert!(ssrf_guard(&["--ssrf-guard", "maybe"]).is_err());
+    }
+}
