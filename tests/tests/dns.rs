@@ -84,7 +84,9 @@ fn dns_resolution_follows_the_answers() {
                     resolved_service("both", "both.internal.com", "DNS"),
                 ),
             ],
-            &[],
+            // The lab's addresses are private, which the SSRF guard refuses for these
+            // MESH_EXTERNAL services: off, every answer is used, as Istio uses them.
+            &["--ssrf-guard", "off"],
         )?;
 
         let reply = poll("dns.internal.com resolved", RELOAD_DEADLINE, || {
@@ -105,6 +107,12 @@ fn dns_resolution_follows_the_answers() {
                 .any(|l| l.contains("never.internal.com") && l.contains(" 503 UH ")),
             "the 503 must be logged with flag UH:\n{}",
             portcullis_e2e::cmd::tail(&log, 20)
+        );
+
+        let (_, clusters) = lab.admin_get("/clusters")?;
+        ensure!(
+            !clusters.contains("ssrf_guard"),
+            "with the guard off no answer is rejected:\n{clusters}"
         );
 
         // DNS_ROUND_ROBIN: one address at a time, so every request lands on the same host;
@@ -230,6 +238,96 @@ fn permissive_none_resolution_matches_istio() {
         );
         lab.curl(&[&format!("http://{}/", scenario::EXTERNAL_IP)])?
             .expect_blocked("an unregistered Host is still refused")?;
+        lab.expect_running()
+    });
+}
+
+/// The SSRF guard (on by default): an external service whose name resolves to a private lab
+/// address or to loopback has no endpoints, `503 no healthy upstream` (UH) as Envoy answers
+/// for a cluster without hosts, and the reason is logged and shown on the admin port; the
+/// ServiceEntry's own `addresses` allow the address they name.
+#[test]
+fn ssrf_guard_refuses_non_public_answers() {
+    run("ssrf-guard", |lab| {
+        let hosts = format!(
+            "{EXTERNAL_IP} private.internal.com\n127.0.0.1 loop.internal.com\n\
+             {EXTERNAL_IP} allowed.internal.com\n"
+        );
+        lab.start_dnsmasq(&hosts, "private.internal.com", EXTERNAL_IP)?;
+        let own_address = format!("  addresses:\n  - {EXTERNAL_IP}\n");
+        start(
+            lab,
+            &[
+                (
+                    "private.yaml",
+                    resolved_service("private", "private.internal.com", "DNS"),
+                ),
+                (
+                    "loop.yaml",
+                    resolved_service("loop", "loop.internal.com", "DNS_ROUND_ROBIN"),
+                ),
+                (
+                    "allowed.yaml",
+                    service_entry(
+                        "allowed",
+                        &["allowed.internal.com"],
+                        80,
+                        "HTTP",
+                        "DNS",
+                        &own_address,
+                    ),
+                ),
+            ],
+            &[],
+        )?;
+
+        let reply = poll("allowed.internal.com resolved", RELOAD_DEADLINE, || {
+            let reply = via_vip(lab, "allowed.internal.com")?;
+            Ok((reply.status == 200).then_some(reply))
+        })?;
+        reply.expect_page("allowed.internal.com -> its own address", EXTERNAL_MARK)?;
+
+        let private = format!(
+            r#"DNS answer {EXTERNAL_IP} for "private.internal.com" is private (RFC 1918) (SSRF guard)"#
+        );
+        let loopback = r#"DNS answer 127.0.0.1 for "loop.internal.com" is loopback (SSRF guard)"#;
+        let clusters = poll("both rejections on /clusters", RELOAD_DEADLINE, || {
+            let (_, clusters) = lab.admin_get("/clusters")?;
+            Ok((clusters.contains(&private) && clusters.contains(loopback)).then_some(clusters))
+        })?;
+        ensure!(
+            clusters.contains(&format!(
+                "outbound|80||private.internal.com::{EXTERNAL_IP}::ssrf_guard::{private}"
+            )),
+            "the rejection must be listed under its cluster:\n{clusters}"
+        );
+        for host in ["private.internal.com", "loop.internal.com"] {
+            let reply = via_vip(lab, host)?;
+            ensure!(
+                reply.status == 503 && reply.body == "no healthy upstream",
+                "{host}: a name resolving only to non-public addresses must get `503 no healthy upstream`: {reply}"
+            );
+            lab.expect_logged(&format!("{host} refused with UH"), &[host, " 503 UH "])?;
+        }
+        let log = lab.portcullis_output();
+        ensure!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(&format!("DNS answer {EXTERNAL_IP}"))
+                && l.contains("private (RFC 1918) (SSRF guard)")),
+            "the rejection must be logged as a warning:\n{}",
+            portcullis_e2e::cmd::tail(&log, 20)
+        );
+        let (_, dump) = lab.admin_get("/config_dump")?;
+        ensure!(
+            dump.contains(r#""reason": "loopback""#),
+            "the reason must be in /config_dump"
+        );
+        let (_, metrics) = lab.admin_get("/stats/prometheus")?;
+        let gauge = r#"envoy_cluster_ssrf_guard_dns_answers_rejected{cluster_name="outbound|80||private.internal.com"} 1"#;
+        ensure!(
+            metrics.contains(gauge),
+            "the rejected answers must be counted: want {gauge}"
+        );
         lab.expect_running()
     });
 }

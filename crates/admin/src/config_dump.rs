@@ -198,6 +198,7 @@ mod tests {
             transport_socket_matches: Vec::new(),
             dns_refresh_rate: None,
             source: None,
+            ssrf_guard: None,
         }
     }
 

@@ -60,6 +60,12 @@ pub fn config_dump(resources: &SourceState, snapshot: &Snapshot, config: &Config
                     "weight": e.weight,
                     "source": &*e.source,
                 })).collect::<Vec<_>>(),
+                "dns_rejected": c.dns_rejected.iter().map(|r| json!({
+                    "host": &*r.host,
+                    "address": r.address.to_string(),
+                    "reason": r.reason,
+                    "message": r.to_string(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -112,6 +118,10 @@ pub fn clusters(snapshot: &Snapshot) -> String {
                 "healthy"
             };
             let _ = writeln!(out, "{}::{host}::health_flags::{health}", c.name);
+        }
+        // Answers that are not hosts of the cluster, listed beside them with why.
+        for r in &c.dns_rejected {
+            let _ = writeln!(out, "{}::{}::ssrf_guard::{r}", c.name, r.address);
         }
     }
     out
@@ -181,6 +191,12 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
             "upstream_rq_active",
             c.endpoints.iter().map(|e| e.state.active()).sum(),
         ));
+        if !c.dns_rejected.is_empty() {
+            out.push(gauge(
+                "ssrf_guard.dns_answers_rejected",
+                c.dns_rejected.len() as u64,
+            ));
+        }
         if c.outlier.is_some() {
             let ejected = c
                 .endpoints
@@ -269,6 +285,42 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn rejected_dns_answers_show_with_their_reason() {
+        use portcullis_envoy::{
+            ClusterLoadAssignment, EndpointAddress, LbEndpoint, LocalityLbEndpoints,
+        };
+        let name = "outbound|80||metadata.example.com";
+        let mut c = Cluster::new(name, Discovery::StrictDns);
+        c.ssrf_guard = Some(Vec::new());
+        c.load_assignment = Some(ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint::new(EndpointAddress::Name {
+                    host: "metadata.example.com".into(),
+                    port: 80,
+                })],
+                ..Default::default()
+            }],
+        });
+        let mut resources = Resources::default();
+        resources.clusters.insert(c.name.clone(), Arc::new(c));
+        let answer: Arc<[std::net::IpAddr]> = Arc::new(["169.254.169.254".parse().unwrap()]);
+        let snapshot = Snapshot::index(&resources, &|_| Some(Arc::clone(&answer)), None, 1);
+        let line = format!(
+            "{name}::169.254.169.254::ssrf_guard::DNS answer 169.254.169.254 for \"metadata.example.com\" is link-local (cloud metadata) (SSRF guard)"
+        );
+        let text = clusters(&snapshot);
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        let text = stats(&snapshot, &Registry::default(), &[]);
+        let line = format!("cluster.{name}.ssrf_guard.dns_answers_rejected: 1");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        let gauges = exposition::prometheus(&Registry::default(), &[], &cluster_gauges(&snapshot));
+        assert!(gauges.contains(&format!(
+            "envoy_cluster_ssrf_guard_dns_answers_rejected{{cluster_name=\"{name}\"}} 1"
+        )));
     }
 
     #[test]

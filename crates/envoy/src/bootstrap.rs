@@ -256,6 +256,7 @@ mod tests {
                 transport_socket_matches: Vec::new(),
                 dns_refresh_rate: None,
                 source: None,
+                ssrf_guard: None,
             }),
         );
         let v = bootstrap(&r, "127.0.0.1:15000".parse().unwrap()).unwrap();

@@ -31,6 +31,7 @@ impl Cluster {
             transport_socket_matches: Vec::new(),
             dns_refresh_rate: None,
             source: None,
+            ssrf_guard: None,
         }
     }
 }

@@ -856,6 +856,12 @@ pub fn cluster(c: &Cluster) -> Value {
             nets.iter().map(|n| json!(n.to_string())).collect(),
         );
     }
+    if let Some(allowed) = &c.ssrf_guard {
+        notes.insert(
+            "ssrf_guard".into(),
+            json!({"allowed_non_public": allowed.iter().map(ToString::to_string).collect::<Vec<_>>()}),
+        );
+    }
     put(
         &mut o,
         "transport_socket",
@@ -1296,6 +1302,7 @@ mod tests {
             transport_socket_matches: Vec::new(),
             dns_refresh_rate: None,
             source: None,
+            ssrf_guard: None,
         };
         let v = cluster(&c);
         assert_eq!(v["type"], json!("STATIC"));

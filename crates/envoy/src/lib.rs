@@ -643,6 +643,11 @@ pub struct Cluster {
     /// Where the cluster came from, e.g. Istio's `metadata.filter_metadata.istio.config`
     /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`).
     pub source: Option<String>,
+    /// Portcullis' SSRF guard (not Envoy's): when set, the answers for this cluster's names
+    /// that are not public addresses are not used, unless inside one of these networks. Set
+    /// for an external ServiceEntry compiled from files; xDS does not say where a cluster's
+    /// service lives, so clusters from xDS have none.
+    pub ssrf_guard: Option<Vec<IpNet>>,
 }
 
 /// Envoy's `SlowStartConfig`: new endpoints' weights ramp up over a window.

@@ -119,6 +119,17 @@ pub struct RunArgs {
     /// spoofing; for exact Envoy parity only.
     #[arg(long, env = "PORTCULLIS_PERMISSIVE_NONE_RESOLUTION")]
     pub permissive_none_resolution: bool,
+    /// The SSRF guard, `on` or `off`: a `MESH_EXTERNAL` ServiceEntry's DNS answers that are
+    /// not public addresses (loopback, link-local and cloud metadata, private, CGNAT, ULA...)
+    /// are not used unless its `addresses` or endpoints name them. `off` uses them, as Istio.
+    #[arg(
+        long,
+        env = "PORTCULLIS_SSRF_GUARD",
+        default_value = "on",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub ssrf_guard: bool,
     /// Serve HTTP/1.0 requests (a Host header is then required), as Istio does for a pod
     /// annotated with `ISTIO_META_HTTP10=1`; by default they get `426 Upgrade Required`.
     #[arg(long = "accept-http10", env = "PORTCULLIS_ACCEPT_HTTP10")]
@@ -302,5 +313,29 @@ fn main() -> ExitCode {
             eprintln!("portcullis: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn ssrf_guard(flags: &[&str]) -> Result<bool, clap::Error> {
+        let args = ["portcullis", "run", "--config", "c"].iter().chain(flags);
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(run) => Ok(run.ssrf_guard),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_ssrf_guard_is_on_unless_switched_off() {
+        assert!(ssrf_guard(&[]).unwrap());
+        assert!(ssrf_guard(&["--ssrf-guard", "on"]).unwrap());
+        assert!(!ssrf_guard(&["--ssrf-guard", "off"]).unwrap());
+        assert!(!ssrf_guard(&["--ssrf-guard=false"]).unwrap());
+        assert!(ssrf_guard(&["--ssrf-guard", "maybe"]).is_err());
     }
 }

@@ -238,6 +238,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         namespace: args.namespace.clone(),
         workload_labels: workload_labels.clone(),
         locality: portcullis_registry::locality::parse(&args.locality),
+        ssrf_guard: args.ssrf_guard,
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));

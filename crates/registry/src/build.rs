@@ -126,6 +126,10 @@ pub struct BuildOptions {
     /// The proxy's locality (`--locality`, `ISTIO_LOCALITY`): what `localityLbSetting`
     /// compares endpoints' localities with.
     pub locality: portcullis_envoy::Locality,
+    /// The SSRF guard: DNS answers of `MESH_EXTERNAL` ServiceEntries that are not public
+    /// addresses are not used unless the ServiceEntry names them (on by default; off is
+    /// Istio's behaviour).
+    pub ssrf_guard: bool,
 }
 
 impl Default for BuildOptions {
@@ -135,6 +139,7 @@ impl Default for BuildOptions {
             workload_labels: BTreeMap::new(),
             cluster_domain: "cluster.local".to_string(),
             locality: portcullis_envoy::Locality::default(),
+            ssrf_guard: true,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::limits::CircuitBreakers;
 use crate::snapshot::{
     BuiltFrom, Cluster, Decision, Endpoint, EndpointTransport, Outliers, Protocol,
 };
+use crate::ssrf;
 use crate::tls::IstioPeer;
 
 /// Where a filter chain or route sends traffic: one cluster, or several by weight.
@@ -134,6 +135,7 @@ pub(crate) fn build(
     let now = tokio::time::Instant::now().into_std();
     let mut endpoints = Vec::new();
     let mut groups = Vec::new();
+    let mut dns_rejected = Vec::new();
     for (locality, usable, skipped) in assignment.map(usable_endpoints).unwrap_or_default() {
         let first = endpoints.len();
         for e in usable {
@@ -149,14 +151,21 @@ pub(crate) fn build(
                         ));
                         continue;
                     }
-                    let host = host.to_ascii_lowercase();
+                    let host: Arc<str> = host.to_ascii_lowercase().into();
                     let mut answer = dns(&host).unwrap_or_default();
+                    if let Some(allowed) = &c.ssrf_guard {
+                        let (used, rejected) = ssrf::filter(&host, &answer, allowed);
+                        if !rejected.is_empty() {
+                            answer = used.into();
+                            dns_rejected.extend(rejected);
+                        }
+                    }
                     if resolution == Resolution::DnsRoundRobin {
                         // LOGICAL_DNS: one address at a time, the first answer.
                         answer = answer.iter().take(1).copied().collect();
                     }
-                    dns_names.insert(host.clone());
-                    (answer, Some(Arc::<str>::from(host)), *port)
+                    dns_names.insert(host.to_string());
+                    (answer, Some(host), *port)
                 }
             };
             for address in addrs.iter().copied() {
@@ -225,8 +234,14 @@ pub(crate) fn build(
         },
         c.slow_start.as_ref().map(slow_start),
     );
+    warnings.extend(
+        dns_rejected
+            .iter()
+            .map(|r| format!("cluster {}: {r}; not used as an endpoint", c.name)),
+    );
     Cluster {
         passthrough_transport: transports.cluster.clone(),
+        dns_rejected,
         name: c.name.as_str().into(),
         host,
         port,

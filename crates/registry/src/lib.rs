@@ -13,6 +13,7 @@ mod order;
 mod retry;
 mod route;
 mod snapshot;
+mod ssrf;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -38,6 +39,7 @@ pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Enforcement, Outliers,
     PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
+pub use ssrf::{RejectedAnswer, non_public};
 pub use tls::{
     IstioPeer, TlsConfigError, TlsOrigin, WorkloadIdentity, compile as compile_tls, failure_reason,
 };

@@ -14,6 +14,7 @@ use crate::host::{normalized, split_host_port};
 use crate::limits::CircuitBreakers;
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
+use crate::ssrf::RejectedAnswer;
 
 /// Envoy's name for the cluster that drops unregistered traffic.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -102,6 +103,8 @@ pub struct Cluster {
     pub passthrough_transport: EndpointTransport,
     /// Endpoints, in the order the balancer indexes them.
     pub endpoints: Vec<Endpoint>,
+    /// DNS answers the SSRF guard kept out of `endpoints`, with the reason of each.
+    pub dns_rejected: Vec<RejectedAnswer>,
     /// Picks endpoints.
     pub balancer: Balancer,
     /// Upstream connect timeout (Envoy's `connect_timeout`).

@@ -565,6 +565,7 @@ kind: ServiceEntry
 metadata: {name: ext, namespace: default}
 spec:
   hosts: [api.example.org, rr.example.org]
+  location: MESH_INTERNAL
   ports: [{number: 443, name: tls, protocol: TLS}]
   resolution: DNS
 ---
@@ -573,6 +574,7 @@ kind: ServiceEntry
 metadata: {name: rr, namespace: default}
 spec:
   hosts: [one.example.org]
+  location: MESH_INTERNAL
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: DNS_ROUND_ROBIN
 ---
@@ -622,6 +624,107 @@ spec:
             "rr.example.org"
         ]
     );
+}
+
+const METADATA_SE: &str = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [metadata.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example.com]
+  addresses: [10.0.0.7]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: lit, namespace: default}
+spec:
+  hosts: [lit.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+  endpoints: [{address: lit.example.com}, {address: 192.168.7.7}]
+";
+
+/// What `METADATA_SE`'s names resolve to: a link-local, a loopback and a public address each.
+fn guarded_answers(name: &str) -> Option<Arc<[IpAddr]>> {
+    let addrs: &[&str] = match name {
+        "metadata.example.com" => &["169.254.169.254", "2606:4700::1111"],
+        "db.example.com" => &["127.0.0.1", "10.0.0.7"],
+        "lit.example.com" => &["192.168.7.7", "192.168.7.8"],
+        _ => return None,
+    };
+    Some(addrs.iter().map(|a| ip(a)).collect())
+}
+
+#[test]
+fn ssrf_guard_drops_non_public_answers_of_external_services() {
+    let s = build_with_dns(
+        &load(METADATA_SE),
+        &BuildOptions::default(),
+        None,
+        1,
+        &guarded_answers,
+    );
+    let c = cluster(&s, "outbound|80||metadata.example.com");
+    assert_eq!(endpoints(c), ["[2606:4700::1111]:80 w1"]);
+    let rejected: Vec<String> = c.dns_rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        rejected,
+        [
+            r#"DNS answer 169.254.169.254 for "metadata.example.com" is link-local (cloud metadata) (SSRF guard)"#
+        ]
+    );
+    assert!(s.warnings.iter().any(|w| w.contains("169.254.169.254")));
+    // The ServiceEntry's own addresses allow what they cover; the round robin then takes
+    // the first allowed answer.
+    let db = cluster(&s, "outbound|5432||db.example.com");
+    assert_eq!(endpoints(db), ["10.0.0.7:5432 w1"]);
+    assert_eq!(db.dns_rejected[0].reason, "loopback");
+    // An endpoint naming an IP allows that IP only: the named endpoint's answer joins the
+    // literal one.
+    let lit = cluster(&s, "outbound|80||lit.example.com");
+    assert_eq!(endpoints(lit), ["192.168.7.7:80 w1", "192.168.7.7:80 w1"]);
+    assert_eq!(lit.dns_rejected.len(), 1);
+    assert_eq!(lit.dns_rejected[0].address, ip("192.168.7.8"));
+}
+
+#[test]
+fn ssrf_guard_off_and_internal_services_use_every_answer() {
+    let off = BuildOptions {
+        ssrf_guard: false,
+        ..BuildOptions::default()
+    };
+    let s = build_with_dns(&load(METADATA_SE), &off, None, 1, &guarded_answers);
+    let c = cluster(&s, "outbound|80||metadata.example.com");
+    assert_eq!(
+        endpoints(c),
+        ["169.254.169.254:80 w1", "[2606:4700::1111]:80 w1"]
+    );
+    assert!(c.dns_rejected.is_empty());
+    let internal = METADATA_SE.replacen(
+        "resolution: DNS\n",
+        "resolution: DNS\n  location: MESH_INTERNAL\n",
+        1,
+    );
+    let s = build_with_dns(
+        &load(&internal),
+        &BuildOptions::default(),
+        None,
+        1,
+        &guarded_answers,
+    );
+    let c = cluster(&s, "outbound|80||metadata.example.com");
+    assert_eq!(endpoints(c).len(), 2);
+    assert!(c.dns_rejected.is_empty());
 }
 
 const SELECTED: &str = "

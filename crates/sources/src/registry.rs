@@ -145,6 +145,7 @@ kind: ServiceEntry
 metadata: {name: db, namespace: default}
 spec:
   hosts: [db.example.com]
+  location: MESH_INTERNAL
   resolution: DNS
   ports: [{number: 5432, name: tcp, protocol: TCP}]
 ",

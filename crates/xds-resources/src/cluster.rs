@@ -174,6 +174,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             .map(|d| duration("dns_refresh_rate", d))
             .transpose()?,
         source: filter_metadata(c.metadata.as_ref(), "istio").remove("config"),
+        ssrf_guard: None,
         discovery,
     })
 }

@@ -1136,6 +1136,7 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
         transport_socket_matches: Vec::new(),
         dns_refresh_rate: None,
         source: None,
+        ssrf_guard: None,
     }
 }
 
@@ -1326,6 +1327,22 @@ fn service_cluster(
         Protocol::Http | Protocol::Tcp | Protocol::Tls => UpstreamProtocol::Http1,
     };
     cluster.source = Some(p.source.to_string());
+    if client.ssrf_guard
+        && p.mesh_external
+        && matches!(
+            cluster.discovery,
+            Discovery::StrictDns | Discovery::LogicalDns
+        )
+    {
+        // What the ServiceEntry itself names (its addresses, its endpoints' IPs) is allowed
+        // even when private: the guard is against names pointing elsewhere.
+        let mut allowed = p.addresses.clone();
+        allowed.extend(p.endpoints.iter().filter_map(|e| match &e.address {
+            EndpointAddress::Ip(ip) => Some(IpNet::from(*ip)),
+            EndpointAddress::Dns(_) => None,
+        }));
+        cluster.ssrf_guard = Some(allowed);
+    }
     if !original_dst {
         cluster.slow_start.clone_from(&traffic.slow_start);
     }
