@@ -80,6 +80,24 @@ fn env(pod: &Value, meta: &Value, c: &Value) -> anyhow::Result<Vec<(String, Stri
     Ok(out)
 }
 
+/// A map of labels or annotations as the kubelet writes it into a downward-API file: one
+/// `key="value"` line per entry, sorted, the value quoted as Go's `%q`.
+fn downward_file(map: &Value) -> String {
+    let mut lines: Vec<String> = map
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                Value::String(v.as_str().unwrap_or_default().into())
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
 /// Runs `kubernetes-validate --strict` on `files`: the output, and whether they passed.
 fn validate(files: &[&Path]) -> anyhow::Result<(bool, String)> {
     let out = cmd::output(
@@ -182,19 +200,59 @@ fn the_deployment_runs_as_written() {
         let files: Vec<(&str, &str)> = data.into_iter().collect();
         lab.publish_configmap(&files)?;
 
-        // The ConfigMap's mount path is the lab's config folder.
-        let mount = sidecar["volumeMounts"][0]["mountPath"]
-            .as_str()
-            .context("the sidecar mounts no config")?;
-        let config_dir = lab.config_dir().display().to_string();
+        // Each mount is a folder of the lab: the ConfigMap's is the config folder, a
+        // downward-API volume's holds its files as the kubelet writes them.
+        let mut mounts: Vec<(String, String)> = Vec::new();
+        for m in sidecar["volumeMounts"].as_array().into_iter().flatten() {
+            let path = m["mountPath"].as_str().context("a mount without a path")?;
+            let volume = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == m["name"])
+                .context("a mount of no volume")?;
+            let folder = if volume["configMap"].is_object() {
+                lab.config_dir().to_path_buf()
+            } else {
+                let folder = lab.dir.join("podinfo");
+                std::fs::create_dir_all(&folder)?;
+                for item in volume["downwardAPI"]["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let file = item["path"].as_str().context("an item without a path")?;
+                    let key = item["fieldRef"]["fieldPath"]
+                        .as_str()
+                        .and_then(|f| f.strip_prefix("metadata."))
+                        .context("an item other than metadata.labels/annotations")?;
+                    std::fs::write(folder.join(file), downward_file(&meta[key]))?;
+                }
+                folder
+            };
+            mounts.push((path.to_owned(), folder.display().to_string()));
+        }
         let args: Vec<String> = strings(&sidecar["args"])
             .into_iter()
-            .map(|a| a.replace(mount, &config_dir))
+            .map(|a| {
+                mounts
+                    .iter()
+                    .fold(a, |a, (mount, folder)| a.replace(mount.as_str(), folder))
+            })
             .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env = env(pod, meta, sidecar)?;
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         lab.start_portcullis_as_given(&args, &env)?;
+
+        // The mode is the pod annotation's, read from the downward-API file.
+        let (_, mode) = lab.admin_get("/mode")?;
+        let mode: Value = serde_json::from_str(&mode)?;
+        ensure!(
+            mode["source"] == "annotation"
+                && mode["mode"] == meta["annotations"]["portcullis.io/mode"],
+            "the mode comes from the pod annotation: {mode:#}"
+        );
 
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let get = &sidecar[probe]["httpGet"];

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+use portcullis_registry::non_public;
+
 use crate::{Protocol, rfc3339};
 
 /// One aggregated refusal, as learning reads it.
@@ -20,6 +22,8 @@ pub struct Seen<'a> {
     pub port: u16,
     /// How it was spoken.
     pub protocol: Protocol,
+    /// The original destinations the name was seen going to.
+    pub destinations: Vec<IpAddr>,
     /// Refusals (and would-be refusals).
     pub count: u64,
     /// First refusal.
@@ -77,10 +81,17 @@ fn label(text: &str) -> String {
 /// The YAML of the ServiceEntries in `namespace` that allow everything in `seen`.
 pub fn learned_yaml(seen: &[Seen<'_>], namespace: &str) -> String {
     let mut by_name: BTreeMap<String, BTreeMap<u16, Port>> = BTreeMap::new();
+    // A name seen going to non-public addresses: the SSRF guard would refuse those answers
+    // of its DNS, so the entry sends to the addresses seen (resolution STATIC), still by name.
+    let mut private: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut by_address: BTreeMap<IpAddr, BTreeMap<u16, Port>> = BTreeMap::new();
     for s in seen {
         let (ports, named) = match (s.host, s.address) {
-            (Some(h), _) => (by_name.entry(h.to_string()).or_default(), true),
+            (Some(h), _) => {
+                let inside = s.destinations.iter().filter(|a| non_public(**a).is_some());
+                private.entry(h.to_string()).or_default().extend(inside);
+                (by_name.entry(h.to_string()).or_default(), true)
+            }
             (None, Some(a)) => (by_address.entry(a).or_default(), false),
             // Nothing to name and nowhere it went: no entry could allow it.
             (None, None) => continue,
@@ -130,13 +141,28 @@ pub fn learned_yaml(seen: &[Seen<'_>], namespace: &str) -> String {
     };
     for (host, ports) in &by_name {
         let name = unique(label(host));
-        entry(&mut out, &name, namespace, host, None, ports);
+        let addresses = private.get(host).filter(|a| !a.is_empty());
+        entry(
+            &mut out,
+            &name,
+            namespace,
+            host,
+            Address::Name(addresses),
+            ports,
+        );
     }
     for (address, ports) in &by_address {
         let base = label(&format!("ip-{address}"));
         let name = unique(base.clone());
         let host = format!("{base}.external");
-        entry(&mut out, &name, namespace, &host, Some(*address), ports);
+        entry(
+            &mut out,
+            &name,
+            namespace,
+            &host,
+            Address::Bare(*address),
+            ports,
+        );
     }
     out
 }
@@ -158,12 +184,19 @@ fn wildcard_proposals<'a>(
     parents
 }
 
+/// What an entry is for: a name (with the non-public addresses it was seen going to), or
+/// a bare address.
+enum Address<'a> {
+    Name(Option<&'a BTreeSet<IpAddr>>),
+    Bare(IpAddr),
+}
+
 fn entry(
     out: &mut String,
     name: &str,
     namespace: &str,
     host: &str,
-    address: Option<IpAddr>,
+    address: Address<'_>,
     ports: &BTreeMap<u16, Port>,
 ) {
     let count: u64 = ports.values().map(|p| p.count).sum();
@@ -173,7 +206,10 @@ fn entry(
     let _ = writeln!(
         out,
         "# {}: {count} refused, first seen {}, last seen {}",
-        address.map_or_else(|| host.to_string(), |a| a.to_string()),
+        match address {
+            Address::Bare(a) => a.to_string(),
+            Address::Name(_) => host.to_string(),
+        },
         first.map_or_else(String::new, rfc3339),
         last.map_or_else(String::new, rfc3339),
     );
@@ -181,8 +217,21 @@ fn entry(
     let _ = writeln!(out, "  name: {name}\n  namespace: {namespace}");
     out.push_str("  labels:\n    portcullis.io/learned: \"true\"\nspec:\n  hosts:\n");
     let _ = writeln!(out, "  - {host}");
-    if let Some(a) = address {
-        let _ = writeln!(out, "  addresses:\n  - {a}");
+    match address {
+        Address::Bare(a) => {
+            let _ = writeln!(out, "  addresses:\n  - {a}");
+        }
+        Address::Name(Some(inside)) => {
+            out.push_str(
+                "  # Seen going to non-public addresses, which the SSRF guard refuses as DNS\n  \
+                 # answers: these endpoints are the addresses seen (with --ssrf-guard off,\n  \
+                 # resolution DNS and no endpoints is Istio's way).\n  endpoints:\n",
+            );
+            for a in inside {
+                let _ = writeln!(out, "  - address: {a}");
+            }
+        }
+        Address::Name(None) => {}
     }
     out.push_str("  location: MESH_EXTERNAL\n  ports:\n");
     for (number, port) in ports {
@@ -206,7 +255,11 @@ fn entry(
             protocol.to_ascii_lowercase()
         );
     }
-    let resolution = if address.is_some() { "NONE" } else { "DNS" };
+    let resolution = match address {
+        Address::Bare(_) => "NONE",
+        Address::Name(Some(_)) => "STATIC",
+        Address::Name(None) => "DNS",
+    };
     let _ = writeln!(out, "  resolution: {resolution}");
 }
 
@@ -225,6 +278,7 @@ mod tests {
             address: address.map(|a| a.parse().unwrap()),
             port,
             protocol: p,
+            destinations: Vec::new(),
             count: 3,
             first_seen: SystemTime::UNIX_EPOCH,
             last_seen: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(60),
@@ -336,6 +390,21 @@ mod tests {
         );
         assert!(yaml.contains("  name: a-b-com\n"), "{yaml}");
         assert!(yaml.contains("  name: a-b-com-2\n"), "{yaml}");
+    }
+
+    #[test]
+    fn a_name_seen_going_to_private_addresses_lists_them() {
+        let mut api = seen(Some("db.corp.example"), None, 443, Protocol::Tls);
+        api.destinations = vec![
+            "10.1.2.3".parse().unwrap(),
+            "93.184.215.14".parse().unwrap(),
+        ];
+        let yaml = learned_yaml(&[api], "default");
+        assert!(
+            yaml.contains("  endpoints:\n  - address: 10.1.2.3\n  location: MESH_EXTERNAL\n"),
+            "only the non-public address is an endpoint:\n{yaml}"
+        );
+        assert!(yaml.contains("  resolution: STATIC\n"), "{yaml}");
     }
 
     #[test]

@@ -407,6 +407,11 @@ impl Audit {
                 },
                 port: key.port,
                 protocol: key.protocol,
+                destinations: r
+                    .destinations
+                    .iter()
+                    .map(|d| d.ip().to_canonical())
+                    .collect(),
                 count: r.denied + r.would_deny,
                 first_seen: r.first_seen,
                 last_seen: r.last_seen,
