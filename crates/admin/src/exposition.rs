@@ -7,6 +7,12 @@
 //! same; the differences are the family names of counters (OpenMetrics names the family
 //! `x` and its sample `x_total`, 0.0.4 names both `x_total`), `info` and `unknown` types,
 //! `# UNIT`, exemplars and the closing `# EOF`.
+//!
+//! Envoy's and Istio's metrics (`envoy_*`, `istio_*`) are registered under the exact names
+//! Envoy prints, counters with or without `_total` as Envoy has them
+//! (`envoy_cluster_upstream_rq_total`, `envoy_cluster_upstream_cx_connect_fail`): the
+//! `_total` OpenMetrics appends to their samples is taken off again. portcullis' own
+//! counters keep the Prometheus convention.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -54,10 +60,16 @@ struct Family<'a> {
     samples: Vec<Sample<'a>>,
 }
 
+/// Whether `family` is one of Envoy's or Istio's, named exactly as they name it.
+fn envoy_named(family: &str) -> bool {
+    family.starts_with("envoy_") || family.starts_with("istio_")
+}
+
 impl Family<'_> {
     /// The family name in the 0.0.4 format, where it must equal the samples' names.
     fn prometheus_name(&self) -> String {
         match self.kind {
+            Kind::Counter if envoy_named(self.name) => self.name.to_owned(),
             Kind::Counter => format!("{}_total", self.name),
             Kind::Info => format!("{}_info", self.name),
             Kind::Gauge | Kind::Histogram | Kind::Unknown => self.name.to_owned(),
@@ -135,7 +147,10 @@ fn families(text: &str) -> Vec<Family<'_>> {
             });
         } else if line.starts_with('#') {
             continue;
-        } else if let (Some(family), Some(s)) = (out.last_mut(), sample(line)) {
+        } else if let (Some(family), Some(mut s)) = (out.last_mut(), sample(line)) {
+            if family.kind == Kind::Counter && envoy_named(family.name) {
+                s.name = s.name.strip_suffix("_total").unwrap_or(s.name);
+            }
             family.samples.push(s);
         }
     }
@@ -147,14 +162,50 @@ fn escape_help(help: &str) -> String {
     help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
+/// The `cluster_name` label of a cluster's series.
+fn cluster_label(cluster: &str) -> String {
+    format!(
+        "cluster_name=\"{}\"",
+        cluster.replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+/// Envoy's cluster counters tagged with a response code besides the cluster: a series
+/// appears with the first response of its code.
+const PER_CODE: [&str; 2] = ["envoy_cluster_upstream_rq", "envoy_cluster_upstream_rq_xx"];
+
+/// Adds a zero sample for each of `clusters` a family of per-cluster counters has none
+/// for: Envoy shows every cluster's counters from its creation on.
+fn zero_for_clusters<'a>(family: &mut Family<'a>, clusters: &'a [String]) {
+    let per_cluster = family.kind == Kind::Counter
+        && family.name.starts_with("envoy_cluster_")
+        && !PER_CODE.contains(&family.name);
+    if !per_cluster {
+        return;
+    }
+    for cluster in clusters {
+        if !family.samples.iter().any(|s| s.labels == cluster) {
+            family.samples.push(Sample {
+                name: family.name,
+                labels: cluster,
+                value: "0",
+            });
+        }
+    }
+}
+
 /// The registry in the Prometheus text exposition format 0.0.4, then `extra`'s counters
 /// under the names Envoy exports them with (`envoy_` and the stat name, dots as `_`), then
 /// the snapshot's cluster `gauges` as Envoy exports them (`envoy_cluster_<stat>` labelled
-/// with `cluster_name`).
+/// with `cluster_name`). Every cluster of `gauges` gets each per-cluster counter, at zero
+/// until it counts.
 pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[ClusterGauge]) -> String {
     let text = openmetrics(registry);
     let mut out = String::with_capacity(text.len());
-    for family in families(&text) {
+    let mut clusters: Vec<String> = gauges.iter().map(|g| cluster_label(&g.cluster)).collect();
+    clusters.dedup();
+    for mut family in families(&text) {
+        zero_for_clusters(&mut family, &clusters);
         let name = family.prometheus_name();
         let _ = writeln!(out, "# HELP {name} {}", escape_help(family.help));
         let _ = writeln!(out, "# TYPE {name} {}", family.prometheus_type());
@@ -178,8 +229,7 @@ pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[Cluste
         let _ = writeln!(out, "# HELP {name} Envoy's cluster gauge {stat}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         for g in family {
-            let cluster = g.cluster.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(out, "{name}{{cluster_name=\"{cluster}\"}} {}", g.value);
+            let _ = writeln!(out, "{name}{{{}}} {}", cluster_label(&g.cluster), g.value);
         }
     }
     out
