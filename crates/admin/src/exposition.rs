@@ -412,15 +412,21 @@ mod tests {
         });
         let upstream = MetricFamily::<ClusterLabels, Counter>::default();
         let overflow = Counter::<u64>::default();
+        let dropped = Counter::<u64>::default();
         let open = Gauge::<i64>::default();
-        registry.register("istio_requests", "Requests handled", requests.clone());
+        registry.register("istio_requests_total", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration",
             durations.clone(),
         );
-        registry.register("envoy_cluster_upstream_rq", "Upstream", upstream.clone());
+        registry.register(
+            "envoy_cluster_upstream_rq_total",
+            "Upstream",
+            upstream.clone(),
+        );
         registry.register("envoy_listener_overflow", "Refused", overflow.clone());
+        registry.register("portcullis_dropped", "Dropped", dropped.clone());
         registry.register("open_connections", "Open", open.clone());
         let ok = Labels {
             destination_service: "app.internal.com".into(),
@@ -446,19 +452,43 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_names_counter_families_by_their_samples_and_has_no_eof() {
+    fn prometheus_names_envoys_counters_exactly_and_has_no_eof() {
         let text = prometheus(&registry(), &[], &[]);
         assert!(text.contains("# TYPE istio_requests_total counter\n"));
         assert!(text.contains("# HELP istio_requests_total Requests handled"));
         assert!(text.contains(
             "istio_requests_total{destination_service=\"app.internal.com\",response_code=\"200\"} 3\n"
         ));
-        assert!(text.contains("# TYPE envoy_listener_overflow_total counter\n"));
-        assert!(text.contains("envoy_listener_overflow_total 1\n"));
+        assert!(text.contains("# TYPE envoy_listener_overflow counter\n"));
+        assert!(text.contains("\nenvoy_listener_overflow 1\n"));
+        assert!(
+            text.contains("# TYPE portcullis_dropped_total counter\nportcullis_dropped_total 0\n")
+        );
         assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram\n"));
         assert!(text.contains("# TYPE open_connections gauge\nopen_connections 4\n"));
         assert!(!text.contains("# EOF"));
         assert!(!text.contains("# UNIT"));
+    }
+
+    #[test]
+    fn every_cluster_gets_each_per_cluster_counter_at_zero() {
+        let gauge = |cluster: &str| ClusterGauge {
+            cluster: cluster.into(),
+            stat: "membership_total",
+            value: 1,
+        };
+        let gauges = [
+            gauge("outbound|80||app.internal.com"),
+            gauge("BlackHoleCluster"),
+        ];
+        let text = prometheus(&registry(), &[], &gauges);
+        assert!(text.contains(
+            "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|80||app.internal.com\"} 2\n"
+        ));
+        assert!(
+            text.contains("envoy_cluster_upstream_rq_total{cluster_name=\"BlackHoleCluster\"} 0\n")
+        );
+        assert_eq!(text.matches("envoy_cluster_upstream_rq_total{").count(), 2);
     }
 
     #[test]
@@ -524,7 +554,7 @@ mod tests {
             get("cluster.outbound|80||app.internal.com.upstream_rq_total"),
             Some("2")
         );
-        assert_eq!(get("listener.overflow_total"), Some("1"));
+        assert_eq!(get("listener.overflow"), Some("1"));
         assert_eq!(get("open_connections"), Some("4"));
         let histogram = histograms
             .get("istiocustom.istio_request_duration_milliseconds.destination_service.app.internal.com.response_code.200")

@@ -687,3 +687,49 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_labels_fall_back_as_istios_do() {
+        let labels = std::collections::BTreeMap::from([
+            ("app".to_owned(), "reviews".to_owned()),
+            ("version".to_owned(), "v2".to_owned()),
+            (
+                "service.istio.io/canonical-name".to_owned(),
+                "reviews-canonical".to_owned(),
+            ),
+        ]);
+        let s = SourceLabels::new(Some("reviews-v2"), Some("shop"), &labels, None);
+        assert_eq!(s.source_workload.as_str(), "reviews-v2");
+        assert_eq!(s.source_workload_namespace.as_str(), "shop");
+        assert_eq!(s.source_app.as_str(), "reviews");
+        assert_eq!(s.source_version.as_str(), "v2");
+        assert_eq!(s.source_canonical_service.as_str(), "reviews-canonical");
+        assert_eq!(s.source_canonical_revision.as_str(), "v2");
+        assert_eq!(s.source_cluster.as_str(), "unknown");
+        let bare = SourceLabels::new(Some("job"), None, &Default::default(), Some("east"));
+        assert_eq!(bare.source_canonical_service.as_str(), "job");
+        assert_eq!(bare.source_canonical_revision.as_str(), "latest");
+        assert_eq!(bare.source_app.as_str(), "unknown");
+        assert_eq!(bare.source_workload_namespace.as_str(), "unknown");
+        assert_eq!(bare.source_cluster.as_str(), "east");
+    }
+
+    #[test]
+    fn label_values_compare_by_text_whichever_kind() {
+        let hash = |v: &Value| {
+            use std::hash::{BuildHasher, RandomState};
+            static STATE: std::sync::LazyLock<RandomState> =
+                std::sync::LazyLock::new(RandomState::new);
+            STATE.hash_one(v)
+        };
+        let a = Value::Static("unknown");
+        let b = Value::Shared("unknown".into());
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        assert_ne!(a, Value::from("known"));
+    }
+}
