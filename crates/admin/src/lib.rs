@@ -3,6 +3,7 @@
 
 mod config_dump;
 mod exposition;
+pub use exposition::prometheus;
 mod render;
 
 use std::convert::Infallible;

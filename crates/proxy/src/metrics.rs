@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use portcullis_registry::{Cluster, EndpointTransport};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder, LabelValueEncoder,
-    MetricEncoder,
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
+    LabelValueEncoder, MetricEncoder,
 };
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
@@ -335,6 +336,39 @@ impl EncodeMetric for ClusterCounter {
     }
 }
 
+/// A metric under one of Envoy's counter names that end in `_total`
+/// (`envoy_cluster_upstream_rq_total`, Istio's `istio_requests_total`), which
+/// prometheus-client's registry refuses (it appends `_total` to every counter): it is
+/// registered as a collector instead, and the admin port takes off the `_total` the
+/// encoder appends to Envoy's and Istio's counters.
+#[derive(Debug)]
+struct EnvoyNamed<M> {
+    name: &'static str,
+    help: &'static str,
+    metric: M,
+}
+
+impl<M: EncodeMetric + std::fmt::Debug + Send + Sync + 'static> Collector for EnvoyNamed<M> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.metric.is_empty() {
+            return Ok(());
+        }
+        let metric =
+            encoder.encode_descriptor(self.name, self.help, None, self.metric.metric_type())?;
+        self.metric.encode(metric)
+    }
+}
+
+/// Registers `metric` under Envoy's `name`, which ends in `_total`.
+fn register_total(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    metric: impl EncodeMetric + std::fmt::Debug + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(EnvoyNamed { name, help, metric }));
+}
+
 /// Labels of `envoy_cluster_upstream_rq` (per status) and `envoy_cluster_upstream_rq_xx`
 /// (per class), in the order Envoy prints them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -487,7 +521,8 @@ impl Metrics {
             source: Source(Arc::default()),
             principal: UNKNOWN,
         };
-        registry.register(
+        register_total(
+            registry,
             "istio_requests_total",
             "Requests handled",
             m.requests.clone(),
@@ -507,27 +542,32 @@ impl Metrics {
             "Response body sizes",
             m.response_bytes.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "istio_tcp_connections_opened_total",
             "TCP connections opened",
             m.tcp_opened.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "istio_tcp_connections_closed_total",
             "TCP connections closed",
             m.tcp_closed.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "istio_tcp_sent_bytes_total",
             "Bytes sent upstream",
             m.tcp_sent.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "istio_tcp_received_bytes_total",
             "Bytes received from upstream",
             m.tcp_received.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "envoy_cluster_upstream_rq_total",
             "Upstream requests per cluster",
             m.upstream_rq.clone(),
@@ -567,7 +607,8 @@ impl Metrics {
             "Retries not made for the cluster's max_retries",
             m.upstream_rq_retry_overflow.clone(),
         );
-        registry.register(
+        register_total(
+            registry,
             "envoy_cluster_outlier_detection_ejections_enforced_total",
             "Endpoints ejected by outlier detection",
             m.ejections_enforced_total.clone(),
