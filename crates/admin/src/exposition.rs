@@ -263,21 +263,30 @@ fn labels(text: &str) -> Vec<(&str, String)> {
     out
 }
 
-/// The Envoy stat name of a sample. Envoy's own stats put the tag values after the scope
-/// (`cluster.<cluster_name>.upstream_rq_total`); Istio's stats are `istiocustom.` plus the
-/// name, then each tag's name and value, an empty value left out, as Istio's Envoy prints them.
+/// The Envoy stat name of a sample. Envoy's own stats put the cluster after the scope and
+/// a response code or class at the end (`cluster.<cluster_name>.upstream_rq_200`); Istio's
+/// stats are `istiocustom.` plus the name, then each tag's name and value, an empty value
+/// left out, as Istio's Envoy prints them.
 fn envoy_name(sample: &str, labels: &[(&str, String)]) -> String {
     if let Some((scope, tail)) = sample
         .strip_prefix("envoy_")
         .and_then(|rest| rest.split_once('_'))
     {
         let mut name = scope.to_owned();
-        for (_, value) in labels {
-            name.push('.');
-            name.push_str(value);
+        let mut suffix = String::new();
+        for (key, value) in labels {
+            if key.starts_with("response_code") {
+                suffix.push('_');
+                suffix.push_str(value);
+            } else {
+                name.push('.');
+                name.push_str(value);
+            }
         }
         name.push('.');
-        name.push_str(tail);
+        // `upstream_rq_xx` stands for the class in Envoy's own name.
+        name.push_str(tail.strip_suffix("_xx").unwrap_or(tail));
+        name.push_str(&suffix);
         return name;
     }
     let mut name = if sample.starts_with("istio_") {
