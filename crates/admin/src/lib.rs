@@ -47,7 +47,7 @@ pub struct ConfigStatus {
     pub path_error: Option<String>,
 }
 
-/// Changes the log filter, e.g. `debug` or `access=off,info`.
+/// Changes the log filter, e.g. `debug` or `portcullis_proxy=debug,info`.
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Counters kept outside the metrics registry (the xDS client's), as Envoy stat names
