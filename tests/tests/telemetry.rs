@@ -463,7 +463,10 @@ fn json_access_log_has_istios_keys_and_values() {
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter(|v| v.get("start_time").is_some())
                 .collect();
-            Ok((lines.len() >= 4).then_some(lines))
+            let passed = lines
+                .iter()
+                .any(|l| l["upstream_cluster"] == "PassthroughCluster");
+            Ok((lines.len() >= 4 && passed).then_some(lines))
         })?;
         let ok = lines
             .iter()
