@@ -209,14 +209,11 @@ fn none_resolution_is_confined_to_the_hosts_addresses() {
             lab.sink_accepts(&sink) == 0,
             "a spoofed Host with resolution NONE reached the rogue"
         );
-        let log = lab.portcullis_output();
-        ensure!(
-            log.lines().any(|l| l.contains("\"none.internal.com\"")
-                && l.contains(&format!("{ROGUE_IP}:80"))
-                && l.contains("block_all")),
-            "the refusal must be logged with the host and the original destination:\n{}",
-            portcullis_e2e::cmd::tail(&log, 20)
-        );
+        let rogue = format!("{ROGUE_IP}:80");
+        lab.expect_logged(
+            "the refusal logged with the host and the original destination",
+            &["\"none.internal.com\"", &rogue, "block_all"],
+        )?;
         lab.expect_running()
     });
 }

@@ -495,7 +495,7 @@ fn limits_set_by_flags() {
         let reply = lab.curl(&["-H", &big, &slow_url("")])?;
         ensure!(reply.status == 431, "a 70 KiB request head: {reply}");
         ensure!(
-            counter(lab, "envoy_http_downstream_cx_protocol_error_total")? == 1,
+            counter(lab, "envoy_http_downstream_cx_protocol_error")? == 1,
             "the 431 is counted as a protocol error"
         );
 
@@ -514,7 +514,7 @@ fn limits_set_by_flags() {
             seen.line
         );
         ensure!(
-            counter(lab, "envoy_http_downstream_rq_header_timeout_total")? == 1,
+            counter(lab, "envoy_http_downstream_rq_header_timeout")? == 1,
             "the cut head is counted"
         );
 
@@ -532,7 +532,7 @@ fn limits_set_by_flags() {
             seen.line
         );
         ensure!(
-            counter(lab, "envoy_http_downstream_cx_idle_timeout_total")? == 1,
+            counter(lab, "envoy_http_downstream_cx_idle_timeout")? == 1,
             "the idle close is counted"
         );
 
@@ -547,7 +547,7 @@ fn limits_set_by_flags() {
             "a third connection beyond --max-connections 2 must be closed unanswered: {reply}"
         );
         ensure!(
-            counter(lab, "envoy_listener_downstream_cx_overflow_total")? == 1,
+            counter(lab, "envoy_listener_downstream_cx_overflow")? == 1,
             "the refused connection is counted"
         );
         for (i, curl) in open.into_iter().enumerate() {

@@ -362,7 +362,7 @@ fn outlier_detection_ejects_the_endpoint_answering_500() {
         for sample in [
             format!("envoy_cluster_outlier_detection_ejections_enforced_total{cluster} 1"),
             format!(
-                "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total{cluster} 1"
+                "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx{cluster} 1"
             ),
             format!("envoy_cluster_outlier_detection_ejections_active{cluster} 1"),
         ] {

@@ -7,6 +7,12 @@
 //! same; the differences are the family names of counters (OpenMetrics names the family
 //! `x` and its sample `x_total`, 0.0.4 names both `x_total`), `info` and `unknown` types,
 //! `# UNIT`, exemplars and the closing `# EOF`.
+//!
+//! Envoy's and Istio's metrics (`envoy_*`, `istio_*`) are registered under the exact names
+//! Envoy prints, counters with or without `_total` as Envoy has them
+//! (`envoy_cluster_upstream_rq_total`, `envoy_cluster_upstream_cx_connect_fail`): the
+//! `_total` OpenMetrics appends to their samples is taken off again. portcullis' own
+//! counters keep the Prometheus convention.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -54,10 +60,16 @@ struct Family<'a> {
     samples: Vec<Sample<'a>>,
 }
 
+/// Whether `family` is one of Envoy's or Istio's, named exactly as they name it.
+fn envoy_named(family: &str) -> bool {
+    family.starts_with("envoy_") || family.starts_with("istio_")
+}
+
 impl Family<'_> {
     /// The family name in the 0.0.4 format, where it must equal the samples' names.
     fn prometheus_name(&self) -> String {
         match self.kind {
+            Kind::Counter if envoy_named(self.name) => self.name.to_owned(),
             Kind::Counter => format!("{}_total", self.name),
             Kind::Info => format!("{}_info", self.name),
             Kind::Gauge | Kind::Histogram | Kind::Unknown => self.name.to_owned(),
@@ -135,7 +147,10 @@ fn families(text: &str) -> Vec<Family<'_>> {
             });
         } else if line.starts_with('#') {
             continue;
-        } else if let (Some(family), Some(s)) = (out.last_mut(), sample(line)) {
+        } else if let (Some(family), Some(mut s)) = (out.last_mut(), sample(line)) {
+            if family.kind == Kind::Counter && envoy_named(family.name) {
+                s.name = s.name.strip_suffix("_total").unwrap_or(s.name);
+            }
             family.samples.push(s);
         }
     }
@@ -147,14 +162,50 @@ fn escape_help(help: &str) -> String {
     help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
+/// The `cluster_name` label of a cluster's series.
+fn cluster_label(cluster: &str) -> String {
+    format!(
+        "cluster_name=\"{}\"",
+        cluster.replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+/// Envoy's cluster counters tagged with a response code besides the cluster: a series
+/// appears with the first response of its code.
+const PER_CODE: [&str; 2] = ["envoy_cluster_upstream_rq", "envoy_cluster_upstream_rq_xx"];
+
+/// Adds a zero sample for each of `clusters` a family of per-cluster counters has none
+/// for: Envoy shows every cluster's counters from its creation on.
+fn zero_for_clusters<'a>(family: &mut Family<'a>, clusters: &'a [String]) {
+    let per_cluster = family.kind == Kind::Counter
+        && family.name.starts_with("envoy_cluster_")
+        && !PER_CODE.contains(&family.name);
+    if !per_cluster {
+        return;
+    }
+    for cluster in clusters {
+        if !family.samples.iter().any(|s| s.labels == cluster) {
+            family.samples.push(Sample {
+                name: family.name,
+                labels: cluster,
+                value: "0",
+            });
+        }
+    }
+}
+
 /// The registry in the Prometheus text exposition format 0.0.4, then `extra`'s counters
 /// under the names Envoy exports them with (`envoy_` and the stat name, dots as `_`), then
 /// the snapshot's cluster `gauges` as Envoy exports them (`envoy_cluster_<stat>` labelled
-/// with `cluster_name`).
+/// with `cluster_name`). Every cluster of `gauges` gets each per-cluster counter, at zero
+/// until it counts.
 pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[ClusterGauge]) -> String {
     let text = openmetrics(registry);
     let mut out = String::with_capacity(text.len());
-    for family in families(&text) {
+    let mut clusters: Vec<String> = gauges.iter().map(|g| cluster_label(&g.cluster)).collect();
+    clusters.dedup();
+    for mut family in families(&text) {
+        zero_for_clusters(&mut family, &clusters);
         let name = family.prometheus_name();
         let _ = writeln!(out, "# HELP {name} {}", escape_help(family.help));
         let _ = writeln!(out, "# TYPE {name} {}", family.prometheus_type());
@@ -178,8 +229,7 @@ pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[Cluste
         let _ = writeln!(out, "# HELP {name} Envoy's cluster gauge {stat}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         for g in family {
-            let cluster = g.cluster.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(out, "{name}{{cluster_name=\"{cluster}\"}} {}", g.value);
+            let _ = writeln!(out, "{name}{{{}}} {}", cluster_label(&g.cluster), g.value);
         }
     }
     out
@@ -213,21 +263,30 @@ fn labels(text: &str) -> Vec<(&str, String)> {
     out
 }
 
-/// The Envoy stat name of a sample. Envoy's own stats put the tag values after the scope
-/// (`cluster.<cluster_name>.upstream_rq_total`); Istio's stats are `istiocustom.` plus the
-/// name, then each tag's name and value, an empty value left out, as Istio's Envoy prints them.
+/// The Envoy stat name of a sample. Envoy's own stats put the cluster after the scope and
+/// a response code or class at the end (`cluster.<cluster_name>.upstream_rq_200`); Istio's
+/// stats are `istiocustom.` plus the name, then each tag's name and value, an empty value
+/// left out, as Istio's Envoy prints them.
 fn envoy_name(sample: &str, labels: &[(&str, String)]) -> String {
     if let Some((scope, tail)) = sample
         .strip_prefix("envoy_")
         .and_then(|rest| rest.split_once('_'))
     {
         let mut name = scope.to_owned();
-        for (_, value) in labels {
-            name.push('.');
-            name.push_str(value);
+        let mut suffix = String::new();
+        for (key, value) in labels {
+            if key.starts_with("response_code") {
+                suffix.push('_');
+                suffix.push_str(value);
+            } else {
+                name.push('.');
+                name.push_str(value);
+            }
         }
         name.push('.');
-        name.push_str(tail);
+        // `upstream_rq_xx` stands for the class in Envoy's own name.
+        name.push_str(tail.strip_suffix("_xx").unwrap_or(tail));
+        name.push_str(&suffix);
         return name;
     }
     let mut name = if sample.starts_with("istio_") {
@@ -337,7 +396,8 @@ pub fn envoy_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family as MetricFamily;
     use prometheus_client::metrics::gauge::Gauge;
@@ -354,6 +414,18 @@ mod tests {
         cluster_name: String,
     }
 
+    /// A counter under a name ending in `_total`, as the proxy registers Envoy's.
+    #[derive(Debug)]
+    struct Total<M>(&'static str, M);
+
+    impl<M: EncodeMetric + std::fmt::Debug + Send + Sync + 'static> Collector for Total<M> {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let metric =
+                encoder.encode_descriptor(self.0, "Counted", None, self.1.metric_type())?;
+            self.1.encode(metric)
+        }
+    }
+
     fn registry() -> Registry {
         let mut registry = Registry::default();
         let requests = MetricFamily::<Labels, Counter>::default();
@@ -362,15 +434,20 @@ mod tests {
         });
         let upstream = MetricFamily::<ClusterLabels, Counter>::default();
         let overflow = Counter::<u64>::default();
+        let dropped = Counter::<u64>::default();
         let open = Gauge::<i64>::default();
-        registry.register("istio_requests", "Requests handled", requests.clone());
+        registry.register_collector(Box::new(Total("istio_requests_total", requests.clone())));
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration",
             durations.clone(),
         );
-        registry.register("envoy_cluster_upstream_rq", "Upstream", upstream.clone());
+        registry.register_collector(Box::new(Total(
+            "envoy_cluster_upstream_rq_total",
+            upstream.clone(),
+        )));
         registry.register("envoy_listener_overflow", "Refused", overflow.clone());
+        registry.register("portcullis_dropped", "Dropped", dropped.clone());
         registry.register("open_connections", "Open", open.clone());
         let ok = Labels {
             destination_service: "app.internal.com".into(),
@@ -396,19 +473,43 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_names_counter_families_by_their_samples_and_has_no_eof() {
+    fn prometheus_names_envoys_counters_exactly_and_has_no_eof() {
         let text = prometheus(&registry(), &[], &[]);
         assert!(text.contains("# TYPE istio_requests_total counter\n"));
-        assert!(text.contains("# HELP istio_requests_total Requests handled"));
+        assert!(text.contains("# HELP istio_requests_total Counted"));
         assert!(text.contains(
             "istio_requests_total{destination_service=\"app.internal.com\",response_code=\"200\"} 3\n"
         ));
-        assert!(text.contains("# TYPE envoy_listener_overflow_total counter\n"));
-        assert!(text.contains("envoy_listener_overflow_total 1\n"));
+        assert!(text.contains("# TYPE envoy_listener_overflow counter\n"));
+        assert!(text.contains("\nenvoy_listener_overflow 1\n"));
+        assert!(
+            text.contains("# TYPE portcullis_dropped_total counter\nportcullis_dropped_total 0\n")
+        );
         assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram\n"));
         assert!(text.contains("# TYPE open_connections gauge\nopen_connections 4\n"));
         assert!(!text.contains("# EOF"));
         assert!(!text.contains("# UNIT"));
+    }
+
+    #[test]
+    fn every_cluster_gets_each_per_cluster_counter_at_zero() {
+        let gauge = |cluster: &str| ClusterGauge {
+            cluster: cluster.into(),
+            stat: "membership_total",
+            value: 1,
+        };
+        let gauges = [
+            gauge("outbound|80||app.internal.com"),
+            gauge("BlackHoleCluster"),
+        ];
+        let text = prometheus(&registry(), &[], &gauges);
+        assert!(text.contains(
+            "envoy_cluster_upstream_rq_total{cluster_name=\"outbound|80||app.internal.com\"} 2\n"
+        ));
+        assert!(
+            text.contains("envoy_cluster_upstream_rq_total{cluster_name=\"BlackHoleCluster\"} 0\n")
+        );
+        assert_eq!(text.matches("envoy_cluster_upstream_rq_total{").count(), 2);
     }
 
     #[test]
@@ -474,7 +575,7 @@ mod tests {
             get("cluster.outbound|80||app.internal.com.upstream_rq_total"),
             Some("2")
         );
-        assert_eq!(get("listener.overflow_total"), Some("1"));
+        assert_eq!(get("listener.overflow"), Some("1"));
         assert_eq!(get("open_connections"), Some("4"));
         let histogram = histograms
             .get("istiocustom.istio_request_duration_milliseconds.destination_service.app.internal.com.response_code.200")

@@ -3,6 +3,7 @@
 
 mod config_dump;
 mod exposition;
+pub use exposition::prometheus;
 mod render;
 
 use std::convert::Infallible;
@@ -47,7 +48,7 @@ pub struct ConfigStatus {
     pub path_error: Option<String>,
 }
 
-/// Changes the log filter, e.g. `debug` or `access=off,info`.
+/// Changes the log filter, e.g. `debug` or `portcullis_proxy=debug,info`.
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Counters kept outside the metrics registry (the xDS client's), as Envoy stat names

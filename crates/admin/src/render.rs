@@ -206,6 +206,22 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
             out.push(gauge("outlier_detection.ejections_active", ejected as u64));
         }
     }
+    // istiod's two catch-all clusters, which Envoy lists with every other, have no
+    // endpoints here: the data path handles their traffic without a cluster.
+    for name in [
+        portcullis_registry::BLACKHOLE_CLUSTER,
+        portcullis_registry::PASSTHROUGH_CLUSTER,
+    ] {
+        if snapshot.clusters.iter().all(|c| &*c.name != name) {
+            for stat in ["membership_total", "upstream_rq_active"] {
+                out.push(ClusterGauge {
+                    cluster: name.into(),
+                    stat,
+                    value: 0,
+                });
+            }
+        }
+    }
     out
 }
 

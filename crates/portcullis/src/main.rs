@@ -155,9 +155,31 @@ pub struct RunArgs {
         default_value = "/etc/istio/pod/annotations"
     )]
     pub pod_annotations: PathBuf,
-    /// Log filter (tracing EnvFilter syntax); `access=off` silences access logs.
+    /// Log filter (tracing EnvFilter syntax) of portcullis' own log.
     #[arg(long, env = "PORTCULLIS_LOG", default_value = "info")]
     pub log: String,
+    /// Where the access log goes (Istio's `accessLogFile`): a file appended to, or
+    /// `/dev/stdout`; `off` writes none.
+    #[arg(long, env = "PORTCULLIS_ACCESS_LOG", default_value = "/dev/stdout")]
+    pub access_log: String,
+    /// The access log's encoding (Istio's `accessLogEncoding`): `text`, Istio's default
+    /// format, or `json`, its default JSON keys.
+    #[arg(
+        long,
+        env = "PORTCULLIS_ACCESS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub access_log_format: AccessLogEncoding,
+}
+
+/// `--access-log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AccessLogEncoding {
+    /// Istio's default text format.
+    Text,
+    /// Istio's default JSON keys, one object a line.
+    Json,
 }
 
 fn parse_mode(text: &str) -> Result<portcullis_registry::Enforcement, String> {

@@ -11,7 +11,8 @@ use arc_swap::ArcSwap;
 use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
 use portcullis_audit::{Audit, MODE_ANNOTATION, annotation_mode};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
-use portcullis_proxy::{Metrics, NonePolicy, Proxy, ProxyConfig};
+use portcullis_proxy::metrics::SourceLabels;
+use portcullis_proxy::{AccessLog, AccessLogFormat, Metrics, NonePolicy, Proxy, ProxyConfig};
 use portcullis_registry::{BuildOptions, Enforcement, Snapshot, WorkloadIdentity};
 use portcullis_sources::{Folder, Publisher, RegistryCompiler, XdsSource, rebuild_on};
 use portcullis_xds::ca::CaConfig;
@@ -21,7 +22,7 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{RunArgs, XdsArgs};
+use crate::{AccessLogEncoding, RunArgs, XdsArgs};
 
 /// How often the workload's Istio certificates are read again (istio-agent rotates them
 /// well before they expire).
@@ -242,8 +243,14 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let node = node_identity(&args.xds, &workload_labels, &args.locality)?;
     let mut metrics_registry = Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut metrics_registry));
+    let metrics = Metrics::new(&mut metrics_registry);
+    let access_log = open_access_log(&args, metrics.access_log_dropped.clone())?;
+    let metrics = Arc::new(metrics.with_source(
+        source_labels(&node, &args.namespace),
+        spiffe_id(&args.xds, &node).as_deref(),
+    ));
     let audit = Arc::new(Audit::new(
         args.mode,
         &args.namespace,
@@ -284,6 +291,7 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         route_timeout: Some(std::time::Duration::from(args.route_timeout)).filter(|t| !t.is_zero()),
         max_connections: args.max_connections,
         accept_http10: args.accept_http10,
+        access_log: Arc::clone(&access_log),
         none_resolution: if args.permissive_none_resolution {
             NonePolicy::Permissive
         } else {
@@ -310,7 +318,6 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         .config
         .as_ref()
         .map(|path| Folder::new(path.clone(), &publisher));
-    let node = node_identity(&args.xds, &workload_labels, &args.locality)?;
     let xds = match &args.xds.xds_address {
         Some(address) => {
             let stats = Arc::new(XdsStats::default());
@@ -410,7 +417,67 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
         ),
     }
     background.cancel();
+    if !access_log.flush(std::time::Duration::from_secs(1)) {
+        tracing::warn!("the access log's last lines may be lost");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The access log `args` ask for, its overflow counted in `dropped`.
+fn open_access_log(
+    args: &RunArgs,
+    dropped: prometheus_client::metrics::counter::Counter,
+) -> anyhow::Result<Arc<AccessLog>> {
+    if args.access_log == "off" {
+        return Ok(Arc::new(AccessLog::off()));
+    }
+    let format = match args.access_log_format {
+        AccessLogEncoding::Text => AccessLogFormat::Text,
+        AccessLogEncoding::Json => AccessLogFormat::Json,
+    };
+    let log = AccessLog::open(std::path::Path::new(&args.access_log), format, dropped)
+        .with_context(|| format!("cannot open the access log {}", args.access_log))?;
+    Ok(Arc::new(log))
+}
+
+/// A node metadata string, when set and not empty.
+fn node_meta<'a>(node: &'a NodeIdentity, key: &str) -> Option<&'a str> {
+    node.metadata
+        .get(key)
+        .and_then(|v| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+/// The `source_*` labels of the node: its workload name as istio-agent sends it
+/// (`WORKLOAD_NAME`), else the pod's name; its namespace, else `namespace` (the one the
+/// registry is compiled for); its labels.
+fn source_labels(node: &NodeIdentity, namespace: &str) -> SourceLabels {
+    let labels: BTreeMap<String, String> = node
+        .metadata
+        .get("LABELS")
+        .and_then(|v| v.as_object())
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    SourceLabels::new(
+        node_meta(node, "WORKLOAD_NAME").or_else(|| node_meta(node, "NAME")),
+        node_meta(node, "NAMESPACE").or(Some(namespace)),
+        &labels,
+        node_meta(node, "CLUSTER_ID"),
+    )
+}
+
+/// The workload's SPIFFE ID, when its namespace and service account are known.
+fn spiffe_id(args: &XdsArgs, node: &NodeIdentity) -> Option<String> {
+    let namespace = node_meta(node, "NAMESPACE")?;
+    let account = node_meta(node, "SERVICE_ACCOUNT")?;
+    Some(format!(
+        "spiffe://{}/ns/{namespace}/sa/{account}",
+        args.trust_domain
+    ))
 }
 
 async fn wait_for_stop(shutdown: &CancellationToken) {

@@ -130,6 +130,11 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Err(e.into())));
                     }
                 }
+                if let (Poll::Ready(Some(Ok(frame))), Some(end)) = (&polled, end.as_deref_mut())
+                    && let (Some(data), Some(log)) = (frame.data_ref(), end.log.as_mut())
+                {
+                    log.outcome.response_bytes += data.len() as u64;
+                }
                 let finished = match &polled {
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Ok(_))) => body.is_end_stream(),

@@ -33,6 +33,7 @@ use crate::http::{
     Routed, SNIFFED_HTTP1, request_id, timeout_ms,
 };
 use crate::io::PrefixedIo;
+use crate::log::LoggedHeaders;
 use crate::metrics::{ClusterLabels, Label, Metrics};
 use crate::origin::{PoolKey, Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
@@ -220,11 +221,12 @@ async fn reply_headless<I: AsyncWrite + Unpin>(
     io: &mut I,
     why: Expired,
 ) -> Next {
-    let line = LogLine::wanted().then(|| LogLine {
+    let line = LogLine::wanted(proxy).then(|| LogLine {
         method: Method::from_bytes(b"-").unwrap_or_default(),
         path: "-".into(),
         protocol: "HTTP/1.1",
         authority: "-".into(),
+        headers: LoggedHeaders::default(),
     });
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
     reply_error(io, &mut log, &stream_error(why, false), false, true).await
@@ -280,7 +282,8 @@ where
     if let Some(why) = timed_out {
         // The connection closes: what arrived of the request is not needed after this.
         let request = buf.split().freeze();
-        let line = LogLine::wanted().then(|| head.log_line(&request));
+        let max = proxy.config.max_request_headers;
+        let line = LogLine::wanted(proxy).then(|| head.log_line(&request, max));
         let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
         // Envoy routed the head before the body stalled: its log names route and cluster.
         let _ = route_head(proxy, downstream, &head, &request, &mut log).await;
@@ -298,8 +301,10 @@ where
     }
     // The request leaves the buffer; what follows it is the next one.
     let request = buf.split_to(head.len + head.body).freeze();
-    let line = LogLine::wanted().then(|| head.log_line(&request));
+    let max = proxy.config.max_request_headers;
+    let line = LogLine::wanted(proxy).then(|| head.log_line(&request, max));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+    log.outcome.request_bytes = head.body as u64;
     // Envoy answers some errors from the head alone, with the body still unread: the
     // connection then closes, as Envoy's does.
     let closes = |e: &ProxyError| {
@@ -366,6 +371,10 @@ where
         })
         .inc();
     log.outcome.status = response.status;
+    // Bodies of other framings are not counted on this path.
+    if let Framing::Length(n) = response.framing {
+        log.outcome.response_bytes = n;
+    }
     let close = head.close || shutdown.is_cancelled();
     let Upstream {
         conn: Conn {
@@ -846,7 +855,9 @@ struct Head {
 }
 
 impl Head {
-    fn log_line(&self, request: &Bytes) -> LogLine {
+    /// The access log's view of the request, its head parsed once more for the headers
+    /// the log shows (at most `max` fields).
+    fn log_line(&self, request: &Bytes, max: usize) -> LogLine {
         let text = |r: Range<usize>| String::from_utf8_lossy(&request[r]).into_owned();
         LogLine {
             method: Method::from_bytes(&request[self.method.clone()]).unwrap_or_default(),
@@ -857,8 +868,39 @@ impl Head {
             },
             protocol: "HTTP/1.1",
             authority: text(self.authority.clone()),
+            headers: logged_headers(&request[..self.len], max),
         }
     }
+}
+
+/// The headers of `head` the access log shows.
+fn logged_headers(head: &[u8], max: usize) -> LoggedHeaders {
+    let mut fields = vec![httparse::EMPTY_HEADER; max];
+    let mut req = httparse::Request::new(&mut fields);
+    let mut out = LoggedHeaders::default();
+    if req.parse(head).is_err() {
+        return out;
+    }
+    for h in req.headers.iter() {
+        let slot = if h.name.eq_ignore_ascii_case("user-agent") {
+            &mut out.user_agent
+        } else if h.name.eq_ignore_ascii_case("x-request-id") {
+            &mut out.request_id
+        } else if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+            &mut out.forwarded_for
+        } else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(h.value);
+        match slot {
+            Some(v) => {
+                v.push(',');
+                v.push_str(&value);
+            }
+            None => *slot = Some(value.into_owned()),
+        }
+    }
+    out
 }
 
 enum Parsed {
@@ -1576,7 +1618,7 @@ mod tests {
              x-forwarded-proto: http\r\n\r\n"
         );
         assert_eq!(head.body, 3);
-        let line = head.log_line(&Bytes::from(raw));
+        let line = head.log_line(&Bytes::from(raw), 100);
         assert_eq!(
             (line.path.as_str(), line.authority.as_str()),
             ("/p", "up.example")

@@ -30,8 +30,8 @@ use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
 use crate::hash::{HashInput, RequestHash, request_hash};
-use crate::log::HttpLog;
-use crate::metrics::{ClusterLabels, Label, Metrics, RequestLabels};
+use crate::log::{HttpLog, LoggedHeaders};
+use crate::metrics::{ClusterLabels, Destination, Label, Metrics, RequestLabels, Value};
 use crate::origin::Transport;
 use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
@@ -126,13 +126,20 @@ pub(crate) struct Outcome {
     pub status: u16,
     pub flags: &'static str,
     pub cluster: Arc<str>,
-    pub service: Arc<str>,
+    /// Where the request went, as the metrics label it.
+    pub destination: Destination,
     pub upstream: Option<SocketAddr>,
     pub route: &'static str,
     /// The route of the model that matched, whose name the log shows instead of `route`.
     pub matched: Option<Arc<Route>>,
     /// Whether the route's fault injection delayed the request (`DI` before other flags).
     pub delayed: bool,
+    /// A gRPC request (`content-type: application/grpc...`).
+    pub grpc: bool,
+    /// The request body's size: its `content-length`, as far as it is declared.
+    pub request_bytes: u64,
+    /// Response body bytes sent to the client.
+    pub response_bytes: u64,
 }
 
 impl Default for Outcome {
@@ -144,11 +151,14 @@ impl Default for Outcome {
             status: 0,
             flags: "-",
             cluster: Arc::clone(&DASH),
-            service: Arc::clone(&UNKNOWN),
+            destination: Destination::named(Arc::clone(&UNKNOWN)),
             upstream: None,
             route: "-",
             matched: None,
             delayed: false,
+            grpc: false,
+            request_bytes: 0,
+            response_bytes: 0,
         }
     }
 }
@@ -159,12 +169,13 @@ pub(crate) struct LogLine {
     pub path: String,
     pub protocol: &'static str,
     pub authority: String,
+    pub headers: LoggedHeaders,
 }
 
 impl LogLine {
     /// Whether access log lines are wanted at all: nothing is captured otherwise.
-    pub fn wanted() -> bool {
-        tracing::enabled!(target: "access", tracing::Level::INFO)
+    pub fn wanted(proxy: &Proxy) -> bool {
+        proxy.config.access_log.enabled()
     }
 
     fn of(req: &Request<Incoming>) -> LogLine {
@@ -187,6 +198,18 @@ impl LogLine {
                 .to_owned(),
             protocol: version_str(req.version()),
             authority: authority.to_owned(),
+            headers: {
+                let get = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                };
+                LoggedHeaders {
+                    user_agent: get("user-agent"),
+                    request_id: get("x-request-id"),
+                    forwarded_for: get("x-forwarded-for"),
+                }
+            },
         }
     }
 }
@@ -243,37 +266,66 @@ impl RequestLog {
         } else {
             outcome.flags
         };
+        let metrics = &self.proxy.metrics;
+        let destination = &outcome.destination;
         let labels = RequestLabels {
             reporter: "source",
-            destination_service: Label(Arc::clone(&outcome.service)),
+            source: metrics.source.clone(),
+            source_principal: metrics.source_principal(destination),
+            destination: destination.labels.clone(),
+            request_protocol: if outcome.grpc { "grpc" } else { "http" },
             response_code: outcome.status,
+            grpc_response_status: Value::Static(""),
             response_flags: flags,
-            request_protocol: "http",
+            connection_security_policy: destination.security_policy(),
         };
-        let metrics = &self.proxy.metrics;
         metrics.requests.get_or_create(&labels).inc();
         metrics
             .request_duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64() * 1000.0);
+        metrics
+            .request_bytes
+            .get_or_create(&labels)
+            .observe(outcome.request_bytes as f64);
+        metrics
+            .response_bytes
+            .get_or_create(&labels)
+            .observe(outcome.response_bytes as f64);
+        let answered_upstream =
+            outcome.upstream.is_some() && outcome.status != 0 && matches!(flags, "-" | "UC" | "DC");
+        if answered_upstream {
+            metrics.count_upstream_response(&outcome.cluster, outcome.status);
+        }
         let Some(line) = &self.line else {
             return;
         };
+        let route = outcome.matched.as_ref().map_or(outcome.route, |r| &r.name);
         HttpLog {
             method: line.method.as_str(),
             path: &line.path,
             protocol: line.protocol,
             authority: &line.authority,
+            headers: &line.headers,
             status: outcome.status,
             flags,
+            details: if answered_upstream {
+                Some("via_upstream")
+            } else if route == "block_all" {
+                Some("direct_response")
+            } else {
+                None
+            },
             cluster: &outcome.cluster,
             upstream: outcome.upstream,
-            route: outcome.matched.as_ref().map_or(outcome.route, |r| &r.name),
+            route,
             original_dst: self.downstream.original_dst,
             downstream: self.downstream.peer,
+            received: outcome.request_bytes,
+            sent: outcome.response_bytes,
             duration,
         }
-        .emit();
+        .emit(&self.proxy.config.access_log);
     }
 }
 
@@ -294,8 +346,13 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
-    let line = LogLine::wanted().then(|| LogLine::of(&req));
+    let line = LogLine::wanted(&proxy).then(|| LogLine::of(&req));
     let mut log = RequestLog::new(&proxy, &downstream, line, Instant::now());
+    log.outcome.grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    log.outcome.request_bytes = req.body().size_hint().exact().unwrap_or(0);
     let start = log.start;
     let version = req.version();
     let with_body = !req.body().is_end_stream();
@@ -334,7 +391,10 @@ async fn handle(
                 .map(|timeout| BodyIdle::new(timeout, Arc::clone(&proxy.metrics)));
             *end = Some(StreamEnd::new(idle, log));
         }
-        _ => log.write(),
+        body => {
+            log.outcome.response_bytes = body.size_hint().exact().unwrap_or(0);
+            log.write();
+        }
     }
     response
 }
@@ -564,10 +624,10 @@ pub(crate) async fn route<'a>(
         Some("allow_any") => Some(portcullis_registry::PASSTHROUGH_CLUSTER),
         _ => None,
     };
-    outcome.service = match (&decision, catch_all) {
-        (_, Some(cluster)) => cluster.into(),
-        (Decision::Cluster(c), None) => Arc::clone(&c.host),
-        (other, None) => other.cluster_name().into(),
+    outcome.destination = match (&decision, catch_all) {
+        (_, Some(cluster)) => Destination::named(cluster.into()),
+        (Decision::Cluster(c), None) => Destination::of_cluster(c),
+        (other, None) => Destination::named(other.cluster_name().into()),
     };
     // A direct response (block_all's among them) and a refusal have no upstream cluster:
     // Envoy logs none.

@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 pub use error::ProxyError;
 pub use guard::StreamTimeouts;
+pub use log::{AccessLog, Format as AccessLogFormat};
 pub use metrics::Metrics;
 pub use upstream::NonePolicy;
 
@@ -86,6 +87,8 @@ pub struct ProxyConfig {
     /// HTTP/1.0 requests are served (Envoy's `accept_http_10`, which istiod sets only for
     /// `ISTIO_META_HTTP10=1`); otherwise they get `426 Upgrade Required`.
     pub accept_http10: bool,
+    /// Where access log lines go.
+    pub access_log: Arc<AccessLog>,
 }
 
 impl Default for ProxyConfig {
@@ -105,6 +108,7 @@ impl Default for ProxyConfig {
             max_request_headers_bytes: 60 * 1024,
             max_request_headers: 100,
             accept_http10: false,
+            access_log: Arc::new(AccessLog::off()),
         }
     }
 }
@@ -123,7 +127,7 @@ fn stream_timeouts(chain: Option<&Arc<Chain>>, otherwise: StreamTimeouts) -> Str
 
 /// The access log line of a connection closed before any routing: no filter chain matched,
 /// in Envoy's terms (`NR`).
-fn refused(dst: SocketAddr, peer: SocketAddr) {
+fn refused(log: &AccessLog, dst: SocketAddr, peer: SocketAddr) {
     log::TcpLog {
         flags: "NR",
         cluster: "-",
@@ -135,7 +139,7 @@ fn refused(dst: SocketAddr, peer: SocketAddr) {
         received: 0,
         duration: Duration::ZERO,
     }
-    .emit();
+    .emit(log);
 }
 
 /// Envoy's name for the listener that takes every redirected connection.
@@ -387,7 +391,7 @@ impl Proxy {
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
                     tracing::info!(error = %e, %peer, original_dst = %dst, "TLS ClientHello rejected; connection closed");
-                    refused(dst, peer);
+                    refused(&self.config.access_log, dst, peer);
                 }
             }
             return;

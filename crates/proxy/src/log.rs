@@ -1,8 +1,340 @@
-//! One access log line per request or TCP connection, in the spirit of Istio's default
-//! text format, with the same values as structured fields.
+//! The access log: one line per HTTP request (when its stream ends) or TCP connection (when
+//! it closes), in Istio's default text format or with the keys of Istio's default JSON
+//! format. Lines are queued to one writer thread that wakes every [`FLUSH_INTERVAL`] and
+//! writes what is queued in one go: a request wakes no thread and makes no system call for
+//! its line. When the queue is full a line is dropped and counted, so the data path never
+//! waits for the disk.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// Lines the queue holds before new ones are dropped: 320,000 lines a second at
+/// [`FLUSH_INTERVAL`].
+const QUEUE: usize = 16 * 1024;
+
+/// How long lines wait to be written, at most.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Bytes gathered before a write to the file while lines keep coming.
+const BATCH: usize = 256 * 1024;
+
+/// How access log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Istio's default text format (`meshConfig.accessLogEncoding: TEXT`).
+    Text,
+    /// Istio's default JSON keys (`meshConfig.accessLogEncoding: JSON`), one object a line.
+    Json,
+}
+
+enum Message {
+    Line(String),
+    /// Write out what is queued, then answer.
+    Flush(SyncSender<()>),
+}
+
+/// Where access log lines go: nowhere, or to one writer thread's file.
+pub struct AccessLog {
+    queue: Option<SyncSender<Message>>,
+    /// The writer, woken early when the queue fills faster than it drains.
+    writer: Option<std::thread::Thread>,
+    /// Lines queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
+    format: Format,
+    dropped: Counter,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("enabled", &self.enabled())
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+impl AccessLog {
+    /// No access log.
+    pub fn off() -> Self {
+        AccessLog {
+            queue: None,
+            writer: None,
+            queued: Arc::default(),
+            format: Format::Text,
+            dropped: Counter::default(),
+        }
+    }
+
+    /// Appends lines in `format` to `path` (created if missing), counting lines dropped
+    /// under overload in `dropped`. `/dev/stdout` and `/dev/stderr` are the process's own
+    /// streams, which a proxy running as another user than its parent could not reopen.
+    pub fn open(path: &Path, format: Format, dropped: Counter) -> std::io::Result<Self> {
+        let file: Box<dyn std::io::Write + Send> = match path.to_str() {
+            Some("/dev/stdout") => Box::new(std::io::stdout()),
+            Some("/dev/stderr") => Box::new(std::io::stderr()),
+            _ => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::clone(&queued);
+        let writer = std::thread::Builder::new()
+            .name("portcullis-access-log".into())
+            .spawn(move || write_lines(&lines, &taken, file))?;
+        Ok(AccessLog {
+            queue: Some(queue),
+            writer: Some(writer.thread().clone()),
+            queued,
+            format,
+            dropped,
+        })
+    }
+
+    /// Whether lines are written at all: nothing is captured for them otherwise.
+    pub fn enabled(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Queues the line of `entry`, or drops it when the writer is behind.
+    pub(crate) fn write(&self, entry: &Entry<'_>) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let line = match self.format {
+            Format::Text => entry.text(),
+            Format::Json => entry.json(),
+        };
+        match queue.try_send(Message::Line(line)) {
+            // A quarter full: the writer is woken now rather than at its next interval
+            // (one wake-up per `QUEUE / 4` lines at most).
+            Ok(()) => {
+                if self.queued.fetch_add(1, Ordering::Relaxed) == QUEUE / 4
+                    && let Some(writer) = &self.writer
+                {
+                    writer.unpark();
+                }
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for every line queued so far to reach the file (at shutdown,
+    /// off the data path); `false` if it did not.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(queue) = &self.queue else {
+            return true;
+        };
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut message = Message::Flush(done);
+        loop {
+            match queue.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+    }
+}
+
+/// The writer thread: every [`FLUSH_INTERVAL`] (or when woken by a filling queue) takes
+/// what is queued and writes it in one go (a write per `BATCH` bytes). It never waits in
+/// `recv`, so a queued line wakes nobody; it ends once every sender is gone and the queue
+/// is written.
+fn write_lines(
+    lines: &Receiver<Message>,
+    queued: &AtomicUsize,
+    mut file: Box<dyn std::io::Write + Send>,
+) {
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+    let mut acks = Vec::new();
+    loop {
+        std::thread::park_timeout(FLUSH_INTERVAL);
+        let mut open = true;
+        loop {
+            match lines.try_recv() {
+                Ok(Message::Line(line)) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    batch.extend_from_slice(line.as_bytes());
+                }
+                Ok(Message::Flush(ack)) => acks.push(ack),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+            if batch.len() >= BATCH {
+                write_batch(&mut file, &mut batch);
+            }
+        }
+        write_batch(&mut file, &mut batch);
+        for ack in acks.drain(..) {
+            let _ = ack.try_send(());
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+/// Writes out and empties `batch`.
+fn write_batch(file: &mut Box<dyn std::io::Write + Send>, batch: &mut Vec<u8>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(error) = file.write_all(batch).and_then(|()| file.flush()) {
+        tracing::warn!(%error, bytes = batch.len(), "cannot write the access log");
+    }
+    batch.clear();
+}
+
+/// What one line says, in Istio's terms (the command operators of its default format).
+pub(crate) struct Entry<'a> {
+    /// `%START_TIME%`.
+    pub start: SystemTime,
+    /// `%REQ(:METHOD)%`.
+    pub method: Option<&'a str>,
+    /// `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.
+    pub path: Option<&'a str>,
+    /// `%PROTOCOL%`.
+    pub protocol: Option<&'a str>,
+    /// `%RESPONSE_CODE%` (0 for TCP and for no response).
+    pub response_code: u16,
+    /// `%RESPONSE_FLAGS%`.
+    pub response_flags: &'a str,
+    /// `%RESPONSE_CODE_DETAILS%`.
+    pub details: Option<&'a str>,
+    /// `%BYTES_RECEIVED%`.
+    pub bytes_received: u64,
+    /// `%BYTES_SENT%`.
+    pub bytes_sent: u64,
+    /// `%DURATION%`.
+    pub duration: Duration,
+    /// `%REQ(X-FORWARDED-FOR)%`.
+    pub forwarded_for: Option<&'a str>,
+    /// `%REQ(USER-AGENT)%`.
+    pub user_agent: Option<&'a str>,
+    /// `%REQ(X-REQUEST-ID)%`.
+    pub request_id: Option<&'a str>,
+    /// `%REQ(:AUTHORITY)%`.
+    pub authority: Option<&'a str>,
+    /// `%UPSTREAM_HOST%`.
+    pub upstream_host: Option<SocketAddr>,
+    /// `%UPSTREAM_CLUSTER_RAW%`.
+    pub upstream_cluster: Option<&'a str>,
+    /// `%DOWNSTREAM_LOCAL_ADDRESS%`.
+    pub downstream_local: Option<SocketAddr>,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
+    pub downstream_remote: SocketAddr,
+    /// `%REQUESTED_SERVER_NAME%`.
+    pub server_name: Option<&'a str>,
+    /// `%ROUTE_NAME%`.
+    pub route_name: Option<&'a str>,
+}
+
+/// The time as Envoy's `%START_TIME%` prints it: RFC 3339 in UTC, milliseconds.
+fn start_time(t: SystemTime) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(t)
+}
+
+impl Entry<'_> {
+    /// Istio's `EnvoyTextLogFormat`: unset values are `-`.
+    fn text(&self) -> String {
+        /// `-` for an unset value, as Envoy prints one.
+        struct Or<T>(Option<T>);
+        impl<T: std::fmt::Display> std::fmt::Display for Or<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match &self.0 {
+                    Some(v) => v.fmt(f),
+                    None => f.write_str("-"),
+                }
+            }
+        }
+        let mut out = String::with_capacity(320);
+        let _ = writeln!(
+            out,
+            "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} {} {}",
+            start_time(self.start),
+            self.method.unwrap_or("-"),
+            self.path.unwrap_or("-"),
+            self.protocol.unwrap_or("-"),
+            self.response_code,
+            self.response_flags,
+            self.details.unwrap_or("-"),
+            self.bytes_received,
+            self.bytes_sent,
+            self.duration.as_millis(),
+            self.forwarded_for.unwrap_or("-"),
+            self.user_agent.unwrap_or("-"),
+            self.request_id.unwrap_or("-"),
+            self.authority.unwrap_or("-"),
+            Or(self.upstream_host),
+            self.upstream_cluster.unwrap_or("-"),
+            Or(self.downstream_local),
+            self.downstream_remote,
+            self.server_name.unwrap_or("-"),
+            self.route_name.unwrap_or("-"),
+        );
+        out
+    }
+
+    /// Istio's `EnvoyJSONLogFormatIstio` keys, sorted; numbers as numbers, unset values
+    /// `null`, as Envoy's JSON formatter writes them.
+    fn json(&self) -> String {
+        let text = |v: Option<&str>| v.map_or(serde_json::Value::Null, Into::into);
+        let addr =
+            |v: Option<SocketAddr>| v.map_or(serde_json::Value::Null, |a| a.to_string().into());
+        let object = serde_json::json!({
+            "authority": text(self.authority),
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "connection_termination_details": null,
+            "downstream_local_address": addr(self.downstream_local),
+            "downstream_remote_address": self.downstream_remote.to_string(),
+            "duration": self.duration.as_millis() as u64,
+            "method": text(self.method),
+            "path": text(self.path),
+            "protocol": text(self.protocol),
+            "request_id": text(self.request_id),
+            "requested_server_name": text(self.server_name),
+            "response_code": self.response_code,
+            "response_code_details": text(self.details),
+            "response_flags": self.response_flags,
+            "route_name": text(self.route_name),
+            "start_time": start_time(self.start).to_string(),
+            "upstream_cluster": text(self.upstream_cluster),
+            "upstream_host": addr(self.upstream_host),
+            "upstream_local_address": null,
+            "upstream_service_time": null,
+            "upstream_transport_failure_reason": null,
+            "user_agent": text(self.user_agent),
+            "x_forwarded_for": text(self.forwarded_for),
+        });
+        let mut out = object.to_string();
+        out.push('\n');
+        out
+    }
+}
 
 /// What is logged for an HTTP request.
 pub struct HttpLog<'a> {
@@ -14,10 +346,14 @@ pub struct HttpLog<'a> {
     pub protocol: &'a str,
     /// Host/authority as requested.
     pub authority: &'a str,
+    /// The request's `user-agent`, `x-request-id` and `x-forwarded-for`.
+    pub headers: &'a LoggedHeaders,
     /// Response status.
     pub status: u16,
     /// Envoy response flags.
     pub flags: &'static str,
+    /// Envoy's response code details (`via_upstream`, `direct_response`), when known.
+    pub details: Option<&'static str>,
     /// Upstream cluster name.
     pub cluster: &'a str,
     /// Upstream host, if one was chosen.
@@ -28,44 +364,53 @@ pub struct HttpLog<'a> {
     pub original_dst: Option<SocketAddr>,
     /// Client address.
     pub downstream: SocketAddr,
+    /// Request body bytes received from the client.
+    pub received: u64,
+    /// Response body bytes sent to the client.
+    pub sent: u64,
     /// From the request to the end of the stream.
     pub duration: Duration,
 }
 
+/// The request headers Istio's default format logs, captured only when logs are on.
+#[derive(Debug, Default, Clone)]
+pub struct LoggedHeaders {
+    /// `user-agent`.
+    pub user_agent: Option<String>,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+    /// `x-forwarded-for`.
+    pub forwarded_for: Option<String>,
+}
+
 impl HttpLog<'_> {
-    /// Emits the line at INFO on the `access` target.
-    pub fn emit(&self) {
-        let upstream = self
-            .upstream
-            .map_or_else(|| "-".to_string(), |u| u.to_string());
-        let original = self
-            .original_dst
-            .map_or_else(|| "-".to_string(), |u| u.to_string());
-        tracing::info!(
-            target: "access",
-            method = self.method,
-            path = self.path,
-            authority = self.authority,
-            status = self.status,
-            response_flags = self.flags,
-            upstream_cluster = self.cluster,
-            upstream_host = %upstream,
-            route_name = self.route,
-            original_dst = %original,
-            downstream = %self.downstream,
-            duration_ms = self.duration.as_millis() as u64,
-            "\"{} {} {}\" {} {} \"{}\" \"{}\" {} {} {}",
-            self.method,
-            self.path,
-            self.protocol,
-            self.status,
-            self.flags,
-            self.authority,
-            upstream,
-            self.cluster,
-            original,
-            self.route,
-        );
+    /// Writes the line to `log`.
+    pub fn emit(&self, log: &AccessLog) {
+        fn dash(s: &str) -> Option<&str> {
+            (s != "-").then_some(s)
+        }
+        log.write(&Entry {
+            start: SystemTime::now() - self.duration,
+            method: Some(self.method),
+            path: Some(self.path),
+            protocol: Some(self.protocol),
+            response_code: self.status,
+            response_flags: self.flags,
+            details: self.details,
+            bytes_received: self.received,
+            bytes_sent: self.sent,
+            duration: self.duration,
+            forwarded_for: self.headers.forwarded_for.as_deref(),
+            user_agent: self.headers.user_agent.as_deref(),
+            request_id: self.headers.request_id.as_deref(),
+            authority: dash(self.authority),
+            upstream_host: self.upstream,
+            upstream_cluster: dash(self.cluster),
+            downstream_local: self.original_dst,
+            downstream_remote: self.downstream,
+            server_name: None,
+            route_name: dash(self.route),
+        });
     }
 }
 
@@ -92,30 +437,107 @@ pub struct TcpLog<'a> {
 }
 
 impl TcpLog<'_> {
-    /// Emits the line at INFO on the `access` target.
-    pub fn emit(&self) {
-        let upstream = self
-            .upstream
-            .map_or_else(|| "-".to_string(), |u| u.to_string());
-        tracing::info!(
-            target: "access",
-            response_flags = self.flags,
-            upstream_cluster = self.cluster,
-            upstream_host = %upstream,
-            original_dst = %self.original_dst,
-            requested_server_name = self.sni.unwrap_or("-"),
-            downstream = %self.downstream,
-            bytes_sent = self.sent,
-            bytes_received = self.received,
-            duration_ms = self.duration.as_millis() as u64,
-            "\"- - -\" 0 {} {} {} \"{}\" {} {} {}",
-            self.flags,
-            self.received,
-            self.sent,
-            upstream,
-            self.cluster,
-            self.original_dst,
-            self.sni.unwrap_or("-"),
+    /// Writes the line to `log`: Envoy's `tcp_proxy` logs bytes from the client as
+    /// received and bytes to it as sent.
+    pub fn emit(&self, log: &AccessLog) {
+        log.write(&Entry {
+            start: SystemTime::now() - self.duration,
+            method: None,
+            path: None,
+            protocol: None,
+            response_code: 0,
+            response_flags: self.flags,
+            details: None,
+            bytes_received: self.sent,
+            bytes_sent: self.received,
+            duration: self.duration,
+            forwarded_for: None,
+            user_agent: None,
+            request_id: None,
+            authority: None,
+            upstream_host: self.upstream,
+            upstream_cluster: (self.cluster != "-").then_some(self.cluster),
+            downstream_local: Some(self.original_dst),
+            downstream_remote: self.downstream,
+            server_name: self.sni,
+            route_name: None,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            method: Some("GET"),
+            path: Some("/x?y=1"),
+            protocol: Some("HTTP/1.1"),
+            response_code: 200,
+            response_flags: "-",
+            details: Some("via_upstream"),
+            bytes_received: 3,
+            bytes_sent: 612,
+            duration: Duration::from_millis(7),
+            forwarded_for: None,
+            user_agent: Some("curl/8.5.0"),
+            request_id: Some("r-1"),
+            authority: Some("app.internal.com"),
+            upstream_host: Some("10.0.0.2:80".parse().expect("an address")),
+            upstream_cluster: Some("outbound|80||app.internal.com"),
+            downstream_local: Some("10.96.0.10:80".parse().expect("an address")),
+            downstream_remote: "10.0.0.1:40000".parse().expect("an address"),
+            server_name: None,
+            route_name: Some("default"),
+        }
+    }
+
+    #[test]
+    fn text_follows_istios_default_format_field_by_field() {
+        assert_eq!(
+            entry().text(),
+            "[2023-11-14T22:13:20.123Z] \"GET /x?y=1 HTTP/1.1\" 200 - via_upstream - \"-\" 3 612 7 - \"-\" \"curl/8.5.0\" \"r-1\" \"app.internal.com\" \"10.0.0.2:80\" outbound|80||app.internal.com - 10.96.0.10:80 10.0.0.1:40000 - default\n"
         );
+    }
+
+    #[test]
+    fn json_has_istios_keys_numbers_and_nulls() {
+        let line = entry().json();
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 24, "{keys:?}");
+        assert_eq!(v["response_code"], 200);
+        assert_eq!(v["bytes_sent"], 612);
+        assert_eq!(v["x_forwarded_for"], serde_json::Value::Null);
+        assert_eq!(v["upstream_cluster"], "outbound|80||app.internal.com");
+        assert_eq!(v["start_time"], "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn lines_reach_the_file_and_a_full_queue_drops_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("portcullis-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let path = dir.join("access.log");
+        let dropped = Counter::default();
+        let log = AccessLog::open(&path, Format::Text, dropped.clone()).expect("opened");
+        for _ in 0..3 * QUEUE {
+            log.write(&entry());
+        }
+        assert!(log.flush(Duration::from_secs(10)));
+        let written = std::fs::read_to_string(&path)
+            .expect("the log")
+            .lines()
+            .count();
+        assert_eq!(written as u64 + dropped.get(), 3 * QUEUE as u64);
+        assert!(written >= QUEUE, "{written}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,7 +2,13 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use portcullis_registry::{Cluster, EndpointTransport};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
+    LabelValueEncoder, MetricEncoder,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -24,30 +30,279 @@ impl From<&str> for Label {
     }
 }
 
-/// Labels of `istio_requests_total` and `istio_request_duration_milliseconds`.
+/// A label value: a constant, or a name shared with the snapshot; equal and hashed by its
+/// text, whichever it is.
+#[derive(Debug, Clone)]
+pub enum Value {
+    /// A constant such as `unknown`.
+    Static(&'static str),
+    /// A name from the snapshot or the node.
+    Shared(Arc<str>),
+}
+
+impl Value {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Value::Static(s) => s,
+            Value::Shared(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Value {}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Shared(s.into())
+    }
+}
+
+/// What Istio's stats filter says of a peer it knows nothing about.
+pub const UNKNOWN: Value = Value::Static("unknown");
+
+/// The `source_*` labels of a client-side report: the workload this sidecar serves, fixed
+/// for the process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// The workload's name (node metadata `WORKLOAD_NAME`, else the pod's name).
+    pub source_workload: Value,
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`,
+    /// else the workload's name.
+    pub source_canonical_service: Value,
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else
+    /// `version`, else `latest`.
+    pub source_canonical_revision: Value,
+    /// The pod's namespace.
+    pub source_workload_namespace: Value,
+    /// The `app` label.
+    pub source_app: Value,
+    /// The `version` label.
+    pub source_version: Value,
+    /// The mesh cluster id (`ISTIO_META_CLUSTER_ID`).
+    pub source_cluster: Value,
+}
+
+impl Default for SourceLabels {
+    fn default() -> Self {
+        SourceLabels {
+            source_workload: UNKNOWN,
+            source_canonical_service: UNKNOWN,
+            source_canonical_revision: Value::Static("latest"),
+            source_workload_namespace: UNKNOWN,
+            source_app: UNKNOWN,
+            source_version: UNKNOWN,
+            source_cluster: UNKNOWN,
+        }
+    }
+}
+
+impl SourceLabels {
+    /// The labels of the workload `name` in `namespace` with pod `labels`, in mesh
+    /// cluster `cluster`, derived as Istio derives them.
+    pub fn new(
+        name: Option<&str>,
+        namespace: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+        cluster: Option<&str>,
+    ) -> Self {
+        let known = |v: Option<&str>| v.filter(|v| !v.is_empty()).map_or(UNKNOWN, Value::from);
+        let label = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .filter(|v| !v.is_empty())
+        };
+        let workload = known(name);
+        SourceLabels {
+            source_canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .map_or_else(|| workload.clone(), |v| Value::from(v.as_str())),
+            source_canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .map_or(Value::Static("latest"), |v| Value::from(v.as_str())),
+            source_workload: workload,
+            source_workload_namespace: known(namespace),
+            source_app: known(label(&["app"]).map(String::as_str)),
+            source_version: known(label(&["version"]).map(String::as_str)),
+            source_cluster: known(cluster),
+        }
+    }
+}
+
+/// The `source_*` labels, shared by every series rather than copied into each.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source(pub Arc<SourceLabels>);
+
+impl EncodeLabelSet for Source {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
+/// The `destination_*` labels, from what the snapshot knows of the service. Endpoints
+/// carry no workload metadata, so the workload labels are `unknown`, as Istio reports a
+/// destination outside the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DestinationLabels {
+    /// The destination workload.
+    pub destination_workload: Value,
+    /// Its namespace.
+    pub destination_workload_namespace: Value,
+    /// Its identity (a SPIFFE ID), known only from a peer certificate.
+    pub destination_principal: Value,
+    /// Its `app` label.
+    pub destination_app: Value,
+    /// Its `version` label.
+    pub destination_version: Value,
+    /// The service host (`BlackHoleCluster` or `PassthroughCluster` when unregistered).
+    pub destination_service: Value,
+    /// The workload's canonical service.
+    pub destination_canonical_service: Value,
+    /// The workload's canonical revision.
+    pub destination_canonical_revision: Value,
+    /// The service's short name (a Kubernetes service's name, else the host).
+    pub destination_service_name: Value,
+    /// The namespace of the resource that declared the service.
+    pub destination_service_namespace: Value,
+    /// The mesh cluster of the destination.
+    pub destination_cluster: Value,
+}
+
+/// What the metrics and access log know of where a request or connection went.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    /// The labels.
+    pub labels: DestinationLabels,
+    /// Whether the upstream speaks Istio mutual TLS.
+    pub mutual_tls: bool,
+}
+
+impl Destination {
+    /// A destination known only by `service` (an unregistered one is named by its cluster).
+    pub fn named(service: Arc<str>) -> Self {
+        Destination {
+            labels: DestinationLabels {
+                destination_workload: UNKNOWN,
+                destination_workload_namespace: UNKNOWN,
+                destination_principal: UNKNOWN,
+                destination_app: UNKNOWN,
+                destination_version: UNKNOWN,
+                destination_service_name: Value::Shared(Arc::clone(&service)),
+                destination_service: Value::Shared(service),
+                destination_canonical_service: UNKNOWN,
+                destination_canonical_revision: UNKNOWN,
+                destination_service_namespace: UNKNOWN,
+                destination_cluster: UNKNOWN,
+            },
+            mutual_tls: false,
+        }
+    }
+
+    /// The destination `cluster` of the snapshot: a Kubernetes service's host
+    /// (`name.namespace.svc...`) gives its name and namespace, else the namespace is the
+    /// declaring resource's (`ServiceEntry namespace/name`).
+    pub fn of_cluster(cluster: &Cluster) -> Self {
+        let mut d = Destination::named(Arc::clone(&cluster.host));
+        let mut parts = cluster.host.splitn(4, '.');
+        if let (Some(name), Some(ns), Some("svc")) = (parts.next(), parts.next(), parts.next()) {
+            d.labels.destination_service_name = name.into();
+            d.labels.destination_service_namespace = ns.into();
+        } else if let Some((ns, _)) = cluster
+            .source
+            .split_once(' ')
+            .and_then(|(_, name)| name.split_once('/'))
+        {
+            d.labels.destination_service_namespace = ns.into();
+        }
+        d.mutual_tls = matches!(
+            cluster.passthrough_transport,
+            EndpointTransport::IstioMutual(_)
+        ) || cluster
+            .endpoints
+            .iter()
+            .any(|e| matches!(e.transport, EndpointTransport::IstioMutual(_)));
+        d
+    }
+
+    /// Istio's `connection_security_policy` of a client-side report.
+    pub fn security_policy(&self) -> &'static str {
+        if self.mutual_tls {
+            "mutual_tls"
+        } else {
+            "unknown"
+        }
+    }
+}
+
+/// Labels of `istio_requests_total` and the request histograms, as Istio's stats filter
+/// names them for a client-side (`reporter="source"`) sidecar.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Always `source`: the sidecar reports as the client side.
     pub reporter: &'static str,
-    /// Destination service host, or the cluster name when unregistered.
-    pub destination_service: Label,
-    /// HTTP status.
+    /// The workload this sidecar serves.
+    #[prometheus(flatten)]
+    pub source: Source,
+    /// The workload's SPIFFE ID when the upstream is Istio mutual TLS, else `unknown`.
+    pub source_principal: Value,
+    /// Where the request went.
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
+    /// `http`, `grpc` (a `application/grpc` request).
+    pub request_protocol: &'static str,
+    /// HTTP status (0 when the client went away before one).
     pub response_code: u16,
+    /// The `grpc-status` of a gRPC response, else empty.
+    pub grpc_response_status: Value,
     /// Envoy response flags.
     pub response_flags: &'static str,
-    /// `http`.
-    pub request_protocol: &'static str,
+    /// `mutual_tls` or `unknown`.
+    pub connection_security_policy: &'static str,
 }
 
-/// Labels of the TCP metrics.
+/// Labels of the TCP metrics: the request labels without response code and gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TcpLabels {
     /// Always `source`.
     pub reporter: &'static str,
-    /// Destination service host, or the cluster name.
-    pub destination_service: Label,
+    /// The workload this sidecar serves.
+    #[prometheus(flatten)]
+    pub source: Source,
+    /// The workload's SPIFFE ID when the upstream is Istio mutual TLS, else `unknown`.
+    pub source_principal: Value,
+    /// Where the connection went.
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
+    /// `tcp`.
+    pub request_protocol: &'static str,
     /// Envoy response flags.
     pub response_flags: &'static str,
+    /// `mutual_tls` or `unknown`.
+    pub connection_security_policy: &'static str,
 }
 
 /// Labels keyed by Envoy cluster.
@@ -57,10 +312,91 @@ pub struct ClusterLabels {
     pub cluster_name: Label,
 }
 
-fn duration_histogram() -> Histogram {
-    Histogram::new([
-        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    ])
+/// A counter family per Envoy cluster, listed (`# TYPE`) even before it counts: Envoy
+/// shows every cluster's counters from the cluster's creation on, so the admin port fills
+/// in a zero for each cluster of the snapshot without a series yet.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterCounter(Family<ClusterLabels, Counter>);
+
+impl std::ops::Deref for ClusterCounter {
+    type Target = Family<ClusterLabels, Counter>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl EncodeMetric for ClusterCounter {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// A metric under one of Envoy's counter names that end in `_total`
+/// (`envoy_cluster_upstream_rq_total`, Istio's `istio_requests_total`), which
+/// prometheus-client's registry refuses (it appends `_total` to every counter): it is
+/// registered as a collector instead, and the admin port takes off the `_total` the
+/// encoder appends to Envoy's and Istio's counters.
+#[derive(Debug)]
+struct EnvoyNamed<M> {
+    name: &'static str,
+    help: &'static str,
+    metric: M,
+}
+
+impl<M: EncodeMetric + std::fmt::Debug + Send + Sync + 'static> Collector for EnvoyNamed<M> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.metric.is_empty() {
+            return Ok(());
+        }
+        let metric =
+            encoder.encode_descriptor(self.name, self.help, None, self.metric.metric_type())?;
+        self.metric.encode(metric)
+    }
+}
+
+/// Registers `metric` under Envoy's `name`, which ends in `_total`.
+fn register_total(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    metric: impl EncodeMetric + std::fmt::Debug + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(EnvoyNamed { name, help, metric }));
+}
+
+/// Labels of `envoy_cluster_upstream_rq` (per status) and `envoy_cluster_upstream_rq_xx`
+/// (per class), in the order Envoy prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// `200`, or `2xx` for the class counter.
+    pub response_code: Value,
+    /// Envoy cluster name.
+    pub cluster_name: Label,
+}
+
+/// `response_code_class`-labelled cluster counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `2xx`.
+    pub response_code_class: &'static str,
+    /// Envoy cluster name.
+    pub cluster_name: Label,
+}
+
+/// The bucket bounds Envoy gives every histogram when none are configured, which Istio's
+/// histograms keep (milliseconds for durations, bytes for sizes).
+const ENVOY_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn envoy_histogram() -> Histogram {
+    Histogram::new(ENVOY_BUCKETS)
 }
 
 /// Every metric the data path records.
@@ -69,6 +405,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_request_bytes`: the request body's size.
+    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// `istio_response_bytes`: the response body's size.
+    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -78,26 +418,30 @@ pub struct Metrics {
     /// `istio_tcp_received_bytes_total` (upstream to client).
     pub tcp_received: Family<TcpLabels, Counter>,
     /// `envoy_cluster_upstream_rq_total`.
-    pub upstream_rq: Family<ClusterLabels, Counter>,
+    pub upstream_rq: ClusterCounter,
+    /// `envoy_cluster_upstream_rq`: upstream responses per status code.
+    pub upstream_rq_code: Family<CodeLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_xx`: upstream responses per status class.
+    pub upstream_rq_class: Family<ClassLabels, Counter>,
     /// `envoy_cluster_upstream_cx_connect_fail`.
-    pub connect_fail: Family<ClusterLabels, Counter>,
+    pub connect_fail: ClusterCounter,
     /// `envoy_cluster_upstream_cx_connect_timeout`.
-    pub connect_timeout: Family<ClusterLabels, Counter>,
+    pub connect_timeout: ClusterCounter,
     /// `envoy_cluster_upstream_cx_overflow`: connections refused by `max_connections`.
-    pub upstream_cx_overflow: Family<ClusterLabels, Counter>,
+    pub upstream_cx_overflow: ClusterCounter,
     /// `envoy_cluster_upstream_rq_pending_overflow`: requests refused by `max_requests` or
     /// `max_pending_requests`.
-    pub upstream_rq_pending_overflow: Family<ClusterLabels, Counter>,
+    pub upstream_rq_pending_overflow: ClusterCounter,
     /// `envoy_cluster_upstream_rq_retry_overflow`: retries not made for `max_retries`.
-    pub upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
+    pub upstream_rq_retry_overflow: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_total`: endpoints ejected.
-    pub ejections_enforced_total: Family<ClusterLabels, Counter>,
+    pub ejections_enforced_total: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx`.
-    pub ejections_consecutive_5xx: Family<ClusterLabels, Counter>,
+    pub ejections_consecutive_5xx: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_gateway_failure`.
-    pub ejections_consecutive_gateway: Family<ClusterLabels, Counter>,
+    pub ejections_consecutive_gateway: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_local_origin_failure`.
-    pub ejections_consecutive_local_origin: Family<ClusterLabels, Counter>,
+    pub ejections_consecutive_local_origin: ClusterCounter,
     /// `envoy_listener_downstream_cx_overflow`: connections refused at the limit.
     pub cx_overflow: Counter,
     /// `envoy_http_downstream_cx_idle_timeout`.
@@ -120,6 +464,13 @@ pub struct Metrics {
     /// `envoy_tcp_max_downstream_connection_duration`: connections closed at the
     /// `tcp_proxy`'s maximum duration.
     pub tcp_max_duration: Counter,
+    /// `portcullis_access_log_dropped_total`: access log lines dropped because the writer
+    /// fell behind (the data path never waits for it).
+    pub access_log_dropped: Counter,
+    /// The `source_*` labels of every report.
+    pub source: Source,
+    /// The workload's SPIFFE ID, its `source_principal` over Istio mutual TLS.
+    principal: Value,
 }
 
 impl Metrics {
@@ -137,21 +488,25 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(duration_histogram),
+            request_duration: Family::new_with_constructor(envoy_histogram),
+            request_bytes: Family::new_with_constructor(envoy_histogram),
+            response_bytes: Family::new_with_constructor(envoy_histogram),
+            upstream_rq_code: Family::default(),
+            upstream_rq_class: Family::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
-            upstream_rq: Family::default(),
-            connect_fail: Family::default(),
-            connect_timeout: Family::default(),
-            upstream_cx_overflow: Family::default(),
-            upstream_rq_pending_overflow: Family::default(),
-            upstream_rq_retry_overflow: Family::default(),
-            ejections_enforced_total: Family::default(),
-            ejections_consecutive_5xx: Family::default(),
-            ejections_consecutive_gateway: Family::default(),
-            ejections_consecutive_local_origin: Family::default(),
+            upstream_rq: ClusterCounter::default(),
+            connect_fail: ClusterCounter::default(),
+            connect_timeout: ClusterCounter::default(),
+            upstream_cx_overflow: ClusterCounter::default(),
+            upstream_rq_pending_overflow: ClusterCounter::default(),
+            upstream_rq_retry_overflow: ClusterCounter::default(),
+            ejections_enforced_total: ClusterCounter::default(),
+            ejections_consecutive_5xx: ClusterCounter::default(),
+            ejections_consecutive_gateway: ClusterCounter::default(),
+            ejections_consecutive_local_origin: ClusterCounter::default(),
             cx_overflow: Counter::default(),
             http_idle_timeout: Counter::default(),
             header_timeout: Counter::default(),
@@ -162,37 +517,70 @@ impl Metrics {
             protocol_error: Counter::default(),
             tcp_idle_timeout: Counter::default(),
             tcp_max_duration: Counter::default(),
+            access_log_dropped: Counter::default(),
+            source: Source(Arc::default()),
+            principal: UNKNOWN,
         };
-        registry.register("istio_requests", "Requests handled", m.requests.clone());
+        register_total(
+            registry,
+            "istio_requests_total",
+            "Requests handled",
+            m.requests.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration",
             m.request_duration.clone(),
         );
         registry.register(
-            "istio_tcp_connections_opened",
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        register_total(
+            registry,
+            "istio_tcp_connections_opened_total",
             "TCP connections opened",
             m.tcp_opened.clone(),
         );
-        registry.register(
-            "istio_tcp_connections_closed",
+        register_total(
+            registry,
+            "istio_tcp_connections_closed_total",
             "TCP connections closed",
             m.tcp_closed.clone(),
         );
-        registry.register(
-            "istio_tcp_sent_bytes",
+        register_total(
+            registry,
+            "istio_tcp_sent_bytes_total",
             "Bytes sent upstream",
             m.tcp_sent.clone(),
         );
-        registry.register(
-            "istio_tcp_received_bytes",
+        register_total(
+            registry,
+            "istio_tcp_received_bytes_total",
             "Bytes received from upstream",
             m.tcp_received.clone(),
         );
-        registry.register(
-            "envoy_cluster_upstream_rq",
+        register_total(
+            registry,
+            "envoy_cluster_upstream_rq_total",
             "Upstream requests per cluster",
             m.upstream_rq.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq",
+            "Upstream responses per cluster and status",
+            m.upstream_rq_code.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_xx",
+            "Upstream responses per cluster and status class",
+            m.upstream_rq_class.clone(),
         );
         registry.register(
             "envoy_cluster_upstream_cx_connect_fail",
@@ -219,8 +607,9 @@ impl Metrics {
             "Retries not made for the cluster's max_retries",
             m.upstream_rq_retry_overflow.clone(),
         );
-        registry.register(
-            "envoy_cluster_outlier_detection_ejections_enforced",
+        register_total(
+            registry,
+            "envoy_cluster_outlier_detection_ejections_enforced_total",
             "Endpoints ejected by outlier detection",
             m.ejections_enforced_total.clone(),
         );
@@ -289,6 +678,99 @@ impl Metrics {
             "TCP connections closed at their maximum duration",
             m.tcp_max_duration.clone(),
         );
+        registry.register(
+            "portcullis_access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         m
+    }
+
+    /// The same metrics reporting as the workload `source`, whose SPIFFE ID is
+    /// `principal` when known.
+    pub fn with_source(mut self, source: SourceLabels, principal: Option<&str>) -> Self {
+        self.source = Source(Arc::new(source));
+        self.principal = principal.map_or(UNKNOWN, Value::from);
+        self
+    }
+
+    /// The `source_principal` of a report for `destination`: the client side knows its
+    /// own identity as a peer only when it presents it, over Istio mutual TLS.
+    pub fn source_principal(&self, destination: &Destination) -> Value {
+        if destination.mutual_tls {
+            self.principal.clone()
+        } else {
+            UNKNOWN
+        }
+    }
+
+    /// Counts an upstream's response with `status` in `cluster`'s per-code counters.
+    pub fn count_upstream_response(&self, cluster: &Arc<str>, status: u16) {
+        let class = match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        let cluster_name = Label(Arc::clone(cluster));
+        self.upstream_rq_class
+            .get_or_create(&ClassLabels {
+                response_code_class: class,
+                cluster_name: cluster_name.clone(),
+            })
+            .inc();
+        self.upstream_rq_code
+            .get_or_create(&CodeLabels {
+                response_code: Value::Shared(status.to_string().into()),
+                cluster_name,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_labels_fall_back_as_istios_do() {
+        let labels = std::collections::BTreeMap::from([
+            ("app".to_owned(), "reviews".to_owned()),
+            ("version".to_owned(), "v2".to_owned()),
+            (
+                "service.istio.io/canonical-name".to_owned(),
+                "reviews-canonical".to_owned(),
+            ),
+        ]);
+        let s = SourceLabels::new(Some("reviews-v2"), Some("shop"), &labels, None);
+        assert_eq!(s.source_workload.as_str(), "reviews-v2");
+        assert_eq!(s.source_workload_namespace.as_str(), "shop");
+        assert_eq!(s.source_app.as_str(), "reviews");
+        assert_eq!(s.source_version.as_str(), "v2");
+        assert_eq!(s.source_canonical_service.as_str(), "reviews-canonical");
+        assert_eq!(s.source_canonical_revision.as_str(), "v2");
+        assert_eq!(s.source_cluster.as_str(), "unknown");
+        let bare = SourceLabels::new(Some("job"), None, &Default::default(), Some("east"));
+        assert_eq!(bare.source_canonical_service.as_str(), "job");
+        assert_eq!(bare.source_canonical_revision.as_str(), "latest");
+        assert_eq!(bare.source_app.as_str(), "unknown");
+        assert_eq!(bare.source_workload_namespace.as_str(), "unknown");
+        assert_eq!(bare.source_cluster.as_str(), "east");
+    }
+
+    #[test]
+    fn label_values_compare_by_text_whichever_kind() {
+        let hash = |v: &Value| {
+            use std::hash::{BuildHasher, RandomState};
+            static STATE: std::sync::LazyLock<RandomState> =
+                std::sync::LazyLock::new(RandomState::new);
+            STATE.hash_one(v)
+        };
+        let a = Value::Static("unknown");
+        let b = Value::Shared("unknown".into());
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        assert_ne!(a, Value::from("known"));
     }
 }

@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::guard::{Expired, GuardedIo};
 use crate::io::PrefixedIo;
 use crate::log::TcpLog;
-use crate::metrics::{Label, TcpLabels};
+use crate::metrics::{Destination, TcpLabels};
 use crate::origin::{Transport, UpstreamIo};
 use crate::upstream::{Original, RetryPolicy};
 
@@ -34,13 +34,17 @@ pub(crate) async fn forward(
         Decision::Cluster(c) => Arc::clone(&c.name),
         other => other.cluster_name().into(),
     };
-    let service = match &decision {
-        Decision::Cluster(c) => Arc::clone(&c.host),
-        _ => Arc::clone(&cluster),
+    let destination = match &decision {
+        Decision::Cluster(c) => Destination::of_cluster(c),
+        _ => Destination::named(Arc::clone(&cluster)),
     };
     let mut labels = TcpLabels {
         reporter: "source",
-        destination_service: Label(service),
+        source: proxy.metrics.source.clone(),
+        source_principal: proxy.metrics.source_principal(&destination),
+        connection_security_policy: destination.security_policy(),
+        destination: destination.labels,
+        request_protocol: "tcp",
         response_flags: "-",
     };
     let mut log = TcpLog {
@@ -110,7 +114,7 @@ pub(crate) async fn forward(
         .inc_by(log.received);
     proxy.metrics.tcp_closed.get_or_create(&labels).inc();
     log.duration = start.elapsed();
-    log.emit();
+    log.emit(&proxy.config.access_log);
 }
 
 /// The one upstream connection attempt of Envoy's `tcp_proxy` as istiod configures it
@@ -163,7 +167,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::metrics::{ClusterLabels, Metrics};
+    use crate::metrics::{ClusterLabels, Destination, Label, Metrics};
     use crate::{Proxy, ProxyConfig};
 
     /// A proxy serving `r`, the decision for its cluster `db`, and the proxy's metrics.
@@ -271,9 +275,17 @@ mod tests {
             cluster_name: Label::from("db"),
         };
         assert_eq!(metrics.upstream_cx_overflow.get_or_create(&labels).get(), 1);
+        let Decision::Cluster(cluster) = &decision else {
+            panic!("a cluster decision");
+        };
+        let destination = Destination::of_cluster(cluster);
         let uo = TcpLabels {
             reporter: "source",
-            destination_service: Label::from("db"),
+            source: metrics.source.clone(),
+            source_principal: metrics.source_principal(&destination),
+            connection_security_policy: destination.security_policy(),
+            destination: destination.labels,
+            request_protocol: "tcp",
             response_flags: "UO",
         };
         assert_eq!(metrics.tcp_opened.get_or_create(&uo).get(), 1);

@@ -185,9 +185,9 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
     common::http_model(table, clusters)
 }
 
-/// The value of Prometheus counter `name` for `cluster`, 0 when absent.
+/// The value of Envoy's counter `name` for `cluster`, 0 when absent.
 fn counter(harness: &Harness, name: &str, cluster: &str) -> u64 {
-    let prefix = format!("{name}_total{{cluster_name=\"{cluster}\"}} ");
+    let prefix = format!("{name}{{cluster_name=\"{cluster}\"}} ");
     harness
         .prometheus()
         .lines()
@@ -892,9 +892,9 @@ spec:
     );
     let text = harness.prometheus();
     assert!(
-        text.lines().any(|l| l.starts_with(
-            "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total{"
-        ) && l.ends_with(" 1")),
+        text.lines().any(|l| l
+            .starts_with("envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx{")
+            && l.ends_with(" 1")),
         "{text}"
     );
 }

@@ -216,7 +216,7 @@ async fn request_heads_over_the_size_or_count_limit_get_431() {
     assert!(
         harness
             .prometheus()
-            .contains("envoy_http_downstream_cx_protocol_error_total 5"),
+            .contains("envoy_http_downstream_cx_protocol_error 5"),
         "{}",
         harness.prometheus()
     );
@@ -334,7 +334,7 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     assert!(
         harness
             .prometheus()
-            .contains("envoy_http_downstream_cx_idle_timeout_total 1")
+            .contains("envoy_http_downstream_cx_idle_timeout 1")
     );
 }
 
@@ -367,7 +367,7 @@ async fn connections_beyond_the_limit_are_closed_while_open_ones_keep_working() 
     assert!(
         harness
             .prometheus()
-            .contains("envoy_listener_downstream_cx_overflow_total 1")
+            .contains("envoy_listener_downstream_cx_overflow 1")
     );
 
     // The two inside keep working.
@@ -566,9 +566,9 @@ async fn a_refused_connection_is_a_503_uf() {
     );
     assert_eq!(requests_counted(&harness, 503, "URX,UF"), 1);
     assert!(
-        harness
-            .prometheus()
-            .contains("envoy_cluster_upstream_cx_connect_fail_total{cluster_name=\"outbound|80||app.internal\"} 3"),
+        harness.prometheus().contains(
+            "envoy_cluster_upstream_cx_connect_fail{cluster_name=\"outbound|80||app.internal\"} 3"
+        ),
         "{}",
         harness.prometheus()
     );

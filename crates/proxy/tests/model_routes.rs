@@ -391,11 +391,11 @@ async fn a_routes_fault_filter_delays_and_aborts_as_envoys_does() {
 
     let text = harness.prometheus();
     assert!(
-        text.contains("envoy_http_fault_aborts_injected_total 1"),
+        text.contains("envoy_http_fault_aborts_injected 1"),
         "{text}"
     );
     assert!(
-        text.contains("envoy_http_fault_delays_injected_total 1"),
+        text.contains("envoy_http_fault_delays_injected 1"),
         "{text}"
     );
 }

@@ -162,7 +162,7 @@ async fn no_response_within_the_stream_idle_timeout_is_a_504_and_the_connection_
     assert!(
         harness
             .prometheus()
-            .contains("envoy_http_downstream_rq_idle_timeout_total 2")
+            .contains("envoy_http_downstream_rq_idle_timeout 2")
     );
 }
 
@@ -243,7 +243,7 @@ async fn a_request_not_whole_within_the_request_timeout_is_a_408() {
     assert!(
         harness
             .prometheus()
-            .contains("envoy_http_downstream_rq_timeout_total 1")
+            .contains("envoy_http_downstream_rq_timeout 1")
     );
 }
 

@@ -405,7 +405,7 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
     })
     .or_else(|_| access_lines(lab, side))?;
     let new = lines.get(before..).unwrap_or_default();
-    let fields: Vec<[String; 3]> = new.iter().map(|l| log_fields(side, l)).collect();
+    let fields: Vec<[String; 3]> = new.iter().map(|l| log_fields(l)).collect();
     for (i, name) in ["log flags", "log cluster", "log route"]
         .into_iter()
         .enumerate()
@@ -536,51 +536,28 @@ fn raw_response(data: &str) -> String {
     format!("{status} [{}] {body}", headers.join("; "))
 }
 
-/// The access log lines a proxy has written so far.
+/// The access log lines a proxy has written so far: both write Istio's default format
+/// (portcullis to its stdout, among its own log's lines).
 fn access_lines(lab: &mut Lab, side: Side) -> anyhow::Result<Vec<String>> {
-    Ok(match side {
-        Side::Portcullis => lab
-            .portcullis_output()
-            .lines()
-            .filter(|l| l.contains("response_flags="))
-            .map(str::to_owned)
-            .collect(),
-        Side::Envoy => lab
-            .envoy_access_log()?
-            .lines()
-            .filter(|l| l.starts_with('['))
-            .map(str::to_owned)
-            .collect(),
-    })
+    let text = match side {
+        Side::Portcullis => lab.portcullis_output(),
+        Side::Envoy => lab.envoy_access_log()?,
+    };
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .map(str::to_owned)
+        .collect())
 }
 
-/// Response flags, upstream cluster and route name of one access log line.
-fn log_fields(side: Side, line: &str) -> [String; 3] {
-    match side {
-        Side::Portcullis => {
-            let field = |key: &str| {
-                let tokens = tokens(line);
-                tokens
-                    .iter()
-                    .find_map(|t| t.strip_prefix(key))
-                    .map_or("-", |v| v.trim_matches('"'))
-                    .to_owned()
-            };
-            [
-                field("response_flags="),
-                field("upstream_cluster="),
-                field("route_name="),
-            ]
-        }
-        // Istio's format: [time] "request" code flags details termination "failure" in out
-        // duration upstream-time "xff" "agent" "id" "authority" "upstream" cluster
-        // upstream-local downstream-local downstream-remote sni route.
-        Side::Envoy => {
-            let tokens = tokens(line);
-            let at = |i: usize| tokens.get(i).map_or("?", String::as_str).to_owned();
-            [at(3), at(16), at(21)]
-        }
-    }
+/// Response flags, upstream cluster and route name of one access log line in Istio's
+/// format: [time] "request" code flags details termination "failure" in out duration
+/// upstream-time "xff" "agent" "id" "authority" "upstream" cluster upstream-local
+/// downstream-local downstream-remote sni route.
+fn log_fields(line: &str) -> [String; 3] {
+    let tokens = tokens(line);
+    let at = |i: usize| tokens.get(i).map_or("?", String::as_str).to_owned();
+    [at(3), at(16), at(21)]
 }
 
 /// `line` split on spaces, keeping a `"quoted string"` as one token (quotes included).
@@ -615,28 +592,11 @@ mod tests {
     #[test]
     fn reads_flags_cluster_and_route_from_istios_envoy_format() {
         let line = "[2026-12-03T16:00:00.000Z] \"GET / HTTP/1.1\" 502 - direct_response - \"-\" 0 0 0 - \"-\" \"curl/8.5.0\" \"6c1f\" \"example.org\" \"-\" - - 10.50.3.3:80 10.50.1.1:40000 - block_all";
-        assert_eq!(
-            log_fields(Side::Envoy, line),
-            ["-", "-", "block_all"].map(String::from)
-        );
+        assert_eq!(log_fields(line), ["-", "-", "block_all"].map(String::from));
         let tcp = "[2026-12-03T16:00:00.000Z] \"- - -\" 0 UH - - \"-\" 0 0 0 - \"-\" \"-\" \"-\" \"-\" \"-\" BlackHoleCluster - 10.50.0.1:9 10.50.1.1:4 - -";
         assert_eq!(
-            log_fields(Side::Envoy, tcp),
+            log_fields(tcp),
             ["UH", "BlackHoleCluster", "-"].map(String::from)
-        );
-    }
-
-    #[test]
-    fn reads_flags_cluster_and_route_from_portcullis_fields() {
-        let line = "2026-12-03T16:00:00Z INFO access: \"GET / HTTP/1.1\" 502 - \"a b\" \"-\" BlackHoleCluster 10.50.3.3:80 block_all method=\"GET\" response_flags=\"-\" upstream_cluster=\"BlackHoleCluster\" route_name=\"block_all\"";
-        assert_eq!(
-            log_fields(Side::Portcullis, line),
-            ["-", "BlackHoleCluster", "block_all"].map(String::from)
-        );
-        let tcp = "INFO access: \"- - -\" 0 UH response_flags=\"UH\" upstream_cluster=\"PassthroughCluster\"";
-        assert_eq!(
-            log_fields(Side::Portcullis, tcp),
-            ["UH", "PassthroughCluster", "-"].map(String::from)
         );
     }
 

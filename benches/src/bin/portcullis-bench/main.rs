@@ -132,6 +132,13 @@ struct RunArgs {
     /// Only the HTTP comparison: no TCP throughput, memory or reload runs.
     #[arg(long)]
     http_only: bool,
+    /// portcullis writes its access log to `<DIR>/<name>.log` (DIR writable by uid 1337);
+    /// off when not given, as every peer's log is.
+    #[arg(long)]
+    access_log_dir: Option<PathBuf>,
+    /// The access log's format with `--access-log-dir`: `text` or `json`.
+    #[arg(long, default_value = "text")]
+    access_log_format: String,
 }
 
 /// What a run measures, resolved from the flags.
@@ -712,6 +719,13 @@ fn start_portcullis(
         cmd.args(["run", "--config"])
             .arg(&config)
             .args(["--concurrency", "1", "--log", "off"]);
+        match &args.access_log_dir {
+            Some(dir) => cmd
+                .arg("--access-log")
+                .arg(dir.join(format!("{name}.log")))
+                .args(["--access-log-format", &args.access_log_format]),
+            None => cmd.args(["--access-log", "off"]),
+        };
         if ns == Ns::Peers {
             cmd.args(["--http-proxy", &format!("127.0.0.1:{}", lab::EXPLICIT_PORT)]);
         }

@@ -314,9 +314,7 @@ impl Harness {
 
     /// The metrics as `/stats/prometheus` shows them.
     pub fn prometheus(&self) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.prometheus).unwrap();
-        text
+        portcullis_admin::prometheus(&self.prometheus, &[], &[])
     }
 }
 
