@@ -94,7 +94,11 @@ fn an_http1_request_to_an_http2_port_is_logged_and_counted_once() {
                 && samples[0].ends_with(" 1"),
             "one istio_requests_total sample, code 200, count 1: {samples:#?}"
         );
-        let lines = log_lines(lab, &["\"GET / HTTP/1.1\"", "h2.internal.com:8080"]);
+        // The access log is written in batches: the line comes within a flush.
+        let lines = poll("the request's access line", Duration::from_secs(5), || {
+            let lines = log_lines(lab, &["\"GET / HTTP/1.1\"", "h2.internal.com:8080"]);
+            Ok((!lines.is_empty()).then_some(lines))
+        })?;
         ensure!(
             lines.len() == 1 && lines[0].contains(" 200 "),
             "one access line, status 200: {lines:#?}"

@@ -276,7 +276,7 @@ fn the_deployment_runs_as_written() {
         );
         lab.expect_logged(
             "the refusal in the access log",
-            &["route_name=\"block_all\"", EXTERNAL_IP],
+            &[" 502 - ", "block_all", EXTERNAL_IP],
         )?;
 
         // The pod's hostAliases are its /etc/hosts: the ConfigMap's made-up host resolves in
