@@ -277,28 +277,20 @@ impl Audit {
             .destination
             .map_or_else(|| "-".to_string(), |d| d.to_string());
         let shown_host = host.as_deref().unwrap_or("-");
-        match verdict {
-            Verdict::Deny => tracing::warn!(
-                target: "denial",
-                host = shown_host,
-                destination = %destination,
-                port = seen.port,
-                protocol = seen.protocol.as_str(),
-                listener = seen.listener,
-                reason_code = code,
-                "denied: {reason}"
-            ),
-            Verdict::Forward => tracing::warn!(
-                target: "denial",
-                host = shown_host,
-                destination = %destination,
-                port = seen.port,
-                protocol = seen.protocol.as_str(),
-                listener = seen.listener,
-                reason_code = code,
-                "would deny (audit mode, forwarded): {reason}"
-            ),
-        }
+        let what = match verdict {
+            Verdict::Deny => "denied",
+            Verdict::Forward => "would deny (audit mode, forwarded)",
+        };
+        tracing::warn!(
+            target: "denial",
+            host = shown_host,
+            destination = %destination,
+            port = seen.port,
+            protocol = seen.protocol.as_str(),
+            listener = seen.listener,
+            reason_code = code,
+            "{what}: {reason}"
+        );
         // Past the record limit the names are clients' to choose: one series takes them
         // all, so that made-up hosts cannot grow the metrics without bound.
         let (host, destination) = if recorded {
