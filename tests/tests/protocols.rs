@@ -287,6 +287,15 @@ fn grpc_bidirectional_stream() {
             "the gRPC stream must echo 5 messages in order, then the status, details and \
              trailers; got:\n{out}"
         );
+        // Istio's metrics name the call's status from its trailers.
+        let (_, text) = lab.admin_get("/stats/prometheus")?;
+        ensure!(
+            text.lines().any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"grpc.internal.com\"")
+                && l.contains("request_protocol=\"grpc\"")
+                && l.contains("grpc_response_status=\"8\"")),
+            "the call counted with grpc_response_status 8 (RESOURCE_EXHAUSTED):\n{text}"
+        );
 
         // An unregistered address: the call fails without reaching the server.
         let calls = |lab: &mut Lab| -> anyhow::Result<usize> {

@@ -304,14 +304,25 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
             ensure!(bounds == BUCKETS, "{name}'s buckets: {bounds:?}");
             ensure!(value(f, &format!("{name}_count"), &ok)? >= 1.0, "{name}");
         }
+        // Istio's sizes count the heads as Envoy's header maps size them, with the bodies.
         let page = value(
             family(&families, "istio_response_bytes", "histogram")?,
             "istio_response_bytes_sum",
             &ok,
         )?;
         ensure!(
-            page >= EXTERNAL_MARK.len() as f64,
-            "the page's size in istio_response_bytes: {page}"
+            page >= (EXTERNAL_MARK.len() + ":status200".len()) as f64,
+            "the page and its head in istio_response_bytes: {page}"
+        );
+        let request = value(
+            family(&families, "istio_request_bytes", "histogram")?,
+            "istio_request_bytes_sum",
+            &ok,
+        )?;
+        let head = ":methodGET:path/:authority:schemehttp".len() + APP_HOST.len();
+        ensure!(
+            request >= head as f64,
+            "a GET's head in istio_request_bytes: {request}"
         );
 
         let tcp = [
@@ -350,6 +361,7 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
         // before they count.
         let counters = [
             "envoy_cluster_upstream_rq_total",
+            "envoy_cluster_upstream_cx_total",
             "envoy_cluster_upstream_cx_connect_fail",
             "envoy_cluster_upstream_cx_connect_timeout",
             "envoy_cluster_upstream_cx_overflow",
@@ -371,7 +383,7 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
             "PassthroughCluster",
         ] {
             let at = [("cluster_name", cluster)];
-            for name in &counters[..6] {
+            for name in &counters[..7] {
                 let f = family(&families, name.trim_end_matches("_total"), "counter")?;
                 let series: Vec<&Sample> = matching(
                     f,
@@ -384,7 +396,7 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
                 ensure!(series.len() == 1, "{name} of {cluster}: {series:?}");
                 let errors = series[0].value;
                 ensure!(
-                    name.ends_with("_rq_total") || errors == 0.0,
+                    name.ends_with("_rq_total") || name.ends_with("_cx_total") || errors == 0.0,
                     "{name} of {cluster}: {errors}"
                 );
             }
@@ -403,6 +415,15 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
         ensure!(
             total.iter().any(|s| s.labels.len() == 1 && s.value >= 1.0),
             "upstream_rq_total of {app_cluster}: {total:?}"
+        );
+        let opened = value(
+            family(&families, "envoy_cluster_upstream_cx", "counter")?,
+            "envoy_cluster_upstream_cx_total",
+            &[("cluster_name", &app_cluster)],
+        )?;
+        ensure!(
+            opened >= 1.0,
+            "upstream_cx_total of {app_cluster}: {opened}"
         );
         let code = [
             ("cluster_name", app_cluster.as_str()),

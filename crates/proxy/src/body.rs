@@ -131,9 +131,19 @@ impl Body for ProxyBody {
                     }
                 }
                 if let (Poll::Ready(Some(Ok(frame))), Some(end)) = (&polled, end.as_deref_mut())
-                    && let (Some(data), Some(log)) = (frame.data_ref(), end.log.as_mut())
+                    && let Some(log) = end.log.as_mut()
                 {
-                    log.outcome.response_bytes += data.len() as u64;
+                    let outcome = &mut log.outcome;
+                    if let Some(data) = frame.data_ref() {
+                        outcome.response_bytes += data.len() as u64;
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        outcome.response_head_bytes +=
+                            crate::metrics::header_fields(trailers) as u64;
+                        if outcome.grpc {
+                            outcome.grpc_status =
+                                crate::http::grpc_status(trailers).or(outcome.grpc_status);
+                        }
+                    }
                 }
                 let finished = match &polled {
                     Poll::Ready(None) => true,

@@ -34,7 +34,7 @@ use crate::http::{
 };
 use crate::io::PrefixedIo;
 use crate::log::LoggedHeaders;
-use crate::metrics::{ClusterLabels, Label, Metrics};
+use crate::metrics::Metrics;
 use crate::origin::{PoolKey, Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, RetryPolicy, Target};
@@ -305,6 +305,7 @@ where
     let line = LogLine::wanted(proxy).then(|| head.log_line(&request, max));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
     log.outcome.request_bytes = head.body as u64;
+    log.outcome.request_head_bytes = head.head_bytes;
     // Envoy answers some errors from the head alone, with the body still unread: the
     // connection then closes, as Envoy's does.
     let closes = |e: &ProxyError| {
@@ -363,14 +364,9 @@ where
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    proxy
-        .metrics
-        .upstream_rq
-        .get_or_create(&ClusterLabels {
-            cluster_name: Label(Arc::clone(&log.outcome.cluster)),
-        })
-        .inc();
+    proxy.metrics.count_upstream_request(&log.outcome.cluster);
     log.outcome.status = response.status;
+    log.outcome.response_head_bytes = crate::metrics::response_head_bytes(response.fields);
     // Bodies of other framings are not counted on this path.
     if let Framing::Length(n) = response.framing {
         log.outcome.response_bytes = n;
@@ -598,6 +594,11 @@ async fn reply_error<I: AsyncWrite + Unpin>(
     log.outcome.flags = e.flag();
     log.metrics().count_error(e);
     log.outcome.status = response.status().as_u16();
+    log.outcome.response_head_bytes =
+        crate::metrics::response_head_bytes(crate::metrics::header_fields(response.headers()));
+    log.outcome.response_bytes = hyper::body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
     log.write();
     let bytes = local_reply(response, head_method, close);
     if io.write_all(&bytes).await.is_err() || close {
@@ -852,6 +853,8 @@ struct Head {
     out: Vec<u8>,
     /// Where the digit of `x-envoy-attempt-count` is in `out`.
     attempt_at: usize,
+    /// The head's size as Envoy's header map gives it (Istio's request size counts it).
+    head_bytes: u64,
 }
 
 impl Head {
@@ -1053,8 +1056,10 @@ fn parse_request(
     let mut forwarded_proto = false;
     let mut has_request_id = false;
     let mut te_trailers_only = true;
+    let mut fields = 0;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        fields += name.len() + h.value.len();
         if name.eq_ignore_ascii_case(b"host") {
             let visible = h
                 .value
@@ -1161,6 +1166,12 @@ fn parse_request(
         slash,
         out,
         attempt_at,
+        head_bytes: crate::metrics::request_head_bytes(
+            method.len(),
+            path.len() + usize::from(slash),
+            authority.len(),
+            fields - host.map_or(0, |h| "host".len() + h.len()),
+        ),
     })
 }
 
@@ -1230,6 +1241,8 @@ struct ResponseHead {
     reusable: bool,
     /// The client's head without the proxy's own headers and the final blank line.
     head: Vec<u8>,
+    /// The names' and values' bytes of the upstream's fields the client gets.
+    fields: usize,
     has_date: bool,
     /// The client is told `transfer-encoding: chunked` (also on a HEAD response, where
     /// the upstream said so).
@@ -1318,6 +1331,7 @@ fn parse_response(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>,
     };
     let mut head = Vec::with_capacity(len + 64);
     status_line(&mut head, status, res.reason.map(str::as_bytes));
+    let mut fields = 0;
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
         if hop_by_hop(name)
@@ -1328,10 +1342,12 @@ fn parse_response(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>,
         {
             continue;
         }
+        fields += name.len() + h.value.len();
         header_lowercase(&mut head, name, h.value);
     }
     Ok(Some(ResponseHead {
         len,
+        fields,
         status: code,
         interim,
         framing,

@@ -31,7 +31,10 @@ use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts
 use crate::h1;
 use crate::hash::{HashInput, RequestHash, request_hash};
 use crate::log::{HttpLog, LoggedHeaders};
-use crate::metrics::{ClusterLabels, Destination, Label, Metrics, RequestLabels, Value};
+use crate::metrics::{
+    Destination, Measured, Metrics, RequestLabels, Value, grpc_status_label, header_fields,
+    request_head_bytes, response_head_bytes,
+};
 use crate::origin::Transport;
 use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
@@ -136,10 +139,17 @@ pub(crate) struct Outcome {
     pub delayed: bool,
     /// A gRPC request (`content-type: application/grpc...`).
     pub grpc: bool,
+    /// The `grpc-status` of the response's trailers, else of its headers.
+    pub grpc_status: Option<u32>,
     /// The request body's size: its `content-length`, as far as it is declared.
     pub request_bytes: u64,
     /// Response body bytes sent to the client.
     pub response_bytes: u64,
+    /// The request head's size as Envoy's header map gives it, which Istio's request size
+    /// counts besides the body.
+    pub request_head_bytes: u64,
+    /// The response head's and trailers' sizes, as Envoy's header maps give them.
+    pub response_head_bytes: u64,
 }
 
 impl Default for Outcome {
@@ -157,8 +167,11 @@ impl Default for Outcome {
             matched: None,
             delayed: false,
             grpc: false,
+            grpc_status: None,
             request_bytes: 0,
             response_bytes: 0,
+            request_head_bytes: 0,
+            response_head_bytes: 0,
         }
     }
 }
@@ -275,23 +288,22 @@ impl RequestLog {
             destination: destination.labels.clone(),
             request_protocol: if outcome.grpc { "grpc" } else { "http" },
             response_code: outcome.status,
-            grpc_response_status: Value::Static(""),
+            grpc_response_status: if outcome.grpc {
+                grpc_status_label(outcome.grpc_status, outcome.status)
+            } else {
+                Value::Static("")
+            },
             response_flags: flags,
             connection_security_policy: destination.security_policy(),
         };
-        metrics.requests.get_or_create(&labels).inc();
-        metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(outcome.request_bytes as f64);
-        metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(outcome.response_bytes as f64);
+        metrics.record_request(
+            &labels,
+            Measured {
+                duration,
+                request_bytes: outcome.request_head_bytes + outcome.request_bytes,
+                response_bytes: outcome.response_head_bytes + outcome.response_bytes,
+            },
+        );
         let answered_upstream =
             outcome.upstream.is_some() && outcome.status != 0 && matches!(flags, "-" | "UC" | "DC");
         if answered_upstream {
@@ -353,6 +365,22 @@ async fn handle(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     log.outcome.request_bytes = req.body().size_hint().exact().unwrap_or(0);
+    log.outcome.request_head_bytes = {
+        let uri = req.uri();
+        let host = req.headers().get(header::HOST);
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().len())
+            .or(host.map(HeaderValue::len))
+            .unwrap_or(0);
+        let host_field = host.map_or(0, |h| "host".len() + h.len());
+        request_head_bytes(
+            req.method().as_str().len(),
+            uri.path_and_query().map_or(1, |p| p.as_str().len()),
+            authority,
+            header_fields(req.headers()) - host_field,
+        )
+    };
     let start = log.start;
     let version = req.version();
     let with_body = !req.body().is_end_stream();
@@ -382,6 +410,10 @@ async fn handle(
         }
     };
     log.outcome.status = response.status().as_u16();
+    log.outcome.response_head_bytes = response_head_bytes(header_fields(response.headers()));
+    if log.outcome.grpc {
+        log.outcome.grpc_status = grpc_status(response.headers());
+    }
     let mut response = response;
     match response.body_mut() {
         // Logged when the body ends, as Envoy logs at the end of the stream.
@@ -397,6 +429,11 @@ async fn handle(
         }
     }
     response
+}
+
+/// The `grpc-status` of a response head or trailers.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// The response Envoy sends for `err` on a downstream speaking `version`, to a request
@@ -845,17 +882,8 @@ async fn route_and_forward(
                 continue;
             }
         };
-        proxy
-            .metrics
-            .upstream_rq
-            .get_or_create(&ClusterLabels {
-                cluster_name: Label(Arc::clone(&outcome.cluster)),
-            })
-            .inc();
-        let grpc_status = response
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok()?.parse().ok());
+        proxy.metrics.count_upstream_request(&outcome.cluster);
+        let grpc_status = grpc_status(response.headers());
         let head = (
             response.status().as_u16(),
             &MapHeaders(response.headers()) as &dyn Headers,
@@ -1018,13 +1046,7 @@ async fn mirrored(
     } else {
         send_h1(proxy, target, req).await
     };
-    proxy
-        .metrics
-        .upstream_rq
-        .get_or_create(&ClusterLabels {
-            cluster_name: Label(name),
-        })
-        .inc();
+    proxy.metrics.count_upstream_request(&name);
     if let Ok((response, pooled)) = sent {
         // Read to its end, so that the connection can serve again.
         let body = prepare_response(

@@ -1,6 +1,8 @@
 //! Prometheus metrics under the names Istio and Envoy users already graph.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use portcullis_registry::{Cluster, EndpointTransport};
 use prometheus_client::collector::Collector;
@@ -154,8 +156,14 @@ impl SourceLabels {
 }
 
 /// The `source_*` labels, shared by every series rather than copied into each.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source(pub Arc<SourceLabels>);
+
+/// Hashes nothing: every series of a process has the same source, so hashing its seven
+/// values on each request would tell the series apart no better.
+impl std::hash::Hash for Source {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
 
 impl EncodeLabelSet for Source {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
@@ -399,6 +407,109 @@ fn envoy_histogram() -> Histogram {
     Histogram::new(ENVOY_BUCKETS)
 }
 
+/// Series handles found by a fast hash of their labels.
+///
+/// prometheus-client's `Family` hashes a label set with SipHash under its lock on every
+/// lookup, and a request's label set has 25 labels, looked up in four families. A handle
+/// is a clone of a family's series (the same storage), found here once per request with
+/// foldhash; the families stay what the admin port encodes.
+struct Handles<K, H> {
+    map: RwLock<HashMap<K, H, foldhash::fast::RandomState>>,
+}
+
+impl<K, H> Default for Handles<K, H> {
+    fn default() -> Self {
+        Handles {
+            map: RwLock::new(HashMap::default()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, H> Handles<K, H> {
+    /// Calls `f` with the handles of `key`, made by `make` from the families the first time.
+    fn with<R>(&self, key: &K, make: impl FnOnce(&K) -> H, f: impl FnOnce(&H) -> R) -> R {
+        if let Some(handles) = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+        {
+            return f(handles);
+        }
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        f(map.entry(key.clone()).or_insert_with(|| make(key)))
+    }
+}
+
+/// The series one request is recorded in.
+struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// What one request measured, recorded in the series of its labels.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// From the request's first byte to its stream's end.
+    pub duration: std::time::Duration,
+    /// Request headers and body.
+    pub request_bytes: u64,
+    /// Response headers, body and trailers.
+    pub response_bytes: u64,
+}
+
+/// The size Envoy's header map gives a request head (`byteSize`, which Istio adds to the
+/// body in `istio_request_bytes`): names and values without separators, pseudo-headers
+/// included; `fields` is that sum over the header fields other than Host, which becomes
+/// `:authority`.
+pub fn request_head_bytes(method: usize, path: usize, authority: usize, fields: usize) -> u64 {
+    let pseudo = ":method".len() + ":path".len() + ":authority".len() + ":scheme".len();
+    (pseudo + method + path + authority + "http".len() + fields) as u64
+}
+
+/// The size Envoy's header map gives a response head with `fields` bytes of names and values.
+pub fn response_head_bytes(fields: usize) -> u64 {
+    (":status".len() + 3 + fields) as u64
+}
+
+/// The names and values of `headers`, without separators.
+pub fn header_fields(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
+/// The `grpc_response_status` of a gRPC request, found as Envoy's `getGrpcStatus` finds it:
+/// the trailers' `grpc-status`, else the headers', else the one the HTTP status maps to.
+pub fn grpc_status_label(grpc_status: Option<u32>, http_status: u16) -> Value {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    // Envoy's `Grpc::Utility::httpToGrpcStatus`.
+    let code = grpc_status.or(match http_status {
+        0 => None,
+        400 => Some(13),
+        401 => Some(16),
+        403 => Some(7),
+        404 => Some(12),
+        429 | 502 | 503 | 504 => Some(14),
+        _ => Some(2),
+    });
+    match code {
+        None => Value::Static(""),
+        Some(code) => usize::try_from(code)
+            .ok()
+            .and_then(|c| CODES.get(c))
+            .map_or_else(
+                || Value::Shared(code.to_string().into()),
+                |c| Value::Static(c),
+            ),
+    }
+}
+
 /// Every metric the data path records.
 pub struct Metrics {
     /// `istio_requests_total`.
@@ -423,6 +534,8 @@ pub struct Metrics {
     pub upstream_rq_code: Family<CodeLabels, Counter>,
     /// `envoy_cluster_upstream_rq_xx`: upstream responses per status class.
     pub upstream_rq_class: Family<ClassLabels, Counter>,
+    /// `envoy_cluster_upstream_cx_total`: upstream connections opened.
+    pub upstream_cx_total: ClusterCounter,
     /// `envoy_cluster_upstream_cx_connect_fail`.
     pub connect_fail: ClusterCounter,
     /// `envoy_cluster_upstream_cx_connect_timeout`.
@@ -471,6 +584,12 @@ pub struct Metrics {
     pub source: Source,
     /// The workload's SPIFFE ID, its `source_principal` over Istio mutual TLS.
     principal: Value,
+    /// The request series of each label set.
+    request_series: Handles<RequestLabels, RequestSeries>,
+    /// `upstream_rq` of each cluster.
+    upstream_rq_series: Handles<Label, Counter>,
+    /// The per-class and per-code counters of each cluster and status.
+    response_series: Handles<(Label, u16), (Counter, Counter)>,
 }
 
 impl Metrics {
@@ -498,6 +617,7 @@ impl Metrics {
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             upstream_rq: ClusterCounter::default(),
+            upstream_cx_total: ClusterCounter::default(),
             connect_fail: ClusterCounter::default(),
             connect_timeout: ClusterCounter::default(),
             upstream_cx_overflow: ClusterCounter::default(),
@@ -520,6 +640,9 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             source: Source(Arc::default()),
             principal: UNKNOWN,
+            request_series: Handles::default(),
+            upstream_rq_series: Handles::default(),
+            response_series: Handles::default(),
         };
         register_total(
             registry,
@@ -581,6 +704,12 @@ impl Metrics {
             "envoy_cluster_upstream_rq_xx",
             "Upstream responses per cluster and status class",
             m.upstream_rq_class.clone(),
+        );
+        register_total(
+            registry,
+            "envoy_cluster_upstream_cx_total",
+            "Upstream connections opened per cluster",
+            m.upstream_cx_total.clone(),
         );
         registry.register(
             "envoy_cluster_upstream_cx_connect_fail",
@@ -704,28 +833,73 @@ impl Metrics {
         }
     }
 
+    /// Records a request in Istio's request metrics under `labels`.
+    pub fn record_request(&self, labels: &RequestLabels, measured: Measured) {
+        let make = |labels: &RequestLabels| RequestSeries {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.request_duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        };
+        self.request_series.with(labels, make, |series| {
+            series.requests.inc();
+            series
+                .duration
+                .observe(measured.duration.as_secs_f64() * 1000.0);
+            series.request_bytes.observe(measured.request_bytes as f64);
+            series
+                .response_bytes
+                .observe(measured.response_bytes as f64);
+        });
+    }
+
+    /// Counts a request sent upstream (an attempt) in `cluster`'s `upstream_rq_total`.
+    pub fn count_upstream_request(&self, cluster: &Arc<str>) {
+        let make = |label: &Label| {
+            self.upstream_rq
+                .get_or_create(&ClusterLabels {
+                    cluster_name: label.clone(),
+                })
+                .clone()
+        };
+        self.upstream_rq_series
+            .with(&Label(Arc::clone(cluster)), make, |c| c.inc());
+    }
+
     /// Counts an upstream's response with `status` in `cluster`'s per-code counters.
     pub fn count_upstream_response(&self, cluster: &Arc<str>, status: u16) {
-        let class = match status / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
+        let make = |(cluster_name, status): &(Label, u16)| {
+            let class = match status / 100 {
+                1 => "1xx",
+                2 => "2xx",
+                3 => "3xx",
+                4 => "4xx",
+                _ => "5xx",
+            };
+            let class = self
+                .upstream_rq_class
+                .get_or_create(&ClassLabels {
+                    response_code_class: class,
+                    cluster_name: cluster_name.clone(),
+                })
+                .clone();
+            let code = self
+                .upstream_rq_code
+                .get_or_create(&CodeLabels {
+                    response_code: Value::Shared(status.to_string().into()),
+                    cluster_name: cluster_name.clone(),
+                })
+                .clone();
+            (class, code)
         };
-        let cluster_name = Label(Arc::clone(cluster));
-        self.upstream_rq_class
-            .get_or_create(&ClassLabels {
-                response_code_class: class,
-                cluster_name: cluster_name.clone(),
-            })
-            .inc();
-        self.upstream_rq_code
-            .get_or_create(&CodeLabels {
-                response_code: Value::Shared(status.to_string().into()),
-                cluster_name,
-            })
-            .inc();
+        self.response_series.with(
+            &(Label(Arc::clone(cluster)), status),
+            make,
+            |(class, code)| {
+                class.inc();
+                code.inc();
+            },
+        );
     }
 }
 
@@ -757,6 +931,31 @@ mod tests {
         assert_eq!(bare.source_app.as_str(), "unknown");
         assert_eq!(bare.source_workload_namespace.as_str(), "unknown");
         assert_eq!(bare.source_cluster.as_str(), "east");
+    }
+
+    #[test]
+    fn grpc_status_comes_from_the_response_else_from_the_http_status() {
+        let label = |grpc, http| grpc_status_label(grpc, http).as_str().to_owned();
+        assert_eq!(label(Some(0), 200), "0");
+        assert_eq!(label(Some(14), 200), "14");
+        assert_eq!(label(Some(99), 200), "99");
+        assert_eq!(label(None, 503), "14");
+        assert_eq!(label(None, 404), "12");
+        assert_eq!(label(None, 200), "2");
+        assert_eq!(label(None, 0), "");
+    }
+
+    #[test]
+    fn head_sizes_count_names_and_values_as_envoys_header_map() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("accept", http::HeaderValue::from_static("*/*"));
+        assert_eq!(header_fields(&headers), 9);
+        // :method GET :path /a :authority h :scheme http accept */*
+        assert_eq!(
+            request_head_bytes(3, 2, 1, 9),
+            7 + 3 + 5 + 2 + 10 + 1 + 7 + 4 + 9
+        );
+        assert_eq!(response_head_bytes(9), 19);
     }
 
     #[test]

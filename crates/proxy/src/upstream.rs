@@ -209,6 +209,12 @@ impl Proxy {
             Ok(Ok(stream)) => {
                 // Request/response traffic: latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
+                self.metrics
+                    .upstream_cx_total
+                    .get_or_create(&ClusterLabels {
+                        cluster_name: Label::from(cluster),
+                    })
+                    .inc();
                 return Ok(stream);
             }
             Ok(Err(e)) => ProxyError::ConnectFailure(e),
