@@ -425,6 +425,22 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
             opened >= 1.0,
             "upstream_cx_total of {app_cluster}: {opened}"
         );
+        // The HTTP connection waits in the pool; the TCP one closed with its client.
+        let active = |cluster: &str| {
+            value(
+                family(&families, "envoy_cluster_upstream_cx_active", "gauge")?,
+                "envoy_cluster_upstream_cx_active",
+                &[("cluster_name", cluster)],
+            )
+        };
+        ensure!(
+            active(&app_cluster)? == 1.0,
+            "the pooled connection is active"
+        );
+        ensure!(
+            active(&tcp_cluster)? == 0.0,
+            "the closed TCP connection is not"
+        );
         let code = [
             ("cluster_name", app_cluster.as_str()),
             ("response_code", "200"),

@@ -175,8 +175,9 @@ pub struct ClusterGauge {
 }
 
 /// The gauges Envoy keeps per cluster that portcullis reads from the snapshot's live
-/// endpoint states: members, active requests and, where outlier detection is on, the
-/// endpoints ejected now (an ejection ends lazily, so only a count taken now is right).
+/// endpoint states: members, active requests, open connections and, where outlier
+/// detection is on, the endpoints ejected now (an ejection ends lazily, so only a count
+/// taken now is right).
 pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
     let now = std::time::Instant::now();
     let mut out = Vec::with_capacity(snapshot.clusters.len() * 2);
@@ -190,6 +191,13 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
         out.push(gauge(
             "upstream_rq_active",
             c.endpoints.iter().map(|e| e.state.active()).sum(),
+        ));
+        out.push(gauge(
+            "upstream_cx_active",
+            c.endpoints
+                .iter()
+                .map(|e| u64::from(e.state.connections()))
+                .sum(),
         ));
         if !c.dns_rejected.is_empty() {
             out.push(gauge(
@@ -213,7 +221,11 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
         portcullis_registry::PASSTHROUGH_CLUSTER,
     ] {
         if snapshot.clusters.iter().all(|c| &*c.name != name) {
-            for stat in ["membership_total", "upstream_rq_active"] {
+            for stat in [
+                "membership_total",
+                "upstream_rq_active",
+                "upstream_cx_active",
+            ] {
                 out.push(ClusterGauge {
                     cluster: name.into(),
                     stat,

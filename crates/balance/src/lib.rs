@@ -117,8 +117,7 @@ impl EndpointState {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// Upstream connections open to the endpoint, as far as they are counted: only a
-    /// cluster that limits its connections counts them.
+    /// Upstream connections open to the endpoint, idle ones included.
     pub fn connections(&self) -> u32 {
         self.connections.load(Ordering::Acquire)
     }

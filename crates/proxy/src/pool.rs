@@ -7,8 +7,9 @@
 //! multiplexed connection per endpoint. The locks are held only to push, pop or clone one
 //! sender; never across an await, and a reload never takes them.
 //!
-//! A connection to a cluster that limits its connections carries a [`ConnHold`] for as long
-//! as it is open, idle in the pool included, as Envoy counts its pools' connections.
+//! A connection to a cluster's endpoint carries a [`ConnHold`] for as long as it is open,
+//! idle in the pool included, as Envoy counts its pools' connections: on the endpoint
+//! (`upstream_cx_active`) and, when the cluster limits them, against `max_connections`.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -61,8 +62,8 @@ impl<T> Idle<T> {
     }
 }
 
-/// What an open upstream connection of a cluster that limits its connections holds: a unit
-/// of the cluster's `max_connections` and a count on its endpoint. Dropped with the
+/// What an open upstream connection of a cluster holds: a count on its endpoint and, when
+/// the cluster limits its connections, a unit of `max_connections`. Dropped with the
 /// connection, it wakes the cluster's requests waiting for one.
 #[derive(Debug)]
 pub struct ConnHold {
@@ -72,10 +73,15 @@ pub struct ConnHold {
 }
 
 impl ConnHold {
-    /// Holds `slot` of `load`'s cluster for a connection to `endpoint`.
-    pub fn new(slot: Slot, endpoint: Option<&Arc<EndpointState>>, load: &Arc<ClusterLoad>) -> Self {
+    /// Holds `slot` (if the cluster limits connections) of `load`'s cluster for a
+    /// connection to `endpoint`.
+    pub fn new(
+        slot: Option<Slot>,
+        endpoint: Option<&Arc<EndpointState>>,
+        load: &Arc<ClusterLoad>,
+    ) -> Self {
         ConnHold {
-            slot: Some(slot),
+            slot,
             endpoint: endpoint.map(EndpointState::open_connection),
             load: Arc::clone(load),
         }
@@ -103,7 +109,8 @@ impl Drop for ConnHold {
 pub struct Conn<T> {
     /// The connection.
     pub io: T,
-    /// Its unit of the cluster's `max_connections`, when the cluster limits them.
+    /// Its count on its endpoint and unit of the cluster's `max_connections`; none to an
+    /// original destination.
     pub hold: Option<ConnHold>,
     /// How long and for how many requests it may serve (boxed: one allocation per
     /// connection keeps the response body that carries it small).

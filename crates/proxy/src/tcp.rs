@@ -142,7 +142,11 @@ async fn connect_once(
         .connect_upstream(&attempts.target(&pick, &transport))
         .await
     {
-        Ok(stream) => Ok((stream, pick.guard)),
+        Ok(stream) => {
+            let mut held = pick.guard;
+            held.connected();
+            Ok((stream, held))
+        }
         // Out of connect attempts: Envoy's tcp_proxy says so (`URX`) even after one.
         Err(
             e @ (ProxyError::ConnectFailure(_)

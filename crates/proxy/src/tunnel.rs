@@ -37,7 +37,7 @@ pub(crate) async fn open(
         RetryPolicy::default(),
         None,
     );
-    let (upstream, pick) = loop {
+    let (upstream, mut pick) = loop {
         let Attempt { pick, .. } = attempts.start().await?;
         // No request host to send as SNI: CONNECT names an address.
         let transport = Transport::new(pick.addr, pick.tls.as_ref(), None);
@@ -52,6 +52,7 @@ pub(crate) async fn open(
         }
     };
     let addr = pick.addr;
+    pick.guard.connected();
     // The tunnel is a request in flight for its whole life: no request-head deadline.
     let in_flight = downstream.in_flight.as_ref().map(InFlight::start);
     tokio::spawn(async move {

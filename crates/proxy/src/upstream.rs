@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_balance::outlier::Reason;
-use portcullis_balance::{ActiveGuard, EndpointState, PreviousPriorities};
+use portcullis_balance::{ActiveGuard, ConnectionGuard, EndpointState, PreviousPriorities};
 pub use portcullis_registry::RetryPolicy;
 use portcullis_registry::{
     Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, TlsOrigin, UNLIMITED,
@@ -47,6 +47,8 @@ pub struct Hold {
     pub active: Option<ActiveGuard>,
     /// Counts it against the cluster's `max_requests` or `max_connections`.
     pub slot: Option<Slot>,
+    /// Counts a connection of its own (TCP, CONNECT) open on the endpoint.
+    pub connection: Option<ConnectionGuard>,
 }
 
 impl Hold {
@@ -54,6 +56,12 @@ impl Hold {
     pub fn release(&mut self) {
         self.active = None;
         self.slot = None;
+        self.connection = None;
+    }
+
+    /// Counts the connection made for it open on its endpoint until it is released.
+    pub fn connected(&mut self) {
+        self.connection = self.endpoint().map(EndpointState::open_connection);
     }
 
     /// The endpoint the request runs on, when it is a cluster's.
@@ -96,7 +104,8 @@ pub enum Acquired<T> {
     Idle(T),
     /// A new connection is to be opened.
     New {
-        /// What it holds against its cluster's `max_connections`, when that is limited.
+        /// Its count on the endpoint and its unit of the cluster's `max_connections`; none
+        /// to an original destination.
         hold: Option<ConnHold>,
         /// The request's unit of `max_pending_requests` until the connection is ready.
         pending: Option<Slot>,
@@ -151,6 +160,7 @@ impl Proxy {
                     guard: Hold {
                         active: Some(endpoint.state.start()),
                         slot: None,
+                        connection: None,
                     },
                 }
             }
@@ -307,7 +317,7 @@ impl Proxy {
             && breakers.threshold(Resource::PendingRequests) == UNLIMITED
         {
             return Ok(Acquired::New {
-                hold: None,
+                hold: Some(ConnHold::new(None, endpoint, &breakers.load)),
                 pending: None,
             });
         }
@@ -336,7 +346,7 @@ impl Proxy {
             };
             let unlimited = breakers.threshold(Resource::Connections) == UNLIMITED;
             if slot.is_some() || unlimited {
-                let hold = slot.map(|slot| ConnHold::new(slot, endpoint, &breakers.load));
+                let hold = Some(ConnHold::new(slot, endpoint, &breakers.load));
                 return Ok(Acquired::New { hold, pending });
             }
             // An idle connection to the endpoint that `idle` cannot use (the other HTTP path
