@@ -590,10 +590,11 @@ fn workload_entry_healthy(we: &Object<WorkloadEntry>) -> bool {
             .is_some_and(|c| c.status == "True")
 }
 
-/// A WorkloadEntry's labels as selectors see them: metadata labels, then spec labels.
+/// A WorkloadEntry's labels as selectors and its workload see them: spec labels, and over
+/// them metadata labels (istiod's `ConvertWorkloadEntry`).
 fn workload_entry_labels(we: &Object<WorkloadEntry>) -> BTreeMap<String, String> {
-    let mut labels = we.meta.labels.clone();
-    labels.extend(we.spec.spec.labels.clone());
+    let mut labels = we.spec.spec.labels.clone();
+    labels.extend(we.meta.labels.clone());
     labels
 }
 

@@ -73,7 +73,7 @@ kind: WorkloadEntry
 metadata:
   name: vm-1
   namespace: shop
-  labels: {service.istio.io/workload-name: api-vms}
+  labels: {service.istio.io/workload-name: api-vms, app.kubernetes.io/version: '1.3'}
 spec:
   address: 10.50.0.1
   labels: {role: api, app.kubernetes.io/name: api-vm, app.kubernetes.io/version: '1.2'}
@@ -91,8 +91,9 @@ fn pods_and_workload_entries_of_a_kubernetes_service_carry_istiods_workload() {
             "10.244.1.2:8080 api-debug;shop;api-debug;;east",
             // A CronJob's Job: the CronJob, the canonical labels as they are.
             "10.244.1.3:8080 nightly;shop;batch;3;east",
-            // The workload-name label names the entry.
-            "10.50.0.1:8080 api-vms;shop;api-vm;1.2;east",
+            // The workload-name label names the entry; its metadata labels win over its
+            // spec labels.
+            "10.50.0.1:8080 api-vms;shop;api-vm;1.3;east",
         ]
     );
     // Without a cluster id, istiod's default.
