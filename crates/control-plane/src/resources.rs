@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Metadata, SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -33,7 +33,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier;
-use envoy_types::pb::google::protobuf::Duration;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Duration, Struct, Value};
 use envoy_types::util::pack_any;
 
 /// `{ads: {}, resource_api_version: V3}`, istiod's config source for EDS and RDS.
@@ -85,6 +86,36 @@ pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> Cluster {
     Cluster {
         load_assignment: Some(assignment(name, endpoints)),
         ..cluster(name, DiscoveryType::Static, timeout)
+    }
+}
+
+/// The workload behind an endpoint as istiod's `AppendLbEndpointMetadata` describes it
+/// for telemetry: `NAME;NAMESPACE;CANONICAL_SERVICE;CANONICAL_REVISION;CLUSTER_ID` under
+/// `filter_metadata.istio.workload` (a pod's Deployment or a WorkloadEntry; a revision of
+/// `latest` empty).
+pub fn workload_metadata(
+    name: &str,
+    namespace: &str,
+    canonical_service: &str,
+    canonical_revision: &str,
+    cluster: &str,
+) -> Metadata {
+    let workload = format!("{name};{namespace};{canonical_service};{canonical_revision};{cluster}");
+    Metadata {
+        filter_metadata: [(
+            "istio".to_owned(),
+            Struct {
+                fields: [(
+                    "workload".to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue(workload)),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Metadata::default()
     }
 }
 

@@ -39,7 +39,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_pro
 use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
 use envoy_types::util::pack_any;
 
-use crate::resources::{address, ads_source, eds_cluster};
+use crate::resources::{address, ads_source, eds_cluster, workload_metadata};
 use crate::{Any, ControlPlane, Error, type_url};
 
 /// The host the load goes to; its route alternates between the two clusters.
@@ -69,6 +69,23 @@ impl Color {
         }
     }
 
+    /// The Deployment behind its endpoints: `app-blue` or `app-green` of namespace
+    /// `default`, labelled `app: app` and `version: blue` or `green`.
+    fn workload(self) -> Workload<'static> {
+        let version = match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        };
+        Workload {
+            name: match self {
+                Color::Blue => "app-blue",
+                Color::Green => "app-green",
+            },
+            canonical_service: "app",
+            canonical_revision: version,
+        }
+    }
+
     /// The other one.
     pub fn other(self) -> Color {
         match self {
@@ -82,6 +99,21 @@ impl Color {
 pub fn bulk_cluster(i: usize) -> String {
     format!("outbound|80||svc-{i}.bulk.push.test")
 }
+
+/// A workload of namespace [`NAMESPACE`] in cluster [`CLUSTER_ID`], as its endpoints' metadata
+/// names it.
+#[derive(Debug, Clone, Copy)]
+struct Workload<'a> {
+    name: &'a str,
+    canonical_service: &'a str,
+    /// Empty for istiod's `latest`.
+    canonical_revision: &'a str,
+}
+
+/// The namespace of the workloads behind the endpoints.
+pub const NAMESPACE: &str = "default";
+/// The cluster they run in (istiod's default cluster id).
+pub const CLUSTER_ID: &str = "Kubernetes";
 
 /// One push: resources of one type, and the names whose ACK completes it.
 #[derive(Debug, Clone)]
@@ -225,12 +257,13 @@ impl Sidecar {
             .filter(|(k, _)| *k >= 8 || mask & (1 << k) != 0)
             .map(|(k, a)| (*a, (1 + (round + k) % 5) as u32))
             .collect();
-        weighted_assignment(color.cluster(), &chosen)
+        weighted_assignment(color.cluster(), &chosen, color.workload())
     }
 }
 
 /// The bulk push of `count` EDS clusters: their endpoints (`ENDPOINT`) first, then the
-/// clusters (`CLUSTER`). Each cluster has one endpoint on a TEST-NET-3 address, never dialled.
+/// clusters (`CLUSTER`). Each cluster has one endpoint on a TEST-NET-3 address, never dialled,
+/// a pod of Deployment `svc-I` without canonical labels.
 pub fn bulk(count: usize) -> [Push; 2] {
     let mut clusters = Vec::with_capacity(count);
     let mut endpoints = Vec::with_capacity(count);
@@ -239,7 +272,15 @@ pub fn bulk(count: usize) -> [Push; 2] {
         let addr = SocketAddr::from(([203, 0, 113, (1 + i % 250) as u8], 80));
         endpoints.push((
             name.clone(),
-            pack_any(weighted_assignment(&name, &[(addr, 1)])),
+            pack_any(weighted_assignment(
+                &name,
+                &[(addr, 1)],
+                Workload {
+                    name: &format!("svc-{i}"),
+                    canonical_service: &format!("svc-{i}"),
+                    canonical_revision: "",
+                },
+            )),
         ));
         clusters.push((name.clone(), pack_any(eds(&name))));
     }
@@ -285,7 +326,18 @@ fn passthrough_cluster() -> Cluster {
     }
 }
 
-fn weighted_assignment(cluster: &str, endpoints: &[(SocketAddr, u32)]) -> ClusterLoadAssignment {
+fn weighted_assignment(
+    cluster: &str,
+    endpoints: &[(SocketAddr, u32)],
+    workload: Workload<'_>,
+) -> ClusterLoadAssignment {
+    let metadata = workload_metadata(
+        workload.name,
+        NAMESPACE,
+        workload.canonical_service,
+        workload.canonical_revision,
+        CLUSTER_ID,
+    );
     ClusterLoadAssignment {
         cluster_name: cluster.to_owned(),
         endpoints: vec![LocalityLbEndpoints {
@@ -297,6 +349,7 @@ fn weighted_assignment(cluster: &str, endpoints: &[(SocketAddr, u32)]) -> Cluste
                         ..Endpoint::default()
                     })),
                     load_balancing_weight: Some(UInt32Value { value: *weight }),
+                    metadata: Some(metadata.clone()),
                     ..LbEndpoint::default()
                 })
                 .collect(),
@@ -514,6 +567,47 @@ mod tests {
             .flat_map(|i| sidecar.small(i).push.names)
             .collect();
         assert_eq!(changed.len(), 2);
+    }
+
+    /// The workload string of each endpoint of the EDS resources in `push`, as portcullis
+    /// reads it.
+    fn workloads(push: &Push) -> Vec<String> {
+        push.resources
+            .iter()
+            .flat_map(|any| {
+                let cla = <ClusterLoadAssignment as prost::Message>::decode(&*any.value).unwrap();
+                let a = portcullis_xds_resources::load_assignment(&cla, false).unwrap();
+                a.endpoints
+                    .into_iter()
+                    .flat_map(|g| g.lb_endpoints)
+                    .map(|e| e.workload.map_or("-".into(), |w| w.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_carry_their_workload_as_istiod_sends_it() {
+        let initial = sidecar().initial();
+        let endpoints = initial
+            .iter()
+            .find(|p| p.type_url == type_url::ENDPOINT)
+            .unwrap();
+        assert_eq!(
+            workloads(endpoints),
+            [
+                "app-blue;default;app;blue;Kubernetes",
+                "app-green;default;app;green;Kubernetes",
+            ]
+        );
+        let [bulk_endpoints, _] = bulk(2);
+        assert_eq!(
+            workloads(&bulk_endpoints),
+            [
+                "svc-0;default;svc-0;;Kubernetes",
+                "svc-1;default;svc-1;;Kubernetes"
+            ]
+        );
     }
 
     #[test]

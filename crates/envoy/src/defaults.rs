@@ -45,6 +45,7 @@ impl LbEndpoint {
             load_balancing_weight: 1,
             transport_socket_match: BTreeMap::new(),
             hostname: None,
+            workload: None,
             source: None,
         }
     }

@@ -1153,6 +1153,12 @@ fn lb_endpoint(e: &LbEndpoint) -> Value {
             json!(e.transport_socket_match),
         );
     }
+    if let Some(w) = &e.workload {
+        filter_metadata.insert(
+            crate::ISTIO_METADATA.into(),
+            json!({ crate::WORKLOAD_KEY: w.to_string() }),
+        );
+    }
     if let Some(source) = &e.source {
         filter_metadata.insert("portcullis".into(), json!({ "source": source }));
     }
@@ -1293,6 +1299,7 @@ mod tests {
                         load_balancing_weight: 1,
                         transport_socket_match: Default::default(),
                         hostname: None,
+                        workload: None,
                         source: None,
                     }],
                     ..Default::default()

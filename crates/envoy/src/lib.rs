@@ -12,6 +12,7 @@ pub mod bootstrap;
 mod defaults;
 pub mod json;
 pub mod state;
+mod workload;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+
+pub use workload::{ISTIO_METADATA, WORKLOAD_KEY, WorkloadMetadata};
 
 /// Envoy's type URL of a `Listener`.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -1001,6 +1004,9 @@ pub struct LbEndpoint {
     /// The endpoint's hostname (`endpoint.hostname`; Istio sets it for DNS endpoints),
     /// used as the upstream Host when a route asks for auto host rewrite.
     pub hostname: Option<String>,
+    /// The workload behind it, for telemetry (`filter_metadata.istio.workload`), when
+    /// known.
+    pub workload: Option<Arc<WorkloadMetadata>>,
     /// Where the endpoint came from, e.g. `WorkloadEntry default/external` (portcullis's
     /// files; not an Envoy field).
     pub source: Option<String>,

@@ -45,6 +45,27 @@ pub struct ObjectMeta {
     /// `creationTimestamp` as written (RFC 3339); Istio orders conflicting services by it.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// `generateName`: set on objects a controller created, whose owner istiod then
+    /// names the workload after.
+    #[serde(default)]
+    pub generate_name: String,
+    /// `ownerReferences`.
+    #[serde(default, deserialize_with = "exact")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// One of an object's `ownerReferences`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct OwnerReference {
+    /// The owner's kind, e.g. `ReplicaSet`.
+    #[serde(default)]
+    pub kind: String,
+    /// The owner's name.
+    #[serde(default)]
+    pub name: String,
+    /// Whether the owner is the object's managing controller.
+    #[serde(default)]
+    pub controller: bool,
 }
 
 /// Label selector used by `workloadSelector` and Kubernetes `selector`.

@@ -235,15 +235,18 @@ pub fn run(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode
 
 async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<ExitCode> {
     let workload_labels = parse_labels(&args.workload_labels)?;
+    let node = node_identity(&args.xds, &workload_labels, &args.locality)?;
     let options = BuildOptions {
         namespace: args.namespace.clone(),
         workload_labels: workload_labels.clone(),
         locality: portcullis_registry::locality::parse(&args.locality),
         ssrf_guard: args.ssrf_guard,
+        cluster_id: node_meta(&node, "CLUSTER_ID")
+            .unwrap_or(portcullis_registry::DEFAULT_CLUSTER_ID)
+            .to_owned(),
         ..BuildOptions::default()
     };
     let registry = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    let node = node_identity(&args.xds, &workload_labels, &args.locality)?;
     let mut metrics_registry = Registry::default();
     let metrics = Metrics::new(&mut metrics_registry);
     let access_log = open_access_log(&args, metrics.access_log_dropped.clone())?;

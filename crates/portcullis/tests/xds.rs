@@ -26,6 +26,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value
 use envoy_types::util::pack_any;
 use portcullis_control_plane::resources::{
     assignment, eds_cluster, rds_listener, route_to_cluster, static_cluster, tcp_proxy_listener,
+    workload_metadata,
 };
 use portcullis_control_plane::{ControlPlane, Event, EventKind, type_url};
 use serde_json::Value;
@@ -350,8 +351,13 @@ impl Mesh {
         ]
     }
 
+    /// app.test's endpoint at `to`, a pod of Deployment `app-v1` as istiod describes it.
     fn endpoints(&self, to: SocketAddr) -> Vec<Any> {
-        vec![pack_any(assignment(APP, &[to]))]
+        let mut a = assignment(APP, &[to]);
+        for e in &mut a.endpoints[0].lb_endpoints {
+            e.metadata = Some(workload_metadata("app-v1", "ns2", "app", "v1", "east"));
+        }
+        vec![pack_any(a)]
     }
 
     fn listeners(&self, proxy: &Proxy) -> Vec<Any> {
@@ -679,6 +685,16 @@ async fn config_from_the_control_plane_serves_once_complete_and_shows_in_the_adm
     let clusters = dump.to_string();
     assert!(clusters.contains("dynamic_active_clusters"), "{dump}");
     assert!(clusters.contains(APP), "{dump}");
+    let endpoints = dump["configs"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["dynamic_endpoint_configs"].is_array()))
+        .expect("endpoints in the dump");
+    assert_eq!(
+        endpoints["dynamic_endpoint_configs"][0]["endpoint_config"]["endpoints"][0]["lb_endpoints"]
+            [0]["metadata"]["filter_metadata"]["istio"],
+        serde_json::json!({"workload": "app-v1;ns2;app;v1;east"}),
+        "{dump}"
+    );
     let (_, stats) = admin(&proxy, "/stats").await.unwrap();
     assert!(
         stats.contains("control_plane.connected_state: 1\n"),

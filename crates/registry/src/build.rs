@@ -9,16 +9,17 @@ use ipnet::IpNet;
 use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartConfig};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
-    LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, OutboundMode,
-    OutlierDetection, PeerAuthenticationSpec, PeerMtlsMode, Pod, Resolution, Resource, Secret,
-    ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort, TrafficPolicy,
-    VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, ObjectMeta,
+    OutboundMode, OutlierDetection, PeerAuthenticationSpec, PeerMtlsMode, Pod, Resolution,
+    Resource, Secret, ServiceEntrySpec, SidecarEgress, SidecarSpec, SimpleLb, Subset, TargetPort,
+    TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
 };
 
 mod compile;
 pub mod locality;
 mod tls;
 mod virtual_service;
+mod workload;
 
 pub use compile::{Compiled, HTTP_PROXY_ROUTES, OUTBOUND_PORT, compile};
 
@@ -49,6 +50,8 @@ struct PendingEndpoint {
     source: Arc<str>,
     labels: Labels,
     peer: Peer,
+    /// The workload behind it, for telemetry.
+    workload: Arc<portcullis_envoy::WorkloadMetadata>,
 }
 
 /// What istiod knows of the workload behind an endpoint for mutual TLS.
@@ -130,6 +133,9 @@ pub struct BuildOptions {
     /// addresses are not used unless the ServiceEntry names them (on by default; off is
     /// Istio's behaviour).
     pub ssrf_guard: bool,
+    /// The id of the cluster the proxy runs in (`ISTIO_META_CLUSTER_ID`): the cluster of
+    /// the pods and WorkloadEntries in the files, as istiod's registry is its own.
+    pub cluster_id: String,
 }
 
 impl Default for BuildOptions {
@@ -140,9 +146,13 @@ impl Default for BuildOptions {
             cluster_domain: "cluster.local".to_string(),
             locality: portcullis_envoy::Locality::default(),
             ssrf_guard: true,
+            cluster_id: DEFAULT_CLUSTER_ID.to_string(),
         }
     }
 }
+
+/// istiod's cluster id when none is configured (`constants.DefaultClusterName`).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 /// Compiles `resources` into snapshot `version`, carrying endpoint counters over from
 /// `previous` so that active-request counts survive a reload. DNS names resolve to
@@ -209,6 +219,7 @@ pub const MODE_METADATA: &str = "PORTCULLIS_MODE";
 struct ReadyPod<'a> {
     object: &'a Object<Pod>,
     ips: Vec<IpAddr>,
+    workload: Arc<portcullis_envoy::WorkloadMetadata>,
 }
 
 impl ReadyPod<'_> {
@@ -225,6 +236,7 @@ impl ReadyPod<'_> {
             source: Arc::clone(&source),
             labels: Arc::clone(&labels),
             peer: peer.clone(),
+            workload: Arc::clone(&self.workload),
         }));
     }
 }
@@ -578,10 +590,11 @@ fn workload_entry_healthy(we: &Object<WorkloadEntry>) -> bool {
             .is_some_and(|c| c.status == "True")
 }
 
-/// A WorkloadEntry's labels as selectors see them: metadata labels, then spec labels.
+/// A WorkloadEntry's labels as selectors and its workload see them: spec labels, and over
+/// them metadata labels (istiod's `ConvertWorkloadEntry`).
 fn workload_entry_labels(we: &Object<WorkloadEntry>) -> BTreeMap<String, String> {
-    let mut labels = we.meta.labels.clone();
-    labels.extend(we.spec.spec.labels.clone());
+    let mut labels = we.spec.spec.labels.clone();
+    labels.extend(we.meta.labels.clone());
     labels
 }
 
@@ -764,7 +777,11 @@ impl<'a> Builder<'a> {
                     if pod_ready(&o.spec) {
                         let ips = pod_ips(&o.spec);
                         if !ips.is_empty() {
-                            b.pods.push(ReadyPod { object: o, ips });
+                            b.pods.push(ReadyPod {
+                                object: o,
+                                ips,
+                                workload: workload::of_pod(&o.meta, &options.cluster_id),
+                            });
                         }
                     }
                 }
@@ -1237,32 +1254,38 @@ impl<'a> Builder<'a> {
         let default_port = port.target_port.unwrap_or(port.number);
         let trust_domain = self.trust_domain();
         let mut out = Vec::new();
-        let mut push_workload =
-            |we: &WorkloadEntrySpec, source: Arc<str>, labels: Labels, ns: &str| {
-                let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
-                let Ok(target) = u16::try_from(target) else {
-                    return;
-                };
-                let address = match we.address.parse::<IpAddr>() {
-                    Ok(ip) => EndpointAddress::Ip(ip),
-                    Err(_) if dns && !we.address.starts_with("unix://") => {
-                        EndpointAddress::Dns(we.address.to_ascii_lowercase().into())
-                    }
-                    Err(_) => return,
-                };
-                let mut labels = labels;
-                if !we.locality.is_empty() {
-                    locality::augment(Arc::make_mut(&mut labels), &we.locality);
-                }
-                out.push(PendingEndpoint {
-                    address,
-                    port: target,
-                    weight: we.weight.unwrap_or(1).max(1),
-                    source,
-                    peer: Peer::of_workload(we, &labels, ns, trust_domain),
-                    labels,
-                });
+        let cluster_id = &self.options.cluster_id;
+        let mut push_workload = |we: &WorkloadEntrySpec,
+                                 source: Arc<str>,
+                                 labels: Labels,
+                                 ns: &str,
+                                 name: &str,
+                                 meta: Option<&ObjectMeta>| {
+            let target = we.ports.get(&port.name).copied().unwrap_or(default_port);
+            let Ok(target) = u16::try_from(target) else {
+                return;
             };
+            let address = match we.address.parse::<IpAddr>() {
+                Ok(ip) => EndpointAddress::Ip(ip),
+                Err(_) if dns && !we.address.starts_with("unix://") => {
+                    EndpointAddress::Dns(we.address.to_ascii_lowercase().into())
+                }
+                Err(_) => return,
+            };
+            let mut labels = labels;
+            if !we.locality.is_empty() {
+                locality::augment(Arc::make_mut(&mut labels), &we.locality);
+            }
+            out.push(PendingEndpoint {
+                address,
+                port: target,
+                weight: we.weight.unwrap_or(1).max(1),
+                source,
+                peer: Peer::of_workload(we, &labels, ns, trust_domain),
+                workload: workload::of_workload_entry(name, meta, ns, &labels, cluster_id),
+                labels,
+            });
+        };
         match spec.resolution {
             Resolution::None => return out,
             _ if !spec.endpoints.is_empty() => {
@@ -1271,12 +1294,15 @@ impl<'a> Builder<'a> {
                     se.meta.namespace, se.meta.name
                 )
                 .into();
-                for we in &spec.endpoints {
+                // istiod names an inline endpoint's workload `SERVICEENTRY-INDEX`.
+                for (i, we) in spec.endpoints.iter().enumerate() {
                     push_workload(
                         we,
                         Arc::clone(&source),
                         Arc::new(we.labels.clone()),
                         &se.meta.namespace,
+                        &format!("{}-{i}", se.meta.name),
+                        None,
                     );
                 }
             }
@@ -1292,7 +1318,14 @@ impl<'a> Builder<'a> {
                     if we.meta.namespace == se.meta.namespace && labels_match(&selector, &labels) {
                         let source =
                             format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into();
-                        push_workload(&we.spec.spec, source, Arc::new(labels), &we.meta.namespace);
+                        push_workload(
+                            &we.spec.spec,
+                            source,
+                            Arc::new(labels),
+                            &we.meta.namespace,
+                            &we.meta.name,
+                            Some(&we.meta),
+                        );
                     }
                 }
                 if let Ok(target) = u16::try_from(default_port) {
@@ -1316,6 +1349,14 @@ impl<'a> Builder<'a> {
                             .into(),
                         labels: Labels::default(),
                         peer: Peer::default(),
+                        // istiod's endpoint for the host itself is the ServiceEntry's
+                        // workload, without labels.
+                        workload: workload::metadata(
+                            &se.meta.name,
+                            &se.meta.namespace,
+                            &BTreeMap::new(),
+                            cluster_id,
+                        ),
                     });
                 }
             }
@@ -1540,6 +1581,13 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let peer = Peer::of_workload(spec, &labels, &we.meta.namespace, self.trust_domain());
+            let workload = workload::of_workload_entry(
+                &we.meta.name,
+                Some(&we.meta),
+                &we.meta.namespace,
+                &labels,
+                &self.options.cluster_id,
+            );
             let mut labels = labels;
             locality::augment(&mut labels, &spec.locality);
             out.push(PendingEndpoint {
@@ -1549,6 +1597,7 @@ impl<'a> Builder<'a> {
                 source: format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
                 labels: Arc::new(labels),
                 peer,
+                workload,
             });
         }
     }

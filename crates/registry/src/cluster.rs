@@ -178,6 +178,7 @@ pub(crate) fn build(
                     port,
                     weight: e.load_balancing_weight.max(1),
                     source: Arc::clone(&source),
+                    workload: e.workload.clone(),
                     state,
                     transport: transport.clone(),
                 });

@@ -1313,14 +1313,23 @@ mod tests {
             },
             ..cluster(name, Discovery::Static, &[])
         };
+        // Each endpoint is its own workload, named after its address.
         let assignment = |name: &str, ep: &str| envoy::ClusterLoadAssignment {
             cluster_name: name.into(),
             endpoints: vec![envoy::LocalityLbEndpoints {
-                lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
-                    ep.parse().unwrap(),
-                ))],
+                lb_endpoints: vec![envoy::LbEndpoint {
+                    workload: envoy::WorkloadMetadata::parse(&format!("{ep};ns;svc;v1;c"))
+                        .map(Arc::new),
+                    ..envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(ep.parse().unwrap()))
+                }],
                 ..Default::default()
             }],
+        };
+        let workload = |s: &Snapshot, name: &str| {
+            s.cluster(name).unwrap().endpoints[0]
+                .workload
+                .as_ref()
+                .map(|w| w.name.to_string())
         };
         for name in ["outbound|80||b.internal", "outbound|80||c.internal"] {
             add_cluster(&mut r, eds(name));
@@ -1346,6 +1355,15 @@ mod tests {
         assert!(!same(&second, "outbound|80||c.internal"));
         let c = second.cluster("outbound|80||c.internal").unwrap();
         assert_eq!(c.endpoints[0].display(), "10.0.0.3:80");
+        // The shared cluster keeps its endpoints' workloads; the rebuilt one has the new.
+        assert_eq!(
+            workload(&second, "outbound|80||b.internal").as_deref(),
+            Some("10.0.0.2:80")
+        );
+        assert_eq!(
+            workload(&second, "outbound|80||c.internal").as_deref(),
+            Some("10.0.0.3:80")
+        );
         // Names resolve anew every time.
         assert!(!same(&second, "outbound|80||d.internal"));
         // A cluster whose resource is replaced, even by an equal one, is built again.

@@ -20,9 +20,10 @@ mod tls;
 
 pub use bootstrap::{ADMIN, CompileError, Format, Rendered, compile_bootstrap};
 pub use build::{
-    BuildOptions, Compiled, DnsAnswers, HTTP_PROXY_ROUTES, MODE_METADATA, OUTBOUND_PORT, build,
-    build_with_dns, compile, locality,
+    BuildOptions, Compiled, DEFAULT_CLUSTER_ID, DnsAnswers, HTTP_PROXY_ROUTES, MODE_METADATA,
+    OUTBOUND_PORT, build, build_with_dns, compile, locality,
 };
+pub use portcullis_envoy::WorkloadMetadata;
 pub use portcullis_model::{OutboundMode, Resolution};
 
 pub use cluster::Target;

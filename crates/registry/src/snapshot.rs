@@ -49,6 +49,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// The resource that contributed it, e.g. `WorkloadEntry default/external`.
     pub source: Arc<str>,
+    /// The workload behind it, which Istio's metrics label the destination with, when the
+    /// control plane (or the files' pod or WorkloadEntry) says.
+    pub workload: Option<Arc<crate::WorkloadMetadata>>,
     /// Live counters, carried over across reloads for the same cluster and address.
     pub state: Arc<EndpointState>,
     /// How connections to it are made.

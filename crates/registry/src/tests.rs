@@ -2622,6 +2622,7 @@ fn an_undeclared_service_takes_http_to_its_own_address_whatever_the_host() {
 
 mod consistent_hash;
 mod virtual_service;
+mod workload;
 
 #[test]
 fn outlier_detection_compiles_as_istiod_writes_it() {

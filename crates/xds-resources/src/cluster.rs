@@ -1,5 +1,6 @@
 //! CDS and EDS: `Cluster` and `ClusterLoadAssignment` into the model.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cds::cluster::common_lb_config::LocalityConfigSpecifier;
@@ -10,9 +11,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http_options;
 use portcullis_envoy::{
     Cluster, ClusterLoadAssignment, ConnectionLimits, Discovery, EndpointAddress, HealthStatus,
-    LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst, OutlierDetection,
-    RuntimeDouble, SlowStartConfig, TcpKeepalive, Thresholds, TransportSocketMatch,
-    UpstreamProtocol, UpstreamTransport,
+    ISTIO_METADATA, LbEndpoint, LbPolicy, Locality, LocalityLbEndpoints, OriginalDst,
+    OutlierDetection, RuntimeDouble, SlowStartConfig, TcpKeepalive, Thresholds,
+    TransportSocketMatch, UpstreamProtocol, UpstreamTransport, WORKLOAD_KEY, WorkloadMetadata,
 };
 use prost::Name;
 
@@ -709,6 +710,23 @@ fn lb_endpoint(e: &eds::LbEndpoint, names: bool) -> Result<LbEndpoint, Invalid> 
             "envoy.transport_socket_match",
         ),
         hostname: (!endpoint.hostname.is_empty()).then(|| endpoint.hostname.clone()),
+        workload: workload(e.metadata.as_ref()),
         source: None,
     })
+}
+
+/// The workload istiod describes under `filter_metadata.istio.workload`. A value Istio's
+/// stats filter cannot read (not a string, fewer than five parts) leaves the workload
+/// unknown and the endpoint accepted, as Envoy accepts it.
+fn workload(m: Option<&core::Metadata>) -> Option<Arc<WorkloadMetadata>> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let value = m?
+        .filter_metadata
+        .get(ISTIO_METADATA)?
+        .fields
+        .get(WORKLOAD_KEY)?;
+    match &value.kind {
+        Some(Kind::StringValue(s)) => WorkloadMetadata::parse(s).map(Arc::new),
+        _ => None,
+    }
 }

@@ -939,6 +939,110 @@ fn endpoints_keep_locality_priority_weight_health_tls_mode_and_hostname() {
     assert_eq!(g.lb_endpoints[1].load_balancing_weight, 3);
 }
 
+/// An assignment of `endpoints` in one locality.
+fn cla_of(name: &str, endpoints: Vec<eds::LbEndpoint>) -> eds::ClusterLoadAssignment {
+    let mut a = cla(name, &[]);
+    a.endpoints[0].load_balancing_weight = None;
+    a.endpoints[0].lb_endpoints = endpoints;
+    a
+}
+
+/// `lb` with istiod's telemetry string beside its TLS mode.
+fn with_workload(mut lb: eds::LbEndpoint, value: pb::value::Kind) -> eds::LbEndpoint {
+    let metadata = lb.metadata.get_or_insert_with(Default::default);
+    metadata.filter_metadata.insert(
+        "istio".into(),
+        pb::Struct {
+            fields: [("workload".to_string(), pb::Value { kind: Some(value) })].into(),
+        },
+    );
+    lb
+}
+
+#[test]
+fn an_endpoints_istio_workload_is_read_and_a_malformed_one_is_unknown_not_rejected() {
+    use pb::value::Kind;
+    let text = |s: &str| Kind::StringValue(s.into());
+    let proto = cla_of(
+        "outbound|80||reviews.bookinfo.svc.cluster.local",
+        vec![
+            with_workload(
+                lb_endpoint("10.1.0.1", 9080, Some("istio")),
+                text("reviews-v1;bookinfo;reviews;v1;Kubernetes"),
+            ),
+            // istiod leaves the revision empty when it would be `latest`.
+            with_workload(
+                lb_endpoint("10.1.0.2", 9080, None),
+                text("reviews-v2;bookinfo;reviews;;east"),
+            ),
+            with_workload(
+                lb_endpoint("10.1.0.3", 9080, None),
+                text("reviews;bookinfo"),
+            ),
+            with_workload(lb_endpoint("10.1.0.4", 9080, None), Kind::NumberValue(1.0)),
+            lb_endpoint("10.1.0.5", 9080, None),
+        ],
+    );
+    let a = load_assignment(&proto, false).expect("malformed metadata is no rejection");
+    let got: Vec<Option<String>> = a.endpoints[0]
+        .lb_endpoints
+        .iter()
+        .map(|e| e.workload.as_ref().map(|w| w.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Some("reviews-v1;bookinfo;reviews;v1;Kubernetes".to_owned()),
+            Some("reviews-v2;bookinfo;reviews;;east".to_owned()),
+            None,
+            None,
+            None
+        ]
+    );
+    let w = a.endpoints[0].lb_endpoints[0].workload.as_deref().unwrap();
+    assert_eq!(
+        (&*w.name, &*w.namespace, &*w.canonical_service),
+        ("reviews-v1", "bookinfo", "reviews")
+    );
+    assert_eq!((&*w.canonical_revision, &*w.cluster), ("v1", "Kubernetes"));
+    // A DNS cluster's inline endpoints carry it the same way.
+    let dns = cla_of(
+        "outbound|443||api.example.com",
+        vec![with_workload(
+            lb_endpoint("api.example.com", 443, None),
+            text("external;egress;external;;Kubernetes"),
+        )],
+    );
+    let a = load_assignment(&dns, true).unwrap();
+    assert_eq!(
+        a.endpoints[0].lb_endpoints[0]
+            .workload
+            .as_ref()
+            .map(|w| w.to_string())
+            .as_deref(),
+        Some("external;egress;external;;Kubernetes")
+    );
+}
+
+#[test]
+fn an_endpoints_istio_workload_shows_in_the_json_as_envoy_prints_what_it_received() {
+    let proto = cla_of(
+        "outbound|80||reviews.bookinfo.svc.cluster.local",
+        vec![with_workload(
+            lb_endpoint("10.1.0.1", 9080, Some("istio")),
+            pb::value::Kind::StringValue("reviews-v1;bookinfo;reviews;v1;Kubernetes".into()),
+        )],
+    );
+    let json = portcullis_envoy::json::load_assignment(&load_assignment(&proto, false).unwrap());
+    assert_eq!(
+        json["endpoints"][0]["lb_endpoints"][0]["metadata"],
+        serde_json::json!({"filter_metadata": {
+            "envoy.transport_socket_match": {"tlsMode": "istio"},
+            "istio": {"workload": "reviews-v1;bookinfo;reviews;v1;Kubernetes"},
+        }})
+    );
+}
+
 // NACKs: each case with the message the client sends.
 
 fn listener_error(l: &lds::Listener) -> String {

@@ -1377,6 +1377,7 @@ fn service_cluster(
                     .map(|mode| (super::tls::TLS_MODE_KEY.to_owned(), mode.to_string()))
                     .collect(),
                 hostname: None,
+                workload: Some(Arc::clone(&e.workload)),
                 source: Some(e.source.to_string()),
             };
             by_locality
