@@ -482,6 +482,9 @@ async fn forward(
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         log.outcome.upstream = Some(pick.addr);
+        log.outcome
+            .destination
+            .reached(&routed.decision, pick.index);
         if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(number)) {
             *digit = count;
         }

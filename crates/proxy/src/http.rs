@@ -864,6 +864,7 @@ async fn route_and_forward(
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
+        outcome.destination.reached(&decision, pick.index);
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(number));
         let transport = Transport::new(pick.addr, pick.tls.as_ref(), upstream_authority(&req));

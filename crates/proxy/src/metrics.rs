@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use portcullis_registry::{Cluster, EndpointTransport};
+use portcullis_registry::{Cluster, Decision, EndpointTransport};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
@@ -171,9 +171,9 @@ impl EncodeLabelSet for Source {
     }
 }
 
-/// The `destination_*` labels, from what the snapshot knows of the service. Endpoints
-/// carry no workload metadata, so the workload labels are `unknown`, as Istio reports a
-/// destination outside the mesh.
+/// The `destination_*` labels, from what the snapshot knows of the service and of the
+/// endpoint's workload; `unknown` where it knows nothing, as Istio reports a destination
+/// without peer metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DestinationLabels {
     /// The destination workload.
@@ -254,6 +254,32 @@ impl Destination {
             .iter()
             .any(|e| matches!(e.transport, EndpointTransport::IstioMutual(_)));
         d
+    }
+
+    /// Labels the workload of the endpoint `index` of `decision`'s cluster, from the
+    /// metadata istiod puts on it (`filter_metadata.istio.workload`), as Istio's stats
+    /// filter reads it on the client side: an empty part is `unknown` (the revision
+    /// `latest`); app and version are not in it and stay `unknown`.
+    pub fn reached(&mut self, decision: &Decision, index: Option<usize>) {
+        let (Decision::Cluster(c), Some(i)) = (decision, index) else {
+            return;
+        };
+        let Some(w) = c.endpoints.get(i).and_then(|e| e.workload.as_ref()) else {
+            return;
+        };
+        let part = |v: &Arc<str>, empty: &'static str| {
+            if v.is_empty() {
+                Value::Static(empty)
+            } else {
+                Value::Shared(Arc::clone(v))
+            }
+        };
+        let l = &mut self.labels;
+        l.destination_workload = part(&w.name, "unknown");
+        l.destination_workload_namespace = part(&w.namespace, "unknown");
+        l.destination_canonical_service = part(&w.canonical_service, "unknown");
+        l.destination_canonical_revision = part(&w.canonical_revision, "latest");
+        l.destination_cluster = part(&w.cluster, "unknown");
     }
 
     /// Istio's `connection_security_policy` of a client-side report.

@@ -34,18 +34,9 @@ pub(crate) async fn forward(
         Decision::Cluster(c) => Arc::clone(&c.name),
         other => other.cluster_name().into(),
     };
-    let destination = match &decision {
+    let mut destination = match &decision {
         Decision::Cluster(c) => Destination::of_cluster(c),
         _ => Destination::named(Arc::clone(&cluster)),
-    };
-    let mut labels = TcpLabels {
-        reporter: "source",
-        source: proxy.metrics.source.clone(),
-        source_principal: proxy.metrics.source_principal(&destination),
-        connection_security_policy: destination.security_policy(),
-        destination: destination.labels,
-        request_protocol: "tcp",
-        response_flags: "-",
     };
     let mut log = TcpLog {
         flags: "-",
@@ -58,7 +49,23 @@ pub(crate) async fn forward(
         received: 0,
         duration: Default::default(),
     };
-    let connected = connect_once(proxy, &decision, dst, &cluster, &mut log).await;
+    let connected = connect_once(
+        proxy,
+        &decision,
+        dst,
+        &cluster,
+        (&mut log, &mut destination),
+    )
+    .await;
+    let mut labels = TcpLabels {
+        reporter: "source",
+        source: proxy.metrics.source.clone(),
+        source_principal: proxy.metrics.source_principal(&destination),
+        connection_security_policy: destination.security_policy(),
+        destination: destination.labels,
+        request_protocol: "tcp",
+        response_flags: "-",
+    };
     match connected {
         Ok((upstream, _active)) => {
             proxy.metrics.tcp_opened.get_or_create(&labels).inc();
@@ -118,14 +125,15 @@ pub(crate) async fn forward(
 }
 
 /// The one upstream connection attempt of Envoy's `tcp_proxy` as istiod configures it
-/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log`. Envoy's tcp_proxy
-/// refuses the connection at the cluster's `max_connections` before choosing a host.
+/// (`max_connect_attempts` unset: 1), its endpoint recorded in `log` and `destination`.
+/// Envoy's tcp_proxy refuses the connection at the cluster's `max_connections` before
+/// choosing a host.
 async fn connect_once(
     proxy: &Proxy,
     decision: &Decision,
     dst: SocketAddr,
     cluster: &str,
-    log: &mut TcpLog<'_>,
+    (log, destination): (&mut TcpLog<'_>, &mut Destination),
 ) -> Result<(UpstreamIo, crate::upstream::Hold), ProxyError> {
     let mut attempts = Attempts::new(
         proxy,
@@ -136,6 +144,7 @@ async fn connect_once(
     );
     let Attempt { pick, .. } = attempts.start().await?;
     log.upstream = Some(pick.addr);
+    destination.reached(decision, pick.index);
     // No request here whose host could be the SNI: `auto_sni` is HTTP's.
     let transport = Transport::new(pick.addr, pick.tls.as_ref(), None);
     match proxy
