@@ -281,11 +281,16 @@ impl RequestLog {
         };
         let metrics = &self.proxy.metrics;
         let destination = &outcome.destination;
+        let source_principal = metrics.source_principal(destination);
+        let connection_security_policy = destination.security_policy();
+        // The record is written once: its labels move into the series key, uncopied.
+        let destination = std::mem::take(&mut self.outcome.destination.labels);
+        let outcome = &self.outcome;
         let labels = RequestLabels {
             reporter: "source",
             source: metrics.source.clone(),
-            source_principal: metrics.source_principal(destination),
-            destination: destination.labels.clone(),
+            source_principal,
+            destination,
             request_protocol: if outcome.grpc { "grpc" } else { "http" },
             response_code: outcome.status,
             grpc_response_status: if outcome.grpc {
@@ -294,7 +299,7 @@ impl RequestLog {
                 Value::Static("")
             },
             response_flags: flags,
-            connection_security_policy: destination.security_policy(),
+            connection_security_policy,
         };
         metrics.record_request(
             &labels,

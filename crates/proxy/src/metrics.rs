@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use portcullis_registry::{Cluster, Decision, EndpointTransport};
+use portcullis_registry::{Cluster, Decision};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
@@ -200,6 +200,25 @@ pub struct DestinationLabels {
     pub destination_cluster: Value,
 }
 
+/// Nothing known of the destination yet: every label `unknown`.
+impl Default for DestinationLabels {
+    fn default() -> Self {
+        DestinationLabels {
+            destination_workload: UNKNOWN,
+            destination_workload_namespace: UNKNOWN,
+            destination_principal: UNKNOWN,
+            destination_app: UNKNOWN,
+            destination_version: UNKNOWN,
+            destination_service: UNKNOWN,
+            destination_canonical_service: UNKNOWN,
+            destination_canonical_revision: UNKNOWN,
+            destination_service_name: UNKNOWN,
+            destination_service_namespace: UNKNOWN,
+            destination_cluster: UNKNOWN,
+        }
+    }
+}
+
 /// What the metrics and access log know of where a request or connection went.
 #[derive(Debug, Clone)]
 pub struct Destination {
@@ -214,45 +233,22 @@ impl Destination {
     pub fn named(service: Arc<str>) -> Self {
         Destination {
             labels: DestinationLabels {
-                destination_workload: UNKNOWN,
-                destination_workload_namespace: UNKNOWN,
-                destination_principal: UNKNOWN,
-                destination_app: UNKNOWN,
-                destination_version: UNKNOWN,
                 destination_service_name: Value::Shared(Arc::clone(&service)),
                 destination_service: Value::Shared(service),
-                destination_canonical_service: UNKNOWN,
-                destination_canonical_revision: UNKNOWN,
-                destination_service_namespace: UNKNOWN,
-                destination_cluster: UNKNOWN,
+                ..DestinationLabels::default()
             },
             mutual_tls: false,
         }
     }
 
-    /// The destination `cluster` of the snapshot: a Kubernetes service's host
-    /// (`name.namespace.svc...`) gives its name and namespace, else the namespace is the
-    /// declaring resource's (`ServiceEntry namespace/name`).
+    /// The destination `cluster` of the snapshot, named as the snapshot's compiled it.
     pub fn of_cluster(cluster: &Cluster) -> Self {
         let mut d = Destination::named(Arc::clone(&cluster.host));
-        let mut parts = cluster.host.splitn(4, '.');
-        if let (Some(name), Some(ns), Some("svc")) = (parts.next(), parts.next(), parts.next()) {
-            d.labels.destination_service_name = name.into();
-            d.labels.destination_service_namespace = ns.into();
-        } else if let Some((ns, _)) = cluster
-            .source
-            .split_once(' ')
-            .and_then(|(_, name)| name.split_once('/'))
-        {
-            d.labels.destination_service_namespace = ns.into();
+        d.labels.destination_service_name = Value::Shared(Arc::clone(&cluster.service_name));
+        if let Some(ns) = &cluster.service_namespace {
+            d.labels.destination_service_namespace = Value::Shared(Arc::clone(ns));
         }
-        d.mutual_tls = matches!(
-            cluster.passthrough_transport,
-            EndpointTransport::IstioMutual(_)
-        ) || cluster
-            .endpoints
-            .iter()
-            .any(|e| matches!(e.transport, EndpointTransport::IstioMutual(_)));
+        d.mutual_tls = cluster.istio_mutual;
         d
     }
 

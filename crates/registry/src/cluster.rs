@@ -90,6 +90,21 @@ impl Clusters<'_> {
     }
 }
 
+/// The short name and namespace Istio's metrics give the service `host` declared by
+/// `source` (`ServiceEntry namespace/name`): a Kubernetes host `name.namespace.svc...`
+/// names both; otherwise the host and the declaring resource's namespace.
+fn service_identity(host: &Arc<str>, source: &str) -> (Arc<str>, Option<Arc<str>>) {
+    let mut parts = host.splitn(4, '.');
+    if let (Some(name), Some(ns), Some("svc")) = (parts.next(), parts.next(), parts.next()) {
+        return (name.into(), Some(ns.into()));
+    }
+    let namespace = source
+        .split_once(' ')
+        .and_then(|(_, name)| name.split_once('/'))
+        .map(|(ns, _)| ns.into());
+    (Arc::clone(host), namespace)
+}
+
 /// Builds one cluster. `protocol` is how listeners use it; DNS names its endpoints need
 /// are added to `dns_names` and their current answers taken from `dns`; live counts (the
 /// endpoints' and the circuit breakers') are taken over from `previous`, the cluster of
@@ -240,7 +255,16 @@ pub(crate) fn build(
             .iter()
             .map(|r| format!("cluster {}: {r}; not used as an endpoint", c.name)),
     );
+    let source: Arc<str> = c.source.as_deref().unwrap_or(&c.name).into();
+    let (service_name, service_namespace) = service_identity(&host, &source);
+    let istio_mutual = matches!(transports.cluster, EndpointTransport::IstioMutual(_))
+        || endpoints
+            .iter()
+            .any(|e| matches!(e.transport, EndpointTransport::IstioMutual(_)));
     Cluster {
+        service_name,
+        service_namespace,
+        istio_mutual,
         passthrough_transport: transports.cluster.clone(),
         dns_rejected,
         name: c.name.as_str().into(),
@@ -249,7 +273,7 @@ pub(crate) fn build(
         protocol,
         resolution,
         passthrough_port,
-        source: c.source.as_deref().unwrap_or(&c.name).into(),
+        source,
         owned_destinations,
         endpoints,
         balancer,
@@ -451,5 +475,23 @@ fn detection(o: &envoy::OutlierDetection) -> Detection {
         base_ejection: o.base_ejection_time,
         max_ejection: o.max_ejection_time,
         max_ejection_percent: o.max_ejection_percent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istios_metrics_name_kubernetes_services_by_host_and_others_by_their_resource() {
+        let (name, ns) = service_identity(
+            &Arc::from("reviews.shop.svc.cluster.local"),
+            "Service shop/reviews",
+        );
+        assert_eq!((&*name, ns.as_deref()), ("reviews", Some("shop")));
+        let (name, ns) = service_identity(&Arc::from("api.example.com"), "ServiceEntry egress/api");
+        assert_eq!((&*name, ns.as_deref()), ("api.example.com", Some("egress")));
+        let (name, ns) = service_identity(&Arc::from("api.example.com"), "outbound|443||api");
+        assert_eq!((&*name, ns), ("api.example.com", None));
     }
 }

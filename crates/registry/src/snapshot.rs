@@ -118,6 +118,14 @@ pub struct Cluster {
     pub outlier: Option<Outliers>,
     /// Circuit breakers (default priority).
     pub breakers: CircuitBreakers,
+    /// The service's short name, as Istio's metrics label it (`destination_service_name`):
+    /// a Kubernetes service's name, else the host.
+    pub service_name: Arc<str>,
+    /// The service's namespace as Istio's metrics label it: a Kubernetes service's, else
+    /// that of the resource that declared it, when known.
+    pub service_namespace: Option<Arc<str>>,
+    /// Whether the cluster or any of its endpoints speaks Istio mutual TLS.
+    pub istio_mutual: bool,
     /// The resources it was built from, when a later snapshot may share it while they stay
     /// the same.
     pub(crate) built_from: Option<BuiltFrom>,
