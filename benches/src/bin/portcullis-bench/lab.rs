@@ -239,14 +239,17 @@ impl Lab {
 
     /// The names the h2c, gRPC and passthrough clients dial, resolved to the upstream's
     /// address in `ns`: `ip netns exec` mounts `/etc/netns/NS/hosts` over `/etc/hosts`, so
-    /// that wrk and h2load send the name as SNI and `:authority` as a pod's client would.
+    /// that wrk and h2load send the name as SNI and `:authority` as a pod's client would
+    /// (and oha, which resolves a URL's host even when it goes through a proxy, finds the
+    /// explicit proxy's).
     fn hosts(&self, ns: Ns, up: &str) -> anyhow::Result<()> {
         let dir = Path::new(ETC_NETNS).join(self.ns(ns));
         std::fs::create_dir_all(&dir)?;
+        let explicit = if ns == Ns::Peers { EXPLICIT_HOST } else { "" };
         std::fs::write(
             dir.join("hosts"),
             format!(
-                "127.0.0.1 localhost\n{up} {H2C_HOST} {GRPC_HOST} {PASSTHROUGH_HOST} {TLS_HOST}\n"
+                "127.0.0.1 localhost\n{up} {H2C_HOST} {GRPC_HOST} {PASSTHROUGH_HOST} {TLS_HOST} {explicit}\n"
             ),
         )?;
         Ok(())
