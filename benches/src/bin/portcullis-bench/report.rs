@@ -73,7 +73,8 @@ pub fn http_tables(samples: &[Sample], cases: &[CaseTitle]) -> String {
         let _ = writeln!(out, "\n#### {}\n", c.title);
         let _ = writeln!(
             out,
-            "| target | req/s | p50 µs | p90 µs | p99 µs ⚠ | proxy CPU µs/req | proxy/upstream CPU | proxy RSS MiB | failed |"
+            "| target | req/s | p50 µs | p90 µs | p99 µs{} | proxy CPU µs/req | proxy/upstream CPU | proxy RSS MiB | failed |",
+            if c.tails { "" } else { " ⚠" }
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for target in &targets {
