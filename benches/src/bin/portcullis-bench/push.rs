@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio::time::Instant;
 
 use crate::lab::{self, Lab, Ns, signal};
-use crate::measure::{Wrk, finish_wrk, median, rss_kib};
+use crate::measure::{Wrk, finish, median, parse_wrk, rss_kib};
 
 /// The pod's second address on the upstream's link, so that endpoint changes switch
 /// between real, distinct endpoints.
@@ -245,7 +245,7 @@ fn one(
     let wrk_pid = wrk.id();
     let measured = pushes(lab, rt, &cp, &sidecar, &node_id, args, pid);
     signal(wrk_pid, "INT");
-    let wrk = finish_wrk(wrk, Duration::from_secs(30));
+    let wrk = finish(wrk, Duration::from_secs(30), parse_wrk);
     let Measured {
         small_ms,
         bulk_ms,

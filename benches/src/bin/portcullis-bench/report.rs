@@ -31,6 +31,20 @@ pub struct Sample {
     pub upstream_cpu_us: f64,
     /// The proxy's RSS in the middle of the run.
     pub rss_kib: Option<u64>,
+    /// Access log bytes the proxy wrote per request, for targets with a log.
+    pub log_bytes_per_req: Option<f64>,
+}
+
+/// A case as the report shows it.
+pub struct CaseTitle {
+    /// Its name, as samples carry it.
+    pub name: &'static str,
+    /// Its heading.
+    pub title: &'static str,
+    /// Its tail latencies are trustworthy (open loop): p99 ratios are shown.
+    pub tails: bool,
+    /// Targets come with and without their access log: the log's cost is shown.
+    pub log_cost: bool,
 }
 
 fn fmt_opt(v: f64, decimals: usize) -> String {
@@ -43,7 +57,7 @@ fn fmt_opt(v: f64, decimals: usize) -> String {
 
 /// The per-case tables: medians over repetitions, then ratios computed within each
 /// repetition and their median.
-pub fn http_tables(samples: &[Sample], cases: &[(&'static str, &'static str)]) -> String {
+pub fn http_tables(samples: &[Sample], cases: &[CaseTitle]) -> String {
     let mut out = String::new();
     let targets: Vec<&str> = {
         let mut t: Vec<&str> = Vec::new();
@@ -54,11 +68,13 @@ pub fn http_tables(samples: &[Sample], cases: &[(&'static str, &'static str)]) -
         }
         t
     };
-    for (case, title) in cases {
-        let _ = writeln!(out, "\n#### {title}\n");
+    for c in cases {
+        let case = &c.name;
+        let _ = writeln!(out, "\n#### {}\n", c.title);
         let _ = writeln!(
             out,
-            "| target | req/s | p50 µs | p90 µs | p99 µs ⚠ | proxy CPU µs/req | proxy/upstream CPU | proxy RSS MiB | failed |"
+            "| target | req/s | p50 µs | p90 µs | p99 µs{} | proxy CPU µs/req | proxy/upstream CPU | proxy RSS MiB | failed |",
+            if c.tails { "" } else { " ⚠" }
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for target in &targets {
@@ -77,17 +93,77 @@ pub fn http_tables(samples: &[Sample], cases: &[(&'static str, &'static str)]) -
             let failed: u64 = runs.iter().map(|s| s.wrk.failures()).sum();
             let _ = writeln!(
                 out,
-                "| {target} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {failed} |",
+                "| {target} | {:.0} | {} | {} | {} | {} | {} | {} | {failed} |",
                 m(&|s| s.wrk.rps),
-                m(&|s| s.wrk.p50),
-                m(&|s| s.wrk.p90),
-                m(&|s| s.wrk.p99),
+                fmt_opt(m(&|s| s.wrk.p50), 0),
+                fmt_opt(m(&|s| s.wrk.p90), 0),
+                fmt_opt(m(&|s| s.wrk.p99), 0),
                 fmt_opt(proxy, 1),
                 fmt_opt(norm, 2),
                 fmt_opt(rss, 1),
             );
         }
-        let _ = writeln!(out, "\n{}", ratio_table(samples, case));
+        let _ = writeln!(out, "\n{}", ratio_table(samples, case, c.tails));
+        if c.log_cost {
+            let _ = writeln!(out, "{}", log_cost_table(samples, case));
+        }
+    }
+    out
+}
+
+/// The repetitions present in `samples`.
+fn repetitions(samples: &[Sample]) -> Vec<usize> {
+    let mut r: Vec<usize> = samples.iter().map(|s| s.rep).collect();
+    r.sort_unstable();
+    r.dedup();
+    r
+}
+
+/// Median over repetitions of `f(a's sample, b's sample)` in `case`.
+fn paired(samples: &[Sample], case: &str, a: &str, b: &str, f: Ratio) -> f64 {
+    let find = |target: &str, rep: usize| {
+        samples
+            .iter()
+            .find(|s| s.case == case && s.target == target && s.rep == rep)
+    };
+    let ratios: Vec<f64> = repetitions(samples)
+        .into_iter()
+        .filter_map(|r| Some(f(find(a, r)?, find(b, r)?)))
+        .collect();
+    median(&ratios)
+}
+
+/// What each proxy's access log costs: CPU per request and req/s with it on ÷ off, the
+/// bytes it wrote per request, and portcullis's logged CPU per request ÷ each peer's.
+fn log_cost_table(samples: &[Sample], case: &str) -> String {
+    let cpu: Ratio = |a, b| a.proxy_cpu_us.unwrap_or(f64::NAN) / b.proxy_cpu_us.unwrap_or(f64::NAN);
+    let rps: Ratio = |a, b| a.wrk.rps / b.wrk.rps;
+    let mut out = String::from(
+        "| access log on ÷ off (median of per-repetition ratios) | proxy CPU/req | req/s | log bytes/req | logged CPU/req: portcullis ÷ this |\n|---|---:|---:|---:|---:|\n",
+    );
+    for proxy in ["portcullis explicit", "HAProxy", "Envoy"] {
+        let logged = format!("{proxy} +log");
+        if !samples.iter().any(|s| s.case == case && s.target == logged) {
+            continue;
+        }
+        let bytes = median(
+            &samples
+                .iter()
+                .filter(|s| s.case == case && s.target == logged)
+                .filter_map(|s| s.log_bytes_per_req)
+                .collect::<Vec<_>>(),
+        );
+        let _ = writeln!(
+            out,
+            "| {proxy} | {} | {} | {} | {} |",
+            fmt_opt(paired(samples, case, &logged, proxy, cpu), 2),
+            fmt_opt(paired(samples, case, &logged, proxy, rps), 2),
+            fmt_opt(bytes, 0),
+            fmt_opt(
+                paired(samples, case, "portcullis explicit +log", &logged, cpu),
+                2
+            ),
+        );
     }
     out
 }
@@ -99,23 +175,14 @@ type Ratio = fn(&Sample, &Sample) -> f64;
 /// group, as criterion names them.
 type Medians = BTreeMap<String, BTreeMap<String, BTreeMap<u64, (String, f64)>>>;
 
-/// portcullis against HAProxy and against direct, per repetition, then the median.
-fn ratio_table(samples: &[Sample], case: &str) -> String {
-    let find = |target: &str, rep: usize| {
-        samples
-            .iter()
-            .find(|s| s.case == case && s.target == target && s.rep == rep)
-    };
-    let reps: Vec<usize> = {
-        let mut r: Vec<usize> = samples.iter().map(|s| s.rep).collect();
-        r.sort_unstable();
-        r.dedup();
-        r
-    };
+/// portcullis against HAProxy, Envoy and direct, per repetition, then the median; with
+/// `tails`, the p99 ratios too.
+fn ratio_table(samples: &[Sample], case: &str, tails: bool) -> String {
     let mut out = String::from(
         "| ratio (median of per-repetition ratios) | portcullis sidecar | portcullis explicit |\n|---|---:|---:|\n",
     );
-    let rows: [(&str, &str, Ratio); 6] = [
+    let cpu: Ratio = |p, o| p.proxy_cpu_us.unwrap_or(f64::NAN) / o.proxy_cpu_us.unwrap_or(f64::NAN);
+    let mut rows: Vec<(&str, &str, Ratio)> = vec![
         (
             "req/s ÷ HAProxy (≥ 1 is the target)",
             "HAProxy",
@@ -126,35 +193,38 @@ fn ratio_table(samples: &[Sample], case: &str) -> String {
             "HAProxy sidecar",
             |p, o| p.wrk.rps / o.wrk.rps,
         ),
-        (
-            "proxy CPU/req ÷ HAProxy sidecar's",
-            "HAProxy sidecar",
-            |p, o| p.proxy_cpu_us.unwrap_or(f64::NAN) / o.proxy_cpu_us.unwrap_or(f64::NAN),
-        ),
+        ("proxy CPU/req ÷ HAProxy sidecar's", "HAProxy sidecar", cpu),
+        ("req/s ÷ Envoy", "Envoy", |p, o| p.wrk.rps / o.wrk.rps),
         ("req/s ÷ direct", "direct", |p, o| p.wrk.rps / o.wrk.rps),
-        ("proxy CPU/req ÷ HAProxy's", "HAProxy", |p, o| {
-            p.proxy_cpu_us.unwrap_or(f64::NAN) / o.proxy_cpu_us.unwrap_or(f64::NAN)
-        }),
+        ("proxy CPU/req ÷ HAProxy's", "HAProxy", cpu),
         ("p50 ÷ HAProxy's", "HAProxy", |p, o| p.wrk.p50 / o.wrk.p50),
     ];
+    if tails {
+        rows.extend([
+            (
+                "p99 ÷ HAProxy's",
+                "HAProxy",
+                (|p, o| p.wrk.p99 / o.wrk.p99) as Ratio,
+            ),
+            ("p50 ÷ HAProxy sidecar's", "HAProxy sidecar", |p, o| {
+                p.wrk.p50 / o.wrk.p50
+            }),
+            ("p99 ÷ HAProxy sidecar's", "HAProxy sidecar", |p, o| {
+                p.wrk.p99 / o.wrk.p99
+            }),
+        ]);
+    }
     for (label, other, f) in rows {
-        let cell = |mine: &str| {
-            let ratios: Vec<f64> = reps
-                .iter()
-                .filter_map(|&r| Some(f(find(mine, r)?, find(other, r)?)))
-                .collect();
-            fmt_opt(median(&ratios), 2)
-        };
         // The explicit proxy is not intercepted: against HAProxy's sidecar it has no ratio.
         let explicit = if other == "HAProxy sidecar" {
             "–".to_owned()
         } else {
-            cell("portcullis explicit")
+            fmt_opt(paired(samples, case, "portcullis explicit", other, f), 2)
         };
         let _ = writeln!(
             out,
             "| {label} | {} | {explicit} |",
-            cell("portcullis sidecar"),
+            fmt_opt(paired(samples, case, "portcullis sidecar", other, f), 2),
         );
     }
     out
