@@ -2,18 +2,18 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use portcullis_registry::{Cluster, Decision};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
-    LabelValueEncoder, MetricEncoder,
+    LabelValueEncoder, MetricEncoder, NoLabelSet,
 };
-use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// A shared string label value (cluster and service names are already `Arc<str>`).
@@ -425,8 +425,60 @@ const ENVOY_BUCKETS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
-fn envoy_histogram() -> Histogram {
-    Histogram::new(ENVOY_BUCKETS)
+/// A histogram with Envoy's default bounds that takes no lock: a request records three
+/// observations, and prometheus-client's `Histogram` locks for each. Clones share the
+/// counts.
+#[derive(Debug, Clone, Default)]
+pub struct EnvoyHistogram(Arc<HistogramCounts>);
+
+#[derive(Debug, Default)]
+struct HistogramCounts {
+    /// Observations per bucket (not cumulative), the last past every bound.
+    buckets: [AtomicU64; ENVOY_BUCKETS.len() + 1],
+    /// The sum of the observations, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl EnvoyHistogram {
+    /// Records `v` in the first bucket whose bound is at least `v`.
+    pub fn observe(&self, v: f64) {
+        let bucket = if v.is_nan() {
+            ENVOY_BUCKETS.len()
+        } else {
+            ENVOY_BUCKETS.partition_point(|bound| *bound < v)
+        };
+        self.0.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        // Never fails: the closure always gives a value.
+        let _ = self
+            .0
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for EnvoyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for EnvoyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = ENVOY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' sum, so that it always equals the `+Inf` bucket.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = f64::from_bits(self.0.sum.load(Ordering::Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Series handles found by a fast hash of their labels.
@@ -466,9 +518,9 @@ impl<K: Eq + Hash + Clone, H> Handles<K, H> {
 /// The series one request is recorded in.
 struct RequestSeries {
     requests: Counter,
-    duration: Histogram,
-    request_bytes: Histogram,
-    response_bytes: Histogram,
+    duration: EnvoyHistogram,
+    request_bytes: EnvoyHistogram,
+    response_bytes: EnvoyHistogram,
 }
 
 /// What one request measured, recorded in the series of its labels.
@@ -537,11 +589,11 @@ pub struct Metrics {
     /// `istio_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
-    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: Family<RequestLabels, EnvoyHistogram>,
     /// `istio_request_bytes`: the request body's size.
-    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<RequestLabels, EnvoyHistogram>,
     /// `istio_response_bytes`: the response body's size.
-    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<RequestLabels, EnvoyHistogram>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -629,9 +681,9 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(envoy_histogram),
-            request_bytes: Family::new_with_constructor(envoy_histogram),
-            response_bytes: Family::new_with_constructor(envoy_histogram),
+            request_duration: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
             upstream_rq_code: Family::default(),
             upstream_rq_class: Family::default(),
             tcp_opened: Family::default(),
@@ -978,6 +1030,28 @@ mod tests {
             7 + 3 + 5 + 2 + 10 + 1 + 7 + 4 + 9
         );
         assert_eq!(response_head_bytes(9), 19);
+    }
+
+    #[test]
+    fn envoy_histograms_encode_as_prometheus_clients_do() {
+        let ours = EnvoyHistogram::default();
+        let theirs = prometheus_client::metrics::histogram::Histogram::new(ENVOY_BUCKETS);
+        for v in [0.2, 0.5, 3.0, 10.0, 7_000.0, 4_000_000.0] {
+            ours.observe(v);
+            theirs.observe(v);
+        }
+        let text = |metric: Box<dyn Fn(&mut Registry)>| {
+            let mut registry = Registry::default();
+            metric(&mut registry);
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap_or_default();
+            out
+        };
+        let ours = text(Box::new(move |r| r.register("h", "h", ours.clone())));
+        let theirs = text(Box::new(move |r| r.register("h", "h", theirs.clone())));
+        assert!(ours.contains("h_count 6\n") && ours.contains("h_bucket{le=\"+Inf\"} 6\n"));
+        assert!(ours.contains("h_bucket{le=\"0.5\"} 2\n"));
+        assert_eq!(ours, theirs);
     }
 
     #[test]
