@@ -301,6 +301,15 @@ impl Lab {
         cmd
     }
 
+    /// [`Lab::pinned`] as the proxy's uid, as a sidecar runs: the iptables redirect skips
+    /// that uid's own connections.
+    pub fn pinned_as_proxy(&self, ns: Ns, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = self.pinned(ns, "setpriv");
+        cmd.args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"])
+            .arg(program);
+        cmd
+    }
+
     /// Runs `program args` in `ns` to completion; fails unless it exits 0.
     pub fn run_in(&self, ns: Ns, program: &str, args: &[&str]) -> anyhow::Result<String> {
         run(self.command(ns, program).args(args))

@@ -824,18 +824,8 @@ fn start_haproxy_sidecar(
         &args.portcullis.display().to_string(),
         &["iptables", "--apply"],
     )?;
-    let mut cmd = lab.pinned(ns, "setpriv");
-    cmd.args([
-        "--reuid",
-        lab::PROXY_UID,
-        "--regid",
-        lab::PROXY_UID,
-        "--clear-groups",
-        "haproxy",
-        "-db",
-        "-f",
-    ])
-    .arg(&conf);
+    let mut cmd = lab.pinned_as_proxy(ns, "haproxy");
+    cmd.args(["-db", "-f"]).arg(&conf);
     lab.spawn(name, &mut cmd)
 }
 
@@ -1044,16 +1034,7 @@ fn start_portcullis(
         lab.write(&config.join("reload.yaml"), &lab::reload_conf(0))?;
         let mut cmd = if i.ns == Ns::Pod {
             lab.run_in(Ns::Pod, &bin, &["iptables", "--apply"])?;
-            let mut cmd = lab.pinned(i.ns, "setpriv");
-            cmd.args([
-                "--reuid",
-                lab::PROXY_UID,
-                "--regid",
-                lab::PROXY_UID,
-                "--clear-groups",
-                &bin,
-            ]);
-            cmd
+            lab.pinned_as_proxy(i.ns, &bin)
         } else {
             lab.pinned(i.ns, &bin)
         };

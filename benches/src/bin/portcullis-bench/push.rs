@@ -388,18 +388,10 @@ fn start_portcullis(
     name: &str,
     cp: std::net::SocketAddr,
 ) -> anyhow::Result<u32> {
-    let mut cmd = lab.pinned(Ns::Pod, "setpriv");
-    cmd.args([
-        "--reuid",
-        lab::PROXY_UID,
-        "--regid",
-        lab::PROXY_UID,
-        "--clear-groups",
-    ])
-    .arg(bin)
-    .args(["run", "--xds-address", &format!("http://{cp}")])
-    .args(["--concurrency", "1", "--log", "off"])
-    .envs(pod_env(name));
+    let mut cmd = lab.pinned_as_proxy(Ns::Pod, bin);
+    cmd.args(["run", "--xds-address", &format!("http://{cp}")])
+        .args(["--concurrency", "1", "--log", "off"])
+        .envs(pod_env(name));
     let pid = lab.spawn(name, &mut cmd)?;
     wait_ready(lab, name)?;
     Ok(pid)
@@ -413,18 +405,8 @@ fn start_envoy(
 ) -> anyhow::Result<u32> {
     let bootstrap = lab.dir.join(format!("{name}.json"));
     lab.write(&bootstrap, &envoy_bootstrap(name, cp).to_string())?;
-    let mut cmd = lab.pinned(Ns::Pod, "setpriv");
-    cmd.args([
-        "--reuid",
-        lab::PROXY_UID,
-        "--regid",
-        lab::PROXY_UID,
-        "--clear-groups",
-    ])
-    .arg(bin)
-    .arg("-c")
-    .arg(&bootstrap)
-    .args([
+    let mut cmd = lab.pinned_as_proxy(Ns::Pod, bin);
+    cmd.arg("-c").arg(&bootstrap).args([
         "--concurrency",
         "1",
         "--disable-hot-restart",
