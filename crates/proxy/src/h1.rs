@@ -364,7 +364,9 @@ where
             return reply_error(io, &mut log, &e, head.head_method, close).await;
         }
     };
-    proxy.metrics.count_upstream_request(&log.outcome.cluster);
+    proxy
+        .metrics
+        .count_upstream_request(Some(log.series()), &log.outcome.cluster);
     log.outcome.status = response.status;
     log.outcome.response_head_bytes = crate::metrics::response_head_bytes(response.fields);
     // Bodies of other framings are not counted on this path.
@@ -482,9 +484,7 @@ async fn forward(
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         log.outcome.upstream = Some(pick.addr);
-        log.outcome
-            .destination
-            .reached(&routed.decision, pick.index);
+        log.outcome.destination.reached(pick.index);
         if let (Some(digit), Some(count)) = (out.get_mut(attempt_at), attempt_digit(number)) {
             *digit = count;
         }

@@ -32,8 +32,8 @@ use crate::h1;
 use crate::hash::{HashInput, RequestHash, request_hash};
 use crate::log::{HttpLog, LoggedHeaders};
 use crate::metrics::{
-    Destination, Measured, Metrics, RequestLabels, Value, grpc_status_label, header_fields,
-    request_head_bytes, response_head_bytes,
+    Destination, LastSeries, Measured, Metrics, RequestKey, header_fields, request_head_bytes,
+    response_head_bytes,
 };
 use crate::origin::Transport;
 use crate::pool::{Conn, Life};
@@ -49,6 +49,8 @@ pub(crate) struct Downstream {
     pub peer: SocketAddr,
     /// The connection manager's stream timeouts.
     pub streams: StreamTimeouts,
+    /// The series the connection's last request was counted in.
+    pub series: LastSeries,
 }
 
 /// Serves HTTP/1.x on `io` until the client closes or `shutdown` asks to drain.
@@ -124,6 +126,10 @@ pub(crate) async fn serve_h2<I>(
     }
 }
 
+// Shared placeholders: a request that never gets routed allocates nothing for them.
+static DASH: LazyLock<Arc<str>> = LazyLock::new(|| "-".into());
+static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+
 /// What the access log and metrics need once the request is gone.
 pub(crate) struct Outcome {
     pub status: u16,
@@ -154,9 +160,6 @@ pub(crate) struct Outcome {
 
 impl Default for Outcome {
     fn default() -> Self {
-        // Shared placeholders: a request that never gets routed allocates nothing for them.
-        static DASH: LazyLock<Arc<str>> = LazyLock::new(|| "-".into());
-        static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
         Outcome {
             status: 0,
             flags: "-",
@@ -263,6 +266,11 @@ impl RequestLog {
         &self.proxy.metrics
     }
 
+    /// The series the connection's last request was counted in.
+    pub fn series(&self) -> &LastSeries {
+        &self.downstream.series
+    }
+
     /// The request goes to another handler, which logs and counts it: this record is
     /// dropped unwritten, so the request is not logged twice.
     pub fn hand_over(mut self) {
@@ -280,29 +288,16 @@ impl RequestLog {
             outcome.flags
         };
         let metrics = &self.proxy.metrics;
-        let destination = &outcome.destination;
-        let source_principal = metrics.source_principal(destination);
-        let connection_security_policy = destination.security_policy();
-        // The record is written once: its labels move into the series key, uncopied.
-        let destination = std::mem::take(&mut self.outcome.destination.labels);
-        let outcome = &self.outcome;
-        let labels = RequestLabels {
-            reporter: "source",
-            source: metrics.source.clone(),
-            source_principal,
-            destination,
-            request_protocol: if outcome.grpc { "grpc" } else { "http" },
-            response_code: outcome.status,
-            grpc_response_status: if outcome.grpc {
-                grpc_status_label(outcome.grpc_status, outcome.status)
-            } else {
-                Value::Static("")
-            },
-            response_flags: flags,
-            connection_security_policy,
+        let key = RequestKey {
+            destination: outcome.destination.clone(),
+            grpc: outcome.grpc,
+            status: outcome.status,
+            grpc_status: outcome.grpc_status,
+            flags,
         };
         metrics.record_request(
-            &labels,
+            &self.downstream.series,
+            key,
             Measured {
                 duration,
                 request_bytes: outcome.request_head_bytes + outcome.request_bytes,
@@ -312,7 +307,11 @@ impl RequestLog {
         let answered_upstream =
             outcome.upstream.is_some() && outcome.status != 0 && matches!(flags, "-" | "UC" | "DC");
         if answered_upstream {
-            metrics.count_upstream_response(&outcome.cluster, outcome.status);
+            metrics.count_upstream_response(
+                &self.downstream.series,
+                &outcome.cluster,
+                outcome.status,
+            );
         }
         let Some(line) = &self.line else {
             return;
@@ -869,7 +868,7 @@ async fn route_and_forward(
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
-        outcome.destination.reached(&decision, pick.index);
+        outcome.destination.reached(pick.index);
         req.headers_mut()
             .insert(ATTEMPT_COUNT, HeaderValue::from(number));
         let transport = Transport::new(pick.addr, pick.tls.as_ref(), upstream_authority(&req));
@@ -888,7 +887,9 @@ async fn route_and_forward(
                 continue;
             }
         };
-        proxy.metrics.count_upstream_request(&outcome.cluster);
+        proxy
+            .metrics
+            .count_upstream_request(Some(&downstream.series), &outcome.cluster);
         let grpc_status = grpc_status(response.headers());
         let head = (
             response.status().as_u16(),
@@ -1052,7 +1053,7 @@ async fn mirrored(
     } else {
         send_h1(proxy, target, req).await
     };
-    proxy.metrics.count_upstream_request(&name);
+    proxy.metrics.count_upstream_request(None, &name);
     if let Ok((response, pooled)) = sent {
         // Read to its end, so that the connection can serve again.
         let body = prepare_response(

@@ -45,6 +45,7 @@ use crate::detect::Detected;
 use crate::guard::{GuardedIo, InFlight};
 use crate::http::Downstream;
 use crate::io::PrefixedIo;
+use crate::metrics::LastSeries;
 use crate::pool::Pool;
 
 /// An idle timeout that never fires (a `tcp_proxy` without one): a century.
@@ -432,6 +433,7 @@ impl Proxy {
                 original_dst: Some(dst),
                 peer,
                 streams,
+                series: LastSeries::default(),
             });
             if detected == Detected::Http2 {
                 let io = PrefixedIo::new(prefix, stream);
@@ -463,6 +465,7 @@ impl Proxy {
             original_dst: None,
             peer,
             streams,
+            series: LastSeries::default(),
         });
         h1::serve(self, downstream, stream, BytesMut::new(), shutdown).await;
     }

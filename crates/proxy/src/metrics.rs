@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 
-use portcullis_registry::{Cluster, Decision};
+use portcullis_registry::Cluster;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
@@ -219,73 +219,177 @@ impl Default for DestinationLabels {
     }
 }
 
-/// What the metrics and access log know of where a request or connection went.
+/// Where a request or connection went, as the metrics label it: a cluster of the snapshot
+/// with the endpoint last picked, or only a name. The labels are built from it when a
+/// series is first looked up, not on every request.
 #[derive(Debug, Clone)]
-pub struct Destination {
-    /// The labels.
-    pub labels: DestinationLabels,
-    /// Whether the upstream speaks Istio mutual TLS.
-    pub mutual_tls: bool,
+pub enum Destination {
+    /// Known only by a name: an unregistered destination's cluster, a catch-all route's.
+    Named(Arc<str>),
+    /// A cluster of the snapshot, and the endpoint of the last attempt once one is picked.
+    Cluster {
+        /// The cluster.
+        cluster: Arc<Cluster>,
+        /// The index of the endpoint in the cluster.
+        endpoint: Option<usize>,
+    },
 }
 
 impl Destination {
     /// A destination known only by `service` (an unregistered one is named by its cluster).
     pub fn named(service: Arc<str>) -> Self {
-        Destination {
-            labels: DestinationLabels {
-                destination_service_name: Value::Shared(Arc::clone(&service)),
-                destination_service: Value::Shared(service),
-                ..DestinationLabels::default()
-            },
-            mutual_tls: false,
+        Destination::Named(service)
+    }
+
+    /// The destination `cluster` of the snapshot, labelled as the snapshot compiled it.
+    pub fn of_cluster(cluster: &Arc<Cluster>) -> Self {
+        Destination::Cluster {
+            cluster: Arc::clone(cluster),
+            endpoint: None,
         }
     }
 
-    /// The destination `cluster` of the snapshot, named as the snapshot's compiled it.
-    pub fn of_cluster(cluster: &Cluster) -> Self {
-        let mut d = Destination::named(Arc::clone(&cluster.host));
-        d.labels.destination_service_name = Value::Shared(Arc::clone(&cluster.service_name));
-        if let Some(ns) = &cluster.service_namespace {
-            d.labels.destination_service_namespace = Value::Shared(Arc::clone(ns));
+    /// The endpoint `index` of the cluster was picked for an attempt (none: an original
+    /// destination, which the cluster does not list).
+    pub fn reached(&mut self, index: Option<usize>) {
+        if let (Destination::Cluster { endpoint, .. }, Some(i)) = (self, index) {
+            *endpoint = Some(i);
         }
-        d.mutual_tls = cluster.istio_mutual;
-        d
     }
 
-    /// Labels the workload of the endpoint `index` of `decision`'s cluster, from the
-    /// metadata istiod puts on it (`filter_metadata.istio.workload`), as Istio's stats
-    /// filter reads it on the client side: an empty part is `unknown` (the revision
-    /// `latest`); app and version are not in it and stay `unknown`.
-    pub fn reached(&mut self, decision: &Decision, index: Option<usize>) {
-        let (Decision::Cluster(c), Some(i)) = (decision, index) else {
-            return;
-        };
-        let Some(w) = c.endpoints.get(i).and_then(|e| e.workload.as_ref()) else {
-            return;
-        };
-        let part = |v: &Arc<str>, empty: &'static str| {
-            if v.is_empty() {
-                Value::Static(empty)
-            } else {
-                Value::Shared(Arc::clone(v))
-            }
-        };
-        let l = &mut self.labels;
-        l.destination_workload = part(&w.name, "unknown");
-        l.destination_workload_namespace = part(&w.namespace, "unknown");
-        l.destination_canonical_service = part(&w.canonical_service, "unknown");
-        l.destination_canonical_revision = part(&w.canonical_revision, "latest");
-        l.destination_cluster = part(&w.cluster, "unknown");
+    /// Whether the upstream speaks Istio mutual TLS.
+    pub fn mutual_tls(&self) -> bool {
+        matches!(self, Destination::Cluster { cluster, .. } if cluster.istio_mutual)
     }
 
     /// Istio's `connection_security_policy` of a client-side report.
     pub fn security_policy(&self) -> &'static str {
-        if self.mutual_tls {
+        if self.mutual_tls() {
             "mutual_tls"
         } else {
             "unknown"
         }
     }
+
+    /// The same destination: the same cluster object and endpoint, or the same name.
+    fn same(&self, other: &Destination) -> bool {
+        match (self, other) {
+            (Destination::Named(a), Destination::Named(b)) => Arc::ptr_eq(a, b) || a == b,
+            (
+                Destination::Cluster {
+                    cluster: a,
+                    endpoint: i,
+                },
+                Destination::Cluster {
+                    cluster: b,
+                    endpoint: j,
+                },
+            ) => Arc::ptr_eq(a, b) && i == j,
+            _ => false,
+        }
+    }
+
+    /// The `destination_*` labels. A cluster names its service as the snapshot compiled
+    /// it; the endpoint's workload comes from the metadata istiod puts on it
+    /// (`filter_metadata.istio.workload`), as Istio's stats filter reads it on the client
+    /// side: an empty part is `unknown` (the revision `latest`); app and version are not
+    /// in it and stay `unknown`.
+    pub fn labels(&self) -> DestinationLabels {
+        let (cluster, endpoint) = match self {
+            Destination::Named(service) => {
+                return DestinationLabels {
+                    destination_service_name: Value::Shared(Arc::clone(service)),
+                    destination_service: Value::Shared(Arc::clone(service)),
+                    ..DestinationLabels::default()
+                };
+            }
+            Destination::Cluster { cluster, endpoint } => (cluster, endpoint),
+        };
+        let mut l = DestinationLabels {
+            destination_service: Value::Shared(Arc::clone(&cluster.host)),
+            destination_service_name: Value::Shared(Arc::clone(&cluster.service_name)),
+            ..DestinationLabels::default()
+        };
+        if let Some(ns) = &cluster.service_namespace {
+            l.destination_service_namespace = Value::Shared(Arc::clone(ns));
+        }
+        let workload = endpoint
+            .and_then(|i| cluster.endpoints.get(i))
+            .and_then(|e| e.workload.as_ref());
+        if let Some(w) = workload {
+            let part = |v: &Arc<str>, empty: &'static str| {
+                if v.is_empty() {
+                    Value::Static(empty)
+                } else {
+                    Value::Shared(Arc::clone(v))
+                }
+            };
+            l.destination_workload = part(&w.name, "unknown");
+            l.destination_workload_namespace = part(&w.namespace, "unknown");
+            l.destination_canonical_service = part(&w.canonical_service, "unknown");
+            l.destination_canonical_revision = part(&w.canonical_revision, "latest");
+            l.destination_cluster = part(&w.cluster, "unknown");
+        }
+        l
+    }
+}
+
+/// What a request's series depends on besides the process's own labels: compared
+/// instead of the 25 labels it stands for.
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    /// Where the request went.
+    pub destination: Destination,
+    /// A gRPC request.
+    pub grpc: bool,
+    /// The status sent to the client (0: none).
+    pub status: u16,
+    /// The response's `grpc-status`.
+    pub grpc_status: Option<u32>,
+    /// Envoy's response flags.
+    pub flags: &'static str,
+}
+
+impl RequestKey {
+    /// Whether `self` and `other` are recorded in the same series.
+    fn same(&self, other: &RequestKey) -> bool {
+        self.status == other.status
+            && self.grpc == other.grpc
+            && self.grpc_status == other.grpc_status
+            && self.flags == other.flags
+            && self.destination.same(&other.destination)
+    }
+}
+
+/// The series of a connection's last request and its last upstream counters. The next
+/// request on a keep-alive connection mostly goes to the same place and gets the same
+/// answer; it then finds its series here without building, hashing or looking up labels.
+#[derive(Debug, Default)]
+pub struct LastSeries(Mutex<Cached>);
+
+/// What [`LastSeries`] holds.
+#[derive(Debug, Default)]
+struct Cached {
+    request: Option<(RequestKey, Arc<RequestSeries>)>,
+    upstream_rq: Option<(Arc<str>, Counter)>,
+    response: Option<(Arc<str>, u16, Arc<ResponseCounters>)>,
+}
+
+impl LastSeries {
+    /// The cache, unless another stream of the connection holds it: then the caller
+    /// looks its series up as if nothing were cached, rather than wait.
+    fn get(&self) -> Option<MutexGuard<'_, Cached>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// The same cluster name: the same shared text, or equal text.
+fn same_name(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 /// Labels of `istio_requests_total` and the request histograms, as Istio's stats filter
@@ -516,11 +620,19 @@ impl<K: Eq + Hash + Clone, H> Handles<K, H> {
 }
 
 /// The series one request is recorded in.
+#[derive(Debug)]
 struct RequestSeries {
     requests: Counter,
     duration: EnvoyHistogram,
     request_bytes: EnvoyHistogram,
     response_bytes: EnvoyHistogram,
+}
+
+/// An upstream response's counters: its status class's and its status's.
+#[derive(Debug)]
+struct ResponseCounters {
+    class: Counter,
+    code: Counter,
 }
 
 /// What one request measured, recorded in the series of its labels.
@@ -659,11 +771,11 @@ pub struct Metrics {
     /// The workload's SPIFFE ID, its `source_principal` over Istio mutual TLS.
     principal: Value,
     /// The request series of each label set.
-    request_series: Handles<RequestLabels, RequestSeries>,
+    request_series: Handles<RequestLabels, Arc<RequestSeries>>,
     /// `upstream_rq` of each cluster.
     upstream_rq_series: Handles<Label, Counter>,
     /// The per-class and per-code counters of each cluster and status.
-    response_series: Handles<(Label, u16), (Counter, Counter)>,
+    response_series: Handles<(Label, u16), Arc<ResponseCounters>>,
 }
 
 impl Metrics {
@@ -900,22 +1012,36 @@ impl Metrics {
     /// The `source_principal` of a report for `destination`: the client side knows its
     /// own identity as a peer only when it presents it, over Istio mutual TLS.
     pub fn source_principal(&self, destination: &Destination) -> Value {
-        if destination.mutual_tls {
+        if destination.mutual_tls() {
             self.principal.clone()
         } else {
             UNKNOWN
         }
     }
 
-    /// Records a request in Istio's request metrics under `labels`.
-    pub fn record_request(&self, labels: &RequestLabels, measured: Measured) {
-        let make = |labels: &RequestLabels| RequestSeries {
-            requests: self.requests.get_or_create(labels).clone(),
-            duration: self.request_duration.get_or_create(labels).clone(),
-            request_bytes: self.request_bytes.get_or_create(labels).clone(),
-            response_bytes: self.response_bytes.get_or_create(labels).clone(),
-        };
-        self.request_series.with(labels, make, |series| {
+    /// The labels of `key`'s request series.
+    pub fn request_labels(&self, key: &RequestKey) -> RequestLabels {
+        RequestLabels {
+            reporter: "source",
+            source: self.source.clone(),
+            source_principal: self.source_principal(&key.destination),
+            destination: key.destination.labels(),
+            request_protocol: if key.grpc { "grpc" } else { "http" },
+            response_code: key.status,
+            grpc_response_status: if key.grpc {
+                grpc_status_label(key.grpc_status, key.status)
+            } else {
+                Value::Static("")
+            },
+            response_flags: key.flags,
+            connection_security_policy: key.destination.security_policy(),
+        }
+    }
+
+    /// Records a request in Istio's request metrics, in the series of `key`'s labels;
+    /// `last` is the connection's cache of the series its last request went to.
+    pub fn record_request(&self, last: &LastSeries, key: RequestKey, measured: Measured) {
+        let observe = |series: &RequestSeries| {
             series.requests.inc();
             series
                 .duration
@@ -924,11 +1050,40 @@ impl Metrics {
             series
                 .response_bytes
                 .observe(measured.response_bytes as f64);
-        });
+        };
+        let mut cached = last.get();
+        if let Some((k, series)) = cached.as_ref().and_then(|c| c.request.as_ref())
+            && k.same(&key)
+        {
+            return observe(series);
+        }
+        let make = |labels: &RequestLabels| {
+            Arc::new(RequestSeries {
+                requests: self.requests.get_or_create(labels).clone(),
+                duration: self.request_duration.get_or_create(labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(labels).clone(),
+            })
+        };
+        let series = self
+            .request_series
+            .with(&self.request_labels(&key), make, Arc::clone);
+        observe(&series);
+        if let Some(c) = cached.as_mut() {
+            c.request = Some((key, series));
+        }
     }
 
-    /// Counts a request sent upstream (an attempt) in `cluster`'s `upstream_rq_total`.
-    pub fn count_upstream_request(&self, cluster: &Arc<str>) {
+    /// Counts a request sent upstream (an attempt) in `cluster`'s `upstream_rq_total`;
+    /// `last` is the connection's cache, if the caller has one.
+    pub fn count_upstream_request(&self, last: Option<&LastSeries>, cluster: &Arc<str>) {
+        let mut cached = last.and_then(LastSeries::get);
+        if let Some((name, counter)) = cached.as_ref().and_then(|c| c.upstream_rq.as_ref())
+            && same_name(name, cluster)
+        {
+            counter.inc();
+            return;
+        }
         let make = |label: &Label| {
             self.upstream_rq
                 .get_or_create(&ClusterLabels {
@@ -936,12 +1091,29 @@ impl Metrics {
                 })
                 .clone()
         };
-        self.upstream_rq_series
-            .with(&Label(Arc::clone(cluster)), make, |c| c.inc());
+        let counter =
+            self.upstream_rq_series
+                .with(&Label(Arc::clone(cluster)), make, Counter::clone);
+        counter.inc();
+        if let Some(c) = cached.as_mut() {
+            c.upstream_rq = Some((Arc::clone(cluster), counter));
+        }
     }
 
-    /// Counts an upstream's response with `status` in `cluster`'s per-code counters.
-    pub fn count_upstream_response(&self, cluster: &Arc<str>, status: u16) {
+    /// Counts an upstream's response with `status` in `cluster`'s per-code counters;
+    /// `last` is the connection's cache.
+    pub fn count_upstream_response(&self, last: &LastSeries, cluster: &Arc<str>, status: u16) {
+        let count = |counters: &ResponseCounters| {
+            counters.class.inc();
+            counters.code.inc();
+        };
+        let mut cached = last.get();
+        if let Some((name, code, counters)) = cached.as_ref().and_then(|c| c.response.as_ref())
+            && *code == status
+            && same_name(name, cluster)
+        {
+            return count(counters);
+        }
         let make = |(cluster_name, status): &(Label, u16)| {
             let class = match status / 100 {
                 1 => "1xx",
@@ -950,36 +1122,133 @@ impl Metrics {
                 4 => "4xx",
                 _ => "5xx",
             };
-            let class = self
-                .upstream_rq_class
-                .get_or_create(&ClassLabels {
-                    response_code_class: class,
-                    cluster_name: cluster_name.clone(),
-                })
-                .clone();
-            let code = self
-                .upstream_rq_code
-                .get_or_create(&CodeLabels {
-                    response_code: Value::Shared(status.to_string().into()),
-                    cluster_name: cluster_name.clone(),
-                })
-                .clone();
-            (class, code)
+            Arc::new(ResponseCounters {
+                class: self
+                    .upstream_rq_class
+                    .get_or_create(&ClassLabels {
+                        response_code_class: class,
+                        cluster_name: cluster_name.clone(),
+                    })
+                    .clone(),
+                code: self
+                    .upstream_rq_code
+                    .get_or_create(&CodeLabels {
+                        response_code: Value::Shared(status.to_string().into()),
+                        cluster_name: cluster_name.clone(),
+                    })
+                    .clone(),
+            })
         };
-        self.response_series.with(
-            &(Label(Arc::clone(cluster)), status),
-            make,
-            |(class, code)| {
-                class.inc();
-                code.inc();
-            },
-        );
+        let counters =
+            self.response_series
+                .with(&(Label(Arc::clone(cluster)), status), make, Arc::clone);
+        count(&counters);
+        if let Some(c) = cached.as_mut() {
+            c.response = Some((Arc::clone(cluster), status, counters));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cluster `api` of a snapshot: endpoint 0 runs workload `api-v1`, endpoint 1 has no
+    /// workload metadata.
+    fn api_cluster() -> Arc<Cluster> {
+        use portcullis_envoy::{self as envoy, Discovery, Resources};
+        let endpoint = |port: u16, workload: Option<&str>| {
+            let mut e = envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ));
+            e.workload = workload
+                .and_then(envoy::WorkloadMetadata::parse)
+                .map(Arc::new);
+            e
+        };
+        let mut c = envoy::Cluster::new("outbound|80||api.ns.svc.cluster.local", Discovery::Static);
+        c.load_assignment = Some(envoy::ClusterLoadAssignment {
+            cluster_name: c.name.clone(),
+            endpoints: vec![envoy::LocalityLbEndpoints {
+                lb_endpoints: vec![
+                    endpoint(9001, Some("api-v1;ns;api;v1;Kubernetes")),
+                    endpoint(9002, None),
+                ],
+                ..Default::default()
+            }],
+        });
+        let mut r = Resources::default();
+        r.clusters.insert(c.name.clone(), Arc::new(c));
+        let snapshot = portcullis_registry::Snapshot::index(&r, &|_| None, None, 1);
+        Arc::clone(
+            snapshot
+                .cluster("outbound|80||api.ns.svc.cluster.local")
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_connections_requests_land_in_the_series_of_their_own_labels() {
+        let metrics = Metrics::new(&mut Registry::default());
+        let last = LastSeries::default();
+        let cluster = api_cluster();
+        let key = |endpoint: Option<usize>, status: u16| {
+            let mut destination = Destination::of_cluster(&cluster);
+            destination.reached(endpoint);
+            RequestKey {
+                destination,
+                grpc: false,
+                status,
+                grpc_status: None,
+                flags: "-",
+            }
+        };
+        let measured = Measured {
+            duration: std::time::Duration::from_millis(2),
+            request_bytes: 10,
+            response_bytes: 20,
+        };
+        // The second and fourth requests find the cached series of the one before; the
+        // third and fifth differ from it (status, endpoint) and must not.
+        for (endpoint, status) in [(0, 200), (0, 200), (0, 503), (0, 503), (1, 503)] {
+            metrics.record_request(&last, key(Some(endpoint), status), measured);
+        }
+        let count = |endpoint: usize, status: u16| {
+            let labels = metrics.request_labels(&key(Some(endpoint), status));
+            metrics.requests.get_or_create(&labels).get()
+        };
+        assert_eq!((count(0, 200), count(0, 503), count(1, 503)), (2, 2, 1));
+        let v1 = metrics.request_labels(&key(Some(0), 200)).destination;
+        assert_eq!(v1.destination_workload.as_str(), "api-v1");
+        assert_eq!(v1.destination_canonical_revision.as_str(), "v1");
+        assert_eq!(v1.destination_service.as_str(), "api.ns.svc.cluster.local");
+        let bare = metrics.request_labels(&key(Some(1), 503)).destination;
+        assert_eq!(bare.destination_workload.as_str(), "unknown");
+        assert_eq!(bare, metrics.request_labels(&key(None, 503)).destination);
+        // The per-cluster counters likewise, a cluster named by equal text included.
+        let name: Arc<str> = cluster.name.clone();
+        let same_text: Arc<str> = name.to_string().into();
+        for (cluster_name, status) in [(&name, 200), (&same_text, 200), (&name, 503)] {
+            metrics.count_upstream_request(Some(&last), cluster_name);
+            metrics.count_upstream_response(&last, cluster_name, status);
+        }
+        let cluster_label = || ClusterLabels {
+            cluster_name: Label(Arc::clone(&name)),
+        };
+        assert_eq!(metrics.upstream_rq.get_or_create(&cluster_label()).get(), 3);
+        let code = |status: &str| CodeLabels {
+            response_code: Value::Shared(status.into()),
+            cluster_name: Label(Arc::clone(&name)),
+        };
+        assert_eq!(
+            metrics.upstream_rq_code.get_or_create(&code("200")).get(),
+            2
+        );
+        assert_eq!(
+            metrics.upstream_rq_code.get_or_create(&code("503")).get(),
+            1
+        );
+    }
 
     #[test]
     fn source_labels_fall_back_as_istios_do() {

@@ -62,7 +62,7 @@ pub(crate) async fn forward(
         source: proxy.metrics.source.clone(),
         source_principal: proxy.metrics.source_principal(&destination),
         connection_security_policy: destination.security_policy(),
-        destination: destination.labels,
+        destination: destination.labels(),
         request_protocol: "tcp",
         response_flags: "-",
     };
@@ -144,7 +144,7 @@ async fn connect_once(
     );
     let Attempt { pick, .. } = attempts.start().await?;
     log.upstream = Some(pick.addr);
-    destination.reached(decision, pick.index);
+    destination.reached(pick.index);
     // No request here whose host could be the SNI: `auto_sni` is HTTP's.
     let transport = Transport::new(pick.addr, pick.tls.as_ref(), None);
     match proxy
@@ -297,7 +297,7 @@ mod tests {
             source: metrics.source.clone(),
             source_principal: metrics.source_principal(&destination),
             connection_security_policy: destination.security_policy(),
-            destination: destination.labels,
+            destination: destination.labels(),
             request_protocol: "tcp",
             response_flags: "UO",
         };
