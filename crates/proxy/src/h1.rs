@@ -106,7 +106,9 @@ pub(crate) async fn serve<I>(
                     in_flight.release_streams();
                 }
                 let io = PrefixedIo::new(buf, io);
-                crate::http::serve(proxy, downstream, io, shutdown).await;
+                // Boxed, as the exchange is: an idle keep-alive connection's future stays
+                // the size of its read, not of hyper's connection.
+                Box::pin(crate::http::serve(proxy, downstream, io, shutdown)).await;
                 return;
             }
         }

@@ -317,6 +317,9 @@ impl Proxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
+        // The futures awaited below are boxed, but for HTTP/1.1's: this future is the
+        // connection's task for its whole life, sized by its largest await, and an idle
+        // keep-alive connection should not carry the size of a TCP relay.
         let dst = match orig_dst::original_dst(&stream) {
             Ok(dst) => dst,
             Err(e) => {
@@ -331,7 +334,16 @@ impl Proxy {
         if self.is_own_listener(dst) {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener closed (loop guard)");
             let stream = self.guard(stream, None);
-            tcp::forward(&self, Decision::BlackHole, stream, &[], dst, peer, None).await;
+            Box::pin(tcp::forward(
+                &self,
+                Decision::BlackHole,
+                stream,
+                &[],
+                dst,
+                peer,
+                None,
+            ))
+            .await;
             return;
         }
         let mut stream = self.guard(stream, None);
@@ -347,9 +359,9 @@ impl Proxy {
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let (decision, chain) = snapshot.route_connection_chain(&opaque);
             self.apply_chain_timeouts(&mut stream, chain);
-            let decision = self.confine_none(&snapshot, decision, dst, None).await;
+            let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
             let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-            tcp::forward(&self, decision, stream, &[], dst, peer, None).await;
+            Box::pin(tcp::forward(&self, decision, stream, &[], dst, peer, None)).await;
             return;
         }
         let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await
@@ -380,14 +392,14 @@ impl Proxy {
                         source: Some(peer.ip()),
                     });
                     self.apply_chain_timeouts(&mut stream, chain);
-                    let decision = self.confine_none(&snapshot, decision, dst, sni).await;
+                    let decision = Box::pin(self.confine_none(&snapshot, decision, dst, sni)).await;
                     let seen = Observation {
                         host: sni,
                         protocol: portcullis_audit::Protocol::Tls,
                         ..opaque_seen(dst, chain)
                     };
                     let decision = self.gate(&snapshot, decision, seen);
-                    tcp::forward(&self, decision, stream, &buf, dst, peer, sni).await;
+                    Box::pin(tcp::forward(&self, decision, stream, &buf, dst, peer, sni)).await;
                 }
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
@@ -413,9 +425,12 @@ impl Proxy {
             if !snapshot.serves_http(&conn) {
                 let (decision, chain) = snapshot.route_connection_chain(&conn);
                 self.apply_chain_timeouts(&mut stream, chain);
-                let decision = self.confine_none(&snapshot, decision, dst, None).await;
+                let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
                 let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-                tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
+                Box::pin(tcp::forward(
+                    &self, decision, stream, &prefix, dst, peer, None,
+                ))
+                .await;
                 return;
             }
             let chain = snapshot.route_connection_chain(&conn).1;
@@ -437,7 +452,7 @@ impl Proxy {
             });
             if detected == Detected::Http2 {
                 let io = PrefixedIo::new(prefix, stream);
-                http::serve_h2(self, downstream, io, shutdown).await;
+                Box::pin(http::serve_h2(self, downstream, io, shutdown)).await;
             } else {
                 h1::serve(self, downstream, stream, prefix, shutdown).await;
             }
@@ -445,9 +460,12 @@ impl Proxy {
         }
         let (decision, chain) = snapshot.route_connection_chain(&opaque);
         self.apply_chain_timeouts(&mut stream, chain);
-        let decision = self.confine_none(&snapshot, decision, dst, None).await;
+        let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
         let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-        tcp::forward(&self, decision, stream, &prefix, dst, peer, None).await;
+        Box::pin(tcp::forward(
+            &self, decision, stream, &prefix, dst, peer, None,
+        ))
+        .await;
     }
 
     async fn explicit(
