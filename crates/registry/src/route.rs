@@ -9,7 +9,7 @@ use regex::Regex;
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port};
+use crate::host::{normalized, split_host_port, with_formatted};
 use crate::retry::RetryPolicy;
 use crate::snapshot::{Decision, Wildcards};
 
@@ -313,18 +313,29 @@ impl RouteTable {
             return self.any.and_then(|i| self.vhosts.get(i));
         };
         // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
-        let key: Cow<'_, str> = match port {
+        match port {
             Some(port) if !self.ignore_port => match host.ip {
-                Some(std::net::IpAddr::V6(_)) => Cow::Owned(format!("[{}]:{port}", host.text)),
-                _ => Cow::Owned(format!("{}:{port}", host.text)),
+                Some(std::net::IpAddr::V6(_)) => {
+                    with_formatted(format_args!("[{}]:{port}", host.text), |key| {
+                        self.by_domain(key, host.dots)
+                    })
+                }
+                _ => with_formatted(format_args!("{}:{port}", host.text), |key| {
+                    self.by_domain(key, host.dots)
+                }),
             },
-            _ => Cow::Borrowed(&host.text),
-        };
+            _ => self.by_domain(&host.text, host.dots),
+        }
+    }
+
+    /// The virtual host of the domain `key` (a normalized host, with its port unless
+    /// ignored), whose host has `dots` dots.
+    fn by_domain(&self, key: &str, dots: usize) -> Option<&VirtualHost> {
         let i = self
             .exact
-            .get(&*key)
+            .get(key)
             .copied()
-            .or_else(|| self.by_suffix(&key, host.dots))
+            .or_else(|| self.by_suffix(key, dots))
             .or_else(|| {
                 self.prefixes.iter().find_map(|(len, m)| {
                     (*len < key.len())

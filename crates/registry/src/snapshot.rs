@@ -10,7 +10,7 @@ use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port};
+use crate::host::{normalized, split_host_port, with_formatted};
 use crate::limits::CircuitBreakers;
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
@@ -403,15 +403,12 @@ impl Snapshot {
         let Some(name) = normalized(host).ok().filter(|_| !host.ends_with('.')) else {
             return table.route(req);
         };
-        let authority = match name.ip.map(canonical) {
-            Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", conn.port),
-            Some(ip) => format!("{ip}:{}", conn.port),
-            None => format!("{}:{}", name.text, conn.port),
-        };
-        table.route(&Request {
-            authority: &authority,
-            ..*req
-        })
+        let route = |authority: &str| table.route(&Request { authority, ..*req });
+        match name.ip.map(canonical) {
+            Some(IpAddr::V6(ip)) => with_formatted(format_args!("[{ip}]:{}", conn.port), route),
+            Some(ip) => with_formatted(format_args!("{ip}:{}", conn.port), route),
+            None => with_formatted(format_args!("{}:{}", name.text, conn.port), route),
+        }
     }
 
     /// The decision of a connection described by `conn` carried as bytes (TCP, TLS): its
