@@ -1100,7 +1100,10 @@ fn parse_request(
     let Some(authority) = absolute.or(host) else {
         return Parsed::Other;
     };
-    let mut out = Vec::with_capacity(len + 64);
+    // Room for what is added below (a Host for absolute-form, x-forwarded-proto, a request
+    // id, the expected timeout and the attempt count), so that the head is never grown.
+    let added = 160 + absolute.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(len + added);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     let slash = path.first().is_none_or(|b| *b == b'?');
