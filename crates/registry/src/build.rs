@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartConfig};
+use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, Locality, RuntimeDouble, SlowStartConfig};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
     LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, ObjectMeta,
@@ -49,6 +49,8 @@ struct PendingEndpoint {
     /// Where it came from.
     source: Arc<str>,
     labels: Labels,
+    /// Its locality as istiod finds it (empty parts when unknown).
+    locality: Locality,
     peer: Peer,
     /// The workload behind it, for telemetry.
     workload: Arc<portcullis_envoy::WorkloadMetadata>,
@@ -220,14 +222,27 @@ struct ReadyPod<'a> {
     object: &'a Object<Pod>,
     ips: Vec<IpAddr>,
     workload: Arc<portcullis_envoy::WorkloadMetadata>,
+    /// Its locality (`region/zone/subzone`), from its label or its node's.
+    locality: String,
 }
 
 impl ReadyPod<'_> {
-    /// The pod's endpoints on `port`, one per IP, with its labels and workload identity.
+    /// The pod's endpoints on `port`, one per IP, with its labels (and the topology labels
+    /// istiod adds), locality and workload identity.
     fn endpoints(&self, port: u16, trust_domain: &str, out: &mut Vec<PendingEndpoint>) {
         let meta = &self.object.meta;
         let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
-        let labels = Arc::new(meta.labels.clone());
+        let mut labels = meta.labels.clone();
+        let node = self
+            .object
+            .spec
+            .spec
+            .node_name
+            .as_deref()
+            .unwrap_or_default();
+        locality::augment(&mut labels, &self.locality, node);
+        let labels = Arc::new(labels);
+        let place = locality::parse(&self.locality);
         let peer = Peer::of_pod(self.object, trust_domain);
         out.extend(self.ips.iter().map(|ip| PendingEndpoint {
             address: EndpointAddress::Ip(*ip),
@@ -235,6 +250,7 @@ impl ReadyPod<'_> {
             weight: 1,
             source: Arc::clone(&source),
             labels: Arc::clone(&labels),
+            locality: place.clone(),
             peer: peer.clone(),
             workload: Arc::clone(&self.workload),
         }));
@@ -725,6 +741,7 @@ fn parse_net(address: &str) -> Option<IpNet> {
 
 impl<'a> Builder<'a> {
     fn new(resources: &'a [Resource], options: &'a BuildOptions) -> Self {
+        let mut nodes: BTreeMap<&str, &BTreeMap<String, String>> = BTreeMap::new();
         let mut b = Builder {
             options,
             service_entries: Vec::new(),
@@ -781,11 +798,15 @@ impl<'a> Builder<'a> {
                                 object: o,
                                 ips,
                                 workload: workload::of_pod(&o.meta, &options.cluster_id),
+                                locality: String::new(),
                             });
                         }
                     }
                 }
                 Resource::Service(o) => b.kube_services.push(o),
+                Resource::Node(o) => {
+                    nodes.insert(&o.meta.name, &o.meta.labels);
+                }
                 Resource::Secret(o) => b.secrets.push(o),
                 Resource::MeshConfig(o) => {
                     if b.mesh.is_some() {
@@ -798,6 +819,14 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+        }
+        for pod in &mut b.pods {
+            let spec = &pod.object.spec.spec;
+            let node = spec
+                .node_name
+                .as_deref()
+                .and_then(|n| nodes.get(n).copied());
+            pod.locality = locality::of_pod(&pod.object.meta.labels, node);
         }
         // Services of the proxy's own namespace win host conflicts, then namespace and name order.
         let ns = options.namespace.as_str();
@@ -1273,14 +1302,14 @@ impl<'a> Builder<'a> {
                 Err(_) => return,
             };
             let mut labels = labels;
-            if !we.locality.is_empty() {
-                locality::augment(Arc::make_mut(&mut labels), &we.locality);
-            }
+            let place = locality::of_workload_entry(&we.locality, &labels);
+            locality::augment(Arc::make_mut(&mut labels), &place, "");
             out.push(PendingEndpoint {
                 address,
                 port: target,
                 weight: we.weight.unwrap_or(1).max(1),
                 source,
+                locality: locality::parse(&place),
                 peer: Peer::of_workload(we, &labels, ns, trust_domain),
                 workload: workload::of_workload_entry(name, meta, ns, &labels, cluster_id),
                 labels,
@@ -1348,6 +1377,7 @@ impl<'a> Builder<'a> {
                         source: format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name)
                             .into(),
                         labels: Labels::default(),
+                        locality: Locality::default(),
                         peer: Peer::default(),
                         // istiod's endpoint for the host itself is the ServiceEntry's
                         // workload, without labels.
@@ -1589,13 +1619,15 @@ impl<'a> Builder<'a> {
                 &self.options.cluster_id,
             );
             let mut labels = labels;
-            locality::augment(&mut labels, &spec.locality);
+            let place = locality::of_workload_entry(&spec.locality, &labels);
+            locality::augment(&mut labels, &place, "");
             out.push(PendingEndpoint {
                 address: EndpointAddress::Ip(ip),
                 port: target,
                 weight: spec.weight.unwrap_or(1).max(1),
                 source: format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
                 labels: Arc::new(labels),
+                locality: locality::parse(&place),
                 peer,
                 workload,
             });

@@ -1381,7 +1381,7 @@ fn service_cluster(
                 source: Some(e.source.to_string()),
             };
             by_locality
-                .entry(locality::of_labels(&e.labels))
+                .entry(e.locality.clone())
                 .or_default()
                 .push((endpoint, &*e.labels));
         }
