@@ -1,6 +1,6 @@
 //! Compiling resources into a [`Snapshot`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +114,52 @@ fn tls_mode(value: Option<&str>) -> Option<Arc<str>> {
 /// The SPIFFE identity of service account `account` of `namespace`.
 fn spiffe_identity(trust_domain: &str, namespace: &str, account: &str) -> Arc<str> {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}").into()
+}
+
+/// Istio's annotation listing SPIFFE identities of a Kubernetes Service's workloads.
+const CANONICAL_SERVICE_ACCOUNTS: &str = "alpha.istio.io/canonical-serviceaccounts";
+/// Istio's annotation listing service accounts (of its namespace) a Kubernetes Service's
+/// workloads run as.
+const KUBERNETES_SERVICE_ACCOUNTS: &str = "alpha.istio.io/kubernetes-serviceaccounts";
+
+/// The identities a Kubernetes Service's annotations declare, as istiod's `ConvertService`
+/// reads them: the canonical ones as written, then each Kubernetes account's identity in
+/// the mesh's trust domain (comma-separated, nothing trimmed).
+fn kube_service_accounts(svc: &Object<KubeServiceSpec>, trust_domain: &str) -> Vec<String> {
+    let annotation = |key: &str| {
+        svc.meta
+            .annotations
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .into_iter()
+            .flat_map(|v| v.split(','))
+    };
+    annotation(CANONICAL_SERVICE_ACCOUNTS)
+        .map(str::to_owned)
+        .chain(
+            annotation(KUBERNETES_SERVICE_ACCOUNTS)
+                .map(|a| spiffe_identity(trust_domain, &svc.meta.namespace, a).to_string()),
+        )
+        .collect()
+}
+
+/// istiod's `ExpandWithTrustDomains`: `accounts`, and each SPIFFE identity among them
+/// (`spiffe://DOMAIN/ns/NS/sa/SA`) again in each of the trust domain `aliases`, sorted.
+fn with_trust_domain_aliases(accounts: BTreeSet<String>, aliases: &[String]) -> Vec<String> {
+    let mut out = accounts.clone();
+    for id in &accounts {
+        let Some(rest) = id.strip_prefix("spiffe://") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [_, "ns", namespace, "sa", account] = parts[..] else {
+            continue;
+        };
+        for alias in aliases {
+            out.insert(format!("spiffe://{alias}/ns/{namespace}/sa/{account}"));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Current DNS answers by lower-case hostname.
@@ -267,8 +313,9 @@ struct PendingCluster {
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<PendingEndpoint>,
-    /// The ServiceEntry's `subjectAltNames` (none for a Kubernetes Service).
-    subject_alt_names: Vec<String>,
+    /// istiod's `Service.ServiceAccounts`: a ServiceEntry's `subjectAltNames`, a Kubernetes
+    /// Service's service-account annotations.
+    service_accounts: Vec<String>,
     /// From a ServiceEntry (istiod's `External` registry), not a Kubernetes Service.
     service_entry: bool,
     /// A ServiceEntry of location `MESH_EXTERNAL`.
@@ -497,7 +544,8 @@ struct Builder<'a> {
     /// Warnings about VirtualService routes, each once however many ports it is built for.
     vs_warnings: std::collections::BTreeSet<String>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
-    /// PeerAuthentications in file order.
+    /// PeerAuthentications, oldest first (then by name and namespace), as istiod orders
+    /// them.
     peer_authentications: Vec<&'a Object<PeerAuthenticationSpec>>,
     secrets: Vec<&'a Object<Secret>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
@@ -820,6 +868,14 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        b.peer_authentications.sort_by_cached_key(|pa| {
+            let meta = &pa.meta;
+            Age::new(
+                meta.creation_timestamp.as_deref(),
+                &meta.name,
+                &meta.namespace,
+            )
+        });
         for pod in &mut b.pods {
             let spec = &pod.object.spec.spec;
             let node = spec
@@ -844,6 +900,12 @@ impl<'a> Builder<'a> {
         b
     }
 
+    /// The mesh's trust domain aliases (`trustDomainAliases`).
+    fn trust_domain_aliases(&self) -> &'a [String] {
+        self.mesh
+            .map_or(&[][..], |m| &m.spec.trust_domain_aliases[..])
+    }
+
     /// The mesh's trust domain (`trustDomain`, Istio's default `cluster.local`).
     fn trust_domain(&self) -> &'a str {
         self.mesh
@@ -863,8 +925,8 @@ impl<'a> Builder<'a> {
     /// Whether the workloads of `namespace` accept only plaintext as far as istiod infers
     /// it for a client (`BestEffortInferServiceMTLSMode`): the mode of the namespace's
     /// PeerAuthentication without a selector (`UNSET` inherits the mesh's), else the
-    /// mesh's (the root namespace's). The first of each namespace counts; istiod keeps the
-    /// oldest, which files do not tell.
+    /// mesh's (the root namespace's). The oldest of each namespace counts, as istiod keeps
+    /// it.
     fn plaintext_namespace(&self, namespace: &str) -> bool {
         let root = self
             .mesh
@@ -1200,7 +1262,7 @@ impl<'a> Builder<'a> {
                         source: Arc::clone(&source),
                         addresses: addresses.clone(),
                         endpoints,
-                        subject_alt_names: se.spec.subject_alt_names.clone(),
+                        service_accounts: se.spec.subject_alt_names.clone(),
                         service_entry: true,
                         mesh_external: se.spec.location == Location::MeshExternal,
                         namespace: ns.into(),
@@ -1315,8 +1377,9 @@ impl<'a> Builder<'a> {
                 labels,
             });
         };
+        // Resolution NONE keeps its endpoints too, as istiod's: its ORIGINAL_DST cluster
+        // sends no endpoints, but who they are decides its mutual TLS and identities.
         match spec.resolution {
-            Resolution::None => return out,
             _ if !spec.endpoints.is_empty() => {
                 let source: Arc<str> = format!(
                     "ServiceEntry {}/{} endpoints",
@@ -1484,7 +1547,7 @@ impl<'a> Builder<'a> {
                     source: Arc::clone(&source),
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
-                    subject_alt_names: Vec::new(),
+                    service_accounts: kube_service_accounts(svc, self.trust_domain()),
                     service_entry: false,
                     mesh_external: false,
                     namespace: ns.as_str().into(),
