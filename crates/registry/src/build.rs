@@ -111,8 +111,10 @@ fn tls_mode(value: Option<&str>) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
-/// The SPIFFE identity of service account `account` of `namespace`.
+/// The SPIFFE identity of service account `account` of `namespace`, with `@` in the trust
+/// domain written `.` as istiod's `genSpiffeURI` writes it.
 fn spiffe_identity(trust_domain: &str, namespace: &str, account: &str) -> Arc<str> {
+    let trust_domain = trust_domain.replace('@', ".");
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}").into()
 }
 

@@ -339,6 +339,9 @@ data:
     let c = compiled_in(&mesh("trustDomain: example.org"), "shop", &|_| None);
     let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
     assert_eq!(sans(m)[0], "spiffe://example.org/ns/shop/sa/api-sa");
+    let c = compiled_in(&mesh("trustDomain: mesh@example.org"), "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    assert_eq!(sans(m)[0], "spiffe://mesh.example.org/ns/shop/sa/api-sa");
 }
 
 #[test]
