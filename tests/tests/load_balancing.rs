@@ -1,7 +1,8 @@
 //! DestinationRule load balancing from Istio YAML files, end to end: real curl in the pod,
 //! nginx endpoints on the external host, portcullis in between. Consistent hashing over
-//! three endpoints, outlier detection ejecting an endpoint that answers 500, and slow start
-//! of an endpoint added by a file update.
+//! three endpoints, outlier detection ejecting an endpoint that answers 500, slow start
+//! of an endpoint added by a file update, and locality: from WorkloadEntries' and from the
+//! Kubernetes Nodes pods run on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -400,24 +401,53 @@ spec:
   - {{address: {LOCAL}, locality: us-east/zone1, ports: {{http: 8080}}}}
   - {{address: {REMOTE}, locality: eu-west/zone9, ports: {{http: 8080}}}}
 ---
-apiVersion: networking.istio.io/v1
+{}",
+        failover_rules("geo", "geo.internal.com")
+    )
+}
+
+/// DestinationRule and VirtualService `name` for `host`: outlier detection (which istiod
+/// requires before it fails over by locality) ejecting an endpoint at its first 5xx, and
+/// no retries.
+fn failover_rules(name: &str, host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{name: geo, namespace: default}}
+metadata: {{name: {name}, namespace: default}}
 spec:
-  host: geo.internal.com
+  host: {host}
   trafficPolicy:
     outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: geo, namespace: default}}
+metadata: {{name: {name}, namespace: default}}
 spec:
-  hosts: [geo.internal.com]
+  hosts: [{host}]
   http:
-  - route: [{{destination: {{host: geo.internal.com}}}}]
+  - route: [{{destination: {{host: {host}}}}}]
     retries: {{attempts: 0}}
 "
     )
+}
+
+/// One nginx answering `NAME` on `IP:8080` for each `(IP, NAME)`, and a 500 `NAME failed`
+/// on `/fail`.
+fn start_named_endpoints(
+    lab: &mut Lab,
+    nginx: &str,
+    status_port: u16,
+    endpoints: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let mut servers = String::new();
+    for (ip, name) in endpoints {
+        lab.add_address(Role::External, ip)?;
+        servers.push_str(&format!(
+            "    server {{ listen {ip}:8080; location /fail {{ return 500 \"{name} failed\\n\"; }} location / {{ return 200 \"{name}\\n\"; }} }}\n"
+        ));
+    }
+    lab.start_nginx_servers(Role::External, nginx, &servers, "unused\n", status_port)?;
+    Ok(())
 }
 
 /// Bodies of `n` requests to `url`, in order, from one curl in the pod.
@@ -433,14 +463,7 @@ fn bodies(lab: &mut Lab, url: &str, n: usize) -> anyhow::Result<Vec<String>> {
 #[test]
 fn locality_failover_keeps_traffic_local_until_the_local_endpoint_is_ejected() {
     run("lblocality", |lab| {
-        let mut servers = String::new();
-        for (ip, name) in [(LOCAL, "local"), (REMOTE, "remote")] {
-            lab.add_address(Role::External, ip)?;
-            servers.push_str(&format!(
-                "    server {{ listen {ip}:8080; location /fail {{ return 500 \"{name} failed\\n\"; }} location / {{ return 200 \"{name}\\n\"; }} }}\n"
-            ));
-        }
-        lab.start_nginx_servers(Role::External, "geo", &servers, "unused\n", 8151)?;
+        start_named_endpoints(lab, "geo", 8151, &[(LOCAL, "local"), (REMOTE, "remote")])?;
         lab.start_with_services(
             &["geo.internal.com"],
             &[("geo.yaml", geo_config())],
@@ -464,6 +487,115 @@ fn locality_failover_keeps_traffic_local_until_the_local_endpoint_is_ejected() {
         ensure!(
             after.iter().all(|b| b == "remote"),
             "all remote once the local endpoint is ejected: {after:?}"
+        );
+        nothing_unapplied(lab)
+    });
+}
+
+/// The two pods of Service `web`: one on each node.
+const POD_ON_A: &str = "10.50.0.51";
+const POD_ON_B: &str = "10.50.0.52";
+
+/// Nodes `node-a` in zone `zone_a` and `node-b` in zone `zone_b` of region `us-east`.
+fn nodes(zone_a: &str, zone_b: &str) -> String {
+    let node = |name: &str, zone: &str| {
+        format!(
+            "apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  labels: {{topology.kubernetes.io/region: us-east, topology.kubernetes.io/zone: {zone}, kubernetes.io/hostname: {name}}}
+spec: {{podCIDR: 10.244.0.0/24}}
+---
+"
+        )
+    };
+    [node("node-a", zone_a), node("node-b", zone_b)].concat()
+}
+
+/// Kubernetes Service `web` (port 80 to 8080) over a pod on each node, with
+/// [`failover_rules`].
+fn web_config() -> String {
+    let pod = |name: &str, ip: &str, node: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
+spec: {{nodeName: {node}, containers: [{{name: web, image: nginx}}]}}
+status: {{podIP: {ip}, phase: Running}}
+---
+"
+        )
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+{}{}{}",
+        pod("web-1", POD_ON_A, "node-a"),
+        pod("web-2", POD_ON_B, "node-b"),
+        failover_rules("web", "web.default.svc.cluster.local"),
+    )
+}
+
+#[test]
+fn a_pods_node_zone_keeps_traffic_in_the_clients_zone_and_follows_a_relabelled_node() {
+    run("lbnodes", |lab| {
+        start_named_endpoints(
+            lab,
+            "nodes",
+            8161,
+            &[(POD_ON_A, "pod on node-a"), (POD_ON_B, "pod on node-b")],
+        )?;
+        let host = "web.default.svc.cluster.local";
+        lab.start_with_services(
+            &[host],
+            &[
+                ("web.yaml", web_config()),
+                ("nodes.yaml", nodes("us-east-1a", "us-east-1b")),
+            ],
+            &["--locality", "us-east/us-east-1a"],
+        )?;
+        let url = format!("http://{host}/");
+        // The pod whose node is in the client's zone takes everything; the other zone is
+        // the next priority.
+        let before = bodies(lab, &url, 12)?;
+        ensure!(
+            before.iter().all(|b| b == "pod on node-a"),
+            "all to the pod in the client's zone: {before:?}"
+        );
+        // The nodes' zones swapped in the file: the pods' localities follow their nodes.
+        lab.write_config("nodes.yaml", &nodes("us-east-1b", "us-east-1a"))?;
+        let after = poll(
+            "traffic to the pod on the node now in the client's zone",
+            Duration::from_secs(10),
+            || {
+                let answers = bodies(lab, &url, 6)?;
+                Ok(answers
+                    .iter()
+                    .all(|b| b == "pod on node-b")
+                    .then_some(answers))
+            },
+        )?;
+        let settled = bodies(lab, &url, 12)?;
+        ensure!(
+            settled.iter().all(|b| b == "pod on node-b"),
+            "all to the pod on node-b once it is in the client's zone: {after:?} then {settled:?}"
+        );
+        // `portcullis check` reads the Nodes without a finding.
+        let check = lab.run_portcullis_as_root(&[
+            "check",
+            "--config",
+            &lab.config_dir().display().to_string(),
+        ])?;
+        ensure!(
+            !check.contains("Node"),
+            "no finding about the Nodes: {check}"
         );
         nothing_unapplied(lab)
     });

@@ -19,7 +19,7 @@ use portcullis_e2e::envoy::istio::{
 };
 use portcullis_e2e::envoy::{Probe, Scenario, TLS_PAGE, run_differential};
 use portcullis_e2e::scenario::EXTERNAL_IP;
-use portcullis_e2e::{Role, poll, run};
+use portcullis_e2e::{Lab, Role, poll, run};
 
 /// The test CA, a CA nobody trusts, and the certificates nginx and the client present,
 /// written to a folder every lab reads (the proxies' DestinationRule files and nginx).
@@ -628,7 +628,9 @@ const IMPOSTOR_IP: &str = "10.50.0.2";
 /// DestinationRule TLS: istiod's auto mTLS. Portcullis speaks Istio mutual TLS to the first
 /// (an openssl peer requiring a client certificate of the mesh root, whose page shows the
 /// SPIFFE identity presented) and plaintext to the second (nginx), and refuses a peer whose
-/// certificate names another service account than its pod runs as (`UF`).
+/// certificate names another service account than its pod runs as (`UF`) until the
+/// Service's `alpha.istio.io/kubernetes-serviceaccounts` names it; under another trust
+/// domain the pod's identity is refused until the mesh's `trustDomainAliases` name its own.
 #[test]
 fn auto_mutual_tls_from_files_to_the_pods_with_sidecars() {
     run("auto-mtls", |lab| {
@@ -754,6 +756,58 @@ spec:
         lab.expect_logged(
             "the impostor refused as a TLS failure",
             &["impostor.default.svc.cluster.local", "UF", "503"],
+        )?;
+        // The Service's annotation declaring the account its workloads run as: accepted.
+        let declared = yaml.replacen(
+            "metadata: {name: impostor, namespace: default}",
+            "metadata:
+  name: impostor
+  namespace: default
+  annotations: {alpha.istio.io/kubernetes-serviceaccounts: billing}",
+            1,
+        );
+        lab.write_config("mesh.yaml", &declared)?;
+        poll(
+            "the peer accepted once its Service declares its account",
+            Duration::from_secs(10),
+            || {
+                let reply = lab.curl(&["http://impostor.default.svc.cluster.local/"])?;
+                Ok((reply.status == 200 && reply.body.contains("s_server")).then_some(()))
+            },
+        )?;
+        // Another trust domain: the pod's identity in cluster.local no longer matches,
+        // until cluster.local is one of the mesh's trust domain aliases.
+        let trust = |aliases: &str| {
+            format!(
+                "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    trustDomain: new.example
+    trustDomainAliases: [{aliases}]
+"
+            )
+        };
+        let mesh_pod_answers = |lab: &mut Lab, want: bool| -> anyhow::Result<Option<()>> {
+            let mut answered = false;
+            for _ in 0..4 {
+                let reply = lab.curl(&["http://api.default.svc.cluster.local/"])?;
+                answered |= reply.body.contains("s_server");
+            }
+            Ok((answered == want).then_some(()))
+        };
+        lab.write_config("trust.yaml", &trust(""))?;
+        poll(
+            "the pod with a sidecar refused in another trust domain",
+            Duration::from_secs(10),
+            || mesh_pod_answers(lab, false),
+        )?;
+        lab.write_config("trust.yaml", &trust("cluster.local"))?;
+        poll(
+            "the pod with a sidecar accepted through the trust domain alias",
+            Duration::from_secs(10),
+            || mesh_pod_answers(lab, true),
         )?;
         let log = lab.portcullis_output();
         anyhow::ensure!(

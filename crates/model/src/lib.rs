@@ -66,6 +66,11 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
+/// A Kubernetes Node. Only its labels count: istiod takes the locality of a pod without
+/// one of its own from the topology labels of the node it runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeNode;
+
 /// An Istio WorkloadEntry: spec and status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadEntry {
@@ -112,6 +117,8 @@ pub enum Resource {
     Pod(Object<Pod>),
     /// Kubernetes `v1` Service.
     Service(Object<KubeServiceSpec>),
+    /// Kubernetes `v1` Node (cluster-scoped: its namespace is empty).
+    Node(Object<KubeNode>),
     /// Kubernetes `v1` Secret (certificates a DestinationRule's `credentialName` names).
     Secret(Object<Secret>),
     /// Istio's mesh config, from the `istio` ConfigMap's `data.mesh`.
@@ -130,6 +137,7 @@ impl Resource {
             Resource::PeerAuthentication(_) => "PeerAuthentication",
             Resource::Pod(_) => "Pod",
             Resource::Service(_) => "Service",
+            Resource::Node(_) => "Node",
             Resource::Secret(_) => "Secret",
             Resource::MeshConfig(_) => "ConfigMap",
         }
@@ -146,6 +154,7 @@ impl Resource {
             Resource::PeerAuthentication(o) => &o.meta,
             Resource::Pod(o) => &o.meta,
             Resource::Service(o) => &o.meta,
+            Resource::Node(o) => &o.meta,
             Resource::Secret(o) => &o.meta,
             Resource::MeshConfig(o) => &o.meta,
         }
@@ -162,6 +171,7 @@ impl Resource {
             Resource::PeerAuthentication(o) => &o.origin,
             Resource::Pod(o) => &o.origin,
             Resource::Service(o) => &o.origin,
+            Resource::Node(o) => &o.origin,
             Resource::Secret(o) => &o.origin,
             Resource::MeshConfig(o) => &o.origin,
         }

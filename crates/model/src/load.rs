@@ -19,9 +19,9 @@ use serde_saphyr::{DefaultMessageFormatter, MessageFormatter};
 
 use crate::shape::{self, Node, Pos, Value};
 use crate::{
-    DestinationRuleSpec, Finding, KubeServiceSpec, MeshConfig, Object, ObjectMeta, Origin,
-    PeerAuthenticationSpec, Pod, PodSpec, PodStatus, Position, Resource, Secret, ServiceEntrySpec,
-    Severity, SidecarSpec, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
+    DestinationRuleSpec, Finding, KubeNode, KubeServiceSpec, MeshConfig, Object, ObjectMeta,
+    Origin, PeerAuthenticationSpec, Pod, PodSpec, PodStatus, Position, Resource, Secret,
+    ServiceEntrySpec, Severity, SidecarSpec, VirtualServiceSpec, WorkloadEntry, WorkloadEntrySpec,
     WorkloadEntryStatus, schema, validate,
 };
 
@@ -404,15 +404,14 @@ const ISTIO_KINDS: [&str; 5] = [
 /// Kinds of `networking.istio.io` that exist but do not concern an egress sidecar.
 const ISTIO_OTHER_KINDS: [&str; 4] = ["Gateway", "EnvoyFilter", "WorkloadGroup", "ProxyConfig"];
 /// Kinds of the core `v1` group portcullis reads.
-const CORE_KINDS: [&str; 5] = ["Pod", "Service", "ConfigMap", "Secret", "List"];
+const CORE_KINDS: [&str; 6] = ["Pod", "Service", "ConfigMap", "Secret", "Node", "List"];
 /// Kinds of the core `v1` group that do not concern an egress sidecar.
-const CORE_OTHER_KINDS: [&str; 13] = [
+const CORE_OTHER_KINDS: [&str; 12] = [
     "Namespace",
     "Endpoints",
     "ServiceAccount",
     "PersistentVolumeClaim",
     "PersistentVolume",
-    "Node",
     "Event",
     "LimitRange",
     "ResourceQuota",
@@ -533,10 +532,18 @@ fn load_document(doc: &Document<'_>, file: &Arc<PathBuf>, out: &mut FileLoad, in
         origin.name = doc.position(name.at);
     }
     let mut meta = header.metadata;
-    if meta.namespace.is_empty() {
+    // A Node belongs to no namespace, as Kubernetes ignores one written on it.
+    let cluster_scoped = header.kind == "Node" && header.api_version == "v1";
+    if cluster_scoped {
+        meta.namespace.clear();
+    } else if meta.namespace.is_empty() {
         meta.namespace = "default".to_string();
     }
-    let resource_name = format!("{}/{}", meta.namespace, meta.name);
+    let resource_name = if cluster_scoped {
+        meta.name.clone()
+    } else {
+        format!("{}/{}", meta.namespace, meta.name)
+    };
     let kind = header.kind.as_str();
     let mut findings = Vec::new();
     let resource = match classify(&header.api_version, kind) {
@@ -758,6 +765,7 @@ fn typed(
             .map(|(spec, status)| Resource::Pod(object(meta, Pod { spec, status }, origin))),
         "Service" => spec::<KubeServiceSpec>(doc, origin, findings)
             .map(|s| Resource::Service(object(meta, s, origin))),
+        "Node" => Some(Resource::Node(object(meta, KubeNode, origin))),
         "Secret" => {
             secret(doc, shape, origin, findings).map(|s| Resource::Secret(object(meta, s, origin)))
         }
@@ -1734,6 +1742,52 @@ data: {ca.crt: 'not base64!'}
         assert_eq!(base64_decode("YWJjZA"), Some(b"abcd".to_vec()));
         assert_eq!(base64_decode("YWJjZGU="), Some(b"abcde".to_vec()));
         assert_eq!(base64_decode("Y"), None);
+    }
+
+    #[test]
+    fn nodes_are_read_without_a_namespace_and_pods_name_theirs() {
+        let l = load(
+            "apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  namespace: ignored
+  labels: {topology.kubernetes.io/zone: us-east-1a}
+spec: {podCIDR: 10.244.0.0/24}
+status: {capacity: {cpu: '2'}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labelz: {}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec: {nodeName: node-a, containers: []}
+",
+        );
+        let Resource::Node(node) = &l.resources[0] else {
+            panic!("not a Node: {:?}", l.resources);
+        };
+        assert_eq!(
+            (node.meta.name.as_str(), node.meta.namespace.as_str()),
+            ("node-a", "")
+        );
+        assert_eq!(
+            node.meta.labels["topology.kubernetes.io/zone"],
+            "us-east-1a"
+        );
+        let Resource::Pod(pod) = &l.resources[1] else {
+            panic!("not a Pod: {:?}", l.resources);
+        };
+        assert_eq!(pod.spec.spec.node_name.as_deref(), Some("node-a"));
+        let shown: Vec<String> = l.findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "Error [UNKNOWN_FIELD] (Node node-b cfg/test.yaml:12:26) unknown field `labelz` in metadata (did you mean `labels`?)"
+            ]
+        );
     }
 
     #[test]

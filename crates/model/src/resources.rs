@@ -859,6 +859,9 @@ pub struct PodSpec {
     /// The service account the pod runs as (Kubernetes fills in `default`).
     #[serde(default)]
     pub service_account_name: Option<String>,
+    /// The node the scheduler put the pod on, whose topology labels give its locality.
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 /// A Pod condition such as `Ready`.
@@ -976,6 +979,10 @@ pub struct MeshConfig {
     /// `cluster.local`).
     #[serde(default)]
     pub trust_domain: Option<String>,
+    /// `trustDomainAliases`: other domains the mesh's identities may be issued in; istiod
+    /// adds each service account's identity in each of them to the SANs it verifies.
+    #[serde(default, deserialize_with = "exact")]
+    pub trust_domain_aliases: Vec<String>,
     /// `localityLbSetting`: the locality balancing of destinations whose DestinationRule
     /// sets none (Istio's default: on, no settings).
     #[serde(default)]

@@ -544,6 +544,13 @@ pub(crate) fn document(kind: &str) -> Option<Field> {
             ("spec", SERVICE_SPEC),
             ("status", Any),
         ]),
+        "Node" => Object(&[
+            ("apiVersion", Any),
+            ("kind", Any),
+            ("metadata", META),
+            ("spec", Any),
+            ("status", Any),
+        ]),
         "ConfigMap" => Object(&[
             ("apiVersion", Any),
             ("kind", Any),

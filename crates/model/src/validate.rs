@@ -36,7 +36,10 @@ pub fn resource(resource: &Resource, locate: &dyn Fn(&str) -> Option<Position>) 
         Resource::Sidecar(o) => sidecar(&o.spec, &mut out),
         Resource::Pod(o) => pod(&o.spec, &mut out),
         Resource::Service(o) => kube_service(&o.spec, &mut out),
-        Resource::MeshConfig(_) | Resource::Secret(_) | Resource::PeerAuthentication(_) => {}
+        Resource::MeshConfig(_)
+        | Resource::Secret(_)
+        | Resource::PeerAuthentication(_)
+        | Resource::Node(_) => {}
     }
     out.list
 }

@@ -1,12 +1,12 @@
 //! Compiling resources into a [`Snapshot`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, RuntimeDouble, SlowStartConfig};
+use portcullis_envoy::{HashKey, HashPolicy, LbPolicy, Locality, RuntimeDouble, SlowStartConfig};
 use portcullis_model::{
     ConnectionPoolSettings, ConsistentHash, DestinationRuleSpec, KubeServiceSpec,
     LoadBalancerSettings, LocalityLbSetting, Location, MeshConfig, Object, ObjectMeta,
@@ -49,6 +49,8 @@ struct PendingEndpoint {
     /// Where it came from.
     source: Arc<str>,
     labels: Labels,
+    /// Its locality as istiod finds it (empty parts when unknown).
+    locality: Locality,
     peer: Peer,
     /// The workload behind it, for telemetry.
     workload: Arc<portcullis_envoy::WorkloadMetadata>,
@@ -109,9 +111,57 @@ fn tls_mode(value: Option<&str>) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
-/// The SPIFFE identity of service account `account` of `namespace`.
+/// The SPIFFE identity of service account `account` of `namespace`, with `@` in the trust
+/// domain written `.` as istiod's `genSpiffeURI` writes it.
 fn spiffe_identity(trust_domain: &str, namespace: &str, account: &str) -> Arc<str> {
+    let trust_domain = trust_domain.replace('@', ".");
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}").into()
+}
+
+/// Istio's annotation listing SPIFFE identities of a Kubernetes Service's workloads.
+const CANONICAL_SERVICE_ACCOUNTS: &str = "alpha.istio.io/canonical-serviceaccounts";
+/// Istio's annotation listing service accounts (of its namespace) a Kubernetes Service's
+/// workloads run as.
+const KUBERNETES_SERVICE_ACCOUNTS: &str = "alpha.istio.io/kubernetes-serviceaccounts";
+
+/// The identities a Kubernetes Service's annotations declare, as istiod's `ConvertService`
+/// reads them: the canonical ones as written, then each Kubernetes account's identity in
+/// the mesh's trust domain (comma-separated, nothing trimmed).
+fn kube_service_accounts(svc: &Object<KubeServiceSpec>, trust_domain: &str) -> Vec<String> {
+    let annotation = |key: &str| {
+        svc.meta
+            .annotations
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .into_iter()
+            .flat_map(|v| v.split(','))
+    };
+    annotation(CANONICAL_SERVICE_ACCOUNTS)
+        .map(str::to_owned)
+        .chain(
+            annotation(KUBERNETES_SERVICE_ACCOUNTS)
+                .map(|a| spiffe_identity(trust_domain, &svc.meta.namespace, a).to_string()),
+        )
+        .collect()
+}
+
+/// istiod's `ExpandWithTrustDomains`: `accounts`, and each SPIFFE identity among them
+/// (`spiffe://DOMAIN/ns/NS/sa/SA`) again in each of the trust domain `aliases`, sorted.
+fn with_trust_domain_aliases(accounts: BTreeSet<String>, aliases: &[String]) -> Vec<String> {
+    let mut out = accounts.clone();
+    for id in &accounts {
+        let Some(rest) = id.strip_prefix("spiffe://") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [_, "ns", namespace, "sa", account] = parts[..] else {
+            continue;
+        };
+        for alias in aliases {
+            out.insert(format!("spiffe://{alias}/ns/{namespace}/sa/{account}"));
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Current DNS answers by lower-case hostname.
@@ -220,14 +270,27 @@ struct ReadyPod<'a> {
     object: &'a Object<Pod>,
     ips: Vec<IpAddr>,
     workload: Arc<portcullis_envoy::WorkloadMetadata>,
+    /// Its locality (`region/zone/subzone`), from its label or its node's.
+    locality: String,
 }
 
 impl ReadyPod<'_> {
-    /// The pod's endpoints on `port`, one per IP, with its labels and workload identity.
+    /// The pod's endpoints on `port`, one per IP, with its labels (and the topology labels
+    /// istiod adds), locality and workload identity.
     fn endpoints(&self, port: u16, trust_domain: &str, out: &mut Vec<PendingEndpoint>) {
         let meta = &self.object.meta;
         let source: Arc<str> = format!("Pod {}/{}", meta.namespace, meta.name).into();
-        let labels = Arc::new(meta.labels.clone());
+        let mut labels = meta.labels.clone();
+        let node = self
+            .object
+            .spec
+            .spec
+            .node_name
+            .as_deref()
+            .unwrap_or_default();
+        locality::augment(&mut labels, &self.locality, node);
+        let labels = Arc::new(labels);
+        let place = locality::parse(&self.locality);
         let peer = Peer::of_pod(self.object, trust_domain);
         out.extend(self.ips.iter().map(|ip| PendingEndpoint {
             address: EndpointAddress::Ip(*ip),
@@ -235,6 +298,7 @@ impl ReadyPod<'_> {
             weight: 1,
             source: Arc::clone(&source),
             labels: Arc::clone(&labels),
+            locality: place.clone(),
             peer: peer.clone(),
             workload: Arc::clone(&self.workload),
         }));
@@ -251,8 +315,9 @@ struct PendingCluster {
     source: Arc<str>,
     addresses: Vec<IpNet>,
     endpoints: Vec<PendingEndpoint>,
-    /// The ServiceEntry's `subjectAltNames` (none for a Kubernetes Service).
-    subject_alt_names: Vec<String>,
+    /// istiod's `Service.ServiceAccounts`: a ServiceEntry's `subjectAltNames`, a Kubernetes
+    /// Service's service-account annotations.
+    service_accounts: Vec<String>,
     /// From a ServiceEntry (istiod's `External` registry), not a Kubernetes Service.
     service_entry: bool,
     /// A ServiceEntry of location `MESH_EXTERNAL`.
@@ -481,7 +546,8 @@ struct Builder<'a> {
     /// Warnings about VirtualService routes, each once however many ports it is built for.
     vs_warnings: std::collections::BTreeSet<String>,
     sidecars: Vec<&'a Object<SidecarSpec>>,
-    /// PeerAuthentications in file order.
+    /// PeerAuthentications, oldest first (then by name and namespace), as istiod orders
+    /// them.
     peer_authentications: Vec<&'a Object<PeerAuthenticationSpec>>,
     secrets: Vec<&'a Object<Secret>>,
     /// The egress listeners of the Sidecar that applies, if it has any.
@@ -725,6 +791,7 @@ fn parse_net(address: &str) -> Option<IpNet> {
 
 impl<'a> Builder<'a> {
     fn new(resources: &'a [Resource], options: &'a BuildOptions) -> Self {
+        let mut nodes: BTreeMap<&str, &BTreeMap<String, String>> = BTreeMap::new();
         let mut b = Builder {
             options,
             service_entries: Vec::new(),
@@ -781,11 +848,15 @@ impl<'a> Builder<'a> {
                                 object: o,
                                 ips,
                                 workload: workload::of_pod(&o.meta, &options.cluster_id),
+                                locality: String::new(),
                             });
                         }
                     }
                 }
                 Resource::Service(o) => b.kube_services.push(o),
+                Resource::Node(o) => {
+                    nodes.insert(&o.meta.name, &o.meta.labels);
+                }
                 Resource::Secret(o) => b.secrets.push(o),
                 Resource::MeshConfig(o) => {
                     if b.mesh.is_some() {
@@ -798,6 +869,22 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+        }
+        b.peer_authentications.sort_by_cached_key(|pa| {
+            let meta = &pa.meta;
+            Age::new(
+                meta.creation_timestamp.as_deref(),
+                &meta.name,
+                &meta.namespace,
+            )
+        });
+        for pod in &mut b.pods {
+            let spec = &pod.object.spec.spec;
+            let node = spec
+                .node_name
+                .as_deref()
+                .and_then(|n| nodes.get(n).copied());
+            pod.locality = locality::of_pod(&pod.object.meta.labels, node);
         }
         // Services of the proxy's own namespace win host conflicts, then namespace and name order.
         let ns = options.namespace.as_str();
@@ -813,6 +900,12 @@ impl<'a> Builder<'a> {
             .map(|s| &s.spec.egress[..])
             .filter(|e| !e.is_empty());
         b
+    }
+
+    /// The mesh's trust domain aliases (`trustDomainAliases`).
+    fn trust_domain_aliases(&self) -> &'a [String] {
+        self.mesh
+            .map_or(&[][..], |m| &m.spec.trust_domain_aliases[..])
     }
 
     /// The mesh's trust domain (`trustDomain`, Istio's default `cluster.local`).
@@ -834,8 +927,8 @@ impl<'a> Builder<'a> {
     /// Whether the workloads of `namespace` accept only plaintext as far as istiod infers
     /// it for a client (`BestEffortInferServiceMTLSMode`): the mode of the namespace's
     /// PeerAuthentication without a selector (`UNSET` inherits the mesh's), else the
-    /// mesh's (the root namespace's). The first of each namespace counts; istiod keeps the
-    /// oldest, which files do not tell.
+    /// mesh's (the root namespace's). The oldest of each namespace counts, as istiod keeps
+    /// it.
     fn plaintext_namespace(&self, namespace: &str) -> bool {
         let root = self
             .mesh
@@ -1171,7 +1264,7 @@ impl<'a> Builder<'a> {
                         source: Arc::clone(&source),
                         addresses: addresses.clone(),
                         endpoints,
-                        subject_alt_names: se.spec.subject_alt_names.clone(),
+                        service_accounts: se.spec.subject_alt_names.clone(),
                         service_entry: true,
                         mesh_external: se.spec.location == Location::MeshExternal,
                         namespace: ns.into(),
@@ -1273,21 +1366,22 @@ impl<'a> Builder<'a> {
                 Err(_) => return,
             };
             let mut labels = labels;
-            if !we.locality.is_empty() {
-                locality::augment(Arc::make_mut(&mut labels), &we.locality);
-            }
+            let place = locality::of_workload_entry(&we.locality, &labels);
+            locality::augment(Arc::make_mut(&mut labels), &place, "");
             out.push(PendingEndpoint {
                 address,
                 port: target,
                 weight: we.weight.unwrap_or(1).max(1),
                 source,
+                locality: locality::parse(&place),
                 peer: Peer::of_workload(we, &labels, ns, trust_domain),
                 workload: workload::of_workload_entry(name, meta, ns, &labels, cluster_id),
                 labels,
             });
         };
+        // Resolution NONE keeps its endpoints too, as istiod's: its ORIGINAL_DST cluster
+        // sends no endpoints, but who they are decides its mutual TLS and identities.
         match spec.resolution {
-            Resolution::None => return out,
             _ if !spec.endpoints.is_empty() => {
                 let source: Arc<str> = format!(
                     "ServiceEntry {}/{} endpoints",
@@ -1348,6 +1442,7 @@ impl<'a> Builder<'a> {
                         source: format!("ServiceEntry {}/{}", se.meta.namespace, se.meta.name)
                             .into(),
                         labels: Labels::default(),
+                        locality: Locality::default(),
                         peer: Peer::default(),
                         // istiod's endpoint for the host itself is the ServiceEntry's
                         // workload, without labels.
@@ -1454,7 +1549,7 @@ impl<'a> Builder<'a> {
                     source: Arc::clone(&source),
                     addresses: destinations.iter().map(|ip| IpNet::from(*ip)).collect(),
                     endpoints,
-                    subject_alt_names: Vec::new(),
+                    service_accounts: kube_service_accounts(svc, self.trust_domain()),
                     service_entry: false,
                     mesh_external: false,
                     namespace: ns.as_str().into(),
@@ -1589,13 +1684,15 @@ impl<'a> Builder<'a> {
                 &self.options.cluster_id,
             );
             let mut labels = labels;
-            locality::augment(&mut labels, &spec.locality);
+            let place = locality::of_workload_entry(&spec.locality, &labels);
+            locality::augment(&mut labels, &place, "");
             out.push(PendingEndpoint {
                 address: EndpointAddress::Ip(ip),
                 port: target,
                 weight: spec.weight.unwrap_or(1).max(1),
                 source: format!("WorkloadEntry {}/{}", we.meta.namespace, we.meta.name).into(),
                 labels: Arc::new(labels),
+                locality: locality::parse(&place),
                 peer,
                 workload,
             });

@@ -2886,9 +2886,15 @@ fn at_locality(yaml: &str, locality: &str) -> Snapshot {
 /// Each endpoint of the geo cluster with its priority and locality weight, and whether the
 /// cluster balances by locality weight.
 fn geo(s: &Snapshot) -> (Vec<(String, u32, Option<u32>)>, bool) {
+    placed(s, "outbound|80||geo.internal.com")
+}
+
+/// Each endpoint of cluster `name` with its priority and locality weight, and whether the
+/// cluster balances by locality weight.
+fn placed(s: &Snapshot, name: &str) -> (Vec<(String, u32, Option<u32>)>, bool) {
     let c = s
         .services()
-        .find(|c| &*c.name == "outbound|80||geo.internal.com")
+        .find(|c| &*c.name == name)
         .expect("the cluster");
     let from = c.built_from.as_ref().expect("built from resources");
     let la = from.cluster.load_assignment.as_ref().expect("endpoints");
@@ -3031,4 +3037,101 @@ fn locality_distribute_sets_weights_as_istiod() {
         .count();
     let share = eu as f64 / 20_000.0;
     assert!((share - 0.3).abs() < 0.02, "{share}");
+}
+
+/// Nodes `node-a` and `node-b` in zones `a` and `b` of region `us` (the second with the
+/// deprecated labels), and a Kubernetes Service over three pods: one on each node and one
+/// on an unknown node.
+fn nodes_and_pods(zone_a: &str, zone_b: &str) -> String {
+    let pod = |name: &str, ip: &str, node: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
+spec: {{nodeName: {node}, containers: []}}
+status: {{podIP: {ip}}}
+---
+"
+        )
+    };
+    format!(
+        "apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels: {{topology.kubernetes.io/region: us, topology.kubernetes.io/zone: {zone_a}, topology.istio.io/subzone: r1}}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-b
+  labels: {{failure-domain.beta.kubernetes.io/region: us, failure-domain.beta.kubernetes.io/zone: {zone_b}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 10.96.0.9
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: default}}
+spec:
+  host: web.default.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1}}
+  subsets:
+  - {{name: zone-a, labels: {{topology.kubernetes.io/zone: a}}}}
+---
+{}{}{}",
+        pod("web-1", "10.2.0.1", "node-a"),
+        pod("web-2", "10.2.0.2", "node-b"),
+        pod("web-3", "10.2.0.3", "node-gone"),
+    )
+}
+
+#[test]
+fn a_pods_locality_comes_from_its_nodes_topology_labels_as_istiod() {
+    const WEB: &str = "outbound|80||web.default.svc.cluster.local";
+    let prio = |s: &Snapshot, name: &str| -> Vec<(String, u32)> {
+        placed(s, name)
+            .0
+            .into_iter()
+            .map(|(a, p, _)| (a, p))
+            .collect()
+    };
+    let s = at_locality(&nodes_and_pods("a", "b"), "us/a/r1");
+    // Same subzone, then same region, then the pod whose node is unknown (no locality:
+    // another region).
+    assert_eq!(
+        prio(&s, WEB),
+        [
+            ("10.2.0.1:8080".to_string(), 0),
+            ("10.2.0.2:8080".to_string(), 1),
+            ("10.2.0.3:8080".to_string(), 2),
+        ]
+    );
+    // The node's topology labels are among the endpoint's labels, as subsets see them.
+    let (subset, _) = placed(&s, "outbound|80|zone-a|web.default.svc.cluster.local");
+    assert_eq!(subset.len(), 1);
+    assert_eq!(subset[0].0, "10.2.0.1:8080");
+    // A node relabelled: the pods on it move with it.
+    let s = at_locality(&nodes_and_pods("b", "a"), "us/a/r1");
+    assert_eq!(
+        prio(&s, WEB),
+        [
+            ("10.2.0.1:8080".to_string(), 1),
+            ("10.2.0.2:8080".to_string(), 0),
+            ("10.2.0.3:8080".to_string(), 2),
+        ]
+    );
+    // A pod's own locality label wins over its node's.
+    let labelled = nodes_and_pods("a", "b").replace(
+        "name: web-2, namespace: default, labels: {app: web}",
+        "name: web-2, namespace: default, labels: {app: web, istio-locality: us.a.r1}",
+    );
+    let s = at_locality(&labelled, "us/a/r1");
+    assert_eq!(prio(&s, WEB)[1], ("10.2.0.2:8080".to_string(), 0));
 }

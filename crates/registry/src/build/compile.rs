@@ -96,19 +96,24 @@ fn service_ports(pending: &Map<Arc<str>, PendingCluster>) -> BTreeMap<String, Ve
 /// What auto mutual TLS needs of a service port's workloads.
 struct Peers<'a> {
     /// istiod's `ServiceAccounts` of the service: its workloads' identities (over all its
-    /// ports) and a ServiceEntry's `subjectAltNames`, sorted.
+    /// ports), a ServiceEntry's `subjectAltNames` or a Kubernetes Service's account
+    /// annotations, with the trust domain aliases, sorted.
     accounts: &'a [String],
     /// Every endpoint of the port has a sidecar (a TLS mode other than `disabled`), and
     /// there is one: istiod's inference for passthrough clusters.
     sidecars: bool,
 }
 
-/// The accounts of each service host (see [`Peers::accounts`]).
-fn service_accounts(pending: &Map<Arc<str>, PendingCluster>) -> Map<Arc<str>, Vec<String>> {
+/// The accounts of each service host (see [`Peers::accounts`]), each SPIFFE identity also
+/// in each of the mesh's trust domain `aliases`.
+fn service_accounts(
+    pending: &Map<Arc<str>, PendingCluster>,
+    aliases: &[String],
+) -> Map<Arc<str>, Vec<String>> {
     let mut accounts: Map<Arc<str>, BTreeSet<String>> = Map::default();
     for c in pending.values() {
         let set = accounts.entry(Arc::clone(&c.host)).or_default();
-        set.extend(c.subject_alt_names.iter().cloned());
+        set.extend(c.service_accounts.iter().cloned());
         set.extend(
             c.endpoints
                 .iter()
@@ -118,7 +123,7 @@ fn service_accounts(pending: &Map<Arc<str>, PendingCluster>) -> Map<Arc<str>, Ve
     }
     accounts
         .into_iter()
-        .map(|(host, set)| (host, set.into_iter().collect()))
+        .map(|(host, set)| (host, super::with_trust_domain_aliases(set, aliases)))
         .collect()
 }
 
@@ -311,7 +316,7 @@ impl Builder<'_> {
             }
         }
         let mut tcp_timeouts: Map<String, TcpProxyTimeouts> = Map::default();
-        let accounts = service_accounts(&pending);
+        let accounts = service_accounts(&pending, self.trust_domain_aliases());
         for (name, p) in pending {
             let peers = Peers {
                 accounts: accounts.get(&p.host).map_or(&[][..], Vec::as_slice),
@@ -345,7 +350,7 @@ impl Builder<'_> {
                     source: Arc::clone(&p.source),
                     addresses: p.addresses.clone(),
                     endpoints,
-                    subject_alt_names: p.subject_alt_names.clone(),
+                    service_accounts: p.service_accounts.clone(),
                     service_entry: p.service_entry,
                     mesh_external: p.mesh_external,
                     namespace: Arc::clone(&p.namespace),
@@ -1381,7 +1386,7 @@ fn service_cluster(
                 source: Some(e.source.to_string()),
             };
             by_locality
-                .entry(locality::of_labels(&e.labels))
+                .entry(e.locality.clone())
                 .or_default()
                 .push((endpoint, &*e.labels));
         }

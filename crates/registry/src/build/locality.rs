@@ -8,14 +8,22 @@ use std::collections::BTreeMap;
 use portcullis_envoy::{LbEndpoint, Locality, LocalityLbEndpoints};
 use portcullis_model::LocalityLbSetting;
 
-/// Istio's label naming an endpoint's locality, `region.zone.subzone`.
-const LOCALITY_LABEL: &str = "istio-locality";
+/// Istio's label naming a workload's locality, `region.zone.subzone` (or with `/`).
+const LOCALITY_LABEL: &str = "topology.istio.io/locality";
+/// Istio's older label for the same, read when the first is absent.
+const LEGACY_LOCALITY_LABEL: &str = "istio-locality";
 /// Kubernetes' region label.
 pub(crate) const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Kubernetes' zone label.
 pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Kubernetes' deprecated region label, read on a node without the first.
+const BETA_REGION_LABEL: &str = "failure-domain.beta.kubernetes.io/region";
+/// Kubernetes' deprecated zone label, read on a node without the first.
+const BETA_ZONE_LABEL: &str = "failure-domain.beta.kubernetes.io/zone";
 /// Istio's sub-zone label.
 pub(crate) const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+/// The node a pod runs on, among the labels istiod gives its endpoints.
+const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 /// Parses `region/zone/subzone` (missing parts empty).
 pub fn parse(locality: &str) -> Locality {
@@ -28,31 +36,67 @@ pub fn parse(locality: &str) -> Locality {
     }
 }
 
-/// An endpoint's locality from its labels: Istio's `istio-locality`, else the topology
-/// labels.
-pub(crate) fn of_labels(labels: &BTreeMap<String, String>) -> Locality {
-    if let Some(l) = labels.get(LOCALITY_LABEL) {
-        return parse(&l.replace('.', "/"));
+/// The locality a workload's labels name (istiod's `GetLocalityLabel` and
+/// `SanitizeLocalityLabel`: `.` separates the parts unless `/` does).
+fn of_label(labels: &BTreeMap<String, String>) -> Option<String> {
+    let value = labels
+        .get(LOCALITY_LABEL)
+        .or_else(|| labels.get(LEGACY_LOCALITY_LABEL))?;
+    Some(if value.contains('/') {
+        value.clone()
+    } else {
+        value.replace('.', "/")
+    })
+}
+
+/// A pod's locality as istiod's kube controller finds it (`getPodLocality`): its label,
+/// else the topology labels of its node (`node`, when the node is known), the GA labels
+/// before the deprecated ones; empty when neither says anything.
+pub(crate) fn of_pod(
+    labels: &BTreeMap<String, String>,
+    node: Option<&BTreeMap<String, String>>,
+) -> String {
+    if let Some(l) = of_label(labels).filter(|l| !l.is_empty()) {
+        return l;
     }
-    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
-    Locality {
-        region: get(REGION_LABEL),
-        zone: get(ZONE_LABEL),
-        sub_zone: get(SUBZONE_LABEL),
+    let Some(node) = node else {
+        return String::new();
+    };
+    let get = |key: &str, fallback: Option<&str>| {
+        let value = node.get(key).filter(|v| !v.is_empty());
+        value
+            .or_else(|| fallback.and_then(|f| node.get(f)))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let region = get(REGION_LABEL, Some(BETA_REGION_LABEL));
+    let zone = get(ZONE_LABEL, Some(BETA_ZONE_LABEL));
+    let subzone = get(SUBZONE_LABEL, None);
+    if region.is_empty() && zone.is_empty() && subzone.is_empty() {
+        return String::new();
+    }
+    format!("{region}/{zone}/{subzone}")
+}
+
+/// A WorkloadEntry's (or a ServiceEntry endpoint's) locality: its `locality`, else its
+/// label's, as istiod's `convertWorkloadEntryToWorkloadInstance`.
+pub(crate) fn of_workload_entry(locality: &str, labels: &BTreeMap<String, String>) -> String {
+    if locality.is_empty() {
+        of_label(labels).unwrap_or_default()
+    } else {
+        locality.to_owned()
     }
 }
 
-/// Adds the topology labels of a WorkloadEntry's `locality` to its labels, as istiod
-/// augments endpoint labels.
-pub(crate) fn augment(labels: &mut BTreeMap<String, String>, locality: &str) {
-    if locality.is_empty() {
-        return;
-    }
+/// Adds the topology labels of `locality` and the pod's `node` to an endpoint's labels, as
+/// istiod's `AugmentLabels` does (subsets and `failoverPriority` see them).
+pub(crate) fn augment(labels: &mut BTreeMap<String, String>, locality: &str, node: &str) {
     let l = parse(locality);
     for (key, value) in [
         (REGION_LABEL, l.region),
         (ZONE_LABEL, l.zone),
         (SUBZONE_LABEL, l.sub_zone),
+        (HOSTNAME_LABEL, node.to_owned()),
     ] {
         if !value.is_empty() {
             labels.insert(key.to_string(), value);
@@ -371,12 +415,63 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_locality_from_labels() {
-        let mut labels: BTreeMap<String, String> = BTreeMap::new();
-        augment(&mut labels, "us-east1/us-east1-b/rack1");
-        assert_eq!(of_labels(&labels), parse("us-east1/us-east1-b/rack1"));
-        labels.insert(LOCALITY_LABEL.into(), "eu.west.r2".into());
-        assert_eq!(of_labels(&labels), parse("eu/west/r2"));
+    fn endpoint_locality_from_labels_then_the_node() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let node = labels(&[
+            (REGION_LABEL, "us-east1"),
+            (BETA_REGION_LABEL, "old"),
+            (BETA_ZONE_LABEL, "us-east1-b"),
+            (SUBZONE_LABEL, "rack1"),
+        ]);
+        // The GA label before the deprecated one, which still counts alone.
+        assert_eq!(
+            of_pod(&labels(&[]), Some(&node)),
+            "us-east1/us-east1-b/rack1"
+        );
+        assert_eq!(of_pod(&labels(&[]), None), "");
+        assert_eq!(of_pod(&labels(&[]), Some(&labels(&[("x", "y")]))), "");
+        // A pod's own label wins over its node; a topology label of its own does not count.
+        assert_eq!(
+            of_pod(
+                &labels(&[(LEGACY_LOCALITY_LABEL, "eu.west.r2")]),
+                Some(&node)
+            ),
+            "eu/west/r2"
+        );
+        assert_eq!(
+            of_pod(
+                &labels(&[
+                    (LOCALITY_LABEL, "ap/south.1/r3"),
+                    (LEGACY_LOCALITY_LABEL, "eu.west.r2")
+                ]),
+                None
+            ),
+            "ap/south.1/r3"
+        );
+        assert_eq!(of_pod(&labels(&[(ZONE_LABEL, "z")]), None), "");
+        assert_eq!(
+            of_workload_entry("", &labels(&[(LEGACY_LOCALITY_LABEL, "eu.west")])),
+            "eu/west"
+        );
+        assert_eq!(
+            of_workload_entry("us/a", &labels(&[(LEGACY_LOCALITY_LABEL, "eu.west")])),
+            "us/a"
+        );
+        let mut augmented = labels(&[(ZONE_LABEL, "mine")]);
+        augment(&mut augmented, "us-east1/us-east1-b", "node-1");
+        assert_eq!(
+            augmented,
+            labels(&[
+                (REGION_LABEL, "us-east1"),
+                (ZONE_LABEL, "us-east1-b"),
+                (HOSTNAME_LABEL, "node-1")
+            ])
+        );
         assert!(matches(&parse("us/a/1"), "us"));
         assert!(matches(&parse("us/a/1"), "*"));
         assert!(!matches(&parse("us/a/1"), "us/b/*"));

@@ -339,6 +339,88 @@ data:
     let c = compiled_in(&mesh("trustDomain: example.org"), "shop", &|_| None);
     let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
     assert_eq!(sans(m)[0], "spiffe://example.org/ns/shop/sa/api-sa");
+    let c = compiled_in(&mesh("trustDomain: mesh@example.org"), "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    assert_eq!(sans(m)[0], "spiffe://mesh.example.org/ns/shop/sa/api-sa");
+}
+
+#[test]
+fn trust_domain_aliases_add_each_identity_in_each_alias_domain() {
+    let yaml = format!(
+        "{MESH}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    trustDomain: new.example
+    trustDomainAliases: [old.example, cluster.local]
+"
+    );
+    let c = compiled_in(&yaml, "shop", &|_| None);
+    let api = sans(auto_mutual(&cluster(&c, API).transport_socket_matches));
+    let mut want: Vec<String> = ["api-sa", "default", "vm-sa"]
+        .iter()
+        .flat_map(|sa| {
+            ["cluster.local", "new.example", "old.example"]
+                .map(|td| format!("spiffe://{td}/ns/shop/sa/{sa}"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(api, want);
+    // A DestinationRule's ISTIO_MUTUAL without SANs verifies the same; a headless
+    // service's single identity likewise.
+    let UpstreamTransport::IstioMutualTls(db) = &cluster(&c, DB).transport else {
+        panic!("not Istio mutual TLS");
+    };
+    assert_eq!(
+        sans(db),
+        [
+            "spiffe://cluster.local/ns/shop/sa/db",
+            "spiffe://new.example/ns/shop/sa/db",
+            "spiffe://old.example/ns/shop/sa/db",
+        ]
+    );
+    // What is not a SPIFFE service-account identity stays as it is, alone.
+    let accounts = BTreeSet::from([
+        "spiffe://td/ns/a/sa/b".to_string(),
+        "spiffe://td/other/path".to_string(),
+        "api.example.com".to_string(),
+    ]);
+    assert_eq!(
+        crate::build::with_trust_domain_aliases(accounts, &["alias".to_string()]),
+        [
+            "api.example.com",
+            "spiffe://alias/ns/a/sa/b",
+            "spiffe://td/ns/a/sa/b",
+            "spiffe://td/other/path",
+        ]
+    );
+}
+
+#[test]
+fn a_kubernetes_services_account_annotations_add_its_identities() {
+    let yaml = MESH.replacen(
+        "metadata: {name: api, namespace: shop}",
+        "metadata:
+  name: api
+  namespace: shop
+  annotations:
+    alpha.istio.io/kubernetes-serviceaccounts: web,batch
+    alpha.istio.io/canonical-serviceaccounts: spiffe://elsewhere/ns/x/sa/y,ops@example.com",
+        1,
+    );
+    let c = compiled_in(&yaml, "shop", &|_| None);
+    let m = auto_mutual(&cluster(&c, API).transport_socket_matches);
+    let mut want = vec![
+        "ops@example.com",
+        "spiffe://cluster.local/ns/shop/sa/batch",
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "spiffe://elsewhere/ns/x/sa/y",
+    ];
+    want.extend(API_ACCOUNTS);
+    want.sort_unstable();
+    assert_eq!(sans(m), want);
 }
 
 #[test]
@@ -381,10 +463,97 @@ spec:
         pa("istio-system", "", "DISABLE"),
         pa("shop", "", "PERMISSIVE")
     ]));
+    // Of two namespace-wide policies the oldest counts, then the first by name, wherever
+    // they are in the files.
+    let aged = |name: &str, created: &str, mode: &str| {
+        pa("shop", "", mode).replacen(
+            "{name: pa, namespace: shop}",
+            &format!("{{name: {name}, namespace: shop, creationTimestamp: '{created}'}}"),
+            1,
+        )
+    };
+    assert!(!auto(&[
+        aged("new", "2024-05-01T00:00:00Z", "STRICT"),
+        aged("old", "2021-05-01T00:00:00Z", "DISABLE"),
+    ]));
+    assert!(auto(&[
+        aged("new", "2024-05-01T00:00:00Z", "DISABLE"),
+        aged("old", "2021-05-01T00:00:00Z", "STRICT"),
+    ]));
+    assert!(!auto(&[
+        aged("b", "2021-05-01T00:00:00Z", "STRICT"),
+        aged("a", "2021-05-01T00:00:00Z", "DISABLE"),
+    ]));
     // A workload's own policy is not read for a service, as istiod's best-effort inference.
     assert!(auto(&[pa(
         "shop",
         "  selector: {matchLabels: {app: api}}\n",
         "DISABLE"
     )]));
+}
+
+#[test]
+fn a_resolution_none_service_entry_is_mutual_tls_when_every_selected_workload_has_a_sidecar() {
+    let entry = |workloads: &str| {
+        format!(
+            "{}---
+{workloads}",
+            se(
+                "legacy",
+                &[
+                    "hosts: [legacy.internal]",
+                    "location: MESH_INTERNAL",
+                    "resolution: NONE",
+                    "ports: [{number: 9000, name: tcp, protocol: TCP}]",
+                    "workloadSelector: {labels: {app: legacy}}",
+                ],
+            )
+        )
+    };
+    let vm = |name: &str, ip: &str, extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}, namespace: default}}
+spec: {{address: {ip}, labels: {{app: legacy}}{extra}}}
+---
+"
+        )
+    };
+    let name = "outbound|9000||legacy.internal";
+    // Both selected workloads have sidecars: Istio mutual TLS to any original destination,
+    // verified against their identities (istiod's passthrough inference).
+    let c = compiled(&entry(
+        &[
+            vm("a", "10.3.0.1", ", serviceAccount: legacy-a"),
+            vm("b", "10.3.0.2", ", serviceAccount: legacy-b"),
+        ]
+        .concat(),
+    ));
+    let legacy = cluster(&c, name);
+    assert!(matches!(legacy.discovery, Discovery::OriginalDst(_)));
+    assert!(legacy.transport_socket_matches.is_empty());
+    let UpstreamTransport::IstioMutualTls(m) = &legacy.transport else {
+        panic!("not Istio mutual TLS: {:?}", legacy.transport);
+    };
+    assert_eq!(m.sni.as_deref(), Some("outbound_.9000_._.legacy.internal"));
+    assert_eq!(
+        sans(m),
+        [
+            "spiffe://cluster.local/ns/default/sa/legacy-a",
+            "spiffe://cluster.local/ns/default/sa/legacy-b",
+        ]
+    );
+    // One without a sidecar, or none selected: plaintext, as istiod infers it.
+    for workloads in [
+        [
+            vm("a", "10.3.0.1", ", serviceAccount: legacy-a"),
+            vm("b", "10.3.0.2", ""),
+        ]
+        .concat(),
+        String::new(),
+    ] {
+        let c = compiled(&entry(&workloads));
+        assert_eq!(cluster(&c, name).transport, UpstreamTransport::Plaintext);
+    }
 }
