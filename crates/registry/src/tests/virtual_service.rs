@@ -118,6 +118,15 @@ fn target(r: &HttpRoute) -> String {
     }
 }
 
+/// What the build said about VirtualServices (fields not applied among it).
+fn virtual_service_warnings(s: &Snapshot) -> Vec<&str> {
+    s.warnings
+        .iter()
+        .filter(|w| w.starts_with("VirtualService"))
+        .map(String::as_str)
+        .collect()
+}
+
 fn name(r: &HttpRoute) -> String {
     r.route.as_ref().map_or("-".into(), |r| r.name.to_string())
 }
@@ -404,12 +413,7 @@ spec:
     assert!(
         matches!(&route.mirrors[0].decision, Decision::Cluster(c) if &*c.name == "outbound|80|v2|api.example.com")
     );
-    let said: Vec<&str> = s
-        .warnings
-        .iter()
-        .filter(|w| w.starts_with("VirtualService"))
-        .map(String::as_str)
-        .collect();
+    let said = virtual_service_warnings(&s);
     assert!(said.is_empty(), "{said:?}");
 }
 
@@ -479,13 +483,44 @@ spec:
             ("outbound|80|v2|api.example.com".to_string(), vec![set("v2")]),
         ])
     );
-    let said: Vec<&str> = s
-        .warnings
-        .iter()
-        .filter(|w| w.starts_with("VirtualService"))
-        .map(String::as_str)
-        .collect();
+    let said = virtual_service_warnings(&s);
     assert!(said.is_empty(), "{said:?}");
+}
+
+#[test]
+fn faults_and_authorities_istiod_drops_are_reported_as_not_applied() {
+    let yaml = "
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.example.com]
+  http:
+  - match: [{uri: {prefix: /h2}}]
+    route: [{destination: {host: api.example.com}}]
+    fault:
+      abort: {http2Error: REFUSED_STREAM, percentage: {value: 100}}
+      delay: {exponentialDelay: 1s, percentage: {value: 100}}
+  - route:
+    - destination: {host: api.example.com, subset: v1}
+      headers: {request: {set: {':authority': v1.example.com}}}
+      weight: 50
+    - {destination: {host: api.example.com, subset: v2}, weight: 50}
+";
+    let s = snapshot(&[API, yaml].concat());
+    let said = virtual_service_warnings(&s);
+    assert_eq!(
+        said,
+        [
+            "VirtualService default/api: spec.http[0].fault.delay.exponentialDelay is not applied yet",
+            "VirtualService default/api: spec.http[0].fault.abort.http2Error is not applied yet",
+            "VirtualService default/api: spec.http[1].route[].headers authority (per destination of a weighted route) is not applied yet",
+        ]
+    );
+    // Istio's routes still route; the dropped fault injects nothing.
+    let h2 = request(&s, "/h2", &[]).route.expect("a route");
+    assert!(h2.fault.is_none());
 }
 
 fn connection_target(s: &Snapshot, dst: &str, port: u16, sni: Option<&str>) -> String {
