@@ -1376,6 +1376,56 @@ mod tests {
     }
 
     #[test]
+    fn grpc_aborts_binary_bodies_and_weighted_headers_render_as_envoy_reads_them() {
+        let mut aborted = Route::new(
+            "aborted",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward::to("a")),
+        );
+        aborted.fault = Some(HttpFault {
+            delay: None,
+            abort: Some(crate::FaultAbort {
+                error: AbortError::GrpcStatus(14),
+                percentage: FractionalPercent {
+                    numerator: 100,
+                    denominator: Denominator::Hundred,
+                },
+            }),
+        });
+        assert_eq!(
+            route(&aborted)["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"],
+            json!({"grpc_status": 14, "percentage": {"numerator": 100, "denominator": "HUNDRED"}})
+        );
+        let binary = Route::new(
+            "binary",
+            RouteMatch::any(),
+            RouteAction::DirectResponse {
+                status: 200,
+                body: Some(DirectBody::Bytes(vec![0x00, 0x9f, 0x92, 0x96])),
+            },
+        );
+        assert_eq!(
+            route(&binary)["direct_response"]["body"],
+            json!({"inline_bytes": "AJ+Slg=="})
+        );
+        let split = Route::new(
+            "split",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward {
+                cluster: ClusterSpecifier::Weighted(vec![crate::WeightedCluster {
+                    response_headers_to_remove: vec!["x-internal".into()],
+                    ..crate::WeightedCluster::new("a".into(), 1)
+                }]),
+                ..crate::Forward::to("")
+            }),
+        );
+        assert_eq!(
+            route(&split)["route"]["weighted_clusters"],
+            json!({"clusters": [{"name": "a", "weight": 1, "response_headers_to_remove": ["x-internal"]}]})
+        );
+    }
+
+    #[test]
     fn istios_block_all_route_is_a_direct_502() {
         let rc = RouteConfiguration {
             name: "80".into(),
