@@ -118,6 +118,20 @@ fn target(r: &HttpRoute) -> String {
     }
 }
 
+/// The VirtualService `default/api` for `api.example.com` with the `http` routes given.
+fn api_virtual_service(http: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [api.example.com]
+  http:{http}"
+    )
+}
+
 /// What the build said about VirtualServices (fields not applied among it).
 fn virtual_service_warnings(s: &Snapshot) -> Vec<&str> {
     s.warnings
@@ -419,14 +433,8 @@ spec:
 
 #[test]
 fn grpc_aborts_binary_bodies_and_per_destination_headers_compile_as_istiod_does() {
-    let yaml = "
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: api, namespace: default}
-spec:
-  hosts: [api.example.com]
-  http:
+    let yaml = api_virtual_service(
+        "
   - match: [{uri: {prefix: /grpc}}]
     route: [{destination: {host: api.example.com}}]
     fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
@@ -441,8 +449,9 @@ spec:
     - destination: {host: api.example.com, subset: v2}
       weight: 50
       headers: {request: {set: {x-dest: v2}}}
-";
-    let s = snapshot(&[API, yaml].concat());
+",
+    );
+    let s = snapshot(&[API, &yaml].concat());
     let grpc = request(&s, "/grpc", &[]).route.expect("a route");
     let abort = grpc.fault.as_ref().and_then(|f| f.abort.as_ref());
     assert_eq!(abort.map(|a| a.error), Some(AbortError::GrpcStatus(14)));
@@ -489,14 +498,8 @@ spec:
 
 #[test]
 fn faults_and_authorities_istiod_drops_are_reported_as_not_applied() {
-    let yaml = "
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: api, namespace: default}
-spec:
-  hosts: [api.example.com]
-  http:
+    let yaml = api_virtual_service(
+        "
   - match: [{uri: {prefix: /h2}}]
     route: [{destination: {host: api.example.com}}]
     fault:
@@ -507,8 +510,9 @@ spec:
       headers: {request: {set: {':authority': v1.example.com}}}
       weight: 50
     - {destination: {host: api.example.com, subset: v2}, weight: 50}
-";
-    let s = snapshot(&[API, yaml].concat());
+",
+    );
+    let s = snapshot(&[API, &yaml].concat());
     let said = virtual_service_warnings(&s);
     assert_eq!(
         said,
