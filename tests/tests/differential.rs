@@ -1629,9 +1629,13 @@ fn stream_timeouts() {
     });
 }
 
+/// The bytes 00 9f 92 96, base64 as in the VirtualService and in Envoy's JSON.
+const BINARY_BODY: &str = "AJ+Slg==";
+
 /// The fault filter's per-route config as istiod writes a VirtualService's `fault`
-/// (percentages per million).
-fn fault_config(delay: Option<(&str, u32)>, abort: Option<(u16, u32)>) -> Value {
+/// (percentages per million); an abort is its `error_type` field (`http_status`,
+/// `grpc_status`), the code and the percentage.
+fn fault_config(delay: Option<(&str, u32)>, abort: Option<(&str, u32, u32)>) -> Value {
     let mut fault =
         json!({ "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" });
     if let Some((fixed, percent)) = delay {
@@ -1640,41 +1644,58 @@ fn fault_config(delay: Option<(&str, u32)>, abort: Option<(u16, u32)>) -> Value 
             "percentage": { "numerator": percent * 10_000, "denominator": "MILLION" }
         });
     }
-    if let Some((status, percent)) = abort {
+    if let Some((error_type, code, percent)) = abort {
         fault["abort"] = json!({
-            "http_status": status,
+            error_type: code,
             "percentage": { "numerator": percent * 10_000, "denominator": "MILLION" }
         });
     }
     json!({ "envoy.filters.http.fault": fault })
 }
 
-/// A VirtualService's `fault`: an abort, a delay, both (the delay first), and a fault for
-/// no share of requests, each in front of the echo peer.
+/// A VirtualService's `fault`: an abort, a gRPC abort (of gRPC over h2c and HTTP/1.1, and
+/// of plain HTTP), a delay, both (the delay first), and a fault for no share of requests,
+/// each in front of the echo peer; and a direct response with a binary body.
 #[test]
 fn faults() {
     let routes = [
-        ("abort", "/abort", fault_config(None, Some((429, 100)))),
+        (
+            "abort",
+            "/abort",
+            fault_config(None, Some(("http_status", 429, 100))),
+        ),
+        (
+            "grpc",
+            "/grpc",
+            fault_config(None, Some(("grpc_status", 14, 100))),
+        ),
         ("delay", "/delay", fault_config(Some(("0.3s", 100)), None)),
         (
             "both",
             "/both",
-            fault_config(Some(("0.2s", 100)), Some((503, 100))),
+            fault_config(Some(("0.2s", 100)), Some(("http_status", 503, 100))),
         ),
-        ("spared", "/", fault_config(None, Some((500, 0)))),
+        (
+            "spared",
+            "/",
+            fault_config(None, Some(("http_status", 500, 0))),
+        ),
     ];
-    let vhost = vs_vhost(
-        "fault.internal.com",
-        80,
-        routes
-            .into_iter()
-            .map(|(name, prefix, config)| {
-                let mut route = vs_route(name, prefix, route_to(ECHO_CLUSTER));
-                route["typed_per_filter_config"] = config;
-                route
-            })
-            .collect(),
-    );
+    let mut routes: Vec<Value> = routes
+        .into_iter()
+        .map(|(name, prefix, config)| {
+            let mut route = vs_route(name, prefix, route_to(ECHO_CLUSTER));
+            route["typed_per_filter_config"] = config;
+            route
+        })
+        .collect();
+    // istiod writes `directResponse.body.bytes` as `inline_bytes` (base64 in JSON).
+    let binary = json!({ "direct_response": {
+        "status": 200,
+        "body": { "inline_bytes": BINARY_BODY }
+    }});
+    routes.insert(0, vs_route("bytes", "/bytes", binary));
+    let vhost = vs_vhost("fault.internal.com", 80, routes);
     let envoy = Resources::new(Mode::RegistryOnly)
         .listener(http_listener(80, vec![vhost], Mode::RegistryOnly))
         .cluster(static_cluster(
@@ -1691,10 +1712,17 @@ metadata: {name: fault, namespace: default}
 spec:
   hosts: [fault.internal.com]
   http:
+  - name: bytes
+    match: [{uri: {prefix: /bytes}}]
+    directResponse: {status: 200, body: {bytes: 'AJ+Slg=='}}
   - name: abort
     match: [{uri: {prefix: /abort}}]
     route: [{destination: {host: echo.internal.com}}]
     fault: {abort: {httpStatus: 429, percentage: {value: 100}}}
+  - name: grpc
+    match: [{uri: {prefix: /grpc}}]
+    route: [{destination: {host: echo.internal.com}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
   - name: delay
     match: [{uri: {prefix: /delay}}]
     route: [{destination: {host: echo.internal.com}}]
@@ -1725,6 +1753,49 @@ spec:
             Probe::curl(
                 "an abort of a POST",
                 &["-d", "payload", "http://fault.internal.com/abort"],
+            ),
+            // The h2c calls send no body: an answer that ends the stream while the client
+            // still sends resets the rest, which curl reports as an error or not at random,
+            // with Envoy as with portcullis.
+            Probe::curl(
+                "an abort of a gRPC call over h2c",
+                &[
+                    "--http2-prior-knowledge",
+                    "-H",
+                    "content-type: application/grpc",
+                    "-X",
+                    "POST",
+                    "http://fault.internal.com/abort",
+                ],
+            ),
+            Probe::curl(
+                "a gRPC abort of a gRPC call over h2c",
+                &[
+                    "--http2-prior-knowledge",
+                    "-H",
+                    "content-type: application/grpc",
+                    "-X",
+                    "POST",
+                    "http://fault.internal.com/grpc",
+                ],
+            ),
+            Probe::curl(
+                "a gRPC abort of a gRPC call over HTTP/1.1",
+                &[
+                    "-H",
+                    "content-type: application/grpc+proto",
+                    "-d",
+                    "call",
+                    "http://fault.internal.com/grpc",
+                ],
+            ),
+            Probe::curl(
+                "a gRPC abort of a plain HTTP/1.1 request",
+                &["http://fault.internal.com/grpc"],
+            ),
+            Probe::curl(
+                "a direct response with a binary body",
+                &["http://fault.internal.com/bytes"],
             ),
             Probe::curl("a delay", &["http://fault.internal.com/delay"]),
             Probe::curl(

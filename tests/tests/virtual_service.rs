@@ -67,6 +67,19 @@ spec:
     route: [{{destination: {{host: shop.internal.com, subset: v1}}}}]
     rewrite: {{uri: /fail}}
     retries: {{attempts: 0}}
+  - name: per-destination
+    match: [{{uri: {{prefix: /dest}}}}]
+    route:
+    - destination: {{host: shop.internal.com, subset: v1}}
+      weight: 50
+      headers:
+        request: {{set: {{x-dest: v1}}}}
+        response: {{set: {{x-served-by: v1}}}}
+    - destination: {{host: shop.internal.com, subset: v2}}
+      weight: 50
+      headers:
+        request: {{set: {{x-dest: v2}}}}
+        response: {{set: {{x-served-by: v2}}}}
   - name: split
     match: [{{uri: {{prefix: /}}}}]
     route:
@@ -76,8 +89,9 @@ spec:
     )
 }
 
-/// An nginx on `ip:8080` serving `page`, answering 500 under `/fail`, and logging each
-/// request's `x-envoy-attempt-count` to `attempts.log` in its folder.
+/// An nginx on `ip:8080` serving `page`, answering 500 under `/fail`, echoing the
+/// `x-dest` it received and its own address under `/dest`, and logging each request's
+/// `x-envoy-attempt-count` to `attempts.log` in its folder.
 fn backend(
     lab: &mut Lab,
     name: &str,
@@ -93,6 +107,7 @@ fn backend(
         access_log {{html}}/../attempts.log attempts;
         root {{html}};
         location /fail {{ return 500; }}
+        location /dest {{ return 200 \"$http_x_dest at $server_addr\\n\"; }}
     }}"
     );
     lab.start_nginx_servers(Role::External, name, &servers, page, status_port)?;
@@ -142,6 +157,28 @@ fn http_routes_split_match_redirect_answer_and_retry_as_istio() {
         ensure!(
             (108..=172).contains(&v1),
             "a 70/30 split over {SPLIT_SAMPLE} requests: {seen:?}"
+        );
+
+        // Each destination's headers go with its own requests and responses only, over
+        // HTTP/1.1 and h2c.
+        let mut answers = BTreeMap::new();
+        for i in 0..16 {
+            let mut args = vec!["http://shop.internal.com/dest"];
+            if i % 2 == 1 {
+                args.insert(0, "--http2-prior-knowledge");
+            }
+            let reply = lab.curl(&args)?;
+            ensure!(reply.status == 200, "a per-destination route: {reply}");
+            let served_by = reply.header("x-served-by").unwrap_or("(none)").to_owned();
+            answers.insert(reply.body.trim().to_owned(), served_by);
+        }
+        let want = BTreeMap::from([
+            (format!("v1 at {V1_IP}"), "v1".to_owned()),
+            (format!("v2 at {V2_IP}"), "v2".to_owned()),
+        ]);
+        ensure!(
+            answers == want,
+            "each destination's request and response headers, only with it: {answers:?}"
         );
 
         // A redirect answers without reaching a backend; the query string is kept.

@@ -5,17 +5,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use ipnet::IpNet;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Denominator, Discovery,
-    EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent, HashKey, HashPolicy,
-    HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus, HttpConnectionManager, HttpFault,
-    LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch, QueryParameterMatcher, Redirect,
-    RequestBufferLimit, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteSource,
-    SlowStartConfig, StringMatcher, StringPattern, TcpProxy, TlsVersion, TrustedCa,
-    UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
+    AbortError, AppendAction, Cluster, ClusterLoadAssignment, ClusterSpecifier, Denominator,
+    DirectBody, Discovery, EndpointAddress, FilterChain, FilterChainMatch, FractionalPercent,
+    HashKey, HashPolicy, HeaderMatch, HeaderMatcher, HeaderValueOption, HealthStatus,
+    HttpConnectionManager, HttpFault, LbEndpoint, LbPolicy, Listener, NetworkFilter, PathMatch,
+    QueryParameterMatcher, Redirect, RequestBufferLimit, RetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteSource, SlowStartConfig, StringMatcher, StringPattern, TcpProxy,
+    TlsVersion, TrustedCa, UpstreamProtocol, UpstreamTls, UpstreamTransport, VirtualHost,
 };
 
 const TCP_PROXY: &str =
@@ -375,8 +377,8 @@ fn route(r: &Route) -> Value {
                                 &mut c,
                                 &w.request_headers_to_add,
                                 &w.request_headers_to_remove,
-                                &[],
-                                &[],
+                                &w.response_headers_to_add,
+                                &w.response_headers_to_remove,
                             );
                             Value::Object(c)
                         })
@@ -442,7 +444,11 @@ fn route(r: &Route) -> Value {
             put(
                 &mut d,
                 "body",
-                opt(body.as_ref(), |b| json!({ "inline_string": b })),
+                opt(body.as_ref(), |b| match b {
+                    DirectBody::String(s) => json!({ "inline_string": s }),
+                    // Proto JSON writes `bytes` as standard base64.
+                    DirectBody::Bytes(b) => json!({ "inline_bytes": STANDARD.encode(b) }),
+                }),
             );
             o.insert("direct_response".into(), Value::Object(d));
         }
@@ -495,10 +501,13 @@ fn fault(f: &HttpFault) -> Value {
     put(
         &mut o,
         "abort",
-        opt(
-            f.abort.as_ref(),
-            |a| json!({"http_status": a.http_status, "percentage": fraction(a.percentage)}),
-        ),
+        opt(f.abort.as_ref(), |a| {
+            let (field, code) = match a.error {
+                AbortError::HttpStatus(status) => ("http_status", u32::from(status)),
+                AbortError::GrpcStatus(status) => ("grpc_status", status),
+            };
+            json!({field: code, "percentage": fraction(a.percentage)})
+        }),
     );
     Value::Object(o)
 }
@@ -1363,6 +1372,56 @@ mod tests {
                     "delay": {"fixed_delay": "2s", "percentage": {"numerator": 1_000_000, "denominator": "MILLION"}},
                 }},
             })
+        );
+    }
+
+    #[test]
+    fn grpc_aborts_binary_bodies_and_weighted_headers_render_as_envoy_reads_them() {
+        let mut aborted = Route::new(
+            "aborted",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward::to("a")),
+        );
+        aborted.fault = Some(HttpFault {
+            delay: None,
+            abort: Some(crate::FaultAbort {
+                error: AbortError::GrpcStatus(14),
+                percentage: FractionalPercent {
+                    numerator: 100,
+                    denominator: Denominator::Hundred,
+                },
+            }),
+        });
+        assert_eq!(
+            route(&aborted)["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"],
+            json!({"grpc_status": 14, "percentage": {"numerator": 100, "denominator": "HUNDRED"}})
+        );
+        let binary = Route::new(
+            "binary",
+            RouteMatch::any(),
+            RouteAction::DirectResponse {
+                status: 200,
+                body: Some(DirectBody::Bytes(vec![0x00, 0x9f, 0x92, 0x96])),
+            },
+        );
+        assert_eq!(
+            route(&binary)["direct_response"]["body"],
+            json!({"inline_bytes": "AJ+Slg=="})
+        );
+        let split = Route::new(
+            "split",
+            RouteMatch::any(),
+            RouteAction::Forward(crate::Forward {
+                cluster: ClusterSpecifier::Weighted(vec![crate::WeightedCluster {
+                    response_headers_to_remove: vec!["x-internal".into()],
+                    ..crate::WeightedCluster::new("a".into(), 1)
+                }]),
+                ..crate::Forward::to("")
+            }),
+        );
+        assert_eq!(
+            route(&split)["route"]["weighted_clusters"],
+            json!({"clusters": [{"name": "a", "weight": 1, "response_headers_to_remove": ["x-internal"]}]})
         );
     }
 

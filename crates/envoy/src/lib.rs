@@ -156,6 +156,24 @@ pub struct WeightedCluster {
     pub request_headers_to_add: Vec<HeaderValueOption>,
     /// Headers removed from requests sent to this cluster (routes only).
     pub request_headers_to_remove: Vec<String>,
+    /// Headers added to responses from this cluster (routes only).
+    pub response_headers_to_add: Vec<HeaderValueOption>,
+    /// Headers removed from responses from this cluster (routes only).
+    pub response_headers_to_remove: Vec<String>,
+}
+
+impl WeightedCluster {
+    /// `name` with `weight`, changing no headers.
+    pub fn new(name: String, weight: u32) -> WeightedCluster {
+        WeightedCluster {
+            name,
+            weight,
+            request_headers_to_add: Vec::new(),
+            request_headers_to_remove: Vec::new(),
+            response_headers_to_add: Vec::new(),
+            response_headers_to_remove: Vec::new(),
+        }
+    }
 }
 
 /// Envoy's `HttpConnectionManager`, the parts portcullis honours.
@@ -292,13 +310,22 @@ pub struct FaultDelay {
     pub percentage: FractionalPercent,
 }
 
-/// Envoy's `FaultAbort` with an HTTP status.
+/// Envoy's `FaultAbort` with an HTTP or a gRPC status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultAbort {
-    /// The status answered.
-    pub http_status: u16,
+    /// What the aborted request is answered with.
+    pub error: AbortError,
     /// Share of requests aborted.
     pub percentage: FractionalPercent,
+}
+
+/// Envoy's `FaultAbort.error_type`, the kinds istiod sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortError {
+    /// `http_status`: the local reply's status (a gRPC request gets the gRPC status it maps to).
+    HttpStatus(u16),
+    /// `grpc_status`: the gRPC status of a gRPC request's reply; other requests get 200.
+    GrpcStatus(u32),
 }
 
 /// Envoy's `FractionalPercent`: `numerator` out of `denominator`.
@@ -470,10 +497,29 @@ pub enum RouteAction {
         /// Status code.
         status: u16,
         /// Body, if any.
-        body: Option<String>,
+        body: Option<DirectBody>,
     },
     /// Answer with a redirect.
     Redirect(Redirect),
+}
+
+/// A direct response's body: Envoy's inline `DataSource`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectBody {
+    /// `inline_string`.
+    String(String),
+    /// `inline_bytes`.
+    Bytes(Vec<u8>),
+}
+
+impl DirectBody {
+    /// The bytes sent.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            DirectBody::String(s) => s.as_bytes(),
+            DirectBody::Bytes(b) => b,
+        }
+    }
 }
 
 /// Envoy's `RouteAction`, the parts portcullis honours.

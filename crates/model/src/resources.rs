@@ -626,6 +626,25 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duratio
         .ok_or_else(|| serde::de::Error::custom(format!("invalid duration {text:?}")))
 }
 
+/// A protobuf `bytes` field in YAML or JSON: base64, standard or URL-safe, padded or not, as
+/// the Kubernetes API server's protobuf JSON decoding takes it.
+fn base64_bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const ANY_PADDING: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let Some(text) = Option::<String>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    let standard = text.replace('-', "+").replace('_', "/");
+    ANY_PADDING
+        .decode(standard.trim_end())
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid base64 {text:?}: {e}")))
+}
+
 /// Parses Go's duration syntax: one or more decimal numbers, each with a unit of `ns`,
 /// `us`, `µs`, `ms`, `s`, `m` or `h`; a sign is not accepted (no negative durations here).
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -1005,6 +1024,18 @@ pub struct ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_as_protobuf_json_writes_them() {
+        let body = |text: &str| {
+            serde_saphyr::from_str::<HttpBody>(&format!("bytes: {text:?}")).map(|b| b.bytes)
+        };
+        let want = Some(vec![0x00, 0x9f, 0x92, 0x96]);
+        for text in ["AJ+Slg==", "AJ+Slg", "AJ-Slg==", "AJ-Slg"] {
+            assert_eq!(body(text).ok(), Some(want.clone()), "{text}");
+        }
+        assert!(body("not base64!").is_err());
+    }
 
     #[test]
     fn durations_read_as_go_writes_them() {

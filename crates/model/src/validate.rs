@@ -1162,6 +1162,25 @@ fn http_route(route: &HttpRoute, at: &str, out: &mut Findings) {
             );
         }
         if let Some(a) = &f.abort {
+            let kinds = [
+                a.http_status.is_some(),
+                a.grpc_status.is_some(),
+                a.http2_error.is_some(),
+            ];
+            if kinds.into_iter().filter(|set| *set).count() > 1 {
+                out.at(format!("{at}.fault.abort")).error(
+                    "INVALID_FAULT",
+                    "only one of httpStatus, grpcStatus and http2Error can be set".to_string(),
+                );
+            }
+            if let Some(name) = &a.grpc_status
+                && a.grpc_code().is_none()
+            {
+                out.at(format!("{at}.fault.abort.grpcStatus")).error(
+                    "INVALID_FAULT",
+                    format!("gRPC status {name:?} is not supported (a name such as NOT_FOUND)"),
+                );
+            }
             match a.http_status {
                 Some(status) if !(200..=599).contains(&status) => {
                     out.at(format!("{at}.fault.abort.httpStatus")).error(
@@ -2039,6 +2058,14 @@ spec:
             ),
             (
                 format!("{{{to}, fault: {{abort: {{httpStatus: 700}}}}}}"),
+                "INVALID_FAULT",
+            ),
+            (
+                format!("{{{to}, fault: {{abort: {{grpcStatus: UNAVAILABLE_NOW}}}}}}"),
+                "INVALID_FAULT",
+            ),
+            (
+                format!("{{{to}, fault: {{abort: {{httpStatus: 503, grpcStatus: UNAVAILABLE}}}}}}"),
                 "INVALID_FAULT",
             ),
             (

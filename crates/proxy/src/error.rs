@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use portcullis_envoy::AbortError;
 use portcullis_registry::{DirectResponse, Overflow};
 use thiserror::Error;
 
@@ -81,8 +82,8 @@ pub enum ProxyError {
     #[error("cluster {0} not found")]
     NoCluster(Arc<str>),
     /// The route's fault injection aborted the request with this status (`FI`).
-    #[error("fault injected: abort with {0}")]
-    FaultAbort(u16),
+    #[error("fault injected: abort with {0:?}")]
+    FaultAbort(AbortError),
     /// The route answers directly (`direct_response`, redirect).
     #[error("direct response {}", .0.status)]
     Direct(Arc<DirectResponse>),
@@ -233,6 +234,14 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status this error's local reply carries whatever its HTTP status maps to.
+    pub(crate) fn grpc_status(&self) -> Option<u32> {
+        match self {
+            ProxyError::FaultAbort(AbortError::GrpcStatus(code)) => Some(*code),
+            _ => None,
+        }
+    }
+
     /// Envoy's response flag when this error ends an opaque TCP connection.
     pub fn tcp_flag(&self) -> &'static str {
         match self {
@@ -287,9 +296,15 @@ impl ProxyError {
         if let ProxyError::Direct(d) = self {
             return direct(d);
         }
-        if let ProxyError::FaultAbort(status) = *self {
-            // Envoy's fault filter answers with its own local reply.
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        if let ProxyError::FaultAbort(error) = *self {
+            // Envoy's fault filter answers with its own local reply; one with only a gRPC
+            // status is a 200 to a request that is not gRPC.
+            let status = match error {
+                AbortError::HttpStatus(status) => {
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+                }
+                AbortError::GrpcStatus(_) => StatusCode::OK,
+            };
             return synthetic(status, Bytes::from_static(b"fault filter abort"));
         }
         let (status, body): (StatusCode, &'static str) = match self {
@@ -360,7 +375,11 @@ pub(crate) fn after_delay(flags: &'static str) -> &'static str {
 /// A route's direct response or redirect.
 fn direct(d: &DirectResponse) -> Response<ProxyBody> {
     let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let body = d.body.clone().map(Bytes::from).unwrap_or_default();
+    let body = d
+        .body
+        .as_deref()
+        .map(Bytes::copy_from_slice)
+        .unwrap_or_default();
     let mut response = synthetic(status, body);
     if let Some(location) = d
         .location
@@ -370,6 +389,66 @@ fn direct(d: &DirectResponse) -> Response<ProxyBody> {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`.
+pub(crate) fn http_to_grpc(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// Whether a request's `content-type` makes it gRPC to Envoy's local replies
+/// (`application/grpc`, `application/grpc+proto`; not gRPC-Web).
+pub(crate) fn is_grpc_content_type(value: &[u8]) -> bool {
+    value
+        .strip_prefix(b"application/grpc")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"+"))
+}
+
+/// A local reply to a gRPC request, as Envoy's `sendLocalReply` makes it: trailers-only
+/// (HTTP 200, no body) with `grpc-status` (`grpc_status`, else the one the HTTP status
+/// maps to) and the body as `grpc-message`, percent-encoded as gRPC encodes it.
+pub(crate) fn grpc_local_reply(
+    response: Response<ProxyBody>,
+    grpc_status: Option<u32>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    let code = grpc_status.unwrap_or_else(|| http_to_grpc(parts.status.as_u16()));
+    let message = match &body {
+        ProxyBody::Full(Some(bytes)) if !bytes.is_empty() => Some(percent_encode(bytes)),
+        _ => None,
+    };
+    parts.status = StatusCode::OK;
+    let headers = &mut parts.headers;
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Some(message) = message.and_then(|m| HeaderValue::from_str(&m).ok()) {
+        headers.insert("grpc-message", message);
+    }
+    Response::from_parts(parts, ProxyBody::full(Bytes::new()))
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A response generated by the proxy itself, shaped as Envoy's local replies.
@@ -391,6 +470,20 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+
+    #[test]
+    fn grpc_is_application_grpc_and_its_subtypes_not_grpc_web() {
+        for (value, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc-web", false),
+            ("application/grpc-web+proto", false),
+            ("application/json", false),
+        ] {
+            assert_eq!(is_grpc_content_type(value.as_bytes()), grpc, "{value}");
+        }
+        assert_eq!(percent_encode(b"50% off\n\xff"), "50%25 off%0A%FF");
+    }
 
     async fn answer(e: &ProxyError) -> (u16, String, String) {
         let response = e.to_response();

@@ -1082,6 +1082,10 @@ fn parse_request(
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
+            // gRPC is counted as such, and its local replies are gRPC ones, on the general
+            // path alone.
+            || (name.eq_ignore_ascii_case(b"content-type")
+                && crate::error::is_grpc_content_type(h.value))
         {
             return Parsed::Other;
         } else if name.eq_ignore_ascii_case(b"connection") {

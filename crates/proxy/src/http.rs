@@ -16,8 +16,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_audit::Observation;
 use portcullis_envoy::{AppendAction, FractionalPercent, HttpFault};
 use portcullis_registry::{
-    Connection, Decision, HeaderMutation, Headers, Mirror, Protocol, Request as RouteRequest,
-    Resource, Route, split_host_port,
+    ClusterHeaders, Connection, Decision, HeaderMutation, Headers, Mirror, Protocol,
+    Request as RouteRequest, Resource, Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Proxy;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, grpc_local_reply, is_grpc_content_type};
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
 use crate::hash::{HashInput, RequestHash, request_hash};
@@ -141,6 +141,8 @@ pub(crate) struct Outcome {
     pub route: &'static str,
     /// The route of the model that matched, whose name the log shows instead of `route`.
     pub matched: Option<Arc<Route>>,
+    /// The header changes of the weighted cluster the route chose, if it has any.
+    pub cluster_headers: Option<Arc<ClusterHeaders>>,
     /// Whether the route's fault injection delayed the request (`DI` before other flags).
     pub delayed: bool,
     /// A gRPC request (`content-type: application/grpc...`).
@@ -168,6 +170,7 @@ impl Default for Outcome {
             upstream: None,
             route: "-",
             matched: None,
+            cluster_headers: None,
             delayed: false,
             grpc: false,
             grpc_status: None,
@@ -388,6 +391,10 @@ async fn handle(
     let start = log.start;
     let version = req.version();
     let with_body = !req.body().is_end_stream();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()));
     let streams = downstream.streams;
     let timed = streams.idle.is_some() || (with_body && streams.request.is_some());
     let forwarded = if timed {
@@ -410,7 +417,7 @@ async fn handle(
         Err(err) => {
             log.outcome.flags = err.flag();
             proxy.metrics.count_error(&err);
-            local_reply(&err, version, with_body)
+            local_reply(&err, version, with_body, grpc)
         }
     };
     log.outcome.status = response.status().as_u16();
@@ -441,9 +448,17 @@ pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 }
 
 /// The response Envoy sends for `err` on a downstream speaking `version`, to a request
-/// that had a body (`with_body`).
-fn local_reply(err: &ProxyError, version: Version, with_body: bool) -> Response<ProxyBody> {
+/// that had a body (`with_body`) and was gRPC (`grpc`).
+fn local_reply(
+    err: &ProxyError,
+    version: Version,
+    with_body: bool,
+    grpc: bool,
+) -> Response<ProxyBody> {
     let mut response = err.to_response();
+    if grpc {
+        response = grpc_local_reply(response, err.grpc_status());
+    }
     if version == Version::HTTP_2 {
         // Envoy's HTTP/2 codec sends an empty local reply as headers alone.
         if response.body().is_end_stream() {
@@ -607,6 +622,7 @@ pub(crate) async fn route<'a>(
                 _ => snapshot.route_request(&conn, &request),
             };
             outcome.matched = routed.route;
+            outcome.cluster_headers = routed.cluster_headers;
             routed.decision
         }
         // No authority at all: nothing to match a registered name against.
@@ -656,6 +672,7 @@ pub(crate) async fn route<'a>(
     // mode is logged as ALLOW_ANY's.
     if refused && !matches!(decision, Decision::Direct(_)) {
         outcome.matched = None;
+        outcome.cluster_headers = None;
     }
     outcome.route = route_name(&decision);
     // Istio's telemetry names the service of its catch-all routes by their clusters, also
@@ -793,6 +810,10 @@ async fn route_and_forward(
         client_upgrade.is_some(),
         timeout,
     );
+    // Envoy applies a weighted cluster's changes before its route's.
+    if let Some(cluster) = &outcome.cluster_headers {
+        mutate_headers(req.headers_mut(), &cluster.request);
+    }
     if let Some(route) = matched {
         mutate_headers(req.headers_mut(), &route.request_headers);
     }
@@ -927,6 +948,9 @@ async fn route_and_forward(
             _ => prepare_response(response, pooled, guard, downstream_version, start),
         };
         let mut response = response;
+        if let Some(cluster) = &outcome.cluster_headers {
+            mutate_headers(response.headers_mut(), &cluster.response);
+        }
         if let Some(route) = matched {
             mutate_headers(response.headers_mut(), &route.response_headers);
         }
@@ -955,7 +979,7 @@ async fn inject_fault(
         && sampled(abort.percentage)
     {
         proxy.metrics.fault_aborts.inc();
-        return Err(ProxyError::FaultAbort(abort.http_status));
+        return Err(ProxyError::FaultAbort(abort.error));
     }
     Ok(())
 }
@@ -1599,20 +1623,64 @@ mod tests {
     #[test]
     fn local_replies_are_framed_as_envoys_codecs_frame_them() {
         let blocked = ProxyError::Blocked;
-        let h2 = local_reply(&blocked, Version::HTTP_2, true);
+        let h2 = local_reply(&blocked, Version::HTTP_2, true, false);
         assert!(!h2.headers().contains_key(header::CONTENT_LENGTH));
         assert!(!h2.headers().contains_key(header::CONNECTION));
-        let unavailable = local_reply(&ProxyError::NoHealthyUpstream, Version::HTTP_2, false);
+        let unavailable = local_reply(
+            &ProxyError::NoHealthyUpstream,
+            Version::HTTP_2,
+            false,
+            false,
+        );
         assert_eq!(unavailable.headers()[header::CONTENT_LENGTH], "19");
-        let h1 = local_reply(&blocked, Version::HTTP_11, false);
+        let h1 = local_reply(&blocked, Version::HTTP_11, false, false);
         assert_eq!(h1.headers()[header::CONTENT_LENGTH], "0");
         assert!(!h1.headers().contains_key(header::CONNECTION));
-        let unread = local_reply(&blocked, Version::HTTP_11, true);
+        let unread = local_reply(&blocked, Version::HTTP_11, true, false);
         assert_eq!(unread.headers()[header::CONNECTION], "close");
         // After an upstream attempt the body has been sent on: the connection stays.
         let refused = ProxyError::ConnectFailure(std::io::ErrorKind::ConnectionRefused.into());
-        let sent = local_reply(&refused, Version::HTTP_11, true);
+        let sent = local_reply(&refused, Version::HTTP_11, true, false);
         assert!(!sent.headers().contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn local_replies_to_grpc_requests_are_trailers_only_grpc_answers() {
+        let unavailable = local_reply(&ProxyError::NoHealthyUpstream, Version::HTTP_2, false, true);
+        assert_eq!(unavailable.status(), StatusCode::OK);
+        assert!(unavailable.body().is_end_stream());
+        // HTTP/2 sends the headers alone; HTTP/1.1 says the body is empty.
+        assert!(!unavailable.headers().contains_key(header::CONTENT_LENGTH));
+        let fields = |r: &Response<ProxyBody>| {
+            ["content-type", "grpc-status", "grpc-message"].map(|name| {
+                r.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+        };
+        assert_eq!(
+            fields(&unavailable),
+            [
+                Some("application/grpc".into()),
+                Some("14".into()),
+                Some("no healthy upstream".into())
+            ]
+        );
+        let no_route = local_reply(&ProxyError::NoRoute, Version::HTTP_11, false, true);
+        assert_eq!(no_route.headers()[header::CONTENT_LENGTH], "0");
+        assert_eq!(
+            fields(&no_route),
+            [Some("application/grpc".into()), Some("12".into()), None]
+        );
+        let abort = ProxyError::FaultAbort(portcullis_envoy::AbortError::GrpcStatus(3));
+        assert_eq!(
+            fields(&local_reply(&abort, Version::HTTP_2, false, true))[1].as_deref(),
+            Some("3")
+        );
+        let plain = local_reply(&abort, Version::HTTP_2, false, false);
+        assert_eq!(plain.status(), StatusCode::OK);
+        assert_eq!(plain.headers()[header::CONTENT_LENGTH], "18");
     }
 
     #[test]

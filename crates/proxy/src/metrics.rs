@@ -674,16 +674,7 @@ pub fn grpc_status_label(grpc_status: Option<u32>, http_status: u16) -> Value {
     const CODES: [&str; 17] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-    // Envoy's `Grpc::Utility::httpToGrpcStatus`.
-    let code = grpc_status.or(match http_status {
-        0 => None,
-        400 => Some(13),
-        401 => Some(16),
-        403 => Some(7),
-        404 => Some(12),
-        429 | 502 | 503 | 504 => Some(14),
-        _ => Some(2),
-    });
+    let code = grpc_status.or((http_status != 0).then(|| crate::error::http_to_grpc(http_status)));
     match code {
         None => Value::Static(""),
         Some(code) => usize::try_from(code)

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_envoy::{
-    self as envoy, AppendAction, Denominator, FaultAbort, FaultDelay, FractionalPercent,
-    HeaderValueOption, HttpFault, PathMatch, RouteAction, RouteMatch, UpstreamTransport,
+    self as envoy, AbortError, AppendAction, Denominator, DirectBody, FaultAbort, FaultDelay,
+    FractionalPercent, HeaderValueOption, HttpFault, PathMatch, RouteAction, RouteMatch,
+    UpstreamTransport,
 };
 use portcullis_registry::Snapshot;
 
@@ -113,8 +114,45 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                 "/teapot",
                 RouteAction::DirectResponse {
                     status: 418,
-                    body: Some("short and stout".into()),
+                    body: Some(DirectBody::String("short and stout".into())),
                 },
+            ),
+            route(
+                "/binary",
+                RouteAction::DirectResponse {
+                    status: 200,
+                    body: Some(DirectBody::Bytes(vec![0x00, 0x9f, 0x92, 0x96])),
+                },
+            ),
+            route(
+                "/split",
+                RouteAction::Forward(envoy::Forward {
+                    cluster: envoy::ClusterSpecifier::Weighted(vec![
+                        envoy::WeightedCluster {
+                            request_headers_to_add: vec![set(
+                                "x-dest",
+                                "a",
+                                AppendAction::OverwriteIfExistsOrAdd,
+                            )],
+                            response_headers_to_add: vec![set(
+                                "x-from",
+                                "a",
+                                AppendAction::OverwriteIfExistsOrAdd,
+                            )],
+                            ..envoy::WeightedCluster::new("app".into(), 1)
+                        },
+                        envoy::WeightedCluster {
+                            request_headers_to_add: vec![set(
+                                "x-dest",
+                                "b",
+                                AppendAction::OverwriteIfExistsOrAdd,
+                            )],
+                            response_headers_to_remove: vec!["x-answered-by".into()],
+                            ..envoy::WeightedCluster::new("app-b".into(), 1)
+                        },
+                    ]),
+                    ..envoy::Forward::to("app")
+                }),
             ),
             route(
                 "/moved",
@@ -141,7 +179,15 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                 "/aborted",
                 None,
                 Some(FaultAbort {
-                    http_status: 418,
+                    error: AbortError::HttpStatus(418),
+                    percentage: all(),
+                }),
+            ),
+            faulty(
+                "/grpc-aborted",
+                None,
+                Some(FaultAbort {
+                    error: AbortError::GrpcStatus(14),
                     percentage: all(),
                 }),
             ),
@@ -160,7 +206,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                     percentage: none(),
                 }),
                 Some(FaultAbort {
-                    http_status: 500,
+                    error: AbortError::HttpStatus(500),
                     percentage: none(),
                 }),
             ),
@@ -233,6 +279,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
         table,
         [
             cluster("app", app, UpstreamTransport::Plaintext),
+            cluster("app-b", app, UpstreamTransport::Plaintext),
             cluster(
                 "mtls",
                 app,
@@ -260,6 +307,10 @@ async fn route_actions_answer_as_envoy_does() {
         (418, "short and stout")
     );
     assert_eq!(teapot.header("server"), Some("envoy"));
+
+    let binary = fetch(&harness, "http://app.internal/binary", None).await;
+    assert_eq!(binary.status.as_u16(), 200);
+    assert_eq!(&binary.body[..], [0x00, 0x9f, 0x92, 0x96]);
 
     let moved = fetch(&harness, "http://app.internal/moved/x?q=1", None).await;
     assert_eq!(moved.status.as_u16(), 302);
@@ -320,6 +371,34 @@ async fn routes_rewrite_host_path_and_headers_in_envoys_order() {
     let levels: Vec<_> = last.headers.get_all("x-level").iter().collect();
     assert_eq!(levels, ["table"]);
     assert_eq!(answer.header("x-answered-by"), Some("app"));
+}
+
+/// Each weighted cluster's header changes go with the requests it gets and the responses
+/// they bring, before the route's (here the virtual host's `x-answered-by`, which `app-b`'s
+/// removal precedes and so cannot remove).
+#[tokio::test]
+async fn a_weighted_clusters_headers_go_only_with_its_own_requests() {
+    let app = Upstream::start("app").await;
+    let refused = SocketAddr::from(([127, 0, 0, 1], common::refused_port().await));
+    let harness = Harness::start(model(app.addr, refused)).await;
+    let mut seen = std::collections::BTreeSet::new();
+    // Two clusters of equal weight: both are drawn in 40 requests but for 1 in 2^39.
+    for _ in 0..40 {
+        let answer = fetch(&harness, "http://app.internal/split", None).await;
+        assert_eq!(answer.status.as_u16(), 200);
+        let sent = app.requests().last().unwrap().headers.clone();
+        let dest: Vec<_> = sent.get_all("x-dest").iter().collect();
+        let from = answer.header("x-from").map(str::to_string);
+        assert_eq!(answer.header("x-answered-by"), Some("app"));
+        seen.insert((format!("{dest:?}"), from));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [
+            ("[\"a\"]".to_string(), Some("a".to_string())),
+            ("[\"b\"]".to_string(), None),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -389,9 +468,43 @@ async fn a_routes_fault_filter_delays_and_aborts_as_envoys_does() {
     flags.sort();
     assert_eq!(flags, ["-", "DI"]);
 
+    // A gRPC status: a gRPC request gets a trailers-only gRPC answer, any other a 200 with
+    // the fault filter's body, as Envoy 1.40 answers both.
+    let accepts = app.accepts();
+    let grpc = |path: &'static str| {
+        let harness = &harness;
+        async move {
+            let mut sender = harness.client().await;
+            let req = http::Request::post(format!("http://app.internal{path}"))
+                .header("content-type", "application/grpc")
+                .body(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"\0\0\0\0\0"),
+                )))
+                .unwrap();
+            common::send(&mut sender, req).await
+        }
+    };
+    let aborted = grpc("/grpc-aborted").await;
+    assert_eq!(aborted.status.as_u16(), 200);
+    assert_eq!(aborted.header("content-type"), Some("application/grpc"));
+    assert_eq!(aborted.header("grpc-status"), Some("14"));
+    assert_eq!(aborted.header("grpc-message"), Some("fault filter abort"));
+    assert!(aborted.body.is_empty());
+    let plain = fetch(&harness, "http://app.internal/grpc-aborted", None).await;
+    assert_eq!(
+        (plain.status.as_u16(), plain.text()),
+        (200, "fault filter abort")
+    );
+    assert_eq!(plain.header("grpc-status"), None);
+    // An HTTP status answers a gRPC request with the gRPC status it maps to (418: UNKNOWN).
+    let mapped = grpc("/aborted").await;
+    assert_eq!(mapped.status.as_u16(), 200);
+    assert_eq!(mapped.header("grpc-status"), Some("2"));
+    assert_eq!(app.accepts(), accepts, "an aborted request goes nowhere");
+
     let text = harness.prometheus();
     assert!(
-        text.contains("envoy_http_fault_aborts_injected 1"),
+        text.contains("envoy_http_fault_aborts_injected 4"),
         "{text}"
     );
     assert!(

@@ -34,16 +34,25 @@ pub enum Target {
 impl Target {
     /// The decision for one connection or request.
     pub fn decide(&self) -> Decision {
+        self.choose().1
+    }
+
+    /// The decision for one request, with the index of the weighted choice it is (0 for
+    /// one cluster).
+    pub fn choose(&self) -> (usize, Decision) {
         match self {
-            Target::One(d) => d.clone(),
+            Target::One(d) => (0, d.clone()),
             Target::Weighted(choices) => {
                 let total = choices.last().map_or(0, |(t, _)| *t);
                 let draw = fastrand::u64(0..total.max(1));
-                choices
+                let at = choices
                     .iter()
-                    .find(|(upto, _)| draw < *upto)
-                    .or(choices.first())
-                    .map_or(Decision::NoCluster("".into()), |(_, d)| d.clone())
+                    .position(|(upto, _)| draw < *upto)
+                    .unwrap_or(0);
+                choices.get(at).map_or_else(
+                    || (0, Decision::NoCluster("".into())),
+                    |(_, d)| (at, d.clone()),
+                )
             }
         }
     }

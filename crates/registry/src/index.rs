@@ -1006,12 +1006,7 @@ mod tests {
             cluster: ClusterSpecifier::Weighted(
                 [("exact", 1), ("other", 1), ("any", 0)]
                     .iter()
-                    .map(|(n, w)| envoy::WeightedCluster {
-                        name: n.to_string(),
-                        weight: *w,
-                        request_headers_to_add: Vec::new(),
-                        request_headers_to_remove: Vec::new(),
-                    })
+                    .map(|(n, w)| envoy::WeightedCluster::new(n.to_string(), *w))
                     .collect(),
             ),
             ..envoy::Forward::to("")

@@ -33,8 +33,8 @@ pub use limits::{CircuitBreakers, ClusterLoad, Overflow, Resource, Slot, UNLIMIT
 pub use listener::{Candidates, Chain, ChainFilter, Connection, HttpChain};
 pub use retry::{RetriableHeaders, RetryPolicy, StatusSet};
 pub use route::{
-    Action, DirectResponse, HeaderMutation, Headers, HttpRoute, Mirror, Request, Route, RouteTable,
-    VirtualHost,
+    Action, ClusterHeaders, DirectResponse, HeaderMutation, Headers, HttpRoute, Mirror, Request,
+    Route, RouteTable, VirtualHost,
 };
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Enforcement, Outliers,

@@ -112,6 +112,9 @@ pub struct Route {
     /// The request body buffer limit in force (the route's, else its virtual host's): how
     /// much of a request body is kept for retries and mirrors.
     pub request_buffer_limit: Option<envoy::RequestBufferLimit>,
+    /// Header changes of each weighted cluster, in the order of the route's weighted
+    /// choices (clusters of weight 0 left out); `None` for one that changes nothing.
+    weighted_headers: Vec<Option<Arc<ClusterHeaders>>>,
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<envoy::HttpFault>,
@@ -126,6 +129,15 @@ pub struct Mirror {
     pub decision: Decision,
     /// The share of requests copied; `None`: all.
     pub fraction: Option<envoy::FractionalPercent>,
+}
+
+/// The header changes of one weighted cluster, which Envoy applies before its route's.
+#[derive(Debug, Default, PartialEq)]
+pub struct ClusterHeaders {
+    /// Changes to the request sent to the cluster.
+    pub request: Vec<HeaderMutation>,
+    /// Changes to the response it sends back.
+    pub response: Vec<HeaderMutation>,
 }
 
 /// One header change.
@@ -165,7 +177,7 @@ pub struct DirectResponse {
     /// Status code.
     pub status: u16,
     /// Body, if any.
-    pub body: Option<String>,
+    pub body: Option<Vec<u8>>,
     /// The `location` of a redirect.
     pub location: Option<String>,
 }
@@ -177,14 +189,22 @@ pub struct HttpRoute {
     pub decision: Decision,
     /// The route that matched, if one did.
     pub route: Option<Arc<Route>>,
+    /// The header changes of the weighted cluster chosen, if it has any.
+    pub cluster_headers: Option<Arc<ClusterHeaders>>,
 }
 
 impl HttpRoute {
     /// No route: Envoy's 404 `NR`.
     pub(crate) fn none() -> HttpRoute {
+        HttpRoute::unrouted(Decision::NoRoute)
+    }
+
+    /// `decision`, reached without a route.
+    pub(crate) fn unrouted(decision: Decision) -> HttpRoute {
         HttpRoute {
-            decision: Decision::NoRoute,
+            decision,
             route: None,
+            cluster_headers: None,
         }
     }
 }
@@ -367,10 +387,14 @@ impl RouteTable {
     /// Routes a request: its virtual host, then the first route that matches.
     pub fn route(&self, req: &Request<'_>) -> HttpRoute {
         match self.matching(req) {
-            Some(route) => HttpRoute {
-                decision: route.decide(req),
-                route: Some(Arc::clone(route)),
-            },
+            Some(route) => {
+                let (decision, cluster_headers) = route.decide(req);
+                HttpRoute {
+                    decision,
+                    route: Some(Arc::clone(route)),
+                    cluster_headers,
+                }
+            }
             None => HttpRoute::none(),
         }
     }
@@ -426,7 +450,7 @@ impl Route {
             envoy::RouteAction::DirectResponse { status, body } => {
                 Action::Direct(Decision::Direct(Arc::new(DirectResponse {
                     status: *status,
-                    body: body.clone(),
+                    body: body.as_ref().map(|b| b.as_bytes().to_vec()),
                     location: None,
                 })))
             }
@@ -459,6 +483,28 @@ impl Route {
                 &rc.response_headers_to_add,
             ))
             .collect();
+        let weighted_headers = match &r.action {
+            envoy::RouteAction::Forward(envoy::Forward {
+                cluster: envoy::ClusterSpecifier::Weighted(clusters),
+                ..
+            }) => clusters
+                .iter()
+                .filter(|w| w.weight > 0)
+                .map(|w| {
+                    let headers = ClusterHeaders {
+                        request: mutations(&w.request_headers_to_remove, &w.request_headers_to_add)
+                            .collect(),
+                        response: mutations(
+                            &w.response_headers_to_remove,
+                            &w.response_headers_to_add,
+                        )
+                        .collect(),
+                    };
+                    (headers != ClusterHeaders::default()).then(|| Arc::new(headers))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let retry_policy = match &r.action {
             envoy::RouteAction::Forward(f) => {
                 f.retry_policy.as_deref().or(vh.retry_policy.as_ref())
@@ -477,6 +523,7 @@ impl Route {
                 .transpose()?
                 .unwrap_or(RetryPolicy::NONE),
             request_buffer_limit: r.request_buffer_limit.or(vh.request_buffer_limit),
+            weighted_headers,
             fault: r
                 .fault
                 .clone()
@@ -496,16 +543,24 @@ impl Route {
         })
     }
 
-    /// What the route does with `req`.
-    pub(crate) fn decide(&self, req: &Request<'_>) -> Decision {
+    /// What the route does with `req`, with the header changes of the weighted cluster
+    /// it chose.
+    pub(crate) fn decide(&self, req: &Request<'_>) -> (Decision, Option<Arc<ClusterHeaders>>) {
         match &self.action {
-            Action::Forward(target, _) => target.decide(),
-            Action::Direct(d) => d.clone(),
-            Action::Redirect(r) => Decision::Direct(Arc::new(DirectResponse {
-                status: r.status,
-                body: None,
-                location: Some(location(r, &self.matcher.path, req)),
-            })),
+            Action::Forward(target, _) => {
+                let (at, decision) = target.choose();
+                let headers = self.weighted_headers.get(at).cloned().flatten();
+                (decision, headers)
+            }
+            Action::Direct(d) => (d.clone(), None),
+            Action::Redirect(r) => (
+                Decision::Direct(Arc::new(DirectResponse {
+                    status: r.status,
+                    body: None,
+                    location: Some(location(r, &self.matcher.path, req)),
+                })),
+                None,
+            ),
         }
     }
 
@@ -522,6 +577,7 @@ impl Route {
     pub fn rewrites(&self) -> bool {
         !self.request_headers.is_empty()
             || !self.response_headers.is_empty()
+            || self.weighted_headers.iter().any(Option::is_some)
             || self.forward().is_some_and(|f| {
                 f.host_rewrite_literal.is_some()
                     || f.prefix_rewrite.is_some()

@@ -363,26 +363,17 @@ impl Snapshot {
     /// chain's route table, virtual host and first matching route.
     pub fn route_request(&self, conn: &Connection<'_>, req: &Request<'_>) -> HttpRoute {
         if self.listeners.is_none() {
-            return HttpRoute {
-                decision: self.unmatched(),
-                route: None,
-            };
+            return HttpRoute::unrouted(self.unmatched());
         }
         match self.filter_chain(conn).map(|c| &c.filter) {
-            None => HttpRoute {
-                decision: Decision::NoFilterChain,
-                route: None,
-            },
+            None => HttpRoute::unrouted(Decision::NoFilterChain),
             Some(ChainFilter::Http(h)) => match &h.routes {
                 Some(table) => table.route(req),
                 None => HttpRoute::none(),
             },
             // The chain has changed under a connection served as HTTP: its requests go
             // where its bytes would.
-            Some(ChainFilter::Tcp(t)) => HttpRoute {
-                decision: t.decide(),
-                route: None,
-            },
+            Some(ChainFilter::Tcp(t)) => HttpRoute::unrouted(t.decide()),
         }
     }
 
@@ -484,7 +475,7 @@ impl Snapshot {
                     headers: &(),
                 };
                 let table = h.routes.as_ref()?;
-                table.matching(&req).map(|r| r.decide(&req))
+                table.matching(&req).map(|r| r.decide(&req).0)
             }
             _ => {
                 let tls = Connection {

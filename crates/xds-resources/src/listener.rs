@@ -242,12 +242,7 @@ fn tcp_proxy(t: &tcp::TcpProxy) -> Result<TcpProxy, Invalid> {
                 if c.weight == 0 {
                     return Err(Invalid::new("weight", "must be at least 1"));
                 }
-                Ok(WeightedCluster {
-                    name: c.name.clone(),
-                    weight: c.weight,
-                    request_headers_to_add: Vec::new(),
-                    request_headers_to_remove: Vec::new(),
-                })
+                Ok(WeightedCluster::new(c.name.clone(), c.weight))
             })?;
             ClusterSpecifier::Weighted(route::checked_weights(clusters).at("weighted_clusters")?)
         }

@@ -6,11 +6,11 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::route::v3 as rds;
 use portcullis_envoy::json::FAULT_FILTER;
 use portcullis_envoy::{
-    ClusterSpecifier, CookieAttribute, Denominator, FaultAbort, FaultDelay, Forward,
-    FractionalPercent, HashKey, HashPolicy, HeaderMatch, HeaderMatcher, HttpFault, PathMatch,
-    QueryParameterMatcher, Redirect, RegexRewrite, RequestBufferLimit, RequestMirrorPolicy,
-    RetryBackOff, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, StringMatcher,
-    StringPattern, VirtualHost, WeightedCluster,
+    AbortError, ClusterSpecifier, CookieAttribute, Denominator, DirectBody, FaultAbort, FaultDelay,
+    Forward, FractionalPercent, HashKey, HashPolicy, HeaderMatch, HeaderMatcher, HttpFault,
+    PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestBufferLimit,
+    RequestMirrorPolicy, RetryBackOff, RetryPolicy, Route, RouteAction, RouteConfiguration,
+    RouteMatch, StringMatcher, StringPattern, VirtualHost, WeightedCluster,
 };
 
 use crate::common::{
@@ -201,17 +201,28 @@ fn fault(any: &envoy_types::pb::google::protobuf::Any) -> Result<HttpFault, Inva
     let abort = f
         .abort
         .as_ref()
-        .map(|a| match a.error_type {
-            Some(E::HttpStatus(status)) => Ok(FaultAbort {
-                http_status: u16::try_from(status)
-                    .ok()
-                    .filter(|s| (200..600).contains(s))
-                    .ok_or_else(|| {
-                        Invalid::new("http_status", format!("status {status} is invalid"))
-                    })?,
+        .map(|a| {
+            let error = match a.error_type {
+                Some(E::HttpStatus(status)) => AbortError::HttpStatus(
+                    u16::try_from(status)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .ok_or_else(|| {
+                            Invalid::new("http_status", format!("status {status} is invalid"))
+                        })?,
+                ),
+                Some(E::GrpcStatus(code)) => AbortError::GrpcStatus(code),
+                _ => {
+                    return Err(Invalid::new(
+                        "error_type",
+                        "only http_status and grpc_status are supported",
+                    ));
+                }
+            };
+            Ok(FaultAbort {
+                error,
                 percentage: a.percentage.map(fraction).transpose()?.unwrap_or(NONE),
-            }),
-            _ => Err(Invalid::new("error_type", "only http_status is supported")),
+            })
         })
         .transpose()
         .at("abort")?;
@@ -378,13 +389,6 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
                         "not supported per weighted cluster",
                     ));
                 }
-                if !c.response_headers_to_add.is_empty() || !c.response_headers_to_remove.is_empty()
-                {
-                    return Err(Invalid::new(
-                        "response_headers_to_add",
-                        "not supported per weighted cluster",
-                    ));
-                }
                 Ok(WeightedCluster {
                     name: c.name.clone(),
                     weight: c.weight.map_or(0, |w| w.value),
@@ -395,6 +399,14 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
                     request_headers_to_remove: headers_to_remove(
                         "request_headers_to_remove",
                         &c.request_headers_to_remove,
+                    )?,
+                    response_headers_to_add: headers_to_add(
+                        "response_headers_to_add",
+                        &c.response_headers_to_add,
+                    )?,
+                    response_headers_to_remove: headers_to_remove(
+                        "response_headers_to_remove",
+                        &c.response_headers_to_remove,
                     )?,
                 })
             })?;
@@ -701,8 +713,8 @@ fn direct_response(d: &rds::DirectResponseAction) -> Result<RouteAction, Invalid
         ));
     }
     let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
-        Some(S::InlineString(s)) => Some(s.clone()),
-        Some(S::InlineBytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(S::InlineString(s)) => Some(DirectBody::String(s.clone())),
+        Some(S::InlineBytes(b)) => Some(DirectBody::Bytes(b.clone())),
         Some(S::Filename(_)) | Some(S::EnvironmentVariable(_)) => {
             return Err(Invalid::new("body", "only inline bodies are supported"));
         }

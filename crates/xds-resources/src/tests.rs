@@ -1970,7 +1970,7 @@ fn istios_fault_and_mirror_policies_are_carried_into_the_model() {
             }),
             // Unset, Envoy's percentage is none: istiod always writes one when Istio has it.
             abort: Some(FaultAbort {
-                http_status: 503,
+                error: AbortError::HttpStatus(503),
                 percentage: FractionalPercent {
                     numerator: 0,
                     denominator: Denominator::Hundred,
@@ -1991,23 +1991,37 @@ fn istios_fault_and_mirror_policies_are_carried_into_the_model() {
             }),
         }]
     );
-    // A header abort is a fault portcullis cannot represent: refused, by name.
-    let mut bad = rc.clone();
-    bad.virtual_hosts[0].routes[0]
-        .typed_per_filter_config
-        .insert(
-            "envoy.filters.http.fault".into(),
-            pack_any(fault::HttpFault {
-                abort: Some(fault::FaultAbort {
-                    error_type: Some(fault::fault_abort::ErrorType::GrpcStatus(14)),
+    // A gRPC abort, as istiod writes Istio's `grpcStatus`.
+    let with_abort = |error_type| {
+        let mut rc = rc.clone();
+        rc.virtual_hosts[0].routes[0]
+            .typed_per_filter_config
+            .insert(
+                "envoy.filters.http.fault".into(),
+                pack_any(fault::HttpFault {
+                    abort: Some(fault::FaultAbort {
+                        error_type: Some(error_type),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
-                ..Default::default()
-            }),
-        );
+            );
+        route_configuration(&rc)
+    };
+    let grpc = with_abort(fault::fault_abort::ErrorType::GrpcStatus(14)).expect("converts");
     assert_eq!(
-        route_configuration(&bad).unwrap_err().to_string(),
-        "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.fault].abort.error_type: only http_status is supported"
+        grpc.virtual_hosts[0].routes[0]
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort.as_ref())
+            .map(|a| a.error),
+        Some(AbortError::GrpcStatus(14))
+    );
+    // A header abort is a fault portcullis cannot represent: refused, by name.
+    let header = fault::fault_abort::ErrorType::HeaderAbort(fault::fault_abort::HeaderAbort {});
+    assert_eq!(
+        with_abort(header).unwrap_err().to_string(),
+        "virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.fault].abort.error_type: only http_status and grpc_status are supported"
     );
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{PortSelector, Unapplied, duration, exact};
+use super::{PortSelector, Unapplied, base64_bytes, duration, exact};
 
 /// The spec of a VirtualService.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -210,9 +210,9 @@ pub struct HttpBody {
     /// A text body.
     #[serde(default)]
     pub string: Option<String>,
-    /// Not applied yet (a base64 body).
-    #[serde(default)]
-    pub bytes: Option<Unapplied>,
+    /// A binary body, base64 in the resource.
+    #[serde(default, deserialize_with = "base64_bytes")]
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// `directResponse`.
@@ -323,15 +323,45 @@ pub struct FaultAbort {
     /// The status answered.
     #[serde(default)]
     pub http_status: Option<i64>,
-    /// Not applied yet (a gRPC status).
+    /// The gRPC status answered, by name (`UNAVAILABLE`).
     #[serde(default)]
-    pub grpc_status: Option<Unapplied>,
+    pub grpc_status: Option<String>,
     /// Not applied yet (an HTTP/2 error).
     #[serde(default)]
     pub http2_error: Option<Unapplied>,
     /// Share of requests aborted.
     #[serde(default)]
     pub percentage: Option<Percent>,
+}
+
+/// The gRPC codes Istio names in `fault.abort.grpcStatus` (istiod's `SupportedGRPCStatus`).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+impl FaultAbort {
+    /// The numeric code of `grpcStatus`, `None` when unset or not a name Istio knows.
+    pub fn grpc_code(&self) -> Option<u32> {
+        let name = self.grpc_status.as_deref()?;
+        let code = GRPC_CODES.iter().position(|known| *known == name)?;
+        u32::try_from(code).ok()
+    }
 }
 
 /// `fault`.

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use portcullis_envoy::{
-    AppendAction, ClusterSpecifier, Denominator, FaultAbort, FaultDelay, Forward,
-    FractionalPercent, HashPolicy, HeaderMatch, HeaderMatcher, HeaderValueOption, HttpFault,
-    PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy, RetryBackOff,
-    RetryPolicy, Route, RouteAction, RouteMatch, StringMatcher, StringPattern, WeightedCluster,
+    AbortError, AppendAction, ClusterSpecifier, Denominator, DirectBody, FaultAbort, FaultDelay,
+    Forward, FractionalPercent, HashPolicy, HeaderMatch, HeaderMatcher, HeaderValueOption,
+    HttpFault, PathMatch, QueryParameterMatcher, Redirect, RegexRewrite, RequestMirrorPolicy,
+    RetryBackOff, RetryPolicy, Route, RouteAction, RouteMatch, StringMatcher, StringPattern,
+    WeightedCluster,
 };
 use portcullis_model::{
     DerivePort, Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Object,
@@ -84,13 +85,8 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
             {
                 not_yet("fault.delay.exponentialDelay");
             }
-            if let Some(a) = &f.abort {
-                if a.grpc_status.is_some() {
-                    not_yet("fault.abort.grpcStatus");
-                }
-                if a.http2_error.is_some() {
-                    not_yet("fault.abort.http2Error");
-                }
+            if f.abort.as_ref().is_some_and(|a| a.http2_error.is_some()) {
+                not_yet("fault.abort.http2Error");
             }
         }
         if h.cors_policy.is_some() {
@@ -98,13 +94,6 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
         }
         if h.delegate.is_some() {
             not_yet("delegate");
-        }
-        if h.direct_response
-            .as_ref()
-            .and_then(|d| d.body.as_ref())
-            .is_some_and(|b| b.bytes.is_some())
-        {
-            not_yet("directResponse.body.bytes");
         }
         if let Some(r) = &h.retries {
             for condition in r.retry_on.split(',').map(str::trim) {
@@ -119,8 +108,14 @@ pub(super) fn unapplied(o: &Object<VirtualServiceSpec>) -> Vec<String> {
         if h.matches.iter().any(|m| m.stat_prefix.is_some()) {
             not_yet("match.statPrefix");
         }
-        if h.route.len() > 1 && h.route.iter().any(|d| d.headers.is_some()) {
-            not_yet("route[].headers (per destination of a weighted route)");
+        if h.route.len() > 1
+            && h.route.iter().any(|d| {
+                d.headers
+                    .as_ref()
+                    .is_some_and(|h| operations(h).authority.is_some())
+            })
+        {
+            not_yet("route[].headers authority (per destination of a weighted route)");
         }
     }
     if o.spec
@@ -314,7 +309,11 @@ impl<'a> Builder<'a> {
         } else if let Some(d) = &http.direct_response {
             RouteAction::DirectResponse {
                 status: u16::try_from(d.status).ok()?,
-                body: d.body.as_ref().and_then(|b| b.string.clone()),
+                body: d.body.as_ref().and_then(|b| match (&b.string, &b.bytes) {
+                    (Some(s), _) => Some(DirectBody::String(s.clone())),
+                    (None, Some(bytes)) => Some(DirectBody::Bytes(bytes.clone())),
+                    (None, None) => None,
+                }),
             }
         } else {
             RouteAction::Forward(self.forward(vs, http, port, ports, ops.authority.clone()))
@@ -384,10 +383,14 @@ impl<'a> Builder<'a> {
                         hash_policy.extend(hash(&d.destination));
                         let ops = d.headers.as_ref().map(operations).unwrap_or_default();
                         WeightedCluster {
-                            name: cluster(&d.destination),
-                            weight: u32::try_from(d.weight).unwrap_or(0),
                             request_headers_to_add: ops.request_add,
                             request_headers_to_remove: ops.request_remove,
+                            response_headers_to_add: ops.response_add,
+                            response_headers_to_remove: ops.response_remove,
+                            ..WeightedCluster::new(
+                                cluster(&d.destination),
+                                u32::try_from(d.weight).unwrap_or(0),
+                            )
                         }
                     })
                     .collect(),
@@ -636,7 +639,7 @@ fn mirror_percent(percentage: Option<Percent>, percent: Option<i64>) -> Option<F
 }
 
 /// istiod's `TranslateFault`; a delay without a fixed duration and an abort without an
-/// HTTP status are left out, as Envoy's model here has no place for them.
+/// HTTP or gRPC status (an HTTP/2 error, which istiod drops too) are left out.
 fn fault(f: &portcullis_model::HttpFaultInjection) -> HttpFault {
     let delay = f.delay.as_ref().and_then(|d| {
         Some(FaultDelay {
@@ -648,8 +651,13 @@ fn fault(f: &portcullis_model::HttpFaultInjection) -> HttpFault {
         })
     });
     let abort = f.abort.as_ref().and_then(|a| {
+        let error = match (a.http_status, a.grpc_code()) {
+            (Some(status), _) => AbortError::HttpStatus(u16::try_from(status).ok()?),
+            (None, Some(code)) => AbortError::GrpcStatus(code),
+            (None, None) => return None,
+        };
         Some(FaultAbort {
-            http_status: u16::try_from(a.http_status?).ok()?,
+            error,
             percentage: a.percentage.map_or(per_hundred(0), per_million),
         })
     });
@@ -737,11 +745,11 @@ fn l4_target(
             several
                 .iter()
                 .filter(|d| d.weight != 0)
-                .map(|d| WeightedCluster {
-                    name: b.destination_cluster(&d.destination, ns, port, ports),
-                    weight: u32::try_from(d.weight).unwrap_or(0),
-                    request_headers_to_add: Vec::new(),
-                    request_headers_to_remove: Vec::new(),
+                .map(|d| {
+                    WeightedCluster::new(
+                        b.destination_cluster(&d.destination, ns, port, ports),
+                        u32::try_from(d.weight).unwrap_or(0),
+                    )
                 })
                 .collect(),
         )),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use portcullis_balance::Policy;
-use portcullis_envoy::{Denominator, RetryPolicy};
+use portcullis_envoy::{AbortError, Denominator, RetryPolicy};
 
 use super::{cluster, endpoints, load, snapshot};
 use crate::route::Headers;
@@ -108,10 +108,37 @@ fn target(r: &HttpRoute) -> String {
         Decision::Direct(d) => format!(
             "{} {}",
             d.status,
-            d.location.as_deref().or(d.body.as_deref()).unwrap_or("")
+            d.location.clone().unwrap_or_else(|| d
+                .body
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default())
         ),
         other => format!("{other:?}"),
     }
+}
+
+/// The VirtualService `default/api` for `api.example.com` with the `http` routes given.
+fn api_virtual_service(http: &str) -> String {
+    format!(
+        "
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [api.example.com]
+  http:{http}"
+    )
+}
+
+/// What the build said about VirtualServices (fields not applied among it).
+fn virtual_service_warnings(s: &Snapshot) -> Vec<&str> {
+    s.warnings
+        .iter()
+        .filter(|w| w.starts_with("VirtualService"))
+        .map(String::as_str)
+        .collect()
 }
 
 fn name(r: &HttpRoute) -> String {
@@ -381,7 +408,7 @@ spec:
     let route = request(&s, "/", &[]).route.expect("a route");
     let fault = route.fault.as_ref().expect("a fault");
     let abort = fault.abort.as_ref().expect("an abort");
-    assert_eq!(abort.http_status, 503);
+    assert_eq!(abort.error, AbortError::HttpStatus(503));
     // Istio's percentages are per million in Envoy's config.
     assert_eq!(
         (abort.percentage.numerator, abort.percentage.denominator),
@@ -400,13 +427,104 @@ spec:
     assert!(
         matches!(&route.mirrors[0].decision, Decision::Cluster(c) if &*c.name == "outbound|80|v2|api.example.com")
     );
-    let said: Vec<&str> = s
-        .warnings
-        .iter()
-        .filter(|w| w.starts_with("VirtualService"))
-        .map(String::as_str)
-        .collect();
+    let said = virtual_service_warnings(&s);
     assert!(said.is_empty(), "{said:?}");
+}
+
+#[test]
+fn grpc_aborts_binary_bodies_and_per_destination_headers_compile_as_istiod_does() {
+    let yaml = api_virtual_service(
+        "
+  - match: [{uri: {prefix: /grpc}}]
+    route: [{destination: {host: api.example.com}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+  - match: [{uri: {prefix: /bytes}}]
+    directResponse: {status: 200, body: {bytes: AJ-Slg}}
+  - route:
+    - destination: {host: api.example.com, subset: v1}
+      weight: 50
+      headers:
+        request: {set: {x-dest: v1}}
+        response: {add: {x-from: v1}, remove: [x-internal]}
+    - destination: {host: api.example.com, subset: v2}
+      weight: 50
+      headers: {request: {set: {x-dest: v2}}}
+",
+    );
+    let s = snapshot(&[API, &yaml].concat());
+    let grpc = request(&s, "/grpc", &[]).route.expect("a route");
+    let abort = grpc.fault.as_ref().and_then(|f| f.abort.as_ref());
+    assert_eq!(abort.map(|a| a.error), Some(AbortError::GrpcStatus(14)));
+    // URL-safe and unpadded base64 decode as the API server decodes `bytes`.
+    let bytes = request(&s, "/bytes", &[]);
+    let Decision::Direct(d) = &bytes.decision else {
+        panic!("{:?}", bytes.decision);
+    };
+    assert_eq!(d.body.as_deref(), Some(&[0x00, 0x9f, 0x92, 0x96][..]));
+    // Each destination's changes go with its cluster, and only with it.
+    let mut seen = BTreeMap::new();
+    for _ in 0..64 {
+        let routed = request(&s, "/", &[]);
+        let changes: Vec<String> = routed
+            .cluster_headers
+            .iter()
+            .flat_map(|c| c.request.iter().chain(&c.response))
+            .map(|m| format!("{m:?}"))
+            .collect();
+        seen.insert(target(&routed), changes);
+    }
+    let set = |value: &str| {
+        format!(
+            "Add(HeaderValueOption {{ name: \"x-dest\", value: \"{value}\", append: OverwriteIfExistsOrAdd }})"
+        )
+    };
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            (
+                "outbound|80|v1|api.example.com".to_string(),
+                vec![
+                    set("v1"),
+                    "Remove(\"x-internal\")".to_string(),
+                    "Add(HeaderValueOption { name: \"x-from\", value: \"v1\", append: AppendIfExistsOrAdd })".to_string(),
+                ]
+            ),
+            ("outbound|80|v2|api.example.com".to_string(), vec![set("v2")]),
+        ])
+    );
+    let said = virtual_service_warnings(&s);
+    assert!(said.is_empty(), "{said:?}");
+}
+
+#[test]
+fn faults_and_authorities_istiod_drops_are_reported_as_not_applied() {
+    let yaml = api_virtual_service(
+        "
+  - match: [{uri: {prefix: /h2}}]
+    route: [{destination: {host: api.example.com}}]
+    fault:
+      abort: {http2Error: REFUSED_STREAM, percentage: {value: 100}}
+      delay: {exponentialDelay: 1s, percentage: {value: 100}}
+  - route:
+    - destination: {host: api.example.com, subset: v1}
+      headers: {request: {set: {':authority': v1.example.com}}}
+      weight: 50
+    - {destination: {host: api.example.com, subset: v2}, weight: 50}
+",
+    );
+    let s = snapshot(&[API, &yaml].concat());
+    let said = virtual_service_warnings(&s);
+    assert_eq!(
+        said,
+        [
+            "VirtualService default/api: spec.http[0].fault.delay.exponentialDelay is not applied yet",
+            "VirtualService default/api: spec.http[0].fault.abort.http2Error is not applied yet",
+            "VirtualService default/api: spec.http[1].route[].headers authority (per destination of a weighted route) is not applied yet",
+        ]
+    );
+    // Istio's routes still route; the dropped fault injects nothing.
+    let h2 = request(&s, "/h2", &[]).route.expect("a route");
+    assert!(h2.fault.is_none());
 }
 
 fn connection_target(s: &Snapshot, dst: &str, port: u16, sni: Option<&str>) -> String {
