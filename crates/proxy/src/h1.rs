@@ -860,13 +860,52 @@ struct Head {
     attempt_at: usize,
     /// The head's size as Envoy's header map gives it (Istio's request size counts it).
     head_bytes: u64,
+    /// Where the headers the access log shows are in the buffer.
+    logged: LoggedRanges,
+}
+
+/// The values of `user-agent`, `x-request-id` and `x-forwarded-for` as ranges of the
+/// buffer, noted while the head is parsed so that the access log need not parse it again.
+#[derive(Debug, Default)]
+struct LoggedRanges {
+    user_agent: Option<Range<usize>>,
+    request_id: Option<Range<usize>>,
+    forwarded_for: Option<Range<usize>>,
+    /// One of them came more than once: its values are joined by parsing the head again.
+    repeated: bool,
+}
+
+impl LoggedRanges {
+    /// Notes the header `name` with `value` (a part of `buf`) if the log shows it.
+    fn note(&mut self, buf: &[u8], name: &[u8], value: &[u8]) {
+        let slot = if name.eq_ignore_ascii_case(b"user-agent") {
+            &mut self.user_agent
+        } else if name.eq_ignore_ascii_case(b"x-request-id") {
+            &mut self.request_id
+        } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            &mut self.forwarded_for
+        } else {
+            return;
+        };
+        self.repeated |= slot.replace(range_in(buf, value)).is_some();
+    }
 }
 
 impl Head {
-    /// The access log's view of the request, its head parsed once more for the headers
-    /// the log shows (at most `max` fields).
+    /// The access log's view of the request; a head with one of the logged headers more
+    /// than once is parsed again (at most `max` fields) to join their values.
     fn log_line(&self, request: &Bytes, max: usize) -> LogLine {
         let text = |r: Range<usize>| String::from_utf8_lossy(&request[r]).into_owned();
+        let headers = if self.logged.repeated {
+            logged_headers(&request[..self.len], max)
+        } else {
+            let value = |r: &Option<Range<usize>>| r.clone().map(text);
+            LoggedHeaders {
+                user_agent: value(&self.logged.user_agent),
+                request_id: value(&self.logged.request_id),
+                forwarded_for: value(&self.logged.forwarded_for),
+            }
+        };
         LogLine {
             method: Method::from_bytes(&request[self.method.clone()]).unwrap_or_default(),
             path: if self.slash {
@@ -876,7 +915,7 @@ impl Head {
             },
             protocol: "HTTP/1.1",
             authority: text(self.authority.clone()),
-            headers: logged_headers(&request[..self.len], max),
+            headers,
         }
     }
 }
@@ -1062,9 +1101,11 @@ fn parse_request(
     let mut has_request_id = false;
     let mut te_trailers_only = true;
     let mut fields = 0;
+    let mut logged = LoggedRanges::default();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         fields += name.len() + h.value.len();
+        logged.note(buf, name, h.value);
         if name.eq_ignore_ascii_case(b"host") {
             let visible = h
                 .value
@@ -1184,6 +1225,7 @@ fn parse_request(
             authority.len(),
             fields - host.map_or(0, |h| "host".len() + h.len()),
         ),
+        logged,
     })
 }
 
@@ -1650,6 +1692,31 @@ mod tests {
         assert_eq!(
             (line.path.as_str(), line.authority.as_str()),
             ("/p", "up.example")
+        );
+    }
+
+    #[test]
+    fn the_logged_headers_come_from_the_one_parse_and_repeats_are_joined() {
+        let raw = "GET / HTTP/1.1\r\nHost: up\r\nUser-Agent: curl/8\r\n\
+                   X-Request-Id: abc\r\n\r\n";
+        let (head, _) = complete(raw, false);
+        let line = head.log_line(&Bytes::from(raw), 100);
+        let h = &line.headers;
+        assert_eq!(
+            (
+                h.user_agent.as_deref(),
+                h.request_id.as_deref(),
+                h.forwarded_for.as_deref()
+            ),
+            (Some("curl/8"), Some("abc"), None)
+        );
+        let raw = "GET / HTTP/1.1\r\nHost: up\r\nX-Forwarded-For: 10.0.0.1\r\n\
+                   x-forwarded-for: 10.0.0.2\r\n\r\n";
+        let (head, _) = complete(raw, false);
+        let line = head.log_line(&Bytes::from(raw), 100);
+        assert_eq!(
+            line.headers.forwarded_for.as_deref(),
+            Some("10.0.0.1,10.0.0.2")
         );
     }
 

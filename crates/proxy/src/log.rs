@@ -252,9 +252,53 @@ pub(crate) struct Entry<'a> {
     pub route_name: Option<&'a str>,
 }
 
-/// The time as Envoy's `%START_TIME%` prints it: RFC 3339 in UTC, milliseconds.
-fn start_time(t: SystemTime) -> humantime::Rfc3339Timestamp {
-    humantime::format_rfc3339_millis(t)
+/// The time as Envoy's `%START_TIME%` prints it: RFC 3339 in UTC, milliseconds. The date
+/// and time up to the second are formatted once a second (per thread) and reused, as
+/// Envoy caches its own: the calendar arithmetic would otherwise run for every line.
+struct StartTime(SystemTime);
+
+impl std::fmt::Display for StartTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        thread_local! {
+            static SECOND: std::cell::RefCell<(u64, String)> =
+                const { std::cell::RefCell::new((0, String::new())) };
+        }
+        let since = self
+            .0
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let (secs, millis) = (since.as_secs(), since.subsec_millis());
+        SECOND.with_borrow_mut(|(second, text)| {
+            if *second != secs || text.is_empty() {
+                text.clear();
+                let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+                // Without its `Z`: the milliseconds go before it.
+                text.pop();
+                *second = secs;
+            }
+            write!(f, "{text}.{millis:03}Z")
+        })
+    }
+}
+
+/// A socket address as Display writes it, an IPv4 one with integer formatting that skips
+/// the formatter's padding logic (three addresses a line).
+struct Addr(SocketAddr);
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let SocketAddr::V4(v4) = self.0 else {
+            return self.0.fmt(f);
+        };
+        let [a, b, c, d] = v4.ip().octets();
+        let mut n = itoa::Buffer::new();
+        for (octet, sep) in [(a, "."), (b, "."), (c, "."), (d, ":")] {
+            f.write_str(n.format(octet))?;
+            f.write_str(sep)?;
+        }
+        f.write_str(n.format(v4.port()))
+    }
 }
 
 impl Entry<'_> {
@@ -274,7 +318,7 @@ impl Entry<'_> {
         let _ = writeln!(
             out,
             "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} {} {}",
-            start_time(self.start),
+            StartTime(self.start),
             self.method.unwrap_or("-"),
             self.path.unwrap_or("-"),
             self.protocol.unwrap_or("-"),
@@ -288,10 +332,10 @@ impl Entry<'_> {
             self.user_agent.unwrap_or("-"),
             self.request_id.unwrap_or("-"),
             self.authority.unwrap_or("-"),
-            Or(self.upstream_host),
+            Or(self.upstream_host.map(Addr)),
             self.upstream_cluster.unwrap_or("-"),
-            Or(self.downstream_local),
-            self.downstream_remote,
+            Or(self.downstream_local.map(Addr)),
+            Addr(self.downstream_remote),
             self.server_name.unwrap_or("-"),
             self.route_name.unwrap_or("-"),
         );
@@ -321,7 +365,7 @@ impl Entry<'_> {
             "response_code_details": text(self.details),
             "response_flags": self.response_flags,
             "route_name": text(self.route_name),
-            "start_time": start_time(self.start).to_string(),
+            "start_time": StartTime(self.start).to_string(),
             "upstream_cluster": text(self.upstream_cluster),
             "upstream_host": addr(self.upstream_host),
             "upstream_local_address": null,
@@ -491,6 +535,24 @@ mod tests {
             downstream_remote: "10.0.0.1:40000".parse().expect("an address"),
             server_name: None,
             route_name: Some("default"),
+        }
+    }
+
+    #[test]
+    fn times_and_addresses_print_as_envoy_prints_them() {
+        let at = |ms: u64| StartTime(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        // The same second twice (the cached text), the next one, then an earlier one.
+        for (ms, text) in [
+            (1_700_000_000_123, "2023-11-14T22:13:20.123Z"),
+            (1_700_000_000_007, "2023-11-14T22:13:20.007Z"),
+            (1_700_000_001_000, "2023-11-14T22:13:21.000Z"),
+            (86_400_999, "1970-01-02T00:00:00.999Z"),
+        ] {
+            assert_eq!(at(ms).to_string(), text);
+        }
+        for addr in ["10.0.0.1:40000", "255.255.255.255:0", "[2001:db8::1]:443"] {
+            let addr: SocketAddr = addr.parse().expect("an address");
+            assert_eq!(Addr(addr).to_string(), addr.to_string());
         }
     }
 
