@@ -60,6 +60,20 @@ status: {podIP: 10.244.1.1}
 const API: &str = "outbound|80||api.shop.svc.cluster.local";
 const DB: &str = "outbound|3306||db.shop.svc.cluster.local";
 
+/// The services of `MESH` with Istio's mesh config holding `data` (lines indented by four).
+fn mesh(data: &str) -> String {
+    format!(
+        "{MESH}---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    {data}
+"
+    )
+}
+
 fn cluster<'a>(c: &'a Compiled, name: &str) -> &'a Cluster {
     c.resources
         .clusters
@@ -319,18 +333,6 @@ fn service_entries_inside_the_mesh_only_with_their_subject_alt_names() {
 
 #[test]
 fn the_mesh_config_turns_auto_mtls_off_and_names_the_trust_domain() {
-    let mesh = |data: &str| {
-        format!(
-            "{MESH}---
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: istio, namespace: istio-system}}
-data:
-  mesh: |
-    {data}
-"
-        )
-    };
     let c = compiled_in(&mesh("enableAutoMtls: false"), "shop", &|_| None);
     assert!(cluster(&c, API).transport_socket_matches.is_empty());
     assert_eq!(cluster(&c, DB).transport, UpstreamTransport::Plaintext);
@@ -346,17 +348,8 @@ data:
 
 #[test]
 fn trust_domain_aliases_add_each_identity_in_each_alias_domain() {
-    let yaml = format!(
-        "{MESH}---
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: istio, namespace: istio-system}}
-data:
-  mesh: |
-    trustDomain: new.example
-    trustDomainAliases: [old.example, cluster.local]
-"
-    );
+    let yaml =
+        mesh("trustDomain: new.example\n    trustDomainAliases: [old.example, cluster.local]");
     let c = compiled_in(&yaml, "shop", &|_| None);
     let api = sans(auto_mutual(&cluster(&c, API).transport_socket_matches));
     let mut want: Vec<String> = ["api-sa", "default", "vm-sa"]
