@@ -880,7 +880,7 @@ impl LoggedRanges {
     fn note(&mut self, buf: &[u8], name: &[u8], value: &[u8]) {
         let slot = if name.eq_ignore_ascii_case(b"user-agent") {
             &mut self.user_agent
-        } else if name.eq_ignore_ascii_case(b"x-request-id") {
+        } else if name.eq_ignore_ascii_case(REQUEST_ID.as_bytes()) {
             &mut self.request_id
         } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
             &mut self.forwarded_for
@@ -1098,7 +1098,6 @@ fn parse_request(
     let mut length = None;
     let mut listed = Listed::default();
     let mut forwarded_proto = false;
-    let mut has_request_id = false;
     let mut te_trailers_only = true;
     let mut fields = 0;
     let mut logged = LoggedRanges::default();
@@ -1137,8 +1136,6 @@ fn parse_request(
             te_trailers_only &= h.value.eq_ignore_ascii_case(b"trailers");
         } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             forwarded_proto = true;
-        } else if name.eq_ignore_ascii_case(REQUEST_ID.as_bytes()) {
-            has_request_id = true;
         }
     }
     // A request without a Host is answered by the general path, the one place for it.
@@ -1197,7 +1194,8 @@ fn parse_request(
     if !forwarded_proto {
         header(&mut out, b"x-forwarded-proto", b"http");
     }
-    if !has_request_id {
+    // The log's note of the client's request id is also whether there is one to keep.
+    if logged.request_id.is_none() {
         header(&mut out, REQUEST_ID.as_bytes(), &request_id());
     }
     if let Some(timeout) = timeout {
