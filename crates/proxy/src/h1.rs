@@ -539,8 +539,8 @@ async fn attempt_once(
     {
         Acquired::Idle(conn) => conn,
         Acquired::New { hold, pending } => {
-            let io = proxy
-                .connect_upstream(&target)
+            // Boxed: a new upstream connection is rare next to a pooled one.
+            let io = Box::pin(proxy.connect_upstream(&target))
                 .await
                 .map_err(Failure::Unsent)?;
             drop(pending);

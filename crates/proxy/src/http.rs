@@ -35,7 +35,7 @@ use crate::metrics::{
     Destination, LastSeries, Measured, Metrics, RequestKey, header_fields, request_head_bytes,
     response_head_bytes,
 };
-use crate::origin::Transport;
+use crate::origin::{Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
@@ -104,10 +104,12 @@ pub(crate) async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let max_header_list = u32::try_from(proxy.config.max_request_headers_bytes).unwrap_or(u32::MAX);
+    // hyper spawns a task per stream and moves the service's future several times on the
+    // way into it: boxed, what moves is a pointer and the task stays small.
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let downstream = Arc::clone(&downstream);
-        async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
+        Box::pin(async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) })
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_header_list_size(max_header_list)
@@ -632,7 +634,8 @@ pub(crate) async fn route<'a>(
         },
     };
     let decision = match downstream.original_dst {
-        Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
+        // Boxed: only resolution-NONE services await anything here.
+        Some(dst) => Box::pin(proxy.confine_none(snapshot, decision, dst, host)).await,
         None => decision,
     };
     // istiod's REGISTRY_ONLY catch-all is a route answering 502 itself: as much a refusal
@@ -755,14 +758,14 @@ async fn route_and_forward(
         inject_fault(proxy, fault, outcome).await?;
     }
     if req.method() == Method::CONNECT {
-        let (response, upstream) = crate::tunnel::open(
+        let (response, upstream) = Box::pin(crate::tunnel::open(
             proxy,
             downstream,
             &decision,
             original,
             req,
             &outcome.cluster,
-        )
+        ))
         .await?;
         outcome.upstream = Some(upstream);
         return Ok(response);
@@ -1193,6 +1196,45 @@ impl From<Failure> for Failed {
 
 type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
 
+// A new upstream connection is rare next to a pooled one; its connect and handshake are
+// boxed where they start so that their futures do not size every request's, which is
+// copied whole as a task is spawned and polled.
+/// Connects for `target` and makes it an HTTP/1.1 client connection.
+async fn open_h1(
+    proxy: &Proxy,
+    target: &Target<'_>,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<RequestBody>,
+        hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, RequestBody>,
+    ),
+    ProxyError,
+> {
+    let stream = proxy.connect_upstream(target).await?;
+    hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ProxyError::UpstreamReset)
+}
+
+/// Connects for `target` and makes it an HTTP/2 client connection.
+async fn open_h2(
+    proxy: &Proxy,
+    target: &Target<'_>,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<RequestBody>,
+        hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
+    ),
+    ProxyError,
+> {
+    let stream = proxy.connect_upstream(target).await?;
+    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ProxyError::UpstreamReset)
+}
+
 async fn send_h1(
     proxy: &Arc<Proxy>,
     target: Target<'_>,
@@ -1206,21 +1248,9 @@ async fn send_h1(
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
         Acquired::New { hold, pending } => {
-            let stream = match proxy.connect_upstream(&target).await {
-                Ok(s) => s,
+            let (sender, conn) = match Box::pin(open_h1(proxy, &target)).await {
+                Ok(opened) => opened,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
-            };
-            let (sender, conn) = match hyper::client::conn::http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-            {
-                Ok(h) => h,
-                Err(e) => {
-                    return Err(Failed(
-                        Failure::Unsent(ProxyError::UpstreamReset(e)),
-                        Some(req),
-                    ));
-                }
             };
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
@@ -1268,23 +1298,10 @@ async fn send_h2(
     let mut sender = match acquired {
         Acquired::Idle(sender) => sender,
         Acquired::New { hold, pending } => {
-            let stream = match proxy.connect_upstream(&target).await {
-                Ok(s) => s,
+            let (sender, conn) = match Box::pin(open_h2(proxy, &target)).await {
+                Ok(opened) => opened,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
-            let (sender, conn) =
-                match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(stream))
-                    .await
-                {
-                    Ok(h) => h,
-                    Err(e) => {
-                        return Err(Failed(
-                            Failure::Unsent(ProxyError::UpstreamReset(e)),
-                            Some(req),
-                        ));
-                    }
-                };
             proxy.pool.put_h2(
                 target.transport.key.clone(),
                 sender.clone(),

@@ -182,7 +182,8 @@ impl Proxy {
                         SocketAddr::new(a.ip(), port_override.unwrap_or(a.port()))
                     }
                     Original::Name(host, port) => {
-                        self.resolve(host, port_override.unwrap_or(port)).await?
+                        // Boxed: a name to resolve is the rare original destination.
+                        Box::pin(self.resolve(host, port_override.unwrap_or(port))).await?
                     }
                 };
                 Pick {
