@@ -2,8 +2,8 @@
 //! listeners, routes and clusters istiod builds for a sidecar's outbound side, and the probes.
 //! The repo's control plane serves those resources over ADS to portcullis and to Envoy, each
 //! in one of two identical pods; the same clients must see the same status, proxy-owned
-//! headers, body, answering endpoint, closed-vs-reset, and access-log flags, cluster and route
-//! (see `portcullis_e2e::envoy`). The seed scenario also runs portcullis from the Istio YAML
+//! headers, body, answering endpoint, closed-vs-reset, and access-log flags, cluster, route
+//! and request id (see `portcullis_e2e::envoy`). The seed scenario also runs portcullis from the Istio YAML
 //! istiod would compile, which covers portcullis's own compilation against the same Envoy.
 
 use std::time::Duration;
@@ -648,7 +648,8 @@ fn upstream_failures_and_default_retries() {
 
 /// What an upstream receives, and what the client gets back from it: the headers the echo
 /// server saw (Envoy's `x-forwarded-proto`, `x-request-id`, `x-envoy-attempt-count`, and what
-/// happens to a client's own), over HTTP/1.1 and h2c, registered and passed through.
+/// happens to a client's own), over HTTP/1.1 and h2c, on both HTTP/1.1 paths, registered and
+/// passed through; the access log shows the id the upstream got (every probe compares it).
 #[test]
 fn upstream_request_headers() {
     let url = "http://echo.internal.com:8080/headers";
@@ -672,8 +673,21 @@ fn upstream_request_headers() {
             Probe::curl("GET over h2c", &["--http2-prior-knowledge", url]),
             Probe::curl("POST with a body", &["-d", "payload", url]),
             Probe::curl(
+                "POST with a chunked body (the general path)",
+                &["-H", "transfer-encoding: chunked", "-d", "payload", url],
+            ),
+            Probe::curl(
                 "the client's own request id",
                 &["-H", "x-request-id: from-the-client", url],
+            ),
+            Probe::curl(
+                "the client's own request id over h2c",
+                &[
+                    "--http2-prior-knowledge",
+                    "-H",
+                    "x-request-id: from-the-client",
+                    url,
+                ],
             ),
             Probe::curl(
                 "the client's own attempt count and forwarded proto",

@@ -465,7 +465,9 @@ fn istio_and_envoy_metrics_parse_with_their_names_types_and_labels() {
             "the registered request in Istio's text format",
             &[
                 "\"GET / HTTP/1.1\" 200 - via_upstream - \"-\" 0 ",
-                "\"-\" \"telemetry-test\" \"-\" \"app.internal.com\" \"10.50.0.1:80\" outbound|80||app.internal.com - ",
+                // The id between the user agent and the authority is the one generated.
+                "\"-\" \"telemetry-test\" \"",
+                "\" \"app.internal.com\" \"10.50.0.1:80\" outbound|80||app.internal.com - ",
             ],
         )?;
         lab.expect_logged(
@@ -515,6 +517,13 @@ fn json_access_log_has_istios_keys_and_values() {
         ensure!(ok["upstream_cluster"] == format!("outbound|80||{APP_HOST}").as_str());
         ensure!(ok["upstream_host"] == format!("{EXTERNAL_IP}:80").as_str());
         ensure!(ok["user_agent"] == "telemetry-test" && ok["x_forwarded_for"].is_null());
+        // curl sends no request id: the one the proxy generated, a UUID version 4.
+        ensure!(
+            ok["request_id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 36 && id.as_bytes()[14] == b'4'),
+            "a generated request id: {ok}"
+        );
         ensure!(ok["bytes_sent"].as_u64() >= Some(EXTERNAL_MARK.len() as u64));
         ensure!(ok["route_name"] == "default" && ok["response_flags"] == "-");
         let keys = ok.as_object().map_or(0, serde_json::Map::len);
@@ -528,7 +537,9 @@ fn json_access_log_has_istios_keys_and_values() {
             .iter()
             .find(|l| l["upstream_cluster"] == format!("outbound|{TCP_PORT}||{TCP_HOST}").as_str())
             .context("the TCP connection")?;
-        ensure!(tcp["response_code"] == 0 && tcp["method"].is_null());
+        ensure!(
+            tcp["response_code"] == 0 && tcp["method"].is_null() && tcp["request_id"].is_null()
+        );
         ensure!(tcp["bytes_received"] == 9 && tcp["bytes_sent"].as_u64() > Some(0));
         ensure!(
             lines

@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::io;
 use std::mem::MaybeUninit;
+use std::num::NonZeroU32;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,8 +30,8 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::guard::{Expired, InFlight};
 use crate::http::{
-    ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, RequestLog, RouteInput,
-    Routed, SNIFFED_HTTP1, request_id, timeout_ms,
+    ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, REQUEST_ID_LEN, RequestLog,
+    RouteInput, Routed, SNIFFED_HTTP1, request_id, timeout_ms,
 };
 use crate::io::PrefixedIo;
 use crate::log::LoggedHeaders;
@@ -862,6 +863,10 @@ struct Head {
     head_bytes: u64,
     /// Where the headers the access log shows are in the buffer.
     logged: LoggedRanges,
+    /// Where the id the proxy generated starts in `out`, when the client sent none: the
+    /// access log shows it, as Envoy logs the id it generates. Never 0 (the request line
+    /// comes first), and 32 bits, so that the head is no larger to move than without it.
+    generated_id: Option<NonZeroU32>,
 }
 
 /// The values of `user-agent`, `x-request-id` and `x-forwarded-for` as ranges of the
@@ -896,7 +901,7 @@ impl Head {
     /// than once is parsed again (at most `max` fields) to join their values.
     fn log_line(&self, request: &Bytes, max: usize) -> LogLine {
         let text = |r: Range<usize>| String::from_utf8_lossy(&request[r]).into_owned();
-        let headers = if self.logged.repeated {
+        let mut headers = if self.logged.repeated {
             logged_headers(&request[..self.len], max)
         } else {
             let value = |r: &Option<Range<usize>>| r.clone().map(text);
@@ -906,6 +911,13 @@ impl Head {
                 forwarded_for: value(&self.logged.forwarded_for),
             }
         };
+        let generated = self.generated_id.and_then(|at| {
+            let at = usize::try_from(at.get()).ok()?;
+            self.out.get(at..at + REQUEST_ID_LEN)
+        });
+        if let Some(id) = generated {
+            headers.request_id = Some(String::from_utf8_lossy(id).into_owned());
+        }
         LogLine {
             method: Method::from_bytes(&request[self.method.clone()]).unwrap_or_default(),
             path: if self.slash {
@@ -1195,9 +1207,13 @@ fn parse_request(
         header(&mut out, b"x-forwarded-proto", b"http");
     }
     // The log's note of the client's request id is also whether there is one to keep.
-    if logged.request_id.is_none() {
+    let generated_id = if logged.request_id.is_none() {
+        let at = out.len() + REQUEST_ID.len() + ": ".len();
         header(&mut out, REQUEST_ID.as_bytes(), &request_id());
-    }
+        u32::try_from(at).ok().and_then(NonZeroU32::new)
+    } else {
+        None
+    };
     if let Some(timeout) = timeout {
         let mut ms = itoa::Buffer::new();
         let ms = ms.format(timeout_ms(timeout));
@@ -1224,6 +1240,7 @@ fn parse_request(
             fields - host.map_or(0, |h| "host".len() + h.len()),
         ),
         logged,
+        generated_id,
     })
 }
 
@@ -1691,6 +1708,44 @@ mod tests {
             (line.path.as_str(), line.authority.as_str()),
             ("/p", "up.example")
         );
+    }
+
+    #[test]
+    fn the_log_shows_the_request_id_the_upstream_gets() {
+        let id_sent = |head: &Head| {
+            let out = std::str::from_utf8(&head.out).unwrap();
+            out.lines()
+                .find_map(|l| l.strip_prefix("x-request-id: "))
+                .map(str::to_owned)
+        };
+        // Without one from the client: the generated id, also when another logged header
+        // repeats and the head is parsed again for the line.
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: up\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: up\r\nUser-Agent: a\r\nUser-Agent: b\r\n\r\n",
+        ] {
+            let (head, _) = complete(raw, false);
+            let line = head.log_line(&Bytes::from(raw), 100);
+            let sent = id_sent(&head).expect("a generated id");
+            assert_eq!(sent.len(), 36, "{sent}");
+            assert_eq!(line.headers.request_id, Some(sent), "{raw:?}");
+        }
+        // The client's, verbatim; repeated, joined as the log joins any repeated header.
+        for (raw, logged) in [
+            (
+                "GET / HTTP/1.1\r\nHost: up\r\nX-Request-Id: Mine\r\n\r\n",
+                "Mine",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: up\r\nx-request-id: a\r\nx-request-id: b\r\n\r\n",
+                "a,b",
+            ),
+        ] {
+            let (head, _) = complete(raw, false);
+            assert_eq!(head.generated_id, None, "{raw:?}");
+            let line = head.log_line(&Bytes::from(raw), 100);
+            assert_eq!(line.headers.request_id.as_deref(), Some(logged), "{raw:?}");
+        }
     }
 
     #[test]

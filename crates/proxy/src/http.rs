@@ -276,6 +276,22 @@ impl RequestLog {
         &self.downstream.series
     }
 
+    /// Gives the request an `x-request-id` when the client sent none, where Envoy's
+    /// connection manager does (past the checks of the head, before routing): the upstream,
+    /// and this record's line whatever the answer, get that one id.
+    pub fn identify(&mut self, headers: &mut HeaderMap) {
+        if headers.contains_key(REQUEST_ID) {
+            return;
+        }
+        let id = request_id();
+        if let Some(line) = &mut self.line {
+            line.headers.request_id = Some(String::from_utf8_lossy(&id).into_owned());
+        }
+        if let Ok(id) = HeaderValue::from_bytes(&id) {
+            headers.insert(REQUEST_ID, id);
+        }
+    }
+
     /// The request goes to another handler, which logs and counts it: this record is
     /// dropped unwritten, so the request is not logged twice.
     pub fn hand_over(mut self) {
@@ -403,7 +419,7 @@ async fn handle(
         // The body's frames move the clock as the upstream connection sends them.
         let clock = Arc::new(StreamClock::new(!with_body));
         req.extensions_mut().insert(Arc::clone(&clock));
-        let forwarding = route_and_forward(&proxy, &downstream, req, start, &mut log.outcome);
+        let forwarding = route_and_forward(&proxy, &downstream, req, start, &mut log);
         tokio::select! {
             forwarded = forwarding => forwarded,
             why = clock.expired(streams) => Err(match why {
@@ -412,7 +428,7 @@ async fn handle(
             }),
         }
     } else {
-        route_and_forward(&proxy, &downstream, req, start, &mut log.outcome).await
+        route_and_forward(&proxy, &downstream, req, start, &mut log).await
     };
     let response = match forwarded {
         Ok(response) => response,
@@ -710,7 +726,7 @@ async fn route_and_forward(
     downstream: &Downstream,
     mut req: Request<Incoming>,
     start: Instant,
-    outcome: &mut Outcome,
+    log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = authority(&req)?;
     // As Envoy's HTTP/1 codec: HTTP/1.0 is refused unless accepted, and an HTTP/1.x request
@@ -732,6 +748,8 @@ async fn route_and_forward(
             "absolute-form must be http://; use CONNECT",
         ));
     }
+    log.identify(req.headers_mut());
+    let outcome = &mut log.outcome;
     let connect = req.method() == Method::CONNECT;
     let input = RouteInput {
         path: input_path(&req),
@@ -1475,14 +1493,17 @@ const ORIGINAL_HOST: &str = "x-envoy-original-host";
 /// from the client.
 pub(crate) const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
 
+/// The length of a generated request id.
+pub(crate) const REQUEST_ID_LEN: usize = 36;
+
 /// A random UUID version 4, as Envoy generates request ids: from the thread's own fast
 /// generator, formatted on the stack, so that no request pays a syscall or a lock for it.
-pub(crate) fn request_id() -> [u8; 36] {
+pub(crate) fn request_id() -> [u8; REQUEST_ID_LEN] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = fastrand::u128(..).to_be_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut out = [b'-'; 36];
+    let mut out = [b'-'; REQUEST_ID_LEN];
     let mut at = 0;
     for (i, b) in bytes.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
@@ -1533,11 +1554,6 @@ fn prepare_request(
     headers
         .entry(HeaderName::from_static("x-forwarded-proto"))
         .or_insert(HeaderValue::from_static("http"));
-    if !headers.contains_key(REQUEST_ID)
-        && let Ok(id) = HeaderValue::from_bytes(&request_id())
-    {
-        headers.insert(REQUEST_ID, id);
-    }
     headers.remove(EXPECTED_TIMEOUT);
     if let Some(timeout) = route_timeout {
         headers.insert(EXPECTED_TIMEOUT, HeaderValue::from(timeout_ms(timeout)));

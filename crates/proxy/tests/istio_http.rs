@@ -92,17 +92,24 @@ async fn an_http1_request_to_an_http2_port_is_counted_once() {
     assert!(samples[0].ends_with(" 1"), "{samples:#?}");
 }
 
-/// What Envoy as an Istio sidecar adds to every proxied request, on the fast path (a plain
-/// GET), the general path (a chunked body) and towards an HTTP/2 upstream.
-#[tokio::test]
-async fn upstreams_get_envoys_request_headers_on_every_path() {
-    let h1 = common::Upstream::start("app").await;
+/// An HTTP/1.1 upstream for `app.internal` and an HTTP/2 one for `h2.internal`, and the
+/// registry that serves them on port 80.
+async fn app_and_h2_upstreams() -> (Upstream, H2Upstream, String) {
+    let h1 = Upstream::start("app").await;
     let h2 = H2Upstream::start().await;
     let yaml = [
         common::service("app.internal", 80, "HTTP", &[h1.port()]),
         common::service("h2.internal", 80, "HTTP2", &[h2.addr.port()]),
     ]
     .concat();
+    (h1, h2, yaml)
+}
+
+/// What Envoy as an Istio sidecar adds to every proxied request, on the fast path (a plain
+/// GET), the general path (a chunked body) and towards an HTTP/2 upstream.
+#[tokio::test]
+async fn upstreams_get_envoys_request_headers_on_every_path() {
+    let (h1, h2, yaml) = app_and_h2_upstreams().await;
     let config = portcullis_proxy::ProxyConfig {
         route_timeout: Some(std::time::Duration::from_secs(5)),
         ..portcullis_proxy::ProxyConfig::default()
@@ -166,6 +173,113 @@ async fn upstreams_get_envoys_request_headers_on_every_path() {
     for seen in &h1.requests()[2..] {
         assert_eq!(seen.headers["x-request-id"], "from-the-client");
     }
+}
+
+/// Whether `id` is shaped as Envoy's generated request ids: a UUID version 4.
+fn is_uuid_v4(id: &str) -> bool {
+    let groups: Vec<usize> = id.split('-').map(str::len).collect();
+    groups == [8, 4, 4, 4, 12]
+        && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        && id.as_bytes()[14] == b'4'
+}
+
+/// The access log's `%REQ(X-REQUEST-ID)%` is the id the upstream got: the one the proxy
+/// generated when the client sent none (as Envoy's connection manager generates it before
+/// routing), on the fast path, the general path and towards HTTP/2, and on local replies
+/// too; a client's own id verbatim.
+#[tokio::test]
+async fn the_access_log_shows_the_request_id_the_upstream_got() {
+    let (h1, h2, yaml) = app_and_h2_upstreams().await;
+    let dir = std::env::temp_dir().join(format!("portcullis-reqid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let log = Arc::new(
+        portcullis_proxy::AccessLog::open(
+            &path,
+            portcullis_proxy::AccessLogFormat::Json,
+            prometheus_client::metrics::counter::Counter::default(),
+        )
+        .unwrap(),
+    );
+    let config = portcullis_proxy::ProxyConfig {
+        access_log: Arc::clone(&log),
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    // (URI, chunked body: the general path, the client's own id)
+    let requests = [
+        ("http://app.internal/fast", false, None),
+        ("http://app.internal/general", true, None),
+        ("http://h2.internal/h2", false, None),
+        ("http://unregistered.example/fast-502", false, None),
+        ("http://unregistered.example/general-502", true, None),
+        ("http://app.internal/fast-own", false, Some("Mine-1")),
+        ("http://app.internal/general-own", true, Some("Mine-2")),
+    ];
+    for (uri, chunked, id) in requests {
+        let mut builder = Request::post(uri);
+        if chunked {
+            builder = builder.header("transfer-encoding", "chunked");
+        }
+        if let Some(id) = id {
+            builder = builder.header("x-request-id", id);
+        }
+        let req = builder
+            .body(http_body_util::BodyExt::boxed(Full::new(
+                Bytes::from_static(b"x"),
+            )))
+            .unwrap();
+        let answer = common::send(&mut harness.client().await, req).await;
+        let status = if uri.contains("502") { 502 } else { 200 };
+        assert_eq!(answer.status, status, "{uri}");
+        // Envoy adds no id to a response unless `always_set_request_id_in_response`.
+        assert_eq!(answer.header("x-request-id"), None, "{uri}");
+    }
+    let mut sent: std::collections::HashMap<String, String> = h1
+        .requests()
+        .into_iter()
+        .map(|s| {
+            (
+                s.uri,
+                s.headers["x-request-id"].to_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let h2_seen = h2.seen.lock().unwrap().clone();
+    assert_eq!(h2_seen.len(), 1);
+    sent.insert(
+        "/h2".to_owned(),
+        h2_seen[0]["x-request-id"].to_str().unwrap().to_owned(),
+    );
+    let logged = common::within(async {
+        loop {
+            assert!(log.flush(std::time::Duration::from_secs(5)));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == requests.len() {
+                break text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut ids = std::collections::HashSet::new();
+    for line in logged.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (path, id) = (v["path"].as_str().unwrap(), v["request_id"].as_str());
+        let id = id.unwrap_or_else(|| panic!("no request id logged: {line}"));
+        match path {
+            "/fast-own" => assert_eq!(id, "Mine-1"),
+            "/general-own" => assert_eq!(id, "Mine-2"),
+            "/fast-502" | "/general-502" => assert!(is_uuid_v4(id), "{line}"),
+            _ => {
+                assert!(is_uuid_v4(id), "{line}");
+                assert_eq!(sent.get(path).map(String::as_str), Some(id), "{line}");
+            }
+        }
+        ids.insert(id.to_owned());
+    }
+    assert_eq!(ids.len(), requests.len(), "one id per request: {logged}");
 }
 
 /// HTTP/1.0 as Envoy's codec treats it in Istio's default config (`426`, connection closed),

@@ -353,11 +353,15 @@ fn cell(value: &str, limit: usize) -> String {
 /// Runs `action` in `lab`'s pod and describes what the client saw and what the proxy logged.
 fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observation> {
     let before = access_lines(lab, side)?.len();
+    // What the clients received, where an echoing upstream shows the request ids it got.
+    let mut bodies = String::new();
     let (mut seen, requests) = match action {
         Action::Curl(args) => {
             let requests = 1 + args.iter().filter(|a| *a == "--next").count();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            (describe_reply(&lab.curl(&args)?), requests)
+            let reply = lab.curl(&args)?;
+            bodies.push_str(&reply.body);
+            (describe_reply(&reply), requests)
         }
         Action::Spread { args, times } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -370,6 +374,7 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
                 // The endpoints' pages differ in length; which one answered is compared apart.
                 all_headers.insert(headers(&reply, &["content-length"]));
                 endpoints.insert(endpoint(&reply.body));
+                bodies.push_str(&reply.body);
             }
             (
                 vec![
@@ -413,6 +418,8 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
         let values: BTreeSet<String> = fields.iter().map(|f| f[i].clone()).collect();
         seen.push((name, join(&values)));
     }
+    let ids: BTreeSet<String> = new.iter().map(|l| logged_request_id(l, &bodies)).collect();
+    seen.push(("log request id", join(&ids)));
     seen.push(("log lines", new.len().to_string()));
     Ok(seen)
 }
@@ -560,6 +567,30 @@ fn log_fields(line: &str) -> [String; 3] {
     [at(3), at(16), at(21)]
 }
 
+/// What an access log line's `%REQ(X-REQUEST-ID)%` is, in terms both proxies can share:
+/// `-`, a UUID version 4 the proxy made up (and whether an echoing upstream shows it got
+/// that one, in `bodies`), or anything else verbatim (a client's own id).
+fn logged_request_id(line: &str, bodies: &str) -> String {
+    let tokens = tokens(line);
+    let id = tokens.get(13).map_or("?", |t| t.trim_matches('"'));
+    let groups: Vec<usize> = id.split('-').map(str::len).collect();
+    let uuid_v4 = groups == [8, 4, 4, 4, 12]
+        && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        && id.as_bytes()[14] == b'4';
+    if !uuid_v4 {
+        return id.to_owned();
+    }
+    let echoed = bodies.lines().any(|l| {
+        l.split_once(": ")
+            .is_some_and(|(name, value)| name.eq_ignore_ascii_case("x-request-id") && value == id)
+    });
+    if echoed {
+        "a UUIDv4, the one the upstream got".to_owned()
+    } else {
+        "a UUIDv4".to_owned()
+    }
+}
+
 /// `line` split on spaces, keeping a `"quoted string"` as one token (quotes included).
 fn tokens(line: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -597,6 +628,36 @@ mod tests {
         assert_eq!(
             log_fields(tcp),
             ["UH", "BlackHoleCluster", "-"].map(String::from)
+        );
+    }
+
+    #[test]
+    fn a_logged_request_id_is_told_generated_echoed_or_the_clients() {
+        let line = |id: &str| {
+            format!(
+                "[2026-12-03T16:00:00.000Z] \"GET / HTTP/1.1\" 200 - via_upstream - \"-\" 0 5 1 0 \"-\" \"curl/8.5.0\" \"{id}\" \"a\" \"10.50.0.1:80\" outbound|80||a - 10.50.3.3:80 10.50.1.1:40000 - default"
+            )
+        };
+        let id = "6c1f0a2e-33b4-4c5d-9e6f-0123456789ab";
+        assert_eq!(logged_request_id(&line(id), ""), "a UUIDv4");
+        assert_eq!(
+            logged_request_id(&line(id), &format!("host: a\nx-request-id: {id}\n")),
+            "a UUIDv4, the one the upstream got"
+        );
+        // Another id echoed, or a version 1 UUID: not the generated one.
+        assert_eq!(
+            logged_request_id(
+                &line(id),
+                "x-request-id: 0d2e0a2e-33b4-4c5d-9e6f-0123456789ab\n"
+            ),
+            "a UUIDv4"
+        );
+        let v1 = "6c1f0a2e-33b4-1c5d-9e6f-0123456789ab";
+        assert_eq!(logged_request_id(&line(v1), ""), v1);
+        assert_eq!(logged_request_id(&line("-"), ""), "-");
+        assert_eq!(
+            logged_request_id(&line("from-the-client"), ""),
+            "from-the-client"
         );
     }
 
