@@ -71,7 +71,7 @@ fn virtual_host(name: String, domains: Vec<String>, action: RouteAction) -> envo
 }
 
 fn forward(cluster: String) -> RouteAction {
-    RouteAction::Forward(envoy::Forward::to(cluster))
+    RouteAction::Forward(Arc::new(envoy::Forward::to(cluster)))
 }
 
 /// The resources istiod would send a REGISTRY_ONLY sidecar for [`crate::registry_yaml`]`(n)`:

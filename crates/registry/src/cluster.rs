@@ -288,11 +288,13 @@ pub(crate) fn build(
         balancer,
         connect_timeout: c.connect_timeout,
         connection_limits: c.connection_limits,
-        outlier: c.outlier_detection.map(|o| Outliers {
-            detection: detection(&o),
-            // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
-            // `minHealthPercent` says otherwise.
-            panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),
+        outlier: c.outlier_detection.map(|o| {
+            Box::new(Outliers {
+                detection: detection(&o),
+                // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
+                // `minHealthPercent` says otherwise.
+                panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),
+            })
         }),
         breakers: CircuitBreakers {
             thresholds: c.circuit_breakers,

@@ -2669,6 +2669,8 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
     // What the data path applies: the enforced detectors only.
     let applied = cluster(&s, "outbound|80||app.internal.com")
         .outlier
+        .as_deref()
+        .copied()
         .expect("applied");
     assert_eq!(applied.detection.consecutive_5xx, Some(3));
     assert_eq!(applied.detection.consecutive_gateway, None);
