@@ -118,8 +118,9 @@ pub struct FilterChainMatch {
 pub enum NetworkFilter {
     /// `envoy.filters.network.tcp_proxy`.
     TcpProxy(TcpProxy),
-    /// `envoy.filters.network.http_connection_manager`.
-    Http(HttpConnectionManager),
+    /// `envoy.filters.network.http_connection_manager` (out of line: a listener's many
+    /// SNI chains are TCP proxies).
+    Http(Box<HttpConnectionManager>),
 }
 
 /// Envoy's `TcpProxy`.

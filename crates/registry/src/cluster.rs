@@ -215,6 +215,8 @@ pub(crate) fn build(
             members: (first..endpoints.len()).collect(),
         });
     }
+    // Grown by push; the snapshot keeps it until the next build.
+    endpoints.shrink_to_fit();
     let policy = match c.lb_policy {
         envoy::LbPolicy::RoundRobin => Policy::RoundRobin,
         envoy::LbPolicy::Random => Policy::Random,

@@ -242,14 +242,14 @@ mod tests {
     }
 
     fn hcm(rds: &str) -> NetworkFilter {
-        NetworkFilter::Http(HttpConnectionManager {
+        NetworkFilter::Http(Box::new(HttpConnectionManager {
             stat_prefix: format!("outbound_0.0.0.0_{rds}"),
             route_config: RouteSource::Rds(rds.into()),
             stream_idle_timeout: None,
             request_timeout: None,
             accept_http_10: false,
             skipped_filters: Vec::new(),
-        })
+        }))
     }
 
     fn listener(name: &str, address: &str, chains: Vec<FilterChain>) -> Listener {

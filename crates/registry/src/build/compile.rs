@@ -644,7 +644,7 @@ fn chain(name: &str, filter_chain_match: FilterChainMatch, filter: NetworkFilter
 }
 
 fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
-    NetworkFilter::Http(HttpConnectionManager {
+    NetworkFilter::Http(Box::new(HttpConnectionManager {
         stat_prefix: format!("outbound_{listener}"),
         route_config: RouteSource::Rds(routes.to_string()),
         // istiod sets `stream_idle_timeout: 0s` on every sidecar connection manager: off.
@@ -652,7 +652,7 @@ fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
         request_timeout: None,
         accept_http_10: false,
         skipped_filters: Vec::new(),
-    })
+    }))
 }
 
 /// The match of a chain that takes plaintext HTTP, as the HTTP inspector tells it.
