@@ -121,7 +121,7 @@ pub struct Route {
 }
 
 /// The parts of a route that few routes have.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Rare {
     /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
     regex_rewrite: Option<(Regex, String)>,
