@@ -71,7 +71,7 @@ fn virtual_host(name: String, domains: Vec<String>, action: RouteAction) -> envo
 }
 
 fn forward(cluster: String) -> RouteAction {
-    RouteAction::Forward(envoy::Forward::to(cluster))
+    RouteAction::Forward(Arc::new(envoy::Forward::to(cluster)))
 }
 
 /// The resources istiod would send a REGISTRY_ONLY sidecar for [`crate::registry_yaml`]`(n)`:
@@ -162,14 +162,14 @@ pub fn model(n: usize) -> Resources {
     ranges.push(chain(FilterChainMatch::default(), tcp(blackhole)));
     let http = chain(
         FilterChainMatch::default(),
-        NetworkFilter::Http(HttpConnectionManager {
+        NetworkFilter::Http(Box::new(HttpConnectionManager {
             stat_prefix: format!("outbound_0.0.0.0_{HTTP_PORT}"),
             route_config: RouteSource::Rds(HTTP_PORT.to_string()),
             stream_idle_timeout: None,
             request_timeout: None,
             accept_http_10: false,
             skipped_filters: Vec::new(),
-        }),
+        })),
     );
     let mut outbound = listener(
         envoy::VIRTUAL_OUTBOUND.into(),

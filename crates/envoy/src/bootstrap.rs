@@ -208,14 +208,14 @@ mod tests {
             filter_chains: vec![FilterChain {
                 name: String::new(),
                 filter_chain_match: FilterChainMatch::default(),
-                filter: NetworkFilter::Http(HttpConnectionManager {
+                filter: NetworkFilter::Http(Box::new(HttpConnectionManager {
                     stat_prefix: "outbound_0.0.0.0_80".into(),
                     route_config: RouteSource::Rds(routes.into()),
                     stream_idle_timeout: None,
                     request_timeout: None,
                     accept_http_10: false,
                     skipped_filters: Vec::new(),
-                }),
+                })),
                 skipped_filters: Vec::new(),
                 transport_socket: None,
             }],

@@ -274,7 +274,11 @@ fn virtual_host(v: &VirtualHost) -> Value {
     put(&mut o, "name", json!(v.name));
     put(&mut o, "domains", json!(v.domains));
     put(&mut o, "routes", v.routes.iter().map(route).collect());
-    put(&mut o, "retry_policy", opt(v.retry_policy.as_ref(), retry));
+    put(
+        &mut o,
+        "retry_policy",
+        opt(v.retry_policy.as_deref(), retry),
+    );
     buffer_limit(&mut o, v.request_buffer_limit);
     put(
         &mut o,
@@ -1182,6 +1186,8 @@ fn lb_endpoint(e: &LbEndpoint) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::{LocalityLbEndpoints, RouteMatch, Thresholds};
 
@@ -1340,13 +1346,13 @@ mod tests {
         let mut r = Route::new(
             "r",
             RouteMatch::any(),
-            RouteAction::Forward(crate::Forward {
+            RouteAction::Forward(Arc::new(crate::Forward {
                 request_mirror_policies: vec![crate::RequestMirrorPolicy {
                     cluster: "outbound|80||b".into(),
                     runtime_fraction: Some(million(50_000)),
                 }],
                 ..crate::Forward::to("outbound|80||a")
-            }),
+            })),
         );
         r.fault = Some(HttpFault {
             delay: Some(crate::FaultDelay {
@@ -1380,7 +1386,7 @@ mod tests {
         let mut aborted = Route::new(
             "aborted",
             RouteMatch::any(),
-            RouteAction::Forward(crate::Forward::to("a")),
+            RouteAction::Forward(Arc::new(crate::Forward::to("a"))),
         );
         aborted.fault = Some(HttpFault {
             delay: None,
@@ -1411,13 +1417,13 @@ mod tests {
         let split = Route::new(
             "split",
             RouteMatch::any(),
-            RouteAction::Forward(crate::Forward {
+            RouteAction::Forward(Arc::new(crate::Forward {
                 cluster: ClusterSpecifier::Weighted(vec![crate::WeightedCluster {
                     response_headers_to_remove: vec!["x-internal".into()],
                     ..crate::WeightedCluster::new("a".into(), 1)
                 }]),
                 ..crate::Forward::to("")
-            }),
+            })),
         );
         assert_eq!(
             route(&split)["route"]["weighted_clusters"],

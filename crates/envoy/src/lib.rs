@@ -118,8 +118,9 @@ pub struct FilterChainMatch {
 pub enum NetworkFilter {
     /// `envoy.filters.network.tcp_proxy`.
     TcpProxy(TcpProxy),
-    /// `envoy.filters.network.http_connection_manager`.
-    Http(HttpConnectionManager),
+    /// `envoy.filters.network.http_connection_manager` (out of line: a listener's many
+    /// SNI chains are TCP proxies).
+    Http(Box<HttpConnectionManager>),
 }
 
 /// Envoy's `TcpProxy`.
@@ -232,8 +233,8 @@ pub struct VirtualHost {
     pub domains: Vec<String>,
     /// Routes, tried in order; the first that matches wins.
     pub routes: Vec<Route>,
-    /// Retry policy for routes without their own.
-    pub retry_policy: Option<RetryPolicy>,
+    /// Retry policy for routes without their own (out of line: istiod sets it on none).
+    pub retry_policy: Option<Box<RetryPolicy>>,
     /// The request body buffer limit of its routes that set none.
     pub request_buffer_limit: Option<RequestBufferLimit>,
     /// Whether `x-envoy-attempt-count` is sent upstream.
@@ -490,8 +491,9 @@ pub enum AppendAction {
 /// What a matched route does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteAction {
-    /// Forward to a cluster.
-    Forward(Forward),
+    /// Forward to a cluster; shared with the data path's compiled route, which reads it
+    /// per request, so that a route's settings are held once.
+    Forward(Arc<Forward>),
     /// Answer directly (Istio's `block_all` is a direct 502).
     DirectResponse {
         /// Status code.

@@ -187,6 +187,8 @@ pub(crate) fn load_lines(
     }
     documents.finish(|doc| load_document(doc, file, &mut out, false));
     reject_duplicates(&mut out);
+    // The list, grown by doubling, is kept for as long as the file does not change.
+    out.resources.shrink_to_fit();
     Ok(out)
 }
 

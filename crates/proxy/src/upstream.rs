@@ -126,7 +126,7 @@ pub enum NonePolicy {
 /// Envoy); Istio's default when no route of the model matched (a snapshot without
 /// listeners, or a filter chain that carries bytes).
 pub(crate) fn retry_policy(route: Option<&Route>) -> RetryPolicy {
-    route.map_or(RetryPolicy::ISTIO, |r| r.retries.clone())
+    route.map_or(RetryPolicy::ISTIO, |r| RetryPolicy::clone(&r.retries))
 }
 
 impl Proxy {

@@ -130,7 +130,7 @@ fn route(prefix: &str, action: RouteAction) -> envoy::Route {
 /// Forwards to `cluster`, retrying connect failures twice; with a prefix rewrite (which the
 /// general HTTP path serves) when `general`.
 fn retried(cluster: &str, general: bool) -> RouteAction {
-    RouteAction::Forward(envoy::Forward {
+    RouteAction::Forward(Arc::new(envoy::Forward {
         prefix_rewrite: general.then(|| "/".into()),
         retry_policy: Some(Box::new(envoy::RetryPolicy {
             retry_on: vec!["connect-failure".into()],
@@ -144,7 +144,7 @@ fn retried(cluster: &str, general: bool) -> RouteAction {
             retry_back_off: None,
         })),
         ..envoy::Forward::to(cluster)
-    })
+    }))
 }
 
 /// `app.internal` on `0.0.0.0_80` with a route per cluster of `clusters`: `/NAME` goes to
@@ -156,10 +156,10 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
         let name = &c.name;
         routes.push(route(
             &format!("/general/{name}"),
-            RouteAction::Forward(envoy::Forward {
+            RouteAction::Forward(Arc::new(envoy::Forward {
                 prefix_rewrite: Some("/".into()),
                 ..envoy::Forward::to(name)
-            }),
+            })),
         ));
         routes.push(route(&format!("/retried/{name}"), retried(name, false)));
         routes.push(route(
@@ -168,7 +168,7 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
         ));
         routes.push(route(
             &format!("/{name}"),
-            RouteAction::Forward(envoy::Forward::to(name)),
+            RouteAction::Forward(Arc::new(envoy::Forward::to(name))),
         ));
     }
     let table = envoy::RouteConfiguration {

@@ -4,6 +4,7 @@
 //! TLS.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_envoy::{
@@ -31,7 +32,10 @@ fn route(prefix: &str, action: RouteAction) -> envoy::Route {
 
 /// A route to `app` with the fault filter's `delay` and `abort`.
 fn faulty(prefix: &str, delay: Option<FaultDelay>, abort: Option<FaultAbort>) -> envoy::Route {
-    let mut r = route(prefix, RouteAction::Forward(envoy::Forward::to("app")));
+    let mut r = route(
+        prefix,
+        RouteAction::Forward(Arc::new(envoy::Forward::to("app"))),
+    );
     r.fault = Some(HttpFault { delay, abort });
     r
 }
@@ -79,10 +83,10 @@ fn retries(retry_on: &str, num_retries: u32, codes: &[u16]) -> Box<envoy::RetryP
 fn flaky_echo() -> envoy::Route {
     route(
         "/flaky-echo",
-        RouteAction::Forward(envoy::Forward {
+        RouteAction::Forward(Arc::new(envoy::Forward {
             retry_policy: Some(retries("retriable-status-codes", 1, &[503])),
             ..envoy::Forward::to("app")
-        }),
+        })),
     )
 }
 
@@ -96,11 +100,11 @@ fn model(app: SocketAddr, refused: SocketAddr) -> Snapshot {
 fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -> Snapshot {
     let mut rewrite = route(
         "/old",
-        RouteAction::Forward(envoy::Forward {
+        RouteAction::Forward(Arc::new(envoy::Forward {
             host_rewrite_literal: Some("backend.internal".into()),
             prefix_rewrite: Some("/new".into()),
             ..envoy::Forward::to("app")
-        }),
+        })),
     );
     rewrite.request_headers_to_remove = vec!["x-drop".into()];
     rewrite.request_headers_to_add =
@@ -126,7 +130,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             ),
             route(
                 "/split",
-                RouteAction::Forward(envoy::Forward {
+                RouteAction::Forward(Arc::new(envoy::Forward {
                     cluster: envoy::ClusterSpecifier::Weighted(vec![
                         envoy::WeightedCluster {
                             request_headers_to_add: vec![set(
@@ -152,7 +156,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
                         },
                     ]),
                     ..envoy::Forward::to("app")
-                }),
+                })),
             ),
             route(
                 "/moved",
@@ -164,17 +168,23 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             ),
             route(
                 "/gone-cluster",
-                RouteAction::Forward(envoy::Forward::to("no-such-cluster")),
+                RouteAction::Forward(Arc::new(envoy::Forward::to("no-such-cluster"))),
             ),
-            route("/mtls", RouteAction::Forward(envoy::Forward::to("mtls"))),
+            route(
+                "/mtls",
+                RouteAction::Forward(Arc::new(envoy::Forward::to("mtls"))),
+            ),
             route(
                 "/retried",
-                RouteAction::Forward(envoy::Forward {
+                RouteAction::Forward(Arc::new(envoy::Forward {
                     retry_policy: Some(retries("connect-failure", 2, &[])),
                     ..envoy::Forward::to("refused")
-                }),
+                })),
             ),
-            route("/once", RouteAction::Forward(envoy::Forward::to("refused"))),
+            route(
+                "/once",
+                RouteAction::Forward(Arc::new(envoy::Forward::to("refused"))),
+            ),
             faulty(
                 "/aborted",
                 None,
@@ -213,15 +223,18 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             flaky_echo(),
             route(
                 "/mirrored",
-                RouteAction::Forward(envoy::Forward {
+                RouteAction::Forward(Arc::new(envoy::Forward {
                     request_mirror_policies: vec![envoy::RequestMirrorPolicy {
                         cluster: "shadow".into(),
                         runtime_fraction: None,
                     }],
                     ..envoy::Forward::to("app")
-                }),
+                })),
             ),
-            route("/", RouteAction::Forward(envoy::Forward::to("app"))),
+            route(
+                "/",
+                RouteAction::Forward(Arc::new(envoy::Forward::to("app"))),
+            ),
         ],
         request_headers_to_add: vec![set("x-level", "vhost", AppendAction::AppendIfExistsOrAdd)],
         response_headers_to_add: vec![set(
@@ -236,7 +249,7 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
         domains: vec!["strict.internal".into()],
         routes: vec![route(
             "/only",
-            RouteAction::Forward(envoy::Forward::to("app")),
+            RouteAction::Forward(Arc::new(envoy::Forward::to("app"))),
         )],
         ..Default::default()
     };

@@ -243,15 +243,15 @@ fn model(clusters: Vec<envoy::Cluster>) -> Snapshot {
                         path: PathMatch::Prefix("/rewritten".into()),
                         ..RouteMatch::any()
                     },
-                    RouteAction::Forward(envoy::Forward {
+                    RouteAction::Forward(Arc::new(envoy::Forward {
                         prefix_rewrite: Some("/other".into()),
                         ..envoy::Forward::to(&c.name)
-                    }),
+                    })),
                 ),
                 envoy::Route::new(
                     "default",
                     RouteMatch::any(),
-                    RouteAction::Forward(envoy::Forward::to(&c.name)),
+                    RouteAction::Forward(Arc::new(envoy::Forward::to(&c.name))),
                 ),
             ],
             ..Default::default()

@@ -215,6 +215,8 @@ pub(crate) fn build(
             members: (first..endpoints.len()).collect(),
         });
     }
+    // Grown by push; the snapshot keeps it until the next build.
+    endpoints.shrink_to_fit();
     let policy = match c.lb_policy {
         envoy::LbPolicy::RoundRobin => Policy::RoundRobin,
         envoy::LbPolicy::Random => Policy::Random,
@@ -288,11 +290,13 @@ pub(crate) fn build(
         balancer,
         connect_timeout: c.connect_timeout,
         connection_limits: c.connection_limits,
-        outlier: c.outlier_detection.map(|o| Outliers {
-            detection: detection(&o),
-            // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
-            // `minHealthPercent` says otherwise.
-            panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),
+        outlier: c.outlier_detection.map(|o| {
+            Box::new(Outliers {
+                detection: detection(&o),
+                // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
+                // `minHealthPercent` says otherwise.
+                panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),
+            })
         }),
         breakers: CircuitBreakers {
             thresholds: c.circuit_breakers,

@@ -242,14 +242,14 @@ mod tests {
     }
 
     fn hcm(rds: &str) -> NetworkFilter {
-        NetworkFilter::Http(HttpConnectionManager {
+        NetworkFilter::Http(Box::new(HttpConnectionManager {
             stat_prefix: format!("outbound_0.0.0.0_{rds}"),
             route_config: RouteSource::Rds(rds.into()),
             stream_idle_timeout: None,
             request_timeout: None,
             accept_http_10: false,
             skipped_filters: Vec::new(),
-        })
+        }))
     }
 
     fn listener(name: &str, address: &str, chains: Vec<FilterChain>) -> Listener {
@@ -278,7 +278,7 @@ mod tests {
     }
 
     fn forward(cluster: &str) -> RouteAction {
-        RouteAction::Forward(envoy::Forward::to(cluster))
+        RouteAction::Forward(Arc::new(envoy::Forward::to(cluster)))
     }
 
     const BLOCK_ALL: RouteAction = RouteAction::DirectResponse {
@@ -959,14 +959,14 @@ mod tests {
     #[test]
     fn paths_are_rewritten_by_prefix_or_by_regex_with_re2_groups() {
         let rewrite = |m: RouteMatch, prefix: Option<&str>, regex: Option<(&str, &str)>| {
-            let action = RouteAction::Forward(envoy::Forward {
+            let action = RouteAction::Forward(Arc::new(envoy::Forward {
                 prefix_rewrite: prefix.map(str::to_string),
                 regex_rewrite: regex.map(|(pattern, substitution)| envoy::RegexRewrite {
                     pattern: pattern.into(),
                     substitution: substitution.into(),
                 }),
                 ..envoy::Forward::to("exact")
-            });
+            }));
             let s = table(
                 vec![vhost("all", &["*"], vec![route("r", m, action)])],
                 true,
@@ -1002,7 +1002,7 @@ mod tests {
 
     #[test]
     fn weighted_clusters_are_drawn_in_proportion() {
-        let weighted = RouteAction::Forward(envoy::Forward {
+        let weighted = RouteAction::Forward(Arc::new(envoy::Forward {
             cluster: ClusterSpecifier::Weighted(
                 [("exact", 1), ("other", 1), ("any", 0)]
                     .iter()
@@ -1010,7 +1010,7 @@ mod tests {
                     .collect(),
             ),
             ..envoy::Forward::to("")
-        });
+        }));
         let s = table(
             vec![vhost(
                 "all",

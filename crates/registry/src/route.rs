@@ -104,22 +104,30 @@ pub struct Route {
     pub request_headers: Vec<HeaderMutation>,
     /// Response header changes, in the same order.
     pub response_headers: Vec<HeaderMutation>,
-    /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
-    regex_rewrite: Option<(Regex, String)>,
     /// The retry policy in force (the route's, else its virtual host's) as the data path
-    /// reads it; none without one, as Envoy.
-    pub retries: RetryPolicy,
+    /// reads it; none without one, as Envoy. Shared by the routes of a table that have the
+    /// same one (every default route of istiod's has Istio's).
+    pub retries: Arc<RetryPolicy>,
     /// The request body buffer limit in force (the route's, else its virtual host's): how
     /// much of a request body is kept for retries and mirrors.
     pub request_buffer_limit: Option<envoy::RequestBufferLimit>,
+    /// What few routes have, out of line so that the many without it stay small.
+    rare: Option<Box<Rare>>,
+    /// The fault filter's configuration for the route (Istio's `fault`), with something
+    /// to inject.
+    pub fault: Option<Box<envoy::HttpFault>>,
+    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// The parts of a route that few routes have.
+#[derive(Debug)]
+struct Rare {
+    /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
+    regex_rewrite: Option<(Regex, String)>,
     /// Header changes of each weighted cluster, in the order of the route's weighted
     /// choices (clusters of weight 0 left out); `None` for one that changes nothing.
     weighted_headers: Vec<Option<Arc<ClusterHeaders>>>,
-    /// The fault filter's configuration for the route (Istio's `fault`), with something
-    /// to inject.
-    pub fault: Option<envoy::HttpFault>,
-    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
-    pub mirrors: Vec<Mirror>,
 }
 
 /// One of a route's request mirrors: the cluster copies go to, resolved with the route.
@@ -163,8 +171,9 @@ fn mutations<'a>(
 /// What a matched route does.
 #[derive(Debug)]
 pub enum Action {
-    /// Forwards: where, and how (timeouts, retries, rewrites).
-    Forward(Target, Box<envoy::Forward>),
+    /// Forwards: where, and how (timeouts, retries, rewrites), the settings shared with
+    /// the model the route was compiled from.
+    Forward(Target, Arc<envoy::Forward>),
     /// Answers with this.
     Direct(Decision),
     /// Answers with a redirect.
@@ -227,6 +236,7 @@ impl RouteTable {
             any: None,
             ignore_port: rc.ignore_port_in_host_matching,
         };
+        let mut retries = Retries::default();
         for (i, vh) in rc.virtual_hosts.iter().enumerate() {
             for domain in &vh.domains {
                 if !table.claim(&domain.to_ascii_lowercase(), i) {
@@ -240,7 +250,7 @@ impl RouteTable {
             let routes = vh
                 .routes
                 .iter()
-                .filter_map(|r| match Route::compile(r, vh, rc, target) {
+                .filter_map(|r| match Route::compile(r, vh, rc, target, &mut retries) {
                     Ok(r) => Some(Arc::new(r)),
                     Err(e) => {
                         warnings.push(format!(
@@ -406,6 +416,37 @@ impl RouteTable {
     }
 }
 
+/// The retry policies of one table's routes as compiled, shared between routes: none, and
+/// the last one compiled, which the next route usually has too (istiod gives every default
+/// route Istio's).
+#[derive(Default)]
+struct Retries<'a> {
+    none: Option<Arc<RetryPolicy>>,
+    last: Option<(&'a envoy::RetryPolicy, Arc<RetryPolicy>)>,
+}
+
+impl<'a> Retries<'a> {
+    /// The compiled `policy`; no retries without one, as Envoy.
+    fn get(
+        &mut self,
+        policy: Option<&'a envoy::RetryPolicy>,
+    ) -> Result<Arc<RetryPolicy>, regex::Error> {
+        let Some(policy) = policy else {
+            return Ok(Arc::clone(
+                self.none.get_or_insert_with(|| Arc::new(RetryPolicy::NONE)),
+            ));
+        };
+        if let Some((source, compiled)) = &self.last
+            && *source == policy
+        {
+            return Ok(Arc::clone(compiled));
+        }
+        let compiled = Arc::new(RetryPolicy::from_envoy(policy)?);
+        self.last = Some((policy, Arc::clone(&compiled)));
+        Ok(compiled)
+    }
+}
+
 /// The `location` of a redirect, from the request and the redirect's replacements.
 fn location(r: &envoy::Redirect, matched: &PathMatcher, req: &Request<'_>) -> String {
     let scheme = r.scheme.as_deref().unwrap_or(req.scheme);
@@ -437,16 +478,15 @@ fn location(r: &envoy::Redirect, matched: &PathMatcher, req: &Request<'_>) -> St
 }
 
 impl Route {
-    fn compile(
-        r: &envoy::Route,
-        vh: &envoy::VirtualHost,
+    fn compile<'a>(
+        r: &'a envoy::Route,
+        vh: &'a envoy::VirtualHost,
         rc: &envoy::RouteConfiguration,
         target: &dyn Fn(&envoy::ClusterSpecifier) -> Target,
+        retries: &mut Retries<'a>,
     ) -> Result<Route, regex::Error> {
         let action = match &r.action {
-            envoy::RouteAction::Forward(f) => {
-                Action::Forward(target(&f.cluster), Box::new(f.clone()))
-            }
+            envoy::RouteAction::Forward(f) => Action::Forward(target(&f.cluster), Arc::clone(f)),
             envoy::RouteAction::DirectResponse { status, body } => {
                 Action::Direct(Decision::Direct(Arc::new(DirectResponse {
                     status: *status,
@@ -456,12 +496,13 @@ impl Route {
             }
             envoy::RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
         };
-        let regex_rewrite = match &r.action {
-            envoy::RouteAction::Forward(envoy::Forward {
-                regex_rewrite: Some(rw),
-                ..
-            }) => Some((Regex::new(&rw.pattern)?, substitution(&rw.substitution))),
+        let forward = match &r.action {
+            envoy::RouteAction::Forward(f) => Some(&**f),
             _ => None,
+        };
+        let regex_rewrite = match forward.and_then(|f| f.regex_rewrite.as_ref()) {
+            Some(rw) => Some((Regex::new(&rw.pattern)?, substitution(&rw.substitution))),
+            None => None,
         };
         let request_headers = mutations(&r.request_headers_to_remove, &r.request_headers_to_add)
             .chain(mutations(
@@ -483,11 +524,8 @@ impl Route {
                 &rc.response_headers_to_add,
             ))
             .collect();
-        let weighted_headers = match &r.action {
-            envoy::RouteAction::Forward(envoy::Forward {
-                cluster: envoy::ClusterSpecifier::Weighted(clusters),
-                ..
-            }) => clusters
+        let weighted_headers: Vec<_> = match forward.map(|f| &f.cluster) {
+            Some(envoy::ClusterSpecifier::Weighted(clusters)) => clusters
                 .iter()
                 .filter(|w| w.weight > 0)
                 .map(|w| {
@@ -507,7 +545,7 @@ impl Route {
         };
         let retry_policy = match &r.action {
             envoy::RouteAction::Forward(f) => {
-                f.retry_policy.as_deref().or(vh.retry_policy.as_ref())
+                f.retry_policy.as_deref().or(vh.retry_policy.as_deref())
             }
             _ => None,
         };
@@ -517,17 +555,19 @@ impl Route {
             action,
             request_headers,
             response_headers,
-            regex_rewrite,
-            retries: retry_policy
-                .map(RetryPolicy::from_envoy)
-                .transpose()?
-                .unwrap_or(RetryPolicy::NONE),
+            retries: retries.get(retry_policy)?,
             request_buffer_limit: r.request_buffer_limit.or(vh.request_buffer_limit),
-            weighted_headers,
+            rare: (regex_rewrite.is_some() || !weighted_headers.is_empty()).then(|| {
+                Box::new(Rare {
+                    regex_rewrite,
+                    weighted_headers,
+                })
+            }),
             fault: r
                 .fault
-                .clone()
-                .filter(|f| f.delay.is_some() || f.abort.is_some()),
+                .as_ref()
+                .filter(|f| f.delay.is_some() || f.abort.is_some())
+                .map(|f| Box::new(f.clone())),
             mirrors: match &r.action {
                 envoy::RouteAction::Forward(f) => f
                     .request_mirror_policies
@@ -549,7 +589,10 @@ impl Route {
         match &self.action {
             Action::Forward(target, _) => {
                 let (at, decision) = target.choose();
-                let headers = self.weighted_headers.get(at).cloned().flatten();
+                let headers = self
+                    .rare
+                    .as_ref()
+                    .and_then(|r| r.weighted_headers.get(at).cloned().flatten());
                 (decision, headers)
             }
             Action::Direct(d) => (d.clone(), None),
@@ -577,7 +620,10 @@ impl Route {
     pub fn rewrites(&self) -> bool {
         !self.request_headers.is_empty()
             || !self.response_headers.is_empty()
-            || self.weighted_headers.iter().any(Option::is_some)
+            || self
+                .rare
+                .as_ref()
+                .is_some_and(|r| r.weighted_headers.iter().any(Option::is_some))
             || self.forward().is_some_and(|f| {
                 f.host_rewrite_literal.is_some()
                     || f.prefix_rewrite.is_some()
@@ -603,7 +649,7 @@ impl Route {
             };
             format!("{new}{rest}")
         } else {
-            let (re, with) = self.regex_rewrite.as_ref()?;
+            let (re, with) = self.rare.as_ref()?.regex_rewrite.as_ref()?;
             re.replace_all(path, with.as_str()).into_owned()
         };
         Some(match query {

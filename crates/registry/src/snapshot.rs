@@ -114,8 +114,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive).
     pub connection_limits: portcullis_envoy::ConnectionLimits,
-    /// Outlier detection, when the cluster has it.
-    pub outlier: Option<Outliers>,
+    /// Outlier detection, when the cluster has it (out of line: most clusters have none).
+    pub outlier: Option<Box<Outliers>>,
     /// Circuit breakers (default priority).
     pub breakers: CircuitBreakers,
     /// The service's short name, as Istio's metrics label it (`destination_service_name`):

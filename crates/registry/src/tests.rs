@@ -2669,6 +2669,8 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
     // What the data path applies: the enforced detectors only.
     let applied = cluster(&s, "outbound|80||app.internal.com")
         .outlier
+        .as_deref()
+        .copied()
         .expect("applied");
     assert_eq!(applied.detection.consecutive_5xx, Some(3));
     assert_eq!(applied.detection.consecutive_gateway, None);
@@ -3134,4 +3136,56 @@ fn a_pods_locality_comes_from_its_nodes_topology_labels_as_istiod() {
     );
     let s = at_locality(&labelled, "us/a/r1");
     assert_eq!(prio(&s, WEB)[1], ("10.2.0.2:8080".to_string(), 0));
+}
+
+/// The compiled routes of many services hold no copies of what they share: each forwards
+/// with its model route's settings, and all have one compiled Istio retry policy.
+#[test]
+fn compiled_routes_share_their_settings_with_the_model_and_each_other() {
+    let entry = |name: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{name}.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 10.1.0.1}}]
+"
+        )
+    };
+    let yaml = [entry("a"), entry("b")].concat();
+    let compiled = crate::compile(&load(&yaml), &BuildOptions::default(), &|_| None);
+    let s = Snapshot::index(&compiled.resources, &|_| None, None, 1);
+    let routed = |host: &str| {
+        let conn = crate::Connection {
+            destination: Some(ip("10.9.9.9")),
+            port: 80,
+            application_protocols: &["http/1.1"],
+            ..crate::Connection::default()
+        };
+        let req = crate::Request {
+            authority: host,
+            path: "/",
+            method: "GET",
+            scheme: "http",
+            headers: &(),
+        };
+        s.route_request(&conn, &req).route.expect("a route")
+    };
+    let (a, b) = (routed("a.example.com"), routed("b.example.com"));
+    assert_eq!(*a.retries, crate::RetryPolicy::ISTIO);
+    assert!(Arc::ptr_eq(&a.retries, &b.retries));
+    let model = &compiled.resources.routes["80"];
+    let vh = model
+        .virtual_hosts
+        .iter()
+        .find(|vh| vh.name == "a.example.com:80")
+        .expect("a's virtual host");
+    let portcullis_envoy::RouteAction::Forward(forward) = &vh.routes[0].action else {
+        panic!("a's route forwards");
+    };
+    assert!(std::ptr::eq(a.forward().expect("forwards"), &**forward));
 }

@@ -220,9 +220,9 @@ fn network_filter(any: &Any) -> Result<Option<NetworkFilter>, Invalid> {
     if any.type_url == tcp::TcpProxy::type_url() {
         Ok(Some(NetworkFilter::TcpProxy(tcp_proxy(&unpack(any)?)?)))
     } else if any.type_url == hcm::HttpConnectionManager::type_url() {
-        Ok(Some(NetworkFilter::Http(http_connection_manager(
-            &unpack(any)?,
-        )?)))
+        Ok(Some(NetworkFilter::Http(Box::new(
+            http_connection_manager(&unpack(any)?)?,
+        ))))
     } else {
         Ok(None)
     }

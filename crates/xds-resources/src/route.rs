@@ -1,6 +1,7 @@
 //! RDS: `RouteConfiguration` into the model (also inline route configs of an HCM).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3 as rds;
@@ -97,7 +98,8 @@ fn virtual_host(v: &rds::VirtualHost) -> Result<VirtualHost, Invalid> {
             .as_ref()
             .map(retry_policy)
             .transpose()
-            .at("retry_policy")?,
+            .at("retry_policy")?
+            .map(Box::new),
         #[allow(deprecated)]
         request_buffer_limit: buffer_limit(
             v.per_request_buffer_limit_bytes,
@@ -132,7 +134,7 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
     .at("match")?;
     use rds::route::Action as A;
     let action = match &r.action {
-        Some(A::Route(a)) => RouteAction::Forward(forward(a).at("route")?),
+        Some(A::Route(a)) => RouteAction::Forward(Arc::new(forward(a).at("route")?)),
         Some(A::Redirect(a)) => RouteAction::Redirect(redirect(a).at("redirect")?),
         Some(A::DirectResponse(d)) => direct_response(d).at("direct_response")?,
         Some(A::FilterAction(_)) | Some(A::NonForwardingAction(_)) => {

@@ -487,7 +487,7 @@ impl Builder<'_> {
                 let hash = self.hash_for(&c.host, "", c.port)?;
                 let mut spec = forward_spec(&c.name);
                 spec.hash_policy.push(hash);
-                Some(vec![route("default", RouteAction::Forward(spec))])
+                Some(vec![route("default", RouteAction::Forward(Arc::new(spec)))])
             });
             if let Some(list) = list {
                 routes.insert(Arc::clone(&c.name), list);
@@ -644,7 +644,7 @@ fn chain(name: &str, filter_chain_match: FilterChainMatch, filter: NetworkFilter
 }
 
 fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
-    NetworkFilter::Http(HttpConnectionManager {
+    NetworkFilter::Http(Box::new(HttpConnectionManager {
         stat_prefix: format!("outbound_{listener}"),
         route_config: RouteSource::Rds(routes.to_string()),
         // istiod sets `stream_idle_timeout: 0s` on every sidecar connection manager: off.
@@ -652,7 +652,7 @@ fn http_manager(listener: &str, routes: &str) -> NetworkFilter {
         request_timeout: None,
         accept_http_10: false,
         skipped_filters: Vec::new(),
-    })
+    }))
 }
 
 /// The match of a chain that takes plaintext HTTP, as the HTTP inspector tells it.
@@ -938,15 +938,15 @@ fn forward_spec(cluster: &str) -> Forward {
 }
 
 fn forward(cluster: &str) -> RouteAction {
-    RouteAction::Forward(forward_spec(cluster))
+    RouteAction::Forward(Arc::new(forward_spec(cluster)))
 }
 
 /// Istio's `allow_any` action: PassthroughCluster, no timeout, no retries.
 fn passthrough() -> RouteAction {
-    RouteAction::Forward(Forward {
+    RouteAction::Forward(Arc::new(Forward {
         retry_policy: None,
         ..forward_spec(PASSTHROUGH_CLUSTER)
-    })
+    }))
 }
 
 fn route(name: &str, action: RouteAction) -> Route {
@@ -1022,6 +1022,8 @@ fn port_routes(
     if !any_host {
         virtual_hosts.push(catch_all_host(mode));
     }
+    // Grown by doubling; kept for `/config_dump` until the next build.
+    virtual_hosts.shrink_to_fit();
     RouteConfiguration {
         name: port.to_string(),
         virtual_hosts,
@@ -1106,6 +1108,7 @@ fn http_proxy_routes(
         });
     }
     virtual_hosts.push(catch_all_host(mode));
+    virtual_hosts.shrink_to_fit();
     RouteConfiguration {
         name: HTTP_PROXY_ROUTES.to_string(),
         virtual_hosts,

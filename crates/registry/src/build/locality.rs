@@ -139,11 +139,15 @@ pub(crate) fn apply(
             .iter()
             .map(|(e, _)| e.load_balancing_weight.max(1))
             .sum();
+        // Collected in place, the list would keep the labelled list's larger allocation
+        // for as long as the model is kept.
+        let mut lb_endpoints = Vec::with_capacity(endpoints.len());
+        lb_endpoints.extend(endpoints.into_iter().map(|(e, _)| e));
         LocalityLbEndpoints {
             locality,
             priority,
             load_balancing_weight: Some(weight),
-            lb_endpoints: endpoints.into_iter().map(|(e, _)| e).collect(),
+            lb_endpoints,
         }
     };
     if !setting.distribute.is_empty() {

@@ -3,6 +3,7 @@
 //! routes of its outbound listeners).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis_envoy::{
@@ -316,7 +317,13 @@ impl<'a> Builder<'a> {
                 }),
             }
         } else {
-            RouteAction::Forward(self.forward(vs, http, port, ports, ops.authority.clone()))
+            RouteAction::Forward(Arc::new(self.forward(
+                vs,
+                http,
+                port,
+                ports,
+                ops.authority.clone(),
+            )))
         };
         let mut route = Route::new(name, route_match(m), action);
         route.request_headers_to_add = ops.request_add;

@@ -251,7 +251,7 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
     );
     // The data path reads the same policy, compiled.
     assert_eq!(
-        split.retries,
+        *split.retries,
         crate::RetryPolicy::from_envoy(f.retry_policy.as_ref().unwrap()).unwrap()
     );
     // Without `retries`, Istio's default; `attempts: 0` none; no timeout unless set.
@@ -262,11 +262,11 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
         canary.forward().unwrap().retry_policy.as_deref(),
         Some(&crate::build::compile_default_retry_policy())
     );
-    assert_eq!(canary.retries, crate::RetryPolicy::ISTIO);
+    assert_eq!(*canary.retries, crate::RetryPolicy::ISTIO);
     assert_eq!(canary.forward().unwrap().timeout, Some(Duration::ZERO));
     let once = request(&s, "/once/x?y=1", &[]).route.expect("a route");
     assert_eq!(once.forward().unwrap().retry_policy, None);
-    assert_eq!(once.retries, crate::RetryPolicy::NONE);
+    assert_eq!(*once.retries, crate::RetryPolicy::NONE);
     assert_eq!(
         once.rewrite_path("/once/x?y=1").as_deref(),
         Some("/v2/once/x?y=1")
@@ -705,7 +705,7 @@ spec:
         Some(&want)
     );
     assert_eq!(
-        route.retries,
+        *route.retries,
         crate::RetryPolicy::from_envoy(&want).unwrap()
     );
     assert!(
