@@ -3142,21 +3142,15 @@ fn a_pods_locality_comes_from_its_nodes_topology_labels_as_istiod() {
 /// with its model route's settings, and all have one compiled Istio retry policy.
 #[test]
 fn compiled_routes_share_their_settings_with_the_model_and_each_other() {
-    let entry = |name: &str| {
-        format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: default}}
-spec:
-  hosts: [{name}.example.com]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints: [{{address: 10.1.0.1}}]
-"
+    let http = |name: &str| {
+        entry(
+            name,
+            &format!("[{name}.example.com]"),
+            "{number: 80, name: http, protocol: HTTP}",
+            "",
         )
     };
-    let yaml = [entry("a"), entry("b")].concat();
+    let yaml = [http("a"), http("b")].concat();
     let compiled = crate::compile(&load(&yaml), &BuildOptions::default(), &|_| None);
     let s = Snapshot::index(&compiled.resources, &|_| None, None, 1);
     let routed = |host: &str| {
