@@ -1,11 +1,10 @@
 //! `/config_dump` in Envoy's `ConfigDump` shape, from a config source's resources whatever
 //! the source (xDS or files).
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use portcullis_envoy::state::{ResourceState, SourceState, UpdateFailure, Versioned};
-use portcullis_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, json};
+use portcullis_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ROUTE_TYPE, json};
 use serde_json::{Map, Value, json};
 
 const ADMIN: &str = "type.googleapis.com/envoy.admin.v3.";
@@ -58,7 +57,7 @@ fn state<T>(
 }
 
 /// The version of the latest accepted resource of a type: the type's `version_info`.
-fn latest_version<T>(m: &BTreeMap<String, ResourceState<T>>) -> Value {
+fn latest_version<T: Clone>(m: &Named<ResourceState<T>>) -> Value {
     m.values()
         .filter_map(|s| s.active.as_ref())
         .max_by_key(|v| v.last_updated)
@@ -68,8 +67,8 @@ fn latest_version<T>(m: &BTreeMap<String, ResourceState<T>>) -> Value {
 /// Envoy's `DynamicCluster`/`DynamicRouteConfig`/`DynamicEndpointConfig` list: the active
 /// version of each resource (or only its error when none was ever accepted), and the
 /// warming versions in a second list.
-fn dynamic<T>(
-    m: &BTreeMap<String, ResourceState<T>>,
+fn dynamic<T: Clone>(
+    m: &Named<ResourceState<T>>,
     key: &str,
     type_url: &str,
     render: fn(&T) -> Value,

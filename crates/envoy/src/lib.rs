@@ -40,19 +40,23 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 /// Istio's name of the listener on 15001 that hands intercepted connections on.
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 
+/// Resources of one type by name, in a persistent map: a copy shares the unchanged part,
+/// so that a small update to a mesh-sized set costs its size, not the set's.
+pub type Named<T> = imbl::OrdMap<String, T>;
+
 /// A complete set of resources: what one snapshot of the data path is built from. Each
 /// resource is shared, so that a source's state, its active set and `/config_dump` hold
 /// the same one: an update copies pointers, never resources.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
     /// Listeners (LDS), by name.
-    pub listeners: BTreeMap<String, Arc<Listener>>,
+    pub listeners: Named<Arc<Listener>>,
     /// Route configurations (RDS), by name.
-    pub routes: BTreeMap<String, Arc<RouteConfiguration>>,
+    pub routes: Named<Arc<RouteConfiguration>>,
     /// Clusters (CDS), by name.
-    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    pub clusters: Named<Arc<Cluster>>,
     /// Endpoints of EDS clusters (EDS), by cluster (or EDS service) name.
-    pub endpoints: BTreeMap<String, Arc<ClusterLoadAssignment>>,
+    pub endpoints: Named<Arc<ClusterLoadAssignment>>,
 }
 
 /// A listener: an address and the filter chains that take its connections.

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use portcullis_dns::{DnsCache, HickoryLookup, Lookup};
-use portcullis_envoy::Resources;
 use portcullis_envoy::state::SourceState;
+use portcullis_envoy::{Named, Resources};
 use portcullis_model::Resource;
 use portcullis_registry::{BuildOptions, Snapshot, compile};
 
@@ -17,12 +17,19 @@ use crate::{Built, Compile, CompileError, Set};
 pub struct RegistryCompiler<L: Lookup = HickoryLookup> {
     options: BuildOptions,
     dns: Arc<DnsCache<L>>,
+    /// Each control plane source's state at the last build, with its active resources: the
+    /// next build finds them from what changed since.
+    active: Vec<(Arc<SourceState>, Resources)>,
 }
 
 impl<L: Lookup> RegistryCompiler<L> {
     /// A compiler for the workload `options` describe.
     pub fn new(options: BuildOptions, dns: Arc<DnsCache<L>>) -> Self {
-        RegistryCompiler { options, dns }
+        RegistryCompiler {
+            options,
+            dns,
+            active: Vec::new(),
+        }
     }
 }
 
@@ -87,13 +94,24 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
                 Arc::new(dump)
             }
         };
-        for state in &xds_sets {
-            let active = state.active();
-            resources.listeners.extend(active.listeners);
-            resources.routes.extend(active.routes);
-            resources.clusters.extend(active.clusters);
-            resources.endpoints.extend(active.endpoints);
+        let active: Vec<(Arc<SourceState>, Resources)> = xds_sets
+            .iter()
+            .enumerate()
+            .map(|(i, &state)| {
+                let active = match self.active.get(i) {
+                    Some((before, was)) => state.active_since(before, was),
+                    None => state.active(),
+                };
+                (Arc::clone(state), active)
+            })
+            .collect();
+        for (_, active) in &active {
+            join(&mut resources.listeners, &active.listeners);
+            join(&mut resources.routes, &active.routes);
+            join(&mut resources.clusters, &active.clusters);
+            join(&mut resources.endpoints, &active.endpoints);
         }
+        self.active = active;
         let mut snapshot = Snapshot::index(&resources, &lookup, Some(previous), version);
         warnings.append(&mut snapshot.warnings);
         snapshot.warnings = warnings;
@@ -109,6 +127,16 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
             snapshot,
             resources: dump,
         })
+    }
+}
+
+/// Adds `from`'s resources to `into`, `from` winning a name both use; a copy of `from`
+/// (which shares its maps) when `into` is empty, as it is without files.
+fn join<T: Clone>(into: &mut Named<T>, from: &Named<T>) {
+    if into.is_empty() {
+        into.clone_from(from);
+    } else {
+        into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 }
 

@@ -373,8 +373,11 @@ impl Builder<'_> {
                 .insert(name.to_string(), Arc::new(cluster));
         }
         if !tcp_timeouts.is_empty() {
-            for listener in out.resources.listeners.values_mut() {
-                apply_tcp_proxy_timeouts(Arc::make_mut(listener), &tcp_timeouts);
+            let names: Vec<String> = out.resources.listeners.keys().cloned().collect();
+            for name in names {
+                if let Some(listener) = out.resources.listeners.get_mut(&name) {
+                    apply_tcp_proxy_timeouts(Arc::make_mut(listener), &tcp_timeouts);
+                }
             }
         }
         out.warnings = self.warnings;
