@@ -43,7 +43,7 @@ fn resolution_name(r: Resolution) -> &'static str {
 pub fn config_dump(resources: &SourceState, snapshot: &Snapshot, config: &ConfigStatus) -> String {
     let clusters: Vec<Value> = snapshot
         .clusters
-        .iter()
+        .values()
         .map(|c| {
             json!({
                 "name": &*c.name,
@@ -96,7 +96,7 @@ pub fn clusters(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "{name}::default_priority::max_connections::4294967295");
     }
     let now = std::time::Instant::now();
-    for c in &snapshot.clusters {
+    for c in snapshot.clusters.values() {
         let t = &c.breakers.thresholds;
         for (threshold, value) in [
             ("max_connections", t.max_connections),
@@ -181,7 +181,7 @@ pub struct ClusterGauge {
 pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
     let now = std::time::Instant::now();
     let mut out = Vec::with_capacity(snapshot.clusters.len() * 2);
-    for c in &snapshot.clusters {
+    for c in snapshot.clusters.values() {
         let gauge = |stat, value| ClusterGauge {
             cluster: std::sync::Arc::clone(&c.name),
             stat,
@@ -220,7 +220,7 @@ pub fn cluster_gauges(snapshot: &Snapshot) -> Vec<ClusterGauge> {
         portcullis_registry::BLACKHOLE_CLUSTER,
         portcullis_registry::PASSTHROUGH_CLUSTER,
     ] {
-        if snapshot.clusters.iter().all(|c| &*c.name != name) {
+        if !snapshot.clusters.contains_key(name) {
             for stat in [
                 "membership_total",
                 "upstream_rq_active",
@@ -250,7 +250,7 @@ pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) 
             g.value.to_string(),
         );
     }
-    for c in &snapshot.clusters {
+    for c in snapshot.clusters.values() {
         let total: u64 = c.endpoints.iter().map(|e| e.state.total()).sum();
         stats.insert(
             format!("cluster.{}.upstream_rq_total", c.name),
@@ -377,7 +377,7 @@ mod tests {
             resources.clusters.insert(c.name.clone(), Arc::new(c));
         }
         let snapshot = Snapshot::index(&resources, &|_| None, None, 1);
-        let cluster = snapshot.clusters.iter().find(|c| &*c.name == name).unwrap();
+        let cluster = snapshot.clusters.get(name).unwrap();
         let detection = Detection {
             consecutive_5xx: Some(1),
             ..Detection::default()

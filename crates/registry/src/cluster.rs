@@ -60,7 +60,7 @@ impl Target {
 
 /// Resolves cluster names to what the data path does with them.
 pub(crate) struct Clusters<'a> {
-    pub(crate) by_name: &'a Map<Arc<str>, Arc<Cluster>>,
+    pub(crate) by_name: &'a crate::snapshot::ClusterMap,
 }
 
 impl Clusters<'_> {

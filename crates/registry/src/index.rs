@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
 use portcullis_envoy as envoy;
 use portcullis_model::OutboundMode;
 
@@ -12,7 +13,7 @@ use crate::build::DnsAnswers;
 use crate::cluster::{self, Clusters};
 use crate::listener::{ChainFilter, Listeners};
 use crate::route::RouteTable;
-use crate::snapshot::{Cluster, Decision, Protocol, Snapshot};
+use crate::snapshot::{ClusterMap, Decision, Protocol, Snapshot};
 
 impl Snapshot {
     /// Indexes `resources` into snapshot `version`. DNS names that clusters need are
@@ -20,6 +21,9 @@ impl Snapshot {
     /// endpoint counters are carried over from `previous` for the same cluster and address,
     /// circuit breaker counts for the same cluster.
     /// The outbound policy is read from the hand-off listener's catch-all chain.
+    ///
+    /// Only the clusters whose resources changed since `previous` was indexed are built
+    /// again (and those that resolve names or were warned about); the others are shared.
     pub fn index(
         resources: &envoy::Resources,
         dns: DnsAnswers<'_>,
@@ -28,42 +32,65 @@ impl Snapshot {
     ) -> Snapshot {
         let mut warnings = Vec::new();
         let mut dns_names = BTreeSet::new();
-        let before: Map<&str, &Arc<Cluster>> = previous
-            .into_iter()
-            .flat_map(|p| &p.clusters)
-            .map(|c| (&*c.name, c))
-            .collect();
         let usage = protocol_usage(resources);
-        let by_name: Map<Arc<str>, Arc<Cluster>> = resources
-            .clusters
-            .values()
-            .map(|c| {
-                let protocol = match c.upstream_protocol {
-                    envoy::UpstreamProtocol::Http2 => Protocol::Http2,
-                    envoy::UpstreamProtocol::UseDownstream => Protocol::Auto,
-                    envoy::UpstreamProtocol::Http1 => usage
-                        .get(c.name.as_str())
-                        .copied()
-                        .unwrap_or(Protocol::Http),
-                };
-                let previous = before.get(c.name.as_str()).copied();
-                if let Some(p) = previous
-                    && cluster::unchanged(p, c, resources, protocol)
-                {
-                    return (Arc::clone(&p.name), Arc::clone(p));
-                }
-                let built = cluster::build(
-                    c,
-                    resources,
-                    protocol,
-                    dns,
-                    previous.map(|p| &**p),
-                    &mut dns_names,
-                    &mut warnings,
-                );
-                (Arc::clone(&built.name), Arc::new(built))
-            })
-            .collect();
+        let protocol = |c: &envoy::Cluster| match c.upstream_protocol {
+            envoy::UpstreamProtocol::Http2 => Protocol::Http2,
+            envoy::UpstreamProtocol::UseDownstream => Protocol::Auto,
+            envoy::UpstreamProtocol::Http1 => usage
+                .get(c.name.as_str())
+                .copied()
+                .unwrap_or(Protocol::Http),
+        };
+        let before = previous.and_then(|p| Some((p, p.indexed.as_deref()?)));
+        let (mut by_name, stale, aliases) = match before {
+            Some((p, was)) => {
+                let aliases = was.aliases_after(resources);
+                let stale = was.stale(resources, &usage, &aliases);
+                (p.clusters.clone(), stale, aliases)
+            }
+            None => (
+                ClusterMap::new(),
+                resources
+                    .clusters
+                    .keys()
+                    .map(|k| k.as_str().into())
+                    .collect(),
+                all_aliases(resources.clusters.values()),
+            ),
+        };
+        let mut volatile = Vec::new();
+        for name in stale {
+            let Some(c) = resources.clusters.get(&*name) else {
+                by_name.remove(&*name);
+                continue;
+            };
+            let protocol = protocol(c);
+            let previous = by_name.get(&*name).cloned();
+            if let Some(p) = &previous
+                && cluster::unchanged(p, c, resources, protocol)
+            {
+                continue;
+            }
+            let built = cluster::build(
+                c,
+                resources,
+                protocol,
+                dns,
+                previous.as_deref(),
+                &mut dns_names,
+                &mut warnings,
+            );
+            if built.built_from.is_none() {
+                volatile.push(Arc::clone(&built.name));
+            }
+            by_name.insert(Arc::clone(&built.name), Arc::new(built));
+        }
+        let indexed = Indexed {
+            resources: resources.clone(),
+            usage: usage.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            volatile,
+            aliases,
+        };
         let clusters = Clusters { by_name: &by_name };
         let target = |spec: &envoy::ClusterSpecifier| clusters.target(spec);
         let mut route_warnings = Vec::new();
@@ -96,19 +123,133 @@ impl Snapshot {
             },
             ChainFilter::Http(_) => None,
         });
-        let mut clusters: Vec<Arc<Cluster>> = by_name.into_values().collect();
-        clusters.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
             version,
             mode,
-            clusters,
+            clusters: by_name,
             warnings,
             dns_names,
             enforcement: None,
             listeners: Some(listeners),
             http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
+            indexed: Some(Box::new(indexed)),
         }
     }
+}
+
+/// What a snapshot was indexed from: enough to tell which of its clusters the next
+/// resources leave as they are.
+#[derive(Debug)]
+pub(crate) struct Indexed {
+    /// The resources, sharing their unchanged part with the next ones.
+    resources: envoy::Resources,
+    /// How listeners used each cluster ([`protocol_usage`]).
+    usage: Map<String, Protocol>,
+    /// Clusters built again for every snapshot: those that resolve names or were warned
+    /// about.
+    volatile: Vec<Arc<str>>,
+    /// The clusters whose EDS service name is not their own name, by that service name.
+    aliases: Aliases,
+}
+
+/// Clusters by an EDS service name that is not their own name.
+type Aliases = imbl::OrdMap<String, Vec<Arc<str>>>;
+
+impl Indexed {
+    /// The clusters of `now` (or of the last snapshot) that may not be shared as they are:
+    /// added, changed or removed clusters, those whose endpoints or use by listeners
+    /// changed, and the volatile ones. Unchanged parts of the maps are not visited.
+    fn stale(
+        &self,
+        now: &envoy::Resources,
+        usage: &Map<&str, Protocol>,
+        aliases: &Aliases,
+    ) -> BTreeSet<Arc<str>> {
+        let mut stale: BTreeSet<Arc<str>> = self.volatile.iter().cloned().collect();
+        for change in self.resources.clusters.diff(&now.clusters) {
+            stale.insert(changed_name(change).into());
+        }
+        for change in self.resources.endpoints.diff(&now.endpoints) {
+            let service = changed_name(change);
+            stale.insert(service.into());
+            for name in [&self.aliases, aliases]
+                .into_iter()
+                .filter_map(|a| a.get(service))
+                .flatten()
+            {
+                stale.insert(Arc::clone(name));
+            }
+        }
+        let changed_use = self
+            .usage
+            .iter()
+            .filter(|(k, v)| usage.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.as_str())
+            .chain(
+                usage
+                    .iter()
+                    .filter(|(k, v)| self.usage.get(**k) != Some(v))
+                    .map(|(k, _)| *k),
+            );
+        for name in changed_use {
+            stale.insert(name.into());
+        }
+        stale
+    }
+
+    /// [`all_aliases`] of `now`'s clusters, found from the clusters that changed since.
+    fn aliases_after(&self, now: &envoy::Resources) -> Aliases {
+        let mut after = self.aliases.clone();
+        for change in self.resources.clusters.diff(&now.clusters) {
+            let (old, new) = match change {
+                DiffItem::Add(_, new) => (None, Some(new)),
+                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                DiffItem::Remove(_, old) => (Some(old), None),
+            };
+            if let Some((service, name)) = old.and_then(|c| alias(c))
+                && let Some(names) = after.get_mut(service)
+            {
+                names.retain(|n| **n != *name);
+                if names.is_empty() {
+                    after.remove(service);
+                }
+            }
+            if let Some((service, name)) = new.and_then(|c| alias(c)) {
+                after
+                    .entry(service.to_owned())
+                    .or_default()
+                    .push(name.into());
+            }
+        }
+        after
+    }
+}
+
+/// The name a map difference is about.
+fn changed_name<'a, V>(change: DiffItem<'a, 'a, String, V>) -> &'a str {
+    match change {
+        DiffItem::Add(name, _) | DiffItem::Remove(name, _) => name,
+        DiffItem::Update { new: (name, _), .. } => name,
+    }
+}
+
+/// A cluster's EDS service name and its own name, when they differ.
+fn alias(c: &envoy::Cluster) -> Option<(&str, &str)> {
+    match &c.discovery {
+        envoy::Discovery::Eds { service_name } if *service_name != c.name => {
+            Some((service_name.as_str(), c.name.as_str()))
+        }
+        _ => None,
+    }
+}
+
+/// The clusters of `clusters` whose EDS service name is not their own, by service name.
+fn all_aliases<'a>(clusters: impl Iterator<Item = &'a Arc<envoy::Cluster>>) -> Aliases {
+    let mut out = Aliases::new();
+    for (service, name) in clusters.filter_map(|c| alias(c)) {
+        out.entry(service.to_owned()).or_default().push(name.into());
+    }
+    out
 }
 
 /// How listeners use each cluster, for clusters whose upstream protocol does not say: HTTP
@@ -1275,8 +1416,9 @@ mod tests {
             crate::EndpointTransport::Plaintext
         ));
         let _active = c.endpoints[1].state.start();
-        // A new version of the cluster (a copy, as an update brings) is built again.
-        Arc::make_mut(r.clusters.get_mut("outbound|80||mesh.internal").unwrap());
+        // A new version of the cluster is built again.
+        Arc::make_mut(r.clusters.get_mut("outbound|80||mesh.internal").unwrap()).connect_timeout =
+            std::time::Duration::from_millis(1234);
         let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
         let rebuilt = second.cluster("outbound|80||mesh.internal").unwrap();
         assert!(!Arc::ptr_eq(
@@ -1361,11 +1503,74 @@ mod tests {
         );
         // Names resolve anew every time.
         assert!(!same(&second, "outbound|80||d.internal"));
-        // A cluster whose resource is replaced, even by an equal one, is built again.
+        // A cluster replaced by an equal one is shared, as Envoy skips an update that does
+        // not change a cluster; a changed one is built again.
         add_cluster(&mut r, a());
         let third = Snapshot::index(&r, &|_| None, Some(&second), 3);
-        assert!(!same(&third, "outbound|80||a.internal"));
-        assert!(same(&third, "outbound|80||b.internal"));
+        assert!(same(&third, "outbound|80||a.internal"));
+        let mut changed = a();
+        changed.connect_timeout = std::time::Duration::from_millis(1234);
+        add_cluster(&mut r, changed);
+        let fourth = Snapshot::index(&r, &|_| None, Some(&third), 4);
+        assert!(!same(&fourth, "outbound|80||a.internal"));
+        assert!(same(&fourth, "outbound|80||b.internal"));
+    }
+
+    #[test]
+    fn a_cluster_is_built_again_when_its_eds_service_or_its_use_by_listeners_changes() {
+        let mut r = seed(false);
+        let web = "outbound|80||web.internal";
+        add_cluster(
+            &mut r,
+            envoy::Cluster {
+                discovery: Discovery::Eds {
+                    service_name: "web-endpoints".into(),
+                },
+                ..cluster(web, Discovery::Static, &[])
+            },
+        );
+        let endpoints = |r: &mut Resources, ep: &str| {
+            r.endpoints.insert(
+                "web-endpoints".into(),
+                Arc::new(envoy::ClusterLoadAssignment {
+                    cluster_name: "web-endpoints".into(),
+                    endpoints: vec![envoy::LocalityLbEndpoints {
+                        lb_endpoints: vec![envoy::LbEndpoint::new(envoy::EndpointAddress::Socket(
+                            ep.parse().unwrap(),
+                        ))],
+                        ..Default::default()
+                    }],
+                }),
+            );
+        };
+        endpoints(&mut r, "10.0.0.2:80");
+        add_listener(
+            &mut r,
+            listener(
+                "10.0.0.9_80",
+                "10.0.0.9:80",
+                vec![chain("", FilterChainMatch::default(), tcp(web))],
+            ),
+        );
+        let first = index(&r);
+        let web_of = |s: &Snapshot| Arc::clone(s.cluster(web).unwrap());
+        assert_eq!(web_of(&first).protocol, Protocol::Tcp);
+        // The endpoints of the service the cluster names, under another name than its own.
+        endpoints(&mut r, "10.0.0.3:80");
+        let second = Snapshot::index(&r, &|_| None, Some(&first), 2);
+        assert_eq!(web_of(&second).endpoints[0].display(), "10.0.0.3:80");
+        // Unchanged: shared.
+        let third = Snapshot::index(&r, &|_| None, Some(&second), 3);
+        assert!(Arc::ptr_eq(&web_of(&second), &web_of(&third)));
+        // No listener proxies TCP to it any more: HTTP, as routes would use it.
+        r.listeners.remove("10.0.0.9_80");
+        let fourth = Snapshot::index(&r, &|_| None, Some(&third), 4);
+        assert_eq!(web_of(&fourth).protocol, Protocol::Http);
+        // Removed with its resource.
+        r.clusters.remove(web);
+        let fifth = Snapshot::index(&r, &|_| None, Some(&fourth), 5);
+        assert!(fifth.cluster(web).is_none());
+        assert_eq!(fifth.clusters.len(), first.clusters.len() - 1);
     }
 
     #[test]

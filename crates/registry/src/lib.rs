@@ -37,8 +37,8 @@ pub use route::{
     Route, RouteTable, VirtualHost,
 };
 pub use snapshot::{
-    BLACKHOLE_CLUSTER, Cluster, Decision, Endpoint, EndpointTransport, Enforcement, Outliers,
-    PASSTHROUGH_CLUSTER, Protocol, Snapshot,
+    BLACKHOLE_CLUSTER, Cluster, ClusterMap, Decision, Endpoint, EndpointTransport, Enforcement,
+    Outliers, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
 pub use ssrf::{RejectedAnswer, non_public};
 pub use tls::{

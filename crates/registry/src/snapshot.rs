@@ -326,8 +326,8 @@ pub struct Snapshot {
     pub version: u64,
     /// Outbound traffic policy in force.
     pub mode: Option<OutboundMode>,
-    /// Every cluster, sorted by name.
-    pub clusters: Vec<Arc<Cluster>>,
+    /// Every cluster, by name (sorted); shared with the next snapshot where unchanged.
+    pub clusters: ClusterMap,
     /// Warnings found while compiling (conflicts, unsupported features).
     pub warnings: Vec<String>,
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
@@ -341,7 +341,13 @@ pub struct Snapshot {
     /// Istio's `http_proxy` route table, when the files were compiled into one: names on
     /// every port, for explicit proxying and CONNECT.
     pub(crate) http_proxy: Option<Arc<RouteTable>>,
+    /// What it was indexed from, so that the next snapshot builds only the clusters that
+    /// changed ([`Snapshot::index`]).
+    pub(crate) indexed: Option<Box<crate::index::Indexed>>,
 }
+
+/// Clusters by name, in a persistent map: the next snapshot shares every unchanged one.
+pub type ClusterMap = imbl::OrdMap<Arc<str>, Arc<Cluster>>;
 
 /// The ALPN an HTTP/1 request is sniffed as, for filter chain matching.
 const SNIFFED_HTTP1: &[&str] = &["http/1.1"];
@@ -614,16 +620,13 @@ impl Snapshot {
     /// The services' clusters: all but Istio's BlackHoleCluster and PassthroughCluster.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Cluster>> {
         self.clusters
-            .iter()
+            .values()
             .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
     }
 
     /// Looks up a cluster by its Envoy name.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.clusters
-            .binary_search_by(|c| (*c.name).cmp(name))
-            .ok()
-            .map(|i| &self.clusters[i])
+        self.clusters.get(name)
     }
 }
 
