@@ -1,7 +1,7 @@
 //! The xDS state: every resource received, per type and by name, with Envoy's partial
 //! acceptance, removal and warming.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,9 +12,11 @@ use envoy_types::pb::envoy::config::{
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
+use imbl::ordmap::DiffItem;
 use portcullis_envoy::state::{ResourceState, SourceState, UpdateFailure, Versioned};
 use portcullis_envoy::{
-    CLUSTER_TYPE, Cluster, Discovery, ENDPOINT_TYPE, LISTENER_TYPE, Listener, ROUTE_TYPE, Resources,
+    CLUSTER_TYPE, Cluster, Discovery, ENDPOINT_TYPE, LISTENER_TYPE, Listener, Named, ROUTE_TYPE,
+    Resources,
 };
 use prost::{Message, Name};
 use tokio::time::Instant;
@@ -79,9 +81,9 @@ pub struct Applied {
     /// resources keep their previous version.
     pub rejected: Vec<Rejected>,
     /// Route configurations the listeners now need (the RDS subscription).
-    pub routes_needed: BTreeSet<String>,
+    pub routes_needed: imbl::OrdSet<String>,
     /// Cluster load assignments the clusters now need (the EDS subscription).
-    pub endpoints_needed: BTreeSet<String>,
+    pub endpoints_needed: imbl::OrdSet<String>,
 }
 
 impl Applied {
@@ -110,6 +112,62 @@ pub struct XdsState {
     cds_received: bool,
     /// What the listeners and clusters need, kept from their last response.
     needed: Applied,
+    /// How many listener and cluster versions need each name in `needed`.
+    needs: Needs,
+}
+
+/// How many versions (active or warming) of the listeners and clusters need each route
+/// configuration and cluster load assignment, counted from the changes of each response:
+/// a response that adds one cluster to a mesh's thousands costs one cluster.
+#[derive(Debug, Default)]
+struct Needs {
+    /// The listeners as last counted.
+    listeners: Named<ResourceState<Listener>>,
+    /// The clusters as last counted.
+    clusters: Named<ResourceState<Cluster>>,
+    routes: imbl::OrdMap<String, usize>,
+    endpoints: imbl::OrdMap<String, usize>,
+}
+
+/// Counts the names `names` finds in each version of what changed from `counted` to
+/// `now` into `counts`, keeping `needed` to the names counted at least once.
+fn recount<T: Clone + PartialEq>(
+    counted: &mut Named<ResourceState<T>>,
+    now: &Named<ResourceState<T>>,
+    counts: &mut imbl::OrdMap<String, usize>,
+    needed: &mut imbl::OrdSet<String>,
+    names: impl Fn(&T) -> Vec<String>,
+) {
+    let versions = |s: Option<&ResourceState<T>>| -> Vec<String> {
+        s.into_iter()
+            .flat_map(|s| s.active.iter().chain(&s.warming))
+            .flat_map(|v| names(&v.resource))
+            .collect()
+    };
+    for change in counted.diff(now) {
+        let (old, new) = match change {
+            DiffItem::Add(_, new) => (None, Some(new)),
+            DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+            DiffItem::Remove(_, old) => (Some(old), None),
+        };
+        for name in versions(new) {
+            let count = counts.entry(name.clone()).or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                needed.insert(name);
+            }
+        }
+        for name in versions(old) {
+            if let Some(count) = counts.get_mut(&name) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&name);
+                    needed.remove(&name);
+                }
+            }
+        }
+    }
+    counted.clone_from(now);
 }
 
 impl Default for XdsState {
@@ -319,6 +377,7 @@ impl XdsState {
             initial_fetch_timeout,
             warming: HashMap::new(),
             needed: Applied::default(),
+            needs: Needs::default(),
             lds_received: false,
             cds_received: false,
         }
@@ -510,7 +569,7 @@ impl XdsState {
 
     /// Makes `v` active, or warming (the active version keeps serving) when `warm` says
     /// which config sources it waits for.
-    fn stage<T>(
+    fn stage<T: Clone>(
         &mut self,
         ty: ResourceType,
         name: &str,
@@ -575,23 +634,34 @@ impl XdsState {
         match ty {
             ResourceType::Listener => {
                 self.lds_received = true;
-                let now = self.compute_needed();
-                for name in self.needed.routes_needed.difference(&now.routes_needed) {
-                    self.state.routes.remove(name);
+                let before = self.needed.routes_needed.clone();
+                recount(
+                    &mut self.needs.listeners,
+                    &self.state.listeners,
+                    &mut self.needs.routes,
+                    &mut self.needed.routes_needed,
+                    |l| rds_names(l).into_iter().map(str::to_owned).collect(),
+                );
+                for name in dropped(&before, &self.needed.routes_needed) {
+                    self.state.routes.remove(&name);
                 }
-                self.needed = now;
             }
             ResourceType::Cluster => {
                 self.cds_received = true;
-                let now = self.compute_needed();
-                for name in self
-                    .needed
-                    .endpoints_needed
-                    .difference(&now.endpoints_needed)
-                {
-                    self.state.endpoints.remove(name);
+                let before = self.needed.endpoints_needed.clone();
+                recount(
+                    &mut self.needs.clusters,
+                    &self.state.clusters,
+                    &mut self.needs.endpoints,
+                    &mut self.needed.endpoints_needed,
+                    |c| match &c.discovery {
+                        Discovery::Eds { service_name } => vec![service_name.clone()],
+                        _ => Vec::new(),
+                    },
+                );
+                for name in dropped(&before, &self.needed.endpoints_needed) {
+                    self.state.endpoints.remove(&name);
                 }
-                self.needed = now;
             }
             ResourceType::Route | ResourceType::Endpoint => {}
         }
@@ -628,23 +698,29 @@ impl XdsState {
         let expired = |deadline: Option<&Option<Instant>>| {
             deadline.is_some_and(|d| d.is_some_and(|d| now >= d))
         };
-        let mut ready = Vec::new();
-        for (name, entry) in &self.state.clusters {
-            if let Some(w) = &entry.warming {
-                let key = (ResourceType::Cluster, name.clone());
-                if self.cluster_ready(&w.resource) || expired(self.warming.get(&key)) {
-                    ready.push(key);
-                }
-            }
-        }
-        for (name, entry) in &self.state.listeners {
-            if let Some(w) = &entry.warming {
-                let key = (ResourceType::Listener, name.clone());
-                if self.listener_ready(&w.resource) || expired(self.warming.get(&key)) {
-                    ready.push(key);
-                }
-            }
-        }
+        // Only warming resources are visited: a mesh holds many clusters, few warm.
+        let ready: Vec<(ResourceType, String)> = self
+            .warming
+            .iter()
+            .filter(|((ty, name), deadline)| {
+                let ready = match ty {
+                    ResourceType::Cluster => self
+                        .state
+                        .clusters
+                        .get(name)
+                        .and_then(|e| e.warming.as_ref())
+                        .is_some_and(|w| self.cluster_ready(&w.resource)),
+                    _ => self
+                        .state
+                        .listeners
+                        .get(name)
+                        .and_then(|e| e.warming.as_ref())
+                        .is_some_and(|w| self.listener_ready(&w.resource)),
+                };
+                ready || expired(Some(deadline))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
         let changed = !ready.is_empty();
         for key in ready {
             self.warming.remove(&key);
@@ -668,25 +744,6 @@ impl XdsState {
         &self.needed
     }
 
-    fn compute_needed(&self) -> Applied {
-        let mut applied = Applied::default();
-        for entry in self.state.listeners.values() {
-            for l in entry.active.iter().chain(&entry.warming) {
-                applied
-                    .routes_needed
-                    .extend(rds_names(&l.resource).into_iter().map(str::to_string));
-            }
-        }
-        for entry in self.state.clusters.values() {
-            for c in entry.active.iter().chain(&entry.warming) {
-                if let Discovery::Eds { service_name } = &c.resource.discovery {
-                    applied.endpoints_needed.insert(service_name.clone());
-                }
-            }
-        }
-        applied
-    }
-
     /// The active resources: what the data path is built from.
     pub fn active(&self) -> Resources {
         self.state.active()
@@ -706,17 +763,17 @@ impl XdsState {
 
 /// Gives [`XdsState::stage`] the map of a warming type.
 trait Staged<T> {
-    fn entries(&mut self) -> &mut BTreeMap<String, ResourceState<T>>;
+    fn entries(&mut self) -> &mut Named<ResourceState<T>>;
 }
 
 impl Staged<Listener> for XdsState {
-    fn entries(&mut self) -> &mut BTreeMap<String, ResourceState<Listener>> {
+    fn entries(&mut self) -> &mut Named<ResourceState<Listener>> {
         &mut self.state.listeners
     }
 }
 
 impl Staged<Cluster> for XdsState {
-    fn entries(&mut self) -> &mut BTreeMap<String, ResourceState<Cluster>> {
+    fn entries(&mut self) -> &mut Named<ResourceState<Cluster>> {
         &mut self.state.clusters
     }
 }
@@ -729,10 +786,21 @@ fn promote_entry<T>(entry: Option<&mut ResourceState<T>>) {
     }
 }
 
-fn set_error<T>(m: &mut BTreeMap<String, ResourceState<T>>, name: &str, failure: UpdateFailure) {
+fn set_error<T: Clone>(m: &mut Named<ResourceState<T>>, name: &str, failure: UpdateFailure) {
     m.entry(name.to_string()).or_default().error = Some(failure);
 }
 
-fn keys_except<T>(m: &BTreeMap<String, ResourceState<T>>, keep: &BTreeSet<String>) -> Vec<String> {
+/// The names in `before` that `now` no longer has.
+fn dropped(before: &imbl::OrdSet<String>, now: &imbl::OrdSet<String>) -> Vec<String> {
+    before
+        .diff(now)
+        .filter_map(|change| match change {
+            imbl::ordset::DiffItem::Remove(name) => Some(name.clone()),
+            imbl::ordset::DiffItem::Add(_) => None,
+        })
+        .collect()
+}
+
+fn keys_except<T: Clone>(m: &Named<ResourceState<T>>, keep: &BTreeSet<String>) -> Vec<String> {
     m.keys().filter(|k| !keep.contains(*k)).cloned().collect()
 }

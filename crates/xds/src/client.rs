@@ -1,6 +1,8 @@
 //! The ADS stream: connect as istio-agent does, subscribe, ACK/NACK, reconnect.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use imbl::ordset::DiffItem;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +25,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::stats::{XdsStats, bump};
 use crate::{
-    Any, Applied, Backoff, EnvelopeError, NodeIdentity, Resource, Sink, Update, resource_name,
-    type_url,
+    Any, Applied, Backoff, EnvelopeError, Names, NodeIdentity, Resource, Sink, Update,
+    resource_name, type_url,
 };
 
 /// Where istio-agent reads the projected service-account token.
@@ -124,11 +126,11 @@ struct TypeState {
     /// Name and version of each resource the sink holds.
     held: BTreeMap<String, String>,
     /// EDS/RDS names the sink needs.
-    wants: BTreeSet<String>,
+    wants: Names,
     /// This stream has requested the type.
     requested: bool,
     /// Names this stream has subscribed to.
-    subscribed: BTreeSet<String>,
+    subscribed: Names,
     /// This stream's latest response nonce.
     nonce: String,
     /// This stream's recent nonces, to recognise a replayed response.
@@ -141,9 +143,9 @@ impl TypeState {
             type_url,
             accepted_version: String::new(),
             held: BTreeMap::new(),
-            wants: BTreeSet::new(),
+            wants: Names::new(),
             requested: false,
-            subscribed: BTreeSet::new(),
+            subscribed: Names::new(),
             nonce: String::new(),
             seen: VecDeque::new(),
         }
@@ -452,8 +454,14 @@ impl Session {
             if t.wildcard() || t.wants == t.subscribed {
                 continue;
             }
-            let subscribe: Vec<String> = t.wants.difference(&t.subscribed).cloned().collect();
-            let unsubscribe: Vec<String> = t.subscribed.difference(&t.wants).cloned().collect();
+            let mut subscribe = Vec::new();
+            let mut unsubscribe = Vec::new();
+            for change in t.subscribed.diff(&t.wants) {
+                match change {
+                    DiffItem::Add(name) => subscribe.push(name.clone()),
+                    DiffItem::Remove(name) => unsubscribe.push(name.clone()),
+                }
+            }
             let node = self.node_once();
             let t = &mut self.types[i];
             for name in &unsubscribe {

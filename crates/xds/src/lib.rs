@@ -17,7 +17,7 @@ pub use envoy_types::pb::google::protobuf::Any;
 pub use node::{NodeIdentity, NodeOverrides, parse_downward_api};
 pub use stats::{SubscriptionStats, XdsStats};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use prost::Message;
 
@@ -96,8 +96,12 @@ pub struct Applied {
     /// Resources not applied; the rest of the update was. Any rejection NACKs the response.
     pub rejected: Vec<Rejected>,
     /// EDS and RDS names the sink needs now, by type URL; a type left out keeps its names.
-    pub wants: BTreeMap<String, BTreeSet<String>>,
+    pub wants: BTreeMap<String, Names>,
 }
+
+/// Resource names, in a persistent set: a mesh's EDS subscription is copied and compared
+/// in the time its changes take, not its size.
+pub type Names = imbl::OrdSet<String>;
 
 /// The config side: applies what the control plane sends. Called from the client's task only.
 pub trait Sink: Send {

@@ -139,7 +139,10 @@ impl Sink for TestSink {
         self.changed.send_modify(|n| *n += 1);
         Applied {
             rejected,
-            wants: BTreeMap::from([(ENDPOINT.to_owned(), clusters), (ROUTE.to_owned(), routes)]),
+            wants: BTreeMap::from([
+                (ENDPOINT.to_owned(), clusters.into_iter().collect()),
+                (ROUTE.to_owned(), routes),
+            ]),
         }
     }
 
