@@ -2,8 +2,9 @@
 //! config from a control plane over ADS (the control plane lives in this process and listens
 //! on the pod's loopback), wrk loads it through the iptables redirect, and the control plane
 //! pushes 100 changes of endpoints (EDS) and of the loaded host's route (RDS), then 10,000
-//! EDS clusters with their endpoints. Every push must be ACKed, every request must succeed,
-//! and after each push the host must be served by the cluster its route names now.
+//! EDS clusters with their endpoints, then a new service (its cluster, endpoints and virtual
+//! host). Every push must be ACKed, every request must succeed, after each push the host must
+//! be served by the cluster its route names now, and the new host once its pushes are ACKed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -195,6 +196,19 @@ fn pushes_under_load_fail_no_request_and_route_at_once() {
         ensure!(
             clusters.contains("outbound|80||svc-9999.bulk.push.test"),
             "/clusters lists the bulk push's last cluster"
+        );
+
+        let new = sidecar.new_service(0, last);
+        push_and_wait(&rt, &cp, &node, &new.pushes).context("the new service's pushes")?;
+        let reply = lab.curl(&[
+            "-H",
+            &format!("Host: {}", new.host),
+            &format!("http://{EXTERNAL_IP}/"),
+        ])?;
+        ensure!(
+            reply.status == 200 && reply.body == page(Color::Blue),
+            "{} once its pushes are ACKed answered {reply}",
+            new.host
         );
 
         lab.expect_running()?;

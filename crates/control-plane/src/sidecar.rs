@@ -1,7 +1,7 @@
 //! A sidecar's outbound config as istiod shapes it (`virtualOutbound` on 15001, the per-port
 //! HTTP listener `0.0.0.0_80` with its routes over RDS `80`, EDS clusters), and the pushes of
-//! issue 10's load test: small pushes that change endpoints or the route, and one push of
-//! many EDS clusters with their endpoints.
+//! issue 10's load test: small pushes that change endpoints or the route, one push of many
+//! EDS clusters with their endpoints, and (issue 13) the pushes that add a new service.
 //!
 //! The same values go to portcullis and to real Envoy, so push-to-ACK times compare.
 
@@ -93,6 +93,25 @@ impl Color {
             Color::Green => Color::Blue,
         }
     }
+}
+
+/// The host name of the `n`th new service (from 0): `new-N.example`.
+pub fn new_host(n: usize) -> String {
+    format!("new-{n}.example")
+}
+
+/// The cluster of the `n`th new service: `outbound|80||new-N.example`.
+pub fn new_cluster(n: usize) -> String {
+    format!("outbound|80||{}", new_host(n))
+}
+
+/// The pushes of one new service ([`Sidecar::new_service`]).
+#[derive(Debug, Clone)]
+pub struct NewService {
+    /// Its host name.
+    pub host: String,
+    /// CDS, EDS and RDS, in the order istiod sends them.
+    pub pushes: [Push; 3],
 }
 
 /// The name of the `i`th cluster of the bulk push.
@@ -202,9 +221,45 @@ impl Sidecar {
             ),
             Push::new(
                 type_url::ROUTE,
-                vec![(ROUTE.to_owned(), pack_any(route_80(Color::Blue)))],
+                vec![(ROUTE.to_owned(), pack_any(route_80(Color::Blue, 0)))],
             ),
         ]
+    }
+
+    /// The pushes that add the `n`th new service (from 0), as istiod pushes a new
+    /// ServiceEntry for host [`new_host`]`(n)`, port 80, HTTP, static endpoints: its EDS
+    /// cluster (CDS), its endpoints (EDS: the blue cluster's addresses, as a pod of
+    /// Deployment `new-N` without canonical labels) and route `80` (RDS) again, now with a
+    /// virtual host for it beside those of the new services before it, [`HOST`] routed to
+    /// `serving`. Sent in that order; once all three are taken, [`new_host`]`(n)` is served.
+    pub fn new_service(&self, n: usize, serving: Color) -> NewService {
+        let host = new_host(n);
+        let cluster = new_cluster(n);
+        let endpoints: Vec<(SocketAddr, u32)> = self.blue.iter().map(|a| (*a, 1)).collect();
+        let deployment = format!("new-{n}");
+        let assignment = weighted_assignment(
+            &cluster,
+            &endpoints,
+            Workload {
+                name: &deployment,
+                canonical_service: &deployment,
+                canonical_revision: "",
+            },
+        );
+        NewService {
+            host,
+            pushes: [
+                Push::new(
+                    type_url::CLUSTER,
+                    vec![(cluster.clone(), pack_any(eds(&cluster)))],
+                ),
+                Push::new(type_url::ENDPOINT, vec![(cluster, pack_any(assignment))]),
+                Push::new(
+                    type_url::ROUTE,
+                    vec![(ROUTE.to_owned(), pack_any(route_80(serving, n + 1)))],
+                ),
+            ],
+        }
     }
 
     /// The `i`th of the small pushes (from 0): even ones change a cluster's endpoints (which
@@ -220,7 +275,7 @@ impl Sidecar {
             return SmallPush {
                 push: Push::new(
                     type_url::ROUTE,
-                    vec![(ROUTE.to_owned(), pack_any(route_80(serving)))],
+                    vec![(ROUTE.to_owned(), pack_any(route_80(serving, 0)))],
                 ),
                 route: true,
                 serving,
@@ -466,55 +521,71 @@ fn http_listener_80() -> Listener {
     }
 }
 
-/// RDS `80`: [`HOST`] to `to`, everything else Istio's `block_all` 502.
-fn route_80(to: Color) -> RouteConfiguration {
-    let prefix = |p: &str| {
-        Some(RouteMatch {
-            path_specifier: Some(PathSpecifier::Prefix(p.to_owned())),
-            ..RouteMatch::default()
-        })
-    };
+/// RDS `80`: [`HOST`] to `to`, the first `new_services` new services to their clusters,
+/// everything else Istio's `block_all` 502.
+fn route_80(to: Color, new_services: usize) -> RouteConfiguration {
+    let mut hosts: Vec<(String, String)> = (0..new_services)
+        .map(|n| (new_host(n), new_cluster(n)))
+        .collect();
+    hosts.push((HOST.to_owned(), to.cluster().to_owned()));
+    // Ordered by name, as istiod orders a route's virtual hosts, the catch-all last.
+    hosts.sort();
+    let mut virtual_hosts: Vec<VirtualHost> = hosts
+        .iter()
+        .map(|(host, cluster)| virtual_host(host, cluster))
+        .collect();
+    virtual_hosts.push(VirtualHost {
+        name: "block_all".to_owned(),
+        domains: vec!["*".to_owned()],
+        routes: vec![Route {
+            name: "block_all".to_owned(),
+            r#match: prefix("/"),
+            action: Some(Action::DirectResponse(DirectResponseAction {
+                status: 502,
+                ..DirectResponseAction::default()
+            })),
+            ..Route::default()
+        }],
+        ..VirtualHost::default()
+    });
     RouteConfiguration {
         name: ROUTE.to_owned(),
-        virtual_hosts: vec![
-            VirtualHost {
-                name: format!("{HOST}:80"),
-                domains: vec![HOST.to_owned(), format!("{HOST}:80")],
-                routes: vec![Route {
-                    name: "default".to_owned(),
-                    r#match: prefix("/"),
-                    action: Some(Action::Route(RouteAction {
-                        cluster_specifier: Some(RouteCluster::Cluster(to.cluster().to_owned())),
-                        // Istio's default: no route timeout.
-                        timeout: Some(Duration {
-                            seconds: 0,
-                            nanos: 0,
-                        }),
-                        ..RouteAction::default()
-                    })),
-                    ..Route::default()
-                }],
-                ..VirtualHost::default()
-            },
-            VirtualHost {
-                name: "block_all".to_owned(),
-                domains: vec!["*".to_owned()],
-                routes: vec![Route {
-                    name: "block_all".to_owned(),
-                    r#match: prefix("/"),
-                    action: Some(Action::DirectResponse(DirectResponseAction {
-                        status: 502,
-                        ..DirectResponseAction::default()
-                    })),
-                    ..Route::default()
-                }],
-                ..VirtualHost::default()
-            },
-        ],
+        virtual_hosts,
         // istiod sets this on sidecar route configurations: a cluster named by a route but
         // not (yet) known is not an error.
         validate_clusters: Some(BoolValue { value: false }),
         ..RouteConfiguration::default()
+    }
+}
+
+fn prefix(p: &str) -> Option<RouteMatch> {
+    Some(RouteMatch {
+        path_specifier: Some(PathSpecifier::Prefix(p.to_owned())),
+        ..RouteMatch::default()
+    })
+}
+
+/// The virtual host istiod writes for an HTTP service on port 80: `host:80`, matched with
+/// and without the port, everything to `cluster`.
+fn virtual_host(host: &str, cluster: &str) -> VirtualHost {
+    VirtualHost {
+        name: format!("{host}:80"),
+        domains: vec![host.to_owned(), format!("{host}:80")],
+        routes: vec![Route {
+            name: "default".to_owned(),
+            r#match: prefix("/"),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(RouteCluster::Cluster(cluster.to_owned())),
+                // Istio's default: no route timeout.
+                timeout: Some(Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                ..RouteAction::default()
+            })),
+            ..Route::default()
+        }],
+        ..VirtualHost::default()
     }
 }
 
@@ -606,6 +677,78 @@ mod tests {
             [
                 "svc-0;default;svc-0;;Kubernetes",
                 "svc-1;default;svc-1;;Kubernetes"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_service_adds_its_cluster_endpoints_and_virtual_host_keeping_the_ones_before() {
+        let sidecar = sidecar();
+        let first = sidecar.new_service(0, Color::Green);
+        let third = sidecar.new_service(2, Color::Blue);
+        assert_eq!(first.host, "new-0.example");
+        assert_eq!(third.host, "new-2.example");
+        let [cds, eds, rds] = &third.pushes;
+        assert_eq!(
+            [cds.type_url, eds.type_url, rds.type_url],
+            [type_url::CLUSTER, type_url::ENDPOINT, type_url::ROUTE]
+        );
+        let cluster = "outbound|80||new-2.example";
+        assert_eq!(cds.names, BTreeSet::from([cluster.to_owned()]));
+        assert_eq!(eds.names, cds.names);
+        assert_eq!(rds.names, BTreeSet::from([ROUTE.to_owned()]));
+        assert_eq!(
+            workloads(eds),
+            [
+                "new-2;default;new-2;;Kubernetes",
+                "new-2;default;new-2;;Kubernetes"
+            ]
+        );
+
+        let route =
+            <RouteConfiguration as prost::Message>::decode(&*rds.resources[0].value).unwrap();
+        let hosts: Vec<(&str, Vec<&str>, &str)> = route
+            .virtual_hosts
+            .iter()
+            .map(|v| {
+                let to = match &v.routes[0].action {
+                    Some(Action::Route(RouteAction {
+                        cluster_specifier: Some(RouteCluster::Cluster(c)),
+                        ..
+                    })) => c.as_str(),
+                    _ => "-",
+                };
+                (
+                    v.name.as_str(),
+                    v.domains.iter().map(String::as_str).collect(),
+                    to,
+                )
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                (
+                    "app.push.test:80",
+                    vec!["app.push.test", "app.push.test:80"],
+                    Color::Blue.cluster()
+                ),
+                (
+                    "new-0.example:80",
+                    vec!["new-0.example", "new-0.example:80"],
+                    "outbound|80||new-0.example"
+                ),
+                (
+                    "new-1.example:80",
+                    vec!["new-1.example", "new-1.example:80"],
+                    "outbound|80||new-1.example"
+                ),
+                (
+                    "new-2.example:80",
+                    vec!["new-2.example", "new-2.example:80"],
+                    cluster
+                ),
+                ("block_all", vec!["*"], "-"),
             ]
         );
     }

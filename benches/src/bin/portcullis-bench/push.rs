@@ -8,16 +8,22 @@
 //! route (RDS) changes, each waited for until ACKed, then one push of `bulk` EDS clusters and
 //! their endpoints. Push-to-ACK is the control plane's clock from just before the push to the
 //! ACK of the last response that carried it (`ControlPlane::wait_acked`); RSS is read after
-//! the bulk push is ACKed and the proxy has settled for a second.
+//! the bulk push is ACKed and the proxy has settled for a second. With the bulk clusters held,
+//! more small pushes, then (issue 13) new services one at a time, each timed from just before
+//! its pushes until a request from the pod to its new host first gets the upstream's page.
 
 use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use portcullis_control_plane::ControlPlane;
-use portcullis_control_plane::sidecar::{self, HOST, Push, Sidecar};
+use portcullis_control_plane::sidecar::{self, Color, HOST, NewService, Push, Sidecar};
 use tokio::runtime::Runtime;
 use tokio::time::Instant;
 
@@ -31,6 +37,13 @@ const UP_FROM_POD_2: &str = "10.251.2.3";
 const ACK_DEADLINE: Duration = Duration::from_secs(120);
 /// wrk's connections during the pushes.
 const WRK_CONNECTIONS: u32 = 10;
+/// The pause between two polls of a new host: short beside the times measured, long enough
+/// that the polls add little to the proxy's load.
+const POLL_GAP: Duration = Duration::from_millis(1);
+/// How long a new host may take to be served before the run fails.
+const SERVE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one poll may wait for the proxy.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The flags of `portcullis-bench push`.
 #[derive(clap::Args, Debug)]
@@ -61,6 +74,9 @@ pub struct PushArgs {
     /// large mesh).
     #[arg(long, default_value_t = 20)]
     pub after_bulk: usize,
+    /// New services added one at a time after those, each timed until its host is served.
+    #[arg(long, default_value_t = 10)]
+    pub new_services: usize,
     /// Also write the report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -86,6 +102,12 @@ struct Sample {
     rss_after_bulk_kib: u64,
     /// The proxy's CPU time over the bulk push, in milliseconds.
     bulk_cpu_ms: f64,
+    /// Each new service's push-to-ACK (its three pushes), in milliseconds.
+    new_ack_ms: Vec<f64>,
+    /// Each new service's change-to-serving, in milliseconds.
+    new_serve_ms: Vec<f64>,
+    /// Each new service's poll window ([`Served::window`]), in milliseconds.
+    new_window_ms: Vec<f64>,
     wrk: Wrk,
 }
 
@@ -161,14 +183,18 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
             };
             let sample = one(&mut lab, &rt, args, proxy, binary, rep)?;
             eprintln!(
-                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; after it {:.1} ms ({:.1} ms CPU); RSS {:.1} → {:.1} MiB; {} requests, {} failed",
+                "  small push→ACK median {:.1} ms max {:.1} ms; bulk {:.0} ms; after it {:.1} ms ({:.1} ms CPU); RSS {:.1} → {:.1} MiB; new host push→ACK median {:.1} ms, served median {:.1} ms max {:.1} ms (poll window median {:.2} ms); {} requests, {} failed",
                 median(&sample.small_ms),
-                sample.small_ms.iter().copied().fold(0.0, f64::max),
+                max(&sample.small_ms),
                 sample.bulk_ms,
                 median(&sample.after_ms),
                 sample.after_cpu_ms,
                 sample.rss_before_bulk_kib as f64 / 1024.0,
                 sample.rss_after_bulk_kib as f64 / 1024.0,
+                median(&sample.new_ack_ms),
+                median(&sample.new_serve_ms),
+                max(&sample.new_serve_ms),
+                median(&sample.new_window_ms),
                 sample.wrk.requests,
                 sample.wrk.failures(),
             );
@@ -254,6 +280,9 @@ fn one(
         bulk_cpu_ms,
         after_ms,
         after_cpu_ms,
+        new_ack_ms,
+        new_serve_ms,
+        new_window_ms,
     } = measured?;
     let wrk = wrk?;
     lab.check_running()?;
@@ -272,6 +301,9 @@ fn one(
         rss_before_bulk_kib,
         rss_after_bulk_kib,
         bulk_cpu_ms,
+        new_ack_ms,
+        new_serve_ms,
+        new_window_ms,
         wrk,
     })
 }
@@ -291,6 +323,10 @@ struct Measured {
     after_ms: Vec<f64>,
     /// The proxy's CPU time per small push after the bulk push (ms; wrk's load included).
     after_cpu_ms: f64,
+    /// Per new service: push-to-ACK, change-to-serving and the poll window (ms).
+    new_ack_ms: Vec<f64>,
+    new_serve_ms: Vec<f64>,
+    new_window_ms: Vec<f64>,
 }
 
 fn pushes(
@@ -332,17 +368,174 @@ fn pushes(
             .with_context(|| format!("small push {i}, after the bulk push"))?;
         after_ms.push(took.as_secs_f64() * 1e3);
     }
+    let after_cpu_ms = crate::measure::cpu_ns(pid).saturating_sub(after_cpu) as f64
+        / 1e6
+        / args.after_bulk.max(1) as f64;
+    let serving = (args.small + args.after_bulk)
+        .checked_sub(1)
+        .map_or(Color::Blue, |last| sidecar.small(last).serving);
+    let pod = Path::new("/run/netns").join(lab.ns(Ns::Pod));
+    let target: SocketAddr = format!("{}:80", lab::UP_FROM_POD).parse()?;
+    let mut new_ack_ms = Vec::with_capacity(args.new_services);
+    let mut new_serve_ms = Vec::with_capacity(args.new_services);
+    let mut new_window_ms = Vec::with_capacity(args.new_services);
+    for n in 0..args.new_services {
+        let new = sidecar.new_service(n, serving);
+        let (acked, served, window) = new_service(rt, cp, node_id, &new, &pod, target)
+            .with_context(|| format!("new service {}", new.host))?;
+        new_ack_ms.push(acked.as_secs_f64() * 1e3);
+        new_serve_ms.push(served.as_secs_f64() * 1e3);
+        new_window_ms.push(window.as_secs_f64() * 1e3);
+    }
+    lab.check_running()?;
     Ok(Measured {
         small_ms,
         bulk_ms: took.as_secs_f64() * 1e3,
         rss_before_bulk_kib: rss_before,
         rss_after_bulk_kib: rss_after,
         bulk_cpu_ms: cpu_ms,
-        after_cpu_ms: crate::measure::cpu_ns(pid).saturating_sub(after_cpu) as f64
-            / 1e6
-            / args.after_bulk.max(1) as f64,
+        after_cpu_ms,
         after_ms,
+        new_ack_ms,
+        new_serve_ms,
+        new_window_ms,
     })
+}
+
+/// Adds `new` (its CDS, EDS and RDS pushes back to back) while a thread in the pod polls
+/// its host: (push-to-ACK, change-to-serving, the poll window), all from just before the
+/// first push.
+fn new_service(
+    rt: &Runtime,
+    cp: &ControlPlane,
+    node_id: &str,
+    new: &NewService,
+    pod: &Path,
+    target: SocketAddr,
+) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (ready, in_pod) = mpsc::channel();
+        let poller = scope.spawn(|| poll_served(pod, target, &new.host, &stop, ready));
+        let polling = in_pod.recv();
+        let acked = polling
+            .map_err(anyhow::Error::from)
+            .and_then(|()| timed_from(rt, cp, node_id, &new.pushes));
+        if acked.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        let served = poller
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the poller panicked")));
+        let (start, acked) = acked?;
+        let served = served?;
+        let took = served
+            .at
+            .checked_duration_since(start)
+            .context("served before the push")?;
+        Ok((acked, took, served.window))
+    })
+}
+
+/// When a new host was first served.
+struct Served {
+    /// The end of the first poll that got the page.
+    at: std::time::Instant,
+    /// From the start of the poll before it (which did not) to `at`: the change took
+    /// effect inside this window, the measurement's resolution.
+    window: Duration,
+}
+
+/// Polls `host` through the pod's iptables redirect until it answers 200 with the page, from
+/// this thread moved into the pod's network namespace (`pod`, a `/run/netns` path), so that
+/// a poll costs a connection and a request, no process. Each poll is a new connection: one
+/// that is open keeps the config it was accepted with. Signals `ready` once in the
+/// namespace; gives up when `stop` is set or after [`SERVE_DEADLINE`].
+fn poll_served(
+    pod: &Path,
+    target: SocketAddr,
+    host: &str,
+    stop: &AtomicBool,
+    ready: mpsc::Sender<()>,
+) -> anyhow::Result<Served> {
+    use std::os::fd::AsFd as _;
+    let ns = std::fs::File::open(pod).with_context(|| format!("{}", pod.display()))?;
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .context("entering the pod's network namespace")?;
+    ready.send(())?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let deadline = std::time::Instant::now() + SERVE_DEADLINE;
+    let mut previous = std::time::Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let began = std::time::Instant::now();
+        if gets_page(target, request.as_bytes()) {
+            let at = std::time::Instant::now();
+            return Ok(Served {
+                at,
+                window: at - previous,
+            });
+        }
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopped polling {host}");
+        }
+        if began > deadline {
+            bail!("{host} not served within {SERVE_DEADLINE:?} ({attempts} polls)");
+        }
+        previous = began;
+        std::thread::sleep(POLL_GAP);
+    }
+}
+
+/// One request on a new connection: whether it got 200 and the page.
+fn gets_page(target: SocketAddr, request: &[u8]) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&target, POLL_TIMEOUT) else {
+        return false;
+    };
+    if stream.set_read_timeout(Some(POLL_TIMEOUT)).is_err()
+        || stream.set_nodelay(true).is_err()
+        || stream.write_all(request).is_err()
+    {
+        return false;
+    }
+    let mut reply = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    // A reply is whole when its body has the length its head gives; the page is small.
+    while reply.len() < 64 * 1024 {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+        }
+        if let Some((_, body, length)) = split_reply(&reply)
+            && body.len() >= length
+        {
+            break;
+        }
+    }
+    split_reply(&reply).is_some_and(|(head, body, _)| {
+        head.starts_with("HTTP/1.1 200 ") && body == lab::PAGE.as_bytes()
+    })
+}
+
+/// A reply's head, its body so far and the body's length from `content-length` (0 without).
+fn split_reply(reply: &[u8]) -> Option<(&str, &[u8], usize)> {
+    let end = reply.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&reply[..end]).ok()?;
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0);
+    Some((head, &reply[end + 4..], length))
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
 }
 
 /// Sends `pushes` back to back and waits until every one is ACKed; returns the time from
@@ -353,6 +546,16 @@ fn timed(
     node_id: &str,
     pushes: &[Push],
 ) -> anyhow::Result<Duration> {
+    timed_from(rt, cp, node_id, pushes).map(|(_, took)| took)
+}
+
+/// [`timed`], also giving when it started.
+fn timed_from(
+    rt: &Runtime,
+    cp: &ControlPlane,
+    node_id: &str,
+    pushes: &[Push],
+) -> anyhow::Result<(std::time::Instant, Duration)> {
     rt.block_on(async {
         let start = Instant::now();
         for push in pushes {
@@ -368,7 +571,7 @@ fn timed(
             .with_context(|| format!("no ACK of {} within {ACK_DEADLINE:?}", push.type_url))??;
             last = last.max(acked);
         }
-        Ok(last - start)
+        Ok((start.into_std(), last - start))
     })
 }
 
@@ -573,5 +776,73 @@ fn report(
             ratio(&|s| s.after_cpu_ms),
         );
     }
+    let _ = write!(
+        out,
+        "\n#### A new service with {} clusters held (issue 13)\n\n\
+         Then {} new services one at a time, each as istiod adds a ServiceEntry: its EDS \
+         cluster (CDS), its endpoints (EDS, the loaded upstream) and route `80` with its \
+         virtual host (RDS), sent back to back. Change→serving is from just before the first \
+         of the three pushes until a request from the pod to the new host first gets 200 and \
+         the upstream's page (a new connection per poll, polls {} ms apart, from a thread in \
+         the pod's network namespace); the poll window, from the start of the poll before that \
+         one to its end, bounds the error. Per proxy the median over repetitions of each \
+         repetition's median (or max).\n\n\
+         | proxy | RSS after the {} clusters push MiB | new service push→ACK median ms | change→serving median ms | change→serving max ms | poll window median ms |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+        args.bulk,
+        args.new_services,
+        POLL_GAP.as_millis(),
+        args.bulk,
+    );
+    let new_ack = |s: &Sample| median(&s.new_ack_ms);
+    let serve_median = |s: &Sample| median(&s.new_serve_ms);
+    let serve_max = |s: &Sample| max(&s.new_serve_ms);
+    for proxy in &proxies {
+        let _ = writeln!(
+            out,
+            "| {proxy} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            of(proxy, &|s| mib(s.rss_after_bulk_kib)),
+            of(proxy, &new_ack),
+            of(proxy, &serve_median),
+            of(proxy, &serve_max),
+            of(proxy, &|s| median(&s.new_window_ms)),
+        );
+    }
+    if proxies.len() == 2 {
+        let _ = writeln!(
+            out,
+            "| portcullis ÷ Envoy (median of per-repetition ratios) | {:.2} | {:.2} | {:.2} | {:.2} | |",
+            ratio(&|s| s.rss_after_bulk_kib as f64),
+            ratio(&new_ack),
+            ratio(&serve_median),
+            ratio(&serve_max),
+        );
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_splits_into_head_body_and_length() {
+        let page = format!(
+            "HTTP/1.1 200 OK\r\nServer: envoy\r\nContent-Length: {}\r\n\r\n{}",
+            lab::PAGE.len(),
+            lab::PAGE
+        );
+        let (head, body, length) = split_reply(page.as_bytes()).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "));
+        assert_eq!(body, lab::PAGE.as_bytes());
+        assert_eq!(length, lab::PAGE.len());
+
+        let blocked = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n";
+        let (head, body, length) = split_reply(blocked).unwrap();
+        assert!(head.starts_with("HTTP/1.1 502 "));
+        assert!(body.is_empty());
+        assert_eq!(length, 0);
+
+        assert!(split_reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n").is_none());
+    }
 }
