@@ -1,29 +1,29 @@
 //! The access log: one line per HTTP request (when its stream ends) or TCP connection (when
 //! it closes), in Istio's default text format or with the keys of Istio's default JSON
-//! format. Lines are queued to one writer thread that wakes every [`FLUSH_INTERVAL`] and
-//! writes what is queued in one go: a request wakes no thread and makes no system call for
-//! its line. When the queue is full a line is dropped and counted, so the data path never
-//! waits for the disk.
+//! format. Lines are appended to one pending buffer that a writer thread swaps out every
+//! [`FLUSH_INTERVAL`] and writes in one go: a request wakes no thread, makes no system call
+//! and allocates nothing for its line (it is formatted in a per-thread buffer and copied in
+//! under a lock held for that copy or the writer's swap). When the buffer is full a line is
+//! dropped and counted, so the data path never waits for the disk.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
-/// Lines the queue holds before new ones are dropped: 320,000 lines a second at
-/// [`FLUSH_INTERVAL`].
-const QUEUE: usize = 16 * 1024;
+/// Bytes pending before new lines are dropped: about 16,000 lines, 320,000 lines a second
+/// at [`FLUSH_INTERVAL`].
+const PENDING: usize = 4 * 1024 * 1024;
 
 /// How long lines wait to be written, at most.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Bytes gathered before a write to the file while lines keep coming.
+/// Pending bytes that wake the writer before its interval ends.
 const BATCH: usize = 256 * 1024;
 
 /// How access log lines are written.
@@ -35,19 +35,38 @@ pub enum Format {
     Json,
 }
 
-enum Message {
-    Line(String),
-    /// Write out what is queued, then answer.
-    Flush(SyncSender<()>),
+/// What waits for the writer.
+#[derive(Default)]
+struct Pending {
+    /// Lines not yet taken by the writer.
+    bytes: Vec<u8>,
+    /// Callers waiting for what is pending now to reach the file.
+    flushes: Vec<SyncSender<()>>,
+    /// The log is gone: the writer writes what is pending and ends.
+    closed: bool,
+}
+
+/// The pending lines and the writer that takes them.
+struct Writer {
+    pending: Arc<Mutex<Pending>>,
+    /// The writer thread, woken early when lines pend faster than it takes them.
+    thread: std::thread::Thread,
+}
+
+impl Writer {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        lock(&self.pending)
+    }
+}
+
+/// A poisoned lock still holds whole lines: a panic never happens while one is copied.
+fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Where access log lines go: nowhere, or to one writer thread's file.
 pub struct AccessLog {
-    queue: Option<SyncSender<Message>>,
-    /// The writer, woken early when the queue fills faster than it drains.
-    writer: Option<std::thread::Thread>,
-    /// Lines queued and not yet taken by the writer.
-    queued: Arc<AtomicUsize>,
+    writer: Option<Writer>,
     format: Format,
     dropped: Counter,
 }
@@ -65,9 +84,7 @@ impl AccessLog {
     /// No access log.
     pub fn off() -> Self {
         AccessLog {
-            queue: None,
             writer: None,
-            queued: Arc::default(),
             format: Format::Text,
             dropped: Counter::default(),
         }
@@ -87,16 +104,16 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let taken = Arc::clone(&queued);
-        let writer = std::thread::Builder::new()
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let taken = Arc::clone(&pending);
+        let thread = std::thread::Builder::new()
             .name("portcullis-access-log".into())
-            .spawn(move || write_lines(&lines, &taken, file))?;
+            .spawn(move || write_lines(&taken, file))?;
         Ok(AccessLog {
-            queue: Some(queue),
-            writer: Some(writer.thread().clone()),
-            queued,
+            writer: Some(Writer {
+                pending,
+                thread: thread.thread().clone(),
+            }),
             format,
             dropped,
         })
@@ -104,94 +121,84 @@ impl AccessLog {
 
     /// Whether lines are written at all: nothing is captured for them otherwise.
     pub fn enabled(&self) -> bool {
-        self.queue.is_some()
+        self.writer.is_some()
     }
 
-    /// Queues the line of `entry`, or drops it when the writer is behind.
+    /// Adds the line of `entry` to the pending lines, or drops it when the writer is behind.
     pub(crate) fn write(&self, entry: &Entry<'_>) {
-        let Some(queue) = &self.queue else {
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let Some(writer) = &self.writer else {
             return;
         };
-        let line = match self.format {
-            Format::Text => entry.text(),
-            Format::Json => entry.json(),
-        };
-        match queue.try_send(Message::Line(line)) {
-            // A quarter full: the writer is woken now rather than at its next interval
-            // (one wake-up per `QUEUE / 4` lines at most).
-            Ok(()) => {
-                if self.queued.fetch_add(1, Ordering::Relaxed) == QUEUE / 4
-                    && let Some(writer) = &self.writer
-                {
-                    writer.unpark();
-                }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match self.format {
+                Format::Text => entry.text(line),
+                Format::Json => entry.json(line),
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            let mut pending = writer.pending();
+            let before = pending.bytes.len();
+            if before + line.len() > PENDING {
+                drop(pending);
                 self.dropped.inc();
+                return;
             }
-        }
+            pending.bytes.extend_from_slice(line.as_bytes());
+            let wake = before < BATCH && before + line.len() >= BATCH;
+            drop(pending);
+            if wake {
+                writer.thread.unpark();
+            }
+        });
     }
 
-    /// Waits up to `timeout` for every line queued so far to reach the file (at shutdown,
+    /// Waits up to `timeout` for every line pending so far to reach the file (at shutdown,
     /// off the data path); `false` if it did not.
     pub fn flush(&self, timeout: Duration) -> bool {
-        let Some(queue) = &self.queue else {
+        let Some(writer) = &self.writer else {
             return true;
         };
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        let deadline = std::time::Instant::now() + timeout;
-        let mut message = Message::Flush(done);
-        loop {
-            match queue.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
-                    message = m;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return false,
-            }
-        }
-        wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .is_ok()
+        writer.pending().flushes.push(done);
+        writer.thread.unpark();
+        wait.recv_timeout(timeout).is_ok()
     }
 }
 
-/// The writer thread: every [`FLUSH_INTERVAL`] (or when woken by a filling queue) takes
-/// what is queued and writes it in one go (a write per `BATCH` bytes). It never waits in
-/// `recv`, so a queued line wakes nobody; it ends once every sender is gone and the queue
-/// is written.
-fn write_lines(
-    lines: &Receiver<Message>,
-    queued: &AtomicUsize,
-    mut file: Box<dyn std::io::Write + Send>,
-) {
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if let Some(writer) = &self.writer {
+            writer.pending().closed = true;
+            writer.thread.unpark();
+        }
+    }
+}
+
+/// The writer thread: every [`FLUSH_INTERVAL`] (or when woken by filling lines or a flush)
+/// swaps the pending lines for its own emptied buffer and writes them in one go. It ends
+/// once the log is dropped and what was pending is written.
+fn write_lines(pending: &Mutex<Pending>, mut file: Box<dyn std::io::Write + Send>) {
+    let mut batch: Vec<u8> = Vec::new();
     let mut acks = Vec::new();
     loop {
         std::thread::park_timeout(FLUSH_INTERVAL);
-        let mut open = true;
-        loop {
-            match lines.try_recv() {
-                Ok(Message::Line(line)) => {
-                    queued.fetch_sub(1, Ordering::Relaxed);
-                    batch.extend_from_slice(line.as_bytes());
-                }
-                Ok(Message::Flush(ack)) => acks.push(ack),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-            if batch.len() >= BATCH {
-                write_batch(&mut file, &mut batch);
-            }
-        }
+        let closed = {
+            let mut p = lock(pending);
+            std::mem::swap(&mut p.bytes, &mut batch);
+            std::mem::swap(&mut p.flushes, &mut acks);
+            p.closed
+        };
         write_batch(&mut file, &mut batch);
+        // A burst's buffer is not kept for the quiet that follows.
+        if batch.capacity() > 2 * BATCH {
+            batch.shrink_to(BATCH);
+        }
         for ack in acks.drain(..) {
             let _ = ack.try_send(());
         }
-        if !open {
+        if closed {
             return;
         }
     }
@@ -302,8 +309,8 @@ impl std::fmt::Display for Addr {
 }
 
 impl Entry<'_> {
-    /// Istio's `EnvoyTextLogFormat`: unset values are `-`.
-    fn text(&self) -> String {
+    /// Istio's `EnvoyTextLogFormat`, appended to `out`: unset values are `-`.
+    fn text(&self, out: &mut String) {
         /// `-` for an unset value, as Envoy prints one.
         struct Or<T>(Option<T>);
         impl<T: std::fmt::Display> std::fmt::Display for Or<T> {
@@ -314,7 +321,6 @@ impl Entry<'_> {
                 }
             }
         }
-        let mut out = String::with_capacity(320);
         let _ = writeln!(
             out,
             "[{}] \"{} {} {}\" {} {} {} - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - {} {} {} {}",
@@ -339,12 +345,11 @@ impl Entry<'_> {
             self.server_name.unwrap_or("-"),
             self.route_name.unwrap_or("-"),
         );
-        out
     }
 
     /// Istio's `EnvoyJSONLogFormatIstio` keys, sorted; numbers as numbers, unset values
-    /// `null`, as Envoy's JSON formatter writes them.
-    fn json(&self) -> String {
+    /// `null`, as Envoy's JSON formatter writes them; appended to `out`.
+    fn json(&self, out: &mut String) {
         let text = |v: Option<&str>| v.map_or(serde_json::Value::Null, Into::into);
         let addr =
             |v: Option<SocketAddr>| v.map_or(serde_json::Value::Null, |a| a.to_string().into());
@@ -374,9 +379,7 @@ impl Entry<'_> {
             "user_agent": text(self.user_agent),
             "x_forwarded_for": text(self.forwarded_for),
         });
-        let mut out = object.to_string();
-        out.push('\n');
-        out
+        let _ = writeln!(out, "{object}");
     }
 }
 
@@ -556,19 +559,26 @@ mod tests {
         }
     }
 
+    /// The line `format` writes for `entry`.
+    fn line<'a>(entry: &Entry<'a>, format: fn(&Entry<'a>, &mut String)) -> String {
+        let mut out = String::new();
+        format(entry, &mut out);
+        out
+    }
+
     #[test]
     fn text_follows_istios_default_format_field_by_field() {
         assert_eq!(
-            entry().text(),
+            line(&entry(), Entry::text),
             "[2023-11-14T22:13:20.123Z] \"GET /x?y=1 HTTP/1.1\" 200 - via_upstream - \"-\" 3 612 7 - \"-\" \"curl/8.5.0\" \"r-1\" \"app.internal.com\" \"10.0.0.2:80\" outbound|80||app.internal.com - 10.96.0.10:80 10.0.0.1:40000 - default\n"
         );
     }
 
     #[test]
     fn json_has_istios_keys_numbers_and_nulls() {
-        let line = entry().json();
-        assert!(line.ends_with('\n'));
-        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        let json = line(&entry(), Entry::json);
+        assert!(json.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
         let keys: Vec<&str> = v
             .as_object()
             .expect("an object")
@@ -584,13 +594,15 @@ mod tests {
     }
 
     #[test]
-    fn lines_reach_the_file_and_a_full_queue_drops_without_waiting() {
+    fn lines_reach_the_file_and_a_full_buffer_drops_without_waiting() {
         let dir = std::env::temp_dir().join(format!("portcullis-log-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a temp dir");
         let path = dir.join("access.log");
         let dropped = Counter::default();
         let log = AccessLog::open(&path, Format::Text, dropped.clone()).expect("opened");
-        for _ in 0..3 * QUEUE {
+        // Three times what the buffer holds, faster than the writer's interval.
+        let fits = PENDING / line(&entry(), Entry::text).len();
+        for _ in 0..3 * fits {
             log.write(&entry());
         }
         assert!(log.flush(Duration::from_secs(10)));
@@ -598,8 +610,27 @@ mod tests {
             .expect("the log")
             .lines()
             .count();
-        assert_eq!(written as u64 + dropped.get(), 3 * QUEUE as u64);
-        assert!(written >= QUEUE, "{written}");
+        assert_eq!(written as u64 + dropped.get(), 3 * fits as u64);
+        assert!(written >= fits, "{written}");
+        // Lines after a flush reach the file too, and so does the last line before the log
+        // is dropped.
+        log.write(&entry());
+        assert!(log.flush(Duration::from_secs(10)));
+        log.write(&entry());
+        drop(log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&path)
+            .expect("the log")
+            .lines()
+            .count()
+            < written + 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last line was lost"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
