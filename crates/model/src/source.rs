@@ -4,7 +4,7 @@
 //! looks at it, or takes its text from memory ([`Content::Text`]) so that reload semantics
 //! can be tested without files.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io::{self, BufRead, BufReader};
@@ -222,6 +222,14 @@ impl ConfigSet {
         // twice is looked at once.
         files.sort_by(|a, b| a.0.cmp(&b.0));
         files.dedup_by(|later, first| later.0 == first.0);
+        // Files this scan no longer lists: their resources go in this update, so they
+        // do not make a file that now defines the same (one renamed, say) a duplicate.
+        let gone_paths: HashSet<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| files.binary_search_by(|(f, _)| f.cmp(p)).is_err())
+            .cloned()
+            .collect();
         let mut old = std::mem::take(&mut self.files).into_iter().peekable();
         let mut steps = Vec::new();
         // Where the file being looked at starts in `self.resources`.
@@ -241,7 +249,8 @@ impl ConfigSet {
             let read = content.and_then(|content| self.read(&path, &content, state.digest));
             let (findings, new_good, digest) = match read {
                 Ok(Some((mut load, digest))) if !load.has_errors() => {
-                    let index = index.get_or_insert_with(|| identities(&self.resources));
+                    let index =
+                        index.get_or_insert_with(|| identities(&self.resources, &gone_paths));
                     let repeated = repeats(&load.resources, &path, index);
                     if repeated.is_empty() {
                         for r in &load.resources {
@@ -390,10 +399,14 @@ impl ConfigSet {
 /// A resource's identity, owned.
 type Identity = (&'static str, String, String);
 
-/// Where each of `resources` is defined, by identity.
-fn identities(resources: &[Resource]) -> HashMap<Identity, (Arc<PathBuf>, Position)> {
+/// Where each of `resources` is defined, by identity, but for those of the files `gone`.
+fn identities(
+    resources: &[Resource],
+    gone: &HashSet<PathBuf>,
+) -> HashMap<Identity, (Arc<PathBuf>, Position)> {
     resources
         .iter()
+        .filter(|r| !gone.contains(r.origin().file.as_path()))
         .map(|r| {
             let (kind, namespace, name) = identity(r);
             let origin = r.origin();
@@ -912,6 +925,80 @@ mod tests {
         assert!(update.changed && update.rejected.is_empty());
         assert_eq!(names(&set), ["w", "other"]);
         assert!(!set.has_errors());
+    }
+
+    /// Each resource's name and the file it was parsed from, as that file's own `Arc`: the
+    /// same `Arc` after an update means the file was not parsed again.
+    fn origins(set: &ConfigSet) -> Vec<(String, Arc<PathBuf>)> {
+        set.resources()
+            .iter()
+            .map(|r| (r.meta().name.clone(), Arc::clone(&r.origin().file)))
+            .collect()
+    }
+
+    #[test]
+    fn only_changed_files_are_parsed_again() {
+        let dir = TempDir::new("cache");
+        dir.write("a.yaml", &we("a", "10.0.0.1"));
+        dir.write("b.yaml", &we("b", "10.0.0.2"));
+        let mut set = ConfigSet::new();
+        set.update(scan(&dir.0));
+        let first = origins(&set);
+
+        // Unchanged: nothing is parsed, the resources stay as they were.
+        let update = set.update(scan(&dir.0));
+        assert!(!update.changed && !update.findings_changed);
+        assert!(Arc::ptr_eq(&first[0].1, &origins(&set)[0].1));
+        assert!(Arc::ptr_eq(&first[1].1, &origins(&set)[1].1));
+
+        // Changed: only that file is parsed.
+        dir.write("b.yaml", &we("b2", "10.0.0.2"));
+        assert!(set.update(scan(&dir.0)).changed);
+        let changed = origins(&set);
+        assert_eq!(names(&set), ["a", "b2"]);
+        assert!(Arc::ptr_eq(&first[0].1, &changed[0].1));
+        assert!(!Arc::ptr_eq(&first[1].1, &changed[1].1));
+
+        // Added: only the new file is parsed.
+        dir.write("c.yaml", &we("c", "10.0.0.3"));
+        assert!(set.update(scan(&dir.0)).changed);
+        let added = origins(&set);
+        assert_eq!(names(&set), ["a", "b2", "c"]);
+        assert!(Arc::ptr_eq(&changed[0].1, &added[0].1));
+        assert!(Arc::ptr_eq(&changed[1].1, &added[1].1));
+
+        // Removed: its resources go, the others stay unparsed.
+        fs::remove_file(dir.0.join("a.yaml")).expect("remove");
+        assert!(set.update(scan(&dir.0)).changed);
+        assert_eq!(names(&set), ["b2", "c"]);
+        assert!(Arc::ptr_eq(&added[1].1, &origins(&set)[0].1));
+        assert!(Arc::ptr_eq(&added[2].1, &origins(&set)[1].1));
+    }
+
+    #[test]
+    fn a_renamed_file_serves_on_under_its_new_name() {
+        let dir = TempDir::new("rename");
+        dir.write("b.yaml", &we("b", "10.0.0.2"));
+        dir.write("m.yaml", &we("m", "10.0.0.3"));
+        let mut set = ConfigSet::new();
+        set.update(scan(&dir.0));
+        // Renamed to sort after its old name, then before it.
+        for (from, to) in [("b.yaml", "x.yaml"), ("x.yaml", "a.yaml")] {
+            fs::rename(dir.0.join(from), dir.0.join(to)).expect("rename");
+            let update = set.update(scan(&dir.0));
+            assert!(update.rejected.is_empty(), "{to}: {:?}", update.rejected);
+            assert_eq!(set.findings().count(), 0, "{to}");
+            let served: Vec<(String, PathBuf)> = origins(&set)
+                .into_iter()
+                .map(|(n, f)| (n, f.strip_prefix(&dir.0).expect("under").to_path_buf()))
+                .collect();
+            let mut want = vec![
+                ("b".to_string(), PathBuf::from(to)),
+                ("m".to_string(), PathBuf::from("m.yaml")),
+            ];
+            want.sort_by(|x, y| x.1.cmp(&y.1));
+            assert_eq!(served, want);
+        }
     }
 
     #[test]

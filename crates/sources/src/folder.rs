@@ -1,11 +1,13 @@
 //! The folder source: Istio YAML under a config path, re-read on file events, SIGHUP and a
 //! periodic re-scan, each file keeping its last good content.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use notify::event::{AccessKind, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use portcullis_admin::{ConfigStatus, FileStatus};
 use portcullis_model::{ConfigSet, Severity, scan};
@@ -15,9 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Delivery, Outcome, Publisher, Set, SourceId, Trigger};
 
-/// How long file events must stop before a reload: an editor's save or a ConfigMap's
-/// symlink swap is a burst of events, and wants one reload once it is over.
+/// How long file events must stop before a reload while a file written to is still open:
+/// its writer may not be done, and a half-written file must not be read as the new config.
 const SETTLE: Duration = Duration::from_millis(200);
+
+/// How long file events must stop before a reload once every file written to is closed
+/// (or none was written, as when a file is renamed into place): a ConfigMap's symlink swap
+/// or an editor's save is a burst of events microseconds apart, and wants one reload.
+const QUIET: Duration = Duration::from_millis(10);
 
 /// The longest a reload waits for file events to stop, so that a file written without
 /// pause does not hold back every other change.
@@ -76,7 +83,8 @@ impl Folder {
     /// Reloads on start, file events, SIGHUP and every `rescan` until `stop`.
     pub async fn run(self, rescan: Duration, stop: CancellationToken) {
         let (tx, mut rx) = mpsc::channel::<Trigger>(16);
-        let _watcher = watch(&self.path, tx.clone());
+        let writing = Arc::new(AtomicBool::new(false));
+        let _watcher = watch(&self.path, tx.clone(), Arc::clone(&writing));
         // `tx` lives as long as the loop, so `rx` never reports closed.
         tokio::spawn(forward_sighup(tx.clone(), stop.clone()));
         let folder = Arc::new(self);
@@ -96,7 +104,7 @@ impl Folder {
                 t = rx.recv() => t.unwrap_or(Trigger::Periodic),
                 _ = ticker.tick() => Trigger::Periodic,
             };
-            trigger = match settle(first, &mut rx, &stop).await {
+            trigger = match settle(first, &mut rx, &stop, &writing).await {
                 Some(t) => t,
                 None => return,
             };
@@ -123,19 +131,23 @@ fn status(path: &Path, files: &ConfigSet) -> ConfigStatus {
 }
 
 /// Coalesces the triggers that follow `first` into one reload, returning the latest, or
-/// `None` once `stop` is cancelled. File events alone wait to settle; any other trigger
+/// `None` once `stop` is cancelled. File events alone wait to settle: [`SETTLE`] while
+/// `writing` says a file written to is still open, else [`QUIET`]; any other trigger
 /// reloads at once.
 async fn settle(
     first: Trigger,
     rx: &mut mpsc::Receiver<Trigger>,
     stop: &CancellationToken,
+    writing: &AtomicBool,
 ) -> Option<Trigger> {
     let mut trigger = first;
     let mut settling = first == Trigger::Watch;
     let give_up = Instant::now() + SETTLE_AT_MOST;
     loop {
+        let was_writing = writing.load(Ordering::Acquire);
         let until = if settling {
-            (Instant::now() + SETTLE).min(give_up)
+            let wait = if was_writing { SETTLE } else { QUIET };
+            (Instant::now() + wait).min(give_up)
         } else {
             Instant::now()
         };
@@ -143,11 +155,54 @@ async fn settle(
             () = stop.cancelled() => return None,
             next = tokio::time::timeout_at(until, rx.recv()) => next,
         };
-        let Ok(Some(t)) = next else {
-            return Some(trigger);
-        };
-        settling &= t == Trigger::Watch;
-        trigger = t;
+        match next {
+            Ok(Some(t)) => {
+                settling &= t == Trigger::Watch;
+                trigger = t;
+            }
+            // A write began while waiting the short delay, its event lost to a full queue:
+            // the long one applies.
+            Err(_) if settling && !was_writing && writing.load(Ordering::Acquire) => {}
+            _ => return Some(trigger),
+        }
+    }
+}
+
+/// The files under the watch root that were written to and not closed since, as file
+/// events tell: while any is open, its writer may not be done.
+#[derive(Debug, Default)]
+struct Writes {
+    open: HashSet<PathBuf>,
+}
+
+impl Writes {
+    /// Takes `event` into account; whether some file is still being written after it.
+    fn see(&mut self, event: &notify::Event) -> bool {
+        if event.need_rescan() {
+            // Events were lost: which files are open is unknown until they are written
+            // again, and this burst waits as if one were.
+            self.open.clear();
+            return true;
+        }
+        match event.kind {
+            EventKind::Modify(ModifyKind::Data(_)) => {
+                self.open.extend(event.paths.iter().cloned());
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
+                for path in &event.paths {
+                    self.open.remove(path);
+                }
+            }
+            // A file renamed away is read under its new name, if at all; its writer's later
+            // writes and close report that name.
+            EventKind::Modify(ModifyKind::Name(RenameMode::From | RenameMode::Both)) => {
+                if let Some(from) = event.paths.first() {
+                    self.open.remove(from);
+                }
+            }
+            _ => {}
+        }
+        !self.open.is_empty()
     }
 }
 
@@ -164,15 +219,27 @@ fn watch_root(path: &Path) -> PathBuf {
 }
 
 /// Sends [`Trigger::Watch`] on `tx` for file events under `path`'s watch root, for as long
-/// as the returned watcher lives; `None` when file watching is unavailable.
-fn watch(path: &Path, tx: mpsc::Sender<Trigger>) -> Option<notify::RecommendedWatcher> {
+/// as the returned watcher lives, keeping `writing` set while a file written to is open;
+/// `None` when file watching is unavailable.
+fn watch(
+    path: &Path,
+    tx: mpsc::Sender<Trigger>,
+    writing: Arc<AtomicBool>,
+) -> Option<notify::RecommendedWatcher> {
+    let mut writes = Writes::default();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            return;
+        };
         // Opening a file changes nothing, and every reload opens them all: reacting to
         // opens would reload forever.
-        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(AccessKind::Open(_)))) {
-            // A full queue already holds a trigger, which is all a burst needs.
-            let _ = tx.try_send(Trigger::Watch);
+        if matches!(event.kind, EventKind::Access(AccessKind::Open(_))) {
+            return;
         }
+        // Stored before the trigger is sent, so the loop reads it when it wakes.
+        writing.store(writes.see(&event), Ordering::Release);
+        // A full queue already holds a trigger, which is all a burst needs.
+        let _ = tx.try_send(Trigger::Watch);
     });
     match watcher {
         Ok(mut w) => {
@@ -380,10 +447,11 @@ mod tests {
     async fn a_burst_of_file_events_is_one_reload_once_it_settles() {
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
+        let writing = AtomicBool::new(true);
         let start = Instant::now();
         send_later(&tx, &[(50, Trigger::Watch), (150, Trigger::Watch)]);
         assert_eq!(
-            settle(Trigger::Watch, &mut rx, &stop).await,
+            settle(Trigger::Watch, &mut rx, &stop, &writing).await,
             Some(Trigger::Watch)
         );
         assert_eq!(start.elapsed(), Duration::from_millis(200) + SETTLE);
@@ -394,30 +462,65 @@ mod tests {
     async fn file_events_without_pause_reload_at_the_latest_after_the_limit() {
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
+        let writing = AtomicBool::new(true);
         let start = Instant::now();
         send_later(&tx, &[(100, Trigger::Watch); 15]);
         assert_eq!(
-            settle(Trigger::Watch, &mut rx, &stop).await,
+            settle(Trigger::Watch, &mut rx, &stop, &writing).await,
             Some(Trigger::Watch)
         );
         assert_eq!(start.elapsed(), SETTLE_AT_MOST);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn with_every_written_file_closed_a_burst_reloads_after_a_short_quiet() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let writing = AtomicBool::new(false);
+        let start = Instant::now();
+        send_later(&tx, &[(2, Trigger::Watch), (3, Trigger::Watch)]);
+        assert_eq!(
+            settle(Trigger::Watch, &mut rx, &stop, &writing).await,
+            Some(Trigger::Watch)
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(5) + QUIET);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_seen_during_the_short_quiet_waits_the_long_one() {
+        let (_tx, mut rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let writing = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        // The write's own trigger is lost, as to a full queue: only the flag tells.
+        let flag = Arc::clone(&writing);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            flag.store(true, Ordering::Release);
+        });
+        assert_eq!(
+            settle(Trigger::Watch, &mut rx, &stop, &writing).await,
+            Some(Trigger::Watch)
+        );
+        assert_eq!(start.elapsed(), QUIET + SETTLE);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_signal_reloads_at_once_and_ends_settling() {
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
+        let writing = AtomicBool::new(true);
         let start = Instant::now();
         tx.send(Trigger::Watch).await.unwrap();
         assert_eq!(
-            settle(Trigger::Signal, &mut rx, &stop).await,
+            settle(Trigger::Signal, &mut rx, &stop, &writing).await,
             Some(Trigger::Watch)
         );
         assert_eq!(start.elapsed(), Duration::ZERO);
 
         send_later(&tx, &[(50, Trigger::Signal), (50, Trigger::Watch)]);
         assert_eq!(
-            settle(Trigger::Watch, &mut rx, &stop).await,
+            settle(Trigger::Watch, &mut rx, &stop, &writing).await,
             Some(Trigger::Signal)
         );
         assert_eq!(start.elapsed(), Duration::from_millis(50));
@@ -428,6 +531,46 @@ mod tests {
         let (_tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
         stop.cancel();
-        assert_eq!(settle(Trigger::Watch, &mut rx, &stop).await, None);
+        let writing = AtomicBool::new(false);
+        assert_eq!(settle(Trigger::Watch, &mut rx, &stop, &writing).await, None);
+    }
+
+    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
+        paths.iter().fold(notify::Event::new(kind), |e, p| {
+            e.add_path(PathBuf::from(p))
+        })
+    }
+
+    #[test]
+    fn a_file_is_being_written_from_its_first_write_until_it_is_closed_or_gone() {
+        use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+        let written = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let mut writes = Writes::default();
+        // Written in place: created, written, closed.
+        assert!(!writes.see(&event(EventKind::Create(CreateKind::File), &["/c/a.yaml"])));
+        assert!(writes.see(&event(written, &["/c/a.yaml"])));
+        assert!(writes.see(&event(written, &["/c/b.yaml"])));
+        assert!(writes.see(&event(closed, &["/c/a.yaml"])));
+        assert!(!writes.see(&event(closed, &["/c/b.yaml"])));
+        // Written beside and renamed into place: done once closed, the rename only says so.
+        assert!(writes.see(&event(written, &["/c/a.staging"])));
+        assert!(!writes.see(&event(closed, &["/c/a.staging"])));
+        let metadata = EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any));
+        assert!(!writes.see(&event(metadata, &["/c/a.staging"])));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert!(!writes.see(&event(both, &["/c/a.staging", "/c/a.yaml"])));
+        // A file removed or renamed away while open is no longer waited for.
+        assert!(writes.see(&event(written, &["/c/x.yaml"])));
+        let gone = EventKind::Remove(RemoveKind::File);
+        assert!(!writes.see(&event(gone, &["/c/x.yaml"])));
+        assert!(writes.see(&event(written, &["/c/y.yaml"])));
+        let from = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+        assert!(!writes.see(&event(from, &["/c/y.yaml"])));
+        // Lost events: this burst waits long, and what was open is forgotten.
+        assert!(writes.see(&event(written, &["/c/z.yaml"])));
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(writes.see(&overflow));
+        assert!(!writes.see(&event(metadata, &["/c/a.yaml"])));
     }
 }

@@ -79,6 +79,12 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
             // The one source's state is shown as it is, without even a copy of its
             // pointers.
             (None, [only]) => Arc::clone(only),
+            // Files alone: their state as it is, not merged into an empty one name by name.
+            (Some(_), []) => Arc::new(SourceState::of(
+                resources.clone(),
+                &version.to_string(),
+                SystemTime::now(),
+            )),
             _ => {
                 let mut dump = SourceState::default();
                 for state in &xds_sets {
