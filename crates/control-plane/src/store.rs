@@ -15,7 +15,12 @@ pub(crate) struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct TypeStore {
     pub(crate) version: String,
+    /// `version` as a number: the store version of the type's last change.
+    pub(crate) seq: u64,
     pub(crate) resources: BTreeMap<String, Entry>,
+    /// The names each change added, changed or removed, by store version: a Delta stream
+    /// answers a push from these rather than by comparing everything held.
+    pub(crate) changes: BTreeMap<u64, Vec<String>>,
 }
 
 /// Every type's resources; each change is a new version, counted over all types.
@@ -31,34 +36,44 @@ impl Store {
         let version = self.last_version.to_string();
         let store = self.types.entry(type_url.to_owned()).or_default();
         store.version = version.clone();
+        store.seq = self.last_version;
         (version, store)
     }
 
     pub(crate) fn upsert(&mut self, type_url: &str, resources: Vec<(String, Any)>) -> String {
         let (version, store) = self.bump(type_url);
+        let mut changed = Vec::with_capacity(resources.len());
         for (name, any) in resources {
             let entry = Entry {
                 version: version.clone(),
                 any,
             };
-            store.resources.insert(name, entry);
+            store.resources.insert(name.clone(), entry);
+            changed.push(name);
         }
+        store.changes.insert(store.seq, changed);
         version
     }
 
     pub(crate) fn replace(&mut self, type_url: &str, resources: Vec<(String, Any)>) -> String {
         let (version, store) = self.bump(type_url);
         let mut old = std::mem::take(&mut store.resources);
+        let mut changed = Vec::new();
         for (name, any) in resources {
             let entry = match old.remove(&name) {
                 Some(entry) if entry.any == any => entry,
-                _ => Entry {
-                    version: version.clone(),
-                    any,
-                },
+                _ => {
+                    changed.push(name.clone());
+                    Entry {
+                        version: version.clone(),
+                        any,
+                    }
+                }
             };
             store.resources.insert(name, entry);
         }
+        changed.extend(old.into_keys());
+        store.changes.insert(store.seq, changed);
         version
     }
 
@@ -67,6 +82,8 @@ impl Store {
         for name in names {
             store.resources.remove(*name);
         }
+        let removed = names.iter().map(|n| (*n).to_owned()).collect();
+        store.changes.insert(store.seq, removed);
         version
     }
 
@@ -103,6 +120,9 @@ mod tests {
         assert_eq!(t.resources["a"].version, "1");
         assert_eq!(t.resources["c"].version, v);
         assert!(!t.resources.contains_key("b"));
+        // The replacement's change names what it added and removed, not what it kept.
+        assert_eq!(t.changes[&t.seq], ["c", "b"]);
+        assert_eq!(t.changes[&1], ["a", "b"]);
     }
 
     #[test]

@@ -322,6 +322,13 @@ struct DeltaWatch {
     nonce_version: String,
     /// A first request is answered even when there is nothing to send.
     must_answer: bool,
+    /// The store version of the type this watch was last answered from: later changes are
+    /// what it may lack.
+    synced: u64,
+    /// Everything held is to be compared (a first request, or a wildcard subscribed).
+    full: bool,
+    /// Names subscribed (again) since the last answer, compared one by one.
+    check: BTreeSet<String>,
 }
 
 impl DeltaWatch {
@@ -373,14 +380,17 @@ impl Protocol for Delta {
                 type_url::is_wildcard(&type_url) && request.resource_names_subscribe.is_empty();
             watch.has = request.initial_resource_versions.into_iter().collect();
             watch.must_answer = true;
+            watch.full = true;
         }
         for name in request.resource_names_subscribe {
             if name == "*" {
                 watch.wildcard = true;
+                watch.full = true;
             } else {
                 if !first {
                     watch.has.remove(&name);
                 }
+                watch.check.insert(name.clone());
                 watch.names.insert(name);
             }
         }
@@ -414,24 +424,41 @@ impl Protocol for Delta {
             let mut resources = Vec::new();
             let mut removed = Vec::new();
             let ts = store.get(type_url);
-            if let Some(ts) = ts {
-                for (name, entry) in &ts.resources {
-                    if watch.covers(name) && watch.has.get(name) != Some(&entry.version) {
+            let names: Vec<String> = if std::mem::take(&mut watch.full) {
+                // Everything held, and everything the client says it has.
+                let all: BTreeSet<&String> = ts
+                    .into_iter()
+                    .flat_map(|ts| ts.resources.keys())
+                    .chain(watch.has.keys())
+                    .collect();
+                all.into_iter().cloned().collect()
+            } else {
+                // What changed since the last answer, and what was subscribed since.
+                let mut since: BTreeSet<&String> = watch.check.iter().collect();
+                if let Some(ts) = ts {
+                    since.extend(ts.changes.range(watch.synced + 1..).flat_map(|(_, n)| n));
+                }
+                since.into_iter().cloned().collect()
+            };
+            for name in names {
+                if !watch.covers(&name) {
+                    continue;
+                }
+                match ts.and_then(|ts| ts.resources.get(&name)) {
+                    Some(entry) if watch.has.get(&name) != Some(&entry.version) => {
                         resources.push(Resource {
-                            name: name.clone(),
                             version: entry.version.clone(),
                             resource: Some(entry.any.clone()),
+                            name,
                             ..Resource::default()
                         });
                     }
+                    None if watch.has.contains_key(&name) => removed.push(name),
+                    _ => {}
                 }
             }
-            for name in watch.has.keys() {
-                let exists = ts.is_some_and(|ts| ts.resources.contains_key(name));
-                if watch.covers(name) && !exists {
-                    removed.push(name.clone());
-                }
-            }
+            watch.check.clear();
+            watch.synced = ts.map_or(0, |ts| ts.seq);
             if resources.is_empty() && removed.is_empty() && !watch.must_answer {
                 continue;
             }
