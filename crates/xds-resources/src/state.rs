@@ -144,12 +144,25 @@ fn recount<T: Clone + PartialEq>(
             .flat_map(|v| names(&v.resource))
             .collect()
     };
+    let held = |s: Option<&ResourceState<T>>| {
+        let mut versions = [None, None];
+        if let Some(s) = s {
+            versions =
+                [&s.active, &s.warming].map(|v| v.as_ref().map(|v| Arc::as_ptr(&v.resource)));
+            versions.sort();
+        }
+        versions
+    };
     for change in counted.diff(now) {
         let (old, new) = match change {
             DiffItem::Add(_, new) => (None, Some(new)),
             DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
             DiffItem::Remove(_, old) => (Some(old), None),
         };
+        // The same versions, moved (a warming version promoted): the same names.
+        if held(old) == held(new) {
+            continue;
+        }
         for name in versions(new) {
             let count = counts.entry(name.clone()).or_insert(0);
             *count += 1;
