@@ -130,14 +130,16 @@ struct Needs {
 }
 
 /// Counts the names `names` finds in each version of what changed from `counted` to
-/// `now` into `counts`, keeping `needed` to the names counted at least once.
+/// `now` into `counts`, keeping `needed` to the names counted at least once; returns the
+/// names `needed` no longer has.
 fn recount<T: Clone + PartialEq>(
     counted: &mut Named<ResourceState<T>>,
     now: &Named<ResourceState<T>>,
     counts: &mut imbl::OrdMap<String, usize>,
     needed: &mut imbl::OrdSet<String>,
     names: impl Fn(&T) -> Vec<String>,
-) {
+) -> Vec<String> {
+    let before = needed.clone();
     let versions = |s: Option<&ResourceState<T>>| -> Vec<String> {
         s.into_iter()
             .flat_map(|s| s.active.iter().chain(&s.warming))
@@ -181,6 +183,14 @@ fn recount<T: Clone + PartialEq>(
         }
     }
     counted.clone_from(now);
+    // A name may reach zero and be counted again within one response: only the sets tell.
+    before
+        .diff(needed)
+        .filter_map(|change| match change {
+            imbl::ordset::DiffItem::Remove(name) => Some(name.clone()),
+            imbl::ordset::DiffItem::Add(_) => None,
+        })
+        .collect()
 }
 
 impl Default for XdsState {
@@ -647,22 +657,20 @@ impl XdsState {
         match ty {
             ResourceType::Listener => {
                 self.lds_received = true;
-                let before = self.needed.routes_needed.clone();
-                recount(
+                let dropped = recount(
                     &mut self.needs.listeners,
                     &self.state.listeners,
                     &mut self.needs.routes,
                     &mut self.needed.routes_needed,
                     |l| rds_names(l).into_iter().map(str::to_owned).collect(),
                 );
-                for name in dropped(&before, &self.needed.routes_needed) {
+                for name in dropped {
                     self.state.routes.remove(&name);
                 }
             }
             ResourceType::Cluster => {
                 self.cds_received = true;
-                let before = self.needed.endpoints_needed.clone();
-                recount(
+                let dropped = recount(
                     &mut self.needs.clusters,
                     &self.state.clusters,
                     &mut self.needs.endpoints,
@@ -672,7 +680,7 @@ impl XdsState {
                         _ => Vec::new(),
                     },
                 );
-                for name in dropped(&before, &self.needed.endpoints_needed) {
+                for name in dropped {
                     self.state.endpoints.remove(&name);
                 }
             }
@@ -801,17 +809,6 @@ fn promote_entry<T>(entry: Option<&mut ResourceState<T>>) {
 
 fn set_error<T: Clone>(m: &mut Named<ResourceState<T>>, name: &str, failure: UpdateFailure) {
     m.entry(name.to_string()).or_default().error = Some(failure);
-}
-
-/// The names in `before` that `now` no longer has.
-fn dropped(before: &imbl::OrdSet<String>, now: &imbl::OrdSet<String>) -> Vec<String> {
-    before
-        .diff(now)
-        .filter_map(|change| match change {
-            imbl::ordset::DiffItem::Remove(name) => Some(name.clone()),
-            imbl::ordset::DiffItem::Add(_) => None,
-        })
-        .collect()
 }
 
 fn keys_except<T: Clone>(m: &Named<ResourceState<T>>, keep: &BTreeSet<String>) -> Vec<String> {
