@@ -39,6 +39,8 @@ pub const UP_FROM_POD: &str = "10.251.2.1";
 pub const UP_FROM_HAPROXY_POD: &str = "10.251.3.1";
 /// The upstream as the pod of HAProxy's SNI-routing sidecar reaches it.
 pub const UP_FROM_TLS_POD: &str = "10.251.4.1";
+/// The upstream seen from the null relay's pod.
+pub const UP_FROM_RELAY_POD: &str = "10.251.5.1";
 /// The ServiceEntry host the sidecar routes to the upstream.
 pub const SIDECAR_HOST: &str = "upstream.bench";
 /// The ServiceEntry host the explicit proxy routes to the upstream.
@@ -77,6 +79,10 @@ pub const ENVOY_H2_PORT: u16 = 10023;
 pub const HAPROXY_LOG_PORT: u16 = 10031;
 /// Envoy with Istio's file access log.
 pub const ENVOY_LOG_PORT: u16 = 10033;
+/// The null relay (`portcullis-bench relay`), the HTTP cases' floor.
+pub const RELAY_PORT: u16 = 10041;
+/// HAProxy in `mode tcp`: HAProxy's own relay, with no HTTP.
+pub const HAPROXY_TCP_PORT: u16 = 10042;
 /// portcullis `--http-proxy` with `--access-log FILE`.
 pub const EXPLICIT_LOG_PORT: u16 = 10034;
 /// portcullis `--http-proxy`.
@@ -99,11 +105,20 @@ pub enum Ns {
     HaproxyPod,
     /// A pod whose sidecar is HAProxy routing TLS by SNI (`mode tcp`).
     TlsPod,
+    /// A pod whose sidecar is the null relay: the floor behind the same redirect.
+    RelayPod,
 }
 
 impl Ns {
     /// Every namespace of the lab.
-    pub const ALL: [Ns; 5] = [Ns::Up, Ns::Peers, Ns::Pod, Ns::HaproxyPod, Ns::TlsPod];
+    pub const ALL: [Ns; 6] = [
+        Ns::Up,
+        Ns::Peers,
+        Ns::Pod,
+        Ns::HaproxyPod,
+        Ns::TlsPod,
+        Ns::RelayPod,
+    ];
 
     fn short(self) -> &'static str {
         match self {
@@ -112,6 +127,7 @@ impl Ns {
             Ns::Pod => "pod",
             Ns::HaproxyPod => "hapod",
             Ns::TlsPod => "hatls",
+            Ns::RelayPod => "relay",
         }
     }
 
@@ -123,6 +139,7 @@ impl Ns {
             Ns::Pod => Some(UP_FROM_POD),
             Ns::HaproxyPod => Some(UP_FROM_HAPROXY_POD),
             Ns::TlsPod => Some(UP_FROM_TLS_POD),
+            Ns::RelayPod => Some(UP_FROM_RELAY_POD),
         }
     }
 }
@@ -210,6 +227,7 @@ impl Lab {
         lab.link(Ns::Pod, "10.251.2.2", UP_FROM_POD)?;
         lab.link(Ns::HaproxyPod, "10.251.3.2", UP_FROM_HAPROXY_POD)?;
         lab.link(Ns::TlsPod, "10.251.4.2", UP_FROM_TLS_POD)?;
+        lab.link(Ns::RelayPod, "10.251.5.2", UP_FROM_RELAY_POD)?;
         for ns in Ns::ALL {
             if let Some(up) = ns.upstream() {
                 lab.hosts(ns, up)?;
@@ -665,6 +683,10 @@ frontend bench-h2
     default_backend up-h2
 backend up-h2
     server s1 {UP_FROM_PEERS}:{H2C_PORT} proto h2
+listen bench-tcp
+    mode tcp
+    bind 127.0.0.1:{HAPROXY_TCP_PORT}
+    server s1 {UP_FROM_PEERS}:80
 ",
         ca.display()
     )

@@ -75,6 +75,13 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Relays every connection to `upstream` byte for byte (the floor of the HTTP cases).
+    Relay {
+        /// Listen address.
+        listen: SocketAddr,
+        /// Where each connection is relayed to.
+        upstream: SocketAddr,
+    },
     /// Opens connections, one request each, and holds them idle.
     Hold {
         /// Where to connect.
@@ -348,6 +355,7 @@ fn main() -> std::process::ExitCode {
             bytes,
             timeout,
         } => tools::fetch(addr, bytes, Duration::from_secs(timeout)),
+        Cmd::Relay { listen, upstream } => tools::relay(listen, upstream),
         Cmd::Hold {
             addr,
             count,
@@ -601,6 +609,7 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         (Set::Grpc, direct(grpc_url(lab::GRPC_HOST, lab::H2C_PORT))),
     ];
     start_peers(lab, args, &ca, &mut targets)?;
+    targets.extend(start_null_relays(lab, args, exe)?.map(|t| (Set::Http, t)));
     let (sidecar, sidecar_config) = start_portcullis(lab, args, &ca, &mut targets)?;
     for (set, t) in &targets {
         wait_ready(lab, *set, t)?;
@@ -808,6 +817,42 @@ fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> 
     Ok(pid)
 }
 
+/// The null relay in the peers namespace and as the sidecar of its own pod (behind the
+/// same iptables redirect as the sidecars), relaying to the upstream's HTTP port: the floor
+/// of every proxy's CPU per request, since it makes only the system calls relaying needs.
+fn start_null_relays(lab: &mut Lab, args: &RunArgs, exe: &Path) -> anyhow::Result<[Target; 2]> {
+    let exe = exe.display().to_string();
+    let listen = format!("127.0.0.1:{}", lab::RELAY_PORT);
+    let mut cmd = lab.pinned(Ns::Peers, &exe);
+    cmd.args(["relay", &listen, &format!("{}:80", lab::UP_FROM_PEERS)]);
+    let pid = lab.spawn("null-relay", &mut cmd)?;
+    let explicit = Target::plain(
+        "null relay",
+        Ns::Peers,
+        format!("http://{listen}/"),
+        Some(pid),
+    );
+    lab.run_in(
+        Ns::RelayPod,
+        &args.portcullis.display().to_string(),
+        &["iptables", "--apply"],
+    )?;
+    let mut cmd = lab.pinned_as_proxy(Ns::RelayPod, &exe);
+    cmd.args([
+        "relay",
+        "0.0.0.0:15001",
+        &format!("{}:80", lab::UP_FROM_RELAY_POD),
+    ]);
+    let pid = lab.spawn("null-relay-sidecar", &mut cmd)?;
+    let sidecar = Target::sidecar(
+        "null relay sidecar",
+        Ns::RelayPod,
+        lab::UP_FROM_RELAY_POD,
+        pid,
+    );
+    Ok([explicit, sidecar])
+}
+
 /// HAProxy as the sidecar of `ns`: the pod's iptables redirect (written by portcullis,
 /// which only installs the rules here), HAProxy as uid 1337 on the redirected port.
 fn start_haproxy_sidecar(
@@ -857,6 +902,7 @@ fn start_peers(
     let pid = lab.spawn("haproxy", &mut cmd)?;
     let haproxy = local("HAProxy", lab::HAPROXY_PORT, pid);
     targets.extend([
+        (Set::Http, local("HAProxy TCP", lab::HAPROXY_TCP_PORT, pid)),
         (Set::Http, haproxy.clone()),
         (Set::AccessLog, haproxy.clone()),
         (Set::OpenLoop, haproxy),

@@ -104,6 +104,9 @@ pub fn http_tables(samples: &[Sample], cases: &[CaseTitle]) -> String {
             );
         }
         let _ = writeln!(out, "\n{}", ratio_table(samples, case, c.tails));
+        if let Some(table) = floor_table(samples, case) {
+            let _ = writeln!(out, "{table}");
+        }
         if c.log_cost {
             let _ = writeln!(out, "{}", log_cost_table(samples, case));
         }
@@ -166,6 +169,45 @@ fn log_cost_table(samples: &[Sample], case: &str) -> String {
         );
     }
     out
+}
+
+/// The relays that do no HTTP at all against HAProxy in the same place and direct, and
+/// portcullis in that place against them: how far a target above HAProxy is from what
+/// relaying alone allows. `None` when the case has no relay target.
+fn floor_table(samples: &[Sample], case: &str) -> Option<String> {
+    const FLOORS: [(&str, &str, &str); 3] = [
+        ("null relay", "HAProxy", "portcullis explicit"),
+        ("HAProxy TCP", "HAProxy", "portcullis explicit"),
+        (
+            "null relay sidecar",
+            "HAProxy sidecar",
+            "portcullis sidecar",
+        ),
+    ];
+    let present: Vec<_> = FLOORS
+        .into_iter()
+        .filter(|(f, _, _)| samples.iter().any(|s| s.case == case && s.target == *f))
+        .collect();
+    if present.is_empty() {
+        return None;
+    }
+    let rps: Ratio = |a, b| a.wrk.rps / b.wrk.rps;
+    let cpu: Ratio = |a, b| a.proxy_cpu_us.unwrap_or(f64::NAN) / b.proxy_cpu_us.unwrap_or(f64::NAN);
+    let mut out = String::from(
+        "| relay without HTTP (median of per-repetition ratios) | req/s ÷ HAProxy in its place | req/s ÷ direct | proxy CPU/req ÷ that HAProxy's | portcullis in its place: req/s ÷ this | portcullis CPU/req ÷ this |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (floor, haproxy, portcullis) in present {
+        let _ = writeln!(
+            out,
+            "| {floor} | {} | {} | {} | {} | {} |",
+            fmt_opt(paired(samples, case, floor, haproxy, rps), 2),
+            fmt_opt(paired(samples, case, floor, "direct", rps), 2),
+            fmt_opt(paired(samples, case, floor, haproxy, cpu), 2),
+            fmt_opt(paired(samples, case, portcullis, floor, rps), 2),
+            fmt_opt(paired(samples, case, portcullis, floor, cpu), 2),
+        );
+    }
+    Some(out)
 }
 
 /// A figure of portcullis's sample relative to another target's in the same repetition.

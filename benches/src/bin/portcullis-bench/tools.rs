@@ -1,6 +1,6 @@
 //! Small helpers the harness runs as its own subcommands inside the namespaces: a busy loop
-//! for the parallelism check, a bulk TCP source and reader, and a holder of idle
-//! keep-alive connections.
+//! for the parallelism check, a bulk TCP source and reader, a holder of idle keep-alive
+//! connections, and the null relay the HTTP cases' floor is measured with.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -141,4 +141,165 @@ fn still_open(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     stream.set_nonblocking(true).is_ok()
         && matches!(stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// The null relay's read buffer: larger than any request or response of the HTTP cases,
+/// so one read takes a whole message.
+const RELAY_BUFFER: usize = 16 * 1024;
+
+/// One relayed connection: the client's side and the upstream's, and per side the bytes
+/// read from it that the other side's socket buffer had no room for.
+struct Pair {
+    sides: [mio::net::TcpStream; 2],
+    pending: [Vec<u8>; 2],
+}
+
+/// The floor any epoll proxy stands on: relays each connection accepted on `listen` to
+/// `upstream` byte for byte, on one thread, one `read` and one `write` per message and
+/// nothing in between (no parsing, routing, pooling, metrics or task wake-ups). Runs until
+/// killed.
+pub fn relay(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
+    use mio::{Events, Interest, Poll, Token};
+
+    const LISTENER: Token = Token(usize::MAX);
+    let mut poll = Poll::new()?;
+    let mut listener =
+        mio::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    println!("relaying {listen} to {upstream}");
+    let mut pairs: Vec<Option<Pair>> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        for event in &events {
+            if event.token() == LISTENER {
+                accept_pairs(&listener, upstream, &poll, &mut pairs);
+                continue;
+            }
+            // Token 2i is pair i's client side, 2i + 1 its upstream side.
+            let (index, side) = (event.token().0 / 2, event.token().0 % 2);
+            let Some(Some(pair)) = pairs.get_mut(index) else {
+                continue;
+            };
+            // Linux reports a TCP socket writable with every arrival under edge triggering,
+            // so only a side with bytes waiting for this one acts on it.
+            let waiting = event.is_writable() && !pair.pending[1 - side].is_empty();
+            let mut open = !waiting || flush(pair, 1 - side);
+            if open && (event.is_readable() || event.is_read_closed()) {
+                open = pump(pair, side, &mut buf, event.is_read_closed());
+            }
+            // The waiting side's own arrivals were not read meanwhile: read it dry now.
+            if open && waiting && pair.pending[1 - side].is_empty() {
+                open = pump(pair, 1 - side, &mut buf, true);
+            }
+            if !open && let Some(mut pair) = pairs[index].take() {
+                for s in &mut pair.sides {
+                    let _ = poll.registry().deregister(s);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts every waiting client and dials the upstream for each (a blocking connect: the
+/// floor is measured on keep-alive connections, where it happens once).
+fn accept_pairs(
+    listener: &mio::net::TcpListener,
+    upstream: SocketAddr,
+    poll: &mio::Poll,
+    pairs: &mut Vec<Option<Pair>>,
+) {
+    use mio::{Interest, Token};
+
+    while let Ok((client, _)) = listener.accept() {
+        let Ok(up) = TcpStream::connect(upstream) else {
+            continue;
+        };
+        if up.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let _ = client.set_nodelay(true);
+        let _ = up.set_nodelay(true);
+        let index = pairs.iter().position(Option::is_none).unwrap_or_else(|| {
+            pairs.push(None);
+            pairs.len() - 1
+        });
+        let mut pair = Pair {
+            sides: [client, mio::net::TcpStream::from_std(up)],
+            pending: [Vec::new(), Vec::new()],
+        };
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let registered = pair.sides.iter_mut().enumerate().all(|(side, s)| {
+            poll.registry()
+                .register(s, Token(index * 2 + side), both)
+                .is_ok()
+        });
+        if registered {
+            pairs[index] = Some(pair);
+        }
+    }
+}
+
+/// Reads what `side` has and writes it straight to the other side, until the other
+/// side's buffer is full or `side` is empty: a short read is taken to mean empty unless
+/// `dry` (the peer closed, or arrivals went unread), which reads on to `WouldBlock`.
+/// False once the pair is done.
+fn pump(pair: &mut Pair, side: usize, buf: &mut [u8], dry: bool) -> bool {
+    if !pair.pending[side].is_empty() {
+        return true;
+    }
+    let Pair { sides, pending } = pair;
+    let [a, b] = sides;
+    let (from, to) = if side == 0 { (a, b) } else { (b, a) };
+    loop {
+        match from.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                let Some(written) = write_some(to, &buf[..n]) else {
+                    return false;
+                };
+                if written < n {
+                    pending[side].extend_from_slice(&buf[written..n]);
+                    return true;
+                }
+                if n < buf.len() && !dry {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Writes the bytes read from `side` that waited to the other side; false on an error.
+fn flush(pair: &mut Pair, side: usize) -> bool {
+    let to = &mut pair.sides[1 - side];
+    let Some(written) = write_some(to, &pair.pending[side]) else {
+        return false;
+    };
+    pair.pending[side].drain(..written);
+    true
+}
+
+/// Writes as much of `bytes` as the socket takes now; `None` on an error.
+fn write_some(to: &mut mio::net::TcpStream, bytes: &[u8]) -> Option<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match to.write(&bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(written)
 }
