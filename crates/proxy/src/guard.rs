@@ -472,12 +472,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                // The time read above stands for the read's too: the read returned without
+                // waiting, and a clock read per use is a measurable part of a request.
                 if buf.filled().len() > before {
-                    this.activity();
+                    this.idle_deadline = now + this.idle_timeout;
                     if this.head_deadline.is_none()
                         && let Some(in_flight) = this.in_flight.as_ref().filter(|f| f.idle())
                     {
-                        let now = Instant::now();
                         this.head_deadline =
                             Some((now + this.headers_timeout, in_flight.started()));
                         this.request_began = Some((now, in_flight.received_count()));
