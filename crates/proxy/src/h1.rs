@@ -34,7 +34,7 @@ use crate::http::{
     RouteInput, Routed, SNIFFED_HTTP1, request_id, timeout_ms,
 };
 use crate::io::PrefixedIo;
-use crate::log::LoggedHeaders;
+use crate::log::{LogText, LoggedHeaders};
 use crate::metrics::Metrics;
 use crate::origin::{PoolKey, Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
@@ -226,9 +226,9 @@ async fn reply_headless<I: AsyncWrite + Unpin>(
 ) -> Next {
     let line = LogLine::wanted(proxy).then(|| LogLine {
         method: Method::from_bytes(b"-").unwrap_or_default(),
-        path: "-".into(),
+        path: LogText::from("-"),
         protocol: "HTTP/1.1",
-        authority: "-".into(),
+        authority: LogText::from("-"),
         headers: LoggedHeaders::default(),
     });
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
@@ -900,11 +900,11 @@ impl Head {
     /// The access log's view of the request; a head with one of the logged headers more
     /// than once is parsed again (at most `max` fields) to join their values.
     fn log_line(&self, request: &Bytes, max: usize) -> LogLine {
-        let text = |r: Range<usize>| String::from_utf8_lossy(&request[r]).into_owned();
+        let shared = |r: Range<usize>| LogText::Shared(request.slice(r));
         let mut headers = if self.logged.repeated {
             logged_headers(&request[..self.len], max)
         } else {
-            let value = |r: &Option<Range<usize>>| r.clone().map(text);
+            let value = |r: &Option<Range<usize>>| r.clone().map(shared);
             LoggedHeaders {
                 user_agent: value(&self.logged.user_agent),
                 request_id: value(&self.logged.request_id),
@@ -913,53 +913,58 @@ impl Head {
         };
         let generated = self.generated_id.and_then(|at| {
             let at = usize::try_from(at.get()).ok()?;
-            self.out.get(at..at + REQUEST_ID_LEN)
+            self.out.get(at..at + REQUEST_ID_LEN)?.try_into().ok()
         });
         if let Some(id) = generated {
-            headers.request_id = Some(String::from_utf8_lossy(id).into_owned());
+            headers.request_id = Some(LogText::Id(id));
         }
         LogLine {
             method: Method::from_bytes(&request[self.method.clone()]).unwrap_or_default(),
             path: if self.slash {
-                format!("/{}", text(self.path.clone()))
+                LogText::from(format!(
+                    "/{}",
+                    String::from_utf8_lossy(&request[self.path.clone()])
+                ))
             } else {
-                text(self.path.clone())
+                shared(self.path.clone())
             },
             protocol: "HTTP/1.1",
-            authority: text(self.authority.clone()),
+            authority: shared(self.authority.clone()),
             headers,
         }
     }
 }
 
-/// The headers of `head` the access log shows.
+/// The headers of `head` the access log shows, repeated ones joined with `,`.
 fn logged_headers(head: &[u8], max: usize) -> LoggedHeaders {
     let mut fields = vec![httparse::EMPTY_HEADER; max];
     let mut req = httparse::Request::new(&mut fields);
-    let mut out = LoggedHeaders::default();
     if req.parse(head).is_err() {
-        return out;
+        return LoggedHeaders::default();
     }
+    let mut values: [Option<Vec<u8>>; 3] = Default::default();
     for h in req.headers.iter() {
-        let slot = if h.name.eq_ignore_ascii_case("user-agent") {
-            &mut out.user_agent
-        } else if h.name.eq_ignore_ascii_case("x-request-id") {
-            &mut out.request_id
-        } else if h.name.eq_ignore_ascii_case("x-forwarded-for") {
-            &mut out.forwarded_for
-        } else {
+        let Some(at) = ["user-agent", "x-request-id", "x-forwarded-for"]
+            .iter()
+            .position(|n| h.name.eq_ignore_ascii_case(n))
+        else {
             continue;
         };
-        let value = String::from_utf8_lossy(h.value);
-        match slot {
+        match &mut values[at] {
             Some(v) => {
-                v.push(',');
-                v.push_str(&value);
+                v.push(b',');
+                v.extend_from_slice(h.value);
             }
-            None => *slot = Some(value.into_owned()),
+            slot @ None => *slot = Some(h.value.to_vec()),
         }
     }
-    out
+    let [user_agent, request_id, forwarded_for] =
+        values.map(|v| v.map(|v| LogText::Shared(Bytes::from(v))));
+    LoggedHeaders {
+        user_agent,
+        request_id,
+        forwarded_for,
+    }
 }
 
 enum Parsed {
@@ -1705,7 +1710,7 @@ mod tests {
         assert_eq!(head.body, 3);
         let line = head.log_line(&Bytes::from(raw), 100);
         assert_eq!(
-            (line.path.as_str(), line.authority.as_str()),
+            (&*line.path.text(), &*line.authority.text()),
             ("/p", "up.example")
         );
     }
@@ -1728,7 +1733,7 @@ mod tests {
             let line = head.log_line(&Bytes::from(raw), 100);
             let sent = id_sent(&head).expect("a generated id");
             assert_eq!(sent.len(), 36, "{sent}");
-            assert_eq!(line.headers.request_id, Some(sent), "{raw:?}");
+            assert_eq!(shown(&line.headers.request_id), Some(sent), "{raw:?}");
         }
         // The client's, verbatim; repeated, joined as the log joins any repeated header.
         for (raw, logged) in [
@@ -1744,7 +1749,11 @@ mod tests {
             let (head, _) = complete(raw, false);
             assert_eq!(head.generated_id, None, "{raw:?}");
             let line = head.log_line(&Bytes::from(raw), 100);
-            assert_eq!(line.headers.request_id.as_deref(), Some(logged), "{raw:?}");
+            assert_eq!(
+                shown(&line.headers.request_id).as_deref(),
+                Some(logged),
+                "{raw:?}"
+            );
         }
     }
 
@@ -1757,9 +1766,9 @@ mod tests {
         let h = &line.headers;
         assert_eq!(
             (
-                h.user_agent.as_deref(),
-                h.request_id.as_deref(),
-                h.forwarded_for.as_deref()
+                shown(&h.user_agent).as_deref(),
+                shown(&h.request_id).as_deref(),
+                shown(&h.forwarded_for).as_deref()
             ),
             (Some("curl/8"), Some("abc"), None)
         );
@@ -1768,9 +1777,14 @@ mod tests {
         let (head, _) = complete(raw, false);
         let line = head.log_line(&Bytes::from(raw), 100);
         assert_eq!(
-            line.headers.forwarded_for.as_deref(),
+            shown(&line.headers.forwarded_for).as_deref(),
             Some("10.0.0.1,10.0.0.2")
         );
+    }
+
+    /// What the line shows of a logged value.
+    fn shown(value: &Option<LogText>) -> Option<String> {
+        value.as_ref().map(|v| v.text().into_owned())
     }
 
     #[test]

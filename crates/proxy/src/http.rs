@@ -30,7 +30,7 @@ use crate::error::{ProxyError, grpc_local_reply, is_grpc_content_type};
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
 use crate::hash::{HashInput, RequestHash, request_hash};
-use crate::log::{HttpLog, LoggedHeaders};
+use crate::log::{HttpLog, LogText, LoggedHeaders};
 use crate::metrics::{
     Destination, LastSeries, Measured, Metrics, RequestKey, header_fields, request_head_bytes,
     response_head_bytes,
@@ -187,9 +187,9 @@ impl Default for Outcome {
 /// The request as the access log line shows it; captured only when access logs are on.
 pub(crate) struct LogLine {
     pub method: Method,
-    pub path: String,
+    pub path: LogText,
     pub protocol: &'static str,
-    pub authority: String,
+    pub authority: LogText,
     pub headers: LoggedHeaders,
 }
 
@@ -212,18 +212,19 @@ impl LogLine {
             .unwrap_or("-");
         LogLine {
             method: req.method().clone(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or("/", PathAndQuery::as_str)
-                .to_owned(),
+            path: LogText::from(
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", PathAndQuery::as_str)
+                    .to_owned(),
+            ),
             protocol: version_str(req.version()),
-            authority: authority.to_owned(),
+            authority: LogText::from(authority.to_owned()),
             headers: {
                 let get = |name: &str| {
                     req.headers()
                         .get(name)
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .map(|v| LogText::Shared(bytes::Bytes::copy_from_slice(v.as_bytes())))
                 };
                 LoggedHeaders {
                     user_agent: get("user-agent"),
@@ -285,7 +286,7 @@ impl RequestLog {
         }
         let id = request_id();
         if let Some(line) = &mut self.line {
-            line.headers.request_id = Some(String::from_utf8_lossy(&id).into_owned());
+            line.headers.request_id = Some(LogText::Id(id));
         }
         if let Ok(id) = HeaderValue::from_bytes(&id) {
             headers.insert(REQUEST_ID, id);
@@ -340,9 +341,9 @@ impl RequestLog {
         let route = outcome.matched.as_ref().map_or(outcome.route, |r| &r.name);
         HttpLog {
             method: line.method.as_str(),
-            path: &line.path,
+            path: &line.path.text(),
             protocol: line.protocol,
-            authority: &line.authority,
+            authority: &line.authority.text(),
             headers: &line.headers,
             status: outcome.status,
             flags,
