@@ -141,18 +141,27 @@ async fn serve<P: Protocol>(
                 shared.record(context.stream, &node_id, out.sent);
                 let replay = lock(&shared.faults).stale_nonce.remove(&out.type_url);
                 let previous = last.insert(out.type_url.clone(), (out.response, out.nonce));
-                if let (true, Some((old, nonce))) = (replay, previous) {
-                    if tx.send(Ok(old)).await.is_err() {
-                        break 'stream "client gone".to_owned();
+                match (replay, previous) {
+                    (true, Some((old, nonce))) => {
+                        if tx.send(Ok(old)).await.is_err() {
+                            break 'stream "client gone".to_owned();
+                        }
+                        let type_url = out.type_url;
+                        shared.record(
+                            context.stream,
+                            &node_id,
+                            EventKind::Replayed { type_url, nonce },
+                        );
                     }
-                    let type_url = out.type_url;
-                    shared.record(
-                        context.stream,
-                        &node_id,
-                        EventKind::Replayed { type_url, nonce },
-                    );
-                } else if replay {
-                    lock(&shared.faults).stale_nonce.insert(out.type_url);
+                    (true, None) => {
+                        lock(&shared.faults).stale_nonce.insert(out.type_url);
+                    }
+                    (false, Some(old)) => {
+                        // Freeing a mesh-sized response takes milliseconds; on this task it
+                        // would hold back the response just queued until it is done.
+                        tokio::task::spawn_blocking(move || drop(old));
+                    }
+                    (false, None) => {}
                 }
             }
         }

@@ -743,12 +743,23 @@ impl XdsState {
             .map(|(key, _)| key.clone())
             .collect();
         let changed = !ready.is_empty();
+        // Promotion moves versions without changing which are held, so what was counted
+        // stays counted: the counted maps take the promoted ones and keep sharing them,
+        // and the next response's recount walks what it changed, not every promoted entry.
+        let listeners_counted = self.needs.listeners.ptr_eq(&self.state.listeners);
+        let clusters_counted = self.needs.clusters.ptr_eq(&self.state.clusters);
         for key in ready {
             self.warming.remove(&key);
             match key.0 {
                 ResourceType::Cluster => promote_entry(self.state.clusters.get_mut(&key.1)),
                 _ => promote_entry(self.state.listeners.get_mut(&key.1)),
             }
+        }
+        if listeners_counted {
+            self.needs.listeners.clone_from(&self.state.listeners);
+        }
+        if clusters_counted {
+            self.needs.clusters.clone_from(&self.state.clusters);
         }
         changed
     }

@@ -1787,6 +1787,43 @@ fn an_updated_cluster_keeps_serving_its_previous_version_while_the_new_one_warms
     );
 }
 
+#[test]
+fn clusters_promoted_by_their_endpoints_keep_their_endpoints_needed_through_later_pushes() {
+    let mut s = XdsState::default();
+    let names: Vec<String> = (0..40)
+        .map(|i| format!("outbound|80||s{i}.example"))
+        .collect();
+    let clusters: Vec<Resource> = names
+        .iter()
+        .map(|n| delta(n, "1", pack_any(eds_cluster(n))))
+        .collect();
+    assert_eq!(
+        s.apply_delta(CLUSTER_TYPE, &clusters, &[])
+            .endpoints_needed
+            .len(),
+        40
+    );
+    let endpoints: Vec<Resource> = names
+        .iter()
+        .map(|n| delta(n, "1", pack_any(cla(n, &["10.1.0.1"]))))
+        .collect();
+    s.apply_delta(ENDPOINT_TYPE, &endpoints, &[]);
+    assert_eq!(s.active().clusters.len(), 40, "every cluster promoted");
+
+    // A later push adds one cluster and removes a promoted one: only those change the needs.
+    let added = "outbound|80||new.example";
+    let applied = s.apply_delta(
+        CLUSTER_TYPE,
+        &[delta(added, "2", pack_any(eds_cluster(added)))],
+        std::slice::from_ref(&names[0]),
+    );
+    assert_eq!(applied.endpoints_needed.len(), 40);
+    assert!(applied.endpoints_needed.contains(added));
+    assert!(!applied.endpoints_needed.contains(&names[0]));
+    assert!(!s.state().endpoints.contains_key(&names[0]));
+    assert!(s.state().endpoints.contains_key(&names[1]));
+}
+
 #[tokio::test(start_paused = true)]
 async fn warming_ends_at_the_initial_fetch_timeout_with_no_endpoints() {
     let mut s = XdsState::new(Duration::from_secs(15));

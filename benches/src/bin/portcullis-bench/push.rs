@@ -198,6 +198,15 @@ pub fn run(args: &PushArgs, exe: &Path) -> anyhow::Result<()> {
                 sample.wrk.requests,
                 sample.wrk.failures(),
             );
+            let each: Vec<String> = sample
+                .new_serve_ms
+                .iter()
+                .map(|ms| format!("{ms:.1}"))
+                .collect();
+            eprintln!(
+                "  each new service's change→serving, ms: {}",
+                each.join(" ")
+            );
             samples.push((rep, sample));
         }
     }
