@@ -1,5 +1,5 @@
-//! Routing decisions by Host, by SNI and by address+port, at 10, 1,000 and 100,000
-//! ServiceEntries. Each benchmark id ends in the registry size, so that the summary
+//! Routing decisions by Host, by SNI and by address+port, and the explanation of a refusal,
+//! at 10, 1,000 and 100,000 ServiceEntries. Each benchmark id ends in the registry size, so that the summary
 //! (`portcullis-bench criterion-table`) shows whether a lookup's cost grows with it.
 
 use std::hint::black_box;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion};
 use portcullis_benches::model::indexed;
 use portcullis_benches::{HTTP_PORT, SIZES, TCP_PORT, TLS_PORT, keys, snapshot};
-use portcullis_registry::Snapshot;
+use portcullis_registry::{Refused, Snapshot};
 
 fn routing(c: &mut Criterion) {
     for n in SIZES {
@@ -60,6 +60,25 @@ fn lookups(c: &mut Criterion, prefix: &str, s: &Snapshot, n: usize) {
         ] {
             g.bench_with_input(BenchmarkId::new(case, n), &ip, |b, ip| {
                 b.iter(|| s.route_tcp(black_box(*ip), black_box(TCP_PORT)));
+            });
+        }
+        g.finish();
+
+        // A refusal's explanation (the denials record, learn mode): the name unknown, and
+        // known on another port.
+        let mut g = c.benchmark_group(format!("{prefix}explain"));
+        for (case, host, port) in [
+            ("unknown", &k.missing_host, HTTP_PORT),
+            ("other_port", &k.exact_host, HTTP_PORT + 1),
+        ] {
+            g.bench_with_input(BenchmarkId::new(case, n), host, |b, host| {
+                b.iter(|| {
+                    s.explain(black_box(Refused {
+                        host: Some(host),
+                        destination: None,
+                        port,
+                    }))
+                });
             });
         }
         g.finish();

@@ -1,8 +1,8 @@
 //! Why the registry refuses a destination, in words an operator can act on.
 //!
-//! Only refused traffic is explained, so the lookups here walk the services instead of
-//! using the data path's indexes: what a refusal needs is the closest registered thing,
-//! which no index answers.
+//! Only refused traffic is explained, from the snapshot's services by host: the hosts that
+//! cover the refused name, never a walk of every service (a refusal is data path work, and
+//! a client can make many).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -112,14 +112,6 @@ impl fmt::Display for Reason {
     }
 }
 
-/// Whether a service host (possibly `*.suffix` or `*`) covers `name`.
-fn covers(service: &str, name: &str) -> bool {
-    match service.strip_prefix('*') {
-        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
-        None => service.eq_ignore_ascii_case(name),
-    }
-}
-
 impl Snapshot {
     /// Why `refused` found no service: the closest registered thing and what it lacks.
     pub fn explain(&self, refused: Refused<'_>) -> Reason {
@@ -143,11 +135,7 @@ impl Snapshot {
             };
         };
         let host = name.text.into_owned();
-        let named: Vec<&Cluster> = self
-            .services()
-            .map(|c| &**c)
-            .filter(|c| covers(&c.host, &host))
-            .collect();
+        let named: Vec<&Cluster> = self.services_covering(&host).map(|c| &**c).collect();
         if named.is_empty() {
             return Reason::NoServiceEntry {
                 host,
@@ -185,6 +173,8 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::tests::snapshot as snapshot_of;
 
@@ -308,6 +298,82 @@ spec:
             bad.warnings
         );
         assert_eq!(snapshot_of(REGISTRY).enforcement, None);
+    }
+
+    #[test]
+    fn the_hosts_index_follows_each_snapshot_and_finds_what_a_walk_finds() {
+        use crate::snapshot::{HostMap, hosts_after};
+        use crate::tests::load;
+
+        let extra = |ports: &str| {
+            format!(
+                "{REGISTRY}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: more, namespace: default}}
+spec:
+  hosts: [more.example.com, '*.example.com', '*.com']
+  ports: [{ports}]
+  resolution: NONE
+  location: MESH_EXTERNAL
+"
+            )
+        };
+        let options = crate::BuildOptions::default();
+        let steps = [
+            REGISTRY.to_owned(),
+            extra("{number: 80, name: http, protocol: HTTP}"),
+            extra(
+                "{number: 81, name: http, protocol: HTTP}, {number: 443, name: tls, protocol: TLS}",
+            ),
+            REGISTRY.replace("api.example.com", "api2.example.com"),
+        ];
+        let mut previous: Option<Snapshot> = None;
+        for (version, yaml) in steps.iter().enumerate() {
+            let s = crate::build(&load(yaml), &options, previous.as_ref(), version as u64);
+            let all = s.clusters.values().map(|c| (None, Some(Arc::clone(c))));
+            let fresh = hosts_after(&HostMap::new(), all);
+            let shape = |m: &HostMap| -> Vec<(String, Vec<String>)> {
+                m.iter()
+                    .map(|(host, named)| {
+                        let names = named.keys().map(ToString::to_string).collect();
+                        (host.to_string(), names)
+                    })
+                    .collect()
+            };
+            assert_eq!(shape(&s.by_host), shape(&fresh), "step {version}");
+            assert!(
+                s.by_host
+                    .values()
+                    .flat_map(|named| named.iter())
+                    .all(|(name, c)| s.clusters.get(name).is_some_and(|now| Arc::ptr_eq(c, now))),
+                "step {version}: a cluster of an earlier snapshot is kept"
+            );
+            for name in [
+                "api.example.com",
+                "api2.example.com",
+                "more.example.com",
+                "x.wild.example.com",
+                "wild.example.com",
+                "db.example.com",
+                "nothing.test",
+                "a",
+            ] {
+                let mut found: Vec<&str> = s.services_covering(name).map(|c| &*c.name).collect();
+                let mut walked: Vec<&str> = s
+                    .services()
+                    .filter(|c| match c.host.strip_prefix('*') {
+                        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+                        None => *c.host == *name,
+                    })
+                    .map(|c| &*c.name)
+                    .collect();
+                found.sort_unstable();
+                walked.sort_unstable();
+                assert_eq!(found, walked, "step {version}, {name}");
+            }
+            previous = Some(s);
+        }
     }
 
     #[test]

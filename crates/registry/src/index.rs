@@ -13,7 +13,7 @@ use crate::build::DnsAnswers;
 use crate::cluster::{self, Clusters};
 use crate::listener::{ChainFilter, Listeners};
 use crate::route::RouteTable;
-use crate::snapshot::{ClusterMap, Decision, Protocol, Snapshot};
+use crate::snapshot::{ClusterMap, Decision, HostMap, Protocol, Snapshot};
 
 impl Snapshot {
     /// Indexes `resources` into snapshot `version`. DNS names that clusters need are
@@ -42,14 +42,15 @@ impl Snapshot {
                 .unwrap_or(Protocol::Http),
         };
         let before = previous.and_then(|p| Some((p, p.indexed.as_deref()?)));
-        let (mut by_name, stale, aliases) = match before {
+        let (mut by_name, by_host, stale, aliases) = match before {
             Some((p, was)) => {
                 let aliases = was.aliases_after(resources);
                 let stale = was.stale(resources, &usage, &aliases);
-                (p.clusters.clone(), stale, aliases)
+                (p.clusters.clone(), &p.by_host, stale, aliases)
             }
             None => (
                 ClusterMap::new(),
+                &HostMap::new(),
                 resources
                     .clusters
                     .keys()
@@ -59,9 +60,10 @@ impl Snapshot {
             ),
         };
         let mut volatile = Vec::new();
+        let mut changes = Vec::new();
         for name in stale {
             let Some(c) = resources.clusters.get(&*name) else {
-                by_name.remove(&*name);
+                changes.push((by_name.remove(&*name), None));
                 continue;
             };
             let protocol = protocol(c);
@@ -83,8 +85,11 @@ impl Snapshot {
             if built.built_from.is_none() {
                 volatile.push(Arc::clone(&built.name));
             }
-            by_name.insert(Arc::clone(&built.name), Arc::new(built));
+            let built = Arc::new(built);
+            let was = by_name.insert(Arc::clone(&built.name), Arc::clone(&built));
+            changes.push((was, Some(built)));
         }
+        let by_host = crate::snapshot::hosts_after(by_host, changes);
         let indexed = Indexed {
             resources: resources.clone(),
             usage: usage.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
@@ -126,6 +131,7 @@ impl Snapshot {
         Snapshot {
             version,
             mode,
+            by_host,
             clusters: by_name,
             warnings,
             dns_names,

@@ -328,6 +328,10 @@ pub struct Snapshot {
     pub mode: Option<OutboundMode>,
     /// Every cluster, by name (sorted); shared with the next snapshot where unchanged.
     pub clusters: ClusterMap,
+    /// The services' clusters by lower-cased host, then name, kept beside `clusters`: a
+    /// refusal is explained from the hosts that cover its name instead of a walk of every
+    /// service.
+    pub(crate) by_host: HostMap,
     /// Warnings found while compiling (conflicts, unsupported features).
     pub warnings: Vec<String>,
     /// Hostnames the registry needs resolved: DNS endpoints and resolution-NONE hosts.
@@ -348,6 +352,52 @@ pub struct Snapshot {
 
 /// Clusters by name, in a persistent map: the next snapshot shares every unchanged one.
 pub type ClusterMap = imbl::OrdMap<Arc<str>, Arc<Cluster>>;
+
+/// Service clusters by lower-cased host, then by name ([`Snapshot::by_host`]).
+pub(crate) type HostMap = imbl::OrdMap<Arc<str>, ClusterMap>;
+
+/// The key of `cluster` in a [`HostMap`]; `None` for Istio's two catch-all clusters, which
+/// are not services.
+fn host_key(cluster: &Cluster) -> Option<Arc<str>> {
+    if [BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*cluster.name) {
+        return None;
+    }
+    Some(if cluster.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        cluster.host.to_ascii_lowercase().into()
+    } else {
+        Arc::clone(&cluster.host)
+    })
+}
+
+/// `by_host` after `changes` to the clusters it was built for (each the cluster a name
+/// had and has, `None` for none): a snapshot that changes one service visits that one, not
+/// every host.
+pub(crate) fn hosts_after(
+    by_host: &HostMap,
+    changes: impl IntoIterator<Item = (Option<Arc<Cluster>>, Option<Arc<Cluster>>)>,
+) -> HostMap {
+    let mut by_host = by_host.clone();
+    for (was, now) in changes {
+        if let Some(c) = was
+            && let Some(key) = host_key(&c)
+            && let Some(named) = by_host.get_mut(&key)
+        {
+            named.remove(&c.name);
+            if named.is_empty() {
+                by_host.remove(&key);
+            }
+        }
+        if let Some(c) = now
+            && let Some(key) = host_key(&c)
+        {
+            by_host
+                .entry(key)
+                .or_default()
+                .insert(Arc::clone(&c.name), c);
+        }
+    }
+    by_host
+}
 
 /// The ALPN an HTTP/1 request is sniffed as, for filter chain matching.
 const SNIFFED_HTTP1: &[&str] = &["http/1.1"];
@@ -622,6 +672,31 @@ impl Snapshot {
         self.clusters
             .values()
             .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
+    }
+
+    /// The service clusters whose host covers `name` (lower case, no port): its own, and
+    /// every wildcard host whose suffix ends it (`*.suffix` for each of the name's parent
+    /// domains, and `*`; a wildcard is only ever written that way).
+    pub(crate) fn services_covering<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Cluster>> + 'a {
+        let mut wildcard = String::with_capacity(name.len() + 1);
+        let suffixes = name
+            .match_indices('.')
+            .map(|(i, _)| i)
+            .chain(std::iter::once(name.len()));
+        let wildcards = suffixes.filter_map(move |i| {
+            wildcard.clear();
+            wildcard.push('*');
+            wildcard.push_str(&name[i..]);
+            self.by_host.get(wildcard.as_str())
+        });
+        self.by_host
+            .get(name)
+            .into_iter()
+            .chain(wildcards)
+            .flat_map(|named| named.values())
     }
 
     /// Looks up a cluster by its Envoy name.
