@@ -690,7 +690,7 @@ async fn relay<I: AsyncRead + AsyncWrite + Unpin>(
     (io, pipelined): (&mut I, &mut BytesMut),
     mut stream: UpstreamIo,
     mut buffered: BytesMut,
-    response: ResponseHead,
+    mut response: ResponseHead,
     (start, close): (Instant, bool),
     metrics: &Metrics,
 ) -> Result<(UpstreamIo, bool), Cut> {
@@ -1283,7 +1283,8 @@ pub fn rewrite_response(
     buf: &[u8],
     head_method: bool,
 ) -> Result<Option<(usize, Vec<u8>)>, &'static str> {
-    Ok(parse_response(buf, head_method)?.map(|r| (r.len, r.client_head(Instant::now(), false, 0))))
+    Ok(parse_response(buf, head_method)?
+        .map(|mut r| (r.len, r.client_head(Instant::now(), false, 0))))
 }
 
 /// Where a chunked body at the start of `data` ends; `Ok(None)` when it does not end in
@@ -1324,10 +1325,12 @@ struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// The head for the client, with room for `body` bytes sent in the same write.
-    fn client_head(&self, start: Instant, close: bool, body: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.head.len() + 192 + body);
-        out.extend_from_slice(&self.head);
+    /// The head for the client, with room for `body` bytes sent in the same write: the
+    /// upstream's fields already written, in the buffer they were written to (sized for
+    /// this when parsed), so the response head is allocated once.
+    fn client_head(&mut self, start: Instant, close: bool, body: usize) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.head);
+        out.reserve(192 + body);
         header(&mut out, b"server", b"envoy");
         let mut ms = itoa::Buffer::new();
         let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -1403,7 +1406,9 @@ fn parse_response(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>,
     } else {
         listed.keep_alive && !listed.close
     };
-    let mut head = Vec::with_capacity(len + 64);
+    // Room for the proxy's own headers and the body bytes read with the head, which go to
+    // the client in the same write (`ResponseHead::client_head`).
+    let mut head = Vec::with_capacity(buf.len() + 192);
     status_line(&mut head, status, res.reason.map(str::as_bytes));
     let mut fields = 0;
     for h in res.headers.iter() {
@@ -1678,7 +1683,7 @@ mod tests {
              x-forwarded-proto: http\r\n\r\n"
         );
         assert_eq!(head.body, 2);
-        let r = response(
+        let mut r = response(
             "HTTP/1.1 200 OK\r\nDate: x\r\nConnection: Content-Length\r\n\
              Content-Length: 2\r\n\r\n",
             false,
@@ -1876,7 +1881,7 @@ mod tests {
 
     #[test]
     fn client_response_head_is_rewritten_as_envoy_does() {
-        let r = response(
+        let mut r = response(
             "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: x\r\nConnection: keep-alive, X-Hop\r\n\
              X-Hop: 1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n",
             false,
@@ -1887,7 +1892,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\
              server: envoy\r\nx-envoy-upstream-service-time: 0\r\nconnection: close\r\n\r\n"
         );
-        let r = response("HTTP/1.1 599 Odd\r\n\r\n", true);
+        let mut r = response("HTTP/1.1 599 Odd\r\n\r\n", true);
         let head = String::from_utf8(r.client_head(Instant::now(), false, 0)).unwrap();
         assert!(head.starts_with("HTTP/1.1 599 Odd\r\n"), "{head}");
         assert!(head.contains("\r\ndate: "), "{head}");
