@@ -2,9 +2,9 @@
 //! it closes), in Istio's default text format or with the keys of Istio's default JSON
 //! format. Lines are appended to one pending buffer that a writer thread swaps out every
 //! [`FLUSH_INTERVAL`] and writes in one go: a request wakes no thread, makes no system call
-//! and allocates nothing for its line (it is formatted straight into the pending buffer,
-//! under a lock held for that line or the writer's swap). When the buffer is full a line is
-//! dropped and counted, so the data path never waits for the disk.
+//! and allocates nothing for its text line (it is formatted straight into the pending
+//! buffer, under a lock held for that line or the writer's swap). When the buffer is full a
+//! line is dropped and counted, so the data path never waits for the disk.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -129,18 +129,23 @@ impl AccessLog {
     }
 
     /// Adds the line of `entry` to the pending lines, or drops it when the writer is behind.
-    /// The line is formatted in place, under the lock: that costs less than formatting it
-    /// apart and copying it in, and the lock is only ever held by one line or the writer's
-    /// swap of the buffer.
+    /// A text line is formatted in place, under the lock: that costs less than formatting
+    /// it apart and copying it in, and takes about as long as the copy would. A JSON line,
+    /// which builds a value first, is formatted before the lock is taken.
     pub(crate) fn write(&self, entry: &Entry<'_>) {
         let Some(writer) = &self.writer else {
             return;
         };
+        let json = (self.format == Format::Json).then(|| {
+            let mut line = String::new();
+            entry.json(&mut line);
+            line
+        });
         let mut pending = writer.pending();
         let before = pending.lines.len();
-        match self.format {
-            Format::Text => entry.text(&mut pending.lines),
-            Format::Json => entry.json(&mut pending.lines),
+        match &json {
+            Some(line) => pending.lines.push_str(line),
+            None => entry.text(&mut pending.lines),
         }
         let after = pending.lines.len();
         if after > PENDING {
@@ -692,6 +697,25 @@ mod tests {
         assert_eq!(v["x_forwarded_for"], serde_json::Value::Null);
         assert_eq!(v["upstream_cluster"], "outbound|80||app.internal.com");
         assert_eq!(v["start_time"], "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn json_lines_reach_the_file_whole() {
+        let dir = std::env::temp_dir().join(format!("portcullis-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let path = dir.join("access.log");
+        let log = AccessLog::open(&path, Format::Json, Counter::default()).expect("opened");
+        log.write(&entry());
+        log.write(&entry());
+        assert!(log.flush(Duration::from_secs(10)));
+        let text = std::fs::read_to_string(&path).expect("the log");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|v| v["response_code"] == 200));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
