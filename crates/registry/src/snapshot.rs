@@ -149,6 +149,11 @@ pub(crate) struct BuiltFrom {
 }
 
 impl Cluster {
+    /// Whether it is a service's, not one of Istio's two catch-all clusters.
+    pub fn is_service(&self) -> bool {
+        ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*self.name)
+    }
+
     /// Picks an endpoint; `None` when the cluster has none.
     pub fn pick(&self) -> Option<&Endpoint> {
         self.balancer.pick().and_then(|i| self.endpoints.get(i))
@@ -359,7 +364,7 @@ pub(crate) type HostMap = imbl::OrdMap<Arc<str>, ClusterMap>;
 /// The key of `cluster` in a [`HostMap`]; `None` for Istio's two catch-all clusters, which
 /// are not services.
 fn host_key(cluster: &Cluster) -> Option<Arc<str>> {
-    if [BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*cluster.name) {
+    if !cluster.is_service() {
         return None;
     }
     Some(if cluster.host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -671,7 +676,7 @@ impl Snapshot {
     pub fn services(&self) -> impl Iterator<Item = &Arc<Cluster>> {
         self.clusters
             .values()
-            .filter(|c| ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*c.name))
+            .filter(|c| c.is_service())
     }
 
     /// The service clusters whose host covers `name` (lower case, no port): its own, and
