@@ -674,9 +674,7 @@ impl Snapshot {
 
     /// The services' clusters: all but Istio's BlackHoleCluster and PassthroughCluster.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Cluster>> {
-        self.clusters
-            .values()
-            .filter(|c| c.is_service())
+        self.clusters.values().filter(|c| c.is_service())
     }
 
     /// The service clusters whose host covers `name` (lower case, no port): its own, and
