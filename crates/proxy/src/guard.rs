@@ -457,37 +457,36 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             return Poll::Ready(Err(timed_out(why)));
         }
         this.settle_head();
-        // A client that always has a byte ready never lets the read pend, so the deadline
-        // is also checked here, not only when the timer fires.
-        let now = Instant::now();
-        if this.max_deadline.is_some_and(|d| d <= now) {
-            return Poll::Ready(Err(this.expire(Expired::MaxDuration)));
-        }
-        if let Some((_, why)) = this.stream_deadline().filter(|(d, _)| *d <= now) {
-            return Poll::Ready(Err(this.expire(why)));
-        }
-        if this.head_deadline.is_some_and(|(d, _)| d <= now) {
-            return Poll::Ready(Err(this.expire(Expired::RequestHeaders)));
-        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                // The time read above stands for the read's too: the read returned without
-                // waiting, and a clock read per use is a measurable part of a request.
-                if buf.filled().len() > before {
-                    this.idle_deadline = now + this.idle_timeout;
-                    if this.head_deadline.is_none()
-                        && let Some(in_flight) = this.in_flight.as_ref().filter(|f| f.idle())
-                    {
-                        this.head_deadline =
-                            Some((now + this.headers_timeout, in_flight.started()));
-                        this.request_began = Some((now, in_flight.received_count()));
-                        this.stream_reported = None;
-                    }
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                // A client that always has a byte ready never lets the read pend, so the
+                // deadlines are also checked when bytes arrive, not only when the timer
+                // fires. One clock read serves the check and the activity; a read that
+                // pends or ends reads none (a clock read is a measurable part of a
+                // request, and an idle keep-alive connection polls its read once more
+                // after each one).
+                let now = Instant::now();
+                if this.max_deadline.is_some_and(|d| d <= now) {
+                    return Poll::Ready(Err(this.expire(Expired::MaxDuration)));
+                }
+                if let Some((_, why)) = this.stream_deadline().filter(|(d, _)| *d <= now) {
+                    return Poll::Ready(Err(this.expire(why)));
+                }
+                if this.head_deadline.is_some_and(|(d, _)| d <= now) {
+                    return Poll::Ready(Err(this.expire(Expired::RequestHeaders)));
+                }
+                this.idle_deadline = now + this.idle_timeout;
+                if this.head_deadline.is_none()
+                    && let Some(in_flight) = this.in_flight.as_ref().filter(|f| f.idle())
+                {
+                    this.head_deadline = Some((now + this.headers_timeout, in_flight.started()));
+                    this.request_began = Some((now, in_flight.received_count()));
+                    this.stream_reported = None;
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => match this.poll_expired(cx) {
                 Some(why) => Poll::Ready(Err(timed_out(why))),
                 None => Poll::Pending,

@@ -400,14 +400,14 @@ where
     // Logged when the body has been relayed, or cut short, as Envoy logs at stream end.
     match done {
         Ok((stream, reusable)) => {
-            log.write();
+            let end = log.write();
             if reusable {
                 let conn = Conn {
                     io: stream,
                     hold,
                     life,
                 };
-                proxy.pool.put_raw(key, conn);
+                proxy.pool.put_raw(key, conn, end);
             }
             if close { Next::Close } else { Next::KeepAlive }
         }
@@ -492,11 +492,18 @@ async fn forward(
             *digit = count;
         }
         let transport = Transport::new(pick.addr, pick.tls.as_ref(), authority);
+        // The first attempt's pooled connections are checked against the request's start;
+        // a retry comes after a backoff, so it reads the clock.
+        let now = if number == 1 {
+            log.start
+        } else {
+            Instant::now()
+        };
         let sent = attempts
             .send(attempt_once(
                 proxy,
                 attempts.target(&pick, &transport),
-                out,
+                (out, now),
                 head_method,
             ))
             .await;
@@ -529,10 +536,10 @@ async fn forward(
 async fn attempt_once(
     proxy: &Arc<Proxy>,
     target: Target<'_>,
-    out: &[u8],
+    (out, now): (&[u8], Instant),
     head_method: bool,
 ) -> Result<(Conn<UpstreamIo>, BytesMut, ResponseHead), Failure> {
-    let idle = || std::future::ready(proxy.pool.checkout_raw(&target.transport.key));
+    let idle = || std::future::ready(proxy.pool.checkout_raw(&target.transport.key, now));
     let mut conn = match proxy
         .connection(&target, idle)
         .await

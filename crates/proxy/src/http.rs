@@ -299,11 +299,13 @@ impl RequestLog {
         self.written = true;
     }
 
-    /// Counts the request and writes its access log line, with `status` as answered.
-    pub fn write(&mut self) {
+    /// Counts the request and writes its access log line, with `status` as answered;
+    /// returns when the request ended, for whatever else the caller times from it.
+    pub fn write(&mut self) -> Instant {
         self.written = true;
         let outcome = &self.outcome;
-        let duration = self.start.elapsed();
+        let end = Instant::now();
+        let duration = end.saturating_duration_since(self.start);
         let flags = if outcome.delayed {
             crate::error::after_delay(outcome.flags)
         } else {
@@ -336,7 +338,7 @@ impl RequestLog {
             );
         }
         let Some(line) = &self.line else {
-            return;
+            return end;
         };
         let route = outcome.matched.as_ref().map_or(outcome.route, |r| &r.name);
         HttpLog {
@@ -362,8 +364,10 @@ impl RequestLog {
             received: outcome.request_bytes,
             sent: outcome.response_bytes,
             duration,
+            ended: end,
         }
         .emit(&self.proxy.config.access_log);
+        end
     }
 }
 

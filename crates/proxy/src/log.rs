@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
 
 use crate::http::REQUEST_ID_LEN;
 
@@ -265,6 +266,28 @@ pub(crate) struct Entry<'a> {
     pub route_name: Option<&'a str>,
 }
 
+/// The wall-clock time of `at`, from a pair of monotonic and wall-clock readings taken at
+/// most a second earlier on this thread: a logged request reads the monotonic clock
+/// anyway, and a second clock read per line is a measurable part of logging it. A step of
+/// the wall clock shows within a second.
+fn wall_clock(at: Instant) -> SystemTime {
+    thread_local! {
+        static ANCHOR: std::cell::Cell<Option<(Instant, SystemTime)>> =
+            const { std::cell::Cell::new(None) };
+    }
+    ANCHOR.with(|anchor| {
+        if let Some((mono, wall)) = anchor.get()
+            && let Some(since) = at.checked_duration_since(mono)
+            && since < Duration::from_secs(1)
+        {
+            return wall + since;
+        }
+        let wall = SystemTime::now();
+        anchor.set(Some((at, wall)));
+        wall
+    })
+}
+
 /// Appends the time as Envoy's `%START_TIME%` prints it: RFC 3339 in UTC, milliseconds.
 /// The date and time up to the second are formatted once a second (per thread) and reused,
 /// as Envoy caches its own: the calendar arithmetic would otherwise run for every line.
@@ -455,6 +478,8 @@ pub struct HttpLog<'a> {
     pub sent: u64,
     /// From the request to the end of the stream.
     pub duration: Duration,
+    /// When the stream ended.
+    pub ended: Instant,
 }
 
 /// The request headers Istio's default format logs, captured only when logs are on.
@@ -517,7 +542,7 @@ impl HttpLog<'_> {
             text(&h.forwarded_for),
         );
         log.write(&Entry {
-            start: SystemTime::now() - self.duration,
+            start: wall_clock(self.ended) - self.duration,
             method: Some(self.method),
             path: Some(self.path),
             protocol: Some(self.protocol),
@@ -568,7 +593,7 @@ impl TcpLog<'_> {
     /// received and bytes to it as sent.
     pub fn emit(&self, log: &AccessLog) {
         log.write(&Entry {
-            start: SystemTime::now() - self.duration,
+            start: wall_clock(Instant::now()) - self.duration,
             method: None,
             path: None,
             protocol: None,
