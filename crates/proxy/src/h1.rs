@@ -1050,6 +1050,67 @@ fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// Splits a request target into the authority of its absolute-form and the path, for the
+/// targets hyper (its `Uri`) accepts, so that both paths read a request alike: origin-form
+/// and `http://` with a plain host and port. Anything else, or a target `Uri` would refuse,
+/// is `None`, and [`any_target`] decides. `Uri` would copy the target to parse it, a
+/// measurable part of a request; every byte is already known to be visible ASCII other
+/// than `#`.
+fn plain_target(target: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    // `Uri`'s longest target.
+    const MAX_LEN: usize = u16::MAX as usize - 1;
+    if target.len() > MAX_LEN {
+        return None;
+    }
+    let (absolute, path) = if target.first() == Some(&b'/') {
+        (None, target)
+    } else {
+        let rest = target.strip_prefix(b"http://")?;
+        let end = rest
+            .iter()
+            .position(|b| matches!(b, b'/' | b'?'))
+            .unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        let (host, port) = match authority.iter().position(|b| *b == b':') {
+            Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
+            None => (authority, None),
+        };
+        let plain_host = !host.is_empty()
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+        let plain_port =
+            port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
+        if !(plain_host && plain_port) {
+            return None;
+        }
+        (Some(authority), path)
+    };
+    // `Uri`'s path and query characters, of visible ASCII.
+    let (before, query) = match path.iter().position(|b| *b == b'?') {
+        Some(at) => path.split_at(at),
+        None => (path, &[][..]),
+    };
+    let plain = !before.iter().any(|b| matches!(b, b'<' | b'>' | b'`'))
+        && !query.iter().any(|b| matches!(b, b'<' | b'>' | b'"'));
+    plain.then_some((absolute, path))
+}
+
+/// [`plain_target`] for any target: `Uri` parses it.
+fn any_target(target: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    let uri = http::Uri::try_from(target).ok()?;
+    match (uri.scheme(), uri.authority()) {
+        (None, None) if target.starts_with(b"/") => Some((None, target)),
+        (Some(scheme), Some(authority)) if *scheme == http::uri::Scheme::HTTP => {
+            let start = "http://".len();
+            let end = start + authority.as_str().len();
+            let authority = &target[start..end];
+            (!authority.contains(&b'@')).then_some((Some(authority), &target[end..]))
+        }
+        _ => None,
+    }
+}
+
 fn single_length(current: Option<usize>, value: &[u8]) -> Result<usize, ()> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 12 {
         return Err(());
@@ -1099,24 +1160,10 @@ fn parse_request(
     {
         return Parsed::Other;
     }
-    // Only targets hyper would accept (its `Uri`), so that both paths read a request alike.
     // Origin-form keeps the target; absolute-form (http:// only) is split into the
     // authority routed on and the path sent upstream.
-    let Ok(uri) = http::Uri::try_from(target) else {
+    let Some((absolute, path)) = plain_target(target).or_else(|| any_target(target)) else {
         return Parsed::Other;
-    };
-    let (absolute, path) = match (uri.scheme(), uri.authority()) {
-        (None, None) if target.starts_with(b"/") => (None, target),
-        (Some(scheme), Some(authority)) if *scheme == http::uri::Scheme::HTTP => {
-            let start = "http://".len();
-            let end = start + authority.as_str().len();
-            let authority = &target[start..end];
-            if authority.contains(&b'@') {
-                return Parsed::Other;
-            }
-            (Some(authority), &target[end..])
-        }
-        _ => return Parsed::Other,
     };
     let mut host = None;
     let mut length = None;
@@ -1569,6 +1616,67 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A target the fast split takes is one `Uri` takes, split the same way.
+    fn agrees(target: &[u8]) {
+        if let Some(split) = plain_target(target) {
+            assert_eq!(
+                Some(split),
+                any_target(target),
+                "{}",
+                String::from_utf8_lossy(target)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_target_split_agrees_with_uri_on_every_visible_byte() {
+        let templates = [
+            "/a{}b",
+            "/{}",
+            "/p?q{}r",
+            "/p?{}",
+            "/{}?q",
+            "http://h{}st/p",
+            "http://{}host:80/p",
+            "http://host:8{}0/p",
+            "http://host:{}/p",
+            "http://host{}",
+            "http://host:80{}",
+            "http://host/{}",
+            "http://host?{}",
+            "http://host:80?q{}",
+            "{}/p",
+            "http:/{}/host/",
+        ];
+        let visible = (0x21u8..=0x7e).filter(|b| *b != b'#');
+        for byte in visible {
+            for template in templates {
+                let target = template.replace("{}", &char::from(byte).to_string());
+                agrees(target.as_bytes());
+            }
+        }
+        // The common targets take the fast split.
+        assert_eq!(plain_target(b"/"), Some((None, &b"/"[..])));
+        assert_eq!(
+            plain_target(b"http://app.bench:18090/x?y=1"),
+            Some((Some(&b"app.bench:18090"[..]), &b"/x?y=1"[..]))
+        );
+        assert_eq!(
+            plain_target(b"http://a-b.example"),
+            Some((Some(&b"a-b.example"[..]), &b""[..]))
+        );
+        // Userinfo goes to the general path, as before.
+        assert_eq!(plain_target(b"http://u@host/"), None);
+        assert_eq!(any_target(b"http://u@host/"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_target_split_agrees_with_uri(target in r#"(/|http://|HTTP://|x)[a-z0-9.:/?@<>`"{}%\[\]-]{0,12}"#) {
+            agrees(target.as_bytes());
+        }
+    }
 
     #[test]
     fn a_response_heads_headers_are_read_by_lower_case_name_and_joined() {
