@@ -302,8 +302,13 @@ where
     if let Some(in_flight) = &downstream.in_flight {
         in_flight.received();
     }
-    // The request leaves the buffer; what follows it is the next one.
-    let request = buf.split_to(head.len + head.body).freeze();
+    // The request leaves the buffer; what follows it is the next one. A buffer that holds
+    // just the request is taken whole: splitting it would allocate to share it.
+    let request = if buf.len() == head.len + head.body {
+        std::mem::take(buf).freeze()
+    } else {
+        buf.split_to(head.len + head.body).freeze()
+    };
     let max = proxy.config.max_request_headers;
     let line = LogLine::wanted(proxy).then(|| head.log_line(&request, max));
     let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
