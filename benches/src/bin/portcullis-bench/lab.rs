@@ -5,9 +5,10 @@
 //!  peers ns (10.251.1.2)  ── veth ──  up ns (10.251.1.1, 10.251.2.1,  ── veth ──  pod ns (10.251.2.2)
 //!  wrk, HAProxy, nginx,               10.251.3.1)                                 wrk (root, redirected),
 //!  Envoy, portcullis --http-proxy     nginx upstream :80                          portcullis uid 1337 + iptables
-//!                                     bulk source :9000     ── veth ──  haproxy-pod ns (10.251.3.2)
-//!                                     h2c :8080, TLS :443                wrk (root, redirected),
-//!                                                                       HAProxy uid 1337 + the same iptables
+//!                                     bulk source :9000,    ── veth ──  haproxy-pod ns (10.251.3.2)
+//!                                     :9001, :9002                      wrk (root, redirected),
+//!                                     h2c :8080, TLS :443               HAProxy uid 1337 + the same iptables
+//!                                                                       (bulk ports to its mode tcp frontends)
 //!                                                       ── veth ──  haproxy-tls-pod ns (10.251.4.2)
 //!                                                                   HAProxy uid 1337 routing TLS by SNI
 //! ```
@@ -49,6 +50,19 @@ pub const EXPLICIT_HOST: &str = "upstream-peers.bench";
 pub const TLS_HOST: &str = "upstream-tls.bench";
 /// Port of the bulk TCP source, registered as opaque TCP.
 pub const BULK_PORT: u16 = 9000;
+/// The bulk source's second port: HAProxy's pod sends it to HAProxy's frontend without
+/// splice, so that both HAProxy variants sit behind the same redirect.
+pub const BULK_COPY_PORT: u16 = 9001;
+/// Where a peer's pod redirects [`BULK_PORT`]: a `mode tcp` frontend or a relay of its own,
+/// apart from the HTTP listener on 15001.
+pub const SIDECAR_BULK_PORT: u16 = 15009;
+/// Where HAProxy's pod redirects [`BULK_COPY_PORT`]: its `mode tcp` frontend without splice.
+pub const SIDECAR_BULK_COPY_PORT: u16 = 15010;
+/// The bulk source's third port: HAProxy's pod sends it to a second HAProxy whose pipes are
+/// as large as portcullis's (a global setting, so a process of its own).
+pub const BULK_PIPE_PORT: u16 = 9002;
+/// Where HAProxy's pod redirects [`BULK_PIPE_PORT`].
+pub const SIDECAR_BULK_PIPE_PORT: u16 = 15011;
 /// The upstream's HTTP/2 cleartext (prior knowledge) port.
 pub const H2C_PORT: u16 = 8080;
 /// The ServiceEntry host of the h2c port (`HTTP2`), resolved by every client namespace.
@@ -331,6 +345,32 @@ impl Lab {
     /// Runs `program args` in `ns` to completion; fails unless it exits 0.
     pub fn run_in(&self, ns: Ns, program: &str, args: &[&str]) -> anyhow::Result<String> {
         run(self.command(ns, program).args(args))
+    }
+
+    /// Redirects the pod's outbound connections to `dport` to `to_port` instead of the
+    /// sidecar's listener: a rule ahead of the redirect `portcullis iptables` installed.
+    pub fn redirect_port(&self, ns: Ns, dport: u16, to_port: u16) -> anyhow::Result<()> {
+        let (dport, to_port) = (dport.to_string(), to_port.to_string());
+        self.run_in(
+            ns,
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "ISTIO_REDIRECT",
+                "1",
+                "-p",
+                "tcp",
+                "--dport",
+                &dport,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to_port,
+            ],
+        )
+        .map(drop)
     }
 
     /// Starts a long-running process, its output to `<name>.log` in the run folder.
@@ -712,10 +752,18 @@ backend up
 
 /// HAProxy as a sidecar: the redirected port, forwarding each connection to its original
 /// destination (`0.0.0.0:0`), which HAProxy reads with `SO_ORIGINAL_DST` as portcullis does;
-/// to the h2c port over HTTP/2 (HAProxy takes h2c clients on any HTTP bind).
+/// to the h2c port over HTTP/2 (HAProxy takes h2c clients on any HTTP bind). The bulk
+/// ports, redirected apart, reach two `mode tcp` relays to the original destination, as a
+/// TCP sidecar is configured: one splicing both ways (`option splice-request` and
+/// `splice-response`; with `splice-auto`, HAProxy 2.6 never spliced these transfers), one
+/// copying through its buffers.
 pub fn haproxy_sidecar_conf() -> String {
+    // Splicing reserves two descriptors per pipe and maxconn / 4 pipes by default, which
+    // with maxconn's own two per connection pass the 20,000 open files a run here may
+    // have; one transfer at a time needs one pipe per direction.
+    let common = HAPROXY_COMMON.replacen("defaults\n", "    maxpipes 1000\ndefaults\n", 1);
     format!(
-        "{HAPROXY_COMMON}frontend sidecar
+        "{common}frontend sidecar
     bind 0.0.0.0:15001
     use_backend original-h2 if {{ dst_port {H2C_PORT} }}
     default_backend original
@@ -723,6 +771,40 @@ backend original
     server original 0.0.0.0:0
 backend original-h2
     server original 0.0.0.0:0 proto h2
+listen bulk-splice
+    mode tcp
+    bind 0.0.0.0:{SIDECAR_BULK_PORT}
+    option splice-request
+    option splice-response
+    server original 0.0.0.0:0
+listen bulk-copy
+    mode tcp
+    bind 0.0.0.0:{SIDECAR_BULK_COPY_PORT}
+    server original 0.0.0.0:0
+"
+    )
+}
+
+/// A second HAProxy in the sidecar's pod for one bulk port: splicing both ways, as
+/// [`haproxy_sidecar_conf`]'s `bulk-splice`, through 256 KiB pipes (portcullis's bulk
+/// size) instead of the system's default 64 KiB.
+pub fn haproxy_bulk_pipe_conf() -> String {
+    format!(
+        "global
+    nbthread 1
+    maxconn 8000
+    maxpipes 1000
+    tune.pipesize 262144
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+listen bulk-splice-pipe
+    bind 0.0.0.0:{SIDECAR_BULK_PIPE_PORT}
+    option splice-request
+    option splice-response
+    server original 0.0.0.0:0
 "
     )
 }

@@ -6,7 +6,8 @@
 //! too, for HTTP and for TLS by SNI; HAProxy, Envoy and portcullis again with their access
 //! logs on), pins them all and the load generators (wrk, h2load, oha) to vCPU 0, and
 //! measures each target back to back in every repetition, as BENCHMARKING.md prescribes.
-//! It then measures opaque TCP throughput, portcullis's memory (idle, under load, with
+//! It then measures opaque TCP throughput (direct, and as sidecars the null relay, HAProxy
+//! with and without splice, and portcullis), portcullis's memory (idle, under load, with
 //! 10,000 idle connections) and a load run across 100 registry reloads, and prints one
 //! markdown report.
 //!
@@ -62,8 +63,9 @@ enum Cmd {
     },
     /// Bulk TCP source for the throughput test.
     Source {
-        /// Listen address.
-        listen: SocketAddr,
+        /// Listen addresses.
+        #[arg(required = true)]
+        listen: Vec<SocketAddr>,
     },
     /// Reads `bytes` from a `source`; prints `bytes=N secs=S`.
     Fetch {
@@ -150,8 +152,12 @@ struct RunArgs {
     #[arg(long)]
     oha: Option<PathBuf>,
     /// Only the HTTP comparison: no TCP throughput, memory or reload runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tcp_only")]
     http_only: bool,
+    /// Only the opaque TCP throughput (direct, the null relay, HAProxy with and without
+    /// splice, and portcullis, each as a sidecar): no HTTP cases, memory or reload runs.
+    #[arg(long, conflicts_with = "cases")]
+    tcp_only: bool,
     /// portcullis writes its access log to `<DIR>/<name>.log` (DIR writable by uid 1337);
     /// off when not given, as every peer's log is.
     #[arg(long)]
@@ -349,7 +355,7 @@ fn main() -> std::process::ExitCode {
             tools::spin(iterations);
             Ok(())
         }
-        Cmd::Source { listen } => tools::source(listen),
+        Cmd::Source { listen } => tools::source(&listen),
         Cmd::Fetch {
             addr,
             bytes,
@@ -608,7 +614,7 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
         (Set::H2c, direct(h2c_url(lab::H2C_HOST, lab::H2C_PORT))),
         (Set::Grpc, direct(grpc_url(lab::GRPC_HOST, lab::H2C_PORT))),
     ];
-    start_peers(lab, args, &ca, &mut targets)?;
+    let haproxy_sidecar = start_peers(lab, args, &ca, &mut targets)?;
     targets.extend(start_null_relays(lab, args, exe)?.map(|t| (Set::Http, t)));
     let (sidecar, sidecar_config) = start_portcullis(lab, args, &ca, &mut targets)?;
     for (set, t) in &targets {
@@ -617,6 +623,10 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = (rss_kib(sidecar), rss_anon_kib(sidecar));
 
+    if args.tcp_only {
+        let paths = start_bulk_paths(lab, exe, haproxy_sidecar, sidecar)?;
+        return tcp_throughput(lab, plan, exe, &paths);
+    }
     let mut samples = Vec::new();
     let mut rate = None;
     for rep in 0..plan.reps {
@@ -676,7 +686,8 @@ fn measure_all(lab: &mut Lab, args: &RunArgs, plan: &Plan, exe: &Path) -> anyhow
     if args.http_only {
         return Ok(out);
     }
-    out.push_str(&tcp_throughput(lab, plan, exe, sidecar)?);
+    let paths = start_bulk_paths(lab, exe, haproxy_sidecar, sidecar)?;
+    out.push_str(&tcp_throughput(lab, plan, exe, &paths)?);
     let loaded_rss = median(
         &samples
             .iter()
@@ -788,7 +799,8 @@ fn open_loop_rate(
     Ok(s.wrk.rps / 2.0)
 }
 
-/// The nginx upstream and the bulk TCP source in the up namespace; returns nginx's PID.
+/// The nginx upstream and the bulk TCP source (on every bulk port) in the up namespace;
+/// returns nginx's PID.
 fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> {
     let home = lab.mkdir("upstream")?;
     lab.mkdir("upstream/html")?;
@@ -808,7 +820,10 @@ fn start_upstream(lab: &mut Lab, exe: &Path, tls: &Path) -> anyhow::Result<u32> 
         .arg(&conf);
     let pid = lab.spawn("upstream-nginx", &mut cmd)?;
     let mut cmd = lab.pinned(Ns::Up, &exe.display().to_string());
-    cmd.args(["source", &format!("0.0.0.0:{}", lab::BULK_PORT)]);
+    cmd.arg("source").args(
+        [lab::BULK_PORT, lab::BULK_COPY_PORT, lab::BULK_PIPE_PORT]
+            .map(|port| format!("0.0.0.0:{port}")),
+    );
     lab.spawn("bulk-source", &mut cmd)?;
     let url = format!("http://{}/", lab::UP_FROM_PEERS);
     lab.wait_for("upstream nginx", Duration::from_secs(10), |l| {
@@ -876,13 +891,13 @@ fn start_haproxy_sidecar(
 
 /// HAProxy, nginx and Envoy as reverse proxies in the peers namespace (HAProxy and Envoy
 /// also with their access logs on), and HAProxy as a sidecar in its two pods; their
-/// targets go into `targets`.
+/// targets go into `targets`. Returns the PID of HAProxy's HTTP (and bulk) sidecar.
 fn start_peers(
     lab: &mut Lab,
     args: &RunArgs,
     ca: &Path,
     targets: &mut Targets,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u32> {
     let local = |name, port: u16, pid| {
         Target::plain(
             name,
@@ -945,6 +960,7 @@ fn start_peers(
         "haproxy-sidecar",
         &lab::haproxy_sidecar_conf(),
     )?;
+    let haproxy_sidecar = pid;
     let sidecar = Target::sidecar(
         "HAProxy sidecar",
         Ns::HaproxyPod,
@@ -1018,7 +1034,7 @@ fn start_peers(
             ]);
         }
     }
-    Ok(())
+    Ok(haproxy_sidecar)
 }
 
 /// One portcullis process: where it runs, its ports, its access log.
@@ -1336,22 +1352,159 @@ fn oha_command(lab: &Lab, t: &Target, oha: &Path, rate: f64, secs: u64) -> Comma
     cmd
 }
 
-/// Opaque TCP: one large transfer direct and through the sidecar, interleaved.
-fn tcp_throughput(lab: &mut Lab, plan: &Plan, exe: &Path, sidecar: u32) -> anyhow::Result<String> {
+/// What stands between the bulk client and the source on one path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Nothing: the client dials the source.
+    Direct,
+    /// Another relay behind the pod's redirect (its PID).
+    Peer(u32),
+    /// The portcullis sidecar (its PID).
+    Portcullis(u32),
+}
+
+/// One way to the bulk source in the opaque TCP table.
+struct BulkPath {
+    name: &'static str,
+    /// Where the fetching client runs.
+    ns: Ns,
+    /// The source as that client dials it.
+    addr: String,
+    via: Via,
+}
+
+impl BulkPath {
+    fn proxy(&self) -> Option<u32> {
+        match self.via {
+            Via::Direct => None,
+            Via::Peer(pid) | Via::Portcullis(pid) => Some(pid),
+        }
+    }
+}
+
+/// Every path the opaque TCP table measures, each proxy behind its pod's redirect as
+/// portcullis is: HAProxy's pod sends the three bulk ports to its sidecar's `mode tcp`
+/// frontends (with and without splice) and to a second HAProxy splicing through pipes as
+/// large as portcullis's; the null relay's pod sends the bulk port to a second relay that
+/// dials it. Started after the HTTP cases, which therefore measure what they did before.
+fn start_bulk_paths(
+    lab: &mut Lab,
+    exe: &Path,
+    haproxy_sidecar: u32,
+    sidecar: u32,
+) -> anyhow::Result<Vec<BulkPath>> {
+    lab.redirect_port(Ns::HaproxyPod, lab::BULK_PORT, lab::SIDECAR_BULK_PORT)?;
+    lab.redirect_port(
+        Ns::HaproxyPod,
+        lab::BULK_COPY_PORT,
+        lab::SIDECAR_BULK_COPY_PORT,
+    )?;
+    lab.redirect_port(
+        Ns::HaproxyPod,
+        lab::BULK_PIPE_PORT,
+        lab::SIDECAR_BULK_PIPE_PORT,
+    )?;
+    lab.redirect_port(Ns::RelayPod, lab::BULK_PORT, lab::SIDECAR_BULK_PORT)?;
+    let conf = lab.dir.join("haproxy-bulk-pipe.cfg");
+    lab.write(&conf, &lab::haproxy_bulk_pipe_conf())?;
+    let mut cmd = lab.pinned_as_proxy(Ns::HaproxyPod, "haproxy");
+    cmd.args(["-db", "-f"]).arg(&conf);
+    let haproxy_pipe = lab.spawn("haproxy-bulk-pipe", &mut cmd)?;
+    let mut cmd = lab.pinned_as_proxy(Ns::RelayPod, exe);
+    cmd.args([
+        "relay",
+        &format!("0.0.0.0:{}", lab::SIDECAR_BULK_PORT),
+        &format!("{}:{}", lab::UP_FROM_RELAY_POD, lab::BULK_PORT),
+    ]);
+    let relay = lab.spawn("null-relay-bulk", &mut cmd)?;
+    let path = |name, ns, up: &str, port: u16, via| BulkPath {
+        name,
+        ns,
+        addr: format!("{up}:{port}"),
+        via,
+    };
+    let paths = vec![
+        path(
+            "direct",
+            Ns::Peers,
+            lab::UP_FROM_PEERS,
+            lab::BULK_PORT,
+            Via::Direct,
+        ),
+        path(
+            "null relay sidecar (read/write, 16 KiB buffer)",
+            Ns::RelayPod,
+            lab::UP_FROM_RELAY_POD,
+            lab::BULK_PORT,
+            Via::Peer(relay),
+        ),
+        path(
+            "HAProxy sidecar, no splice",
+            Ns::HaproxyPod,
+            lab::UP_FROM_HAPROXY_POD,
+            lab::BULK_COPY_PORT,
+            Via::Peer(haproxy_sidecar),
+        ),
+        path(
+            "HAProxy sidecar, splice (64 KiB pipes, the default)",
+            Ns::HaproxyPod,
+            lab::UP_FROM_HAPROXY_POD,
+            lab::BULK_PORT,
+            Via::Peer(haproxy_sidecar),
+        ),
+        path(
+            "HAProxy sidecar, splice, `tune.pipesize 262144` (portcullis's 256 KiB)",
+            Ns::HaproxyPod,
+            lab::UP_FROM_HAPROXY_POD,
+            lab::BULK_PIPE_PORT,
+            Via::Peer(haproxy_pipe),
+        ),
+        path(
+            "portcullis sidecar",
+            Ns::Pod,
+            lab::UP_FROM_POD,
+            lab::BULK_PORT,
+            Via::Portcullis(sidecar),
+        ),
+    ];
     let exe = exe.display().to_string();
-    let mut direct = Vec::new();
-    let mut proxied = Vec::new();
-    let mut cpu_per_gib = Vec::new();
+    for p in &paths {
+        lab.wait_for(
+            &format!("{} relays bulk TCP", p.name),
+            Duration::from_secs(10),
+            |l| {
+                lab::run(
+                    l.command(p.ns, &exe)
+                        .args(["fetch", &p.addr, "1", "--timeout", "2"]),
+                )
+                .is_ok()
+            },
+        )?;
+    }
+    Ok(paths)
+}
+
+/// Opaque TCP: one large transfer over every path, back to back in each repetition, with
+/// each path's proxy CPU and its time per GiB beyond the direct path's.
+fn tcp_throughput(
+    lab: &mut Lab,
+    plan: &Plan,
+    exe: &Path,
+    paths: &[BulkPath],
+) -> anyhow::Result<String> {
+    let exe = exe.display().to_string();
+    let mib = plan.tcp_bytes as f64 / f64::from(1u32 << 20);
+    let gib = mib / 1024.0;
+    // Per path, per repetition: MiB/s and proxy CPU ms per GiB.
+    let mut speed = vec![Vec::new(); paths.len()];
+    let mut cpu = vec![Vec::new(); paths.len()];
     for rep in 0..plan.reps {
-        for (ns, addr, into) in [
-            (Ns::Peers, lab::UP_FROM_PEERS, &mut direct),
-            (Ns::Pod, lab::UP_FROM_POD, &mut proxied),
-        ] {
-            eprintln!("rep {}/{} tcp {ns:?}", rep + 1, plan.reps);
-            let cpu0 = cpu_ns(sidecar);
-            let out = lab::run(lab.pinned(ns, &exe).args([
+        for (i, p) in paths.iter().enumerate() {
+            eprintln!("rep {}/{} tcp {}", rep + 1, plan.reps, p.name);
+            let cpu0 = p.proxy().map(cpu_ns);
+            let out = lab::run(lab.pinned(p.ns, &exe).args([
                 "fetch",
-                &format!("{addr}:{}", lab::BULK_PORT),
+                &p.addr,
                 &plan.tcp_bytes.to_string(),
                 "--timeout",
                 "25",
@@ -1361,26 +1514,96 @@ fn tcp_throughput(lab: &mut Lab, plan: &Plan, exe: &Path, sidecar: u32) -> anyho
                 .find_map(|f| f.strip_prefix("secs="))
                 .context("fetch printed no secs=")?
                 .parse()?;
-            into.push(plan.tcp_bytes as f64 / f64::from(1u32 << 20) / secs);
-            if ns == Ns::Pod {
-                let gib = plan.tcp_bytes as f64 / f64::from(1u32 << 30);
-                cpu_per_gib.push(cpu_ns(sidecar).saturating_sub(cpu0) as f64 / 1e6 / gib);
+            speed[i].push(mib / secs);
+            if let Some((pid, before)) = p.proxy().zip(cpu0) {
+                let ms = cpu_ns(pid).saturating_sub(before) as f64 / 1e6 / gib;
+                // Relaying a GiB costs any proxy far more than this; less means the
+                // redirect sent the connection around it.
+                if ms < 1.0 {
+                    bail!("{}: its proxy used {ms:.2} ms of CPU per GiB", p.name);
+                }
+                cpu[i].push(ms);
             }
+            eprintln!("  {:.0} MiB/s", mib / secs);
         }
         lab.check_running()?;
     }
-    let ratios: Vec<f64> = proxied.iter().zip(&direct).map(|(p, d)| p / d).collect();
-    Ok(format!(
-        "\n### Opaque TCP passthrough ({} MiB per transfer, client, proxy and source on vCPU 0)\n\n\
-         | path | MiB/s | proxy CPU ms per GiB |\n|---|---:|---:|\n\
-         | direct | {:.0} | – |\n| portcullis sidecar | {:.0} | {:.0} |\n\n\
-         portcullis ÷ direct: {:.2}\n",
+    let direct = &speed[0];
+    let ms_per_gib = |mib_s: f64| 1024.0 * 1e3 / mib_s;
+    let ratio = |i: usize| median_ratio(&speed[i], direct);
+    // The path's time per GiB beyond the direct path's in the same repetition.
+    let added = |i: usize| {
+        median(
+            &speed[i]
+                .iter()
+                .zip(direct)
+                .map(|(p, d)| ms_per_gib(*p) - ms_per_gib(*d))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut out = format!(
+        "\n### Opaque TCP passthrough ({} MiB per transfer, client, proxy and source on vCPU 0; \
+         medians of {} repetitions)\n\n\
+         Each proxy is a sidecar behind its pod's iptables redirect, relaying to the original \
+         destination. \"ms per GiB over direct\" is the path's time per GiB minus the direct \
+         path's in the same repetition: all the path adds on the one vCPU. It can be less than \
+         the proxy's CPU, which includes kernel work done in its system calls for the other \
+         ends of its connections (loopback delivery to the client), when the client and \
+         source spend less per GiB than on the direct path.\n\n\
+         | path | MiB/s | ms per GiB over direct | proxy CPU ms per GiB | ÷ direct |\n\
+         |---|---:|---:|---:|---:|\n",
         plan.tcp_bytes >> 20,
-        median(&direct),
-        median(&proxied),
-        median(&cpu_per_gib),
-        median(&ratios),
-    ))
+        plan.reps,
+    );
+    for (i, p) in paths.iter().enumerate() {
+        let _ = if p.via == Via::Direct {
+            writeln!(
+                out,
+                "| {} | {:.0} | – | – | 1.00 |",
+                p.name,
+                median(&speed[i])
+            )
+        } else {
+            writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                p.name,
+                median(&speed[i]),
+                added(i),
+                median(&cpu[i]),
+                ratio(i)
+            )
+        };
+    }
+    let direct_ms = median(&direct.iter().map(|d| ms_per_gib(*d)).collect::<Vec<_>>());
+    let _ = writeln!(
+        out,
+        "\n÷ direct ≥ 0.70 (issue 13) leaves a path {:.0} ms per GiB over the direct path's \
+         {direct_ms:.0} ms, for the proxy and the second connection together.",
+        direct_ms * (1.0 / 0.70 - 1.0)
+    );
+    let best = (0..paths.len())
+        .filter(|&i| matches!(paths[i].via, Via::Peer(_)))
+        .max_by(|&a, &b| ratio(a).total_cmp(&ratio(b)));
+    let ours = (0..paths.len()).find(|&i| matches!(paths[i].via, Via::Portcullis(_)));
+    if let (Some(best), Some(ours)) = (best, ours) {
+        let _ = writeln!(
+            out,
+            "The best peer, {}, reaches {:.2} of direct; portcullis reaches {:.2}: {:.2}× its \
+             MiB/s at {:.2}× its proxy CPU per GiB.",
+            paths[best].name,
+            ratio(best),
+            ratio(ours),
+            median_ratio(&speed[ours], &speed[best]),
+            median_ratio(&cpu[ours], &cpu[best]),
+        );
+    }
+    Ok(out)
+}
+
+/// The median of `a[i] / b[i]` over the repetitions.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(&a.iter().zip(b).map(|(a, b)| a / b).collect::<Vec<_>>())
 }
 
 /// The sidecar's memory idle, under load, and holding many idle client connections.

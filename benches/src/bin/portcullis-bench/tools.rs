@@ -23,16 +23,30 @@ pub fn spin(iterations: u64) {
     println!("{}", start.elapsed().as_secs_f64() * 1000.0);
 }
 
-/// Serves bulk data: each connection sends a decimal byte count and a newline, gets that
-/// many bytes back, and the server closes. Runs until killed.
-pub fn source(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    println!("listening {listen}");
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        std::thread::spawn(move || {
-            let _ = serve_bulk(stream);
-        });
+/// Serves bulk data on every address of `listen`: each connection sends a decimal byte
+/// count and a newline, gets that many bytes back, and the server closes. Runs until
+/// killed.
+pub fn source(listen: &[SocketAddr]) -> anyhow::Result<()> {
+    let listeners = listen
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("binding {a}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!("listening {listen:?}");
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    std::thread::spawn(move || {
+                        let _ = serve_bulk(stream);
+                    });
+                }
+            })
+        })
+        .collect();
+    for thread in accepting {
+        let _ = thread.join();
     }
     Ok(())
 }
