@@ -80,13 +80,17 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = initial;
+    // One wait for the drain for the whole connection: made afresh for each idle spell, it
+    // joined and left the token's list of waiters (a lock each) on every request.
+    let mut drained = std::pin::pin!(shutdown.clone().cancelled_owned());
     loop {
         if buf.is_empty() {
             // Idle: the buffer goes until the next request's first bytes arrive.
             buf = BytesMut::new();
             let read = tokio::select! {
+                biased;
                 read = read_some(&mut io, &mut buf) => read,
-                () = shutdown.cancelled() => return,
+                () = &mut drained => return,
             };
             if !matches!(read, Ok(n) if n > 0) {
                 return;

@@ -423,6 +423,38 @@ async fn bytes_sent_with_the_connect_head_go_through_first_and_in_order() {
 }
 
 #[tokio::test]
+async fn a_drain_closes_an_idle_keep_alive_connection() {
+    let outside = Upstream::start("outside").await;
+    let harness = Harness::start(snapshot(MESH_ALLOW_ANY, 1)).await;
+    let port = outside.port();
+    let request =
+        format!("GET http://127.0.0.1:{port}/a HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    within(async {
+        let mut stream = TcpStream::connect(harness.addr).await.unwrap();
+        // Two requests: the connection is kept alive, and idle after each.
+        for _ in 0..2 {
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let (head, body) = read_response(&mut stream).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert!(!head.contains("connection: close"), "{head}");
+            let mut body = body;
+            while body.len() < "outside".len() {
+                let mut more = [0u8; 64];
+                let n = stream.read(&mut more).await.unwrap();
+                assert!(n > 0, "closed mid-body");
+                body.extend_from_slice(&more[..n]);
+            }
+            assert_eq!(body, b"outside");
+        }
+        harness.shut_down();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn allow_any_passes_unregistered_requests_through() {
     let outside = Upstream::start("outside").await;
     let harness = Harness::start(snapshot(MESH_ALLOW_ANY, 1)).await;

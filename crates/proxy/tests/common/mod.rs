@@ -263,6 +263,13 @@ pub struct Harness {
     shutdown: CancellationToken,
 }
 
+impl Harness {
+    /// Starts the proxy's drain, as a shutdown does.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.cancel();
