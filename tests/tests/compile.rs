@@ -15,8 +15,8 @@ use portcullis_e2e::scenario::{
 };
 use portcullis_e2e::{Lab, cmd, preflight, run};
 
-/// Requests to the two-endpoint service: both answer unless 1 in 2^11 bad luck.
-const SPREAD: usize = 12;
+/// Requests to the two-endpoint service: both answer unless 1 in 2^23 bad luck.
+const SPREAD: usize = 24;
 
 /// Services of every shape the compiler writes: HTTP with endpoints, TCP by VIP and by
 /// range, TLS by SNI, DNS and DNS_ROUND_ROBIN, undeclared protocols with and without an
