@@ -3,7 +3,9 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use portcullis_audit::Observation;
 use portcullis_envoy::{AppendAction, FractionalPercent, HttpFault};
 use portcullis_registry::{
@@ -37,6 +39,7 @@ use crate::metrics::{
 };
 use crate::origin::{Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
+use crate::streams::{Driver, Local};
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
 /// The downstream connection a request arrived on.
@@ -111,21 +114,23 @@ pub(crate) async fn serve_h2<I>(
         let downstream = Arc::clone(&downstream);
         Box::pin(async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) })
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let mut streams = Driver::default();
+    let conn = hyper::server::conn::http2::Builder::new(streams.executor())
         .max_header_list_size(max_header_list)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        result = conn.as_mut() => {
+        result = streams.run(conn.as_mut()) => {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "downstream HTTP/2 connection ended with an error");
             }
         }
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            let _ = streams.run(conn.as_mut()).await;
         }
     }
+    streams.finish().await;
 }
 
 // Shared placeholders: a request that never gets routed allocates nothing for them.
@@ -1247,15 +1252,33 @@ async fn open_h2(
 ) -> Result<
     (
         hyper::client::conn::http2::SendRequest<RequestBody>,
-        hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>,
+        Driven<hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, RequestBody, Local>>,
     ),
     ProxyError,
 > {
     let stream = proxy.connect_upstream(target).await?;
-    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let streams = Driver::default();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(streams.executor())
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(ProxyError::UpstreamReset)
+        .map_err(ProxyError::UpstreamReset)?;
+    Ok((sender, Driven { conn, streams }))
+}
+
+/// An upstream HTTP/2 connection with the driver of what hyper runs beside it: its frames'
+/// reader and writer, and a future per request waiting for the response.
+struct Driven<C> {
+    conn: C,
+    streams: Driver,
+}
+
+impl<C: Future + Unpin> Driven<C> {
+    /// Runs the connection and then what is left of its requests.
+    async fn run(mut self) -> C::Output {
+        let ended = self.streams.run(Pin::new(&mut self.conn)).await;
+        self.streams.finish().await;
+        ended
+    }
 }
 
 async fn send_h1(
@@ -1338,7 +1361,7 @@ async fn send_h2(
             }
             tokio::spawn(async move {
                 let _hold = hold;
-                if let Err(e) = conn.await {
+                if let Err(e) = conn.run().await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });

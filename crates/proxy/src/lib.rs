@@ -16,6 +16,7 @@ mod orig_dst;
 mod origin;
 mod pool;
 mod splice;
+mod streams;
 mod tcp;
 pub mod tls;
 mod tunnel;
