@@ -660,8 +660,7 @@ pub(crate) async fn route<'a>(
         },
     };
     let decision = match downstream.original_dst {
-        // Boxed: only resolution-NONE services await anything here.
-        Some(dst) => Box::pin(proxy.confine_none(snapshot, decision, dst, host)).await,
+        Some(dst) => proxy.confine_none(snapshot, decision, dst, host).await,
         None => decision,
     };
     // istiod's REGISTRY_ONLY catch-all is a route answering 502 itself: as much a refusal

@@ -360,7 +360,7 @@ impl Proxy {
         if snapshot.is_tcp_destination(dst.ip(), dst.port()) {
             let (decision, chain) = snapshot.route_connection_chain(&opaque);
             self.apply_chain_timeouts(&mut stream, chain);
-            let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
+            let decision = self.confine_none(&snapshot, decision, dst, None).await;
             let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
             Box::pin(tcp::forward(&self, decision, stream, &[], dst, peer, None)).await;
             return;
@@ -393,7 +393,7 @@ impl Proxy {
                         source: Some(peer.ip()),
                     });
                     self.apply_chain_timeouts(&mut stream, chain);
-                    let decision = Box::pin(self.confine_none(&snapshot, decision, dst, sni)).await;
+                    let decision = self.confine_none(&snapshot, decision, dst, sni).await;
                     let seen = Observation {
                         host: sni,
                         protocol: portcullis_audit::Protocol::Tls,
@@ -426,7 +426,7 @@ impl Proxy {
             if !snapshot.serves_http(&conn) {
                 let (decision, chain) = snapshot.route_connection_chain(&conn);
                 self.apply_chain_timeouts(&mut stream, chain);
-                let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
+                let decision = self.confine_none(&snapshot, decision, dst, None).await;
                 let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
                 Box::pin(tcp::forward(
                     &self, decision, stream, &prefix, dst, peer, None,
@@ -461,7 +461,7 @@ impl Proxy {
         }
         let (decision, chain) = snapshot.route_connection_chain(&opaque);
         self.apply_chain_timeouts(&mut stream, chain);
-        let decision = Box::pin(self.confine_none(&snapshot, decision, dst, None)).await;
+        let decision = self.confine_none(&snapshot, decision, dst, None).await;
         let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
         Box::pin(tcp::forward(
             &self, decision, stream, &prefix, dst, peer, None,

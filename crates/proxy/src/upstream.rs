@@ -382,11 +382,11 @@ impl Proxy {
         {
             return decision;
         }
-        // A wildcard host owns what the name actually requested resolves to.
+        // A wildcard host owns what the name actually requested resolves to. Boxed: the
+        // lookup's future is large, and every other decision is made above without one.
         if cluster.host.starts_with('*')
             && let Some(name) = requested
-            && let Ok(addrs) = self.dns.resolve_now(name).await
-            && addrs.contains(&dst.ip())
+            && Box::pin(self.resolves_to(name, dst.ip())).await
         {
             return decision;
         }
@@ -397,6 +397,14 @@ impl Proxy {
             "resolution NONE: destination does not belong to the service; treated as unregistered"
         );
         snapshot.unmatched()
+    }
+
+    /// Whether `name` resolves now to `ip`, among its addresses.
+    async fn resolves_to(&self, name: &str, ip: IpAddr) -> bool {
+        self.dns
+            .resolve_now(name)
+            .await
+            .is_ok_and(|addrs| addrs.contains(&ip))
     }
 
     /// Resolves a requested name (explicit proxy) to one address.
