@@ -107,12 +107,10 @@ pub(crate) async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let max_header_list = u32::try_from(proxy.config.max_request_headers_bytes).unwrap_or(u32::MAX);
-    // hyper spawns a task per stream and moves the service's future several times on the
-    // way into it: boxed, what moves is a pointer and the task stays small.
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         let downstream = Arc::clone(&downstream);
-        Box::pin(async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) })
+        async move { Ok::<_, Infallible>(handle(proxy, downstream, req).await) }
     });
     let mut streams = Driver::default();
     let conn = hyper::server::conn::http2::Builder::new(streams.executor())
