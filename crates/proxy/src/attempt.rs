@@ -266,7 +266,7 @@ impl<'a> Attempts<'a> {
         &mut self,
         (status, headers): (u16, &dyn Headers),
         grpc_status: Option<u32>,
-        again: Option<R>,
+        again: impl FnOnce() -> Option<R>,
     ) -> Answer<R> {
         // Envoy's router tells outlier detection a gRPC status as the HTTP status it maps to.
         self.report(Outcome::Status(grpc_status.map_or(status, grpc_to_http)));
@@ -276,9 +276,10 @@ impl<'a> Attempts<'a> {
         if !retried {
             return Answer::Deliver(None);
         }
-        let again = match again {
-            Some(again) if self.policy.another(self.made - 1) => again,
-            _ => return Answer::Deliver((self.made > 1).then_some("URX")),
+        // The request to send again is made only now: most responses are not retried.
+        let again = match self.policy.another(self.made - 1).then(again).flatten() {
+            Some(again) => again,
+            None => return Answer::Deliver((self.made > 1).then_some("URX")),
         };
         if self.admit_retry().is_err() {
             return Answer::Deliver(Some("UO"));
@@ -597,27 +598,37 @@ mod tests {
         policy.status_codes = StatusSet::EMPTY.with(503);
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
+        // The request to send again is made only for a response that is retried.
+        let mut made = 0;
         assert_eq!(
-            attempts.answered((200, &()), None, Some(())),
+            attempts.answered((200, &()), None, || {
+                made += 1;
+                Some(())
+            }),
             Answer::Deliver(None)
         );
+        assert_eq!(made, 0);
         assert_eq!(
-            attempts.answered((503, &()), None, Some(())),
+            attempts.answered((503, &()), None, || {
+                made += 1;
+                Some(())
+            }),
             Answer::Retry(())
         );
+        assert_eq!(made, 1);
         attempts.start().await.unwrap();
         // A request that cannot be sent again gets the response as it is.
         assert_eq!(
-            attempts.answered((503, &()), None, None::<()>),
+            attempts.answered((503, &()), None, || None::<()>),
             Answer::Deliver(Some("URX"))
         );
         assert_eq!(
-            attempts.answered((503, &()), None, Some(())),
+            attempts.answered((503, &()), None, || Some(())),
             Answer::Retry(())
         );
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered((503, &()), None, Some(())),
+            attempts.answered((503, &()), None, || Some(())),
             Answer::Deliver(Some("URX"))
         );
     }
@@ -629,28 +640,28 @@ mod tests {
         let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered((200, &()), Some(14), Some(())),
+            attempts.answered((200, &()), Some(14), || Some(())),
             Answer::Retry(())
         );
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered((200, &()), Some(1), Some(())),
+            attempts.answered((200, &()), Some(1), || Some(())),
             Answer::Retry(())
         );
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered((200, &()), Some(14), Some(())),
+            attempts.answered((200, &()), Some(14), || Some(())),
             Answer::Deliver(Some("URX"))
         );
         let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
         attempts.start().await.unwrap();
         // `internal` (13) is not among them, nor is a plain 200.
         assert_eq!(
-            attempts.answered((200, &()), Some(13), Some(())),
+            attempts.answered((200, &()), Some(13), || Some(())),
             Answer::Deliver(None)
         );
         assert_eq!(
-            attempts.answered((200, &()), Some(0), Some(())),
+            attempts.answered((200, &()), Some(0), || Some(())),
             Answer::Deliver(None)
         );
         let policy = RetryPolicy::from_envoy(&portcullis_envoy::RetryPolicy {
@@ -721,7 +732,7 @@ mod tests {
         let mut attempts = http(&proxy, &decision, policy);
         attempts.start().await.unwrap();
         assert_eq!(
-            attempts.answered((500, &()), None, Some(())),
+            attempts.answered((500, &()), None, || Some(())),
             Answer::Deliver(Some("UO"))
         );
         let e = attempts

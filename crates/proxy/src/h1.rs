@@ -518,8 +518,9 @@ async fn forward(
             .await;
         match sent {
             Ok((conn, buffered, head)) => {
-                match attempts.answered((head.status, &ResponseHeaders(&head.head)), None, Some(()))
-                {
+                match attempts.answered((head.status, &ResponseHeaders(&head.head)), None, || {
+                    Some(())
+                }) {
                     // The response and its connection are dropped, never reused with a body
                     // left unread; the whole request is still in `out`.
                     Answer::Retry(()) => drop((conn, buffered, pick)),

@@ -388,7 +388,7 @@ impl Drop for RequestLog {
 async fn handle(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let _in_flight = downstream.in_flight.as_ref().map(InFlight::start);
     let line = LogLine::wanted(&proxy).then(|| LogLine::of(&req));
@@ -426,8 +426,8 @@ async fn handle(
     let forwarded = if timed {
         // The body's frames move the clock as the upstream connection sends them.
         let clock = Arc::new(StreamClock::new(!with_body));
-        req.extensions_mut().insert(Arc::clone(&clock));
-        let forwarding = route_and_forward(&proxy, &downstream, req, start, &mut log);
+        let timed = Some(Arc::clone(&clock));
+        let forwarding = route_and_forward(&proxy, &downstream, req, timed, start, &mut log);
         tokio::select! {
             forwarded = forwarding => forwarded,
             why = clock.expired(streams) => Err(match why {
@@ -436,7 +436,7 @@ async fn handle(
             }),
         }
     } else {
-        route_and_forward(&proxy, &downstream, req, start, &mut log).await
+        route_and_forward(&proxy, &downstream, req, None, start, &mut log).await
     };
     let response = match forwarded {
         Ok(response) => response,
@@ -732,6 +732,8 @@ async fn route_and_forward(
     proxy: &Arc<Proxy>,
     downstream: &Downstream,
     mut req: Request<Incoming>,
+    // The stream's timeouts, which the request body's frames move as they are sent.
+    clock: Option<Arc<StreamClock>>,
     start: Instant,
     log: &mut RequestLog,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -866,7 +868,7 @@ async fn route_and_forward(
             req.headers().clone(),
         ))
     });
-    let mut req = match req.extensions_mut().remove::<Arc<StreamClock>>() {
+    let mut req = match clock {
         Some(clock) => req.map(|body| RequestBody::Timed(body, clock)),
         None => req.map(RequestBody::Client),
     };
@@ -944,7 +946,7 @@ async fn route_and_forward(
             response.status().as_u16(),
             &MapHeaders(response.headers()) as &dyn Headers,
         );
-        match attempts.answered(head, grpc_status, again()) {
+        match attempts.answered(head, grpc_status, again) {
             // The response and its connection are dropped, never reused with a body left
             // unread; the request goes again as Envoy's router does.
             Answer::Retry(next) => {
