@@ -261,7 +261,8 @@ impl<'a> Attempts<'a> {
 
     /// Judges a response head with `status` and `headers` (and `grpc-status`, for a
     /// trailers-only gRPC response): one the policy retries goes again while attempts and
-    /// the retry budget last and the request can be sent again (`again`).
+    /// the retry budget last and the request can be sent again (`again` makes it, only for
+    /// a response that is retried).
     pub(crate) fn answered<R>(
         &mut self,
         (status, headers): (u16, &dyn Headers),

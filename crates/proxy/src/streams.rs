@@ -83,10 +83,10 @@ impl Driver {
         .await;
     }
 
-    /// Polls every stream that is ready, the new ones first; true when none is left.
+    /// Polls every stream that is ready, queued ones included; true when none is left.
     fn poll_streams(&mut self, cx: &mut Context<'_>) -> bool {
+        self.take_queued(None);
         loop {
-            self.take_queued(None);
             // A stream that ends frees its slot at once; one that pends is woken by its own waker.
             while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
             // Polling a stream may queue another (an upgraded stream's body): poll that too
