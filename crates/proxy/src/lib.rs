@@ -321,7 +321,7 @@ impl Proxy {
         // The futures awaited below are boxed, but for HTTP/1.1's: this future is the
         // connection's task for its whole life, sized by its largest await, and an idle
         // keep-alive connection should not carry the size of a TCP relay.
-        let dst = match orig_dst::original_dst(&stream) {
+        let dst = match orig_dst::original_dst(&stream, peer) {
             Ok(dst) => dst,
             Err(e) => {
                 tracing::warn!(error = %e, %peer, "cannot read the original destination");

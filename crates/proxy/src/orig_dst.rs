@@ -7,21 +7,25 @@ use std::net::SocketAddr;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-/// Where the client meant to connect before iptables redirected it to us.
+/// Where the client meant to connect before iptables redirected it to us; `peer`, the
+/// address `accept` gave, names the socket's family, so the common case makes one system
+/// call (a connection's local address is only read when there was no redirect).
 ///
 /// Without a redirect (a direct connection, or no conntrack entry) this is the listener's
 /// own address, which the loop guard then refuses.
-pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    let local = stream.local_addr()?;
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let found = match local {
+    let found = match peer {
         SocketAddr::V4(_) => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
     };
     match found {
-        Ok(addr) => Ok(addr.as_socket().unwrap_or(local)),
+        Ok(addr) => match addr.as_socket() {
+            Some(addr) => Ok(addr),
+            None => stream.local_addr(),
+        },
         // ENOENT: no NAT entry, the client connected to us directly.
-        Err(e) if e.raw_os_error() == Some(2) => Ok(local),
+        Err(e) if e.raw_os_error() == Some(2) => stream.local_addr(),
         Err(e) => Err(e),
     }
 }

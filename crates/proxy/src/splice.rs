@@ -213,7 +213,7 @@ enum Copied {
 /// receiver could not take is kept, on the heap, until it is written.
 fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
     let mut buf = [0u8; COPY];
-    let read = from.try_read(&mut buf)?;
+    let read = read_draining(from, &mut buf)?;
     if read == 0 {
         return Ok(Copied::End);
     }
@@ -229,6 +229,29 @@ fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
         read,
         rest: buf[written..read].to_vec(),
     })
+}
+
+/// Reads what `from` holds into `buf`. A read that comes back short has drained the
+/// socket: its readiness is cleared now, as tokio's own `poll_read` does on Linux, rather
+/// than by one more read that would block (two of a short TLS connection's reads were
+/// such). Tokio keeps a socket's closed readiness when it clears, so an end that came
+/// with the bytes is still seen by the next `readable`.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut read = None;
+    let cleared = from.try_io(Interest::READABLE, || {
+        let n = from.try_read(buf)?;
+        read = Some(n);
+        if 0 < n && n < buf.len() {
+            // How `try_io` is told to clear the readiness it found.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match read {
+        Some(n) => Ok(n),
+        None => cleared,
+    }
 }
 
 /// The sender's end of the stream: passed on, the other way kept open.
@@ -339,6 +362,55 @@ mod tests {
         assert_eq!(
             relay.await.unwrap(),
             (10, 4_000_010, true),
+            "sent, received, clean end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_it_used() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(b"abc").await.unwrap();
+        reader.readable().await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(read_draining(&reader, &mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        // With the readiness cleared, tokio does not call the read at all.
+        let mut called = false;
+        let again = reader.try_io(Interest::READABLE, || {
+            called = true;
+            Ok(())
+        });
+        assert!(!called, "a read that would block was left to make");
+        assert_eq!(again.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // New bytes make it readable again.
+        writer.write_all(b"d").await.unwrap();
+        reader.readable().await.unwrap();
+        assert_eq!(read_draining(&reader, &mut buf).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn bytes_that_arrive_with_the_end_are_relayed_and_the_end_passed_on() {
+        let (mut guarded, mut proxy_up, mut client, mut upstream) =
+            lab(Duration::from_secs(60)).await;
+        // Bytes and the half-close are both there before the relay's first read, which
+        // comes back short.
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        guarded.get_ref().readable().await.unwrap();
+        let relay = tokio::spawn(async move {
+            let relayed = relay(&mut guarded, b"", &mut proxy_up).await;
+            (relayed.sent, relayed.received, relayed.result.is_ok())
+        });
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        upstream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert!(back.is_empty());
+        assert_eq!(
+            relay.await.unwrap(),
+            (3, 0, true),
             "sent, received, clean end"
         );
     }
