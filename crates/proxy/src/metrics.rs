@@ -628,6 +628,19 @@ struct RequestSeries {
     response_bytes: EnvoyHistogram,
 }
 
+/// The series one TCP connection is counted in.
+#[derive(Debug)]
+pub struct TcpSeries {
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Counter,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Counter,
+    /// `istio_tcp_sent_bytes_total`.
+    pub sent: Counter,
+    /// `istio_tcp_received_bytes_total`.
+    pub received: Counter,
+}
+
 /// An upstream response's counters: its status class's and its status's.
 #[derive(Debug)]
 struct ResponseCounters {
@@ -767,6 +780,8 @@ pub struct Metrics {
     upstream_rq_series: Handles<Label, Counter>,
     /// The per-class and per-code counters of each cluster and status.
     response_series: Handles<(Label, u16), Arc<ResponseCounters>>,
+    /// The TCP series of each label set.
+    tcp_series: Handles<TcpLabels, Arc<TcpSeries>>,
 }
 
 impl Metrics {
@@ -820,6 +835,7 @@ impl Metrics {
             request_series: Handles::default(),
             upstream_rq_series: Handles::default(),
             response_series: Handles::default(),
+            tcp_series: Handles::default(),
         };
         register_total(
             registry,
@@ -1010,6 +1026,19 @@ impl Metrics {
         }
     }
 
+    /// The labels of a TCP connection to `destination` that ended with `flags`.
+    pub fn tcp_labels(&self, destination: &Destination, flags: &'static str) -> TcpLabels {
+        TcpLabels {
+            reporter: "source",
+            source: self.source.clone(),
+            source_principal: self.source_principal(destination),
+            connection_security_policy: destination.security_policy(),
+            destination: destination.labels(),
+            request_protocol: "tcp",
+            response_flags: flags,
+        }
+    }
+
     /// The labels of `key`'s request series.
     pub fn request_labels(&self, key: &RequestKey) -> RequestLabels {
         RequestLabels {
@@ -1063,6 +1092,20 @@ impl Metrics {
         if let Some(c) = cached.as_mut() {
             c.request = Some((key, series));
         }
+    }
+
+    /// The TCP series of `labels`: one fast lookup for a connection's four counters, where
+    /// each family would hash the whole label set with SipHash under its lock.
+    pub fn tcp_series(&self, labels: &TcpLabels) -> Arc<TcpSeries> {
+        let make = |labels: &TcpLabels| {
+            Arc::new(TcpSeries {
+                opened: self.tcp_opened.get_or_create(labels).clone(),
+                closed: self.tcp_closed.get_or_create(labels).clone(),
+                sent: self.tcp_sent.get_or_create(labels).clone(),
+                received: self.tcp_received.get_or_create(labels).clone(),
+            })
+        };
+        self.tcp_series.with(labels, make, Arc::clone)
     }
 
     /// Counts a request sent upstream (an attempt) in `cluster`'s `upstream_rq_total`;
@@ -1176,6 +1219,29 @@ mod tests {
                 .cluster("outbound|80||api.ns.svc.cluster.local")
                 .unwrap(),
         )
+    }
+
+    #[test]
+    fn a_tcp_connections_series_are_its_families_own_found_by_its_labels() {
+        let metrics = Metrics::new(&mut Registry::default());
+        let cluster = api_cluster();
+        let mut destination = Destination::of_cluster(&cluster);
+        destination.reached(Some(0));
+        let labels = |flags| metrics.tcp_labels(&destination, flags);
+        let first = metrics.tcp_series(&labels("-"));
+        assert!(Arc::ptr_eq(&first, &metrics.tcp_series(&labels("-"))));
+        first.opened.inc();
+        first.sent.inc_by(7);
+        metrics.tcp_series(&labels("-")).received.inc_by(9);
+        let timed_out = metrics.tcp_series(&labels("DT"));
+        assert!(!Arc::ptr_eq(&first, &timed_out));
+        timed_out.closed.inc();
+        let (clean, dt) = (labels("-"), labels("DT"));
+        assert_eq!(metrics.tcp_opened.get_or_create(&clean).get(), 1);
+        assert_eq!(metrics.tcp_sent.get_or_create(&clean).get(), 7);
+        assert_eq!(metrics.tcp_received.get_or_create(&clean).get(), 9);
+        assert_eq!(metrics.tcp_closed.get_or_create(&clean).get(), 0);
+        assert_eq!(metrics.tcp_closed.get_or_create(&dt).get(), 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::guard::{Expired, GuardedIo};
 use crate::io::PrefixedIo;
 use crate::log::TcpLog;
-use crate::metrics::{Destination, TcpLabels};
+use crate::metrics::Destination;
 use crate::origin::{Transport, UpstreamIo};
 use crate::upstream::{Original, RetryPolicy};
 
@@ -57,18 +57,11 @@ pub(crate) async fn forward(
         (&mut log, &mut destination),
     )
     .await;
-    let mut labels = TcpLabels {
-        reporter: "source",
-        source: proxy.metrics.source.clone(),
-        source_principal: proxy.metrics.source_principal(&destination),
-        connection_security_policy: destination.security_policy(),
-        destination: destination.labels(),
-        request_protocol: "tcp",
-        response_flags: "-",
-    };
-    match connected {
+    let mut labels = proxy.metrics.tcp_labels(&destination, "-");
+    let series = match connected {
         Ok((upstream, _active)) => {
-            proxy.metrics.tcp_opened.get_or_create(&labels).inc();
+            let mut series = proxy.metrics.tcp_series(&labels);
+            series.opened.inc();
             let relayed = match upstream {
                 UpstreamIo::Plain(mut upstream) => {
                     crate::splice::relay(&mut client, prefix, &mut upstream).await
@@ -92,8 +85,10 @@ pub(crate) async fn forward(
                 if Expired::of(&e) == Some(Expired::MaxDuration) {
                     log.flags = "DT";
                     labels.response_flags = log.flags;
+                    series = proxy.metrics.tcp_series(&labels);
                 }
             }
+            series
         }
         Err(e) => {
             // Envoy's listener filters only peek: the client's first bytes are still unread
@@ -106,20 +101,14 @@ pub(crate) async fn forward(
             }
             log.flags = e.tcp_flag();
             labels.response_flags = log.flags;
-            proxy.metrics.tcp_opened.get_or_create(&labels).inc();
+            let series = proxy.metrics.tcp_series(&labels);
+            series.opened.inc();
+            series
         }
-    }
-    proxy
-        .metrics
-        .tcp_sent
-        .get_or_create(&labels)
-        .inc_by(log.sent);
-    proxy
-        .metrics
-        .tcp_received
-        .get_or_create(&labels)
-        .inc_by(log.received);
-    proxy.metrics.tcp_closed.get_or_create(&labels).inc();
+    };
+    series.sent.inc_by(log.sent);
+    series.received.inc_by(log.received);
+    series.closed.inc();
     log.duration = start.elapsed();
     log.emit(&proxy.config.access_log);
 }
@@ -292,15 +281,7 @@ mod tests {
             panic!("a cluster decision");
         };
         let destination = Destination::of_cluster(cluster);
-        let uo = TcpLabels {
-            reporter: "source",
-            source: metrics.source.clone(),
-            source_principal: metrics.source_principal(&destination),
-            connection_security_policy: destination.security_policy(),
-            destination: destination.labels(),
-            request_protocol: "tcp",
-            response_flags: "UO",
-        };
+        let uo = metrics.tcp_labels(&destination, "UO");
         assert_eq!(metrics.tcp_opened.get_or_create(&uo).get(), 1);
         // The first ends; its connection is given back and the next one gets through.
         first.write_all(b"bye").await.unwrap();
