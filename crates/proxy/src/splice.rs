@@ -2,7 +2,7 @@
 //! and never through user space, so a bulk transfer costs the proxy two system calls per
 //! pipe-full instead of two copies of every byte.
 //!
-//! A direction starts by copying through a buffer on the stack, and turns to a pipe of its
+//! A direction starts by copying through its thread's buffer, and turns to a pipe of its
 //! own once a read fills that buffer. A TLS handshake or an exchange of small messages
 //! never does, and never pays for a pipe: made, registered and closed per direction, that
 //! was a third of a short connection's system calls. An idle connection holds no pipe and
