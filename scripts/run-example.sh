@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "run-example.sh: cargo is missing" >&2; exit 1; }
+# jemalloc, the binary's allocator, is C built by its crate with make and cc.
+for tool in make cc; do
+    command -v "$tool" >/dev/null || { echo "run-example.sh: $tool is missing (apt-get install make gcc)" >&2; exit 1; }
+done
 cargo build --release -p portcullis
 
 pids=()

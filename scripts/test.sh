@@ -58,9 +58,9 @@ if [ ! -e "$policy" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends nginx curl iptables iproute2 util-linux procps \
-    openssl dnsmasq-base nghttp2-client python3 python3-pip coreutils libc-bin wrk chromium
-for tool in ip nginx curl iptables iptables-restore ip6tables-restore setpriv kill \
+apt-get install -y -q --no-install-recommends make gcc nginx curl iptables iproute2 util-linux \
+    procps openssl dnsmasq-base nghttp2-client python3 python3-pip coreutils libc-bin wrk chromium
+for tool in make cc ip nginx curl iptables iptables-restore ip6tables-restore setpriv kill \
     openssl dnsmasq nghttp h2load python3 sha256sum getent chromium; do
     command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
 done
