@@ -291,7 +291,7 @@ impl RequestLog {
         if let Some(line) = &mut self.line {
             line.headers.request_id = Some(LogText::Id(id));
         }
-        if let Ok(id) = HeaderValue::from_bytes(&id) {
+        if let Some(id) = request_id_value(&id) {
             headers.insert(REQUEST_ID, id);
         }
     }
@@ -1520,6 +1520,16 @@ const ORIGINAL_HOST: &str = "x-envoy-original-host";
 /// from the client.
 pub(crate) const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
 
+/// A generated request id as a header value that HTTP/2 sends as a literal never indexed:
+/// an id no later request repeats would take room in HPACK's dynamic table and evict the
+/// entries that do repeat (authority, user agent, ...), which would then go as literals
+/// again, on every request.
+fn request_id_value(id: &[u8; REQUEST_ID_LEN]) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_bytes(id).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// The length of a generated request id.
 pub(crate) const REQUEST_ID_LEN: usize = 36;
 
@@ -1678,6 +1688,14 @@ mod tests {
         // 25% of 20,000 is 5,000; four standard deviations are about 245.
         assert!((4_755..=5_245).contains(&share(2_500, TenThousand)));
         assert!((4_755..=5_245).contains(&share(250_000, Million)));
+    }
+
+    #[test]
+    fn generated_request_ids_stay_out_of_hpacks_table() {
+        let id = request_id();
+        let value = request_id_value(&id).expect("a valid header value");
+        assert!(value.is_sensitive());
+        assert_eq!(value.as_bytes(), &id[..]);
     }
 
     #[test]
