@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::ProxyError;
 use crate::guard::StreamClock;
+use crate::h2_client::H2Body;
 use crate::http::RequestLog;
 use crate::metrics::Metrics;
 use crate::pool::Pooled;
@@ -75,7 +76,7 @@ pub enum ProxyBody {
     /// Streamed from the upstream; the connection returns to the pool at end of stream.
     Upstream {
         /// The upstream body.
-        body: Incoming,
+        body: UpstreamBody,
         /// The connection it arrived on, released when the body ends.
         connection: Option<Pooled>,
         /// Keeps the request counted (on its endpoint, against its cluster's circuit
@@ -184,6 +185,43 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// A response body as an upstream connection delivers it.
+pub enum UpstreamBody {
+    /// From an HTTP/1.1 connection (hyper's client).
+    H1(Incoming),
+    /// From an HTTP/2 stream.
+    H2(H2Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
         }
     }
 }

@@ -32,7 +32,7 @@ pub enum ProxyError {
     ConnectTimeout,
     /// The upstream closed or reset before a response.
     #[error("upstream reset before response: {0}")]
-    UpstreamReset(#[source] hyper::Error),
+    UpstreamReset(#[source] crate::body::BodyError),
     /// The upstream connection failed or closed before a complete response head.
     #[error("upstream connection closed before response: {0}")]
     UpstreamClosed(#[source] std::io::Error),
@@ -192,7 +192,7 @@ impl ProxyError {
         let ProxyError::UpstreamReset(e) = self else {
             return false;
         };
-        let mut source = std::error::Error::source(e);
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
         while let Some(cause) = source {
             if let Some(h2) = cause.downcast_ref::<h2::Error>() {
                 return h2.reason() == Some(h2::Reason::REFUSED_STREAM);

@@ -3,12 +3,11 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -27,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
-use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd};
+use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd, UpstreamBody};
 use crate::error::{ProxyError, grpc_local_reply, is_grpc_content_type};
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
+use crate::h2_client::{self, SendError};
 use crate::hash::{HashInput, RequestHash, request_hash};
 use crate::log::{HttpLog, LogText, LoggedHeaders};
 use crate::metrics::{
@@ -39,7 +39,7 @@ use crate::metrics::{
 };
 use crate::origin::{Transport, UpstreamIo};
 use crate::pool::{Conn, Life};
-use crate::streams::{Driver, Local};
+use crate::streams::Driver;
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
 /// The downstream connection a request arrived on.
@@ -1221,7 +1221,7 @@ impl From<Failure> for Failed {
     }
 }
 
-type Sent = (Response<Incoming>, Option<crate::pool::Pooled>);
+type Sent = (Response<UpstreamBody>, Option<crate::pool::Pooled>);
 
 // A new upstream connection is rare next to a pooled one; its connect and handshake are
 // boxed where they start so that their futures do not size every request's, which is
@@ -1241,43 +1241,18 @@ async fn open_h1(
     hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(ProxyError::UpstreamReset)
+        .map_err(|e| ProxyError::UpstreamReset(e.into()))
 }
 
 /// Connects for `target` and makes it an HTTP/2 client connection.
 async fn open_h2(
     proxy: &Proxy,
     target: &Target<'_>,
-) -> Result<
-    (
-        hyper::client::conn::http2::SendRequest<RequestBody>,
-        Driven<hyper::client::conn::http2::Connection<TokioIo<UpstreamIo>, RequestBody, Local>>,
-    ),
-    ProxyError,
-> {
+) -> Result<(h2_client::Sender, h2::client::Connection<UpstreamIo, Bytes>), ProxyError> {
     let stream = proxy.connect_upstream(target).await?;
-    let streams = Driver::default();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(streams.executor())
-        .handshake(TokioIo::new(stream))
+    h2_client::handshake(stream)
         .await
-        .map_err(ProxyError::UpstreamReset)?;
-    Ok((sender, Driven { conn, streams }))
-}
-
-/// An upstream HTTP/2 connection with the driver of what hyper runs beside it: its frames'
-/// reader and writer, and a future per request waiting for the response.
-struct Driven<C> {
-    conn: C,
-    streams: Driver,
-}
-
-impl<C: Future + Unpin> Driven<C> {
-    /// Runs the connection and then what is left of its requests.
-    async fn run(mut self) -> C::Output {
-        let ended = self.streams.run(Pin::new(&mut self.conn)).await;
-        self.streams.finish().await;
-        ended
-    }
+        .map_err(|e| ProxyError::UpstreamReset(e.into()))
 }
 
 async fn send_h1(
@@ -1316,14 +1291,14 @@ async fn send_h1(
         }
     };
     match pooled.sender.try_send_request(req).await {
-        Ok(response) => Ok((response, Some(pooled))),
+        Ok(response) => Ok((response.map(UpstreamBody::H1), Some(pooled))),
         Err(mut e) => match e.take_message() {
             Some(unsent) => Err(Failed(
-                Failure::Unsent(ProxyError::UpstreamReset(e.into_error())),
+                Failure::Unsent(ProxyError::UpstreamReset(e.into_error().into())),
                 Some(unsent),
             )),
             None => Err(Failed(
-                Failure::Sent(ProxyError::UpstreamReset(e.into_error())),
+                Failure::Sent(ProxyError::UpstreamReset(e.into_error().into())),
                 None,
             )),
         },
@@ -1340,7 +1315,7 @@ async fn send_h2(
         Ok(acquired) => acquired,
         Err(e) => return Err(Failed(Failure::Unsent(e), None)),
     };
-    let mut sender = match acquired {
+    let sender = match acquired {
         Acquired::Idle(sender) => sender,
         Acquired::New { hold, pending } => {
             let (sender, conn) = match Box::pin(open_h2(proxy, &target)).await {
@@ -1360,25 +1335,23 @@ async fn send_h2(
             }
             tokio::spawn(async move {
                 let _hold = hold;
-                if let Err(e) = conn.run().await {
+                if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });
             sender
         }
     };
-    match sender.try_send_request(req).await {
-        Ok(response) => Ok((response, None)),
-        Err(mut e) => match e.take_message() {
-            Some(unsent) => Err(Failed(
-                Failure::Unsent(ProxyError::UpstreamReset(e.into_error())),
-                Some(unsent),
-            )),
-            None => Err(Failed(
-                Failure::Sent(ProxyError::UpstreamReset(e.into_error())),
-                None,
-            )),
-        },
+    match h2_client::send(sender, req).await {
+        Ok(response) => Ok((response.map(UpstreamBody::H2), None)),
+        Err(SendError::Unsent(e, unsent)) => Err(Failed(
+            Failure::Unsent(ProxyError::UpstreamReset(e.into())),
+            Some(*unsent),
+        )),
+        Err(SendError::Sent(e)) => Err(Failed(
+            Failure::Sent(ProxyError::UpstreamReset(e.into())),
+            None,
+        )),
     }
 }
 
@@ -1444,7 +1417,7 @@ async fn relay_upgraded(
 }
 
 fn upgraded_response(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     version: Version,
     start: Instant,
 ) -> Response<ProxyBody> {
@@ -1626,7 +1599,7 @@ fn prepare_request(
 }
 
 fn prepare_response(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     connection: Option<crate::pool::Pooled>,
     guard: crate::upstream::Hold,
     version: Version,

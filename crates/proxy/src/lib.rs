@@ -7,6 +7,7 @@ pub mod detect;
 mod error;
 mod guard;
 pub mod h1;
+mod h2_client;
 mod hash;
 mod http;
 mod io;

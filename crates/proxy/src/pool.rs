@@ -14,13 +14,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper::client::conn::{http1::SendRequest, http2};
+use hyper::client::conn::http1::SendRequest;
 use portcullis_balance::{ConnectionGuard, EndpointState};
 use portcullis_envoy::ConnectionLimits;
 use portcullis_registry::{ClusterLoad, Slot};
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::h2_client::{self, Sender};
 use crate::origin::{PoolKey, UpstreamIo};
 
 /// The pool's maps: every request looks its endpoint up, and foldhash costs a fraction of
@@ -183,7 +184,7 @@ pub struct Pool {
 
 /// A shared HTTP/2 connection: its sender, its limits, and when it last took a stream.
 struct Shared {
-    sender: http2::SendRequest<RequestBody>,
+    sender: Sender,
     life: Box<Life>,
     used: Instant,
 }
@@ -273,11 +274,13 @@ impl Pool {
     /// limits; each call is one stream on it. One past its idle timeout or lifetime is
     /// given up (its open streams finish); one that has carried its
     /// `max_requests_per_connection` takes this last stream and no more.
-    pub fn h2(&self, key: &PoolKey) -> Option<http2::SendRequest<RequestBody>> {
+    pub fn h2(&self, key: &PoolKey) -> Option<Sender> {
         let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let shared = h2.get_mut(key)?;
         let now = Instant::now();
-        if shared.sender.is_closed() || shared.life.stale(shared.used, now, self.idle_timeout) {
+        if shared.life.stale(shared.used, now, self.idle_timeout)
+            || h2_client::is_closed(&mut shared.sender)
+        {
             h2.remove(key);
             return None;
         }
@@ -291,12 +294,7 @@ impl Pool {
 
     /// Shares a new HTTP/2 connection to `key` with later requests, the one that opened it
     /// counted against its limits.
-    pub fn put_h2(
-        &self,
-        key: PoolKey,
-        sender: http2::SendRequest<RequestBody>,
-        mut life: Box<Life>,
-    ) {
+    pub fn put_h2(&self, key: PoolKey, sender: Sender, mut life: Box<Life>) {
         if !life.served() {
             return;
         }

@@ -369,6 +369,100 @@ async fn a_refused_http2_stream_is_sent_again() {
     assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
 }
 
+/// An HTTP/2 upstream that sends GOAWAY takes no new stream on that connection: each later
+/// request goes on a new one, and none fails.
+#[tokio::test]
+async fn an_http2_upstream_that_goes_away_gets_later_requests_on_a_new_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = Arc::clone(&accepts);
+    let server = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            connections.spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                // GOAWAY goes out before the answer, so the proxy has it when the answer
+                // comes: the next request cannot race it.
+                let mut going = false;
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    if !going {
+                        connection.graceful_shutdown();
+                        going = true;
+                    }
+                    respond.send_response(Response::new(()), true).unwrap();
+                }
+            });
+        }
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
+        1,
+    ))
+    .await;
+    for _ in 0..3 {
+        let answer = fetch(&harness, "http://h2.internal/", None).await;
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 3);
+    server.abort();
+}
+
+/// A request still sending its body when the route timeout answers 504 has its HTTP/2 stream
+/// reset upstream (`CANCEL`), while the client's connection stays open: the upstream is not
+/// left holding a stream that nobody waits for.
+#[tokio::test]
+async fn a_timed_out_http2_request_still_sending_its_body_is_reset_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (reset_tx, reset_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        let (request, _respond) = connection.accept().await.unwrap().unwrap();
+        let mut body = request.into_body();
+        let watch = tokio::spawn(async move {
+            let mut received = Vec::new();
+            let reason = loop {
+                match body.data().await {
+                    Some(Ok(chunk)) => {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        received.extend_from_slice(&chunk);
+                    }
+                    Some(Err(e)) => break e.reason(),
+                    None => break None,
+                }
+            };
+            let _ = reset_tx.send((received, reason));
+        });
+        while let Some(Ok(_)) = connection.accept().await {}
+        let _ = watch.await;
+    });
+    let config = portcullis_proxy::ProxyConfig {
+        route_timeout: Some(std::time::Duration::from_millis(200)),
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(
+        snapshot(&common::service("h2.internal", 80, "HTTP2", &[port]), 1),
+        config,
+    )
+    .await;
+    // One chunk of a chunked body, and then nothing: the body never ends.
+    let (_client, head, _) = common::raw(
+        harness.addr,
+        "POST http://h2.internal/ HTTP/1.1\r\nHost: h2.internal\r\n\
+         transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    )
+    .await;
+    assert!(head.contains(" 504 Gateway Timeout\r\n"), "{head}");
+    let (received, reason) = common::within(reset_rx).await.unwrap();
+    assert_eq!(received, b"abc");
+    assert_eq!(reason, Some(h2::Reason::CANCEL));
+    server.abort();
+}
+
 /// Each attempt carries its number: with a refusing endpoint beside a good one, a request
 /// whose first pick was the refusing one reaches the good one with
 /// `x-envoy-attempt-count: 2` (Istio's default retries connect failures only).
