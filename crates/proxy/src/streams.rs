@@ -1,11 +1,11 @@
 //! HTTP/2 streams run in their connection's task.
 //!
-//! hyper hands each HTTP/2 stream (and, as a client, each response it waits for) to an
-//! executor as a future of its own. Spawned as Tokio tasks, every stream pays for a task's
-//! creation, its registration in the runtime's task list, and a hop through the scheduler
-//! at each wake-up between the stream and its connection. [`Local`] keeps them instead in
-//! the task that drives the connection, which polls them beside it: a connection and its
-//! streams share one task, as Envoy keeps them on one worker.
+//! hyper's server hands each HTTP/2 stream to an executor as a future of its own. Spawned
+//! as Tokio tasks, every stream pays for a task's creation, its registration in the
+//! runtime's task list, and a hop through the scheduler at each wake-up between the stream
+//! and its connection. [`Local`] keeps them instead in the task that drives the
+//! connection, which polls them beside it: a connection and its streams share one task, as
+//! Envoy keeps them on one worker.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -130,7 +130,7 @@ mod tests {
         let executor = driver.executor();
         let done = Arc::new(AtomicUsize::new(0));
         let (release, released) = oneshot::channel::<()>();
-        // Queued before the driver first polls, as a client handshake does.
+        // Queued before the driver first polls.
         let counter = Arc::clone(&done);
         executor.execute(async move {
             counter.fetch_add(1, Ordering::SeqCst);
