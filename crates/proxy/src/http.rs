@@ -1758,3 +1758,253 @@ mod tests {
         assert_eq!(left, ["accept", "content-length", "host"]);
     }
 }
+
+/// hyper's HTTP/2 server as a client sees it through `serve_h2`.
+#[cfg(test)]
+mod h2c {
+    use std::future::poll_fn;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use bytes::Bytes;
+    use h2::{Reason, RecvStream};
+    use http::{Request, Response, StatusCode, header};
+    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
+    use portcullis_registry::{BuildOptions, Enforcement};
+    use prometheus_client::registry::Registry;
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Downstream, serve_h2};
+    use crate::guard::StreamTimeouts;
+    use crate::metrics::{LastSeries, Metrics};
+    use crate::{Proxy, ProxyConfig};
+
+    /// A sidecar letting anything through to where the client meant (`ALLOW_ANY`).
+    fn allow_any() -> Arc<Proxy> {
+        let yaml = "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    outboundTrafficPolicy:
+      mode: ALLOW_ANY
+";
+        let loaded = portcullis_model::load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
+        let snapshot =
+            portcullis_registry::build(&loaded.resources, &BuildOptions::default(), None, 1);
+        Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            Arc::new(Metrics::new(&mut Registry::default())),
+            Vec::new(),
+            DnsCache::new(
+                HickoryLookup::from_system_conf().unwrap(),
+                DnsConfig::default(),
+            ),
+            Arc::new(portcullis_audit::Audit::new(
+                Enforcement::Enforce,
+                "default",
+                &mut Registry::default(),
+            )),
+        )
+    }
+
+    /// An h2c client of a connection served for a client that meant `dst`, and the drain
+    /// switch of the serving task.
+    async fn client(
+        dst: SocketAddr,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let downstream = Arc::new(Downstream {
+            in_flight: None,
+            original_dst: Some(dst),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            streams: StreamTimeouts::ENVOY_DEFAULT,
+            series: LastSeries::default(),
+        });
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(serve_h2(allow_any(), downstream, far, shutdown.clone()));
+        let (sender, connection) = h2::client::handshake(near).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        (sender, shutdown, serving)
+    }
+
+    /// An HTTP/2 upstream (a passthrough of h2c speaks h2c) that answers each request `hi`
+    /// once `release` lets it, telling `seen` of each request (`None`) and of each reset
+    /// of a stream it had not answered (`Some` of the reason).
+    async fn upstream(
+        release: Arc<tokio::sync::Semaphore>,
+        seen: tokio::sync::mpsc::UnboundedSender<Option<Reason>>,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let release = Arc::clone(&release);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let release = Arc::clone(&release);
+                        let seen = seen.clone();
+                        let _ = seen.send(None);
+                        tokio::spawn(async move {
+                            let _permit = tokio::select! {
+                                permit = release.acquire() => permit.unwrap(),
+                                reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+                                    let _ = seen.send(reset.ok());
+                                    return;
+                                }
+                            };
+                            let head = Response::builder()
+                                .header(header::CONTENT_LENGTH, "2")
+                                .body(())
+                                .unwrap();
+                            if let Ok(mut send) = respond.send_response(head, false) {
+                                let _ = send.send_data(Bytes::from_static(b"hi"), true);
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn body(mut recv: RecvStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+
+    fn get(authority: &str) -> Request<()> {
+        Request::get(format!("http://{authority}/"))
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_is_answered_with_hyper_s_head_rules() {
+        let (seen, _) = tokio::sync::mpsc::unbounded_channel();
+        let dst = upstream(Arc::new(tokio::sync::Semaphore::new(100)), seen).await;
+        let (mut sender, _shutdown, _serving) = client(dst).await;
+        let (response, _) = sender.send_request(get(&dst.to_string()), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert!(headers.contains_key(header::DATE), "{headers:?}");
+        assert_eq!(headers[header::CONTENT_LENGTH], "2");
+        assert_eq!(body(response.into_body()).await, b"hi");
+    }
+
+    #[tokio::test]
+    async fn a_drain_sends_goaway_and_lets_open_streams_finish() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (seen, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let dst = upstream(Arc::clone(&release), seen).await;
+        let (mut sender, shutdown, serving) = client(dst).await;
+        let (waiting, _) = sender.send_request(get(&dst.to_string()), true).unwrap();
+        // The drain starts once the request is at the upstream, which holds its answer.
+        tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+            .await
+            .unwrap();
+        shutdown.cancel();
+        // The client hears of the drain: new streams are refused once GOAWAY arrives (each
+        // one opened before it is dropped, so reset, at once).
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match sender.send_request(get(&dst.to_string()), true) {
+                    Err(e) => break e,
+                    Ok(_) => tokio::task::yield_now().await,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(refused.is_go_away() || refused.is_remote(), "{refused:?}");
+        release.add_permits(10);
+        let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response.into_body()).await, b"hi");
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("the connection ends once its streams are done")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_client_resets_is_reset_upstream() {
+        let (seen, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let dst = upstream(Arc::new(tokio::sync::Semaphore::new(0)), seen).await;
+        let (mut sender, _shutdown, _serving) = client(dst).await;
+        // Sent whole, so only the stream's reset (not its body's) can tell the proxy.
+        let (_waiting, mut request) = sender.send_request(get(&dst.to_string()), true).unwrap();
+        let next = Duration::from_secs(10);
+        let arrived = tokio::time::timeout(next, events.recv()).await.unwrap();
+        assert_eq!(arrived, Some(None));
+        request.send_reset(Reason::CANCEL);
+        assert_eq!(
+            tokio::time::timeout(next, events.recv()).await.unwrap(),
+            Some(Some(Reason::CANCEL)),
+            "the upstream's stream is reset"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_relays_the_stream_s_bytes_both_ways() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (mut read, mut write) = stream.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        });
+        let (mut sender, _shutdown, _serving) = client(dst).await;
+        let connect = Request::connect(dst.to_string()).body(()).unwrap();
+        let (response, mut send) = sender.send_request(connect, false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        send.send_data(Bytes::from_static(b"ping"), false).unwrap();
+        let mut recv = response.into_body();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), recv.data())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echoed[..], b"ping");
+        let _ = recv.flow_control().release_capacity(echoed.len());
+        // The client's end of stream reaches the echo server, whose close ends ours.
+        send.send_data(Bytes::new(), true).unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(10), body(recv))
+            .await
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+}
