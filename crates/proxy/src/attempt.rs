@@ -433,15 +433,11 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Arc;
 
-    use arc_swap::ArcSwap;
-    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
     use portcullis_envoy::{self as envoy, Discovery, Resources, Thresholds};
     use portcullis_registry::Snapshot;
-    use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::{Proxy, ProxyConfig};
+    use crate::Proxy;
     use portcullis_registry::StatusSet;
 
     /// A proxy whose one cluster `api` has `endpoints` (never connected to here) and
@@ -468,22 +464,7 @@ mod tests {
         r.clusters.insert(c.name.clone(), Arc::new(c));
         let snapshot = Snapshot::index(&r, &|_| None, None, 1);
         let decision = Decision::Cluster(Arc::clone(snapshot.cluster("api").unwrap()));
-        let dns = DnsCache::new(
-            HickoryLookup::from_system_conf().unwrap(),
-            DnsConfig::default(),
-        );
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            ProxyConfig::default(),
-            Arc::new(Metrics::new(&mut Registry::default())),
-            Vec::new(),
-            dns,
-            Arc::new(portcullis_audit::Audit::new(
-                portcullis_registry::Enforcement::Enforce,
-                "default",
-                &mut Registry::default(),
-            )),
-        );
+        let proxy = Proxy::for_tests_unmetered(snapshot);
         (proxy, decision)
     }
 

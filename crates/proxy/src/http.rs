@@ -1768,20 +1768,17 @@ mod h2c {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use arc_swap::ArcSwap;
     use bytes::Bytes;
     use h2::{Reason, RecvStream};
     use http::{Request, Response, StatusCode, header};
-    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
-    use portcullis_registry::{BuildOptions, Enforcement};
-    use prometheus_client::registry::Registry;
+    use portcullis_registry::BuildOptions;
     use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
 
     use super::{Downstream, serve_h2};
+    use crate::Proxy;
     use crate::guard::StreamTimeouts;
-    use crate::metrics::{LastSeries, Metrics};
-    use crate::{Proxy, ProxyConfig};
+    use crate::metrics::LastSeries;
 
     /// A sidecar letting anything through to where the client meant (`ALLOW_ANY`).
     fn allow_any() -> Arc<Proxy> {
@@ -1797,21 +1794,7 @@ data:
         let loaded = portcullis_model::load_str(yaml, &Arc::new(PathBuf::from("t.yaml")));
         let snapshot =
             portcullis_registry::build(&loaded.resources, &BuildOptions::default(), None, 1);
-        Proxy::new(
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            ProxyConfig::default(),
-            Arc::new(Metrics::new(&mut Registry::default())),
-            Vec::new(),
-            DnsCache::new(
-                HickoryLookup::from_system_conf().unwrap(),
-                DnsConfig::default(),
-            ),
-            Arc::new(portcullis_audit::Audit::new(
-                Enforcement::Enforce,
-                "default",
-                &mut Registry::default(),
-            )),
-        )
+        Proxy::for_tests_unmetered(snapshot)
     }
 
     /// An h2c client of a connection served for a client that meant `dst`, and the drain

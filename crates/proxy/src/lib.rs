@@ -492,6 +492,37 @@ impl Proxy {
 }
 
 #[cfg(test)]
+impl Proxy {
+    /// A proxy for unit tests: `snapshot` with the default config, counting into `metrics`,
+    /// resolving with the system's DNS settings, enforcing refusals.
+    pub(crate) fn for_tests(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Self> {
+        let dns = DnsCache::new(
+            portcullis_dns::HickoryLookup::from_system_conf().expect("the system's DNS settings"),
+            portcullis_dns::DnsConfig::default(),
+        );
+        let audit = Audit::new(
+            portcullis_registry::Enforcement::Enforce,
+            "default",
+            &mut prometheus_client::registry::Registry::default(),
+        );
+        Proxy::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            ProxyConfig::default(),
+            metrics,
+            Vec::new(),
+            dns,
+            Arc::new(audit),
+        )
+    }
+
+    /// [`Proxy::for_tests`] with metrics nobody reads.
+    pub(crate) fn for_tests_unmetered(snapshot: Snapshot) -> Arc<Self> {
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        Proxy::for_tests(snapshot, Arc::new(metrics))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use portcullis_registry::HttpChain;
 

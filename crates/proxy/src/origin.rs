@@ -352,8 +352,6 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_workload_identity_is_read_again_and_a_half_written_one_skipped() {
-        use arc_swap::ArcSwap;
-        use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
         use portcullis_registry::Snapshot;
 
         let dir = Folder(std::env::temp_dir().join(format!(
@@ -367,27 +365,8 @@ mod tests {
                 std::fs::write(dir.0.join(name), pem).unwrap();
             }
         };
-        let mut prometheus = prometheus_client::registry::Registry::default();
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(Snapshot::index(
-                &Default::default(),
-                &|_| None,
-                None,
-                1,
-            ))),
-            crate::ProxyConfig::default(),
-            Arc::new(crate::Metrics::new(&mut prometheus)),
-            Vec::new(),
-            DnsCache::new(
-                HickoryLookup::from_system_conf().unwrap(),
-                DnsConfig::default(),
-            ),
-            Arc::new(portcullis_audit::Audit::new(
-                portcullis_registry::Enforcement::Enforce,
-                "default",
-                &mut prometheus,
-            )),
-        );
+        let proxy =
+            Proxy::for_tests_unmetered(Snapshot::index(&Default::default(), &|_| None, None, 1));
         let current = || proxy.identity.load_full().map(|i| i.cert_chain.clone());
         let first = identity("first");
         write(&first);

@@ -160,8 +160,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use arc_swap::ArcSwap;
-    use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
     use portcullis_envoy::{self as envoy, Discovery, Resources, Thresholds};
     use portcullis_registry::Snapshot;
     use prometheus_client::registry::Registry;
@@ -169,31 +167,15 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::Proxy;
     use crate::metrics::{ClusterLabels, Destination, Label, Metrics};
-    use crate::{Proxy, ProxyConfig};
 
     /// A proxy serving `r`, the decision for its cluster `db`, and the proxy's metrics.
     fn serving(r: &Resources) -> (Arc<Proxy>, Decision, Arc<Metrics>) {
         let snapshot = Snapshot::index(r, &|_| None, None, 1);
         let decision = Decision::Cluster(Arc::clone(snapshot.cluster("db").unwrap()));
-        let mut prometheus = Registry::default();
-        let metrics = Arc::new(Metrics::new(&mut prometheus));
-        let dns = DnsCache::new(
-            HickoryLookup::from_system_conf().unwrap(),
-            DnsConfig::default(),
-        );
-        let proxy = Proxy::new(
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            ProxyConfig::default(),
-            Arc::clone(&metrics),
-            Vec::new(),
-            dns,
-            Arc::new(portcullis_audit::Audit::new(
-                portcullis_registry::Enforcement::Enforce,
-                "default",
-                &mut prometheus_client::registry::Registry::default(),
-            )),
-        );
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let proxy = Proxy::for_tests(snapshot, Arc::clone(&metrics));
         (proxy, decision, metrics)
     }
 
