@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
+
+use crate::io::read_some;
 
 /// What the first bytes look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +20,8 @@ pub enum Detected {
     Opaque,
 }
 
-/// Bytes that are enough to decide; more are never read during detection.
+/// Bytes that are always enough to decide. Detection takes whatever a read brings (a
+/// request head, a ClientHello), so that the first read is usually the only one.
 pub const MAX_DETECT_BYTES: usize = 16;
 
 const METHODS: [&[u8]; 9] = [
@@ -57,19 +60,20 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     (!undecided).then_some(Detected::Opaque)
 }
 
-/// Reads until the protocol is known, at most [`MAX_DETECT_BYTES`] or `timeout`.
-/// Returns what was read, to be replayed to whoever handles the connection.
+/// Reads until the protocol is known or `timeout` passes. Returns everything the reads
+/// brought, to be parsed or replayed by whoever handles the connection; nothing is
+/// allocated until bytes arrive.
 pub async fn detect<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
 ) -> std::io::Result<(Detected, BytesMut)> {
-    let mut buf = BytesMut::with_capacity(MAX_DETECT_BYTES);
+    let mut buf = BytesMut::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(d) = classify(&buf) {
             return Ok((d, buf));
         }
-        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+        let read = tokio::time::timeout_at(deadline, read_some(stream, &mut buf)).await;
         match read {
             // Timed out, or the client half-closed: decide on what we have.
             Err(_) | Ok(Ok(0)) => return Ok((classify(&buf).unwrap_or(Detected::Opaque), buf)),
@@ -127,5 +131,18 @@ mod tests {
         let (d, buf) = task.await.unwrap().unwrap();
         assert_eq!(d, Detected::Http1);
         assert!(buf.starts_with(b"POST"));
+    }
+
+    #[tokio::test]
+    async fn keeps_all_the_first_read_brought() {
+        use tokio::io::AsyncWriteExt;
+        // A whole request head in one read: the HTTP/1.1 server parses it without reading
+        // again, as a ClientHello in one read is parsed without a second.
+        let head = b"GET /a/long/path HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\r\n";
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(head).await.unwrap();
+        let (d, buf) = detect(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(d, Detected::Http1);
+        assert_eq!(&buf[..], &head[..]);
     }
 }

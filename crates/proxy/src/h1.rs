@@ -13,14 +13,12 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::num::NonZeroU32;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Version};
 use portcullis_registry::{Headers, Resource};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +31,7 @@ use crate::http::{
     ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, REQUEST_ID_LEN, RequestLog,
     RouteInput, Routed, SNIFFED_HTTP1, request_id, timeout_ms,
 };
-use crate::io::PrefixedIo;
+use crate::io::{PrefixedIo, read_some};
 use crate::log::{LogText, LoggedHeaders};
 use crate::metrics::Metrics;
 use crate::origin::{PoolKey, Transport, UpstreamIo};
@@ -118,24 +116,6 @@ pub(crate) async fn serve<I>(
             }
         }
     }
-}
-
-/// Reads what is available into `buf` through a stack buffer, so that nothing is
-/// allocated until bytes arrive.
-async fn read_some<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read_some(Pin::new(&mut *io), cx, buf)).await
-}
-
-fn poll_read_some<I: AsyncRead>(
-    io: Pin<&mut I>,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    let mut stack = [MaybeUninit::<u8>::uninit(); 4096];
-    let mut read = ReadBuf::uninit(&mut stack);
-    ready!(io.poll_read(cx, &mut read))?;
-    buf.extend_from_slice(read.filled());
-    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// Resolves when the client closes (or fails) while a response is awaited, or with the

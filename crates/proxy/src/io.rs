@@ -1,11 +1,34 @@
-//! A stream that first replays bytes already read during protocol detection.
+//! Reading what a client sent without a buffer of its own, and a stream that first replays
+//! bytes already read during protocol detection.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Reads what is available into `buf` through a stack buffer, so that nothing is
+/// allocated until bytes arrive.
+pub(crate) async fn read_some<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(Pin::new(&mut *io), cx, buf)).await
+}
+
+fn poll_read_some<I: AsyncRead>(
+    io: Pin<&mut I>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); 4096];
+    let mut read = ReadBuf::uninit(&mut stack);
+    ready!(io.poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
+}
 
 /// `inner`, with `prefix` read back before anything else.
 pub struct PrefixedIo<T> {
