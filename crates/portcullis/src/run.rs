@@ -12,7 +12,9 @@ use portcullis_admin::{AdminState, Endpoints, SetLogLevel};
 use portcullis_audit::{Audit, MODE_ANNOTATION, annotation_mode};
 use portcullis_dns::{DnsCache, DnsConfig, HickoryLookup};
 use portcullis_proxy::metrics::SourceLabels;
-use portcullis_proxy::{AccessLog, AccessLogFormat, Metrics, NonePolicy, Proxy, ProxyConfig};
+use portcullis_proxy::{
+    AccessLog, AccessLogFormat, Listener, Metrics, NonePolicy, Proxy, ProxyConfig,
+};
 use portcullis_registry::{BuildOptions, Enforcement, Snapshot, WorkloadIdentity};
 use portcullis_sources::{Folder, Publisher, RegistryCompiler, XdsSource, rebuild_on};
 use portcullis_xds::ca::CaConfig;
@@ -390,17 +392,19 @@ async fn serve(args: RunArgs, set_log_level: SetLogLevel) -> anyhow::Result<Exit
     }
     let mut listeners = Vec::new();
     tracing::info!(outbound = %args.outbound, admin = %args.admin, http_proxy = ?args.http_proxy, "portcullis listening");
+    let proxied =
+        |l: TcpListener| Listener::try_from(l).context("cannot set TCP_NODELAY on a listener");
     listeners.push(tokio::spawn(
-        Arc::clone(&proxy).run_outbound(outbound, drain.clone()),
+        Arc::clone(&proxy).run_outbound(proxied(outbound)?, drain.clone()),
     ));
     if let Some(l) = outbound_v6 {
         listeners.push(tokio::spawn(
-            Arc::clone(&proxy).run_outbound(l, drain.clone()),
+            Arc::clone(&proxy).run_outbound(proxied(l)?, drain.clone()),
         ));
     }
     if let Some(l) = http_proxy {
         listeners.push(tokio::spawn(
-            Arc::clone(&proxy).run_http_proxy(l, drain.clone()),
+            Arc::clone(&proxy).run_http_proxy(proxied(l)?, drain.clone()),
         ));
     }
 

@@ -67,7 +67,8 @@ enum Next {
 }
 
 /// Serves HTTP/1.x on `io`, whose first bytes (already read) are `initial`, until the
-/// client closes or `shutdown` asks to drain.
+/// client closes or `shutdown` asks to drain. A connection is ended by dropping `io`, so
+/// it must not hold back bytes (a TLS stream's `close_notify`).
 pub(crate) async fn serve<I>(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
@@ -99,10 +100,9 @@ pub(crate) async fn serve<I>(
         let next = Box::pin(exchange(&proxy, &downstream, &mut io, &mut buf, &shutdown)).await;
         match next {
             Next::KeepAlive => {}
-            Next::Close => {
-                let _ = io.shutdown().await;
-                return;
-            }
+            // Dropped, not shut down: closing a plain socket sends the FIN a shutdown would,
+            // with one system call fewer.
+            Next::Close => return,
             Next::General => {
                 // The general path times each of its requests itself.
                 if let Some(in_flight) = &downstream.in_flight {

@@ -1,6 +1,7 @@
 //! The data path: listeners, original destination, protocol detection, HTTP and TCP
 //! forwarding, synthetic responses and upstream connection reuse.
 
+mod accept;
 mod attempt;
 mod body;
 pub mod detect;
@@ -32,11 +33,12 @@ use bytes::BytesMut;
 use portcullis_audit::{Audit, Observation, Verdict};
 use portcullis_dns::DnsCache;
 use portcullis_registry::{Chain, ChainFilter, Connection, Decision, Snapshot};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use accept::Listener;
 pub use error::ProxyError;
 pub use guard::StreamTimeouts;
 pub use log::{AccessLog, Format as AccessLogFormat};
@@ -235,22 +237,18 @@ impl Proxy {
     }
 
     /// Accepts redirected connections until `shutdown`.
-    pub async fn run_outbound(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    pub async fn run_outbound(self: Arc<Self>, listener: Listener, shutdown: CancellationToken) {
         self.accept_loop(listener, shutdown, true).await;
     }
 
     /// Accepts explicit forward-proxy connections until `shutdown`.
-    pub async fn run_http_proxy(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run_http_proxy(self: Arc<Self>, listener: Listener, shutdown: CancellationToken) {
         self.accept_loop(listener, shutdown, false).await;
     }
 
     async fn accept_loop(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: Listener,
         shutdown: CancellationToken,
         transparent: bool,
     ) {
@@ -302,8 +300,8 @@ impl Proxy {
 
     /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
     /// its first byte (the explicit proxy), so each request head gets its deadline.
+    /// Its socket has `TCP_NODELAY` already, from the [`Listener`].
     fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
-        let _ = stream.set_nodelay(true);
         GuardedIo::new(
             stream,
             self.config.idle_timeout,

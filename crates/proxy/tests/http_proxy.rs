@@ -556,7 +556,9 @@ async fn a_direct_connection_to_the_outbound_listener_is_closed_unforwarded() {
         audit,
     );
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(Arc::clone(&proxy).run_outbound(listener, shutdown.clone()));
+    let server = tokio::spawn(
+        Arc::clone(&proxy).run_outbound(listener.try_into().unwrap(), shutdown.clone()),
+    );
 
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream

@@ -298,7 +298,9 @@ impl Harness {
             Arc::clone(&audit),
         );
         let shutdown = CancellationToken::new();
-        tokio::spawn(Arc::clone(&proxy).run_http_proxy(listener, shutdown.clone()));
+        tokio::spawn(
+            Arc::clone(&proxy).run_http_proxy(listener.try_into().unwrap(), shutdown.clone()),
+        );
         Harness {
             addr,
             proxy,
