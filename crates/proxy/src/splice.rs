@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 use socket2::SockRef;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -131,7 +131,9 @@ async fn one_way(
     last: &Activity,
 ) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        if sender_ended(from).await? {
+            return pass_end(to);
+        }
         let (read, rest) = match copy_once(from, to) {
             Ok(Copied::End) => return pass_end(to),
             Ok(Copied::Moved { read, rest }) => (read, rest),
@@ -160,7 +162,9 @@ async fn one_way(
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut capacity = PIPE;
     loop {
-        from.readable().await?;
+        if sender_ended(from).await? {
+            return pass_end(to);
+        }
         let (pipe_out, pipe_in) = match &pipe {
             Some(p) => p,
             None => pipe.insert(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?),
@@ -263,6 +267,19 @@ fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Waits until `from` can be read; `true` when it is known to have ended without a read.
+///
+/// Tokio keeps a socket's closed readiness (epoll's `EPOLLRDHUP`: the peer's FIN has
+/// arrived) when a read clears its readable readiness, and clears that only after a read
+/// that drained the socket. Closed and no longer readable is a sender that ended before the
+/// last read emptied the socket: the read that would return 0 is skipped (one of a short TLS
+/// connection's system calls). An error (a reset) is left for the read to report.
+async fn sender_ended(from: &TcpStream) -> io::Result<bool> {
+    let ready = from.ready(Interest::READABLE | Interest::ERROR).await?;
+    let readable = (ready - Ready::READ_CLOSED).is_readable();
+    Ok(ready.is_read_closed() && !readable && !ready.is_error())
+}
+
 /// The sender's end of the stream: passed on, the other way kept open.
 fn pass_end(to: &TcpStream) -> io::Result<()> {
     match SockRef::from(to).shutdown(Shutdown::Write) {
@@ -301,6 +318,50 @@ mod tests {
         let (upstream_side, upstream) = pair().await;
         let guarded = GuardedIo::new(client_side, idle, idle, None);
         (guarded, upstream_side, client, upstream)
+    }
+
+    #[tokio::test]
+    async fn an_end_that_came_with_the_last_bytes_needs_no_read_of_its_own() {
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, ours) = pair().await;
+        let mut buf = [0u8; 64];
+        // Bytes that arrive after a read emptied the socket are read, an end with them or not.
+        peer.write_all(b"abc").await.unwrap();
+        ours.readable().await.unwrap();
+        assert_eq!(read_draining(&ours, &mut buf).unwrap(), 3);
+        peer.write_all(b"de").await.unwrap();
+        peer.shutdown().await.unwrap();
+        assert!(!sender_ended(&ours).await.unwrap());
+        assert_eq!(read_draining(&ours, &mut buf).unwrap(), 2);
+
+        // Bytes and the end both there when the socket is first polled: the end was there
+        // when the read emptied the socket.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut peer, b"abc").unwrap();
+        peer.shutdown(Shutdown::Write).unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let ours = TcpStream::from_std(ours).unwrap();
+        assert!(!sender_ended(&ours).await.unwrap());
+        assert_eq!(read_draining(&ours, &mut buf).unwrap(), 3);
+        assert!(sender_ended(&ours).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_left_for_the_read_to_report() {
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, ours) = pair().await;
+        ours.try_write(b"unread by the peer").unwrap();
+        peer.write_all(b"abc").await.unwrap();
+        ours.readable().await.unwrap();
+        assert_eq!(read_draining(&ours, &mut [0u8; 64]).unwrap(), 3);
+        // Closed with bytes it never read, the peer resets the connection.
+        peer.readable().await.unwrap();
+        drop(peer);
+        assert!(!sender_ended(&ours).await.unwrap());
+        let reset = read_draining(&ours, &mut [0u8; 64]).unwrap_err();
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! Choosing and connecting to an upstream: endpoint pick, DNS, connect timeout, loop guard.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,9 @@ pub use portcullis_registry::RetryPolicy;
 use portcullis_registry::{
     Decision, OutboundMode, Resolution, Resource, Route, Slot, Snapshot, TlsOrigin, UNLIMITED,
 };
+use rustix::io::Errno;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::Proxy;
@@ -216,10 +220,8 @@ impl Proxy {
         cluster: &str,
         timeout: Duration,
     ) -> Result<TcpStream, ProxyError> {
-        let result = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        let result = match tokio::time::timeout(timeout, connect(addr)).await {
             Ok(Ok(stream)) => {
-                // Request/response traffic: latency matters more than packet count.
-                let _ = stream.set_nodelay(true);
                 self.metrics
                     .upstream_cx_total
                     .get_or_create(&ClusterLabels {
@@ -463,9 +465,47 @@ fn is_local_address(ip: IpAddr) -> bool {
     probe().unwrap_or(false)
 }
 
+/// Opens a TCP connection to `addr`, with `TCP_NODELAY` (request/response traffic: latency
+/// matters more than packet count). A refusal is read from the socket's error readiness
+/// (`EPOLLERR`) when the connect completes, not with the `getsockopt(SO_ERROR)` that Tokio's
+/// own connect makes after every connection, refused or not.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Err(e) if e.raw_os_error() != Some(Errno::INPROGRESS.raw_os_error()) => return Err(e),
+        _ => {}
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        let error = stream.take_error()?;
+        return Err(error.unwrap_or_else(|| io::ErrorKind::NotConnected.into()));
+    }
+    Ok(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connects_with_nodelay_and_reports_a_refusal() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stream, accepted) = tokio::join!(connect(addr), listener.accept());
+        let stream = stream.unwrap();
+        assert!(stream.nodelay().unwrap());
+        assert_eq!(stream.local_addr().unwrap(), accepted.unwrap().1);
+        // The port is free again once its listener is gone: nothing answers there.
+        drop(listener);
+        let refused = connect(addr).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    }
 
     #[test]
     fn only_this_hosts_addresses_are_local() {
