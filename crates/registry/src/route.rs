@@ -9,7 +9,7 @@ use regex::Regex;
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port, with_formatted};
+use crate::host::{normalized, split_host_port, with_host_port};
 use crate::retry::RetryPolicy;
 use crate::snapshot::{Decision, Wildcards};
 
@@ -344,16 +344,12 @@ impl RouteTable {
         };
         // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
         match port {
-            Some(port) if !self.ignore_port => match host.ip {
-                Some(std::net::IpAddr::V6(_)) => {
-                    with_formatted(format_args!("[{}]:{port}", host.text), |key| {
-                        self.by_domain(key, host.dots)
-                    })
-                }
-                _ => with_formatted(format_args!("{}:{port}", host.text), |key| {
+            Some(port) if !self.ignore_port => {
+                let bracketed = matches!(host.ip, Some(std::net::IpAddr::V6(_)));
+                with_host_port(&host.text, bracketed, port, |key| {
                     self.by_domain(key, host.dots)
-                }),
-            },
+                })
+            }
             _ => self.by_domain(&host.text, host.dots),
         }
     }

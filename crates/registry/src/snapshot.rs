@@ -10,7 +10,7 @@ use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port, with_formatted};
+use crate::host::{normalized, split_host_port, with_formatted, with_host_port};
 use crate::limits::CircuitBreakers;
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
@@ -459,7 +459,7 @@ impl Snapshot {
         match name.ip.map(canonical) {
             Some(IpAddr::V6(ip)) => with_formatted(format_args!("[{ip}]:{}", conn.port), route),
             Some(ip) => with_formatted(format_args!("{ip}:{}", conn.port), route),
-            None => with_formatted(format_args!("{}:{}", name.text, conn.port), route),
+            None => with_host_port(&name.text, false, conn.port, route),
         }
     }
 
