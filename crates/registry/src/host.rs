@@ -90,6 +90,14 @@ pub(crate) struct Normalized<'a> {
     pub(crate) ip: Option<IpAddr>,
 }
 
+impl Normalized<'_> {
+    /// Whether the host is an IPv6 literal: bracketed when a port follows it, as in the
+    /// Host header and in domains.
+    pub(crate) fn is_v6(&self) -> bool {
+        matches!(self.ip, Some(IpAddr::V6(_)))
+    }
+}
+
 /// Bits of [`CLASS`]: what a byte is, or rules out.
 const DOT: u8 = 1;
 const NOT_NAME: u8 = 2;
@@ -172,39 +180,6 @@ pub(crate) fn normalized(host: &str) -> Result<Normalized<'_>, HostError> {
     })
 }
 
-/// Calls `f` with `args` written out, on the stack when they fit (a name and a port
-/// always do): the routing path builds a `host:port` key for every request and should not
-/// allocate for it.
-pub(crate) fn with_formatted<R>(args: std::fmt::Arguments<'_>, f: impl FnOnce(&str) -> R) -> R {
-    /// Writes into a fixed buffer, failing once it is full.
-    struct Stack<'a> {
-        buf: &'a mut [u8],
-        len: usize,
-    }
-    impl std::fmt::Write for Stack<'_> {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let end = self.len + s.len();
-            let to = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-            to.copy_from_slice(s.as_bytes());
-            self.len = end;
-            Ok(())
-        }
-    }
-    let mut buf = [0u8; 320];
-    let mut stack = Stack {
-        buf: &mut buf,
-        len: 0,
-    };
-    if std::fmt::write(&mut stack, args).is_ok() {
-        let len = stack.len;
-        // Whole `str`s were copied in, so this always holds.
-        if let Some(text) = buf.get(..len).and_then(|b| std::str::from_utf8(b).ok()) {
-            return f(text);
-        }
-    }
-    f(&std::fmt::format(args))
-}
-
 /// Calls `f` with `host:port`, the host in brackets when `bracketed` (an IPv6 literal), written
 /// on the stack when it fits: the routing key of every request, put together without the
 /// formatting machinery (`core::fmt` was about 360 instructions a request, `callgrind`).
@@ -271,18 +246,6 @@ mod tests {
         assert_eq!(normalize_host("."), Err(HostError::Empty));
         assert_eq!(normalize_host("a b"), Err(HostError::InvalidChar));
         assert_eq!(normalize_host("user@a.com"), Err(HostError::InvalidChar));
-    }
-
-    #[test]
-    fn formatted_text_is_the_same_on_the_stack_and_past_it() {
-        let short = with_formatted(
-            format_args!("{}:{}", "api.example.com", 8080),
-            str::to_owned,
-        );
-        assert_eq!(short, "api.example.com:8080");
-        let name = "a.".repeat(200);
-        let long = with_formatted(format_args!("{name}:{}", 80), str::to_owned);
-        assert_eq!(long, format!("{name}:80"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use regex::Regex;
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port, with_host_port};
+use crate::host::{Normalized, normalized, split_host_port, with_host_port};
 use crate::retry::RetryPolicy;
 use crate::snapshot::{Decision, Wildcards};
 
@@ -89,6 +89,13 @@ pub struct VirtualHost {
     /// Its name (Istio: `host:port`, `allow_any`, `block_all`).
     pub name: Arc<str>,
     routes: Vec<Arc<Route>>,
+}
+
+impl VirtualHost {
+    /// Its first route that matches `req`.
+    fn matching(&self, req: &Request<'_>) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matcher.matches(req))
+    }
 }
 
 /// A route, compiled.
@@ -342,16 +349,21 @@ impl RouteTable {
         let Ok(host) = normalized(host) else {
             return self.any.and_then(|i| self.vhosts.get(i));
         };
-        // With its port, an IPv6 literal is bracketed, as in the Host header and in domains.
         match port {
             Some(port) if !self.ignore_port => {
-                let bracketed = matches!(host.ip, Some(std::net::IpAddr::V6(_)));
-                with_host_port(&host.text, bracketed, port, |key| {
+                with_host_port(&host.text, host.is_v6(), port, |key| {
                     self.by_domain(key, host.dots)
                 })
             }
             _ => self.by_domain(&host.text, host.dots),
         }
+    }
+
+    /// The virtual host of `host` (normalized) whose routing key, `host:port`, is already
+    /// written: the explicit proxy's lookup, which builds that key for the request anyway.
+    fn virtual_host_keyed(&self, host: &Normalized<'_>, key: &str) -> Option<&VirtualHost> {
+        let domain = if self.ignore_port { &host.text } else { key };
+        self.by_domain(domain, host.dots)
     }
 
     /// The virtual host of the domain `key` (a normalized host, with its port unless
@@ -392,23 +404,34 @@ impl RouteTable {
 
     /// Routes a request: its virtual host, then the first route that matches.
     pub fn route(&self, req: &Request<'_>) -> HttpRoute {
-        match self.matching(req) {
-            Some(route) => {
-                let (decision, cluster_headers) = route.decide(req);
-                HttpRoute {
-                    decision,
-                    route: Some(Arc::clone(route)),
-                    cluster_headers,
-                }
-            }
-            None => HttpRoute::none(),
-        }
+        decided(self.matching(req), req)
+    }
+
+    /// As [`RouteTable::route`] for a request whose authority is the routing key of the
+    /// normalized `host`: `host:port`, as [`with_host_port`] writes it.
+    pub(crate) fn route_keyed(&self, host: &Normalized<'_>, req: &Request<'_>) -> HttpRoute {
+        let vh = self.virtual_host_keyed(host, req.authority);
+        decided(vh.and_then(|vh| vh.matching(req)), req)
     }
 
     /// The first route of the request's virtual host that matches it.
     pub(crate) fn matching(&self, req: &Request<'_>) -> Option<&Arc<Route>> {
-        let vh = self.virtual_host(req.authority)?;
-        vh.routes.iter().find(|r| r.matcher.matches(req))
+        self.virtual_host(req.authority)?.matching(req)
+    }
+}
+
+/// What the data path does with a request `matched` routes (none: Envoy's `NR`).
+fn decided(matched: Option<&Arc<Route>>, req: &Request<'_>) -> HttpRoute {
+    match matched {
+        Some(route) => {
+            let (decision, cluster_headers) = route.decide(req);
+            HttpRoute {
+                decision,
+                route: Some(Arc::clone(route)),
+                cluster_headers,
+            }
+        }
+        None => HttpRoute::none(),
     }
 }
 

@@ -10,7 +10,7 @@ use portcullis_model::{OutboundMode, Resolution};
 
 use crate::Map;
 use crate::cluster::Target;
-use crate::host::{normalized, split_host_port, with_formatted, with_host_port};
+use crate::host::{normalized, split_host_port, with_host_port};
 use crate::limits::CircuitBreakers;
 use crate::listener::{Candidates, Chain, ChainFilter, Connection, Listeners};
 use crate::route::{DirectResponse, HttpRoute, Request, RouteTable};
@@ -455,12 +455,12 @@ impl Snapshot {
         let Some(name) = normalized(host).ok().filter(|_| !host.ends_with('.')) else {
             return table.route(req);
         };
-        let route = |authority: &str| table.route(&Request { authority, ..*req });
-        match name.ip.map(canonical) {
-            Some(IpAddr::V6(ip)) => with_formatted(format_args!("[{ip}]:{}", conn.port), route),
-            Some(ip) => with_formatted(format_args!("{ip}:{}", conn.port), route),
-            None => with_host_port(&name.text, false, conn.port, route),
-        }
+        // The name is already normalized (an IP literal to its canonical spelling): the
+        // table looks up the key written here, rather than splitting and normalizing it
+        // again.
+        with_host_port(&name.text, name.is_v6(), conn.port, |authority| {
+            table.route_keyed(&name, &Request { authority, ..*req })
+        })
     }
 
     /// The decision of a connection described by `conn` carried as bytes (TCP, TLS): its
@@ -708,13 +708,13 @@ impl Snapshot {
     }
 }
 
-/// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
 /// Whether a TCP chain ends in the outbound policy's answer (BlackHoleCluster or an
 /// unguarded PassthroughCluster) rather than in a service.
 fn policy_catch_all(t: &Target) -> bool {
     matches!(t.decide(), Decision::BlackHole | Decision::Passthrough)
 }
 
+/// IPv4-mapped IPv6 addresses are the IPv4 address they carry.
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),

@@ -3183,3 +3183,54 @@ fn compiled_routes_share_their_settings_with_the_model_and_each_other() {
     };
     assert!(std::ptr::eq(a.forward().expect("forwards"), &**forward));
 }
+
+#[test]
+fn explicit_proxy_routes_by_the_key_it_writes_once() {
+    let vip = "
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vip, namespace: default}
+spec:
+  hosts: [vip.internal.com]
+  addresses: [10.8.0.1, 'fd00::8']
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.50.0.2}]
+";
+    let s = snapshot(&format!("{APP}{vip}"));
+    let explicit = |host: &str, port| {
+        let conn = crate::Connection {
+            port,
+            ..crate::Connection::default()
+        };
+        let req = crate::route::Request {
+            authority: host,
+            path: "/",
+            method: "GET",
+            scheme: "http",
+            headers: &(),
+        };
+        routed(&s.route_explicit(host, &conn, &req).decision)
+    };
+    assert_eq!(
+        explicit("app.internal.com", 80),
+        "outbound|80||app.internal.com"
+    );
+    assert_eq!(
+        explicit("APP.Internal.com", 8080),
+        "outbound|8080||app.internal.com"
+    );
+    assert_eq!(explicit("app.internal.com", 81), "blackhole");
+    // Envoy matches a trailing dot as sent: no domain has it.
+    assert_eq!(explicit("app.internal.com.", 80), "blackhole");
+    // An IP literal is looked up in its canonical spelling, an IPv4-mapped IPv6 one as the
+    // IPv4 address it carries.
+    let by_vip = explicit("10.8.0.1", 80);
+    assert_eq!(by_vip, "outbound|80||vip.internal.com");
+    assert_eq!(explicit("::ffff:10.8.0.1", 80), by_vip);
+    assert_eq!(explicit("::FFFF:a08:1", 80), by_vip);
+    // An IPv6 one is bracketed before its port, as in the domains.
+    assert_eq!(explicit("FD00:0::8", 80), by_vip);
+    assert_eq!(explicit("::1", 80), "blackhole");
+}
