@@ -227,7 +227,9 @@ impl Layers {
         } else {
             cells.first()?
         };
-        cell.pick(hash, tried, (!panic).then_some(&is_healthy), now)
+        // Without a health check the cell has nothing to avoid on a first attempt: its
+        // fast path, without a walk over the members.
+        cell.pick(hash, tried, healthy.filter(|_| !panic), now)
     }
 }
 
