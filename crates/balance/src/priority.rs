@@ -142,6 +142,15 @@ impl Layers {
         panic_threshold: f64,
         now: Option<Instant>,
     ) -> Option<usize> {
+        // One priority, one locality and no health check, as most clusters are: the loads
+        // below could only choose that cell, which then has nothing to avoid but `tried`.
+        if let ([tier], None, None, false) =
+            (&*self.tiers, healthy, previous, self.locality_weighted)
+        {
+            return self.cells[tier.cells.clone()]
+                .first()?
+                .pick(hash, tried, None, now);
+        }
         let is_healthy = |i: usize| healthy.is_none_or(|h| h(i));
         // Without a health check every member counts, without walking them.
         let healthy_in = |c: &Cell| match healthy {

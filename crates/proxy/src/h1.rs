@@ -1375,7 +1375,7 @@ fn parse_request(
         }
     }
     if !forwarded_proto {
-        header(&mut out, b"x-forwarded-proto", b"http");
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
     }
     // The log's note of the client's request id is also whether there is one to keep.
     let generated_id = if logged.request_id.is_none() {
@@ -1497,7 +1497,7 @@ impl ResponseHead {
     fn client_head(&mut self, start: Instant, close: bool, body: usize) -> Vec<u8> {
         let mut out = std::mem::take(&mut self.head);
         out.reserve(192 + body);
-        header(&mut out, b"server", b"envoy");
+        out.extend_from_slice(b"server: envoy\r\n");
         let mut ms = itoa::Buffer::new();
         let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         header(

@@ -1510,18 +1510,16 @@ pub(crate) const REQUEST_ID_LEN: usize = 36;
 /// generator, formatted on the stack, so that no request pays a syscall or a lock for it.
 pub(crate) fn request_id() -> [u8; REQUEST_ID_LEN] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    /// Where each byte's two digits go, around the dashes of the 8-4-4-4-12 groups: fixed,
+    /// so that the loop unrolls into plain stores.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     let mut bytes = fastrand::u128(..).to_be_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let mut out = [b'-'; REQUEST_ID_LEN];
-    let mut at = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
-        }
+    for (b, at) in bytes.into_iter().zip(AT) {
         out[at] = HEX[usize::from(b >> 4)];
         out[at + 1] = HEX[usize::from(b & 0x0f)];
-        at += 2;
     }
     out
 }
@@ -1661,6 +1659,28 @@ mod tests {
         // 25% of 20,000 is 5,000; four standard deviations are about 245.
         assert!((4_755..=5_245).contains(&share(2_500, TenThousand)));
         assert!((4_755..=5_245).contains(&share(250_000, Million)));
+    }
+
+    #[test]
+    fn generated_request_ids_are_random_uuids_version_4() {
+        let id = request_id();
+        let text = std::str::from_utf8(&id).unwrap();
+        let groups: Vec<&str> = text.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{text}"
+        );
+        assert!(
+            groups
+                .concat()
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{text}"
+        );
+        assert!(groups[2].starts_with('4'), "{text}");
+        assert!(groups[3].starts_with(['8', '9', 'a', 'b']), "{text}");
+        assert_ne!(request_id(), id);
     }
 
     #[test]
