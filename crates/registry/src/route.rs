@@ -420,7 +420,7 @@ impl RouteTable {
     }
 }
 
-/// What the data path does with a request `matched` routes (none: Envoy's `NR`).
+/// The answer for a request whose first matching route is `matched` (none: Envoy's `NR`).
 fn decided(matched: Option<&Arc<Route>>, req: &Request<'_>) -> HttpRoute {
     match matched {
         Some(route) => {
