@@ -3186,18 +3186,12 @@ fn compiled_routes_share_their_settings_with_the_model_and_each_other() {
 
 #[test]
 fn explicit_proxy_routes_by_the_key_it_writes_once() {
-    let vip = "
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: vip, namespace: default}
-spec:
-  hosts: [vip.internal.com]
-  addresses: [10.8.0.1, 'fd00::8']
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 10.50.0.2}]
-";
+    let vip = entry(
+        "vip",
+        "[vip.internal.com]",
+        "{number: 80, name: http, protocol: HTTP}",
+        "  addresses: [10.8.0.1, 'fd00::8']\n",
+    );
     let s = snapshot(&format!("{APP}{vip}"));
     let explicit = |host: &str, port| {
         let conn = crate::Connection {
