@@ -1,5 +1,6 @@
 //! Prometheus metrics under the names Istio and Envoy users already graph.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -374,6 +375,59 @@ struct Cached {
     upstream_rq: Option<(Arc<str>, Counter)>,
     response: Option<(Arc<str>, u16, Arc<ResponseCounters>)>,
 }
+
+/// The series the last request on this thread went to, in one [`Metrics`] (`id`).
+struct ThreadCached {
+    metrics: u64,
+    cached: Cached,
+}
+
+thread_local! {
+    /// What a connection finds when its own cache is empty: with a new connection per
+    /// request, each request would otherwise build, hash and compare its 25 labels, as the
+    /// first on a connection always does.
+    static THREAD_LAST: RefCell<ThreadCached> = const {
+        RefCell::new(ThreadCached {
+            metrics: 0,
+            cached: Cached {
+                request: None,
+                upstream_rq: None,
+                response: None,
+            },
+        })
+    };
+}
+
+/// What `find` finds in this thread's cache of `metrics`' series.
+fn thread_cached<T>(metrics: u64, find: impl FnOnce(&Cached) -> Option<T>) -> Option<T> {
+    THREAD_LAST.with(|last| {
+        let last = last.try_borrow().ok()?;
+        if last.metrics == metrics {
+            find(&last.cached)
+        } else {
+            None
+        }
+    })
+}
+
+/// Keeps a series in this thread's cache of `metrics`' series.
+fn thread_remember(metrics: u64, keep: impl FnOnce(&mut Cached)) {
+    THREAD_LAST.with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            if last.metrics != metrics {
+                *last = ThreadCached {
+                    metrics,
+                    cached: Cached::default(),
+                };
+            }
+            keep(&mut last.cached);
+        }
+    });
+}
+
+/// Each [`Metrics`] its own number, so that a thread's cache never hands one a series
+/// of another (tests run several in a process).
+static METRICS_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl LastSeries {
     /// The cache, unless another stream of the connection holds it: then the caller
@@ -782,6 +836,8 @@ pub struct Metrics {
     response_series: Handles<(Label, u16), Arc<ResponseCounters>>,
     /// The TCP series of each label set.
     tcp_series: Handles<TcpLabels, Arc<TcpSeries>>,
+    /// This instance's number in threads' caches.
+    id: u64,
 }
 
 impl Metrics {
@@ -836,6 +892,7 @@ impl Metrics {
             upstream_rq_series: Handles::default(),
             response_series: Handles::default(),
             tcp_series: Handles::default(),
+            id: METRICS_IDS.fetch_add(1, Ordering::Relaxed),
         };
         register_total(
             registry,
@@ -1085,9 +1142,19 @@ impl Metrics {
                 response_bytes: self.response_bytes.get_or_create(labels).clone(),
             })
         };
-        let series = self
-            .request_series
-            .with(&self.request_labels(&key), make, Arc::clone);
+        let on_thread = |c: &Cached| {
+            let (k, series) = c.request.as_ref()?;
+            k.same(&key).then(|| Arc::clone(series))
+        };
+        let series = thread_cached(self.id, on_thread).unwrap_or_else(|| {
+            let series = self
+                .request_series
+                .with(&self.request_labels(&key), make, Arc::clone);
+            thread_remember(self.id, |c| {
+                c.request = Some((key.clone(), Arc::clone(&series)));
+            });
+            series
+        });
         observe(&series);
         if let Some(c) = cached.as_mut() {
             c.request = Some((key, series));
@@ -1125,9 +1192,19 @@ impl Metrics {
                 })
                 .clone()
         };
-        let counter =
-            self.upstream_rq_series
-                .with(&Label(Arc::clone(cluster)), make, Counter::clone);
+        let on_thread = |c: &Cached| {
+            let (name, counter) = c.upstream_rq.as_ref()?;
+            same_name(name, cluster).then(|| counter.clone())
+        };
+        let counter = thread_cached(self.id, on_thread).unwrap_or_else(|| {
+            let counter =
+                self.upstream_rq_series
+                    .with(&Label(Arc::clone(cluster)), make, Counter::clone);
+            thread_remember(self.id, |c| {
+                c.upstream_rq = Some((Arc::clone(cluster), counter.clone()));
+            });
+            counter
+        });
         counter.inc();
         if let Some(c) = cached.as_mut() {
             c.upstream_rq = Some((Arc::clone(cluster), counter));
@@ -1173,9 +1250,19 @@ impl Metrics {
                     .clone(),
             })
         };
-        let counters =
-            self.response_series
-                .with(&(Label(Arc::clone(cluster)), status), make, Arc::clone);
+        let on_thread = |c: &Cached| {
+            let (name, code, counters) = c.response.as_ref()?;
+            (*code == status && same_name(name, cluster)).then(|| Arc::clone(counters))
+        };
+        let counters = thread_cached(self.id, on_thread).unwrap_or_else(|| {
+            let counters =
+                self.response_series
+                    .with(&(Label(Arc::clone(cluster)), status), make, Arc::clone);
+            thread_remember(self.id, |c| {
+                c.response = Some((Arc::clone(cluster), status, Arc::clone(&counters)));
+            });
+            counters
+        });
         count(&counters);
         if let Some(c) = cached.as_mut() {
             c.response = Some((Arc::clone(cluster), status, counters));
@@ -1305,6 +1392,78 @@ mod tests {
             metrics.upstream_rq_code.get_or_create(&code("503")).get(),
             1
         );
+    }
+
+    #[test]
+    fn new_connections_on_a_thread_find_its_last_series_in_their_own_metrics_only() {
+        let (first, second) = (
+            Metrics::new(&mut Registry::default()),
+            Metrics::new(&mut Registry::default()),
+        );
+        let cluster = api_cluster();
+        let key = |status: u16| {
+            let mut destination = Destination::of_cluster(&cluster);
+            destination.reached(Some(0));
+            RequestKey {
+                destination,
+                grpc: false,
+                status,
+                grpc_status: None,
+                flags: "-",
+            }
+        };
+        let measured = Measured {
+            duration: std::time::Duration::from_millis(2),
+            request_bytes: 10,
+            response_bytes: 20,
+        };
+        let name: Arc<str> = cluster.name.clone();
+        // Each request on a connection of its own, the two metrics interleaved: each
+        // counts only its own, whatever the thread's cache last held.
+        for (metrics, status) in [
+            (&first, 200),
+            (&first, 200),
+            (&second, 200),
+            (&first, 200),
+            (&first, 503),
+            (&second, 503),
+        ] {
+            let connection = LastSeries::default();
+            metrics.record_request(&connection, key(status), measured);
+            metrics.count_upstream_request(Some(&connection), &name);
+            metrics.count_upstream_response(&connection, &name, status);
+        }
+        let requests = |metrics: &Metrics, status| {
+            let labels = metrics.request_labels(&key(status));
+            metrics.requests.get_or_create(&labels).get()
+        };
+        assert_eq!((requests(&first, 200), requests(&first, 503)), (3, 1));
+        assert_eq!((requests(&second, 200), requests(&second, 503)), (1, 1));
+        let cluster_label = ClusterLabels {
+            cluster_name: Label(Arc::clone(&name)),
+        };
+        assert_eq!(first.upstream_rq.get_or_create(&cluster_label).get(), 4);
+        assert_eq!(second.upstream_rq.get_or_create(&cluster_label).get(), 2);
+        let class = |metrics: &Metrics, class| {
+            let labels = ClassLabels {
+                response_code_class: class,
+                cluster_name: Label(Arc::clone(&name)),
+            };
+            metrics.upstream_rq_class.get_or_create(&labels).get()
+        };
+        assert_eq!((class(&first, "2xx"), class(&first, "5xx")), (3, 1));
+        assert_eq!((class(&second, "2xx"), class(&second, "5xx")), (1, 1));
+        // The last series is the thread's: the next connection's first request finds it.
+        let kept = thread_cached(second.id, |c| {
+            c.request.as_ref().map(|(_, s)| Arc::clone(s))
+        });
+        let labels = second.request_labels(&key(503));
+        let series =
+            second
+                .request_series
+                .with(&labels, |_| unreachable!("the series exists"), Arc::clone);
+        assert!(kept.is_some_and(|kept| Arc::ptr_eq(&kept, &series)));
+        assert!(thread_cached(first.id, |_| Some(())).is_none());
     }
 
     #[test]
