@@ -267,12 +267,15 @@ impl Proxy {
                     };
                     let proxy = Arc::clone(&self);
                     let shutdown = shutdown.clone();
+                    // The connection's future is boxed when it starts: the task then
+                    // holds a pointer, and the runtime moves (and on completion overwrites)
+                    // a few bytes rather than the kilobytes of the largest await.
                     self.tasks.spawn(async move {
                         let _permit = permit;
                         if transparent {
-                            proxy.outbound(stream, peer, shutdown).await;
+                            Box::pin(proxy.outbound(stream, peer, shutdown)).await;
                         } else {
-                            proxy.explicit(stream, peer, shutdown).await;
+                            Box::pin(proxy.explicit(stream, peer, shutdown)).await;
                         }
                     });
                 }
