@@ -376,10 +376,13 @@ struct Cached {
     response: Option<(Arc<str>, u16, Arc<ResponseCounters>)>,
 }
 
-/// The series the last request on this thread went to, in one [`Metrics`] (`id`).
+/// The series the last request and the last TCP connection on this thread went to, in
+/// one [`Metrics`] (`id`).
+#[derive(Default)]
 struct ThreadCached {
     metrics: u64,
     cached: Cached,
+    tcp: Option<(Destination, &'static str, Arc<TcpSeries>)>,
 }
 
 thread_local! {
@@ -394,16 +397,17 @@ thread_local! {
                 upstream_rq: None,
                 response: None,
             },
+            tcp: None,
         })
     };
 }
 
 /// What `find` finds in this thread's cache of `metrics`' series.
-fn thread_cached<T>(metrics: u64, find: impl FnOnce(&Cached) -> Option<T>) -> Option<T> {
+fn thread_cached<T>(metrics: u64, find: impl FnOnce(&ThreadCached) -> Option<T>) -> Option<T> {
     THREAD_LAST.with(|last| {
         let last = last.try_borrow().ok()?;
         if last.metrics == metrics {
-            find(&last.cached)
+            find(&last)
         } else {
             None
         }
@@ -411,16 +415,16 @@ fn thread_cached<T>(metrics: u64, find: impl FnOnce(&Cached) -> Option<T>) -> Op
 }
 
 /// Keeps a series in this thread's cache of `metrics`' series.
-fn thread_remember(metrics: u64, keep: impl FnOnce(&mut Cached)) {
+fn thread_remember(metrics: u64, keep: impl FnOnce(&mut ThreadCached)) {
     THREAD_LAST.with(|last| {
         if let Ok(mut last) = last.try_borrow_mut() {
             if last.metrics != metrics {
                 *last = ThreadCached {
                     metrics,
-                    cached: Cached::default(),
+                    ..ThreadCached::default()
                 };
             }
-            keep(&mut last.cached);
+            keep(&mut last);
         }
     });
 }
@@ -1142,8 +1146,8 @@ impl Metrics {
                 response_bytes: self.response_bytes.get_or_create(labels).clone(),
             })
         };
-        let on_thread = |c: &Cached| {
-            let (k, series) = c.request.as_ref()?;
+        let on_thread = |c: &ThreadCached| {
+            let (k, series) = c.cached.request.as_ref()?;
             k.same(&key).then(|| Arc::clone(series))
         };
         let series = thread_cached(self.id, on_thread).unwrap_or_else(|| {
@@ -1151,7 +1155,7 @@ impl Metrics {
                 .request_series
                 .with(&self.request_labels(&key), make, Arc::clone);
             thread_remember(self.id, |c| {
-                c.request = Some((key.clone(), Arc::clone(&series)));
+                c.cached.request = Some((key.clone(), Arc::clone(&series)));
             });
             series
         });
@@ -1175,6 +1179,23 @@ impl Metrics {
         self.tcp_series.with(labels, make, Arc::clone)
     }
 
+    /// The TCP series of a connection to `destination` with `flags`: this thread's last,
+    /// when its last connection went to the same place and ended the same way, which
+    /// spares building, hashing and comparing the labels per connection.
+    pub fn tcp_series_to(&self, destination: &Destination, flags: &'static str) -> Arc<TcpSeries> {
+        let on_thread = |c: &ThreadCached| {
+            let (to, with, series) = c.tcp.as_ref()?;
+            (*with == flags && to.same(destination)).then(|| Arc::clone(series))
+        };
+        thread_cached(self.id, on_thread).unwrap_or_else(|| {
+            let series = self.tcp_series(&self.tcp_labels(destination, flags));
+            thread_remember(self.id, |c| {
+                c.tcp = Some((destination.clone(), flags, Arc::clone(&series)));
+            });
+            series
+        })
+    }
+
     /// Counts a request sent upstream (an attempt) in `cluster`'s `upstream_rq_total`;
     /// `last` is the connection's cache, if the caller has one.
     pub fn count_upstream_request(&self, last: Option<&LastSeries>, cluster: &Arc<str>) {
@@ -1192,8 +1213,8 @@ impl Metrics {
                 })
                 .clone()
         };
-        let on_thread = |c: &Cached| {
-            let (name, counter) = c.upstream_rq.as_ref()?;
+        let on_thread = |c: &ThreadCached| {
+            let (name, counter) = c.cached.upstream_rq.as_ref()?;
             same_name(name, cluster).then(|| counter.clone())
         };
         let counter = thread_cached(self.id, on_thread).unwrap_or_else(|| {
@@ -1201,7 +1222,7 @@ impl Metrics {
                 self.upstream_rq_series
                     .with(&Label(Arc::clone(cluster)), make, Counter::clone);
             thread_remember(self.id, |c| {
-                c.upstream_rq = Some((Arc::clone(cluster), counter.clone()));
+                c.cached.upstream_rq = Some((Arc::clone(cluster), counter.clone()));
             });
             counter
         });
@@ -1250,8 +1271,8 @@ impl Metrics {
                     .clone(),
             })
         };
-        let on_thread = |c: &Cached| {
-            let (name, code, counters) = c.response.as_ref()?;
+        let on_thread = |c: &ThreadCached| {
+            let (name, code, counters) = c.cached.response.as_ref()?;
             (*code == status && same_name(name, cluster)).then(|| Arc::clone(counters))
         };
         let counters = thread_cached(self.id, on_thread).unwrap_or_else(|| {
@@ -1259,7 +1280,7 @@ impl Metrics {
                 self.response_series
                     .with(&(Label(Arc::clone(cluster)), status), make, Arc::clone);
             thread_remember(self.id, |c| {
-                c.response = Some((Arc::clone(cluster), status, Arc::clone(&counters)));
+                c.cached.response = Some((Arc::clone(cluster), status, Arc::clone(&counters)));
             });
             counters
         });
@@ -1329,6 +1350,40 @@ mod tests {
         assert_eq!(metrics.tcp_received.get_or_create(&clean).get(), 9);
         assert_eq!(metrics.tcp_closed.get_or_create(&clean).get(), 0);
         assert_eq!(metrics.tcp_closed.get_or_create(&dt).get(), 1);
+    }
+
+    #[test]
+    fn tcp_connections_on_a_thread_share_its_last_series_only_to_the_same_place_and_end() {
+        let (first, second) = (
+            Metrics::new(&mut Registry::default()),
+            Metrics::new(&mut Registry::default()),
+        );
+        let cluster = api_cluster();
+        let to = |endpoint| {
+            let mut destination = Destination::of_cluster(&cluster);
+            destination.reached(Some(endpoint));
+            destination
+        };
+        for (metrics, endpoint, flags) in [
+            (&first, 0, "-"),
+            (&first, 0, "-"),
+            (&first, 0, "DT"),
+            (&first, 1, "DT"),
+            (&second, 1, "DT"),
+            (&first, 1, "DT"),
+            (&first, 0, "-"),
+        ] {
+            metrics.tcp_series_to(&to(endpoint), flags).opened.inc();
+        }
+        let opened = |metrics: &Metrics, endpoint, flags| {
+            let labels = metrics.tcp_labels(&to(endpoint), flags);
+            metrics.tcp_opened.get_or_create(&labels).get()
+        };
+        assert_eq!(opened(&first, 0, "-"), 3);
+        assert_eq!(opened(&first, 0, "DT"), 1);
+        assert_eq!(opened(&first, 1, "DT"), 2);
+        assert_eq!(opened(&second, 1, "DT"), 1);
+        assert_eq!(opened(&second, 0, "-"), 0);
     }
 
     #[test]
@@ -1455,7 +1510,7 @@ mod tests {
         assert_eq!((class(&second, "2xx"), class(&second, "5xx")), (1, 1));
         // The last series is the thread's: the next connection's first request finds it.
         let kept = thread_cached(second.id, |c| {
-            c.request.as_ref().map(|(_, s)| Arc::clone(s))
+            c.cached.request.as_ref().map(|(_, s)| Arc::clone(s))
         });
         let labels = second.request_labels(&key(503));
         let series =

@@ -57,10 +57,9 @@ pub(crate) async fn forward(
         (&mut log, &mut destination),
     )
     .await;
-    let mut labels = proxy.metrics.tcp_labels(&destination, "-");
     let series = match connected {
         Ok((upstream, _active)) => {
-            let mut series = proxy.metrics.tcp_series(&labels);
+            let mut series = proxy.metrics.tcp_series_to(&destination, log.flags);
             series.opened.inc();
             let relayed = match upstream {
                 UpstreamIo::Plain(mut upstream) => {
@@ -84,8 +83,7 @@ pub(crate) async fn forward(
                 tracing::debug!(error = %e, "TCP connection ended with an error");
                 if Expired::of(&e) == Some(Expired::MaxDuration) {
                     log.flags = "DT";
-                    labels.response_flags = log.flags;
-                    series = proxy.metrics.tcp_series(&labels);
+                    series = proxy.metrics.tcp_series_to(&destination, log.flags);
                 }
             }
             series
@@ -100,8 +98,7 @@ pub(crate) async fn forward(
                 tracing::debug!(%error, "cannot set SO_LINGER to reset the connection");
             }
             log.flags = e.tcp_flag();
-            labels.response_flags = log.flags;
-            let series = proxy.metrics.tcp_series(&labels);
+            let series = proxy.metrics.tcp_series_to(&destination, log.flags);
             series.opened.inc();
             series
         }
