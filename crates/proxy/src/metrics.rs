@@ -377,7 +377,8 @@ struct Cached {
 }
 
 /// The series the last request and the last TCP connection on this thread went to, in
-/// one [`Metrics`] (`id`).
+/// one [`Metrics`] (`id`). The keys hold their cluster objects, so no other cluster can
+/// take a cached one's address; one stays alive past a config change until the next miss.
 #[derive(Default)]
 struct ThreadCached {
     metrics: u64,
@@ -404,19 +405,23 @@ thread_local! {
 
 /// What `find` finds in this thread's cache of `metrics`' series.
 fn thread_cached<T>(metrics: u64, find: impl FnOnce(&ThreadCached) -> Option<T>) -> Option<T> {
-    THREAD_LAST.with(|last| {
-        let last = last.try_borrow().ok()?;
-        if last.metrics == metrics {
-            find(&last)
-        } else {
-            None
-        }
-    })
+    // `try_with`: a thread being torn down has no cache, and the data path never panics.
+    THREAD_LAST
+        .try_with(|last| {
+            let last = last.try_borrow().ok()?;
+            if last.metrics == metrics {
+                find(&last)
+            } else {
+                None
+            }
+        })
+        .ok()
+        .flatten()
 }
 
 /// Keeps a series in this thread's cache of `metrics`' series.
 fn thread_remember(metrics: u64, keep: impl FnOnce(&mut ThreadCached)) {
-    THREAD_LAST.with(|last| {
+    let _ = THREAD_LAST.try_with(|last| {
         if let Ok(mut last) = last.try_borrow_mut() {
             if last.metrics != metrics {
                 *last = ThreadCached {
