@@ -1334,6 +1334,26 @@ mod tests {
         )
     }
 
+    /// An HTTP request's key to `cluster`'s `endpoint`, answered with `status`.
+    fn http_key(cluster: &Arc<Cluster>, endpoint: Option<usize>, status: u16) -> RequestKey {
+        let mut destination = Destination::of_cluster(cluster);
+        destination.reached(endpoint);
+        RequestKey {
+            destination,
+            grpc: false,
+            status,
+            grpc_status: None,
+            flags: "-",
+        }
+    }
+
+    /// What every test request measured.
+    const MEASURED: Measured = Measured {
+        duration: std::time::Duration::from_millis(2),
+        request_bytes: 10,
+        response_bytes: 20,
+    };
+
     #[test]
     fn a_tcp_connections_series_are_its_families_own_found_by_its_labels() {
         let metrics = Metrics::new(&mut Registry::default());
@@ -1396,22 +1416,8 @@ mod tests {
         let metrics = Metrics::new(&mut Registry::default());
         let last = LastSeries::default();
         let cluster = api_cluster();
-        let key = |endpoint: Option<usize>, status: u16| {
-            let mut destination = Destination::of_cluster(&cluster);
-            destination.reached(endpoint);
-            RequestKey {
-                destination,
-                grpc: false,
-                status,
-                grpc_status: None,
-                flags: "-",
-            }
-        };
-        let measured = Measured {
-            duration: std::time::Duration::from_millis(2),
-            request_bytes: 10,
-            response_bytes: 20,
-        };
+        let key = |endpoint: Option<usize>, status: u16| http_key(&cluster, endpoint, status);
+        let measured = MEASURED;
         // The second and fourth requests find the cached series of the one before; the
         // third and fifth differ from it (status, endpoint) and must not.
         for (endpoint, status) in [(0, 200), (0, 200), (0, 503), (0, 503), (1, 503)] {
@@ -1461,22 +1467,8 @@ mod tests {
             Metrics::new(&mut Registry::default()),
         );
         let cluster = api_cluster();
-        let key = |status: u16| {
-            let mut destination = Destination::of_cluster(&cluster);
-            destination.reached(Some(0));
-            RequestKey {
-                destination,
-                grpc: false,
-                status,
-                grpc_status: None,
-                flags: "-",
-            }
-        };
-        let measured = Measured {
-            duration: std::time::Duration::from_millis(2),
-            request_bytes: 10,
-            response_bytes: 20,
-        };
+        let key = |status: u16| http_key(&cluster, Some(0), status);
+        let measured = MEASURED;
         let name: Arc<str> = cluster.name.clone();
         // Each request on a connection of its own, the two metrics interleaved: each
         // counts only its own, whatever the thread's cache last held.
