@@ -311,6 +311,11 @@ impl<T> GuardedIo<T> {
         &self.inner
     }
 
+    /// The guarded stream, mutably: `splice::relay` registers it with the reactor.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
     /// How long the connection may go with no bytes either way.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout

@@ -23,10 +23,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
+use crate::accept::ClientStream;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::guard::{Expired, InFlight};
+use crate::guard::{Expired, GuardedIo, InFlight};
 use crate::http::{
     ATTEMPT_COUNT, Downstream, EXPECTED_TIMEOUT, LogLine, REQUEST_ID, REQUEST_ID_LEN, RequestLog,
     RouteInput, Routed, SNIFFED_HTTP1, request_id, timeout_ms,
@@ -53,6 +54,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const HEAD_CHUNK: usize = 1024;
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 96 * 1024;
+/// How long a client the reactor does not watch yet is left alone while its first response
+/// is awaited (see `client_gone`).
+const UNWATCHED: std::time::Duration = std::time::Duration::from_millis(100);
 /// Pipelined bytes read while a response is awaited (to notice the client leaving).
 const MAX_PIPELINED: usize = 64 * 1024;
 /// Connection-listed header names dropped per message; more goes to the general path.
@@ -69,15 +73,13 @@ enum Next {
 /// Serves HTTP/1.x on `io`, whose first bytes (already read) are `initial`, until the
 /// client closes or `shutdown` asks to drain. A connection is ended by dropping `io`, so
 /// it must not hold back bytes (a TLS stream's `close_notify`).
-pub(crate) async fn serve<I>(
+pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    mut io: I,
+    mut io: GuardedIo<ClientStream>,
     initial: BytesMut,
     shutdown: CancellationToken,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let mut buf = initial;
     // One wait for the drain for the whole connection: made afresh for each idle spell, it
     // joined and left the token's list of waiters (a lock each) on every request.
@@ -121,7 +123,20 @@ pub(crate) async fn serve<I>(
 /// Resolves when the client closes (or fails) while a response is awaited, or with the
 /// stream timeout the connection's guard reports meanwhile; pipelined bytes it sends are
 /// kept for the next request.
-async fn client_gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> Option<Expired> {
+///
+/// A connection the reactor does not watch yet (its first request came with it) is left
+/// alone for [`UNWATCHED`] first: most responses come sooner, and the connection is then
+/// answered (and, asked to, closed) without a registration. A client that leaves sooner
+/// is noticed that much later, or, if its response comes first, not at all: it is
+/// written to the closed connection and logged as delivered.
+async fn client_gone(
+    io: &mut GuardedIo<ClientStream>,
+    buf: &mut BytesMut,
+    since: Instant,
+) -> Option<Expired> {
+    if !io.get_ref().is_registered() {
+        tokio::time::sleep_until(since + UNWATCHED).await;
+    }
     while buf.len() < MAX_PIPELINED {
         match read_some(io, buf).await {
             Ok(n) if n > 0 => {}
@@ -220,16 +235,13 @@ async fn reply_headless<I: AsyncWrite + Unpin>(
 }
 
 /// One request on the connection: parse, route, forward, respond.
-async fn exchange<I>(
+async fn exchange(
     proxy: &Arc<Proxy>,
     downstream: &Arc<Downstream>,
-    io: &mut I,
+    io: &mut GuardedIo<ClientStream>,
     buf: &mut BytesMut,
     shutdown: &CancellationToken,
-) -> Next
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> Next {
     let explicit = downstream.original_dst.is_none();
     let head = loop {
         let limits = (proxy.config.max_request_headers, proxy.config.route_timeout);
@@ -340,9 +352,10 @@ where
     let mut out = head.out;
     out.extend_from_slice(&request[head.len..]);
     let attempt_at = head.attempt_at;
+    let start = log.start;
     let forwarded = tokio::select! {
         forwarded = forward(proxy, (&routed, authority), (&mut out, attempt_at), policy, head.head_method, &mut log) => forwarded,
-        gone = client_gone(io, buf) => match gone {
+        gone = client_gone(io, buf, start) => match gone {
             // No response within the stream idle timeout: the attempt is abandoned and
             // the client gets Envoy's 504.
             Some(why) => Err(stream_error(why, true)),

@@ -28,12 +28,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::accept::ClientStream;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_audit::{Audit, Observation, Verdict};
 use portcullis_dns::DnsCache;
 use portcullis_registry::{Chain, ChainFilter, Connection, Decision, Snapshot};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -291,7 +291,11 @@ impl Proxy {
     /// Gives a connection carried as bytes its `tcp_proxy` chain's timeouts: the chain's
     /// idle timeout (Envoy's `idle_timeout`; none is never) and maximum duration; without
     /// a `tcp_proxy` chain, the proxy's own idle timeout and no maximum.
-    fn apply_chain_timeouts(&self, stream: &mut GuardedIo<TcpStream>, chain: Option<&Arc<Chain>>) {
+    fn apply_chain_timeouts(
+        &self,
+        stream: &mut GuardedIo<ClientStream>,
+        chain: Option<&Arc<Chain>>,
+    ) {
         match chain {
             Some(c) if matches!(c.filter, ChainFilter::Tcp(_)) => {
                 stream.set_idle_timeout(c.idle_timeout.unwrap_or(NEVER));
@@ -304,7 +308,11 @@ impl Proxy {
     /// Timeouts for a client connection; `in_flight` when it is known to speak HTTP from
     /// its first byte (the explicit proxy), so each request head gets its deadline.
     /// Its socket has `TCP_NODELAY` already, from the [`Listener`].
-    fn guard(&self, stream: TcpStream, in_flight: Option<Arc<InFlight>>) -> GuardedIo<TcpStream> {
+    fn guard(
+        &self,
+        stream: ClientStream,
+        in_flight: Option<Arc<InFlight>>,
+    ) -> GuardedIo<ClientStream> {
         GuardedIo::new(
             stream,
             self.config.idle_timeout,
@@ -316,7 +324,7 @@ impl Proxy {
 
     async fn outbound(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
@@ -473,7 +481,7 @@ impl Proxy {
 
     async fn explicit(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {

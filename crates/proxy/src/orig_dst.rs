@@ -4,8 +4,7 @@
 
 use std::net::SocketAddr;
 
-use socket2::SockRef;
-use tokio::net::TcpStream;
+use crate::accept::ClientStream;
 
 /// Where the client meant to connect before iptables redirected it to us; `peer`, the
 /// address `accept` gave, names the socket's family, so the common case makes one system
@@ -13,8 +12,8 @@ use tokio::net::TcpStream;
 ///
 /// Without a redirect (a direct connection, or no conntrack entry) this is the listener's
 /// own address, which the loop guard then refuses.
-pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
-    let sock = SockRef::from(stream);
+pub(crate) fn original_dst(stream: &ClientStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
+    let sock = stream.socket()?;
     let found = match peer {
         SocketAddr::V4(_) => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
@@ -22,10 +21,16 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<Soc
     match found {
         Ok(addr) => match addr.as_socket() {
             Some(addr) => Ok(addr),
-            None => stream.local_addr(),
+            None => local_addr(&sock),
         },
         // ENOENT: no NAT entry, the client connected to us directly.
-        Err(e) if e.raw_os_error() == Some(2) => stream.local_addr(),
+        Err(e) if e.raw_os_error() == Some(2) => local_addr(&sock),
         Err(e) => Err(e),
     }
+}
+
+fn local_addr(sock: &socket2::SockRef<'_>) -> std::io::Result<SocketAddr> {
+    sock.local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))
 }

@@ -21,6 +21,7 @@ use tokio::io::{AsyncWriteExt, Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::accept::ClientStream;
 use crate::guard::{Expired, GuardedIo};
 
 /// A read of this much (one TLS record) marks a bulk transfer: the direction moves to a
@@ -52,7 +53,7 @@ pub(crate) struct Relayed {
 /// the client's idle timeout, or until the client's connection reaches its maximum
 /// duration.
 pub(crate) async fn relay(
-    client: &mut GuardedIo<TcpStream>,
+    client: &mut GuardedIo<ClientStream>,
     prefix: &[u8],
     upstream: &mut TcpStream,
 ) -> Relayed {
@@ -61,11 +62,13 @@ pub(crate) async fn relay(
     let received = AtomicU64::new(0);
     let last = Activity::new();
     let idle = client.idle_timeout();
+    let max = client.max_deadline();
     let relayed = async {
         upstream.write_all(prefix).await?;
         sent.store(prefix.len() as u64, Relaxed);
         last.touch();
-        let (client, upstream) = (client.get_ref(), &*upstream);
+        // Spliced bytes move when the kernel says they can: the socket is watched from here.
+        let (client, upstream) = (client.get_mut().registered()?, &*upstream);
         tokio::try_join!(
             one_way(client, upstream, &sent, &last),
             one_way(upstream, client, &received, &last),
@@ -73,7 +76,6 @@ pub(crate) async fn relay(
         .map(|_| ())
     };
     // Activity moves the idle deadline later; the sleep is only re-armed when it fires.
-    let max = client.max_deadline();
     let watchdog = async {
         loop {
             let idle_deadline = last.at() + idle;
@@ -313,10 +315,10 @@ mod tests {
     }
 
     /// The proxy's two sockets, and the far ends of each: the client's and the upstream's.
-    async fn lab(idle: Duration) -> (GuardedIo<TcpStream>, TcpStream, TcpStream, TcpStream) {
+    async fn lab(idle: Duration) -> (GuardedIo<ClientStream>, TcpStream, TcpStream, TcpStream) {
         let (client, client_side) = pair().await;
         let (upstream_side, upstream) = pair().await;
-        let guarded = GuardedIo::new(client_side, idle, idle, None);
+        let guarded = GuardedIo::new(ClientStream::from(client_side), idle, idle, None);
         (guarded, upstream_side, client, upstream)
     }
 
@@ -466,7 +468,13 @@ mod tests {
         // comes back short.
         client.write_all(b"bye").await.unwrap();
         client.shutdown().await.unwrap();
-        guarded.get_ref().readable().await.unwrap();
+        guarded
+            .get_mut()
+            .registered()
+            .unwrap()
+            .readable()
+            .await
+            .unwrap();
         let relay = tokio::spawn(async move {
             let relayed = relay(&mut guarded, b"", &mut proxy_up).await;
             (relayed.sent, relayed.received, relayed.result.is_ok())

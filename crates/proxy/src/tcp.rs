@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use portcullis_registry::{Decision, Resource};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::Proxy;
+use crate::accept::ClientStream;
 use crate::attempt::{Attempt, Attempts};
 use crate::error::ProxyError;
 use crate::guard::{Expired, GuardedIo};
@@ -23,7 +23,7 @@ use crate::upstream::{Original, RetryPolicy};
 pub(crate) async fn forward(
     proxy: &Arc<Proxy>,
     decision: Decision,
-    mut client: GuardedIo<TcpStream>,
+    mut client: GuardedIo<ClientStream>,
     prefix: &[u8],
     dst: SocketAddr,
     peer: SocketAddr,
@@ -161,7 +161,7 @@ mod tests {
     use portcullis_registry::Snapshot;
     use prometheus_client::registry::Registry;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::Proxy;
@@ -229,8 +229,12 @@ mod tests {
             let proxy = Arc::clone(&proxy);
             async move {
                 let (client, proxy_side) = pair().await;
-                let guarded =
-                    GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
+                let guarded = GuardedIo::new(
+                    ClientStream::from(proxy_side),
+                    Duration::from_secs(60),
+                    Duration::ZERO,
+                    None,
+                );
                 let peer = client.local_addr().unwrap();
                 let task = tokio::spawn(async move {
                     forward(&proxy, decision, guarded, b"", dst, peer, None).await;
@@ -343,7 +347,12 @@ mod tests {
         r.clusters.insert(c.name.clone(), Arc::new(c));
         let (proxy, decision, _) = serving(&r);
         let (mut client, proxy_side) = pair().await;
-        let guarded = GuardedIo::new(proxy_side, Duration::from_secs(60), Duration::ZERO, None);
+        let guarded = GuardedIo::new(
+            ClientStream::from(proxy_side),
+            Duration::from_secs(60),
+            Duration::ZERO,
+            None,
+        );
         let peer = client.local_addr().unwrap();
         let task = tokio::spawn(async move {
             // "hel" was read to detect the protocol: it must go first, inside TLS.

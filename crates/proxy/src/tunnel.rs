@@ -8,9 +8,9 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use portcullis_registry::Decision;
-use tokio::net::TcpStream;
 
 use crate::Proxy;
+use crate::accept::ClientStream;
 use crate::attempt::{Attempt, Attempts, Failure};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -77,7 +77,7 @@ pub(crate) async fn open(
         };
         // An HTTP/1.1 client's socket is spliced in the kernel; a tunnel inside an HTTP/2
         // stream is copied.
-        match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<TcpStream>>>>() {
+        match upgraded.downcast::<TokioIo<PrefixedIo<GuardedIo<ClientStream>>>>() {
             Ok(parts) => {
                 // hyper read its buffer from the front of the stream, so its bytes come
                 // before what the prefix still holds.
