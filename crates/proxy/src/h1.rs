@@ -82,8 +82,10 @@ pub(crate) async fn serve(
 ) {
     let mut buf = initial;
     // One wait for the drain for the whole connection: made afresh for each idle spell, it
-    // joined and left the token's list of waiters (a lock each) on every request.
-    let mut drained = std::pin::pin!(shutdown.clone().cancelled_owned());
+    // joined and left the token's list of waiters (a lock each) on every request. It
+    // borrows the token: a clone takes (and its drop takes again) the token's lock, per
+    // connection.
+    let mut drained = std::pin::pin!(shutdown.cancelled());
     loop {
         if buf.is_empty() {
             // Idle: the buffer goes until the next request's first bytes arrive.
@@ -113,7 +115,7 @@ pub(crate) async fn serve(
                 let io = PrefixedIo::new(buf, io);
                 // Boxed, as the exchange is: an idle keep-alive connection's future stays
                 // the size of its read, not of hyper's connection.
-                Box::pin(crate::http::serve(proxy, downstream, io, shutdown)).await;
+                Box::pin(crate::http::serve(proxy, downstream, io, shutdown.clone())).await;
                 return;
             }
         }
