@@ -236,7 +236,9 @@ pub struct GuardedIo<T> {
     accepted: Instant,
     /// When the connection is closed however busy (`max_downstream_connection_duration`).
     max_deadline: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
+    /// Made when a read first has to wait: a connection answered without waiting on its
+    /// client (one request, then closed) needs none.
+    timer: Option<Pin<Box<Sleep>>>,
     expired: Option<Expired>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -262,7 +264,7 @@ impl<T> GuardedIo<T> {
             idle_deadline,
             accepted,
             max_deadline: None,
-            timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
+            timer: None,
             expired: None,
             metrics: None,
         }
@@ -419,10 +421,13 @@ impl<T> GuardedIo<T> {
             // is re-armed below, so a busy connection does not touch the timer wheel per
             // request.
             let deadline = self.deadline();
-            if deadline < self.timer.deadline() {
-                self.timer.as_mut().reset(deadline);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
             }
-            if self.timer.as_mut().poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return None;
             }
             let now = Instant::now();
@@ -442,7 +447,9 @@ impl<T> GuardedIo<T> {
                 return Some(why);
             }
             let later = self.deadline();
-            self.timer.as_mut().reset(later);
+            if let Some(timer) = self.timer.as_mut() {
+                timer.as_mut().reset(later);
+            }
         }
     }
 }
