@@ -3,7 +3,8 @@
 # h2load, oha), builds, runs the criterion micro-benchmarks and the end-to-end comparison,
 # prints one report.
 #
-#   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~50 minutes)
+#   scripts/bench.sh            full run (5 repetitions × 10 s per case; ~75 minutes with
+#                               the build, criterion and the sections past HTTP)
 #   scripts/bench.sh --quick    harness check (1 repetition × 2 s; a few minutes)
 #   scripts/bench.sh --readme   full run, then the README's bench section is replaced
 #   scripts/bench.sh --push     config pushes under load instead: portcullis beside Envoy
