@@ -109,6 +109,27 @@ impl ClientStream {
         }
     }
 
+    /// A write: `direct` while the socket is not registered, `registered` once it is (and
+    /// after registering it, when `direct` would block).
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut direct: impl FnMut(&mut std::net::TcpStream) -> io::Result<usize>,
+        registered: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.0 {
+            State::Direct(socket) => {
+                let written = retrying(|| direct(socket));
+                if !would_block(&written) {
+                    return Poll::Ready(written);
+                }
+            }
+            State::Registered(stream) => return registered(Pin::new(stream), cx),
+            State::Closed => return Poll::Ready(Err(closed())),
+        }
+        self.poll_registered(cx, registered)
+    }
+
     /// The socket, for its options.
     pub(crate) fn socket(&self) -> io::Result<SockRef<'_>> {
         match &self.0 {
@@ -176,18 +197,11 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match &mut this.0 {
-            State::Direct(socket) => {
-                let written = retrying(|| socket.write(buf));
-                if would_block(&written) {
-                    return this.poll_registered(cx, |s, cx| s.poll_write(cx, buf));
-                }
-                Poll::Ready(written)
-            }
-            State::Registered(stream) => Pin::new(stream).poll_write(cx, buf),
-            State::Closed => Poll::Ready(Err(closed())),
-        }
+        self.get_mut().poll_send(
+            cx,
+            |socket| socket.write(buf),
+            |stream, cx| stream.poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -195,18 +209,11 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match &mut this.0 {
-            State::Direct(socket) => {
-                let written = retrying(|| socket.write_vectored(bufs));
-                if would_block(&written) {
-                    return this.poll_registered(cx, |s, cx| s.poll_write_vectored(cx, bufs));
-                }
-                Poll::Ready(written)
-            }
-            State::Registered(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            State::Closed => Poll::Ready(Err(closed())),
-        }
+        self.get_mut().poll_send(
+            cx,
+            |socket| socket.write_vectored(bufs),
+            |stream, cx| stream.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
