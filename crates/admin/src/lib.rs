@@ -48,6 +48,42 @@ pub struct ConfigStatus {
     pub path_error: Option<String>,
 }
 
+/// What `/config_dump` shows of the config sources' resources.
+#[derive(Debug, Clone)]
+pub enum ConfigResources {
+    /// What the sources hold, as they hold it: a control plane's active, warming and
+    /// rejected versions, and the files' resources beside them.
+    Held(Arc<SourceState>),
+    /// Files alone: the active snapshot's own resources, every one at the snapshot's
+    /// version since `at`. Made when asked for, so that an idle proxy keeps no second map of
+    /// a mesh-sized config.
+    Snapshot {
+        /// When the snapshot was built.
+        at: std::time::SystemTime,
+    },
+}
+
+impl Default for ConfigResources {
+    fn default() -> Self {
+        ConfigResources::Held(Arc::default())
+    }
+}
+
+impl ConfigResources {
+    /// The sources' state, with `snapshot` the active one.
+    pub fn state(&self, snapshot: &Snapshot) -> Arc<SourceState> {
+        match self {
+            ConfigResources::Held(state) => Arc::clone(state),
+            ConfigResources::Snapshot { at } => Arc::new(
+                snapshot
+                    .resources()
+                    .map(|r| SourceState::of(r.clone(), &snapshot.version.to_string(), *at))
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+}
+
 /// Changes the log filter, e.g. `debug` or `portcullis_proxy=debug,info`.
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -62,7 +98,7 @@ pub struct AdminState {
     /// Config files and their errors.
     pub config: Arc<ArcSwap<ConfigStatus>>,
     /// The config sources' resources in the model, for `/config_dump` in Envoy's shape.
-    pub resources: Arc<ArcSwap<SourceState>>,
+    pub resources: Arc<ArcSwap<ConfigResources>>,
     /// Set by the publisher once every config source's first complete set is applied.
     ready: AtomicBool,
     /// Set while the workload's certificate is awaited from a CA.
@@ -254,15 +290,16 @@ fn route(
                 reply(StatusCode::SERVICE_UNAVAILABLE, text, "PRE_INITIALIZING\n")
             }
         }
-        (Endpoints::Admin, &Method::GET, "/config_dump") => reply(
-            StatusCode::OK,
-            "application/json",
-            render::config_dump(
-                &state.resources.load(),
-                &state.registry.load(),
-                &state.config.load(),
-            ),
-        ),
+        (Endpoints::Admin, &Method::GET, "/config_dump") => {
+            reply(StatusCode::OK, "application/json", {
+                let registry = state.registry.load();
+                render::config_dump(
+                    &state.resources.load().state(&registry),
+                    &registry,
+                    &state.config.load(),
+                )
+            })
+        }
         (Endpoints::Admin, &Method::GET, "/clusters") => reply(
             StatusCode::OK,
             text,

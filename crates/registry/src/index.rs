@@ -148,7 +148,7 @@ impl Snapshot {
 #[derive(Debug)]
 pub(crate) struct Indexed {
     /// The resources, sharing their unchanged part with the next ones.
-    resources: envoy::Resources,
+    pub(crate) resources: envoy::Resources,
     /// How listeners used each cluster ([`protocol_usage`]).
     usage: Map<String, Protocol>,
     /// Clusters built again for every snapshot: those that resolve names or were warned

@@ -556,6 +556,11 @@ impl Snapshot {
 }
 
 impl Snapshot {
+    /// The Envoy resources it was indexed from; `None` for a snapshot not indexed from any.
+    pub fn resources(&self) -> Option<&portcullis_envoy::Resources> {
+        self.indexed.as_ref().map(|i| &i.resources)
+    }
+
     /// The effective outbound mode (REGISTRY_ONLY unless configured otherwise).
     pub fn outbound_mode(&self) -> OutboundMode {
         self.mode.unwrap_or(OutboundMode::RegistryOnly)

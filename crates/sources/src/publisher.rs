@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use portcullis_admin::{AdminState, ConfigStatus};
+use portcullis_admin::{AdminState, ConfigResources, ConfigStatus};
 use portcullis_envoy::state::SourceState;
 use portcullis_model::ConfigSet;
 use portcullis_registry::Snapshot;
@@ -64,8 +64,8 @@ pub struct Built {
     /// The data path's snapshot.
     pub snapshot: Snapshot,
     /// The sources' resources in Envoy's model, for `/config_dump`: shared, not copied, when
-    /// one source holds them all.
-    pub resources: Arc<SourceState>,
+    /// a control plane holds them all; the snapshot's own when files do.
+    pub resources: ConfigResources,
 }
 
 /// Compiles the sources' sets into a data-path snapshot.
@@ -238,7 +238,7 @@ impl Publisher {
                     "registry updated"
                 );
                 self.registry.store(Arc::new(snapshot));
-                self.admin.resources.store(resources);
+                self.admin.resources.store(Arc::new(resources));
                 *version = next;
                 self.admin.set_ready();
                 Outcome::Published(next)

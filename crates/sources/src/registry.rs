@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use portcullis_admin::ConfigResources;
 use portcullis_dns::{DnsCache, HickoryLookup, Lookup};
 use portcullis_envoy::state::SourceState;
 use portcullis_envoy::{Named, Resources};
@@ -78,13 +79,11 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
         let dump = match (istio, xds_sets.as_slice()) {
             // The one source's state is shown as it is, without even a copy of its
             // pointers.
-            (None, [only]) => Arc::clone(only),
-            // Files alone: their state as it is, not merged into an empty one name by name.
-            (Some(_), []) => Arc::new(SourceState::of(
-                resources.clone(),
-                &version.to_string(),
-                SystemTime::now(),
-            )),
+            (None, [only]) => ConfigResources::Held(Arc::clone(only)),
+            // Files alone: the snapshot's own resources, rendered when asked for.
+            (Some(_), []) => ConfigResources::Snapshot {
+                at: SystemTime::now(),
+            },
             _ => {
                 let mut dump = SourceState::default();
                 for state in &xds_sets {
@@ -97,7 +96,7 @@ impl<L: Lookup> Compile for RegistryCompiler<L> {
                         SystemTime::now(),
                     ));
                 }
-                Arc::new(dump)
+                ConfigResources::Held(Arc::new(dump))
             }
         };
         let active: Vec<(Arc<SourceState>, Resources)> = xds_sets
@@ -245,6 +244,32 @@ spec:
     }
 
     #[tokio::test]
+    async fn the_files_dump_is_the_snapshots_own_resources_at_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, service_entry("a", "a.example.com")).unwrap();
+        let mut files = portcullis_model::ConfigSet::new();
+        files.update(portcullis_model::scan(&path));
+        let dns = DnsCache::new(OneAddress, DnsConfig::default());
+        let mut compiler = RegistryCompiler::new(BuildOptions::default(), dns);
+        let built = compiler
+            .compile(&[&Set::Files(files)], &Snapshot::default(), 3)
+            .unwrap();
+        assert!(matches!(built.resources, ConfigResources::Snapshot { .. }));
+        let dump = built.resources.state(&built.snapshot);
+        let indexed = built.snapshot.resources().expect("indexed from resources");
+        assert_eq!(dump.active(), *indexed);
+        let cluster = &dump.clusters["outbound|80||a.example.com"];
+        let active = cluster.active.as_ref().expect("active");
+        assert_eq!(active.version, "3");
+        assert!(Arc::ptr_eq(
+            &active.resource,
+            &indexed.clusters["outbound|80||a.example.com"]
+        ));
+        assert!(cluster.warming.is_none() && cluster.error.is_none());
+    }
+
+    #[tokio::test]
     async fn files_and_a_control_plane_compile_into_one_model_the_control_plane_winning_a_name() {
         use portcullis_envoy::state::SourceState;
         use portcullis_envoy::{Cluster, Discovery, Resources};
@@ -280,7 +305,10 @@ spec:
         assert!(cluster("outbound|443||b.example.com").is_some());
         // `/config_dump` shows the control plane's version of the shared name, and the
         // files' catch-all clusters beside it.
-        let dump = &built.resources.clusters;
+        let ConfigResources::Held(dump) = &built.resources else {
+            panic!("files beside a control plane: the merged state is held");
+        };
+        let dump = &dump.clusters;
         let version = |name: &str| dump[name].active.as_ref().map(|a| a.version.clone());
         assert_eq!(version("outbound|80||a.example.com").as_deref(), Some("7"));
         assert_eq!(version("PassthroughCluster").as_deref(), Some("1"));
