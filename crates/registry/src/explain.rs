@@ -336,17 +336,23 @@ spec:
             let shape = |m: &HostMap| -> Vec<(String, Vec<String>)> {
                 m.iter()
                     .map(|(host, named)| {
-                        let names = named.keys().map(ToString::to_string).collect();
+                        let names = named.iter().map(|c| c.name.to_string()).collect();
                         (host.to_string(), names)
                     })
                     .collect()
             };
             assert_eq!(shape(&s.by_host), shape(&fresh), "step {version}");
             assert!(
-                s.by_host
-                    .values()
-                    .flat_map(|named| named.iter())
-                    .all(|(name, c)| s.clusters.get(name).is_some_and(|now| Arc::ptr_eq(c, now))),
+                shape(&s.by_host)
+                    .iter()
+                    .all(|(_, names)| names.windows(2).all(|w| w[0] < w[1])),
+                "step {version}: a host's clusters are sorted by name, each once"
+            );
+            assert!(
+                s.by_host.values().flat_map(|named| named.iter()).all(|c| s
+                    .clusters
+                    .get(&c.name)
+                    .is_some_and(|now| Arc::ptr_eq(c, now))),
                 "step {version}: a cluster of an earlier snapshot is kept"
             );
             for name in [

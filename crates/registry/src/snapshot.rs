@@ -358,8 +358,13 @@ pub struct Snapshot {
 /// Clusters by name, in a persistent map: the next snapshot shares every unchanged one.
 pub type ClusterMap = imbl::OrdMap<Arc<str>, Arc<Cluster>>;
 
-/// Service clusters by lower-cased host, then by name ([`Snapshot::by_host`]).
-pub(crate) type HostMap = imbl::OrdMap<Arc<str>, ClusterMap>;
+/// Service clusters by lower-cased host, each host's sorted by name ([`Snapshot::by_host`]).
+pub(crate) type HostMap = imbl::OrdMap<Arc<str>, HostClusters>;
+
+/// One host's service clusters, sorted by name. Most hosts have one or a few: a slice
+/// costs a pointer each, where a persistent map per host cost a node of several hundred
+/// bytes; a change copies the host's few pointers.
+pub(crate) type HostClusters = Arc<[Arc<Cluster>]>;
 
 /// The key of `cluster` in a [`HostMap`]; `None` for Istio's two catch-all clusters, which
 /// are not services.
@@ -382,23 +387,31 @@ pub(crate) fn hosts_after(
     changes: impl IntoIterator<Item = (Option<Arc<Cluster>>, Option<Arc<Cluster>>)>,
 ) -> HostMap {
     let mut by_host = by_host.clone();
+    let others = |named: &HostClusters, name: &str| -> Vec<Arc<Cluster>> {
+        named.iter().filter(|c| &*c.name != name).cloned().collect()
+    };
     for (was, now) in changes {
         if let Some(c) = was
             && let Some(key) = host_key(&c)
-            && let Some(named) = by_host.get_mut(&key)
+            && let Some(named) = by_host.get(&key)
         {
-            named.remove(&c.name);
-            if named.is_empty() {
+            let rest = others(named, &c.name);
+            if rest.is_empty() {
                 by_host.remove(&key);
+            } else {
+                by_host.insert(key, rest.into());
             }
         }
         if let Some(c) = now
             && let Some(key) = host_key(&c)
         {
-            by_host
-                .entry(key)
-                .or_default()
-                .insert(Arc::clone(&c.name), c);
+            let mut named = by_host
+                .get(&key)
+                .map(|named| others(named, &c.name))
+                .unwrap_or_default();
+            let at = named.partition_point(|n| n.name < c.name);
+            named.insert(at, c);
+            by_host.insert(key, named.into());
         }
     }
     by_host
@@ -704,7 +717,7 @@ impl Snapshot {
             .get(name)
             .into_iter()
             .chain(wildcards)
-            .flat_map(|named| named.values())
+            .flat_map(|named| named.iter())
     }
 
     /// Looks up a cluster by its Envoy name.
