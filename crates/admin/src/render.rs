@@ -356,11 +356,10 @@ mod tests {
         use portcullis_balance::outlier::{Detection, Outcome};
         use portcullis_envoy::{
             ClusterLoadAssignment, EndpointAddress, LbEndpoint, LocalityLbEndpoints,
-            OutlierDetection,
         };
         let name = "outbound|80||api.example.com";
         let mut c = Cluster::new(name, Discovery::Static);
-        c.outlier_detection = Some(OutlierDetection::default());
+        c.outlier_detection = Some(Box::default());
         c.load_assignment = Some(ClusterLoadAssignment {
             cluster_name: name.into(),
             endpoints: vec![LocalityLbEndpoints {

@@ -191,8 +191,9 @@ pub struct Balancer {
     /// Priorities and localities, when built by [`Balancer::layered`]: picks go through
     /// them instead of the flat set.
     layers: Option<Box<Layers>>,
-    /// Slow start, while some endpoint may still be warming up.
-    warmup: Option<Warmup>,
+    /// Slow start, while some endpoint may still be warming up; out of line, as few
+    /// clusters have it and a mesh has a balancer per cluster and locality.
+    warmup: Option<Box<Warmup>>,
 }
 
 /// A balancer's slow start and the instant its last endpoint is warm.
@@ -262,10 +263,10 @@ impl Balancer {
             .filter(|s| applies && !s.window.is_zero())
             .zip(youngest)
             .and_then(|(slow_start, youngest)| {
-                Some(Warmup {
+                Some(Box::new(Warmup {
                     slow_start,
                     until: youngest.checked_add(slow_start.window)?,
-                })
+                }))
             });
         self
     }

@@ -1261,14 +1261,14 @@ mod tests {
     #[test]
     fn slow_start_renders_under_the_policy_that_reads_it() {
         let mut c = Cluster::new("outbound|80||a.example", Discovery::Static);
-        c.slow_start = Some(SlowStartConfig {
+        c.slow_start = Some(Box::new(SlowStartConfig {
             window: Duration::from_secs(30),
             aggression: Some(crate::RuntimeDouble {
                 default_value: 1.5,
                 runtime_key: "(".into(),
             }),
             min_weight_percent: Some(5.0),
-        });
+        }));
         assert_eq!(
             cluster(&c)["round_robin_lb_config"],
             json!({"slow_start_config": {
@@ -1278,11 +1278,11 @@ mod tests {
             }})
         );
         c.lb_policy = LbPolicy::LeastRequest;
-        c.slow_start = Some(SlowStartConfig {
+        c.slow_start = Some(Box::new(SlowStartConfig {
             window: Duration::from_secs(10),
             aggression: None,
             min_weight_percent: None,
-        });
+        }));
         let v = cluster(&c);
         assert_eq!(
             v["least_request_lb_config"],
@@ -1354,13 +1354,13 @@ mod tests {
                 ..crate::Forward::to("outbound|80||a")
             })),
         );
-        r.fault = Some(HttpFault {
+        r.fault = Some(Box::new(HttpFault {
             delay: Some(crate::FaultDelay {
                 fixed_delay: Duration::from_secs(2),
                 percentage: million(1_000_000),
             }),
             abort: None,
-        });
+        }));
         assert_eq!(
             route(&r),
             json!({
@@ -1388,7 +1388,7 @@ mod tests {
             RouteMatch::any(),
             RouteAction::Forward(Arc::new(crate::Forward::to("a"))),
         );
-        aborted.fault = Some(HttpFault {
+        aborted.fault = Some(Box::new(HttpFault {
             delay: None,
             abort: Some(crate::FaultAbort {
                 error: AbortError::GrpcStatus(14),
@@ -1397,7 +1397,7 @@ mod tests {
                     denominator: Denominator::Hundred,
                 },
             }),
-        });
+        }));
         assert_eq!(
             route(&aborted)["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"],
             json!({"grpc_status": 14, "percentage": {"numerator": 100, "denominator": "HUNDRED"}})

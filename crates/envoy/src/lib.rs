@@ -271,8 +271,9 @@ pub struct Route {
     /// Headers removed from responses.
     pub response_headers_to_remove: Vec<String>,
     /// The fault filter's per-route config (`typed_per_filter_config` of
-    /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`).
-    pub fault: Option<HttpFault>,
+    /// `envoy.filters.http.fault`, where istiod puts a VirtualService's `fault`). Boxed,
+    /// as the redirect below: few routes have one, and every route is a mesh's unit.
+    pub fault: Option<Box<HttpFault>>,
     /// The most of a request body kept for retries and mirrors (over the virtual host's);
     /// `None`: the connection's limit.
     pub request_buffer_limit: Option<RequestBufferLimit>,
@@ -506,7 +507,7 @@ pub enum RouteAction {
         body: Option<DirectBody>,
     },
     /// Answer with a redirect.
-    Redirect(Redirect),
+    Redirect(Box<Redirect>),
 }
 
 /// A direct response's body: Envoy's inline `DataSource`.
@@ -537,9 +538,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     /// Idle timeout of the stream on this route.
     pub idle_timeout: Option<Duration>,
-    /// Retry policy; overrides the virtual host's. Boxed: most routes carry Istio's one
-    /// policy and the action enum stays small.
-    pub retry_policy: Option<Box<RetryPolicy>>,
+    /// Retry policy; overrides the virtual host's. Shared: most routes carry Istio's one
+    /// policy, and a mesh's routes hold one copy of it.
+    pub retry_policy: Option<Arc<RetryPolicy>>,
     /// Replaces the Host/`:authority`.
     pub host_rewrite_literal: Option<String>,
     /// Replaces the matched prefix of the path.
@@ -675,8 +676,9 @@ pub struct Cluster {
     pub circuit_breakers: Thresholds,
     /// Limits on each upstream connection.
     pub connection_limits: ConnectionLimits,
-    /// Ejection of failing endpoints, when configured.
-    pub outlier_detection: Option<OutlierDetection>,
+    /// Ejection of failing endpoints, when configured. Boxed, as slow start below: few
+    /// clusters have it, and a mesh has thousands of clusters.
+    pub outlier_detection: Option<Box<OutlierDetection>>,
     /// `common_lb_config.healthy_panic_threshold`: below this percentage of healthy
     /// endpoints, health (ejections included) is ignored; `None`: Envoy's 50.
     pub healthy_panic_threshold: Option<f64>,
@@ -685,7 +687,7 @@ pub struct Cluster {
     pub locality_weighted: bool,
     /// `round_robin_lb_config.slow_start_config` or
     /// `least_request_lb_config.slow_start_config`, whichever the policy reads.
-    pub slow_start: Option<SlowStartConfig>,
+    pub slow_start: Option<Box<SlowStartConfig>>,
     /// Endpoints given inline (STATIC, STRICT_DNS, LOGICAL_DNS).
     pub load_assignment: Option<ClusterLoadAssignment>,
     /// Transport of every endpoint, unless a match below applies.

@@ -331,7 +331,7 @@ async fn exchange(
     let rewrites = log.outcome.matched.as_deref().is_some_and(|r| {
         r.rewrites()
             || r.fault.is_some()
-            || !r.mirrors.is_empty()
+            || !r.mirrors().is_empty()
             || r.request_buffer_limit.is_some()
             || crate::http::route_timeout(Some(r), proxy.config.route_timeout)
                 != proxy.config.route_timeout

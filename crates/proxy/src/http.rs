@@ -845,7 +845,7 @@ async fn route_and_forward(
         mutate_headers(req.headers_mut(), &cluster.request);
     }
     if let Some(route) = matched {
-        mutate_headers(req.headers_mut(), &route.request_headers);
+        mutate_headers(req.headers_mut(), route.request_headers());
     }
     let policy = crate::upstream::retry_policy(matched);
     let upgrade = client_upgrade.is_some();
@@ -855,7 +855,7 @@ async fn route_and_forward(
     // body copied up to Envoy's buffer limit as it streams.
     let resends = policy.reset || (policy.refused_stream && h2) || policy.retries_statuses();
     let mirrors: Vec<&Mirror> = matched.map_or_else(Vec::new, |r| {
-        r.mirrors
+        r.mirrors()
             .iter()
             .filter(|m| m.fraction.is_none_or(sampled))
             .collect()
@@ -982,7 +982,7 @@ async fn route_and_forward(
             mutate_headers(response.headers_mut(), &cluster.response);
         }
         if let Some(route) = matched {
-            mutate_headers(response.headers_mut(), &route.response_headers);
+            mutate_headers(response.headers_mut(), route.response_headers());
         }
         if let Some(cookie) = hashed.set_cookie {
             response.headers_mut().append(header::SET_COOKIE, cookie);

@@ -132,7 +132,7 @@ fn route(prefix: &str, action: RouteAction) -> envoy::Route {
 fn retried(cluster: &str, general: bool) -> RouteAction {
     RouteAction::Forward(Arc::new(envoy::Forward {
         prefix_rewrite: general.then(|| "/".into()),
-        retry_policy: Some(Box::new(envoy::RetryPolicy {
+        retry_policy: Some(Arc::new(envoy::RetryPolicy {
             retry_on: vec!["connect-failure".into()],
             num_retries: 2,
             per_try_timeout: None,

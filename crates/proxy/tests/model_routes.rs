@@ -36,7 +36,7 @@ fn faulty(prefix: &str, delay: Option<FaultDelay>, abort: Option<FaultAbort>) ->
         prefix,
         RouteAction::Forward(Arc::new(envoy::Forward::to("app"))),
     );
-    r.fault = Some(HttpFault { delay, abort });
+    r.fault = Some(Box::new(HttpFault { delay, abort }));
     r
 }
 
@@ -65,8 +65,8 @@ fn set(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
 }
 
 /// A retry policy on one condition, every attempt free to go to any endpoint.
-fn retries(retry_on: &str, num_retries: u32, codes: &[u16]) -> Box<envoy::RetryPolicy> {
-    Box::new(envoy::RetryPolicy {
+fn retries(retry_on: &str, num_retries: u32, codes: &[u16]) -> Arc<envoy::RetryPolicy> {
+    Arc::new(envoy::RetryPolicy {
         retry_on: vec![retry_on.into()],
         num_retries,
         per_try_timeout: None,
@@ -160,11 +160,11 @@ fn model_with_shadow(app: SocketAddr, refused: SocketAddr, shadow: SocketAddr) -
             ),
             route(
                 "/moved",
-                RouteAction::Redirect(envoy::Redirect {
+                RouteAction::Redirect(Box::new(envoy::Redirect {
                     host: Some("elsewhere.example".into()),
                     status: 302,
                     ..Default::default()
-                }),
+                })),
             ),
             route(
                 "/gone-cluster",

@@ -361,7 +361,7 @@ struct Traffic<'a> {
     /// Locality balancing; `None` when the rule turns it off.
     locality: Option<&'a LocalityLbSetting>,
     /// Slow start, for the round robin and least request balancers that read it.
-    slow_start: Option<SlowStartConfig>,
+    slow_start: Option<Box<SlowStartConfig>>,
 }
 
 /// What a DestinationRule sets on the `tcp_proxy` of chains to its service.
@@ -434,7 +434,8 @@ fn traffic<'a>(
     Traffic {
         slow_start: load_balancer
             .filter(|_| matches!(lb, LbPolicy::RoundRobin | LbPolicy::LeastRequest))
-            .and_then(slow_start),
+            .and_then(slow_start)
+            .map(Box::new),
         lb,
         hash: consistent.and_then(hash_policy),
         pool,

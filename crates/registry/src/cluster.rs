@@ -259,7 +259,7 @@ pub(crate) fn build(
             groups,
             locality_weighted: c.locality_weighted,
         },
-        c.slow_start.as_ref().map(slow_start),
+        c.slow_start.as_deref().map(slow_start),
     );
     warnings.extend(
         dns_rejected
@@ -290,9 +290,9 @@ pub(crate) fn build(
         balancer,
         connect_timeout: c.connect_timeout,
         connection_limits: c.connection_limits,
-        outlier: c.outlier_detection.map(|o| {
+        outlier: c.outlier_detection.as_deref().map(|o| {
             Box::new(Outliers {
-                detection: detection(&o),
+                detection: detection(o),
                 // Envoy's default panic threshold is 50%; istiod writes 0 (off) unless
                 // `minHealthPercent` says otherwise.
                 panic_threshold: c.healthy_panic_threshold.unwrap_or(50.0),

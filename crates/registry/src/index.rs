@@ -1057,12 +1057,12 @@ mod tests {
             route(
                 "redirect",
                 m(PathMatch::Prefix("/old".into()), true),
-                RouteAction::Redirect(envoy::Redirect {
+                RouteAction::Redirect(Box::new(envoy::Redirect {
                     scheme: Some("https".into()),
                     prefix_rewrite: Some("/new".into()),
                     status: 301,
                     ..Default::default()
-                }),
+                })),
             ),
         ];
         let s = table(vec![vhost("all", &["*"], routes)], true);

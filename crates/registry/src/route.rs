@@ -106,11 +106,6 @@ pub struct Route {
     matcher: Matcher,
     /// What it does.
     pub action: Action,
-    /// Request header changes of the route, its virtual host and its table, in the order
-    /// Envoy applies them (the table's last, so that it wins).
-    pub request_headers: Vec<HeaderMutation>,
-    /// Response header changes, in the same order.
-    pub response_headers: Vec<HeaderMutation>,
     /// The retry policy in force (the route's, else its virtual host's) as the data path
     /// reads it; none without one, as Envoy. Shared by the routes of a table that have the
     /// same one (every default route of istiod's has Istio's).
@@ -123,13 +118,18 @@ pub struct Route {
     /// The fault filter's configuration for the route (Istio's `fault`), with something
     /// to inject.
     pub fault: Option<Box<envoy::HttpFault>>,
-    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
-    pub mirrors: Vec<Mirror>,
 }
 
 /// The parts of a route that few routes have.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Rare {
+    /// Request header changes of the route, its virtual host and its table, in the order
+    /// Envoy applies them (the table's last, so that it wins).
+    request_headers: Vec<HeaderMutation>,
+    /// Response header changes, in the same order.
+    response_headers: Vec<HeaderMutation>,
+    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
+    mirrors: Vec<Mirror>,
     /// `regex_rewrite`, compiled, with the substitution in the `regex` crate's syntax.
     regex_rewrite: Option<(Regex, String)>,
     /// Header changes of each weighted cluster, in the order of the route's weighted
@@ -184,7 +184,7 @@ pub enum Action {
     /// Answers with this.
     Direct(Decision),
     /// Answers with a redirect.
-    Redirect(envoy::Redirect),
+    Redirect(Box<envoy::Redirect>),
 }
 
 /// The answer of a direct response or a redirect.
@@ -568,38 +568,58 @@ impl Route {
             }
             _ => None,
         };
+        let mirrors: Vec<Mirror> = match &r.action {
+            envoy::RouteAction::Forward(f) => f
+                .request_mirror_policies
+                .iter()
+                .map(|m| Mirror {
+                    decision: target(&envoy::ClusterSpecifier::Cluster(m.cluster.clone())).decide(),
+                    fraction: m.runtime_fraction,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let rare = Rare {
+            request_headers,
+            response_headers,
+            mirrors,
+            regex_rewrite,
+            weighted_headers,
+        };
+        let common = rare.request_headers.is_empty()
+            && rare.response_headers.is_empty()
+            && rare.mirrors.is_empty()
+            && rare.regex_rewrite.is_none()
+            && rare.weighted_headers.is_empty();
         Ok(Route {
             name: r.name.as_str().into(),
             matcher: Matcher::compile(&r.route_match)?,
             action,
-            request_headers,
-            response_headers,
             retries: retries.get(retry_policy)?,
             request_buffer_limit: r.request_buffer_limit.or(vh.request_buffer_limit),
-            rare: (regex_rewrite.is_some() || !weighted_headers.is_empty()).then(|| {
-                Box::new(Rare {
-                    regex_rewrite,
-                    weighted_headers,
-                })
-            }),
+            rare: (!common).then(|| Box::new(rare)),
             fault: r
                 .fault
                 .as_ref()
                 .filter(|f| f.delay.is_some() || f.abort.is_some())
-                .map(|f| Box::new(f.clone())),
-            mirrors: match &r.action {
-                envoy::RouteAction::Forward(f) => f
-                    .request_mirror_policies
-                    .iter()
-                    .map(|m| Mirror {
-                        decision: target(&envoy::ClusterSpecifier::Cluster(m.cluster.clone()))
-                            .decide(),
-                        fraction: m.runtime_fraction,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            },
+                .cloned(),
         })
+    }
+
+    /// Request header changes of the route, its virtual host and its table, in the order
+    /// Envoy applies them (the table's last, so that it wins).
+    pub fn request_headers(&self) -> &[HeaderMutation] {
+        self.rare.as_ref().map_or(&[], |r| &r.request_headers)
+    }
+
+    /// Response header changes, in the same order.
+    pub fn response_headers(&self) -> &[HeaderMutation] {
+        self.rare.as_ref().map_or(&[], |r| &r.response_headers)
+    }
+
+    /// Where copies of its requests go (Envoy's `request_mirror_policies`).
+    pub fn mirrors(&self) -> &[Mirror] {
+        self.rare.as_ref().map_or(&[], |r| &r.mirrors)
     }
 
     /// What the route does with `req`, with the header changes of the weighted cluster
@@ -637,8 +657,8 @@ impl Route {
     /// Whether the route changes the request or response beyond routing it: headers, host
     /// or path.
     pub fn rewrites(&self) -> bool {
-        !self.request_headers.is_empty()
-            || !self.response_headers.is_empty()
+        !self.request_headers().is_empty()
+            || !self.response_headers().is_empty()
             || self
                 .rare
                 .as_ref()

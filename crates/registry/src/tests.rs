@@ -2647,7 +2647,7 @@ fn outlier_detection_compiles_as_istiod_writes_it() {
             .expect("the cluster");
         let from = c.built_from.as_ref().expect("built from resources");
         (
-            from.cluster.outlier_detection,
+            from.cluster.outlier_detection.as_deref().cloned(),
             from.cluster.healthy_panic_threshold,
         )
     };

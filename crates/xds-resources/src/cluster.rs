@@ -152,7 +152,8 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             .as_ref()
             .map(outlier_detection)
             .transpose()
-            .at("outlier_detection")?,
+            .at("outlier_detection")?
+            .map(Box::new),
         healthy_panic_threshold: c
             .common_lb_config
             .as_ref()
@@ -164,7 +165,7 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
                 .and_then(|l| l.locality_config_specifier.as_ref()),
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
         ),
-        slow_start: slow_start(c, lb_policy)?,
+        slow_start: slow_start(c, lb_policy)?.map(Box::new),
         load_assignment,
         transport,
         transport_socket_matches,

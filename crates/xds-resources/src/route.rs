@@ -135,7 +135,7 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
     use rds::route::Action as A;
     let action = match &r.action {
         Some(A::Route(a)) => RouteAction::Forward(Arc::new(forward(a).at("route")?)),
-        Some(A::Redirect(a)) => RouteAction::Redirect(redirect(a).at("redirect")?),
+        Some(A::Redirect(a)) => RouteAction::Redirect(Box::new(redirect(a).at("redirect")?)),
         Some(A::DirectResponse(d)) => direct_response(d).at("direct_response")?,
         Some(A::FilterAction(_)) | Some(A::NonForwardingAction(_)) => {
             return Err(Invalid::new(
@@ -170,7 +170,8 @@ fn route(r: &rds::Route) -> Result<Route, Invalid> {
             .get(FAULT_FILTER)
             .map(fault)
             .transpose()
-            .at(format_args!("typed_per_filter_config[{FAULT_FILTER}]"))?,
+            .at(format_args!("typed_per_filter_config[{FAULT_FILTER}]"))?
+            .map(Box::new),
         #[allow(deprecated)]
         request_buffer_limit: buffer_limit(
             r.per_request_buffer_limit_bytes,
@@ -480,7 +481,7 @@ fn forward(a: &rds::RouteAction) -> Result<Forward, Invalid> {
             .map(retry_policy)
             .transpose()
             .at("retry_policy")?
-            .map(Box::new),
+            .map(Arc::new),
         host_rewrite_literal,
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,

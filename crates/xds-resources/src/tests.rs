@@ -1996,8 +1996,8 @@ fn istios_fault_and_mirror_policies_are_carried_into_the_model() {
     let converted = route_configuration(&rc).expect("converts");
     let route = &converted.virtual_hosts[0].routes[0];
     assert_eq!(
-        route.fault,
-        Some(HttpFault {
+        route.fault.as_deref(),
+        Some(&HttpFault {
             delay: Some(FaultDelay {
                 fixed_delay: Duration::from_secs(2),
                 percentage: FractionalPercent {
@@ -2485,8 +2485,8 @@ fn slow_start_is_read_from_the_policys_own_config() {
         ..Default::default()
     }));
     assert_eq!(
-        cluster(&lr).unwrap().slow_start,
-        Some(SlowStartConfig {
+        cluster(&lr).unwrap().slow_start.as_deref(),
+        Some(&SlowStartConfig {
             window: Duration::from_secs(30),
             aggression: Some(RuntimeDouble {
                 default_value: 2.0,

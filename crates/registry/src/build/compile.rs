@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -924,6 +924,20 @@ pub(crate) fn istio_retry_policy() -> RetryPolicy {
     }
 }
 
+/// `policy`, shared with every other route that has it when it is Istio's default (a
+/// mesh's routes nearly all have it).
+pub(crate) fn shared_retry_policy(policy: RetryPolicy) -> Arc<RetryPolicy> {
+    if policy == **ISTIO_RETRY_POLICY {
+        Arc::clone(&ISTIO_RETRY_POLICY)
+    } else {
+        Arc::new(policy)
+    }
+}
+
+/// Istio's default retry policy, allocated once for the process's every route.
+static ISTIO_RETRY_POLICY: LazyLock<Arc<RetryPolicy>> =
+    LazyLock::new(|| Arc::new(istio_retry_policy()));
+
 /// Istio's default route to a service's cluster.
 fn forward_spec(cluster: &str) -> Forward {
     Forward {
@@ -931,7 +945,7 @@ fn forward_spec(cluster: &str) -> Forward {
         // Istio disables the route timeout unless a VirtualService sets one.
         timeout: Some(Duration::ZERO),
         idle_timeout: None,
-        retry_policy: Some(Box::new(istio_retry_policy())),
+        retry_policy: Some(Arc::clone(&ISTIO_RETRY_POLICY)),
         host_rewrite_literal: None,
         prefix_rewrite: None,
         regex_rewrite: None,
@@ -1250,7 +1264,7 @@ fn apply_outlier_detection(cluster: &mut Cluster, o: &portcullis_model::OutlierD
             out.enforcing_consecutive_local_origin_failure = 100;
         }
     }
-    cluster.outlier_detection = Some(out);
+    cluster.outlier_detection = Some(Box::new(out));
     let min_health = o.min_health_percent.unwrap_or(0);
     if min_health >= 0 {
         cluster.healthy_panic_threshold = Some(f64::from(min_health));

@@ -306,7 +306,7 @@ impl<'a> Builder<'a> {
                     return None;
                 }
             };
-            RouteAction::Redirect(redirect(r, port, status))
+            RouteAction::Redirect(Box::new(redirect(r, port, status)))
         } else if let Some(d) = &http.direct_response {
             RouteAction::DirectResponse {
                 status: u16::try_from(d.status).ok()?,
@@ -340,7 +340,7 @@ impl<'a> Builder<'a> {
             route.response_headers_to_add.extend(dst.response_add);
             route.response_headers_to_remove.extend(dst.response_remove);
         }
-        route.fault = http.fault.as_ref().map(fault);
+        route.fault = http.fault.as_ref().map(|f| Box::new(fault(f)));
         Some(route)
     }
 
@@ -425,7 +425,8 @@ impl<'a> Builder<'a> {
             // istiod disables the route timeout unless the VirtualService sets one.
             timeout: Some(http.timeout.unwrap_or(Duration::ZERO)),
             idle_timeout: None,
-            retry_policy: retry_policy(http.retries.as_ref(), consistent_hash).map(Box::new),
+            retry_policy: retry_policy(http.retries.as_ref(), consistent_hash)
+                .map(super::compile::shared_retry_policy),
             host_rewrite_literal: host_rewrite,
             prefix_rewrite,
             regex_rewrite,

@@ -277,9 +277,9 @@ fn forwarding_routes_carry_istios_timeouts_retries_rewrites_and_headers() {
         Some("backend.example.com")
     );
     let mutations: Vec<String> = once
-        .request_headers
+        .request_headers()
         .iter()
-        .chain(&once.response_headers)
+        .chain(once.response_headers())
         .map(|m| format!("{m:?}"))
         .collect();
     assert_eq!(
@@ -423,9 +423,9 @@ spec:
         f.request_mirror_policies[0].cluster,
         "outbound|80|v2|api.example.com"
     );
-    assert_eq!(route.mirrors.len(), 1);
+    assert_eq!(route.mirrors().len(), 1);
     assert!(
-        matches!(&route.mirrors[0].decision, Decision::Cluster(c) if &*c.name == "outbound|80|v2|api.example.com")
+        matches!(&route.mirrors()[0].decision, Decision::Cluster(c) if &*c.name == "outbound|80|v2|api.example.com")
     );
     let said = virtual_service_warnings(&s);
     assert!(said.is_empty(), "{said:?}");

@@ -816,7 +816,7 @@ spec:
     );
     let slow_start = |name: &str| {
         let cluster = &c.resources.clusters[name];
-        (cluster.lb_policy, cluster.slow_start.clone())
+        (cluster.lb_policy, cluster.slow_start.as_deref().cloned())
     };
     assert_eq!(
         slow_start("outbound|80||app.internal.com"),
