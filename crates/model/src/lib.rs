@@ -105,8 +105,9 @@ pub enum Resource {
     ServiceEntry(Object<ServiceEntrySpec>),
     /// `networking.istio.io` WorkloadEntry.
     WorkloadEntry(Object<WorkloadEntry>),
-    /// `networking.istio.io` DestinationRule.
-    DestinationRule(Object<DestinationRuleSpec>),
+    /// `networking.istio.io` DestinationRule. Boxed, as the mesh config: the two largest
+    /// kinds would otherwise set the size of every resource a file holds.
+    DestinationRule(Box<Object<DestinationRuleSpec>>),
     /// `networking.istio.io` VirtualService.
     VirtualService(Object<VirtualServiceSpec>),
     /// `networking.istio.io` Sidecar.
@@ -122,7 +123,7 @@ pub enum Resource {
     /// Kubernetes `v1` Secret (certificates a DestinationRule's `credentialName` names).
     Secret(Object<Secret>),
     /// Istio's mesh config, from the `istio` ConfigMap's `data.mesh`.
-    MeshConfig(Object<MeshConfig>),
+    MeshConfig(Box<Object<MeshConfig>>),
 }
 
 impl Resource {

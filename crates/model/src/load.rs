@@ -756,7 +756,7 @@ fn typed(
             Resource::WorkloadEntry(object(meta, WorkloadEntry { spec, status }, origin))
         }),
         "DestinationRule" => spec::<DestinationRuleSpec>(doc, origin, findings)
-            .map(|s| Resource::DestinationRule(object(meta, s, origin))),
+            .map(|s| Resource::DestinationRule(Box::new(object(meta, s, origin)))),
         "VirtualService" => spec::<VirtualServiceSpec>(doc, origin, findings)
             .map(|s| Resource::VirtualService(object(meta, s, origin))),
         "Sidecar" => spec::<SidecarSpec>(doc, origin, findings)
@@ -833,18 +833,18 @@ fn mesh_config(
         }
     };
     let Some(mesh) = data.get("mesh") else {
-        return Some(Resource::MeshConfig(object(
+        return Some(Resource::MeshConfig(Box::new(object(
             meta,
             MeshConfig::default(),
             origin,
-        )));
+        ))));
     };
     match serde_saphyr::from_str::<Option<MeshConfig>>(mesh) {
-        Ok(m) => Some(Resource::MeshConfig(object(
+        Ok(m) => Some(Resource::MeshConfig(Box::new(object(
             meta,
             m.unwrap_or_default(),
             origin,
-        ))),
+        )))),
         Err(e) => {
             let (at, within) = mesh_position(doc, shape, &e);
             findings.push(field_finding(
