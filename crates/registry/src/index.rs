@@ -690,6 +690,73 @@ mod tests {
     }
 
     #[test]
+    fn a_name_with_one_chain_and_a_name_told_apart_by_alpn_pick_as_envoy_does() {
+        let mut r = seed(false);
+        let by_name = |name: &str, server: &str, alpn: &[&str], cluster: &str| {
+            chain(
+                name,
+                FilterChainMatch {
+                    server_names: vec![server.to_string()],
+                    application_protocols: alpn.iter().map(|p| p.to_string()).collect(),
+                    ..Default::default()
+                },
+                tcp(cluster),
+            )
+        };
+        let (one, h2, other) = (
+            "outbound|443||one.example.com",
+            "outbound|443|h2|two.example.com",
+            "outbound|443||two.example.com",
+        );
+        add_listener(
+            &mut r,
+            listener(
+                "0.0.0.0_443",
+                "0.0.0.0:443",
+                vec![
+                    by_name("one", "one.example.com", &[], one),
+                    // The name's first chain matches on the name alone; the next ones,
+                    // under the same name, are told apart by ALPN or taken already.
+                    by_name("two", "two.example.com", &[], other),
+                    by_name("two-h2", "two.example.com", &["h2"], h2),
+                    by_name("two-again", "two.example.com", &[], one),
+                ],
+            ),
+        );
+        for name in [one, h2, other] {
+            add_cluster(
+                &mut r,
+                cluster(name, Discovery::OriginalDst(Default::default()), &[]),
+            );
+        }
+        let s = index(&r);
+        let pick = |sni: &str, alpn: &'static [&'static str]| {
+            named(&s.route_connection(&Connection {
+                destination: Some(ip("1.2.3.4")),
+                port: 443,
+                server_name: Some(sni),
+                tls: true,
+                application_protocols: alpn,
+                ..Connection::default()
+            }))
+        };
+        assert_eq!(pick("one.example.com", &[]), one);
+        assert_eq!(pick("One.Example.com", &["h2"]), one);
+        assert_eq!(pick("two.example.com", &["h2", "http/1.1"]), h2);
+        assert_eq!(pick("two.example.com", &["http/1.1"]), other);
+        assert_eq!(pick("two.example.com", &[]), other);
+        // No chain for the name and no default chain: Envoy closes the connection (NR).
+        assert_eq!(pick("three.example.com", &[]), "NoFilterChain");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("\"two-again\" has the same match as an earlier one")),
+            "{:?}",
+            s.warnings
+        );
+    }
+
+    #[test]
     fn sni_picks_exact_then_longest_wildcard_and_the_exact_listener_comes_first() {
         let s = index(&tls_port());
         let api = "outbound|443||api.example.com";

@@ -9,6 +9,7 @@
 //! level per criterion, each a hash lookup, so the cost does not grow with the number of
 //! chains.
 
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -297,8 +298,8 @@ impl Listener {
 /// Inserts unless the key is taken; whether it was inserted.
 fn insert_new<K: std::hash::Hash + Eq, V>(map: &mut Map<K, V>, key: K, value: V) -> bool {
     match map.entry(key) {
-        std::collections::hash_map::Entry::Occupied(_) => false,
-        std::collections::hash_map::Entry::Vacant(v) => {
+        Entry::Occupied(_) => false,
+        Entry::Vacant(v) => {
             v.insert(value);
             true
         }
@@ -439,7 +440,7 @@ impl AddressLevel {
 
 #[derive(Debug, Default)]
 struct NameLevel {
-    exact: Map<Box<str>, TransportLevel>,
+    exact: Map<Box<str>, Named>,
     wildcard: Wildcards<TransportLevel>,
     any: Option<TransportLevel>,
     /// Whether some chain below matches on what only the connection's bytes tell.
@@ -458,11 +459,67 @@ impl Level for NameLevel {
                     }
                     wildcard.get_mut(suffix)
                 }
-                None => Some(exact.entry(name.into_boxed_str()).or_default()),
+                None => {
+                    return match exact.entry(name.into_boxed_str()) {
+                        Entry::Vacant(v) => {
+                            v.insert(Named::of(m, chain));
+                            true
+                        }
+                        Entry::Occupied(mut o) => o.get_mut().insert(m, chain),
+                    };
+                }
             };
             next.is_none_or(|next| next.insert(m, chain))
         };
         spread(&m.server_names, &mut self.any, at, m, chain)
+    }
+}
+
+/// What an exact server name leads to. A mesh's port 443 has a chain per external TLS
+/// host, each matching on its name alone: such a name keeps its chain's index, where the
+/// levels below it would take about a hundred bytes a name for nothing to tell apart.
+#[derive(Debug)]
+enum Named {
+    /// The one chain filed under the name, matching on nothing else.
+    Chain(usize),
+    /// Chains that the transport, ALPN or source tell apart.
+    Levels(Box<TransportLevel>),
+}
+
+impl Named {
+    /// The place of `chain`, the first filed under its name.
+    fn of(m: &envoy::FilterChainMatch, chain: usize) -> Named {
+        if m.transport_protocol.is_none()
+            && m.application_protocols.is_empty()
+            && m.source_prefix_ranges.is_empty()
+        {
+            return Named::Chain(chain);
+        }
+        let mut levels = TransportLevel::default();
+        levels.insert(m, chain);
+        Named::Levels(Box::new(levels))
+    }
+
+    /// Files another chain under the name; false when its place was taken.
+    fn insert(&mut self, m: &envoy::FilterChainMatch, chain: usize) -> bool {
+        let mut levels = match std::mem::replace(self, Named::Chain(chain)) {
+            Named::Levels(levels) => levels,
+            Named::Chain(first) => {
+                let mut levels = Box::<TransportLevel>::default();
+                levels.insert(&envoy::FilterChainMatch::default(), first);
+                levels
+            }
+        };
+        let fresh = levels.insert(m, chain);
+        *self = Named::Levels(levels);
+        fresh
+    }
+
+    fn pick(&self, conn: &Connection<'_>) -> Option<usize> {
+        match self {
+            Named::Chain(chain) => Some(*chain),
+            Named::Levels(levels) => levels.pick(conn),
+        }
     }
 }
 
@@ -475,13 +532,15 @@ impl NameLevel {
     }
 
     fn pick(&self, conn: &Connection<'_>) -> Option<usize> {
-        let by_name = conn.server_name.and_then(|name| {
-            let name = normalized(name).ok()?;
-            self.exact
-                .get(&*name.text)
-                .or_else(|| self.wildcard.longest_match(&name.text, name.dots))
-        });
-        by_name.or(self.any.as_ref())?.pick(conn)
+        if let Some(name) = conn.server_name.and_then(|name| normalized(name).ok()) {
+            if let Some(named) = self.exact.get(&*name.text) {
+                return named.pick(conn);
+            }
+            if let Some(levels) = self.wildcard.longest_match(&name.text, name.dots) {
+                return levels.pick(conn);
+            }
+        }
+        self.any.as_ref()?.pick(conn)
     }
 }
 
