@@ -95,7 +95,7 @@ impl Target<'_> {
     /// The limits on each connection to the endpoint: its cluster's, else Envoy's defaults.
     pub fn connection_limits(&self) -> portcullis_envoy::ConnectionLimits {
         match self.decision {
-            Decision::Cluster(c) => c.connection_limits,
+            Decision::Cluster(c) => c.connection_limits(),
             _ => portcullis_envoy::ConnectionLimits::default(),
         }
     }

@@ -289,7 +289,8 @@ pub(crate) fn build(
         endpoints,
         balancer,
         connect_timeout: c.connect_timeout,
-        connection_limits: c.connection_limits,
+        limits: (c.connection_limits != envoy::ConnectionLimits::default())
+            .then(|| Box::new(c.connection_limits)),
         outlier: c.outlier_detection.as_deref().map(|o| {
             Box::new(Outliers {
                 detection: detection(o),

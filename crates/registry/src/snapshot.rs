@@ -112,8 +112,9 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// Upstream connect timeout (Envoy's `connect_timeout`).
     pub connect_timeout: Duration,
-    /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive).
-    pub connection_limits: portcullis_envoy::ConnectionLimits,
+    /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive),
+    /// when any is set (out of line: most clusters have Envoy's defaults).
+    pub(crate) limits: Option<Box<portcullis_envoy::ConnectionLimits>>,
     /// Outlier detection, when the cluster has it (out of line: most clusters have none).
     pub outlier: Option<Box<Outliers>>,
     /// Circuit breakers (default priority).
@@ -149,6 +150,11 @@ pub(crate) struct BuiltFrom {
 }
 
 impl Cluster {
+    /// Limits on each upstream connection (idle timeout, requests, lifetime, keepalive).
+    pub fn connection_limits(&self) -> portcullis_envoy::ConnectionLimits {
+        self.limits.as_deref().copied().unwrap_or_default()
+    }
+
     /// Whether it is a service's, not one of Istio's two catch-all clusters.
     pub fn is_service(&self) -> bool {
         ![BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER].contains(&&*self.name)

@@ -1213,7 +1213,7 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
     assert_eq!(c.balancer.policy(), Policy::Random);
     let secs = std::time::Duration::from_secs;
     assert_eq!(
-        c.connection_limits,
+        c.connection_limits(),
         portcullis_envoy::ConnectionLimits {
             idle_timeout: Some(secs(30)),
             max_requests_per_connection: Some(10),
@@ -1233,7 +1233,7 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
     assert_eq!(alt.breakers.threshold(Limit::Connections), u32::MAX);
     assert_eq!(alt.connect_timeout, std::time::Duration::from_secs(10));
     assert_eq!(
-        alt.connection_limits,
+        alt.connection_limits(),
         portcullis_envoy::ConnectionLimits::default()
     );
     assert_eq!(alt.balancer.policy(), Policy::Random);
@@ -2730,7 +2730,7 @@ spec:
     assert_eq!(idle(&s), Some(secs(30)));
     // It is also the upstream connections' idle timeout when http.idleTimeout is unset.
     let db = cluster(&s, "outbound|5432||db.internal");
-    assert_eq!(db.connection_limits.idle_timeout, Some(secs(30)));
+    assert_eq!(db.connection_limits().idle_timeout, Some(secs(30)));
     // 0s turns it off.
     let s = snapshot(&[TCP, &rule("    connectionPool: {tcp: {idleTimeout: 0s}}\n")].concat());
     assert_eq!(idle(&s), None);
@@ -2748,7 +2748,7 @@ spec:
     let s = snapshot(&[TCP, &rule(both)].concat());
     assert_eq!(
         cluster(&s, "outbound|5432||db.internal")
-            .connection_limits
+            .connection_limits()
             .idle_timeout,
         Some(secs(7))
     );
@@ -2773,7 +2773,7 @@ spec:
     );
     assert_eq!(
         cluster(&s, "outbound|5432||db.internal")
-            .connection_limits
+            .connection_limits()
             .max_connection_duration,
         Some(secs(90))
     );
