@@ -905,7 +905,7 @@ pub fn cluster(c: &Cluster) -> Value {
         "dns_refresh_rate",
         opt(c.dns_refresh_rate, duration),
     );
-    if let Some(source) = &c.source {
+    if let Some(source) = c.source.as_deref() {
         o.insert(
             "metadata".into(),
             json!({"filter_metadata": {"istio": {"config": source}}}),
@@ -1172,7 +1172,7 @@ fn lb_endpoint(e: &LbEndpoint) -> Value {
             json!({ crate::WORKLOAD_KEY: w.to_string() }),
         );
     }
-    if let Some(source) = &e.source {
+    if let Some(source) = e.source.as_deref() {
         filter_metadata.insert("portcullis".into(), json!({ "source": source }));
     }
     if !filter_metadata.is_empty() {

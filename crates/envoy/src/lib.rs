@@ -698,8 +698,9 @@ pub struct Cluster {
     /// How often DNS names are re-resolved (DNS types).
     pub dns_refresh_rate: Option<Duration>,
     /// Where the cluster came from, e.g. Istio's `metadata.filter_metadata.istio.config`
-    /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`).
-    pub source: Option<String>,
+    /// (`/apis/networking.istio.io/v1/namespaces/default/service-entry/external`); shared
+    /// with the snapshot's cluster and the resource it was compiled from.
+    pub source: Option<Arc<str>>,
     /// Portcullis' SSRF guard (not Envoy's): when set, the answers for this cluster's names
     /// that are not public addresses are not used, unless inside one of these networks. Set
     /// for an external ServiceEntry compiled from files; xDS does not say where a cluster's
@@ -1062,8 +1063,8 @@ pub struct LbEndpoint {
     /// known.
     pub workload: Option<Arc<WorkloadMetadata>>,
     /// Where the endpoint came from, e.g. `WorkloadEntry default/external` (portcullis's
-    /// files; not an Envoy field).
-    pub source: Option<String>,
+    /// files; not an Envoy field), shared with its resource's other endpoints.
+    pub source: Option<Arc<str>>,
 }
 
 /// An endpoint's address.

@@ -163,7 +163,7 @@ pub(crate) fn build(
     for (locality, usable, skipped) in assignment.map(usable_endpoints).unwrap_or_default() {
         let first = endpoints.len();
         for e in usable {
-            let source: Arc<str> = e.source.as_deref().unwrap_or(&c.name).into();
+            let source = e.source.clone().unwrap_or_else(|| c.name.as_str().into());
             let transport = transports.of(c, e);
             let (addrs, hostname, port): (Arc<[IpAddr]>, _, _) = match &e.address {
                 envoy::EndpointAddress::Socket(a) => (Arc::new([a.ip()]), None, a.port()),
@@ -266,7 +266,7 @@ pub(crate) fn build(
             .iter()
             .map(|r| format!("cluster {}: {r}; not used as an endpoint", c.name)),
     );
-    let source: Arc<str> = c.source.as_deref().unwrap_or(&c.name).into();
+    let source = c.source.clone().unwrap_or_else(|| c.name.as_str().into());
     let (service_name, service_namespace) = service_identity(&host, &source);
     let istio_mutual = matches!(transports.cluster, EndpointTransport::IstioMutual(_))
         || endpoints

@@ -175,7 +175,9 @@ pub fn cluster(c: &cds::Cluster) -> Result<Cluster, Invalid> {
             .as_ref()
             .map(|d| duration("dns_refresh_rate", d))
             .transpose()?,
-        source: filter_metadata(c.metadata.as_ref(), "istio").remove("config"),
+        source: filter_metadata(c.metadata.as_ref(), "istio")
+            .remove("config")
+            .map(Arc::from),
         ssrf_guard: None,
         discovery,
     })

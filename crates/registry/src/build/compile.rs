@@ -1351,7 +1351,7 @@ fn service_cluster(
         Protocol::Auto => UpstreamProtocol::UseDownstream,
         Protocol::Http | Protocol::Tcp | Protocol::Tls => UpstreamProtocol::Http1,
     };
-    cluster.source = Some(p.source.to_string());
+    cluster.source = Some(Arc::clone(&p.source));
     if client.ssrf_guard
         && p.mesh_external
         && matches!(
@@ -1403,7 +1403,7 @@ fn service_cluster(
                     .collect(),
                 hostname: None,
                 workload: Some(Arc::clone(&e.workload)),
-                source: Some(e.source.to_string()),
+                source: Some(Arc::clone(&e.source)),
             };
             by_locality
                 .entry(e.locality.clone())
