@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
@@ -920,8 +920,10 @@ async fn route_and_forward(
         let Attempt { number, pick } = attempts.start().await?;
         outcome.upstream = Some(pick.addr);
         outcome.destination.reached(pick.index);
-        req.headers_mut()
-            .insert(ATTEMPT_COUNT_NAME, HeaderValue::from(number));
+        req.headers_mut().insert(
+            ATTEMPT_COUNT_NAME,
+            decimal(u64::try_from(number).unwrap_or(u64::MAX)),
+        );
         let transport = Transport::new(pick.addr, pick.tls.as_ref(), upstream_authority(&req));
         let target = attempts.target(&pick, &transport);
         let sending = async {
@@ -1475,14 +1477,41 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `x-envoy-upstream-service-time`, from a table for the common small values so that most
 /// responses need no allocation for it.
 fn service_time(start: Instant) -> HeaderValue {
-    static SMALL: LazyLock<Vec<HeaderValue>> =
-        LazyLock::new(|| (0u64..100).map(HeaderValue::from).collect());
-    let ms = start.elapsed().as_millis();
-    usize::try_from(ms)
-        .ok()
-        .and_then(|i| SMALL.get(i))
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)))
+    decimal(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The decimal text of every number below 1,000, each at three times its value, so that a
+/// header carrying one (service time, attempt count, timeout) shares this static text: a
+/// number formatted for each request took two allocations (the text and its share).
+static DECIMALS: [u8; 3000] = {
+    let mut table = [0u8; 3000];
+    let mut n = 0;
+    while n < 1000 {
+        // Digits of `n` as u8: `n` is below 1,000.
+        let (hundreds, tens, ones) = ((n / 100) as u8, (n / 10 % 10) as u8, (n % 10) as u8);
+        let at = 3 * n;
+        if n >= 100 {
+            table[at] = b'0' + hundreds;
+            table[at + 1] = b'0' + tens;
+            table[at + 2] = b'0' + ones;
+        } else if n >= 10 {
+            table[at] = b'0' + tens;
+            table[at + 1] = b'0' + ones;
+        } else {
+            table[at] = b'0' + ones;
+        }
+        n += 1;
+    }
+    table
+};
+
+/// `n` in decimal as a header value, without allocating below 1,000.
+fn decimal(n: u64) -> HeaderValue {
+    let small = usize::try_from(n).ok().filter(|&i| i < 1000).and_then(|i| {
+        let len = 1 + usize::from(i >= 10) + usize::from(i >= 100);
+        std::str::from_utf8(DECIMALS.get(3 * i..3 * i + len)?).ok()
+    });
+    small.map_or_else(|| HeaderValue::from(n), HeaderValue::from_static)
 }
 
 /// `x-request-id`: kept when the client sent one, else generated (Envoy's UUID request
@@ -1544,6 +1573,14 @@ pub(crate) fn timeout_ms(timeout: Duration) -> u64 {
     u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The request's path and query, `/` when it has none (authority-form).
+fn origin_path<B>(req: &Request<B>) -> PathAndQuery {
+    req.uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
 fn prepare_request(
     req: &mut Request<Incoming>,
     (authority, rewritten): (Option<&str>, bool),
@@ -1552,11 +1589,6 @@ fn prepare_request(
     upgrade: bool,
     route_timeout: Option<Duration>,
 ) {
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     // Read before the hop-by-hop headers go: `Connection: upgrade` names it.
     let upgrade_to = upgrade
         .then(|| req.headers().get(header::UPGRADE).cloned())
@@ -1607,16 +1639,24 @@ fn prepare_request(
         headers.remove(&EXPECTED_TIMEOUT_NAME);
     }
     if let Some(timeout) = route_timeout {
-        headers.insert(
-            EXPECTED_TIMEOUT_NAME,
-            HeaderValue::from(timeout_ms(timeout)),
-        );
+        headers.insert(EXPECTED_TIMEOUT_NAME, decimal(timeout_ms(timeout)));
+    }
+    if h2 && host {
+        // HTTP/2 carries the name in :authority, taken from the URI.
+        headers.remove(header::HOST);
     }
     if h2 {
-        // HTTP/2 carries the name in :authority, taken from the URI.
-        if host {
-            headers.remove(header::HOST);
+        // A request that came over HTTP/2 and was not rewritten already holds the URI the
+        // upstream gets: kept whole, it is not copied and parsed again for every request.
+        let uri = req.uri();
+        if uri.scheme() == Some(&http::uri::Scheme::HTTP)
+            && uri.authority().map(Authority::as_str) == authority
+            && uri.path_and_query().is_some()
+        {
+            *req.version_mut() = Version::HTTP_2;
+            return;
         }
+        let path = origin_path(req);
         let uri = authority.and_then(|a| {
             Uri::builder()
                 .scheme("http")
@@ -1636,6 +1676,8 @@ fn prepare_request(
     {
         headers.insert(header::HOST, value);
     }
+    let path = origin_path(req);
+    let headers = req.headers_mut();
     if let Some(to) = upgrade_to {
         headers.insert(header::UPGRADE, to);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1686,6 +1728,13 @@ fn prepare_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_in_headers_read_as_their_decimal_text() {
+        for n in (0..1_100).chain([9_999, 15_000, u64::MAX]) {
+            assert_eq!(decimal(n).as_bytes(), n.to_string().as_bytes(), "{n}");
+        }
+    }
 
     #[test]
     fn a_fault_hits_its_share_of_requests() {
