@@ -1641,31 +1641,29 @@ fn prepare_request(
     if let Some(timeout) = route_timeout {
         headers.insert(EXPECTED_TIMEOUT_NAME, decimal(timeout_ms(timeout)));
     }
-    if h2 && host {
-        // HTTP/2 carries the name in :authority, taken from the URI.
-        headers.remove(header::HOST);
-    }
     if h2 {
+        // HTTP/2 carries the name in :authority, taken from the URI.
+        if host {
+            headers.remove(header::HOST);
+        }
         // A request that came over HTTP/2 and was not rewritten already holds the URI the
         // upstream gets: kept whole, it is not copied and parsed again for every request.
         let uri = req.uri();
-        if uri.scheme() == Some(&http::uri::Scheme::HTTP)
+        let unchanged = uri.scheme() == Some(&http::uri::Scheme::HTTP)
             && uri.authority().map(Authority::as_str) == authority
-            && uri.path_and_query().is_some()
-        {
-            *req.version_mut() = Version::HTTP_2;
-            return;
+            && uri.path_and_query().is_some();
+        if !unchanged {
+            let path = origin_path(req);
+            let uri = authority.and_then(|a| {
+                Uri::builder()
+                    .scheme("http")
+                    .authority(a)
+                    .path_and_query(path.clone())
+                    .build()
+                    .ok()
+            });
+            *req.uri_mut() = uri.unwrap_or_else(|| Uri::from(path));
         }
-        let path = origin_path(req);
-        let uri = authority.and_then(|a| {
-            Uri::builder()
-                .scheme("http")
-                .authority(a)
-                .path_and_query(path.clone())
-                .build()
-                .ok()
-        });
-        *req.uri_mut() = uri.unwrap_or_else(|| Uri::from(path));
         *req.version_mut() = Version::HTTP_2;
         return;
     }
