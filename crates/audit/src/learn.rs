@@ -42,14 +42,30 @@ struct Port {
 }
 
 /// The ServiceEntry protocol for traffic seen as `protocol` on `port`, for a name
-/// (`named`) or a bare address. An address has no name to route HTTP or TLS by, so its
-/// port is opaque TCP: that allows the address and port that were seen, and no more.
+/// (`named`) or a bare address. An address has no name to route TLS by, so TLS to it is
+/// opaque TCP: that allows the address and port that were seen, and no more. HTTP to an
+/// address named it in the Host, which routes it.
 fn port_protocol(protocol: Protocol, port: u16, named: bool) -> &'static str {
     match (protocol, named) {
-        (Protocol::Http, true) => "HTTP",
+        (Protocol::Http, _) => "HTTP",
         (Protocol::Tls, true) => "TLS",
         (Protocol::Connect, true) if port == 443 => "TLS",
         _ => "TCP",
+    }
+}
+
+/// The protocol a learned port declares, from what was seen on it (`None`: undeclared,
+/// sniffed). A port takes one protocol: HTTP beside other traffic, or to a bare address, is
+/// left to Istio's sniffing, which routes HTTP by Host (an address's own, for a bare one)
+/// and carries the rest as TCP, where opaque TCP would not take HTTP through the explicit
+/// proxy (Istio's `http_proxy` table names HTTP and sniffed ports only); other mixes are
+/// opaque TCP, which carries them all.
+fn declared(protocols: &BTreeSet<&'static str>, named: bool) -> Option<&'static str> {
+    let http = protocols.contains("HTTP");
+    match protocols.first() {
+        Some(&only) if protocols.len() == 1 && (named || !http) => Some(only),
+        _ if http => None,
+        _ => Some("TCP"),
     }
 }
 
@@ -234,13 +250,8 @@ fn entry(
         Address::Name(None) => {}
     }
     out.push_str("  location: MESH_EXTERNAL\n  ports:\n");
+    let named = matches!(address, Address::Name(_));
     for (number, port) in ports {
-        // A port takes one protocol; when traffic of several was seen on it, opaque TCP
-        // carries them all.
-        let protocol = match port.protocols.len() {
-            1 => port.protocols.first().copied().unwrap_or("TCP"),
-            _ => "TCP",
-        };
         let _ = writeln!(
             out,
             "  # port {number}: {} refused as {}, first seen {}, last seen {}",
@@ -249,11 +260,21 @@ fn entry(
             rfc3339(port.first_seen),
             rfc3339(port.last_seen),
         );
-        let _ = writeln!(
-            out,
-            "  - number: {number}\n    name: {}-{number}\n    protocol: {protocol}",
-            protocol.to_ascii_lowercase()
-        );
+        match declared(&port.protocols, named) {
+            Some(protocol) => {
+                let _ = writeln!(
+                    out,
+                    "  - number: {number}\n    name: {}-{number}\n    protocol: {protocol}",
+                    protocol.to_ascii_lowercase()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  - number: {number}\n    name: port-{number}\n    # protocol undeclared: sniffed"
+                );
+            }
+        }
     }
     let resolution = match address {
         Address::Bare(_) => "NONE",
@@ -331,10 +352,11 @@ mod tests {
     }
 
     #[test]
-    fn a_bare_address_is_allowed_alone_as_opaque_tcp() {
+    fn a_bare_address_is_allowed_alone_as_opaque_tcp_or_sniffed() {
         let yaml = learned_yaml(
             &[
                 seen(None, Some("10.1.2.3"), 5432, Protocol::Tcp),
+                seen(None, Some("10.1.2.3"), 8443, Protocol::Tls),
                 seen(None, Some("10.1.2.3"), 8080, Protocol::Http),
             ],
             "default",
@@ -344,12 +366,30 @@ mod tests {
             yaml.contains("  hosts:\n  - ip-10-1-2-3.external\n  addresses:\n  - 10.1.2.3\n"),
             "{yaml}"
         );
+        for port in [5432, 8443] {
+            assert!(
+                yaml.contains(&format!("    name: tcp-{port}\n    protocol: TCP\n")),
+                "{yaml}"
+            );
+        }
         assert!(
-            yaml.contains("    name: tcp-8080\n    protocol: TCP\n"),
+            yaml.contains("    name: port-8080\n    # protocol undeclared: sniffed\n"),
             "{yaml}"
         );
-        assert!(yaml.contains("# port 8080: 3 refused as TCP"), "{yaml}");
+        assert!(yaml.contains("# port 8080: 3 refused as HTTP"), "{yaml}");
         assert!(yaml.contains("  resolution: NONE\n"), "{yaml}");
+    }
+
+    #[test]
+    fn a_port_takes_one_protocol_http_beside_others_sniffed() {
+        let set = |p: &[&'static str]| p.iter().copied().collect::<BTreeSet<_>>();
+        assert_eq!(declared(&set(&["HTTP"]), true), Some("HTTP"));
+        assert_eq!(declared(&set(&["HTTP"]), false), None);
+        assert_eq!(declared(&set(&["HTTP", "TCP"]), true), None);
+        assert_eq!(declared(&set(&["HTTP", "TLS"]), true), None);
+        assert_eq!(declared(&set(&["TLS", "TCP"]), true), Some("TCP"));
+        assert_eq!(declared(&set(&["TLS"]), true), Some("TLS"));
+        assert_eq!(declared(&set(&["TCP"]), false), Some("TCP"));
     }
 
     #[test]
@@ -411,6 +451,7 @@ mod tests {
     fn a_connect_tunnel_to_443_is_tls_and_to_other_ports_tcp() {
         assert_eq!(port_protocol(Protocol::Connect, 443, true), "TLS");
         assert_eq!(port_protocol(Protocol::Connect, 5432, true), "TCP");
-        assert_eq!(port_protocol(Protocol::Http, 80, false), "TCP");
+        assert_eq!(port_protocol(Protocol::Http, 80, false), "HTTP");
+        assert_eq!(port_protocol(Protocol::Tls, 443, false), "TCP");
     }
 }
