@@ -138,6 +138,7 @@ impl Snapshot {
             enforcement: None,
             listeners: Some(listeners),
             http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
+            opaque_names: crate::OpaqueNames::new(),
             indexed: Some(Box::new(indexed)),
         }
     }
@@ -280,7 +281,8 @@ fn protocol_usage(resources: &envoy::Resources) -> Map<&str, Protocol> {
         }
     }
     let mut usage = Map::default();
-    // The explicit proxy's table names every service, whatever its listeners make of it.
+    // The explicit proxy's table is no listener's: how connections use a cluster is what
+    // the listeners and their own tables say.
     for rc in resources
         .routes
         .values()

@@ -38,7 +38,7 @@ pub use route::{
 };
 pub use snapshot::{
     BLACKHOLE_CLUSTER, Cluster, ClusterMap, Decision, Endpoint, EndpointTransport, Enforcement,
-    Outliers, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
+    OpaqueNames, Outliers, PASSTHROUGH_CLUSTER, Protocol, Snapshot,
 };
 pub use ssrf::{RejectedAnswer, non_public};
 pub use tls::{

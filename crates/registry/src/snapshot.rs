@@ -353,13 +353,22 @@ pub struct Snapshot {
     /// The listeners of a snapshot indexed from Envoy's model ([`Snapshot::index`]); an
     /// empty snapshot has none, and everything in it is unmatched.
     pub(crate) listeners: Option<Listeners>,
-    /// Istio's `http_proxy` route table, when the files were compiled into one: names on
-    /// every port, for explicit proxying and CONNECT.
+    /// Istio's `http_proxy` route table, when the config has one (the files' always do):
+    /// the names of HTTP and sniffed ports, for explicit proxying and CONNECT.
     pub(crate) http_proxy: Option<Arc<RouteTable>>,
+    /// The names of TLS and TCP ports the files claimed, by port (see [`OpaqueNames`]);
+    /// empty for a snapshot indexed from xDS.
+    pub(crate) opaque_names: OpaqueNames,
     /// What it was indexed from, so that the next snapshot builds only the clusters that
     /// changed ([`Snapshot::index`]).
     pub(crate) indexed: Option<Box<crate::index::Indexed>>,
 }
+
+/// Per port, each name (lower case; a wildcard as `*.suffix` or `*`) of a TLS or TCP service
+/// and the cluster it routes to, as the files' claims settled them: Kubernetes short names
+/// and ExternalName aliases included, which a cluster's host does not tell.
+pub type OpaqueNames =
+    std::collections::BTreeMap<u16, std::collections::BTreeMap<Box<str>, Arc<str>>>;
 
 /// Clusters by name, in a persistent map: the next snapshot shares every unchanged one.
 pub type ClusterMap = imbl::OrdMap<Arc<str>, Arc<Cluster>>;
@@ -519,33 +528,45 @@ impl Snapshot {
     }
 
     /// The decision for a name on `port` without an original destination (the explicit
-    /// proxy): the port's HTTP routes for it as a Host, or its filter chain for it as SNI;
-    /// `None` when neither registers it.
+    /// proxy): the name as a Host in Istio's `http_proxy` table or, without one, in the
+    /// port's HTTP routes or as SNI in its filter chains; else the TLS or TCP service the
+    /// name is a host of on `port`. `None` when nothing registers it.
     fn by_name(&self, name: &str, port: u16) -> Option<Decision> {
         let found = |d: &Decision| matches!(d, Decision::Cluster(_));
-        if let Some(table) = &self.http_proxy {
-            let host = normalized(name).ok()?;
-            let authority = match host.ip.map(canonical) {
-                Some(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-                Some(ip) => format!("{ip}:{port}"),
-                None => format!("{}:{port}", host.text),
-            };
-            let req = Request {
-                authority: &authority,
-                path: "/",
-                method: "GET",
-                scheme: "http",
-                headers: &(),
-            };
-            return Some(table.route(&req).decision).filter(found);
-        }
+        let routed = match &self.http_proxy {
+            Some(table) => {
+                let host = normalized(name).ok()?;
+                let authority = match host.ip.map(canonical) {
+                    Some(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                    Some(ip) => format!("{ip}:{port}"),
+                    None => format!("{}:{port}", host.text),
+                };
+                let req = Request {
+                    authority: &authority,
+                    path: "/",
+                    method: "GET",
+                    scheme: "http",
+                    headers: &(),
+                };
+                Some(table.route(&req).decision)
+            }
+            None => self.by_port_chains(name, port),
+        };
+        routed
+            .filter(found)
+            .or_else(|| self.opaque_service(name, port))
+    }
+
+    /// `name` on `port` as the port's listener would take it without a destination: a Host
+    /// of its HTTP routes, else the SNI of its TLS chains.
+    fn by_port_chains(&self, name: &str, port: u16) -> Option<Decision> {
         let candidates = self.candidates(None, port)?;
         let http = Connection {
             port,
             application_protocols: SNIFFED_HTTP1,
             ..Connection::default()
         };
-        let decision = match candidates.pick(&http).map(|c| &c.filter) {
+        match candidates.pick(&http).map(|c| &c.filter) {
             Some(ChainFilter::Http(h)) => {
                 let req = Request {
                     authority: name,
@@ -569,8 +590,28 @@ impl Snapshot {
                     _ => None,
                 }
             }
+        }
+    }
+
+    /// The cluster of the TLS or opaque TCP service on `port` that `name` is a name of: as
+    /// the files claimed it, else whose host covers it (from xDS), the name itself before
+    /// wildcards, the most specific first. Istio's `http_proxy` table has virtual hosts for
+    /// HTTP ports only, and a TCP service with addresses has listeners by address only: a
+    /// CONNECT to such a service's name finds it here.
+    fn opaque_service(&self, name: &str, port: u16) -> Option<Decision> {
+        let host = normalized(name).ok().filter(|h| h.ip.is_none())?;
+        let claimed = self.opaque_names.get(&port).and_then(|names| {
+            first_covering(&host.text, |key| names.get(key))
+                .and_then(|cluster| self.clusters.get(cluster))
+        });
+        let opaque = |c: &&Arc<Cluster>| {
+            c.port == port && matches!(c.protocol, Protocol::Tls | Protocol::Tcp)
         };
-        decision.filter(|d| matches!(d, Decision::Cluster(_)))
+        claimed
+            .or_else(|| {
+                first_covering(&host.text, |key| self.by_host.get(key)?.iter().find(opaque))
+            })
+            .map(|c| Decision::Cluster(Arc::clone(c)))
     }
 }
 
@@ -622,9 +663,10 @@ impl Snapshot {
         self.route_request(&conn, &req).decision
     }
 
-    /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
+    /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target): an IP
+    /// literal no name registers is routed as a connection to that address.
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
-        self.by_name(host, port).unwrap_or_else(|| self.unmatched())
+        self.route_name_or_address(Some(host), host.parse().ok(), port)
     }
 
     /// Routes opaque TCP by its original destination address and port.
@@ -730,6 +772,25 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }
+}
+
+/// The first of `name` itself, then each wildcard that covers it from the most specific
+/// (`*.suffix` for each parent domain, then `*`), that `get` finds.
+fn first_covering<'a, T>(name: &str, mut get: impl FnMut(&str) -> Option<&'a T>) -> Option<&'a T> {
+    if let Some(found) = get(name) {
+        return Some(found);
+    }
+    let mut wildcard = String::with_capacity(name.len() + 1);
+    let suffixes = name
+        .match_indices('.')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(name.len()));
+    suffixes.into_iter().find_map(|i| {
+        wildcard.clear();
+        wildcard.push('*');
+        wildcard.push_str(&name[i..]);
+        get(&wildcard)
+    })
 }
 
 /// Whether a TCP chain ends in the outbound policy's answer (BlackHoleCluster or an

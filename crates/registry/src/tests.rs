@@ -3228,3 +3228,111 @@ fn explicit_proxy_routes_by_the_key_it_writes_once() {
     assert_eq!(explicit("FD00:0::8", 80), by_vip);
     assert_eq!(explicit("::1", 80), "blackhole");
 }
+
+/// Istio's `http_proxy` table names HTTP and sniffed ports only, as istiod writes it; a
+/// CONNECT still finds a TLS or TCP service by its name, from files and from the same
+/// resources indexed as xDS delivers them.
+#[test]
+fn connect_finds_tls_and_tcp_names_outside_the_http_proxy_table() {
+    let yaml = [
+        APP.to_string(),
+        entry(
+            "tls",
+            "[api.tls.com]",
+            "{number: 443, name: tls, protocol: TLS}",
+            "",
+        ),
+        entry(
+            "wild",
+            "['*.wild.com']",
+            "{number: 443, name: https, protocol: HTTPS}",
+            "",
+        ),
+        entry(
+            "narrow",
+            "['*.a.wild.com']",
+            "{number: 443, name: tls, protocol: TLS}",
+            "",
+        ),
+        entry(
+            "db",
+            "[db.internal.com]",
+            "{number: 5432, name: tcp, protocol: TCP}",
+            "  addresses: [10.9.0.5]\n",
+        ),
+        entry(
+            "sniffed",
+            "[sniffed.internal.com]",
+            "{number: 9000, name: other}",
+            "",
+        ),
+    ]
+    .concat();
+    let compiled = crate::compile(&load(&yaml), &BuildOptions::default(), &|_| None);
+    let table = &compiled.resources.routes[crate::HTTP_PROXY_ROUTES];
+    let domains: Vec<&str> = table
+        .virtual_hosts
+        .iter()
+        .flat_map(|vh| vh.domains.iter().map(String::as_str))
+        .collect();
+    for name in [
+        "app.internal.com:80",
+        "api.internal.com:8080",
+        "sniffed.internal.com:9000",
+    ] {
+        assert!(domains.contains(&name), "{name} in {domains:?}");
+    }
+    for name in ["api.tls.com:443", "*.wild.com:443", "db.internal.com:5432"] {
+        assert!(!domains.contains(&name), "{name} in {domains:?}");
+    }
+    let from_files = snapshot(&yaml);
+    let from_xds = Snapshot::index(&compiled.resources, &|_| None, None, 1);
+    // istiod sends the table only to a proxy with an HTTP proxy port.
+    let mut untabled = compiled.resources.clone();
+    untabled.routes.remove(crate::HTTP_PROXY_ROUTES);
+    let without_table = Snapshot::index(&untabled, &|_| None, None, 1);
+    for s in [&from_files, &from_xds, &without_table] {
+        let expected = [
+            ("api.tls.com", 443, "outbound|443||api.tls.com"),
+            ("API.tls.com.", 443, "outbound|443||api.tls.com"),
+            ("a.wild.com", 443, "outbound|443||*.wild.com"),
+            ("x.a.wild.com", 443, "outbound|443||*.a.wild.com"),
+            ("db.internal.com", 5432, "outbound|5432||db.internal.com"),
+            ("10.9.0.5", 5432, "outbound|5432||db.internal.com"),
+            ("app.internal.com", 80, "outbound|80||app.internal.com"),
+            (
+                "sniffed.internal.com",
+                9000,
+                "outbound|9000||sniffed.internal.com",
+            ),
+            // A name on a port it is not registered on, and names of no service.
+            ("db.internal.com", 443, "blackhole"),
+            ("api.tls.com", 5432, "blackhole"),
+            ("evil.com", 5432, "blackhole"),
+            ("wild.com", 443, "blackhole"),
+        ];
+        for (name, port, cluster) in expected {
+            assert_eq!(routed(&s.route_host(name, port)), cluster, "{name}:{port}");
+        }
+        if s.http_proxy.is_none() {
+            continue;
+        }
+        // Plain HTTP sent for a TLS port's name gets the table's catch-all, as from
+        // istiod's table.
+        let conn = crate::Connection {
+            port: 443,
+            ..crate::Connection::default()
+        };
+        let req = crate::route::Request {
+            authority: "api.tls.com",
+            path: "/",
+            method: "GET",
+            scheme: "http",
+            headers: &(),
+        };
+        assert_eq!(
+            routed(&s.route_explicit("api.tls.com", &conn, &req).decision),
+            "blackhole"
+        );
+    }
+}

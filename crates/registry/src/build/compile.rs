@@ -64,6 +64,9 @@ pub struct Compiled {
     pub dns_names: BTreeSet<String>,
     /// The mesh config's enforcement mode, if it sets one.
     pub enforcement: Option<crate::Enforcement>,
+    /// The names of TLS and TCP ports, which Istio's `http_proxy` table leaves out, with
+    /// the cluster each routes to: what a CONNECT to such a name finds.
+    pub opaque_names: crate::OpaqueNames,
 }
 
 /// Compiles `resources` into Envoy's model as istiod compiles them for this sidecar's
@@ -274,6 +277,7 @@ impl Builder<'_> {
                     .insert(routes.name.clone(), Arc::new(routes));
             }
         }
+        out.opaque_names = opaque_names(&claims, &pending);
         let proxy_routes = http_proxy_routes(&claims, &pending, &vs_routes, mode, reachable_pods);
         out.resources
             .routes
@@ -1079,9 +1083,10 @@ fn catch_all_host(mode: OutboundMode) -> VirtualHost {
     }
 }
 
-/// The route table [`HTTP_PROXY_ROUTES`]: a virtual host per service port (`host:port`)
-/// with every name it won there, whatever its protocol; the pods by IP on any port; then
-/// the outbound policy's catch-all.
+/// The route table [`HTTP_PROXY_ROUTES`]: a virtual host per HTTP or sniffed service port
+/// (`host:port`) with every name it won there, as istiod writes it (TLS and TCP ports get
+/// none: their names are found by host for CONNECT); the pods by IP on any port; then the
+/// outbound policy's catch-all.
 fn http_proxy_routes(
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
@@ -1089,27 +1094,28 @@ fn http_proxy_routes(
     mode: OutboundMode,
     pods: &[IpAddr],
 ) -> RouteConfiguration {
-    let mut by_cluster: BTreeMap<&Arc<str>, Vec<String>> = BTreeMap::new();
+    let mut by_cluster: BTreeMap<&Arc<str>, (&PendingCluster, Vec<String>)> = BTreeMap::new();
     for (port, names) in &claims.hosts {
         let port = port.to_string();
-        for (host, cluster) in names {
+        for (host, name) in names {
+            let Some(c) = clusters.get(name).filter(|c| routed_by_host(c.protocol)) else {
+                continue;
+            };
             by_cluster
-                .entry(cluster)
-                .or_default()
+                .entry(name)
+                .or_insert_with(|| (c, Vec::new()))
+                .1
                 .push(with_port(host, &port));
         }
     }
     let mut virtual_hosts: Vec<VirtualHost> = by_cluster
         .into_iter()
-        .filter_map(|(cluster, domains)| {
-            let c = clusters.get(cluster)?;
-            Some(VirtualHost {
-                name: format!("{}:{}", c.host, c.port),
-                domains,
-                routes: service_routes(cluster, vs_routes),
-                include_request_attempt_count: true,
-                ..VirtualHost::default()
-            })
+        .map(|(name, (c, domains))| VirtualHost {
+            name: format!("{}:{}", c.host, c.port),
+            domains,
+            routes: service_routes(name, vs_routes),
+            include_request_attempt_count: true,
+            ..VirtualHost::default()
         })
         .collect();
     if !pods.is_empty() {
@@ -1131,6 +1137,26 @@ fn http_proxy_routes(
         virtual_hosts,
         ..RouteConfiguration::default()
     }
+}
+
+/// Every name claimed on each port whose service is neither HTTP nor sniffed, with its
+/// cluster: the names [`http_proxy_routes`] leaves out, as istiod does.
+fn opaque_names(claims: &Claims, clusters: &Map<Arc<str>, PendingCluster>) -> crate::OpaqueNames {
+    let mut out = crate::OpaqueNames::new();
+    for (port, names) in &claims.hosts {
+        for (host, name) in names {
+            if clusters
+                .get(name)
+                .is_some_and(|c| !routed_by_host(c.protocol))
+            {
+                out.entry(*port)
+                    .or_default()
+                    .entry(host.clone())
+                    .or_insert_with(|| Arc::clone(name));
+            }
+        }
+    }
+    out
 }
 
 /// Istio's circuit breaker thresholds: unlimited unless a DestinationRule sets them.
