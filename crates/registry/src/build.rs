@@ -233,7 +233,7 @@ pub fn build_with_dns(
     snapshot.warnings.extend(index_warnings);
     snapshot.dns_names.extend(compiled.dns_names);
     snapshot.enforcement = compiled.enforcement;
-    snapshot.opaque_names = compiled.opaque_names;
+    snapshot.opaque_names = Some(compiled.opaque_names);
     snapshot
 }
 

@@ -138,7 +138,7 @@ impl Snapshot {
             enforcement: None,
             listeners: Some(listeners),
             http_proxy: routes.get(crate::HTTP_PROXY_ROUTES).cloned(),
-            opaque_names: crate::OpaqueNames::new(),
+            opaque_names: None,
             indexed: Some(Box::new(indexed)),
         }
     }

@@ -357,8 +357,8 @@ pub struct Snapshot {
     /// the names of HTTP and sniffed ports, for explicit proxying and CONNECT.
     pub(crate) http_proxy: Option<Arc<RouteTable>>,
     /// The names of TLS and TCP ports the files claimed, by port (see [`OpaqueNames`]);
-    /// empty for a snapshot indexed from xDS.
-    pub(crate) opaque_names: OpaqueNames,
+    /// `None` for a snapshot indexed from xDS, whose services are found by host instead.
+    pub(crate) opaque_names: Option<OpaqueNames>,
     /// What it was indexed from, so that the next snapshot builds only the clusters that
     /// changed ([`Snapshot::index`]).
     pub(crate) indexed: Option<Box<crate::index::Indexed>>,
@@ -594,24 +594,26 @@ impl Snapshot {
     }
 
     /// The cluster of the TLS or opaque TCP service on `port` that `name` is a name of: as
-    /// the files claimed it, else whose host covers it (from xDS), the name itself before
-    /// wildcards, the most specific first. Istio's `http_proxy` table has virtual hosts for
-    /// HTTP ports only, and a TCP service with addresses has listeners by address only: a
-    /// CONNECT to such a service's name finds it here.
+    /// the files claimed it, or (from xDS) whose host covers it; the name itself before
+    /// wildcards, the most specific first. Istio's `http_proxy` table has virtual hosts
+    /// for HTTP ports only, and a TCP service with addresses has listeners by address only:
+    /// a CONNECT to such a service's name finds it here.
     fn opaque_service(&self, name: &str, port: u16) -> Option<Decision> {
         let host = normalized(name).ok().filter(|h| h.ip.is_none())?;
-        let claimed = self.opaque_names.get(&port).and_then(|names| {
-            first_covering(&host.text, |key| names.get(key))
-                .and_then(|cluster| self.clusters.get(cluster))
-        });
-        let opaque = |c: &&Arc<Cluster>| {
-            c.port == port && matches!(c.protocol, Protocol::Tls | Protocol::Tcp)
+        let cluster = match &self.opaque_names {
+            Some(claimed) => {
+                let names = claimed.get(&port)?;
+                first_covering(&host.text, |key| names.get(key))
+                    .and_then(|cluster| self.clusters.get(cluster))
+            }
+            None => first_covering(&host.text, |key| {
+                self.by_host
+                    .get(key)?
+                    .iter()
+                    .find(|c| c.port == port && matches!(c.protocol, Protocol::Tls | Protocol::Tcp))
+            }),
         };
-        claimed
-            .or_else(|| {
-                first_covering(&host.text, |key| self.by_host.get(key)?.iter().find(opaque))
-            })
-            .map(|c| Decision::Cluster(Arc::clone(c)))
+        cluster.map(|c| Decision::Cluster(Arc::clone(c)))
     }
 }
 
