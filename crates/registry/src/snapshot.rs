@@ -783,16 +783,15 @@ fn first_covering<'a, T>(name: &str, mut get: impl FnMut(&str) -> Option<&'a T>)
         return Some(found);
     }
     let mut wildcard = String::with_capacity(name.len() + 1);
-    let suffixes = name
-        .match_indices('.')
+    name.match_indices('.')
         .map(|(i, _)| i)
-        .chain(std::iter::once(name.len()));
-    suffixes.into_iter().find_map(|i| {
-        wildcard.clear();
-        wildcard.push('*');
-        wildcard.push_str(&name[i..]);
-        get(&wildcard)
-    })
+        .chain(std::iter::once(name.len()))
+        .find_map(|i| {
+            wildcard.clear();
+            wildcard.push('*');
+            wildcard.push_str(&name[i..]);
+            get(&wildcard)
+        })
 }
 
 /// Whether a TCP chain ends in the outbound policy's answer (BlackHoleCluster or an

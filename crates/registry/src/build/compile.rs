@@ -1085,8 +1085,8 @@ fn catch_all_host(mode: OutboundMode) -> VirtualHost {
 
 /// The route table [`HTTP_PROXY_ROUTES`]: a virtual host per HTTP or sniffed service port
 /// (`host:port`) with every name it won there, as istiod writes it (TLS and TCP ports get
-/// none: their names are found by host for CONNECT); the pods by IP on any port; then the
-/// outbound policy's catch-all.
+/// none: CONNECT finds their names in [`opaque_names`]); the pods by IP on any port; then
+/// the outbound policy's catch-all.
 fn http_proxy_routes(
     claims: &Claims,
     clusters: &Map<Arc<str>, PendingCluster>,
