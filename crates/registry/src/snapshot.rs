@@ -594,12 +594,13 @@ impl Snapshot {
     }
 
     /// The cluster of the TLS or opaque TCP service on `port` that `name` is a name of: as
-    /// the files claimed it, or (from xDS) whose host covers it; the name itself before
-    /// wildcards, the most specific first. Istio's `http_proxy` table has virtual hosts
-    /// for HTTP ports only, and a TCP service with addresses has listeners by address only:
-    /// a CONNECT to such a service's name finds it here.
+    /// the files claimed it (its addresses among its names), or (from xDS) whose host
+    /// covers it; the name itself before wildcards, the most specific first. Istio's
+    /// `http_proxy` table has virtual hosts for HTTP ports only, and a TCP service with
+    /// addresses has listeners by address only: a CONNECT to such a service's name finds
+    /// it here.
     fn opaque_service(&self, name: &str, port: u16) -> Option<Decision> {
-        let host = normalized(name).ok().filter(|h| h.ip.is_none())?;
+        let host = normalized(name).ok()?;
         let cluster = match &self.opaque_names {
             Some(claimed) => {
                 let names = claimed.get(&port)?;
@@ -665,10 +666,9 @@ impl Snapshot {
         self.route_request(&conn, &req).decision
     }
 
-    /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target): an IP
-    /// literal no name registers is routed as a connection to that address.
+    /// Routes a bare hostname or IP literal on `port` (HTTP Host, CONNECT target).
     pub fn route_host(&self, host: &str, port: u16) -> Decision {
-        self.route_name_or_address(Some(host), host.parse().ok(), port)
+        self.by_name(host, port).unwrap_or_else(|| self.unmatched())
     }
 
     /// Routes opaque TCP by its original destination address and port.
