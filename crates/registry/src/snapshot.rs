@@ -558,7 +558,7 @@ impl Snapshot {
     }
 
     /// `name` on `port` as the port's listener would take it without a destination: a Host
-    /// of its HTTP routes, else the SNI of its TLS chains.
+    /// of its HTTP routes, else the SNI of a TLS chain that names it.
     fn by_port_chains(&self, name: &str, port: u16) -> Option<Decision> {
         let candidates = self.candidates(None, port)?;
         let http = Connection {
@@ -579,15 +579,24 @@ impl Snapshot {
                 table.matching(&req).map(|r| r.decide(&req).0)
             }
             _ => {
-                let tls = Connection {
+                let tls = |server_name| Connection {
                     port,
-                    server_name: Some(name),
+                    server_name,
                     tls: true,
                     ..Connection::default()
                 };
-                match candidates.pick(&tls).map(|c| &c.filter) {
-                    Some(ChainFilter::Tcp(t)) => Some(t.decide()),
-                    _ => None,
+                let chain = candidates.pick(&tls(Some(name)))?;
+                // A chain that a connection without a name gets as well (a TCP service's
+                // catch-all) takes any name: the name did not pick it.
+                if candidates
+                    .pick(&tls(None))
+                    .is_some_and(|unnamed| Arc::ptr_eq(unnamed, chain))
+                {
+                    return None;
+                }
+                match &chain.filter {
+                    ChainFilter::Tcp(t) => Some(t.decide()),
+                    ChainFilter::Http(_) => None,
                 }
             }
         }
@@ -604,15 +613,17 @@ impl Snapshot {
         let cluster = match &self.opaque_names {
             Some(claimed) => {
                 let names = claimed.get(&port)?;
-                first_covering(&host.text, |key| names.get(key))
+                covering(&host.text, |key| names.get(key))
+                    .next()
                     .and_then(|cluster| self.clusters.get(cluster))
             }
-            None => first_covering(&host.text, |key| {
+            None => covering(&host.text, |key| {
                 self.by_host
                     .get(key)?
                     .iter()
                     .find(|c| c.port == port && matches!(c.protocol, Protocol::Tls | Protocol::Tcp))
-            }),
+            })
+            .next(),
         };
         cluster.map(|c| Decision::Cluster(Arc::clone(c)))
     }
@@ -752,22 +763,7 @@ impl Snapshot {
         &'a self,
         name: &'a str,
     ) -> impl Iterator<Item = &'a Arc<Cluster>> + 'a {
-        let mut wildcard = String::with_capacity(name.len() + 1);
-        let suffixes = name
-            .match_indices('.')
-            .map(|(i, _)| i)
-            .chain(std::iter::once(name.len()));
-        let wildcards = suffixes.filter_map(move |i| {
-            wildcard.clear();
-            wildcard.push('*');
-            wildcard.push_str(&name[i..]);
-            self.by_host.get(wildcard.as_str())
-        });
-        self.by_host
-            .get(name)
-            .into_iter()
-            .chain(wildcards)
-            .flat_map(|named| named.iter())
+        covering(name, |key| self.by_host.get(key)).flat_map(|named| named.iter())
     }
 
     /// Looks up a cluster by its Envoy name.
@@ -776,21 +772,28 @@ impl Snapshot {
     }
 }
 
-/// The first of `name` itself, then each wildcard that covers it from the most specific
-/// (`*.suffix` for each parent domain, then `*`), that `get` finds.
-fn first_covering<'a, T>(name: &str, mut get: impl FnMut(&str) -> Option<&'a T>) -> Option<&'a T> {
-    if let Some(found) = get(name) {
-        return Some(found);
-    }
-    let mut wildcard = String::with_capacity(name.len() + 1);
-    name.match_indices('.')
-        .map(|(i, _)| i)
-        .chain(std::iter::once(name.len()))
-        .find_map(|i| {
-            wildcard.clear();
-            wildcard.push('*');
-            wildcard.push_str(&name[i..]);
-            get(&wildcard)
+/// What `get` finds for `name` itself, then for each wildcard that covers it from the most
+/// specific (`*.suffix` for each parent domain, then `*`), looked up only as far as the
+/// caller reads.
+fn covering<'a, T>(
+    name: &'a str,
+    mut get: impl FnMut(&str) -> Option<T> + 'a,
+) -> impl Iterator<Item = T> + 'a {
+    let mut key = String::with_capacity(name.len() + 1);
+    let suffixes = name
+        .match_indices('.')
+        .map(|(i, _)| Some(i))
+        .chain([Some(name.len())]);
+    std::iter::once(None)
+        .chain(suffixes)
+        .filter_map(move |suffix| match suffix {
+            None => get(name),
+            Some(i) => {
+                key.clear();
+                key.push('*');
+                key.push_str(&name[i..]);
+                get(&key)
+            }
         })
 }
 

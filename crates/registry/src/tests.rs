@@ -3320,6 +3320,7 @@ fn connect_finds_tls_and_tcp_names_outside_the_http_proxy_table() {
             ("db.internal.com", 443, "blackhole"),
             ("api.tls.com", 5432, "blackhole"),
             ("evil.com", 5432, "blackhole"),
+            ("evil.com", 5672, "blackhole"),
             ("wild.com", 443, "blackhole"),
         ];
         // As a CONNECT routes: by name, else an IP literal by its address.
@@ -3328,16 +3329,13 @@ fn connect_finds_tls_and_tcp_names_outside_the_http_proxy_table() {
             assert_eq!(routed(&decision), cluster, "{name}:{port}");
         }
         // As a name alone, an address names nothing unless a service claims it: not where
-        // opaque bytes to it would go (the port-wide TCP service). Without a table the
-        // port's chains decide, and a port-wide TCP chain takes any name (not done: see
-        // the README's "Not yet done").
+        // opaque bytes to it would go (the port-wide TCP service), with or without a
+        // table, although that service's chain takes every connection to the port.
         assert_eq!(
             routed(&s.route_host("mq.internal.com", 5672)),
             "outbound|5672||mq.internal.com"
         );
-        if s.http_proxy.is_some() {
-            assert_eq!(routed(&s.route_host("::1", 5672)), "blackhole");
-        }
+        assert_eq!(routed(&s.route_host("::1", 5672)), "blackhole");
         assert_eq!(
             routed(&s.route_name_or_address(Some("::1"), "::1".parse().ok(), 5672)),
             "outbound|5672||mq.internal.com"
