@@ -78,6 +78,30 @@ impl Proxy {
     fn output(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
+
+    /// The status of the first answer of its admin port's `/ready`, within 30 s. A proxy
+    /// that exits first (a port that another process took between `free_port` and its bind)
+    /// or never answers fails the test with its output.
+    async fn first_ready(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((status, _)) = admin(self, "/ready").await {
+                return status;
+            }
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!(
+                    "the proxy ended ({exit}) before its admin port answered:\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the admin port never answered:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 fn start_proxy(control_plane: SocketAddr, protocol: &str) -> Proxy {
@@ -655,7 +679,7 @@ async fn config_from_the_control_plane_serves_once_complete_and_shows_in_the_adm
         .unwrap();
     // Nothing is answered until the mesh is in place: not ready before.
     cp.set_silent(true);
-    let proxy = start_proxy(cp.local_addr(), "delta");
+    let mut proxy = start_proxy(cp.local_addr(), "delta");
     let node = eventually("the proxy's stream", async || {
         cp.events().into_iter().find_map(|e| match e.kind {
             EventKind::Connected { node, .. } => node,
@@ -664,11 +688,11 @@ async fn config_from_the_control_plane_serves_once_complete_and_shows_in_the_adm
     })
     .await;
     assert_eq!(node.id, "sidecar~10.1.2.3~app-0.ns1~ns1.svc.cluster.local");
-    let (status, _) = eventually("the admin port", async || {
-        admin(&proxy, "/ready").await.ok()
-    })
-    .await;
-    assert_eq!(status, 503, "ready before any config arrived");
+    assert_eq!(
+        proxy.first_ready().await,
+        503,
+        "ready before any config arrived"
+    );
     mesh.push(&cp, &proxy, mesh.a);
     cp.set_silent(false);
     eventually("readiness", async || {
@@ -942,12 +966,12 @@ async fn a_control_plane_that_is_not_up_yet_is_retried_until_it_is() {
     let reserved = tokio::net::TcpSocket::new_v4().unwrap();
     reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = reserved.local_addr().unwrap();
-    let proxy = start_proxy(address, "delta");
-    let (status, _) = eventually("the admin port", async || {
-        admin(&proxy, "/ready").await.ok()
-    })
-    .await;
-    assert_eq!(status, 503, "ready without a control plane");
+    let mut proxy = start_proxy(address, "delta");
+    assert_eq!(
+        proxy.first_ready().await,
+        503,
+        "ready without a control plane"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(admin(&proxy, "/ready").await.map(|r| r.0), Ok(503));
     let output = proxy.output();
