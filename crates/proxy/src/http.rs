@@ -346,9 +346,9 @@ impl RequestLog {
         let route = outcome.matched.as_ref().map_or(outcome.route, |r| &r.name);
         HttpLog {
             method: line.method.as_str(),
-            path: &line.path.text(),
+            path: line.path.bytes(),
             protocol: line.protocol,
-            authority: &line.authority.text(),
+            authority: line.authority.bytes(),
             headers: &line.headers,
             status: outcome.status,
             flags,

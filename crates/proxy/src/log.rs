@@ -6,7 +6,6 @@
 //! buffer, under a lock held for that line or the writer's swap). When the buffer is full a
 //! line is dropped and counted, so the data path never waits for the disk.
 
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -43,8 +42,9 @@ pub enum Format {
 /// What waits for the writer.
 #[derive(Default)]
 struct Pending {
-    /// Lines not yet taken by the writer.
-    lines: String,
+    /// Lines not yet taken by the writer (UTF-8: request bytes that are not are written
+    /// as the lossy conversion shows them).
+    lines: Vec<u8>,
     /// Callers waiting for what is pending now to reach the file.
     flushes: Vec<SyncSender<()>>,
     /// The log is gone: the writer writes what is pending and ends.
@@ -138,14 +138,14 @@ impl AccessLog {
             return;
         };
         let json = (self.format == Format::Json).then(|| {
-            let mut line = String::new();
+            let mut line = Vec::new();
             entry.json(&mut line);
             line
         });
         let mut pending = writer.pending();
         let before = pending.lines.len();
         match &json {
-            Some(line) => pending.lines.push_str(line),
+            Some(line) => pending.lines.extend_from_slice(line),
             None => entry.text(&mut pending.lines),
         }
         let after = pending.lines.len();
@@ -187,7 +187,7 @@ impl Drop for AccessLog {
 /// swaps the pending lines for its own emptied buffer and writes them in one go. It ends
 /// once the log is dropped and what was pending is written.
 fn write_lines(pending: &Mutex<Pending>, mut file: Box<dyn std::io::Write + Send>) {
-    let mut batch = String::new();
+    let mut batch = Vec::new();
     let mut acks = Vec::new();
     loop {
         std::thread::park_timeout(FLUSH_INTERVAL);
@@ -212,11 +212,11 @@ fn write_lines(pending: &Mutex<Pending>, mut file: Box<dyn std::io::Write + Send
 }
 
 /// Writes out and empties `batch`.
-fn write_batch(file: &mut Box<dyn std::io::Write + Send>, batch: &mut String) {
+fn write_batch(file: &mut Box<dyn std::io::Write + Send>, batch: &mut Vec<u8>) {
     if batch.is_empty() {
         return;
     }
-    if let Err(error) = file.write_all(batch.as_bytes()).and_then(|()| file.flush()) {
+    if let Err(error) = file.write_all(batch).and_then(|()| file.flush()) {
         tracing::warn!(%error, bytes = batch.len(), "cannot write the access log");
     }
     batch.clear();
@@ -224,12 +224,12 @@ fn write_batch(file: &mut Box<dyn std::io::Write + Send>, batch: &mut String) {
 
 /// What one line says, in Istio's terms (the command operators of its default format).
 pub(crate) struct Entry<'a> {
-    /// `%START_TIME%`.
-    pub start: SystemTime,
+    /// `%START_TIME%`, since the Unix epoch.
+    pub start: Duration,
     /// `%REQ(:METHOD)%`.
     pub method: Option<&'a str>,
-    /// `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.
-    pub path: Option<&'a str>,
+    /// `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`, as the request sent it.
+    pub path: Option<&'a [u8]>,
     /// `%PROTOCOL%`.
     pub protocol: Option<&'a str>,
     /// `%RESPONSE_CODE%` (0 for TCP and for no response).
@@ -244,14 +244,14 @@ pub(crate) struct Entry<'a> {
     pub bytes_sent: u64,
     /// `%DURATION%`.
     pub duration: Duration,
-    /// `%REQ(X-FORWARDED-FOR)%`.
-    pub forwarded_for: Option<&'a str>,
-    /// `%REQ(USER-AGENT)%`.
-    pub user_agent: Option<&'a str>,
-    /// `%REQ(X-REQUEST-ID)%`.
-    pub request_id: Option<&'a str>,
-    /// `%REQ(:AUTHORITY)%`.
-    pub authority: Option<&'a str>,
+    /// `%REQ(X-FORWARDED-FOR)%`, as the request sent it.
+    pub forwarded_for: Option<&'a [u8]>,
+    /// `%REQ(USER-AGENT)%`, as the request sent it.
+    pub user_agent: Option<&'a [u8]>,
+    /// `%REQ(X-REQUEST-ID)%`, as the request sent it.
+    pub request_id: Option<&'a [u8]>,
+    /// `%REQ(:AUTHORITY)%`, as the request sent it.
+    pub authority: Option<&'a [u8]>,
     /// `%UPSTREAM_HOST%`.
     pub upstream_host: Option<SocketAddr>,
     /// `%UPSTREAM_CLUSTER_RAW%`.
@@ -266,13 +266,14 @@ pub(crate) struct Entry<'a> {
     pub route_name: Option<&'a str>,
 }
 
-/// The wall-clock time of `at`, from a pair of monotonic and wall-clock readings taken at
-/// most a second earlier on this thread: a logged request reads the monotonic clock
-/// anyway, and a second clock read per line is a measurable part of logging it. A step of
-/// the wall clock shows within a second.
-fn wall_clock(at: Instant) -> SystemTime {
+/// The wall-clock time of `at` since the Unix epoch, from a pair of monotonic and
+/// wall-clock readings taken at most a second earlier on this thread: a logged request
+/// reads the monotonic clock anyway, and a second clock read per line is a measurable part
+/// of logging it. A step of the wall clock shows within a second. Kept as a `Duration`: a
+/// `SystemTime`'s arithmetic normalizes a `timespec` at every step.
+fn wall_clock(at: Instant) -> Duration {
     thread_local! {
-        static ANCHOR: std::cell::Cell<Option<(Instant, SystemTime)>> =
+        static ANCHOR: std::cell::Cell<Option<(Instant, Duration)>> =
             const { std::cell::Cell::new(None) };
     }
     ANCHOR.with(|anchor| {
@@ -282,7 +283,9 @@ fn wall_clock(at: Instant) -> SystemTime {
         {
             return wall + since;
         }
-        let wall = SystemTime::now();
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         anchor.set(Some((at, wall)));
         wall
     })
@@ -291,14 +294,11 @@ fn wall_clock(at: Instant) -> SystemTime {
 /// Appends the time as Envoy's `%START_TIME%` prints it: RFC 3339 in UTC, milliseconds.
 /// The date and time up to the second are formatted once a second (per thread) and reused,
 /// as Envoy caches its own: the calendar arithmetic would otherwise run for every line.
-fn push_start_time(out: &mut String, at: SystemTime) {
+fn push_start_time(out: &mut Vec<u8>, since: Duration) {
     thread_local! {
         static SECOND: std::cell::RefCell<(u64, String)> =
             const { std::cell::RefCell::new((0, String::new())) };
     }
-    let since = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
     let (secs, millis) = (since.as_secs(), since.subsec_millis());
     SECOND.with_borrow_mut(|(second, text)| {
         if *second != secs || text.is_empty() {
@@ -309,56 +309,83 @@ fn push_start_time(out: &mut String, at: SystemTime) {
             text.pop();
             *second = secs;
         }
-        out.push_str(text);
+        out.extend_from_slice(text.as_bytes());
     });
-    let digit = |d: u32| char::from_digit(d % 10, 10).unwrap_or('0');
-    out.extend([
-        '.',
+    let digit = |d: u32| b'0' + (d % 10) as u8;
+    out.extend_from_slice(&[
+        b'.',
         digit(millis / 100),
         digit(millis / 10),
         digit(millis),
-        'Z',
+        b'Z',
     ]);
 }
 
-/// The `%START_TIME%` text of `at`.
-fn start_time(at: SystemTime) -> String {
-    let mut out = String::new();
+/// The `%START_TIME%` text of `at`, since the Unix epoch.
+fn start_time(at: Duration) -> String {
+    let mut out = Vec::new();
     push_start_time(&mut out, at);
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Appends a socket address as Display writes it, an IPv4 one with integer formatting
 /// (three addresses a line).
-fn push_addr(out: &mut String, addr: SocketAddr) {
+fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     let SocketAddr::V4(v4) = addr else {
         let _ = write!(out, "{addr}");
         return;
     };
-    let [a, b, c, d] = v4.ip().octets();
-    for (octet, sep) in [(a, '.'), (b, '.'), (c, '.'), (d, ':')] {
-        push_digits(out, u64::from(octet));
-        out.push(sep);
+    for octet in v4.ip().octets() {
+        push_octet(out, octet);
+    }
+    // The last octet's dot is the port's colon.
+    if let Some(last) = out.last_mut() {
+        *last = b':';
     }
     push_digits(out, u64::from(v4.port()));
 }
 
-/// Appends `n` in decimal a digit at a time: a line's numbers are a few digits each, and
-/// copying each from a formatting buffer costs a `memcpy` call apiece.
-fn push_digits(out: &mut String, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
+/// Each octet's decimal text and a dot, four bytes: one fixed-size copy, cut to its length.
+const OCTETS: [[u8; 4]; 256] = {
+    let mut table = [[0; 4]; 256];
+    let mut n = 0;
+    while n < 256 {
+        let digits = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        table[n] = match n {
+            0..10 => [digits[2], b'.', 0, 0],
+            10..100 => [digits[1], digits[2], b'.', 0],
+            _ => [digits[0], digits[1], digits[2], b'.'],
+        };
+        n += 1;
     }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
+    table
+};
+
+/// Appends `octet` in decimal and a dot, as an IPv4 address is written: a fixed four-byte
+/// copy then cut back, where a copy of its own length would be a `memcpy` call.
+fn push_octet(out: &mut Vec<u8>, octet: u8) {
+    let len = 2 + usize::from(octet >= 10) + usize::from(octet >= 100);
+    out.extend_from_slice(&OCTETS[usize::from(octet)]);
+    out.truncate(out.len() - (4 - len));
+}
+
+/// Appends `n` in decimal. `itoa` writes two digits a step into a stack buffer, copied in
+/// once: pushing digits one at a time cost about 40 instructions a digit, some 1,200 a line.
+fn push_digits(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends bytes of the request as text: as they are when ASCII (checked a word at a
+/// time), else as the lossy UTF-8 conversion shows them.
+fn push_request_text(out: &mut Vec<u8>, text: &[u8]) {
+    if text.is_ascii() {
+        out.extend_from_slice(text);
+    } else {
+        out.extend_from_slice(String::from_utf8_lossy(text).as_bytes());
     }
 }
 
@@ -366,71 +393,80 @@ impl Entry<'_> {
     /// Istio's `EnvoyTextLogFormat`, appended to `out`: unset values are `-`. Written piece
     /// by piece rather than through `format_args!`, which costs several times as much for
     /// twenty fields and is paid for every request.
-    fn text(&self, out: &mut String) {
-        fn or(v: Option<&str>) -> &str {
-            v.unwrap_or("-")
+    fn text(&self, out: &mut Vec<u8>) {
+        fn or(v: Option<&str>) -> &[u8] {
+            v.unwrap_or("-").as_bytes()
         }
-        let addr = |out: &mut String, v: Option<SocketAddr>| match v {
+        let request = |out: &mut Vec<u8>, v: Option<&[u8]>| match v {
+            Some(text) => push_request_text(out, text),
+            None => out.push(b'-'),
+        };
+        let addr = |out: &mut Vec<u8>, v: Option<SocketAddr>| match v {
             Some(a) => push_addr(out, a),
-            None => out.push('-'),
+            None => out.push(b'-'),
         };
         // The separators are written as literals, one call each: a constant length is
         // copied inline, where a list of pieces made every separator a `memcpy` call. The
         // pending buffer keeps its capacity from batch to batch, so it rarely grows here.
-        out.push('[');
+        out.push(b'[');
         push_start_time(out, self.start);
-        out.push_str("] \"");
-        out.push_str(or(self.method));
-        out.push(' ');
-        out.push_str(or(self.path));
-        out.push(' ');
-        out.push_str(or(self.protocol));
-        out.push_str("\" ");
+        out.extend_from_slice(b"] \"");
+        out.extend_from_slice(or(self.method));
+        out.push(b' ');
+        request(out, self.path);
+        out.push(b' ');
+        out.extend_from_slice(or(self.protocol));
+        out.extend_from_slice(b"\" ");
         push_digits(out, u64::from(self.response_code));
-        out.push(' ');
-        out.push_str(self.response_flags);
-        out.push(' ');
-        out.push_str(or(self.details));
-        out.push_str(" - \"-\" ");
+        out.push(b' ');
+        out.extend_from_slice(self.response_flags.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(or(self.details));
+        out.extend_from_slice(b" - \"-\" ");
         push_digits(out, self.bytes_received);
-        out.push(' ');
+        out.push(b' ');
         push_digits(out, self.bytes_sent);
-        out.push(' ');
+        out.push(b' ');
         push_digits(
             out,
             u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
         );
-        out.push_str(" - \"");
-        out.push_str(or(self.forwarded_for));
-        out.push_str("\" \"");
-        out.push_str(or(self.user_agent));
-        out.push_str("\" \"");
-        out.push_str(or(self.request_id));
-        out.push_str("\" \"");
-        out.push_str(or(self.authority));
-        out.push_str("\" \"");
+        out.extend_from_slice(b" - \"");
+        request(out, self.forwarded_for);
+        out.extend_from_slice(b"\" \"");
+        request(out, self.user_agent);
+        out.extend_from_slice(b"\" \"");
+        request(out, self.request_id);
+        out.extend_from_slice(b"\" \"");
+        request(out, self.authority);
+        out.extend_from_slice(b"\" \"");
         addr(out, self.upstream_host);
-        out.push_str("\" ");
-        out.push_str(or(self.upstream_cluster));
-        out.push_str(" - ");
+        out.extend_from_slice(b"\" ");
+        out.extend_from_slice(or(self.upstream_cluster));
+        out.extend_from_slice(b" - ");
         addr(out, self.downstream_local);
-        out.push(' ');
+        out.push(b' ');
         push_addr(out, self.downstream_remote);
-        out.push(' ');
-        out.push_str(or(self.server_name));
-        out.push(' ');
-        out.push_str(or(self.route_name));
-        out.push('\n');
+        out.push(b' ');
+        out.extend_from_slice(or(self.server_name));
+        out.push(b' ');
+        out.extend_from_slice(or(self.route_name));
+        out.push(b'\n');
     }
 
     /// Istio's `EnvoyJSONLogFormatIstio` keys, sorted; numbers as numbers, unset values
     /// `null`, as Envoy's JSON formatter writes them; appended to `out`.
-    fn json(&self, out: &mut String) {
+    fn json(&self, out: &mut Vec<u8>) {
         let text = |v: Option<&str>| v.map_or(serde_json::Value::Null, Into::into);
+        let request = |v: Option<&[u8]>| {
+            v.map_or(serde_json::Value::Null, |b| {
+                String::from_utf8_lossy(b).into_owned().into()
+            })
+        };
         let addr =
             |v: Option<SocketAddr>| v.map_or(serde_json::Value::Null, |a| a.to_string().into());
         let object = serde_json::json!({
-            "authority": text(self.authority),
+            "authority": request(self.authority),
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "connection_termination_details": null,
@@ -438,9 +474,9 @@ impl Entry<'_> {
             "downstream_remote_address": self.downstream_remote.to_string(),
             "duration": self.duration.as_millis() as u64,
             "method": text(self.method),
-            "path": text(self.path),
+            "path": request(self.path),
             "protocol": text(self.protocol),
-            "request_id": text(self.request_id),
+            "request_id": request(self.request_id),
             "requested_server_name": text(self.server_name),
             "response_code": self.response_code,
             "response_code_details": text(self.details),
@@ -452,8 +488,8 @@ impl Entry<'_> {
             "upstream_local_address": null,
             "upstream_service_time": null,
             "upstream_transport_failure_reason": null,
-            "user_agent": text(self.user_agent),
-            "x_forwarded_for": text(self.forwarded_for),
+            "user_agent": request(self.user_agent),
+            "x_forwarded_for": request(self.forwarded_for),
         });
         let _ = writeln!(out, "{object}");
     }
@@ -464,11 +500,11 @@ pub struct HttpLog<'a> {
     /// Request method.
     pub method: &'a str,
     /// Path and query.
-    pub path: &'a str,
+    pub path: &'a [u8],
     /// `HTTP/1.1` etc.
     pub protocol: &'a str,
     /// Host/authority as requested.
-    pub authority: &'a str,
+    pub authority: &'a [u8],
     /// The request's `user-agent`, `x-request-id` and `x-forwarded-for`.
     pub headers: &'a LoggedHeaders,
     /// Response status.
@@ -520,12 +556,12 @@ pub enum LogText {
 }
 
 impl LogText {
-    /// The text the line shows.
-    pub fn text(&self) -> Cow<'_, str> {
-        String::from_utf8_lossy(match self {
+    /// The bytes the line shows (as text where they are not UTF-8).
+    pub fn bytes(&self) -> &[u8] {
+        match self {
             LogText::Shared(b) => b,
             LogText::Id(id) => id,
-        })
+        }
     }
 }
 
@@ -541,23 +577,16 @@ impl From<&'static str> for LogText {
     }
 }
 
-impl HttpLog<'_> {
+impl<'a> HttpLog<'a> {
     /// Writes the line to `log`.
     pub fn emit(&self, log: &AccessLog) {
         fn dash(s: &str) -> Option<&str> {
             (s != "-").then_some(s)
         }
-        fn text(v: &Option<LogText>) -> Option<Cow<'_, str>> {
-            v.as_ref().map(LogText::text)
-        }
         let h = self.headers;
-        let (user_agent, request_id, forwarded_for) = (
-            text(&h.user_agent),
-            text(&h.request_id),
-            text(&h.forwarded_for),
-        );
+        let bytes = |v: &'a Option<LogText>| v.as_ref().map(LogText::bytes);
         log.write(&Entry {
-            start: wall_clock(self.ended) - self.duration,
+            start: wall_clock(self.ended).saturating_sub(self.duration),
             method: Some(self.method),
             path: Some(self.path),
             protocol: Some(self.protocol),
@@ -567,10 +596,10 @@ impl HttpLog<'_> {
             bytes_received: self.received,
             bytes_sent: self.sent,
             duration: self.duration,
-            forwarded_for: forwarded_for.as_deref(),
-            user_agent: user_agent.as_deref(),
-            request_id: request_id.as_deref(),
-            authority: dash(self.authority),
+            forwarded_for: bytes(&h.forwarded_for),
+            user_agent: bytes(&h.user_agent),
+            request_id: bytes(&h.request_id),
+            authority: (self.authority != b"-").then_some(self.authority),
             upstream_host: self.upstream,
             upstream_cluster: dash(self.cluster),
             downstream_local: self.original_dst,
@@ -608,7 +637,7 @@ impl TcpLog<'_> {
     /// received and bytes to it as sent.
     pub fn emit(&self, log: &AccessLog) {
         log.write(&Entry {
-            start: wall_clock(Instant::now()) - self.duration,
+            start: wall_clock(Instant::now()).saturating_sub(self.duration),
             method: None,
             path: None,
             protocol: None,
@@ -639,9 +668,20 @@ mod tests {
     #[test]
     fn numbers_and_addresses_are_written_as_display_writes_them() {
         for n in [0, 7, 10, 99, 100, 255, 65_535, 1_000_000, u64::MAX] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_digits(&mut out, n);
-            assert_eq!(out, n.to_string());
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for octet in 0..=u8::MAX {
+            let mut out = b"x".to_vec();
+            push_octet(&mut out, octet);
+            assert_eq!(out, format!("x{octet}.").as_bytes());
+        }
+        // Request bytes that are not UTF-8 show as the lossy conversion does.
+        for text in [&b"curl/8"[..], b"caf\xc3\xa9", b"bad \xff byte", b""] {
+            let mut out = Vec::new();
+            push_request_text(&mut out, text);
+            assert_eq!(out, String::from_utf8_lossy(text).as_bytes());
         }
         for addr in [
             "0.0.0.0:0",
@@ -650,17 +690,17 @@ mod tests {
             "[::1]:443",
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_addr(&mut out, addr);
-            assert_eq!(out, addr.to_string());
+            assert_eq!(out, addr.to_string().as_bytes());
         }
     }
 
     fn entry() -> Entry<'static> {
         Entry {
-            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            start: Duration::from_millis(1_700_000_000_123),
             method: Some("GET"),
-            path: Some("/x?y=1"),
+            path: Some(b"/x?y=1"),
             protocol: Some("HTTP/1.1"),
             response_code: 200,
             response_flags: "-",
@@ -669,9 +709,9 @@ mod tests {
             bytes_sent: 612,
             duration: Duration::from_millis(7),
             forwarded_for: None,
-            user_agent: Some("curl/8.5.0"),
-            request_id: Some("r-1"),
-            authority: Some("app.internal.com"),
+            user_agent: Some(b"curl/8.5.0"),
+            request_id: Some(b"r-1"),
+            authority: Some(b"app.internal.com"),
             upstream_host: Some("10.0.0.2:80".parse().expect("an address")),
             upstream_cluster: Some("outbound|80||app.internal.com"),
             downstream_local: Some("10.96.0.10:80".parse().expect("an address")),
@@ -683,7 +723,7 @@ mod tests {
 
     #[test]
     fn times_and_addresses_print_as_envoy_prints_them() {
-        let at = |ms: u64| start_time(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        let at = |ms: u64| start_time(Duration::from_millis(ms));
         // The same second twice (the cached text), the next one, then an earlier one.
         for (ms, text) in [
             (1_700_000_000_123, "2023-11-14T22:13:20.123Z"),
@@ -695,17 +735,17 @@ mod tests {
         }
         for addr in ["10.0.0.1:40000", "255.255.255.255:0", "[2001:db8::1]:443"] {
             let addr: SocketAddr = addr.parse().expect("an address");
-            let mut text = String::new();
+            let mut text = Vec::new();
             push_addr(&mut text, addr);
-            assert_eq!(text, addr.to_string());
+            assert_eq!(text, addr.to_string().as_bytes());
         }
     }
 
     /// The line `format` writes for `entry`.
-    fn line<'a>(entry: &Entry<'a>, format: fn(&Entry<'a>, &mut String)) -> String {
-        let mut out = String::new();
+    fn line<'a>(entry: &Entry<'a>, format: fn(&Entry<'a>, &mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
         format(entry, &mut out);
-        out
+        String::from_utf8(out).expect("UTF-8")
     }
 
     #[test]
