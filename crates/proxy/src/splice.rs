@@ -275,11 +275,53 @@ fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// arrived) when a read clears its readable readiness, and clears that only after a read
 /// that drained the socket. Closed and no longer readable is a sender that ended before the
 /// last read emptied the socket: the read that would return 0 is skipped (one of a short TLS
-/// connection's system calls). An error (a reset) is left for the read to report.
+/// connection's system calls). An error (a reset) is left for the read to report, except
+/// when it comes alone (see [`Next::TakeError`]).
 async fn sender_ended(from: &TcpStream) -> io::Result<bool> {
-    let ready = from.ready(Interest::READABLE | Interest::ERROR).await?;
+    loop {
+        let ready = from.ready(Interest::READABLE | Interest::ERROR).await?;
+        match next(ready) {
+            Next::Ended => return Ok(true),
+            Next::Read => return Ok(false),
+            Next::TakeError => {
+                if let Some(error) = from.take_error()? {
+                    return Err(error);
+                }
+                // Nothing pending: forget the readiness, or it would be found again at once.
+                let _ = from.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
+    }
+}
+
+/// What a direction does with its sender's readiness.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// The sender ended and nothing is left to read.
+    Ended,
+    /// Read: bytes, the end, or an error that the read reports.
+    Read,
+    /// An error without readable or closed readiness. Tokio does not attempt a read on
+    /// that (its readable interest does not cover errors), so the read found "would block"
+    /// without a system call while the readiness kept answering at once: a loop that never
+    /// returned, holding its worker thread and every connection on it. The error is taken
+    /// from the socket instead. Seen with the proxy and its clients on different CPUs,
+    /// when clients reset connections mid-handshake (wrk stopping its TLS connections).
+    TakeError,
+}
+
+fn next(ready: Ready) -> Next {
+    if ready.is_error() && !ready.is_readable() {
+        return Next::TakeError;
+    }
     let readable = (ready - Ready::READ_CLOSED).is_readable();
-    Ok(ready.is_read_closed() && !readable && !ready.is_error())
+    if ready.is_read_closed() && !readable && !ready.is_error() {
+        Next::Ended
+    } else {
+        Next::Read
+    }
 }
 
 /// The sender's end of the stream: passed on, the other way kept open.
@@ -562,6 +604,98 @@ mod tests {
         assert_eq!(accepted.elapsed(), Duration::from_secs(10));
         assert_eq!(metrics.tcp_max_duration.get(), 1);
         assert_eq!(metrics.tcp_idle_timeout.get(), 0);
+    }
+
+    #[test]
+    fn an_error_without_readable_readiness_is_taken_not_read() {
+        assert_eq!(next(Ready::ERROR), Next::TakeError);
+        // EPOLLOUT with EPOLLERR: mio reports the write side closed too.
+        assert_eq!(next(Ready::ERROR | Ready::WRITE_CLOSED), Next::TakeError);
+        assert_eq!(next(Ready::ERROR | Ready::READABLE), Next::Read);
+        assert_eq!(next(Ready::ERROR | Ready::READ_CLOSED), Next::Read);
+        assert_eq!(next(Ready::READABLE), Next::Read);
+        assert_eq!(next(Ready::READABLE | Ready::READ_CLOSED), Next::Read);
+        assert_eq!(next(Ready::READ_CLOSED), Next::Ended);
+        assert_eq!(next(Ready::READ_CLOSED | Ready::WRITABLE), Next::Ended);
+    }
+
+    /// A connected pair of non-blocking sockets, not yet registered with any runtime.
+    fn std_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let b = listener.accept().unwrap().0;
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn an_error_readiness_with_nothing_pending_neither_wedges_nor_spins_the_relay() {
+        use nix::sys::socket::{TimestampingFlag, setsockopt, sockopt::Timestamping};
+        let (client, client_side) = std_pair();
+        let (upstream_side, upstream) = std_pair();
+        // Send timestamps go to the socket's error queue: epoll reports EPOLLERR after each
+        // write to the client, with no error for a read or `SO_ERROR` to return.
+        let flags = TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE
+            | TimestampingFlag::SOF_TIMESTAMPING_TX_SOFTWARE;
+        setsockopt(&client_side, Timestamping, &flags).unwrap();
+        let polls = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&polls);
+        let (done, finished) = std::sync::mpsc::channel();
+        // A thread and runtime of its own: a relay that never returns from a poll holds
+        // that thread, and the test still sees the bytes stop.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let idle = Duration::from_secs(60);
+                let client_side = ClientStream::from(TcpStream::from_std(client_side).unwrap());
+                let mut guarded = GuardedIo::new(client_side, idle, idle, None);
+                let mut proxy_up = TcpStream::from_std(upstream_side).unwrap();
+                let mut relaying = std::pin::pin!(relay(&mut guarded, b"", &mut proxy_up));
+                let relayed = std::future::poll_fn(|cx| {
+                    counted.fetch_add(1, Relaxed);
+                    relaying.as_mut().poll(cx)
+                })
+                .await;
+                let _ = done.send((relayed.sent, relayed.received, relayed.result.is_ok()));
+            });
+        });
+        let (mut client, mut upstream) = (
+            TcpStream::from_std(client).unwrap(),
+            TcpStream::from_std(upstream).unwrap(),
+        );
+        let exchange = async {
+            upstream.write_all(b"answer").await.unwrap();
+            let mut got = [0u8; 6];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"answer");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let idle_from = polls.load(Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let idle_polls = polls.load(Relaxed) - idle_from;
+            assert!(
+                idle_polls < 10,
+                "polled {idle_polls} times with nothing to move"
+            );
+            client.write_all(b"more").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut sent = Vec::new();
+            upstream.read_to_end(&mut sent).await.unwrap();
+            assert_eq!(sent, b"more");
+            upstream.shutdown().await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the relay stopped moving bytes");
+        let relayed =
+            tokio::task::spawn_blocking(move || finished.recv_timeout(Duration::from_secs(10)))
+                .await
+                .unwrap()
+                .expect("the relay did not end");
+        assert_eq!(relayed, (4, 6, true), "sent, received, clean end");
     }
 
     #[tokio::test]
