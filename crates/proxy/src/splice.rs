@@ -380,12 +380,9 @@ mod tests {
 
         // Bytes and the end both there when the socket is first polled: the end was there
         // when the read emptied the socket.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
+        let (mut peer, ours) = std_pair();
         std::io::Write::write_all(&mut peer, b"abc").unwrap();
         peer.shutdown(Shutdown::Write).unwrap();
-        ours.set_nonblocking(true).unwrap();
         let ours = TcpStream::from_std(ours).unwrap();
         assert!(!sender_ended(&ours).await.unwrap());
         assert_eq!(read_draining(&ours, &mut buf).unwrap(), 3);
