@@ -352,6 +352,12 @@ impl<T> GuardedIo<T> {
         self.expired
     }
 
+    /// When bytes last moved either way: a caller that needs the time just after its own
+    /// read or write has it without reading the clock again.
+    pub fn last_activity(&self) -> Instant {
+        self.idle_deadline - self.idle_timeout
+    }
+
     fn activity(&mut self) {
         self.idle_deadline = Instant::now() + self.idle_timeout;
     }

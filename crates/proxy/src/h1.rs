@@ -87,7 +87,8 @@ pub(crate) async fn serve(
     // connection.
     let mut drained = std::pin::pin!(shutdown.cancelled());
     loop {
-        if buf.is_empty() {
+        let read_now = buf.is_empty();
+        if read_now {
             // Idle: the buffer goes until the next request's first bytes arrive.
             buf = BytesMut::new();
             let read = tokio::select! {
@@ -101,7 +102,13 @@ pub(crate) async fn serve(
         }
         // Boxed: the idle connection's future stays small, a request's state lives only
         // while the request does.
-        let next = Box::pin(exchange(&proxy, &downstream, &mut io, &mut buf, &shutdown)).await;
+        let next = Box::pin(exchange(
+            &proxy,
+            &downstream,
+            (&mut io, &mut buf, read_now),
+            &shutdown,
+        ))
+        .await;
         match next {
             Next::KeepAlive => {}
             // Dropped, not shut down: closing a plain socket sends the FIN a shutdown would,
@@ -236,22 +243,25 @@ async fn reply_headless<I: AsyncWrite + Unpin>(
     reply_error(io, &mut log, &stream_error(why, false), false, true).await
 }
 
-/// One request on the connection: parse, route, forward, respond.
+/// One request on the connection: parse, route, forward, respond. `read_now` when the
+/// buffer's bytes were read just before, not left over from the request before.
 async fn exchange(
     proxy: &Arc<Proxy>,
     downstream: &Arc<Downstream>,
-    io: &mut GuardedIo<ClientStream>,
-    buf: &mut BytesMut,
+    (io, buf, read_now): (&mut GuardedIo<ClientStream>, &mut BytesMut, bool),
     shutdown: &CancellationToken,
 ) -> Next {
     let explicit = downstream.original_dst.is_none();
+    // Whether the request's last bytes came in a read of this exchange (or just before
+    // it): the guard's time of that read is then when the request arrived.
+    let mut arrived = read_now;
     let head = loop {
         let limits = (proxy.config.max_request_headers, proxy.config.route_timeout);
         match parse_request(buf, explicit, limits) {
             Parsed::Complete(head) => break head,
             Parsed::Partial if buf.len() < proxy.config.max_request_headers_bytes => {
                 match read_some(io, buf).await {
-                    Ok(n) if n > 0 => {}
+                    Ok(n) if n > 0 => arrived = true,
                     Ok(_) => return Next::Close,
                     Err(e) => match Expired::of_stream(&e) {
                         Some(why) => return reply_headless(proxy, downstream, io, why).await,
@@ -269,7 +279,7 @@ async fn exchange(
     let mut timed_out = None;
     while buf.len() < head.len + head.body {
         match read_some(io, buf).await {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 => arrived = true,
             Ok(_) => return Next::Close,
             Err(e) => match Expired::of_stream(&e) {
                 Some(why) => {
@@ -310,7 +320,12 @@ async fn exchange(
     };
     let max = proxy.config.max_request_headers;
     let line = LogLine::wanted(proxy).then(|| head.log_line(&request, max));
-    let mut log = RequestLog::new(proxy, downstream, line, Instant::now());
+    let start = if arrived {
+        io.last_activity()
+    } else {
+        Instant::now()
+    };
+    let mut log = RequestLog::new(proxy, downstream, line, start);
     log.outcome.request_bytes = head.body as u64;
     log.outcome.request_head_bytes = head.head_bytes;
     // Envoy answers some errors from the head alone, with the body still unread: the
@@ -405,7 +420,8 @@ async fn exchange(
     // Logged when the body has been relayed, or cut short, as Envoy logs at stream end.
     match done {
         Ok((stream, reusable)) => {
-            let end = log.write();
+            // The relay's last write to the client ended the request.
+            let end = log.write_ended(io.last_activity());
             if reusable {
                 let conn = Conn {
                     io: stream,
@@ -487,7 +503,8 @@ async fn forward(
         policy,
         Some(Resource::Requests),
     )
-    .with_timeout(proxy.config.route_timeout);
+    .with_timeout(proxy.config.route_timeout)
+    .since(log.start);
     loop {
         let Attempt { number, pick } = attempts.start().await?;
         log.outcome.upstream = Some(pick.addr);

@@ -305,9 +305,13 @@ impl RequestLog {
     /// Counts the request and writes its access log line, with `status` as answered;
     /// returns when the request ended, for whatever else the caller times from it.
     pub fn write(&mut self) -> Instant {
+        self.write_ended(Instant::now())
+    }
+
+    /// [`RequestLog::write`] for a request that ended at `end`, a time the caller has.
+    pub fn write_ended(&mut self, end: Instant) -> Instant {
         self.written = true;
         let outcome = &self.outcome;
-        let end = Instant::now();
         let duration = end.saturating_duration_since(self.start);
         let flags = if outcome.delayed {
             crate::error::after_delay(outcome.flags)

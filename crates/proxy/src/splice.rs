@@ -76,9 +76,14 @@ pub(crate) async fn relay(
         .map(|_| ())
     };
     // Activity moves the idle deadline later; the sleep is only re-armed when it fires.
+    // Nothing has been idle yet when the relay starts, so the first sleep is armed without
+    // a clock read (a maximum duration already past ends it at its first poll).
     let watchdog = async {
+        let mut idle_deadline = last.at() + idle;
         loop {
-            let idle_deadline = last.at() + idle;
+            let deadline = max.map_or(idle_deadline, |max| max.min(idle_deadline));
+            tokio::time::sleep_until(deadline).await;
+            idle_deadline = last.at() + idle;
             let now = Instant::now();
             if max.is_some_and(|max| max <= now) {
                 break Expired::MaxDuration;
@@ -86,8 +91,6 @@ pub(crate) async fn relay(
             if idle_deadline <= now {
                 break Expired::Idle;
             }
-            let deadline = max.map_or(idle_deadline, |max| max.min(idle_deadline));
-            tokio::time::sleep_until(deadline).await;
         }
     };
     let result = tokio::select! {

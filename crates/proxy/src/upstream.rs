@@ -134,14 +134,15 @@ pub(crate) fn retry_policy(route: Option<&Route>) -> RetryPolicy {
 }
 
 impl Proxy {
-    /// Picks an upstream for `decision`, avoiding endpoints in `tried` and those outlier
-    /// detection ejected, and the priorities `previous` leaves; a consistent-hash cluster
-    /// picks by the request's `hash`.
+    /// Picks an upstream for `decision` as of `now`, avoiding endpoints in `tried` and
+    /// those outlier detection ejected, and the priorities `previous` leaves; a
+    /// consistent-hash cluster picks by the request's `hash`.
     pub(crate) async fn pick(
         &self,
         decision: &Decision,
         original: Original<'_>,
         (tried, previous, hash): (&[usize], Option<PreviousPriorities<'_>>, Option<u64>),
+        now: tokio::time::Instant,
     ) -> Result<Pick, ProxyError> {
         let pick = match decision {
             Decision::BlackHole => return Err(ProxyError::Blocked),
@@ -149,9 +150,8 @@ impl Proxy {
             Decision::NoCluster(name) => return Err(ProxyError::NoCluster(Arc::clone(name))),
             Decision::Direct(d) => return Err(ProxyError::Direct(Arc::clone(d))),
             Decision::Cluster(c) if c.resolution != Resolution::None => {
-                let now = tokio::time::Instant::now().into_std();
                 let (index, endpoint) = c
-                    .pick_hashed(hash, (tried, previous), now)
+                    .pick_hashed(hash, (tried, previous), now.into_std())
                     .ok_or(ProxyError::NoHealthyUpstream)?;
                 let tls = self.origination(&endpoint.transport).map_err(|why| {
                     tracing::warn!(cluster = %c.name, endpoint = %endpoint.display(), reason = %why, "no connection to an endpoint whose transport cannot be built");
