@@ -26,6 +26,7 @@ use crate::Proxy;
 use crate::accept::ClientStream;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::ProxyBody;
+use crate::boxed::boxed;
 use crate::error::ProxyError;
 use crate::guard::{Expired, GuardedIo, InFlight};
 use crate::http::{
@@ -102,12 +103,14 @@ pub(crate) async fn serve(
         }
         // Boxed: the idle connection's future stays small, a request's state lives only
         // while the request does.
-        let next = Box::pin(exchange(
-            &proxy,
-            &downstream,
-            (&mut io, &mut buf, read_now),
-            &shutdown,
-        ))
+        let next = boxed(|| {
+            exchange(
+                &proxy,
+                &downstream,
+                (&mut io, &mut buf, read_now),
+                &shutdown,
+            )
+        })
         .await;
         match next {
             Next::KeepAlive => {}
@@ -122,7 +125,7 @@ pub(crate) async fn serve(
                 let io = PrefixedIo::new(buf, io);
                 // Boxed, as the exchange is: an idle keep-alive connection's future stays
                 // the size of its read, not of hyper's connection.
-                Box::pin(crate::http::serve(proxy, downstream, io, shutdown.clone())).await;
+                boxed(|| crate::http::serve(proxy, downstream, io, shutdown.clone())).await;
                 return;
             }
         }
@@ -570,7 +573,7 @@ async fn attempt_once(
         Acquired::Idle(conn) => conn,
         Acquired::New { hold, pending } => {
             // Boxed: a new upstream connection is rare next to a pooled one.
-            let io = Box::pin(proxy.connect_upstream(&target))
+            let io = boxed(|| proxy.connect_upstream(&target))
                 .await
                 .map_err(Failure::Unsent)?;
             drop(pending);

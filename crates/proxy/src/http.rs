@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Proxy;
 use crate::attempt::{Answer, Attempt, Attempts, Failure};
 use crate::body::{BodyIdle, BodyTap, Copied, ProxyBody, RequestBody, StreamEnd, UpstreamBody};
+use crate::boxed::boxed;
 use crate::error::{ProxyError, grpc_local_reply, is_grpc_content_type};
 use crate::guard::{Expired, InFlight, InFlightGuard, StreamClock, StreamTimeouts};
 use crate::h1;
@@ -789,14 +790,16 @@ async fn route_and_forward(
         inject_fault(proxy, fault, outcome).await?;
     }
     if req.method() == Method::CONNECT {
-        let (response, upstream) = Box::pin(crate::tunnel::open(
-            proxy,
-            downstream,
-            &decision,
-            original,
-            req,
-            &outcome.cluster,
-        ))
+        let (response, upstream) = boxed(|| {
+            crate::tunnel::open(
+                proxy,
+                downstream,
+                &decision,
+                original,
+                req,
+                &outcome.cluster,
+            )
+        })
         .await?;
         outcome.upstream = Some(upstream);
         return Ok(response);
@@ -1274,7 +1277,7 @@ async fn send_h1(
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
         Acquired::New { hold, pending } => {
-            let (sender, conn) = match Box::pin(open_h1(proxy, &target)).await {
+            let (sender, conn) = match boxed(|| open_h1(proxy, &target)).await {
                 Ok(opened) => opened,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };
@@ -1324,7 +1327,7 @@ async fn send_h2(
     let sender = match acquired {
         Acquired::Idle(sender) => sender,
         Acquired::New { hold, pending } => {
-            let (sender, conn) = match Box::pin(open_h2(proxy, &target)).await {
+            let (sender, conn) = match boxed(|| open_h2(proxy, &target)).await {
                 Ok(opened) => opened,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
             };

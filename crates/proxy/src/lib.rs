@@ -4,6 +4,7 @@
 mod accept;
 mod attempt;
 mod body;
+mod boxed;
 pub mod detect;
 mod error;
 mod guard;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::accept::ClientStream;
+use crate::boxed::boxed;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use portcullis_audit::{Audit, Observation, Verdict};
@@ -273,9 +275,9 @@ impl Proxy {
                     self.tasks.spawn(async move {
                         let _permit = permit;
                         if transparent {
-                            Box::pin(proxy.outbound(stream, peer, shutdown)).await;
+                            boxed(|| proxy.outbound(stream, peer, shutdown)).await;
                         } else {
-                            Box::pin(proxy.explicit(stream, peer, shutdown)).await;
+                            boxed(|| proxy.explicit(stream, peer, shutdown)).await;
                         }
                     });
                 }
@@ -345,16 +347,7 @@ impl Proxy {
         if self.is_own_listener(dst) {
             tracing::warn!(%peer, original_dst = %dst, "connection to the proxy's own listener closed (loop guard)");
             let stream = self.guard(stream, None);
-            Box::pin(tcp::forward(
-                &self,
-                Decision::BlackHole,
-                stream,
-                &[],
-                dst,
-                peer,
-                None,
-            ))
-            .await;
+            boxed(|| tcp::forward(&self, Decision::BlackHole, stream, &[], dst, peer, None)).await;
             return;
         }
         let mut stream = self.guard(stream, None);
@@ -372,7 +365,7 @@ impl Proxy {
             self.apply_chain_timeouts(&mut stream, chain);
             let decision = self.confine_none(&snapshot, decision, dst, None).await;
             let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-            Box::pin(tcp::forward(&self, decision, stream, &[], dst, peer, None)).await;
+            boxed(|| tcp::forward(&self, decision, stream, &[], dst, peer, None)).await;
             return;
         }
         let (detected, prefix) = match detect::detect(&mut stream, self.config.detect_timeout).await
@@ -410,7 +403,7 @@ impl Proxy {
                         ..opaque_seen(dst, chain)
                     };
                     let decision = self.gate(&snapshot, decision, seen);
-                    Box::pin(tcp::forward(&self, decision, stream, &buf, dst, peer, sni)).await;
+                    boxed(|| tcp::forward(&self, decision, stream, &buf, dst, peer, sni)).await;
                 }
                 // Garbage, oversized or too slow: close without forwarding a byte.
                 Err(e) => {
@@ -438,10 +431,7 @@ impl Proxy {
                 self.apply_chain_timeouts(&mut stream, chain);
                 let decision = self.confine_none(&snapshot, decision, dst, None).await;
                 let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-                Box::pin(tcp::forward(
-                    &self, decision, stream, &prefix, dst, peer, None,
-                ))
-                .await;
+                boxed(|| tcp::forward(&self, decision, stream, &prefix, dst, peer, None)).await;
                 return;
             }
             let chain = snapshot.route_connection_chain(&conn).1;
@@ -463,7 +453,7 @@ impl Proxy {
             });
             if detected == Detected::Http2 {
                 let io = PrefixedIo::new(prefix, stream);
-                Box::pin(http::serve_h2(self, downstream, io, shutdown)).await;
+                boxed(|| http::serve_h2(self, downstream, io, shutdown)).await;
             } else {
                 h1::serve(self, downstream, stream, prefix, shutdown).await;
             }
@@ -473,10 +463,7 @@ impl Proxy {
         self.apply_chain_timeouts(&mut stream, chain);
         let decision = self.confine_none(&snapshot, decision, dst, None).await;
         let decision = self.gate(&snapshot, decision, opaque_seen(dst, chain));
-        Box::pin(tcp::forward(
-            &self, decision, stream, &prefix, dst, peer, None,
-        ))
-        .await;
+        boxed(|| tcp::forward(&self, decision, stream, &prefix, dst, peer, None)).await;
     }
 
     async fn explicit(
