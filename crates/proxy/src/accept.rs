@@ -1,12 +1,13 @@
 //! The proxy's listening sockets and the client connections they accept.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use rustix::net::SocketFlags;
+use rustix::net::{RecvFlags, SocketFlags};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -145,6 +146,10 @@ impl ClientStream {
     }
 }
 
+/// The most a read on a socket not yet registered takes at once: the HTTP/1.1 server's
+/// reads are of 4 KiB.
+const DIRECT_READ: usize = 4096;
+
 fn closed() -> io::Error {
     io::Error::from(io::ErrorKind::NotConnected)
 }
@@ -178,11 +183,21 @@ impl AsyncRead for ClientStream {
         let this = self.get_mut();
         match &mut this.0 {
             State::Direct(socket) => {
-                let read = retrying(|| socket.read(buf.initialize_unfilled()));
+                // Read into a buffer of our own left uninitialized, then copied: `buf`'s
+                // unfilled part must be zeroed to be read into (`initialize_unfilled`), 4 KiB
+                // from `read_some` for the tens of bytes a request or a ClientHello is.
+                let mut stack = [MaybeUninit::<u8>::uninit(); DIRECT_READ];
+                let room = buf.remaining().min(DIRECT_READ);
+                let read = retrying(|| {
+                    let ((filled, _), _) =
+                        rustix::net::recv(&*socket, &mut stack[..room], RecvFlags::empty())?;
+                    buf.put_slice(filled);
+                    Ok(filled.len())
+                });
                 if would_block(&read) {
                     return this.poll_registered(cx, |s, cx| s.poll_read(cx, buf));
                 }
-                buf.advance(read?);
+                read?;
                 Poll::Ready(Ok(()))
             }
             State::Registered(stream) => Pin::new(stream).poll_read(cx, buf),
