@@ -214,8 +214,8 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         self.get_mut().poll_send(
             cx,
-            |socket| socket.write(buf),
-            |stream, cx| stream.poll_write(cx, buf),
+            |socket| crate::io::send(&*socket, buf),
+            |stream, cx| crate::io::poll_send(&stream, cx, buf),
         )
     }
 

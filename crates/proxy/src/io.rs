@@ -3,11 +3,15 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustix::io::Errno;
+use rustix::net::SendFlags;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Reads what is available into `buf` through a stack buffer, so that nothing is
 /// allocated until bytes arrive.
@@ -28,6 +32,36 @@ fn poll_read_some<I: AsyncRead>(
     ready!(io.poll_read(cx, &mut read))?;
     buf.extend_from_slice(read.filled());
     Poll::Ready(Ok(read.filled().len()))
+}
+
+/// Sends `buf` on a socket with the system call itself, `MSG_NOSIGNAL` as std sends.
+///
+/// std's (and so Tokio's) socket writes go through glibc's `send`, a cancellation point
+/// whose wrapper switches asynchronous cancellation on and off around the call with two
+/// atomic updates; rustix makes the call directly. Under keep-alive load (perf) the
+/// wrapped sends were about 4.4 % of the proxy's user-space samples, these 3.1 %.
+pub(crate) fn send(socket: impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        match rustix::net::send(&socket, buf, SendFlags::NOSIGNAL) {
+            Err(Errno::INTR) => {}
+            sent => return sent.map_err(io::Error::from),
+        }
+    }
+}
+
+/// [`AsyncWrite::poll_write`] for a registered socket, through [`send`].
+pub(crate) fn poll_send(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match stream.try_io(Interest::WRITABLE, || send(stream, buf)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            sent => return Poll::Ready(sent),
+        }
+    }
 }
 
 /// `inner`, with `prefix` read back before anything else.
@@ -113,6 +147,37 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_send_that_would_block_waits_for_room_then_sends() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        // Nobody reads: sends fill the socket's buffers until one has to wait.
+        let mut sent = 0;
+        while let Poll::Ready(n) =
+            std::future::poll_fn(|cx| Poll::Ready(poll_send(&ours, cx, &chunk))).await
+        {
+            sent += n.unwrap();
+        }
+        assert!(sent > 0);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        // The peer reads: the waiting send goes on.
+        sent += std::future::poll_fn(|cx| poll_send(&ours, cx, &chunk))
+            .await
+            .unwrap();
+        drop(ours);
+        let all = reader.await.unwrap();
+        assert_eq!(all.len(), sent);
+        assert!(all.iter().all(|b| *b == 7));
+    }
 
     #[tokio::test]
     async fn replays_prefix_then_inner() {

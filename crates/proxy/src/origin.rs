@@ -261,7 +261,7 @@ impl AsyncWrite for UpstreamIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Plain(s) => crate::io::poll_send(s, cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
