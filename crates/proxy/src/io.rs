@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use rustix::io::Errno;
-use rustix::net::SendFlags;
+use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -49,6 +49,21 @@ pub(crate) fn send(socket: impl AsFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Reads into an initialized `buf` with the `recv` system call itself, as [`send`] sends.
+pub(crate) fn recv(socket: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match rustix::net::recv(&socket, &mut *buf, RecvFlags::empty()) {
+            Err(Errno::INTR) => {}
+            read => return read.map(|(n, _)| n).map_err(io::Error::from),
+        }
+    }
+}
+
+/// Tokio's `try_write` for a registered socket, through [`send`].
+pub(crate) fn try_send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    stream.try_io(Interest::WRITABLE, || send(stream, buf))
+}
+
 /// [`AsyncWrite::poll_write`] for a registered socket, through [`send`].
 pub(crate) fn poll_send(
     stream: &TcpStream,
@@ -57,7 +72,7 @@ pub(crate) fn poll_send(
 ) -> Poll<io::Result<usize>> {
     loop {
         ready!(stream.poll_write_ready(cx))?;
-        match stream.try_io(Interest::WRITABLE, || send(stream, buf)) {
+        match try_send(stream, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             sent => return Poll::Ready(sent),
         }

@@ -150,7 +150,7 @@ async fn one_way(
         let mut sent = 0;
         while sent < rest.len() {
             to.writable().await?;
-            match to.try_write(&rest[sent..]) {
+            match crate::io::try_send(to, &rest[sent..]) {
                 Ok(n) => {
                     sent += n;
                     moved.fetch_add(n as u64, Relaxed);
@@ -236,7 +236,7 @@ fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
         }
         let mut written = 0;
         while written < read {
-            match to.try_write(&buf[written..read]) {
+            match crate::io::try_send(to, &buf[written..read]) {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -257,7 +257,7 @@ fn copy_once(from: &TcpStream, to: &TcpStream) -> io::Result<Copied> {
 fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut read = None;
     let cleared = from.try_io(Interest::READABLE, || {
-        let n = from.try_read(buf)?;
+        let n = crate::io::recv(from, buf)?;
         read = Some(n);
         if 0 < n && n < buf.len() {
             // How `try_io` is told to clear the readiness it found.
