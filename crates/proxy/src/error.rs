@@ -186,8 +186,10 @@ impl ProxyError {
         )
     }
 
-    /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it never processed
-    /// the request.
+    /// Whether an HTTP/2 upstream refused the stream: reset it with `REFUSED_STREAM`, or sent
+    /// GOAWAY with a last stream id below it (h2 fails exactly those streams, and streams
+    /// opened after it, with the remote's GOAWAY). Either way it never processed the request
+    /// (RFC 9113, 6.8 and 8.7); Envoy's codec closes a stream above a GOAWAY as refused too.
     pub fn refused_stream(&self) -> bool {
         let ProxyError::UpstreamReset(e) = self else {
             return false;
@@ -195,7 +197,8 @@ impl ProxyError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
         while let Some(cause) = source {
             if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote());
             }
             source = cause.source();
         }

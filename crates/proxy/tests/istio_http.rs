@@ -369,6 +369,70 @@ async fn a_refused_http2_stream_is_sent_again() {
     assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
 }
 
+/// A stream above the last stream id of an HTTP/2 upstream's GOAWAY was never processed
+/// (RFC 9113, 6.8), as a refused one: Istio's `refused-stream` sends it again, on a new
+/// connection. nginx, the usual HTTP/2 upstream, sends such a GOAWAY every
+/// `keepalive_requests` (1,000) streams, and with many streams in flight several are above it.
+#[tokio::test]
+async fn a_stream_above_an_http2_upstreams_goaway_is_sent_again_on_a_new_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        // The first connection speaks just enough HTTP/2 by hand to send GOAWAY with a last
+        // stream id of 0 once the request's HEADERS arrive: h2's server cannot be made to
+        // leave a stream it has received unprocessed.
+        let (mut first, _) = listener.accept().await.unwrap();
+        let mut preface = [0u8; 24];
+        first.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        // SETTINGS, empty: the server's preface.
+        first.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            first.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            first.read_exact(&mut payload).await.unwrap();
+            match (head[3], head[4] & 1) {
+                // The client's SETTINGS, acknowledged.
+                (4, 0) => first.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
+                // HEADERS: GOAWAY, last stream id 0, NO_ERROR.
+                (1, _) => {
+                    let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    first.write_all(&goaway).await.unwrap();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // The rest of the connection is the proxy's to close.
+        let mut rest = Vec::new();
+        let _ = first.read_to_end(&mut rest).await;
+
+        let (second, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(second).await.unwrap();
+        let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let count = request.headers()["x-envoy-attempt-count"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        respond.send_response(Response::new(()), true).unwrap();
+        let _ = counts_tx.send(count);
+        while connection.accept().await.is_some() {}
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
+        1,
+    ))
+    .await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(common::within(counts_rx).await.unwrap(), "2");
+}
+
 /// An HTTP/2 upstream that sends GOAWAY takes no new stream on that connection: each later
 /// request goes on a new one, and none fails.
 #[tokio::test]
