@@ -102,6 +102,15 @@ pub enum ProxyError {
     Retried(Box<ProxyError>),
 }
 
+/// How an HTTP/2 upstream ended a stream (Envoy's remote reset reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteReset {
+    /// `REFUSED_STREAM`, or above the last stream id of its GOAWAY: never processed.
+    Refused,
+    /// Any other `RST_STREAM` it sent.
+    Reset,
+}
+
 impl ProxyError {
     /// Envoy's response flag for the access log (`-` when Envoy sets none).
     pub fn flag(&self) -> &'static str {
@@ -109,9 +118,11 @@ impl ProxyError {
             // Istio's block_all is a direct response on a matched route: Envoy sets no flag.
             ProxyError::Blocked => "-",
             ProxyError::NoHealthyUpstream => "UH",
-            ProxyError::ConnectFailure(_) | ProxyError::TlsHandshake(_) => "UF",
-            ProxyError::ConnectTimeout => "UF",
-            ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UC",
+            ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::ConnectTimeout
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::UpstreamClosed(_) => self.upstream_failure().unwrap_or("UC"),
             ProxyError::UpstreamProtocol(_) => "UPE",
             ProxyError::UpstreamTimeout | ProxyError::PerTryTimeout => "UT",
             ProxyError::StreamIdle { .. } => "SI",
@@ -129,28 +140,41 @@ impl ProxyError {
             ProxyError::Overflow(_) => "UO",
             // Envoy 1.40 prints `UO` first (checked against it for `UO,UF`).
             ProxyError::RetryOverflow(last) => match &**last {
-                ProxyError::ConnectFailure(_)
-                | ProxyError::TlsHandshake(_)
-                | ProxyError::ConnectTimeout => "UO,UF",
-                ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,UC",
-                ProxyError::Retried(inner) => match **inner {
-                    ProxyError::ConnectFailure(_)
-                    | ProxyError::TlsHandshake(_)
-                    | ProxyError::ConnectTimeout => "UO,URX,UF",
-                    ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "UO,URX,UC",
-                    _ => last.flag(),
+                ProxyError::Retried(inner) => match inner.upstream_failure() {
+                    Some("UF") => "UO,URX,UF",
+                    Some("UR") => "UO,URX,UR",
+                    Some(_) => "UO,URX,UC",
+                    None => last.flag(),
                 },
-                other => other.flag(),
+                other => match other.upstream_failure() {
+                    Some("UF") => "UO,UF",
+                    Some("UR") => "UO,UR",
+                    Some(_) => "UO,UC",
+                    None => other.flag(),
+                },
             },
-            ProxyError::Retried(last) => match **last {
-                ProxyError::ConnectFailure(_)
-                | ProxyError::TlsHandshake(_)
-                | ProxyError::ConnectTimeout => "URX,UF",
-                ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => "URX,UC",
+            ProxyError::Retried(last) => match last.upstream_failure() {
+                Some("UF") => "URX,UF",
+                Some("UR") => "URX,UR",
+                Some(_) => "URX,UC",
                 // The retry limit is noted before the last attempt's timeout ends the request.
-                ProxyError::PerTryTimeout => "URX,UT",
-                ref other => other.flag(),
+                None if matches!(**last, ProxyError::PerTryTimeout) => "URX,UT",
+                None => last.flag(),
             },
+        }
+    }
+
+    /// The flag of a failed connection or a stream the upstream ended: `UF` (the connection
+    /// could not be made), `UR` (an HTTP/2 upstream reset or refused the stream: Envoy's
+    /// remote reset) or `UC` (the connection ended); `None` for any other error.
+    fn upstream_failure(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::ConnectFailure(_)
+            | ProxyError::TlsHandshake(_)
+            | ProxyError::ConnectTimeout => Some("UF"),
+            ProxyError::UpstreamReset(_) if self.remote_reset().is_some() => Some("UR"),
+            ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => Some("UC"),
+            _ => None,
         }
     }
 
@@ -191,18 +215,30 @@ impl ProxyError {
     /// opened after it, with the remote's GOAWAY). Either way it never processed the request
     /// (RFC 9113, 6.8 and 8.7); Envoy's codec closes a stream above a GOAWAY as refused too.
     pub fn refused_stream(&self) -> bool {
+        self.remote_reset() == Some(RemoteReset::Refused)
+    }
+
+    /// How an HTTP/2 upstream ended the stream itself, if it did.
+    fn remote_reset(&self) -> Option<RemoteReset> {
         let ProxyError::UpstreamReset(e) = self else {
-            return false;
+            return None;
         };
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
         while let Some(cause) = source {
             if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.is_remote());
+                return if h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote())
+                {
+                    Some(RemoteReset::Refused)
+                } else if h2.is_reset() && h2.is_remote() {
+                    Some(RemoteReset::Reset)
+                } else {
+                    None
+                };
             }
             source = cause.source();
         }
-        false
+        None
     }
 
     /// The same failure for another request: the requests that waited for an HTTP/2
@@ -247,7 +283,11 @@ impl ProxyError {
             | ProxyError::TransportRefused(_) => Some("remote connection failure"),
             ProxyError::ConnectTimeout => Some("connection timeout"),
             ProxyError::UpstreamReset(_) | ProxyError::UpstreamClosed(_) => {
-                Some("connection termination")
+                Some(match self.remote_reset() {
+                    Some(RemoteReset::Refused) => "remote refused stream reset",
+                    Some(RemoteReset::Reset) => "remote reset",
+                    None => "connection termination",
+                })
             }
             ProxyError::UpstreamProtocol(_) => Some("protocol error"),
             ProxyError::Overflow(_) => Some("overflow"),

@@ -630,6 +630,7 @@ async fn reply_error<I: AsyncWrite + Unpin>(
 ) -> Next {
     let response = e.to_response();
     log.outcome.flags = e.flag();
+    log.outcome.local_reply = true;
     log.metrics().count_error(e);
     log.outcome.status = response.status().as_u16();
     log.outcome.response_head_bytes =

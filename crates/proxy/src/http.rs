@@ -152,6 +152,8 @@ pub(crate) struct Outcome {
     pub cluster_headers: Option<Arc<ClusterHeaders>>,
     /// Whether the route's fault injection delayed the request (`DI` before other flags).
     pub delayed: bool,
+    /// The status is the proxy's own answer to an error, not an upstream's.
+    pub local_reply: bool,
     /// A gRPC request (`content-type: application/grpc...`).
     pub grpc: bool,
     /// The `grpc-status` of the response's trailers, else of its headers.
@@ -179,6 +181,7 @@ impl Default for Outcome {
             matched: None,
             cluster_headers: None,
             delayed: false,
+            local_reply: false,
             grpc: false,
             grpc_status: None,
             request_bytes: 0,
@@ -337,8 +340,12 @@ impl RequestLog {
                 response_bytes: outcome.response_head_bytes + outcome.response_bytes,
             },
         );
-        let answered_upstream =
-            outcome.upstream.is_some() && outcome.status != 0 && matches!(flags, "-" | "UC" | "DC");
+        // Envoy's router charges the endpoint's cluster with the code of an upstream's
+        // answer, also one whose body was then cut (`UC`, `DC`), and with the 503 it answers
+        // for an upstream that ended the stream first (`UC`, `UR`).
+        let answered_upstream = outcome.upstream.is_some()
+            && outcome.status != 0
+            && matches!(flags, "-" | "UC" | "UR" | "DC");
         if answered_upstream {
             metrics.count_upstream_response(
                 &self.downstream.series,
@@ -358,7 +365,7 @@ impl RequestLog {
             headers: &line.headers,
             status: outcome.status,
             flags,
-            details: if answered_upstream {
+            details: if answered_upstream && !outcome.local_reply {
                 Some("via_upstream")
             } else if route == "block_all" {
                 Some("direct_response")
@@ -448,6 +455,7 @@ async fn handle(
         Ok(response) => response,
         Err(err) => {
             log.outcome.flags = err.flag();
+            log.outcome.local_reply = true;
             proxy.metrics.count_error(&err);
             local_reply(&err, version, with_body, grpc)
         }

@@ -373,6 +373,74 @@ async fn a_refused_http2_stream_is_sent_again() {
     assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
 }
 
+/// An HTTP/2 upstream that resets a stream (`INTERNAL_ERROR`) before answering gets Envoy's
+/// remote reset: `503 UR`, "reset reason: remote reset", not sent again (Istio's default
+/// retry policy has no `reset`), and the log does not call the local 503 the upstream's.
+#[tokio::test]
+async fn an_http2_stream_the_upstream_resets_is_a_503_ur() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&streams);
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("portcullis-ur-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let log = Arc::new(
+        portcullis_proxy::AccessLog::open(
+            &path,
+            portcullis_proxy::AccessLogFormat::Json,
+            prometheus_client::metrics::counter::Counter::default(),
+        )
+        .unwrap(),
+    );
+    let config = portcullis_proxy::ProxyConfig {
+        access_log: Arc::clone(&log),
+        ..portcullis_proxy::ProxyConfig::default()
+    };
+    let harness = Harness::start_with(
+        snapshot(&common::service("h2.internal", 80, "HTTP2", &[port]), 1),
+        config,
+    )
+    .await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(
+        answer.text(),
+        "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
+    );
+    assert_eq!(streams.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let line = common::within(async {
+        loop {
+            assert!(log.flush(std::time::Duration::from_secs(5)));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(line) = text.lines().next() {
+                break line.to_owned();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["response_flags"], "UR", "{line}");
+    assert_eq!(v["response_code"], 503, "{line}");
+    assert_eq!(
+        v["response_code_details"],
+        serde_json::Value::Null,
+        "{line}"
+    );
+    let samples = request_samples(&harness.prometheus()).join("\n");
+    assert!(samples.contains("response_flags=\"UR\""), "{samples}");
+}
+
 /// A stream above the last stream id of an HTTP/2 upstream's GOAWAY was never processed
 /// (RFC 9113, 6.8), as a refused one: Istio's `refused-stream` sends it again, on a new
 /// connection. nginx, the usual HTTP/2 upstream, sends such a GOAWAY every
