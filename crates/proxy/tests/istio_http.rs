@@ -183,6 +183,57 @@ fn is_uuid_v4(id: &str) -> bool {
         && id.as_bytes()[14] == b'4'
 }
 
+/// A JSON access log in a folder of its own, removed with it.
+struct JsonLog {
+    log: Arc<portcullis_proxy::AccessLog>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for JsonLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl JsonLog {
+    fn open(name: &str) -> JsonLog {
+        let dir = std::env::temp_dir().join(format!("portcullis-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = Arc::new(
+            portcullis_proxy::AccessLog::open(
+                &dir.join("access.log"),
+                portcullis_proxy::AccessLogFormat::Json,
+                prometheus_client::metrics::counter::Counter::default(),
+            )
+            .unwrap(),
+        );
+        JsonLog { log, dir }
+    }
+
+    /// A proxy's configuration that writes its access log here.
+    fn config(&self) -> portcullis_proxy::ProxyConfig {
+        portcullis_proxy::ProxyConfig {
+            access_log: Arc::clone(&self.log),
+            ..portcullis_proxy::ProxyConfig::default()
+        }
+    }
+
+    /// The log's text once it has `lines` lines.
+    async fn text(&self, lines: usize) -> String {
+        common::within(async {
+            loop {
+                assert!(self.log.flush(std::time::Duration::from_secs(5)));
+                let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+                if text.lines().count() >= lines {
+                    break text;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
 /// The access log's `%REQ(X-REQUEST-ID)%` is the id the upstream got: the one the proxy
 /// generated when the client sent none (as Envoy's connection manager generates it before
 /// routing), on the fast path, the general path and towards HTTP/2, and on local replies
@@ -190,22 +241,8 @@ fn is_uuid_v4(id: &str) -> bool {
 #[tokio::test]
 async fn the_access_log_shows_the_request_id_the_upstream_got() {
     let (h1, h2, yaml) = app_and_h2_upstreams().await;
-    let dir = std::env::temp_dir().join(format!("portcullis-reqid-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("access.log");
-    let log = Arc::new(
-        portcullis_proxy::AccessLog::open(
-            &path,
-            portcullis_proxy::AccessLogFormat::Json,
-            prometheus_client::metrics::counter::Counter::default(),
-        )
-        .unwrap(),
-    );
-    let config = portcullis_proxy::ProxyConfig {
-        access_log: Arc::clone(&log),
-        ..portcullis_proxy::ProxyConfig::default()
-    };
-    let harness = Harness::start_with(snapshot(&yaml, 1), config).await;
+    let log = JsonLog::open("reqid");
+    let harness = Harness::start_with(snapshot(&yaml, 1), log.config()).await;
     // (URI, chunked body: the general path, the client's own id)
     let requests = [
         ("http://app.internal/fast", false, None),
@@ -251,18 +288,8 @@ async fn the_access_log_shows_the_request_id_the_upstream_got() {
         "/h2".to_owned(),
         h2_seen[0]["x-request-id"].to_str().unwrap().to_owned(),
     );
-    let logged = common::within(async {
-        loop {
-            assert!(log.flush(std::time::Duration::from_secs(5)));
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.lines().count() == requests.len() {
-                break text;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let logged = log.text(requests.len()).await;
+    assert_eq!(logged.lines().count(), requests.len(), "{logged}");
     let mut ids = std::collections::HashSet::new();
     for line in logged.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -386,24 +413,10 @@ async fn an_http2_stream_the_upstream_resets_is_a_503_ur() {
             respond.send_reset(h2::Reason::INTERNAL_ERROR);
         }
     });
-    let dir = std::env::temp_dir().join(format!("portcullis-ur-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("access.log");
-    let log = Arc::new(
-        portcullis_proxy::AccessLog::open(
-            &path,
-            portcullis_proxy::AccessLogFormat::Json,
-            prometheus_client::metrics::counter::Counter::default(),
-        )
-        .unwrap(),
-    );
-    let config = portcullis_proxy::ProxyConfig {
-        access_log: Arc::clone(&log),
-        ..portcullis_proxy::ProxyConfig::default()
-    };
+    let log = JsonLog::open("ur");
     let harness = Harness::start_with(
         snapshot(&common::service("h2.internal", 80, "HTTP2", &[port]), 1),
-        config,
+        log.config(),
     )
     .await;
     let answer = fetch(&harness, "http://h2.internal/", None).await;
@@ -413,19 +426,9 @@ async fn an_http2_stream_the_upstream_resets_is_a_503_ur() {
         "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
     );
     assert_eq!(streams.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let line = common::within(async {
-        loop {
-            assert!(log.flush(std::time::Duration::from_secs(5)));
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if let Some(line) = text.lines().next() {
-                break line.to_owned();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let text = log.text(1).await;
+    let line = text.lines().next().unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["response_flags"], "UR", "{line}");
     assert_eq!(v["response_code"], 503, "{line}");
     assert_eq!(
