@@ -241,6 +241,24 @@ impl ProxyError {
         None
     }
 
+    /// The same failure for another request: the requests that waited for an HTTP/2
+    /// connection another request was making fail as it did (Envoy fails the streams
+    /// pending on a connection that could not be made with that connection's failure).
+    pub(crate) fn replicate(&self) -> ProxyError {
+        let copy = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
+        match self {
+            ProxyError::ConnectFailure(e) => ProxyError::ConnectFailure(copy(e)),
+            ProxyError::UpstreamClosed(e) => ProxyError::UpstreamClosed(copy(e)),
+            ProxyError::TlsHandshake(why) => ProxyError::TlsHandshake(Arc::clone(why)),
+            ProxyError::TransportRefused(why) => ProxyError::TransportRefused(Arc::clone(why)),
+            ProxyError::ConnectTimeout => ProxyError::ConnectTimeout,
+            other => ProxyError::UpstreamClosed(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                other.to_string(),
+            )),
+        }
+    }
+
     /// The retry condition of Envoy's `retry_on` that covers an attempt failed with this
     /// error; `None` when no condition retries it (overflow, protocol errors, the route
     /// timeout).

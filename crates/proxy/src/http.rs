@@ -21,6 +21,7 @@ use portcullis_registry::{
     Request as RouteRequest, Resource, Route, split_host_port,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +40,7 @@ use crate::metrics::{
     response_head_bytes,
 };
 use crate::origin::{Transport, UpstreamIo};
-use crate::pool::{Conn, Life};
+use crate::pool::{Conn, H2Progress, H2Slot, Life};
 use crate::streams::Driver;
 use crate::upstream::{Acquired, Original, RetryPolicy, Target};
 
@@ -1327,37 +1328,44 @@ async fn send_h2(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failed> {
-    let idle = || std::future::ready(proxy.pool.h2(&target.transport.key));
-    let acquired = match proxy.connection(&target, idle).await {
-        Ok(acquired) => acquired,
-        Err(e) => return Err(Failed(Failure::Unsent(e), None)),
-    };
-    let sender = match acquired {
-        Acquired::Idle(sender) => sender,
-        Acquired::New { hold, pending } => {
-            let (sender, conn) = match boxed(|| open_h2(proxy, &target)).await {
-                Ok(opened) => opened,
+    let max_requests = target.connection_limits().max_requests_per_connection;
+    let sender = loop {
+        let claim = match proxy.pool.h2_slot(&target.transport.key, max_requests) {
+            H2Slot::Ready(sender) => break sender,
+            H2Slot::Wait(progress) => match wait_for_h2(proxy, &target, progress).await {
+                Ok(()) => continue,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
-            };
-            proxy.pool.put_h2(
-                target.transport.key.clone(),
-                sender.clone(),
-                Life::new(target.connection_limits()),
-            );
-            drop(pending);
-            // The connection holds its unit of `max_connections` until it ends; requests
-            // waiting for it are woken now that it is shared.
-            if let Some(hold) = &hold {
-                hold.wake();
-            }
-            tokio::spawn(async move {
-                let _hold = hold;
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            },
+            H2Slot::Claimed(claim) => Some(claim),
+            H2Slot::Alone => None,
+        };
+        // The pool hands out no stream to the endpoint while the claim is held.
+        let nothing_idle = || std::future::ready(None::<Infallible>);
+        let (hold, pending) = match proxy.connection(&target, nothing_idle).await {
+            Ok(Acquired::New { hold, pending }) => (hold, pending),
+            Ok(Acquired::Idle(never)) => match never {},
+            Err(e) => return Err(Failed(Failure::Unsent(e), None)),
+        };
+        let (sender, conn) = match boxed(|| open_h2(proxy, &target)).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                if let Some(claim) = claim {
+                    claim.fail(&e);
                 }
-            });
-            sender
+                return Err(Failed(Failure::Unsent(e), Some(req)));
+            }
+        };
+        if let Some(claim) = claim {
+            claim.publish(sender.clone(), Life::new(target.connection_limits()));
         }
+        drop(pending);
+        tokio::spawn(async move {
+            let _hold = hold;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        break sender;
     };
     match h2_client::send(sender, req).await {
         Ok(response) => Ok((response.map(UpstreamBody::H2), None)),
@@ -1369,6 +1377,24 @@ async fn send_h2(
             Failure::Sent(ProxyError::UpstreamReset(e.into())),
             None,
         )),
+    }
+}
+
+/// Waits, as one of the cluster's pending requests, for the HTTP/2 connection another
+/// request is making to the endpoint; that request's failure to make it, if it failed.
+async fn wait_for_h2(
+    proxy: &Proxy,
+    target: &Target<'_>,
+    mut progress: watch::Receiver<H2Progress>,
+) -> Result<(), ProxyError> {
+    let _pending = proxy.admit(target.decision, Resource::PendingRequests)?;
+    match progress
+        .wait_for(|p| !matches!(p, H2Progress::Pending))
+        .await
+        .as_deref()
+    {
+        Ok(H2Progress::Failed(e)) => Err(e.replicate()),
+        _ => Ok(()),
     }
 }
 

@@ -4,8 +4,10 @@
 //! HTTP/1.1: a connection goes back to the pool only when the response body it carried
 //! has ended, so a pooled connection is always free for the next request. The fast path
 //! (`h1.rs`) pools plain sockets, the general path hyper senders. HTTP/2: one shared,
-//! multiplexed connection per endpoint. The locks are held only to push, pop or clone one
-//! sender; never across an await, and a reload never takes them.
+//! multiplexed connection per endpoint; while it is being made, the endpoint's other
+//! requests wait for it ([`H2Claim`]) rather than each opening its own, as Envoy's HTTP/2
+//! pool gives new streams to a connection still connecting. The locks are held only to
+//! push, pop or clone one sender; never across an await, and a reload never takes them.
 //!
 //! A connection to a cluster's endpoint carries a [`ConnHold`] for as long as it is open,
 //! idle in the pool included, as Envoy counts its pools' connections: on the endpoint
@@ -18,9 +20,11 @@ use hyper::client::conn::http1::SendRequest;
 use portcullis_balance::{ConnectionGuard, EndpointState};
 use portcullis_envoy::ConnectionLimits;
 use portcullis_registry::{ClusterLoad, Slot};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::error::ProxyError;
 use crate::h2_client::{self, Sender};
 use crate::origin::{PoolKey, UpstreamIo};
 
@@ -86,13 +90,6 @@ impl ConnHold {
             endpoint: endpoint.map(EndpointState::open_connection),
             load: Arc::clone(load),
         }
-    }
-}
-
-impl ConnHold {
-    /// Wakes the cluster's requests waiting for a connection: this one can take them now.
-    pub fn wake(&self) {
-        self.load.wake();
     }
 }
 
@@ -177,9 +174,20 @@ impl<T> Conn<T> {
 pub struct Pool {
     idle: Idle<Conn<SendRequest<RequestBody>>>,
     raw: Idle<Conn<UpstreamIo>>,
-    h2: Mutex<HashMap<PoolKey, Shared>>,
+    h2: Mutex<HashMap<PoolKey, H2Entry>>,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
+}
+
+/// The HTTP/2 connection of one endpoint: shared, or being made by one request.
+enum H2Entry {
+    Shared(Shared),
+    /// Being made; `room` is how many more requests may wait for it (its
+    /// `max_requests_per_connection` less those already given to it; `None`: no limit).
+    Connecting {
+        progress: watch::Receiver<H2Progress>,
+        room: Option<u32>,
+    },
 }
 
 /// A shared HTTP/2 connection: its sender, its limits, and when it last took a stream.
@@ -187,6 +195,81 @@ struct Shared {
     sender: Sender,
     life: Box<Life>,
     used: Instant,
+}
+
+/// How the connection an [`H2Claim`] makes is going, as the requests waiting for it see it.
+#[derive(Debug)]
+pub enum H2Progress {
+    /// Still being made.
+    Pending,
+    /// Shared in the pool, or given up with no fault of the endpoint's (the request that
+    /// made it went away): look again.
+    Settled,
+    /// It could not be made: the waiting requests fail as the one that made it did.
+    Failed(ProxyError),
+}
+
+/// What a request finds in the HTTP/2 pool for its endpoint.
+pub enum H2Slot {
+    /// A shared connection with room for one more stream.
+    Ready(Sender),
+    /// Another request is making the connection: wait for it, then look again.
+    Wait(watch::Receiver<H2Progress>),
+    /// Nothing: this request makes the connection, and shares it (or its failure) with
+    /// the requests that come meanwhile.
+    Claimed(H2Claim),
+    /// The connection being made has no room left for this request (its cluster's
+    /// `max_requests_per_connection`): it makes one of its own, shared with nobody.
+    Alone,
+}
+
+/// The right to make the one HTTP/2 connection to an endpoint. Dropped without
+/// [`H2Claim::publish`] or [`H2Claim::fail`], it frees the endpoint for the next request.
+pub struct H2Claim {
+    pool: Arc<Pool>,
+    key: PoolKey,
+    progress: watch::Sender<H2Progress>,
+    settled: bool,
+}
+
+impl H2Claim {
+    /// Shares the new connection with later requests (and the waiting ones), the stream of
+    /// the request that made it counted against its limits.
+    pub fn publish(mut self, sender: Sender, mut life: Box<Life>) {
+        let mut h2 = self.pool.lock_h2();
+        if life.served() {
+            let shared = Shared {
+                sender,
+                life,
+                used: Instant::now(),
+            };
+            h2.insert(self.key.clone(), H2Entry::Shared(shared));
+        } else {
+            h2.remove(&self.key);
+        }
+        drop(h2);
+        self.settle(H2Progress::Settled);
+    }
+
+    /// Fails the requests waiting for the connection as `error`, the failure to make it.
+    pub fn fail(mut self, error: &ProxyError) {
+        self.pool.lock_h2().remove(&self.key);
+        self.settle(H2Progress::Failed(error.replicate()));
+    }
+
+    fn settle(&mut self, progress: H2Progress) {
+        self.settled = true;
+        self.progress.send_replace(progress);
+    }
+}
+
+impl Drop for H2Claim {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.pool.lock_h2().remove(&self.key);
+            self.settle(H2Progress::Settled);
+        }
+    }
 }
 
 /// A connection checked out of (or new for) the pool.
@@ -270,15 +353,56 @@ impl Pool {
         }
     }
 
+    fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, H2Entry>> {
+        self.h2.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What a request for `key` finds: a stream on the shared connection, the connection
+    /// another request is making, or the claim to make it. A connection carries at most
+    /// `max_requests` streams in all.
+    pub fn h2_slot(self: &Arc<Self>, key: &PoolKey, max_requests: Option<u32>) -> H2Slot {
+        let mut h2 = self.lock_h2();
+        if let Some(H2Entry::Connecting { progress, room }) = h2.get_mut(key) {
+            return match room {
+                Some(0) => H2Slot::Alone,
+                Some(n) => {
+                    *n -= 1;
+                    H2Slot::Wait(progress.clone())
+                }
+                None => H2Slot::Wait(progress.clone()),
+            };
+        }
+        if let Some(sender) = Self::take_stream(&mut h2, key, self.idle_timeout) {
+            return H2Slot::Ready(sender);
+        }
+        let (progress, waiting) = watch::channel(H2Progress::Pending);
+        let entry = H2Entry::Connecting {
+            progress: waiting,
+            room: max_requests.map(|n| n.saturating_sub(1)),
+        };
+        h2.insert(key.clone(), entry);
+        H2Slot::Claimed(H2Claim {
+            pool: Arc::clone(self),
+            key: key.clone(),
+            progress,
+            settled: false,
+        })
+    }
+
     /// The shared HTTP/2 connection for `key`, if one is open and within its cluster's
     /// limits; each call is one stream on it. One past its idle timeout or lifetime is
     /// given up (its open streams finish); one that has carried its
     /// `max_requests_per_connection` takes this last stream and no more.
-    pub fn h2(&self, key: &PoolKey) -> Option<Sender> {
-        let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        let shared = h2.get_mut(key)?;
+    fn take_stream(
+        h2: &mut HashMap<PoolKey, H2Entry>,
+        key: &PoolKey,
+        idle_timeout: Duration,
+    ) -> Option<Sender> {
+        let Some(H2Entry::Shared(shared)) = h2.get_mut(key) else {
+            return None;
+        };
         let now = Instant::now();
-        if shared.life.stale(shared.used, now, self.idle_timeout)
+        if shared.life.stale(shared.used, now, idle_timeout)
             || h2_client::is_closed(&mut shared.sender)
         {
             h2.remove(key);
@@ -290,23 +414,6 @@ impl Pool {
             h2.remove(key);
         }
         Some(sender)
-    }
-
-    /// Shares a new HTTP/2 connection to `key` with later requests, the one that opened it
-    /// counted against its limits.
-    pub fn put_h2(&self, key: PoolKey, sender: Sender, mut life: Box<Life>) {
-        if !life.served() {
-            return;
-        }
-        let shared = Shared {
-            sender,
-            life,
-            used: Instant::now(),
-        };
-        self.h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, shared);
     }
 
     /// Takes an idle HTTP/1.1 connection of the fast path for `key` that is still open at
@@ -388,6 +495,98 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(pool.checkout_raw(&addr, Instant::now()).is_none());
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// An HTTP/2 connection to a server on `listener`, served until the test ends.
+    async fn h2_sender(listener: &TcpListener) -> Sender {
+        let (client, server) = connected(listener).await;
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server).await.unwrap();
+            while connection.accept().await.is_some() {}
+        });
+        let (sender, connection) = h2_client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    fn claimed(slot: H2Slot) -> H2Claim {
+        match slot {
+            H2Slot::Claimed(claim) => claim,
+            _ => panic!("expected the claim"),
+        }
+    }
+
+    fn waiting(slot: H2Slot) -> watch::Receiver<H2Progress> {
+        match slot {
+            H2Slot::Wait(progress) => progress,
+            _ => panic!("expected to wait"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_the_http2_connection_another_is_making_and_then_share_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = PoolKey::plain(listener.local_addr().unwrap());
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+        let claim = claimed(pool.h2_slot(&key, None));
+        let mut first = waiting(pool.h2_slot(&key, None));
+        let mut second = waiting(pool.h2_slot(&key, None));
+        assert!(matches!(*first.borrow(), H2Progress::Pending));
+
+        claim.publish(
+            h2_sender(&listener).await,
+            Life::new(ConnectionLimits::default()),
+        );
+        for progress in [&mut first, &mut second] {
+            let settled = progress
+                .wait_for(|p| !matches!(p, H2Progress::Pending))
+                .await;
+            assert!(matches!(*settled.unwrap(), H2Progress::Settled));
+            assert!(matches!(pool.h2_slot(&key, None), H2Slot::Ready(_)));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_http2_connection_fails_its_waiters_and_an_abandoned_one_frees_the_endpoint() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = PoolKey::plain(listener.local_addr().unwrap());
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+
+        let claim = claimed(pool.h2_slot(&key, None));
+        let progress = waiting(pool.h2_slot(&key, None));
+        claim.fail(&ProxyError::ConnectTimeout);
+        assert!(matches!(
+            *progress.borrow(),
+            H2Progress::Failed(ProxyError::ConnectTimeout)
+        ));
+
+        // The next request claims it again; when that request goes away, its waiters look
+        // again and one of them makes the connection.
+        let claim = claimed(pool.h2_slot(&key, None));
+        let progress = waiting(pool.h2_slot(&key, None));
+        drop(claim);
+        assert!(matches!(*progress.borrow(), H2Progress::Settled));
+        drop(claimed(pool.h2_slot(&key, None)));
+    }
+
+    #[tokio::test]
+    async fn a_connecting_http2_connection_takes_no_more_waiters_than_its_request_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = PoolKey::plain(listener.local_addr().unwrap());
+        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+        let claim = claimed(pool.h2_slot(&key, Some(2)));
+        let _progress = waiting(pool.h2_slot(&key, Some(2)));
+        assert!(matches!(pool.h2_slot(&key, Some(2)), H2Slot::Alone));
+
+        // Shared with its second stream still to come: the waiter takes it, and that is
+        // the connection's last.
+        let two = ConnectionLimits {
+            max_requests_per_connection: Some(2),
+            ..ConnectionLimits::default()
+        };
+        claim.publish(h2_sender(&listener).await, Life::new(two));
+        assert!(matches!(pool.h2_slot(&key, Some(2)), H2Slot::Ready(_)));
+        drop(claimed(pool.h2_slot(&key, Some(2))));
     }
 
     #[tokio::test(start_paused = true)]

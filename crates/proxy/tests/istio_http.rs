@@ -35,7 +35,11 @@ impl Drop for H2Upstream {
 
 impl H2Upstream {
     async fn start() -> H2Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        H2Upstream::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// Serves `listener`, which may already hold connections in its accept queue.
+    fn serve(listener: TcpListener) -> H2Upstream {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -630,6 +634,77 @@ async fn a_retried_request_carries_its_attempt_number() {
         }
     }
     panic!("no request was retried after the refused endpoint");
+}
+
+/// Requests that arrive together for an HTTP/2 endpoint with no connection yet share the
+/// one the first of them makes, as Envoy's HTTP/2 pool gives streams to a connection still
+/// connecting: one upstream connection, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_share_the_http2_connection_being_made() {
+    // The upstream's accept queue (backlog 1: two connections) is full until it starts
+    // serving, so the proxy's connection takes a SYN retransmission (about a second) to be
+    // made: every request arrives while it is being made.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fillers = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ];
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[addr.port()]),
+        1,
+    ))
+    .await;
+    let request =
+        "GET http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\nconnection: close\r\n\r\n";
+    let mut requests = JoinSet::new();
+    for _ in 0..20 {
+        requests.spawn(common::raw(harness.addr, request));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let upstream = H2Upstream::serve(listener);
+    while let Some(answer) = requests.join_next().await {
+        let (_, head, body) = answer.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, b"h2");
+    }
+    drop(fillers);
+    assert_eq!(upstream.seen.lock().unwrap().len(), 20);
+    // The two that filled the queue, and the proxy's one.
+    assert_eq!(
+        upstream.accepts.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}
+
+/// When the HTTP/2 connection that requests wait for cannot be made, they fail as the
+/// request that tried did (`503 UF`), and none waits on: nothing listens on the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_an_http2_connection_that_fails_fail_with_it() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
+        1,
+    ))
+    .await;
+    let request =
+        "GET http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\nconnection: close\r\n\r\n";
+    let mut requests = JoinSet::new();
+    for _ in 0..20 {
+        requests.spawn(common::raw(harness.addr, request));
+    }
+    while let Some(answer) = requests.join_next().await {
+        let (_, head, body) = answer.unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("remote connection failure"),
+            "{head}"
+        );
+    }
 }
 
 /// A DestinationRule's `http.maxRequestsPerConnection` on an HTTP/2 upstream: the shared
