@@ -53,6 +53,10 @@ impl Failure {
     }
 }
 
+/// How many times a request whose HTTP/2 stream was refused is sent again before a
+/// refusal counts as a failed attempt (see [`Attempts::failed`]).
+const RESENDS: u8 = 2;
+
 /// What to do with a response head.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Answer<R> {
@@ -98,6 +102,10 @@ pub(crate) struct Attempts<'a> {
     backoff: Duration,
     /// Held while a retry is in flight: the cluster's `max_retries` bounds them.
     retrying: Option<Slot>,
+    /// Resends of refused HTTP/2 streams made, which are not attempts of the policy.
+    resent: u8,
+    /// The next attempt is such a resend.
+    resend_due: bool,
     /// When the request began, which the first pick is judged at instead of a clock read
     /// of its own: ejections and slow start move in seconds, a clock read costs a request
     /// about 1 % of its user-space cycles.
@@ -130,6 +138,8 @@ impl<'a> Attempts<'a> {
             current: None,
             backoff,
             retrying: None,
+            resent: 0,
+            resend_due: false,
             since: None,
         }
     }
@@ -156,7 +166,8 @@ impl<'a> Attempts<'a> {
     /// circuit breaker unit, and picks an endpoint (another than those tried, where the
     /// policy says so).
     pub(crate) async fn start(&mut self) -> Result<Attempt, ProxyError> {
-        if self.made > 0 {
+        let resend = std::mem::take(&mut self.resend_due);
+        if !resend && self.made > 0 {
             let ceiling = self.backoff;
             self.backoff = (self.backoff * 2).min(self.policy.backoff_max);
             let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
@@ -187,7 +198,9 @@ impl<'a> Attempts<'a> {
             .await?;
         pick.guard.slot = slot;
         self.current = pick.index;
-        self.made += 1;
+        if !resend {
+            self.made += 1;
+        }
         Ok(Attempt {
             number: self.made,
             pick,
@@ -247,6 +260,27 @@ impl<'a> Attempts<'a> {
         failure: Failure,
         again: Option<R>,
     ) -> Result<R, ProxyError> {
+        // A stream the HTTP/2 upstream refused was never processed (RFC 9113, 8.7); nginx,
+        // for one, refuses every stream opened between its last request on a connection
+        // and the client's reading of its GOAWAY, which comes behind the responses to all
+        // the streams before. Such a request goes again at once, on a new pick, without
+        // counting as an attempt, a retry or an endpoint's failure, as gRPC's transparent
+        // retry does; past `RESENDS` a refusal is judged as any other failure.
+        let refused = match &failure {
+            Failure::Unsent(e) | Failure::Sent(e) => e.refused_stream(),
+        };
+        let again = match again {
+            Some(again) if refused && self.resent < RESENDS => {
+                self.resent += 1;
+                self.resend_due = true;
+                tracing::debug!(
+                    attempt = self.made,
+                    "upstream refused the stream; sending it again"
+                );
+                return Ok(again);
+            }
+            again => again,
+        };
         let elsewhere = self.on_cluster();
         let condition = failure_condition(&failure);
         if condition.is_some() {
@@ -532,6 +566,55 @@ mod tests {
         assert!(waits[1] < Duration::from_millis(25), "{waits:?}");
         assert!(waits[2] < Duration::from_millis(50), "{waits:?}");
         assert_eq!(error.flag(), "URX,UF");
+    }
+
+    /// An HTTP/2 stream the upstream refused (`REFUSED_STREAM`, or above its GOAWAY).
+    fn refused_stream() -> ProxyError {
+        ProxyError::UpstreamReset(h2::Error::from(h2::Reason::REFUSED_STREAM).into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_streams_are_sent_again_at_once_before_they_count_as_attempts() {
+        let (proxy, decision) = proxy(2, 3);
+        // Even with retries off, a refused stream goes again, at once and as the same
+        // attempt, whether it was refused before or after it left.
+        let mut attempts = http(&proxy, &decision, RetryPolicy::NONE);
+        let first = attempts.start().await.unwrap();
+        assert!(
+            attempts
+                .failed(Failure::Sent(refused_stream()), Some(()))
+                .is_ok()
+        );
+        let before = Instant::now();
+        let again = attempts.start().await.unwrap();
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        assert_eq!((first.number, again.number), (1, 1));
+        assert!(
+            attempts
+                .failed(Failure::Unsent(refused_stream()), Some(()))
+                .is_ok()
+        );
+        assert_eq!(attempts.start().await.unwrap().number, 1);
+        // Past its resends a refusal is a failed attempt: not retried without a policy.
+        let e = attempts
+            .failed(Failure::Sent(refused_stream()), Some(()))
+            .unwrap_err();
+        assert_eq!(e.flag(), "UR");
+
+        // Under Istio's policy the third refusal is its first retry, after a back-off, and
+        // a request that cannot be made again is not resent.
+        let mut attempts = http(&proxy, &decision, RetryPolicy::ISTIO);
+        for _ in 0..=RESENDS {
+            attempts.start().await.unwrap();
+            attempts
+                .failed(Failure::Sent(refused_stream()), Some(()))
+                .unwrap();
+        }
+        assert_eq!(attempts.start().await.unwrap().number, 2);
+        let e = attempts
+            .failed::<()>(Failure::Sent(refused_stream()), None)
+            .unwrap_err();
+        assert_eq!(e.flag(), "URX,UR");
     }
 
     #[tokio::test(start_paused = true)]

@@ -866,10 +866,11 @@ async fn route_and_forward(
     let policy = crate::upstream::retry_policy(matched);
     let upgrade = client_upgrade.is_some();
     let bodiless = req.body().is_end_stream();
-    // Where the policy resends after a reset (or, to HTTP/2, a refused stream) or for a
-    // status, or the route mirrors, the request may go again: its head is kept, and its
-    // body copied up to Envoy's buffer limit as it streams.
-    let resends = policy.reset || (policy.refused_stream && h2) || policy.retries_statuses();
+    // Where the policy resends after a reset or for a status, or the request goes to an
+    // HTTP/2 upstream (which may refuse its stream: resent once whatever the policy, see
+    // `Attempts::failed`), or the route mirrors, the request may go again: its head is
+    // kept, and its body copied up to Envoy's buffer limit as it streams.
+    let resends = policy.reset || h2 || policy.retries_statuses();
     let mirrors: Vec<&Mirror> = matched.map_or_else(Vec::new, |r| {
         r.mirrors()
             .iter()

@@ -365,31 +365,39 @@ async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
     assert_eq!(app.accepts(), 1);
 }
 
-/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`) never processed it: Istio's
-/// `refused-stream` sends the request again, as attempt 2.
+/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`) never processed it: the
+/// request goes again at once, twice, as the same attempt, also where the route retries
+/// nothing; the third refusal is a failed attempt, which Istio's `refused-stream` retries
+/// as attempt 2.
 #[tokio::test]
 async fn a_refused_http2_stream_is_sent_again() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut connection = h2::server::handshake(stream).await.unwrap();
-        let mut counts = Vec::new();
-        let mut report = Some(counts_tx);
-        while let Some(Ok((request, mut respond))) = connection.accept().await {
-            let count = &request.headers()["x-envoy-attempt-count"];
-            counts.push(count.to_str().unwrap().to_owned());
-            if counts.len() == 1 {
-                respond.send_reset(h2::Reason::REFUSED_STREAM);
-                continue;
+    /// An upstream refusing the first `refusals` streams; the attempt counts it saw.
+    async fn refusing(refusals: usize) -> (u16, tokio::sync::oneshot::Receiver<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(stream).await.unwrap();
+            let mut counts = Vec::new();
+            let mut report = Some(counts_tx);
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let count = &request.headers()["x-envoy-attempt-count"];
+                counts.push(count.to_str().unwrap().to_owned());
+                if counts.len() <= refusals {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                respond.send_response(Response::new(()), true).unwrap();
+                if let Some(tx) = report.take() {
+                    let _ = tx.send(counts.clone());
+                }
             }
-            respond.send_response(Response::new(()), true).unwrap();
-            if let Some(tx) = report.take() {
-                let _ = tx.send(counts.clone());
-            }
-        }
-    });
+        });
+        (port, counts_rx)
+    }
+
+    let (port, counts) = refusing(3).await;
     let harness = Harness::start(snapshot(
         &common::service("h2.internal", 80, "HTTP2", &[port]),
         1,
@@ -397,7 +405,22 @@ async fn a_refused_http2_stream_is_sent_again() {
     .await;
     let answer = fetch(&harness, "http://h2.internal/", None).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(common::within(counts_rx).await.unwrap(), ["1", "2"]);
+    assert_eq!(common::within(counts).await.unwrap(), ["1", "1", "1", "2"]);
+
+    let (port, counts) = refusing(2).await;
+    let no_retries = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: h2, namespace: default}
+spec:
+  hosts: [h2.internal]
+  http: [{route: [{destination: {host: h2.internal}}], retries: {attempts: 0}}]
+";
+    let config = common::service("h2.internal", 80, "HTTP2", &[port]) + no_retries;
+    let harness = Harness::start(snapshot(&config, 1)).await;
+    let answer = fetch(&harness, "http://h2.internal/", None).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(common::within(counts).await.unwrap(), ["1", "1", "1"]);
 }
 
 /// An HTTP/2 upstream that resets a stream (`INTERNAL_ERROR`) before answering gets Envoy's
@@ -445,7 +468,7 @@ async fn an_http2_stream_the_upstream_resets_is_a_503_ur() {
 }
 
 /// A stream above the last stream id of an HTTP/2 upstream's GOAWAY was never processed
-/// (RFC 9113, 6.8), as a refused one: Istio's `refused-stream` sends it again, on a new
+/// (RFC 9113, 6.8), as a refused one: it goes again at once, as the same attempt, on a new
 /// connection. nginx, the usual HTTP/2 upstream, sends such a GOAWAY every
 /// `keepalive_requests` (1,000) streams, and with many streams in flight several are above it.
 #[tokio::test]
@@ -505,7 +528,7 @@ async fn a_stream_above_an_http2_upstreams_goaway_is_sent_again_on_a_new_connect
     .await;
     let answer = fetch(&harness, "http://h2.internal/", None).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(common::within(counts_rx).await.unwrap(), "2");
+    assert_eq!(common::within(counts_rx).await.unwrap(), "1");
 }
 
 /// An HTTP/2 upstream that sends GOAWAY takes no new stream on that connection: each later
