@@ -237,6 +237,9 @@ pub enum RequestBody {
     Copying(Box<RequestBody>, Box<BodyTap>),
     /// A whole body sent again from its copy.
     Replay(Option<Bytes>),
+    /// A body an attempt cut short, sent again: what was copied of it, then the rest as it
+    /// streams (see [`RequestBody::resumed`]).
+    Resumed(Option<Bytes>, Box<RequestBody>),
     /// No body.
     Empty,
 }
@@ -340,6 +343,10 @@ impl Body for RequestBody {
                 polled
             }
             RequestBody::Replay(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Resumed(copied, rest) => match copied.take() {
+                Some(copied) => Poll::Ready(Some(Ok(Frame::data(copied)))),
+                None => Pin::new(&mut **rest).poll_frame(cx),
+            },
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -349,6 +356,7 @@ impl Body for RequestBody {
             RequestBody::Client(body) | RequestBody::Timed(body, _) => body.is_end_stream(),
             RequestBody::Copying(body, _) => body.is_end_stream(),
             RequestBody::Replay(bytes) => bytes.is_none(),
+            RequestBody::Resumed(copied, rest) => copied.is_none() && rest.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -359,6 +367,37 @@ impl Body for RequestBody {
             RequestBody::Copying(body, _) => body.size_hint(),
             RequestBody::Replay(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Replay(None) | RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Resumed(copied, rest) => {
+                let copied = copied.as_ref().map_or(0, |c| c.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(copied));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(copied));
+                }
+                hint
+            }
+        }
+    }
+}
+
+impl RequestBody {
+    /// The body to send again after an attempt cut it short: what its copy holds so far,
+    /// then the rest of it as the client sends it, copied on (Envoy's router retries a
+    /// request whose body is still arriving the same way). `None` when there is no copy
+    /// to start from: the body is not copied, or its copy was given up.
+    pub(crate) fn resumed(self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Copying(body, tap) if tap.ended.borrow().is_none() => {
+                let copied = (!tap.buf.is_empty()).then(|| Bytes::copy_from_slice(&tap.buf));
+                Some(RequestBody::Resumed(
+                    copied,
+                    Box::new(RequestBody::Copying(body, tap)),
+                ))
+            }
+            // Cut short again: the copy holds all that was sent of it.
+            RequestBody::Resumed(_, rest) => rest.resumed(),
+            _ => None,
         }
     }
 }

@@ -60,8 +60,9 @@ pub(crate) fn is_closed(sender: &mut Sender) -> bool {
 pub(crate) enum SendError {
     /// Nothing left: the connection could not take a stream. The request comes back.
     Unsent(h2::Error, Box<Request<RequestBody>>),
-    /// The stream was opened (the request may have been seen) and no response head came.
-    Sent(h2::Error),
+    /// The stream was opened (the request may have been seen) and no response head came;
+    /// with the part of the body it had not taken when the upstream ended the stream, if any.
+    Sent(h2::Error, Option<RequestBody>),
 }
 
 /// Sends `req` on a stream of `sender`'s connection and waits for the response head.
@@ -82,31 +83,56 @@ pub(crate) async fn send(
             .or_insert_with(|| len.into());
     }
     let eos = body.is_end_stream();
-    let (response, stream) = sender
-        .send_request(Request::from_parts(head, ()), eos)
-        .map_err(SendError::Sent)?;
+    let (response, stream) = match sender.send_request(Request::from_parts(head, ()), eos) {
+        Ok(opened) => opened,
+        Err(e) => return Err(SendError::Sent(e, Some(body))),
+    };
     let mut cancel = None;
+    let mut rest = Rest::None;
     if !eos {
         let mut pipe = Pipe {
             body,
             stream,
             held: None,
             cancel: None,
+            cut: None,
         };
         // A body already complete (a small one that came with its head) is sent now;
         // only one still arriving gets a task.
-        if poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx)))
-            .await
-            .is_pending()
-        {
-            let (tx, rx) = oneshot::channel();
-            pipe.cancel = Some(rx);
-            cancel = Some(tx);
-            tokio::spawn(pipe);
+        match poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx))).await {
+            Poll::Ready(Cut::Upstream) => {
+                rest = Rest::Here(std::mem::replace(&mut pipe.body, RequestBody::Empty));
+            }
+            Poll::Ready(Cut::No) => {}
+            Poll::Pending => {
+                let (tx, rx) = oneshot::channel();
+                pipe.cancel = Some(rx);
+                cancel = Some(tx);
+                // Only a copied body can go again: only its rest is worth handing back.
+                if matches!(
+                    pipe.body,
+                    RequestBody::Copying(..) | RequestBody::Resumed(..)
+                ) {
+                    let (back, returned) = oneshot::channel();
+                    pipe.cut = Some(back);
+                    rest = Rest::Coming(returned);
+                }
+                tokio::spawn(pipe);
+            }
         }
     }
-    let response = Waiting { response, cancel }.await;
-    let response = response.map_err(SendError::Sent)?;
+    let response = match (Waiting { response, cancel }).await {
+        Ok(response) => response,
+        Err(e) => {
+            let rest = match rest {
+                Rest::None => None,
+                Rest::Here(body) => Some(body),
+                // The body's task ends as soon as it sees the stream's end.
+                Rest::Coming(returned) => returned.await.ok(),
+            };
+            return Err(SendError::Sent(e, rest));
+        }
+    };
     let length = content_length(response.headers());
     Ok(response.map(|recv| H2Body {
         recv,
@@ -143,6 +169,24 @@ impl Drop for Waiting {
     }
 }
 
+/// Where the part of a request body its attempt did not send is, if it is wanted back.
+enum Rest {
+    /// Not wanted (nothing to send again), or the body went whole.
+    None,
+    /// Still here: the stream ended before the body's first poll was done with.
+    Here(RequestBody),
+    /// With the body's task, which hands it back if the upstream ends the stream first.
+    Coming(oneshot::Receiver<RequestBody>),
+}
+
+/// How a request body's pipe ended.
+enum Cut {
+    /// Sent whole, or ended by the client or a cancel.
+    No,
+    /// The upstream's stream ended first: the body's rest is still in the pipe.
+    Upstream,
+}
+
 /// Streams a request body into its HTTP/2 stream within the stream's flow-control window.
 struct Pipe {
     body: RequestBody,
@@ -151,18 +195,20 @@ struct Pipe {
     held: Option<(Bytes, bool)>,
     /// Fires when the response is no longer awaited.
     cancel: Option<oneshot::Receiver<()>>,
+    /// Takes the body's rest back to the request if the upstream ends the stream first.
+    cut: Option<oneshot::Sender<RequestBody>>,
 }
 
 impl Future for Pipe {
-    type Output = ();
+    type Output = Cut;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Cut> {
         let me = &mut *self;
         if let Some(cancel) = &mut me.cancel {
             match Pin::new(cancel).poll(cx) {
                 Poll::Ready(Ok(())) => {
                     me.stream.send_reset(Reason::CANCEL);
-                    return Poll::Ready(());
+                    return Poll::Ready(Cut::No);
                 }
                 // Answered: nothing will cancel any more.
                 Poll::Ready(Err(_)) => me.cancel = None,
@@ -170,21 +216,26 @@ impl Future for Pipe {
             }
         }
         match me.pump(cx) {
-            Poll::Ready(Err(e)) => {
+            Poll::Ready(Err((e, cut))) => {
                 tracing::debug!(error = %e, "upstream HTTP/2 request body not sent whole");
-                Poll::Ready(())
+                if let (Cut::Upstream, Some(back)) = (&cut, me.cut.take()) {
+                    let _ = back.send(std::mem::replace(&mut me.body, RequestBody::Empty));
+                }
+                Poll::Ready(cut)
             }
-            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Ok(())) => Poll::Ready(Cut::No),
             Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl Pipe {
-    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BodyError>> {
+    /// Sends the body; a failure says whether the upstream's stream ended first.
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (BodyError, Cut)>> {
+        let upstream = |e: h2::Error| (BodyError::from(e), Cut::Upstream);
         loop {
-            if let Poll::Ready(reason) = self.stream.poll_reset(cx)? {
-                return Poll::Ready(Err(h2::Error::from(reason).into()));
+            if let Poll::Ready(reason) = self.stream.poll_reset(cx).map_err(upstream)? {
+                return Poll::Ready(Err(upstream(h2::Error::from(reason))));
             }
             if let Some((chunk, eos)) = self.held.take() {
                 if self.stream.capacity() == 0 {
@@ -197,13 +248,14 @@ impl Pipe {
                             self.held = Some((chunk, eos));
                             continue;
                         }
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(upstream(e))),
                         Poll::Ready(None) => {
-                            return Poll::Ready(Err("the stream's capacity closed".into()));
+                            let e = "the stream's capacity closed".into();
+                            return Poll::Ready(Err((e, Cut::Upstream)));
                         }
                     }
                 }
-                self.stream.send_data(chunk, eos)?;
+                self.stream.send_data(chunk, eos).map_err(upstream)?;
                 if eos {
                     return Poll::Ready(Ok(()));
                 }
@@ -214,7 +266,7 @@ impl Pipe {
                     Ok(chunk) => {
                         let eos = self.body.is_end_stream();
                         if chunk.is_empty() {
-                            self.stream.send_data(chunk, eos)?;
+                            self.stream.send_data(chunk, eos).map_err(upstream)?;
                             if eos {
                                 return Poll::Ready(Ok(()));
                             }
@@ -227,7 +279,7 @@ impl Pipe {
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.stream.reserve_capacity(0);
-                            self.stream.send_trailers(trailers)?;
+                            self.stream.send_trailers(trailers).map_err(upstream)?;
                             return Poll::Ready(Ok(()));
                         }
                     }
@@ -235,10 +287,12 @@ impl Pipe {
                 Some(Err(e)) => {
                     // The client's stream failed: the upstream's is reset with its reason.
                     self.stream.send_reset(reset_reason(&e));
-                    return Poll::Ready(Err(e.into()));
+                    return Poll::Ready(Err((e.into(), Cut::No)));
                 }
                 None => {
-                    self.stream.send_data(Bytes::new(), true)?;
+                    self.stream
+                        .send_data(Bytes::new(), true)
+                        .map_err(upstream)?;
                     return Poll::Ready(Ok(()));
                 }
             }

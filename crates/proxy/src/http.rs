@@ -904,18 +904,23 @@ async fn route_and_forward(
             tokio::spawn(async move { mirrored(&proxy, decision, head, body, h2).await });
         }
     }
-    let again = || {
+    // The request made again from its kept head: with the whole body from its copy, or
+    // with the rest of a body an attempt cut short (`rest`) after what was copied of it.
+    let remake = |rest: Option<RequestBody>| {
         if !resends {
             return None;
         }
         let (method, uri, version, headers) = head.as_deref()?;
         let body = match &copy {
             None => RequestBody::Empty,
-            // Sent again only when the copy holds all of it.
-            Some(copy) => match &*copy.borrow() {
-                Some(Copied::Whole(bytes)) => RequestBody::Replay(Some(bytes.clone())),
-                _ => return None,
-            },
+            Some(copy) => {
+                let copied = copy.borrow().clone();
+                match (copied, rest) {
+                    (Some(Copied::Whole(bytes)), _) => RequestBody::Replay(Some(bytes)),
+                    (None, Some(rest)) => rest.resumed()?,
+                    _ => return None,
+                }
+            }
         };
         let mut again = Request::new(body);
         *again.method_mut() = method.clone();
@@ -952,8 +957,13 @@ async fn route_and_forward(
         };
         let (mut response, pooled) = match attempts.send(sending).await {
             Ok(sent) => sent,
-            Err(Failed(failure, unsent)) => {
-                req = attempts.failed(failure, unsent.or_else(&again))?;
+            Err(Failed(failure, left)) => {
+                let again = match left {
+                    Left::Unsent(unsent) => Some(*unsent),
+                    Left::Rest(rest) => remake(Some(rest)),
+                    Left::Nothing => remake(None),
+                };
+                req = attempts.failed(failure, again)?;
                 continue;
             }
         };
@@ -965,7 +975,7 @@ async fn route_and_forward(
             response.status().as_u16(),
             &MapHeaders(response.headers()) as &dyn Headers,
         );
-        match attempts.answered(head, grpc_status, again) {
+        match attempts.answered(head, grpc_status, || remake(None)) {
             // The response and its connection are dropped, never reused with a body left
             // unread; the request goes again as Envoy's router does.
             Answer::Retry(next) => {
@@ -1231,12 +1241,23 @@ fn mutate_headers(headers: &mut HeaderMap, mutations: &[HeaderMutation]) {
     }
 }
 
-/// A failed attempt, with the request when it never left (it can go again as it is).
-struct Failed(Failure, Option<Request<RequestBody>>);
+/// A failed attempt, and what it leaves to send again.
+struct Failed(Failure, Left);
+
+/// What a failed attempt leaves of its request.
+enum Left {
+    /// Nothing: the request goes again from its kept head and body copy, if at all.
+    Nothing,
+    /// The request itself, which never left: it can go again as it is.
+    Unsent(Box<Request<RequestBody>>),
+    /// The part of its body the upstream did not take before it ended the stream (see
+    /// `RequestBody::resumed`).
+    Rest(RequestBody),
+}
 
 impl From<Failure> for Failed {
     fn from(failure: Failure) -> Self {
-        Failed(failure, None)
+        Failed(failure, Left::Nothing)
     }
 }
 
@@ -1282,14 +1303,14 @@ async fn send_h1(
     let idle = || proxy.pool.checkout(&target.transport.key);
     let acquired = match proxy.connection(&target, idle).await {
         Ok(acquired) => acquired,
-        Err(e) => return Err(Failed(Failure::Unsent(e), None)),
+        Err(e) => return Err(Failed(Failure::Unsent(e), Left::Nothing)),
     };
     let mut pooled = match acquired {
         Acquired::Idle(pooled) => pooled,
         Acquired::New { hold, pending } => {
             let (sender, conn) = match boxed(|| open_h1(proxy, &target)).await {
                 Ok(opened) => opened,
-                Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
+                Err(e) => return Err(Failed(Failure::Unsent(e), Left::Unsent(Box::new(req)))),
             };
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
@@ -1314,11 +1335,11 @@ async fn send_h1(
         Err(mut e) => match e.take_message() {
             Some(unsent) => Err(Failed(
                 Failure::Unsent(ProxyError::UpstreamReset(e.into_error().into())),
-                Some(unsent),
+                Left::Unsent(Box::new(unsent)),
             )),
             None => Err(Failed(
                 Failure::Sent(ProxyError::UpstreamReset(e.into_error().into())),
-                None,
+                Left::Nothing,
             )),
         },
     }
@@ -1335,7 +1356,7 @@ async fn send_h2(
             H2Slot::Ready(sender) => break sender,
             H2Slot::Wait(progress) => match wait_for_h2(proxy, &target, progress).await {
                 Ok(()) => continue,
-                Err(e) => return Err(Failed(Failure::Unsent(e), Some(req))),
+                Err(e) => return Err(Failed(Failure::Unsent(e), Left::Unsent(Box::new(req)))),
             },
             H2Slot::Claimed(claim) => Some(claim),
             H2Slot::Alone => None,
@@ -1345,7 +1366,7 @@ async fn send_h2(
         let (hold, pending) = match proxy.connection(&target, nothing_idle).await {
             Ok(Acquired::New { hold, pending }) => (hold, pending),
             Ok(Acquired::Idle(never)) => match never {},
-            Err(e) => return Err(Failed(Failure::Unsent(e), None)),
+            Err(e) => return Err(Failed(Failure::Unsent(e), Left::Nothing)),
         };
         let (sender, conn) = match boxed(|| open_h2(proxy, &target)).await {
             Ok(opened) => opened,
@@ -1353,7 +1374,7 @@ async fn send_h2(
                 if let Some(claim) = claim {
                     claim.fail(&e);
                 }
-                return Err(Failed(Failure::Unsent(e), Some(req)));
+                return Err(Failed(Failure::Unsent(e), Left::Unsent(Box::new(req))));
             }
         };
         if let Some(claim) = claim {
@@ -1372,11 +1393,11 @@ async fn send_h2(
         Ok(response) => Ok((response.map(UpstreamBody::H2), None)),
         Err(SendError::Unsent(e, unsent)) => Err(Failed(
             Failure::Unsent(ProxyError::UpstreamReset(e.into())),
-            Some(*unsent),
+            Left::Unsent(unsent),
         )),
-        Err(SendError::Sent(e)) => Err(Failed(
+        Err(SendError::Sent(e, rest)) => Err(Failed(
             Failure::Sent(ProxyError::UpstreamReset(e.into())),
-            None,
+            rest.map_or(Left::Nothing, Left::Rest),
         )),
     }
 }

@@ -423,6 +423,71 @@ spec:
     assert_eq!(common::within(counts).await.unwrap(), ["1", "1", "1"]);
 }
 
+/// A request whose body is still arriving when an HTTP/2 upstream refuses its stream goes
+/// again with what had been sent of its body and then the rest as the client sends it (as
+/// Envoy's router resends a body it is still buffering): the second stream gets the whole
+/// body, once.
+#[tokio::test]
+async fn a_refused_http2_stream_whose_body_is_still_arriving_goes_again_whole() {
+    use tokio::io::AsyncWriteExt;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        // The connection moves only while it is polled: its streams come through a channel.
+        let (streams_tx, mut streams) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(stream)) = connection.accept().await {
+                let _ = streams_tx.send(stream);
+            }
+        });
+        let (request, mut respond) = streams.recv().await.unwrap();
+        let first = request.into_body().data().await.unwrap().unwrap();
+        assert_eq!(first, "hello ");
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+
+        // The client sends the rest of its body only once the second stream has the first
+        // part: the proxy cannot have had it whole before.
+        let (request, mut respond) = streams.recv().await.unwrap();
+        let attempt = request.headers()["x-envoy-attempt-count"].clone();
+        let mut body = request.into_body();
+        let mut whole = body.data().await.unwrap().unwrap().to_vec();
+        let _ = body.flow_control().release_capacity(whole.len());
+        let _ = resumed_tx.send(());
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            whole.extend_from_slice(&chunk);
+        }
+        let response = Response::builder()
+            .header("x-attempt", attempt)
+            .header("content-length", whole.len())
+            .body(())
+            .unwrap();
+        let mut send = respond.send_response(response, false).unwrap();
+        send.send_data(whole.into(), true).unwrap();
+        std::future::pending::<()>().await;
+    });
+    let harness = Harness::start(snapshot(
+        &common::service("h2.internal", 80, "HTTP2", &[port]),
+        1,
+    ))
+    .await;
+    let mut client = tokio::net::TcpStream::connect(harness.addr).await.unwrap();
+    let head = "POST http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\n\
+                transfer-encoding: chunked\r\n\r\n6\r\nhello \r\n";
+    client.write_all(head.as_bytes()).await.unwrap();
+    common::within(resumed_rx).await.unwrap();
+    client.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
+    let (head, body) = common::within(common::read_response(&mut client)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("x-attempt: 1\r\n"), "{head}");
+    assert_eq!(body, b"hello world");
+}
+
 /// An HTTP/2 upstream that resets a stream (`INTERNAL_ERROR`) before answering gets Envoy's
 /// remote reset: `503 UR`, "reset reason: remote reset", not sent again (Istio's default
 /// retry policy has no `reset`), and the log does not call the local 503 the upstream's.
