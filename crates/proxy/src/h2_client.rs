@@ -127,7 +127,7 @@ pub(crate) async fn send(
             let rest = match rest {
                 Rest::None => None,
                 Rest::Here(body) => Some(body),
-                // The body's task ends as soon as it sees the stream's end.
+                // The body's task was told to hand it back (`Waiting`); it has, or has ended.
                 Rest::Coming(returned) => returned.await.ok(),
             };
             return Err(SendError::Sent(e, rest));
@@ -141,11 +141,19 @@ pub(crate) async fn send(
     }))
 }
 
-/// The response future, and the request body's task to reset the stream if the response is
-/// no longer awaited (the attempt timed out or the client went away).
+/// The response future, and the request body's task to stop if the response is no longer
+/// awaited (the attempt timed out or the client went away) or will not come.
 struct Waiting {
     response: ResponseFuture,
-    cancel: Option<oneshot::Sender<()>>,
+    cancel: Option<oneshot::Sender<Stop>>,
+}
+
+/// Why a request body's task is told to stop.
+enum Stop {
+    /// The response is no longer awaited: the stream is reset.
+    Cancel,
+    /// The stream failed before its response: the body's rest goes back to the request.
+    HandBack,
 }
 
 impl Future for Waiting {
@@ -153,9 +161,17 @@ impl Future for Waiting {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let polled = Pin::new(&mut self.response).poll(cx);
-        if polled.is_ready() {
+        match &polled {
             // Answered: the body streams on, whatever happens to the response.
-            self.cancel = None;
+            Poll::Ready(Ok(_)) => self.cancel = None,
+            // Told at once rather than left to see the stream's end on its own: the request
+            // waits for what it hands back.
+            Poll::Ready(Err(_)) => {
+                if let Some(cancel) = self.cancel.take() {
+                    let _ = cancel.send(Stop::HandBack);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }
@@ -164,7 +180,7 @@ impl Future for Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(cancel) = self.cancel.take() {
-            let _ = cancel.send(());
+            let _ = cancel.send(Stop::Cancel);
         }
     }
 }
@@ -193,8 +209,8 @@ struct Pipe {
     stream: SendStream<Bytes>,
     /// A chunk waiting for window, and whether it ends the body.
     held: Option<(Bytes, bool)>,
-    /// Fires when the response is no longer awaited.
-    cancel: Option<oneshot::Receiver<()>>,
+    /// Fires when the response is no longer awaited or will not come.
+    cancel: Option<oneshot::Receiver<Stop>>,
     /// Takes the body's rest back to the request if the upstream ends the stream first.
     cut: Option<oneshot::Sender<RequestBody>>,
 }
@@ -206,9 +222,15 @@ impl Future for Pipe {
         let me = &mut *self;
         if let Some(cancel) = &mut me.cancel {
             match Pin::new(cancel).poll(cx) {
-                Poll::Ready(Ok(())) => {
+                Poll::Ready(Ok(Stop::Cancel)) => {
                     me.stream.send_reset(Reason::CANCEL);
                     return Poll::Ready(Cut::No);
+                }
+                Poll::Ready(Ok(Stop::HandBack)) => {
+                    if let Some(back) = me.cut.take() {
+                        let _ = back.send(std::mem::replace(&mut me.body, RequestBody::Empty));
+                    }
+                    return Poll::Ready(Cut::Upstream);
                 }
                 // Answered: nothing will cancel any more.
                 Poll::Ready(Err(_)) => me.cancel = None,
