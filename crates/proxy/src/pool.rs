@@ -523,11 +523,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn requests_wait_for_the_http2_connection_another_is_making_and_then_share_it() {
+    /// A pool, and the key of an endpoint listening on loopback.
+    async fn h2_pool() -> (TcpListener, PoolKey, Arc<Pool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let key = PoolKey::plain(listener.local_addr().unwrap());
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+        (
+            listener,
+            key,
+            Arc::new(Pool::new(4, Duration::from_secs(60))),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_the_http2_connection_another_is_making_and_then_share_it() {
+        let (listener, key, pool) = h2_pool().await;
         let claim = claimed(pool.h2_slot(&key, None));
         let mut first = waiting(pool.h2_slot(&key, None));
         let mut second = waiting(pool.h2_slot(&key, None));
@@ -548,9 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_http2_connection_fails_its_waiters_and_an_abandoned_one_frees_the_endpoint() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let key = PoolKey::plain(listener.local_addr().unwrap());
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+        let (_listener, key, pool) = h2_pool().await;
 
         let claim = claimed(pool.h2_slot(&key, None));
         let progress = waiting(pool.h2_slot(&key, None));
@@ -571,9 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connecting_http2_connection_takes_no_more_waiters_than_its_request_limit() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let key = PoolKey::plain(listener.local_addr().unwrap());
-        let pool = Arc::new(Pool::new(4, Duration::from_secs(60)));
+        let (listener, key, pool) = h2_pool().await;
         let claim = claimed(pool.h2_slot(&key, Some(2)));
         let _progress = waiting(pool.h2_slot(&key, Some(2)));
         assert!(matches!(pool.h2_slot(&key, Some(2)), H2Slot::Alone));

@@ -70,6 +70,39 @@ impl H2Upstream {
     }
 }
 
+/// A stream of an HTTP/2 connection as `h2`'s server takes it: the request, and where its
+/// response goes.
+type H2Stream = (Request<h2::RecvStream>, h2::server::SendResponse<Bytes>);
+
+/// A loopback port taking one HTTP/2 connection, and that connection's streams as they
+/// arrive. `h2` moves a connection only while it is polled: a task of its own does that, so
+/// a test can read a stream's body while waiting for the next stream.
+async fn h2_streams() -> (u16, tokio::sync::mpsc::UnboundedReceiver<H2Stream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (streams_tx, streams) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        while let Some(Ok(stream)) = connection.accept().await {
+            let _ = streams_tx.send(stream);
+        }
+    });
+    (port, streams)
+}
+
+/// Twenty requests for `h2.internal` through `harness` at once, each on a connection of its
+/// own: each answer's head and body.
+fn twenty_at_once(harness: &Harness) -> JoinSet<(tokio::net::TcpStream, String, Vec<u8>)> {
+    let request =
+        "GET http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\nconnection: close\r\n\r\n";
+    let mut requests = JoinSet::new();
+    for _ in 0..20 {
+        requests.spawn(common::raw(harness.addr, request));
+    }
+    requests
+}
+
 /// The `istio_requests_total` samples in Prometheus text.
 fn request_samples(text: &str) -> Vec<&str> {
     text.lines()
@@ -373,15 +406,12 @@ async fn http10_gets_426_by_default_and_needs_a_host_when_accepted() {
 async fn a_refused_http2_stream_is_sent_again() {
     /// An upstream refusing the first `refusals` streams; the attempt counts it saw.
     async fn refusing(refusals: usize) -> (u16, tokio::sync::oneshot::Receiver<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (port, mut streams) = h2_streams().await;
         let (counts_tx, counts_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut connection = h2::server::handshake(stream).await.unwrap();
             let mut counts = Vec::new();
             let mut report = Some(counts_tx);
-            while let Some(Ok((request, mut respond))) = connection.accept().await {
+            while let Some((request, mut respond)) = streams.recv().await {
                 let count = &request.headers()["x-envoy-attempt-count"];
                 counts.push(count.to_str().unwrap().to_owned());
                 if counts.len() <= refusals {
@@ -431,19 +461,9 @@ spec:
 async fn a_refused_http2_stream_whose_body_is_still_arriving_goes_again_whole() {
     use tokio::io::AsyncWriteExt;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (port, mut streams) = h2_streams().await;
     let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut connection = h2::server::handshake(stream).await.unwrap();
-        // The connection moves only while it is polled: its streams come through a channel.
-        let (streams_tx, mut streams) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(Ok(stream)) = connection.accept().await {
-                let _ = streams_tx.send(stream);
-            }
-        });
         let (request, mut respond) = streams.recv().await.unwrap();
         let first = request.into_body().data().await.unwrap().unwrap();
         assert_eq!(first, "hello ");
@@ -493,14 +513,11 @@ async fn a_refused_http2_stream_whose_body_is_still_arriving_goes_again_whole() 
 /// retry policy has no `reset`), and the log does not call the local 503 the upstream's.
 #[tokio::test]
 async fn an_http2_stream_the_upstream_resets_is_a_503_ur() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (port, mut incoming) = h2_streams().await;
     let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = Arc::clone(&streams);
     tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut connection = h2::server::handshake(stream).await.unwrap();
-        while let Some(Ok((_, mut respond))) = connection.accept().await {
+        while let Some((_, mut respond)) = incoming.recv().await {
             seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             respond.send_reset(h2::Reason::INTERNAL_ERROR);
         }
@@ -745,12 +762,7 @@ async fn requests_arriving_together_share_the_http2_connection_being_made() {
         1,
     ))
     .await;
-    let request =
-        "GET http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\nconnection: close\r\n\r\n";
-    let mut requests = JoinSet::new();
-    for _ in 0..20 {
-        requests.spawn(common::raw(harness.addr, request));
-    }
+    let mut requests = twenty_at_once(&harness);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let upstream = H2Upstream::serve(listener);
     while let Some(answer) = requests.join_next().await {
@@ -779,12 +791,7 @@ async fn requests_waiting_for_an_http2_connection_that_fails_fail_with_it() {
         1,
     ))
     .await;
-    let request =
-        "GET http://h2.internal/ HTTP/1.1\r\nhost: h2.internal\r\nconnection: close\r\n\r\n";
-    let mut requests = JoinSet::new();
-    for _ in 0..20 {
-        requests.spawn(common::raw(harness.addr, request));
-    }
+    let mut requests = twenty_at_once(&harness);
     while let Some(answer) = requests.join_next().await {
         let (_, head, body) = answer.unwrap();
         assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
