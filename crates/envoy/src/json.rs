@@ -754,12 +754,23 @@ pub fn cluster(c: &Cluster) -> Value {
             "max_retries": t.max_retries,
         }]}),
     );
+    let mut h2 = Map::new();
+    put(
+        &mut h2,
+        "max_concurrent_streams",
+        opt(c.connection_limits.max_concurrent_streams, |n| json!(n)),
+    );
     let mut protocol = match c.upstream_protocol {
         UpstreamProtocol::Http1 => None,
         UpstreamProtocol::Http2 => {
-            Some(json!({"explicit_http_config": {"http2_protocol_options": {}}}))
+            Some(json!({"explicit_http_config": {"http2_protocol_options": h2}}))
         }
-        UpstreamProtocol::UseDownstream => Some(json!({"use_downstream_protocol_config": {}})),
+        UpstreamProtocol::UseDownstream if h2.is_empty() => {
+            Some(json!({"use_downstream_protocol_config": {}}))
+        }
+        UpstreamProtocol::UseDownstream => {
+            Some(json!({"use_downstream_protocol_config": {"http2_protocol_options": h2}}))
+        }
     };
     if let Some(od) = &c.outlier_detection {
         o.insert(
@@ -1289,6 +1300,25 @@ mod tests {
             json!({"slow_start_config": {"slow_start_window": "10s"}})
         );
         assert!(v.get("round_robin_lb_config").is_none());
+    }
+
+    #[test]
+    fn http2_max_concurrent_streams_renders_in_the_http2_options() {
+        let mut c = Cluster::new("outbound|80||a.example", Discovery::Static);
+        c.upstream_protocol = UpstreamProtocol::Http2;
+        c.connection_limits.max_concurrent_streams = Some(50);
+        let options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+        let protocol =
+            |c: &Cluster| cluster(c)["typed_extension_protocol_options"][options].clone();
+        assert_eq!(
+            protocol(&c)["explicit_http_config"],
+            json!({"http2_protocol_options": {"max_concurrent_streams": 50}})
+        );
+        c.upstream_protocol = UpstreamProtocol::UseDownstream;
+        assert_eq!(
+            protocol(&c)["use_downstream_protocol_config"],
+            json!({"http2_protocol_options": {"max_concurrent_streams": 50}})
+        );
     }
 
     #[test]

@@ -730,7 +730,8 @@ pub struct RuntimeDouble {
 }
 
 /// Envoy's limits on each upstream connection of a cluster: the HTTP protocol options'
-/// `common_http_protocol_options` and `upstream_connection_options.tcp_keepalive`.
+/// `common_http_protocol_options` and HTTP/2 `max_concurrent_streams`, and
+/// `upstream_connection_options.tcp_keepalive`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Closes a connection idle this long; `None`: Envoy's default of 1 h.
@@ -739,6 +740,9 @@ pub struct ConnectionLimits {
     pub max_requests_per_connection: Option<u32>,
     /// Closes a connection this long after it opened; `None`: never.
     pub max_connection_duration: Option<Duration>,
+    /// Streams one HTTP/2 connection carries at once, below the server's own limit
+    /// (`http2_protocol_options.max_concurrent_streams`); `None`: the server's limit alone.
+    pub max_concurrent_streams: Option<u32>,
     /// TCP keepalive on upstream sockets; `None`: the system's (off).
     pub tcp_keepalive: Option<TcpKeepalive>,
 }

@@ -613,6 +613,9 @@ pub struct HttpPoolSettings {
     /// `useClientProtocol`: the upstream speaks the client's HTTP version.
     #[serde(default)]
     pub use_client_protocol: Option<bool>,
+    /// `maxConcurrentStreams`: streams one HTTP/2 connection carries at once.
+    #[serde(default)]
+    pub max_concurrent_streams: Option<i64>,
 }
 
 /// A duration as Istio's YAML writes one: Go's `time.ParseDuration` syntax (`30ms`, `1.5s`,

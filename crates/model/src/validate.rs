@@ -667,6 +667,10 @@ fn traffic_policy(policy: &TrafficPolicy, at: &str, out: &mut Findings) {
                 http.and_then(|h| h.http2_max_requests),
             ),
             ("http.maxRetries", http.and_then(|h| h.max_retries)),
+            (
+                "http.maxConcurrentStreams",
+                http.and_then(|h| h.max_concurrent_streams),
+            ),
         ] {
             if let Some(v) = value.filter(|v| !(0..=i64::from(i32::MAX)).contains(v)) {
                 out.at(format!("{here}.connectionPool.{field}")).error(

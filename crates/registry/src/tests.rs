@@ -1176,6 +1176,40 @@ spec:
     )
 }
 
+/// `http.maxConcurrentStreams` caps the streams of each HTTP/2 connection, where the
+/// cluster speaks HTTP/2 upstream: its port's protocol, or an h2 upgrade of an HTTP port.
+#[test]
+fn max_concurrent_streams_applies_to_clusters_speaking_http2_upstream() {
+    let service = APP.replace(
+        "protocol: HTTP}\n  - {number: 8080",
+        "protocol: HTTP2}\n  - {number: 8080",
+    );
+    let rule = &app_rule(
+        "  trafficPolicy:
+    connectionPool:
+      http: {maxConcurrentStreams: 50}
+    portLevelSettings:
+    - port: {number: 8080}
+      connectionPool:
+        http: {maxConcurrentStreams: 20, h2UpgradePolicy: UPGRADE}
+",
+    );
+    let s = snapshot(&[service.as_str(), rule].concat());
+    let streams = |name| cluster(&s, name).connection_limits().max_concurrent_streams;
+    assert_eq!(streams("outbound|80||app.internal.com"), Some(50));
+    assert_eq!(streams("outbound|8080||app.internal.com"), Some(20));
+    let plain = &app_rule(
+        "  trafficPolicy:
+    connectionPool:
+      http: {maxConcurrentStreams: 50}
+",
+    );
+    let s = snapshot(&[APP, plain].concat());
+    let c = cluster(&s, "outbound|80||app.internal.com");
+    assert_eq!(c.connection_limits().max_concurrent_streams, None);
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
 #[test]
 fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them() {
     use crate::Resource as Limit;
@@ -1194,6 +1228,7 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
         maxRetries: 0
         idleTimeout: 30s
         maxRequestsPerConnection: 10
+        maxConcurrentStreams: 50
         useClientProtocol: true
     portLevelSettings:
     - port: {number: 8080}
@@ -1218,6 +1253,8 @@ fn a_connection_pool_becomes_the_clusters_circuit_breakers_as_istiod_writes_them
             idle_timeout: Some(secs(30)),
             max_requests_per_connection: Some(10),
             max_connection_duration: Some(secs(1800)),
+            // Not HTTP/2 upstream: istiod writes no HTTP/2 options to hold it.
+            max_concurrent_streams: None,
             tcp_keepalive: Some(portcullis_envoy::TcpKeepalive {
                 probes: Some(3),
                 time: Some(secs(600)),

@@ -513,12 +513,20 @@ fn outlier_detection(o: &cds::OutlierDetection) -> Result<OutlierDetection, Inva
 
 /// The limits on each upstream connection: the HTTP protocol options'
 /// `common_http_protocol_options` (idle timeout, requests and lifetime per connection) and
-/// `upstream_connection_options.tcp_keepalive`.
+/// HTTP/2 `max_concurrent_streams`, and `upstream_connection_options.tcp_keepalive`.
 fn connection_limits(c: &cds::Cluster) -> Result<ConnectionLimits, Invalid> {
     let mut limits = ConnectionLimits::default();
+    #[allow(deprecated)]
+    if let Some(h2) = &c.http2_protocol_options {
+        limits.max_concurrent_streams = max_concurrent_streams(h2).at("http2_protocol_options")?;
+    }
     if let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
         let field = format!("typed_extension_protocol_options[{HTTP_OPTIONS}]");
         let options: http_options::HttpProtocolOptions = unpack(any).at(&field)?;
+        if let Some((at, h2)) = http2_options(&options) {
+            limits.max_concurrent_streams =
+                max_concurrent_streams(h2).at(format!("{field}.{at}"))?;
+        }
         if let Some(common) = options.common_http_protocol_options {
             let at = format!("{field}.common_http_protocol_options");
             limits.idle_timeout = common
@@ -553,6 +561,40 @@ fn connection_limits(c: &cds::Cluster) -> Result<ConnectionLimits, Invalid> {
         });
     }
     Ok(limits)
+}
+
+/// The HTTP/2 options of a cluster's HTTP protocol options, explicit or for the
+/// downstream's protocol, and where they are.
+fn http2_options(
+    options: &http_options::HttpProtocolOptions,
+) -> Option<(&'static str, &core::Http2ProtocolOptions)> {
+    use http_options::http_protocol_options::{
+        UpstreamProtocolOptions as U, explicit_http_config::ProtocolConfig as P,
+    };
+    match options.upstream_protocol_options.as_ref()? {
+        U::ExplicitHttpConfig(e) => match e.protocol_config.as_ref()? {
+            P::Http2ProtocolOptions(h2) => {
+                Some(("explicit_http_config.http2_protocol_options", h2))
+            }
+            P::HttpProtocolOptions(_) | P::Http3ProtocolOptions(_) => None,
+        },
+        U::UseDownstreamProtocolConfig(d) => d
+            .http2_protocol_options
+            .as_ref()
+            .map(|h2| ("use_downstream_protocol_config.http2_protocol_options", h2)),
+        U::AutoConfig(_) => None,
+    }
+}
+
+/// HTTP/2 options' `max_concurrent_streams`, within Envoy's bounds (1 to 2^31-1).
+fn max_concurrent_streams(h2: &core::Http2ProtocolOptions) -> Result<Option<u32>, Invalid> {
+    match h2.max_concurrent_streams.map(|v| v.value) {
+        Some(n) if n == 0 || n > 2_147_483_647 => Err(Invalid::new(
+            "max_concurrent_streams",
+            format!("{n} must be between 1 and 2147483647"),
+        )),
+        n => Ok(n),
+    }
 }
 
 /// The cluster's `upstream_http_protocol_options`: SNI and SAN validation from the

@@ -751,7 +751,10 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
                 http_options::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
                     http_options::http_protocol_options::ExplicitHttpConfig {
                         protocol_config: Some(
-                            http_options::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Default::default()),
+                            http_options::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(core::Http2ProtocolOptions {
+                                max_concurrent_streams: Some(UInt32Value { value: 50 }),
+                                ..Default::default()
+                            }),
                         ),
                     },
                 ),
@@ -781,6 +784,7 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
             idle_timeout: Some(Duration::from_secs(30)),
             max_requests_per_connection: Some(10),
             max_connection_duration: Some(Duration::from_secs(1800)),
+            max_concurrent_streams: Some(50),
             tcp_keepalive: Some(portcullis_envoy::TcpKeepalive {
                 probes: Some(3),
                 time: Some(Duration::from_secs(600)),
@@ -821,6 +825,19 @@ fn an_istio_eds_cluster_keeps_its_policy_limits_source_and_mtls_match() {
         UpstreamTransport::Plaintext
     );
     assert!(c.transport_socket_matches[1].match_metadata.is_empty());
+
+    // Envoy's bounds: a cluster allowing no stream at all is refused.
+    #[allow(deprecated)]
+    {
+        proto.http2_protocol_options = Some(core::Http2ProtocolOptions {
+            max_concurrent_streams: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        });
+    }
+    assert_eq!(
+        cluster(&proto).unwrap_err().to_string(),
+        "http2_protocol_options.max_concurrent_streams: 0 must be between 1 and 2147483647"
+    );
 }
 
 #[test]

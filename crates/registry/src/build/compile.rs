@@ -413,6 +413,9 @@ impl Builder<'_> {
         if self.h2_upgrade(protocol, traffic.pool) {
             cluster.upstream_protocol = UpstreamProtocol::Http2;
         }
+        if cluster.upstream_protocol != UpstreamProtocol::Http2 {
+            cluster.connection_limits.max_concurrent_streams = None;
+        }
         // istiod's `isHttp2Cluster`: ALPN offers `h2` to clusters that speak HTTP/2 upstream.
         let wire = if cluster.upstream_protocol == UpstreamProtocol::Http2 {
             Protocol::Http2
@@ -1195,7 +1198,8 @@ fn bare_cluster(name: &str, discovery: Discovery, lb_policy: LbPolicy) -> Cluste
 /// is set and above zero becomes the default-priority threshold (zero keeps Istio's
 /// unlimited), `tcp.connectTimeout` the cluster's connect timeout, the per-connection
 /// settings (`http.idleTimeout`, `http.maxRequestsPerConnection`,
-/// `tcp.maxConnectionDuration`, `tcp.tcpKeepalive`) the connection limits, and
+/// `http.maxConcurrentStreams`, `tcp.maxConnectionDuration`, `tcp.tcpKeepalive`) the
+/// connection limits, and
 /// `http.useClientProtocol` the downstream's protocol upstream.
 fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
     let limit = |v: Option<i64>| v.filter(|v| *v > 0).and_then(|v| u32::try_from(v).ok());
@@ -1221,6 +1225,9 @@ fn apply_connection_pool(cluster: &mut Cluster, pool: &ConnectionPoolSettings) {
         if let Some(v) = limit(http.max_requests_per_connection) {
             limits.max_requests_per_connection = Some(v);
         }
+        // Kept only where the cluster speaks HTTP/2 upstream after any h2 upgrade: istiod
+        // writes it into the explicit HTTP/2 options alone.
+        limits.max_concurrent_streams = limit(http.max_concurrent_streams);
         if http.use_client_protocol == Some(true) {
             cluster.upstream_protocol = UpstreamProtocol::UseDownstream;
         }
