@@ -11,6 +11,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use crate::body::{BodyError, RequestBody};
+use crate::pool::{H2Stream, OpenStream, StreamCount};
 
 /// The sending side of an upstream HTTP/2 connection; each request sends on a clone.
 pub(crate) type Sender = SendRequest<Bytes>;
@@ -48,6 +50,34 @@ where
         .await
 }
 
+/// Drives `conn` until it ends, telling `streams` the server's stream limit once its
+/// SETTINGS are read: the answer to a PING sent after the preface comes after them.
+pub(crate) async fn drive<T>(
+    mut conn: Connection<T, Bytes>,
+    streams: Arc<StreamCount>,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pong = conn
+        .ping_pong()
+        .map(|mut ping| Box::pin(async move { ping.ping(h2::Ping::opaque()).await }));
+    poll_fn(|cx| {
+        // The ping first: its frame then goes out before the first request's, and its
+        // answer comes before the first response.
+        if let Some(answer) = pong.as_mut()
+            && let Poll::Ready(answered) = answer.as_mut().poll(cx)
+        {
+            if answered.is_ok() {
+                streams.learned(conn.max_concurrent_send_streams());
+            }
+            pong = None;
+        }
+        Pin::new(&mut conn).poll(cx)
+    })
+    .await
+}
+
 /// Whether the connection behind `sender` can take no new stream: it failed, or the server
 /// sent GOAWAY.
 pub(crate) fn is_closed(sender: &mut Sender) -> bool {
@@ -65,11 +95,12 @@ pub(crate) enum SendError {
     Sent(h2::Error, Option<RequestBody>),
 }
 
-/// Sends `req` on a stream of `sender`'s connection and waits for the response head.
+/// Sends `req` on `stream` of a pooled connection and waits for the response head.
 pub(crate) async fn send(
-    mut sender: Sender,
+    stream: H2Stream,
     req: Request<RequestBody>,
 ) -> Result<Response<H2Body>, SendError> {
+    let H2Stream { mut sender, open } = stream;
     if let Err(e) = poll_fn(|cx| sender.poll_ready(cx)).await {
         return Err(SendError::Unsent(e, Box::new(req)));
     }
@@ -138,6 +169,7 @@ pub(crate) async fn send(
         recv,
         data_done: false,
         remaining: length,
+        _open: open,
     }))
 }
 
@@ -342,6 +374,8 @@ pub struct H2Body {
     data_done: bool,
     /// What `content-length` says is still to come.
     remaining: Option<u64>,
+    /// The stream's count on its connection, until the response is done with.
+    _open: OpenStream,
 }
 
 impl Body for H2Body {

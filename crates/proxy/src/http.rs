@@ -1350,18 +1350,20 @@ async fn send_h2(
     target: Target<'_>,
     req: Request<RequestBody>,
 ) -> Result<Sent, Failed> {
-    let max_requests = target.connection_limits().max_requests_per_connection;
-    let sender = loop {
-        let claim = match proxy.pool.h2_slot(&target.transport.key, max_requests) {
-            H2Slot::Ready(sender) => break sender,
+    let limits = target.connection_limits();
+    let stream = loop {
+        let slot = proxy
+            .pool
+            .h2_slot(&target.transport.key, &limits, || may_open(target.decision));
+        let claim = match slot {
+            H2Slot::Ready(stream) => break stream,
             H2Slot::Wait(progress) => match wait_for_h2(proxy, &target, progress).await {
                 Ok(()) => continue,
                 Err(e) => return Err(Failed(Failure::Unsent(e), Left::Unsent(Box::new(req)))),
             },
-            H2Slot::Claimed(claim) => Some(claim),
-            H2Slot::Alone => None,
+            H2Slot::Claimed(claim) => claim,
         };
-        // The pool hands out no stream to the endpoint while the claim is held.
+        // The pool hands out no stream on the connection while the claim is held.
         let nothing_idle = || std::future::ready(None::<Infallible>);
         let (hold, pending) = match proxy.connection(&target, nothing_idle).await {
             Ok(Acquired::New { hold, pending }) => (hold, pending),
@@ -1371,25 +1373,22 @@ async fn send_h2(
         let (sender, conn) = match boxed(|| open_h2(proxy, &target)).await {
             Ok(opened) => opened,
             Err(e) => {
-                if let Some(claim) = claim {
-                    claim.fail(&e);
-                }
+                claim.fail(&e);
                 return Err(Failed(Failure::Unsent(e), Left::Unsent(Box::new(req))));
             }
         };
-        if let Some(claim) = claim {
-            claim.publish(sender.clone(), Life::new(target.connection_limits()));
-        }
+        let stream = claim.publish(sender, Life::new(limits));
+        let streams = stream.open.connection();
         drop(pending);
         tokio::spawn(async move {
             let _hold = hold;
-            if let Err(e) = conn.await {
+            if let Err(e) = h2_client::drive(conn, streams).await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        break sender;
+        break stream;
     };
-    match h2_client::send(sender, req).await {
+    match h2_client::send(stream, req).await {
         Ok(response) => Ok((response.map(UpstreamBody::H2), None)),
         Err(SendError::Unsent(e, unsent)) => Err(Failed(
             Failure::Unsent(ProxyError::UpstreamReset(e.into())),
@@ -1399,6 +1398,15 @@ async fn send_h2(
             Failure::Sent(ProxyError::UpstreamReset(e.into())),
             rest.map_or(Left::Nothing, Left::Rest),
         )),
+    }
+}
+
+/// Whether `decision`'s cluster may open one more connection without waiting: under its
+/// `max_connections`, or not limited (an original destination is not).
+fn may_open(decision: &Decision) -> bool {
+    match decision {
+        Decision::Cluster(c) => c.breakers.has_room(Resource::Connections),
+        _ => true,
     }
 }
 

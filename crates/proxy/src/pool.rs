@@ -3,16 +3,19 @@
 //!
 //! HTTP/1.1: a connection goes back to the pool only when the response body it carried
 //! has ended, so a pooled connection is always free for the next request. The fast path
-//! (`h1.rs`) pools plain sockets, the general path hyper senders. HTTP/2: one shared,
-//! multiplexed connection per endpoint; while it is being made, the endpoint's other
-//! requests wait for it ([`H2Claim`]) rather than each opening its own, as Envoy's HTTP/2
-//! pool gives new streams to a connection still connecting. The locks are held only to
+//! (`h1.rs`) pools plain sockets, the general path hyper senders. HTTP/2: shared,
+//! multiplexed connections per endpoint, each given streams up to its server's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` (and its cluster's `max_concurrent_streams`), another
+//! opened beyond them; while one is being made, the endpoint's other requests wait for it
+//! ([`H2Claim`]) rather than each opening its own, as Envoy's HTTP/2 pool gives new streams
+//! to a connection still connecting. The locks are held only to
 //! push, pop or clone one sender; never across an await, and a reload never takes them.
 //!
 //! A connection to a cluster's endpoint carries a [`ConnHold`] for as long as it is open,
 //! idle in the pool included, as Envoy counts its pools' connections: on the endpoint
 //! (`upstream_cx_active`) and, when the cluster limits them, against `max_connections`.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -174,27 +177,217 @@ impl<T> Conn<T> {
 pub struct Pool {
     idle: Idle<Conn<SendRequest<RequestBody>>>,
     raw: Idle<Conn<UpstreamIo>>,
-    h2: Mutex<HashMap<PoolKey, H2Entry>>,
+    h2: Mutex<HashMap<PoolKey, H2Conns>>,
+    /// The id the next HTTP/2 connection made gets.
+    next_h2: AtomicU64,
     max_idle_per_endpoint: usize,
     idle_timeout: Duration,
 }
 
-/// The HTTP/2 connection of one endpoint: shared, or being made by one request.
-enum H2Entry {
-    Shared(Shared),
-    /// Being made; `room` is how many more requests may wait for it (its
-    /// `max_requests_per_connection` less those already given to it; `None`: no limit).
-    Connecting {
-        progress: watch::Receiver<H2Progress>,
-        room: Option<u32>,
-    },
+/// The HTTP/2 connections of one endpoint: those shared, and those being made.
+struct H2Conns {
+    shared: Vec<Shared>,
+    connecting: Vec<Connecting>,
+    /// The stream limit the endpoint's server last gave (unlimited until one has): a new
+    /// connection takes it as its own until its server's SETTINGS say otherwise, so that a
+    /// burst of requests does not pile onto it beyond what the server will take.
+    learned: Arc<AtomicUsize>,
 }
 
-/// A shared HTTP/2 connection: its sender, its limits, and when it last took a stream.
+impl Default for H2Conns {
+    fn default() -> Self {
+        H2Conns {
+            shared: Vec::new(),
+            connecting: Vec::new(),
+            learned: Arc::new(AtomicUsize::new(usize::MAX)),
+        }
+    }
+}
+
+impl H2Conns {
+    /// Shares a new connection; the stream of the request that made it.
+    fn share(&mut self, sender: Sender, life: Box<Life>) -> H2Stream {
+        let cap = cap(life.limits.max_concurrent_streams);
+        let streams = StreamCount {
+            open: AtomicUsize::new(0),
+            limit: AtomicUsize::new(self.learned.load(Ordering::Relaxed).min(cap)),
+            cap,
+            endpoint: Arc::clone(&self.learned),
+        };
+        let now = Instant::now();
+        let mut shared = Shared {
+            streams: Arc::new(streams),
+            sender,
+            life,
+            used: now,
+        };
+        let (stream, more) = shared.take(now);
+        if more {
+            self.shared.push(shared);
+        }
+        stream
+    }
+
+    /// How many requests may wait for a connection being made besides the one making it:
+    /// no more than its `max_requests_per_connection` and `max_concurrent_streams`, or the
+    /// stream limit its server last gave, allow.
+    fn room(&self, limits: &ConnectionLimits) -> Option<u32> {
+        let streams = self
+            .learned
+            .load(Ordering::Relaxed)
+            .min(cap(limits.max_concurrent_streams));
+        let by_streams =
+            (streams != usize::MAX).then(|| u32::try_from(streams).unwrap_or(u32::MAX));
+        [limits.max_requests_per_connection, by_streams]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|n| n.saturating_sub(1))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shared.is_empty() && self.connecting.is_empty()
+    }
+
+    /// A stream on the first shared connection with room. A connection past its idle
+    /// timeout or lifetime, or closed (GOAWAY), is given up on the way (its open streams
+    /// finish); one that has carried its `max_requests_per_connection` takes this last
+    /// stream and no more.
+    fn take_stream(&mut self, now: Instant, idle_timeout: Duration) -> Option<H2Stream> {
+        let mut i = 0;
+        while let Some(shared) = self.shared.get_mut(i) {
+            if !shared.streams.has_room() {
+                i += 1;
+                continue;
+            }
+            if shared.life.stale(shared.used, now, idle_timeout)
+                || h2_client::is_closed(&mut shared.sender)
+            {
+                self.shared.remove(i);
+                continue;
+            }
+            let (stream, more) = shared.take(now);
+            if !more {
+                self.shared.remove(i);
+            }
+            return Some(stream);
+        }
+        None
+    }
+
+    /// A stream on the shared connection with the fewest open, beyond its server's limit.
+    fn take_least_busy(&mut self, now: Instant) -> Option<H2Stream> {
+        let i = (0..self.shared.len())
+            .min_by_key(|&i| self.shared[i].streams.open.load(Ordering::Relaxed))?;
+        let (stream, more) = self.shared[i].take(now);
+        if !more {
+            self.shared.remove(i);
+        }
+        Some(stream)
+    }
+}
+
+impl Connecting {
+    /// Waiting for this connection, if it has room for one more request.
+    fn join(&mut self) -> Option<H2Slot> {
+        match &mut self.room {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        Some(H2Slot::Wait(self.progress.clone()))
+    }
+}
+
+/// A cluster's `max_concurrent_streams` as a stream count (`usize::MAX`: none).
+fn cap(max_concurrent_streams: Option<u32>) -> usize {
+    max_concurrent_streams.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// An HTTP/2 connection being made by one request, for the requests that wait for it.
+struct Connecting {
+    id: u64,
+    progress: watch::Receiver<H2Progress>,
+    /// How many more requests may wait for it: what its `max_requests_per_connection`,
+    /// `max_concurrent_streams` or the endpoint's learned stream limit allow, less those
+    /// already given to it (`None`: no limit).
+    room: Option<u32>,
+}
+
+/// A shared HTTP/2 connection: its sender, its streams, its limits, and when it last took
+/// a stream.
 struct Shared {
     sender: Sender,
+    streams: Arc<StreamCount>,
     life: Box<Life>,
     used: Instant,
+}
+
+impl Shared {
+    /// One more stream on it; whether it may take another after this one.
+    fn take(&mut self, now: Instant) -> (H2Stream, bool) {
+        self.used = now;
+        self.streams.open.fetch_add(1, Ordering::Relaxed);
+        let stream = H2Stream {
+            sender: self.sender.clone(),
+            open: OpenStream(Arc::clone(&self.streams)),
+        };
+        (stream, self.life.served())
+    }
+}
+
+/// What the pool knows of one HTTP/2 connection's streams.
+#[derive(Debug)]
+pub struct StreamCount {
+    open: AtomicUsize,
+    /// How many streams it may have open: the server's `SETTINGS_MAX_CONCURRENT_STREAMS`
+    /// (until its SETTINGS are read, what the endpoint's last connection learned, else
+    /// unlimited, as Envoy's pool counts a new connection's capacity), within `cap`.
+    limit: AtomicUsize,
+    /// The cluster's `max_concurrent_streams` (`usize::MAX`: none).
+    cap: usize,
+    /// The endpoint's last learned limit, for its next connections.
+    endpoint: Arc<AtomicUsize>,
+}
+
+impl StreamCount {
+    /// Records the server's stream limit, once its SETTINGS are read.
+    pub fn learned(&self, limit: usize) {
+        self.limit.store(limit.min(self.cap), Ordering::Relaxed);
+        self.endpoint.store(limit, Ordering::Relaxed);
+    }
+
+    fn has_room(&self) -> bool {
+        self.open.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// A stream on a pooled HTTP/2 connection: the sender to open it on, and its count on the
+/// connection.
+pub struct H2Stream {
+    /// The connection's sender.
+    pub sender: Sender,
+    /// Counts the stream as open on its connection until dropped.
+    pub open: OpenStream,
+}
+
+/// One open stream on an HTTP/2 connection, counted until dropped: the pool gives a
+/// connection no stream beyond its server's limit and opens another connection instead,
+/// as Envoy's HTTP/2 pool does.
+#[derive(Debug)]
+pub struct OpenStream(Arc<StreamCount>);
+
+impl OpenStream {
+    /// The counts of the stream's connection.
+    pub fn connection(&self) -> Arc<StreamCount> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How the connection an [`H2Claim`] makes is going, as the requests waiting for it see it.
@@ -211,50 +404,51 @@ pub enum H2Progress {
 
 /// What a request finds in the HTTP/2 pool for its endpoint.
 pub enum H2Slot {
-    /// A shared connection with room for one more stream.
-    Ready(Sender),
-    /// Another request is making the connection: wait for it, then look again.
+    /// A stream on a shared connection.
+    Ready(H2Stream),
+    /// Another request is making a connection: wait for it, then look again.
     Wait(watch::Receiver<H2Progress>),
-    /// Nothing: this request makes the connection, and shares it (or its failure) with
-    /// the requests that come meanwhile.
+    /// This request makes a new connection, and shares it (or its failure) with the
+    /// requests that come meanwhile.
     Claimed(H2Claim),
-    /// The connection being made has no room left for this request (its cluster's
-    /// `max_requests_per_connection`): it makes one of its own, shared with nobody.
-    Alone,
 }
 
-/// The right to make the one HTTP/2 connection to an endpoint. Dropped without
+/// The right to make an HTTP/2 connection to an endpoint. Dropped without
 /// [`H2Claim::publish`] or [`H2Claim::fail`], it frees the endpoint for the next request.
 pub struct H2Claim {
     pool: Arc<Pool>,
     key: PoolKey,
+    id: u64,
     progress: watch::Sender<H2Progress>,
     settled: bool,
 }
 
 impl H2Claim {
-    /// Shares the new connection with later requests (and the waiting ones), the stream of
-    /// the request that made it counted against its limits.
-    pub fn publish(mut self, sender: Sender, mut life: Box<Life>) {
-        let mut h2 = self.pool.lock_h2();
-        if life.served() {
-            let shared = Shared {
-                sender,
-                life,
-                used: Instant::now(),
-            };
-            h2.insert(self.key.clone(), H2Entry::Shared(shared));
-        } else {
-            h2.remove(&self.key);
-        }
-        drop(h2);
+    /// Shares the new connection with later requests (and the waiting ones); the stream of
+    /// the request that made it, counted against its limits.
+    pub fn publish(mut self, sender: Sender, life: Box<Life>) -> H2Stream {
+        let stream = self.leave(|conns| conns.share(sender, life));
         self.settle(H2Progress::Settled);
+        stream
     }
 
     /// Fails the requests waiting for the connection as `error`, the failure to make it.
     pub fn fail(mut self, error: &ProxyError) {
-        self.pool.lock_h2().remove(&self.key);
+        self.leave(|_| ());
         self.settle(H2Progress::Failed(error.replicate()));
+    }
+
+    /// Takes this claim's connection out of those being made, then does `then` with the
+    /// endpoint's connections.
+    fn leave<T>(&self, then: impl FnOnce(&mut H2Conns) -> T) -> T {
+        let mut h2 = self.pool.lock_h2();
+        let conns = h2.entry(self.key.clone()).or_default();
+        conns.connecting.retain(|c| c.id != self.id);
+        let done = then(conns);
+        if conns.is_empty() {
+            h2.remove(&self.key);
+        }
+        done
     }
 
     fn settle(&mut self, progress: H2Progress) {
@@ -266,7 +460,7 @@ impl H2Claim {
 impl Drop for H2Claim {
     fn drop(&mut self) {
         if !self.settled {
-            self.pool.lock_h2().remove(&self.key);
+            self.leave(|_| ());
             self.settle(H2Progress::Settled);
         }
     }
@@ -305,6 +499,7 @@ impl Pool {
             idle: Idle::new(),
             raw: Idle::new(),
             h2: Mutex::new(HashMap::default()),
+            next_h2: AtomicU64::new(0),
             max_idle_per_endpoint,
             idle_timeout,
         }
@@ -353,67 +548,60 @@ impl Pool {
         }
     }
 
-    fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, H2Entry>> {
+    fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, H2Conns>> {
         self.h2.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// What a request for `key` finds: a stream on the shared connection, the connection
-    /// another request is making, or the claim to make it. A connection carries at most
-    /// `max_requests` streams in all.
-    pub fn h2_slot(self: &Arc<Self>, key: &PoolKey, max_requests: Option<u32>) -> H2Slot {
+    /// What a request for `key` finds: a stream on a shared connection with room under its
+    /// server's stream limit, a connection another request is making, or the claim to make
+    /// one. A connection carries at most its cluster's `max_requests_per_connection`
+    /// streams in all, and `max_concurrent_streams` at once. When every
+    /// connection is at its limit and `may_open` says the cluster has no room for another
+    /// (`max_connections`), the stream goes on the least busy one, to open there when one
+    /// of its streams ends.
+    pub fn h2_slot(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        limits: &ConnectionLimits,
+        may_open: impl FnOnce() -> bool,
+    ) -> H2Slot {
         let mut h2 = self.lock_h2();
-        if let Some(H2Entry::Connecting { progress, room }) = h2.get_mut(key) {
-            return match room {
-                Some(0) => H2Slot::Alone,
-                Some(n) => {
-                    *n -= 1;
-                    H2Slot::Wait(progress.clone())
+        let conns = h2.entry(key.clone()).or_default();
+        let now = Instant::now();
+        let stream = match conns.take_stream(now, self.idle_timeout) {
+            Some(stream) => Some(stream),
+            None => {
+                if let Some(wait) = conns.connecting.iter_mut().find_map(Connecting::join) {
+                    return wait;
                 }
-                None => H2Slot::Wait(progress.clone()),
-            };
-        }
-        if let Some(sender) = Self::take_stream(&mut h2, key, self.idle_timeout) {
-            return H2Slot::Ready(sender);
+                if conns.shared.is_empty() || may_open() {
+                    None
+                } else {
+                    conns.take_least_busy(now)
+                }
+            }
+        };
+        if let Some(stream) = stream {
+            if conns.is_empty() {
+                h2.remove(key);
+            }
+            return H2Slot::Ready(stream);
         }
         let (progress, waiting) = watch::channel(H2Progress::Pending);
-        let entry = H2Entry::Connecting {
+        let id = self.next_h2.fetch_add(1, Ordering::Relaxed);
+        let room = conns.room(limits);
+        conns.connecting.push(Connecting {
+            id,
             progress: waiting,
-            room: max_requests.map(|n| n.saturating_sub(1)),
-        };
-        h2.insert(key.clone(), entry);
+            room,
+        });
         H2Slot::Claimed(H2Claim {
             pool: Arc::clone(self),
             key: key.clone(),
+            id,
             progress,
             settled: false,
         })
-    }
-
-    /// The shared HTTP/2 connection for `key`, if one is open and within its cluster's
-    /// limits; each call is one stream on it. One past its idle timeout or lifetime is
-    /// given up (its open streams finish); one that has carried its
-    /// `max_requests_per_connection` takes this last stream and no more.
-    fn take_stream(
-        h2: &mut HashMap<PoolKey, H2Entry>,
-        key: &PoolKey,
-        idle_timeout: Duration,
-    ) -> Option<Sender> {
-        let Some(H2Entry::Shared(shared)) = h2.get_mut(key) else {
-            return None;
-        };
-        let now = Instant::now();
-        if shared.life.stale(shared.used, now, idle_timeout)
-            || h2_client::is_closed(&mut shared.sender)
-        {
-            h2.remove(key);
-            return None;
-        }
-        shared.used = now;
-        let sender = shared.sender.clone();
-        if !shared.life.served() {
-            h2.remove(key);
-        }
-        Some(sender)
     }
 
     /// Takes an idle HTTP/1.1 connection of the fast path for `key` that is still open at
@@ -457,6 +645,7 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
@@ -497,15 +686,23 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
     }
 
-    /// An HTTP/2 connection to a server on `listener`, served until the test ends.
-    async fn h2_sender(listener: &TcpListener) -> Sender {
+    /// An HTTP/2 connection to a server on `listener` (allowing `max_streams` concurrent
+    /// streams), served until the test ends; its SETTINGS are in when it is returned.
+    async fn h2_sender(listener: &TcpListener, max_streams: Option<u32>) -> Sender {
         let (client, server) = connected(listener).await;
         tokio::spawn(async move {
-            let mut connection = h2::server::handshake(server).await.unwrap();
+            let mut builder = h2::server::Builder::new();
+            if let Some(max) = max_streams {
+                builder.max_concurrent_streams(max);
+            }
+            let mut connection = builder.handshake::<_, Bytes>(server).await.unwrap();
             while connection.accept().await.is_some() {}
         });
-        let (sender, connection) = h2_client::handshake(client).await.unwrap();
+        let (sender, mut connection) = h2_client::handshake(client).await.unwrap();
+        let mut ping = connection.ping_pong().unwrap();
         tokio::spawn(connection);
+        // The server's SETTINGS come before its answer to the ping.
+        ping.ping(h2::Ping::opaque()).await.unwrap();
         sender
     }
 
@@ -523,6 +720,13 @@ mod tests {
         }
     }
 
+    fn ready(slot: H2Slot) -> H2Stream {
+        match slot {
+            H2Slot::Ready(stream) => stream,
+            _ => panic!("expected a stream"),
+        }
+    }
+
     /// A pool, and the key of an endpoint listening on loopback.
     async fn h2_pool() -> (TcpListener, PoolKey, Arc<Pool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -534,33 +738,110 @@ mod tests {
         )
     }
 
+    fn unlimited() -> Box<Life> {
+        Life::new(ConnectionLimits::default())
+    }
+
+    /// Whether two streams are on the same connection.
+    fn same(a: &H2Stream, b: &H2Stream) -> bool {
+        Arc::ptr_eq(&a.open.0, &b.open.0)
+    }
+
+    /// Shares a connection to the server on `listener` (allowing `max_streams`) under
+    /// `claim`, its limit learned as the connection's driver learns it.
+    async fn share(claim: H2Claim, listener: &TcpListener, max_streams: u32) -> H2Stream {
+        let sender = h2_sender(listener, Some(max_streams)).await;
+        let limit = sender.current_max_send_streams();
+        let stream = claim.publish(sender, unlimited());
+        stream.open.connection().learned(limit);
+        stream
+    }
+
     #[tokio::test]
     async fn requests_wait_for_the_http2_connection_another_is_making_and_then_share_it() {
         let (listener, key, pool) = h2_pool().await;
-        let claim = claimed(pool.h2_slot(&key, None));
-        let mut first = waiting(pool.h2_slot(&key, None));
-        let mut second = waiting(pool.h2_slot(&key, None));
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let mut first = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let mut second = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
         assert!(matches!(*first.borrow(), H2Progress::Pending));
 
-        claim.publish(
-            h2_sender(&listener).await,
-            Life::new(ConnectionLimits::default()),
-        );
+        // Until the server's SETTINGS are read the connection takes any number of streams,
+        // as Envoy's pool counts it: both waiters join it though the server takes one.
+        let sender = h2_sender(&listener, Some(1)).await;
+        let made = claim.publish(sender, unlimited());
         for progress in [&mut first, &mut second] {
             let settled = progress
                 .wait_for(|p| !matches!(p, H2Progress::Pending))
                 .await;
             assert!(matches!(*settled.unwrap(), H2Progress::Settled));
-            assert!(matches!(pool.h2_slot(&key, None), H2Slot::Ready(_)));
+            let joined = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+            assert!(same(&made, &joined));
         }
+        made.open.connection().learned(1);
+        drop(claimed(pool.h2_slot(
+            &key,
+            &ConnectionLimits::default(),
+            || true,
+        )));
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_servers_limit_go_on_another_http2_connection() {
+        let (listener, key, pool) = h2_pool().await;
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let first = share(claim, &listener, 2).await;
+        let second = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        assert!(same(&first, &second));
+
+        // At the server's two streams: a new connection, unless the cluster is at its
+        // `max_connections`; then the stream waits on the least busy one.
+        drop(claimed(pool.h2_slot(
+            &key,
+            &ConnectionLimits::default(),
+            || true,
+        )));
+        let third = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || false));
+        assert!(same(&first, &third));
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let other = share(claim, &listener, 2).await;
+        assert!(!same(&first, &other));
+        let least_busy = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        assert!(same(&other, &least_busy));
+
+        // A stream that ends leaves room on its connection, which the next one takes.
+        drop((second, third));
+        let again = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        assert!(same(&first, &again));
+    }
+
+    #[tokio::test]
+    async fn a_new_http2_connection_takes_the_stream_limit_its_endpoint_last_gave() {
+        let (listener, key, pool) = h2_pool().await;
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let _first = share(claim, &listener, 2).await;
+        let _second = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+
+        // Full: one more request may wait for the next connection, not two.
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let _waiter = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let _another = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+
+        // Shared before its own SETTINGS are read, it takes two streams.
+        let made = claim.publish(h2_sender(&listener, Some(5)).await, unlimited());
+        let joined = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        assert!(same(&made, &joined));
+        assert!(matches!(
+            pool.h2_slot(&key, &ConnectionLimits::default(), || true),
+            H2Slot::Wait(_)
+        ));
     }
 
     #[tokio::test]
     async fn a_failed_http2_connection_fails_its_waiters_and_an_abandoned_one_frees_the_endpoint() {
         let (_listener, key, pool) = h2_pool().await;
 
-        let claim = claimed(pool.h2_slot(&key, None));
-        let progress = waiting(pool.h2_slot(&key, None));
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let progress = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
         claim.fail(&ProxyError::ConnectTimeout);
         assert!(matches!(
             *progress.borrow(),
@@ -569,29 +850,57 @@ mod tests {
 
         // The next request claims it again; when that request goes away, its waiters look
         // again and one of them makes the connection.
-        let claim = claimed(pool.h2_slot(&key, None));
-        let progress = waiting(pool.h2_slot(&key, None));
+        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let progress = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
         drop(claim);
         assert!(matches!(*progress.borrow(), H2Progress::Settled));
-        drop(claimed(pool.h2_slot(&key, None)));
+        drop(claimed(pool.h2_slot(
+            &key,
+            &ConnectionLimits::default(),
+            || true,
+        )));
+        assert!(pool.lock_h2().is_empty());
     }
 
     #[tokio::test]
     async fn a_connecting_http2_connection_takes_no_more_waiters_than_its_request_limit() {
         let (listener, key, pool) = h2_pool().await;
-        let claim = claimed(pool.h2_slot(&key, Some(2)));
-        let _progress = waiting(pool.h2_slot(&key, Some(2)));
-        assert!(matches!(pool.h2_slot(&key, Some(2)), H2Slot::Alone));
-
-        // Shared with its second stream still to come: the waiter takes it, and that is
-        // the connection's last.
         let two = ConnectionLimits {
             max_requests_per_connection: Some(2),
             ..ConnectionLimits::default()
         };
-        claim.publish(h2_sender(&listener).await, Life::new(two));
-        assert!(matches!(pool.h2_slot(&key, Some(2)), H2Slot::Ready(_)));
-        drop(claimed(pool.h2_slot(&key, Some(2))));
+        let claim = claimed(pool.h2_slot(&key, &two, || true));
+        let _progress = waiting(pool.h2_slot(&key, &two, || true));
+        // The third makes a connection of its own, as Envoy's pool opens another.
+        let _another = claimed(pool.h2_slot(&key, &two, || true));
+
+        // Shared with its second stream still to come: the waiter takes it, and that is
+        // the connection's last.
+        let _first = claim.publish(h2_sender(&listener, None).await, Life::new(two));
+        let _last = ready(pool.h2_slot(&key, &two, || true));
+        assert!(matches!(pool.h2_slot(&key, &two, || true), H2Slot::Wait(_)));
+    }
+
+    #[tokio::test]
+    async fn a_clusters_max_concurrent_streams_caps_each_http2_connection_below_its_server() {
+        let (listener, key, pool) = h2_pool().await;
+        let one = ConnectionLimits {
+            max_concurrent_streams: Some(1),
+            ..ConnectionLimits::default()
+        };
+        // Nobody waits for a connection that takes one stream at a time.
+        let claim = claimed(pool.h2_slot(&key, &one, || true));
+        drop(claimed(pool.h2_slot(&key, &one, || true)));
+
+        // Shared, before and after its server (allowing five) is heard: one stream.
+        let sender = h2_sender(&listener, Some(5)).await;
+        let limit = sender.current_max_send_streams();
+        let first = claim.publish(sender, Life::new(one));
+        drop(claimed(pool.h2_slot(&key, &one, || true)));
+        first.open.connection().learned(limit);
+        drop(claimed(pool.h2_slot(&key, &one, || true)));
+        drop(first);
+        drop(ready(pool.h2_slot(&key, &one, || true)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -828,3 +828,85 @@ spec:
         3
     );
 }
+
+/// An HTTP/2 upstream taking `server_limit` streams at a time per connection, which answers
+/// none of `held` requests for `/held` until it holds them all at once, behind a proxy given
+/// `extra` config: checks that each is answered, and says how many connections the upstream
+/// took. A request for `/now` goes first, so that the pool has heard the server's SETTINGS.
+async fn held_streams(server_limit: u32, extra: &str, held: usize) -> usize {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (held_tx, seen) = tokio::sync::watch::channel(0);
+    let held_tx = Arc::new(held_tx);
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let task_accepts = Arc::clone(&accepts);
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            task_accepts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (held_tx, seen) = (Arc::clone(&held_tx), seen.clone());
+            tokio::spawn(async move {
+                let mut connection = h2::server::Builder::new()
+                    .max_concurrent_streams(server_limit)
+                    .handshake::<_, Bytes>(stream)
+                    .await
+                    .unwrap();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let mut seen = seen.clone();
+                    let held_tx = Arc::clone(&held_tx);
+                    tokio::spawn(async move {
+                        if request.uri().path() == "/held" {
+                            held_tx.send_modify(|n| *n += 1);
+                            let _ = seen.wait_for(|n| *n >= held).await;
+                        }
+                        let _ = respond.send_response(Response::new(()), true);
+                    });
+                }
+            });
+        }
+    });
+    let config = common::service("h2.internal", 80, "HTTP2", &[port]) + extra;
+    let harness = Harness::start(snapshot(&config, 1)).await;
+    assert_eq!(
+        fetch(&harness, "http://h2.internal/now", None).await.status,
+        200
+    );
+    let request = "GET http://h2.internal/held HTTP/1.1\r\nhost: h2.internal\r\n\r\n";
+    let mut requests = JoinSet::new();
+    for _ in 0..held {
+        requests.spawn(common::raw(harness.addr, request));
+    }
+    while let Some(answer) = requests.join_next().await {
+        let (_, head, _) = answer.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    }
+    server.abort();
+    accepts.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// An HTTP/2 upstream whose server takes two streams at a time gets no more than two on a
+/// connection: the streams beyond them go on new connections, as Envoy's pool opens them,
+/// rather than waiting behind those two, which would never be answered here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_an_http2_servers_limit_go_on_new_connections() {
+    // Three, or four when the first request's stream was still counted open on the first.
+    let made = held_streams(2, "", 6).await;
+    assert!((3..=4).contains(&made), "{made} connections");
+}
+
+/// A DestinationRule's `http.maxConcurrentStreams` holds each connection below what its
+/// server allows, as Envoy's `max_concurrent_streams`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_max_concurrent_streams_caps_each_http2_connection() {
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: h2, namespace: default}
+spec:
+  host: h2.internal
+  trafficPolicy:
+    connectionPool:
+      http: {maxConcurrentStreams: 1}
+";
+    let made = held_streams(100, rule, 3).await;
+    assert!((3..=4).contains(&made), "{made} connections");
+}

@@ -143,6 +143,12 @@ impl CircuitBreakers {
         }))
     }
 
+    /// Whether one more unit of `resource` could be taken now.
+    pub fn has_room(&self, resource: Resource) -> bool {
+        let max = self.threshold(resource);
+        max == UNLIMITED || self.load.held(resource) < max
+    }
+
     /// Takes one unit of `resource` over its threshold: Envoy's connection pool opens a
     /// first connection to an endpoint even when the cluster is at `max_connections`, and
     /// counts it.
