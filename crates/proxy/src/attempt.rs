@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use portcullis_balance::outlier::Outcome;
 
 use crate::Proxy;
 use crate::error::ProxyError;
+use crate::metrics::{ClusterCounter, ClusterLabels, Label};
 use crate::origin::Transport;
 use crate::upstream::{Original, Pick, RetryPolicy, Target};
 
@@ -297,8 +299,13 @@ impl<'a> Attempts<'a> {
         };
         let error = failure.into_error();
         let again = match again {
-            Some(again) if retry && self.policy.another(self.made - 1) => again,
-            _ => return Err(self.last(error)),
+            Some(again) if retry && self.judged(true) => again,
+            _ => {
+                if !retry {
+                    self.judged(false);
+                }
+                return Err(self.last(error));
+            }
         };
         if self.admit_retry().is_err() {
             return Err(ProxyError::RetryOverflow(Box::new(self.last(error))));
@@ -323,10 +330,11 @@ impl<'a> Attempts<'a> {
             || grpc_status.is_some_and(|code| self.policy.retry_grpc(code))
             || self.policy.retry_headers(status, headers);
         if !retried {
+            self.judged(false);
             return Answer::Deliver(None);
         }
         // The request to send again is made only now: most responses are not retried.
-        let again = match self.policy.another(self.made - 1).then(again).flatten() {
+        let again = match self.judged(true).then(again).flatten() {
             Some(again) => again,
             None => return Answer::Deliver((self.made > 1).then_some("URX")),
         };
@@ -372,11 +380,43 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// Whether the policy has an attempt left for an outcome it would retry (`due`), counted
+    /// in Envoy's per-cluster stats: an outcome of a retry that is not retried again is a
+    /// `upstream_rq_retry_success`, one due past the attempts `upstream_rq_retry_limit_exceeded`.
+    fn judged(&self, due: bool) -> bool {
+        let metrics = &self.proxy.metrics;
+        if !due {
+            if self.made > 1 {
+                self.count(&metrics.upstream_rq_retry_success);
+            }
+            return false;
+        }
+        let left = self.policy.another(self.made - 1);
+        if !left && self.policy.num_retries > 0 {
+            self.count(&metrics.upstream_rq_retry_limit_exceeded);
+        }
+        left
+    }
+
+    /// Counts one in `family` for the attempts' cluster.
+    fn count(&self, family: &ClusterCounter) {
+        let name = match self.decision {
+            Decision::Cluster(c) => Arc::clone(&c.name),
+            _ => Arc::from(self.cluster),
+        };
+        family
+            .get_or_create(&ClusterLabels {
+                cluster_name: Label(name),
+            })
+            .inc();
+    }
+
     /// Takes a unit of the cluster's `max_retries` for the next attempt, and marks the
-    /// endpoint just tried as one to avoid.
+    /// endpoint just tried as one to avoid; counted as a retry made.
     fn admit_retry(&mut self) -> Result<(), ProxyError> {
         self.retrying = None;
         self.retrying = self.proxy.admit(self.decision, Resource::Retries)?;
+        self.count(&self.proxy.metrics.upstream_rq_retry);
         if self.on_cluster() {
             self.policy.tried(&mut self.tried, self.current);
             if self.policy.previous_priorities.is_some() {
@@ -710,6 +750,38 @@ mod tests {
             attempts.answered((503, &()), None, || Some(())),
             Answer::Deliver(Some("URX"))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_counted_in_envoys_per_cluster_retry_stats() {
+        let (proxy, decision) = proxy(2, 3);
+        let mut policy = RetryPolicy {
+            num_retries: 1,
+            ..RetryPolicy::NONE
+        };
+        policy.status_codes = StatusSet::EMPTY.with(503);
+        // Answered at once; retried once and answered; retried once and 503 again, with no
+        // attempt left.
+        for statuses in [&[200][..], &[503, 200], &[503, 503]] {
+            let mut attempts = http(&proxy, &decision, policy.clone());
+            for &status in statuses {
+                attempts.start().await.unwrap();
+                if attempts.answered((status, &()), None, || Some(())) != Answer::Retry(()) {
+                    break;
+                }
+            }
+        }
+        let count = |family: &ClusterCounter| {
+            let labels = ClusterLabels {
+                cluster_name: Label("api".into()),
+            };
+            family.get_or_create(&labels).get()
+        };
+        let m = &proxy.metrics;
+        assert_eq!(count(&m.upstream_rq_retry), 2);
+        assert_eq!(count(&m.upstream_rq_retry_success), 1);
+        assert_eq!(count(&m.upstream_rq_retry_limit_exceeded), 1);
+        assert_eq!(count(&m.upstream_rq_retry_overflow), 0);
     }
 
     #[tokio::test(start_paused = true)]

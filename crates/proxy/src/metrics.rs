@@ -800,6 +800,14 @@ pub struct Metrics {
     pub upstream_rq_pending_overflow: ClusterCounter,
     /// `envoy_cluster_upstream_rq_retry_overflow`: retries not made for `max_retries`.
     pub upstream_rq_retry_overflow: ClusterCounter,
+    /// `envoy_cluster_upstream_rq_retry`: retries of the route's retry policy made.
+    pub upstream_rq_retry: ClusterCounter,
+    /// `envoy_cluster_upstream_rq_retry_success`: retries whose outcome the policy did not
+    /// retry again.
+    pub upstream_rq_retry_success: ClusterCounter,
+    /// `envoy_cluster_upstream_rq_retry_limit_exceeded`: retries due past the policy's
+    /// attempts.
+    pub upstream_rq_retry_limit_exceeded: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_total`: endpoints ejected.
     pub ejections_enforced_total: ClusterCounter,
     /// `envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx`.
@@ -880,6 +888,9 @@ impl Metrics {
             upstream_cx_overflow: ClusterCounter::default(),
             upstream_rq_pending_overflow: ClusterCounter::default(),
             upstream_rq_retry_overflow: ClusterCounter::default(),
+            upstream_rq_retry: ClusterCounter::default(),
+            upstream_rq_retry_success: ClusterCounter::default(),
+            upstream_rq_retry_limit_exceeded: ClusterCounter::default(),
             ejections_enforced_total: ClusterCounter::default(),
             ejections_consecutive_5xx: ClusterCounter::default(),
             ejections_consecutive_gateway: ClusterCounter::default(),
@@ -994,6 +1005,21 @@ impl Metrics {
             "envoy_cluster_upstream_rq_retry_overflow",
             "Retries not made for the cluster's max_retries",
             m.upstream_rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry",
+            "Retries of the route's retry policy made",
+            m.upstream_rq_retry.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_success",
+            "Retries whose outcome was not retried again",
+            m.upstream_rq_retry_success.clone(),
+        );
+        registry.register(
+            "envoy_cluster_upstream_rq_retry_limit_exceeded",
+            "Retries not made because the retry policy's attempts were spent",
+            m.upstream_rq_retry_limit_exceeded.clone(),
         );
         register_total(
             registry,

@@ -337,6 +337,19 @@ async fn max_retries_zero_makes_no_retry() {
         counter(&harness, "envoy_cluster_upstream_rq_retry_overflow", "free"),
         0
     );
+    // Envoy's retry stats: the two retries made, the third failure with none left, and no
+    // retry of "capped" made.
+    let retries = |name, cluster| counter(&harness, name, cluster);
+    assert_eq!(retries("envoy_cluster_upstream_rq_retry", "free"), 2);
+    assert_eq!(
+        retries("envoy_cluster_upstream_rq_retry_limit_exceeded", "free"),
+        1
+    );
+    assert_eq!(
+        retries("envoy_cluster_upstream_rq_retry_success", "free"),
+        0
+    );
+    assert_eq!(retries("envoy_cluster_upstream_rq_retry", "capped"), 0);
 }
 
 /// A loopback listener that never accepts, its accept queue filled, so that a further
