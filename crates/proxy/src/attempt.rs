@@ -707,15 +707,20 @@ mod tests {
         assert_eq!(e.flag(), "UF");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn retriable_statuses_are_retried_then_delivered_with_urx() {
-        let (proxy, decision) = proxy(2, 3);
+    /// A policy retrying 503 responses `num_retries` times.
+    fn retrying_503(num_retries: u8) -> RetryPolicy {
         let mut policy = RetryPolicy {
-            num_retries: 2,
+            num_retries,
             ..RetryPolicy::NONE
         };
         policy.status_codes = StatusSet::EMPTY.with(503);
-        let mut attempts = http(&proxy, &decision, policy);
+        policy
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retriable_statuses_are_retried_then_delivered_with_urx() {
+        let (proxy, decision) = proxy(2, 3);
+        let mut attempts = http(&proxy, &decision, retrying_503(2));
         attempts.start().await.unwrap();
         // The request to send again is made only for a response that is retried.
         let mut made = 0;
@@ -755,11 +760,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_are_counted_in_envoys_per_cluster_retry_stats() {
         let (proxy, decision) = proxy(2, 3);
-        let mut policy = RetryPolicy {
-            num_retries: 1,
-            ..RetryPolicy::NONE
-        };
-        policy.status_codes = StatusSet::EMPTY.with(503);
+        let policy = retrying_503(1);
         // Answered at once; retried once and answered; retried once and 503 again, with no
         // attempt left.
         for statuses in [&[200][..], &[503, 200], &[503, 503]] {

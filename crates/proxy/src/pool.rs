@@ -727,6 +727,11 @@ mod tests {
         }
     }
 
+    /// What a request of a cluster without limits finds for `key`.
+    fn slot(pool: &Arc<Pool>, key: &PoolKey) -> H2Slot {
+        pool.h2_slot(key, &ConnectionLimits::default(), || true)
+    }
+
     /// A pool, and the key of an endpoint listening on loopback.
     async fn h2_pool() -> (TcpListener, PoolKey, Arc<Pool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -760,9 +765,9 @@ mod tests {
     #[tokio::test]
     async fn requests_wait_for_the_http2_connection_another_is_making_and_then_share_it() {
         let (listener, key, pool) = h2_pool().await;
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let mut first = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let mut second = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let claim = claimed(slot(&pool, &key));
+        let mut first = waiting(slot(&pool, &key));
+        let mut second = waiting(slot(&pool, &key));
         assert!(matches!(*first.borrow(), H2Progress::Pending));
 
         // Until the server's SETTINGS are read the connection takes any number of streams,
@@ -774,74 +779,66 @@ mod tests {
                 .wait_for(|p| !matches!(p, H2Progress::Pending))
                 .await;
             assert!(matches!(*settled.unwrap(), H2Progress::Settled));
-            let joined = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+            let joined = ready(slot(&pool, &key));
             assert!(same(&made, &joined));
         }
         made.open.connection().learned(1);
-        drop(claimed(pool.h2_slot(
-            &key,
-            &ConnectionLimits::default(),
-            || true,
-        )));
+        drop(claimed(slot(&pool, &key)));
+    }
+
+    /// The first connection to `key`, its server taking two streams, and both of them.
+    async fn full(pool: &Arc<Pool>, key: &PoolKey, listener: &TcpListener) -> (H2Stream, H2Stream) {
+        let first = share(claimed(slot(pool, key)), listener, 2).await;
+        let second = ready(slot(pool, key));
+        assert!(same(&first, &second));
+        (first, second)
     }
 
     #[tokio::test]
     async fn streams_beyond_the_servers_limit_go_on_another_http2_connection() {
         let (listener, key, pool) = h2_pool().await;
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let first = share(claim, &listener, 2).await;
-        let second = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        assert!(same(&first, &second));
+        let (first, second) = full(&pool, &key, &listener).await;
 
         // At the server's two streams: a new connection, unless the cluster is at its
         // `max_connections`; then the stream waits on the least busy one.
-        drop(claimed(pool.h2_slot(
-            &key,
-            &ConnectionLimits::default(),
-            || true,
-        )));
+        drop(claimed(slot(&pool, &key)));
         let third = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || false));
         assert!(same(&first, &third));
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let claim = claimed(slot(&pool, &key));
         let other = share(claim, &listener, 2).await;
         assert!(!same(&first, &other));
-        let least_busy = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let least_busy = ready(slot(&pool, &key));
         assert!(same(&other, &least_busy));
 
         // A stream that ends leaves room on its connection, which the next one takes.
         drop((second, third));
-        let again = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let again = ready(slot(&pool, &key));
         assert!(same(&first, &again));
     }
 
     #[tokio::test]
     async fn a_new_http2_connection_takes_the_stream_limit_its_endpoint_last_gave() {
         let (listener, key, pool) = h2_pool().await;
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let _first = share(claim, &listener, 2).await;
-        let _second = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let _full = full(&pool, &key, &listener).await;
 
         // Full: one more request may wait for the next connection, not two.
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let _waiter = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let _another = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let claim = claimed(slot(&pool, &key));
+        let _waiter = waiting(slot(&pool, &key));
+        let _another = claimed(slot(&pool, &key));
 
         // Shared before its own SETTINGS are read, it takes two streams.
         let made = claim.publish(h2_sender(&listener, Some(5)).await, unlimited());
-        let joined = ready(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let joined = ready(slot(&pool, &key));
         assert!(same(&made, &joined));
-        assert!(matches!(
-            pool.h2_slot(&key, &ConnectionLimits::default(), || true),
-            H2Slot::Wait(_)
-        ));
+        assert!(matches!(slot(&pool, &key), H2Slot::Wait(_)));
     }
 
     #[tokio::test]
     async fn a_failed_http2_connection_fails_its_waiters_and_an_abandoned_one_frees_the_endpoint() {
         let (_listener, key, pool) = h2_pool().await;
 
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let progress = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let claim = claimed(slot(&pool, &key));
+        let progress = waiting(slot(&pool, &key));
         claim.fail(&ProxyError::ConnectTimeout);
         assert!(matches!(
             *progress.borrow(),
@@ -850,15 +847,11 @@ mod tests {
 
         // The next request claims it again; when that request goes away, its waiters look
         // again and one of them makes the connection.
-        let claim = claimed(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
-        let progress = waiting(pool.h2_slot(&key, &ConnectionLimits::default(), || true));
+        let claim = claimed(slot(&pool, &key));
+        let progress = waiting(slot(&pool, &key));
         drop(claim);
         assert!(matches!(*progress.borrow(), H2Progress::Settled));
-        drop(claimed(pool.h2_slot(
-            &key,
-            &ConnectionLimits::default(),
-            || true,
-        )));
+        drop(claimed(slot(&pool, &key)));
         assert!(pool.lock_h2().is_empty());
     }
 

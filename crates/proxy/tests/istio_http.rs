@@ -802,22 +802,29 @@ async fn requests_waiting_for_an_http2_connection_that_fails_fail_with_it() {
     }
 }
 
+/// A DestinationRule for `h2.internal` whose connection pool has these `http` settings.
+fn h2_pool_rule(http: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: h2, namespace: default}}
+spec:
+  host: h2.internal
+  trafficPolicy:
+    connectionPool:
+      http: {http}
+"
+    )
+}
+
 /// A DestinationRule's `http.maxRequestsPerConnection` on an HTTP/2 upstream: the shared
 /// connection takes that many streams, then a new one is opened.
 #[tokio::test]
 async fn a_shared_http2_connection_carries_max_requests_per_connection() {
     let upstream = H2Upstream::start().await;
-    let rule = "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: h2, namespace: default}
-spec:
-  host: h2.internal
-  trafficPolicy:
-    connectionPool:
-      http: {maxRequestsPerConnection: 2}
-";
-    let yaml = common::service("h2.internal", 80, "HTTP2", &[upstream.addr.port()]) + rule;
+    let rule = h2_pool_rule("{maxRequestsPerConnection: 2}");
+    let yaml = common::service("h2.internal", 80, "HTTP2", &[upstream.addr.port()]) + &rule;
     let harness = Harness::start(snapshot(&yaml, 1)).await;
     for _ in 0..5 {
         let answer = fetch(&harness, "http://h2.internal/", None).await;
@@ -897,16 +904,6 @@ async fn streams_beyond_an_http2_servers_limit_go_on_new_connections() {
 /// server allows, as Envoy's `max_concurrent_streams`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_max_concurrent_streams_caps_each_http2_connection() {
-    let rule = "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: h2, namespace: default}
-spec:
-  host: h2.internal
-  trafficPolicy:
-    connectionPool:
-      http: {maxConcurrentStreams: 1}
-";
-    let made = held_streams(100, rule, 3).await;
+    let made = held_streams(100, &h2_pool_rule("{maxConcurrentStreams: 1}"), 3).await;
     assert!((3..=4).contains(&made), "{made} connections");
 }
