@@ -170,6 +170,13 @@ fn cluster_label(cluster: &str) -> String {
     )
 }
 
+/// The `cluster_name` labels of the clusters `gauges` are for, each once.
+fn cluster_labels(gauges: &[ClusterGauge]) -> Vec<String> {
+    let mut clusters: Vec<String> = gauges.iter().map(|g| cluster_label(&g.cluster)).collect();
+    clusters.dedup();
+    clusters
+}
+
 /// Envoy's cluster counters tagged with a response code besides the cluster: a series
 /// appears with the first response of its code.
 const PER_CODE: [&str; 2] = ["envoy_cluster_upstream_rq", "envoy_cluster_upstream_rq_xx"];
@@ -202,8 +209,7 @@ fn zero_for_clusters<'a>(family: &mut Family<'a>, clusters: &'a [String]) {
 pub fn prometheus(registry: &Registry, extra: &[(String, u64)], gauges: &[ClusterGauge]) -> String {
     let text = openmetrics(registry);
     let mut out = String::with_capacity(text.len());
-    let mut clusters: Vec<String> = gauges.iter().map(|g| cluster_label(&g.cluster)).collect();
-    clusters.dedup();
+    let clusters = cluster_labels(gauges);
     for mut family in families(&text) {
         zero_for_clusters(&mut family, &clusters);
         let name = family.prometheus_name();
@@ -350,18 +356,29 @@ impl Buckets {
 }
 
 /// Adds the registry's samples to `stats` (counters and gauges) and `histograms`, keyed by
-/// their Envoy names.
+/// their Envoy names; every cluster `gauges` are for gets each per-cluster counter, at zero
+/// until it counts (unless `stats` holds one), as Envoy's `/stats` lists them.
 pub fn envoy_stats(
     registry: &Registry,
+    gauges: &[ClusterGauge],
     stats: &mut BTreeMap<String, String>,
     histograms: &mut BTreeMap<String, String>,
 ) {
     let text = openmetrics(registry);
-    for family in families(&text) {
+    let clusters = cluster_labels(gauges);
+    for mut family in families(&text) {
         if family.kind != Kind::Histogram {
-            for s in &family.samples {
+            // The zeros come after the counted samples, and do not replace a value `stats`
+            // already holds for the name.
+            let counted = family.samples.len();
+            zero_for_clusters(&mut family, &clusters);
+            for (i, s) in family.samples.iter().enumerate() {
                 let name = envoy_name(s.name, &labels(s.labels));
-                stats.insert(name, s.value.to_owned());
+                if i < counted {
+                    stats.insert(name, s.value.to_owned());
+                } else {
+                    stats.entry(name).or_insert_with(|| s.value.to_owned());
+                }
             }
             continue;
         }
@@ -510,6 +527,15 @@ mod tests {
             text.contains("envoy_cluster_upstream_rq_total{cluster_name=\"BlackHoleCluster\"} 0\n")
         );
         assert_eq!(text.matches("envoy_cluster_upstream_rq_total{").count(), 2);
+        // And in `/stats`, as Envoy's lists every cluster's counters.
+        let mut stats = BTreeMap::new();
+        envoy_stats(&registry(), &gauges, &mut stats, &mut BTreeMap::new());
+        let get = |name: &str| stats.get(name).map(String::as_str);
+        assert_eq!(
+            get("cluster.outbound|80||app.internal.com.upstream_rq_total"),
+            Some("2")
+        );
+        assert_eq!(get("cluster.BlackHoleCluster.upstream_rq_total"), Some("0"));
     }
 
     #[test]
@@ -550,7 +576,7 @@ mod tests {
         let text = prometheus(&registry(), &[], &[]);
         assert!(text.contains("destination_service=\"quote\\\"back\\\\slash\""));
         let mut stats = BTreeMap::new();
-        envoy_stats(&registry(), &mut stats, &mut BTreeMap::new());
+        envoy_stats(&registry(), &[], &mut stats, &mut BTreeMap::new());
         assert_eq!(
             stats.get(
                 "istiocustom.istio_requests_total.destination_service.quote\"back\\slash.response_code.502"
@@ -563,7 +589,7 @@ mod tests {
     fn envoy_names_follow_envoy_and_istio() {
         let mut stats = BTreeMap::new();
         let mut histograms = BTreeMap::new();
-        envoy_stats(&registry(), &mut stats, &mut histograms);
+        envoy_stats(&registry(), &[], &mut stats, &mut histograms);
         let get = |name: &str| stats.get(name).map(String::as_str);
         assert_eq!(
             get(

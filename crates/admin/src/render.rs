@@ -244,7 +244,8 @@ pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) 
         .iter()
         .map(|(name, value)| (name.clone(), value.to_string()))
         .collect();
-    for g in cluster_gauges(snapshot) {
+    let gauges = cluster_gauges(snapshot);
+    for g in &gauges {
         stats.insert(
             format!("cluster.{}.{}", g.cluster, g.stat),
             g.value.to_string(),
@@ -262,7 +263,7 @@ pub fn stats(snapshot: &Snapshot, registry: &Registry, extra: &[(String, u64)]) 
         snapshot.version.to_string(),
     );
     let mut histograms = BTreeMap::new();
-    exposition::envoy_stats(registry, &mut stats, &mut histograms);
+    exposition::envoy_stats(registry, &gauges, &mut stats, &mut histograms);
     let mut out = String::new();
     for (name, value) in stats.iter().chain(&histograms) {
         let _ = writeln!(out, "{name}: {value}");
