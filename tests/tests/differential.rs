@@ -1349,6 +1349,13 @@ spec:
 "
         ));
     }
+    let retry_stats = [ECHO_CLUSTER, &dead]
+        .iter()
+        .flat_map(|cluster| {
+            ["", "_success", "_limit_exceeded", "_overflow"]
+                .map(|stat| format!("cluster.{cluster}.upstream_rq_retry{stat}"))
+        })
+        .collect();
     let scenario = Scenario {
         name: "retries",
         files: vec![("retries.yaml".to_owned(), services.concat())],
@@ -1420,6 +1427,7 @@ spec:
                 "no retries, a refusing endpoint",
                 &["http://noretry.internal.com/"],
             ),
+            Probe::stats("the retry stats the probes above left", retry_stats),
         ],
     };
     run_differential(scenario, |lab| {

@@ -61,6 +61,9 @@ pub enum Action {
         /// What is sent (`hex:` for bytes).
         payload: String,
     },
+    /// The values of these stats in the admin port's `/stats` (Envoy's `name: value` text),
+    /// as the probes before left them.
+    Stats(Vec<String>),
 }
 
 /// A named client action, and whether the two proxies are meant to agree on it.
@@ -111,6 +114,11 @@ impl Probe {
                 payload: payload.to_owned(),
             },
         )
+    }
+
+    /// The admin port's `stats` (absent ones read as "absent").
+    pub fn stats(name: &str, stats: Vec<String>) -> Probe {
+        Probe::new(name, Action::Stats(stats))
     }
 
     fn new(name: &str, action: Action) -> Probe {
@@ -384,6 +392,19 @@ fn observe(lab: &mut Lab, side: Side, action: &Action) -> anyhow::Result<Observa
                 ],
                 *times,
             )
+        }
+        Action::Stats(names) => {
+            let (_, text) = lab.admin_get("/stats")?;
+            let values: Vec<String> = names
+                .iter()
+                .map(|name| {
+                    let value = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")));
+                    format!("{name}: {}", value.unwrap_or("absent"))
+                })
+                .collect();
+            (vec![("stats", values.join(", "))], 0)
         }
         Action::Tcp { addr, payload } => {
             let seen = lab.connect(Role::Pod, addr, payload, TCP_PROBE_SECONDS)?;
