@@ -256,6 +256,9 @@ def admin_page(url, downloads, first, second):
     chromium = subprocess.Popen(
         ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--user-data-dir=" + profile, "--remote-debugging-port=0", "about:blank"],
+        # Chromium's own temporary directories go in the profile, removed with it, rather
+        # than one more /tmp/org.chromium.Chromium.* per run.
+        env=dict(os.environ, TMPDIR=profile),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def until(what, check, seconds=30):
